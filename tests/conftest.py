@@ -1,0 +1,94 @@
+"""Helpers every test file shares: the dtype and shape matrix, backend selection, the float64
+reference comparison (flash-attention's rule), and bit-level checks for untouched entries."""
+import os
+
+import pytest
+import torch
+
+# Triton kernels run under the interpreter on machines with no GPU; set before triton loads.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import xlsparse  # noqa: E402
+from xlsparse import _ext  # noqa: E402
+from xlsparse.ops import _common  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+ODD_SIZES = [1, 3, 127, 4097]
+INDEX_DTYPES = [torch.int32, torch.int64]
+
+_INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def cpu_backends(op: str) -> list[str]:
+    """Backends that can run `op` on CPU tensors in this process."""
+    found = ["reference"]
+    if _ext.has_kernel(op, "CPU"):
+        found.append("cpu")
+    if _common.OPS.get(op) and _common.triton_usable(torch.device("cpu")):
+        found.append("triton")
+    return found
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """use_backend(name) forces XLSPARSE_BACKEND for the rest of the test."""
+
+    def force(name: str) -> None:
+        monkeypatch.setenv("XLSPARSE_BACKEND", name)
+
+    return force
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def random_indices(n: int, k: int, dtype=torch.int64, gen=None) -> torch.Tensor:
+    """k sorted, unique flat indices drawn from range(n)."""
+    return torch.randperm(n, generator=gen)[:k].sort().values.to(dtype)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit pattern of a tensor, for exact (NaN-safe) equality."""
+    return t.contiguous().view(_INT_VIEW[t.dtype]) if t.is_floating_point() else t
+
+
+def assert_bit_identical(a: torch.Tensor, b: torch.Tensor, what: str = "") -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    diff = (bits(a) != bits(b)).nonzero()
+    assert diff.numel() == 0, f"{what}: {diff.shape[0]} entries differ, first at {diff[0].tolist()}"
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """A same-shaped tensor full of NaN: an output entry a kernel forgets to write stays NaN."""
+    return torch.full_like(t, float("nan"))
+
+
+def assert_matches_reference(out: torch.Tensor, ref64: torch.Tensor, plain: torch.Tensor, what: str = "") -> None:
+    """Flash-attention's rule: |out - ref64| <= 2 |plain - ref64| + one ulp of the largest value.
+
+    ref64 is the op computed in float64; plain is plain PyTorch computed in out's dtype.
+    """
+    assert out.shape == ref64.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert not out.isnan().any(), f"{what}: output has NaN (an entry was not written?)"
+    if out.numel() == 0:
+        return
+    ref = ref64.double()
+    kernel_err = (out.double() - ref).abs().max().item()
+    plain_err = (plain.double() - ref).abs().max().item()
+    ulp = torch.finfo(out.dtype).eps * max(1.0, ref.abs().max().item())
+    assert kernel_err <= 2 * plain_err + ulp, f"{what}: error {kernel_err:.3g} > 2 x PyTorch's {plain_err:.3g} + {ulp:.3g}"
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("XLSPARSE_SLOW", "0") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: set XLSPARSE_SLOW=1 (CI does)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_report_header(config):
+    return f"xlsparse {xlsparse.__version__}, backends {xlsparse.backends()}, threads {torch.get_num_threads()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
