@@ -3,6 +3,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
+#include <limits>
+#include <vector>
+
 #include "xlsparse/checks.h"
 #include "xlsparse/compose.h"
 
@@ -30,8 +35,344 @@ void sparse_axpy_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tens
   });
 }
 
+// --- union walks over sorted index lists ---
+
+// The part of one sorted index list that falls in [lo, hi): positions pos..end.
+template <typename index_t>
+struct Span {
+  const index_t* idx;
+  int64_t pos, end;
+  bool at(int64_t j) const { return pos < end && idx[pos] == j; }
+};
+
+template <typename index_t>
+Span<index_t> span_in(const index_t* idx, int64_t k, int64_t lo, int64_t hi) {
+  const index_t* b = std::lower_bound(idx, idx + k, lo, [](index_t a, int64_t v) { return a < v; });
+  const index_t* e = std::lower_bound(b, idx + k, hi, [](index_t a, int64_t v) { return a < v; });
+  return {idx, b - idx, e - idx};
+}
+
+// Calls visit(j) for each distinct index of the union of the spans, in increasing order; visit
+// consumes (advances) every span that holds j.
+template <typename index_t, typename Visit>
+void walk_union(std::vector<Span<index_t>>& spans, Visit visit) {
+  for (;;) {
+    int64_t j = std::numeric_limits<int64_t>::max();
+    for (const auto& s : spans)
+      if (s.pos < s.end) j = std::min<int64_t>(j, s.idx[s.pos]);
+    if (j == std::numeric_limits<int64_t>::max()) return;
+    visit(j);
+  }
+}
+
+// [lo, hi) ranges of a tensor of `numel` elements, each holding about kWork of `total` entries.
+constexpr int64_t kWork = 1 << 13;
+std::vector<std::pair<int64_t, int64_t>> index_ranges(int64_t numel, int64_t total) {
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(numel, total / kWork));
+  const int64_t step = (numel + parts - 1) / parts;
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (int64_t lo = 0; lo < numel; lo += step) out.emplace_back(lo, std::min(numel, lo + step));
+  return out;
+}
+
+// --- apply_diffs_ / restore_diffs_ ---
+
+template <typename scalar_t, typename index_t>
+void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vector<at::Tensor>& idx,
+                 const std::vector<at::Tensor>& val, const std::vector<at::Tensor>& saved,
+                 at::ArrayRef<double> alphas, int64_t lo, int64_t hi) {
+  using a_t = acc_t<scalar_t>;
+  const size_t n = group.size();
+  std::vector<Span<index_t>> spans(n);
+  std::vector<const scalar_t*> v(n);
+  std::vector<scalar_t*> s(n);
+  std::vector<a_t> a(n);
+  for (size_t g = 0; g < n; ++g) {
+    const int64_t e = group[g];
+    spans[g] = span_in(idx[e].data_ptr<index_t>(), idx[e].numel(), lo, hi);
+    v[g] = val[e].data_ptr<scalar_t>();
+    s[g] = saved[e].data_ptr<scalar_t>();
+    a[g] = static_cast<a_t>(alphas[e]);
+  }
+  if (n == 1) {  // one delta on this tensor: no union to form
+    const index_t* ip = spans[0].idx;
+    for (int64_t i = spans[0].pos; i < spans[0].end; ++i) {
+      const scalar_t old = d[ip[i]];
+      s[0][i] = old;
+      d[ip[i]] = axpy_update(old, v[0][i], a[0]);
+    }
+    return;
+  }
+  walk_union(spans, [&](int64_t j) {
+    const scalar_t old = d[j];
+    a_t acc = static_cast<a_t>(old);
+    for (size_t g = 0; g < n; ++g) {
+      if (!spans[g].at(j)) continue;
+      s[g][spans[g].pos] = old;
+      acc = axpy_acc(acc, v[g][spans[g].pos], a[g]);
+      ++spans[g].pos;
+    }
+    d[j] = static_cast<scalar_t>(acc);
+  });
+}
+
+std::vector<at::Tensor> apply_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList values,
+                                        at::IntArrayRef target, at::ArrayRef<double> alphas) {
+  const char* op = "apply_diffs_";
+  check_diff_entries(op, dense, indices, values, target);
+  const int64_t n = static_cast<int64_t>(indices.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(alphas.size()) == n, op, ": alphas has ", alphas.size(), " entries, expected ", n);
+  std::vector<at::Tensor> idx(n), val(n), saved(n);
+  for (int64_t e = 0; e < n; ++e) {
+    idx[e] = indices[e].contiguous();
+    val[e] = values[e].contiguous();
+    saved[e] = at::empty({values[e].numel()}, values[e].options());
+  }
+  const auto groups = entries_by_target(static_cast<int64_t>(dense.size()), target);
+  struct Work { int64_t t, lo, hi; };
+  std::vector<Work> work;
+  for (int64_t t = 0; t < static_cast<int64_t>(groups.size()); ++t) {
+    int64_t total = 0;
+    for (int64_t e : groups[t]) total += idx[e].numel();
+    if (total == 0) continue;
+    for (auto [lo, hi] : index_ranges(dense[t].numel(), total)) work.push_back({t, lo, hi});
+  }
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const auto& item = work[w];
+      const auto& group = groups[item.t];
+      XLS_DISPATCH_FLOATS(dense[item.t].scalar_type(), "apply_diffs_", [&] {
+        XLS_DISPATCH_INDEX(idx[group[0]].scalar_type(), "apply_diffs_", [&] {
+          apply_range<scalar_t, index_t>(dense[item.t].data_ptr<scalar_t>(), group, idx, val, saved, alphas, item.lo,
+                                         item.hi);
+        });
+      });
+    }
+  });
+  return saved;
+}
+
+void restore_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList saved, at::IntArrayRef target) {
+  const char* op = "restore_diffs_";
+  check_diff_entries(op, dense, indices, saved, target);
+  // Entries that share an element saved the same value, so their order does not matter.
+  for (int64_t e = 0; e < static_cast<int64_t>(indices.size()); ++e) {
+    const at::Tensor& d = dense[target[e]];
+    auto idx = indices[e].contiguous();
+    auto val = saved[e].contiguous();
+    XLS_DISPATCH_FLOATS(d.scalar_type(), "restore_diffs_", [&] {
+      XLS_DISPATCH_INDEX(idx.scalar_type(), "restore_diffs_", [&] {
+        scalar_t* dp = d.data_ptr<scalar_t>();
+        const index_t* ip = idx.data_ptr<index_t>();
+        const scalar_t* vp = val.data_ptr<scalar_t>();
+        at::parallel_for(0, idx.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) dp[ip[i]] = vp[i];
+        });
+      });
+    });
+  }
+}
+
+// --- merge_deltas ---
+
+// Shape, dtype and order checks of the lists merge_deltas reads.
+void check_merge(const char* op, at::TensorList indices, at::TensorList values, at::ArrayRef<double> weights,
+                 int64_t numel) {
+  const int64_t n = static_cast<int64_t>(indices.size());
+  TORCH_CHECK_VALUE(n >= 1, op, ": needs at least one delta");
+  TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == n && static_cast<int64_t>(weights.size()) == n, op,
+                    ": indices, values and weights must have one entry each, got ", n, ", ", values.size(), ", ",
+                    weights.size());
+  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be >= 0, got ", numel);
+  for (int64_t e = 0; e < n; ++e) {
+    const std::string where = std::string(op) + " delta " + std::to_string(e);
+    TORCH_CHECK_VALUE(indices[e].dim() == 1 && values[e].dim() == 1 && indices[e].numel() == values[e].numel(), where,
+                      ": indices and values must be 1-D of one length, got ", indices[e].sizes(), " and ",
+                      values[e].sizes());
+    TORCH_CHECK_TYPE(indices[e].scalar_type() == indices[0].scalar_type(), where, ": index dtype ",
+                     indices[e].scalar_type(), " differs from delta 0's ", indices[0].scalar_type());
+    TORCH_CHECK_TYPE(at::isFloatingType(values[e].scalar_type()) && values[e].scalar_type() == values[0].scalar_type(),
+                     where, ": values must share one floating dtype, got ", values[e].scalar_type(), " and ",
+                     values[0].scalar_type());
+    TORCH_CHECK_VALUE(indices[e].device() == indices[0].device() && values[e].device() == indices[0].device(), where,
+                      ": all tensors must be on one device");
+    check_indices(where.c_str(), indices[e], numel);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_deltas_cpu(at::TensorList indices, at::TensorList values,
+                                                    at::ArrayRef<double> weights, int64_t numel) {
+  const char* op = "merge_deltas";
+  check_merge(op, indices, values, weights, numel);
+  const int64_t n = static_cast<int64_t>(indices.size());
+  std::vector<at::Tensor> idx(n), val(n);
+  int64_t total = 0;
+  for (int64_t e = 0; e < n; ++e) {
+    idx[e] = indices[e].contiguous();
+    val[e] = values[e].contiguous();
+    total += idx[e].numel();
+  }
+  const auto ranges = index_ranges(std::max<int64_t>(numel, 1), std::max<int64_t>(total, 1));
+  const int64_t parts = static_cast<int64_t>(ranges.size());
+  at::Tensor out_idx, out_val;
+  XLS_DISPATCH_FLOATS(val[0].scalar_type(), "merge_deltas", [&] {
+    XLS_DISPATCH_INDEX(idx[0].scalar_type(), "merge_deltas", [&] {
+      using a_t = acc_t<scalar_t>;
+      auto spans_of = [&](int64_t r) {
+        std::vector<Span<index_t>> spans(n);
+        for (int64_t e = 0; e < n; ++e)
+          spans[e] = span_in(idx[e].data_ptr<index_t>(), idx[e].numel(), ranges[r].first, ranges[r].second);
+        return spans;
+      };
+      // Pass 1: the union's size in each range; pass 2: write at the range's offset.
+      std::vector<int64_t> offset(parts + 1, 0);
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          auto spans = spans_of(r);
+          int64_t count = 0;
+          walk_union(spans, [&](int64_t j) {
+            ++count;
+            for (auto& s : spans) s.pos += s.at(j);
+          });
+          offset[r + 1] = count;
+        }
+      });
+      for (int64_t r = 0; r < parts; ++r) offset[r + 1] += offset[r];
+      out_idx = at::empty({offset[parts]}, idx[0].options());
+      out_val = at::empty({offset[parts]}, val[0].options());
+      index_t* oi = out_idx.data_ptr<index_t>();
+      scalar_t* ov = out_val.data_ptr<scalar_t>();
+      std::vector<const scalar_t*> vp(n);
+      std::vector<a_t> w(n);
+      for (int64_t e = 0; e < n; ++e) {
+        vp[e] = val[e].data_ptr<scalar_t>();
+        w[e] = static_cast<a_t>(weights[e]);
+      }
+      at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          auto spans = spans_of(r);
+          int64_t o = offset[r];
+          walk_union(spans, [&](int64_t j) {
+            a_t acc = 0;
+            for (int64_t e = 0; e < n; ++e) {
+              if (!spans[e].at(j)) continue;
+              acc = axpy_acc(acc, vp[e][spans[e].pos], w[e]);
+              ++spans[e].pos;
+            }
+            oi[o] = static_cast<index_t>(j);
+            ov[o++] = static_cast<scalar_t>(acc);
+          });
+        }
+      });
+    });
+  });
+  return {out_idx, out_val};
+}
+
+// --- topk_masks: radix select of the k-th largest magnitude, then one pass writing masks ---
+
+// A contiguous piece of one tensor; pieces are listed in global (tensor, position) order.
+struct Piece { int64_t t, begin, end; };
+
+std::vector<Piece> pieces_of(const std::vector<at::Tensor>& ts) {
+  constexpr int64_t kPiece = 1 << 16;
+  std::vector<Piece> out;
+  for (int64_t t = 0; t < static_cast<int64_t>(ts.size()); ++t)
+    for (int64_t b = 0; b < ts[t].numel(); b += kPiece) out.push_back({t, b, std::min(ts[t].numel(), b + kPiece)});
+  return out;
+}
+
+template <typename scalar_t>
+void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor>& masks, int64_t k) {
+  using key = key_t<scalar_t>;
+  constexpr int kBits = 8 * sizeof(key);
+  const auto pieces = pieces_of(ts);
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  const int threads = at::get_num_threads();
+  std::vector<int64_t> hist(static_cast<size_t>(threads) * kRadixBins);
+  std::atomic<int64_t> nan_at{-1};
+  // Keys whose digits above `shift` equal `prefix` are the candidates; k_left of them remain to pick.
+  key prefix = 0, known = 0;
+  int64_t k_left = k;
+  for (int shift = kBits - kRadixBits; shift >= 0; shift -= kRadixBits) {
+    std::fill(hist.begin(), hist.end(), 0);
+    at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+      int64_t* h = hist.data() + static_cast<size_t>(at::get_thread_num()) * kRadixBins;
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t* x = ts[pieces[p].t].data_ptr<scalar_t>();
+        for (int64_t i = pieces[p].begin; i < pieces[p].end; ++i) {
+          const key kx = magnitude_key(x[i]);
+          if ((kx & known) == prefix) ++h[(kx >> shift) & (kRadixBins - 1)];
+          if (shift == kBits - kRadixBits && kx > inf_key<scalar_t>()) nan_at = pieces[p].t;
+        }
+      }
+    });
+    TORCH_CHECK_VALUE(nan_at.load() < 0, "topk_masks: tensors[", nan_at.load(), "] holds NaN");
+    for (int th = 1; th < threads; ++th)
+      for (int64_t b = 0; b < kRadixBins; ++b) hist[b] += hist[static_cast<size_t>(th) * kRadixBins + b];
+    // Walk digits from the largest; the k_left-th candidate falls in digit b.
+    int64_t b = kRadixBins - 1;
+    for (; b > 0 && hist[b] < k_left; --b) k_left -= hist[b];
+    prefix |= static_cast<key>(b) << shift;
+    known |= static_cast<key>(kRadixBins - 1) << shift;
+  }
+  // prefix is now the k-th largest key: take every larger key and the first k_left equal ones.
+  const key threshold = prefix;
+  const int64_t ties_total = hist[static_cast<size_t>(threshold & (kRadixBins - 1))];
+  std::vector<int64_t> ties_before(np + 1, 0);
+  if (k_left < ties_total) {  // ties are split: count them per piece to rank them by position
+    at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        const scalar_t* x = ts[pieces[p].t].data_ptr<scalar_t>();
+        int64_t c = 0;
+        for (int64_t i = pieces[p].begin; i < pieces[p].end; ++i) c += magnitude_key(x[i]) == threshold;
+        ties_before[p + 1] = c;
+      }
+    });
+    for (int64_t p = 0; p < np; ++p) ties_before[p + 1] += ties_before[p];
+  }
+  at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* x = ts[pieces[p].t].data_ptr<scalar_t>();
+      bool* m = masks[pieces[p].t].data_ptr<bool>();
+      int64_t rank = ties_before[p];
+      for (int64_t i = pieces[p].begin; i < pieces[p].end; ++i) {
+        const key kx = magnitude_key(x[i]);
+        const bool tie = kx == threshold;
+        m[i] = kx > threshold || (tie && rank < k_left);
+        rank += tie;
+      }
+    }
+  });
+}
+
+std::vector<at::Tensor> topk_masks_cpu(at::TensorList tensors, int64_t k) {
+  const char* op = "topk_masks";
+  int64_t total = 0;
+  std::vector<at::Tensor> ts, masks;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    TORCH_CHECK_TYPE(at::isFloatingType(tensors[t].scalar_type()) && tensors[t].scalar_type() == tensors[0].scalar_type(),
+                     op, ": tensors must share one floating dtype; tensors[", t, "] is ", tensors[t].scalar_type());
+    TORCH_CHECK_VALUE(tensors[t].device() == tensors[0].device(), op, ": tensors must be on one device; tensors[", t,
+                      "] is on ", tensors[t].device());
+    ts.push_back(tensors[t].contiguous());
+    masks.push_back(at::zeros(tensors[t].sizes(), tensors[t].options().dtype(at::kBool)));
+    total += tensors[t].numel();
+  }
+  TORCH_CHECK_VALUE(k >= 0 && k <= total, op, ": k = ", k, " is outside [0, ", total, "] (the total element count)");
+  if (k == 0) return masks;
+  XLS_DISPATCH_FLOATS(ts[0].scalar_type(), "topk_masks", [&] { topk_masks_kernel<scalar_t>(ts, masks, k); });
+  return masks;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(xlsparse, CPU, m) { m.impl("sparse_axpy_", &sparse_axpy_cpu); }
+TORCH_LIBRARY_IMPL(xlsparse, CPU, m) {
+  m.impl("sparse_axpy_", &sparse_axpy_cpu);
+  m.impl("apply_diffs_", &apply_diffs_cpu);
+  m.impl("restore_diffs_", &restore_diffs_cpu);
+  m.impl("merge_deltas", &merge_deltas_cpu);
+  m.impl("topk_masks", &topk_masks_cpu);
+}
 
 }  // namespace xlsparse

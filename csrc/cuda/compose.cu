@@ -5,6 +5,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "xlsparse/checks.h"
 #include "xlsparse/compose.h"
 
@@ -42,8 +45,265 @@ void sparse_axpy_cuda(at::Tensor dense, const at::Tensor& indices, const at::Ten
   });
 }
 
+// Position of j in the sorted a[lo, hi), or the insertion point.
+template <typename index_t>
+__device__ __forceinline__ int64_t lower_bound(const index_t* a, int64_t lo, int64_t hi, int64_t j) {
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) >> 1;
+    if (static_cast<int64_t>(a[mid]) < j) lo = mid + 1; else hi = mid;
+  }
+  return lo;
+}
+
+// --- apply_diffs_ / restore_diffs_ ---
+// One row per entry: pointers to its indices, values, saved values and dense tensor, its length,
+// and [first, last) rows of the entries on the same tensor (rows are grouped by tensor).
+enum Field { kIdx, kVal, kSaved, kDense, kLen, kFirst, kLast, kFields };
+
+template <typename scalar_t, typename index_t>
+__global__ void apply_diffs_kernel(const int64_t* __restrict__ table, const double* __restrict__ alphas) {
+  using a_t = acc_t<scalar_t>;
+  const int64_t e = blockIdx.y;
+  const int64_t* row = table + e * kFields;
+  const auto* idx = reinterpret_cast<const index_t*>(row[kIdx]);
+  auto* d = reinterpret_cast<scalar_t*>(row[kDense]);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < row[kLen];
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t j = idx[i];
+    // The first entry that holds j owns it: it sums every entry's share and stores once.
+    bool owner = true;
+    for (int64_t f = row[kFirst]; f < e && owner; ++f) {
+      const int64_t* r = table + f * kFields;
+      const auto* fi = reinterpret_cast<const index_t*>(r[kIdx]);
+      const int64_t p = lower_bound(fi, 0, r[kLen], j);
+      owner = !(p < r[kLen] && fi[p] == j);
+    }
+    if (!owner) continue;
+    const scalar_t old = d[j];
+    a_t acc = static_cast<a_t>(old);
+    for (int64_t f = e; f < row[kLast]; ++f) {
+      const int64_t* r = table + f * kFields;
+      const auto* fi = reinterpret_cast<const index_t*>(r[kIdx]);
+      const int64_t p = f == e ? i : lower_bound(fi, 0, r[kLen], j);
+      if (p >= r[kLen] || fi[p] != j) continue;
+      reinterpret_cast<scalar_t*>(r[kSaved])[p] = old;
+      acc = axpy_acc(acc, reinterpret_cast<const scalar_t*>(r[kVal])[p], static_cast<a_t>(alphas[f]));
+    }
+    d[j] = static_cast<scalar_t>(acc);
+  }
+}
+
+template <typename scalar_t, typename index_t>
+__global__ void restore_diffs_kernel(const int64_t* __restrict__ table) {
+  const int64_t* row = table + blockIdx.y * kFields;
+  const auto* idx = reinterpret_cast<const index_t*>(row[kIdx]);
+  const auto* saved = reinterpret_cast<const scalar_t*>(row[kSaved]);
+  auto* d = reinterpret_cast<scalar_t*>(row[kDense]);
+  // Entries that share an element saved the same value: concurrent stores write equal bits.
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < row[kLen];
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    d[idx[i]] = saved[i];
+}
+
+// Launches `launch(table, alphas, grid)` once per (dense dtype, index dtype) group of entries.
+template <typename Launch>
+void for_each_entry_group(const char* op, at::TensorList dense, const std::vector<at::Tensor>& idx,
+                          const std::vector<at::Tensor>& val, const std::vector<at::Tensor>& saved,
+                          at::IntArrayRef target, at::ArrayRef<double> alphas, Launch launch) {
+  const auto groups = entries_by_target(static_cast<int64_t>(dense.size()), target);
+  // Rows of one launch: every entry whose tensor has this dtype pair, grouped by tensor.
+  std::vector<std::pair<at::ScalarType, at::ScalarType>> kinds;
+  for (const auto& g : groups)
+    if (!g.empty()) {
+      const auto kind = std::make_pair(dense[target[g[0]]].scalar_type(), idx[g[0]].scalar_type());
+      if (std::find(kinds.begin(), kinds.end(), kind) == kinds.end()) kinds.push_back(kind);
+    }
+  for (const auto& kind : kinds) {
+    std::vector<int64_t> rows;
+    std::vector<double> row_alpha;
+    int64_t max_len = 0;
+    for (const auto& g : groups) {
+      if (g.empty() || std::make_pair(dense[target[g[0]]].scalar_type(), idx[g[0]].scalar_type()) != kind) continue;
+      const int64_t first = static_cast<int64_t>(row_alpha.size());
+      const int64_t last = first + static_cast<int64_t>(g.size());
+      for (int64_t e : g) {
+        const int64_t fields[kFields] = {reinterpret_cast<int64_t>(idx[e].data_ptr()),
+                                         reinterpret_cast<int64_t>(val[e].data_ptr()),
+                                         reinterpret_cast<int64_t>(saved[e].data_ptr()),
+                                         reinterpret_cast<int64_t>(dense[target[e]].data_ptr()),
+                                         idx[e].numel(), first, last};
+        rows.insert(rows.end(), fields, fields + kFields);
+        row_alpha.push_back(alphas.empty() ? 0.0 : alphas[e]);
+        max_len = std::max(max_len, idx[e].numel());
+      }
+    }
+    const int64_t m = static_cast<int64_t>(row_alpha.size());
+    TORCH_CHECK_VALUE(m <= 65535, op, ": at most 65535 entries of one dtype per call, got ", m);
+    if (max_len == 0) continue;
+    const auto device = dense[0].device();
+    auto table = at::tensor(rows, at::kLong).to(device);
+    auto alpha_t = at::tensor(row_alpha, at::kDouble).to(device);
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((max_len + 255) / 256, 4096)), static_cast<unsigned>(m));
+    launch(kind, table, alpha_t, grid);
+  }
+}
+
+std::vector<at::Tensor> apply_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values,
+                                         at::IntArrayRef target, at::ArrayRef<double> alphas) {
+  check_diff_entries("apply_diffs_", dense, indices, values, target);
+  const int64_t n = static_cast<int64_t>(indices.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(alphas.size()) == n, "apply_diffs_: alphas has ", alphas.size(),
+                    " entries, expected ", n);
+  std::vector<at::Tensor> idx(n), val(n), saved(n);
+  for (int64_t e = 0; e < n; ++e) {
+    idx[e] = indices[e].contiguous();
+    val[e] = values[e].contiguous();
+    saved[e] = at::empty({values[e].numel()}, values[e].options());
+  }
+  if (n == 0) return saved;
+  const c10::cuda::CUDAGuard guard(dense[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for_each_entry_group("apply_diffs_", dense, idx, val, saved, target, alphas,
+                       [&](auto kind, const at::Tensor& table, const at::Tensor& alpha_t, dim3 grid) {
+    XLS_DISPATCH_FLOATS(kind.first, "apply_diffs_", [&] {
+      XLS_DISPATCH_INDEX(kind.second, "apply_diffs_", [&] {
+        apply_diffs_kernel<scalar_t, index_t><<<grid, 256, 0, stream>>>(table.data_ptr<int64_t>(),
+                                                                         alpha_t.data_ptr<double>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+  return saved;
+}
+
+void restore_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList saved, at::IntArrayRef target) {
+  check_diff_entries("restore_diffs_", dense, indices, saved, target);
+  const int64_t n = static_cast<int64_t>(indices.size());
+  if (n == 0) return;
+  std::vector<at::Tensor> idx(n), sv(n);
+  for (int64_t e = 0; e < n; ++e) {
+    idx[e] = indices[e].contiguous();
+    sv[e] = saved[e].contiguous();
+  }
+  const c10::cuda::CUDAGuard guard(dense[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for_each_entry_group("restore_diffs_", dense, idx, sv, sv, target, {},
+                       [&](auto kind, const at::Tensor& table, const at::Tensor&, dim3 grid) {
+    XLS_DISPATCH_FLOATS(kind.first, "restore_diffs_", [&] {
+      XLS_DISPATCH_INDEX(kind.second, "restore_diffs_", [&] {
+        restore_diffs_kernel<scalar_t, index_t><<<grid, 256, 0, stream>>>(table.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  });
+}
+
+// --- merge_deltas: the deltas are concatenated; offsets[e] is where delta e starts ---
+
+__device__ __forceinline__ int64_t segment_of(const int64_t* offsets, int64_t n, int64_t m) {
+  int64_t e = 0;
+  while (e + 1 < n && offsets[e + 1] <= m) ++e;
+  return e;
+}
+
+// owned[m] = 1 when no earlier delta holds the index at m: that element writes the union entry.
+__global__ void merge_owned_kernel(const int64_t* __restrict__ idx, const int64_t* __restrict__ offsets, int64_t n,
+                                   int64_t total, int64_t* __restrict__ owned) {
+  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < total;
+       m += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t e = segment_of(offsets, n, m), j = idx[m];
+    int64_t own = 1;
+    for (int64_t f = 0; f < e && own; ++f) {
+      const int64_t p = lower_bound(idx, offsets[f], offsets[f + 1], j);
+      own = !(p < offsets[f + 1] && idx[p] == j);
+    }
+    owned[m] = own;
+  }
+}
+
+// prefix[m] counts owned elements before m; an owned element's union position is the number of
+// distinct indices below it, summed over the deltas.
+template <typename scalar_t>
+__global__ void merge_write_kernel(const int64_t* __restrict__ idx, const scalar_t* __restrict__ val,
+                                   const int64_t* __restrict__ offsets, const double* __restrict__ weights, int64_t n,
+                                   int64_t total, const int64_t* __restrict__ prefix, int64_t* __restrict__ out_idx,
+                                   scalar_t* __restrict__ out_val) {
+  using a_t = acc_t<scalar_t>;
+  for (int64_t m = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; m < total;
+       m += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    if (prefix[m + 1] == prefix[m]) continue;  // not owned
+    const int64_t e = segment_of(offsets, n, m), j = idx[m];
+    int64_t pos = 0;
+    a_t acc = 0;
+    for (int64_t f = 0; f < n; ++f) {
+      const int64_t p = f == e ? m : lower_bound(idx, offsets[f], offsets[f + 1], j);
+      pos += prefix[p] - prefix[offsets[f]];
+      if (f >= e && p < offsets[f + 1] && idx[p] == j) acc = axpy_acc(acc, val[p], static_cast<a_t>(weights[f]));
+    }
+    out_idx[pos] = j;
+    out_val[pos] = static_cast<scalar_t>(acc);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_deltas_cuda(at::TensorList indices, at::TensorList values,
+                                                     at::ArrayRef<double> weights, int64_t numel) {
+  const char* op = "merge_deltas";
+  TORCH_CHECK_VALUE(!indices.empty() && indices.size() == values.size() && indices.size() == weights.size(), op,
+                    ": needs one or more deltas with one values tensor and one weight each");
+  for (size_t e = 0; e < indices.size(); ++e) {
+    const std::string where = std::string(op) + " delta " + std::to_string(e);
+    TORCH_CHECK_TYPE(indices[e].scalar_type() == indices[0].scalar_type() &&
+                         values[e].scalar_type() == values[0].scalar_type() && at::isFloatingType(values[e].scalar_type()),
+                     where, ": deltas must share one index dtype and one floating value dtype");
+    TORCH_CHECK_VALUE(indices[e].dim() == 1 && values[e].dim() == 1 && indices[e].numel() == values[e].numel(), where,
+                      ": indices and values must be 1-D of one length");
+    TORCH_CHECK_VALUE(indices[e].device() == indices[0].device() && values[e].device() == indices[0].device(), where,
+                      ": all tensors must be on one device");
+    check_indices(where.c_str(), indices[e], numel);
+  }
+  const c10::cuda::CUDAGuard guard(indices[0].device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t n = static_cast<int64_t>(indices.size());
+  std::vector<at::Tensor> idx64;
+  std::vector<int64_t> offsets(1, 0);
+  for (const auto& t : indices) {
+    idx64.push_back(t.to(at::kLong));
+    offsets.push_back(offsets.back() + t.numel());
+  }
+  const int64_t total = offsets.back();
+  auto idx = at::cat(idx64);
+  auto val = at::cat(values.vec());
+  auto off = at::tensor(offsets, at::kLong).to(idx.device());
+  auto w = at::tensor(std::vector<double>(weights.begin(), weights.end()), at::kDouble).to(idx.device());
+  auto owned = at::empty({total}, idx.options());
+  const int blocks = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((total + 255) / 256, 65535)));
+  if (total > 0) {
+    merge_owned_kernel<<<blocks, 256, 0, stream>>>(idx.data_ptr<int64_t>(), off.data_ptr<int64_t>(), n, total,
+                                                   owned.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  auto prefix = at::cat({at::zeros({1}, idx.options()), owned.cumsum(0)});
+  const int64_t size = prefix[total].item<int64_t>();
+  auto out_idx = at::empty({size}, idx.options());
+  auto out_val = at::empty({size}, val.options());
+  if (total > 0) {
+    XLS_DISPATCH_FLOATS(val.scalar_type(), "merge_deltas", [&] {
+      merge_write_kernel<scalar_t><<<blocks, 256, 0, stream>>>(
+          idx.data_ptr<int64_t>(), val.data_ptr<scalar_t>(), off.data_ptr<int64_t>(), w.data_ptr<double>(), n, total,
+          prefix.data_ptr<int64_t>(), out_idx.data_ptr<int64_t>(), out_val.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {out_idx.to(indices[0].scalar_type()), out_val};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(xlsparse, CUDA, m) { m.impl("sparse_axpy_", &sparse_axpy_cuda); }
+TORCH_LIBRARY_IMPL(xlsparse, CUDA, m) {
+  m.impl("sparse_axpy_", &sparse_axpy_cuda);
+  m.impl("apply_diffs_", &apply_diffs_cuda);
+  m.impl("restore_diffs_", &restore_diffs_cuda);
+  m.impl("merge_deltas", &merge_deltas_cuda);
+}
 
 }  // namespace xlsparse

@@ -1,15 +1,90 @@
 // Sparse-diff composition math, shared by csrc/cpu/compose.cpp and csrc/cuda/compose.cu.
 #pragma once
 
+#include <cstdint>
+#include <cstring>
+
 #include "xlsparse/common.h"
 
 namespace xlsparse {
 
+// acc + alpha * value in the accumulation type. Several deltas that hit one element are summed
+// with this in the order given, starting from the dense value, and rounded once on store.
+template <typename scalar_t>
+XLS_HD acc_t<scalar_t> axpy_acc(acc_t<scalar_t> acc, scalar_t value, acc_t<scalar_t> alpha) {
+  return acc + alpha * static_cast<acc_t<scalar_t>>(value);
+}
+
 // dense[i] + alpha * value, computed in the accumulation type and rounded once on store.
 template <typename scalar_t>
 XLS_HD scalar_t axpy_update(scalar_t dense, scalar_t value, acc_t<scalar_t> alpha) {
-  using a_t = acc_t<scalar_t>;
-  return static_cast<scalar_t>(static_cast<a_t>(dense) + alpha * static_cast<a_t>(value));
+  return static_cast<scalar_t>(axpy_acc(static_cast<acc_t<scalar_t>>(dense), value, alpha));
+}
+
+// --- global top-K by magnitude ---
+// |x| as the bit pattern of a float (double for double input) with the sign bit cleared: for
+// non-negative floats the bit patterns order exactly like the values, so top-K by magnitude is
+// top-K of these unsigned keys. Half types widen to float exactly. NaN keys exceed the inf key.
+template <typename scalar_t> struct magnitude { using key = uint32_t; using wide = float; };
+template <> struct magnitude<double> { using key = uint64_t; using wide = double; };
+template <typename scalar_t> using key_t = typename magnitude<scalar_t>::key;
+
+template <typename scalar_t>
+XLS_HD key_t<scalar_t> magnitude_key(scalar_t x) {
+  using wide = typename magnitude<scalar_t>::wide;
+  const wide w = static_cast<wide>(x);
+  key_t<scalar_t> bits;
+  memcpy(&bits, &w, sizeof bits);
+  return bits & ~(key_t<scalar_t>(1) << (8 * sizeof(bits) - 1));
+}
+
+// The key of +inf; a larger key is a NaN.
+template <typename scalar_t>
+XLS_HD key_t<scalar_t> inf_key() {
+  return sizeof(key_t<scalar_t>) == 4 ? key_t<scalar_t>(0x7f800000u) : key_t<scalar_t>(0x7ff0000000000000ull);
+}
+
+// Radix select reads one digit of the key per pass, most significant first.
+constexpr int kRadixBits = 16;
+constexpr int64_t kRadixBins = int64_t(1) << kRadixBits;
+
+}  // namespace xlsparse
+
+// --- host-side argument checks shared by the CPU and CUDA entry points ---
+#include <string>
+#include <vector>
+
+#include "xlsparse/checks.h"
+
+namespace xlsparse {
+
+// Entry e pairs indices[e] and values[e] with dense[target[e]]. Every entry is checked (dtype,
+// device, sorted, unique, in range) before anything is written; a message names the entry.
+inline void check_diff_entries(const char* op, at::TensorList dense, at::TensorList indices, at::TensorList values,
+                               at::IntArrayRef target) {
+  const int64_t n = static_cast<int64_t>(indices.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == n && static_cast<int64_t>(target.size()) == n, op,
+                    ": indices, values and target must have one entry each, got ", n, ", ", values.size(), ", ",
+                    target.size());
+  std::vector<at::ScalarType> index_type(dense.size(), at::kByte);
+  for (int64_t e = 0; e < n; ++e) {
+    const int64_t t = target[e];
+    TORCH_CHECK_INDEX(t >= 0 && t < static_cast<int64_t>(dense.size()), op, ": target[", e, "] = ", t,
+                      " is not a position in dense (", dense.size(), " tensors)");
+    const std::string where = std::string(op) + " entry " + std::to_string(e) + " (dense[" + std::to_string(t) + "])";
+    check_sparse_update(where.c_str(), dense[t], indices[e], values[e]);
+    TORCH_CHECK_TYPE(index_type[t] == at::kByte || index_type[t] == indices[e].scalar_type(), where,
+                     ": every entry of one tensor must use one index dtype");
+    index_type[t] = indices[e].scalar_type();
+    check_indices(where.c_str(), indices[e], dense[t].numel());
+  }
+}
+
+// Entries grouped by the tensor they update, in the order given.
+inline std::vector<std::vector<int64_t>> entries_by_target(int64_t num_dense, at::IntArrayRef target) {
+  std::vector<std::vector<int64_t>> groups(num_dense);
+  for (int64_t e = 0; e < static_cast<int64_t>(target.size()); ++e) groups[target[e]].push_back(e);
+  return groups;
 }
 
 }  // namespace xlsparse

@@ -1,0 +1,584 @@
+"""Sparse diffs of a model: the data (`SparseDelta`, `SparseDiff`), the fused apply with its
+bit-exact revert, diff arithmetic, LT-SFT selection, and files (xlsparse's safetensors format and
+composable-sft's `pytorch_diff.bin`).
+
+A `SparseDelta` is one parameter's difference: flat row-major `indices` (sorted, unique, int32
+below 2^31 elements, int64 above) and `values` of any float dtype. A `SparseDiff` maps parameter
+names to deltas, plus `dense` differences (added like the sparse ones) and `absolute` values that
+replace a parameter outright (composable-sft's "abs", e.g. a newly trained classifier head).
+"""
+import contextlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping
+
+import torch
+
+from .ops import compose as _ops
+
+FORMAT = "xlsparse.SparseDiff"
+FORMAT_VERSION = 1
+COMPOSABLE_SFT_FILE = "pytorch_diff.bin"
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The index dtype of a delta over `numel` elements: int32 below 2^31, int64 above."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _check_delta(indices, values, shape, where: str):
+    """Validate one delta and return (indices in the canonical dtype, values, torch.Size)."""
+    try:
+        shape = torch.Size(int(s) for s in shape)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{where}: shape must be a sequence of ints, got {shape!r}") from exc
+    if any(s < 0 for s in shape):
+        raise ValueError(f"{where}: shape {tuple(shape)} has a negative size")
+    numel = math.prod(shape)
+    if numel >= 2**63:
+        raise ValueError(f"{where}: shape {tuple(shape)} has {numel} elements, more than int64 can index")
+    if not isinstance(indices, torch.Tensor) or not isinstance(values, torch.Tensor):
+        raise TypeError(f"{where}: indices and values must be tensors")
+    if indices.dim() != 1 or values.dim() != 1:
+        raise ValueError(f"{where}: indices and values must be 1-D, got {tuple(indices.shape)} and {tuple(values.shape)}")
+    if indices.numel() != values.numel():
+        raise ValueError(f"{where}: {indices.numel()} indices but {values.numel()} values")
+    if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
+        raise TypeError(f"{where}: indices must be an integer tensor, got {indices.dtype}")
+    if not values.is_floating_point():
+        raise TypeError(f"{where}: values must be floating point, got {values.dtype}")
+    if indices.device != values.device:
+        raise ValueError(f"{where}: indices are on {indices.device} but values on {values.device}")
+    if indices.numel():
+        wide = indices.long()
+        bad = ((wide < 0) | (wide >= numel)).nonzero()
+        if bad.numel():
+            i = int(bad[0])
+            raise IndexError(f"{where}: indices[{i}] = {int(wide[i])} is outside [0, {numel}) for shape {tuple(shape)}")
+        bad = (wide[1:] <= wide[:-1]).nonzero()
+        if bad.numel():
+            i = int(bad[0]) + 1
+            raise ValueError(f"{where}: indices must be sorted and unique; indices[{i}] = {int(wide[i])} "
+                             f"follows indices[{i - 1}] = {int(wide[i - 1])}")
+    return indices.to(index_dtype(numel)), values, shape
+
+
+class SparseDelta:
+    """A sparse difference of one tensor: `values` at flat row-major `indices` of `shape`.
+
+    Indices are validated (sorted, unique, in range) and stored as int32 when the tensor has
+    fewer than 2^31 elements, else int64. Values may be any float dtype. Treat it as immutable.
+    """
+
+    __slots__ = ("indices", "values", "shape")
+
+    def __init__(self, indices: torch.Tensor, values: torch.Tensor, shape, *, name: str | None = None):
+        where = "SparseDelta" if name is None else f"delta {name!r}"
+        self.indices, self.values, self.shape = _check_delta(indices, values, shape, where)
+
+    @classmethod
+    def _trusted(cls, indices, values, shape) -> "SparseDelta":
+        """A delta built by xlsparse itself from already valid parts: no checks."""
+        out = cls.__new__(cls)
+        out.indices, out.values, out.shape = indices, values, torch.Size(shape)
+        return out
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def density(self) -> float:
+        """nnz / numel (0 for an empty shape)."""
+        return self.nnz / self.numel if self.numel else 0.0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def to_dense(self) -> torch.Tensor:
+        """The delta as a dense tensor of `shape`, zeros elsewhere."""
+        out = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        out.view(-1)[self.indices.long()] = self.values
+        return out
+
+    def to(self, device=None, dtype=None) -> "SparseDelta":
+        """A copy on `device` with values in `dtype` (indices keep their dtype)."""
+        return SparseDelta._trusted(self.indices.to(device), self.values.to(device=device, dtype=dtype), self.shape)
+
+    @classmethod
+    def from_dense(cls, t: torch.Tensor, k: int | None = None) -> "SparseDelta":
+        """The nonzero entries of `t`, or with `k`, its k largest-magnitude entries (ties: lowest
+        position first)."""
+        t = t.detach()
+        if k is None:
+            mask = t != 0
+        else:
+            from .functional import topk_mask
+
+            (mask,) = topk_mask([t], k)
+        idx = mask.reshape(-1).nonzero().squeeze(1)
+        return cls._trusted(idx.to(index_dtype(t.numel())), t.reshape(-1)[idx], t.shape)
+
+    def __repr__(self) -> str:
+        return (f"SparseDelta(shape={tuple(self.shape)}, nnz={self.nnz}, density={self.density:.3g}, "
+                f"dtype={self.values.dtype}, device={self.values.device})")
+
+
+def _named_tensors(model) -> dict[str, torch.Tensor]:
+    """Parameters and buffers of an nn.Module by name, or a state dict as given."""
+    if isinstance(model, torch.nn.Module):
+        named = dict(model.named_parameters(remove_duplicate=False))
+        named.update(model.named_buffers(remove_duplicate=False))
+        return named
+    if isinstance(model, Mapping):
+        return dict(model)
+    raise TypeError(f"expected an nn.Module or a dict of tensors, got {type(model).__name__}")
+
+
+def _lookup(named: dict, name: str, what: str) -> torch.Tensor:
+    if name not in named:
+        raise KeyError(f"{what}: the model has no parameter or buffer named {name!r}")
+    return named[name]
+
+
+def _check_shape(param: torch.Tensor, shape, what: str, name: str) -> None:
+    if tuple(param.shape) != tuple(shape):
+        raise ValueError(f"{what}: {name!r} has shape {tuple(shape)} but the model's tensor has {tuple(param.shape)}")
+
+
+class ApplyHandle:
+    """What `apply` changed and the values it displaced. `revert()` restores them bit-exactly;
+    as a context manager it reverts on exit."""
+
+    def __init__(self, dense, indices, saved, target, originals):
+        self._dense, self._indices, self._saved, self._target = dense, indices, saved, target
+        self._originals = originals  # (tensor, copy before apply) for dense and absolute entries
+        self.reverted = False
+
+    def revert(self) -> None:
+        """Put back every value the apply displaced, bit for bit. Only once."""
+        if self.reverted:
+            raise RuntimeError("this apply handle was already reverted")
+        with torch.no_grad():
+            if self._indices:
+                _ops.restore_diffs_(self._dense, self._indices, self._saved, self._target)
+            for tensor, copy in self._originals:
+                tensor.copy_(copy)
+        self.reverted = True
+
+    def __enter__(self) -> "ApplyHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.reverted:
+            self.revert()
+
+
+def apply(diffs, model, alphas=None) -> ApplyHandle:
+    """`W <- W + sum_i alphas[i] * diffs[i]` on every parameter the diffs name, in one fused call.
+
+    Deltas of several diffs on one parameter are summed in float32 (float64 for float64
+    parameters) and stored once. Dense entries are added, absolute entries copied in. Returns a
+    handle whose `revert()` restores the model bit-exactly (also usable as a context manager).
+    """
+    if isinstance(diffs, SparseDiff):
+        diffs = [diffs]
+    diffs = list(diffs)
+    alphas = [1.0] * len(diffs) if alphas is None else [float(a) for a in alphas]
+    if len(alphas) != len(diffs):
+        raise ValueError(f"apply: {len(diffs)} diffs but {len(alphas)} alphas")
+    named = _named_tensors(model)
+    dense, slot, indices, values, target, entry_alpha = [], {}, [], [], [], []
+    touched_whole = {}
+    for i, (diff, alpha) in enumerate(zip(diffs, alphas)):
+        what = f"apply: diff {i}"
+        if not isinstance(diff, SparseDiff):
+            raise TypeError(f"{what} is a {type(diff).__name__}, not a SparseDiff")
+        for name, delta in diff.deltas.items():
+            param = _lookup(named, name, what)
+            _check_shape(param, delta.shape, what, name)
+            if not param.is_contiguous():
+                raise ValueError(f"{what}: {name!r} is not contiguous")
+            if id(param) not in slot:
+                slot[id(param)] = len(dense)
+                dense.append(param.detach())
+            indices.append(delta.indices.to(param.device))
+            values.append(delta.values.to(device=param.device, dtype=param.dtype))
+            target.append(slot[id(param)])
+            entry_alpha.append(alpha)
+        for name, t in [*diff.dense.items(), *diff.absolute.items()]:
+            param = _lookup(named, name, what)
+            _check_shape(param, t.shape, what, name)
+            touched_whole.setdefault(id(param), param.detach())
+    with torch.no_grad():
+        originals = [(t, t.clone()) for t in touched_whole.values()]
+        saved = _ops.apply_diffs_(dense, indices, values, target, entry_alpha) if indices else []
+        for diff, alpha in zip(diffs, alphas):
+            for name, t in diff.dense.items():
+                named[name].detach().add_(t.to(named[name]), alpha=alpha)
+            for name, t in diff.absolute.items():
+                named[name].detach().copy_(t)
+    return ApplyHandle(dense, indices, saved, target, originals)
+
+
+def _selected(name: str, include, exclude) -> bool:
+    def patterns(p):
+        return [p] if isinstance(p, str) else list(p or [])
+
+    inc, exc = patterns(include), patterns(exclude)
+    return (not inc or any(re.search(p, name) for p in inc)) and not any(re.search(p, name) for p in exc)
+
+
+class SparseDiff:
+    """A model diff: `deltas` {name: SparseDelta}, `dense` {name: Tensor} differences, and
+    `absolute` {name: Tensor} values that replace a parameter (e.g. a new classifier head).
+
+    Construction validates every delta and names the offending parameter in the error.
+    """
+
+    def __init__(self, deltas: Mapping | None = None, dense: Mapping | None = None, *, absolute: Mapping | None = None,
+                 base_model: str | None = None):
+        self.deltas: dict[str, SparseDelta] = {}
+        for name, d in (deltas or {}).items():
+            if not all(hasattr(d, a) for a in ("indices", "values", "shape")):
+                raise TypeError(f"delta {name!r}: expected a SparseDelta, got {type(d).__name__}")
+            self.deltas[name] = SparseDelta(d.indices, d.values, d.shape, name=name)
+        self.dense = dict(dense or {})
+        self.absolute = dict(absolute or {})
+        for kind, group in (("dense", self.dense), ("absolute", self.absolute)):
+            for name, t in group.items():
+                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                    raise TypeError(f"{kind} entry {name!r}: expected a floating-point tensor")
+        both = set(self.deltas) & (set(self.dense) | set(self.absolute)) | set(self.dense) & set(self.absolute)
+        if both:
+            raise ValueError(f"parameters {sorted(both)} appear in more than one of deltas, dense and absolute")
+        self.base_model = base_model
+
+    @classmethod
+    def _trusted(cls, deltas, dense=None, absolute=None, base_model=None) -> "SparseDiff":
+        out = cls.__new__(cls)
+        out.deltas, out.dense, out.absolute, out.base_model = dict(deltas), dict(dense or {}), dict(absolute or {}), base_model
+        return out
+
+    # --- description ---
+    @property
+    def nnz(self) -> int:
+        """Stored sparse entries over all deltas."""
+        return sum(d.nnz for d in self.deltas.values())
+
+    def __len__(self) -> int:
+        return len(self.deltas) + len(self.dense) + len(self.absolute)
+
+    def __repr__(self) -> str:
+        return (f"SparseDiff({len(self.deltas)} deltas, nnz={self.nnz}, {len(self.dense)} dense, "
+                f"{len(self.absolute)} absolute, base_model={self.base_model!r})")
+
+    def to(self, device=None, dtype=None) -> "SparseDiff":
+        """A copy on `device`; `dtype` converts sparse and dense values (absolute ones keep theirs)."""
+        return SparseDiff._trusted({n: d.to(device, dtype) for n, d in self.deltas.items()},
+                                   {n: t.to(device=device, dtype=dtype) for n, t in self.dense.items()},
+                                   {n: t.to(device=device) for n, t in self.absolute.items()}, self.base_model)
+
+    # --- apply ---
+    def apply(self, model, alpha: float = 1.0) -> ApplyHandle:
+        """`W <- W + alpha * diff` in one fused call; `handle.revert()` undoes it bit-exactly."""
+        return apply([self], model, [alpha])
+
+    @contextlib.contextmanager
+    def applied(self, model, alpha: float = 1.0):
+        """`with diff.applied(model, alpha=...):` the model carries the diff inside the block."""
+        with self.apply(model, alpha) as handle:
+            yield handle
+
+    # --- arithmetic ---
+    @classmethod
+    def merge(cls, diffs, weights=None) -> "SparseDiff":
+        """`sum_i weights[i] * diffs[i]`: per parameter, a linear-time union of the sorted supports
+        (no densifying), summed in float32. A parameter that is dense in any diff is summed dense.
+        Absolute entries pass through; one named by two diffs is an error (no meaningful sum)."""
+        diffs = list(diffs)
+        weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(diffs):
+            raise ValueError(f"merge: {len(diffs)} diffs but {len(weights)} weights")
+        dense_names = {n for d in diffs for n in d.dense}
+        deltas, dense, absolute = {}, {}, {}
+        for name in dict.fromkeys(n for d in diffs for n in d.deltas):
+            if name in dense_names:
+                continue
+            parts = [(d.deltas[name], w) for d, w in zip(diffs, weights) if name in d.deltas]
+            shape = parts[0][0].shape
+            for p, _ in parts:
+                if p.shape != shape:
+                    raise ValueError(f"merge: delta {name!r} has shapes {tuple(shape)} and {tuple(p.shape)}")
+            dtype = parts[0][0].values.dtype
+            for p, _ in parts[1:]:
+                dtype = torch.promote_types(dtype, p.values.dtype)
+            idx, val = _ops.merge_deltas([p.indices for p, _ in parts], [p.values.to(dtype) for p, _ in parts],
+                                         [w for _, w in parts], math.prod(shape))
+            deltas[name] = SparseDelta._trusted(idx, val, shape)
+        for name in dict.fromkeys(n for d in diffs for n in d.dense):
+            total = None
+            for d, w in zip(diffs, weights):
+                part = d.dense.get(name)
+                if part is None and name in d.deltas:
+                    part = d.deltas[name].to_dense()
+                if part is None:
+                    continue
+                if total is not None and part.shape != total.shape:
+                    raise ValueError(f"merge: dense entry {name!r} has shapes {tuple(total.shape)} and {tuple(part.shape)}")
+                term = w * part.to(torch.float64 if part.dtype == torch.float64 else torch.float32)
+                total, dtype = (term, part.dtype) if total is None else (total + term, torch.promote_types(dtype, part.dtype))
+            dense[name] = total.to(dtype)
+        for d in diffs:
+            for name, t in d.absolute.items():
+                if name in absolute or name in deltas or name in dense:
+                    raise ValueError(f"merge: absolute entry {name!r} is in more than one diff; absolute values "
+                                     "replace a parameter and have no sum")
+                absolute[name] = t
+        base = {d.base_model for d in diffs} - {None}
+        return cls._trusted(deltas, dense, absolute, base.pop() if len(base) == 1 else None)
+
+    def __add__(self, other: "SparseDiff") -> "SparseDiff":
+        if not isinstance(other, SparseDiff):
+            return NotImplemented
+        return SparseDiff.merge([self, other])
+
+    def __sub__(self, other: "SparseDiff") -> "SparseDiff":
+        if not isinstance(other, SparseDiff):
+            return NotImplemented
+        return SparseDiff.merge([self, other], [1.0, -1.0])
+
+    def __mul__(self, scale: float) -> "SparseDiff":
+        if not isinstance(scale, (int, float)):
+            return NotImplemented
+        return SparseDiff.merge([self], [float(scale)])
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "SparseDiff":
+        return self * -1.0
+
+    def __truediv__(self, scale: float) -> "SparseDiff":
+        if not isinstance(scale, (int, float)):
+            return NotImplemented
+        return self * (1.0 / scale)
+
+    # --- LT-SFT selection ---
+    @classmethod
+    def from_models(cls, base, tuned, k: int | None = None, density: float | None = None, include=None, exclude=None,
+                    base_model: str | None = None) -> "SparseDiff":
+        """LT-SFT's selection: the k (or density * total) entries of largest |tuned - base|, global
+        over every parameter the two models share (same name and shape).
+
+        `include` / `exclude`: regular expressions (a string or a list) searched in parameter
+        names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
+        Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
+        """
+        if (k is None) == (density is None):
+            raise ValueError("from_models: give exactly one of k or density")
+        b, t = _named_tensors(base), _named_tensors(tuned)
+        names = [n for n in t if n in b and t[n].is_floating_point() and _selected(n, include, exclude)]
+        for n in names:
+            if b[n].shape != t[n].shape:
+                raise ValueError(f"from_models: {n!r} has shape {tuple(b[n].shape)} in base but {tuple(t[n].shape)} in tuned")
+        total = sum(t[n].numel() for n in names)
+        if density is not None:
+            if not 0.0 <= density <= 1.0:
+                raise ValueError(f"from_models: density must be in [0, 1], got {density}")
+            k = round(density * total)
+        if not 0 <= k <= total:
+            raise ValueError(f"from_models: k = {k} is outside [0, {total}] (elements in the selected parameters)")
+        with torch.no_grad():
+            diffs = [t[n].detach() - b[n].detach().to(t[n]) for n in names]
+            if diffs and len({d.dtype for d in diffs}) > 1:
+                wide = diffs[0].dtype
+                for d in diffs:
+                    wide = torch.promote_types(wide, d.dtype)
+                masks = _ops.topk_masks([d.to(wide) for d in diffs], k)
+            else:
+                masks = _ops.topk_masks([d.contiguous() for d in diffs], k)
+            deltas = {}
+            for n, d, m in zip(names, diffs, masks):
+                idx = m.reshape(-1).nonzero().squeeze(1)
+                deltas[n] = SparseDelta._trusted(idx.to(index_dtype(d.numel())), d.reshape(-1)[idx], d.shape)
+        return cls._trusted(deltas, base_model=base_model)
+
+    # --- xlsparse files: one safetensors file, the JSON description in its metadata ---
+    def save(self, path: str, base_model: str | None = None) -> None:
+        """Write one safetensors file; its metadata holds JSON with every entry's shape and dtype,
+        the xlsparse version and the base model's name. Written to a temporary file, then renamed."""
+        from safetensors.torch import save_file
+
+        from . import __version__
+
+        tensors, meta = {}, {"format": FORMAT, "format_version": FORMAT_VERSION, "xlsparse_version": __version__,
+                              "base_model": base_model or self.base_model, "deltas": [], "dense": [], "absolute": []}
+        for i, (name, d) in enumerate(self.deltas.items()):
+            tensors[f"delta.{i}.indices"] = d.indices.detach().cpu().contiguous()
+            tensors[f"delta.{i}.values"] = d.values.detach().cpu().contiguous()
+            meta["deltas"].append({"name": name, "shape": list(d.shape), "nnz": d.nnz, "dtype": str(d.values.dtype),
+                                   "index_dtype": str(d.indices.dtype)})
+        for kind in ("dense", "absolute"):
+            for i, (name, t) in enumerate(getattr(self, kind).items()):
+                tensors[f"{kind}.{i}"] = t.detach().cpu().contiguous()
+                meta[kind].append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype)})
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"xlsparse": json.dumps(meta)}))
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> "SparseDiff":
+        """Read a file written by `save`. Every shape, dtype, bound and the index order is checked;
+        a truncated or corrupt file raises ValueError saying so."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                header = (f.metadata() or {}).get("xlsparse")
+                keys = set(f.keys())
+                if header is None:
+                    raise ValueError(f"{path}: not an xlsparse diff file (no 'xlsparse' metadata)")
+                meta = json.loads(header)
+                tensors = {k: f.get_tensor(k) for k in keys}
+        except ValueError:
+            raise
+        except Exception as exc:  # safetensors raises its own error type for bad headers and sizes
+            raise ValueError(f"{path}: unreadable xlsparse diff file (truncated or corrupt?): {exc}") from exc
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"{path}: metadata does not describe a {FORMAT}")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: format version {meta.get('format_version')!r}, this xlsparse reads {FORMAT_VERSION}")
+
+        def tensor(key, what, dtype_name, shape=None):
+            if key not in tensors:
+                raise ValueError(f"{path}: {what}: tensor {key!r} is missing")
+            t = tensors.pop(key)
+            if str(t.dtype) != dtype_name:
+                raise ValueError(f"{path}: {what}: dtype {t.dtype} but the metadata says {dtype_name}")
+            if shape is not None and list(t.shape) != list(shape):
+                raise ValueError(f"{path}: {what}: shape {tuple(t.shape)} but the metadata says {tuple(shape)}")
+            return t
+
+        try:
+            deltas = {}
+            for i, m in enumerate(meta["deltas"]):
+                what = f"delta {m['name']!r}"
+                idx = tensor(f"delta.{i}.indices", what, m["index_dtype"], [m["nnz"]])
+                val = tensor(f"delta.{i}.values", what, m["dtype"], [m["nnz"]])
+                d = SparseDelta(idx, val, m["shape"], name=m["name"])
+                if d.indices.dtype != idx.dtype:
+                    raise ValueError(f"{path}: {what}: index dtype {idx.dtype} is not {d.indices.dtype} for its shape")
+                deltas[m["name"]] = d.to(device)
+            whole = {}
+            for kind in ("dense", "absolute"):
+                whole[kind] = {m["name"]: tensor(f"{kind}.{i}", f"{kind} entry {m['name']!r}", m["dtype"], m["shape"]).to(device)
+                               for i, m in enumerate(meta[kind])}
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: malformed metadata: {exc!r}") from exc
+        if tensors:
+            raise ValueError(f"{path}: tensors {sorted(tensors)} are not described by the metadata")
+        return cls(deltas, whole["dense"], absolute=whole["absolute"], base_model=meta.get("base_model"))
+
+    # --- composable-sft's pytorch_diff.bin ---
+    @classmethod
+    def load_composable_sft(cls, path: str) -> "SparseDiff":
+        """Read composable-sft's `pytorch_diff.bin` (a file, or a folder holding one):
+        `{"diffs": {name: {"size", "index_steps", "values"}}, "abs": {name: tensor}}` with flat
+        column-major indices, delta-encoded (the first absolute). Loaded with weights_only=True;
+        indices are decoded in int64, so tensors above 2^31 elements are safe."""
+        if os.path.isdir(path):
+            path = os.path.join(path, COMPOSABLE_SFT_FILE)
+        try:
+            with torch.serialization.safe_globals(_numpy_scalar_globals()):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ValueError(f"{path}: cannot read a composable-sft diff file: {exc}") from exc
+        if not isinstance(obj, dict) or not set(obj) <= {"diffs", "abs"}:
+            raise ValueError(f"{path}: expected a dict with keys 'diffs' and 'abs', got "
+                             f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
+        deltas = {}
+        for name, enc in obj.get("diffs", {}).items():
+            what = f"{path}: delta {name!r}"
+            if not isinstance(enc, dict) or set(enc) != {"size", "index_steps", "values"}:
+                raise ValueError(f"{what}: expected keys size, index_steps, values")
+            shape = tuple(int(s) for s in enc["size"])
+            steps = torch.as_tensor(enc["index_steps"], dtype=torch.int64).reshape(-1)
+            values = enc["values"]
+            if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != steps.numel():
+                raise ValueError(f"{what}: values must be a 1-D tensor with one entry per index step")
+            bad = (steps[1:] <= 0).nonzero()
+            if bad.numel():
+                raise ValueError(f"{what}: index_steps[{int(bad[0]) + 1}] = {int(steps[int(bad[0]) + 1])} is not "
+                                 "positive (indices must be sorted and unique)")
+            column = steps.cumsum(0)
+            numel = math.prod(shape)
+            if column.numel() and (int(column[0]) < 0 or int(column[-1]) >= numel):
+                raise IndexError(f"{what}: indices span [{int(column[0])}, {int(column[-1])}], outside [0, {numel})")
+            row = _reorder(column, shape, to_row=True)
+            order = torch.argsort(row)
+            deltas[name] = SparseDelta(row[order], values[order], shape, name=name)
+        absolute = obj.get("abs", {})
+        return cls(deltas, absolute={n: t for n, t in absolute.items()})
+
+    def save_composable_sft(self, path: str) -> None:
+        """Write composable-sft's `pytorch_diff.bin` (to `path`, or into it if it is a folder).
+        Dense differences are written as sparse diffs over every element; absolute entries as "abs"."""
+        if os.path.isdir(path):
+            path = os.path.join(path, COMPOSABLE_SFT_FILE)
+        encoded = {}
+        items = [(n, d.indices.long().cpu(), d.values.detach().cpu(), d.shape) for n, d in self.deltas.items()]
+        items += [(n, torch.arange(t.numel()), t.detach().cpu().reshape(-1), t.shape) for n, t in self.dense.items()]
+        for name, idx, val, shape in items:
+            column = _reorder(idx, shape, to_row=False)
+            order = torch.argsort(column)
+            column = column[order]
+            steps = torch.cat([column[:1], column[1:] - column[:-1]])
+            encoded[name] = {"size": torch.Size(shape), "index_steps": steps.tolist(), "values": val[order].contiguous()}
+        obj = {"diffs": encoded, "abs": {n: t.detach().cpu() for n, t in self.absolute.items()}}
+        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _reorder(flat: torch.Tensor, shape, to_row: bool) -> torch.Tensor:
+    """Flat column-major indices to row-major (to_row) or back, in int64."""
+    shape = list(shape)
+    col_strides = [math.prod(shape[:d]) for d in range(len(shape))]
+    row_strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+    src, dst = (col_strides, row_strides) if to_row else (row_strides, col_strides)
+    out = torch.zeros_like(flat, dtype=torch.int64)
+    for size, s, t in zip(shape, src, dst):
+        out += (flat // s) % size * t
+    return out
+
+
+def _numpy_scalar_globals() -> list:
+    """composable-sft writes its first index step as a numpy int64: allow exactly that type."""
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    scalar = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
+    return [scalar.scalar, np.dtype, type(np.dtype(np.int64))]
+
+
+def _atomic_write(path: str, write) -> None:
+    """write(tmp) into a temporary file beside `path`, then rename it over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
