@@ -24,4 +24,21 @@ TORCH_LIBRARY(xlsparse, m) {
   // Bool masks of the k largest |x| over all tensors together; ties go to the lowest flat
   // position, earlier tensors first.
   m.def("topk_masks(Tensor[] tensors, int k) -> Tensor[]");
+
+  // --- optim: masked-gradient updates ---
+  // One AdamW step of every param at the entries its selector chooses: None = all entries, a bool
+  // mask of the param's shape, or sorted flat int32/int64 indices (then the state tensors and
+  // inits hold one value per index). steps[i]: a one-element float32 count for the tensor or an
+  // int32 count per state entry; the op advances them. inits (l1_to_init != 0): the initial values.
+  // AMP: grads are divided by grad_scale; nothing changes when found_inf is nonzero.
+  m.def("masked_adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] selectors, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] steps, Tensor?[] inits, float lr, "
+        "float beta1, float beta2, float eps, float weight_decay, float l1_to_init, bool amsgrad, "
+        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // The same for SGD (momentum_buffers empty when momentum == 0).
+  m.def("masked_sgd_(Tensor(a!)[] params, Tensor[] grads, Tensor?[] selectors, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] steps, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
+        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // dW = sum_l masks[l] * (grad_out[tokens_l]^T input[tokens_l]), tokens_l = order[offsets[l]:offsets[l+1]].
+  m.def("multi_mask_weight_grad(Tensor grad_out, Tensor input, Tensor masks, Tensor order, Tensor offsets) -> Tensor");
 }

@@ -1,0 +1,306 @@
+// CPU kernels of the optim family: the masked AdamW/SGD steps and multi_mask_weight_grad.
+//
+// A step splits every parameter's state range into chunks and runs all chunks of all parameters
+// in one at::parallel_for (the CPU form of a multi-tensor launch). float32 tensors with one step
+// count per tensor take an at::vec path; other dtypes, compact (indexed) selections and per-entry
+// step counts run the same header math one entry at a time.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "xlsparse/optim.h"
+
+namespace xlsparse {
+
+namespace {
+
+constexpr int64_t kChunk = 1 << 15;  // entries per parallel work item
+// One parameter of a step: its pointers and which entries the step touches.
+template <typename scalar_t>
+struct Param {
+  scalar_t* p;
+  const scalar_t* g;
+  scalar_t* s0;  // exp_avg / momentum buffer
+  scalar_t* s1;  // exp_avg_sq
+  scalar_t* s2;  // max_exp_avg_sq
+  const scalar_t* init;
+  Selection sel;
+  const bool* mask;
+  at::Tensor indices;
+  int64_t n;         // state entries: K for indices, numel otherwise
+  float* step;       // one count for the tensor, or
+  int32_t* own_step; // one count per state entry
+};
+
+template <typename scalar_t>
+Param<scalar_t> param_at(size_t i, const at::TensorList& params, const at::TensorList& grads,
+                         const c10::List<std::optional<at::Tensor>>& selectors, const at::TensorList& s0,
+                         const at::TensorList& s1, const at::TensorList& s2, const at::TensorList& steps,
+                         const c10::List<std::optional<at::Tensor>>& inits) {
+  Param<scalar_t> q{};
+  q.p = params[i].data_ptr<scalar_t>();
+  q.g = grads[i].data_ptr<scalar_t>();
+  q.s0 = s0.size() ? s0[i].data_ptr<scalar_t>() : nullptr;
+  q.s1 = s1.size() ? s1[i].data_ptr<scalar_t>() : nullptr;
+  q.s2 = s2.size() ? s2[i].data_ptr<scalar_t>() : nullptr;
+  q.init = inits.size() ? inits.get(i)->data_ptr<scalar_t>() : nullptr;
+  const std::optional<at::Tensor> sel = selectors.get(i);
+  q.sel = selection_of(sel);
+  q.mask = q.sel == Selection::Mask ? sel->data_ptr<bool>() : nullptr;
+  if (q.sel == Selection::Indices) q.indices = *sel;
+  q.n = q.sel == Selection::Indices ? sel->numel() : params[i].numel();
+  if (steps[i].scalar_type() == at::kInt) {
+    q.own_step = steps[i].data_ptr<int32_t>();
+  } else {
+    q.step = steps[i].data_ptr<float>();
+  }
+  return q;
+}
+
+// Calls f(param_index, state_index) for every selected entry with state index in [begin, end).
+template <typename scalar_t, typename F>
+void for_selected(const Param<scalar_t>& q, int64_t begin, int64_t end, const F& f) {
+  switch (q.sel) {
+    case Selection::All:
+      for (int64_t j = begin; j < end; ++j) f(j, j);
+      break;
+    case Selection::Mask:
+      for (int64_t j = begin; j < end; ++j)
+        if (q.mask[j]) f(j, j);
+      break;
+    case Selection::Indices:
+      XLS_DISPATCH_INDEX(q.indices.scalar_type(), "masked step", [&] {
+        const index_t* idx = q.indices.template data_ptr<index_t>();
+        for (int64_t j = begin; j < end; ++j) f(static_cast<int64_t>(idx[j]), j);
+      });
+      break;
+  }
+}
+
+// Splits every parameter into chunks of at most kChunk state entries: {param, begin, end}.
+struct Chunk {
+  size_t param;
+  int64_t begin, end;
+};
+
+template <typename scalar_t>
+std::vector<Chunk> chunks_of(const std::vector<Param<scalar_t>>& qs) {
+  std::vector<Chunk> out;
+  for (size_t i = 0; i < qs.size(); ++i)
+    for (int64_t b = 0; b < qs[i].n; b += kChunk) out.push_back({i, b, std::min(b + kChunk, qs[i].n)});
+  return out;
+}
+
+// Runs body(param, begin, end) over every chunk in one parallel loop.
+template <typename scalar_t, typename Body>
+void run_chunks(const std::vector<Param<scalar_t>>& qs, const Body& body) {
+  const auto chunks = chunks_of(qs);
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) body(qs[chunks[c].param], chunks[c].begin, chunks[c].end);
+  });
+}
+
+bool skip_step(const std::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->item<float>() != 0.f;
+}
+
+float scale_of(const std::optional<at::Tensor>& grad_scale) {
+  return grad_scale.has_value() ? grad_scale->item<float>() : 1.f;
+}
+
+// --- AdamW ---
+
+struct AdamwArgs {
+  double lr, beta1, beta2, eps, weight_decay, l1;
+  bool amsgrad;
+  float grad_scale;
+};
+
+template <typename scalar_t>
+void adamw_scalar(const Param<scalar_t>& q, int64_t begin, int64_t end, const AdamwArgs& a) {
+  using A = acc_t<scalar_t>;
+  const bool l1 = q.init != nullptr;
+  AdamwCoef<A> shared{};
+  if (!q.own_step)
+    shared = adamw_coef<A>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l1, static_cast<A>(*q.step + 1),
+                           static_cast<A>(a.grad_scale));
+  for_selected(q, begin, end, [&](int64_t pi, int64_t si) {
+    AdamwCoef<A> c = shared;
+    if (q.own_step) {
+      q.own_step[si] += 1;
+      c = adamw_coef<A>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l1, static_cast<A>(q.own_step[si]),
+                        static_cast<A>(a.grad_scale));
+    }
+    A p = q.p[pi], m = q.s0[si], v = q.s1[si];
+    A vmax = a.amsgrad ? static_cast<A>(q.s2[si]) : A(0);
+    const A init = l1 ? static_cast<A>(q.init[si]) : A(0);
+    adamw_update(p, static_cast<A>(q.g[pi]), m, v, vmax, init, c, a.amsgrad, l1);
+    q.p[pi] = static_cast<scalar_t>(p);
+    q.s0[si] = static_cast<scalar_t>(m);
+    q.s1[si] = static_cast<scalar_t>(v);
+    if (a.amsgrad) q.s2[si] = static_cast<scalar_t>(vmax);
+  });
+}
+
+// The at::vec path exists for float32 only.
+template <typename scalar_t>
+bool adamw_vec(const Param<scalar_t>&, int64_t, int64_t, const AdamwArgs&) {
+  return false;
+}
+
+vec_loops::FloatJob float_job(const Param<float>& q) {
+  return {q.p, q.g, q.s0, q.s1, q.s2, q.init, q.mask};
+}
+
+// float32, all entries or a bool mask, one step count: kV entries at a time. False when it does
+// not apply.
+bool adamw_vec(const Param<float>& q, int64_t begin, int64_t end, const AdamwArgs& a) {
+  if (q.own_step || q.sel == Selection::Indices || !vec_loops::usable()) return false;
+  const auto c = adamw_coef<float>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l1, *q.step + 1.f,
+                                   a.grad_scale);
+  const int64_t j = vec_loops::adamw(float_job(q), begin, end, c, a.amsgrad);
+  if (j < end) adamw_scalar(q, j, end, a);
+  return true;
+}
+
+void masked_adamw_cpu(at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& selectors,
+                      at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                      at::TensorList steps, const c10::List<std::optional<at::Tensor>>& inits, double lr,
+                      double beta1, double beta2, double eps, double weight_decay, double l1_to_init, bool amsgrad,
+                      const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const char* op = "masked_adamw_";
+  std::vector<std::pair<const char*, at::TensorList>> states = {{"exp_avgs", exp_avgs}, {"exp_avg_sqs", exp_avg_sqs}};
+  if (amsgrad) states.push_back({"max_exp_avg_sqs", max_exp_avg_sqs});
+  TORCH_CHECK_VALUE(l1_to_init == 0 || inits.size() == params.size(), op, ": l1_to_init needs one init per param");
+  check_masked_step(op, params, grads, selectors, states, steps, l1_to_init != 0 ? inits : c10::List<std::optional<at::Tensor>>(),
+                    grad_scale, found_inf);
+  if (params.empty() || skip_step(found_inf)) return;
+  const AdamwArgs a{lr, beta1, beta2, eps, weight_decay, l1_to_init, amsgrad, scale_of(grad_scale)};
+  XLS_DISPATCH_FLOATS(params[0].scalar_type(), "masked_adamw_", [&] {
+    std::vector<Param<scalar_t>> qs;
+    for (size_t i = 0; i < params.size(); ++i)
+      qs.push_back(param_at<scalar_t>(i, params, grads, selectors, exp_avgs, exp_avg_sqs,
+                                      amsgrad ? max_exp_avg_sqs : at::TensorList(), steps,
+                                      l1_to_init != 0 ? inits : c10::List<std::optional<at::Tensor>>()));
+    run_chunks(qs, [&](const Param<scalar_t>& q, int64_t b, int64_t e) {
+      if (!adamw_vec(q, b, e, a)) adamw_scalar(q, b, e, a);
+    });
+    for (const auto& q : qs)
+      if (q.step) *q.step += 1.f;
+  });
+}
+
+// --- SGD ---
+
+struct SgdArgs {
+  SgdCoef<double> c;
+  bool momentum, nesterov;
+};
+
+template <typename scalar_t>
+void sgd_scalar(const Param<scalar_t>& q, int64_t begin, int64_t end, const SgdArgs& a) {
+  using A = acc_t<scalar_t>;
+  const SgdCoef<A> c{static_cast<A>(a.c.lr), static_cast<A>(a.c.momentum), static_cast<A>(a.c.one_minus_dampening),
+                     static_cast<A>(a.c.weight_decay), static_cast<A>(a.c.grad_scale)};
+  for_selected(q, begin, end, [&](int64_t pi, int64_t si) {
+    const bool first = q.own_step ? q.own_step[si]++ == 0 : *q.step == 0.f;
+    A p = q.p[pi];
+    A buf = a.momentum ? static_cast<A>(q.s0[si]) : A(0);
+    sgd_update(p, static_cast<A>(q.g[pi]), buf, first, c, a.momentum, a.nesterov);
+    q.p[pi] = static_cast<scalar_t>(p);
+    if (a.momentum) q.s0[si] = static_cast<scalar_t>(buf);
+  });
+}
+
+template <typename scalar_t>
+bool sgd_vec(const Param<scalar_t>&, int64_t, int64_t, const SgdArgs&) {
+  return false;
+}
+
+bool sgd_vec(const Param<float>& q, int64_t begin, int64_t end, const SgdArgs& a) {
+  if (q.own_step || q.sel == Selection::Indices || !vec_loops::usable()) return false;
+  const SgdCoef<float> c{static_cast<float>(a.c.lr), static_cast<float>(a.c.momentum),
+                         static_cast<float>(a.c.one_minus_dampening), static_cast<float>(a.c.weight_decay),
+                         static_cast<float>(a.c.grad_scale)};
+  const int64_t j = vec_loops::sgd(float_job(q), begin, end, c, *q.step == 0.f, a.momentum, a.nesterov);
+  if (j < end) sgd_scalar(q, j, end, a);
+  return true;
+}
+
+void masked_sgd_cpu(at::TensorList params, at::TensorList grads, const c10::List<std::optional<at::Tensor>>& selectors,
+                    at::TensorList momentum_buffers, at::TensorList steps, double lr, double momentum, double dampening,
+                    double weight_decay, bool nesterov, const std::optional<at::Tensor>& grad_scale,
+                    const std::optional<at::Tensor>& found_inf) {
+  const char* op = "masked_sgd_";
+  std::vector<std::pair<const char*, at::TensorList>> states;
+  if (momentum != 0) states.push_back({"momentum_buffers", momentum_buffers});
+  check_masked_step(op, params, grads, selectors, states, steps, c10::List<std::optional<at::Tensor>>(), grad_scale,
+                    found_inf);
+  if (params.empty() || skip_step(found_inf)) return;
+  const SgdArgs a{{lr, momentum, 1 - dampening, weight_decay, scale_of(grad_scale)}, momentum != 0, nesterov};
+  XLS_DISPATCH_FLOATS(params[0].scalar_type(), "masked_sgd_", [&] {
+    std::vector<Param<scalar_t>> qs;
+    for (size_t i = 0; i < params.size(); ++i)
+      qs.push_back(param_at<scalar_t>(i, params, grads, selectors, a.momentum ? momentum_buffers : at::TensorList(),
+                                      {}, {}, steps, c10::List<std::optional<at::Tensor>>()));
+    run_chunks(qs, [&](const Param<scalar_t>& q, int64_t b, int64_t e) {
+      if (!sgd_vec(q, b, e, a)) sgd_scalar(q, b, e, a);
+    });
+    for (const auto& q : qs)
+      if (q.step) *q.step += 1.f;
+  });
+}
+
+// --- multi_mask_weight_grad ---
+
+constexpr int64_t kTokenChunk = 512;  // tokens gathered at a time: bounds the extra memory
+constexpr int64_t kRowBand = 256;     // dW rows per partial product: the [band, I] buffer stays in cache
+
+// dW = sum_l M_l * (dY_l^T X_l). Per language, per chunk of its tokens, per band of dW rows: the
+// band's product (a BLAS call) lands in a small buffer that is added under the mask into dW. The
+// mask sum is linear, so adding chunk by chunk is exact math; no dense per-language gradient exists.
+at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& masks,
+                                      const at::Tensor& order, const at::Tensor& offsets) {
+  const char* op = "multi_mask_weight_grad";
+  const auto off_t = offsets.contiguous();
+  check_multi_mask_weight_grad(op, grad_out, input, masks, order, off_t);
+  const int64_t num_ids = masks.size(0), rows = grad_out.size(1), cols = input.size(1);
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto dw = at::zeros({rows, cols}, input.options().dtype(acc));
+  const auto mask = masks.contiguous();
+  const int64_t* off = off_t.data_ptr<int64_t>();
+  at::Tensor band_buf = at::empty({std::min(rows, kRowBand), cols}, dw.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "multi_mask_weight_grad", [&] {
+    for (int64_t l = 0; l < num_ids; ++l) {
+      for (int64_t t0 = off[l]; t0 < off[l + 1]; t0 += kTokenChunk) {
+        const auto tokens = order.slice(0, t0, std::min(t0 + kTokenChunk, off[l + 1]));
+        const auto x = input.index_select(0, tokens).to(acc);
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowBand) {
+          const int64_t r1 = std::min(rows, r0 + kRowBand);
+          const auto dy = grad_out.slice(1, r0, r1).index_select(0, tokens).to(acc);
+          auto part = band_buf.slice(0, 0, r1 - r0);
+          at::mm_out(part, dy.t(), x);
+          const scalar_t* src = part.data_ptr<scalar_t>();
+          const bool* m = mask.data_ptr<bool>() + (l * rows + r0) * cols;
+          scalar_t* dst = dw.data_ptr<scalar_t>() + r0 * cols;
+          at::parallel_for(0, (r1 - r0) * cols, 1 << 14, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) dst[i] += m[i] ? src[i] : scalar_t(0);
+          });
+        }
+      }
+    }
+  });
+  return dw.to(input.scalar_type());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xlsparse, CPU, m) {
+  m.impl("masked_adamw_", &masked_adamw_cpu);
+  m.impl("masked_sgd_", &masked_sgd_cpu);
+  m.impl("multi_mask_weight_grad", &multi_mask_weight_grad_cpu);
+}
+
+}  // namespace xlsparse

@@ -1,0 +1,497 @@
+"""Masked-gradient updates: MaskedAdamW / MaskedSGD against torch.optim, the step ops on every
+backend against the float64 reference, dynamic masks, and multi_mask_weight_grad / SubnetworkLinear."""
+import copy
+
+import pytest
+import torch
+
+from conftest import (
+    DTYPES,
+    INDEX_DTYPES,
+    ODD_SIZES,
+    assert_bit_identical,
+    assert_matches_reference,
+    cpu_backends,
+    random_indices,
+    seeded,
+)
+from xlsparse import _ext
+from xlsparse.ops import optim as ops
+from xlsparse.optim import MaskedAdamW, MaskedSGD
+
+ADAMW_BACKENDS = cpu_backends("masked_adamw_")
+SGD_BACKENDS = cpu_backends("masked_sgd_")
+SHAPES = [(37, 19), (1,), (4097,), (3, 5, 7)]
+needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="compiled extension not built")
+
+
+def _params(seed=0, shapes=SHAPES, dtype=torch.float32):
+    gen = seeded(seed)
+    return [torch.randn(s, generator=gen).to(dtype) for s in shapes]
+
+
+def _masks(params, density, seed=1):
+    gen = seeded(seed)
+    return [torch.rand(p.shape, generator=gen) < density for p in params]
+
+
+def _set_grads(params, seed, masks=None, poison_outside=True):
+    """Random grads; outside the masks they are NaN, which must never reach anything."""
+    gen = seeded(seed)
+    grads = [torch.randn(p.shape, generator=gen).to(p.dtype) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    if masks is not None and poison_outside:
+        for p, m in zip(params, masks):
+            p.grad[~m] = float("nan")
+    return grads
+
+
+def _run_pair(opt, ref_opt, ours, theirs, masks, steps, seed=100, scheduler=None, ref_scheduler=None):
+    for s in range(steps):
+        grads = _set_grads(ours, seed + s, masks)
+        for p, g in zip(theirs, grads):
+            p.grad = g.clone()
+        opt.step()
+        ref_opt.step()
+        if scheduler is not None:
+            scheduler.step()
+            ref_scheduler.step()
+        opt.zero_grad()
+        ref_opt.zero_grad()
+
+
+def _check_masked(ours, theirs, initial, masks, atol=2e-5, rtol=1e-4):
+    for p, r, p0, m in zip(ours, theirs, initial, masks):
+        torch.testing.assert_close(p.detach()[m], r.detach()[m], atol=atol, rtol=rtol)
+        assert_bit_identical(p.detach()[~m], p0[~m], "params outside the mask")
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adamw_matches_torch_for_50_steps(backend, mode, amsgrad, weight_decay, use_backend):
+    use_backend(backend)
+    initial = _params()
+    masks = _masks(initial, 0.3)
+    ours = [p.clone().requires_grad_() for p in initial]
+    theirs = [p.clone().requires_grad_() for p in initial]
+    kw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay, amsgrad=amsgrad)
+    opt = MaskedAdamW(ours, masks, mode=mode, **kw)
+    ref = torch.optim.AdamW(theirs, **kw)
+    _run_pair(opt, ref, ours, theirs, masks, steps=50)
+    _check_masked(ours, theirs, initial, masks)
+    for p, m in zip(ours, masks):
+        state = opt.state[p]
+        if mode == "dense":  # state outside the mask is never written: still the zeros it started as
+            assert_bit_identical(state["exp_avg"].view(p.shape)[~m], torch.zeros(int((~m).sum())), "exp_avg outside")
+            assert_bit_identical(state["exp_avg_sq"].view(p.shape)[~m], torch.zeros(int((~m).sum())), "exp_avg_sq")
+        else:  # compact state has one value per selected entry
+            assert state["exp_avg"].numel() == int(m.sum()) == state["indices"].numel()
+        assert float(state["step"]) == 50
+
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_index_masks_dict_masks_and_none(mode):
+    initial = _params(3)
+    idx = random_indices(initial[0].numel(), 200, torch.int64, seeded(4))
+    bool0 = torch.zeros(initial[0].numel(), dtype=torch.bool)
+    bool0[idx] = True
+    bool0 = bool0.view(initial[0].shape)
+    ours = [p.clone().requires_grad_() for p in initial]
+    theirs = [p.clone().requires_grad_() for p in initial]
+    # dict form: param 0 by indices, param 1 absent (trains fully), the others fully via None
+    opt = MaskedAdamW(ours, {ours[0]: idx, ours[2]: None}, lr=1e-2, mode=mode)
+    ref = torch.optim.AdamW(theirs, lr=1e-2)
+    masks = [bool0] + [torch.ones_like(p, dtype=torch.bool) for p in initial[1:]]
+    _run_pair(opt, ref, ours, theirs, masks, steps=10)
+    _check_masked(ours, theirs, initial, masks)
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_l1_to_init_matches_l1_in_the_loss(backend, mode, use_backend):
+    """l1_to_init = λ is AdamW on the loss + λ Σ|p − p0|: torch's AdamW with that gradient added."""
+    use_backend(backend)
+    lam = 0.05
+    initial = _params(5)
+    masks = _masks(initial, 0.4, seed=6)
+    ours = [p.clone().requires_grad_() for p in initial]
+    theirs = [p.clone().requires_grad_() for p in initial]
+    opt = MaskedAdamW(ours, masks, lr=1e-2, weight_decay=0.01, mode=mode, l1_to_init=lam)
+    ref = torch.optim.AdamW(theirs, lr=1e-2, weight_decay=0.01)
+    for s in range(20):
+        grads = _set_grads(ours, 200 + s, masks)
+        for p, p0, g in zip(theirs, initial, grads):
+            p.grad = g + lam * torch.sign(p.detach() - p0)
+        opt.step()
+        ref.step()
+    _check_masked(ours, theirs, initial, masks)
+    if mode == "compact":
+        assert opt.state[ours[0]]["init"].numel() == int(masks[0].sum())
+
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_state_dict_resume_reproduces_the_next_steps(mode, dynamic):
+    initial = _params(7)
+    masks = _masks(initial, 0.3, seed=8)
+    new_masks = _masks(initial, 0.3, seed=9)
+
+    def make(ps):
+        return MaskedAdamW(ps, masks, lr=1e-2, weight_decay=0.05, mode=mode, amsgrad=True, l1_to_init=0.01)
+
+    ps = [p.clone().requires_grad_() for p in initial]
+    opt = make(ps)
+    for s in range(5):
+        _set_grads(ps, 300 + s)
+        opt.step()
+    if dynamic:
+        opt.update_masks(new_masks)
+        _set_grads(ps, 310)
+        opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved_params = [p.detach().clone() for p in ps]
+    for s in range(5):
+        _set_grads(ps, 400 + s)
+        opt.step()
+
+    resumed = [p.clone().requires_grad_() for p in saved_params]
+    opt2 = make(resumed)
+    opt2.load_state_dict(saved)
+    for s in range(5):
+        _set_grads(resumed, 400 + s)
+        opt2.step()
+    for a, b in zip(ps, resumed):
+        assert_bit_identical(a.detach(), b.detach(), "params after resume")
+    for a, b in zip(ps, resumed):
+        for key, value in opt.state[a].items():
+            assert_bit_identical(value, opt2.state[b][key], f"state {key} after resume")
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_update_masks_keeps_adds_and_freezes(backend, mode, use_backend):
+    """Kept entries continue as if nothing happened; added entries run a fresh AdamW from step 1;
+    dropped entries freeze."""
+    use_backend(backend)
+    initial = [torch.randn(40, 30, generator=seeded(10))]
+    gen = seeded(11)
+    old = torch.rand(40, 30, generator=gen) < 0.4
+    new = torch.rand(40, 30, generator=gen) < 0.4
+    kept, added, dropped = old & new, new & ~old, old & ~new
+    kw = dict(lr=1e-2, weight_decay=0.1, amsgrad=True)
+    ours = [initial[0].clone().requires_grad_()]
+    opt = MaskedAdamW(ours, [old], mode=mode, **kw)
+    steady = [initial[0].clone().requires_grad_()]  # never updated: the reference for kept entries
+    steady_opt = torch.optim.AdamW(steady, **kw)
+    for s in range(6):
+        g = _set_grads(ours, 500 + s)[0]
+        steady[0].grad = g.clone()
+        opt.step()
+        steady_opt.step()
+    at_switch = ours[0].detach().clone()
+    fresh = [at_switch.clone().requires_grad_()]  # a new AdamW from here: the reference for added entries
+    fresh_opt = torch.optim.AdamW(fresh, **kw)
+    opt.update_masks([new])
+    for s in range(6):
+        g = _set_grads(ours, 600 + s, [new])[0]
+        steady[0].grad = g.clone()
+        fresh[0].grad = g.clone()
+        opt.step()
+        steady_opt.step()
+        fresh_opt.step()
+    p = ours[0].detach()
+    torch.testing.assert_close(p[kept], steady[0].detach()[kept], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(p[added], fresh[0].detach()[added], atol=2e-5, rtol=1e-4)
+    assert_bit_identical(p[dropped], at_switch[dropped], "dropped entries")
+    assert_bit_identical(p[~old & ~new], initial[0][~old & ~new], "never-selected entries")
+
+
+def test_update_masks_without_new_entries_keeps_one_step_count():
+    ps = [torch.randn(20, 20).requires_grad_()]
+    old = torch.rand(20, 20, generator=seeded(12)) < 0.5
+    for mode in ("dense", "compact"):
+        opt = MaskedAdamW(ps, [old], mode=mode)
+        _set_grads(ps, 1)
+        opt.step()
+        opt.update_masks([old & (torch.rand(20, 20, generator=seeded(13)) < 0.5)])
+        assert opt.state[ps[0]]["step"].numel() == 1
+
+
+def test_param_groups_and_lr_scheduler():
+    initial = _params(14)
+    masks = _masks(initial, 0.5, seed=15)
+    ours = [p.clone().requires_grad_() for p in initial]
+    theirs = [p.clone().requires_grad_() for p in initial]
+    groups = lambda ps: [{"params": ps[:2], "lr": 3e-2, "weight_decay": 0.2}, {"params": ps[2:]}]  # noqa: E731
+    opt = MaskedAdamW(groups(ours), masks, lr=1e-2, weight_decay=0.0)
+    ref = torch.optim.AdamW(groups(theirs), lr=1e-2, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)
+    ref_sched = torch.optim.lr_scheduler.StepLR(ref, step_size=3, gamma=0.5)
+    _run_pair(opt, ref, ours, theirs, masks, steps=10, scheduler=sched, ref_scheduler=ref_sched)
+    _check_masked(ours, theirs, initial, masks)
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+def test_amp_found_inf_skips_and_grad_scale_unscales(backend, use_backend):
+    use_backend(backend)
+    initial = _params(16)
+    masks = _masks(initial, 0.5, seed=17)
+    ours = [p.clone().requires_grad_() for p in initial]
+    plain = [p.clone().requires_grad_() for p in initial]
+    opt = MaskedAdamW(ours, masks, lr=1e-2)
+    ref = MaskedAdamW(plain, masks, lr=1e-2)
+    grads = _set_grads(plain, 18)
+    ref.step()
+    for p, g in zip(ours, grads):
+        p.grad = g * 1024.0
+    opt.grad_scale = torch.tensor([1024.0])
+    opt.found_inf = torch.tensor([1.0])  # skipped: nothing moves
+    opt.step()
+    for p, p0 in zip(ours, initial):
+        assert_bit_identical(p.detach(), p0, "params after a skipped step")
+    assert float(opt.state[ours[0]]["step"]) == 0
+    opt.found_inf = torch.tensor([0.0])
+    opt.step()
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a.detach(), b.detach())
+
+
+def test_grad_scaler_drives_the_optimizer():
+    model = torch.nn.Linear(8, 4)
+    mask = torch.rand(4, 8, generator=seeded(19)) < 0.5
+    opt = MaskedAdamW([model.weight], [mask], lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    before = model.weight.detach().clone()
+    loss = model(torch.randn(5, 8)).square().sum()
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    moved = model.weight.detach() != before
+    assert moved[mask].any() and not moved[~mask].any()
+
+
+def test_nan_gradients_follow_torch():
+    """A NaN gradient on a selected entry makes that entry NaN, as in torch.optim.AdamW; NaN outside
+    the mask is never read."""
+    p = torch.randn(10).requires_grad_()
+    mask = torch.zeros(10, dtype=torch.bool)
+    mask[:5] = True
+    for mode in ("dense", "compact"):
+        q = p.detach().clone().requires_grad_()
+        opt = MaskedAdamW([q], [mask], mode=mode)
+        q.grad = torch.randn(10)
+        q.grad[2] = float("nan")
+        q.grad[7] = float("nan")
+        opt.step()
+        assert torch.isnan(q[2]) and not torch.isnan(q[[0, 1, 3, 4]]).any()
+        assert_bit_identical(q.detach()[5:], p.detach()[5:], "outside the mask")
+
+
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+@pytest.mark.parametrize("kw", [dict(), dict(momentum=0.9, weight_decay=0.1), dict(momentum=0.9, nesterov=True),
+                                dict(momentum=0.5, dampening=0.3)], ids=["plain", "momentum", "nesterov", "dampening"])
+def test_sgd_matches_torch(backend, mode, kw, use_backend):
+    use_backend(backend)
+    initial = _params(20)
+    masks = _masks(initial, 0.3, seed=21)
+    ours = [p.clone().requires_grad_() for p in initial]
+    theirs = [p.clone().requires_grad_() for p in initial]
+    opt = MaskedSGD(ours, masks, lr=0.05, mode=mode, **kw)
+    ref = torch.optim.SGD(theirs, lr=0.05, **kw)
+    _run_pair(opt, ref, ours, theirs, masks, steps=20)
+    _check_masked(ours, theirs, initial, masks)
+
+
+def test_sgd_update_masks_restarts_momentum_on_new_entries():
+    p = torch.randn(30).requires_grad_()
+    old = torch.arange(30) < 20
+    new = torch.arange(30) >= 10
+    for mode in ("dense", "compact"):
+        q = p.detach().clone().requires_grad_()
+        opt = MaskedSGD([q], [old], lr=0.1, momentum=0.9, mode=mode)
+        for s in range(3):
+            _set_grads([q], 700 + s)
+            opt.step()
+        opt.update_masks([new])
+        before = q.detach().clone()
+        g = _set_grads([q], 800)[0]
+        opt.step()
+        # an added entry's first step with momentum is plain SGD (the buffer starts as the gradient)
+        torch.testing.assert_close(q.detach()[20:], before[20:] - 0.1 * g[20:])
+        assert_bit_identical(q.detach()[:10], before[:10], "dropped entries")
+
+
+# --- bad input ---
+
+def test_bad_masks_raise():
+    p = torch.randn(4, 5).requires_grad_()
+    cases = [
+        ([torch.ones(5, 4, dtype=torch.bool)], ValueError, "shape"),
+        ([torch.ones(4, 5)], TypeError, "bool or int32/int64"),
+        ([torch.tensor([3, 1])], ValueError, "sorted and unique"),
+        ([torch.tensor([1, 1])], ValueError, "sorted and unique"),
+        ([torch.tensor([1, 20])], IndexError, "out of range"),
+        ([torch.tensor([[1, 2]])], ValueError, "1-D"),
+        ([None, None], ValueError, "2 entries for 1 parameters"),
+        (["mask"], TypeError, "expected a bool tensor"),
+        ({torch.randn(2): None}, ValueError, "not a parameter"),
+    ]
+    for masks, exc, msg in cases:
+        for mode in ("dense", "compact"):
+            with pytest.raises(exc, match=msg):
+                MaskedAdamW([p], masks, mode=mode)
+    with pytest.raises(ValueError, match="mode"):
+        MaskedAdamW([p], [None], mode="sparse")
+    with pytest.raises(ValueError, match="contiguous"):
+        MaskedAdamW([torch.randn(5, 4).t().requires_grad_()], [None])
+
+
+def _op_args(n=50, k=10, dtype=torch.float32, index_dtype=torch.int64, seed=0):
+    gen = seeded(seed)
+    p = torch.randn(n, generator=gen).to(dtype)
+    g = torch.randn(n, generator=gen).to(dtype)
+    idx = random_indices(n, k, index_dtype, gen)
+    m = torch.rand(k, generator=gen).to(dtype)
+    v = torch.rand(k, generator=gen).to(dtype)
+    step = torch.tensor(3.0)
+    return p, g, idx, m, v, step
+
+
+def _bad_op_calls():
+    p, g, idx, m, v, step = _op_args()
+    return [
+        ("unsorted", ([p], [g], [idx.flip(0)], [m], [v], [], [step], []), ValueError, "sorted and unique"),
+        ("out of range", ([p], [g], [torch.cat([idx[:-1], torch.tensor([50])])], [m], [v], [], [step], []),
+         IndexError, "out of range"),
+        ("state size", ([p], [g], [idx], [m[:-1]], [v], [], [step], []), ValueError, "entries"),
+        ("grad shape", ([p], [g[:-1]], [idx], [m], [v], [], [step], []), ValueError, "grads"),
+        ("grad dtype", ([p], [g.double()], [idx], [m], [v], [], [step], []), TypeError, "dtype"),
+        ("mask shape", ([p], [g], [torch.ones(49, dtype=torch.bool)], [p.clone()], [p.clone()], [], [step], []),
+         ValueError, "masks"),
+        ("float selector", ([p], [g], [torch.ones(10)], [m], [v], [], [step], []), TypeError, "bool mask or int"),
+        ("step dtype", ([p], [g], [idx], [m], [v], [], [torch.tensor(3)], []), ValueError, "steps"),
+        ("list lengths", ([p], [g], [idx], [m, m], [v], [], [step], []), ValueError, "exp_avgs"),
+        ("int param", ([p.int()], [g.int()], [idx], [m.int()], [v.int()], [], [step], []), TypeError, "floating"),
+    ]
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("name,args,exc,msg", _bad_op_calls(), ids=[c[0] for c in _bad_op_calls()])
+def test_bad_op_input_raises_and_writes_nothing(backend, name, args, exc, msg, use_backend):
+    use_backend(backend)
+    before = [t.clone() for t in args[0] + args[3] + args[4]]
+    with pytest.raises(exc, match=msg):
+        ops.masked_adamw_(*args, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+    for a, b in zip(args[0] + args[3] + args[4], before):
+        assert_bit_identical(a, b, "written by a rejected call")
+
+
+# --- the step ops, every dtype and selection, against the float64 reference ---
+
+def _selector(kind, n, k, index_dtype, gen):
+    if kind == "all":
+        return None
+    idx = random_indices(n, k, index_dtype, gen)
+    if kind == "indices":
+        return idx
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx.long()] = True
+    return mask
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("n", ODD_SIZES)
+@pytest.mark.parametrize("kind,density", [("all", 1.0), ("mask", 0.3), ("indices", 0.0), ("indices", 0.3),
+                                          ("indices", 1.0)])
+@pytest.mark.parametrize("own_step", [False, True])
+def test_adamw_op_matches_float64_reference(backend, dtype, n, kind, density, own_step, use_backend):
+    use_backend(backend)
+    gen = seeded(n * 13 + int(density * 10))
+    index_dtype = INDEX_DTYPES[n % 2]
+    k = round(n * density)
+    sel = _selector(kind, n, k, index_dtype, gen)
+    s = k if kind == "indices" else n
+    p = torch.randn(n, generator=gen).to(dtype)
+    g = torch.randn(n, generator=gen).to(dtype)
+    state = [torch.randn(s, generator=gen).to(dtype), torch.rand(s, generator=gen).to(dtype),
+             torch.rand(s, generator=gen).to(dtype) + 0.5]
+    init = (p.clone() if kind != "indices" else p[sel.long()].clone()) + torch.randn(s, generator=gen).to(dtype)
+    step = torch.randint(0, 5, (s,), generator=gen, dtype=torch.int32) if own_step else torch.tensor(4.0)
+    hyper = dict(lr=0.05, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, l1_to_init=0.01, amsgrad=True)
+
+    def run(p, g, state, step, init):
+        ops.masked_adamw_reference([p], [g], [sel], [state[0]], [state[1]], [state[2]], [step], [init],
+                                   *hyper.values())
+
+    ref = [t.double() for t in (p, g, init)]
+    ref_state = [t.double() for t in state]
+    ref_step = step.clone()
+    run(ref[0], ref[1], ref_state, ref_step, ref[2])
+    plain, plain_state, plain_step = p.clone(), [t.clone() for t in state], step.clone()
+    run(plain, g, plain_state, plain_step, init)
+    before = p.clone()
+    state_before = [t.clone() for t in state]
+    ops.masked_adamw_([p], [g], [sel], [state[0]], [state[1]], [state[2]], [step], [init], **hyper)
+
+    chosen = torch.ones(n, dtype=torch.bool) if sel is None else torch.zeros(n, dtype=torch.bool)
+    if sel is not None:
+        chosen[sel.long() if kind == "indices" else sel] = True
+    assert_matches_reference(p[chosen], ref[0][chosen], plain[chosen], f"param {backend} {dtype}")
+    assert_bit_identical(p[~chosen], before[~chosen], "params outside the selection")
+    schosen = chosen if kind != "indices" else torch.ones(s, dtype=torch.bool)
+    for name, out, r, pl, b in zip(("exp_avg", "exp_avg_sq", "max_exp_avg_sq"), state, ref_state, plain_state,
+                                   state_before):
+        assert_matches_reference(out[schosen], r[schosen], pl[schosen], name)
+        assert_bit_identical(out[~schosen], b[~schosen], f"{name} outside the selection")
+    assert_bit_identical(step, ref_step, "step counts")
+
+
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("kind", ["all", "mask", "indices"])
+@pytest.mark.parametrize("own_step", [False, True])
+def test_sgd_op_matches_float64_reference(backend, dtype, kind, own_step, use_backend):
+    use_backend(backend)
+    n = 4097
+    gen = seeded(31)
+    sel = _selector(kind, n, 1000, torch.int32, gen)
+    s = 1000 if kind == "indices" else n
+    p = torch.randn(n, generator=gen).to(dtype)
+    g = torch.randn(n, generator=gen).to(dtype)
+    buf = torch.randn(s, generator=gen).to(dtype)
+    step = torch.randint(0, 2, (s,), generator=gen, dtype=torch.int32) if own_step else torch.tensor(2.0)
+    hyper = dict(lr=0.1, momentum=0.9, dampening=0.1, weight_decay=0.05, nesterov=False)
+    ref_p, ref_buf, ref_step = p.double(), buf.double(), step.clone()
+    ops.masked_sgd_reference([ref_p], [g.double()], [sel], [ref_buf], [ref_step], *hyper.values())
+    plain_p, plain_buf = p.clone(), buf.clone()
+    ops.masked_sgd_reference([plain_p], [g], [sel], [plain_buf], [step.clone()], *hyper.values())
+    before = p.clone()
+    ops.masked_sgd_([p], [g], [sel], [buf], [step], **hyper)
+    chosen = torch.ones(n, dtype=torch.bool) if sel is None else torch.zeros(n, dtype=torch.bool)
+    if sel is not None:
+        chosen[sel.long() if kind == "indices" else sel] = True
+    assert_matches_reference(p[chosen], ref_p[chosen], plain_p[chosen], "param")
+    assert_bit_identical(p[~chosen], before[~chosen], "outside")
+    schosen = chosen if kind != "indices" else torch.ones(s, dtype=torch.bool)
+    assert_matches_reference(buf[schosen], ref_buf[schosen], plain_buf[schosen], "momentum buffer")
+    assert_bit_identical(step, ref_step, "step counts")
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck_step_ops(dtype):
+    p, g, idx, m, v, step = _op_args(dtype=dtype, index_dtype=torch.int32)
+    mask = torch.rand(50, generator=seeded(3)) < 0.5
+    args = ([p, p.clone()], [g, g.clone()], [idx, mask], [m, torch.zeros_like(p)], [v, torch.ones_like(p)],
+            [v.clone(), torch.ones_like(p)], [step, torch.zeros(50, dtype=torch.int32)], [m.clone(), p.clone()],
+            0.1, 0.9, 0.99, 1e-8, 0.1, 0.01, True, torch.tensor([2.0]), torch.tensor([0.0]))
+    torch.library.opcheck(torch.ops.xlsparse.masked_adamw_.default, args)
+    sgd_args = ([p, p.clone()], [g, g.clone()], [idx, None], [m, torch.zeros_like(p)], [step, step.clone()],
+                0.1, 0.9, 0.0, 0.1, True, None, None)
+    torch.library.opcheck(torch.ops.xlsparse.masked_sgd_.default, sgd_args)

@@ -1,0 +1,339 @@
+"""Optimizers that train only a subnetwork: `MaskedAdamW` and `MaskedSGD`.
+
+Masks (the `masks` argument and `update_masks`): either a list aligned with the parameters of all
+param groups in order, or a dict keyed by the parameter object (parameters missing from the dict
+train fully). Each entry is one of
+- `None`: every entry trains (use it for a parameter that is itself the trainable K-vector, such
+  as the values of `SparseDeltaLinear`);
+- a bool tensor of the parameter's shape: True marks a trainable entry;
+- a 1-D int32/int64 tensor of sorted, unique flat (row-major) indices of the trainable entries.
+
+`mode="dense"` keeps the mask as a bool tensor and state (exp_avg, exp_avg_sq) as large as the
+parameter; one fused pass over each parameter updates the masked entries. `mode="compact"` keeps
+sorted indices and state of size K: a step reads the gradient at K positions and writes K entries.
+Either way an entry outside the mask is never written: the parameter and its state stay
+bit-identical however many steps run, whatever the gradient holds there (NaN included).
+
+On the selected entries the math is torch.optim.AdamW's / torch.optim.SGD's. A NaN or Inf gradient
+on a selected entry propagates into that entry's parameter and state exactly as in torch; use
+`torch.amp.GradScaler` (this optimizer takes `grad_scale`/`found_inf` like torch's fused AdamW:
+the step is skipped inside the kernel when an inf was found) to skip such steps.
+"""
+from collections.abc import Iterable
+from itertools import chain
+
+import torch
+
+from .ops import _common
+from .ops import optim as optim_ops
+
+_MODES = ("dense", "compact")
+_SELECTOR_KEYS = ("mask", "indices")  # state keys torch's loader must not cast to the param's dtype
+
+
+class _MaskedOptimizer(torch.optim.Optimizer):
+    """What MaskedAdamW and MaskedSGD share: masks, update_masks, state_dict, kernel grouping."""
+
+    # Per-entry state tensors, zeroed for entries that a mask update adds.
+    _STATE_KEYS: tuple[str, ...] = ()
+    _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf as attributes
+
+    def __init__(self, params, masks, defaults: dict, mode: str):
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.mode = mode
+        super().__init__(params, defaults)
+        for p in self._all_params():
+            if not p.is_contiguous():
+                raise ValueError("masked optimizers need contiguous parameters")
+        selectors = self._parse_masks(masks)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_state(group, p, selectors[p])
+
+    # --- masks ---
+
+    def _all_params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _parse_masks(self, masks) -> dict:
+        """{param: selector in this mode's form (bool mask, sorted indices or None)}, validated."""
+        params = self._all_params()
+        if isinstance(masks, dict):
+            known = {id(p) for p in params}
+            if any(id(k) not in known for k in masks):
+                raise ValueError("masks: a dict key is not a parameter of this optimizer")
+            entries = [masks.get(p) for p in params]
+        else:
+            entries = list(masks)
+            if len(entries) != len(params):
+                raise ValueError(f"masks: got {len(entries)} entries for {len(params)} parameters")
+        return {p: self._selector(p, m, f"masks[{i}]") for i, (p, m) in enumerate(zip(params, entries))}
+
+    def _selector(self, p: torch.Tensor, mask, name: str):
+        if mask is None:
+            return None
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{name}: expected a bool tensor, an index tensor or None, got {type(mask).__name__}")
+        if mask.device != p.device:
+            raise ValueError(f"{name}: on {mask.device} but the parameter is on {p.device}")
+        if mask.dtype == torch.bool:
+            if mask.shape != p.shape:
+                raise ValueError(f"{name}: bool mask of shape {tuple(mask.shape)} for a parameter of shape {tuple(p.shape)}")
+            if self.mode == "dense":
+                return mask.detach().clone()
+            return _index_tensor(mask.reshape(-1).nonzero().flatten(), p.numel())
+        if mask.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name}: mask must be bool or int32/int64 indices, got {mask.dtype}")
+        if mask.dim() != 1:
+            raise ValueError(f"{name}: indices must be 1-D, got shape {tuple(mask.shape)}")
+        _common.check_indices(name, mask, p.numel())
+        if self.mode == "compact":
+            return mask.detach().clone().contiguous()
+        dense = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+        dense[mask.long()] = True
+        return dense.view(p.shape)
+
+    def _selector_of(self, p: torch.Tensor):
+        state = self.state[p]
+        return state.get("mask", state.get("indices"))
+
+    def _init_state(self, group: dict, p: torch.Tensor, selector) -> None:
+        state = self.state[p]
+        if selector is not None:
+            state["mask" if self.mode == "dense" else "indices"] = selector
+        n = p.numel() if selector is None or self.mode == "dense" else selector.numel()
+        state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for key in self._state_keys(group):
+            state[key] = torch.zeros(n, dtype=p.dtype, device=p.device)
+        if self._needs_init(group):
+            flat = p.detach().reshape(-1)
+            state["init"] = (flat if selector is None or self.mode == "dense" else flat[selector.long()]).clone()
+
+    def _state_keys(self, group: dict) -> list[str]:
+        return list(self._STATE_KEYS)
+
+    def _needs_init(self, group: dict) -> bool:
+        return False
+
+    @torch.no_grad()
+    def update_masks(self, masks) -> None:
+        """Change which entries train (dynamic masks), in the same forms as the constructor's `masks`.
+
+        Entries in both the old and the new mask keep their state and step count. Entries only in
+        the new mask start from zero state with their own step count (as SpIEL regrows entries);
+        the step counts then become per entry. Entries only in the old mask stop changing: they
+        keep their current value. In compact mode the state of dropped entries is discarded, and
+        an entry that joins takes its current value as its `l1_to_init` anchor.
+        """
+        selectors = self._parse_masks(masks)
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._move_state(group, p, self._selector_of(p), selectors[p])
+
+    def _move_state(self, group: dict, p: torch.Tensor, old, new) -> None:
+        state = self.state[p]
+        keys = self._state_keys(group)
+        if self.mode == "dense":
+            old_m = torch.ones_like(p, dtype=torch.bool) if old is None else old
+            new_m = torch.ones_like(p, dtype=torch.bool) if new is None else new
+            added = (new_m & ~old_m).reshape(-1)
+            state.pop("mask", None)
+            if new is not None:
+                state["mask"] = new
+            if not bool(added.any()):
+                return
+            for key in keys:
+                state[key][added] = 0
+            state["step"] = _own_steps(state["step"], p.numel(), p.device)
+            state["step"][added] = 0
+            return
+        # compact: state moves to the positions of the new index list
+        old_i = torch.arange(p.numel(), device=p.device) if old is None else old.long()
+        new_i = torch.arange(p.numel(), device=p.device) if new is None else new.long()
+        pos = torch.searchsorted(old_i, new_i).clamp(max=max(old_i.numel() - 1, 0))
+        kept = (old_i[pos] == new_i) if old_i.numel() else torch.zeros_like(new_i, dtype=torch.bool)
+        for key in keys:
+            moved = torch.zeros(new_i.numel(), dtype=p.dtype, device=p.device)
+            moved[kept] = state[key][pos[kept]]
+            state[key] = moved
+        if "init" in state:
+            init = p.detach().reshape(-1)[new_i].clone()
+            init[kept] = state["init"][pos[kept]]
+            state["init"] = init
+        if bool(kept.all()) and state["step"].dtype == torch.float32:
+            pass  # every entry carries on with the shared count
+        else:
+            steps = _own_steps(state["step"], old_i.numel(), p.device)
+            moved = torch.zeros(new_i.numel(), dtype=torch.int32, device=p.device)
+            moved[kept] = steps[pos[kept]]
+            state["step"] = moved
+        state.pop("indices", None)
+        if new is not None:
+            state["indices"] = new
+
+    # --- state_dict: torch's loader casts every non-step tensor to the param's dtype ---
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim.Optimizer.load_state_dict, keeping masks, indices and per-entry step counts exact."""
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        kept = {}
+        stripped = dict(state_dict, state={})
+        for pid, st in state_dict["state"].items():
+            st = dict(st)
+            kept[pid] = {k: st.pop(k) for k in list(st) if k in _SELECTOR_KEYS or k == "step"}
+            stripped["state"][pid] = st
+        super().load_state_dict(stripped)
+        for pid, p in zip(saved_ids, self._all_params()):
+            state = self.state[p]
+            for key in _SELECTOR_KEYS:
+                state.pop(key, None)
+            for key, value in kept.get(pid, {}).items():
+                state[key] = value.to(p.device, copy=True)
+
+    # --- stepping ---
+
+    def _groups_for_kernel(self, group: dict):
+        """Params of `group` that have a gradient, bucketed by (device, dtype): one kernel call each."""
+        buckets: dict = {}
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        return buckets.items()
+
+    def _amp(self, device: torch.device):
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32).reshape(1)
+        if found_inf is not None:
+            found_inf = found_inf.to(device=device, dtype=torch.float32).reshape(1)
+        return grad_scale, found_inf
+
+    def _step_lists(self, params, keys):
+        """(grads, selectors, steps, {key: state tensors}) for a kernel call."""
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        selectors = [self._selector_of(p) for p in params]
+        steps = []
+        for p in params:
+            state = self.state[p]
+            if state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+            steps.append(state["step"])
+        return grads, selectors, steps, {k: [self.state[p][k] for p in params] for k in keys}
+
+
+def _index_tensor(indices: torch.Tensor, numel: int) -> torch.Tensor:
+    """Flat indices in the narrowest dtype the kernels take."""
+    return indices.to(torch.int32 if numel < 2**31 else torch.int64)
+
+
+def _own_steps(step: torch.Tensor, n: int, device) -> torch.Tensor:
+    """A step count per entry: the shared count repeated, or the per-entry counts as they are."""
+    if step.dtype == torch.int32:
+        return step
+    return torch.full((n,), int(step), dtype=torch.int32, device=device)
+
+
+class MaskedAdamW(_MaskedOptimizer):
+    """AdamW that updates only the masked entries of each parameter (see the module docstring).
+
+    Args:
+        params: parameters or param groups, as for torch.optim.AdamW.
+        masks: which entries train (module docstring).
+        lr, betas, eps, weight_decay, amsgrad: as torch.optim.AdamW (decoupled weight decay).
+        mode: "dense" (bool masks, state as large as the param) or "compact" (indices, state of
+            size K, O(K) steps).
+        l1_to_init: LT-SFT's L1 pull toward the initial weights: `l1_to_init * sign(p - p0)` is added
+            to the gradient, as if `l1_to_init * |p - p0|.sum()` were added to the loss. p0 is the
+            value at construction (compact mode keeps only the K selected values).
+
+    `step()` runs one fused multi-tensor kernel per param group (and device/dtype) that reads p, g,
+    the state and the mask and writes only the selected entries.
+    """
+
+    def __init__(self, params: Iterable, masks, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, mode: str = "dense", l1_to_init: float = 0.0,
+                 amsgrad: bool = False):
+        if lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if eps < 0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Invalid betas: {betas}")
+        if weight_decay < 0 or l1_to_init < 0:
+            raise ValueError("weight_decay and l1_to_init must be >= 0")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init, amsgrad=amsgrad)
+        super().__init__(params, masks, defaults, mode)
+
+    def _state_keys(self, group):
+        return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
+
+    def _needs_init(self, group):
+        return group["l1_to_init"] != 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step of the masked entries. Returns the closure's loss, if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            keys = self._state_keys(group)
+            l1 = group["l1_to_init"]
+            for (device, _), params in self._groups_for_kernel(group):
+                if l1 != 0 and any("init" not in self.state[p] for p in params):
+                    raise RuntimeError("l1_to_init was turned on after construction: the initial values were not kept")
+                grads, selectors, steps, st = self._step_lists(params, keys)
+                grad_scale, found_inf = self._amp(device)
+                optim_ops.masked_adamw_(
+                    params, grads, selectors, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", []), steps,
+                    [self.state[p]["init"] for p in params] if l1 != 0 else [],
+                    lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                    weight_decay=group["weight_decay"], l1_to_init=l1, amsgrad=group["amsgrad"],
+                    grad_scale=grad_scale, found_inf=found_inf)
+        return loss
+
+
+class MaskedSGD(_MaskedOptimizer):
+    """SGD (optional momentum, dampening, Nesterov, weight decay) on the masked entries only.
+
+    Meant for the inner loops of meta-learning over language subnetworks. Masks and modes as in
+    `MaskedAdamW`; the math on the selected entries is torch.optim.SGD's.
+    """
+
+    def __init__(self, params: Iterable, masks, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, mode: str = "dense"):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError("lr, momentum and weight_decay must be >= 0")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+        super().__init__(params, masks, defaults, mode)
+
+    def _state_keys(self, group):
+        return ["momentum_buffer"] if group["momentum"] != 0 else []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One SGD step of the masked entries. Returns the closure's loss, if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            keys = self._state_keys(group)
+            for (device, _), params in self._groups_for_kernel(group):
+                if keys and any("momentum_buffer" not in self.state[p] for p in params):
+                    raise RuntimeError("momentum was turned on after construction: no momentum buffers exist")
+                grads, selectors, steps, st = self._step_lists(params, keys)
+                grad_scale, found_inf = self._amp(device)
+                optim_ops.masked_sgd_(
+                    params, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
+                    momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"], grad_scale=grad_scale, found_inf=found_inf)
+        return loss
