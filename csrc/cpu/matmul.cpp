@@ -1,0 +1,644 @@
+// CPU kernels of the matmul family: SDDMM and SpMM over transposed token chunks, and
+// expert-ensemble mixing.
+//
+// Hot loops are plain loops over float arrays. They are compiled three times (AVX-512, AVX2+FMA,
+// baseline) through target_clones and the loader picks one: at::vec only vectorises in files
+// built once per CPU capability, which a CppExtension is not.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "xlsparse/checks.h"
+#include "xlsparse/matmul.h"
+
+namespace xlsparse {
+namespace {
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define XLS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define XLS_INLINE __attribute__((always_inline)) inline
+#else
+#define XLS_CLONES
+#define XLS_INLINE inline
+#endif
+
+// Tokens per chunk. A chunk of both transposed operands ([O + I] x 128 floats) stays in L2 and a
+// row of it (512 bytes) is a long enough dot product to vectorise.
+constexpr int64_t kChunk = 128;
+// Output rows one SpMM task accumulates before writing them back to token-major memory: 16 rows
+// fill the 64-byte lines of the write-back.
+constexpr int64_t kRows = 16;
+
+// --- vector primitives: a template, then float clones and a double overload ---
+
+// exp for float, within about 2 ulp of expf; branch-free so loops over it vectorise. Inputs are
+// clamped to [-87, 88] (below −87 the result is ~1e-38 instead of 0: harmless in a sum with 1).
+XLS_INLINE float fast_exp(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // ln 2 split in two
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// log for positive normal floats (the sums of exponentials it is used on lie in [1, E]).
+XLS_INLINE float fast_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  const int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
+  float m;
+  std::memcpy(&m, &mbits, sizeof(m));
+  const bool high = m > 1.41421356f;  // keep m in [sqrt(1/2), sqrt(2)) so the series is short
+  m = high ? 0.5f * m : m;
+  e += high ? 1 : 0;
+  const float f = m - 1.0f;
+  const float s = f / (2.0f + f);
+  const float s2 = s * s;
+  // log m = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...); |s| < 0.172 so five terms reach float precision.
+  const float series = 2.0f * s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9)))));
+  return static_cast<float>(e) * 0.693145751953125f + (series + static_cast<float>(e) * 1.428606765330187e-06f);
+}
+
+XLS_INLINE double fast_exp(double x) { return std::exp(x); }
+XLS_INLINE double fast_log(double x) { return std::log(x); }
+
+template <typename T>
+XLS_INLINE T dot_t(const T* a, const T* b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+template <typename T>
+XLS_INLINE void axpy_t(T* y, T alpha, const T* x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+// Four dot products sharing `a`: a is loaded once per four multiply-adds (SDDMM is load-bound).
+template <typename T>
+XLS_INLINE void dot4_t(const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s) {
+  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    const T ai = a[i];
+    s0 += ai * b0[i];
+    s1 += ai * b1[i];
+    s2 += ai * b2[i];
+    s3 += ai * b3[i];
+  }
+  s[0] += s0;
+  s[1] += s1;
+  s[2] += s2;
+  s[3] += s3;
+}
+// y += Σ_j alpha[j] x_j over four rows: y is loaded and stored once per four multiply-adds.
+template <typename T>
+XLS_INLINE void axpy4_t(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n) {
+  const T a0 = alpha[0], a1 = alpha[1], a2 = alpha[2], a3 = alpha[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];
+}
+template <typename T>
+XLS_INLINE T row_lse_t(const T* z, int64_t n) {  // log Σ exp(z)
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, z[i]);
+  if (m == -std::numeric_limits<T>::infinity()) return m;
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += fast_exp(z[i] - m);
+  return m + std::log(s);
+}
+template <typename T>
+XLS_INLINE void max_shift_t(T* m, const T* z, T c, int64_t n) {  // m = max(m, z + c)
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], z[i] + c);
+}
+template <typename T>
+XLS_INLINE void exp_acc_t(T* s, const T* z, T c, const T* m, int64_t n) {  // s += exp(z + c − m)
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) s[i] += fast_exp(z[i] + c - m[i]);
+}
+template <typename T>
+XLS_INLINE void log_add_t(T* out, const T* m, const T* s, int64_t n) {  // out = m + log s
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = m[i] + fast_log(s[i]);
+}
+template <typename T>
+XLS_INLINE void add_scalar_t(T* out, const T* x, T c, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] + c;
+}
+template <typename T>
+XLS_INLINE T dot_exp_t(const T* g, const T* z, T c, const T* out, int64_t n) {  // Σ g exp(z + c − out)
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += g[i] * fast_exp(z[i] + c - out[i]);
+  return s;
+}
+// Prob-space backward: dz = g exp(z + c − out) − exp(z − lse) S.
+template <typename T>
+XLS_INLINE void prob_grad_t(T* dz, const T* g, const T* z, T c, const T* out, T lse, T S, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) dz[i] = g[i] * fast_exp(z[i] + c - out[i]) - fast_exp(z[i] - lse) * S;
+}
+template <typename T>
+XLS_INLINE void scaled_softmax_t(T* out, const T* z, T lse, T a, int64_t n) {  // out = a softmax(z)
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = a * fast_exp(z[i] - lse);
+}
+template <typename T>
+XLS_INLINE void softmax_grad_t(T* d, const T* g, const T* logp, T G, int64_t n) {  // d = g − exp(logp) Σg
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) d[i] = g[i] - fast_exp(logp[i]) * G;
+}
+template <typename T>
+XLS_INLINE T sum_t(const T* x, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += x[i];
+  return s;
+}
+
+// One float version per ISA (target_clones), one plain double version (gradcheck).
+#define XLS_VEC_PRIMITIVE(RET, NAME, PARAMS, ARGS)              \
+  XLS_CLONES RET NAME PARAMS { return NAME##_t ARGS; }
+#define T float
+XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n))
+XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s),
+                  (a, b0, b1, b2, b3, n, s))
+XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n),
+                  (y, alpha, x0, x1, x2, x3, n))
+XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
+XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
+XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T c, int64_t n), (m, z, c, n))
+XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T c, const T* m, int64_t n), (s, z, c, m, n))
+XLS_VEC_PRIMITIVE(void, log_add, (T* out, const T* m, const T* s, int64_t n), (out, m, s, n))
+XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
+XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T c, const T* out, int64_t n), (g, z, c, out, n))
+XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T c, const T* out, T lse, T S, int64_t n),
+                  (dz, g, z, c, out, lse, S, n))
+XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n))
+XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n))
+XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
+#undef T
+#undef XLS_CLONES
+#define XLS_CLONES inline
+#define T double
+XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n))
+XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s),
+                  (a, b0, b1, b2, b3, n, s))
+XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n),
+                  (y, alpha, x0, x1, x2, x3, n))
+XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
+XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
+XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T c, int64_t n), (m, z, c, n))
+XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T c, const T* m, int64_t n), (s, z, c, m, n))
+XLS_VEC_PRIMITIVE(void, log_add, (T* out, const T* m, const T* s, int64_t n), (out, m, s, n))
+XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
+XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T c, const T* out, int64_t n), (g, z, c, out, n))
+XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T c, const T* out, T lse, T S, int64_t n),
+                  (dz, g, z, c, out, lse, S, n))
+XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n))
+XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n))
+XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
+#undef T
+#undef XLS_VEC_PRIMITIVE
+
+// Row `src[0:n]` as acc values: the row itself when it already is, else a converted copy in `buf`.
+template <typename scalar_t, typename acc>
+const acc* as_acc(const scalar_t* src, int64_t n, acc* buf) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc>(src[i]);
+    return buf;
+  }
+}
+
+template <typename scalar_t, typename acc>
+void store_row(scalar_t* dst, const acc* src, int64_t n) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    if (dst != src) std::copy(src, src + n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(src[i]);
+  }
+}
+
+// --- token selection and chunk transposition (shared by SDDMM and SpMM) ---
+
+// The tokens an op runs over: positions [begin, end) of `index` (or of 0..T−1), each scaled.
+template <typename acc>
+struct Tokens {
+  const int64_t* index = nullptr;
+  int64_t begin = 0, end = 0;
+  const acc* scale = nullptr;
+  at::Tensor scale_storage;
+
+  int64_t at(int64_t j) const { return index ? index[j] : j; }
+};
+
+template <typename acc>
+Tokens<acc> select_tokens(const char* op, int64_t num_tokens, const c10::optional<at::Tensor>& token_index,
+                          const c10::optional<at::Tensor>& token_bounds,
+                          const c10::optional<at::Tensor>& token_scale, at::Tensor& index_storage) {
+  Tokens<acc> tok;
+  tok.end = num_tokens;
+  if (token_index.has_value()) {
+    index_storage = token_index->contiguous();
+    tok.index = index_storage.data_ptr<int64_t>();
+    tok.end = index_storage.numel();
+    if (token_bounds.has_value()) {
+      const auto b = token_bounds->contiguous();
+      tok.begin = b.data_ptr<int64_t>()[0];
+      tok.end = b.data_ptr<int64_t>()[1];
+      TORCH_CHECK_INDEX(0 <= tok.begin && tok.begin <= tok.end && tok.end <= index_storage.numel(), op,
+                        ": token_bounds [", tok.begin, ", ", tok.end, ") do not fit token_index of ",
+                        index_storage.numel(), " entries");
+    }
+    for (int64_t j = tok.begin; j < tok.end; ++j) {
+      TORCH_CHECK_INDEX(tok.index[j] >= 0 && tok.index[j] < num_tokens, op, ": token_index holds ", tok.index[j],
+                        ", outside [0, ", num_tokens, ")");
+    }
+  }
+  if (token_scale.has_value()) {
+    tok.scale_storage = token_scale->to(c10::CppTypeToScalarType<acc>::value).contiguous();
+    tok.scale = tok.scale_storage.template data_ptr<acc>();
+  }
+  return tok;
+}
+
+// dst[c, jj] = scale[t] · src[t, c] for the chunk's tokens t = tok.at(j0 + jj), jj < n, as acc.
+// Tiles of 16 columns keep the 16 destination lines being filled in L1.
+template <typename scalar_t, typename acc>
+void transpose_chunk(const scalar_t* src, int64_t cols, const Tokens<acc>& tok, int64_t j0, int64_t n, bool scaled,
+                     acc* dst) {
+  constexpr int64_t tile = 16;
+  at::parallel_for(0, (cols + tile - 1) / tile, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t c0 = blk * tile, c1 = std::min(cols, c0 + tile);
+      for (int64_t jj = 0; jj < n; ++jj) {
+        const int64_t t = tok.at(j0 + jj);
+        const acc s = scaled && tok.scale ? tok.scale[t] : acc(1);
+        const scalar_t* row = src + t * cols;
+        for (int64_t c = c0; c < c1; ++c) dst[c * kChunk + jj] = static_cast<acc>(row[c]) * s;
+      }
+    }
+  });
+}
+
+// --- SDDMM: dval[n] = Σ_t s_t a[t, r_n] b[t, c_n] ---
+
+at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
+                     const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
+                     const c10::optional<at::Tensor>& token_scale) {
+  check_token_matmul("sddmm", a, b, indices, token_index, token_bounds, token_scale);
+  const int64_t rows = a.size(1), cols = b.size(1), k = indices.numel();
+  check_indices("sddmm", indices, rows * cols);
+  auto out = at::empty({k}, b.options());
+  if (k == 0) return out;
+  const auto ac = a.contiguous(), bc = b.contiguous(), idx = indices.contiguous();
+  XLS_DISPATCH_FLOATS(b.scalar_type(), "sddmm", [&] {
+    using acc = acc_t<scalar_t>;
+    at::Tensor index_storage;
+    const auto tok = select_tokens<acc>("sddmm", b.size(0), token_index, token_bounds, token_scale, index_storage);
+    std::vector<acc> sum(k, acc(0));
+    std::vector<acc> at_buf(rows * kChunk), bt_buf(cols * kChunk);
+    XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
+      const index_t* ip = idx.data_ptr<index_t>();
+      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, tok.end - j0);
+        transpose_chunk(ac.data_ptr<scalar_t>(), rows, tok, j0, n, false, at_buf.data());
+        transpose_chunk(bc.data_ptr<scalar_t>(), cols, tok, j0, n, true, bt_buf.data());
+        // Indices are row-sorted: consecutive entries reuse one row of a (in L1).
+        at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
+          const acc* bt = bt_buf.data();
+          for (int64_t e = begin; e < end;) {
+            const int64_t r = ip[e] / cols;
+            const acc* ar = at_buf.data() + r * kChunk;
+            if (e + 4 <= end && ip[e + 3] / cols == r) {  // sorted: entries e..e+3 share row r
+              dot4(ar, bt + (ip[e] % cols) * kChunk, bt + (ip[e + 1] % cols) * kChunk,
+                   bt + (ip[e + 2] % cols) * kChunk, bt + (ip[e + 3] % cols) * kChunk, n, sum.data() + e);
+              e += 4;
+            } else {
+              sum[e] += dot(ar, bt + (ip[e] % cols) * kChunk, n);
+              e += 1;
+            }
+          }
+        });
+      }
+    });
+    store_row(out.data_ptr<scalar_t>(), sum.data(), k);
+  });
+  return out;
+}
+
+// --- SpMM: out[t, g] += s_t Σ_{entries of group g} val · x[t, other] ---
+
+void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
+              const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
+              const c10::optional<at::Tensor>& token_scale, bool transpose) {
+  check_token_matmul("spmm_", out, x, indices, token_index, token_bounds, token_scale);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "spmm_: out must be contiguous");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == indices.numel(), "spmm_: values must be 1-D with ",
+                    indices.numel(), " entries like indices, got ", values.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "spmm_: values dtype ", values.scalar_type(),
+                   " does not match x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(values.device() == x.device(), "spmm_: values must be on ", x.device());
+  // Δ is [groups, x cols] (out += X Δᵀ) or [x cols, groups] (transpose: out += X Δ).
+  const int64_t groups = out.size(1), xcols = x.size(1), k = indices.numel();
+  const int64_t dcols = transpose ? groups : xcols;
+  check_indices("spmm_", indices, groups * xcols);
+  if (k == 0) return;
+  const auto xc = x.contiguous(), idx = indices.contiguous(), val = values.contiguous();
+  XLS_DISPATCH_FLOATS(x.scalar_type(), "spmm_", [&] {
+    using acc = acc_t<scalar_t>;
+    at::Tensor index_storage;
+    const auto tok = select_tokens<acc>("spmm_", x.size(0), token_index, token_bounds, token_scale, index_storage);
+    if (tok.begin == tok.end) return;
+    // Entries ordered by output column g (a counting sort when transposed), as (x column, value).
+    std::vector<int64_t> start(groups + 1, 0), other(k);
+    std::vector<acc> v(k);
+    XLS_DISPATCH_INDEX(idx.scalar_type(), "spmm_", [&] {
+      const index_t* ip = idx.data_ptr<index_t>();
+      const scalar_t* vp = val.data_ptr<scalar_t>();
+      for (int64_t e = 0; e < k; ++e) ++start[1 + (transpose ? ip[e] % dcols : ip[e] / dcols)];
+      for (int64_t g = 0; g < groups; ++g) start[g + 1] += start[g];
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t e = 0; e < k; ++e) {
+        const int64_t g = transpose ? ip[e] % dcols : ip[e] / dcols;
+        const int64_t p = fill[g]++;
+        other[p] = transpose ? ip[e] / dcols : ip[e] % dcols;
+        v[p] = static_cast<acc>(vp[e]);
+      }
+    });
+    std::vector<acc> xt(xcols * kChunk);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t blocks = (groups + kRows - 1) / kRows;
+    for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
+      const int64_t n = std::min(kChunk, tok.end - j0);
+      transpose_chunk(xc.data_ptr<scalar_t>(), xcols, tok, j0, n, true, xt.data());
+      // Each task owns kRows output columns, so no two threads write one element.
+      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+        std::vector<acc> y(kRows * kChunk);
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t g0 = blk * kRows, g1 = std::min(groups, g0 + kRows);
+          if (start[g0] == start[g1]) continue;
+          for (int64_t g = g0; g < g1; ++g) {
+            acc* yr = y.data() + (g - g0) * kChunk;
+            std::fill(yr, yr + n, acc(0));
+            int64_t p = start[g];
+            for (; p + 4 <= start[g + 1]; p += 4) {
+              axpy4(yr, v.data() + p, xt.data() + other[p] * kChunk, xt.data() + other[p + 1] * kChunk,
+                    xt.data() + other[p + 2] * kChunk, xt.data() + other[p + 3] * kChunk, n);
+            }
+            for (; p < start[g + 1]; ++p) axpy(yr, v[p], xt.data() + other[p] * kChunk, n);
+          }
+          for (int64_t jj = 0; jj < n; ++jj) {
+            scalar_t* orow = op + tok.at(j0 + jj) * groups;
+            for (int64_t g = g0; g < g1; ++g) {
+              if (start[g] == start[g + 1]) continue;
+              orow[g] = static_cast<scalar_t>(static_cast<acc>(orow[g]) + y[(g - g0) * kChunk + jj]);
+            }
+          }
+        }
+      });
+    }
+  });
+}
+
+// --- expert-ensemble mixing; every kernel runs one token per task ---
+
+// Per-task scratch: the E logit rows of a token as acc, plus `extra` more rows of V.
+template <typename scalar_t, typename acc>
+struct TokenRows {
+  int64_t E, T, V;
+  std::vector<acc> buf;
+  std::vector<const acc*> z;
+  TokenRows(int64_t E_, int64_t T_, int64_t V_, int extra)
+      : E(E_), T(T_), V(V_), buf((std::is_same_v<scalar_t, acc> ? 0 : E_ * V_) + extra * V_), z(E_) {}
+  void load(const scalar_t* logits, int64_t t) {
+    for (int64_t e = 0; e < E; ++e) z[e] = as_acc(logits + (e * T + t) * V, V, buf.data() + e * V);
+  }
+  acc* row(int i) { return buf.data() + buf.size() - (i + 1) * V; }
+};
+
+std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logits, const at::Tensor& log_weights,
+                                                         bool prob_space) {
+  check_ensemble("ensemble_logprobs", logits, log_weights, nullptr);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  auto out = at::empty({T, V}, logits.options());
+  auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  const auto z = logits.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs", [&] {
+    using acc = acc_t<scalar_t>;
+    const auto lw = log_weights.to(lse.scalar_type()).contiguous();
+    const acc* lwp = lw.data_ptr<acc>();
+    acc* lp = lse.data_ptr<acc>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      TokenRows<scalar_t, acc> rows(E, T, V, 3);
+      acc *m = rows.row(0), *s = rows.row(1), *o = rows.row(2);
+      for (int64_t t = t0; t < t1; ++t) {
+        rows.load(z.data_ptr<scalar_t>(), t);
+        if (prob_space) {
+          std::fill(m, m + V, -std::numeric_limits<acc>::infinity());
+          std::fill(s, s + V, acc(0));
+          for (int64_t e = 0; e < E; ++e) {
+            lp[e * T + t] = row_lse(rows.z[e], V);
+            max_shift(m, rows.z[e], lwp[t * E + e] - lp[e * T + t], V);
+          }
+          for (int64_t e = 0; e < E; ++e) exp_acc(s, rows.z[e], lwp[t * E + e] - lp[e * T + t], m, V);
+          log_add(o, m, s, V);
+        } else {
+          std::fill(s, s + V, acc(0));
+          for (int64_t e = 0; e < E; ++e) axpy(s, std::exp(lwp[t * E + e]), rows.z[e], V);
+          lp[t] = row_lse(s, V);
+          add_scalar(o, s, -lp[t], V);
+        }
+        store_row(out.data_ptr<scalar_t>() + t * V, o, V);
+      }
+    });
+  });
+  return std::make_tuple(out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                                                  const at::Tensor& log_weights, const at::Tensor& out,
+                                                                  const at::Tensor& lse, bool prob_space) {
+  check_ensemble("ensemble_logprobs_backward", logits, log_weights, nullptr);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(grad.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == T && out.size(1) == V,
+                    "ensemble_logprobs_backward: grad and out must be [", T, ", ", V, "]");
+  auto dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  auto dlw = at::empty({T, E}, log_weights.options());
+  const auto z = logits.contiguous(), g = grad.contiguous(), o = out.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    const auto lw = log_weights.to(lse.scalar_type()).contiguous();
+    const auto lsec = lse.contiguous();
+    const acc *lwp = lw.data_ptr<acc>(), *lp = lsec.data_ptr<acc>();
+    scalar_t* dz = dlogits.data_ptr<scalar_t>();
+    scalar_t* dw = dlw.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      TokenRows<scalar_t, acc> rows(E, T, V, 4);
+      acc *gb = rows.row(0), *ob = rows.row(1), *d = rows.row(2), *tmp = rows.row(3);
+      for (int64_t t = t0; t < t1; ++t) {
+        rows.load(z.data_ptr<scalar_t>(), t);
+        const acc* gr = as_acc(g.data_ptr<scalar_t>() + t * V, V, gb);
+        const acc* orow = as_acc(o.data_ptr<scalar_t>() + t * V, V, ob);
+        if (prob_space) {
+          for (int64_t e = 0; e < E; ++e) {
+            const acc c = lwp[t * E + e] - lp[e * T + t];
+            const acc S = dot_exp(gr, rows.z[e], c, orow, V);  // Σ_v g · posterior of expert e
+            prob_grad(tmp, gr, rows.z[e], c, orow, lp[e * T + t], S, V);
+            store_row(dz + (e * T + t) * V, tmp, V);
+            dw[t * E + e] = static_cast<scalar_t>(S);
+          }
+        } else {
+          softmax_grad(d, gr, orow, sum(gr, V), V);  // gradient of the mixed logits
+          for (int64_t e = 0; e < E; ++e) {
+            const acc w = std::exp(lwp[t * E + e]);
+            std::fill(tmp, tmp + V, acc(0));
+            axpy(tmp, w, d, V);
+            store_row(dz + (e * T + t) * V, tmp, V);
+            dw[t * E + e] = static_cast<scalar_t>(w * dot(d, rows.z[e], V));
+          }
+        }
+      }
+    });
+  });
+  return std::make_tuple(dlogits, dlw);
+}
+
+void check_targets(const char* op, const at::Tensor& targets, int64_t V) {
+  if (targets.numel() == 0) return;
+  const auto lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= 0 && hi < V, op, ": targets must lie in [0, ", V, "), got min ", lo, ", max ", hi);
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, const at::Tensor& log_weights,
+                                                    const at::Tensor& targets, bool prob_space) {
+  check_ensemble("ensemble_nll", logits, log_weights, &targets);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  check_targets("ensemble_nll", targets, V);
+  auto nll = at::empty({T}, logits.options());
+  auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  const auto z = logits.contiguous(), y = targets.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll", [&] {
+    using acc = acc_t<scalar_t>;
+    const auto lw = log_weights.to(lse.scalar_type()).contiguous();
+    const acc* lwp = lw.data_ptr<acc>();
+    acc* lp = lse.data_ptr<acc>();
+    const int64_t* yp = y.data_ptr<int64_t>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      TokenRows<scalar_t, acc> rows(E, T, V, 1);
+      acc* zbar = rows.row(0);
+      for (int64_t t = t0; t < t1; ++t) {
+        rows.load(z.data_ptr<scalar_t>(), t);
+        const int64_t target = yp[t];
+        acc result;
+        if (prob_space) {
+          acc mix = -std::numeric_limits<acc>::infinity();
+          for (int64_t e = 0; e < E; ++e) {
+            lp[e * T + t] = row_lse(rows.z[e], V);
+            mix = log_add_exp(mix, lwp[t * E + e] + rows.z[e][target] - lp[e * T + t]);
+          }
+          result = -mix;
+        } else {
+          std::fill(zbar, zbar + V, acc(0));
+          for (int64_t e = 0; e < E; ++e) axpy(zbar, std::exp(lwp[t * E + e]), rows.z[e], V);
+          lp[t] = row_lse(zbar, V);
+          result = lp[t] - zbar[target];
+        }
+        nll.data_ptr<scalar_t>()[t] = static_cast<scalar_t>(result);
+      }
+    });
+  });
+  return std::make_tuple(nll, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& grad, const at::Tensor& logits,
+                                                             const at::Tensor& log_weights, const at::Tensor& targets,
+                                                             const at::Tensor& nll, const at::Tensor& lse,
+                                                             bool prob_space) {
+  check_ensemble("ensemble_nll_backward", logits, log_weights, &targets);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == T, "ensemble_nll_backward: grad must be [", T, "]");
+  auto dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
+  auto dlw = at::empty({T, E}, log_weights.options());
+  const auto z = logits.contiguous(), y = targets.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    const auto lw = log_weights.to(lse.scalar_type()).contiguous();
+    const auto lsec = lse.contiguous();
+    const auto gc = grad.to(lse.scalar_type()).contiguous();
+    const auto nc = nll.to(lse.scalar_type()).contiguous();
+    const acc *lwp = lw.data_ptr<acc>(), *lp = lsec.data_ptr<acc>(), *gp = gc.data_ptr<acc>(),
+              *np = nc.data_ptr<acc>();
+    const int64_t* yp = y.data_ptr<int64_t>();
+    scalar_t* dz = dlogits.data_ptr<scalar_t>();
+    scalar_t* dw = dlw.data_ptr<scalar_t>();
+    at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+      TokenRows<scalar_t, acc> rows(E, T, V, 2);
+      acc *d = rows.row(0), *tmp = rows.row(1);
+      for (int64_t t = t0; t < t1; ++t) {
+        rows.load(z.data_ptr<scalar_t>(), t);
+        const int64_t target = yp[t];
+        const acc g = gp[t];
+        if (prob_space) {
+          for (int64_t e = 0; e < E; ++e) {
+            // posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
+            const acc post = std::exp(lwp[t * E + e] + rows.z[e][target] - lp[e * T + t] + np[t]);
+            scaled_softmax(tmp, rows.z[e], lp[e * T + t], g * post, V);
+            tmp[target] -= g * post;
+            store_row(dz + (e * T + t) * V, tmp, V);
+            dw[t * E + e] = static_cast<scalar_t>(-g * post);
+          }
+        } else {
+          std::fill(d, d + V, acc(0));
+          for (int64_t e = 0; e < E; ++e) axpy(d, std::exp(lwp[t * E + e]), rows.z[e], V);
+          scaled_softmax(d, d, lp[t], g, V);
+          d[target] -= g;  // d nll / d zbar = g (softmax(zbar) − onehot)
+          for (int64_t e = 0; e < E; ++e) {
+            const acc w = std::exp(lwp[t * E + e]);
+            std::fill(tmp, tmp + V, acc(0));
+            axpy(tmp, w, d, V);
+            store_row(dz + (e * T + t) * V, tmp, V);
+            dw[t * E + e] = static_cast<scalar_t>(w * dot(d, rows.z[e], V));
+          }
+        }
+      }
+    });
+  });
+  return std::make_tuple(dlogits, dlw);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xlsparse, CPU, m) {
+  m.impl("sddmm", &sddmm_cpu);
+  m.impl("spmm_", &spmm_cpu);
+  m.impl("ensemble_logprobs", &ensemble_logprobs_cpu);
+  m.impl("ensemble_logprobs_backward", &ensemble_logprobs_backward_cpu);
+  m.impl("ensemble_nll", &ensemble_nll_cpu);
+  m.impl("ensemble_nll_backward", &ensemble_nll_backward_cpu);
+}
+
+}  // namespace xlsparse

@@ -1,0 +1,411 @@
+"""Triton kernels of the matmul family: SDDMM, SpMM and expert-ensemble mixing.
+
+Kernels first, then the launchers registered as torch ops. Launch grids depend only on shapes
+(K entries, the token list's length, T), never on routing data: a program reads its token range
+from `token_bounds` on the device and masks what lies outside it, as vLLM's LoRA kernels do.
+"""
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from . import INTERPRET
+from .compose import acc_type
+
+# --- SDDMM / SpMM ---
+
+
+@triton.jit
+def _token_range(index_len, num_tokens, bounds_ptr, HAS_INDEX: tl.constexpr, HAS_BOUNDS: tl.constexpr):
+    if HAS_BOUNDS:
+        begin = tl.load(bounds_ptr).to(tl.int64)
+        end = tl.load(bounds_ptr + 1).to(tl.int64)
+    elif HAS_INDEX:
+        begin = tl.zeros((), tl.int64)
+        end = tl.zeros((), tl.int64) + index_len
+    else:
+        begin = tl.zeros((), tl.int64)
+        end = tl.zeros((), tl.int64) + num_tokens
+    return begin, end
+
+
+@triton.jit
+def _sddmm_kernel(a_ptr, b_ptr, idx_ptr, out_ptr, tok_ptr, bounds_ptr, scale_ptr, k, rows, cols, num_tokens, index_len,
+                  HAS_INDEX: tl.constexpr, HAS_BOUNDS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  BN: tl.constexpr, BT: tl.constexpr, ACC: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    live = offs < k
+    flat = tl.load(idx_ptr + offs, mask=live, other=0).to(tl.int64)
+    r = flat // cols
+    c = flat % cols
+    begin, end = _token_range(index_len, num_tokens, bounds_ptr, HAS_INDEX, HAS_BOUNDS)
+    acc = tl.zeros((BN,), ACC)
+    for j0 in range(begin, end, BT):
+        j = j0 + tl.arange(0, BT)
+        tlive = j < end
+        if HAS_INDEX:
+            t = tl.load(tok_ptr + j, mask=tlive, other=0).to(tl.int64)
+        else:
+            t = j.to(tl.int64)
+        m = tlive[:, None] & live[None, :]
+        a = tl.load(a_ptr + t[:, None] * rows + r[None, :], mask=m, other=0.0).to(ACC)
+        b = tl.load(b_ptr + t[:, None] * cols + c[None, :], mask=m, other=0.0).to(ACC)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + t, mask=tlive, other=0.0).to(ACC)
+            b = b * s[:, None]
+        acc += tl.sum(a * b, axis=0)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=live)
+
+
+@triton.jit
+def _spmm_kernel(out_ptr, x_ptr, idx_ptr, val_ptr, tok_ptr, bounds_ptr, scale_ptr, k, groups, xcols, dcols, num_tokens,
+                 index_len, TRANSPOSE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_BOUNDS: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, ACC: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    live = offs < k
+    flat = tl.load(idx_ptr + offs, mask=live, other=0).to(tl.int64)
+    if TRANSPOSE:
+        g = flat % dcols
+        other = flat // dcols
+    else:
+        g = flat // dcols
+        other = flat % dcols
+    val = tl.load(val_ptr + offs, mask=live, other=0.0).to(ACC)
+    begin, end = _token_range(index_len, num_tokens, bounds_ptr, HAS_INDEX, HAS_BOUNDS)
+    j = begin + tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
+    tlive = j < end
+    if HAS_INDEX:
+        t = tl.load(tok_ptr + j, mask=tlive, other=0).to(tl.int64)
+    else:
+        t = j
+    m = tlive[:, None] & live[None, :]
+    xv = tl.load(x_ptr + t[:, None] * xcols + other[None, :], mask=m, other=0.0).to(ACC)
+    contrib = xv * val[None, :]
+    if HAS_SCALE:
+        contrib = contrib * tl.load(scale_ptr + t, mask=tlive, other=0.0).to(ACC)[:, None]
+    tl.atomic_add(out_ptr + t[:, None] * groups + g[None, :], contrib, mask=m)
+
+
+def _selection(x, token_index, token_bounds, token_scale):
+    """Pointer stand-ins and flags for the optional token selection tensors."""
+    dummy = x
+    return (
+        dummy if token_index is None else token_index,
+        dummy if token_bounds is None else token_bounds,
+        dummy if token_scale is None else token_scale,
+        dict(HAS_INDEX=token_index is not None, HAS_BOUNDS=token_bounds is not None, HAS_SCALE=token_scale is not None),
+        x.shape[0] if token_index is None else token_index.numel(),
+    )
+
+
+@triton_op("xlsparse::triton_sddmm", mutates_args=())
+def triton_sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, token_index: torch.Tensor | None,
+                 token_bounds: torch.Tensor | None, token_scale: torch.Tensor | None) -> torch.Tensor:
+    k = indices.numel()
+    out = torch.empty(k, dtype=x.dtype, device=x.device)
+    if k == 0:
+        return out
+    a, b = grad_out.contiguous(), x.contiguous()
+    tok, bounds, scale, flags, index_len = _selection(x, token_index, token_bounds, token_scale)
+    bn, bt = (1024, 64) if INTERPRET else (64, 32)
+    wrap_triton(_sddmm_kernel)[(triton.cdiv(k, bn),)](
+        a, b, indices, out, tok, bounds, scale, k, a.shape[1], b.shape[1], x.shape[0], index_len,
+        BN=bn, BT=bt, ACC=acc_type(x.dtype), **flags)
+    return out
+
+
+@triton_sddmm.register_fake
+def _triton_sddmm_fake(grad_out, x, indices, token_index, token_bounds, token_scale):
+    return x.new_empty(indices.shape)
+
+
+@triton_op("xlsparse::triton_spmm_", mutates_args={"out"})
+def triton_spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
+                 token_index: torch.Tensor | None, token_bounds: torch.Tensor | None, token_scale: torch.Tensor | None,
+                 transpose: bool) -> None:
+    k = indices.numel()
+    if k == 0 or x.shape[0] == 0:
+        return
+    groups, xcols = out.shape[1], x.shape[1]
+    xc = x.contiguous()
+    # Atomics add in the output's dtype: half types gather into an fp32 buffer and round once.
+    wide = out.dtype in (torch.float32, torch.float64)
+    target = out if wide else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
+    tok, bounds, scale, flags, index_len = _selection(x, token_index, token_bounds, token_scale)
+    bn, bt = (256, 256) if INTERPRET else (64, 32)
+    grid = (triton.cdiv(k, bn), triton.cdiv(index_len, bt))
+    wrap_triton(_spmm_kernel)[grid](
+        target, xc, indices, values, tok, bounds, scale, k, groups, xcols, groups if transpose else xcols,
+        x.shape[0], index_len, TRANSPOSE=transpose, BN=bn, BT=bt, ACC=acc_type(x.dtype), **flags)
+    if not wide:
+        out.copy_((out.float() + target).to(out.dtype))
+
+
+@triton_spmm_.register_fake
+def _triton_spmm_fake(out, x, indices, values, token_index, token_bounds, token_scale, transpose):
+    return None
+
+
+# --- expert-ensemble mixing: one program per token ---
+
+
+@triton.jit
+def _row_lse(z_ptr, V, BV: tl.constexpr, ACC: tl.constexpr):
+    """log Σ_v exp(z[v]) of one row, online over blocks."""
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    for v0 in range(0, V, BV):
+        v = v0 + tl.arange(0, BV)
+        z = tl.load(z_ptr + v, mask=v < V, other=float("-inf")).to(ACC)
+        new_m = tl.maximum(m, tl.max(z, 0))
+        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), 0)
+        m = new_m
+    return m + tl.log(s)
+
+
+@triton.jit
+def _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC: tl.constexpr):
+    """Σ_e w_e z_e[t, v] for a block of classes v (logit-space mixing)."""
+    zbar = tl.zeros(v.shape, ACC)
+    for e in range(E):
+        w = tl.exp(tl.load(lw_ptr + t * E + e).to(ACC))
+        zbar += w * tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC)
+    return zbar
+
+
+@triton.jit
+def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexpr, BV: tl.constexpr,
+                     ACC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    if PROB:
+        for e in range(E):
+            tl.store(lse_ptr + e * T + t, _row_lse(z_ptr + (e * T + t) * V, V, BV, ACC))
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            m = tl.full((BV,), float("-inf"), ACC)
+            s = tl.zeros((BV,), ACC)
+            for e in range(E):
+                c = tl.load(lw_ptr + t * E + e).to(ACC) - tl.load(lse_ptr + e * T + t)
+                x = tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC) + c
+                new_m = tl.maximum(m, x)
+                s = s * tl.exp(m - new_m) + tl.exp(x - new_m)
+                m = new_m
+            tl.store(out_ptr + t * V + v, (m + tl.log(s)).to(out_ptr.dtype.element_ty), mask=v < V)
+    else:
+        m = tl.full((), float("-inf"), ACC)
+        s = tl.zeros((), ACC)
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            zbar = _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC)
+            zbar = tl.where(v < V, zbar, float("-inf"))
+            new_m = tl.maximum(m, tl.max(zbar, 0))
+            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(zbar - new_m), 0)
+            m = new_m
+        lse = m + tl.log(s)
+        tl.store(lse_ptr + t, lse)
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            zbar = _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC)
+            tl.store(out_ptr + t * V + v, (zbar - lse).to(out_ptr.dtype.element_ty), mask=v < V)
+
+
+@triton.jit
+def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dlw_ptr, T, E, V, PROB: tl.constexpr,
+                              BV: tl.constexpr, ACC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    if PROB:
+        for e in range(E):
+            lse = tl.load(lse_ptr + e * T + t)
+            c = tl.load(lw_ptr + t * E + e).to(ACC) - lse
+            S = tl.zeros((), ACC)  # Σ_v g · posterior of expert e
+            for v0 in range(0, V, BV):
+                v = v0 + tl.arange(0, BV)
+                live = v < V
+                g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
+                o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                S += tl.sum(tl.where(live, g * tl.exp(z + c - o), 0.0), 0)
+            for v0 in range(0, V, BV):
+                v = v0 + tl.arange(0, BV)
+                live = v < V
+                g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
+                o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                dz = g * tl.exp(z + c - o) - tl.exp(z - lse) * S
+                tl.store(dz_ptr + (e * T + t) * V + v, dz.to(dz_ptr.dtype.element_ty), mask=live)
+            tl.store(dlw_ptr + t * E + e, S.to(dlw_ptr.dtype.element_ty))
+    else:
+        G = tl.zeros((), ACC)
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            G += tl.sum(tl.load(g_ptr + t * V + v, mask=v < V, other=0.0).to(ACC), 0)
+        for e in range(E):
+            w = tl.exp(tl.load(lw_ptr + t * E + e).to(ACC))
+            acc = tl.zeros((), ACC)
+            for v0 in range(0, V, BV):
+                v = v0 + tl.arange(0, BV)
+                live = v < V
+                g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                d = g - tl.exp(o) * G  # gradient of the mixed logits
+                z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
+                acc += tl.sum(tl.where(live, d * z, 0.0), 0)
+                tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
+            tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _nll_kernel(z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, T, E, V, PROB: tl.constexpr, BV: tl.constexpr,
+                ACC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    y = tl.load(y_ptr + t).to(tl.int64)
+    if PROB:
+        mix = tl.full((), float("-inf"), ACC)
+        for e in range(E):
+            lse = _row_lse(z_ptr + (e * T + t) * V, V, BV, ACC)
+            tl.store(lse_ptr + e * T + t, lse)
+            x = tl.load(lw_ptr + t * E + e).to(ACC) + tl.load(z_ptr + (e * T + t) * V + y).to(ACC) - lse
+            hi = tl.maximum(mix, x)
+            mix = hi + tl.log(tl.exp(mix - hi) + tl.exp(x - hi))
+        nll = -mix
+    else:
+        m = tl.full((), float("-inf"), ACC)
+        s = tl.zeros((), ACC)
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            zbar = tl.where(v < V, _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC), float("-inf"))
+            new_m = tl.maximum(m, tl.max(zbar, 0))
+            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(zbar - new_m), 0)
+            m = new_m
+        lse = m + tl.log(s)
+        tl.store(lse_ptr + t, lse)
+        zy = tl.zeros((), ACC)
+        for e in range(E):
+            zy += tl.exp(tl.load(lw_ptr + t * E + e).to(ACC)) * tl.load(z_ptr + (e * T + t) * V + y).to(ACC)
+        nll = lse - zy
+    tl.store(nll_ptr + t, nll.to(nll_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _nll_backward_kernel(g_ptr, z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, dz_ptr, dlw_ptr, T, E, V,
+                         PROB: tl.constexpr, BV: tl.constexpr, ACC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    y = tl.load(y_ptr + t).to(tl.int64)
+    g = tl.load(g_ptr + t).to(ACC)
+    if PROB:
+        nll = tl.load(nll_ptr + t).to(ACC)
+        for e in range(E):
+            lse = tl.load(lse_ptr + e * T + t)
+            # posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
+            post = tl.exp(tl.load(lw_ptr + t * E + e).to(ACC) + tl.load(z_ptr + (e * T + t) * V + y).to(ACC) - lse + nll)
+            for v0 in range(0, V, BV):
+                v = v0 + tl.arange(0, BV)
+                live = v < V
+                z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
+                dz = g * post * (tl.exp(z - lse) - tl.where(v == y, 1.0, 0.0))
+                tl.store(dz_ptr + (e * T + t) * V + v, dz.to(dz_ptr.dtype.element_ty), mask=live)
+            tl.store(dlw_ptr + t * E + e, (-g * post).to(dlw_ptr.dtype.element_ty))
+    else:
+        lse = tl.load(lse_ptr + t)
+        for e in range(E):
+            w = tl.exp(tl.load(lw_ptr + t * E + e).to(ACC))
+            acc = tl.zeros((), ACC)
+            for v0 in range(0, V, BV):
+                v = v0 + tl.arange(0, BV)
+                live = v < V
+                zbar = _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC)
+                d = g * (tl.exp(zbar - lse) - tl.where(v == y, 1.0, 0.0))  # d nll / d zbar
+                z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
+                acc += tl.sum(tl.where(live, d * z, 0.0), 0)
+                tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
+            tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
+
+
+def _block_v(V: int) -> int:
+    return min(triton.next_power_of_2(V), 8192 if INTERPRET else 2048)
+
+
+def _lse_buffer(logits, prob_space):
+    e, t, _ = logits.shape
+    wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    return torch.empty((e if prob_space else 1, t), dtype=wide, device=logits.device)
+
+
+@triton_op("xlsparse::triton_ensemble_logprobs", mutates_args=())
+def triton_ensemble_logprobs(logits: torch.Tensor, log_weights: torch.Tensor, prob_space: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    E, T, V = logits.shape
+    z, lw = logits.contiguous(), log_weights.contiguous()
+    out = torch.empty((T, V), dtype=logits.dtype, device=logits.device)
+    lse = _lse_buffer(logits, prob_space)
+    if T:
+        wrap_triton(_logprobs_kernel)[(T,)](z, lw, out, lse, T, E, V, PROB=prob_space, BV=_block_v(V),
+                                            ACC=acc_type(logits.dtype))
+    return out, lse
+
+
+@triton_ensemble_logprobs.register_fake
+def _triton_ensemble_logprobs_fake(logits, log_weights, prob_space):
+    return logits.new_empty(logits.shape[1:]), _lse_buffer(logits, prob_space)
+
+
+@triton_op("xlsparse::triton_ensemble_logprobs_backward", mutates_args=())
+def triton_ensemble_logprobs_backward(grad: torch.Tensor, logits: torch.Tensor, log_weights: torch.Tensor,
+                                      out: torch.Tensor, lse: torch.Tensor, prob_space: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    E, T, V = logits.shape
+    dz = torch.empty((E, T, V), dtype=logits.dtype, device=logits.device)
+    dlw = torch.empty((T, E), dtype=log_weights.dtype, device=logits.device)
+    if T:
+        wrap_triton(_logprobs_backward_kernel)[(T,)](
+            grad.contiguous(), logits.contiguous(), log_weights.contiguous(), out.contiguous(), lse.contiguous(), dz, dlw,
+            T, E, V, PROB=prob_space, BV=_block_v(V), ACC=acc_type(logits.dtype))
+    return dz, dlw
+
+
+@triton_ensemble_logprobs_backward.register_fake
+def _triton_ensemble_logprobs_backward_fake(grad, logits, log_weights, out, lse, prob_space):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), log_weights.new_empty(log_weights.shape)
+
+
+@triton_op("xlsparse::triton_ensemble_nll", mutates_args=())
+def triton_ensemble_nll(logits: torch.Tensor, log_weights: torch.Tensor, targets: torch.Tensor,
+                        prob_space: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    E, T, V = logits.shape
+    nll = torch.empty((T,), dtype=logits.dtype, device=logits.device)
+    lse = _lse_buffer(logits, prob_space)
+    if T:
+        wrap_triton(_nll_kernel)[(T,)](logits.contiguous(), log_weights.contiguous(), targets.contiguous(), nll, lse,
+                                       T, E, V, PROB=prob_space, BV=_block_v(V), ACC=acc_type(logits.dtype))
+    return nll, lse
+
+
+@triton_ensemble_nll.register_fake
+def _triton_ensemble_nll_fake(logits, log_weights, targets, prob_space):
+    return logits.new_empty(logits.shape[1:2]), _lse_buffer(logits, prob_space)
+
+
+@triton_op("xlsparse::triton_ensemble_nll_backward", mutates_args=())
+def triton_ensemble_nll_backward(grad: torch.Tensor, logits: torch.Tensor, log_weights: torch.Tensor,
+                                 targets: torch.Tensor, nll: torch.Tensor, lse: torch.Tensor,
+                                 prob_space: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    E, T, V = logits.shape
+    dz = torch.empty((E, T, V), dtype=logits.dtype, device=logits.device)
+    dlw = torch.empty((T, E), dtype=log_weights.dtype, device=logits.device)
+    if T:
+        wrap_triton(_nll_backward_kernel)[(T,)](
+            grad.contiguous(), logits.contiguous(), log_weights.contiguous(), targets.contiguous(), nll.contiguous(),
+            lse.contiguous(), dz, dlw, T, E, V, PROB=prob_space, BV=_block_v(V), ACC=acc_type(logits.dtype))
+    return dz, dlw
+
+
+@triton_ensemble_nll_backward.register_fake
+def _triton_ensemble_nll_backward_fake(grad, logits, log_weights, targets, nll, lse, prob_space):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format), log_weights.new_empty(log_weights.shape)
+
+
+def _register_autograd():
+    from ..ops.matmul import register_ensemble_autograd
+
+    register_ensemble_autograd("triton_")
+
+
+_register_autograd()
