@@ -105,7 +105,7 @@ def continual_update(model: nn.Module, batches: Mapping[str, Sequence], masks: M
                 loss = loss_fn(model, batch)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
         mean_loss[lang] = sum(losses) / max(len(losses), 1)
     model.zero_grad(set_to_none=True)
     return mean_loss

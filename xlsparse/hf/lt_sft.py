@@ -3,7 +3,6 @@
 
 The arguments mirror composable-sft's `SftArguments` so its scripts translate one to one.
 """
-import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -115,12 +114,11 @@ class LotteryTicketSparseFineTuner(Trainer):
     def _run_phase(self, phase: str, max_steps: int | None, max_epochs: float | None, **kwargs):
         self._phase = phase
         self.optimizer, self.lr_scheduler = None, None
-        changes = {}
+        # Set in place: a new TrainingArguments would reset accelerate's shared state.
         if max_steps is not None:
-            changes["max_steps"] = max_steps
+            self.args.max_steps = max_steps
         if max_epochs is not None:
-            changes.update(num_train_epochs=max_epochs, max_steps=-1)
-        self.args = dataclasses.replace(self.args, **changes) if changes else self.args
+            self.args.num_train_epochs, self.args.max_steps = max_epochs, -1
         return super().train(**kwargs)
 
     def train(self, **kwargs):

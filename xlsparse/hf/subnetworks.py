@@ -113,7 +113,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
             loss = loss_fn(model, next(it))
             loss.backward()
             opt.step()
-            losses[lang] = float(loss)
+            losses[lang] = float(loss.detach())
         with torch.no_grad():
             for n, p in named.items():
                 total[n] += p - start[n]

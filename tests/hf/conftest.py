@@ -1,0 +1,38 @@
+"""Tiny Hugging Face models built from configs (nothing is downloaded)."""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def tiny(arch: str, seed: int = 0):
+    """A tiny randomly initialised causal- or masked-LM of the given architecture, in eval mode."""
+    torch.manual_seed(seed)
+    if arch == "bert":
+        cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                      intermediate_size=48, max_position_embeddings=32)
+        model = transformers.BertForMaskedLM(cfg)
+    elif arch == "xlmr":
+        cfg = transformers.XLMRobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=48, max_position_embeddings=40, pad_token_id=1)
+        model = transformers.XLMRobertaForMaskedLM(cfg)
+    elif arch == "llama":
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       num_key_value_heads=1, intermediate_size=48, max_position_embeddings=32)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+ARCHS = ["bert", "xlmr", "llama", "gpt2"]
+
+
+def batch(b: int = 3, s: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (b, s), generator=g)

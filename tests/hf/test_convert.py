@@ -1,0 +1,166 @@
+"""convert / route / merge / extract_diff on tiny BERT, XLM-R, Llama and GPT-2."""
+import copy
+
+import pytest
+import torch
+from conftest import ARCHS, batch, tiny
+
+import xlsparse
+from xlsparse import hf
+from xlsparse.diff import SparseDelta, SparseDiff
+from xlsparse.nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
+
+
+def _bits_equal(a, b):
+    return torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _randomise_deltas(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, SparseDeltaLinear):
+                m.delta_values.copy_(torch.randn(m.delta_values.shape, generator=g) * 0.1)
+
+
+def _random_diff(model, density, seed):
+    """A SparseDiff over the block linear weights of an unconverted model."""
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name in hf.model.target_names(model):
+        w = dict(model.named_parameters())[f"{name}.weight"]
+        k = max(1, int(density * w.numel()))
+        idx = torch.randperm(w.numel(), generator=g)[:k].sort().values
+        deltas[f"{name}.weight"] = SparseDelta(idx, torch.randn(k, generator=g) * 0.2, w.shape)
+    return SparseDiff(deltas)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_zero_deltas_are_bit_identical(arch):
+    model = tiny(arch)
+    ids = batch()
+    expect = model(input_ids=ids).logits
+    hf.convert(model, density=0.05)
+    assert any(isinstance(m, SparseDeltaLinear) for m in model.modules())
+    got = model(input_ids=ids).logits
+    assert _bits_equal(got, expect), (got - expect).abs().max()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_extract_diff_on_the_original_matches_the_converted_model(arch):
+    original = tiny(arch)
+    model = hf.convert(copy.deepcopy(original), density=0.1)
+    _randomise_deltas(model)
+    ids = batch()
+    converted_out = model(input_ids=ids).logits
+    diff = hf.extract_diff(model)
+    assert set(diff.deltas) == {f"{n}.weight" for n in hf.model.target_names(original)}
+    with diff.applied(original):
+        torch.testing.assert_close(original(input_ids=ids).logits, converted_out, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_matches_and_unmerge_restores_bit_exactly(arch):
+    model = hf.convert(tiny(arch), density=0.1)
+    _randomise_deltas(model, 3)
+    ids = batch()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    converted_out = model(input_ids=ids).logits
+    hf.merge(model)
+    torch.testing.assert_close(model(input_ids=ids).logits, converted_out, rtol=1e-4, atol=1e-5)
+    hf.unmerge(model)
+    for n, p in model.named_parameters():
+        assert _bits_equal(p.detach(), before[n]), n
+    assert _bits_equal(model(input_ids=ids).logits, converted_out)
+
+
+def test_k_budget_is_split_over_layers():
+    model = hf.convert(tiny("bert"), k=1000)
+    layers = [m for m in model.modules() if isinstance(m, SparseDeltaLinear)]
+    assert sum(m.delta_values.numel() for m in layers) == 1000
+
+
+def test_target_modules_by_suffix_and_regex():
+    model = hf.convert(tiny("bert"), target_modules=["query", "value"], density=0.1)
+    names = [n for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
+    assert names and all(n.endswith(("query", "value")) for n in names)
+    model = hf.convert(tiny("llama"), target_modules=r".*\.mlp\.(up|down)_proj", density=0.1)
+    names = [n for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear)]
+    assert len(names) == 4
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(target_modules=["nothing"], density=0.1), ValueError, "matched no linear"),
+    (dict(kind="lora", density=0.1), ValueError, "kind"),
+    (dict(), ValueError, "exactly one"),
+    (dict(kind="multi"), TypeError, "diffs"),
+    (dict(kind="subnetwork"), TypeError, "masks"),
+])
+def test_bad_arguments(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        hf.convert(tiny("bert"), **bad)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_mixed_language_routing_equals_per_language_runs(arch):
+    original = tiny(arch)
+    diffs = {"de": _random_diff(original, 0.05, 1), "fr": _random_diff(original, 0.05, 2)}
+    model = hf.convert(copy.deepcopy(original), kind="multi", diffs=diffs)
+    assert hf.languages(model) == ["de", "fr"]
+    assert any(isinstance(m, MultiDeltaLinear) for m in model.modules())
+    ids = batch(4)
+    language_ids = torch.tensor([1, -1, 0, 1])
+    with hf.route(model, language_ids):
+        mixed = model(input_ids=ids).logits
+    for row, lang in enumerate(language_ids.tolist()):
+        if lang < 0:
+            expect = original(input_ids=ids[row:row + 1]).logits
+        else:
+            with diffs[["de", "fr"][lang]].applied(original):
+                expect = original(input_ids=ids[row:row + 1]).logits
+        torch.testing.assert_close(mixed[row:row + 1], expect, rtol=1e-4, atol=1e-5)
+
+
+def test_subnetwork_gradients_follow_each_language_mask():
+    model = tiny("bert")
+    names = hf.model.target_names(model)
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {f"{n}.weight": torch.rand(dict(model.named_parameters())[f"{n}.weight"].shape, generator=g) < 0.2
+                    for n in names} for lang in ("de", "fr")}
+    model = hf.convert(model, kind="subnetwork", masks=masks)
+    layer_name = names[0]
+    layer = model.get_submodule(layer_name)
+    assert isinstance(layer, SubnetworkLinear)
+    ids = batch(2)
+    with hf.route(model, torch.tensor([0, 1])):
+        model(input_ids=ids, labels=ids).loss.backward()
+    grad = layer.weight.grad
+    union = masks["de"][f"{layer_name}.weight"] | masks["fr"][f"{layer_name}.weight"]
+    assert grad is not None and bool((grad[~union] == 0).all()) and bool((grad[union] != 0).any())
+
+
+def test_route_needs_languages():
+    model = hf.convert(tiny("bert"), density=0.1)
+    with pytest.raises(ValueError, match="no languages"):
+        with hf.route(model, torch.tensor([0])):
+            pass
+
+
+def test_print_trainable_parameters(capsys):
+    model = tiny("bert")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hf.convert(model, k=500)
+    hf.print_trainable_parameters(model)
+    out = capsys.readouterr().out
+    assert "trainable params: 500 " in out
+
+
+def test_torch_compile_runs_a_converted_model():
+    model = hf.convert(tiny("llama"), density=0.05)
+    _randomise_deltas(model, 5)
+    ids = batch()
+    expect = model(input_ids=ids).logits
+    compiled = torch.compile(model, backend="aot_eager")
+    torch.testing.assert_close(compiled(input_ids=ids).logits, expect, rtol=1e-5, atol=1e-6)
+    assert xlsparse.hf.extract_diff(model).nnz > 0

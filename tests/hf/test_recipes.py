@@ -1,0 +1,205 @@
+"""The five recipes on tiny models: LT-SFT through the HF Trainer, language subnetworks with
+dynamic masks and Reptile, continual updates with URIEL, language arithmetic, X-ELM ensembles."""
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, batch, tiny
+
+import xlsparse
+from xlsparse import hf
+from xlsparse.diff import SparseDiff
+from xlsparse.hf import arithmetic, continual, subnetworks, xelm
+from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+
+
+class _LMData(torch.utils.data.Dataset):
+    def __init__(self, n=32, s=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, s), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def _lm_batches(n, seed, b=4, s=8):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(3, VOCAB, (b, s), generator=g)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _args(tmp_path):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2,
+                             max_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                             logging_steps=1000, weight_decay=0.0)
+
+
+def test_lt_sft_with_the_hf_trainer(tmp_path):
+    model = tiny("bert")
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    k = 300
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=k, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=3,
+                              freeze_head=True, freeze_embeddings=True, freeze_layer_norm=True))
+    trainer.train()
+    sft = trainer.sft
+    assert isinstance(sft, SparseDiff) and sft.nnz == k and not sft.absolute
+    assert not any("embeddings" in n or "LayerNorm" in n for n in sft.deltas)
+    # Only the selected entries moved from θ0, and the diff says by how much.
+    after = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, p in after.items():
+            moved = (p != theta0[n]).reshape(-1).nonzero().flatten()
+            chosen = sft.deltas[n].indices.long() if n in sft.deltas else torch.zeros(0, dtype=torch.long)
+            assert set(moved.tolist()) <= set(chosen.tolist()), n
+            if n in sft.deltas:
+                torch.testing.assert_close(p.reshape(-1)[chosen] - theta0[n].reshape(-1)[chosen], sft.deltas[n].values)
+    # The SFT composes onto the original model.
+    model.eval()
+    fresh = tiny("bert")
+    ids = batch()
+    with sft.applied(fresh):
+        torch.testing.assert_close(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_lt_sft_composes_language_and_task(tmp_path):
+    lang = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(seed=1),
+                                        sft_args=SftArguments(ft_params_proportion=0.02, full_ft_max_steps_per_iteration=2,
+                                                              sparse_ft_max_steps_per_iteration=2, full_l1_reg=0.1,
+                                                              sparse_l1_reg=0.01))
+    lang.train()
+    task = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(seed=2),
+                                        sft_args=SftArguments(ft_params_proportion=0.02, full_ft_max_steps_per_iteration=2,
+                                                              sparse_ft_max_steps_per_iteration=2))
+    task.train()
+    base = tiny("bert")
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with xlsparse.apply([lang.sft, task.sft], base):
+        changed = sum(int((p != before[n]).sum()) for n, p in base.named_parameters())
+        assert changed > 0
+    for n, p in base.named_parameters():
+        assert torch.equal(p, before[n])
+
+
+def test_importance_masks_and_dynamic_reselection():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    scores = subnetworks.importance_scores(model, {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)},
+                                           params=names, progress=False)
+    assert set(scores) == {"de", "fr"} and all(float(s.sum()) > 0 for s in scores["de"].values())
+    fisher = subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, method="fisher", params=names, progress=False)
+    assert float(fisher["de"][names[0]].sum()) > 0
+    masks = subnetworks.select_masks(scores, density=0.1)
+    total = sum(m.numel() for m in masks["de"].values())
+    assert sum(int(m.sum()) for m in masks["de"].values()) == round(0.1 * total)
+
+    hf.convert(model, kind="subnetwork", masks=masks)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = xlsparse.optim.MaskedAdamW(trainable, [None] * len(trainable), lr=1e-3)
+    new_masks = subnetworks.select_masks(subnetworks.importance_scores(
+        model, {"de": _lm_batches(1, 5), "fr": _lm_batches(1, 6)}, params=names, progress=False), density=0.05)
+    subnetworks.set_masks(model, new_masks, opt)
+    layer = model.get_submodule(names[0][: -len(".weight")])
+    assert torch.equal(layer.trainable_mask(), new_masks["de"][names[0]] | new_masks["fr"][names[0]])
+
+
+def test_reptile_step_updates_only_the_subnetworks():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.1 for n in names} for lang in ("de", "fr")}
+    before = {n: named[n].detach().clone() for n in names}
+    losses = subnetworks.reptile_step(model, {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}, masks,
+                                      inner_lr=0.1, outer_lr=0.5, inner_steps=2)
+    assert set(losses) == {"de", "fr"}
+    for n in names:
+        union = masks["de"][n] | masks["fr"][n]
+        assert torch.equal(named[n][~union], before[n][~union])
+        assert bool((named[n][union] != before[n][union]).any())
+
+
+def test_uriel_distances_and_language_aware_masks():
+    pytest.importorskip("lang2vec")
+    assert continual.uriel_distance("eng", "deu") < continual.uriel_distance("eng", "jpn")
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    scores = {lang: {n: torch.rand(named[n].shape, generator=g) for n in names} for lang in ("en", "de", "ja")}
+    masks = continual.language_aware_masks(scores, {"en": "eng", "de": "deu", "ja": "jpn"}, density=0.1)
+    k = round(0.1 * sum(named[n].numel() for n in names))
+    assert all(sum(int(m.sum()) for m in masks[lang].values()) == k for lang in masks)
+    with pytest.raises(ValueError, match="unknown"):
+        continual.uriel_distance("eng", "zzz")
+
+
+def test_continual_update_touches_only_each_language_subset():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.05 for n in names} for lang in ("de", "fr")}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    losses = continual.continual_update(model, {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}, masks, lr=1e-2,
+                                        progress=False)
+    assert set(losses) == {"de", "fr"}
+    for n, p in named.items():
+        union = masks["de"][n] | masks["fr"][n] if n in names else torch.zeros_like(p, dtype=torch.bool)
+        assert torch.equal(p[~union], before[n][~union]), n
+
+
+def test_per_language_report():
+    report = continual.per_language_report({"de": 0.5, "fr": 0.6, "ja": 0.4}, {"de": 0.55, "fr": 0.5, "ja": 0.3})
+    assert (report.improved, report.worsened) == (1, 2)
+    assert report.mean_loss == pytest.approx(0.1)
+    assert "| fr | 0.6000 | 0.5000 | -0.1000 |" in report.table()
+    with pytest.raises(ValueError):
+        continual.per_language_report({"de": 1.0}, {"fr": 1.0})
+
+
+def test_lambda_sweep_finds_the_best_and_restores_the_model():
+    model = tiny("bert")
+    name = f"{hf.model.target_names(model)[0]}.weight"
+    target = dict(model.named_parameters())[name]
+    before = target.detach().clone()
+    phi = SparseDiff({name: xlsparse.SparseDelta(torch.tensor([0, 5]), torch.tensor([1.0, -1.0]), target.shape)})
+    best, scores = arithmetic.lambda_sweep(model, lambda lam: arithmetic.combine([phi], [lam]), [-1.0, 0.0, 0.5, 2.0],
+                                           evaluate=lambda m: -abs(float(dict(m.named_parameters())[name].view(-1)[0]) - float(before.view(-1)[0]) - 0.5),
+                                           progress=False)
+    assert best == 0.5 and set(scores) == {-1.0, 0.0, 0.5, 2.0}
+    assert torch.equal(target, before)
+
+
+def test_expert_ensemble_equals_mixing_separate_experts():
+    base = tiny("llama")
+    experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),
+               "b": xelm.train_expert(base, _lm_batches(2, 2), density=0.05, progress=False)}
+    ensemble = xelm.ExpertEnsemble(base, experts)
+    ids = batch(2, 5)
+    weights = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
+    got = ensemble(ids, weights=weights)
+    per_expert = []
+    for diff in experts.values():
+        with diff.applied(base):
+            per_expert.append(torch.log_softmax(base(input_ids=ids).logits, -1))
+    expect = torch.logsumexp(torch.stack(per_expert) + weights.T.log()[:, :, None, None], 0)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+
+    pytest.importorskip("lang2vec")
+    parent = xelm.closest_parent({"a": "eng", "b": "jpn"}, "deu")
+    assert parent == "a"
+    child = xelm.train_expert(base, _lm_batches(1, 3), init=experts[parent], progress=False)
+    old_b = experts["b"]
+    ensemble.add_expert("c", child)
+    assert ensemble.names == ["a", "b", "c"] and ensemble.experts["b"] is old_b
+    assert ensemble(ids).shape == (2, 5, VOCAB)
