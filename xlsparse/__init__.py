@@ -1,7 +1,7 @@
 """xlsparse: fused kernels for language-specific subnetworks and sparse fine-tuning."""
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import _ext, ops, optim
+from . import _ext, nn, ops, optim
 from .ops import backends
 
 try:
@@ -11,4 +11,4 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 _ext.loaded()
 
-__all__ = ["__version__", "backends", "ops", "optim"]
+__all__ = ["__version__", "backends", "nn", "ops", "optim"]

@@ -255,8 +255,8 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, const c10::List
 
 // --- multi_mask_weight_grad ---
 
-constexpr int64_t kTokenChunk = 512;  // tokens gathered at a time: bounds the extra memory
-constexpr int64_t kRowBand = 256;     // dW rows per partial product: the [band, I] buffer stays in cache
+constexpr int64_t kTokenChunk = 512;        // tokens gathered at a time: bounds the extra memory
+constexpr int64_t kBandEntries = 1 << 20;   // entries of one partial product [band, I]: 4 MiB in fp32
 
 // dW = sum_l M_l * (dY_l^T X_l). Per language, per chunk of its tokens, per band of dW rows: the
 // band's product (a BLAS call) lands in a small buffer that is added under the mask into dW. The
@@ -271,14 +271,16 @@ at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tens
   auto dw = at::zeros({rows, cols}, input.options().dtype(acc));
   const auto mask = masks.contiguous();
   const int64_t* off = off_t.data_ptr<int64_t>();
-  at::Tensor band_buf = at::empty({std::min(rows, kRowBand), cols}, dw.options());
+  // Rows per partial product: few large BLAS calls, and a buffer far smaller than dW.
+  const int64_t band = std::max<int64_t>(1, std::min(rows, kBandEntries / std::max<int64_t>(cols, 1)));
+  at::Tensor band_buf = at::empty({band, cols}, dw.options());
   AT_DISPATCH_FLOATING_TYPES(acc, "multi_mask_weight_grad", [&] {
     for (int64_t l = 0; l < num_ids; ++l) {
       for (int64_t t0 = off[l]; t0 < off[l + 1]; t0 += kTokenChunk) {
         const auto tokens = order.slice(0, t0, std::min(t0 + kTokenChunk, off[l + 1]));
         const auto x = input.index_select(0, tokens).to(acc);
-        for (int64_t r0 = 0; r0 < rows; r0 += kRowBand) {
-          const int64_t r1 = std::min(rows, r0 + kRowBand);
+        for (int64_t r0 = 0; r0 < rows; r0 += band) {
+          const int64_t r1 = std::min(rows, r0 + band);
           const auto dy = grad_out.slice(1, r0, r1).index_select(0, tokens).to(acc);
           auto part = band_buf.slice(0, 0, r1 - r0);
           at::mm_out(part, dy.t(), x);
