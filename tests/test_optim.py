@@ -495,3 +495,206 @@ def test_opcheck_step_ops(dtype):
     sgd_args = ([p, p.clone()], [g, g.clone()], [idx, None], [m, torch.zeros_like(p)], [step, step.clone()],
                 0.1, 0.9, 0.0, 0.1, True, None, None)
     torch.library.opcheck(torch.ops.xlsparse.masked_sgd_.default, sgd_args)
+
+
+@pytest.mark.skipif("triton" not in ADAMW_BACKENDS, reason="triton not usable here")
+def test_opcheck_triton_step_ops():
+    import xlsparse.triton.optim  # noqa: F401  (registers the triton ops)
+
+    p, g, idx, m, v, step = _op_args()
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.xlsparse.triton_masked_adamw_.default,
+                          ([p], [g], [idx], [m], [v], [], [step], [], 0.1, 0.9, 0.99, 1e-8, 0.1, 0.0, False),
+                          test_utils=tests)
+    torch.library.opcheck(torch.ops.xlsparse.triton_masked_sgd_.default,
+                          ([p], [g], [idx], [m], [step], 0.1, 0.9, 0.0, 0.1, False), test_utils=tests)
+
+
+# --- multi_mask_weight_grad and SubnetworkLinear ---
+
+MMWG_BACKENDS = cpu_backends("multi_mask_weight_grad")
+
+
+def _per_language_loop(grad_out, x, masks, ids):
+    """The reference every user would write: one dense masked product per language, float64."""
+    dw = torch.zeros(grad_out.shape[1], x.shape[1], dtype=torch.float64)
+    for lang in range(masks.shape[0]):
+        sel = ids == lang
+        dw += masks[lang] * (grad_out[sel].double().t() @ x[sel].double())
+    return dw
+
+
+def _mmwg_case(t, o, i, num_ids, dtype, seed):
+    from xlsparse.routing import TokenGroups
+
+    gen = seeded(seed)
+    grad_out = torch.randn(t, o, generator=gen).to(dtype)
+    x = torch.randn(t, i, generator=gen).to(dtype)
+    masks = torch.rand(num_ids, o, i, generator=gen) < 0.4
+    ids = torch.randint(-1, num_ids, (t,), generator=gen)
+    groups = TokenGroups.build(ids, num_ids)
+    return grad_out, x, masks, ids, groups
+
+
+@pytest.mark.parametrize("backend", MMWG_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("t,o,i,num_ids", [(1, 1, 1, 1), (3, 5, 7, 2), (127, 33, 65, 4), (300, 97, 3, 3)])
+def test_multi_mask_weight_grad_matches_per_language_loop(backend, dtype, t, o, i, num_ids, use_backend):
+    use_backend(backend)
+    grad_out, x, masks, ids, groups = _mmwg_case(t, o, i, num_ids, dtype, seed=t + o)
+    out = ops.multi_mask_weight_grad(grad_out, x, masks, groups.order, groups.offsets)
+    ref64 = _per_language_loop(grad_out, x, masks, ids)
+    plain = sum(masks[lang] * (grad_out[ids == lang].t() @ x[ids == lang]) for lang in range(num_ids))
+    assert out.dtype == dtype
+    if dtype == torch.float64:  # plain PyTorch is the reference itself here; allow another summation order
+        torch.testing.assert_close(out, ref64, rtol=1e-12, atol=1e-12)
+    else:
+        assert_matches_reference(out, ref64, plain.to(dtype), f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", MMWG_BACKENDS)
+def test_multi_mask_weight_grad_edge_cases(backend, use_backend):
+    use_backend(backend)
+    grad_out, x, masks, ids, groups = _mmwg_case(40, 9, 11, 3, torch.float32, seed=3)
+    # every token unrouted: zero gradient
+    none = torch.full((40,), -1)
+    from xlsparse.routing import TokenGroups
+
+    g0 = TokenGroups.build(none, 3)
+    assert_bit_identical(ops.multi_mask_weight_grad(grad_out, x, masks, g0.order, g0.offsets), torch.zeros(9, 11),
+                         "no routed tokens")
+    # the −1 tokens never count, whatever they hold
+    poisoned = grad_out.clone()
+    poisoned[ids == -1] = float("nan")
+    out = ops.multi_mask_weight_grad(poisoned, x, masks, groups.order, groups.offsets)
+    torch.testing.assert_close(out, _per_language_loop(grad_out, x, masks, ids).float(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", MMWG_BACKENDS)
+def test_multi_mask_weight_grad_bad_input(backend, use_backend):
+    use_backend(backend)
+    grad_out, x, masks, ids, groups = _mmwg_case(10, 4, 5, 2, torch.float32, seed=4)
+    with pytest.raises(TypeError, match="bool"):
+        ops.multi_mask_weight_grad(grad_out, x, masks.float(), groups.order, groups.offsets)
+    with pytest.raises(ValueError, match="masks must have shape"):
+        ops.multi_mask_weight_grad(grad_out, x, masks[:, :3], groups.order, groups.offsets)
+    with pytest.raises(ValueError, match="same T"):
+        ops.multi_mask_weight_grad(grad_out[:5], x, masks, groups.order, groups.offsets)
+    with pytest.raises(ValueError, match="L \\+ 1"):
+        ops.multi_mask_weight_grad(grad_out, x, masks, groups.order, groups.offsets[:2])
+    with pytest.raises(IndexError, match="order holds token"):
+        ops.multi_mask_weight_grad(grad_out, x, masks, groups.order + 10, groups.offsets)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.multi_mask_weight_grad(grad_out.double(), x, masks, groups.order, groups.offsets)
+
+
+@needs_ext
+def test_opcheck_and_gradcheck_multi_mask_weight_grad():
+    grad_out, x, masks, ids, groups = _mmwg_case(30, 6, 7, 3, torch.float64, seed=5)
+    args = (grad_out, x, masks, groups.order, groups.offsets)
+    torch.library.opcheck(torch.ops.xlsparse.multi_mask_weight_grad.default, args)
+    grad_out.requires_grad_()
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda g, x: ops.multi_mask_weight_grad(g, x, masks, groups.order, groups.offsets), (grad_out, x))
+
+
+@pytest.mark.skipif("triton" not in MMWG_BACKENDS, reason="triton not usable here")
+def test_opcheck_triton_multi_mask_weight_grad():
+    import xlsparse.triton.optim  # noqa: F401
+
+    grad_out, x, masks, ids, groups = _mmwg_case(30, 6, 7, 3, torch.float32, seed=6)
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.xlsparse.triton_multi_mask_weight_grad.default,
+                          (grad_out, x, masks, groups.order, groups.offsets), test_utils=tests)
+
+
+def _subnetwork_case(seed=7, bias_masks=False):
+    from xlsparse.nn import SubnetworkLinear
+
+    gen = seeded(seed)
+    linear = torch.nn.Linear(13, 9).double()
+    masks = {lang: torch.rand(9, 13, generator=gen) < 0.5 for lang in ("en", "de", "sw")}
+    bmasks = {lang: torch.rand(9, generator=gen) < 0.5 for lang in masks} if bias_masks else None
+    layer = SubnetworkLinear.from_linear(linear, masks, bias_masks=bmasks)
+    x = torch.randn(4, 5, 13, generator=gen, dtype=torch.float64)
+    ids = torch.randint(-1, 3, (4, 5), generator=gen)
+    return layer, masks, bmasks, x, ids
+
+
+def _loop_grads(layer, masks, bmasks, x, ids):
+    """Per-language loop reference: each language's own backward, masked, summed (float64)."""
+    gw = torch.zeros_like(layer.weight)
+    gb = torch.zeros_like(layer.bias)
+    xf = x.reshape(-1, x.shape[-1])
+    for lang, name in enumerate(masks):
+        sel = ids.reshape(-1) == lang
+        w = layer.weight.detach().clone().requires_grad_()
+        b = layer.bias.detach().clone().requires_grad_()
+        torch.nn.functional.linear(xf[sel], w, b).square().sum().backward()
+        gw += masks[name] * w.grad
+        gb += (bmasks[name] if bmasks else 1) * b.grad
+    return gw, gb
+
+
+@pytest.mark.parametrize("backend", MMWG_BACKENDS)
+@pytest.mark.parametrize("bias_masks", [False, True])
+@pytest.mark.parametrize("how", ["argument", "route", "per_example"])
+def test_subnetwork_linear_matches_per_language_loop(backend, bias_masks, how, use_backend):
+    from xlsparse import routing
+
+    use_backend(backend)
+    layer, masks, bmasks, x, ids = _subnetwork_case(bias_masks=bias_masks)
+    if how == "per_example":
+        ids = torch.tensor([2, -1, 0, 1]).unsqueeze(1).expand(4, 5)
+    xg = x.clone().requires_grad_()
+    if how == "argument":
+        y = layer(xg, language_ids=ids)
+    else:
+        with routing.use(ids[:, 0] if how == "per_example" else ids, 3):
+            y = layer(xg)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    y.square().sum().backward()
+    gw, gb = _loop_grads(layer, masks, bmasks, x, ids)
+    torch.testing.assert_close(layer.weight.grad, gw)
+    torch.testing.assert_close(layer.bias.grad, gb)
+    # dX is the ordinary dense gradient
+    xd = x.clone().requires_grad_()
+    torch.nn.functional.linear(xd, layer.weight.detach(), layer.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xd.grad)
+
+
+def test_subnetwork_linear_without_route_updates_nothing():
+    layer, masks, _, x, _ = _subnetwork_case()
+    layer(x).sum().backward()
+    assert_bit_identical(layer.weight.grad, torch.zeros_like(layer.weight), "weight grad without routing")
+    assert_bit_identical(layer.bias.grad, torch.zeros_like(layer.bias), "bias grad without routing")
+
+
+def test_subnetwork_linear_bad_masks():
+    from xlsparse.nn import SubnetworkLinear
+
+    linear = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="shape"):
+        SubnetworkLinear.from_linear(linear, {"en": torch.ones(4, 3, dtype=torch.bool)})
+    with pytest.raises(TypeError, match="bool"):
+        SubnetworkLinear.from_linear(linear, {"en": torch.ones(3, 4)})
+    with pytest.raises(ValueError, match="non-empty"):
+        SubnetworkLinear.from_linear(linear, {})
+
+
+@needs_ext
+def test_torch_compile_fullgraph_subnetwork_linear():
+    layer, masks, bmasks, x, ids = _subnetwork_case(bias_masks=True)
+    model = torch.nn.Sequential(layer)
+
+    def loss(x, ids):
+        return model[0](torch.tanh(x), language_ids=ids).square().sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled(x, ids).backward()
+    got = layer.weight.grad.clone(), layer.bias.grad.clone()
+    layer.weight.grad = layer.bias.grad = None
+    gw, gb = _loop_grads(layer, masks, bmasks, torch.tanh(x), ids)
+    torch.testing.assert_close(got[0], gw)
+    torch.testing.assert_close(got[1], gb)

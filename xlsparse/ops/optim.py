@@ -208,7 +208,7 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
     elif backend == "triton":
         from ..triton.optim import triton_masked_adamw_
 
-        check_masked_step("masked_adamw_", *_checked(args, amsgrad))
+        check_masked_step("masked_adamw_", *_checked(args, amsgrad), read_data=not torch.compiler.is_compiling())
         triton_masked_adamw_(*args)
     else:
         torch.ops.xlsparse.masked_adamw_(*args)
@@ -279,7 +279,8 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors
         from ..triton.optim import triton_masked_sgd_
 
         states = {"momentum_buffers": args[3]} if momentum != 0 else {}
-        check_masked_step("masked_sgd_", params, grads, selectors, states, steps, [], grad_scale, found_inf)
+        check_masked_step("masked_sgd_", params, grads, selectors, states, steps, [], grad_scale, found_inf,
+                          read_data=not torch.compiler.is_compiling())
         triton_masked_sgd_(*args)
     else:
         torch.ops.xlsparse.masked_sgd_(*args)
@@ -378,5 +379,7 @@ def multi_mask_weight_grad(grad_out: torch.Tensor, input: torch.Tensor, masks: t
     if backend == "triton":
         from ..triton.optim import triton_multi_mask_weight_grad
 
+        check_multi_mask_weight_grad(grad_out, input, masks, order, offsets,
+                                     read_data=not torch.compiler.is_compiling())
         return triton_multi_mask_weight_grad(grad_out, input, masks, order, offsets)
     return torch.ops.xlsparse.multi_mask_weight_grad(grad_out, input, masks, order, offsets)

@@ -208,8 +208,7 @@ inline void check_masked_step(const char* op, const at::TensorList& params, cons
 }
 
 // grad_out [T, O], input [T, I], masks [L, O, I] bool, order int64 token positions, offsets [L + 1]
-// int64: language l owns order[offsets[l]:offsets[l + 1]]. Reads offsets on CPU only (a GPU kernel
-// reads them itself).
+// int64: language l owns order[offsets[l]:offsets[l + 1]].
 inline void check_multi_mask_weight_grad(const char* op, const at::Tensor& grad_out, const at::Tensor& input,
                                          const at::Tensor& masks, const at::Tensor& order,
                                          const at::Tensor& offsets) {
@@ -229,8 +228,9 @@ inline void check_multi_mask_weight_grad(const char* op, const at::Tensor& grad_
                     offsets.sizes());
   for (const at::Tensor* t : {&input, &masks, &order, &offsets})
     TORCH_CHECK_VALUE(t->device() == grad_out.device(), op, ": every tensor must be on ", grad_out.device());
-  if (!offsets.is_cpu()) return;
-  const int64_t* off = offsets.data_ptr<int64_t>();
+  // Read before any kernel runs (a host sync on GPU), so that bad routing never reads out of bounds.
+  const at::Tensor off_cpu = offsets.to(at::kCPU).contiguous();
+  const int64_t* off = off_cpu.data_ptr<int64_t>();
   for (int64_t l = 0; l < masks.size(0); ++l)
     TORCH_CHECK_VALUE(off[0] >= 0 && off[l] <= off[l + 1] && off[l + 1] <= order.numel(), op,
                       ": offsets must be non-decreasing inside [0, ", order.numel(), "]");
