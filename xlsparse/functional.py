@@ -90,6 +90,8 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
         if groups.num_ids != num:
             raise ValueError(f"multi_delta_linear: route is built for {groups.num_ids} ids but {num} deltas are given")
         order, offsets = groups.order, groups.offsets
+    else:
+        return torch.nn.functional.linear(x, weight, bias)
     y = _matmul.MultiDeltaLinearFunction.apply(x2d, weight, bias, order, offsets, gates2d, num, *indices, *values)
     return y.reshape(*lead, weight.shape[0])
 
