@@ -462,7 +462,8 @@ def test_opcheck_triton():
         torch.library.opcheck(getattr(torch.ops.xlsparse, "triton_" + name).default, args, test_utils=tests)
 
 
-@pytest.mark.parametrize("backend", MM_BACKENDS)
+# gradcheck launches hundreds of kernels: about 2 minutes under the Triton interpreter.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in MM_BACKENDS])
 def test_gradcheck(backend, use_backend, monkeypatch):
     use_backend(backend)
     gen = seeded(16)

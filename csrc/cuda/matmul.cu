@@ -117,6 +117,7 @@ at::Tensor sddmm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor
   check_token_matmul("sddmm", a, b, indices, token_index, token_bounds, token_scale);
   const int64_t rows = a.size(1), cols = b.size(1), k = indices.numel();
   check_indices("sddmm", indices, rows * cols);
+  check_token_values("sddmm", b.size(0), token_index, token_bounds);
   auto out = at::empty({k}, b.options());
   if (k == 0) return out;
   const c10::cuda::CUDAGuard guard(a.device());
@@ -173,6 +174,7 @@ void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, c
   TORCH_CHECK_VALUE(values.device() == x.device(), "spmm_: values must be on ", x.device());
   const int64_t groups = out.size(1), xcols = x.size(1), k = indices.numel();
   check_indices("spmm_", indices, groups * xcols);
+  check_token_values("spmm_", x.size(0), token_index, token_bounds);
   const int64_t index_len = token_index.has_value() ? token_index->numel() : x.size(0);
   if (k == 0 || index_len == 0) return;
   const c10::cuda::CUDAGuard guard(out.device());
@@ -180,8 +182,9 @@ void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, c
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((k + kThreads - 1) / kThreads),
                   static_cast<unsigned>((index_len + kTokensPerThread - 1) / kTokensPerThread));
-  // Atomics add in a wide type: half types gather into an fp32 buffer and are rounded once.
-  const bool wide = out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble;
+  // The entries' products gather by atomics into a zeroed wide buffer that is added to `out` once,
+  // so each output element is rounded once (float64 adds in place).
+  const bool wide = out.scalar_type() == at::kDouble;
   auto target = wide ? out : at::zeros(out.sizes(), out.options().dtype(at::kFloat));
   XLS_DISPATCH_FLOATS(x.scalar_type(), "spmm_", [&] {
     using acc = acc_t<scalar_t>;
