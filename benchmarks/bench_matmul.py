@@ -11,7 +11,7 @@ from xlsparse import functional
 from xlsparse.benchmarks import baselines
 from xlsparse.benchmarks.harness import Case
 from xlsparse.ops._common import backend_for
-from xlsparse.ops.matmul import sddmm
+from xlsparse.ops.matmul import SparseDeltaLinearFunction, sddmm
 from xlsparse.routing import TokenGroups
 
 FAMILY = "matmul"
@@ -47,11 +47,18 @@ def _delta_linear_cases(tokens, out_f, in_f, density, dtype) -> list[Case]:
         y = baselines.spiel_delta_linear(xg, w, b, idx, vg)
         return torch.autograd.grad(y, [xg, vg], gy)
 
+    def ours_spmm_path():  # the other forward, for the choice `merge_pays` makes
+        y = SparseDeltaLinearFunction.apply(xg, w, b, idx, vg, None)
+        return torch.autograd.grad(y, [xg, vg], gy)
+
     shape = f"T={tokens} {out_f}x{in_f}"
     dense = 2 * tokens * out_f * in_f
     path = "merged" if functional.merge_pays(tokens, k, w.numel()) else "spmm"
     dy = gy
-    return [
+    spmm_rows = [] if density != 0.01 else [
+        Case("sparse_delta_linear fwd+bwd, SpMM path", shape, _name(dtype), ours_spmm_path, spiel, "SpIEL", density,
+             backend_for("spmm_", x.device), flops=2 * dense + 6 * tokens * k, note="forward: spmm (forced)")]
+    return spmm_rows + [
         Case("sparse_delta_linear fwd+bwd", shape, _name(dtype), ours, spiel, "SpIEL (clone+scatter_add, dense dW, gather)",
              density, backend_for("sddmm", x.device), flops=2 * dense + 2 * tokens * k, note=f"forward: {path}"),
         Case("sddmm", shape, _name(dtype), lambda: sddmm(dy, x, idx), lambda: baselines.gather_sddmm(dy, x, idx),

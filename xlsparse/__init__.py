@@ -1,7 +1,7 @@
 """xlsparse: fused kernels for language-specific subnetworks and sparse fine-tuning."""
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import _ext, ops
+from . import _ext, functional, nn, ops
 from .ops import backends
 
 try:
@@ -11,4 +11,4 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 _ext.loaded()
 
-__all__ = ["__version__", "backends", "ops"]
+__all__ = ["__version__", "backends", "functional", "nn", "ops"]

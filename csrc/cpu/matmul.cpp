@@ -28,9 +28,9 @@ namespace {
 #define XLS_INLINE inline
 #endif
 
-// Tokens per chunk. A chunk of both transposed operands ([O + I] x 128 floats) stays in L2 and a
-// row of it (512 bytes) is a long enough dot product to vectorise.
-constexpr int64_t kChunk = 128;
+// Tokens per chunk. A chunk of both transposed operands ([O + I] x 256 floats) stays in L2, a
+// row of it (1 KiB) is a long dot product, and T = 2048 tokens take 8 chunks (3 barriers each).
+constexpr int64_t kChunk = 256;
 // Output rows one SpMM task accumulates before writing them back to token-major memory: 16 rows
 // fill the 64-byte lines of the write-back.
 constexpr int64_t kRows = 16;
