@@ -38,3 +38,49 @@ def indexed_adamw_step(params, indices, exp_avgs, exp_avg_sqs, step: int, lr: fl
 def dense_weight_grad(grad_out, x):
     """One dense dW = dYᵀ X, what an unmasked nn.Linear computes."""
     return grad_out.t() @ x
+
+
+# --- matmul ---
+
+
+def spiel_delta_linear(x, weight, bias, indices, values):
+    """SpIEL's way: clone W0, scatter-add the delta into it, a dense linear; autograd then builds a
+    dense O x I weight gradient and gathers dvalues from it."""
+    full = weight.reshape(-1).scatter_add(0, indices, values).view(weight.shape)
+    return torch.nn.functional.linear(x, full, bias)
+
+
+def gather_sddmm(grad_out, x, indices, step=16384):
+    """The torch SDDMM: gather both operands' columns per entry and reduce over tokens (in chunks
+    of `step` entries, so that the [T, step] temporaries stay bounded)."""
+    cols = x.shape[1]
+    rows, cols_of = indices // cols, indices % cols
+    out = torch.empty(indices.numel(), dtype=x.dtype, device=x.device)
+    for i in range(0, indices.numel(), step):
+        out[i : i + step] = (grad_out[:, rows[i : i + step]] * x[:, cols_of[i : i + step]]).sum(0)
+    return out
+
+
+def peft_mixed_batch(x, weight, bias, indices: list, values: list, route):
+    """PEFT's mixed-batch way: per language, merge its weight, index_select its tokens, run the
+    linear and index_copy the rows back (autograd builds each language's dense dW)."""
+    out = torch.nn.functional.linear(x, weight, bias)
+    for e, (idx, val) in enumerate(zip(indices, values)):
+        sel = (route == e).nonzero().flatten()
+        full = weight.reshape(-1).scatter_add(0, idx, val).view(weight.shape)
+        out = out.index_copy(0, sel, torch.nn.functional.linear(x.index_select(0, sel), full, bias))
+    return out
+
+
+def merged_ensemble(x, merged_weights: list, bias, gates):
+    """E dense forward passes, one per merged expert weight, mixed by gates [T, E]."""
+    out = 0
+    for e, w in enumerate(merged_weights):
+        out = out + gates[:, e : e + 1] * torch.nn.functional.linear(x, w, bias)
+    return out
+
+
+def composite_ensemble_logprobs(logits, log_weights):
+    """The torch composite: a stack of E log_softmax, plus the log-weights, logsumexp over E."""
+    stacked = torch.stack([torch.log_softmax(z, -1) for z in logits])
+    return torch.logsumexp(stacked + log_weights.T[:, :, None], 0)

@@ -48,12 +48,15 @@ def _check_linear(op, x, weight, bias, indices: list, values: list) -> None:
 def merge_pays(num_tokens: int, nnz: int, weight_numel: int) -> bool:
     """True when multiplying by a merged W0 + Δ beats adding an SpMM term X Δᵀ.
 
-    Merging copies the O x I weight once; the SpMM costs T·K gathered multiply-adds and its
-    transpose costs as much again in the backward. Measured here (2 threads, 4096 x 1024, fp32 and
-    bf16): the SpMM term takes about 1.5 ns per T·K product, the merge about 0.4 ns per weight entry,
-    so the merge wins once T·K exceeds about a quarter of O·I (T >= 25 tokens at 1% density).
+    Merging copies the O x I weight once and then dX is one GEMM too; the SpMM path costs T·K
+    gathered multiply-adds in the forward and as many again (transposed) in the backward.
+    Measured on this machine (1 thread, 4096 x 1024, fp32 and bf16, T = 16 to 2048, under heavy
+    load from other jobs): the SpMM costs 0.6-1.8 ns per T·K product, the merge 3.4-4.2 ns per
+    weight entry; with both SpMMs of a training step the two meet near T·K = 1.25·O·I. At the
+    benchmark's T = 2048 and 0.5-5% density the merged path is 10-50x cheaper than the SpMMs;
+    at T = 16 tokens the SpMM is 10-30x cheaper than the merge.
     """
-    return 4 * num_tokens * nnz >= weight_numel
+    return num_tokens * nnz >= weight_numel
 
 
 def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) -> torch.Tensor:
@@ -108,6 +111,8 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
         if groups.num_ids != num:
             raise ValueError(f"multi_delta_linear: route is built for {groups.num_ids} ids but {num} deltas are given")
         order, offsets = groups.order, groups.offsets
+    else:
+        return torch.nn.functional.linear(x, weight, bias)
     y = _matmul.MultiDeltaLinearFunction.apply(x2d, weight, bias, order, offsets, gates2d, num, *indices, *values)
     return y.reshape(*lead, weight.shape[0])
 

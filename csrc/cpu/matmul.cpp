@@ -28,9 +28,9 @@ namespace {
 #define XLS_INLINE inline
 #endif
 
-// Tokens per chunk. A chunk of both transposed operands ([O + I] x 128 floats) stays in L2 and a
-// row of it (512 bytes) is a long enough dot product to vectorise.
-constexpr int64_t kChunk = 128;
+// Tokens per chunk. A chunk of both transposed operands ([O + I] x 256 floats) stays in L2, a
+// row of it (1 KiB) is a long dot product, and T = 2048 tokens take 8 chunks (3 barriers each).
+constexpr int64_t kChunk = 256;
 // Output rows one SpMM task accumulates before writing them back to token-major memory: 16 rows
 // fill the 64-byte lines of the write-back.
 constexpr int64_t kRows = 16;
@@ -127,14 +127,14 @@ XLS_INLINE T row_lse_t(const T* z, int64_t n) {  // log Σ exp(z)
   return m + std::log(s);
 }
 template <typename T>
-XLS_INLINE void max_shift_t(T* m, const T* z, T c, int64_t n) {  // m = max(m, z + c)
+XLS_INLINE void max_shift_t(T* m, const T* z, T a, T b, int64_t n) {  // m = max(m, z + a + b)
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], z[i] + c);
+  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], (z[i] + a) + b);
 }
 template <typename T>
-XLS_INLINE void exp_acc_t(T* s, const T* z, T c, const T* m, int64_t n) {  // s += exp(z + c − m)
+XLS_INLINE void exp_acc_t(T* s, const T* z, T a, T b, const T* m, int64_t n) {  // s += exp(z + a + b − m)
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) s[i] += fast_exp(z[i] + c - m[i]);
+  for (int64_t i = 0; i < n; ++i) s[i] += fast_exp(((z[i] + a) + b) - m[i]);
 }
 template <typename T>
 XLS_INLINE void log_add_t(T* out, const T* m, const T* s, int64_t n) {  // out = m + log s
@@ -147,17 +147,20 @@ XLS_INLINE void add_scalar_t(T* out, const T* x, T c, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = x[i] + c;
 }
 template <typename T>
-XLS_INLINE T dot_exp_t(const T* g, const T* z, T c, const T* out, int64_t n) {  // Σ g exp(z + c − out)
+XLS_INLINE T dot_exp_t(const T* g, const T* z, T a, T b, const T* out, int64_t n) {  // Σ g exp(z + a + b − out)
   T s = 0;
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += g[i] * fast_exp(z[i] + c - out[i]);
+  for (int64_t i = 0; i < n; ++i) s += g[i] * fast_exp(((z[i] + a) + b) - out[i]);
   return s;
 }
-// Prob-space backward: dz = g exp(z + c − out) − exp(z − lse) S.
+// Prob-space backward: dz = g exp(z − lse + lw − out) − exp(z − lse) S.
 template <typename T>
-XLS_INLINE void prob_grad_t(T* dz, const T* g, const T* z, T c, const T* out, T lse, T S, int64_t n) {
+XLS_INLINE void prob_grad_t(T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) dz[i] = g[i] * fast_exp(z[i] + c - out[i]) - fast_exp(z[i] - lse) * S;
+  for (int64_t i = 0; i < n; ++i) {
+    const T logp = z[i] - lse;
+    dz[i] = g[i] * fast_exp((logp + lw) - out[i]) - fast_exp(logp) * S;
+  }
 }
 template <typename T>
 XLS_INLINE void scaled_softmax_t(T* out, const T* z, T lse, T a, int64_t n) {  // out = a softmax(z)
@@ -188,13 +191,13 @@ XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, 
                   (y, alpha, x0, x1, x2, x3, n))
 XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
 XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T c, int64_t n), (m, z, c, n))
-XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T c, const T* m, int64_t n), (s, z, c, m, n))
+XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T a, T b, int64_t n), (m, z, a, b, n))
+XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T a, T b, const T* m, int64_t n), (s, z, a, b, m, n))
 XLS_VEC_PRIMITIVE(void, log_add, (T* out, const T* m, const T* s, int64_t n), (out, m, s, n))
 XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
-XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T c, const T* out, int64_t n), (g, z, c, out, n))
-XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T c, const T* out, T lse, T S, int64_t n),
-                  (dz, g, z, c, out, lse, S, n))
+XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n))
+XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n),
+                  (dz, g, z, lse, lw, out, S, n))
 XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n))
 XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n))
 XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
@@ -209,13 +212,13 @@ XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, 
                   (y, alpha, x0, x1, x2, x3, n))
 XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
 XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T c, int64_t n), (m, z, c, n))
-XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T c, const T* m, int64_t n), (s, z, c, m, n))
+XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T a, T b, int64_t n), (m, z, a, b, n))
+XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T a, T b, const T* m, int64_t n), (s, z, a, b, m, n))
 XLS_VEC_PRIMITIVE(void, log_add, (T* out, const T* m, const T* s, int64_t n), (out, m, s, n))
 XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
-XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T c, const T* out, int64_t n), (g, z, c, out, n))
-XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T c, const T* out, T lse, T S, int64_t n),
-                  (dz, g, z, c, out, lse, S, n))
+XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n))
+XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n),
+                  (dz, g, z, lse, lw, out, S, n))
 XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n))
 XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n))
 XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
@@ -462,9 +465,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
           std::fill(s, s + V, acc(0));
           for (int64_t e = 0; e < E; ++e) {
             lp[e * T + t] = row_lse(rows.z[e], V);
-            max_shift(m, rows.z[e], lwp[t * E + e] - lp[e * T + t], V);
+            max_shift(m, rows.z[e], -lp[e * T + t], lwp[t * E + e], V);
           }
-          for (int64_t e = 0; e < E; ++e) exp_acc(s, rows.z[e], lwp[t * E + e] - lp[e * T + t], m, V);
+          for (int64_t e = 0; e < E; ++e) exp_acc(s, rows.z[e], -lp[e * T + t], lwp[t * E + e], m, V);
           log_add(o, m, s, V);
         } else {
           std::fill(s, s + V, acc(0));
@@ -505,9 +508,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
         const acc* orow = as_acc(o.data_ptr<scalar_t>() + t * V, V, ob);
         if (prob_space) {
           for (int64_t e = 0; e < E; ++e) {
-            const acc c = lwp[t * E + e] - lp[e * T + t];
-            const acc S = dot_exp(gr, rows.z[e], c, orow, V);  // Σ_v g · posterior of expert e
-            prob_grad(tmp, gr, rows.z[e], c, orow, lp[e * T + t], S, V);
+            const acc lse_e = lp[e * T + t], lw_e = lwp[t * E + e];
+            const acc S = dot_exp(gr, rows.z[e], -lse_e, lw_e, orow, V);  // Σ_v g · posterior of expert e
+            prob_grad(tmp, gr, rows.z[e], lse_e, lw_e, orow, S, V);
             store_row(dz + (e * T + t) * V, tmp, V);
             dw[t * E + e] = static_cast<scalar_t>(S);
           }

@@ -289,6 +289,7 @@ def sddmm(grad_out, x, indices, token_index=None, token_bounds=None, token_scale
         check_token_matmul("sddmm", grad_out, x, indices, token_index, token_bounds, token_scale)
         if not torch.compiler.is_compiling():
             _common.check_indices("sddmm", indices, grad_out.shape[1] * x.shape[1])
+            _selected_tokens(x.shape[0], token_index, token_bounds)
         return triton_sddmm(grad_out, x, indices, token_index, token_bounds, token_scale)
     return torch.ops.xlsparse.sddmm(grad_out, x, indices, token_index, token_bounds, token_scale)
 
@@ -312,6 +313,7 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
             raise ValueError("spmm_: out must be contiguous")
         if not torch.compiler.is_compiling():
             _common.check_indices("spmm_", indices, out.shape[1] * x.shape[1])
+            _selected_tokens(x.shape[0], token_index, token_bounds)
         triton_spmm_(out, x, indices, values, token_index, token_bounds, token_scale, transpose)
     else:
         torch.ops.xlsparse.spmm_(out, x, indices, values, token_index, token_bounds, token_scale, transpose)

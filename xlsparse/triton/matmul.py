@@ -128,8 +128,9 @@ def triton_spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, valu
         return
     groups, xcols = out.shape[1], x.shape[1]
     xc = x.contiguous()
-    # Atomics add in the output's dtype: half types gather into an fp32 buffer and round once.
-    wide = out.dtype in (torch.float32, torch.float64)
+    # The entries' products gather by atomics into a zeroed wide buffer that is added to `out`
+    # once, so each output element is rounded once (float64 adds in place).
+    wide = out.dtype == torch.float64
     target = out if wide else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     tok, bounds, scale, flags, index_len = _selection(x, token_index, token_bounds, token_scale)
     bn, bt = (256, 256) if INTERPRET else (64, 32)

@@ -69,6 +69,25 @@ inline void check_token_matmul(const char* op, const at::Tensor& a, const at::Te
   }
 }
 
+// Reads the selection on the device (a sync): bounds inside token_index, ids inside [0, T).
+inline void check_token_values(const char* op, int64_t num_tokens, const c10::optional<at::Tensor>& token_index,
+                               const c10::optional<at::Tensor>& token_bounds) {
+  if (!token_index.has_value()) return;
+  int64_t lo = 0, hi = token_index->numel();
+  if (token_bounds.has_value()) {
+    const auto b = token_bounds->cpu();
+    lo = b.data_ptr<int64_t>()[0];
+    hi = b.data_ptr<int64_t>()[1];
+    TORCH_CHECK_INDEX(0 <= lo && lo <= hi && hi <= token_index->numel(), op, ": token_bounds [", lo, ", ", hi,
+                      ") do not fit token_index of ", token_index->numel(), " entries");
+  }
+  if (hi > lo) {
+    const auto sel = token_index->slice(0, lo, hi);
+    const auto mn = sel.min().item<int64_t>(), mx = sel.max().item<int64_t>();
+    TORCH_CHECK_INDEX(mn >= 0 && mx < num_tokens, op, ": token_index holds ids outside [0, ", num_tokens, ")");
+  }
+}
+
 // logits [E, T, V], log_weights [T, E], targets [T] (when given).
 inline void check_ensemble(const char* op, const at::Tensor& logits, const at::Tensor& log_weights,
                            const at::Tensor* targets) {

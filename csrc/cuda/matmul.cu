@@ -1,0 +1,484 @@
+// CUDA kernels of the matmul family: SDDMM (one warp per delta entry), SpMM (one thread per
+// entry and token block, atomics into a wide buffer) and expert-ensemble mixing (one block per
+// token). Grids depend on shapes only: each kernel reads its token range from the device.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "xlsparse/checks.h"
+#include "xlsparse/matmul.h"
+
+namespace xlsparse {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kTokensPerThread = 16;
+
+// Token selection as raw pointers: positions [bounds[0], bounds[1]) of index (or of 0..T−1).
+template <typename acc>
+struct TokenView {
+  const int64_t* index;
+  const int64_t* bounds;
+  const acc* scale;
+  int64_t index_len;
+  int64_t num_tokens;
+
+  __device__ void range(int64_t& begin, int64_t& end) const {
+    begin = 0;
+    end = index ? index_len : num_tokens;
+    if (bounds) {
+      begin = max(int64_t(0), bounds[0]);
+      end = min(end, bounds[1]);
+    }
+  }
+  // The token at position j, or −1 when a bad id would read outside the matrices.
+  __device__ int64_t at(int64_t j) const {
+    const int64_t t = index ? index[j] : j;
+    return (t >= 0 && t < num_tokens) ? t : -1;
+  }
+  __device__ acc scale_of(int64_t t) const { return scale ? scale[t] : acc(1); }
+};
+
+template <typename acc>
+TokenView<acc> token_view(int64_t num_tokens, const c10::optional<at::Tensor>& token_index,
+                          const c10::optional<at::Tensor>& token_bounds, const c10::optional<at::Tensor>& token_scale,
+                          at::Tensor& index_c, at::Tensor& bounds_c, at::Tensor& scale_c) {
+  TokenView<acc> v{nullptr, nullptr, nullptr, 0, num_tokens};
+  if (token_index.has_value()) {
+    index_c = token_index->contiguous();
+    v.index = index_c.data_ptr<int64_t>();
+    v.index_len = index_c.numel();
+  }
+  if (token_bounds.has_value()) {
+    bounds_c = token_bounds->contiguous();
+    v.bounds = bounds_c.data_ptr<int64_t>();
+  }
+  if (token_scale.has_value()) {
+    scale_c = token_scale->to(c10::CppTypeToScalarType<acc>::value).contiguous();
+    v.scale = scale_c.data_ptr<acc>();
+  }
+  return v;
+}
+
+template <typename T>
+__device__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffff, v, o);
+  return v;
+}
+
+// Sum (or max) over the block; every thread gets the result.
+template <typename T, bool kMax>
+__device__ T block_reduce(T v, T* shared) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const T other = __shfl_down_sync(0xffffffff, v, o);
+    v = kMax ? (other > v ? other : v) : v + other;
+  }
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    T r = shared[0];
+    for (int w = 1; w < static_cast<int>(blockDim.x / 32); ++w) r = kMax ? (shared[w] > r ? shared[w] : r) : r + shared[w];
+    shared[0] = r;
+  }
+  __syncthreads();
+  return shared[0];
+}
+
+// --- SDDMM ---
+
+template <typename scalar_t, typename index_t>
+__global__ void sddmm_kernel(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
+                             const index_t* __restrict__ indices, scalar_t* __restrict__ out, int64_t k, int64_t rows,
+                             int64_t cols, TokenView<acc_t<scalar_t>> tok) {
+  using acc = acc_t<scalar_t>;
+  const int64_t n = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (n >= k) return;
+  const int64_t flat = indices[n], r = flat / cols, c = flat % cols;
+  int64_t begin, end;
+  tok.range(begin, end);
+  acc sum = 0;
+  for (int64_t j = begin + lane; j < end; j += 32) {
+    const int64_t t = tok.at(j);
+    if (t < 0) continue;
+    sum += tok.scale_of(t) * static_cast<acc>(a[t * rows + r]) * static_cast<acc>(b[t * cols + c]);
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) out[n] = static_cast<scalar_t>(sum);
+}
+
+at::Tensor sddmm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
+                      const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
+                      const c10::optional<at::Tensor>& token_scale) {
+  check_token_matmul("sddmm", a, b, indices, token_index, token_bounds, token_scale);
+  const int64_t rows = a.size(1), cols = b.size(1), k = indices.numel();
+  check_indices("sddmm", indices, rows * cols);
+  check_token_values("sddmm", b.size(0), token_index, token_bounds);
+  auto out = at::empty({k}, b.options());
+  if (k == 0) return out;
+  const c10::cuda::CUDAGuard guard(a.device());
+  const auto ac = a.contiguous(), bc = b.contiguous(), idx = indices.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t blocks = (k * 32 + kThreads - 1) / kThreads;
+  XLS_DISPATCH_FLOATS(b.scalar_type(), "sddmm", [&] {
+    using acc = acc_t<scalar_t>;
+    at::Tensor ic, bc_, sc;
+    const auto tok = token_view<acc>(b.size(0), token_index, token_bounds, token_scale, ic, bc_, sc);
+    XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
+      sddmm_kernel<scalar_t, index_t><<<blocks, kThreads, 0, stream>>>(
+          ac.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), out.data_ptr<scalar_t>(), k,
+          rows, cols, tok);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+// --- SpMM ---
+
+template <typename scalar_t, typename index_t, typename wide_t>
+__global__ void spmm_kernel(wide_t* __restrict__ target, const scalar_t* __restrict__ x,
+                            const index_t* __restrict__ indices, const scalar_t* __restrict__ values, int64_t k,
+                            int64_t groups, int64_t xcols, int64_t dcols, bool transpose,
+                            TokenView<acc_t<scalar_t>> tok) {
+  using acc = acc_t<scalar_t>;
+  const int64_t n = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (n >= k) return;
+  const int64_t flat = indices[n];
+  const int64_t g = transpose ? flat % dcols : flat / dcols;
+  const int64_t other = transpose ? flat / dcols : flat % dcols;
+  const acc v = static_cast<acc>(values[n]);
+  int64_t begin, end;
+  tok.range(begin, end);
+  const int64_t j0 = begin + blockIdx.y * static_cast<int64_t>(kTokensPerThread);
+  for (int64_t j = j0; j < j0 + kTokensPerThread && j < end; ++j) {
+    const int64_t t = tok.at(j);
+    if (t < 0) continue;
+    atomicAdd(target + t * groups + g, static_cast<wide_t>(tok.scale_of(t) * v * static_cast<acc>(x[t * xcols + other])));
+  }
+}
+
+void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
+               const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
+               const c10::optional<at::Tensor>& token_scale, bool transpose) {
+  check_token_matmul("spmm_", out, x, indices, token_index, token_bounds, token_scale);
+  TORCH_CHECK_VALUE(out.is_contiguous(), "spmm_: out must be contiguous");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == indices.numel(), "spmm_: values must be 1-D with ",
+                    indices.numel(), " entries like indices, got ", values.sizes());
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "spmm_: values dtype ", values.scalar_type(),
+                   " does not match x dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(values.device() == x.device(), "spmm_: values must be on ", x.device());
+  const int64_t groups = out.size(1), xcols = x.size(1), k = indices.numel();
+  check_indices("spmm_", indices, groups * xcols);
+  check_token_values("spmm_", x.size(0), token_index, token_bounds);
+  const int64_t index_len = token_index.has_value() ? token_index->numel() : x.size(0);
+  if (k == 0 || index_len == 0) return;
+  const c10::cuda::CUDAGuard guard(out.device());
+  const auto xc = x.contiguous(), idx = indices.contiguous(), val = values.contiguous();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const dim3 grid(static_cast<unsigned>((k + kThreads - 1) / kThreads),
+                  static_cast<unsigned>((index_len + kTokensPerThread - 1) / kTokensPerThread));
+  // The entries' products gather by atomics into a zeroed wide buffer that is added to `out` once,
+  // so each output element is rounded once (float64 adds in place).
+  const bool wide = out.scalar_type() == at::kDouble;
+  auto target = wide ? out : at::zeros(out.sizes(), out.options().dtype(at::kFloat));
+  XLS_DISPATCH_FLOATS(x.scalar_type(), "spmm_", [&] {
+    using acc = acc_t<scalar_t>;
+    at::Tensor ic, bc, sc;
+    const auto tok = token_view<acc>(x.size(0), token_index, token_bounds, token_scale, ic, bc, sc);
+    XLS_DISPATCH_INDEX(idx.scalar_type(), "spmm_", [&] {
+      spmm_kernel<scalar_t, index_t, acc><<<grid, kThreads, 0, stream>>>(
+          target.data_ptr<acc>(), xc.data_ptr<scalar_t>(), idx.data_ptr<index_t>(), val.data_ptr<scalar_t>(), k,
+          groups, xcols, transpose ? groups : xcols, transpose, tok);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  if (!wide) out.copy_(out.to(at::kFloat).add_(target));
+}
+
+// --- expert-ensemble mixing: one block per token ---
+
+template <typename acc, typename scalar_t>
+__device__ acc row_lse(const scalar_t* z, int64_t V, acc* shared) {
+  acc m = -INFINITY;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = max(m, static_cast<acc>(z[v]));
+  m = block_reduce<acc, true>(m, shared);
+  acc s = 0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp(static_cast<acc>(z[v]) - m);
+  return m + log(block_reduce<acc, false>(s, shared));
+}
+
+template <typename acc, typename scalar_t>
+__device__ acc mixed(const scalar_t* z, const acc* w, int64_t E, int64_t T, int64_t V, int64_t t, int64_t v) {
+  acc s = 0;
+  for (int64_t e = 0; e < E; ++e) s += w[e] * static_cast<acc>(z[(e * T + t) * V + v]);
+  return s;
+}
+
+// Per-token expert weights w_e = exp(lw[t, e]) in shared memory (E <= kMaxExperts).
+constexpr int kMaxExperts = 64;
+
+template <typename scalar_t>
+__global__ void logprobs_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ lw, scalar_t* __restrict__ out,
+                                acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V, bool prob) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc shared[32];
+  __shared__ acc coef[kMaxExperts];
+  const int64_t t = blockIdx.x;
+  if (prob) {
+    for (int64_t e = 0; e < E; ++e) {
+      const acc l = row_lse<acc>(z + (e * T + t) * V, V, shared);
+      if (threadIdx.x == 0) {
+        lse[e * T + t] = l;
+        coef[e] = static_cast<acc>(lw[t * E + e]) - l;
+      }
+    }
+    __syncthreads();
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+      acc m = -INFINITY;
+      for (int64_t e = 0; e < E; ++e) m = max(m, coef[e] + static_cast<acc>(z[(e * T + t) * V + v]));
+      acc s = 0;
+      for (int64_t e = 0; e < E; ++e) s += exp(coef[e] + static_cast<acc>(z[(e * T + t) * V + v]) - m);
+      out[t * V + v] = static_cast<scalar_t>(m + log(s));
+    }
+  } else {
+    if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
+    __syncthreads();
+    acc m = -INFINITY;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = max(m, mixed(z, coef, E, T, V, t, v));
+    m = block_reduce<acc, true>(m, shared);
+    acc s = 0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp(mixed(z, coef, E, T, V, t, v) - m);
+    const acc l = m + log(block_reduce<acc, false>(s, shared));
+    if (threadIdx.x == 0) lse[t] = l;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) out[t * V + v] = static_cast<scalar_t>(mixed(z, coef, E, T, V, t, v) - l);
+  }
+}
+
+template <typename scalar_t>
+__global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ z,
+                                         const scalar_t* __restrict__ lw, const scalar_t* __restrict__ out,
+                                         const acc_t<scalar_t>* __restrict__ lse, scalar_t* __restrict__ dz,
+                                         scalar_t* __restrict__ dlw, int64_t E, int64_t T, int64_t V, bool prob) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc shared[32];
+  const int64_t t = blockIdx.x;
+  const scalar_t* gr = g + t * V;
+  const scalar_t* orow = out + t * V;
+  if (prob) {
+    for (int64_t e = 0; e < E; ++e) {
+      const scalar_t* zr = z + (e * T + t) * V;
+      const acc l = lse[e * T + t], c = static_cast<acc>(lw[t * E + e]) - l;
+      acc S = 0;  // Σ_v g · posterior of expert e
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+        S += static_cast<acc>(gr[v]) * exp(static_cast<acc>(zr[v]) + c - static_cast<acc>(orow[v]));
+      S = block_reduce<acc, false>(S, shared);
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        const acc zv = static_cast<acc>(zr[v]);
+        dz[(e * T + t) * V + v] = static_cast<scalar_t>(static_cast<acc>(gr[v]) * exp(zv + c - static_cast<acc>(orow[v])) -
+                                                        exp(zv - l) * S);
+      }
+      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(S);
+    }
+  } else {
+    acc G = 0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) G += static_cast<acc>(gr[v]);
+    G = block_reduce<acc, false>(G, shared);
+    for (int64_t e = 0; e < E; ++e) {
+      const scalar_t* zr = z + (e * T + t) * V;
+      const acc w = exp(static_cast<acc>(lw[t * E + e]));
+      acc dot = 0;
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        const acc d = static_cast<acc>(gr[v]) - exp(static_cast<acc>(orow[v])) * G;  // gradient of the mixed logits
+        dot += d * static_cast<acc>(zr[v]);
+        dz[(e * T + t) * V + v] = static_cast<scalar_t>(w * d);
+      }
+      dot = block_reduce<acc, false>(dot, shared);
+      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(w * dot);
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void nll_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ lw, const int64_t* __restrict__ y,
+                           scalar_t* __restrict__ nll, acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V,
+                           bool prob) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc shared[32];
+  __shared__ acc coef[kMaxExperts];
+  const int64_t t = blockIdx.x, target = y[t];
+  if (prob) {
+    acc mix = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+      const acc l = row_lse<acc>(z + (e * T + t) * V, V, shared);
+      if (threadIdx.x == 0) lse[e * T + t] = l;
+      mix = log_add_exp(mix, static_cast<acc>(lw[t * E + e]) + static_cast<acc>(z[(e * T + t) * V + target]) - l);
+    }
+    if (threadIdx.x == 0) nll[t] = static_cast<scalar_t>(-mix);
+  } else {
+    if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
+    __syncthreads();
+    acc m = -INFINITY;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = max(m, mixed(z, coef, E, T, V, t, v));
+    m = block_reduce<acc, true>(m, shared);
+    acc s = 0;
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp(mixed(z, coef, E, T, V, t, v) - m);
+    const acc l = m + log(block_reduce<acc, false>(s, shared));
+    if (threadIdx.x == 0) {
+      lse[t] = l;
+      nll[t] = static_cast<scalar_t>(l - mixed(z, coef, E, T, V, t, target));
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void nll_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ z,
+                                    const scalar_t* __restrict__ lw, const int64_t* __restrict__ y,
+                                    const scalar_t* __restrict__ nll, const acc_t<scalar_t>* __restrict__ lse,
+                                    scalar_t* __restrict__ dz, scalar_t* __restrict__ dlw, int64_t E, int64_t T,
+                                    int64_t V, bool prob) {
+  using acc = acc_t<scalar_t>;
+  __shared__ acc shared[32];
+  __shared__ acc coef[kMaxExperts];
+  const int64_t t = blockIdx.x, target = y[t];
+  const acc gt = static_cast<acc>(g[t]);
+  if (prob) {
+    for (int64_t e = 0; e < E; ++e) {
+      const scalar_t* zr = z + (e * T + t) * V;
+      const acc l = lse[e * T + t];
+      // posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
+      const acc post = exp(static_cast<acc>(lw[t * E + e]) + static_cast<acc>(zr[target]) - l + static_cast<acc>(nll[t]));
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+        dz[(e * T + t) * V + v] = static_cast<scalar_t>(gt * post * (exp(static_cast<acc>(zr[v]) - l) - (v == target ? 1 : 0)));
+      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(-gt * post);
+    }
+  } else {
+    if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
+    __syncthreads();
+    const acc l = lse[t];
+    for (int64_t e = 0; e < E; ++e) {
+      const scalar_t* zr = z + (e * T + t) * V;
+      acc dot = 0;
+      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+        const acc d = gt * (exp(mixed(z, coef, E, T, V, t, v) - l) - (v == target ? 1 : 0));  // d nll / d zbar
+        dot += d * static_cast<acc>(zr[v]);
+        dz[(e * T + t) * V + v] = static_cast<scalar_t>(coef[e] * d);
+      }
+      dot = block_reduce<acc, false>(dot, shared);
+      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(coef[e] * dot);
+    }
+  }
+}
+
+void check_experts(const char* op, const at::Tensor& logits) {
+  TORCH_CHECK_VALUE(logits.size(0) <= kMaxExperts, op, ": the CUDA kernel takes at most ", kMaxExperts,
+                    " experts, got ", logits.size(0));
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cuda(const at::Tensor& logits, const at::Tensor& log_weights,
+                                                          bool prob_space) {
+  check_ensemble("ensemble_logprobs", logits, log_weights, nullptr);
+  check_experts("ensemble_logprobs", logits);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  auto out = at::empty({T, V}, logits.options());
+  auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  if (T == 0) return std::make_tuple(out, lse);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto z = logits.contiguous(), lw = log_weights.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs", [&] {
+    logprobs_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t<scalar_t>>(), E, T,
+        V, prob_space);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return std::make_tuple(out, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                                                   const at::Tensor& log_weights, const at::Tensor& out,
+                                                                   const at::Tensor& lse, bool prob_space) {
+  check_ensemble("ensemble_logprobs_backward", logits, log_weights, nullptr);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(grad.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == T && out.size(1) == V,
+                    "ensemble_logprobs_backward: grad and out must be [", T, ", ", V, "]");
+  auto dz = at::empty({E, T, V}, logits.options());
+  auto dlw = at::empty({T, E}, log_weights.options());
+  if (T == 0) return std::make_tuple(dz, dlw);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.contiguous(), o = out.contiguous(),
+             l = lse.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
+    logprobs_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
+        l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<scalar_t>(), E, T, V, prob_space);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return std::make_tuple(dz, dlw);
+}
+
+void check_targets(const char* op, const at::Tensor& targets, int64_t V) {
+  if (targets.numel() == 0) return;
+  const auto lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
+  TORCH_CHECK_INDEX(lo >= 0 && hi < V, op, ": targets must lie in [0, ", V, "), got min ", lo, ", max ", hi);
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_nll_cuda(const at::Tensor& logits, const at::Tensor& log_weights,
+                                                     const at::Tensor& targets, bool prob_space) {
+  check_ensemble("ensemble_nll", logits, log_weights, &targets);
+  check_experts("ensemble_nll", logits);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  check_targets("ensemble_nll", targets, V);
+  auto nll = at::empty({T}, logits.options());
+  auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
+  if (T == 0) return std::make_tuple(nll, lse);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto z = logits.contiguous(), lw = log_weights.contiguous(), y = targets.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll", [&] {
+    nll_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), nll.data_ptr<scalar_t>(),
+        lse.data_ptr<acc_t<scalar_t>>(), E, T, V, prob_space);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return std::make_tuple(nll, lse);
+}
+
+std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cuda(const at::Tensor& grad, const at::Tensor& logits,
+                                                              const at::Tensor& log_weights, const at::Tensor& targets,
+                                                              const at::Tensor& nll, const at::Tensor& lse,
+                                                              bool prob_space) {
+  check_ensemble("ensemble_nll_backward", logits, log_weights, &targets);
+  check_experts("ensemble_nll_backward", logits);
+  const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == T, "ensemble_nll_backward: grad must be [", T, "]");
+  auto dz = at::empty({E, T, V}, logits.options());
+  auto dlw = at::empty({T, E}, log_weights.options());
+  if (T == 0) return std::make_tuple(dz, dlw);
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.contiguous(), y = targets.contiguous(),
+             n = nll.contiguous(), l = lse.contiguous();
+  XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll_backward", [&] {
+    nll_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
+        n.data_ptr<scalar_t>(), l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<scalar_t>(), E, T,
+        V, prob_space);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return std::make_tuple(dz, dlw);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(xlsparse, CUDA, m) {
+  m.impl("sddmm", &sddmm_cuda);
+  m.impl("spmm_", &spmm_cuda);
+  m.impl("ensemble_logprobs", &ensemble_logprobs_cuda);
+  m.impl("ensemble_logprobs_backward", &ensemble_logprobs_backward_cuda);
+  m.impl("ensemble_nll", &ensemble_nll_cuda);
+  m.impl("ensemble_nll_backward", &ensemble_nll_backward_cuda);
+}
+
+}  // namespace xlsparse

@@ -1,0 +1,568 @@
+"""Multi-mask gated matmuls: SDDMM, SpMM, sparse_delta_linear, multi_delta_linear and
+ensemble mixing on every CPU-capable backend, against float64 references."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import (
+    DTYPES,
+    INDEX_DTYPES,
+    assert_bit_identical,
+    assert_matches_reference,
+    cpu_backends,
+    random_indices,
+    seeded,
+)
+from xlsparse import _ext, functional, routing
+from xlsparse import nn as xnn
+from xlsparse.ops import matmul as ops
+from xlsparse.routing import TokenGroups
+
+MM_BACKENDS = cpu_backends("sddmm")
+ENS_BACKENDS = cpu_backends("ensemble_logprobs")
+ALL_DTYPES = DTYPES + [torch.float64]
+needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="compiled extension not built")
+
+# (T, O, I): odd sizes; the 4097-token case is skipped under the slow Triton interpreter.
+SHAPES = [(1, 3, 5), (3, 17, 1), (127, 33, 29), (4097, 7, 9)]
+
+
+# K = 0 and K = N over all tokens; a partial delta under each token selection.
+DENSITY_MODES = [(0.0, "all"), (1.0, "all"), (0.3, "all"), (0.3, "routed"), (0.3, "scaled")]
+
+
+def check(out, ref64, plain, what, extra_ulps=0.0):
+    """The flash-attention rule; in float64 (where plain PyTorch *is* the reference) a relative
+    1e-10 of the largest value absorbs a different summation order. `extra_ulps` widens the
+    allowance for reductions whose order differs from autograd's (ensemble gradients)."""
+    if extra_ulps and out.dtype != torch.float64:
+        ulp = torch.finfo(out.dtype).eps * max(1.0, ref64.abs().max().item())
+        plain_err = (plain.double() - ref64.double()).abs().max().item()
+        err = (out.double() - ref64.double()).abs().max().item()
+        assert not out.isnan().any(), what
+        assert err <= 2 * plain_err + (1 + extra_ulps) * ulp, f"{what}: error {err:.3g}, PyTorch's {plain_err:.3g}, ulp {ulp:.3g}"
+    elif out.dtype == torch.float64:
+        assert out.shape == ref64.shape, what
+        scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
+        torch.testing.assert_close(out, ref64, rtol=0, atol=1e-10 * scale, msg=what)
+    else:
+        assert_matches_reference(out, ref64, plain, what)
+
+
+def _skip_slow(backend, tokens):
+    if backend == "triton" and tokens > 1000:
+        pytest.skip("large token counts are slow under the Triton interpreter")
+
+
+def _selection(mode, tokens, gen):
+    """(token_index, token_bounds, token_scale, the selected token ids, the per-token scale)."""
+    if mode == "all":
+        return None, None, None, torch.arange(tokens), torch.ones(tokens)
+    if mode == "scaled":
+        s = torch.rand(tokens, generator=gen) * 2 - 0.5
+        return None, None, s, torch.arange(tokens), s
+    order = torch.randperm(tokens, generator=gen)
+    lo, hi = tokens // 4, tokens - tokens // 5
+    return order, torch.tensor([lo, hi]), None, order[lo:hi], torch.ones(tokens)
+
+
+# --- SDDMM ---
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density,mode", DENSITY_MODES)
+def test_sddmm_matches_float64(backend, dtype, shape, density, mode, use_backend):
+    t, o, i = shape
+    _skip_slow(backend, t)
+    use_backend(backend)
+    gen = seeded(t + o + i)
+    dy, x = torch.randn(t, o, generator=gen).to(dtype), torch.randn(t, i, generator=gen).to(dtype)
+    k = round(o * i * density)
+    idx = random_indices(o * i, k, INDEX_DTYPES[k % 2], gen)
+    ti, tb, ts, sel, scale = _selection(mode, t, gen)
+    out = ops.sddmm(dy, x, idx, ti, tb, ts)
+    w = torch.zeros(t, dtype=torch.float64)
+    w[sel] = scale[sel].double()
+    ref64 = ((dy.double() * w[:, None]).T @ x.double()).view(-1)[idx.long()]
+    plain = ((dy * w[:, None].to(dtype)).T @ x).view(-1)[idx.long()]
+    assert out.dtype == dtype and out.shape == (k,)
+    check(out, ref64, plain, f"sddmm {backend} {dtype}")
+
+
+# --- SpMM ---
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("density,mode", DENSITY_MODES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_spmm_matches_float64(backend, dtype, shape, density, mode, transpose, use_backend):
+    t, o, i = shape
+    _skip_slow(backend, t)
+    use_backend(backend)
+    gen = seeded(3 * t + o + i)
+    k = round(o * i * density)
+    idx = random_indices(o * i, k, INDEX_DTYPES[k % 2], gen)
+    vals = torch.randn(k, generator=gen).to(dtype)
+    x = torch.randn(t, o if transpose else i, generator=gen).to(dtype)
+    out = torch.randn(t, i if transpose else o, generator=gen).to(dtype)
+    before = out.clone()
+    ti, tb, ts, sel, scale = _selection(mode, t, gen)
+    delta64 = torch.zeros(o * i, dtype=torch.float64)
+    delta64[idx.long()] = vals.double()
+    delta64 = delta64.view(o, i)
+    w = torch.zeros(t, dtype=torch.float64)
+    w[sel] = scale[sel].double()
+    prod64 = (x.double() * w[:, None]) @ (delta64 if transpose else delta64.T)
+    ref64 = before.double() + prod64
+    delta = delta64.to(dtype)
+    plain = before + (x * w[:, None].to(dtype)) @ (delta if transpose else delta.T)
+
+    assert ops.spmm_(out, x, idx, vals, ti, tb, ts, transpose) is out
+    reached = torch.zeros(out.shape[1], dtype=torch.bool)
+    reached[(idx.long() % i) if transpose else (idx.long() // i)] = True
+    touched = torch.zeros(out.shape, dtype=torch.bool)
+    touched[sel[:, None], reached[None, :].nonzero()[:, 1][None, :]] = True
+    check(out[touched], ref64[touched], plain[touched], f"spmm_ {backend} {dtype}")
+    assert_bit_identical(out[~touched], before[~touched], "entries no delta entry or token reaches")
+
+
+# --- sparse_delta_linear ---
+
+
+def _dense64(weight, idx, vals):
+    return weight.double().reshape(-1).index_add(0, idx.long(), vals.double()).view(weight.shape)
+
+
+def _linear_case(tokens, o, i, k, dtype, gen, lead=None):
+    shape = (lead, tokens // lead, i) if lead else (tokens, i)
+    x = torch.randn(*shape, generator=gen).to(dtype)
+    w = (torch.randn(o, i, generator=gen) / i**0.5).to(dtype)
+    b = torch.randn(o, generator=gen).to(dtype)
+    idx = random_indices(o * i, k, INDEX_DTYPES[k % 2], gen)
+    vals = torch.randn(k, generator=gen).to(dtype)
+    return x, w, b, idx, vals
+
+
+def _grads(y, inputs, gy):
+    need = [t for t in inputs if t.requires_grad]
+    got = iter(torch.autograd.grad(y, need, gy, allow_unused=True))
+    return [next(got) if t.requires_grad else None for t in inputs]
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5), (6, 17, 1), (127, 33, 29)], ids=str)
+@pytest.mark.parametrize("density", [0.0, 0.2, 1.0])
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "spmm"])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_sparse_delta_linear_matches_float64(backend, dtype, shape, density, merged, train_weight, use_backend,
+                                             monkeypatch):
+    t, o, i = shape
+    use_backend(backend)
+    monkeypatch.setattr(functional, "merge_pays", lambda *a: merged)
+    gen = seeded(t * o + i)
+    lead = 2 if t % 2 == 0 else None
+    x, w, b, idx, vals = _linear_case(t, o, i, round(o * i * density), dtype, gen, lead)
+    gy = torch.randn(*x.shape[:-1], o, generator=gen).to(dtype)
+
+    def run(x, w, b, vals, dense):
+        x, w, b, vals = (v.detach().requires_grad_(True) for v in (x, w, b, vals))
+        w.requires_grad_(train_weight)
+        if dense:
+            full = w.reshape(-1).index_add(0, idx.long(), vals).view(o, i)
+            y = torch.nn.functional.linear(x, full, b)
+        else:
+            y = functional.sparse_delta_linear(x, w, b, idx, vals)
+        return [y, *_grads(y, [x, w, b, vals], gy.to(y.dtype))]
+
+    got = run(x, w, b, vals, dense=False)
+    ref = run(*(v.double() for v in (x, w, b, vals)), dense=True)
+    plain = run(x, w, b, vals, dense=True)
+    for name, g, r, p in zip(["y", "dx", "dw", "db", "dvalues"], got, ref, plain):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.dtype == dtype, name
+        check(g, r, p, f"{name} {backend} {dtype}")
+
+
+class _LargeAllocations(TorchDispatchMode):
+    """Records every tensor an op returns with at least `limit` elements."""
+
+    def __init__(self, limit):
+        super().__init__()
+        self.limit, self.seen = limit, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.limit:
+                self.seen.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("backend", [b for b in MM_BACKENDS if b != "reference"])
+@pytest.mark.parametrize("merged", [True, False], ids=["merged", "spmm"])
+def test_backward_allocates_no_dense_gradient(backend, merged, use_backend, monkeypatch):
+    use_backend(backend)
+    monkeypatch.setattr(functional, "merge_pays", lambda *a: merged)
+    o, i, t = 96, 80, 8  # O x I = 7680 elements, every other tensor below 800
+    x, w, b, idx, vals = _linear_case(t, o, i, 700, torch.float32, seeded(4))
+    vals.requires_grad_(True)
+    x.requires_grad_(True)
+    y = functional.sparse_delta_linear(x, w, b, idx, vals)
+    with _LargeAllocations(o * i) as probe:
+        y.sum().backward()
+    assert probe.seen == [], f"backward allocated O x I tensors: {probe.seen}"
+    assert vals.grad.shape == (700,)
+    # The probe does see a dense weight gradient when one is asked for.
+    w.requires_grad_(True)
+    y = functional.sparse_delta_linear(x, w, b, idx, vals)
+    with _LargeAllocations(o * i) as probe:
+        y.sum().backward()
+    assert probe.seen
+
+
+# --- multi_delta_linear ---
+
+
+def _deltas(num, o, i, dtype, gen, sizes=None):
+    sizes = sizes or [round(o * i * f) for f in (0.3, 0.0, 1.0, 0.1)[:num]]
+    idx = [random_indices(o * i, k, INDEX_DTYPES[n % 2], gen) for n, k in enumerate(sizes)]
+    vals = [torch.randn(k, generator=gen).to(dtype) for k in sizes]
+    return idx, vals
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 3, 5), (8, 9, 4), (127, 33, 29)], ids=str)
+@pytest.mark.parametrize("kind", ["route", "groups", "gates"])
+def test_multi_delta_linear_matches_float64(backend, dtype, shape, kind, use_backend):
+    t, o, i = shape
+    use_backend(backend)
+    gen = seeded(7 * t + o)
+    num = 3
+    x, w, b, _, _ = _linear_case(t, o, i, 0, dtype, gen)
+    idx, vals = _deltas(num, o, i, dtype, gen)
+    ids = torch.randint(-1, num, (t,), generator=gen)
+    gates = torch.rand(t, num, generator=gen).to(dtype)
+    gy = torch.randn(t, o, generator=gen).to(dtype)
+
+    def run(x, b, vals, gates, dense):
+        x, b, gates = (v.detach().requires_grad_(True) for v in (x, b, gates))
+        vals = [v.detach().requires_grad_(True) for v in vals]
+        if dense:
+            y = torch.nn.functional.linear(x, w.to(x.dtype), b)
+            for e in range(num):
+                full = torch.zeros(o * i, dtype=x.dtype).index_add(0, idx[e].long(), vals[e]).view(o, i)
+                s = gates[:, e : e + 1] if kind == "gates" else (ids == e).to(x.dtype)[:, None]
+                y = y + s * (x @ full.T)
+        else:
+            route = {"route": ids, "groups": TokenGroups.build(ids, num), "gates": None}[kind]
+            y = functional.multi_delta_linear(x, w, b, idx, vals, route=route, gates=gates if kind == "gates" else None)
+        return [y, *_grads(y, [x, b, gates if kind == "gates" else gates.detach(), *vals], gy.to(y.dtype))]
+
+    got = run(x, b, vals, gates, dense=False)
+    ref = run(x.double(), b.double(), [v.double() for v in vals], gates.double(), dense=True)
+    plain = run(x, b, vals, gates, dense=True)
+    names = ["y", "dx", "db", "dgates"] + [f"dvalues[{e}]" for e in range(num)]
+    for name, g, r, p in zip(names, got, ref, plain):
+        if r is None:
+            assert g is None, name
+            continue
+        check(g, r, p, f"{name} {backend} {dtype} {kind}")
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+def test_mixed_batch_equals_each_language_alone(backend, use_backend):
+    use_backend(backend)
+    gen = seeded(11)
+    o, i, num = 21, 13, 4
+    lin = torch.nn.Linear(i, o)
+    idx, vals = _deltas(num, o, i, torch.float32, gen, sizes=[30, 0, 50, 273])
+    deltas = {f"lang{e}": type("Delta", (), dict(indices=idx[e], values=vals[e], shape=(o, i)))() for e in range(num)}
+    layer = xnn.MultiDeltaLinear.from_linear(lin, deltas)
+    x = torch.randn(3, 10, i, generator=gen)
+    ids = torch.randint(-1, num, (3, 10), generator=gen)
+    gy = torch.randn(3, 10, o, generator=gen)
+    with routing.use(ids, num):
+        y = layer(x)
+    y.backward(gy)
+    for e in range(-1, num):
+        sel = ids == e
+        if e < 0:
+            alone = lin(x[sel])
+        else:
+            v = vals[e].clone().requires_grad_(True)
+            alone = functional.sparse_delta_linear(x[sel], lin.weight.detach(), lin.bias.detach(), idx[e], v)
+            alone.backward(gy[sel])
+            torch.testing.assert_close(layer.delta_values[e].grad, v.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y[sel], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_multi_delta_layer_routing_sources():
+    gen = seeded(12)
+    lin = torch.nn.Linear(6, 5)
+    idx, vals = _deltas(2, 5, 6, torch.float32, gen, sizes=[7, 9])
+    deltas = {n: type("Delta", (), dict(indices=idx[e], values=vals[e], shape=(5, 6)))() for e, n in enumerate("ab")}
+    layer = xnn.MultiDeltaLinear.from_linear(lin, deltas)
+    x = torch.randn(2, 4, 6, generator=gen)
+    torch.testing.assert_close(layer(x), lin(x))  # no routing: the base only
+    per_example = torch.tensor([1, 0])
+    with routing.use(per_example, 2):
+        y = layer(x)
+    torch.testing.assert_close(y, layer(x, route=per_example.repeat_interleave(4).view(2, 4)))
+    onehot = torch.nn.functional.one_hot(per_example.repeat_interleave(4), 2).float()
+    torch.testing.assert_close(y, layer(x, gates=onehot.view(2, 4, 2)), rtol=1e-5, atol=1e-6)
+
+
+# --- ensemble mixing ---
+
+
+def _ensemble64(z, lw, space):
+    if space == "prob":
+        return torch.logsumexp(lw.T[:, :, None] + torch.log_softmax(z, -1), 0)
+    return torch.log_softmax((lw.T.exp()[:, :, None] * z).sum(0), -1)
+
+
+@pytest.mark.parametrize("backend", ENS_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 5, 127), (2, 3, 4097)], ids=str)
+@pytest.mark.parametrize("space", ["prob", "logit"])
+@pytest.mark.parametrize("nll", [False, True], ids=["logprobs", "nll"])
+def test_ensemble_matches_float64(backend, dtype, shape, space, nll, use_backend):
+    e, t, v = shape
+    use_backend(backend)
+    gen = seeded(e * t + v)
+    z = (3 * torch.randn(e, t, v, generator=gen)).to(dtype)
+    lw = torch.log_softmax(torch.randn(t, e, generator=gen), -1).to(dtype)
+    y = torch.randint(0, v, (t,), generator=gen)
+    gy = torch.randn(t, generator=gen) if nll else torch.randn(t, v, generator=gen)
+
+    def run(z, lw, ours):
+        z, lw = z.detach().requires_grad_(True), lw.detach().requires_grad_(True)
+        if ours:
+            out = functional.ensemble_nll(z, lw, y, space) if nll else functional.ensemble_logprobs(z, lw, space)
+        else:
+            out = _ensemble64(z, lw, space)
+            out = -out.gather(1, y[:, None])[:, 0] if nll else out
+        return [out, *torch.autograd.grad(out, [z, lw], gy.to(out.dtype))]
+
+    got = run(z, lw, True)
+    ref = run(z.double(), lw.double(), False)
+    plain = run(z, lw, False)
+    # Gradients reduce over V classes (and E experts) in another order than autograd, and the CPU
+    # kernel's exp/log are polynomial (within ~2 ulp): allow sqrt(V) ulp more on the gradients.
+    for name, g, r, p in zip(["out", "dlogits", "dlog_weights"], got, ref, plain):
+        assert g.dtype == dtype
+        check(g, r, p, f"{name} {backend} {dtype} {space}", extra_ulps=0 if name == "out" else v**0.5)
+
+
+@needs_ext
+def test_ensemble_extra_memory_is_one_output():
+    """The kernel's outputs are the [T, V] log-probs and an [E, T] logsumexp: nothing E x T x V."""
+    z, lw = torch.randn(4, 8, 301), torch.log_softmax(torch.randn(8, 4), -1)
+    with _LargeAllocations(8 * 301 + 1) as probe:
+        functional.ensemble_logprobs(z, lw)
+        functional.ensemble_nll(z, lw, torch.zeros(8, dtype=torch.long))
+    assert probe.seen == []
+
+
+# --- the layers ---
+
+
+def test_sparse_delta_layer_starts_as_the_original_and_trains():
+    gen = seeded(13)
+    lin = torch.nn.Linear(9, 7)
+    x = torch.randn(4, 5, 9, generator=gen)
+    for how in (dict(k=10), dict(density=0.5), dict(indices=torch.tensor([0, 5, 62])),
+                dict(indices=torch.rand(7, 9, generator=gen) > 0.5)):
+        layer = xnn.SparseDeltaLinear.from_linear(lin, **how)
+        assert_bit_identical(layer(x), lin(x), f"fresh layer {how}")
+        assert not layer.weight.requires_grad and layer.delta_values.requires_grad
+    opt = torch.optim.SGD([layer.delta_values], lr=0.1)
+    first = layer(x).detach()
+    layer(x).square().sum().backward()
+    opt.step()  # bumps the values' version: the cached merged weight must be rebuilt
+    second = layer(x).detach()
+    expect = functional.sparse_delta_linear(x, layer.weight, layer.bias, layer.delta_indices, layer.delta_values.detach())
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(second, expect)
+    before = layer.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), expect)
+    layer.unmerge()
+    assert_bit_identical(layer.weight.detach(), before, "weight after unmerge")
+
+
+@needs_ext
+def test_torch_compile_fullgraph_module():
+    gen = seeded(14)
+    model = torch.nn.Sequential(
+        xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(12, 16), k=40), torch.nn.GELU(),
+        xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(16, 5), density=0.3))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.delta_values.normal_(generator=gen)
+    x = torch.randn(3, 12, generator=gen)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    grads = [model[0].delta_values.grad.clone(), model[2].delta_values.grad.clone()]
+    model.zero_grad()
+    ref = model(x)
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(grads[0], model[0].delta_values.grad)
+    torch.testing.assert_close(grads[1], model[2].delta_values.grad)
+
+
+# --- opcheck and gradcheck ---
+
+
+def _op_samples(dtype):
+    gen = seeded(15)
+    dy, x = torch.randn(9, 7, generator=gen).to(dtype), torch.randn(9, 5, generator=gen).to(dtype)
+    idx = random_indices(35, 12, torch.int32, gen)
+    vals = torch.randn(12, generator=gen).to(dtype)
+    order = torch.randperm(9, generator=gen)
+    bounds = torch.tensor([2, 7])
+    scale = torch.rand(9, generator=gen)
+    z = torch.randn(3, 4, 11, generator=gen).to(dtype)
+    lw = torch.log_softmax(torch.randn(4, 3, generator=gen), -1).to(dtype)
+    y = torch.randint(0, 11, (4,), generator=gen)
+    out, lse = ops.ensemble_logprobs_reference(z, lw, True)
+    nll, nlse = ops.ensemble_nll_reference(z, lw, y, True)
+    return [
+        ("sddmm", (dy, x, idx, None, None, None)),
+        ("sddmm", (dy, x, idx, order, bounds, scale)),
+        ("spmm_", (torch.randn(9, 7).to(dtype), x, idx, vals, order, bounds, None, False)),
+        ("spmm_", (torch.randn(9, 5).to(dtype), dy, idx, vals, None, None, scale, True)),
+        ("ensemble_logprobs", (z, lw, True)),
+        ("ensemble_logprobs", (z, lw, False)),
+        ("ensemble_logprobs_backward", (torch.randn(4, 11).to(dtype), z, lw, out, lse, True)),
+        ("ensemble_nll", (z, lw, y, True)),
+        ("ensemble_nll_backward", (torch.randn(4).to(dtype), z, lw, y, nll, nlse, True)),
+    ]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_opcheck(dtype):
+    for name, args in _op_samples(dtype):
+        torch.library.opcheck(getattr(torch.ops.xlsparse, name).default, args)
+
+
+@pytest.mark.skipif("triton" not in MM_BACKENDS, reason="triton not usable here")
+def test_opcheck_triton():
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    for name, args in _op_samples(torch.float32):
+        torch.library.opcheck(getattr(torch.ops.xlsparse, "triton_" + name).default, args, test_utils=tests)
+
+
+# gradcheck launches hundreds of kernels: about 2 minutes under the Triton interpreter.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in MM_BACKENDS])
+def test_gradcheck(backend, use_backend, monkeypatch):
+    use_backend(backend)
+    gen = seeded(16)
+    x, w, b, idx, vals = _linear_case(5, 4, 3, 6, torch.float64, gen, lead=None)
+    args = [x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), vals.requires_grad_()]
+    for merged in (True, False):
+        monkeypatch.setattr(functional, "merge_pays", lambda *a, m=merged: m)
+        assert torch.autograd.gradcheck(lambda x, w, b, v: functional.sparse_delta_linear(x, w, b, idx, v), args)
+    idx2, vals2 = _deltas(2, 4, 3, torch.float64, gen, sizes=[5, 12])
+    vals2 = [v.requires_grad_() for v in vals2]
+    ids = torch.tensor([1, -1, 0, 1, 0])
+    gates = torch.rand(5, 2, dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, v0, v1: functional.multi_delta_linear(x, w, b, idx2, [v0, v1], route=ids), [x, *vals2])
+    assert torch.autograd.gradcheck(
+        lambda x, g, v0, v1: functional.multi_delta_linear(x, w, b, idx2, [v0, v1], gates=g), [x, gates, *vals2])
+    z = torch.randn(3, 4, 7, dtype=torch.float64, generator=gen).requires_grad_()
+    lw = torch.log_softmax(torch.randn(4, 3, dtype=torch.float64, generator=gen), -1).requires_grad_()
+    y = torch.randint(0, 7, (4,), generator=gen)
+    for space in ("prob", "logit"):
+        assert torch.autograd.gradcheck(lambda z, lw: functional.ensemble_logprobs(z, lw, space), [z, lw])
+        assert torch.autograd.gradcheck(lambda z, lw: functional.ensemble_nll(z, lw, y, space), [z, lw])
+
+
+# --- bad inputs ---
+
+
+def _bad_op_calls():
+    x, dy = torch.randn(4, 3), torch.randn(4, 5)
+    idx, vals = torch.tensor([0, 4, 9]), torch.randn(3)
+    return [
+        ("sddmm out of range", lambda: ops.sddmm(dy, x, torch.tensor([0, 15])), IndexError, "out of range"),
+        ("sddmm unsorted", lambda: ops.sddmm(dy, x, torch.tensor([4, 0])), ValueError, "sorted and unique"),
+        ("sddmm duplicate", lambda: ops.sddmm(dy, x, torch.tensor([4, 4])), ValueError, "sorted and unique"),
+        ("sddmm tokens", lambda: ops.sddmm(dy, x[:3], idx), ValueError, "token counts"),
+        ("sddmm dtype", lambda: ops.sddmm(dy.double(), x, idx), TypeError, "dtypes differ"),
+        ("sddmm index dtype", lambda: ops.sddmm(dy, x, idx.short()), TypeError, "int32 or int64"),
+        ("sddmm token id", lambda: ops.sddmm(dy, x, idx, torch.tensor([0, 9])), IndexError, "token"),
+        ("sddmm bounds", lambda: ops.sddmm(dy, x, idx, torch.tensor([0, 1]), torch.tensor([0, 3])), IndexError, "token_bounds"),
+        ("sddmm scale shape", lambda: ops.sddmm(dy, x, idx, None, None, torch.rand(3)), ValueError, "token_scale"),
+        ("sddmm device", lambda: ops.sddmm(dy, x, idx.to("meta")), ValueError, "device"),
+        ("spmm values", lambda: ops.spmm_(dy.clone(), x, idx, torch.randn(2)), ValueError, "values"),
+        ("spmm values dtype", lambda: ops.spmm_(dy.clone(), x, idx, vals.double()), TypeError, "values dtype"),
+        ("spmm K > N", lambda: ops.spmm_(dy.clone(), x, torch.arange(16), torch.randn(16)), IndexError, "out of range"),
+        ("spmm out", lambda: ops.spmm_(dy.t().contiguous().t(), x, idx, vals), ValueError, "contiguous"),
+    ]
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("name,call,exc,msg", _bad_op_calls(), ids=[c[0] for c in _bad_op_calls()])
+def test_bad_op_input_raises(backend, name, call, exc, msg, use_backend):
+    use_backend(backend)
+    with pytest.raises(exc, match=msg):
+        call()
+
+
+def test_spmm_rejected_call_writes_nothing():
+    out = torch.randn(4, 5)
+    before = out.clone()
+    with pytest.raises(ValueError):
+        ops.spmm_(out, torch.randn(4, 3), torch.tensor([3, 1]), torch.randn(2))
+    assert_bit_identical(out, before, "out after a rejected call")
+
+
+def _bad_layer_calls():
+    x, w, b = torch.randn(2, 3), torch.randn(4, 3), torch.randn(4)
+    idx, vals = torch.tensor([1, 7]), torch.randn(2)
+    lin = torch.nn.Linear(3, 4)
+    z, lw = torch.randn(2, 3, 5), torch.randn(3, 2)
+    return [
+        ("features", lambda: functional.sparse_delta_linear(torch.randn(2, 4), w, b, idx, vals), ValueError, "features"),
+        ("x dtype", lambda: functional.sparse_delta_linear(x.double(), w, b, idx, vals), TypeError, "dtype"),
+        ("values dtype", lambda: functional.sparse_delta_linear(x, w, b, idx, vals.half()), TypeError, "values dtype"),
+        ("bias", lambda: functional.sparse_delta_linear(x, w, torch.randn(3), idx, vals), ValueError, "bias"),
+        ("lengths", lambda: functional.sparse_delta_linear(x, w, b, idx, torch.randn(3)), ValueError, "one length"),
+        ("K > N", lambda: functional.sparse_delta_linear(x, w, b, torch.arange(13), torch.randn(13)), ValueError, "exceed"),
+        ("route and gates", lambda: functional.multi_delta_linear(x, w, b, [idx], [vals], route=torch.tensor([0, 0]),
+                                                                   gates=torch.rand(2, 1)), ValueError, "not both"),
+        ("route id", lambda: functional.multi_delta_linear(x, w, b, [idx], [vals], route=torch.tensor([0, 1])), IndexError, "ids"),
+        ("route length", lambda: functional.multi_delta_linear(x, w, b, [idx], [vals], route=torch.tensor([0])), ValueError, "ids for"),
+        ("gates shape", lambda: functional.multi_delta_linear(x, w, b, [idx], [vals], gates=torch.rand(2, 2)), ValueError, "gates"),
+        ("delta lists", lambda: functional.multi_delta_linear(x, w, b, [idx], [], route=None), ValueError, "value tensors"),
+        ("k and density", lambda: xnn.SparseDeltaLinear.from_linear(lin, k=2, density=0.1), ValueError, "exactly one"),
+        ("k too big", lambda: xnn.SparseDeltaLinear.from_linear(lin, k=13), ValueError, "k must"),
+        ("mask shape", lambda: xnn.SparseDeltaLinear.from_linear(lin, indices=torch.ones(3, 4, dtype=torch.bool)), ValueError, "mask"),
+        ("bad indices", lambda: xnn.SparseDeltaLinear.from_linear(lin, indices=torch.tensor([3, 3])), ValueError, "sorted"),
+        ("space", lambda: functional.ensemble_logprobs(z, lw, space="log"), ValueError, "space"),
+        ("weights shape", lambda: functional.ensemble_logprobs(z, lw.T), ValueError, "log_weights"),
+        ("weights dtype", lambda: functional.ensemble_logprobs(z, lw.double()), TypeError, "dtype"),
+        ("target range", lambda: functional.ensemble_nll(z, lw, torch.tensor([0, 1, 5])), IndexError, "targets"),
+        ("target dtype", lambda: functional.ensemble_nll(z, lw, torch.tensor([0, 1, 2]).int()), TypeError, "int64"),
+    ]
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("name,call,exc,msg", _bad_layer_calls(), ids=[c[0] for c in _bad_layer_calls()])
+def test_bad_layer_input_raises(backend, name, call, exc, msg, use_backend):
+    use_backend(backend)
+    with pytest.raises(exc, match=msg):
+        call()
