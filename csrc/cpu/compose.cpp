@@ -116,17 +116,16 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
   });
 }
 
-std::vector<at::Tensor> apply_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList values,
-                                        at::IntArrayRef target, at::ArrayRef<double> alphas) {
+void apply_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList values, at::IntArrayRef target,
+                     at::ArrayRef<double> alphas, at::TensorList saved_out) {
   const char* op = "apply_diffs_";
   check_diff_entries(op, dense, indices, values, target);
+  check_saved(op, values, alphas, saved_out);
   const int64_t n = static_cast<int64_t>(indices.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(alphas.size()) == n, op, ": alphas has ", alphas.size(), " entries, expected ", n);
-  std::vector<at::Tensor> idx(n), val(n), saved(n);
+  std::vector<at::Tensor> idx(n), val(n), saved(saved_out.begin(), saved_out.end());
   for (int64_t e = 0; e < n; ++e) {
     idx[e] = indices[e].contiguous();
     val[e] = values[e].contiguous();
-    saved[e] = at::empty({values[e].numel()}, values[e].options());
   }
   const auto groups = entries_by_target(static_cast<int64_t>(dense.size()), target);
   struct Work { int64_t t, lo, hi; };
@@ -149,7 +148,6 @@ std::vector<at::Tensor> apply_diffs_cpu(at::TensorList dense, at::TensorList ind
       });
     }
   });
-  return saved;
 }
 
 void restore_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList saved, at::IntArrayRef target) {

@@ -148,19 +148,17 @@ void for_each_entry_group(const char* op, at::TensorList dense, const std::vecto
   }
 }
 
-std::vector<at::Tensor> apply_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values,
-                                         at::IntArrayRef target, at::ArrayRef<double> alphas) {
+void apply_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values, at::IntArrayRef target,
+                      at::ArrayRef<double> alphas, at::TensorList saved_out) {
   check_diff_entries("apply_diffs_", dense, indices, values, target);
+  check_saved("apply_diffs_", values, alphas, saved_out);
   const int64_t n = static_cast<int64_t>(indices.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(alphas.size()) == n, "apply_diffs_: alphas has ", alphas.size(),
-                    " entries, expected ", n);
-  std::vector<at::Tensor> idx(n), val(n), saved(n);
+  std::vector<at::Tensor> idx(n), val(n), saved(saved_out.begin(), saved_out.end());
   for (int64_t e = 0; e < n; ++e) {
     idx[e] = indices[e].contiguous();
     val[e] = values[e].contiguous();
-    saved[e] = at::empty({values[e].numel()}, values[e].options());
   }
-  if (n == 0) return saved;
+  if (n == 0) return;
   const c10::cuda::CUDAGuard guard(dense[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   for_each_entry_group("apply_diffs_", dense, idx, val, saved, target, alphas,
@@ -173,7 +171,6 @@ std::vector<at::Tensor> apply_diffs_cuda(at::TensorList dense, at::TensorList in
       });
     });
   });
-  return saved;
 }
 
 void restore_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList saved, at::IntArrayRef target) {

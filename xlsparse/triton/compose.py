@@ -104,10 +104,9 @@ def _groups(num_dense: int, target: list[int]) -> list[list[int]]:
     return groups
 
 
-@triton_op("xlsparse::triton_apply_diffs_", mutates_args={"dense"})
+@triton_op("xlsparse::triton_apply_diffs_", mutates_args={"dense", "saved"})
 def triton_apply_diffs_(dense: list[torch.Tensor], indices: list[torch.Tensor], values: list[torch.Tensor],
-                        target: list[int], alphas: list[float]) -> list[torch.Tensor]:
-    saved = [v.new_empty(v.shape) for v in values]
+                        target: list[int], alphas: list[float], saved: list[torch.Tensor]) -> None:
     block = 4096 if INTERPRET else 1024
     # One launch per tensor over its entries concatenated; the union is formed by ownership.
     for t, group in enumerate(_groups(len(dense), target)):
@@ -127,12 +126,11 @@ def triton_apply_diffs_(dense: list[torch.Tensor], indices: list[torch.Tensor], 
             ACC=acc_type(dense[t].dtype))
         for e, part in zip(group, out.split(lengths)):
             saved[e].copy_(part)
-    return saved
 
 
 @triton_apply_diffs_.register_fake
-def _triton_apply_diffs_fake(dense, indices, values, target, alphas):
-    return [v.new_empty(v.shape) for v in values]
+def _triton_apply_diffs_fake(dense, indices, values, target, alphas, saved):
+    return None
 
 
 @triton_op("xlsparse::triton_restore_diffs_", mutates_args={"dense"})

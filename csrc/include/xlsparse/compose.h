@@ -80,6 +80,16 @@ inline void check_diff_entries(const char* op, at::TensorList dense, at::TensorL
   }
 }
 
+// apply_diffs_'s alphas and saved outputs: one per entry; saved[e] is contiguous, like values[e].
+inline void check_saved(const char* op, at::TensorList values, at::ArrayRef<double> alphas, at::TensorList saved) {
+  TORCH_CHECK_VALUE(alphas.size() == values.size() && saved.size() == values.size(), op, ": alphas and saved need ",
+                    values.size(), " entries, got ", alphas.size(), " and ", saved.size());
+  for (size_t e = 0; e < values.size(); ++e)
+    TORCH_CHECK_VALUE(saved[e].is_contiguous() && saved[e].numel() == values[e].numel() &&
+                          saved[e].scalar_type() == values[e].scalar_type() && saved[e].device() == values[e].device(),
+                      op, ": saved[", e, "] must be a contiguous tensor like values[", e, "]");
+}
+
 // Entries grouped by the tensor they update, in the order given.
 inline std::vector<std::vector<int64_t>> entries_by_target(int64_t num_dense, at::IntArrayRef target) {
   std::vector<std::vector<int64_t>> groups(num_dense);
