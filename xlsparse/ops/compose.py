@@ -95,8 +95,9 @@ def check_saved(op: str, values, alphas, saved) -> None:
 
 
 def apply_diffs_reference(dense, indices, values, target, alphas, saved) -> None:
-    """Pure-PyTorch apply_diffs_: per tensor, the union of its entries' supports is summed in the
-    accumulation dtype, entries in the order given, and stored once."""
+    """Pure-PyTorch apply_diffs_: per tensor, over the union of its entries' supports, the shares
+    alpha * value are summed in the accumulation dtype (entries in the order given), added to the
+    old value and stored once."""
     check_diff_entries("apply_diffs_", dense, indices, values, target)
     check_saved("apply_diffs_", values, alphas, saved)
     for t, group in enumerate(entries_by_target(len(dense), target)):
@@ -105,12 +106,12 @@ def apply_diffs_reference(dense, indices, values, target, alphas, saved) -> None
         flat = dense[t].view(-1)
         union = torch.unique(torch.cat([indices[e].long() for e in group]))
         old = flat[union]
-        acc = old.to(_common.acc_dtype(flat.dtype), copy=True)
+        shares = torch.zeros(union.numel(), dtype=_common.acc_dtype(flat.dtype), device=flat.device)
         for e in group:
             pos = torch.searchsorted(union, indices[e].long())
             saved[e].copy_(old[pos])
-            acc[pos] += alphas[e] * values[e].to(acc.dtype)
-        flat[union] = acc.to(flat.dtype)
+            shares[pos] += alphas[e] * values[e].to(shares.dtype)
+        flat[union] = (old.to(shares.dtype) + shares).to(flat.dtype)
 
 
 def restore_diffs_reference(dense, indices, saved, target) -> None:
@@ -136,8 +137,8 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
     """For every entry e: `dense[target[e]].view(-1)[indices[e]] += alphas[e] * values[e]`, in place,
     in one call. Returns the values each entry displaced, for `restore_diffs_`.
 
-    Entries on one tensor may overlap: their shares are summed in float32 (float64 for float64
-    data), in entry order, starting from the old value, and stored once. indices are sorted and
+    Entries on one tensor may overlap: their shares alpha * value are summed in float32 (float64
+    for float64 data), in entry order, added to the old value and stored once. indices are sorted and
     unique per entry; values have their tensor's dtype. Bad input raises before any write.
     """
     dense, indices, values = list(dense), list(indices), list(values)

@@ -74,7 +74,7 @@ def _apply_union_kernel(dense_ptr, idx_ptr, val_ptr, saved_ptr, offsets_ptr, alp
     for f in range(1, n_entries):
         entry += (m >= tl.load(offsets_ptr + f)).to(tl.int64)
     old = tl.load(dense_ptr + j, mask=live, other=0.0)
-    acc = old.to(ACC)
+    acc = tl.zeros([BLOCK], ACC)
     # The first entry that holds j owns it; entries before this element's decide ownership
     # before any share is added, since f runs in order.
     owner = live
@@ -86,7 +86,8 @@ def _apply_union_kernel(dense_ptr, idx_ptr, val_ptr, saved_ptr, offsets_ptr, alp
         v = tl.load(val_ptr + pos, mask=take, other=0.0).to(ACC)
         alpha = tl.load(alpha_ptr + f).to(ACC)
         acc = tl.where(take, acc + alpha * v, acc)
-    tl.store(dense_ptr + j, acc.to(dense_ptr.dtype.element_ty), mask=owner)
+    # The shares are summed first and added to the old value once, as in the C++ kernels.
+    tl.store(dense_ptr + j, (old.to(ACC) + acc).to(dense_ptr.dtype.element_ty), mask=owner)
 
 
 @triton.jit
