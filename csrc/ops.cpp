@@ -15,8 +15,8 @@ TORCH_LIBRARY(xlsparse, m) {
   m.def("sparse_axpy_(Tensor(a!) dense, Tensor indices, Tensor values, float alpha) -> ()");
   // Many deltas on many tensors in one call: entry e adds alphas[e] * values[e] at indices[e] of
   // dense[target[e]]. Deltas that share an element are summed in the accumulation type and stored
-  // once. Returns, per entry, the values it displaced (for restore_diffs_).
-  m.def("apply_diffs_(Tensor(a!)[] dense, Tensor[] indices, Tensor[] values, int[] target, float[] alphas) -> Tensor[]");
+  // once. saved[e] receives the values entry e displaced (for restore_diffs_).
+  m.def("apply_diffs_(Tensor(a!)[] dense, Tensor[] indices, Tensor[] values, int[] target, float[] alphas, Tensor(b!)[] saved) -> ()");
   // dense[target[e]].view(-1)[indices[e]] = saved[e]: undoes apply_diffs_ bit-exactly.
   m.def("restore_diffs_(Tensor(a!)[] dense, Tensor[] indices, Tensor[] saved, int[] target) -> ()");
   // Union of sorted supports with values sum_i weights[i] * values[i]: linear time, no densifying.

@@ -37,7 +37,7 @@ def test_matches_float64_reference(backend, dtype, n, density, index_dtype, use_
     dense, idx, vals = _case(n, k, dtype, index_dtype, seed=n * 7 + k)
     alpha = -0.37
     before = dense.clone()
-    ref64 = dense.double()
+    ref64 = dense.to(torch.float64, copy=True)
     ref64[idx.long()] += alpha * vals.double()
     plain = dense.clone()
     plain[idx.long()] += alpha * vals  # PyTorch in the working dtype
@@ -112,6 +112,8 @@ def test_opcheck(dtype):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="triton not usable here")
 def test_opcheck_triton():
+    import xlsparse.triton.compose  # noqa: F401  (registers the triton ops)
+
     dense = torch.randn(200)
     idx = random_indices(200, 50, torch.int64, seeded(6))
     # aot_dispatch traces through the kernel, which the CPU interpreter cannot run on functional
@@ -132,3 +134,476 @@ def test_torch_compile_fullgraph():
     vals = torch.randn(100, generator=seeded(10))
     compiled = torch.compile(compose, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(w, idx, vals), compose(w, idx, vals))
+
+
+# --- apply_diffs_ / restore_diffs_: many deltas on many tensors, one call ---
+
+from xlsparse.ops.compose import apply_diffs_, merge_deltas, restore_diffs_, topk_masks, topk_masks_reference  # noqa: E402
+
+APPLY_BACKENDS = cpu_backends("apply_diffs_")
+
+
+def _entries(sizes, plan, dtype, index_dtype, seed):
+    """Dense tensors of `sizes`; plan lists (target, density) per entry; overlaps are likely."""
+    gen = seeded(seed)
+    dense = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    indices = [random_indices(sizes[t], round(sizes[t] * d), index_dtype, gen) for t, d in plan]
+    values = [torch.randn(i.numel(), generator=gen).to(dtype) for i in indices]
+    alphas = [0.75, -1.25, 2.0, 0.5][: len(plan)]
+    return dense, indices, values, [t for t, _ in plan], alphas
+
+
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("n", ODD_SIZES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_apply_diffs_matches_float64_and_reverts_bit_exactly(backend, dtype, n, index_dtype, use_backend):
+    use_backend(backend)
+    # Entries 0, 1 and 3 overlap on tensor 0 (K=N for entry 3); entry 2 alone on tensor 1 (K=0 when n=1).
+    plan = [(0, 0.4), (0, 0.6), (1, 0.3), (0, 1.0)]
+    dense, idx, vals, target, alphas = _entries([n, n + 2], plan, dtype, index_dtype, seed=n)
+    before = [d.clone() for d in dense]
+    ref64 = [d.to(torch.float64, copy=True) for d in dense]
+    plain = [d.clone() for d in dense]
+    for i, v, t, a in zip(idx, vals, target, alphas):
+        ref64[t][i.long()] += a * v.double()
+        plain[t][i.long()] += a * v  # PyTorch in the working dtype, one rounding per delta
+    saved = apply_diffs_(dense, idx, vals, target, alphas)
+    for t in range(2):
+        touched = torch.zeros(dense[t].numel(), dtype=torch.bool)
+        for i, tt in zip(idx, target):
+            if tt == t:
+                touched[i.long()] = True
+        assert_matches_reference(dense[t][touched], ref64[t][touched], plain[t][touched], f"{backend} {dtype} tensor {t}")
+        assert_bit_identical(dense[t][~touched], before[t][~touched], "untouched entries")
+    for s, i, t in zip(saved, idx, target):
+        assert_bit_identical(s, before[t][i.long()], "saved values")
+    restore_diffs_(dense, idx, saved, target)
+    for d, b in zip(dense, before):
+        assert_bit_identical(d, b, "after restore")
+
+
+def _bad_apply_inputs():
+    d = [torch.randn(10), torch.randn(6)]
+    good_i, good_v = torch.tensor([1, 4]), torch.randn(2)
+    return [
+        ("out of range", [good_i, torch.tensor([2, 6])], [good_v, good_v], [0, 1], IndexError, r"entry 1 \(dense\[1\]\).*out of range"),
+        ("unsorted", [good_i, torch.tensor([3, 2])], [good_v, good_v], [0, 1], ValueError, "entry 1.*sorted and unique"),
+        ("target", [good_i, good_i], [good_v, good_v], [0, 2], IndexError, "target"),
+        ("value dtype", [good_i, good_i], [good_v, good_v.double()], [0, 1], TypeError, "entry 1.*dtype"),
+        ("index dtypes of one tensor", [good_i, good_i.int()], [good_v, good_v], [0, 0], TypeError, "one index dtype"),
+        ("lengths", [good_i], [good_v, good_v], [0, 1], ValueError, "one entry each"),
+    ], d
+
+
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+@pytest.mark.parametrize("case", range(6))
+def test_apply_diffs_bad_input_writes_nothing(backend, case, use_backend):
+    use_backend(backend)
+    cases, dense = _bad_apply_inputs()
+    name, idx, vals, target, exc, msg = cases[case]
+    before = [d.clone() for d in dense]
+    with pytest.raises(exc, match=msg):
+        apply_diffs_(dense, idx, vals, target, [1.0] * len(idx))
+    for d, b in zip(dense, before):
+        assert_bit_identical(d, b, f"{name}: dense after a rejected call")
+
+
+# --- merge_deltas ---
+
+MERGE_BACKENDS = cpu_backends("merge_deltas")
+
+
+@pytest.mark.parametrize("backend", MERGE_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("n", ODD_SIZES)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_merge_deltas_matches_float64(backend, dtype, n, index_dtype, use_backend):
+    use_backend(backend)
+    gen = seeded(n + 11)
+    idx = [random_indices(n, round(n * d), index_dtype, gen) for d in (0.5, 0.0, 0.7, 1.0)]
+    vals = [torch.randn(i.numel(), generator=gen).to(dtype) for i in idx]
+    weights = [1.0, 3.0, -0.5, 0.25]
+    ref64 = torch.zeros(n, dtype=torch.float64)
+    plain = torch.zeros(n, dtype=dtype)
+    for i, v, w in zip(idx, vals, weights):
+        ref64[i.long()] += w * v.double()
+        plain[i.long()] += w * v
+    out_i, out_v = merge_deltas(idx, vals, weights, n)
+    union = torch.unique(torch.cat([i.long() for i in idx]))
+    assert out_i.dtype == index_dtype and out_v.dtype == dtype
+    assert torch.equal(out_i.long(), union)
+    assert_matches_reference(out_v, ref64[union], plain[union], f"{backend} {dtype}")
+
+
+@pytest.mark.parametrize("backend", MERGE_BACKENDS)
+def test_merge_deltas_rejects_bad_input(backend, use_backend):
+    use_backend(backend)
+    with pytest.raises(ValueError, match="delta 1.*sorted and unique"):
+        merge_deltas([torch.tensor([1, 2]), torch.tensor([2, 2])], [torch.randn(2), torch.randn(2)], [1.0, 1.0], 5)
+    with pytest.raises(IndexError, match="delta 0.*out of range"):
+        merge_deltas([torch.tensor([1, 5])], [torch.randn(2)], [1.0], 5)
+    with pytest.raises(TypeError, match="dtype"):
+        merge_deltas([torch.tensor([1]), torch.tensor([2])], [torch.randn(1), torch.randn(1).double()], [1.0, 1.0], 5)
+
+
+# --- topk_masks: exactly k, deterministic ties ---
+
+TOPK_BACKENDS = cpu_backends("topk_masks")
+
+
+def _selected_positions(masks):
+    return torch.cat([m.reshape(-1) for m in masks]).nonzero().squeeze(1)
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+@pytest.mark.parametrize("n", ODD_SIZES)
+def test_topk_masks_exactly_k_with_ties_to_lowest_position(backend, dtype, n, use_backend):
+    use_backend(backend)
+    gen = seeded(n + 3)
+    # Few distinct magnitudes, both signs, -0.0 and 0.0: ties everywhere, across tensors.
+    tensors = [(torch.randint(-4, 5, (s,), generator=gen).to(dtype) / 4) for s in (n, 7, n + 1)]
+    tensors[1][0] = -0.0
+    tensors[0] = tensors[0].reshape(1, n)
+    total = sum(t.numel() for t in tensors)
+    mags = torch.cat([t.reshape(-1).double().abs() for t in tensors])
+    for k in sorted({0, 1, total // 3, total // 2, total - 1, total}):
+        masks = topk_masks(tensors, k)
+        assert [m.shape for m in masks] == [t.shape for t in tensors] and all(m.dtype == torch.bool for m in masks)
+        chosen = _selected_positions(masks)
+        assert chosen.numel() == k
+        # Independent oracle: sort by (-|x|, position).
+        order = sorted(range(total), key=lambda p: (-mags[p].item(), p))[:k]
+        assert chosen.tolist() == sorted(order), f"k={k}"
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+def test_topk_masks_random_values_match_reference(backend, use_backend):
+    use_backend(backend)
+    tensors = [torch.randn(s, generator=seeded(s)) for s in (1, 4097, 300, 127)]
+    for k in (5, 1000, 4000):
+        for m, r in zip(topk_masks(tensors, k), topk_masks_reference(tensors, k)):
+            assert torch.equal(m, r)
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+def test_topk_masks_bad_input(backend, use_backend):
+    use_backend(backend)
+    with pytest.raises(ValueError, match="outside"):
+        topk_masks([torch.randn(3), torch.randn(2)], 6)
+    with pytest.raises(ValueError, match=r"tensors\[1\] holds NaN"):
+        topk_masks([torch.randn(3), torch.tensor([1.0, float("nan")])], 2)
+    with pytest.raises(TypeError, match="one floating dtype"):
+        topk_masks([torch.randn(3), torch.randn(2).double()], 2)
+
+
+# --- opcheck and torch.compile of the new ops ---
+
+@needs_ext
+def test_opcheck_apply_restore_merge_topk():
+    dense = [torch.randn(40), torch.randn(5, 7)]
+    idx = [random_indices(40, 10, torch.int32, seeded(1)), random_indices(40, 20, torch.int32, seeded(2)),
+           random_indices(35, 9, torch.int32, seeded(3))]
+    vals = [torch.randn(i.numel()) for i in idx]
+    saved = [torch.randn(i.numel()) for i in idx]
+    torch.library.opcheck(torch.ops.xlsparse.apply_diffs_.default, (dense, idx, vals, [0, 0, 1], [0.5, 1.0, -1.0], saved))
+    torch.library.opcheck(torch.ops.xlsparse.restore_diffs_.default, (dense, idx, saved, [0, 0, 1]))
+    torch.library.opcheck(torch.ops.xlsparse.merge_deltas.default, (idx[:2], vals[:2], [1.0, -1.0], 40),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.xlsparse.topk_masks.default, ([torch.randn(30), torch.randn(4, 3)], 7))
+
+
+@pytest.mark.skipif("triton" not in APPLY_BACKENDS, reason="triton not usable here")
+def test_opcheck_triton_apply():
+    import xlsparse.triton.compose  # noqa: F401  (registers the triton ops)
+
+    dense = [torch.randn(40)]
+    idx = [random_indices(40, 10, torch.int64, seeded(1)), random_indices(40, 20, torch.int64, seeded(2))]
+    vals = [torch.randn(i.numel()) for i in idx]
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.xlsparse.triton_apply_diffs_.default, (dense, idx, vals, [0, 0], [1.0, 2.0], [torch.empty(10), torch.empty(20)]), test_utils=tests)
+    torch.library.opcheck(torch.ops.xlsparse.triton_restore_diffs_.default, (dense, idx, vals, [0, 0]), test_utils=tests)
+
+
+@needs_ext
+def test_torch_compile_fullgraph_apply_and_topk():
+    def step(w, idx, vals):
+        w = w * 1.5
+        saved = apply_diffs_([w], idx, vals, [0, 0], [1.0, -0.5])
+        (mask,) = topk_masks([w], 20)
+        return w.sum() + mask.sum(), saved[0].sum()
+
+    w = torch.randn(13, 11, generator=seeded(4))
+    idx = [random_indices(w.numel(), 30, torch.int64, seeded(5)), random_indices(w.numel(), 40, torch.int64, seeded(6))]
+    vals = [torch.randn(30, generator=seeded(7)), torch.randn(40, generator=seeded(8))]
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(w, idx, vals), step(w, idx, vals)):
+        torch.testing.assert_close(got, want)
+
+
+# --- the user API: SparseDelta, SparseDiff, xlsparse.apply, files ---
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+import xlsparse  # noqa: E402
+from xlsparse import SparseDelta, SparseDiff  # noqa: E402
+from xlsparse.functional import topk_mask  # noqa: E402
+
+
+def _model(seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(17, 9), torch.nn.LayerNorm(9), torch.nn.Linear(9, 3))
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_sparse_delta_validates_and_names_module_and_position():
+    d = SparseDelta(torch.tensor([0, 5, 11]), torch.randn(3, dtype=torch.bfloat16), (3, 4))
+    assert d.indices.dtype == torch.int32 and d.nnz == 3 and d.density == 0.25 and d.shape == (3, 4)
+    dense = d.to_dense()
+    assert dense.shape == (3, 4) and torch.equal(dense.view(-1)[[0, 5, 11]], d.values)
+    with pytest.raises(ValueError, match=r"delta 'enc.w': indices must be sorted and unique; indices\[2\] = 5"):
+        SparseDiff({"enc.w": SparseDelta._trusted(torch.tensor([0, 5, 5]), torch.randn(3), (3, 4))})
+    with pytest.raises(IndexError, match=r"delta 'enc.w': indices\[1\] = 12 is outside \[0, 12\)"):
+        SparseDelta(torch.tensor([0, 12]), torch.randn(2), (3, 4), name="enc.w")
+    with pytest.raises(TypeError, match="floating"):
+        SparseDelta(torch.tensor([0]), torch.tensor([1]), (3,))
+    with pytest.raises(ValueError, match="2 indices but 3 values"):
+        SparseDelta(torch.tensor([0, 1]), torch.randn(3), (3,))
+    # Above 2^31 elements the indices are int64; nothing dense is allocated.
+    big = SparseDelta(torch.tensor([3, 2**31 + 5]), torch.randn(2), (2**16, 2**16))
+    assert big.indices.dtype == torch.int64 and big.indices[1] == 2**31 + 5
+
+
+def test_from_dense_and_topk_mask():
+    t = torch.tensor([[0.0, -3.0, 1.0], [3.0, 0.0, -0.5]])
+    d = SparseDelta.from_dense(t)
+    assert d.indices.tolist() == [1, 2, 3, 5]
+    d2 = SparseDelta.from_dense(t, k=2)
+    assert d2.indices.tolist() == [1, 3] and d2.values.tolist() == [-3.0, 3.0]
+    masks = topk_mask([t, torch.tensor([3.0, 9.0])], 3)
+    assert masks[0].view(-1).nonzero().view(-1).tolist() == [1, 3] and masks[1].tolist() == [False, True]
+
+
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
+    use_backend(backend)
+    base, lang_model, task_model = _model(0), _model(1), _model(2)
+    lang = SparseDiff.from_models(base, lang_model, density=0.2)
+    task = SparseDiff.from_models(base, task_model, k=40, exclude=[r"^1\.", r"^2\.bias"])
+    task.dense["2.bias"] = torch.randn(3)
+    task.absolute["1.weight"] = torch.randn(9)
+    before = _params(base)
+    handle = xlsparse.apply([lang, task], base, alphas=[1.0, 0.5])
+    got = _params(base)
+    for name, p in before.items():
+        want = p.double().clone()
+        for diff, a in ((lang, 1.0), (task, 0.5)):
+            if name in diff.deltas:
+                want.view(-1)[diff.deltas[name].indices.long()] += a * diff.deltas[name].values.double()
+            if name in diff.dense:
+                want += a * diff.dense[name].double()
+        if name in task.absolute:
+            want = task.absolute[name].double()
+        torch.testing.assert_close(got[name].double(), want, rtol=0, atol=1e-6)
+    handle.revert()
+    for name, p in base.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
+    with pytest.raises(RuntimeError, match="already reverted"):
+        handle.revert()
+    with lang.applied(base, alpha=-2.0):
+        assert not torch.equal(base[0].weight.detach(), before["0.weight"])
+    for name, p in base.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
+
+
+def test_apply_rejects_unknown_or_misshaped_parameter():
+    model = _model(0)
+    with pytest.raises(KeyError, match="diff 0.*'enc.w'"):
+        SparseDiff({"enc.w": SparseDelta(torch.tensor([1]), torch.randn(1), (4,))}).apply(model)
+    with pytest.raises(ValueError, match="diff 1: '0.bias' has shape"):
+        xlsparse.apply([SparseDiff(), SparseDiff({"0.bias": SparseDelta(torch.tensor([1]), torch.randn(1), (4,))})], model)
+
+
+@pytest.mark.parametrize("backend", MERGE_BACKENDS)
+def test_diff_arithmetic_matches_dense(backend, use_backend):
+    use_backend(backend)
+    base = _model(0)
+    d1 = SparseDiff.from_models(base, _model(1), density=0.3, exclude=r"^1\.")
+    d2 = SparseDiff.from_models(base, _model(2), density=0.1, include=[r"^0\.", r"^2\.weight"])
+    d2.dense["2.bias"] = torch.randn(3)
+    d1.absolute["1.weight"] = torch.randn(9)
+
+    def dense_of(diff, name):
+        if name in diff.deltas:
+            return diff.deltas[name].to_dense().double()
+        return diff.dense[name].double() if name in diff.dense else torch.zeros_like(base.state_dict()[name]).double()
+
+    for got, (w1, w2) in ((d1 + d2, (1, 1)), (d1 - d2, (1, -1)), (SparseDiff.merge([d1, d2], [0.3, -1.7]), (0.3, -1.7))):
+        for name in set(d1.deltas) | set(d2.deltas) | set(d2.dense):
+            out = got.deltas[name].to_dense() if name in got.deltas else got.dense[name]
+            torch.testing.assert_close(out.double(), w1 * dense_of(d1, name) + w2 * dense_of(d2, name), rtol=1e-6, atol=1e-6)
+        assert torch.equal(got.absolute["1.weight"], d1.absolute["1.weight"])
+    half = 0.5 * d2
+    for name, d in d2.deltas.items():
+        assert torch.equal(half.deltas[name].indices, d.indices)
+        torch.testing.assert_close(half.deltas[name].values, 0.5 * d.values)
+    with pytest.raises(ValueError, match="absolute entry '1.weight' is in more than one diff"):
+        d1 + d1
+
+
+def test_from_models_exact_k_deterministic_ties_and_patterns():
+    base = {"emb.weight": torch.zeros(4, 3), "layer.weight": torch.zeros(5), "LayerNorm.weight": torch.zeros(2)}
+    tuned = {"emb.weight": torch.ones(4, 3), "layer.weight": torch.tensor([1.0, 2.0, 1.0, 0.0, -2.0]),
+             "LayerNorm.weight": torch.full((2,), 5.0)}
+    diff = SparseDiff.from_models(base, tuned, k=4, exclude=[r"LayerNorm"])
+    assert set(diff.deltas) == {"emb.weight", "layer.weight"} and diff.nnz == 4
+    # |Δ|: layer 2 at positions 1, 4; then ties of 1.0 go to emb positions 0 and 1 (earlier tensor).
+    assert diff.deltas["layer.weight"].indices.tolist() == [1, 4]
+    assert diff.deltas["emb.weight"].indices.tolist() == [0, 1]
+    assert SparseDiff.from_models(base, tuned, density=1.0).nnz == 19
+    with pytest.raises(ValueError, match="exactly one of k or density"):
+        SparseDiff.from_models(base, tuned)
+
+
+def _saved_diff():
+    base = _model(0)
+    diff = SparseDiff.from_models(base, _model(1), density=0.25, exclude=[r"^1\.", r"^2\.bias"])
+    diff.dense["2.bias"] = torch.randn(3)
+    diff.absolute["1.weight"] = torch.randn(9, dtype=torch.bfloat16)
+    return diff
+
+
+def _assert_same_diff(a, b):
+    assert list(a.deltas) == list(b.deltas)
+    for name in a.deltas:
+        assert_bit_identical(a.deltas[name].indices, b.deltas[name].indices, name)
+        assert_bit_identical(a.deltas[name].values, b.deltas[name].values, name)
+        assert a.deltas[name].shape == b.deltas[name].shape
+
+
+def test_save_load_round_trip(tmp_path):
+    diff = _saved_diff()
+    path = str(tmp_path / "lang.safetensors")
+    diff.save(path, base_model="xlm-roberta-base")
+    back = SparseDiff.load(path)
+    _assert_same_diff(diff, back)
+    assert back.base_model == "xlm-roberta-base"
+    assert torch.equal(back.dense["2.bias"], diff.dense["2.bias"]) and torch.equal(back.absolute["1.weight"], diff.absolute["1.weight"])
+    assert [p.name for p in tmp_path.iterdir()] == ["lang.safetensors"]  # no temporary file left
+
+
+def _rewrite(path, edit_meta=None, edit_tensors=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["xlsparse"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if edit_meta:
+        edit_meta(meta)
+    if edit_tensors:
+        edit_tensors(tensors)
+    save_file(tensors, path, metadata={"xlsparse": json.dumps(meta)})
+
+
+def _unsort(t):
+    t["delta.0.indices"] = t["delta.0.indices"].flip(0).contiguous()
+
+
+def _huge(m):
+    m["deltas"][0]["shape"] = [2**40, 2**40]
+
+
+@pytest.mark.parametrize("how,exc,msg", [
+    ("truncated", ValueError, "truncated or corrupt"),
+    ("garbage", ValueError, "truncated or corrupt"),
+    ("unsorted", ValueError, r"delta '0.weight': indices must be sorted and unique; indices\[1\]"),
+    ("out of range", IndexError, r"delta '0.weight': indices\[\d+\] = 10000"),
+    ("huge shape", ValueError, "more than int64 can index"),
+    ("wrong dtype", ValueError, "dtype"),
+    ("missing tensor", ValueError, "missing"),
+    ("not xlsparse", ValueError, "no 'xlsparse' metadata"),
+])
+def test_load_rejects_malformed_files(tmp_path, how, exc, msg):
+    path = str(tmp_path / "d.safetensors")
+    _saved_diff().save(path)
+    if how == "truncated":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) - 10])
+    elif how == "garbage":
+        open(path, "wb").write(os.urandom(64))
+    elif how == "unsorted":
+        _rewrite(path, edit_tensors=_unsort)
+    elif how == "out of range":
+        _rewrite(path, edit_tensors=lambda t: t["delta.0.indices"].__setitem__(-1, 10000))
+    elif how == "huge shape":
+        _rewrite(path, edit_meta=_huge)
+    elif how == "wrong dtype":
+        _rewrite(path, edit_meta=lambda m: m["deltas"][0].__setitem__("dtype", "torch.float16"))
+    elif how == "missing tensor":
+        _rewrite(path, edit_tensors=lambda t: t.pop("dense.0"))
+    elif how == "not xlsparse":
+        from safetensors.torch import save_file
+
+        save_file({"x": torch.zeros(2)}, path)
+    with pytest.raises(exc, match=msg):
+        SparseDiff.load(path)
+
+
+def test_composable_sft_round_trip(tmp_path):
+    diff = _saved_diff()
+    diff.save_composable_sft(str(tmp_path))
+    raw = torch.load(tmp_path / "pytorch_diff.bin", weights_only=True)
+    assert set(raw) == {"diffs", "abs"} and set(raw["abs"]) == {"1.weight"}
+    enc = raw["diffs"]["0.weight"]
+    # Column-major, delta-encoded: decoding gives the row-major indices back.
+    col = np.cumsum(enc["index_steps"])
+    rows, cols = enc["size"]
+    row_major = sorted((c % rows) * cols + c // rows for c in col.tolist())
+    assert row_major == diff.deltas["0.weight"].indices.tolist()
+    back = SparseDiff.load_composable_sft(str(tmp_path))
+    _assert_same_diff(diff, SparseDiff({n: back.deltas[n] for n in diff.deltas}))
+    torch.testing.assert_close(back.deltas["2.bias"].to_dense(), diff.dense["2.bias"])  # dense written as a full diff
+    assert torch.equal(back.absolute["1.weight"], diff.absolute["1.weight"])
+
+
+def test_composable_sft_file_as_written_by_composable_sft_and_above_2_31(tmp_path):
+    # composable-sft stores the first step as a numpy int64 and the rest as Python ints.
+    shape = torch.Size([2**20, 2**12])  # 2^32 elements
+    rows = torch.tensor([5, 2**20 - 1])
+    cols = torch.tensor([2**12 - 1, 2**12 - 1])
+    column = (rows + cols * shape[0]).tolist()
+    steps = [np.int64(column[0])] + [column[1] - column[0]]
+    values = torch.tensor([1.5, -2.5])
+    torch.save({"diffs": {"w": {"size": shape, "index_steps": steps, "values": values}}, "abs": {}}, tmp_path / "pytorch_diff.bin")
+    diff = SparseDiff.load_composable_sft(str(tmp_path / "pytorch_diff.bin"))
+    d = diff.deltas["w"]
+    assert d.indices.dtype == torch.int64
+    assert d.indices.tolist() == (rows * shape[1] + cols).tolist() and torch.equal(d.values, values)
+    out = tmp_path / "again"
+    out.mkdir()
+    diff.save_composable_sft(str(out))
+    _assert_same_diff(diff, SparseDiff.load_composable_sft(str(out)))
+
+
+@pytest.mark.parametrize("bad,msg", [
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1, 0], "values": torch.randn(2)}}}, r"index_steps\[1\] = 0"),
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1, 3], "values": torch.randn(2)}}}, "outside"),
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1], "values": torch.randn(2)}}}, "one entry per index step"),
+    ({"weights": {}}, "expected a dict with keys"),
+])
+def test_composable_sft_rejects_malformed(tmp_path, bad, msg):
+    path = tmp_path / "pytorch_diff.bin"
+    torch.save(bad, path)
+    with pytest.raises((ValueError, IndexError), match=msg):
+        SparseDiff.load_composable_sft(str(path))
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="cannot read"):
+        SparseDiff.load_composable_sft(str(path))

@@ -65,6 +65,85 @@ void walk_union(std::vector<Span<index_t>>& spans, Visit visit) {
   }
 }
 
+// The sorted union of the spans and, per union index, sum_g alpha[g] * v[g] over the spans that
+// hold it (in span order, from zero); where[g][i] is the union position of span g's i-th index.
+// Written with selects rather than branches: which span holds the next index is unpredictable.
+// Every span must be non-empty. Returns the union's size.
+template <typename scalar_t, typename index_t>
+int64_t union_shares(std::vector<Span<index_t>>& spans, const std::vector<const scalar_t*>& v,
+                     const std::vector<acc_t<scalar_t>>& alpha, int64_t* union_idx, acc_t<scalar_t>* shares,
+                     std::vector<std::vector<int64_t>>& where) {
+  using a_t = acc_t<scalar_t>;
+  constexpr int64_t kDone = std::numeric_limits<int64_t>::max();
+  const size_t n = spans.size();
+  std::vector<int64_t> cur(n), first(n);
+  auto head = [&](size_t g) {
+    const auto& s = spans[g];
+    return s.pos < s.end ? static_cast<int64_t>(s.idx[s.pos]) : kDone;
+  };
+  for (size_t g = 0; g < n; ++g) {
+    cur[g] = head(g);
+    first[g] = spans[g].pos;
+  }
+  int64_t u = 0;
+  for (;; ++u) {
+    int64_t j = kDone;
+    for (size_t g = 0; g < n; ++g) j = std::min(j, cur[g]);
+    if (j == kDone) return u;
+    a_t acc = 0;
+    for (size_t g = 0; g < n; ++g) {
+      const bool hit = cur[g] == j;
+      const int64_t at = hit ? spans[g].pos : first[g];
+      const a_t next = axpy_acc(acc, v[g][at], alpha[g]);
+      acc = hit ? next : acc;
+      // A miss rewrites where[g][0] with its own value.
+      where[g][at - first[g]] = hit ? u : where[g][at - first[g]];
+      spans[g].pos += hit;
+      // Peek at the next index without reading past the span's end.
+      const auto& s = spans[g];
+      const int64_t peek = s.idx[std::min(s.pos, s.end - 1)];
+      cur[g] = hit ? (s.pos < s.end ? peek : kDone) : cur[g];
+    }
+    union_idx[u] = j;
+    shares[u] = acc;
+  }
+}
+
+// union_shares for two spans (a language diff plus a task diff, the common case), with every
+// choice a select so that the loop runs without branch misses.
+template <typename scalar_t, typename index_t>
+int64_t union_shares2(const Span<index_t>& a, const Span<index_t>& b, const scalar_t* va, const scalar_t* vb,
+                      acc_t<scalar_t> alpha_a, acc_t<scalar_t> alpha_b, int64_t* union_idx, acc_t<scalar_t>* shares,
+                      int64_t* where_a, int64_t* where_b) {
+  using a_t = acc_t<scalar_t>;
+  int64_t i = a.pos, j = b.pos, u = 0;
+  for (; i < a.end && j < b.end; ++u) {
+    const int64_t x = a.idx[i], y = b.idx[j];
+    const bool take_a = x <= y, take_b = y <= x;
+    const a_t share_a = axpy_acc<scalar_t>(0, va[i], alpha_a);
+    const a_t share_b = axpy_acc<scalar_t>(0, vb[j], alpha_b);
+    const a_t both = axpy_acc(share_a, vb[j], alpha_b);
+    shares[u] = take_a ? (take_b ? both : share_a) : share_b;
+    union_idx[u] = take_a ? x : y;
+    // A position not taken now is written again when it is taken.
+    where_a[i - a.pos] = u;
+    where_b[j - b.pos] = u;
+    i += take_a;
+    j += take_b;
+  }
+  for (; i < a.end; ++i, ++u) {
+    union_idx[u] = a.idx[i];
+    shares[u] = axpy_acc<scalar_t>(0, va[i], alpha_a);
+    where_a[i - a.pos] = u;
+  }
+  for (; j < b.end; ++j, ++u) {
+    union_idx[u] = b.idx[j];
+    shares[u] = axpy_acc<scalar_t>(0, vb[j], alpha_b);
+    where_b[j - b.pos] = u;
+  }
+  return u;
+}
+
 // [lo, hi) ranges of a tensor of `numel` elements, each holding about kWork of `total` entries.
 constexpr int64_t kWork = 1 << 13;
 std::vector<std::pair<int64_t, int64_t>> index_ranges(int64_t numel, int64_t total) {
@@ -76,6 +155,52 @@ std::vector<std::pair<int64_t, int64_t>> index_ranges(int64_t numel, int64_t tot
 }
 
 // --- apply_diffs_ / restore_diffs_ ---
+
+// Every entry's indices sorted, unique and inside its tensor, in one parallel pass over all
+// entries (one pass per entry would start hundreds of parallel regions for a model).
+void check_entry_indices(const char* op, at::TensorList dense, const std::vector<at::Tensor>& idx,
+                         at::IntArrayRef target) {
+  constexpr int64_t kChunk = 1 << 16;
+  struct Item { int64_t e, begin, end; };
+  std::vector<Item> items;
+  for (int64_t e = 0; e < static_cast<int64_t>(idx.size()); ++e)
+    for (int64_t b = 0; b < idx[e].numel(); b += kChunk) items.push_back({e, b, std::min(idx[e].numel(), b + kChunk)});
+  std::vector<int64_t> bad(items.size(), -1);
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const Item& it = items[w];
+      const int64_t numel = dense[target[it.e]].numel();
+      XLS_DISPATCH_INDEX(idx[it.e].scalar_type(), "apply_diffs_", [&] {
+        const index_t* p = idx[it.e].data_ptr<index_t>();
+        for (int64_t i = it.begin; i < it.end; ++i)
+          if (p[i] < 0 || p[i] >= numel || (i > 0 && p[i - 1] >= p[i])) { bad[w] = i; return; }
+      });
+    }
+  });
+  for (size_t w = 0; w < items.size(); ++w) {
+    if (bad[w] < 0) continue;
+    const int64_t e = items[w].e, i = bad[w];
+    const auto& t = idx[e];
+    raise_bad_index(entry_name(op, e, target[e]), i, t[i].item<int64_t>(), i > 0 ? t[i - 1].item<int64_t>() : 0,
+                    dense[target[e]].numel());
+  }
+}
+
+// Work items of apply and restore: [lo, hi) index ranges of one tensor, so that every element
+// is written by one thread even where entries overlap.
+struct Work { int64_t t, lo, hi; };
+
+std::vector<Work> tensor_work(at::TensorList dense, const std::vector<std::vector<int64_t>>& groups,
+                              const std::vector<at::Tensor>& idx) {
+  std::vector<Work> work;
+  for (int64_t t = 0; t < static_cast<int64_t>(groups.size()); ++t) {
+    int64_t total = 0;
+    for (int64_t e : groups[t]) total += idx[e].numel();
+    if (total == 0) continue;
+    for (auto [lo, hi] : index_ranges(dense[t].numel(), total)) work.push_back({t, lo, hi});
+  }
+  return work;
+}
 
 template <typename scalar_t, typename index_t>
 void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vector<at::Tensor>& idx,
@@ -94,49 +219,65 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
     s[g] = saved[e].data_ptr<scalar_t>();
     a[g] = static_cast<a_t>(alphas[e]);
   }
-  if (n == 1) {  // one delta on this tensor: no union to form
+  // Only the entries with indices in this range take part.
+  size_t live = 0;
+  for (size_t g = 0; g < n; ++g)
+    if (spans[g].pos < spans[g].end) {
+      spans[live] = spans[g], v[live] = v[g], s[live] = s[g], a[live] = a[g];
+      ++live;
+    }
+  spans.resize(live), v.resize(live), s.resize(live), a.resize(live);
+  if (live == 0) return;
+  const size_t n_live = live;
+  if (n_live == 1) {  // one delta in this range: no union to form
     const index_t* ip = spans[0].idx;
     for (int64_t i = spans[0].pos; i < spans[0].end; ++i) {
       const scalar_t old = d[ip[i]];
       s[0][i] = old;
-      d[ip[i]] = axpy_update(old, v[0][i], a[0]);
+      d[ip[i]] = add_shares(old, axpy_acc<scalar_t>(0, v[0][i], a[0]));
     }
     return;
   }
-  walk_union(spans, [&](int64_t j) {
-    const scalar_t old = d[j];
-    a_t acc = static_cast<a_t>(old);
-    for (size_t g = 0; g < n; ++g) {
-      if (!spans[g].at(j)) continue;
-      s[g][spans[g].pos] = old;
-      acc = axpy_acc(acc, v[g][spans[g].pos], a[g]);
-      ++spans[g].pos;
-    }
-    d[j] = static_cast<scalar_t>(acc);
-  });
+  // Three loops, so that the merge never waits on a cache miss in d and d is touched once per
+  // union index: sum the shares over the union (sequential reads), update d saving the old
+  // values, then hand each entry the old values at its own indices.
+  int64_t cap = 0;
+  std::vector<int64_t> first(n_live);
+  std::vector<std::vector<int64_t>> where(n_live);
+  for (size_t g = 0; g < n_live; ++g) {
+    first[g] = spans[g].pos;
+    where[g].assign(spans[g].end - spans[g].pos, 0);
+    cap += spans[g].end - spans[g].pos;
+  }
+  std::vector<int64_t> union_idx(cap);
+  std::vector<a_t> shares(cap);
+  std::vector<scalar_t> old(cap);
+  const int64_t u_end =
+      n_live == 2 ? union_shares2(spans[0], spans[1], v[0], v[1], a[0], a[1], union_idx.data(), shares.data(),
+                                  where[0].data(), where[1].data())
+                  : union_shares(spans, v, a, union_idx.data(), shares.data(), where);
+  for (int64_t u = 0; u < u_end; ++u) {
+    old[u] = d[union_idx[u]];
+    d[union_idx[u]] = add_shares(old[u], shares[u]);
+  }
+  for (size_t g = 0; g < n_live; ++g)
+    for (size_t i = 0; i < where[g].size(); ++i) s[g][first[g] + i] = old[where[g][i]];
 }
 
-std::vector<at::Tensor> apply_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList values,
-                                        at::IntArrayRef target, at::ArrayRef<double> alphas) {
+void apply_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList values, at::IntArrayRef target,
+                     at::ArrayRef<double> alphas, at::TensorList saved_out) {
   const char* op = "apply_diffs_";
   check_diff_entries(op, dense, indices, values, target);
+  check_saved(op, values, alphas, saved_out);
   const int64_t n = static_cast<int64_t>(indices.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(alphas.size()) == n, op, ": alphas has ", alphas.size(), " entries, expected ", n);
-  std::vector<at::Tensor> idx(n), val(n), saved(n);
+  std::vector<at::Tensor> idx(n), val(n), saved(saved_out.begin(), saved_out.end());
   for (int64_t e = 0; e < n; ++e) {
     idx[e] = indices[e].contiguous();
     val[e] = values[e].contiguous();
-    saved[e] = at::empty({values[e].numel()}, values[e].options());
   }
+  check_entry_indices(op, dense, idx, target);
   const auto groups = entries_by_target(static_cast<int64_t>(dense.size()), target);
-  struct Work { int64_t t, lo, hi; };
-  std::vector<Work> work;
-  for (int64_t t = 0; t < static_cast<int64_t>(groups.size()); ++t) {
-    int64_t total = 0;
-    for (int64_t e : groups[t]) total += idx[e].numel();
-    if (total == 0) continue;
-    for (auto [lo, hi] : index_ranges(dense[t].numel(), total)) work.push_back({t, lo, hi});
-  }
+  const auto work = tensor_work(dense, groups, idx);
   at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {
       const auto& item = work[w];
@@ -149,28 +290,36 @@ std::vector<at::Tensor> apply_diffs_cpu(at::TensorList dense, at::TensorList ind
       });
     }
   });
-  return saved;
 }
 
 void restore_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorList saved, at::IntArrayRef target) {
   const char* op = "restore_diffs_";
   check_diff_entries(op, dense, indices, saved, target);
-  // Entries that share an element saved the same value, so their order does not matter.
-  for (int64_t e = 0; e < static_cast<int64_t>(indices.size()); ++e) {
-    const at::Tensor& d = dense[target[e]];
-    auto idx = indices[e].contiguous();
-    auto val = saved[e].contiguous();
-    XLS_DISPATCH_FLOATS(d.scalar_type(), "restore_diffs_", [&] {
-      XLS_DISPATCH_INDEX(idx.scalar_type(), "restore_diffs_", [&] {
-        scalar_t* dp = d.data_ptr<scalar_t>();
-        const index_t* ip = idx.data_ptr<index_t>();
-        const scalar_t* vp = val.data_ptr<scalar_t>();
-        at::parallel_for(0, idx.numel(), 1 << 14, [&](int64_t begin, int64_t end) {
-          for (int64_t i = begin; i < end; ++i) dp[ip[i]] = vp[i];
+  const int64_t n = static_cast<int64_t>(indices.size());
+  std::vector<at::Tensor> idx(n), val(n);
+  for (int64_t e = 0; e < n; ++e) {
+    idx[e] = indices[e].contiguous();
+    val[e] = saved[e].contiguous();
+  }
+  check_entry_indices(op, dense, idx, target);
+  const auto groups = entries_by_target(static_cast<int64_t>(dense.size()), target);
+  const auto work = tensor_work(dense, groups, idx);
+  // Entries that share an element saved the same value; one thread owns each range.
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      const Work& item = work[w];
+      XLS_DISPATCH_FLOATS(dense[item.t].scalar_type(), "restore_diffs_", [&] {
+        XLS_DISPATCH_INDEX(idx[groups[item.t][0]].scalar_type(), "restore_diffs_", [&] {
+          scalar_t* d = dense[item.t].data_ptr<scalar_t>();
+          for (int64_t e : groups[item.t]) {
+            const auto s = span_in(idx[e].data_ptr<index_t>(), idx[e].numel(), item.lo, item.hi);
+            const scalar_t* v = val[e].data_ptr<scalar_t>();
+            for (int64_t i = s.pos; i < s.end; ++i) d[s.idx[i]] = v[i];
+          }
         });
       });
-    });
-  }
+    }
+  });
 }
 
 // --- merge_deltas ---
@@ -335,6 +484,10 @@ void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* x = ts[pieces[p].t].data_ptr<scalar_t>();
       bool* m = masks[pieces[p].t].data_ptr<bool>();
+      if (k_left == ties_total) {  // every tie is taken: a plain comparison, which vectorises
+        for (int64_t i = pieces[p].begin; i < pieces[p].end; ++i) m[i] = magnitude_key(x[i]) >= threshold;
+        continue;
+      }
       int64_t rank = ties_before[p];
       for (int64_t i = pieces[p].begin; i < pieces[p].end; ++i) {
         const key kx = magnitude_key(x[i]);
@@ -356,11 +509,14 @@ std::vector<at::Tensor> topk_masks_cpu(at::TensorList tensors, int64_t k) {
     TORCH_CHECK_VALUE(tensors[t].device() == tensors[0].device(), op, ": tensors must be on one device; tensors[", t,
                       "] is on ", tensors[t].device());
     ts.push_back(tensors[t].contiguous());
-    masks.push_back(at::zeros(tensors[t].sizes(), tensors[t].options().dtype(at::kBool)));
+    masks.push_back(at::empty(tensors[t].sizes(), tensors[t].options().dtype(at::kBool)));
     total += tensors[t].numel();
   }
   TORCH_CHECK_VALUE(k >= 0 && k <= total, op, ": k = ", k, " is outside [0, ", total, "] (the total element count)");
-  if (k == 0) return masks;
+  if (k == 0) {
+    for (auto& m : masks) m.zero_();
+    return masks;
+  }
   XLS_DISPATCH_FLOATS(ts[0].scalar_type(), "topk_masks", [&] { topk_masks_kernel<scalar_t>(ts, masks, k); });
   return masks;
 }

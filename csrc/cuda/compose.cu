@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "xlsparse/checks.h"
@@ -56,6 +57,59 @@ __device__ __forceinline__ int64_t lower_bound(const index_t* a, int64_t lo, int
 }
 
 // --- apply_diffs_ / restore_diffs_ ---
+
+// first_bad[e] = the lowest position of entry e whose index is out of range or not above the
+// previous one. Rows: indices pointer, length, numel of the target tensor.
+template <typename index_t>
+__global__ void check_entries_kernel(const int64_t* __restrict__ rows, unsigned long long* __restrict__ first_bad) {
+  const int64_t* row = rows + 3 * blockIdx.y;
+  const auto* idx = reinterpret_cast<const index_t*>(row[0]);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < row[1];
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t v = idx[i];
+    if (v < 0 || v >= row[2] || (i > 0 && static_cast<int64_t>(idx[i - 1]) >= v))
+      atomicMin(first_bad + blockIdx.y, static_cast<unsigned long long>(i));
+  }
+}
+
+// Every entry's indices checked in one launch per index dtype and one sync, before any write.
+void check_entry_indices(const char* op, at::TensorList dense, const std::vector<at::Tensor>& idx,
+                         at::IntArrayRef target) {
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  int64_t worst_e = -1, worst_i = 0;
+  for (const auto type : {at::kInt, at::kLong}) {
+    std::vector<int64_t> entries, rows;
+    int64_t max_len = 0;
+    for (int64_t e = 0; e < static_cast<int64_t>(idx.size()); ++e) {
+      if (idx[e].scalar_type() != type || idx[e].numel() == 0) continue;
+      entries.push_back(e);
+      rows.insert(rows.end(), {reinterpret_cast<int64_t>(idx[e].data_ptr()), idx[e].numel(), dense[target[e]].numel()});
+      max_len = std::max(max_len, idx[e].numel());
+    }
+    if (entries.empty()) continue;
+    const int64_t m = static_cast<int64_t>(entries.size());
+    TORCH_CHECK_VALUE(m <= 65535, op, ": at most 65535 entries per index dtype per call, got ", m);
+    auto table = at::tensor(rows, at::kLong).to(idx[entries[0]].device());
+    auto first_bad = at::full({m}, std::numeric_limits<int64_t>::max(), table.options());
+    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((max_len + 255) / 256, 4096)), static_cast<unsigned>(m));
+    XLS_DISPATCH_INDEX(type, "apply_diffs_", [&] {
+      check_entries_kernel<index_t><<<grid, 256, 0, stream>>>(
+          table.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    const auto bad = first_bad.cpu();
+    const int64_t* b = bad.data_ptr<int64_t>();
+    for (int64_t r = 0; r < m; ++r)
+      if (b[r] != std::numeric_limits<int64_t>::max() && (worst_e < 0 || entries[r] < worst_e)) {
+        worst_e = entries[r];
+        worst_i = b[r];
+      }
+  }
+  if (worst_e < 0) return;
+  const auto& t = idx[worst_e];
+  raise_bad_index(entry_name(op, worst_e, target[worst_e]), worst_i, t[worst_i].item<int64_t>(),
+                  worst_i > 0 ? t[worst_i - 1].item<int64_t>() : 0, dense[target[worst_e]].numel());
+}
 // One row per entry: pointers to its indices, values, saved values and dense tensor, its length,
 // and [first, last) rows of the entries on the same tensor (rows are grouped by tensor).
 enum Field { kIdx, kVal, kSaved, kDense, kLen, kFirst, kLast, kFields };
@@ -80,7 +134,7 @@ __global__ void apply_diffs_kernel(const int64_t* __restrict__ table, const doub
     }
     if (!owner) continue;
     const scalar_t old = d[j];
-    a_t acc = static_cast<a_t>(old);
+    a_t acc = 0;
     for (int64_t f = e; f < row[kLast]; ++f) {
       const int64_t* r = table + f * kFields;
       const auto* fi = reinterpret_cast<const index_t*>(r[kIdx]);
@@ -89,7 +143,7 @@ __global__ void apply_diffs_kernel(const int64_t* __restrict__ table, const doub
       reinterpret_cast<scalar_t*>(r[kSaved])[p] = old;
       acc = axpy_acc(acc, reinterpret_cast<const scalar_t*>(r[kVal])[p], static_cast<a_t>(alphas[f]));
     }
-    d[j] = static_cast<scalar_t>(acc);
+    d[j] = add_shares(old, acc);
   }
 }
 
@@ -148,20 +202,19 @@ void for_each_entry_group(const char* op, at::TensorList dense, const std::vecto
   }
 }
 
-std::vector<at::Tensor> apply_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values,
-                                         at::IntArrayRef target, at::ArrayRef<double> alphas) {
+void apply_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList values, at::IntArrayRef target,
+                      at::ArrayRef<double> alphas, at::TensorList saved_out) {
   check_diff_entries("apply_diffs_", dense, indices, values, target);
+  check_saved("apply_diffs_", values, alphas, saved_out);
   const int64_t n = static_cast<int64_t>(indices.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(alphas.size()) == n, "apply_diffs_: alphas has ", alphas.size(),
-                    " entries, expected ", n);
-  std::vector<at::Tensor> idx(n), val(n), saved(n);
+  std::vector<at::Tensor> idx(n), val(n), saved(saved_out.begin(), saved_out.end());
   for (int64_t e = 0; e < n; ++e) {
     idx[e] = indices[e].contiguous();
     val[e] = values[e].contiguous();
-    saved[e] = at::empty({values[e].numel()}, values[e].options());
   }
-  if (n == 0) return saved;
+  if (n == 0) return;
   const c10::cuda::CUDAGuard guard(dense[0].device());
+  check_entry_indices("apply_diffs_", dense, idx, target);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for_each_entry_group("apply_diffs_", dense, idx, val, saved, target, alphas,
                        [&](auto kind, const at::Tensor& table, const at::Tensor& alpha_t, dim3 grid) {
@@ -173,7 +226,6 @@ std::vector<at::Tensor> apply_diffs_cuda(at::TensorList dense, at::TensorList in
       });
     });
   });
-  return saved;
 }
 
 void restore_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorList saved, at::IntArrayRef target) {
@@ -186,6 +238,7 @@ void restore_diffs_cuda(at::TensorList dense, at::TensorList indices, at::Tensor
     sv[e] = saved[e].contiguous();
   }
   const c10::cuda::CUDAGuard guard(dense[0].device());
+  check_entry_indices("restore_diffs_", dense, idx, target);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for_each_entry_group("restore_diffs_", dense, idx, sv, sv, target, {},
                        [&](auto kind, const at::Tensor& table, const at::Tensor&, dim3 grid) {

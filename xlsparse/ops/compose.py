@@ -86,26 +86,32 @@ def entries_by_target(num_dense: int, target) -> list[list[int]]:
     return groups
 
 
-def apply_diffs_reference(dense, indices, values, target, alphas) -> list[torch.Tensor]:
-    """Pure-PyTorch apply_diffs_: per tensor, the union of its entries' supports is summed in the
-    accumulation dtype, entries in the order given, and stored once."""
+def check_saved(op: str, values, alphas, saved) -> None:
+    if not (len(alphas) == len(saved) == len(values)):
+        raise ValueError(f"{op}: alphas and saved need {len(values)} entries, got {len(alphas)} and {len(saved)}")
+    for e, (v, s) in enumerate(zip(values, saved)):
+        if not s.is_contiguous() or s.shape != v.shape or s.dtype != v.dtype or s.device != v.device:
+            raise ValueError(f"{op}: saved[{e}] must be a contiguous tensor like values[{e}]")
+
+
+def apply_diffs_reference(dense, indices, values, target, alphas, saved) -> None:
+    """Pure-PyTorch apply_diffs_: per tensor, over the union of its entries' supports, the shares
+    alpha * value are summed in the accumulation dtype (entries in the order given), added to the
+    old value and stored once."""
     check_diff_entries("apply_diffs_", dense, indices, values, target)
-    if len(alphas) != len(indices):
-        raise ValueError(f"apply_diffs_: alphas has {len(alphas)} entries, expected {len(indices)}")
-    saved = [None] * len(indices)
+    check_saved("apply_diffs_", values, alphas, saved)
     for t, group in enumerate(entries_by_target(len(dense), target)):
         if not group:
             continue
         flat = dense[t].view(-1)
         union = torch.unique(torch.cat([indices[e].long() for e in group]))
         old = flat[union]
-        acc = old.to(_common.acc_dtype(flat.dtype), copy=True)
+        shares = torch.zeros(union.numel(), dtype=_common.acc_dtype(flat.dtype), device=flat.device)
         for e in group:
             pos = torch.searchsorted(union, indices[e].long())
-            saved[e] = old[pos]
-            acc[pos] += alphas[e] * values[e].to(acc.dtype)
-        flat[union] = acc.to(flat.dtype)
-    return saved
+            saved[e].copy_(old[pos])
+            shares[pos] += alphas[e] * values[e].to(shares.dtype)
+        flat[union] = (old.to(shares.dtype) + shares).to(flat.dtype)
 
 
 def restore_diffs_reference(dense, indices, saved, target) -> None:
@@ -118,9 +124,9 @@ def restore_diffs_reference(dense, indices, saved, target) -> None:
 if _ext.loaded():
 
     @torch.library.register_fake("xlsparse::apply_diffs_")
-    def _apply_diffs_fake(dense, indices, values, target, alphas):
+    def _apply_diffs_fake(dense, indices, values, target, alphas, saved):
         check_diff_entries("apply_diffs_", dense, indices, values, target, read_indices=False)
-        return [v.new_empty(v.shape) for v in values]
+        check_saved("apply_diffs_", values, alphas, saved)
 
     @torch.library.register_fake("xlsparse::restore_diffs_")
     def _restore_diffs_fake(dense, indices, saved, target):
@@ -131,23 +137,27 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
     """For every entry e: `dense[target[e]].view(-1)[indices[e]] += alphas[e] * values[e]`, in place,
     in one call. Returns the values each entry displaced, for `restore_diffs_`.
 
-    Entries on one tensor may overlap: their shares are summed in float32 (float64 for float64
-    data), in entry order, starting from the old value, and stored once. indices are sorted and
+    Entries on one tensor may overlap: their shares alpha * value are summed in float32 (float64
+    for float64 data), in entry order, added to the old value and stored once. indices are sorted and
     unique per entry; values have their tensor's dtype. Bad input raises before any write.
     """
     dense, indices, values = list(dense), list(indices), list(values)
     target, alphas = [int(t) for t in target], [float(a) for a in alphas]
+    saved = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in values]
     device = dense[0].device if dense else torch.device("cpu")
     backend = _common.backend_for("apply_diffs_", device)
     if backend == "reference":
-        return apply_diffs_reference(dense, indices, values, target, alphas)
-    if backend == "triton":
+        apply_diffs_reference(dense, indices, values, target, alphas, saved)
+    elif backend == "triton":
         from ..triton.compose import triton_apply_diffs_
 
         check_diff_entries("apply_diffs_", dense, indices, values, target,
                            read_indices=not torch.compiler.is_compiling())
-        return triton_apply_diffs_(dense, indices, values, target, alphas)
-    return torch.ops.xlsparse.apply_diffs_(dense, indices, values, target, alphas)
+        check_saved("apply_diffs_", values, alphas, saved)
+        triton_apply_diffs_(dense, indices, values, target, alphas, saved)
+    else:
+        torch.ops.xlsparse.apply_diffs_(dense, indices, values, target, alphas, saved)
+    return saved
 
 
 def restore_diffs_(dense: list, indices: list, saved: list, target: list) -> None:

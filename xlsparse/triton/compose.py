@@ -74,7 +74,7 @@ def _apply_union_kernel(dense_ptr, idx_ptr, val_ptr, saved_ptr, offsets_ptr, alp
     for f in range(1, n_entries):
         entry += (m >= tl.load(offsets_ptr + f)).to(tl.int64)
     old = tl.load(dense_ptr + j, mask=live, other=0.0)
-    acc = old.to(ACC)
+    acc = tl.zeros([BLOCK], ACC)
     # The first entry that holds j owns it; entries before this element's decide ownership
     # before any share is added, since f runs in order.
     owner = live
@@ -86,7 +86,8 @@ def _apply_union_kernel(dense_ptr, idx_ptr, val_ptr, saved_ptr, offsets_ptr, alp
         v = tl.load(val_ptr + pos, mask=take, other=0.0).to(ACC)
         alpha = tl.load(alpha_ptr + f).to(ACC)
         acc = tl.where(take, acc + alpha * v, acc)
-    tl.store(dense_ptr + j, acc.to(dense_ptr.dtype.element_ty), mask=owner)
+    # The shares are summed first and added to the old value once, as in the C++ kernels.
+    tl.store(dense_ptr + j, (old.to(ACC) + acc).to(dense_ptr.dtype.element_ty), mask=owner)
 
 
 @triton.jit
@@ -104,10 +105,9 @@ def _groups(num_dense: int, target: list[int]) -> list[list[int]]:
     return groups
 
 
-@triton_op("xlsparse::triton_apply_diffs_", mutates_args={"dense"})
+@triton_op("xlsparse::triton_apply_diffs_", mutates_args={"dense", "saved"})
 def triton_apply_diffs_(dense: list[torch.Tensor], indices: list[torch.Tensor], values: list[torch.Tensor],
-                        target: list[int], alphas: list[float]) -> list[torch.Tensor]:
-    saved = [v.new_empty(v.shape) for v in values]
+                        target: list[int], alphas: list[float], saved: list[torch.Tensor]) -> None:
     block = 4096 if INTERPRET else 1024
     # One launch per tensor over its entries concatenated; the union is formed by ownership.
     for t, group in enumerate(_groups(len(dense), target)):
@@ -127,12 +127,11 @@ def triton_apply_diffs_(dense: list[torch.Tensor], indices: list[torch.Tensor], 
             ACC=acc_type(dense[t].dtype))
         for e, part in zip(group, out.split(lengths)):
             saved[e].copy_(part)
-    return saved
 
 
 @triton_apply_diffs_.register_fake
-def _triton_apply_diffs_fake(dense, indices, values, target, alphas):
-    return [v.new_empty(v.shape) for v in values]
+def _triton_apply_diffs_fake(dense, indices, values, target, alphas, saved):
+    return None
 
 
 @triton_op("xlsparse::triton_restore_diffs_", mutates_args={"dense"})

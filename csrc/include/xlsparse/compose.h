@@ -8,17 +8,23 @@
 
 namespace xlsparse {
 
-// acc + alpha * value in the accumulation type. Several deltas that hit one element are summed
-// with this in the order given, starting from the dense value, and rounded once on store.
+// acc + alpha * value in the accumulation type. The shares of several deltas that hit one
+// element are summed with this in the order given, starting from zero.
 template <typename scalar_t>
 XLS_HD acc_t<scalar_t> axpy_acc(acc_t<scalar_t> acc, scalar_t value, acc_t<scalar_t> alpha) {
   return acc + alpha * static_cast<acc_t<scalar_t>>(value);
 }
 
+// dense + summed shares, in the accumulation type, rounded once on store.
+template <typename scalar_t>
+XLS_HD scalar_t add_shares(scalar_t dense, acc_t<scalar_t> shares) {
+  return static_cast<scalar_t>(static_cast<acc_t<scalar_t>>(dense) + shares);
+}
+
 // dense[i] + alpha * value, computed in the accumulation type and rounded once on store.
 template <typename scalar_t>
 XLS_HD scalar_t axpy_update(scalar_t dense, scalar_t value, acc_t<scalar_t> alpha) {
-  return static_cast<scalar_t>(axpy_acc(static_cast<acc_t<scalar_t>>(dense), value, alpha));
+  return add_shares(dense, alpha * static_cast<acc_t<scalar_t>>(value));
 }
 
 // --- global top-K by magnitude ---
@@ -58,8 +64,9 @@ constexpr int64_t kRadixBins = int64_t(1) << kRadixBits;
 
 namespace xlsparse {
 
-// Entry e pairs indices[e] and values[e] with dense[target[e]]. Every entry is checked (dtype,
-// device, sorted, unique, in range) before anything is written; a message names the entry.
+// Entry e pairs indices[e] and values[e] with dense[target[e]]. The metadata of every entry is
+// checked here; the index values (sorted, unique, in range) in one batched pass per backend
+// (check_entry_indices), before anything is written. Messages name the entry.
 inline void check_diff_entries(const char* op, at::TensorList dense, at::TensorList indices, at::TensorList values,
                                at::IntArrayRef target) {
   const int64_t n = static_cast<int64_t>(indices.size());
@@ -76,8 +83,29 @@ inline void check_diff_entries(const char* op, at::TensorList dense, at::TensorL
     TORCH_CHECK_TYPE(index_type[t] == at::kByte || index_type[t] == indices[e].scalar_type(), where,
                      ": every entry of one tensor must use one index dtype");
     index_type[t] = indices[e].scalar_type();
-    check_indices(where.c_str(), indices[e], dense[t].numel());
   }
+}
+
+inline std::string entry_name(const char* op, int64_t e, int64_t t) {
+  return std::string(op) + " entry " + std::to_string(e) + " (dense[" + std::to_string(t) + "])";
+}
+
+// The error for the first bad index of an entry: `value` at `pos`, after `prev` (when pos > 0).
+[[noreturn]] inline void raise_bad_index(const std::string& where, int64_t pos, int64_t value, int64_t prev,
+                                         int64_t numel) {
+  TORCH_CHECK_INDEX(value >= 0 && value < numel, where, ": index ", value, " at position ", pos,
+                    " is out of range [0, ", numel, ")");
+  TORCH_CHECK_VALUE(false, where, ": indices must be sorted and unique; position ", pos, " holds ", value, " after ", prev);
+}
+
+// apply_diffs_'s alphas and saved outputs: one per entry; saved[e] is contiguous, like values[e].
+inline void check_saved(const char* op, at::TensorList values, at::ArrayRef<double> alphas, at::TensorList saved) {
+  TORCH_CHECK_VALUE(alphas.size() == values.size() && saved.size() == values.size(), op, ": alphas and saved need ",
+                    values.size(), " entries, got ", alphas.size(), " and ", saved.size());
+  for (size_t e = 0; e < values.size(); ++e)
+    TORCH_CHECK_VALUE(saved[e].is_contiguous() && saved[e].numel() == values[e].numel() &&
+                          saved[e].scalar_type() == values[e].scalar_type() && saved[e].device() == values[e].device(),
+                      op, ": saved[", e, "] must be a contiguous tensor like values[", e, "]");
 }
 
 // Entries grouped by the tensor they update, in the order given.
