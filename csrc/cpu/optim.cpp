@@ -156,13 +156,15 @@ vec_loops::FloatJob float_job(const Param<float>& q) {
   return {q.p, q.g, q.s0, q.s1, q.s2, q.init, q.mask};
 }
 
-// float32, all entries or a bool mask, one step count: kV entries at a time. False when it does
-// not apply.
+// float32 with one step count: kV entries at a time for all entries, a bool mask, or int32 indices.
+// False when it does not apply.
 bool adamw_vec(const Param<float>& q, int64_t begin, int64_t end, const AdamwArgs& a) {
-  if (q.own_step || q.sel == Selection::Indices || !vec_loops::usable()) return false;
+  const bool idx32 = q.sel == Selection::Indices && q.indices.scalar_type() == at::kInt;
+  if (q.own_step || (q.sel == Selection::Indices && !idx32) || !vec_loops::usable()) return false;
   const auto c = adamw_coef<float>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l1, *q.step + 1.f,
                                    a.grad_scale);
-  const int64_t j = vec_loops::adamw(float_job(q), begin, end, c, a.amsgrad);
+  const int64_t j = idx32 ? vec_loops::adamw_compact(float_job(q), q.indices.data_ptr<int32_t>(), begin, end, c, a.amsgrad)
+                          : vec_loops::adamw(float_job(q), begin, end, c, a.amsgrad);
   if (j < end) adamw_scalar(q, j, end, a);
   return true;
 }
@@ -257,13 +259,16 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, const c10::List
 
 // --- multi_mask_weight_grad ---
 
-constexpr int64_t kTokenChunk = 512;  // tokens gathered at a time: bounds the extra memory
+constexpr int64_t kTokenChunk = 1024;  // at most this many tokens gathered at a time: bounds the extra memory
 
 // dst[i] += src[i] where m[i]. Branch-free (a random mask would mispredict every other entry:
 // measured 7x slower with a ?: branch) and exact: the bits of src are ANDed away, so an Inf or NaN
 // outside the mask never reaches dst.
 template <typename scalar_t>
 void masked_add(scalar_t* dst, const scalar_t* src, const bool* m, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (vec_loops::usable()) begin += vec_loops::masked_add(dst + begin, src + begin, m + begin, end - begin);
+  }
   using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t, uint32_t>;
   for (int64_t i = begin; i < end; ++i) {
     bits_t b;
@@ -295,8 +300,11 @@ at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tens
   const int64_t num_bands = (rows + band - 1) / band;
   AT_DISPATCH_FLOATING_TYPES(acc, "multi_mask_weight_grad", [&] {
     for (int64_t l = 0; l < num_ids; ++l) {
-      for (int64_t t0 = off[l]; t0 < off[l + 1]; t0 += kTokenChunk) {
-        const auto tokens = order.slice(0, t0, std::min(t0 + kTokenChunk, off[l + 1]));
+      // equal chunks, so that a group of kTokenChunk + 1 tokens is not split into 1024 + 1
+      const int64_t count = off[l + 1] - off[l], pieces = (count + kTokenChunk - 1) / kTokenChunk;
+      const int64_t chunk = pieces ? (count + pieces - 1) / pieces : 1;
+      for (int64_t t0 = off[l]; t0 < off[l + 1]; t0 += chunk) {
+        const auto tokens = order.slice(0, t0, std::min(t0 + chunk, off[l + 1]));
         const auto x = input.index_select(0, tokens).to(acc);
         at::parallel_for(0, num_bands, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {
