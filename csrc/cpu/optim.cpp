@@ -259,7 +259,8 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, const c10::List
 
 // --- multi_mask_weight_grad ---
 
-constexpr int64_t kTokenChunk = 1024;  // at most this many tokens gathered at a time: bounds the extra memory
+constexpr int64_t kTokenChunk = 512;       // at most this many tokens gathered at a time: bounds the extra memory
+constexpr int64_t kBandEntries = 1 << 18;  // at most this many entries in one band's product (1 MiB in fp32)
 
 // dst[i] += src[i] where m[i]. Branch-free (a random mask would mispredict every other entry:
 // measured 7x slower with a ?: branch) and exact: the bits of src are ANDed away, so an Inf or NaN
@@ -295,12 +296,13 @@ at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tens
   auto dw = at::zeros({rows, cols}, input.options().dtype(acc));
   const auto mask = masks.contiguous();
   const int64_t* off = off_t.data_ptr<int64_t>();
-  // about four bands per thread, at least 16 rows each
-  const int64_t band = std::max<int64_t>(16, (rows + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()));
+  // about four bands per thread, at least 16 rows each, a product buffer of at most kBandEntries
+  const int64_t per_thread = (rows + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  const int64_t band = std::max<int64_t>(16, std::min(per_thread, kBandEntries / std::max<int64_t>(cols, 1)));
   const int64_t num_bands = (rows + band - 1) / band;
   AT_DISPATCH_FLOATING_TYPES(acc, "multi_mask_weight_grad", [&] {
     for (int64_t l = 0; l < num_ids; ++l) {
-      // equal chunks, so that a group of kTokenChunk + 1 tokens is not split into 1024 + 1
+      // equal chunks, so that a group of kTokenChunk + 1 tokens is not split into kTokenChunk + 1
       const int64_t count = off[l + 1] - off[l], pieces = (count + kTokenChunk - 1) / kTokenChunk;
       const int64_t chunk = pieces ? (count + pieces - 1) / pieces : 1;
       for (int64_t t0 = off[l]; t0 < off[l + 1]; t0 += chunk) {
