@@ -2,8 +2,9 @@
 //
 // A step splits every parameter's state range into chunks and runs all chunks of all parameters
 // in one at::parallel_for (the CPU form of a multi-tensor launch). float32 tensors with one step
-// count per tensor take an at::vec path; other dtypes, compact (indexed) selections and per-entry
-// step counts run the same header math one entry at a time.
+// count per tensor take the at::vec loops of optim_vec.cpp (all entries, a bool mask, or int32
+// indices); other dtypes, int64 indices and per-entry step counts run the same header math one
+// entry at a time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
