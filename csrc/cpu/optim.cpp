@@ -2,8 +2,9 @@
 //
 // A step splits every parameter's state range into chunks and runs all chunks of all parameters
 // in one at::parallel_for (the CPU form of a multi-tensor launch). float32 tensors with one step
-// count per tensor take an at::vec path; other dtypes, compact (indexed) selections and per-entry
-// step counts run the same header math one entry at a time.
+// count per tensor take the at::vec loops of optim_vec.cpp (all entries, a bool mask, or int32
+// indices); other dtypes, int64 indices and per-entry step counts run the same header math one
+// entry at a time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -156,13 +157,15 @@ vec_loops::FloatJob float_job(const Param<float>& q) {
   return {q.p, q.g, q.s0, q.s1, q.s2, q.init, q.mask};
 }
 
-// float32, all entries or a bool mask, one step count: kV entries at a time. False when it does
-// not apply.
+// float32 with one step count: kV entries at a time for all entries, a bool mask, or int32 indices.
+// False when it does not apply.
 bool adamw_vec(const Param<float>& q, int64_t begin, int64_t end, const AdamwArgs& a) {
-  if (q.own_step || q.sel == Selection::Indices || !vec_loops::usable()) return false;
+  const bool idx32 = q.sel == Selection::Indices && q.indices.scalar_type() == at::kInt;
+  if (q.own_step || (q.sel == Selection::Indices && !idx32) || !vec_loops::usable()) return false;
   const auto c = adamw_coef<float>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l1, *q.step + 1.f,
                                    a.grad_scale);
-  const int64_t j = vec_loops::adamw(float_job(q), begin, end, c, a.amsgrad);
+  const int64_t j = idx32 ? vec_loops::adamw_compact(float_job(q), q.indices.data_ptr<int32_t>(), begin, end, c, a.amsgrad)
+                          : vec_loops::adamw(float_job(q), begin, end, c, a.amsgrad);
   if (j < end) adamw_scalar(q, j, end, a);
   return true;
 }
@@ -257,13 +260,17 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, const c10::List
 
 // --- multi_mask_weight_grad ---
 
-constexpr int64_t kTokenChunk = 512;  // tokens gathered at a time: bounds the extra memory
+constexpr int64_t kTokenChunk = 512;       // at most this many tokens gathered at a time: bounds the extra memory
+constexpr int64_t kBandEntries = 1 << 18;  // at most this many entries in one band's product (1 MiB in fp32)
 
 // dst[i] += src[i] where m[i]. Branch-free (a random mask would mispredict every other entry:
 // measured 7x slower with a ?: branch) and exact: the bits of src are ANDed away, so an Inf or NaN
 // outside the mask never reaches dst.
 template <typename scalar_t>
 void masked_add(scalar_t* dst, const scalar_t* src, const bool* m, int64_t begin, int64_t end) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (vec_loops::usable()) begin += vec_loops::masked_add(dst + begin, src + begin, m + begin, end - begin);
+  }
   using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t, uint32_t>;
   for (int64_t i = begin; i < end; ++i) {
     bits_t b;
@@ -290,13 +297,17 @@ at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tens
   auto dw = at::zeros({rows, cols}, input.options().dtype(acc));
   const auto mask = masks.contiguous();
   const int64_t* off = off_t.data_ptr<int64_t>();
-  // about four bands per thread, at least 16 rows each
-  const int64_t band = std::max<int64_t>(16, (rows + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads()));
+  // about four bands per thread, at least 16 rows each, a product buffer of at most kBandEntries
+  const int64_t per_thread = (rows + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
+  const int64_t band = std::max<int64_t>(16, std::min(per_thread, kBandEntries / std::max<int64_t>(cols, 1)));
   const int64_t num_bands = (rows + band - 1) / band;
   AT_DISPATCH_FLOATING_TYPES(acc, "multi_mask_weight_grad", [&] {
     for (int64_t l = 0; l < num_ids; ++l) {
-      for (int64_t t0 = off[l]; t0 < off[l + 1]; t0 += kTokenChunk) {
-        const auto tokens = order.slice(0, t0, std::min(t0 + kTokenChunk, off[l + 1]));
+      // equal chunks, so that a group of kTokenChunk + 1 tokens is not split into kTokenChunk + 1
+      const int64_t count = off[l + 1] - off[l], pieces = (count + kTokenChunk - 1) / kTokenChunk;
+      const int64_t chunk = pieces ? (count + pieces - 1) / pieces : 1;
+      for (int64_t t0 = off[l]; t0 < off[l + 1]; t0 += chunk) {
+        const auto tokens = order.slice(0, t0, std::min(t0 + chunk, off[l + 1]));
         const auto x = input.index_select(0, tokens).to(acc);
         at::parallel_for(0, num_bands, 1, [&](int64_t b0, int64_t b1) {
           for (int64_t b = b0; b < b1; ++b) {

@@ -102,6 +102,41 @@ int64_t adamw(const FloatJob& q, int64_t begin, int64_t end, const AdamwCoef<flo
   return j;
 }
 
+int64_t adamw_compact(const FloatJob& q, const int32_t* idx, int64_t begin, int64_t end, const AdamwCoef<float>& c,
+                      bool amsgrad) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  constexpr int64_t kAhead = 64;  // prefetch distance in entries: each one is a cache miss on p and g
+  const bool l1 = q.init != nullptr;
+  int64_t j = begin;
+  for (; j + kV <= end; j += kV) {
+    if (j + kAhead + kV <= end) {
+      for (int64_t l = 0; l < kV; ++l) {
+        __builtin_prefetch(q.p + idx[j + kAhead + l], 1);
+        __builtin_prefetch(q.g + idx[j + kAhead + l], 0);
+      }
+    }
+    const IVec at = IVec::loadu(idx + j);
+    FVec p = at::vec::gather<sizeof(float)>(q.p, at), m = FVec::loadu(q.s0 + j), v = FVec::loadu(q.s1 + j);
+    FVec vmax = amsgrad ? FVec::loadu(q.s2 + j) : FVec(0.f);
+    const FVec init = l1 ? FVec::loadu(q.init + j) : FVec(0.f);
+    adamw_update(p, at::vec::gather<sizeof(float)>(q.g, at), m, v, vmax, init, c, amsgrad, l1);
+    float out[kV];
+    p.store(out);
+    for (int64_t l = 0; l < kV; ++l) q.p[idx[j + l]] = out[l];  // AVX2 has no scatter
+    m.store(q.s0 + j);
+    v.store(q.s1 + j);
+    if (amsgrad) vmax.store(q.s2 + j);
+  }
+  return j;
+}
+
+int64_t masked_add(float* dst, const float* src, const bool* mask, int64_t n) {
+  int64_t i = 0;
+  for (; i + kV <= n; i += kV)
+    (FVec::loadu(dst + i) + FVec::blendv(FVec(0.f), FVec::loadu(src + i), lanes_of(mask + i))).store(dst + i);
+  return i;
+}
+
 int64_t sgd(const FloatJob& q, int64_t begin, int64_t end, const SgdCoef<float>& c, bool first, bool momentum,
             bool nesterov) {
   int64_t j = begin;

@@ -147,10 +147,7 @@ def _multi_mask_weight_grad_kernel(dy_ptr, x_ptr, masks_ptr, order_ptr, offsets_
 
 # --- launchers ---
 
-def _block(n: int) -> int:
-    return 4096 if INTERPRET else 1024
-
-
+BLOCK = 4096 if INTERPRET else 1024  # state entries per program
 def _sel_kind(selector: torch.Tensor | None) -> int:
     if selector is None:
         return SEL_ALL
@@ -183,12 +180,11 @@ def triton_masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
         n = sel.numel() if _sel_kind(sel) == SEL_INDICES else p.numel()
         if n == 0:
             continue
-        block = _block(n)
-        wrap_triton(_masked_adamw_kernel)[(triton.cdiv(n, block),)](
+        wrap_triton(_masked_adamw_kernel)[(triton.cdiv(n, BLOCK),)](
             p, grads[i], p if sel is None else sel, exp_avgs[i], exp_avg_sqs[i],
             max_exp_avg_sqs[i] if amsgrad else p, inits[i] if l1_to_init != 0 else p, steps[i], hp,
             p if grad_scale is None else grad_scale, p if found_inf is None else found_inf, n,
-            BLOCK=block, SEL=_sel_kind(sel), OWN_STEP=steps[i].dtype == torch.int32, AMSGRAD=amsgrad,
+            BLOCK=BLOCK, SEL=_sel_kind(sel), OWN_STEP=steps[i].dtype == torch.int32, AMSGRAD=amsgrad,
             L1=l1_to_init != 0, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             ACC=acc_type(p.dtype))
     _advance_shared_steps(steps, found_inf)
@@ -213,11 +209,10 @@ def triton_masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], se
         n = sel.numel() if _sel_kind(sel) == SEL_INDICES else p.numel()
         if n == 0:
             continue
-        block = _block(n)
-        wrap_triton(_masked_sgd_kernel)[(triton.cdiv(n, block),)](
+        wrap_triton(_masked_sgd_kernel)[(triton.cdiv(n, BLOCK),)](
             p, grads[i], p if sel is None else sel, momentum_buffers[i] if momentum != 0 else p, steps[i], hp,
             p if grad_scale is None else grad_scale, p if found_inf is None else found_inf, n,
-            BLOCK=block, SEL=_sel_kind(sel), OWN_STEP=steps[i].dtype == torch.int32, MOMENTUM=momentum != 0,
+            BLOCK=BLOCK, SEL=_sel_kind(sel), OWN_STEP=steps[i].dtype == torch.int32, MOMENTUM=momentum != 0,
             NESTEROV=nesterov, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
             ACC=acc_type(p.dtype))
     _advance_shared_steps(steps, found_inf)
