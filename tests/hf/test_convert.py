@@ -3,7 +3,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ARCHS, batch, tiny
+from tiny_models import ARCHS, batch, tiny
 
 import xlsparse
 from xlsparse import hf

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import VOCAB, batch, tiny
+from tiny_models import VOCAB, batch, tiny
 
 import xlsparse
 from xlsparse import hf
@@ -174,7 +174,7 @@ def test_lambda_sweep_finds_the_best_and_restores_the_model():
     before = target.detach().clone()
     phi = SparseDiff({name: xlsparse.SparseDelta(torch.tensor([0, 5]), torch.tensor([1.0, -1.0]), target.shape)})
     best, scores = arithmetic.lambda_sweep(model, lambda lam: arithmetic.combine([phi], [lam]), [-1.0, 0.0, 0.5, 2.0],
-                                           evaluate=lambda m: -abs(float(dict(m.named_parameters())[name].view(-1)[0]) - float(before.view(-1)[0]) - 0.5),
+                                           evaluate=lambda m: -abs(float(dict(m.named_parameters())[name].detach().view(-1)[0]) - float(before.view(-1)[0]) - 0.5),
                                            progress=False)
     assert best == 0.5 and set(scores) == {-1.0, 0.0, 0.5, 2.0}
     assert torch.equal(target, before)

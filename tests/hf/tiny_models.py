@@ -1,4 +1,4 @@
-"""Tiny Hugging Face models built from configs (nothing is downloaded)."""
+"""Tiny Hugging Face models built from configs (nothing is downloaded), shared by tests/hf."""
 import pytest
 import torch
 
