@@ -288,23 +288,23 @@ Tokens<acc> select_tokens(const char* op, int64_t num_tokens, const c10::optiona
   return tok;
 }
 
-// dst[c, jj] = scale[t] · src[t, c] for the chunk's tokens t = tok.at(j0 + jj), jj < n, as acc.
-// Tiles of 16 columns keep the 16 destination lines being filled in L1.
+// dst[c − c0, jj] = scale[t] · src[t, c] for columns [c0, c1) and the chunk's tokens
+// t = tok.at(j0 + jj), jj < n, as acc. Tiles of 16 columns keep the 16 destination lines being
+// filled in L1. Runs inside a thread's task: every op below is one parallel region, since a
+// barrier per chunk costs a scheduler slice whenever the cores are shared.
 template <typename scalar_t, typename acc>
-void transpose_chunk(const scalar_t* src, int64_t cols, const Tokens<acc>& tok, int64_t j0, int64_t n, bool scaled,
-                     acc* dst) {
+void transpose_chunk(const scalar_t* src, int64_t cols, int64_t c0, int64_t c1, const Tokens<acc>& tok, int64_t j0,
+                     int64_t n, bool scaled, acc* dst) {
   constexpr int64_t tile = 16;
-  at::parallel_for(0, (cols + tile - 1) / tile, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c0 = blk * tile, c1 = std::min(cols, c0 + tile);
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const int64_t t = tok.at(j0 + jj);
-        const acc s = scaled && tok.scale ? tok.scale[t] : acc(1);
-        const scalar_t* row = src + t * cols;
-        for (int64_t c = c0; c < c1; ++c) dst[c * kChunk + jj] = static_cast<acc>(row[c]) * s;
-      }
+  for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+    const int64_t t1 = std::min(c1, t0 + tile);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t t = tok.at(j0 + jj);
+      const acc s = scaled && tok.scale ? tok.scale[t] : acc(1);
+      const scalar_t* row = src + t * cols;
+      for (int64_t c = t0; c < t1; ++c) dst[(c - c0) * kChunk + jj] = static_cast<acc>(row[c]) * s;
     }
-  });
+  }
 }
 
 // --- SDDMM: dval[n] = Σ_t s_t a[t, r_n] b[t, c_n] ---
@@ -323,19 +323,20 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     at::Tensor index_storage;
     const auto tok = select_tokens<acc>("sddmm", b.size(0), token_index, token_bounds, token_scale, index_storage);
     std::vector<acc> sum(k, acc(0));
-    std::vector<acc> at_buf(rows * kChunk), bt_buf(cols * kChunk);
     XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
       const index_t* ip = idx.data_ptr<index_t>();
-      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
-        const int64_t n = std::min(kChunk, tok.end - j0);
-        transpose_chunk(ac.data_ptr<scalar_t>(), rows, tok, j0, n, false, at_buf.data());
-        transpose_chunk(bc.data_ptr<scalar_t>(), cols, tok, j0, n, true, bt_buf.data());
-        // Indices are row-sorted: consecutive entries reuse one row of a (in L1).
-        at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
-          const acc* bt = bt_buf.data();
+      // Each task owns a run of entries, hence of rows of a: it transposes those rows and all of b.
+      at::parallel_for(0, k, 2048, [&](int64_t begin, int64_t end) {
+        const int64_t r0 = ip[begin] / cols, r1 = ip[end - 1] / cols + 1;
+        std::vector<acc> at_buf((r1 - r0) * kChunk), bt_buf(cols * kChunk);
+        const acc* bt = bt_buf.data();
+        for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
+          const int64_t n = std::min(kChunk, tok.end - j0);
+          transpose_chunk(ac.data_ptr<scalar_t>(), rows, r0, r1, tok, j0, n, false, at_buf.data());
+          transpose_chunk(bc.data_ptr<scalar_t>(), cols, 0, cols, tok, j0, n, true, bt_buf.data());
           for (int64_t e = begin; e < end;) {
             const int64_t r = ip[e] / cols;
-            const acc* ar = at_buf.data() + r * kChunk;
+            const acc* ar = at_buf.data() + (r - r0) * kChunk;
             if (e + 4 <= end && ip[e + 3] / cols == r) {  // sorted: entries e..e+3 share row r
               dot4(ar, bt + (ip[e] % cols) * kChunk, bt + (ip[e + 1] % cols) * kChunk,
                    bt + (ip[e + 2] % cols) * kChunk, bt + (ip[e + 3] % cols) * kChunk, n, sum.data() + e);
@@ -345,8 +346,8 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
               e += 1;
             }
           }
-        });
-      }
+        }
+      });
     });
     store_row(out.data_ptr<scalar_t>(), sum.data(), k);
   });
@@ -392,15 +393,16 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
         v[p] = static_cast<acc>(vp[e]);
       }
     });
-    std::vector<acc> xt(xcols * kChunk);
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t blocks = (groups + kRows - 1) / kRows;
-    for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, tok.end - j0);
-      transpose_chunk(xc.data_ptr<scalar_t>(), xcols, tok, j0, n, true, xt.data());
-      // Each task owns kRows output columns, so no two threads write one element.
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc> y(kRows * kChunk);
+    // Each task owns blocks of kRows output columns (no two threads write one element) and
+    // transposes the token chunks of x itself.
+    at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / 64), [&](int64_t b0, int64_t b1) {
+      if (start[b0 * kRows] == start[std::min(groups, b1 * kRows)]) return;
+      std::vector<acc> xt(xcols * kChunk), y(kRows * kChunk);
+      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, tok.end - j0);
+        transpose_chunk(xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, true, xt.data());
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t g0 = blk * kRows, g1 = std::min(groups, g0 + kRows);
           if (start[g0] == start[g1]) continue;
@@ -422,8 +424,8 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
             }
           }
         }
-      });
-    }
+      }
+    });
   });
 }
 
