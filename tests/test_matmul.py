@@ -566,3 +566,17 @@ def test_bad_layer_input_raises(backend, name, call, exc, msg, use_backend):
     use_backend(backend)
     with pytest.raises(exc, match=msg):
         call()
+
+
+@pytest.mark.parametrize("backend", ENS_BACKENDS)
+def test_ensemble_logprobs_of_very_unlikely_classes(backend, use_backend):
+    """Classes every expert gives probability ~e^-200 (an underflow for float32 sums) stay exact."""
+    use_backend(backend)
+    z = torch.zeros(3, 4, 50)
+    z[:, :, 7] = 200.0
+    z[1, :, 9] = 150.0
+    lw = torch.log_softmax(torch.randn(4, 3, generator=seeded(17)), -1)
+    out = functional.ensemble_logprobs(z, lw)
+    ref = _ensemble64(z.double(), lw.double(), "prob")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)

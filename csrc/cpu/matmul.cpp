@@ -127,19 +127,26 @@ XLS_INLINE T row_lse_t(const T* z, int64_t n) {  // log Σ exp(z)
   return m + std::log(s);
 }
 template <typename T>
-XLS_INLINE void max_shift_t(T* m, const T* z, T a, T b, int64_t n) {  // m = max(m, z + a + b)
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) m[i] = std::max(m[i], (z[i] + a) + b);
+XLS_INLINE T row_max_t(const T* z, int64_t n) {
+  T m = -std::numeric_limits<T>::infinity();
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, z[i]);
+  return m;
 }
 template <typename T>
-XLS_INLINE void exp_acc_t(T* s, const T* z, T a, T b, const T* m, int64_t n) {  // s += exp(z + a + b − m)
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) s[i] += fast_exp(((z[i] + a) + b) - m[i]);
+XLS_INLINE T exp_store_t(T* p, const T* z, T m, int64_t n) {  // p = exp(z − m); returns Σ p
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    p[i] = fast_exp(z[i] - m);
+    s += p[i];
+  }
+  return s;
 }
 template <typename T>
-XLS_INLINE void log_add_t(T* out, const T* m, const T* s, int64_t n) {  // out = m + log s
+XLS_INLINE void vlog_t(T* out, const T* x, int64_t n) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = m[i] + fast_log(s[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = fast_log(x[i]);
 }
 template <typename T>
 XLS_INLINE void add_scalar_t(T* out, const T* x, T c, int64_t n) {
@@ -185,15 +192,15 @@ XLS_INLINE T sum_t(const T* x, int64_t n) {
   XLS_CLONES RET NAME PARAMS { return NAME##_t ARGS; }
 #define T float
 XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n))
+XLS_VEC_PRIMITIVE(T, row_max, (const T* z, int64_t n), (z, n))
+XLS_VEC_PRIMITIVE(T, exp_store, (T* p, const T* z, T m, int64_t n), (p, z, m, n))
+XLS_VEC_PRIMITIVE(void, vlog, (T* out, const T* x, int64_t n), (out, x, n))
 XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s),
                   (a, b0, b1, b2, b3, n, s))
 XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n),
                   (y, alpha, x0, x1, x2, x3, n))
 XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
 XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T a, T b, int64_t n), (m, z, a, b, n))
-XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T a, T b, const T* m, int64_t n), (s, z, a, b, m, n))
-XLS_VEC_PRIMITIVE(void, log_add, (T* out, const T* m, const T* s, int64_t n), (out, m, s, n))
 XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
 XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n))
 XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n),
@@ -206,15 +213,15 @@ XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
 #define XLS_CLONES inline
 #define T double
 XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n))
+XLS_VEC_PRIMITIVE(T, row_max, (const T* z, int64_t n), (z, n))
+XLS_VEC_PRIMITIVE(T, exp_store, (T* p, const T* z, T m, int64_t n), (p, z, m, n))
+XLS_VEC_PRIMITIVE(void, vlog, (T* out, const T* x, int64_t n), (out, x, n))
 XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s),
                   (a, b0, b1, b2, b3, n, s))
 XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n),
                   (y, alpha, x0, x1, x2, x3, n))
 XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
 XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(void, max_shift, (T* m, const T* z, T a, T b, int64_t n), (m, z, a, b, n))
-XLS_VEC_PRIMITIVE(void, exp_acc, (T* s, const T* z, T a, T b, const T* m, int64_t n), (s, z, a, b, m, n))
-XLS_VEC_PRIMITIVE(void, log_add, (T* out, const T* m, const T* s, int64_t n), (out, m, s, n))
 XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
 XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n))
 XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n),
@@ -288,23 +295,23 @@ Tokens<acc> select_tokens(const char* op, int64_t num_tokens, const c10::optiona
   return tok;
 }
 
-// dst[c, jj] = scale[t] · src[t, c] for the chunk's tokens t = tok.at(j0 + jj), jj < n, as acc.
-// Tiles of 16 columns keep the 16 destination lines being filled in L1.
+// dst[c − c0, jj] = scale[t] · src[t, c] for columns [c0, c1) and the chunk's tokens
+// t = tok.at(j0 + jj), jj < n, as acc. Tiles of 16 columns keep the 16 destination lines being
+// filled in L1. Runs inside a thread's task: every op below is one parallel region, since a
+// barrier per chunk costs a scheduler slice whenever the cores are shared.
 template <typename scalar_t, typename acc>
-void transpose_chunk(const scalar_t* src, int64_t cols, const Tokens<acc>& tok, int64_t j0, int64_t n, bool scaled,
-                     acc* dst) {
+void transpose_chunk(const scalar_t* src, int64_t cols, int64_t c0, int64_t c1, const Tokens<acc>& tok, int64_t j0,
+                     int64_t n, bool scaled, acc* dst) {
   constexpr int64_t tile = 16;
-  at::parallel_for(0, (cols + tile - 1) / tile, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t c0 = blk * tile, c1 = std::min(cols, c0 + tile);
-      for (int64_t jj = 0; jj < n; ++jj) {
-        const int64_t t = tok.at(j0 + jj);
-        const acc s = scaled && tok.scale ? tok.scale[t] : acc(1);
-        const scalar_t* row = src + t * cols;
-        for (int64_t c = c0; c < c1; ++c) dst[c * kChunk + jj] = static_cast<acc>(row[c]) * s;
-      }
+  for (int64_t t0 = c0; t0 < c1; t0 += tile) {
+    const int64_t t1 = std::min(c1, t0 + tile);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t t = tok.at(j0 + jj);
+      const acc s = scaled && tok.scale ? tok.scale[t] : acc(1);
+      const scalar_t* row = src + t * cols;
+      for (int64_t c = t0; c < t1; ++c) dst[(c - c0) * kChunk + jj] = static_cast<acc>(row[c]) * s;
     }
-  });
+  }
 }
 
 // --- SDDMM: dval[n] = Σ_t s_t a[t, r_n] b[t, c_n] ---
@@ -323,19 +330,20 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     at::Tensor index_storage;
     const auto tok = select_tokens<acc>("sddmm", b.size(0), token_index, token_bounds, token_scale, index_storage);
     std::vector<acc> sum(k, acc(0));
-    std::vector<acc> at_buf(rows * kChunk), bt_buf(cols * kChunk);
     XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
       const index_t* ip = idx.data_ptr<index_t>();
-      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
-        const int64_t n = std::min(kChunk, tok.end - j0);
-        transpose_chunk(ac.data_ptr<scalar_t>(), rows, tok, j0, n, false, at_buf.data());
-        transpose_chunk(bc.data_ptr<scalar_t>(), cols, tok, j0, n, true, bt_buf.data());
-        // Indices are row-sorted: consecutive entries reuse one row of a (in L1).
-        at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
-          const acc* bt = bt_buf.data();
+      // Each task owns a run of entries, hence of rows of a: it transposes those rows and all of b.
+      at::parallel_for(0, k, 2048, [&](int64_t begin, int64_t end) {
+        const int64_t r0 = ip[begin] / cols, r1 = ip[end - 1] / cols + 1;
+        std::vector<acc> at_buf((r1 - r0) * kChunk), bt_buf(cols * kChunk);
+        const acc* bt = bt_buf.data();
+        for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
+          const int64_t n = std::min(kChunk, tok.end - j0);
+          transpose_chunk(ac.data_ptr<scalar_t>(), rows, r0, r1, tok, j0, n, false, at_buf.data());
+          transpose_chunk(bc.data_ptr<scalar_t>(), cols, 0, cols, tok, j0, n, true, bt_buf.data());
           for (int64_t e = begin; e < end;) {
             const int64_t r = ip[e] / cols;
-            const acc* ar = at_buf.data() + r * kChunk;
+            const acc* ar = at_buf.data() + (r - r0) * kChunk;
             if (e + 4 <= end && ip[e + 3] / cols == r) {  // sorted: entries e..e+3 share row r
               dot4(ar, bt + (ip[e] % cols) * kChunk, bt + (ip[e + 1] % cols) * kChunk,
                    bt + (ip[e + 2] % cols) * kChunk, bt + (ip[e + 3] % cols) * kChunk, n, sum.data() + e);
@@ -345,8 +353,8 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
               e += 1;
             }
           }
-        });
-      }
+        }
+      });
     });
     store_row(out.data_ptr<scalar_t>(), sum.data(), k);
   });
@@ -392,15 +400,16 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
         v[p] = static_cast<acc>(vp[e]);
       }
     });
-    std::vector<acc> xt(xcols * kChunk);
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t blocks = (groups + kRows - 1) / kRows;
-    for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
-      const int64_t n = std::min(kChunk, tok.end - j0);
-      transpose_chunk(xc.data_ptr<scalar_t>(), xcols, tok, j0, n, true, xt.data());
-      // Each task owns kRows output columns, so no two threads write one element.
-      at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<acc> y(kRows * kChunk);
+    // Each task owns blocks of kRows output columns (no two threads write one element) and
+    // transposes the token chunks of x itself.
+    at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / 64), [&](int64_t b0, int64_t b1) {
+      if (start[b0 * kRows] == start[std::min(groups, b1 * kRows)]) return;
+      std::vector<acc> xt(xcols * kChunk), y(kRows * kChunk);
+      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
+        const int64_t n = std::min(kChunk, tok.end - j0);
+        transpose_chunk(xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, true, xt.data());
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t g0 = blk * kRows, g1 = std::min(groups, g0 + kRows);
           if (start[g0] == start[g1]) continue;
@@ -422,8 +431,8 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
             }
           }
         }
-      });
-    }
+      }
+    });
   });
 }
 
@@ -456,19 +465,34 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
     const acc* lwp = lw.data_ptr<acc>();
     acc* lp = lse.data_ptr<acc>();
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      TokenRows<scalar_t, acc> rows(E, T, V, 3);
-      acc *m = rows.row(0), *s = rows.row(1), *o = rows.row(2);
+      // Rows: scratch for the token's E exponentiated logit rows (in cache, never E x T x V),
+      // then the mixture sum and the output.
+      TokenRows<scalar_t, acc> rows(E, T, V, static_cast<int>(E) + 2);
+      acc *s = rows.row(0), *o = rows.row(1);
       for (int64_t t = t0; t < t1; ++t) {
         rows.load(z.data_ptr<scalar_t>(), t);
         if (prob_space) {
-          std::fill(m, m + V, -std::numeric_limits<acc>::infinity());
+          // p_e = exp(z_e − max_e) once per class; the mixture is then Σ_e a_e p_e with
+          // a_e = w_e / Σ p_e: E exponentials and one log per class instead of 2E + 1.
           std::fill(s, s + V, acc(0));
           for (int64_t e = 0; e < E; ++e) {
-            lp[e * T + t] = row_lse(rows.z[e], V);
-            max_shift(m, rows.z[e], -lp[e * T + t], lwp[t * E + e], V);
+            acc* pe = rows.row(2 + static_cast<int>(e));
+            const acc mx = row_max(rows.z[e], V);
+            const acc sum_e = exp_store(pe, rows.z[e], mx, V);
+            lp[e * T + t] = mx + std::log(sum_e);
+            axpy(s, std::exp(lwp[t * E + e] - std::log(sum_e)), pe, V);
           }
-          for (int64_t e = 0; e < E; ++e) exp_acc(s, rows.z[e], -lp[e * T + t], lwp[t * E + e], m, V);
-          log_add(o, m, s, V);
+          vlog(o, s, V);
+          // A class every expert gives probability below ~1e-30 underflowed: redo it exactly.
+          const acc tiny = std::is_same_v<acc, float> ? acc(1e-30) : acc(1e-300);
+          for (int64_t v = 0; v < V; ++v) {
+            if (s[v] >= tiny) continue;
+            acc hi = -std::numeric_limits<acc>::infinity();
+            for (int64_t e = 0; e < E; ++e) hi = std::max(hi, lwp[t * E + e] + rows.z[e][v] - lp[e * T + t]);
+            acc sum = 0;
+            for (int64_t e = 0; e < E; ++e) sum += std::exp(lwp[t * E + e] + rows.z[e][v] - lp[e * T + t] - hi);
+            o[v] = hi + std::log(sum);
+          }
         } else {
           std::fill(s, s + V, acc(0));
           for (int64_t e = 0; e < E; ++e) axpy(s, std::exp(lwp[t * E + e]), rows.z[e], V);
