@@ -5,14 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional, routing
+from .diff import index_dtype
 from .ops import _common
 from .ops import optim as optim_ops
 from .ops.compose import sparse_axpy_
 from .ops.matmul import merged_weight
-
-
-def _index_dtype(numel: int) -> torch.dtype:
-    return torch.int32 if numel < 2**31 else torch.int64
 
 
 def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.Tensor:
@@ -30,12 +27,12 @@ def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.
         if not 0 <= k <= n:
             raise ValueError(f"from_linear: k must lie in [0, {n}], got {k}")
         picked = torch.randperm(n, device=weight.device)[:k]
-        return picked.sort().values.to(_index_dtype(n))
+        return picked.sort().values.to(index_dtype(n))
     indices = torch.as_tensor(indices, device=weight.device)
     if indices.dtype == torch.bool:
         if indices.shape != weight.shape:
             raise ValueError(f"from_linear: mask shape {tuple(indices.shape)} != weight shape {tuple(weight.shape)}")
-        return indices.reshape(-1).nonzero().flatten().to(_index_dtype(n))
+        return indices.reshape(-1).nonzero().flatten().to(index_dtype(n))
     if indices.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"from_linear: indices must be int32, int64 or a bool mask, got {indices.dtype}")
     if indices.dim() != 1:
