@@ -35,6 +35,10 @@ void sparse_axpy_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tens
   });
 }
 
+// Scattered accesses to a large tensor miss the caches on nearly every index; asking for the
+// line kPrefetch indices ahead keeps several misses in flight.
+constexpr int64_t kPrefetch = 16;
+
 // --- union walks over sorted index lists ---
 
 // The part of one sorted index list that falls in [lo, hi): positions pos..end.
@@ -232,6 +236,7 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
   if (n_live == 1) {  // one delta in this range: no union to form
     const index_t* ip = spans[0].idx;
     for (int64_t i = spans[0].pos; i < spans[0].end; ++i) {
+      __builtin_prefetch(d + ip[std::min(i + kPrefetch, spans[0].end - 1)], 1);
       const scalar_t old = d[ip[i]];
       s[0][i] = old;
       d[ip[i]] = add_shares(old, axpy_acc<scalar_t>(0, v[0][i], a[0]));
@@ -257,6 +262,7 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
                                   where[0].data(), where[1].data())
                   : union_shares(spans, v, a, union_idx.data(), shares.data(), where);
   for (int64_t u = 0; u < u_end; ++u) {
+    __builtin_prefetch(d + union_idx[std::min(u + kPrefetch, u_end - 1)], 1);
     old[u] = d[union_idx[u]];
     d[union_idx[u]] = add_shares(old[u], shares[u]);
   }
@@ -314,7 +320,10 @@ void restore_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorL
           for (int64_t e : groups[item.t]) {
             const auto s = span_in(idx[e].data_ptr<index_t>(), idx[e].numel(), item.lo, item.hi);
             const scalar_t* v = val[e].data_ptr<scalar_t>();
-            for (int64_t i = s.pos; i < s.end; ++i) d[s.idx[i]] = v[i];
+            for (int64_t i = s.pos; i < s.end; ++i) {
+              __builtin_prefetch(d + s.idx[std::min(i + kPrefetch, s.end - 1)], 1);
+              d[s.idx[i]] = v[i];
+            }
           }
         });
       });
@@ -459,9 +468,7 @@ void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor
     TORCH_CHECK_VALUE(nan_at.load() < 0, "topk_masks: tensors[", nan_at.load(), "] holds NaN");
     for (int th = 1; th < threads; ++th)
       for (int64_t b = 0; b < kRadixBins; ++b) hist[b] += hist[static_cast<size_t>(th) * kRadixBins + b];
-    // Walk digits from the largest; the k_left-th candidate falls in digit b.
-    int64_t b = kRadixBins - 1;
-    for (; b > 0 && hist[b] < k_left; --b) k_left -= hist[b];
+    const int64_t b = select_digit(hist.data(), kRadixBins, k_left);
     prefix |= static_cast<key>(b) << shift;
     known |= static_cast<key>(kRadixBins - 1) << shift;
   }
