@@ -440,6 +440,40 @@ std::vector<Piece> pieces_of(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
+// After the first radix pass: keys whose top digit is above `digit` are selected, below it not;
+// the keys with that digit (the candidates, few) are gathered in position order and the k_left
+// largest taken, ties to the earliest. One pass over the data writes the masks.
+constexpr int64_t kMaxCandidates = int64_t(1) << 22;
+
+template <typename scalar_t>
+void topk_finish_with_candidates(const std::vector<at::Tensor>& ts, std::vector<at::Tensor>& masks,
+                                 const std::vector<Piece>& pieces, int64_t digit, int shift, int64_t k_left) {
+  using key = key_t<scalar_t>;
+  struct Candidate { key k; int64_t piece, i; };
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  std::vector<std::vector<Candidate>> found(np);
+  at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* x = ts[pieces[p].t].data_ptr<scalar_t>();
+      bool* m = masks[pieces[p].t].data_ptr<bool>();
+      for (int64_t i = pieces[p].begin; i < pieces[p].end; ++i) {
+        const key kx = magnitude_key(x[i]);
+        const int64_t top = static_cast<int64_t>(kx >> shift);
+        m[i] = top > digit;
+        if (top == digit) found[p].push_back({kx, p, i});
+      }
+    }
+  });
+  std::vector<Candidate> all;
+  for (auto& f : found) all.insert(all.end(), f.begin(), f.end());
+  // Stable: equal keys keep position order, so the earliest win ties.
+  std::stable_sort(all.begin(), all.end(), [](const Candidate& a, const Candidate& b) { return a.k > b.k; });
+  for (int64_t c = 0; c < k_left; ++c) {
+    const int64_t t = pieces[all[c].piece].t;
+    masks[t].data_ptr<bool>()[all[c].i] = true;
+  }
+}
+
 template <typename scalar_t>
 void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor>& masks, int64_t k) {
   using key = key_t<scalar_t>;
@@ -469,6 +503,11 @@ void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor
     for (int th = 1; th < threads; ++th)
       for (int64_t b = 0; b < kRadixBins; ++b) hist[b] += hist[static_cast<size_t>(th) * kRadixBins + b];
     const int64_t b = select_digit(hist.data(), kRadixBins, k_left);
+    if (shift == kBits - kRadixBits && hist[b] <= kMaxCandidates) {
+      // Few keys share the top digit b: finish in one more pass instead of two.
+      topk_finish_with_candidates<scalar_t>(ts, masks, pieces, b, shift, k_left);
+      return;
+    }
     prefix |= static_cast<key>(b) << shift;
     known |= static_cast<key>(kRadixBins - 1) << shift;
   }
