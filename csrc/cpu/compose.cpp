@@ -246,17 +246,22 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
   // Three loops, so that the merge never waits on a cache miss in d and d is touched once per
   // union index: sum the shares over the union (sequential reads), update d saving the old
   // values, then hand each entry the old values at its own indices.
+  // Scratch kept per thread across calls: fresh buffers per range would cost page faults.
+  thread_local std::vector<std::vector<int64_t>> where;
+  thread_local std::vector<int64_t> union_idx;
+  thread_local std::vector<a_t> shares;
+  thread_local std::vector<scalar_t> old;
   int64_t cap = 0;
   std::vector<int64_t> first(n_live);
-  std::vector<std::vector<int64_t>> where(n_live);
+  where.resize(n_live);
   for (size_t g = 0; g < n_live; ++g) {
     first[g] = spans[g].pos;
-    where[g].assign(spans[g].end - spans[g].pos, 0);
+    where[g].resize(spans[g].end - spans[g].pos);
     cap += spans[g].end - spans[g].pos;
   }
-  std::vector<int64_t> union_idx(cap);
-  std::vector<a_t> shares(cap);
-  std::vector<scalar_t> old(cap);
+  union_idx.resize(cap);
+  shares.resize(cap);
+  old.resize(cap);
   const int64_t u_end =
       n_live == 2 ? union_shares2(spans[0], spans[1], v[0], v[1], a[0], a[1], union_idx.data(), shares.data(),
                                   where[0].data(), where[1].data())
