@@ -81,7 +81,7 @@ def _encode_composable(diff: xlsparse.SparseDiff) -> dict:
 
 
 def _apply_cases(quick: bool) -> list[Case]:
-    shapes = xlmr_shapes(layers=2, vocab=25000) if quick else xlmr_shapes()
+    shapes = xlmr_shapes(layers=1, vocab=8000) if quick else xlmr_shapes()
     n = sum(torch.Size(s).numel() for s in shapes.values())
     gen = torch.Generator().manual_seed(1)
     params = {name: torch.randn(shape, generator=gen) * 0.02 for name, shape in shapes.items()}
@@ -118,7 +118,7 @@ def _apply_cases(quick: bool) -> list[Case]:
 
 def _topk_cases(quick: bool) -> list[Case]:
     gen = torch.Generator().manual_seed(4)
-    sizes = [(512, 768), (768, 768)] * (10 if quick else 100)
+    sizes = [(512, 768), (768, 768)] * (4 if quick else 100)
     tensors = [torch.randn(s, generator=gen) for s in sizes]
     n = sum(t.numel() for t in tensors)
     k = n // 100
