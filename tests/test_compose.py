@@ -607,3 +607,13 @@ def test_composable_sft_rejects_malformed(tmp_path, bad, msg):
     path.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="cannot read"):
         SparseDiff.load_composable_sft(str(path))
+
+
+@pytest.mark.parametrize("backend", TOPK_BACKENDS)
+def test_topk_masks_many_equal_keys(backend, use_backend):
+    # Over 4M equal magnitudes share the top radix digit: the CPU kernel's full radix path.
+    use_backend(backend)
+    tensors = [torch.full((3, 5), -2.0), torch.ones(2**22 + 5), torch.full((7,), 3.0)]
+    masks = topk_masks(tensors, 30)
+    assert masks[0].all() and masks[2].all()
+    assert masks[1][:8].all() and int(masks[1].sum()) == 8

@@ -35,6 +35,10 @@ void sparse_axpy_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tens
   });
 }
 
+// Scattered accesses to a large tensor miss the caches on nearly every index; asking for the
+// line kPrefetch indices ahead keeps several misses in flight.
+constexpr int64_t kPrefetch = 16;
+
 // --- union walks over sorted index lists ---
 
 // The part of one sorted index list that falls in [lo, hi): positions pos..end.
@@ -232,6 +236,7 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
   if (n_live == 1) {  // one delta in this range: no union to form
     const index_t* ip = spans[0].idx;
     for (int64_t i = spans[0].pos; i < spans[0].end; ++i) {
+      __builtin_prefetch(d + ip[std::min(i + kPrefetch, spans[0].end - 1)], 1);
       const scalar_t old = d[ip[i]];
       s[0][i] = old;
       d[ip[i]] = add_shares(old, axpy_acc<scalar_t>(0, v[0][i], a[0]));
@@ -241,22 +246,28 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
   // Three loops, so that the merge never waits on a cache miss in d and d is touched once per
   // union index: sum the shares over the union (sequential reads), update d saving the old
   // values, then hand each entry the old values at its own indices.
+  // Scratch kept per thread across calls: fresh buffers per range would cost page faults.
+  thread_local std::vector<std::vector<int64_t>> where;
+  thread_local std::vector<int64_t> union_idx;
+  thread_local std::vector<a_t> shares;
+  thread_local std::vector<scalar_t> old;
   int64_t cap = 0;
   std::vector<int64_t> first(n_live);
-  std::vector<std::vector<int64_t>> where(n_live);
+  where.resize(n_live);
   for (size_t g = 0; g < n_live; ++g) {
     first[g] = spans[g].pos;
-    where[g].assign(spans[g].end - spans[g].pos, 0);
+    where[g].resize(spans[g].end - spans[g].pos);
     cap += spans[g].end - spans[g].pos;
   }
-  std::vector<int64_t> union_idx(cap);
-  std::vector<a_t> shares(cap);
-  std::vector<scalar_t> old(cap);
+  union_idx.resize(cap);
+  shares.resize(cap);
+  old.resize(cap);
   const int64_t u_end =
       n_live == 2 ? union_shares2(spans[0], spans[1], v[0], v[1], a[0], a[1], union_idx.data(), shares.data(),
                                   where[0].data(), where[1].data())
                   : union_shares(spans, v, a, union_idx.data(), shares.data(), where);
   for (int64_t u = 0; u < u_end; ++u) {
+    __builtin_prefetch(d + union_idx[std::min(u + kPrefetch, u_end - 1)], 1);
     old[u] = d[union_idx[u]];
     d[union_idx[u]] = add_shares(old[u], shares[u]);
   }
@@ -314,7 +325,10 @@ void restore_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorL
           for (int64_t e : groups[item.t]) {
             const auto s = span_in(idx[e].data_ptr<index_t>(), idx[e].numel(), item.lo, item.hi);
             const scalar_t* v = val[e].data_ptr<scalar_t>();
-            for (int64_t i = s.pos; i < s.end; ++i) d[s.idx[i]] = v[i];
+            for (int64_t i = s.pos; i < s.end; ++i) {
+              __builtin_prefetch(d + s.idx[std::min(i + kPrefetch, s.end - 1)], 1);
+              d[s.idx[i]] = v[i];
+            }
           }
         });
       });
@@ -431,6 +445,40 @@ std::vector<Piece> pieces_of(const std::vector<at::Tensor>& ts) {
   return out;
 }
 
+// After the first radix pass: keys whose top digit is above `digit` are selected, below it not;
+// the keys with that digit (the candidates, few) are gathered in position order and the k_left
+// largest taken, ties to the earliest. One pass over the data writes the masks.
+constexpr int64_t kMaxCandidates = int64_t(1) << 22;
+
+template <typename scalar_t>
+void topk_finish_with_candidates(const std::vector<at::Tensor>& ts, std::vector<at::Tensor>& masks,
+                                 const std::vector<Piece>& pieces, int64_t digit, int shift, int64_t k_left) {
+  using key = key_t<scalar_t>;
+  struct Candidate { key k; int64_t piece, i; };
+  const int64_t np = static_cast<int64_t>(pieces.size());
+  std::vector<std::vector<Candidate>> found(np);
+  at::parallel_for(0, np, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* x = ts[pieces[p].t].data_ptr<scalar_t>();
+      bool* m = masks[pieces[p].t].data_ptr<bool>();
+      for (int64_t i = pieces[p].begin; i < pieces[p].end; ++i) {
+        const key kx = magnitude_key(x[i]);
+        const int64_t top = static_cast<int64_t>(kx >> shift);
+        m[i] = top > digit;
+        if (top == digit) found[p].push_back({kx, p, i});
+      }
+    }
+  });
+  std::vector<Candidate> all;
+  for (auto& f : found) all.insert(all.end(), f.begin(), f.end());
+  // Stable: equal keys keep position order, so the earliest win ties.
+  std::stable_sort(all.begin(), all.end(), [](const Candidate& a, const Candidate& b) { return a.k > b.k; });
+  for (int64_t c = 0; c < k_left; ++c) {
+    const int64_t t = pieces[all[c].piece].t;
+    masks[t].data_ptr<bool>()[all[c].i] = true;
+  }
+}
+
 template <typename scalar_t>
 void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor>& masks, int64_t k) {
   using key = key_t<scalar_t>;
@@ -459,9 +507,12 @@ void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor
     TORCH_CHECK_VALUE(nan_at.load() < 0, "topk_masks: tensors[", nan_at.load(), "] holds NaN");
     for (int th = 1; th < threads; ++th)
       for (int64_t b = 0; b < kRadixBins; ++b) hist[b] += hist[static_cast<size_t>(th) * kRadixBins + b];
-    // Walk digits from the largest; the k_left-th candidate falls in digit b.
-    int64_t b = kRadixBins - 1;
-    for (; b > 0 && hist[b] < k_left; --b) k_left -= hist[b];
+    const int64_t b = select_digit(hist.data(), kRadixBins, k_left);
+    if (shift == kBits - kRadixBits && hist[b] <= kMaxCandidates) {
+      // Few keys share the top digit b: finish in one more pass instead of two.
+      topk_finish_with_candidates<scalar_t>(ts, masks, pieces, b, shift, k_left);
+      return;
+    }
     prefix |= static_cast<key>(b) << shift;
     known |= static_cast<key>(kRadixBins - 1) << shift;
   }

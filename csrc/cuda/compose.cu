@@ -350,6 +350,157 @@ std::tuple<at::Tensor, at::Tensor> merge_deltas_cuda(at::TensorList indices, at:
   return {out_idx.to(indices[0].scalar_type()), out_val};
 }
 
+// --- topk_masks: radix select, 8 bits per pass (a 256-bin histogram fits in shared memory) ---
+constexpr int kGpuDigitBits = 8;
+constexpr int kGpuBins = 1 << kGpuDigitBits;
+// Rows per tensor: data pointer, numel, mask pointer.
+enum TopkField { kData, kNumel, kMask, kTopkFields };
+
+template <typename scalar_t>
+__global__ void topk_hist_kernel(const int64_t* __restrict__ rows, uint64_t prefix, uint64_t known, int shift,
+                                 unsigned long long* __restrict__ hist, int* __restrict__ has_nan) {
+  __shared__ unsigned int local[kGpuBins];
+  for (int b = threadIdx.x; b < kGpuBins; b += blockDim.x) local[b] = 0;
+  __syncthreads();
+  const int64_t* row = rows + kTopkFields * blockIdx.y;
+  const auto* x = reinterpret_cast<const scalar_t*>(row[kData]);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < row[kNumel];
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const uint64_t kx = magnitude_key(x[i]);
+    if (kx > inf_key<scalar_t>()) has_nan[blockIdx.y] = 1;
+    if ((kx & known) == prefix) atomicAdd(&local[(kx >> shift) & (kGpuBins - 1)], 1u);
+  }
+  __syncthreads();
+  for (int b = threadIdx.x; b < kGpuBins; b += blockDim.x)
+    if (local[b]) atomicAdd(hist + b, static_cast<unsigned long long>(local[b]));
+}
+
+template <typename scalar_t>
+__global__ void topk_mask_kernel(const int64_t* __restrict__ rows, uint64_t threshold) {
+  const int64_t* row = rows + kTopkFields * blockIdx.y;
+  const auto* x = reinterpret_cast<const scalar_t*>(row[kData]);
+  auto* m = reinterpret_cast<bool*>(row[kMask]);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < row[kNumel];
+       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
+    m[i] = magnitude_key(x[i]) >= threshold;
+}
+
+// Split ties: chunks of kTieChunk elements in global order; rows per chunk: data, begin, end, mask.
+constexpr int64_t kTieChunk = 4096;
+
+template <typename scalar_t>
+__global__ void topk_count_ties_kernel(const int64_t* __restrict__ chunks, uint64_t threshold,
+                                       int64_t* __restrict__ counts) {
+  const int64_t* row = chunks + 4 * blockIdx.x;
+  const auto* x = reinterpret_cast<const scalar_t*>(row[0]);
+  int64_t c = 0;
+  for (int64_t i = row[1] + threadIdx.x; i < row[2]; i += blockDim.x) c += magnitude_key(x[i]) == threshold;
+  atomicAdd(reinterpret_cast<unsigned long long*>(counts + blockIdx.x), static_cast<unsigned long long>(c));
+}
+
+// One thread per chunk walks it in order, so tied entries are ranked by position.
+template <typename scalar_t>
+__global__ void topk_mask_ties_kernel(const int64_t* __restrict__ chunks, int64_t num_chunks, uint64_t threshold,
+                                      const int64_t* __restrict__ ties_before, int64_t k_left) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c >= num_chunks) return;
+  const int64_t* row = chunks + 4 * c;
+  const auto* x = reinterpret_cast<const scalar_t*>(row[0]);
+  auto* m = reinterpret_cast<bool*>(row[3]);
+  int64_t rank = ties_before[c];
+  for (int64_t i = row[1]; i < row[2]; ++i) {
+    const uint64_t kx = magnitude_key(x[i]);
+    const bool tie = kx == threshold;
+    m[i] = kx > threshold || (tie && rank < k_left);
+    rank += tie;
+  }
+}
+
+template <typename scalar_t>
+void topk_masks_gpu(const std::vector<at::Tensor>& ts, std::vector<at::Tensor>& masks, int64_t k) {
+  using key = key_t<scalar_t>;
+  constexpr int kBits = 8 * sizeof(key);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto device = ts[0].device();
+  const int64_t nt = static_cast<int64_t>(ts.size());
+  TORCH_CHECK_VALUE(nt <= 65535, "topk_masks: at most 65535 tensors per call on CUDA, got ", nt);
+  std::vector<int64_t> rows;
+  int64_t max_n = 0;
+  for (int64_t t = 0; t < nt; ++t) {
+    rows.insert(rows.end(), {reinterpret_cast<int64_t>(ts[t].data_ptr()), ts[t].numel(),
+                             reinterpret_cast<int64_t>(masks[t].data_ptr())});
+    max_n = std::max(max_n, ts[t].numel());
+  }
+  if (max_n == 0) return;
+  auto table = at::tensor(rows, at::kLong).to(device);
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>((max_n + 2047) / 2048, 1024)), static_cast<unsigned>(nt));
+  auto hist = at::empty({kGpuBins}, table.options());
+  auto has_nan = at::zeros({nt}, table.options().dtype(at::kInt));
+  uint64_t prefix = 0, known = 0;
+  int64_t k_left = k;
+  at::Tensor hist_cpu;
+  for (int shift = kBits - kGpuDigitBits; shift >= 0; shift -= kGpuDigitBits) {
+    hist.zero_();
+    topk_hist_kernel<scalar_t><<<grid, 256, 0, stream>>>(table.data_ptr<int64_t>(), prefix, known, shift,
+                                                          reinterpret_cast<unsigned long long*>(hist.data_ptr<int64_t>()),
+                                                          has_nan.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (shift == kBits - kGpuDigitBits) {
+      const auto nan_cpu = has_nan.cpu();
+      for (int64_t t = 0; t < nt; ++t)
+        TORCH_CHECK_VALUE(nan_cpu.data_ptr<int>()[t] == 0, "topk_masks: tensors[", t, "] holds NaN");
+    }
+    hist_cpu = hist.cpu();
+    const int64_t b = select_digit(hist_cpu.data_ptr<int64_t>(), kGpuBins, k_left);
+    prefix |= static_cast<uint64_t>(b) << shift;
+    known |= static_cast<uint64_t>(kGpuBins - 1) << shift;
+  }
+  const uint64_t threshold = prefix;
+  const int64_t ties_total = hist_cpu.data_ptr<int64_t>()[threshold & (kGpuBins - 1)];
+  if (k_left == ties_total) {  // every tie is taken
+    topk_mask_kernel<scalar_t><<<grid, 256, 0, stream>>>(table.data_ptr<int64_t>(), threshold);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  std::vector<int64_t> chunk_rows;
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t b = 0; b < ts[t].numel(); b += kTieChunk)
+      chunk_rows.insert(chunk_rows.end(), {reinterpret_cast<int64_t>(ts[t].data_ptr()), b,
+                                           std::min(ts[t].numel(), b + kTieChunk),
+                                           reinterpret_cast<int64_t>(masks[t].data_ptr())});
+  const int64_t num_chunks = static_cast<int64_t>(chunk_rows.size() / 4);
+  TORCH_CHECK_VALUE(num_chunks <= 2147483647, "topk_masks: too many elements");
+  auto chunks = at::tensor(chunk_rows, at::kLong).to(device);
+  auto counts = at::zeros({num_chunks}, chunks.options());
+  topk_count_ties_kernel<scalar_t><<<static_cast<unsigned>(num_chunks), 256, 0, stream>>>(
+      chunks.data_ptr<int64_t>(), threshold, counts.data_ptr<int64_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto ties_before = (counts.cumsum(0) - counts).contiguous();
+  topk_mask_ties_kernel<scalar_t><<<static_cast<unsigned>((num_chunks + 255) / 256), 256, 0, stream>>>(
+      chunks.data_ptr<int64_t>(), num_chunks, threshold, ties_before.data_ptr<int64_t>(), k_left);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<at::Tensor> topk_masks_cuda(at::TensorList tensors, int64_t k) {
+  const char* op = "topk_masks";
+  int64_t total = 0;
+  std::vector<at::Tensor> ts, masks;
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    TORCH_CHECK_TYPE(at::isFloatingType(tensors[t].scalar_type()) && tensors[t].scalar_type() == tensors[0].scalar_type(),
+                     op, ": tensors must share one floating dtype; tensors[", t, "] is ", tensors[t].scalar_type());
+    TORCH_CHECK_VALUE(tensors[t].device() == tensors[0].device(), op, ": tensors must be on one device; tensors[", t,
+                      "] is on ", tensors[t].device());
+    ts.push_back(tensors[t].contiguous());
+    masks.push_back(at::zeros(tensors[t].sizes(), tensors[t].options().dtype(at::kBool)));
+    total += tensors[t].numel();
+  }
+  TORCH_CHECK_VALUE(k >= 0 && k <= total, op, ": k = ", k, " is outside [0, ", total, "] (the total element count)");
+  if (k == 0) return masks;
+  const c10::cuda::CUDAGuard guard(ts[0].device());
+  XLS_DISPATCH_FLOATS(ts[0].scalar_type(), "topk_masks", [&] { topk_masks_gpu<scalar_t>(ts, masks, k); });
+  return masks;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(xlsparse, CUDA, m) {
@@ -357,6 +508,7 @@ TORCH_LIBRARY_IMPL(xlsparse, CUDA, m) {
   m.impl("apply_diffs_", &apply_diffs_cuda);
   m.impl("restore_diffs_", &restore_diffs_cuda);
   m.impl("merge_deltas", &merge_deltas_cuda);
+  m.impl("topk_masks", &topk_masks_cuda);
 }
 
 }  // namespace xlsparse

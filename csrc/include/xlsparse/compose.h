@@ -108,6 +108,14 @@ inline void check_saved(const char* op, at::TensorList values, at::ArrayRef<doub
                       op, ": saved[", e, "] must be a contiguous tensor like values[", e, "]");
 }
 
+// Radix select step: the digit (histogram bin) that holds the k_left-th largest candidate,
+// walking from the largest digit; k_left becomes that candidate's rank inside the bin.
+inline int64_t select_digit(const int64_t* hist, int64_t bins, int64_t& k_left) {
+  int64_t b = bins - 1;
+  for (; b > 0 && hist[b] < k_left; --b) k_left -= hist[b];
+  return b;
+}
+
 // Entries grouped by the tensor they update, in the order given.
 inline std::vector<std::vector<int64_t>> entries_by_target(int64_t num_dense, at::IntArrayRef target) {
   std::vector<std::vector<int64_t>> groups(num_dense);
