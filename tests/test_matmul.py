@@ -549,7 +549,7 @@ def _bad_layer_calls():
         ("gates shape", lambda: functional.multi_delta_linear(x, w, b, [idx], [vals], gates=torch.rand(2, 2)), ValueError, "gates"),
         ("delta lists", lambda: functional.multi_delta_linear(x, w, b, [idx], [], route=None), ValueError, "value tensors"),
         ("k and density", lambda: xnn.SparseDeltaLinear.from_linear(lin, k=2, density=0.1), ValueError, "exactly one"),
-        ("k too big", lambda: xnn.SparseDeltaLinear.from_linear(lin, k=13), ValueError, "k must"),
+        ("k too big", lambda: xnn.SparseDeltaLinear.from_linear(lin, k=13), ValueError, "k = 13 is outside"),
         ("mask shape", lambda: xnn.SparseDeltaLinear.from_linear(lin, indices=torch.ones(3, 4, dtype=torch.bool)), ValueError, "mask"),
         ("bad indices", lambda: xnn.SparseDeltaLinear.from_linear(lin, indices=torch.tensor([3, 3])), ValueError, "sorted"),
         ("space", lambda: functional.ensemble_logprobs(z, lw, space="log"), ValueError, "space"),

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .functional import topk_mask
 from .ops import compose as _ops
 
 FORMAT = "xlsparse.SparseDiff"
@@ -27,6 +28,25 @@ COMPOSABLE_SFT_FILE = "pytorch_diff.bin"
 def index_dtype(numel: int) -> torch.dtype:
     """The index dtype of a delta over `numel` elements: int32 below 2^31, int64 above."""
     return torch.int32 if numel < 2**31 else torch.int64
+
+
+def budget(what: str, total: int, k: int | None = None, density: float | None = None) -> int:
+    """How many entries to select: `k`, or the share `density` of `total`; exactly one is given."""
+    if (k is None) == (density is None):
+        raise ValueError(f"{what}: give exactly one of k or density")
+    if density is not None:
+        if not 0.0 <= density <= 1.0:
+            raise ValueError(f"{what}: density must be in [0, 1], got {density}")
+        k = round(density * total)
+    if not 0 <= k <= total:
+        raise ValueError(f"{what}: k = {k} is outside [0, {total}] (the elements to choose from)")
+    return int(k)
+
+
+def _delta_at(t: torch.Tensor, mask: torch.Tensor) -> "SparseDelta":
+    """The entries of `t` where `mask` is True, as a SparseDelta (indices sorted by construction)."""
+    idx = mask.reshape(-1).nonzero().squeeze(1)
+    return SparseDelta._trusted(idx.to(index_dtype(t.numel())), t.reshape(-1)[idx], t.shape)
 
 
 def _check_delta(indices, values, shape, where: str):
@@ -122,14 +142,8 @@ class SparseDelta:
         """The nonzero entries of `t`, or with `k`, its k largest-magnitude entries (ties: lowest
         position first)."""
         t = t.detach()
-        if k is None:
-            mask = t != 0
-        else:
-            from .functional import topk_mask
-
-            (mask,) = topk_mask([t], k)
-        idx = mask.reshape(-1).nonzero().squeeze(1)
-        return cls._trusted(idx.to(index_dtype(t.numel())), t.reshape(-1)[idx], t.shape)
+        mask = t != 0 if k is None else topk_mask([t], k)[0]
+        return _delta_at(t, mask)
 
     def __repr__(self) -> str:
         return (f"SparseDelta(shape={tuple(self.shape)}, nnz={self.nnz}, density={self.density:.3g}, "
@@ -386,33 +400,16 @@ class SparseDiff:
         names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
         Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
         """
-        if (k is None) == (density is None):
-            raise ValueError("from_models: give exactly one of k or density")
         b, t = _named_tensors(base), _named_tensors(tuned)
         names = [n for n in t if n in b and t[n].is_floating_point() and _selected(n, include, exclude)]
         for n in names:
             if b[n].shape != t[n].shape:
                 raise ValueError(f"from_models: {n!r} has shape {tuple(b[n].shape)} in base but {tuple(t[n].shape)} in tuned")
-        total = sum(t[n].numel() for n in names)
-        if density is not None:
-            if not 0.0 <= density <= 1.0:
-                raise ValueError(f"from_models: density must be in [0, 1], got {density}")
-            k = round(density * total)
-        if not 0 <= k <= total:
-            raise ValueError(f"from_models: k = {k} is outside [0, {total}] (elements in the selected parameters)")
+        k = budget("from_models", sum(t[n].numel() for n in names), k, density)
         with torch.no_grad():
             diffs = [t[n].detach() - b[n].detach().to(t[n]) for n in names]
-            if diffs and len({d.dtype for d in diffs}) > 1:
-                wide = diffs[0].dtype
-                for d in diffs:
-                    wide = torch.promote_types(wide, d.dtype)
-                masks = _ops.topk_masks([d.to(wide) for d in diffs], k)
-            else:
-                masks = _ops.topk_masks([d.contiguous() for d in diffs], k)
-            deltas = {}
-            for n, d, m in zip(names, diffs, masks):
-                idx = m.reshape(-1).nonzero().squeeze(1)
-                deltas[n] = SparseDelta._trusted(idx.to(index_dtype(d.numel())), d.reshape(-1)[idx], d.shape)
+            masks = topk_mask(diffs, k)
+            deltas = {n: _delta_at(d, m) for n, d, m in zip(names, diffs, masks)}
         return cls._trusted(deltas, base_model=base_model)
 
     # --- xlsparse files: one safetensors file, the JSON description in its metadata ---

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional, routing
-from .diff import index_dtype
+from .diff import budget, index_dtype
 from .ops import _common
 from .ops import optim as optim_ops
 from .ops.compose import sparse_axpy_
@@ -20,12 +20,7 @@ def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.
         raise ValueError("from_linear: give exactly one of k, density or indices")
     n = weight.numel()
     if indices is None:
-        if density is not None:
-            if not 0.0 <= density <= 1.0:
-                raise ValueError(f"from_linear: density must lie in [0, 1], got {density}")
-            k = round(density * n)
-        if not 0 <= k <= n:
-            raise ValueError(f"from_linear: k must lie in [0, {n}], got {k}")
+        k = budget("from_linear", n, k, density)
         picked = torch.randperm(n, device=weight.device)[:k]
         return picked.sort().values.to(index_dtype(n))
     indices = torch.as_tensor(indices, device=weight.device)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..diff import budget
 from ..functional import topk_mask
 from ..optim import MaskedAdamW
 from .subnetworks import _progress
@@ -75,7 +76,7 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
                 if j != i and weights[j] > 0:
                     s -= protect * weights[j] * norm[other][n]
             adjusted.append(s)
-        k = round(density * sum(t.numel() for t in adjusted))
+        k = budget("language_aware_masks", sum(t.numel() for t in adjusted), density=density)
         masks[lang] = dict(zip(names, topk_mask(adjusted, k)))
     return masks
 

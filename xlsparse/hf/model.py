@@ -5,13 +5,14 @@
 GPT-2 `Conv1D` ([in, out] weight) maps to a linear ([out, in]).
 """
 import contextlib
+import math
 import re
 
 import torch
 from torch import nn
 
 from .. import routing
-from ..diff import SparseDelta, SparseDiff, index_dtype
+from ..diff import SparseDelta, SparseDiff, budget, index_dtype
 from ..nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 
 KINDS = ("delta", "multi", "subnetwork")
@@ -86,11 +87,14 @@ def _transpose_delta(delta, rows: int, cols: int) -> SparseDelta:
     return SparseDelta._trusted(flat[order].to(index_dtype(rows * cols)), delta.values[order], (cols, rows))
 
 
+def _empty_delta(shape) -> SparseDelta:
+    return SparseDelta._trusted(torch.zeros(0, dtype=index_dtype(math.prod(shape))), torch.zeros(0), shape)
+
+
 def _split_k(sizes: list[int], k: int) -> list[int]:
     """Split a global budget k over layers in proportion to their size (largest remainders)."""
     total = sum(sizes)
-    if not 0 <= k <= total:
-        raise ValueError(f"convert: k = {k} is outside [0, {total}] (weights in the target layers)")
+    k = budget("convert", total, k)
     exact = [k * s / total for s in sizes]
     out = [int(e) for e in exact]
     for i in sorted(range(len(sizes)), key=lambda i: out[i] - exact[i])[: k - sum(out)]:
@@ -140,9 +144,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         out_f, in_f = linear.weight.shape
         if kind == "delta":
             if diffs is not None:
-                delta = diffs.deltas.get(pname)
-                if delta is None:
-                    delta = SparseDelta._trusted(torch.zeros(0, dtype=torch.int32), torch.zeros(0), original.weight.shape)
+                delta = diffs.deltas.get(pname) or _empty_delta(original.weight.shape)
                 if transposed:
                     delta = _transpose_delta(delta, *original.weight.shape)
                 layer = SparseDeltaLinear.from_linear(linear, indices=delta.indices)
@@ -155,9 +157,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         elif kind == "multi":
             deltas = {}
             for lang, diff in diffs.items():
-                delta = diff.deltas.get(pname)
-                if delta is None:
-                    delta = SparseDelta._trusted(torch.zeros(0, dtype=torch.int32), torch.zeros(0), original.weight.shape)
+                delta = diff.deltas.get(pname) or _empty_delta(original.weight.shape)
                 deltas[lang] = _transpose_delta(delta, *original.weight.shape) if transposed else delta
             layer = MultiDeltaLinear.from_linear(linear, deltas)
         else:

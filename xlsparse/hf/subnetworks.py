@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
+from ..diff import budget
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..optim import MaskedSGD
@@ -59,12 +60,10 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
 def select_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], density: float) -> dict[str, dict[str, torch.Tensor]]:
     """A mask per language: the `density` share of its most important entries, global over the
     scored parameters (exactly K entries, ties to the lowest position)."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"select_masks: density must be in [0, 1], got {density}")
     masks = {}
     for lang, named in scores.items():
         names = list(named)
-        k = round(density * sum(named[n].numel() for n in names))
+        k = budget("select_masks", sum(named[n].numel() for n in names), density=density)
         masks[lang] = dict(zip(names, topk_mask([named[n] for n in names], k)))
     return masks
 
