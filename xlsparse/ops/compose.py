@@ -55,6 +55,7 @@ def sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
         triton_sparse_axpy_(dense, indices, values, float(alpha))
     else:
         torch.ops.xlsparse.sparse_axpy_(dense, indices, values, float(alpha))
+        _common.mark_written([dense])
     return dense
 
 
@@ -157,6 +158,7 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
         triton_apply_diffs_(dense, indices, values, target, alphas, saved)
     else:
         torch.ops.xlsparse.apply_diffs_(dense, indices, values, target, alphas, saved)
+        _common.mark_written([dense[t] for t in set(target)])
     return saved
 
 
@@ -175,6 +177,7 @@ def restore_diffs_(dense: list, indices: list, saved: list, target: list) -> Non
         triton_restore_diffs_(dense, indices, saved, target)
     else:
         torch.ops.xlsparse.restore_diffs_(dense, indices, saved, target)
+        _common.mark_written([dense[t] for t in set(target)])
 
 
 # --- merge_deltas: union of sorted supports ---

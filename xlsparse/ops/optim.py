@@ -212,6 +212,7 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
         triton_masked_adamw_(*args)
     else:
         torch.ops.xlsparse.masked_adamw_(*args)
+        _common.mark_written([*params, *exp_avgs, *exp_avg_sqs, *args[5], *steps])
 
 
 def _checked(args, amsgrad):
@@ -284,6 +285,7 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors
         triton_masked_sgd_(*args)
     else:
         torch.ops.xlsparse.masked_sgd_(*args)
+        _common.mark_written([*params, *args[3], *steps])
 
 
 # --- multi_mask_weight_grad ---
