@@ -237,7 +237,9 @@ def masked_sgd_reference(params, grads, selectors, momentum_buffers, steps, lr, 
         acc = _common.acc_dtype(p.dtype)
         flat = p.view(-1)
         w = flat[ppos].to(acc)
-        g = grads[i].view(-1)[ppos].to(acc) / scale + weight_decay * w
+        g = grads[i].view(-1)[ppos].to(acc) / scale
+        if weight_decay != 0:  # as torch: skipped when zero, so an inf weight does not become NaN
+            g = g + weight_decay * w
         if momentum != 0:
             step = steps[i]
             first = step[spos] == 0 if step.dtype == torch.int32 else torch.full_like(g, float(step) == 0, dtype=torch.bool)
