@@ -309,9 +309,9 @@ def check_multi_mask_weight_grad(grad_out, input, masks, order, offsets, read_da
     if order.dim() != 1 or offsets.dim() != 1 or offsets.numel() != masks.shape[0] + 1:
         raise ValueError(f"{op}: order must be 1-D and offsets must have L + 1 = {masks.shape[0] + 1} entries, got "
                          f"{tuple(offsets.shape)}")
-    for t in (input, masks, order, offsets):
+    for name, t in (("input", input), ("masks", masks), ("order", order), ("offsets", offsets)):
         if t.device != grad_out.device:
-            raise ValueError(f"{op}: every tensor must be on {grad_out.device}")
+            raise ValueError(f"{op}: {name} is on device {t.device} but grad_out on {grad_out.device}")
     if not read_data:
         return
     off = offsets.tolist()
