@@ -146,3 +146,63 @@ def test_helpers_are_no_ops_without_a_process_group():
         xdist.all_reduce_scores(scores, op="max")
     with pytest.raises(TypeError, match="tensors"):
         xdist.all_reduce_scores("scores")
+
+
+# --- FSDP2 (fully_shard) on gloo ---
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = _tiny_model()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("delta_values"))
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        values = [p for p in model.parameters() if p.requires_grad]
+        try:
+            MaskedAdamW(values, [None] * len(values))
+        except TypeError as exc:
+            rejected = "DTensor" in str(exc)
+        else:
+            rejected = False
+        # The delta values are the whole trainable vector (mask None), so torch's AdamW over the
+        # sharded values is exactly the masked optimizer's math.
+        opt = torch.optim.AdamW(values, lr=1e-2, weight_decay=0.01)
+        model.train()
+        for b in _global_batch():
+            ids = b[rank * 2:(rank + 1) * 2]
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if rank == 0:
+            torch.save({"params": full, "rejected": rejected}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_gloo_trains_delta_values_like_one_process(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path / "fsdp.pt")
+    mp.spawn(_fsdp_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    res = torch.load(out, weights_only=True)
+    assert res["rejected"], "MaskedAdamW must refuse DTensor (FSDP2-sharded) parameters with a clear TypeError"
+    model = _tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("delta_values"))
+    values = [p for p in model.parameters() if p.requires_grad]
+    opt = MaskedAdamW(values, [None] * len(values), lr=1e-2, weight_decay=0.01, mode="compact")
+    model.train()
+    for ids in _global_batch():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(res["params"]) == set(single)
+    for name, p in single.items():
+        torch.testing.assert_close(res["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
