@@ -445,7 +445,10 @@ class SparseDiff:
                 keys = set(f.keys())
                 if header is None:
                     raise ValueError(f"{path}: not an xlsparse diff file (no 'xlsparse' metadata)")
-                meta = json.loads(header)
+                try:
+                    meta = json.loads(header)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{path}: the 'xlsparse' metadata is not valid JSON: {exc}") from exc
                 tensors = {k: f.get_tensor(k) for k in keys}
         except ValueError:
             raise

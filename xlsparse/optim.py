@@ -44,6 +44,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self.mode = mode
         super().__init__(params, defaults)
         for p in self._all_params():
+            if _is_dtensor(p):
+                raise TypeError(f"{type(self).__name__} does not take DTensor (FSDP2 / tensor-parallel) parameters: "
+                                "masks and state would need sharding like each parameter. Use DDP, or, for "
+                                "SparseDeltaLinear's delta values (mask None), torch.optim.AdamW")
             if not p.is_contiguous():
                 raise ValueError("masked optimizers need contiguous parameters")
         selectors = self._parse_masks(masks)
@@ -224,6 +228,14 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 state["step"] = state["step"].to(p.device)
             steps.append(state["step"])
         return grads, selectors, steps, {k: [self.state[p][k] for p in params] for k in keys}
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _index_tensor(indices: torch.Tensor, numel: int) -> torch.Tensor:

@@ -102,6 +102,17 @@ def _split_k(sizes: list[int], k: int) -> list[int]:
     return out
 
 
+def _check_entries(what: str, entries, shapes: dict) -> None:
+    """Every entry ({parameter name: delta or mask}) must name a target layer's weight, with its
+    shape: checked before any layer is replaced, so a bad diff leaves the model untouched."""
+    for pname, t in entries.items():
+        if pname not in shapes:
+            raise ValueError(f"convert: {what} names {pname!r}, which is not the weight of a target linear layer "
+                             f"(targets: {list(shapes)[:6]}{' ...' if len(shapes) > 6 else ''})")
+        if tuple(t.shape) != shapes[pname]:
+            raise ValueError(f"convert: {what} entry {pname!r} has shape {tuple(t.shape)}, the weight has {shapes[pname]}")
+
+
 def convert(model: nn.Module, target_modules=None, density: float | None = None, k: int | None = None,
             kind: str = "delta", diffs=None, masks=None) -> nn.Module:
     """Replace the target linear layers of `model` in place and return it.
@@ -137,6 +148,15 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         if not isinstance(masks, dict) or not masks:
             raise TypeError("convert: kind='subnetwork' needs masks={language: {parameter name: BoolTensor}}")
         languages_ = list(masks)
+    shapes = {f"{n}.weight": tuple(modules[n].weight.shape) for n in names}
+    if kind == "delta" and diffs is not None:
+        _check_entries("diffs", diffs.deltas, shapes)
+    elif kind == "multi":
+        for lang, diff in diffs.items():
+            _check_entries(f"diffs[{lang!r}]", diff.deltas, shapes)
+    elif kind == "subnetwork":
+        for lang, named in masks.items():
+            _check_entries(f"masks[{lang!r}]", named, shapes)
     for i, name in enumerate(names):
         original = modules[name]
         linear, transposed = _as_linear(original)
@@ -166,9 +186,6 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
                 m = named.get(pname)
                 if m is None:
                     m = torch.zeros(original.weight.shape, dtype=torch.bool, device=original.weight.device)
-                if tuple(m.shape) != tuple(original.weight.shape):
-                    raise ValueError(f"convert: mask of {pname!r} for {lang!r} has shape {tuple(m.shape)}, "
-                                     f"the weight has {tuple(original.weight.shape)}")
                 per_lang[lang] = m.t() if transposed else m
             layer = SubnetworkLinear.from_linear(linear, masks=per_lang)
         layer._xlsparse_transposed = transposed

@@ -80,6 +80,19 @@ def backends() -> dict[str, dict[str, bool]]:
     }
 
 
+def mark_written(tensors) -> None:
+    """Bump the version counters of tensors a C++ kernel wrote in place. The dispatcher does not
+    do it for ops defined in C++, so without this autograd would miss an in-place change of a
+    saved tensor, and caches keyed on `_version` (SparseDeltaLinear's merged weight) would go stale
+    after an optimizer step. Inference tensors have no counter; compiled graphs track writes
+    themselves."""
+    if torch.compiler.is_compiling():
+        return
+    tensors = [t for t in tensors if t is not None and not t.is_inference()]
+    if tensors:
+        torch.autograd.graph.increment_version(tensors)
+
+
 # --- argument checks (the Python twin of csrc/include/xlsparse/checks.h) ---
 
 def check_sparse_update(op: str, dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:

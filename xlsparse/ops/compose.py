@@ -52,9 +52,11 @@ def sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
         _common.check_sparse_update("sparse_axpy_", dense, indices, values)
         if not torch.compiler.is_compiling():
             _common.check_indices("sparse_axpy_", indices, dense.numel())
-        triton_sparse_axpy_(dense, indices, values, float(alpha))
+        # the kernel reads indices and values as flat arrays
+        triton_sparse_axpy_(dense, indices.contiguous(), values.contiguous(), float(alpha))
     else:
         torch.ops.xlsparse.sparse_axpy_(dense, indices, values, float(alpha))
+        _common.mark_written([dense])
     return dense
 
 
@@ -157,6 +159,7 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
         triton_apply_diffs_(dense, indices, values, target, alphas, saved)
     else:
         torch.ops.xlsparse.apply_diffs_(dense, indices, values, target, alphas, saved)
+        _common.mark_written([dense[t] for t in set(target)])
     return saved
 
 
@@ -172,9 +175,10 @@ def restore_diffs_(dense: list, indices: list, saved: list, target: list) -> Non
 
         check_diff_entries("restore_diffs_", dense, indices, saved, target,
                            read_indices=not torch.compiler.is_compiling())
-        triton_restore_diffs_(dense, indices, saved, target)
+        triton_restore_diffs_(dense, [i.contiguous() for i in indices], [v.contiguous() for v in saved], target)
     else:
         torch.ops.xlsparse.restore_diffs_(dense, indices, saved, target)
+        _common.mark_written([dense[t] for t in set(target)])
 
 
 # --- merge_deltas: union of sorted supports ---
@@ -230,7 +234,7 @@ def merge_deltas(indices: list, values: list, weights: list, numel: int) -> tupl
     `sum_i weights[i] * values[i]` (float32 accumulation, in delta order). Linear time, no dense copy."""
     indices, values, weights = list(indices), list(values), [float(w) for w in weights]
     device = indices[0].device if indices else torch.device("cpu")
-    if _backend_without_triton("merge_deltas", device) == "reference":
+    if not indices or _backend_without_triton("merge_deltas", device) == "reference":
         return merge_deltas_reference(indices, values, weights, int(numel))
     return torch.ops.xlsparse.merge_deltas(indices, values, weights, int(numel))
 
@@ -272,6 +276,7 @@ if _ext.loaded():
 
     @torch.library.register_fake("xlsparse::topk_masks")
     def _topk_masks_fake(tensors, k):
+        check_topk("topk_masks", tensors, k)
         return [torch.empty(x.shape, dtype=torch.bool, device=x.device) for x in tensors]
 
 

@@ -317,6 +317,7 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
         triton_spmm_(out, x, indices, values, token_index, token_bounds, token_scale, transpose)
     else:
         torch.ops.xlsparse.spmm_(out, x, indices, values, token_index, token_bounds, token_scale, transpose)
+        _common.mark_written([out])
     return out
 
 

@@ -212,6 +212,7 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
         triton_masked_adamw_(*args)
     else:
         torch.ops.xlsparse.masked_adamw_(*args)
+        _common.mark_written([*params, *exp_avgs, *exp_avg_sqs, *args[5], *steps])
 
 
 def _checked(args, amsgrad):
@@ -236,7 +237,9 @@ def masked_sgd_reference(params, grads, selectors, momentum_buffers, steps, lr, 
         acc = _common.acc_dtype(p.dtype)
         flat = p.view(-1)
         w = flat[ppos].to(acc)
-        g = grads[i].view(-1)[ppos].to(acc) / scale + weight_decay * w
+        g = grads[i].view(-1)[ppos].to(acc) / scale
+        if weight_decay != 0:  # as torch: skipped when zero, so an inf weight does not become NaN
+            g = g + weight_decay * w
         if momentum != 0:
             step = steps[i]
             first = step[spos] == 0 if step.dtype == torch.int32 else torch.full_like(g, float(step) == 0, dtype=torch.bool)
@@ -284,6 +287,7 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors
         triton_masked_sgd_(*args)
     else:
         torch.ops.xlsparse.masked_sgd_(*args)
+        _common.mark_written([*params, *args[3], *steps])
 
 
 # --- multi_mask_weight_grad ---
@@ -305,9 +309,9 @@ def check_multi_mask_weight_grad(grad_out, input, masks, order, offsets, read_da
     if order.dim() != 1 or offsets.dim() != 1 or offsets.numel() != masks.shape[0] + 1:
         raise ValueError(f"{op}: order must be 1-D and offsets must have L + 1 = {masks.shape[0] + 1} entries, got "
                          f"{tuple(offsets.shape)}")
-    for t in (input, masks, order, offsets):
+    for name, t in (("input", input), ("masks", masks), ("order", order), ("offsets", offsets)):
         if t.device != grad_out.device:
-            raise ValueError(f"{op}: every tensor must be on {grad_out.device}")
+            raise ValueError(f"{op}: {name} is on device {t.device} but grad_out on {grad_out.device}")
     if not read_data:
         return
     off = offsets.tolist()

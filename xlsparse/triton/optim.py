@@ -99,7 +99,7 @@ def _masked_sgd_kernel(p_ptr, g_ptr, sel_ptr, buf_ptr, step_ptr, hp_ptr, scale_p
     g = tl.load(g_ptr + pos, mask=live, other=0.0).to(ACC)
     if HAS_SCALE:
         g = g / tl.load(scale_ptr).to(ACC)
-    g = g + weight_decay * p
+    g = tl.where(weight_decay != 0, g + weight_decay * p, g)  # as torch: no 0 * inf = NaN
     if MOMENTUM:
         buf = tl.load(buf_ptr + offs, mask=live, other=0.0).to(ACC)
         buf = tl.where(t == 1, g, buf * momentum + one_minus_dampening * g)  # first step: the gradient

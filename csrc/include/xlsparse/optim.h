@@ -81,7 +81,8 @@ struct SgdCoef {
 template <typename T, typename A>
 XLS_HD void sgd_update(T& p, T g, T& buf, bool first, const SgdCoef<A>& c, bool use_momentum, bool nesterov) {
   if (c.grad_scale != A(1)) g = g / T(c.grad_scale);
-  g = g + T(c.weight_decay) * p;
+  // Skipped when zero, as torch does: 0 * inf would turn an inf parameter into NaN.
+  if (c.weight_decay != A(0)) g = g + T(c.weight_decay) * p;
   if (use_momentum) {
     buf = first ? g : buf * T(c.momentum) + T(c.one_minus_dampening) * g;
     g = nesterov ? g + T(c.momentum) * buf : buf;

@@ -1,0 +1,208 @@
+"""Data-parallel training on torch.distributed: 2 gloo processes on CPU (mp.spawn, 127.0.0.1).
+
+- DDP over a tiny BERT converted with `xlsparse.hf.convert(kind="delta")` and trained with
+  `MaskedAdamW` equals one process over the same global batch.
+- Mask selection from per-rank importance scores agrees on every rank once the scores are
+  all-reduced (`xlsparse.distributed`), and disagrees without it.
+"""
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers")
+
+import xlsparse  # noqa: E402
+from xlsparse import distributed as xdist, hf  # noqa: E402
+from xlsparse.optim import MaskedAdamW  # noqa: E402
+
+WORLD = 2
+STEPS = 4
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+
+
+def _tiny_model():
+    """A converted tiny BERT (no dropout, so ranks and the single process compute the same thing)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    model = transformers.BertForMaskedLM(cfg)
+    hf.convert(model, density=0.2, kind="delta")  # the support is drawn from the seeded global RNG
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("delta_values") or name == "cls.predictions.transform.dense.weight")
+    return model
+
+
+def _optimizer(model):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    # delta values train fully; the head's dense weight trains a random 30% subnetwork
+    masks = [None if n.endswith("delta_values") else torch.rand(p.shape, generator=g) < 0.3 for n, p in named]
+    return MaskedAdamW([p for _, p in named], masks, lr=1e-2, weight_decay=0.01, mode="dense")
+
+
+def _global_batch():
+    g = torch.Generator().manual_seed(2)
+    return torch.randint(3, 61, (STEPS, 2 * WORLD, 7), generator=g)
+
+
+def _train(model, batches) -> dict:
+    opt = _optimizer(model)
+    model.train()
+    for ids in batches:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    inner = model.module if hasattr(model, "module") else model
+    return {n: p.detach().clone() for n, p in inner.named_parameters() if p.requires_grad}
+
+
+def _ddp_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_tiny_model())
+        per_rank = 2
+        batches = [b[rank * per_rank:(rank + 1) * per_rank] for b in _global_batch()]
+        trained = _train(model, batches)
+        assert xdist.same_on_all_ranks(list(trained.values()))
+        if rank == 0:
+            torch.save(trained, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_two_gloo_processes_equal_one_process_over_the_global_batch(tmp_path):
+    out = str(tmp_path / "ddp.pt")
+    mp.spawn(_ddp_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    ddp = torch.load(out, weights_only=True)
+    single = _train(_tiny_model(), list(_global_batch()))
+    assert set(ddp) == set(single)
+    moved = 0
+    for name, p in single.items():
+        torch.testing.assert_close(ddp[name], p, rtol=1e-5, atol=1e-6, msg=name)
+        moved += int((p != _tiny_model().state_dict()[name]).sum())
+    assert moved > 0  # training changed something
+
+
+# --- mask selection agrees across ranks ---
+
+def _scores(rank: int) -> dict:
+    """Per-rank importance scores: different data, hence different scores, on each rank."""
+    g = torch.Generator().manual_seed(100 + rank)
+    return {"a": torch.rand(8, 9, generator=g), "b": torch.rand(30, generator=g)}
+
+
+def _mask_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        local = _scores(rank)
+        k = 20
+        unsynced = xlsparse.functional.topk_mask(list(local.values()), k)
+        synced = xdist.topk_mask(list(local.values()), k)
+        summed = xdist.all_reduce_scores({n: t.clone() for n, t in local.items()})
+        result = {"same_synced": xdist.same_on_all_ranks(synced), "same_unsynced": xdist.same_on_all_ranks(unsynced),
+                  "synced": synced, "summed": summed}
+        if rank == 0:
+            torch.save(result, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_topk_over_all_reduced_scores_picks_one_mask_on_every_rank(tmp_path):
+    out = str(tmp_path / "masks.pt")
+    mp.spawn(_mask_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    res = torch.load(out, weights_only=True)
+    assert res["same_synced"] and not res["same_unsynced"]
+    total = {n: _scores(0)[n] + _scores(1)[n] for n in ("a", "b")}
+    for n in total:
+        assert torch.equal(res["summed"][n], total[n])
+    want = xlsparse.functional.topk_mask(list(total.values()), 20)
+    for got, w in zip(res["synced"], want):
+        assert torch.equal(got, w)
+
+
+def test_helpers_are_no_ops_without_a_process_group():
+    scores = {"a": torch.rand(5)}
+    before = scores["a"].clone()
+    assert xdist.all_reduce_scores(scores) is scores and torch.equal(scores["a"], before)
+    assert xdist.same_on_all_ranks([torch.ones(3)])
+    assert torch.equal(xdist.topk_mask([before], 2)[0], xlsparse.functional.topk_mask([before], 2)[0])
+    with pytest.raises(ValueError, match="op"):
+        xdist.all_reduce_scores(scores, op="max")
+    with pytest.raises(TypeError, match="tensors"):
+        xdist.all_reduce_scores("scores")
+
+
+# --- FSDP2 (fully_shard) on gloo ---
+
+def _fsdp_worker(rank: int, port: int, out: str) -> None:
+    _init(rank, port)
+    try:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        model = _tiny_model()
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("delta_values"))
+        mesh = init_device_mesh("cpu", (WORLD,))
+        for layer in model.bert.encoder.layer:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        values = [p for p in model.parameters() if p.requires_grad]
+        try:
+            MaskedAdamW(values, [None] * len(values))
+        except TypeError as exc:
+            rejected = "DTensor" in str(exc)
+        else:
+            rejected = False
+        # The delta values are the whole trainable vector (mask None), so torch's AdamW over the
+        # sharded values is exactly the masked optimizer's math.
+        opt = torch.optim.AdamW(values, lr=1e-2, weight_decay=0.01)
+        model.train()
+        for b in _global_batch():
+            ids = b[rank * 2:(rank + 1) * 2]
+            opt.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        if rank == 0:
+            torch.save({"params": full, "rejected": rejected}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp2_on_gloo_trains_delta_values_like_one_process(tmp_path):
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path / "fsdp.pt")
+    mp.spawn(_fsdp_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    res = torch.load(out, weights_only=True)
+    assert res["rejected"], "MaskedAdamW must refuse DTensor (FSDP2-sharded) parameters with a clear TypeError"
+    model = _tiny_model()
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("delta_values"))
+    values = [p for p in model.parameters() if p.requires_grad]
+    opt = MaskedAdamW(values, [None] * len(values), lr=1e-2, weight_decay=0.01, mode="compact")
+    model.train()
+    for ids in _global_batch():
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(res["params"]) == set(single)
+    for name, p in single.items():
+        torch.testing.assert_close(res["params"][name], p, rtol=1e-5, atol=1e-6, msg=name)
