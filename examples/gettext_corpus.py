@@ -79,6 +79,21 @@ def load_parallel(langs: list[str], domains: list[str], per_domain: int, seed: i
     return out
 
 
+def translation_pairs(lang: str, max_pairs: int, exclude: set[str] = frozenset(), locale_dir: str = LOCALE_DIR) -> list[tuple[str, str]]:
+    """(English, translation) message pairs of one language from all its catalogues, without the
+    msgids in `exclude`: parallel text for translation-language-model pretraining."""
+    pairs = []
+    lang_dir = os.path.join(locale_dir, lang, "LC_MESSAGES")
+    for name in sorted(os.listdir(lang_dir)):
+        if name.endswith(".mo"):
+            for msgid, msgstr in read_mo(os.path.join(lang_dir, name)).items():
+                if msgid not in exclude and len(msgid.split()) >= 3:
+                    pairs.append((clean(msgid), clean(msgstr)))
+        if len(pairs) >= max_pairs:
+            break
+    return pairs[:max_pairs]
+
+
 def monolingual_text(lang: str, max_lines: int, exclude: set[str] = frozenset(), locale_dir: str = LOCALE_DIR) -> list[str]:
     """Unlabelled lines of one language from all its catalogues, for masked-LM training.
 

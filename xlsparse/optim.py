@@ -55,6 +55,23 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 self._init_state(group, p, selectors[p])
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step of the masked entries (one fused kernel call per device and dtype). Returns
+        the closure's loss, if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for (device, _), params in self._groups_for_kernel(group):
+                self._update(group, params, device)
+        return loss
+
+    def _update(self, group: dict, params: list, device: torch.device) -> None:
+        """Run this optimizer's kernel on `params` (one device and dtype) of `group`."""
+        raise NotImplementedError
+
     # --- masks ---
 
     def _all_params(self) -> list[torch.Tensor]:
@@ -287,28 +304,18 @@ class MaskedAdamW(_MaskedOptimizer):
     def _needs_init(self, group):
         return group["l1_to_init"] != 0
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step of the masked entries. Returns the closure's loss, if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            keys = self._state_keys(group)
-            l1 = group["l1_to_init"]
-            for (device, _), params in self._groups_for_kernel(group):
-                if l1 != 0 and any("init" not in self.state[p] for p in params):
-                    raise RuntimeError("l1_to_init was turned on after construction: the initial values were not kept")
-                grads, selectors, steps, st = self._step_lists(params, keys)
-                grad_scale, found_inf = self._amp(device)
-                optim_ops.masked_adamw_(
-                    params, grads, selectors, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", []), steps,
-                    [self.state[p]["init"] for p in params] if l1 != 0 else [],
-                    lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                    weight_decay=group["weight_decay"], l1_to_init=l1, amsgrad=group["amsgrad"],
-                    grad_scale=grad_scale, found_inf=found_inf)
-        return loss
+    def _update(self, group: dict, params: list, device: torch.device) -> None:
+        l1 = group["l1_to_init"]
+        if l1 != 0 and any("init" not in self.state[p] for p in params):
+            raise RuntimeError("l1_to_init was turned on after construction: the initial values were not kept")
+        grads, selectors, steps, st = self._step_lists(params, self._state_keys(group))
+        grad_scale, found_inf = self._amp(device)
+        optim_ops.masked_adamw_(
+            params, grads, selectors, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", []), steps,
+            [self.state[p]["init"] for p in params] if l1 != 0 else [],
+            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+            weight_decay=group["weight_decay"], l1_to_init=l1, amsgrad=group["amsgrad"],
+            grad_scale=grad_scale, found_inf=found_inf)
 
 
 class MaskedSGD(_MaskedOptimizer):
@@ -330,22 +337,13 @@ class MaskedSGD(_MaskedOptimizer):
     def _state_keys(self, group):
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One SGD step of the masked entries. Returns the closure's loss, if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            keys = self._state_keys(group)
-            for (device, _), params in self._groups_for_kernel(group):
-                if keys and any("momentum_buffer" not in self.state[p] for p in params):
-                    raise RuntimeError("momentum was turned on after construction: no momentum buffers exist")
-                grads, selectors, steps, st = self._step_lists(params, keys)
-                grad_scale, found_inf = self._amp(device)
-                optim_ops.masked_sgd_(
-                    params, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
-                    momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
-                    nesterov=group["nesterov"], grad_scale=grad_scale, found_inf=found_inf)
-        return loss
+    def _update(self, group: dict, params: list, device: torch.device) -> None:
+        keys = self._state_keys(group)
+        if keys and any("momentum_buffer" not in self.state[p] for p in params):
+            raise RuntimeError("momentum was turned on after construction: no momentum buffers exist")
+        grads, selectors, steps, st = self._step_lists(params, keys)
+        grad_scale, found_inf = self._amp(device)
+        optim_ops.masked_sgd_(
+            params, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
+            momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"], grad_scale=grad_scale, found_inf=found_inf)

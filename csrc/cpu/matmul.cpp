@@ -190,46 +190,29 @@ XLS_INLINE T sum_t(const T* x, int64_t n) {
 // One float version per ISA (target_clones), one plain double version (gradcheck).
 #define XLS_VEC_PRIMITIVE(RET, NAME, PARAMS, ARGS)              \
   XLS_CLONES RET NAME PARAMS { return NAME##_t ARGS; }
-#define T float
-XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n))
-XLS_VEC_PRIMITIVE(T, row_max, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(T, exp_store, (T* p, const T* z, T m, int64_t n), (p, z, m, n))
-XLS_VEC_PRIMITIVE(void, vlog, (T* out, const T* x, int64_t n), (out, x, n))
-XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s),
-                  (a, b0, b1, b2, b3, n, s))
-XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n),
-                  (y, alpha, x0, x1, x2, x3, n))
-XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
-XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
-XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n))
-XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n),
-                  (dz, g, z, lse, lw, out, S, n))
-XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n))
-XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n))
-XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
-#undef T
+#define XLS_VEC_PRIMITIVES(T) \
+  XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n)) \
+  XLS_VEC_PRIMITIVE(T, row_max, (const T* z, int64_t n), (z, n)) \
+  XLS_VEC_PRIMITIVE(T, exp_store, (T* p, const T* z, T m, int64_t n), (p, z, m, n)) \
+  XLS_VEC_PRIMITIVE(void, vlog, (T* out, const T* x, int64_t n), (out, x, n)) \
+  XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s), \
+                    (a, b0, b1, b2, b3, n, s)) \
+  XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n), \
+                    (y, alpha, x0, x1, x2, x3, n)) \
+  XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n)) \
+  XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n)) \
+  XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n)) \
+  XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n)) \
+  XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n), \
+                    (dz, g, z, lse, lw, out, S, n)) \
+  XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n)) \
+  XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n)) \
+  XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
+XLS_VEC_PRIMITIVES(float)
 #undef XLS_CLONES
 #define XLS_CLONES inline
-#define T double
-XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n))
-XLS_VEC_PRIMITIVE(T, row_max, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(T, exp_store, (T* p, const T* z, T m, int64_t n), (p, z, m, n))
-XLS_VEC_PRIMITIVE(void, vlog, (T* out, const T* x, int64_t n), (out, x, n))
-XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s),
-                  (a, b0, b1, b2, b3, n, s))
-XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n),
-                  (y, alpha, x0, x1, x2, x3, n))
-XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n))
-XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n))
-XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n))
-XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n))
-XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n),
-                  (dz, g, z, lse, lw, out, S, n))
-XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n))
-XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n))
-XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
-#undef T
+XLS_VEC_PRIMITIVES(double)
+#undef XLS_VEC_PRIMITIVES
 #undef XLS_VEC_PRIMITIVE
 
 // Row `src[0:n]` as acc values: the row itself when it already is, else a converted copy in `buf`.

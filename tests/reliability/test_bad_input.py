@@ -14,7 +14,7 @@ from xlsparse import functional, nn as xnn, ops
 from xlsparse.ops import compose as cops, matmul as mops, optim as oops
 from xlsparse.optim import MaskedAdamW, MaskedSGD
 
-from root_helpers import assert_bit_identical, cpu_backends
+from conftest import assert_bit_identical, cpu_backends
 
 BIG = 2**32 + 3  # cast to int32 this becomes 3: a truncating kernel would write a wrong, in-range entry
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from root_helpers import assert_bit_identical, cpu_backends
+from conftest import assert_bit_identical, cpu_backends
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import xlsparse

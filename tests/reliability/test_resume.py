@@ -3,7 +3,7 @@ load into fresh objects, M more steps == N + M uninterrupted steps, bit for bit.
 compact modes, AdamW and SGD, static masks and a dynamic-mask schedule (update_masks)."""
 import pytest
 import torch
-from root_helpers import assert_bit_identical
+from conftest import assert_bit_identical
 
 from xlsparse import nn as xnn
 from xlsparse.optim import MaskedAdamW, MaskedSGD
@@ -150,7 +150,7 @@ def test_layer_forward_sees_every_optimizer_step(opt_cls):
 
 
 def test_in_place_ops_bump_version_counters(use_backend):
-    from root_helpers import cpu_backends
+    from conftest import cpu_backends
     from xlsparse.ops import compose as cops, matmul as mops, optim as oops
 
     for backend in cpu_backends("sparse_axpy_"):

@@ -1,0 +1,60 @@
+"""The `xlsparse` command line: compose, info, convert-composable-sft; errors are messages."""
+import pytest
+import torch
+
+import xlsparse
+from xlsparse import cli
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_bert_dir(tmp_path):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    model = transformers.BertForMaskedLM(cfg)
+    model.save_pretrained(tmp_path / "base")
+    return model
+
+
+def _diff(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = model.bert.encoder.layer[0].attention.self.query.weight
+    idx = torch.randperm(w.numel(), generator=g)[:20].sort().values
+    return xlsparse.SparseDiff({"bert.encoder.layer.0.attention.self.query.weight":
+                                xlsparse.SparseDelta(idx, torch.randn(20, generator=g), w.shape)})
+
+
+def test_compose_writes_a_merged_model(tmp_path):
+    model = _tiny_bert_dir(tmp_path)
+    d1, d2 = _diff(model, 1), _diff(model, 2)
+    d1.save(str(tmp_path / "a.safetensors"))
+    d2.save_composable_sft(str(tmp_path / "b.bin"))
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), str(tmp_path / "b.bin"),
+                     "--alpha", "1.0", "0.5", "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.BertForMaskedLM.from_pretrained(tmp_path / "merged")
+    with xlsparse.apply([d1, d2], model, alphas=[1.0, 0.5]):
+        for (n, p), q in zip(model.named_parameters(), merged.parameters()):
+            assert torch.equal(p, q), n
+
+
+def test_info_and_convert(tmp_path, capsys):
+    model = _tiny_bert_dir(tmp_path)
+    d = _diff(model, 3)
+    d.save_composable_sft(str(tmp_path / "sft.bin"))
+    assert cli.main(["convert-composable-sft", str(tmp_path / "sft.bin"), str(tmp_path / "out.safetensors")]) == 0
+    back = xlsparse.SparseDiff.load(str(tmp_path / "out.safetensors"))
+    name = next(iter(d.deltas))
+    assert torch.equal(back.deltas[name].indices.long(), d.deltas[name].indices.long())
+    assert torch.equal(back.deltas[name].values, d.deltas[name].values)
+    assert cli.main(["info", str(tmp_path / "out.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert name in out and "| 20 |" in out
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert cli.main(["info", str(tmp_path / "missing.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("xlsparse info: error:") and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["compose", "--help"])
