@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gettext_corpus  # noqa: E402
 
-DOMAINS = ["coreutils", "glib20", "dpkg", "gtk20"]
+DOMAINS = ["coreutils", "dpkg", "gnupg2", "gtk20"]
 SOURCE = "en"
 TARGETS = ["de", "fr", "es", "ru"]
 
@@ -166,14 +166,14 @@ def main(argv=None) -> int:
 
     # Baseline: full fine-tuning on English.
     full = classifier()
-    Trainer(model=full, args=training_args(f"{args.out}/full", steps(200), 5e-4, 32, args.seed),
+    Trainer(model=full, args=training_args(f"{args.out}/full", steps(200), 1e-3, 32, args.seed),
             train_dataset=task_data, data_collator=pad).train()
 
     # Task SFT: trained on θ0 + φ_en, stored as a diff with the head as an absolute entry.
     task_model = classifier()
     with lang_sft[SOURCE].applied(task_model):
         trainer = LotteryTicketSparseFineTuner(
-            model=task_model, args=training_args(f"{args.out}/task", 1, 5e-4, 32, args.seed),
+            model=task_model, args=training_args(f"{args.out}/task", 1, 1e-3, 32, args.seed),
             train_dataset=task_data, data_collator=pad,
             sft_args=SftArguments(ft_params_proportion=0.05, full_ft_max_steps_per_iteration=steps(200),
                                   sparse_ft_max_steps_per_iteration=steps(200), freeze_layer_norm=True))

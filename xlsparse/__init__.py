@@ -1,7 +1,7 @@
 """xlsparse: fused kernels for language-specific subnetworks and sparse fine-tuning."""
 from importlib.metadata import PackageNotFoundError, version as _version
 
-from . import _ext, functional, nn, ops, optim
+from . import _ext, functional, hf, nn, ops, optim
 from .diff import SparseDelta, SparseDiff, apply
 from .ops import backends
 
@@ -12,4 +12,4 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 _ext.loaded()
 
-__all__ = ["__version__", "SparseDelta", "SparseDiff", "apply", "backends", "functional", "nn", "ops", "optim"]
+__all__ = ["__version__", "SparseDelta", "SparseDiff", "apply", "backends", "functional", "hf", "nn", "ops", "optim"]
