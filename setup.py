@@ -2,7 +2,7 @@
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,6 +45,10 @@ def extension():
 
 
 setup(
+    # Every subpackage is found, so a new one cannot be left out of the wheel; the benchmarks
+    # ship as xlsparse.benchmarks for `xlsparse bench`.
+    packages=find_packages(include=["xlsparse", "xlsparse.*"]) + ["xlsparse.benchmarks"],
+    package_dir={"xlsparse.benchmarks": "benchmarks"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},

@@ -17,10 +17,17 @@ def test_groups_are_stable_and_drop_unrouted():
 def test_per_example_ids_expand_once_and_cache():
     with routing.use(torch.tensor([1, 0, -1]), 2) as r:
         assert routing.current() is r
-        g = r.tokens(12)
+        g = r.tokens((3, 4))
         assert g.ids.tolist() == [1] * 4 + [0] * 4 + [-1] * 4
-        assert r.tokens(12) is g
+        assert r.tokens((3, 4)) is g
     assert routing.current() is None
+
+
+def test_per_token_ids_keep_their_order():
+    ids = torch.tensor([[0, 1, -1], [1, 1, 0]])
+    assert routing.Routing(ids, 2).tokens((2, 3)).ids.tolist() == [0, 1, -1, 1, 1, 0]
+    # a layer that sees the tokens flattened ([T, H]) gets the same row-major ids
+    assert routing.Routing(ids, 2).tokens((6,)).ids.tolist() == [0, 1, -1, 1, 1, 0]
 
 
 @pytest.mark.parametrize("ids,n,exc", [([0, 5], 2, IndexError), ([0, -2], 2, IndexError)])
@@ -29,6 +36,16 @@ def test_bad_ids(ids, n, exc):
         routing.TokenGroups.build(torch.tensor(ids), n)
 
 
-def test_shape_mismatch():
-    with pytest.raises(ValueError, match="divide"):
-        routing.Routing(torch.tensor([0, 1, 0]), 2).tokens(8)
+@pytest.mark.parametrize("ids,lead", [
+    ([0, 1], (4, 3)),            # 2 example ids for a batch of 4: 12 tokens divide by 2, still wrong
+    ([0, 1, 0, 1, 0, 1], (2, 3)),  # as many ids as tokens, but given per example
+    ([[0, 1, 0], [1, 0, 1]], (3, 2)),  # per-token ids of the transposed shape
+])
+def test_ids_of_the_wrong_shape_name_both_shapes(ids, lead):
+    with pytest.raises(ValueError, match=r"route: language ids of shape .* fit neither"):
+        routing.Routing(torch.tensor(ids), 2).tokens(lead)
+
+
+def test_empty_ids():
+    with pytest.raises(ValueError, match="empty"):
+        routing.Routing(torch.zeros(0, dtype=torch.long), 2).tokens((2, 3))

@@ -106,7 +106,10 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from xlsparse import __version__
+
     parser = argparse.ArgumentParser(prog="xlsparse", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"xlsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="run the kernel benchmarks and print the table")
     bench.add_argument("--family", help="one op family (default: all)")

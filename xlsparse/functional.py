@@ -45,6 +45,21 @@ def _check_linear(op, x, weight, bias, indices: list, values: list) -> None:
             raise ValueError(f"{op}: {i.numel()} delta entries exceed the weight's {weight.numel()}")
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast runs linear layers in on x's device, or None when autocast is off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
+def cast_for_autocast(dtype: torch.dtype, *tensors):
+    """The floating-point tensors cast to autocast's `dtype` (None and integer tensors pass).
+
+    The ops follow nn.Linear's autocast rule: inputs, base weight, bias and delta values all run
+    in the autocast dtype. The casts happen here, once, outside the ops, so autograd carries each
+    gradient back to its parameter's own dtype; callers then run the op with autocast off."""
+    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+
+
 def merge_pays(num_tokens: int, nnz: int, weight_numel: int) -> bool:
     """True when multiplying by a merged W0 + Δ beats adding an SpMM term X Δᵀ.
 
@@ -67,8 +82,14 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     dense O x I gradient is ever allocated), db, and dW0 only when `weight` requires grad. The
     forward multiplies by a merged W0 + Δ when that is cheaper (`merge_pays`), else adds an SpMM
     term; pass `merged_weight` (W0 + Δ, e.g. cached while the values do not change) to reuse one.
-    fp32, bf16, fp16 (accumulating in fp32) and fp64.
+    fp32, bf16, fp16 (accumulating in fp32) and fp64. Under `torch.autocast` it computes in the
+    autocast dtype, as nn.Linear does.
     """
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias, values, merged_weight = cast_for_autocast(dtype, x, weight, bias, values, merged_weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return sparse_delta_linear(x, weight, bias, indices, values, merged_weight)
     _check_linear("sparse_delta_linear", x, weight, bias, [indices], [values])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
@@ -88,8 +109,13 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
       - `gates` [..., E]: soft gates, every token mixes every delta (X-ELM style ensembles).
     With neither, every token uses the base only. The backward gives dX, dvalues of every delta
     and, for soft gates that require grad, dgates. The kernels' launch grids do not depend on the
-    routing data.
+    routing data. Under `torch.autocast` it computes in the autocast dtype, as nn.Linear does.
     """
+    dtype = autocast_dtype(x)
+    if dtype is not None:
+        x, weight, bias, gates, *values = cast_for_autocast(dtype, x, weight, bias, gates, *values)
+        with torch.autocast(x.device.type, enabled=False):
+            return multi_delta_linear(x, weight, bias, indices, values, route, gates)
     _check_linear("multi_delta_linear", x, weight, bias, list(indices), list(values))
     num = len(indices)
     lead = x.shape[:-1]

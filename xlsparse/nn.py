@@ -1,5 +1,8 @@
 """Drop-in replacements for `nn.Linear`: a frozen base plus sparse deltas (`SparseDeltaLinear`,
 `MultiDeltaLinear`) and per-language gradient masks (`SubnetworkLinear`)."""
+import contextlib
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -56,6 +59,8 @@ class SparseDeltaLinear(nn.Module):
         self._cache_key = None
         self._cache = None
         self._displaced = None  # base entries overwritten by merge(), for a bit-exact unmerge()
+        self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
+        self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, k=None, density=None, indices=None) -> "SparseDeltaLinear":
@@ -90,8 +95,15 @@ class SparseDeltaLinear(nn.Module):
             self._cache_key = key
         return self._cache
 
+    @property
+    def merged(self) -> bool:
+        """True between `merge()` and `unmerge()`: the base weight holds W0 + Δ."""
+        return self._displaced is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._displaced is not None:  # merged into the base: a plain linear
+        if self.merged or self.disabled:  # merged into the base, or the base alone
+            if self.merged and self.disabled:
+                raise RuntimeError("SparseDeltaLinear: disabled while merged; unmerge first")
             return nn.functional.linear(x, self.weight, self.bias)
         merged = self._merged(x.numel() // max(self.in_features, 1))
         return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values, merged)
@@ -115,6 +127,16 @@ class SparseDeltaLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.delta_indices.numel()}"
 
 
+def _unrouted(layer: nn.Module) -> None:
+    """A routed layer trains nothing without routing: in training mode that is an error, not a
+    silent no-op. In eval mode the layer runs the base only, as documented."""
+    if layer.training:
+        raise RuntimeError(
+            f"{type(layer).__name__} is in training mode but no language routing is active: wrap the forward in "
+            "`with xlsparse.hf.route(model, language_ids):`, put `language_ids` in the batch, or call model.eval() "
+            "to run the base model only")
+
+
 class MultiDeltaLinear(nn.Module):
     """y_t = x_t W0ᵀ + b + Σ_e g_{t,e} x_t Δ_eᵀ: one frozen base and one sparse delta per
     language or expert (trainable `delta_values`, buffers `delta_indices_<i>`), in the insertion
@@ -122,8 +144,9 @@ class MultiDeltaLinear(nn.Module):
 
     `forward(x, route=None, gates=None)`: hard `route` ids (−1 = base only) or a TokenGroups, or
     soft `gates` [..., E]; with neither, the routing set by `xlsparse.routing.use` /
-    `xlsparse.hf.route` is used (grouped once per batch and shared by every layer), and with no
-    routing at all every token uses the base only.
+    `xlsparse.hf.route` is used (grouped once per batch and shared by every layer). With no
+    routing at all, an eval-mode layer runs the base only and a training-mode layer raises (it
+    would train nothing).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, indices: list, values: list, names: list):
@@ -136,6 +159,8 @@ class MultiDeltaLinear(nn.Module):
             self.register_buffer(f"delta_indices_{i}", idx)
         self.delta_values = nn.ParameterList(
             [nn.Parameter(v.detach().to(weight.dtype).clone()) for v in values])
+        self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
+        self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, deltas: dict) -> "MultiDeltaLinear":
@@ -158,10 +183,16 @@ class MultiDeltaLinear(nn.Module):
         return [getattr(self, f"delta_indices_{i}") for i in range(len(self.names))]
 
     def forward(self, x: torch.Tensor, route=None, gates=None) -> torch.Tensor:
+        if self.disabled:
+            return nn.functional.linear(x, self.weight, self.bias)
         if route is None and gates is None:
             active = routing.current()
             if active is not None:
-                route = active.tokens(x.numel() // max(self.in_features, 1))
+                if active.num_ids != len(self.names):
+                    raise ValueError(f"route has {active.num_ids} ids but the layer has {len(self.names)} deltas")
+                route = active.tokens(x.shape[:-1])
+            else:
+                _unrouted(self)
         return functional.multi_delta_linear(x, self.weight, self.bias, self.delta_indices, list(self.delta_values),
                                              route=route, gates=gates)
 
@@ -217,8 +248,9 @@ class SubnetworkLinear(torch.nn.Linear):
     gradient only where `masks[l]` is True: dW = Σ_l M_l ⊙ (dY_lᵀ X_l), computed by one fused op
     with no dense gradient per language (`xlsparse.ops.optim.multi_mask_weight_grad`).
 
-    Language ids index `masks` in its insertion order; −1 (and a batch with no routing at all)
-    means "no update": such tokens add nothing to the weight or bias gradient. The ids come from
+    Language ids index `masks` in its insertion order; −1 means "no update": such tokens add
+    nothing to the weight or bias gradient. With no routing at all an eval-mode layer is a plain
+    linear, and a training-mode layer raises (it would train nothing). The ids come from
     the `language_ids` argument (per example [B], per token [B, S] or flat [T]) or else from the
     routing set by `xlsparse.hf.route` / `xlsparse.routing.use`, grouped once per batch.
 
@@ -231,6 +263,7 @@ class SubnetworkLinear(torch.nn.Linear):
                  bias_masks: dict[str, torch.Tensor] | None = None, device=None, dtype=None):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.set_masks(masks, bias_masks)
+        self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, masks: dict[str, torch.Tensor],
@@ -242,6 +275,7 @@ class SubnetworkLinear(torch.nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.set_masks(masks, bias_masks)
+        layer.transposed = False
         return layer
 
     def set_masks(self, masks: dict[str, torch.Tensor], bias_masks: dict[str, torch.Tensor] | None = None) -> None:
@@ -275,9 +309,10 @@ class SubnetworkLinear(torch.nn.Linear):
         """The entries some language may update: the union of the masks [out, in]."""
         return self.masks.any(0)
 
-    def _groups(self, num_tokens: int, language_ids: torch.Tensor | None):
+    def _groups(self, lead_shape, language_ids: torch.Tensor | None):
         """(ids [T], order, offsets): the batch's tokens grouped by language."""
         num_ids = len(self.languages)
+        num_tokens = math.prod(lead_shape)
         if torch.compiler.is_compiling():
             # TokenGroups checks the ids on the host and drops the −1 tokens (a data-dependent
             # shape); a traced graph needs the static-shape form below. The ContextVar behind
@@ -286,20 +321,25 @@ class SubnetworkLinear(torch.nn.Linear):
                 raise ValueError("SubnetworkLinear under torch.compile needs the language_ids argument")
             return _static_groups(language_ids, num_tokens, num_ids)
         if language_ids is not None:
-            groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(num_tokens)
+            groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(lead_shape)
         elif routing.current() is not None:
             if routing.current().num_ids != num_ids:
                 raise ValueError(f"route has {routing.current().num_ids} ids but the layer has {num_ids} languages")
-            groups = routing.current().tokens(num_tokens)
+            groups = routing.current().tokens(lead_shape)
         else:
+            _unrouted(self)
             groups = routing.TokenGroups.build(torch.full((num_tokens,), -1, device=self.weight.device), num_ids)
         return groups.ids, groups.order, groups.offsets
 
     def forward(self, x: torch.Tensor, language_ids: torch.Tensor | None = None) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        ids, order, offsets = self._groups(x2.shape[0], language_ids)
-        y = _SubnetworkLinearFn.apply(x2, self.weight, self.bias, self.masks, self.bias_masks, ids, order, offsets)
+        ids, order, offsets = self._groups(lead, language_ids)
+        x2, weight, bias = x.reshape(-1, self.in_features), self.weight, self.bias
+        dtype = functional.autocast_dtype(x)
+        if dtype is not None:
+            x2, weight, bias = functional.cast_for_autocast(dtype, x2, weight, bias)
+        with torch.autocast(x.device.type, enabled=False) if dtype is not None else contextlib.nullcontext():
+            y = _SubnetworkLinearFn.apply(x2, weight, bias, self.masks, self.bias_masks, ids, order, offsets)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -7,6 +7,7 @@ and grouped by id once, not once per layer, as in vLLM's LoRA metadata.
 """
 import contextlib
 import contextvars
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -43,29 +44,43 @@ class TokenGroups:
         return torch.nonzero(self.counts).flatten().tolist()
 
 
+def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:
+    """Flat per-token ids [T] for a layer input whose leading dims are `lead_shape` ([B, S] or [T]).
+
+    Per-example ids must have the batch's length ([B]); per-token ids the batch's shape ([B, S],
+    or T ids for a layer that sees flat [T] tokens). Anything else is a ValueError naming both
+    shapes: a count that merely divides the token count would route rows to the wrong language.
+    """
+    lead = tuple(lead_shape)
+    if ids.numel() == 0:
+        raise ValueError("route: language_ids is empty; give one id per example or per token")
+    if tuple(ids.shape) == lead:
+        return ids.reshape(-1)
+    if ids.dim() == 1 and len(lead) >= 1 and ids.shape[0] == lead[0]:  # one id per example
+        return ids.repeat_interleave(math.prod(lead[1:]))
+    if len(lead) == 1 and ids.numel() == lead[0] and ids.dim() == 2:  # [B, S] ids, flattened tokens
+        return ids.reshape(-1)
+    raise ValueError(f"route: language ids of shape {list(ids.shape)} fit neither the batch's examples "
+                     f"[{lead[0] if lead else 0}] nor its tokens {list(lead)} (the layer input's leading dims)")
+
+
 @dataclass
 class Routing:
     """Language ids of one batch, per example [B] or per token [B, S], for `num_ids` languages.
 
-    `tokens(T)` expands them to T flat tokens (T = B * S) and groups them once; every layer that
-    asks again with the same T gets the cached groups.
+    `tokens(lead_shape)` expands them to the flat tokens of a layer input with those leading dims
+    and groups them once; every layer that asks again with the same shape gets the cached groups.
     """
 
     ids: torch.Tensor
     num_ids: int
     _cache: dict = field(default_factory=dict, repr=False)
 
-    def tokens(self, num_tokens: int) -> TokenGroups:
-        if num_tokens not in self._cache:
-            ids = self.ids
-            if ids.dim() == 1 and ids.numel() != num_tokens:
-                if num_tokens % ids.numel():
-                    raise ValueError(f"route: {ids.numel()} example ids do not divide {num_tokens} tokens")
-                ids = ids.repeat_interleave(num_tokens // ids.numel())
-            if ids.numel() != num_tokens:
-                raise ValueError(f"route: ids have shape {tuple(self.ids.shape)} but the layer sees {num_tokens} tokens")
-            self._cache[num_tokens] = TokenGroups.build(ids, self.num_ids)
-        return self._cache[num_tokens]
+    def tokens(self, lead_shape) -> TokenGroups:
+        key = tuple(lead_shape)
+        if key not in self._cache:
+            self._cache[key] = TokenGroups.build(expand_ids(self.ids, key), self.num_ids)
+        return self._cache[key]
 
 
 _ACTIVE: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("xlsparse_routing", default=None)

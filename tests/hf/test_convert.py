@@ -141,7 +141,7 @@ def test_subnetwork_gradients_follow_each_language_mask():
 
 def test_route_needs_languages():
     model = hf.convert(tiny("bert"), density=0.1)
-    with pytest.raises(ValueError, match="no languages"):
+    with pytest.raises(ValueError, match="no routed layers"):
         with hf.route(model, torch.tensor([0])):
             pass
 

@@ -1,12 +1,22 @@
 """Injection of xlsparse layers into a Hugging Face model (PEFT's `model.py` role).
 
 `convert` swaps `nn.Linear` and GPT-2's `Conv1D` for `SparseDeltaLinear`, `MultiDeltaLinear` or
-`SubnetworkLinear`. The layers know nothing of models; this module knows names, targets and how a
-GPT-2 `Conv1D` ([in, out] weight) maps to a linear ([out, in]).
+`SubnetworkLinear`, freezes everything else (PEFT's rule), and records what it did in
+`model.xlsparse_config`. The layers know nothing of models; this module knows names, targets,
+tied weights and how a GPT-2 `Conv1D` ([in, out] weight) maps to a linear ([out, in]).
+
+Persistence and unloading follow PEFT: `save_pretrained` writes the diff and the config, never
+the base weights; `from_pretrained` redoes the conversion on a fresh base; `merge_and_unload`
+returns plain layers; `disable` runs the base model.
 """
 import contextlib
+import inspect
 import math
+import os
 import re
+import threading
+import types
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -14,9 +24,12 @@ from torch import nn
 from .. import routing
 from ..diff import SparseDelta, SparseDiff, budget, index_dtype
 from ..nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
+from ..ops.compose import sparse_axpy_
+from .config import KINDS, XlsparseConfig
 
-KINDS = ("delta", "multi", "subnetwork")
 _CONVERTED = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
+_ROUTED = (MultiDeltaLinear, SubnetworkLinear)
+DIFF_NAME = "xlsparse_diff.safetensors"
 
 
 def _conv1d_type():
@@ -38,6 +51,14 @@ def _in_block(name: str) -> bool:
     return re.search(r"(^|\.)\d+(\.|$)", name) is not None
 
 
+def _matches(name: str, patterns) -> bool:
+    """PEFT's rule: a list matches a name exactly or as a dotted suffix; a string is a regular
+    expression that must match the whole name."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == t or name.endswith("." + t) for t in patterns)
+
+
 def target_names(model: nn.Module, target_modules=None) -> list[str]:
     """Names of the linear layers `convert` replaces.
 
@@ -45,24 +66,42 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     matched exactly or as a dotted suffix (PEFT's rule, e.g. ["query", "value"]); or a string used
     as a regular expression that must match the whole name.
     """
-    names = []
-    for name, module in model.named_modules():
-        if not _is_linear(module):
-            continue
-        if target_modules is None:
-            chosen = _in_block(name)
-        elif isinstance(target_modules, str):
-            chosen = re.fullmatch(target_modules, name) is not None
-        else:
-            chosen = any(name == t or name.endswith("." + t) for t in target_modules)
-        if chosen:
-            names.append(name)
+    names = [name for name, module in model.named_modules() if _is_linear(module)
+             and (_in_block(name) if target_modules is None else _matches(name, target_modules))]
     if not names:
         found = [n for n, m in model.named_modules() if _is_linear(m)]
         raise ValueError(f"convert: target_modules={target_modules!r} matched no linear layer; the model has {found[:12]}"
                          + (" ..." if len(found) > 12 else ""))
     return names
 
+
+# --- tied weights ---
+
+def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """{parameter name: the other names of the same storage} for every tied parameter (GPT-2's
+    `lm_head.weight` and `transformer.wte.weight`, XLM-R's decoder and word embeddings, ...)."""
+    by_storage: dict[tuple, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.device.type == "meta":
+            continue
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.dtype)
+        by_storage.setdefault(key, []).append(name)
+    return {n: [m for m in names if m != n] for names in by_storage.values() if len(names) > 1 for n in names}
+
+
+def _refuse_tied(what: str, module_name: str, module: nn.Module, tied: dict) -> None:
+    """A module whose parameter is shared with a parameter outside it cannot be converted or
+    trained apart: its other use would not see the change (or would see it twice)."""
+    prefix = module_name + "."
+    for pname, _ in module.named_parameters(prefix=module_name, remove_duplicate=False):
+        outside = [o for o in tied.get(pname, []) if not o.startswith(prefix)]
+        if outside:
+            raise ValueError(f"{what}: {pname!r} is tied to {outside[0]!r} (one tensor, two uses); changing it here "
+                             "would change only one of them. Untie the weights first (e.g. config.tie_word_embeddings="
+                             f"False, then model.tie_weights()), or leave {module_name!r} out")
+
+
+# --- layout helpers ---
 
 def _as_linear(module: nn.Module) -> tuple[nn.Linear, bool]:
     """The module as an nn.Linear (a GPT-2 Conv1D's [in, out] weight is transposed), and whether it was."""
@@ -75,8 +114,23 @@ def _as_linear(module: nn.Module) -> tuple[nn.Linear, bool]:
         linear.weight.copy_(module.weight.t())
         if module.bias is not None:
             linear.bias.copy_(module.bias)
-    linear.weight.requires_grad_(module.weight.requires_grad)
     return linear, True
+
+
+def _to_original_layout(weight: torch.Tensor, bias, transposed: bool) -> nn.Module:
+    """A plain nn.Linear, or a GPT-2 Conv1D when the converted layer replaced one."""
+    out_f, in_f = weight.shape
+    if transposed:
+        layer = _conv1d_type()(out_f, in_f)
+        layer.weight = nn.Parameter(weight.detach().t().contiguous(), requires_grad=False)
+    else:
+        layer = nn.Linear(in_f, out_f, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+        layer.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    elif transposed:
+        layer.bias = None
+    return layer
 
 
 def _transpose_delta(delta, rows: int, cols: int) -> SparseDelta:
@@ -113,24 +167,136 @@ def _check_entries(what: str, entries, shapes: dict) -> None:
             raise ValueError(f"convert: {what} entry {pname!r} has shape {tuple(t.shape)}, the weight has {shapes[pname]}")
 
 
+# --- what convert remembers: fingerprints of frozen tensors, the originals of saved modules ---
+
+def _fingerprint(t: torch.Tensor) -> tuple[int, int]:
+    """A checksum of a tensor's bits: any change of a value changes it (but for a 2^-64 chance)."""
+    flat = t.detach().reshape(-1)
+    bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[flat.element_size()])
+    total = weighted = 0
+    for start in range(0, bits.numel(), 1 << 22):  # int64 chunks of 32 MiB, not a copy of the whole tensor
+        chunk = bits[start:start + (1 << 22)].to(torch.int64)
+        total += int(chunk.sum())
+        weighted += int((chunk * (chunk >> 17 | 1)).sum())
+    return total, weighted
+
+
+@dataclass
+class _Record:
+    """Private bookkeeping of `convert`, kept on the model as `_xlsparse_record`."""
+
+    frozen: dict = field(default_factory=dict)  # name -> fingerprint of a tensor that must not change
+    saved_originals: dict = field(default_factory=dict)  # modules_to_save param name -> its value at convert
+    subnet_base: dict = field(default_factory=dict)  # SubnetworkLinear name -> (union indices, base values)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _record(model: nn.Module) -> _Record:
+    rec = getattr(model, "_xlsparse_record", None)
+    if rec is None:
+        raise ValueError("the model was not converted with xlsparse.hf.convert (or was unloaded)")
+    return rec
+
+
+def _subnet_weight_outside(layer: SubnetworkLinear, union: torch.Tensor) -> torch.Tensor:
+    """The weight with the trainable entries zeroed: what must stay as it was at convert."""
+    w = layer.weight.detach().reshape(-1).clone()
+    w[union.long()] = 0
+    return w
+
+
+# --- routing through the batch: model(**batch) with a `language_ids` field ---
+
+def _accept_language_ids(model: nn.Module) -> None:
+    """Give `model.forward` a `language_ids` keyword that routes the call, and a signature that
+    shows it, so `model(**batch)` routes by the batch's field and HF's Trainer keeps the column
+    (`remove_unused_columns` keeps what the forward's signature names)."""
+    cls_forward = type(model).forward
+    sig = inspect.signature(cls_forward)
+    if "language_ids" in sig.parameters:
+        return
+    params = list(sig.parameters.values())
+    extra = inspect.Parameter("language_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+    params.insert(at, extra)
+
+    def forward(self, *args, language_ids=None, **kwargs):
+        if language_ids is None:
+            return cls_forward(self, *args, **kwargs)
+        with route(self, language_ids):
+            return cls_forward(self, *args, **kwargs)
+
+    forward.__signature__ = sig.replace(parameters=params)
+    forward.__doc__ = cls_forward.__doc__
+    # A bound method, not a closure over `model`: deepcopy rebinds it to the copy.
+    model.forward = types.MethodType(forward, model)
+
+
+# --- convert ---
+
+def _delta_layer(linear, original, transposed, pname, diffs, budget_k, density):
+    if diffs is not None:
+        delta = diffs.deltas.get(pname) or _empty_delta(original.weight.shape)
+        if transposed:
+            delta = _transpose_delta(delta, *original.weight.shape)
+        layer = SparseDeltaLinear.from_linear(linear, indices=delta.indices)
+        with torch.no_grad():
+            layer.delta_values.copy_(delta.values.to(layer.delta_values))
+        return layer
+    if budget_k is not None:
+        return SparseDeltaLinear.from_linear(linear, k=budget_k)
+    return SparseDeltaLinear.from_linear(linear, density=density)
+
+
+def _multi_layer(linear, original, transposed, pname, diffs):
+    deltas = {}
+    for lang, diff in diffs.items():
+        delta = diff.deltas.get(pname) or _empty_delta(original.weight.shape)
+        deltas[lang] = _transpose_delta(delta, *original.weight.shape) if transposed else delta
+    return MultiDeltaLinear.from_linear(linear, deltas)
+
+
+def _subnetwork_layer(linear, original, transposed, pname, masks):
+    per_lang = {}
+    for lang, named in masks.items():
+        m = named.get(pname)
+        if m is None:
+            m = torch.zeros(original.weight.shape, dtype=torch.bool, device=original.weight.device)
+        per_lang[lang] = m.t() if transposed else m
+    return SubnetworkLinear.from_linear(linear, masks=per_lang)
+
+
 def convert(model: nn.Module, target_modules=None, density: float | None = None, k: int | None = None,
-            kind: str = "delta", diffs=None, masks=None) -> nn.Module:
-    """Replace the target linear layers of `model` in place and return it.
+            kind: str = "delta", diffs=None, masks=None, modules_to_save=None) -> nn.Module:
+    """Replace the target linear layers of `model` in place, freeze everything else, and return it.
 
     kind="delta": `SparseDeltaLinear` with a trainable sparse delta per layer; its support comes
       from `diffs` (one SparseDiff: indices and values), or is drawn at random with `density`
-      (per layer) or `k` (a global budget split over layers by size). Base weights are frozen.
-    kind="multi": `MultiDeltaLinear` with one delta per language from `diffs` = {language: SparseDiff}.
+      (per layer) or `k` (a global budget split over layers by size).
+    kind="multi": `MultiDeltaLinear` with one trainable delta per language from
+      `diffs` = {language: SparseDiff}.
     kind="subnetwork": `SubnetworkLinear` with per-language gradient masks from
       `masks` = {language: {parameter name: BoolTensor}}; a missing entry means "no update".
 
-    Language ids used by `route` index the languages in the insertion order of `diffs` / `masks`.
-    GPT-2 `Conv1D` layers are converted too; diffs keep the model's own parameter layout.
+    As in PEFT, every parameter that is not converted is frozen (`requires_grad=False`): base
+    weights, biases, embeddings, LayerNorms and heads. `modules_to_save` (names or suffixes, as
+    `target_modules`) keeps whole modules trainable, e.g. a new classifier head; they are saved as
+    absolute entries of the diff. A target or saved module whose weight is tied to another
+    parameter (a decoder tied to the word embeddings) is refused: one use would not see the change.
+
+    Language ids used by `route` (or a `language_ids` batch field) index the languages in the
+    insertion order of `diffs` / `masks`. GPT-2 `Conv1D` layers are converted too; diffs keep the
+    model's own parameter layout. What was done is recorded in `model.xlsparse_config`.
     """
+    from .. import __version__
+
     if kind not in KINDS:
         raise ValueError(f"convert: kind must be one of {KINDS}, got {kind!r}")
+    if getattr(model, "xlsparse_config", None) is not None:
+        raise ValueError("convert: the model is converted already; merge_and_unload it first or start from the base")
     names = target_names(model, target_modules)
     modules = dict(model.named_modules())
+    budgets = None
     if kind == "delta":
         if isinstance(diffs, SparseDiff):
             if density is not None or k is not None:
@@ -140,58 +306,120 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         elif (density is None) == (k is None):
             raise ValueError("convert: kind='delta' needs exactly one of density, k or diffs")
         budgets = _split_k([modules[n].weight.numel() for n in names], k) if k is not None else None
+        languages_ = []
     elif kind == "multi":
         if not isinstance(diffs, dict) or not diffs or not all(isinstance(d, SparseDiff) for d in diffs.values()):
             raise TypeError("convert: kind='multi' needs diffs={language: SparseDiff}")
-        languages_ = list(diffs)
+        languages_ = [str(lang) for lang in diffs]
     else:
         if not isinstance(masks, dict) or not masks:
             raise TypeError("convert: kind='subnetwork' needs masks={language: {parameter name: BoolTensor}}")
-        languages_ = list(masks)
+        languages_ = [str(lang) for lang in masks]
+    if kind != "delta" and (density is not None or k is not None):
+        raise ValueError(f"convert: density and k are for kind='delta'; kind={kind!r} takes its supports from "
+                         f"{'diffs' if kind == 'multi' else 'masks'}")
+    if kind != "subnetwork" and masks is not None:
+        raise ValueError("convert: masks are for kind='subnetwork'")
+
+    # Everything is checked before the first layer is replaced: an error leaves the model as it was.
     shapes = {f"{n}.weight": tuple(modules[n].weight.shape) for n in names}
     if kind == "delta" and diffs is not None:
         _check_entries("diffs", diffs.deltas, shapes)
+        if diffs.dense or diffs.absolute:
+            raise ValueError("convert: diffs for kind='delta' may hold sparse deltas only; apply its dense and "
+                             "absolute entries with xlsparse.apply, or use from_pretrained")
     elif kind == "multi":
         for lang, diff in diffs.items():
             _check_entries(f"diffs[{lang!r}]", diff.deltas, shapes)
+            if diff.dense or diff.absolute:
+                raise ValueError(f"convert: diffs[{lang!r}] has dense or absolute entries, which a MultiDeltaLinear "
+                                 "cannot route; drop them with diff.without_absolute() or apply them to the base")
     elif kind == "subnetwork":
         for lang, named in masks.items():
             _check_entries(f"masks[{lang!r}]", named, shapes)
+    tied = tied_parameters(model)
+    for name in names:
+        _refuse_tied("convert", name, modules[name], tied)
+    saved = _modules_to_save(model, modules_to_save or [], names)
+    for name in saved:
+        _refuse_tied("convert: modules_to_save", name, modules[name], tied)
+
     for i, name in enumerate(names):
         original = modules[name]
         linear, transposed = _as_linear(original)
         pname = f"{name}.weight"
-        out_f, in_f = linear.weight.shape
         if kind == "delta":
-            if diffs is not None:
-                delta = diffs.deltas.get(pname) or _empty_delta(original.weight.shape)
-                if transposed:
-                    delta = _transpose_delta(delta, *original.weight.shape)
-                layer = SparseDeltaLinear.from_linear(linear, indices=delta.indices)
-                with torch.no_grad():
-                    layer.delta_values.copy_(delta.values.to(layer.delta_values))
-            elif budgets is not None:
-                layer = SparseDeltaLinear.from_linear(linear, k=budgets[i])
-            else:
-                layer = SparseDeltaLinear.from_linear(linear, density=density)
+            layer = _delta_layer(linear, original, transposed, pname, diffs, budgets[i] if budgets else None, density)
         elif kind == "multi":
-            deltas = {}
-            for lang, diff in diffs.items():
-                delta = diff.deltas.get(pname) or _empty_delta(original.weight.shape)
-                deltas[lang] = _transpose_delta(delta, *original.weight.shape) if transposed else delta
-            layer = MultiDeltaLinear.from_linear(linear, deltas)
+            layer = _multi_layer(linear, original, transposed, pname, diffs)
         else:
-            per_lang = {}
-            for lang, named in masks.items():
-                m = named.get(pname)
-                if m is None:
-                    m = torch.zeros(original.weight.shape, dtype=torch.bool, device=original.weight.device)
-                per_lang[lang] = m.t() if transposed else m
-            layer = SubnetworkLinear.from_linear(linear, masks=per_lang)
-        layer._xlsparse_transposed = transposed
+            layer = _subnetwork_layer(linear, original, transposed, pname, masks)
+        layer.transposed = transposed
         model.set_submodule(name, layer)
-    model._xlsparse_languages = list(languages_) if kind != "delta" else []
+
+    _freeze(model, saved)
+    model.xlsparse_config = XlsparseConfig(
+        kind=kind, target_modules=names, density=density, k=k, languages=languages_, modules_to_save=saved,
+        base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None, xlsparse_version=__version__)
+    model._xlsparse_record = _remember(model, saved)
+    if kind != "delta":
+        _accept_language_ids(model)
     return model
+
+
+def _modules_to_save(model: nn.Module, patterns, targets: list[str]) -> list[str]:
+    """The names of the modules `modules_to_save` selects (outermost matches only)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    chosen = []
+    for pattern in patterns:
+        hits = [n for n, m in model.named_modules() if n and _matches(n, [pattern]) and any(True for _ in m.parameters())]
+        if not hits:
+            raise ValueError(f"convert: modules_to_save entry {pattern!r} matches no module with parameters")
+        chosen += hits
+    chosen = [n for n in dict.fromkeys(chosen) if not any(n.startswith(o + ".") for o in chosen if o != n)]
+    for n in chosen:
+        clash = [t for t in targets if t == n or t.startswith(n + ".") or n.startswith(t + ".")]
+        if clash:
+            raise ValueError(f"convert: {n!r} is both a target and in modules_to_save ({clash[0]!r})")
+    return chosen
+
+
+def _trainable_names(model: nn.Module, saved: list[str]) -> set[str]:
+    """Parameters that train after convert: the sparse values, the subnetworks' weights and the
+    modules to save."""
+    names = set()
+    for lname, layer in model.named_modules():
+        if isinstance(layer, (SparseDeltaLinear, MultiDeltaLinear)):
+            names |= {f"{lname}.{n}" for n, _ in layer.named_parameters() if n.startswith("delta_values")}
+        elif isinstance(layer, SubnetworkLinear):
+            names.add(f"{lname}.weight")
+    for sname in saved:
+        names |= {f"{sname}.{n}" for n, _ in model.get_submodule(sname).named_parameters()}
+    return names
+
+
+def _freeze(model: nn.Module, saved: list[str]) -> None:
+    train = _trainable_names(model, saved)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in train)
+
+
+def _remember(model: nn.Module, saved: list[str]) -> _Record:
+    rec = _Record()
+    train = _trainable_names(model, saved)
+    with torch.no_grad():
+        for name, t in [*model.named_parameters(), *model.named_buffers()]:
+            if name not in train and t.is_floating_point():
+                rec.frozen[name] = _fingerprint(t)
+        for sname in saved:
+            for n, p in model.get_submodule(sname).named_parameters():
+                rec.saved_originals[f"{sname}.{n}"] = p.detach().clone()
+        for lname, layer in _converted(model, SubnetworkLinear):
+            union = layer.trainable_mask().reshape(-1).nonzero().flatten()
+            rec.subnet_base[lname] = (union, layer.weight.detach().reshape(-1)[union].clone())
+            rec.frozen[f"{lname}.weight"] = _fingerprint(_subnet_weight_outside(layer, union))
+    return rec
 
 
 def _converted(model: nn.Module, types=_CONVERTED):
@@ -201,39 +429,154 @@ def _converted(model: nn.Module, types=_CONVERTED):
 
 
 def languages(model: nn.Module) -> list[str]:
-    """The languages of a model converted with kind="multi" or "subnetwork", in id order."""
-    return list(getattr(model, "_xlsparse_languages", []))
+    """The languages (or experts) of a routed model in id order: from `convert`'s record, or from
+    the routed layers themselves (layers built with `from_linear`), which must agree."""
+    config = getattr(model, "xlsparse_config", None)
+    if config is not None and config.languages:
+        return list(config.languages)
+    found = None
+    for name, layer in _converted(model, _ROUTED):
+        langs = [str(x) for x in (layer.names if isinstance(layer, MultiDeltaLinear) else layer.languages)]
+        if found is not None and langs != found:
+            raise ValueError(f"route: routed layers disagree on the languages: {found} vs {langs} at {name!r}")
+        found = langs
+    return found or []
+
+
+def _language_ids(model: nn.Module, language_ids) -> torch.Tensor:
+    """Integer ids from ints, names or None (= −1, base only / no update), per example or per token."""
+    names = languages(model)
+    if isinstance(language_ids, torch.Tensor):
+        ids = language_ids
+    else:
+        def one(x):
+            if x is None:
+                return -1
+            if isinstance(x, str):
+                if x not in names:
+                    raise ValueError(f"route: unknown language {x!r}; the model has {names}")
+                return names.index(x)
+            if isinstance(x, (list, tuple)):
+                return [one(y) for y in x]
+            return x
+        ids = torch.as_tensor(one(list(language_ids)) if isinstance(language_ids, (list, tuple)) else one(language_ids))
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"route: language_ids must be integers or language names, got {ids.dtype}")
+    if ids.dim() == 0 or ids.numel() == 0:
+        raise ValueError(f"route: language_ids must hold one id per example [B] or per token [B, S], got shape "
+                         f"{list(ids.shape)}")
+    return ids
 
 
 @contextlib.contextmanager
 def route(model: nn.Module, language_ids):
     """Route every converted layer run inside the block by language.
 
-    `language_ids`: per example [B] or per token [B, S], integers indexing `languages(model)`;
-    −1 means base only / no update. The ids are expanded to tokens and grouped once per batch.
+    `language_ids`: per example [B] (exactly the batch's length) or per token [B, S] (exactly its
+    shape); integers indexing `languages(model)`, or the language names themselves; −1 (or None)
+    means base only / no update. A wrong shape is a ValueError that names both shapes. The ids
+    are expanded to tokens and grouped once per batch. Works on any module holding routed layers.
+    A batch may instead carry a `language_ids` field: `model(**batch)` routes by it.
     """
-    ids = torch.as_tensor(language_ids)
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"route: language_ids must be integers, got {ids.dtype}")
     num = len(languages(model))
     if num == 0:
-        raise ValueError("route: the model has no languages; convert it with kind='multi' or 'subnetwork' first")
+        raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
+    ids = _language_ids(model, language_ids)
     with routing.use(ids, num) as active:
         yield active
 
 
-def extract_diff(model: nn.Module, base_model: str | None = None) -> SparseDiff:
-    """The trained deltas of every `SparseDeltaLinear` as a SparseDiff named like the original
-    model's parameters (GPT-2 Conv1D weights in their own [in, out] layout)."""
+# --- reading the trained state back ---
+
+def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
+    merged = {f"{n}.weight" for n, layer in _converted(model, SparseDeltaLinear) if layer.merged}
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    subnets = dict(_converted(model, SubnetworkLinear))
+    changed = []
+    for name, fp in rec.frozen.items():
+        if name in merged or name not in named:
+            continue
+        lname = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and lname in subnets:
+            now = _fingerprint(_subnet_weight_outside(subnets[lname], rec.subnet_base[lname][0]))
+        else:
+            now = _fingerprint(named[name])
+        if now != fp:
+            changed.append(name)
+    if changed:
+        raise ValueError(f"{what}: {changed[:5]}{' ...' if len(changed) > 5 else ''} changed since convert but "
+                         "are not part of the diff, so the diff would not reproduce the model. Keep them frozen, or "
+                         "convert with modules_to_save=[...] to train and save them")
+
+
+def _delta_of(name: str, layer: SparseDeltaLinear) -> SparseDelta:
+    delta = SparseDelta._trusted(layer.delta_indices, layer.delta_values.detach().clone(), layer.weight.shape)
+    return _transpose_delta(delta, *layer.weight.shape) if layer.transposed else delta
+
+
+def _language_deltas(model: nn.Module, e: int) -> dict[str, SparseDelta]:
+    """The deltas of language (or expert) id e of every MultiDeltaLinear, by parameter name."""
     deltas = {}
-    for name, layer in _converted(model, SparseDeltaLinear):
-        delta = SparseDelta._trusted(layer.delta_indices, layer.delta_values.detach().clone(), layer.weight.shape)
-        if getattr(layer, "_xlsparse_transposed", False):
-            delta = _transpose_delta(delta, *layer.weight.shape)
-        deltas[f"{name}.weight"] = delta
-    if not deltas:
-        raise ValueError("extract_diff: the model has no SparseDeltaLinear layer; convert it with kind='delta'")
-    return SparseDiff._trusted(deltas, base_model=base_model)
+    for n, layer in _converted(model, MultiDeltaLinear):
+        d = SparseDelta._trusted(layer.delta_indices[e], layer.delta_values[e].detach().clone(), layer.weight.shape)
+        deltas[f"{n}.weight"] = _transpose_delta(d, *layer.weight.shape) if layer.transposed else d
+    return deltas
+
+
+def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
+    config = getattr(model, "xlsparse_config", None)
+    out = {}
+    for sname in (config.modules_to_save if config else []):
+        for n, p in model.get_submodule(sname).named_parameters():
+            out[f"{sname}.{n}"] = p.detach().clone()
+    return out
+
+
+def extract_diff(model: nn.Module, base_model: str | None = None, language: str | None = None) -> SparseDiff:
+    """Everything the converted model trained, as a SparseDiff named like the original model's
+    parameters (GPT-2 Conv1D weights in their own [in, out] layout):
+
+    - kind="delta": every SparseDeltaLinear's delta;
+    - kind="multi": the deltas of one `language`;
+    - kind="subnetwork": θ − θ0 of every SubnetworkLinear on the entries its masks open;
+    - the `modules_to_save` as absolute entries.
+
+    Raises ValueError, naming it, when a parameter outside the diff changed since `convert`: base +
+    diff would not equal the trained model. A model assembled by hand (layers from `from_linear`)
+    has no record of `convert`; then every trainable parameter must be a delta.
+    """
+    config = getattr(model, "xlsparse_config", None)
+    if config is None:
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and "delta_values" not in n]
+        if stray:
+            raise ValueError(f"extract_diff: {stray[:5]} are trainable but would not be in the diff; convert the model "
+                             "with xlsparse.hf.convert (modules_to_save=[...]) or freeze them")
+        kind = "delta"
+    else:
+        kind = config.kind
+        _check_unchanged(model, _record(model), "extract_diff")
+    deltas = {}
+    if kind == "delta":
+        deltas = {f"{n}.weight": _delta_of(n, layer) for n, layer in _converted(model, SparseDeltaLinear)}
+        if not deltas:
+            raise ValueError("extract_diff: the model has no SparseDeltaLinear layer; convert it with kind='delta'")
+    elif kind == "multi":
+        names = languages(model)
+        if language not in names:
+            raise ValueError(f"extract_diff: a 'multi' model holds one delta per language; give language= one of {names}")
+        deltas = _language_deltas(model, names.index(language))
+    else:
+        rec = _record(model)
+        for n, layer in _converted(model, SubnetworkLinear):
+            union, base = rec.subnet_base[n]
+            values = layer.weight.detach().reshape(-1)[union] - base
+            d = SparseDelta._trusted(union.to(index_dtype(layer.weight.numel())), values, layer.weight.shape)
+            deltas[f"{n}.weight"] = _transpose_delta(d, *layer.weight.shape) if layer.transposed else d
+    if language is not None and kind != "multi":
+        raise ValueError("extract_diff: language= is for kind='multi'")
+    base_model = base_model or (config.base_model if config else None)
+    return SparseDiff._trusted(deltas, absolute=_saved_modules(model), base_model=base_model)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -254,8 +597,140 @@ def unmerge(model: nn.Module) -> nn.Module:
     return model
 
 
+# --- persistence and unloading, PEFT-style ---
+
+def _lang_file(i: int) -> str:
+    return f"xlsparse_diff.lang{i}.safetensors"
+
+
+def save_pretrained(model: nn.Module, directory: str) -> None:
+    """Write what the converted model trained, and how to redo the conversion, to `directory`:
+    `xlsparse_config.json` (kind, target_modules, density / k, languages, modules_to_save,
+    base_model, xlsparse_version) and the diff as safetensors (`xlsparse_diff.safetensors`; a
+    'multi' model adds `xlsparse_diff.lang<i>.safetensors` per language). Never the base weights.
+    """
+    config = getattr(model, "xlsparse_config", None)
+    if config is None:
+        raise ValueError("save_pretrained: the model was not converted with xlsparse.hf.convert")
+    if config.kind == "subnetwork":
+        raise ValueError("save_pretrained: kind='subnetwork' trains the base weights themselves, so θ0 + (θ − θ0) "
+                         "would not reload bit-exactly; use merge_and_unload(model) and transformers' save_pretrained, "
+                         "or extract_diff(model) for the (rounded) difference")
+    _check_unchanged(model, _record(model), "save_pretrained")
+    os.makedirs(directory, exist_ok=True)
+    if config.kind == "delta":
+        extract_diff(model).save(os.path.join(directory, DIFF_NAME))
+    else:
+        SparseDiff._trusted({}, absolute=_saved_modules(model), base_model=config.base_model).save(
+            os.path.join(directory, DIFF_NAME))
+        for i in range(len(config.languages)):
+            SparseDiff._trusted(_language_deltas(model, i), base_model=config.base_model).save(
+                os.path.join(directory, _lang_file(i)))
+    config.save(directory)
+
+
+def from_pretrained(base_model: nn.Module, directory: str) -> nn.Module:
+    """Rebuild a model saved by `save_pretrained` on `base_model` (the same base it was trained
+    from): convert it as recorded, then load the trained values. Its outputs equal the saved
+    model's bit for bit."""
+    config = XlsparseConfig.load(directory)
+    diff = SparseDiff.load(os.path.join(directory, DIFF_NAME))
+    if config.kind == "delta":
+        convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
+                modules_to_save=config.modules_to_save)
+    elif config.kind == "multi":
+        diffs = {lang: SparseDiff.load(os.path.join(directory, _lang_file(i))) for i, lang in enumerate(config.languages)}
+        convert(base_model, config.target_modules, kind="multi", diffs=diffs, modules_to_save=config.modules_to_save)
+    else:
+        raise ValueError(f"from_pretrained: kind {config.kind!r} cannot be reloaded from a diff")
+    named = dict(base_model.named_parameters())
+    missing = [n for n in diff.absolute if n not in named]
+    if missing:
+        raise ValueError(f"from_pretrained: the saved modules name {missing[:3]}, which the base model lacks")
+    with torch.no_grad():
+        for name, t in diff.absolute.items():
+            if tuple(t.shape) != tuple(named[name].shape):
+                raise ValueError(f"from_pretrained: {name!r} has shape {tuple(t.shape)} in the file, "
+                                 f"{tuple(named[name].shape)} in the model")
+            named[name].copy_(t)
+    if config.base_model:
+        base_model.xlsparse_config.base_model = config.base_model
+    return base_model
+
+
+def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module:
+    """Replace every converted layer by a plain `nn.Linear` (or GPT-2 `Conv1D`, in its own layout)
+    holding the trained weight, drop xlsparse's bookkeeping and return the model, which
+    transformers' own `save_pretrained` / `from_pretrained` then round-trip. A 'multi' model
+    merges the delta of one `language`. The modules to save keep their trained values."""
+    config = getattr(model, "xlsparse_config", None)
+    if config is None:
+        raise ValueError("merge_and_unload: the model was not converted with xlsparse.hf.convert")
+    if config.kind == "multi" and language not in config.languages:
+        raise ValueError(f"merge_and_unload: a 'multi' model holds one delta per language; give language= one of "
+                         f"{config.languages}")
+    with torch.no_grad():
+        for name, layer in list(_converted(model)):
+            if isinstance(layer, SparseDeltaLinear):
+                weight = layer.weight.detach().clone()
+                if not layer.merged:
+                    sparse_axpy_(weight, layer.delta_indices, layer.delta_values.detach())
+            elif isinstance(layer, MultiDeltaLinear):
+                e = config.languages.index(language)
+                weight = layer.weight.detach().clone()
+                sparse_axpy_(weight, layer.delta_indices[e], layer.delta_values[e].detach())
+            else:
+                weight = layer.weight.detach()
+            model.set_submodule(name, _to_original_layout(weight, layer.bias, layer.transposed))
+    for attr in ("xlsparse_config", "_xlsparse_record"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if "forward" in model.__dict__:
+        del model.forward
+    return model
+
+
+@contextlib.contextmanager
+def disable(model: nn.Module):
+    """Run the base model inside the block: every delta off, every routed layer base-only, the
+    modules to save and the subnetworks' trained entries at their values from `convert`. On exit
+    the trained state returns bit-exactly (changes made inside the block are not kept)."""
+    rec = _record(model)
+    if not rec.lock.acquire(blocking=False):
+        raise RuntimeError("disable: the model is disabled already (nested or from another thread)")
+    try:
+        layers = [layer for _, layer in _converted(model, (SparseDeltaLinear, MultiDeltaLinear))]
+        if any(isinstance(layer, SparseDeltaLinear) and layer.merged for layer in layers):
+            raise RuntimeError("disable: unmerge the model first (hf.unmerge)")
+        named = dict(model.named_parameters())
+        subnets = dict(_converted(model, SubnetworkLinear))
+        with torch.no_grad():
+            kept = {n: named[n].detach().clone() for n in rec.saved_originals}
+            kept_subnet = {n: subnets[n].weight.detach().reshape(-1)[u].clone() for n, (u, _) in rec.subnet_base.items()}
+            for n, original in rec.saved_originals.items():
+                named[n].copy_(original)
+            for n, (union, base) in rec.subnet_base.items():
+                subnets[n].weight.view(-1)[union] = base
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield model
+        finally:
+            for layer in layers:
+                layer.disabled = False
+            with torch.no_grad():
+                for n, value in kept.items():
+                    named[n].copy_(value)
+                for n, (union, _) in rec.subnet_base.items():
+                    subnets[n].weight.view(-1)[union] = kept_subnet[n]
+    finally:
+        rec.lock.release()
+
+
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; a SubnetworkLinear counts the entries its masks open."""
+    """(trainable, total): the entries an optimizer over the `requires_grad` parameters would
+    change, and all parameters (tied ones once). A SubnetworkLinear's weight counts the entries
+    its masks open, since its gradient is zero elsewhere."""
     total = trainable = 0
     subnet = {id(m.weight): m for _, m in _converted(model, SubnetworkLinear)}
     for p in model.parameters():
@@ -267,6 +742,6 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def print_trainable_parameters(model: nn.Module) -> None:
-    """Print trainable and total parameter counts, as PEFT does."""
+    """Print trainable and total parameter counts in PEFT's format."""
     trainable, total = trainable_parameters(model)
     print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}")

@@ -1,0 +1,60 @@
+"""The user's knobs of a converted model (PEFT's `config.py` role), saved beside the diff."""
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+CONFIG_NAME = "xlsparse_config.json"
+KINDS = ("delta", "multi", "subnetwork")
+
+
+@dataclass
+class XlsparseConfig:
+    """What `xlsparse.hf.convert` did to a model: enough to redo it on a fresh base.
+
+    kind: "delta" | "multi" | "subnetwork".
+    target_modules: the names of the converted linear layers (resolved, exact).
+    density / k: the support budget asked for (kind="delta" with a random support), else None.
+    languages: language (or expert) names in id order (kinds "multi" and "subnetwork").
+    modules_to_save: names of the modules trained densely beside the sparse parts.
+    base_model: the base model's name or path, when known.
+    xlsparse_version: the version that wrote it.
+    """
+
+    kind: str = "delta"
+    target_modules: list[str] = field(default_factory=list)
+    density: float | None = None
+    k: int | None = None
+    languages: list[str] = field(default_factory=list)
+    modules_to_save: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    xlsparse_version: str = ""
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"XlsparseConfig: kind must be one of {KINDS}, got {self.kind!r}")
+
+    def save(self, directory: str) -> str:
+        path = os.path.join(directory, CONFIG_NAME)
+        with open(path, "w") as f:
+            json.dump(asdict(self), f, indent=2, sort_keys=True)
+            f.write("\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str) -> "XlsparseConfig":
+        path = os.path.join(directory, CONFIG_NAME)
+        try:
+            with open(path) as f:
+                raw = json.load(f)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"from_pretrained: {path} does not exist; was the folder written by "
+                                    "xlsparse.hf.save_pretrained?") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"from_pretrained: {path} is not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"from_pretrained: {path} must hold a JSON object")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"from_pretrained: {path} has unknown keys {sorted(unknown)}")
+        return cls(**raw)
