@@ -161,6 +161,24 @@ def _named_tensors(model) -> dict[str, torch.Tensor]:
     raise TypeError(f"expected an nn.Module or a dict of tensors, got {type(model).__name__}")
 
 
+def _storage_key(t: torch.Tensor) -> tuple:
+    """Tensors with equal keys are one tensor under two names (tied weights)."""
+    if t.device.type == "meta":
+        return ("meta", id(t))
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _untied(named: dict) -> dict[str, torch.Tensor]:
+    """`named` with every tied tensor kept once, under its first name."""
+    seen, out = set(), {}
+    for name, t in named.items():
+        key = _storage_key(t)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
 def _lookup(named: dict, name: str, what: str) -> torch.Tensor:
     if name not in named:
         raise KeyError(f"{what}: the model has no parameter or buffer named {name!r}")
@@ -220,6 +238,7 @@ def apply(diffs, model, alphas=None) -> ApplyHandle:
         what = f"apply: diff {i}"
         if not isinstance(diff, SparseDiff):
             raise TypeError(f"{what} is a {type(diff).__name__}, not a SparseDiff")
+        _refuse_tied_twice(what, diff, named)
         for name, delta in diff.deltas.items():
             param = _lookup(named, name, what)
             _check_shape(param, delta.shape, what, name)
@@ -245,6 +264,17 @@ def apply(diffs, model, alphas=None) -> ApplyHandle:
             for name, t in diff.absolute.items():
                 named[name].detach().copy_(t)
     return ApplyHandle(dense, indices, saved, target, originals)
+
+
+def _refuse_tied_twice(what: str, diff: "SparseDiff", named: dict) -> None:
+    """A diff that names both names of one tied tensor would change it twice."""
+    first = {}
+    for name in [*diff.deltas, *diff.dense, *diff.absolute]:
+        if name in named:
+            other = first.setdefault(_storage_key(named[name]), name)
+            if other != name:
+                raise ValueError(f"{what}: names both {other!r} and {name!r}, which are one tied tensor; "
+                                 "keep one of them")
 
 
 def _selected(name: str, include, exclude) -> bool:
@@ -399,8 +429,10 @@ class SparseDiff:
         `include` / `exclude`: regular expressions (a string or a list) searched in parameter
         names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
         Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
+        Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
+        `transformer.wte.weight`) are read once, under their first name.
         """
-        b, t = _named_tensors(base), _named_tensors(tuned)
+        b, t = _named_tensors(base), _untied(_named_tensors(tuned))
         names = [n for n in t if n in b and t[n].is_floating_point() and _selected(n, include, exclude)]
         for n in names:
             if b[n].shape != t[n].shape:

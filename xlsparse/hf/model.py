@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import routing
-from ..diff import SparseDelta, SparseDiff, budget, index_dtype
+from ..diff import SparseDelta, SparseDiff, _storage_key, budget, index_dtype
 from ..nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
 from .config import KINDS, XlsparseConfig
@@ -82,10 +82,7 @@ def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     `lm_head.weight` and `transformer.wte.weight`, XLM-R's decoder and word embeddings, ...)."""
     by_storage: dict[tuple, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
-        if p.device.type == "meta":
-            continue
-        key = (p.untyped_storage().data_ptr(), p.storage_offset(), tuple(p.shape), tuple(p.stride()), p.dtype)
-        by_storage.setdefault(key, []).append(name)
+        by_storage.setdefault(_storage_key(p), []).append(name)
     return {n: [m for m in names if m != n] for names in by_storage.values() if len(names) > 1 for n in names}
 
 
@@ -355,6 +352,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         else:
             layer = _subnetwork_layer(linear, original, transposed, pname, masks)
         layer.transposed = transposed
+        layer.train(original.training)  # a new module is in training mode; keep the model's mode
         model.set_submodule(name, layer)
 
     _freeze(model, saved)
@@ -681,7 +679,8 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
                 sparse_axpy_(weight, layer.delta_indices[e], layer.delta_values[e].detach())
             else:
                 weight = layer.weight.detach()
-            model.set_submodule(name, _to_original_layout(weight, layer.bias, layer.transposed))
+            plain = _to_original_layout(weight, layer.bias, layer.transposed)
+            model.set_submodule(name, plain.train(layer.training))
     for attr in ("xlsparse_config", "_xlsparse_record"):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -1,0 +1,349 @@
+"""A user's path with PEFT's semantics: convert freezes the rest, modules_to_save, save/reload
+bit-exactly, merge_and_unload through transformers' own save/load, disable, tied weights, safe
+routing (ids, names, the batch field, the Trainer) and autocast, on tiny BERT, XLM-R, Llama and GPT-2."""
+import copy
+import json
+import os
+
+import pytest
+import torch
+from tiny_models import ARCHS, VOCAB, batch, tiny
+
+import xlsparse
+from xlsparse import hf
+from xlsparse.nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+def classifier(arch: str, seed: int = 0, num_labels: int = 3):
+    """A tiny sequence classifier (head: `classifier` or `score`) and the head's module name."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, num_labels=num_labels, pad_token_id=0)
+    if arch == "bert":
+        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+                                      max_position_embeddings=32, **common)
+        return transformers.BertForSequenceClassification(cfg).eval(), "classifier"
+    if arch == "xlmr":
+        cfg = transformers.XLMRobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                            intermediate_size=48, max_position_embeddings=40, **common)
+        return transformers.XLMRobertaForSequenceClassification(cfg).eval(), "classifier"
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                       intermediate_size=48, max_position_embeddings=32, **common)
+        return transformers.LlamaForSequenceClassification(cfg).eval(), "score"
+    cfg = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=32, **common)
+    return transformers.GPT2ForSequenceClassification(cfg).eval(), "score"
+
+
+def _train(model, steps=3, seed=5):
+    """A few AdamW steps over exactly the parameters that require grad (what a user's optimizer sees)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        ids = torch.randint(3, VOCAB, (4, 6), generator=g)
+        labels = torch.randint(0, 3, (4,), generator=g)
+        opt.zero_grad()
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _bits(t):
+    return t.detach().contiguous().view(torch.int32)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_convert_freezes_everything_but_deltas_and_modules_to_save(arch):
+    model, head = classifier(arch)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    for name, p in model.named_parameters():
+        expect = "delta_values" in name or name.startswith(head + ".")
+        assert p.requires_grad == expect, name
+    trainable, total = hf.model.trainable_parameters(model)
+    assert trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_print_trainable_parameters_in_peft_format(capsys):
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    hf.print_trainable_parameters(model)
+    line = capsys.readouterr().out.strip()
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    m = sum(p.numel() for p in model.parameters())
+    assert line == f"trainable params: {n:,} || all params: {m:,} || trainable%: {100 * n / m:.4f}"
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_train_save_reload_merge_unload_round_trip(arch, tmp_path):
+    model, head = classifier(arch)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    _train(model)
+    ids = batch(3, 7)
+    trained = model(input_ids=ids).logits
+
+    hf.save_pretrained(model, tmp_path / "sft")
+    files = sorted(os.listdir(tmp_path / "sft"))
+    assert files == ["xlsparse_config.json", "xlsparse_diff.safetensors"]
+    config = json.loads((tmp_path / "sft" / "xlsparse_config.json").read_text())
+    assert set(config) == {"kind", "target_modules", "density", "k", "languages", "modules_to_save", "base_model",
+                           "xlsparse_version"}
+    assert config["modules_to_save"] == [head] and config["kind"] == "delta"
+    # no base weight in the file: its bytes are the deltas plus the head
+    diff = xlsparse.SparseDiff.load(str(tmp_path / "sft" / "xlsparse_diff.safetensors"))
+    assert set(diff.absolute) == {n for n, _ in model.named_parameters() if n.startswith(head + ".")}
+    assert not diff.dense
+
+    fresh, _ = classifier(arch)
+    reloaded = hf.from_pretrained(fresh, tmp_path / "sft")
+    assert torch.equal(_bits(reloaded(input_ids=ids).logits), _bits(trained))
+
+    # extract_diff + apply on a fresh, unconverted base equals the trained model
+    base, _ = classifier(arch)
+    with xlsparse.apply([hf.extract_diff(model)], base):
+        torch.testing.assert_close(base(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+    plain = hf.merge_and_unload(model)
+    assert not any(isinstance(m, (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)) for m in plain.modules())
+    conv1d = transformers.pytorch_utils.Conv1D
+    if arch == "gpt2":
+        assert isinstance(plain.transformer.h[0].attn.c_attn, conv1d)
+    torch.testing.assert_close(plain(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+    plain.save_pretrained(tmp_path / "merged")
+    again = type(plain).from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(again(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_a_stray_trained_parameter_makes_extract_diff_raise(arch):
+    model, head = classifier(arch)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    _train(model, steps=1)
+    hf.extract_diff(model)  # fine
+    ln = next(n for n, _ in model.named_parameters() if "LayerNorm" in n or "ln_" in n)
+    with torch.no_grad():
+        dict(model.named_parameters())[ln].add_(1e-3)  # trained outside the diff
+    with pytest.raises(ValueError, match=ln.replace(".", r"\.")):
+        hf.extract_diff(model)
+    with pytest.raises(ValueError, match="changed since convert"):
+        hf.save_pretrained(model, "/nonexistent/never-written")
+
+
+def test_a_tied_head_is_refused_where_it_is_tied():
+    model = tiny("gpt2")
+    assert hf.tied_parameters(model)["lm_head.weight"] == ["transformer.wte.weight"]
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    with pytest.raises(ValueError, match="tied"):
+        hf.convert(model, target_modules=["lm_head"], density=0.1)
+    xlmr = tiny("xlmr")
+    with pytest.raises(ValueError, match=r"lm_head\.decoder\.weight.*tied"):
+        hf.convert(xlmr, density=0.1, modules_to_save=["lm_head"])
+    for n, p in model.state_dict().items():  # nothing was written
+        assert torch.equal(p, before[n]), n
+    assert all(not isinstance(m, SparseDeltaLinear) for m in model.modules())
+
+
+def test_tied_gpt2_from_models_apply_reproduces_tuned_and_reverts_bit_exactly():
+    base = tiny("gpt2")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():  # the tied wte/lm_head tensor is changed once
+            p.add_(torch.randn_like(p) * 0.05)
+    diff = xlsparse.SparseDiff.from_models(base, tuned, density=1.0)
+    assert "transformer.wte.weight" in diff.deltas and "lm_head.weight" not in diff.deltas
+    ids = batch()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    handle = xlsparse.apply([diff], base)
+    torch.testing.assert_close(base(input_ids=ids).logits, tuned(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    handle.revert()
+    for n, p in base.named_parameters():
+        assert torch.equal(_bits(p), _bits(before[n])), n
+    # a diff naming both names of the tied tensor would add the delta twice: refused
+    both = xlsparse.SparseDiff({"transformer.wte.weight": diff.deltas["transformer.wte.weight"],
+                                "lm_head.weight": diff.deltas["transformer.wte.weight"]})
+    with pytest.raises(ValueError, match="one tied tensor"):
+        xlsparse.apply([both], base)
+
+
+def test_disable_runs_the_base_model_and_restores_the_trained_one():
+    model, head = classifier("bert")
+    base, _ = classifier("bert")
+    ids = batch()
+    hf.convert(model, density=0.2, modules_to_save=[head])
+    _train(model)
+    trained = model(input_ids=ids).logits
+    with hf.disable(model):
+        assert torch.equal(_bits(model(input_ids=ids).logits), _bits(base(input_ids=ids).logits))
+    assert torch.equal(_bits(model(input_ids=ids).logits), _bits(trained))
+
+
+# --- routing ---
+
+def _multi(arch="llama"):
+    model = tiny(arch)
+    diffs = {}
+    for e, lang in enumerate(["de", "fr"]):
+        g = torch.Generator().manual_seed(e)
+        deltas = {}
+        for name in hf.model.target_names(model):
+            w = model.get_submodule(name).weight
+            idx = torch.randperm(w.numel(), generator=g)[:20].sort().values
+            deltas[f"{name}.weight"] = xlsparse.SparseDelta(idx, torch.randn(20, generator=g) * 0.3, w.shape)
+        diffs[lang] = xlsparse.SparseDiff(deltas)
+    return hf.convert(model, kind="multi", diffs=diffs)
+
+
+def test_routing_ids_must_fit_the_batch():
+    model = _multi()
+    ids = batch(4, 3)
+    with pytest.raises(ValueError, match=r"shape \[2\].*\[4, 3\]"):  # 2 divides 12 tokens: still refused
+        with hf.route(model, torch.tensor([0, 1])):
+            model(input_ids=ids)
+    with pytest.raises(ValueError, match="empty|one id per example"):
+        with hf.route(model, torch.zeros(0, dtype=torch.long)):
+            model(input_ids=ids)
+    with pytest.raises(ValueError, match="unknown language 'es'"):
+        with hf.route(model, ["de", "es", "fr", "de"]):
+            pass
+
+
+def test_names_per_token_ids_and_the_batch_field_route_alike():
+    model = _multi()
+    ids = batch(4, 3)
+    with hf.route(model, torch.tensor([0, 1, -1, 1])):
+        by_int = model(input_ids=ids).logits
+    with hf.route(model, ["de", "fr", None, "fr"]):
+        by_name = model(input_ids=ids).logits
+    per_token = torch.tensor([0, 1, -1, 1]).unsqueeze(1).expand(4, 3)
+    with hf.route(model, per_token):
+        by_token = model(input_ids=ids).logits
+    by_field = model(input_ids=ids, language_ids=torch.tensor([0, 1, -1, 1])).logits
+    for other in (by_name, by_token, by_field):
+        assert torch.equal(other, by_int)
+    assert not torch.equal(by_int[0], model(input_ids=ids).logits[0])  # eval, no routing: the base only
+
+
+def test_route_works_on_layers_built_with_from_linear():
+    lin = torch.nn.Linear(6, 5)
+    deltas = {n: xlsparse.SparseDelta(torch.tensor([1, 7]), torch.tensor([0.5, -1.0]), (5, 6)) for n in ("a", "b")}
+    net = torch.nn.Sequential(MultiDeltaLinear.from_linear(lin, deltas))
+    with hf.route(net, ["b", "a"]):
+        y = net(torch.randn(2, 6))
+    assert y.shape == (2, 5)
+
+
+def test_training_a_routed_model_without_routing_raises():
+    model = _multi().train()
+    with pytest.raises(RuntimeError, match="no language routing"):
+        model(input_ids=batch())
+    masks = {lang: {"model.layers.0.mlp.up_proj.weight": torch.rand(48, 32) < 0.5} for lang in ("de", "fr")}
+    sub = hf.convert(tiny("llama"), kind="subnetwork", masks=masks).train()
+    with pytest.raises(RuntimeError, match="no language routing"):
+        sub(input_ids=batch())
+
+
+def test_trainer_routes_the_language_ids_column():
+    datasets = pytest.importorskip("datasets")
+    model, head = classifier("bert")
+    g = torch.Generator().manual_seed(0)
+    # Only language 1 ("fr") has data: "de"'s deltas must not move, "fr"'s must.
+    diffs = {}
+    for lang in ("de", "fr"):
+        deltas = {}
+        for name in hf.model.target_names(model):
+            w = model.get_submodule(name).weight
+            idx = torch.randperm(w.numel(), generator=g)[:10].sort().values
+            deltas[f"{name}.weight"] = xlsparse.SparseDelta(idx, torch.zeros(10), w.shape)
+        diffs[lang] = xlsparse.SparseDiff(deltas)
+    hf.convert(model, kind="multi", diffs=diffs, modules_to_save=[head])
+    rows = {"input_ids": torch.randint(3, VOCAB, (16, 6), generator=g).tolist(),
+            "labels": torch.randint(0, 3, (16,), generator=g).tolist(), "language_ids": [1] * 16}
+    args = transformers.TrainingArguments(output_dir="/tmp/xlsparse-trainer-test", max_steps=2, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows)).train()
+    layer = model.get_submodule(hf.model.target_names(classifier("bert")[0])[0])
+    assert torch.count_nonzero(layer.delta_values[0]) == 0
+    assert torch.count_nonzero(layer.delta_values[1]) > 0
+
+
+# --- mixed precision ---
+
+def _autocast_pair(layer, reference, x):
+    """Forward and backward of a converted layer and of its unconverted equivalent under CPU bf16 autocast."""
+    xs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    outs = []
+    for mod, xi in zip((layer, reference), xs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mod(xi)
+        assert y.dtype == torch.bfloat16
+        y.float().square().sum().backward()
+        outs.append(y)
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=3e-2, atol=3e-2)
+
+
+def test_sparse_delta_linear_under_autocast_matches_the_plain_linear():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 12)
+    layer = SparseDeltaLinear.from_linear(lin, density=0.3)
+    with torch.no_grad():
+        layer.delta_values.normal_(0, 0.2)
+    merged = torch.nn.Linear(16, 12)
+    with torch.no_grad():
+        merged.weight.copy_(lin.weight)
+        merged.weight.view(-1)[layer.delta_indices.long()] += layer.delta_values
+        merged.bias.copy_(lin.bias)
+    _autocast_pair(layer, merged, torch.randn(3, 5, 16))
+    assert layer.delta_values.grad.dtype == torch.float32
+    expect = merged.weight.grad.view(-1)[layer.delta_indices.long()]
+    torch.testing.assert_close(layer.delta_values.grad, expect, rtol=3e-2, atol=3e-2)
+
+
+def test_multi_delta_and_subnetwork_linear_under_autocast():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(16, 12)
+    delta = xlsparse.SparseDelta(torch.tensor([0, 5, 40]), torch.tensor([0.3, -0.2, 0.5]), (12, 16))
+    multi = MultiDeltaLinear.from_linear(lin, {"a": delta})
+    merged = torch.nn.Linear(16, 12)
+    with torch.no_grad():
+        merged.weight.copy_(lin.weight + delta.to_dense())
+        merged.bias.copy_(lin.bias)
+    x = torch.randn(2, 4, 16)
+
+    class Routed(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x, route=torch.zeros(x.shape[:-1], dtype=torch.long))
+
+    _autocast_pair(Routed(multi), merged, x)
+    sub = SubnetworkLinear.from_linear(copy.deepcopy(lin), {"a": torch.rand(12, 16) < 0.5})
+    plain = copy.deepcopy(lin)
+
+    class Ided(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x, language_ids=torch.zeros(x.shape[0], dtype=torch.long))
+
+    _autocast_pair(Ided(sub), plain, x)
+    assert sub.weight.grad.dtype == torch.float32
+    torch.testing.assert_close(sub.weight.grad, plain.weight.grad * sub.masks[0], rtol=3e-2, atol=3e-2)
+
+
+def test_trainer_bf16_trains_a_converted_model():
+    datasets = pytest.importorskip("datasets")
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    g = torch.Generator().manual_seed(0)
+    rows = {"input_ids": torch.randint(3, VOCAB, (16, 6), generator=g).tolist(),
+            "labels": torch.randint(0, 3, (16,), generator=g).tolist()}
+    args = transformers.TrainingArguments(output_dir="/tmp/xlsparse-bf16-test", max_steps=2, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, bf16=True, save_strategy="no")
+    transformers.Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows)).train()
+    assert any(torch.count_nonzero(m.delta_values) > 0 for m in model.modules() if isinstance(m, SparseDeltaLinear))
