@@ -664,9 +664,11 @@ def test_subnetwork_linear_matches_per_language_loop(backend, bias_masks, how, u
     torch.testing.assert_close(xg.grad, xd.grad)
 
 
-def test_subnetwork_linear_without_route_updates_nothing():
+def test_subnetwork_linear_without_route_raises_in_training_and_updates_nothing_in_eval():
     layer, masks, _, x, _ = _subnetwork_case()
-    layer(x).sum().backward()
+    with pytest.raises(RuntimeError, match="no language routing"):
+        layer.train()(x)
+    layer.eval()(x).sum().backward()
     assert_bit_identical(layer.weight.grad, torch.zeros_like(layer.weight), "weight grad without routing")
     assert_bit_identical(layer.bias.grad, torch.zeros_like(layer.bias), "bias grad without routing")
 

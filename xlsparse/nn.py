@@ -229,18 +229,6 @@ class _SubnetworkLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-def _static_groups(language_ids: torch.Tensor, num_tokens: int, num_ids: int):
-    """TokenGroups' (ids, order, offsets) with shapes fixed by T alone: order keeps every token,
-    the unrouted ones (id < 0) first, and offsets[0] skips them; ids >= num_ids sort last, in no group."""
-    ids = language_ids.reshape(-1).long()
-    if ids.numel() != num_tokens:  # one id per example
-        ids = ids.repeat_interleave(num_tokens // ids.numel())
-    order = torch.sort(ids, stable=True).indices
-    counts = (ids.unsqueeze(0) == torch.arange(num_ids, device=ids.device).unsqueeze(1)).sum(1)
-    offsets = torch.cat([(ids < 0).sum().reshape(1), counts]).cumsum(0)
-    return torch.where((ids >= 0) & (ids < num_ids), ids, -1), order, offsets
-
-
 class SubnetworkLinear(torch.nn.Linear):
     """nn.Linear whose weight trains a different subnetwork for each language of a mixed batch.
 
@@ -312,14 +300,6 @@ class SubnetworkLinear(torch.nn.Linear):
     def _groups(self, lead_shape, language_ids: torch.Tensor | None):
         """(ids [T], order, offsets): the batch's tokens grouped by language."""
         num_ids = len(self.languages)
-        num_tokens = math.prod(lead_shape)
-        if torch.compiler.is_compiling():
-            # TokenGroups checks the ids on the host and drops the −1 tokens (a data-dependent
-            # shape); a traced graph needs the static-shape form below. The ContextVar behind
-            # routing.current() cannot be traced either, so compiled code passes language_ids.
-            if language_ids is None:
-                raise ValueError("SubnetworkLinear under torch.compile needs the language_ids argument")
-            return _static_groups(language_ids, num_tokens, num_ids)
         if language_ids is not None:
             groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(lead_shape)
         elif routing.current() is not None:
@@ -328,7 +308,7 @@ class SubnetworkLinear(torch.nn.Linear):
             groups = routing.current().tokens(lead_shape)
         else:
             _unrouted(self)
-            groups = routing.TokenGroups.build(torch.full((num_tokens,), -1, device=self.weight.device), num_ids)
+            groups = routing.TokenGroups.build(torch.full((math.prod(lead_shape),), -1, device=self.weight.device), num_ids)
         return groups.ids, groups.order, groups.offsets
 
     def forward(self, x: torch.Tensor, language_ids: torch.Tensor | None = None) -> torch.Tensor:

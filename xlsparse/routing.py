@@ -6,17 +6,27 @@ active `Routing` set by `xlsparse.hf.route` (or `routing.use`), so the ids are e
 and grouped by id once, not once per layer, as in vLLM's LoRA metadata.
 """
 import contextlib
-import contextvars
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
 
+def check_ids(ids: torch.Tensor, num_ids: int) -> None:
+    """Ids must lie in [−1, num_ids): a host-side check (one sync), done once per batch."""
+    if ids.numel():
+        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # one sync, not two
+        if lo < -1 or hi >= num_ids:
+            raise IndexError(f"route: ids must lie in [-1, {num_ids}), got min {lo}, max {hi}")
+
+
 @dataclass(frozen=True)
 class TokenGroups:
-    """Tokens grouped by id: `order` lists token positions sorted stably by id, with the −1
-    tokens dropped; id e owns `order[offsets[e]:offsets[e + 1]]` (`counts[e]` tokens)."""
+    """Tokens grouped by id: `order` lists token positions sorted stably by id; id e owns
+    `order[offsets[e]:offsets[e + 1]]` (`counts[e]` tokens). The −1 tokens are dropped in eager
+    mode; under torch.compile they stay at the front of `order`, before `offsets[0]`, so that no
+    shape depends on the data (the kernels read only the groups' bounds)."""
 
     ids: torch.Tensor  # [T] int64, −1 = none
     order: torch.Tensor  # [T_routed] int64
@@ -26,12 +36,15 @@ class TokenGroups:
 
     @staticmethod
     def build(ids: torch.Tensor, num_ids: int) -> "TokenGroups":
-        """Group the flat token ids [T] (values in [−1, num_ids))."""
+        """Group the flat token ids [T] (values in [−1, num_ids); checked in eager mode, and by
+        `xlsparse.hf.route` before a compiled model runs)."""
         ids = ids.reshape(-1).long()
-        if ids.numel():
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < -1 or hi >= num_ids:
-                raise IndexError(f"route: ids must lie in [-1, {num_ids}), got min {lo}, max {hi}")
+        if torch.compiler.is_compiling():
+            order = torch.sort(ids, stable=True).indices
+            counts = (ids.unsqueeze(0) == torch.arange(num_ids, device=ids.device).unsqueeze(1)).sum(1)
+            offsets = torch.cat([(ids < 0).sum().reshape(1), counts]).cumsum(0)
+            return TokenGroups(ids, order, counts, offsets, num_ids)
+        check_ids(ids, num_ids)
         counts = torch.bincount(ids + 1, minlength=num_ids + 1)[1:]
         order = torch.sort(ids, stable=True).indices
         order = order[ids.numel() - int(counts.sum()):]  # the −1 tokens sort first
@@ -78,24 +91,35 @@ class Routing:
 
     def tokens(self, lead_shape) -> TokenGroups:
         key = tuple(lead_shape)
+        if torch.compiler.is_compiling():  # no Python state in a graph; the grouping is a few cheap ops
+            return TokenGroups.build(expand_ids(self.ids, key), self.num_ids)
         if key not in self._cache:
             self._cache[key] = TokenGroups.build(expand_ids(self.ids, key), self.num_ids)
         return self._cache[key]
 
 
-_ACTIVE: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("xlsparse_routing", default=None)
+class _Active(threading.local):
+    """The routings in force in this thread, innermost last. A thread-local, not a ContextVar:
+    torch.compile traces through it without a graph break."""
+
+    def __init__(self):
+        self.stack: list[Routing] = []
+
+
+_ACTIVE = _Active()
 
 
 def current() -> Routing | None:
     """The routing set by the innermost `use` (or `xlsparse.hf.route`), or None."""
-    return _ACTIVE.get()
+    return _ACTIVE.stack[-1] if _ACTIVE.stack else None
 
 
 @contextlib.contextmanager
 def use(ids: torch.Tensor, num_ids: int):
     """Route the layers run inside this block by `ids` ([B] or [B, S], −1 = base only)."""
-    token = _ACTIVE.set(Routing(torch.as_tensor(ids), num_ids))
+    active = Routing(torch.as_tensor(ids), num_ids)
+    _ACTIVE.stack.append(active)
     try:
-        yield _ACTIVE.get()
+        yield active
     finally:
-        _ACTIVE.reset(token)
+        _ACTIVE.stack.pop()

@@ -347,3 +347,18 @@ def test_trainer_bf16_trains_a_converted_model():
                                           learning_rate=1e-2, report_to=[], use_cpu=True, bf16=True, save_strategy="no")
     transformers.Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows)).train()
     assert any(torch.count_nonzero(m.delta_values) > 0 for m in model.modules() if isinstance(m, SparseDeltaLinear))
+
+
+def test_a_routed_llama_compiles_with_one_graph_break():
+    model = _multi("llama")
+    ids, lang = batch(4, 3), torch.tensor([0, 1, -1, 1])
+
+    def forward(ids, lang):
+        return model(input_ids=ids, language_ids=lang).logits
+
+    explained = torch._dynamo.explain(forward)(ids, lang)
+    assert explained.graph_break_count <= 1, [str(b.reason)[:200] for b in explained.break_reasons]
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, backend="eager")
+    torch.testing.assert_close(compiled(ids, lang), forward(ids, lang))
+    torch._dynamo.reset()

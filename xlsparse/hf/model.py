@@ -480,6 +480,7 @@ def route(model: nn.Module, language_ids):
     if num == 0:
         raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
     ids = _language_ids(model, language_ids)
+    routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     with routing.use(ids, num) as active:
         yield active
 
