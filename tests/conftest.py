@@ -90,5 +90,13 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    # A test run that silently fell back to the reference ops would pass while testing no kernel.
+    if not _ext.loaded() and os.environ.get("XLSPARSE_ALLOW_NO_EXT", "0") != "1":
+        raise pytest.UsageError(
+            f"xlsparse._C is not loaded ({xlsparse.__file__}): the tests would check only the reference "
+            "ops. Install the package (README), or set XLSPARSE_ALLOW_NO_EXT=1 to test the reference alone.")
+
+
 def pytest_report_header(config):
     return f"xlsparse {xlsparse.__version__}, backends {xlsparse.backends()}, threads {torch.get_num_threads()}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"

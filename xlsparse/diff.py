@@ -563,10 +563,13 @@ class SparseDiff:
         return cls(deltas, absolute={n: t for n, t in absolute.items()})
 
     def save_composable_sft(self, path: str) -> None:
-        """Write composable-sft's `pytorch_diff.bin` (to `path`, or into it if it is a folder).
-        Dense differences are written as sparse diffs over every element; absolute entries as "abs"."""
+        """Write composable-sft's `pytorch_diff.bin` (to `path`, or into it if it is a folder; a
+        missing parent folder is made, as composable-sft keeps one SFT per folder). Dense
+        differences are written as sparse diffs over every element; absolute entries as "abs"."""
         if os.path.isdir(path):
             path = os.path.join(path, COMPOSABLE_SFT_FILE)
+        if os.path.dirname(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
         encoded = {}
         items = [(n, d.indices.long().cpu(), d.values.detach().cpu(), d.shape) for n, d in self.deltas.items()]
         items += [(n, torch.arange(t.numel()), t.detach().cpu().reshape(-1), t.shape) for n, t in self.dense.items()]

@@ -1,0 +1,74 @@
+"""The README's Python snippets run as written: each ```python block is extracted from README.md
+(not copied here) and executed on tiny models, with the names the README says it assumes."""
+import copy
+import os
+import re
+
+import pytest
+import torch
+from tiny_models import VOCAB, batch
+
+import xlsparse
+from xlsparse import hf
+
+transformers = pytest.importorskip("transformers")
+datasets = pytest.importorskip("datasets")
+
+README = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+
+
+def snippets() -> list[str]:
+    if not os.path.exists(README):  # the tests run against an installed wheel, away from the source tree
+        return []
+    return re.findall(r"^```python\n(.*?)^```$", open(README, encoding="utf-8").read(), flags=re.S | re.M)
+
+
+def _classifier(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    return transformers.BertForSequenceClassification(cfg).eval()
+
+
+def _language_diff(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name in hf.model.target_names(model):
+        w = model.get_submodule(name).weight
+        idx = torch.randperm(w.numel(), generator=g)[:30].sort().values
+        deltas[f"{name}.weight"] = xlsparse.SparseDelta(idx, torch.randn(30, generator=g) * 0.1, w.shape)
+    return xlsparse.SparseDiff(deltas)
+
+
+def namespace(tmp_path):
+    """The names the README's snippets assume, built from tiny models."""
+    model, base = _classifier(), _classifier()
+    g = torch.Generator().manual_seed(3)
+    data = datasets.Dataset.from_dict({"input_ids": torch.randint(3, VOCAB, (8, 6), generator=g).tolist(),
+                                       "labels": torch.randint(0, 3, (8,), generator=g).tolist()})
+    training_args = transformers.TrainingArguments(output_dir=str(tmp_path / "trainer"), per_device_train_batch_size=4,
+                                                   learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no")
+    lang_tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in lang_tuned.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    ids = batch(4, 6)
+    return dict(model=model, base=base, data=data, training_args=training_args, ids=ids, lang_tuned=lang_tuned,
+                lang_sft=_language_diff(base, 1), phi_de=_language_diff(base, 2), phi_fr=_language_diff(base, 3),
+                evaluate=lambda m: float(m(input_ids=ids).logits.float().mean()))
+
+
+def test_the_readme_has_the_snippets():
+    if not os.path.exists(README):
+        pytest.skip("README.md is not here (tests of an installed wheel)")
+    assert len(snippets()) >= 5
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_readme_snippet_runs(index, tmp_path, monkeypatch):
+    found = snippets()
+    if index >= len(found):
+        pytest.skip("no such snippet")
+    monkeypatch.chdir(tmp_path)
+    names = namespace(tmp_path)
+    exec(compile(found[index], f"README.md snippet {index}", "exec"), names)

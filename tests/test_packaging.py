@@ -1,0 +1,51 @@
+"""What a user installs: every subpackage importable, the version, an sdist that can build."""
+import importlib
+import os
+import pkgutil
+import subprocess
+import sys
+import tarfile
+
+import pytest
+
+import xlsparse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_every_subpackage_imports():
+    names = [m.name for m in pkgutil.walk_packages(xlsparse.__path__, "xlsparse.")]
+    for sub in ("xlsparse.hf", "xlsparse.hf.lt_sft", "xlsparse.hf.subnetworks", "xlsparse.hf.continual",
+                "xlsparse.hf.arithmetic", "xlsparse.hf.xelm", "xlsparse.ops", "xlsparse.triton", "xlsparse.benchmarks"):
+        assert sub in names or importlib.import_module(sub), sub
+    for name in names:
+        importlib.import_module(name)
+
+
+def test_source_packages_are_all_in_the_distribution():
+    """Every folder of the source tree with an __init__.py is a package setup.py ships."""
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        pytest.skip("not a source tree")
+    on_disk = {os.path.relpath(d, ROOT).replace(os.sep, ".") for d, _, files in os.walk(os.path.join(ROOT, "xlsparse"))
+               if "__init__.py" in files}
+    from setuptools import find_packages
+    assert on_disk <= set(find_packages(ROOT, include=["xlsparse", "xlsparse.*"]))
+
+
+def test_version_on_the_command_line():
+    out = subprocess.run([sys.executable, "-m", "xlsparse.cli", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"xlsparse {xlsparse.__version__}"
+    assert xlsparse.__version__ != "0.0.0+unknown"
+
+
+def test_sdist_holds_the_sources_and_headers(tmp_path):
+    if not os.path.exists(os.path.join(ROOT, "setup.py")):
+        pytest.skip("not a source tree")
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True)
+    (sdist,) = tmp_path.glob("xlsparse-*.tar.gz")
+    members = tarfile.open(sdist).getnames()
+    for header in os.listdir(os.path.join(ROOT, "csrc", "include", "xlsparse")):
+        assert any(m.endswith(f"csrc/include/xlsparse/{header}") for m in members), header
+    assert any(m.endswith("csrc/ops.cpp") for m in members)
+    assert any(m.endswith("xlsparse/hf/model.py") for m in members)
