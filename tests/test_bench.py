@@ -193,3 +193,30 @@ def test_bench_plot_writes_png_for_a_fake_family(tmp_path, monkeypatch, capsys):
 def test_plot_rejects_an_empty_result_set(tmp_path):
     with pytest.raises(ValueError, match="no benchmark rows"):
         plot.plot([], str(tmp_path / "x.png"))
+
+
+def _run_gpu_script(tmp_path, nvidia_smi_says: str):
+    """benchmarks/gpu.sh with a fake nvidia-smi first on PATH."""
+    import os
+    import stat
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho '{nvidia_smi_says}'\n")
+    (fake / "nvidia-smi").chmod(stat.S_IRWXU)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu.sh")
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON=sys.executable, XLSPARSE_GPU_OUT=str(tmp_path / "out"))
+    return subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_script_stops_at_once_without_a_gpu(tmp_path):
+    done = _run_gpu_script(tmp_path, "No devices were found")
+    assert done.returncode == 2 and "nvidia-smi lists no GPU" in done.stderr
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees a GPU")
+def test_gpu_script_stops_when_torch_sees_no_gpu(tmp_path):
+    done = _run_gpu_script(tmp_path, "GPU 0: NVIDIA H200 (UUID: GPU-0)")
+    assert done.returncode == 2 and "sees no CUDA device" in done.stderr
