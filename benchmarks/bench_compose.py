@@ -80,8 +80,8 @@ def _random_diff(shapes: dict, density: float, seed: int, device="cpu") -> xlspa
         k = int(numel * density)
         # k sorted unique positions without a randperm of numel: sort random draws, drop repeats.
         idx = torch.unique(torch.randint(0, numel, (k,), generator=gen))
-        deltas[name] = xlsparse.SparseDelta._trusted(idx.int().to(device), (torch.randn(idx.numel(), generator=gen) * 1e-3).to(device),
-                                                      shape)
+        values = torch.randn(idx.numel(), generator=gen) * 1e-3
+        deltas[name] = xlsparse.SparseDelta._trusted(idx.int().to(device), values.to(device), shape)
     return xlsparse.SparseDiff._trusted(deltas)
 
 

@@ -41,7 +41,8 @@ def hard_routed_train_flops(tokens: int, out_f: int, in_f: int, tokens_per_delta
                             nnz_per_delta: list[int]) -> int:
     """Forward and dX (each token group through its own merged weight), plus each delta's SDDMM
     over its own tokens."""
-    return 2 * dense_flops(tokens, out_f, in_f) + sum(sddmm_flops(t, k) for t, k in zip(tokens_per_delta, nnz_per_delta))
+    sddmms = sum(sddmm_flops(t, k) for t, k in zip(tokens_per_delta, nnz_per_delta))
+    return 2 * dense_flops(tokens, out_f, in_f) + sddmms
 
 
 def gated_forward_flops(tokens: int, out_f: int, in_f: int, nnz_per_delta: list[int]) -> int:
@@ -177,8 +178,8 @@ def _multi_cases(tokens, out_f, in_f, idx: list, dtype, device, masks="uniform",
         Case("multi_delta_linear hard fwd+bwd", shape, _name(dtype), ours_train, peft_train,
              "PEFT mixed batch (merge, index_select, linear, index_copy, dense dW)", density, backend,
              flops=hard_routed_train_flops(tokens, out_f, in_f, per_delta, nnz), masks=masks),
-        Case("multi_delta_linear hard fwd", shape, _name(dtype), ours_forward, peft_forward, "PEFT mixed batch, forward",
-             density, backend, flops=dense_flops(tokens, out_f, in_f), masks=masks),
+        Case("multi_delta_linear hard fwd", shape, _name(dtype), ours_forward, peft_forward,
+             "PEFT mixed batch, forward", density, backend, flops=dense_flops(tokens, out_f, in_f), masks=masks),
         Case("multi_delta_linear gates fwd", shape, _name(dtype), ours_gated, dense_gated,
              f"{LANGUAGES} merged dense forwards", density, backend,
              flops=gated_forward_flops(tokens, out_f, in_f, nnz), masks=masks, targets=gate_target),

@@ -49,7 +49,8 @@ def density(entry: tuple[torch.Tensor, tuple[int, int]]) -> float:
 
 def skewed_ffn(masks: dict) -> str:
     """The densest FFN matrix (the last layer's FFN-in in this selection)."""
-    ffn = [n for n in masks if n.endswith(("intermediate.dense.weight", "output.dense.weight")) and "attention" not in n]
+    ffn = [n for n in masks if n.endswith(("intermediate.dense.weight", "output.dense.weight"))
+           and ".attention." not in n]
     return max(ffn, key=lambda n: density(masks[n]))
 
 

@@ -154,8 +154,9 @@ def test_real_masks_load_and_pick(tmp_path, capsys):
              "encoder.layer.1.attention.self.query.weight": (4, 4, [1, 2, 3, 4, 5, 6, 7]),
              "encoder.layer.0.intermediate.dense.weight": (8, 4, [0]),
              "encoder.layer.1.intermediate.dense.weight": (8, 4, list(range(20)))}
+    shapes = json.dumps({n: [o, i] for n, (o, i, _) in names.items()})
     save_file({n: torch.tensor(i, dtype=torch.int32) for n, (_, _, i) in names.items()},
-              str(tmp_path / real_masks.FILE), metadata={"shapes": json.dumps({n: [o, i] for n, (o, i, _) in names.items()})})
+              str(tmp_path / real_masks.FILE), metadata={"shapes": shapes})
     masks = real_masks.load(str(tmp_path))
     assert masks["encoder.layer.0.intermediate.dense.weight"][1] == (8, 4)
     assert masks["encoder.layer.1.intermediate.dense.weight"][0].dtype == torch.int64
@@ -206,7 +207,8 @@ def _run_gpu_script(tmp_path, nvidia_smi_says: str):
     (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho '{nvidia_smi_says}'\n")
     (fake / "nvidia-smi").chmod(stat.S_IRWXU)
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu.sh")
-    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON=sys.executable, XLSPARSE_GPU_OUT=str(tmp_path / "out"))
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON=sys.executable,
+               XLSPARSE_GPU_OUT=str(tmp_path / "out"))
     return subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
 
 
