@@ -359,6 +359,14 @@ def measure(case: Case, device: str = "cpu", quick: bool = False) -> Row:
                case.flops, case.bytes, case.note, goals=case.targets)
 
 
+def failed_row(case: Case, error: Exception) -> Row:
+    """The row of a case whose run raised: no timings, the error in the note."""
+    nan = math.nan
+    return Row(case.op, case.shape, case.density, case.dtype, case.backend, case.masks, nan, nan, nan,
+               case.baseline_name, None, None, None, None, nan, None, note=f"FAILED: {type(error).__name__}: {error}",
+               goals=case.targets)
+
+
 def judge(row: Row, ceilings: Ceilings) -> Row:
     """Fill the row's roofline share against `ceilings` and judge its targets."""
     row.achieved, row.roofline_pct, row.bound = roofline(row.flops, row.bytes, row.dtype, row.ms / 1e3, ceilings)
@@ -398,7 +406,7 @@ def header_lines(machine: Machine, before: Ceilings, after: Ceilings, max_load: 
 
 TABLE_HEADER = ("| op | shape | density | masks | dtype | backend | ms median (min, max) | baseline "
                 "| baseline ms median (min, max) | speed-up | achieved | roofline share | peak MiB "
-                "| baseline peak MiB |")
+                "| baseline peak MiB | note |")
 
 
 def _num(x, fmt: str) -> str:
@@ -412,7 +420,7 @@ def format_row(r: Row) -> str:
     share = "" if r.roofline_pct is None else f"{r.roofline_pct:.0f}% of {'GEMM' if r.bound == 'compute' else 'copy'}"
     return (f"| {r.op} | {r.shape} | {density} | {r.masks} | {r.dtype} | {r.backend} | {ours} | {r.baseline} "
             f"| {theirs} | {_num(r.speedup, '.2f')}{'x' if r.speedup else ''} | {r.achieved} | {share} "
-            f"| {r.peak_mib:.1f} | {_num(r.baseline_peak_mib, '.1f')} |")
+            f"| {r.peak_mib:.1f} | {_num(r.baseline_peak_mib, '.1f')} | {r.note} |")
 
 
 def format_table(rows: list[Row]) -> list[str]:
@@ -470,7 +478,14 @@ def cache_lines(indices: torch.Tensor, element_size: int, line: int = LINE_BYTES
 # --- backend choice ----------------------------------------------------------------------------
 
 def backend_of(op: str, device) -> str:
-    """The backend xlsparse runs `op` with on `device`: the one place benchmarks ask."""
+    """The backend xlsparse runs `op` with on `device`: the one place benchmarks ask.
+
+    Where XLSPARSE_BACKEND names a backend the op lacks (no Triton top-K, say), the op runs its
+    reference (or raises, which fails that row): the label says so rather than stopping the run.
+    """
     from xlsparse.ops._common import backend_for
 
-    return backend_for(op, torch.device(device))
+    try:
+        return backend_for(op, torch.device(device))
+    except RuntimeError:
+        return f"reference (no {os.environ.get('XLSPARSE_BACKEND', '')} kernel)"

@@ -222,3 +222,23 @@ def test_gpu_script_stops_at_once_without_a_gpu(tmp_path):
 def test_gpu_script_stops_when_torch_sees_no_gpu(tmp_path):
     done = _run_gpu_script(tmp_path, "GPU 0: NVIDIA H200 (UUID: GPU-0)")
     assert done.returncode == 2 and "sees no CUDA device" in done.stderr
+
+
+def test_a_failing_case_is_a_failed_row_not_a_lost_target(tmp_path, monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("no kernel")
+
+    def cases(quick=False, device="cpu"):
+        return [harness.Case("broken op", "[1]", "float32", broken, lambda: None, "nothing",
+                             targets=(harness.Target("broken >= 1x", "speedup", 1.0),)),
+                harness.Case("fine op", "[1]", "float32", lambda: None, None, "")]
+
+    fake = types.ModuleType("xlsparse.benchmarks.bench_fake")
+    fake.cases = cases
+    monkeypatch.setitem(sys.modules, "xlsparse.benchmarks.bench_fake", fake)
+    monkeypatch.setattr(cli, "_families", lambda: {"fake": "bench_fake"})
+    monkeypatch.setattr(harness, "measure_ceilings", lambda machine, quick=False: _ceilings())
+    assert cli.main(["bench", "--family", "fake", "--quick", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError: no kernel" in out and "| fine op |" in out
+    assert "| broken >= 1x | broken op" in out and "not measured" in out

@@ -69,7 +69,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows = []
         for case in tqdm(module.cases(quick=args.quick, device=args.device), desc=name, unit="case", file=sys.stderr):
             max_load = max(max_load, harness.load_average())
-            rows.append(harness.measure(case, args.device, quick=args.quick))
+            try:
+                rows.append(harness.measure(case, args.device, quick=args.quick))
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                # One broken kernel must not hide the other rows; its row says FAILED and the run exits 1.
+                rows.append(harness.failed_row(case, exc))
         results[name] = rows
     max_load = max(max_load, harness.load_average())
     after = harness.measure_ceilings(machine, quick=args.quick)
@@ -90,7 +94,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         noisy = "NOISY " if harness.noisy_reasons(before, after, max_load, machine.threads) else ""
         title = f"{noisy}{machine.processor}, {machine.threads} threads, torch {machine.torch}"
         print(f"plot written to {plot.plot([dataclasses.asdict(r) for r in all_rows], args.plot, title)}")
-    return 0
+    failed = [r for r in all_rows if r.note.startswith("FAILED")]
+    if failed:
+        print(f"xlsparse bench: {len(failed)} rows failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _load_diff(path: str):
