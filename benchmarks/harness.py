@@ -414,7 +414,7 @@ def _num(x, fmt: str) -> str:
 
 
 def format_row(r: Row) -> str:
-    density = "" if r.density is None else f"{100 * r.density:g}%"
+    density = "" if r.density is None else f"{100 * r.density:.3g}%"
     ours = f"{r.ms:.3f} ({r.ms_min:.3f}, {r.ms_max:.3f})"
     theirs = "" if r.baseline_ms is None else f"{r.baseline_ms:.3f} ({r.baseline_ms_min:.3f}, {r.baseline_ms_max:.3f})"
     share = "" if r.roofline_pct is None else f"{r.roofline_pct:.0f}% of {'GEMM' if r.bound == 'compute' else 'copy'}"

@@ -1,12 +1,14 @@
 """`xlsparse bench --plot`: one PNG with two panels per run, the speed-up of each row over its
 baseline (log scale, 1x marked) and each row's roofline share (the target's 80% marked)."""
 import math
+import os
 
 
 def row_label(row: dict) -> str:
-    density = "" if row.get("density") is None else f" {100 * row['density']:g}%"
+    density = "" if row.get("density") is None else f" {100 * row['density']:.3g}%"
     masks = "" if row.get("masks", "uniform") == "uniform" else " [real masks]"
-    return f"{row['op']} {row['shape']}{density} {row['dtype']}{masks} vs {row['baseline'] or '-'}"
+    baseline = (row["baseline"] or "-").split(" (")[0]  # the name without its explanation
+    return f"{row['op']} {row['shape']}{density} {row['dtype']}{masks} vs {baseline}"
 
 
 def plot(rows: list[dict], path: str, title: str = "") -> str:
@@ -36,7 +38,8 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
     ax_share.set_xlabel("roofline share, % (GEMM rate or copy bandwidth)")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the title
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -181,7 +181,7 @@ def test_bench_plot_writes_png_for_a_fake_family(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "xlsparse.benchmarks.bench_fake", fake)
     monkeypatch.setattr(cli, "_families", lambda: {"fake": "bench_fake"})
     monkeypatch.setattr(harness, "measure_ceilings", lambda machine, quick=False: _ceilings(copy=10.0, fp32=50.0))
-    png = tmp_path / "bench.png"
+    png = tmp_path / "plots" / "bench.png"  # a folder that does not exist yet
     assert cli.main(["bench", "--family", "fake", "--quick", "--out", str(tmp_path), "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out

@@ -44,8 +44,8 @@ _ORDER = ("compose", "optim", "matmul")
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
+    families = _families()  # first: it decides which benchmarks package is xlsparse.benchmarks
     harness = importlib.import_module("xlsparse.benchmarks.harness")
-    families = _families()
     names = [args.family] if args.family else sorted(families, key=lambda f: (_ORDER + (f,)).index(f))
     for name in names:
         if name not in families:
