@@ -4,7 +4,8 @@ Rows: sparse_axpy_ on one tensor; applying a language diff plus a task diff to t
 like xlm-roberta-base (about 278M parameters) in one fused call, against composable-sft's way and
 an index_add_ loop; the bit-exact revert; global top-K over about 100M elements in 200 tensors,
 against torch.topk on torch.cat and against composable-sft's way (Python list + np.partition),
-the latter on a 10M-element subset because on the full set it takes minutes and ~5 GB.
+the latter on a 10M-element subset because on the full set it takes minutes and ~5 GB. Beside
+them, apply and revert of one diff on the real 5% LT-SFT support of e5-small (real_masks.py).
 """
 import torch
 
@@ -13,7 +14,7 @@ from xlsparse.diff import _reorder
 from xlsparse.functional import topk_mask
 from xlsparse.ops.compose import restore_diffs_, sparse_axpy_
 
-from . import baselines
+from . import baselines, real_masks
 from .harness import LINE_BYTES, Case, Target, backend_of, cache_lines
 
 FAMILY = "compose"
@@ -136,6 +137,41 @@ def _apply_cases(quick: bool, device) -> list[Case]:
     return cases
 
 
+def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
+    """Apply and revert one diff on the real 5% LT-SFT support of e5-small's encoder linear weights
+    (the last two layers with --quick): its skew decides how many cache lines are touched."""
+    masks = real_masks.load()
+    if masks is None:
+        return []
+    names = sorted(masks)
+    if quick:
+        names = [n for n in names if n.startswith(("encoder.layer.10.", "encoder.layer.11."))]
+    gen = torch.Generator().manual_seed(6)
+    params = {n: (torch.randn(masks[n][1], generator=gen) * 0.02).to(device) for n in names}
+    deltas = {}
+    for n in names:
+        idx, shape = masks[n]
+        values = torch.randn(idx.numel(), generator=gen) * 1e-3
+        deltas[n] = xlsparse.SparseDelta._trusted(idx.int().to(device), values.to(device), shape)
+    diff = xlsparse.SparseDiff._trusted(deltas)
+    numel = sum(p.numel() for p in params.values())
+    lines = sum(cache_lines(d.indices, 4) for d in deltas.values())
+    shape = f"e5-small encoder, {len(names)} weights, {numel / 1e6:.1f}M params, 1 diff"
+    label = f"{real_masks.LABEL} ({len(names)} weights)"
+    plain = [{n: (d.indices.long(), d.values) for n, d in deltas.items()}]
+    handle = xlsparse.apply([diff], params, [1.0])
+    revert = lambda h=handle: restore_diffs_(h._dense, h._indices, h._saved, h._target)  # noqa: E731
+    return [Case(op="apply LT-SFT diff", shape=shape, density=diff.nnz / numel, dtype="float32",
+                 backend=backend_of("apply_diffs_", device), fn=lambda: xlsparse.apply([diff], params, [1.0]),
+                 baseline=lambda: baselines.index_add_apply(params, plain, [1.0]), baseline_name="index_add_ loop",
+                 bytes=apply_bytes(diff.nnz, lines), masks=label),
+            Case(op="revert (bit-exact)", shape=shape, density=diff.nnz / numel, dtype="float32",
+                 backend=backend_of("restore_diffs_", device), fn=revert,
+                 baseline=lambda: baselines.index_add_apply(params, plain, [-1.0]),
+                 baseline_name="index_add_ loop, subtract (not exact)", bytes=revert_bytes(diff.nnz, lines),
+                 note="revert = restore of the saved values", masks=label)]
+
+
 def _topk_cases(quick: bool, device) -> list[Case]:
     gen = torch.Generator().manual_seed(4)
     sizes = [(512, 768), (768, 768)] * (4 if quick else 100)
@@ -162,4 +198,5 @@ def _topk_cases(quick: bool, device) -> list[Case]:
 
 def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     n = 8 * 2**20 if quick else 64 * 2**20
-    return [_axpy_case(n, d, device) for d in (0.01, 0.05)] + _apply_cases(quick, device) + _topk_cases(quick, device)
+    return ([_axpy_case(n, d, device) for d in (0.01, 0.05)] + _apply_cases(quick, device)
+            + _real_mask_apply_cases(quick, device) + _topk_cases(quick, device))
