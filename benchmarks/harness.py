@@ -40,6 +40,7 @@ ISA_FLAGS = (("AVX2", "avx2"), ("FMA", "fma"), ("AVX-512", "avx512f"), ("AVX-512
 
 
 def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             return f.read()
@@ -66,6 +67,7 @@ def has_bf16_hardware(flags: set[str]) -> bool:
 
 
 def cpu_model(cpuinfo: str) -> str:
+    """The first "model name" in /proc/cpuinfo text."""
     for line in cpuinfo.splitlines():
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
@@ -93,6 +95,7 @@ class Machine:
 
 
 def describe_machine(device: str = "cpu") -> Machine:
+    """This machine, as a table's header states it (call after torch.set_num_threads)."""
     info = read_cpuinfo()
     flags = cpu_flags(info)
     processor = cpu_model(info)
@@ -103,6 +106,7 @@ def describe_machine(device: str = "cpu") -> Machine:
 
 
 def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a timer reads the work and not its launch."""
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -414,6 +418,7 @@ def _num(x, fmt: str) -> str:
 
 
 def format_row(r: Row) -> str:
+    """One markdown table row."""
     density = "" if r.density is None else f"{100 * r.density:.3g}%"
     ours = f"{r.ms:.3f} ({r.ms_min:.3f}, {r.ms_max:.3f})"
     theirs = "" if r.baseline_ms is None else f"{r.baseline_ms:.3f} ({r.baseline_ms_min:.3f}, {r.baseline_ms_max:.3f})"
@@ -424,6 +429,7 @@ def format_row(r: Row) -> str:
 
 
 def format_table(rows: list[Row]) -> list[str]:
+    """The markdown table of `rows`, header first."""
     return [TABLE_HEADER, "|" + "---|" * (TABLE_HEADER.count("|") - 1)] + [format_row(r) for r in rows]
 
 
@@ -451,6 +457,7 @@ def format_targets(rows: list[Row], quick: bool) -> list[str]:
 
 def save(family: str, rows: list[Row], machine: Machine, before: Ceilings, after: Ceilings, max_load: float,
          out_dir: str) -> str:
+    """Write one family's rows, with the machine and both ceilings, to `out_dir/<family>.json`."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{family}.json")
     tmp = path + ".tmp"

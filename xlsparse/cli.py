@@ -41,6 +41,33 @@ def _families() -> dict[str, str]:
 _ORDER = ("compose", "optim", "matmul")
 
 
+def _progress(items, desc: str):
+    """tqdm over `items` on stderr, or the items alone where tqdm (the hf extra) is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="case", file=sys.stderr)
+
+
+def _measure_families(harness, families: dict, names: list, args) -> tuple[dict, float]:
+    """{family: rows}, and the highest 1-min load average seen while they ran."""
+    max_load = harness.load_average()
+    results = {}
+    for name in names:
+        module = importlib.import_module(f"xlsparse.benchmarks.{families[name]}")
+        rows = []
+        for case in _progress(module.cases(quick=args.quick, device=args.device), name):
+            max_load = max(max_load, harness.load_average())
+            try:
+                rows.append(harness.measure(case, args.device, quick=args.quick))
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                # One broken kernel must not hide the other rows; its row says FAILED and the run exits 1.
+                rows.append(harness.failed_row(case, exc))
+        results[name] = rows
+    return results, max(max_load, harness.load_average())
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -54,28 +81,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise RuntimeError("--device cuda: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the hf extra; without it, no progress bar
-        def tqdm(items, **_):
-            return items
-
     machine = harness.describe_machine(args.device)
-    max_load = harness.load_average()
     before = harness.measure_ceilings(machine, quick=args.quick)
-    results = {}
-    for name in names:
-        module = importlib.import_module(f"xlsparse.benchmarks.{families[name]}")
-        rows = []
-        for case in tqdm(module.cases(quick=args.quick, device=args.device), desc=name, unit="case", file=sys.stderr):
-            max_load = max(max_load, harness.load_average())
-            try:
-                rows.append(harness.measure(case, args.device, quick=args.quick))
-            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
-                # One broken kernel must not hide the other rows; its row says FAILED and the run exits 1.
-                rows.append(harness.failed_row(case, exc))
-        results[name] = rows
-    max_load = max(max_load, harness.load_average())
+    results, max_load = _measure_families(harness, families, names, args)
     after = harness.measure_ceilings(machine, quick=args.quick)
     best = harness.best_ceilings(before, after)
     lines = harness.header_lines(machine, before, after, max_load, args.quick)
