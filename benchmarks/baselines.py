@@ -99,7 +99,7 @@ def composable_sft_apply(params: dict, encoded: list[dict], alphas: list[float])
             rows = param.shape[0]
             # column-major flat -> (row, col); parameters are 1-D or 2-D here
             flat = column if param.dim() == 1 else (column % rows) * param.shape[1] + column // rows
-            dense = torch.zeros(param.numel(), dtype=param.dtype)
+            dense = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
             dense[flat] = enc["values"]
             param.add_(dense.view(param.shape), alpha=alpha)
 

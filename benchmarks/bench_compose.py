@@ -4,39 +4,55 @@ Rows: sparse_axpy_ on one tensor; applying a language diff plus a task diff to t
 like xlm-roberta-base (about 278M parameters) in one fused call, against composable-sft's way and
 an index_add_ loop; the bit-exact revert; global top-K over about 100M elements in 200 tensors,
 against torch.topk on torch.cat and against composable-sft's way (Python list + np.partition),
-the latter on a 10M-element subset because on the full set it takes minutes and ~5 GB.
+the latter on a 10M-element subset because on the full set it takes minutes and ~5 GB. Beside
+them, apply and revert of one diff on the real 5% LT-SFT support of e5-small (real_masks.py).
 """
 import torch
 
 import xlsparse
-from xlsparse.benchmarks import baselines
-from xlsparse.benchmarks.harness import Case, cache_lines
 from xlsparse.diff import _reorder
-from xlsparse.ops._common import backend_for
-from xlsparse.ops.compose import restore_diffs_, sparse_axpy_
 from xlsparse.functional import topk_mask
+from xlsparse.ops.compose import restore_diffs_, sparse_axpy_
+
+from . import baselines, real_masks
+from .harness import LINE_BYTES, Case, Target, backend_of, cache_lines
 
 FAMILY = "compose"
 
 
-def _axpy_case(n: int, density: float) -> Case:
+def axpy_bytes(indices: torch.Tensor, value_size: int) -> int:
+    """Indices and values streamed once; each touched cache line of the dense tensor read and written."""
+    return indices.numel() * (indices.element_size() + value_size) + 2 * LINE_BYTES * cache_lines(indices, 4)
+
+
+def apply_bytes(nnz: int, lines: int) -> int:
+    """Both diffs' int32 indices and fp32 values read, the displaced values written (4 bytes each),
+    and every touched line of the weights read and written."""
+    return nnz * (4 + 4 + 4) + 2 * LINE_BYTES * lines
+
+
+def revert_bytes(nnz: int, lines: int) -> int:
+    """The indices and saved values read; every touched line of the weights read and written
+    (a partial line write still costs the line)."""
+    return nnz * (4 + 4) + 2 * LINE_BYTES * lines
+
+
+def _axpy_case(n: int, density: float, device) -> Case:
     gen = torch.Generator().manual_seed(0)
     k = int(n * density)
-    dense = torch.randn(n, generator=gen)
-    idx = torch.randperm(n, generator=gen)[:k].sort().values
-    vals = torch.randn(k, generator=gen)
-    # Bytes: indices and values streamed once, each touched cache line of dense read and written.
-    moved = k * (idx.element_size() + vals.element_size()) + 2 * 64 * cache_lines(idx, 4)
+    dense = torch.randn(n, generator=gen).to(device)
+    idx = torch.randperm(n, generator=gen)[:k].sort().values.to(device)
+    vals = torch.randn(k, generator=gen).to(device)
     return Case(
         op="sparse_axpy_",
         shape=f"[{n}]",
         density=density,
         dtype="float32",
-        backend=backend_for("sparse_axpy_", dense.device),
+        backend=backend_of("sparse_axpy_", dense.device),
         fn=lambda: sparse_axpy_(dense, idx, vals, 1e-3),
         baseline=lambda: baselines.index_add_axpy(dense, idx, vals, 1e-3),
         baseline_name="index_add_",
-        bytes=moved,
+        bytes=axpy_bytes(idx, vals.element_size()),
     )
 
 
@@ -57,7 +73,7 @@ def xlmr_shapes(layers: int = 12, hidden: int = 768, ffn: int = 3072, vocab: int
     return shapes
 
 
-def _random_diff(shapes: dict, density: float, seed: int) -> xlsparse.SparseDiff:
+def _random_diff(shapes: dict, density: float, seed: int, device="cpu") -> xlsparse.SparseDiff:
     gen = torch.Generator().manual_seed(seed)
     deltas = {}
     for name, shape in shapes.items():
@@ -65,7 +81,8 @@ def _random_diff(shapes: dict, density: float, seed: int) -> xlsparse.SparseDiff
         k = int(numel * density)
         # k sorted unique positions without a randperm of numel: sort random draws, drop repeats.
         idx = torch.unique(torch.randint(0, numel, (k,), generator=gen))
-        deltas[name] = xlsparse.SparseDelta._trusted(idx.int(), torch.randn(idx.numel(), generator=gen) * 1e-3, shape)
+        values = torch.randn(idx.numel(), generator=gen) * 1e-3
+        deltas[name] = xlsparse.SparseDelta._trusted(idx.int().to(device), values.to(device), shape)
     return xlsparse.SparseDiff._trusted(deltas)
 
 
@@ -80,54 +97,95 @@ def _encode_composable(diff: xlsparse.SparseDiff) -> dict:
     return out
 
 
-def _apply_cases(quick: bool) -> list[Case]:
+def _apply_cases(quick: bool, device) -> list[Case]:
     shapes = xlmr_shapes(layers=1, vocab=8000) if quick else xlmr_shapes()
     n = sum(torch.Size(s).numel() for s in shapes.values())
     gen = torch.Generator().manual_seed(1)
-    params = {name: torch.randn(shape, generator=gen) * 0.02 for name, shape in shapes.items()}
+    params = {name: (torch.randn(shape, generator=gen) * 0.02).to(device) for name, shape in shapes.items()}
     cases = []
     for density in (0.01, 0.05):
-        lang, task = _random_diff(shapes, density, 2), _random_diff(shapes, density, 3)
+        lang, task = _random_diff(shapes, density, 2, device), _random_diff(shapes, density, 3, device)
         diffs, alphas = [lang, task], [1.0, 1.0]
         nnz = lang.nnz + task.nnz
         lines = sum(cache_lines(torch.unique(torch.cat([lang.deltas[k].indices, task.deltas[k].indices])), 4) for k in shapes)
-        # Bytes: both diffs' indices and values read, displaced values written, touched lines of W read + written.
-        moved = nnz * (4 + 4 + 4) + 2 * 64 * lines
+        moved = apply_bytes(nnz, lines)
+        judged = density == 0.01
         shape = f"xlm-r-base {n / 1e6:.0f}M params, 2 diffs"
         apply = lambda diffs=diffs: xlsparse.apply(diffs, params, alphas)  # noqa: E731
         encoded = [_encode_composable(d) for d in diffs]
         cases.append(Case(op="apply lang+task", shape=shape, density=density, dtype="float32",
-                          backend=backend_for("apply_diffs_", torch.device("cpu")), fn=apply,
+                          backend=backend_of("apply_diffs_", device), fn=apply,
                           baseline=lambda encoded=encoded: baselines.composable_sft_apply(params, encoded, alphas),
-                          baseline_name="composable-sft (decode, dense diff, add)", bytes=moved))
+                          baseline_name="composable-sft (decode, dense diff, add)", bytes=moved,
+                          targets=(Target("apply lang+task diffs, 1%: >= 80% of copy bandwidth (lines touched)",
+                                          "roofline", 0.80),) if judged else ()))
         plain = [{k: (d.indices.long(), d.values) for k, d in diff.deltas.items()} for diff in diffs]
         cases.append(Case(op="apply lang+task", shape=shape, density=density, dtype="float32",
-                          backend=backend_for("apply_diffs_", torch.device("cpu")), fn=apply,
+                          backend=backend_of("apply_diffs_", device), fn=apply,
                           baseline=lambda plain=plain: baselines.index_add_apply(params, plain, alphas),
                           baseline_name="index_add_ loop", bytes=moved))
         # The revert restores the displaced values; repeating it rewrites the same bits.
         handle = xlsparse.apply(diffs, params, alphas)
         revert = lambda h=handle: restore_diffs_(h._dense, h._indices, h._saved, h._target)  # noqa: E731
         cases.append(Case(op="revert (bit-exact)", shape=shape, density=density, dtype="float32",
-                          backend=backend_for("restore_diffs_", torch.device("cpu")), fn=revert,
+                          backend=backend_of("restore_diffs_", device), fn=revert,
                           baseline=lambda encoded=encoded: baselines.composable_sft_apply(params, encoded, [-1.0, -1.0]),
                           baseline_name="composable-sft revert (subtract; not exact)",
-                          bytes=nnz * (4 + 4) + 64 * lines, note="revert = restore of the saved values"))
+                          bytes=revert_bytes(nnz, lines), note="revert = restore of the saved values",
+                          targets=(Target("revert lang+task diffs, 1%: >= 80% of copy bandwidth (lines touched)",
+                                          "roofline", 0.80),) if judged else ()))
     return cases
 
 
-def _topk_cases(quick: bool) -> list[Case]:
+def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
+    """Apply and revert one diff on the real 5% LT-SFT support of e5-small's encoder linear weights
+    (the last two layers with --quick): its skew decides how many cache lines are touched."""
+    masks = real_masks.load()
+    if masks is None:
+        return []
+    names = sorted(masks)
+    if quick:
+        names = [n for n in names if n.startswith(("encoder.layer.10.", "encoder.layer.11."))]
+    gen = torch.Generator().manual_seed(6)
+    params = {n: (torch.randn(masks[n][1], generator=gen) * 0.02).to(device) for n in names}
+    deltas = {}
+    for n in names:
+        idx, shape = masks[n]
+        values = torch.randn(idx.numel(), generator=gen) * 1e-3
+        deltas[n] = xlsparse.SparseDelta._trusted(idx.int().to(device), values.to(device), shape)
+    diff = xlsparse.SparseDiff._trusted(deltas)
+    numel = sum(p.numel() for p in params.values())
+    lines = sum(cache_lines(d.indices, 4) for d in deltas.values())
+    shape = f"e5-small encoder, {len(names)} weights, {numel / 1e6:.1f}M params, 1 diff"
+    label = f"{real_masks.LABEL} ({len(names)} weights)"
+    plain = [{n: (d.indices.long(), d.values) for n, d in deltas.items()}]
+    handle = xlsparse.apply([diff], params, [1.0])
+    revert = lambda h=handle: restore_diffs_(h._dense, h._indices, h._saved, h._target)  # noqa: E731
+    return [Case(op="apply LT-SFT diff", shape=shape, density=diff.nnz / numel, dtype="float32",
+                 backend=backend_of("apply_diffs_", device), fn=lambda: xlsparse.apply([diff], params, [1.0]),
+                 baseline=lambda: baselines.index_add_apply(params, plain, [1.0]), baseline_name="index_add_ loop",
+                 bytes=apply_bytes(diff.nnz, lines), masks=label),
+            Case(op="revert (bit-exact)", shape=shape, density=diff.nnz / numel, dtype="float32",
+                 backend=backend_of("restore_diffs_", device), fn=revert,
+                 baseline=lambda: baselines.index_add_apply(params, plain, [-1.0]),
+                 baseline_name="index_add_ loop, subtract (not exact)", bytes=revert_bytes(diff.nnz, lines),
+                 note="revert = restore of the saved values", masks=label)]
+
+
+def _topk_cases(quick: bool, device) -> list[Case]:
     gen = torch.Generator().manual_seed(4)
     sizes = [(512, 768), (768, 768)] * (4 if quick else 100)
-    tensors = [torch.randn(s, generator=gen) for s in sizes]
+    tensors = [torch.randn(s, generator=gen).to(device) for s in sizes]
     n = sum(t.numel() for t in tensors)
     k = n // 100
-    backend = backend_for("topk_masks", torch.device("cpu"))
+    backend = backend_of("topk_masks", device)
     # Bytes: the histogram pass and the mask pass read the data; the masks are written once.
     moved = 2 * 4 * n + n
     cases = [Case(op="global top-K |x|", shape=f"{n / 1e6:.0f}M in {len(tensors)} tensors", density=0.01, dtype="float32",
                   backend=backend, fn=lambda: topk_mask(tensors, k), baseline=lambda: baselines.topk_cat(tensors, k),
                   baseline_name="torch.topk(torch.cat)", bytes=moved)]
+    if torch.device(device).type != "cpu":  # composable-sft's way runs on the host only
+        return cases
     # composable-sft's way is too slow for the full set: time both on a subset of the tensors.
     subset = tensors[: 2 if quick else 20]
     m = sum(t.numel() for t in subset)
@@ -138,6 +196,7 @@ def _topk_cases(quick: bool) -> list[Case]:
     return cases
 
 
-def cases(quick: bool = False) -> list[Case]:
+def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     n = 8 * 2**20 if quick else 64 * 2**20
-    return [_axpy_case(n, d) for d in (0.01, 0.05)] + _apply_cases(quick) + _topk_cases(quick)
+    return ([_axpy_case(n, d, device) for d in (0.01, 0.05)] + _apply_cases(quick, device)
+            + _real_mask_apply_cases(quick, device) + _topk_cases(quick, device))

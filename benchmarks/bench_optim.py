@@ -1,22 +1,56 @@
 """Masked-gradient update benchmarks (`xlsparse bench --family optim`).
 
-fp32 parameters in the shapes of XLM-R base layers plus an embedding block, N ≈ 32M (4M with
---quick), masks at 1%, 5% and 50%. Bytes are counted as 64-byte cache lines touched: at low density
-each selected entry of p and g sits on its own line.
+fp32 parameters in the shapes of XLM-R base layers plus an embedding block, N ≈ 32M (7M with
+--quick), uniform random masks at 1%, 5% and 50%; beside them the real LT-SFT masks of
+multilingual-e5-small's encoder linear weights (benchmarks/real_masks.py), at their real shapes.
+
+The steps are memory-bound. Bytes are counted as 64-byte cache lines touched: at low density each
+selected entry of p and g sits on its own line, so a line holding one selected float costs as much
+as a line holding sixteen. multi_mask_weight_grad is compute-bound (one dense dYᵀX of work).
 """
 import torch
 
-from xlsparse.benchmarks import baselines
-from xlsparse.benchmarks.harness import Case, cache_lines
-from xlsparse.ops._common import backend_for
-from xlsparse.ops.optim import multi_mask_weight_grad
 from xlsparse.optim import MaskedAdamW
 from xlsparse.routing import TokenGroups
 
-FAMILY = "optim"
-LINE = 64
-FLOATS_PER_LINE = LINE // 4
+from . import baselines, real_masks
+from .harness import LINE_BYTES, Case, Target, backend_of, cache_lines
 
+FAMILY = "optim"
+FLOAT_BYTES = 4
+FLOATS_PER_LINE = LINE_BYTES // FLOAT_BYTES
+NUM_LANGUAGES = 4
+
+
+# --- the bytes each step must move -------------------------------------------------------------
+
+def lines_with_selection(mask: torch.Tensor) -> int:
+    """Cache lines of a float32 tensor (laid out from a line boundary) that hold a selected entry."""
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % FLOATS_PER_LINE
+    flat = torch.cat([flat, flat.new_zeros(pad)])
+    return int(flat.view(-1, FLOATS_PER_LINE).any(1).sum())
+
+
+def dense_mode_bytes(masks) -> int:
+    """The bool mask read once; on every line with a selected entry, p, g, m, v read and p, m, v
+    written (7 lines)."""
+    return sum(m.numel() + 7 * LINE_BYTES * lines_with_selection(m) for m in masks)
+
+
+def compact_mode_bytes(indices) -> int:
+    """On each touched line p read and written and g read (3 lines); the indices and the K-sized
+    exp_avg and exp_avg_sq streamed (index read, m and v read and written)."""
+    return sum(3 * LINE_BYTES * cache_lines(i, FLOAT_BYTES) + i.numel() * (i.element_size() + 4 * FLOAT_BYTES)
+               for i in indices)
+
+
+def k_vector_bytes(k: int) -> int:
+    """A step on a K-vector: p, g, m, v read and p, m, v written."""
+    return 7 * FLOAT_BYTES * k
+
+
+# --- inputs ------------------------------------------------------------------------------------
 
 def _shapes(quick: bool) -> list[tuple[int, ...]]:
     """One XLM-R base layer: q, k, v, o, the FFN pair, their biases and two LayerNorms."""
@@ -27,35 +61,23 @@ def _shapes(quick: bool) -> list[tuple[int, ...]]:
     return layer * 4 + [(5376, h)]  # ≈ 32.5M: four layers and a slice of the embedding
 
 
-def _model(quick: bool, seed: int = 0):
+def _params(shapes, device, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen).requires_grad_() for s in _shapes(quick)]
+    params = [torch.randn(s, generator=gen).to(device).requires_grad_() for s in shapes]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=gen)
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
     return params
 
 
-def _masks(params, density: float, seed: int = 1):
+def _uniform_masks(params, density: float, seed: int = 1):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.rand(p.shape, generator=gen) < density for p in params]
+    return [(torch.rand(p.shape, generator=gen) < density).to(p.device) for p in params]
 
 
-def _lines_with_selection(mask: torch.Tensor) -> int:
-    """Cache lines of a float32 tensor that hold at least one selected entry."""
-    flat = mask.reshape(-1)
-    pad = (-flat.numel()) % FLOATS_PER_LINE
-    flat = torch.cat([flat, flat.new_zeros(pad)])
-    return int(flat.view(-1, FLOATS_PER_LINE).any(1).sum())
-
-
-def _dense_bytes(masks) -> int:
-    # the mask once, then p, g, m, v read and p, m, v written on every line with a selected entry
-    return sum(m.numel() + 7 * LINE * _lines_with_selection(m) for m in masks)
-
-
-def _compact_bytes(indices) -> int:
-    # p read + written and g read on each touched line; indices, exp_avg, exp_avg_sq streamed
-    return sum(3 * LINE * cache_lines(i, 4) + i.numel() * (4 + 4 * 4) for i in indices)
+def _mask_from_indices(idx: torch.Tensor, shape, device) -> torch.Tensor:
+    mask = torch.zeros(shape[0] * shape[1], dtype=torch.bool)
+    mask[idx] = True
+    return mask.view(shape).to(device)
 
 
 def _state_note(opt: MaskedAdamW) -> str:
@@ -67,67 +89,101 @@ def _fused(params):
     return torch.optim.AdamW(params, lr=1e-3, fused=True)
 
 
-def _masked_cases(params, density: float) -> list[Case]:
+# --- cases -------------------------------------------------------------------------------------
+
+def _masked_cases(params, masks, density: float, masks_label: str = "uniform", targets: bool = False) -> list[Case]:
     n = sum(p.numel() for p in params)
-    masks = _masks(params, density)
     shape = f"{len(params)} tensors, N={n / 1e6:.1f}M"
-    backend = backend_for("masked_adamw_", params[0].device)
+    backend = backend_of("masked_adamw_", params[0].device)
     ltsft_opt = _fused(params)
     fused_opt = _fused(params)
     dense = MaskedAdamW(params, masks, lr=1e-3, mode="dense")
     compact = MaskedAdamW(params, masks, lr=1e-3, mode="compact")
-    indices = [compact.state[p]["indices"].long() for p in params]
-    exp_avgs = [torch.zeros(i.numel()) for i in indices]
-    exp_avg_sqs = [torch.zeros(i.numel()) for i in indices]
+    indices = [compact.state[p]["indices"] for p in params]
+    long_indices = [i.long() for i in indices]
+    exp_avgs = [torch.zeros(i.numel(), device=i.device) for i in indices]
+    exp_avg_sqs = [torch.zeros(i.numel(), device=i.device) for i in indices]
     ltsft = ("LT-SFT: grad*mask + fused AdamW", lambda: baselines.ltsft_masked_adamw_step(params, masks, ltsft_opt))
     fused = ("fused AdamW, unmasked", fused_opt.step)
     composite = ("index_select/lerp/index_add_",
-                 lambda: baselines.indexed_adamw_step(params, indices, exp_avgs, exp_avg_sqs, step=10))
-    dense_bytes, compact_bytes = _dense_bytes(masks), _compact_bytes(indices)
-    cases = []
-    for name, opt, base, moved in ((("dense", dense, ltsft, dense_bytes)), ("dense", dense, fused, dense_bytes),
-                                   ("compact", compact, ltsft, compact_bytes), ("compact", compact, composite, compact_bytes)):
-        cases.append(Case(op=f"MaskedAdamW {name}", shape=shape, dtype="float32", density=density, backend=backend,
-                          fn=opt.step, baseline=base[1], baseline_name=base[0], bytes=moved, note=_state_note(opt)))
-    return cases
+                 lambda: baselines.indexed_adamw_step(params, long_indices, exp_avgs, exp_avg_sqs, step=10))
+    dense_bytes, compact_bytes = dense_mode_bytes(masks), compact_mode_bytes(indices)
+    bandwidth = (Target("compact masked AdamW: >= 80% of copy bandwidth (lines touched)", "roofline", 0.80),)
+    rows = [("dense", dense, ltsft, dense_bytes, ()), ("dense", dense, fused, dense_bytes, ()),
+            ("compact", compact, ltsft, compact_bytes, bandwidth if targets else ()),
+            ("compact", compact, composite, compact_bytes, ())]
+    return [Case(op=f"MaskedAdamW {mode}", shape=shape, dtype="float32", density=density, backend=backend,
+                 fn=opt.step, baseline=base[1], baseline_name=base[0], bytes=moved, note=_state_note(opt),
+                 masks=masks_label, targets=target)
+            for mode, opt, base, moved, target in rows]
 
 
-def _contiguous_case(n: int, density: float) -> Case:
+def _contiguous_case(n: int, density: float, device) -> Case:
     """SparseDeltaLinear's case: the trainable values are themselves one K-vector (mask None)."""
     k = int(n * density)
     gen = torch.Generator().manual_seed(2)
-    ours = torch.randn(k, generator=gen).requires_grad_()
+    ours = torch.randn(k, generator=gen).to(device).requires_grad_()
     theirs = ours.detach().clone().requires_grad_()
-    ours.grad = torch.randn(k, generator=gen)
+    ours.grad = torch.randn(k, generator=gen).to(device)
     theirs.grad = ours.grad.clone()
     opt = MaskedAdamW([ours], [None], lr=1e-3)
     ref = _fused([theirs])
     return Case(op="MaskedAdamW, K-vector (mask None)", shape=f"[{k}]", dtype="float32", density=None,
-                backend=backend_for("masked_adamw_", ours.device), fn=opt.step, baseline=ref.step,
-                baseline_name="fused AdamW on K", bytes=7 * 4 * k)
+                backend=backend_of("masked_adamw_", device), fn=opt.step, baseline=ref.step,
+                baseline_name="fused AdamW on K", bytes=k_vector_bytes(k))
 
 
-def _weight_grad_case(quick: bool) -> Case:
-    t, o, i, num_ids = (512, 1024, 512, 4) if quick else (2048, 4096, 1024, 4)
+def _weight_grad_case(tokens: int, masks: torch.Tensor, device, masks_label: str = "uniform",
+                      targets: bool = False) -> Case:
+    from xlsparse.ops.optim import multi_mask_weight_grad
+
+    num_ids, out_f, in_f = masks.shape
     gen = torch.Generator().manual_seed(3)
-    grad_out = torch.randn(t, o, generator=gen)
-    x = torch.randn(t, i, generator=gen)
-    masks = torch.rand(num_ids, o, i, generator=gen) < 0.5
-    groups = TokenGroups.build(torch.randint(0, num_ids, (t,), generator=gen), num_ids)
-    return Case(op="multi_mask_weight_grad", shape=f"T={t}, {o}x{i}, L={num_ids}", dtype="float32", density=0.5,
-                backend=backend_for("multi_mask_weight_grad", x.device),
+    grad_out = torch.randn(tokens, out_f, generator=gen).to(device)
+    x = torch.randn(tokens, in_f, generator=gen).to(device)
+    masks = masks.to(device)
+    groups = TokenGroups.build(torch.randint(0, num_ids, (tokens,), generator=gen).to(device), num_ids)
+    target = (Target(f"multi_mask_weight_grad, {num_ids} languages: >= 0.95x one dense dYᵀX", "speedup", 0.95),)
+    return Case(op="multi_mask_weight_grad", shape=f"T={tokens}, {out_f}x{in_f}, L={num_ids}", dtype="float32",
+                density=float(masks.float().mean()), backend=backend_of("multi_mask_weight_grad", device),
                 fn=lambda: multi_mask_weight_grad(grad_out, x, masks, groups.order, groups.offsets),
                 baseline=lambda: baselines.dense_weight_grad(grad_out, x), baseline_name="one dense dYᵀX",
-                flops=2 * t * o * i, note="peak MiB: one dense dW is %.0f MiB" % (o * i * 4 / 2**20))
+                flops=2 * tokens * out_f * in_f, note="one dense dW is %.0f MiB" % (out_f * in_f * 4 / 2**20),
+                masks=masks_label, targets=target if targets else ())
 
 
-def cases(quick: bool = False) -> list[Case]:
-    params = _model(quick)
+def _real_mask_cases(quick: bool, device) -> list[Case]:
+    """The e5-small encoder's linear weights with their real 5% masks (the last two layers with
+    --quick), and multi_mask_weight_grad with the FFN-in masks of the last four layers as four
+    languages' masks."""
+    masks = real_masks.load()
+    if masks is None:
+        return []
+    names = sorted(masks)
+    if quick:
+        names = [n for n in names if n.startswith(("encoder.layer.10.", "encoder.layer.11."))]
+    params = _params([masks[n][1] for n in names], device, seed=5)
+    bool_masks = [_mask_from_indices(masks[n][0], masks[n][1], device) for n in names]
+    k = sum(masks[n][0].numel() for n in names)
+    n_all = sum(p.numel() for p in params)
+    found = _masked_cases(params, bool_masks, k / n_all, f"{real_masks.LABEL} ({len(names)} weights)")
+    group = real_masks.same_shape_group(masks, real_masks.skewed_ffn(masks), NUM_LANGUAGES)
+    stacked = torch.stack([_mask_from_indices(masks[n][0], masks[n][1], "cpu") for n in group])
+    label = f"{real_masks.LABEL}: {', '.join(n.split('.')[2] for n in group)} FFN-in as languages"
+    found.append(_weight_grad_case(512 if quick else 2048, stacked, device, label))
+    return found
+
+
+def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
+    params = _params(_shapes(quick), device)
     n = sum(p.numel() for p in params)
     densities = (0.01, 0.5) if quick else (0.01, 0.05, 0.5)
     out = []
     for d in densities:
-        out += _masked_cases(params, d)
-    out += [_contiguous_case(n, d) for d in (0.01, 0.05)]
-    out.append(_weight_grad_case(quick))
-    return out
+        out += _masked_cases(params, _uniform_masks(params, d), d, targets=d == 0.01)
+    out += [_contiguous_case(n, d, device) for d in (0.01, 0.05)]
+    tokens, out_f, in_f = (512, 1024, 512) if quick else (2048, 4096, 1024)
+    gen = torch.Generator().manual_seed(4)
+    out.append(_weight_grad_case(tokens, torch.rand(NUM_LANGUAGES, out_f, in_f, generator=gen) < 0.5, device,
+                                 targets=True))
+    return out + _real_mask_cases(quick, device)

@@ -1,15 +1,28 @@
 """The benchmark harness every family uses.
 
-It measures the machine's ceilings first (copy bandwidth, fp32 GEMM rate), times each case as the
-median of several runs after warm-up, measures peak extra memory, and prints one markdown table
-whose rows also go to `benchmarks/results/<family>.json`.
+A run (see `xlsparse bench`):
+  1. describes the machine: CPU model, vector ISA from /proc/cpuinfo, threads, torch version;
+  2. measures the ceilings: copy bandwidth, fp32 GEMM, bf16 GEMM where the hardware has bf16;
+  3. times every case and its baseline alternately in this process (so that a load spike hits
+     both), and measures each one's peak extra memory;
+  4. measures the ceilings again. The table is marked NOISY when the two differ by more than 10%
+     or the 1-minute load average went above the thread count during the run.
 
-Peak memory on CPU is the growth of the process's resident-set high-water mark during one call
-(VmHWM, reset through /proc/self/clear_refs). glibc is told to serve every allocation above 64 KiB
-with mmap so that freed buffers leave the resident set and each call's peak is seen afresh.
+Each row gives the median and the (min, max) spread of both timings, and the roofline share: the
+GFLOP/s the op must do against the GEMM rate (compute-bound ops) or the GB/s it must move against
+the copy bandwidth (memory-bound ops). The family scripts count those flops and bytes; sparse
+gathers count the 64-byte cache lines they touch, not elements.
+
+Peak memory of a CPU call is the highest running total of tensor allocations that torch's profiler
+records during one call, above what was allocated before it. That is exact for tensors (it sees
+every allocation of c10's CPU allocator, temporaries inside ops included) and does not depend on
+how glibc caches freed pages, which made the resident-set high-water mark either miss reused
+memory or count one reused buffer several times. It does not see a C++ kernel's own std::vector
+scratch. On CUDA it is torch.cuda.max_memory_allocated. No allocator setting is changed: the
+timed calls run under glibc's defaults, as users run.
 """
-import ctypes
 import json
+import math
 import os
 import platform
 import statistics
@@ -19,19 +32,198 @@ from typing import Callable
 
 import torch
 
-_M_MMAP_THRESHOLD = -3
-try:
-    ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16)
-except OSError:  # not glibc: peak memory is then only approximate
-    pass
+# --- the machine -------------------------------------------------------------------------------
+
+# (name shown, /proc/cpuinfo flag that proves it)
+ISA_FLAGS = (("AVX2", "avx2"), ("FMA", "fma"), ("AVX-512", "avx512f"), ("AVX-512-BF16", "avx512_bf16"),
+             ("AMX-BF16", "amx_bf16"))
+
+
+def read_cpuinfo() -> str:
+    """The text of /proc/cpuinfo ("" where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The feature flags of the first processor listed in /proc/cpuinfo text."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def vector_isa(flags: set[str]) -> list[str]:
+    """The vector instruction sets that matter here, by name, from cpuinfo flags."""
+    return [name for name, flag in ISA_FLAGS if flag in flags]
+
+
+def has_bf16_hardware(flags: set[str]) -> bool:
+    """bf16 dot products in hardware (AVX-512-BF16 or AMX); without them a bf16 GEMM is emulated."""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_model(cpuinfo: str) -> str:
+    """The first "model name" in /proc/cpuinfo text."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float:
+    """The 1-minute load average (0 where the OS does not say)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+@dataclass
+class Machine:
+    """What a table must say about where it was measured."""
+
+    device: str  # "cpu" or "cuda"
+    processor: str  # CPU model, or the GPU's name
+    isa: list[str]
+    threads: int
+    torch: str
+    bf16_hardware: bool
+
+
+def describe_machine(device: str = "cpu") -> Machine:
+    """This machine, as a table's header states it (call after torch.set_num_threads)."""
+    info = read_cpuinfo()
+    flags = cpu_flags(info)
+    processor = cpu_model(info)
+    if device == "cuda":
+        processor = f"{torch.cuda.get_device_name()} (host: {processor})"
+    return Machine(device, processor, vector_isa(flags), torch.get_num_threads(), torch.__version__,
+                   device == "cuda" or has_bf16_hardware(flags))
+
+
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so that a timer reads the work and not its launch."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# --- ceilings ----------------------------------------------------------------------------------
+
+@dataclass
+class Ceilings:
+    copy_gbs: float  # bytes read + written per second by a large copy_
+    gemm_fp32_gflops: float
+    gemm_bf16_gflops: float | None  # None where bf16 is emulated (not a ceiling worth quoting)
+
+
+def _best_seconds(fn: Callable[[], object], device: str, reps: int) -> float:
+    fn()
+    sync(device)
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def measure_ceilings(machine: Machine, quick: bool = False) -> Ceilings:
+    """The machine's copy bandwidth and GEMM rates, each the best of a few runs."""
+    device = machine.device
+    n = (64 if quick else 256) * 2**20 // 4
+    if device == "cuda":
+        n *= 8
+    src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
+    copy_gbs = 2 * n * 4 / _best_seconds(lambda: dst.copy_(src), device, 5) / 1e9
+    del src, dst
+    m = 1024 if quick else 2048
+    if device == "cuda":
+        m = 8192
+    a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
+    fp32 = 2 * m**3 / _best_seconds(lambda: a @ b, device, 3) / 1e9
+    bf16 = None
+    if machine.bf16_hardware:  # an emulated bf16 GEMM is no ceiling (about 10 s for 2048x4096x1024 on AVX2)
+        a, b = a.bfloat16(), b.bfloat16()
+        bf16 = 2 * m**3 / _best_seconds(lambda: a @ b, device, 3) / 1e9
+    return Ceilings(copy_gbs, fp32, bf16)
+
+
+def gemm_ceiling(ceilings: Ceilings, dtype: str) -> float:
+    """The GEMM rate a compute-bound row of `dtype` is compared with (fp32 where bf16 is emulated)."""
+    if dtype in ("bfloat16", "float16") and ceilings.gemm_bf16_gflops:
+        return ceilings.gemm_bf16_gflops
+    return ceilings.gemm_fp32_gflops
+
+
+def best_ceilings(before: Ceilings, after: Ceilings) -> Ceilings:
+    """The higher of each ceiling: a ceiling measured under load is too low and would flatter rows."""
+    bf16 = None if before.gemm_bf16_gflops is None else max(before.gemm_bf16_gflops, after.gemm_bf16_gflops or 0)
+    return Ceilings(max(before.copy_gbs, after.copy_gbs), max(before.gemm_fp32_gflops, after.gemm_fp32_gflops), bf16)
+
+
+NOISE_TOLERANCE = 0.10
+
+
+def noisy_reasons(before: Ceilings, after: Ceilings, max_load: float, threads: int,
+                  tolerance: float = NOISE_TOLERANCE) -> list[str]:
+    """Why a table measured between `before` and `after` is not to be trusted (empty: quiet)."""
+    reasons = []
+    pairs = [("copy bandwidth", before.copy_gbs, after.copy_gbs),
+             ("fp32 GEMM", before.gemm_fp32_gflops, after.gemm_fp32_gflops)]
+    if before.gemm_bf16_gflops and after.gemm_bf16_gflops:
+        pairs.append(("bf16 GEMM", before.gemm_bf16_gflops, after.gemm_bf16_gflops))
+    for name, a, b in pairs:
+        change = abs(b - a) / max(a, b)
+        if change > tolerance:
+            reasons.append(f"{name} changed by {100 * change:.0f}% during the run ({a:.1f} -> {b:.1f})")
+    if max_load > threads:
+        reasons.append(f"1-min load average reached {max_load:.1f}, above the {threads} threads used")
+    return reasons
+
+
+# --- cases and timing --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Target:
+    """A goal for one row, judged from one run.
+
+    metric "speedup": baseline median / xlsparse median >= bound;
+    metric "roofline": roofline share (a fraction) >= bound;
+    metric "extra_memory": (peak - baseline peak) / unit_bytes <= bound.
+    """
+
+    label: str
+    metric: str
+    bound: float
+    unit_bytes: int = 0
+
+    def judge(self, row: "Row") -> tuple[float | None, bool | None]:
+        """(the measured value, whether it meets the bound); (None, None) if it was not measured."""
+        if self.metric == "speedup":
+            value = row.speedup
+        elif self.metric == "roofline":
+            value = None if row.roofline_pct is None else row.roofline_pct / 100
+        elif self.metric == "extra_memory":
+            if row.baseline_peak_mib is None or math.isnan(row.peak_mib) or not self.unit_bytes:
+                return None, None
+            value = (row.peak_mib - row.baseline_peak_mib) * 2**20 / self.unit_bytes
+            return value, value <= self.bound
+        else:
+            raise ValueError(f"Target.metric must be speedup, roofline or extra_memory, not {self.metric!r}")
+        return (None, None) if value is None else (value, value >= self.bound)
 
 
 @dataclass
 class Case:
     """One row: `fn` (xlsparse) against `baseline` on the same inputs.
 
-    `bytes` and `flops` are what the op must move and compute (the minimum, counted by the
-    family script); the table shows the achieved rate against the machine's ceiling.
+    `bytes` and `flops` are what the op must move and compute (the minimum, counted by the family
+    script): a row with `flops` is compute-bound, one with only `bytes` memory-bound.
     """
 
     op: str
@@ -45,162 +237,262 @@ class Case:
     bytes: int = 0
     flops: int = 0
     note: str = ""
+    masks: str = "uniform"  # "uniform" random supports, or which real masks
+    targets: tuple[Target, ...] = ()
 
 
 @dataclass
 class Row:
+    """One measured case. `achieved`, `roofline_pct`, `bound` and `targets` are filled by
+    `judge` once the run's ceilings are known."""
+
     op: str
     shape: str
     density: float | None
     dtype: str
     backend: str
-    median_ms: float
+    masks: str
+    ms: float  # median
+    ms_min: float
+    ms_max: float
     baseline: str
     baseline_ms: float | None
+    baseline_ms_min: float | None
+    baseline_ms_max: float | None
     speedup: float | None
-    achieved: str
-    ceiling_pct: float | None
     peak_mib: float
     baseline_peak_mib: float | None
+    flops: int = 0
+    bytes: int = 0
     note: str = ""
-    extra: dict = field(default_factory=dict)
+    achieved: str = ""
+    roofline_pct: float | None = None
+    bound: str = ""  # "compute", "memory" or ""
+    goals: tuple[Target, ...] = ()
+    targets: list[dict] = field(default_factory=list)  # each goal judged: label, bound, value, met
 
 
-def _sync(device: str = "cpu") -> None:
+def time_alternately(fn: Callable[[], object], baseline: Callable[[], object] | None, device: str = "cpu",
+                     warmup: int = 2, reps: int = 7, min_seconds: float = 0.0) -> tuple[list[float], list[float]]:
+    """Seconds per call of `fn` and `baseline`, timed in turn (fn, baseline, fn, ...) after warm-up.
+
+    Runs at least `reps` pairs, more while under `min_seconds` in all, at most 200.
+    """
+    calls = [fn] if baseline is None else [fn, baseline]
+    for _ in range(warmup):
+        for call in calls:
+            call()
+    sync(device)
+    times: list[list[float]] = [[] for _ in calls]
+    start = time.perf_counter()
+    while len(times[0]) < reps or time.perf_counter() - start < min_seconds:
+        for call, out in zip(calls, times):
+            t0 = time.perf_counter()
+            call()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+        if len(times[0]) >= 200:
+            break
+    return times[0], (times[1] if baseline is not None else [])
+
+
+def _cpu_tensor_peak_bytes(fn: Callable[[], object]) -> float:
+    """The highest running total of CPU tensor allocations during one call of `fn`."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    allocations = []  # (time, signed size): frees are negative
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    # On equal timestamps count the allocation before the free, so a peak is never missed.
+    return peak_of_running_total([size for _, size in sorted(allocations, key=lambda a: (a[0], -a[1]))])
+
+
+def peak_of_running_total(sizes: list[int]) -> int:
+    """The highest prefix sum of signed allocation sizes (0 if it never goes above the start)."""
+    total = peak = 0
+    for size in sizes:
+        total += size
+        peak = max(peak, total)
+    return peak
+
+
+def peak_mib(fn: Callable[[], object], device: str = "cpu") -> float:
+    """Peak memory one call of `fn` allocates above what was allocated before it, in MiB."""
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def median_seconds(fn: Callable[[], object], warmup: int = 2, reps: int = 7, min_seconds: float = 0.0) -> float:
-    """Median wall time of `fn` over `reps` runs (more while under `min_seconds`), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < reps or time.perf_counter() - start < min_seconds:
-        t0 = time.perf_counter()
-        fn()
-        _sync()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 200:
-            break
-    return statistics.median(times)
-
-
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def peak_mib(fn: Callable[[], object]) -> float:
-    """Peak memory one call of `fn` adds above what is resident before it, in MiB."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         torch.cuda.synchronize()
         return (torch.cuda.max_memory_allocated() - base) / 2**20
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current resident size
-    except OSError:
+        return _cpu_tensor_peak_bytes(fn) / 2**20
+    except (ImportError, AttributeError, RuntimeError):  # a torch without the profiler's event tree
         return float("nan")
-    base = _status_kib("VmRSS")
-    fn()
-    return max(0, _status_kib("VmHWM") - base) / 1024
 
 
-@dataclass
-class Ceilings:
-    copy_gbs: float
-    gemm_gflops: float
-    threads: int
-    machine: str
+def roofline(flops: int, nbytes: int, dtype: str, seconds: float, ceilings: Ceilings) -> tuple[str, float | None, str]:
+    """(achieved rate as text, share of the ceiling in %, "compute" or "memory")."""
+    if flops:
+        rate = flops / seconds / 1e9
+        return f"{rate:.1f} GFLOP/s", 100 * rate / gemm_ceiling(ceilings, dtype), "compute"
+    if nbytes:
+        rate = nbytes / seconds / 1e9
+        return f"{rate:.1f} GB/s", 100 * rate / ceilings.copy_gbs, "memory"
+    return "", None, ""
 
 
-def measure_ceilings(quick: bool = False) -> Ceilings:
-    """Copy bandwidth (bytes read + written by a large `copy_`) and the fp32 GEMM rate."""
-    n = (64 if quick else 256) * 2**20 // 4
-    src, dst = torch.randn(n), torch.empty(n)
-    t = median_seconds(lambda: dst.copy_(src), warmup=2, reps=5)
-    copy_gbs = 2 * n * 4 / t / 1e9
-    m = 1024 if quick else 2048
-    a, b = torch.randn(m, m), torch.randn(m, m)
-    t = median_seconds(lambda: a @ b, warmup=1, reps=3 if quick else 5)
-    return Ceilings(copy_gbs, 2 * m**3 / t / 1e9, torch.get_num_threads(), _machine())
+def measure(case: Case, device: str = "cpu", quick: bool = False) -> Row:
+    """Time `case` and its baseline alternately and measure both peaks."""
+    ours, theirs = time_alternately(case.fn, case.baseline, device, warmup=1 if quick else 2,
+                                    reps=3 if quick else 7, min_seconds=0.0 if quick else 1.0)
+    t = statistics.median(ours)
+    tb = statistics.median(theirs) if theirs else None
+    return Row(case.op, case.shape, case.density, case.dtype, case.backend, case.masks, t * 1e3, min(ours) * 1e3,
+               max(ours) * 1e3, case.baseline_name, None if tb is None else tb * 1e3,
+               min(theirs) * 1e3 if theirs else None, max(theirs) * 1e3 if theirs else None,
+               None if tb is None else tb / t, peak_mib(case.fn, device),
+               None if case.baseline is None else peak_mib(case.baseline, device),
+               case.flops, case.bytes, case.note, goals=case.targets)
 
 
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, torch {torch.__version__}"
+def failed_row(case: Case, error: Exception) -> Row:
+    """The row of a case whose run raised: no timings, the error in the note."""
+    nan = math.nan
+    return Row(case.op, case.shape, case.density, case.dtype, case.backend, case.masks, nan, nan, nan,
+               case.baseline_name, None, None, None, None, nan, None, note=f"FAILED: {type(error).__name__}: {error}",
+               goals=case.targets)
 
 
-def measure(case: Case, ceilings: Ceilings, quick: bool = False) -> Row:
-    """Time `case` and its baseline and build its table row."""
-    reps = 3 if quick else 7
-    t = median_seconds(case.fn, warmup=1 if quick else 2, reps=reps, min_seconds=0 if quick else 0.5)
-    peak = peak_mib(case.fn)
-    tb = peak_b = speedup = None
-    if case.baseline is not None:
-        tb = median_seconds(case.baseline, warmup=1 if quick else 2, reps=reps, min_seconds=0 if quick else 0.5)
-        peak_b = peak_mib(case.baseline)
-        speedup = tb / t
-    if case.flops:
-        rate = case.flops / t / 1e9
-        achieved, pct = f"{rate:.1f} GFLOP/s", 100 * rate / ceilings.gemm_gflops
-    elif case.bytes:
-        rate = case.bytes / t / 1e9
-        achieved, pct = f"{rate:.1f} GB/s", 100 * rate / ceilings.copy_gbs
-    else:
-        achieved, pct = "", None
-    return Row(case.op, case.shape, case.density, case.dtype, case.backend, t * 1e3, case.baseline_name,
-               None if tb is None else tb * 1e3, speedup, achieved, pct, peak, peak_b, case.note)
+def judge(row: Row, ceilings: Ceilings) -> Row:
+    """Fill the row's roofline share against `ceilings` and judge its targets."""
+    row.achieved, row.roofline_pct, row.bound = roofline(row.flops, row.bytes, row.dtype, row.ms / 1e3, ceilings)
+    row.targets = []
+    for goal in row.goals:
+        value, met = goal.judge(row)
+        row.targets.append({"label": goal.label, "metric": goal.metric, "bound": goal.bound, "value": value,
+                            "met": met})
+    return row
 
 
-HEADER = ("| op | shape | density | dtype | backend | median ms | baseline | baseline ms | speed-up "
-          "| achieved | % of ceiling | peak MiB | baseline peak MiB |")
+# --- the table ---------------------------------------------------------------------------------
+
+def header_lines(machine: Machine, before: Ceilings, after: Ceilings, max_load: float, quick: bool) -> list[str]:
+    """The facts printed above every table, NOISY first when the run was disturbed."""
+    lines = []
+    reasons = noisy_reasons(before, after, max_load, machine.threads)
+    if reasons:
+        lines.append("**NOISY: do not publish these numbers.** " + "; ".join(reasons) + ".")
+    isa = ", ".join(machine.isa) or "none of AVX2/AVX-512/AMX"
+
+    def ceil(c: Ceilings) -> str:
+        bf16 = f"{c.gemm_bf16_gflops:.0f}" if c.gemm_bf16_gflops else "not measured (emulated)"
+        return (f"copy {c.copy_gbs:.1f} GB/s (read + write), fp32 GEMM {c.gemm_fp32_gflops:.0f} GFLOP/s, "
+                f"bf16 GEMM {bf16}")
+
+    lines += [f"- processor: {machine.processor}; vector ISA: {isa}",
+              f"- device: {machine.device}; torch {machine.torch}; {machine.threads} threads"
+              f"; max 1-min load average during the run: {max_load:.1f}",
+              f"- ceilings before: {ceil(before)}",
+              f"- ceilings after:  {ceil(after)}",
+              "- timing: median (min, max) of pairs timed alternately in one process"
+              + ("; --quick: small shapes, 3 pairs" if quick else "; 7 pairs at least, 1 s at least"),
+              "- roofline share: against the higher of the two ceilings; peak = tensor allocations above the inputs"]
+    return lines
+
+
+TABLE_HEADER = ("| op | shape | density | masks | dtype | backend | ms median (min, max) | baseline "
+                "| baseline ms median (min, max) | speed-up | achieved | roofline share | peak MiB "
+                "| baseline peak MiB | note |")
+
+
+def _num(x, fmt: str) -> str:
+    return "" if x is None else format(x, fmt)
 
 
 def format_row(r: Row) -> str:
-    def num(x, fmt):
-        return "" if x is None else format(x, fmt)
-
-    density = "" if r.density is None else f"{100 * r.density:g}%"
-    return (f"| {r.op} | {r.shape} | {density} | {r.dtype} | {r.backend} | {r.median_ms:.3f} | {r.baseline} "
-            f"| {num(r.baseline_ms, '.3f')} | {num(r.speedup, '.2f')}{'x' if r.speedup else ''} | {r.achieved} "
-            f"| {num(r.ceiling_pct, '.0f')} | {r.peak_mib:.1f} | {num(r.baseline_peak_mib, '.1f')} |")
-
-
-def print_ceilings(c: Ceilings) -> None:
-    print(f"machine: {c.machine}; torch threads: {c.threads}")
-    print(f"ceilings: copy {c.copy_gbs:.1f} GB/s (read + write), fp32 GEMM {c.gemm_gflops:.0f} GFLOP/s\n")
-    print(HEADER)
-    print("|" + "---|" * (HEADER.count("|") - 1))
+    """One markdown table row."""
+    density = "" if r.density is None else f"{100 * r.density:.3g}%"
+    ours = f"{r.ms:.3f} ({r.ms_min:.3f}, {r.ms_max:.3f})"
+    theirs = "" if r.baseline_ms is None else f"{r.baseline_ms:.3f} ({r.baseline_ms_min:.3f}, {r.baseline_ms_max:.3f})"
+    share = "" if r.roofline_pct is None else f"{r.roofline_pct:.0f}% of {'GEMM' if r.bound == 'compute' else 'copy'}"
+    return (f"| {r.op} | {r.shape} | {density} | {r.masks} | {r.dtype} | {r.backend} | {ours} | {r.baseline} "
+            f"| {theirs} | {_num(r.speedup, '.2f')}{'x' if r.speedup else ''} | {r.achieved} | {share} "
+            f"| {r.peak_mib:.1f} | {_num(r.baseline_peak_mib, '.1f')} | {r.note} |")
 
 
-def save(family: str, rows: list[Row], ceilings: Ceilings, out_dir: str) -> str:
+def format_table(rows: list[Row]) -> list[str]:
+    """The markdown table of `rows`, header first."""
+    return [TABLE_HEADER, "|" + "---|" * (TABLE_HEADER.count("|") - 1)] + [format_row(r) for r in rows]
+
+
+def format_targets(rows: list[Row], quick: bool) -> list[str]:
+    """One line per target that a row carries: the target, the value measured, met or not."""
+    lines = ["| target | row | measured | met |", "|---|---|---|---|"]
+    for r in rows:
+        for t in r.targets:
+            kind = t["metric"]
+            value = t["value"]
+            if value is None:
+                shown = "not measured"
+            elif kind == "speedup":
+                shown = f"{value:.2f}x"
+            elif kind == "roofline":
+                shown = f"{100 * value:.0f}% of the ceiling"
+            else:
+                shown = f"{value:.2f} of one O x I weight"
+            met = {True: "yes", False: "**no**", None: "?"}[t["met"]]
+            lines.append(f"| {t['label']} | {r.op}, {r.shape}, {r.dtype} vs {r.baseline} | {shown} | {met} |")
+    if quick and len(lines) > 2:
+        lines.append("\n(--quick shapes are smaller than the issue's cases: these verdicts do not count.)")
+    return lines
+
+
+def save(family: str, rows: list[Row], machine: Machine, before: Ceilings, after: Ceilings, max_load: float,
+         out_dir: str) -> str:
+    """Write one family's rows, with the machine and both ceilings, to `out_dir/<family>.json`."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{family}.json")
     tmp = path + ".tmp"
+    record = {"family": family, "machine": asdict(machine), "ceilings_before": asdict(before),
+              "ceilings_after": asdict(after), "max_load": max_load,
+              "noisy": noisy_reasons(before, after, max_load, machine.threads), "rows": [asdict(r) for r in rows]}
     with open(tmp, "w") as f:
-        json.dump({"family": family, "ceilings": asdict(ceilings), "rows": [asdict(r) for r in rows]}, f, indent=1)
+        json.dump(record, f, indent=1)
     os.replace(tmp, path)
     return path
 
 
-def cache_lines(indices: torch.Tensor, element_size: int, line: int = 64) -> int:
-    """How many distinct cache lines a gather or scatter at `indices` touches."""
+# --- counting what ops must move ---------------------------------------------------------------
+
+LINE_BYTES = 64
+
+
+def cache_lines(indices: torch.Tensor, element_size: int, line: int = LINE_BYTES) -> int:
+    """How many distinct cache lines a gather or scatter at sorted `indices` touches."""
     if indices.numel() == 0:
         return 0
     return int(torch.unique_consecutive(indices.long() // (line // element_size)).numel())
+
+
+# --- backend choice ----------------------------------------------------------------------------
+
+def backend_of(op: str, device) -> str:
+    """The backend xlsparse runs `op` with on `device`: the one place benchmarks ask.
+
+    Where XLSPARSE_BACKEND names a backend the op lacks (no Triton top-K, say), the op runs its
+    reference (or raises, which fails that row): the label says so rather than stopping the run.
+    """
+    from xlsparse.ops._common import backend_for
+
+    try:
+        return backend_for(op, torch.device(device))
+    except RuntimeError:
+        return f"reference (no {os.environ.get('XLSPARSE_BACKEND', '')} kernel)"

@@ -1,5 +1,6 @@
 """The `xlsparse` command line."""
 import argparse
+import dataclasses
 import importlib
 import os
 import pkgutil
@@ -7,11 +8,30 @@ import shutil
 import sys
 
 
-def _families() -> dict[str, object]:
-    from xlsparse import benchmarks
+def _benchmarks():
+    """The benchmarks package: `benchmarks/` beside `xlsparse/` when run from a source tree (so that
+    a checkout benchmarks its own scripts, not an installed copy), else the installed
+    `xlsparse.benchmarks`."""
+    import importlib.util
 
+    import xlsparse
+
+    name = "xlsparse.benchmarks"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(xlsparse.__file__)))
+    source = os.path.join(root, "benchmarks")
+    in_source_tree = os.path.exists(os.path.join(root, "pyproject.toml"))
+    if name not in sys.modules and in_source_tree and os.path.exists(os.path.join(source, "__init__.py")):
+        spec = importlib.util.spec_from_file_location(name, os.path.join(source, "__init__.py"),
+                                                      submodule_search_locations=[source])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return importlib.import_module(name)
+
+
+def _families() -> dict[str, str]:
     found = {}
-    for info in pkgutil.iter_modules(benchmarks.__path__):
+    for info in pkgutil.iter_modules(_benchmarks().__path__):
         if info.name.startswith("bench_"):
             found[info.name[len("bench_"):]] = info.name
     return found
@@ -21,30 +41,71 @@ def _families() -> dict[str, object]:
 _ORDER = ("compose", "optim", "matmul")
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    import torch
+def _progress(items, desc: str):
+    """tqdm over `items` on stderr, or the items alone where tqdm (the hf extra) is missing."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="case", file=sys.stderr)
 
-    from xlsparse.benchmarks import harness
 
-    families = _families()
-    names = [args.family] if args.family else sorted(families, key=lambda f: (_ORDER + (f,)).index(f))
-    for name in names:
-        if name not in families:
-            raise SystemExit(f"xlsparse bench: unknown family {name!r}; choose from {sorted(families)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    ceilings = harness.measure_ceilings(quick=args.quick)
-    harness.print_ceilings(ceilings)
+def _measure_families(harness, families: dict, names: list, args) -> tuple[dict, float]:
+    """{family: rows}, and the highest 1-min load average seen while they ran."""
+    max_load = harness.load_average()
+    results = {}
     for name in names:
         module = importlib.import_module(f"xlsparse.benchmarks.{families[name]}")
         rows = []
-        for case in module.cases(quick=args.quick):
-            row = harness.measure(case, ceilings, quick=args.quick)
-            print(harness.format_row(row), flush=True)
-            rows.append(row)
-        path = harness.save(name, rows, ceilings, args.out)
+        for case in _progress(module.cases(quick=args.quick, device=args.device), name):
+            max_load = max(max_load, harness.load_average())
+            try:
+                rows.append(harness.measure(case, args.device, quick=args.quick))
+            except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
+                # One broken kernel must not hide the other rows; its row says FAILED and the run exits 1.
+                rows.append(harness.failed_row(case, exc))
+        results[name] = rows
+    return results, max(max_load, harness.load_average())
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    families = _families()  # first: it decides which benchmarks package is xlsparse.benchmarks
+    harness = importlib.import_module("xlsparse.benchmarks.harness")
+    names = [args.family] if args.family else sorted(families, key=lambda f: (_ORDER + (f,)).index(f))
+    for name in names:
+        if name not in families:
+            raise ValueError(f"--family: unknown family {name!r}; choose from {sorted(families)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA device")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = harness.describe_machine(args.device)
+    before = harness.measure_ceilings(machine, quick=args.quick)
+    results, max_load = _measure_families(harness, families, names, args)
+    after = harness.measure_ceilings(machine, quick=args.quick)
+    best = harness.best_ceilings(before, after)
+    lines = harness.header_lines(machine, before, after, max_load, args.quick)
+    all_rows = []
+    for name, rows in results.items():
+        for row in rows:  # roofline shares against the higher of the two measured ceilings
+            harness.judge(row, best)
+        lines += ["", f"### {name}", ""] + harness.format_table(rows)
+        path = harness.save(name, rows, machine, before, after, max_load, args.out)
         print(f"<!-- {name}: {len(rows)} rows written to {path} -->", file=sys.stderr)
-    return 0
+        all_rows += rows
+    lines += ["", "### targets (issue 14)", ""] + harness.format_targets(all_rows, args.quick)
+    print("\n".join(lines), flush=True)
+    if args.plot:
+        plot = importlib.import_module("xlsparse.benchmarks.plot")
+        noisy = "NOISY " if harness.noisy_reasons(before, after, max_load, machine.threads) else ""
+        title = f"{noisy}{machine.processor}, {machine.threads} threads, torch {machine.torch}"
+        print(f"plot written to {plot.plot([dataclasses.asdict(r) for r in all_rows], args.plot, title)}")
+    failed = [r for r in all_rows if r.note.startswith("FAILED")]
+    if failed:
+        print(f"xlsparse bench: {len(failed)} rows failed", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _load_diff(path: str):
@@ -116,6 +177,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="where the tensors live; XLSPARSE_BACKEND picks cuda or triton kernels on cuda")
+    bench.add_argument("--plot", nargs="?", const="benchmarks/results/bench.png", default=None, metavar="PNG",
+                       help="also write a PNG: speed-up and roofline share per row (default path %(const)s)")
     bench.set_defaults(run=cmd_bench)
 
     compose = sub.add_parser("compose", help="apply diffs to a saved Hugging Face model and save the merged model")

@@ -1,0 +1,244 @@
+"""The benchmark harness: ISA detection, the NOISY rule, the byte/flop counts against hand counts,
+peak memory, targets, and `xlsparse bench --plot` on a fake family. Nothing here is timed."""
+import importlib
+import json
+import sys
+import types
+
+import pytest
+import torch
+
+from xlsparse import cli
+
+cli._benchmarks()  # the checkout's benchmarks/, not an installed copy
+harness = importlib.import_module("xlsparse.benchmarks.harness")
+bench_matmul = importlib.import_module("xlsparse.benchmarks.bench_matmul")
+bench_optim = importlib.import_module("xlsparse.benchmarks.bench_optim")
+bench_compose = importlib.import_module("xlsparse.benchmarks.bench_compose")
+real_masks = importlib.import_module("xlsparse.benchmarks.real_masks")
+plot = importlib.import_module("xlsparse.benchmarks.plot")
+
+EPYC_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC 7B13\nflags\t\t: fpu sse sse2 avx avx2 fma bmi2\n\nprocessor\t: 1\n"
+XEON_AMX = ("model name\t: Intel(R) Xeon(R) Platinum 8481C\nflags\t\t: sse avx avx2 fma avx512f avx512bw avx512_bf16 "
+            "amx_bf16 amx_tile amx_int8\n")
+ZEN4 = "model name\t: AMD EPYC 9B14\nflags\t\t: avx avx2 fma avx512f avx512_bf16 avx512_vnni\n"
+
+
+def test_isa_detection_from_cpuinfo():
+    assert harness.cpu_model(EPYC_AVX2) == "AMD EPYC 7B13"
+    epyc, xeon, zen4 = (harness.cpu_flags(t) for t in (EPYC_AVX2, XEON_AMX, ZEN4))
+    assert harness.vector_isa(epyc) == ["AVX2", "FMA"]
+    assert harness.vector_isa(xeon) == ["AVX2", "FMA", "AVX-512", "AVX-512-BF16", "AMX-BF16"]
+    assert harness.vector_isa(zen4) == ["AVX2", "FMA", "AVX-512", "AVX-512-BF16"]
+    assert not harness.has_bf16_hardware(epyc)
+    assert harness.has_bf16_hardware(xeon) and harness.has_bf16_hardware(zen4)
+    assert harness.cpu_flags("model name : x\n") == set()
+
+
+def _ceilings(copy=20.0, fp32=100.0, bf16=None):
+    return harness.Ceilings(copy, fp32, bf16)
+
+
+def test_noisy_marking():
+    quiet = harness.noisy_reasons(_ceilings(), _ceilings(copy=19.0, fp32=105.0), max_load=1.9, threads=2)
+    assert quiet == []
+    copy_drop = harness.noisy_reasons(_ceilings(), _ceilings(copy=17.0), max_load=0.5, threads=2)
+    assert len(copy_drop) == 1 and "copy bandwidth" in copy_drop[0]
+    gemm_rise = harness.noisy_reasons(_ceilings(fp32=80.0), _ceilings(fp32=100.0), max_load=0.5, threads=2)
+    assert len(gemm_rise) == 1 and "fp32 GEMM" in gemm_rise[0]  # 20% of the larger: up counts as down
+    bf16 = harness.noisy_reasons(_ceilings(bf16=500.0), _ceilings(bf16=400.0), max_load=0.5, threads=2)
+    assert len(bf16) == 1 and "bf16" in bf16[0]
+    loaded = harness.noisy_reasons(_ceilings(), _ceilings(), max_load=2.5, threads=2)
+    assert len(loaded) == 1 and "load average" in loaded[0]
+    assert harness.noisy_reasons(_ceilings(), _ceilings(), max_load=2.0, threads=2) == []  # equal is not above
+    both = harness.noisy_reasons(_ceilings(), _ceilings(copy=10.0), max_load=7.0, threads=2)
+    assert len(both) == 2
+
+
+def test_header_says_noisy_only_when_noisy():
+    machine = harness.Machine("cpu", "AMD EPYC 7B13", ["AVX2", "FMA"], 2, "2.13.0", False)
+    quiet = harness.header_lines(machine, _ceilings(), _ceilings(), 1.0, quick=False)
+    assert not any("NOISY" in line for line in quiet)
+    assert any("AMD EPYC 7B13" in line and "AVX2, FMA" in line for line in quiet)
+    assert any("2 threads" in line and "torch 2.13.0" in line for line in quiet)
+    assert sum("ceilings" in line and "copy 20.0 GB/s" in line for line in quiet) == 2  # before and after
+    noisy = harness.header_lines(machine, _ceilings(), _ceilings(), 5.0, quick=False)
+    assert noisy[0].startswith("**NOISY")
+
+
+def test_cache_line_counts():
+    idx = torch.tensor([0, 1, 15, 16, 100, 101, 160])
+    assert harness.cache_lines(idx, 4) == 4  # fp32 lines 0, 1, 6 and 10
+    assert harness.cache_lines(idx, 2) == 3  # bf16: 32 per line -> lines 0, 3, 5
+    assert harness.cache_lines(idx[:0], 4) == 0
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[[0, 3, 17, 39]] = True  # lines 0, 1, 2 (the last one padded)
+    assert bench_optim.lines_with_selection(mask) == 3
+    assert bench_optim.dense_mode_bytes([mask]) == 40 + 7 * 64 * 3
+    indices = torch.tensor([0, 3, 17, 39], dtype=torch.int32)
+    assert bench_optim.compact_mode_bytes([indices]) == 3 * 64 * 3 + 4 * (4 + 16)
+    assert bench_optim.k_vector_bytes(10) == 280
+    assert bench_compose.axpy_bytes(indices.long(), 4) == 4 * (8 + 4) + 2 * 64 * 3
+    assert bench_compose.apply_bytes(nnz=10, lines=3) == 120 + 384
+    assert bench_compose.revert_bytes(nnz=10, lines=3) == 80 + 384
+
+
+def test_flop_counts():
+    assert bench_matmul.dense_flops(2, 3, 5) == 60
+    assert bench_matmul.sddmm_flops(4, 7) == 56
+    # T=8, 16x4 weight, K=5: forward 2*8*16*4, dX as much again, SDDMM 2*8*5.
+    assert bench_matmul.delta_linear_train_flops(8, 16, 4, 5) == 1024 + 1024 + 80
+    # two deltas: 3 tokens x 5 entries and 5 tokens x 2 entries
+    assert bench_matmul.hard_routed_train_flops(8, 16, 4, [3, 5], [5, 2]) == 2048 + 30 + 20
+    assert bench_matmul.gated_forward_flops(8, 16, 4, [5, 2]) == 1024 + 80 + 32
+
+
+def test_peak_memory_counts_tensors_alive_at_once():
+    assert harness.peak_of_running_total([100, -100, 50, 60, -110]) == 110
+    assert harness.peak_of_running_total([]) == 0
+    mib = 2**20 // 4  # float32 elements in one MiB
+
+    def three_alive():
+        return [torch.ones(mib) for _ in range(3)]
+
+    def four_in_turn():
+        for _ in range(4):
+            torch.ones(mib).sum()
+
+    assert harness.peak_mib(three_alive) == pytest.approx(3, abs=0.01)
+    assert harness.peak_mib(four_in_turn) == pytest.approx(1, abs=0.01)
+
+
+def test_time_alternately_interleaves():
+    calls = []
+    ours, theirs = harness.time_alternately(lambda: calls.append("a"), lambda: calls.append("b"), warmup=1, reps=3)
+    assert calls == ["a", "b"] * 4 and len(ours) == len(theirs) == 3
+    alone, none = harness.time_alternately(lambda: calls.append("c"), None, warmup=0, reps=2)
+    assert len(alone) == 2 and none == []
+
+
+def _row(**kw):
+    base = dict(op="op", shape="s", density=0.01, dtype="float32", backend="cpu", masks="uniform", ms=10.0, ms_min=9.0,
+                ms_max=12.0, baseline="base", baseline_ms=25.0, baseline_ms_min=24.0, baseline_ms_max=30.0, speedup=2.5,
+                peak_mib=5.0, baseline_peak_mib=4.0)
+    base.update(kw)
+    return harness.Row(**base)
+
+
+def test_roofline_and_targets():
+    ceil = _ceilings(copy=20.0, fp32=100.0, bf16=400.0)
+    row = harness.judge(_row(flops=int(5e8), goals=(harness.Target("x >= 2", "speedup", 2.0),
+                                                     harness.Target("share >= 80%", "roofline", 0.8))), ceil)
+    assert row.bound == "compute" and row.roofline_pct == pytest.approx(50.0)  # 50 GFLOP/s of 100
+    assert [t["met"] for t in row.targets] == [True, False]
+    bf16 = harness.judge(_row(dtype="bfloat16", flops=int(5e8)), ceil)
+    assert bf16.roofline_pct == pytest.approx(12.5)  # against the bf16 GEMM
+    emulated = harness.judge(_row(dtype="bfloat16", flops=int(5e8)), _ceilings(fp32=100.0))
+    assert emulated.roofline_pct == pytest.approx(50.0)  # no bf16 ceiling: against fp32
+    mem = harness.judge(_row(bytes=int(1.6e8)), ceil)
+    assert mem.bound == "memory" and mem.roofline_pct == pytest.approx(80.0)
+    unit = 4 * 2**20  # one O x I weight of 4 MiB; 1 MiB extra is 0.25 of it
+    extra = harness.judge(_row(goals=(harness.Target("mem", "extra_memory", 0.25, unit),)), ceil)
+    assert extra.targets[0]["value"] == pytest.approx(0.25) and extra.targets[0]["met"]
+    lines = harness.format_targets([row, extra], quick=True)
+    assert any("**no**" in line for line in lines) and "do not count" in lines[-1]
+    with pytest.raises(ValueError, match="metric"):
+        harness.Target("bad", "speed", 1.0).judge(row)
+
+
+def test_real_masks_load_and_pick(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    names = {"encoder.layer.0.attention.self.query.weight": (4, 4, [0, 5]),
+             "encoder.layer.0.attention.self.key.weight": (4, 4, [1, 2, 3]),
+             "encoder.layer.1.attention.self.query.weight": (4, 4, [1, 2, 3, 4, 5, 6, 7]),
+             "encoder.layer.0.intermediate.dense.weight": (8, 4, [0]),
+             "encoder.layer.1.intermediate.dense.weight": (8, 4, list(range(20)))}
+    shapes = json.dumps({n: [o, i] for n, (o, i, _) in names.items()})
+    save_file({n: torch.tensor(i, dtype=torch.int32) for n, (_, _, i) in names.items()},
+              str(tmp_path / real_masks.FILE), metadata={"shapes": shapes})
+    masks = real_masks.load(str(tmp_path))
+    assert masks["encoder.layer.0.intermediate.dense.weight"][1] == (8, 4)
+    assert masks["encoder.layer.1.intermediate.dense.weight"][0].dtype == torch.int64
+    assert real_masks.skewed_ffn(masks) == "encoder.layer.1.intermediate.dense.weight"
+    assert real_masks.typical_attention(masks) == "encoder.layer.0.attention.self.key.weight"
+    assert real_masks.same_shape_group(masks, "encoder.layer.1.intermediate.dense.weight", 4) == [
+        "encoder.layer.0.intermediate.dense.weight", "encoder.layer.1.intermediate.dense.weight"]
+    assert real_masks.load(str(tmp_path / "missing")) is None
+    assert "real-mask rows skipped" in capsys.readouterr().out
+
+
+def test_bench_plot_writes_png_for_a_fake_family(tmp_path, monkeypatch, capsys):
+    x = torch.randn(64)
+
+    def cases(quick=False, device="cpu"):
+        return [harness.Case("fake op", "[64]", "float32", lambda: x * 2, lambda: x + x, "x + x", 0.5, "cpu",
+                             bytes=512, targets=(harness.Target("fake >= 0x", "speedup", 0.0),)),
+                harness.Case("fake gemm", "4x4", "float32", lambda: x.sum(), None, "", None, "cpu", flops=128)]
+
+    fake = types.ModuleType("xlsparse.benchmarks.bench_fake")
+    fake.cases = cases
+    monkeypatch.setitem(sys.modules, "xlsparse.benchmarks.bench_fake", fake)
+    monkeypatch.setattr(cli, "_families", lambda: {"fake": "bench_fake"})
+    monkeypatch.setattr(harness, "measure_ceilings", lambda machine, quick=False: _ceilings(copy=10.0, fp32=50.0))
+    png = tmp_path / "plots" / "bench.png"  # a folder that does not exist yet
+    assert cli.main(["bench", "--family", "fake", "--quick", "--out", str(tmp_path), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "| fake op | [64] | 50% | uniform | float32 | cpu |" in out
+    assert "fake >= 0x" in out and "ceilings before" in out
+    saved = json.loads((tmp_path / "fake.json").read_text())
+    assert saved["rows"][0]["targets"][0]["met"] is True and saved["ceilings_before"]["copy_gbs"] == 10.0
+
+
+def test_plot_rejects_an_empty_result_set(tmp_path):
+    with pytest.raises(ValueError, match="no benchmark rows"):
+        plot.plot([], str(tmp_path / "x.png"))
+
+
+def _run_gpu_script(tmp_path, nvidia_smi_says: str):
+    """benchmarks/gpu.sh with a fake nvidia-smi first on PATH."""
+    import os
+    import stat
+    import subprocess
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\necho '{nvidia_smi_says}'\n")
+    (fake / "nvidia-smi").chmod(stat.S_IRWXU)
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "gpu.sh")
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}", PYTHON=sys.executable,
+               XLSPARSE_GPU_OUT=str(tmp_path / "out"))
+    return subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_gpu_script_stops_at_once_without_a_gpu(tmp_path):
+    done = _run_gpu_script(tmp_path, "No devices were found")
+    assert done.returncode == 2 and "nvidia-smi lists no GPU" in done.stderr
+    assert not (tmp_path / "out").exists()  # stopped before writing anything
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this torch sees a GPU")
+def test_gpu_script_stops_when_torch_sees_no_gpu(tmp_path):
+    done = _run_gpu_script(tmp_path, "GPU 0: NVIDIA H200 (UUID: GPU-0)")
+    assert done.returncode == 2 and "sees no CUDA device" in done.stderr
+
+
+def test_a_failing_case_is_a_failed_row_not_a_lost_target(tmp_path, monkeypatch, capsys):
+    def broken():
+        raise RuntimeError("no kernel")
+
+    def cases(quick=False, device="cpu"):
+        return [harness.Case("broken op", "[1]", "float32", broken, lambda: None, "nothing",
+                             targets=(harness.Target("broken >= 1x", "speedup", 1.0),)),
+                harness.Case("fine op", "[1]", "float32", lambda: None, None, "")]
+
+    fake = types.ModuleType("xlsparse.benchmarks.bench_fake")
+    fake.cases = cases
+    monkeypatch.setitem(sys.modules, "xlsparse.benchmarks.bench_fake", fake)
+    monkeypatch.setattr(cli, "_families", lambda: {"fake": "bench_fake"})
+    monkeypatch.setattr(harness, "measure_ceilings", lambda machine, quick=False: _ceilings())
+    assert cli.main(["bench", "--family", "fake", "--quick", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError: no kernel" in out and "| fine op |" in out
+    assert "| broken >= 1x | broken op" in out and "not measured" in out
