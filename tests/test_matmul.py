@@ -311,7 +311,9 @@ def test_multi_delta_layer_routing_sources():
     deltas = {n: type("Delta", (), dict(indices=idx[e], values=vals[e], shape=(5, 6)))() for e, n in enumerate("ab")}
     layer = xnn.MultiDeltaLinear.from_linear(lin, deltas)
     x = torch.randn(2, 4, 6, generator=gen)
-    torch.testing.assert_close(layer(x), lin(x))  # no routing: the base only
+    torch.testing.assert_close(layer.eval()(x), lin(x))  # no routing, eval mode: the base only
+    with pytest.raises(RuntimeError, match="no language routing"):
+        layer.train()(x)  # training without routing would train nothing
     per_example = torch.tensor([1, 0])
     with routing.use(per_example, 2):
         y = layer(x)

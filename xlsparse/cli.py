@@ -9,24 +9,8 @@ import sys
 
 
 def _benchmarks():
-    """The benchmarks package: `benchmarks/` beside `xlsparse/` when run from a source tree (so that
-    a checkout benchmarks its own scripts, not an installed copy), else the installed
-    `xlsparse.benchmarks`."""
-    import importlib.util
-
-    import xlsparse
-
-    name = "xlsparse.benchmarks"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(xlsparse.__file__)))
-    source = os.path.join(root, "benchmarks")
-    in_source_tree = os.path.exists(os.path.join(root, "pyproject.toml"))
-    if name not in sys.modules and in_source_tree and os.path.exists(os.path.join(source, "__init__.py")):
-        spec = importlib.util.spec_from_file_location(name, os.path.join(source, "__init__.py"),
-                                                      submodule_search_locations=[source])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return importlib.import_module(name)
+    """The benchmarks package, shipped as `xlsparse.benchmarks`."""
+    return importlib.import_module("xlsparse.benchmarks")
 
 
 def _families() -> dict[str, str]:
@@ -71,7 +55,7 @@ def _measure_families(harness, families: dict, names: list, args) -> tuple[dict,
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
-    families = _families()  # first: it decides which benchmarks package is xlsparse.benchmarks
+    families = _families()
     harness = importlib.import_module("xlsparse.benchmarks.harness")
     names = [args.family] if args.family else sorted(families, key=lambda f: (_ORDER + (f,)).index(f))
     for name in names:
