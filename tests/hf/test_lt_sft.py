@@ -211,7 +211,7 @@ class _Logs(transformers.TrainerCallback):
         self.seen.append(dict(logs or {}))
 
 
-@pytest.mark.parametrize("wd", [0.0, 0.05])
+@pytest.mark.parametrize("wd", [0.0, pytest.param(0.05, marks=pytest.mark.slow)])
 def test_lt_sft_matches_composable_sft_restated(tmp_path, wd):
     k, rounds, lr = 400, 2, 1e-2
     data = _LMData(n=8)
@@ -452,3 +452,147 @@ def test_multi_source_training_applies_each_batch_source_sft(tmp_path):
         if n in got.deltas:
             off[got.deltas[n].indices.long()] = False
         assert torch.equal(p.reshape(-1)[off], params[n].reshape(-1)[off])
+
+
+# --- the new layers ---
+
+def test_sparse_delta_embedding_equals_the_dense_table():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(13, 6, padding_idx=0)
+    layer = SparseDeltaEmbedding.from_embedding(emb, k=30)
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    ids = torch.tensor([[0, 3, 3, 12], [2, 0, 5, 1]])
+    out = layer(ids)
+    # the same table as a plain embedding, the delta as a dense trainable offset
+    dense = torch.zeros(78)
+    dense[layer.delta_indices.long()] = layer.delta_values.detach()
+    dense.requires_grad_(True)
+    table = (emb.weight.detach().reshape(-1) + dense).view(13, 6)
+    ref = torch.nn.functional.embedding(ids, table, padding_idx=0)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(layer.delta_values.grad, dense.grad[layer.delta_indices.long()])
+    assert layer.weight.grad is None
+    with pytest.raises(ValueError, match="max_norm"):
+        SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(5, 2, max_norm=1.0), k=1)
+
+
+def test_set_support_keeps_the_module_and_parameter():
+    lin = torch.nn.Linear(5, 4)
+    layer = SparseDeltaLinear.from_linear(lin, k=6)
+    values, buffer = layer.delta_values, layer.delta_indices
+    new = torch.tensor([0, 2, 7, 8, 15, 19], dtype=buffer.dtype)
+    layer.set_support(new, torch.arange(6.0))
+    assert layer.delta_values is values and layer.delta_indices is buffer and torch.equal(buffer, new)
+    x = torch.randn(3, 5)
+    w = lin.weight.detach().clone()
+    w.view(-1)[new.long()] += torch.arange(6.0)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, lin.bias))
+    layer.set_support(torch.tensor([1, 3], dtype=buffer.dtype))  # a new K: same Parameter object
+    assert layer.delta_values is values and values.numel() == 2 and not values.detach().any()
+    with pytest.raises(ValueError):
+        layer.set_support(torch.tensor([3, 1]))
+
+
+# --- SpIEL-style dynamic reselection ---
+
+def _restated_dynamic_phase(model, batch, masks, theta0, heads, steps, lr, every, window, fraction):
+    """Phase 2 with SpIEL's drop/regrow in plain torch: Adam by hand with per-entry step counts
+    on dense tensors; every `every` steps (not after the last), per 2-D tensor: drop the
+    int(fraction·K) smallest |θ − θ0| (stable), regrow as many largest |Σ grad over the last
+    `window` steps| among entries not kept (stable); dropped go to θ0, dropped/regrown get zero
+    state and step 0."""
+    params = dict(model.named_parameters())
+    names = list(masks) + list(heads)
+    state = {n: [torch.zeros_like(params[n]) for _ in range(2)] + [torch.zeros_like(params[n], dtype=torch.int32)]
+             for n in names}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    acc = {}
+    for step in range(1, steps + 1):
+        model.zero_grad()
+        model(**batch).loss.backward()
+        if (-step) % every < window and step < steps:
+            for n in masks:
+                if params[n].dim() == 2:
+                    acc[n] = acc.get(n, 0) + params[n].grad.detach().clone()
+        with torch.no_grad():
+            for n in names:
+                p, (m, v, t) = params[n], state[n]
+                sel = masks[n] if n in masks else torch.ones_like(p, dtype=torch.bool)
+                g = p.grad
+                m.copy_(torch.where(sel, b1 * m + (1 - b1) * g, m))
+                v.copy_(torch.where(sel, b2 * v + (1 - b2) * g * g, v))
+                t += sel.to(torch.int32)
+                tf = t.to(p.dtype).clamp(min=1)
+                step_size = lr / (1 - b1 ** tf)
+                denom = (v.sqrt() / (1 - b2 ** tf).sqrt()) + eps
+                p.copy_(torch.where(sel, p - step_size * m / denom, p))
+            if step % every == 0 and step < steps:
+                for n in list(acc):
+                    mask, p = masks[n], params[n]
+                    flat = mask.reshape(-1)
+                    idx = flat.nonzero().flatten()
+                    k_drop = int(fraction * idx.numel())
+                    delta = (p - theta0[n]).reshape(-1)[idx].abs()
+                    drop = idx[torch.sort(delta, stable=True).indices[:k_drop]]
+                    kept = flat.clone()
+                    kept[drop] = False
+                    cand = (~kept).nonzero().flatten()
+                    grow = cand[torch.sort(acc[n].abs().reshape(-1)[cand], descending=True, stable=True).indices[:k_drop]]
+                    new = kept.clone()
+                    new[grow] = True
+                    gone, fresh = flat & ~new, new & ~flat
+                    p.view(-1)[gone] = theta0[n].reshape(-1)[gone]
+                    for s in state[n]:
+                        s.view(-1)[gone | fresh] = 0
+                    flat.copy_(new)
+                acc = {}
+    return {n: ((params[n] - theta0[n]).reshape(-1)[m.reshape(-1)], m) for n, m in masks.items()}
+
+
+def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path):
+    from xlsparse.hf.lt_sft import DynamicSftArguments
+
+    data = _LMData(n=8)
+    batch = {"input_ids": data.ids, "labels": data.ids}
+    model = _no_dropout(tiny("bert"))
+    reference = copy.deepcopy(model)
+    sft_args = DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=7,
+                                   reselection_steps=3, selection_accumulation_steps=2, drop_fraction=0.25)
+    trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=data, sft_args=sft_args)
+    initial = {}
+
+    class _Grab(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if trainer._phase == "sparse":
+                initial.update({n: m.clone() for n, m in trainer._masks.items()})
+
+    trainer.add_callback(_Grab())
+    trainer.train()
+    theta0 = trainer._theta0
+    masks = {}
+    for n in trainer.maskable:
+        m = torch.zeros(theta0[n].numel(), dtype=torch.bool)
+        if n in initial:
+            m[initial[n].long()] = True
+        masks[n] = m.view_as(theta0[n])
+    heads = [n for n in theta0 if n not in trainer.maskable]
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n in theta0)
+    expected = _restated_dynamic_phase(reference, batch, masks, theta0, heads, 7, 1e-2, 3, 2, 0.25)
+    got = trainer.sft
+    moved = 0
+    for n, (values, mask) in expected.items():
+        idx = mask.reshape(-1).nonzero().flatten()
+        if not idx.numel():
+            assert n not in got.deltas
+            continue
+        assert torch.equal(got.deltas[n].indices.long(), idx), n
+        torch.testing.assert_close(got.deltas[n].values, values, atol=2e-5, rtol=1e-3)
+        before = initial[n].long() if n in initial else torch.zeros(0, dtype=torch.long)
+        moved += int((~torch.isin(idx, before)).sum())
+    assert got.nnz == 400
+    assert moved > 0  # the support did change

@@ -126,6 +126,117 @@ class SftArguments:
                     raise ValueError(f"SftArguments.{name}: {p!r} is not a regular expression: {exc}") from exc
 
 
+@dataclass
+class DynamicSftArguments(SftArguments):
+    """LT-SFT whose sparse phase re-selects its support as SpIEL does (Ansell et al. 2024,
+    AlanAnsell/peft): every `reselection_steps` optimizer steps, in each converted matrix or
+    embedding, the int(`drop_fraction` × K) entries of smallest |Δ| are dropped and as many are
+    regrown: the largest |Σ gradient| over the last `selection_accumulation_steps` steps among
+    entries not kept. Dropped entries go back to θ0 and lose their optimizer state; regrown ones
+    start at θ0 with zero state and their own step count. An entry both dropped and regrown stays
+    as it was (as SpIEL). Differences from SpIEL: the initial support is LT-SFT's phase-1
+    selection; every non-kept entry is a candidate (SpIEL tracks K candidates); the drop fraction
+    is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
+    the accumulated gradients). During the accumulation window each converted layer computes its
+    dense weight gradient once per step (dYᵀX, or a row scatter for embeddings) into one dense
+    buffer per parameter, freed after the reselection; outside the window training stays O(K).
+    Biases and norms keep their support."""
+
+    reselection_steps: int = 20
+    drop_fraction: float = 0.1
+    selection_accumulation_steps: int = 5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
+            raise ValueError(f"DynamicSftArguments.reselection_steps = {self.reselection_steps!r}: must be an int >= 1")
+        if not 0.0 <= self.drop_fraction <= 1.0:
+            raise ValueError(f"DynamicSftArguments.drop_fraction = {self.drop_fraction!r}: must be in [0, 1]")
+        if not 1 <= self.selection_accumulation_steps <= self.reselection_steps:
+            raise ValueError(f"DynamicSftArguments.selection_accumulation_steps = {self.selection_accumulation_steps!r}: "
+                             "must be in [1, reselection_steps]")
+
+
+class _Reselection(TrainerCallback):
+    """SpIEL's drop-and-regrow during a dynamic trainer's sparse phase (DynamicSftArguments)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.hooks, self.grads = [], {}
+
+    def _in_window(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) accumulates gradients for a reselection."""
+        a = self.trainer.sft_args
+        return (-step) % a.reselection_steps < a.selection_accumulation_steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        if t._phase == "sparse" and t._converted and not self.hooks and self._in_window(state.global_step + 1) \
+                and state.global_step + 1 < state.max_steps:
+            for name, layers in t._converted.items():
+                acc = torch.zeros_like(layers[0][2].weight)
+                self.grads[name] = acc
+                for _, _, layer in layers:
+                    self.hooks.append(layer.register_forward_hook(_gradient_tap(acc)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        if not self.hooks:
+            return
+        if state.global_step % t.sft_args.reselection_steps == 0 or state.global_step >= state.max_steps:
+            for h in self.hooks:
+                h.remove()
+            self.hooks = []
+            if state.global_step < state.max_steps:  # never after the last step
+                t._reselect(self.grads)
+            self.grads = {}
+
+
+def _gradient_tap(acc: torch.Tensor):
+    """A forward hook that adds the layer's dense weight gradient of this backward into `acc`."""
+    def hook(layer, inputs, output):
+        x = inputs[0]
+        if not output.requires_grad:
+            return
+
+        def on_grad(dy):
+            with torch.no_grad():
+                if isinstance(layer, SparseDeltaEmbedding):
+                    ids = x.reshape(-1)
+                    rows = dy.reshape(-1, acc.shape[1])
+                    if layer.padding_idx is not None:
+                        rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
+                    acc.index_add_(0, ids, rows.to(acc.dtype))
+                else:
+                    acc.add_((dy.reshape(-1, acc.shape[0]).t() @ x.reshape(-1, acc.shape[1])).to(acc.dtype))
+        output.register_hook(on_grad)
+    return hook
+
+
+def _drop_and_regrow(indices: torch.Tensor, values: torch.Tensor, grad: torch.Tensor, n: int):
+    """SpIEL's step on one tensor: (new sorted indices, their values, for each new entry its old
+    position or −1). Drops the n smallest |values| (ties: lowest position), regrows the n
+    largest |grad| among entries not kept (ties: lowest position); a dropped entry that is
+    regrown keeps its place."""
+    idx = indices.long()
+    order = torch.sort(values.detach().abs(), stable=True).indices
+    dropped = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    dropped[order[:n]] = True
+    kept = torch.zeros(grad.numel(), dtype=torch.bool, device=idx.device)
+    kept[idx[~dropped]] = True
+    score = grad.detach().abs().reshape(-1).clone()
+    candidates = (~kept).nonzero().flatten()
+    best = torch.sort(score[candidates], descending=True, stable=True).indices[:n]
+    chosen = kept.clone()
+    chosen[candidates[best]] = True
+    new = chosen.nonzero().flatten()
+    old_pos = torch.full((grad.numel(),), -1, dtype=torch.long, device=idx.device)
+    old_pos[idx] = torch.arange(idx.numel(), device=idx.device)
+    src = old_pos[new]
+    new_values = torch.where(src >= 0, values.detach()[src.clamp(min=0)], torch.zeros((), dtype=values.dtype))
+    return new.to(indices.dtype), new_values, src
+
+
 def training_length(min_steps: int | None, max_steps: int | None, max_epochs: float | None, batches_per_epoch: int,
                     accumulation: int = 1) -> int:
     """Optimizer steps of one phase, by composable-sft's rule: epochs give
@@ -202,6 +313,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._masks: dict[str, torch.Tensor] = {}  # name: sorted flat indices selected so far
         self._l1_pending, self._l1_sum, self._l1_steps = False, 0.0, 0
         self.add_callback(_StepBegin(self))
+        if isinstance(self.sft_args, DynamicSftArguments):
+            self.add_callback(_Reselection(self))
         if source_sfts is not None and (not isinstance(source_sfts, dict)
                                         or not all(isinstance(d, SparseDiff) for d in source_sfts.values())):
             raise TypeError("source_sfts must be a dict {source: SparseDiff}")
@@ -372,6 +485,36 @@ class LotteryTicketSparseFineTuner(Trainer):
                     self.model.set_submodule(mname, original)
         self._converted = {}
 
+    @torch.no_grad()
+    def _reselect(self, grads: dict) -> None:
+        """Drop and regrow every converted tensor's support (DynamicSftArguments) and move the
+        optimizer's per-entry state to the new positions (zero for regrown entries)."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        for name, layers in self._converted.items():
+            first = layers[0][2]
+            n = int(self.sft_args.drop_fraction * first.delta_indices.numel())
+            if n == 0:
+                continue
+            idx, values, src = _drop_and_regrow(first.delta_indices, first.delta_values, grads[name], n)
+            param = first.delta_values
+            for _, _, layer in layers:  # a tied decoder shares the values: set its indices too
+                layer.set_support(idx, values)
+            state = optimizer.state.get(param, {})
+            fresh = src < 0
+            for key, t in list(state.items()):
+                if key == "step":
+                    steps = t.expand(src.numel()).to(torch.int32) if t.dim() == 0 else t
+                    steps = steps[src.clamp(min=0)].clone() if t.dim() else steps.clone()
+                    steps[fresh] = 0
+                    state[key] = steps.to(torch.int32).contiguous()
+                elif isinstance(t, torch.Tensor) and t.dim() == 1:
+                    moved = t[src.clamp(min=0)].clone()
+                    moved[fresh] = 0
+                    state[key] = moved
+            if param in self._anchors:
+                self._anchors[param] = self._theta0[name].reshape(-1)[idx.long()].clone()
+            self._masks[name] = idx
+
     def _delta_values(self) -> dict[str, torch.nn.Parameter]:
         """{canonical name: delta_values} of the converted parameters."""
         return {name: layers[0][2].delta_values for name, layers in self._converted.items()}
@@ -505,6 +648,8 @@ class LotteryTicketSparseFineTuner(Trainer):
                 p = params[name]
                 if name in values:
                     idx = self._converted[name][0][2].delta_indices
+                    if not idx.numel():
+                        continue
                     deltas[name] = SparseDelta._trusted(idx.clone(), values[name].detach().clone(), p.shape)
                 elif name in self.maskable:
                     if name not in self._masks:
