@@ -1,0 +1,170 @@
+"""LT-SFT phase 2: one training step (forward, backward, optimizer) of an XLM-R MLM at 1% and 5%
+density, three ways (`xlsparse bench --family ltsft`, or `python benchmarks/bench_ltsft.py`):
+
+- delta: `LotteryTicketSparseFineTuner`'s sparse phase: linear layers as `SparseDeltaLinear`
+  (SDDMM backward), embeddings as `SparseDeltaEmbedding`, the rest through compact `MaskedAdamW`;
+- dense-masked (baseline): dense gradients, `grad.mul_(mask)`, torch's AdamW (fused where it
+  exists), as composable-sft does;
+- compact-only (baseline): dense gradients, compact `MaskedAdamW` (xlsparse before phase 2
+  used SparseDeltaLinear).
+
+Shapes: XLM-R base (vocab 250002, hidden 768, 12 layers, FFN 3072; 278M parameters), T = 2048
+tokens per step (8 × 256); --quick uses vocab 8000, hidden 256, 2 layers, T = 512. The note
+column gives the gradient plus optimizer-state bytes each way holds after a step, against
+3 × K × 4 bytes.
+"""
+import argparse
+import contextlib
+import tempfile
+
+import torch
+
+from xlsparse.benchmarks.harness import Case
+from xlsparse.optim import MaskedAdamW
+
+FAMILY = "ltsft"
+DENSITIES = (0.01, 0.05)
+
+
+def _config(quick: bool):
+    import transformers
+
+    if quick:
+        return transformers.XLMRobertaConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=1024, max_position_embeddings=260, pad_token_id=1,
+                                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), (4, 128)
+    return transformers.XLMRobertaConfig(vocab_size=250002, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                         intermediate_size=3072, max_position_embeddings=514, pad_token_id=1,
+                                         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), (8, 256)
+
+
+def _model(cfg):
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.XLMRobertaForMaskedLM(cfg).train()
+
+
+def _batch(cfg, shape):
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, cfg.vocab_size, shape, generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def _random_masks(named: dict, density: float) -> dict:
+    """Sorted random flat indices at `density` for every body parameter (the maskable ones)."""
+    g = torch.Generator().manual_seed(2)
+    out = {}
+    for name, p in named.items():
+        k = max(1, round(density * p.numel()))
+        out[name] = torch.randperm(p.numel(), generator=g)[:k].sort().values.to(torch.int32)
+    return out
+
+
+def _body(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if n.startswith("roberta.")}
+
+
+def _state_bytes(optimizer, params) -> int:
+    total = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    for st in optimizer.state.values():
+        total += sum(t.numel() * t.element_size() for k, t in st.items()
+                     if isinstance(t, torch.Tensor) and k not in ("step", "indices", "mask"))
+    return total
+
+
+def _dense_masked(cfg, shape, density):
+    model = _model(cfg)
+    masks = {n: torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, idx.long(), True).view_as(p)
+             for (n, p), idx in zip(_body(model).items(), _random_masks(_body(model), density).values())}
+    named = dict(model.named_parameters())
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+    except (RuntimeError, TypeError):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
+    batch = _batch(cfg, shape)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        for n, m in masks.items():
+            named[n].grad.mul_(m)
+        optimizer.step()
+
+    return step, lambda: _state_bytes(optimizer, model.parameters())
+
+
+def _compact_only(cfg, shape, density):
+    model = _model(cfg)
+    body = _body(model)
+    masks = dict(zip(body.values(), _random_masks(body, density).values()))
+    optimizer = MaskedAdamW(model.parameters(), masks, lr=1e-4, weight_decay=0.0, mode="compact")
+    batch = _batch(cfg, shape)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    return step, lambda: _state_bytes(optimizer, model.parameters())
+
+
+def _delta(cfg, shape, density):
+    from transformers import TrainingArguments
+
+    from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+
+    model = _model(cfg)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=not torch.cuda.is_available(),
+                             learning_rate=1e-4, weight_decay=0.0, save_strategy="no", disable_tqdm=True)
+    trainer = LotteryTicketSparseFineTuner(model=model, args=args, sft_args=SftArguments(
+        full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, ft_params_proportion=density))
+    params = trainer._params()
+    trainer._masks = _random_masks({n: params[n] for n in trainer.maskable}, density)
+    trainer._phase = "sparse"
+    trainer._convert()  # the sparse phase's own conversion
+    optimizer = trainer.create_optimizer()
+    batch = _batch(cfg, shape)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        optimizer.step()
+
+    return step, lambda: _state_bytes(optimizer, model.parameters())
+
+
+def cases(quick: bool = False) -> list[Case]:
+    cfg, shape = _config(quick)
+    tokens = shape[0] * shape[1]
+    out = []
+    for density in DENSITIES:
+        delta, delta_bytes = _delta(cfg, shape, density)
+        for name, build in (("dense grads + grad*mask + AdamW", _dense_masked), ("dense grads + compact MaskedAdamW",
+                                                                                _compact_only)):
+            base, base_bytes = build(cfg, shape, density)
+            delta(), base()
+            k = sum(round(density * p.numel()) for n, p in _model(cfg).named_parameters() if n.startswith("roberta."))
+            note = (f"grad+state MiB: xlsparse {delta_bytes() / 2**20:.1f}, baseline {base_bytes() / 2**20:.1f}, "
+                    f"3·K·4 = {3 * k * 4 / 2**20:.1f}")
+            out.append(Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
+                            f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=delta, baseline=base,
+                            baseline_name=name, density=density, backend="delta layers", note=note))
+    return out
+
+
+def main() -> None:
+    from xlsparse.benchmarks import harness
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes")
+    args = parser.parse_args()
+    ceilings = harness.measure_ceilings(quick=args.quick)
+    harness.print_ceilings(ceilings)
+    with contextlib.suppress(BrokenPipeError):
+        for case in cases(quick=args.quick):
+            print(harness.format_row(harness.measure(case, ceilings, quick=args.quick)), flush=True)
+            print(f"<!-- {case.baseline_name}, {100 * case.density:g}%: {case.note} -->", flush=True)
+
+if __name__ == "__main__":
+    main()
