@@ -596,3 +596,23 @@ def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path):
         moved += int((~torch.isin(idx, before)).sum())
     assert got.nnz == 400
     assert moved > 0  # the support did change
+
+
+def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
+    sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
+    whole = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16), sft_args=sft_args,
+                                         args=_args(tmp_path, save_strategy="steps", save_steps=1, weight_decay=0.01,
+                                                    lr_scheduler_type="linear"))
+    whole.train()
+    resumed = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16),
+                                           sft_args=sft_args, args=_args(tmp_path / "again", weight_decay=0.01,
+                                                                         lr_scheduler_type="linear"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
+    a, b = whole.sft, resumed.sft
+    assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute)
+    for n in a.deltas:
+        assert torch.equal(a.deltas[n].indices, b.deltas[n].indices) and torch.equal(a.deltas[n].values, b.deltas[n].values), n
+    for n in a.absolute:
+        assert torch.equal(a.absolute[n], b.absolute[n]), n
+    with pytest.raises(ValueError, match="sparse phase"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))

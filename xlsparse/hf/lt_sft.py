@@ -365,14 +365,24 @@ class LotteryTicketSparseFineTuner(Trainer):
     # --- training ---
     def train(self, resume_from_checkpoint=None, **kwargs):
         """All rounds of full phase, selection, rewind and sparse phase; returns the last sparse
-        phase's `TrainOutput` and sets `self.sft`."""
-        if resume_from_checkpoint is not None:
-            return self._resume(resume_from_checkpoint, **kwargs)
-        a, n = self.sft_args, self.sft_args.n_ft_iterations
+        phase's `TrainOutput` and sets `self.sft`.
+
+        `resume_from_checkpoint`: a sparse phase's checkpoint folder (`<output_dir>/sparse/
+        checkpoint-N`, or `.../iteration-<i>/sparse/checkpoint-N`). The trainer must be built on
+        the same base model and arguments; the masks, deltas, heads, optimizer, scheduler, RNG
+        and data position come from the checkpoint, and training continues bit-exactly (then
+        runs any later rounds). Full-phase checkpoints cannot be resumed (the round's selection
+        would need the whole phase)."""
+        n = self.sft_args.n_ft_iterations
         root = self.args.output_dir
-        result = None
+        result, first = None, 0
         try:
-            for it in range(n):
+            if resume_from_checkpoint is not None:
+                first, root, deltas = self._restore(resume_from_checkpoint)
+                result = self._run_phase("sparse", first, root, resume_from_checkpoint=resume_from_checkpoint,
+                                         resumed_deltas=deltas, **kwargs)
+                first += 1
+            for it in range(first, n):
                 with torch.no_grad():
                     start = {name: p.detach().clone() for name, p in self._trainable().items()}
                 self._run_phase("full", it, root, **kwargs)
@@ -387,10 +397,37 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.sft = self._sft_at_end
         return result
 
+    def _restore(self, checkpoint) -> tuple[int, str, dict]:
+        """Masks and parameter values of a sparse-phase checkpoint: (round, output root, deltas)."""
+        if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isdir(checkpoint):
+            raise ValueError(f"resume_from_checkpoint: expected a checkpoint folder, got {checkpoint!r}")
+        phase_dir = os.path.dirname(os.path.abspath(checkpoint))
+        if os.path.basename(phase_dir) != "sparse":
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} is not a sparse phase's checkpoint "
+                             "(<output_dir>/sparse/checkpoint-N); full phases cannot be resumed")
+        root, it = os.path.dirname(phase_dir), 0
+        if self.sft_args.n_ft_iterations > 1:
+            found = re.fullmatch(r"iteration-(\d+)", os.path.basename(root))
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint: {checkpoint} is not under an iteration-<i> folder")
+            it, root = int(found.group(1)), os.path.dirname(root)
+        sft = SparseDiff.load(os.path.join(checkpoint, SFT_FILE))
+        weights = _load_weights(checkpoint)
+        with torch.no_grad():
+            for name, p in self._trainable().items():
+                if name in sft.deltas:
+                    self._masks[name] = sft.deltas[name].indices.to(p.device)
+                key = next((a for a in _aliases(self.model, p) if a in weights), None)
+                if key is not None:  # exact values of biases, norms and heads
+                    p.copy_(weights[key])
+                elif name not in sft.deltas:
+                    raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no value for {name!r}")
+        return it, root, sft.deltas
+
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
         return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
 
-    def _run_phase(self, phase: str, it: int, root: str, resume_from_checkpoint=None, **kwargs):
+    def _run_phase(self, phase: str, it: int, root: str, resume_from_checkpoint=None, resumed_deltas=None, **kwargs):
         a = self.sft_args
         self._phase = phase
         self.optimizer, self.lr_scheduler = None, None
@@ -402,6 +439,11 @@ class LotteryTicketSparseFineTuner(Trainer):
             self.args.gradient_accumulation_steps)
         if phase == "sparse":
             self._convert()
+            if resumed_deltas is not None:  # the checkpoint's deltas themselves, not θ − θ0 rounded
+                with torch.no_grad():
+                    for name, values in self._delta_values().items():
+                        if name in resumed_deltas:
+                            values.copy_(resumed_deltas[name].values.to(values))
         try:
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
@@ -691,8 +733,24 @@ class LotteryTicketSparseFineTuner(Trainer):
                         state_dict.pop(f"{mname}.delta_values", None)
         super()._save(output_dir, state_dict=state_dict)
 
-    def _resume(self, checkpoint, **kwargs):
-        raise NotImplementedError("resuming LT-SFT from a checkpoint is not supported yet")
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """A sparse phase restores its weights itself (`_restore`): the checkpoint's folded
+        weights must not overwrite the converted layers' frozen bases."""
+        if not self._converted:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _load_weights(folder: str) -> dict:
+    """The tensors of a checkpoint's model weights (safetensors, sharded or not)."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(folder) if f.startswith("model") and f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"resume_from_checkpoint: {folder} holds no model*.safetensors")
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(folder, f)))
+    return out
 
 
 def _no_entries(p: torch.Tensor) -> torch.Tensor:
