@@ -616,3 +616,63 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
         assert torch.equal(a.absolute[n], b.absolute[n]), n
     with pytest.raises(ValueError, match="sparse phase"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+
+
+def _fixed_selection(trainer):
+    """Replace phase 1's selection with a fixed random one (phase 1 under DDP rounds differently,
+    and Adam's near-equal first steps make its top-K fragile): phase 2 is compared alone."""
+    def select(k):
+        g = torch.Generator().manual_seed(11)
+        params = trainer._params()
+        scores = [torch.rand(params[n].numel(), generator=g) for n in trainer.maskable]
+        for n, m in zip(trainer.maskable, xlsparse.functional.topk_mask(scores, k)):
+            if m.any():
+                trainer._masks[n] = m.nonzero().flatten().to(torch.int32)
+    trainer._select = select
+    return trainer
+
+
+_DDP_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lt_sft import _LMData, _args, _fixed_selection, _no_dropout
+from tiny_models import tiny
+from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+trainer = LotteryTicketSparseFineTuner(
+    model=_no_dropout(tiny("bert")), args=_args({out!r}, per_device_train_batch_size=4, logging_steps=1000,
+                                                # BertForMaskedLM's loss ignores num_items_in_batch, so the
+                                                # Trainer's token averaging would double its gradient
+                                                average_tokens_across_devices=False),
+    train_dataset=_LMData(n=8), sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
+                                                      sparse_ft_max_steps_per_iteration=3, sparse_l1_reg=5.0))
+_fixed_selection(trainer).train()
+if trainer.args.process_index == 0:
+    assert trainer.args.world_size == 2, trainer.args.world_size
+    trainer.sft.save({out!r} + "/ddp.safetensors")
+'''
+
+
+@pytest.mark.slow
+def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(tests)), tests,
+                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29631", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
+    single = LotteryTicketSparseFineTuner(
+        model=_no_dropout(tiny("bert")), args=_args(tmp_path / "one"), train_dataset=_LMData(n=8),
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3,
+                              sparse_l1_reg=5.0))
+    _fixed_selection(single).train()
+    assert set(ddp.deltas) == set(single.sft.deltas)
+    for n, d in single.sft.deltas.items():
+        assert torch.equal(ddp.deltas[n].indices, d.indices), n
+        torch.testing.assert_close(ddp.deltas[n].values, d.values, atol=2e-5, rtol=1e-3)

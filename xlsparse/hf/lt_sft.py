@@ -431,6 +431,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         a = self.sft_args
         self._phase = phase
         self.optimizer, self.lr_scheduler = None, None
+        self.model_wrapped = self.model  # a DDP wrapper of the previous phase holds the wrong parameters
         self.args.output_dir = self._phase_dir(phase, it, root)
         # Set in place: a new TrainingArguments would reset accelerate's shared state.
         self.args.max_steps = training_length(
@@ -597,22 +598,34 @@ class LotteryTicketSparseFineTuner(Trainer):
                     p.sub_(self._anchors[p], alpha=group["lr"] * group["weight_decay"])
 
     # --- the L1 term, logging, multi-source batches ---
-    def _l1_term(self):
+    @torch.no_grad()
+    def _add_l1_gradient(self) -> float | None:
+        """Add the L1 term's gradient, c·sign(θ − θ0) with c = λ·G / N, straight into the
+        gradients (what composable-sft's `reg_loss.backward()` adds, sign(0) = 0 included) and
+        return the term's value. No autograd pass: under DDP the term is the same on every rank
+        and needs no all-reduce."""
         lam = self.sft_args.full_l1_reg if self._phase == "full" else self.sft_args.sparse_l1_reg
         if lam == 0:
             return None
+        coef = lam * self.args.gradient_accumulation_steps / self.num_params
         values = self._delta_values()
-        terms = []
+        total = 0.0
         for name, p in self._trainable().items():
             if self.sft_args.apply_reg_to_sparse_only and name not in self.maskable:
                 continue
             if name in values:
-                terms.append(values[name].abs().sum())
+                p, distance = values[name], values[name].detach()
             elif p.requires_grad:
-                terms.append((p - self._theta0[name].to(p.device)).abs().sum())
-        if not terms:
-            return None
-        return lam * self.args.gradient_accumulation_steps * torch.stack(terms).sum() / self.num_params
+                distance = p.detach() - self._theta0[name].to(p.device)
+            else:
+                continue
+            total += float(distance.abs().sum())
+            step = distance.sign().mul_(coef).to(p.dtype)
+            if p.grad is None:
+                p.grad = step
+            else:
+                p.grad.add_(step)
+        return coef * total
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, dict) else None
@@ -624,10 +637,9 @@ class LotteryTicketSparseFineTuner(Trainer):
                 handle.revert()
         if self._l1_pending:
             self._l1_pending = False
-            reg = self._l1_term()
+            reg = self._add_l1_gradient()
             if reg is not None:
-                self.accelerator.backward(reg)
-                self._l1_sum += float(reg.detach())
+                self._l1_sum += reg
                 self._l1_steps += 1
         return loss
 
