@@ -361,9 +361,9 @@ class SparseDeltaEmbedding(nn.Module):
         start = torch.searchsorted(idx, ids * width)
         count = torch.searchsorted(idx, (ids + 1) * width) - start
         token = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), count)
-        # entry numbers: start of each token's run plus the offset inside the run
-        first = torch.repeat_interleave(count.cumsum(0) - count, count)
-        entry = torch.repeat_interleave(start, count) + torch.arange(token.numel(), device=ids.device) - first
+        # entry number: the token's first entry plus the offset inside its run
+        offset = torch.arange(token.numel(), device=ids.device) - (count.cumsum(0) - count)[token]
+        entry = start[token] + offset
         return token, idx[entry] % width, entry
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -676,3 +676,14 @@ def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path):
     for n, d in single.sft.deltas.items():
         assert torch.equal(ddp.deltas[n].indices, d.indices), n
         torch.testing.assert_close(ddp.deltas[n].values, d.values, atol=2e-5, rtol=1e-3)
+
+
+def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path):
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    with pytest.raises(ValueError, match="source_sfts"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps,
+                                     train_dataset=MultiSourceDataset({"de": _LMData(n=4)}))
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps,
+                                           train_dataset=_LMData(), source_sfts={"de": SparseDiff({})})
+    with pytest.raises(ValueError, match=SOURCE_KEY):
+        trainer.train()

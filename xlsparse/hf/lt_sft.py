@@ -318,6 +318,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         if source_sfts is not None and (not isinstance(source_sfts, dict)
                                         or not all(isinstance(d, SparseDiff) for d in source_sfts.values())):
             raise TypeError("source_sfts must be a dict {source: SparseDiff}")
+        if source_sfts is None and any(isinstance(d, MultiSourceDataset) for d in (self.train_dataset, self.eval_dataset)):
+            raise ValueError("source_sfts: a MultiSourceDataset was given but no source SFTs")
         self.source_sfts = source_sfts
         self.source_sft_apply_abs = source_sft_apply_abs
         self._converted: dict = {}
@@ -372,7 +374,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         the same base model and arguments; the masks, deltas, heads, optimizer, scheduler, RNG
         and data position come from the checkpoint, and training continues bit-exactly (then
         runs any later rounds). Full-phase checkpoints cannot be resumed (the round's selection
-        would need the whole phase)."""
+        would need the whole phase). With `DynamicSftArguments` a checkpoint inside a gradient
+        accumulation window loses the gradients accumulated before it."""
         n = self.sft_args.n_ft_iterations
         root = self.args.output_dir
         result, first = None, 0
@@ -655,8 +658,10 @@ class LotteryTicketSparseFineTuner(Trainer):
     def _activate(self, source, training: bool):
         """Apply the batch's source SFT; the handle's revert keeps training updates (training)
         or restores bit-exactly (evaluation)."""
-        if source is None or self.source_sfts is None:
+        if self.source_sfts is None:
             return None
+        if source is None:
+            raise ValueError(f"source_sfts were given but the batch has no {SOURCE_KEY!r} key (use MultiSourceDataset)")
         if isinstance(source, (list, tuple)):
             if len(set(source)) != 1:
                 raise ValueError(f"a multi-source batch mixes sources {sorted(set(source))}")
@@ -693,7 +698,8 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     # --- results ---
     def current_sft(self) -> SparseDiff:
-        """The SFT as the model holds it now (during a sparse phase too)."""
+        """The SFT as the model holds it now: during a sparse phase the converted layers' deltas
+        themselves, else θ − θ0 on the masks; trainable non-maskable parameters whole."""
         values = self._delta_values()
         params = self._params()
         deltas, absolute = {}, {}
