@@ -43,7 +43,11 @@ selected entries and heads (composable-sft's AdamW over masked gradients also de
 unselected entry; its scripts use weight decay 0). The sparse phase keeps O(K) training state:
 selected linear layers become `SparseDeltaLinear` and embeddings `SparseDeltaEmbedding`, whose
 backward never builds a dense gradient; other maskable parameters (biases, norms) train through
-compact `MaskedAdamW`. At the end the deltas fold back into the model's own parameters.
+compact `MaskedAdamW` (so do GPT-2's `Conv1D` weights, which are not converted). At the end the
+deltas fold back into the model's own parameters. Weight decay stays AdamW's on θ = θ0 + Δ (a
+post-step term adds the −lr·wd·θ0 the optimizer of Δ alone would miss). Runs under DDP (the L1
+gradient is added to the gradients directly, the same on every rank); FSDP2 is not supported
+(`MaskedAdamW` refuses DTensor parameters).
 """
 import math
 import os
