@@ -22,7 +22,7 @@ import tempfile
 
 import torch
 
-from xlsparse.benchmarks.harness import Case
+from xlsparse.benchmarks.harness import Case, Target
 from xlsparse.optim import MaskedAdamW
 
 FAMILY = "ltsft"
@@ -41,16 +41,16 @@ def _config(quick: bool):
                                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), (8, 256)
 
 
-def _model(cfg):
+def _model(cfg, device):
     import transformers
 
     torch.manual_seed(0)
-    return transformers.XLMRobertaForMaskedLM(cfg).train()
+    return transformers.XLMRobertaForMaskedLM(cfg).to(device).train()
 
 
-def _batch(cfg, shape):
+def _batch(cfg, shape, device):
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, cfg.vocab_size, shape, generator=g)
+    ids = torch.randint(3, cfg.vocab_size, shape, generator=g).to(device)
     return {"input_ids": ids, "labels": ids}
 
 
@@ -60,7 +60,7 @@ def _random_masks(named: dict, density: float) -> dict:
     out = {}
     for name, p in named.items():
         k = max(1, round(density * p.numel()))
-        out[name] = torch.randperm(p.numel(), generator=g)[:k].sort().values.to(torch.int32)
+        out[name] = torch.randperm(p.numel(), generator=g)[:k].sort().values.to(device=p.device, dtype=torch.int32)
     return out
 
 
@@ -76,16 +76,16 @@ def _state_bytes(optimizer, params) -> int:
     return total
 
 
-def _dense_masked(cfg, shape, density):
-    model = _model(cfg)
-    masks = {n: torch.zeros(p.numel(), dtype=torch.bool).index_fill_(0, idx.long(), True).view_as(p)
+def _dense_masked(cfg, shape, density, device):
+    model = _model(cfg, device)
+    masks = {n: torch.zeros(p.numel(), dtype=torch.bool, device=device).index_fill_(0, idx.long(), True).view_as(p)
              for (n, p), idx in zip(_body(model).items(), _random_masks(_body(model), density).values())}
     named = dict(model.named_parameters())
     try:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
-    batch = _batch(cfg, shape)
+    batch = _batch(cfg, shape, device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -97,12 +97,12 @@ def _dense_masked(cfg, shape, density):
     return step, lambda: _state_bytes(optimizer, model.parameters())
 
 
-def _compact_only(cfg, shape, density):
-    model = _model(cfg)
+def _compact_only(cfg, shape, density, device):
+    model = _model(cfg, device)
     body = _body(model)
     masks = dict(zip(body.values(), _random_masks(body, density).values()))
     optimizer = MaskedAdamW(model.parameters(), masks, lr=1e-4, weight_decay=0.0, mode="compact")
-    batch = _batch(cfg, shape)
+    batch = _batch(cfg, shape, device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -112,13 +112,13 @@ def _compact_only(cfg, shape, density):
     return step, lambda: _state_bytes(optimizer, model.parameters())
 
 
-def _delta(cfg, shape, density):
+def _delta(cfg, shape, density, device):
     from transformers import TrainingArguments
 
     from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
 
-    model = _model(cfg)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=not torch.cuda.is_available(),
+    model = _model(cfg, device)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=device == "cpu",
                              learning_rate=1e-4, weight_decay=0.0, save_strategy="no", disable_tqdm=True)
     trainer = LotteryTicketSparseFineTuner(model=model, args=args, sft_args=SftArguments(
         full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, ft_params_proportion=density))
@@ -127,7 +127,7 @@ def _delta(cfg, shape, density):
     trainer._phase = "sparse"
     trainer._convert()  # the sparse phase's own conversion
     optimizer = trainer.create_optimizer()
-    batch = _batch(cfg, shape)
+    batch = _batch(cfg, shape, device)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -137,37 +137,52 @@ def _delta(cfg, shape, density):
     return step, lambda: _state_bytes(optimizer, model.parameters())
 
 
-def cases(quick: bool = False) -> list[Case]:
+def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
     cfg, shape = _config(quick)
     tokens = shape[0] * shape[1]
     out = []
     for density in DENSITIES:
-        delta, delta_bytes = _delta(cfg, shape, density)
-        for name, build in (("dense grads + grad*mask + AdamW", _dense_masked), ("dense grads + compact MaskedAdamW",
-                                                                                _compact_only)):
-            base, base_bytes = build(cfg, shape, density)
-            delta(), base()
-            k = sum(round(density * p.numel()) for n, p in _model(cfg).named_parameters() if n.startswith("roberta."))
+        delta, delta_bytes = _delta(cfg, shape, density, device)
+        k = sum(round(density * p.numel()) for n, p in _model(cfg, "meta").named_parameters() if n.startswith("roberta."))
+        for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
+                            ("dense grads + compact MaskedAdamW", _compact_only)):
+            base, base_bytes = build(cfg, shape, density, device)
+            delta(), base()  # one step each, so that grads and optimizer state exist
             note = (f"grad+state MiB: xlsparse {delta_bytes() / 2**20:.1f}, baseline {base_bytes() / 2**20:.1f}, "
-                    f"3·K·4 = {3 * k * 4 / 2**20:.1f}")
+                    f"3*K*4 = {3 * k * 4 / 2**20:.1f}")
+            targets = ()
+            if name.startswith("dense grads + grad"):
+                targets = (Target(f"lt-sft phase-2 step, {100 * density:g}%: >= 1.3x the dense-masked way", "speedup", 1.3),)
             out.append(Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
                             f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=delta, baseline=base,
-                            baseline_name=name, density=density, backend="delta layers", note=note))
+                            baseline_name=name, density=density, backend="delta layers", note=note, targets=targets))
     return out
 
 
 def main() -> None:
+    """Run this family alone with the installed harness (as `xlsparse bench --family ltsft` does)."""
     from xlsparse.benchmarks import harness
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
-    ceilings = harness.measure_ceilings(quick=args.quick)
-    harness.print_ceilings(ceilings)
+    machine = harness.describe_machine(args.device)
+    before = harness.measure_ceilings(machine, quick=args.quick)
+    max_load = harness.load_average()
+    rows = []
+    for case in cases(quick=args.quick, device=args.device):
+        rows.append(harness.measure(case, args.device, quick=args.quick))
+        max_load = max(max_load, harness.load_average())
+    after = harness.measure_ceilings(machine, quick=args.quick)
+    for row in rows:
+        harness.judge(row, harness.best_ceilings(before, after))
+    lines = harness.header_lines(machine, before, after, max_load, args.quick)
+    lines += [""] + harness.format_table(rows) + [""] + [f"- {r.baseline}, {100 * r.density:g}%: {r.note}" for r in rows]
+    lines += [""] + harness.format_targets(rows, args.quick)
     with contextlib.suppress(BrokenPipeError):
-        for case in cases(quick=args.quick):
-            print(harness.format_row(harness.measure(case, ceilings, quick=args.quick)), flush=True)
-            print(f"<!-- {case.baseline_name}, {100 * case.density:g}%: {case.note} -->", flush=True)
+        print("\n".join(lines), flush=True)
+
 
 if __name__ == "__main__":
     main()
