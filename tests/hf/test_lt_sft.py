@@ -62,6 +62,8 @@ def test_arguments_are_validated_naming_the_argument():
     with pytest.raises(ValueError, match="sparse_ft_min_steps_per_iteration"):
         SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=2,
                      sparse_ft_min_steps_per_iteration=3)
+    with pytest.raises(ValueError, match="full_ft_max_steps_per_iteration"):
+        SftArguments(full_ft_max_steps_per_iteration=0, sparse_ft_max_steps_per_iteration=1)
     with pytest.raises(ValueError, match="sparse_l1_reg"):
         SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, sparse_l1_reg=-1)
 
@@ -687,3 +689,23 @@ def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path)
                                            train_dataset=_LMData(), source_sfts={"de": SparseDiff({})})
     with pytest.raises(ValueError, match=SOURCE_KEY):
         trainer.train()
+
+
+def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
+    class _Count(transformers.TrainerCallback):
+        def __init__(self):
+            self.steps = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps[trainer._phase] = self.steps.get(trainer._phase, 0) + 1
+
+    # 16 items in batches of 4 with 2 accumulation steps: 2 optimizer steps per epoch
+    sft_args = SftArguments(ft_params_num=50, full_ft_max_epochs_per_iteration=2, full_ft_max_steps_per_iteration=3,
+                            sparse_ft_max_epochs_per_iteration=1, sparse_ft_min_steps_per_iteration=3)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(n=16), sft_args=sft_args,
+                                           args=_args(tmp_path, per_device_train_batch_size=4,
+                                                      gradient_accumulation_steps=2))
+    count = _Count()
+    trainer.add_callback(count)
+    trainer.train()
+    assert count.steps == {"full": 3, "sparse": 3}  # min(4 epoch steps, 3); max(2 epoch steps, min 3)

@@ -113,8 +113,9 @@ class SftArguments:
         for phase in ("full", "sparse"):
             lo, hi, ep = (f"{phase}_ft_min_steps_per_iteration", f"{phase}_ft_max_steps_per_iteration",
                           f"{phase}_ft_max_epochs_per_iteration")
-            for name in (lo, hi):
-                check(name, getattr(self, name) is None or getattr(self, name) >= 0, "must be >= 0")
+            check(lo, getattr(self, lo) is None or getattr(self, lo) >= 0, "must be >= 0")
+            # 0 would make the HF Trainer fall back to num_train_epochs
+            check(hi, getattr(self, hi) is None or getattr(self, hi) >= 1, "must be >= 1")
             check(ep, getattr(self, ep) is None or getattr(self, ep) > 0, "must be > 0")
             check(hi, getattr(self, hi) is not None or getattr(self, ep) is not None,
                   f"the {phase} phase has no length: give it or {ep}")
@@ -440,11 +441,15 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.optimizer, self.lr_scheduler = None, None
         self.model_wrapped = self.model  # a DDP wrapper of the previous phase holds the wrong parameters
         self.args.output_dir = self._phase_dir(phase, it, root)
-        # Set in place: a new TrainingArguments would reset accelerate's shared state.
-        self.args.max_steps = training_length(
-            getattr(a, f"{phase}_ft_min_steps_per_iteration"), getattr(a, f"{phase}_ft_max_steps_per_iteration"),
-            getattr(a, f"{phase}_ft_max_epochs_per_iteration"), len(self.get_train_dataloader()),
-            self.args.gradient_accumulation_steps)
+        epochs = getattr(a, f"{phase}_ft_max_epochs_per_iteration")
+        steps = training_length(getattr(a, f"{phase}_ft_min_steps_per_iteration"),
+                                getattr(a, f"{phase}_ft_max_steps_per_iteration"), epochs,
+                                len(self.get_train_dataloader()) if epochs is not None else 0,
+                                self.args.gradient_accumulation_steps)
+        if steps < 1:  # the HF Trainer would train num_train_epochs instead
+            raise ValueError(f"SftArguments.{phase}_ft_max_epochs_per_iteration = {epochs} gives no optimizer step "
+                             "(fewer batches per epoch than gradient_accumulation_steps)")
+        self.args.max_steps = steps  # in place: a new TrainingArguments would reset accelerate's state
         if phase == "sparse":
             self._convert()
             if resumed_deltas is not None:  # the checkpoint's deltas themselves, not θ − θ0 rounded
