@@ -491,7 +491,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         modules = dict(self.model.named_modules())
         owners = {}
         for mname, module in modules.items():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
+            if type(module) in (nn.Linear, nn.Embedding):  # exactly: a subclass may compute something else
                 owners.setdefault(id(module.weight), []).append((mname, module))
         self._converted = {}
         for name in self.maskable:
