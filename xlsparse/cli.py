@@ -111,11 +111,13 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if len(alphas) != len(args.diffs):
         raise ValueError(f"--alpha: {len(alphas)} values for {len(args.diffs)} diffs")
     config = transformers.AutoConfig.from_pretrained(args.base, local_files_only=True)
-    arch = (config.architectures or ["AutoModel"])[0]
-    model_class = getattr(transformers, arch, transformers.AutoModel)
+    arch = args.model_class or (config.architectures or ["AutoModel"])[0]
+    model_class = getattr(transformers, arch, None)
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        raise ValueError(f"--model-class: transformers has no model class {arch!r}")
     model = model_class.from_pretrained(args.base, local_files_only=True)
     diffs = [_load_diff(p) for p in args.diffs]
-    xlsparse.apply(diffs, model, alphas=alphas)
+    xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     model.save_pretrained(args.out)
     for name in os.listdir(args.base):  # the tokenizer travels with the model
         if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "sentencepiece")):
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("diffs", metavar="DIFF", nargs="+", help="xlsparse diff files or composable-sft folders")
     compose.add_argument("--alpha", type=float, nargs="+", help="one weight per diff (default 1)")
     compose.add_argument("--out", required=True, metavar="DIR", help="folder for the merged model")
+    compose.add_argument("--model-class", metavar="CLASS",
+                         help="transformers class to load BASE_DIR with, e.g. AutoModelForTokenClassification "
+                              "(default: the config's first architecture)")
+    compose.add_argument("--no-abs", action="store_true",
+                         help="skip the diffs' absolute entries (e.g. a language SFT's MLM head on a task model)")
     compose.set_defaults(run=cmd_compose)
 
     info = sub.add_parser("info", help="describe a diff: density per module, size on disk, base model")

@@ -218,16 +218,22 @@ class ApplyHandle:
             self.revert()
 
 
-def apply(diffs, model, alphas=None) -> ApplyHandle:
+def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     """`W <- W + sum_i alphas[i] * diffs[i]` on every parameter the diffs name, in one fused call.
 
     Deltas of several diffs on one parameter are summed in float32 (float64 for float64
     parameters) and stored once. Dense entries are added, absolute entries copied in. Returns a
     handle whose `revert()` restores the model bit-exactly (also usable as a context manager).
+
+    `with_abs=False` skips the absolute entries of every diff in the call (composable-sft's
+    `apply(model, with_abs=False)`): a language SFT's MLM head is then neither needed by nor
+    copied into a task model.
     """
     if isinstance(diffs, SparseDiff):
         diffs = [diffs]
     diffs = list(diffs)
+    if not with_abs:
+        diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
     alphas = [1.0] * len(diffs) if alphas is None else [float(a) for a in alphas]
     if len(alphas) != len(diffs):
         raise ValueError(f"apply: {len(diffs)} diffs but {len(alphas)} alphas")
@@ -336,9 +342,15 @@ class SparseDiff:
                                    {n: t.to(device=device) for n, t in self.absolute.items()}, self.base_model)
 
     # --- apply ---
-    def apply(self, model, alpha: float = 1.0) -> ApplyHandle:
-        """`W <- W + alpha * diff` in one fused call; `handle.revert()` undoes it bit-exactly."""
-        return apply([self], model, [alpha])
+    def apply(self, model, alpha: float = 1.0, with_abs: bool = True) -> ApplyHandle:
+        """`W <- W + alpha * diff` in one fused call; `handle.revert()` undoes it bit-exactly.
+        `with_abs=False` skips the absolute entries."""
+        return apply([self], model, [alpha], with_abs=with_abs)
+
+    def without_absolute(self) -> "SparseDiff":
+        """The same diff without its absolute entries (e.g. a language SFT's MLM head), sharing
+        the delta and dense tensors."""
+        return SparseDiff._trusted(self.deltas, self.dense, {}, self.base_model)
 
     @contextlib.contextmanager
     def applied(self, model, alpha: float = 1.0):
@@ -348,11 +360,15 @@ class SparseDiff:
 
     # --- arithmetic ---
     @classmethod
-    def merge(cls, diffs, weights=None) -> "SparseDiff":
+    def merge(cls, diffs, weights=None, with_abs: bool = True) -> "SparseDiff":
         """`sum_i weights[i] * diffs[i]`: per parameter, a linear-time union of the sorted supports
         (no densifying), summed in float32. A parameter that is dense in any diff is summed dense.
-        Absolute entries pass through; one named by two diffs is an error (no meaningful sum)."""
+        Absolute entries pass through unweighted; one named by two diffs is an error (no
+        meaningful sum). `with_abs=False` drops every absolute entry first (composing a language
+        SFT and a task SFT that both carry heads)."""
         diffs = list(diffs)
+        if not with_abs:
+            diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
         weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
         if len(weights) != len(diffs):
             raise ValueError(f"merge: {len(diffs)} diffs but {len(weights)} weights")
@@ -389,7 +405,7 @@ class SparseDiff:
             for name, t in d.absolute.items():
                 if name in absolute or name in deltas or name in dense:
                     raise ValueError(f"merge: absolute entry {name!r} is in more than one diff; absolute values "
-                                     "replace a parameter and have no sum")
+                                     "replace a parameter and have no sum (merge(..., with_abs=False) drops them)")
                 absolute[name] = t
         base = {d.base_model for d in diffs} - {None}
         return cls._trusted(deltas, dense, absolute, base.pop() if len(base) == 1 else None)

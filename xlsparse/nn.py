@@ -123,6 +123,17 @@ class SparseDeltaLinear(nn.Module):
             self.weight.view(-1)[self.delta_indices.long()] = self._displaced
             self._displaced = None
 
+    def set_support(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Move the delta to a new support in place (dynamic sparse fine-tuning): `indices` are
+        sorted unique flat indices, `values` the delta there (zeros when None). The module, the
+        `delta_values` Parameter and the `delta_indices` buffer stay the same objects (an
+        optimizer holding the Parameter keeps it; its per-entry state is the caller's to move);
+        with an unchanged K even the storage is reused. Not allowed while merged."""
+        if self._displaced is not None:
+            raise RuntimeError("set_support: unmerge() first; the merged base would keep the old support")
+        _set_support(self, indices, values)
+        self._cache_key, self._cache = None, None
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.delta_indices.numel()}"
 
@@ -324,3 +335,88 @@ class SubnetworkLinear(torch.nn.Linear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, languages={self.languages}"
+
+
+class SparseDeltaEmbedding(nn.Module):
+    """An `nn.Embedding` whose table is a frozen base W0 [V, H] plus a sparse delta: flat
+    row-major `delta_indices` [K] (a buffer) and trainable `delta_values` [K] (zero at creation).
+
+    out[t] = W0[ids[t]] + Δ[ids[t]]. The forward looks up, for each token, the delta entries of
+    its row (a binary search into the sorted indices) and adds them, so the backward is a
+    gather of dOut into a [K] gradient: only the batch's token rows are touched and no [V, H]
+    gradient exists. Tokens equal to `padding_idx` get the delta in the forward but pass no
+    gradient, as nn.Embedding does. `max_norm`, `scale_grad_by_freq` and `sparse` are not
+    supported (from_embedding raises).
+    """
+
+    def __init__(self, weight: torch.Tensor, indices: torch.Tensor, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = padding_idx
+        self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.register_buffer("delta_indices", indices)
+        self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, k=None, density=None, indices=None) -> "SparseDeltaEmbedding":
+        """Wrap `embedding` (its weight becomes the frozen base, sharing storage); the support is
+        `k` / `density` random entries or `indices` (flat indices or a bool mask of the table)."""
+        for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+            if getattr(embedding, option, None):
+                raise ValueError(f"SparseDeltaEmbedding: nn.Embedding.{option} is not supported")
+        return cls(embedding.weight, _support(embedding.weight, k, density, indices), embedding.padding_idx)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.delta_indices
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.delta_values
+
+    def _entries(self, ids: torch.Tensor):
+        """(token position, column, entry number) of every delta entry in the batch's rows."""
+        width = self.embedding_dim
+        idx = self.delta_indices.long()
+        start = torch.searchsorted(idx, ids * width)
+        count = torch.searchsorted(idx, (ids + 1) * width) - start
+        token = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), count)
+        # entry number: the token's first entry plus the offset inside its run
+        offset = torch.arange(token.numel(), device=ids.device) - (count.cumsum(0) - count)[token]
+        entry = start[token] + offset
+        return token, idx[entry] % width, entry
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        ids = input_ids.reshape(-1)
+        out = F.embedding(ids, self.weight)
+        token, column, entry = self._entries(ids)
+        values = self.delta_values[entry]
+        if self.padding_idx is not None:
+            values = torch.where(ids[token] == self.padding_idx, values.detach(), values)
+        out = out.index_put((token, column), values, accumulate=True)
+        return out.reshape(*input_ids.shape, self.embedding_dim)
+
+    def set_support(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """As `SparseDeltaLinear.set_support`: a new support, same module and Parameter."""
+        _set_support(self, indices, values)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, nnz={self.delta_indices.numel()}"
+
+
+@torch.no_grad()
+def _set_support(layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None) -> None:
+    """Give `layer` (delta_indices buffer, delta_values Parameter, weight) a new support in place."""
+    indices = _support(layer.weight, indices=indices.to(layer.weight.device))
+    if values is None:
+        values = torch.zeros(indices.numel(), dtype=layer.delta_values.dtype, device=layer.weight.device)
+    if values.shape != indices.shape:
+        raise ValueError(f"set_support: {indices.numel()} indices but {values.numel()} values")
+    values = values.to(layer.delta_values)
+    if indices.numel() == layer.delta_indices.numel() and indices.dtype == layer.delta_indices.dtype:
+        layer.delta_indices.copy_(indices)
+        layer.delta_values.copy_(values)
+    else:  # a new K: new storage, same Parameter object
+        layer.delta_indices = indices.clone()
+        layer.delta_values.data = values.clone()
+    layer.delta_values.grad = None

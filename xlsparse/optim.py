@@ -141,11 +141,18 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def update_masks(self, masks) -> None:
         """Change which entries train (dynamic masks), in the same forms as the constructor's `masks`.
 
-        Entries in both the old and the new mask keep their state and step count. Entries only in
-        the new mask start from zero state with their own step count (as SpIEL regrows entries);
-        the step counts then become per entry. Entries only in the old mask stop changing: they
-        keep their current value. In compact mode the state of dropped entries is discarded, and
-        an entry that joins takes its current value as its `l1_to_init` anchor.
+        - Kept entries (in the old and the new mask) keep their value, state and step count.
+        - Added entries start with zero state (moments, momentum buffer) and a step count of 0;
+          once any entry is added the step count becomes per entry.
+        - Dropped entries stop changing and keep their current value: nothing is reset to the
+          initial value (a dynamic fine-tuner that wants them back at θ0 writes them itself, as
+          `xlsparse.hf.lt_sft` does). Compact mode discards their state; dense mode leaves it in
+          the dense state tensors, unused, and zeroes it if the entry is added again.
+        - The `l1_to_init` anchor: dense mode keeps every entry's value at construction; compact
+          mode keeps it for kept entries and takes the current value for added ones.
+
+        SpIEL initialises regrown entries' moments from the accumulated gradients; this starts
+        them at zero.
         """
         selectors = self._parse_masks(masks)
         for group in self.param_groups:

@@ -1,156 +1,916 @@
-"""LT-SFT (Ansell et al. 2022) as a Hugging Face `Trainer`: full fine-tuning, top-K of
-|θ1 − θ0|, rewind to θ0, then training only those K entries with compact `MaskedAdamW`.
+"""LT-SFT (Ansell et al. 2022, composable-sft) as a Hugging Face `Trainer`.
 
-The arguments mirror composable-sft's `SftArguments` so its scripts translate one to one.
+What composable-sft's `LotteryTicketSparseFineTuner` does, and so what this one does (read from
+its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`; no code copied):
+
+- θ0 is the value of every trainable parameter when the trainer is built (after the freezing
+  and untying below). The SFT is θ − θ0 on the selected ("maskable") entries, plus every
+  trainable non-maskable parameter (the head) stored whole ("absolute").
+- Maskable parameters: the `maskable_params` names given to the trainer; by default (as its
+  example scripts) every trainable parameter under the model's `base_model_prefix`, so heads are
+  trained densely. `SftArguments.maskable_exclude` removes names matching a pattern.
+- K = `ft_params_num`, else int(`ft_params_proportion` × number of maskable entries).
+- `n_ft_iterations` rounds. Each round: remember the parameters (the round's start); full
+  fine-tuning; select K // n_ft_iterations more entries, the largest |θ − θ0| among entries not
+  selected yet (masks accumulate; |θ − θ0| is against θ0, not the round start); rewind every
+  parameter to the round's start; sparse fine-tuning of all entries selected so far. The last
+  round's sparse result is the SFT (K % n_ft_iterations entries are never selected, as there).
+  composable-sft picks by a threshold, so ties at the threshold may add more; here exactly K
+  entries are selected (ties to the lowest position).
+- Phase length: `*_max_epochs_per_iteration` is converted to steps, ceil(epochs × (batches per
+  epoch // gradient accumulation)); the smaller of that and `*_max_steps_per_iteration` is run;
+  when the epochs give fewer steps than `*_min_steps_per_iteration`, the min steps are run. With
+  no epochs, the max steps are run and the min is ignored (composable-sft's `set_training_len`).
+- L1: once per optimizer step, λ × G × Σ|θ − θ0| / N is back-propagated, with λ =
+  `full_l1_reg` in full phases and `sparse_l1_reg` in sparse ones, G the gradient accumulation
+  steps, N the number of all model parameters (frozen ones included; the trainer's
+  `_num_params`), the sum over trainable parameters (only maskable ones when
+  `apply_reg_to_sparse_only`). In sparse phases the gradient is then masked, so only selected
+  entries and heads feel it. Its running mean is logged as `l1_reg_loss`.
+- `freeze_head`: the output embeddings get their own copy of the (tied) input embeddings and
+  every parameter outside the base model is frozen; the input embeddings stay trainable.
+  `untie_embeddings`: the output embeddings get their own trainable copy (a head, so stored
+  whole). `freeze_decoder`: the output embeddings get their own frozen copy.
+  `freeze_embeddings`: the input word embeddings are frozen. `freeze_layer_norm`: parameters
+  matching `layer_norm_patterns` are frozen (composable-sft matches "LayerNorm"; the default here
+  also covers Llama/GPT-2 norms and XLM-R's `lm_head.layer_norm`).
+- A tied decoder (transformers 5 names XLM-R's tied matrix `lm_head.decoder.weight`) is the
+  word-embedding matrix: it is named by its base-model name and masked like any body parameter,
+  never trained whole as a head.
+
+Differences, by design: in sparse phases weight decay (decoupled, AdamW) reaches only the
+selected entries and heads (composable-sft's AdamW over masked gradients also decays every
+unselected entry; its scripts use weight decay 0). The sparse phase keeps O(K) training state:
+selected linear layers become `SparseDeltaLinear` and embeddings `SparseDeltaEmbedding`, whose
+backward never builds a dense gradient; other maskable parameters (biases, norms) train through
+compact `MaskedAdamW` (so do GPT-2's `Conv1D` weights, which are not converted). At the end the
+deltas fold back into the model's own parameters. Weight decay stays AdamW's on θ = θ0 + Δ (a
+post-step term adds the −lr·wd·θ0 the optimizer of Δ alone would miss). Runs under DDP (the L1
+gradient is added to the gradients directly, the same on every rank); FSDP2 is not supported
+(`MaskedAdamW` refuses DTensor parameters).
 """
+import math
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-from transformers import Trainer
+from torch import nn
+from transformers import Trainer, TrainerCallback
 
-from ..diff import SparseDelta, SparseDiff, index_dtype
+from ..diff import SparseDelta, SparseDiff, apply, index_dtype
+from ..functional import topk_mask
+from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW
+
+SOURCE_KEY = "_source"
+"""The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
+SFT_FILE = "sft.safetensors"
+"""The SFT written into every checkpoint and by `save_model` (`SparseDiff.save` format)."""
 
 
 @dataclass
 class SftArguments:
-    """The knobs of a lottery-ticket sparse fine-tuning (names as in composable-sft)."""
+    """The knobs of lottery-ticket sparse fine-tuning: composable-sft's `SftArguments` names,
+    defaults and units (see the module docstring for what each does). Validated on creation."""
 
-    ft_params_num: int | None = None
-    """How many entries the SFT may change (global over the maskable parameters)."""
     ft_params_proportion: float = 0.01
-    """Used when ft_params_num is None: the share of maskable entries the SFT may change."""
-    full_l1_reg: float = 0.0
-    """L1 pull toward θ0 during phase 1 (added to the loss: full_l1_reg · Σ|θ − θ0| / N)."""
-    sparse_l1_reg: float = 0.0
-    """L1 pull toward θ0 during phase 2 (fused into the optimizer step)."""
-    freeze_embeddings: bool = False
-    freeze_head: bool = False
-    freeze_layer_norm: bool = False
+    """Share of the maskable entries the SFT may change (used when ft_params_num is None)."""
+    ft_params_num: int | None = None
+    """Number of entries the SFT may change (global over the maskable parameters)."""
+    n_ft_iterations: int = 1
+    """Selection rounds; each selects K // n_ft_iterations more entries."""
+    full_ft_min_steps_per_iteration: int | None = None
+    sparse_ft_min_steps_per_iteration: int | None = None
     full_ft_max_steps_per_iteration: int | None = None
     sparse_ft_max_steps_per_iteration: int | None = None
     full_ft_max_epochs_per_iteration: float | None = None
     sparse_ft_max_epochs_per_iteration: float | None = None
-    embedding_patterns: tuple[str, ...] = (r"embed", r"(^|\.)wte\.", r"(^|\.)wpe\.")
-    head_patterns: tuple[str, ...] = (r"classifier", r"(^|\.)score\.", r"qa_outputs", r"lm_head", r"(^|\.)cls\.", r"pooler")
-    """Heads are trained densely (not masked) unless frozen, and stored whole in the diff."""
-    layer_norm_patterns: tuple[str, ...] = (r"LayerNorm|layer_norm|layernorm|(^|\.)ln_|norm\.weight|norm\.bias",)
+    full_l1_reg: float = 0.0
+    """λ of the L1 pull toward θ0 in full phases: λ·G·Σ|θ − θ0| / N (module docstring)."""
+    sparse_l1_reg: float = 0.0
+    """λ of the same term in sparse phases."""
+    apply_reg_to_sparse_only: bool = False
+    """Sum the L1 term over maskable parameters only (else over every trainable one)."""
+    freeze_embeddings: bool = False
+    freeze_head: bool = False
+    untie_embeddings: bool = False
+    freeze_decoder: bool = False
+    freeze_layer_norm: bool = False
+    layer_norm_patterns: tuple[str, ...] = (r"LayerNorm|layer_norm|layernorm|(^|\.)ln_|(^|\.)norm\.",)
+    """Regular expressions (searched in parameter names) that `freeze_layer_norm` freezes."""
+    maskable_exclude: tuple[str, ...] = ()
+    """Regular expressions: matching parameters are not maskable (trained whole if trainable)."""
+
+    def __post_init__(self):
+        def check(name, ok, rule):
+            if not ok:
+                raise ValueError(f"SftArguments.{name} = {getattr(self, name)!r}: {rule}")
+
+        check("ft_params_proportion", 0.0 <= self.ft_params_proportion <= 1.0, "must be in [0, 1]")
+        check("ft_params_num", self.ft_params_num is None or self.ft_params_num >= 0, "must be >= 0")
+        check("n_ft_iterations", isinstance(self.n_ft_iterations, int) and self.n_ft_iterations >= 1, "must be an int >= 1")
+        for phase in ("full", "sparse"):
+            lo, hi, ep = (f"{phase}_ft_min_steps_per_iteration", f"{phase}_ft_max_steps_per_iteration",
+                          f"{phase}_ft_max_epochs_per_iteration")
+            check(lo, getattr(self, lo) is None or getattr(self, lo) >= 0, "must be >= 0")
+            # 0 would make the HF Trainer fall back to num_train_epochs
+            check(hi, getattr(self, hi) is None or getattr(self, hi) >= 1, "must be >= 1")
+            check(ep, getattr(self, ep) is None or getattr(self, ep) > 0, "must be > 0")
+            check(hi, getattr(self, hi) is not None or getattr(self, ep) is not None,
+                  f"the {phase} phase has no length: give it or {ep}")
+            check(lo, getattr(self, lo) is None or getattr(self, hi) is None or getattr(self, lo) <= getattr(self, hi),
+                  f"must not exceed {hi} = {getattr(self, hi)}")
+        for name in ("full_l1_reg", "sparse_l1_reg"):
+            check(name, getattr(self, name) >= 0, "must be >= 0")
+        for name in ("layer_norm_patterns", "maskable_exclude"):
+            for p in getattr(self, name):
+                try:
+                    re.compile(p)
+                except re.error as exc:
+                    raise ValueError(f"SftArguments.{name}: {p!r} is not a regular expression: {exc}") from exc
 
 
-def _matches(name: str, patterns) -> bool:
-    return any(re.search(p, name) for p in patterns)
+@dataclass
+class DynamicSftArguments(SftArguments):
+    """LT-SFT whose sparse phase re-selects its support as SpIEL does (Ansell et al. 2024,
+    AlanAnsell/peft): every `reselection_steps` optimizer steps, in each converted matrix or
+    embedding, the int(`drop_fraction` × K) entries of smallest |Δ| are dropped and as many are
+    regrown: the largest |Σ gradient| over the last `selection_accumulation_steps` steps among
+    entries not kept. Dropped entries go back to θ0 and lose their optimizer state; regrown ones
+    start at θ0 with zero state and their own step count. An entry both dropped and regrown stays
+    as it was (as SpIEL). Differences from SpIEL: the initial support is LT-SFT's phase-1
+    selection; every non-kept entry is a candidate (SpIEL tracks K candidates); the drop fraction
+    is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
+    the accumulated gradients). During the accumulation window each converted layer computes its
+    dense weight gradient once per step (dYᵀX, or a row scatter for embeddings) into one dense
+    buffer per parameter, freed after the reselection; outside the window training stays O(K).
+    Biases and norms keep their support."""
+
+    reselection_steps: int = 20
+    drop_fraction: float = 0.1
+    selection_accumulation_steps: int = 5
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
+            raise ValueError(f"DynamicSftArguments.reselection_steps = {self.reselection_steps!r}: must be an int >= 1")
+        if not 0.0 <= self.drop_fraction <= 1.0:
+            raise ValueError(f"DynamicSftArguments.drop_fraction = {self.drop_fraction!r}: must be in [0, 1]")
+        if not 1 <= self.selection_accumulation_steps <= self.reselection_steps:
+            raise ValueError(f"DynamicSftArguments.selection_accumulation_steps = {self.selection_accumulation_steps!r}: "
+                             "must be in [1, reselection_steps]")
+
+
+class _Reselection(TrainerCallback):
+    """SpIEL's drop-and-regrow during a dynamic trainer's sparse phase (DynamicSftArguments)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.hooks, self.grads = [], {}
+
+    def _in_window(self, step: int) -> bool:
+        """Whether optimizer step `step` (1-based) accumulates gradients for a reselection."""
+        a = self.trainer.sft_args
+        return (-step) % a.reselection_steps < a.selection_accumulation_steps
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        t = self.trainer
+        if t._phase == "sparse" and t._converted and not self.hooks and self._in_window(state.global_step + 1) \
+                and state.global_step + 1 < state.max_steps:
+            for name, layers in t._converted.items():
+                acc = torch.zeros_like(layers[0][2].weight)
+                self.grads[name] = acc
+                for _, _, layer in layers:
+                    self.hooks.append(layer.register_forward_hook(_gradient_tap(acc)))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        t = self.trainer
+        if not self.hooks:
+            return
+        if state.global_step % t.sft_args.reselection_steps == 0 or state.global_step >= state.max_steps:
+            for h in self.hooks:
+                h.remove()
+            self.hooks = []
+            if state.global_step < state.max_steps:  # never after the last step
+                t._reselect(self.grads)
+            self.grads = {}
+
+
+def _gradient_tap(acc: torch.Tensor):
+    """A forward hook that adds the layer's dense weight gradient of this backward into `acc`."""
+    def hook(layer, inputs, output):
+        x = inputs[0]
+        if not output.requires_grad:
+            return
+
+        def on_grad(dy):
+            with torch.no_grad():
+                if isinstance(layer, SparseDeltaEmbedding):
+                    ids = x.reshape(-1)
+                    rows = dy.reshape(-1, acc.shape[1])
+                    if layer.padding_idx is not None:
+                        rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
+                    acc.index_add_(0, ids, rows.to(acc.dtype))
+                else:
+                    acc.add_((dy.reshape(-1, acc.shape[0]).t() @ x.reshape(-1, acc.shape[1])).to(acc.dtype))
+        output.register_hook(on_grad)
+    return hook
+
+
+def _drop_and_regrow(indices: torch.Tensor, values: torch.Tensor, grad: torch.Tensor, n: int):
+    """SpIEL's step on one tensor: (new sorted indices, their values, for each new entry its old
+    position or −1). Drops the n smallest |values| (ties: lowest position), regrows the n
+    largest |grad| among entries not kept (ties: lowest position); a dropped entry that is
+    regrown keeps its place."""
+    idx = indices.long()
+    order = torch.sort(values.detach().abs(), stable=True).indices
+    dropped = torch.zeros(idx.numel(), dtype=torch.bool, device=idx.device)
+    dropped[order[:n]] = True
+    kept = torch.zeros(grad.numel(), dtype=torch.bool, device=idx.device)
+    kept[idx[~dropped]] = True
+    score = grad.detach().abs().reshape(-1).clone()
+    candidates = (~kept).nonzero().flatten()
+    best = torch.sort(score[candidates], descending=True, stable=True).indices[:n]
+    chosen = kept.clone()
+    chosen[candidates[best]] = True
+    new = chosen.nonzero().flatten()
+    old_pos = torch.full((grad.numel(),), -1, dtype=torch.long, device=idx.device)
+    old_pos[idx] = torch.arange(idx.numel(), device=idx.device)
+    src = old_pos[new]
+    new_values = torch.where(src >= 0, values.detach()[src.clamp(min=0)], torch.zeros((), dtype=values.dtype))
+    return new.to(indices.dtype), new_values, src
+
+
+def training_length(min_steps: int | None, max_steps: int | None, max_epochs: float | None, batches_per_epoch: int,
+                    accumulation: int = 1) -> int:
+    """Optimizer steps of one phase, by composable-sft's rule: epochs give
+    ceil(max_epochs × (batches_per_epoch // accumulation)) steps; the smaller of those and
+    max_steps wins, raised to min_steps when the epochs give fewer; without epochs, max_steps."""
+    if max_epochs is None:
+        return int(max_steps)
+    steps = math.ceil(max_epochs * (batches_per_epoch // accumulation))
+    if max_steps is not None and steps >= max_steps:
+        return int(max_steps)
+    if min_steps is not None and steps < min_steps:
+        return int(min_steps)
+    return steps
+
+
+class _StepBegin(TrainerCallback):
+    """Tells the trainer that an optimizer step begins (the L1 term is added once per step)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._l1_pending = True
 
 
 class LotteryTicketSparseFineTuner(Trainer):
-    """`Trainer` that runs LT-SFT and leaves the result in `self.sft` (a `SparseDiff`).
+    """`Trainer` that runs LT-SFT as composable-sft does (module docstring) and leaves the result
+    in `self.sft` (a `SparseDiff`: deltas of the maskable parameters, heads as absolute entries).
 
-    `trainer.train()` runs phase 1 (full fine-tuning, `full_ft_max_steps_per_iteration` steps),
-    selects the top-K entries of |θ1 − θ0| with `SparseDiff.from_models`, rewinds every trainable
-    parameter to θ0, and runs phase 2 (`sparse_ft_max_steps_per_iteration` steps) with a compact
-    `MaskedAdamW` that updates only those entries. Heads are trained densely and stored in the
-    diff's `absolute` part. Afterwards `trainer.sft` composes with other diffs
-    (`xlsparse.apply([lang_sft, task_sft], model)`).
+    Args (besides the Trainer's):
+        sft_args: `SftArguments` (or `DynamicSftArguments` for SpIEL-style reselection).
+        maskable_params: names of the parameters to fine-tune sparsely (default: every trainable
+            parameter under `model.base_model_prefix`).
+        source_sfts: {source: SparseDiff} for multi-source training: a batch whose `_source` key
+            names a source runs its forward and backward with that SFT applied (see
+            `MultiSourceDataset`); `source_sft_apply_abs` also applies its absolute entries.
+
+    `train()` writes each phase's checkpoints into its own folder under `args.output_dir`
+    (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every checkpoint
+    and `save_model` also hold the SFT so far as `sft.safetensors`.
     """
 
-    def __init__(self, *args, sft_args: SftArguments | None = None, **kwargs):
+    def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,
+                 source_sft_apply_abs: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.sft_args = sft_args or SftArguments()
+        if not isinstance(self.sft_args, SftArguments):
+            raise TypeError(f"sft_args must be an SftArguments, got {type(self.sft_args).__name__}")
         self.sft: SparseDiff | None = None
         self._phase = "full"
-        self._masks: dict[str, torch.Tensor] = {}
-        self._theta0: dict[str, torch.Tensor] = {}
-
-    # --- which parameters do what ---
-    def _freeze(self) -> None:
+        self._untie_and_freeze()
+        self._names = _canonical_names(self.model)
+        params = {name: p for p, name in self._names.values()}
+        self.num_params = sum(p.numel() for p in params.values())
+        trainable = {n: p for n, p in params.items() if p.requires_grad}
+        if maskable_params is None:
+            prefix = getattr(self.model, "base_model_prefix", "")
+            under = prefix and hasattr(self.model, prefix)
+            maskable = [n for n in trainable if not under or n.startswith(prefix + ".")]
+        else:
+            aliases = {alias: name for p, name in self._names.values() for alias in _aliases(self.model, p)}
+            unknown = [n for n in maskable_params if n not in aliases]
+            if unknown:
+                raise ValueError(f"maskable_params: the model has no parameters {unknown[:5]}")
+            maskable = [aliases[n] for n in maskable_params if params[aliases[n]].requires_grad]
+        self.maskable = [n for n in dict.fromkeys(maskable) if not any(re.search(p, n) for p in self.sft_args.maskable_exclude)]
+        self.num_maskable = sum(params[n].numel() for n in self.maskable)
         a = self.sft_args
-        for name, p in self.model.named_parameters():
-            if ((a.freeze_embeddings and _matches(name, a.embedding_patterns))
-                    or (a.freeze_head and _matches(name, a.head_patterns))
-                    or (a.freeze_layer_norm and _matches(name, a.layer_norm_patterns))):
-                p.requires_grad_(False)
+        self.num_tunable = a.ft_params_num if a.ft_params_num is not None else int(a.ft_params_proportion * self.num_maskable)
+        if self.num_tunable > self.num_maskable:
+            raise ValueError(f"SftArguments.ft_params_num = {self.num_tunable} exceeds the {self.num_maskable} maskable entries")
+        with torch.no_grad():
+            self._theta0 = {n: p.detach().clone() for n, p in trainable.items()}
+        self._masks: dict[str, torch.Tensor] = {}  # name: sorted flat indices selected so far
+        self._l1_pending, self._l1_sum, self._l1_steps = False, 0.0, 0
+        self.add_callback(_StepBegin(self))
+        if isinstance(self.sft_args, DynamicSftArguments):
+            self.add_callback(_Reselection(self))
+        if source_sfts is not None and (not isinstance(source_sfts, dict)
+                                        or not all(isinstance(d, SparseDiff) for d in source_sfts.values())):
+            raise TypeError("source_sfts must be a dict {source: SparseDiff}")
+        if source_sfts is None and any(isinstance(d, MultiSourceDataset) for d in (self.train_dataset, self.eval_dataset)):
+            raise ValueError("source_sfts: a MultiSourceDataset was given but no source SFTs")
+        self.source_sfts = source_sfts
+        self.source_sft_apply_abs = source_sft_apply_abs
+        self._converted: dict = {}
+        self._anchors: dict = {}
+        decay = set(self.get_decay_parameter_names(self.model))
+        self._decayed = {name for p, name in self._names.values() if any(a in decay for a in _aliases(self.model, p))}
+
+    # --- model surgery done once, at construction (composable-sft's scripts do it before) ---
+    def _untie_and_freeze(self) -> None:
+        a, model = self.sft_args, self.model
+        inp = model.get_input_embeddings()
+        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        tied = out is not None and out.weight is inp.weight
+        for flag in ("untie_embeddings", "freeze_decoder"):
+            if getattr(a, flag) and out is None:
+                raise ValueError(f"SftArguments.{flag}: the model has no output embeddings")
+        if a.untie_embeddings and not tied:
+            raise ValueError("SftArguments.untie_embeddings: the output embeddings are not tied to the input embeddings")
+        if tied and (a.freeze_head or a.untie_embeddings or a.freeze_decoder):
+            out.weight = nn.Parameter(inp.weight.detach().clone())
+            model.config.tie_word_embeddings = False  # save/load must not tie them again
+        if a.freeze_head:
+            prefix = getattr(model, "base_model_prefix", "")
+            if prefix and hasattr(model, prefix):
+                body = {id(p) for p in getattr(model, prefix).parameters()}
+                for p in model.parameters():
+                    if id(p) not in body:
+                        p.requires_grad_(False)
+        if a.freeze_decoder:
+            out.weight.requires_grad_(False)
+        if a.freeze_embeddings:
+            inp.weight.requires_grad_(False)
+        if a.freeze_layer_norm:
+            for name, p in model.named_parameters(remove_duplicate=False):
+                if any(re.search(pat, name) for pat in a.layer_norm_patterns):
+                    p.requires_grad_(False)
+
+    def _params(self) -> dict[str, torch.nn.Parameter]:
+        """Every parameter of the model once, by its canonical name."""
+        return {name: p for p, name in self._names.values()}
 
     def _trainable(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p for n, p in self._params().items() if n in self._theta0}
 
-    def _maskable(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self._trainable().items() if not _matches(n, self.sft_args.head_patterns)}
+    # --- training ---
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """All rounds of full phase, selection, rewind and sparse phase; returns the last sparse
+        phase's `TrainOutput` and sets `self.sft`.
 
-    def num_tunable(self) -> int:
-        """K: the number of entries the SFT may change."""
-        if self.sft_args.ft_params_num is not None:
-            return self.sft_args.ft_params_num
-        return int(self.sft_args.ft_params_proportion * sum(p.numel() for p in self._maskable().values()))
+        `resume_from_checkpoint`: a sparse phase's checkpoint folder (`<output_dir>/sparse/
+        checkpoint-N`, or `.../iteration-<i>/sparse/checkpoint-N`). The trainer must be built on
+        the same base model and arguments; the masks, deltas, heads, optimizer, scheduler, RNG
+        and data position come from the checkpoint, and training continues bit-exactly (then
+        runs any later rounds). Full-phase checkpoints cannot be resumed (the round's selection
+        would need the whole phase). With `DynamicSftArguments` a checkpoint inside a gradient
+        accumulation window loses the gradients accumulated before it."""
+        n = self.sft_args.n_ft_iterations
+        root = self.args.output_dir
+        result, first = None, 0
+        try:
+            if resume_from_checkpoint is not None:
+                first, root, deltas = self._restore(resume_from_checkpoint)
+                result = self._run_phase("sparse", first, root, resume_from_checkpoint=resume_from_checkpoint,
+                                         resumed_deltas=deltas, **kwargs)
+                first += 1
+            for it in range(first, n):
+                with torch.no_grad():
+                    start = {name: p.detach().clone() for name, p in self._trainable().items()}
+                self._run_phase("full", it, root, **kwargs)
+                self._select(self.num_tunable // n)
+                with torch.no_grad():
+                    for name, p in self._trainable().items():
+                        p.copy_(start[name])
+                del start
+                result = self._run_phase("sparse", it, root, **kwargs)
+        finally:
+            self.args.output_dir = root
+        self.sft = self._sft_at_end
+        return result
 
-    # --- Trainer hooks ---
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
-        if self._phase == "full" and self.sft_args.full_l1_reg > 0:
-            maskable = self._maskable()
-            n = sum(p.numel() for p in maskable.values())
-            l1 = sum((p - self._theta0[name]).abs().sum() for name, p in maskable.items())
-            loss = loss + self.sft_args.full_l1_reg * l1 / n
-        return (loss, outputs) if return_outputs else loss
+    def _restore(self, checkpoint) -> tuple[int, str, dict]:
+        """Masks and parameter values of a sparse-phase checkpoint: (round, output root, deltas)."""
+        if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isdir(checkpoint):
+            raise ValueError(f"resume_from_checkpoint: expected a checkpoint folder, got {checkpoint!r}")
+        phase_dir = os.path.dirname(os.path.abspath(checkpoint))
+        if os.path.basename(phase_dir) != "sparse":
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} is not a sparse phase's checkpoint "
+                             "(<output_dir>/sparse/checkpoint-N); full phases cannot be resumed")
+        root, it = os.path.dirname(phase_dir), 0
+        if self.sft_args.n_ft_iterations > 1:
+            found = re.fullmatch(r"iteration-(\d+)", os.path.basename(root))
+            if found is None:
+                raise ValueError(f"resume_from_checkpoint: {checkpoint} is not under an iteration-<i> folder")
+            it, root = int(found.group(1)), os.path.dirname(root)
+        sft = SparseDiff.load(os.path.join(checkpoint, SFT_FILE))
+        weights = _load_weights(checkpoint)
+        with torch.no_grad():
+            for name, p in self._trainable().items():
+                if name in sft.deltas:
+                    self._masks[name] = sft.deltas[name].indices.to(p.device)
+                key = next((a for a in _aliases(self.model, p) if a in weights), None)
+                if key is not None:  # exact values of biases, norms and heads
+                    p.copy_(weights[key])
+                elif name not in sft.deltas:
+                    raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no value for {name!r}")
+        return it, root, sft.deltas
+
+    def _phase_dir(self, phase: str, it: int, root: str) -> str:
+        return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
+
+    def _run_phase(self, phase: str, it: int, root: str, resume_from_checkpoint=None, resumed_deltas=None, **kwargs):
+        a = self.sft_args
+        self._phase = phase
+        self.optimizer, self.lr_scheduler = None, None
+        self.model_wrapped = self.model  # a DDP wrapper of the previous phase holds the wrong parameters
+        self.args.output_dir = self._phase_dir(phase, it, root)
+        epochs = getattr(a, f"{phase}_ft_max_epochs_per_iteration")
+        steps = training_length(getattr(a, f"{phase}_ft_min_steps_per_iteration"),
+                                getattr(a, f"{phase}_ft_max_steps_per_iteration"), epochs,
+                                len(self.get_train_dataloader()) if epochs is not None else 0,
+                                self.args.gradient_accumulation_steps)
+        if steps < 1:  # the HF Trainer would train num_train_epochs instead
+            raise ValueError(f"SftArguments.{phase}_ft_max_epochs_per_iteration = {epochs} gives no optimizer step "
+                             "(fewer batches per epoch than gradient_accumulation_steps)")
+        self.args.max_steps = steps  # in place: a new TrainingArguments would reset accelerate's state
+        if phase == "sparse":
+            self._convert()
+            if resumed_deltas is not None:  # the checkpoint's deltas themselves, not θ − θ0 rounded
+                with torch.no_grad():
+                    for name, values in self._delta_values().items():
+                        if name in resumed_deltas:
+                            values.copy_(resumed_deltas[name].values.to(values))
+        try:
+            return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        finally:
+            if phase == "sparse":
+                self._sft_at_end = self.current_sft()  # the trained deltas themselves, before folding rounds them
+                self._fold()
+
+    def _select(self, k: int) -> None:
+        """Add the k entries of largest |θ − θ0| not selected yet to the masks."""
+        params = self._params()
+        with torch.no_grad():
+            scores = []
+            for name in self.maskable:
+                d = (params[name].detach() - self._theta0[name]).abs().reshape(-1)
+                if name in self._masks:
+                    d[self._masks[name].long()] = math.inf  # chosen before: always in the top
+                scores.append(d)
+            before = sum(m.numel() for m in self._masks.values())
+            masks = topk_mask(scores, before + k)
+            for name, m in zip(self.maskable, masks):
+                idx = m.nonzero().flatten()
+                if idx.numel():
+                    self._masks[name] = idx.to(index_dtype(m.numel()))
+
+    # --- phase 2 with O(K) state ---
+    def _convert(self) -> None:
+        """Swap selected linear layers for SparseDeltaLinear and embeddings for
+        SparseDeltaEmbedding (base θ0, values θ − θ0 on the mask); the originals come back in
+        `_fold`. Parameter objects are kept: the converted layers hold the model's own weight
+        (frozen meanwhile) and bias."""
+        params = self._params()
+        modules = dict(self.model.named_modules())
+        owners = {}
+        for mname, module in modules.items():
+            if type(module) in (nn.Linear, nn.Embedding):  # exactly: a subclass may compute something else
+                owners.setdefault(id(module.weight), []).append((mname, module))
+        self._converted = {}
+        for name in self.maskable:
+            p = params[name]
+            found = owners.get(id(p), [])
+            embeddings = [(m, mod) for m, mod in found if isinstance(mod, nn.Embedding)]
+            linears = [(m, mod) for m, mod in found if isinstance(mod, nn.Linear)]
+            if len(embeddings) + len(linears) != len(found) or not found or len(embeddings) > 1 \
+                    or (not embeddings and len(linears) > 1):
+                continue  # shared in a way we do not convert: trained through the compact optimizer
+            if embeddings and any(getattr(embeddings[0][1], o, None) for o in ("max_norm", "scale_grad_by_freq", "sparse")):
+                continue
+            idx = self._masks.get(name, torch.zeros(0, dtype=index_dtype(p.numel()), device=p.device))
+            with torch.no_grad():
+                values = (p.detach().reshape(-1)[idx.long()] - self._theta0[name].reshape(-1)[idx.long()]).clone()
+                p.copy_(self._theta0[name])
+            p.requires_grad_(False)
+            layers = []
+            shared_values = None
+            for mname, mod in embeddings + linears:
+                if isinstance(mod, nn.Embedding):
+                    layer = SparseDeltaEmbedding(p, idx, mod.padding_idx)
+                else:
+                    layer = SparseDeltaLinear(p, None, idx)
+                    layer.bias = mod.bias
+                layer.weight = p  # the model's own Parameter, frozen for the phase
+                if shared_values is None:
+                    shared_values = layer.delta_values
+                    with torch.no_grad():
+                        shared_values.copy_(values)
+                else:
+                    layer.delta_values = shared_values  # a tied decoder trains the same entries
+                self.model.set_submodule(mname, layer)
+                layers.append((mname, mod, layer))
+            self._converted[name] = layers
+
+    def _fold(self) -> None:
+        """Fold the deltas into the model's own parameters and put the original modules back."""
+        with torch.no_grad():
+            for name, layers in self._converted.items():
+                _, _, first = layers[0]
+                p = first.weight
+                p.view(-1).index_add_(0, first.delta_indices.long(), first.delta_values.detach().to(p.dtype))
+                p.requires_grad_(True)
+                for mname, original, _ in layers:
+                    self.model.set_submodule(mname, original)
+        self._converted = {}
+
+    @torch.no_grad()
+    def _reselect(self, grads: dict) -> None:
+        """Drop and regrow every converted tensor's support (DynamicSftArguments) and move the
+        optimizer's per-entry state to the new positions (zero for regrown entries)."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
+        for name, layers in self._converted.items():
+            first = layers[0][2]
+            n = int(self.sft_args.drop_fraction * first.delta_indices.numel())
+            if n == 0:
+                continue
+            idx, values, src = _drop_and_regrow(first.delta_indices, first.delta_values, grads[name], n)
+            param = first.delta_values
+            for _, _, layer in layers:  # a tied decoder shares the values: set its indices too
+                layer.set_support(idx, values)
+            state = optimizer.state.get(param, {})
+            fresh = src < 0
+            for key, t in list(state.items()):
+                if key == "step":
+                    steps = t.expand(src.numel()).to(torch.int32) if t.dim() == 0 else t
+                    steps = steps[src.clamp(min=0)].clone() if t.dim() else steps.clone()
+                    steps[fresh] = 0
+                    state[key] = steps.to(torch.int32).contiguous()
+                elif isinstance(t, torch.Tensor) and t.dim() == 1:
+                    moved = t[src.clamp(min=0)].clone()
+                    moved[fresh] = 0
+                    state[key] = moved
+            if param in self._anchors:
+                self._anchors[param] = self._theta0[name].reshape(-1)[idx.long()].clone()
+            self._masks[name] = idx
+
+    def _delta_values(self) -> dict[str, torch.nn.Parameter]:
+        """{canonical name: delta_values} of the converted parameters."""
+        return {name: layers[0][2].delta_values for name, layers in self._converted.items()}
 
     def create_optimizer(self, model=None):
         if self._phase != "sparse":
             return super().create_optimizer(model)
         if self.optimizer is None:
-            decay = set(self.get_decay_parameter_names(self.model))
             groups = {True: [], False: []}
             masks = {}
+            values = self._delta_values()
+            self._anchors = {}
             for name, p in self._trainable().items():
-                groups[name in decay].append(p)
-                masks[p] = self._masks.get(name)  # None: a head, trained densely
+                if name in values:
+                    p = values[name]
+                    masks[p] = None
+                    if name in self._decayed and self.args.weight_decay > 0:
+                        idx = self._converted[name][0][2].delta_indices.long()
+                        self._anchors[p] = self._theta0[name].reshape(-1)[idx].clone()
+                else:
+                    masks[p] = self._masks.get(name, _no_entries(p)) if name in self.maskable else None
+                groups[name in self._decayed].append(p)
             param_groups = [{"params": groups[True], "weight_decay": self.args.weight_decay},
                             {"params": groups[False], "weight_decay": 0.0}]
             self.optimizer = MaskedAdamW(
-                [g for g in param_groups if g["params"]],
-                masks, lr=self.args.learning_rate, betas=(self.args.adam_beta1, self.args.adam_beta2),
-                eps=self.args.adam_epsilon, mode="compact", l1_to_init=self.sft_args.sparse_l1_reg,
-            )
+                [g for g in param_groups if g["params"]], masks, lr=self.args.learning_rate,
+                betas=(self.args.adam_beta1, self.args.adam_beta2), eps=self.args.adam_epsilon, mode="compact")
+            if self.args.weight_decay > 0 and self._anchors:
+                self.optimizer.register_step_post_hook(self._decay_the_base)
         return self.optimizer
 
-    def _run_phase(self, phase: str, max_steps: int | None, max_epochs: float | None, **kwargs):
-        self._phase = phase
-        self.optimizer, self.lr_scheduler = None, None
-        # Set in place: a new TrainingArguments would reset accelerate's shared state.
-        if max_steps is not None:
-            self.args.max_steps = max_steps
-        if max_epochs is not None:
-            self.args.num_train_epochs, self.args.max_steps = max_epochs, -1
-        return super().train(**kwargs)
+    @torch.no_grad()
+    def _decay_the_base(self, optimizer, *args, **kwargs) -> None:
+        """AdamW decays θ = θ0 + Δ, but the optimizer sees only Δ: add the missing −lr·wd·θ0."""
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p in self._anchors and p.grad is not None and group["weight_decay"] > 0:
+                    p.sub_(self._anchors[p], alpha=group["lr"] * group["weight_decay"])
 
-    def train(self, **kwargs):
-        """Phase 1, selection, rewind, phase 2; returns phase 2's `TrainOutput`."""
-        a = self.sft_args
-        self._freeze()
-        with torch.no_grad():
-            self._theta0 = {n: p.detach().clone() for n, p in self._trainable().items()}
-        self._run_phase("full", a.full_ft_max_steps_per_iteration, a.full_ft_max_epochs_per_iteration, **kwargs)
+    # --- the L1 term, logging, multi-source batches ---
+    @torch.no_grad()
+    def _add_l1_gradient(self) -> float | None:
+        """Add the L1 term's gradient, c·sign(θ − θ0) with c = λ·G / N, straight into the
+        gradients (what composable-sft's `reg_loss.backward()` adds, sign(0) = 0 included) and
+        return the term's value. No autograd pass: under DDP the term is the same on every rank
+        and needs no all-reduce."""
+        lam = self.sft_args.full_l1_reg if self._phase == "full" else self.sft_args.sparse_l1_reg
+        if lam == 0:
+            return None
+        coef = lam * self.args.gradient_accumulation_steps / self.num_params
+        values = self._delta_values()
+        total = 0.0
+        for name, p in self._trainable().items():
+            if self.sft_args.apply_reg_to_sparse_only and name not in self.maskable:
+                continue
+            if name in values:
+                p, distance = values[name], values[name].detach()
+            elif p.requires_grad:
+                distance = p.detach() - self._theta0[name].to(p.device)
+            else:
+                continue
+            total += float(distance.abs().sum())
+            step = distance.sign().mul_(coef).to(p.dtype)
+            if p.grad is None:
+                p.grad = step
+            else:
+                p.grad.add_(step)
+        return coef * total
 
-        maskable = self._maskable()
-        selected = SparseDiff.from_models({n: self._theta0[n] for n in maskable},
-                                          {n: p.detach() for n, p in maskable.items()}, k=self.num_tunable())
-        self._masks = {n: d.indices for n, d in selected.deltas.items()}
-        with torch.no_grad():
-            for n, p in self._trainable().items():
-                p.copy_(self._theta0[n])
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, dict) else None
+        handle = self._activate(source, training=True)
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            if handle is not None:
+                handle.revert()
+        if self._l1_pending:
+            self._l1_pending = False
+            reg = self._add_l1_gradient()
+            if reg is not None:
+                self._l1_sum += reg
+                self._l1_steps += 1
+        return loss
 
-        result = self._run_phase("sparse", a.sparse_ft_max_steps_per_iteration, a.sparse_ft_max_epochs_per_iteration, **kwargs)
-        self.sft = self.sparse_diff()
-        return result
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, dict) else None
+        handle = self._activate(source, training=False)
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        finally:
+            if handle is not None:
+                handle.revert()
 
-    def sparse_diff(self) -> SparseDiff:
-        """θ − θ0 on the selected entries, plus whole heads, as a SparseDiff."""
+    def _activate(self, source, training: bool):
+        """Apply the batch's source SFT; the handle's revert keeps training updates (training)
+        or restores bit-exactly (evaluation)."""
+        if self.source_sfts is None:
+            return None
+        if source is None:
+            raise ValueError(f"source_sfts were given but the batch has no {SOURCE_KEY!r} key (use MultiSourceDataset)")
+        if isinstance(source, (list, tuple)):
+            if len(set(source)) != 1:
+                raise ValueError(f"a multi-source batch mixes sources {sorted(set(source))}")
+            source = source[0]
+        if source not in self.source_sfts:
+            return None  # composable-sft: a source without an SFT trains on the bare model
+        diff = self.source_sfts[source]
+        if training:
+            return KeepUpdatesHandle(diff, self.model, with_abs=self.source_sft_apply_abs)
+        return apply([diff], self.model, with_abs=self.source_sft_apply_abs)
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self._l1_steps:
+            logs["l1_reg_loss"] = self._l1_sum / self._l1_steps
+            self._l1_sum, self._l1_steps = 0.0, 0
+        super().log(logs, *args, **kwargs)
+
+    def get_train_dataloader(self):
+        if isinstance(self.train_dataset, MultiSourceDataset):
+            return self._multisource_loader(self.train_dataset, self.args.per_device_train_batch_size, shuffle=True)
+        return super().get_train_dataloader()
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, MultiSourceDataset):
+            return self._multisource_loader(dataset, self.args.per_device_eval_batch_size, shuffle=False)
+        return super().get_eval_dataloader(eval_dataset)
+
+    def _multisource_loader(self, dataset, batch_size, shuffle):
+        sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=self.args.seed)
+        collate = MultiSourceCollator(self.data_collator)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        return self.accelerator.prepare(loader)
+
+    # --- results ---
+    def current_sft(self) -> SparseDiff:
+        """The SFT as the model holds it now: during a sparse phase the converted layers' deltas
+        themselves, else θ − θ0 on the masks; trainable non-maskable parameters whole."""
+        values = self._delta_values()
+        params = self._params()
         deltas, absolute = {}, {}
         with torch.no_grad():
-            for n, p in self._trainable().items():
-                if n in self._masks:
-                    idx = self._masks[n].long()
-                    values = (p.detach().reshape(-1)[idx] - self._theta0[n].reshape(-1)[idx])
-                    deltas[n] = SparseDelta._trusted(idx.to(index_dtype(p.numel())), values, p.shape)
-                else:
-                    absolute[n] = p.detach().clone()
+            for name in self._theta0:
+                p = params[name]
+                if name in values:
+                    idx = self._converted[name][0][2].delta_indices
+                    if not idx.numel():
+                        continue
+                    deltas[name] = SparseDelta._trusted(idx.clone(), values[name].detach().clone(), p.shape)
+                elif name in self.maskable:
+                    if name not in self._masks:
+                        continue
+                    idx = self._masks[name].long()
+                    v = p.detach().reshape(-1)[idx] - self._theta0[name].reshape(-1)[idx]
+                    deltas[name] = SparseDelta._trusted(idx.to(index_dtype(p.numel())), v, p.shape)
+                else:  # a trainable non-maskable parameter (a head): stored whole
+                    absolute[name] = p.detach().clone()
         return SparseDiff._trusted(deltas, absolute=absolute,
                                    base_model=getattr(self.model.config, "_name_or_path", None) or None)
+
+    def sparse_diff(self) -> SparseDiff:
+        """θ − θ0 on the selected entries, plus the trained heads whole, as a SparseDiff."""
+        return self.current_sft()
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The Trainer's save_model (the model as it is now, converted layers included), plus the
+        SFT as `sft.safetensors` (`SparseDiff.save`)."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save and self._masks:
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            os.makedirs(folder, exist_ok=True)
+            self.current_sft().save(os.path.join(folder, SFT_FILE))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """During a sparse phase the weights are saved folded (θ0 + Δ) under the model's own
+        names, so a checkpoint loads into the original model class."""
+        if state_dict is None and self._converted:
+            state_dict = self.model.state_dict()
+            with torch.no_grad():
+                for name, layers in self._converted.items():
+                    first = layers[0][2]
+                    folded = first.weight.detach().clone()
+                    folded.view(-1).index_add_(0, first.delta_indices.long(), first.delta_values.detach().to(folded.dtype))
+                    for mname, _, _ in layers:
+                        state_dict[f"{mname}.weight"] = folded  # one tensor: a tied decoder stays tied
+                        state_dict.pop(f"{mname}.delta_indices", None)
+                        state_dict.pop(f"{mname}.delta_values", None)
+        super()._save(output_dir, state_dict=state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """A sparse phase restores its weights itself (`_restore`): the checkpoint's folded
+        weights must not overwrite the converted layers' frozen bases."""
+        if not self._converted:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _load_weights(folder: str) -> dict:
+    """The tensors of a checkpoint's model weights (safetensors, sharded or not)."""
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(folder) if f.startswith("model") and f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"resume_from_checkpoint: {folder} holds no model*.safetensors")
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
+def _no_entries(p: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(0, dtype=index_dtype(p.numel()), device=p.device)
+
+
+def _aliases(model: nn.Module, p: torch.Tensor) -> list[str]:
+    return [n for n, q in model.named_parameters(remove_duplicate=False) if q is p]
+
+
+def _canonical_names(model: nn.Module) -> dict[int, tuple[torch.nn.Parameter, str]]:
+    """{id(param): (param, name)} with each shared parameter named once, preferring a name
+    under the base model (a tied decoder is the word-embedding matrix, not a head)."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) not in out or (prefix and name.startswith(prefix + ".") and not out[id(p)][1].startswith(prefix + ".")):
+            out[id(p)] = (p, name)
+    return out
+
+
+class KeepUpdatesHandle:
+    """Applies `diff` (without absolute entries unless `with_abs`) like `xlsparse.apply`, but its
+    `revert()` keeps what changed meanwhile: every displaced value is restored bit-exactly and
+    then every entry of a trainable parameter (requires_grad) that the diff touched gets back
+    the change it underwent while applied. So an update u made under the diff survives
+    (θ + φ + u → θ + u, i.e. the diff is subtracted from trained entries), and entries nobody
+    changed return bit-exactly. The multi-source trainer reverts with this before the optimizer
+    step; evaluation uses the plain bit-exact `apply` handle."""
+
+    def __init__(self, diff: SparseDiff, model: nn.Module, with_abs: bool = False):
+        named = dict(model.named_parameters(remove_duplicate=False))
+        self._watch = []  # (param, flat positions or None for all, value right after apply)
+        self._handle = apply([diff], model, with_abs=with_abs)
+        with torch.no_grad():
+            for name, delta in diff.deltas.items():
+                p = named.get(name)
+                if p is not None and p.requires_grad:
+                    pos = delta.indices.to(p.device).long()
+                    self._watch.append((p, pos, p.detach().reshape(-1)[pos].clone()))
+            for name in [*diff.dense, *(diff.absolute if with_abs else {})]:
+                p = named.get(name)
+                if p is not None and p.requires_grad:
+                    self._watch.append((p, None, p.detach().clone()))
+
+    def revert(self) -> None:
+        with torch.no_grad():
+            changes = [(p, pos, (p.detach().reshape(-1)[pos] if pos is not None else p.detach()) - after)
+                       for p, pos, after in self._watch]
+            self._handle.revert()
+            for p, pos, change in changes:
+                if pos is None:
+                    p.add_(change)
+                else:
+                    p.view(-1).index_add_(0, pos, change)
+
+
+class MultiSourceDataset(torch.utils.data.Dataset):
+    """Several sources' datasets as one (composable-sft's `MultiSourceDataset`): items in
+    sorted-source order, each source repeated `upsampling[source]` times; each item is its
+    source's item with `_source` added. Batches come from `SingleSourceBatchSampler`, so each
+    batch holds one source."""
+
+    def __init__(self, datasets: dict, upsampling: dict | None = None):
+        if not isinstance(datasets, dict) or not datasets:
+            raise ValueError("MultiSourceDataset: datasets must be a non-empty dict {source: dataset}")
+        self.datasets = dict(datasets)
+        self.upsampling = dict(upsampling or {})
+        unknown = set(self.upsampling) - set(self.datasets)
+        if unknown:
+            raise ValueError(f"MultiSourceDataset: upsampling names unknown sources {sorted(unknown)}")
+        self.order = [(source, i) for source in sorted(self.datasets)
+                      for _ in range(int(self.upsampling.get(source, 1))) for i in range(len(self.datasets[source]))]
+
+    def __len__(self):
+        return len(self.order)
+
+    def __getitem__(self, index):
+        source, i = self.order[index]
+        item = dict(self.datasets[source][i])
+        item[SOURCE_KEY] = source
+        return item
+
+
+class SingleSourceBatchSampler(torch.utils.data.Sampler):
+    """Batches of one source each (composable-sft's `MultiSourceDataLoader`): each source's items
+    are cut into batches, and with `shuffle` the items within a source and the batch order are
+    shuffled with a seed that changes per epoch."""
+
+    def __init__(self, dataset: MultiSourceDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False):
+        self.dataset, self.batch_size, self.shuffle, self.seed, self.drop_last = dataset, batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+        self.by_source = {}
+        for pos, (source, _) in enumerate(dataset.order):
+            self.by_source.setdefault(source, []).append(pos)
+
+    def _batches(self, g):
+        out = []
+        for source, positions in self.by_source.items():
+            positions = list(positions)
+            if self.shuffle:
+                positions = [positions[i] for i in torch.randperm(len(positions), generator=g).tolist()]
+            for i in range(0, len(positions), self.batch_size):
+                chunk = positions[i:i + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    out.append(chunk)
+        if self.shuffle:
+            out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
+        return out
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        self.epoch += 1
+        yield from self._batches(g)
+
+    def __len__(self):
+        return len(self._batches(torch.Generator().manual_seed(0)))
+
+
+class MultiSourceCollator:
+    """Wraps a collator: drops `_source` from the items, collates them, and puts the batch's
+    one source back under `_source` (a batch mixing sources raises)."""
+
+    def __init__(self, collator=None):
+        from transformers import default_data_collator
+
+        self.collator = collator or default_data_collator
+
+    def __call__(self, features):
+        sources = {f[SOURCE_KEY] for f in features}
+        if len(sources) != 1:
+            raise ValueError(f"MultiSourceCollator: one batch holds sources {sorted(sources)}")
+        batch = self.collator([{k: v for k, v in f.items() if k != SOURCE_KEY} for f in features])
+        batch[SOURCE_KEY] = sources.pop()
+        return batch

@@ -1,0 +1,711 @@
+"""LT-SFT through the HF Trainer, checked against plain-torch restatements of composable-sft's
+rules: step caps, L1 units, accumulated masks over rounds, freezing/untying, composition of
+language and task SFTs, multi-source batches, and phase 2's O(K) layers."""
+import copy
+import math
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny
+
+import xlsparse
+from xlsparse import cli
+from xlsparse.diff import SparseDiff
+from xlsparse.hf.lt_sft import (SOURCE_KEY, KeepUpdatesHandle, LotteryTicketSparseFineTuner, MultiSourceDataset,
+                                SftArguments, training_length)
+from xlsparse.nn import SparseDeltaEmbedding, SparseDeltaLinear
+
+transformers = pytest.importorskip("transformers")
+
+
+class _LMData(torch.utils.data.Dataset):
+    def __init__(self, n=8, s=8, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, s), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class _TagData(_LMData):
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i] % 3}
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path), per_device_train_batch_size=8, learning_rate=1e-2, save_strategy="no",
+                report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1, weight_decay=0.0, max_grad_norm=0.0,
+                lr_scheduler_type="constant")
+    base.update(kw)
+    return transformers.TrainingArguments(**base)
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+# --- arguments ---
+
+def test_arguments_are_validated_naming_the_argument():
+    with pytest.raises(ValueError, match="ft_params_proportion"):
+        SftArguments(ft_params_proportion=1.5, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    with pytest.raises(ValueError, match="n_ft_iterations"):
+        SftArguments(n_ft_iterations=0, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    with pytest.raises(ValueError, match="full_ft_max_steps_per_iteration"):
+        SftArguments(sparse_ft_max_steps_per_iteration=1)  # the full phase has no length
+    with pytest.raises(ValueError, match="sparse_ft_min_steps_per_iteration"):
+        SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=2,
+                     sparse_ft_min_steps_per_iteration=3)
+    with pytest.raises(ValueError, match="full_ft_max_steps_per_iteration"):
+        SftArguments(full_ft_max_steps_per_iteration=0, sparse_ft_max_steps_per_iteration=1)
+    with pytest.raises(ValueError, match="sparse_l1_reg"):
+        SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, sparse_l1_reg=-1)
+
+
+def test_untie_on_an_untied_model_and_too_large_k_are_errors(tmp_path):
+    steps = dict(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    model = tiny("llama")
+    model.config.tie_word_embeddings = False
+    with pytest.raises(ValueError, match="untie_embeddings"):
+        LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
+                                     sft_args=SftArguments(untie_embeddings=True, **steps))
+    with pytest.raises(ValueError, match="ft_params_num"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+                                     sft_args=SftArguments(ft_params_num=10**9, **steps))
+    with pytest.raises(ValueError, match="maskable_params"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+                                     maskable_params=["no.such.weight"], sft_args=SftArguments(**steps))
+
+
+@pytest.mark.parametrize("lo, hi, epochs, batches, accum, expected", [
+    # composable-sft's set_training_len, restated case by case
+    (None, 7, None, 5, 1, 7),         # no epochs: the max steps
+    (100, 7, None, 5, 1, 7),          # ... and the min is ignored
+    (None, None, 2, 5, 1, 10),        # epochs alone: ceil(2 * 5)
+    (None, 7, 2, 5, 1, 7),            # 10 epoch steps, max 7: the smaller wins
+    (None, 20, 2, 5, 1, 10),          # 10 < 20
+    (12, 20, 2, 5, 1, 12),            # 10 < min 12: the min
+    (None, None, 1.5, 5, 2, 3),       # ceil(1.5 * (5 // 2))
+])
+def test_training_length_is_composable_sfts_rule(lo, hi, epochs, batches, accum, expected):
+    assert training_length(lo, hi, epochs, batches, accum) == expected
+
+
+# --- freezing and the tied decoder ---
+
+def _trainer(tmp_path, model, **sft):
+    sft = {"full_ft_max_steps_per_iteration": 1, "sparse_ft_max_steps_per_iteration": 1, "ft_params_num": 50, **sft}
+    return LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
+                                        sft_args=SftArguments(**sft))
+
+
+def test_freeze_and_untie_flags_on_xlmr(tmp_path):
+    emb_name = "roberta.embeddings.word_embeddings.weight"
+    # No flag: the tied matrix is the word embeddings (maskable), never the head's
+    t = _trainer(tmp_path, tiny("xlmr"))
+    m = t.model
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    assert emb_name in t.maskable and "lm_head.decoder.weight" not in t.maskable
+    assert t.num_params == sum(p.numel() for p in m.parameters())
+    heads = set(t._theta0) - set(t.maskable)
+    assert heads == {"lm_head.bias", "lm_head.dense.weight", "lm_head.dense.bias", "lm_head.layer_norm.weight",
+                     "lm_head.layer_norm.bias"}
+    # freeze_head: the decoder gets its own frozen copy, every head parameter is frozen, the
+    # input embeddings train
+    t = _trainer(tmp_path, tiny("xlmr"), freeze_head=True)
+    m = t.model
+    dec, emb = m.get_output_embeddings().weight, m.get_input_embeddings().weight
+    assert dec is not emb and torch.equal(dec, emb) and not dec.requires_grad and emb.requires_grad
+    assert not any(p.requires_grad for p in m.lm_head.parameters())
+    assert set(t._theta0) == set(t.maskable) and emb_name in t.maskable
+    assert t.num_params == sum(p.numel() for p in m.parameters())  # the copy counts in N
+    # untie_embeddings: its own trainable copy, a head (stored whole)
+    t = _trainer(tmp_path, tiny("xlmr"), untie_embeddings=True)
+    dec = t.model.get_output_embeddings().weight
+    assert dec is not t.model.get_input_embeddings().weight and dec.requires_grad
+    assert "lm_head.decoder.weight" in t._theta0 and "lm_head.decoder.weight" not in t.maskable
+    # freeze_decoder: its own frozen copy; the rest of the head trains
+    t = _trainer(tmp_path, tiny("xlmr"), freeze_decoder=True)
+    assert not t.model.get_output_embeddings().weight.requires_grad and t.model.lm_head.dense.weight.requires_grad
+    # freeze_embeddings: the input word embeddings only; freeze_layer_norm
+    t = _trainer(tmp_path, tiny("xlmr"), freeze_embeddings=True, freeze_layer_norm=True)
+    assert emb_name not in t._theta0 and "roberta.embeddings.position_embeddings.weight" in t.maskable
+    assert not any("LayerNorm" in n or "layer_norm" in n for n in t._theta0)
+    # exclusion patterns: matching parameters are trained whole
+    t = _trainer(tmp_path, tiny("xlmr"), maskable_exclude=(r"position_embeddings",))
+    assert "roberta.embeddings.position_embeddings.weight" in set(t._theta0) - set(t.maskable)
+
+
+def test_xlmr_sft_keeps_the_tied_embeddings_sparse(tmp_path):
+    t = _trainer(tmp_path, _no_dropout(tiny("xlmr")), ft_params_proportion=0.05, ft_params_num=None)
+    t.train()
+    assert "lm_head.decoder.weight" not in t.sft.absolute
+    assert "roberta.embeddings.word_embeddings.weight" not in t.sft.absolute
+    assert t.sft.nnz == int(0.05 * t.num_maskable)
+    m = t.model
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight  # still tied after phase 2
+
+
+# --- the whole recipe against a plain-torch restatement of composable-sft ---
+
+def _restated_lt_sft(model, batch, k, rounds, full_steps, sparse_steps, lr, wd, decayed, full_l1, sparse_l1, maskable):
+    """composable-sft's LT-SFT in plain torch: rounds of (full FT with L1 against θ0, select the
+    k // rounds largest |θ − θ0| not selected yet, rewind to the round's start, masked AdamW)."""
+    params = dict(model.named_parameters())
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    theta0 = {n: p.detach().clone() for n, p in trainable.items()}
+    n_all = sum(p.numel() for p in params.values())
+    masks = {n: torch.zeros_like(p, dtype=torch.bool) for n, p in trainable.items() if n in maskable}
+    reg_log = []
+
+    def run(steps, lam, masked):
+        groups = [{"params": [p for n, p in trainable.items() if n in decayed], "weight_decay": wd},
+                  {"params": [p for n, p in trainable.items() if n not in decayed], "weight_decay": 0.0}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            model(**batch).loss.backward()
+            if lam:
+                reg = lam * sum((p - theta0[n]).abs().sum() for n, p in trainable.items()) / n_all
+                reg.backward()
+                reg_log.append(float(reg.detach()))
+            if masked:
+                for n, m in masks.items():
+                    trainable[n].grad.mul_(m)
+                before = {n: trainable[n].detach().clone() for n in masks}
+            opt.step()
+            if masked:  # weight decay too reaches only the selected entries
+                with torch.no_grad():
+                    for n, m in masks.items():
+                        trainable[n].copy_(torch.where(m, trainable[n], before[n]))
+
+    for _ in range(rounds):
+        start = {n: p.detach().clone() for n, p in trainable.items()}
+        run(full_steps, full_l1, masked=False)
+        with torch.no_grad():
+            scores = torch.cat([torch.where(masks[n], -1.0, (trainable[n] - theta0[n]).abs()).reshape(-1) for n in masks])
+            chosen = torch.zeros_like(scores, dtype=torch.bool)
+            chosen[scores.topk(k // rounds).indices] = True
+            offset = 0
+            for n, m in masks.items():
+                m |= chosen[offset:offset + m.numel()].view_as(m)
+                offset += m.numel()
+            for n, p in trainable.items():
+                p.copy_(start[n])
+        run(sparse_steps, sparse_l1, masked=True)
+    with torch.no_grad():
+        sft = {n: ((trainable[n] - theta0[n])[m], m) for n, m in masks.items()}
+        heads = {n: p.detach().clone() for n, p in trainable.items() if n not in masks}
+    return sft, heads, reg_log
+
+
+class _Logs(transformers.TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.seen.append(dict(logs or {}))
+
+
+@pytest.mark.parametrize("wd", [0.0, pytest.param(0.05, marks=pytest.mark.slow)])
+def test_lt_sft_matches_composable_sft_restated(tmp_path, wd):
+    k, rounds, lr = 400, 2, 1e-2
+    data = _LMData(n=8)
+    batch = {"input_ids": data.ids, "labels": data.ids}
+    model = _no_dropout(tiny("bert"))
+    reference = copy.deepcopy(model)
+    sft_args = SftArguments(ft_params_num=k, n_ft_iterations=rounds, full_ft_max_steps_per_iteration=3,
+                            sparse_ft_max_steps_per_iteration=3, full_l1_reg=5.0, sparse_l1_reg=5.0,
+                            freeze_layer_norm=True)
+    trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path, weight_decay=wd), train_dataset=data,
+                                           sft_args=sft_args)
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n in trainer._theta0)
+    logs = _Logs()
+    trainer.add_callback(logs)
+    trainer.train()
+    sft, heads, reg_log = _restated_lt_sft(reference, batch, k, rounds, 3, 3, lr, wd, trainer._decayed, 5.0, 5.0,
+                                           set(trainer.maskable))
+    assert trainer.num_params == sum(p.numel() for p in reference.parameters())
+    got = trainer.sft
+    assert got.nnz == k and set(got.absolute) == set(heads)
+    for n, (values, mask) in sft.items():
+        if not mask.any():
+            assert n not in got.deltas
+            continue
+        d = got.deltas[n]
+        assert torch.equal(d.indices.long(), mask.reshape(-1).nonzero().flatten()), n
+        torch.testing.assert_close(d.values, values, atol=2e-5, rtol=1e-3)
+    for n, t in heads.items():
+        torch.testing.assert_close(got.absolute[n], t, atol=2e-5, rtol=1e-3)
+    logged = [h["l1_reg_loss"] for h in logs.seen if "l1_reg_loss" in h]
+    torch.testing.assert_close(torch.tensor(logged), torch.tensor(reg_log), atol=1e-7, rtol=1e-3)
+    # the model itself is θ0 + SFT: only the selected entries moved
+    fresh = _no_dropout(tiny("bert"))
+    with got.applied(fresh):
+        for (n, p), q in zip(fresh.named_parameters(), model.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=0), n
+
+
+def test_each_phase_has_its_own_checkpoints_holding_the_sft(tmp_path):
+    sft_args = SftArguments(ft_params_num=100, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, save_strategy="steps", save_steps=2),
+                                           train_dataset=_LMData(), sft_args=sft_args)
+    trainer.train()
+    assert (tmp_path / "full" / "checkpoint-2").is_dir() and (tmp_path / "sparse" / "checkpoint-2").is_dir()
+    saved = SparseDiff.load(str(tmp_path / "sparse" / "checkpoint-2" / "sft.safetensors"))
+    assert saved.nnz == 100
+    for n, d in trainer.sft.deltas.items():
+        assert torch.equal(saved.deltas[n].indices, d.indices) and torch.equal(saved.deltas[n].values, d.values)
+    trainer.save_model(str(tmp_path / "final"))
+    assert SparseDiff.load(str(tmp_path / "final" / "sft.safetensors")).nnz == 100
+
+
+# --- phase 2 builds no dense gradient ---
+
+class _Inspect(transformers.TrainerCallback):
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.trainer._phase != "sparse":
+            return
+        layers = [m for m in self.trainer.model.modules() if isinstance(m, (SparseDeltaLinear, SparseDeltaEmbedding))]
+        self.seen.append((len(layers), all(m.weight.grad is None and not m.weight.requires_grad for m in layers),
+                          all(m.delta_values.grad is not None for m in layers),
+                          sum(p.grad.numel() for p in self.trainer.model.parameters() if p.grad is not None)))
+
+
+def test_phase_two_allocates_no_dense_gradient(tmp_path):
+    model = tiny("bert")
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=2))
+    spy = _Inspect(trainer)
+    trainer.add_callback(spy)
+    trainer.train()
+    assert len(spy.seen) == 2
+    dense_matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2)
+    for count, bases_free, values_have_grads, grad_numel in spy.seen:
+        # 12 linear layers in the blocks + word, position and token-type embeddings + tied decoder
+        assert count == 16 and bases_free and values_have_grads
+        assert grad_numel < dense_matrices // 4  # K-sized value grads plus biases, norms, head
+    assert all(type(m) in (torch.nn.Linear, torch.nn.Embedding) or not isinstance(m, (SparseDeltaLinear, SparseDeltaEmbedding))
+               for m in model.modules())  # folded back
+
+
+# --- composition ---
+
+def _task_model(mlm):
+    cfg = copy.deepcopy(mlm.config)
+    cfg.num_labels = 3
+    torch.manual_seed(7)
+    task = transformers.BertForTokenClassification(cfg)
+    task.bert.load_state_dict(mlm.bert.state_dict(), strict=False)
+    return _no_dropout(task)
+
+
+def test_language_and_task_sfts_compose_on_a_task_model(tmp_path):
+    lang = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), args=_args(tmp_path / "l"),
+                                        train_dataset=_LMData(seed=1),
+                                        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
+                                                              sparse_ft_max_steps_per_iteration=2))
+    lang.train()
+    task_model = _task_model(tiny("bert"))
+    task_base = copy.deepcopy(task_model)
+    task = LotteryTicketSparseFineTuner(model=task_model, args=_args(tmp_path / "t"), train_dataset=_TagData(seed=2),
+                                        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
+                                                              sparse_ft_max_steps_per_iteration=2))
+    task.train()
+    assert set(lang.sft.absolute) and set(task.sft.absolute) == {"classifier.weight", "classifier.bias"}
+    model = copy.deepcopy(task_base)
+    with pytest.raises(KeyError):  # the language SFT's MLM head has no place in a task model
+        xlsparse.apply([lang.sft, task.sft], model)
+    with pytest.raises(ValueError, match="with_abs"):
+        SparseDiff.merge([lang.sft, lang.sft])
+    # composable-sft's way, restated: θ0 + φ_lang + φ_task on the body, heads skipped
+    expected = {n: p.detach().clone() for n, p in task_base.named_parameters()}
+    with torch.no_grad():
+        for diff in (lang.sft, task.sft):
+            for n, d in diff.deltas.items():
+                expected[n].view(-1)[d.indices.long()] += d.values
+    with xlsparse.apply([lang.sft, task.sft], model, with_abs=False):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, expected[n], atol=1e-6, rtol=0)
+    merged = SparseDiff.merge([lang.sft, task.sft], with_abs=False)
+    assert not merged.absolute
+    with merged.applied(model):
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p, expected[n], atol=1e-6, rtol=0)
+    # with the task's classifier: strip only the language SFT's head
+    with xlsparse.apply([lang.sft.without_absolute(), task.sft], model):
+        torch.testing.assert_close(model.classifier.weight, task.sft.absolute["classifier.weight"])
+        ids = _LMData(seed=3).ids
+        composed = model(input_ids=ids).logits
+    assert not torch.equal(composed, task_base(input_ids=ids).logits)
+    # the command line, with the task model class named explicitly
+    task_base.save_pretrained(tmp_path / "base")
+    lang.sft.save(str(tmp_path / "lang.safetensors"))
+    task.sft.save(str(tmp_path / "task.safetensors"))
+    common = ["compose", str(tmp_path / "base"), str(tmp_path / "lang.safetensors"), str(tmp_path / "task.safetensors")]
+    assert cli.main(common + ["--out", str(tmp_path / "bad")]) == 1
+    assert cli.main(common + ["--no-abs", "--model-class", "BertForTokenClassification",
+                              "--out", str(tmp_path / "out")]) == 0
+    out = transformers.BertForTokenClassification.from_pretrained(tmp_path / "out")
+    for n, p in out.named_parameters():
+        torch.testing.assert_close(p, expected[n], atol=1e-6, rtol=0)
+    assert cli.main(common + ["--model-class", "NoSuchModel", "--out", str(tmp_path / "x")]) == 1
+
+
+# --- multi-source training ---
+
+def test_keep_updates_revert_versus_the_exact_revert():
+    model = tiny("bert")
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    w = dict(model.named_parameters())[name]
+    before = w.detach().clone()
+    idx = torch.tensor([3, 10, 40])
+    diff = SparseDiff({name: xlsparse.SparseDelta(idx, torch.tensor([0.5, -0.25, 1.0]), w.shape)})
+    # training revert: a change made while applied survives, untouched entries return bit-exactly
+    handle = KeepUpdatesHandle(diff, model)
+    with torch.no_grad():
+        w.view(-1)[10] += 0.125   # an update on a diff entry
+        w.view(-1)[11] += 0.0625  # an update off the diff
+    handle.revert()
+    expected = before.clone()
+    expected.view(-1)[10] += 0.125
+    expected.view(-1)[11] += 0.0625
+    torch.testing.assert_close(w, expected, atol=1e-7, rtol=0)
+    assert torch.equal(w.view(-1)[[3, 40]], before.view(-1)[[3, 40]])
+    # the exact revert (evaluation's): the diff's entries come back as they were
+    with torch.no_grad():
+        w.copy_(before)
+    with diff.applied(model):
+        with torch.no_grad():
+            w.view(-1)[10] += 0.125
+    assert torch.equal(w, before)
+
+
+def test_multi_source_training_applies_each_batch_source_sft(tmp_path):
+    base = _no_dropout(tiny("bert"))
+    names = ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"]
+    params = dict(base.named_parameters())
+    g = torch.Generator().manual_seed(5)
+    sources = {}
+    for lang in ("de", "fr"):
+        deltas = {}
+        for n in names:
+            idx = torch.randperm(params[n].numel(), generator=g)[:30].sort().values
+            deltas[n] = xlsparse.SparseDelta(idx, 0.5 * torch.randn(30, generator=g), params[n].shape)
+        sources[lang] = SparseDiff(deltas)
+    data = {"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)}
+    dataset = MultiSourceDataset(data)
+    assert len(dataset) == 8 and dataset[0][SOURCE_KEY] == "de" and dataset[7][SOURCE_KEY] == "fr"
+    model = copy.deepcopy(base)
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=dataset, source_sfts=sources,
+        sft_args=SftArguments(ft_params_num=200, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2))
+    order = []
+    original = trainer._activate
+
+    def spy(source, training):
+        order.append(source)
+        return original(source, training)
+
+    trainer._activate = spy
+    trainer.train()
+    assert len(order) == 4 and set(order) == {"de", "fr"}
+    # restated: the same sources in the same order, each batch's loss and gradient at θ + φ_source,
+    # the step on θ; masks from the trainer's own selection (phase 1 is checked elsewhere)
+    ref = copy.deepcopy(base)
+    trainable = {n: p for n, p in ref.named_parameters() if n in trainer._theta0}
+    masks = {n: trainer._masks.get(n) for n in trainer.maskable}
+    opt = torch.optim.AdamW(list(trainable.values()), lr=1e-2, weight_decay=0.0)
+    for source in order[2:]:
+        opt.zero_grad()
+        ids = data[source].ids
+        with sources[source].applied(ref):
+            ref(input_ids=ids, labels=ids).loss.backward()
+        for n in trainer.maskable:
+            grad = trainable[n].grad
+            keep = torch.zeros(grad.numel(), dtype=torch.bool)
+            if masks[n] is not None:
+                keep[masks[n].long()] = True
+            grad.mul_(keep.view_as(grad))
+        opt.step()
+    got = trainer.sft
+    for n, p in trainable.items():
+        if n in got.deltas:
+            idx = got.deltas[n].indices.long()
+            torch.testing.assert_close(got.deltas[n].values, (p - trainer._theta0[n]).reshape(-1)[idx].detach(),
+                                       atol=2e-5, rtol=1e-3)
+        elif n in got.absolute:
+            torch.testing.assert_close(got.absolute[n], p.detach(), atol=2e-5, rtol=1e-3)
+    # the base weights the source SFTs touched are back to θ0 bit-exactly outside the SFT
+    for n in names:
+        p = dict(model.named_parameters())[n]
+        off = torch.ones(p.numel(), dtype=torch.bool)
+        if n in got.deltas:
+            off[got.deltas[n].indices.long()] = False
+        assert torch.equal(p.reshape(-1)[off], params[n].reshape(-1)[off])
+
+
+# --- the new layers ---
+
+def test_sparse_delta_embedding_equals_the_dense_table():
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(13, 6, padding_idx=0)
+    layer = SparseDeltaEmbedding.from_embedding(emb, k=30)
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    ids = torch.tensor([[0, 3, 3, 12], [2, 0, 5, 1]])
+    out = layer(ids)
+    # the same table as a plain embedding, the delta as a dense trainable offset
+    dense = torch.zeros(78)
+    dense[layer.delta_indices.long()] = layer.delta_values.detach()
+    dense.requires_grad_(True)
+    table = (emb.weight.detach().reshape(-1) + dense).view(13, 6)
+    ref = torch.nn.functional.embedding(ids, table, padding_idx=0)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref.backward(g)
+    torch.testing.assert_close(layer.delta_values.grad, dense.grad[layer.delta_indices.long()])
+    assert layer.weight.grad is None
+    with pytest.raises(ValueError, match="max_norm"):
+        SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(5, 2, max_norm=1.0), k=1)
+
+
+def test_set_support_keeps_the_module_and_parameter():
+    lin = torch.nn.Linear(5, 4)
+    layer = SparseDeltaLinear.from_linear(lin, k=6)
+    values, buffer = layer.delta_values, layer.delta_indices
+    new = torch.tensor([0, 2, 7, 8, 15, 19], dtype=buffer.dtype)
+    layer.set_support(new, torch.arange(6.0))
+    assert layer.delta_values is values and layer.delta_indices is buffer and torch.equal(buffer, new)
+    x = torch.randn(3, 5)
+    w = lin.weight.detach().clone()
+    w.view(-1)[new.long()] += torch.arange(6.0)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, lin.bias))
+    layer.set_support(torch.tensor([1, 3], dtype=buffer.dtype))  # a new K: same Parameter object
+    assert layer.delta_values is values and values.numel() == 2 and not values.detach().any()
+    with pytest.raises(ValueError):
+        layer.set_support(torch.tensor([3, 1]))
+
+
+# --- SpIEL-style dynamic reselection ---
+
+def _restated_dynamic_phase(model, batch, masks, theta0, heads, steps, lr, every, window, fraction):
+    """Phase 2 with SpIEL's drop/regrow in plain torch: Adam by hand with per-entry step counts
+    on dense tensors; every `every` steps (not after the last), per 2-D tensor: drop the
+    int(fraction·K) smallest |θ − θ0| (stable), regrow as many largest |Σ grad over the last
+    `window` steps| among entries not kept (stable); dropped go to θ0, dropped/regrown get zero
+    state and step 0."""
+    params = dict(model.named_parameters())
+    names = list(masks) + list(heads)
+    state = {n: [torch.zeros_like(params[n]) for _ in range(2)] + [torch.zeros_like(params[n], dtype=torch.int32)]
+             for n in names}
+    b1, b2, eps = 0.9, 0.999, 1e-8
+    acc = {}
+    for step in range(1, steps + 1):
+        model.zero_grad()
+        model(**batch).loss.backward()
+        if (-step) % every < window and step < steps:
+            for n in masks:
+                if params[n].dim() == 2:
+                    acc[n] = acc.get(n, 0) + params[n].grad.detach().clone()
+        with torch.no_grad():
+            for n in names:
+                p, (m, v, t) = params[n], state[n]
+                sel = masks[n] if n in masks else torch.ones_like(p, dtype=torch.bool)
+                g = p.grad
+                m.copy_(torch.where(sel, b1 * m + (1 - b1) * g, m))
+                v.copy_(torch.where(sel, b2 * v + (1 - b2) * g * g, v))
+                t += sel.to(torch.int32)
+                tf = t.to(p.dtype).clamp(min=1)
+                step_size = lr / (1 - b1 ** tf)
+                denom = (v.sqrt() / (1 - b2 ** tf).sqrt()) + eps
+                p.copy_(torch.where(sel, p - step_size * m / denom, p))
+            if step % every == 0 and step < steps:
+                for n in list(acc):
+                    mask, p = masks[n], params[n]
+                    flat = mask.reshape(-1)
+                    idx = flat.nonzero().flatten()
+                    k_drop = int(fraction * idx.numel())
+                    delta = (p - theta0[n]).reshape(-1)[idx].abs()
+                    drop = idx[torch.sort(delta, stable=True).indices[:k_drop]]
+                    kept = flat.clone()
+                    kept[drop] = False
+                    cand = (~kept).nonzero().flatten()
+                    grow = cand[torch.sort(acc[n].abs().reshape(-1)[cand], descending=True, stable=True).indices[:k_drop]]
+                    new = kept.clone()
+                    new[grow] = True
+                    gone, fresh = flat & ~new, new & ~flat
+                    p.view(-1)[gone] = theta0[n].reshape(-1)[gone]
+                    for s in state[n]:
+                        s.view(-1)[gone | fresh] = 0
+                    flat.copy_(new)
+                acc = {}
+    return {n: ((params[n] - theta0[n]).reshape(-1)[m.reshape(-1)], m) for n, m in masks.items()}
+
+
+def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path):
+    from xlsparse.hf.lt_sft import DynamicSftArguments
+
+    data = _LMData(n=8)
+    batch = {"input_ids": data.ids, "labels": data.ids}
+    model = _no_dropout(tiny("bert"))
+    reference = copy.deepcopy(model)
+    sft_args = DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=7,
+                                   reselection_steps=3, selection_accumulation_steps=2, drop_fraction=0.25)
+    trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=data, sft_args=sft_args)
+    initial = {}
+
+    class _Grab(transformers.TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if trainer._phase == "sparse":
+                initial.update({n: m.clone() for n, m in trainer._masks.items()})
+
+    trainer.add_callback(_Grab())
+    trainer.train()
+    theta0 = trainer._theta0
+    masks = {}
+    for n in trainer.maskable:
+        m = torch.zeros(theta0[n].numel(), dtype=torch.bool)
+        if n in initial:
+            m[initial[n].long()] = True
+        masks[n] = m.view_as(theta0[n])
+    heads = [n for n in theta0 if n not in trainer.maskable]
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n in theta0)
+    expected = _restated_dynamic_phase(reference, batch, masks, theta0, heads, 7, 1e-2, 3, 2, 0.25)
+    got = trainer.sft
+    moved = 0
+    for n, (values, mask) in expected.items():
+        idx = mask.reshape(-1).nonzero().flatten()
+        if not idx.numel():
+            assert n not in got.deltas
+            continue
+        assert torch.equal(got.deltas[n].indices.long(), idx), n
+        torch.testing.assert_close(got.deltas[n].values, values, atol=2e-5, rtol=1e-3)
+        before = initial[n].long() if n in initial else torch.zeros(0, dtype=torch.long)
+        moved += int((~torch.isin(idx, before)).sum())
+    assert got.nnz == 400
+    assert moved > 0  # the support did change
+
+
+def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
+    sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
+    whole = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16), sft_args=sft_args,
+                                         args=_args(tmp_path, save_strategy="steps", save_steps=1, weight_decay=0.01,
+                                                    lr_scheduler_type="linear"))
+    whole.train()
+    resumed = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16),
+                                           sft_args=sft_args, args=_args(tmp_path / "again", weight_decay=0.01,
+                                                                         lr_scheduler_type="linear"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
+    a, b = whole.sft, resumed.sft
+    assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute)
+    for n in a.deltas:
+        assert torch.equal(a.deltas[n].indices, b.deltas[n].indices) and torch.equal(a.deltas[n].values, b.deltas[n].values), n
+    for n in a.absolute:
+        assert torch.equal(a.absolute[n], b.absolute[n]), n
+    with pytest.raises(ValueError, match="sparse phase"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+
+
+def _fixed_selection(trainer):
+    """Replace phase 1's selection with a fixed random one (phase 1 under DDP rounds differently,
+    and Adam's near-equal first steps make its top-K fragile): phase 2 is compared alone."""
+    def select(k):
+        g = torch.Generator().manual_seed(11)
+        params = trainer._params()
+        scores = [torch.rand(params[n].numel(), generator=g) for n in trainer.maskable]
+        for n, m in zip(trainer.maskable, xlsparse.functional.topk_mask(scores, k)):
+            if m.any():
+                trainer._masks[n] = m.nonzero().flatten().to(torch.int32)
+    trainer._select = select
+    return trainer
+
+
+_DDP_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lt_sft import _LMData, _args, _fixed_selection, _no_dropout
+from tiny_models import tiny
+from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+trainer = LotteryTicketSparseFineTuner(
+    model=_no_dropout(tiny("bert")), args=_args({out!r}, per_device_train_batch_size=4, logging_steps=1000,
+                                                # BertForMaskedLM's loss ignores num_items_in_batch, so the
+                                                # Trainer's token averaging would double its gradient
+                                                average_tokens_across_devices=False),
+    train_dataset=_LMData(n=8), sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
+                                                      sparse_ft_max_steps_per_iteration=3, sparse_l1_reg=5.0))
+_fixed_selection(trainer).train()
+if trainer.args.process_index == 0:
+    assert trainer.args.world_size == 2, trainer.args.world_size
+    trainer.sft.save({out!r} + "/ddp.safetensors")
+'''
+
+
+@pytest.mark.slow
+def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(tests)), tests,
+                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29631", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
+    single = LotteryTicketSparseFineTuner(
+        model=_no_dropout(tiny("bert")), args=_args(tmp_path / "one"), train_dataset=_LMData(n=8),
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3,
+                              sparse_l1_reg=5.0))
+    _fixed_selection(single).train()
+    assert set(ddp.deltas) == set(single.sft.deltas)
+    for n, d in single.sft.deltas.items():
+        assert torch.equal(ddp.deltas[n].indices, d.indices), n
+        torch.testing.assert_close(ddp.deltas[n].values, d.values, atol=2e-5, rtol=1e-3)
+
+
+def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path):
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    with pytest.raises(ValueError, match="source_sfts"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps,
+                                     train_dataset=MultiSourceDataset({"de": _LMData(n=4)}))
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps,
+                                           train_dataset=_LMData(), source_sfts={"de": SparseDiff({})})
+    with pytest.raises(ValueError, match=SOURCE_KEY):
+        trainer.train()
+
+
+def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
+    class _Count(transformers.TrainerCallback):
+        def __init__(self):
+            self.steps = {}
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps[trainer._phase] = self.steps.get(trainer._phase, 0) + 1
+
+    # 16 items in batches of 4 with 2 accumulation steps: 2 optimizer steps per epoch
+    sft_args = SftArguments(ft_params_num=50, full_ft_max_epochs_per_iteration=2, full_ft_max_steps_per_iteration=3,
+                            sparse_ft_max_epochs_per_iteration=1, sparse_ft_min_steps_per_iteration=3)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(n=16), sft_args=sft_args,
+                                           args=_args(tmp_path, per_device_train_batch_size=4,
+                                                      gradient_accumulation_steps=2))
+    count = _Count()
+    trainer.add_callback(count)
+    trainer.train()
+    assert count.steps == {"full": 3, "sparse": 3}  # min(4 epoch steps, 3); max(2 epoch steps, min 3)
