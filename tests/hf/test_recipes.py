@@ -167,19 +167,6 @@ def test_per_language_report():
         continual.per_language_report({"de": 1.0}, {"fr": 1.0})
 
 
-def test_lambda_sweep_finds_the_best_and_restores_the_model():
-    model = tiny("bert")
-    name = f"{hf.model.target_names(model)[0]}.weight"
-    target = dict(model.named_parameters())[name]
-    before = target.detach().clone()
-    phi = SparseDiff({name: xlsparse.SparseDelta(torch.tensor([0, 5]), torch.tensor([1.0, -1.0]), target.shape)})
-    best, scores = arithmetic.lambda_sweep(model, lambda lam: arithmetic.combine([phi], [lam]), [-1.0, 0.0, 0.5, 2.0],
-                                           evaluate=lambda m: -abs(float(dict(m.named_parameters())[name].detach().view(-1)[0]) - float(before.view(-1)[0]) - 0.5),
-                                           progress=False)
-    assert best == 0.5 and set(scores) == {-1.0, 0.0, 0.5, 2.0}
-    assert torch.equal(target, before)
-
-
 def test_expert_ensemble_equals_mixing_separate_experts():
     base = tiny("llama")
     experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),
