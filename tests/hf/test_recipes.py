@@ -165,28 +165,3 @@ def test_per_language_report():
     assert "| fr | 0.6000 | 0.5000 | -0.1000 |" in report.table()
     with pytest.raises(ValueError):
         continual.per_language_report({"de": 1.0}, {"fr": 1.0})
-
-
-def test_expert_ensemble_equals_mixing_separate_experts():
-    base = tiny("llama")
-    experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),
-               "b": xelm.train_expert(base, _lm_batches(2, 2), density=0.05, progress=False)}
-    ensemble = xelm.ExpertEnsemble(base, experts)
-    ids = batch(2, 5)
-    weights = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
-    got = ensemble(ids, weights=weights)
-    per_expert = []
-    for diff in experts.values():
-        with diff.applied(base):
-            per_expert.append(torch.log_softmax(base(input_ids=ids).logits, -1))
-    expect = torch.logsumexp(torch.stack(per_expert) + weights.T.log()[:, :, None, None], 0)
-    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
-
-    pytest.importorskip("lang2vec")
-    parent = xelm.closest_parent({"a": "eng", "b": "jpn"}, "deu")
-    assert parent == "a"
-    child = xelm.train_expert(base, _lm_batches(1, 3), init=experts[parent], progress=False)
-    old_b = experts["b"]
-    ensemble.add_expert("c", child)
-    assert ensemble.names == ["a", "b", "c"] and ensemble.experts["b"] is old_b
-    assert ensemble(ids).shape == (2, 5, VOCAB)

@@ -6,7 +6,6 @@ URIEL comes from the PyPI package `lang2vec` (its data ships in the wheel: no ne
 it rather than `urielplus` because it is the package the method was published with; its
 `syntax_knn` vectors give eng–deu 0.10 and eng–jpn 0.50 cosine distance.
 """
-import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -19,8 +18,10 @@ from ..optim import MaskedAdamW
 from .subnetworks import _progress
 
 
-@functools.cache
-def _syntax_vectors(langs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+URIEL_FEATURES = ("syntax_knn", "phonology_knn", "inventory_knn", "fam", "geo")
+
+
+def _lang2vec():
     try:
         import warnings
 
@@ -29,23 +30,48 @@ def _syntax_vectors(langs: tuple[str, ...]) -> dict[str, torch.Tensor]:
             import lang2vec.lang2vec as l2v
     except ImportError as exc:
         raise ImportError("URIEL distances need `pip install lang2vec \"setuptools<81\"` (the hf extra)") from exc
-    unknown = [lang for lang in langs if lang not in l2v.LANGUAGES]
-    if unknown:
-        raise ValueError(f"uriel: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
-    feats = l2v.get_features(list(langs), "syntax_knn")
-    return {lang: torch.tensor([float(x) for x in feats[lang]], dtype=torch.float64) for lang in langs}
+    return l2v
 
 
-def uriel_distance(a: str, b: str) -> float:
-    """Cosine distance between the URIEL `syntax_knn` vectors of two ISO 639-3 languages."""
-    return float(distance_matrix([a, b])[0, 1])
+_URIEL_CACHE: dict[tuple[str, str], torch.Tensor] = {}  # (feature set, language) -> normalised block
 
 
-def distance_matrix(langs: Sequence[str]) -> torch.Tensor:
-    """[L, L] URIEL cosine distances between ISO 639-3 languages."""
-    vecs = _syntax_vectors(tuple(sorted(set(langs))))
+def _uriel_blocks(langs: Sequence[str], feature: str) -> list[torch.Tensor]:
+    """One L2-normalised URIEL block per language; lang2vec reads a whole file per call (4 s for
+    `fam`), so the languages not yet cached are fetched together and kept."""
+    missing = [lang for lang in dict.fromkeys(langs) if (feature, lang) not in _URIEL_CACHE]
+    if missing:
+        l2v = _lang2vec()
+        unknown = [lang for lang in missing if lang not in l2v.LANGUAGES]
+        if unknown:
+            raise ValueError(f"uriel: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
+        table = l2v.get_features(missing, feature)
+        for lang in missing:
+            v = torch.tensor([float(x) for x in table[lang]], dtype=torch.float64)
+            _URIEL_CACHE[feature, lang] = v / v.norm().clamp_min(1e-12)
+    return [_URIEL_CACHE[feature, lang] for lang in langs]
+
+
+def uriel_vectors(langs, features: tuple[str, ...] = URIEL_FEATURES) -> dict[str, torch.Tensor]:
+    """{ISO 639-3 code: URIEL vector}: one L2-normalised block per feature set (default: the
+    kNN-imputed syntax, phonology and inventory sets, language family and geography), so that
+    the cosine of two vectors is the mean of the per-set cosines (each set counts equally,
+    although `fam` has 3718 dimensions and `phonology_knn` 28)."""
+    langs = list(dict.fromkeys(langs))
+    blocks = [_uriel_blocks(langs, f) for f in features]
+    return {lang: torch.cat([b[i] for b in blocks]) for i, lang in enumerate(langs)}
+
+
+def uriel_distance(a: str, b: str, features: tuple[str, ...] = URIEL_FEATURES) -> float:
+    """URIEL distance of two ISO 639-3 languages: 1 − the mean cosine over the feature sets."""
+    return float(distance_matrix([a, b], features)[0, 1])
+
+
+def distance_matrix(langs: Sequence[str], features: tuple[str, ...] = URIEL_FEATURES) -> torch.Tensor:
+    """[L, L] URIEL distances (1 − mean per-set cosine) between ISO 639-3 languages."""
+    vecs = uriel_vectors(langs, features)
     m = torch.stack([vecs[lang] for lang in langs])
-    m = m / m.norm(dim=1, keepdim=True)
+    m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (1 - m @ m.T).clamp_min(0).fill_diagonal_(0)
 
 
