@@ -90,44 +90,6 @@ def test_lt_sft_composes_language_and_task(tmp_path):
         assert torch.equal(p, before[n])
 
 
-def test_importance_masks_and_dynamic_reselection():
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)]
-    scores = subnetworks.importance_scores(model, {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)},
-                                           params=names, progress=False)
-    assert set(scores) == {"de", "fr"} and all(float(s.sum()) > 0 for s in scores["de"].values())
-    fisher = subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, method="fisher", params=names, progress=False)
-    assert float(fisher["de"][names[0]].sum()) > 0
-    masks = subnetworks.select_masks(scores, density=0.1)
-    total = sum(m.numel() for m in masks["de"].values())
-    assert sum(int(m.sum()) for m in masks["de"].values()) == round(0.1 * total)
-
-    hf.convert(model, kind="subnetwork", masks=masks)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = xlsparse.optim.MaskedAdamW(trainable, [None] * len(trainable), lr=1e-3)
-    new_masks = subnetworks.select_masks(subnetworks.importance_scores(
-        model, {"de": _lm_batches(1, 5), "fr": _lm_batches(1, 6)}, params=names, progress=False), density=0.05)
-    subnetworks.set_masks(model, new_masks, opt)
-    layer = model.get_submodule(names[0][: -len(".weight")])
-    assert torch.equal(layer.trainable_mask(), new_masks["de"][names[0]] | new_masks["fr"][names[0]])
-
-
-def test_reptile_step_updates_only_the_subnetworks():
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)]
-    named = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.1 for n in names} for lang in ("de", "fr")}
-    before = {n: named[n].detach().clone() for n in names}
-    losses = subnetworks.reptile_step(model, {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}, masks,
-                                      inner_lr=0.1, outer_lr=0.5, inner_steps=2)
-    assert set(losses) == {"de", "fr"}
-    for n in names:
-        union = masks["de"][n] | masks["fr"][n]
-        assert torch.equal(named[n][~union], before[n][~union])
-        assert bool((named[n][union] != before[n][union]).any())
-
-
 def test_uriel_distances_and_language_aware_masks():
     pytest.importorskip("lang2vec")
     assert continual.uriel_distance("eng", "deu") < continual.uriel_distance("eng", "jpn")

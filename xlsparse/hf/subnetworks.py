@@ -1,6 +1,26 @@
 """Language-specific subnetworks (Choenni et al. 2023): importance scores per language, a mask
 per language, mixed-language training where each language updates only its own subnetwork,
-dynamic re-selection, and a first-order meta-learning (Reptile) loop with masked inner steps."""
+static or dynamic masks, and first-order MAML over the subnetworks.
+
+What follows the paper and its authors' code (udify-metalearning for the meta-learning loop):
+  - subnetworks are whole attention heads and FFN neurons chosen by gradient-based importance
+    (Michel et al. 2019: I_h = Σ_examples |∂L/∂ξ_h| for a gate ξ_h on head h's output);
+    `structured_importance`, `structured_masks`;
+  - static masks, or dynamic ones re-selected during training from accumulated scores
+    (`DynamicMasksCallback`);
+  - first-order MAML: inner SGD steps on a language's support batch inside its subnetwork, the
+    outer gradient taken at the adapted weights on its query batch, the outer step with AdamW
+    (`fomaml_step`), separate inner and outer learning rates.
+What is xlsparse's own:
+  - a language's gradient is masked inside one mixed-language backward (`SubnetworkLinear`
+    with routing and the multi-mask kernel), instead of one batch per language;
+  - per-entry masks (`importance_scores` + `select_masks`) stay an option beside heads/neurons;
+  - for grouped-query attention a K/V head is kept when any of its query heads is;
+  - the dynamic callback scores one probe batch per language each step (the paper scores
+    on its training data) and the optimizer state follows `MaskedAdamW.update_masks`;
+  - `reptile_step` (Reptile) is kept as a cheaper first-order alternative.
+"""
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -9,8 +29,8 @@ from torch import nn
 from ..diff import budget
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
-from ..optim import MaskedSGD
-from .model import _converted, languages
+from ..optim import MaskedAdamW, MaskedSGD
+from .model import _converted, languages, route
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -122,3 +142,233 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
             p.add_(total[n], alpha=outer_lr / max(len(batches), 1))
     model.zero_grad(set_to_none=True)
     return losses
+
+
+# --- structured subnetworks: attention heads and FFN neurons ---
+
+_LAYOUTS = [  # (architecture, layer prefix pattern, {part: suffix})
+    ("bert", r"(.*\.layer\.\d+)\.attention\.self\.query", {
+        "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+        "o": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}),
+    ("llama", r"(.*\.layers\.\d+)\.self_attn\.q_proj", {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": "mlp.down_proj"}),
+    ("gpt2", r"(.*\.h\.\d+)\.attn\.c_attn", {"qkv": "attn.c_attn", "o": "attn.c_proj", "ffn_in": "mlp.c_fc",
+                                             "ffn_out": "mlp.c_proj"}),
+]
+
+
+def block_layout(model: nn.Module) -> tuple[str, list[dict]]:
+    """(architecture, one {part: module name} per layer) for BERT/XLM-R, Llama-style and GPT-2
+    models: which modules hold each layer's Q, K, V, O and FFN-in/FFN-out weights."""
+    names = [n for n, _ in model.named_modules()]
+    for arch, pattern, parts in _LAYOUTS:
+        prefixes = [m.group(1) for n in names if (m := re.fullmatch(pattern, n))]
+        if prefixes:
+            layers = []
+            for prefix in prefixes:
+                layer = {}
+                for part, suffix in parts.items():
+                    layer[part] = tuple(f"{prefix}.{x}" for x in suffix) if isinstance(suffix, tuple) else f"{prefix}.{suffix}"
+                layers.append(layer)
+            return arch, layers
+    raise ValueError("structured subnetworks: unknown architecture (BERT/XLM-R, Llama-style and GPT-2 blocks are "
+                     "supported); use per-entry masks (importance_scores + select_masks) instead")
+
+
+def _heads(model: nn.Module) -> tuple[int, int]:
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    return heads, getattr(cfg, "num_key_value_heads", None) or heads
+
+
+def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None,
+                          progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient-based importance of every attention head and FFN neuron (Michel et al. 2019):
+    (head scores [L, H], neuron scores [L, F]).
+
+    A gate ξ multiplying a head's output (or a neuron's activation) has ∂L/∂ξ = Σ_t o_t · ∂L/∂o_t,
+    read here from the input of the O projection (FFN-out) and its gradient; the score sums
+    |∂L/∂ξ| over the examples. The model's gradients are left cleared.
+    """
+    _, layers = block_layout(model)
+    heads, _ = _heads(model)
+    modules = dict(model.named_modules())
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    head_scores = [None] * len(layers)
+    neuron_scores = [None] * len(layers)
+    captured = {}
+
+    def keep_input(key):
+        def hook(module, args):
+            x = args[0]
+            if x.requires_grad:
+                x.retain_grad()
+            captured[key] = x
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(modules[layer["o"]].register_forward_pre_hook(keep_input(("o", i))))
+        hooks.append(modules[layer["ffn_out"]].register_forward_pre_hook(keep_input(("ffn", i))))
+    try:
+        for batch in _progress(batches, "head/neuron importance", progress):
+            model.zero_grad(set_to_none=True)
+            captured.clear()
+            loss_fn(model, batch).backward()
+            with torch.no_grad():
+                for i in range(len(layers)):
+                    for key, store, groups in ((("o", i), head_scores, heads), (("ffn", i), neuron_scores, None)):
+                        x = captured[key]
+                        if x.grad is None:
+                            raise RuntimeError("structured_importance: no gradient reached a head/neuron input; "
+                                               "does the model require grad?")
+                        per_unit = (x * x.grad).float().reshape(x.shape[0], -1, x.shape[-1]).sum(1)  # [B, width]
+                        if groups is not None:
+                            per_unit = per_unit.reshape(x.shape[0], groups, -1).sum(2)
+                        score = per_unit.abs().sum(0)
+                        store[i] = score if store[i] is None else store[i] + score
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    if head_scores[0] is None:
+        raise ValueError("structured_importance: no batches")
+    return torch.stack(head_scores), torch.stack(neuron_scores)
+
+
+def _lines(weight: torch.Tensor, keep: torch.Tensor, width: int, axis: int, offset: int = 0) -> torch.Tensor:
+    """A bool mask of `weight` opening, along `axis`, the blocks of `width` lines whose `keep` is
+    True (block j covers lines offset + j·width ... + width)."""
+    mask = torch.zeros_like(weight, dtype=torch.bool)
+    lines = torch.zeros(weight.shape[axis], dtype=torch.bool, device=weight.device)
+    lines[offset: offset + keep.numel() * width] = keep.to(weight.device).repeat_interleave(width)
+    return mask | (lines[:, None] if axis == 0 else lines[None, :])
+
+
+def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor, heads_density: float,
+                     neurons_density: float) -> dict[str, torch.Tensor]:
+    """{parameter name: BoolTensor}: the subnetwork of the top `heads_density` share of attention
+    heads and the top `neurons_density` share of FFN neurons, each chosen globally over the
+    layers (ties to the lowest position), expanded to whole weight lines:
+    a head opens its Q/K/V rows and its O columns, a neuron its FFN-in rows and FFN-out column
+    (GPT-2's Conv1D weights are [in, out]: the same lines transposed). With grouped-query
+    attention a K/V head opens when any of its query heads does. Biases are not included.
+    """
+    arch, layers = block_layout(model)
+    heads, kv_heads = _heads(model)
+    params = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    head_scores, neuron_scores = torch.as_tensor(head_scores), torch.as_tensor(neuron_scores)
+    if head_scores.shape != (len(layers), heads):
+        raise ValueError(f"structured_masks: head_scores must be [{len(layers)}, {heads}], got {tuple(head_scores.shape)}")
+    ffn = modules[layers[0]["ffn_out"]].weight
+    width = ffn.shape[0] if arch == "gpt2" else ffn.shape[1]
+    if neuron_scores.shape != (len(layers), width):
+        raise ValueError(f"structured_masks: neuron_scores must be [{len(layers)}, {width}], got {tuple(neuron_scores.shape)}")
+    keep_heads = topk_mask([head_scores.float()], budget("structured_masks", head_scores.numel(), density=heads_density))[0]
+    keep_neurons = topk_mask([neuron_scores.float()], budget("structured_masks", neuron_scores.numel(),
+                                                              density=neurons_density))[0]
+    group = heads // kv_heads
+    masks = {}
+    for i, layer in enumerate(layers):
+        h, n = keep_heads[i], keep_neurons[i]
+        kv = h.reshape(kv_heads, group).any(1)
+        o = params[f"{layer['o']}.weight"]
+        d = (o.shape[0] if arch == "gpt2" else o.shape[1]) // heads
+        if arch == "gpt2":  # Conv1D [in, out]: Q, K, V are column blocks of c_attn
+            qkv = params[f"{layer['qkv']}.weight"]
+            hidden = qkv.shape[1] // 3
+            masks[f"{layer['qkv']}.weight"] = (_lines(qkv, h, d, 1) | _lines(qkv, h, d, 1, hidden)
+                                               | _lines(qkv, h, d, 1, 2 * hidden))
+            masks[f"{layer['o']}.weight"] = _lines(o, h, d, 0)
+            masks[f"{layer['ffn_in']}.weight"] = _lines(params[f"{layer['ffn_in']}.weight"], n, 1, 1)
+            masks[f"{layer['ffn_out']}.weight"] = _lines(params[f"{layer['ffn_out']}.weight"], n, 1, 0)
+            continue
+        masks[f"{layer['q']}.weight"] = _lines(params[f"{layer['q']}.weight"], h, d, 0)
+        masks[f"{layer['k']}.weight"] = _lines(params[f"{layer['k']}.weight"], kv, d, 0)
+        masks[f"{layer['v']}.weight"] = _lines(params[f"{layer['v']}.weight"], kv, d, 0)
+        masks[f"{layer['o']}.weight"] = _lines(o, h, d, 1)
+        for name in (layer["ffn_in"] if isinstance(layer["ffn_in"], tuple) else (layer["ffn_in"],)):
+            masks[f"{name}.weight"] = _lines(params[f"{name}.weight"], n, 1, 0)
+        masks[f"{layer['ffn_out']}.weight"] = _lines(params[f"{layer['ffn_out']}.weight"], n, 1, 1)
+    return masks
+
+
+# --- first-order MAML inside the subnetworks ---
+
+def _as_list(batches) -> list:
+    return list(batches) if isinstance(batches, (list, tuple)) else [batches]
+
+
+def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mapping[str, Mapping[str, torch.Tensor]],
+                inner_lr: float, inner_steps: int, outer_optimizer, loss_fn: Callable | None = None) -> dict[str, float]:
+    """One first-order MAML step over languages (the udify-metalearning loop), each confined to
+    its subnetwork.
+
+    For each language l of `support` ({language: batch or list of batches}) and `query`
+    ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`) on the
+    support batches change only `masks[l]` ({parameter name: BoolTensor}; parameters it does not
+    name stay fixed); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
+    is the language's outer gradient; θ is restored. The outer gradient is the mean over the
+    languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
+    union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
+    moves, weight decay included) takes one step. Returns each language's query loss at θ'_l.
+    """
+    from ..optim import _MaskedOptimizer
+
+    if not isinstance(outer_optimizer, _MaskedOptimizer):
+        raise TypeError("fomaml_step: outer_optimizer must be an xlsparse masked optimizer (MaskedAdamW) over the "
+                        "subnetworks' union (see fomaml_optimizer); a plain optimizer would move entries outside them")
+    if inner_steps < 1:
+        raise ValueError(f"fomaml_step: inner_steps must be at least 1, got {inner_steps}")
+    if set(support) != set(query):
+        raise ValueError(f"fomaml_step: support languages {sorted(support)} differ from query languages {sorted(query)}")
+    missing = [lang for lang in support if lang not in masks]
+    if missing:
+        raise ValueError(f"fomaml_step: no masks for languages {missing}")
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    named = dict(model.named_parameters())
+    outer = {}
+    losses = {}
+    for lang in support:
+        lang_masks = {n: m for n, m in masks[lang].items() if bool(m.any())}
+        unknown = [n for n in lang_masks if n not in named]
+        if unknown:
+            raise ValueError(f"fomaml_step: masks of {lang!r} name unknown parameters {unknown[:5]}")
+        params = [named[n] for n in lang_masks]
+        start = [p.detach().clone() for p in params]
+        inner = MaskedSGD(params, list(lang_masks.values()), lr=inner_lr)
+        batches = _as_list(support[lang])
+        for step in range(inner_steps):
+            inner.zero_grad(set_to_none=True)
+            loss_fn(model, batches[step % len(batches)]).backward()
+            inner.step()
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, query[lang])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        losses[lang] = float(loss.detach())
+        with torch.no_grad():
+            for n, p, g, p0 in zip(lang_masks, params, grads, start):
+                if g is not None:
+                    g = torch.where(lang_masks[n], g, torch.zeros((), dtype=g.dtype, device=g.device))
+                    outer[n] = g if n not in outer else outer[n] + g
+                p.copy_(p0)
+    model.zero_grad(set_to_none=True)
+    for n, g in outer.items():
+        named[n].grad = g / len(support)
+    outer_optimizer.step()
+    return losses
+
+
+def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], lr: float = 1e-4,
+                     **kwargs) -> MaskedAdamW:
+    """The outer optimizer of `fomaml_step`: MaskedAdamW over the parameters the masks name,
+    each confined to the union of the languages' masks (outer lr `lr`, kept apart from the
+    inner lr of `fomaml_step`)."""
+    named = dict(model.named_parameters())
+    union = {}
+    for lang_masks in masks.values():
+        for n, m in lang_masks.items():
+            union[n] = m.clone() if n not in union else union[n] | m
+    return MaskedAdamW([named[n] for n in union], list(union.values()), lr=lr, **kwargs)
