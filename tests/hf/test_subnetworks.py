@@ -191,3 +191,111 @@ def test_mixed_language_backward_builds_no_dense_gradient_per_language():
     expect = sum(torch.where(masks[lang], (2 * y[ids == i]).reshape(-1, 24).t() @ x[ids == i].reshape(-1, 40), 0)
                  for i, lang in enumerate(langs))
     torch.testing.assert_close(layer.weight.grad, expect.detach(), rtol=1e-5, atol=1e-5)
+
+
+class _MixedData(torch.utils.data.Dataset):
+    """Examples of two languages; `only` keeps one language's examples."""
+
+    def __init__(self, n=16, s=8, seed=0, only=None):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, s), generator=g)
+        self.lang = torch.arange(n) % 2 if only is None else torch.full((n,), only)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i], "language_ids": self.lang[i]}
+
+
+def _args(tmp_path, steps):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=steps,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0)
+
+
+def _structured_model(arch, seed=1):
+    model = tiny(arch)
+    g = torch.Generator().manual_seed(seed)
+    heads, neurons = subnetworks.structured_importance(model, _lm_batches(1, 1))
+    masks = {lang: subnetworks.structured_masks(model, torch.rand(heads.shape, generator=g),
+                                                torch.rand(neurons.shape, generator=g), 0.5, 0.25) for lang in ("de", "fr")}
+    hf.convert(model, list({n[: -len(".weight")] for n in masks["de"]}), kind="subnetwork", masks=masks)
+    return model, masks
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_subnetwork_trainer_trains_each_language_inside_its_own_subnetwork(tmp_path, arch):
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model(arch)
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # Only German examples: entries open to French alone must not move.
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 3), train_dataset=_MixedData(only=0)).train()
+    moved = 0
+    for n, p in model.named_parameters():
+        layer = layers.get(n[: -len(".weight")]) if n.endswith(".weight") else None
+        if layer is None:
+            assert torch.equal(p, before[n]), n
+            continue
+        de = layer.masks[0]
+        assert torch.equal(p[~de], before[n][~de]), n
+        moved += int((p[de] != before[n][de]).sum())
+    assert moved > 0
+
+
+def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("llama")
+    probe = {"de": _lm_batches(2, 11), "fr": _lm_batches(2, 12)}
+    callback = subnetworks.DynamicMasksCallback(probe, every=2, heads_density=0.5, neurons_density=0.25)
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 4), train_dataset=_MixedData(),
+                                            callbacks=[callback])
+    trainer.train()
+    assert callback.reselections == 2 and callback.scores == {}
+    optimizer = subnetworks._unwrap(trainer.optimizer)
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    _, blocks = subnetworks.block_layout(model)
+    for i in range(2):  # whole heads at the density asked, over the layers together
+        cols = [layers[b["o"]].masks[i].all(0).reshape(2, -1) for b in blocks]
+        assert all(torch.equal(c.all(1), c.any(1)) for c in cols)
+        assert sum(int(c.all(1).sum()) for c in cols) == 2
+    assert any(not torch.equal(layers[n[: -len(".weight")]].masks[0], m) for n, m in masks["de"].items())
+    for layer in layers.values():
+        union = layer.masks.any(0)
+        state = optimizer.state[layer.weight]
+        selected = state["mask"] if "mask" in state else torch.zeros(union.numel(), dtype=torch.bool).index_fill_(
+            0, state["indices"].long(), True).view_as(union)
+        assert torch.equal(selected, union)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_head_importance_is_the_gate_gradient_of_michel_et_al(arch):
+    """I_h = Σ_examples |∂L/∂ξ_{b,h}| for a gate ξ multiplying head h's output of example b,
+    restated with explicit gates on the O projection's input (and on the FFN-out input)."""
+    model = tiny(arch)
+    _, layers = subnetworks.block_layout(model)
+    modules = dict(model.named_modules())
+    batch = _lm_batches(1, 4, b=3)[0]
+    heads, neurons = subnetworks.structured_importance(model, [batch])
+    gates, hooks = {}, []
+    for i, layer in enumerate(layers):
+        for key, name, groups in (("o", layer["o"], 2), ("ffn", layer["ffn_out"], None)):
+            width = modules[name].in_features
+            gate = torch.ones(3, groups or width, requires_grad=True)
+            gates[key, i] = gate
+
+            def hook(module, args, gate=gate, groups=groups, width=width):
+                g = gate.repeat_interleave(width // groups, 1) if groups else gate
+                return (args[0] * g[:, None, :],)
+            hooks.append(modules[name].register_forward_pre_hook(hook))
+    model(**batch).loss.backward()
+    for h in hooks:
+        h.remove()
+    for i in range(len(layers)):
+        torch.testing.assert_close(heads[i], gates["o", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(neurons[i], gates["ffn", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)

@@ -237,61 +237,74 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     return torch.stack(head_scores), torch.stack(neuron_scores)
 
 
-def _lines(weight: torch.Tensor, keep: torch.Tensor, width: int, axis: int, offset: int = 0) -> torch.Tensor:
-    """A bool mask of `weight` opening, along `axis`, the blocks of `width` lines whose `keep` is
-    True (block j covers lines offset + j·width ... + width)."""
-    mask = torch.zeros_like(weight, dtype=torch.bool)
-    lines = torch.zeros(weight.shape[axis], dtype=torch.bool, device=weight.device)
-    lines[offset: offset + keep.numel() * width] = keep.to(weight.device).repeat_interleave(width)
-    return mask | (lines[:, None] if axis == 0 else lines[None, :])
+def _lines(shape, keep: torch.Tensor, width: int, axis: int, offset: int = 0, device=None) -> torch.Tensor:
+    """A bool mask of a [out, in] weight opening, along `axis` (0: rows, 1: columns), the blocks
+    of `width` lines whose `keep` is True (block j covers lines offset + j·width ... + width)."""
+    lines = torch.zeros(shape[axis], dtype=torch.bool, device=device)
+    lines[offset: offset + keep.numel() * width] = keep.to(device).repeat_interleave(width)
+    return (lines[:, None] if axis == 0 else lines[None, :]).expand(shape).clone()
+
+
+def _linear_shape(module: nn.Module) -> tuple[tuple[int, int], bool]:
+    """The module's weight shape as an nn.Linear's [out, in], and whether the parameter itself is
+    stored [in, out] (a GPT-2 Conv1D, converted or not, keeps that layout in its diffs and masks)."""
+    from .model import _conv1d_type
+
+    conv1d = _conv1d_type()
+    stored_in_out = (conv1d is not None and isinstance(module, conv1d)) or getattr(module, "_xlsparse_transposed", False)
+    rows, cols = module.weight.shape
+    return ((cols, rows) if isinstance(module, conv1d or ()) else (rows, cols)), stored_in_out
 
 
 def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor, heads_density: float,
                      neurons_density: float) -> dict[str, torch.Tensor]:
     """{parameter name: BoolTensor}: the subnetwork of the top `heads_density` share of attention
     heads and the top `neurons_density` share of FFN neurons, each chosen globally over the
-    layers (ties to the lowest position), expanded to whole weight lines:
-    a head opens its Q/K/V rows and its O columns, a neuron its FFN-in rows and FFN-out column
-    (GPT-2's Conv1D weights are [in, out]: the same lines transposed). With grouped-query
-    attention a K/V head opens when any of its query heads does. Biases are not included.
+    layers (ties to the lowest position), expanded to whole weight lines: a head opens its
+    Q/K/V rows and its O columns, a neuron its FFN-in rows and its FFN-out column.
+
+    `head_scores` [L, H] and `neuron_scores` [L, F], e.g. from `structured_importance`. Masks
+    are in the model's own parameter layout (GPT-2's Conv1D [in, out]: the same lines
+    transposed), as `convert(kind="subnetwork")` takes them. With grouped-query attention a K/V
+    head opens when any of its query heads does. Biases are not included.
     """
     arch, layers = block_layout(model)
     heads, kv_heads = _heads(model)
-    params = dict(model.named_parameters())
     modules = dict(model.named_modules())
     head_scores, neuron_scores = torch.as_tensor(head_scores), torch.as_tensor(neuron_scores)
     if head_scores.shape != (len(layers), heads):
         raise ValueError(f"structured_masks: head_scores must be [{len(layers)}, {heads}], got {tuple(head_scores.shape)}")
-    ffn = modules[layers[0]["ffn_out"]].weight
-    width = ffn.shape[0] if arch == "gpt2" else ffn.shape[1]
+    width = _linear_shape(modules[layers[0]["ffn_out"]])[0][1]
     if neuron_scores.shape != (len(layers), width):
         raise ValueError(f"structured_masks: neuron_scores must be [{len(layers)}, {width}], got {tuple(neuron_scores.shape)}")
     keep_heads = topk_mask([head_scores.float()], budget("structured_masks", head_scores.numel(), density=heads_density))[0]
     keep_neurons = topk_mask([neuron_scores.float()], budget("structured_masks", neuron_scores.numel(),
                                                               density=neurons_density))[0]
-    group = heads // kv_heads
     masks = {}
+
+    def put(name: str, *blocks):  # blocks: (keep, width, axis, offset), OR-ed in [out, in] orientation
+        module = modules[name]
+        shape, stored_in_out = _linear_shape(module)
+        m = torch.zeros(shape, dtype=torch.bool, device=module.weight.device)
+        for keep, w, axis, offset in blocks:
+            m |= _lines(shape, keep, w, axis, offset, module.weight.device)
+        masks[f"{name}.weight"] = m.t().contiguous() if stored_in_out else m
+
     for i, layer in enumerate(layers):
         h, n = keep_heads[i], keep_neurons[i]
-        kv = h.reshape(kv_heads, group).any(1)
-        o = params[f"{layer['o']}.weight"]
-        d = (o.shape[0] if arch == "gpt2" else o.shape[1]) // heads
-        if arch == "gpt2":  # Conv1D [in, out]: Q, K, V are column blocks of c_attn
-            qkv = params[f"{layer['qkv']}.weight"]
-            hidden = qkv.shape[1] // 3
-            masks[f"{layer['qkv']}.weight"] = (_lines(qkv, h, d, 1) | _lines(qkv, h, d, 1, hidden)
-                                               | _lines(qkv, h, d, 1, 2 * hidden))
-            masks[f"{layer['o']}.weight"] = _lines(o, h, d, 0)
-            masks[f"{layer['ffn_in']}.weight"] = _lines(params[f"{layer['ffn_in']}.weight"], n, 1, 1)
-            masks[f"{layer['ffn_out']}.weight"] = _lines(params[f"{layer['ffn_out']}.weight"], n, 1, 0)
-            continue
-        masks[f"{layer['q']}.weight"] = _lines(params[f"{layer['q']}.weight"], h, d, 0)
-        masks[f"{layer['k']}.weight"] = _lines(params[f"{layer['k']}.weight"], kv, d, 0)
-        masks[f"{layer['v']}.weight"] = _lines(params[f"{layer['v']}.weight"], kv, d, 0)
-        masks[f"{layer['o']}.weight"] = _lines(o, h, d, 1)
+        kv = h.reshape(kv_heads, heads // kv_heads).any(1)
+        d = _linear_shape(modules[layer["o"]])[0][1] // heads
+        if arch == "gpt2":  # Q, K, V are the three row blocks of the fused c_attn
+            hidden = heads * d
+            put(layer["qkv"], (h, d, 0, 0), (h, d, 0, hidden), (h, d, 0, 2 * hidden))
+        else:
+            put(layer["q"], (h, d, 0, 0))
+            put(layer["k"], (kv, d, 0, 0))
+            put(layer["v"], (kv, d, 0, 0))
+        put(layer["o"], (h, d, 1, 0))
         for name in (layer["ffn_in"] if isinstance(layer["ffn_in"], tuple) else (layer["ffn_in"],)):
-            masks[f"{name}.weight"] = _lines(params[f"{name}.weight"], n, 1, 0)
-        masks[f"{layer['ffn_out']}.weight"] = _lines(params[f"{layer['ffn_out']}.weight"], n, 1, 1)
+            put(name, (n, 1, 0, 0))
+        put(layer["ffn_out"], (n, 1, 1, 0))
     return masks
 
 
@@ -372,3 +385,126 @@ def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Te
         for n, m in lang_masks.items():
             union[n] = m.clone() if n not in union else union[n] | m
     return MaskedAdamW([named[n] for n in union], list(union.values()), lr=lr, **kwargs)
+
+
+# --- Trainer-facing entry points: mixed-language training, static or dynamic masks ---
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError:  # transformers is the optional `hf` extra
+    Trainer = TrainerCallback = object
+
+
+def _unwrap(optimizer):
+    """The xlsparse optimizer behind accelerate's wrapper, if any."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class SubnetworkTrainer(Trainer):
+    """A transformers `Trainer` for a model converted with `convert(kind="subnetwork")`: each
+    batch carries `language_ids` [B] (indices into the model's languages), every example's
+    gradient lands only in its language's subnetwork in one backward (`SubnetworkLinear`
+    routing), and the optimizer is a MaskedAdamW over the union of the masks (the Trainer's lr,
+    betas, eps and weight decay), so nothing else trains. Static masks as given; add a
+    `DynamicMasksCallback` for dynamic ones.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if Trainer is object:
+            raise ImportError("SubnetworkTrainer needs transformers (the hf extra)")
+        super().__init__(*args, **kwargs)
+        if not languages(self.model):
+            raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "language_ids" not in self._signature_columns:  # keep the column the model's forward does not name
+            self._signature_columns = [*self._signature_columns, "language_ids"]
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            layers = [layer for _, layer in _converted(self.model, SubnetworkLinear)]
+            a = self.args
+            self.optimizer = MaskedAdamW([layer.weight for layer in layers], [layer.trainable_mask() for layer in layers],
+                                         lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                                         weight_decay=a.weight_decay)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        inputs = dict(inputs)
+        if "language_ids" not in inputs:
+            raise ValueError("SubnetworkTrainer: every batch must carry language_ids (one per example)")
+        ids = inputs.pop("language_ids")
+        with route(model, ids):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+
+class DynamicMasksCallback(TrainerCallback):
+    """Dynamic subnetworks: scores accumulate during training and the masks are re-selected from
+    them every `every` steps (with `SubnetworkTrainer`).
+
+    After each optimizer step one probe batch per language (cycling through
+    `probe_batches[language]`) is scored, with head/neuron importance (`structured_importance`)
+    by default, or, with `heads_density=None`, per-entry |∂L/∂θ · θ| of the subnetwork weights.
+    Every `every` steps each language's masks are re-selected from its scores accumulated since
+    the last re-selection (`structured_masks`, or `select_masks` with `density`), given to the
+    layers (`set_masks`), and the optimizer follows `MaskedAdamW.update_masks`' semantics: kept
+    entries keep their state, new ones start from zero state, dropped ones stop changing.
+    Scoring runs in eval mode (no dropout, no routing needed) and leaves gradients cleared.
+    """
+
+    def __init__(self, probe_batches: Mapping[str, list], every: int, heads_density: float | None = None,
+                 neurons_density: float | None = None, density: float | None = None, loss_fn: Callable | None = None):
+        if every < 1:
+            raise ValueError(f"DynamicMasksCallback: every must be at least 1, got {every}")
+        if (heads_density is None) != (neurons_density is None):
+            raise ValueError("DynamicMasksCallback: give heads_density and neurons_density together")
+        if (heads_density is None) == (density is None):
+            raise ValueError("DynamicMasksCallback: give heads_density/neurons_density (structured) or density (entries)")
+        self.probe = {lang: list(b) for lang, b in probe_batches.items()}
+        self.every, self.heads_density, self.neurons_density, self.density = every, heads_density, neurons_density, density
+        self.loss_fn = loss_fn
+        self.scores: dict = {}
+        self.reselections = 0
+
+    def _score(self, model, lang: str, batch):
+        if self.density is None:
+            return structured_importance(model, [batch], self.loss_fn)
+        names = [f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)]
+        return importance_scores(model, {lang: [batch]}, params=names, loss_fn=self.loss_fn, progress=False)[lang]
+
+    def _add(self, lang: str, score) -> None:
+        old = self.scores.get(lang)
+        if old is None:
+            self.scores[lang] = score
+        elif isinstance(score, tuple):
+            self.scores[lang] = tuple(a + b for a, b in zip(old, score))
+        else:
+            self.scores[lang] = {n: old[n] + score[n] for n in score}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        order = languages(model)
+        if set(self.probe) != set(order):
+            raise ValueError(f"DynamicMasksCallback: probe batches for {sorted(self.probe)}, the model has {order}")
+        was_training = model.training
+        model.eval()
+        try:
+            for lang in order:
+                batches = self.probe[lang]
+                self._add(lang, self._score(model, lang, batches[(state.global_step - 1) % len(batches)]))
+        finally:
+            model.train(was_training)
+        if state.global_step % self.every:
+            return
+        if self.density is None:
+            masks = {lang: structured_masks(model, *self.scores[lang], self.heads_density, self.neurons_density)
+                     for lang in order}
+        else:
+            masks = select_masks({lang: self.scores[lang] for lang in order}, self.density)
+            transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
+                          if getattr(layer, "_xlsparse_transposed", False)}
+            masks = {lang: {n: (m.t().contiguous() if n in transposed else m) for n, m in named.items()}
+                     for lang, named in masks.items()}  # set_masks takes the model's own layout
+        set_masks(model, masks, _unwrap(optimizer))
+        self.scores = {}
+        self.reselections += 1
