@@ -186,3 +186,38 @@ def test_balanced_kmeans_and_typological_clusters():
     assert xelm.closest_parent({"a": "eng", "b": "jpn"}, "deu") == "a"
     prior = xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]})
     assert prior[0] > prior[1] and float(prior.sum()) == pytest.approx(1.0)
+
+
+class _LMData(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.ids = torch.cat([b["input_ids"] for b in batches])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_expert_trainer_equals_the_plain_loop(tmp_path):
+    from transformers import TrainingArguments
+
+    base = tiny("llama")
+    data = _lm_batches(1, 5)  # one batch of 4: every step sees the same examples, whatever the order
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    torch.manual_seed(0)
+    trainer = xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(data), density=0.05, train_embeddings=True)
+    trainer.train()
+    got = trainer.expert()
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    assert set(got.dense) == {"model.embed_tokens.weight", "lm_head.weight"} and got.nnz > 0
+    torch.manual_seed(0)
+    plain = xelm.train_expert(base, data * 3, density=0.05, lr=1e-2, train_embeddings=True, progress=False)
+    for n, d in got.deltas.items():
+        assert torch.equal(d.indices, plain.deltas[n].indices)
+        torch.testing.assert_close(d.values, plain.deltas[n].values, rtol=1e-4, atol=1e-6)
+    for n, t in got.dense.items():
+        torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)

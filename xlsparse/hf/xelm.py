@@ -452,68 +452,126 @@ def _grown_support(model: nn.Module, parent: SparseDiff, batch, grow: int, loss_
     return SparseDiff._trusted(new)
 
 
+class _ExpertSetup:
+    """A trainable copy of the base for one expert: the model, its optimizer's param groups, and
+    the densely trained embedding/head weights by name (their base values are read at the end)."""
+
+    def __init__(self, base: nn.Module, k, density, init, grow, target_modules, train_embeddings, first_batch,
+                 loss_fn, what: str):
+        if grow is not None and init is None:
+            raise ValueError(f"{what}: grow needs init (the parent expert the child branches from)")
+        self.base = base
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if init is not None:
+            linear = SparseDiff._trusted(dict(init.deltas))
+            if init.absolute or (init.dense and not train_embeddings):
+                raise ValueError(f"{what}: init has dense or absolute entries; pass train_embeddings=True to carry "
+                                 "dense embedding parts, or give a parent with sparse deltas only")
+            names = [f"{n}.weight" for n in target_names(model, target_modules)]
+            if grow:
+                room = sum(dict(model.named_parameters())[n].numel() for n in names) - linear.nnz
+                if not 0 < grow <= room:
+                    raise ValueError(f"{what}: grow={grow} must be in [1, {room}] (the entries outside the parent's support)")
+                linear = _grown_support(model, linear, first_batch, grow, loss_fn, names)
+            convert(model, target_modules, kind="delta", diffs=linear)
+        else:
+            convert(model, target_modules, kind="delta", k=k, density=density)
+        values = [p for n, p in model.named_parameters() if n.endswith("delta_values")]
+        self.groups, self.masks, self.dense = [{"params": values}], [None] * len(values), {}
+        if train_embeddings:
+            named = {id(p): n for n, p in model.named_parameters()}
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None and id(module.weight) in named:
+                    self.dense.setdefault(named[id(module.weight)], module.weight)
+            with torch.no_grad():
+                for n, w in self.dense.items():
+                    if init is not None and n in init.dense:
+                        w.add_(init.dense[n].to(w))
+                    w.requires_grad_(True)
+            self.groups.append({"params": list(self.dense.values())})
+            self.masks += [None] * len(self.dense)
+        self.model = model
+
+    def optimizer(self, **kwargs) -> MaskedAdamW:
+        return MaskedAdamW(self.groups, self.masks, mode="compact", **kwargs)
+
+    def diff(self) -> SparseDiff:
+        """The expert: the trained sparse deltas, plus dense embedding/head differences."""
+        diff = extract_diff(self.model)
+        if not self.dense:
+            return diff
+        base = dict(self.base.named_parameters())
+        return SparseDiff._trusted(diff.deltas, {n: (w.detach() - base[n].detach()) for n, w in self.dense.items()})
+
+
 def train_expert(base: nn.Module, batches: Iterable, k: int | None = None, density: float | None = None,
                  init: SparseDiff | None = None, grow: int | None = None, target_modules=None, lr: float = 1e-3,
                  train_embeddings: bool = False, loss_fn: Callable | None = None, progress: bool = True) -> SparseDiff:
     """Train one sparse expert on `batches` and return it as a SparseDiff; `base` is not changed.
 
     The support is drawn at random with `k` / `density`, or taken with its values from `init`
-    (a parent expert to branch from; its linear deltas seed the child). With `init`, `grow`
-    adds that many entries of the child's own, by gradient magnitude on the first batch.
+    (a parent expert to branch from; its deltas, and with `train_embeddings` its dense parts,
+    seed the child). With `init`, `grow` adds that many entries of the child's own: the largest
+    gradient magnitudes on the first batch outside the parent's support.
     `train_embeddings=True` also trains the input embedding (and an untied output head) densely;
     their changes come back as dense entries, which `ExpertEnsemble` routes per expert.
     """
-    if grow is not None and init is None:
-        raise ValueError("train_expert: grow needs init (the parent expert the child branches from)")
     batches = list(batches)
     if not batches:
         raise ValueError("train_expert: no batches")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    model = copy.deepcopy(base)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if init is not None:
-        linear = SparseDiff._trusted({n: d for n, d in init.deltas.items()})
-        if len(linear) != len(init) and not train_embeddings:
-            raise ValueError("train_expert: init has dense or absolute entries; pass train_embeddings=True to "
-                             "carry embedding parts, or give a parent with sparse deltas only")
-        names = [f"{n}.weight" for n in target_names(model, target_modules)]
-        if grow:
-            room = sum(dict(model.named_parameters())[n].numel() for n in names) - linear.nnz
-            if not 0 < grow <= room:
-                raise ValueError(f"train_expert: grow={grow} must be in [1, {room}] (the entries outside the parent's support)")
-            linear = _grown_support(model, linear, batches[0], grow, loss_fn, names)
-        convert(model, target_modules, kind="delta", diffs=linear)
-    else:
-        convert(model, target_modules, kind="delta", k=k, density=density)
-    values = [p for n, p in model.named_parameters() if n.endswith("delta_values")]
-    groups, masks = [{"params": values}], [None] * len(values)
-    dense = {}
-    if train_embeddings:
-        emb, head = model.get_input_embeddings(), model.get_output_embeddings()
-        named = {id(p): n for n, p in model.named_parameters()}
-        for module in (emb, head):
-            if module is not None and id(module.weight) in named and named[id(module.weight)] not in dense:
-                dense[named[id(module.weight)]] = module.weight
-        if init is not None:
-            with torch.no_grad():
-                for n, w in dense.items():
-                    if n in init.dense:
-                        w.add_(init.dense[n].to(w))
-        start = {n: w.detach().clone() for n, w in dense.items()}
-        for w in dense.values():
-            w.requires_grad_(True)
-        groups.append({"params": list(dense.values())})
-        masks += [None] * len(dense)
-    opt = MaskedAdamW(groups, masks, lr=lr, weight_decay=0.0, mode="compact")
-    model.train()
+    setup = _ExpertSetup(base, k, density, init, grow, target_modules, train_embeddings, batches[0], loss_fn,
+                         "train_expert")
+    opt = setup.optimizer(lr=lr, weight_decay=0.0)
+    setup.model.train()
     for batch in _progress(batches, "expert", progress):
         opt.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
+        loss_fn(setup.model, batch).backward()
         opt.step()
-    diff = extract_diff(model)
-    if dense:
-        base_w = dict(base.named_parameters())
-        diff = SparseDiff._trusted(diff.deltas, {n: (w.detach() - base_w[n].detach()) for n, w in dense.items()})
-        del start
-    return diff
+    return setup.diff()
+
+
+try:
+    from transformers import Trainer
+except ImportError:  # transformers is the optional `hf` extra
+    Trainer = object
+
+
+class ExpertTrainer(Trainer):
+    """A transformers `Trainer` that trains one X-ELM expert on its cluster's data: pass the
+    shared `base` as `model` plus the expert's sparse options (`k` / `density`, or `init` and
+    `grow` to branch a child from a parent, `target_modules`, `train_embeddings`). The base is
+    not changed; the Trainer trains a copy whose sparse delta values (and dense embedding/head,
+    with `train_embeddings`) are the only trainable parameters, with a compact MaskedAdamW using
+    the Trainer's lr, betas, eps and weight decay. After `train()`, `expert()` returns the
+    SparseDiff for `ExpertEnsemble`."""
+
+    def __init__(self, model: nn.Module, *args, k: int | None = None, density: float | None = None,
+                 init: SparseDiff | None = None, grow: int | None = None, target_modules=None,
+                 train_embeddings: bool = False, **kwargs):
+        if Trainer is object:
+            raise ImportError("ExpertTrainer needs transformers (the hf extra)")
+        first = None
+        if grow:
+            dataset = kwargs.get("train_dataset")
+            if dataset is None:
+                raise ValueError("ExpertTrainer: grow needs train_dataset (its first examples score the new entries)")
+            collate = kwargs.get("data_collator") or (lambda items: {key: torch.stack([torch.as_tensor(i[key]) for i in items])
+                                                                     for key in items[0]})
+            first = collate([dataset[i] for i in range(min(len(dataset), 8))])
+        self.setup = _ExpertSetup(model, k, density, init, grow, target_modules, train_embeddings, first,
+                                  lambda m, b: m(**b).loss, "ExpertTrainer")
+        super().__init__(self.setup.model, *args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            a = self.args
+            self.optimizer = self.setup.optimizer(lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                                  eps=a.adam_epsilon, weight_decay=a.weight_decay)
+        return self.optimizer
+
+    def expert(self) -> SparseDiff:
+        """The trained expert as a SparseDiff over the base's parameters."""
+        return self.setup.diff()
