@@ -77,6 +77,36 @@ def test_mixed_batch_update_equals_one_masked_step_per_language():
             assert torch.equal(p, before[n]), n
 
 
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def test_continual_trainer_makes_the_same_update(tmp_path):
+    from transformers import TrainingArguments
+
+    model = tiny("llama")
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.2 for n in names} for lang in ("de", "fr", "ja")}
+    batch = _mixed_batch(3)
+    continual.continual_update(twin, [batch], masks, lr=1e-2, progress=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6, learning_rate=1e-2, max_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(batch)).train()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_continual_update_rejects_batches_without_language_ids():
     model = tiny("bert")
     names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]

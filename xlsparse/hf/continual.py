@@ -133,6 +133,44 @@ def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
     return ids.long()
 
 
+def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> dict:
+    """Convert the layers the masks name to SubnetworkLinear (unless the model is converted
+    already, with the same languages) and return {parameter name: union of the masks} in the
+    converted layers' layout."""
+    from ..nn import SubnetworkLinear
+    from .model import _converted, convert, languages
+
+    order = list(masks)
+    if not order:
+        raise ValueError(f"{what}: no masks")
+    named = dict(model.named_parameters())
+    union = {}
+    for lang in order:
+        for n, m in masks[lang].items():
+            if n not in named:
+                raise ValueError(f"{what}: masks of {lang!r} name an unknown parameter {n!r}")
+            union[n] = m.clone() if n not in union else union[n] | m
+    if not list(_converted(model, SubnetworkLinear)):
+        targets = sorted({n[: -len(".weight")] for n in union})
+        convert(model, targets, kind="subnetwork", masks={lang: dict(masks[lang]) for lang in order})
+    elif languages(model) != order:
+        raise ValueError(f"{what}: the model's languages {languages(model)} differ from the masks' {order}")
+    transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
+                  if getattr(layer, "_xlsparse_transposed", False)}
+    return {n: (m.t().contiguous() if n in transposed else m) for n, m in union.items() if bool(m.any())}
+
+
+def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], **trainer_kwargs):
+    """The Trainer-facing entry point of a LAFT-URIEL update: converts `model` like
+    `continual_update` and returns a `SubnetworkTrainer` (transformers Trainer) whose batches
+    carry `language_ids` and whose optimizer is MaskedAdamW over the union of the subsets; the
+    same update as `continual_update`, with the Trainer's schedule, logging and checkpoints."""
+    from .subnetworks import SubnetworkTrainer
+
+    _prepare(model, masks, "continual_trainer")
+    return SubnetworkTrainer(model=model, **trainer_kwargs)
+
+
 def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mapping[str, Mapping[str, torch.Tensor]],
                      lr: float = 1e-4, weight_decay: float = 0.0, epochs: int = 1, loss_fn=None,
                      progress: bool = True) -> list[float]:
@@ -148,27 +186,11 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
     Returns the loss of every step.
     """
-    from ..nn import SubnetworkLinear
-    from .model import _converted, convert, languages, route
+    from .model import route
 
     order = list(masks)
-    if not order:
-        raise ValueError("continual_update: no masks")
-    if not list(_converted(model, SubnetworkLinear)):
-        targets = sorted({n[: -len(".weight")] for lang in order for n in masks[lang]})
-        convert(model, targets, kind="subnetwork", masks={lang: dict(masks[lang]) for lang in order})
-    elif languages(model) != order:
-        raise ValueError(f"continual_update: the model's languages {languages(model)} differ from the masks' {order}")
+    union = _prepare(model, masks, "continual_update")
     named = dict(model.named_parameters())
-    union = {}
-    for lang in order:
-        for n, m in masks[lang].items():
-            if n not in named:
-                raise ValueError(f"continual_update: masks of {lang!r} name an unknown parameter {n!r}")
-            union[n] = m.clone() if n not in union else union[n] | m
-    transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
-                  if getattr(layer, "_xlsparse_transposed", False)}
-    union = {n: (m.t().contiguous() if n in transposed else m) for n, m in union.items() if bool(m.any())}
     trainable = {id(named[n]) for n in union}
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
     for p in frozen:
