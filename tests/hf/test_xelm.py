@@ -221,3 +221,18 @@ def test_expert_trainer_equals_the_plain_loop(tmp_path):
         torch.testing.assert_close(d.values, plain.deltas[n].values, rtol=1e-4, atol=1e-6)
     for n, t in got.dense.items():
         torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)
+
+
+def test_cluster_experts_train_each_expert_on_its_cluster_only():
+    base = tiny("llama")
+    data = {lang: _lm_batches(1, i) for i, lang in enumerate(("en", "de", "ja", "ko"))}
+    torch.manual_seed(0)
+    experts, members = xelm.train_cluster_experts(base, data, 2, clusters={"en": 0, "de": 0, "ja": 1, "ko": 1},
+                                                  density=0.05, lr=1e-2, progress=False)
+    assert members == {"expert0": ["en", "de"], "expert1": ["ja", "ko"]}
+    torch.manual_seed(0)
+    first = xelm.train_expert(base, data["en"] + data["de"], density=0.05, lr=1e-2, progress=False)
+    for n, d in experts["expert0"].deltas.items():
+        torch.testing.assert_close(d.values, first.deltas[n].values)
+    with pytest.raises(ValueError, match="exactly one"):
+        xelm.train_cluster_experts(base, data, 2)

@@ -402,6 +402,36 @@ def cluster_languages(codes: Mapping[str, str], num_experts: int, seed: int = 0)
     return {lang: int(a) for lang, a in zip(langs, assign)}
 
 
+def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_experts: int,
+                          codes: Mapping[str, str] | None = None, clusters: Mapping[str, int] | None = None,
+                          seed: int = 0, **train_kwargs) -> tuple[dict[str, SparseDiff], dict[str, list[str]]]:
+    """X-ELM's branch-train step: cluster the languages, then train one expert per cluster on
+    the batches of its languages (in language order, one language's batches after another's
+    interleaved round-robin so no language comes last).
+
+    `batches` {language: list of batches}; the clusters come from `codes` ({language: ISO
+    639-3}, typological, via `cluster_languages`) or are given as `clusters` ({language:
+    expert index}, e.g. from `balanced_kmeans` over example embeddings). `train_kwargs` go to
+    `train_expert`. Returns ({expert name: SparseDiff}, {expert name: its languages}).
+    """
+    if (codes is None) == (clusters is None):
+        raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
+    if clusters is None:
+        clusters = cluster_languages({lang: codes[lang] for lang in batches}, num_experts, seed=seed)
+    missing = [lang for lang in batches if lang not in clusters]
+    if missing:
+        raise ValueError(f"train_cluster_experts: no cluster for languages {missing}")
+    members = {f"expert{e}": [lang for lang in batches if clusters[lang] == e] for e in range(num_experts)}
+    experts = {}
+    for name, langs in members.items():
+        if not langs:
+            raise ValueError(f"train_cluster_experts: {name} has no language")
+        queues = [list(batches[lang]) for lang in langs]
+        interleaved = [q[i] for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)]
+        experts[name] = train_expert(base, interleaved, **train_kwargs)
+    return experts, members
+
+
 def typological_prior(code: str, expert_codes: Mapping[str, Sequence[str]], temperature: float = 0.1) -> torch.Tensor:
     """A prior over experts [E] for text in language `code`: softmax of −(mean URIEL distance to
     each expert's languages) / temperature."""
