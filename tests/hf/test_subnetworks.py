@@ -299,3 +299,22 @@ def test_head_importance_is_the_gate_gradient_of_michel_et_al(arch):
     for i in range(len(layers)):
         torch.testing.assert_close(heads[i], gates["o", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(neurons[i], gates["ffn", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)
+
+
+def test_fomaml_one_language_per_step_needs_its_own_outer_optimizer():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:3]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    joint = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    with pytest.raises(ValueError, match="outside the subnetworks"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1, joint)
+    per_language = {lang: subnetworks.fomaml_optimizer(model, {lang: masks[lang]}, lr=1e-2) for lang in masks}
+    before = {n: named[n].detach().clone() for n in names}
+    for _ in range(2):  # German steps never move entries outside the German subnetwork
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1,
+                                per_language["de"])
+        for n in names:
+            outside = ~masks["de"][n]
+            assert torch.equal(named[n][outside], before[n][outside])

@@ -368,10 +368,37 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                     outer[n] = g if n not in outer else outer[n] + g
                 p.copy_(p0)
     model.zero_grad(set_to_none=True)
+    _check_confined(outer_optimizer, named, {lang: masks[lang] for lang in support})
     for n, g in outer.items():
         named[n].grad = g / len(support)
     outer_optimizer.step()
     return losses
+
+
+def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
+    """The outer optimizer may only move entries of this step's languages: AdamW's momentum would
+    otherwise move another language's entries on a step without its gradient. (For one language
+    per step, keep one `fomaml_optimizer(model, {lang: masks[lang]})` per language.)"""
+    names = {id(p): n for n, p in named.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            n = names.get(id(p))
+            allowed = None
+            for lang_masks in masks.values():
+                if n in lang_masks:
+                    allowed = lang_masks[n] if allowed is None else allowed | lang_masks[n]
+            selector = optimizer._selector_of(p)
+            if selector is None:
+                opened = torch.ones_like(p, dtype=torch.bool)
+            elif selector.dtype == torch.bool:
+                opened = selector
+            else:
+                opened = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                opened[selector.long()] = True
+                opened = opened.view(p.shape)
+            if allowed is None or bool((opened & ~allowed.to(opened.device)).any()):
+                raise ValueError(f"fomaml_step: outer_optimizer may update {n!r} outside the subnetworks of this "
+                                 f"step's languages {list(masks)}; build it with fomaml_optimizer over those languages")
 
 
 def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], lr: float = 1e-4,
