@@ -318,3 +318,20 @@ def test_fomaml_one_language_per_step_needs_its_own_outer_optimizer():
         for n in names:
             outside = ~masks["de"][n]
             assert torch.equal(named[n][outside], before[n][outside])
+
+
+def test_dynamic_masks_callback_per_entry_mode(tmp_path):
+    from xlsparse.nn import SubnetworkLinear
+
+    model, _ = _structured_model("gpt2")
+    probe = {"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}
+    callback = subnetworks.DynamicMasksCallback(probe, every=2, density=0.1)
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                  callbacks=[callback]).train()
+    assert callback.reselections == 1
+    layers = [layer for _, layer in hf.model._converted(model, SubnetworkLinear)]
+    total = sum(layer.weight.numel() for layer in layers)
+    for i in range(2):
+        assert sum(int(layer.masks[i].sum()) for layer in layers) == round(0.1 * total)
+    with pytest.raises(ValueError, match="heads_density"):
+        subnetworks.DynamicMasksCallback(probe, every=2)
