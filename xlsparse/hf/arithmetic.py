@@ -1,34 +1,231 @@
-"""Language arithmetic (Klimaszewski et al. 2024): training-free weighted merges of language
-diffs, and a λ sweep that keeps the best merge on a dev set."""
-from collections.abc import Callable, Sequence
+"""Language arithmetic (Klimaszewski et al. 2024): training-free merges of language diffs, with
+TIES-merging and DARE over sparse diffs, and a λ sweep on a held-out set.
 
+What follows the paper and its code (mklimasz/language-arithmetic): a new model is
+θ0 + Σ_i w_i φ_i over language (or task) vectors φ_i, with the weight λ picked by a sweep on a
+dev set; TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024) are the merges the authors
+compare against, and their math is PEFT's `ties` / `dare_linear` utilities:
+  - TIES: trim each φ_i to the top `density` of its entries by magnitude (global over the diff),
+    elect per entry the sign of the summed trimmed values (+ where the sum is 0), and take the
+    disjoint mean Σ_i [sign agrees] w_i φ_i / #agreeing;
+  - DARE: drop each entry with probability p, rescale the survivors by 1 / (1 − p).
+What is xlsparse's own: everything runs on the sparse supports (union merges through
+`SparseDiff.merge`, global top-K through `xlsparse.functional.topk_mask`), so no weight is ever
+densified; "its own nonzeros" means TIES keeps round(density · nnz) entries of each diff, where
+PEFT keeps density · numel of each dense tensor; and an explicit rule for absolute entries
+(classifier heads), which replace a parameter and have no weighted sum (see `combine`).
+"""
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
-from ..diff import SparseDiff
+from ..diff import SparseDelta, SparseDiff, index_dtype
+from ..functional import topk_mask
+from .subnetworks import _progress
 
 
-def combine(diffs: Sequence[SparseDiff], weights: Sequence[float]) -> SparseDiff:
-    """Σ_i weights[i] · diffs[i] over the union of the supports (no densifying)."""
-    return SparseDiff.merge(list(diffs), list(weights))
+def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from: int | None, what: str) -> dict:
+    """The absolute entries (heads) the result carries, by one rule for every merge here.
+
+    with_abs=False: none (the result leaves heads as they are). with_abs=True: an entry named by
+    one diff passes through unscaled (a replacement value has no weighted sum); an entry named by
+    several is taken from diffs[absolute_from], and without `absolute_from` it is an error.
+    """
+    if absolute_from is not None and not 0 <= absolute_from < len(diffs):
+        raise ValueError(f"{what}: absolute_from={absolute_from} is not the index of one of the {len(diffs)} diffs")
+    if not with_abs:
+        return {}
+    out, owners = {}, {}
+    for i, d in enumerate(diffs):
+        for name, t in d.absolute.items():
+            owners.setdefault(name, []).append(i)
+            out.setdefault(name, t)
+    for name, who in owners.items():
+        if len(who) > 1:
+            if absolute_from is None:
+                raise ValueError(f"{what}: absolute entry {name!r} is in diffs {who}; absolute values replace a parameter "
+                                 "and have no sum: pass absolute_from=<index of the diff whose value wins> or with_abs=False")
+            if absolute_from in who:
+                out[name] = diffs[absolute_from].absolute[name]
+    return out
+
+
+def _without_absolute(diff: SparseDiff) -> SparseDiff:
+    return SparseDiff._trusted(diff.deltas, diff.dense, {}, diff.base_model)
+
+
+def _check(diffs, weights, what: str) -> tuple[list, list]:
+    diffs = list(diffs)
+    if not diffs:
+        raise ValueError(f"{what}: no diffs given")
+    if not all(isinstance(d, SparseDiff) for d in diffs):
+        raise TypeError(f"{what}: diffs must be SparseDiff objects")
+    weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(diffs):
+        raise ValueError(f"{what}: {len(diffs)} diffs but {len(weights)} weights")
+    return diffs, weights
+
+
+def combine(diffs: Sequence[SparseDiff], weights: Sequence[float], with_abs: bool = True,
+            absolute_from: int | None = None) -> SparseDiff:
+    """Σ_i weights[i] · diffs[i] over the union of the supports (no densifying).
+
+    Absolute entries (heads) are not weighted: with `with_abs=False` the result has none; with
+    `with_abs=True` one named by a single diff passes through as it is, and one named by several
+    diffs comes from `diffs[absolute_from]` (without `absolute_from` that is a ValueError).
+    """
+    diffs, weights = _check(diffs, weights, "combine")
+    absolute = _absolute_entries(diffs, with_abs, absolute_from, "combine")
+    merged = SparseDiff.merge([_without_absolute(d) for d in diffs], weights)
+    return SparseDiff._trusted(merged.deltas, merged.dense, absolute, merged.base_model)
+
+
+def _sparse_parts(diff: SparseDiff) -> dict[str, SparseDelta]:
+    """Every delta and dense entry of `diff` as a SparseDelta over its nonzero entries."""
+    parts = dict(diff.deltas)
+    for name, t in diff.dense.items():
+        idx = t.reshape(-1).nonzero().squeeze(1)
+        parts[name] = SparseDelta._trusted(idx.to(index_dtype(t.numel())), t.reshape(-1)[idx], t.shape)
+    return parts
+
+
+def _trim(diff: SparseDiff, density: float) -> dict[str, SparseDelta]:
+    """TIES' trim: the round(density · nnz) largest-magnitude entries of the diff, global over its
+    parameters (ties to the lowest position, earlier parameters first)."""
+    parts = _sparse_parts(diff)
+    names = list(parts)
+    nonzero = sum(int(torch.count_nonzero(parts[n].values)) for n in names)
+    k = round(density * nonzero)
+    keep = topk_mask([parts[n].values for n in names], k) if names else []
+    return {n: SparseDelta._trusted(parts[n].indices[m], parts[n].values[m], parts[n].shape) for n, m in zip(names, keep)}
+
+
+def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, density: float, with_abs: bool = True,
+               absolute_from: int | None = None) -> SparseDiff:
+    """TIES-merging over sparse diffs: trim, elect sign, disjoint mean (PEFT's `ties` math).
+
+    1. Trim: each diff keeps the top `density` share of its own nonzero entries by magnitude,
+       global over its parameters (dense entries count with their nonzeros).
+    2. Elect: per entry, the sign of the sum of the trimmed (unweighted) values; + where it is 0.
+    3. Disjoint mean: Σ_i [sign(φ_i) = elected] · weights[i] · φ_i / #{i : sign(φ_i) = elected}.
+    Entries no diff keeps are absent from the result. Every step is a union merge of sorted
+    supports; absolute entries follow `combine`'s rule.
+    """
+    diffs, weights = _check(diffs, weights, "ties_merge")
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"ties_merge: density must be in [0, 1], got {density}")
+    absolute = _absolute_entries(diffs, with_abs, absolute_from, "ties_merge")
+    trimmed = [SparseDiff._trusted(_trim(d, density)) for d in diffs]
+    elected = SparseDiff.merge(trimmed)  # Σ_i trimmed φ_i on the union of the supports
+    agreeing, ones = [], []
+    for t in trimmed:
+        kept, count = {}, {}
+        for name, delta in t.deltas.items():
+            total = elected.deltas[name]
+            at = torch.searchsorted(total.indices.long(), delta.indices.long())
+            sign = torch.where(total.values[at] >= 0, 1.0, -1.0)
+            agree = delta.values.sign() == sign.to(delta.values.dtype)
+            kept[name] = SparseDelta._trusted(delta.indices[agree], delta.values[agree], delta.shape)
+            count[name] = SparseDelta._trusted(delta.indices[agree], torch.ones(int(agree.sum()), dtype=torch.float32,
+                                                                                 device=delta.values.device), delta.shape)
+        agreeing.append(SparseDiff._trusted(kept))
+        ones.append(SparseDiff._trusted(count))
+    numerator = SparseDiff.merge(agreeing, weights)
+    counts = SparseDiff.merge(ones)  # the same supports as `numerator`: the union of the agreeing entries
+    deltas = {}
+    for name, num in numerator.deltas.items():
+        values = (num.values.float() / counts.deltas[name].values).to(num.values.dtype)
+        deltas[name] = SparseDelta._trusted(num.indices, values, num.shape)
+    base = {d.base_model for d in diffs} - {None}
+    return SparseDiff._trusted(deltas, {}, absolute, base.pop() if len(base) == 1 else None)
+
+
+def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
+    """DARE: drop each stored entry with probability `drop` and rescale the survivors by
+    1 / (1 − drop), so the expected diff is unchanged.
+
+    Sparse deltas lose their dropped entries from the support; dense entries are zeroed where
+    dropped and stay dense. Draws come from a CPU `torch.Generator` seeded with `seed`, one
+    uniform per stored entry, parameters in the diff's order (deltas, then dense): the same seed
+    gives the same diff. Absolute entries are replacements, not deltas, and pass through.
+    """
+    if not isinstance(diff, SparseDiff):
+        raise TypeError(f"dare: diff must be a SparseDiff, got {type(diff).__name__}")
+    if not 0.0 <= drop < 1.0:
+        raise ValueError(f"dare: drop must be in [0, 1), got {drop}")
+    gen = torch.Generator().manual_seed(int(seed))
+    scale = 1.0 / (1.0 - drop)
+    deltas, dense = {}, {}
+    for name, d in diff.deltas.items():
+        keep = (torch.rand(d.nnz, generator=gen, dtype=torch.float64) >= drop).to(d.values.device)
+        deltas[name] = SparseDelta._trusted(d.indices[keep], d.values[keep] * scale, d.shape)
+    for name, t in diff.dense.items():
+        keep = (torch.rand(t.shape, generator=gen, dtype=torch.float64) >= drop).to(t.device)
+        dense[name] = torch.where(keep, t * scale, torch.zeros((), dtype=t.dtype, device=t.device))
+    return SparseDiff._trusted(deltas, dense, diff.absolute, diff.base_model)
+
+
+def heldout_loss(batches: Iterable, loss_fn: Callable | None = None) -> Callable[[nn.Module], float]:
+    """An `evaluate` for `lambda_sweep`: the mean loss over held-out `batches` (lower is better),
+    in eval mode and without gradients."""
+    batches = list(batches)
+    if not batches:
+        raise ValueError("heldout_loss: no held-out batches")
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+
+    def evaluate(model: nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                return sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+        finally:
+            model.train(was_training)
+
+    return evaluate
+
+
+@dataclass
+class LambdaSweep:
+    """The result of `lambda_sweep`: the best λ and {λ: score}; unpacks as `best, scores`."""
+
+    best: float
+    scores: dict
+    higher_is_better: bool = True
+
+    def __iter__(self):
+        return iter((self.best, self.scores))
+
+    def table(self) -> str:
+        """A markdown table, one row per λ, the best one marked."""
+        rows = ["| λ | score | |", "|---|---|---|"]
+        for lam, score in self.scores.items():
+            rows.append(f"| {lam:g} | {score:.4f} | {'best' if lam == self.best else ''} |")
+        return "\n".join(rows)
 
 
 def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lambdas: Sequence[float],
-                 evaluate: Callable[[nn.Module], float], higher_is_better: bool = True,
-                 progress: bool = True) -> tuple[float, dict[float, float]]:
-    """Evaluate `model` + `make_diff(λ)` for every λ and return (best λ, {λ: score}).
+                 evaluate: Callable[[nn.Module], float] | None = None, higher_is_better: bool = True,
+                 progress: bool = True, heldout: Iterable | None = None) -> LambdaSweep:
+    """Evaluate `model` + `make_diff(λ)` for every λ; returns a `LambdaSweep` (best λ, {λ: score},
+    `.table()`), which unpacks as `best, scores`.
 
-    Each diff is applied with one fused call and reverted bit-exactly before the next, so the
-    model leaves the sweep exactly as it came. Typical use: `make_diff = lambda l: combine([phi_a,
-    phi_b], [1.0, l])`.
+    Give `evaluate(model) -> float`, or `heldout` batches, scored by `heldout_loss` (then lower
+    is better, whatever `higher_is_better` says). Each diff is applied with one fused call and
+    reverted bit-exactly before the next, so the model leaves the sweep exactly as it came.
+    Typical use: `make_diff = lambda l: combine([phi_a, phi_b], [1.0, l])`.
     """
     if not lambdas:
         raise ValueError("lambda_sweep: no λ given")
-    from .subnetworks import _progress
-
+    if (evaluate is None) == (heldout is None):
+        raise ValueError("lambda_sweep: give exactly one of evaluate or heldout")
+    if heldout is not None:
+        evaluate, higher_is_better = heldout_loss(heldout), False
     scores = {}
     for lam in _progress(list(lambdas), "λ sweep", progress):
         with make_diff(lam).applied(model):
             scores[lam] = float(evaluate(model))
     pick = max if higher_is_better else min
-    best = pick(scores, key=scores.get)
-    return best, scores
+    return LambdaSweep(pick(scores, key=scores.get), scores, higher_is_better)

@@ -1,13 +1,26 @@
 """Continual multilingual updates (LAFT-URIEL, Badola et al. 2023): update an already fine-tuned
-model on new data, each language changing only a language-aware subset of the parameters chosen
-with URIEL typological distances, and report per-language gains and losses, not only the mean.
+model on new multilingual data, each language changing only a language-aware subset of the
+parameters chosen with URIEL typological similarity, and report per-language gains and losses,
+not only the mean.
 
-URIEL comes from the PyPI package `lang2vec` (its data ships in the wheel: no network). We use
-it rather than `urielplus` because it is the package the method was published with; its
-`syntax_knn` vectors give eng–deu 0.10 and eng–jpn 0.50 cosine distance.
+What follows the paper: the setting (a fine-tuned multilingual model updated with new batches
+of several languages), restricting each language's update to a language-aware parameter subset
+chosen with URIEL, training on mixed multilingual batches, and the evaluation by language:
+the share of languages that improve and the mean size of the losses (`LanguageReport`).
+What is xlsparse's own (not traceable to the paper's text): the subset formula of
+`language_aware_masks` (importance minus the URIEL-distance-weighted importance of the other
+languages), the URIEL distance (1 − mean cosine over five feature sets), and the mechanics: one
+backward per mixed batch in which every example's gradient lands only in its language's subset
+(`SubnetworkLinear` routing, the multi-mask kernel), then one MaskedAdamW step over the union of
+the subsets. Where two languages' subsets overlap their gradients add, as in one joint step.
+
+URIEL comes from the PyPI package `lang2vec` 1.1.2 (its data ships in the wheel: no network).
+We use it rather than `urielplus` because it is the package URIEL was published with and the
+one these papers used, it is small, and it gives the five feature sets we need (syntax_knn,
+phonology_knn, inventory_knn, fam, geo); urielplus adds newer sources that would change the
+distances the method was defined with. Its one cost: it imports pkg_resources (setuptools<81).
 """
-import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,8 +32,10 @@ from ..optim import MaskedAdamW
 from .subnetworks import _progress
 
 
-@functools.cache
-def _syntax_vectors(langs: tuple[str, ...]) -> dict[str, torch.Tensor]:
+URIEL_FEATURES = ("syntax_knn", "phonology_knn", "inventory_knn", "fam", "geo")
+
+
+def _lang2vec():
     try:
         import warnings
 
@@ -29,23 +44,48 @@ def _syntax_vectors(langs: tuple[str, ...]) -> dict[str, torch.Tensor]:
             import lang2vec.lang2vec as l2v
     except ImportError as exc:
         raise ImportError("URIEL distances need `pip install lang2vec \"setuptools<81\"` (the hf extra)") from exc
-    unknown = [lang for lang in langs if lang not in l2v.LANGUAGES]
-    if unknown:
-        raise ValueError(f"uriel: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
-    feats = l2v.get_features(list(langs), "syntax_knn")
-    return {lang: torch.tensor([float(x) for x in feats[lang]], dtype=torch.float64) for lang in langs}
+    return l2v
 
 
-def uriel_distance(a: str, b: str) -> float:
-    """Cosine distance between the URIEL `syntax_knn` vectors of two ISO 639-3 languages."""
-    return float(distance_matrix([a, b])[0, 1])
+_URIEL_CACHE: dict[tuple[str, str], torch.Tensor] = {}  # (feature set, language) -> normalised block
 
 
-def distance_matrix(langs: Sequence[str]) -> torch.Tensor:
-    """[L, L] URIEL cosine distances between ISO 639-3 languages."""
-    vecs = _syntax_vectors(tuple(sorted(set(langs))))
+def _uriel_blocks(langs: Sequence[str], feature: str) -> list[torch.Tensor]:
+    """One L2-normalised URIEL block per language; lang2vec reads a whole file per call (4 s for
+    `fam`), so the languages not yet cached are fetched together and kept."""
+    missing = [lang for lang in dict.fromkeys(langs) if (feature, lang) not in _URIEL_CACHE]
+    if missing:
+        l2v = _lang2vec()
+        unknown = [lang for lang in missing if lang not in l2v.LANGUAGES]
+        if unknown:
+            raise ValueError(f"uriel: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
+        table = l2v.get_features(missing, feature)
+        for lang in missing:
+            v = torch.tensor([float(x) for x in table[lang]], dtype=torch.float64)
+            _URIEL_CACHE[feature, lang] = v / v.norm().clamp_min(1e-12)
+    return [_URIEL_CACHE[feature, lang] for lang in langs]
+
+
+def uriel_vectors(langs, features: tuple[str, ...] = URIEL_FEATURES) -> dict[str, torch.Tensor]:
+    """{ISO 639-3 code: URIEL vector}: one L2-normalised block per feature set (default: the
+    kNN-imputed syntax, phonology and inventory sets, language family and geography), so that
+    the cosine of two vectors is the mean of the per-set cosines (each set counts equally,
+    although `fam` has 3718 dimensions and `phonology_knn` 28)."""
+    langs = list(dict.fromkeys(langs))
+    blocks = [_uriel_blocks(langs, f) for f in features]
+    return {lang: torch.cat([b[i] for b in blocks]) for i, lang in enumerate(langs)}
+
+
+def uriel_distance(a: str, b: str, features: tuple[str, ...] = URIEL_FEATURES) -> float:
+    """URIEL distance of two ISO 639-3 languages: 1 − the mean cosine over the feature sets."""
+    return float(distance_matrix([a, b], features)[0, 1])
+
+
+def distance_matrix(langs: Sequence[str], features: tuple[str, ...] = URIEL_FEATURES) -> torch.Tensor:
+    """[L, L] URIEL distances (1 − mean per-set cosine) between ISO 639-3 languages."""
+    vecs = uriel_vectors(langs, features)
     m = torch.stack([vecs[lang] for lang in langs])
-    m = m / m.norm(dim=1, keepdim=True)
+    m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
     return (1 - m @ m.T).clamp_min(0).fill_diagonal_(0)
 
 
@@ -81,35 +121,102 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     return masks
 
 
-def continual_update(model: nn.Module, batches: Mapping[str, Sequence], masks: Mapping[str, Mapping[str, torch.Tensor]],
-                     lr: float = 1e-4, weight_decay: float = 0.0, epochs: int = 1, loss_fn=None,
-                     progress: bool = True) -> dict[str, float]:
-    """Update a fine-tuned model on new batches, language by language, each language changing only
-    its own subset (`masks[lang]`: {parameter name: BoolTensor}, e.g. from `language_aware_masks`).
+def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
+    if "language_ids" not in batch:
+        raise ValueError("continual_update: every batch must carry language_ids (one per example)")
+    ids = batch["language_ids"]
+    if not isinstance(ids, torch.Tensor):
+        ids = torch.tensor([order.index(x) if isinstance(x, str) else int(x) for x in ids])
+    n = batch["input_ids"].shape[0] if "input_ids" in batch else ids.shape[0]
+    if ids.dim() != 1 or ids.shape[0] != n:
+        raise ValueError(f"continual_update: language_ids must be [{n}] (one per example), got {tuple(ids.shape)}")
+    return ids.long()
 
-    Each language gets a compact `MaskedAdamW` over its subset; entries outside it stay
-    bit-identical. Returns the mean training loss per language.
-    """
-    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+
+def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> dict:
+    """Convert the layers the masks name to SubnetworkLinear (unless the model is converted
+    already, with the same languages) and return {parameter name: union of the masks} in the
+    converted layers' layout."""
+    from ..nn import SubnetworkLinear
+    from .model import _converted, convert, languages
+
+    order = list(masks)
+    if not order:
+        raise ValueError(f"{what}: no masks")
     named = dict(model.named_parameters())
-    mean_loss = {}
-    for lang, lang_batches in batches.items():
-        chosen = {n: m for n, m in masks[lang].items() if bool(m.any())}
-        unknown = [n for n in chosen if n not in named]
-        if unknown:
-            raise ValueError(f"continual_update: masks of {lang!r} name unknown parameters {unknown[:5]}")
-        opt = MaskedAdamW([named[n] for n in chosen], list(chosen.values()), lr=lr, weight_decay=weight_decay, mode="compact")
-        losses = []
+    union = {}
+    for lang in order:
+        for n, m in masks[lang].items():
+            if n not in named:
+                raise ValueError(f"{what}: masks of {lang!r} name an unknown parameter {n!r}")
+            union[n] = m.clone() if n not in union else union[n] | m
+    if not list(_converted(model, SubnetworkLinear)):
+        targets = sorted({n[: -len(".weight")] for n in union})
+        convert(model, targets, kind="subnetwork", masks={lang: dict(masks[lang]) for lang in order})
+    elif languages(model) != order:
+        raise ValueError(f"{what}: the model's languages {languages(model)} differ from the masks' {order}")
+    transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
+                  if getattr(layer, "_xlsparse_transposed", False)}
+    return {n: (m.t().contiguous() if n in transposed else m) for n, m in union.items() if bool(m.any())}
+
+
+def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], **trainer_kwargs):
+    """The Trainer-facing entry point of a LAFT-URIEL update: converts `model` like
+    `continual_update` and returns a `SubnetworkTrainer` (transformers Trainer) whose batches
+    carry `language_ids` and whose optimizer is MaskedAdamW over the union of the subsets; the
+    same update as `continual_update`, with the Trainer's schedule, logging and checkpoints."""
+    from .subnetworks import SubnetworkTrainer
+
+    _prepare(model, masks, "continual_trainer")
+    return SubnetworkTrainer(model=model, **trainer_kwargs)
+
+
+def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mapping[str, Mapping[str, torch.Tensor]],
+                     lr: float = 1e-4, weight_decay: float = 0.0, epochs: int = 1, loss_fn=None,
+                     progress: bool = True) -> list[float]:
+    """Update a fine-tuned model on mixed multilingual `batches`, each example changing only its
+    language's subset (`masks` = {language: {parameter name: BoolTensor}}, e.g. from
+    `language_aware_masks`).
+
+    Every batch carries `language_ids` [B] (indices into `masks`' order, or language names).
+    The loss is the batch mean (`model(**batch).loss` by default); one backward routes each
+    example's gradient into its own subset, and one compact `MaskedAdamW` step over the union
+    of the subsets follows. Only the weights the masks name train; every other entry (biases
+    included) stays bit-identical. The model's named linear layers are converted to
+    `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
+    Returns the loss of every step.
+    """
+    from .model import route
+
+    order = list(masks)
+    union = _prepare(model, masks, "continual_update")
+    named = dict(model.named_parameters())
+    trainable = {id(named[n]) for n in union}
+    frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    opt = MaskedAdamW([named[n] for n in union], list(union.values()), lr=lr, weight_decay=weight_decay, mode="compact")
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    was_training = model.training
+    model.train()
+    losses = []
+    try:
         for _ in range(epochs):
-            for batch in _progress(lang_batches, f"update {lang}", progress):
+            for batch in _progress(batches, "continual update", progress):
+                ids = _language_ids(batch, order)
+                inputs = {k: v for k, v in batch.items() if k != "language_ids"}
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model, batch)
-                loss.backward()
+                with route(model, ids):
+                    loss = loss_fn(model, inputs)
+                    loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-        mean_loss[lang] = sum(losses) / max(len(losses), 1)
-    model.zero_grad(set_to_none=True)
-    return mean_loss
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return losses
 
 
 @dataclass

@@ -1,6 +1,26 @@
 """Language-specific subnetworks (Choenni et al. 2023): importance scores per language, a mask
 per language, mixed-language training where each language updates only its own subnetwork,
-dynamic re-selection, and a first-order meta-learning (Reptile) loop with masked inner steps."""
+static or dynamic masks, and first-order MAML over the subnetworks.
+
+What follows the paper and its authors' code (udify-metalearning for the meta-learning loop):
+  - subnetworks are whole attention heads and FFN neurons chosen by gradient-based importance
+    (Michel et al. 2019: I_h = Σ_examples |∂L/∂ξ_h| for a gate ξ_h on head h's output);
+    `structured_importance`, `structured_masks`;
+  - static masks, or dynamic ones re-selected during training from accumulated scores
+    (`DynamicMasksCallback`);
+  - first-order MAML: inner SGD steps on a language's support batch inside its subnetwork, the
+    outer gradient taken at the adapted weights on its query batch, the outer step with AdamW
+    (`fomaml_step`), separate inner and outer learning rates.
+What is xlsparse's own:
+  - a language's gradient is masked inside one mixed-language backward (`SubnetworkLinear`
+    with routing and the multi-mask kernel), instead of one batch per language;
+  - per-entry masks (`importance_scores` + `select_masks`) stay an option beside heads/neurons;
+  - for grouped-query attention a K/V head is kept when any of its query heads is;
+  - the dynamic callback scores one probe batch per language each step (the paper scores
+    on its training data) and the optimizer state follows `MaskedAdamW.update_masks`;
+  - `reptile_step` (Reptile) is kept as a cheaper first-order alternative.
+"""
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -9,8 +29,8 @@ from torch import nn
 from ..diff import budget
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
-from ..optim import MaskedSGD
-from .model import _converted, languages
+from ..optim import MaskedAdamW, MaskedSGD
+from .model import _converted, languages, route
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -122,3 +142,396 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
             p.add_(total[n], alpha=outer_lr / max(len(batches), 1))
     model.zero_grad(set_to_none=True)
     return losses
+
+
+# --- structured subnetworks: attention heads and FFN neurons ---
+
+_LAYOUTS = [  # (architecture, layer prefix pattern, {part: suffix})
+    ("bert", r"(.*\.layer\.\d+)\.attention\.self\.query", {
+        "q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+        "o": "attention.output.dense", "ffn_in": "intermediate.dense", "ffn_out": "output.dense"}),
+    ("llama", r"(.*\.layers\.\d+)\.self_attn\.q_proj", {
+        "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+        "ffn_in": ("mlp.gate_proj", "mlp.up_proj"), "ffn_out": "mlp.down_proj"}),
+    ("gpt2", r"(.*\.h\.\d+)\.attn\.c_attn", {"qkv": "attn.c_attn", "o": "attn.c_proj", "ffn_in": "mlp.c_fc",
+                                             "ffn_out": "mlp.c_proj"}),
+]
+
+
+def block_layout(model: nn.Module) -> tuple[str, list[dict]]:
+    """(architecture, one {part: module name} per layer) for BERT/XLM-R, Llama-style and GPT-2
+    models: which modules hold each layer's Q, K, V, O and FFN-in/FFN-out weights."""
+    names = [n for n, _ in model.named_modules()]
+    for arch, pattern, parts in _LAYOUTS:
+        prefixes = [m.group(1) for n in names if (m := re.fullmatch(pattern, n))]
+        if prefixes:
+            layers = []
+            for prefix in prefixes:
+                layer = {}
+                for part, suffix in parts.items():
+                    layer[part] = tuple(f"{prefix}.{x}" for x in suffix) if isinstance(suffix, tuple) else f"{prefix}.{suffix}"
+                layers.append(layer)
+            return arch, layers
+    raise ValueError("structured subnetworks: unknown architecture (BERT/XLM-R, Llama-style and GPT-2 blocks are "
+                     "supported); use per-entry masks (importance_scores + select_masks) instead")
+
+
+def _heads(model: nn.Module) -> tuple[int, int]:
+    cfg = model.config
+    heads = getattr(cfg, "num_attention_heads", None) or cfg.n_head
+    return heads, getattr(cfg, "num_key_value_heads", None) or heads
+
+
+def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None,
+                          progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient-based importance of every attention head and FFN neuron (Michel et al. 2019):
+    (head scores [L, H], neuron scores [L, F]).
+
+    A gate ξ multiplying a head's output (or a neuron's activation) has ∂L/∂ξ = Σ_t o_t · ∂L/∂o_t,
+    read here from the input of the O projection (FFN-out) and its gradient; the score sums
+    |∂L/∂ξ| over the examples. The model's gradients are left cleared.
+    """
+    _, layers = block_layout(model)
+    heads, _ = _heads(model)
+    modules = dict(model.named_modules())
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    head_scores = [None] * len(layers)
+    neuron_scores = [None] * len(layers)
+    captured = {}
+
+    def keep_input(key):
+        def hook(module, args):
+            x = args[0]
+            if x.requires_grad:
+                x.retain_grad()
+            captured[key] = x
+        return hook
+
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(modules[layer["o"]].register_forward_pre_hook(keep_input(("o", i))))
+        hooks.append(modules[layer["ffn_out"]].register_forward_pre_hook(keep_input(("ffn", i))))
+    try:
+        for batch in _progress(batches, "head/neuron importance", progress):
+            model.zero_grad(set_to_none=True)
+            captured.clear()
+            loss_fn(model, batch).backward()
+            with torch.no_grad():
+                for i in range(len(layers)):
+                    for key, store, groups in ((("o", i), head_scores, heads), (("ffn", i), neuron_scores, None)):
+                        x = captured[key]
+                        if x.grad is None:
+                            raise RuntimeError("structured_importance: no gradient reached a head/neuron input; "
+                                               "does the model require grad?")
+                        per_unit = (x * x.grad).float().reshape(x.shape[0], -1, x.shape[-1]).sum(1)  # [B, width]
+                        if groups is not None:
+                            per_unit = per_unit.reshape(x.shape[0], groups, -1).sum(2)
+                        score = per_unit.abs().sum(0)
+                        store[i] = score if store[i] is None else store[i] + score
+    finally:
+        for h in hooks:
+            h.remove()
+        model.zero_grad(set_to_none=True)
+    if head_scores[0] is None:
+        raise ValueError("structured_importance: no batches")
+    return torch.stack(head_scores), torch.stack(neuron_scores)
+
+
+def _lines(shape, keep: torch.Tensor, width: int, axis: int, offset: int = 0, device=None) -> torch.Tensor:
+    """A bool mask of a [out, in] weight opening, along `axis` (0: rows, 1: columns), the blocks
+    of `width` lines whose `keep` is True (block j covers lines offset + j·width ... + width)."""
+    lines = torch.zeros(shape[axis], dtype=torch.bool, device=device)
+    lines[offset: offset + keep.numel() * width] = keep.to(device).repeat_interleave(width)
+    return (lines[:, None] if axis == 0 else lines[None, :]).expand(shape).clone()
+
+
+def _linear_shape(module: nn.Module) -> tuple[tuple[int, int], bool]:
+    """The module's weight shape as an nn.Linear's [out, in], and whether the parameter itself is
+    stored [in, out] (a GPT-2 Conv1D, converted or not, keeps that layout in its diffs and masks)."""
+    from .model import _conv1d_type
+
+    conv1d = _conv1d_type()
+    stored_in_out = (conv1d is not None and isinstance(module, conv1d)) or getattr(module, "_xlsparse_transposed", False)
+    rows, cols = module.weight.shape
+    return ((cols, rows) if isinstance(module, conv1d or ()) else (rows, cols)), stored_in_out
+
+
+def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor, heads_density: float,
+                     neurons_density: float) -> dict[str, torch.Tensor]:
+    """{parameter name: BoolTensor}: the subnetwork of the top `heads_density` share of attention
+    heads and the top `neurons_density` share of FFN neurons, each chosen globally over the
+    layers (ties to the lowest position), expanded to whole weight lines: a head opens its
+    Q/K/V rows and its O columns, a neuron its FFN-in rows and its FFN-out column.
+
+    `head_scores` [L, H] and `neuron_scores` [L, F], e.g. from `structured_importance`. Masks
+    are in the model's own parameter layout (GPT-2's Conv1D [in, out]: the same lines
+    transposed), as `convert(kind="subnetwork")` takes them. With grouped-query attention a K/V
+    head opens when any of its query heads does. Biases are not included.
+    """
+    arch, layers = block_layout(model)
+    heads, kv_heads = _heads(model)
+    modules = dict(model.named_modules())
+    head_scores, neuron_scores = torch.as_tensor(head_scores), torch.as_tensor(neuron_scores)
+    if head_scores.shape != (len(layers), heads):
+        raise ValueError(f"structured_masks: head_scores must be [{len(layers)}, {heads}], got {tuple(head_scores.shape)}")
+    width = _linear_shape(modules[layers[0]["ffn_out"]])[0][1]
+    if neuron_scores.shape != (len(layers), width):
+        raise ValueError(f"structured_masks: neuron_scores must be [{len(layers)}, {width}], got {tuple(neuron_scores.shape)}")
+    keep_heads = topk_mask([head_scores.float()], budget("structured_masks", head_scores.numel(), density=heads_density))[0]
+    keep_neurons = topk_mask([neuron_scores.float()], budget("structured_masks", neuron_scores.numel(),
+                                                              density=neurons_density))[0]
+    masks = {}
+
+    def put(name: str, *blocks):  # blocks: (keep, width, axis, offset), OR-ed in [out, in] orientation
+        module = modules[name]
+        shape, stored_in_out = _linear_shape(module)
+        m = torch.zeros(shape, dtype=torch.bool, device=module.weight.device)
+        for keep, w, axis, offset in blocks:
+            m |= _lines(shape, keep, w, axis, offset, module.weight.device)
+        masks[f"{name}.weight"] = m.t().contiguous() if stored_in_out else m
+
+    for i, layer in enumerate(layers):
+        h, n = keep_heads[i], keep_neurons[i]
+        kv = h.reshape(kv_heads, heads // kv_heads).any(1)
+        d = _linear_shape(modules[layer["o"]])[0][1] // heads
+        if arch == "gpt2":  # Q, K, V are the three row blocks of the fused c_attn
+            hidden = heads * d
+            put(layer["qkv"], (h, d, 0, 0), (h, d, 0, hidden), (h, d, 0, 2 * hidden))
+        else:
+            put(layer["q"], (h, d, 0, 0))
+            put(layer["k"], (kv, d, 0, 0))
+            put(layer["v"], (kv, d, 0, 0))
+        put(layer["o"], (h, d, 1, 0))
+        for name in (layer["ffn_in"] if isinstance(layer["ffn_in"], tuple) else (layer["ffn_in"],)):
+            put(name, (n, 1, 0, 0))
+        put(layer["ffn_out"], (n, 1, 1, 0))
+    return masks
+
+
+# --- first-order MAML inside the subnetworks ---
+
+def _as_list(batches) -> list:
+    return list(batches) if isinstance(batches, (list, tuple)) else [batches]
+
+
+def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mapping[str, Mapping[str, torch.Tensor]],
+                inner_lr: float, inner_steps: int, outer_optimizer, loss_fn: Callable | None = None) -> dict[str, float]:
+    """One first-order MAML step over languages (the udify-metalearning loop), each confined to
+    its subnetwork.
+
+    For each language l of `support` ({language: batch or list of batches}) and `query`
+    ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`) on the
+    support batches change only `masks[l]` ({parameter name: BoolTensor}; parameters it does not
+    name stay fixed); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
+    is the language's outer gradient; θ is restored. The outer gradient is the mean over the
+    languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
+    union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
+    moves, weight decay included) takes one step. Returns each language's query loss at θ'_l.
+    """
+    from ..optim import _MaskedOptimizer
+
+    if not isinstance(outer_optimizer, _MaskedOptimizer):
+        raise TypeError("fomaml_step: outer_optimizer must be an xlsparse masked optimizer (MaskedAdamW) over the "
+                        "subnetworks' union (see fomaml_optimizer); a plain optimizer would move entries outside them")
+    if inner_steps < 1:
+        raise ValueError(f"fomaml_step: inner_steps must be at least 1, got {inner_steps}")
+    if set(support) != set(query):
+        raise ValueError(f"fomaml_step: support languages {sorted(support)} differ from query languages {sorted(query)}")
+    missing = [lang for lang in support if lang not in masks]
+    if missing:
+        raise ValueError(f"fomaml_step: no masks for languages {missing}")
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    named = dict(model.named_parameters())
+    outer = {}
+    losses = {}
+    for lang in support:
+        lang_masks = {n: m for n, m in masks[lang].items() if bool(m.any())}
+        unknown = [n for n in lang_masks if n not in named]
+        if unknown:
+            raise ValueError(f"fomaml_step: masks of {lang!r} name unknown parameters {unknown[:5]}")
+        params = [named[n] for n in lang_masks]
+        start = [p.detach().clone() for p in params]
+        inner = MaskedSGD(params, list(lang_masks.values()), lr=inner_lr)
+        batches = _as_list(support[lang])
+        for step in range(inner_steps):
+            inner.zero_grad(set_to_none=True)
+            loss_fn(model, batches[step % len(batches)]).backward()
+            inner.step()
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn(model, query[lang])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        losses[lang] = float(loss.detach())
+        with torch.no_grad():
+            for n, p, g, p0 in zip(lang_masks, params, grads, start):
+                if g is not None:
+                    g = torch.where(lang_masks[n], g, torch.zeros((), dtype=g.dtype, device=g.device))
+                    outer[n] = g if n not in outer else outer[n] + g
+                p.copy_(p0)
+    model.zero_grad(set_to_none=True)
+    _check_confined(outer_optimizer, named, {lang: masks[lang] for lang in support})
+    for n, g in outer.items():
+        named[n].grad = g / len(support)
+    outer_optimizer.step()
+    return losses
+
+
+def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
+    """The outer optimizer may only move entries of this step's languages: AdamW's momentum would
+    otherwise move another language's entries on a step without its gradient. (For one language
+    per step, keep one `fomaml_optimizer(model, {lang: masks[lang]})` per language.)"""
+    names = {id(p): n for n, p in named.items()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            n = names.get(id(p))
+            allowed = None
+            for lang_masks in masks.values():
+                if n in lang_masks:
+                    allowed = lang_masks[n] if allowed is None else allowed | lang_masks[n]
+            selector = optimizer._selector_of(p)
+            if selector is None:
+                opened = torch.ones_like(p, dtype=torch.bool)
+            elif selector.dtype == torch.bool:
+                opened = selector
+            else:
+                opened = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                opened[selector.long()] = True
+                opened = opened.view(p.shape)
+            if allowed is None or bool((opened & ~allowed.to(opened.device)).any()):
+                raise ValueError(f"fomaml_step: outer_optimizer may update {n!r} outside the subnetworks of this "
+                                 f"step's languages {list(masks)}; build it with fomaml_optimizer over those languages")
+
+
+def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], lr: float = 1e-4,
+                     **kwargs) -> MaskedAdamW:
+    """The outer optimizer of `fomaml_step`: MaskedAdamW over the parameters the masks name,
+    each confined to the union of the languages' masks (outer lr `lr`, kept apart from the
+    inner lr of `fomaml_step`)."""
+    named = dict(model.named_parameters())
+    union = {}
+    for lang_masks in masks.values():
+        for n, m in lang_masks.items():
+            union[n] = m.clone() if n not in union else union[n] | m
+    return MaskedAdamW([named[n] for n in union], list(union.values()), lr=lr, **kwargs)
+
+
+# --- Trainer-facing entry points: mixed-language training, static or dynamic masks ---
+
+try:
+    from transformers import Trainer, TrainerCallback
+except ImportError:  # transformers is the optional `hf` extra
+    Trainer = TrainerCallback = object
+
+
+def _unwrap(optimizer):
+    """The xlsparse optimizer behind accelerate's wrapper, if any."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+class SubnetworkTrainer(Trainer):
+    """A transformers `Trainer` for a model converted with `convert(kind="subnetwork")`: each
+    batch carries `language_ids` [B] (indices into the model's languages), every example's
+    gradient lands only in its language's subnetwork in one backward (`SubnetworkLinear`
+    routing), and the optimizer is a MaskedAdamW over the union of the masks (the Trainer's lr,
+    betas, eps and weight decay), so nothing else trains. Static masks as given; add a
+    `DynamicMasksCallback` for dynamic ones.
+    """
+
+    def __init__(self, *args, **kwargs):
+        if Trainer is object:
+            raise ImportError("SubnetworkTrainer needs transformers (the hf extra)")
+        super().__init__(*args, **kwargs)
+        if not languages(self.model):
+            raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "language_ids" not in self._signature_columns:  # keep the column the model's forward does not name
+            self._signature_columns = [*self._signature_columns, "language_ids"]
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            layers = [layer for _, layer in _converted(self.model, SubnetworkLinear)]
+            a = self.args
+            self.optimizer = MaskedAdamW([layer.weight for layer in layers], [layer.trainable_mask() for layer in layers],
+                                         lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                                         weight_decay=a.weight_decay)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        inputs = dict(inputs)
+        if "language_ids" not in inputs:
+            raise ValueError("SubnetworkTrainer: every batch must carry language_ids (one per example)")
+        ids = inputs.pop("language_ids")
+        with route(model, ids):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+
+
+class DynamicMasksCallback(TrainerCallback):
+    """Dynamic subnetworks: scores accumulate during training and the masks are re-selected from
+    them every `every` steps (with `SubnetworkTrainer`).
+
+    After each optimizer step one probe batch per language (cycling through
+    `probe_batches[language]`) is scored, with head/neuron importance (`structured_importance`)
+    by default, or, with `heads_density=None`, per-entry |∂L/∂θ · θ| of the subnetwork weights.
+    Every `every` steps each language's masks are re-selected from its scores accumulated since
+    the last re-selection (`structured_masks`, or `select_masks` with `density`), given to the
+    layers (`set_masks`), and the optimizer follows `MaskedAdamW.update_masks`' semantics: kept
+    entries keep their state, new ones start from zero state, dropped ones stop changing.
+    Scoring runs in eval mode (no dropout, no routing needed) and leaves gradients cleared.
+    """
+
+    def __init__(self, probe_batches: Mapping[str, list], every: int, heads_density: float | None = None,
+                 neurons_density: float | None = None, density: float | None = None, loss_fn: Callable | None = None):
+        if every < 1:
+            raise ValueError(f"DynamicMasksCallback: every must be at least 1, got {every}")
+        if (heads_density is None) != (neurons_density is None):
+            raise ValueError("DynamicMasksCallback: give heads_density and neurons_density together")
+        if (heads_density is None) == (density is None):
+            raise ValueError("DynamicMasksCallback: give heads_density/neurons_density (structured) or density (entries)")
+        self.probe = {lang: list(b) for lang, b in probe_batches.items()}
+        self.every, self.heads_density, self.neurons_density, self.density = every, heads_density, neurons_density, density
+        self.loss_fn = loss_fn
+        self.scores: dict = {}
+        self.reselections = 0
+
+    def _score(self, model, lang: str, batch):
+        if self.density is None:
+            return structured_importance(model, [batch], self.loss_fn)
+        names = [f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)]
+        return importance_scores(model, {lang: [batch]}, params=names, loss_fn=self.loss_fn, progress=False)[lang]
+
+    def _add(self, lang: str, score) -> None:
+        old = self.scores.get(lang)
+        if old is None:
+            self.scores[lang] = score
+        elif isinstance(score, tuple):
+            self.scores[lang] = tuple(a + b for a, b in zip(old, score))
+        else:
+            self.scores[lang] = {n: old[n] + score[n] for n in score}
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        order = languages(model)
+        if set(self.probe) != set(order):
+            raise ValueError(f"DynamicMasksCallback: probe batches for {sorted(self.probe)}, the model has {order}")
+        was_training = model.training
+        model.eval()
+        try:
+            for lang in order:
+                batches = self.probe[lang]
+                self._add(lang, self._score(model, lang, batches[(state.global_step - 1) % len(batches)]))
+        finally:
+            model.train(was_training)
+        if state.global_step % self.every:
+            return
+        if self.density is None:
+            masks = {lang: structured_masks(model, *self.scores[lang], self.heads_density, self.neurons_density)
+                     for lang in order}
+        else:
+            masks = select_masks({lang: self.scores[lang] for lang in order}, self.density)
+            transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
+                          if getattr(layer, "_xlsparse_transposed", False)}
+            masks = {lang: {n: (m.t().contiguous() if n in transposed else m) for n, m in named.items()}
+                     for lang, named in masks.items()}  # set_masks takes the model's own layout
+        set_masks(model, masks, _unwrap(optimizer))
+        self.scores = {}
+        self.reselections += 1

@@ -1,47 +1,442 @@
-"""Sparse expert ensembles in the style of X-ELM (Blevins et al. 2024): independent sparse
-experts over one shared base, run together in one batched pass (one copy of the batch per
-expert, routed through `multi_delta_linear`) and mixed per example with `ensemble_logprobs`.
-A new expert branches from its typologically closest parent without touching the others."""
+"""Cross-lingual expert language models (X-ELM, Blevins et al. 2024) as sparse experts over one
+shared base, run together in one batched pass and mixed per token.
+
+What follows the paper (and its c-BTM lineage, Gururangan et al. 2023):
+  - independent experts, each trained on the languages of one cluster; clusters come from
+    typology (URIEL, as X-ELM's "typological" clustering) or from balanced k-means over example
+    embeddings (c-BTM's data clustering): `cluster_languages`, `balanced_kmeans`;
+  - the ensemble weights each expert per token by its posterior given the prefix,
+    p(e | x<t) ∝ p(e) · p(x<t | e), with the prior p(e) uniform unless given, so the first
+    token uses the prior (uniform by default), and optionally only the top-k experts;
+  - a new expert is branched from the typologically closest existing one (X-ELM's
+    "hierarchical multi-round training") and leaves the others untouched.
+What is xlsparse's own:
+  - experts are sparse diffs (plus dense or sparse embedding and head parts), not separate
+    dense models: all E experts run as E copies of the batch through `MultiDeltaLinear`
+    (one gated multi-delta matmul per layer), with `ExpertEmbedding` for the input embedding;
+  - the posterior temperature: log w_e = log p(e) + log p(x<t | e) / temperature;
+  - a child expert may grow its support beyond its parent's by the largest gradient
+    magnitudes on its first batch (`train_expert(..., init=parent, grow=k)`);
+  - mixing in probability space (the paper's) or in logit space (`space="logit"`).
+"""
 import copy
-from collections.abc import Callable, Iterable, Mapping
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..diff import SparseDiff
-from ..functional import ensemble_logprobs
+from .. import routing
+from ..diff import SparseDelta, SparseDiff, index_dtype
+from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..optim import MaskedAdamW
-from .continual import uriel_distance
-from .model import convert, extract_diff, route
+from .continual import uriel_distance, uriel_vectors
+from .model import convert, extract_diff, route, target_names
 from .subnetworks import _progress
 
+WEIGHTINGS = ("posterior", "uniform", "static")
 
-def train_expert(base: nn.Module, batches: Iterable, k: int | None = None, density: float | None = None,
-                 init: SparseDiff | None = None, target_modules=None, lr: float = 1e-3, loss_fn: Callable | None = None,
-                 progress: bool = True) -> SparseDiff:
-    """Train one sparse expert on `batches` and return it as a SparseDiff; `base` is not changed.
 
-    The expert's support is drawn with `k` / `density`, or taken with its values from `init`
-    (a parent expert to branch from). Only the delta values train.
+# --- the routed input embedding (a layer the ensemble needs; model-free like xlsparse.nn) ---
+
+class ExpertEmbedding(nn.Module):
+    """An input embedding with one delta per expert, routed per token by the active
+    `xlsparse.hf.route` ids (−1 or no routing: the base only). Each delta is a dense [V, H]
+    tensor, a SparseDelta of the weight, or None. A token adds only its own row of its expert's
+    delta: sparse deltas are read through row pointers, never densified."""
+
+    def __init__(self, embedding: nn.Embedding, deltas: Sequence):
+        super().__init__()
+        self.base = embedding
+        self.num_experts = len(deltas)
+        v, h = embedding.weight.shape
+        self._kinds = []
+        for e, d in enumerate(deltas):
+            if d is None:
+                self._kinds.append("none")
+            elif isinstance(d, torch.Tensor):
+                if tuple(d.shape) != (v, h):
+                    raise ValueError(f"ExpertEmbedding: dense delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
+                self.register_buffer(f"dense_{e}", d.to(embedding.weight), persistent=False)
+                self._kinds.append("dense")
+            else:
+                if tuple(d.shape) != (v, h):
+                    raise ValueError(f"ExpertEmbedding: delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
+                idx = d.indices.long().to(embedding.weight.device)
+                rows = torch.arange(v + 1, device=idx.device) * h
+                self.register_buffer(f"row_ptr_{e}", torch.searchsorted(idx, rows), persistent=False)
+                self.register_buffer(f"cols_{e}", idx % h, persistent=False)
+                self.register_buffer(f"values_{e}", d.values.to(embedding.weight), persistent=False)
+                self._kinds.append("sparse")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        active = routing.current()
+        if active is None:
+            return out
+        flat = input_ids.reshape(-1)
+        ids = active.tokens(flat.numel()).ids.to(flat.device)
+        add = torch.zeros(flat.numel(), out.shape[-1], dtype=out.dtype, device=out.device)
+        for e, kind in enumerate(self._kinds):
+            tokens = (ids == e).nonzero().squeeze(1)
+            if kind == "none" or not tokens.numel():
+                continue
+            rows = flat[tokens]
+            if kind == "dense":
+                add[tokens] += getattr(self, f"dense_{e}")[rows]
+                continue
+            ptr = getattr(self, f"row_ptr_{e}")
+            start, count = ptr[rows], ptr[rows + 1] - ptr[rows]
+            first = torch.cumsum(count, 0) - count  # where each token's run starts in the gathered list
+            at = torch.arange(int(count.sum()), device=flat.device) - first.repeat_interleave(count)
+            at = at + start.repeat_interleave(count)
+            add.index_put_((tokens.repeat_interleave(count), getattr(self, f"cols_{e}")[at]),
+                           getattr(self, f"values_{e}")[at], accumulate=True)
+        return out + add.view_as(out)
+
+
+# --- experts ---
+
+def _named_module(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError("ExpertEnsemble: the module is not part of the model")
+
+
+def _as_delta(t: torch.Tensor) -> SparseDelta:
+    """A dense difference as a SparseDelta over its nonzero entries (exact, for MultiDeltaLinear)."""
+    idx = t.reshape(-1).nonzero().squeeze(1)
+    return SparseDelta._trusted(idx.to(index_dtype(t.numel())), t.reshape(-1)[idx], t.shape)
+
+
+def _split_expert(name: str, diff: SparseDiff, params: dict, linears: set, embedding: str, head: str | None,
+                  tied: bool) -> tuple[dict, object]:
+    """An expert's entries as ({linear weight name: SparseDelta}, embedding delta or None).
+
+    Dense entries and absolute ones (as value − base) are kept exactly; an entry on a parameter
+    the ensemble cannot route raises instead of being dropped.
     """
-    model = copy.deepcopy(base)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    if init is not None:
-        convert(model, target_modules, kind="delta", diffs=init)
-    else:
-        convert(model, target_modules, kind="delta", k=k, density=density)
-    values = [p for n, p in model.named_parameters() if n.endswith("delta_values")]
-    for p in values:
-        p.requires_grad_(True)
-    opt = MaskedAdamW(values, [None] * len(values), lr=lr, weight_decay=0.0, mode="compact")
-    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    model.train()
-    for batch in _progress(batches, "expert", progress):
-        opt.zero_grad(set_to_none=True)
-        loss_fn(model, batch).backward()
-        opt.step()
-    return extract_diff(model)
+    entries = dict(diff.deltas)
+    entries.update(diff.dense)
+    for pname, value in diff.absolute.items():
+        if pname not in params:
+            raise ValueError(f"ExpertEnsemble: expert {name!r} has an absolute entry for {pname!r}, not a model parameter")
+        entries[pname] = value.to(params[pname]) - params[pname].detach()
+    if tied and head in entries:
+        raise ValueError(f"ExpertEnsemble: expert {name!r} changes {head!r}, which is tied to the input embedding; "
+                         f"give that delta under {embedding!r} (it changes both)")
+    supported = linears | {embedding} | ({head} if head else set())
+    unsupported = [p for p in entries if p not in supported]
+    if unsupported:
+        raise ValueError(f"ExpertEnsemble: expert {name!r} changes {unsupported[:5]}, which the ensemble cannot route "
+                         f"per expert; it routes the target linear layers, the input embedding {embedding!r}"
+                         f"{'' if not head or tied else f' and the head {head!r}'} (pass target_modules to add linear layers)")
+    linear, emb = {}, entries.get(embedding)
+    for pname, d in entries.items():
+        if pname == embedding:
+            continue
+        linear[pname] = _as_delta(d) if isinstance(d, torch.Tensor) else d
+    if tied and emb is not None:  # one tied matrix: its delta also changes the output head
+        linear[head] = _as_delta(emb) if isinstance(emb, torch.Tensor) else emb
+    return linear, emb
+
+
+class ExpertEnsemble(nn.Module):
+    """E experts over one base, run as one batch of E copies and mixed per token.
+
+    `experts` {name: SparseDiff}: each may change the target linear layers (default: every linear
+    layer of the blocks, plus the output head when an expert changes it), the input embedding and
+    the head, with sparse, dense or absolute entries; anything else raises.
+    `weighting`: "posterior" (per token, p(e | x<t) ∝ prior_e · p(x<t | e)^(1/temperature),
+    the prior alone at the first token), "uniform", or "static" (per-example `weights` [B, E]
+    given to `forward`, else the prior). `prior` [E] (uniform by default) must be positive;
+    `top_k` keeps the k heaviest experts per token and renormalises. `space`: mix
+    probabilities ("prob", the paper's) or logits ("logit").
+
+    `ensemble(input_ids, attention_mask=None, weights=None)` returns [B, S, V]: at position t
+    the mixture's log-probabilities of the token after x_≤t.
+    """
+
+    def __init__(self, base: nn.Module, experts: Mapping[str, SparseDiff], weighting: str = "posterior",
+                 prior=None, top_k: int | None = None, temperature: float = 1.0, target_modules=None,
+                 space: str = "prob"):
+        super().__init__()
+        if not experts:
+            raise ValueError("ExpertEnsemble: give at least one expert")
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"ExpertEnsemble: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if not temperature > 0:
+            raise ValueError(f"ExpertEnsemble: temperature must be positive, got {temperature}")
+        if space not in ("prob", "logit"):
+            raise ValueError(f"ExpertEnsemble: space must be 'prob' or 'logit', got {space!r}")
+        self._base = base
+        self._target_modules = target_modules
+        self.weighting, self.top_k, self.temperature, self.space = weighting, top_k, float(temperature), space
+        self.experts: dict[str, SparseDiff] = dict(experts)
+        self._prior = prior
+        self._build()
+
+    def _build(self) -> None:
+        e = len(self.experts)
+        if self.top_k is not None and not 1 <= self.top_k <= e:
+            raise ValueError(f"ExpertEnsemble: top_k must be in [1, {e}], got {self.top_k}")
+        prior = torch.full((e,), 1.0 / e, dtype=torch.float64) if self._prior is None else \
+            torch.as_tensor(self._prior, dtype=torch.float64)
+        if prior.shape != (e,) or not bool((prior > 0).all()):
+            raise ValueError(f"ExpertEnsemble: prior must be {e} positive numbers, got {prior.tolist()}")
+        self.register_buffer("log_prior", (prior / prior.sum()).log().float(), persistent=False)
+
+        model = copy.deepcopy(self._base)
+        params = dict(model.named_parameters(remove_duplicate=False))
+        emb_module, head_module = model.get_input_embeddings(), model.get_output_embeddings()
+        embedding = _named_module(model, emb_module) + ".weight"
+        head = None if head_module is None else _named_module(model, head_module) + ".weight"
+        tied = head is not None and head_module.weight is emb_module.weight
+        linears = set(f"{n}.weight" for n in target_names(model, self._target_modules))
+        if head is not None:
+            linears.discard(head)
+        per_expert = [_split_expert(n, d, params, linears, embedding, head, tied)
+                      for n, d in self.experts.items()]
+        targets = sorted(linears)
+        if head is not None and any(head in lin for lin, _ in per_expert):
+            targets.append(head)
+        diffs = {n: SparseDiff._trusted(lin) for n, (lin, _) in zip(self.experts, per_expert)}
+        self.model = convert(model, [t[: -len(".weight")] for t in targets], kind="multi", diffs=diffs)
+        embeddings = [emb for _, emb in per_expert]
+        if any(emb is not None for emb in embeddings):
+            self.model.set_input_embeddings(ExpertEmbedding(emb_module, embeddings))
+        self.model.eval()
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.experts)
+
+    def add_expert(self, name: str, diff: SparseDiff, prior: float | None = None) -> None:
+        """Add an expert; the others are not changed. With a non-uniform prior, give the new
+        expert's `prior` (the priors are renormalised)."""
+        if name in self.experts:
+            raise ValueError(f"add_expert: an expert named {name!r} exists")
+        if (self._prior is None) != (prior is None):
+            raise ValueError("add_expert: give prior= exactly when the ensemble has a non-uniform prior")
+        self.experts[name] = diff
+        if prior is not None:
+            self._prior = [*torch.as_tensor(self._prior, dtype=torch.float64).tolist(), float(prior)]
+        self._build()
+
+    # --- the pieces: expert logits, token log-likelihoods, weights ---
+
+    def _copies(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.arange(len(self.experts), device=input_ids.device).repeat_interleave(input_ids.shape[0])
+
+    def expert_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[E, B, S, V]: every expert's logits, from one batched pass of E copies."""
+        e, (b, s) = len(self.experts), input_ids.shape
+        mask = None if attention_mask is None else attention_mask.repeat(e, 1)
+        with route(self.model, self._copies(input_ids)):
+            logits = self.model(input_ids=input_ids.repeat(e, 1), attention_mask=mask, use_cache=False).logits
+        return logits.reshape(e, b, s, -1)
+
+    def log_weights(self, token_logprobs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S, E] log mixture weights from the experts' log-likelihoods of each observed
+        next token, `token_logprobs` [E, B, S−1] (log p_e(x_{t+1} | x_≤t), 0 at padding)."""
+        e, b, s1 = token_logprobs.shape
+        s = s1 + 1
+        if weights is not None and self.weighting != "static":
+            raise ValueError(f"ExpertEnsemble: weights are used only with weighting='static', not {self.weighting!r}")
+        if self.weighting == "uniform":
+            return torch.full((b, s, e), -torch.log(torch.tensor(float(e))).item(), device=token_logprobs.device)
+        if self.weighting == "static":
+            if weights is None:
+                return self.log_prior.to(token_logprobs.device).expand(b, s, e).clone()
+            if tuple(weights.shape) != (b, e):
+                raise ValueError(f"ExpertEnsemble: weights must have shape [{b}, {e}], got {tuple(weights.shape)}")
+            log_w = (weights / weights.sum(1, keepdim=True)).clamp_min(1e-30).log().float()
+            return log_w[:, None, :].expand(b, s, e).clone()
+        prefix = torch.zeros(e, b, s, dtype=torch.float32, device=token_logprobs.device)
+        prefix[:, :, 1:] = token_logprobs.float().cumsum(2)  # log p_e(x_1 .. x_t): nothing at t = 0
+        return self._posterior(prefix.permute(1, 2, 0))
+
+    def _posterior(self, prefix_loglik: torch.Tensor) -> torch.Tensor:
+        """log p(e | prefix) [..., E] from log p(prefix | e) [..., E]: prior, temperature, top-k."""
+        scores = self.log_prior.to(prefix_loglik.device) + prefix_loglik / self.temperature
+        if self.top_k is not None and self.top_k < scores.shape[-1]:
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(self.top_k, -1).indices, True)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        return torch.log_softmax(scores, -1)
+
+    def _token_logprobs(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        """[E, B, S−1]: each expert's log p_e(x_{t+1} | x_≤t), 0 at padding."""
+        e, b, s, v = logits.shape
+        lp = torch.log_softmax(logits[:, :, :-1].float(), -1).gather(
+            -1, input_ids[None, :, 1:, None].expand(e, b, s - 1, 1)).squeeze(-1)
+        return lp if attention_mask is None else lp * attention_mask[None, :, 1:].to(lp.dtype)
+
+    def _parts(self, input_ids, attention_mask, weights):
+        logits = self.expert_logits(input_ids, attention_mask)
+        return logits, self.log_weights(self._token_logprobs(logits, input_ids, attention_mask), weights)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> torch.Tensor:
+        logits, log_w = self._parts(input_ids, attention_mask, weights)
+        e, b, s, v = logits.shape
+        out = ensemble_logprobs(logits.reshape(e, b * s, v), log_w.reshape(b * s, e).to(logits.dtype), space=self.space)
+        return out.reshape(b, s, v)
+
+    def token_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, S−1]: −log p(x_{t+1} | x_≤t) under the mixture (fused: no [T, V] output)."""
+        logits, log_w = self._parts(input_ids, attention_mask, weights)
+        e, b, s, v = logits.shape
+        lg = logits[:, :, :-1].reshape(e, b * (s - 1), v)
+        lw = log_w[:, :-1].reshape(b * (s - 1), e).to(logits.dtype)
+        return ensemble_nll(lg.contiguous(), lw.contiguous(), input_ids[:, 1:].reshape(-1), space=self.space).reshape(b, s - 1)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
+                 generator: torch.Generator | None = None, eos_token_id: int | None = None,
+                 weights: torch.Tensor | None = None, return_logprobs: bool = False):
+        """Generate through the mixture, greedily or by sampling (`do_sample`, `generator`).
+
+        Incremental: the experts keep a KV cache, and each expert's prefix log-likelihood grows
+        by one token per step, so no prefix is scored twice. Prompts must not be padded. Returns
+        the ids [B, S + new] (stopping early when every row has produced `eos_token_id`), and
+        with `return_logprobs` also the mixture's log-probabilities [B, new, V] at each step.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+        e, b = len(self.experts), input_ids.shape[0]
+        copies = self._copies(input_ids)
+        with route(self.model, copies):
+            out = self.model(input_ids=input_ids.repeat(e, 1), use_cache=True)
+        logits = out.logits.reshape(e, b, input_ids.shape[1], -1)
+        token_lp = self._token_logprobs(logits, input_ids)
+        log_w = self.log_weights(token_lp, weights)
+        prefix = token_lp.sum(2)  # [E, B]: log p_e(prompt), grown by one token per step below
+        cache, step_logits = _cache_of(out), logits[:, :, -1]
+        cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        ids, scores, done = input_ids, [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        static_w = log_w[:, -1]  # [B, E] for uniform / static weighting
+        for _ in range(max_new_tokens):
+            lw = self._posterior(prefix.T) if self.weighting == "posterior" else static_w
+            mixed = ensemble_logprobs(step_logits, lw.to(step_logits.dtype), space=self.space)  # [B, V]
+            scores.append(mixed)
+            if do_sample:
+                token = torch.multinomial(mixed.float().exp(), 1, generator=generator).squeeze(1)
+            else:
+                token = mixed.argmax(-1)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done = done | (token == eos_token_id)
+            ids = torch.cat([ids, token[:, None]], 1)
+            if len(scores) == max_new_tokens or (eos_token_id is not None and bool(done.all())):
+                break
+            prefix = prefix + torch.log_softmax(step_logits.float(), -1).gather(-1, token[None, :, None].expand(e, b, 1)).squeeze(-1)
+            with route(self.model, copies):
+                out = self.model(input_ids=token.repeat(e)[:, None], use_cache=True, **{cache_arg: cache})
+            cache, step_logits = _cache_of(out), out.logits[:, -1].reshape(e, b, -1)
+        return (ids, torch.stack(scores, 1)) if return_logprobs else ids
+
+
+def _cache_of(out):
+    """The KV cache of a model output (transformers 5 names it `cache`, 4 `past_key_values`)."""
+    return out["cache"] if "cache" in out else out.past_key_values
+
+
+@torch.no_grad()
+def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        weights: torch.Tensor | None = None) -> float:
+    """exp of the mean negative log-likelihood of every next token (padding excluded) under the
+    ensemble's mixture, computed with `ensemble_nll`."""
+    nll = ensemble.token_nll(input_ids, attention_mask, weights)
+    mask = torch.ones_like(nll) if attention_mask is None else attention_mask[:, 1:].to(nll.dtype)
+    return float(torch.exp((nll * mask).sum() / mask.sum().clamp_min(1)))
+
+
+# --- which expert trains on which language ---
+
+def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced k-means (c-BTM's clustering of example embeddings): each of the `k` clusters gets
+    at most ceil(N / k) points. Returns (assignment [N], centres [k, D]).
+
+    Each round assigns points greedily, the most decided first (largest gap between its nearest
+    and farthest centre), to the nearest centre that still has room, then moves the centres.
+    """
+    x = torch.as_tensor(x, dtype=torch.float64)
+    n = x.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"balanced_kmeans: k must be in [1, {n}], got {k}")
+    cap = -(-n // k)
+    g = torch.Generator().manual_seed(seed)
+    centres = x[torch.randperm(n, generator=g)[:k]].clone()
+    assign = torch.full((n,), -1, dtype=torch.long)
+    for _ in range(iters):
+        dist = torch.cdist(x, centres)
+        order = torch.argsort(dist.max(1).values - dist.min(1).values, descending=True, stable=True)
+        room = [cap] * k
+        new = torch.empty(n, dtype=torch.long)
+        for i in order.tolist():
+            for c in torch.argsort(dist[i], stable=True).tolist():
+                if room[c]:
+                    new[i], room[c] = c, room[c] - 1
+                    break
+        if torch.equal(new, assign):
+            break
+        assign = new
+        centres = torch.stack([x[assign == c].mean(0) for c in range(k)])
+    return assign, centres.float()
+
+
+def cluster_languages(codes: Mapping[str, str], num_experts: int, seed: int = 0) -> dict[str, int]:
+    """{language: expert index}: balanced k-means over the languages' URIEL vectors (syntax,
+    phonology, inventory, family, geography; see `xlsparse.hf.continual.uriel_vectors`), so that
+    typologically close languages share an expert, as in X-ELM's typological clustering.
+    `codes` maps each language to its ISO 639-3 code."""
+    langs = list(codes)
+    vecs = uriel_vectors(tuple(codes[lang] for lang in langs))
+    assign, _ = balanced_kmeans(torch.stack([vecs[codes[lang]] for lang in langs]), num_experts, seed=seed)
+    return {lang: int(a) for lang, a in zip(langs, assign)}
+
+
+def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_experts: int,
+                          codes: Mapping[str, str] | None = None, clusters: Mapping[str, int] | None = None,
+                          seed: int = 0, **train_kwargs) -> tuple[dict[str, SparseDiff], dict[str, list[str]]]:
+    """X-ELM's branch-train step: cluster the languages, then train one expert per cluster on
+    the batches of its languages (in language order, one language's batches after another's
+    interleaved round-robin so no language comes last).
+
+    `batches` {language: list of batches}; the clusters come from `codes` ({language: ISO
+    639-3}, typological, via `cluster_languages`) or are given as `clusters` ({language:
+    expert index}, e.g. from `balanced_kmeans` over example embeddings). `train_kwargs` go to
+    `train_expert`. Returns ({expert name: SparseDiff}, {expert name: its languages}).
+    """
+    if (codes is None) == (clusters is None):
+        raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
+    if clusters is None:
+        clusters = cluster_languages({lang: codes[lang] for lang in batches}, num_experts, seed=seed)
+    missing = [lang for lang in batches if lang not in clusters]
+    if missing:
+        raise ValueError(f"train_cluster_experts: no cluster for languages {missing}")
+    members = {f"expert{e}": [lang for lang in batches if clusters[lang] == e] for e in range(num_experts)}
+    experts = {}
+    for name, langs in members.items():
+        if not langs:
+            raise ValueError(f"train_cluster_experts: {name} has no language")
+        queues = [list(batches[lang]) for lang in langs]
+        interleaved = [q[i] for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)]
+        experts[name] = train_expert(base, interleaved, **train_kwargs)
+    return experts, members
+
+
+def typological_prior(code: str, expert_codes: Mapping[str, Sequence[str]], temperature: float = 0.1) -> torch.Tensor:
+    """A prior over experts [E] for text in language `code`: softmax of −(mean URIEL distance to
+    each expert's languages) / temperature."""
+    dist = torch.tensor([sum(uriel_distance(code, c) for c in cs) / len(cs) for cs in expert_codes.values()])
+    return torch.softmax(-dist / temperature, 0)
 
 
 def closest_parent(languages: Mapping[str, str], new_language: str) -> str:
@@ -52,51 +447,161 @@ def closest_parent(languages: Mapping[str, str], new_language: str) -> str:
     return min(languages, key=lambda e: uriel_distance(languages[e], new_language))
 
 
-class ExpertEnsemble(nn.Module):
-    """E sparse experts over one base, run as one batch of E copies and mixed per example.
+# --- training one expert ---
 
-    `forward(input_ids, attention_mask=None, weights=None, space="prob")` returns log-probabilities
-    [B, S, V] of the mixture: with `space="prob"`, log Σ_e w_e · softmax(z_e); with "logit",
-    log_softmax(Σ_e w_e · z_e). `weights` [B, E] are per-example expert weights (uniform by default).
+def _grown_support(model: nn.Module, parent: SparseDiff, batch, grow: int, loss_fn: Callable, names: list) -> SparseDiff:
+    """The parent's diff plus `grow` new zero-valued entries: the largest |∂L/∂W| on `batch`
+    outside the parent's support, global over the target weights (one dense gradient per weight,
+    once)."""
+    params = dict(model.named_parameters())
+    weights = [params[n] for n in names]
+    for w in weights:
+        w.requires_grad_(True)
+    model.zero_grad(set_to_none=True)
+    loss_fn(model, batch).backward()
+    scores = []
+    for n, w in zip(names, weights):
+        g = w.grad.detach().abs().float() + 1.0  # >= 1 outside the parent's support ...
+        if n in parent.deltas:
+            g.view(-1)[parent.deltas[n].indices.long()] = 0.0  # ... and 0 on it: never picked twice
+        scores.append(g)
+        w.grad = None
+        w.requires_grad_(False)
+    picks = topk_mask(scores, grow)
+    new = {}
+    for n, m in zip(names, picks):
+        idx = m.reshape(-1).nonzero().squeeze(1)
+        if n in parent.deltas:
+            old = parent.deltas[n]
+            merged = torch.cat([old.indices.long(), idx])
+            order = torch.argsort(merged)
+            vals = torch.cat([old.values, torch.zeros(idx.numel(), dtype=old.values.dtype)])[order]
+            new[n] = SparseDelta._trusted(merged[order].to(old.indices.dtype), vals, old.shape)
+        elif idx.numel():
+            new[n] = SparseDelta._trusted(idx.to(index_dtype(m.numel())), torch.zeros(idx.numel()), m.shape)
+    return SparseDiff._trusted(new)
+
+
+class _ExpertSetup:
+    """A trainable copy of the base for one expert: the model, its optimizer's param groups, and
+    the densely trained embedding/head weights by name (their base values are read at the end)."""
+
+    def __init__(self, base: nn.Module, k, density, init, grow, target_modules, train_embeddings, first_batch,
+                 loss_fn, what: str):
+        if grow is not None and init is None:
+            raise ValueError(f"{what}: grow needs init (the parent expert the child branches from)")
+        self.base = base
+        model = copy.deepcopy(base)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if init is not None:
+            linear = SparseDiff._trusted(dict(init.deltas))
+            if init.absolute or (init.dense and not train_embeddings):
+                raise ValueError(f"{what}: init has dense or absolute entries; pass train_embeddings=True to carry "
+                                 "dense embedding parts, or give a parent with sparse deltas only")
+            names = [f"{n}.weight" for n in target_names(model, target_modules)]
+            if grow:
+                room = sum(dict(model.named_parameters())[n].numel() for n in names) - linear.nnz
+                if not 0 < grow <= room:
+                    raise ValueError(f"{what}: grow={grow} must be in [1, {room}] (the entries outside the parent's support)")
+                linear = _grown_support(model, linear, first_batch, grow, loss_fn, names)
+            convert(model, target_modules, kind="delta", diffs=linear)
+        else:
+            convert(model, target_modules, kind="delta", k=k, density=density)
+        values = [p for n, p in model.named_parameters() if n.endswith("delta_values")]
+        self.groups, self.masks, self.dense = [{"params": values}], [None] * len(values), {}
+        if train_embeddings:
+            named = {id(p): n for n, p in model.named_parameters()}
+            for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+                if module is not None and id(module.weight) in named:
+                    self.dense.setdefault(named[id(module.weight)], module.weight)
+            with torch.no_grad():
+                for n, w in self.dense.items():
+                    if init is not None and n in init.dense:
+                        w.add_(init.dense[n].to(w))
+                    w.requires_grad_(True)
+            self.groups.append({"params": list(self.dense.values())})
+            self.masks += [None] * len(self.dense)
+        self.model = model
+
+    def optimizer(self, **kwargs) -> MaskedAdamW:
+        return MaskedAdamW(self.groups, self.masks, mode="compact", **kwargs)
+
+    def diff(self) -> SparseDiff:
+        """The expert: the trained sparse deltas, plus dense embedding/head differences."""
+        diff = extract_diff(self.model)
+        if not self.dense:
+            return diff
+        base = dict(self.base.named_parameters())
+        return SparseDiff._trusted(diff.deltas, {n: (w.detach() - base[n].detach()) for n, w in self.dense.items()})
+
+
+def train_expert(base: nn.Module, batches: Iterable, k: int | None = None, density: float | None = None,
+                 init: SparseDiff | None = None, grow: int | None = None, target_modules=None, lr: float = 1e-3,
+                 train_embeddings: bool = False, loss_fn: Callable | None = None, progress: bool = True) -> SparseDiff:
+    """Train one sparse expert on `batches` and return it as a SparseDiff; `base` is not changed.
+
+    The support is drawn at random with `k` / `density`, or taken with its values from `init`
+    (a parent expert to branch from; its deltas, and with `train_embeddings` its dense parts,
+    seed the child). With `init`, `grow` adds that many entries of the child's own: the largest
+    gradient magnitudes on the first batch outside the parent's support.
+    `train_embeddings=True` also trains the input embedding (and an untied output head) densely;
+    their changes come back as dense entries, which `ExpertEnsemble` routes per expert.
     """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("train_expert: no batches")
+    loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    setup = _ExpertSetup(base, k, density, init, grow, target_modules, train_embeddings, batches[0], loss_fn,
+                         "train_expert")
+    opt = setup.optimizer(lr=lr, weight_decay=0.0)
+    setup.model.train()
+    for batch in _progress(batches, "expert", progress):
+        opt.zero_grad(set_to_none=True)
+        loss_fn(setup.model, batch).backward()
+        opt.step()
+    return setup.diff()
 
-    def __init__(self, base: nn.Module, experts: Mapping[str, SparseDiff], target_modules=None):
-        super().__init__()
-        if not experts:
-            raise ValueError("ExpertEnsemble: give at least one expert")
-        self._base = base
-        self._target_modules = target_modules
-        self.experts: dict[str, SparseDiff] = dict(experts)
-        self._build()
 
-    def _build(self) -> None:
-        self.model = convert(copy.deepcopy(self._base), self._target_modules, kind="multi", diffs=self.experts)
-        self.model.eval()
+try:
+    from transformers import Trainer
+except ImportError:  # transformers is the optional `hf` extra
+    Trainer = object
 
-    @property
-    def names(self) -> list[str]:
-        return list(self.experts)
 
-    def add_expert(self, name: str, diff: SparseDiff) -> None:
-        """Add an expert; the others are not changed."""
-        if name in self.experts:
-            raise ValueError(f"add_expert: an expert named {name!r} exists")
-        self.experts[name] = diff
-        self._build()
+class ExpertTrainer(Trainer):
+    """A transformers `Trainer` that trains one X-ELM expert on its cluster's data: pass the
+    shared `base` as `model` plus the expert's sparse options (`k` / `density`, or `init` and
+    `grow` to branch a child from a parent, `target_modules`, `train_embeddings`). The base is
+    not changed; the Trainer trains a copy whose sparse delta values (and dense embedding/head,
+    with `train_embeddings`) are the only trainable parameters, with a compact MaskedAdamW using
+    the Trainer's lr, betas, eps and weight decay. After `train()`, `expert()` returns the
+    SparseDiff for `ExpertEnsemble`."""
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                weights: torch.Tensor | None = None, space: str = "prob") -> torch.Tensor:
-        b, s = input_ids.shape
-        e = len(self.experts)
-        if weights is None:
-            weights = torch.full((b, e), 1.0 / e, device=input_ids.device)
-        if tuple(weights.shape) != (b, e):
-            raise ValueError(f"ExpertEnsemble: weights must have shape [{b}, {e}], got {tuple(weights.shape)}")
-        copies = input_ids.repeat(e, 1)
-        mask = None if attention_mask is None else attention_mask.repeat(e, 1)
-        expert_of_copy = torch.arange(e, device=input_ids.device).repeat_interleave(b)
-        with route(self.model, expert_of_copy):
-            logits = self.model(input_ids=copies, attention_mask=mask).logits
-        logits = logits.reshape(e, b * s, -1)
-        log_w = weights.clamp_min(1e-30).log().repeat_interleave(s, dim=0)
-        return ensemble_logprobs(logits, log_w.to(logits.dtype), space=space).reshape(b, s, -1)
+    def __init__(self, model: nn.Module, *args, k: int | None = None, density: float | None = None,
+                 init: SparseDiff | None = None, grow: int | None = None, target_modules=None,
+                 train_embeddings: bool = False, **kwargs):
+        if Trainer is object:
+            raise ImportError("ExpertTrainer needs transformers (the hf extra)")
+        first = None
+        if grow:
+            dataset = kwargs.get("train_dataset")
+            if dataset is None:
+                raise ValueError("ExpertTrainer: grow needs train_dataset (its first examples score the new entries)")
+            collate = kwargs.get("data_collator") or (lambda items: {key: torch.stack([torch.as_tensor(i[key]) for i in items])
+                                                                     for key in items[0]})
+            first = collate([dataset[i] for i in range(min(len(dataset), 8))])
+        self.setup = _ExpertSetup(model, k, density, init, grow, target_modules, train_embeddings, first,
+                                  lambda m, b: m(**b).loss, "ExpertTrainer")
+        super().__init__(self.setup.model, *args, **kwargs)
+
+    def create_optimizer(self, *args, **kwargs):
+        if self.optimizer is None:
+            a = self.args
+            self.optimizer = self.setup.optimizer(lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+                                                  eps=a.adam_epsilon, weight_decay=a.weight_decay)
+        return self.optimizer
+
+    def expert(self) -> SparseDiff:
+        """The trained expert as a SparseDiff over the base's parameters."""
+        return self.setup.diff()

@@ -1,0 +1,172 @@
+"""Language arithmetic: combine with heads, TIES-merging and DARE over sparse diffs, each against a
+dense plain-torch restatement of PEFT's math, and the λ sweep on a held-out set."""
+import pytest
+import torch
+from tiny_models import VOCAB, tiny
+
+import xlsparse
+from xlsparse import hf
+from xlsparse.diff import SparseDelta, SparseDiff
+from xlsparse.hf import arithmetic
+
+SHAPES = {"a.weight": (7, 5), "b.weight": (3, 11), "c.weight": (13,)}
+
+
+def _random_diff(seed: int, density: float = 0.4, dense_name: str | None = None) -> SparseDiff:
+    g = torch.Generator().manual_seed(seed)
+    deltas, dense = {}, {}
+    for name, shape in SHAPES.items():
+        numel = torch.Size(shape).numel()
+        if name == dense_name:
+            dense[name] = torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.7)
+            continue
+        idx = torch.randperm(numel, generator=g)[: max(1, int(density * numel))].sort().values
+        deltas[name] = SparseDelta(idx, torch.randn(idx.numel(), generator=g), shape)
+    return SparseDiff(deltas, dense)
+
+
+def _dense(diff: SparseDiff) -> dict[str, torch.Tensor]:
+    out = {n: torch.zeros(s) for n, s in SHAPES.items()}
+    for n, d in diff.deltas.items():
+        out[n] = d.to_dense()
+    for n, t in diff.dense.items():
+        out[n] = t.clone()
+    return out
+
+
+def _ties_dense(diffs, weights, density):
+    """PEFT's ties restated on dense tensors: trim each diff globally to round(density · its
+    nonzeros), elect the sign of the summed trimmed values (+ at 0), disjoint weighted mean."""
+    trimmed = []
+    for d in diffs:
+        dense = _dense(d)
+        flat = torch.cat([dense[n].reshape(-1) for n in SHAPES])
+        k = round(density * int((flat != 0).sum()))
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[torch.topk(flat.abs(), k).indices] = True
+        flat = flat * keep
+        trimmed.append(dict(zip(SHAPES, [p.reshape(SHAPES[n]) for n, p in zip(SHAPES, flat.split(
+            [torch.Size(s).numel() for s in SHAPES.values()]))])))
+    out = {}
+    for n in SHAPES:
+        t = torch.stack([tr[n] for tr in trimmed])
+        elected = torch.where(t.sum(0) >= 0, 1.0, -1.0)
+        agree = t.sign() == elected
+        w = torch.tensor(weights).reshape(-1, *([1] * (t.dim() - 1)))
+        out[n] = (t * w * agree).sum(0) / agree.sum(0).clamp(min=1)
+    return out
+
+
+@pytest.mark.parametrize("density", [0.3, 0.7, 1.0])
+def test_ties_merge_equals_dense_peft_math(density):
+    diffs = [_random_diff(1), _random_diff(2, dense_name="b.weight"), _random_diff(3, density=0.8)]
+    weights = [1.0, 0.5, -0.7]
+    got = arithmetic.ties_merge(diffs, weights, density)
+    expect = _ties_dense(diffs, weights, density)
+    assert not got.dense
+    for n in SHAPES:
+        dense = got.deltas[n].to_dense() if n in got.deltas else torch.zeros(SHAPES[n])
+        torch.testing.assert_close(dense, expect[n], rtol=1e-6, atol=1e-6)
+    # The sign election is not a plain sum: some entry must lose a disagreeing diff's value.
+    plain = arithmetic.combine(diffs, weights)
+    assert any(not torch.allclose(got.deltas[n].to_dense(), _dense(plain)[n]) for n in got.deltas)
+
+
+def test_trim_keeps_its_own_share_of_each_diff():
+    small, big = _random_diff(4, density=0.1), _random_diff(5, density=0.9)
+    for d in (small, big):
+        kept = arithmetic.ties_merge([d], [1.0], 0.5)
+        assert kept.nnz == round(0.5 * d.nnz)
+
+
+def test_dare_drops_and_rescales_only_stored_entries():
+    big = torch.Size((4000, 50))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(big.numel(), generator=g)[:20000].sort().values
+    diff = SparseDiff({"w": SparseDelta(idx, torch.randn(idx.numel(), generator=g), big)},
+                      {"d": torch.randn(300, generator=g)})
+    drop = 0.3
+    out = arithmetic.dare(diff, drop, seed=7)
+    dense_in, dense_out = diff.deltas["w"].to_dense(), out.deltas["w"].to_dense()
+    survived = dense_out != 0
+    # Survivors are the stored entries, rescaled by 1 / (1 - drop); nothing new appears.
+    assert bool((dense_in[survived] != 0).all())
+    torch.testing.assert_close(dense_out[survived], dense_in[survived] / (1 - drop))
+    kept = survived.sum().item() / idx.numel()
+    assert abs(kept - (1 - drop)) < 4 * (drop * (1 - drop) / idx.numel()) ** 0.5
+    d_kept = out.dense["d"] != 0
+    torch.testing.assert_close(out.dense["d"][d_kept], diff.dense["d"][d_kept] / (1 - drop))
+    # Same seed, same diff; another seed, another one; unbiased on average.
+    assert torch.equal(arithmetic.dare(diff, drop, seed=7).deltas["w"].indices, out.deltas["w"].indices)
+    assert not torch.equal(arithmetic.dare(diff, drop, seed=8).deltas["w"].indices, out.deltas["w"].indices)
+    small = SparseDiff({"w": SparseDelta(torch.arange(5), torch.tensor([1.0, -2.0, 3.0, 0.5, -1.5]), (5,))})
+    mean = sum(arithmetic.dare(small, 0.5, seed=s).deltas["w"].to_dense() for s in range(4000)) / 4000
+    torch.testing.assert_close(mean, small.deltas["w"].to_dense(), atol=0.15, rtol=0)
+    with pytest.raises(ValueError, match="drop"):
+        arithmetic.dare(diff, 1.0)
+
+
+def test_ties_and_dare_never_densify():
+    """A 10^10-element parameter would need 40 GB dense; the sparse paths touch its K entries only."""
+    shape = (100_000, 100_000)
+    a = SparseDiff({"w": SparseDelta(torch.tensor([3, 10**9, 9 * 10**9]), torch.tensor([1.0, -2.0, 3.0]), shape)})
+    b = SparseDiff({"w": SparseDelta(torch.tensor([3, 10**9 + 1]), torch.tensor([-0.5, 4.0]), shape)})
+    merged = arithmetic.ties_merge([a, b], [1.0, 1.0], 1.0)
+    assert merged.deltas["w"].indices.tolist() == [3, 10**9, 10**9 + 1, 9 * 10**9]
+    torch.testing.assert_close(merged.deltas["w"].values, torch.tensor([1.0, -2.0, 4.0, 3.0]))
+    assert arithmetic.dare(a, 0.5, seed=0).deltas["w"].shape == shape
+
+
+def test_combine_with_heads():
+    head_a, head_b = torch.randn(4, 3), torch.randn(4, 3)
+    a = SparseDiff({"w": SparseDelta(torch.tensor([0, 2]), torch.tensor([1.0, 2.0]), (5,))}, absolute={"head": head_a})
+    b = SparseDiff({"w": SparseDelta(torch.tensor([2, 4]), torch.tensor([3.0, 4.0]), (5,))}, absolute={"head": head_b})
+    with pytest.raises(ValueError, match="absolute_from"):
+        arithmetic.combine([a, b], [1.0, 0.5])
+    for merge in (arithmetic.combine, lambda d, w, **kw: arithmetic.ties_merge(d, w, 1.0, **kw)):
+        assert torch.equal(merge([a, b], [1.0, 0.5], absolute_from=1).absolute["head"], head_b)
+        assert not merge([a, b], [1.0, 0.5], with_abs=False).absolute
+    out = arithmetic.combine([a, b], [1.0, 0.5], absolute_from=0)
+    torch.testing.assert_close(out.deltas["w"].to_dense(), torch.tensor([1.0, 0.0, 3.5, 0.0, 2.0]))
+    assert torch.equal(out.absolute["head"], head_a)
+    # A head named by one diff passes through unscaled.
+    c = SparseDiff({"w": SparseDelta(torch.tensor([1]), torch.tensor([1.0]), (5,))})
+    assert torch.equal(arithmetic.combine([a, c], [0.25, 1.0]).absolute["head"], head_a)
+
+
+def _lm_batches(n, seed, b=4, s=8):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in (torch.randint(3, VOCAB, (b, s), generator=g) for _ in range(n))]
+
+
+def test_lambda_sweep_finds_the_best_and_restores_the_model():
+    model = tiny("bert")
+    name = f"{hf.model.target_names(model)[0]}.weight"
+    target = dict(model.named_parameters())[name]
+    before = target.detach().clone()
+    phi = SparseDiff({name: xlsparse.SparseDelta(torch.tensor([0, 5]), torch.tensor([1.0, -1.0]), target.shape)})
+    best, scores = arithmetic.lambda_sweep(model, lambda lam: arithmetic.combine([phi], [lam]), [-1.0, 0.0, 0.5, 2.0],
+                                           evaluate=lambda m: -abs(float(dict(m.named_parameters())[name].detach().view(-1)[0]) - float(before.view(-1)[0]) - 0.5),
+                                           progress=False)
+    assert best == 0.5 and set(scores) == {-1.0, 0.0, 0.5, 2.0}
+    assert torch.equal(target, before)
+
+
+def test_lambda_sweep_on_a_heldout_set_returns_the_table():
+    model = tiny("llama")
+    heldout = _lm_batches(2, 9)
+    named = dict(model.named_parameters())
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:3]
+    g = torch.Generator().manual_seed(0)
+    phi = SparseDiff({n: SparseDelta.from_dense(torch.randn(named[n].shape, generator=g) * 0.5, k=40) for n in names})
+    sweep = arithmetic.lambda_sweep(model, lambda lam: arithmetic.combine([phi], [lam]), [0.0, 1.0, 3.0],
+                                    heldout=heldout, progress=False)
+    expect = {}
+    for lam in (0.0, 1.0, 3.0):
+        with phi.applied(model, alpha=lam), torch.no_grad():
+            expect[lam] = sum(float(model(**b).loss) for b in heldout) / len(heldout)
+    assert sweep.scores == pytest.approx(expect)
+    assert sweep.best == min(expect, key=expect.get) and not sweep.higher_is_better
+    assert "| 3 |" in sweep.table() and "best" in sweep.table()
+    with pytest.raises(ValueError, match="exactly one"):
+        arithmetic.lambda_sweep(model, lambda lam: phi, [1.0], progress=False)

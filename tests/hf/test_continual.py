@@ -1,0 +1,127 @@
+"""LAFT-URIEL continual updates: URIEL distances over five feature sets, language-aware subsets,
+the mixed-batch update against one masked optimizer step per language on the same batch
+(restated in plain torch), and the per-language report."""
+import copy
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny
+
+from xlsparse import hf
+from xlsparse.hf import continual
+
+
+def test_uriel_distances_and_language_aware_masks():
+    pytest.importorskip("lang2vec")
+    assert continual.uriel_distance("eng", "deu") < continual.uriel_distance("eng", "jpn")
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    scores = {lang: {n: torch.rand(named[n].shape, generator=g) for n in names} for lang in ("en", "de", "ja")}
+    masks = continual.language_aware_masks(scores, {"en": "eng", "de": "deu", "ja": "jpn"}, density=0.1)
+    k = round(0.1 * sum(named[n].numel() for n in names))
+    assert all(sum(int(m.sum()) for m in masks[lang].values()) == k for lang in masks)
+    with pytest.raises(ValueError, match="unknown"):
+        continual.uriel_distance("eng", "zzz")
+
+
+def _mixed_batch(seed, b=6, s=8):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, s), generator=g)
+    return {"input_ids": ids, "labels": ids, "language_ids": torch.tensor([0, 1, 2, 0, 1, 2])[:b]}
+
+
+def _per_language_steps(model, batch, masks, lr, betas=(0.9, 0.999), eps=1e-8):
+    """One AdamW step per language on the same batch, restated in plain torch: language l's
+    gradient is that of the batch-mean loss through l's examples only, applied to l's mask."""
+    named = dict(model.named_parameters())
+    ids, lang_of = batch["input_ids"], batch["language_ids"]
+    logits = model(input_ids=ids).logits[:, :-1]
+    token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1),
+                                                   reduction="none").reshape(ids.shape[0], -1)
+    names = sorted({n for m in masks.values() for n in m})
+    new = {n: named[n].detach().clone() for n in names}
+    for lang_index, lang in enumerate(masks):
+        loss = token_loss[lang_of == lang_index].sum() / token_loss.numel()  # this language's share of the mean
+        grads = torch.autograd.grad(loss, [named[n] for n in names], retain_graph=True)
+        for n, g in zip(names, grads):
+            m = masks[lang][n]
+            m_hat, v_hat = g * (1 - betas[0]) / (1 - betas[0]), g * g * (1 - betas[1]) / (1 - betas[1])
+            step = lr * m_hat / (v_hat.sqrt() + eps)
+            new[n] = torch.where(m, new[n] - step, new[n])
+    return new
+
+
+def test_mixed_batch_update_equals_one_masked_step_per_language():
+    model = tiny("llama")
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(1)
+    # disjoint subsets: each entry belongs to at most one of three languages
+    owner = {n: torch.randint(0, 6, named[n].shape, generator=g) for n in names}
+    masks = {lang: {n: owner[n] == i for n in names} for i, lang in enumerate(("de", "fr", "ja"))}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    batch = _mixed_batch(0)
+    losses = continual.continual_update(model, [batch], masks, lr=1e-2, progress=False)
+    assert len(losses) == 1
+    expect = _per_language_steps(twin, batch, masks, lr=1e-2)
+    named = dict(model.named_parameters())
+    for n, p in named.items():
+        if n in expect:
+            torch.testing.assert_close(p, expect[n], rtol=1e-5, atol=1e-6)
+            closed = ~(masks["de"][n] | masks["fr"][n] | masks["ja"][n])
+            assert torch.equal(p[closed], before[n][closed]) and not torch.equal(p, before[n])
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __len__(self):
+        return self.batch["input_ids"].shape[0]
+
+    def __getitem__(self, i):
+        return {k: v[i] for k, v in self.batch.items()}
+
+
+def test_continual_trainer_makes_the_same_update(tmp_path):
+    from transformers import TrainingArguments
+
+    model = tiny("llama")
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.2 for n in names} for lang in ("de", "fr", "ja")}
+    batch = _mixed_batch(3)
+    continual.continual_update(twin, [batch], masks, lr=1e-2, progress=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6, learning_rate=1e-2, max_steps=1,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(batch)).train()
+    for (n, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_continual_update_rejects_batches_without_language_ids():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    batch = _mixed_batch(1)
+    del batch["language_ids"]
+    with pytest.raises(ValueError, match="language_ids"):
+        continual.continual_update(model, [batch], masks, progress=False)
+
+
+def test_per_language_report():
+    report = continual.per_language_report({"de": 0.5, "fr": 0.6, "ja": 0.4}, {"de": 0.55, "fr": 0.5, "ja": 0.3})
+    assert (report.improved, report.worsened) == (1, 2)
+    assert report.mean_loss == pytest.approx(0.1)
+    assert "| fr | 0.6000 | 0.5000 | -0.1000 |" in report.table()
+    with pytest.raises(ValueError):
+        continual.per_language_report({"de": 1.0}, {"fr": 1.0})

@@ -1,0 +1,337 @@
+"""Language subnetworks: importance and per-entry masks, structured (head/neuron) masks, dynamic
+re-selection, first-order MAML against a plain-torch restatement, Reptile, and mixed-language
+training that never builds a dense gradient per language."""
+import copy
+
+import pytest
+import torch
+from tiny_models import VOCAB, tiny
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import xlsparse
+from xlsparse import hf
+from xlsparse.hf import subnetworks
+
+
+def _lm_batches(n, seed, b=4, s=8):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in (torch.randint(3, VOCAB, (b, s), generator=g) for _ in range(n))]
+
+
+def test_importance_masks_and_dynamic_reselection():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    scores = subnetworks.importance_scores(model, {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)},
+                                           params=names, progress=False)
+    assert set(scores) == {"de", "fr"} and all(float(s.sum()) > 0 for s in scores["de"].values())
+    fisher = subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, method="fisher", params=names, progress=False)
+    assert float(fisher["de"][names[0]].sum()) > 0
+    masks = subnetworks.select_masks(scores, density=0.1)
+    total = sum(m.numel() for m in masks["de"].values())
+    assert sum(int(m.sum()) for m in masks["de"].values()) == round(0.1 * total)
+
+    hf.convert(model, kind="subnetwork", masks=masks)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = xlsparse.optim.MaskedAdamW(trainable, [None] * len(trainable), lr=1e-3)
+    new_masks = subnetworks.select_masks(subnetworks.importance_scores(
+        model, {"de": _lm_batches(1, 5), "fr": _lm_batches(1, 6)}, params=names, progress=False), density=0.05)
+    subnetworks.set_masks(model, new_masks, opt)
+    layer = model.get_submodule(names[0][: -len(".weight")])
+    assert torch.equal(layer.trainable_mask(), new_masks["de"][names[0]] | new_masks["fr"][names[0]])
+
+
+def test_reptile_step_updates_only_the_subnetworks():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.1 for n in names} for lang in ("de", "fr")}
+    before = {n: named[n].detach().clone() for n in names}
+    losses = subnetworks.reptile_step(model, {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}, masks,
+                                      inner_lr=0.1, outer_lr=0.5, inner_steps=2)
+    assert set(losses) == {"de", "fr"}
+    for n in names:
+        union = masks["de"][n] | masks["fr"][n]
+        assert torch.equal(named[n][~union], before[n][~union])
+        assert bool((named[n][union] != before[n][union]).any())
+
+
+def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
+    """First-order MAML restated in plain torch: per language, inner SGD on the support batch
+    with the gradient masked, the masked query gradient at the adapted weights, weights restored;
+    the outer gradient is the mean over languages."""
+    named = dict(model.named_parameters())
+    outer = {}
+    for lang in support:
+        params = {n: named[n] for n in masks[lang]}
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        for step in range(inner_steps):
+            grads = torch.autograd.grad(model(**support[lang][step % len(support[lang])]).loss, list(params.values()))
+            with torch.no_grad():
+                for (n, p), g in zip(params.items(), grads):
+                    p -= inner_lr * g * masks[lang][n]
+        grads = torch.autograd.grad(model(**query[lang]).loss, list(params.values()))
+        with torch.no_grad():
+            for (n, p), g in zip(params.items(), grads):
+                outer[n] = outer.get(n, 0) + g * masks[lang][n] / len(support)
+                p.copy_(saved[n])
+    return outer
+
+
+def test_fomaml_outer_gradient_and_step_match_plain_torch():
+    model = tiny("bert")
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}
+    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2, weight_decay=0.1)
+    losses = subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=3, outer_optimizer=opt)
+    assert set(losses) == {"de", "fr"}
+
+    expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.5, inner_steps=3)
+    for n in names:
+        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
+    # The outer step is AdamW confined to the union of the subnetworks (weight decay included).
+    twin_named = dict(twin.named_parameters())
+    plain = torch.optim.AdamW([twin_named[n] for n in names], lr=1e-2, weight_decay=0.1)
+    for n in names:
+        twin_named[n].grad = expect[n]
+    plain.step()
+    for n, p in named.items():
+        if n in names:
+            union = masks["de"][n] | masks["fr"][n]
+            torch.testing.assert_close(p[union], twin_named[n][union], rtol=1e-5, atol=1e-6)
+            assert torch.equal(p[~union], before[n][~union])
+        else:
+            assert torch.equal(p, before[n]), n
+    with pytest.raises(TypeError, match="masked optimizer"):
+        subnetworks.fomaml_step(model, support, query, masks, 0.5, 1, torch.optim.AdamW(model.parameters()))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def test_structured_masks_select_whole_heads_and_neurons(arch):
+    model = tiny(arch)
+    _, layers = subnetworks.block_layout(model)
+    heads_scores, neuron_scores = subnetworks.structured_importance(model, _lm_batches(2, 1))
+    assert heads_scores.shape == (2, 2) and bool((heads_scores > 0).all()) and bool((neuron_scores >= 0).all())
+    g = torch.Generator().manual_seed(1)
+    masks = {lang: subnetworks.structured_masks(model, torch.rand(heads_scores.shape, generator=g),
+                                                torch.rand(neuron_scores.shape, generator=g), 0.5, 0.25)
+             for lang in ("de", "fr")}
+    for m in masks.values():
+        o = [m[f"{layer['o']}.weight"] for layer in layers]
+        ffn_out = [m[f"{layer['ffn_out']}.weight"] for layer in layers]
+        # every line of a head (neuron) is all open or all closed
+        head_cols = [(x.t() if arch == "gpt2" else x).all(0) for x in o]  # O columns (GPT-2: rows)
+        assert sum(int(c.reshape(2, -1).all(1).sum()) for c in head_cols) == 2  # half of 2 x 2 heads
+        assert all(torch.equal(c.reshape(2, -1).all(1), c.reshape(2, -1).any(1)) for c in head_cols)
+        neurons = [(x.t() if arch == "gpt2" else x).all(0) for x in ffn_out]
+        assert sum(int(c.sum()) for c in neurons) == round(0.25 * neuron_scores.numel())
+    # Training through SubnetworkLinear with routing leaves every other entry bit-identical.
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    hf.convert(model, list({n[: -len(".weight")] for n in masks["de"]}), kind="subnetwork", masks=masks)
+    model.train()
+    named = dict(model.named_parameters())
+    union = {n: masks["de"][n] | masks["fr"][n] for n in masks["de"]}
+    if arch == "gpt2":  # converted Conv1D weights are stored [out, in]
+        union = {n: u.t().contiguous() for n, u in union.items()}
+        before.update({n: before[n].t() for n in union})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in union:
+        named[n].requires_grad_(True)
+    opt = xlsparse.optim.MaskedAdamW([named[n] for n in union], list(union.values()), lr=1e-2)
+    for batch in _lm_batches(3, 7):
+        opt.zero_grad(set_to_none=True)
+        with hf.route(model, torch.tensor([0, 1, 0, 1])):
+            model(**batch).loss.backward()
+        opt.step()
+    for n, p in named.items():
+        if n in union:
+            assert torch.equal(p[~union[n]], before[n][~union[n]]), n
+            assert bool((p[union[n]] != before[n][union[n]]).any()), n
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+class _CountWeightSized(TorchDispatchMode):
+    """Counts the distinct storages of op outputs with a given 2-D shape (dense weight-sized
+    gradients; a view such as detach shares its storage and is not counted again)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.storages, self.ops = tuple(shape), set(), []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape:
+                self.storages.add(t.untyped_storage().data_ptr())
+                self.ops.append(str(func))
+        return out
+
+
+def test_mixed_language_backward_builds_no_dense_gradient_per_language():
+    layer = torch.nn.Linear(40, 24, bias=False)
+    langs = ("a", "b", "c", "d")
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: torch.rand(24, 40, generator=g) < 0.3 for lang in langs}
+    sub = xlsparse.nn.SubnetworkLinear.from_linear(layer, masks)
+    x = torch.randn(8, 5, 40, generator=g)
+    ids = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    y = sub(x, language_ids=ids)
+    with _CountWeightSized((24, 40)) as counter:
+        y.square().sum().backward()
+    # One weight-sized result (the masked gradient itself), not one per language.
+    assert len(counter.storages) == 1, counter.ops
+    expect = sum(torch.where(masks[lang], (2 * y[ids == i]).reshape(-1, 24).t() @ x[ids == i].reshape(-1, 40), 0)
+                 for i, lang in enumerate(langs))
+    torch.testing.assert_close(layer.weight.grad, expect.detach(), rtol=1e-5, atol=1e-5)
+
+
+class _MixedData(torch.utils.data.Dataset):
+    """Examples of two languages; `only` keeps one language's examples."""
+
+    def __init__(self, n=16, s=8, seed=0, only=None):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, s), generator=g)
+        self.lang = torch.arange(n) % 2 if only is None else torch.full((n,), only)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i], "language_ids": self.lang[i]}
+
+
+def _args(tmp_path, steps):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=steps,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0)
+
+
+def _structured_model(arch, seed=1):
+    model = tiny(arch)
+    g = torch.Generator().manual_seed(seed)
+    heads, neurons = subnetworks.structured_importance(model, _lm_batches(1, 1))
+    masks = {lang: subnetworks.structured_masks(model, torch.rand(heads.shape, generator=g),
+                                                torch.rand(neurons.shape, generator=g), 0.5, 0.25) for lang in ("de", "fr")}
+    hf.convert(model, list({n[: -len(".weight")] for n in masks["de"]}), kind="subnetwork", masks=masks)
+    return model, masks
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_subnetwork_trainer_trains_each_language_inside_its_own_subnetwork(tmp_path, arch):
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model(arch)
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # Only German examples: entries open to French alone must not move.
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 3), train_dataset=_MixedData(only=0)).train()
+    moved = 0
+    for n, p in model.named_parameters():
+        layer = layers.get(n[: -len(".weight")]) if n.endswith(".weight") else None
+        if layer is None:
+            assert torch.equal(p, before[n]), n
+            continue
+        de = layer.masks[0]
+        assert torch.equal(p[~de], before[n][~de]), n
+        moved += int((p[de] != before[n][de]).sum())
+    assert moved > 0
+
+
+def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("llama")
+    probe = {"de": _lm_batches(2, 11), "fr": _lm_batches(2, 12)}
+    callback = subnetworks.DynamicMasksCallback(probe, every=2, heads_density=0.5, neurons_density=0.25)
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 4), train_dataset=_MixedData(),
+                                            callbacks=[callback])
+    trainer.train()
+    assert callback.reselections == 2 and callback.scores == {}
+    optimizer = subnetworks._unwrap(trainer.optimizer)
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    _, blocks = subnetworks.block_layout(model)
+    for i in range(2):  # whole heads at the density asked, over the layers together
+        cols = [layers[b["o"]].masks[i].all(0).reshape(2, -1) for b in blocks]
+        assert all(torch.equal(c.all(1), c.any(1)) for c in cols)
+        assert sum(int(c.all(1).sum()) for c in cols) == 2
+    assert any(not torch.equal(layers[n[: -len(".weight")]].masks[0], m) for n, m in masks["de"].items())
+    for layer in layers.values():
+        union = layer.masks.any(0)
+        state = optimizer.state[layer.weight]
+        selected = state["mask"] if "mask" in state else torch.zeros(union.numel(), dtype=torch.bool).index_fill_(
+            0, state["indices"].long(), True).view_as(union)
+        assert torch.equal(selected, union)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_head_importance_is_the_gate_gradient_of_michel_et_al(arch):
+    """I_h = Σ_examples |∂L/∂ξ_{b,h}| for a gate ξ multiplying head h's output of example b,
+    restated with explicit gates on the O projection's input (and on the FFN-out input)."""
+    model = tiny(arch)
+    _, layers = subnetworks.block_layout(model)
+    modules = dict(model.named_modules())
+    batch = _lm_batches(1, 4, b=3)[0]
+    heads, neurons = subnetworks.structured_importance(model, [batch])
+    gates, hooks = {}, []
+    for i, layer in enumerate(layers):
+        for key, name, groups in (("o", layer["o"], 2), ("ffn", layer["ffn_out"], None)):
+            width = modules[name].in_features
+            gate = torch.ones(3, groups or width, requires_grad=True)
+            gates[key, i] = gate
+
+            def hook(module, args, gate=gate, groups=groups, width=width):
+                g = gate.repeat_interleave(width // groups, 1) if groups else gate
+                return (args[0] * g[:, None, :],)
+            hooks.append(modules[name].register_forward_pre_hook(hook))
+    model(**batch).loss.backward()
+    for h in hooks:
+        h.remove()
+    for i in range(len(layers)):
+        torch.testing.assert_close(heads[i], gates["o", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(neurons[i], gates["ffn", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)
+
+
+def test_fomaml_one_language_per_step_needs_its_own_outer_optimizer():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:3]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    joint = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    with pytest.raises(ValueError, match="outside the subnetworks"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1, joint)
+    per_language = {lang: subnetworks.fomaml_optimizer(model, {lang: masks[lang]}, lr=1e-2) for lang in masks}
+    before = {n: named[n].detach().clone() for n in names}
+    for _ in range(2):  # German steps never move entries outside the German subnetwork
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1,
+                                per_language["de"])
+        for n in names:
+            outside = ~masks["de"][n]
+            assert torch.equal(named[n][outside], before[n][outside])
+
+
+def test_dynamic_masks_callback_per_entry_mode(tmp_path):
+    from xlsparse.nn import SubnetworkLinear
+
+    model, _ = _structured_model("gpt2")
+    probe = {"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}
+    callback = subnetworks.DynamicMasksCallback(probe, every=2, density=0.1)
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                  callbacks=[callback]).train()
+    assert callback.reselections == 1
+    layers = [layer for _, layer in hf.model._converted(model, SubnetworkLinear)]
+    total = sum(layer.weight.numel() for layer in layers)
+    for i in range(2):
+        assert sum(int(layer.masks[i].sum()) for layer in layers) == round(0.1 * total)
+    with pytest.raises(ValueError, match="heads_density"):
+        subnetworks.DynamicMasksCallback(probe, every=2)

@@ -1,0 +1,238 @@
+"""X-ELM ensembles: the per-token posterior against a direct Bayes computation over each expert's
+sequence likelihood (every expert run alone on its own copy of the model), embedding and head
+parts, generation, perplexity on tiny data, clustering and branching."""
+import copy
+
+import pytest
+import torch
+from tiny_models import VOCAB, batch, tiny
+
+from xlsparse.diff import SparseDelta, SparseDiff
+from xlsparse.hf import xelm
+
+
+def _lm_batches(n, seed, b=4, s=8):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": ids, "labels": ids} for ids in (torch.randint(3, VOCAB, (b, s), generator=g) for _ in range(n))]
+
+
+def _random_experts(model, arch):
+    """Three experts: sparse block deltas plus a dense embedding, a sparse embedding, and (Llama,
+    untied) a sparse head; GPT-2's embedding is tied to its head, so its delta changes both."""
+    g = torch.Generator().manual_seed(3)
+    named = dict(model.named_parameters())
+    linears = [n for n in named if n.endswith("weight") and named[n].dim() == 2 and (".h." in n or ".layers." in n)]
+    emb = "transformer.wte.weight" if arch == "gpt2" else "model.embed_tokens.weight"
+    experts = {}
+    for e in range(3):
+        deltas = {n: SparseDelta.from_dense(torch.randn(named[n].shape, generator=g) * 0.4, k=60) for n in linears[e::2]}
+        dense = {}
+        if e == 0:
+            dense[emb] = torch.randn(named[emb].shape, generator=g) * 0.3
+        if e == 1:
+            deltas[emb] = SparseDelta.from_dense(torch.randn(named[emb].shape, generator=g), k=400)
+        if e == 2 and arch == "llama":
+            deltas["lm_head.weight"] = SparseDelta.from_dense(torch.randn(named["lm_head.weight"].shape, generator=g), k=300)
+        experts[f"x{e}"] = SparseDiff(deltas, dense)
+    return experts
+
+
+def _expert_logprobs(base, experts, ids):
+    """[E, B, S, V] log-softmax of each expert applied alone to its own copy of the base."""
+    out = []
+    for diff in experts.values():
+        model = copy.deepcopy(base)
+        with diff.applied(model), torch.no_grad():
+            out.append(torch.log_softmax(model(input_ids=ids).logits.double(), -1))
+    return torch.stack(out)
+
+
+def _bayes_mixture(logp, ids, prior, temperature=1.0, top_k=None):
+    """log Σ_e w_e(t) p_e(· | x≤t) with w_e(t) ∝ prior_e · Π_{j<t} p_e(x_{j+1} | x≤j)^(1/T)."""
+    e, b, s, v = logp.shape
+    out = torch.empty(b, s, v, dtype=torch.float64)
+    for i in range(b):
+        for t in range(s):
+            loglik = torch.tensor([sum(float(logp[k, i, j, ids[i, j + 1]]) for j in range(t)) for k in range(e)],
+                                  dtype=torch.float64)
+            w = torch.tensor(prior, dtype=torch.float64) * torch.exp(loglik / temperature)
+            if top_k is not None:
+                w[w.argsort(descending=True)[top_k:]] = 0
+            w = w / w.sum()
+            out[i, t] = torch.log((w[:, None] * logp[:, i, t].exp()).sum(0))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("options", [{}, {"prior": [0.5, 0.3, 0.2], "temperature": 2.0}, {"top_k": 2}])
+def test_posterior_equals_direct_bayes(arch, options):
+    base = tiny(arch)
+    experts = _random_experts(base, arch)
+    ids = batch(2, 6)
+    ensemble = xelm.ExpertEnsemble(base, experts, weighting="posterior", **options)
+    got = ensemble(ids)
+    expect = _bayes_mixture(_expert_logprobs(base, experts, ids), ids, options.get("prior", [1 / 3] * 3),
+                            options.get("temperature", 1.0), options.get("top_k"))
+    torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-4)
+    # The first token uses the prior alone, later ones differ from it.
+    static = xelm.ExpertEnsemble(base, experts, weighting="static", prior=options.get("prior"))(ids)
+    if "top_k" not in options:
+        torch.testing.assert_close(got[:, 0], static[:, 0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[:, -1], static[:, -1], atol=1e-3)
+    # Perplexity is the mixture's next-token likelihood.
+    nll = -expect[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert xelm.ensemble_perplexity(ensemble, ids) == pytest.approx(float(nll.mean().exp()), rel=1e-4)
+
+
+def test_static_weights_equal_mixing_separate_experts():
+    base = tiny("llama")
+    experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),
+               "b": xelm.train_expert(base, _lm_batches(2, 2), density=0.05, progress=False)}
+    ensemble = xelm.ExpertEnsemble(base, experts, weighting="static")
+    ids = batch(2, 5)
+    weights = torch.tensor([[0.3, 0.7], [0.9, 0.1]])
+    got = ensemble(ids, weights=weights)
+    expect = torch.logsumexp(_expert_logprobs(base, experts, ids) + weights.T.double().log()[:, :, None, None], 0)
+    torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="static"):
+        xelm.ExpertEnsemble(base, experts)(ids, weights=weights)
+
+
+def test_unroutable_entries_raise():
+    base = tiny("llama")
+    norm = SparseDiff(dense={"model.norm.weight": torch.ones(32)})
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        xelm.ExpertEnsemble(base, {"a": norm})
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_generation_is_incremental_and_matches_the_forward(arch):
+    base = tiny(arch)
+    experts = _random_experts(base, arch)
+    ensemble = xelm.ExpertEnsemble(base, experts, top_k=2)
+    prompt, new = batch(2, 5), 4
+    seen = []
+    hook = ensemble.model.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    ids, scores = ensemble.generate(prompt, max_new_tokens=new, return_logprobs=True)
+    hook.remove()
+    assert ids.shape == (2, 5 + new) and torch.equal(ids[:, :5], prompt)
+    # Every token went through the experts once: the prompt, then one new token per step.
+    assert sum(seen) == 3 * 2 * (5 + new - 1)
+    full = ensemble(ids)
+    torch.testing.assert_close(scores, full[:, 4:4 + new], rtol=1e-4, atol=1e-4)
+    assert torch.equal(ids[:, 5:], scores.argmax(-1))
+    sampled = ensemble.generate(prompt, max_new_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0))
+    assert sampled.shape == (2, 8)
+
+
+def _language(rule, lo, n, seed, b=8, s=12):
+    """Sequences of a toy 'language': a deterministic successor rule over its own token range."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.empty(b, s, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, 40, (b,), generator=g)
+        for t in range(1, s):
+            ids[:, t] = rule(ids[:, t - 1])
+        ids = ids + lo
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def test_two_experts_beat_the_base_on_their_own_languages():
+    base = tiny("llama")
+    lang_a = lambda x: (3 * x + 1) % 40  # noqa: E731
+    lang_b = lambda x: (7 * x + 5) % 40  # noqa: E731
+    train = {"a": _language(lang_a, 3, 12, 0), "b": _language(lang_b, 50, 12, 1)}
+    experts = {name: xelm.train_expert(base, batches, density=0.2, lr=2e-2, train_embeddings=True, progress=False)
+               for name, batches in train.items()}
+    assert all(d.dense for d in experts.values())  # the embedding parts travel with the experts
+    ensemble = xelm.ExpertEnsemble(base, experts)
+    only_base = xelm.ExpertEnsemble(base, {"none": SparseDiff()})
+    for name, (rule, lo) in {"a": (lang_a, 3), "b": (lang_b, 50)}.items():
+        held_out = _language(rule, lo, 1, 9)[0]["input_ids"]
+        ppl, ppl_base = xelm.ensemble_perplexity(ensemble, held_out), xelm.ensemble_perplexity(only_base, held_out)
+        assert ppl < 0.5 * ppl_base, (name, ppl, ppl_base)
+
+
+def test_child_expert_grows_its_own_support():
+    base = tiny("llama")
+    parent = xelm.train_expert(base, _lm_batches(2, 1), density=0.02, progress=False)
+    child = xelm.train_expert(base, _lm_batches(2, 2), init=parent, grow=50, progress=False)
+    assert child.nnz == parent.nnz + 50
+    for n, d in parent.deltas.items():
+        assert set(d.indices.tolist()) <= set(child.deltas[n].indices.tolist())
+    ensemble = xelm.ExpertEnsemble(base, {"parent": parent})
+    before = ensemble.experts["parent"]
+    ensemble.add_expert("child", child)
+    assert ensemble.names == ["parent", "child"] and ensemble.experts["parent"] is before
+    with pytest.raises(ValueError, match="grow needs init"):
+        xelm.train_expert(base, _lm_batches(1, 1), density=0.01, grow=5, progress=False)
+
+
+def test_balanced_kmeans_and_typological_clusters():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    x = torch.cat([c + 0.5 * torch.randn(4, 2, generator=g) for c in centres])
+    assign, _ = xelm.balanced_kmeans(x, 3)
+    assert sorted(torch.bincount(assign).tolist()) == [4, 4, 4]
+    assert all(len(set(assign[i * 4:(i + 1) * 4].tolist())) == 1 for i in range(3))
+    # Unbalanced data still gives balanced clusters.
+    assign, _ = xelm.balanced_kmeans(torch.cat([x[:4], x[:4] + 0.01, x[4:8]]), 3)
+    assert torch.bincount(assign).max() <= 4
+    pytest.importorskip("lang2vec")
+    clusters = xelm.cluster_languages({"en": "eng", "de": "deu", "nl": "nld", "ja": "jpn", "ko": "kor", "tr": "tur"}, 2)
+    assert clusters["en"] == clusters["de"] == clusters["nl"] != clusters["ja"] == clusters["ko"]
+    assert xelm.closest_parent({"a": "eng", "b": "jpn"}, "deu") == "a"
+    prior = xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]})
+    assert prior[0] > prior[1] and float(prior.sum()) == pytest.approx(1.0)
+
+
+class _LMData(torch.utils.data.Dataset):
+    def __init__(self, batches):
+        self.ids = torch.cat([b["input_ids"] for b in batches])
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_expert_trainer_equals_the_plain_loop(tmp_path):
+    from transformers import TrainingArguments
+
+    base = tiny("llama")
+    data = _lm_batches(1, 5)  # one batch of 4: every step sees the same examples, whatever the order
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=3,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    torch.manual_seed(0)
+    trainer = xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(data), density=0.05, train_embeddings=True)
+    trainer.train()
+    got = trainer.expert()
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
+    assert set(got.dense) == {"model.embed_tokens.weight", "lm_head.weight"} and got.nnz > 0
+    torch.manual_seed(0)
+    plain = xelm.train_expert(base, data * 3, density=0.05, lr=1e-2, train_embeddings=True, progress=False)
+    for n, d in got.deltas.items():
+        assert torch.equal(d.indices, plain.deltas[n].indices)
+        torch.testing.assert_close(d.values, plain.deltas[n].values, rtol=1e-4, atol=1e-6)
+    for n, t in got.dense.items():
+        torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)
+
+
+def test_cluster_experts_train_each_expert_on_its_cluster_only():
+    base = tiny("llama")
+    data = {lang: _lm_batches(1, i) for i, lang in enumerate(("en", "de", "ja", "ko"))}
+    torch.manual_seed(0)
+    experts, members = xelm.train_cluster_experts(base, data, 2, clusters={"en": 0, "de": 0, "ja": 1, "ko": 1},
+                                                  density=0.05, lr=1e-2, progress=False)
+    assert members == {"expert0": ["en", "de"], "expert1": ["ja", "ko"]}
+    torch.manual_seed(0)
+    first = xelm.train_expert(base, data["en"] + data["de"], density=0.05, lr=1e-2, progress=False)
+    for n, d in experts["expert0"].deltas.items():
+        torch.testing.assert_close(d.values, first.deltas[n].values)
+    with pytest.raises(ValueError, match="exactly one"):
+        xelm.train_cluster_experts(base, data, 2)
