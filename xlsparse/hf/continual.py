@@ -156,7 +156,7 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
     elif languages(model) != order:
         raise ValueError(f"{what}: the model's languages {languages(model)} differ from the masks' {order}")
     transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
-                  if getattr(layer, "_xlsparse_transposed", False)}
+                  if layer.transposed}
     return {n: (m.t().contiguous() if n in transposed else m) for n, m in union.items() if bool(m.any())}
 
 

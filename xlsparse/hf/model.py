@@ -264,7 +264,7 @@ def _subnetwork_layer(linear, original, transposed, pname, masks):
 
 
 def convert(model: nn.Module, target_modules=None, density: float | None = None, k: int | None = None,
-            kind: str = "delta", diffs=None, masks=None, modules_to_save=None) -> nn.Module:
+            kind: str = "delta", diffs=None, masks=None, modules_to_save=None, *, keep_tied=()) -> nn.Module:
     """Replace the target linear layers of `model` in place, freeze everything else, and return it.
 
     kind="delta": `SparseDeltaLinear` with a trainable sparse delta per layer; its support comes
@@ -280,6 +280,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     `target_modules`) keeps whole modules trainable, e.g. a new classifier head; they are saved as
     absolute entries of the diff. A target or saved module whose weight is tied to another
     parameter (a decoder tied to the word embeddings) is refused: one use would not see the change.
+    `keep_tied` names tied target layers whose other use the caller changes alike (X-ELM's
+    ensemble gives a tied embedding and head one delta); they are converted all the same.
 
     Language ids used by `route` (or a `language_ids` batch field) index the languages in the
     insertion order of `diffs` / `masks`. GPT-2 `Conv1D` layers are converted too; diffs keep the
@@ -336,7 +338,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
             _check_entries(f"masks[{lang!r}]", named, shapes)
     tied = tied_parameters(model)
     for name in names:
-        _refuse_tied("convert", name, modules[name], tied)
+        if name not in keep_tied:
+            _refuse_tied("convert", name, modules[name], tied)
     saved = _modules_to_save(model, modules_to_save or [], names)
     for name in saved:
         _refuse_tied("convert: modules_to_save", name, modules[name], tied)
@@ -418,6 +421,20 @@ def _remember(model: nn.Module, saved: list[str]) -> _Record:
             rec.subnet_base[lname] = (union, layer.weight.detach().reshape(-1)[union].clone())
             rec.frozen[f"{lname}.weight"] = _fingerprint(_subnet_weight_outside(layer, union))
     return rec
+
+
+def train_outside_diff(model: nn.Module, names) -> None:
+    """Make the named parameters trainable for a recipe that saves them itself (X-ELM's dense
+    embedding parts): `extract_diff` then no longer checks that they are unchanged. Tied names
+    count once."""
+    rec = _record(model)
+    named = dict(model.named_parameters(remove_duplicate=False))
+    for name in names:
+        if name not in named:
+            raise KeyError(f"train_outside_diff: the model has no parameter {name!r}")
+        named[name].requires_grad_(True)
+        for alias in [name, *tied_parameters(model).get(name, [])]:
+            rec.frozen.pop(alias, None)
 
 
 def _converted(model: nn.Module, types=_CONVERTED):

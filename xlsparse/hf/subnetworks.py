@@ -99,7 +99,7 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     for name, layer in _converted(model, SubnetworkLinear):
         key = f"{name}.weight"
         per_lang = {lang: masks[lang].get(key, torch.zeros_like(layer.weight, dtype=torch.bool)) for lang in order}
-        if getattr(layer, "_xlsparse_transposed", False):
+        if layer.transposed:
             per_lang = {lang: m.t() for lang, m in per_lang.items()}
         layer.set_masks(per_lang)
         unions[layer.weight] = layer.trainable_mask()
@@ -251,7 +251,7 @@ def _linear_shape(module: nn.Module) -> tuple[tuple[int, int], bool]:
     from .model import _conv1d_type
 
     conv1d = _conv1d_type()
-    stored_in_out = (conv1d is not None and isinstance(module, conv1d)) or getattr(module, "_xlsparse_transposed", False)
+    stored_in_out = (conv1d is not None and isinstance(module, conv1d)) or getattr(module, "transposed", False)
     rows, cols = module.weight.shape
     return ((cols, rows) if isinstance(module, conv1d or ()) else (rows, cols)), stored_in_out
 
@@ -529,7 +529,7 @@ class DynamicMasksCallback(TrainerCallback):
         else:
             masks = select_masks({lang: self.scores[lang] for lang in order}, self.density)
             transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
-                          if getattr(layer, "_xlsparse_transposed", False)}
+                          if layer.transposed}
             masks = {lang: {n: (m.t().contiguous() if n in transposed else m) for n, m in named.items()}
                      for lang, named in masks.items()}  # set_masks takes the model's own layout
         set_masks(model, masks, _unwrap(optimizer))

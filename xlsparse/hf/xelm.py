@@ -31,7 +31,7 @@ from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..optim import MaskedAdamW
 from .continual import uriel_distance, uriel_vectors
-from .model import convert, extract_diff, route, target_names
+from .model import convert, extract_diff, route, target_names, train_outside_diff
 from .subnetworks import _progress
 
 WEIGHTINGS = ("posterior", "uniform", "static")
@@ -79,7 +79,7 @@ class ExpertEmbedding(nn.Module):
         if active is None:
             return out
         flat = input_ids.reshape(-1)
-        ids = active.tokens(flat.numel()).ids.to(flat.device)
+        ids = active.tokens(input_ids.shape).ids.to(flat.device)
         add = torch.zeros(flat.numel(), out.shape[-1], dtype=out.dtype, device=out.device)
         for e, kind in enumerate(self._kinds):
             tokens = (ids == e).nonzero().squeeze(1)
@@ -206,7 +206,9 @@ class ExpertEnsemble(nn.Module):
         if head is not None and any(head in lin for lin, _ in per_expert):
             targets.append(head)
         diffs = {n: SparseDiff._trusted(lin) for n, (lin, _) in zip(self.experts, per_expert)}
-        self.model = convert(model, [t[: -len(".weight")] for t in targets], kind="multi", diffs=diffs)
+        # A tied head gets the embedding's delta (`_split_expert`), so both uses change alike.
+        self.model = convert(model, [t[: -len(".weight")] for t in targets], kind="multi", diffs=diffs,
+                             keep_tied=[head[: -len(".weight")]] if tied else [])
         embeddings = [emb for _, emb in per_expert]
         if any(emb is not None for emb in embeddings):
             self.model.set_input_embeddings(ExpertEmbedding(emb_module, embeddings))
@@ -515,11 +517,11 @@ class _ExpertSetup:
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if module is not None and id(module.weight) in named:
                     self.dense.setdefault(named[id(module.weight)], module.weight)
+            train_outside_diff(model, list(self.dense))  # `diff()` returns them as dense parts
             with torch.no_grad():
                 for n, w in self.dense.items():
                     if init is not None and n in init.dense:
                         w.add_(init.dense[n].to(w))
-                    w.requires_grad_(True)
             self.groups.append({"params": list(self.dense.values())})
             self.masks += [None] * len(self.dense)
         self.model = model
