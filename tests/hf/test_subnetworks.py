@@ -56,6 +56,26 @@ def test_reptile_step_updates_only_the_subnetworks():
         assert bool((named[n][union] != before[n][union]).any())
 
 
+def test_reptile_step_and_importance_on_a_converted_model_route_each_language():
+    """A converted model trains nothing unrouted; the recipes route each language's batches."""
+    model = tiny("bert").train()
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.1 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=masks)
+    named = dict(model.named_parameters())
+    before = {n: named[n].detach().clone() for n in names}
+    subnetworks.reptile_step(model, {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}, masks, inner_lr=0.1)
+    for n in names:
+        union = masks["de"][n] | masks["fr"][n]
+        assert torch.equal(named[n][~union], before[n][~union])
+        assert bool((named[n][union] != before[n][union]).any()), n
+    scores = subnetworks.importance_scores(model, {"de": _lm_batches(1, 3)}, params=names, progress=False)
+    for n in names:  # the converted weights' gradients reach the scores, inside "de"'s mask only
+        assert float(scores["de"][n][masks["de"][n]].sum()) > 0 and float(scores["de"][n][~masks["de"][n]].sum()) == 0
+
+
 def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
     """First-order MAML restated in plain torch: per language, inner SGD on the support batch
     with the gradient masked, the masked query gradient at the adapted weights, weights restored;

@@ -20,6 +20,7 @@ What is xlsparse's own:
     on its training data) and the optimizer state follows `MaskedAdamW.update_masks`;
   - `reptile_step` (Reptile) is kept as a cheaper first-order alternative.
 """
+import contextlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 
@@ -39,6 +40,15 @@ def _progress(iterable, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, leave=False)
+
+
+def _in_language(model: nn.Module, lang: str, batch: Mapping):
+    """Route a one-language batch to `lang` when the model has routed layers (a converted model
+    trains nothing unrouted); a plain model needs no routing."""
+    if lang not in languages(model):
+        return contextlib.nullcontext()
+    ids = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    return route(model, [lang] * ids.shape[0])
 
 
 def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method: str = "grad_x_weight",
@@ -65,7 +75,8 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
         acc = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
         for batch in _progress(lang_batches, f"importance {lang}", progress):
             model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
+            with _in_language(model, lang, batch):
+                loss_fn(model, batch).backward()
             with torch.no_grad():
                 for n in names:
                     g = named[n].grad
@@ -129,7 +140,9 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
         it = iter(lang_batches)
         for _ in range(inner_steps):
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model, next(it))
+            batch = next(it)
+            with _in_language(model, lang, batch):
+                loss = loss_fn(model, batch)
             loss.backward()
             opt.step()
             losses[lang] = float(loss.detach())
