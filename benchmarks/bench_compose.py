@@ -143,9 +143,7 @@ def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
     masks = real_masks.load()
     if masks is None:
         return []
-    names = sorted(masks)
-    if quick:
-        names = [n for n in names if n.startswith(("encoder.layer.10.", "encoder.layer.11."))]
+    names = real_masks.weights(masks, quick)
     gen = torch.Generator().manual_seed(6)
     params = {n: (torch.randn(masks[n][1], generator=gen) * 0.02).to(device) for n in names}
     deltas = {}

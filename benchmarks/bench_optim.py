@@ -159,9 +159,7 @@ def _real_mask_cases(quick: bool, device) -> list[Case]:
     masks = real_masks.load()
     if masks is None:
         return []
-    names = sorted(masks)
-    if quick:
-        names = [n for n in names if n.startswith(("encoder.layer.10.", "encoder.layer.11."))]
+    names = real_masks.weights(masks, quick)
     params = _params([masks[n][1] for n in names], device, seed=5)
     bool_masks = [_mask_from_indices(masks[n][0], masks[n][1], device) for n in names]
     k = sum(masks[n][0].numel() for n in names)

@@ -42,6 +42,12 @@ def load(folder: str | None = None) -> dict[str, tuple[torch.Tensor, tuple[int, 
     return None
 
 
+def weights(masks: dict, quick: bool) -> list[str]:
+    """The weights a family benchmarks: all 72, or the last two layers' with --quick."""
+    names = sorted(masks)
+    return [n for n in names if n.startswith(("encoder.layer.10.", "encoder.layer.11."))] if quick else names
+
+
 def density(entry: tuple[torch.Tensor, tuple[int, int]]) -> float:
     idx, (rows, cols) = entry
     return idx.numel() / (rows * cols)

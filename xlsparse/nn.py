@@ -39,7 +39,19 @@ def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.
     return indices
 
 
-class SparseDeltaLinear(nn.Module):
+class _DeltaView:
+    """A layer's single delta read as a SparseDelta-like object (`.indices`, `.values`)."""
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self.delta_indices
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.delta_values
+
+
+class SparseDeltaLinear(_DeltaView, nn.Module):
     """y = x (W0 + Δ)ᵀ + b with a frozen base `weight` W0, a `delta_indices` buffer [K] and a
     trainable `delta_values` parameter [K] (zero at creation, so a fresh layer computes exactly
     what the original linear did).
@@ -67,14 +79,6 @@ class SparseDeltaLinear(nn.Module):
         """Wrap `linear`: its weight becomes the frozen base; the delta's support is `k` (or
         `density`) random entries, or `indices` (flat indices or a bool mask of the weight)."""
         return cls(linear.weight, linear.bias, _support(linear.weight, k, density, indices))
-
-    @property
-    def indices(self) -> torch.Tensor:
-        return self.delta_indices
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.delta_values
 
     @property
     def shape(self) -> torch.Size:
@@ -337,7 +341,7 @@ class SubnetworkLinear(torch.nn.Linear):
         return f"{super().extra_repr()}, languages={self.languages}"
 
 
-class SparseDeltaEmbedding(nn.Module):
+class SparseDeltaEmbedding(_DeltaView, nn.Module):
     """An `nn.Embedding` whose table is a frozen base W0 [V, H] plus a sparse delta: flat
     row-major `delta_indices` [K] (a buffer) and trainable `delta_values` [K] (zero at creation).
 
@@ -365,14 +369,6 @@ class SparseDeltaEmbedding(nn.Module):
             if getattr(embedding, option, None):
                 raise ValueError(f"SparseDeltaEmbedding: nn.Embedding.{option} is not supported")
         return cls(embedding.weight, _support(embedding.weight, k, density, indices), embedding.padding_idx)
-
-    @property
-    def indices(self) -> torch.Tensor:
-        return self.delta_indices
-
-    @property
-    def values(self) -> torch.Tensor:
-        return self.delta_values
 
     def _entries(self, ids: torch.Tensor):
         """(token position, column, entry number) of every delta entry in the batch's rows."""
