@@ -105,6 +105,22 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from xlsparse import demos
+
+    parser.epilog = f"methods: {', '.join(demos.METHODS)}"
+    demos.add_arguments(parser)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xlsparse import demos
+
+    methods = [args.method] if args.method else list(demos.METHODS)
+    for method in methods:
+        demos.run(method, quick=args.quick, model=args.model, out=args.out, seeds=args.seeds, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="xlsparse", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--alpha", type=float, nargs="+", help="one weight per diff (default 1)")
     compose.add_argument("--out", required=True, metavar="DIR", help="folder for the merged model")
     compose.set_defaults(run=cmd_compose)
+
+    demo = sub.add_parser("demo", help="each method against the naive way on the gettext catalogues, with a "
+                                       "pretrained multilingual encoder: tables, JSON and plots")
+    demo.add_argument("method", nargs="?", metavar="METHOD", help="one method (default: all)")
+    _add_demo_arguments(demo)
+    demo.set_defaults(run=cmd_demo)
 
     info = sub.add_parser("info", help="describe a diff: density per module, size on disk, base model")
     info.add_argument("diff", metavar="DIFF")
