@@ -61,21 +61,24 @@ def set_trainable(model: torch.nn.Module, frozen_patterns=()) -> None:
     task.freeze(model, frozen_patterns)
 
 
-def language_sfts(model, tokenizer, langs: list[str], data: task.TaskData, s: Settings, out: str):
-    """({language: SparseDiff}, {language: K requested}) trained with LT-SFT masked-LM from the model's current weights, which
-    are restored afterwards. Names are those of the classifier (`model`), so they apply to it."""
+def language_sfts(model, tokenizer, langs: list[str], data: task.TaskData, s: Settings, out: str,
+                  lines: dict[str, int] | None = None):
+    """({language: SparseDiff}, {language: K requested}) trained with LT-SFT masked-LM from the
+    model's current weights, which are restored afterwards. Names are those of the classifier
+    (`model`), so they apply to it. `lines` overrides `s.lang_lines` per language."""
     from transformers import DataCollatorForLanguageModeling, Trainer
 
     from ..hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
 
-    text = {lang: task.language_text(lang, s.lang_lines, data.held_out) for lang in langs}
-    mlm = task.MaskedLM(model, task.vocabulary_of(tokenizer, [t for lines in text.values() for t in lines]))
+    lines = lines or {}
+    text = {lang: task.language_text(lang, lines.get(lang, s.lang_lines), data.held_out) for lang in langs}
+    mlm = task.MaskedLM(model, task.vocabulary_of(tokenizer, [t for lang_lines in text.values() for t in lang_lines]))
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
     theta0 = task.snapshot(model)
 
     # The bundled checkpoint has no MLM head: warm one up on all languages, encoder frozen.
     set_trainable(mlm, [r"^" + mlm.prefix + r"\."])
-    mixed = [t for lines in text.values() for t in lines]
+    mixed = [t for lang_lines in text.values() for t in lang_lines]
     Trainer(model=mlm, args=task.training_args(f"{out}/tmp/head", s.head_steps, s.lr_head, s.batch, 0),
             train_dataset=task.Encoded(tokenizer, mixed), data_collator=collator).train()
 
