@@ -31,8 +31,8 @@ def settings(quick: bool, seeds: int | None = None) -> Settings:
         s = Settings(targets=["nl"], per_domain=8, lang_lines=32, head_steps=2, lang_steps=2, task_steps=3, batch=4,
                      seeds=[0], pool=("de", "ja"), target_lines=16, lambdas=(0.0, 0.5, 1.0))
     else:
-        s = Settings(targets=["nl", "cs"], per_domain=100, lang_lines=3000, head_steps=100, lang_steps=120,
-                     task_steps=100, batch=16, seeds=[0, 1, 2], pool=("de", "pl", "ru", "ja"), target_lines=200)
+        s = Settings(targets=["nl", "cs"], per_domain=100, lang_lines=3000, head_steps=60, lang_steps=60,
+                     task_steps=60, batch=16, seeds=[0, 1, 2], pool=("de", "pl", "ru", "ja"), target_lines=200)
     if seeds is not None:
         s.seeds = list(range(seeds))
     return s
@@ -118,7 +118,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
                           {"own SFT": [acc["own"][t] for t in s.targets],
                            "own + λ·related (λ on dev)": [acc["arithmetic"][t] for t in s.targets]},
                           "accuracy", chance=1 / len(task.DOMAINS))
-    results = {"method": METHOD, "model": model_name, "quick": quick, "seeds": s.seeds, "targets": s.targets,
+    results = {"method": METHOD, "model": model_name, "quick": quick, "seeds": s.seeds, "density": s.density, "targets": s.targets,
                "related": related, "accuracy": acc, "lambda": picked,
                "sizes": {k: {"nnz": n, "k": r} for k, (n, r) in sizes.items()}, "seconds": elapsed, "plot": plot}
     task.write_results(out, METHOD, text, results)

@@ -259,8 +259,12 @@ def ensure_dir(path: str) -> str:
 
 
 def write_results(out: str, method: str, markdown: str, results: dict) -> None:
-    """`<out>/<method>.md` (the printed tables) and `<out>/<method>.json` (every number)."""
+    """`<out>/<method>.md` (the printed tables) and `<out>/<method>.json` (every number); removes
+    the Trainer's scratch folder `<out>/tmp`."""
     import json
+    import shutil
+
+    shutil.rmtree(os.path.join(out, "tmp"), ignore_errors=True)
 
     with open(os.path.join(out, f"{method}.md"), "w") as f:
         f.write(markdown)
