@@ -97,13 +97,12 @@ def test_missing_wheels_say_how_to_install(monkeypatch):
 
 # --- damaged files --------------------------------------------------------------------------
 
-def _header_end(data: bytes) -> int:
-    return 4 + 4 + 7 * 4 + 4 + 4
+HEADER_END = 4 + 4 + 7 * 4 + 4 + 4  # magic, version, 7 sizes, eps, block size
 
 
 def _directory_entry(data: bytes, wanted: str) -> int:
     """Byte offset of the directory entry of tensor `wanted` (at its name length)."""
-    pos = _header_end(data)
+    pos = HEADER_END
     n_pieces = struct.unpack_from("<i", data, pos)[0]
     blob_len = struct.unpack_from("<Q", data, pos + 20)[0]
     pos += 28 + 4 * (n_pieces + 1) + 4 * n_pieces + blob_len
@@ -137,8 +136,8 @@ def _damaged(original, change) -> bytes:
 
 
 def _pieces_start(data) -> int:
-    n_pieces = struct.unpack_from("<i", data, _header_end(data))[0]
-    return _header_end(data) + 28 + 4 * (n_pieces + 1) + 4 * n_pieces
+    n_pieces = struct.unpack_from("<i", data, HEADER_END)[0]
+    return HEADER_END + 28 + 4 * (n_pieces + 1) + 4 * n_pieces
 
 
 def _set_dir_field(name, field_offset, fmt, value):
@@ -155,6 +154,11 @@ def _data_offset(data, name) -> int:
     return struct.unpack_from("<Q", data, at + 2 + nl + 1 + 4)[0]
 
 
+def _set_scale(data, name, block, value):
+    at = _data_offset(data, name) + models.BLOCK_BYTES * block
+    data[at:at + 2] = np.float16(value).tobytes()
+
+
 DAMAGE = {
     "magic": (lambda d: d.__setitem__(slice(0, 4), b"GGUF"), "bad magic"),
     "version": (lambda d: struct.pack_into("<I", d, 4, 7), "unsupported version 7"),
@@ -167,9 +171,7 @@ DAMAGE = {
     "tensor elements": (_set_dir_field("l0.q.b", 1, "<I", 383), r"l0.q.b: 1536 bytes, expected 1532"),
     "tensor dtype": (_set_dir_field("emb.pos", 0, "<B", 9), "emb.pos: unknown dtype 9"),
     "tensor offset": (_set_dir_field("l11.oln.b", 1 + 4, "<Q", 10**9), "truncated: tensor l11.oln.b"),
-    "nan scale": (lambda d: d.__setitem__(slice(_data_offset(d, "l5.fo.w") + 18 * 7, _data_offset(d, "l5.fo.w") + 18 * 7 + 2),
-                                          np.float16(np.nan).tobytes()),
-                  "l5.fo.w: a Q4_0 block scale is NaN"),
+    "nan scale": (lambda d: _set_scale(d, "l5.fo.w", 7, np.nan), "l5.fo.w: a Q4_0 block scale is NaN"),
 }
 
 

@@ -132,7 +132,8 @@ class MaskedLM(nn.Module):
 def vocabulary_of(tokenizer, texts: list[str]) -> torch.Tensor:
     """Sorted ids of every token in `texts` (plus the specials)."""
     ids = set(tokenizer.all_special_ids)
-    for enc in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+    # verbose=False: no "longer than 512 tokens" warning, only the ids are wanted here
+    for enc in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]:
         ids.update(enc)
     return torch.tensor(sorted(ids))
 
