@@ -29,6 +29,7 @@ class TaskData:
     test: dict[str, list]  # language -> Example list, parallel across languages
     dev: dict[str, list]  # language -> Example list (disjoint from test), for choices such as λ
     held_out: set[str] = field(default_factory=set)  # every test/dev text: kept out of language-model data
+    train_by_lang: dict[str, list] = field(default_factory=dict)  # the training messages in every language
 
     @property
     def n_classes(self) -> int:
@@ -43,11 +44,11 @@ def load_task(langs: list[str], per_domain: int, seed: int = 0, dev_share: float
     random.Random(seed + 1).shuffle(order)
     n_test, n_dev = int(test_share * n), int(dev_share * n)
     test_ids, dev_ids = set(order[:n_test]), set(order[n_test:n_test + n_dev])
-    train = [e for i, e in enumerate(data[SOURCE]) if i not in test_ids and i not in dev_ids]
+    train_by_lang = {lang: [e for i, e in enumerate(ex) if i not in test_ids and i not in dev_ids] for lang, ex in data.items()}
     test = {lang: [e for i, e in enumerate(ex) if i in test_ids] for lang, ex in data.items()}
     dev = {lang: [e for i, e in enumerate(ex) if i in dev_ids] for lang, ex in data.items()}
     held_out = {e.text for split in (test, dev) for ex in split.values() for e in ex}
-    return TaskData(train, test, dev, held_out)
+    return TaskData(train_by_lang[SOURCE], test, dev, held_out, train_by_lang)
 
 
 def language_text(lang: str, max_lines: int, exclude: set[str]) -> list[str]:
