@@ -73,7 +73,8 @@ def test_demo_quick_end_to_end(method, tmp_path):
     results = json.loads((out / f"{method}.json").read_text())
     numbers = list(_numbers(results["accuracy"]))
     assert numbers and all(math.isfinite(x) and 0 <= x <= 1 for x in numbers)
-    want_k = int(results["density"] * _body_entries())
+    requested = results["density"] * _body_entries()
     assert results["sizes"], "no SFT sizes reported"
     for name, size in results["sizes"].items():
-        assert size["k"] == want_k and size["nnz"] == want_k, name
+        # K is the requested share of the body, rounded (LT-SFT truncates, `diff.budget` rounds).
+        assert abs(size["k"] - requested) < 1 and size["nnz"] == size["k"], name

@@ -138,7 +138,9 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
         rows.append([f"**{label}**", "", task.fmt([r[i] for r in reports["naive"]]),
                      task.fmt([r[i] for r in reports["language-aware"]])])
     elapsed = time.time() - start
-    k = int(s.density * sum(named[n].numel() for n in body))
+    from ..diff import budget
+
+    k = budget(METHOD, sum(named[n].numel() for n in body), density=s.density)  # the rule the masks use
     summary = (f"Accuracy ({len(task.DOMAINS)} programs) on {len(data.test[task.SOURCE])} held-out messages per "
                f"language, after multilingual fine-tuning ({s.train_steps} steps) and after an update on "
                f"{s.update_batches} new batches of {s.batch} per update language; mean ± std over {len(s.seeds)} "
