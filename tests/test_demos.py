@@ -71,10 +71,15 @@ def test_demo_quick_end_to_end(method, tmp_path):
         assert (out / f"{method}.{suffix}").stat().st_size > 100, suffix
     assert not (out / "tmp").exists()
     results = json.loads((out / f"{method}.json").read_text())
-    numbers = list(_numbers(results["accuracy"]))
-    assert numbers and all(math.isfinite(x) and 0 <= x <= 1 for x in numbers)
-    requested = results["density"] * _body_entries()
+    if "perplexity" in results:
+        numbers = list(_numbers(results["perplexity"]))
+        assert numbers and all(math.isfinite(x) and x >= 1 for x in numbers)
+    else:
+        numbers = list(_numbers(results["accuracy"]))
+        assert numbers and all(math.isfinite(x) and 0 <= x <= 1 for x in numbers)
     assert results["sizes"], "no SFT sizes reported"
     for name, size in results["sizes"].items():
-        # K is the requested share of the body, rounded (LT-SFT truncates, `diff.budget` rounds).
-        assert abs(size["k"] - requested) < 1 and size["nnz"] == size["k"], name
+        if "entries" in size:  # sparse experts over an in-process LM: the share of the targeted weights
+            assert abs(size["nnz"] - results["density"] * size["entries"]) <= 0.001 * size["entries"], name
+        else:  # K is the requested share of the e5 body, rounded (LT-SFT truncates, `diff.budget` rounds)
+            assert abs(size["k"] - results["density"] * _body_entries()) < 1 and size["nnz"] == size["k"], name
