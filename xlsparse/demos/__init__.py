@@ -6,7 +6,7 @@ Each demo prints a markdown table and writes `<out>/<method>.md`, `.json` and a 
 """
 import importlib
 
-METHODS = ("ltsft", "arithmetic", "continual", "xelm")
+METHODS = ("ltsft", "arithmetic", "subnetworks", "continual", "xelm")
 
 
 def run(method: str, quick: bool = False, model: str | None = None, out: str = "demo-out", seeds: int | None = None,
