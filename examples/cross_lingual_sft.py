@@ -20,8 +20,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import gettext_corpus  # noqa: E402
+from xlsparse.demos import gettext as gettext_corpus
 
 DOMAINS = ["coreutils", "dpkg", "gnupg2", "gtk20"]
 SOURCE = "en"

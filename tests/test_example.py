@@ -24,9 +24,8 @@ def test_cross_lingual_example_quick(tmp_path):
 def test_gettext_reader_on_a_real_catalogue():
     if not HAS_LOCALES:
         pytest.skip("no gettext catalogues on this machine")
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    import gettext_corpus
+    from xlsparse.demos import gettext
 
-    data = gettext_corpus.load_parallel(["en", "de"], ["coreutils"], per_domain=20)
+    data = gettext.load_parallel(["en", "de"], ["coreutils"], per_domain=20)
     assert len(data["en"]) == len(data["de"]) == 20
     assert all(e.label == 0 for e in data["de"]) and data["en"][0].text != data["de"][0].text

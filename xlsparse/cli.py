@@ -152,6 +152,22 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from xlsparse import demos
+
+    parser.epilog = f"methods: {', '.join(demos.METHODS)}"
+    demos.add_arguments(parser)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from xlsparse import demos
+
+    methods = [args.method] if args.method else list(demos.METHODS)
+    for method in methods:
+        demos.run(method, quick=args.quick, model=args.model, out=args.out, seeds=args.seeds, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from xlsparse import __version__
 
@@ -180,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--no-abs", action="store_true",
                          help="skip the diffs' absolute entries (e.g. a language SFT's MLM head on a task model)")
     compose.set_defaults(run=cmd_compose)
+
+    demo = sub.add_parser("demo", help="each method against the naive way on the gettext catalogues, with a "
+                                       "pretrained multilingual encoder: tables, JSON and plots")
+    demo.add_argument("method", nargs="?", metavar="METHOD", help="one method (default: all)")
+    _add_demo_arguments(demo)
+    demo.set_defaults(run=cmd_demo)
 
     info = sub.add_parser("info", help="describe a diff: density per module, size on disk, base model")
     info.add_argument("diff", metavar="DIFF")

