@@ -12,7 +12,7 @@ import xlsparse
 from xlsparse.benchmarks import baselines
 from xlsparse.benchmarks.harness import Case, cache_lines
 from xlsparse.diff import _reorder
-from xlsparse.ops._common import backend_for
+from xlsparse.ops.registry import backend_for
 from xlsparse.ops.compose import restore_diffs_, sparse_axpy_
 from xlsparse.functional import topk_mask
 

@@ -10,7 +10,7 @@ import torch
 from xlsparse import functional
 from xlsparse.benchmarks import baselines
 from xlsparse.benchmarks.harness import Case
-from xlsparse.ops._common import backend_for
+from xlsparse.ops.registry import backend_for
 from xlsparse.ops.matmul import SparseDeltaLinearFunction, sddmm
 from xlsparse.routing import TokenGroups
 

@@ -8,7 +8,7 @@ import torch
 
 from xlsparse.benchmarks import baselines
 from xlsparse.benchmarks.harness import Case, cache_lines
-from xlsparse.ops._common import backend_for
+from xlsparse.ops.registry import backend_for
 from xlsparse.ops.optim import multi_mask_weight_grad
 from xlsparse.optim import MaskedAdamW
 from xlsparse.routing import TokenGroups

@@ -418,7 +418,7 @@ class SparseDiff:
         the xlsparse version and the base model's name. Written to a temporary file, then renamed."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
 
         tensors, meta = {}, {"format": FORMAT, "format_version": FORMAT_VERSION, "xlsparse_version": __version__,
                               "base_model": base_model or self.base_model, "deltas": [], "dense": [], "absolute": []}

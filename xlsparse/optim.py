@@ -24,7 +24,7 @@ from itertools import chain
 
 import torch
 
-from .ops import _common
+from .ops import checks
 from .ops import optim as optim_ops
 
 _MODES = ("dense", "compact")
@@ -108,7 +108,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{name}: mask must be bool or int32/int64 indices, got {mask.dtype}")
         if mask.dim() != 1:
             raise ValueError(f"{name}: indices must be 1-D, got shape {tuple(mask.shape)}")
-        _common.check_indices(name, mask, p.numel())
+        checks.indices(name, mask, p.numel())
         if self.mode == "compact":
             return mask.detach().clone().contiguous()
         dense = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET
-from .compose import acc_type
+from ..ops import registry
+from .common import INTERPRET, acc_type
 
 # --- SDDMM / SpMM ---
 
@@ -87,12 +87,13 @@ def _spmm_kernel(out_ptr, x_ptr, idx_ptr, val_ptr, tok_ptr, bounds_ptr, scale_pt
 
 
 def _selection(x, token_index, token_bounds, token_scale):
-    """Pointer stand-ins and flags for the optional token selection tensors."""
+    """Pointer stand-ins and flags for the optional token selection tensors (the kernels read them
+    as flat arrays, hence contiguous)."""
     dummy = x
     return (
-        dummy if token_index is None else token_index,
-        dummy if token_bounds is None else token_bounds,
-        dummy if token_scale is None else token_scale,
+        dummy if token_index is None else token_index.contiguous(),
+        dummy if token_bounds is None else token_bounds.contiguous(),
+        dummy if token_scale is None else token_scale.contiguous(),
         dict(HAS_INDEX=token_index is not None, HAS_BOUNDS=token_bounds is not None, HAS_SCALE=token_scale is not None),
         x.shape[0] if token_index is None else token_index.numel(),
     )
@@ -105,7 +106,7 @@ def triton_sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
     out = torch.empty(k, dtype=x.dtype, device=x.device)
     if k == 0:
         return out
-    a, b = grad_out.contiguous(), x.contiguous()
+    a, b, indices = grad_out.contiguous(), x.contiguous(), indices.contiguous()
     tok, bounds, scale, flags, index_len = _selection(x, token_index, token_bounds, token_scale)
     bn, bt = (1024, 64) if INTERPRET else (64, 32)
     wrap_triton(_sddmm_kernel)[(triton.cdiv(k, bn),)](
@@ -127,7 +128,7 @@ def triton_spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, valu
     if k == 0 or x.shape[0] == 0:
         return
     groups, xcols = out.shape[1], x.shape[1]
-    xc = x.contiguous()
+    xc, indices, values = x.contiguous(), indices.contiguous(), values.contiguous()
     # The entries' products gather by atomics into a zeroed wide buffer that is added to `out`
     # once, so each output element is rounded once (float64 adds in place).
     wide = out.dtype == torch.float64
@@ -403,10 +404,7 @@ def _triton_ensemble_nll_backward_fake(grad, logits, log_weights, targets, nll, 
     return torch.empty_like(logits, memory_format=torch.contiguous_format), log_weights.new_empty(log_weights.shape)
 
 
-def _register_autograd():
-    from ..ops.matmul import register_ensemble_autograd
-
-    register_ensemble_autograd("triton_")
-
-
-_register_autograd()
+for _op, _fn in (("sddmm", triton_sddmm), ("spmm_", triton_spmm_), ("ensemble_logprobs", triton_ensemble_logprobs),
+                 ("ensemble_logprobs_backward", triton_ensemble_logprobs_backward),
+                 ("ensemble_nll", triton_ensemble_nll), ("ensemble_nll_backward", triton_ensemble_nll_backward)):
+    registry.register(_op, "triton", _fn)
