@@ -175,6 +175,8 @@ def merge_deltas(indices: list, values: list, weights: list, numel: int) -> tupl
     `sum_i weights[i] * values[i]` (float32 accumulation, in delta order). Linear time, no dense copy."""
     indices, values, weights, numel = list(indices), list(values), [float(w) for w in weights], int(numel)
     checks.merge("merge_deltas", indices, values, weights, numel)
+    if indices[0].device.type == "meta":  # the union's size is data: meta tensors have none
+        raise ValueError("merge_deltas: meta tensors hold no indices to merge; the output size depends on them")
     indices, values = [i.contiguous() for i in indices], [v.contiguous() for v in values]
     return registry.call("merge_deltas", indices[0].device, indices, values, weights, numel)
 

@@ -90,6 +90,7 @@ def ensemble_logprobs_backward_reference(grad, logits, log_weights, out, lse, pr
     acc = acc_dtype(logits.dtype)
     g, z, lw, o = grad.to(acc), logits.to(acc), log_weights.to(acc), out.to(acc)
     if prob_space:
+        o = o.masked_fill(o == float("-inf"), float("inf"))  # a class every expert bans: posterior 0
         post = (lw.T[:, :, None] + z - lse[:, :, None] - o[None]).exp()  # [E, T, V]
         S = (g[None] * post).sum(-1)  # [E, T]
         dz = g[None] * post - (z - lse[:, :, None]).exp() * S[:, :, None]
@@ -98,8 +99,13 @@ def ensemble_logprobs_backward_reference(grad, logits, log_weights, out, lse, pr
         d = g - o.exp() * g.sum(-1, keepdim=True)
         w = lw.T.exp()  # [E, T]
         dz = w[:, :, None] * d[None]
-        dlw = (w * (d[None] * z).sum(-1)).T
+        dlw = (w * _times(d[None], z).sum(-1)).T
     return dz.to(logits.dtype), dlw.to(log_weights.dtype)
+
+
+def _times(d, z):
+    """d * z with 0 · (−inf) = 0: a class no expert allows adds nothing where its gradient is 0."""
+    return torch.where(d == 0, 0, d * z)
 
 
 def ensemble_nll_reference(logits, log_weights, targets, prob_space):
@@ -123,6 +129,7 @@ def ensemble_nll_backward_reference(grad, logits, log_weights, targets, nll, lse
     onehot = F.one_hot(targets, z.shape[2]).to(acc)  # [T, V]
     if prob_space:
         zy = (z * onehot[None]).sum(-1)
+        n = n.masked_fill(n == float("inf"), float("-inf"))  # a target every expert bans: posterior 0
         post = (lw.T + zy - lse + n).exp()  # [E, T]
         dz = (g * post)[:, :, None] * ((z - lse[:, :, None]).exp() - onehot[None])
         dlw = (-g * post).T
@@ -131,7 +138,7 @@ def ensemble_nll_backward_reference(grad, logits, log_weights, targets, nll, lse
         zbar = (w[:, :, None] * z).sum(0)
         d = g[:, None] * ((zbar - lse[0][:, None]).exp() - onehot)
         dz = w[:, :, None] * d[None]
-        dlw = (w * (d[None] * z).sum(-1)).T
+        dlw = (w * _times(d[None], z).sum(-1)).T
     return dz.to(logits.dtype), dlw.to(log_weights.dtype)
 
 

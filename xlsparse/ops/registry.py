@@ -52,6 +52,7 @@ def define(op: str, reference: Callable, *, backends=BACKENDS, backward=None, se
     _DESIGNED[op] = tuple(backends)
     if backward is not None:
         _AUTOGRAD[op] = (backward, setup_context)
+        _TABLE[op]["reference"] = _with_backward(reference, backward, setup_context)
     if not _ext.loaded():
         return
     for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
@@ -59,6 +60,27 @@ def define(op: str, reference: Callable, *, backends=BACKENDS, backward=None, se
             _TABLE[op][backend] = getattr(torch.ops.xlsparse, op)
     if backward is not None:
         torch.library.register_autograd(f"xlsparse::{op}", backward, setup_context=setup_context)
+
+
+def _with_backward(forward: Callable, backward: Callable, setup_context: Callable) -> Callable:
+    """`forward` (plain PyTorch) differentiated by the op's own backward, as the kernels are, rather
+    than by autograd through its ops: every backend then has the same gradients (and the same
+    handling of −inf)."""
+
+    class Differentiable(torch.autograd.Function):
+        @staticmethod
+        def forward(*args):
+            return forward(*args)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return Differentiable.apply
 
 
 def register(op: str, backend: str, fn: Callable) -> None:

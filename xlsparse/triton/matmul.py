@@ -190,7 +190,9 @@ def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexp
                 c = tl.load(lw_ptr + t * E + e).to(ACC) - tl.load(lse_ptr + e * T + t)
                 x = tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC) + c
                 new_m = tl.maximum(m, x)
-                s = s * tl.exp(m - new_m) + tl.exp(x - new_m)
+                # a class every expert bans so far (all −inf): shift by 0, not by −inf (NaN)
+                shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+                s = s * tl.exp(m - shift) + tl.exp(x - shift)
                 m = new_m
             tl.store(out_ptr + t * V + v, (m + tl.log(s)).to(out_ptr.dtype.element_ty), mask=v < V)
     else:
@@ -226,6 +228,7 @@ def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dl
                 g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
                 o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                o = tl.where(o == float("-inf"), float("inf"), o)  # a class every expert bans: posterior 0
                 S += tl.sum(tl.where(live, g * tl.exp(z + c - o), 0.0), 0)
             for v0 in range(0, V, BV):
                 v = v0 + tl.arange(0, BV)
@@ -233,6 +236,7 @@ def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dl
                 g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
                 o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                o = tl.where(o == float("-inf"), float("inf"), o)
                 dz = g * tl.exp(z + c - o) - tl.exp(z - lse) * S
                 tl.store(dz_ptr + (e * T + t) * V + v, dz.to(dz_ptr.dtype.element_ty), mask=live)
             tl.store(dlw_ptr + t * E + e, S.to(dlw_ptr.dtype.element_ty))
@@ -251,7 +255,7 @@ def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dl
                 o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
                 d = g - tl.exp(o) * G  # gradient of the mixed logits
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
-                acc += tl.sum(tl.where(live, d * z, 0.0), 0)
+                acc += tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0)  # 0 · (−inf) counts 0
                 tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
             tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
 
@@ -268,7 +272,8 @@ def _nll_kernel(z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, T, E, V, PROB: tl.conste
             tl.store(lse_ptr + e * T + t, lse)
             x = tl.load(lw_ptr + t * E + e).to(ACC) + tl.load(z_ptr + (e * T + t) * V + y).to(ACC) - lse
             hi = tl.maximum(mix, x)
-            mix = hi + tl.log(tl.exp(mix - hi) + tl.exp(x - hi))
+            shift = tl.where(hi == float("-inf"), 0.0, hi)  # the target banned by every expert so far
+            mix = shift + tl.log(tl.exp(mix - shift) + tl.exp(x - shift))
         nll = -mix
     else:
         m = tl.full((), float("-inf"), ACC)
@@ -296,6 +301,7 @@ def _nll_backward_kernel(g_ptr, z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, dz_ptr, 
     g = tl.load(g_ptr + t).to(ACC)
     if PROB:
         nll = tl.load(nll_ptr + t).to(ACC)
+        nll = tl.where(nll == float("inf"), float("-inf"), nll)  # a target every expert bans: posterior 0
         for e in range(E):
             lse = tl.load(lse_ptr + e * T + t)
             # posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
@@ -318,7 +324,7 @@ def _nll_backward_kernel(g_ptr, z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, dz_ptr, 
                 zbar = _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC)
                 d = g * (tl.exp(zbar - lse) - tl.where(v == y, 1.0, 0.0))  # d nll / d zbar
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
-                acc += tl.sum(tl.where(live, d * z, 0.0), 0)
+                acc += tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0)  # 0 · (−inf) counts 0
                 tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
             tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
 
