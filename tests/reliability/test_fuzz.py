@@ -98,8 +98,9 @@ def test_fuzz_files_and_cli(cases, tmp_path_factory):
 
 def test_every_mutation_gives_its_documented_outcome_on_every_op(tmp_path):
     """The Guarantees table, exhaustively: every mutation on every op and backend (Triton under
-    XLSPARSE_SLOW=1: the interpreter is slow), one seed, float32, one subprocess."""
-    cases = [{"op": op, "seed": 7, "dtype": "float32", "mutation": mutation, "backend": b}
+    XLSPARSE_SLOW=1: the interpreter is slow), float32, one subprocess. Seed 2 draws sizes past the
+    kernels' 16-column blocks, where an unhandled alias shows."""
+    cases = [{"op": op, "seed": 2, "dtype": "float32", "mutation": mutation, "backend": b}
              for mutation in fuzz_driver.MUTATIONS for op in fuzz_driver.OPS
              for b in cpu_backends(TABLE_OP.get(op, op)) if b != "triton" or SLOW]
     failures = []

@@ -59,8 +59,10 @@ def contiguous_output(op: str, name: str, t: torch.Tensor) -> None:
 def finite(op: str, **scalars) -> None:
     """Hyperparameters and scale factors must be finite numbers; the message names the argument."""
     for name, v in scalars.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__}")
+        try:
+            v = float(v)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__}") from exc
         if not math.isfinite(v):
             raise ValueError(f"{op}: {name} must be finite, got {v}")
 

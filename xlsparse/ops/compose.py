@@ -99,6 +99,8 @@ if _ext.loaded():
 def _one_slot_per_tensor(dense: list, target: list) -> tuple[list, list]:
     """The same tensor given twice (tied weights) becomes one slot: its entries are summed like
     any two entries on one tensor. Distinct tensors that overlap are refused by the checks."""
+    if torch.compiler.is_compiling():  # traced tensors have no addresses to compare
+        return dense, target
     slots, unique, remap = {}, [], []
     for d in dense:
         key = (d.data_ptr(), d.device, d.dtype, tuple(d.shape), tuple(d.stride())) if isinstance(d, torch.Tensor) else id(d)
