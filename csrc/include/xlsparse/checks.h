@@ -20,6 +20,11 @@
 
 namespace xlsparse {
 
+// The value dtypes the kernels are built for (XLS_DISPATCH_FLOATS): not float8 or complex.
+inline bool is_value_dtype(at::ScalarType t) {
+  return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
+}
+
 // dense is the tensor written in place; indices index dense.view(-1); values pair with indices.
 inline void check_sparse_update(const char* op, const at::Tensor& dense, const at::Tensor& indices,
                                 const at::Tensor& values) {
@@ -30,7 +35,7 @@ inline void check_sparse_update(const char* op, const at::Tensor& dense, const a
               " entries but values has ", values.numel());
   TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
               ": indices must be int32 or int64, got ", indices.scalar_type());
-  TORCH_CHECK_TYPE(at::isFloatingType(dense.scalar_type()), op, ": dense must be floating point, got ",
+  TORCH_CHECK_TYPE(is_value_dtype(dense.scalar_type()), op, ": dense must be floating point, got ",
                    dense.scalar_type());
   TORCH_CHECK_TYPE(values.scalar_type() == dense.scalar_type(), op, ": values dtype ", values.scalar_type(),
               " does not match dense dtype ", dense.scalar_type());
@@ -125,7 +130,7 @@ inline void check_token_matmul(const char* op, const at::Tensor& a, const at::Te
   TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, op, ": expected 2-D token matrices, got ", a.sizes(), " and ",
                     b.sizes());
   TORCH_CHECK_VALUE(a.size(0) == b.size(0), op, ": token counts differ: ", a.size(0), " and ", b.size(0));
-  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), op, ": expected floating point, got ", a.scalar_type());
+  TORCH_CHECK_TYPE(is_value_dtype(a.scalar_type()), op, ": expected floating point, got ", a.scalar_type());
   TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": dtypes differ: ", a.scalar_type(), " and ",
                    b.scalar_type());
   TORCH_CHECK_VALUE(indices.dim() == 1, op, ": indices must be 1-D, got ", indices.sizes());
@@ -147,7 +152,7 @@ inline void check_token_matmul(const char* op, const at::Tensor& a, const at::Te
   }
   if (token_scale.has_value()) {
     const auto& ts = *token_scale;
-    TORCH_CHECK_TYPE(at::isFloatingType(ts.scalar_type()), op, ": token_scale must be floating point");
+    TORCH_CHECK_TYPE(is_value_dtype(ts.scalar_type()), op, ": token_scale must be floating point");
     TORCH_CHECK_VALUE(ts.dim() == 1 && ts.size(0) == a.size(0) && ts.device() == a.device(), op,
                       ": token_scale must have shape [", a.size(0), "] on ", a.device(), ", got ", ts.sizes());
   }
@@ -181,7 +186,7 @@ inline void check_ensemble(const char* op, const at::Tensor& logits, const at::T
                         log_weights.size(1) == logits.size(0),
                     op, ": log_weights must be [T, E] = [", logits.size(1), ", ", logits.size(0), "], got ",
                     log_weights.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(logits.scalar_type()), op, ": logits must be floating point");
+  TORCH_CHECK_TYPE(is_value_dtype(logits.scalar_type()), op, ": logits must be floating point");
   TORCH_CHECK_TYPE(log_weights.scalar_type() == logits.scalar_type(), op, ": log_weights dtype ",
                    log_weights.scalar_type(), " does not match logits dtype ", logits.scalar_type());
   TORCH_CHECK_VALUE(log_weights.device() == logits.device(), op, ": logits and log_weights must be on one device");
@@ -228,7 +233,7 @@ inline void check_masked_step(const char* op, const at::TensorList& params, cons
   }
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& p = params[i];
-    TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()), op, ": params[", i, "] must be floating point, got ",
+    TORCH_CHECK_TYPE(is_value_dtype(p.scalar_type()), op, ": params[", i, "] must be floating point, got ",
                      p.scalar_type());
     TORCH_CHECK_TYPE(p.scalar_type() == params[0].scalar_type(), op, ": every param of one call must have dtype ",
                      params[0].scalar_type(), "; params[", i, "] is ", p.scalar_type());
@@ -293,7 +298,7 @@ inline void check_multi_mask_weight_grad(const char* op, const at::Tensor& grad_
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && input.dim() == 2 && grad_out.size(0) == input.size(0), op,
                     ": grad_out [T, O] and input [T, I] must be 2-D with the same T, got ", grad_out.sizes(),
                     " and ", input.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(input.scalar_type()) && grad_out.scalar_type() == input.scalar_type(), op,
+  TORCH_CHECK_TYPE(is_value_dtype(input.scalar_type()) && grad_out.scalar_type() == input.scalar_type(), op,
                    ": grad_out and input must share one floating dtype, got ", grad_out.scalar_type(), " and ",
                    input.scalar_type());
   TORCH_CHECK_TYPE(masks.scalar_type() == at::kBool, op, ": masks must be bool, got ", masks.scalar_type());
@@ -337,7 +342,7 @@ inline void check_merge(const char* op, at::TensorList indices, at::TensorList v
                      ": indices must be int32 or int64, got ", indices[e].scalar_type());
     TORCH_CHECK_TYPE(indices[e].scalar_type() == indices[0].scalar_type(), where, ": index dtype ",
                      indices[e].scalar_type(), " differs from delta 0's ", indices[0].scalar_type());
-    TORCH_CHECK_TYPE(at::isFloatingType(values[e].scalar_type()) && values[e].scalar_type() == values[0].scalar_type(),
+    TORCH_CHECK_TYPE(is_value_dtype(values[e].scalar_type()) && values[e].scalar_type() == values[0].scalar_type(),
                      where, ": values must share one floating dtype, got ", values[e].scalar_type(), " and ",
                      values[0].scalar_type());
     TORCH_CHECK_VALUE(indices[e].device() == indices[0].device() && values[e].device() == indices[0].device(), where,
@@ -366,7 +371,7 @@ inline void check_spmm(const at::Tensor& out, const at::Tensor& x, const at::Ten
 inline int64_t check_topk(const char* op, at::TensorList tensors, int64_t k) {
   int64_t total = 0;
   for (size_t t = 0; t < tensors.size(); ++t) {
-    TORCH_CHECK_TYPE(at::isFloatingType(tensors[t].scalar_type()) && tensors[t].scalar_type() == tensors[0].scalar_type(),
+    TORCH_CHECK_TYPE(is_value_dtype(tensors[t].scalar_type()) && tensors[t].scalar_type() == tensors[0].scalar_type(),
                      op, ": tensors must share one floating dtype; tensors[", t, "] is ", tensors[t].scalar_type());
     TORCH_CHECK_VALUE(tensors[t].device() == tensors[0].device(), op, ": tensors must be on one device; tensors[", t,
                       "] is on ", tensors[t].device());
