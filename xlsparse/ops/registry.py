@@ -25,6 +25,7 @@ checks (xlsparse/ops/checks.py), fake impls and autograd are the same for both.
 """
 import importlib
 import os
+import warnings
 from typing import Callable
 
 import torch
@@ -102,8 +103,9 @@ def _run_hooks() -> None:
         _hooks_run.add(backend)
         try:
             importlib.import_module(module)
-        except ImportError:  # triton is an optional extra
-            pass
+        except Exception as exc:  # noqa: BLE001 - triton is an optional extra; a broken install is absent
+            warnings.warn(f"xlsparse: the {backend} kernels are unavailable ({type(exc).__name__}: {exc})",
+                          RuntimeWarning, stacklevel=3)
 
 
 def ops() -> list[str]:
@@ -111,9 +113,11 @@ def ops() -> list[str]:
     return list(_TABLE)
 
 
-def implementations(op: str) -> dict[str, Callable]:
-    """{backend: fn} of the implementations of `op` installed in this process."""
-    _run_hooks()
+def implementations(op: str, hooks: bool = True) -> dict[str, Callable]:
+    """{backend: fn} of the implementations of `op` installed in this process (with `hooks`, after
+    importing the lazily registered backends)."""
+    if hooks:
+        _run_hooks()
     return _TABLE[op]
 
 
@@ -136,8 +140,9 @@ def usable(op: str, device: torch.device) -> list[str]:
 @torch.compiler.assume_constant_result
 def backend_for(op: str, device: torch.device) -> str:
     """The backend that runs `op` on `device`: XLSPARSE_BACKEND if set, else the fastest present."""
-    table = implementations(op)
     forced = os.environ.get("XLSPARSE_BACKEND", "").strip().lower()
+    # CPU tensors never default to Triton: they do not pay its import unless it is asked for.
+    table = implementations(op, hooks=forced == "triton" or device.type == "cuda")
     if device.type == "meta":
         return "cpu" if "cpu" in table else "reference"
     if forced:
@@ -158,7 +163,7 @@ def backend_for(op: str, device: torch.device) -> str:
 def call(op: str, device: torch.device, *args, written=()):
     """Run `op` on the backend chosen for `device`. `written`: the tensors it changes in place."""
     backend = backend_for(op, device)
-    result = implementations(op)[backend](*args)
+    result = _TABLE[op][backend](*args)  # backend_for ran the hooks it needed
     if backend in ("cpu", "cuda"):
         mark_written(written)
     return result
