@@ -55,8 +55,8 @@ has_cuda_kernels() {
   "$PYTHON" - <<'PY' 2>/dev/null
 import sys
 from xlsparse import _ext
-from xlsparse.ops import _common
-sys.exit(0 if _ext.loaded() and _common.OPS and all(_ext.has_kernel(op, "CUDA") for op in _common.OPS) else 1)
+from xlsparse.ops import registry
+sys.exit(0 if _ext.loaded() and registry.ops("cuda") and all(_ext.has_kernel(op, "CUDA") for op in registry.ops("cuda")) else 1)
 PY
 }
 if has_cuda_kernels; then

@@ -490,7 +490,7 @@ def backend_of(op: str, device) -> str:
     Where XLSPARSE_BACKEND names a backend the op lacks (no Triton top-K, say), the op runs its
     reference (or raises, which fails that row): the label says so rather than stopping the run.
     """
-    from xlsparse.ops._common import backend_for
+    from xlsparse.ops.registry import backend_for
 
     try:
         return backend_for(op, torch.device(device))

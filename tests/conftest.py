@@ -10,8 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import xlsparse  # noqa: E402
-from xlsparse import _ext  # noqa: E402
-from xlsparse.ops import _common  # noqa: E402
+from xlsparse.ops import registry  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ODD_SIZES = [1, 3, 127, 4097]
@@ -21,13 +20,8 @@ _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloa
 
 
 def cpu_backends(op: str) -> list[str]:
-    """Backends that can run `op` on CPU tensors in this process."""
-    found = ["reference"]
-    if _ext.has_kernel(op, "CPU"):
-        found.append("cpu")
-    if _common.OPS.get(op) and _common.triton_usable(torch.device("cpu")):
-        found.append("triton")
-    return found
+    """Backends that can run `op` on CPU tensors in this process (read from the op table)."""
+    return registry.usable(op, torch.device("cpu"))
 
 
 @pytest.fixture

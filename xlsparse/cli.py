@@ -219,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, TypeError, IndexError, KeyError, OSError, RuntimeError, ImportError) as exc:
-        print(f"xlsparse {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a bad file or argument: one line, no traceback, exit status 1
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"xlsparse {args.command}: error: {message}", file=sys.stderr)
         return 1
 
 

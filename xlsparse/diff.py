@@ -13,6 +13,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -203,6 +204,10 @@ class ApplyHandle:
         """Put back every value the apply displaced, bit for bit. Only once."""
         if self.reverted:
             raise RuntimeError("this apply handle was already reverted")
+        with _exclusive([*self._dense, *(t for t, _ in self._originals)], "revert"):
+            self._restore()
+
+    def _restore(self) -> None:
         with torch.no_grad():
             if self._indices:
                 _ops.restore_diffs_(self._dense, self._indices, self._saved, self._target)
@@ -237,6 +242,9 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     alphas = [1.0] * len(diffs) if alphas is None else [float(a) for a in alphas]
     if len(alphas) != len(diffs):
         raise ValueError(f"apply: {len(diffs)} diffs but {len(alphas)} alphas")
+    for i, a in enumerate(alphas):
+        if not math.isfinite(a):
+            raise ValueError(f"apply: alphas[{i}] must be finite, got {a}")
     named = _named_tensors(model)
     dense, slot, indices, values, target, entry_alpha = [], {}, [], [], [], []
     touched_whole = {}
@@ -260,16 +268,46 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
         for name, t in [*diff.dense.items(), *diff.absolute.items()]:
             param = _lookup(named, name, what)
             _check_shape(param, t.shape, what, name)
+            if not param.is_floating_point():
+                raise TypeError(f"{what}: {name!r} is {param.dtype}; diffs change floating-point tensors only")
             touched_whole.setdefault(id(param), param.detach())
-    with torch.no_grad():
+    # apply_diffs_ checks every sparse entry before it writes; the dense and absolute entries were
+    # checked above, so a bad entry anywhere leaves the model untouched.
+    with _exclusive([*dense, *touched_whole.values()], "apply"), torch.no_grad():
         originals = [(t, t.clone()) for t in touched_whole.values()]
         saved = _ops.apply_diffs_(dense, indices, values, target, entry_alpha) if indices else []
-        for diff, alpha in zip(diffs, alphas):
-            for name, t in diff.dense.items():
-                named[name].detach().add_(t.to(named[name]), alpha=alpha)
-            for name, t in diff.absolute.items():
-                named[name].detach().copy_(t)
-    return ApplyHandle(dense, indices, saved, target, originals)
+        handle = ApplyHandle(dense, indices, saved, target, originals)
+        try:
+            for diff, alpha in zip(diffs, alphas):
+                for name, t in diff.dense.items():
+                    named[name].detach().add_(t.to(named[name]), alpha=alpha)
+                for name, t in diff.absolute.items():
+                    named[name].detach().copy_(t)
+        except BaseException:
+            handle._restore()  # a failure half way (out of memory...) leaves the model as it was
+            raise
+    return handle
+
+
+# Tensors an apply or revert is writing now, by storage: a second thread that reaches one of them
+# is refused instead of interleaving its writes (which would corrupt the bit-exact revert).
+_busy_storages: set = set()
+_busy_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(tensors, what: str):
+    keys = {(t.device, t.untyped_storage().data_ptr()) for t in tensors if t.device.type != "meta"}
+    with _busy_lock:
+        if keys & _busy_storages:
+            raise RuntimeError(f"{what}: another thread is applying or reverting a diff on the same model tensors; "
+                               "serialise apply/revert calls on one model")
+        _busy_storages.update(keys)
+    try:
+        yield
+    finally:
+        with _busy_lock:
+            _busy_storages.difference_update(keys)
 
 
 def _refuse_tied_twice(what: str, diff: "SparseDiff", named: dict) -> None:
@@ -466,7 +504,7 @@ class SparseDiff:
         the xlsparse version and the base model's name. Written to a temporary file, then renamed."""
         from safetensors.torch import save_file
 
-        from . import __version__
+        from ._version import __version__
 
         tensors, meta = {}, {"format": FORMAT, "format_version": FORMAT_VERSION, "xlsparse_version": __version__,
                               "base_model": base_model or self.base_model, "deltas": [], "dense": [], "absolute": []}
@@ -504,8 +542,24 @@ class SparseDiff:
             raise ValueError(f"{path}: unreadable xlsparse diff file (truncated or corrupt?): {exc}") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise ValueError(f"{path}: metadata does not describe a {FORMAT}")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path}: format version {meta.get('format_version')!r}, this xlsparse reads {FORMAT_VERSION}")
+        version = meta.get("format_version")
+        if type(version) is not int or version != FORMAT_VERSION:  # 1.0 or true are not version 1
+            raise ValueError(f"{path}: format version {version!r}, this xlsparse reads {FORMAT_VERSION}")
+        for kind in ("deltas", "dense", "absolute"):
+            entries = meta.get(kind)
+            if not isinstance(entries, list) or not all(isinstance(m, dict) for m in entries):
+                raise ValueError(f"{path}: malformed metadata: {kind!r} must be a list of objects")
+            names = [m.get("name") for m in entries]
+            if not all(isinstance(n, str) for n in names):
+                raise ValueError(f"{path}: malformed metadata: every {kind} entry needs a string name")
+            if len(set(names)) != len(names):
+                dup = sorted({n for n in names if names.count(n) > 1})
+                raise ValueError(f"{path}: {kind} entries {dup} appear more than once")
+            for m in entries:
+                _meta_shape(path, f"{kind} entry {m['name']!r}", m.get("shape"))
+                if kind == "deltas" and (type(m.get("nnz")) is not int or m["nnz"] < 0):
+                    raise ValueError(f"{path}: malformed metadata: delta {m['name']!r}: nnz must be a non-negative int, "
+                                     f"got {m.get('nnz')!r}")
 
         def tensor(key, what, dtype_name, shape=None):
             if key not in tensors:
@@ -553,30 +607,18 @@ class SparseDiff:
             raise ValueError(f"{path}: cannot read a composable-sft diff file: {exc}") from exc
         if not isinstance(obj, dict) or not set(obj) <= {"diffs", "abs"}:
             raise ValueError(f"{path}: expected a dict with keys 'diffs' and 'abs', got "
-                             f"{sorted(obj) if isinstance(obj, dict) else type(obj).__name__}")
-        deltas = {}
-        for name, enc in obj.get("diffs", {}).items():
-            what = f"{path}: delta {name!r}"
-            if not isinstance(enc, dict) or set(enc) != {"size", "index_steps", "values"}:
-                raise ValueError(f"{what}: expected keys size, index_steps, values")
-            shape = tuple(int(s) for s in enc["size"])
-            steps = torch.as_tensor(enc["index_steps"], dtype=torch.int64).reshape(-1)
-            values = enc["values"]
-            if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != steps.numel():
-                raise ValueError(f"{what}: values must be a 1-D tensor with one entry per index step")
-            bad = (steps[1:] <= 0).nonzero()
-            if bad.numel():
-                raise ValueError(f"{what}: index_steps[{int(bad[0]) + 1}] = {int(steps[int(bad[0]) + 1])} is not "
-                                 "positive (indices must be sorted and unique)")
-            column = steps.cumsum(0)
-            numel = math.prod(shape)
-            if column.numel() and (int(column[0]) < 0 or int(column[-1]) >= numel):
-                raise IndexError(f"{what}: indices span [{int(column[0])}, {int(column[-1])}], outside [0, {numel})")
-            row = _reorder(column, shape, to_row=True)
-            order = torch.argsort(row)
-            deltas[name] = SparseDelta(row[order], values[order], shape, name=name)
-        absolute = obj.get("abs", {})
-        return cls(deltas, absolute={n: t for n, t in absolute.items()})
+                             f"{sorted(obj, key=str) if isinstance(obj, dict) else type(obj).__name__}")
+        encoded, absolute = obj.get("diffs", {}), obj.get("abs", {})
+        if not isinstance(encoded, dict) or not isinstance(absolute, dict):
+            raise ValueError(f"{path}: 'diffs' and 'abs' must be dicts")
+        deltas = {name: _decode_composable_sft(f"{path}: delta {name!r}", name, enc) for name, enc in encoded.items()}
+        for name, t in absolute.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{path}: abs entry {name!r} must be a floating-point tensor")
+        try:
+            return cls(deltas, absolute=dict(absolute))
+        except TypeError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
     def save_composable_sft(self, path: str) -> None:
         """Write composable-sft's `pytorch_diff.bin` (to `path`, or into it if it is a folder; a
@@ -597,6 +639,56 @@ class SparseDiff:
             encoded[name] = {"size": torch.Size(shape), "index_steps": steps.tolist(), "values": val[order].contiguous()}
         obj = {"diffs": encoded, "abs": {n: t.detach().cpu() for n, t in self.absolute.items()}}
         _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def _decode_composable_sft(what: str, name, enc) -> "SparseDelta":
+    """One composable-sft delta: int64 index steps (the first absolute, the rest positive) whose
+    running sum must neither overflow int64 nor leave the tensor."""
+    if not isinstance(name, str):
+        raise ValueError(f"{what}: names must be strings")
+    if not isinstance(enc, dict) or set(enc) != {"size", "index_steps", "values"}:
+        raise ValueError(f"{what}: expected keys size, index_steps, values")
+    size = enc["size"]
+    if not isinstance(size, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                        for d in size):
+        raise ValueError(f"{what}: size must be a sequence of non-negative ints, got {size!r}")
+    shape, numel = tuple(size), math.prod(size)
+    if numel >= 2**63:
+        raise ValueError(f"{what}: size {shape} has more elements than int64 can index")
+    try:
+        steps = torch.as_tensor(enc["index_steps"], dtype=torch.int64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise ValueError(f"{what}: index_steps must be int64 numbers: {exc}") from exc
+    values = enc["values"]
+    if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != steps.numel():
+        raise ValueError(f"{what}: values must be a 1-D tensor with one entry per index step")
+    if not values.is_floating_point():
+        raise ValueError(f"{what}: values must be floating point, got {values.dtype}")
+    if steps.numel() == 0:
+        return SparseDelta(steps, values, shape, name=name)
+    bad = (steps[1:] <= 0).nonzero()
+    if bad.numel():
+        raise ValueError(f"{what}: index_steps[{int(bad[0]) + 1}] = {int(steps[int(bad[0]) + 1])} is not "
+                         "positive (indices must be sorted and unique)")
+    if int(steps[0]) < 0:
+        raise IndexError(f"{what}: the first index {int(steps[0])} is negative")
+    column = steps.cumsum(0)
+    # Positive steps make the sum strictly increasing; int64 wrap-around is the only way down.
+    if column.numel() > 1 and bool((column[1:] <= column[:-1]).any()):
+        raise ValueError(f"{what}: index_steps overflow int64 in their running sum")
+    if int(column[-1]) >= numel:
+        raise IndexError(f"{what}: indices span [{int(column[0])}, {int(column[-1])}], outside [0, {numel})")
+    row = _reorder(column, shape, to_row=True)
+    order = torch.argsort(row)
+    return SparseDelta(row[order], values[order], shape, name=name)
+
+
+def _meta_shape(path: str, what: str, shape) -> None:
+    """A shape in file metadata is a list of non-negative ints, taken as written: not coerced."""
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ValueError(f"{path}: malformed metadata: {what}: shape must be a list of non-negative ints, got {shape!r}")
+    if math.prod(shape) >= 2**63:
+        raise ValueError(f"{path}: {what}: shape {shape} has {math.prod(shape)} elements, more than int64 can index")
 
 
 def _reorder(flat: torch.Tensor, shape, to_row: bool) -> torch.Tensor:
@@ -621,6 +713,12 @@ def _numpy_scalar_globals() -> list:
     return [scalar.scalar, np.dtype, type(np.dtype(np.int64))]
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: str, write) -> None:
     """write(tmp) into a temporary file beside `path`, then rename it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -628,6 +726,7 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a saved diff gets the usual mode (0644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

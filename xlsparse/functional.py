@@ -1,6 +1,7 @@
 """Functional forms of the xlsparse ops, for use inside models and training loops."""
 import torch
 
+from .ops import checks as _checks
 from .ops import compose as _compose
 from .ops import matmul as _matmul
 from .routing import TokenGroups
@@ -21,28 +22,6 @@ def topk_mask(tensors: list, k: int) -> list[torch.Tensor]:
             wide = torch.promote_types(wide, t.dtype)
         tensors = [t.to(wide) for t in tensors]
     return _compose.topk_masks([t.contiguous() for t in tensors], k)
-
-
-def _check_linear(op, x, weight, bias, indices: list, values: list) -> None:
-    if weight.dim() != 2:
-        raise ValueError(f"{op}: weight must be [out_features, in_features], got {tuple(weight.shape)}")
-    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"{op}: x has {x.shape[-1] if x.dim() else 0} features, weight expects {weight.shape[1]}")
-    if not weight.is_floating_point():
-        raise TypeError(f"{op}: weight must be floating point, got {weight.dtype}")
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{op}: x dtype {x.dtype} does not match weight dtype {weight.dtype}")
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
-        raise ValueError(f"{op}: bias must be [{weight.shape[0]}] of {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
-    if len(indices) != len(values):
-        raise ValueError(f"{op}: {len(indices)} index tensors but {len(values)} value tensors")
-    for i, v in zip(indices, values):
-        if v.dtype != weight.dtype:
-            raise TypeError(f"{op}: values dtype {v.dtype} does not match weight dtype {weight.dtype}")
-        if i.dim() != 1 or v.dim() != 1 or i.numel() != v.numel():
-            raise ValueError(f"{op}: indices and values must be 1-D of one length, got {tuple(i.shape)} and {tuple(v.shape)}")
-        if i.numel() > weight.numel():
-            raise ValueError(f"{op}: {i.numel()} delta entries exceed the weight's {weight.numel()}")
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -90,7 +69,7 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
         x, weight, bias, values, merged_weight = cast_for_autocast(dtype, x, weight, bias, values, merged_weight)
         with torch.autocast(x.device.type, enabled=False):
             return sparse_delta_linear(x, weight, bias, indices, values, merged_weight)
-    _check_linear("sparse_delta_linear", x, weight, bias, [indices], [values])
+    _checks.linear("sparse_delta_linear", x, weight, bias, [indices], [values])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
     if merged_weight is None and merge_pays(x2d.shape[0], indices.numel(), weight.numel()):
@@ -116,7 +95,7 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
         x, weight, bias, gates, *values = cast_for_autocast(dtype, x, weight, bias, gates, *values)
         with torch.autocast(x.device.type, enabled=False):
             return multi_delta_linear(x, weight, bias, indices, values, route, gates)
-    _check_linear("multi_delta_linear", x, weight, bias, list(indices), list(values))
+    _checks.linear("multi_delta_linear", x, weight, bias, list(indices), list(values))
     num = len(indices)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])

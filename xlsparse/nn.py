@@ -9,7 +9,7 @@ from torch import nn
 
 from . import functional, routing
 from .diff import budget, index_dtype
-from .ops import _common
+from .ops import checks as op_checks
 from .ops import optim as optim_ops
 from .ops.compose import sparse_axpy_
 from .ops.matmul import merged_weight
@@ -35,7 +35,7 @@ def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.
         raise TypeError(f"from_linear: indices must be int32, int64 or a bool mask, got {indices.dtype}")
     if indices.dim() != 1:
         raise ValueError(f"from_linear: indices must be 1-D flat indices, got {tuple(indices.shape)}")
-    _common.check_indices("from_linear", indices, n)
+    op_checks.indices("from_linear", indices, n)
     return indices
 
 

@@ -24,7 +24,7 @@ from itertools import chain
 
 import torch
 
-from .ops import _common
+from .ops import checks
 from .ops import optim as optim_ops
 
 _MODES = ("dense", "compact")
@@ -108,7 +108,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise TypeError(f"{name}: mask must be bool or int32/int64 indices, got {mask.dtype}")
         if mask.dim() != 1:
             raise ValueError(f"{name}: indices must be 1-D, got shape {tuple(mask.shape)}")
-        _common.check_indices(name, mask, p.numel())
+        checks.indices(name, mask, p.numel())
         if self.mode == "compact":
             return mask.detach().clone().contiguous()
         dense = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
@@ -205,6 +205,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim.Optimizer.load_state_dict, keeping masks, indices and per-entry step counts exact."""
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        in_force = {p: self._selector_of(p) for p in self._all_params()}  # the masks given so far
         kept = {}
         stripped = dict(state_dict, state={})
         for pid, st in state_dict["state"].items():
@@ -212,12 +213,38 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             kept[pid] = {k: st.pop(k) for k in list(st) if k in _SELECTOR_KEYS or k == "step"}
             stripped["state"][pid] = st
         super().load_state_dict(stripped)
+        for group in self.param_groups:  # a state saved by another optimizer lacks our keys
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         for pid, p in zip(saved_ids, self._all_params()):
             state = self.state[p]
             for key in _SELECTOR_KEYS:
                 state.pop(key, None)
-            for key, value in kept.get(pid, {}).items():
+            loaded = kept.get(pid, {})
+            for key, value in loaded.items():
                 state[key] = value.to(p.device, copy=True)
+            if not any(k in loaded for k in _SELECTOR_KEYS) and in_force[p] is not None:
+                # A state with no mask (saved by torch's AdamW, say) must not make every entry train.
+                state["mask" if self.mode == "dense" else "indices"] = in_force[p]
+        self._check_loaded_state()
+
+    def _check_loaded_state(self) -> None:
+        """Every param has state that fits its mask: missing state starts at zero, a state tensor
+        of another size raises ValueError."""
+        for group in self.param_groups:
+            for i, p in enumerate(group["params"]):
+                state, selector = self.state[p], self._selector_of(p)
+                keys = self._state_keys(group)
+                if not any(k in state for k in keys):
+                    self._init_state(group, p, selector)
+                    continue
+                n = p.numel() if selector is None or self.mode == "dense" else selector.numel()
+                for key in keys:
+                    t = state.get(key)
+                    if not isinstance(t, torch.Tensor) or t.numel() != n:
+                        raise ValueError(f"load_state_dict: state {key!r} of param {i} has "
+                                         f"{None if t is None else t.numel()} entries; its mask selects {n}")
+                state.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
 
     # --- stepping ---
 
@@ -294,6 +321,8 @@ class MaskedAdamW(_MaskedOptimizer):
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, mode: str = "dense", l1_to_init: float = 0.0,
                  amsgrad: bool = False):
+        checks.finite("MaskedAdamW", lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
+                      l1_to_init=l1_to_init)
         if lr < 0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if eps < 0:
@@ -334,6 +363,7 @@ class MaskedSGD(_MaskedOptimizer):
 
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, mode: str = "dense"):
+        checks.finite("MaskedSGD", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
         if lr < 0 or momentum < 0 or weight_decay < 0:
             raise ValueError("lr, momentum and weight_decay must be >= 0")
         if nesterov and (momentum <= 0 or dampening != 0):

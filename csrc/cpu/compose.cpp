@@ -338,31 +338,6 @@ void restore_diffs_cpu(at::TensorList dense, at::TensorList indices, at::TensorL
 
 // --- merge_deltas ---
 
-// Shape, dtype and order checks of the lists merge_deltas reads.
-void check_merge(const char* op, at::TensorList indices, at::TensorList values, at::ArrayRef<double> weights,
-                 int64_t numel) {
-  const int64_t n = static_cast<int64_t>(indices.size());
-  TORCH_CHECK_VALUE(n >= 1, op, ": needs at least one delta");
-  TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == n && static_cast<int64_t>(weights.size()) == n, op,
-                    ": indices, values and weights must have one entry each, got ", n, ", ", values.size(), ", ",
-                    weights.size());
-  TORCH_CHECK_VALUE(numel >= 0, op, ": numel must be >= 0, got ", numel);
-  for (int64_t e = 0; e < n; ++e) {
-    const std::string where = std::string(op) + " delta " + std::to_string(e);
-    TORCH_CHECK_VALUE(indices[e].dim() == 1 && values[e].dim() == 1 && indices[e].numel() == values[e].numel(), where,
-                      ": indices and values must be 1-D of one length, got ", indices[e].sizes(), " and ",
-                      values[e].sizes());
-    TORCH_CHECK_TYPE(indices[e].scalar_type() == indices[0].scalar_type(), where, ": index dtype ",
-                     indices[e].scalar_type(), " differs from delta 0's ", indices[0].scalar_type());
-    TORCH_CHECK_TYPE(at::isFloatingType(values[e].scalar_type()) && values[e].scalar_type() == values[0].scalar_type(),
-                     where, ": values must share one floating dtype, got ", values[e].scalar_type(), " and ",
-                     values[0].scalar_type());
-    TORCH_CHECK_VALUE(indices[e].device() == indices[0].device() && values[e].device() == indices[0].device(), where,
-                      ": all tensors must be on one device");
-    check_indices(where.c_str(), indices[e], numel);
-  }
-}
-
 std::tuple<at::Tensor, at::Tensor> merge_deltas_cpu(at::TensorList indices, at::TensorList values,
                                                     at::ArrayRef<double> weights, int64_t numel) {
   const char* op = "merge_deltas";
@@ -551,19 +526,12 @@ void topk_masks_kernel(const std::vector<at::Tensor>& ts, std::vector<at::Tensor
 }
 
 std::vector<at::Tensor> topk_masks_cpu(at::TensorList tensors, int64_t k) {
-  const char* op = "topk_masks";
-  int64_t total = 0;
+  check_topk("topk_masks", tensors, k);
   std::vector<at::Tensor> ts, masks;
   for (size_t t = 0; t < tensors.size(); ++t) {
-    TORCH_CHECK_TYPE(at::isFloatingType(tensors[t].scalar_type()) && tensors[t].scalar_type() == tensors[0].scalar_type(),
-                     op, ": tensors must share one floating dtype; tensors[", t, "] is ", tensors[t].scalar_type());
-    TORCH_CHECK_VALUE(tensors[t].device() == tensors[0].device(), op, ": tensors must be on one device; tensors[", t,
-                      "] is on ", tensors[t].device());
     ts.push_back(tensors[t].contiguous());
     masks.push_back(at::empty(tensors[t].sizes(), tensors[t].options().dtype(at::kBool)));
-    total += tensors[t].numel();
   }
-  TORCH_CHECK_VALUE(k >= 0 && k <= total, op, ": k = ", k, " is outside [0, ", total, "] (the total element count)");
   if (k == 0) {
     for (auto& m : masks) m.zero_();
     return masks;

@@ -252,6 +252,7 @@ template <typename acc>
 Tokens<acc> select_tokens(const char* op, int64_t num_tokens, const c10::optional<at::Tensor>& token_index,
                           const c10::optional<at::Tensor>& token_bounds,
                           const c10::optional<at::Tensor>& token_scale, at::Tensor& index_storage) {
+  check_token_values(op, num_tokens, token_index, token_bounds);
   Tokens<acc> tok;
   tok.end = num_tokens;
   if (token_index.has_value()) {
@@ -262,13 +263,6 @@ Tokens<acc> select_tokens(const char* op, int64_t num_tokens, const c10::optiona
       const auto b = token_bounds->contiguous();
       tok.begin = b.data_ptr<int64_t>()[0];
       tok.end = b.data_ptr<int64_t>()[1];
-      TORCH_CHECK_INDEX(0 <= tok.begin && tok.begin <= tok.end && tok.end <= index_storage.numel(), op,
-                        ": token_bounds [", tok.begin, ", ", tok.end, ") do not fit token_index of ",
-                        index_storage.numel(), " entries");
-    }
-    for (int64_t j = tok.begin; j < tok.end; ++j) {
-      TORCH_CHECK_INDEX(tok.index[j] >= 0 && tok.index[j] < num_tokens, op, ": token_index holds ", tok.index[j],
-                        ", outside [0, ", num_tokens, ")");
     }
   }
   if (token_scale.has_value()) {
@@ -284,7 +278,7 @@ Tokens<acc> select_tokens(const char* op, int64_t num_tokens, const c10::optiona
 // barrier per chunk costs a scheduler slice whenever the cores are shared.
 template <typename scalar_t, typename acc>
 void transpose_chunk(const scalar_t* src, int64_t cols, int64_t c0, int64_t c1, const Tokens<acc>& tok, int64_t j0,
-                     int64_t n, bool scaled, acc* dst) {
+                     int64_t n, bool scaled, acc* dst, int64_t stride) {
   constexpr int64_t tile = 16;
   for (int64_t t0 = c0; t0 < c1; t0 += tile) {
     const int64_t t1 = std::min(c1, t0 + tile);
@@ -292,7 +286,7 @@ void transpose_chunk(const scalar_t* src, int64_t cols, int64_t c0, int64_t c1, 
       const int64_t t = tok.at(j0 + jj);
       const acc s = scaled && tok.scale ? tok.scale[t] : acc(1);
       const scalar_t* row = src + t * cols;
-      for (int64_t c = t0; c < t1; ++c) dst[(c - c0) * kChunk + jj] = static_cast<acc>(row[c]) * s;
+      for (int64_t c = t0; c < t1; ++c) dst[(c - c0) * stride + jj] = static_cast<acc>(row[c]) * s;
     }
   }
 }
@@ -316,23 +310,26 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
       const index_t* ip = idx.data_ptr<index_t>();
       // Each task owns a run of entries, hence of rows of a: it transposes those rows and all of b.
+      // Scratch per task is [columns, chunk]: chunk is the token count up to kChunk, so a few
+      // very wide token rows never allocate kChunk rows of scratch.
+      const int64_t chunk = std::min(kChunk, tok.end - tok.begin);
       at::parallel_for(0, k, 2048, [&](int64_t begin, int64_t end) {
         const int64_t r0 = ip[begin] / cols, r1 = ip[end - 1] / cols + 1;
-        std::vector<acc> at_buf((r1 - r0) * kChunk), bt_buf(cols * kChunk);
+        std::vector<acc> at_buf((r1 - r0) * chunk), bt_buf(cols * chunk);
         const acc* bt = bt_buf.data();
-        for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
-          const int64_t n = std::min(kChunk, tok.end - j0);
-          transpose_chunk(ac.data_ptr<scalar_t>(), rows, r0, r1, tok, j0, n, false, at_buf.data());
-          transpose_chunk(bc.data_ptr<scalar_t>(), cols, 0, cols, tok, j0, n, true, bt_buf.data());
+        for (int64_t j0 = tok.begin; j0 < tok.end; j0 += chunk) {
+          const int64_t n = std::min(chunk, tok.end - j0);
+          transpose_chunk(ac.data_ptr<scalar_t>(), rows, r0, r1, tok, j0, n, false, at_buf.data(), chunk);
+          transpose_chunk(bc.data_ptr<scalar_t>(), cols, 0, cols, tok, j0, n, true, bt_buf.data(), chunk);
           for (int64_t e = begin; e < end;) {
             const int64_t r = ip[e] / cols;
-            const acc* ar = at_buf.data() + (r - r0) * kChunk;
+            const acc* ar = at_buf.data() + (r - r0) * chunk;
             if (e + 4 <= end && ip[e + 3] / cols == r) {  // sorted: entries e..e+3 share row r
-              dot4(ar, bt + (ip[e] % cols) * kChunk, bt + (ip[e + 1] % cols) * kChunk,
-                   bt + (ip[e + 2] % cols) * kChunk, bt + (ip[e + 3] % cols) * kChunk, n, sum.data() + e);
+              dot4(ar, bt + (ip[e] % cols) * chunk, bt + (ip[e + 1] % cols) * chunk,
+                   bt + (ip[e + 2] % cols) * chunk, bt + (ip[e + 3] % cols) * chunk, n, sum.data() + e);
               e += 4;
             } else {
-              sum[e] += dot(ar, bt + (ip[e] % cols) * kChunk, n);
+              sum[e] += dot(ar, bt + (ip[e] % cols) * chunk, n);
               e += 1;
             }
           }
@@ -350,12 +347,7 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
               const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
               const c10::optional<at::Tensor>& token_scale, bool transpose) {
   check_token_matmul("spmm_", out, x, indices, token_index, token_bounds, token_scale);
-  TORCH_CHECK_VALUE(out.is_contiguous(), "spmm_: out must be contiguous");
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == indices.numel(), "spmm_: values must be 1-D with ",
-                    indices.numel(), " entries like indices, got ", values.sizes());
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "spmm_: values dtype ", values.scalar_type(),
-                   " does not match x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(values.device() == x.device(), "spmm_: values must be on ", x.device());
+  check_spmm(out, x, indices, values);
   // Δ is [groups, x cols] (out += X Δᵀ) or [x cols, groups] (transpose: out += X Δ).
   const int64_t groups = out.size(1), xcols = x.size(1), k = indices.numel();
   const int64_t dcols = transpose ? groups : xcols;
@@ -385,32 +377,33 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
     });
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t blocks = (groups + kRows - 1) / kRows;
+    const int64_t chunk = std::min(kChunk, tok.end - tok.begin);  // scratch rows: the token count, at most kChunk
     // Each task owns blocks of kRows output columns (no two threads write one element) and
     // transposes the token chunks of x itself.
     at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / 64), [&](int64_t b0, int64_t b1) {
       if (start[b0 * kRows] == start[std::min(groups, b1 * kRows)]) return;
-      std::vector<acc> xt(xcols * kChunk), y(kRows * kChunk);
-      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += kChunk) {
-        const int64_t n = std::min(kChunk, tok.end - j0);
-        transpose_chunk(xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, true, xt.data());
+      std::vector<acc> xt(xcols * chunk), y(kRows * chunk);
+      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += chunk) {
+        const int64_t n = std::min(chunk, tok.end - j0);
+        transpose_chunk(xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, true, xt.data(), chunk);
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t g0 = blk * kRows, g1 = std::min(groups, g0 + kRows);
           if (start[g0] == start[g1]) continue;
           for (int64_t g = g0; g < g1; ++g) {
-            acc* yr = y.data() + (g - g0) * kChunk;
+            acc* yr = y.data() + (g - g0) * chunk;
             std::fill(yr, yr + n, acc(0));
             int64_t p = start[g];
             for (; p + 4 <= start[g + 1]; p += 4) {
-              axpy4(yr, v.data() + p, xt.data() + other[p] * kChunk, xt.data() + other[p + 1] * kChunk,
-                    xt.data() + other[p + 2] * kChunk, xt.data() + other[p + 3] * kChunk, n);
+              axpy4(yr, v.data() + p, xt.data() + other[p] * chunk, xt.data() + other[p + 1] * chunk,
+                    xt.data() + other[p + 2] * chunk, xt.data() + other[p + 3] * chunk, n);
             }
-            for (; p < start[g + 1]; ++p) axpy(yr, v[p], xt.data() + other[p] * kChunk, n);
+            for (; p < start[g + 1]; ++p) axpy(yr, v[p], xt.data() + other[p] * chunk, n);
           }
           for (int64_t jj = 0; jj < n; ++jj) {
             scalar_t* orow = op + tok.at(j0 + jj) * groups;
             for (int64_t g = g0; g < g1; ++g) {
               if (start[g] == start[g + 1]) continue;
-              orow[g] = static_cast<scalar_t>(static_cast<acc>(orow[g]) + y[(g - g0) * kChunk + jj]);
+              orow[g] = static_cast<scalar_t>(static_cast<acc>(orow[g]) + y[(g - g0) * chunk + jj]);
             }
           }
         }
@@ -472,6 +465,10 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
             if (s[v] >= tiny) continue;
             acc hi = -std::numeric_limits<acc>::infinity();
             for (int64_t e = 0; e < E; ++e) hi = std::max(hi, lwp[t * E + e] + rows.z[e][v] - lp[e * T + t]);
+            if (hi == -std::numeric_limits<acc>::infinity()) {  // every expert bans v: log 0, not NaN
+              o[v] = hi;
+              continue;
+            }
             acc sum = 0;
             for (int64_t e = 0; e < E; ++e) sum += std::exp(lwp[t * E + e] + rows.z[e][v] - lp[e * T + t] - hi);
             o[v] = hi + std::log(sum);
@@ -494,8 +491,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
                                                                   const at::Tensor& lse, bool prob_space) {
   check_ensemble("ensemble_logprobs_backward", logits, log_weights, nullptr);
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
-  TORCH_CHECK_VALUE(grad.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == T && out.size(1) == V,
-                    "ensemble_logprobs_backward: grad and out must be [", T, ", ", V, "]");
+  check_ensemble_saved("ensemble_logprobs_backward", logits, grad, out, lse, prob_space, false);
   auto dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
   auto dlw = at::empty({T, E}, log_weights.options());
   const auto z = logits.contiguous(), g = grad.contiguous(), o = out.contiguous();
@@ -514,6 +510,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
         const acc* gr = as_acc(g.data_ptr<scalar_t>() + t * V, V, gb);
         const acc* orow = as_acc(o.data_ptr<scalar_t>() + t * V, V, ob);
         if (prob_space) {
+          // A class every expert bans has posterior 0 (out_for_posterior in matmul.h).
+          for (int64_t v = 0; v < V; ++v) ob[v] = out_for_posterior(orow[v]);
+          orow = ob;
           for (int64_t e = 0; e < E; ++e) {
             const acc lse_e = lp[e * T + t], lw_e = lwp[t * E + e];
             const acc S = dot_exp(gr, rows.z[e], -lse_e, lw_e, orow, V);  // Σ_v g · posterior of expert e
@@ -535,12 +534,6 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
     });
   });
   return std::make_tuple(dlogits, dlw);
-}
-
-void check_targets(const char* op, const at::Tensor& targets, int64_t V) {
-  if (targets.numel() == 0) return;
-  const auto lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
-  TORCH_CHECK_INDEX(lo >= 0 && hi < V, op, ": targets must lie in [0, ", V, "), got min ", lo, ", max ", hi);
 }
 
 std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, const at::Tensor& log_weights,
@@ -590,7 +583,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
                                                              bool prob_space) {
   check_ensemble("ensemble_nll_backward", logits, log_weights, &targets);
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == T, "ensemble_nll_backward: grad must be [", T, "]");
+  check_ensemble_saved("ensemble_nll_backward", logits, grad, nll, lse, prob_space, true);
+  check_targets("ensemble_nll_backward", targets, V);
   auto dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
   auto dlw = at::empty({T, E}, log_weights.options());
   const auto z = logits.contiguous(), y = targets.contiguous();
@@ -615,7 +609,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
         if (prob_space) {
           for (int64_t e = 0; e < E; ++e) {
             // posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
-            const acc post = std::exp(lwp[t * E + e] + rows.z[e][target] - lp[e * T + t] + np[t]);
+            const acc post = std::exp(lwp[t * E + e] + rows.z[e][target] - lp[e * T + t] + nll_for_posterior(np[t]));
             scaled_softmax(tmp, rows.z[e], lp[e * T + t], g * post, V);
             tmp[target] -= g * post;
             store_row(dz + (e * T + t) * V, tmp, V);

@@ -301,19 +301,7 @@ __global__ void merge_write_kernel(const int64_t* __restrict__ idx, const scalar
 std::tuple<at::Tensor, at::Tensor> merge_deltas_cuda(at::TensorList indices, at::TensorList values,
                                                      at::ArrayRef<double> weights, int64_t numel) {
   const char* op = "merge_deltas";
-  TORCH_CHECK_VALUE(!indices.empty() && indices.size() == values.size() && indices.size() == weights.size(), op,
-                    ": needs one or more deltas with one values tensor and one weight each");
-  for (size_t e = 0; e < indices.size(); ++e) {
-    const std::string where = std::string(op) + " delta " + std::to_string(e);
-    TORCH_CHECK_TYPE(indices[e].scalar_type() == indices[0].scalar_type() &&
-                         values[e].scalar_type() == values[0].scalar_type() && at::isFloatingType(values[e].scalar_type()),
-                     where, ": deltas must share one index dtype and one floating value dtype");
-    TORCH_CHECK_VALUE(indices[e].dim() == 1 && values[e].dim() == 1 && indices[e].numel() == values[e].numel(), where,
-                      ": indices and values must be 1-D of one length");
-    TORCH_CHECK_VALUE(indices[e].device() == indices[0].device() && values[e].device() == indices[0].device(), where,
-                      ": all tensors must be on one device");
-    check_indices(where.c_str(), indices[e], numel);
-  }
+  check_merge(op, indices, values, weights, numel);
   const c10::cuda::CUDAGuard guard(indices[0].device());
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t n = static_cast<int64_t>(indices.size());
@@ -482,19 +470,12 @@ void topk_masks_gpu(const std::vector<at::Tensor>& ts, std::vector<at::Tensor>& 
 }
 
 std::vector<at::Tensor> topk_masks_cuda(at::TensorList tensors, int64_t k) {
-  const char* op = "topk_masks";
-  int64_t total = 0;
+  check_topk("topk_masks", tensors, k);
   std::vector<at::Tensor> ts, masks;
   for (size_t t = 0; t < tensors.size(); ++t) {
-    TORCH_CHECK_TYPE(at::isFloatingType(tensors[t].scalar_type()) && tensors[t].scalar_type() == tensors[0].scalar_type(),
-                     op, ": tensors must share one floating dtype; tensors[", t, "] is ", tensors[t].scalar_type());
-    TORCH_CHECK_VALUE(tensors[t].device() == tensors[0].device(), op, ": tensors must be on one device; tensors[", t,
-                      "] is on ", tensors[t].device());
     ts.push_back(tensors[t].contiguous());
     masks.push_back(at::zeros(tensors[t].sizes(), tensors[t].options().dtype(at::kBool)));
-    total += tensors[t].numel();
   }
-  TORCH_CHECK_VALUE(k >= 0 && k <= total, op, ": k = ", k, " is outside [0, ", total, "] (the total element count)");
   if (k == 0) return masks;
   const c10::cuda::CUDAGuard guard(ts[0].device());
   XLS_DISPATCH_FLOATS(ts[0].scalar_type(), "topk_masks", [&] { topk_masks_gpu<scalar_t>(ts, masks, k); });

@@ -166,12 +166,7 @@ void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, c
                const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
                const c10::optional<at::Tensor>& token_scale, bool transpose) {
   check_token_matmul("spmm_", out, x, indices, token_index, token_bounds, token_scale);
-  TORCH_CHECK_VALUE(out.is_contiguous(), "spmm_: out must be contiguous");
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == indices.numel(), "spmm_: values must be 1-D with ",
-                    indices.numel(), " entries like indices, got ", values.sizes());
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "spmm_: values dtype ", values.scalar_type(),
-                   " does not match x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(values.device() == x.device(), "spmm_: values must be on ", x.device());
+  check_spmm(out, x, indices, values);
   const int64_t groups = out.size(1), xcols = x.size(1), k = indices.numel();
   check_indices("spmm_", indices, groups * xcols);
   check_token_values("spmm_", x.size(0), token_index, token_bounds);
@@ -241,6 +236,10 @@ __global__ void logprobs_kernel(const scalar_t* __restrict__ z, const scalar_t* 
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
       acc m = -INFINITY;
       for (int64_t e = 0; e < E; ++e) m = max(m, coef[e] + static_cast<acc>(z[(e * T + t) * V + v]));
+      if (m == -INFINITY) {  // every expert bans v: log 0, not NaN
+        out[t * V + v] = static_cast<scalar_t>(m);
+        continue;
+      }
       acc s = 0;
       for (int64_t e = 0; e < E; ++e) s += exp(coef[e] + static_cast<acc>(z[(e * T + t) * V + v]) - m);
       out[t * V + v] = static_cast<scalar_t>(m + log(s));
@@ -275,12 +274,12 @@ __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const s
       const acc l = lse[e * T + t], c = static_cast<acc>(lw[t * E + e]) - l;
       acc S = 0;  // Σ_v g · posterior of expert e
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
-        S += static_cast<acc>(gr[v]) * exp(static_cast<acc>(zr[v]) + c - static_cast<acc>(orow[v]));
+        S += static_cast<acc>(gr[v]) * exp(static_cast<acc>(zr[v]) + c - out_for_posterior(static_cast<acc>(orow[v])));
       S = block_reduce<acc, false>(S, shared);
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         const acc zv = static_cast<acc>(zr[v]);
-        dz[(e * T + t) * V + v] = static_cast<scalar_t>(static_cast<acc>(gr[v]) * exp(zv + c - static_cast<acc>(orow[v])) -
-                                                        exp(zv - l) * S);
+        dz[(e * T + t) * V + v] = static_cast<scalar_t>(
+            static_cast<acc>(gr[v]) * exp(zv + c - out_for_posterior(static_cast<acc>(orow[v]))) - exp(zv - l) * S);
       }
       if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(S);
     }
@@ -351,7 +350,8 @@ __global__ void nll_backward_kernel(const scalar_t* __restrict__ g, const scalar
       const scalar_t* zr = z + (e * T + t) * V;
       const acc l = lse[e * T + t];
       // posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
-      const acc post = exp(static_cast<acc>(lw[t * E + e]) + static_cast<acc>(zr[target]) - l + static_cast<acc>(nll[t]));
+      const acc post = exp(static_cast<acc>(lw[t * E + e]) + static_cast<acc>(zr[target]) - l +
+                           nll_for_posterior(static_cast<acc>(nll[t])));
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(gt * post * (exp(static_cast<acc>(zr[v]) - l) - (v == target ? 1 : 0)));
       if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(-gt * post);
@@ -403,8 +403,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cuda(const at::Ten
                                                                    const at::Tensor& lse, bool prob_space) {
   check_ensemble("ensemble_logprobs_backward", logits, log_weights, nullptr);
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
-  TORCH_CHECK_VALUE(grad.sizes() == out.sizes() && out.dim() == 2 && out.size(0) == T && out.size(1) == V,
-                    "ensemble_logprobs_backward: grad and out must be [", T, ", ", V, "]");
+  check_ensemble_saved("ensemble_logprobs_backward", logits, grad, out, lse, prob_space, false);
   auto dz = at::empty({E, T, V}, logits.options());
   auto dlw = at::empty({T, E}, log_weights.options());
   if (T == 0) return std::make_tuple(dz, dlw);
@@ -418,12 +417,6 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cuda(const at::Ten
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return std::make_tuple(dz, dlw);
-}
-
-void check_targets(const char* op, const at::Tensor& targets, int64_t V) {
-  if (targets.numel() == 0) return;
-  const auto lo = targets.min().item<int64_t>(), hi = targets.max().item<int64_t>();
-  TORCH_CHECK_INDEX(lo >= 0 && hi < V, op, ": targets must lie in [0, ", V, "), got min ", lo, ", max ", hi);
 }
 
 std::tuple<at::Tensor, at::Tensor> ensemble_nll_cuda(const at::Tensor& logits, const at::Tensor& log_weights,
@@ -453,7 +446,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cuda(const at::Tensor& 
   check_ensemble("ensemble_nll_backward", logits, log_weights, &targets);
   check_experts("ensemble_nll_backward", logits);
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
-  TORCH_CHECK_VALUE(grad.dim() == 1 && grad.size(0) == T, "ensemble_nll_backward: grad must be [", T, "]");
+  check_ensemble_saved("ensemble_nll_backward", logits, grad, nll, lse, prob_space, true);
+  check_targets("ensemble_nll_backward", targets, V);
   auto dz = at::empty({E, T, V}, logits.options());
   auto dlw = at::empty({T, E}, log_weights.options());
   if (T == 0) return std::make_tuple(dz, dlw);

@@ -1,5 +1,4 @@
-"""Triton kernels, one module per op family. Imported lazily: triton is an optional extra."""
-import os
-
-# The interpreter runs each program in numpy, so fewer, larger blocks are much faster there.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Triton kernels, one module per op family. Importing this package registers every Triton
+implementation in the op table (`xlsparse.ops.registry`); the table imports it lazily, by name,
+the first time it looks for one, since triton is an optional extra."""
+from . import compose, matmul, optim  # noqa: F401

@@ -4,7 +4,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET
+from ..ops import registry
+from .common import INTERPRET, acc_type
 
 
 @triton.jit
@@ -20,11 +21,6 @@ def _sparse_axpy_kernel(dense_ptr, idx_ptr, val_ptr, alpha_ptr, k, numel, BLOCK:
     tl.store(dense_ptr + idx, (old + alpha * val).to(dense_ptr.dtype.element_ty), mask=live)
 
 
-def acc_type(dtype: torch.dtype):
-    """Triton accumulation type: float64 stays float64, half types and float32 use float32."""
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 @triton_op("xlsparse::triton_sparse_axpy_", mutates_args={"dense"})
 def triton_sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, alpha: float) -> None:
     k = indices.numel()
@@ -34,7 +30,7 @@ def triton_sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torc
     # alpha travels as a tensor: a Python float would be rounded to float32 for float64 data.
     alpha_t = torch.full((1,), alpha, dtype=torch.float64, device=dense.device)
     wrap_triton(_sparse_axpy_kernel)[(triton.cdiv(k, block),)](
-        dense, indices, values, alpha_t, k, dense.numel(), BLOCK=block, ACC=acc_type(dense.dtype)
+        dense, indices.contiguous(), values.contiguous(), alpha_t, k, dense.numel(), BLOCK=block, ACC=acc_type(dense.dtype)
     )
 
 
@@ -141,9 +137,15 @@ def triton_restore_diffs_(dense: list[torch.Tensor], indices: list[torch.Tensor]
     for e, t in enumerate(target):
         k = indices[e].numel()
         if k:
-            wrap_triton(_scatter_kernel)[(triton.cdiv(k, block),)](dense[t], indices[e], saved[e], k, BLOCK=block)
+            wrap_triton(_scatter_kernel)[(triton.cdiv(k, block),)](dense[t], indices[e].contiguous(),
+                                                                   saved[e].contiguous(), k, BLOCK=block)
 
 
 @triton_restore_diffs_.register_fake
 def _triton_restore_diffs_fake(dense, indices, saved, target):
     return None
+
+
+registry.register("sparse_axpy_", "triton", triton_sparse_axpy_)
+registry.register("apply_diffs_", "triton", triton_apply_diffs_)
+registry.register("restore_diffs_", "triton", triton_restore_diffs_)

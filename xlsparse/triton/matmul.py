@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from . import INTERPRET
-from .compose import acc_type
+from ..ops import registry
+from .common import INTERPRET, acc_type
 
 # --- SDDMM / SpMM ---
 
@@ -87,12 +87,13 @@ def _spmm_kernel(out_ptr, x_ptr, idx_ptr, val_ptr, tok_ptr, bounds_ptr, scale_pt
 
 
 def _selection(x, token_index, token_bounds, token_scale):
-    """Pointer stand-ins and flags for the optional token selection tensors."""
+    """Pointer stand-ins and flags for the optional token selection tensors (the kernels read them
+    as flat arrays, hence contiguous)."""
     dummy = x
     return (
-        dummy if token_index is None else token_index,
-        dummy if token_bounds is None else token_bounds,
-        dummy if token_scale is None else token_scale,
+        dummy if token_index is None else token_index.contiguous(),
+        dummy if token_bounds is None else token_bounds.contiguous(),
+        dummy if token_scale is None else token_scale.contiguous(),
         dict(HAS_INDEX=token_index is not None, HAS_BOUNDS=token_bounds is not None, HAS_SCALE=token_scale is not None),
         x.shape[0] if token_index is None else token_index.numel(),
     )
@@ -105,7 +106,7 @@ def triton_sddmm(grad_out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor,
     out = torch.empty(k, dtype=x.dtype, device=x.device)
     if k == 0:
         return out
-    a, b = grad_out.contiguous(), x.contiguous()
+    a, b, indices = grad_out.contiguous(), x.contiguous(), indices.contiguous()
     tok, bounds, scale, flags, index_len = _selection(x, token_index, token_bounds, token_scale)
     bn, bt = (1024, 64) if INTERPRET else (64, 32)
     wrap_triton(_sddmm_kernel)[(triton.cdiv(k, bn),)](
@@ -127,7 +128,7 @@ def triton_spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, valu
     if k == 0 or x.shape[0] == 0:
         return
     groups, xcols = out.shape[1], x.shape[1]
-    xc = x.contiguous()
+    xc, indices, values = x.contiguous(), indices.contiguous(), values.contiguous()
     # The entries' products gather by atomics into a zeroed wide buffer that is added to `out`
     # once, so each output element is rounded once (float64 adds in place).
     wide = out.dtype == torch.float64
@@ -189,7 +190,9 @@ def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexp
                 c = tl.load(lw_ptr + t * E + e).to(ACC) - tl.load(lse_ptr + e * T + t)
                 x = tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC) + c
                 new_m = tl.maximum(m, x)
-                s = s * tl.exp(m - new_m) + tl.exp(x - new_m)
+                # a class every expert bans so far (all −inf): shift by 0, not by −inf (NaN)
+                shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+                s = s * tl.exp(m - shift) + tl.exp(x - shift)
                 m = new_m
             tl.store(out_ptr + t * V + v, (m + tl.log(s)).to(out_ptr.dtype.element_ty), mask=v < V)
     else:
@@ -225,6 +228,7 @@ def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dl
                 g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
                 o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                o = tl.where(o == float("-inf"), float("inf"), o)  # a class every expert bans: posterior 0
                 S += tl.sum(tl.where(live, g * tl.exp(z + c - o), 0.0), 0)
             for v0 in range(0, V, BV):
                 v = v0 + tl.arange(0, BV)
@@ -232,6 +236,7 @@ def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dl
                 g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
                 o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                o = tl.where(o == float("-inf"), float("inf"), o)
                 dz = g * tl.exp(z + c - o) - tl.exp(z - lse) * S
                 tl.store(dz_ptr + (e * T + t) * V + v, dz.to(dz_ptr.dtype.element_ty), mask=live)
             tl.store(dlw_ptr + t * E + e, S.to(dlw_ptr.dtype.element_ty))
@@ -250,7 +255,7 @@ def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dl
                 o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
                 d = g - tl.exp(o) * G  # gradient of the mixed logits
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
-                acc += tl.sum(tl.where(live, d * z, 0.0), 0)
+                acc += tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0)  # 0 · (−inf) counts 0
                 tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
             tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
 
@@ -267,7 +272,8 @@ def _nll_kernel(z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, T, E, V, PROB: tl.conste
             tl.store(lse_ptr + e * T + t, lse)
             x = tl.load(lw_ptr + t * E + e).to(ACC) + tl.load(z_ptr + (e * T + t) * V + y).to(ACC) - lse
             hi = tl.maximum(mix, x)
-            mix = hi + tl.log(tl.exp(mix - hi) + tl.exp(x - hi))
+            shift = tl.where(hi == float("-inf"), 0.0, hi)  # the target banned by every expert so far
+            mix = shift + tl.log(tl.exp(mix - shift) + tl.exp(x - shift))
         nll = -mix
     else:
         m = tl.full((), float("-inf"), ACC)
@@ -295,6 +301,7 @@ def _nll_backward_kernel(g_ptr, z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, dz_ptr, 
     g = tl.load(g_ptr + t).to(ACC)
     if PROB:
         nll = tl.load(nll_ptr + t).to(ACC)
+        nll = tl.where(nll == float("inf"), float("-inf"), nll)  # a target every expert bans: posterior 0
         for e in range(E):
             lse = tl.load(lse_ptr + e * T + t)
             # posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
@@ -317,7 +324,7 @@ def _nll_backward_kernel(g_ptr, z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, dz_ptr, 
                 zbar = _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC)
                 d = g * (tl.exp(zbar - lse) - tl.where(v == y, 1.0, 0.0))  # d nll / d zbar
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
-                acc += tl.sum(tl.where(live, d * z, 0.0), 0)
+                acc += tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0)  # 0 · (−inf) counts 0
                 tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
             tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
 
@@ -403,10 +410,7 @@ def _triton_ensemble_nll_backward_fake(grad, logits, log_weights, targets, nll, 
     return torch.empty_like(logits, memory_format=torch.contiguous_format), log_weights.new_empty(log_weights.shape)
 
 
-def _register_autograd():
-    from ..ops.matmul import register_ensemble_autograd
-
-    register_ensemble_autograd("triton_")
-
-
-_register_autograd()
+for _op, _fn in (("sddmm", triton_sddmm), ("spmm_", triton_spmm_), ("ensemble_logprobs", triton_ensemble_logprobs),
+                 ("ensemble_logprobs_backward", triton_ensemble_logprobs_backward),
+                 ("ensemble_nll", triton_ensemble_nll), ("ensemble_nll_backward", triton_ensemble_nll_backward)):
+    registry.register(_op, "triton", _fn)

@@ -10,9 +10,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from ..ops import optim as _ops
-from . import INTERPRET
-from .compose import acc_type
+from ..ops import registry
+from .common import INTERPRET, acc_type
 
 SEL_ALL, SEL_MASK, SEL_INDICES = 0, 1, 2
 
@@ -246,6 +245,6 @@ def _triton_multi_mask_weight_grad_fake(grad_out, input, masks, order, offsets):
     return grad_out.new_empty(grad_out.shape[1], input.shape[1])
 
 
-# The same backward as the C++ op (one implementation, in xlsparse/ops/optim.py).
-triton_multi_mask_weight_grad.register_autograd(_ops._multi_mask_weight_grad_backward,
-                                                setup_context=_ops._multi_mask_weight_grad_setup)
+registry.register("masked_adamw_", "triton", triton_masked_adamw_)
+registry.register("masked_sgd_", "triton", triton_masked_sgd_)
+registry.register("multi_mask_weight_grad", "triton", triton_multi_mask_weight_grad)

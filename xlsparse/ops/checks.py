@@ -1,0 +1,484 @@
+"""Every argument rule of the xlsparse ops, written once, checked before any kernel runs.
+
+The op wrappers call these for every backend. Bad input raises:
+- `TypeError` for a wrong dtype (or an argument that is not a tensor);
+- `IndexError` for an index, target or token id outside its range;
+- `ValueError` for everything else: shapes, devices, order, duplicates, aliasing between outputs,
+  a non-contiguous output, a non-finite hyperparameter.
+Inputs that are read only are made contiguous (a copy when needed) and copied when they share
+memory with an output, so every backend sees the same, well-formed tensors. The fake impls call
+the same functions with `read_data=False`: metadata only. The C++ kernels keep just the checks
+that protect their raw pointers (csrc/include/xlsparse/checks.h).
+"""
+import math
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def can_read(*tensors) -> bool:
+    """Data checks need real data: not while tracing, not on meta tensors."""
+    if torch.compiler.is_compiling():
+        return False
+    return all(t is None or t.device.type != "meta" for t in tensors)
+
+
+def is_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
+def float_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    """t holds float16, bfloat16, float32 or float64 (the dtypes every kernel is built for)."""
+    is_tensor(op, name, t)
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be floating point (float16, bfloat16, float32 or float64), got {t.dtype}")
+
+
+def index_dtype(op: str, name: str, t: torch.Tensor) -> None:
+    is_tensor(op, name, t)
+    if t.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{op}: {name} must be int32 or int64, got {t.dtype}")
+
+
+def same_device(op: str, first: torch.Tensor, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != first.device:
+            raise ValueError(f"{op}: {name} must be on device {first.device} like the op's other tensors, got {t.device}")
+
+
+def contiguous_output(op: str, name: str, t: torch.Tensor) -> None:
+    """A tensor the op writes in place must be contiguous (a copy would drop the writes)."""
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (the op writes it in place)")
+
+
+def finite(op: str, **scalars) -> None:
+    """Hyperparameters and scale factors must be finite numbers; the message names the argument."""
+    for name, v in scalars.items():
+        try:
+            v = float(v)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__}") from exc
+        if not math.isfinite(v):
+            raise ValueError(f"{op}: {name} must be finite, got {v}")
+
+
+def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when a and b view one storage (conservatively: any overlap of storages). Traced and
+    fake tensors have no memory to compare: compiled graphs handle their aliasing themselves."""
+    if torch.compiler.is_compiling() or isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
+        return False
+    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
+        return False
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def unaliased(outputs, t):
+    """t itself, or a copy of it when it shares memory with a tensor the op writes: inputs are read
+    as they were before the call, on every backend."""
+    if t is None:
+        return None
+    if any(o is not None and shares_memory(o, t) for o in outputs):
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def distinct_outputs(op: str, named: dict) -> None:
+    """No two tensors an op writes may share memory: the result would depend on the write order."""
+    items = [(n, t) for n, t in named.items() if t is not None]
+    for i, (na, a) in enumerate(items):
+        for nb, b in items[i + 1:]:
+            if shares_memory(a, b):
+                raise ValueError(f"{op}: {na} and {nb} share memory; both are written by the op")
+
+
+def indices(op: str, idx: torch.Tensor, numel: int) -> None:
+    """Indices are strictly increasing (sorted, unique) and inside [0, numel). Reads the data."""
+    k = idx.numel()
+    if k == 0:
+        return
+    if k > 1:
+        bad = torch.nonzero(idx[1:] <= idx[:-1])
+        if bad.numel():
+            i = int(bad[0]) + 1
+            raise ValueError(f"{op}: indices must be sorted and unique; position {i} holds {int(idx[i])} after "
+                             f"{int(idx[i - 1])}")
+    lo, hi = int(idx[0]), int(idx[-1])  # sorted: the ends are the extremes
+    if lo < 0 or hi >= numel:
+        raise IndexError(f"{op}: indices out of range [0, {numel}): min {lo}, max {hi}")
+
+
+# --- compose ---
+
+def sparse_update(op: str, dense, idx, values) -> None:
+    """Metadata of an in-place update of dense.view(-1) at `idx` by `values`."""
+    float_dtype(op, "dense", dense)
+    index_dtype(op, "indices", idx)
+    is_tensor(op, "values", values)
+    contiguous_output(op, "dense", dense)
+    if idx.dim() != 1 or values.dim() != 1:
+        raise ValueError(f"{op}: indices and values must be 1-D, got {tuple(idx.shape)} and {tuple(values.shape)}")
+    if idx.numel() != values.numel():
+        raise ValueError(f"{op}: indices has {idx.numel()} entries but values has {values.numel()}")
+    if values.dtype != dense.dtype:
+        raise TypeError(f"{op}: values dtype {values.dtype} does not match dense dtype {dense.dtype}")
+    same_device(op, dense, indices=idx, values=values)
+
+
+def diff_entries(op: str, dense, idx, values, target, read_data: bool = True) -> None:
+    """Entry e pairs idx[e] and values[e] with dense[target[e]]; a message names the entry."""
+    if not (len(idx) == len(values) == len(target)):
+        raise ValueError(f"{op}: indices, values and target must have one entry each, got "
+                         f"{len(idx)}, {len(values)}, {len(target)}")
+    distinct_outputs(op, {f"dense[{t}]": d for t, d in enumerate(dense)})
+    index_type = {}
+    for e, t in enumerate(target):
+        if not 0 <= t < len(dense):
+            raise IndexError(f"{op}: target[{e}] = {t} is not a position in dense ({len(dense)} tensors)")
+        where = f"{op} entry {e} (dense[{t}])"
+        sparse_update(where, dense[t], idx[e], values[e])
+        if index_type.setdefault(t, idx[e].dtype) != idx[e].dtype:
+            raise TypeError(f"{where}: every entry of one tensor must use one index dtype")
+        if read_data and can_read(idx[e]):
+            indices(where, idx[e], dense[t].numel())
+
+
+def saved(op: str, values, alphas, saved_values) -> None:
+    if not (len(alphas) == len(saved_values) == len(values)):
+        raise ValueError(f"{op}: alphas and saved need {len(values)} entries, got {len(alphas)} and {len(saved_values)}")
+    finite(op, **{f"alphas[{e}]": a for e, a in enumerate(alphas)})
+    for e, (v, s) in enumerate(zip(values, saved_values)):
+        if not s.is_contiguous() or s.shape != v.shape or s.dtype != v.dtype or s.device != v.device:
+            raise ValueError(f"{op}: saved[{e}] must be a contiguous tensor like values[{e}]")
+
+
+def merge(op: str, idx, values, weights, numel: int, read_data: bool = True) -> None:
+    if len(idx) < 1:
+        raise ValueError(f"{op}: needs at least one delta")
+    if not (len(idx) == len(values) == len(weights)):
+        raise ValueError(f"{op}: indices, values and weights must have one entry each, got "
+                         f"{len(idx)}, {len(values)}, {len(weights)}")
+    if numel < 0:
+        raise ValueError(f"{op}: numel must be >= 0, got {numel}")
+    finite(op, **{f"weights[{e}]": w for e, w in enumerate(weights)})
+    for e, (i, v) in enumerate(zip(idx, values)):
+        where = f"{op} delta {e}"
+        index_dtype(where, "indices", i)
+        float_dtype(where, "values", v)
+        if i.dim() != 1 or v.dim() != 1 or i.numel() != v.numel():
+            raise ValueError(f"{where}: indices and values must be 1-D of one length, got {tuple(i.shape)} and {tuple(v.shape)}")
+        if i.dtype != idx[0].dtype:
+            raise TypeError(f"{where}: index dtype {i.dtype} does not match delta 0's {idx[0].dtype}")
+        if v.dtype != values[0].dtype:
+            raise TypeError(f"{where}: values must share one dtype, got {v.dtype} and {values[0].dtype}")
+        same_device(where, idx[0], indices=i, values=v)
+        if read_data and can_read(i):
+            indices(where, i, numel)
+
+
+def topk(op: str, tensors, k: int, read_data: bool = True) -> int:
+    """Returns the total element count. NaN (a magnitude with no order) raises ValueError."""
+    total = 0
+    for t, x in enumerate(tensors):
+        float_dtype(op, f"tensors[{t}]", x)
+        if x.dtype != tensors[0].dtype:
+            raise TypeError(f"{op}: tensors must share one floating dtype; tensors[{t}] is {x.dtype}, tensors[0] {tensors[0].dtype}")
+        same_device(op, tensors[0], **{f"tensors[{t}]": x})
+        total += x.numel()
+    if not 0 <= k <= total:
+        raise ValueError(f"{op}: k = {k} is outside [0, {total}] (the total element count)")
+    if read_data:
+        for t, x in enumerate(tensors):
+            if can_read(x) and x.isnan().any():
+                raise ValueError(f"{op}: tensors[{t}] holds NaN")
+    return total
+
+
+# --- optim ---
+
+def selection_of(selector) -> str:
+    """"all", "mask" (a bool tensor of the param's shape) or "indices" (sorted flat indices)."""
+    if selector is None:
+        return "all"
+    return "mask" if selector.dtype == torch.bool else "indices"
+
+
+def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_scale, found_inf,
+                read_data: bool = True) -> None:
+    """Shapes, dtypes, devices and aliasing of a masked optimizer step; with read_data, the indices."""
+    n = len(params)
+    if not (len(grads) == len(selectors) == len(steps) == n):
+        raise ValueError(f"{op}: params, grads, selectors and steps must have one entry per parameter, got "
+                         f"{n}, {len(grads)}, {len(selectors)}, {len(steps)}")
+    if len(inits) not in (0, n):
+        raise ValueError(f"{op}: inits must be empty or have {n} entries")
+    for name, lst in states.items():
+        if len(lst) != n:
+            raise ValueError(f"{op}: {name} must have {n} entries, got {len(lst)}")
+    for name, scalar in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if scalar is None:
+            continue
+        is_tensor(op, name, scalar)
+        if scalar.numel() != 1 or scalar.dtype != torch.float32:
+            raise ValueError(f"{op}: {name} must be a one-element float32 tensor")
+        if n:
+            same_device(op, params[0], **{name: scalar})
+    written = {}
+    for i, p in enumerate(params):
+        float_dtype(op, f"params[{i}]", p)
+        if p.dtype != params[0].dtype:
+            raise TypeError(f"{op}: every param of one call must have dtype {params[0].dtype}; params[{i}] is {p.dtype}")
+        same_device(op, params[0], **{f"params[{i}]": p})
+        contiguous_output(op, f"params[{i}]", p)
+        g = grads[i]
+        is_tensor(op, f"grads[{i}]", g)
+        if g.shape != p.shape or g.device != p.device:
+            raise ValueError(f"{op}: grads[{i}] must have shape {tuple(p.shape)} on {p.device}, got {tuple(g.shape)}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"{op}: grads[{i}] dtype {g.dtype} does not match the param's {p.dtype}")
+        sel = selectors[i]
+        kind = selection_of(sel)
+        state_numel = p.numel()
+        if kind == "mask":
+            if sel.shape != p.shape or sel.device != p.device:
+                raise ValueError(f"{op}: masks[{i}] must be a bool tensor of the param's shape "
+                                 f"{tuple(p.shape)} on {p.device}, got {tuple(sel.shape)}")
+        elif kind == "indices":
+            if sel.dtype not in INDEX_DTYPES:
+                raise TypeError(f"{op}: masks[{i}] must be a bool mask or int32/int64 indices, got {sel.dtype}")
+            if sel.dim() != 1 or sel.device != p.device:
+                raise ValueError(f"{op}: indices[{i}] must be 1-D on {p.device}, got shape {tuple(sel.shape)}")
+            if sel.numel() > p.numel():
+                raise ValueError(f"{op}: indices[{i}] has {sel.numel()} entries, more than the param's {p.numel()}")
+            if read_data and can_read(sel):
+                indices(f"{op} indices[{i}]", sel, p.numel())
+            state_numel = sel.numel()
+        written[f"params[{i}]"] = p
+        for name, lst in states.items():
+            t = lst[i]
+            is_tensor(op, f"{name}[{i}]", t)
+            if t.numel() != state_numel or t.device != p.device:
+                raise ValueError(f"{op}: {name}[{i}] must have {state_numel} entries on {p.device}, got {t.numel()}")
+            if t.dtype != p.dtype:
+                raise TypeError(f"{op}: {name}[{i}] dtype {t.dtype} does not match the param's {p.dtype}")
+            contiguous_output(op, f"{name}[{i}]", t)
+            written[f"{name}[{i}]"] = t
+        st = steps[i]
+        is_tensor(op, f"steps[{i}]", st)
+        shared = st.numel() == 1 and st.dtype == torch.float32
+        own = st.numel() == state_numel and st.dtype == torch.int32
+        if not (shared or own) or st.device != p.device:
+            raise ValueError(f"{op}: steps[{i}] must be a one-element float32 tensor or an int32 tensor with "
+                             f"{state_numel} entries on {p.device}, got {st.dtype} with {st.numel()}")
+        contiguous_output(op, f"steps[{i}]", st)
+        written[f"steps[{i}]"] = st
+        if inits:
+            init = inits[i]
+            if init is None:
+                raise ValueError(f"{op}: inits[{i}] is missing")
+            is_tensor(op, f"inits[{i}]", init)
+            if init.numel() != state_numel or init.device != p.device:
+                raise ValueError(f"{op}: inits[{i}] must have {state_numel} entries on {p.device}")
+            if init.dtype != p.dtype:
+                raise TypeError(f"{op}: inits[{i}] dtype {init.dtype} does not match the param's {p.dtype}")
+    distinct_outputs(op, written)
+
+
+def step_inputs(written, grads, selectors, inits):
+    """Contiguous, unaliased copies of a masked step's read-only inputs where needed."""
+    def fix(t):
+        return None if t is None else unaliased(written, t.contiguous())
+    return [fix(g) for g in grads], [fix(s) for s in selectors], [fix(t) for t in inits]
+
+
+def multi_mask_weight_grad(grad_out, input, masks, order, offsets, read_data: bool = True) -> None:
+    op = "multi_mask_weight_grad"
+    float_dtype(op, "input", input)
+    is_tensor(op, "grad_out", grad_out)
+    if grad_out.dtype != input.dtype:
+        raise TypeError(f"{op}: grad_out and input must share one dtype, got {grad_out.dtype} and {input.dtype}")
+    if grad_out.dim() != 2 or input.dim() != 2 or grad_out.shape[0] != input.shape[0]:
+        raise ValueError(f"{op}: grad_out [T, O] and input [T, I] must be 2-D with the same T, got "
+                         f"{tuple(grad_out.shape)} and {tuple(input.shape)}")
+    is_tensor(op, "masks", masks)
+    if masks.dtype != torch.bool:
+        raise TypeError(f"{op}: masks must be bool, got {masks.dtype}")
+    if masks.dim() != 3 or masks.shape[1] != grad_out.shape[1] or masks.shape[2] != input.shape[1]:
+        raise ValueError(f"{op}: masks must have shape [L, {grad_out.shape[1]}, {input.shape[1]}], got {tuple(masks.shape)}")
+    for name, t in (("order", order), ("offsets", offsets)):
+        is_tensor(op, name, t)
+        if t.dtype != torch.int64:
+            raise TypeError(f"{op}: {name} must be int64, got {t.dtype}")
+    if order.dim() != 1 or offsets.dim() != 1 or offsets.numel() != masks.shape[0] + 1:
+        raise ValueError(f"{op}: order must be 1-D and offsets must have L + 1 = {masks.shape[0] + 1} entries, got "
+                         f"{tuple(offsets.shape)}")
+    same_device(op, grad_out, input=input, masks=masks, order=order, offsets=offsets)
+    if not (read_data and can_read(order, offsets)):
+        return
+    off = offsets.tolist()
+    if off[0] < 0 or any(a > b for a, b in zip(off, off[1:])) or off[-1] > order.numel():
+        raise ValueError(f"{op}: offsets must be non-decreasing inside [0, {order.numel()}]")
+    tokens(op, "order", order[off[0]:off[-1]], input.shape[0])
+
+
+def tokens(op: str, name: str, ids: torch.Tensor, num_tokens: int) -> None:
+    """Token ids lie in [0, num_tokens) and appear at most once (a token counted twice would be
+    summed twice by some kernels and once by others: refused everywhere)."""
+    if ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_tokens:
+        raise IndexError(f"{op}: {name} holds token {lo if lo < 0 else hi}, outside [0, {num_tokens})")
+    if ids.numel() > 1 and torch.bincount(ids, minlength=num_tokens).max() > 1:
+        raise ValueError(f"{op}: {name} lists a token more than once")
+
+
+# --- matmul ---
+
+def token_matmul(op, a, b, idx, token_index, token_bounds, token_scale, names=("a", "b")) -> None:
+    """a [T, A] and b [T, B] share dtype, device and T; the token selection fits them."""
+    float_dtype(op, names[0], a)
+    is_tensor(op, names[1], b)
+    if b.dtype != a.dtype:
+        raise TypeError(f"{op}: dtypes differ: {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(f"{op}: expected 2-D token matrices, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{op}: token counts differ: {a.shape[0]} and {b.shape[0]}")
+    index_dtype(op, "indices", idx)
+    if idx.dim() != 1:
+        raise ValueError(f"{op}: indices must be 1-D, got {tuple(idx.shape)}")
+    same_device(op, a, **{names[1]: b, "indices": idx, "token_index": token_index, "token_bounds": token_bounds,
+                          "token_scale": token_scale})
+    if token_index is not None:
+        is_tensor(op, "token_index", token_index)
+        if token_index.dtype != torch.int64:
+            raise TypeError(f"{op}: token_index must be int64, got {token_index.dtype}")
+        if token_index.dim() != 1:
+            raise ValueError(f"{op}: token_index must be 1-D, got {tuple(token_index.shape)}")
+    if token_bounds is not None:
+        if token_index is None:
+            raise ValueError(f"{op}: token_bounds needs token_index")
+        is_tensor(op, "token_bounds", token_bounds)
+        if token_bounds.dtype != torch.int64:
+            raise TypeError(f"{op}: token_bounds must be int64, got {token_bounds.dtype}")
+        if token_bounds.dim() != 1 or token_bounds.numel() != 2:
+            raise ValueError(f"{op}: token_bounds must be 1-D with 2 entries, got {tuple(token_bounds.shape)}")
+    if token_scale is not None:
+        float_dtype(op, "token_scale", token_scale)
+        if token_scale.dim() != 1 or token_scale.shape[0] != a.shape[0]:
+            raise ValueError(f"{op}: token_scale must have shape [{a.shape[0]}], got {tuple(token_scale.shape)}")
+
+
+def selected_tokens(op, num_tokens: int, token_index, token_bounds):
+    """The selected token ids (None: all), after checking bounds, range and uniqueness."""
+    if token_index is None:
+        return None
+    sel = token_index
+    if token_bounds is not None:
+        lo, hi = (int(v) for v in token_bounds.tolist())
+        if not 0 <= lo <= hi <= token_index.numel():
+            raise IndexError(f"{op}: token_bounds [{lo}, {hi}) do not fit token_index of {token_index.numel()} entries")
+        sel = token_index[lo:hi]
+    tokens(op, "token_index", sel, num_tokens)
+    return sel
+
+
+def spmm_values(x, idx, values) -> None:
+    is_tensor("spmm_", "values", values)
+    if values.dim() != 1 or values.numel() != idx.numel():
+        raise ValueError(f"spmm_: values must be 1-D with {idx.numel()} entries like indices, got {tuple(values.shape)}")
+    if values.dtype != x.dtype:
+        raise TypeError(f"spmm_: values dtype {values.dtype} does not match x dtype {x.dtype}")
+    same_device("spmm_", x, values=values)
+
+
+def ensemble(op, logits, log_weights, targets=None) -> None:
+    """logits [E, T, V], log_weights [T, E], targets [T] int64."""
+    float_dtype(op, "logits", logits)
+    is_tensor(op, "log_weights", log_weights)
+    if log_weights.dtype != logits.dtype:
+        raise TypeError(f"{op}: log_weights dtype {log_weights.dtype} does not match logits dtype {logits.dtype}")
+    if logits.dim() != 3:
+        raise ValueError(f"{op}: logits must be [E, T, V], got {tuple(logits.shape)}")
+    if logits.shape[0] == 0 or logits.shape[2] == 0:
+        raise ValueError(f"{op}: logits need E > 0 experts and V > 0 classes")
+    e, t, _ = logits.shape
+    if log_weights.dim() != 2 or tuple(log_weights.shape) != (t, e):
+        raise ValueError(f"{op}: log_weights must be [T, E] = [{t}, {e}], got {tuple(log_weights.shape)}")
+    same_device(op, logits, log_weights=log_weights, targets=targets)
+    if targets is not None:
+        is_tensor(op, "targets", targets)
+        if targets.dtype != torch.int64:
+            raise TypeError(f"{op}: targets must be int64, got {targets.dtype}")
+        if targets.dim() != 1 or targets.shape[0] != t:
+            raise ValueError(f"{op}: targets must be [{t}], got {tuple(targets.shape)}")
+
+
+def targets_in_range(op, targets, num_classes) -> None:
+    if targets.numel() and can_read(targets):
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= num_classes:
+            raise IndexError(f"{op}: targets must lie in [0, {num_classes}), got min {lo}, max {hi}")
+
+
+def lse_shape(logits, prob_space: bool) -> tuple[int, int]:
+    """The logsumexp an ensemble forward saves: per expert [E, T] in prob space, mixed [1, T] else."""
+    e, t, _ = logits.shape
+    return (e if prob_space else 1, t)
+
+
+def ensemble_saved(op, logits, grad, result, lse, prob_space: bool) -> None:
+    """The backward's grad, saved result (log-probs [T, V] or nll [T]) and lse fit the logits."""
+    e, t, v = logits.shape
+    want = (t,) if op.startswith("ensemble_nll") else (t, v)
+    for name, x in (("grad", grad), ("saved output", result)):
+        is_tensor(op, name, x)
+        if tuple(x.shape) != want:
+            raise ValueError(f"{op}: {name} must have shape {list(want)}, got {tuple(x.shape)}")
+        if x.dtype != logits.dtype:
+            raise TypeError(f"{op}: {name} dtype {x.dtype} does not match logits dtype {logits.dtype}")
+    is_tensor(op, "lse", lse)
+    if tuple(lse.shape) != lse_shape(logits, prob_space):
+        raise ValueError(f"{op}: lse must have shape {list(lse_shape(logits, prob_space))}, got {tuple(lse.shape)}")
+    wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if lse.dtype != wide:
+        raise TypeError(f"{op}: lse must be {wide}, got {lse.dtype}")
+    same_device(op, logits, grad=grad, result=result, lse=lse)
+
+
+# --- the user-facing linear layers ---
+
+def linear(op, x, weight, bias, idx: list, values: list) -> None:
+    """x [..., I], weight [O, I], bias [O] and deltas (indices, values) of the weight."""
+    float_dtype(op, "weight", weight)
+    is_tensor(op, "x", x)
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be [out_features, in_features], got {tuple(weight.shape)}")
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{op}: x has {x.shape[-1] if x.dim() else 0} features, weight expects {weight.shape[1]}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{op}: x dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    if bias is not None:
+        is_tensor(op, "bias", bias)
+        if bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype:
+            raise ValueError(f"{op}: bias must be [{weight.shape[0]}] of {weight.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if len(idx) != len(values):
+        raise ValueError(f"{op}: {len(idx)} index tensors but {len(values)} value tensors")
+    same_device(op, weight, x=x, bias=bias)
+    for e, (i, v) in enumerate(zip(idx, values)):
+        index_dtype(op, f"indices[{e}]", i)
+        is_tensor(op, f"values[{e}]", v)
+        if v.dtype != weight.dtype:
+            raise TypeError(f"{op}: values dtype {v.dtype} does not match weight dtype {weight.dtype}")
+        if i.dim() != 1 or v.dim() != 1 or i.numel() != v.numel():
+            raise ValueError(f"{op}: indices and values must be 1-D of one length, got {tuple(i.shape)} and {tuple(v.shape)}")
+        if i.numel() > weight.numel():
+            raise ValueError(f"{op}: {i.numel()} delta entries exceed the weight's {weight.numel()}")
+        same_device(op, weight, indices=i, values=v)
+        if can_read(i):
+            indices(op, i, weight.numel())
