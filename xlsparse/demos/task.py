@@ -120,6 +120,12 @@ class MaskedLM(nn.Module):
         remap[vocab_ids] = torch.arange(len(vocab_ids))
         self.register_buffer("remap", remap, persistent=False)
 
+    def get_input_embeddings(self) -> nn.Module:
+        return getattr(self, self.prefix).get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return None  # the head reads the input embeddings' rows; no separate output matrix
+
     def forward(self, input_ids, attention_mask=None, labels=None, **_):
         encoder = getattr(self, self.prefix)
         hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

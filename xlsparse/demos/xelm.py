@@ -5,7 +5,7 @@ A small causal LM (GPT-2 shape) and a byte-level BPE tokenizer are trained in-pr
 gettext messages of every language (the seed model). Then each cluster's expert is branched from
 the seed as a sparse delta and trained on its cluster only, while the naive joint model keeps
 training on everything for as many steps as all experts together. Reported: perplexity per
-language on held-out lines, of the joint model and of the ensemble (uniform weights, and top-1:
+language on held-out lines, of the joint model and of the ensemble (per-token posterior weights, as the paper, and top-1:
 the expert of the line's cluster). Finally a new expert for a new language is branched from its
 URIEL-closest expert and added; the existing experts' outputs are checked unchanged.
 `--model` does not apply here: the seed model is trained in-process.
@@ -132,7 +132,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     print(f"{METHOD}: {len(langs)} languages in {len(s.clusters)} clusters, new language {s.new_language}; "
           f"vocab {len(tokenizer)}", flush=True)
 
-    rows_data = {kind: {lang: [] for lang in langs} for kind in ("joint", "ensemble (uniform)", "ensemble (top-1)")}
+    rows_data = {kind: {lang: [] for lang in langs} for kind in ("joint", "ensemble (posterior)", "ensemble (top-1)")}
     unchanged = []
     for seed in s.seeds:
         torch.manual_seed(seed)
@@ -151,31 +151,32 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
             cluster_lines = [t for lang in members for t in train[lang]]
             experts[c] = train_expert(seed_model, batches(tokenizer, cluster_lines, s.batch, s.expert_steps, seed + 2),
                                       density=s.density, lr=s.lr)
-        ensemble = ExpertEnsemble(seed_model, experts)
+        ensemble = ExpertEnsemble(seed_model, experts)  # the paper's per-token posterior weights
+        static = ExpertEnsemble(seed_model, experts, weighting="static")  # fixed weights, given per example
         names = ensemble.names
         for lang in langs:
             rows_data["joint"][lang].append(perplexity(
                 lambda b: torch.log_softmax(joint(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1),
                 test[lang]))
-            rows_data["ensemble (uniform)"][lang].append(perplexity(
+            rows_data["ensemble (posterior)"][lang].append(perplexity(
                 lambda b: ensemble(b["input_ids"], b["attention_mask"]), test[lang]))
             rows_data["ensemble (top-1)"][lang].append(perplexity(
-                lambda b, lang=lang: ensemble(b["input_ids"], b["attention_mask"],
-                                              weights=_one_hot(b, names.index(cluster_of[lang]), len(names))),
+                lambda b, lang=lang: static(b["input_ids"], b["attention_mask"],
+                                            weights=_one_hot(b, names.index(cluster_of[lang]), len(names))),
                 test[lang]))
 
         # Add an expert for a new language, branched from its URIEL-closest expert.
         probe = test[langs[0]][0]
         with torch.no_grad():
-            before = {c: ensemble(probe["input_ids"], probe["attention_mask"],
-                                  weights=_one_hot(probe, names.index(c), len(names))) for c in names}
+            before = {c: static(probe["input_ids"], probe["attention_mask"],
+                                weights=_one_hot(probe, names.index(c), len(names))) for c in names}
         parent = closest_parent({c: ISO3[s.clusters[c][0]] for c in names}, ISO3[s.new_language])
         new = train_expert(seed_model, batches(tokenizer, train[s.new_language], s.batch, s.expert_steps, seed + 3),
                            init=experts[parent], lr=s.lr)
-        ensemble.add_expert(s.new_language, new)
+        static.add_expert(s.new_language, new)
         with torch.no_grad():
-            after = {c: ensemble(probe["input_ids"], probe["attention_mask"],
-                                 weights=_one_hot(probe, ensemble.names.index(c), len(ensemble.names))) for c in names}
+            after = {c: static(probe["input_ids"], probe["attention_mask"],
+                               weights=_one_hot(probe, static.names.index(c), len(static.names))) for c in names}
         drift = max(float((before[c] - after[c]).abs().max()) for c in names)
         unchanged.append(drift)
         print(f"seed {seed}: new expert {s.new_language} from {parent}; largest change of the other experts' "
