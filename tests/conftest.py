@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import xlsparse  # noqa: E402
+from xlsparse import _ext  # noqa: E402
 from xlsparse.ops import registry  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
