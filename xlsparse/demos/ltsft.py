@@ -23,6 +23,9 @@ from . import task
 
 METHOD = "ltsft"
 EMBEDDINGS = (r"embed",)
+# The SFTs' support is the transformer body (linear weights and biases); the pooler, part of the
+# base model in composable-sft's rule, trains densely with the classifier.
+BODY_EXCLUDE = (r"\.pooler\.",)
 
 
 @dataclass
@@ -85,13 +88,13 @@ def language_sfts(model, tokenizer, langs: list[str], data: task.TaskData, s: Se
     sfts, ks = {}, {}
     for lang in langs:
         task.restore(model, theta0)
-        set_trainable(mlm)
+        set_trainable(mlm, EMBEDDINGS)  # every embedding table stays θ0, as in the task SFT
         trainer = LotteryTicketSparseFineTuner(
             model=mlm, args=task.training_args(f"{out}/tmp/lang-{lang}", 1, s.lr_lang, s.batch, 0),
             train_dataset=task.Encoded(tokenizer, text[lang]), data_collator=collator,
             sft_args=SftArguments(ft_params_proportion=s.density, full_ft_max_steps_per_iteration=s.lang_steps,
                                   sparse_ft_max_steps_per_iteration=s.lang_steps, freeze_embeddings=True,
-                                  freeze_head=True, freeze_layer_norm=True))
+                                  freeze_head=True, freeze_layer_norm=True, maskable_exclude=BODY_EXCLUDE))
         trainer.train()
         sfts[lang], ks[lang] = trainer.sft, trainer.num_tunable()
         print(f"language SFT {lang}: {sfts[lang].nnz:,} entries (K = {trainer.num_tunable():,}) "
@@ -131,13 +134,14 @@ def task_sft(model, tokenizer, data: task.TaskData, s: Settings, seed: int, sour
 
     from ..hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
 
+    set_trainable(model, EMBEDDINGS)
     with source_sft.applied(model):
         trainer = LotteryTicketSparseFineTuner(
             model=model, args=task.training_args(f"{out}/tmp/task", 1, s.lr_task, s.batch, seed),
             train_dataset=task.task_dataset(tokenizer, data.train), data_collator=DataCollatorWithPadding(tokenizer),
             sft_args=SftArguments(ft_params_proportion=s.density, full_ft_max_steps_per_iteration=s.task_steps,
                                   sparse_ft_max_steps_per_iteration=s.task_steps, freeze_embeddings=True,
-                                  freeze_layer_norm=True))
+                                  freeze_layer_norm=True, maskable_exclude=BODY_EXCLUDE))
         trainer.train()
         k = trainer.num_tunable()  # counted over the parameters trainable in this run
     set_trainable(model)

@@ -111,7 +111,7 @@ class MaskedLM(nn.Module):
     def __init__(self, model: nn.Module, vocab_ids: torch.Tensor):
         super().__init__()
         encoder = model.base_model
-        self.prefix = model.base_model_prefix
+        self.prefix = self.base_model_prefix = model.base_model_prefix  # LT-SFT's freeze_head reads it
         setattr(self, self.prefix, encoder)
         self.config = encoder.config
         self.cls = MaskedLMHead(self.config.hidden_size, len(vocab_ids), self.config.layer_norm_eps)

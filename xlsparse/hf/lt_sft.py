@@ -310,9 +310,9 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.maskable = [n for n in dict.fromkeys(maskable) if not any(re.search(p, n) for p in self.sft_args.maskable_exclude)]
         self.num_maskable = sum(params[n].numel() for n in self.maskable)
         a = self.sft_args
-        self.num_tunable = a.ft_params_num if a.ft_params_num is not None else int(a.ft_params_proportion * self.num_maskable)
-        if self.num_tunable > self.num_maskable:
-            raise ValueError(f"SftArguments.ft_params_num = {self.num_tunable} exceeds the {self.num_maskable} maskable entries")
+        self._num_tunable = a.ft_params_num if a.ft_params_num is not None else int(a.ft_params_proportion * self.num_maskable)
+        if self._num_tunable > self.num_maskable:
+            raise ValueError(f"SftArguments.ft_params_num = {self._num_tunable} exceeds the {self.num_maskable} maskable entries")
         with torch.no_grad():
             self._theta0 = {n: p.detach().clone() for n, p in trainable.items()}
         self._masks: dict[str, torch.Tensor] = {}  # name: sorted flat indices selected so far
@@ -331,6 +331,10 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._anchors: dict = {}
         decay = set(self.get_decay_parameter_names(self.model))
         self._decayed = {name for p, name in self._names.values() if any(a in decay for a in _aliases(self.model, p))}
+
+    def num_tunable(self) -> int:
+        """K: the number of entries the SFT may change (over all `n_ft_iterations` rounds)."""
+        return self._num_tunable
 
     # --- model surgery done once, at construction (composable-sft's scripts do it before) ---
     def _untie_and_freeze(self) -> None:
@@ -394,7 +398,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                 with torch.no_grad():
                     start = {name: p.detach().clone() for name, p in self._trainable().items()}
                 self._run_phase("full", it, root, **kwargs)
-                self._select(self.num_tunable // n)
+                self._select(self._num_tunable // n)
                 with torch.no_grad():
                     for name, p in self._trainable().items():
                         p.copy_(start[name])
