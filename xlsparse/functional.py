@@ -27,6 +27,8 @@ def topk_mask(tensors: list, k: int) -> list[torch.Tensor]:
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast runs linear layers in on x's device, or None when autocast is off."""
     device = x.device.type
+    if device not in ("cpu", "cuda", "xpu", "mps"):  # meta tensors (shapes only) have no autocast
+        return None
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 

@@ -287,7 +287,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     insertion order of `diffs` / `masks`. GPT-2 `Conv1D` layers are converted too; diffs keep the
     model's own parameter layout. What was done is recorded in `model.xlsparse_config`.
     """
-    from .. import __version__
+    from .._version import __version__
 
     if kind not in KINDS:
         raise ValueError(f"convert: kind must be one of {KINDS}, got {kind!r}")
