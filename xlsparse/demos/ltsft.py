@@ -88,7 +88,8 @@ def language_sfts(model, tokenizer, langs: list[str], data: task.TaskData, s: Se
     sfts, ks = {}, {}
     for lang in langs:
         task.restore(model, theta0)
-        set_trainable(mlm, EMBEDDINGS)  # every embedding table stays θ0, as in the task SFT
+        # Every embedding table stays θ0, as in the task SFT; the pooler is unused by the MLM loss.
+        set_trainable(mlm, EMBEDDINGS + BODY_EXCLUDE)
         trainer = LotteryTicketSparseFineTuner(
             model=mlm, args=task.training_args(f"{out}/tmp/lang-{lang}", 1, s.lr_lang, s.batch, 0),
             train_dataset=task.Encoded(tokenizer, text[lang]), data_collator=collator,
