@@ -102,14 +102,7 @@ def _compact_only(cfg, shape, density, device):
     body = _body(model)
     masks = dict(zip(body.values(), _random_masks(body, density).values()))
     optimizer = MaskedAdamW(model.parameters(), masks, lr=1e-4, weight_decay=0.0, mode="compact")
-    batch = _batch(cfg, shape, device)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
-        optimizer.step()
-
-    return step, lambda: _state_bytes(optimizer, model.parameters())
+    return _training_step(model, optimizer, _batch(cfg, shape, device))
 
 
 def _delta(cfg, shape, density, device):
@@ -126,8 +119,11 @@ def _delta(cfg, shape, density, device):
     trainer._masks = _random_masks({n: params[n] for n in trainer.maskable}, density)
     trainer._phase = "sparse"
     trainer._convert()  # the sparse phase's own conversion
-    optimizer = trainer.create_optimizer()
-    batch = _batch(cfg, shape, device)
+    return _training_step(model, trainer.create_optimizer(), _batch(cfg, shape, device))
+
+
+def _training_step(model, optimizer, batch):
+    """(one optimizer step on `batch`, the bytes of gradients and optimizer state it holds)."""
 
     def step():
         optimizer.zero_grad(set_to_none=True)
