@@ -1,5 +1,6 @@
 """What a user installs: every subpackage importable, the version, an sdist that can build."""
 import importlib
+import importlib.util
 import os
 import pkgutil
 import subprocess
@@ -17,7 +18,9 @@ def test_every_subpackage_imports():
     names = [m.name for m in pkgutil.walk_packages(xlsparse.__path__, "xlsparse.")]
     for sub in ("xlsparse.hf", "xlsparse.hf.lt_sft", "xlsparse.hf.subnetworks", "xlsparse.hf.continual",
                 "xlsparse.hf.arithmetic", "xlsparse.hf.xelm", "xlsparse.ops", "xlsparse.triton", "xlsparse.benchmarks"):
-        assert sub in names or importlib.import_module(sub), sub
+        assert importlib.util.find_spec(sub) is not None, sub
+    if importlib.util.find_spec("triton") is None:  # the optional `triton` extra: its kernel modules need it
+        names = [n for n in names if n != "xlsparse.triton" and not n.startswith("xlsparse.triton.")]
     for name in names:
         importlib.import_module(name)
 
