@@ -133,26 +133,31 @@ def _training_step(model, optimizer, batch):
     return step, lambda: _state_bytes(optimizer, model.parameters())
 
 
-def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
+def cases(quick: bool = False, device: str = "cpu"):
+    """The rows, built one at a time: at XLM-R-base size each way holds a 278M-parameter model with
+    its gradients and optimizer state (about 5 GB), so only the current pair is kept alive."""
     cfg, shape = _config(quick)
     tokens = shape[0] * shape[1]
-    out = []
+    live = {}  # the models of the row being measured; the rows' closures reach them only through it
     for density in DENSITIES:
-        delta, delta_bytes = _delta(cfg, shape, density, device)
+        live.clear()
+        live["delta"], delta_bytes = _delta(cfg, shape, density, device)
         k = sum(round(density * p.numel()) for n, p in _model(cfg, "meta").named_parameters() if n.startswith("roberta."))
         for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
                             ("dense grads + compact MaskedAdamW", _compact_only)):
-            base, base_bytes = build(cfg, shape, density, device)
-            delta(), base()  # one step each, so that grads and optimizer state exist
+            live.pop("base", None)  # the previous row's baseline model goes before the next is built
+            live["base"], base_bytes = build(cfg, shape, density, device)
+            live["delta"](), live["base"]()  # one step each, so that grads and optimizer state exist
             note = (f"grad+state MiB: xlsparse {delta_bytes() / 2**20:.1f}, baseline {base_bytes() / 2**20:.1f}, "
                     f"3*K*4 = {3 * k * 4 / 2**20:.1f}")
             targets = ()
             if name.startswith("dense grads + grad"):
                 targets = (Target(f"lt-sft phase-2 step, {100 * density:g}%: >= 1.3x the dense-masked way", "speedup", 1.3),)
-            out.append(Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
-                            f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=delta, baseline=base,
-                            baseline_name=name, density=density, backend="delta layers", note=note, targets=targets))
-    return out
+            yield Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
+                       f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"](),
+                       baseline=lambda: live["base"](), baseline_name=name, density=density, backend="delta layers",
+                       note=note, targets=targets)
+    live.clear()
 
 
 def main() -> None:
