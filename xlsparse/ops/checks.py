@@ -67,33 +67,42 @@ def finite(op: str, **scalars) -> None:
             raise ValueError(f"{op}: {name} must be finite, got {v}")
 
 
-def shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """True when a and b view one storage (conservatively: any overlap of storages). Traced and
-    fake tensors have no memory to compare: compiled graphs handle their aliasing themselves."""
-    if torch.compiler.is_compiling() or isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
-        return False
-    if a.device != b.device or a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
-        return False
-    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+def memory_key(t: torch.Tensor | None):
+    """The storage a tensor views (tensors with equal keys may overlap: conservatively, aliases),
+    or None when it has none to compare: traced and fake tensors (compiled graphs handle their
+    aliasing themselves), meta and empty tensors."""
+    if t is None or torch.compiler.is_compiling() or isinstance(t, FakeTensor) or t.numel() == 0 \
+            or t.device.type == "meta":
+        return None
+    return t.device, t.untyped_storage().data_ptr()
 
 
-def unaliased(outputs, t):
-    """t itself, or a copy of it when it shares memory with a tensor the op writes: inputs are read
-    as they were before the call, on every backend."""
+def memory_keys(tensors) -> set:
+    """The storages of the tensors an op writes, looked up once per call: each input is then
+    checked in O(1), not against every output (a step over hundreds of tensors would pay n²)."""
+    return {k for k in map(memory_key, tensors) if k is not None}
+
+
+def unaliased(written: set, t):
+    """t itself, or a copy of it when it shares memory with a tensor the op writes (`written`, from
+    `memory_keys`): inputs are read as they were before the call, on every backend."""
     if t is None:
         return None
-    if any(o is not None and shares_memory(o, t) for o in outputs):
+    if memory_key(t) in written:
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
 
 def distinct_outputs(op: str, named: dict) -> None:
     """No two tensors an op writes may share memory: the result would depend on the write order."""
-    items = [(n, t) for n, t in named.items() if t is not None]
-    for i, (na, a) in enumerate(items):
-        for nb, b in items[i + 1:]:
-            if shares_memory(a, b):
-                raise ValueError(f"{op}: {na} and {nb} share memory; both are written by the op")
+    seen = {}
+    for name, t in named.items():
+        key = memory_key(t)
+        if key is None:
+            continue
+        if key in seen:
+            raise ValueError(f"{op}: {seen[key]} and {name} share memory; both are written by the op")
+        seen[key] = name
 
 
 def indices(op: str, idx: torch.Tensor, numel: int) -> None:
@@ -290,8 +299,10 @@ def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_s
 
 def step_inputs(written, grads, selectors, inits):
     """Contiguous, unaliased copies of a masked step's read-only inputs where needed."""
+    keys = memory_keys(written)
+
     def fix(t):
-        return None if t is None else unaliased(written, t.contiguous())
+        return None if t is None else unaliased(keys, t.contiguous())
     return [fix(g) for g in grads], [fix(s) for s in selectors], [fix(t) for t in inits]
 
 

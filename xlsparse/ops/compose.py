@@ -42,7 +42,8 @@ def sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     checks.finite(op, alpha=alpha)
     if checks.can_read(dense):
         checks.indices(op, indices, dense.numel())
-    indices, values = (checks.unaliased([dense], t.contiguous()) for t in (indices, values))
+    written = checks.memory_keys([dense])
+    indices, values = (checks.unaliased(written, t.contiguous()) for t in (indices, values))
     registry.call(op, dense.device, dense, indices, values, float(alpha), written=[dense])
     return dense
 
@@ -117,8 +118,9 @@ def _diff_call(op: str, dense, indices, values, target):
     target = [int(t) for t in target]
     dense, target = _one_slot_per_tensor(dense, target)
     checks.diff_entries(op, dense, indices, values, target)
-    indices = [checks.unaliased(dense, i.contiguous()) for i in indices]
-    values = [checks.unaliased(dense, v.contiguous()) for v in values]
+    written = checks.memory_keys(dense)
+    indices = [checks.unaliased(written, i.contiguous()) for i in indices]
+    values = [checks.unaliased(written, v.contiguous()) for v in values]
     return dense, indices, values, target
 
 

@@ -254,7 +254,8 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
     if checks.can_read(x):
         checks.indices(op, indices, out.shape[1] * x.shape[1])
         checks.selected_tokens(op, x.shape[0], token_index, token_bounds)
-    args = [None if t is None else checks.unaliased([out], t.contiguous())
+    written = checks.memory_keys([out])
+    args = [None if t is None else checks.unaliased(written, t.contiguous())
             for t in (x, indices, values, token_index, token_bounds, token_scale)]
     registry.call(op, x.device, out, *args, bool(transpose), written=[out])
     return out
