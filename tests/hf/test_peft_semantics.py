@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import ARCHS, VOCAB, batch, tiny
+from tiny_models import ARCHS, VOCAB, batch, random_diff, tiny
 
 import xlsparse
 from xlsparse import hf
@@ -182,15 +182,7 @@ def test_disable_runs_the_base_model_and_restores_the_trained_one():
 
 def _multi(arch="llama"):
     model = tiny(arch)
-    diffs = {}
-    for e, lang in enumerate(["de", "fr"]):
-        g = torch.Generator().manual_seed(e)
-        deltas = {}
-        for name in hf.model.target_names(model):
-            w = model.get_submodule(name).weight
-            idx = torch.randperm(w.numel(), generator=g)[:20].sort().values
-            deltas[f"{name}.weight"] = xlsparse.SparseDelta(idx, torch.randn(20, generator=g) * 0.3, w.shape)
-        diffs[lang] = xlsparse.SparseDiff(deltas)
+    diffs = {lang: random_diff(model, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
     return hf.convert(model, kind="multi", diffs=diffs)
 
 

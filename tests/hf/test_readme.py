@@ -6,7 +6,7 @@ import re
 
 import pytest
 import torch
-from tiny_models import VOCAB, batch
+from tiny_models import VOCAB, batch, random_diff
 
 import xlsparse
 from xlsparse import hf
@@ -30,16 +30,6 @@ def _classifier(seed=0):
     return transformers.BertForSequenceClassification(cfg).eval()
 
 
-def _language_diff(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    deltas = {}
-    for name in hf.model.target_names(model):
-        w = model.get_submodule(name).weight
-        idx = torch.randperm(w.numel(), generator=g)[:30].sort().values
-        deltas[f"{name}.weight"] = xlsparse.SparseDelta(idx, torch.randn(30, generator=g) * 0.1, w.shape)
-    return xlsparse.SparseDiff(deltas)
-
-
 def namespace(tmp_path):
     """The names the README's snippets assume, built from tiny models."""
     model, base = _classifier(), _classifier()
@@ -54,7 +44,7 @@ def namespace(tmp_path):
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
     ids = batch(4, 6)
     return dict(model=model, base=base, data=data, training_args=training_args, ids=ids, lang_tuned=lang_tuned,
-                lang_sft=_language_diff(base, 1), phi_de=_language_diff(base, 2), phi_fr=_language_diff(base, 3),
+                lang_sft=random_diff(base, 30, 0.1, 1), phi_de=random_diff(base, 30, 0.1, 2), phi_fr=random_diff(base, 30, 0.1, 3),
                 evaluate=lambda m: float(m(input_ids=ids).logits.float().mean()))
 
 

@@ -36,3 +36,17 @@ ARCHS = ["bert", "xlmr", "llama", "gpt2"]
 def batch(b: int = 3, s: int = 7, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (b, s), generator=g)
+
+
+def random_diff(model, nnz: int, scale: float, seed: int):
+    """A SparseDiff with `nnz` random entries on every block linear weight of an unconverted model."""
+    import xlsparse
+    from xlsparse import hf
+
+    g = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for name in hf.model.target_names(model):
+        w = model.get_submodule(name).weight
+        idx = torch.randperm(w.numel(), generator=g)[:nnz].sort().values
+        deltas[f"{name}.weight"] = xlsparse.SparseDelta(idx, torch.randn(nnz, generator=g) * scale, w.shape)
+    return xlsparse.SparseDiff(deltas)

@@ -632,11 +632,13 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         raise ValueError("save_pretrained: kind='subnetwork' trains the base weights themselves, so θ0 + (θ − θ0) "
                          "would not reload bit-exactly; use merge_and_unload(model) and transformers' save_pretrained, "
                          "or extract_diff(model) for the (rounded) difference")
-    _check_unchanged(model, _record(model), "save_pretrained")
-    os.makedirs(directory, exist_ok=True)
     if config.kind == "delta":
-        extract_diff(model).save(os.path.join(directory, DIFF_NAME))
+        diff = extract_diff(model)  # checks that nothing outside the diff changed
+        os.makedirs(directory, exist_ok=True)
+        diff.save(os.path.join(directory, DIFF_NAME))
     else:
+        _check_unchanged(model, _record(model), "save_pretrained")
+        os.makedirs(directory, exist_ok=True)
         SparseDiff._trusted({}, absolute=_saved_modules(model), base_model=config.base_model).save(
             os.path.join(directory, DIFF_NAME))
         for i in range(len(config.languages)):
