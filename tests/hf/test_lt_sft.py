@@ -2,7 +2,6 @@
 rules: step caps, L1 units, accumulated masks over rounds, freezing/untying, composition of
 language and task SFTs, multi-source batches, and phase 2's O(K) layers."""
 import copy
-import math
 
 import pytest
 import torch
@@ -658,15 +657,15 @@ if trainer.args.process_index == 0:
 def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path):
     import os
     import subprocess
-    import sys
+
+    from conftest import child_python
 
     tests = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(tests)), tests,
-                                                       os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29631", str(script)], env=env, capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29631", str(script)), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
     single = LotteryTicketSparseFineTuner(

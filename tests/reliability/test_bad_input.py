@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import xlsparse
-from xlsparse import functional, nn as xnn, ops
+from xlsparse import functional, nn as xnn
 from xlsparse.ops import compose as cops, matmul as mops, optim as oops
 from xlsparse.optim import MaskedAdamW, MaskedSGD
 

@@ -2,7 +2,6 @@
 import os
 import stat
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -12,7 +11,7 @@ import xlsparse
 from xlsparse import SparseDelta, SparseDiff, functional
 from xlsparse.ops import compose as cops, matmul as mops
 
-from conftest import assert_bit_identical, cpu_backends
+from conftest import assert_bit_identical, child_python, cpu_backends
 
 INF = float("inf")
 
@@ -171,9 +170,8 @@ def test_composable_sft_index_overflow_raises_and_cli_exits_nonzero(tmp_path):
                 "abs": {}}, path)
     with pytest.raises(ValueError, match="overflow"):
         SparseDiff.load_composable_sft(str(path))
-    run = subprocess.run([sys.executable, "-m", "xlsparse.cli", "convert-composable-sft", str(path),
-                          str(tmp_path / "out.safetensors")], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()})
+    run = subprocess.run(child_python("-m", "xlsparse.cli", "convert-composable-sft", str(path),
+                                      str(tmp_path / "out.safetensors")), capture_output=True, text=True)
     assert run.returncode != 0
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert not (tmp_path / "out.safetensors").exists()
@@ -268,6 +266,6 @@ def test_cpu_spmm_scratch_is_bounded_by_the_token_count():
         "resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), vm + (1 << 30)))\n"  # 2 GiB more would not fit
         "m.spmm_(out, x, idx, vals); m.sddmm(out, x, idx); m.spmm_(x, out, idx, vals, transpose=True)\n"
         "print('ok')\n")
-    env = {**os.environ, "XLSPARSE_BACKEND": "cpu", "OMP_NUM_THREADS": "2", "PYTHONPATH": os.getcwd()}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    env = {**os.environ, "XLSPARSE_BACKEND": "cpu", "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(child_python("-c", code), capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0 and "ok" in run.stdout, run.stderr[-2000:]

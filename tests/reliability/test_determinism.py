@@ -98,8 +98,10 @@ def fingerprints() -> dict:
 
 
 def _in_subprocess(threads: int, backend: str) -> dict:
+    from conftest import child_python  # here: this file also runs as a script, without tests/ on its path
+
     env = dict(os.environ, XLSPARSE_BACKEND=backend, OMP_NUM_THREADS=str(threads))
-    res = subprocess.run([sys.executable, os.path.join(HERE, "test_determinism.py"), str(threads)], env=env,
+    res = subprocess.run(child_python(os.path.join(HERE, "test_determinism.py"), str(threads)), env=env,
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout.strip().splitlines()[-1])

@@ -4,11 +4,12 @@ import json
 import os
 import struct
 import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
+
+from conftest import child_python
 
 import xlsparse
 from xlsparse import SparseDelta, SparseDiff
@@ -168,7 +169,7 @@ def _run_under_memory_cap(body: str, cap_bytes: int = 2 * 2**30):
         size = int(open("/proc/self/status").read().split("VmSize:")[1].split()[0]) * 1024
         resource.setrlimit(resource.RLIMIT_AS, (size + {cap}, size + {cap}))
     """).format(cap=cap_bytes) + textwrap.dedent(body)
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    res = subprocess.run(child_python("-c", code), capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert res.returncode == 0, res.stderr[-3000:]
 

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import cpu_backends
+from conftest import child_python, cpu_backends
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 import fuzz_driver  # noqa: E402
@@ -55,8 +55,8 @@ def run_batch(cases: list[dict], tmp_path, timeout: int = 300) -> list[dict]:
     """Run the cases in one capped subprocess; a crash or hang fails with the case it stopped on."""
     batch = tmp_path / "batch.json"
     batch.write_text(json.dumps([{**c, "memory_cap": 2 << 30} for c in cases]))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "2"}
-    run = subprocess.run([sys.executable, str(DRIVER), str(batch)], capture_output=True, text=True, env=env,
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "2"}
+    run = subprocess.run(child_python(str(DRIVER), str(batch)), capture_output=True, text=True, env=env,
                          timeout=timeout, cwd=tmp_path)
     reports = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if run.returncode != 0:

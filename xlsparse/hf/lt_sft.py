@@ -52,7 +52,7 @@ gradient is added to the gradients directly, the same on every rank); FSDP2 is n
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
