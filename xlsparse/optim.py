@@ -18,6 +18,9 @@ On the selected entries the math is torch.optim.AdamW's / torch.optim.SGD's. A N
 on a selected entry propagates into that entry's parameter and state exactly as in torch; use
 `torch.amp.GradScaler` (this optimizer takes `grad_scale`/`found_inf` like torch's fused AdamW:
 the step is skipped inside the kernel when an inf was found) to skip such steps.
+
+DTensor parameters (FSDP2's `fully_shard`): masks are given for the whole parameter; each process
+keeps the part of the mask, and the state, that its shard holds, and steps its shard only.
 """
 from collections.abc import Iterable
 from itertools import chain
@@ -44,11 +47,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self.mode = mode
         super().__init__(params, defaults)
         for p in self._all_params():
-            if _is_dtensor(p):
-                raise TypeError(f"{type(self).__name__} does not take DTensor (FSDP2 / tensor-parallel) parameters: "
-                                "masks and state would need sharding like each parameter. Use DDP, or, for "
-                                "SparseDeltaLinear's delta values (mask None), torch.optim.AdamW")
-            if not p.is_contiguous():
+            if not _local(p).is_contiguous():
                 raise ValueError("masked optimizers need contiguous parameters")
         selectors = self._parse_masks(masks)
         for group in self.param_groups:
@@ -92,6 +91,14 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         return {p: self._selector(p, m, f"masks[{i}]") for i, (p, m) in enumerate(zip(params, entries))}
 
     def _selector(self, p: torch.Tensor, mask, name: str):
+        """`mask` (given for the whole parameter) validated and put in this mode's form for the part
+        of `p` this process holds: the whole tensor, or a DTensor's local shard."""
+        selector = self._global_selector(p, mask, name)
+        if selector is None or not _is_dtensor(p):
+            return selector
+        return self._selector(_local(p), _shard_of(p, selector), name)
+
+    def _global_selector(self, p: torch.Tensor, mask, name: str):
         if mask is None:
             return None
         if not isinstance(mask, torch.Tensor):
@@ -121,6 +128,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     def _init_state(self, group: dict, p: torch.Tensor, selector) -> None:
         state = self.state[p]
+        p = _local(p)
         if selector is not None:
             state["mask" if self.mode == "dense" else "indices"] = selector
         n = p.numel() if selector is None or self.mode == "dense" else selector.numel()
@@ -161,6 +169,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     def _move_state(self, group: dict, p: torch.Tensor, old, new) -> None:
         state = self.state[p]
+        p = _local(p)
         keys = self._state_keys(group)
         if self.mode == "dense":
             old_m = torch.ones_like(p, dtype=torch.bool) if old is None else old
@@ -238,7 +247,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 if not any(k in state for k in keys):
                     self._init_state(group, p, selector)
                     continue
-                n = p.numel() if selector is None or self.mode == "dense" else selector.numel()
+                n = _local(p).numel() if selector is None or self.mode == "dense" else selector.numel()
                 for key in keys:
                     t = state.get(key)
                     if not isinstance(t, torch.Tensor) or t.numel() != n:
@@ -269,8 +278,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         return grad_scale, found_inf
 
     def _step_lists(self, params, keys):
-        """(grads, selectors, steps, {key: state tensors}) for a kernel call."""
-        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        """(params, grads, selectors, steps, {key: state tensors}) for a kernel call, the params and
+        grads as the local tensors that the kernels write and read."""
+        grads = [_local(p.grad).contiguous() for p in params]
         selectors = [self._selector_of(p) for p in params]
         steps = []
         for p in params:
@@ -278,7 +288,26 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
             steps.append(state["step"])
-        return grads, selectors, steps, {k: [self.state[p][k] for p in params] for k in keys}
+        return [_local(p) for p in params], grads, selectors, steps, {k: [self.state[p][k] for p in params] for k in keys}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this process holds: a DTensor's local shard (a view: writes reach the
+    parameter), any other tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_of(p, selector: torch.Tensor) -> torch.Tensor:
+    """A whole-parameter selector (bool mask or flat indices) cut to the shard of DTensor `p` this
+    process holds, as a bool mask of the shard's shape. No communication: every rank holds the
+    whole mask and keeps its own part, split as `p` is (FSDP2: chunks of dim 0)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if selector.dtype != torch.bool:
+        dense = torch.zeros(p.numel(), dtype=torch.bool, device=selector.device)
+        dense[selector.long()] = True
+        selector = dense.view(p.shape)
+    return distribute_tensor(selector, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -344,10 +373,10 @@ class MaskedAdamW(_MaskedOptimizer):
         l1 = group["l1_to_init"]
         if l1 != 0 and any("init" not in self.state[p] for p in params):
             raise RuntimeError("l1_to_init was turned on after construction: the initial values were not kept")
-        grads, selectors, steps, st = self._step_lists(params, self._state_keys(group))
+        local, grads, selectors, steps, st = self._step_lists(params, self._state_keys(group))
         grad_scale, found_inf = self._amp(device)
         optim_ops.masked_adamw_(
-            params, grads, selectors, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", []), steps,
+            local, grads, selectors, st["exp_avg"], st["exp_avg_sq"], st.get("max_exp_avg_sq", []), steps,
             [self.state[p]["init"] for p in params] if l1 != 0 else [],
             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
             weight_decay=group["weight_decay"], l1_to_init=l1, amsgrad=group["amsgrad"],
@@ -378,9 +407,9 @@ class MaskedSGD(_MaskedOptimizer):
         keys = self._state_keys(group)
         if keys and any("momentum_buffer" not in self.state[p] for p in params):
             raise RuntimeError("momentum was turned on after construction: no momentum buffers exist")
-        grads, selectors, steps, st = self._step_lists(params, keys)
+        local, grads, selectors, steps, st = self._step_lists(params, keys)
         grad_scale, found_inf = self._amp(device)
         optim_ops.masked_sgd_(
-            params, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
+            local, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
             momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
             nesterov=group["nesterov"], grad_scale=grad_scale, found_inf=found_inf)

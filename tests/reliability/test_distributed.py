@@ -4,6 +4,8 @@
   `MaskedAdamW` equals one process over the same global batch.
 - Mask selection from per-rank importance scores agrees on every rank once the scores are
   all-reduced (`xlsparse.distributed`), and disagrees without it.
+- FSDP2: phase 2 of LT-SFT (delta values, masked biases and norms, compact `MaskedAdamW`) on a
+  `fully_shard`ed model equals one process, and no entry outside a mask moves on any shard.
 """
 import faulthandler
 import os
@@ -170,58 +172,61 @@ def test_helpers_are_no_ops_without_a_process_group():
         xdist.all_reduce_scores("scores")
 
 
-# --- FSDP2 (fully_shard) on gloo ---
+# --- FSDP2 (fully_shard) on gloo: LT-SFT's phase 2 with the frozen base sharded ---
+
+def _phase_two_model():
+    """The tiny model as phase 2 trains it: every delta value (mask None), and a fixed random 30%
+    of each LayerNorm and bias (odd sizes, so FSDP2's dim-0 chunks cut through the masks)."""
+    model = _tiny_model()
+    g = torch.Generator().manual_seed(5)
+    masks = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith("delta_values") or name.endswith("bias") or "LayerNorm" in name)
+        if p.requires_grad and not name.endswith("delta_values"):
+            masks[name] = torch.rand(p.shape, generator=g) < 0.3
+    return model, masks
+
+
+def _phase_two_train(model, masks, rank=None) -> dict:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = MaskedAdamW([p for _, p in named], [masks.get(n) for n, _ in named], lr=1e-2, weight_decay=0.01,
+                      mode="compact")
+    model.train()
+    for b in _global_batch():
+        ids = b if rank is None else b[rank * 2:(rank + 1) * 2]
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731
+    return {n: full(p).detach().clone() for n, p in named}
+
 
 def _fsdp_worker(rank: int, out: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    model = _tiny_model()
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith("delta_values"))
+    model, masks = _phase_two_model()
     mesh = init_device_mesh("cpu", (WORLD,))
     for layer in model.bert.encoder.layer:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    values = [p for p in model.parameters() if p.requires_grad]
-    try:
-        MaskedAdamW(values, [None] * len(values))
-    except TypeError as exc:
-        rejected = "DTensor" in str(exc)
-    else:
-        rejected = False
-    # The delta values are the whole trainable vector (mask None), so torch's AdamW over the
-    # sharded values is exactly the masked optimizer's math.
-    opt = torch.optim.AdamW(values, lr=1e-2, weight_decay=0.01)
-    model.train()
-    for b in _global_batch():
-        ids = b[rank * 2:(rank + 1) * 2]
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trained = _phase_two_train(model, masks, rank)
     if rank == 0:
-        torch.save({"params": full, "rejected": rejected}, out)
+        torch.save(trained, out)
     return model
 
 
-def test_fsdp2_on_gloo_trains_delta_values_like_one_process(tmp_path):
+def test_fsdp2_on_gloo_trains_phase_two_like_one_process(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
     out = str(tmp_path / "fsdp.pt")
     _spawn(_fsdp_worker, out)
-    res = torch.load(out, weights_only=True)
-    assert res["rejected"], "MaskedAdamW must refuse DTensor (FSDP2-sharded) parameters with a clear TypeError"
-    model = _tiny_model()
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith("delta_values"))
-    values = [p for p in model.parameters() if p.requires_grad]
-    opt = MaskedAdamW(values, [None] * len(values), lr=1e-2, weight_decay=0.01, mode="compact")
-    model.train()
-    for ids in _global_batch():
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    assert set(res["params"]) == set(single)
+    sharded = torch.load(out, weights_only=True)
+    model, masks = _phase_two_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    single = _phase_two_train(model, masks)
+    assert set(sharded) == set(single) and any(n.endswith("delta_values") for n in single)
     for name, p in single.items():
-        torch.testing.assert_close(res["params"][name], p, **CLOSE, msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(sharded[name], p, **CLOSE, msg=lambda m, name=name: f"{name}: {m}")
+        if name in masks:  # outside its mask an entry never moves, on any shard
+            assert torch.equal(sharded[name][~masks[name]], before[name][~masks[name]]), name
+            assert not torch.equal(sharded[name][masks[name]], before[name][masks[name]]), name

@@ -46,8 +46,9 @@ backward never builds a dense gradient; other maskable parameters (biases, norms
 compact `MaskedAdamW` (so do GPT-2's `Conv1D` weights, which are not converted). At the end the
 deltas fold back into the model's own parameters. Weight decay stays AdamW's on θ = θ0 + Δ (a
 post-step term adds the −lr·wd·θ0 the optimizer of Δ alone would miss). Runs under DDP (the L1
-gradient is added to the gradients directly, the same on every rank); FSDP2 is not supported
-(`MaskedAdamW` refuses DTensor parameters).
+gradient is added to the gradients directly, the same on every rank). Phase 2's layers and
+optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but this trainer under
+Accelerate's FSDP plugin is not tested.
 """
 import math
 import os
