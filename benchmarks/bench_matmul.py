@@ -105,8 +105,7 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
     shape = f"T={tokens} {out_f}x{in_f}"
     flops = delta_linear_train_flops(tokens, out_f, in_f, k)
     backend = backend_of("sddmm", device)
-    merge_pays = getattr(functional, "merge_pays", None)
-    note = "" if merge_pays is None else f"forward: {'merged' if merge_pays(tokens, k, w.numel()) else 'spmm'}"
+    note = f"W0+Δ: {'written into W0 per call' if functional.merge_pays(tokens) else 'SpMM term'}"
     weight_bytes = out_f * in_f * w.element_size()
     pick = (lambda *t: t) if targets else (lambda *t: ())
     cases = [

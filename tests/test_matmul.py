@@ -191,33 +191,42 @@ def test_sparse_delta_linear_matches_float64(backend, dtype, shape, density, mer
 
 
 class _LargeAllocations(TorchDispatchMode):
-    """Records every tensor an op returns with at least `limit` elements."""
+    """Records every new tensor an op returns with at least `limit` elements (views and in-place
+    results share an input's storage and are not allocations)."""
 
     def __init__(self, limit):
         super().__init__()
         self.limit, self.seen = limit, []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor) and t.numel() >= self.limit:
+            if isinstance(t, torch.Tensor) and t.numel() >= self.limit and t.untyped_storage().data_ptr() not in inputs:
                 self.seen.append((str(func), tuple(t.shape)))
         return out
 
 
 @pytest.mark.parametrize("backend", [b for b in MM_BACKENDS if b != "reference"])
 @pytest.mark.parametrize("merged", [True, False], ids=["merged", "spmm"])
-def test_backward_allocates_no_dense_gradient(backend, merged, use_backend, monkeypatch):
+def test_forward_and_backward_allocate_no_dense_weight(backend, merged, use_backend, monkeypatch):
+    """Neither a merged O x I copy nor a dense gradient; the in-place path ("merged") leaves the
+    base weight bit-identical, its version counter included."""
     use_backend(backend)
     monkeypatch.setattr(functional, "merge_pays", lambda *a: merged)
     o, i, t = 96, 80, 8  # O x I = 7680 elements, every other tensor below 800
     x, w, b, idx, vals = _linear_case(t, o, i, 700, torch.float32, seeded(4))
     vals.requires_grad_(True)
     x.requires_grad_(True)
-    y = functional.sparse_delta_linear(x, w, b, idx, vals)
+    before, version = w.clone(), w._version
     with _LargeAllocations(o * i) as probe:
+        y = functional.sparse_delta_linear(x, w, b, idx, vals)
+        assert torch.equal(w, before)
         y.sum().backward()
-    assert probe.seen == [], f"backward allocated O x I tensors: {probe.seen}"
+    assert probe.seen == [], f"allocated O x I tensors: {probe.seen}"
+    assert_bit_identical(w, before, "base weight")
+    assert w._version == version
     assert vals.grad.shape == (700,)
     # The probe does see a dense weight gradient when one is asked for.
     w.requires_grad_(True)

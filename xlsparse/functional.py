@@ -41,18 +41,19 @@ def cast_for_autocast(dtype: torch.dtype, *tensors):
     return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
 
 
-def merge_pays(num_tokens: int, nnz: int, weight_numel: int) -> bool:
-    """True when multiplying by a merged W0 + Δ beats adding an SpMM term X Δᵀ.
+MERGE_MIN_TOKENS = 64
 
-    Merging copies the O x I weight once and then dX is one GEMM too; the SpMM path costs T·K
-    gathered multiply-adds in the forward and as many again (transposed) in the backward.
-    Measured on this machine (1 thread, 4096 x 1024, fp32 and bf16, T = 16 to 2048, under heavy
-    load from other jobs): the SpMM costs 0.6-1.8 ns per T·K product, the merge 3.4-4.2 ns per
-    weight entry; with both SpMMs of a training step the two meet near T·K = 1.25·O·I. At the
-    benchmark's T = 2048 and 0.5-5% density the merged path is 10-50x cheaper than the SpMMs;
-    at T = 16 tokens the SpMM is 10-30x cheaper than the merge.
+
+def merge_pays(num_tokens: int) -> bool:
+    """True when writing Δ into W0 for the call (and back out after) beats adding an SpMM term X Δᵀ.
+
+    The write and the restore are scattered passes over the K entries, once for the forward and
+    once for dX; the SpMM costs T·K multiply-adds each time. Both scale with K, so only T decides.
+    Measured (4096 x 1024 at 1% and 5%, 1 thread, on a loaded machine): the write plus restore cost
+    about 70 ns per entry (a cache miss each), the paths were level within noise from T = 16 to 64,
+    and at T = 2048 the write took ~3% of the SpMMs' time.
     """
-    return num_tokens * nnz >= weight_numel
+    return num_tokens >= MERGE_MIN_TOKENS
 
 
 def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) -> torch.Tensor:
@@ -60,9 +61,11 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     Δ = (indices, values): `indices` [K] flat row-major into W0, sorted and unique, `values` [K].
 
     `x` has any leading dims. The backward gives dX = dY (W0 + Δ), dvalues through an SDDMM (no
-    dense O x I gradient is ever allocated), db, and dW0 only when `weight` requires grad. The
-    forward multiplies by a merged W0 + Δ when that is cheaper (`merge_pays`), else adds an SpMM
-    term; pass `merged_weight` (W0 + Δ, e.g. cached while the values do not change) to reuse one.
+    dense O x I gradient is ever allocated), db, and dW0 only when `weight` requires grad. With
+    enough tokens (`merge_pays`) the forward and dX multiply by W0 + Δ written into `weight`'s own
+    storage for the call and restored bit-exactly after (K values of extra memory, no O x I copy;
+    `weight` must not be read by another thread meanwhile); with few tokens they add an SpMM term.
+    Pass `merged_weight` (W0 + Δ as a tensor of its own) to multiply by that instead.
     fp32, bf16, fp16 (accumulating in fp32) and fp64. Under `torch.autocast` it computes in the
     autocast dtype, as nn.Linear does.
     """
@@ -74,9 +77,11 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     _checks.linear("sparse_delta_linear", x, weight, bias, [indices], [values])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
-    if merged_weight is None and merge_pays(x2d.shape[0], indices.numel(), weight.numel()):
-        merged_weight = _matmul.merged_weight(weight, indices, values)
-    y = _matmul.SparseDeltaLinearFunction.apply(x2d, weight, bias, indices, values, merged_weight)
+    in_place = merged_weight is None and merge_pays(x2d.shape[0])
+    if in_place and (torch.compiler.is_compiling() or not weight.is_contiguous()):
+        # a traced graph must not write its inputs; a strided weight has no flat view to write
+        merged_weight, in_place = _matmul.merged_weight(weight, indices, values), False
+    y = _matmul.SparseDeltaLinearFunction.apply(x2d, weight, bias, indices, values, merged_weight, in_place)
     return y.reshape(*lead, weight.shape[0])
 
 

@@ -11,8 +11,7 @@ from . import functional, routing
 from .diff import budget, index_dtype
 from .ops import checks as op_checks
 from .ops import optim as optim_ops
-from .ops.compose import sparse_axpy_
-from .ops.matmul import merged_weight
+from .ops.matmul import restore_entries_, write_delta_
 
 
 def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.Tensor:
@@ -56,9 +55,8 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
     trainable `delta_values` parameter [K] (zero at creation, so a fresh layer computes exactly
     what the original linear did).
 
-    The backward never allocates a dense O x I gradient. The merged weight W0 + Δ is cached
-    between calls while neither the values nor the base change (a bump of their version counters,
-    as an optimizer step does, drops it), so inference multiplies by one dense weight.
+    The backward never allocates a dense O x I gradient, and no merged O x I copy is made: with
+    enough tokens each call writes Δ into W0 and restores it after (`functional.sparse_delta_linear`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, indices: torch.Tensor):
@@ -68,8 +66,6 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
         self.register_buffer("delta_indices", indices)
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
-        self._cache_key = None
-        self._cache = None
         self._displaced = None  # base entries overwritten by merge(), for a bit-exact unmerge()
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
@@ -84,21 +80,6 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
     def shape(self) -> torch.Size:
         return self.weight.shape
 
-    def _merged(self, num_tokens: int):
-        """The cached W0 + Δ, rebuilt when the values or the base changed; None when merging
-        does not pay for this call (few tokens) or under torch.compile (no Python state)."""
-        if torch.compiler.is_compiling():
-            return None
-        w, v = self.weight, self.delta_values
-        key = (w.data_ptr(), w._version, v.data_ptr(), v._version, self.delta_indices.data_ptr(), self.delta_indices._version)
-        if key != self._cache_key:
-            self._cache_key, self._cache = None, None
-            if not functional.merge_pays(num_tokens, v.numel(), w.numel()):
-                return None
-            self._cache = merged_weight(w, self.delta_indices, v)
-            self._cache_key = key
-        return self._cache
-
     @property
     def merged(self) -> bool:
         """True between `merge()` and `unmerge()`: the base weight holds W0 + Δ."""
@@ -109,22 +90,19 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
             if self.merged and self.disabled:
                 raise RuntimeError("SparseDeltaLinear: disabled while merged; unmerge first")
             return nn.functional.linear(x, self.weight, self.bias)
-        merged = self._merged(x.numel() // max(self.in_features, 1))
-        return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values, merged)
+        return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values)
 
     @torch.no_grad()
     def merge(self) -> None:
         """Fold Δ into the base weight; `unmerge` restores the base bit-exactly."""
         if self._displaced is None:
-            idx = self.delta_indices.long()
-            self._displaced = self.weight.view(-1)[idx].clone()
-            sparse_axpy_(self.weight.data, self.delta_indices, self.delta_values.detach())
+            self._displaced = write_delta_(self.weight, self.delta_indices, self.delta_values)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo `merge`: the saved base entries return."""
         if self._displaced is not None:
-            self.weight.view(-1)[self.delta_indices.long()] = self._displaced
+            restore_entries_(self.weight, self.delta_indices, self._displaced)
             self._displaced = None
 
     def set_support(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
@@ -136,7 +114,6 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         if self._displaced is not None:
             raise RuntimeError("set_support: unmerge() first; the merged base would keep the old support")
         _set_support(self, indices, values)
-        self._cache_key, self._cache = None, None
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.delta_indices.numel()}"

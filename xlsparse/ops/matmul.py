@@ -8,13 +8,15 @@ A delta Δ of a weight [O, I] is (indices [K], values [K]), flat row-major, sort
 The C++ kernels are in csrc/cpu/matmul.cpp and csrc/cuda/matmul.cu, the Triton kernels in
 xlsparse/triton/matmul.py; the math they share is csrc/include/xlsparse/matmul.h.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from .. import _ext
 from . import checks, registry
 from ._common import acc_dtype
-from .compose import sparse_axpy_
+from .compose import apply_diffs_, restore_diffs_, sparse_axpy_
 
 # --- references ---
 
@@ -304,17 +306,55 @@ def merged_weight(weight, indices, values) -> torch.Tensor:
     return sparse_axpy_(merged, indices, values.detach().to(weight.dtype))
 
 
+def write_delta_(weight, indices, values) -> torch.Tensor:
+    """Add Δ into `weight`'s own storage (a contiguous tensor) and return the K entries it
+    displaced, for `restore_entries_`. Writes through `.data`: the version counter does not move."""
+    w = weight.data
+    (displaced,) = apply_diffs_([w], [indices], [values.detach().to(w.dtype)], [0], [1.0])
+    return displaced
+
+
+def restore_entries_(weight, indices, displaced) -> None:
+    """Write back the entries `write_delta_` displaced: `weight` is bit-identical to before."""
+    restore_diffs_([weight.data], [indices], [displaced], [0])
+
+
+@contextlib.contextmanager
+def delta_written_into(weight, indices, values):
+    """Within the block, `weight`'s own storage holds W0 + Δ; on exit it holds W0 again, bit-exactly.
+    The extra memory is K values, not a merged O x I copy. The version counter does not move, so
+    autograd nodes that saved W0 see it unchanged, as it is once the block exits. Nothing else may
+    read `weight` meanwhile (another thread, or a tensor aliasing its storage)."""
+    displaced = write_delta_(weight, indices, values)
+    try:
+        yield weight.data
+    finally:
+        restore_entries_(weight, indices, displaced)
+
+
+def _times_merged(a, weight, bias, indices, values, merged, in_place, transpose=False):
+    """a (W0 + Δ)ᵀ + bias, or a (W0 + Δ) with `transpose` (no bias): by the given merged weight, by
+    W0 + Δ written into W0 for the call (`in_place`), or by W0 plus an SpMM term."""
+    gemm = (lambda w: a @ w) if transpose else (lambda w: F.linear(a, w, bias))
+    if merged is not None:
+        return gemm(merged)
+    if in_place:
+        with delta_written_into(weight, indices, values) as w:
+            return gemm(w)
+    out = gemm(weight)
+    spmm_(out, a, indices, values, transpose=transpose)
+    return out
+
+
 class SparseDeltaLinearFunction(torch.autograd.Function):
-    """Y = X (W0 + Δ)ᵀ + b for 2-D X. With `merged` (W0 + Δ) the forward and dX are one GEMM each;
-    without it they are a GEMM with W0 plus an SpMM. dvalues is an SDDMM, never a dense dW."""
+    """Y = X (W0 + Δ)ᵀ + b for 2-D X. The forward and dX multiply by W0 + Δ in one of three ways
+    (`_times_merged`): a given merged weight, Δ written into W0 for the call (`in_place`), or W0
+    plus an SpMM. dvalues is an SDDMM, never a dense dW."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values, merged):
-        if merged is not None:
-            y = F.linear(x, merged, bias)
-        else:
-            y = F.linear(x, weight, bias)
-            spmm_(y, x, indices, values)
+    def forward(ctx, x, weight, bias, indices, values, merged, in_place):
+        y = _times_merged(x, weight, bias, indices, values, merged, in_place)
+        ctx.in_place = in_place
         ctx.save_for_backward(x, weight, indices, values, merged)
         return y
 
@@ -324,18 +364,14 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         dx = dw = db = dval = None
         dy = dy.contiguous()
         if ctx.needs_input_grad[0]:
-            if merged is not None:
-                dx = dy @ merged
-            else:
-                dx = dy @ weight
-                spmm_(dx, dy, indices, values, transpose=True)
+            dx = _times_merged(dy, weight, None, indices, values, merged, ctx.in_place, transpose=True)
         if ctx.needs_input_grad[1]:
             dw = dy.T @ x
         if ctx.needs_input_grad[2]:
             db = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype)
         if ctx.needs_input_grad[4]:
             dval = sddmm(dy, x, indices)
-        return dx, dw, db, None, dval, None
+        return dx, dw, db, None, dval, None, None
 
 
 class MultiDeltaLinearFunction(torch.autograd.Function):
