@@ -3,9 +3,23 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "xlsparse/cpu_kernels.h"
+
+// _C.cpu_capability(): the CPU kernel set in use ("default", "avx2" or "avx512"); a ValueError
+// when XLSPARSE_CPU_CAPABILITY asks for one that is unknown or that the CPU cannot run.
+static PyObject* cpu_capability(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(xlsparse::cpu_capability_name());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 // A module object so `import xlsparse._C` loads this library and runs the registrations below.
 extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static PyMethodDef methods[] = {{"cpu_capability", cpu_capability, METH_NOARGS, nullptr}, {nullptr, nullptr, 0, nullptr}};
+  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&def);
 }
 

@@ -1,9 +1,8 @@
 // CPU kernels of the matmul family: SDDMM and SpMM over transposed token chunks, and
 // expert-ensemble mixing.
 //
-// Hot loops are plain loops over float arrays. They are compiled three times (AVX-512, AVX2+FMA,
-// baseline) through target_clones and the loader picks one: at::vec only vectorises in files
-// built once per CPU capability, which a CppExtension is not.
+// The row loops are at::vec code in vec/matmul_vec.cpp, compiled once per CPU capability
+// (xlsparse/cpu_kernels.h); this file runs them through the chosen table.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -15,18 +14,11 @@
 #include <vector>
 
 #include "xlsparse/checks.h"
+#include "xlsparse/cpu_kernels.h"
 #include "xlsparse/matmul.h"
 
 namespace xlsparse {
 namespace {
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define XLS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define XLS_INLINE __attribute__((always_inline)) inline
-#else
-#define XLS_CLONES
-#define XLS_INLINE inline
-#endif
 
 // Tokens per chunk. A chunk of both transposed operands ([O + I] x 256 floats) stays in L2, a
 // row of it (1 KiB) is a long dot product, and T = 2048 tokens take 8 chunks (3 barriers each).
@@ -35,185 +27,15 @@ constexpr int64_t kChunk = 256;
 // fill the 64-byte lines of the write-back.
 constexpr int64_t kRows = 16;
 
-// --- vector primitives: a template, then float clones and a double overload ---
-
-// exp for float, within about 2 ulp of expf; branch-free so loops over it vectorise. Inputs are
-// clamped to [-87, 88] (below −87 the result is ~1e-38 instead of 0: harmless in a sum with 1).
-XLS_INLINE float fast_exp(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // ln 2 split in two
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-// log for positive normal floats (the sums of exponentials it is used on lie in [1, E]).
-XLS_INLINE float fast_log(float x) {
-  int32_t bits;
-  std::memcpy(&bits, &x, sizeof(bits));
-  int32_t e = ((bits >> 23) & 0xff) - 127;
-  const int32_t mbits = (bits & 0x7fffff) | 0x3f800000;
-  float m;
-  std::memcpy(&m, &mbits, sizeof(m));
-  const bool high = m > 1.41421356f;  // keep m in [sqrt(1/2), sqrt(2)) so the series is short
-  m = high ? 0.5f * m : m;
-  e += high ? 1 : 0;
-  const float f = m - 1.0f;
-  const float s = f / (2.0f + f);
-  const float s2 = s * s;
-  // log m = 2 atanh(s) = 2 (s + s^3/3 + s^5/5 + ...); |s| < 0.172 so five terms reach float precision.
-  const float series = 2.0f * s * (1.0f + s2 * (1.0f / 3 + s2 * (1.0f / 5 + s2 * (1.0f / 7 + s2 * (1.0f / 9)))));
-  return static_cast<float>(e) * 0.693145751953125f + (series + static_cast<float>(e) * 1.428606765330187e-06f);
-}
-
-XLS_INLINE double fast_exp(double x) { return std::exp(x); }
-XLS_INLINE double fast_log(double x) { return std::log(x); }
-
-template <typename T>
-XLS_INLINE T dot_t(const T* a, const T* b, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-template <typename T>
-XLS_INLINE void axpy_t(T* y, T alpha, const T* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-// Four dot products sharing `a`: a is loaded once per four multiply-adds (SDDMM is load-bound).
-template <typename T>
-XLS_INLINE void dot4_t(const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s) {
-  T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    const T ai = a[i];
-    s0 += ai * b0[i];
-    s1 += ai * b1[i];
-    s2 += ai * b2[i];
-    s3 += ai * b3[i];
-  }
-  s[0] += s0;
-  s[1] += s1;
-  s[2] += s2;
-  s[3] += s3;
-}
-// y += Σ_j alpha[j] x_j over four rows: y is loaded and stored once per four multiply-adds.
-template <typename T>
-XLS_INLINE void axpy4_t(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n) {
-  const T a0 = alpha[0], a1 = alpha[1], a2 = alpha[2], a3 = alpha[3];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a0 * x0[i] + a1 * x1[i] + a2 * x2[i] + a3 * x3[i];
-}
-template <typename T>
-XLS_INLINE T row_lse_t(const T* z, int64_t n) {  // log Σ exp(z)
-  T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, z[i]);
-  if (m == -std::numeric_limits<T>::infinity()) return m;
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += fast_exp(z[i] - m);
-  return m + std::log(s);
-}
-template <typename T>
-XLS_INLINE T row_max_t(const T* z, int64_t n) {
-  T m = -std::numeric_limits<T>::infinity();
-#pragma omp simd reduction(max : m)
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, z[i]);
-  return m;
-}
-template <typename T>
-XLS_INLINE T exp_store_t(T* p, const T* z, T m, int64_t n) {  // p = exp(z − m); returns Σ p
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    p[i] = fast_exp(z[i] - m);
-    s += p[i];
-  }
-  return s;
-}
-template <typename T>
-XLS_INLINE void vlog_t(T* out, const T* x, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = fast_log(x[i]);
-}
-template <typename T>
-XLS_INLINE void add_scalar_t(T* out, const T* x, T c, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] + c;
-}
-template <typename T>
-XLS_INLINE T dot_exp_t(const T* g, const T* z, T a, T b, const T* out, int64_t n) {  // Σ g exp(z + a + b − out)
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += g[i] * fast_exp(((z[i] + a) + b) - out[i]);
-  return s;
-}
-// Prob-space backward: dz = g exp(z − lse + lw − out) − exp(z − lse) S.
-template <typename T>
-XLS_INLINE void prob_grad_t(T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    const T logp = z[i] - lse;
-    dz[i] = g[i] * fast_exp((logp + lw) - out[i]) - fast_exp(logp) * S;
+// The row primitives for acc (float or double) of the chosen CPU capability.
+template <typename acc>
+const RowKernels<acc>& row_kernels() {
+  if constexpr (std::is_same_v<acc, float>) {
+    return matmul_kernels().f32;
+  } else {
+    return matmul_kernels().f64;
   }
 }
-template <typename T>
-XLS_INLINE void scaled_softmax_t(T* out, const T* z, T lse, T a, int64_t n) {  // out = a softmax(z)
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) out[i] = a * fast_exp(z[i] - lse);
-}
-template <typename T>
-XLS_INLINE void softmax_grad_t(T* d, const T* g, const T* logp, T G, int64_t n) {  // d = g − exp(logp) Σg
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) d[i] = g[i] - fast_exp(logp[i]) * G;
-}
-template <typename T>
-XLS_INLINE T sum_t(const T* x, int64_t n) {
-  T s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += x[i];
-  return s;
-}
-
-// One float version per ISA (target_clones), one plain double version (gradcheck).
-#define XLS_VEC_PRIMITIVE(RET, NAME, PARAMS, ARGS)              \
-  XLS_CLONES RET NAME PARAMS { return NAME##_t ARGS; }
-#define XLS_VEC_PRIMITIVES(T) \
-  XLS_VEC_PRIMITIVE(T, dot, (const T* a, const T* b, int64_t n), (a, b, n)) \
-  XLS_VEC_PRIMITIVE(T, row_max, (const T* z, int64_t n), (z, n)) \
-  XLS_VEC_PRIMITIVE(T, exp_store, (T* p, const T* z, T m, int64_t n), (p, z, m, n)) \
-  XLS_VEC_PRIMITIVE(void, vlog, (T* out, const T* x, int64_t n), (out, x, n)) \
-  XLS_VEC_PRIMITIVE(void, dot4, (const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s), \
-                    (a, b0, b1, b2, b3, n, s)) \
-  XLS_VEC_PRIMITIVE(void, axpy4, (T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n), \
-                    (y, alpha, x0, x1, x2, x3, n)) \
-  XLS_VEC_PRIMITIVE(void, axpy, (T* y, T alpha, const T* x, int64_t n), (y, alpha, x, n)) \
-  XLS_VEC_PRIMITIVE(T, row_lse, (const T* z, int64_t n), (z, n)) \
-  XLS_VEC_PRIMITIVE(void, add_scalar, (T* out, const T* x, T c, int64_t n), (out, x, c, n)) \
-  XLS_VEC_PRIMITIVE(T, dot_exp, (const T* g, const T* z, T a, T b, const T* out, int64_t n), (g, z, a, b, out, n)) \
-  XLS_VEC_PRIMITIVE(void, prob_grad, (T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n), \
-                    (dz, g, z, lse, lw, out, S, n)) \
-  XLS_VEC_PRIMITIVE(void, scaled_softmax, (T* out, const T* z, T lse, T a, int64_t n), (out, z, lse, a, n)) \
-  XLS_VEC_PRIMITIVE(void, softmax_grad, (T* d, const T* g, const T* logp, T G, int64_t n), (d, g, logp, G, n)) \
-  XLS_VEC_PRIMITIVE(T, sum, (const T* x, int64_t n), (x, n))
-XLS_VEC_PRIMITIVES(float)
-#undef XLS_CLONES
-#define XLS_CLONES inline
-XLS_VEC_PRIMITIVES(double)
-#undef XLS_VEC_PRIMITIVES
-#undef XLS_VEC_PRIMITIVE
 
 // Row `src[0:n]` as acc values: the row itself when it already is, else a converted copy in `buf`.
 template <typename scalar_t, typename acc>
@@ -304,6 +126,7 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   const auto ac = a.contiguous(), bc = b.contiguous(), idx = indices.contiguous();
   XLS_DISPATCH_FLOATS(b.scalar_type(), "sddmm", [&] {
     using acc = acc_t<scalar_t>;
+    const RowKernels<acc>& rk = row_kernels<acc>();
     at::Tensor index_storage;
     const auto tok = select_tokens<acc>("sddmm", b.size(0), token_index, token_bounds, token_scale, index_storage);
     std::vector<acc> sum(k, acc(0));
@@ -325,11 +148,11 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
             const int64_t r = ip[e] / cols;
             const acc* ar = at_buf.data() + (r - r0) * chunk;
             if (e + 4 <= end && ip[e + 3] / cols == r) {  // sorted: entries e..e+3 share row r
-              dot4(ar, bt + (ip[e] % cols) * chunk, bt + (ip[e + 1] % cols) * chunk,
+              rk.dot4(ar, bt + (ip[e] % cols) * chunk, bt + (ip[e + 1] % cols) * chunk,
                    bt + (ip[e + 2] % cols) * chunk, bt + (ip[e + 3] % cols) * chunk, n, sum.data() + e);
               e += 4;
             } else {
-              sum[e] += dot(ar, bt + (ip[e] % cols) * chunk, n);
+              sum[e] += rk.dot(ar, bt + (ip[e] % cols) * chunk, n);
               e += 1;
             }
           }
@@ -356,6 +179,7 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
   const auto xc = x.contiguous(), idx = indices.contiguous(), val = values.contiguous();
   XLS_DISPATCH_FLOATS(x.scalar_type(), "spmm_", [&] {
     using acc = acc_t<scalar_t>;
+    const RowKernels<acc>& rk = row_kernels<acc>();
     at::Tensor index_storage;
     const auto tok = select_tokens<acc>("spmm_", x.size(0), token_index, token_bounds, token_scale, index_storage);
     if (tok.begin == tok.end) return;
@@ -394,10 +218,10 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
             std::fill(yr, yr + n, acc(0));
             int64_t p = start[g];
             for (; p + 4 <= start[g + 1]; p += 4) {
-              axpy4(yr, v.data() + p, xt.data() + other[p] * chunk, xt.data() + other[p + 1] * chunk,
+              rk.axpy4(yr, v.data() + p, xt.data() + other[p] * chunk, xt.data() + other[p + 1] * chunk,
                     xt.data() + other[p + 2] * chunk, xt.data() + other[p + 3] * chunk, n);
             }
-            for (; p < start[g + 1]; ++p) axpy(yr, v[p], xt.data() + other[p] * chunk, n);
+            for (; p < start[g + 1]; ++p) rk.axpy(yr, v[p], xt.data() + other[p] * chunk, n);
           }
           for (int64_t jj = 0; jj < n; ++jj) {
             scalar_t* orow = op + tok.at(j0 + jj) * groups;
@@ -437,6 +261,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
   const auto z = logits.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs", [&] {
     using acc = acc_t<scalar_t>;
+    const RowKernels<acc>& rk = row_kernels<acc>();
     const auto lw = log_weights.to(lse.scalar_type()).contiguous();
     const acc* lwp = lw.data_ptr<acc>();
     acc* lp = lse.data_ptr<acc>();
@@ -453,12 +278,12 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
           std::fill(s, s + V, acc(0));
           for (int64_t e = 0; e < E; ++e) {
             acc* pe = rows.row(2 + static_cast<int>(e));
-            const acc mx = row_max(rows.z[e], V);
-            const acc sum_e = exp_store(pe, rows.z[e], mx, V);
+            const acc mx = rk.row_max(rows.z[e], V);
+            const acc sum_e = rk.exp_store(pe, rows.z[e], mx, V);
             lp[e * T + t] = mx + std::log(sum_e);
-            axpy(s, std::exp(lwp[t * E + e] - std::log(sum_e)), pe, V);
+            rk.axpy(s, std::exp(lwp[t * E + e] - std::log(sum_e)), pe, V);
           }
-          vlog(o, s, V);
+          rk.vlog(o, s, V);
           // A class every expert gives probability below ~1e-30 underflowed: redo it exactly.
           const acc tiny = std::is_same_v<acc, float> ? acc(1e-30) : acc(1e-300);
           for (int64_t v = 0; v < V; ++v) {
@@ -475,9 +300,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
           }
         } else {
           std::fill(s, s + V, acc(0));
-          for (int64_t e = 0; e < E; ++e) axpy(s, std::exp(lwp[t * E + e]), rows.z[e], V);
-          lp[t] = row_lse(s, V);
-          add_scalar(o, s, -lp[t], V);
+          for (int64_t e = 0; e < E; ++e) rk.axpy(s, std::exp(lwp[t * E + e]), rows.z[e], V);
+          lp[t] = rk.row_lse(s, V);
+          rk.add_scalar(o, s, -lp[t], V);
         }
         store_row(out.data_ptr<scalar_t>() + t * V, o, V);
       }
@@ -497,6 +322,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
   const auto z = logits.contiguous(), g = grad.contiguous(), o = out.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
     using acc = acc_t<scalar_t>;
+    const RowKernels<acc>& rk = row_kernels<acc>();
     const auto lw = log_weights.to(lse.scalar_type()).contiguous();
     const auto lsec = lse.contiguous();
     const acc *lwp = lw.data_ptr<acc>(), *lp = lsec.data_ptr<acc>();
@@ -515,19 +341,19 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
           orow = ob;
           for (int64_t e = 0; e < E; ++e) {
             const acc lse_e = lp[e * T + t], lw_e = lwp[t * E + e];
-            const acc S = dot_exp(gr, rows.z[e], -lse_e, lw_e, orow, V);  // Σ_v g · posterior of expert e
-            prob_grad(tmp, gr, rows.z[e], lse_e, lw_e, orow, S, V);
+            const acc S = rk.dot_exp(gr, rows.z[e], -lse_e, lw_e, orow, V);  // Σ_v g · posterior of expert e
+            rk.prob_grad(tmp, gr, rows.z[e], lse_e, lw_e, orow, S, V);
             store_row(dz + (e * T + t) * V, tmp, V);
             dw[t * E + e] = static_cast<scalar_t>(S);
           }
         } else {
-          softmax_grad(d, gr, orow, sum(gr, V), V);  // gradient of the mixed logits
+          rk.softmax_grad(d, gr, orow, rk.sum(gr, V), V);  // gradient of the mixed logits
           for (int64_t e = 0; e < E; ++e) {
             const acc w = std::exp(lwp[t * E + e]);
             std::fill(tmp, tmp + V, acc(0));
-            axpy(tmp, w, d, V);
+            rk.axpy(tmp, w, d, V);
             store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(w * dot(d, rows.z[e], V));
+            dw[t * E + e] = static_cast<scalar_t>(w * rk.dot(d, rows.z[e], V));
           }
         }
       }
@@ -546,6 +372,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, co
   const auto z = logits.contiguous(), y = targets.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll", [&] {
     using acc = acc_t<scalar_t>;
+    const RowKernels<acc>& rk = row_kernels<acc>();
     const auto lw = log_weights.to(lse.scalar_type()).contiguous();
     const acc* lwp = lw.data_ptr<acc>();
     acc* lp = lse.data_ptr<acc>();
@@ -560,14 +387,14 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, co
         if (prob_space) {
           acc mix = -std::numeric_limits<acc>::infinity();
           for (int64_t e = 0; e < E; ++e) {
-            lp[e * T + t] = row_lse(rows.z[e], V);
+            lp[e * T + t] = rk.row_lse(rows.z[e], V);
             mix = log_add_exp(mix, lwp[t * E + e] + rows.z[e][target] - lp[e * T + t]);
           }
           result = -mix;
         } else {
           std::fill(zbar, zbar + V, acc(0));
-          for (int64_t e = 0; e < E; ++e) axpy(zbar, std::exp(lwp[t * E + e]), rows.z[e], V);
-          lp[t] = row_lse(zbar, V);
+          for (int64_t e = 0; e < E; ++e) rk.axpy(zbar, std::exp(lwp[t * E + e]), rows.z[e], V);
+          lp[t] = rk.row_lse(zbar, V);
           result = lp[t] - zbar[target];
         }
         nll.data_ptr<scalar_t>()[t] = static_cast<scalar_t>(result);
@@ -590,6 +417,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
   const auto z = logits.contiguous(), y = targets.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll_backward", [&] {
     using acc = acc_t<scalar_t>;
+    const RowKernels<acc>& rk = row_kernels<acc>();
     const auto lw = log_weights.to(lse.scalar_type()).contiguous();
     const auto lsec = lse.contiguous();
     const auto gc = grad.to(lse.scalar_type()).contiguous();
@@ -610,22 +438,22 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
           for (int64_t e = 0; e < E; ++e) {
             // posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
             const acc post = std::exp(lwp[t * E + e] + rows.z[e][target] - lp[e * T + t] + nll_for_posterior(np[t]));
-            scaled_softmax(tmp, rows.z[e], lp[e * T + t], g * post, V);
+            rk.scaled_softmax(tmp, rows.z[e], lp[e * T + t], g * post, V);
             tmp[target] -= g * post;
             store_row(dz + (e * T + t) * V, tmp, V);
             dw[t * E + e] = static_cast<scalar_t>(-g * post);
           }
         } else {
           std::fill(d, d + V, acc(0));
-          for (int64_t e = 0; e < E; ++e) axpy(d, std::exp(lwp[t * E + e]), rows.z[e], V);
-          scaled_softmax(d, d, lp[t], g, V);
+          for (int64_t e = 0; e < E; ++e) rk.axpy(d, std::exp(lwp[t * E + e]), rows.z[e], V);
+          rk.scaled_softmax(d, d, lp[t], g, V);
           d[target] -= g;  // d nll / d zbar = g (softmax(zbar) − onehot)
           for (int64_t e = 0; e < E; ++e) {
             const acc w = std::exp(lwp[t * E + e]);
             std::fill(tmp, tmp + V, acc(0));
-            axpy(tmp, w, d, V);
+            rk.axpy(tmp, w, d, V);
             store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(w * dot(d, rows.z[e], V));
+            dw[t * E + e] = static_cast<scalar_t>(w * rk.dot(d, rows.z[e], V));
           }
         }
       }

@@ -2,8 +2,8 @@
 //
 // A step splits every parameter's state range into chunks and runs all chunks of all parameters
 // in one at::parallel_for (the CPU form of a multi-tensor launch). float32 tensors with one step
-// count per tensor take the at::vec loops of optim_vec.cpp (all entries, a bool mask, or int32
-// indices); other dtypes, int64 indices and per-entry step counts run the same header math one
+// count per tensor take the at::vec loops of vec/optim_vec.cpp (all entries, a bool mask, or int32
+// indices), compiled per CPU capability; other dtypes, int64 indices and per-entry step counts run the same header math one
 // entry at a time.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -13,7 +13,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "xlsparse/optim.h"
+#include "xlsparse/cpu_kernels.h"
 
 namespace xlsparse {
 
@@ -153,7 +153,7 @@ bool adamw_vec(const Param<scalar_t>&, int64_t, int64_t, const AdamwArgs&) {
   return false;
 }
 
-vec_loops::FloatJob float_job(const Param<float>& q) {
+FloatJob float_job(const Param<float>& q) {
   return {q.p, q.g, q.s0, q.s1, q.s2, q.init, q.mask};
 }
 
@@ -161,11 +161,12 @@ vec_loops::FloatJob float_job(const Param<float>& q) {
 // False when it does not apply.
 bool adamw_vec(const Param<float>& q, int64_t begin, int64_t end, const AdamwArgs& a) {
   const bool idx32 = q.sel == Selection::Indices && q.indices.scalar_type() == at::kInt;
-  if (q.own_step || (q.sel == Selection::Indices && !idx32) || !vec_loops::usable()) return false;
+  if (q.own_step || (q.sel == Selection::Indices && !idx32)) return false;
   const auto c = adamw_coef<float>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l1, *q.step + 1.f,
                                    a.grad_scale);
-  const int64_t j = idx32 ? vec_loops::adamw_compact(float_job(q), q.indices.data_ptr<int32_t>(), begin, end, c, a.amsgrad)
-                          : vec_loops::adamw(float_job(q), begin, end, c, a.amsgrad);
+  const auto& k = optim_kernels();
+  const int64_t j = idx32 ? k.adamw_compact(float_job(q), q.indices.data_ptr<int32_t>(), begin, end, c, a.amsgrad)
+                          : k.adamw(float_job(q), begin, end, c, a.amsgrad);
   if (j < end) adamw_scalar(q, j, end, a);
   return true;
 }
@@ -225,11 +226,11 @@ bool sgd_vec(const Param<scalar_t>&, int64_t, int64_t, const SgdArgs&) {
 }
 
 bool sgd_vec(const Param<float>& q, int64_t begin, int64_t end, const SgdArgs& a) {
-  if (q.own_step || q.sel == Selection::Indices || !vec_loops::usable()) return false;
+  if (q.own_step || q.sel == Selection::Indices) return false;
   const SgdCoef<float> c{static_cast<float>(a.c.lr), static_cast<float>(a.c.momentum),
                          static_cast<float>(a.c.one_minus_dampening), static_cast<float>(a.c.weight_decay),
                          static_cast<float>(a.c.grad_scale)};
-  const int64_t j = vec_loops::sgd(float_job(q), begin, end, c, *q.step == 0.f, a.momentum, a.nesterov);
+  const int64_t j = optim_kernels().sgd(float_job(q), begin, end, c, *q.step == 0.f, a.momentum, a.nesterov);
   if (j < end) sgd_scalar(q, j, end, a);
   return true;
 }
@@ -269,7 +270,7 @@ constexpr int64_t kBandEntries = 1 << 18;  // at most this many entries in one b
 template <typename scalar_t>
 void masked_add(scalar_t* dst, const scalar_t* src, const bool* m, int64_t begin, int64_t end) {
   if constexpr (std::is_same_v<scalar_t, float>) {
-    if (vec_loops::usable()) begin += vec_loops::masked_add(dst + begin, src + begin, m + begin, end - begin);
+    begin += optim_kernels().masked_add(dst + begin, src + begin, m + begin, end - begin);
   }
   using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t, uint32_t>;
   for (int64_t i = begin; i < end; ++i) {

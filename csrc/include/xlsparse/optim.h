@@ -90,35 +90,4 @@ XLS_HD void sgd_update(T& p, T g, T& buf, bool first, const SgdCoef<A>& c, bool 
   p = p - T(c.lr) * g;
 }
 
-#if !defined(__CUDACC__)
-// The float32 vector loops of the CPU kernels (csrc/cpu/optim_vec.cpp, compiled for AVX2+FMA on
-// x86-64). Each runs entries [begin, end) of one parameter kV at a time and returns where the
-// scalar tail starts; entries whose mask byte is false are never changed.
-namespace vec_loops {
-
-struct FloatJob {
-  float* p;
-  const float* g;
-  float* s0;  // exp_avg / momentum buffer
-  float* s1;  // exp_avg_sq
-  float* s2;  // max_exp_avg_sq (amsgrad)
-  const float* init;  // l1_to_init anchors, or null
-  const bool* mask;   // null: every entry
-};
-
-bool usable();  // the CPU has the instructions the loops were compiled for
-int64_t adamw(const FloatJob& q, int64_t begin, int64_t end, const AdamwCoef<float>& c, bool amsgrad);
-// Compact selection (int32 indices): gathers p and g, streams the K-sized state.
-int64_t adamw_compact(const FloatJob& q, const int32_t* idx, int64_t begin, int64_t end, const AdamwCoef<float>& c,
-                      bool amsgrad);
-// dst[i] += src[i] where mask[i], for i < the returned count (exact: src outside the mask is never added).
-int64_t masked_add(float* dst, const float* src, const bool* mask, int64_t n);
-int64_t sgd(const FloatJob& q, int64_t begin, int64_t end, const SgdCoef<float>& c, bool first, bool momentum,
-            bool nesterov);
-
-}  // namespace vec_loops
-#endif
-
-// --- checks shared by the CPU and CUDA entry points (host only) ---
-
 }  // namespace xlsparse

@@ -1,27 +1,11 @@
-// The float32 at::vec loops of the optim CPU kernels (declared in xlsparse/optim.h).
-//
-// The extension is built for baseline x86-64, where at::vec is a plain array loop: measured 2.5-3.5x
-// slower than torch's fused AdamW on one thread. So on x86-64 this file alone is compiled for
-// AVX2+FMA, as ATen compiles its CPU_CAPABILITY=AVX2 kernels, and usable() tells the caller whether
-// the CPU can run it (the scalar loop runs otherwise). Only raw pointers cross into this file.
-#if defined(__x86_64__)
-#pragma GCC target("avx2,fma")
-// The pragma enables the instructions but not the feature macros that sleef.h (the vector math
-// ATen's AVX2 Vectorized declares) keys its declarations on.
-#ifndef __AVX2__
-#define __AVX__ 1
-#define __AVX2__ 1
-#define __FMA__ 1
-#endif
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-
+// The float32 at::vec loops of the optim CPU kernels (the OptimKernels table of
+// xlsparse/cpu_kernels.h), compiled once per CPU capability: at baseline x86-64 at::vec is a plain
+// array loop, measured 2.5-3.5x slower than torch's fused AdamW on one thread.
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstring>
 
-#include "xlsparse/optim.h"
+#include "xlsparse/cpu_kernels.h"
 
 namespace xlsparse {
 
@@ -34,7 +18,7 @@ struct ElemOps<FVec> {
   static FVec sign(FVec x) { return x.gt(FVec(0.f)) - x.lt(FVec(0.f)); }
 };
 
-namespace vec_loops {
+namespace CPU_CAPABILITY {
 namespace {
 
 constexpr int64_t kV = FVec::size();
@@ -49,18 +33,19 @@ inline bool any_set(const bool* m) {
   return false;
 }
 
-// All bits set in the lanes whose mask byte is true, for FVec::blendv.
+// All bits set in the lanes whose mask byte is true, for FVec::blendv. Widening the bytes in
+// registers: at::vec's VecMask::from goes through memory, measured 20% slower on the dense-mask step.
 inline FVec lanes_of(const bool* m) {
-#if defined(__x86_64__)
-  static_assert(kV == 8, "AVX2 holds 8 floats");
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m)));
+  return _mm512_castsi512_ps(_mm512_movm_epi32(_mm512_test_epi32_mask(wide, wide)));
+#elif defined(CPU_CAPABILITY_AVX2)
   uint64_t word;
   std::memcpy(&word, m, 8);
   const __m256i wide = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(word)));
   return _mm256_castsi256_ps(_mm256_cmpgt_epi32(wide, _mm256_setzero_si256()));
 #else
-  float lanes[kV];
-  for (int64_t l = 0; l < kV; ++l) lanes[l] = m[l] ? -1.f : 0.f;  // blendv reads the sign bit
-  return FVec::loadu(lanes);
+  return at::vec::VecMask<float, 1>::from(m);
 #endif
 }
 
@@ -68,17 +53,6 @@ inline FVec lanes_of(const bool* m) {
 // null): unselected entries are rewritten with the bits just read, so they never change.
 inline void store_selected(float* dst, const FVec& old, const FVec& v, const FVec* lanes) {
   (lanes ? FVec::blendv(old, v, *lanes) : v).store(dst);
-}
-
-}  // namespace
-
-bool usable() {
-#if defined(__x86_64__)
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return true;
-#endif
 }
 
 int64_t adamw(const FloatJob& q, int64_t begin, int64_t end, const AdamwCoef<float>& c, bool amsgrad) {
@@ -122,7 +96,7 @@ int64_t adamw_compact(const FloatJob& q, const int32_t* idx, int64_t begin, int6
     adamw_update(p, at::vec::gather<sizeof(float)>(q.g, at), m, v, vmax, init, c, amsgrad, l1);
     float out[kV];
     p.store(out);
-    for (int64_t l = 0; l < kV; ++l) q.p[idx[j + l]] = out[l];  // AVX2 has no scatter
+    for (int64_t l = 0; l < kV; ++l) q.p[idx[j + l]] = out[l];  // at::vec has no scatter
     m.store(q.s0 + j);
     v.store(q.s1 + j);
     if (amsgrad) vmax.store(q.s2 + j);
@@ -155,5 +129,9 @@ int64_t sgd(const FloatJob& q, int64_t begin, int64_t end, const SgdCoef<float>&
   return j;
 }
 
-}  // namespace vec_loops
+}  // namespace
+
+extern const OptimKernels optim_table = {&adamw, &adamw_compact, &masked_add, &sgd};
+
+}  // namespace CPU_CAPABILITY
 }  // namespace xlsparse
