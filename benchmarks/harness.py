@@ -89,6 +89,7 @@ class Machine:
     device: str  # "cpu" or "cuda"
     processor: str  # CPU model, or the GPU's name
     isa: list[str]
+    kernel_set: str  # the instruction set xlsparse's CPU kernels run with (xlsparse._ext.cpu_capability)
     threads: int
     torch: str
     bf16_hardware: bool
@@ -101,8 +102,10 @@ def describe_machine(device: str = "cpu") -> Machine:
     processor = cpu_model(info)
     if device == "cuda":
         processor = f"{torch.cuda.get_device_name()} (host: {processor})"
-    return Machine(device, processor, vector_isa(flags), torch.get_num_threads(), torch.__version__,
-                   device == "cuda" or has_bf16_hardware(flags))
+    from xlsparse import _ext
+
+    return Machine(device, processor, vector_isa(flags), _ext.cpu_capability() or "none (no extension)",
+                   torch.get_num_threads(), torch.__version__, device == "cuda" or has_bf16_hardware(flags))
 
 
 def sync(device: str) -> None:
@@ -397,7 +400,7 @@ def header_lines(machine: Machine, before: Ceilings, after: Ceilings, max_load: 
         return (f"copy {c.copy_gbs:.1f} GB/s (read + write), fp32 GEMM {c.gemm_fp32_gflops:.0f} GFLOP/s, "
                 f"bf16 GEMM {bf16}")
 
-    lines += [f"- processor: {machine.processor}; vector ISA: {isa}",
+    lines += [f"- processor: {machine.processor}; vector ISA: {isa}; xlsparse CPU kernels: {machine.kernel_set}",
               f"- device: {machine.device}; torch {machine.torch}; {machine.threads} threads"
               f"; max 1-min load average during the run: {max_load:.1f}",
               f"- ceilings before: {ceil(before)}",

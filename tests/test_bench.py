@@ -55,10 +55,10 @@ def test_noisy_marking():
 
 
 def test_header_says_noisy_only_when_noisy():
-    machine = harness.Machine("cpu", "AMD EPYC 7B13", ["AVX2", "FMA"], 2, "2.13.0", False)
+    machine = harness.Machine("cpu", "AMD EPYC 7B13", ["AVX2", "FMA"], "avx2", 2, "2.13.0", False)
     quiet = harness.header_lines(machine, _ceilings(), _ceilings(), 1.0, quick=False)
     assert not any("NOISY" in line for line in quiet)
-    assert any("AMD EPYC 7B13" in line and "AVX2, FMA" in line for line in quiet)
+    assert any("AMD EPYC 7B13" in line and "AVX2, FMA" in line and "CPU kernels: avx2" in line for line in quiet)
     assert any("2 threads" in line and "torch 2.13.0" in line for line in quiet)
     assert sum("ceilings" in line and "copy 20.0 GB/s" in line for line in quiet) == 2  # before and after
     noisy = harness.header_lines(machine, _ceilings(), _ceilings(), 5.0, quick=False)
