@@ -156,7 +156,7 @@ def cases(quick: bool = False, device: str = "cpu"):
             yield Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
                        f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"](),
                        baseline=lambda: live["base"](), baseline_name=name, density=density, backend="delta layers",
-                       note=note, targets=targets)
+                       note=note, targets=targets, pairs=3)  # a step takes about 30 s at full size
     live.clear()
 
 

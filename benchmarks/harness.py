@@ -242,6 +242,7 @@ class Case:
     note: str = ""
     masks: str = "uniform"  # "uniform" random supports, or which real masks
     targets: tuple[Target, ...] = ()
+    pairs: int | None = None  # timed pairs after one warm-up pair, for calls of tens of seconds (default 2 + 7)
 
 
 @dataclass
@@ -354,8 +355,11 @@ def roofline(flops: int, nbytes: int, dtype: str, seconds: float, ceilings: Ceil
 
 def measure(case: Case, device: str = "cpu", quick: bool = False) -> Row:
     """Time `case` and its baseline alternately and measure both peaks."""
-    ours, theirs = time_alternately(case.fn, case.baseline, device, warmup=1 if quick else 2,
-                                    reps=3 if quick else 7, min_seconds=0.0 if quick else 1.0)
+    warmup, reps = (1, 3) if quick else (2, 7)
+    if case.pairs is not None:
+        warmup, reps = 1, case.pairs
+    ours, theirs = time_alternately(case.fn, case.baseline, device, warmup=warmup, reps=reps,
+                                    min_seconds=0.0 if quick else 1.0)
     t = statistics.median(ours)
     tb = statistics.median(theirs) if theirs else None
     return Row(case.op, case.shape, case.density, case.dtype, case.backend, case.masks, t * 1e3, min(ours) * 1e3,
