@@ -13,6 +13,7 @@ def sources(pattern: str) -> list[str]:
     """The files matching csrc/<pattern>, relative to the project (as setuptools wants them)."""
     return [os.path.relpath(p, HERE) for p in sorted(glob.glob(os.path.join(HERE, "csrc", pattern)))]
 
+
 # csrc/cpu/vec/*.cpp are compiled once per CPU capability with ATen's flags (xlsparse/cpu_kernels.h
 # says why); other machines than x86-64 build DEFAULT alone.
 CPU_CAPABILITIES = {"DEFAULT": []}
