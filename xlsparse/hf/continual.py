@@ -20,6 +20,7 @@ one these papers used, it is small, and it gives the five feature sets we need (
 phonology_knn, inventory_knn, fam, geo); urielplus adds newer sources that would change the
 distances the method was defined with. Its one cost: it imports pkg_resources (setuptools<81).
 """
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,14 +37,27 @@ URIEL_FEATURES = ("syntax_knn", "phonology_knn", "inventory_knn", "fam", "geo")
 
 
 def _lang2vec():
-    try:
-        import warnings
+    """lang2vec.lang2vec, imported with the scripts folder off sys.path: lang2vec's wheel also
+    installs a script bin/lang2vec.py, which shadows the package under a console command such as
+    `xlsparse` (whose sys.path[0] is bin/), and then the data files are looked for in bin/data."""
+    import sys
+    import sysconfig
+    import warnings
 
+    shadow = sys.modules.get("lang2vec")
+    if shadow is not None and not hasattr(shadow, "__path__"):  # the script, imported as a module
+        del sys.modules["lang2vec"]
+    scripts = os.path.realpath(sysconfig.get_path("scripts"))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.curdir) != scripts]
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # lang2vec imports the deprecated pkg_resources
             import lang2vec.lang2vec as l2v
     except ImportError as exc:
         raise ImportError("URIEL distances need `pip install lang2vec \"setuptools<81\"` (the hf extra)") from exc
+    finally:
+        sys.path[:] = saved
     return l2v
 
 
