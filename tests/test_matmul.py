@@ -236,6 +236,53 @@ def test_forward_and_backward_allocate_no_dense_weight(backend, merged, use_back
     assert probe.seen
 
 
+def test_inference_never_writes_the_base_weight(monkeypatch):
+    """Without grad (inference, perhaps on threads sharing the model) W0 is only read."""
+    x, w, b, idx, vals = _linear_case(2 * functional.MERGE_MIN_TOKENS, 16, 12, 40, torch.float32, seeded(5))
+
+    def refuse(*args):
+        raise AssertionError("wrote into the base weight")
+
+    monkeypatch.setattr(ops, "write_delta_", refuse)
+    with torch.no_grad():
+        y = functional.sparse_delta_linear(x, w, b, idx, vals)
+    dense = w.reshape(-1).index_add(0, idx.long(), vals).view_as(w)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, dense, b))
+    with pytest.raises(AssertionError, match="base weight"):  # with grad, the write path is taken
+        functional.sparse_delta_linear(x, w, b, idx, vals.requires_grad_(True))
+
+
+def test_threads_training_one_layer_take_turns_on_the_base_weight():
+    """Writes of Δ into one W0 from several threads take turns: each result equals the one-thread
+    result, and W0 ends bit-identical."""
+    import threading
+
+    x, w, b, idx, vals = _linear_case(4 * functional.MERGE_MIN_TOKENS, 64, 48, 600, torch.float32, seeded(6))
+    before = w.clone()
+    vals.requires_grad_(True)
+
+    def run():
+        y = functional.sparse_delta_linear(x, w, b, idx, vals)
+        return [y.detach(), *torch.autograd.grad(y.square().sum(), [vals])]
+
+    want = run()
+    got = [None] * 4
+
+    def worker(i):
+        got[i] = [run() for _ in range(20)]
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for results in got:
+        for result in results:
+            for g, r in zip(result, want):
+                torch.testing.assert_close(g, r)
+    assert_bit_identical(w, before, "base weight")
+
+
 # --- multi_delta_linear ---
 
 

@@ -62,10 +62,12 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
 
     `x` has any leading dims. The backward gives dX = dY (W0 + Δ), dvalues through an SDDMM (no
     dense O x I gradient is ever allocated), db, and dW0 only when `weight` requires grad. With
-    enough tokens (`merge_pays`) the forward and dX multiply by W0 + Δ written into `weight`'s own
-    storage for the call and restored bit-exactly after (K values of extra memory, no O x I copy;
-    `weight` must not be read by another thread meanwhile); with few tokens they add an SpMM term.
-    Pass `merged_weight` (W0 + Δ as a tensor of its own) to multiply by that instead.
+    enough tokens (`merge_pays`) and grad enabled, the forward and dX multiply by W0 + Δ written
+    into `weight`'s own storage for the call and restored bit-exactly after (K values of extra
+    memory, no O x I copy kept for the backward; calls on one weight from several threads take
+    turns, and nothing else may read `weight` from another thread meanwhile). Without grad they
+    multiply by a merged copy freed after the call; with few tokens they add an SpMM term. Pass
+    `merged_weight` (W0 + Δ as a tensor of its own) to multiply by that instead.
     fp32, bf16, fp16 (accumulating in fp32) and fp64. Under `torch.autocast` it computes in the
     autocast dtype, as nn.Linear does.
     """
@@ -78,8 +80,10 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
     in_place = merged_weight is None and merge_pays(x2d.shape[0])
-    if in_place and (torch.compiler.is_compiling() or not weight.is_contiguous()):
-        # a traced graph must not write its inputs; a strided weight has no flat view to write
+    if in_place and (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not weight.is_contiguous()):
+        # Without grad (inference, maybe on several threads sharing the model) a merged copy is
+        # freed after the call and never writes W0; a traced graph must not write its inputs; a
+        # strided weight has no flat view to write.
         merged_weight, in_place = _matmul.merged_weight(weight, indices, values), False
     y = _matmul.SparseDeltaLinearFunction.apply(x2d, weight, bias, indices, values, merged_weight, in_place)
     return y.reshape(*lead, weight.shape[0])

@@ -9,6 +9,7 @@ The C++ kernels are in csrc/cpu/matmul.cpp and csrc/cuda/matmul.cu, the Triton k
 xlsparse/triton/matmul.py; the math they share is csrc/include/xlsparse/matmul.h.
 """
 import contextlib
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -319,17 +320,25 @@ def restore_entries_(weight, indices, displaced) -> None:
     restore_diffs_([weight.data], [indices], [displaced], [0])
 
 
+_WRITERS_LOCK = threading.Lock()
+_WRITERS: dict[int, threading.Lock] = {}  # storage address -> the lock its writes take turns on
+
+
 @contextlib.contextmanager
 def delta_written_into(weight, indices, values):
     """Within the block, `weight`'s own storage holds W0 + Δ; on exit it holds W0 again, bit-exactly.
     The extra memory is K values, not a merged O x I copy. The version counter does not move, so
-    autograd nodes that saved W0 see it unchanged, as it is once the block exits. Nothing else may
-    read `weight` meanwhile (another thread, or a tensor aliasing its storage)."""
-    displaced = write_delta_(weight, indices, values)
-    try:
-        yield weight.data
-    finally:
-        restore_entries_(weight, indices, displaced)
+    autograd nodes that saved W0 see it unchanged, as it is once the block exits. Blocks on one
+    storage from several threads take turns (two writes at once would leave W0 + 2Δ); other readers
+    of `weight` on other threads must not run meanwhile."""
+    with _WRITERS_LOCK:
+        lock = _WRITERS.setdefault(weight.untyped_storage().data_ptr(), threading.Lock())
+    with lock:
+        displaced = write_delta_(weight, indices, values)
+        try:
+            yield weight.data
+        finally:
+            restore_entries_(weight, indices, displaced)
 
 
 def _times_merged(a, weight, bias, indices, values, merged, in_place, transpose=False):
