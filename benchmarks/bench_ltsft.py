@@ -149,7 +149,7 @@ def cases(quick: bool = False, device: str = "cpu"):
             live["base"], base_bytes = build(cfg, shape, density, device)
             live["delta"](), live["base"]()  # one step each, so that grads and optimizer state exist
             note = (f"grad+state MiB: xlsparse {delta_bytes() / 2**20:.1f}, baseline {base_bytes() / 2**20:.1f}, "
-                    f"3*K*4 = {3 * k * 4 / 2**20:.1f}")
+                    f"3*K*4 = {3 * k * 4 / 2**20:.1f}; 1 warm-up + 3 timed pairs")
             targets = ()
             if name.startswith("dense grads + grad"):
                 targets = (Target(f"lt-sft phase-2 step, {100 * density:g}%: >= 1.3x the dense-masked way", "speedup", 1.3),)

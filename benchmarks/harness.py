@@ -410,7 +410,7 @@ def header_lines(machine: Machine, before: Ceilings, after: Ceilings, max_load: 
               f"- ceilings before: {ceil(before)}",
               f"- ceilings after:  {ceil(after)}",
               "- timing: median (min, max) of pairs timed alternately in one process"
-              + ("; --quick: small shapes, 3 pairs" if quick else "; 7 pairs at least, 1 s at least"),
+              + ("; --quick: small shapes, 3 pairs" if quick else "; 7 pairs of 1 s at least (rows whose note says so: fewer)"),
               "- roofline share: against the higher of the two ceilings; peak = tensor allocations above the inputs"]
     return lines
 
