@@ -22,6 +22,8 @@ the step is skipped inside the kernel when an inf was found) to skip such steps.
 DTensor parameters (FSDP2's `fully_shard`): masks are given for the whole parameter; each process
 keeps the part of the mask, and the state, that its shard holds, and steps its shard only.
 """
+import functools
+import math
 from collections.abc import Iterable
 from itertools import chain
 
@@ -118,9 +120,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         checks.indices(name, mask, p.numel())
         if self.mode == "compact":
             return mask.detach().clone().contiguous()
-        dense = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-        dense[mask.long()] = True
-        return dense.view(p.shape)
+        return _bool_mask(mask, p.shape)
 
     def _selector_of(self, p: torch.Tensor):
         state = self.state[p]
@@ -304,18 +304,30 @@ def _shard_of(p, selector: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     if selector.dtype != torch.bool:
-        dense = torch.zeros(p.numel(), dtype=torch.bool, device=selector.device)
-        dense[selector.long()] = True
-        selector = dense.view(p.shape)
+        selector = _bool_mask(selector, p.shape)
     return distribute_tensor(selector, p.device_mesh, p.placements, src_data_rank=None).to_local()
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
+def _bool_mask(indices: torch.Tensor, shape) -> torch.Tensor:
+    """Sorted flat indices as a bool mask of `shape`."""
+    dense = torch.zeros(math.prod(shape), dtype=torch.bool, device=indices.device)
+    dense[indices.long()] = True
+    return dense.view(shape)
+
+
+@functools.cache
+def _dtensor_type() -> tuple:
+    """(DTensor,), or () for a torch built without distributed; looked up once, since every step
+    asks for every parameter and gradient."""
     try:
         from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed
-        return False
-    return isinstance(t, DTensor)
+    except ImportError:
+        return ()
+    return (DTensor,)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return isinstance(t, _dtensor_type())
 
 
 def _index_tensor(indices: torch.Tensor, numel: int) -> torch.Tensor:
