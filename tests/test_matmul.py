@@ -91,6 +91,33 @@ def test_sddmm_matches_float64(backend, dtype, shape, density, mode, use_backend
     check(out, ref64, plain, f"sddmm {backend} {dtype}")
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("mode", ["all", "routed", "scaled"])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_sddmm_row_blocks_and_token_parts(dtype, mode, threads):
+    """The CPU kernel's layout: rows in blocks of 256 (some empty, one dense, one with 1 entry),
+    tokens split between threads in chunks of 256 with ragged tails, columns not a whole vector."""
+    gen = seeded(11)
+    t, o, i = 700, 1300, 37
+    dy, x = torch.randn(t, o, generator=gen).to(dtype), torch.randn(t, i, generator=gen).to(dtype)
+    dense_row = torch.arange(600 * i, 601 * i)  # row 600: every column
+    scattered = torch.randint(1030 * i, 1300 * i, (400,), generator=gen)  # rows 1030+, skipping 257..599
+    idx = torch.cat([torch.tensor([3 * i + 5]), dense_row, scattered]).unique().sort().values
+    ti, tb, ts, sel, scale = _selection(mode, t, gen)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = torch.ops.xlsparse.sddmm(dy, x, idx, ti, tb, ts)
+    finally:
+        torch.set_num_threads(before)
+    w = torch.zeros(t, dtype=torch.float64)
+    w[sel] = scale[sel].double()
+    ref64 = ((dy.double() * w[:, None]).T @ x.double()).view(-1)[idx]
+    plain = ((dy * w[:, None].to(dtype)).T @ x).view(-1)[idx]
+    check(out, ref64, plain, f"cpu sddmm {dtype} {mode} {threads} threads")
+
+
 # --- SpMM ---
 
 

@@ -20,9 +20,15 @@
 namespace xlsparse {
 namespace {
 
-// Tokens per chunk. A chunk of both transposed operands ([O + I] x 256 floats) stays in L2, a
-// row of it (1 KiB) is a long dot product, and T = 2048 tokens take 8 chunks (3 barriers each).
+// Tokens per chunk: a row of a transposed chunk (1 KiB) is a long dot product, and bᵀ of a
+// 1024-wide b (1 MiB) still fits a Zen 4 L2.
 constexpr int64_t kChunk = 256;
+// Rows of a that SDDMM transposes at once: 256 × 1 KiB (a 256-token chunk) stays in L2 while their
+// dot products run (transposing all of a task's rows at once spilled 2 MiB to L3; 64-row blocks
+// measured 1.5x slower at 5% density on 4096 x 1024).
+constexpr int64_t kRowBlock = 256;
+// SDDMM splits the tokens between threads when each gets at least this many.
+constexpr int64_t kMinTaskTokens = 128;
 // Output rows one SpMM task accumulates before writing them back to token-major memory: 16 rows
 // fill the 64-byte lines of the write-back.
 constexpr int64_t kRows = 16;
@@ -94,22 +100,39 @@ Tokens<acc> select_tokens(const char* op, int64_t num_tokens, const c10::optiona
   return tok;
 }
 
+inline int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
+
 // dst[c − c0, jj] = scale[t] · src[t, c] for columns [c0, c1) and the chunk's tokens
-// t = tok.at(j0 + jj), jj < n, as acc. Tiles of 16 columns keep the 16 destination lines being
-// filled in L1. Runs inside a thread's task: every op below is one parallel region, since a
-// barrier per chunk costs a scheduler slice whenever the cores are shared.
+// t = tok.at(j0 + jj), jj < n, as acc; columns n..round_up(n) of dst are zeros, so that row loops
+// run whole vectors. dst has round_up(c1 − c0) rows of `stride` (a whole number of vectors) values.
+// Float and double go through the vector kernel, a register transpose of one vector-wide tile of
+// token rows at a time; half and bfloat16 are converted one value at a time. Runs inside a
+// thread's task: every op below is one parallel region, since a barrier per chunk costs a
+// scheduler slice whenever the cores are shared.
 template <typename scalar_t, typename acc>
-void transpose_chunk(const scalar_t* src, int64_t cols, int64_t c0, int64_t c1, const Tokens<acc>& tok, int64_t j0,
-                     int64_t n, bool scaled, acc* dst, int64_t stride) {
-  constexpr int64_t tile = 16;
-  for (int64_t t0 = c0; t0 < c1; t0 += tile) {
-    const int64_t t1 = std::min(c1, t0 + tile);
+void transpose_chunk(const RowKernels<acc>& rk, const scalar_t* src, int64_t cols, int64_t c0, int64_t c1,
+                     const Tokens<acc>& tok, int64_t j0, int64_t n, bool scaled, acc* dst, int64_t stride) {
+  const int64_t w = rk.width;
+  if constexpr (std::is_same_v<scalar_t, acc>) {
+    std::vector<const acc*> rows(w);
+    std::vector<acc> scale(w);
+    for (int64_t jt = 0; jt < n; jt += w) {
+      const int64_t m = std::min(w, n - jt);
+      for (int64_t j = 0; j < m; ++j) {
+        const int64_t t = tok.at(j0 + jt + j);
+        rows[j] = src + t * cols + c0;
+        scale[j] = scaled && tok.scale ? tok.scale[t] : acc(1);
+      }
+      rk.transpose_rows(rows.data(), scaled && tok.scale ? scale.data() : nullptr, m, c1 - c0, dst + jt, stride);
+    }
+  } else {
     for (int64_t jj = 0; jj < n; ++jj) {
       const int64_t t = tok.at(j0 + jj);
       const acc s = scaled && tok.scale ? tok.scale[t] : acc(1);
       const scalar_t* row = src + t * cols;
-      for (int64_t c = t0; c < t1; ++c) dst[(c - c0) * stride + jj] = static_cast<acc>(row[c]) * s;
+      for (int64_t c = c0; c < c1; ++c) dst[(c - c0) * stride + jj] = static_cast<acc>(row[c]) * s;
     }
+    for (int64_t c = c0; c < c1; ++c) std::fill(dst + (c - c0) * stride + n, dst + (c - c0) * stride + round_up(n, w), acc(0));
   }
 }
 
@@ -129,36 +152,60 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     const RowKernels<acc>& rk = row_kernels<acc>();
     at::Tensor index_storage;
     const auto tok = select_tokens<acc>("sddmm", b.size(0), token_index, token_bounds, token_scale, index_storage);
-    std::vector<acc> sum(k, acc(0));
+    // Tasks split the tokens when there are enough (each thread then reads its share of a and b
+    // once), else the entries (each thread reads all of b); each token part sums into its own row.
+    const int64_t threads = at::get_num_threads(), num_tok = tok.end - tok.begin;
+    const int64_t token_parts = std::clamp<int64_t>(num_tok / kMinTaskTokens, 1, threads);
+    const int64_t entry_parts = std::max<int64_t>(1, std::min(k, threads / token_parts));
+    std::vector<acc> partial(token_parts * k, acc(0));
     XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
       const index_t* ip = idx.data_ptr<index_t>();
-      // Each task owns a run of entries, hence of rows of a: it transposes those rows and all of b.
-      // Scratch per task is [columns, chunk]: chunk is the token count up to kChunk, so a few
-      // very wide token rows never allocate kChunk rows of scratch.
-      const int64_t chunk = std::min(kChunk, tok.end - tok.begin);
-      at::parallel_for(0, k, 2048, [&](int64_t begin, int64_t end) {
-        const int64_t r0 = ip[begin] / cols, r1 = ip[end - 1] / cols + 1;
-        std::vector<acc> at_buf((r1 - r0) * chunk), bt_buf(cols * chunk);
-        const acc* bt = bt_buf.data();
-        for (int64_t j0 = tok.begin; j0 < tok.end; j0 += chunk) {
-          const int64_t n = std::min(chunk, tok.end - j0);
-          transpose_chunk(ac.data_ptr<scalar_t>(), rows, r0, r1, tok, j0, n, false, at_buf.data(), chunk);
-          transpose_chunk(bc.data_ptr<scalar_t>(), cols, 0, cols, tok, j0, n, true, bt_buf.data(), chunk);
-          for (int64_t e = begin; e < end;) {
-            const int64_t r = ip[e] / cols;
-            const acc* ar = at_buf.data() + (r - r0) * chunk;
-            if (e + 4 <= end && ip[e + 3] / cols == r) {  // sorted: entries e..e+3 share row r
-              rk.dot4(ar, bt + (ip[e] % cols) * chunk, bt + (ip[e + 1] % cols) * chunk,
-                   bt + (ip[e + 2] % cols) * chunk, bt + (ip[e + 3] % cols) * chunk, n, sum.data() + e);
-              e += 4;
-            } else {
-              sum[e] += rk.dot(ar, bt + (ip[e] % cols) * chunk, n);
-              e += 1;
+      const int64_t w = rk.width;
+      at::parallel_for(0, token_parts * entry_parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t tp = p / entry_parts, ep = p % entry_parts;
+          const int64_t begin = k * ep / entry_parts, end = k * (ep + 1) / entry_parts;
+          const int64_t j_begin = tok.begin + num_tok * tp / token_parts, j_end = tok.begin + num_tok * (tp + 1) / token_parts;
+          const int64_t chunk = std::min(kChunk, j_end - j_begin), stride = round_up(chunk, w);
+          acc* sum = partial.data() + tp * k;
+          // 64-byte aligned scratch (a vector store never splits a cache line): all of bᵀ, one row block of aᵀ
+          const auto bt_buf = at::empty({round_up(cols, w) * stride}, c10::CppTypeToScalarType<acc>::value);
+          const auto at_buf = at::empty({kRowBlock * stride}, c10::CppTypeToScalarType<acc>::value);
+          acc *bt = bt_buf.data_ptr<acc>(), *at_rows = at_buf.data_ptr<acc>();
+          // Per entry, its column of bᵀ; the runs of entries sharing a row; the runs of each row block.
+          std::vector<const acc*> bcol(end - begin);
+          std::vector<int64_t> run{begin}, block{0};
+          for (int64_t e = begin; e < end; ++e) {
+            bcol[e - begin] = bt + (ip[e] % cols) * stride;
+            if (e == begin || ip[e] / cols == ip[e - 1] / cols) continue;
+            if (ip[e] / cols / kRowBlock != ip[e - 1] / cols / kRowBlock) block.push_back(static_cast<int64_t>(run.size()));
+            run.push_back(e);
+          }
+          block.push_back(static_cast<int64_t>(run.size()));
+          run.push_back(end);
+          // Per token chunk: all of bᵀ, then, block by block, the rows of a that hold entries, whose
+          // dot products run while the block is in L2.
+          for (int64_t j0 = j_begin; j0 < j_end; j0 += chunk) {
+            const int64_t n = std::min(chunk, j_end - j0), n_pad = round_up(n, w);
+            transpose_chunk(rk, bc.data_ptr<scalar_t>(), cols, 0, cols, tok, j0, n, true, bt, stride);
+            for (size_t blk = 0; blk + 1 < block.size(); ++blk) {
+              const int64_t r0 = ip[run[block[blk]]] / cols / kRowBlock * kRowBlock;
+              transpose_chunk(rk, ac.data_ptr<scalar_t>(), rows, r0, std::min(rows, r0 + kRowBlock), tok, j0, n, false,
+                              at_rows, stride);
+              for (int64_t q = block[blk]; q < block[blk + 1]; ++q) {
+                const int64_t e = run[q];
+                rk.dots(at_rows + (ip[e] / cols - r0) * stride, bcol.data() + (e - begin), run[q + 1] - e, n_pad,
+                        sum + e);
+              }
             }
           }
         }
       });
     });
+    for (int64_t tp = 1; tp < token_parts; ++tp) {
+      for (int64_t e = 0; e < k; ++e) partial[e] += partial[tp * k + e];
+    }
+    const std::vector<acc>& sum = partial;
     store_row(out.data_ptr<scalar_t>(), sum.data(), k);
   });
   return out;
@@ -201,33 +248,34 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
     });
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t blocks = (groups + kRows - 1) / kRows;
-    const int64_t chunk = std::min(kChunk, tok.end - tok.begin);  // scratch rows: the token count, at most kChunk
+    // scratch rows: the token count, at most kChunk, padded to whole vectors
+    const int64_t chunk = std::min(kChunk, tok.end - tok.begin), stride = round_up(chunk, rk.width);
     // Each task owns blocks of kRows output columns (no two threads write one element) and
     // transposes the token chunks of x itself.
     at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / 64), [&](int64_t b0, int64_t b1) {
       if (start[b0 * kRows] == start[std::min(groups, b1 * kRows)]) return;
-      std::vector<acc> xt(xcols * chunk), y(kRows * chunk);
+      std::vector<acc> xt(round_up(xcols, rk.width) * stride), y(kRows * stride);
       for (int64_t j0 = tok.begin; j0 < tok.end; j0 += chunk) {
         const int64_t n = std::min(chunk, tok.end - j0);
-        transpose_chunk(xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, true, xt.data(), chunk);
+        transpose_chunk(rk, xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, true, xt.data(), stride);
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t g0 = blk * kRows, g1 = std::min(groups, g0 + kRows);
           if (start[g0] == start[g1]) continue;
           for (int64_t g = g0; g < g1; ++g) {
-            acc* yr = y.data() + (g - g0) * chunk;
+            acc* yr = y.data() + (g - g0) * stride;
             std::fill(yr, yr + n, acc(0));
             int64_t p = start[g];
             for (; p + 4 <= start[g + 1]; p += 4) {
-              rk.axpy4(yr, v.data() + p, xt.data() + other[p] * chunk, xt.data() + other[p + 1] * chunk,
-                    xt.data() + other[p + 2] * chunk, xt.data() + other[p + 3] * chunk, n);
+              rk.axpy4(yr, v.data() + p, xt.data() + other[p] * stride, xt.data() + other[p + 1] * stride,
+                       xt.data() + other[p + 2] * stride, xt.data() + other[p + 3] * stride, n);
             }
-            for (; p < start[g + 1]; ++p) rk.axpy(yr, v[p], xt.data() + other[p] * chunk, n);
+            for (; p < start[g + 1]; ++p) rk.axpy(yr, v[p], xt.data() + other[p] * stride, n);
           }
           for (int64_t jj = 0; jj < n; ++jj) {
             scalar_t* orow = op + tok.at(j0 + jj) * groups;
             for (int64_t g = g0; g < g1; ++g) {
               if (start[g] == start[g + 1]) continue;
-              orow[g] = static_cast<scalar_t>(static_cast<acc>(orow[g]) + y[(g - g0) * chunk + jj]);
+              orow[g] = static_cast<scalar_t>(static_cast<acc>(orow[g]) + y[(g - g0) * stride + jj]);
             }
           }
         }

@@ -50,8 +50,11 @@ struct OptimKernels {
 template <typename T>
 struct RowKernels {
   T (*dot)(const T* a, const T* b, int64_t n);
-  // s[j] += Σ a·b_j for four rows b_j sharing a: a is loaded once per four multiply-adds (SDDMM is load-bound).
-  void (*dot4)(const T* a, const T* b0, const T* b1, const T* b2, const T* b3, int64_t n, T* s);
+  // s[j] += Σ a·b_j for the m rows b_j: a is loaded once per eight multiply-adds (SDDMM is load-bound).
+  void (*dots)(const T* a, const T* const* b, int64_t m, int64_t n, T* s);
+  // dst[c·stride + j] = scale[j] · rows[j][c] (scale null: 1) for the m ≤ vector-width token rows,
+  // c < cols. Writes whole vectors: round_up(cols) rows of dst, zeros in columns m..width−1.
+  void (*transpose_rows)(const T* const* rows, const T* scale, int64_t m, int64_t cols, T* dst, int64_t stride);
   void (*axpy)(T* y, T alpha, const T* x, int64_t n);
   // y += Σ_j alpha[j] x_j over four rows: y is loaded and stored once per four multiply-adds.
   void (*axpy4)(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n);
@@ -66,6 +69,8 @@ struct RowKernels {
   void (*prob_grad)(T* dz, const T* g, const T* z, T lse, T lw, const T* out, T S, int64_t n);
   void (*scaled_softmax)(T* out, const T* z, T lse, T a, int64_t n);   // out = a exp(z − lse)
   void (*softmax_grad)(T* d, const T* g, const T* logp, T G, int64_t n);  // d = g − exp(logp) G
+  // The vector width in elements: scratch rows and columns are padded to it.
+  int64_t width;
 };
 
 struct MatmulKernels {
