@@ -6,7 +6,9 @@ is fine-tuned on several languages at once, four ways, with the same data and st
 - static subnetworks: each language updates only its own subnetwork of the transformer-body
   linear weights, chosen once from importance scores (|grad × weight|) on its data;
 - dynamic subnetworks: the same, the masks re-selected from recent batches during training;
-- meta-learning: first-order MAML (Reptile) steps with masked inner loops on the static masks.
+- meta-learning: first-order MAML as udify-metalearning runs it: per language a masked SGD inner
+  step on its rows of one batch (support), the gradient at the adapted weights on its rows of the
+  next batch (query), an AdamW outer step; subnetworks are the static masks.
 Accuracy per language on held-out messages, the training languages (seen) and zero-shot ones
 (unseen) reported apart.
 """
@@ -20,7 +22,7 @@ import torch
 from . import ltsft, task
 
 METHOD = "subnetworks"
-VARIANTS = ("shared", "static", "dynamic", "meta (Reptile)")
+VARIANTS = ("shared", "static", "dynamic", "meta (FOMAML)")
 
 
 @dataclass
@@ -35,8 +37,7 @@ class Settings:
     seeds: list[int]
     density: float = 0.5  # share of the body linear weights in each language's subnetwork
     lr: float = 1e-4
-    inner_lr: float = 1e-2  # Reptile's masked SGD inner step
-    outer_lr: float = 1.0
+    inner_lr: float = 1e-4  # first-order MAML's masked SGD inner step (udify-metalearning's example value)
 
 
 def settings(quick: bool, seeds: int | None = None) -> Settings:
@@ -69,7 +70,7 @@ def _mixed_batches(tokenizer, data: task.TaskData, langs: list[str], batch: int,
 
 
 def _by_language(batches: list[dict], n_langs: int) -> dict[int, list[dict]]:
-    """Split mixed batches into per-language batches (for scores and for Reptile's inner loops)."""
+    """Split mixed batches into per-language batches (for scores and for the meta-learning episodes)."""
     out = {i: [] for i in range(n_langs)}
     for b in batches:
         for i in range(n_langs):
@@ -112,23 +113,25 @@ def _train_subnetworks(model, batches, masks, s: Settings, langs, body, dynamic:
         opt.step()
 
 
-def _train_reptile(model, batches, masks, s: Settings, langs) -> None:
+def _train_fomaml(model, batches, masks, s: Settings, langs) -> None:
+    """First-order MAML over pairs of mixed batches: each language's rows of the first are its
+    support batch, its rows of the second its query batch, so the variant sees the same examples
+    as the others in half as many (outer) steps. A pair that lacks a language is skipped: the outer
+    AdamW spans every language's subnetwork, and its momentum would move an absent one's."""
     from tqdm.auto import tqdm
 
-    from ..hf.subnetworks import reptile_step
+    from ..hf.subnetworks import fomaml_optimizer, fomaml_step
 
+    outer = fomaml_optimizer(model, masks, lr=s.lr, weight_decay=0.0)
     model.train()
-    for per_lang in tqdm(_reptile_rounds(batches, langs), desc="reptile", leave=False):
-        reptile_step(model, per_lang, masks, inner_lr=s.inner_lr, outer_lr=s.outer_lr, inner_steps=1)
-
-
-# -------------------------------------------------------------------------------------------------
-
-def _reptile_rounds(batches, langs):
-    """One Reptile step per mixed batch: each language's rows are its inner-loop batch."""
-    for b in batches:
-        split = _by_language([b], len(langs))
-        yield {lang: split[i] for i, lang in enumerate(langs) if split[i]}
+    for support_batch, query_batch in tqdm(list(zip(batches[0::2], batches[1::2])), desc="first-order MAML",
+                                           leave=False):
+        support, query = _by_language([support_batch], len(langs)), _by_language([query_batch], len(langs))
+        if not all(support[i] and query[i] for i in range(len(langs))):
+            continue
+        fomaml_step(model, {lang: support[i] for i, lang in enumerate(langs)},
+                    {lang: query[i][0] for i, lang in enumerate(langs)}, masks, inner_lr=s.inner_lr, inner_steps=1,
+                    outer_optimizer=outer)
 
 
 def _train_shared(model, batches, s: Settings) -> None:
@@ -172,12 +175,12 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
             task.restore(model, theta0)
             if variant == "shared":
                 _train_shared(model, batches, s)
-            elif variant == "meta (Reptile)":
+            elif variant == "meta (FOMAML)":
                 ltsft.set_trainable(model, ltsft.EMBEDDINGS + (r"LayerNorm",))
                 # Outside the body's subnetworks (biases, pooler, classifier) every language may update.
                 others = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
                           if p.requires_grad and n not in body}
-                _train_reptile(model, batches, {lang: {**masks[lang], **others} for lang in s.seen}, s, s.seen)
+                _train_fomaml(model, batches, {lang: {**masks[lang], **others} for lang in s.seen}, s, s.seen)
             else:
                 _train_subnetworks(model, batches, masks, s, s.seen, body, dynamic=variant == "dynamic")
             for lang in langs:
@@ -196,8 +199,8 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     summary = (f"Accuracy ({len(task.DOMAINS)} programs, chance {1 / len(task.DOMAINS):.3f}) on "
                f"{len(data.test[task.SOURCE])} held-out messages per language after {s.steps} steps of {s.batch} "
                f"mixed-language examples; mean ± std over {len(s.seeds)} seed(s). Subnetworks: {s.density:.0%} of the "
-               f"body linear weights per language; dynamic re-selection every {s.reselect_every} steps; Reptile inner "
-               f"lr {s.inner_lr}, outer lr {s.outer_lr}. Model {model_name}; total {elapsed:.0f} s.")
+               f"body linear weights per language; dynamic re-selection every {s.reselect_every} steps; first-order MAML "
+               f"over pairs of batches, inner SGD lr {s.inner_lr}, outer AdamW lr {s.lr}. Model {model_name}; total {elapsed:.0f} s.")
     text = (f"### Language-specific subnetworks vs shared weights\n\n{summary}\n\n"
             f"{task.markdown_table(['language', 'trained on'] + list(VARIANTS), rows)}\n")
     print("\n" + text)
