@@ -105,25 +105,32 @@ inline int64_t round_up(int64_t n, int64_t w) { return (n + w - 1) / w * w; }
 // dst[c − c0, jj] = scale[t] · src[t, c] for columns [c0, c1) and the chunk's tokens
 // t = tok.at(j0 + jj), jj < n, as acc; columns n..round_up(n) of dst are zeros, so that row loops
 // run whole vectors. dst has round_up(c1 − c0) rows of `stride` (a whole number of vectors) values.
-// Float and double go through the vector kernel, a register transpose of one vector-wide tile of
-// token rows at a time; half and bfloat16 are converted one value at a time. Runs inside a
+// Float, double and bfloat16 go through the vector kernel, a register transpose of one vector-wide
+// tile of token rows at a time; half is converted one value at a time. Runs inside a
 // thread's task: every op below is one parallel region, since a barrier per chunk costs a
 // scheduler slice whenever the cores are shared.
 template <typename scalar_t, typename acc>
 void transpose_chunk(const RowKernels<acc>& rk, const scalar_t* src, int64_t cols, int64_t c0, int64_t c1,
                      const Tokens<acc>& tok, int64_t j0, int64_t n, bool scaled, acc* dst, int64_t stride) {
   const int64_t w = rk.width;
-  if constexpr (std::is_same_v<scalar_t, acc>) {
-    std::vector<const acc*> rows(w);
+  constexpr bool same = std::is_same_v<scalar_t, acc>, bf16 = std::is_same_v<scalar_t, c10::BFloat16>;
+  if constexpr (same || bf16) {
+    using row_t = std::conditional_t<same, acc, uint16_t>;  // bfloat16 rows travel as their bits
+    std::vector<const row_t*> rows(w);
     std::vector<acc> scale(w);
     for (int64_t jt = 0; jt < n; jt += w) {
       const int64_t m = std::min(w, n - jt);
       for (int64_t j = 0; j < m; ++j) {
         const int64_t t = tok.at(j0 + jt + j);
-        rows[j] = src + t * cols + c0;
+        rows[j] = reinterpret_cast<const row_t*>(src + t * cols + c0);
         scale[j] = scaled && tok.scale ? tok.scale[t] : acc(1);
       }
-      rk.transpose_rows(rows.data(), scaled && tok.scale ? scale.data() : nullptr, m, c1 - c0, dst + jt, stride);
+      const acc* s = scaled && tok.scale ? scale.data() : nullptr;
+      if constexpr (same) {
+        rk.transpose_rows(rows.data(), s, m, c1 - c0, dst + jt, stride);
+      } else {
+        rk.transpose_rows_bf16(rows.data(), s, m, c1 - c0, dst + jt, stride);
+      }
     }
   } else {
     for (int64_t jj = 0; jj < n; ++jj) {

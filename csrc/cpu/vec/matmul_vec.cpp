@@ -7,6 +7,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 
 #include "xlsparse/cpu_kernels.h"
@@ -75,22 +76,40 @@ void dots(const T* a, const T* const* b, int64_t m, int64_t n, T* s) {
   }
 }
 
+inline float bf16_to_float(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof(f));
+  return f;
+}
+
 // dst[c·stride + j] = scale[j] · rows[j][c] for j < m, c < cols (scale null: 1), one vector-wide
 // tile of token rows at a time, transposed in registers. dst has round_up(cols) rows and its columns
-// j in [m, size) are written with zeros: the caller pads both to whole vectors.
-template <typename T>
-void transpose_rows(const T* const* rows, const T* scale, int64_t m, int64_t cols, T* dst, int64_t stride) {
+// j in [m, size) are written with zeros: the caller pads both to whole vectors. S is T, or uint16_t
+// for the bits of bfloat16 rows (converted on load, a loop the compiler vectorizes).
+template <typename T, typename S>
+void transpose_rows(const S* const* rows, const T* scale, int64_t m, int64_t cols, T* dst, int64_t stride) {
   constexpr int64_t kV = Vec<T>::size();
   // The m rows are m streams, too many for the hardware prefetcher: ask for the line 512 bytes
   // ahead in each.
-  constexpr int64_t kAhead = 512 / sizeof(T);
+  constexpr int64_t kAhead = 512 / sizeof(S);
   alignas(64) T tile[kV * kV];
   for (int64_t c0 = 0; c0 < cols; c0 += kV) {
     const int64_t cc = std::min(kV, cols - c0);
     for (int64_t j = 0; j < kV; ++j) {
-      if (j < m) __builtin_prefetch(rows[j] + c0 + kAhead);
-      const Vec<T> row = j < m ? Vec<T>::loadu(rows[j] + c0, cc) : Vec<T>(0);
-      (scale && j < m ? row * Vec<T>(scale[j]) : row).store(tile + j * kV);
+      Vec<T> row(0);
+      if (j < m) {
+        __builtin_prefetch(rows[j] + c0 + kAhead);
+        if constexpr (std::is_same_v<S, T>) {
+          row = Vec<T>::loadu(rows[j] + c0, cc);
+        } else {
+          alignas(64) T wide[kV] = {};
+          for (int64_t c = 0; c < cc; ++c) wide[c] = static_cast<T>(bf16_to_float(rows[j][c0 + c]));
+          row = Vec<T>::loadu(wide);
+        }
+        if (scale) row = row * Vec<T>(scale[j]);
+      }
+      row.store(tile + j * kV);
     }
     at::vec::transpose_mxn<T, kV, kV>(tile, kV, dst + c0 * stride, stride);
   }
@@ -197,7 +216,7 @@ void softmax_grad(T* d, const T* g, const T* logp, T G, int64_t n) {
 
 template <typename T>
 constexpr RowKernels<T> row_kernels() {
-  return {&dot<T>,       &dots<T>,      &transpose_rows<T>, &axpy<T>,    &axpy4<T>,       &sum<T>,
+  return {&dot<T>,       &dots<T>,      &transpose_rows<T, T>, &transpose_rows<T, uint16_t>, &axpy<T>,    &axpy4<T>,       &sum<T>,
           &row_max<T>,   &row_lse<T>,   &exp_store<T>,  &vlog<T>,        &add_scalar<T>,
           &dot_exp<T>,   &prob_grad<T>, &scaled_softmax<T>, &softmax_grad<T>, Vec<T>::size()};
 }
