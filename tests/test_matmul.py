@@ -142,6 +142,36 @@ def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkey
 # --- SpMM ---
 
 
+@needs_ext
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("threads", [1, 3])
+def test_cpu_spmm_blocks_and_untouched_columns(dtype, threads):
+    """The CPU kernel's layout: output columns in blocks of 128 (one empty, ragged last), tokens in
+    chunks of 256 with a ragged tail. Columns without entries keep their bits: -0.0 and NaN stay."""
+    gen = seeded(12)
+    t, o, i = 300, 300, 37
+    x = torch.randn(t, i, generator=gen).to(dtype)
+    rows = torch.cat([torch.arange(0, 100), torch.arange(260, 300)])  # columns 100..259 of out get nothing
+    idx = (rows[:, None] * i + torch.randint(0, i, (1, 3), generator=gen)).reshape(-1).unique()
+    vals = torch.randn(idx.numel(), generator=gen).to(dtype)
+    out = torch.randn(t, o, generator=gen).to(dtype)
+    out[:, 150] = -0.0
+    out[:, 151] = float("nan")
+    expect64 = out.double() + x.double() @ torch.zeros(o * i, dtype=torch.float64).index_put_((idx,), vals.double()).view(o, i).T
+    plain = out + x @ torch.zeros(o * i, dtype=dtype).index_put_((idx,), vals).view(o, i).T
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = out.clone()
+        torch.ops.xlsparse.spmm_(got, x, idx, vals, None, None, None, False)
+    finally:
+        torch.set_num_threads(before)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
+    assert torch.equal(got[:, 100:260].view(bits), out[:, 100:260].view(bits))
+    used = torch.cat([torch.arange(0, 100), torch.arange(260, 300)])
+    check(got[:, used], expect64[:, used], plain[:, used], f"cpu spmm {dtype} {threads} threads")
+
+
 @pytest.mark.parametrize("backend", MM_BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
