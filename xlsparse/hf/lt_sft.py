@@ -42,7 +42,8 @@ Differences, by design: in sparse phases weight decay (decoupled, AdamW) reaches
 selected entries and heads (composable-sft's AdamW over masked gradients also decays every
 unselected entry; its scripts use weight decay 0). The sparse phase keeps O(K) training state:
 selected linear layers become `SparseDeltaLinear` and embeddings `SparseDeltaEmbedding`, whose
-backward never builds a dense gradient; other maskable parameters (biases, norms) train through
+backward never builds a dense gradient (but for a bfloat16 matrix with 15% of its entries selected
+or more, on a CPU: one dense dYᵀX and a gather is faster there); other maskable parameters (biases, norms) train through
 compact `MaskedAdamW` (so do GPT-2's `Conv1D` weights, which are not converted). At the end the
 deltas fold back into the model's own parameters. Weight decay stays AdamW's on θ = θ0 + Δ (a
 post-step term adds the −lr·wd·θ0 the optimizer of Δ alone would miss). Runs under DDP (the L1

@@ -355,19 +355,21 @@ def _times_merged(a, weight, bias, indices, values, merged, in_place, transpose=
     return out
 
 
-# Densities from which one dense dYᵀX plus a gather beats SDDMM for dvalues on a CPU, per dtype.
-# Measured with 1 thread on an AMD EPYC (AVX-512 with BF16), T = 512 and 2048, 1024 x 1024 and
-# 4096 x 1024: SDDMM costs about 0.055 ns per multiply-add in either dtype, plus its transposes; the
-# dense product 0.021 ns (fp32) or 0.010 ns (bf16, AVX-512-BF16). The paths crossed at 35-40% (fp32)
-# and 14-18% (bf16). Half has no fast dense path on these CPUs, so it keeps SDDMM, as GPUs do.
-DENSE_DW_MIN_DENSITY = {torch.float32: 0.35, torch.float64: 0.35, torch.bfloat16: 0.15}
+# bfloat16 densities from which one dense dYᵀX plus a gather beats SDDMM for dvalues on a CPU.
+# Measured with 1 thread on an AMD EPYC with AVX-512-BF16, T = 512 and 2048, 1024 x 1024 and
+# 4096 x 1024: SDDMM costs about 0.055 ns per multiply-add plus its transposes, the bf16 GEMM
+# 0.010 ns; the paths crossed at 14-18%. fp32 crosses only at 35-40% and keeps SDDMM, so that
+# an fp32 delta layer never allocates an O x I buffer (LT-SFT's phase 2 promises it); fp16 has no
+# fast dense path on these CPUs, and GPUs keep SDDMM.
+DENSE_DW_MIN_DENSITY = {torch.bfloat16: 0.15}
 
 
 def dense_dw_pays(weight_shape, nnz: int, dtype: torch.dtype, device: torch.device) -> bool:
     """True when dvalues costs less as (dYᵀX)[indices], one dense O x I product and a gather, than
-    as an SDDMM: dense entries (as real LT-SFT masks have in some matrices) on a CPU."""
+    as an SDDMM: a bfloat16 delta with dense entries (real LT-SFT masks reach 36% in some matrices)
+    on a CPU, where SpIEL's dense way would otherwise be faster."""
     rows, cols = weight_shape
-    return device.type == "cpu" and nnz >= DENSE_DW_MIN_DENSITY.get(dtype, 2.0) * rows * cols
+    return device.type == "cpu" and dtype in DENSE_DW_MIN_DENSITY and nnz >= DENSE_DW_MIN_DENSITY[dtype] * rows * cols
 
 
 class SparseDeltaLinearFunction(torch.autograd.Function):
