@@ -28,8 +28,9 @@ constexpr int64_t kChunk = 256;
 // dot products run (transposing all of a task's rows at once spilled 2 MiB to L3; 64-row blocks
 // measured 1.5x slower at 5% density on 4096 x 1024).
 constexpr int64_t kRowBlock = 256;
-// SDDMM splits the tokens between threads when each gets at least this many.
-constexpr int64_t kMinTaskTokens = 128;
+// SDDMM's token parts: at least this many tokens each, at most kMaxTokenParts (K sums each).
+constexpr int64_t kPartTokens = 1024;
+constexpr int64_t kMaxTokenParts = 8;
 // Output columns one SpMM task accumulates before adding them to token-major memory: 512-byte
 // runs of each token's row (16 columns, one line, ran 2.4x slower at T = 2048, 4096 x 1024, 1%:
 // rows 16 KiB apart defeat the prefetcher; 256 columns measured the same as 128).
@@ -161,11 +162,13 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     const RowKernels<acc>& rk = row_kernels<acc>();
     at::Tensor index_storage;
     const auto tok = select_tokens<acc>("sddmm", b.size(0), token_index, token_bounds, token_scale, index_storage);
-    // Tasks split the tokens when there are enough (each thread then reads its share of a and b
-    // once), else the entries (each thread reads all of b); each token part sums into its own row.
+    // Tasks split the tokens into parts of at least kPartTokens (a thread then reads its share of
+    // a and b once) and the entries among the threads left; each token part sums into its own row,
+    // added in part order. The parts never depend on the thread count: results are bit-identical
+    // across thread counts.
     const int64_t threads = at::get_num_threads(), num_tok = tok.end - tok.begin;
-    const int64_t token_parts = std::clamp<int64_t>(num_tok / kMinTaskTokens, 1, threads);
-    const int64_t entry_parts = std::max<int64_t>(1, std::min(k, threads / token_parts));
+    const int64_t token_parts = std::clamp<int64_t>(num_tok / kPartTokens, 1, kMaxTokenParts);
+    const int64_t entry_parts = std::max<int64_t>(1, std::min(k, (threads + token_parts - 1) / token_parts));
     std::vector<acc> partial(token_parts * k, acc(0));
     XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
       const index_t* ip = idx.data_ptr<index_t>();
