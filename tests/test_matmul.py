@@ -147,16 +147,18 @@ def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkey
 @pytest.mark.parametrize("threads", [1, 3])
 def test_cpu_spmm_blocks_and_untouched_columns(dtype, threads):
     """The CPU kernel's layout: output columns in blocks of 128 (one empty, ragged last), tokens in
-    chunks of 256 with a ragged tail. Columns without entries keep their bits: -0.0 and NaN stay."""
+    chunks of 256 with a ragged tail. Columns without entries keep their bits: -0.0 and NaN stay,
+    in the empty block, beside used columns, and in the last block's partial vector."""
     gen = seeded(12)
     t, o, i = 300, 300, 37
     x = torch.randn(t, i, generator=gen).to(dtype)
-    rows = torch.cat([torch.arange(0, 100), torch.arange(260, 300)])  # columns 100..259 of out get nothing
+    rows = torch.cat([torch.arange(0, 100), torch.arange(260, 291)])  # columns 100..259 and 291.. get nothing
     idx = (rows[:, None] * i + torch.randint(0, i, (1, 3), generator=gen)).reshape(-1).unique()
     vals = torch.randn(idx.numel(), generator=gen).to(dtype)
     out = torch.randn(t, o, generator=gen).to(dtype)
-    out[:, 150] = -0.0
-    out[:, 151] = float("nan")
+    for col in (110, 150, 295):
+        out[:, col] = -0.0
+        out[:, col + 1] = float("nan")
     expect64 = out.double() + x.double() @ torch.zeros(o * i, dtype=torch.float64).index_put_((idx,), vals.double()).view(o, i).T
     plain = out + x @ torch.zeros(o * i, dtype=dtype).index_put_((idx,), vals).view(o, i).T
     before = torch.get_num_threads()
@@ -167,8 +169,9 @@ def test_cpu_spmm_blocks_and_untouched_columns(dtype, threads):
     finally:
         torch.set_num_threads(before)
     bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[dtype.itemsize]
-    assert torch.equal(got[:, 100:260].view(bits), out[:, 100:260].view(bits))
-    used = torch.cat([torch.arange(0, 100), torch.arange(260, 300)])
+    untouched = torch.cat([torch.arange(100, 260), torch.arange(291, 300)])
+    assert torch.equal(got[:, untouched].view(bits), out[:, untouched].view(bits))
+    used = rows
     check(got[:, used], expect64[:, used], plain[:, used], f"cpu spmm {dtype} {threads} threads")
 
 

@@ -16,6 +16,7 @@
 
 #include "xlsparse/checks.h"
 #include "xlsparse/cpu_kernels.h"
+#include "xlsparse/masked_add.h"
 #include "xlsparse/matmul.h"
 
 namespace xlsparse {
@@ -217,32 +218,26 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     for (int64_t tp = 1; tp < token_parts; ++tp) {
       for (int64_t e = 0; e < k; ++e) partial[e] += partial[tp * k + e];
     }
-    const std::vector<acc>& sum = partial;
-    store_row(out.data_ptr<scalar_t>(), sum.data(), k);
+    store_row(out.data_ptr<scalar_t>(), partial.data(), k);
   });
   return out;
 }
 
 // out[t, g] += y[g − g0, jj] for the chunk's tokens t = tok.at(j0 + jj), jj < n, and the used
-// columns g in [g0, g1) (out keeps its bits, -0.0 included, elsewhere). In fp32, yᵀ (one row of
-// kRows outputs per token, in `yt`) is added to each token's row of out as whole vectors: a scalar
-// loop over the token-major out took 80% of SpMM at 1%, T = 2048.
+// columns g in [g0, g1) (out keeps its bits elsewhere). In fp32 and fp64, yᵀ (one row of kRows
+// outputs per token, in `yt`) is added to each token's row of out as whole vectors: a scalar loop
+// over the token-major out took 80% of SpMM at 1%, T = 2048.
 template <typename scalar_t, typename acc>
-void add_block(const RowKernels<acc>& rk, const OptimKernels& ok, scalar_t* op, int64_t groups, int64_t g0, int64_t g1,
-               const Tokens<acc>& tok, int64_t j0, int64_t n, const acc* y, int64_t stride, const bool* used, acc* yt,
-               const acc** yrow) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
+void add_block(const RowKernels<acc>& rk, scalar_t* op, int64_t groups, int64_t g0, int64_t g1, const Tokens<acc>& tok,
+               int64_t j0, int64_t n, const acc* y, int64_t stride, const bool* used, acc* yt, const acc** yrow) {
+  if constexpr (std::is_same_v<scalar_t, acc>) {
     for (int64_t g = g0; g < g1; g += rk.width) {
       const int64_t m = std::min(rk.width, g1 - g);
       for (int64_t q = 0; q < m; ++q) yrow[q] = y + (g - g0 + q) * stride;
       rk.transpose_rows(yrow, nullptr, m, n, yt + (g - g0), kRows);
     }
     for (int64_t jj = 0; jj < n; ++jj) {
-      float* orow = op + tok.at(j0 + jj) * groups + g0;
-      const float* src = yt + jj * kRows;
-      for (int64_t q = ok.masked_add(orow, src, used + g0, g1 - g0); q < g1 - g0; ++q) {
-        if (used[g0 + q]) orow[q] += src[q];
-      }
+      masked_add(op + tok.at(j0 + jj) * groups + g0, yt + jj * kRows, used + g0, 0, g1 - g0);
     }
   } else {
     for (int64_t jj = 0; jj < n; ++jj) {
@@ -294,7 +289,6 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
     // Output columns with entries: only they are added to (out keeps its bits, -0.0 included, elsewhere).
     const std::unique_ptr<bool[]> used(new bool[groups]);
     for (int64_t g = 0; g < groups; ++g) used[g] = start[g] != start[g + 1];
-    const OptimKernels& ok = optim_kernels();
     // scratch rows: the token count, at most kChunk, padded to whole vectors
     const int64_t chunk = std::min(kChunk, tok.end - tok.begin), stride = round_up(chunk, rk.width);
     // Each task owns blocks of kRows output columns (no two threads write one element) and
@@ -320,7 +314,7 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
             }
             for (; p < start[g + 1]; ++p) rk.axpy(yr, v[p], xt.data() + other[p] * stride, n);
           }
-          add_block(rk, ok, op, groups, g0, g1, tok, j0, n, y.data(), stride, used.get(), yt.data(), yrow.data());
+          add_block(rk, op, groups, g0, g1, tok, j0, n, y.data(), stride, used.get(), yt.data(), yrow.data());
         }
       }
     });

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "xlsparse/cpu_kernels.h"
+#include "xlsparse/masked_add.h"
 
 namespace xlsparse {
 
@@ -263,25 +264,6 @@ void masked_sgd_cpu(at::TensorList params, at::TensorList grads, const c10::List
 
 constexpr int64_t kTokenChunk = 512;       // at most this many tokens gathered at a time: bounds the extra memory
 constexpr int64_t kBandEntries = 1 << 18;  // at most this many entries in one band's product (1 MiB in fp32)
-
-// dst[i] += src[i] where m[i]. Branch-free (a random mask would mispredict every other entry:
-// measured 7x slower with a ?: branch) and exact: the bits of src are ANDed away, so an Inf or NaN
-// outside the mask never reaches dst.
-template <typename scalar_t>
-void masked_add(scalar_t* dst, const scalar_t* src, const bool* m, int64_t begin, int64_t end) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    begin += optim_kernels().masked_add(dst + begin, src + begin, m + begin, end - begin);
-  }
-  using bits_t = std::conditional_t<sizeof(scalar_t) == 8, uint64_t, uint32_t>;
-  for (int64_t i = begin; i < end; ++i) {
-    bits_t b;
-    std::memcpy(&b, src + i, sizeof(b));
-    b &= bits_t(0) - static_cast<bits_t>(m[i]);
-    scalar_t v;
-    std::memcpy(&v, &b, sizeof(v));
-    dst[i] += v;
-  }
-}
 
 // dW = sum_l M_l * (dY_l^T X_l). Per language and chunk of its tokens, one parallel loop over bands
 // of dW rows: each band's product (a single-threaded BLAS call inside the loop) lands in a small
