@@ -305,6 +305,9 @@ def _cpu_tensor_peak_bytes(fn: Callable[[], object]) -> float:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
+    # kineto prints two "USDT" lines per profiler start/stop below level 6: one pair per row, noise
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     allocations = []  # (time, signed size): frees are negative
