@@ -3,11 +3,12 @@ experts, one per language cluster, against one joint model trained for the same 
 
 A small causal LM (GPT-2 shape) and a byte-level BPE tokenizer are trained in-process on the
 gettext messages of every language (the seed model). Then each cluster's expert is branched from
-the seed as a sparse delta and trained on its cluster only, while the naive joint model keeps
-training on everything for as many steps as all experts together. Reported: perplexity per
-language on held-out lines, of the joint model and of the ensemble (per-token posterior weights, as the paper, and top-1:
-the expert of the line's cluster). Finally a new expert for a new language is branched from its
-URIEL-closest expert and added; the existing experts' outputs are checked unchanged.
+the seed as a sparse delta (plus a dense embedding of its own) and trained on its cluster only,
+while the naive joint model keeps training on everything for as many steps as all experts
+together. Reported: perplexity per language on held-out lines, of the seed model, the joint model
+and the ensemble (per-token posterior weights, as the paper, and top-1: the expert of the line's
+cluster). Finally a new expert for a new language is branched from its URIEL-closest expert and
+added; the existing experts' outputs are checked unchanged.
 `--model` does not apply here: the seed model is trained in-process.
 """
 import math
@@ -161,9 +162,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
         names = ensemble.names
         for lang in langs:
             for kind, model in (("seed model", seed_model), ("joint", joint)):
-                rows_data[kind][lang].append(perplexity(
-                    lambda b, model=model: torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1),
-                    test[lang]))
+                rows_data[kind][lang].append(perplexity(_dense_logprobs(model), test[lang]))
             rows_data["ensemble (posterior)"][lang].append(perplexity(
                 lambda b: ensemble(b["input_ids"], b["attention_mask"]), test[lang]))
             rows_data["ensemble (top-1)"][lang].append(perplexity(
@@ -205,13 +204,19 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     print("\n" + text_md)
     plot = task.bar_chart(os.path.join(out, f"{METHOD}.png"), "X-ELM: perplexity per language", langs,
                           {k: [rows_data[k][lang] for lang in langs] for k in rows_data}, "perplexity")
-    results = {"method": METHOD, "quick": quick, "seeds": s.seeds, "density": s.density, "perplexity": rows_data,
+    results = {"method": METHOD, "quick": quick, "seeds": s.seeds, "density": s.density,
+               "train_embeddings": s.train_embeddings, "perplexity": rows_data,
                "new_expert_drift": unchanged, "seconds": elapsed, "plot": plot,
                "sizes": {f"expert {c}": {"nnz": d.nnz, "entries": sum(math.prod(t.shape) for t in d.deltas.values()),
                                          "dense": sum(t.numel() for t in d.dense.values())}
                          for c, d in experts.items()}}
     task.write_results(out, METHOD, text_md, results)
     return results
+
+
+def _dense_logprobs(model):
+    """`logprobs_of` for one plain causal LM (the seed or the joint model)."""
+    return lambda b: torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, -1)
 
 
 def _one_hot(b: dict, index: int, n: int) -> torch.Tensor:
