@@ -44,6 +44,29 @@ T dot(const T* a, const T* b, int64_t n) {
   return add_all(s);
 }
 
+// s[q] += the lane sum of acc[q], q < 8, as one tree of horizontal adds (6 hadds for all 8)
+// instead of 8 separate reductions: a 256-token chunk's dot is only 16 AVX-512 vectors long, so
+// the reductions were a large share of SDDMM's dot time (the tree: 1.06x the whole op at 1%).
+inline void add_sums8(const Vec<float>* acc, float* s) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  __m256 y[8];
+  for (int q = 0; q < 8; ++q) {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512 v = acc[q];
+    y[q] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+#else
+    y[q] = acc[q];
+#endif
+  }
+  const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));
+  const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(y[4], y[5]), _mm256_hadd_ps(y[6], y[7]));
+  const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
+  _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), sums));
+#else
+  for (int q = 0; q < 8; ++q) s[q] += add_all(acc[q]);
+#endif
+}
+
 // s[j] += Σ_i a[i] b[j][i] for j < R, with R accumulators in registers.
 template <typename T, int R>
 void dots_fixed(const T* a, const T* const* b, int64_t n, T* s) {
@@ -54,6 +77,9 @@ void dots_fixed(const T* a, const T* const* b, int64_t n, T* s) {
   for (int64_t i = 0; i < full; i += kV) {
     const Vec<T> ai = Vec<T>::loadu(a + i);
     for (int q = 0; q < R; ++q) acc[q] = at::vec::fmadd(ai, Vec<T>::loadu(b[q] + i), acc[q]);
+  }
+  if constexpr (R == 8 && std::is_same_v<T, float> && Vec<T>::size() >= 8) {
+    if (full == n) return add_sums8(acc, s);
   }
   for (int q = 0; q < R; ++q) s[q] += add_all(acc[q]) + (full < n ? dot(a + full, b[q] + full, n - full) : T(0));
 }
@@ -94,7 +120,19 @@ void transpose_rows(const S* const* rows, const T* scale, int64_t m, int64_t col
   // ahead in each.
   constexpr int64_t kAhead = 512 / sizeof(S);
   alignas(64) T tile[kV * kV];
-  for (int64_t c0 = 0; c0 < cols; c0 += kV) {
+  int64_t done = 0;  // columns already transposed
+  if constexpr (std::is_same_v<S, T>) {
+    // A full tile of evenly spaced rows (consecutive tokens), unscaled: transposed straight from
+    // the source in registers. Going through `tile` with a pointer per row took 1.3x as long for
+    // SDDMM at 1%, T = 2048, 4096 x 1024.
+    const int64_t ld = m == kV ? rows[1] - rows[0] : 0;
+    bool even = m == kV && !scale;
+    for (int64_t j = 2; even && j < m; ++j) even = rows[j] - rows[j - 1] == ld;
+    for (; even && done + kV <= cols; done += kV) {
+      at::vec::transpose_mxn<T, kV, kV>(rows[0] + done, ld, dst + done * stride, stride);
+    }
+  }
+  for (int64_t c0 = done; c0 < cols; c0 += kV) {
     const int64_t cc = std::min(kV, cols - c0);
     for (int64_t j = 0; j < kV; ++j) {
       Vec<T> row(0);
