@@ -44,26 +44,35 @@ T dot(const T* a, const T* b, int64_t n) {
   return add_all(s);
 }
 
-// s[q] += the lane sum of acc[q], q < 8, as one tree of horizontal adds (6 hadds for all 8)
-// instead of 8 separate reductions: a 256-token chunk's dot is only 16 AVX-512 vectors long, so
-// the reductions were a large share of SDDMM's dot time (the tree: 1.06x the whole op at 1%).
-inline void add_sums8(const Vec<float>* acc, float* s) {
+// s[q] += the lane sum of acc[q], q < R <= 8, all through one tree of horizontal adds (6 hadds
+// for up to 8 vectors) instead of R separate reductions: a 256-token chunk's dot is only 16 AVX-512
+// vectors long, so the reductions were a large share of SDDMM's dot time (the tree: 1.06x the
+// whole op at 1%). Every R takes the same tree, zeros in the unused slots, so an entry's sum has
+// the same bits whichever group it falls in: results stay identical across thread counts.
+template <int R>
+inline void add_sums(const Vec<float>* acc, float* s) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   __m256 y[8];
   for (int q = 0; q < 8; ++q) {
+    if (q >= R) {
+      y[q] = _mm256_setzero_ps();
+    } else {
 #if defined(CPU_CAPABILITY_AVX512)
-    const __m512 v = acc[q];
-    y[q] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+      const __m512 v = acc[q];
+      y[q] = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
 #else
-    y[q] = acc[q];
+      y[q] = acc[q];
 #endif
+    }
   }
   const __m256 h0 = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));
   const __m256 h1 = _mm256_hadd_ps(_mm256_hadd_ps(y[4], y[5]), _mm256_hadd_ps(y[6], y[7]));
   const __m256 sums = _mm256_add_ps(_mm256_permute2f128_ps(h0, h1, 0x20), _mm256_permute2f128_ps(h0, h1, 0x31));
-  _mm256_storeu_ps(s, _mm256_add_ps(_mm256_loadu_ps(s), sums));
+  alignas(32) float out[8];
+  _mm256_store_ps(out, sums);
+  for (int q = 0; q < R; ++q) s[q] += out[q];
 #else
-  for (int q = 0; q < 8; ++q) s[q] += add_all(acc[q]);
+  for (int q = 0; q < R; ++q) s[q] += add_all(acc[q]);
 #endif
 }
 
@@ -78,8 +87,8 @@ void dots_fixed(const T* a, const T* const* b, int64_t n, T* s) {
     const Vec<T> ai = Vec<T>::loadu(a + i);
     for (int q = 0; q < R; ++q) acc[q] = at::vec::fmadd(ai, Vec<T>::loadu(b[q] + i), acc[q]);
   }
-  if constexpr (R == 8 && std::is_same_v<T, float> && Vec<T>::size() >= 8) {
-    if (full == n) return add_sums8(acc, s);
+  if constexpr (std::is_same_v<T, float>) {
+    if (full == n) return add_sums<R>(acc, s);
   }
   for (int q = 0; q < R; ++q) s[q] += add_all(acc[q]) + (full < n ? dot(a + full, b[q] + full, n - full) : T(0));
 }
