@@ -170,6 +170,26 @@ def test_state_dict_resume_reproduces_the_next_steps(mode, dynamic):
             assert_bit_identical(value, opt2.state[b][key], f"state {key} after resume")
 
 
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+@pytest.mark.parametrize("corrupt", ["unsorted", "out of range", "float"])
+def test_load_state_dict_checks_the_indices_that_steps_trust(opt_class, corrupt):
+    # Steps pass check_indices=False: the optimizer's own indices were checked where they came in.
+    # A saved state is one such entry point; bad indices there must raise, not write out of range.
+    ps = [p.clone().requires_grad_() for p in _params(7)]
+    kw = dict(momentum=0.9) if opt_class is MaskedSGD else {}
+    opt = opt_class(ps, _masks(ps, 0.3, seed=8), lr=1e-2, mode="compact", **kw)
+    _set_grads(ps, 1)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    idx = saved["state"][0]["indices"]
+    saved["state"][0]["indices"] = {"unsorted": idx.flip(0), "out of range": idx + ps[0].numel(),
+                                    "float": idx.float()}[corrupt]
+    fresh = opt_class([p.detach().clone().requires_grad_() for p in ps], _masks(ps, 0.3, seed=8), lr=1e-2,
+                      mode="compact", **kw)
+    with pytest.raises((ValueError, IndexError), match="load_state_dict: the indices of param 0"):
+        fresh.load_state_dict(saved)
+
+
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_update_masks_keeps_adds_and_freezes(backend, mode, use_backend):

@@ -239,10 +239,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     def _check_loaded_state(self) -> None:
         """Every param has state that fits its mask: missing state starts at zero, a state tensor
-        of another size raises ValueError."""
+        of another size raises ValueError. Loaded indices are checked here, once: the steps do
+        not read them again (`check_indices=False`)."""
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 state, selector = self.state[p], self._selector_of(p)
+                if selector is not None and selector.dtype != torch.bool:
+                    if selector.dtype not in (torch.int32, torch.int64) or selector.dim() != 1:
+                        raise ValueError(f"load_state_dict: the indices of param {i} must be 1-D int32/int64, "
+                                         f"got {selector.dtype} of shape {tuple(selector.shape)}")
+                    checks.indices(f"load_state_dict: the indices of param {i}", selector, _local(p).numel())
                 keys = self._state_keys(group)
                 if not any(k in state for k in keys):
                     self._init_state(group, p, selector)
@@ -392,7 +398,7 @@ class MaskedAdamW(_MaskedOptimizer):
             [self.state[p]["init"] for p in params] if l1 != 0 else [],
             lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
             weight_decay=group["weight_decay"], l1_to_init=l1, amsgrad=group["amsgrad"],
-            grad_scale=grad_scale, found_inf=found_inf)
+            grad_scale=grad_scale, found_inf=found_inf, check_indices=False)
 
 
 class MaskedSGD(_MaskedOptimizer):
@@ -424,4 +430,4 @@ class MaskedSGD(_MaskedOptimizer):
         optim_ops.masked_sgd_(
             local, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
             momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"], grad_scale=grad_scale, found_inf=found_inf)
+            nesterov=group["nesterov"], grad_scale=grad_scale, found_inf=found_inf, check_indices=False)

@@ -93,8 +93,9 @@ def unaliased(written: set, t):
     return t
 
 
-def distinct_outputs(op: str, named: dict) -> None:
-    """No two tensors an op writes may share memory: the result would depend on the write order."""
+def distinct_outputs(op: str, named: dict) -> set:
+    """No two tensors an op writes may share memory: the result would depend on the write order.
+    Returns their storages' keys (`memory_keys` of them)."""
     seen = {}
     for name, t in named.items():
         key = memory_key(t)
@@ -103,6 +104,7 @@ def distinct_outputs(op: str, named: dict) -> None:
         if key in seen:
             raise ValueError(f"{op}: {seen[key]} and {name} share memory; both are written by the op")
         seen[key] = name
+    return set(seen)
 
 
 def indices(op: str, idx: torch.Tensor, numel: int) -> None:
@@ -217,8 +219,9 @@ def selection_of(selector) -> str:
 
 
 def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_scale, found_inf,
-                read_data: bool = True) -> None:
-    """Shapes, dtypes, devices and aliasing of a masked optimizer step; with read_data, the indices."""
+                read_data: bool = True) -> set:
+    """Shapes, dtypes, devices and aliasing of a masked optimizer step; with read_data, the indices.
+    Returns the memory keys of the tensors the step writes, for `step_inputs`."""
     n = len(params)
     if not (len(grads) == len(selectors) == len(steps) == n):
         raise ValueError(f"{op}: params, grads, selectors and steps must have one entry per parameter, got "
@@ -294,12 +297,12 @@ def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_s
                 raise ValueError(f"{op}: inits[{i}] must have {state_numel} entries on {p.device}")
             if init.dtype != p.dtype:
                 raise TypeError(f"{op}: inits[{i}] dtype {init.dtype} does not match the param's {p.dtype}")
-    distinct_outputs(op, written)
+    return distinct_outputs(op, written)
 
 
-def step_inputs(written, grads, selectors, inits):
-    """Contiguous, unaliased copies of a masked step's read-only inputs where needed."""
-    keys = memory_keys(written)
+def step_inputs(keys: set, grads, selectors, inits):
+    """Contiguous, unaliased copies of a masked step's read-only inputs where needed; `keys` are
+    the written tensors' memory keys (from `masked_step`)."""
 
     def fix(t):
         return None if t is None else unaliased(keys, t.contiguous())
