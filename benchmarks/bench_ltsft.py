@@ -169,16 +169,14 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args()
     machine = harness.describe_machine(args.device)
+    monitor = harness.LoadMonitor()
     before = harness.measure_ceilings(machine, quick=args.quick)
-    max_load = harness.load_average()
-    rows = []
-    for case in cases(quick=args.quick, device=args.device):
-        rows.append(harness.measure(case, args.device, quick=args.quick))
-        max_load = max(max_load, harness.load_average())
+    rows = [harness.measure(case, args.device, quick=args.quick) for case in cases(quick=args.quick, device=args.device)]
     after = harness.measure_ceilings(machine, quick=args.quick)
+    load = monitor.finish()
     for row in rows:
         harness.judge(row, harness.best_ceilings(before, after))
-    lines = harness.header_lines(machine, before, after, max_load, args.quick)
+    lines = harness.header_lines(machine, before, after, load, args.quick)
     lines += [""] + harness.format_table(rows) + [""] + [f"- {r.baseline}, {100 * r.density:g}%: {r.note}" for r in rows]
     lines += [""] + harness.format_targets(rows, args.quick)
     with contextlib.suppress(BrokenPipeError):

@@ -82,6 +82,49 @@ def load_average() -> float:
         return 0.0
 
 
+def _busy_and_own_ticks() -> tuple[int, int] | None:
+    """(busy clock ticks of all CPUs, ticks of this process and its reaped children), or None
+    where /proc does not say."""
+    try:
+        with open("/proc/stat") as f:
+            cpu = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, ValueError, IndexError):
+        return None
+    idle = cpu[3] + cpu[4]  # idle + iowait
+    own = sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return sum(cpu[:8]) - idle, own
+
+
+@dataclass
+class RunLoad:
+    """What else the machine did while a table was measured.
+
+    The load average alone cannot say: a run with 2 threads on 2 cores makes it about 2 by itself,
+    and kernel threads push it past 2 (2.2 seen on an idle machine). So the harness counts the CPU
+    time that other processes used during the run, from /proc/stat less this process's own."""
+
+    load_before: float  # 1-min load average when the run started: the machine's state, not ours
+    others_cores: float | None  # mean cores busy with other processes during the run (None: unknown)
+
+
+class LoadMonitor:
+    """Started before a run, finished after it: the run's `RunLoad`."""
+
+    def __init__(self):
+        self.load_before = load_average()
+        self.ticks = _busy_and_own_ticks()
+        self.start = time.perf_counter()
+
+    def finish(self) -> RunLoad:
+        ticks, seconds = _busy_and_own_ticks(), time.perf_counter() - self.start
+        if self.ticks is None or ticks is None or seconds <= 0:
+            return RunLoad(self.load_before, None)
+        others = (ticks[0] - self.ticks[0]) - (ticks[1] - self.ticks[1])
+        return RunLoad(self.load_before, max(0.0, others / os.sysconf("SC_CLK_TCK") / seconds))
+
+
 @dataclass
 class Machine:
     """What a table must say about where it was measured."""
@@ -123,36 +166,40 @@ class Ceilings:
     gemm_bf16_gflops: float | None  # None where bf16 is emulated (not a ceiling worth quoting)
 
 
-def _best_seconds(fn: Callable[[], object], device: str, reps: int) -> float:
+def _best_seconds(fn: Callable[[], object], device: str, seconds: float) -> float:
+    """The fastest of at least 3 calls, repeated for `seconds`: a ceiling is the best the machine
+    does, and a short window misses it (best-of-5 copies, 80 ms in all, read 45 to 55 GB/s from
+    one minute to the next on an idle 2-core EPYC; best of 1 s, 53 to 54)."""
     fn()
     sync(device)
-    best = math.inf
-    for _ in range(reps):
+    best, start, reps = math.inf, time.perf_counter(), 0
+    while reps < 3 or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         fn()
         sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best, reps = min(best, time.perf_counter() - t0), reps + 1
     return best
 
 
 def measure_ceilings(machine: Machine, quick: bool = False) -> Ceilings:
-    """The machine's copy bandwidth and GEMM rates, each the best of a few runs."""
+    """The machine's copy bandwidth and GEMM rates, each the best of about a second of runs."""
     device = machine.device
+    seconds = 0.25 if quick else 1.0
     n = (64 if quick else 256) * 2**20 // 4
     if device == "cuda":
         n *= 8
     src, dst = torch.randn(n, device=device), torch.empty(n, device=device)
-    copy_gbs = 2 * n * 4 / _best_seconds(lambda: dst.copy_(src), device, 5) / 1e9
+    copy_gbs = 2 * n * 4 / _best_seconds(lambda: dst.copy_(src), device, seconds) / 1e9
     del src, dst
     m = 1024 if quick else 2048
     if device == "cuda":
         m = 8192
     a, b = torch.randn(m, m, device=device), torch.randn(m, m, device=device)
-    fp32 = 2 * m**3 / _best_seconds(lambda: a @ b, device, 3) / 1e9
+    fp32 = 2 * m**3 / _best_seconds(lambda: a @ b, device, seconds) / 1e9
     bf16 = None
     if machine.bf16_hardware:  # an emulated bf16 GEMM is no ceiling (about 10 s for 2048x4096x1024 on AVX2)
         a, b = a.bfloat16(), b.bfloat16()
-        bf16 = 2 * m**3 / _best_seconds(lambda: a @ b, device, 3) / 1e9
+        bf16 = 2 * m**3 / _best_seconds(lambda: a @ b, device, seconds) / 1e9
     return Ceilings(copy_gbs, fp32, bf16)
 
 
@@ -172,9 +219,11 @@ def best_ceilings(before: Ceilings, after: Ceilings) -> Ceilings:
 NOISE_TOLERANCE = 0.10
 
 
-def noisy_reasons(before: Ceilings, after: Ceilings, max_load: float, threads: int,
+def noisy_reasons(before: Ceilings, after: Ceilings, load: RunLoad, threads: int,
                   tolerance: float = NOISE_TOLERANCE) -> list[str]:
-    """Why a table measured between `before` and `after` is not to be trusted (empty: quiet)."""
+    """Why a table measured between `before` and `after` is not to be trusted (empty: quiet):
+    a ceiling moved by more than `tolerance`, the load average exceeded the thread count before
+    the run, or other processes took more than `tolerance` of the CPU time the run's threads had."""
     reasons = []
     pairs = [("copy bandwidth", before.copy_gbs, after.copy_gbs),
              ("fp32 GEMM", before.gemm_fp32_gflops, after.gemm_fp32_gflops)]
@@ -184,8 +233,14 @@ def noisy_reasons(before: Ceilings, after: Ceilings, max_load: float, threads: i
         change = abs(b - a) / max(a, b)
         if change > tolerance:
             reasons.append(f"{name} changed by {100 * change:.0f}% during the run ({a:.1f} -> {b:.1f})")
-    if max_load > threads:
-        reasons.append(f"1-min load average reached {max_load:.1f}, above the {threads} threads used")
+    if load.load_before > threads:
+        reasons.append(f"1-min load average was {load.load_before:.1f} when the run started, "
+                       f"above the {threads} threads used")
+    if load.others_cores is None:
+        reasons.append("the CPU time of other processes could not be read")
+    elif load.others_cores > tolerance * threads:
+        reasons.append(f"other processes kept {load.others_cores:.2f} cores busy during the run, "
+                       f"more than {100 * tolerance:.0f}% of the {threads} threads used")
     return reasons
 
 
@@ -394,10 +449,10 @@ def judge(row: Row, ceilings: Ceilings) -> Row:
 
 # --- the table ---------------------------------------------------------------------------------
 
-def header_lines(machine: Machine, before: Ceilings, after: Ceilings, max_load: float, quick: bool) -> list[str]:
+def header_lines(machine: Machine, before: Ceilings, after: Ceilings, load: RunLoad, quick: bool) -> list[str]:
     """The facts printed above every table, NOISY first when the run was disturbed."""
     lines = []
-    reasons = noisy_reasons(before, after, max_load, machine.threads)
+    reasons = noisy_reasons(before, after, load, machine.threads)
     if reasons:
         lines.append("**NOISY: do not publish these numbers.** " + "; ".join(reasons) + ".")
     isa = ", ".join(machine.isa) or "none of AVX2/AVX-512/AMX"
@@ -409,7 +464,8 @@ def header_lines(machine: Machine, before: Ceilings, after: Ceilings, max_load: 
 
     lines += [f"- processor: {machine.processor}; vector ISA: {isa}; xlsparse CPU kernels: {machine.kernel_set}",
               f"- device: {machine.device}; torch {machine.torch}; {machine.threads} threads"
-              f"; max 1-min load average during the run: {max_load:.1f}",
+              f"; 1-min load average at the start: {load.load_before:.2f}; cores busy with other "
+              f"processes during the run: {'unknown' if load.others_cores is None else f'{load.others_cores:.2f}'}",
               f"- ceilings before: {ceil(before)}",
               f"- ceilings after:  {ceil(after)}",
               "- timing: median (min, max) of pairs timed alternately in one process"
@@ -465,15 +521,15 @@ def format_targets(rows: list[Row], quick: bool) -> list[str]:
     return lines
 
 
-def save(family: str, rows: list[Row], machine: Machine, before: Ceilings, after: Ceilings, max_load: float,
+def save(family: str, rows: list[Row], machine: Machine, before: Ceilings, after: Ceilings, load: RunLoad,
          out_dir: str) -> str:
     """Write one family's rows, with the machine and both ceilings, to `out_dir/<family>.json`."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"{family}.json")
     tmp = path + ".tmp"
     record = {"family": family, "machine": asdict(machine), "ceilings_before": asdict(before),
-              "ceilings_after": asdict(after), "max_load": max_load,
-              "noisy": noisy_reasons(before, after, max_load, machine.threads), "rows": [asdict(r) for r in rows]}
+              "ceilings_after": asdict(after), "load": asdict(load),
+              "noisy": noisy_reasons(before, after, load, machine.threads), "rows": [asdict(r) for r in rows]}
     with open(tmp, "w") as f:
         json.dump(record, f, indent=1)
     os.replace(tmp, path)

@@ -2,7 +2,10 @@
 peak memory, targets, and `xlsparse bench --plot` on a fake family. Nothing here is timed."""
 import importlib
 import json
+import os
+import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -38,30 +41,51 @@ def _ceilings(copy=20.0, fp32=100.0, bf16=None):
     return harness.Ceilings(copy, fp32, bf16)
 
 
+def _load(before=0.5, others=0.0):
+    return harness.RunLoad(load_before=before, others_cores=others)
+
+
 def test_noisy_marking():
-    quiet = harness.noisy_reasons(_ceilings(), _ceilings(copy=19.0, fp32=105.0), max_load=1.9, threads=2)
+    quiet = harness.noisy_reasons(_ceilings(), _ceilings(copy=19.0, fp32=105.0), _load(1.9, 0.1), threads=2)
     assert quiet == []
-    copy_drop = harness.noisy_reasons(_ceilings(), _ceilings(copy=17.0), max_load=0.5, threads=2)
+    copy_drop = harness.noisy_reasons(_ceilings(), _ceilings(copy=17.0), _load(), threads=2)
     assert len(copy_drop) == 1 and "copy bandwidth" in copy_drop[0]
-    gemm_rise = harness.noisy_reasons(_ceilings(fp32=80.0), _ceilings(fp32=100.0), max_load=0.5, threads=2)
+    gemm_rise = harness.noisy_reasons(_ceilings(fp32=80.0), _ceilings(fp32=100.0), _load(), threads=2)
     assert len(gemm_rise) == 1 and "fp32 GEMM" in gemm_rise[0]  # 20% of the larger: up counts as down
-    bf16 = harness.noisy_reasons(_ceilings(bf16=500.0), _ceilings(bf16=400.0), max_load=0.5, threads=2)
+    bf16 = harness.noisy_reasons(_ceilings(bf16=500.0), _ceilings(bf16=400.0), _load(), threads=2)
     assert len(bf16) == 1 and "bf16" in bf16[0]
-    loaded = harness.noisy_reasons(_ceilings(), _ceilings(), max_load=2.5, threads=2)
+    loaded = harness.noisy_reasons(_ceilings(), _ceilings(), _load(before=2.5), threads=2)
     assert len(loaded) == 1 and "load average" in loaded[0]
-    assert harness.noisy_reasons(_ceilings(), _ceilings(), max_load=2.0, threads=2) == []  # equal is not above
-    both = harness.noisy_reasons(_ceilings(), _ceilings(copy=10.0), max_load=7.0, threads=2)
+    assert harness.noisy_reasons(_ceilings(), _ceilings(), _load(before=2.0), threads=2) == []  # equal is not above
+    # Other processes' CPU time: 10% of the run's threads is the limit (0.2 cores of 2 threads).
+    busy = harness.noisy_reasons(_ceilings(), _ceilings(), _load(others=0.3), threads=2)
+    assert len(busy) == 1 and "other processes" in busy[0]
+    assert harness.noisy_reasons(_ceilings(), _ceilings(), _load(others=0.2), threads=2) == []
+    assert "could not be read" in harness.noisy_reasons(_ceilings(), _ceilings(), _load(others=None), threads=2)[0]
+    both = harness.noisy_reasons(_ceilings(), _ceilings(copy=10.0), _load(before=7.0), threads=2)
     assert len(both) == 2
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/stat"), reason="needs Linux /proc")
+def test_load_monitor_counts_other_processes_cpu_time():
+    # A child spinning for about a second is another process's load; the monitor must see most of
+    # a core of it (read before the child is reaped, when its time would join this process's).
+    monitor = harness.LoadMonitor()
+    spinner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 1.0\nwhile time.time() < end: pass"])
+    time.sleep(1.2)
+    load = monitor.finish()
+    spinner.wait()
+    assert load.others_cores is not None and load.others_cores > 0.4
 
 
 def test_header_says_noisy_only_when_noisy():
     machine = harness.Machine("cpu", "AMD EPYC 7B13", ["AVX2", "FMA"], "avx2", 2, "2.13.0", False)
-    quiet = harness.header_lines(machine, _ceilings(), _ceilings(), 1.0, quick=False)
+    quiet = harness.header_lines(machine, _ceilings(), _ceilings(), _load(1.0), quick=False)
     assert not any("NOISY" in line for line in quiet)
     assert any("AMD EPYC 7B13" in line and "AVX2, FMA" in line and "CPU kernels: avx2" in line for line in quiet)
     assert any("2 threads" in line and "torch 2.13.0" in line for line in quiet)
     assert sum("ceilings" in line and "copy 20.0 GB/s" in line for line in quiet) == 2  # before and after
-    noisy = harness.header_lines(machine, _ceilings(), _ceilings(), 5.0, quick=False)
+    noisy = harness.header_lines(machine, _ceilings(), _ceilings(), _load(5.0), quick=False)
     assert noisy[0].startswith("**NOISY")
 
 

@@ -37,22 +37,20 @@ def _progress(items, desc: str):
     return tqdm(items, desc=desc, unit="case", file=sys.stderr)
 
 
-def _measure_families(harness, families: dict, names: list, args) -> tuple[dict, float]:
-    """{family: rows}, and the highest 1-min load average seen while they ran."""
-    max_load = harness.load_average()
+def _measure_families(harness, families: dict, names: list, args) -> dict:
+    """{family: rows}."""
     results = {}
     for name in names:
         module = importlib.import_module(f"xlsparse.benchmarks.{families[name]}")
         rows = []
         for case in _progress(module.cases(quick=args.quick, device=args.device), name):
-            max_load = max(max_load, harness.load_average())
             try:
                 rows.append(harness.measure(case, args.device, quick=args.quick))
             except (RuntimeError, ValueError, TypeError, IndexError, NotImplementedError) as exc:
                 # One broken kernel must not hide the other rows; its row says FAILED and the run exits 1.
                 rows.append(harness.failed_row(case, exc))
         results[name] = rows
-    return results, max(max_load, harness.load_average())
+    return results
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -70,24 +68,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = harness.describe_machine(args.device)
+    monitor = harness.LoadMonitor()
     before = harness.measure_ceilings(machine, quick=args.quick)
-    results, max_load = _measure_families(harness, families, names, args)
+    results = _measure_families(harness, families, names, args)
     after = harness.measure_ceilings(machine, quick=args.quick)
+    load = monitor.finish()
     best = harness.best_ceilings(before, after)
-    lines = harness.header_lines(machine, before, after, max_load, args.quick)
+    lines = harness.header_lines(machine, before, after, load, args.quick)
     all_rows = []
     for name, rows in results.items():
         for row in rows:  # roofline shares against the higher of the two measured ceilings
             harness.judge(row, best)
         lines += ["", f"### {name}", ""] + harness.format_table(rows)
-        path = harness.save(name, rows, machine, before, after, max_load, args.out)
+        path = harness.save(name, rows, machine, before, after, load, args.out)
         print(f"<!-- {name}: {len(rows)} rows written to {path} -->", file=sys.stderr)
         all_rows += rows
     lines += ["", "### targets (issue 14)", ""] + harness.format_targets(all_rows, args.quick)
     print("\n".join(lines), flush=True)
     if args.plot:
         plot = importlib.import_module("xlsparse.benchmarks.plot")
-        noisy = "NOISY " if harness.noisy_reasons(before, after, max_load, machine.threads) else ""
+        noisy = "NOISY " if harness.noisy_reasons(before, after, load, machine.threads) else ""
         title = f"{noisy}{machine.processor}, {machine.threads} threads, torch {machine.torch}"
         print(f"plot written to {plot.plot([dataclasses.asdict(r) for r in all_rows], args.plot, title)}")
     failed = [r for r in all_rows if r.note.startswith("FAILED")]

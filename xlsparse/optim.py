@@ -113,11 +113,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if self.mode == "dense":
                 return mask.detach().clone()
             return _index_tensor(mask.reshape(-1).nonzero().flatten(), p.numel())
-        if mask.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{name}: mask must be bool or int32/int64 indices, got {mask.dtype}")
-        if mask.dim() != 1:
-            raise ValueError(f"{name}: indices must be 1-D, got shape {tuple(mask.shape)}")
-        checks.indices(name, mask, p.numel())
+        _check_index_tensor(name, mask, p.numel())
         if self.mode == "compact":
             return mask.detach().clone().contiguous()
         return _bool_mask(mask, p.shape)
@@ -245,10 +241,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             for i, p in enumerate(group["params"]):
                 state, selector = self.state[p], self._selector_of(p)
                 if selector is not None and selector.dtype != torch.bool:
-                    if selector.dtype not in (torch.int32, torch.int64) or selector.dim() != 1:
-                        raise ValueError(f"load_state_dict: the indices of param {i} must be 1-D int32/int64, "
-                                         f"got {selector.dtype} of shape {tuple(selector.shape)}")
-                    checks.indices(f"load_state_dict: the indices of param {i}", selector, _local(p).numel())
+                    _check_index_tensor(f"load_state_dict: the indices of param {i}", selector, _local(p).numel())
                 keys = self._state_keys(group)
                 if not any(k in state for k in keys):
                     self._init_state(group, p, selector)
@@ -334,6 +327,16 @@ def _dtensor_type() -> tuple:
 
 def _is_dtensor(t: torch.Tensor) -> bool:
     return isinstance(t, _dtensor_type())
+
+
+def _check_index_tensor(name: str, indices: torch.Tensor, numel: int) -> None:
+    """The form every index selector must have, wherever it comes in (a mask argument, a loaded
+    state): 1-D int32/int64, sorted, unique, within `numel`."""
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: must be bool or int32/int64 indices, got {indices.dtype}")
+    if indices.dim() != 1:
+        raise ValueError(f"{name}: indices must be 1-D, got shape {tuple(indices.shape)}")
+    checks.indices(name, indices, numel)
 
 
 def _index_tensor(indices: torch.Tensor, numel: int) -> torch.Tensor:
