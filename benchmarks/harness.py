@@ -168,8 +168,8 @@ class Ceilings:
 
 def _best_seconds(fn: Callable[[], object], device: str, seconds: float) -> float:
     """The fastest of at least 3 calls, repeated for `seconds`: a ceiling is the best the machine
-    does, and a short window misses it (best-of-5 copies, 80 ms in all, read 45 to 55 GB/s from
-    one minute to the next on an idle 2-core EPYC; best of 1 s, 53 to 54)."""
+    does, and a short window misses it (within one minute on an idle 2-core EPYC, best-of-5
+    copies, 80 ms in all, read 45 to 55 GB/s; the best of 1 s, 53 to 54)."""
     fn()
     sync(device)
     best, start, reps = math.inf, time.perf_counter(), 0
