@@ -636,16 +636,15 @@ def _fixed_selection(trainer):
 _DDP_SCRIPT = '''
 import sys, torch
 sys.path.insert(0, {tests!r})
-from test_lt_sft import _LMData, _args, _fixed_selection, _no_dropout
+from test_lt_sft import _LMData, _args, _ddp_sft_args, _fixed_selection, _no_dropout
 from tiny_models import tiny
-from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner
 trainer = LotteryTicketSparseFineTuner(
     model=_no_dropout(tiny("bert")), args=_args({out!r}, per_device_train_batch_size=4, logging_steps=1000,
                                                 # BertForMaskedLM's loss ignores num_items_in_batch, so the
                                                 # Trainer's token averaging would double its gradient
                                                 average_tokens_across_devices=False),
-    train_dataset=_LMData(n=8), sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
-                                                      sparse_ft_max_steps_per_iteration=3, sparse_l1_reg=5.0))
+    train_dataset=_LMData(n=8), sft_args=_ddp_sft_args({dynamic!r}))
 _fixed_selection(trainer).train()
 if trainer.args.process_index == 0:
     assert trainer.args.world_size == 2, trainer.args.world_size
@@ -653,8 +652,21 @@ if trainer.args.process_index == 0:
 '''
 
 
+def _ddp_sft_args(dynamic: bool):
+    """The DDP test's arguments: a static support, or one re-selected after steps 2 and 4 (from
+    gradients that each process taps from its own half of the batch)."""
+    from xlsparse.hf.lt_sft import DynamicSftArguments
+
+    common = dict(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=5,
+                  sparse_l1_reg=5.0)
+    if dynamic:
+        return DynamicSftArguments(**common, reselection_steps=2, selection_accumulation_steps=2, drop_fraction=0.3)
+    return SftArguments(**common)
+
+
 @pytest.mark.slow
-def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path):
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic):
     import os
     import subprocess
 
@@ -662,21 +674,30 @@ def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path):
 
     tests = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path), dynamic=dynamic))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           "29631", str(script)), env=env, capture_output=True, text=True, timeout=600)
+                           str(29631 + dynamic), str(script)), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
     single = LotteryTicketSparseFineTuner(
         model=_no_dropout(tiny("bert")), args=_args(tmp_path / "one"), train_dataset=_LMData(n=8),
-        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3,
-                              sparse_l1_reg=5.0))
+        sft_args=_ddp_sft_args(dynamic))
+    initial = {}
+    if dynamic:
+        class _Grab(transformers.TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if single._phase == "sparse":
+                    initial.update({n: m.clone() for n, m in single._masks.items()})
+
+        single.add_callback(_Grab())
     _fixed_selection(single).train()
     assert set(ddp.deltas) == set(single.sft.deltas)
     for n, d in single.sft.deltas.items():
         assert torch.equal(ddp.deltas[n].indices, d.indices), n
         torch.testing.assert_close(ddp.deltas[n].values, d.values, atol=2e-5, rtol=1e-3)
+    if dynamic:  # the supports did move, and moved alike
+        assert any(not torch.equal(initial[n].long(), d.indices.long()) for n, d in single.sft.deltas.items() if n in initial)
 
 
 def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path):

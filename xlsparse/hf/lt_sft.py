@@ -144,10 +144,11 @@ class DynamicSftArguments(SftArguments):
     as it was (as SpIEL). Differences from SpIEL: the initial support is LT-SFT's phase-1
     selection; every non-kept entry is a candidate (SpIEL tracks K candidates); the drop fraction
     is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
-    the accumulated gradients). During the accumulation window each converted layer computes its
-    dense weight gradient once per step (dYᵀX, or a row scatter for embeddings) into one dense
-    buffer per parameter, freed after the reselection; outside the window training stays O(K).
-    Biases and norms keep their support."""
+    the accumulated gradients). During the accumulation window each converted layer adds its
+    dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
+    embeddings) into one dense buffer per parameter, freed after the reselection; outside the
+    window training stays O(K). Under DDP the buffers are averaged over the processes before a
+    reselection, so every process selects the same support. Biases and norms keep their support."""
 
     reselection_steps: int = 20
     drop_fraction: float = 0.1
@@ -195,8 +196,21 @@ class _Reselection(TrainerCallback):
                 h.remove()
             self.hooks = []
             if state.global_step < state.max_steps:  # never after the last step
-                t._reselect(self.grads)
+                t._reselect(_mean_over_processes(self.grads))
             self.grads = {}
+
+
+def _mean_over_processes(grads: dict) -> dict:
+    """The accumulated gradients averaged over the processes of a distributed run, as DDP averages
+    the gradients it syncs: each process taps only its own batch, and a reselection that differed
+    between processes would train different supports on each."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for acc in grads.values():
+            dist.all_reduce(acc)
+            acc.div_(dist.get_world_size())
+    return grads
 
 
 def _gradient_tap(acc: torch.Tensor):
@@ -214,6 +228,8 @@ def _gradient_tap(acc: torch.Tensor):
                     if layer.padding_idx is not None:
                         rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
                     acc.index_add_(0, ids, rows.to(acc.dtype))
+                elif dy.dtype == x.dtype == acc.dtype:  # one GEMM with β = 1: no per-step O x I product
+                    acc.addmm_(dy.reshape(-1, acc.shape[0]).t(), x.reshape(-1, acc.shape[1]))
                 else:
                     acc.add_((dy.reshape(-1, acc.shape[0]).t() @ x.reshape(-1, acc.shape[1])).to(acc.dtype))
         output.register_hook(on_grad)
