@@ -12,9 +12,9 @@ Shapes: XLM-R base (vocab 250002, hidden 768, 12 layers, FFN 3072; 278M paramete
 tokens per step (8 × 256); --quick uses vocab 8000, hidden 256, 2 layers, T = 512. The note
 column gives the gradient plus optimizer-state bytes each way holds after a step, against
 3 × K × 4 bytes. Not measured here: `DynamicSftArguments`' gradient-accumulation window, where
-each converted layer computes its dense weight gradient (dYᵀX) once per step into a dense buffer
-(no kernel accumulates candidate gradients sparsely yet), so window steps cost about what a
-dense-masked step does.
+each converted layer adds its dense weight gradient (dYᵀX, one GEMM with β = 1) into a dense
+buffer once per step (every unselected entry is a candidate, so the sum is dense by definition),
+so window steps cost about what a dense-masked step does.
 """
 import argparse
 import contextlib

@@ -61,6 +61,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from ..diff import SparseDelta, SparseDiff, apply, index_dtype
+from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW
@@ -196,21 +197,10 @@ class _Reselection(TrainerCallback):
                 h.remove()
             self.hooks = []
             if state.global_step < state.max_steps:  # never after the last step
-                t._reselect(_mean_over_processes(self.grads))
+                # each process tapped only its own batch: average as DDP averages gradients, or the
+                # processes would select different supports
+                t._reselect(all_reduce_scores(self.grads, op="mean"))
             self.grads = {}
-
-
-def _mean_over_processes(grads: dict) -> dict:
-    """The accumulated gradients averaged over the processes of a distributed run, as DDP averages
-    the gradients it syncs: each process taps only its own batch, and a reselection that differed
-    between processes would train different supports on each."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for acc in grads.values():
-            dist.all_reduce(acc)
-            acc.div_(dist.get_world_size())
-    return grads
 
 
 def _gradient_tap(acc: torch.Tensor):
