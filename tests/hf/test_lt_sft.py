@@ -391,18 +391,28 @@ def test_keep_updates_revert_versus_the_exact_revert():
     assert torch.equal(w, before)
 
 
-def test_multi_source_training_applies_each_batch_source_sft(tmp_path):
-    base = _no_dropout(tiny("bert"))
-    names = ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"]
+_SOURCE_NAMES = ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"]
+
+
+def _source_sfts(base) -> dict:
+    """Random 30-entry language SFTs "de" and "fr" on two matrices of the tiny BERT."""
     params = dict(base.named_parameters())
     g = torch.Generator().manual_seed(5)
     sources = {}
     for lang in ("de", "fr"):
         deltas = {}
-        for n in names:
+        for n in _SOURCE_NAMES:
             idx = torch.randperm(params[n].numel(), generator=g)[:30].sort().values
             deltas[n] = xlsparse.SparseDelta(idx, 0.5 * torch.randn(30, generator=g), params[n].shape)
         sources[lang] = SparseDiff(deltas)
+    return sources
+
+
+def test_multi_source_training_applies_each_batch_source_sft(tmp_path):
+    base = _no_dropout(tiny("bert"))
+    names = _SOURCE_NAMES
+    params = dict(base.named_parameters())
+    sources = _source_sfts(base)
     data = {"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)}
     dataset = MultiSourceDataset(data)
     assert len(dataset) == 8 and dataset[0][SOURCE_KEY] == "de" and dataset[7][SOURCE_KEY] == "fr"
@@ -617,6 +627,26 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
         assert torch.equal(a.absolute[n], b.absolute[n]), n
     with pytest.raises(ValueError, match="sparse phase"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+
+
+def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(tmp_path):
+    # 2 sources x 4 items in batches of 2: 4 batches an epoch; checkpoint 5 is one step into the
+    # sparse phase's second epoch, whose batch order the resumed sampler must reproduce
+    def trainer(out, **kw):
+        data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+        return LotteryTicketSparseFineTuner(
+            model=_no_dropout(tiny("bert")), args=_args(out, per_device_train_batch_size=2, **kw), train_dataset=data,
+            source_sfts=_source_sfts(tiny("bert")),
+            sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=7))
+
+    whole = trainer(tmp_path, save_strategy="steps", save_steps=1)
+    whole.train()
+    resumed = trainer(tmp_path / "again")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-5"))
+    a, b = whole.sft, resumed.sft
+    assert set(a.deltas) == set(b.deltas)
+    for n in a.deltas:
+        assert torch.equal(a.deltas[n].indices, b.deltas[n].indices) and torch.equal(a.deltas[n].values, b.deltas[n].values), n
 
 
 def _fixed_selection(trainer):

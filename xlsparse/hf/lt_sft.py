@@ -877,7 +877,9 @@ class MultiSourceDataset(torch.utils.data.Dataset):
 class SingleSourceBatchSampler(torch.utils.data.Sampler):
     """Batches of one source each (composable-sft's `MultiSourceDataLoader`): each source's items
     are cut into batches, and with `shuffle` the items within a source and the batch order are
-    shuffled with a seed that changes per epoch."""
+    shuffled with seed + epoch. The epoch counts this sampler's passes unless `set_epoch` names
+    it, as the Trainer does each epoch: a run resumed in a later epoch then sees that epoch's
+    order, not epoch 0's."""
 
     def __init__(self, dataset: MultiSourceDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = False):
@@ -900,6 +902,10 @@ class SingleSourceBatchSampler(torch.utils.data.Sampler):
         if self.shuffle:
             out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
         return out
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order the next pass yields (later passes count on from it)."""
+        self.epoch = epoch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
