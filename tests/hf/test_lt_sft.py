@@ -281,6 +281,20 @@ class _Inspect(transformers.TrainerCallback):
                           sum(p.grad.numel() for p in self.trainer.model.parameters() if p.grad is not None)))
 
 
+def test_save_model_after_training_writes_the_trained_deltas_in_bfloat16(tmp_path):
+    # folded into bf16 weights, a delta below half an ulp of θ0 is lost: θ − θ0 would save it as 0
+    trainer = LotteryTicketSparseFineTuner(
+        model=_no_dropout(tiny("bert")).to(torch.bfloat16), args=_args(tmp_path, learning_rate=1e-3),
+        train_dataset=_LMData(n=16),
+        sft_args=SftArguments(ft_params_num=2000, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=3))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = SparseDiff.load(str(tmp_path / "final" / "sft.safetensors"))
+    assert set(saved.deltas) == set(trainer.sft.deltas)
+    for n, d in trainer.sft.deltas.items():
+        assert torch.equal(saved.deltas[n].indices, d.indices) and torch.equal(saved.deltas[n].values, d.values), n
+
+
 def test_phase_two_allocates_no_dense_gradient(tmp_path):
     model = tiny("bert")
     trainer = LotteryTicketSparseFineTuner(
