@@ -299,6 +299,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         if not isinstance(self.sft_args, SftArguments):
             raise TypeError(f"sft_args must be an SftArguments, got {type(self.sft_args).__name__}")
         self.sft: SparseDiff | None = None
+        self._sft_at_end: SparseDiff | None = None  # the last sparse phase's deltas, until the model trains again
         self._phase = "full"
         self._untie_and_freeze()
         self._names = _canonical_names(self.model)
@@ -462,6 +463,7 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError(f"SftArguments.{phase}_ft_max_epochs_per_iteration = {epochs} gives no optimizer step "
                              "(fewer batches per epoch than gradient_accumulation_steps)")
         self.args.max_steps = steps  # in place: a new TrainingArguments would reset accelerate's state
+        self._sft_at_end = None
         if phase == "sparse":
             self._convert()
             if resumed_deltas is not None:  # the checkpoint's deltas themselves, not θ − θ0 rounded
@@ -749,12 +751,15 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The Trainer's save_model (the model as it is now, converted layers included), plus the
-        SFT as `sft.safetensors` (`SparseDiff.save`)."""
+        SFT as `sft.safetensors` (`SparseDiff.save`): after a sparse phase (and after `train()`),
+        the trained deltas themselves, `self.sft`; folding them into a bfloat16 model rounds them,
+        so θ − θ0 would lose the small ones. During training, the SFT as the model holds it."""
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save and self._masks:
             folder = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(folder, exist_ok=True)
-            self.current_sft().save(os.path.join(folder, SFT_FILE))
+            sft = self._sft_at_end if self._sft_at_end is not None and not self._converted else self.current_sft()
+            sft.save(os.path.join(folder, SFT_FILE))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """During a sparse phase the weights are saved folded (θ0 + Δ) under the model's own
