@@ -89,6 +89,10 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         if self.merged or self.disabled:  # merged into the base, or the base alone
             if self.merged and self.disabled:
                 raise RuntimeError("SparseDeltaLinear: disabled while merged; unmerge first")
+            if self.merged and self.training and torch.is_grad_enabled() and self.delta_values.requires_grad:
+                # the merged weight is one plain tensor: Δ would get no gradient and never train
+                raise RuntimeError("SparseDeltaLinear is merged and in training mode: its delta would get no "
+                                   "gradient; call unmerge() (xlsparse.hf.unmerge) before training, or model.eval()")
             return nn.functional.linear(x, self.weight, self.bias)
         return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values)
 

@@ -68,6 +68,12 @@ def test_merge_matches_and_unmerge_restores_bit_exactly(arch):
     converted_out = model(input_ids=ids).logits
     hf.merge(model)
     torch.testing.assert_close(model(input_ids=ids).logits, converted_out, rtol=1e-4, atol=1e-5)
+    model.train()  # training a merged model would leave every delta without a gradient
+    with pytest.raises(RuntimeError, match="merged and in training mode"):
+        model(input_ids=ids)
+    with torch.no_grad():
+        model(input_ids=ids)  # inference in training mode (no grad) stays allowed
+    model.eval()
     hf.unmerge(model)
     for n, p in model.named_parameters():
         assert _bits_equal(p.detach(), before[n]), n
