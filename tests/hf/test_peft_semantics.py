@@ -99,6 +99,16 @@ def test_train_save_reload_merge_unload_round_trip(arch, tmp_path):
     reloaded = hf.from_pretrained(fresh, tmp_path / "sft")
     assert torch.equal(_bits(reloaded(input_ids=ids).logits), _bits(trained))
 
+    # a file with an entry the layer cannot take (a dense one, made by hand) is refused, not half loaded
+    name = next(iter(diff.deltas))
+    hand = xlsparse.SparseDiff._trusted({n: d for n, d in diff.deltas.items() if n != name},
+                                        {name: diff.deltas[name].to_dense()}, diff.absolute)
+    (tmp_path / "hand").mkdir()
+    (tmp_path / "hand" / "xlsparse_config.json").write_text((tmp_path / "sft" / "xlsparse_config.json").read_text())
+    hand.save(str(tmp_path / "hand" / "xlsparse_diff.safetensors"))
+    with pytest.raises(ValueError, match="does not take"):
+        hf.from_pretrained(classifier(arch)[0], tmp_path / "hand")
+
     # extract_diff + apply on a fresh, unconverted base equals the trained model
     base, _ = classifier(arch)
     with xlsparse.apply([hf.extract_diff(model)], base):

@@ -653,6 +653,11 @@ def from_pretrained(base_model: nn.Module, directory: str) -> nn.Module:
     model's bit for bit."""
     config = XlsparseConfig.load(directory)
     diff = SparseDiff.load(os.path.join(directory, DIFF_NAME))
+    # save_pretrained never writes these; a file that has them (made by hand) would lose them
+    unused = [*diff.dense, *(diff.deltas if config.kind == "multi" else ())]
+    if unused:
+        raise ValueError(f"from_pretrained: {DIFF_NAME} has entries a {config.kind!r} model does not take: {unused[:3]} "
+                         "(dense entries, or deltas outside the per-language files)")
     if config.kind == "delta":
         convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
                 modules_to_save=config.modules_to_save)
