@@ -395,7 +395,7 @@ def test_from_dense_and_topk_mask():
 def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
     use_backend(backend)
     base, lang_model, task_model = _model(0), _model(1), _model(2)
-    lang = SparseDiff.from_models(base, lang_model, density=0.2)
+    lang = SparseDiff.from_models(base, lang_model, density=0.2, exclude=r"^1\.")  # task's head replaces 1.weight
     task = SparseDiff.from_models(base, task_model, k=40, exclude=[r"^1\.", r"^2\.bias"])
     task.dense["2.bias"] = torch.randn(3)
     task.absolute["1.weight"] = torch.randn(9)
@@ -429,6 +429,27 @@ def test_apply_rejects_unknown_or_misshaped_parameter():
         SparseDiff({"enc.w": SparseDelta(torch.tensor([1]), torch.randn(1), (4,))}).apply(model)
     with pytest.raises(ValueError, match="diff 1: '0.bias' has shape"):
         xlsparse.apply([SparseDiff(), SparseDiff({"0.bias": SparseDelta(torch.tensor([1]), torch.randn(1), (4,))})], model)
+
+
+def test_apply_refuses_an_absolute_entry_and_another_change_of_its_tensor():
+    # The absolute value would override the other change, or not, by diff order (merge refuses it too).
+    model = _model(0)
+    before = _params(model)
+    sparse = SparseDiff({"0.bias": SparseDelta(torch.tensor([1]), torch.ones(1), (9,))})
+    dense = SparseDiff(dense={"0.bias": torch.ones(9)})
+    head, head2 = (SparseDiff(absolute={"0.bias": torch.full((9,), v)}) for v in (7.0, -1.0))
+    for pair in ([sparse, head], [head, sparse], [dense, head], [head, dense], [head, head2]):
+        with pytest.raises(ValueError, match="'0.bias' is changed by diffs 0 and 1, and one of them is an absolute entry"):
+            xlsparse.apply(pair, model)
+    for name, p in model.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
+    tied = torch.zeros(3)
+    with pytest.raises(ValueError, match=r"'emb' \(tied to 'dec'\) is changed by diffs 0 and 1"):
+        xlsparse.apply([SparseDiff(dense={"emb": torch.ones(3)}), SparseDiff(absolute={"dec": torch.ones(3)})],
+                       {"emb": tied, "dec": tied})
+    assert not tied.any()
+    with xlsparse.apply([sparse, dense, head], model, with_abs=False):  # without the head: two sums
+        torch.testing.assert_close(model[0].bias[1], before["0.bias"][1] + 2)
 
 
 @pytest.mark.parametrize("backend", MERGE_BACKENDS)

@@ -227,8 +227,10 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     """`W <- W + sum_i alphas[i] * diffs[i]` on every parameter the diffs name, in one fused call.
 
     Deltas of several diffs on one parameter are summed in float32 (float64 for float64
-    parameters) and stored once. Dense entries are added, absolute entries copied in. Returns a
-    handle whose `revert()` restores the model bit-exactly (also usable as a context manager).
+    parameters) and stored once. Dense entries are added, absolute entries copied in; a parameter
+    that is absolute in one diff and named by another diff of the call (tied names included) is a
+    ValueError, as in `SparseDiff.merge`. Returns a handle whose `revert()` restores the model
+    bit-exactly (also usable as a context manager).
 
     `with_abs=False` skips the absolute entries of every diff in the call (composable-sft's
     `apply(model, with_abs=False)`): a language SFT's MLM head is then neither needed by nor
@@ -247,12 +249,13 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             raise ValueError(f"apply: alphas[{i}] must be finite, got {a}")
     named = _named_tensors(model)
     dense, slot, indices, values, target, entry_alpha = [], {}, [], [], [], []
-    touched_whole = {}
+    touched_whole, claims = {}, {}
     for i, (diff, alpha) in enumerate(zip(diffs, alphas)):
         what = f"apply: diff {i}"
         if not isinstance(diff, SparseDiff):
             raise TypeError(f"{what} is a {type(diff).__name__}, not a SparseDiff")
         _refuse_tied_twice(what, diff, named)
+        _refuse_absolute_clash(i, diff, named, claims)
         for name, delta in diff.deltas.items():
             param = _lookup(named, name, what)
             _check_shape(param, delta.shape, what, name)
@@ -319,6 +322,21 @@ def _refuse_tied_twice(what: str, diff: "SparseDiff", named: dict) -> None:
             if other != name:
                 raise ValueError(f"{what}: names both {other!r} and {name!r}, which are one tied tensor; "
                                  "keep one of them")
+
+
+def _refuse_absolute_clash(i: int, diff: "SparseDiff", named: dict, claims: dict) -> None:
+    """An absolute entry replaces its tensor, so another change of that tensor (tied names
+    included) in the same apply would be lost or not depending on the order: refused, as in
+    `merge`. `claims` maps each tensor to the first (diff, name, absolute?) that named it."""
+    for name in [*diff.deltas, *diff.dense, *diff.absolute]:
+        absolute = name in diff.absolute
+        j, other, other_absolute = claims.setdefault(_storage_key(_lookup(named, name, f"apply: diff {i}")),
+                                                     (i, name, absolute))
+        if j != i and (absolute or other_absolute):
+            names = repr(name) if name == other else f"{other!r} (tied to {name!r})"
+            raise ValueError(f"apply: {names} is changed by diffs {j} and {i}, and one of them is an absolute entry; "
+                             "absolute values replace a parameter and have no sum with another change "
+                             "(apply(..., with_abs=False) skips them)")
 
 
 def _selected(name: str, include, exclude) -> bool:
