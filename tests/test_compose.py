@@ -395,10 +395,10 @@ def test_from_dense_and_topk_mask():
 def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
     use_backend(backend)
     base, lang_model, task_model = _model(0), _model(1), _model(2)
-    lang = SparseDiff.from_models(base, lang_model, density=0.2, exclude=r"^1\.")  # task's head replaces 1.weight
+    lang = SparseDiff.from_models(base, lang_model, density=0.2, exclude=r"^1\.")
     task = SparseDiff.from_models(base, task_model, k=40, exclude=[r"^1\.", r"^2\.bias"])
     task.dense["2.bias"] = torch.randn(3)
-    task.absolute["1.weight"] = torch.randn(9)
+    lang.absolute["1.weight"] = torch.randn(9)  # alpha 1: a replaced value cannot be scaled
     before = _params(base)
     handle = xlsparse.apply([lang, task], base, alphas=[1.0, 0.5])
     got = _params(base)
@@ -409,15 +409,15 @@ def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
                 want.view(-1)[diff.deltas[name].indices.long()] += a * diff.deltas[name].values.double()
             if name in diff.dense:
                 want += a * diff.dense[name].double()
-        if name in task.absolute:
-            want = task.absolute[name].double()
+        if name in lang.absolute:
+            want = lang.absolute[name].double()
         torch.testing.assert_close(got[name].double(), want, rtol=0, atol=1e-6)
     handle.revert()
     for name, p in base.named_parameters():
         assert_bit_identical(p.detach(), before[name], name)
     with pytest.raises(RuntimeError, match="already reverted"):
         handle.revert()
-    with lang.applied(base, alpha=-2.0):
+    with lang.without_absolute().applied(base, alpha=-2.0):
         assert not torch.equal(base[0].weight.detach(), before["0.weight"])
     for name, p in base.named_parameters():
         assert_bit_identical(p.detach(), before[name], name)
@@ -452,6 +452,28 @@ def test_apply_refuses_an_absolute_entry_and_another_change_of_its_tensor():
         torch.testing.assert_close(model[0].bias[1], before["0.bias"][1] + 2)
 
 
+def test_absolute_entries_refuse_a_weight_or_alpha_other_than_one():
+    # A replaced value has no scaled version: ignoring the weight made -d, 0 * d, d1 - d2 and alpha=0 install the head.
+    model = _model(0)
+    before = _params(model)
+    d = SparseDiff({"0.bias": SparseDelta(torch.tensor([1]), torch.ones(1), (9,))}, absolute={"1.weight": torch.randn(9)})
+    plain = SparseDiff({"0.bias": SparseDelta(torch.tensor([2]), torch.ones(1), (9,))})
+    for make in (lambda: -d, lambda: 0 * d, lambda: d / 2, lambda: plain - d, lambda: SparseDiff.merge([plain, d], [1, .5])):
+        with pytest.raises(ValueError, match=r"merge: weights\[\d\] = .*, but diff \d has absolute entries \['1.weight'\].*"
+                                             r"with_abs=False"):
+            make()
+    for call in (lambda: d.apply(model, alpha=0.0), lambda: xlsparse.apply([plain, d], model, alphas=[1.0, -1.0])):
+        with pytest.raises(ValueError, match=r"apply: alphas\[\d\] = .*cannot be scaled"):
+            call()
+    for name, p in model.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
+    assert torch.equal((d - plain).absolute["1.weight"], d.absolute["1.weight"])  # weight 1 keeps the head
+    assert not SparseDiff.merge([d], [-1.0], with_abs=False).absolute  # without heads any weight goes
+    with xlsparse.apply([d], model, alphas=[0.0], with_abs=False):
+        for name, p in model.named_parameters():
+            assert_bit_identical(p.detach(), before[name], name)
+
+
 @pytest.mark.parametrize("backend", MERGE_BACKENDS)
 def test_diff_arithmetic_matches_dense(backend, use_backend):
     use_backend(backend)
@@ -466,7 +488,7 @@ def test_diff_arithmetic_matches_dense(backend, use_backend):
             return diff.deltas[name].to_dense().double()
         return diff.dense[name].double() if name in diff.dense else torch.zeros_like(base.state_dict()[name]).double()
 
-    for got, (w1, w2) in ((d1 + d2, (1, 1)), (d1 - d2, (1, -1)), (SparseDiff.merge([d1, d2], [0.3, -1.7]), (0.3, -1.7))):
+    for got, (w1, w2) in ((d1 + d2, (1, 1)), (d1 - d2, (1, -1)), (SparseDiff.merge([d1, d2], [1.0, -1.7]), (1.0, -1.7))):
         for name in set(d1.deltas) | set(d2.deltas) | set(d2.dense):
             out = got.deltas[name].to_dense() if name in got.deltas else got.dense[name]
             torch.testing.assert_close(out.double(), w1 * dense_of(d1, name) + w2 * dense_of(d2, name), rtol=1e-6, atol=1e-6)

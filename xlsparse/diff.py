@@ -234,7 +234,8 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
 
     `with_abs=False` skips the absolute entries of every diff in the call (composable-sft's
     `apply(model, with_abs=False)`): a language SFT's MLM head is then neither needed by nor
-    copied into a task model.
+    copied into a task model. Otherwise a diff with absolute entries needs alpha 1: a replaced
+    value cannot be scaled (ValueError).
     """
     if isinstance(diffs, SparseDiff):
         diffs = [diffs]
@@ -254,6 +255,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
         what = f"apply: diff {i}"
         if not isinstance(diff, SparseDiff):
             raise TypeError(f"{what} is a {type(diff).__name__}, not a SparseDiff")
+        _refuse_scaled_absolute("apply", "alphas", i, diff, alpha)
         _refuse_tied_twice(what, diff, named)
         _refuse_absolute_clash(i, diff, named, claims)
         for name, delta in diff.deltas.items():
@@ -322,6 +324,15 @@ def _refuse_tied_twice(what: str, diff: "SparseDiff", named: dict) -> None:
             if other != name:
                 raise ValueError(f"{what}: names both {other!r} and {name!r}, which are one tied tensor; "
                                  "keep one of them")
+
+
+def _refuse_scaled_absolute(op: str, scales: str, i: int, diff: "SparseDiff", scale: float) -> None:
+    """Absolute entries replace a parameter and have no scaled version: a weight or alpha other
+    than 1 on a diff that has them is refused (ignoring it made -d or alpha=0 install the head)."""
+    if diff.absolute and scale != 1.0:
+        raise ValueError(f"{op}: {scales}[{i}] = {scale:g}, but diff {i} has absolute entries {sorted(diff.absolute)}, "
+                         "which replace a parameter and cannot be scaled; drop them with with_abs=False or "
+                         "diff.without_absolute(), or choose heads explicitly with xlsparse.hf.arithmetic.combine")
 
 
 def _refuse_absolute_clash(i: int, diff: "SparseDiff", named: dict, claims: dict) -> None:
@@ -400,7 +411,7 @@ class SparseDiff:
     # --- apply ---
     def apply(self, model, alpha: float = 1.0, with_abs: bool = True) -> ApplyHandle:
         """`W <- W + alpha * diff` in one fused call; `handle.revert()` undoes it bit-exactly.
-        `with_abs=False` skips the absolute entries."""
+        `with_abs=False` skips the absolute entries; with them, alpha must be 1 (see `apply`)."""
         return apply([self], model, [alpha], with_abs=with_abs)
 
     def without_absolute(self) -> "SparseDiff":
@@ -419,15 +430,18 @@ class SparseDiff:
     def merge(cls, diffs, weights=None, with_abs: bool = True) -> "SparseDiff":
         """`sum_i weights[i] * diffs[i]`: per parameter, a linear-time union of the sorted supports
         (no densifying), summed in float32. A parameter that is dense in any diff is summed dense.
-        Absolute entries pass through unweighted; one named by two diffs is an error (no
-        meaningful sum). `with_abs=False` drops every absolute entry first (composing a language
-        SFT and a task SFT that both carry heads)."""
+        Absolute entries pass through as they are, so a diff that has them needs weight 1, and
+        one named by two diffs is an error (a replaced value has no scaled version and no sum).
+        `with_abs=False` drops every absolute entry first (composing a language SFT and a task
+        SFT that both carry heads); `xlsparse.hf.arithmetic.combine` chooses heads explicitly."""
         diffs = list(diffs)
         if not with_abs:
             diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
         weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
         if len(weights) != len(diffs):
             raise ValueError(f"merge: {len(diffs)} diffs but {len(weights)} weights")
+        for i, (d, w) in enumerate(zip(diffs, weights)):
+            _refuse_scaled_absolute("merge", "weights", i, d, w)
         dense_names = {n for d in diffs for n in d.dense}
         deltas, dense, absolute = {}, {}, {}
         for name in dict.fromkeys(n for d in diffs for n in d.deltas):
@@ -472,11 +486,13 @@ class SparseDiff:
         return SparseDiff.merge([self, other])
 
     def __sub__(self, other: "SparseDiff") -> "SparseDiff":
+        """`self - other`; `other` must have no absolute entries (they cannot be negated)."""
         if not isinstance(other, SparseDiff):
             return NotImplemented
         return SparseDiff.merge([self, other], [1.0, -1.0])
 
     def __mul__(self, scale: float) -> "SparseDiff":
+        """`scale * self`; a diff with absolute entries can only be scaled by 1 (see `merge`)."""
         if not isinstance(scale, (int, float)):
             return NotImplemented
         return SparseDiff.merge([self], [float(scale)])
@@ -484,6 +500,7 @@ class SparseDiff:
     __rmul__ = __mul__
 
     def __neg__(self) -> "SparseDiff":
+        """`-self`; refused for a diff with absolute entries (see `merge`)."""
         return self * -1.0
 
     def __truediv__(self, scale: float) -> "SparseDiff":
