@@ -474,6 +474,25 @@ def test_absolute_entries_refuse_a_weight_or_alpha_other_than_one():
             assert_bit_identical(p.detach(), before[name], name)
 
 
+def test_merge_and_apply_refuse_non_finite_weights_of_any_diff():
+    # merge_deltas checked the weights of sparse deltas only: d * nan on a dense-only diff went through.
+    dense = SparseDiff(dense={"0.bias": torch.ones(9)})
+    head = SparseDiff(absolute={"1.weight": torch.ones(9)})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=r"merge: weights\[0\] must be finite"):
+            dense * bad
+        with pytest.raises(ValueError, match=r"merge: weights\[1\] must be finite"):
+            SparseDiff.merge([dense, head], [1.0, bad])
+    with pytest.raises(TypeError, match=r"merge: weights\[0\] must be a number"):
+        SparseDiff.merge([dense], ["x"])
+    model = _model(0)
+    before = _params(model)
+    with pytest.raises(ValueError, match=r"apply: alphas\[1\] must be finite, got -inf"):
+        xlsparse.apply([dense, dense], model, alphas=[1.0, float("-inf")])
+    for name, p in model.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
+
+
 @pytest.mark.parametrize("backend", MERGE_BACKENDS)
 def test_diff_arithmetic_matches_dense(backend, use_backend):
     use_backend(backend)

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import torch
 
 from .functional import topk_mask
+from .ops import checks
 from .ops import compose as _ops
 
 FORMAT = "xlsparse.SparseDiff"
@@ -242,12 +243,11 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     diffs = list(diffs)
     if not with_abs:
         diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
-    alphas = [1.0] * len(diffs) if alphas is None else [float(a) for a in alphas]
+    alphas = [1.0] * len(diffs) if alphas is None else list(alphas)
     if len(alphas) != len(diffs):
         raise ValueError(f"apply: {len(diffs)} diffs but {len(alphas)} alphas")
-    for i, a in enumerate(alphas):
-        if not math.isfinite(a):
-            raise ValueError(f"apply: alphas[{i}] must be finite, got {a}")
+    checks.finite("apply", **{f"alphas[{i}]": a for i, a in enumerate(alphas)})
+    alphas = [float(a) for a in alphas]
     named = _named_tensors(model)
     dense, slot, indices, values, target, entry_alpha = [], {}, [], [], [], []
     touched_whole, claims = {}, {}
@@ -437,9 +437,13 @@ class SparseDiff:
         diffs = list(diffs)
         if not with_abs:
             diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
-        weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
+        weights = [1.0] * len(diffs) if weights is None else list(weights)
         if len(weights) != len(diffs):
             raise ValueError(f"merge: {len(diffs)} diffs but {len(weights)} weights")
+        # every weight, not only those of sparse deltas (merge_deltas checks those): d * nan on a
+        # dense-only diff would otherwise poison the model on apply
+        checks.finite("merge", **{f"weights[{i}]": w for i, w in enumerate(weights)})
+        weights = [float(w) for w in weights]
         for i, (d, w) in enumerate(zip(diffs, weights)):
             _refuse_scaled_absolute("merge", "weights", i, d, w)
         dense_names = {n for d in diffs for n in d.dense}
