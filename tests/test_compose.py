@@ -423,6 +423,26 @@ def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
         assert_bit_identical(p.detach(), before[name], name)
 
 
+def test_revert_refuses_a_model_converted_after_apply():
+    # model.double() in the block swaps the Parameters' storage: revert restored the old, detached
+    # storage, reported success and left the diff in the model.
+    diff = SparseDiff({"0.weight": SparseDelta(torch.tensor([0, 5]), torch.ones(2), (9, 17))}, dense={"2.bias": torch.ones(3)})
+    model = _model(0)
+    handle = diff.apply(model)
+    model.double()
+    applied = _params(model)
+    with pytest.raises(RuntimeError, match=r"revert: '0.weight' is no longer the storage .* now torch.float64"):
+        handle.revert()
+    assert not handle.reverted
+    for name, p in model.named_parameters():
+        assert_bit_identical(p.detach(), applied[name], name)
+    model = _model(0)
+    handle = diff.apply(model)
+    model[2].bias.data = model[2].bias.data.clone()  # same dtype and device, another storage
+    with pytest.raises(RuntimeError, match="revert: '2.bias' is no longer the storage"):
+        handle.revert()
+
+
 def test_apply_rejects_unknown_or_misshaped_parameter():
     model = _model(0)
     with pytest.raises(KeyError, match="diff 0.*'enc.w'"):

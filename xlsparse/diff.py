@@ -192,19 +192,34 @@ def _check_shape(param: torch.Tensor, shape, what: str, name: str) -> None:
         raise ValueError(f"{what}: {name!r} has shape {tuple(shape)} but the model's tensor has {tuple(param.shape)}")
 
 
+def _placement(t: torch.Tensor) -> tuple:
+    return t.device, t.dtype, t.data_ptr()
+
+
 class ApplyHandle:
     """What `apply` changed and the values it displaced. `revert()` restores them bit-exactly;
     as a context manager it reverts on exit."""
 
-    def __init__(self, dense, indices, saved, target, originals):
+    def __init__(self, changed, dense, indices, saved, target, originals):
+        # The changed tensors themselves (Parameters), by name, beside the detached views written
+        # through: model.half() or .to(...) swaps a Parameter's storage, which revert must notice.
+        self._changed = [(name, t, _placement(t)) for name, t in changed]
         self._dense, self._indices, self._saved, self._target = dense, indices, saved, target
         self._originals = originals  # (tensor, copy before apply) for dense and absolute entries
         self.reverted = False
 
     def revert(self) -> None:
-        """Put back every value the apply displaced, bit for bit. Only once."""
+        """Put back every value the apply displaced, bit for bit. Only once. A tensor whose
+        storage, dtype or device changed since apply (the model was converted) is a
+        RuntimeError, and nothing is written."""
         if self.reverted:
             raise RuntimeError("this apply handle was already reverted")
+        for name, t, placement in self._changed:
+            if _placement(t) != placement:
+                raise RuntimeError(f"revert: {name!r} is no longer the storage the diff was applied to (it was "
+                                   f"{placement[1]} on {placement[0]}, now {t.dtype} on {t.device}): the model was "
+                                   "converted or moved (model.half(), .to(...)) after apply; nothing was reverted. "
+                                   "Revert before converting the model")
         with _exclusive([*self._dense, *(t for t, _ in self._originals)], "revert"):
             self._restore()
 
@@ -250,7 +265,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     alphas = [float(a) for a in alphas]
     named = _named_tensors(model)
     dense, slot, indices, values, target, entry_alpha = [], {}, [], [], [], []
-    touched_whole, claims = {}, {}
+    touched_whole, claims, changed = {}, {}, {}
     for i, (diff, alpha) in enumerate(zip(diffs, alphas)):
         what = f"apply: diff {i}"
         if not isinstance(diff, SparseDiff):
@@ -266,6 +281,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             if id(param) not in slot:
                 slot[id(param)] = len(dense)
                 dense.append(param.detach())
+                changed.setdefault(id(param), (name, param))
             indices.append(delta.indices.to(param.device))
             values.append(delta.values.to(device=param.device, dtype=param.dtype))
             target.append(slot[id(param)])
@@ -276,12 +292,13 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             if not param.is_floating_point():
                 raise TypeError(f"{what}: {name!r} is {param.dtype}; diffs change floating-point tensors only")
             touched_whole.setdefault(id(param), param.detach())
+            changed.setdefault(id(param), (name, param))
     # apply_diffs_ checks every sparse entry before it writes; the dense and absolute entries were
     # checked above, so a bad entry anywhere leaves the model untouched.
     with _exclusive([*dense, *touched_whole.values()], "apply"), torch.no_grad():
         originals = [(t, t.clone()) for t in touched_whole.values()]
         saved = _ops.apply_diffs_(dense, indices, values, target, entry_alpha) if indices else []
-        handle = ApplyHandle(dense, indices, saved, target, originals)
+        handle = ApplyHandle(changed.values(), dense, indices, saved, target, originals)
         try:
             for diff, alpha in zip(diffs, alphas):
                 for name, t in diff.dense.items():
