@@ -581,6 +581,17 @@ def test_save_load_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["lang.safetensors"]  # no temporary file left
 
 
+def test_save_writes_the_index_dtype_load_expects(tmp_path):
+    # A delta xlsparse built from int64 indices below 2^31 (extract_diff of a SparseDeltaLinear made
+    # with torch.tensor indices) was saved as int64, and load refused its own file.
+    values = torch.randn(3)
+    diff = SparseDiff._trusted({"w": SparseDelta._trusted(torch.tensor([0, 5, 7]), values, (3, 4))})
+    path = str(tmp_path / "d.safetensors")
+    diff.save(path)
+    back = SparseDiff.load(path).deltas["w"]
+    assert back.indices.dtype == torch.int32 and back.indices.tolist() == [0, 5, 7] and torch.equal(back.values, values)
+
+
 def _rewrite(path, edit_meta=None, edit_tensors=None):
     from safetensors import safe_open
     from safetensors.torch import save_file

@@ -565,10 +565,13 @@ class SparseDiff:
         tensors, meta = {}, {"format": FORMAT, "format_version": FORMAT_VERSION, "xlsparse_version": __version__,
                               "base_model": base_model or self.base_model, "deltas": [], "dense": [], "absolute": []}
         for i, (name, d) in enumerate(self.deltas.items()):
-            tensors[f"delta.{i}.indices"] = d.indices.detach().cpu().contiguous()
+            # the canonical index dtype, which load insists on: a delta built by xlsparse from
+            # int64 indices (e.g. a SparseDeltaLinear's) may still hold int64 below 2^31
+            idx_dtype = index_dtype(d.numel)
+            tensors[f"delta.{i}.indices"] = d.indices.detach().cpu().to(idx_dtype).contiguous()
             tensors[f"delta.{i}.values"] = d.values.detach().cpu().contiguous()
             meta["deltas"].append({"name": name, "shape": list(d.shape), "nnz": d.nnz, "dtype": str(d.values.dtype),
-                                   "index_dtype": str(d.indices.dtype)})
+                                   "index_dtype": str(idx_dtype)})
         for kind in ("dense", "absolute"):
             for i, (name, t) in enumerate(getattr(self, kind).items()):
                 tensors[f"{kind}.{i}"] = t.detach().cpu().contiguous()
