@@ -38,6 +38,26 @@ def test_compose_writes_a_merged_model(tmp_path):
             assert torch.equal(p, q), n
 
 
+def test_compose_copies_every_file_but_the_weights_and_keeps_the_base(tmp_path, capsys):
+    # Only tokenizer*/vocab*/... files were copied: chat_template.jinja, spiece.model and the like were lost.
+    model = _tiny_bert_dir(tmp_path)
+    base = tmp_path / "base"
+    kept = ["chat_template.jinja", "added_tokens.json", "spiece.model", "preprocessor_config.json", "tokenizer.json"]
+    for name in [*kept, "tf_model.h5", "flax_model.msgpack", "extra.pt", "tf_model.h5.index.json", "onnx/model.onnx"]:
+        (base / name).parent.mkdir(exist_ok=True)
+        (base / name).write_text(name)
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    assert cli.main(["compose", str(base), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "merged")]) == 0
+    out = tmp_path / "merged"
+    assert sorted(p.name for p in out.iterdir()) == sorted([*kept, "config.json", "model.safetensors"])
+    assert all((out / name).read_text() == name for name in kept)
+    transformers.BertForMaskedLM.from_pretrained(out)
+    before = {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()}
+    assert cli.main(["compose", str(base), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "x/../base")]) == 1
+    assert "--out" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in base.iterdir() if p.is_file()} == before
+
+
 def test_info_and_convert(tmp_path, capsys):
     model = _tiny_bert_dir(tmp_path)
     d = _diff(model, 3)

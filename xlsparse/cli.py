@@ -106,6 +106,14 @@ def _load_diff(path: str):
     return SparseDiff.load(path)
 
 
+# Files of a model folder that hold weights (and their shard indexes): compose writes its own.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
+
+
+def _holds_weights(name: str) -> bool:
+    return name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES)
+
+
 def cmd_compose(args: argparse.Namespace) -> int:
     import transformers
 
@@ -114,6 +122,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     alphas = args.alpha or [1.0] * len(args.diffs)
     if len(alphas) != len(args.diffs):
         raise ValueError(f"--alpha: {len(alphas)} values for {len(args.diffs)} diffs")
+    if os.path.realpath(args.out) == os.path.realpath(args.base):
+        raise ValueError(f"--out {args.out} is BASE_DIR: the merged model would overwrite the base; give another folder")
     config = transformers.AutoConfig.from_pretrained(args.base, local_files_only=True)
     arch = args.model_class or (config.architectures or ["AutoModel"])[0]
     model_class = getattr(transformers, arch, None)
@@ -122,10 +132,14 @@ def cmd_compose(args: argparse.Namespace) -> int:
     model = model_class.from_pretrained(args.base, local_files_only=True)
     diffs = [_load_diff(p) for p in args.diffs]
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
+    # Every file but the weights travels with the model (tokenizer, chat template, processor
+    # config...); copied first, so that what save_pretrained writes (config.json) wins.
+    os.makedirs(args.out, exist_ok=True)
+    for name in os.listdir(args.base):
+        path = os.path.join(args.base, name)
+        if os.path.isfile(path) and not _holds_weights(name):
+            shutil.copy(path, args.out)
     model.save_pretrained(args.out)
-    for name in os.listdir(args.base):  # the tokenizer travels with the model
-        if name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "sentencepiece")):
-            shutil.copy(os.path.join(args.base, name), args.out)
     print(f"wrote {arch} with {len(diffs)} diffs (alphas {alphas}) to {args.out}")
     return 0
 
