@@ -597,7 +597,8 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every SparseDeltaLinear's delta into its base weight (the layer then runs as a plain
-    linear); `unmerge` restores the base weights bit-exactly."""
+    linear, for inference: a forward with grad in training mode raises, since the deltas would
+    get no gradient); `unmerge` restores the base weights bit-exactly."""
     layers = list(_converted(model, SparseDeltaLinear))
     if not layers:
         raise ValueError("merge: the model has no SparseDeltaLinear layer")
