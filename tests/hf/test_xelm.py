@@ -84,6 +84,30 @@ def test_posterior_equals_direct_bayes(arch, options):
     assert xelm.ensemble_perplexity(ensemble, ids) == pytest.approx(float(nll.mean().exp()), rel=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_row_is_scored_as_the_row_unpadded(arch):
+    # GPT-2 has absolute positions: a padded row needs positions counted from its first real token.
+    base = tiny(arch)
+    experts = _random_experts(base, arch)
+    ensemble = xelm.ExpertEnsemble(base, experts)
+    full, short, pad = batch(1, 6, seed=4), batch(1, 4, seed=5), 2
+    ids = torch.cat([full, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    got, nll = ensemble(ids, mask), ensemble.token_nll(ids, mask)
+    expect_nll = []
+    for i, (row, start) in enumerate([(full, 0), (short, pad)]):
+        # Bayes over the real tokens alone: the first real token is weighted by the prior.
+        expect = _bayes_mixture(_expert_logprobs(base, experts, row), row, [1 / 3] * 3)[0]
+        torch.testing.assert_close(got[i, start:].double(), expect, rtol=1e-4, atol=1e-4)
+        row_nll = -expect[:-1].gather(-1, row[0, 1:, None]).squeeze(-1)
+        torch.testing.assert_close(nll[i, start:].double(), row_nll, rtol=1e-4, atol=1e-4)
+        expect_nll.append(row_nll)
+    # Perplexity counts the 5 + 3 predictions among real tokens, nothing from the padding.
+    ppl = float(torch.cat(expect_nll).mean().exp())
+    assert xelm.ensemble_perplexity(ensemble, ids, mask) == pytest.approx(ppl, rel=1e-4)
+
+
 def test_static_weights_equal_mixing_separate_experts():
     base = tiny("llama")
     experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),

@@ -236,16 +236,23 @@ class ExpertEnsemble(nn.Module):
         return torch.arange(len(self.experts), device=input_ids.device).repeat_interleave(input_ids.shape[0])
 
     def expert_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[E, B, S, V]: every expert's logits, from one batched pass of E copies."""
+        """[E, B, S, V]: every expert's logits, from one batched pass of E copies. With a mask,
+        positions count real tokens only (as HF's `generate` does), so a left-padded row is
+        scored as the same row unpadded also by absolute-position models (GPT-2, XGLM)."""
         e, (b, s) = len(self.experts), input_ids.shape
-        mask = None if attention_mask is None else attention_mask.repeat(e, 1)
+        mask = positions = None
+        if attention_mask is not None:
+            mask = attention_mask.repeat(e, 1)
+            positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         with route(self.model, self._copies(input_ids)):
-            logits = self.model(input_ids=input_ids.repeat(e, 1), attention_mask=mask, use_cache=False).logits
+            logits = self.model(input_ids=input_ids.repeat(e, 1), attention_mask=mask, position_ids=positions,
+                                use_cache=False).logits
         return logits.reshape(e, b, s, -1)
 
     def log_weights(self, token_logprobs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """[B, S, E] log mixture weights from the experts' log-likelihoods of each observed
-        next token, `token_logprobs` [E, B, S−1] (log p_e(x_{t+1} | x_≤t), 0 at padding)."""
+        next token, `token_logprobs` [E, B, S−1] (log p_e(x_{t+1} | x_≤t), 0 where
+        `_predicted` is 0)."""
         e, b, s1 = token_logprobs.shape
         s = s1 + 1
         if weights is not None and self.weighting != "static":
@@ -272,11 +279,11 @@ class ExpertEnsemble(nn.Module):
         return torch.log_softmax(scores, -1)
 
     def _token_logprobs(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
-        """[E, B, S−1]: each expert's log p_e(x_{t+1} | x_≤t), 0 at padding."""
+        """[E, B, S−1]: each expert's log p_e(x_{t+1} | x_≤t), 0 where `_predicted` is 0."""
         e, b, s, v = logits.shape
         lp = torch.log_softmax(logits[:, :, :-1].float(), -1).gather(
             -1, input_ids[None, :, 1:, None].expand(e, b, s - 1, 1)).squeeze(-1)
-        return lp if attention_mask is None else lp * attention_mask[None, :, 1:].to(lp.dtype)
+        return lp if attention_mask is None else lp * _predicted(attention_mask)[None].to(lp.dtype)
 
     def _parts(self, input_ids, attention_mask, weights):
         logits = self.expert_logits(input_ids, attention_mask)
@@ -344,6 +351,13 @@ class ExpertEnsemble(nn.Module):
         return (ids, torch.stack(scores, 1)) if return_logprobs else ids
 
 
+def _predicted(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S−1]: 1 where x_{t+1} is a prediction that counts, both it and its context token x_t
+    real. Under left padding "the first real token given only padding" is no prediction of the
+    unpadded text, so it enters neither the posterior nor the perplexity."""
+    return attention_mask[:, :-1] * attention_mask[:, 1:]
+
+
 def _cache_of(out):
     """The KV cache of a model output (transformers 5 names it `cache`, 4 `past_key_values`)."""
     return out["cache"] if "cache" in out else out.past_key_values
@@ -352,10 +366,11 @@ def _cache_of(out):
 @torch.no_grad()
 def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         weights: torch.Tensor | None = None) -> float:
-    """exp of the mean negative log-likelihood of every next token (padding excluded) under the
-    ensemble's mixture, computed with `ensemble_nll`."""
+    """exp of the mean negative log-likelihood of every next token under the ensemble's mixture,
+    computed with `ensemble_nll`; with a mask, over the predictions whose token and context token
+    are both real (a left- or right-padded row counts as the same row unpadded)."""
     nll = ensemble.token_nll(input_ids, attention_mask, weights)
-    mask = torch.ones_like(nll) if attention_mask is None else attention_mask[:, 1:].to(nll.dtype)
+    mask = torch.ones_like(nll) if attention_mask is None else _predicted(attention_mask).to(nll.dtype)
     return float(torch.exp((nll * mask).sum() / mask.sum().clamp_min(1)))
 
 
