@@ -108,6 +108,17 @@ def test_left_padded_row_is_scored_as_the_row_unpadded(arch):
     assert xelm.ensemble_perplexity(ensemble, ids, mask) == pytest.approx(ppl, rel=1e-4)
 
 
+def test_expert_embedding_deltas_are_scaled_with_the_embedding():
+    # XGLM's embedding returns W[ids] · sqrt(d_model): an expert's rows must be scaled alike.
+    base = tiny("xglm")
+    experts = _random_experts(base, "xglm")
+    ensemble = xelm.ExpertEnsemble(base, experts)
+    ids = batch(2, 6)
+    with torch.no_grad():
+        got = torch.log_softmax(ensemble.expert_logits(ids).double(), -1)
+    torch.testing.assert_close(got, _expert_logprobs(base, experts, ids), rtol=1e-4, atol=1e-4)
+
+
 def test_static_weights_equal_mixing_separate_experts():
     base = tiny("llama")
     experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),

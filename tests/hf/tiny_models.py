@@ -25,6 +25,10 @@ def tiny(arch: str, seed: int = 0):
     elif arch == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, n_positions=32)
         model = transformers.GPT2LMHeadModel(cfg)
+    elif arch == "xglm":  # X-ELM's base; its embedding scales its output by sqrt(d_model)
+        cfg = transformers.XGLMConfig(vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=2, ffn_dim=48,
+                                      max_position_embeddings=32)
+        model = transformers.XGLMForCausalLM(cfg)
     else:
         raise ValueError(arch)
     return model.eval()

@@ -43,7 +43,9 @@ class ExpertEmbedding(nn.Module):
     """An input embedding with one delta per expert, routed per token by the active
     `xlsparse.hf.route` ids (−1 or no routing: the base only). Each delta is a dense [V, H]
     tensor, a SparseDelta of the weight, or None. A token adds only its own row of its expert's
-    delta: sparse deltas are read through row pointers, never densified."""
+    delta: sparse deltas are read through row pointers, never densified. A base module that
+    scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
+    token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight."""
 
     def __init__(self, embedding: nn.Embedding, deltas: Sequence):
         super().__init__()
@@ -96,7 +98,7 @@ class ExpertEmbedding(nn.Module):
             at = at + start.repeat_interleave(count)
             add.index_put_((tokens.repeat_interleave(count), getattr(self, f"cols_{e}")[at]),
                            getattr(self, f"values_{e}")[at], accumulate=True)
-        return out + add.view_as(out)
+        return out + add.view_as(out) * getattr(self.base, "embed_scale", 1.0)
 
 
 # --- experts ---
