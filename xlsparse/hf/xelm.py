@@ -430,8 +430,8 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
 
     `batches` {language: list of batches}; the clusters come from `codes` ({language: ISO
     639-3}, typological, via `cluster_languages`) or are given as `clusters` ({language:
-    expert index}, e.g. from `balanced_kmeans` over example embeddings). `train_kwargs` go to
-    `train_expert`. Returns ({expert name: SparseDiff}, {expert name: its languages}).
+    expert index in [0, num_experts)}, e.g. from `balanced_kmeans` over example embeddings).
+    `train_kwargs` go to `train_expert`. Returns ({expert name: SparseDiff}, {expert name: its languages}).
     """
     if (codes is None) == (clusters is None):
         raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
@@ -440,6 +440,10 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     missing = [lang for lang in batches if lang not in clusters]
     if missing:
         raise ValueError(f"train_cluster_experts: no cluster for languages {missing}")
+    outside = {lang: clusters[lang] for lang in batches if not 0 <= clusters[lang] < num_experts}
+    if outside:  # the expert loop below would never train on them
+        raise ValueError(f"train_cluster_experts: clusters gives languages {outside} an expert index outside "
+                         f"[0, {num_experts}) (num_experts={num_experts})")
     members = {f"expert{e}": [lang for lang in batches if clusters[lang] == e] for e in range(num_experts)}
     experts = {}
     for name, langs in members.items():
