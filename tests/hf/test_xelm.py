@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import VOCAB, batch, tiny
+from tiny_models import VOCAB, batch, random_diff, tiny
 
 from xlsparse.diff import SparseDelta, SparseDiff
 from xlsparse.hf import xelm
@@ -203,6 +203,28 @@ def test_child_expert_grows_its_own_support():
     assert ensemble.names == ["parent", "child"] and ensemble.experts["parent"] is before
     with pytest.raises(ValueError, match="grow needs init"):
         xelm.train_expert(base, _lm_batches(1, 1), density=0.01, grow=5, progress=False)
+
+
+def test_child_grows_where_the_gradient_at_base_plus_parent_is_largest():
+    base = tiny("llama")
+    parent = random_diff(base, 300, 0.5, seed=7)  # strong enough to move the gradient far from the base's
+    first = _lm_batches(1, 2)[0]
+    child = xelm.train_expert(base, [first], init=parent, grow=40, lr=0.0, progress=False)
+    # Restated: |∂L/∂W| of the first batch at W0 + parent, top 40 over all target weights outside the parent.
+    model = copy.deepcopy(base)
+    parent.apply(model)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(model(**first).loss, [params[n] for n in parent.deltas])
+    scores = []
+    for n, g in zip(parent.deltas, grads):
+        s = g.abs().reshape(-1).clone()
+        s[parent.deltas[n].indices.long()] = -1.0
+        scores.append(s)
+    keys = [(n, i) for n, s in zip(parent.deltas, scores) for i in range(s.numel())]
+    expect = {keys[p] for p in torch.cat(scores).topk(40).indices.tolist()}
+    got = {(n, i) for n, d in child.deltas.items() for i in d.indices.tolist()} - \
+        {(n, i) for n, d in parent.deltas.items() for i in d.indices.tolist()}
+    assert got == expect
 
 
 def test_balanced_kmeans_and_typological_clusters():

@@ -475,7 +475,7 @@ def closest_parent(languages: Mapping[str, str], new_language: str) -> str:
 def _grown_support(model: nn.Module, parent: SparseDiff, batch, grow: int, loss_fn: Callable, names: list) -> SparseDiff:
     """The parent's diff plus `grow` new zero-valued entries: the largest |∂L/∂W| on `batch`
     outside the parent's support, global over the target weights (one dense gradient per weight,
-    once)."""
+    once), at the weights `model` holds (the caller applies the parent first)."""
     params = dict(model.named_parameters())
     weights = [params[n] for n in names]
     for w in weights:
@@ -527,7 +527,8 @@ class _ExpertSetup:
                 room = sum(dict(model.named_parameters())[n].numel() for n in names) - linear.nnz
                 if not 0 < grow <= room:
                     raise ValueError(f"{what}: grow={grow} must be in [1, {room}] (the entries outside the parent's support)")
-                linear = _grown_support(model, linear, first_batch, grow, loss_fn, names)
+                with init.applied(model):  # the child starts at base + parent: score the gradient there
+                    linear = _grown_support(model, linear, first_batch, grow, loss_fn, names)
             convert(model, target_modules, kind="delta", diffs=linear)
         else:
             convert(model, target_modules, kind="delta", k=k, density=density)
@@ -567,7 +568,8 @@ def train_expert(base: nn.Module, batches: Iterable, k: int | None = None, densi
     The support is drawn at random with `k` / `density`, or taken with its values from `init`
     (a parent expert to branch from; its deltas, and with `train_embeddings` its dense parts,
     seed the child). With `init`, `grow` adds that many entries of the child's own: the largest
-    gradient magnitudes on the first batch outside the parent's support.
+    gradient magnitudes on the first batch outside the parent's support, taken at base + parent
+    (where the child starts training).
     `train_embeddings=True` also trains the input embedding (and an untied output head) densely;
     their changes come back as dense entries, which `ExpertEnsemble` routes per expert.
     """
