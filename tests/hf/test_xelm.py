@@ -131,6 +131,10 @@ def test_static_weights_equal_mixing_separate_experts():
     torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="static"):
         xelm.ExpertEnsemble(base, experts)(ids, weights=weights)
+    # top_k would be silently ignored by static and uniform weights: it raises instead.
+    for weighting in ("static", "uniform"):
+        with pytest.raises(ValueError, match="top_k"):
+            xelm.ExpertEnsemble(base, experts, weighting=weighting, top_k=1)
 
 
 def test_unroutable_entries_raise():

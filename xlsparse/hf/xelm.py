@@ -157,7 +157,7 @@ class ExpertEnsemble(nn.Module):
     `weighting`: "posterior" (per token, p(e | x<t) ∝ prior_e · p(x<t | e)^(1/temperature),
     the prior alone at the first token), "uniform", or "static" (per-example `weights` [B, E]
     given to `forward`, else the prior). `prior` [E] (uniform by default) must be positive;
-    `top_k` keeps the k heaviest experts per token and renormalises. `space`: mix
+    `top_k` (posterior weighting only) keeps the k heaviest experts per token and renormalises. `space`: mix
     probabilities ("prob", the paper's) or logits ("logit").
 
     `ensemble(input_ids, attention_mask=None, weights=None)` returns [B, S, V]: at position t
@@ -172,6 +172,8 @@ class ExpertEnsemble(nn.Module):
             raise ValueError("ExpertEnsemble: give at least one expert")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"ExpertEnsemble: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if top_k is not None and weighting != "posterior":  # static and uniform weights are not ranked per token
+            raise ValueError(f"ExpertEnsemble: top_k is for weighting='posterior', not {weighting!r}")
         if not temperature > 0:
             raise ValueError(f"ExpertEnsemble: temperature must be positive, got {temperature}")
         if space not in ("prob", "logit"):
