@@ -1,7 +1,9 @@
 """Drop-in replacements for `nn.Linear`: a frozen base plus sparse deltas (`SparseDeltaLinear`,
-`MultiDeltaLinear`) and per-language gradient masks (`SubnetworkLinear`)."""
+`MultiDeltaLinear`) and per-language gradient masks (`SubnetworkLinear`); and for `nn.Embedding`
+(`SparseDeltaEmbedding`, and `ExpertEmbedding` with one delta per routed expert)."""
 import contextlib
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -379,6 +381,70 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, nnz={self.delta_indices.numel()}"
+
+
+class ExpertEmbedding(nn.Module):
+    """An input embedding with one delta per expert, routed per token by the active
+    `xlsparse.hf.route` ids (−1 or no routing: the base only). Each delta is a dense [V, H]
+    tensor, a SparseDelta of the weight, or None (the input embedding of
+    `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row of its expert's delta:
+    sparse deltas are read through row pointers, never densified. A base module that
+    scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
+    token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight."""
+
+    def __init__(self, embedding: nn.Embedding, deltas: Sequence):
+        super().__init__()
+        self.base = embedding
+        self.num_experts = len(deltas)
+        self.disabled = False  # True: the base embedding alone (xlsparse.hf.disable)
+        v, h = embedding.weight.shape
+        self._kinds = []
+        for e, d in enumerate(deltas):
+            if d is None:
+                self._kinds.append("none")
+            elif isinstance(d, torch.Tensor):
+                if tuple(d.shape) != (v, h):
+                    raise ValueError(f"ExpertEmbedding: dense delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
+                self.register_buffer(f"dense_{e}", d.to(embedding.weight), persistent=False)
+                self._kinds.append("dense")
+            else:
+                if tuple(d.shape) != (v, h):
+                    raise ValueError(f"ExpertEmbedding: delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
+                idx = d.indices.long().to(embedding.weight.device)
+                rows = torch.arange(v + 1, device=idx.device) * h
+                self.register_buffer(f"row_ptr_{e}", torch.searchsorted(idx, rows), persistent=False)
+                self.register_buffer(f"cols_{e}", idx % h, persistent=False)
+                self.register_buffer(f"values_{e}", d.values.to(embedding.weight), persistent=False)
+                self._kinds.append("sparse")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.base(input_ids)
+        active = routing.current()
+        if active is None or self.disabled:
+            return out
+        flat = input_ids.reshape(-1)
+        ids = active.tokens(input_ids.shape).ids.to(flat.device)
+        add = torch.zeros(flat.numel(), out.shape[-1], dtype=out.dtype, device=out.device)
+        for e, kind in enumerate(self._kinds):
+            tokens = (ids == e).nonzero().squeeze(1)
+            if kind == "none" or not tokens.numel():
+                continue
+            rows = flat[tokens]
+            if kind == "dense":
+                add[tokens] += getattr(self, f"dense_{e}")[rows]
+                continue
+            ptr = getattr(self, f"row_ptr_{e}")
+            start, count = ptr[rows], ptr[rows + 1] - ptr[rows]
+            first = torch.cumsum(count, 0) - count  # where each token's run starts in the gathered list
+            at = torch.arange(int(count.sum()), device=flat.device) - first.repeat_interleave(count)
+            at = at + start.repeat_interleave(count)
+            add.index_put_((tokens.repeat_interleave(count), getattr(self, f"cols_{e}")[at]),
+                           getattr(self, f"values_{e}")[at], accumulate=True)
+        return out + add.view_as(out) * getattr(self.base, "embed_scale", 1.0)
 
 
 @torch.no_grad()

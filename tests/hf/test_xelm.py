@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, batch, random_diff, tiny
 
+from xlsparse import hf
 from xlsparse.diff import SparseDelta, SparseDiff
 from xlsparse.hf import xelm
 
@@ -117,6 +118,22 @@ def test_expert_embedding_deltas_are_scaled_with_the_embedding():
     with torch.no_grad():
         got = torch.log_softmax(ensemble.expert_logits(ids).double(), -1)
     torch.testing.assert_close(got, _expert_logprobs(base, experts, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_disable_turns_off_the_expert_embeddings_too():
+    base = tiny("llama")
+    experts = _random_experts(base, "llama")  # x0 and x1 change the input embedding
+    ensemble = xelm.ExpertEnsemble(base, experts)
+    ids = batch(2, 6)
+    with torch.no_grad():
+        before = ensemble.expert_logits(ids)
+        with hf.disable(ensemble.model):
+            off = ensemble.expert_logits(ids)
+        after = ensemble.expert_logits(ids)
+        plain = base(input_ids=ids).logits
+    for e in range(3):  # every expert runs as the base alone inside the block
+        torch.testing.assert_close(off[e], plain, rtol=1e-5, atol=1e-5)
+    assert torch.equal(after, before)
 
 
 def test_static_weights_equal_mixing_separate_experts():

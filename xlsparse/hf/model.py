@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import routing
 from ..diff import SparseDelta, SparseDiff, _storage_key, budget, index_dtype
-from ..nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
+from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
 from .config import KINDS, XlsparseConfig
 
@@ -724,7 +724,7 @@ def disable(model: nn.Module):
     if not rec.lock.acquire(blocking=False):
         raise RuntimeError("disable: the model is disabled already (nested or from another thread)")
     try:
-        layers = [layer for _, layer in _converted(model, (SparseDeltaLinear, MultiDeltaLinear))]
+        layers = [layer for _, layer in _converted(model, (SparseDeltaLinear, MultiDeltaLinear, ExpertEmbedding))]
         if any(isinstance(layer, SparseDeltaLinear) and layer.merged for layer in layers):
             raise RuntimeError("disable: unmerge the model first (hf.unmerge)")
         named = dict(model.named_parameters())

@@ -26,79 +26,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .. import routing
 from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
+from ..nn import ExpertEmbedding
 from ..optim import MaskedAdamW
 from .continual import uriel_distance, uriel_vectors
 from .model import convert, extract_diff, route, target_names, train_outside_diff
 from .subnetworks import _progress
 
 WEIGHTINGS = ("posterior", "uniform", "static")
-
-
-# --- the routed input embedding (a layer the ensemble needs; model-free like xlsparse.nn) ---
-
-class ExpertEmbedding(nn.Module):
-    """An input embedding with one delta per expert, routed per token by the active
-    `xlsparse.hf.route` ids (−1 or no routing: the base only). Each delta is a dense [V, H]
-    tensor, a SparseDelta of the weight, or None. A token adds only its own row of its expert's
-    delta: sparse deltas are read through row pointers, never densified. A base module that
-    scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
-    token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight."""
-
-    def __init__(self, embedding: nn.Embedding, deltas: Sequence):
-        super().__init__()
-        self.base = embedding
-        self.num_experts = len(deltas)
-        v, h = embedding.weight.shape
-        self._kinds = []
-        for e, d in enumerate(deltas):
-            if d is None:
-                self._kinds.append("none")
-            elif isinstance(d, torch.Tensor):
-                if tuple(d.shape) != (v, h):
-                    raise ValueError(f"ExpertEmbedding: dense delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
-                self.register_buffer(f"dense_{e}", d.to(embedding.weight), persistent=False)
-                self._kinds.append("dense")
-            else:
-                if tuple(d.shape) != (v, h):
-                    raise ValueError(f"ExpertEmbedding: delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
-                idx = d.indices.long().to(embedding.weight.device)
-                rows = torch.arange(v + 1, device=idx.device) * h
-                self.register_buffer(f"row_ptr_{e}", torch.searchsorted(idx, rows), persistent=False)
-                self.register_buffer(f"cols_{e}", idx % h, persistent=False)
-                self.register_buffer(f"values_{e}", d.values.to(embedding.weight), persistent=False)
-                self._kinds.append("sparse")
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.base(input_ids)
-        active = routing.current()
-        if active is None:
-            return out
-        flat = input_ids.reshape(-1)
-        ids = active.tokens(input_ids.shape).ids.to(flat.device)
-        add = torch.zeros(flat.numel(), out.shape[-1], dtype=out.dtype, device=out.device)
-        for e, kind in enumerate(self._kinds):
-            tokens = (ids == e).nonzero().squeeze(1)
-            if kind == "none" or not tokens.numel():
-                continue
-            rows = flat[tokens]
-            if kind == "dense":
-                add[tokens] += getattr(self, f"dense_{e}")[rows]
-                continue
-            ptr = getattr(self, f"row_ptr_{e}")
-            start, count = ptr[rows], ptr[rows + 1] - ptr[rows]
-            first = torch.cumsum(count, 0) - count  # where each token's run starts in the gathered list
-            at = torch.arange(int(count.sum()), device=flat.device) - first.repeat_interleave(count)
-            at = at + start.repeat_interleave(count)
-            add.index_put_((tokens.repeat_interleave(count), getattr(self, f"cols_{e}")[at]),
-                           getattr(self, f"values_{e}")[at], accumulate=True)
-        return out + add.view_as(out) * getattr(self.base, "embed_scale", 1.0)
 
 
 # --- experts ---
