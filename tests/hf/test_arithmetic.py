@@ -132,6 +132,10 @@ def test_combine_with_heads():
     # A head named by one diff passes through unscaled.
     c = SparseDiff({"w": SparseDelta(torch.tensor([1]), torch.tensor([1.0]), (5,))})
     assert torch.equal(arithmetic.combine([a, c], [0.25, 1.0]).absolute["head"], head_a)
+    # Several diffs name the head and absolute_from picks one without it: no owner wins silently.
+    for merge in (arithmetic.combine, lambda d, w, **kw: arithmetic.ties_merge(d, w, 1.0, **kw)):
+        with pytest.raises(ValueError, match="absolute_from=2"):
+            merge([a, b, c], [1.0, 1.0, 1.0], absolute_from=2)
 
 
 def _lm_batches(n, seed, b=4, s=8):

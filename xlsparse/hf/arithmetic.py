@@ -31,7 +31,8 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
 
     with_abs=False: none (the result leaves heads as they are). with_abs=True: an entry named by
     one diff passes through unscaled (a replacement value has no weighted sum); an entry named by
-    several is taken from diffs[absolute_from], and without `absolute_from` it is an error.
+    several is taken from diffs[absolute_from], which must be one of them (else, or without
+    `absolute_from`, it is an error).
     """
     if absolute_from is not None and not 0 <= absolute_from < len(diffs):
         raise ValueError(f"{what}: absolute_from={absolute_from} is not the index of one of the {len(diffs)} diffs")
@@ -47,13 +48,11 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
             if absolute_from is None:
                 raise ValueError(f"{what}: absolute entry {name!r} is in diffs {who}; absolute values replace a parameter "
                                  "and have no sum: pass absolute_from=<index of the diff whose value wins> or with_abs=False")
-            if absolute_from in who:
-                out[name] = diffs[absolute_from].absolute[name]
+            if absolute_from not in who:  # the named diff has no value to win with
+                raise ValueError(f"{what}: absolute entry {name!r} is in diffs {who}, but absolute_from={absolute_from} "
+                                 "names a diff without it: pass the index of one of them, or with_abs=False")
+            out[name] = diffs[absolute_from].absolute[name]
     return out
-
-
-def _without_absolute(diff: SparseDiff) -> SparseDiff:
-    return SparseDiff._trusted(diff.deltas, diff.dense, {}, diff.base_model)
 
 
 def _check(diffs, weights, what: str) -> tuple[list, list]:
@@ -74,11 +73,12 @@ def combine(diffs: Sequence[SparseDiff], weights: Sequence[float], with_abs: boo
 
     Absolute entries (heads) are not weighted: with `with_abs=False` the result has none; with
     `with_abs=True` one named by a single diff passes through as it is, and one named by several
-    diffs comes from `diffs[absolute_from]` (without `absolute_from` that is a ValueError).
+    diffs comes from `diffs[absolute_from]`, which must name it (else, or without
+    `absolute_from`, a ValueError).
     """
     diffs, weights = _check(diffs, weights, "combine")
     absolute = _absolute_entries(diffs, with_abs, absolute_from, "combine")
-    merged = SparseDiff.merge([_without_absolute(d) for d in diffs], weights)
+    merged = SparseDiff.merge([d.without_absolute() for d in diffs], weights)
     return SparseDiff._trusted(merged.deltas, merged.dense, absolute, merged.base_model)
 
 
