@@ -243,6 +243,10 @@ class SubnetworkLinear(torch.nn.Linear):
     Bias: with `bias_masks` ({language: bool [out_features]}) the bias gradient is masked per
     language too; without it the bias is shared, and its gradient is the sum over routed tokens
     (id ≠ −1). dX is the ordinary dense gradient.
+
+    `unmasked = True` makes the layer a plain nn.Linear, routed or not: dW = dYᵀX over every
+    token, no mask. Importance scoring sets it, because a subnetwork's next masks are chosen by
+    the true ∂L/∂W, which is nonzero outside its current mask.
     """
 
     def __init__(self, in_features: int, out_features: int, masks: dict[str, torch.Tensor], bias: bool = True,
@@ -250,6 +254,7 @@ class SubnetworkLinear(torch.nn.Linear):
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.set_masks(masks, bias_masks)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
+        self.unmasked = False
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, masks: dict[str, torch.Tensor],
@@ -262,6 +267,7 @@ class SubnetworkLinear(torch.nn.Linear):
         layer.bias = linear.bias
         layer.set_masks(masks, bias_masks)
         layer.transposed = False
+        layer.unmasked = False
         return layer
 
     def set_masks(self, masks: dict[str, torch.Tensor], bias_masks: dict[str, torch.Tensor] | None = None) -> None:
@@ -310,6 +316,8 @@ class SubnetworkLinear(torch.nn.Linear):
         return groups.ids, groups.order, groups.offsets
 
     def forward(self, x: torch.Tensor, language_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if self.unmasked:
+            return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         ids, order, offsets = self._groups(lead, language_ids)
         x2, weight, bias = x.reshape(-1, self.in_features), self.weight, self.bias

@@ -71,9 +71,15 @@ def test_reptile_step_and_importance_on_a_converted_model_route_each_language():
         union = masks["de"][n] | masks["fr"][n]
         assert torch.equal(named[n][~union], before[n][~union])
         assert bool((named[n][union] != before[n][union]).any()), n
-    scores = subnetworks.importance_scores(model, {"de": _lm_batches(1, 3)}, params=names, progress=False)
-    for n in names:  # the converted weights' gradients reach the scores, inside "de"'s mask only
-        assert float(scores["de"][n][masks["de"][n]].sum()) > 0 and float(scores["de"][n][~masks["de"][n]].sum()) == 0
+    model.eval()
+    plain = tiny("bert")
+    plain.load_state_dict(model.state_dict())  # the same weights, not converted
+    batches = {"de": _lm_batches(1, 3)}
+    scores = subnetworks.importance_scores(model, batches, params=names, progress=False)
+    want = subnetworks.importance_scores(plain, batches, params=names, progress=False)
+    for n in names:  # the full gradient reaches the scores, outside "de"'s current mask too
+        torch.testing.assert_close(scores["de"][n], want["de"][n])
+        assert float(scores["de"][n][~masks["de"][n]].sum()) > 0
 
 
 def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
@@ -338,6 +344,38 @@ def test_fomaml_one_language_per_step_needs_its_own_outer_optimizer():
         for n in names:
             outside = ~masks["de"][n]
             assert torch.equal(named[n][outside], before[n][outside])
+
+
+def test_dynamic_per_entry_reselection_picks_the_most_important_entries_outside_the_old_masks():
+    """Re-selection ranks every entry by |∂L/∂W · W| of the probe batch, restated on a plain
+    copy: the new mask is its top 10% over the converted weights, wherever the old mask was."""
+    from types import SimpleNamespace
+
+    from xlsparse.nn import SubnetworkLinear
+
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.1 for n in names} for lang in ("de", "fr")}
+    plain = copy.deepcopy(model)
+    hf.convert(model, kind="subnetwork", masks=masks)
+    probe = {"de": _lm_batches(1, 11, b=1), "fr": _lm_batches(1, 12, b=1)}
+    callback = subnetworks.DynamicMasksCallback(probe, every=1, density=0.1)
+    callback.on_step_end(None, SimpleNamespace(global_step=1), None, model=model, optimizer=None)
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    plain_named = dict(plain.named_parameters())
+    for i, lang in enumerate(("de", "fr")):
+        plain.zero_grad()
+        plain(**probe[lang][0]).loss.backward()
+        score = torch.cat([(plain_named[n].grad * plain_named[n]).abs().reshape(-1) for n in names])
+        k = round(0.1 * score.numel())
+        want = torch.zeros(score.numel(), dtype=torch.bool)
+        want[score.topk(k).indices] = True
+        got = torch.cat([layers[n[: -len(".weight")]].masks[i].reshape(-1) for n in names])
+        old = torch.cat([masks[lang][n].reshape(-1) for n in names])
+        assert torch.equal(got, want)
+        assert int((got & ~old).sum()) > k // 2  # most of the new subnetwork lies outside the old one
 
 
 def test_dynamic_masks_callback_per_entry_mode(tmp_path):

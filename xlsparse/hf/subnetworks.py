@@ -51,6 +51,21 @@ def _in_language(model: nn.Module, lang: str, batch: Mapping):
     return route(model, [lang] * ids.shape[0])
 
 
+@contextlib.contextmanager
+def _unmasked(model: nn.Module):
+    """Every SubnetworkLinear as a plain linear inside the block (`SubnetworkLinear.unmasked`):
+    scores need the true ∂L/∂W, not the gradient masked to the current subnetwork, which is 0
+    outside it and would keep re-selection from ever choosing a new entry."""
+    layers = [layer for _, layer in _converted(model, SubnetworkLinear)]
+    for layer in layers:
+        layer.unmasked = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.unmasked = False
+
+
 def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method: str = "grad_x_weight",
                       params: Iterable[str] | None = None, loss_fn: Callable | None = None,
                       progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
@@ -59,7 +74,9 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     `batches`: {language: iterable of model inputs (dicts)}. `method`: "grad_x_weight" sums
     |∂L/∂θ · θ| (first-order Taylor importance), "fisher" sums (∂L/∂θ)² (empirical Fisher).
     `params`: names to score (default: every parameter that requires grad). `loss_fn(model,
-    batch)` defaults to `model(**batch).loss`. The model's gradients are left cleared.
+    batch)` defaults to `model(**batch).loss`. On a converted model ∂L/∂θ of a SubnetworkLinear
+    weight is the full gradient, not masked to the language's current subnetwork, so entries
+    outside it are scored too. The model's gradients are left cleared.
     Returns {language: {parameter name: float32 tensor of the parameter's shape}}.
     """
     if method not in ("grad_x_weight", "fisher"):
@@ -75,7 +92,7 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
         acc = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
         for batch in _progress(lang_batches, f"importance {lang}", progress):
             model.zero_grad(set_to_none=True)
-            with _in_language(model, lang, batch):
+            with _in_language(model, lang, batch), _unmasked(model):
                 loss_fn(model, batch).backward()
             with torch.no_grad():
                 for n in names:
@@ -485,7 +502,8 @@ class DynamicMasksCallback(TrainerCallback):
 
     After each optimizer step one probe batch per language (cycling through
     `probe_batches[language]`) is scored, with head/neuron importance (`structured_importance`)
-    by default, or, with `heads_density=None`, per-entry |∂L/∂θ · θ| of the subnetwork weights.
+    by default, or, with `heads_density=None`, per-entry |∂L/∂θ · θ| of the converted weights
+    (`importance_scores`: the full gradient, so entries outside the current masks compete too).
     Every `every` steps each language's masks are re-selected from its scores accumulated since
     the last re-selection (`structured_masks`, or `select_masks` with `density`), given to the
     layers (`set_masks`), and the optimizer follows `MaskedAdamW.update_masks`' semantics: kept
