@@ -104,13 +104,18 @@ def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
     return outer
 
 
-def test_fomaml_outer_gradient_and_step_match_plain_torch():
+@pytest.mark.parametrize("converted", [False, True])
+def test_fomaml_outer_gradient_and_step_match_plain_torch(converted):
+    """The same step on a plain model and on one converted with kind="subnetwork" over the same
+    masks (whose layers train nothing unless each language's batches are routed)."""
     model = tiny("bert")
     twin = copy.deepcopy(model)
     names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
     named = dict(model.named_parameters())
     g = torch.Generator().manual_seed(0)
     masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    if converted:
+        hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
     support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}
     query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
     before = {n: p.detach().clone() for n, p in named.items()}

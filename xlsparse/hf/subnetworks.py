@@ -356,7 +356,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     is the language's outer gradient; θ is restored. The outer gradient is the mean over the
     languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
     union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
-    moves, weight decay included) takes one step. Returns each language's query loss at θ'_l.
+    moves, weight decay included) takes one step. On a converted model each language's batches
+    are routed to it. Returns each language's query loss at θ'_l.
     """
     from ..optim import _MaskedOptimizer
 
@@ -385,10 +386,13 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
         batches = _as_list(support[lang])
         for step in range(inner_steps):
             inner.zero_grad(set_to_none=True)
-            loss_fn(model, batches[step % len(batches)]).backward()
+            batch = batches[step % len(batches)]
+            with _in_language(model, lang, batch):
+                loss_fn(model, batch).backward()
             inner.step()
         model.zero_grad(set_to_none=True)
-        loss = loss_fn(model, query[lang])
+        with _in_language(model, lang, query[lang]):
+            loss = loss_fn(model, query[lang])
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         losses[lang] = float(loss.detach())
         with torch.no_grad():
