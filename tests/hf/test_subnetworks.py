@@ -398,3 +398,22 @@ def test_dynamic_masks_callback_per_entry_mode(tmp_path):
         assert sum(int(layer.masks[i].sum()) for layer in layers) == round(0.1 * total)
     with pytest.raises(ValueError, match="heads_density"):
         subnetworks.DynamicMasksCallback(probe, every=2)
+
+
+def test_set_masks_checks_every_shape_before_changing_a_layer():
+    """GPT-2 masks are in the Conv1D layout [in, out]; a layer the masks do not name gets empty masks."""
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("gpt2")
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    before = {n: layer.masks.clone() for n, layer in layers.items()}
+    first, last = list(masks["de"])[0], list(masks["de"])[-1]
+    bad = {lang: dict(m) for lang, m in masks.items()}
+    bad["fr"][last] = bad["fr"][last].t()
+    with pytest.raises(ValueError, match=r"masks\['fr'\]\['.*c_proj.weight'\] must be a bool tensor of shape"):
+        subnetworks.set_masks(model, bad)
+    assert all(torch.equal(layer.masks, before[n]) for n, layer in layers.items())
+    subnetworks.set_masks(model, {lang: {first: masks[lang][first]} for lang in masks})
+    for n, layer in layers.items():
+        want = torch.stack([masks[lang][first].t() for lang in masks]) if f"{n}.weight" == first else 0 * before[n]
+        assert torch.equal(layer.masks, want), n

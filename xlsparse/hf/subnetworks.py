@@ -119,16 +119,24 @@ def select_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], density: floa
 def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], optimizer=None) -> None:
     """Give every SubnetworkLinear of a converted model new per-language masks (dynamic
     re-selection) and, if an xlsparse optimizer is given, re-mask it to the union of the
-    languages' masks with `update_masks` (kept entries keep their state)."""
+    languages' masks with `update_masks` (kept entries keep their state). Masks are in the
+    model's own layout (GPT-2 Conv1D: [in, out]); every shape is checked before any layer changes."""
     order = languages(model)
     if list(masks) != order:
         raise ValueError(f"set_masks: languages {list(masks)} differ from the model's {order}")
-    unions = {}
+    new = []
     for name, layer in _converted(model, SubnetworkLinear):
         key = f"{name}.weight"
-        per_lang = {lang: masks[lang].get(key, torch.zeros_like(layer.weight, dtype=torch.bool)) for lang in order}
-        if layer.transposed:
-            per_lang = {lang: m.t() for lang, m in per_lang.items()}
+        shape = tuple(layer.weight.shape)[::-1] if layer.transposed else tuple(layer.weight.shape)
+        for lang in order:
+            m = masks[lang].get(key)
+            if m is not None and (m.dtype != torch.bool or tuple(m.shape) != shape):
+                raise ValueError(f"set_masks: masks[{lang!r}][{key!r}] must be a bool tensor of shape {shape}, got "
+                                 f"{m.dtype} {tuple(m.shape)}")
+        per_lang = {lang: masks[lang].get(key, torch.zeros(shape, dtype=torch.bool)) for lang in order}
+        new.append((layer, {lang: (m.t() if layer.transposed else m) for lang, m in per_lang.items()}))
+    unions = {}
+    for layer, per_lang in new:
         layer.set_masks(per_lang)
         unions[layer.weight] = layer.trainable_mask()
     if optimizer is not None:
