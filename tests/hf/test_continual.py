@@ -53,7 +53,14 @@ def _per_language_steps(model, batch, masks, lr, betas=(0.9, 0.999), eps=1e-8):
     return new
 
 
-def test_mixed_batch_update_equals_one_masked_step_per_language():
+def _rotated(masks):
+    """Each language gets the next one's subsets: an earlier round's conversion that the update must replace."""
+    langs = list(masks)
+    return {lang: masks[langs[(i + 1) % len(langs)]] for i, lang in enumerate(langs)}
+
+
+@pytest.mark.parametrize("converted_before", [False, True])
+def test_mixed_batch_update_equals_one_masked_step_per_language(converted_before):
     model = tiny("llama")
     twin = copy.deepcopy(model)
     names = [f"{n}.weight" for n in hf.model.target_names(model)]
@@ -62,6 +69,8 @@ def test_mixed_batch_update_equals_one_masked_step_per_language():
     # disjoint subsets: each entry belongs to at most one of three languages
     owner = {n: torch.randint(0, 6, named[n].shape, generator=g) for n in names}
     masks = {lang: {n: owner[n] == i for n in names} for i, lang in enumerate(("de", "fr", "ja"))}
+    if converted_before:
+        hf.convert(model, kind="subnetwork", masks=_rotated(masks))
     before = {n: p.detach().clone() for n, p in named.items()}
     batch = _mixed_batch(0)
     losses = continual.continual_update(model, [batch], masks, lr=1e-2, progress=False)
@@ -88,7 +97,8 @@ class _Examples(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.batch.items()}
 
 
-def test_continual_trainer_makes_the_same_update(tmp_path):
+@pytest.mark.parametrize("converted_before", [False, True])
+def test_continual_trainer_makes_the_same_update(tmp_path, converted_before):
     from transformers import TrainingArguments
 
     model = tiny("llama")
@@ -97,6 +107,8 @@ def test_continual_trainer_makes_the_same_update(tmp_path):
     named = dict(model.named_parameters())
     g = torch.Generator().manual_seed(2)
     masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.2 for n in names} for lang in ("de", "fr", "ja")}
+    if converted_before:
+        hf.convert(model, kind="subnetwork", masks=_rotated(masks))
     batch = _mixed_batch(3)
     continual.continual_update(twin, [batch], masks, lr=1e-2, progress=False)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6, learning_rate=1e-2, max_steps=1,

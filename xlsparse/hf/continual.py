@@ -148,11 +148,12 @@ def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
 
 
 def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> dict:
-    """Convert the layers the masks name to SubnetworkLinear (unless the model is converted
-    already, with the same languages) and return {parameter name: union of the masks} in the
-    converted layers' layout."""
+    """Convert the layers the masks name to SubnetworkLinear, or, on a model converted already
+    (same languages, e.g. by an earlier update), give its layers these masks; return {parameter
+    name: union of the masks} in the converted layers' layout."""
     from ..nn import SubnetworkLinear
     from .model import _converted, convert, languages
+    from .subnetworks import set_masks
 
     order = list(masks)
     if not order:
@@ -164,11 +165,17 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
             if n not in named:
                 raise ValueError(f"{what}: masks of {lang!r} name an unknown parameter {n!r}")
             union[n] = m.clone() if n not in union else union[n] | m
-    if not list(_converted(model, SubnetworkLinear)):
+    converted = {f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)}
+    if not converted:
         targets = sorted({n[: -len(".weight")] for n in union})
         convert(model, targets, kind="subnetwork", masks={lang: dict(masks[lang]) for lang in order})
-    elif languages(model) != order:
-        raise ValueError(f"{what}: the model's languages {languages(model)} differ from the masks' {order}")
+    else:
+        if languages(model) != order:
+            raise ValueError(f"{what}: the model's languages {languages(model)} differ from the masks' {order}")
+        outside = sorted(n for n in union if n not in converted)
+        if outside:
+            raise ValueError(f"{what}: masks name parameters of layers the converted model does not route: {outside[:5]}")
+        set_masks(model, masks)  # route by these subsets, not by those the layers were converted with
     transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
                   if layer.transposed}
     return {n: (m.t().contiguous() if n in transposed else m) for n, m in union.items() if bool(m.any())}
