@@ -130,6 +130,19 @@ def test_continual_update_rejects_batches_without_language_ids():
         continual.continual_update(model, [batch], masks, progress=False)
 
 
+def test_continual_update_refuses_a_one_shot_iterator_for_several_epochs():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(ValueError, match="epochs=2 needs batches that can be iterated again"):
+        continual.continual_update(model, (b for b in batches), masks, epochs=2, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert len(continual.continual_update(model, batches, masks, epochs=2, progress=False)) == 2
+
+
 def test_per_language_report():
     report = continual.per_language_report({"de": 0.5, "fr": 0.6, "ja": 0.4}, {"de": 0.55, "fr": 0.5, "ja": 0.3})
     assert (report.improved, report.worsened) == (1, 2)
