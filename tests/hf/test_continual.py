@@ -130,6 +130,17 @@ def test_continual_update_rejects_batches_without_language_ids():
         continual.continual_update(model, [batch], masks, progress=False)
 
 
+def test_continual_update_on_a_converted_model_refuses_masks_of_layers_it_does_not_route():
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    hf.convert(model, [names[0][: -len(".weight")]], kind="subnetwork", masks={"de": {names[0]: masks["de"][names[0]]}})
+    batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
+    with pytest.raises(ValueError, match=f"does not route: \\['{names[1]}'\\]"):
+        continual.continual_update(model, batches, masks, progress=False)
+
+
 def test_continual_update_refuses_a_one_shot_iterator_for_several_epochs():
     model = tiny("bert")
     names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
