@@ -417,3 +417,31 @@ def test_set_masks_checks_every_shape_before_changing_a_layer():
     for n, layer in layers.items():
         want = torch.stack([masks[lang][first].t() for lang in masks]) if f"{n}.weight" == first else 0 * before[n]
         assert torch.equal(layer.masks, want), n
+
+
+def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
+    """The checkpoint at step 3 lies after one re-selection and inside the next scoring window: the
+    resumed run needs the re-selected layer masks and the callback's scores and count."""
+    from transformers import TrainingArguments
+
+    from xlsparse.nn import SubnetworkLinear
+
+    def run(out, resume=None):
+        model, _ = _structured_model("bert")
+        probe = {"de": _lm_batches(2, 11), "fr": _lm_batches(2, 12)}
+        callback = subnetworks.DynamicMasksCallback(probe, every=2, heads_density=0.5, neurons_density=0.25)
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=5,
+                                 save_strategy="steps", save_steps=3, report_to=[], use_cpu=True, disable_tqdm=True,
+                                 logging_steps=1000, lr_scheduler_type="constant", max_grad_norm=0.0)
+        subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=20),
+                                      callbacks=[callback]).train(resume_from_checkpoint=resume)
+        masks = {n: layer.masks for n, layer in hf.model._converted(model, SubnetworkLinear)}
+        return dict(model.named_parameters()), masks, callback
+
+    weights, masks, callback = run(tmp_path / "a")
+    resumed_weights, resumed_masks, resumed_callback = run(tmp_path / "b", resume=tmp_path / "a" / "checkpoint-3")
+    assert callback.reselections == resumed_callback.reselections == 2
+    for n, m in masks.items():
+        assert torch.equal(resumed_masks[n], m), n
+    for n, p in weights.items():
+        torch.testing.assert_close(resumed_weights[n], p, rtol=0, atol=0, msg=n)

@@ -21,6 +21,7 @@ What is xlsparse's own:
   - `reptile_step` (Reptile) is kept as a cheaper first-order alternative.
 """
 import contextlib
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 
@@ -476,7 +477,13 @@ class SubnetworkTrainer(Trainer):
     routing), and the optimizer is a MaskedAdamW over the union of the masks (the Trainer's lr,
     betas, eps and weight decay), so nothing else trains. Static masks as given; add a
     `DynamicMasksCallback` for dynamic ones.
+
+    Every saved model folder (checkpoints included) holds `subnetwork_masks.pt`: the layers'
+    current masks and the state of each DynamicMasksCallback. Resuming from a checkpoint restores
+    them before the optimizer is built, so a resumed run routes and steps by the masks it had.
     """
+
+    MASKS_FILE = "subnetwork_masks.pt"
 
     def __init__(self, *args, **kwargs):
         if Trainer is object:
@@ -498,6 +505,35 @@ class SubnetworkTrainer(Trainer):
                                          lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
                                          weight_decay=a.weight_decay)
         return self.optimizer
+
+    def _dynamic_callbacks(self) -> list:
+        return [cb for cb in self.callback_handler.callbacks if isinstance(cb, DynamicMasksCallback)]
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:  # the masks are non-persistent buffers: the model's own files lack them
+            layers = {name: layer.masks.cpu() for name, layer in _converted(self.model, SubnetworkLinear)}
+            torch.save({"languages": languages(self.model), "masks": layers,
+                        "callbacks": [cb.state_dict() for cb in self._dynamic_callbacks()]},
+                       os.path.join(output_dir or self.args.output_dir, self.MASKS_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, self.MASKS_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"SubnetworkTrainer: resume_from_checkpoint {resume_from_checkpoint!r} has no "
+                             f"{self.MASKS_FILE}; the masks it was trained with cannot be restored")
+        saved = torch.load(path, weights_only=True)
+        layers = dict(_converted(self.model, SubnetworkLinear))
+        callbacks = self._dynamic_callbacks()
+        if saved["languages"] != languages(self.model) or set(saved["masks"]) != set(layers) \
+                or len(saved["callbacks"]) != len(callbacks):
+            raise ValueError(f"SubnetworkTrainer: {path} was saved from another setup (languages, converted layers or "
+                             "DynamicMasksCallbacks differ)")
+        for name, layer in layers.items():
+            layer.set_masks(dict(zip(saved["languages"], saved["masks"][name])))
+        for cb, state in zip(callbacks, saved["callbacks"]):
+            cb.load_state_dict(state)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         inputs = dict(inputs)
@@ -536,6 +572,14 @@ class DynamicMasksCallback(TrainerCallback):
         self.loss_fn = loss_fn
         self.scores: dict = {}
         self.reselections = 0
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs (SubnetworkTrainer saves it with each checkpoint): the scores
+        accumulated since the last re-selection and the number of re-selections."""
+        return {"scores": self.scores, "reselections": self.reselections}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.scores, self.reselections = dict(state["scores"]), int(state["reselections"])
 
     def _score(self, model, lang: str, batch):
         if self.density is None:
