@@ -40,6 +40,34 @@ def test_importance_masks_and_dynamic_reselection():
     assert torch.equal(layer.trainable_mask(), new_masks["de"][names[0]] | new_masks["fr"][names[0]])
 
 
+@pytest.mark.parametrize("method", ["grad_x_weight", "fisher"])
+def test_importance_sums_per_example_gradients_whatever_the_batching(method):
+    """Σ_i |∂ℓ_i/∂θ · θ| and Σ_i (∂ℓ_i/∂θ)², ℓ_i example i's mean token loss, restated from one
+    forward with per-token losses; one batch of 4 or two of 2 give the same scores, and an
+    example without labelled tokens adds nothing."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:4]
+    named = dict(model.named_parameters())
+    ids = _lm_batches(1, 3, b=4)[0]["input_ids"]
+    labels = ids.clone()
+    labels[3] = -100
+    logits = model(input_ids=ids).logits
+    token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), ids.reshape(-1), reduction="none")
+    want = {n: torch.zeros_like(named[n]) for n in names}
+    for i in range(3):
+        grads = torch.autograd.grad(token_loss.reshape(4, -1)[i].mean(), [named[n] for n in names], retain_graph=True)
+        for n, g in zip(names, grads):
+            want[n] += (g * named[n]).abs() if method == "grad_x_weight" else g.square()
+    one = subnetworks.importance_scores(model, {"de": [{"input_ids": ids, "labels": labels}]}, method=method,
+                                        params=names, progress=False)["de"]
+    two = subnetworks.importance_scores(model, {"de": [{"input_ids": ids[:2], "labels": labels[:2]},
+                                                       {"input_ids": ids[2:], "labels": labels[2:]}]},
+                                        method=method, params=names, progress=False)["de"]
+    for n in names:
+        torch.testing.assert_close(one[n], want[n].detach(), rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(two[n], one[n], rtol=1e-5, atol=1e-9)
+
+
 def test_reptile_step_updates_only_the_subnetworks():
     model = tiny("bert")
     names = [f"{n}.weight" for n in hf.model.target_names(model)]

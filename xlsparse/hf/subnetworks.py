@@ -67,17 +67,30 @@ def _unmasked(model: nn.Module):
             layer.unmasked = False
 
 
+def _examples(batch: Mapping) -> list[dict]:
+    """The batch split into batches of one example (every tensor sliced along its first dim)."""
+    sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"importance_scores: the tensors of a batch in batches must share the batch size as their "
+                         f"first dim, got first dims {sorted(sizes)}")
+    return [{k: v[i: i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
+            for i in range(sizes.pop())]
+
+
 def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method: str = "grad_x_weight",
                       params: Iterable[str] | None = None, loss_fn: Callable | None = None,
                       progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-    """Per language, accumulated parameter importance over its batches.
+    """Per language, accumulated parameter importance over the examples of its batches.
 
-    `batches`: {language: iterable of model inputs (dicts)}. `method`: "grad_x_weight" sums
-    |∂L/∂θ · θ| (first-order Taylor importance), "fisher" sums (∂L/∂θ)² (empirical Fisher).
-    `params`: names to score (default: every parameter that requires grad). `loss_fn(model,
-    batch)` defaults to `model(**batch).loss`. On a converted model ∂L/∂θ of a SubnetworkLinear
-    weight is the full gradient, not masked to the language's current subnetwork, so entries
-    outside it are scored too. The model's gradients are left cleared.
+    `batches`: {language: iterable of model inputs (dicts whose tensors all have the batch size
+    first)}. With ℓ_i the loss of example i alone (`loss_fn(model, batch)` on a batch of that
+    one example; default `model(**batch).loss`), `method` "grad_x_weight" sums |∂ℓ_i/∂θ · θ|
+    over the examples (first-order Taylor importance) and "fisher" sums (∂ℓ_i/∂θ)² (empirical
+    Fisher): one backward per example, so the scores do not depend on how examples are
+    batched. An example whose loss is NaN (no labelled token) adds nothing. `params`: names to
+    score (default: every parameter that requires grad). On a converted model ∂ℓ_i/∂θ of a
+    SubnetworkLinear weight is the full gradient, not masked to the language's current
+    subnetwork, so entries outside it are scored too. The model's gradients are left cleared.
     Returns {language: {parameter name: float32 tensor of the parameter's shape}}.
     """
     if method not in ("grad_x_weight", "fisher"):
@@ -91,10 +104,14 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     scores = {}
     for lang, lang_batches in batches.items():
         acc = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
-        for batch in _progress(lang_batches, f"importance {lang}", progress):
+        examples = (x for batch in lang_batches for x in _examples(batch))
+        for example in _progress(examples, f"importance {lang}", progress):
             model.zero_grad(set_to_none=True)
-            with _in_language(model, lang, batch), _unmasked(model):
-                loss_fn(model, batch).backward()
+            with _in_language(model, lang, example), _unmasked(model):
+                loss = loss_fn(model, example)
+            if torch.isnan(loss):
+                continue
+            loss.backward()
             with torch.no_grad():
                 for n in names:
                     g = named[n].grad
@@ -550,7 +567,7 @@ class DynamicMasksCallback(TrainerCallback):
 
     After each optimizer step one probe batch per language (cycling through
     `probe_batches[language]`) is scored, with head/neuron importance (`structured_importance`)
-    by default, or, with `heads_density=None`, per-entry |∂L/∂θ · θ| of the converted weights
+    by default, or, with `heads_density=None`, per-entry Σ_examples |∂ℓ_i/∂θ · θ| of the converted weights
     (`importance_scores`: the full gradient, so entries outside the current masks compete too).
     Every `every` steps each language's masks are re-selected from its scores accumulated since
     the last re-selection (`structured_masks`, or `select_masks` with `density`), given to the
