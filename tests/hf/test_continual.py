@@ -26,6 +26,30 @@ def test_uriel_distances_and_language_aware_masks():
         continual.uriel_distance("eng", "zzz")
 
 
+def test_uriel_distance_averages_the_cosines_of_the_sets_both_languages_have(monkeypatch):
+    """Synthetic blocks in lang2vec's cache: 'ccc' has an all-zero second set, 'zzz' only zeros."""
+    g = torch.Generator().manual_seed(0)
+    features = ("f1", "f2", "f3")
+    blocks = {}
+    for lang in ("aaa", "bbb", "ccc", "zzz"):
+        for f, width in zip(features, (4, 7, 3)):
+            v = torch.randn(width, generator=g, dtype=torch.float64)
+            zero = lang == "zzz" or (lang, f) == ("ccc", "f2")
+            blocks[f, lang] = torch.zeros_like(v) if zero else v / v.norm()
+            monkeypatch.setitem(continual._URIEL_CACHE, (f, lang), blocks[f, lang])
+
+    def cos(a, b, f):
+        return float(blocks[f, a] @ blocks[f, b])
+
+    d = continual.distance_matrix(["aaa", "bbb", "ccc"], features)
+    assert d[0, 1] == pytest.approx(1 - sum(cos("aaa", "bbb", f) for f in features) / 3)
+    assert d[0, 2] == pytest.approx(1 - (cos("aaa", "ccc", "f1") + cos("aaa", "ccc", "f3")) / 2)
+    assert d[1, 2] == pytest.approx(1 - (cos("bbb", "ccc", "f1") + cos("bbb", "ccc", "f3")) / 2)
+    assert torch.equal(d, d.T) and float(d.diagonal().abs().sum()) == 0
+    with pytest.raises(ValueError, match="'aaa' and 'zzz' share no feature set"):
+        continual.distance_matrix(["aaa", "zzz"], features)
+
+
 def _mixed_batch(seed, b=6, s=8):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (b, s), generator=g)

@@ -9,10 +9,10 @@ chosen with URIEL, training on mixed multilingual batches, and the evaluation by
 the share of languages that improve and the mean size of the losses (`LanguageReport`).
 What is xlsparse's own (not traceable to the paper's text): the subset formula of
 `language_aware_masks` (importance minus the URIEL-distance-weighted importance of the other
-languages), the URIEL distance (1 − mean cosine over five feature sets), and the mechanics: one
-backward per mixed batch in which every example's gradient lands only in its language's subset
-(`SubnetworkLinear` routing, the multi-mask kernel), then one MaskedAdamW step over the union of
-the subsets. Where two languages' subsets overlap their gradients add, as in one joint step.
+languages), the URIEL distance (1 − the mean cosine over the five feature sets, skipping a set
+that is all zero for either language), and the mechanics: one backward per mixed batch in which
+every example's gradient lands only in its language's subset (`SubnetworkLinear` routing, the
+multi-mask kernel), then one MaskedAdamW step over the union of the subsets. Where two languages' subsets overlap their gradients add, as in one joint step.
 
 URIEL comes from the PyPI package `lang2vec` 1.1.2 (its data ships in the wheel: no network).
 We use it rather than `urielplus` because it is the package URIEL was published with and the
@@ -83,24 +83,36 @@ def _uriel_blocks(langs: Sequence[str], feature: str) -> list[torch.Tensor]:
 def uriel_vectors(langs, features: tuple[str, ...] = URIEL_FEATURES) -> dict[str, torch.Tensor]:
     """{ISO 639-3 code: URIEL vector}: one L2-normalised block per feature set (default: the
     kNN-imputed syntax, phonology and inventory sets, language family and geography), so that
-    the cosine of two vectors is the mean of the per-set cosines (each set counts equally,
-    although `fam` has 3718 dimensions and `phonology_knn` 28)."""
+    each set weighs the same although `fam` has 3718 dimensions and `phonology_knn` 28. A set
+    that is all zero for a language (e.g. `fam` of an isolate such as Basque) stays zero."""
     langs = list(dict.fromkeys(langs))
     blocks = [_uriel_blocks(langs, f) for f in features]
     return {lang: torch.cat([b[i] for b in blocks]) for i, lang in enumerate(langs)}
 
 
 def uriel_distance(a: str, b: str, features: tuple[str, ...] = URIEL_FEATURES) -> float:
-    """URIEL distance of two ISO 639-3 languages: 1 − the mean cosine over the feature sets."""
+    """URIEL distance of two ISO 639-3 languages (as `distance_matrix`)."""
     return float(distance_matrix([a, b], features)[0, 1])
 
 
 def distance_matrix(langs: Sequence[str], features: tuple[str, ...] = URIEL_FEATURES) -> torch.Tensor:
-    """[L, L] URIEL distances (1 − mean per-set cosine) between ISO 639-3 languages."""
-    vecs = uriel_vectors(langs, features)
-    m = torch.stack([vecs[lang] for lang in langs])
-    m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (1 - m @ m.T).clamp_min(0).fill_diagonal_(0)
+    """[L, L] URIEL distances between ISO 639-3 languages: 1 − the mean of the per-set cosines,
+    over the feature sets in which both languages have a nonzero vector. A set that is all zero
+    for a language (e.g. `fam` of an isolate such as Basque) says nothing about it and is
+    skipped; a pair with no such set in common raises."""
+    langs = list(langs)
+    cosines = torch.zeros(len(langs), len(langs), dtype=torch.float64)
+    counted = torch.zeros_like(cosines)
+    for feature in features:
+        m = torch.stack(_uriel_blocks(langs, feature))  # unit rows, or zero rows where the set is all zero
+        present = (m.norm(dim=1) > 0).double()
+        cosines += m @ m.T
+        counted += present[:, None] * present[None, :]
+    if bool((counted == 0).any()):
+        i, j = (counted == 0).nonzero()[0].tolist()
+        raise ValueError(f"distance_matrix: {langs[i]!r} and {langs[j]!r} share no feature set of {list(features)} "
+                         "with nonzero URIEL vectors for both")
+    return (1 - cosines / counted).clamp_min(0).fill_diagonal_(0)
 
 
 def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel_codes: Mapping[str, str],
