@@ -12,7 +12,8 @@ What is xlsparse's own (not traceable to the paper's text): the subset formula o
 languages), the URIEL distance (1 − the mean cosine over the five feature sets, skipping a set
 that is all zero for either language), and the mechanics: one backward per mixed batch in which
 every example's gradient lands only in its language's subset (`SubnetworkLinear` routing, the
-multi-mask kernel), then one MaskedAdamW step over the union of the subsets. Where two languages' subsets overlap their gradients add, as in one joint step.
+multi-mask kernel), then one MaskedAdamW step over the union of the subsets. Where two
+languages' subsets overlap their gradients add, as in one joint step.
 
 URIEL comes from the PyPI package `lang2vec` 1.1.2 (its data ships in the wheel: no network).
 We use it rather than `urielplus` because it is the package URIEL was published with and the
@@ -216,8 +217,8 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     example's gradient into its own subset, and one compact `MaskedAdamW` step over the union
     of the subsets follows. Only the weights the masks name train; every other entry (biases
     included) stays bit-identical. With `epochs` > 1 `batches` is iterated once per epoch, so it
-    must be re-iterable (a one-shot iterator raises). The model's named linear layers are converted to
-    `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
+    must be re-iterable (a one-shot iterator raises). The model's named linear layers are
+    converted to `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
     Returns the loss of every step.
     """
     from .model import route
