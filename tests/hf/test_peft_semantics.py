@@ -140,6 +140,20 @@ def test_a_stray_trained_parameter_makes_extract_diff_raise(arch):
         hf.save_pretrained(model, "/nonexistent/never-written")
 
 
+def test_frozen_values_moved_to_other_positions_make_extract_diff_raise():
+    # Same values, other places: a different model, so the check must depend on positions.
+    model, head = classifier("bert")
+    ln = next(n for n, _ in model.named_parameters() if "LayerNorm.weight" in n)
+    weight = dict(model.named_parameters())[ln]
+    with torch.no_grad():
+        weight.normal_()  # distinct values, so that a swap changes the tensor
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    with torch.no_grad():
+        weight[[0, 1]] = weight[[1, 0]].clone()
+    with pytest.raises(ValueError, match=ln.replace(".", r"\.")):
+        hf.extract_diff(model)
+
+
 def test_a_tied_head_is_refused_where_it_is_tied():
     model = tiny("gpt2")
     assert hf.tied_parameters(model)["lm_head.weight"] == ["transformer.wte.weight"]

@@ -160,6 +160,26 @@ def test_topk_over_all_reduced_scores_picks_one_mask_on_every_rank(tmp_path):
         assert torch.equal(got, w)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
+def test_fingerprint_sees_any_one_change_and_any_swap(dtype):
+    gen = torch.Generator().manual_seed(0)
+    t = (torch.randn(1000, generator=gen) * 1000).to(dtype)
+    base = xdist.fingerprint(t)
+    assert torch.equal(base, xdist.fingerprint(t.clone()))
+    for _ in range(50):
+        i, j = torch.randint(0, t.numel(), (2,), generator=gen).tolist()
+        if t[i].item() != t[j].item():
+            swapped = t.clone()
+            swapped[[i, j]] = t[[j, i]]
+            assert not torch.equal(xdist.fingerprint(swapped), base), (i, j)
+        flipped = t.clone()
+        flipped.view(torch.uint8)[i * t.element_size()] ^= 1 << (i % 8)  # one bit of entry i
+        assert not torch.equal(xdist.fingerprint(flipped), base), i
+    assert not torch.equal(xdist.fingerprint(torch.tensor([1.0])), xdist.fingerprint(torch.tensor([1.0, 0.0])))
+    signed_zero = torch.tensor([0.0, 1.0])
+    assert not torch.equal(xdist.fingerprint(signed_zero), xdist.fingerprint(torch.tensor([-0.0, 1.0])))
+
+
 def test_helpers_are_no_ops_without_a_process_group():
     scores = {"a": torch.rand(5)}
     before = scores["a"].clone()

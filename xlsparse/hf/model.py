@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import routing
+from ..distributed import fingerprint
 from ..diff import SparseDelta, SparseDiff, _storage_key, budget, index_dtype
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
@@ -166,16 +167,8 @@ def _check_entries(what: str, entries, shapes: dict) -> None:
 
 # --- what convert remembers: fingerprints of frozen tensors, the originals of saved modules ---
 
-def _fingerprint(t: torch.Tensor) -> tuple[int, int]:
-    """A checksum of a tensor's bits: any change of a value changes it (but for a 2^-64 chance)."""
-    flat = t.detach().reshape(-1)
-    bits = flat.view({8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}[flat.element_size()])
-    total = weighted = 0
-    for start in range(0, bits.numel(), 1 << 22):  # int64 chunks of 32 MiB, not a copy of the whole tensor
-        chunk = bits[start:start + (1 << 22)].to(torch.int64)
-        total += int(chunk.sum())
-        weighted += int((chunk * (chunk >> 17 | 1)).sum())
-    return total, weighted
+def _fingerprint(t: torch.Tensor) -> tuple[int, ...]:
+    return tuple(fingerprint(t).tolist())
 
 
 @dataclass
