@@ -447,6 +447,62 @@ def test_set_masks_checks_every_shape_before_changing_a_layer():
         assert torch.equal(layer.masks, want), n
 
 
+def _assert_diff_is_the_change_since_convert(model, arch):
+    """The exported diff restated: trained minus base weights, every entry (zeros included)."""
+    from xlsparse.nn import SubnetworkLinear
+
+    base = dict(tiny(arch).named_parameters())
+    transposed = {f"{n}.weight" for n, layer in hf.model._converted(model, SubnetworkLinear) if layer.transposed}
+    diff = hf.extract_diff(model)
+    changed = 0
+    for n, p in model.named_parameters():
+        want = (p.detach().t() if n in transposed else p.detach()) - base[n].detach()  # GPT-2's Conv1D layout
+        changed += int((want != 0).sum())
+        got = diff.deltas[n].to_dense() if n in diff.deltas else torch.zeros_like(want)
+        assert torch.equal(got, want), n
+    assert changed > 0
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_a_diff_after_reselection_covers_every_entry_ever_trained_and_disable_gives_the_base(arch):
+    from xlsparse.nn import SubnetworkLinear
+    from xlsparse.optim import MaskedAdamW
+
+    model, masks = _structured_model(arch)
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(3, VOCAB, (2, 8), generator=g)
+    layers = [layer for _, layer in hf.model._converted(model, SubnetworkLinear)]
+    optimizer = MaskedAdamW([layer.weight for layer in layers], [layer.trainable_mask() for layer in layers], lr=1e-2)
+
+    def train():
+        with hf.route(model, torch.tensor([0, 1])):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train()
+    flipped = {lang: {n: ~m for n, m in named.items()} for lang, named in masks.items()}  # every entry new
+    subnetworks.set_masks(model, flipped, optimizer)
+    train()
+    _assert_diff_is_the_change_since_convert(model, arch)
+    with hf.disable(model), torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, tiny(arch)(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_a_reselection_refuses_a_weight_changed_outside_its_subnetworks():
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("bert")
+    name, layer = next(iter(hf.model._converted(model, SubnetworkLinear)))
+    before = {n: layer.masks.clone() for n, layer in hf.model._converted(model, SubnetworkLinear)}
+    with torch.no_grad():
+        layer.weight[~layer.trainable_mask()] += 1.0  # e.g. a plain optimizer's weight decay
+    flipped = {lang: {n: ~m for n, m in named.items()} for lang, named in masks.items()}
+    with pytest.raises(ValueError, match=rf"{name}\.weight changed outside its subnetworks"):
+        subnetworks.set_masks(model, flipped)
+    assert all(torch.equal(layer.masks, before[n]) for n, layer in hf.model._converted(model, SubnetworkLinear))
+
+
 def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
     """The checkpoint at step 3 lies after one re-selection and inside the next scoring window: the
     resumed run needs the re-selected layer masks and the callback's scores and count."""
@@ -464,6 +520,7 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
         subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=20),
                                       callbacks=[callback]).train(resume_from_checkpoint=resume)
         masks = {n: layer.masks for n, layer in hf.model._converted(model, SubnetworkLinear)}
+        _assert_diff_is_the_change_since_convert(model, "bert")  # the re-selections' entries too, resumed or not
         return dict(model.named_parameters()), masks, callback
 
     weights, masks, callback = run(tmp_path / "a")

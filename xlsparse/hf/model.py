@@ -411,9 +411,58 @@ def _remember(model: nn.Module, saved: list[str]) -> _Record:
                 rec.saved_originals[f"{sname}.{n}"] = p.detach().clone()
         for lname, layer in _converted(model, SubnetworkLinear):
             union = layer.trainable_mask().reshape(-1).nonzero().flatten()
-            rec.subnet_base[lname] = (union, layer.weight.detach().reshape(-1)[union].clone())
-            rec.frozen[f"{lname}.weight"] = _fingerprint(_subnet_weight_outside(layer, union))
+            _remember_subnet(rec, lname, layer, union, layer.weight.detach().reshape(-1)[union].clone())
     return rec
+
+
+def _remember_subnet(rec: _Record, lname: str, layer: SubnetworkLinear, union: torch.Tensor, base: torch.Tensor) -> None:
+    """The entries of `layer` that the diff covers (`union`, flat and sorted) with their values at
+    convert, and the fingerprint of the rest, which must not change."""
+    rec.subnet_base[lname] = (union, base)
+    rec.frozen[f"{lname}.weight"] = _fingerprint(_subnet_weight_outside(layer, union))
+
+
+def _subnet_coverage(model: nn.Module) -> dict:
+    """What `_grow_subnetworks` recorded, for a checkpoint: {layer name: (covered entries, their
+    values from convert, the fingerprint of the rest)}, on the CPU."""
+    rec = _record(model)
+    return {n: (u.cpu(), b.cpu(), list(rec.frozen[f"{n}.weight"])) for n, (u, b) in rec.subnet_base.items()}
+
+
+def _restore_subnet_coverage(model: nn.Module, saved: dict) -> None:
+    """Put back what `_subnet_coverage` saved (a resumed run that re-selected masks before)."""
+    rec = _record(model)
+    layers = dict(_converted(model, SubnetworkLinear))
+    if set(saved) != set(layers):
+        raise ValueError(f"the saved subnetwork layers {sorted(saved)[:3]} ... differ from the model's")
+    for n, (union, base, fp) in saved.items():
+        device = layers[n].weight.device
+        rec.subnet_base[n] = (union.to(device), base.to(device=device, dtype=layers[n].weight.dtype))
+        rec.frozen[f"{n}.weight"] = tuple(fp)
+
+
+def _grow_subnetworks(model: nn.Module, unions: dict) -> None:
+    """Before the masks of a converted subnetwork model change (dynamic re-selection); `unions`:
+    {layer name: the new union of its masks, bool in the layer's layout}. Every entry some
+    language may then update joins the entries that `extract_diff`, `save_pretrained` and
+    `disable` cover, with its value from `convert`. Entries that leave every mask stay covered:
+    they keep what they learned. A joining entry was frozen until now, so it still holds its
+    value from `convert`; that is checked, and a change raises before anything is recorded."""
+    rec = _record(model)
+    layers = dict(_converted(model, SubnetworkLinear))
+    for lname, layer in layers.items():
+        if _fingerprint(_subnet_weight_outside(layer, rec.subnet_base[lname][0])) != rec.frozen[f"{lname}.weight"]:
+            raise ValueError(f"{lname}.weight changed outside its subnetworks since convert, so the values from convert "
+                             "of the entries that join them are lost; train it with an optimizer that keeps to the "
+                             "masks (MaskedAdamW)")
+    for lname, layer in layers.items():
+        union, base = rec.subnet_base[lname]
+        covered = unions[lname].reshape(-1).to(layer.weight.device).clone()
+        covered[union] = True
+        grown = covered.nonzero().flatten()
+        values = layer.weight.detach().reshape(-1)[grown].clone()
+        values[torch.searchsorted(grown, union)] = base  # the old entries keep their values from convert
+        _remember_subnet(rec, lname, layer, grown, values)
 
 
 def train_outside_diff(model: nn.Module, names) -> None:

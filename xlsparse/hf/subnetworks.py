@@ -32,7 +32,7 @@ from ..diff import budget
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..optim import MaskedAdamW, MaskedSGD
-from .model import _converted, languages, route
+from .model import _converted, _grow_subnetworks, _restore_subnet_coverage, _subnet_coverage, languages, route
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -138,7 +138,9 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     """Give every SubnetworkLinear of a converted model new per-language masks (dynamic
     re-selection) and, if an xlsparse optimizer is given, re-mask it to the union of the
     languages' masks with `update_masks` (kept entries keep their state). Masks are in the
-    model's own layout (GPT-2 Conv1D: [in, out]); every shape is checked before any layer changes."""
+    model's own layout (GPT-2 Conv1D: [in, out]); every shape is checked before any layer changes.
+    `extract_diff`, `save_pretrained` and `disable` then cover every entry that any mask so far
+    opened: an entry that leaves the masks keeps what it learned, so it stays in the diff."""
     order = languages(model)
     if list(masks) != order:
         raise ValueError(f"set_masks: languages {list(masks)} differ from the model's {order}")
@@ -152,9 +154,10 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
                 raise ValueError(f"set_masks: masks[{lang!r}][{key!r}] must be a bool tensor of shape {shape}, got "
                                  f"{m.dtype} {tuple(m.shape)}")
         per_lang = {lang: masks[lang].get(key, torch.zeros(shape, dtype=torch.bool)) for lang in order}
-        new.append((layer, {lang: (m.t() if layer.transposed else m) for lang, m in per_lang.items()}))
+        new.append((name, layer, {lang: (m.t() if layer.transposed else m) for lang, m in per_lang.items()}))
+    _grow_subnetworks(model, {name: torch.stack(list(per_lang.values())).any(0) for name, _, per_lang in new})
     unions = {}
-    for layer, per_lang in new:
+    for _, layer, per_lang in new:
         layer.set_masks(per_lang)
         unions[layer.weight] = layer.trainable_mask()
     if optimizer is not None:
@@ -482,6 +485,12 @@ except ImportError:  # transformers is the optional `hf` extra
     Trainer = TrainerCallback = object
 
 
+def _covered_mask(layer: SubnetworkLinear, covered: torch.Tensor) -> torch.Tensor:
+    mask = torch.zeros(layer.weight.numel(), dtype=torch.bool)
+    mask[covered] = True
+    return mask.view(layer.weight.shape)
+
+
 def _unwrap(optimizer):
     """The xlsparse optimizer behind accelerate's wrapper, if any."""
     return getattr(optimizer, "optimizer", optimizer)
@@ -496,8 +505,10 @@ class SubnetworkTrainer(Trainer):
     `DynamicMasksCallback` for dynamic ones.
 
     Every saved model folder (checkpoints included) holds `subnetwork_masks.pt`: the layers'
-    current masks and the state of each DynamicMasksCallback. Resuming from a checkpoint restores
-    them before the optimizer is built, so a resumed run routes and steps by the masks it had.
+    current masks, the entries that re-selections added to the exported diff (with their values
+    from convert) and the state of each DynamicMasksCallback. Resuming from a checkpoint restores
+    them before the optimizer is built, so a resumed run routes and steps by the masks it had and
+    its diff still covers every entry it trained.
     """
 
     MASKS_FILE = "subnetwork_masks.pt"
@@ -530,7 +541,7 @@ class SubnetworkTrainer(Trainer):
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:  # the masks are non-persistent buffers: the model's own files lack them
             layers = {name: layer.masks.cpu() for name, layer in _converted(self.model, SubnetworkLinear)}
-            torch.save({"languages": languages(self.model), "masks": layers,
+            torch.save({"languages": languages(self.model), "masks": layers, "covered": _subnet_coverage(self.model),
                         "callbacks": [cb.state_dict() for cb in self._dynamic_callbacks()]},
                        os.path.join(output_dir or self.args.output_dir, self.MASKS_FILE))
 
@@ -547,8 +558,15 @@ class SubnetworkTrainer(Trainer):
                 or len(saved["callbacks"]) != len(callbacks):
             raise ValueError(f"SubnetworkTrainer: {path} was saved from another setup (languages, converted layers or "
                              "DynamicMasksCallbacks differ)")
+        covered = saved.get("covered")
+        if covered is None:  # written before re-selections were recorded: fine if the masks never grew
+            covered = _subnet_coverage(self.model)
+            if any(bool((saved["masks"][n].any(0) & ~_covered_mask(layers[n], covered[n][0])).any()) for n in layers):
+                raise ValueError(f"SubnetworkTrainer: {path} was written by an older xlsparse after a re-selection "
+                                 "opened new entries, and it lacks their values from convert; it cannot be resumed")
         for name, layer in layers.items():
             layer.set_masks(dict(zip(saved["languages"], saved["masks"][name])))
+        _restore_subnet_coverage(self.model, covered)
         for cb, state in zip(callbacks, saved["callbacks"]):
             cb.load_state_dict(state)
 
