@@ -457,6 +457,18 @@ def test_multi_delta_layer_routing_sources():
     torch.testing.assert_close(y, layer(x, route=per_example.repeat_interleave(4).view(2, 4)))
     onehot = torch.nn.functional.one_hot(per_example.repeat_interleave(4), 2).float()
     torch.testing.assert_close(y, layer(x, gates=onehot.view(2, 4, 2)), rtol=1e-5, atol=1e-6)
+    with routing.use(torch.tensor([1, 3]), 4), pytest.raises(ValueError, match="route has 4 ids but the layer has 2"):
+        layer(x)
+
+
+def test_expert_embedding_refuses_a_route_of_another_size():
+    embedding = torch.nn.Embedding(5, 3)
+    layer = xnn.ExpertEmbedding(embedding, [torch.ones(5, 3), None])
+    ids = torch.tensor([[1, 2], [3, 4]])
+    with routing.use(torch.tensor([0, 1]), 2):
+        torch.testing.assert_close(layer(ids), embedding(ids) + torch.tensor([1.0, 0.0]).view(2, 1, 1))
+    with routing.use(torch.tensor([0, 3]), 4), pytest.raises(ValueError, match="route has 4 ids but the layer has 2 experts"):
+        layer(ids)  # expert 3 would have run as the base alone
 
 
 # --- ensemble mixing ---
@@ -537,6 +549,102 @@ def test_sparse_delta_layer_starts_as_the_original_and_trains():
         torch.testing.assert_close(layer(x), expect)
     layer.unmerge()
     assert_bit_identical(layer.weight.detach(), before, "weight after unmerge")
+
+
+def _layer_with_delta(seed, linear=None):
+    gen = seeded(seed)
+    layer = xnn.SparseDeltaLinear.from_linear(linear or torch.nn.Linear(9, 7), density=0.3)
+    with torch.no_grad():
+        layer.delta_values.copy_(torch.randn(layer.delta_values.shape, generator=gen))
+    return layer, torch.randn(70, 9, generator=gen)  # 70 tokens: the write-into-W0 path
+
+
+def _by_hand(layer, base):
+    """x ↦ x (W0 + Δ)ᵀ + b restated with a dense Δ."""
+    delta = base.new_zeros(base.numel()).index_put_((layer.delta_indices.long(),), layer.delta_values.detach())
+    return lambda x: torch.nn.functional.linear(x, base + delta.view_as(base), layer.bias.detach())
+
+
+def test_a_new_support_reaches_no_tensor_the_layer_was_built_from():
+    indices = torch.tensor([0, 5, 62])
+    a = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(9, 7), indices=indices)
+    b = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(9, 7), indices=indices)
+    emb = xnn.SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(9, 7), indices=indices)
+    a.set_support(torch.tensor([1, 2, 3]))
+    emb.set_support(torch.tensor([4, 5, 6]))
+    assert indices.tolist() == b.delta_indices.tolist() == [0, 5, 62]
+
+
+def test_a_merged_layer_saves_and_loads_as_the_unmerged_one():
+    layer, x = _layer_with_delta(21)
+    base = layer.weight.detach().clone()
+    expect = _by_hand(layer, base)(x)
+    layer.eval()
+    layer.merge()
+    state = layer.state_dict()
+    assert_bit_identical(state["weight"], base, "saved weight is W0")
+    fresh = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(9, 7), density=0.3)
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh(x), expect)
+    other, _ = _layer_with_delta(22)
+    other.eval()
+    other.merge()
+    other.load_state_dict(state)  # into a merged layer: the loaded W0 and Δ, unmerged
+    assert not other.merged
+    torch.testing.assert_close(other(x), expect)
+
+
+def test_a_merged_layer_refuses_a_stale_delta_and_converts_with_the_model():
+    layer, x = _layer_with_delta(23)
+    layer.eval()
+    layer.merge()
+    with torch.no_grad():
+        layer.delta_values.mul_(2)
+    with pytest.raises(RuntimeError, match="stale"):
+        layer(x)
+    layer.unmerge()
+    layer.merge()
+    layer.double()  # the displaced entries follow the weight's dtype
+    layer.unmerge()
+    assert layer.weight.dtype == torch.float64 and not layer.merged
+
+
+def test_gradients_of_a_merged_layer_in_eval_mode_reach_the_delta():
+    layer, x = _layer_with_delta(24)
+    reference = layer.delta_values.detach().clone().requires_grad_()
+    delta = torch.zeros(layer.weight.numel()).index_put(
+        (layer.delta_indices.long(),), reference).view_as(layer.weight)
+    torch.nn.functional.linear(x, layer.weight.detach() + delta, layer.bias.detach()).square().sum().backward()
+    layer.eval()
+    layer.merge()
+    layer(x).square().sum().backward()
+    torch.testing.assert_close(layer.delta_values.grad, reference.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_strided_base_weight_multiplies_by_its_merged_copy():
+    weight = torch.randn(9, 7).t()  # [7, 9], not contiguous
+    linear = torch.nn.Linear(9, 7)
+    linear.weight = torch.nn.Parameter(weight)
+    layer, x = _layer_with_delta(25, linear)
+    expect = _by_hand(layer, weight.detach().contiguous())(x)
+    torch.testing.assert_close(layer(x), expect)
+
+
+def test_double_backward_raises():
+    layer, x = _layer_with_delta(26)
+    x.requires_grad_()
+    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gx.sum().backward()
+
+
+def test_autocast_leaves_float64_layers_in_float64():
+    layer, x = _layer_with_delta(27)
+    layer.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _by_hand(layer, layer.weight.detach())(x.double()), rtol=0, atol=1e-12)
 
 
 @needs_ext

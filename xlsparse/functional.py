@@ -33,12 +33,13 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 
 
 def cast_for_autocast(dtype: torch.dtype, *tensors):
-    """The floating-point tensors cast to autocast's `dtype` (None and integer tensors pass).
+    """The floating-point tensors cast to autocast's `dtype` (None, integer and float64 tensors pass).
 
     The ops follow nn.Linear's autocast rule: inputs, base weight, bias and delta values all run
-    in the autocast dtype. The casts happen here, once, outside the ops, so autograd carries each
-    gradient back to its parameter's own dtype; callers then run the op with autocast off."""
-    return [t if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors]
+    in the autocast dtype, except float64 ones, which autocast leaves alone. The casts happen here,
+    once, outside the ops, so autograd carries each gradient back to its parameter's own dtype;
+    callers then run the op with autocast off."""
+    return [t if t is None or not t.is_floating_point() or t.dtype == torch.float64 else t.to(dtype) for t in tensors]
 
 
 MERGE_MIN_TOKENS = 64

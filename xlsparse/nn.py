@@ -66,9 +66,13 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
-        self.register_buffer("delta_indices", indices)
+        # its own copy: set_support writes it in place, which must not reach the caller's tensor
+        self.register_buffer("delta_indices", indices.clone())
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
-        self._displaced = None  # base entries overwritten by merge(), for a bit-exact unmerge()
+        # base entries overwritten by merge(), for a bit-exact unmerge(); a buffer so that .to()
+        # converts it with the weight, not persistent: a state dict holds the unmerged layer
+        self.register_buffer("_displaced", None, persistent=False)
+        self._merged_version = None  # delta_values._version at merge(): a later change makes the merge stale
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
 
@@ -88,21 +92,35 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         return self._displaced is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or self.disabled:  # merged into the base, or the base alone
-            if self.merged and self.disabled:
+        if self.disabled:
+            if self.merged:
                 raise RuntimeError("SparseDeltaLinear: disabled while merged; unmerge first")
-            if self.merged and self.training and torch.is_grad_enabled() and self.delta_values.requires_grad:
-                # the merged weight is one plain tensor: Δ would get no gradient and never train
-                raise RuntimeError("SparseDeltaLinear is merged and in training mode: its delta would get no "
-                                   "gradient; call unmerge() (xlsparse.hf.unmerge) before training, or model.eval()")
             return nn.functional.linear(x, self.weight, self.bias)
-        return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values)
+        if not self.merged:
+            return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values)
+        if self.delta_values._version != self._merged_version:
+            raise RuntimeError("SparseDeltaLinear: delta_values changed after merge(), so the merged weight is stale; "
+                               "unmerge() and merge() again")
+        wants_grad = torch.is_grad_enabled() and self.delta_values.requires_grad
+        if wants_grad and self.training:
+            # a step would change Δ but not the merged weight (the next forward then refuses)
+            raise RuntimeError("SparseDeltaLinear is merged and in training mode: its delta cannot train; call "
+                               "unmerge() (xlsparse.hf.unmerge) before training, or model.eval()")
+        if wants_grad:
+            # W0 + Δ is already in the weight; Δ - Δ adds exactly zero but carries Δ's gradient
+            # (an SDDMM), so gradients taken in eval mode (scores without dropout) reach Δ
+            return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices,
+                                                  self.delta_values - self.delta_values.detach())
+        return nn.functional.linear(x, self.weight, self.bias)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold Δ into the base weight; `unmerge` restores the base bit-exactly."""
+        """Fold Δ into the base weight's storage; `unmerge` restores the base bit-exactly. The
+        storage is the one of the linear the layer was made from: anything else that holds that
+        tensor sees W0 + Δ until `unmerge`. A forward refuses once `delta_values` has changed."""
         if self._displaced is None:
             self._displaced = write_delta_(self.weight, self.delta_indices, self.delta_values)
+            self._merged_version = self.delta_values._version
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -110,6 +128,17 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         if self._displaced is not None:
             restore_entries_(self.weight, self.delta_indices, self._displaced)
             self._displaced = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged:  # save W0, not W0 + Δ: the delta is saved beside it
+            base = self.weight.detach().clone()
+            restore_entries_(base, self.delta_indices, self._displaced)
+            destination[prefix + "weight"] = base
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.unmerge()  # the loaded W0 and Δ replace the merged ones; a weight not in the dict gets W0 back
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_support(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
         """Move the delta to a new support in place (dynamic sparse fine-tuning): `indices` are
@@ -123,6 +152,13 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.delta_indices.numel()}"
+
+
+def _routed(active: "routing.Routing", count: int, what: str) -> "routing.Routing":
+    """The active routing, checked to have one id per delta, language or expert of the layer."""
+    if active.num_ids != count:
+        raise ValueError(f"route has {active.num_ids} ids but the layer has {count} {what}")
+    return active
 
 
 def _unrouted(layer: nn.Module) -> None:
@@ -186,9 +222,7 @@ class MultiDeltaLinear(nn.Module):
         if route is None and gates is None:
             active = routing.current()
             if active is not None:
-                if active.num_ids != len(self.names):
-                    raise ValueError(f"route has {active.num_ids} ids but the layer has {len(self.names)} deltas")
-                route = active.tokens(x.shape[:-1])
+                route = _routed(active, len(self.names), "deltas").tokens(x.shape[:-1])
             else:
                 _unrouted(self)
         return functional.multi_delta_linear(x, self.weight, self.bias, self.delta_indices, list(self.delta_values),
@@ -307,9 +341,7 @@ class SubnetworkLinear(torch.nn.Linear):
         if language_ids is not None:
             groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(lead_shape)
         elif routing.current() is not None:
-            if routing.current().num_ids != num_ids:
-                raise ValueError(f"route has {routing.current().num_ids} ids but the layer has {num_ids} languages")
-            groups = routing.current().tokens(lead_shape)
+            groups = _routed(routing.current(), num_ids, "languages").tokens(lead_shape)
         else:
             _unrouted(self)
             groups = routing.TokenGroups.build(torch.full((math.prod(lead_shape),), -1, device=self.weight.device), num_ids)
@@ -349,7 +381,7 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx = padding_idx
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.register_buffer("delta_indices", indices)
+        self.register_buffer("delta_indices", indices.clone())  # its own: set_support writes it in place
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
 
     @classmethod
@@ -435,7 +467,7 @@ class ExpertEmbedding(nn.Module):
         if active is None or self.disabled:
             return out
         flat = input_ids.reshape(-1)
-        ids = active.tokens(input_ids.shape).ids.to(flat.device)
+        ids = _routed(active, self.num_experts, "experts").tokens(input_ids.shape).ids.to(flat.device)
         add = torch.zeros(flat.numel(), out.shape[-1], dtype=out.dtype, device=out.device)
         for e, kind in enumerate(self._kinds):
             tokens = (ids == e).nonzero().squeeze(1)

@@ -13,6 +13,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from . import checks, registry
@@ -303,7 +304,7 @@ def ensemble_nll_backward(grad, logits, log_weights, targets, nll, lse, prob_spa
 
 def merged_weight(weight, indices, values) -> torch.Tensor:
     """W0 + Δ as a new dense tensor (detached): the weight the merged forward multiplies by."""
-    merged = weight.detach().clone()
+    merged = weight.detach().clone(memory_format=torch.contiguous_format)  # sparse_axpy_ writes a flat tensor
     return sparse_axpy_(merged, indices, values.detach().to(weight.dtype))
 
 
@@ -385,6 +386,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # the backward is not itself differentiable: a double backward raises
     def backward(ctx, dy):
         x, weight, indices, values, merged = ctx.saved_tensors
         dx = dw = db = dval = None
@@ -419,6 +421,7 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, weight, order, offsets, gates, *deltas = ctx.saved_tensors
         n = ctx.num_deltas
