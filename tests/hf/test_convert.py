@@ -97,6 +97,8 @@ def test_target_modules_by_suffix_and_regex():
 
 @pytest.mark.parametrize("bad,exc,match", [
     (dict(target_modules=["nothing"], density=0.1), ValueError, "matched no linear"),
+    (dict(target_modules=["query", "valeu"], density=0.1), ValueError, r"\[\['valeu'\]\] matched no linear"),
+    (dict(target_modules=["query", "LayerNorm"], density=0.1), ValueError, "LayerNorm"),
     (dict(kind="lora", density=0.1), ValueError, "kind"),
     (dict(), ValueError, "exactly one"),
     (dict(kind="multi"), TypeError, "diffs"),
@@ -105,6 +107,19 @@ def test_target_modules_by_suffix_and_regex():
 def test_bad_arguments(bad, exc, match):
     with pytest.raises(exc, match=match):
         hf.convert(tiny("bert"), **bad)
+
+
+@pytest.mark.parametrize("targets", [None, ["out_proj"]])
+def test_the_out_proj_of_multihead_attention_is_never_converted(targets):
+    # nn.MultiheadAttention multiplies by out_proj.weight itself and never calls out_proj
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    if targets is None:
+        assert "layers.0.self_attn.out_proj" not in hf.model.target_names(model)
+        assert "layers.0.linear1" in hf.model.target_names(model)
+    else:
+        with pytest.raises(ValueError, match="MultiheadAttention"):
+            hf.convert(model, target_modules=targets, density=0.1)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])

@@ -64,15 +64,26 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     """Names of the linear layers `convert` replaces.
 
     `target_modules`: None for every linear layer of the encoder/decoder blocks; a list of names
-    matched exactly or as a dotted suffix (PEFT's rule, e.g. ["query", "value"]); or a string used
-    as a regular expression that must match the whole name.
+    matched exactly or as a dotted suffix (PEFT's rule, e.g. ["query", "value"]), each of which
+    must match some linear layer; or a string used as a regular expression that must match the
+    whole name. The `out_proj` of an `nn.MultiheadAttention` is never a target: that module reads
+    its weight directly and never calls the layer, so a replacement would be bypassed (None
+    skips it, a pattern that names it raises).
     """
-    names = [name for name, module in model.named_modules() if _is_linear(module)
-             and (_in_block(name) if target_modules is None else _matches(name, target_modules))]
-    if not names:
-        found = [n for n, m in model.named_modules() if _is_linear(m)]
-        raise ValueError(f"convert: target_modules={target_modules!r} matched no linear layer; the model has {found[:12]}"
-                         + (" ..." if len(found) > 12 else ""))
+    bypassed = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    linears = [name for name, module in model.named_modules() if _is_linear(module)]
+    if target_modules is None:
+        return [name for name in linears if _in_block(name) and name not in bypassed]
+    names = [name for name in linears if _matches(name, target_modules)]
+    if bypassed & set(names):
+        raise ValueError(f"convert: target_modules matches {sorted(bypassed & set(names))[:3]}, the out_proj of an "
+                         "nn.MultiheadAttention, which reads its weight without calling it: a converted layer would "
+                         "never run")
+    patterns = [target_modules] if isinstance(target_modules, str) else [[t] for t in target_modules]
+    unmatched = [p for p in patterns if not any(_matches(name, p) for name in linears)]
+    if unmatched:
+        raise ValueError(f"convert: target_modules {unmatched} matched no linear layer; the model has "
+                         f"{linears[:12]}" + (" ..." if len(linears) > 12 else ""))
     return names
 
 
