@@ -190,6 +190,19 @@ def test_load_state_dict_checks_the_indices_that_steps_trust(opt_class, corrupt)
         fresh.load_state_dict(saved)
 
 
+@pytest.mark.parametrize("saved_mode, mode", [("dense", "compact"), ("compact", "dense")])
+def test_load_state_dict_refuses_a_state_of_the_other_mode(saved_mode, mode):
+    # A 1-D bool mask read as indices (or the reverse) would move the state to the wrong entries.
+    p = torch.randn(42, requires_grad=True)
+    mask = torch.rand(42, generator=seeded(3)) < 0.4
+    opt = MaskedAdamW([p], [mask], lr=1e-2, mode=saved_mode)
+    _set_grads([p], 1)
+    opt.step()
+    fresh = MaskedAdamW([p.detach().clone().requires_grad_()], [mask], lr=1e-2, mode=mode)
+    with pytest.raises(ValueError, match=f"param 0 has a {saved_mode}-mode selector"):
+        fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_update_masks_keeps_adds_and_freezes(backend, mode, use_backend):

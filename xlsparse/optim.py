@@ -122,11 +122,17 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         return state.get("mask", state.get("indices"))
 
+    def _set_selector(self, state: dict, selector) -> None:
+        """Keep `selector` under this mode's key, None ("every entry") included: a saved state must
+        say so itself, or `load_state_dict` would take it for another optimizer's state."""
+        for key in _SELECTOR_KEYS:
+            state.pop(key, None)
+        state["mask" if self.mode == "dense" else "indices"] = selector
+
     def _init_state(self, group: dict, p: torch.Tensor, selector) -> None:
         state = self.state[p]
         p = _local(p)
-        if selector is not None:
-            state["mask" if self.mode == "dense" else "indices"] = selector
+        self._set_selector(state, selector)
         n = p.numel() if selector is None or self.mode == "dense" else selector.numel()
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in self._state_keys(group):
@@ -171,9 +177,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             old_m = torch.ones_like(p, dtype=torch.bool) if old is None else old
             new_m = torch.ones_like(p, dtype=torch.bool) if new is None else new
             added = (new_m & ~old_m).reshape(-1)
-            state.pop("mask", None)
-            if new is not None:
-                state["mask"] = new
+            self._set_selector(state, new)
             if not bool(added.any()):
                 return
             for key in keys:
@@ -201,14 +205,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             moved = torch.zeros(new_i.numel(), dtype=torch.int32, device=p.device)
             moved[kept] = steps[pos[kept]]
             state["step"] = moved
-        state.pop("indices", None)
-        if new is not None:
-            state["indices"] = new
+        self._set_selector(state, new)
 
     # --- state_dict: torch's loader casts every non-step tensor to the param's dtype ---
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch.optim.Optimizer.load_state_dict, keeping masks, indices and per-entry step counts exact."""
+        """torch.optim.Optimizer.load_state_dict, keeping masks, indices and per-entry step counts exact.
+
+        A param's saved selector wins over the masks given so far, "every entry" (None) included. A
+        param whose saved state has no selector key at all (saved by torch's AdamW or SGD, say)
+        keeps the masks given so far."""
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         in_force = {p: self._selector_of(p) for p in self._all_params()}  # the masks given so far
         kept = {}
@@ -223,24 +229,27 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
         for pid, p in zip(saved_ids, self._all_params()):
             state = self.state[p]
-            for key in _SELECTOR_KEYS:
-                state.pop(key, None)
             loaded = kept.get(pid, {})
             for key, value in loaded.items():
-                state[key] = value.to(p.device, copy=True)
-            if not any(k in loaded for k in _SELECTOR_KEYS) and in_force[p] is not None:
-                # A state with no mask (saved by torch's AdamW, say) must not make every entry train.
-                state["mask" if self.mode == "dense" else "indices"] = in_force[p]
+                state[key] = None if value is None else value.to(p.device, copy=True)
+            if not any(k in loaded for k in _SELECTOR_KEYS):
+                # Another optimizer's state (torch's AdamW, say) must not make every entry train.
+                self._set_selector(state, in_force[p])
         self._check_loaded_state()
 
     def _check_loaded_state(self) -> None:
         """Every param has state that fits its mask: missing state starts at zero, a state tensor
-        of another size raises ValueError. Loaded indices are checked here, once: the steps do
-        not read them again (`check_indices=False`)."""
+        of another size raises ValueError, and so does a mask of the other mode's form (a state
+        saved in the other mode). Loaded indices are checked here, once: the steps do not read
+        them again (`check_indices=False`)."""
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 state, selector = self.state[p], self._selector_of(p)
-                if selector is not None and selector.dtype != torch.bool:
+                if selector is not None and (selector.dtype == torch.bool) != (self.mode == "dense"):
+                    saved_mode = "compact" if self.mode == "dense" else "dense"
+                    raise ValueError(f"load_state_dict: param {i} has a {saved_mode}-mode selector; load the "
+                                     f"state into an optimizer of that mode")
+                if selector is not None and self.mode == "compact":
                     _check_index_tensor(f"load_state_dict: the indices of param {i}", selector, _local(p).numel())
                 keys = self._state_keys(group)
                 if not any(k in state for k in keys):

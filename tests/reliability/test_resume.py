@@ -171,3 +171,56 @@ def test_in_place_ops_bump_version_counters(use_backend):
                            eps=1e-8, weight_decay=0.0)
         oops.masked_sgd_([p], [torch.randn(4)], [None], [m], [s], lr=0.1, momentum=0.9)
         assert p._version >= 2 and m._version >= 2 and s._version >= 2, backend
+
+
+_TORCH_TWIN = {MaskedAdamW: (torch.optim.AdamW, dict(lr=1e-2, betas=(0.8, 0.9), weight_decay=0.05)),
+               MaskedSGD: (torch.optim.SGD, dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.01))}
+
+
+@pytest.mark.parametrize("opt_cls", [MaskedAdamW, MaskedSGD])
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_resume_keeps_a_mask_that_became_every_entry(tmp_path, opt_cls, mode):
+    """update_masks([None]) before the save; the resumed optimizer is built with the first mask, as
+    a resuming script does. The saved "every entry" wins: the resumed run equals the uninterrupted
+    one bit for bit, and both equal torch's optimizer in float64 run on the first mask's entries
+    from step 0 and, fresh, on the other entries from the change on."""
+    torch_cls, kw = _TORCH_TWIN[opt_cls]
+    gen = torch.Generator().manual_seed(0)
+    init = torch.randn(8, 8, generator=gen, dtype=torch.float64)
+    m0 = torch.rand(8, 8, generator=gen) < 0.3
+    grads = [torch.randn(8, 8, generator=gen, dtype=torch.float64) for _ in range(6)]
+    change, cut = 1, 3
+
+    def steps(p, opt, start, stop):
+        for t in range(start, stop):
+            if t == change:
+                opt.update_masks([None])
+            p.grad = grads[t].clone()
+            opt.step()
+
+    straight = torch.nn.Parameter(init.clone())
+    opt = opt_cls([straight], [m0], mode=mode, **kw)
+    steps(straight, opt, 0, 6)
+
+    first = torch.nn.Parameter(init.clone())
+    opt1 = opt_cls([first], [m0], mode=mode, **kw)
+    steps(first, opt1, 0, cut)
+    torch.save({"p": first.detach(), "opt": opt1.state_dict()}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    resumed = torch.nn.Parameter(ckpt["p"].clone())
+    opt2 = opt_cls([resumed], [m0], mode=mode, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    steps(resumed, opt2, cut, 6)
+    assert_bit_identical(resumed.detach(), straight.detach(), "params after resume")
+
+    kept, added = torch.nn.Parameter(init[m0].clone()), torch.nn.Parameter(init[~m0].clone())
+    torch_kept, torch_added = torch_cls([kept], foreach=False, **kw), torch_cls([added], foreach=False, **kw)
+    for t, g in enumerate(grads):
+        kept.grad = g[m0].clone()
+        torch_kept.step()
+        if t >= change:
+            added.grad = g[~m0].clone()
+            torch_added.step()
+    expected = init.clone()
+    expected[m0], expected[~m0] = kept.detach(), added.detach()
+    torch.testing.assert_close(straight.detach(), expected, rtol=1e-12, atol=1e-12)
