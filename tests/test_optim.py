@@ -340,6 +340,29 @@ def test_sgd_matches_torch(backend, mode, kw, use_backend):
     _check_masked(ours, theirs, initial, masks)
 
 
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+@pytest.mark.parametrize("kw", [dict(momentum=0.9, dampening=0.1, weight_decay=0.01), dict(momentum=0.9, nesterov=True)],
+                         ids=["dampening", "nesterov"])
+def test_sgd_continues_from_a_torch_sgd_state(mode, kw):
+    # torch's SGD saves a momentum buffer and no step count; the buffer must be used, not restarted.
+    initial = _params(22, dtype=torch.float64)
+    theirs = [p.clone().requires_grad_() for p in initial]
+    ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **kw)
+    for s in range(3):
+        _set_grads(theirs, 500 + s)
+        ref.step()
+    ours = [p.detach().clone().requires_grad_() for p in theirs]
+    opt = MaskedSGD(ours, [None] * len(ours), lr=0.05, mode=mode, **kw)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for s in range(3, 6):
+        _set_grads(theirs, 500 + s)
+        _set_grads(ours, 500 + s)
+        ref.step()
+        opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+
+
 def test_sgd_update_masks_restarts_momentum_on_new_entries():
     p = torch.randn(30).requires_grad_()
     old = torch.arange(30) < 20

@@ -238,10 +238,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self._check_loaded_state()
 
     def _check_loaded_state(self) -> None:
-        """Every param has state that fits its mask: missing state starts at zero, a state tensor
-        of another size raises ValueError, and so does a mask of the other mode's form (a state
-        saved in the other mode). Loaded indices are checked here, once: the steps do not read
-        them again (`check_indices=False`)."""
+        """Every param has state that fits its mask: missing state starts at zero (a missing step
+        count beside a loaded momentum buffer at 1), a state tensor of another size raises
+        ValueError, and so does a mask of the other mode's form (a state saved in the other mode).
+        Loaded indices are checked here, once: the steps do not read them again
+        (`check_indices=False`)."""
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
                 state, selector = self.state[p], self._selector_of(p)
@@ -261,7 +262,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                     if not isinstance(t, torch.Tensor) or t.numel() != n:
                         raise ValueError(f"load_state_dict: state {key!r} of param {i} has "
                                          f"{None if t is None else t.numel()} entries; its mask selects {n}")
-                state.setdefault("step", torch.zeros((), dtype=torch.float32, device=p.device))
+                if "step" not in state:
+                    # torch's SGD keeps no step count: a momentum buffer it saved means "not the first step"
+                    step = 1.0 if "momentum_buffer" in state else 0.0
+                    state["step"] = torch.full((), step, dtype=torch.float32, device=p.device)
 
     # --- stepping ---
 
@@ -417,7 +421,8 @@ class MaskedSGD(_MaskedOptimizer):
     """SGD (optional momentum, dampening, Nesterov, weight decay) on the masked entries only.
 
     Meant for the inner loops of meta-learning over language subnetworks. Masks and modes as in
-    `MaskedAdamW`; the math on the selected entries is torch.optim.SGD's.
+    `MaskedAdamW`; the math on the selected entries is torch.optim.SGD's. A torch.optim.SGD state
+    (momentum buffers, no step count) loads and continues as torch's would.
     """
 
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
