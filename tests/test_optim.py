@@ -363,6 +363,38 @@ def test_sgd_continues_from_a_torch_sgd_state(mode, kw):
         torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+@pytest.mark.parametrize("opt_class, torch_class, kw", [
+    (MaskedAdamW, torch.optim.AdamW, dict(betas=(0.8, 0.9), weight_decay=0.05, amsgrad=True)),
+    (MaskedSGD, torch.optim.SGD, dict(momentum=0.9, dampening=0.1, weight_decay=0.01))], ids=["adamw", "sgd"])
+def test_add_param_group_trains_every_entry_of_the_new_params(mode, opt_class, torch_class, kw):
+    # torch on the first param's masked entries from step 0, and on every entry of the added one
+    # (its own lr) from the step it joined, in float64.
+    first, added = _params(23, shapes=[(7, 5), (11,)], dtype=torch.float64)
+    mask = torch.rand(first.shape, generator=seeded(24)) < 0.4
+    ours = [first.clone().requires_grad_(), added.clone().requires_grad_()]
+    theirs = [first[mask].clone().requires_grad_(), added.clone().requires_grad_()]
+    opt = opt_class([ours[0]], [mask], lr=0.05, mode=mode, **kw)
+    ref = torch_class([theirs[0]], lr=0.05, foreach=False, **kw)
+    for s in range(4):
+        if s == 1:
+            opt.add_param_group({"params": [ours[1]], "lr": 0.1})
+            ref.add_param_group({"params": [theirs[1]], "lr": 0.1})
+        grads = _set_grads(ours[:1 + (s >= 1)], 600 + s)
+        for p, g, m in zip(theirs, grads, [mask, None]):
+            p.grad = g[m] if m is not None else g.clone()
+        opt.step()
+        ref.step()
+    torch.testing.assert_close(ours[0].detach()[mask], theirs[0].detach(), rtol=1e-12, atol=1e-12)
+    assert_bit_identical(ours[0].detach()[~mask], first[~mask], "outside the mask")
+    torch.testing.assert_close(ours[1].detach(), theirs[1].detach(), rtol=1e-12, atol=1e-12)
+
+    strided = torch.randn(4, 3, dtype=torch.float64).t().requires_grad_()
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.add_param_group({"params": [strided]})
+    assert len(opt.param_groups) == 2
+
+
 def test_sgd_update_masks_restarts_momentum_on_new_entries():
     p = torch.randn(30).requires_grad_()
     old = torch.arange(30) < 20

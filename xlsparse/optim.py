@@ -2,7 +2,8 @@
 
 Masks (the `masks` argument and `update_masks`): either a list aligned with the parameters of all
 param groups in order, or a dict keyed by the parameter object (parameters missing from the dict
-train fully). Each entry is one of
+train fully). The parameters of a group added later with `add_param_group` train fully until
+`update_masks` says otherwise. Each entry is one of
 - `None`: every entry trains (use it for a parameter that is itself the trainable K-vector, such
   as the values of `SparseDeltaLinear`);
 - a bool tensor of the parameter's shape: True marks a trainable entry;
@@ -47,14 +48,25 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
+        self._built = False  # torch's __init__ adds the groups; their state waits for the masks
         super().__init__(params, defaults)
-        for p in self._all_params():
-            if not _local(p).is_contiguous():
-                raise ValueError("masked optimizers need contiguous parameters")
         selectors = self._parse_masks(masks)
         for group in self.param_groups:
             for p in group["params"]:
                 self._init_state(group, p, selectors[p])
+        self._built = True
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group. Every entry of the params of a group added after construction
+        trains (their mask is None; `update_masks` can narrow it), from zero state."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not all(_local(p).is_contiguous() for p in group["params"]):
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise ValueError("masked optimizers need contiguous parameters")
+        if self._built:
+            for p in group["params"]:
+                self._init_state(group, p, None)
 
     @torch.no_grad()
     def step(self, closure=None):
