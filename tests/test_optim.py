@@ -341,8 +341,8 @@ def test_sgd_matches_torch(backend, mode, kw, use_backend):
 
 
 @pytest.mark.parametrize("mode", ["dense", "compact"])
-@pytest.mark.parametrize("kw", [dict(momentum=0.9, dampening=0.1, weight_decay=0.01), dict(momentum=0.9, nesterov=True)],
-                         ids=["dampening", "nesterov"])
+@pytest.mark.parametrize("kw", [dict(momentum=0.9, dampening=0.1, weight_decay=0.01),
+                                dict(momentum=0.9, nesterov=True)], ids=["dampening", "nesterov"])
 def test_sgd_continues_from_a_torch_sgd_state(mode, kw):
     # torch's SGD saves a momentum buffer and no step count; the buffer must be used, not restarted.
     initial = _params(22, dtype=torch.float64)
@@ -393,6 +393,62 @@ def test_add_param_group_trains_every_entry_of_the_new_params(mode, opt_class, t
     with pytest.raises(ValueError, match="contiguous"):
         opt.add_param_group({"params": [strided]})
     assert len(opt.param_groups) == 2
+
+
+@pytest.mark.parametrize("where", ["constructor", "add_param_group", "load_state_dict"])
+@pytest.mark.parametrize("opt_class, torch_class, group", [
+    (MaskedAdamW, torch.optim.AdamW, dict(maximize=True)),
+    (MaskedSGD, torch.optim.SGD, dict(maximize=True, momentum=0.9)),
+    (MaskedAdamW, torch.optim.Adam, dict(weight_decay=0.1))], ids=["adamw-maximize", "sgd-maximize", "adam-l2"])
+def test_group_keys_that_change_the_math_are_refused(where, opt_class, torch_class, group):
+    # The kernels run neither maximize nor Adam's L2 weight decay: such a group must not step silently.
+    match = "maximize" if "maximize" in group else "decoupled_weight_decay"
+    p, q = torch.randn(6, requires_grad=True), torch.randn(4, requires_grad=True)
+    if torch_class is torch.optim.Adam:
+        group = dict(group, decoupled_weight_decay=False)
+    if where == "constructor":
+        with pytest.raises(ValueError, match=match):
+            opt_class([{"params": [p], **group}], [None], lr=0.1)
+        return
+    opt = opt_class([p], [None], lr=0.1, **({"momentum": 0.9} if opt_class is MaskedSGD else {}))
+    p.grad = torch.ones(6)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=match):
+        if where == "add_param_group":
+            opt.add_param_group({"params": [q], **group})
+        else:
+            ref = torch_class([p.detach().clone().requires_grad_()], lr=0.1, **group)
+            ref.param_groups[0]["params"][0].grad = torch.ones(6)
+            ref.step()
+            opt.load_state_dict(ref.state_dict())
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"][0].keys() == before["state"][0].keys()
+    for key, value in before["state"][0].items():
+        if value is not None:  # the mask: None is every entry
+            assert_bit_identical(after["state"][0][key], value, key)
+
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_adamw_continues_from_a_torch_adam_state_without_weight_decay(mode):
+    # torch.optim.Adam without weight decay is AdamW without weight decay: its state loads.
+    initial = _params(25, dtype=torch.float64)
+    theirs = [p.clone().requires_grad_() for p in initial]
+    ref = torch.optim.Adam(theirs, lr=0.05, betas=(0.8, 0.9), foreach=False)
+    for s in range(3):
+        _set_grads(theirs, 700 + s)
+        ref.step()
+    ours = [p.detach().clone().requires_grad_() for p in theirs]
+    opt = MaskedAdamW(ours, [None] * len(ours), lr=0.05, mode=mode)
+    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+    for s in range(3, 6):
+        _set_grads(theirs, 700 + s)
+        _set_grads(ours, 700 + s)
+        ref.step()
+        opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
 
 
 def test_sgd_update_masks_restarts_momentum_on_new_entries():

@@ -20,6 +20,10 @@ on a selected entry propagates into that entry's parameter and state exactly as 
 `torch.amp.GradScaler` (this optimizer takes `grad_scale`/`found_inf` like torch's fused AdamW:
 the step is skipped inside the kernel when an inf was found) to skip such steps.
 
+Group keys of torch's optimizers that would change that math, `maximize=True` and torch.optim.Adam's
+L2 weight decay (`decoupled_weight_decay=False` with a weight decay), raise ValueError wherever a
+group comes in: the constructor's groups, `add_param_group` and `load_state_dict`.
+
 DTensor parameters (FSDP2's `fully_shard`): masks are given for the whole parameter; each process
 keeps the part of the mask, and the state, that its shard holds, and steps its shard only.
 """
@@ -59,6 +63,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group. Every entry of the params of a group added after construction
         trains (their mask is None; `update_masks` can narrow it), from zero state."""
+        self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         if not all(_local(p).is_contiguous() for p in group["params"]):
@@ -67,6 +72,12 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if self._built:
             for p in group["params"]:
                 self._init_state(group, p, None)
+
+    def _check_group(self, group: dict) -> None:
+        """Refuse torch's group keys that change the math the kernels run: a group dict and a loaded
+        state keep any key, and the step would silently ignore it."""
+        if group.get("maximize"):
+            raise ValueError(f"{type(self).__name__} does not support maximize=True; negate the loss instead")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -226,7 +237,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
         A param's saved selector wins over the masks given so far, "every entry" (None) included. A
         param whose saved state has no selector key at all (saved by torch's AdamW or SGD, say)
-        keeps the masks given so far."""
+        keeps the masks given so far. A group that `add_param_group` would refuse raises ValueError
+        before anything changes."""
+        for group in state_dict["param_groups"]:
+            self._check_group({**self.defaults, **group})
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         in_force = {p: self._selector_of(p) for p in self._all_params()}  # the masks given so far
         kept = {}
@@ -414,6 +428,12 @@ class MaskedAdamW(_MaskedOptimizer):
 
     def _needs_init(self, group):
         return group["l1_to_init"] != 0
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        if not group.get("decoupled_weight_decay", True) and group["weight_decay"] != 0:
+            raise ValueError("MaskedAdamW's weight decay is decoupled (AdamW's): decoupled_weight_decay=False "
+                             "(torch.optim.Adam's L2 weight decay) is not supported")
 
     def _update(self, group: dict, params: list, device: torch.device) -> None:
         l1 = group["l1_to_init"]
