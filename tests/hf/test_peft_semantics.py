@@ -125,6 +125,57 @@ def test_train_save_reload_merge_unload_round_trip(arch, tmp_path):
     torch.testing.assert_close(again(input_ids=ids).logits, trained, rtol=1e-5, atol=1e-5)
 
 
+def test_a_reload_keeps_the_saved_budget_and_the_model_s_own_name(tmp_path):
+    model, head = classifier("bert")
+    model.config._name_or_path = "org/model-a"
+    hf.convert(model, k=50, modules_to_save=[head])
+    hf.save_pretrained(model, tmp_path / "a")
+    other, _ = classifier("bert")
+    other.config._name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match="trained from 'org/model-a'"):
+        hf.from_pretrained(other, tmp_path / "a")
+    assert (other.xlsparse_config.base_model, other.xlsparse_config.k) == ("org/model-b", 50)
+    hf.save_pretrained(other, tmp_path / "b")
+    saved = json.loads((tmp_path / "b" / "xlsparse_config.json").read_text())
+    assert (saved["k"], saved["base_model"]) == (50, "org/model-b")
+
+
+def test_a_reload_that_does_not_fit_changes_nothing(tmp_path):
+    model, head = classifier("bert", num_labels=3)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    hf.save_pretrained(model, tmp_path / "sft")
+    wrong, _ = classifier("bert", num_labels=5)
+    before = {n: p.clone() for n, p in wrong.state_dict().items()}
+    with pytest.raises(ValueError, match="classifier.weight.*shape"):
+        hf.from_pretrained(wrong, tmp_path / "sft")
+    assert not hasattr(wrong, "xlsparse_config")
+    assert all(torch.equal(p, before[n]) for n, p in wrong.state_dict().items())
+
+
+def test_a_converted_model_deep_copies_and_pickles(tmp_path):
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    _train(model)
+    twin = copy.deepcopy(model)
+    ids = batch(2, 5)
+    assert torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+    _train(twin, seed=9)  # the copy trains and exports on its own
+    assert not torch.equal(twin(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert hf.extract_diff(twin).nnz == hf.extract_diff(model).nnz
+    torch.save(model, tmp_path / "model.pt")
+    back = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
+    with hf.disable(back):
+        pass
+
+
+def test_merge_and_unload_refuses_a_language_for_a_delta_model():
+    model, _ = classifier("bert")
+    hf.convert(model, density=0.1)
+    with pytest.raises(ValueError, match="language= is for kind='multi'"):
+        hf.merge_and_unload(model, language="de")
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_a_stray_trained_parameter_makes_extract_diff_raise(arch):
     model, head = classifier(arch)

@@ -16,6 +16,7 @@ import os
 import re
 import threading
 import types
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -190,6 +191,12 @@ class _Record:
     saved_originals: dict = field(default_factory=dict)  # modules_to_save param name -> its value at convert
     subnet_base: dict = field(default_factory=dict)  # SubnetworkLinear name -> (union indices, base values)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __getstate__(self):  # deepcopy and pickle: a copy gets a lock of its own
+        return {k: v for k, v in self.__dict__.items() if k != "lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, lock=threading.Lock())
 
 
 def _record(model: nn.Module) -> _Record:
@@ -712,26 +719,32 @@ def from_pretrained(base_model: nn.Module, directory: str) -> nn.Module:
     if unused:
         raise ValueError(f"from_pretrained: {DIFF_NAME} has entries a {config.kind!r} model does not take: {unused[:3]} "
                          "(dense entries, or deltas outside the per-language files)")
-    if config.kind == "delta":
-        convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
-                modules_to_save=config.modules_to_save)
-    elif config.kind == "multi":
-        diffs = {lang: SparseDiff.load(os.path.join(directory, _lang_file(i))) for i, lang in enumerate(config.languages)}
-        convert(base_model, config.target_modules, kind="multi", diffs=diffs, modules_to_save=config.modules_to_save)
-    else:
+    if config.kind not in ("delta", "multi"):
         raise ValueError(f"from_pretrained: kind {config.kind!r} cannot be reloaded from a diff")
     named = dict(base_model.named_parameters())
     missing = [n for n in diff.absolute if n not in named]
     if missing:
         raise ValueError(f"from_pretrained: the saved modules name {missing[:3]}, which the base model lacks")
+    for name, t in diff.absolute.items():  # checked before convert changes the model
+        if tuple(t.shape) != tuple(named[name].shape):
+            raise ValueError(f"from_pretrained: {name!r} has shape {tuple(t.shape)} in the file, "
+                             f"{tuple(named[name].shape)} in the model")
+    own_name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
+    if config.base_model and own_name and own_name != config.base_model:
+        warnings.warn(f"from_pretrained: {directory} was trained from {config.base_model!r}, the base model given is "
+                      f"{own_name!r}; the outputs match only if they hold the same weights", stacklevel=2)
+    if config.kind == "delta":
+        convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
+                modules_to_save=config.modules_to_save)
+    else:
+        diffs = {lang: SparseDiff.load(os.path.join(directory, _lang_file(i))) for i, lang in enumerate(config.languages)}
+        convert(base_model, config.target_modules, kind="multi", diffs=diffs, modules_to_save=config.modules_to_save)
     with torch.no_grad():
         for name, t in diff.absolute.items():
-            if tuple(t.shape) != tuple(named[name].shape):
-                raise ValueError(f"from_pretrained: {name!r} has shape {tuple(t.shape)} in the file, "
-                                 f"{tuple(named[name].shape)} in the model")
             named[name].copy_(t)
-    if config.base_model:
-        base_model.xlsparse_config.base_model = config.base_model
+    loaded = base_model.xlsparse_config
+    loaded.density, loaded.k = config.density, config.k  # the budget it was trained with, for the next save
+    loaded.base_model = own_name or config.base_model
     return base_model
 
 
@@ -746,6 +759,8 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     if config.kind == "multi" and language not in config.languages:
         raise ValueError(f"merge_and_unload: a 'multi' model holds one delta per language; give language= one of "
                          f"{config.languages}")
+    if config.kind != "multi" and language is not None:
+        raise ValueError(f"merge_and_unload: language= is for kind='multi'; this model is {config.kind!r}")
     with torch.no_grad():
         for name, layer in list(_converted(model)):
             if isinstance(layer, SparseDeltaLinear):
