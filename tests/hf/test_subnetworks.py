@@ -489,7 +489,7 @@ def test_a_diff_after_reselection_covers_every_entry_ever_trained_and_disable_gi
         torch.testing.assert_close(model(input_ids=ids).logits, tiny(arch)(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_a_reselection_refuses_a_weight_changed_outside_its_subnetworks():
+def test_reselection_and_disable_refuse_a_weight_changed_outside_its_subnetworks():
     from xlsparse.nn import SubnetworkLinear
 
     model, masks = _structured_model("bert")
@@ -498,9 +498,11 @@ def test_a_reselection_refuses_a_weight_changed_outside_its_subnetworks():
     with torch.no_grad():
         layer.weight[~layer.trainable_mask()] += 1.0  # e.g. a plain optimizer's weight decay
     flipped = {lang: {n: ~m for n, m in named.items()} for lang, named in masks.items()}
-    with pytest.raises(ValueError, match=rf"{name}\.weight changed outside its subnetworks"):
+    with pytest.raises(ValueError, match=rf"set_masks: {name}\.weight changed outside its subnetworks"):
         subnetworks.set_masks(model, flipped)
     assert all(torch.equal(layer.masks, before[n]) for n, layer in hf.model._converted(model, SubnetworkLinear))
+    with pytest.raises(ValueError, match=rf"disable: {name}\.weight changed outside"), hf.disable(model):
+        pass  # the base model is not known there any more
 
 
 def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):

@@ -440,6 +440,18 @@ def _remember_subnet(rec: _Record, lname: str, layer: SubnetworkLinear, union: t
     rec.frozen[f"{lname}.weight"] = _fingerprint(_subnet_weight_outside(layer, union))
 
 
+def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dict:
+    """The SubnetworkLinear layers by name, each checked to hold its values from convert outside
+    the entries the diff covers: the base model is known only there and at the covered entries."""
+    layers = dict(_converted(model, SubnetworkLinear))
+    for lname, layer in layers.items():
+        if _fingerprint(_subnet_weight_outside(layer, rec.subnet_base[lname][0])) != rec.frozen[f"{lname}.weight"]:
+            raise ValueError(f"{what}: {lname}.weight changed outside its subnetworks since convert, so its values from "
+                             "convert there are lost; train it with an optimizer that keeps to the masks (MaskedAdamW; "
+                             "a plain optimizer's weight decay or momentum moves every entry)")
+    return layers
+
+
 def _subnet_coverage(model: nn.Module) -> dict:
     """What `_grow_subnetworks` recorded, for a checkpoint: {layer name: (covered entries, their
     values from convert, the fingerprint of the rest)}, on the CPU."""
@@ -467,12 +479,7 @@ def _grow_subnetworks(model: nn.Module, unions: dict) -> None:
     they keep what they learned. A joining entry was frozen until now, so it still holds its
     value from `convert`; that is checked, and a change raises before anything is recorded."""
     rec = _record(model)
-    layers = dict(_converted(model, SubnetworkLinear))
-    for lname, layer in layers.items():
-        if _fingerprint(_subnet_weight_outside(layer, rec.subnet_base[lname][0])) != rec.frozen[f"{lname}.weight"]:
-            raise ValueError(f"{lname}.weight changed outside its subnetworks since convert, so the values from convert "
-                             "of the entries that join them are lost; train it with an optimizer that keeps to the "
-                             "masks (MaskedAdamW)")
+    layers = _subnets_unchanged_outside(model, rec, "set_masks")
     for lname, layer in layers.items():
         union, base = rec.subnet_base[lname]
         covered = unions[lname].reshape(-1).to(layer.weight.device).clone()
@@ -796,7 +803,7 @@ def disable(model: nn.Module):
         if any(isinstance(layer, SparseDeltaLinear) and layer.merged for layer in layers):
             raise RuntimeError("disable: unmerge the model first (hf.unmerge)")
         named = dict(model.named_parameters())
-        subnets = dict(_converted(model, SubnetworkLinear))
+        subnets = _subnets_unchanged_outside(model, rec, "disable")
         with torch.no_grad():
             kept = {n: named[n].detach().clone() for n in rec.saved_originals}
             kept_subnet = {n: subnets[n].weight.detach().reshape(-1)[u].clone() for n, (u, _) in rec.subnet_base.items()}
