@@ -3,7 +3,8 @@ import copy
 
 import pytest
 import torch
-from tiny_models import ARCHS, batch, tiny
+import transformers
+from tiny_models import ARCHS, VOCAB, batch, tiny
 
 import xlsparse
 from xlsparse import hf
@@ -107,6 +108,17 @@ def test_target_modules_by_suffix_and_regex():
 def test_bad_arguments(bad, exc, match):
     with pytest.raises(exc, match=match):
         hf.convert(tiny("bert"), **bad)
+
+
+def test_routed_kinds_refuse_sequence_first_models():
+    # XLNet's layers see [S, B, H]: per-example ids along dim 0 would pick sequence positions
+    cfg = transformers.XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=32)
+    model = transformers.XLNetLMHeadModel(cfg)
+    diff = xlsparse.SparseDiff({})
+    with pytest.raises(ValueError, match="sequence-first"):
+        hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
+    assert not hasattr(model, "xlsparse_config")
+    hf.convert(model, density=0.1)  # a delta is not routed: fine
 
 
 @pytest.mark.parametrize("targets", [None, ["out_proj"]])

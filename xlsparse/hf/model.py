@@ -61,6 +61,10 @@ def _matches(name: str, patterns) -> bool:
     return any(name == t or name.endswith("." + t) for t in patterns)
 
 
+# transformers models whose layers see [S, B, H] activations: language ids cannot be routed in them
+_SEQUENCE_FIRST = {"xlnet", "fsmt"}
+
+
 def target_names(model: nn.Module, target_modules=None) -> list[str]:
     """Names of the linear layers `convert` replaces.
 
@@ -304,6 +308,10 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         raise ValueError(f"convert: kind must be one of {KINDS}, got {kind!r}")
     if getattr(model, "xlsparse_config", None) is not None:
         raise ValueError("convert: the model is converted already; merge_and_unload it first or start from the base")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if kind != "delta" and model_type in _SEQUENCE_FIRST:
+        raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
+                         f"{model_type} runs its layers sequence-first ([S, B, H]): ids would reach the wrong rows")
     names = target_names(model, target_modules)
     modules = dict(model.named_modules())
     budgets = None
