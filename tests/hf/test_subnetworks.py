@@ -505,6 +505,19 @@ def test_reselection_and_disable_refuse_a_weight_changed_outside_its_subnetworks
         pass  # the base model is not known there any more
 
 
+def test_set_masks_on_layers_built_by_hand():
+    # no convert, so no diff to cover: re-selection and a trainer checkpoint need no record
+    from xlsparse.nn import SubnetworkLinear
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(0)
+    model[0] = SubnetworkLinear.from_linear(model[0], {lang: torch.rand(3, 4, generator=g) < 0.5 for lang in "ab"})
+    new = {lang: {"0.weight": torch.rand(3, 4, generator=g) < 0.5} for lang in "ab"}
+    subnetworks.set_masks(model, new)
+    assert torch.equal(model[0].masks, torch.stack([new[lang]["0.weight"] for lang in "ab"]))
+    assert hf.model._subnet_coverage(model) == {}
+
+
 def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
     """The checkpoint at step 3 lies after one re-selection and inside the next scoring window: the
     resumed run needs the re-selected layer masks and the callback's scores and count."""

@@ -462,13 +462,17 @@ def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dic
 
 def _subnet_coverage(model: nn.Module) -> dict:
     """What `_grow_subnetworks` recorded, for a checkpoint: {layer name: (covered entries, their
-    values from convert, the fingerprint of the rest)}, on the CPU."""
-    rec = _record(model)
+    values from convert, the fingerprint of the rest)}, on the CPU; {} for layers built by hand."""
+    rec = getattr(model, "_xlsparse_record", None)
+    if rec is None:
+        return {}
     return {n: (u.cpu(), b.cpu(), list(rec.frozen[f"{n}.weight"])) for n, (u, b) in rec.subnet_base.items()}
 
 
 def _restore_subnet_coverage(model: nn.Module, saved: dict) -> None:
     """Put back what `_subnet_coverage` saved (a resumed run that re-selected masks before)."""
+    if not saved:
+        return
     rec = _record(model)
     layers = dict(_converted(model, SubnetworkLinear))
     if set(saved) != set(layers):
@@ -485,8 +489,11 @@ def _grow_subnetworks(model: nn.Module, unions: dict) -> None:
     language may then update joins the entries that `extract_diff`, `save_pretrained` and
     `disable` cover, with its value from `convert`. Entries that leave every mask stay covered:
     they keep what they learned. A joining entry was frozen until now, so it still holds its
-    value from `convert`; that is checked, and a change raises before anything is recorded."""
-    rec = _record(model)
+    value from `convert`; that is checked, and a change raises before anything is recorded.
+    Layers built by hand (no `convert`, so no diff to export) need nothing."""
+    rec = getattr(model, "_xlsparse_record", None)
+    if rec is None:
+        return
     layers = _subnets_unchanged_outside(model, rec, "set_masks")
     for lname, layer in layers.items():
         union, base = rec.subnet_base[lname]

@@ -561,7 +561,7 @@ class SubnetworkTrainer(Trainer):
         covered = saved.get("covered")
         if covered is None:  # written before re-selections were recorded: fine if the masks never grew
             covered = _subnet_coverage(self.model)
-            if any(bool((saved["masks"][n].any(0) & ~_covered_mask(layers[n], covered[n][0])).any()) for n in layers):
+            if any(bool((saved["masks"][n].any(0) & ~_covered_mask(layers[n], covered[n][0])).any()) for n in covered):
                 raise ValueError(f"SubnetworkTrainer: {path} was written by an older xlsparse after a re-selection "
                                  "opened new entries, and it lacks their values from convert; it cannot be resumed")
         for name, layer in layers.items():
