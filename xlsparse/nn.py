@@ -168,7 +168,8 @@ def _unrouted(layer: nn.Module) -> None:
         raise RuntimeError(
             f"{type(layer).__name__} is in training mode but no language routing is active: wrap the forward in "
             "`with xlsparse.hf.route(model, language_ids):`, put `language_ids` in the batch, or call model.eval() "
-            "to run the base model only")
+            "to run the base model only (under gradient checkpointing, pass use_reentrant=False and "
+            "context_fn=xlsparse.routing.checkpoint_context to torch's checkpoint)")
 
 
 class MultiDeltaLinear(nn.Module):

@@ -114,12 +114,29 @@ def current() -> Routing | None:
     return _ACTIVE.stack[-1] if _ACTIVE.stack else None
 
 
+def checkpoint_context():
+    """`context_fn` for torch.utils.checkpoint (non-reentrant): the recomputation in the backward
+    runs under the routing in force when the forward ran, which has ended by then. With HF models:
+    `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+    "context_fn": xlsparse.routing.checkpoint_context})`."""
+    return contextlib.nullcontext(), _reentered(current())
+
+
+@contextlib.contextmanager
+def _reentered(active: Routing | None):
+    if active is None:
+        yield
+        return
+    _ACTIVE.stack.append(active)
+    try:
+        yield
+    finally:
+        _ACTIVE.stack.pop()
+
+
 @contextlib.contextmanager
 def use(ids: torch.Tensor, num_ids: int):
     """Route the layers run inside this block by `ids` ([B] or [B, S], −1 = base only)."""
     active = Routing(torch.as_tensor(ids), num_ids)
-    _ACTIVE.stack.append(active)
-    try:
+    with _reentered(active):
         yield active
-    finally:
-        _ACTIVE.stack.pop()

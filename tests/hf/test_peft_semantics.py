@@ -261,6 +261,34 @@ def _multi(arch="llama"):
     return hf.convert(model, kind="multi", diffs=diffs)
 
 
+@pytest.mark.parametrize("kind", ["multi", "subnetwork"])
+def test_routed_models_train_under_gradient_checkpointing(kind):
+    # the recomputation runs in the backward, after route() has ended: checkpoint_context re-enters it
+    def build():
+        model = tiny("llama")
+        if kind == "multi":
+            return hf.convert(model, kind="multi", diffs={lang: random_diff(model, 20, 0.3, seed=e)
+                                                          for e, lang in enumerate(["de", "fr"])})
+        g = torch.Generator().manual_seed(0)
+        names = hf.model.target_names(model)
+        masks = {lang: {f"{n}.weight": torch.rand(model.get_submodule(n).weight.shape, generator=g) < 0.3
+                        for n in names} for lang in ("de", "fr")}
+        return hf.convert(model, kind="subnetwork", masks=masks)
+
+    ids, langs = batch(2, 6), torch.tensor([1, 0])
+    grads = []
+    for checkpointing in (False, True):
+        model = build().train()
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False, "context_fn": xlsparse.routing.checkpoint_context})
+        model(input_ids=ids, labels=ids, language_ids=langs).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_routing_ids_must_fit_the_batch():
     model = _multi()
     ids = batch(4, 3)
