@@ -8,7 +8,7 @@ from xlsparse import routing
 def test_groups_are_stable_and_drop_unrouted():
     ids = torch.tensor([2, -1, 0, 2, 0, -1, 1, 2])
     g = routing.TokenGroups.build(ids, 4)
-    assert g.counts.tolist() == [2, 1, 3, 0]
+    assert g.counts.tolist() == [2, 1, 3, 0] and g.host_counts == (2, 1, 3, 0)
     assert g.offsets.tolist() == [0, 2, 3, 6, 6]
     assert g.order.tolist() == [2, 4, 6, 0, 3, 7]
     assert g.active() == [0, 1, 2]

@@ -99,8 +99,11 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
         −1 the base only. A `xlsparse.routing.TokenGroups` built once per batch may be passed
         instead so that every layer reuses the same grouping.
       - `gates` [..., E]: soft gates, every token mixes every delta (X-ELM style ensembles).
-    With neither, every token uses the base only. The backward gives dX, dvalues of every delta
-    and, for soft gates that require grad, dgates. The kernels' launch grids do not depend on the
+    With neither, every token uses the base only. The backward gives dX, dvalues and, for soft
+    gates that require grad, dgates. Under hard routing in eager mode, dvalues of a delta that
+    owns no token of the batch is None, so an optimizer leaves that delta alone (no momentum step,
+    no weight decay), like an inactive PEFT adapter; under torch.compile (no host counts) it is
+    zeros. Soft gates give every delta its dvalues. The kernels' launch grids do not depend on the
     routing data. Under `torch.autocast` it computes in the autocast dtype, as nn.Linear does.
     """
     dtype = autocast_dtype(x)
@@ -113,7 +116,7 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
     tokens = x2d.shape[0]
-    order = offsets = gates2d = None
+    order = offsets = gates2d = host_counts = None
     if route is not None and gates is not None:
         raise ValueError("multi_delta_linear: give route or gates, not both")
     if gates is not None:
@@ -128,10 +131,11 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
             raise ValueError(f"multi_delta_linear: route has {groups.ids.numel()} ids for {tokens} tokens")
         if groups.num_ids != num:
             raise ValueError(f"multi_delta_linear: route is built for {groups.num_ids} ids but {num} deltas are given")
-        order, offsets = groups.order, groups.offsets
+        order, offsets, host_counts = groups.order, groups.offsets, groups.host_counts
     else:
         return torch.nn.functional.linear(x, weight, bias)
-    y = _matmul.MultiDeltaLinearFunction.apply(x2d, weight, bias, order, offsets, gates2d, num, *indices, *values)
+    y = _matmul.MultiDeltaLinearFunction.apply(x2d, weight, bias, order, offsets, gates2d, host_counts, num,
+                                                 *indices, *values)
     return y.reshape(*lead, weight.shape[0])
 
 

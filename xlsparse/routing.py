@@ -26,13 +26,17 @@ class TokenGroups:
     """Tokens grouped by id: `order` lists token positions sorted stably by id; id e owns
     `order[offsets[e]:offsets[e + 1]]` (`counts[e]` tokens). The −1 tokens are dropped in eager
     mode; under torch.compile they stay at the front of `order`, before `offsets[0]`, so that no
-    shape depends on the data (the kernels read only the groups' bounds)."""
+    shape depends on the data (the kernels read only the groups' bounds).
+
+    `host_counts` is `counts` on the host in eager mode, read by the sync `build` makes anyway to
+    drop the −1 tokens; under torch.compile it is None, since a graph has no host sync."""
 
     ids: torch.Tensor  # [T] int64, −1 = none
     order: torch.Tensor  # [T_routed] int64
     counts: torch.Tensor  # [E] int64
     offsets: torch.Tensor  # [E + 1] int64
     num_ids: int
+    host_counts: tuple[int, ...] | None  # [E] ints, or None under torch.compile
 
     @staticmethod
     def build(ids: torch.Tensor, num_ids: int) -> "TokenGroups":
@@ -43,18 +47,20 @@ class TokenGroups:
             order = torch.sort(ids, stable=True).indices
             counts = (ids.unsqueeze(0) == torch.arange(num_ids, device=ids.device).unsqueeze(1)).sum(1)
             offsets = torch.cat([(ids < 0).sum().reshape(1), counts]).cumsum(0)
-            return TokenGroups(ids, order, counts, offsets, num_ids)
+            return TokenGroups(ids, order, counts, offsets, num_ids, None)
         check_ids(ids, num_ids)
         counts = torch.bincount(ids + 1, minlength=num_ids + 1)[1:]
+        host_counts = tuple(counts.tolist())  # one sync, also used to drop the −1 tokens
         order = torch.sort(ids, stable=True).indices
-        order = order[ids.numel() - int(counts.sum()):]  # the −1 tokens sort first
+        order = order[ids.numel() - sum(host_counts):]  # the −1 tokens sort first
         offsets = torch.zeros(num_ids + 1, dtype=torch.long, device=ids.device)
         offsets[1:] = torch.cumsum(counts, 0)
-        return TokenGroups(ids, order, counts, offsets, num_ids)
+        return TokenGroups(ids, order, counts, offsets, num_ids, host_counts)
 
     def active(self) -> list[int]:
-        """Ids that own at least one token."""
-        return torch.nonzero(self.counts).flatten().tolist()
+        """Ids that own at least one token (a sync when the counts are not on the host)."""
+        counts = self.counts.tolist() if self.host_counts is None else self.host_counts
+        return [e for e, c in enumerate(counts) if c]
 
 
 def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:

@@ -154,6 +154,26 @@ def test_mixed_language_routing_equals_per_language_runs(arch):
         torch.testing.assert_close(mixed[row:row + 1], expect, rtol=1e-4, atol=1e-5)
 
 
+def test_a_batch_without_a_language_leaves_its_deltas_alone():
+    """kind="multi" under torch.optim.AdamW with weight decay: a language's deltas get no gradient
+    (None) from a batch without its tokens, so the step leaves them bit-identical."""
+    original = tiny("bert")
+    diffs = {"de": _random_diff(original, 0.05, 1), "fr": _random_diff(original, 0.05, 2)}
+    model = hf.convert(original, kind="multi", diffs=diffs).train()
+    layers = [m for m in model.modules() if isinstance(m, MultiDeltaLinear)]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.01)
+    for lang in (0, 1, 0):
+        before = [layer.delta_values[1 - lang].detach().clone() for layer in layers]
+        opt.zero_grad()
+        with hf.route(model, torch.tensor([lang, -1, lang])):
+            model(input_ids=batch(3)).logits.square().mean().backward()
+        opt.step()
+        for layer, other in zip(layers, before):
+            assert layer.delta_values[lang].grad is not None
+            assert layer.delta_values[1 - lang].grad is None
+            assert _bits_equal(layer.delta_values[1 - lang].detach(), other)
+
+
 def test_subnetwork_gradients_follow_each_language_mask():
     model = tiny("bert")
     names = hf.model.target_names(model)

@@ -408,15 +408,22 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
 class MultiDeltaLinearFunction(torch.autograd.Function):
     """Y_t = X_t W0ᵀ + b + Σ_e s_{t,e} X_t Δ_eᵀ for 2-D X, with either hard routing (token e-group
     `order[offsets[e]:offsets[e+1]]`) or soft gates [T, E]. Arguments after `num_deltas` are the
-    E index tensors, then the E value tensors."""
+    E index tensors, then the E value tensors.
+
+    `host_counts` (hard routing in eager mode: the E group sizes, as ints) makes the gradient of
+    the values of a delta whose group is empty None, not zeros, so that an optimizer skips that
+    delta (no momentum step, no weight decay), as it skips an unused PEFT adapter. With None
+    (soft gates, or hard routing under torch.compile, which has no host counts) every delta
+    that requires grad gets a gradient, zeros for an empty group."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, order, offsets, gates, num_deltas, *deltas):
+    def forward(ctx, x, weight, bias, order, offsets, gates, host_counts, num_deltas, *deltas):
         indices, values = deltas[:num_deltas], deltas[num_deltas:]
         y = F.linear(x, weight, bias)
         for e in range(num_deltas):
             spmm_(y, x, indices[e], values[e], *_tokens(order, offsets, gates, e))
         ctx.num_deltas = num_deltas
+        ctx.host_counts = host_counts
         ctx.save_for_backward(x, weight, order, offsets, gates, *deltas)
         return y
 
@@ -437,7 +444,9 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
             dw = dy.T @ x
         if needs[2]:
             db = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype)
-        dvalues = [sddmm(dy, x, indices[e], *_tokens(order, offsets, gates, e)) if needs[7 + n + e] else None
+        counts = ctx.host_counts
+        dvalues = [sddmm(dy, x, indices[e], *_tokens(order, offsets, gates, e))
+                   if needs[8 + n + e] and (counts is None or counts[e] > 0) else None
                    for e in range(n)]
         if gates is not None and needs[5]:
             # dg[t, e] = <dY_t, X_t Δ_eᵀ>: one SpMM into a scratch [T, O] per expert.
@@ -449,7 +458,7 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
                 spmm_(scratch, x, indices[e], values[e])
                 dgates[:, e] = (scratch.to(acc) * dy.to(acc)).sum(-1)
             dgates = dgates.to(gates.dtype)
-        return (dx, dw, db, None, None, dgates, None, *([None] * n), *dvalues)
+        return (dx, dw, db, None, None, dgates, None, None, *([None] * n), *dvalues)
 
 
 def _tokens(order, offsets, gates, e):
