@@ -14,12 +14,14 @@ the copy bandwidth (memory-bound ops). The family scripts count those flops and 
 gathers count the 64-byte cache lines they touch, not elements.
 
 Peak memory of a CPU call is the highest running total of tensor allocations that torch's profiler
-records during one call, above what was allocated before it. That is exact for tensors (it sees
-every allocation of c10's CPU allocator, temporaries inside ops included) and does not depend on
-how glibc caches freed pages, which made the resident-set high-water mark either miss reused
-memory or count one reused buffer several times. It does not see a C++ kernel's own std::vector
-scratch. On CUDA it is torch.cuda.max_memory_allocated. No allocator setting is changed: the
-timed calls run under glibc's defaults, as users run.
+records during one call, above what was allocated before it. It sees every tensor the calling
+thread allocates, temporaries inside ops included, and does not depend on how glibc caches freed
+pages, which made the resident-set high-water mark either miss reused memory or count one reused
+buffer several times. It does not see allocations made on the worker threads of a parallel loop,
+nor a C++ kernel's std::vector scratch: SDDMM (the kernel of the extra-memory target) therefore
+allocates all its scratch on the calling thread, one slot per worker thread, so that it is
+counted; SpMM's per-thread transposes are not. On CUDA it is torch.cuda.max_memory_allocated. No
+allocator setting is changed: the timed calls run under glibc's defaults, as users run.
 """
 import json
 import math
@@ -230,7 +232,7 @@ def noisy_reasons(before: Ceilings, after: Ceilings, load: RunLoad, threads: int
     if before.gemm_bf16_gflops and after.gemm_bf16_gflops:
         pairs.append(("bf16 GEMM", before.gemm_bf16_gflops, after.gemm_bf16_gflops))
     for name, a, b in pairs:
-        change = abs(b - a) / max(a, b)
+        change = abs(b - a) / min(a, b)  # relative to the lower one: 30 -> 33.2 is 10.7%, not 9.6%
         if change > tolerance:
             reasons.append(f"{name} changed by {100 * change:.0f}% during the run ({a:.1f} -> {b:.1f})")
     if load.load_before > threads:
@@ -333,7 +335,9 @@ class Row:
 
 def time_alternately(fn: Callable[[], object], baseline: Callable[[], object] | None, device: str = "cpu",
                      warmup: int = 2, reps: int = 7, min_seconds: float = 0.0) -> tuple[list[float], list[float]]:
-    """Seconds per call of `fn` and `baseline`, timed in turn (fn, baseline, fn, ...) after warm-up.
+    """Seconds per call of `fn` and `baseline`, timed in turn after warm-up, in the order fn,
+    baseline, baseline, fn, fn, ... (ABBA: neither always runs in the other's wake of caches and
+    freed memory).
 
     Runs at least `reps` pairs, more while under `min_seconds` in all, at most 200.
     """
@@ -343,13 +347,15 @@ def time_alternately(fn: Callable[[], object], baseline: Callable[[], object] | 
             call()
     sync(device)
     times: list[list[float]] = [[] for _ in calls]
+    order = list(zip(calls, times))
     start = time.perf_counter()
     while len(times[0]) < reps or time.perf_counter() - start < min_seconds:
-        for call, out in zip(calls, times):
+        for call, out in order:
             t0 = time.perf_counter()
             call()
             sync(device)
             out.append(time.perf_counter() - t0)
+        order.reverse()
         if len(times[0]) >= 200:
             break
     return times[0], (times[1] if baseline is not None else [])

@@ -25,6 +25,11 @@ namespace {
 // Tokens per chunk: a row of a transposed chunk (1 KiB) is a long dot product, and bᵀ of a
 // 1024-wide b (1 MiB) still fits a Zen 4 L2.
 constexpr int64_t kChunk = 256;
+// SDDMM's token chunk at densities up to 2%: half of bᵀ's scratch, and measured (2 threads, T =
+// 2048, alternating calls) 3-8% faster than 256 tokens at 1% on 4096 x 1024, 1024 x 4096 and
+// 1024 x 1024, but 4-8% slower at 5%, where each transposed chunk feeds more dot products.
+constexpr int64_t kSparseChunk = 128;
+constexpr int64_t kSparseChunkMaxPercent = 2;
 // Rows of a that SDDMM transposes at once: 256 × 1 KiB (a 256-token chunk) stays in L2 while their
 // dot products run (transposing all of a task's rows at once spilled 2 MiB to L3; 64-row blocks
 // measured 1.5x slower at 5% density on 4096 x 1024).
@@ -170,25 +175,42 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     const int64_t threads = at::get_num_threads(), num_tok = tok.end - tok.begin;
     const int64_t token_parts = std::clamp<int64_t>(num_tok / kPartTokens, 1, kMaxTokenParts);
     const int64_t entry_parts = std::max<int64_t>(1, std::min(k, (threads + token_parts - 1) / token_parts));
-    std::vector<acc> partial(token_parts * k, acc(0));
+    const int64_t tasks = token_parts * entry_parts;
+    const auto acc_type = c10::CppTypeToScalarType<acc>::value;
+    // All scratch comes from this thread, before the parallel loop, so that memory accounting
+    // (torch's profiler records the calling thread's allocations) sees it. One slot per thread
+    // that runs tasks (inside another parallel region this call runs inline: one slot): all of
+    // bᵀ and one row block of aᵀ for a token chunk (rows vector-aligned, so a vector store never
+    // splits a line), and each entry's column of bᵀ. One row of sums per token part.
+    const bool inline_run = at::in_parallel_region();
+    const int64_t slots = inline_run ? 1 : std::min(tasks, threads);
+    const int64_t max_chunk = k * 100 <= kSparseChunkMaxPercent * rows * cols ? kSparseChunk : kChunk;
+    const int64_t stride_max = round_up(std::min(max_chunk, (num_tok + token_parts - 1) / token_parts), rk.width);
+    const int64_t slot_floats = (round_up(cols, rk.width) + kRowBlock) * stride_max;
+    const int64_t slot_entries = (k + entry_parts - 1) / entry_parts;
+    const auto scratch = at::empty({slots * slot_floats}, acc_type);
+    const auto columns = at::empty({slots * slot_entries}, at::kLong);  // a const acc* per entry
+    static_assert(sizeof(const acc*) == sizeof(int64_t));
+    const auto sums = at::zeros({token_parts * k}, acc_type);
+    acc* partial = sums.data_ptr<acc>();
     XLS_DISPATCH_INDEX(idx.scalar_type(), "sddmm", [&] {
       const index_t* ip = idx.data_ptr<index_t>();
       const int64_t w = rk.width;
-      at::parallel_for(0, token_parts * entry_parts, 1, [&](int64_t p0, int64_t p1) {
+      at::parallel_for(0, tasks, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t tp = p / entry_parts, ep = p % entry_parts;
           const int64_t begin = k * ep / entry_parts, end = k * (ep + 1) / entry_parts;
           const int64_t j_begin = tok.begin + num_tok * tp / token_parts, j_end = tok.begin + num_tok * (tp + 1) / token_parts;
-          const int64_t chunk = std::min(kChunk, j_end - j_begin), stride = round_up(chunk, w);
-          acc* sum = partial.data() + tp * k;
-          // 64-byte aligned scratch (a vector store never splits a cache line): all of bᵀ, one row block of aᵀ
-          const auto bt_buf = at::empty({round_up(cols, w) * stride}, c10::CppTypeToScalarType<acc>::value);
-          const auto at_buf = at::empty({kRowBlock * stride}, c10::CppTypeToScalarType<acc>::value);
-          acc *bt = bt_buf.data_ptr<acc>(), *at_rows = at_buf.data_ptr<acc>();
+          const int64_t chunk = std::min(max_chunk, j_end - j_begin), stride = round_up(chunk, w);
+          acc* sum = partial + tp * k;
+          const int64_t slot = inline_run ? 0 : at::get_thread_num();
+          TORCH_INTERNAL_ASSERT(slot < slots, "sddmm: thread ", slot, " has no scratch slot");
+          acc* bt = scratch.data_ptr<acc>() + slot * slot_floats;
+          acc* at_rows = bt + round_up(cols, w) * stride;
           // Per entry, its column of bᵀ; the runs of entries sharing a row, and each run's row; the
           // runs of each row block. One division per entry: each task reads all its entries, and
           // four 64-bit divisions by the runtime `cols` per entry were a visible share at 1%.
-          std::vector<const acc*> bcol(end - begin);
+          const acc** bcol = reinterpret_cast<const acc**>(columns.data_ptr<int64_t>()) + slot * slot_entries;
           std::vector<int64_t> run{begin}, run_row, block{0};
           for (int64_t e = begin; e < end; ++e) {
             const int64_t row = static_cast<int64_t>(ip[e]) / cols;
@@ -214,8 +236,7 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
                               at_rows, stride);
               for (int64_t q = block[blk]; q < block[blk + 1]; ++q) {
                 const int64_t e = run[q];
-                rk.dots(at_rows + (run_row[q] - r0) * stride, bcol.data() + (e - begin), run[q + 1] - e, n_pad,
-                        sum + e);
+                rk.dots(at_rows + (run_row[q] - r0) * stride, bcol + (e - begin), run[q + 1] - e, n_pad, sum + e);
               }
             }
           }
@@ -225,7 +246,7 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
     for (int64_t tp = 1; tp < token_parts; ++tp) {
       for (int64_t e = 0; e < k; ++e) partial[e] += partial[tp * k + e];
     }
-    store_row(out.data_ptr<scalar_t>(), partial.data(), k);
+    store_row(out.data_ptr<scalar_t>(), partial, k);
   });
   return out;
 }
