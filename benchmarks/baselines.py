@@ -22,7 +22,8 @@ def ltsft_masked_adamw_step(params, masks, optimizer) -> None:
 def indexed_adamw_step(params, indices, exp_avgs, exp_avg_sqs, step: int, lr: float = 1e-3,
                        betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2) -> None:
     """A torch composite of a compact AdamW step: index_select the K entries, lerp/addcmul the
-    K-sized state, index_add_ the change back."""
+    K-sized state, index_add_ the change back. `indices` are the int32 tensors of MaskedAdamW's
+    compact state, as ours gets (torch takes int32 in index_select and index_add_)."""
     beta1, beta2 = betas
     step_size = lr / (1 - beta1**step)
     bias2_sqrt = (1 - beta2**step) ** 0.5
@@ -88,24 +89,34 @@ def composite_ensemble_logprobs(logits, log_weights):
 
 # --- compose ---
 
-def composable_sft_apply(params: dict, encoded: list[dict], alphas: list[float]) -> None:
-    """composable-sft's apply, per diff and tensor: decode the delta-encoded column-major index
-    steps, build the dense diff, add it. Steps are held as int64 tensors (the file keeps a Python
-    list, which would make this baseline slower still)."""
-    for diff, alpha in zip(encoded, alphas):
-        for name, enc in diff.items():
-            param = params[name]
-            column = torch.cumsum(enc["index_steps"], 0)
-            rows = param.shape[0]
-            # column-major flat -> (row, col); parameters are 1-D or 2-D here
-            flat = column if param.dim() == 1 else (column % rows) * param.shape[1] + column // rows
-            dense = torch.zeros(param.numel(), dtype=param.dtype, device=param.device)
-            dense[flat] = enc["values"]
-            param.add_(dense.view(param.shape), alpha=alpha)
+def composable_sft_decode(encoding: dict, shape) -> torch.Tensor:
+    """composable-sft's load (SFT.__init__ -> decode_sparse_tensor): the cumsum of the index steps
+    is a column-major flat index, split into coordinates; a coalesced sparse COO tensor."""
+    flat = torch.cumsum(encoding["index_steps"], 0)
+    divisor, coords = 1, []
+    for size in shape:
+        coords.append(flat // divisor % size)
+        divisor *= size
+    return torch.sparse_coo_tensor(torch.stack(coords), encoding["values"], shape).coalesce()
+
+
+def composable_sft_apply(params: dict, diffs: list[dict]) -> None:
+    """composable-sft's SFT.apply per diff: `param += diff` for each tensor, diff a coalesced sparse
+    COO tensor decoded once at load (composable_sft_decode); it has no scaling."""
+    for diff in diffs:
+        for name, coo in diff.items():
+            params[name].add_(coo)
+
+
+def composable_sft_revert(params: dict, diffs: list[dict]) -> None:
+    """composable-sft's SFT.revert per diff: `param -= diff` (not bit-exact)."""
+    for diff in diffs:
+        for name, coo in diff.items():
+            params[name].sub_(coo)
 
 
 def index_add_apply(params: dict, deltas: list[dict], alphas: list[float]) -> None:
-    """A plain loop: one index_add_ per diff and tensor."""
+    """A plain loop: one index_add_ per diff and tensor, with the diffs' own int32 indices."""
     for diff, alpha in zip(deltas, alphas):
         for name, (idx, vals) in diff.items():
             params[name].view(-1).index_add_(0, idx, vals, alpha=alpha)

@@ -112,14 +112,16 @@ def _apply_cases(quick: bool, device) -> list[Case]:
         judged = density == 0.01
         shape = f"xlm-r-base {n / 1e6:.0f}M params, 2 diffs"
         apply = lambda diffs=diffs: xlsparse.apply(diffs, params, alphas)  # noqa: E731
-        encoded = [_encode_composable(d) for d in diffs]
+        # composable-sft decodes each diff once, at load; its apply and revert use the decoded tensors.
+        loaded = [{name: baselines.composable_sft_decode(enc, shapes[name])
+                   for name, enc in _encode_composable(d).items()} for d in diffs]
         cases.append(Case(op="apply lang+task", shape=shape, density=density, dtype="float32",
                           backend=backend_of("apply_diffs_", device), fn=apply,
-                          baseline=lambda encoded=encoded: baselines.composable_sft_apply(params, encoded, alphas),
-                          baseline_name="composable-sft (decode, dense diff, add)", bytes=moved,
+                          baseline=lambda loaded=loaded: baselines.composable_sft_apply(params, loaded),
+                          baseline_name="composable-sft (param += sparse COO)", bytes=moved,
                           targets=(Target("apply lang+task diffs, 1%: >= 80% of copy bandwidth (lines touched)",
                                           "roofline", 0.80),) if judged else ()))
-        plain = [{k: (d.indices.long(), d.values) for k, d in diff.deltas.items()} for diff in diffs]
+        plain = [{k: (d.indices, d.values) for k, d in diff.deltas.items()} for diff in diffs]
         cases.append(Case(op="apply lang+task", shape=shape, density=density, dtype="float32",
                           backend=backend_of("apply_diffs_", device), fn=apply,
                           baseline=lambda plain=plain: baselines.index_add_apply(params, plain, alphas),
@@ -129,8 +131,8 @@ def _apply_cases(quick: bool, device) -> list[Case]:
         revert = lambda h=handle: restore_diffs_(h._dense, h._indices, h._saved, h._target)  # noqa: E731
         cases.append(Case(op="revert (bit-exact)", shape=shape, density=density, dtype="float32",
                           backend=backend_of("restore_diffs_", device), fn=revert,
-                          baseline=lambda encoded=encoded: baselines.composable_sft_apply(params, encoded, [-1.0, -1.0]),
-                          baseline_name="composable-sft revert (subtract; not exact)",
+                          baseline=lambda loaded=loaded: baselines.composable_sft_revert(params, loaded),
+                          baseline_name="composable-sft revert (param -= sparse COO; not exact)",
                           bytes=revert_bytes(nnz, lines), note="revert = restore of the saved values",
                           targets=(Target("revert lang+task diffs, 1%: >= 80% of copy bandwidth (lines touched)",
                                           "roofline", 0.80),) if judged else ()))
@@ -156,7 +158,7 @@ def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
     lines = sum(cache_lines(d.indices, 4) for d in deltas.values())
     shape = f"e5-small encoder, {len(names)} weights, {numel / 1e6:.1f}M params, 1 diff"
     label = f"{real_masks.LABEL} ({len(names)} weights)"
-    plain = [{n: (d.indices.long(), d.values) for n, d in deltas.items()}]
+    plain = [{n: (d.indices, d.values) for n, d in deltas.items()}]
     handle = xlsparse.apply([diff], params, [1.0])
     revert = lambda h=handle: restore_diffs_(h._dense, h._indices, h._saved, h._target)  # noqa: E731
     return [Case(op="apply LT-SFT diff", shape=shape, density=diff.nnz / numel, dtype="float32",

@@ -100,13 +100,12 @@ def _masked_cases(params, masks, density: float, masks_label: str = "uniform", t
     dense = MaskedAdamW(params, masks, lr=1e-3, mode="dense")
     compact = MaskedAdamW(params, masks, lr=1e-3, mode="compact")
     indices = [compact.state[p]["indices"] for p in params]
-    long_indices = [i.long() for i in indices]
     exp_avgs = [torch.zeros(i.numel(), device=i.device) for i in indices]
     exp_avg_sqs = [torch.zeros(i.numel(), device=i.device) for i in indices]
     ltsft = ("LT-SFT: grad*mask + fused AdamW", lambda: baselines.ltsft_masked_adamw_step(params, masks, ltsft_opt))
     fused = ("fused AdamW, unmasked", fused_opt.step)
     composite = ("index_select/lerp/index_add_",
-                 lambda: baselines.indexed_adamw_step(params, long_indices, exp_avgs, exp_avg_sqs, step=10))
+                 lambda: baselines.indexed_adamw_step(params, indices, exp_avgs, exp_avg_sqs, step=10))
     dense_bytes, compact_bytes = dense_mode_bytes(masks), compact_mode_bytes(indices)
     bandwidth = (Target("compact masked AdamW: >= 80% of copy bandwidth (lines touched)", "roofline", 0.80),)
     rows = [("dense", dense, ltsft, dense_bytes, ()), ("dense", dense, fused, dense_bytes, ()),

@@ -1,5 +1,6 @@
 """The benchmark harness: ISA detection, the NOISY rule, the byte/flop counts against hand counts,
-peak memory, targets, and `xlsparse bench --plot` on a fake family. Nothing here is timed."""
+peak memory, targets, and `xlsparse bench --plot` on a fake family; every baseline against a
+float64 reference and against ours on small inputs. Nothing here is timed."""
 import importlib
 import json
 import os
@@ -11,9 +12,12 @@ import types
 import pytest
 import torch
 
+import xlsparse
 from xlsparse import cli
+from xlsparse.optim import MaskedAdamW
 
 harness = importlib.import_module("xlsparse.benchmarks.harness")
+baselines = importlib.import_module("xlsparse.benchmarks.baselines")
 bench_matmul = importlib.import_module("xlsparse.benchmarks.bench_matmul")
 bench_optim = importlib.import_module("xlsparse.benchmarks.bench_optim")
 bench_compose = importlib.import_module("xlsparse.benchmarks.bench_compose")
@@ -272,3 +276,59 @@ def test_a_failing_case_is_a_failed_row_not_a_lost_target(tmp_path, monkeypatch,
     out = capsys.readouterr().out
     assert "FAILED: RuntimeError: no kernel" in out and "| fine op |" in out
     assert "| broken >= 1x | broken op" in out and "not measured" in out
+
+
+# --- baselines: each must compute what ours computes, or its timing means nothing --------------
+
+def _close(got, want):
+    """fp32 against a float64 reference (or against ours)."""
+    torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-5)
+
+
+def test_compose_baselines_match_xlsparse_apply():
+    shapes = {"w": (7, 5), "b": (9,)}
+    diffs = [bench_compose._random_diff(shapes, 0.4, seed) for seed in (2, 3)]
+    gen = torch.Generator().manual_seed(4)
+    start = {n: torch.randn(s, generator=gen) for n, s in shapes.items()}
+    want = {n: p.double().flatten() for n, p in start.items()}
+    for diff in diffs:
+        for n, d in diff.deltas.items():
+            want[n] = want[n].index_add(0, d.indices.long(), d.values.double())
+    ours = {n: p.clone() for n, p in start.items()}
+    xlsparse.apply(diffs, ours, [1.0, 1.0])
+    loaded = [{n: baselines.composable_sft_decode(enc, shapes[n])
+               for n, enc in bench_compose._encode_composable(d).items()} for d in diffs]
+    theirs = {n: p.clone() for n, p in start.items()}
+    baselines.composable_sft_apply(theirs, loaded)
+    plain = [{n: (d.indices, d.values) for n, d in diff.deltas.items()} for diff in diffs]
+    assert all(i.dtype == torch.int32 for diff in plain for i, _ in diff.values())  # as ours gets them
+    looped = {n: p.clone() for n, p in start.items()}
+    baselines.index_add_apply(looped, plain, [1.0, 1.0])
+    for n in shapes:
+        for got in (theirs[n], looped[n]):
+            _close(got, want[n].view(shapes[n]))
+            _close(got, ours[n])
+    baselines.composable_sft_revert(theirs, loaded)
+    for n in shapes:
+        _close(theirs[n], start[n])
+
+
+def test_indexed_adamw_baseline_matches_compact_masked_adamw():
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(6, 10), (13,)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    masks = [torch.rand(s, generator=gen) < 0.3 for s in shapes]
+    ours = [p.clone().requires_grad_() for p in start]
+    theirs = [p.clone().requires_grad_() for p in start]
+    for p, q, g in zip(ours, theirs, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    opt = MaskedAdamW(ours, masks, lr=1e-3, mode="compact")
+    indices = [opt.state[p]["indices"] for p in ours]
+    assert all(i.dtype == torch.int32 for i in indices)  # the baseline gets the same tensors
+    opt.step()
+    baselines.indexed_adamw_step(theirs, indices, [torch.zeros(i.numel()) for i in indices],
+                                 [torch.zeros(i.numel()) for i in indices], step=1)
+    for p, q, s in zip(ours, theirs, start):
+        _close(q.detach(), p.detach())
+        assert not torch.equal(q.detach(), s)  # the step moved something
