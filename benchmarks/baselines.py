@@ -45,31 +45,73 @@ def dense_weight_grad(grad_out, x):
 
 
 def spiel_delta_linear(x, weight, bias, indices, values):
-    """SpIEL's way: clone W0, scatter-add the delta into it, a dense linear; autograd then builds a
-    dense O x I weight gradient and gathers dvalues from it."""
+    """SpIEL's linear_sd with dense weight grads (its CPU path, and on CUDA the path its weight-grad
+    hook asks for on regrowth steps): clone W0, scatter-add the delta into it, a dense linear;
+    autograd then builds a dense O x I weight gradient and gathers dvalues from it. (SpIEL merges
+    W0 again in its backward; this reuses the merged W autograd saved, a little cheaper.)"""
     full = weight.reshape(-1).scatter_add(0, indices, values).view(weight.shape)
     return torch.nn.functional.linear(x, full, bias)
 
 
-def gather_sddmm(grad_out, x, indices, step=16384):
-    """The torch SDDMM: gather both operands' columns per entry and reduce over tokens (in chunks
-    of `step` entries, so that the [T, step] temporaries stay bounded)."""
-    cols = x.shape[1]
-    rows, cols_of = indices // cols, indices % cols
-    out = torch.empty(indices.numel(), dtype=x.dtype, device=x.device)
-    for i in range(0, indices.numel(), step):
-        out[i : i + step] = (grad_out[:, rows[i : i + step]] * x[:, cols_of[i : i + step]]).sum(0)
-    return out
+class _SpielSddmm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, indices, values, support):
+        ctx.save_for_backward(x, weight, indices, values)
+        ctx.support, ctx.has_bias = support, bias is not None
+        full = weight.reshape(-1).scatter_add(0, indices, values).view(weight.shape)
+        return torch.nn.functional.linear(x, full, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, indices, values = ctx.saved_tensors
+        dx = dv = db = None
+        if ctx.needs_input_grad[0]:
+            # SpIEL keeps no merged W for the backward: it merges again.
+            full = weight.reshape(-1).scatter_add(0, indices, values).view(weight.shape)
+            dx = grad_out @ full
+        if ctx.needs_input_grad[4]:
+            dv = torch_sddmm(grad_out, x, ctx.support)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = grad_out.sum(0)
+        return dx, None, db, None, dv, None
 
 
-def peft_mixed_batch(x, weight, bias, indices: list, values: list, route):
-    """PEFT's mixed-batch way: per language, merge its weight, index_select its tokens, run the
-    linear and index_copy the rows back (autograd builds each language's dense dW)."""
-    out = torch.nn.functional.linear(x, weight, bias)
-    for e, (idx, val) in enumerate(zip(indices, values)):
+def spiel_sddmm_delta_linear(x, weight, bias, indices, values, support):
+    """SpIEL's linear_sd on a normal training step on CUDA (no weight-grad hook): the forward as in
+    spiel_delta_linear; the backward merges W0 + Δ again for dX = dY (W0 + Δ) and takes dvalues
+    from an SDDMM, torch.sparse.sampled_addmm on `support` (support_csr) in place of SpIEL's own
+    CUDA kernel. x is [T, I]; W0 is frozen; fp32, as torch_sddmm."""
+    return _SpielSddmm.apply(x, weight, bias, indices, values, support)
+
+
+def support_csr(indices, shape, dtype):
+    """The sparse CSR pattern [O, I] of the sorted, unique flat row-major `indices`, zero-valued:
+    sampled_addmm with beta=0 still multiplies these values by 0, so they must be finite. Build it
+    once, outside the timed call."""
+    if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
+        raise ValueError("support_csr: indices must be sorted and unique (the CSR values follow their order)")
+    rows, cols = indices // shape[1], indices % shape[1]
+    zeros = torch.zeros(indices.numel(), dtype=dtype, device=indices.device)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), zeros, shape, check_invariants=True).to_sparse_csr()
+
+
+def torch_sddmm(grad_out, x, support):
+    """torch's SDDMM: dvalues[n] = Σ_t dY[t, r_n] X[t, c_n], as
+    torch.sparse.sampled_addmm(support, dYᵀ, X, beta=0), in the order of the sorted indices of
+    `support` (support_csr). fp32: torch's CPU kernel takes no bf16 or fp16."""
+    return torch.sparse.sampled_addmm(support, grad_out.t(), x, beta=0).values()
+
+
+def merged_per_language(x, weight, bias, indices: list, values: list, route):
+    """Hard routing the usual way (PEFT has no mixed-batch path for sparse deltas): per language,
+    W0 with its delta scatter-added, run over that language's tokens only (index_select, linear,
+    index_copy_ into the output); tokens routed −1 go through W0 alone. Every token is multiplied
+    once; autograd builds each language's dense dW over its own tokens and gathers dvalues."""
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    merged = [weight.reshape(-1).scatter_add(0, idx, val).view(weight.shape) for idx, val in zip(indices, values)]
+    for e, w in enumerate([weight, *merged], start=-1):  # route −1: W0 alone
         sel = (route == e).nonzero().flatten()
-        full = weight.reshape(-1).scatter_add(0, idx, val).view(weight.shape)
-        out = out.index_copy(0, sel, torch.nn.functional.linear(x.index_select(0, sel), full, bias))
+        out.index_copy_(0, sel, torch.nn.functional.linear(x.index_select(0, sel), w, bias))
     return out
 
 
@@ -82,9 +124,17 @@ def merged_ensemble(x, merged_weights: list, bias, gates):
 
 
 def composite_ensemble_logprobs(logits, log_weights):
-    """The torch composite: a stack of E log_softmax, plus the log-weights, logsumexp over E."""
-    stacked = torch.stack([torch.log_softmax(z, -1) for z in logits])
-    return torch.logsumexp(stacked + log_weights.T[:, :, None], 0)
+    """torch in one expression over logits [E, T, V]: logsumexp over E of log_softmax(z) + log w
+    (one [E, T, V] log_softmax, added to in place; logsumexp makes its own [E, T, V] temporary)."""
+    return torch.logsumexp(torch.log_softmax(logits, -1).add_(log_weights.T[:, :, None]), 0)
+
+
+def composite_ensemble_nll(logits, log_weights, targets):
+    """NLL [T] without the [T, V] mixture: −logsumexp over E of z_e[y] − logsumexp_V(z_e) + log w_e
+    (torch.logsumexp over V still makes an [E, T, V] temporary inside)."""
+    num, tokens, _ = logits.shape
+    picked = logits.gather(2, targets.view(1, tokens, 1).expand(num, tokens, 1)).squeeze(2)
+    return -torch.logsumexp(picked - torch.logsumexp(logits, -1) + log_weights.T, 0)
 
 
 # --- compose ---

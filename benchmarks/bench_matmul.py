@@ -78,9 +78,10 @@ def _values(k, dtype, device, seed=1):
 # --- cases -------------------------------------------------------------------------------------
 
 def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform", targets=False,
-                        gather_row=False) -> list[Case]:
-    """sparse_delta_linear fwd+bwd against SpIEL's way and a frozen linear; the SDDMM against a
-    dense dYᵀX (and the torch gather SDDMM)."""
+                        torch_sddmm_row=False) -> list[Case]:
+    """sparse_delta_linear fwd+bwd against SpIEL's way (on CUDA both its dense-dW hook path and its
+    SDDMM path, fp32) and a frozen linear; the SDDMM against a dense dYᵀX (and torch's
+    sparse.sampled_addmm, fp32)."""
     x, w, b, gy = _dense_inputs(tokens, out_f, in_f, dtype, device)
     idx = idx.to(device)
     k = idx.numel()
@@ -93,6 +94,17 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
 
     def spiel():
         y = baselines.spiel_delta_linear(xg, w, b, idx, vg)
+        return torch.autograd.grad(y, [xg, vg], gy)
+
+    # SpIEL's CPU build has only the dense-dW path. On CUDA its normal step takes dvalues from its
+    # SDDMM kernel, and the dense dW is its regrowth-step (hook) path.
+    on_cuda = torch.device(device).type == "cuda"
+    # torch.sparse.sampled_addmm stands in for both SDDMMs; on CPU it takes no bf16, so fp32 only.
+    use_sampled = dtype == torch.float32 and (torch_sddmm_row or on_cuda)
+    support = baselines.support_csr(idx, (out_f, in_f), dtype) if use_sampled else None
+
+    def spiel_sddmm():
+        y = baselines.spiel_sddmm_delta_linear(xg, w, b, idx, vg, support)
         return torch.autograd.grad(y, [xg, vg], gy)
 
     def frozen():
@@ -108,10 +120,15 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
     note = f"W0+Δ: {'written into W0 per call' if functional.merge_pays(tokens) else 'SpMM term'}"
     weight_bytes = out_f * in_f * w.element_size()
     pick = (lambda *t: t) if targets else (lambda *t: ())
-    cases = [
-        Case("sparse_delta_linear fwd+bwd", shape, _name(dtype), ours, spiel,
-             "SpIEL (clone+scatter_add, dense dW, gather)", density, backend, flops=flops, note=note, masks=masks,
-             targets=pick(Target("sparse_delta_linear fwd+bwd, 1%: >= 1.5x SpIEL's way", "speedup", 1.5))),
+    # The target goes to the first row: SpIEL's normal step where it has one.
+    spiel_rows = [(spiel, "SpIEL (hook path: dense dW)" if on_cuda else "SpIEL (clone+scatter_add, dense dW, gather)")]
+    if on_cuda and support is not None:
+        spiel_rows.insert(0, (spiel_sddmm, "SpIEL (normal step: re-merge, SDDMM dv by sampled_addmm)"))
+    spiel_target = pick(Target("sparse_delta_linear fwd+bwd, 1%: >= 1.5x SpIEL's way", "speedup", 1.5))
+    cases = [Case("sparse_delta_linear fwd+bwd", shape, _name(dtype), ours, fn, name, density, backend, flops=flops,
+                  note=note, masks=masks, targets=spiel_target if i == 0 else ())
+             for i, (fn, name) in enumerate(spiel_rows)]
+    cases += [
         Case("sparse_delta_linear fwd+bwd", shape, _name(dtype), ours, frozen, "frozen linear fwd+dX", density,
              backend, flops=flops, note=note, masks=masks,
              targets=pick(Target("sparse_delta_linear fwd+bwd, 1%: >= 0.97x frozen linear fwd+dX", "speedup", 0.97),
@@ -121,16 +138,16 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
              "dense dYᵀX", density, backend, flops=sddmm_flops(tokens, k), masks=masks,
              targets=pick(Target("SDDMM, 1%: >= 20x dense dYᵀX", "speedup", 20.0))),
     ]
-    if gather_row:
+    if torch_sddmm_row and support is not None:
         cases.append(Case("sddmm", shape, _name(dtype), lambda: sddmm(gy, x, idx),
-                          lambda: baselines.gather_sddmm(gy, x, idx), "torch gather SDDMM", density, backend,
-                          flops=sddmm_flops(tokens, k), masks=masks))
+                          lambda: baselines.torch_sddmm(gy, x, support), "torch SDDMM (sparse.sampled_addmm)", density,
+                          backend, flops=sddmm_flops(tokens, k), masks=masks))
     return cases
 
 
 def _multi_cases(tokens, out_f, in_f, idx: list, dtype, device, masks="uniform", targets=False) -> list[Case]:
-    """multi_delta_linear with hard routing (train and forward) against PEFT's mixed batch, and
-    with soft gates against E merged dense forwards."""
+    """multi_delta_linear with hard routing (train and forward) against each language's merged
+    weight over its own tokens, and with soft gates against E merged dense forwards."""
     x, w, b, gy = _dense_inputs(tokens, out_f, in_f, dtype, device)
     idx = [i.to(device) for i in idx]
     vals = [_values(i.numel(), dtype, device, seed=10 + e).requires_grad_(True) for e, i in enumerate(idx)]
@@ -147,8 +164,8 @@ def _multi_cases(tokens, out_f, in_f, idx: list, dtype, device, masks="uniform",
         y = functional.multi_delta_linear(xg, w, b, idx, vals, route=groups)
         return torch.autograd.grad(y, [xg, *vals], gy)
 
-    def peft_train():
-        y = baselines.peft_mixed_batch(xg, w, b, idx, vals, route)
+    def merged_train():
+        y = baselines.merged_per_language(xg, w, b, idx, vals, route)
         return torch.autograd.grad(y, [xg, *vals], gy)
 
     @torch.no_grad()
@@ -156,8 +173,8 @@ def _multi_cases(tokens, out_f, in_f, idx: list, dtype, device, masks="uniform",
         return functional.multi_delta_linear(x, w, b, idx, vals, route=groups)
 
     @torch.no_grad()
-    def peft_forward():
-        return baselines.peft_mixed_batch(x, w, b, idx, vals, route)
+    def merged_forward():
+        return baselines.merged_per_language(x, w, b, idx, vals, route)
 
     gates = torch.softmax(torch.randn(tokens, LANGUAGES, generator=gen), -1).to(device, dtype)
     merged = [w.reshape(-1).scatter_add(0, i, v.detach()).view(w.shape) for i, v in zip(idx, vals)]
@@ -174,11 +191,12 @@ def _multi_cases(tokens, out_f, in_f, idx: list, dtype, device, masks="uniform",
     gate_target = (Target(f"soft-gated multi_delta_linear, {LANGUAGES} experts: >= 3x {LANGUAGES} merged dense "
                           "passes", "speedup", 3.0),) if targets else ()
     return [
-        Case("multi_delta_linear hard fwd+bwd", shape, _name(dtype), ours_train, peft_train,
-             "PEFT mixed batch (merge, index_select, linear, index_copy, dense dW)", density, backend,
+        Case("multi_delta_linear hard fwd+bwd", shape, _name(dtype), ours_train, merged_train,
+             "merged W per language on its tokens (index_select, linear, index_copy_, dense dW)", density, backend,
              flops=hard_routed_train_flops(tokens, out_f, in_f, per_delta, nnz), masks=masks),
-        Case("multi_delta_linear hard fwd", shape, _name(dtype), ours_forward, peft_forward,
-             "PEFT mixed batch, forward", density, backend, flops=dense_flops(tokens, out_f, in_f), masks=masks),
+        Case("multi_delta_linear hard fwd", shape, _name(dtype), ours_forward, merged_forward,
+             "merged W per language on its tokens, forward", density, backend,
+             flops=dense_flops(tokens, out_f, in_f), masks=masks),
         Case("multi_delta_linear gates fwd", shape, _name(dtype), ours_gated, dense_gated,
              f"{LANGUAGES} merged dense forwards", density, backend,
              flops=gated_forward_flops(tokens, out_f, in_f, nnz), masks=masks, targets=gate_target),
@@ -196,11 +214,11 @@ def _ensemble_cases(tokens, vocab, dtype, device) -> list[Case]:
     backend = backend_of("ensemble_logprobs", device)
     return [
         Case("ensemble_logprobs prob", shape, _name(dtype), lambda: functional.ensemble_logprobs(z, lw),
-             lambda: baselines.composite_ensemble_logprobs(z, lw), "torch composite (stack log_softmax, logsumexp)",
+             lambda: baselines.composite_ensemble_logprobs(z, lw), "torch: logsumexp_E(log_softmax + log w)",
              None, backend, bytes=moved),
         Case("ensemble_nll prob", shape, _name(dtype), lambda: functional.ensemble_nll(z, lw, y),
-             lambda: -baselines.composite_ensemble_logprobs(z, lw).gather(1, y[:, None]),
-             "torch composite, then gather", None, backend, bytes=z.numel() * z.element_size()),
+             lambda: baselines.composite_ensemble_nll(z, lw, y),
+             "torch: logsumexp_E(z[y] - logsumexp_V + log w)", None, backend, bytes=z.numel() * z.element_size()),
     ]
 
 
@@ -234,7 +252,7 @@ def cases(quick: bool = False, device: str = "cpu") -> list[Case]:
                 issue_case = dtype == torch.float32 and li == 0 and density == 0.01
                 idx = _uniform_indices(out_f, in_f, density, seed=2)
                 found += _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, targets=issue_case,
-                                             gather_row=density == 0.01)
+                                             torch_sddmm_row=density == 0.01)
             deltas = [_uniform_indices(out_f, in_f, 0.01, seed=20 + e) for e in range(LANGUAGES)]
             found += _multi_cases(tokens, out_f, in_f, deltas, dtype, device,
                                   targets=dtype == torch.float32 and li == 0)

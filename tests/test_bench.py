@@ -1,5 +1,5 @@
 """The benchmark harness: ISA detection, the NOISY rule, the byte/flop counts against hand counts,
-peak memory, targets, and `xlsparse bench --plot` on a fake family; every baseline against a
+peak memory, targets, and `xlsparse bench --plot` on a fake family; the baselines against a
 float64 reference and against ours on small inputs. Nothing here is timed."""
 import importlib
 import json
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import xlsparse
-from xlsparse import cli
+from xlsparse import cli, functional
 from xlsparse.optim import MaskedAdamW
 
 harness = importlib.import_module("xlsparse.benchmarks.harness")
@@ -285,6 +285,83 @@ def _close(got, want):
     torch.testing.assert_close(got, want.to(got.dtype), rtol=1e-4, atol=1e-5)
 
 
+def _linear_inputs(tokens=37, out_f=24, in_f=40, k=50, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x, w = torch.randn(tokens, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
+    b, gy = torch.randn(out_f, generator=gen), torch.randn(tokens, out_f, generator=gen)
+    idx = torch.randperm(out_f * in_f, generator=gen)[:k].sort().values
+    return x, w, b, gy, idx, torch.randn(k, generator=gen)
+
+
+def test_torch_sddmm_baseline_matches_reference():
+    from xlsparse.ops.matmul import sddmm
+
+    x, w, _, gy, idx, _ = _linear_inputs()
+    support = baselines.support_csr(idx, w.shape, torch.float32)
+    got = baselines.torch_sddmm(gy, x, support)
+    _close(got, (gy.double().t() @ x.double()).flatten()[idx])
+    _close(got, sddmm(gy, x, idx))
+    with pytest.raises(ValueError, match="sorted"):  # the CSR values would come out in another order
+        baselines.support_csr(idx.flip(0), w.shape, torch.float32)
+
+
+@pytest.mark.parametrize("way", ["dense dW", "SDDMM"])
+def test_spiel_baselines_match_reference(way):
+    x, w, b, gy, idx, vals = _linear_inputs()
+    full = w.double().flatten().index_add(0, idx, vals.double()).view(w.shape)
+    want = (x.double() @ full.t() + b.double(), gy.double() @ full, (gy.double().t() @ x.double()).flatten()[idx])
+    xg, vg = x.clone().requires_grad_(), vals.clone().requires_grad_()
+    if way == "SDDMM":
+        y = baselines.spiel_sddmm_delta_linear(xg, w, b, idx, vg, baselines.support_csr(idx, w.shape, w.dtype))
+    else:
+        y = baselines.spiel_delta_linear(xg, w, b, idx, vg)
+    got = (y, *torch.autograd.grad(y, [xg, vg], gy))
+    ours_y = functional.sparse_delta_linear(xg, w, b, idx, vg)
+    ours = (ours_y, *torch.autograd.grad(ours_y, [xg, vg], gy))
+    for g, r, o in zip(got, want, ours):
+        _close(g, r)
+        _close(g, o)
+
+
+def test_merged_per_language_matches_reference():
+    gen = torch.Generator().manual_seed(1)
+    tokens, out_f, in_f, num = 41, 12, 20, 3
+    x, w = torch.randn(tokens, in_f, generator=gen), torch.randn(out_f, in_f, generator=gen)
+    b, gy = torch.randn(out_f, generator=gen), torch.randn(tokens, out_f, generator=gen)
+    route = torch.randint(-1, num, (tokens,), generator=gen)
+    route[:num + 1] = torch.arange(-1, num)  # every language and the base own a token
+    idx = [torch.randperm(out_f * in_f, generator=gen)[:30].sort().values for _ in range(num)]
+    vals = [torch.randn(30, generator=gen) for _ in range(num)]
+    # float64: each token times its own W0 + Δ (W0 alone for route −1)
+    x64, v64 = x.double().requires_grad_(), [v.double().requires_grad_() for v in vals]
+    weights = torch.stack([w.double()] + [w.double().flatten().index_add(0, i, v).view(w.shape)
+                                          for i, v in zip(idx, v64)])
+    y64 = torch.einsum("ti,toi->to", x64, weights[route + 1]) + b.double()
+    want = (y64, *torch.autograd.grad(y64, [x64, *v64], gy.double()))
+    xg, vg = x.clone().requires_grad_(), [v.clone().requires_grad_() for v in vals]
+    y = baselines.merged_per_language(xg, w, b, idx, vg, route)
+    got = (y, *torch.autograd.grad(y, [xg, *vg], gy))
+    ours_y = functional.multi_delta_linear(xg, w, b, idx, vg, route=route)
+    ours = (ours_y, *torch.autograd.grad(ours_y, [xg, *vg], gy))
+    for g, r, o in zip(got, want, ours):
+        _close(g, r)
+        _close(g, o)
+
+
+def test_ensemble_baselines_match_reference():
+    gen = torch.Generator().manual_seed(2)
+    z = torch.randn(3, 9, 50, generator=gen)
+    lw = torch.log_softmax(torch.randn(9, 3, generator=gen), -1)
+    y = torch.randint(0, 50, (9,), generator=gen)
+    mixture = torch.log((lw.double().T.exp()[:, :, None] * torch.softmax(z.double(), -1)).sum(0))
+    got = baselines.composite_ensemble_logprobs(z, lw)
+    _close(got, mixture)
+    _close(got, functional.ensemble_logprobs(z, lw))
+    nll = baselines.composite_ensemble_nll(z, lw, y)
+    _close(nll, -mixture.gather(1, y[:, None]).squeeze(1))
+    _close(nll, functional.ensemble_nll(z, lw, y))
+
+
 def test_compose_baselines_match_xlsparse_apply():
     shapes = {"w": (7, 5), "b": (9,)}
     diffs = [bench_compose._random_diff(shapes, 0.4, seed) for seed in (2, 3)]
@@ -332,3 +409,21 @@ def test_indexed_adamw_baseline_matches_compact_masked_adamw():
     for p, q, s in zip(ours, theirs, start):
         _close(q.detach(), p.detach())
         assert not torch.equal(q.detach(), s)  # the step moved something
+
+
+def test_matmul_rows_give_each_baseline_the_inputs_ours_gets():
+    # The rows' closures, not only the functions: a baseline fed other inputs times other work.
+    idx = bench_matmul._uniform_indices(32, 24, 0.05, seed=2)
+    deltas = [bench_matmul._uniform_indices(32, 24, 0.05, seed=20 + e) for e in range(bench_matmul.LANGUAGES)]
+    rows = (bench_matmul._delta_linear_cases(16, 32, 24, idx, torch.float32, "cpu", torch_sddmm_row=True)
+            + bench_matmul._multi_cases(16, 32, 24, deltas, torch.float32, "cpu")
+            + bench_matmul._ensemble_cases(8, 50, torch.float32, "cpu"))
+    other_work = {"frozen linear fwd+dX", "dense dYᵀX"}  # the issue's references: no delta, a dense dW
+    compared = [c for c in rows if c.baseline_name not in other_work]
+    assert "torch SDDMM (sparse.sampled_addmm)" in [c.baseline_name for c in compared] and len(compared) == 7
+    for case in compared:
+        ours, theirs = case.fn(), case.baseline()
+        ours, theirs = (ours, theirs) if isinstance(ours, tuple) else ((ours,), (theirs,))
+        assert len(ours) == len(theirs), case.baseline_name
+        for o, t in zip(ours, theirs):
+            _close(t, o)
