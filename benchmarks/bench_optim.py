@@ -6,7 +6,8 @@ multilingual-e5-small's encoder linear weights (benchmarks/real_masks.py), at th
 
 The steps are memory-bound. Bytes are counted as 64-byte cache lines touched: at low density each
 selected entry of p and g sits on its own line, so a line holding one selected float costs as much
-as a line holding sixteen. multi_mask_weight_grad is compute-bound (one dense dYᵀX of work).
+as a line holding sixteen. multi_mask_weight_grad is compute-bound: its minimum work is one
+multiply-add per token and entry of the token's language mask.
 """
 import torch
 
@@ -43,6 +44,13 @@ def compact_mode_bytes(indices) -> int:
     exp_avg and exp_avg_sq streamed (index read, m and v read and written)."""
     return sum(3 * LINE_BYTES * cache_lines(i, FLOAT_BYTES) + i.numel() * (i.element_size() + 4 * FLOAT_BYTES)
                for i in indices)
+
+
+def masked_weight_grad_flops(counts: torch.Tensor, masks: torch.Tensor) -> int:
+    """Σ_l 2·T_l·nnz(M_l): one multiply-add per token of language l and entry of its mask. The
+    kernel runs whole dense tiles (2·T·O·I in all), so its share of the GEMM rate reads lower than
+    a dense product's by the masks' density."""
+    return int(2 * (counts.cpu().double() * masks.reshape(masks.shape[0], -1).sum(1).cpu().double()).sum())
 
 
 def k_vector_bytes(k: int) -> int:
@@ -147,7 +155,8 @@ def _weight_grad_case(tokens: int, masks: torch.Tensor, device, masks_label: str
                 density=float(masks.float().mean()), backend=backend_of("multi_mask_weight_grad", device),
                 fn=lambda: multi_mask_weight_grad(grad_out, x, masks, groups.order, groups.offsets),
                 baseline=lambda: baselines.dense_weight_grad(grad_out, x), baseline_name="one dense dYᵀX",
-                flops=2 * tokens * out_f * in_f, note="one dense dW is %.0f MiB" % (out_f * in_f * 4 / 2**20),
+                flops=masked_weight_grad_flops(groups.counts, masks),
+                note="one dense dW is %.0f MiB" % (out_f * in_f * 4 / 2**20),
                 masks=masks_label, targets=target if targets else ())
 
 

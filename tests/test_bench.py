@@ -109,10 +109,15 @@ def test_cache_line_counts():
     assert bench_optim.k_vector_bytes(10) == 280
     assert bench_compose.axpy_bytes(indices.long(), 4) == 4 * (8 + 4) + 2 * 64 * 3
     assert bench_compose.apply_bytes(nnz=10, lines=3) == 120 + 384
-    assert bench_compose.revert_bytes(nnz=10, lines=3) == 80 + 384
+    assert bench_compose.revert_bytes(nnz=10, lines=3) == 80 + 192  # written lines only, as the copy ceiling counts
 
 
 def test_flop_counts():
+    # 2 languages: 3 tokens with 2 mask entries, 5 tokens with 1 -> 2 * (3*2 + 5*1)
+    masks = torch.zeros(2, 2, 3, dtype=torch.bool)
+    masks[0, 0, :2] = True
+    masks[1, 1, 2] = True
+    assert bench_optim.masked_weight_grad_flops(torch.tensor([3, 5]), masks) == 22
     assert bench_matmul.dense_flops(2, 3, 5) == 60
     assert bench_matmul.sddmm_flops(4, 7) == 56
     # T=8, 16x4 weight, K=5: forward 2*8*16*4, dX as much again, SDDMM 2*8*5.
