@@ -348,15 +348,20 @@ def test_sgd_continues_from_a_torch_sgd_state(mode, kw):
     initial = _params(22, dtype=torch.float64)
     theirs = [p.clone().requires_grad_() for p in initial]
     ref = torch.optim.SGD(theirs, lr=0.05, foreach=False, **kw)
+    _continue_from_torch(ref, theirs, lambda ours: MaskedSGD(ours, [None] * len(ours), lr=0.05, mode=mode, **kw), 500)
+
+
+def _continue_from_torch(ref, theirs, make_ours, seed):
+    """Three steps of torch's `ref`, its state loaded into ours, then three steps of both: equal."""
     for s in range(3):
-        _set_grads(theirs, 500 + s)
+        _set_grads(theirs, seed + s)
         ref.step()
     ours = [p.detach().clone().requires_grad_() for p in theirs]
-    opt = MaskedSGD(ours, [None] * len(ours), lr=0.05, mode=mode, **kw)
+    opt = make_ours(ours)
     opt.load_state_dict(copy.deepcopy(ref.state_dict()))
     for s in range(3, 6):
-        _set_grads(theirs, 500 + s)
-        _set_grads(ours, 500 + s)
+        _set_grads(theirs, seed + s)
+        _set_grads(ours, seed + s)
         ref.step()
         opt.step()
     for a, b in zip(ours, theirs):
@@ -436,19 +441,7 @@ def test_adamw_continues_from_a_torch_adam_state_without_weight_decay(mode):
     initial = _params(25, dtype=torch.float64)
     theirs = [p.clone().requires_grad_() for p in initial]
     ref = torch.optim.Adam(theirs, lr=0.05, betas=(0.8, 0.9), foreach=False)
-    for s in range(3):
-        _set_grads(theirs, 700 + s)
-        ref.step()
-    ours = [p.detach().clone().requires_grad_() for p in theirs]
-    opt = MaskedAdamW(ours, [None] * len(ours), lr=0.05, mode=mode)
-    opt.load_state_dict(copy.deepcopy(ref.state_dict()))
-    for s in range(3, 6):
-        _set_grads(theirs, 700 + s)
-        _set_grads(ours, 700 + s)
-        ref.step()
-        opt.step()
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-12, atol=1e-12)
+    _continue_from_torch(ref, theirs, lambda ours: MaskedAdamW(ours, [None] * len(ours), lr=0.05, mode=mode), 700)
 
 
 def test_sgd_update_masks_restarts_momentum_on_new_entries():
