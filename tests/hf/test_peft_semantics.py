@@ -169,6 +169,14 @@ def test_a_converted_model_deep_copies_and_pickles(tmp_path):
         pass
 
 
+def test_a_model_cast_after_convert_is_refused_with_the_reason():
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"torch.float32 -> torch.bfloat16.*changed dtype since convert"):
+        hf.extract_diff(model)
+
+
 def test_merge_and_unload_refuses_a_language_for_a_delta_model():
     model, _ = classifier("bert")
     hf.convert(model, density=0.1)

@@ -183,8 +183,9 @@ def _check_entries(what: str, entries, shapes: dict) -> None:
 
 # --- what convert remembers: fingerprints of frozen tensors, the originals of saved modules ---
 
-def _fingerprint(t: torch.Tensor) -> tuple[int, ...]:
-    return tuple(fingerprint(t).tolist())
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """(dtype, checksum of the bits): a cast changes the bits, and the dtype says that it was one."""
+    return (str(t.dtype), *fingerprint(t).tolist())
 
 
 @dataclass
@@ -591,7 +592,7 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
     named = dict(model.named_parameters())
     named.update(model.named_buffers())
     subnets = dict(_converted(model, SubnetworkLinear))
-    changed = []
+    changed, cast = [], []
     for name, fp in rec.frozen.items():
         if name in merged or name not in named:
             continue
@@ -600,8 +601,13 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
             now = _fingerprint(_subnet_weight_outside(subnets[lname], rec.subnet_base[lname][0]))
         else:
             now = _fingerprint(named[name])
-        if now != fp:
+        if now[0] != fp[0]:
+            cast.append(f"{name} ({fp[0]} -> {now[0]})")
+        elif now != fp:
             changed.append(name)
+    if cast:
+        raise ValueError(f"{what}: {cast[:3]}{' ...' if len(cast) > 3 else ''} changed dtype since convert, so "
+                         "nothing can tell a cast from training there; cast the model before convert")
     if changed:
         raise ValueError(f"{what}: {changed[:5]}{' ...' if len(changed) > 5 else ''} changed since convert but "
                          "are not part of the diff, so the diff would not reproduce the model. Keep them frozen, or "
