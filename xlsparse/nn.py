@@ -98,7 +98,8 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         if not self.merged:
             return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values)
-        if self.delta_values._version != self._merged_version:
+        # (not while tracing: a graph cannot read version counters; eager calls check)
+        if not torch.compiler.is_compiling() and self.delta_values._version != self._merged_version:
             raise RuntimeError("SparseDeltaLinear: delta_values changed after merge(), so the merged weight is stale; "
                                "unmerge() and merge() again")
         wants_grad = torch.is_grad_enabled() and self.delta_values.requires_grad
