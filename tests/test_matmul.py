@@ -498,6 +498,45 @@ def test_adamw_steps_each_language_only_on_its_own_batches():
         torch.testing.assert_close(layer.delta_values[lang].detach(), v.detach(), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("kind", ["multi", "subnetwork"])
+def test_eval_mode_checkpointing_needs_the_forwards_routing(kind):
+    # In eval mode an unrouted layer runs the base only; a checkpoint's recomputation after the
+    # routing has ended must not do that silently (the grads would be the base's, or zero).
+    from torch.utils.checkpoint import checkpoint
+
+    gen = seeded(13)
+    lin = torch.nn.Linear(6, 5)
+    if kind == "multi":
+        idx, vals = _deltas(2, 5, 6, torch.float32, gen, sizes=[7, 9])
+        deltas = {n: type("Delta", (), dict(indices=idx[e], values=vals[e], shape=(5, 6)))() for e, n in enumerate("ab")}
+        layer = xnn.MultiDeltaLinear.from_linear(lin, deltas).eval()
+        params = list(layer.delta_values)
+    else:
+        layer = xnn.SubnetworkLinear.from_linear(lin, {n: torch.rand(5, 6, generator=gen) < 0.5 for n in "ab"}).eval()
+        params = [layer.weight]
+    x = torch.randn(2, 4, 6, generator=gen, requires_grad=True)
+    ids = torch.tensor([1, 0])
+
+    def grads(run):
+        for p in params + [x]:
+            p.grad = None
+        with routing.use(ids, 2):
+            y = run()
+        y.square().sum().backward()
+        return [p.grad.clone() for p in params + [x]]
+
+    plain = grads(lambda: layer(x))
+    assert all(g.abs().sum() > 0 for g in plain[:-1])
+    replayed = grads(lambda: checkpoint(layer, x, use_reentrant=False, context_fn=routing.checkpoint_context))
+    for a, b in zip(replayed, plain):
+        torch.testing.assert_close(a, b)
+    for reentrant in (False, True):
+        with pytest.raises(RuntimeError, match="recomputed by gradient checkpointing"):
+            grads(lambda: checkpoint(layer, x, use_reentrant=reentrant))
+    with torch.no_grad():  # a recomputation inside a backward only; eval without routing is the base
+        torch.testing.assert_close(layer(x), lin(x))
+
+
 def test_multi_delta_layer_routing_sources():
     gen = seeded(12)
     lin = torch.nn.Linear(6, 5)

@@ -163,14 +163,20 @@ def _routed(active: "routing.Routing", count: int, what: str) -> "routing.Routin
 
 
 def _unrouted(layer: nn.Module) -> None:
-    """A routed layer trains nothing without routing: in training mode that is an error, not a
-    silent no-op. In eval mode the layer runs the base only, as documented."""
+    """A routed layer with no routing runs the base only. In training mode it would train
+    nothing, and in a checkpoint's recomputation it would differ from its routed first run and
+    give wrong gradients silently (in eval mode too): both are errors."""
     if layer.training:
-        raise RuntimeError(
-            f"{type(layer).__name__} is in training mode but no language routing is active: wrap the forward in "
-            "`with xlsparse.hf.route(model, language_ids):`, put `language_ids` in the batch, or call model.eval() "
-            "to run the base model only (under gradient checkpointing, pass use_reentrant=False and "
-            "context_fn=xlsparse.routing.checkpoint_context to torch's checkpoint)")
+        problem = "is in training mode but no language routing is active"
+    elif routing.unrouted_recomputation():
+        problem = "is recomputed by gradient checkpointing without the routing of its forward"
+    else:
+        return
+    raise RuntimeError(
+        f"{type(layer).__name__} {problem}: wrap the forward in `with xlsparse.hf.route(model, language_ids):`, "
+        "put `language_ids` in the batch, or call model.eval() to run the base model only (under gradient "
+        "checkpointing, pass use_reentrant=False and context_fn=xlsparse.routing.checkpoint_context to "
+        "torch's checkpoint)")
 
 
 class MultiDeltaLinear(nn.Module):
@@ -427,9 +433,9 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
 
 class ExpertEmbedding(nn.Module):
     """An input embedding with one delta per expert, routed per token by the active
-    `xlsparse.hf.route` ids (−1 or no routing: the base only). Each delta is a dense [V, H]
-    tensor, a SparseDelta of the weight, or None (the input embedding of
-    `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row of its expert's delta:
+    `xlsparse.hf.route` ids (−1: the base only; no routing: the base only in eval mode, an error
+    in training mode). Each delta is a dense [V, H] tensor, a SparseDelta of the weight, or None
+    (the input embedding of `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row of its expert's delta:
     sparse deltas are read through row pointers, never densified. A base module that
     scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
     token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight."""
@@ -466,7 +472,10 @@ class ExpertEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
         active = routing.current()
-        if active is None or self.disabled:
+        if self.disabled:
+            return out
+        if active is None:
+            _unrouted(self)
             return out
         flat = input_ids.reshape(-1)
         ids = _routed(active, self.num_experts, "experts").tokens(input_ids.shape).ids.to(flat.device)

@@ -105,11 +105,13 @@ class Routing:
 
 
 class _Active(threading.local):
-    """The routings in force in this thread, innermost last. A thread-local, not a ContextVar:
+    """The routings in force in this thread, innermost last, and how many checkpoint
+    recomputations under `checkpoint_context` are running. A thread-local, not a ContextVar:
     torch.compile traces through it without a graph break."""
 
     def __init__(self):
         self.stack: list[Routing] = []
+        self.replays = 0
 
 
 _ACTIVE = _Active()
@@ -125,7 +127,23 @@ def checkpoint_context():
     runs under the routing in force when the forward ran, which has ended by then. With HF models:
     `model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
     "context_fn": xlsparse.routing.checkpoint_context})`."""
-    return contextlib.nullcontext(), _reentered(current())
+    return contextlib.nullcontext(), _replayed(current())
+
+
+def unrouted_recomputation() -> bool:
+    """True inside a backward pass outside `checkpoint_context`: a forward run there is gradient
+    checkpointing's recomputation, and the routing its first run had has ended."""
+    return torch._C._current_graph_task_id() != -1 and not _ACTIVE.replays
+
+
+@contextlib.contextmanager
+def _replayed(active: Routing | None):
+    _ACTIVE.replays += 1
+    try:
+        with _reentered(active):
+            yield
+    finally:
+        _ACTIVE.replays -= 1
 
 
 @contextlib.contextmanager
