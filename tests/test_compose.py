@@ -157,10 +157,13 @@ def _entries(sizes, plan, dtype, index_dtype, seed):
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("n", ODD_SIZES)
 @pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
-def test_apply_diffs_matches_float64_and_reverts_bit_exactly(backend, dtype, n, index_dtype, use_backend):
+@pytest.mark.parametrize("plan", [[(0, 0.4), (0, 0.6), (1, 0.3), (0, 1.0)], [(0, 0.4), (1, 0.3), (0, 0.6)]],
+                         ids=["three-on-one", "two-on-one"])
+def test_apply_diffs_matches_float64_and_reverts_bit_exactly(backend, dtype, n, index_dtype, plan, use_backend):
     use_backend(backend)
-    # Entries 0, 1 and 3 overlap on tensor 0 (K=N for entry 3); entry 2 alone on tensor 1 (K=0 when n=1).
-    plan = [(0, 0.4), (0, 0.6), (1, 0.3), (0, 1.0)]
+    # (tensor, density) per entry. three-on-one: entries 0, 1 and 3 overlap on tensor 0 (K=N for
+    # entry 3); two-on-one: entries 0 and 2 (a language and a task diff, the CPU kernel's one-pass
+    # case). The remaining entry is alone on tensor 1 (K=0 when n=1).
     dense, idx, vals, target, alphas = _entries([n, n + 2], plan, dtype, index_dtype, seed=n)
     before = [d.clone() for d in dense]
     ref64 = [d.to(torch.float64, copy=True) for d in dense]

@@ -113,41 +113,6 @@ int64_t union_shares(std::vector<Span<index_t>>& spans, const std::vector<const 
   }
 }
 
-// union_shares for two spans (a language diff plus a task diff, the common case), with every
-// choice a select so that the loop runs without branch misses.
-template <typename scalar_t, typename index_t>
-int64_t union_shares2(const Span<index_t>& a, const Span<index_t>& b, const scalar_t* va, const scalar_t* vb,
-                      acc_t<scalar_t> alpha_a, acc_t<scalar_t> alpha_b, int64_t* union_idx, acc_t<scalar_t>* shares,
-                      int64_t* where_a, int64_t* where_b) {
-  using a_t = acc_t<scalar_t>;
-  int64_t i = a.pos, j = b.pos, u = 0;
-  for (; i < a.end && j < b.end; ++u) {
-    const int64_t x = a.idx[i], y = b.idx[j];
-    const bool take_a = x <= y, take_b = y <= x;
-    const a_t share_a = axpy_acc<scalar_t>(0, va[i], alpha_a);
-    const a_t share_b = axpy_acc<scalar_t>(0, vb[j], alpha_b);
-    const a_t both = axpy_acc(share_a, vb[j], alpha_b);
-    shares[u] = take_a ? (take_b ? both : share_a) : share_b;
-    union_idx[u] = take_a ? x : y;
-    // A position not taken now is written again when it is taken.
-    where_a[i - a.pos] = u;
-    where_b[j - b.pos] = u;
-    i += take_a;
-    j += take_b;
-  }
-  for (; i < a.end; ++i, ++u) {
-    union_idx[u] = a.idx[i];
-    shares[u] = axpy_acc<scalar_t>(0, va[i], alpha_a);
-    where_a[i - a.pos] = u;
-  }
-  for (; j < b.end; ++j, ++u) {
-    union_idx[u] = b.idx[j];
-    shares[u] = axpy_acc<scalar_t>(0, vb[j], alpha_b);
-    where_b[j - b.pos] = u;
-  }
-  return u;
-}
-
 // [lo, hi) ranges of a tensor of `numel` elements, each holding about kWork of `total` entries.
 constexpr int64_t kWork = 1 << 13;
 std::vector<std::pair<int64_t, int64_t>> index_ranges(int64_t numel, int64_t total) {
@@ -206,6 +171,48 @@ std::vector<Work> tensor_work(at::TensorList dense, const std::vector<std::vecto
   return work;
 }
 
+// One entry's positions [from, end) of a range that no other entry touches.
+template <typename scalar_t, typename index_t>
+void apply_one(scalar_t* d, const index_t* idx, int64_t from, int64_t end, const scalar_t* v, scalar_t* saved,
+               acc_t<scalar_t> alpha) {
+  for (int64_t i = from; i < end; ++i) {
+    __builtin_prefetch(d + idx[std::min(i + kPrefetch, end - 1)], 1);
+    saved[i] = d[idx[i]];
+    d[idx[i]] = add_shares(saved[i], axpy_acc<scalar_t>(0, v[i], alpha));
+  }
+}
+
+// Two entries on one range, merged in one pass that updates d as it goes. Every choice is a
+// select (which span holds the next index is unpredictable), d's lines are prefetched
+// kPrefetch indices ahead on both spans, and a position not taken now is written again when it
+// is taken. One pass instead of three loops over scratch: a language + task diff on XLM-R-base,
+// 1.15-1.35x faster at 1% and 1.2-1.3x at 5% (five runs of 8 A/B pairs in one process, 2
+// threads); the prefetch distance (8 to 64) made no difference.
+template <typename scalar_t, typename index_t>
+void apply_two(scalar_t* d, const Span<index_t>& a, const Span<index_t>& b, const scalar_t* va, const scalar_t* vb,
+               scalar_t* sa, scalar_t* sb, acc_t<scalar_t> alpha_a, acc_t<scalar_t> alpha_b) {
+  using a_t = acc_t<scalar_t>;
+  int64_t i = a.pos, j = b.pos;
+  for (; i < a.end && j < b.end;) {
+    __builtin_prefetch(d + a.idx[std::min(i + kPrefetch, a.end - 1)], 1);
+    __builtin_prefetch(d + b.idx[std::min(j + kPrefetch, b.end - 1)], 1);
+    const int64_t x = a.idx[i], y = b.idx[j];
+    const bool take_a = x <= y, take_b = y <= x;
+    const a_t share_a = axpy_acc<scalar_t>(0, va[i], alpha_a);
+    const a_t share_b = axpy_acc<scalar_t>(0, vb[j], alpha_b);
+    const a_t both = axpy_acc(share_a, vb[j], alpha_b);
+    const int64_t u = take_a ? x : y;
+    const scalar_t old = d[u];
+    d[u] = add_shares(old, take_a ? (take_b ? both : share_a) : share_b);
+    sa[i] = old;
+    sb[j] = old;
+    i += take_a;
+    j += take_b;
+  }
+  apply_one<scalar_t>(d, a.idx, i, a.end, va, sa, alpha_a);
+  apply_one<scalar_t>(d, b.idx, j, b.end, vb, sb, alpha_b);
+}
+
 template <typename scalar_t, typename index_t>
 void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vector<at::Tensor>& idx,
                  const std::vector<at::Tensor>& val, const std::vector<at::Tensor>& saved,
@@ -234,13 +241,11 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
   if (live == 0) return;
   const size_t n_live = live;
   if (n_live == 1) {  // one delta in this range: no union to form
-    const index_t* ip = spans[0].idx;
-    for (int64_t i = spans[0].pos; i < spans[0].end; ++i) {
-      __builtin_prefetch(d + ip[std::min(i + kPrefetch, spans[0].end - 1)], 1);
-      const scalar_t old = d[ip[i]];
-      s[0][i] = old;
-      d[ip[i]] = add_shares(old, axpy_acc<scalar_t>(0, v[0][i], a[0]));
-    }
+    apply_one<scalar_t>(d, spans[0].idx, spans[0].pos, spans[0].end, v[0], s[0], a[0]);
+    return;
+  }
+  if (n_live == 2) {  // a language diff plus a task diff, the common case
+    apply_two<scalar_t>(d, spans[0], spans[1], v[0], v[1], s[0], s[1], a[0], a[1]);
     return;
   }
   // Three loops, so that the merge never waits on a cache miss in d and d is touched once per
@@ -262,10 +267,7 @@ void apply_range(scalar_t* d, const std::vector<int64_t>& group, const std::vect
   union_idx.resize(cap);
   shares.resize(cap);
   old.resize(cap);
-  const int64_t u_end =
-      n_live == 2 ? union_shares2(spans[0], spans[1], v[0], v[1], a[0], a[1], union_idx.data(), shares.data(),
-                                  where[0].data(), where[1].data())
-                  : union_shares(spans, v, a, union_idx.data(), shares.data(), where);
+  const int64_t u_end = union_shares(spans, v, a, union_idx.data(), shares.data(), where);
   for (int64_t u = 0; u < u_end; ++u) {
     __builtin_prefetch(d + union_idx[std::min(u + kPrefetch, u_end - 1)], 1);
     old[u] = d[union_idx[u]];

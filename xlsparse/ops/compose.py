@@ -40,7 +40,7 @@ def sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     op = "sparse_axpy_"
     checks.sparse_update(op, dense, indices, values)
     checks.finite(op, alpha=alpha)
-    if checks.can_read(dense):
+    if checks.can_read(dense) and not registry.compiled(op, dense.device):
         checks.indices(op, indices, dense.numel())
     written = checks.memory_keys([dense])
     indices, values = (checks.unaliased(written, t.contiguous()) for t in (indices, values))
@@ -117,7 +117,8 @@ def _diff_call(op: str, dense, indices, values, target):
     dense, indices, values = list(dense), list(indices), list(values)
     target = [int(t) for t in target]
     dense, target = _one_slot_per_tensor(dense, target)
-    checks.diff_entries(op, dense, indices, values, target)
+    device = dense[0].device if dense else torch.device("cpu")
+    checks.diff_entries(op, dense, indices, values, target, read_data=not registry.compiled(op, device))
     written = checks.memory_keys(dense)
     indices = [checks.unaliased(written, i.contiguous()) for i in indices]
     values = [checks.unaliased(written, v.contiguous()) for v in values]

@@ -41,6 +41,7 @@ _HOOKS = {"triton": "xlsparse.triton"}
 _TABLE: dict[str, dict[str, Callable]] = {}
 _DESIGNED: dict[str, tuple[str, ...]] = {}  # op -> the backends that implement it by design
 _AUTOGRAD: dict[str, tuple[Callable, Callable]] = {}
+_COMPILED: dict[tuple[str, str], Callable] = {}  # (op, backend) -> its kernel from the C++ library
 _hooks_run: set[str] = set()
 
 
@@ -59,6 +60,7 @@ def define(op: str, reference: Callable, *, backends=BACKENDS, backward=None, se
     for backend, key in (("cpu", "CPU"), ("cuda", "CUDA")):
         if _ext.has_kernel(op, key):
             _TABLE[op][backend] = getattr(torch.ops.xlsparse, op)
+            _COMPILED[op, backend] = _TABLE[op][backend]
     if backward is not None:
         torch.library.register_autograd(f"xlsparse::{op}", backward, setup_context=setup_context)
 
@@ -158,6 +160,14 @@ def backend_for(op: str, device: torch.device) -> str:
         if backend in table:
             return backend
     return "reference"
+
+
+def compiled(op: str, device: torch.device) -> bool:
+    """Whether `op` runs a compiled C++ kernel on `device` here. Those check their indices
+    (sorted, unique, in range) themselves, in one parallel pass, before any write, so the wrappers
+    skip the same pass in Python (8 ms of a 75 ms apply at XLM-R size)."""
+    backend = backend_for(op, device)
+    return (op, backend) in _COMPILED and _TABLE[op][backend] is _COMPILED[op, backend]
 
 
 def call(op: str, device: torch.device, *args, written=()):
