@@ -171,6 +171,27 @@ def test_fomaml_outer_gradient_and_step_match_plain_torch(converted):
         subnetworks.fomaml_step(model, support, query, masks, 0.5, 1, torch.optim.AdamW(model.parameters()))
 
 
+def test_structured_masks_rank_heads_after_normalising_each_layer():
+    # Michel et al. (2019) / the bertology code: a layer's head scores are divided by their l2
+    # norm, then ranked globally. Layer 0's scores are 100x layer 1's: raw, it takes both heads.
+    model = tiny("bert")
+    _, layers = subnetworks.block_layout(model)
+    heads = torch.tensor([[300.0, 200.0], [3.0, 1.0]])
+    neurons = torch.rand(2, model.config.intermediate_size, generator=torch.Generator().manual_seed(0))
+
+    def open_heads(masks):
+        cols = [masks[f"{layer['o']}.weight"].all(0).reshape(2, -1).all(1) for layer in layers]
+        return torch.stack(cols)
+
+    normalised = heads / heads.pow(2).sum(1, keepdim=True).sqrt()  # [[.83, .55], [.95, .32]]
+    expect = torch.zeros(2, 2, dtype=torch.bool)
+    expect.view(-1)[normalised.view(-1).topk(2).indices] = True
+    assert torch.equal(expect, torch.tensor([[True, False], [True, False]]))
+    assert torch.equal(open_heads(subnetworks.structured_masks(model, heads, neurons, 0.5, 0.25)), expect)
+    raw = subnetworks.structured_masks(model, heads, neurons, 0.5, 0.25, normalize_heads_by_layer=False)
+    assert torch.equal(open_heads(raw), torch.tensor([[True, True], [False, False]]))
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
 def test_structured_masks_select_whole_heads_and_neurons(arch):
     model = tiny(arch)

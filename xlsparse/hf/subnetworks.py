@@ -316,11 +316,17 @@ def _linear_shape(module: nn.Module) -> tuple[tuple[int, int], bool]:
 
 
 def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor, heads_density: float,
-                     neurons_density: float) -> dict[str, torch.Tensor]:
+                     neurons_density: float, normalize_heads_by_layer: bool = True) -> dict[str, torch.Tensor]:
     """{parameter name: BoolTensor}: the subnetwork of the top `heads_density` share of attention
     heads and the top `neurons_density` share of FFN neurons, each chosen globally over the
     layers (ties to the lowest position), expanded to whole weight lines: a head opens its
     Q/K/V rows and its O columns, a neuron its FFN-in rows and its FFN-out column.
+
+    With `normalize_heads_by_layer` (the default), each layer's head scores are divided by their
+    ℓ2 norm before the global ranking, as Michel et al. (2019) do and as the bertology code that
+    Prasanna et al. (2020) and the subnetwork papers build on does by default
+    (`--dont_normalize_importance_by_layer` turns it off there); a layer of large gradients then
+    does not take every head. Neuron scores are ranked raw, as in that code.
 
     `head_scores` [L, H] and `neuron_scores` [L, F], e.g. from `structured_importance`. Masks
     are in the model's own parameter layout (GPT-2's Conv1D [in, out]: the same lines
@@ -336,7 +342,10 @@ def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores:
     width = _linear_shape(modules[layers[0]["ffn_out"]])[0][1]
     if neuron_scores.shape != (len(layers), width):
         raise ValueError(f"structured_masks: neuron_scores must be [{len(layers)}, {width}], got {tuple(neuron_scores.shape)}")
-    keep_heads = topk_mask([head_scores.float()], budget("structured_masks", head_scores.numel(), density=heads_density))[0]
+    ranked = head_scores.float()
+    if normalize_heads_by_layer:
+        ranked = ranked / ranked.norm(dim=1, keepdim=True).clamp_min(torch.finfo(ranked.dtype).tiny)
+    keep_heads = topk_mask([ranked], budget("structured_masks", head_scores.numel(), density=heads_density))[0]
     keep_neurons = topk_mask([neuron_scores.float()], budget("structured_masks", neuron_scores.numel(),
                                                               density=neurons_density))[0]
     masks = {}
