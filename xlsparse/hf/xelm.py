@@ -93,7 +93,8 @@ class ExpertEnsemble(nn.Module):
     `weighting`: "posterior" (per token, p(e | x<t) ∝ prior_e · p(x<t | e)^(1/temperature),
     the prior alone at the first token), "uniform", or "static" (per-example `weights` [B, E]
     given to `forward`, else the prior). `prior` [E] (uniform by default) must be positive;
-    `top_k` (posterior weighting only) keeps the k heaviest experts per token and renormalises. `space`: mix
+    `top_k` (posterior weighting only) keeps the k heaviest experts per token, and any tied with
+    the k-th, and renormalises (the first token under a uniform prior keeps them all). `space`: mix
     probabilities ("prob", the paper's) or logits ("logit").
 
     `ensemble(input_ids, attention_mask=None, weights=None)` returns [B, S, V]: at position t
@@ -214,8 +215,10 @@ class ExpertEnsemble(nn.Module):
         """log p(e | prefix) [..., E] from log p(prefix | e) [..., E]: prior, temperature, top-k."""
         scores = self.log_prior.to(prefix_loglik.device) + prefix_loglik / self.temperature
         if self.top_k is not None and self.top_k < scores.shape[-1]:
-            keep = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(self.top_k, -1).indices, True)
-            scores = scores.masked_fill(~keep, float("-inf"))
+            # Experts tied with the k-th stay: at the first token a uniform prior ties them all,
+            # and keeping the first k by position would favour experts by their order.
+            kth = scores.topk(self.top_k, -1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
         return torch.log_softmax(scores, -1)
 
     def _token_logprobs(self, logits: torch.Tensor, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
