@@ -50,6 +50,48 @@ def test_uriel_distance_averages_the_cosines_of_the_sets_both_languages_have(mon
         continual.distance_matrix(["aaa", "zzz"], features)
 
 
+def test_language_aware_masks_rank_the_signed_distance_weighted_score(monkeypatch):
+    """score_l = s_l/Σs_l − protect · Σ_{m≠l} d(l, m) · (s_m/Σs_m) / (L − 1), top k by value,
+    restated with hand-made URIEL blocks so that the distances are known."""
+    g = torch.Generator().manual_seed(1)
+    features = ("f1", "f2")
+    for lang in ("aaa", "bbb", "ccc", "ddd"):
+        for f in features:
+            v = torch.randn(5, generator=g, dtype=torch.float64)
+            monkeypatch.setitem(continual._URIEL_CACHE, (f, lang), v / v.norm())
+    codes = {"a": "aaa", "b": "bbb", "c": "ccc"}
+    scores = {lang: {"w": torch.randint(1, 50, (6, 7), generator=g).float(), "v": torch.randint(1, 50, (5,), generator=g).float()}
+              for lang in codes}
+    d = continual.distance_matrix(list(codes.values()), features)
+    masks = continual.language_aware_masks(scores, codes, density=0.2, protect=1.5, features=features)
+    langs = list(codes)
+    flat = {lang: torch.cat([scores[lang]["w"].flatten(), scores[lang]["v"]]).double() for lang in langs}
+    k = round(0.2 * 47)
+    for i, lang in enumerate(langs):
+        own = flat[lang] / flat[lang].sum()
+        discount = sum(float(d[i, j]) * flat[m] / flat[m].sum() for j, m in enumerate(langs) if j != i) / 2
+        expect = torch.zeros(47, dtype=torch.bool)
+        expect[(own - 1.5 * discount).argsort(descending=True)[:k]] = True
+        got = torch.cat([masks[lang]["w"].flatten(), masks[lang]["v"]])
+        assert torch.equal(got, expect), lang
+    # An entry only a distant language needs is left to it, however large its score there.
+    one = {lang: {"w": torch.ones(10)} for lang in ("a", "d")}
+    one["d"]["w"][:3] = 100.0
+    far = continual.language_aware_masks(one, {"a": "aaa", "d": "ddd"}, density=0.3, features=features)
+    assert not bool(far["a"]["w"][:3].any()) and bool(far["d"]["w"][:3].all())
+    # With two languages the distance still matters: a partner at distance 0 takes nothing away,
+    # one at distance 1 discounts fully and flips the choice.
+    e1, e2 = torch.tensor([1.0, 0.0], dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    for f in features:
+        for lang, v in (("ppp", e1), ("qqq", e1), ("rrr", e2)):
+            monkeypatch.setitem(continual._URIEL_CACHE, (f, lang), v)
+    pair = {"a": {"w": torch.tensor([10.0, 9.0, 1.0])}, "b": {"w": torch.tensor([1.0, 0.0, 9.0])}}
+    same = continual.language_aware_masks(pair, {"a": "ppp", "b": "qqq"}, density=0.34, features=features)
+    apart = continual.language_aware_masks(pair, {"a": "ppp", "b": "rrr"}, density=0.34, features=features)
+    assert same["a"]["w"].tolist() == [True, False, False]  # 0.5 vs 0.45: its own ranking
+    assert apart["a"]["w"].tolist() == [False, True, False]  # 0.5 - 0.1 < 0.45
+
+
 def _mixed_batch(seed, b=6, s=8):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (b, s), generator=g)
@@ -183,5 +225,8 @@ def test_per_language_report():
     assert (report.improved, report.worsened) == (1, 2)
     assert report.mean_loss == pytest.approx(0.1)
     assert "| fr | 0.6000 | 0.5000 | -0.1000 |" in report.table()
+    assert report.share_improved == pytest.approx(1 / 3) and "improved 1 of 3 (share 0.333)" in report.table()
     with pytest.raises(ValueError):
         continual.per_language_report({"de": 1.0}, {"fr": 1.0})
+    with pytest.raises(ValueError, match=r"after is not finite for \['fr'\]"):  # NaN: neither better nor worse
+        continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": 0.55, "fr": float("nan")})

@@ -3,17 +3,18 @@ model on new multilingual data, each language changing only a language-aware sub
 parameters chosen with URIEL typological similarity, and report per-language gains and losses,
 not only the mean.
 
-What follows the paper: the setting (a fine-tuned multilingual model updated with new batches
-of several languages), restricting each language's update to a language-aware parameter subset
-chosen with URIEL, training on mixed multilingual batches, and the evaluation by language:
-the share of languages that improve and the mean size of the losses (`LanguageReport`).
-What is xlsparse's own (not traceable to the paper's text): the subset formula of
-`language_aware_masks` (importance minus the URIEL-distance-weighted importance of the other
-languages), the URIEL distance (1 − the mean cosine over the five feature sets, skipping a set
-that is all zero for either language), and the mechanics: one backward per mixed batch in which
-every example's gradient lands only in its language's subset (`SubnetworkLinear` routing, the
-multi-mask kernel), then one MaskedAdamW step over the union of the subsets. Where two
-languages' subsets overlap their gradients add, as in one joint step.
+What follows the paper, as far as its abstract states it (its full text was not available to
+us, so nothing below has been checked against its method section): the setting (a fine-tuned
+multilingual model updated with new data in a subset of its languages), a parameter-efficient
+update that uses linguistic knowledge (URIEL), and its two numbers, reported by
+`LanguageReport`: the share of languages that improve and the mean size of the losses on the
+others. What is xlsparse's own: restricting each language's update to its own subset of
+entries, the subset formula of `language_aware_masks` (importance minus the URIEL-distance-
+weighted importance of the other languages), the URIEL distance (1 − the mean cosine over the
+five feature sets, skipping a set that is all zero for either language), and the mechanics: one
+backward per mixed batch in which every example's gradient lands only in its language's subset
+(`SubnetworkLinear` routing, the multi-mask kernel), then one MaskedAdamW step over the union of
+the subsets. Where two languages' subsets overlap their gradients add, as in one joint step.
 
 URIEL comes from the PyPI package `lang2vec` 1.1.2 (its data ships in the wheel: no network).
 We use it rather than `urielplus` because it is the package URIEL was published with and the
@@ -21,6 +22,7 @@ one these papers used, it is small, and it gives the five feature sets we need (
 phonology_knn, inventory_knn, fam, geo); urielplus adds newer sources that would change the
 distances the method was defined with. Its one cost: it imports pkg_resources (setuptools<81).
 """
+import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -117,34 +119,40 @@ def distance_matrix(langs: Sequence[str], features: tuple[str, ...] = URIEL_FEAT
 
 
 def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel_codes: Mapping[str, str],
-                         density: float, protect: float = 1.0) -> dict[str, dict[str, torch.Tensor]]:
+                         density: float, protect: float = 1.0,
+                         features: tuple[str, ...] = URIEL_FEATURES) -> dict[str, dict[str, torch.Tensor]]:
     """The trainable subset of each language for a continual update.
 
-    Each language takes its most important entries, discounted by how important they are to the
-    *distant* languages: score_l = s_l − protect · Σ_m d(l, m) · s_m / Σ_m d(l, m), where s are
-    importance scores normalised per language and d are URIEL distances. Typologically close
-    languages share parameters; distant ones keep theirs (less negative transfer).
+    Each language takes the entries with the highest score_l = s_l − protect · Σ_{m≠l} d(l, m) ·
+    s_m / (L − 1): its own importance, discounted by the importance of the other languages
+    weighted by their URIEL distance d ∈ [0, 1] (`distance_matrix` over `features`). s are
+    importance scores normalised per language, L the number of languages. A close language
+    (d near 0) discounts little, so close languages share entries; a distant one discounts
+    fully, so an entry that a distant language needs is left to it. The ranking is by the signed
+    score: an entry another language needs more than this one ranks last, not first.
     `uriel_codes` maps each language key of `scores` to its ISO 639-3 code.
     """
     langs = list(scores)
-    dist = distance_matrix([uriel_codes[lang] for lang in langs]).float()
+    dist = distance_matrix([uriel_codes[lang] for lang in langs], features).float()
     names = list(next(iter(scores.values())))
     norm = {}
     for lang in langs:
         total = sum(float(scores[lang][n].sum()) for n in names) or 1.0
         norm[lang] = {n: scores[lang][n].float() / total for n in names}
+    others = max(len(langs) - 1, 1)
     masks = {}
     for i, lang in enumerate(langs):
-        weights = dist[i] / dist[i].sum() if dist[i].sum() > 0 else dist[i]
         adjusted = []
         for n in names:
             s = norm[lang][n].clone()
             for j, other in enumerate(langs):
-                if j != i and weights[j] > 0:
-                    s -= protect * weights[j] * norm[other][n]
+                if j != i:
+                    s -= protect * float(dist[i, j]) / others * norm[other][n]
             adjusted.append(s)
+        # topk_mask ranks by magnitude; shifted to be non-negative, magnitude order is signed order.
+        lowest = min(float(t.min()) for t in adjusted)
         k = budget("language_aware_masks", sum(t.numel() for t in adjusted), density=density)
-        masks[lang] = dict(zip(names, topk_mask(adjusted, k)))
+        masks[lang] = dict(zip(names, topk_mask([t - lowest for t in adjusted], k)))
     return masks
 
 
@@ -275,6 +283,11 @@ class LanguageReport:
         return sum(c > 0 for c in self.change.values())
 
     @property
+    def share_improved(self) -> float:
+        """The share of languages that improved (the paper's first number)."""
+        return self.improved / max(len(self.change), 1)
+
+    @property
     def worsened(self) -> int:
         return sum(c < 0 for c in self.change.values())
 
@@ -293,8 +306,8 @@ class LanguageReport:
         rows = ["| language | before | after | change |", "|---|---|---|---|"]
         for lang in self.before:
             rows.append(f"| {lang} | {self.before[lang]:.4f} | {self.after[lang]:.4f} | {self.change[lang]:+.4f} |")
-        rows.append(f"\nimproved {self.improved}, worse {self.worsened}, mean change {self.mean_change:+.4f}, "
-                    f"mean loss where worse {self.mean_loss:.4f}")
+        rows.append(f"\nimproved {self.improved} of {len(self.change)} (share {self.share_improved:.3f}), worse "
+                    f"{self.worsened}, mean change {self.mean_change:+.4f}, mean loss where worse {self.mean_loss:.4f}")
         return "\n".join(rows)
 
 
@@ -302,4 +315,8 @@ def per_language_report(before: Mapping[str, float], after: Mapping[str, float],
     """Compare a metric per language before and after an update (same languages in both)."""
     if set(before) != set(after):
         raise ValueError(f"per_language_report: languages differ: {sorted(before)} vs {sorted(after)}")
+    for what, metric in (("before", before), ("after", after)):
+        bad = [lang for lang, v in metric.items() if not math.isfinite(float(v))]
+        if bad:  # a NaN would count as neither improved nor worse
+            raise ValueError(f"per_language_report: {what} is not finite for {bad}")
     return LanguageReport(dict(before), {lang: after[lang] for lang in before}, higher_is_better)
