@@ -2,6 +2,7 @@
 rules: step caps, L1 units, accumulated masks over rounds, freezing/untying, composition of
 language and task SFTs, multi-source batches, and phase 2's O(K) layers."""
 import copy
+import os
 
 import pytest
 import torch
@@ -10,8 +11,8 @@ from tiny_models import VOCAB, tiny
 import xlsparse
 from xlsparse import cli
 from xlsparse.diff import SparseDiff
-from xlsparse.hf.lt_sft import (SOURCE_KEY, KeepUpdatesHandle, LotteryTicketSparseFineTuner, MultiSourceDataset,
-                                SftArguments, training_length)
+from xlsparse.hf.lt_sft import (SOURCE_KEY, DynamicSftArguments, KeepUpdatesHandle, LotteryTicketSparseFineTuner,
+                                MultiSourceDataset, SftArguments, training_length)
 from xlsparse.nn import SparseDeltaEmbedding, SparseDeltaLinear
 
 transformers = pytest.importorskip("transformers")
@@ -264,6 +265,35 @@ def test_each_phase_has_its_own_checkpoints_holding_the_sft(tmp_path):
         assert torch.equal(saved.deltas[n].indices, d.indices) and torch.equal(saved.deltas[n].values, d.values)
     trainer.save_model(str(tmp_path / "final"))
     assert SparseDiff.load(str(tmp_path / "final" / "sft.safetensors")).nnz == 100
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("best_first", [False, True], ids=["best-last", "best-first"])
+def test_load_best_model_at_end_gives_the_best_checkpoints_sft(tmp_path, best_first, dynamic):
+    # The Trainer's own load copied the checkpoint's folded θ0 + Δ into the frozen bases and the
+    # fold then added Δ again (θ0 + 2Δ when the best was the last checkpoint).
+    arguments = dict(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
+    sft_args = DynamicSftArguments(**arguments, reselection_steps=2, drop_fraction=0.5, selection_accumulation_steps=1) \
+        if dynamic else \
+        SftArguments(**arguments)
+    model = _no_dropout(tiny("bert"))
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, train_dataset=_LMData(), eval_dataset=_LMData(n=4, seed=9), sft_args=sft_args,
+        args=_args(tmp_path, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+                   load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=best_first))
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert best.endswith("checkpoint-1" if best_first else "checkpoint-3") and "sparse" in best
+    saved = SparseDiff.load(os.path.join(best, "sft.safetensors"))
+    assert set(trainer.sft.deltas) == set(saved.deltas) and set(trainer.sft.absolute) == set(saved.absolute)
+    for n, d in trainer.sft.deltas.items():
+        assert torch.equal(d.indices, saved.deltas[n].indices) and torch.equal(d.values, saved.deltas[n].values), n
+    for n, t in trainer.sft.absolute.items():
+        assert torch.equal(t, saved.absolute[n]), n
+    fresh = _no_dropout(tiny("bert"))
+    with trainer.sft.applied(fresh):
+        for (n, p), q in zip(fresh.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=n)
 
 
 # --- phase 2 builds no dense gradient ---

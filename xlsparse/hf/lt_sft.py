@@ -777,6 +777,36 @@ class LotteryTicketSparseFineTuner(Trainer):
                         state_dict.pop(f"{mname}.delta_values", None)
         super()._save(output_dir, state_dict=state_dict)
 
+    def _load_best_model(self):
+        """`load_best_model_at_end` in a sparse phase: the best checkpoint's supports, deltas and
+        other trained values, as a resume restores them. The Trainer's own load copies the
+        checkpoint's folded θ0 + Δ into the frozen bases, and the fold at the end added Δ again."""
+        if not self._converted:
+            return super()._load_best_model()
+        checkpoint = self.state.best_model_checkpoint
+        deltas = SparseDiff.load(os.path.join(checkpoint, SFT_FILE)).deltas
+        weights = _load_weights(checkpoint)
+        with torch.no_grad():
+            for name, p in self._trainable().items():
+                if name in self._converted:
+                    layers = self._converted[name]
+                    first = layers[0][2]
+                    if name in deltas:
+                        idx, values = deltas[name].indices, deltas[name].values
+                    else:  # no entry of this tensor was selected: the SFT does not name it
+                        idx, values = first.delta_indices[:0], first.delta_values.detach()[:0]
+                    idx, values = idx.to(first.delta_indices), values.to(first.delta_values)
+                    for _, _, layer in layers:  # a tied decoder shares the values: set its indices too
+                        layer.set_support(idx, values)
+                    if first.delta_values in self._anchors:
+                        self._anchors[first.delta_values] = self._theta0[name].reshape(-1)[idx.long()].clone()
+                    self._masks[name] = idx
+                    continue
+                key = next((a for a in _aliases(self.model, p) if a in weights), None)
+                if key is None:
+                    raise ValueError(f"load_best_model_at_end: {checkpoint} holds no value for {name!r}")
+                p.copy_(weights[key])
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """A sparse phase restores its weights itself (`_restore`): the checkpoint's folded
         weights must not overwrite the converted layers' frozen bases."""
