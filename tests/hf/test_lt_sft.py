@@ -296,6 +296,45 @@ def test_load_best_model_at_end_gives_the_best_checkpoints_sft(tmp_path, best_fi
             torch.testing.assert_close(q, p, rtol=0, atol=1e-6, msg=n)
 
 
+class _ClippedNorms(transformers.TrainerCallback):
+    """After clipping, in the sparse phase: the norm of every gradient, and of those outside the
+    masks of the tensors the compact optimizer trains."""
+
+    def __init__(self, trainer):
+        self.trainer, self.seen = trainer, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        t = self.trainer
+        if t._phase != "sparse":
+            return
+        total, outside = 0.0, 0.0
+        for name, p in t._trainable().items():
+            grad = t._delta_values()[name].grad if name in t._converted else p.grad
+            if grad is None:
+                continue
+            total += float(grad.double().square().sum())
+            if name not in t._converted and name in t.maskable:
+                off = torch.ones(p.numel(), dtype=torch.bool)
+                if name in t._masks:
+                    off[t._masks[name].long()] = False
+                outside += float(grad.reshape(-1)[off].double().square().sum())
+        self.seen.append((total ** 0.5, outside))
+
+
+def test_phase_two_clips_the_norm_of_what_trains(tmp_path):
+    # composable-sft masks the gradients before the Trainer clips; the biases and norms that the
+    # compact optimizer trains kept dense gradients, so the clipping norm counted unselected entries.
+    trainer = LotteryTicketSparseFineTuner(
+        model=_no_dropout(tiny("bert")), args=_args(tmp_path, max_grad_norm=1e-3), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3))
+    norms = _ClippedNorms(trainer)
+    trainer.add_callback(norms)
+    trainer.train()
+    assert len(norms.seen) == 3
+    for total, outside in norms.seen:
+        assert outside == 0.0 and total == pytest.approx(1e-3, rel=1e-4)
+
+
 # --- phase 2 builds no dense gradient ---
 
 class _Inspect(transformers.TrainerCallback):

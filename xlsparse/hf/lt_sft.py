@@ -667,7 +667,25 @@ class LotteryTicketSparseFineTuner(Trainer):
             if reg is not None:
                 self._l1_sum += reg
                 self._l1_steps += 1
+        if self._phase == "sparse" and self.args.max_grad_norm:
+            self._mask_gradients()
         return loss
+
+    @torch.no_grad()
+    def _mask_gradients(self) -> None:
+        """Zero the gradient entries outside the masks of the maskable tensors that the compact
+        optimizer trains whole (biases, norms), before the Trainer clips: the clipping norm then
+        counts only what trains, as composable-sft's `grad *= mask` before clipping does. The
+        converted matrices' deltas have gradients on their support only."""
+        for name, p in self._trainable().items():
+            if name in self._converted or name not in self.maskable or p.grad is None:
+                continue
+            grad = p.grad.view(-1)
+            idx = self._masks.get(name)
+            kept = grad[idx.long()] if idx is not None else None
+            grad.zero_()
+            if kept is not None:
+                grad[idx.long()] = kept
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, dict) else None
