@@ -130,7 +130,11 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if model_class is None or not hasattr(model_class, "from_pretrained"):
         raise ValueError(f"--model-class: transformers has no model class {arch!r}")
     model = model_class.from_pretrained(args.base, local_files_only=True)
+    unknown = [d for d in args.no_abs_of if d not in args.diffs]
+    if unknown:
+        raise ValueError(f"--no-abs-of: {unknown} are not among the DIFF arguments {args.diffs}")
     diffs = [_load_diff(p) for p in args.diffs]
+    diffs = [d.without_absolute() if p in args.no_abs_of else d for p, d in zip(args.diffs, diffs)]
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
@@ -212,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--model-class", metavar="CLASS",
                          help="transformers class to load BASE_DIR with, e.g. AutoModelForTokenClassification "
                               "(default: the config's first architecture)")
-    compose.add_argument("--no-abs", action="store_true",
-                         help="skip the diffs' absolute entries (e.g. a language SFT's MLM head on a task model)")
+    compose.add_argument("--no-abs", action="store_true", help="skip the absolute entries of every diff")
+    compose.add_argument("--no-abs-of", action="append", default=[], metavar="DIFF",
+                         help="skip the absolute entries of this diff only (repeatable), as composable-sft's "
+                              "lang_sft.apply(model, with_abs=False): a language SFT's MLM head is left out of a "
+                              "task model while the task SFT's classifier goes in")
     compose.set_defaults(run=cmd_compose)
 
     demo = sub.add_parser("demo", help="each method against the naive way on the gettext catalogues, with a "

@@ -442,6 +442,14 @@ def test_language_and_task_sfts_compose_on_a_task_model(tmp_path):
     out = transformers.BertForTokenClassification.from_pretrained(tmp_path / "out")
     for n, p in out.named_parameters():
         torch.testing.assert_close(p, expected[n], atol=1e-6, rtol=0)
+    # composable-sft's recipe: the language SFT without its head, the task SFT with its classifier
+    assert cli.main(common + ["--no-abs-of", str(tmp_path / "lang.safetensors"), "--model-class",
+                              "BertForTokenClassification", "--out", str(tmp_path / "recipe")]) == 0
+    recipe = transformers.BertForTokenClassification.from_pretrained(tmp_path / "recipe")
+    expected.update({n: t for n, t in task.sft.absolute.items()})
+    for n, p in recipe.named_parameters():
+        torch.testing.assert_close(p, expected[n], atol=1e-6, rtol=0)
+    assert cli.main(common + ["--no-abs-of", "other.safetensors", "--out", str(tmp_path / "y")]) == 1
     assert cli.main(common + ["--model-class", "NoSuchModel", "--out", str(tmp_path / "x")]) == 1
 
 
