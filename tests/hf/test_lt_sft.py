@@ -834,6 +834,22 @@ def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path)
                                            train_dataset=_LMData(), source_sfts={"de": SparseDiff({})})
     with pytest.raises(ValueError, match=SOURCE_KEY):
         trainer.train()
+    for factor in (0.5, 1.5, 0, True):  # int() dropped a source at 0.5 and counted 1.5 once
+        with pytest.raises(ValueError, match="whole numbers"):
+            MultiSourceDataset({"de": _LMData(n=4)}, upsampling={"de": factor})
+    assert len(MultiSourceDataset({"de": _LMData(n=4), "fr": _LMData(n=3)}, upsampling={"fr": 2})) == 10
+
+
+def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):
+    data = MultiSourceDataset({"de": _LMData(n=5, seed=1), "fr": _LMData(n=3, seed=2)})
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    sizes = {}
+    for drop in (False, True):
+        trainer = LotteryTicketSparseFineTuner(
+            model=tiny("bert"), args=_args(tmp_path, per_device_train_batch_size=2, dataloader_drop_last=drop),
+            sft_args=steps, train_dataset=data, source_sfts={"de": SparseDiff({}), "fr": SparseDiff({})})
+        sizes[drop] = sorted(len(b["input_ids"]) for b in trainer.get_train_dataloader())
+    assert sizes == {False: [1, 1, 2, 2, 2], True: [2, 2, 2]}
 
 
 def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):

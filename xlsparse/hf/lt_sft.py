@@ -732,9 +732,12 @@ class LotteryTicketSparseFineTuner(Trainer):
         return super().get_eval_dataloader(eval_dataset)
 
     def _multisource_loader(self, dataset, batch_size, shuffle):
-        sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=self.args.seed)
+        sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=self.args.seed,
+                                           drop_last=self.args.dataloader_drop_last)
         collate = MultiSourceCollator(self.data_collator)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate)
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=self.args.dataloader_num_workers,
+                                             pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)
 
     # --- results ---
@@ -914,8 +917,11 @@ class MultiSourceDataset(torch.utils.data.Dataset):
         unknown = set(self.upsampling) - set(self.datasets)
         if unknown:
             raise ValueError(f"MultiSourceDataset: upsampling names unknown sources {sorted(unknown)}")
+        bad = {s: f for s, f in self.upsampling.items() if isinstance(f, bool) or not isinstance(f, int) or f < 1}
+        if bad:  # int() made 0.5 drop a source and 1.5 count once
+            raise ValueError(f"MultiSourceDataset: upsampling factors must be whole numbers >= 1, got {bad}")
         self.order = [(source, i) for source in sorted(self.datasets)
-                      for _ in range(int(self.upsampling.get(source, 1))) for i in range(len(self.datasets[source]))]
+                      for _ in range(self.upsampling.get(source, 1)) for i in range(len(self.datasets[source]))]
 
     def __len__(self):
         return len(self.order)
