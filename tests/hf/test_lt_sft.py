@@ -708,8 +708,14 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
     whole.train()
     resumed = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16),
                                            sft_args=sft_args, args=_args(tmp_path / "again", weight_decay=0.01,
-                                                                         lr_scheduler_type="linear"))
+                                                                         lr_scheduler_type="linear",
+                                                                         save_strategy="steps", save_steps=1))
+    original = {c: (tmp_path / "sparse" / c / "sft.safetensors").read_bytes() for c in ("checkpoint-2", "checkpoint-3")}
     resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
+    # the resumed run writes its own output_dir and leaves the first run's checkpoints alone
+    assert resumed.args.output_dir == str(tmp_path / "again")
+    assert (tmp_path / "again" / "sparse" / "checkpoint-3" / "sft.safetensors").is_file()
+    assert all((tmp_path / "sparse" / c / "sft.safetensors").read_bytes() == data for c, data in original.items())
     a, b = whole.sft, resumed.sft
     assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute)
     for n in a.deltas:

@@ -398,8 +398,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         root = self.args.output_dir
         result, first = None, 0
         try:
-            if resume_from_checkpoint is not None:
-                first, root, deltas = self._restore(resume_from_checkpoint)
+            if resume_from_checkpoint is not None:  # new checkpoints go to this run's output_dir, as HF's do
+                first, deltas = self._restore(resume_from_checkpoint)
                 result = self._run_phase("sparse", first, root, resume_from_checkpoint=resume_from_checkpoint,
                                          resumed_deltas=deltas, **kwargs)
                 first += 1
@@ -418,20 +418,20 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.sft = self._sft_at_end
         return result
 
-    def _restore(self, checkpoint) -> tuple[int, str, dict]:
-        """Masks and parameter values of a sparse-phase checkpoint: (round, output root, deltas)."""
+    def _restore(self, checkpoint) -> tuple[int, dict]:
+        """Masks and parameter values of a sparse-phase checkpoint: (round, deltas)."""
         if not isinstance(checkpoint, (str, os.PathLike)) or not os.path.isdir(checkpoint):
             raise ValueError(f"resume_from_checkpoint: expected a checkpoint folder, got {checkpoint!r}")
         phase_dir = os.path.dirname(os.path.abspath(checkpoint))
         if os.path.basename(phase_dir) != "sparse":
             raise ValueError(f"resume_from_checkpoint: {checkpoint} is not a sparse phase's checkpoint "
                              "(<output_dir>/sparse/checkpoint-N); full phases cannot be resumed")
-        root, it = os.path.dirname(phase_dir), 0
+        it = 0
         if self.sft_args.n_ft_iterations > 1:
-            found = re.fullmatch(r"iteration-(\d+)", os.path.basename(root))
+            found = re.fullmatch(r"iteration-(\d+)", os.path.basename(os.path.dirname(phase_dir)))
             if found is None:
                 raise ValueError(f"resume_from_checkpoint: {checkpoint} is not under an iteration-<i> folder")
-            it, root = int(found.group(1)), os.path.dirname(root)
+            it = int(found.group(1))
         sft = SparseDiff.load(os.path.join(checkpoint, SFT_FILE))
         weights = _load_weights(checkpoint)
         with torch.no_grad():
@@ -443,7 +443,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                     p.copy_(weights[key])
                 elif name not in sft.deltas:
                     raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no value for {name!r}")
-        return it, root, sft.deltas
+        return it, sft.deltas
 
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
         return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
