@@ -259,12 +259,22 @@ def test_each_phase_has_its_own_checkpoints_holding_the_sft(tmp_path):
                                            train_dataset=_LMData(), sft_args=sft_args)
     trainer.train()
     assert (tmp_path / "full" / "checkpoint-2").is_dir() and (tmp_path / "sparse" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "full" / "checkpoint-2" / "sft.safetensors").exists()
     saved = SparseDiff.load(str(tmp_path / "sparse" / "checkpoint-2" / "sft.safetensors"))
     assert saved.nnz == 100
     for n, d in trainer.sft.deltas.items():
         assert torch.equal(saved.deltas[n].indices, d.indices) and torch.equal(saved.deltas[n].values, d.values)
     trainer.save_model(str(tmp_path / "final"))
     assert SparseDiff.load(str(tmp_path / "final" / "sft.safetensors")).nnz == 100
+    # a later round's full phase has masks but trains everything: its checkpoints hold no SFT
+    rounds = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path / "r", save_strategy="steps", save_steps=2), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=100, n_ft_iterations=2, full_ft_max_steps_per_iteration=2,
+                              sparse_ft_max_steps_per_iteration=2))
+    rounds.train()
+    assert (tmp_path / "r" / "iteration-1" / "full" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "r" / "iteration-1" / "full" / "checkpoint-2" / "sft.safetensors").exists()
+    assert (tmp_path / "r" / "iteration-1" / "sparse" / "checkpoint-2" / "sft.safetensors").is_file()
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])

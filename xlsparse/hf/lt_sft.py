@@ -774,9 +774,11 @@ class LotteryTicketSparseFineTuner(Trainer):
         """The Trainer's save_model (the model as it is now, converted layers included), plus the
         SFT as `sft.safetensors` (`SparseDiff.save`): after a sparse phase (and after `train()`),
         the trained deltas themselves, `self.sft`; folding them into a bfloat16 model rounds them,
-        so θ − θ0 would lose the small ones. During training, the SFT as the model holds it."""
+        so θ − θ0 would lose the small ones. During a sparse phase, the SFT as the model holds it.
+        A full phase's checkpoints hold no SFT: the model has moved everywhere, and θ − θ0 on an
+        earlier round's masks would not be one."""
         super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save and self._masks:
+        if self.args.should_save and self._masks and self._phase == "sparse":
             folder = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(folder, exist_ok=True)
             sft = self._sft_at_end if self._sft_at_end is not None and not self._converted else self.current_sft()
