@@ -64,7 +64,7 @@ from ..diff import SparseDelta, SparseDiff, apply, index_dtype
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
-from ..optim import MaskedAdamW
+from ..optim import MaskedAdamW, _bool_mask, _is_dtensor, _local, _shard_of
 
 SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
@@ -680,12 +680,10 @@ class LotteryTicketSparseFineTuner(Trainer):
         for name, p in self._trainable().items():
             if name in self._converted or name not in self.maskable or p.grad is None:
                 continue
-            grad = p.grad.view(-1)
-            idx = self._masks.get(name)
-            kept = grad[idx.long()] if idx is not None else None
-            grad.zero_()
-            if kept is not None:
-                grad[idx.long()] = kept
+            idx = self._masks.get(name, _no_entries(p))
+            # FSDP2: the gradient is a DTensor; its local shard takes its own part of the mask
+            keep = _shard_of(p, idx) if _is_dtensor(p) else _bool_mask(idx, p.shape)
+            _local(p.grad).masked_fill_(~keep, 0)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, dict) else None
