@@ -154,6 +154,33 @@ def test_lambda_sweep_finds_the_best_and_restores_the_model():
                                            progress=False)
     assert best == 0.5 and set(scores) == {-1.0, 0.0, 0.5, 2.0}
     assert torch.equal(target, before)
+    # a NaN score is never picked: max/min with a NaN first returned it
+    canned = iter([float("nan"), 1.0, 3.0])
+    sweep = arithmetic.lambda_sweep(model, lambda lam: phi, [0.0, 0.5, 1.0], evaluate=lambda m: next(canned),
+                                    higher_is_better=False, progress=False)
+    assert sweep.best == 0.5
+    with pytest.raises(ValueError, match="no λ gave a finite score"):
+        arithmetic.lambda_sweep(model, lambda lam: phi, [0.0], evaluate=lambda m: float("nan"), progress=False)
+
+
+def test_the_papers_interpolation_of_two_language_vectors():
+    # Klimaszewski et al. 2024 / mklimasz/language-arithmetic: θ0 + λ·φ_target + (1 − λ)·φ_related
+    from xlsparse.demos.arithmetic import interpolated
+
+    model = tiny("bert")
+    named = dict(model.named_parameters())
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    g = torch.Generator().manual_seed(3)
+    target, related, task = (SparseDiff({n: SparseDelta.from_dense(torch.randn(named[n].shape, generator=g), k=30)
+                                         for n in names}) for _ in range(3))
+    for lam in (0.0, 0.25, 1.0):
+        expect = {n: named[n].detach().double().clone() for n in names}
+        for diff, w in ((target, lam), (related, 1 - lam), (task, 1.0)):
+            for n, d in diff.deltas.items():
+                expect[n].view(-1)[d.indices.long()] += w * d.values.double()
+        with interpolated(target, related, task, lam).applied(model):
+            for n in names:
+                torch.testing.assert_close(named[n].detach().double(), expect[n], rtol=0, atol=1e-6)
 
 
 def test_lambda_sweep_on_a_heldout_set_returns_the_table():

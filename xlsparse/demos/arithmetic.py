@@ -1,12 +1,14 @@
 """Language arithmetic (Klimaszewski et al. 2024): a low-data target language's own SFT vs
-φ_target + λ·φ_related, the related language picked by URIEL and λ swept on the target's dev set.
+λ·φ_target + (1 − λ)·φ_related, the related language picked by URIEL and λ swept on the target's
+dev set.
 
 On the pretrained encoder (bundled multilingual-e5-small by default), LT-SFT language SFTs by
 masked LM: plenty of text for English and the candidate related languages, little for each
 target. A task SFT is trained on English (θ0 + φ_en), as in the LT-SFT demo. Zero-shot on the
 target: θ0 + φ_target + φ_task (the naive way: its own SFT) against
-θ0 + (φ_target + λ·φ_related) + φ_task, λ chosen on the target's dev messages from a fixed grid
-that includes 0 (so the sweep may keep the naive way), reported on the test messages.
+θ0 + (λ·φ_target + (1 − λ)·φ_related) + φ_task, the paper's interpolation, λ chosen on the
+target's dev messages from a fixed grid that includes 1 (so the sweep may keep the naive way),
+reported on the test messages.
 """
 import os
 import time
@@ -49,11 +51,18 @@ def related_language(target: str, pool) -> tuple[str, float]:
 
 def sweep_and_compose(model, phi_target, phi_related, phi_task, lambdas, dev_score):
     """The method-specific calls, kept in one place: λ swept on dev over
-    combine([φ_target, φ_related, φ_task], [1, λ, 1]); returns (best λ, {λ: dev score})."""
-    from ..hf.arithmetic import combine, lambda_sweep
+    combine([φ_target, φ_related, φ_task], [λ, 1 − λ, 1]); returns (best λ, {λ: dev score})."""
+    from ..hf.arithmetic import lambda_sweep
 
-    return lambda_sweep(model, lambda lam: combine([phi_target, phi_related, phi_task], [1.0, lam, 1.0]),
-                        list(lambdas), dev_score)
+    return lambda_sweep(model, lambda lam: interpolated(phi_target, phi_related, phi_task, lam), list(lambdas),
+                        dev_score)
+
+
+def interpolated(phi_target, phi_related, phi_task, lam: float):
+    """The paper's language vector λ·φ_target + (1 − λ)·φ_related, plus the task SFT."""
+    from ..hf.arithmetic import combine
+
+    return combine([phi_target, phi_related, phi_task], [lam, 1.0 - lam, 1.0])
 
 
 def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "demo-out", seeds: int | None = None) -> dict:
@@ -90,9 +99,9 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
             best, _ = sweep_and_compose(model, phi_t, phi_r, phi_task, s.lambdas,
                                         lambda m, t=t: task.accuracy(m, tokenizer, data.dev[t]))
             picked[t].append(best)
-            with combine([phi_t, phi_r, phi_task], [1.0, best, 1.0]).applied(model):
+            with interpolated(phi_t, phi_r, phi_task, best).applied(model):
                 acc["arithmetic"][t].append(task.accuracy(model, tokenizer, data.test[t]))
-        print(f"seed {seed}: " + ", ".join(f"{t}: own {acc['own'][t][-1]:.3f}, +λ·{related[t][0]} "
+        print(f"seed {seed}: " + ", ".join(f"{t}: own {acc['own'][t][-1]:.3f}, with {related[t][0]} "
                                            f"{acc['arithmetic'][t][-1]:.3f} (λ={picked[t][-1]})" for t in s.targets),
               flush=True)
     for kind in acc.values():
@@ -100,7 +109,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
             task.check_finite(METHOD, values)
     task.restore(model, theta0)
 
-    header = ["target", "related (URIEL distance)", "own SFT", "own + λ·related", "λ chosen on dev", "gain"]
+    header = ["target", "related (URIEL distance)", "own SFT", "λ·own + (1 − λ)·related", "λ chosen on dev", "gain"]
     rows = [[t, f"{related[t][0]} ({related[t][1]:.3f})", task.fmt(acc["own"][t]), task.fmt(acc["arithmetic"][t]),
              ", ".join(str(x) for x in picked[t]), task.fmt([a - o for a, o in zip(acc["arithmetic"][t], acc["own"][t])])]
             for t in s.targets]
@@ -111,12 +120,12 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
                f"{s.lang_lines}; λ grid {list(s.lambdas)} chosen on {len(data.dev[task.SOURCE])} dev messages. "
                f"Model {model_name}; total {elapsed:.0f} s.")
     sizes_table = task.markdown_table(["SFT", "entries", "K requested"], [[k, f"{n:,}", f"{r:,}"] for k, (n, r) in sizes.items()])
-    text = (f"### Language arithmetic: own SFT vs own + λ·related\n\n{summary}\n\n"
+    text = (f"### Language arithmetic: own SFT vs λ·own + (1 − λ)·related\n\n{summary}\n\n"
             f"{task.markdown_table(header, rows)}\n\n{sizes_table}\n")
     print("\n" + text)
     plot = task.bar_chart(os.path.join(out, f"{METHOD}.png"), "Language arithmetic for low-data targets", s.targets,
                           {"own SFT": [acc["own"][t] for t in s.targets],
-                           "own + λ·related (λ on dev)": [acc["arithmetic"][t] for t in s.targets]},
+                           "λ·own + (1 − λ)·related (λ on dev)": [acc["arithmetic"][t] for t in s.targets]},
                           "accuracy", chance=1 / len(task.DOMAINS))
     results = {"method": METHOD, "model": model_name, "quick": quick, "seeds": s.seeds, "density": s.density, "targets": s.targets,
                "related": related, "accuracy": acc, "lambda": picked,

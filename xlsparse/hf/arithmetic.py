@@ -2,8 +2,9 @@
 TIES-merging and DARE over sparse diffs, and a λ sweep on a held-out set.
 
 What follows the paper and its code (mklimasz/language-arithmetic): a new model is
-θ0 + Σ_i w_i φ_i over language (or task) vectors φ_i, with the weight λ picked by a sweep on a
-dev set; TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024) are the merges the authors
+θ0 + Σ_i w_i φ_i over language (or task) vectors φ_i; two languages are interpolated,
+θ0 + λ·φ_target + (1 − λ)·φ_related (their `w1*a1 + w2*a2` with w1 + w2 = 1; λ = 1 is the target's
+own vector alone), with λ picked by a sweep on a dev set; TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024) are the merges the authors
 compare against, and their math is PEFT's `ties` / `dare_linear` utilities:
   - TIES: trim each φ_i to the top `density` of its entries by magnitude (global over the diff),
     elect per entry the sign of the summed trimmed values (+ where the sum is 0), and take the
@@ -15,6 +16,7 @@ densified; "its own nonzeros" means TIES keeps round(density · nnz) entries of 
 PEFT keeps density · numel of each dense tensor; and an explicit rule for absolute entries
 (classifier heads), which replace a parameter and have no weighted sum (see `combine`).
 """
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -215,7 +217,8 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     Give `evaluate(model) -> float`, or `heldout` batches, scored by `heldout_loss` (then lower
     is better, whatever `higher_is_better` says). Each diff is applied with one fused call and
     reverted bit-exactly before the next, so the model leaves the sweep exactly as it came.
-    Typical use: `make_diff = lambda l: combine([phi_a, phi_b], [1.0, l])`.
+    A λ whose score is not finite is never picked (an error when no score is). The paper's use:
+    `make_diff = lambda l: combine([phi_target, phi_related], [l, 1 - l])`, λ in [0, 1].
     """
     if not lambdas:
         raise ValueError("lambda_sweep: no λ given")
@@ -227,5 +230,8 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     for lam in _progress(list(lambdas), "λ sweep", progress):
         with make_diff(lam).applied(model):
             scores[lam] = float(evaluate(model))
+    finite = {lam: v for lam, v in scores.items() if math.isfinite(v)}
+    if not finite:  # max/min with a NaN first would have returned it
+        raise ValueError(f"lambda_sweep: no λ gave a finite score: {scores}")
     pick = max if higher_is_better else min
-    return LambdaSweep(pick(scores, key=scores.get), scores, higher_is_better)
+    return LambdaSweep(pick(finite, key=finite.get), scores, higher_is_better)
