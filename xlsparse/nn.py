@@ -435,9 +435,9 @@ class ExpertEmbedding(nn.Module):
     """An input embedding with one delta per expert, routed per token by the active
     `xlsparse.hf.route` ids (−1: the base only; no routing: the base only in eval mode, an error
     in training mode). Each delta is a dense [V, H] tensor, a SparseDelta of the weight, or None
-    (the input embedding of `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row of its expert's delta:
-    sparse deltas are read through row pointers, never densified. A base module that
-    scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
+    (the input embedding of `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row
+    of its expert's delta: sparse deltas are read through row pointers, never densified. A base
+    module that scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
     token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight."""
 
     def __init__(self, embedding: nn.Embedding, deltas: Sequence):

@@ -3,9 +3,9 @@ TIES-merging and DARE over sparse diffs, and a λ sweep on a held-out set.
 
 What follows the paper and its code (mklimasz/language-arithmetic): a new model is
 θ0 + Σ_i w_i φ_i over language (or task) vectors φ_i; two languages are interpolated,
-θ0 + λ·φ_target + (1 − λ)·φ_related (their `w1*a1 + w2*a2` with w1 + w2 = 1; λ = 1 is the target's
-own vector alone), with λ picked by a sweep on a dev set; TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024) are the merges the authors
-compare against, and their math is PEFT's `ties` / `dare_linear` utilities:
+θ0 + λ·φ_target + (1 − λ)·φ_related (their `w1*a1 + w2*a2` with w1 + w2 = 1; λ = 1 is the
+target's own vector alone), with λ picked by a sweep on a dev set; TIES-merging (Yadav et al.
+2023) and DARE (Yu et al. 2024) are the merges the authors compare against, and their math is PEFT's `ties` / `dare_linear` utilities:
   - TIES: trim each φ_i to the top `density` of its entries by magnitude (global over the diff),
     elect per entry the sign of the summed trimmed values (+ where the sum is 0), and take the
     disjoint mean Σ_i [sign agrees] w_i φ_i / #agreeing;

@@ -566,8 +566,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                 continue
             idx, values, src = _drop_and_regrow(first.delta_indices, first.delta_values, grads[name], n)
             param = first.delta_values
-            for _, _, layer in layers:  # a tied decoder shares the values: set its indices too
-                layer.set_support(idx, values)
+            self._set_support(name, idx, values)
             state = optimizer.state.get(param, {})
             fresh = src < 0
             for key, t in list(state.items()):
@@ -580,9 +579,17 @@ class LotteryTicketSparseFineTuner(Trainer):
                     moved = t[src.clamp(min=0)].clone()
                     moved[fresh] = 0
                     state[key] = moved
-            if param in self._anchors:
-                self._anchors[param] = self._theta0[name].reshape(-1)[idx.long()].clone()
-            self._masks[name] = idx
+
+    def _set_support(self, name: str, idx: torch.Tensor, values: torch.Tensor) -> None:
+        """Give converted tensor `name` the support `idx` with delta `values`: its layers (a tied
+        decoder shares the values, so its indices are set too), its weight-decay anchors and its mask."""
+        layers = self._converted[name]
+        for _, _, layer in layers:
+            layer.set_support(idx, values)
+        param = layers[0][2].delta_values
+        if param in self._anchors:
+            self._anchors[param] = self._theta0[name].reshape(-1)[idx.long()].clone()
+        self._masks[name] = idx
 
     def _delta_values(self) -> dict[str, torch.nn.Parameter]:
         """{canonical name: delta_values} of the converted parameters."""
@@ -810,18 +817,12 @@ class LotteryTicketSparseFineTuner(Trainer):
         with torch.no_grad():
             for name, p in self._trainable().items():
                 if name in self._converted:
-                    layers = self._converted[name]
-                    first = layers[0][2]
+                    first = self._converted[name][0][2]
                     if name in deltas:
                         idx, values = deltas[name].indices, deltas[name].values
                     else:  # no entry of this tensor was selected: the SFT does not name it
                         idx, values = first.delta_indices[:0], first.delta_values.detach()[:0]
-                    idx, values = idx.to(first.delta_indices), values.to(first.delta_values)
-                    for _, _, layer in layers:  # a tied decoder shares the values: set its indices too
-                        layer.set_support(idx, values)
-                    if first.delta_values in self._anchors:
-                        self._anchors[first.delta_values] = self._theta0[name].reshape(-1)[idx.long()].clone()
-                    self._masks[name] = idx
+                    self._set_support(name, idx.to(first.delta_indices), values.to(first.delta_values))
                     continue
                 key = next((a for a in _aliases(self.model, p) if a in weights), None)
                 if key is None:
