@@ -54,6 +54,19 @@ def _batch(cfg, shape, device):
     return {"input_ids": ids, "labels": ids}
 
 
+def _step_flops(cfg, shape, k_linear: int) -> int:
+    """The flops the delta way must compute in one step: the forward and dX GEMMs of every linear
+    layer (the V-word output layer included), the attention products forward (QKᵀ, PV) and
+    backward (twice as many), and 2·T·K for the SDDMMs of the converted matrices' K entries. The
+    dense-masked way adds a dense dW GEMM per matrix; embeddings, norms and softmaxes are left
+    out (memory-bound, under 1% of the flops at XLM-R-base size)."""
+    batch, seq = shape
+    tokens, h, f = batch * seq, cfg.hidden_size, cfg.intermediate_size
+    linear = cfg.num_hidden_layers * (4 * h * h + 2 * h * f) + h * h + cfg.vocab_size * h
+    attention = cfg.num_hidden_layers * 2 * (2 * batch * seq * seq * h)
+    return 2 * (2 * tokens * linear) + 3 * attention + 2 * tokens * k_linear
+
+
 def _random_masks(named: dict, density: float) -> dict:
     """Sorted random flat indices at `density` for every body parameter (the maskable ones)."""
     g = torch.Generator().manual_seed(2)
@@ -142,7 +155,11 @@ def cases(quick: bool = False, device: str = "cpu"):
     for density in DENSITIES:
         live.clear()
         live["delta"], delta_bytes = _delta(cfg, shape, density, device)
-        k = sum(round(density * p.numel()) for n, p in _model(cfg, "meta").named_parameters() if n.startswith("roberta."))
+        body = {n: p for n, p in _model(cfg, "meta").named_parameters() if n.startswith("roberta.")}
+        k = sum(round(density * p.numel()) for p in body.values())
+        # SDDMM entries: the body's linear weights and the word embeddings, which the tied decoder reads
+        k_linear = sum(round(density * p.numel()) for n, p in body.items() if p.dim() == 2 and "position" not in n
+                       and "token_type" not in n)
         for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
                             ("dense grads + compact MaskedAdamW", _compact_only)):
             live.pop("base", None)  # the previous row's baseline model goes before the next is built
@@ -156,7 +173,7 @@ def cases(quick: bool = False, device: str = "cpu"):
             yield Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
                        f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"](),
                        baseline=lambda: live["base"](), baseline_name=name, density=density, backend="delta layers",
-                       note=note, targets=targets, pairs=3)  # a step takes about 30 s at full size
+                       flops=_step_flops(cfg, shape, k_linear), note=note, targets=targets, pairs=3)  # a step takes about 30 s at full size
     live.clear()
 
 
