@@ -110,10 +110,12 @@ class SparseDelta:
 
     @property
     def nnz(self) -> int:
+        """Number of stored entries (K)."""
         return self.indices.numel()
 
     @property
     def numel(self) -> int:
+        """Number of entries of the dense tensor this delta belongs to."""
         return math.prod(self.shape)
 
     @property
@@ -123,10 +125,12 @@ class SparseDelta:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the values."""
         return self.values.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the values (and indices)."""
         return self.values.device
 
     def to_dense(self) -> torch.Tensor:

@@ -84,6 +84,7 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
 
     @property
     def shape(self) -> torch.Size:
+        """The shape of the base weight [out_features, in_features]."""
         return self.weight.shape
 
     @property
@@ -222,6 +223,7 @@ class MultiDeltaLinear(nn.Module):
 
     @property
     def delta_indices(self) -> list[torch.Tensor]:
+        """Each delta's flat indices, in the order of `names`."""
         return [getattr(self, f"delta_indices_{i}") for i in range(len(self.names))]
 
     def forward(self, x: torch.Tensor, route=None, gates=None) -> torch.Tensor:
@@ -467,6 +469,7 @@ class ExpertEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The shared base embedding matrix (what a tied output layer reads)."""
         return self.base.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

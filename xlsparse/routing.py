@@ -96,6 +96,7 @@ class Routing:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def tokens(self, lead_shape) -> TokenGroups:
+        """The token groups for a layer input with leading dims `lead_shape` (cached per shape)."""
         key = tuple(lead_shape)
         if torch.compiler.is_compiling():  # no Python state in a graph; the grouping is a few cheap ops
             return TokenGroups.build(expand_ids(self.ids, key), self.num_ids)

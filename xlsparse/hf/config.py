@@ -34,6 +34,7 @@ class XlsparseConfig:
             raise ValueError(f"XlsparseConfig: kind must be one of {KINDS}, got {self.kind!r}")
 
     def save(self, directory: str) -> str:
+        """Write this config as JSON into `directory`; returns the file's path."""
         path = os.path.join(directory, CONFIG_NAME)
         with open(path, "w") as f:
             json.dump(asdict(self), f, indent=2, sort_keys=True)
@@ -42,6 +43,7 @@ class XlsparseConfig:
 
     @classmethod
     def load(cls, directory: str) -> "XlsparseConfig":
+        """Read the config that `save` wrote into `directory`."""
         path = os.path.join(directory, CONFIG_NAME)
         try:
             with open(path) as f:

@@ -275,11 +275,13 @@ class LanguageReport:
 
     @property
     def change(self) -> dict[str, float]:
+        """Per language, after − before, signed so that a positive change is an improvement."""
         sign = 1.0 if self.higher_is_better else -1.0
         return {lang: sign * (self.after[lang] - self.before[lang]) for lang in self.before}
 
     @property
     def improved(self) -> int:
+        """Number of languages whose metric improved."""
         return sum(c > 0 for c in self.change.values())
 
     @property
@@ -289,10 +291,12 @@ class LanguageReport:
 
     @property
     def worsened(self) -> int:
+        """Number of languages whose metric got worse."""
         return sum(c < 0 for c in self.change.values())
 
     @property
     def mean_change(self) -> float:
+        """Mean of `change` over the languages (positive: better on average)."""
         return sum(self.change.values()) / max(len(self.change), 1)
 
     @property

@@ -893,6 +893,8 @@ class KeepUpdatesHandle:
                     self._watch.append((p, None, p.detach().clone()))
 
     def revert(self) -> None:
+        """Subtract the diff from the entries that trained while it was applied (their updates
+        stay) and restore every other entry it changed bit-exactly."""
         with torch.no_grad():
             changes = [(p, pos, (p.detach().reshape(-1)[pos] if pos is not None else p.detach()) - after)
                        for p, pos, after in self._watch]

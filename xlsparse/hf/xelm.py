@@ -157,6 +157,7 @@ class ExpertEnsemble(nn.Module):
 
     @property
     def names(self) -> list[str]:
+        """The experts' names, in the order of their ids."""
         return list(self.experts)
 
     def add_expert(self, name: str, diff: SparseDiff, prior: float | None = None) -> None:
