@@ -351,6 +351,17 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
 
 // --- expert-ensemble mixing; every kernel runs one token per task ---
 
+// Σ_v d[v] z[v] with 0 · (±inf) = 0 (times_nonzero): the vector dot, redone a term at a time
+// only when it came out NaN, which a class an expert bans (z = −inf where d = 0) causes.
+template <typename acc>
+acc grad_dot(const RowKernels<acc>& rk, const acc* d, const acc* z, int64_t n) {
+  const acc fast = rk.dot(d, z, n);
+  if (!std::isnan(fast)) return fast;
+  acc sum = 0;
+  for (int64_t v = 0; v < n; ++v) sum += times_nonzero(d[v], z[v]);
+  return sum;
+}
+
 // Per-task scratch: the E logit rows of a token as acc, plus `extra` more rows of V.
 template <typename scalar_t, typename acc>
 struct TokenRows {
@@ -466,7 +477,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
             std::fill(tmp, tmp + V, acc(0));
             rk.axpy(tmp, w, d, V);
             store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(w * rk.dot(d, rows.z[e], V));
+            dw[t * E + e] = static_cast<scalar_t>(w * grad_dot(rk, d, rows.z[e], V));
           }
         }
       }
@@ -566,7 +577,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
             std::fill(tmp, tmp + V, acc(0));
             rk.axpy(tmp, w, d, V);
             store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(w * rk.dot(d, rows.z[e], V));
+            dw[t * E + e] = static_cast<scalar_t>(w * grad_dot(rk, d, rows.z[e], V));
           }
         }
       }

@@ -293,7 +293,7 @@ __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const s
       acc dot = 0;
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         const acc d = static_cast<acc>(gr[v]) - exp(static_cast<acc>(orow[v])) * G;  // gradient of the mixed logits
-        dot += d * static_cast<acc>(zr[v]);
+        dot += times_nonzero(d, static_cast<acc>(zr[v]));
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(w * d);
       }
       dot = block_reduce<acc, false>(dot, shared);
@@ -365,7 +365,7 @@ __global__ void nll_backward_kernel(const scalar_t* __restrict__ g, const scalar
       acc dot = 0;
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
         const acc d = gt * (exp(mixed(z, coef, E, T, V, t, v) - l) - (v == target ? 1 : 0));  // d nll / d zbar
-        dot += d * static_cast<acc>(zr[v]);
+        dot += times_nonzero(d, static_cast<acc>(zr[v]));
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(coef[e] * d);
       }
       dot = block_reduce<acc, false>(dot, shared);

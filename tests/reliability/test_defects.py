@@ -79,6 +79,42 @@ def test_ensemble_prob_space_banned_class_is_minus_inf_with_finite_grads(backend
     torch.testing.assert_close(out.detach()[:, [0, 1, 3, 4, 5]], mix.detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", cpu_backends("ensemble_logprobs"))
+@pytest.mark.parametrize("nll", [False, True], ids=["logprobs", "nll"])
+def test_ensemble_logit_space_expert_banning_a_class_gives_finite_weight_grads(backend, nll, use_backend):
+    """One expert gives class 2 a logit of −inf, so the mixed logit is −inf and its probability 0.
+    A loss that never touches class 2 then has the gradients of the mixture of the other classes:
+    0 · (−inf) must count 0 in d log_weights, not NaN."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 4, 6, generator=g)
+    z[1, :, 2] = -INF
+    lw = torch.log_softmax(torch.randn(4, 3, generator=g), -1)
+    y = torch.tensor([0, 5, 1, 3])  # never class 2
+    gy = torch.randn(4, 6, generator=g)
+    gy[:, 2] = 0.0
+    keep = [0, 1, 3, 4, 5]
+
+    def loss(z, lw, ours):
+        if ours:
+            if nll:
+                return functional.ensemble_nll(z, lw, y, "logit").sum()
+            return (functional.ensemble_logprobs(z, lw, "logit").masked_fill(gy == 0, 0) * gy).sum()
+        out = torch.log_softmax((lw.T.exp()[:, :, None] * z).sum(0), -1)  # the finite classes' mixture
+        if nll:
+            return -out.gather(1, torch.tensor([0, 4, 1, 2])[:, None]).sum()  # y in the kept columns
+        return (out * gy[:, keep].double()).sum()
+
+    z1, lw1 = z.clone().requires_grad_(True), lw.clone().requires_grad_(True)
+    loss(z1, lw1, True).backward()
+    z2, lw2 = z[:, :, keep].double().requires_grad_(True), lw.double().requires_grad_(True)
+    loss(z2, lw2, False).backward()
+    assert torch.isfinite(lw1.grad).all() and torch.isfinite(z1.grad).all()
+    torch.testing.assert_close(lw1.grad.double(), lw2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z1.grad[:, :, keep].double(), z2.grad, atol=1e-5, rtol=1e-5)
+    assert (z1.grad[:, :, 2] == 0).all()
+
+
 @pytest.mark.parametrize("backend", cpu_backends("ensemble_nll_backward"))
 def test_ensemble_backward_refuses_saved_tensors_that_do_not_fit(backend, use_backend):
     use_backend(backend)

@@ -36,6 +36,12 @@ XLS_HD T out_for_posterior(T out) { return out == -INFINITY ? T(INFINITY) : out;
 template <typename T>
 XLS_HD T nll_for_posterior(T nll) { return nll == INFINITY ? T(-INFINITY) : nll; }
 
+// d · z with 0 · (±inf) = 0: a class that an expert bans (z = −inf, so the mixed logit is −inf
+// too) adds nothing to the gradient of its log-weight where the mixed logits' gradient d is 0,
+// as in the reference (`_times`).
+template <typename T>
+XLS_HD T times_nonzero(T d, T z) { return d == T(0) ? T(0) : d * z; }
+
 // The dtype acc_t<T> of a tensor dtype: double stays double, the rest accumulate in float.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
