@@ -115,6 +115,27 @@ def test_ensemble_logit_space_expert_banning_a_class_gives_finite_weight_grads(b
     assert (z1.grad[:, :, 2] == 0).all()
 
 
+@pytest.mark.parametrize("backend", cpu_backends("ensemble_nll"))
+def test_ensemble_prob_space_nll_with_an_expert_banning_another_class(backend, use_backend):
+    """An expert's −inf logit at a class that is not the target leaves every gradient finite and
+    equal to float64 autograd of the mixture (the reference once took z · onehot: 0 · (−inf))."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(4)
+    z = torch.randn(3, 4, 6, generator=g)
+    z[1, :, 2] = -INF
+    lw = torch.log_softmax(torch.randn(4, 3, generator=g), -1)
+    y = torch.tensor([0, 5, 1, 3])
+    gy = torch.randn(4, generator=g)
+    z1, lw1 = z.clone().requires_grad_(True), lw.clone().requires_grad_(True)
+    (functional.ensemble_nll(z1, lw1, y, "prob") * gy).sum().backward()
+    z2, lw2 = z.double().requires_grad_(True), lw.double().requires_grad_(True)
+    mix = torch.logsumexp(lw2.T[:, :, None] + torch.log_softmax(z2, -1), 0)
+    (-mix.gather(1, y[:, None])[:, 0] * gy.double()).sum().backward()
+    assert torch.isfinite(z1.grad).all() and torch.isfinite(lw1.grad).all()
+    torch.testing.assert_close(lw1.grad.double(), lw2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z1.grad.double(), z2.grad, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", cpu_backends("ensemble_nll_backward"))
 def test_ensemble_backward_refuses_saved_tensors_that_do_not_fit(backend, use_backend):
     use_backend(backend)

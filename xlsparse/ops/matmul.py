@@ -132,7 +132,7 @@ def ensemble_nll_backward_reference(grad, logits, log_weights, targets, nll, lse
     g, z, lw, n = grad.to(acc), logits.to(acc), log_weights.to(acc), nll.to(acc)
     onehot = F.one_hot(targets, z.shape[2]).to(acc)  # [T, V]
     if prob_space:
-        zy = (z * onehot[None]).sum(-1)
+        zy = z.gather(2, targets.expand(z.shape[0], -1)[:, :, None])[:, :, 0]  # not z · onehot: 0 · (−inf) is NaN
         n = n.masked_fill(n == float("inf"), float("-inf"))  # a target every expert bans: posterior 0
         post = (lw.T + zy - lse + n).exp()  # [E, T]
         dz = (g * post)[:, :, None] * ((z - lse[:, :, None]).exp() - onehot[None])
