@@ -589,6 +589,30 @@ def test_adamw_op_matches_float64_reference(backend, dtype, n, kind, density, ow
     assert_bit_identical(step, ref_step, "step counts")
 
 
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("beta2", [0.999, 0.9999])
+def test_adamw_op_first_step_with_betas_near_one(backend, beta2, use_backend):
+    """A first step from zero state (LT-SFT's new entries) with torch's default β2 and a larger
+    one: 1 − β must be formed in float64, as torch does; 1 − fp32(0.999) is 1.3e-5 off."""
+    use_backend(backend)
+    n = 4097
+    gen = seeded(7)
+    p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=beta2, eps=1e-8, weight_decay=0.01, l1_to_init=0.0, amsgrad=False)
+    fresh = lambda dtype: [torch.zeros(n, dtype=dtype) for _ in range(3)]  # noqa: E731
+    lists = lambda state: [[t] for t in state]  # noqa: E731  (one list per state tensor)
+    ref, ref_state = p.double(), fresh(torch.float64)
+    ops.masked_adamw_reference([ref], [g.double()], [None], *lists(ref_state), [torch.tensor(0.0)], [None],
+                               *hyper.values())
+    plain, plain_state = p.clone(), fresh(torch.float32)
+    ops.masked_adamw_reference([plain], [g], [None], *lists(plain_state), [torch.tensor(0.0)], [None], *hyper.values())
+    state = fresh(torch.float32)
+    ops.masked_adamw_([p], [g], [None], *lists(state), [torch.tensor(0.0)], [None], **hyper)
+    assert_matches_reference(p, ref, plain, f"param {backend}")
+    for name, out, r, pl in zip(("exp_avg", "exp_avg_sq"), state, ref_state, plain_state):
+        assert_matches_reference(out, r, pl, f"{name} {backend} beta2={beta2}")
+
+
 @pytest.mark.parametrize("backend", SGD_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 @pytest.mark.parametrize("kind", ["all", "mask", "indices"])

@@ -49,13 +49,14 @@ def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr
     offs, pos, live = _selected(sel_ptr, found_inf_ptr, n, BLOCK, SEL, HAS_INF)
     # hyper-parameters travel as float64 so that float64 params are not stepped with fp32-rounded ones
     lr = tl.load(hp_ptr + 0).to(ACC)
-    beta1 = tl.load(hp_ptr + 1).to(ACC)
     beta2 = tl.load(hp_ptr + 2).to(ACC)
     eps = tl.load(hp_ptr + 3).to(ACC)
     decay = tl.load(hp_ptr + 4).to(ACC)
     l1 = tl.load(hp_ptr + 5).to(ACC)
     log_beta1 = tl.load(hp_ptr + 6).to(ACC)
     log_beta2 = tl.load(hp_ptr + 7).to(ACC)
+    one_minus_beta1 = tl.load(hp_ptr + 8).to(ACC)  # 1 − β from float64: 1 − fp32(0.999) is 1.3e-5 off
+    one_minus_beta2 = tl.load(hp_ptr + 9).to(ACC)
     t = _step_count(step_ptr, offs, live, OWN_STEP, ACC)
     step_size = lr / (1 - tl.exp(t * log_beta1))
     bias2_sqrt = tl.sqrt(1 - tl.exp(t * log_beta2))
@@ -70,8 +71,8 @@ def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr
         diff = p - tl.load(init_ptr + offs, mask=live, other=0.0).to(ACC)
         g = g + l1 * ((diff > 0).to(ACC) - (diff < 0).to(ACC))
     p = p * decay
-    m = m + (1 - beta1) * (g - m)
-    v = v * beta2 + (1 - beta2) * g * g
+    m = m + one_minus_beta1 * (g - m)
+    v = v * beta2 + one_minus_beta2 * g * g
     second = v
     if AMSGRAD:
         vmax = tl.load(vmax_ptr + offs, mask=live, other=0.0).to(ACC)
@@ -172,7 +173,8 @@ def triton_masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
         return
     device = params[0].device
     hp = torch.tensor([lr, beta1, beta2, eps, 1 - lr * weight_decay, l1_to_init,
-                       math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf],
+                       math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
+                       1 - beta1, 1 - beta2],
                       dtype=torch.float64, device=device)
     for i, p in enumerate(params):
         sel = selectors[i]
