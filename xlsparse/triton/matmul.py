@@ -182,6 +182,9 @@ def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexp
     if PROB:
         for e in range(E):
             tl.store(lse_ptr + e * T + t, _row_lse(z_ptr + (e * T + t) * V, V, BV, ACC))
+        # every thread reads back the scalars just stored: a store and a load of one global address
+        # are not ordered across a program's threads on a GPU without a barrier
+        tl.debug_barrier()
         for v0 in range(0, V, BV):
             v = v0 + tl.arange(0, BV)
             m = tl.full((BV,), float("-inf"), ACC)
