@@ -142,6 +142,41 @@ def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkey
 # --- SpMM ---
 
 
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_spmm_keeps_the_bits_of_unselected_tokens_and_unreached_columns(backend, dtype, transpose, use_backend):
+    """Elements that no selected token and reached column meet keep their bits, −0.0 and NaN
+    included, on every backend (a GPU kernel once added a zero buffer to all of out)."""
+    use_backend(backend)
+    gen = seeded(31)
+    t, o, i = 40, 24, 10
+    x = torch.randn(t, i if not transpose else o, generator=gen).to(dtype)
+    rows = torch.tensor([1, 4, 5, 9])  # the delta's output groups: the other columns are unreached
+    groups = i if transpose else o
+    width = o if transpose else i
+    flat = (rows[:, None] * width + torch.randint(0, width, (1, 3), generator=gen)).reshape(-1).unique()
+    idx = ((flat % width) * groups + flat // width).sort().values if transpose else flat  # [O, I] layout
+    vals = torch.randn(idx.numel(), generator=gen).to(dtype)
+    token_index = torch.randperm(t, generator=gen)
+    bounds = torch.tensor([5, 30])  # tokens token_index[5:30] are selected
+    out = torch.randn(t, groups, generator=gen).to(dtype)
+    out[:, [0, 7]] = -0.0
+    out[:, 8] = float("nan")
+    out[token_index[:5], 4] = -0.0  # a reached column, unselected tokens
+    expect = out.clone()
+    ops.spmm_reference(expect, x, idx, vals, token_index, bounds, None, transpose)
+    got = out.clone()
+    ops.spmm_(got, x, idx, vals, token_index, bounds, None, transpose)
+    selected = torch.zeros(t, dtype=torch.bool)
+    selected[token_index[5:30]] = True
+    reached = torch.zeros(groups, dtype=torch.bool)
+    reached[rows] = True
+    keep = ~(selected[:, None] & reached[None, :])
+    assert_bit_identical(got[keep], out[keep], f"spmm_ {backend} {dtype}: untouched elements")
+    torch.testing.assert_close(got, expect, equal_nan=True, atol=1e-2, rtol=1e-2)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("threads", [1, 3])

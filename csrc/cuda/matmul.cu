@@ -192,7 +192,26 @@ void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, c
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  if (!wide) out.copy_(out.to(at::kFloat).add_(target));
+  if (!wide) {
+    // Added where a selected token meets a column that an entry reaches; every other element keeps
+    // its bits (−0.0, NaN payloads), as on the CPU. Built on the device: no host sync.
+    auto reached = at::zeros({groups}, out.options().dtype(at::kBool));
+    const auto flat = idx.to(at::kLong);
+    reached.index_fill_(0, transpose ? flat.remainder(groups) : flat.div(xcols, "floor"), true);
+    at::Tensor rows = at::ones({x.size(0)}, out.options().dtype(at::kBool));
+    if (token_index.has_value()) {
+      const auto ti = token_index->to(at::kLong);
+      auto live = at::ones({ti.numel()}, out.options().dtype(at::kInt));
+      if (token_bounds.has_value()) {
+        const auto j = at::arange(ti.numel(), ti.options());
+        const auto b = token_bounds->to(ti.device(), at::kLong);
+        live = j.ge(b[0]).logical_and(j.lt(b[1])).to(at::kInt);
+      }
+      rows = at::zeros({x.size(0)}, out.options().dtype(at::kInt)).index_add_(0, ti, live).gt(0);
+    }
+    const auto keep = rows.unsqueeze(1).logical_and(reached.unsqueeze(0));
+    out.copy_(at::where(keep, out.to(at::kFloat).add_(target).to(out.scalar_type()), out));
+  }
 }
 
 // --- expert-ensemble mixing: one block per token ---

@@ -140,7 +140,23 @@ def triton_spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, valu
         target, xc, indices, values, tok, bounds, scale, k, groups, xcols, groups if transpose else xcols,
         x.shape[0], index_len, TRANSPOSE=transpose, BN=bn, BT=bt, ACC=acc_type(x.dtype), **flags)
     if not wide:
-        out.copy_((out.float() + target).to(out.dtype))
+        # Added where a selected token meets a column that an entry reaches; every other element
+        # keeps its bits (−0.0, NaN payloads), as on the CPU. On the device: no host sync.
+        reached = torch.zeros(groups, dtype=torch.bool, device=out.device)
+        reached[indices.long() % groups if transpose else indices.long() // xcols] = True
+        keep = _selected_rows(out.shape[0], token_index, token_bounds, out.device)[:, None] & reached[None, :]
+        out.copy_(torch.where(keep, (out.float() + target).to(out.dtype), out))
+
+
+def _selected_rows(num_tokens: int, token_index, token_bounds, device) -> torch.Tensor:
+    """Bool [T]: the tokens of the selection (token_index[token_bounds[0]:token_bounds[1]])."""
+    if token_index is None:
+        return torch.ones(num_tokens, dtype=torch.bool, device=device)
+    live = torch.ones(token_index.numel(), dtype=torch.int32, device=device)
+    if token_bounds is not None:
+        j = torch.arange(token_index.numel(), device=device)
+        live = ((j >= token_bounds[0]) & (j < token_bounds[1])).int()
+    return torch.zeros(num_tokens, dtype=torch.int32, device=device).index_add_(0, token_index.long(), live) > 0
 
 
 @triton_spmm_.register_fake
