@@ -426,6 +426,36 @@ def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
         assert_bit_identical(p.detach(), before[name], name)
 
 
+def test_apply_calls_the_op_once_per_device_of_a_spread_model(monkeypatch):
+    """A model spread over devices (device_map="auto", offloaded layers) gets one fused call per
+    device: one call with every tensor would hand a GPU kernel pointers into another device's
+    memory. Here the second device is `meta` (no data), the only other one a CPU machine has."""
+    import xlsparse.diff as xdiff
+
+    model = _model(0)
+    model[2].to("meta")
+    diff = SparseDiff({"0.weight": SparseDelta(torch.tensor([0, 5, 40]), torch.ones(3), (9, 17)),
+                       "2.weight": SparseDelta(torch.tensor([1, 2]), torch.ones(2), (3, 9))})
+    calls = []
+    real = xdiff._ops.apply_diffs_
+    monkeypatch.setattr(xdiff._ops, "apply_diffs_", lambda dense, *a: calls.append({t.device.type for t in dense})
+                        or real(dense, *a))
+    before = _params(model)
+    handle = diff.apply(model)
+    assert sorted(c.pop() for c in calls) == ["cpu", "meta"] and not any(calls)
+    want = before["0.weight"].clone()
+    want.view(-1)[[0, 5, 40]] += 1
+    assert torch.equal(model[0].weight.detach(), want)
+    handle.revert()
+    assert_bit_identical(model[0].weight.detach(), before["0.weight"], "0.weight")
+    # the op itself refuses tensors of two devices (the CUDA kernel would fault)
+    dense = [model[0].weight.detach(), model[2].weight.detach()]
+    with pytest.raises(ValueError, match="one device"):
+        apply_diffs_(dense, [torch.tensor([0]), torch.tensor([0], device="meta")],
+                     [torch.ones(1), torch.ones(1, device="meta")], [0, 1], [1.0, 1.0])
+    assert_bit_identical(model[0].weight.detach(), before["0.weight"], "0.weight after the refused call")
+
+
 def test_revert_refuses_a_model_converted_after_apply():
     # model.double() in the block swaps the Parameters' storage: revert restored the old, detached
     # storage, reported success and left the diff in the model.

@@ -8,6 +8,7 @@ names to deltas, plus `dense` differences (added like the sparse ones) and `abso
 replace a parameter outright (composable-sft's "abs", e.g. a newly trained classifier head).
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -204,11 +205,11 @@ class ApplyHandle:
     """What `apply` changed and the values it displaced. `revert()` restores them bit-exactly;
     as a context manager it reverts on exit."""
 
-    def __init__(self, changed, dense, indices, saved, target, originals):
+    def __init__(self, changed, calls, originals):
         # The changed tensors themselves (Parameters), by name, beside the detached views written
         # through: model.half() or .to(...) swaps a Parameter's storage, which revert must notice.
         self._changed = [(name, t, _placement(t)) for name, t in changed]
-        self._dense, self._indices, self._saved, self._target = dense, indices, saved, target
+        self._calls = calls  # the fused apply_diffs_ calls, one per device, with what each displaced
         self._originals = originals  # (tensor, copy before apply) for dense and absolute entries
         self.reverted = False
 
@@ -224,13 +225,13 @@ class ApplyHandle:
                                    f"{placement[1]} on {placement[0]}, now {t.dtype} on {t.device}): the model was "
                                    "converted or moved (model.half(), .to(...)) after apply; nothing was reverted. "
                                    "Revert before converting the model")
-        with _exclusive([*self._dense, *(t for t, _ in self._originals)], "revert"):
+        with _exclusive([*(t for c in self._calls for t in c.dense), *(t for t, _ in self._originals)], "revert"):
             self._restore()
 
     def _restore(self) -> None:
         with torch.no_grad():
-            if self._indices:
-                _ops.restore_diffs_(self._dense, self._indices, self._saved, self._target)
+            for call in self._calls:
+                _ops.restore_diffs_(call.dense, call.indices, call.saved, call.target)
             for tensor, copy in self._originals:
                 tensor.copy_(copy)
         self.reverted = True
@@ -241,6 +242,28 @@ class ApplyHandle:
     def __exit__(self, *exc) -> None:
         if not self.reverted:
             self.revert()
+
+
+@dataclasses.dataclass
+class _FusedCall:
+    """The arguments of one apply_diffs_ call (tensors of one device) and the values it displaced."""
+
+    dense: list = dataclasses.field(default_factory=list)
+    slot: dict = dataclasses.field(default_factory=dict)  # id(param) -> its position in dense
+    indices: list = dataclasses.field(default_factory=list)
+    values: list = dataclasses.field(default_factory=list)
+    target: list = dataclasses.field(default_factory=list)
+    alphas: list = dataclasses.field(default_factory=list)
+    saved: list = dataclasses.field(default_factory=list)
+
+    def add(self, param: torch.Tensor, delta: "SparseDelta", alpha: float) -> None:
+        if id(param) not in self.slot:
+            self.slot[id(param)] = len(self.dense)
+            self.dense.append(param.detach())
+        self.indices.append(delta.indices.to(param.device))
+        self.values.append(delta.values.to(device=param.device, dtype=param.dtype))
+        self.target.append(self.slot[id(param)])
+        self.alphas.append(alpha)
 
 
 def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
@@ -268,7 +291,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     checks.finite("apply", **{f"alphas[{i}]": a for i, a in enumerate(alphas)})
     alphas = [float(a) for a in alphas]
     named = _named_tensors(model)
-    dense, slot, indices, values, target, entry_alpha = [], {}, [], [], [], []
+    calls = {}  # device -> _FusedCall: the op runs on one device, so a model spread over several gets one call each
     touched_whole, claims, changed = {}, {}, {}
     for i, (diff, alpha) in enumerate(zip(diffs, alphas)):
         what = f"apply: diff {i}"
@@ -282,14 +305,8 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             _check_shape(param, delta.shape, what, name)
             if not param.is_contiguous():
                 raise ValueError(f"{what}: {name!r} is not contiguous")
-            if id(param) not in slot:
-                slot[id(param)] = len(dense)
-                dense.append(param.detach())
-                changed.setdefault(id(param), (name, param))
-            indices.append(delta.indices.to(param.device))
-            values.append(delta.values.to(device=param.device, dtype=param.dtype))
-            target.append(slot[id(param)])
-            entry_alpha.append(alpha)
+            calls.setdefault(param.device, _FusedCall()).add(param, delta, alpha)
+            changed.setdefault(id(param), (name, param))
         for name, t in [*diff.dense.items(), *diff.absolute.items()]:
             param = _lookup(named, name, what)
             _check_shape(param, t.shape, what, name)
@@ -297,13 +314,16 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
                 raise TypeError(f"{what}: {name!r} is {param.dtype}; diffs change floating-point tensors only")
             touched_whole.setdefault(id(param), param.detach())
             changed.setdefault(id(param), (name, param))
-    # apply_diffs_ checks every sparse entry before it writes; the dense and absolute entries were
-    # checked above, so a bad entry anywhere leaves the model untouched.
-    with _exclusive([*dense, *touched_whole.values()], "apply"), torch.no_grad():
+    # Each apply_diffs_ call checks its sparse entries before it writes, and a failed call (or a
+    # dense or absolute entry) restores what the calls before it wrote: the model is left untouched.
+    calls = list(calls.values())
+    with _exclusive([*(t for c in calls for t in c.dense), *touched_whole.values()], "apply"), torch.no_grad():
         originals = [(t, t.clone()) for t in touched_whole.values()]
-        saved = _ops.apply_diffs_(dense, indices, values, target, entry_alpha) if indices else []
-        handle = ApplyHandle(changed.values(), dense, indices, saved, target, originals)
+        handle = ApplyHandle(changed.values(), [], originals)
         try:
+            for call in calls:
+                call.saved = _ops.apply_diffs_(call.dense, call.indices, call.values, call.target, call.alphas)
+                handle._calls.append(call)
             for diff, alpha in zip(diffs, alphas):
                 for name, t in diff.dense.items():
                     named[name].detach().add_(t.to(named[name]), alpha=alpha)

@@ -146,6 +146,10 @@ def diff_entries(op: str, dense, idx, values, target, read_data: bool = True) ->
         raise ValueError(f"{op}: indices, values and target must have one entry each, got "
                          f"{len(idx)}, {len(values)}, {len(target)}")
     distinct_outputs(op, {f"dense[{t}]": d for t, d in enumerate(dense)})
+    for t, d in enumerate(dense[1:], 1):
+        if d.device != dense[0].device:
+            raise ValueError(f"{op}: the dense tensors must be on one device, got {dense[0].device} and {d.device} "
+                             f"(dense[{t}]); call once per device, as xlsparse.apply does")
     index_type = {}
     for e, t in enumerate(target):
         if not 0 <= t < len(dense):

@@ -87,6 +87,12 @@ inline void check_diff_entries(const char* op, at::TensorList dense, at::TensorL
   TORCH_CHECK_VALUE(static_cast<int64_t>(values.size()) == n && static_cast<int64_t>(target.size()) == n, op,
                     ": indices, values and target must have one entry each, got ", n, ", ", values.size(), ", ",
                     target.size());
+  // A kernel reads every tensor's pointer on one device (a GPU would fault on another's memory).
+  for (size_t t = 1; t < dense.size(); ++t) {
+    TORCH_CHECK_VALUE(dense[t].device() == dense[0].device(), op, ": the dense tensors must be on one device, got ",
+                      dense[0].device(), " and ", dense[t].device(), " (dense[", t,
+                      "]); call once per device, as xlsparse.apply does");
+  }
   std::vector<at::ScalarType> index_type(dense.size(), at::kByte);
   for (int64_t e = 0; e < n; ++e) {
     const int64_t t = target[e];
