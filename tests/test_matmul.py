@@ -177,6 +177,31 @@ def test_spmm_keeps_the_bits_of_unselected_tokens_and_unreached_columns(backend,
     torch.testing.assert_close(got, expect, equal_nan=True, atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("bounds", [None, (3, 200)], ids=["all tokens", "bounded"])
+def test_triton_spmm_loops_over_token_blocks_past_the_grid_cap(bounds, monkeypatch):
+    """More token blocks than the grid's second axis allows (65535 on CUDA) run whole: each program
+    strides over them. The cap is lowered to 2 here, so that each program loops over several
+    token blocks."""
+    if "triton" not in MM_BACKENDS:
+        pytest.skip("triton not usable here")
+    import xlsparse.triton.matmul as tm
+
+    monkeypatch.setattr(tm, "MAX_GRID_1", 2)
+    gen = seeded(41)
+    t, o, i = 1100, 6, 5  # 1100 tokens: 5 blocks of 256 under the interpreter, 2 programs
+    x = torch.randn(t, i, generator=gen)
+    idx = random_indices(o * i, 9, torch.int64, gen)
+    vals = torch.randn(9, generator=gen)
+    token_index = torch.randperm(t, generator=gen)
+    tb = None if bounds is None else torch.tensor(bounds)
+    out = torch.randn(t, o, generator=gen)
+    expect = out.clone()
+    ops.spmm_reference(expect, x, idx, vals, token_index, tb, None, False)
+    got = out.clone()
+    tm.triton_spmm_(got, x, idx, vals, token_index, tb, None, False)
+    torch.testing.assert_close(got, expect)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("threads", [1, 3])

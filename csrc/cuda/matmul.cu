@@ -154,11 +154,16 @@ __global__ void spmm_kernel(wide_t* __restrict__ target, const scalar_t* __restr
   const acc v = static_cast<acc>(values[n]);
   int64_t begin, end;
   tok.range(begin, end);
-  const int64_t j0 = begin + blockIdx.y * static_cast<int64_t>(kTokensPerThread);
-  for (int64_t j = j0; j < j0 + kTokensPerThread && j < end; ++j) {
-    const int64_t t = tok.at(j);
-    if (t < 0) continue;
-    atomicAdd(target + t * groups + g, static_cast<wide_t>(tok.scale_of(t) * v * static_cast<acc>(x[t * xcols + other])));
+  // Token blocks stride by gridDim.y, which is capped at 65535: a batch of more than 65535 blocks
+  // (about 1M tokens) still runs whole.
+  const int64_t stride = static_cast<int64_t>(gridDim.y) * kTokensPerThread;
+  for (int64_t j0 = begin + blockIdx.y * static_cast<int64_t>(kTokensPerThread); j0 < end; j0 += stride) {
+    for (int64_t j = j0; j < j0 + kTokensPerThread && j < end; ++j) {
+      const int64_t t = tok.at(j);
+      if (t < 0) continue;
+      atomicAdd(target + t * groups + g,
+                static_cast<wide_t>(tok.scale_of(t) * v * static_cast<acc>(x[t * xcols + other])));
+    }
   }
 }
 
@@ -176,7 +181,7 @@ void spmm_cuda(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, c
   const auto xc = x.contiguous(), idx = indices.contiguous(), val = values.contiguous();
   auto stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>((k + kThreads - 1) / kThreads),
-                  static_cast<unsigned>((index_len + kTokensPerThread - 1) / kTokensPerThread));
+                  static_cast<unsigned>(std::min<int64_t>((index_len + kTokensPerThread - 1) / kTokensPerThread, 65535)));
   // The entries' products gather by atomics into a zeroed wide buffer that is added to `out` once,
   // so each output element is rounded once (float64 adds in place).
   const bool wide = out.scalar_type() == at::kDouble;

@@ -57,6 +57,10 @@ def _sddmm_kernel(a_ptr, b_ptr, idx_ptr, out_ptr, tok_ptr, bounds_ptr, scale_ptr
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=live)
 
 
+# CUDA's limit on a grid's second axis: SpMM's token blocks past it loop inside the programs.
+MAX_GRID_1 = 65535
+
+
 @triton.jit
 def _spmm_kernel(out_ptr, x_ptr, idx_ptr, val_ptr, tok_ptr, bounds_ptr, scale_ptr, k, groups, xcols, dcols, num_tokens,
                  index_len, TRANSPOSE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_BOUNDS: tl.constexpr,
@@ -72,18 +76,20 @@ def _spmm_kernel(out_ptr, x_ptr, idx_ptr, val_ptr, tok_ptr, bounds_ptr, scale_pt
         other = flat % dcols
     val = tl.load(val_ptr + offs, mask=live, other=0.0).to(ACC)
     begin, end = _token_range(index_len, num_tokens, bounds_ptr, HAS_INDEX, HAS_BOUNDS)
-    j = begin + tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT)
-    tlive = j < end
-    if HAS_INDEX:
-        t = tl.load(tok_ptr + j, mask=tlive, other=0).to(tl.int64)
-    else:
-        t = j
-    m = tlive[:, None] & live[None, :]
-    xv = tl.load(x_ptr + t[:, None] * xcols + other[None, :], mask=m, other=0.0).to(ACC)
-    contrib = xv * val[None, :]
-    if HAS_SCALE:
-        contrib = contrib * tl.load(scale_ptr + t, mask=tlive, other=0.0).to(ACC)[:, None]
-    tl.atomic_add(out_ptr + t[:, None] * groups + g[None, :], contrib, mask=m)
+    # token blocks stride by the programs on axis 1, which the launch caps at MAX_GRID_1
+    for block in range(tl.program_id(1), tl.cdiv(end - begin, BT), tl.num_programs(1)):
+        j = begin + (block + tl.zeros((), tl.int64)) * BT + tl.arange(0, BT)  # int64 (an int in the interpreter)
+        tlive = j < end
+        if HAS_INDEX:
+            t = tl.load(tok_ptr + j, mask=tlive, other=0).to(tl.int64)
+        else:
+            t = j
+        m = tlive[:, None] & live[None, :]
+        xv = tl.load(x_ptr + t[:, None] * xcols + other[None, :], mask=m, other=0.0).to(ACC)
+        contrib = xv * val[None, :]
+        if HAS_SCALE:
+            contrib = contrib * tl.load(scale_ptr + t, mask=tlive, other=0.0).to(ACC)[:, None]
+        tl.atomic_add(out_ptr + t[:, None] * groups + g[None, :], contrib, mask=m)
 
 
 def _selection(x, token_index, token_bounds, token_scale):
@@ -135,7 +141,7 @@ def triton_spmm_(out: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, valu
     target = out if wide else torch.zeros(out.shape, dtype=torch.float32, device=out.device)
     tok, bounds, scale, flags, index_len = _selection(x, token_index, token_bounds, token_scale)
     bn, bt = (256, 256) if INTERPRET else (64, 32)
-    grid = (triton.cdiv(k, bn), triton.cdiv(index_len, bt))
+    grid = (triton.cdiv(k, bn), min(triton.cdiv(index_len, bt), MAX_GRID_1))
     wrap_triton(_spmm_kernel)[grid](
         target, xc, indices, values, tok, bounds, scale, k, groups, xcols, groups if transpose else xcols,
         x.shape[0], index_len, TRANSPOSE=transpose, BN=bn, BT=bt, ACC=acc_type(x.dtype), **flags)
