@@ -404,7 +404,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
             acc* pe = rows.row(2 + static_cast<int>(e));
             const acc mx = rk.row_max(rows.z[e], V);
             const acc sum_e = rk.exp_store(pe, rows.z[e], mx, V);
-            lp[e * T + t] = mx + std::log(sum_e);
+            lp[e * T + t] = mx == -std::numeric_limits<acc>::infinity() ? mx : mx + std::log(sum_e);  // as row_lse
             rk.axpy(s, std::exp(lwp[t * E + e] - std::log(sum_e)), pe, V);
           }
           rk.vlog(o, s, V);

@@ -226,6 +226,7 @@ __device__ acc row_lse(const scalar_t* z, int64_t V, acc* shared) {
   acc m = -INFINITY;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = max(m, static_cast<acc>(z[v]));
   m = block_reduce<acc, true>(m, shared);
+  if (m == -INFINITY) return m;  // a row that bans every class: −inf as torch.logsumexp, not NaN (same m in every thread)
   acc s = 0;
   for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp(static_cast<acc>(z[v]) - m);
   return m + log(block_reduce<acc, false>(s, shared));

@@ -136,6 +136,22 @@ def test_ensemble_prob_space_nll_with_an_expert_banning_another_class(backend, u
     torch.testing.assert_close(z1.grad.double(), z2.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", cpu_backends("ensemble_logprobs"))
+def test_ensemble_saved_lse_of_an_expert_banning_every_class_is_minus_inf(backend, use_backend):
+    """log Σ exp(−inf) = −inf, as torch.logsumexp (a GPU kernel and the CPU kernel once saved NaN);
+    the other tokens are untouched by that row."""
+    use_backend(backend)
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(2, 3, 5, generator=g)
+    z[1, 0, :] = -INF
+    lw = torch.log_softmax(torch.randn(3, 2, generator=g), -1)
+    out, lse = mops.ensemble_logprobs_op(z, lw, True)
+    assert lse[1, 0] == -INF
+    torch.testing.assert_close(lse, torch.logsumexp(z, -1))
+    ref = torch.logsumexp(lw.T[:, 1:, None] + torch.log_softmax(z[:, 1:], -1), 0)
+    torch.testing.assert_close(out[1:], ref)
+
+
 @pytest.mark.parametrize("backend", cpu_backends("ensemble_nll_backward"))
 def test_ensemble_backward_refuses_saved_tensors_that_do_not_fit(backend, use_backend):
     use_backend(backend)

@@ -184,7 +184,7 @@ def _row_lse(z_ptr, V, BV: tl.constexpr, ACC: tl.constexpr):
         new_m = tl.maximum(m, tl.max(z, 0))
         s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), 0)
         m = new_m
-    return m + tl.log(s)
+    return tl.where(m == float("-inf"), m, m + tl.log(s))  # a row banning every class: −inf, not NaN
 
 
 @triton.jit
