@@ -112,10 +112,12 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
     `l1_to_init * sign(p - init)` added to the gradient); nothing else is read into the result or
     written. AMP: grads are divided by grad_scale, and nothing changes when found_inf != 0.
     All params share one dtype and device. Hyperparameters must be finite.
-    check_indices=False skips reading the indices to check that they are sorted, unique and in
-    range (every other check still runs): for a caller that checked them when it made them, as
-    MaskedAdamW does. The check launches several ops per tensor, about 30 µs each on a CPU; over a
-    model's 65+ tensors that cost as much as the compact step itself at 1% (measured).
+    check_indices=False skips the Python check that the indices are sorted, unique and in range
+    (every other check still runs): for a caller that checked them when it made them, as
+    MaskedAdamW does. That check launches several ops per tensor, about 30 µs each on a CPU; over
+    a model's 65+ tensors that cost as much as the compact step itself at 1% (measured). The
+    compiled CPU and CUDA kernels check the indices again themselves, whatever this flag says: on
+    a CPU in one pass over them, on a GPU with device syncs per tensor (not yet measured).
     """
     op = "masked_adamw_"
     checks.finite(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init)
