@@ -267,7 +267,8 @@ class _FusedCall:
 
 
 def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
-    """`W <- W + sum_i alphas[i] * diffs[i]` on every parameter the diffs name, in one fused call.
+    """`W <- W + sum_i alphas[i] * diffs[i]` on every parameter the diffs name, in one fused call
+    (one per device, for a model spread over several).
 
     Deltas of several diffs on one parameter are summed in float32 (float64 for float64
     parameters) and stored once. Dense entries are added, absolute entries copied in; a parameter
