@@ -55,8 +55,8 @@ def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr
     l1 = tl.load(hp_ptr + 5).to(ACC)
     log_beta1 = tl.load(hp_ptr + 6).to(ACC)
     log_beta2 = tl.load(hp_ptr + 7).to(ACC)
-    one_minus_beta1 = tl.load(hp_ptr + 8).to(ACC)  # 1 − β from float64: 1 − fp32(0.999) is 1.3e-5 off
-    one_minus_beta2 = tl.load(hp_ptr + 9).to(ACC)
+    one_minus_beta1 = tl.load(hp_ptr + 1).to(ACC)  # 1 − β from float64: 1 − fp32(0.999) is 1.3e-5 off
+    one_minus_beta2 = tl.load(hp_ptr + 8).to(ACC)
     t = _step_count(step_ptr, offs, live, OWN_STEP, ACC)
     step_size = lr / (1 - tl.exp(t * log_beta1))
     bias2_sqrt = tl.sqrt(1 - tl.exp(t * log_beta2))
@@ -172,9 +172,9 @@ def triton_masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor],
     if not params:
         return
     device = params[0].device
-    hp = torch.tensor([lr, beta1, beta2, eps, 1 - lr * weight_decay, l1_to_init,
+    hp = torch.tensor([lr, 1 - beta1, beta2, eps, 1 - lr * weight_decay, l1_to_init,
                        math.log(beta1) if beta1 > 0 else -math.inf, math.log(beta2) if beta2 > 0 else -math.inf,
-                       1 - beta1, 1 - beta2],
+                       1 - beta2],
                       dtype=torch.float64, device=device)
     for i, p in enumerate(params):
         sel = selectors[i]
