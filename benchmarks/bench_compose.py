@@ -12,7 +12,7 @@ import torch
 import xlsparse
 from xlsparse.diff import _reorder
 from xlsparse.functional import topk_mask
-from xlsparse.ops.compose import restore_diffs_, sparse_axpy_
+from xlsparse.ops.compose import sparse_axpy_
 
 from . import baselines, real_masks
 from .harness import LINE_BYTES, Case, Target, backend_of, cache_lines
@@ -129,7 +129,7 @@ def _apply_cases(quick: bool, device) -> list[Case]:
                           baseline_name="index_add_ loop", bytes=moved))
         # The revert restores the displaced values; repeating it rewrites the same bits.
         handle = xlsparse.apply(diffs, params, alphas)
-        revert = lambda h=handle: restore_diffs_(h._dense, h._indices, h._saved, h._target)  # noqa: E731
+        revert = handle._restore
         cases.append(Case(op="revert (bit-exact)", shape=shape, density=density, dtype="float32",
                           backend=backend_of("restore_diffs_", device), fn=revert,
                           baseline=lambda loaded=loaded: baselines.composable_sft_revert(params, loaded),
@@ -161,7 +161,7 @@ def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
     label = f"{real_masks.LABEL} ({len(names)} weights)"
     plain = [{n: (d.indices, d.values) for n, d in deltas.items()}]
     handle = xlsparse.apply([diff], params, [1.0])
-    revert = lambda h=handle: restore_diffs_(h._dense, h._indices, h._saved, h._target)  # noqa: E731
+    revert = handle._restore
     return [Case(op="apply LT-SFT diff", shape=shape, density=diff.nnz / numel, dtype="float32",
                  backend=backend_of("apply_diffs_", device), fn=lambda: xlsparse.apply([diff], params, [1.0]),
                  baseline=lambda: baselines.index_add_apply(params, plain, [1.0]), baseline_name="index_add_ loop",

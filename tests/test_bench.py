@@ -283,6 +283,20 @@ def test_a_failing_case_is_a_failed_row_not_a_lost_target(tmp_path, monkeypatch,
     assert "| broken >= 1x | broken op" in out and "not measured" in out
 
 
+def test_bench_quick_runs_every_family(tmp_path, monkeypatch, capsys):
+    """The README's `xlsparse bench --quick` on the real families, and the LT-SFT family that runs
+    only when named (about 30 s on 2 cores): a benchmark that no longer runs against the library
+    fails here, not at a user's prompt (one read a private attribute that the multi-device apply
+    had renamed)."""
+    monkeypatch.setattr(harness, "measure_ceilings", lambda machine, quick=False: _ceilings())
+    assert cli.main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    assert cli.main(["bench", "--family", "ltsft", "--quick", "--out", str(tmp_path)]) == 0
+    assert "FAILED" not in capsys.readouterr().out
+    for family in ("compose", "optim", "matmul", "ltsft"):
+        rows = json.loads((tmp_path / f"{family}.json").read_text())["rows"]
+        assert rows and all(r["ms"] > 0 and (r["baseline_ms"] is None or r["baseline_ms"] > 0) for r in rows)
+
+
 # --- baselines: each must compute what ours computes, or its timing means nothing --------------
 
 def _close(got, want):
