@@ -515,7 +515,9 @@ def format_targets(rows: list[Row], quick: bool) -> list[str]:
             if value is None:
                 shown = "not measured"
             elif kind == "speedup":
-                shown = f"{value:.2f}x"
+                # 2 decimals, more where those would print the bound for a miss (0.9498 is not 0.95)
+                digits = next((d for d in (2, 3, 4) if round(value, d) != t["bound"]), 4)
+                shown = f"{value:.{digits}f}x"
             elif kind == "roofline":
                 shown = f"{100 * value:.0f}% of the ceiling"
             else:

@@ -177,6 +177,8 @@ def test_roofline_and_targets():
     assert extra.targets[0]["value"] == pytest.approx(0.25) and extra.targets[0]["met"]
     lines = harness.format_targets([row, extra], quick=True)
     assert any("**no**" in line for line in lines) and "do not count" in lines[-1]
+    near = harness.judge(_row(speedup=0.9498, goals=(harness.Target("x >= 0.95", "speedup", 0.95),)), ceil)
+    assert "| 0.9498x | **no** |" in harness.format_targets([near], quick=False)[-1]  # not "0.95x | no"
     with pytest.raises(ValueError, match="metric"):
         harness.Target("bad", "speed", 1.0).judge(row)
 
