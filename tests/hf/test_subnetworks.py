@@ -84,30 +84,69 @@ def test_reptile_step_updates_only_the_subnetworks():
         assert bool((named[n][union] != before[n][union]).any())
 
 
-def test_reptile_step_and_importance_on_a_converted_model_route_each_language():
-    """A converted model trains nothing unrouted; the recipes route each language's batches."""
-    model = tiny("bert").train()
+def _own_layout(model, tensors):
+    """{name: tensor} in the model's own layout (a converted GPT-2 Conv1D weight back to [in, out])."""
+    return hf.model._swap_conv1d_layout(model, tensors)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_reptile_step_and_importance_on_a_converted_model_route_each_language(arch):
+    """A converted model trains nothing unrouted; the recipes route each language's batches. The
+    masks and scores are in the model's own layout on a converted model too (GPT-2's Conv1D
+    [in, out], stored [out, in] once converted): the step and the scores equal those of the
+    unconverted model."""
+    model = tiny(arch).eval()  # no dropout: the twin must see the same forward
     names = [f"{n}.weight" for n in hf.model.target_names(model)]
     named = dict(model.named_parameters())
     g = torch.Generator().manual_seed(0)
     masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.1 for n in names} for lang in ("de", "fr")}
+    plain = copy.deepcopy(model)
     hf.convert(model, kind="subnetwork", masks=masks)
-    named = dict(model.named_parameters())
-    before = {n: named[n].detach().clone() for n in names}
-    subnetworks.reptile_step(model, {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}, masks, inner_lr=0.1)
+    before = _own_layout(model, {n: p.detach().clone() for n, p in model.named_parameters()})
+    batches = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
+    subnetworks.reptile_step(model, batches, masks, inner_lr=0.1)
+    subnetworks.reptile_step(plain, batches, masks, inner_lr=0.1)
+    after = _own_layout(model, {n: p.detach() for n, p in model.named_parameters()})
+    plain_named = dict(plain.named_parameters())
     for n in names:
         union = masks["de"][n] | masks["fr"][n]
-        assert torch.equal(named[n][~union], before[n][~union])
-        assert bool((named[n][union] != before[n][union]).any()), n
-    model.eval()
-    plain = tiny("bert")
-    plain.load_state_dict(model.state_dict())  # the same weights, not converted
+        assert torch.equal(after[n][~union], before[n][~union])
+        assert bool((after[n][union] != before[n][union]).any()), n
+        torch.testing.assert_close(after[n], plain_named[n].detach(), rtol=1e-5, atol=1e-7)
+    plain = hf.merge_and_unload(copy.deepcopy(model)).requires_grad_(True)  # the same weights, not converted
     batches = {"de": _lm_batches(1, 3)}
     scores = subnetworks.importance_scores(model, batches, params=names, progress=False)
     want = subnetworks.importance_scores(plain, batches, params=names, progress=False)
     for n in names:  # the full gradient reaches the scores, outside "de"'s current mask too
         torch.testing.assert_close(scores["de"][n], want["de"][n])
         assert float(scores["de"][n][~masks["de"][n]].sum()) > 0
+    top = subnetworks.select_masks(scores, 0.1)  # scores -> masks -> layers, all in the model's own layout
+    subnetworks.set_masks(model, {"de": top["de"], "fr": masks["fr"]})
+    layers = dict(hf.model._converted(model))
+    for n in names:
+        layer = layers[n[: -len(".weight")]]
+        assert torch.equal(_own_layout(model, {n: layer.masks[0]})[n], top["de"][n]), n
+
+
+def test_masked_recipes_name_the_layout_of_a_mask_of_the_wrong_shape():
+    model = tiny("gpt2")
+    name = "transformer.h.0.attn.c_attn.weight"  # Conv1D [32, 96]: the mask must be [in, out]
+    good = {"de": {name: torch.ones(32, 96, dtype=torch.bool)}}
+    hf.convert(model, [name[: -len(".weight")]], kind="subnetwork", masks=good)
+    bad = {"de": {name: torch.ones(96, 32, dtype=torch.bool)}}
+    before = dict((n, p.detach().clone()) for n, p in model.named_parameters())
+    for call in (lambda: subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, bad),
+                 lambda: subnetworks.fomaml_optimizer(model, bad),
+                 lambda: subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)[0]}, bad,
+                                                 0.1, 1, subnetworks.fomaml_optimizer(model, good))):
+        with pytest.raises(ValueError, match=r"masks\['de'\]\['transformer.h.0.attn.c_attn.weight'\] must be a bool "
+                                             r"tensor of shape \(32, 96\) \(the model's own layout"):
+            call()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    with pytest.raises(ValueError, match="no masks for languages"):
+        subnetworks.reptile_step(model, {"fr": _lm_batches(1, 1)}, good)
+    with pytest.raises(ValueError, match="unknown parameter 'nope.weight'"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, {"de": {"nope.weight": good["de"][name]}})
 
 
 def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
@@ -132,11 +171,12 @@ def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
     return outer
 
 
-@pytest.mark.parametrize("converted", [False, True])
-def test_fomaml_outer_gradient_and_step_match_plain_torch(converted):
+@pytest.mark.parametrize("arch, converted", [("bert", False), ("bert", True), ("gpt2", True)])
+def test_fomaml_outer_gradient_and_step_match_plain_torch(arch, converted):
     """The same step on a plain model and on one converted with kind="subnetwork" over the same
-    masks (whose layers train nothing unless each language's batches are routed)."""
-    model = tiny("bert")
+    masks (whose layers train nothing unless each language's batches are routed; GPT-2's masks
+    stay in its Conv1D layout [in, out] while the converted weights are stored [out, in])."""
+    model = tiny(arch).eval()
     twin = copy.deepcopy(model)
     names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
     named = dict(model.named_parameters())
@@ -144,22 +184,25 @@ def test_fomaml_outer_gradient_and_step_match_plain_torch(converted):
     masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
     if converted:
         hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+        named = dict(model.named_parameters())  # a converted Conv1D's weight is a new [out, in] parameter
     support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}
     query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
-    before = {n: p.detach().clone() for n, p in named.items()}
+    before = _own_layout(model, {n: p.detach().clone() for n, p in named.items()})
     opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2, weight_decay=0.1)
     losses = subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=3, outer_optimizer=opt)
     assert set(losses) == {"de", "fr"}
 
     expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.5, inner_steps=3)
+    grads = _own_layout(model, {n: named[n].grad for n in names})
     for n in names:
-        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grads[n], expect[n], rtol=1e-5, atol=1e-7)
     # The outer step is AdamW confined to the union of the subnetworks (weight decay included).
     twin_named = dict(twin.named_parameters())
     plain = torch.optim.AdamW([twin_named[n] for n in names], lr=1e-2, weight_decay=0.1)
     for n in names:
         twin_named[n].grad = expect[n]
     plain.step()
+    named = _own_layout(model, {n: p.detach() for n, p in named.items()})
     for n, p in named.items():
         if n in names:
             union = masks["de"][n] | masks["fr"][n]

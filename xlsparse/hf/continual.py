@@ -173,7 +173,7 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
     (same languages, e.g. by an earlier update), give its layers these masks; return {parameter
     name: union of the masks} in the converted layers' layout."""
     from ..nn import SubnetworkLinear
-    from .model import _converted, convert, languages
+    from .model import _converted, _swap_conv1d_layout, convert, languages
     from .subnetworks import set_masks
 
     order = list(masks)
@@ -197,9 +197,7 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
         if outside:
             raise ValueError(f"{what}: masks name parameters of layers the converted model does not route: {outside[:5]}")
         set_masks(model, masks)  # route by these subsets, not by those the layers were converted with
-    transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
-                  if layer.transposed}
-    return {n: (m.t().contiguous() if n in transposed else m) for n, m in union.items() if bool(m.any())}
+    return _swap_conv1d_layout(model, {n: m for n, m in union.items() if bool(m.any())})
 
 
 def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], **trainer_kwargs):

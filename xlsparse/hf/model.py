@@ -17,6 +17,7 @@ import re
 import threading
 import types
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -524,6 +525,19 @@ def _converted(model: nn.Module, types=_CONVERTED):
     for name, module in model.named_modules():
         if isinstance(module, types):
             yield name, module
+
+
+def _conv1d_weights(model: nn.Module) -> set[str]:
+    """Names of the weights that converted GPT-2 Conv1D layers store [out, in], while the model's
+    own layout (that of masks, scores and diffs) is [in, out]."""
+    return {f"{n}.weight" for n, layer in _converted(model) if layer.transposed}
+
+
+def _swap_conv1d_layout(model: nn.Module, named: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tensors keyed by parameter name (masks, scores) between the model's own layout and the
+    stored one: those of `_conv1d_weights` transposed, the others as given. Its own inverse."""
+    transposed = _conv1d_weights(model)
+    return {n: (t.t().contiguous() if n in transposed else t) for n, t in named.items()}
 
 
 def languages(model: nn.Module) -> list[str]:

@@ -32,7 +32,8 @@ from ..diff import budget
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..optim import MaskedAdamW, MaskedSGD
-from .model import _converted, _grow_subnetworks, _restore_subnet_coverage, _subnet_coverage, languages, route
+from .model import (_conv1d_weights, _converted, _grow_subnetworks, _restore_subnet_coverage, _subnet_coverage,
+                    _swap_conv1d_layout, languages, route)
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -91,7 +92,8 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     score (default: every parameter that requires grad). On a converted model ∂ℓ_i/∂θ of a
     SubnetworkLinear weight is the full gradient, not masked to the language's current
     subnetwork, so entries outside it are scored too. The model's gradients are left cleared.
-    Returns {language: {parameter name: float32 tensor of the parameter's shape}}.
+    Returns {language: {parameter name: float32 tensor}} in the model's own layout, the layout
+    masks take (a GPT-2 Conv1D weight's scores are [in, out], converted or not).
     """
     if method not in ("grad_x_weight", "fisher"):
         raise ValueError(f"importance_scores: method must be 'grad_x_weight' or 'fisher', got {method!r}")
@@ -118,7 +120,7 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
                     if g is None:
                         continue
                     acc[n] += (g * named[n]).abs().float() if method == "grad_x_weight" else g.float().square()
-        scores[lang] = acc
+        scores[lang] = _swap_conv1d_layout(model, acc)
     model.zero_grad(set_to_none=True)
     return scores
 
@@ -164,25 +166,50 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
         optimizer.update_masks({p: unions.get(p) for group in optimizer.param_groups for p in group["params"]})
 
 
+def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what: str, lang: str,
+                  trainable: bool = False) -> dict[str, torch.Tensor]:
+    """One language's masks ({parameter name: bool tensor} in the model's own layout), each
+    checked against its parameter (`trainable`: one that requires grad) and put in the layout the
+    parameter is stored in (a converted GPT-2 Conv1D's [out, in])."""
+    named = dict(model.named_parameters())
+    flipped = _conv1d_weights(model)
+    stored = {}
+    for n, m in lang_masks.items():
+        if n not in named:
+            raise ValueError(f"{what}: masks[{lang!r}] name an unknown parameter {n!r}")
+        if trainable and not named[n].requires_grad:
+            raise ValueError(f"{what}: masks[{lang!r}] name {n!r}, which does not require grad")
+        shape = tuple(named[n].shape)[::-1] if n in flipped else tuple(named[n].shape)
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != shape:
+            got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
+            layout = " (the model's own layout: a GPT-2 Conv1D weight's [in, out])" if n in flipped else ""
+            raise ValueError(f"{what}: masks[{lang!r}][{n!r}] must be a bool tensor of shape {shape}{layout}, got {got}")
+        stored[n] = m.t().contiguous() if n in flipped else m
+    return stored
+
+
 def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mapping[str, Mapping[str, torch.Tensor]],
                  inner_lr: float = 1e-3, outer_lr: float = 0.5, inner_steps: int = 1, loss_fn: Callable | None = None,
                  progress: bool = False) -> dict[str, float]:
     """One first-order meta-learning (Reptile) step with masked inner loops.
 
     For each language, starting from the current θ, `inner_steps` MaskedSGD steps update only
-    that language's subnetwork (`masks[lang]`: {parameter name: BoolTensor}; parameters absent
-    from it stay fixed). Then θ ← θ + outer_lr · mean_l(θ_l − θ). Returns each language's last
-    inner loss.
+    that language's subnetwork (`masks[lang]`: {parameter name: BoolTensor} in the model's own
+    layout, as `structured_masks` and `select_masks` give them; parameters absent from it stay
+    fixed). Then θ ← θ + outer_lr · mean_l(θ_l − θ). Returns each language's last inner loss.
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    missing = [lang for lang in batches if lang not in masks]
+    if missing:
+        raise ValueError(f"reptile_step: no masks for languages {missing}")
+    stored = {lang: _stored_masks(model, masks[lang], "reptile_step", lang, trainable=True) for lang in batches}
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
     total = {n: torch.zeros_like(p) for n, p in named.items()}
     losses = {}
     for lang, lang_batches in _progress(batches.items(), "reptile", progress):
-        lang_masks = masks[lang]
-        params = [p for n, p in named.items() if n in lang_masks]
-        opt = MaskedSGD(params, [lang_masks[n] for n, p in named.items() if n in lang_masks], lr=inner_lr)
+        lang_masks = stored[lang]
+        opt = MaskedSGD([named[n] for n in lang_masks], list(lang_masks.values()), lr=inner_lr)
         it = iter(lang_batches)
         for _ in range(inner_steps):
             opt.zero_grad(set_to_none=True)
@@ -389,8 +416,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
 
     For each language l of `support` ({language: batch or list of batches}) and `query`
     ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`) on the
-    support batches change only `masks[l]` ({parameter name: BoolTensor}; parameters it does not
-    name stay fixed); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
+    support batches change only `masks[l]` ({parameter name: BoolTensor} in the model's own
+    layout; parameters it does not name stay fixed); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
     is the language's outer gradient; θ is restored. The outer gradient is the mean over the
     languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
     union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
@@ -410,14 +437,12 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     if missing:
         raise ValueError(f"fomaml_step: no masks for languages {missing}")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    stored = {lang: _stored_masks(model, masks[lang], "fomaml_step", lang) for lang in support}
     named = dict(model.named_parameters())
     outer = {}
     losses = {}
     for lang in support:
-        lang_masks = {n: m for n, m in masks[lang].items() if bool(m.any())}
-        unknown = [n for n in lang_masks if n not in named]
-        if unknown:
-            raise ValueError(f"fomaml_step: masks of {lang!r} name unknown parameters {unknown[:5]}")
+        lang_masks = {n: m for n, m in stored[lang].items() if bool(m.any())}
         params = [named[n] for n in lang_masks]
         start = [p.detach().clone() for p in params]
         inner = MaskedSGD(params, list(lang_masks.values()), lr=inner_lr)
@@ -440,7 +465,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                     outer[n] = g if n not in outer else outer[n] + g
                 p.copy_(p0)
     model.zero_grad(set_to_none=True)
-    _check_confined(outer_optimizer, named, {lang: masks[lang] for lang in support})
+    _check_confined(outer_optimizer, named, stored)
     for n, g in outer.items():
         named[n].grad = g / len(support)
     outer_optimizer.step()
@@ -476,12 +501,12 @@ def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
 def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], lr: float = 1e-4,
                      **kwargs) -> MaskedAdamW:
     """The outer optimizer of `fomaml_step`: MaskedAdamW over the parameters the masks name,
-    each confined to the union of the languages' masks (outer lr `lr`, kept apart from the
-    inner lr of `fomaml_step`)."""
+    each confined to the union of the languages' masks (in the model's own layout; outer lr
+    `lr`, kept apart from the inner lr of `fomaml_step`)."""
     named = dict(model.named_parameters())
     union = {}
-    for lang_masks in masks.values():
-        for n, m in lang_masks.items():
+    for lang in masks:
+        for n, m in _stored_masks(model, masks[lang], "fomaml_optimizer", lang).items():
             union[n] = m.clone() if n not in union else union[n] | m
     return MaskedAdamW([named[n] for n in union], list(union.values()), lr=lr, **kwargs)
 
@@ -659,10 +684,6 @@ class DynamicMasksCallback(TrainerCallback):
                      for lang in order}
         else:
             masks = select_masks({lang: self.scores[lang] for lang in order}, self.density)
-            transposed = {f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear)
-                          if layer.transposed}
-            masks = {lang: {n: (m.t().contiguous() if n in transposed else m) for n, m in named.items()}
-                     for lang, named in masks.items()}  # set_masks takes the model's own layout
         set_masks(model, masks, _unwrap(optimizer))
         self.scores = {}
         self.reselections += 1
