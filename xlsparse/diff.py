@@ -273,7 +273,8 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     Deltas of several diffs on one parameter are summed in float32 (float64 for float64
     parameters) and stored once. Dense entries are added, absolute entries copied in; a parameter
     that is absolute in one diff and named by another diff of the call (tied names included) is a
-    ValueError, as in `SparseDiff.merge`. Returns a handle whose `revert()` restores the model
+    ValueError, as in `SparseDiff.merge`, and so is an absolute entry on output embeddings that the
+    model ties to its input embeddings (it would replace both). Returns a handle whose `revert()` restores the model
     bit-exactly (also usable as a context manager).
 
     `with_abs=False` skips the absolute entries of every diff in the call (composable-sft's
@@ -299,6 +300,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
         if not isinstance(diff, SparseDiff):
             raise TypeError(f"{what} is a {type(diff).__name__}, not a SparseDiff")
         _refuse_scaled_absolute("apply", "alphas", i, diff, alpha)
+        _refuse_absolute_on_tied_decoder(what, diff, model)
         _refuse_tied_twice(what, diff, named)
         _refuse_absolute_clash(i, diff, named, claims)
         for name, delta in diff.deltas.items():
@@ -355,6 +357,33 @@ def _exclusive(tensors, what: str):
     finally:
         with _busy_lock:
             _busy_storages.difference_update(keys)
+
+
+def _refuse_absolute_on_tied_decoder(what: str, diff: "SparseDiff", model) -> None:
+    """An absolute entry on the output embeddings of a model that ties them to its input
+    embeddings would replace both. Such an entry comes from training them untied (LT-SFT's
+    untie_embeddings; a tied matrix is stored under its input-embedding name): on the usual tied
+    base it overwrote the input embeddings. Other tied names (XLM-R's lm_head.bias and
+    lm_head.decoder.bias) are one parameter in training too, and their absolute entries apply."""
+    if not diff.absolute or not isinstance(model, torch.nn.Module):
+        return
+    try:
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    weight = getattr(out, "weight", None)
+    if weight is None or inp is None or weight is not getattr(inp, "weight", None):
+        return
+    decoder = {f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is out}
+    for name in diff.absolute:
+        if name in decoder:
+            embeddings = sorted(f"{n}.weight" for n, m in model.named_modules(remove_duplicate=False) if m is inp)
+            raise ValueError(
+                f"{what}: {name!r} is an absolute entry (it replaces the whole tensor), and this model ties it to "
+                f"{embeddings}, which it would replace too. A diff trained with them untied (LT-SFT's "
+                "untie_embeddings) needs the base untied first: model.get_output_embeddings().weight = "
+                "torch.nn.Parameter(model.get_input_embeddings().weight.detach().clone()); with_abs=False skips "
+                "absolute entries")
 
 
 def _refuse_tied_twice(what: str, diff: "SparseDiff", named: dict) -> None:

@@ -152,6 +152,30 @@ def test_xlmr_sft_keeps_the_tied_embeddings_sparse(tmp_path):
     assert m.get_output_embeddings().weight is m.get_input_embeddings().weight  # still tied after phase 2
 
 
+@pytest.mark.parametrize("freeze_embeddings", [True, False])
+def test_an_sft_trained_untied_is_refused_on_a_tied_base_and_reproduces_on_an_untied_one(tmp_path, freeze_embeddings):
+    """untie_embeddings stores the decoder whole; on the usual tied base that entry would replace
+    the input embeddings too (it did, silently, with freeze_embeddings)."""
+    base = _no_dropout(tiny("xlmr"))
+    t = _trainer(tmp_path, copy.deepcopy(base), untie_embeddings=True, freeze_embeddings=freeze_embeddings)
+    t.train()
+    assert "lm_head.decoder.weight" in t.sft.absolute
+    x = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = t.model.eval()(input_ids=x).logits
+    tied = copy.deepcopy(base)
+    before = {n: p.detach().clone() for n, p in tied.named_parameters()}
+    with pytest.raises(ValueError, match=r"'lm_head.decoder.weight' is an absolute entry .* ties it to "
+                                         r"\['roberta.embeddings.word_embeddings.weight'\].* untied first"):
+        xlsparse.apply(t.sft, tied)
+    assert all(torch.equal(p, before[n]) for n, p in tied.named_parameters())
+    untied = copy.deepcopy(base)  # untied as the error says
+    untied.get_output_embeddings().weight = torch.nn.Parameter(untied.get_input_embeddings().weight.detach().clone())
+    xlsparse.apply(t.sft, untied)
+    with torch.no_grad():
+        torch.testing.assert_close(untied.eval()(input_ids=x).logits, want, rtol=0, atol=1e-6)
+
+
 # --- the whole recipe against a plain-torch restatement of composable-sft ---
 
 def _restated_lt_sft(model, batch, k, rounds, full_steps, sparse_steps, lr, wd, decayed, full_l1, sparse_l1, maskable):

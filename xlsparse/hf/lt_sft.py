@@ -31,7 +31,11 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   every parameter outside the base model is frozen; the input embeddings stay trainable.
   `untie_embeddings`: the output embeddings get their own trainable copy (a head, so stored
   whole). `freeze_decoder`: the output embeddings get their own frozen copy.
-  `freeze_embeddings`: the input word embeddings are frozen. `freeze_layer_norm`: parameters
+  `freeze_embeddings`: the input word embeddings are frozen. The SFT itself does not untie
+  anything: applied to a tied base, an input-embedding delta moves the tied decoder too (as in
+  composable-sft, whose task models have no decoder), and the whole decoder that
+  `untie_embeddings` stores is refused until the base is untied (it would replace the input
+  embeddings). `freeze_layer_norm`: parameters
   matching `layer_norm_patterns` are frozen (composable-sft matches "LayerNorm"; the default here
   also covers Llama/GPT-2 norms and XLM-R's `lm_head.layer_norm`).
 - A tied decoder (transformers 5 names XLM-R's tied matrix `lm_head.decoder.weight`) is the
