@@ -1,4 +1,5 @@
 """convert / route / merge / extract_diff on tiny BERT, XLM-R, Llama and GPT-2."""
+import contextlib
 import copy
 
 import pytest
@@ -217,3 +218,33 @@ def test_torch_compile_runs_a_converted_model():
     compiled = torch.compile(model, backend="aot_eager")
     torch.testing.assert_close(compiled(input_ids=ids).logits, expect, rtol=1e-5, atol=1e-6)
     assert xlsparse.hf.extract_diff(model).nnz > 0
+
+
+@pytest.mark.parametrize("kind", ["delta", "subnetwork"])
+def test_hooks_registered_before_convert_keep_running_and_keep_their_handles(kind):
+    """PEFT keeps a layer's hooks running (it wraps the layer); a replaced module dropped them."""
+    model = tiny("bert").eval()
+    name = "bert.encoder.layer.0.attention.self.query"
+    seen = []
+    linear = model.get_submodule(name)
+    handles = [linear.register_forward_pre_hook(lambda m, args: seen.append(("pre", type(m).__name__))),
+               linear.register_forward_hook(lambda m, args, out: seen.append(("post", type(m).__name__))),
+               linear.register_full_backward_hook(lambda m, gin, gout: seen.append(("backward", type(m).__name__)))]
+    extra = {"density": 0.1} if kind == "delta" else {
+        "masks": {"de": {f"{name}.weight": torch.ones_like(linear.weight, dtype=torch.bool)}}}
+    hf.convert(model, [name], kind=kind, **extra)
+    layer = model.get_submodule(name)
+    ids = batch(2, 5)
+    with hf.route(model, [0, 0]) if kind == "subnetwork" else contextlib.nullcontext():
+        model(input_ids=ids, labels=ids).loss.backward()
+    kinds = [k for k, _ in seen]
+    assert kinds == ["pre", "post", "backward"] and {t for _, t in seen} == {type(layer).__name__}
+    seen.clear()
+    plain = hf.merge_and_unload(model).get_submodule(name)  # back to nn.Linear, hooks included
+    model(input_ids=ids)
+    assert [k for k, _ in seen] == ["pre", "post"] and {t for _, t in seen} == {type(plain).__name__}
+    for h in handles:  # the handles from before convert still remove them
+        h.remove()
+    seen.clear()
+    model(input_ids=ids)
+    assert seen == []

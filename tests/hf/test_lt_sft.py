@@ -152,6 +152,19 @@ def test_xlmr_sft_keeps_the_tied_embeddings_sparse(tmp_path):
     assert m.get_output_embeddings().weight is m.get_input_embeddings().weight  # still tied after phase 2
 
 
+def test_hooks_on_a_layer_keep_running_in_the_sparse_phase(tmp_path):
+    model = _no_dropout(tiny("xlmr"))
+    name = "roberta.encoder.layer.0.attention.self.query"
+    seen = []
+    model.get_submodule(name).register_forward_hook(lambda m, args, out: seen.append(type(m).__name__))
+    t = _trainer(tmp_path, model)
+    t.train()
+    assert "Linear" in seen and "SparseDeltaLinear" in seen  # the full phase, then the sparse phase
+    seen.clear()
+    t.model(input_ids=torch.randint(3, VOCAB, (1, 4)))  # the original module is back, with its hook
+    assert seen == ["Linear"]
+
+
 @pytest.mark.parametrize("freeze_embeddings", [True, False])
 def test_an_sft_trained_untied_is_refused_on_a_tied_base_and_reproduces_on_an_untied_one(tmp_path, freeze_embeddings):
     """untie_embeddings stores the decoder whole; on the usual tied base that entry would replace

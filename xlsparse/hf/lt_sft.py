@@ -69,6 +69,7 @@ from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, _bool_mask, _is_dtensor, _local, _shard_of
+from .model import _swap_module
 
 SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
@@ -542,7 +543,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                         shared_values.copy_(values)
                 else:
                     layer.delta_values = shared_values  # a tied decoder trains the same entries
-                self.model.set_submodule(mname, layer)
+                _swap_module(self.model, mname, layer, mod)
                 layers.append((mname, mod, layer))
             self._converted[name] = layers
 
@@ -554,8 +555,8 @@ class LotteryTicketSparseFineTuner(Trainer):
                 p = first.weight
                 p.view(-1).index_add_(0, first.delta_indices.long(), first.delta_values.detach().to(p.dtype))
                 p.requires_grad_(True)
-                for mname, original, _ in layers:
-                    self.model.set_submodule(mname, original)
+                for mname, original, layer in layers:
+                    _swap_module(self.model, mname, original, layer)
         self._converted = {}
 
     @torch.no_grad()

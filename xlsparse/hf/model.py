@@ -377,7 +377,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
             layer = _subnetwork_layer(linear, original, transposed, pname, masks)
         layer.transposed = transposed
         layer.train(original.training)  # a new module is in training mode; keep the model's mode
-        model.set_submodule(name, layer)
+        _swap_module(model, name, layer, original)
 
     _freeze(model, saved)
     model.xlsparse_config = XlsparseConfig(
@@ -525,6 +525,20 @@ def _converted(model: nn.Module, types=_CONVERTED):
     for name, module in model.named_modules():
         if isinstance(module, types):
             yield name, module
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
+
+
+def _swap_module(model: nn.Module, name: str, new: nn.Module, old: nn.Module) -> None:
+    """Put `new` in place of `old` at `name`, with `old`'s hooks: the same dicts, so that hooks
+    registered before the swap keep running (PEFT keeps them by wrapping the original layer; a
+    replaced module dropped them silently) and their handles still remove them."""
+    for attr in _HOOKS:
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
+    model.set_submodule(name, new)
 
 
 def _conv1d_weights(model: nn.Module) -> set[str]:
@@ -816,7 +830,7 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
             else:
                 weight = layer.weight.detach()
             plain = _to_original_layout(weight, layer.bias, layer.transposed)
-            model.set_submodule(name, plain.train(layer.training))
+            _swap_module(model, name, plain.train(layer.training), layer)
     for attr in ("xlsparse_config", "_xlsparse_record"):
         if hasattr(model, attr):
             delattr(model, attr)
