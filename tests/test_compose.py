@@ -394,6 +394,43 @@ def test_from_dense_and_topk_mask():
     assert masks[0].view(-1).nonzero().view(-1).tolist() == [1, 3] and masks[1].tolist() == [False, True]
 
 
+def test_counts_and_shapes_must_be_ints_not_truncated():
+    t = torch.tensor([3.0, -2.0, 1.0])
+    for call in (lambda: topk_mask([t], 2.7), lambda: SparseDelta.from_dense(t, k=2.5),
+                 lambda: SparseDiff.from_models(_model(0), _model(1), k=10.5)):
+        with pytest.raises(TypeError, match="k must be an int, got"):
+            call()
+    with pytest.raises(TypeError, match="shape must be a sequence of ints"):
+        SparseDelta(torch.tensor([0]), torch.randn(1), (2.5, 4))
+    with pytest.raises(TypeError, match="from_dense: t must be a floating-point tensor, got torch.int64"):
+        SparseDelta.from_dense(torch.tensor([0, 3, 1]))
+
+
+def test_from_models_refuses_tensors_the_base_lacks():
+    # A tuned model of another class (another name prefix) gave an empty diff, silently.
+    base, tuned = _model(0), torch.nn.Sequential(_model(1))
+    with pytest.raises(ValueError, match=r"from_models: 6 tensors of tuned are not in base, e.g. \['0.0.weight'"):
+        SparseDiff.from_models(base, tuned, density=0.1)
+    tuned = _model(1)
+    tuned.extra = torch.nn.Linear(3, 2)  # a new head, trained in tuned only
+    with pytest.raises(ValueError, match=r"\['extra.weight', 'extra.bias'\]"):
+        SparseDiff.from_models(base, tuned, density=0.1)
+    assert SparseDiff.from_models(base, tuned, density=0.1, exclude=r"^extra\.").nnz == round(0.1 * 210)
+
+
+def test_merge_apply_and_division_name_bad_operands():
+    d = SparseDiff.from_models(_model(0), _model(1), k=5)
+    with pytest.raises(TypeError, match="merge: diffs\\[1\\] is a int, not a SparseDiff"):
+        SparseDiff.merge([d, 3])
+    with pytest.raises(ZeroDivisionError, match="nonzero"):
+        d / 0
+    model = _model(0)
+    model.register_buffer("counter", torch.zeros(4, dtype=torch.long))
+    bad = SparseDiff({"counter": SparseDelta(torch.tensor([1]), torch.ones(1), (4,))})
+    with pytest.raises(TypeError, match="'counter' is torch.int64; diffs change floating-point tensors only"):
+        xlsparse.apply(bad, model)
+
+
 @pytest.mark.parametrize("backend", APPLY_BACKENDS)
 def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
     use_backend(backend)

@@ -400,6 +400,22 @@ def test_add_param_group_trains_every_entry_of_the_new_params(mode, opt_class, t
     assert len(opt.param_groups) == 2
 
 
+@pytest.mark.parametrize("opt_class, group, match", [
+    (MaskedAdamW, dict(eps=-1.0), "epsilon"), (MaskedAdamW, dict(lr=-1.0), "learning rate"),
+    (MaskedAdamW, dict(betas=(1.5, 0.9)), "betas"), (MaskedAdamW, dict(weight_decay=-5.0), "weight_decay"),
+    (MaskedAdamW, dict(lr=float("nan")), "lr must be finite"), (MaskedSGD, dict(lr=-1.0), "must be >= 0"),
+    (MaskedSGD, dict(momentum=-0.5), "must be >= 0"), (MaskedSGD, dict(nesterov=True), "Nesterov")])
+def test_a_group_s_own_hyper_parameters_are_checked_as_the_defaults_are(opt_class, group, match):
+    # Only the constructor's defaults were checked: a group with eps=-1 stepped a weight from 1 to -154.
+    p, q = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt_class([{"params": [p], **group}], [None], lr=0.1)
+    opt = opt_class([p], [None], lr=0.1)
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.add_param_group({"params": [q], **group})
+    assert len(opt.param_groups) == 1
+
+
 @pytest.mark.parametrize("where", ["constructor", "add_param_group", "load_state_dict"])
 @pytest.mark.parametrize("opt_class, torch_class, group", [
     (MaskedAdamW, torch.optim.AdamW, dict(maximize=True)),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from xlsparse import routing
+from xlsparse import functional, routing
 
 
 def test_groups_are_stable_and_drop_unrouted():
@@ -34,6 +34,16 @@ def test_per_token_ids_keep_their_order():
 def test_bad_ids(ids, n, exc):
     with pytest.raises(exc):
         routing.TokenGroups.build(torch.tensor(ids), n)
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([0.9, 1.0]), torch.tensor([True, False])])
+def test_float_and_bool_ids_are_refused_not_truncated(ids):
+    # multi_delta_linear(route=[0.9, ...]) sent the token to delta 0
+    with pytest.raises(TypeError, match="ids must be integers"):
+        routing.TokenGroups.build(ids, 2)
+    with pytest.raises(TypeError, match="ids must be integers"):
+        functional.multi_delta_linear(torch.randn(2, 3), torch.randn(4, 3), None, [torch.tensor([0]), torch.tensor([1])],
+                                      [torch.randn(1), torch.randn(1)], route=ids)
 
 
 @pytest.mark.parametrize("ids,lead", [

@@ -41,6 +41,7 @@ def budget(what: str, total: int, k: int | None = None, density: float | None = 
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"{what}: density must be in [0, 1], got {density}")
         k = round(density * total)
+    k = checks.count(what, "k", k)
     if not 0 <= k <= total:
         raise ValueError(f"{what}: k = {k} is outside [0, {total}] (the elements to choose from)")
     return int(k)
@@ -55,7 +56,7 @@ def _delta_at(t: torch.Tensor, mask: torch.Tensor) -> "SparseDelta":
 def _check_delta(indices, values, shape, where: str):
     """Validate one delta and return (indices in the canonical dtype, values, torch.Size)."""
     try:
-        shape = torch.Size(int(s) for s in shape)
+        shape = torch.Size(checks.count(where, "shape", s) for s in shape)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{where}: shape must be a sequence of ints, got {shape!r}") from exc
     if any(s < 0 for s in shape):
@@ -148,6 +149,8 @@ class SparseDelta:
     def from_dense(cls, t: torch.Tensor, k: int | None = None) -> "SparseDelta":
         """The nonzero entries of `t`, or with `k`, its k largest-magnitude entries (ties: lowest
         position first)."""
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"from_dense: t must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         t = t.detach()
         mask = t != 0 if k is None else topk_mask([t], k)[0]
         return _delta_at(t, mask)
@@ -192,9 +195,14 @@ def _lookup(named: dict, name: str, what: str) -> torch.Tensor:
     return named[name]
 
 
-def _check_shape(param: torch.Tensor, shape, what: str, name: str) -> None:
+def _target(named: dict, name: str, shape, what: str) -> torch.Tensor:
+    """The model's tensor that a diff entry changes: present, of the entry's shape, floating-point."""
+    param = _lookup(named, name, what)
     if tuple(param.shape) != tuple(shape):
         raise ValueError(f"{what}: {name!r} has shape {tuple(shape)} but the model's tensor has {tuple(param.shape)}")
+    if not param.is_floating_point():
+        raise TypeError(f"{what}: {name!r} is {param.dtype}; diffs change floating-point tensors only")
+    return param
 
 
 def _placement(t: torch.Tensor) -> tuple:
@@ -304,17 +312,13 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
         _refuse_tied_twice(what, diff, named)
         _refuse_absolute_clash(i, diff, named, claims)
         for name, delta in diff.deltas.items():
-            param = _lookup(named, name, what)
-            _check_shape(param, delta.shape, what, name)
+            param = _target(named, name, delta.shape, what)
             if not param.is_contiguous():
                 raise ValueError(f"{what}: {name!r} is not contiguous")
             calls.setdefault(param.device, _FusedCall()).add(param, delta, alpha)
             changed.setdefault(id(param), (name, param))
         for name, t in [*diff.dense.items(), *diff.absolute.items()]:
-            param = _lookup(named, name, what)
-            _check_shape(param, t.shape, what, name)
-            if not param.is_floating_point():
-                raise TypeError(f"{what}: {name!r} is {param.dtype}; diffs change floating-point tensors only")
+            param = _target(named, name, t.shape, what)
             touched_whole.setdefault(id(param), param.detach())
             changed.setdefault(id(param), (name, param))
     # Each apply_diffs_ call checks its sparse entries before it writes, and a failed call (or a
@@ -506,8 +510,11 @@ class SparseDiff:
         `with_abs=False` drops every absolute entry first (composing a language SFT and a task
         SFT that both carry heads); `xlsparse.hf.arithmetic.combine` chooses heads explicitly."""
         diffs = list(diffs)
+        for i, d in enumerate(diffs):
+            if not isinstance(d, SparseDiff):
+                raise TypeError(f"merge: diffs[{i}] is a {type(d).__name__}, not a SparseDiff")
         if not with_abs:
-            diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
+            diffs = [d.without_absolute() for d in diffs]
         weights = [1.0] * len(diffs) if weights is None else list(weights)
         if len(weights) != len(diffs):
             raise ValueError(f"merge: {len(diffs)} diffs but {len(weights)} weights")
@@ -581,6 +588,8 @@ class SparseDiff:
     def __truediv__(self, scale: float) -> "SparseDiff":
         if not isinstance(scale, (int, float)):
             return NotImplemented
+        if scale == 0:
+            raise ZeroDivisionError("SparseDiff / 0: the scale must be nonzero")
         return self * (1.0 / scale)
 
     # --- LT-SFT selection ---
@@ -594,10 +603,17 @@ class SparseDiff:
         names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
         Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
-        `transformer.wte.weight`) are read once, under their first name.
+        `transformer.wte.weight`) are read once, under their first name. A selected floating-point
+        tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
+        the base's tensors, so exclude it (or store it whole with `absolute=`).
         """
         b, t = _named_tensors(base), _untied(_named_tensors(tuned))
-        names = [n for n in t if n in b and t[n].is_floating_point() and _selected(n, include, exclude)]
+        selected = [n for n in t if t[n].is_floating_point() and _selected(n, include, exclude)]
+        missing = [n for n in selected if n not in b]
+        if missing:
+            raise ValueError(f"from_models: {len(missing)} tensors of tuned are not in base, e.g. {missing[:3]} (models "
+                             "of another class or prefix?); exclude them with exclude=[...]")
+        names = selected
         for n in names:
             if b[n].shape != t[n].shape:
                 raise ValueError(f"from_models: {n!r} has shape {tuple(b[n].shape)} in base but {tuple(t[n].shape)} in tuned")

@@ -410,16 +410,6 @@ class MaskedAdamW(_MaskedOptimizer):
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, mode: str = "dense", l1_to_init: float = 0.0,
                  amsgrad: bool = False):
-        checks.finite("MaskedAdamW", lr=lr, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=weight_decay,
-                      l1_to_init=l1_to_init)
-        if lr < 0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if eps < 0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Invalid betas: {betas}")
-        if weight_decay < 0 or l1_to_init < 0:
-            raise ValueError("weight_decay and l1_to_init must be >= 0")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init, amsgrad=amsgrad)
         super().__init__(params, masks, defaults, mode)
 
@@ -430,7 +420,19 @@ class MaskedAdamW(_MaskedOptimizer):
         return group["l1_to_init"] != 0
 
     def _check_group(self, group):
+        """Each group's hyper-parameters (the defaults' included), when it is added or loaded."""
         super()._check_group(group)
+        betas = group["betas"]
+        checks.finite("MaskedAdamW", lr=group["lr"], beta1=betas[0], beta2=betas[1], eps=group["eps"],
+                      weight_decay=group["weight_decay"], l1_to_init=group["l1_to_init"])
+        if group["lr"] < 0:
+            raise ValueError(f"Invalid learning rate: {group['lr']}")
+        if group["eps"] < 0:
+            raise ValueError(f"Invalid epsilon value: {group['eps']}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"Invalid betas: {betas}")
+        if group["weight_decay"] < 0 or group["l1_to_init"] < 0:
+            raise ValueError("weight_decay and l1_to_init must be >= 0")
         if not group.get("decoupled_weight_decay", True) and group["weight_decay"] != 0:
             raise ValueError("MaskedAdamW's weight decay is decoupled (AdamW's): decoupled_weight_decay=False "
                              "(torch.optim.Adam's L2 weight decay) is not supported")
@@ -459,13 +461,18 @@ class MaskedSGD(_MaskedOptimizer):
 
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, mode: str = "dense"):
-        checks.finite("MaskedSGD", lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError("lr, momentum and weight_decay must be >= 0")
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         super().__init__(params, masks, defaults, mode)
+
+    def _check_group(self, group):
+        """Each group's hyper-parameters (the defaults' included), when it is added or loaded."""
+        super()._check_group(group)
+        checks.finite("MaskedSGD", lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+                      weight_decay=group["weight_decay"])
+        if group["lr"] < 0 or group["momentum"] < 0 or group["weight_decay"] < 0:
+            raise ValueError("lr, momentum and weight_decay must be >= 0")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _state_keys(self, group):
         return ["momentum_buffer"] if group["momentum"] != 0 else []

@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def check_id_dtype(ids: torch.Tensor) -> None:
+    """Ids are integers: float or bool ids were truncated to a row (0.9 routed to id 0)."""
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"route: ids must be integers (or language names), got {ids.dtype}")
+
+
 def check_ids(ids: torch.Tensor, num_ids: int) -> None:
     """Ids must lie in [−1, num_ids): a host-side check (one sync), done once per batch."""
     if ids.numel():
@@ -42,6 +48,7 @@ class TokenGroups:
     def build(ids: torch.Tensor, num_ids: int) -> "TokenGroups":
         """Group the flat token ids [T] (values in [−1, num_ids); checked in eager mode, and by
         `xlsparse.hf.route` before a compiled model runs)."""
+        check_id_dtype(ids)
         ids = ids.reshape(-1).long()
         if torch.compiler.is_compiling():
             order = torch.sort(ids, stable=True).indices

@@ -248,3 +248,11 @@ def test_hooks_registered_before_convert_keep_running_and_keep_their_handles(kin
     seen.clear()
     model(input_ids=ids)
     assert seen == []
+
+
+def test_an_empty_target_list_is_refused_and_changes_nothing():
+    # convert(target_modules=[]) converted nothing and froze every parameter
+    model = tiny("bert")
+    with pytest.raises(ValueError, match="target_modules is empty"):
+        hf.convert(model, [], density=0.1)
+    assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, "xlsparse_config")

@@ -79,7 +79,16 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     bypassed = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     linears = [name for name, module in model.named_modules() if _is_linear(module)]
     if target_modules is None:
-        return [name for name in linears if _in_block(name) and name not in bypassed]
+        names = [name for name in linears if _in_block(name) and name not in bypassed]
+        if not names:
+            raise ValueError("convert: the model has no linear layer in encoder/decoder blocks; name the layers "
+                             f"with target_modules (it has {linears[:12]})")
+        return names
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    if not target_modules:
+        raise ValueError("convert: target_modules is empty; give layer names, a pattern, or None for every block "
+                         "linear layer (converting nothing would only freeze the model)")
     names = [name for name in linears if _matches(name, target_modules)]
     if bypassed & set(names):
         raise ValueError(f"convert: target_modules matches {sorted(bypassed & set(names))[:3]}, the out_proj of an "
@@ -586,8 +595,7 @@ def _language_ids(model: nn.Module, language_ids) -> torch.Tensor:
                 return [one(y) for y in x]
             return x
         ids = torch.as_tensor(one(list(language_ids)) if isinstance(language_ids, (list, tuple)) else one(language_ids))
-    if ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"route: language_ids must be integers or language names, got {ids.dtype}")
+    routing.check_id_dtype(ids)
     if ids.dim() == 0 or ids.numel() == 0:
         raise ValueError(f"route: language_ids must hold one id per example [B] or per token [B, S], got shape "
                          f"{list(ids.shape)}")

@@ -11,6 +11,7 @@ the same functions with `read_data=False`: metadata only. The C++ kernels keep j
 that protect their raw pointers (csrc/include/xlsparse/checks.h).
 """
 import math
+import numbers
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -65,6 +66,13 @@ def finite(op: str, **scalars) -> None:
             raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__}") from exc
         if not math.isfinite(v):
             raise ValueError(f"{op}: {name} must be finite, got {v}")
+
+
+def count(op: str, name: str, v) -> int:
+    """A count (k, a size) must be an int: int(2.7) would silently pick 2."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int, got {v!r}")
+    return int(v)
 
 
 def memory_key(t: torch.Tensor | None):
