@@ -78,3 +78,37 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert err.startswith("xlsparse info: error:") and "Traceback" not in err
     with pytest.raises(SystemExit):
         cli.main(["compose", "--help"])
+
+
+def _listing(folder):
+    return sorted((str(p.relative_to(folder)), p.is_dir()) for p in folder.rglob("*"))
+
+
+def test_diff_save_errors_name_the_destination_not_a_temporary_file(tmp_path, capsys):
+    # The atomic write's errors named a random "<OUT>.xxxx.tmp" beside OUT.
+    model = _tiny_bert_dir(tmp_path)
+    d = _diff(model, 3)
+    (tmp_path / "adir").mkdir()
+    before = _listing(tmp_path)
+    for out in (tmp_path / "adir", tmp_path / "no_dir" / "x.safetensors"):
+        with pytest.raises(OSError) as info:
+            d.save(str(out))
+        assert str(out) in str(info.value) and ".tmp" not in str(info.value)
+        assert _listing(tmp_path) == before
+    d.save_composable_sft(str(tmp_path / "adir" / "pytorch_diff.bin"))
+    for out in (tmp_path / "adir", tmp_path / "no_dir" / "x.safetensors"):
+        assert cli.main(["convert-composable-sft", str(tmp_path / "adir"), str(out)]) == 1
+        err = capsys.readouterr().err
+        assert str(out) in err and ".tmp" not in err
+    assert not (tmp_path / "no_dir").exists() and sorted(p.name for p in (tmp_path / "adir").iterdir()) == ["pytorch_diff.bin"]
+
+
+def test_convert_an_xlsparse_diff_says_so_briefly(tmp_path, capsys):
+    # The error listed every tensor key of the file.
+    many = xlsparse.SparseDiff({f"p{i}": xlsparse.SparseDelta(torch.tensor([0]), torch.ones(1), (4,))
+                                for i in range(200)})
+    many.save(str(tmp_path / "x.safetensors"))
+    assert cli.main(["convert-composable-sft", str(tmp_path / "x.safetensors"), str(tmp_path / "y.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "not a composable-sft diff" in err and len(err) < 400
+    assert not (tmp_path / "y.safetensors").exists()

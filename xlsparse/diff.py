@@ -9,6 +9,7 @@ replace a parameter outright (composable-sft's "abs", e.g. a newly trained class
 """
 import contextlib
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -735,8 +736,9 @@ class SparseDiff:
         except Exception as exc:
             raise ValueError(f"{path}: cannot read a composable-sft diff file: {exc}") from exc
         if not isinstance(obj, dict) or not set(obj) <= {"diffs", "abs"}:
-            raise ValueError(f"{path}: expected a dict with keys 'diffs' and 'abs', got "
-                             f"{sorted(obj, key=str) if isinstance(obj, dict) else type(obj).__name__}")
+            # A few keys only: an xlsparse .safetensors diff (which torch.load reads too) has thousands.
+            got = f"{len(obj)} keys such as {sorted(obj, key=str)[:3]}" if isinstance(obj, dict) else type(obj).__name__
+            raise ValueError(f"{path}: not a composable-sft diff: expected a dict with keys 'diffs' and 'abs', got {got}")
         encoded, absolute = obj.get("diffs", {}), obj.get("abs", {})
         if not isinstance(encoded, dict) or not isinstance(absolute, dict):
             raise ValueError(f"{path}: 'diffs' and 'abs' must be dicts")
@@ -851,7 +853,14 @@ def _umask() -> int:
 def _atomic_write(path: str, write) -> None:
     """write(tmp) into a temporary file beside `path`, then rename it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    # mkstemp's and os.replace's errors name the temporary file, not `path`; and os.replace would
+    # refuse a folder only after the whole write.
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, path) from None
     os.close(fd)
     try:
         write(tmp)
