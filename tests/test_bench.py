@@ -229,6 +229,51 @@ def test_bench_plot_writes_png_for_a_fake_family(tmp_path, monkeypatch, capsys):
     assert saved["rows"][0]["targets"][0]["met"] is True and saved["ceilings_before"]["copy_gbs"] == 10.0
 
 
+def _fake_family(monkeypatch) -> list:
+    """`bench --family fake`: one case; returns the list its calls are counted in."""
+    calls = []
+    x = torch.randn(8)
+
+    def cases(quick=False, device="cpu"):
+        return [harness.Case("fake op", "[8]", "float32", lambda: calls.append(1) or x * 2, lambda: x + x, "x + x")]
+
+    fake = types.ModuleType("xlsparse.benchmarks.bench_fake")
+    fake.cases = cases
+    monkeypatch.setitem(sys.modules, "xlsparse.benchmarks.bench_fake", fake)
+    monkeypatch.setattr(cli, "_families", lambda: {"fake": "bench_fake"})
+    monkeypatch.setattr(harness, "measure_ceilings", lambda machine, quick=False: _ceilings())
+    return calls
+
+
+@pytest.mark.parametrize("argv, name", [(["--plot", "{tmp}/bench.xyz"], "--plot"),
+                                        (["--plot", "{tmp}/adir"], "--plot"),
+                                        (["--plot", "{tmp}/afile/bench.png"], "--plot"),
+                                        (["--out", "{tmp}/afile"], "--out"),
+                                        (["--out", "{tmp}/afile/results"], "--out"),
+                                        (["--threads", "-1"], "--threads")])
+def test_bench_refuses_bad_arguments_before_measuring(argv, name, tmp_path, monkeypatch, capsys):
+    # They were found after the whole run (the JSON written, the table lost) or named no option.
+    pytest.importorskip("matplotlib")  # the `examples` extra
+    calls = _fake_family(monkeypatch)
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "afile").write_text("keep")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert cli.main(["bench", "--family", "fake", "--quick", "--out", str(tmp_path / "results"), *argv]) == 1
+    assert name in capsys.readouterr().err
+    assert calls == []
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["adir", "afile"]
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_bench_plot_prints_the_file_it_writes(tmp_path, monkeypatch, capsys):
+    # matplotlib adds .png to a name without a suffix: "plot written to bench" wrote bench.png.
+    pytest.importorskip("matplotlib")  # the `examples` extra
+    _fake_family(monkeypatch)
+    assert cli.main(["bench", "--family", "fake", "--quick", "--out", str(tmp_path), "--plot", str(tmp_path / "bench")]) == 0
+    written = capsys.readouterr().out.splitlines()[-1].removeprefix("plot written to ")
+    assert written == str(tmp_path / "bench.png") and os.path.isfile(written)
+
+
 def test_plot_rejects_an_empty_result_set(tmp_path):
     pytest.importorskip("matplotlib")  # the `examples` extra
     with pytest.raises(ValueError, match="no benchmark rows"):

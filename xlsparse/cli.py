@@ -53,6 +53,37 @@ def _measure_families(harness, families: dict, names: list, args) -> dict:
     return results
 
 
+def _check_output(arg: str, path: str, folder: bool) -> None:
+    """Refuse, before any long work, an output path that cannot be written: a file where a folder
+    goes or the reverse, or a path under a file (makedirs would fail only at the end)."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise ValueError(f"{arg} {path}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{arg} {path}: {parent} is a file, not a folder")
+
+
+def _plot_path(path: str) -> str:
+    """The file `--plot path` writes: matplotlib adds .png to a name without a suffix, so the path
+    printed is the one written. Checked before the run, as plotting comes after all of it."""
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install xlsparse[examples]") from None
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise ValueError(f"--plot {path}: is a folder; give a file such as {os.path.join(path, 'bench.png')}")
+    suffix = os.path.splitext(path)[1][1:].lower()
+    if not suffix:
+        path += ".png"
+    elif suffix not in FigureCanvasBase.get_supported_filetypes():
+        raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; give a name ending in one of "
+                         f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))} (.png, say)")
+    _check_output("--plot", path, folder=False)
+    return path
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -65,6 +96,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise ValueError(f"--family: unknown family {name!r}; choose from {sorted(families)}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch sees no CUDA device")
+    if args.threads < 0:
+        raise ValueError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
+    _check_output("--out", args.out, folder=True)
+    plot_path = _plot_path(args.plot) if args.plot else None
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = harness.describe_machine(args.device)
@@ -85,11 +120,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         all_rows += rows
     lines += ["", "### targets (issue 14)", ""] + harness.format_targets(all_rows, args.quick)
     print("\n".join(lines), flush=True)
-    if args.plot:
+    if plot_path:
         plot = importlib.import_module("xlsparse.benchmarks.plot")
         noisy = "NOISY " if harness.noisy_reasons(before, after, load, machine.threads) else ""
         title = f"{noisy}{machine.processor}, {machine.threads} threads, torch {machine.torch}"
-        print(f"plot written to {plot.plot([dataclasses.asdict(r) for r in all_rows], args.plot, title)}")
+        print(f"plot written to {plot.plot([dataclasses.asdict(r) for r in all_rows], plot_path, title)}")
     failed = [r for r in all_rows if r.note.startswith("FAILED")]
     if failed:
         print(f"xlsparse bench: {len(failed)} rows failed", file=sys.stderr)
