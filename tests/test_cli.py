@@ -84,6 +84,59 @@ def _listing(folder):
     return sorted((str(p.relative_to(folder)), p.is_dir()) for p in folder.rglob("*"))
 
 
+@pytest.mark.parametrize("argv, name", [(["{tmp}/no_such_base", "{diff}", "--out", "{tmp}/new"], "BASE_DIR"),
+                                        (["{base}", "{diff}", "--out", "{tmp}/afile"], "--out"),
+                                        (["{base}", "{diff}", "--out", "{tmp}/afile/sub"], "--out"),
+                                        (["{base}", "{diff}", "--out", "{tmp}/used"], "--out"),
+                                        (["{base}", "{tmp}/not_a_diff", "--out", "{tmp}/new"], "pytorch_diff.bin"),
+                                        (["{base}", "{diff}", "--model-class", "AutoConfig", "--out", "{tmp}/new"],
+                                         "--model-class"),
+                                        (["{base}", "{diff}", "--model-class", "PreTrainedModel", "--out", "{tmp}/new"],
+                                         "--model-class")])
+def test_compose_checks_arguments_before_writing(argv, name, tmp_path, capsys):
+    # A missing BASE_DIR was reported as a huggingface.co connection error; --out as a file or a
+    # non-empty folder (another model's files stayed) and a DIFF folder without pytorch_diff.bin
+    # failed late or with "No such device (os error 19)"; none named the argument.
+    model = _tiny_bert_dir(tmp_path)
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    (tmp_path / "afile").write_text("keep")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "tokenizer.json").write_text("{}")
+    (tmp_path / "not_a_diff").mkdir()
+    before = _listing(tmp_path)
+    argv = [a.format(tmp=tmp_path, base=tmp_path / "base", diff=tmp_path / "a.safetensors") for a in argv]
+    assert cli.main(["compose", *argv]) == 1
+    assert name in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+    assert (tmp_path / "afile").read_text() == "keep"
+
+
+def test_info_names_a_folder_without_a_diff_and_compose_takes_an_empty_out(tmp_path, capsys):
+    model = _tiny_bert_dir(tmp_path)
+    (tmp_path / "not_a_diff").mkdir()
+    assert cli.main(["info", str(tmp_path / "not_a_diff")]) == 1
+    assert f"DIFF {tmp_path / 'not_a_diff'}: a folder without pytorch_diff.bin" in capsys.readouterr().err
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    (tmp_path / "empty").mkdir()
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "empty")]) == 0
+
+
+def test_compose_no_abs_of_matches_the_same_file_by_another_path(tmp_path, monkeypatch):
+    # Compared as strings, ./a.safetensors was "not among the DIFF arguments" a.safetensors.
+    model = _tiny_bert_dir(tmp_path)
+    norm = "bert.embeddings.LayerNorm.weight"
+    d = _diff(model, 1)
+    d = xlsparse.SparseDiff(d.deltas, absolute={norm: torch.full_like(model.get_parameter(norm), 2.0)})
+    d.save(str(tmp_path / "a.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["compose", "base", "a.safetensors", "--no-abs-of", "./a.safetensors", "--out", "merged"]) == 0
+    merged = transformers.BertForMaskedLM.from_pretrained(tmp_path / "merged")
+    assert torch.equal(merged.get_parameter(norm), model.get_parameter(norm))  # the absolute entry was skipped
+    with xlsparse.apply([d.without_absolute()], model):
+        for (n, p), q in zip(model.named_parameters(), merged.parameters()):
+            assert torch.equal(p, q), n
+
+
 def test_diff_save_errors_name_the_destination_not_a_temporary_file(tmp_path, capsys):
     # The atomic write's errors named a random "<OUT>.xxxx.tmp" beside OUT.
     model = _tiny_bert_dir(tmp_path)

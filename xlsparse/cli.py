@@ -131,14 +131,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _diff_file(arg: str, path: str) -> str:
+    """The file a diff argument names: itself, or the pytorch_diff.bin of a composable-sft folder."""
+    if not os.path.isdir(path):
+        return path
+    file = os.path.join(path, "pytorch_diff.bin")
+    if not os.path.isfile(file):
+        raise ValueError(f"{arg} {path}: a folder without pytorch_diff.bin (a composable-sft diff folder holds one)")
+    return file
+
+
 def _load_diff(path: str):
     from xlsparse import SparseDiff
 
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "pytorch_diff.bin")):
-        return SparseDiff.load_composable_sft(os.path.join(path, "pytorch_diff.bin"))
-    if path.endswith(".bin"):
-        return SparseDiff.load_composable_sft(path)
-    return SparseDiff.load(path)
+    file = _diff_file("DIFF", path)
+    return SparseDiff.load_composable_sft(file) if file.endswith(".bin") else SparseDiff.load(file)
 
 
 # Files of a model folder that hold weights (and their shard indexes): compose writes its own.
@@ -157,19 +164,30 @@ def cmd_compose(args: argparse.Namespace) -> int:
     alphas = args.alpha or [1.0] * len(args.diffs)
     if len(alphas) != len(args.diffs):
         raise ValueError(f"--alpha: {len(alphas)} values for {len(args.diffs)} diffs")
+    if not os.path.isdir(args.base):  # checked here: transformers would look it up on the Hub
+        raise ValueError(f"BASE_DIR {args.base}: no such folder")
     if os.path.realpath(args.out) == os.path.realpath(args.base):
         raise ValueError(f"--out {args.out} is BASE_DIR: the merged model would overwrite the base; give another folder")
+    _check_output("--out", args.out, folder=True)
+    if os.path.isdir(args.out) and os.listdir(args.out):  # another model's files would stay beside the new ones
+        raise ValueError(f"--out {args.out}: a folder that is not empty; give a new or empty folder")
+    # Real paths: ./a.safetensors is the DIFF a.safetensors.
+    no_abs_of = {os.path.realpath(p) for p in args.no_abs_of}
+    unknown = [p for p in args.no_abs_of if os.path.realpath(p) not in set(map(os.path.realpath, args.diffs))]
+    if unknown:
+        raise ValueError(f"--no-abs-of: {unknown} are not among the DIFF arguments {args.diffs}")
+    diffs = [_load_diff(p) for p in args.diffs]  # before the model: a bad DIFF is told at once
     config = transformers.AutoConfig.from_pretrained(args.base, local_files_only=True)
     arch = args.model_class or (config.architectures or ["AutoModel"])[0]
     model_class = getattr(transformers, arch, None)
-    if model_class is None or not hasattr(model_class, "from_pretrained"):
-        raise ValueError(f"--model-class: transformers has no model class {arch!r}")
+    # An Auto* model class or a concrete model; not a config, tokenizer or an abstract *PreTrainedModel base.
+    concrete = isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel) \
+        and not arch.endswith("PreTrainedModel")
+    if not (arch.startswith("AutoModel") and model_class is not None or concrete):
+        raise ValueError(f"--model-class: {arch!r} is not a transformers model class (such as AutoModelForMaskedLM "
+                         "or BertForMaskedLM)")
     model = model_class.from_pretrained(args.base, local_files_only=True)
-    unknown = [d for d in args.no_abs_of if d not in args.diffs]
-    if unknown:
-        raise ValueError(f"--no-abs-of: {unknown} are not among the DIFF arguments {args.diffs}")
-    diffs = [_load_diff(p) for p in args.diffs]
-    diffs = [d.without_absolute() if p in args.no_abs_of else d for p, d in zip(args.diffs, diffs)]
+    diffs = [d.without_absolute() if os.path.realpath(p) in no_abs_of else d for p, d in zip(args.diffs, diffs)]
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
@@ -202,7 +220,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
     from xlsparse import SparseDiff
 
-    src = os.path.join(args.src, "pytorch_diff.bin") if os.path.isdir(args.src) else args.src
+    src = _diff_file("IN", args.src)
+    _check_output("OUT", args.out, folder=False)
     diff = SparseDiff.load_composable_sft(src)
     diff.save(args.out)
     print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} nonzeros) to {args.out}")
