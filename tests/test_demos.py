@@ -33,6 +33,39 @@ def test_demo_rejects_bad_arguments(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_demo_refuses_a_missing_model_folder_at_once(tmp_path, monkeypatch, capsys):
+    # transformers took it for a Hub name: about 50 s of retries, an error not naming --model,
+    # and an empty --out folder left behind.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "o").mkdir()
+    for model in (str(tmp_path / "no_such_model"), "./no_such_model", "o/no_such_model"):
+        assert cli.main(["demo", "ltsft", "--quick", "--model", model, "--out", "out"]) == 1
+        assert f"--model {model}: no such folder" in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+    assert not demos._local_path("intfloat/multilingual-e5-small")  # a Hub name ('org' is no folder here)
+
+
+@pytest.mark.parametrize("method", demos.METHODS)
+def test_demo_makes_its_folder_only_once_the_model_loaded(method, tmp_path, monkeypatch, capsys):
+    from xlsparse.demos import arithmetic, task, xelm
+
+    def fail(*args, **kwargs):
+        raise OSError("cannot load the model")
+
+    monkeypatch.setattr(arithmetic, "related_language", lambda target, pool: (pool[0], 0.0))  # URIEL takes 15 s
+    monkeypatch.setattr(task, "classifier", fail)
+    monkeypatch.setattr(xelm, "tokenizer_for", fail)
+    assert cli.main(["demo", method, "--quick", "--out", str(tmp_path / "out")]) == 1
+    capsys.readouterr()
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_out_must_not_be_a_file(tmp_path, capsys):
+    (tmp_path / "afile").write_text("keep")
+    assert cli.main(["demo", "ltsft", "--quick", "--out", str(tmp_path / "afile")]) == 1
+    assert "--out" in capsys.readouterr().err and (tmp_path / "afile").read_text() == "keep"
+
+
 def _numbers(tree):
     if isinstance(tree, dict):
         for v in tree.values():

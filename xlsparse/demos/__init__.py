@@ -5,6 +5,9 @@ under /usr/share/locale) with a real pretrained multilingual encoder, offline.
 Each demo prints a markdown table and writes `<out>/<method>.md`, `.json` and a `.png` bar chart.
 """
 import importlib
+import os
+
+from ..cli import _check_output
 
 METHODS = ("ltsft", "arithmetic", "subnetworks", "continual", "xelm")
 
@@ -19,6 +22,10 @@ def run(method: str, quick: bool = False, model: str | None = None, out: str = "
         raise ValueError(f"demo: --seeds must be at least 1, got {seeds}")
     if threads < 0:
         raise ValueError(f"demo: --threads must be 0 (torch's choice) or more, got {threads}")
+    if model is not None and _local_path(model) and not os.path.isdir(model):
+        # Said at once: transformers would take it for a Hub name and retry the Hub for about a minute.
+        raise ValueError(f"demo: --model {model}: no such folder")
+    _check_output("--out", out, folder=True)
     import torch
 
     from .task import DEFAULT_MODEL
@@ -28,6 +35,13 @@ def run(method: str, quick: bool = False, model: str | None = None, out: str = "
 
     module = importlib.import_module(f"{__name__}.{method}")
     return module.run(quick=quick, model_name=model or DEFAULT_MODEL, out=out, seeds=seeds)
+
+
+def _local_path(name: str) -> bool:
+    """Whether `name` can only be a folder here, as a Hub name is 'name' or 'org/name': it starts
+    with '.' or '/', has two '/' or more, or its 'org' part is a folder here."""
+    org, slash, _ = name.partition("/")
+    return name.startswith((".", "/")) or name.count("/") > 1 or bool(slash) and os.path.isdir(org)
 
 
 def add_arguments(parser) -> None:

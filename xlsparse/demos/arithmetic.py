@@ -71,12 +71,12 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
 
     s = settings(quick, seeds)
     start = time.time()
-    task.ensure_dir(out)
     related = {t: related_language(t, s.pool) for t in s.targets}
     chosen = sorted({r for r, _ in related.values()})
     langs = [task.SOURCE] + chosen + s.targets
     data = task.load_task(langs, s.per_domain)  # related languages too, so their test translations stay unseen
     model, tokenizer = task.classifier(model_name, len(task.DOMAINS), seed=0)
+    task.ensure_dir(out)  # made only once the model loaded: a bad --model leaves no folder
     print(f"{METHOD}: targets {s.targets} with {s.target_lines} lines each; related by URIEL: "
           + ", ".join(f"{t} → {r} ({d:.3f})" for t, (r, d) in related.items()), flush=True)
     theta0 = task.snapshot(model)

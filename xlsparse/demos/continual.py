@@ -121,9 +121,9 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
 
     s = settings(quick, seeds)
     start = time.time()
-    task.ensure_dir(out)
     data = task.load_task(s.langs, s.per_domain)
     model, tokenizer = task.classifier(model_name, len(task.DOMAINS), seed=0)
+    task.ensure_dir(out)  # made only once the model loaded: a bad --model leaves no folder
     print(f"{METHOD}: fine-tune on {len(s.langs)} languages, then update on new messages in {s.update_langs}", flush=True)
 
     ltsft.set_trainable(model, FROZEN)

@@ -156,10 +156,10 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
 
     s = settings(quick, seeds)
     start = time.time()
-    task.ensure_dir(out)
     langs = [task.SOURCE] + s.targets
     data = task.load_task(langs, s.per_domain)
     model, tokenizer = task.classifier(model_name, len(task.DOMAINS), seed=0)
+    task.ensure_dir(out)  # made only once the model loaded: a bad --model leaves no folder
     print(f"{METHOD}: {len(data.train)} English training messages, {len(data.test[task.SOURCE])} test messages in "
           f"each of {len(langs)} languages, {len(task.DOMAINS)} programs", flush=True)
     theta0 = task.snapshot(model)

@@ -152,7 +152,6 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
 
     s = settings(quick, seeds)
     start = time.time()
-    task.ensure_dir(out)
     langs = s.seen + s.unseen
     data = task.load_task(langs, s.per_domain)
     print(f"{METHOD}: trained on {s.seen}, zero-shot on {s.unseen}; subnetworks of {s.density:.0%}", flush=True)
@@ -160,6 +159,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     sizes = {}
     for seed in s.seeds:
         model, tokenizer = task.classifier(model_name, len(task.DOMAINS), seed=seed)
+        task.ensure_dir(out)  # made only once a model loaded: a bad --model leaves no folder
         ltsft.set_trainable(model, ltsft.EMBEDDINGS + (r"LayerNorm",))
         body = [f"{n}.weight" for n in hf.model.target_names(model)]
         theta0 = task.snapshot(model)

@@ -126,12 +126,12 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
         raise ValueError("demo xelm: --model does not apply (the seed LM is trained in-process)")
     s = settings(quick, seeds)
     start = time.time()
-    task.ensure_dir(out)
     langs = [lang for members in s.clusters.values() for lang in members]
     text = {lang: gettext.monolingual_text(lang, s.lines) for lang in langs + [s.new_language]}
     held = {lang: lines[: max(8, len(lines) // 10)] for lang, lines in text.items()}
     train = {lang: lines[len(held[lang]):] for lang, lines in text.items()}
     tokenizer = tokenizer_for([t for lines in train.values() for t in lines], s.vocab)
+    task.ensure_dir(out)  # made only once the text and tokenizer are ready: a failure before leaves no folder
     test = {lang: batches(tokenizer, held[lang], s.batch, max(1, len(held[lang]) // s.batch), 99) for lang in held}
     cluster_of = {lang: c for c, members in s.clusters.items() for lang in members}
     print(f"{METHOD}: {len(langs)} languages in {len(s.clusters)} clusters, new language {s.new_language}; "
