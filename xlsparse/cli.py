@@ -7,6 +7,8 @@ import pkgutil
 import shutil
 import sys
 
+from ._paths import check_output
+
 
 def _benchmarks():
     """The benchmarks package, shipped as `xlsparse.benchmarks`."""
@@ -53,18 +55,6 @@ def _measure_families(harness, families: dict, names: list, args) -> dict:
     return results
 
 
-def _check_output(arg: str, path: str, folder: bool) -> None:
-    """Refuse, before any long work, an output path that cannot be written: a file where a folder
-    goes or the reverse, or a path under a file (makedirs would fail only at the end)."""
-    if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise ValueError(f"{arg} {path}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise ValueError(f"{arg} {path}: {parent} is a file, not a folder")
-
-
 def _plot_path(path: str) -> str:
     """The file `--plot path` writes: matplotlib adds .png to a name without a suffix, so the path
     printed is the one written. Checked before the run, as plotting comes after all of it."""
@@ -80,7 +70,7 @@ def _plot_path(path: str) -> str:
     elif suffix not in FigureCanvasBase.get_supported_filetypes():
         raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; give a name ending in one of "
                          f"{', '.join(sorted(FigureCanvasBase.get_supported_filetypes()))} (.png, say)")
-    _check_output("--plot", path, folder=False)
+    check_output("--plot", path, folder=False)
     return path
 
 
@@ -98,7 +88,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise RuntimeError("--device cuda: torch sees no CUDA device")
     if args.threads < 0:
         raise ValueError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
-    _check_output("--out", args.out, folder=True)
+    check_output("--out", args.out, folder=True)
     plot_path = _plot_path(args.plot) if args.plot else None
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -168,7 +158,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
         raise ValueError(f"BASE_DIR {args.base}: no such folder")
     if os.path.realpath(args.out) == os.path.realpath(args.base):
         raise ValueError(f"--out {args.out} is BASE_DIR: the merged model would overwrite the base; give another folder")
-    _check_output("--out", args.out, folder=True)
+    check_output("--out", args.out, folder=True)
     if os.path.isdir(args.out) and os.listdir(args.out):  # another model's files would stay beside the new ones
         raise ValueError(f"--out {args.out}: a folder that is not empty; give a new or empty folder")
     # Real paths: ./a.safetensors is the DIFF a.safetensors.
@@ -221,7 +211,7 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
     from xlsparse import SparseDiff
 
     src = _diff_file("IN", args.src)
-    _check_output("OUT", args.out, folder=False)
+    check_output("OUT", args.out, folder=False)
     diff = SparseDiff.load_composable_sft(src)
     diff.save(args.out)
     print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} nonzeros) to {args.out}")

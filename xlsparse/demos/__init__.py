@@ -7,7 +7,7 @@ Each demo prints a markdown table and writes `<out>/<method>.md`, `.json` and a 
 import importlib
 import os
 
-from ..cli import _check_output
+from .._paths import check_output
 
 METHODS = ("ltsft", "arithmetic", "subnetworks", "continual", "xelm")
 
@@ -25,7 +25,7 @@ def run(method: str, quick: bool = False, model: str | None = None, out: str = "
     if model is not None and _local_path(model) and not os.path.isdir(model):
         # Said at once: transformers would take it for a Hub name and retry the Hub for about a minute.
         raise ValueError(f"demo: --model {model}: no such folder")
-    _check_output("--out", out, folder=True)
+    check_output("--out", out, folder=True)
     import torch
 
     from .task import DEFAULT_MODEL
