@@ -2,6 +2,7 @@
 sequence likelihood (every expert run alone on its own copy of the model), embedding and head
 parts, generation, perplexity on tiny data, clustering and branching."""
 import copy
+import math
 
 import pytest
 import torch
@@ -248,6 +249,38 @@ def test_child_grows_where_the_gradient_at_base_plus_parent_is_largest():
     assert got == expect
 
 
+def _x_elm_clustering(vectors, num_clusters):
+    """X-ELM's lang_clustering.py restated: cosine distance skipping missing (None) values, the
+    single-link distance of two clusters, greedy disjoint pairs (closest first) merged each round."""
+    def cos(u, v):
+        xy = sum(a * b for a, b in zip(u, v) if a is not None and b is not None)
+        xx, yy = sum(a * a for a in u if a is not None), sum(b * b for b in v if b is not None)
+        return 1 - xy / math.sqrt(xx * yy)
+
+    clusters = [[i] for i in range(len(vectors))]
+    while len(clusters) > num_clusters:
+        dists = [(i, j, min(cos(vectors[a], vectors[b]) for a in clusters[i] for b in clusters[j]))
+                 for i in range(len(clusters)) for j in range(len(clusters)) if i < j]
+        pairs = []
+        while dists:
+            i, j, _ = sorted(dists, key=lambda t: t[-1])[0]
+            pairs.append((i, j))
+            dists = [t for t in dists if t[0] not in (i, j) and t[1] not in (i, j)]
+        clusters = [clusters[i] + clusters[j] for i, j in pairs]
+    return {i: e for e, members in enumerate(clusters) for i in members}
+
+
+def test_typological_clusters_follow_x_elm_s_greedy_pairing(monkeypatch):
+    g = torch.Generator().manual_seed(3)
+    vectors = torch.randn(16, 12, generator=g, dtype=torch.float64)
+    vectors[torch.rand(16, 12, generator=g) < 0.2] = math.nan  # missing lang2vec values ('--')
+    monkeypatch.setattr(xelm, "_syntax_average", lambda codes: vectors[[int(c) for c in codes]])
+    plain = [[None if math.isnan(x) else x for x in row] for row in vectors.tolist()]
+    for k in (8, 4, 2, 1):
+        got = xelm.cluster_languages({f"l{i}": str(i) for i in range(16)}, k)
+        assert got == {f"l{i}": e for i, e in _x_elm_clustering(plain, k).items()}, k
+
+
 def test_balanced_kmeans_and_typological_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
@@ -261,6 +294,8 @@ def test_balanced_kmeans_and_typological_clusters():
     pytest.importorskip("lang2vec")
     clusters = xelm.cluster_languages({"en": "eng", "de": "deu", "nl": "nld", "ja": "jpn", "ko": "kor", "tr": "tur"}, 2)
     assert clusters["en"] == clusters["de"] == clusters["nl"] != clusters["ja"] == clusters["ko"]
+    with pytest.raises(ValueError, match="num_experts must be in"):
+        xelm.cluster_languages({"en": "eng"}, 2)
     assert xelm.closest_parent({"a": "eng", "b": "jpn"}, "deu") == "a"
     prior = xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]})
     assert prior[0] > prior[1] and float(prior.sum()) == pytest.approx(1.0)

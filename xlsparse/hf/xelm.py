@@ -3,8 +3,8 @@ shared base, run together in one batched pass and mixed per token.
 
 What follows the paper (and its c-BTM lineage, Gururangan et al. 2023):
   - independent experts, each trained on the languages of one cluster; clusters come from
-    typology (URIEL, as X-ELM's "typological" clustering) or from balanced k-means over example
-    embeddings (c-BTM's data clustering): `cluster_languages`, `balanced_kmeans`;
+    typology (X-ELM's own: greedy pairing by lang2vec syntax distance, `cluster_languages`) or
+    from balanced k-means over example embeddings (c-BTM's data clustering, `balanced_kmeans`);
   - the ensemble weights each expert per token by its posterior given the prefix,
     p(e | x<t) ∝ p(e) · p(x<t | e), with the prior p(e) uniform unless given, so the first
     token uses the prior (uniform by default), and optionally only the top-k experts;
@@ -21,6 +21,7 @@ What is xlsparse's own:
 """
 import copy
 import inspect
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -352,20 +353,63 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
     return assign, centres.float()
 
 
-def cluster_languages(codes: Mapping[str, str], num_experts: int, seed: int = 0) -> dict[str, int]:
-    """{language: expert index}: balanced k-means over the languages' URIEL vectors (syntax,
-    phonology, inventory, family, geography; see `xlsparse.hf.continual.uriel_vectors`), so that
-    typologically close languages share an expert, as in X-ELM's typological clustering.
-    `codes` maps each language to its ISO 639-3 code."""
+def _syntax_average(codes: Sequence[str]) -> torch.Tensor:
+    """[L, F] lang2vec `syntax_average` features (minimal: features known for some language), NaN
+    where a language's value is missing ('--'), as X-ELM's clustering reads them."""
+    from .continual import _lang2vec
+
+    l2v = _lang2vec()
+    unknown = [c for c in codes if c not in l2v.LANGUAGES]
+    if unknown:
+        raise ValueError(f"cluster_languages: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
+    table = l2v.get_features(list(dict.fromkeys(codes)), "syntax_average", minimal=True)
+    return torch.tensor([[math.nan if x == "--" else float(x) for x in table[c]] for c in codes], dtype=torch.float64)
+
+
+def _cosine_distances(v: torch.Tensor) -> torch.Tensor:
+    """[L, L] 1 − cosine between rows that skip missing values as X-ELM's code does: the dot over
+    the features both rows have, each norm over the row's own known features."""
+    known = ~v.isnan()
+    x = torch.where(known, v, torch.zeros((), dtype=v.dtype))
+    norms = x.square().sum(1).sqrt()
+    return 1 - (x @ x.T) / (norms[:, None] * norms[None, :])
+
+
+def cluster_languages(codes: Mapping[str, str], num_experts: int) -> dict[str, int]:
+    """{language: expert index}: X-ELM's typological clustering (its `lang_clustering.py`).
+
+    Each language is a lang2vec `syntax_average` vector; the distance of two clusters is the
+    smallest cosine distance between their languages (missing features skipped). Starting from
+    one cluster per language, each round pairs the clusters greedily, the closest pair first
+    among those not paired yet, and merges each pair, until `num_experts` clusters remain. X-ELM
+    halves the count each round (16 languages → 8 → 4 ...); when `len(codes) / num_experts` is
+    not a power of two, the last round merges only as many pairs as needed, and a cluster left
+    unpaired in a round (an odd count) carries over, where X-ELM's code would lose it.
+    Ties go to the earlier pair in language order. `codes` maps each language to its ISO 639-3
+    code; expert indices follow the order in which the clusters were formed, as there.
+    """
     langs = list(codes)
-    vecs = uriel_vectors(tuple(codes[lang] for lang in langs))
-    assign, _ = balanced_kmeans(torch.stack([vecs[codes[lang]] for lang in langs]), num_experts, seed=seed)
-    return {lang: int(a) for lang, a in zip(langs, assign)}
+    if not 1 <= num_experts <= len(langs):
+        raise ValueError(f"cluster_languages: num_experts must be in [1, {len(langs)}], got {num_experts}")
+    dist = _cosine_distances(_syntax_average([codes[lang] for lang in langs]))
+    clusters = [[i] for i in range(len(langs))]
+    while len(clusters) > num_experts:
+        pairs = sorted(((float(dist[clusters[a]][:, clusters[b]].min()), a, b)
+                        for a in range(len(clusters)) for b in range(a + 1, len(clusters))), key=lambda t: t[0])
+        merged, used = [], set()
+        for _, a, b in pairs:
+            if len(merged) == len(clusters) - num_experts:
+                break
+            if a not in used and b not in used:
+                merged.append(clusters[a] + clusters[b])
+                used.update((a, b))
+        clusters = merged + [c for i, c in enumerate(clusters) if i not in used]
+    return {langs[i]: e for e, members in enumerate(clusters) for i in members}
 
 
 def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_experts: int,
                           codes: Mapping[str, str] | None = None, clusters: Mapping[str, int] | None = None,
-                          seed: int = 0, **train_kwargs) -> tuple[dict[str, SparseDiff], dict[str, list[str]]]:
+                          **train_kwargs) -> tuple[dict[str, SparseDiff], dict[str, list[str]]]:
     """X-ELM's branch-train step: cluster the languages, then train one expert per cluster on
     the batches of its languages (in language order, one language's batches after another's
     interleaved round-robin so no language comes last).
@@ -378,7 +422,7 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     if (codes is None) == (clusters is None):
         raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
     if clusters is None:
-        clusters = cluster_languages({lang: codes[lang] for lang in batches}, num_experts, seed=seed)
+        clusters = cluster_languages({lang: codes[lang] for lang in batches}, num_experts)
     missing = [lang for lang in batches if lang not in clusters]
     if missing:
         raise ValueError(f"train_cluster_experts: no cluster for languages {missing}")
