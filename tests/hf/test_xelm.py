@@ -149,10 +149,18 @@ def test_static_weights_equal_mixing_separate_experts():
     torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="static"):
         xelm.ExpertEnsemble(base, experts)(ids, weights=weights)
-    # top_k would be silently ignored by static and uniform weights: it raises instead.
+    # top_k, temperature and a prior would be silently ignored where they have no effect: they raise.
     for weighting in ("static", "uniform"):
         with pytest.raises(ValueError, match="top_k"):
             xelm.ExpertEnsemble(base, experts, weighting=weighting, top_k=1)
+        with pytest.raises(ValueError, match="temperature"):
+            xelm.ExpertEnsemble(base, experts, weighting=weighting, temperature=2.0)
+    with pytest.raises(ValueError, match="prior"):
+        xelm.ExpertEnsemble(base, experts, weighting="uniform", prior=[0.5, 0.5])
+    # a mixture: a negative weight gave probability mass 1.5, an all-zero row NaN
+    for bad in ([[1.0, -0.5], [0.5, 0.5]], [[0.0, 0.0], [0.5, 0.5]], [[float("nan"), 1.0], [0.5, 0.5]]):
+        with pytest.raises(ValueError, match="weights must be finite and >= 0"):
+            ensemble(ids, weights=torch.tensor(bad))
 
 
 def test_unroutable_entries_raise():
@@ -225,6 +233,11 @@ def test_child_expert_grows_its_own_support():
     assert ensemble.names == ["parent", "child"] and ensemble.experts["parent"] is before
     with pytest.raises(ValueError, match="grow needs init"):
         xelm.train_expert(base, _lm_batches(1, 1), density=0.01, grow=5, progress=False)
+    with pytest.raises(ValueError, match="k and density are for an expert drawn at random"):
+        xelm.train_expert(base, _lm_batches(1, 1), init=parent, density=0.5, progress=False)
+    norm = SparseDiff._trusted(dict(parent.deltas), {"model.norm.weight": torch.ones(32)})
+    with pytest.raises(ValueError, match=r"dense entries \['model.norm.weight'\] outside the embeddings"):
+        xelm.train_expert(base, _lm_batches(1, 1), init=norm, train_embeddings=True, progress=False)
 
 
 def test_child_grows_where_the_gradient_at_base_plus_parent_is_largest():

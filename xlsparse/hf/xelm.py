@@ -114,6 +114,10 @@ class ExpertEnsemble(nn.Module):
             raise ValueError(f"ExpertEnsemble: top_k is for weighting='posterior', not {weighting!r}")
         if not temperature > 0:
             raise ValueError(f"ExpertEnsemble: temperature must be positive, got {temperature}")
+        if temperature != 1.0 and weighting != "posterior":  # it scales the prefix likelihoods only
+            raise ValueError(f"ExpertEnsemble: temperature is for weighting='posterior', not {weighting!r}")
+        if prior is not None and weighting == "uniform":
+            raise ValueError("ExpertEnsemble: a prior is for weighting='posterior' or 'static', not 'uniform'")
         if space not in ("prob", "logit"):
             raise ValueError(f"ExpertEnsemble: space must be 'prob' or 'logit', got {space!r}")
         self._base = base
@@ -207,6 +211,9 @@ class ExpertEnsemble(nn.Module):
                 return self.log_prior.to(token_logprobs.device).expand(b, s, e).clone()
             if tuple(weights.shape) != (b, e):
                 raise ValueError(f"ExpertEnsemble: weights must have shape [{b}, {e}], got {tuple(weights.shape)}")
+            # a mixture: a negative weight gave more than probability 1, an all-zero row NaN
+            if not bool(torch.isfinite(weights).all() and (weights >= 0).all() and (weights.sum(1) > 0).all()):
+                raise ValueError("ExpertEnsemble: weights must be finite and >= 0, with a positive sum in every row")
             log_w = (weights / weights.sum(1, keepdim=True)).clamp_min(1e-30).log().float()
             return log_w[:, None, :].expand(b, s, e).clone()
         prefix = torch.zeros(e, b, s, dtype=torch.float32, device=token_logprobs.device)
@@ -499,6 +506,9 @@ class _ExpertSetup:
                  loss_fn, what: str):
         if grow is not None and init is None:
             raise ValueError(f"{what}: grow needs init (the parent expert the child branches from)")
+        if init is not None and (k is not None or density is not None):
+            raise ValueError(f"{what}: init gives the support (grow adds to it); k and density are for an expert "
+                             "drawn at random")
         self.base = base
         model = copy.deepcopy(base)
         for p in model.parameters():
@@ -525,6 +535,10 @@ class _ExpertSetup:
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
                 if module is not None and id(module.weight) in named:
                     self.dense.setdefault(named[id(module.weight)], module.weight)
+            dropped = sorted(set(init.dense) - set(self.dense)) if init is not None else []
+            if dropped:  # the child would not start at base + parent
+                raise ValueError(f"{what}: init has dense entries {dropped[:3]} outside the embeddings and head, "
+                                 "which an expert does not train")
             train_outside_diff(model, list(self.dense))  # `diff()` returns them as dense parts
             with torch.no_grad():
                 for n, w in self.dense.items():
