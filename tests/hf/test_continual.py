@@ -24,6 +24,13 @@ def test_uriel_distances_and_language_aware_masks():
     assert all(sum(int(m.sum()) for m in masks[lang].values()) == k for lang in masks)
     with pytest.raises(ValueError, match="unknown"):
         continual.uriel_distance("eng", "zzz")
+    # a parameter scored for one language only was skipped (or a bare KeyError, in the other order)
+    extra = dict(scores, ja={**scores["ja"], "bert.pooler.dense.weight": torch.rand(32, 32, generator=g)})
+    with pytest.raises(ValueError, match="score the same parameters"):
+        continual.language_aware_masks(extra, {"en": "eng", "de": "deu", "ja": "jpn"}, density=0.1)
+    # a set with gaps ('--') failed inside float()
+    with pytest.raises(ValueError, match="'syntax_average' has missing values"):
+        continual.uriel_distance("eng", "deu", features=("syntax_average",))
 
 
 def test_uriel_distance_averages_the_cosines_of_the_sets_both_languages_have(monkeypatch):
@@ -193,6 +200,10 @@ def test_continual_update_rejects_batches_without_language_ids():
     batch = _mixed_batch(1)
     del batch["language_ids"]
     with pytest.raises(ValueError, match="language_ids"):
+        continual.continual_update(model, [batch], masks, progress=False)
+    batch = _mixed_batch(1)
+    batch["language_ids"] = ["es"] * len(batch["language_ids"])
+    with pytest.raises(ValueError, match=r"unknown languages \['es', .*the masks have \['de'\]"):
         continual.continual_update(model, [batch], masks, progress=False)
 
 

@@ -149,6 +149,11 @@ def test_static_weights_equal_mixing_separate_experts():
     torch.testing.assert_close(got.double(), expect, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="static"):
         xelm.ExpertEnsemble(base, experts)(ids, weights=weights)
+    # the caller's base is not a submodule: converting the ensemble leaves it alone; nothing trains
+    ensemble.to(torch.float64)
+    assert all(p.dtype == torch.float32 for p in base.parameters())
+    assert not any(n.startswith("_base") for n in ensemble.state_dict())
+    assert not any(p.requires_grad for p in ensemble.parameters())
     # top_k, temperature and a prior would be silently ignored where they have no effect: they raise.
     for weighting in ("static", "uniform"):
         with pytest.raises(ValueError, match="top_k"):

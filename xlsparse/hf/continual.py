@@ -78,6 +78,9 @@ def _uriel_blocks(langs: Sequence[str], feature: str) -> list[torch.Tensor]:
             raise ValueError(f"uriel: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
         table = l2v.get_features(missing, feature)
         for lang in missing:
+            if "--" in table[lang]:
+                raise ValueError(f"uriel: the feature set {feature!r} has missing values ('--') for {lang!r}; use a "
+                                 "set without gaps, such as the kNN-imputed 'syntax_knn'")
             v = torch.tensor([float(x) for x in table[lang]], dtype=torch.float64)
             _URIEL_CACHE[feature, lang] = v / v.norm().clamp_min(1e-12)
     return [_URIEL_CACHE[feature, lang] for lang in langs]
@@ -133,8 +136,12 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     `uriel_codes` maps each language key of `scores` to its ISO 639-3 code.
     """
     langs = list(scores)
-    dist = distance_matrix([uriel_codes[lang] for lang in langs], features).float()
     names = list(next(iter(scores.values())))
+    for lang in langs:  # a parameter one language scored and another did not would be skipped or a KeyError
+        if set(scores[lang]) != set(names):
+            raise ValueError(f"language_aware_masks: scores[{lang!r}] names {sorted(set(scores[lang]) ^ set(names))[:3]} "
+                             f"that scores[{langs[0]!r}] does not, or the reverse; score the same parameters")
+    dist = distance_matrix([uriel_codes[lang] for lang in langs], features).float()
     norm = {}
     for lang in langs:
         total = sum(float(scores[lang][n].sum()) for n in names) or 1.0
@@ -161,7 +168,10 @@ def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
         raise ValueError("continual_update: every batch must carry language_ids (one per example)")
     ids = batch["language_ids"]
     if not isinstance(ids, torch.Tensor):
-        ids = torch.tensor([order.index(x) if isinstance(x, str) else int(x) for x in ids])
+        unknown = [x for x in ids if isinstance(x, str) and x not in order]
+        if unknown:
+            raise ValueError(f"continual_update: unknown languages {unknown} in language_ids; the masks have {order}")
+        ids = torch.tensor([order.index(x) if isinstance(x, str) else -1 if x is None else int(x) for x in ids])
     n = batch["input_ids"].shape[0] if "input_ids" in batch else ids.shape[0]
     if ids.dim() != 1 or ids.shape[0] != n:
         raise ValueError(f"continual_update: language_ids must be [{n}] (one per example), got {tuple(ids.shape)}")

@@ -120,7 +120,7 @@ class ExpertEnsemble(nn.Module):
             raise ValueError("ExpertEnsemble: a prior is for weighting='posterior' or 'static', not 'uniform'")
         if space not in ("prob", "logit"):
             raise ValueError(f"ExpertEnsemble: space must be 'prob' or 'logit', got {space!r}")
-        self._base = base
+        self._bases = [base]  # in a list, not a submodule: .to() or state_dict() of the ensemble leave it alone
         self._target_modules = target_modules
         self.weighting, self.top_k, self.temperature, self.space = weighting, top_k, float(temperature), space
         self.experts: dict[str, SparseDiff] = dict(experts)
@@ -137,7 +137,7 @@ class ExpertEnsemble(nn.Module):
             raise ValueError(f"ExpertEnsemble: prior must be {e} positive numbers, got {prior.tolist()}")
         self.register_buffer("log_prior", (prior / prior.sum()).log().float(), persistent=False)
 
-        model = copy.deepcopy(self._base)
+        model = copy.deepcopy(self._bases[0])
         params = dict(model.named_parameters(remove_duplicate=False))
         emb_module, head_module = model.get_input_embeddings(), model.get_output_embeddings()
         embedding = _named_module(model, emb_module) + ".weight"
@@ -158,7 +158,8 @@ class ExpertEnsemble(nn.Module):
         embeddings = [emb for _, emb in per_expert]
         if any(emb is not None for emb in embeddings):
             self.model.set_input_embeddings(ExpertEmbedding(emb_module, embeddings))
-        self.model.eval()
+        # For inference: a step taken here would never reach `experts`, and add_expert rebuilds from those.
+        self.model.requires_grad_(False).eval()
 
     @property
     def names(self) -> list[str]:
