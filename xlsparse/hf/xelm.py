@@ -419,8 +419,8 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
                           codes: Mapping[str, str] | None = None, clusters: Mapping[str, int] | None = None,
                           **train_kwargs) -> tuple[dict[str, SparseDiff], dict[str, list[str]]]:
     """X-ELM's branch-train step: cluster the languages, then train one expert per cluster on
-    the batches of its languages (in language order, one language's batches after another's
-    interleaved round-robin so no language comes last).
+    the batches of its languages, interleaved round-robin (one batch of each language in turn),
+    so that no language comes last.
 
     `batches` {language: list of batches}; the clusters come from `codes` ({language: ISO
     639-3}, typological, via `cluster_languages`) or are given as `clusters` ({language:
