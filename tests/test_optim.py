@@ -530,6 +530,7 @@ def _bad_op_calls():
         ("step dtype", ([p], [g], [idx], [m], [v], [], [torch.tensor(3)], []), ValueError, "steps"),
         ("list lengths", ([p], [g], [idx], [m, m], [v], [], [step], []), ValueError, "exp_avgs"),
         ("int param", ([p.int()], [g.int()], [idx], [m.int()], [v.int()], [], [step], []), TypeError, "floating"),
+        ("grad missing", ([p], [None], [idx], [m], [v], [], [step], []), TypeError, r"grads\[0\] must be a tensor"),
     ]
 
 

@@ -231,9 +231,12 @@ def selection_of(selector) -> str:
 
 
 def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_scale, found_inf,
-                read_data: bool = True) -> set:
+                read_data: bool = True, compiled: bool = False) -> set:
     """Shapes, dtypes, devices and aliasing of a masked optimizer step; with read_data, the indices.
-    Returns the memory keys of the tensors the step writes, for `step_inputs`."""
+    Returns the memory keys of the tensors the step writes, for `step_inputs`. With `compiled` (a
+    C++ kernel runs, whose `check_masked_step` makes the same per-tensor checks before any write),
+    only the list lengths and the aliasing, which the C++ check lacks: the per-tensor checks here
+    cost 1.3 ms a step over 65 tensors, a quarter of the compact kernel's 4.8 ms at 1%."""
     n = len(params)
     if not (len(grads) == len(selectors) == len(steps) == n):
         raise ValueError(f"{op}: params, grads, selectors and steps must have one entry per parameter, got "
@@ -243,6 +246,13 @@ def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_s
     for name, lst in states.items():
         if len(lst) != n:
             raise ValueError(f"{op}: {name} must have {n} entries, got {len(lst)}")
+    if compiled:
+        written = {f"params[{i}]": p for i, p in enumerate(params)}
+        for name, lst in [*states.items(), ("steps", steps)]:
+            written.update((f"{name}[{i}]", t) for i, t in enumerate(lst))
+        for name, t in [*written.items(), *((f"grads[{i}]", g) for i, g in enumerate(grads))]:
+            is_tensor(op, name, t)
+        return distinct_outputs(op, written)
     for name, scalar in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if scalar is None:
             continue

@@ -126,7 +126,8 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
     max_exp_avg_sqs = list(max_exp_avg_sqs) if amsgrad else []
     inits = list(inits) if l1_to_init != 0 else []
     states = _adamw_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
-    keys = checks.masked_step(op, params, grads, selectors, states, steps, inits, grad_scale, found_inf, check_indices)
+    keys = checks.masked_step(op, params, grads, selectors, states, steps, inits, grad_scale, found_inf, check_indices,
+                              compiled=registry.compiled(op, params[0].device))
     written = [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
     grads, selectors, inits = checks.step_inputs(keys, grads, selectors, inits)
     registry.call(op, params[0].device, list(params), grads, selectors, list(exp_avgs), list(exp_avg_sqs),
@@ -191,7 +192,8 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors
         return
     momentum_buffers = list(momentum_buffers) if momentum != 0 else []
     states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-    keys = checks.masked_step(op, params, grads, selectors, states, steps, [], grad_scale, found_inf, check_indices)
+    keys = checks.masked_step(op, params, grads, selectors, states, steps, [], grad_scale, found_inf, check_indices,
+                              compiled=registry.compiled(op, params[0].device))
     written = [*params, *momentum_buffers, *steps]
     grads, selectors, _ = checks.step_inputs(keys, grads, selectors, [])
     registry.call(op, params[0].device, list(params), grads, selectors, momentum_buffers, list(steps), float(lr),
