@@ -374,6 +374,23 @@ struct TokenRows {
     for (int64_t e = 0; e < E; ++e) z[e] = as_acc(logits + (e * T + t) * V, V, buf.data() + e * V);
   }
   acc* row(int i) { return buf.data() + buf.size() - (i + 1) * V; }
+  // zbar = Σ_e w_e z_e, the logit-space mixture (w_e = exp(lw[e]), lw: the token's log-weights).
+  void mix(const RowKernels<acc>& rk, const acc* lw, acc* zbar) const {
+    std::fill(zbar, zbar + V, acc(0));
+    for (int64_t e = 0; e < E; ++e) rk.axpy(zbar, std::exp(lw[e]), z[e], V);
+  }
+  // Back through `mix` from d = ∂L/∂zbar: ∂L/∂z_e = w_e d into token t's row of expert e in dz,
+  // and ∂L/∂log w_e = w_e ⟨d, z_e⟩ into dw's row of token t. tmp is a scratch row.
+  void mix_backward(const RowKernels<acc>& rk, const acc* lw, const acc* d, int64_t t, acc* tmp, scalar_t* dz,
+                    scalar_t* dw) const {
+    for (int64_t e = 0; e < E; ++e) {
+      const acc w = std::exp(lw[e]);
+      std::fill(tmp, tmp + V, acc(0));
+      rk.axpy(tmp, w, d, V);
+      store_row(dz + (e * T + t) * V, tmp, V);
+      dw[t * E + e] = static_cast<scalar_t>(w * grad_dot(rk, d, z[e], V));
+    }
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logits, const at::Tensor& log_weights,
@@ -423,8 +440,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
             o[v] = hi + std::log(sum);
           }
         } else {
-          std::fill(s, s + V, acc(0));
-          for (int64_t e = 0; e < E; ++e) rk.axpy(s, std::exp(lwp[t * E + e]), rows.z[e], V);
+          rows.mix(rk, lwp + t * E, s);
           lp[t] = rk.row_lse(s, V);
           rk.add_scalar(o, s, -lp[t], V);
         }
@@ -472,13 +488,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
           }
         } else {
           rk.softmax_grad(d, gr, orow, rk.sum(gr, V), V);  // gradient of the mixed logits
-          for (int64_t e = 0; e < E; ++e) {
-            const acc w = std::exp(lwp[t * E + e]);
-            std::fill(tmp, tmp + V, acc(0));
-            rk.axpy(tmp, w, d, V);
-            store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(w * grad_dot(rk, d, rows.z[e], V));
-          }
+          rows.mix_backward(rk, lwp + t * E, d, t, tmp, dz, dw);
         }
       }
     });
@@ -516,8 +526,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, co
           }
           result = -mix;
         } else {
-          std::fill(zbar, zbar + V, acc(0));
-          for (int64_t e = 0; e < E; ++e) rk.axpy(zbar, std::exp(lwp[t * E + e]), rows.z[e], V);
+          rows.mix(rk, lwp + t * E, zbar);
           lp[t] = rk.row_lse(zbar, V);
           result = lp[t] - zbar[target];
         }
@@ -568,17 +577,10 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
             dw[t * E + e] = static_cast<scalar_t>(-g * post);
           }
         } else {
-          std::fill(d, d + V, acc(0));
-          for (int64_t e = 0; e < E; ++e) rk.axpy(d, std::exp(lwp[t * E + e]), rows.z[e], V);
+          rows.mix(rk, lwp + t * E, d);
           rk.scaled_softmax(d, d, lp[t], g, V);
           d[target] -= g;  // d nll / d zbar = g (softmax(zbar) − onehot)
-          for (int64_t e = 0; e < E; ++e) {
-            const acc w = std::exp(lwp[t * E + e]);
-            std::fill(tmp, tmp + V, acc(0));
-            rk.axpy(tmp, w, d, V);
-            store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(w * grad_dot(rk, d, rows.z[e], V));
-          }
+          rows.mix_backward(rk, lwp + t * E, d, t, tmp, dz, dw);
         }
       }
     });
