@@ -134,13 +134,18 @@ def test_l1_to_init_matches_l1_in_the_loss(backend, mode, use_backend):
 
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_state_dict_resume_reproduces_the_next_steps(mode, dynamic):
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "sgd momentum"])
+def test_state_dict_resume_reproduces_the_next_steps(mode, dynamic, kind):
+    """Every piece of state comes back, the step counts included: SGD without momentum has no
+    per-entry state, and its loaded step counts were once replaced by a fresh zero."""
     initial = _params(7)
     masks = _masks(initial, 0.3, seed=8)
     new_masks = _masks(initial, 0.3, seed=9)
 
     def make(ps):
-        return MaskedAdamW(ps, masks, lr=1e-2, weight_decay=0.05, mode=mode, amsgrad=True, l1_to_init=0.01)
+        if kind == "adamw":
+            return MaskedAdamW(ps, masks, lr=1e-2, weight_decay=0.05, mode=mode, amsgrad=True, l1_to_init=0.01)
+        return MaskedSGD(ps, masks, lr=1e-2, weight_decay=0.05, mode=mode, momentum=0.9 if kind == "sgd momentum" else 0)
 
     ps = [p.clone().requires_grad_() for p in initial]
     opt = make(ps)
@@ -201,6 +206,20 @@ def test_load_state_dict_refuses_a_state_of_the_other_mode(saved_mode, mode):
     fresh = MaskedAdamW([p.detach().clone().requires_grad_()], [mask], lr=1e-2, mode=mode)
     with pytest.raises(ValueError, match=f"param 0 has a {saved_mode}-mode selector"):
         fresh.load_state_dict(copy.deepcopy(opt.state_dict()))
+
+
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+def test_load_state_dict_refuses_a_step_count_of_another_size(opt_class):
+    p = torch.randn(42, requires_grad=True)
+    mask = torch.rand(42, generator=seeded(3)) < 0.4
+    opt = opt_class([p], [mask], lr=1e-2)
+    _set_grads([p], 1)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = torch.zeros(5)
+    fresh = opt_class([p.detach().clone().requires_grad_()], [mask], lr=1e-2)
+    with pytest.raises(ValueError, match="the step count of param 0 has 5 entries"):
+        fresh.load_state_dict(saved)
 
 
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)

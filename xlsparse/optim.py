@@ -279,7 +279,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 if selector is not None and self.mode == "compact":
                     _check_index_tensor(f"load_state_dict: the indices of param {i}", selector, _local(p).numel())
                 keys = self._state_keys(group)
-                if not any(k in state for k in keys):
+                # With no per-entry state (SGD without momentum) the step count is all there is to keep.
+                if not (any(k in state for k in keys) if keys else "step" in state):
                     self._init_state(group, p, selector)
                     continue
                 n = _local(p).numel() if selector is None or self.mode == "dense" else selector.numel()
@@ -288,6 +289,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                     if not isinstance(t, torch.Tensor) or t.numel() != n:
                         raise ValueError(f"load_state_dict: state {key!r} of param {i} has "
                                          f"{None if t is None else t.numel()} entries; its mask selects {n}")
+                step = state.get("step")
+                if step is not None and (not isinstance(step, torch.Tensor) or step.numel() not in (1, n)):
+                    raise ValueError(f"load_state_dict: the step count of param {i} has "
+                                     f"{step.numel() if isinstance(step, torch.Tensor) else type(step).__name__} "
+                                     f"entries; its mask selects {n}")
                 if "step" not in state:
                     # torch's SGD keeps no step count: a momentum buffer it saved means "not the first step"
                     step = 1.0 if "momentum_buffer" in state else 0.0
