@@ -331,12 +331,13 @@ class _MixedData(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i], "language_ids": self.lang[i]}
 
 
-def _args(tmp_path, steps):
+def _args(tmp_path, steps, **kwargs):
     from transformers import TrainingArguments
 
-    return TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=steps,
-                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
-                             lr_scheduler_type="constant", max_grad_norm=0.0)
+    kwargs = {"per_device_train_batch_size": 4, **kwargs}
+    return TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, max_steps=steps, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, **kwargs)
 
 
 def _structured_model(arch, seed=1):
@@ -368,6 +369,40 @@ def test_subnetwork_trainer_trains_each_language_inside_its_own_subnetwork(tmp_p
         assert torch.equal(p[~de], before[n][~de]), n
         moved += int((p[de] != before[n][de]).sum())
     assert moved > 0
+
+
+def test_subnetwork_trainer_trains_the_modules_to_save_whole(tmp_path):
+    """convert's modules_to_save train whole beside the masked weights (they once kept their
+    initial values and were exported as trained). One step over the whole data set is AdamW's
+    first step on them: θ(1 − lr·wd) − lr·g/(|g| + eps), decayed where the Trainer decays
+    (weights, not biases or LayerNorms), with g from one plain backward of a copy."""
+    model = tiny("bert")
+    g = torch.Generator().manual_seed(1)
+    masks = {lang: {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()
+                    if ".layer." in n and n.endswith("dense.weight")} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=masks, modules_to_save=["cls.predictions.transform"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    head = {n: p for n, p in model.named_parameters() if n.startswith("cls.predictions.transform.")}
+    assert len(head) == 4 and all(p.requires_grad for p in head.values())
+    ref = copy.deepcopy(model).train()
+    data = _MixedData(n=16)
+    batch = {k: torch.stack([data[i][k] for i in range(len(data))]) for k in ("input_ids", "labels", "language_ids")}
+    ref(**batch).loss.backward()
+    lr, wd, eps = 1e-2, 0.1, 1e-8
+    expected = {}
+    for n, p in ref.named_parameters():
+        if n in head:
+            decay = wd if n.endswith("dense.weight") else 0.0
+            expected[n] = p.detach() * (1 - lr * decay) - lr * p.grad / (p.grad.abs() + eps)
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 1, per_device_train_batch_size=16, weight_decay=wd,
+                                                          adam_epsilon=eps),
+                                  train_dataset=data).train()
+    for n, p in head.items():
+        torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=1e-6, msg=n)
+    diff = hf.extract_diff(model)
+    assert all(torch.equal(diff.absolute[n], p.detach()) for n, p in head.items())
 
 
 def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):

@@ -535,7 +535,9 @@ class SubnetworkTrainer(Trainer):
     batch carries `language_ids` [B] (indices into the model's languages), every example's
     gradient lands only in its language's subnetwork in one backward (`SubnetworkLinear`
     routing), and the optimizer is a MaskedAdamW over the union of the masks (the Trainer's lr,
-    betas, eps and weight decay), so nothing else trains. Static masks as given; add a
+    betas, eps and weight decay) plus, whole, whatever else convert left trainable (its
+    `modules_to_save`, e.g. a new classifier head; weight decay skips biases and norms, as the
+    Trainer's own optimizer does). Nothing else trains. Static masks as given; add a
     `DynamicMasksCallback` for dynamic ones.
 
     Every saved model folder (checkpoints included) holds `subnetwork_masks.pt`: the layers'
@@ -561,11 +563,19 @@ class SubnetworkTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
-            layers = [layer for _, layer in _converted(self.model, SubnetworkLinear)]
+            masks = {layer.weight: layer.trainable_mask() for _, layer in _converted(self.model, SubnetworkLinear)}
+            # What else convert left trainable (modules_to_save) trains whole; weight decay skips
+            # biases and norms, as the Trainer's own optimizer does.
+            decay = set(self.get_decay_parameter_names(self.model))
+            groups = {True: [], False: []}
+            for name, p in self.model.named_parameters():
+                if p.requires_grad:
+                    groups[name in decay].append(p)
+                    masks.setdefault(p, None)
             a = self.args
-            self.optimizer = MaskedAdamW([layer.weight for layer in layers], [layer.trainable_mask() for layer in layers],
-                                         lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
-                                         weight_decay=a.weight_decay)
+            self.optimizer = MaskedAdamW(
+                [{"params": ps, "weight_decay": a.weight_decay if decayed else 0.0} for decayed, ps in groups.items() if ps],
+                masks, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
         return self.optimizer
 
     def _dynamic_callbacks(self) -> list:
