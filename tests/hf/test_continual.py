@@ -170,8 +170,10 @@ class _Examples(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.batch.items()}
 
 
-@pytest.mark.parametrize("converted_before", [False, True])
+@pytest.mark.parametrize("converted_before", [False, True, "with modules_to_save"])
 def test_continual_trainer_makes_the_same_update(tmp_path, converted_before):
+    """Both ways train the same entries the same way, a model converted with modules_to_save
+    included (both then train the saved module whole)."""
     from transformers import TrainingArguments
 
     model = tiny("llama")
@@ -181,7 +183,10 @@ def test_continual_trainer_makes_the_same_update(tmp_path, converted_before):
     g = torch.Generator().manual_seed(2)
     masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.2 for n in names} for lang in ("de", "fr", "ja")}
     if converted_before:
-        hf.convert(model, kind="subnetwork", masks=_rotated(masks))
+        saved = ["model.norm"] if converted_before == "with modules_to_save" else None
+        for m in (model, twin) if saved else (model,):  # the saved module must exist in both
+            hf.convert(m, kind="subnetwork", masks=_rotated(masks), modules_to_save=saved)
+    norm = model.model.norm.weight.detach().clone()
     batch = _mixed_batch(3)
     continual.continual_update(twin, [batch], masks, lr=1e-2, progress=False)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6, learning_rate=1e-2, max_steps=1,
@@ -190,6 +195,7 @@ def test_continual_trainer_makes_the_same_update(tmp_path, converted_before):
     continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(batch)).train()
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert torch.equal(model.model.norm.weight, norm) == (converted_before != "with modules_to_save")
 
 
 def test_continual_update_rejects_batches_without_language_ids():

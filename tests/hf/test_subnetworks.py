@@ -84,6 +84,35 @@ def test_reptile_step_updates_only_the_subnetworks():
         assert bool((named[n][union] != before[n][union]).any())
 
 
+@pytest.mark.parametrize("recipe", ["reptile", "fomaml"])
+def test_meta_learning_trains_the_modules_to_save_whole(recipe):
+    """convert's modules_to_save (a new head) train whole in each language's inner loop and in the
+    outer step, as SubnetworkTrainer trains them (they once stayed fixed): the step equals that of
+    the plain model given all-true masks on the head's parameters."""
+    model = tiny("bert").eval()
+    plain = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    head = [n for n in named if n.startswith("cls.predictions.transform.")]
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    whole = {lang: {**m, **{n: torch.ones(named[n].shape, dtype=torch.bool) for n in head}} for lang, m in masks.items()}
+    hf.convert(model, kind="subnetwork", masks=masks, modules_to_save=["cls.predictions.transform"])
+    before = {n: named[n].detach().clone() for n in head}
+    support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}
+    if recipe == "reptile":
+        subnetworks.reptile_step(model, support, masks, inner_lr=0.1, inner_steps=2)
+        subnetworks.reptile_step(plain, support, whole, inner_lr=0.1, inner_steps=2)
+    else:
+        query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+        subnetworks.fomaml_step(model, support, query, masks, 0.5, 2, subnetworks.fomaml_optimizer(model, masks, lr=1e-2))
+        subnetworks.fomaml_step(plain, support, query, whole, 0.5, 2, subnetworks.fomaml_optimizer(plain, whole, lr=1e-2))
+    after, want = dict(model.named_parameters()), dict(plain.named_parameters())
+    for n in head:
+        assert not torch.equal(after[n], before[n]), n
+        torch.testing.assert_close(after[n], want[n], rtol=1e-5, atol=1e-7)
+
+
 def _own_layout(model, tensors):
     """{name: tensor} in the model's own layout (a converted GPT-2 Conv1D weight back to [in, out])."""
     return hf.model._swap_conv1d_layout(model, tensors)

@@ -231,19 +231,21 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     Every batch carries `language_ids` [B] (indices into `masks`' order, or language names).
     The loss is the batch mean (`model(**batch).loss` by default); one backward routes each
     example's gradient into its own subset, and one compact `MaskedAdamW` step over the union
-    of the subsets follows. Only the weights the masks name train; every other entry (biases
-    included) stays bit-identical. With `epochs` > 1 `batches` is iterated once per epoch, so it
+    of the subsets follows. Only the weights the masks name train, and, whole, the
+    `modules_to_save` of a model converted with them (as `continual_trainer` trains them); every
+    other entry (biases included) stays bit-identical. With `epochs` > 1 `batches` is iterated once per epoch, so it
     must be re-iterable (a one-shot iterator raises). The model's named linear layers are
     converted to `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
     Returns the loss of every step.
     """
-    from .model import route
+    from .model import _saved_module_params, route
 
     if epochs > 1 and iter(batches) is batches:  # a generator or iterator: the second epoch would see no batches
         raise ValueError(f"continual_update: epochs={epochs} needs batches that can be iterated again (a list or a "
                          f"DataLoader), got a one-shot {type(batches).__name__}")
     order = list(masks)
     union = _prepare(model, masks, "continual_update")
+    union.update({n: None for n in _saved_module_params(model) if n not in union})  # trained whole
     named = dict(model.named_parameters())
     trainable = {id(named[n]) for n in union}
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]

@@ -664,13 +664,15 @@ def _language_deltas(model: nn.Module, e: int) -> dict[str, SparseDelta]:
     return deltas
 
 
-def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
+def _saved_module_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters of convert's `modules_to_save`, by name (none on a model not converted)."""
     config = getattr(model, "xlsparse_config", None)
-    out = {}
-    for sname in (config.modules_to_save if config else []):
-        for n, p in model.get_submodule(sname).named_parameters():
-            out[f"{sname}.{n}"] = p.detach().clone()
-    return out
+    return {f"{sname}.{n}": p for sname in (config.modules_to_save if config else [])
+            for n, p in model.get_submodule(sname).named_parameters()}
+
+
+def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in _saved_module_params(model).items()}
 
 
 def extract_diff(model: nn.Module, base_model: str | None = None, language: str | None = None) -> SparseDiff:

@@ -32,8 +32,8 @@ from ..diff import budget
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..optim import MaskedAdamW, MaskedSGD
-from .model import (_conv1d_weights, _converted, _grow_subnetworks, _restore_subnet_coverage, _subnet_coverage,
-                    _swap_conv1d_layout, languages, route)
+from .model import (_conv1d_weights, _converted, _grow_subnetworks, _restore_subnet_coverage, _saved_module_params,
+                    _subnet_coverage, _swap_conv1d_layout, languages, route)
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -170,7 +170,9 @@ def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what
                   trainable: bool = False) -> dict[str, torch.Tensor]:
     """One language's masks ({parameter name: bool tensor} in the model's own layout), each
     checked against its parameter (`trainable`: one that requires grad) and put in the layout the
-    parameter is stored in (a converted GPT-2 Conv1D's [out, in])."""
+    parameter is stored in (a converted GPT-2 Conv1D's [out, in]); plus all-true masks for the
+    parameters of convert's `modules_to_save` that the masks do not name: a new head trains whole
+    in every language, as SubnetworkTrainer trains it."""
     named = dict(model.named_parameters())
     flipped = _conv1d_weights(model)
     stored = {}
@@ -185,6 +187,8 @@ def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what
             layout = " (the model's own layout: a GPT-2 Conv1D weight's [in, out])" if n in flipped else ""
             raise ValueError(f"{what}: masks[{lang!r}][{n!r}] must be a bool tensor of shape {shape}{layout}, got {got}")
         stored[n] = m.t().contiguous() if n in flipped else m
+    for n, p in _saved_module_params(model).items():
+        stored.setdefault(n, torch.ones(p.shape, dtype=torch.bool, device=p.device))
     return stored
 
 
@@ -196,7 +200,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     For each language, starting from the current θ, `inner_steps` MaskedSGD steps update only
     that language's subnetwork (`masks[lang]`: {parameter name: BoolTensor} in the model's own
     layout, as `structured_masks` and `select_masks` give them; parameters absent from it stay
-    fixed). Then θ ← θ + outer_lr · mean_l(θ_l − θ). Returns each language's last inner loss.
+    fixed, but for convert's `modules_to_save`, which train whole). Then
+    θ ← θ + outer_lr · mean_l(θ_l − θ). Returns each language's last inner loss.
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     missing = [lang for lang in batches if lang not in masks]
@@ -417,7 +422,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     For each language l of `support` ({language: batch or list of batches}) and `query`
     ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`) on the
     support batches change only `masks[l]` ({parameter name: BoolTensor} in the model's own
-    layout; parameters it does not name stay fixed); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
+    layout; parameters it does not name stay fixed, but for convert's `modules_to_save`, which
+    train whole); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
     is the language's outer gradient; θ is restored. The outer gradient is the mean over the
     languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
     union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
@@ -502,7 +508,8 @@ def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Te
                      **kwargs) -> MaskedAdamW:
     """The outer optimizer of `fomaml_step`: MaskedAdamW over the parameters the masks name,
     each confined to the union of the languages' masks (in the model's own layout; outer lr
-    `lr`, kept apart from the inner lr of `fomaml_step`)."""
+    `lr`, kept apart from the inner lr of `fomaml_step`), and over convert's `modules_to_save`
+    whole."""
     named = dict(model.named_parameters())
     union = {}
     for lang in masks:
