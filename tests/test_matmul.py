@@ -503,6 +503,25 @@ def test_mixed_batch_equals_each_language_alone(backend, use_backend):
         torch.testing.assert_close(y[sel], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("how", ["route", "gates"])
+def test_route_and_gates_must_follow_the_tokens_shape(how):
+    """A sequence-major [S, B] route (or [S, B, E] gates) for x [B, S, I] has the right count but
+    sends tokens to the wrong deltas: refused. [B, S] and flat [B·S] are taken."""
+    gen = seeded(33)
+    x = torch.randn(2, 3, 4, generator=gen)
+    w, b = torch.randn(5, 4, generator=gen), torch.randn(5, generator=gen)
+    idx, vals = _deltas(2, 5, 4, torch.float32, gen, sizes=[7, 9])
+    ids = torch.randint(0, 2, (2, 3), generator=gen)
+    arg = ids if how == "route" else torch.nn.functional.one_hot(ids, 2).float()
+
+    def run(a):
+        return functional.multi_delta_linear(x, w, b, idx, vals, **{how: a})
+
+    torch.testing.assert_close(run(arg.reshape(6, *arg.shape[2:])), run(arg))
+    with pytest.raises(ValueError, match=how):
+        run(arg.transpose(0, 1))
+
+
 def test_a_delta_with_no_routed_token_gets_no_gradient():
     gen = seeded(19)
     x, w, b, _, _ = _linear_case(6, 5, 4, 0, torch.float64, gen)
@@ -800,12 +819,51 @@ def test_a_merged_layer_compiles_with_fullgraph():
     assert layer.delta_values.grad is not None
 
 
-def test_double_backward_raises():
+@pytest.mark.parametrize("op", ["sparse_delta_linear", "multi_delta_linear"])
+@pytest.mark.parametrize("incoming", ["y²", "y"])
+def test_double_backward_raises(op, incoming):
+    """Also when the incoming gradient is a constant (a gradient penalty on grad(y.sum(), x)): the
+    gradients depend on the weight and values, and once came back as constants, dropping every
+    second-order term without a word."""
     layer, x = _layer_with_delta(26)
     x.requires_grad_()
-    (gx,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    if op == "sparse_delta_linear":
+        y = layer(x)
+    else:
+        y = functional.multi_delta_linear(x, layer.weight, layer.bias, [layer.delta_indices], [layer.delta_values],
+                                          route=torch.zeros(x.shape[0], dtype=torch.long))
+    (gx,) = torch.autograd.grad(y.square().sum() if incoming == "y²" else y.sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
-        gx.sum().backward()
+        gx.square().sum().backward()
+
+
+@pytest.mark.parametrize("backend", ENS_BACKENDS)
+@pytest.mark.parametrize("nll", [False, True], ids=["logprobs", "nll"])
+@pytest.mark.parametrize("space", ["prob", "logit"])
+def test_ensemble_double_backward_raises(backend, space, nll, use_backend):
+    """The compiled backward has no autograd of its own (its double backward gave zeros)."""
+    use_backend(backend)
+    gen = seeded(31)
+    z = torch.randn(2, 3, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    lw = torch.log_softmax(torch.randn(3, 2, generator=gen, dtype=torch.float64), -1).requires_grad_()
+    out = functional.ensemble_nll(z, lw, torch.tensor([0, 4, 2]), space) if nll else functional.ensemble_logprobs(z, lw, space)
+    gz, glw = torch.autograd.grad(out.sum(), [z, lw], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        (gz.square().sum() + glw.square().sum()).backward()
+
+
+def test_an_input_viewing_the_weight_is_read_as_it_is():
+    """With 64+ tokens and grad on, W0 + Δ is written into the weight's own memory for the call:
+    an x (or bias) viewing that memory was read as W0 + Δ too."""
+    gen = seeded(32)
+    w = torch.randn(64, 64, generator=gen, dtype=torch.float64, requires_grad=True)
+    idx = random_indices(64 * 64, 300, torch.int64, gen)
+    vals = torch.randn(300, generator=gen, dtype=torch.float64, requires_grad=True)
+    delta = torch.zeros(64 * 64, dtype=torch.float64).index_put_((idx,), vals.detach()).view(64, 64)
+    for x, bias in ((w, None), (w[:, :64], w[0])):
+        y = functional.sparse_delta_linear(x, w, bias, idx, vals)
+        want = x.detach() @ (w.detach() + delta).t() + (0 if bias is None else bias.detach())
+        torch.testing.assert_close(y, want, rtol=0, atol=1e-10)
 
 
 def test_autocast_leaves_float64_layers_in_float64():
@@ -929,6 +987,9 @@ def _bad_op_calls():
         ("spmm values dtype", lambda: ops.spmm_(dy.clone(), x, idx, vals.double()), TypeError, "values dtype"),
         ("spmm K > N", lambda: ops.spmm_(dy.clone(), x, torch.arange(16), torch.randn(16)), IndexError, "out of range"),
         ("spmm out", lambda: ops.spmm_(dy.t().contiguous().t(), x, idx, vals), ValueError, "contiguous"),
+        # no autograd of their own: the compiled backends returned results whose gradient was lost
+        ("sddmm grad", lambda: ops.sddmm(dy, x.detach().requires_grad_(), idx), RuntimeError, "x requires grad"),
+        ("spmm grad", lambda: ops.spmm_(dy.clone(), x, idx, vals.detach().requires_grad_()), RuntimeError, "values requires grad"),
     ]
 
 

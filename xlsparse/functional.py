@@ -82,13 +82,24 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
     in_place = merged_weight is None and merge_pays(x2d.shape[0])
-    if in_place and (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not weight.is_contiguous()):
+    if in_place and (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not weight.is_contiguous()
+                     or _shares_storage(weight, x, bias)):
         # Without grad (inference, maybe on several threads sharing the model) a merged copy is
         # freed after the call and never writes W0; a traced graph must not write its inputs; a
         # strided weight has no flat view to write.
+        # An x or bias that views the weight's own storage would be read as W0 + Δ while it is written.
         merged_weight, in_place = _matmul.merged_weight(weight, indices, values), False
     y = _matmul.SparseDeltaLinearFunction.apply(x2d, weight, bias, indices, values, merged_weight, in_place)
     return y.reshape(*lead, weight.shape[0])
+
+
+def _shares_storage(weight, *tensors) -> bool:
+    """True when one of `tensors` views the storage of `weight` (so writing Δ into it changes them)."""
+    if weight.device.type == "meta":
+        return False
+    key = weight.untyped_storage().data_ptr()
+    return any(t is not None and t.numel() and t.device == weight.device and t.untyped_storage().data_ptr() == key
+               for t in tensors)
 
 
 def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None, gates=None) -> torch.Tensor:
@@ -120,13 +131,19 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
     if route is not None and gates is not None:
         raise ValueError("multi_delta_linear: give route or gates, not both")
     if gates is not None:
-        if gates.shape[-1] != num or gates.numel() != tokens * num:
+        if tuple(gates.shape) not in (tuple(lead) + (num,), (tokens, num)):
             raise ValueError(f"multi_delta_linear: gates must be [..., {num}] over {tokens} tokens, got {tuple(gates.shape)}")
         if not gates.is_floating_point():
             raise TypeError(f"multi_delta_linear: gates must be floating point, got {gates.dtype}")
         gates2d = gates.reshape(tokens, num)
     elif route is not None:
-        groups = route if isinstance(route, TokenGroups) else TokenGroups.build(torch.as_tensor(route, device=x.device), num)
+        if not isinstance(route, TokenGroups):
+            route = torch.as_tensor(route, device=x.device)
+            if tuple(route.shape) not in (tuple(lead), (tokens,)):
+                # a [S, B] route for x [B, S, I] has the right count but the wrong token order
+                raise ValueError(f"multi_delta_linear: route has {route.numel()} ids for {tokens} tokens in shape "
+                                 f"{tuple(route.shape)}; it must have shape {tuple(lead)} or ({tokens},)")
+        groups = route if isinstance(route, TokenGroups) else TokenGroups.build(route, num)
         if groups.ids.numel() != tokens:
             raise ValueError(f"multi_delta_linear: route has {groups.ids.numel()} ids for {tokens} tokens")
         if groups.num_ids != num:

@@ -375,6 +375,19 @@ def tokens(op: str, name: str, ids: torch.Tensor, num_tokens: int) -> None:
 
 # --- matmul ---
 
+def not_differentiable(op: str, **tensors) -> None:
+    """sddmm and spmm_ have no autograd kernel: with grad mode on, an input that requires grad got a
+    result whose gradient was silently missing on the compiled backends (the reference one
+    differentiated it). The linear layers' autograd Functions call them with grad mode off."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise RuntimeError(f"{op}: {name} requires grad, but {op} is not differentiable; use "
+                               "xlsparse.functional.sparse_delta_linear / multi_delta_linear, or call it under "
+                               "torch.no_grad()")
+
+
 def token_matmul(op, a, b, idx, token_index, token_bounds, token_scale, names=("a", "b")) -> None:
     """a [T, A] and b [T, B] share dtype, device and T; the token selection fits them."""
     float_dtype(op, names[0], a)

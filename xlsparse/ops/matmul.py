@@ -9,16 +9,47 @@ The C++ kernels are in csrc/cpu/matmul.cpp and csrc/cuda/matmul.cu, the Triton k
 xlsparse/triton/matmul.py; the math they share is csrc/include/xlsparse/matmul.h.
 """
 import contextlib
+import functools
 import threading
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from .. import _ext
 from . import checks, registry
 from ._common import acc_dtype
 from .compose import apply_diffs_, restore_diffs_, sparse_axpy_
+
+
+def first_order_only(fn):
+    """Like torch's @once_differentiable, but the gradients carry an error node whenever the backward
+    runs with grad mode on (create_graph=True), not only when the incoming grad requires grad: the
+    gradients also depend on saved inputs (weight, values, logits) that require grad, and with a
+    constant incoming grad (torch.autograd.grad(y.sum(), x, create_graph=True)) once_differentiable
+    returned them as constants, silently dropping every second-order term."""
+    @functools.wraps(fn)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = fn(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return outputs
+        single = not isinstance(outputs, tuple)
+        outs = (outputs,) if single else outputs
+        err = torch._C._functions.DelayedError(
+            b"trying to differentiate twice an xlsparse op whose backward is not differentiable "
+            b"(double backward / create_graph=True is not supported)", len(outs))
+
+        def fake_requires_grad(t):
+            if t is not None:
+                t = t.detach()
+                t.requires_grad = True
+            return t
+        wrapped = err(*[fake_requires_grad(t) for t in outs])
+        if not isinstance(wrapped, tuple):
+            wrapped = (wrapped,)
+        return wrapped[0] if single else tuple(wrapped)
+    return wrapper
+
 
 # --- references ---
 
@@ -156,6 +187,7 @@ def _logprobs_setup(ctx, inputs, output):
     ctx.prob_space = prob_space
 
 
+@first_order_only
 def _logprobs_backward(ctx, grad_out, _grad_lse):
     logits, log_weights, out, lse = ctx.saved_tensors
     dz, dlw = ensemble_logprobs_backward(grad_out, logits, log_weights, out, lse, ctx.prob_space)
@@ -169,6 +201,7 @@ def _nll_setup(ctx, inputs, output):
     ctx.prob_space = prob_space
 
 
+@first_order_only
 def _nll_backward(ctx, grad_nll, _grad_lse):
     logits, log_weights, targets, nll, lse = ctx.saved_tensors
     dz, dlw = ensemble_nll_backward(grad_nll, logits, log_weights, targets, nll, lse, ctx.prob_space)
@@ -237,6 +270,7 @@ def sddmm(grad_out, x, indices, token_index=None, token_bounds=None, token_scale
     """
     op = "sddmm"
     checks.token_matmul(op, grad_out, x, indices, token_index, token_bounds, token_scale, ("grad_out", "x"))
+    checks.not_differentiable(op, grad_out=grad_out, x=x, token_scale=token_scale)
     if checks.can_read(x):
         if not registry.compiled(op, x.device):
             checks.indices(op, indices, grad_out.shape[1] * x.shape[1])
@@ -254,6 +288,7 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
     """
     op = "spmm_"
     checks.token_matmul(op, out, x, indices, token_index, token_bounds, token_scale, ("out", "x"))
+    checks.not_differentiable(op, out=out, x=x, values=values, token_scale=token_scale)
     checks.contiguous_output(op, "out", out)
     checks.spmm_values(x, indices, values)
     if checks.can_read(x):
@@ -388,7 +423,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the backward is not itself differentiable: a double backward raises
+    @first_order_only  # the backward is not itself differentiable: a double backward raises
     def backward(ctx, dy):
         x, weight, indices, values, merged = ctx.saved_tensors
         dx = dw = db = dval = None
@@ -430,7 +465,7 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x, weight, order, offsets, gates, *deltas = ctx.saved_tensors
         n = ctx.num_deltas
