@@ -463,6 +463,37 @@ def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
         assert_bit_identical(p.detach(), before[name], name)
 
 
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_apply_to_a_half_precision_model_rounds_once(backend, dtype, use_backend):
+    """float32 diffs on a bfloat16/float16 tensor: p + Σ α_i v_i is summed in float32 and rounded
+    once, for sparse and dense entries alike. Each value was once rounded to half precision before
+    the sum, and two diffs that nearly cancel came out up to 5x off."""
+    use_backend(backend)
+    gen = torch.Generator().manual_seed(5)
+    p0 = {"w": (torch.randn(50, generator=gen) * 1e-3).to(dtype), "b": (torch.randn(6, generator=gen) * 1e-3).to(dtype)}
+    idx = torch.arange(0, 50, 2)
+    v1 = 1 + torch.rand(25, generator=gen)
+    v2 = -v1 + 1e-3 * torch.randn(25, generator=gen)  # nearly cancels v1
+    t1 = 1 + torch.rand(6, generator=gen)
+    d1 = SparseDiff({"w": SparseDelta(idx, v1, (50,))}, {"b": t1})
+    d2 = SparseDiff({"w": SparseDelta(idx[:20], v2[:20], (50,))}, {"b": -t1 + 1e-3})
+    for diffs, alphas in (([d1, d2], [1.0, 1.0]), ([d1], [0.37]), ([d1, d2], [0.5, 0.5])):
+        model = {n: t.clone() for n, t in p0.items()}
+        handle = xlsparse.apply(diffs, model, alphas=alphas)
+        for name, p in p0.items():
+            want = p.float()
+            for d, a in zip(diffs, alphas):
+                if name in d.deltas:
+                    want = want.index_add(0, d.deltas[name].indices, a * d.deltas[name].values)
+                if name in d.dense:
+                    want = want + a * d.dense[name]
+            assert torch.equal(model[name], want.to(dtype)), (name, alphas)
+        handle.revert()
+        for name, p in p0.items():
+            assert_bit_identical(model[name], p, name)
+
+
 def test_apply_calls_the_op_once_per_device_of_a_spread_model(monkeypatch):
     """A model spread over devices (device_map="auto", offloaded layers) gets one fused call per
     device: one call with every tensor would hand a GPU kernel pointers into another device's
