@@ -111,6 +111,51 @@ def test_compose_checks_arguments_before_writing(argv, name, tmp_path, capsys):
     assert (tmp_path / "afile").read_text() == "keep"
 
 
+@pytest.mark.parametrize("alpha, message", [("nan", "--alpha: [nan] are not finite"),
+                                            ("0.5", "--alpha: {diff} has absolute entries")])
+def test_compose_checks_alphas_before_loading_the_base(alpha, message, tmp_path, capsys, monkeypatch):
+    """A bad --alpha (not finite, or a scale on a diff with absolute entries that --no-abs does not
+    drop) is refused by name before the base model loads; it was told after, as apply's alphas[0]."""
+    model = _tiny_bert_dir(tmp_path)
+    diff = _diff(model, 1)
+    diff.absolute["cls.predictions.bias"] = torch.zeros(50)
+    diff.save(str(tmp_path / "a.safetensors"))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the base model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", no_load)
+    argv = ["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--alpha", alpha, "--out", str(tmp_path / "new")]
+    assert cli.main(argv) == 1
+    assert message.format(diff=tmp_path / "a.safetensors") in capsys.readouterr().err
+    monkeypatch.undo()
+    if alpha == "0.5":  # dropping the absolute entries makes the scale valid
+        assert cli.main([*argv, "--no-abs"]) == 0
+
+
+def test_convert_refuses_an_existing_out_and_info_leaves_a_closed_pipe_quietly(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    model = _tiny_bert_dir(tmp_path)
+    d = _diff(model, 3)
+    d.save_composable_sft(str(tmp_path / "sft.bin"))
+    (tmp_path / "taken.safetensors").write_text("keep")
+    assert cli.main(["convert-composable-sft", str(tmp_path / "sft.bin"), str(tmp_path / "taken.safetensors")]) == 1
+    assert "OUT" in capsys.readouterr().err and (tmp_path / "taken.safetensors").read_text() == "keep"
+    # `xlsparse info DIFF | head`: more rows than a pipe buffer holds, and a reader that leaves.
+    w = torch.zeros(3, 2)
+    many = xlsparse.SparseDiff({f"layer{i}.weight": xlsparse.SparseDelta(torch.tensor([1]), torch.ones(1), w.shape)
+                                for i in range(3000)})
+    many.save(str(tmp_path / "many.safetensors"))
+    proc = subprocess.Popen([sys.executable, "-P", "-c", "import sys; from xlsparse import cli; sys.exit(cli.main())",
+                             "info", str(tmp_path / "many.safetensors")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "error" not in err, err
+
+
 def test_info_names_a_folder_without_a_diff_and_compose_takes_an_empty_out(tmp_path, capsys):
     model = _tiny_bert_dir(tmp_path)
     (tmp_path / "not_a_diff").mkdir()

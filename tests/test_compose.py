@@ -724,6 +724,8 @@ def _huge(m):
     ("wrong dtype", ValueError, "dtype"),
     ("missing tensor", ValueError, "missing"),
     ("not xlsparse", ValueError, "no 'xlsparse' metadata"),
+    ("missing", FileNotFoundError, r"d\.safetensors: no such file$"),  # was "truncated or corrupt?"
+    ("a folder", FileNotFoundError, "not a file"),
 ])
 def test_load_rejects_malformed_files(tmp_path, how, exc, msg):
     path = str(tmp_path / "d.safetensors")
@@ -747,6 +749,11 @@ def test_load_rejects_malformed_files(tmp_path, how, exc, msg):
         from safetensors.torch import save_file
 
         save_file({"x": torch.zeros(2)}, path)
+    elif how == "missing":
+        os.remove(path)
+    elif how == "a folder":
+        os.remove(path)
+        os.mkdir(path)
     with pytest.raises(exc, match=msg):
         SparseDiff.load(path)
 

@@ -449,6 +449,9 @@ def test_group_keys_that_change_the_math_are_refused(where, opt_class, torch_cla
     if where == "constructor":
         with pytest.raises(ValueError, match=match):
             opt_class([{"params": [p], **group}], [None], lr=0.1)
+        if "maximize" in group:  # torch's keyword too: it was a TypeError (unexpected keyword)
+            with pytest.raises(ValueError, match=match):
+                opt_class([p], [None], lr=0.1, maximize=True)
         return
     opt = opt_class([p], [None], lr=0.1, **({"momentum": 0.9} if opt_class is MaskedSGD else {}))
     p.grad = torch.ones(6)

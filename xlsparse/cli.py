@@ -2,6 +2,7 @@
 import argparse
 import dataclasses
 import importlib
+import math
 import os
 import pkgutil
 import shutil
@@ -166,7 +167,14 @@ def cmd_compose(args: argparse.Namespace) -> int:
     unknown = [p for p in args.no_abs_of if os.path.realpath(p) not in set(map(os.path.realpath, args.diffs))]
     if unknown:
         raise ValueError(f"--no-abs-of: {unknown} are not among the DIFF arguments {args.diffs}")
+    bad = [a for a in alphas if not math.isfinite(a)]
+    if bad:
+        raise ValueError(f"--alpha: {bad} are not finite")
     diffs = [_load_diff(p) for p in args.diffs]  # before the model: a bad DIFF is told at once
+    for i, (p, d, a) in enumerate(zip(args.diffs, diffs, alphas)):
+        if a != 1.0 and d.absolute and not args.no_abs and os.path.realpath(p) not in no_abs_of:
+            raise ValueError(f"--alpha: {p} has absolute entries (heads), which take no scale, but its alpha is {a}; "
+                             f"give it alpha 1, or pass --no-abs-of {p} / --no-abs")
     config = transformers.AutoConfig.from_pretrained(args.base, local_files_only=True)
     arch = args.model_class or (config.architectures or ["AutoModel"])[0]
     model_class = getattr(transformers, arch, None)
@@ -212,6 +220,8 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
 
     src = _diff_file("IN", args.src)
     check_output("OUT", args.out, folder=False)
+    if os.path.exists(args.out):  # as compose refuses a non-empty --out: never replace a file silently
+        raise ValueError(f"OUT {args.out}: exists; remove it first or give a new path")
     diff = SparseDiff.load_composable_sft(src)
     diff.save(args.out)
     print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} nonzeros) to {args.out}")
@@ -289,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
+    except BrokenPipeError:  # the reader left (`xlsparse info DIFF | head`): not an error, as for other tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
+        return 141  # 128 + SIGPIPE
     except Exception as exc:  # a bad file or argument: one line, no traceback, exit status 1
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"xlsparse {args.command}: error: {message}", file=sys.stderr)

@@ -644,7 +644,7 @@ class SparseDiff:
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
         `transformer.wte.weight`) are read once, under their first name. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
-        the base's tensors, so exclude it (or store it whole with `absolute=`).
+        the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
         """
         b, t = _named_tensors(base), _untied(_named_tensors(tuned))
         selected = [n for n in t if t[n].is_floating_point() and _selected(n, include, exclude)]
@@ -693,6 +693,8 @@ class SparseDiff:
         a truncated or corrupt file raises ValueError saying so."""
         from safetensors import safe_open
 
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
                 header = (f.metadata() or {}).get("xlsparse")

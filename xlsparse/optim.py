@@ -408,6 +408,7 @@ class MaskedAdamW(_MaskedOptimizer):
         l1_to_init: LT-SFT's L1 pull toward the initial weights: `l1_to_init * sign(p - p0)` is added
             to the gradient, as if `l1_to_init * |p - p0|.sum()` were added to the loss. p0 is the
             value at construction (compact mode keeps only the K selected values).
+        maximize: torch's argument; True is a ValueError (negate the loss instead).
 
     `step()` runs one fused multi-tensor kernel per param group (and device/dtype) that reads p, g,
     the state and the mask and writes only the selected entries.
@@ -415,8 +416,9 @@ class MaskedAdamW(_MaskedOptimizer):
 
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, mode: str = "dense", l1_to_init: float = 0.0,
-                 amsgrad: bool = False):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init, amsgrad=amsgrad)
+                 amsgrad: bool = False, maximize: bool = False):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init, amsgrad=amsgrad,
+                        maximize=maximize)
         super().__init__(params, masks, defaults, mode)
 
     def _state_keys(self, group):
@@ -466,8 +468,9 @@ class MaskedSGD(_MaskedOptimizer):
     """
 
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
-                 weight_decay: float = 0.0, nesterov: bool = False, mode: str = "dense"):
-        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+                 weight_decay: float = 0.0, nesterov: bool = False, mode: str = "dense", maximize: bool = False):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                        maximize=maximize)
         super().__init__(params, masks, defaults, mode)
 
     def _check_group(self, group):

@@ -105,10 +105,22 @@ def test_target_modules_by_suffix_and_regex():
     (dict(), ValueError, "exactly one"),
     (dict(kind="multi"), TypeError, "diffs"),
     (dict(kind="subnetwork"), TypeError, "masks"),
+    (dict(density=1.5), ValueError, r"^convert: density must be in \[0, 1\]"),  # once told as from_linear's
+    (dict(k=-3), ValueError, "^convert: "),
 ])
 def test_bad_arguments(bad, exc, match):
     with pytest.raises(exc, match=match):
         hf.convert(tiny("bert"), **bad)
+
+
+def test_routed_diffs_with_other_entries_are_refused_with_the_way_out():
+    """A routed layer holds linear-weight deltas only: a bias entry (from_models without include=)
+    is refused, and the error says how to build a diff that fits."""
+    model = tiny("bert")
+    bias = "bert.encoder.layer.0.attention.self.query.bias"
+    diff = SparseDiff({bias: SparseDelta(torch.tensor([0, 3]), torch.ones(2), (32,))})
+    with pytest.raises(ValueError, match=r"names '.*query\.bias', which is not the weight .* include=r'weight\$'"):
+        hf.convert(model, kind="multi", diffs={"de": diff})
 
 
 def test_routed_kinds_refuse_sequence_first_models():

@@ -367,6 +367,12 @@ def test_cluster_experts_train_each_expert_on_its_cluster_only():
         torch.testing.assert_close(d.values, first.deltas[n].values)
     with pytest.raises(ValueError, match="exactly one"):
         xelm.train_cluster_experts(base, data, 2)
+    # Without a support the error blamed convert, a function the caller never called.
+    with pytest.raises(ValueError, match="^train_cluster_experts: each expert needs a support"):
+        xelm.train_cluster_experts(base, data, 2, clusters={"en": 0, "de": 0, "ja": 1, "ko": 1})
+    # Its (experts, members) pair given whole to the ensemble failed on a str's .deltas.
+    with pytest.raises(TypeError, match="^ExpertEnsemble: experts must be"):
+        xelm.ExpertEnsemble(base, (experts, members))
     # A language whose cluster has no expert would be dropped from training: it raises instead.
     with pytest.raises(ValueError, match=r"clusters .*'ko': 2"):
         xelm.train_cluster_experts(base, data, 2, clusters={"en": 0, "de": 0, "ja": 1, "ko": 2}, density=0.05,

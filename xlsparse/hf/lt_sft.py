@@ -293,8 +293,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             `MultiSourceDataset`); `source_sft_apply_abs` also applies its absolute entries.
 
     `train()` writes each phase's checkpoints into its own folder under `args.output_dir`
-    (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every checkpoint
-    and `save_model` also hold the SFT so far as `sft.safetensors`.
+    (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every sparse-phase
+    checkpoint and `save_model` after a sparse phase also hold the SFT so far as `sft.safetensors`.
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,

@@ -186,7 +186,10 @@ def _check_entries(what: str, entries, shapes: dict) -> None:
     for pname, t in entries.items():
         if pname not in shapes:
             raise ValueError(f"convert: {what} names {pname!r}, which is not the weight of a target linear layer "
-                             f"(targets: {list(shapes)[:6]}{' ...' if len(shapes) > 6 else ''})")
+                             f"(targets: {list(shapes)[:6]}{' ...' if len(shapes) > 6 else ''}); a routed or delta "
+                             "layer holds only linear weights: build the diff with SparseDiff.from_models(..., "
+                             "include=r'weight$', exclude=[r'embeddings', r'LayerNorm', r'classifier|lm_head|pooler']), "
+                             "or keep the other entries for xlsparse.apply")
         if tuple(t.shape) != shapes[pname]:
             raise ValueError(f"convert: {what} entry {pname!r} has shape {tuple(t.shape)}, the weight has {shapes[pname]}")
 
@@ -334,6 +337,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
             raise TypeError(f"convert: kind='delta' takes diffs=SparseDiff, got {type(diffs).__name__}")
         elif (density is None) == (k is None):
             raise ValueError("convert: kind='delta' needs exactly one of density, k or diffs")
+        if diffs is None:  # the budget's own checks, under the name the user called
+            budget("convert", sum(modules[n].weight.numel() for n in names), k, density)
         budgets = _split_k([modules[n].weight.numel() for n in names], k) if k is not None else None
         languages_ = []
     elif kind == "multi":

@@ -106,6 +106,9 @@ class ExpertEnsemble(nn.Module):
                  prior=None, top_k: int | None = None, temperature: float = 1.0, target_modules=None,
                  space: str = "prob"):
         super().__init__()
+        if not isinstance(experts, Mapping) or not all(isinstance(d, SparseDiff) for d in experts.values()):
+            raise TypeError(f"ExpertEnsemble: experts must be {{name: SparseDiff}}, got {type(experts).__name__} "
+                            "(train_cluster_experts returns (experts, members): pass its first item)")
         if not experts:
             raise ValueError("ExpertEnsemble: give at least one expert")
         if weighting not in WEIGHTINGS:
@@ -429,6 +432,9 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     """
     if (codes is None) == (clusters is None):
         raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
+    if sum(train_kwargs.get(key) is not None for key in ("k", "density", "init")) != 1:
+        raise ValueError("train_cluster_experts: each expert needs a support: pass exactly one of k= (entries), "
+                         "density= or init= (they go to train_expert); num_experts is the number of experts")
     if clusters is None:
         clusters = cluster_languages({lang: codes[lang] for lang in batches}, num_experts)
     missing = [lang for lang in batches if lang not in clusters]
