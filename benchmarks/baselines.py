@@ -147,7 +147,8 @@ def composable_sft_decode(encoding: dict, shape) -> torch.Tensor:
     for size in shape:
         coords.append(flat // divisor % size)
         divisor *= size
-    return torch.sparse_coo_tensor(torch.stack(coords), encoding["values"], shape).coalesce()
+    # check_invariants=False is torch's default, said out loud (else torch warns on every call)
+    return torch.sparse_coo_tensor(torch.stack(coords), encoding["values"], shape, check_invariants=False).coalesce()
 
 
 def composable_sft_apply(params: dict, diffs: list[dict]) -> None:

@@ -111,7 +111,7 @@ def _apply_cases(quick: bool, device) -> list[Case]:
         lines = sum(cache_lines(torch.unique(torch.cat([lang.deltas[k].indices, task.deltas[k].indices])), 4) for k in shapes)
         moved = apply_bytes(nnz, lines)
         judged = density == 0.01
-        shape = f"xlm-r-base {n / 1e6:.0f}M params, 2 diffs"
+        shape = f"xlm-r-base {'shapes, 1 layer, 8k vocab: ' if quick else ''}{n / 1e6:.0f}M params, 2 diffs"
         apply = lambda diffs=diffs: xlsparse.apply(diffs, params, alphas)  # noqa: E731
         # composable-sft decodes each diff once, at load; its apply and revert use the decoded tensors.
         loaded = [{name: baselines.composable_sft_decode(enc, shapes[name])
