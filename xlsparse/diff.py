@@ -267,12 +267,13 @@ class _FusedCall:
     saved: list = dataclasses.field(default_factory=list)
 
     def add(self, param: torch.Tensor, delta: "SparseDelta", alpha: float) -> None:
-        if id(param) not in self.slot:
-            self.slot[id(param)] = len(self.dense)
+        key = _storage_key(param)  # one slot per tensor, also for two tensor objects over one storage (tied)
+        if key not in self.slot:
+            self.slot[key] = len(self.dense)
             self.dense.append(param.detach())
         self.indices.append(delta.indices.to(param.device))
         self.values.append(delta.values.to(param.device))
-        self.target.append(self.slot[id(param)])
+        self.target.append(self.slot[key])
         self.alphas.append(alpha)
 
     def run(self) -> None:
@@ -289,8 +290,8 @@ class _FusedCall:
         wide = {t: _ops.merge_deltas([self.indices[e].long() for e in g], [self.values[e].float() for e in g],
                                      [self.alphas[e] for e in g], self.dense[t].numel())
                 for t, g in enumerate(groups)
-                if self.dense[t].dtype.itemsize == 2 and any(self.values[e].dtype.itemsize > 2 for e in g)
-                and (len(g) > 1 or self.alphas[g[0]] != 1)}
+                if self.dense[t].dtype.itemsize == 2 and self.dense[t].device.type != "meta"  # meta: no data to merge
+                and any(self.values[e].dtype.itemsize > 2 for e in g)}
         keep = [e for e, t in enumerate(self.target) if t not in wide]
         self.indices, self.target = [self.indices[e] for e in keep], [self.target[e] for e in keep]
         values = [self.values[e].to(self.dense[self.target[i]].dtype) for i, e in enumerate(keep)]

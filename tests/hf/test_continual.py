@@ -188,10 +188,12 @@ def test_continual_trainer_makes_the_same_update(tmp_path, converted_before):
             hf.convert(m, kind="subnetwork", masks=_rotated(masks), modules_to_save=saved)
     norm = model.model.norm.weight.detach().clone()
     batch = _mixed_batch(3)
-    continual.continual_update(twin, [batch], masks, lr=1e-2, progress=False)
+    # Weight decay too, on the masked weights but not on a saved module's norm (the Trainer's rule).
+    wd = 0.5 if converted_before == "with modules_to_save" else 0.0
+    continual.continual_update(twin, [batch], masks, lr=1e-2, weight_decay=wd, progress=False)
     args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=6, learning_rate=1e-2, max_steps=1,
                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
-                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=wd)
     continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(batch)).train()
     for (n, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)

@@ -111,6 +111,15 @@ def test_meta_learning_trains_the_modules_to_save_whole(recipe):
     for n in head:
         assert not torch.equal(after[n], before[n]), n
         torch.testing.assert_close(after[n], want[n], rtol=1e-5, atol=1e-7)
+    # A part of the saved module that the user froze stays as it is (it once failed: KeyError).
+    frozen = "cls.predictions.transform.LayerNorm.weight"
+    after[frozen].requires_grad_(False)
+    kept = after[frozen].detach().clone()
+    if recipe == "reptile":
+        subnetworks.reptile_step(model, support, masks, inner_lr=0.1)
+    else:
+        subnetworks.fomaml_step(model, support, query, masks, 0.5, 1, subnetworks.fomaml_optimizer(model, masks, lr=1e-2))
+    assert torch.equal(after[frozen], kept)
 
 
 def _own_layout(model, tensors):
@@ -432,6 +441,12 @@ def test_subnetwork_trainer_trains_the_modules_to_save_whole(tmp_path):
         torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=1e-6, msg=n)
     diff = hf.extract_diff(model)
     assert all(torch.equal(diff.absolute[n], p.detach()) for n, p in head.items())
+    # A converted layer the user froze trains nothing (it once failed to build the optimizer).
+    frozen = model.bert.encoder.layer[0].output.dense.weight
+    frozen.requires_grad_(False)
+    kept = frozen.detach().clone()
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 1), train_dataset=data).train()
+    assert torch.equal(frozen, kept)
 
 
 def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):

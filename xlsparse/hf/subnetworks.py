@@ -188,7 +188,8 @@ def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what
             raise ValueError(f"{what}: masks[{lang!r}][{n!r}] must be a bool tensor of shape {shape}{layout}, got {got}")
         stored[n] = m.t().contiguous() if n in flipped else m
     for n, p in _saved_module_params(model).items():
-        stored.setdefault(n, torch.ones(p.shape, dtype=torch.bool, device=p.device))
+        if p.requires_grad:  # a part of a saved module that the user froze stays fixed, as in SubnetworkTrainer
+            stored.setdefault(n, torch.ones(p.shape, dtype=torch.bool, device=p.device))
     return stored
 
 
@@ -537,6 +538,13 @@ def _unwrap(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _decayed_names(model: nn.Module) -> set[str]:
+    """The parameters the transformers Trainer's own optimizer decays: not biases or norms."""
+    if Trainer is object:
+        raise ImportError("weight decay as the Trainer applies it needs transformers (the hf extra)")
+    return set(Trainer.get_decay_parameter_names(None, model))  # the method reads only `model`
+
+
 class SubnetworkTrainer(Trainer):
     """A transformers `Trainer` for a model converted with `convert(kind="subnetwork")`: each
     batch carries `language_ids` [B] (indices into the model's languages), every example's
@@ -570,10 +578,11 @@ class SubnetworkTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
-            masks = {layer.weight: layer.trainable_mask() for _, layer in _converted(self.model, SubnetworkLinear)}
+            masks = {layer.weight: layer.trainable_mask() for _, layer in _converted(self.model, SubnetworkLinear)
+                     if layer.weight.requires_grad}  # a layer the user froze trains nothing
             # What else convert left trainable (modules_to_save) trains whole; weight decay skips
             # biases and norms, as the Trainer's own optimizer does.
-            decay = set(self.get_decay_parameter_names(self.model))
+            decay = _decayed_names(self.model)
             groups = {True: [], False: []}
             for name, p in self.model.named_parameters():
                 if p.requires_grad:
@@ -584,6 +593,16 @@ class SubnetworkTrainer(Trainer):
                 [{"params": ps, "weight_decay": a.weight_decay if decayed else 0.0} for decayed, ps in groups.items() if ps],
                 masks, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
         return self.optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except ValueError as exc:
+            if "parameter group" not in str(exc):
+                raise
+            raise ValueError(f"SubnetworkTrainer: the optimizer state in {checkpoint} has another layout ({exc}). A "
+                             "checkpoint written before xlsparse trained modules_to_save (one group of the converted "
+                             "weights; the saved modules never trained) cannot be resumed: start from its model") from exc
 
     def _dynamic_callbacks(self) -> list:
         return [cb for cb in self.callback_handler.callbacks if isinstance(cb, DynamicMasksCallback)]
