@@ -259,7 +259,8 @@ class _FusedCall:
     """The arguments of one apply_diffs_ call (tensors of one device) and the values it displaced."""
 
     dense: list = dataclasses.field(default_factory=list)
-    slot: dict = dataclasses.field(default_factory=dict)  # id(param) -> its position in dense
+    slot: dict = dataclasses.field(default_factory=dict)  # storage key -> its position in dense
+    slot_of: dict = dataclasses.field(default_factory=dict)  # id(param) -> its position (a key per param, once)
     indices: list = dataclasses.field(default_factory=list)
     values: list = dataclasses.field(default_factory=list)
     target: list = dataclasses.field(default_factory=list)
@@ -267,13 +268,15 @@ class _FusedCall:
     saved: list = dataclasses.field(default_factory=list)
 
     def add(self, param: torch.Tensor, delta: "SparseDelta", alpha: float) -> None:
-        key = _storage_key(param)  # one slot per tensor, also for two tensor objects over one storage (tied)
-        if key not in self.slot:
-            self.slot[key] = len(self.dense)
-            self.dense.append(param.detach())
+        if id(param) not in self.slot_of:
+            key = _storage_key(param)  # one slot per tensor, also for two tensor objects over one storage (tied)
+            if key not in self.slot:
+                self.slot[key] = len(self.dense)
+                self.dense.append(param.detach())
+            self.slot_of[id(param)] = self.slot[key]
         self.indices.append(delta.indices.to(param.device))
         self.values.append(delta.values.to(param.device))
-        self.target.append(self.slot[key])
+        self.target.append(self.slot_of[id(param)])
         self.alphas.append(alpha)
 
     def run(self) -> None:
@@ -284,14 +287,12 @@ class _FusedCall:
         applied), added to the old values in float32 and stored once, here: rounding each value to
         half precision first lost diffs that nearly cancel (0.001 where the float32 sum is 0.0049).
         The merges run before anything is written."""
-        groups = [[] for _ in self.dense]
-        for e, t in enumerate(self.target):
-            groups[t].append(e)
-        wide = {t: _ops.merge_deltas([self.indices[e].long() for e in g], [self.values[e].float() for e in g],
-                                     [self.alphas[e] for e in g], self.dense[t].numel())
-                for t, g in enumerate(groups)
-                if self.dense[t].dtype.itemsize == 2 and self.dense[t].device.type != "meta"  # meta: no data to merge
-                and any(self.values[e].dtype.itemsize > 2 for e in g)}
+        half = {t for t, d in enumerate(self.dense) if d.dtype.itemsize == 2 and d.device.type != "meta"}  # meta: no data
+        wide = {}
+        for t in {t for e, t in enumerate(self.target) if t in half and self.values[e].dtype.itemsize > 2}:
+            g = [e for e, target in enumerate(self.target) if target == t]
+            wide[t] = _ops.merge_deltas([self.indices[e].long() for e in g], [self.values[e].float() for e in g],
+                                        [self.alphas[e] for e in g], self.dense[t].numel())
         keep = [e for e, t in enumerate(self.target) if t not in wide]
         self.indices, self.target = [self.indices[e] for e in keep], [self.target[e] for e in keep]
         values = [self.values[e].to(self.dense[self.target[i]].dtype) for i, e in enumerate(keep)]
