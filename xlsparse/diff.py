@@ -283,10 +283,10 @@ class _FusedCall:
         """Write every entry and record what each displaced (`saved`, for restore_diffs_).
 
         apply_diffs_ takes values of their tensor's dtype. A bfloat16 or float16 tensor given wider
-        values by several entries or a scale instead has its entries merged in float32 (alphas
-        applied), added to the old values in float32 and stored once, here: rounding each value to
-        half precision first lost diffs that nearly cancel (0.001 where the float32 sum is 0.0049).
-        The merges run before anything is written."""
+        values instead has its entries merged in float32 (alphas applied), added to the old values
+        in float32 and stored once, here: rounding each value to half precision first lost diffs
+        that nearly cancel (0.001 where the float32 sum is 0.0049). The merges run before anything
+        is written."""
         half = {t for t, d in enumerate(self.dense) if d.dtype.itemsize == 2 and d.device.type != "meta"}  # meta: no data
         wide = {}
         for t in {t for e, t in enumerate(self.target) if t in half and self.values[e].dtype.itemsize > 2}:

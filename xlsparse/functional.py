@@ -95,11 +95,8 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
 
 def _shares_storage(weight, *tensors) -> bool:
     """True when one of `tensors` views the storage of `weight` (so writing Δ into it changes them)."""
-    if weight.device.type == "meta":
-        return False
-    key = weight.untyped_storage().data_ptr()
-    return any(t is not None and t.numel() and t.device == weight.device and t.untyped_storage().data_ptr() == key
-               for t in tensors)
+    key = _checks.memory_key(weight)
+    return key is not None and any(_checks.memory_key(t) == key for t in tensors)
 
 
 def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None, gates=None) -> torch.Tensor:

@@ -239,26 +239,23 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     Returns the loss of every step.
     """
     from .model import _saved_module_params, route
-    from .subnetworks import _decayed_names
+    from .subnetworks import _decay_groups
 
     if epochs > 1 and iter(batches) is batches:  # a generator or iterator: the second epoch would see no batches
         raise ValueError(f"continual_update: epochs={epochs} needs batches that can be iterated again (a list or a "
                          f"DataLoader), got a one-shot {type(batches).__name__}")
     order = list(masks)
     union = _prepare(model, masks, "continual_update")
-    saved = _saved_module_params(model)
-    union.update({n: None for n in saved if n not in union})  # trained whole
+    masks_union = set(union)
+    union.update({n: None for n in _saved_module_params(model) if n not in union})  # trained whole
     named = dict(model.named_parameters())
     trainable = {id(named[n]) for n in union}
     frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
     # Weight decay as continual_trainer applies it: not on the saved modules' biases and norms.
-    plain = saved.keys() - _decayed_names(model) if weight_decay and saved else set()
-    groups = [{"params": [named[n] for n in union if n not in plain]},
-              {"params": [named[n] for n in union if n in plain], "weight_decay": 0.0}]
-    opt = MaskedAdamW([g for g in groups if g["params"]], {named[n]: m for n, m in union.items()}, lr=lr,
-                      weight_decay=weight_decay, mode="compact")
+    opt = MaskedAdamW(_decay_groups(model, {n: named[n] for n in union}, masks_union, weight_decay),
+                      {named[n]: m for n, m in union.items()}, lr=lr, mode="compact")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     was_training = model.training
     model.train()

@@ -538,11 +538,21 @@ def _unwrap(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _decayed_names(model: nn.Module) -> set[str]:
-    """The parameters the transformers Trainer's own optimizer decays: not biases or norms."""
-    if Trainer is object:
-        raise ImportError("weight decay as the Trainer applies it needs transformers (the hf extra)")
-    return set(Trainer.get_decay_parameter_names(None, model))  # the method reads only `model`
+def _decay_groups(model: nn.Module, params: Mapping[str, torch.Tensor], masked, weight_decay: float) -> list[dict]:
+    """`params` (by name) as param groups decayed as the transformers Trainer's own optimizer
+    decays them: the `masked` weights (linear weights) at `weight_decay`; the others (convert's
+    modules_to_save) too, but for their biases and norms, at 0. transformers' rule is asked for
+    only when a parameter beyond the masked ones decays."""
+    others = params.keys() - set(masked)
+    if weight_decay and others:
+        if Trainer is object:
+            raise ImportError("weight decay as the Trainer applies it needs transformers (the hf extra)")
+        plain = others - set(Trainer.get_decay_parameter_names(None, model))  # the method reads only `model`
+    else:
+        plain = set()
+    groups = [{"params": [p for n, p in params.items() if n not in plain], "weight_decay": weight_decay},
+              {"params": [p for n, p in params.items() if n in plain], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
 
 
 class SubnetworkTrainer(Trainer):
@@ -578,20 +588,14 @@ class SubnetworkTrainer(Trainer):
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
-            masks = {layer.weight: layer.trainable_mask() for _, layer in _converted(self.model, SubnetworkLinear)
-                     if layer.weight.requires_grad}  # a layer the user froze trains nothing
-            # What else convert left trainable (modules_to_save) trains whole; weight decay skips
-            # biases and norms, as the Trainer's own optimizer does.
-            decay = _decayed_names(self.model)
-            groups = {True: [], False: []}
-            for name, p in self.model.named_parameters():
-                if p.requires_grad:
-                    groups[name in decay].append(p)
-                    masks.setdefault(p, None)
+            layers = {f"{n}.weight": layer for n, layer in _converted(self.model, SubnetworkLinear)}
+            # What else convert left trainable (modules_to_save) trains whole; a part the user froze
+            # (a converted layer included) trains nothing.
+            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            masks = {p: layers[n].trainable_mask() if n in layers else None for n, p in params.items()}
             a = self.args
-            self.optimizer = MaskedAdamW(
-                [{"params": ps, "weight_decay": a.weight_decay if decayed else 0.0} for decayed, ps in groups.items() if ps],
-                masks, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
+            self.optimizer = MaskedAdamW(_decay_groups(self.model, params, layers, a.weight_decay), masks,
+                                         lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
         return self.optimizer
 
     def _load_optimizer_and_scheduler(self, checkpoint):
