@@ -222,6 +222,29 @@ def test_load_state_dict_refuses_a_step_count_of_another_size(opt_class):
         fresh.load_state_dict(saved)
 
 
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+def test_load_state_dict_takes_a_step_count_saved_as_a_number(opt_class):
+    # torch's older optimizers saved the count as a Python number; it means the same shared count.
+    p = torch.randn(42, requires_grad=True)
+    mask = torch.rand(42, generator=seeded(3)) < 0.4
+    kwargs = {"momentum": 0.9} if opt_class is MaskedSGD else {}
+    opt = opt_class([p], [mask], lr=1e-2, **kwargs)
+    for seed in (1, 2):
+        _set_grads([p], seed)
+        opt.step()
+    as_number = copy.deepcopy(opt.state_dict())
+    as_number["state"][0]["step"] = float(as_number["state"][0]["step"])
+    runs = []
+    for saved in (copy.deepcopy(opt.state_dict()), as_number):
+        q = p.detach().clone().requires_grad_()
+        fresh = opt_class([q], [mask], lr=1e-2, **kwargs)
+        fresh.load_state_dict(saved)
+        _set_grads([q], 3)
+        fresh.step()
+        runs.append(q.detach())
+    assert_bit_identical(runs[1], runs[0], "param after a step from a numeric step count")
+
+
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_update_masks_keeps_adds_and_freezes(backend, mode, use_backend):

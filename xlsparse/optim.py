@@ -257,6 +257,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             loaded = kept.get(pid, {})
             for key, value in loaded.items():
+                if key == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    value = torch.tensor(float(value))  # a count saved as a number, as torch's older optimizers did
                 state[key] = None if value is None else value.to(p.device, copy=True)
             if not any(k in loaded for k in _SELECTOR_KEYS):
                 # Another optimizer's state (torch's AdamW, say) must not make every entry train.
