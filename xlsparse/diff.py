@@ -391,7 +391,7 @@ _busy_lock = threading.Lock()
 
 @contextlib.contextmanager
 def _exclusive(tensors, what: str):
-    keys = {(t.device, t.untyped_storage().data_ptr()) for t in tensors if t.device.type != "meta"}
+    keys = checks.memory_keys(tensors)
     with _busy_lock:
         if keys & _busy_storages:
             raise RuntimeError(f"{what}: another thread is applying or reverting a diff on the same model tensors; "
