@@ -2,6 +2,7 @@
 bit-exactly, merge_and_unload through transformers' own save/load, disable, tied weights, safe
 routing (ids, names, the batch field, the Trainer) and autocast, on tiny BERT, XLM-R, Llama and GPT-2."""
 import copy
+import inspect
 import json
 import os
 
@@ -267,6 +268,40 @@ def _multi(arch="llama"):
     model = tiny(arch)
     diffs = {lang: random_diff(model, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
     return hf.convert(model, kind="multi", diffs=diffs)
+
+
+@pytest.mark.parametrize("kind", ["multi", "subnetwork"])
+def test_a_routed_model_routes_its_language_ids_after_pickle_and_deepcopy(kind, tmp_path):
+    # The language_ids keyword lives on the instance; a pickled model once came back with the
+    # class's own forward, which ignored the ids: a 'multi' model ran the base for every language.
+    model = tiny("llama")
+    if kind == "multi":
+        model = _multi()
+    else:
+        g = torch.Generator().manual_seed(0)
+        masks = {lang: {f"{n}.weight": torch.rand(model.get_submodule(n).weight.shape, generator=g) < 0.3
+                        for n in hf.model.target_names(model)} for lang in ("de", "fr")}
+        hf.convert(model, kind="subnetwork", masks=masks)
+    ids, langs = batch(2, 6), torch.tensor([1, 0])
+
+    def run(m):
+        """Training-mode logits and the gradients that routing steers."""
+        m.train().zero_grad()
+        logits = m(input_ids=ids, language_ids=langs).logits
+        logits.square().sum().backward()
+        return logits.detach(), [p.grad for p in m.parameters() if p.requires_grad]
+
+    want, want_grads = run(model)
+    if kind == "multi":
+        with torch.no_grad():
+            assert not torch.equal(model.eval()(input_ids=ids).logits, want)  # unrouted: the base model
+    torch.save(model, tmp_path / "model.pt")
+    for twin in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert "language_ids" in inspect.signature(twin.forward).parameters
+        assert twin.forward.model is twin
+        got, grads = run(twin)
+        assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
 
 
 @pytest.mark.parametrize("kind", ["multi", "subnetwork"])

@@ -15,7 +15,6 @@ import math
 import os
 import re
 import threading
-import types
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -233,29 +232,38 @@ def _subnet_weight_outside(layer: SubnetworkLinear, union: torch.Tensor) -> torc
 
 # --- routing through the batch: model(**batch) with a `language_ids` field ---
 
-def _accept_language_ids(model: nn.Module) -> None:
-    """Give `model.forward` a `language_ids` keyword that routes the call, and a signature that
-    shows it, so `model(**batch)` routes by the batch's field and HF's Trainer keeps the column
-    (`remove_unused_columns` keeps what the forward's signature names)."""
-    cls_forward = type(model).forward
-    sig = inspect.signature(cls_forward)
-    if "language_ids" in sig.parameters:
-        return
-    params = list(sig.parameters.values())
-    extra = inspect.Parameter("language_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
-    params.insert(at, extra)
+class _RoutingForward:
+    """`model.forward` of a routed model: the class's forward with a `language_ids` keyword that
+    routes the call, under a signature that shows it, so `model(**batch)` routes by the batch's
+    field and HF's Trainer keeps the column (`remove_unused_columns` keeps what the forward's
+    signature names). An object of a module-level class, not a bound method of a local function:
+    pickle rebuilt such a method as the class's own forward, and the unpickled model ran the
+    base model for every language without a word."""
 
-    def forward(self, *args, language_ids=None, **kwargs):
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        sig = inspect.signature(type(self.model).forward)
+        params = [p for name, p in sig.parameters.items() if name != "self"]
+        extra = inspect.Parameter("language_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+        at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+        return sig.replace(parameters=[*params[:at], extra, *params[at:]])
+
+    def __call__(self, *args, language_ids=None, **kwargs):
+        cls_forward = type(self.model).forward
         if language_ids is None:
-            return cls_forward(self, *args, **kwargs)
-        with route(self, language_ids):
-            return cls_forward(self, *args, **kwargs)
+            return cls_forward(self.model, *args, **kwargs)
+        with route(self.model, language_ids):
+            return cls_forward(self.model, *args, **kwargs)
 
-    forward.__signature__ = sig.replace(parameters=params)
-    forward.__doc__ = cls_forward.__doc__
-    # A bound method, not a closure over `model`: deepcopy rebinds it to the copy.
-    model.forward = types.MethodType(forward, model)
+
+def _accept_language_ids(model: nn.Module) -> None:
+    """Install `_RoutingForward` as `model.forward`, unless the class's forward names
+    `language_ids` itself."""
+    if "language_ids" not in inspect.signature(type(model).forward).parameters:
+        model.forward = _RoutingForward(model)
 
 
 # --- convert ---
