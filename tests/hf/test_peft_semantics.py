@@ -487,6 +487,39 @@ def test_trainer_bf16_trains_a_converted_model():
     assert any(torch.count_nonzero(m.delta_values) > 0 for m in model.modules() if isinstance(m, SparseDeltaLinear))
 
 
+def test_trainer_folders_of_a_converted_model_load_with_from_pretrained(tmp_path):
+    # The Trainer saves through transformers' save_pretrained: the whole model, whose class drops the
+    # deltas on load. The converted model's save_pretrained adds the xlsparse files beside it.
+    datasets = pytest.importorskip("datasets")
+    model, head = classifier("bert")
+    base = copy.deepcopy(model)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    g = torch.Generator().manual_seed(0)
+    rows = {"input_ids": torch.randint(3, VOCAB, (16, 6), generator=g).tolist(),
+            "labels": torch.randint(0, 3, (16,), generator=g).tolist()}
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="steps",
+                                          save_steps=2)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict(rows))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    ids = batch(3, 6)
+    want = model.eval()(input_ids=ids).logits
+    assert not torch.equal(want, base(input_ids=ids).logits)
+    for folder in ("final", "run/checkpoint-2"):
+        assert os.path.isfile(tmp_path / folder / "model.safetensors")  # what a resume reads
+        loaded = hf.from_pretrained(copy.deepcopy(base), str(tmp_path / folder))
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+    multi = _multi()
+    multi.save_pretrained(str(tmp_path / "multi"))
+    again = hf.from_pretrained(tiny("llama"), str(tmp_path / "multi"))
+    langs = torch.tensor([1, 0, -1])
+    assert torch.equal(again.eval()(input_ids=ids, language_ids=langs).logits,
+                       multi.eval()(input_ids=ids, language_ids=langs).logits)
+    hf.merge_and_unload(model).save_pretrained(str(tmp_path / "merged"))  # transformers' own save again
+    assert not os.path.exists(tmp_path / "merged" / "xlsparse_config.json")
+
+
 def test_a_routed_llama_compiles_with_one_graph_break():
     model = _multi("llama")
     ids, lang = batch(4, 3), torch.tensor([0, 1, -1, 1])

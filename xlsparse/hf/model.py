@@ -259,6 +259,29 @@ class _RoutingForward:
             return cls_forward(self.model, *args, **kwargs)
 
 
+class _SavePretrainedWithDiff:
+    """`model.save_pretrained` of a converted 'delta' or 'multi' model: transformers' own save (the
+    whole model, base included: the Trainer's checkpoints resume from it), then this module's
+    `save_pretrained` files beside it, so that `from_pretrained(base, folder)` reads what the
+    Trainer's `save_model` and checkpoints write. Without them such a folder kept the deltas only
+    under names the model's class does not know: the class's `from_pretrained` dropped them and
+    returned the base weights with the trained head. An object, not a bound method, so that pickle
+    keeps it (as `_RoutingForward`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, *args, **kwargs):
+        type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", args[0] if args else True):
+            return
+        try:
+            save_pretrained(self.model, save_directory)
+        except ValueError as exc:  # a checkpoint must not stop training; the folder still resumes
+            warnings.warn(f"save_pretrained: {save_directory} holds transformers' files only, no xlsparse diff: {exc}",
+                          stacklevel=2)
+
+
 def _accept_language_ids(model: nn.Module) -> None:
     """Install `_RoutingForward` as `model.forward`, unless the class's forward names
     `language_ids` itself."""
@@ -408,6 +431,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     model._xlsparse_record = _remember(model, saved)
     if kind != "delta":
         _accept_language_ids(model)
+    if kind != "subnetwork" and callable(getattr(type(model), "save_pretrained", None)):
+        model.save_pretrained = _SavePretrainedWithDiff(model)
     return model
 
 
@@ -857,8 +882,9 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     for attr in ("xlsparse_config", "_xlsparse_record"):
         if hasattr(model, attr):
             delattr(model, attr)
-    if "forward" in model.__dict__:
-        del model.forward
+    for attr in ("forward", "save_pretrained"):
+        if attr in model.__dict__:
+            delattr(model, attr)
     return model
 
 
