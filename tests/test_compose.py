@@ -783,6 +783,16 @@ def test_load_rejects_malformed_files(tmp_path, how, exc, msg):
         SparseDiff.load(path)
 
 
+@pytest.mark.parametrize("device", ["cuda", "nonsense"])
+def test_load_names_a_device_it_cannot_use(tmp_path, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is usable here")
+    path = str(tmp_path / "d.safetensors")
+    _saved_diff().save(path)
+    with pytest.raises(ValueError, match=f"SparseDiff.load: device='{device}' is not usable here"):
+        SparseDiff.load(path, device=device)
+
+
 def test_composable_sft_round_trip(tmp_path):
     diff = _saved_diff()
     diff.save_composable_sft(str(tmp_path))

@@ -695,6 +695,10 @@ class SparseDiff:
         a truncated or corrupt file raises ValueError saying so."""
         from safetensors import safe_open
 
+        try:  # before reading: torch's own error for an absent CUDA is a bare AssertionError
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ValueError(f"SparseDiff.load: device={device!r} is not usable here: {exc}") from exc
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
         try:
