@@ -2,6 +2,7 @@
 backend against the float64 reference, dynamic masks, and multi_mask_weight_grad / SubnetworkLinear."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -222,8 +223,9 @@ def test_load_state_dict_refuses_a_step_count_of_another_size(opt_class):
         fresh.load_state_dict(saved)
 
 
+@pytest.mark.parametrize("as_number", [float, int, np.float32, np.int64, "float64 default"])
 @pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
-def test_load_state_dict_takes_a_step_count_saved_as_a_number(opt_class):
+def test_load_state_dict_takes_a_step_count_saved_as_a_number(opt_class, as_number):
     # torch's older optimizers saved the count as a Python number; it means the same shared count.
     p = torch.randn(42, requires_grad=True)
     mask = torch.rand(42, generator=seeded(3)) < 0.4
@@ -232,13 +234,19 @@ def test_load_state_dict_takes_a_step_count_saved_as_a_number(opt_class):
     for seed in (1, 2):
         _set_grads([p], seed)
         opt.step()
-    as_number = copy.deepcopy(opt.state_dict())
-    as_number["state"][0]["step"] = float(as_number["state"][0]["step"])
+    numeric = copy.deepcopy(opt.state_dict())
+    count = numeric["state"][0]["step"].item()
+    numeric["state"][0]["step"] = float(count) if as_number == "float64 default" else as_number(count)
     runs = []
-    for saved in (copy.deepcopy(opt.state_dict()), as_number):
+    for saved in (copy.deepcopy(opt.state_dict()), numeric):
         q = p.detach().clone().requires_grad_()
         fresh = opt_class([q], [mask], lr=1e-2, **kwargs)
-        fresh.load_state_dict(saved)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64 if as_number == "float64 default" else default)
+        try:
+            fresh.load_state_dict(saved)
+        finally:
+            torch.set_default_dtype(default)
         _set_grads([q], 3)
         fresh.step()
         runs.append(q.detach())

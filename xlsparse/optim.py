@@ -29,6 +29,7 @@ keeps the part of the mask, and the state, that its shard holds, and steps its s
 """
 import functools
 import math
+import numbers
 from collections.abc import Iterable
 from itertools import chain
 
@@ -257,8 +258,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             state = self.state[p]
             loaded = kept.get(pid, {})
             for key, value in loaded.items():
-                if key == "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    value = torch.tensor(float(value))  # a count saved as a number, as torch's older optimizers did
+                if key == "step" and isinstance(value, numbers.Real) and not isinstance(value, (bool, torch.Tensor)):
+                    # a count saved as a number (numpy's included), as torch's older optimizers did
+                    value = torch.tensor(float(value), dtype=torch.float32)
                 state[key] = None if value is None else value.to(p.device, copy=True)
             if not any(k in loaded for k in _SELECTOR_KEYS):
                 # Another optimizer's state (torch's AdamW, say) must not make every entry train.

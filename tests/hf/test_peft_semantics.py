@@ -304,6 +304,23 @@ def test_a_routed_model_routes_its_language_ids_after_pickle_and_deepcopy(kind, 
         assert all(torch.equal(a, b) for a, b in zip(grads, want_grads, strict=True))
 
 
+def test_a_routed_model_runs_after_accelerates_mixed_precision_unwrap():
+    # unwrap_model(keep_fp32_wrapper=False) binds the original forward (our object) as a method again
+    accelerate = pytest.importorskip("accelerate")
+    model = _multi()
+    ids, langs = batch(2, 6), torch.tensor([1, 0])
+    want = model(input_ids=ids, language_ids=langs).logits
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier Trainer fixed the precision
+    try:
+        acc = accelerate.Accelerator(mixed_precision="bf16", cpu=True)
+        plain = acc.unwrap_model(acc.prepare(model), keep_fp32_wrapper=False)
+        assert torch.equal(plain(input_ids=ids, language_ids=langs).logits, want)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("kind", ["multi", "subnetwork"])
 def test_routed_models_train_under_gradient_checkpointing(kind):
     # the recomputation runs in the backward, after route() has ended: checkpoint_context re-enters it
@@ -518,6 +535,22 @@ def test_trainer_folders_of_a_converted_model_load_with_from_pretrained(tmp_path
                        multi.eval()(input_ids=ids, language_ids=langs).logits)
     hf.merge_and_unload(model).save_pretrained(str(tmp_path / "merged"))  # transformers' own save again
     assert not os.path.exists(tmp_path / "merged" / "xlsparse_config.json")
+
+
+def test_a_failed_xlsparse_save_leaves_no_earlier_diff_in_the_folder(tmp_path):
+    model, head = classifier("bert")
+    base = copy.deepcopy(model)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    model.save_pretrained(str(tmp_path))
+    hf.from_pretrained(copy.deepcopy(base), str(tmp_path))  # the first save loads
+    with torch.no_grad():
+        model.bert.pooler.dense.weight.add_(0.01)  # outside the diff: base + diff is no longer the model
+    with pytest.warns(UserWarning, match="holds transformers' files only"):
+        model.save_pretrained(str(tmp_path))
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("xlsparse")]
+    with pytest.raises(FileNotFoundError, match="xlsparse_config.json does not exist"):
+        hf.from_pretrained(copy.deepcopy(base), str(tmp_path))
 
 
 def test_a_routed_llama_compiles_with_one_graph_break():

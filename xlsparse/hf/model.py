@@ -27,7 +27,7 @@ from ..distributed import fingerprint
 from ..diff import SparseDelta, SparseDiff, _storage_key, budget, index_dtype
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
-from .config import KINDS, XlsparseConfig
+from .config import CONFIG_NAME, KINDS, XlsparseConfig
 
 _CONVERTED = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
 _ROUTED = (MultiDeltaLinear, SubnetworkLinear)
@@ -207,6 +207,7 @@ class _Record:
     frozen: dict = field(default_factory=dict)  # name -> fingerprint of a tensor that must not change
     saved_originals: dict = field(default_factory=dict)  # modules_to_save param name -> its value at convert
     subnet_base: dict = field(default_factory=dict)  # SubnetworkLinear name -> (union indices, base values)
+    outside: set = field(default_factory=set)  # names a recipe trains and saves itself (`train_outside_diff`)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __getstate__(self):  # deepcopy and pickle: a copy gets a lock of its own
@@ -242,6 +243,7 @@ class _RoutingForward:
 
     def __init__(self, model: nn.Module):
         self.model = model
+        self.__doc__ = type(model).forward.__doc__
 
     @property
     def __signature__(self) -> inspect.Signature:
@@ -252,6 +254,8 @@ class _RoutingForward:
         return sig.replace(parameters=[*params[:at], extra, *params[at:]])
 
     def __call__(self, *args, language_ids=None, **kwargs):
+        if args and args[0] is self.model:  # accelerate's unwrap binds the original forward as a method again
+            args = args[1:]
         cls_forward = type(self.model).forward
         if language_ids is None:
             return cls_forward(self.model, *args, **kwargs)
@@ -278,6 +282,9 @@ class _SavePretrainedWithDiff:
         try:
             save_pretrained(self.model, save_directory)
         except ValueError as exc:  # a checkpoint must not stop training; the folder still resumes
+            for name in os.listdir(save_directory):  # an earlier save's diff would load as if it were this one
+                if name == CONFIG_NAME or (name.startswith("xlsparse_diff") and name.endswith(".safetensors")):
+                    os.remove(os.path.join(save_directory, name))
             warnings.warn(f"save_pretrained: {save_directory} holds transformers' files only, no xlsparse diff: {exc}",
                           stacklevel=2)
 
@@ -564,6 +571,7 @@ def train_outside_diff(model: nn.Module, names) -> None:
         if name not in named:
             raise KeyError(f"train_outside_diff: the model has no parameter {name!r}")
         named[name].requires_grad_(True)
+        rec.outside.add(name)
         for alias in [name, *tied_parameters(model).get(name, [])]:
             rec.frozen.pop(alias, None)
 
@@ -797,6 +805,10 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         raise ValueError("save_pretrained: kind='subnetwork' trains the base weights themselves, so θ0 + (θ − θ0) "
                          "would not reload bit-exactly; use merge_and_unload(model) and transformers' save_pretrained, "
                          "or extract_diff(model) for the (rounded) difference")
+    if _record(model).outside:
+        raise ValueError(f"save_pretrained: {sorted(_record(model).outside)[:3]} train outside the diff "
+                         "(train_outside_diff), and these files cannot hold them: save the recipe's own diff "
+                         "(X-ELM: ExpertTrainer.expert())")
     if config.kind == "delta":
         diff = extract_diff(model)  # checks that nothing outside the diff changed
         os.makedirs(directory, exist_ok=True)
