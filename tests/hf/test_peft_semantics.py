@@ -168,6 +168,11 @@ def test_a_converted_model_deep_copies_and_pickles(tmp_path):
     assert torch.equal(back(input_ids=ids).logits, model(input_ids=ids).logits)
     with hf.disable(back):
         pass
+    older = model._xlsparse_record.__getstate__()  # as an xlsparse without `outside` pickled it
+    del older["outside"]
+    model._xlsparse_record = hf.model._Record.__new__(hf.model._Record)
+    model._xlsparse_record.__setstate__(older)
+    hf.save_pretrained(model, str(tmp_path / "saved"))
 
 
 def test_a_model_cast_after_convert_is_refused_with_the_reason():

@@ -213,8 +213,8 @@ class _Record:
     def __getstate__(self):  # deepcopy and pickle: a copy gets a lock of its own
         return {k: v for k, v in self.__dict__.items() if k != "lock"}
 
-    def __setstate__(self, state):
-        self.__dict__.update(state, lock=threading.Lock())
+    def __setstate__(self, state):  # a record pickled before `outside` existed has none
+        self.__dict__.update({"outside": set(), **state}, lock=threading.Lock())
 
 
 def _record(model: nn.Module) -> _Record:
