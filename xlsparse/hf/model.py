@@ -283,7 +283,7 @@ class _SavePretrainedWithDiff:
             save_pretrained(self.model, save_directory)
         except ValueError as exc:  # a checkpoint must not stop training; the folder still resumes
             for name in os.listdir(save_directory):  # an earlier save's diff would load as if it were this one
-                if name == CONFIG_NAME or (name.startswith("xlsparse_diff") and name.endswith(".safetensors")):
+                if _saved_file(name):
                     os.remove(os.path.join(save_directory, name))
             warnings.warn(f"save_pretrained: {save_directory} holds transformers' files only, no xlsparse diff: {exc}",
                           stacklevel=2)
@@ -792,6 +792,12 @@ def _lang_file(i: int) -> str:
     return f"xlsparse_diff.lang{i}.safetensors"
 
 
+def _saved_file(name: str) -> bool:
+    """True for the name of a file that `save_pretrained` writes (the per-language files' pattern is
+    `_lang_file`'s, with any number for the 0)."""
+    return name in (CONFIG_NAME, DIFF_NAME) or re.fullmatch(re.escape(_lang_file(0)).replace("0", r"\d+"), name) is not None
+
+
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Write what the converted model trained, and how to redo the conversion, to `directory`:
     `xlsparse_config.json` (kind, target_modules, density / k, languages, modules_to_save,
@@ -805,8 +811,9 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         raise ValueError("save_pretrained: kind='subnetwork' trains the base weights themselves, so θ0 + (θ − θ0) "
                          "would not reload bit-exactly; use merge_and_unload(model) and transformers' save_pretrained, "
                          "or extract_diff(model) for the (rounded) difference")
-    if _record(model).outside:
-        raise ValueError(f"save_pretrained: {sorted(_record(model).outside)[:3]} train outside the diff "
+    outside = _record(model).outside
+    if outside:
+        raise ValueError(f"save_pretrained: {sorted(outside)[:3]} train outside the diff "
                          "(train_outside_diff), and these files cannot hold them: save the recipe's own diff "
                          "(X-ELM: ExpertTrainer.expert())")
     if config.kind == "delta":
