@@ -135,10 +135,11 @@ void transpose_chunk(const RowKernels<acc>& rk, const scalar_t* src, int64_t col
         scale[j] = scaled && tok.scale ? tok.scale[t] : acc(1);
       }
       const acc* s = scaled && tok.scale ? scale.data() : nullptr;
+      const bool next_rows = !tok.index && jt + 2 * w <= n;  // the next call's rows: consecutive tokens
       if constexpr (same) {
-        rk.transpose_rows(rows.data(), s, m, c1 - c0, dst + jt, stride);
+        rk.transpose_rows(rows.data(), s, m, c1 - c0, dst + jt, stride, next_rows);
       } else {
-        rk.transpose_rows_bf16(rows.data(), s, m, c1 - c0, dst + jt, stride);
+        rk.transpose_rows_bf16(rows.data(), s, m, c1 - c0, dst + jt, stride, next_rows);
       }
     }
   } else {
@@ -262,7 +263,7 @@ void add_block(const RowKernels<acc>& rk, scalar_t* op, int64_t groups, int64_t 
     for (int64_t g = g0; g < g1; g += rk.width) {
       const int64_t m = std::min(rk.width, g1 - g);
       for (int64_t q = 0; q < m; ++q) yrow[q] = y + (g - g0 + q) * stride;
-      rk.transpose_rows(yrow, nullptr, m, n, yt + (g - g0), kRows);
+      rk.transpose_rows(yrow, nullptr, m, n, yt + (g - g0), kRows, false);
     }
     for (int64_t jj = 0; jj < n; ++jj) {
       masked_add(op + tok.at(j0 + jj) * groups + g0, yt + jj * kRows, used + g0, 0, g1 - g0);

@@ -54,10 +54,12 @@ struct RowKernels {
   void (*dots)(const T* a, const T* const* b, int64_t m, int64_t n, T* s);
   // dst[c·stride + j] = scale[j] · rows[j][c] (scale null: 1) for the m ≤ vector-width token rows,
   // c < cols. Writes whole vectors: round_up(cols) rows of dst, zeros in columns m..width−1.
-  void (*transpose_rows)(const T* const* rows, const T* scale, int64_t m, int64_t cols, T* dst, int64_t stride);
+  // `next_rows`: the next call's rows follow these at the same spacing (a hint: prefetch them).
+  void (*transpose_rows)(const T* const* rows, const T* scale, int64_t m, int64_t cols, T* dst, int64_t stride,
+                         bool next_rows);
   // The same from bfloat16 rows, given as their 16-bit patterns.
   void (*transpose_rows_bf16)(const uint16_t* const* rows, const T* scale, int64_t m, int64_t cols, T* dst,
-                              int64_t stride);
+                              int64_t stride, bool next_rows);
   void (*axpy)(T* y, T alpha, const T* x, int64_t n);
   // y += Σ_j alpha[j] x_j over four rows: y is loaded and stored once per four multiply-adds.
   void (*axpy4)(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n);
