@@ -569,6 +569,63 @@ def test_revert_refuses_a_model_converted_after_apply():
         handle.revert()
 
 
+def test_revert_out_of_order_refuses_when_a_later_apply_changed_the_same_entries():
+    # composable-sft swaps languages by reverting the language SFT under the task SFT. Restoring
+    # the language's displaced values silently dropped the task's change on shared entries and
+    # left the language's change in after the task's revert.
+    base = torch.randn(4, dtype=torch.float64)
+    lang = SparseDiff({"w": SparseDelta(torch.tensor([0, 1]), torch.tensor([1.0, 1.0], dtype=torch.float64), (4,))})
+    task = SparseDiff({"w": SparseDelta(torch.tensor([1, 2]), torch.tensor([10.0, 10.0], dtype=torch.float64), (4,))})
+    model = {"w": base.clone()}
+    h_lang, h_task = lang.apply(model), task.apply(model)
+    both = model["w"].clone()
+    with pytest.raises(RuntimeError, match=r"revert: \['w'\] were changed again by a later apply"):
+        h_lang.revert()
+    assert not h_lang.reverted
+    assert_bit_identical(model["w"], both, "w after the refused revert")
+    h_task.revert()
+    h_lang.revert()  # reverse order: bit-exact
+    assert_bit_identical(model["w"], base, "w after both reverts")
+    # a later dense entry covers every entry of the tensor
+    dense = SparseDiff(dense={"w": torch.ones(4, dtype=torch.float64)})
+    h_lang, h_dense = lang.apply(model), dense.apply(model)
+    with pytest.raises(RuntimeError, match="later apply"):
+        h_lang.revert()
+    h_dense.revert(), h_lang.revert()
+    assert_bit_identical(model["w"], base, "w after the dense case")
+    # disjoint supports revert in any order, and a dropped handle (never reverted) blocks nothing
+    a = SparseDiff({"w": SparseDelta(torch.tensor([0]), torch.tensor([1.0], dtype=torch.float64), (4,))})
+    b = SparseDiff({"w": SparseDelta(torch.tensor([3]), torch.tensor([5.0], dtype=torch.float64), (4,))})
+    ha, hb = a.apply(model), b.apply(model)
+    ha.revert()
+    expect = base.clone()
+    expect[3] += 5.0
+    assert_bit_identical(model["w"], expect, "w after the out-of-order disjoint revert")
+    hb.revert()
+    task.apply(model)  # kept: the task is now part of the model
+    h_lang = lang.apply(model)
+    h_lang.revert()
+    expect = base.clone()
+    expect[1:3] += 10.0
+    assert_bit_identical(model["w"], expect, "w after a revert over a dropped handle")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_apply_rounds_once_where_a_sparse_and_a_dense_entry_meet(dtype):
+    # A parameter changed by one diff's sparse delta and another's dense entry was stored twice
+    # (sparse, then dense on top): 1 ulp off the sum rounded once, and off apply([A + B]).
+    sparse = SparseDiff({"w": SparseDelta(torch.tensor([0]), torch.tensor([0.004]), (2,))})
+    dense = SparseDiff(dense={"w": torch.tensor([0.004, 0.0])})
+    base = torch.ones(2, dtype=dtype)
+    exact = (base.double() + torch.tensor([0.008, 0.0], dtype=torch.float64)).to(dtype)
+    for diffs in ([sparse, dense], [sparse + dense]):
+        model = {"w": base.clone()}
+        handle = xlsparse.apply(diffs, model)
+        assert_bit_identical(model["w"], exact, f"w after apply of {len(diffs)} diffs")
+        handle.revert()
+        assert_bit_identical(model["w"], base, "w after revert")
+
+
 def test_apply_rejects_unknown_or_misshaped_parameter():
     model = _model(0)
     with pytest.raises(KeyError, match="diff 0.*'enc.w'"):

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -224,11 +225,19 @@ class ApplyHandle:
         self.reverted = False
 
     def revert(self) -> None:
-        """Put back every value the apply displaced, bit for bit. Only once. A tensor whose
-        storage, dtype or device changed since apply (the model was converted) is a
-        RuntimeError, and nothing is written."""
+        """Put back every value the apply displaced, bit for bit. Only once. Reverts go in reverse
+        order of the applies where they meet: while a later apply that is still in place changed
+        some of the same entries, reverting this one would drop the later diff's change there
+        and leave this one's, so it is a RuntimeError (disjoint supports revert in any order).
+        A tensor whose storage, dtype or device changed since apply (the model was converted)
+        is a RuntimeError too. Nothing is written when it raises."""
         if self.reverted:
             raise RuntimeError("this apply handle was already reverted")
+        later = _later_applies(self)
+        if later:
+            raise RuntimeError(f"revert: {later} were changed again by a later apply that is still in place; revert "
+                               "the later apply first (reverts go in reverse order of the applies), or the later "
+                               "diff's changes would be lost and this diff's would stay; nothing was reverted")
         for name, t, placement in self._changed:
             if _placement(t) != placement:
                 raise RuntimeError(f"revert: {name!r} is no longer the storage the diff was applied to (it was "
@@ -245,6 +254,7 @@ class ApplyHandle:
             for tensor, copy in self._originals:
                 tensor.copy_(copy)
         self.reverted = True
+        _forget_apply(self)
 
     def __enter__(self) -> "ApplyHandle":
         return self
@@ -372,15 +382,95 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
                     param, key = named[name].detach(), _storage_key(named[name])  # tied names: one tensor
                     wide = t.to(device=param.device, dtype=acc_dtype(param.dtype)) * alpha
                     shares[key] = (param, wide if key not in shares else shares[key][1] + wide)
-            for param, share in shares.values():
-                param.copy_(param.to(share.dtype) + share)
+            # A tensor that also took sparse deltas in this call: fold them into the dense sum and
+            # add it all to the value before apply, so the tensor is rounded once, not twice.
+            before = {_storage_key(t): c for t, c in originals}
+            for key, (param, share) in shares.items():
+                sparse = [(d, alpha) for diff, alpha in zip(diffs, alphas) for n, d in diff.deltas.items()
+                          if _storage_key(named[n]) == key]
+                if sparse:
+                    share = share.contiguous()
+                    flat = share.view(-1)
+                    for d, alpha in sparse:
+                        flat.index_add_(0, d.indices.long().to(flat.device), d.values.to(flat) * alpha)
+                    param.copy_(before[key].to(share.dtype) + share)
+                else:
+                    param.copy_(param.to(share.dtype) + share)
             for diff in diffs:
                 for name, t in diff.absolute.items():
                     named[name].detach().copy_(t)
         except BaseException:
             handle._restore()  # a failure half way (out of memory...) leaves the model as it was
             raise
+    _remember_apply(handle)
     return handle
+
+
+# Applies still in place, per changed tensor (by storage), oldest first: a revert restores the
+# values its apply displaced, so it is right only while no later apply in place changed the same
+# tensor. Weak references: a handle that is dropped is never reverted.
+_in_place: dict = {}
+
+
+def _handle_keys(handle) -> list:
+    return list(dict.fromkeys(_storage_key(t) for _, t, _ in handle._changed))
+
+
+def _remember_apply(handle) -> None:
+    with _busy_lock:
+        if len(_in_place) > 1024:  # applies never reverted leave dead references: sweep them now and then
+            for key in [k for k, refs in _in_place.items() if all(r() is None for r in refs)]:
+                del _in_place[key]
+        for key in _handle_keys(handle):
+            _in_place[key] = [r for r in _in_place.get(key, []) if r() is not None] + [weakref.ref(handle)]
+
+
+def _forget_apply(handle) -> None:
+    with _busy_lock:
+        for key in _handle_keys(handle):
+            stack = [r for r in _in_place.get(key, []) if r() is not None and r() is not handle]
+            if stack:
+                _in_place[key] = stack
+            else:
+                _in_place.pop(key, None)
+
+
+def _touched(handle) -> dict:
+    """{storage key: flat indices that `handle` changed, or None for the whole tensor}."""
+    out = {}
+    for call in handle._calls:
+        for idx, t in zip(call.indices, call.target):
+            key = _storage_key(call.dense[t])
+            if key in out and out[key] is None:
+                continue
+            out[key] = idx.long() if key not in out else torch.cat([out[key], idx.long().to(out[key].device)])
+    for tensor, _ in handle._originals:
+        out[_storage_key(tensor)] = None
+    return out
+
+
+def _later_applies(handle) -> list:
+    """Names of the tensors of `handle` whose changed entries a later, not yet reverted apply
+    changed again (the entries overlap, or one of them is a dense or absolute entry)."""
+    with _busy_lock:
+        later = {}
+        for key in _handle_keys(handle):
+            alive = [r() for r in _in_place.get(key, []) if r() is not None]
+            if handle in alive:
+                later[key] = alive[alive.index(handle) + 1:]
+    if not any(later.values()):
+        return []
+    mine, names = _touched(handle), []
+    for name, t, _ in handle._changed:
+        key = _storage_key(t)
+        for other in later.get(key, []):
+            theirs = _touched(other).get(key, "absent")
+            if isinstance(theirs, str):
+                continue
+            if mine.get(key) is None or theirs is None or bool(torch.isin(mine[key], theirs.to(mine[key].device)).any()):
+                names.append(name)
+                break
+    return names
 
 
 # Tensors an apply or revert is writing now, by storage: a second thread that reaches one of them
