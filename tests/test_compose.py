@@ -406,6 +406,22 @@ def test_counts_and_shapes_must_be_ints_not_truncated():
         SparseDelta.from_dense(torch.tensor([0, 3, 1]))
 
 
+def test_from_models_ranks_parameters_not_buffers():
+    # BatchNorm's running statistics took the whole K budget (and counted in density's total).
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    base, tuned = net(), net()
+    with torch.no_grad():
+        tuned[0].weight.add_(0.1)
+        tuned[1].running_var.add_(1.0)
+    with pytest.warns(UserWarning, match=r"buffers \['1.running_var'\] differ"):
+        diff = SparseDiff.from_models(base, tuned, k=4)
+    assert set(diff.deltas) == {"0.weight", "0.bias", "1.weight", "1.bias"} and diff.deltas["0.weight"].nnz == 4
+    with pytest.warns(UserWarning):
+        assert SparseDiff.from_models(base, tuned, density=0.5).nnz == round(0.5 * sum(p.numel() for p in base.parameters()))
+
+
 def test_from_models_refuses_tensors_the_base_lacks():
     # A tuned model of another class (another name prefix) gave an empty diff, silently.
     base, tuned = _model(0), torch.nn.Sequential(_model(1))

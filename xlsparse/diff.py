@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import warnings
 import weakref
 from collections.abc import Mapping
 
@@ -163,11 +164,12 @@ class SparseDelta:
                 f"dtype={self.values.dtype}, device={self.values.device})")
 
 
-def _named_tensors(model) -> dict[str, torch.Tensor]:
-    """Parameters and buffers of an nn.Module by name, or a state dict as given."""
+def _named_tensors(model, buffers: bool = True) -> dict[str, torch.Tensor]:
+    """Parameters (and buffers) of an nn.Module by name, or a state dict as given."""
     if isinstance(model, torch.nn.Module):
         named = dict(model.named_parameters(remove_duplicate=False))
-        named.update(model.named_buffers(remove_duplicate=False))
+        if buffers:
+            named.update(model.named_buffers(remove_duplicate=False))
         return named
     if isinstance(model, Mapping):
         return dict(model)
@@ -181,15 +183,16 @@ def _storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
-def _untied(named: dict) -> dict[str, torch.Tensor]:
-    """`named` with every tied tensor kept once, under its first name."""
-    seen, out = set(), {}
+def _untied(named: dict, prefer: str = "") -> dict[str, torch.Tensor]:
+    """`named` with every tied tensor kept once, under its first name, or under its first name
+    inside `prefer` (a model's base_model_prefix: a tied decoder is the word-embedding matrix)."""
+    first = {}
     for name, t in named.items():
         key = _storage_key(t)
-        if key not in seen:
-            seen.add(key)
-            out[name] = t
-    return out
+        if key not in first or (prefer and name.startswith(prefer + ".") and not first[key].startswith(prefer + ".")):
+            first[key] = name
+    keep = set(first.values())
+    return {name: t for name, t in named.items() if name in keep}
 
 
 def _lookup(named: dict, name: str, what: str) -> torch.Tensor:
@@ -728,7 +731,9 @@ class SparseDiff:
     def from_models(cls, base, tuned, k: int | None = None, density: float | None = None, include=None, exclude=None,
                     base_model: str | None = None) -> "SparseDiff":
         """LT-SFT's selection: the k (or density * total) entries of largest |tuned - base|, global
-        over every parameter the two models share (same name and shape).
+        over every parameter the two models share (same name and shape). Buffers of a module
+        (running statistics) are not ranked; one that differs is named in a warning. Dicts are
+        taken whole.
 
         `include` / `exclude`: regular expressions (a string or a list) searched in parameter
         names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
@@ -738,7 +743,14 @@ class SparseDiff:
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
         the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
         """
-        b, t = _named_tensors(base), _untied(_named_tensors(tuned))
+        prefix = getattr(tuned, "base_model_prefix", "") if isinstance(tuned, torch.nn.Module) else ""
+        b, t = _named_tensors(base), _untied(_named_tensors(tuned, buffers=False), prefix or "")
+        if isinstance(tuned, torch.nn.Module):
+            moved = [n for n, x in tuned.named_buffers() if x.is_floating_point() and n in b and b[n].shape == x.shape
+                     and not torch.equal(b[n].detach().to(x), x.detach()) and _selected(n, include, exclude)]
+            if moved:
+                warnings.warn(f"from_models: buffers {moved[:3]} differ between base and tuned (e.g. running statistics); "
+                              "a diff holds parameters only, so they are not in it", stacklevel=2)
         selected = [n for n in t if t[n].is_floating_point() and _selected(n, include, exclude)]
         missing = [n for n in selected if n not in b]
         if missing:

@@ -255,6 +255,23 @@ def test_tied_gpt2_from_models_apply_reproduces_tuned_and_reverts_bit_exactly():
         xlsparse.apply([both], base)
 
 
+def test_xlmr_body_diff_keeps_the_tied_word_embeddings_under_their_base_name():
+    # transformers 5 names XLM-R's tied matrix lm_head.decoder.weight first: a body-only language
+    # SFT (composable-sft's: everything under base_model_prefix) lost every word-embedding change.
+    base = tiny("xlmr")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    name = "roberta.embeddings.word_embeddings.weight"
+    for kw in (dict(exclude=[r"lm_head"]), dict(include=r"^roberta\.")):
+        body = xlsparse.SparseDiff.from_models(base, tuned, density=1.0, **kw)
+        assert name in body.deltas and "lm_head.decoder.weight" not in body.deltas, kw
+        fresh = copy.deepcopy(base)
+        with body.applied(fresh):
+            assert torch.equal(fresh.roberta.embeddings.word_embeddings.weight, tuned.roberta.embeddings.word_embeddings.weight)
+
+
 def test_disable_runs_the_base_model_and_restores_the_trained_one():
     model, head = classifier("bert")
     base, _ = classifier("bert")

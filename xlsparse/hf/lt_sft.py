@@ -64,7 +64,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..diff import SparseDelta, SparseDiff, apply, index_dtype
+from ..diff import SparseDelta, SparseDiff, _untied, apply, index_dtype
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
@@ -865,12 +865,8 @@ def _aliases(model: nn.Module, p: torch.Tensor) -> list[str]:
 def _canonical_names(model: nn.Module) -> dict[int, tuple[torch.nn.Parameter, str]]:
     """{id(param): (param, name)} with each shared parameter named once, preferring a name
     under the base model (a tied decoder is the word-embedding matrix, not a head)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    out = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) not in out or (prefix and name.startswith(prefix + ".") and not out[id(p)][1].startswith(prefix + ".")):
-            out[id(p)] = (p, name)
-    return out
+    named = dict(model.named_parameters(remove_duplicate=False))
+    return {id(p): (p, name) for name, p in _untied(named, getattr(model, "base_model_prefix", "") or "").items()}
 
 
 class KeepUpdatesHandle:
