@@ -500,3 +500,15 @@ class MaskedSGD(_MaskedOptimizer):
             local, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
             momentum=group["momentum"], dampening=group["dampening"], weight_decay=group["weight_decay"],
             nesterov=group["nesterov"], grad_scale=grad_scale, found_inf=found_inf, check_indices=False)
+
+
+@torch.no_grad()
+def decay_the_base_(optimizer: torch.optim.Optimizer, anchors: dict) -> None:
+    """The part of AdamW's decoupled weight decay that an optimizer over a delta alone misses: it
+    decays Δ, while AdamW on the weights θ = θ0 + Δ decays θ. Subtracts lr·wd·θ0 from each Δ
+    parameter in `anchors` ({Δ: θ0 at Δ's entries}) that stepped. Call after each step (as a
+    step post hook)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p in anchors and p.grad is not None and group["weight_decay"] > 0:
+                p.sub_(anchors[p], alpha=group["lr"] * group["weight_decay"])

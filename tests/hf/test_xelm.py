@@ -361,6 +361,54 @@ def test_expert_trainer_equals_the_plain_loop(tmp_path):
         torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)
 
 
+def test_expert_trainer_weight_decay_acts_on_the_expert_s_weights(tmp_path):
+    # AdamW decays the expert's weights θ = θ0 + Δ; the compact optimizer over Δ decayed Δ alone
+    # (lr·wd·θ0 per step missing on the support). Restated: torch's AdamW on θ, gradient and
+    # update restricted to the same support.
+    from transformers import TrainingArguments
+
+    from xlsparse.nn import SparseDeltaLinear
+
+    lr, wd, steps = 1e-2, 0.5, 3
+    base = tiny("llama")
+    data = _lm_batches(1, 5)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=lr, max_steps=steps,
+                             save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=wd)
+    torch.manual_seed(0)
+    trainer = xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(data), density=0.05)
+    support = {f"{n}.weight": m.delta_indices.long().clone() for n, m in trainer.setup.model.named_modules()
+               if isinstance(m, SparseDeltaLinear)}
+    trainer.train()
+    got = trainer.expert()
+    ref = copy.deepcopy(base).train()
+    named = dict(ref.named_parameters())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    masks = {}
+    for n, idx in support.items():
+        named[n].requires_grad_(True)
+        masks[n] = torch.zeros(named[n].numel(), dtype=torch.bool)
+        masks[n][idx] = True
+        masks[n] = masks[n].view_as(named[n])
+    theta0 = {n: named[n].detach().clone() for n in support}
+    opt = torch.optim.AdamW([named[n] for n in support], lr=lr, weight_decay=wd)
+    ids = data[0]["input_ids"]
+    for _ in range(steps):
+        opt.zero_grad()
+        ref(input_ids=ids, labels=ids).loss.backward()
+        for n in support:
+            named[n].grad.mul_(masks[n])
+        before = {n: named[n].detach().clone() for n in support}
+        opt.step()
+        with torch.no_grad():
+            for n in support:
+                named[n].copy_(torch.where(masks[n], named[n], before[n]))
+    for n, idx in support.items():
+        want = (named[n].detach() - theta0[n]).reshape(-1)[idx]
+        torch.testing.assert_close(got.deltas[n].values, want, rtol=1e-4, atol=1e-5)
+
+
 def test_cluster_experts_train_each_expert_on_its_cluster_only():
     base = tiny("llama")
     data = {lang: _lm_batches(1, i) for i, lang in enumerate(("en", "de", "ja", "ko"))}

@@ -68,7 +68,7 @@ from ..diff import SparseDelta, SparseDiff, _untied, apply, index_dtype
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
-from ..optim import MaskedAdamW, _bool_mask, _is_dtensor, _local, _shard_of
+from ..optim import MaskedAdamW, _bool_mask, _is_dtensor, _local, _shard_of, decay_the_base_
 from .model import _swap_module
 
 SOURCE_KEY = "_source"
@@ -627,13 +627,8 @@ class LotteryTicketSparseFineTuner(Trainer):
                 self.optimizer.register_step_post_hook(self._decay_the_base)
         return self.optimizer
 
-    @torch.no_grad()
     def _decay_the_base(self, optimizer, *args, **kwargs) -> None:
-        """AdamW decays θ = θ0 + Δ, but the optimizer sees only Δ: add the missing −lr·wd·θ0."""
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p in self._anchors and p.grad is not None and group["weight_decay"] > 0:
-                    p.sub_(self._anchors[p], alpha=group["lr"] * group["weight_decay"])
+        decay_the_base_(optimizer, self._anchors)  # the anchors change when the support does
 
     # --- the L1 term, logging, multi-source batches ---
     @torch.no_grad()

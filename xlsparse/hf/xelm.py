@@ -29,8 +29,8 @@ from torch import nn
 
 from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
-from ..nn import ExpertEmbedding
-from ..optim import MaskedAdamW
+from ..nn import ExpertEmbedding, SparseDeltaLinear
+from ..optim import MaskedAdamW, decay_the_base_
 from .continual import uriel_distance, uriel_vectors
 from .model import convert, extract_diff, route, target_names, train_outside_diff
 from .subnetworks import _progress
@@ -556,7 +556,13 @@ class _ExpertSetup:
         self.model = model
 
     def optimizer(self, **kwargs) -> MaskedAdamW:
-        return MaskedAdamW(self.groups, self.masks, mode="compact", **kwargs)
+        """Compact AdamW over the deltas (and dense parts); weight decay acts on θ = θ0 + Δ, as
+        AdamW on the expert's own weights does."""
+        opt = MaskedAdamW(self.groups, self.masks, mode="compact", **kwargs)
+        anchors = {m.delta_values: m.weight.detach().reshape(-1)[m.delta_indices.long()].clone()
+                   for m in self.model.modules() if isinstance(m, SparseDeltaLinear)}
+        opt.register_step_post_hook(lambda optimizer, *args: decay_the_base_(optimizer, anchors))
+        return opt
 
     def diff(self) -> SparseDiff:
         """The expert: the trained sparse deltas, plus dense embedding/head differences."""
