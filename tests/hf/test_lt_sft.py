@@ -3,6 +3,7 @@ rules: step caps, L1 units, accumulated masks over rounds, freezing/untying, com
 language and task SFTs, multi-source batches, and phase 2's O(K) layers."""
 import copy
 import os
+import warnings
 
 import pytest
 import torch
@@ -81,6 +82,25 @@ def test_untie_on_an_untied_model_and_too_large_k_are_errors(tmp_path):
     with pytest.raises(ValueError, match="maskable_params"):
         LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
                                      maskable_params=["no.such.weight"], sft_args=SftArguments(**steps))
+
+
+def test_a_composable_sft_maskable_list_that_misses_the_tied_embeddings_is_named(tmp_path):
+    # run_mlm.py's list (names under base_model_prefix from named_parameters()) lacks XLM-R's word
+    # embeddings under transformers 5, which lists the tied matrix as lm_head.decoder.weight: they
+    # were trained whole and stored as an absolute entry without a word.
+    model = tiny("xlmr")
+    listed = [n for n, p in model.named_parameters() if n.startswith(model.base_model_prefix) and p.requires_grad]
+    name = "roberta.embeddings.word_embeddings.weight"
+    assert name not in listed
+    with pytest.warns(UserWarning, match=rf"maskable_params leaves out \['{name}'\].*'lm_head.decoder.weight'"):
+        trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
+                                               maskable_params=listed, sft_args=SftArguments(ft_params_num=30, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    assert name not in trainer.maskable
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trainer = LotteryTicketSparseFineTuner(model=tiny("xlmr"), args=_args(tmp_path), train_dataset=_LMData(),
+                                               maskable_params=[*listed, name], sft_args=SftArguments(ft_params_num=30, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    assert name in trainer.maskable
 
 
 @pytest.mark.parametrize("lo, hi, epochs, batches, accum, expected", [
