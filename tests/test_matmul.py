@@ -784,6 +784,29 @@ def test_a_merged_layer_refuses_a_stale_delta_and_converts_with_the_model():
     assert layer.weight.dtype == torch.float64 and not layer.merged
 
 
+def test_unmerge_refuses_when_a_later_apply_changed_the_merged_entries():
+    # merge(); apply(diff); unmerge() restored the base over the diff's change at the delta's
+    # entries, and the diff's revert then left W0 + Δ in the base: Δ counted twice, silently.
+    import xlsparse
+
+    layer, x = _layer_with_delta(25)
+    layer.eval()
+    base = layer.weight.detach().clone()
+    model = torch.nn.Sequential(layer)
+    shared = int(layer.delta_indices[0])
+    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(torch.tensor([shared]), torch.tensor([10.0]),
+                                                                  tuple(layer.weight.shape))})
+    layer.merge()
+    handle = xlsparse.apply([diff], model)
+    merged_and_applied = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="unmerge: the merged weight was changed at the delta's entries"):
+        layer.unmerge()
+    assert layer.merged and torch.equal(layer.weight, merged_and_applied)
+    handle.revert()
+    layer.unmerge()  # in order: the base comes back bit-exactly
+    assert torch.equal(layer.weight, base)
+
+
 def test_gradients_of_a_merged_layer_in_eval_mode_reach_the_delta():
     layer, x = _layer_with_delta(24)
     reference = layer.delta_values.detach().clone().requires_grad_()

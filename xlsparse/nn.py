@@ -72,6 +72,9 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         # base entries overwritten by merge(), for a bit-exact unmerge(); a buffer so that .to()
         # converts it with the weight, not persistent: a state dict holds the unmerged layer
         self.register_buffer("_displaced", None, persistent=False)
+        # the merged entries W0 + Δ as merge() wrote them: unmerge() checks that nothing else (an
+        # xlsparse.apply or its revert) wrote them since, whose change a restore would drop silently
+        self.register_buffer("_merged_entries", None, persistent=False)
         self._merged_version = None  # delta_values._version at merge(): a later change makes the merge stale
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
@@ -122,14 +125,22 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         tensor sees W0 + Δ until `unmerge`. A forward refuses once `delta_values` has changed."""
         if self._displaced is None:
             self._displaced = write_delta_(self.weight, self.delta_indices, self.delta_values)
+            self._merged_entries = self.weight.detach().reshape(-1)[self.delta_indices.long()].clone()
             self._merged_version = self.delta_values._version
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo `merge`: the saved base entries return."""
         if self._displaced is not None:
+            now = self.weight.detach().reshape(-1)[self.delta_indices.long()]
+            if not torch.equal(now.view(torch.uint8), self._merged_entries.view(torch.uint8)):  # bits: NaN too
+                raise RuntimeError("unmerge: the merged weight was changed at the delta's entries since merge() (an "
+                                   "xlsparse.apply or a revert on the merged model?); restoring the base there would "
+                                   "drop that change. Revert applies made after merge() before unmerge(), and apply "
+                                   "diffs to an unmerged model")
             restore_entries_(self.weight, self.delta_indices, self._displaced)
             self._displaced = None
+            self._merged_entries = None
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -136,6 +136,13 @@ def test_combine_with_heads():
     for merge in (arithmetic.combine, lambda d, w, **kw: arithmetic.ties_merge(d, w, 1.0, **kw)):
         with pytest.raises(ValueError, match="absolute_from=2"):
             merge([a, b, c], [1.0, 1.0, 1.0], absolute_from=2)
+    # A head in one diff and a delta of the same tensor in another: the result held both, and its
+    # apply replaced the tensor by the head, dropping the weighted delta silently.
+    d = SparseDiff({"head": SparseDelta(torch.tensor([0, 5]), torch.tensor([1.0, -2.0]), (4, 3))})
+    for merge in (arithmetic.combine, lambda d, w, **kw: arithmetic.ties_merge(d, w, 1.0, **kw)):
+        with pytest.raises(ValueError, match=r"\['head'\] are absolute entries in one diff and deltas in another"):
+            merge([a, d], [1.0, 0.5])
+        assert "head" in merge([a, d], [1.0, 0.5], with_abs=False).deltas
 
 
 def _lm_batches(n, seed, b=4, s=8):

@@ -203,6 +203,19 @@ def test_a_stray_trained_parameter_makes_extract_diff_raise(arch):
         hf.extract_diff(model)
     with pytest.raises(ValueError, match="changed since convert"):
         hf.save_pretrained(model, "/nonexistent/never-written")
+    # the same on a merged model: the check skipped every merged weight, so a base weight changed
+    # off the delta's support was saved without the change
+    model, head = classifier(arch)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    _train(model, steps=1)
+    hf.merge(model)
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear))
+    free = torch.ones(layer.weight.numel(), dtype=torch.bool)
+    free[layer.delta_indices.long()] = False
+    with torch.no_grad():
+        layer.weight.view(-1)[free.nonzero()[0]] += 1e-3
+    with pytest.raises(ValueError, match="changed since convert"):
+        hf.save_pretrained(model, "/nonexistent/never-written")
 
 
 def test_frozen_values_moved_to_other_positions_make_extract_diff_raise():

@@ -238,6 +238,12 @@ def test_child_expert_grows_its_own_support():
     before = ensemble.experts["parent"]
     ensemble.add_expert("child", child)
     assert ensemble.names == ["parent", "child"] and ensemble.experts["parent"] is before
+    # the rebuild keeps the ensemble's dtype (it came back float32 after .double())
+    doubled = xelm.ExpertEnsemble(base, {"parent": parent}).double()
+    doubled.add_expert("child", child)
+    ids = _lm_batches(1, 3)[0]["input_ids"]
+    assert all(p.dtype == torch.float64 for p in doubled.parameters() if p.is_floating_point())
+    assert torch.equal(doubled(ids), xelm.ExpertEnsemble(base, {"parent": parent, "child": child}).double()(ids))
     with pytest.raises(ValueError, match="grow needs init"):
         xelm.train_expert(base, _lm_batches(1, 1), density=0.01, grow=5, progress=False)
     with pytest.raises(ValueError, match="k and density are for an expert drawn at random"):

@@ -54,6 +54,10 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
                 raise ValueError(f"{what}: absolute entry {name!r} is in diffs {who}, but absolute_from={absolute_from} "
                                  "names a diff without it: pass the index of one of them, or with_abs=False")
             out[name] = diffs[absolute_from].absolute[name]
+    clash = sorted({name for name in out for d in diffs if name in d.deltas or name in d.dense})
+    if clash:  # a replaced value has no sum with a delta: the delta would be dropped on apply
+        raise ValueError(f"{what}: {clash[:5]} are absolute entries in one diff and deltas in another; absolute values "
+                         "replace a parameter and have no sum with a delta: pass with_abs=False or drop one of them")
     return out
 
 

@@ -27,6 +27,7 @@ from ..distributed import fingerprint
 from ..diff import SparseDelta, SparseDiff, _storage_key, budget, index_dtype
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
+from ..ops.matmul import restore_entries_
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
 
 _CONVERTED = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
@@ -670,17 +671,22 @@ def route(model: nn.Module, language_ids):
 # --- reading the trained state back ---
 
 def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
-    merged = {f"{n}.weight" for n, layer in _converted(model, SparseDeltaLinear) if layer.merged}
+    # a merged layer's weight holds W0 + Δ: check its base, the weight with the displaced entries put back
+    merged = {f"{n}.weight": layer for n, layer in _converted(model, SparseDeltaLinear) if layer.merged}
     named = dict(model.named_parameters())
     named.update(model.named_buffers())
     subnets = dict(_converted(model, SubnetworkLinear))
     changed, cast = [], []
     for name, fp in rec.frozen.items():
-        if name in merged or name not in named:
+        if name not in named:
             continue
         lname = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and lname in subnets:
             now = _fingerprint(_subnet_weight_outside(subnets[lname], rec.subnet_base[lname][0]))
+        elif name in merged:
+            base = merged[name].weight.detach().clone()
+            restore_entries_(base, merged[name].delta_indices, merged[name]._displaced)
+            now = _fingerprint(base)
         else:
             now = _fingerprint(named[name])
         if now[0] != fp[0]:

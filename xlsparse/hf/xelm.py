@@ -176,10 +176,13 @@ class ExpertEnsemble(nn.Module):
             raise ValueError(f"add_expert: an expert named {name!r} exists")
         if (self._prior is None) != (prior is None):
             raise ValueError("add_expert: give prior= exactly when the ensemble has a non-uniform prior")
+        # the rebuild starts from the unconverted base: keep where and in what dtype the ensemble runs
+        ref = next(self.model.parameters())
         self.experts[name] = diff
         if prior is not None:
             self._prior = [*torch.as_tensor(self._prior, dtype=torch.float64).tolist(), float(prior)]
         self._build()
+        self.to(device=ref.device, dtype=ref.dtype)
 
     # --- the pieces: expert logits, token log-likelihoods, weights ---
 
