@@ -913,6 +913,21 @@ def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path)
     assert len(MultiSourceDataset({"de": _LMData(n=4), "fr": _LMData(n=3)}, upsampling={"fr": 2})) == 10
 
 
+def test_an_upsampled_source_is_batched_one_pass_per_repetition():
+    # composable-sft runs an upsampled source's loader once per repetition: u * ceil(n / b)
+    # batches, no item twice in one batch. All copies were shuffled together (the same example
+    # twice in a batch, ceil(u * n / b) batches, so fewer steps per epoch).
+    from xlsparse.hf.lt_sft import SingleSourceBatchSampler
+
+    data = MultiSourceDataset({"de": _LMData(n=3), "fr": _LMData(n=2)}, upsampling={"de": 2})
+    for seed in range(20):
+        batches = list(SingleSourceBatchSampler(data, batch_size=2, seed=seed))
+        assert len(batches) == 2 * 2 + 1
+        de = [[data.order[p][1] for p in b] for b in batches if data.order[b[0]][0] == "de"]
+        assert all(len(set(b)) == len(b) for b in de), de
+        assert sorted(i for b in de for i in b) == [0, 0, 1, 1, 2, 2]
+
+
 def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):
     data = MultiSourceDataset({"de": _LMData(n=5, seed=1), "fr": _LMData(n=3, seed=2)})
     steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)

@@ -943,8 +943,9 @@ class MultiSourceDataset(torch.utils.data.Dataset):
 
 class SingleSourceBatchSampler(torch.utils.data.Sampler):
     """Batches of one source each (composable-sft's `MultiSourceDataLoader`): each source's items
-    are cut into batches, and with `shuffle` the items within a source and the batch order are
-    shuffled with seed + epoch. The epoch counts this sampler's passes unless `set_epoch` names
+    are cut into batches, once per upsampling repetition (a pass of their own, so no item twice in
+    a batch), and with `shuffle` the items within a pass and the batch order are shuffled with
+    seed + epoch. The epoch counts this sampler's passes unless `set_epoch` names
     it, as the Trainer does each epoch: a run resumed in a later epoch then sees that epoch's
     order, not epoch 0's."""
 
@@ -958,14 +959,16 @@ class SingleSourceBatchSampler(torch.utils.data.Sampler):
 
     def _batches(self, g):
         out = []
-        for source, positions in self.by_source.items():
-            positions = list(positions)
-            if self.shuffle:
-                positions = [positions[i] for i in torch.randperm(len(positions), generator=g).tolist()]
-            for i in range(0, len(positions), self.batch_size):
-                chunk = positions[i:i + self.batch_size]
-                if len(chunk) == self.batch_size or not self.drop_last:
-                    out.append(chunk)
+        for source, all_positions in self.by_source.items():
+            n = len(self.dataset.datasets[source])  # the order holds each repetition as a block of n
+            for r in range(0, len(all_positions), n):
+                positions = list(all_positions[r:r + n])
+                if self.shuffle:
+                    positions = [positions[i] for i in torch.randperm(len(positions), generator=g).tolist()]
+                for i in range(0, len(positions), self.batch_size):
+                    chunk = positions[i:i + self.batch_size]
+                    if len(chunk) == self.batch_size or not self.drop_last:
+                        out.append(chunk)
         if self.shuffle:
             out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
         return out
