@@ -743,8 +743,7 @@ class SparseDiff:
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
         the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
         """
-        prefix = getattr(tuned, "base_model_prefix", "") if isinstance(tuned, torch.nn.Module) else ""
-        b, t = _named_tensors(base), _untied(_named_tensors(tuned, buffers=False), prefix or "")
+        b, t = _named_tensors(base), _untied(_named_tensors(tuned, buffers=False), getattr(tuned, "base_model_prefix", "") or "")
         if isinstance(tuned, torch.nn.Module):
             moved = [n for n, x in tuned.named_buffers() if x.is_floating_point() and n in b and b[n].shape == x.shape
                      and not torch.equal(b[n].detach().to(x), x.detach()) and _selected(n, include, exclude)]

@@ -142,12 +142,18 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
             self._displaced = None
             self._merged_entries = None
 
+    def base_weight(self) -> torch.Tensor:
+        """W0: the weight itself, or while merged a copy with the displaced base entries put back."""
+        if not self.merged:
+            return self.weight.detach()
+        base = self.weight.detach().clone()
+        restore_entries_(base, self.delta_indices, self._displaced)
+        return base
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:  # save W0, not W0 + Δ: the delta is saved beside it
-            base = self.weight.detach().clone()
-            restore_entries_(base, self.delta_indices, self._displaced)
-            destination[prefix + "weight"] = base
+            destination[prefix + "weight"] = self.base_weight()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.unmerge()  # the loaded W0 and Δ replace the merged ones; a weight not in the dict gets W0 back

@@ -322,14 +322,15 @@ class LotteryTicketSparseFineTuner(Trainer):
             if unknown:
                 raise ValueError(f"maskable_params: the model has no parameters {unknown[:5]}")
             maskable = [aliases[n] for n in maskable_params if params[aliases[n]].requires_grad]
+            # composable-sft's list (names under the prefix) misses a matrix transformers 5 names by its head first
             prefix = getattr(self.model, "base_model_prefix", "") or ""
-            tied_out = [name for p, name in self._names.values() if p.requires_grad and name not in maskable and prefix
-                        and name.startswith(prefix + ".") and any(not a.startswith(prefix + ".") for a in _aliases(self.model, p))]
-            if tied_out:  # composable-sft's list (names under the prefix) misses a matrix transformers 5 names by its head
-                warnings.warn(f"maskable_params leaves out {tied_out}, tied to a head that transformers names first "
-                              f"({[a for a in _aliases(self.model, params[tied_out[0]]) if not a.startswith(prefix + '.')][0]!r}): "
-                              "it will be trained whole and stored as an absolute entry; add its name to maskable_params "
-                              "to fine-tune it sparsely", stacklevel=2)
+            head_alias = {name: alias for alias, name in aliases.items() if prefix and name.startswith(prefix + ".")
+                          and not alias.startswith(prefix + ".") and name not in maskable and params[name].requires_grad}
+            if head_alias:
+                name, alias = next(iter(head_alias.items()))
+                warnings.warn(f"maskable_params leaves out {list(head_alias)}, tied to a head that transformers names first "
+                              f"({alias!r}): it will be trained whole and stored as an absolute entry; add its name to "
+                              "maskable_params to fine-tune it sparsely", stacklevel=2)
         self.maskable = [n for n in dict.fromkeys(maskable) if not any(re.search(p, n) for p in self.sft_args.maskable_exclude)]
         self.num_maskable = sum(params[n].numel() for n in self.maskable)
         a = self.sft_args

@@ -27,7 +27,6 @@ from ..distributed import fingerprint
 from ..diff import SparseDelta, SparseDiff, _storage_key, budget, index_dtype
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
-from ..ops.matmul import restore_entries_
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
 
 _CONVERTED = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
@@ -684,9 +683,7 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
         if name.endswith(".weight") and lname in subnets:
             now = _fingerprint(_subnet_weight_outside(subnets[lname], rec.subnet_base[lname][0]))
         elif name in merged:
-            base = merged[name].weight.detach().clone()
-            restore_entries_(base, merged[name].delta_indices, merged[name]._displaced)
-            now = _fingerprint(base)
+            now = _fingerprint(merged[name].base_weight())
         else:
             now = _fingerprint(named[name])
         if now[0] != fp[0]:
