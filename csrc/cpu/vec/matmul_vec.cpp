@@ -140,9 +140,10 @@ void transpose_rows(const S* const* rows, const T* scale, int64_t m, int64_t col
     bool even = m == kV && !scale;
     for (int64_t j = 2; even && j < m; ++j) even = rows[j] - rows[j - 1] == ld;
     for (; even && done + kV <= cols; done += kV) {
-      // SDDMM reads a's token rows in 1 KiB pieces 16 KiB apart, 3-4x slower than a contiguous
+      // SDDMM reads a's token rows in 1 KiB pieces 16 KiB apart, 2.3-3x slower than a contiguous
       // read: ask for the next call's line of each row, one tile ahead (into L2). 3-9% off SDDMM at
-      // 1%, T = 2048, 4096 x 1024 and 1024 x 4096 (2 threads, alternating calls, min and median).
+      // 1%, T = 2048, 4096 x 1024 and 1024 x 4096 (2 threads, alternating calls, min and median; an
+      // A/B on a noisy host, not a benchmarks/ number).
       if (next_rows && (done * sizeof(S)) % 64 == 0) {
         for (int64_t j = 0; j < kV; ++j) __builtin_prefetch(rows[0] + (kV + j) * ld + done, 0, 1);
       }
