@@ -799,11 +799,64 @@ def test_unmerge_refuses_when_a_later_apply_changed_the_merged_entries():
     layer.merge()
     handle = xlsparse.apply([diff], model)
     merged_and_applied = layer.weight.detach().clone()
-    with pytest.raises(RuntimeError, match="unmerge: the merged weight was changed at the delta's entries"):
+    with pytest.raises(RuntimeError, match="unmerge: an xlsparse.apply made after merge"):
         layer.unmerge()
     assert layer.merged and torch.equal(layer.weight, merged_and_applied)
     handle.revert()
     layer.unmerge()  # in order: the base comes back bit-exactly
+    assert torch.equal(layer.weight, base)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0])
+def test_unmerge_refuses_a_later_apply_that_wrote_the_same_bits(value):
+    # an apply of +0 leaves the merged entries' bits as they were, but its revert would put
+    # W0 + Δ back into the restored base: the bit comparison alone cannot see it
+    import xlsparse
+
+    layer, _ = _layer_with_delta(25)
+    base = layer.weight.detach().clone()
+    model = torch.nn.Sequential(layer)
+    entries = layer.delta_indices[:3].long()
+    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(entries, torch.full((3,), value),
+                                                                  tuple(layer.weight.shape))})
+    layer.merge()
+    handle = xlsparse.apply([diff], model)
+    with pytest.raises(RuntimeError, match="unmerge: an xlsparse.apply made after merge"):
+        layer.unmerge()
+    handle.revert()
+    layer.unmerge()
+    assert torch.equal(layer.weight, base)
+
+
+def test_reverting_an_apply_made_before_merge_refuses_while_merged():
+    # apply(diff); merge(); revert() wrote the pre-apply base over W0 + Δ at the shared entries,
+    # and only unmerge() noticed, with the revert already written
+    import xlsparse
+
+    layer, _ = _layer_with_delta(25)
+    base = layer.weight.detach().clone()
+    model = torch.nn.Sequential(layer)
+    shared = layer.delta_indices[:2].long()
+    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(shared, torch.tensor([3.0, 4.0]),
+                                                                  tuple(layer.weight.shape))})
+    handle = xlsparse.apply([diff], model)
+    layer.merge()
+    merged = layer.weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"later apply \(or SparseDeltaLinear.merge\)"):
+        handle.revert()
+    assert torch.equal(layer.weight, merged) and not handle.reverted  # nothing written
+    layer.unmerge()
+    handle.revert()
+    assert torch.equal(layer.weight, base)
+    # disjoint entries still revert while merged
+    off = torch.ones(layer.weight.numel(), dtype=torch.bool)
+    off[layer.delta_indices.long()] = False
+    elsewhere = off.nonzero().flatten()[:2]
+    handle = xlsparse.apply([xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(
+        elsewhere, torch.ones(2), tuple(layer.weight.shape))})], model)
+    layer.merge()
+    handle.revert()
+    layer.unmerge()
     assert torch.equal(layer.weight, base)
 
 

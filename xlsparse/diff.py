@@ -238,8 +238,9 @@ class ApplyHandle:
             raise RuntimeError("this apply handle was already reverted")
         later = _later_applies(self)
         if later:
-            raise RuntimeError(f"revert: {later} were changed again by a later apply that is still in place; revert "
-                               "the later apply first (reverts go in reverse order of the applies), or the later "
+            raise RuntimeError(f"revert: {later} were changed again by a later apply (or SparseDeltaLinear.merge) that "
+                               "is still in place; revert the later apply (unmerge) first (reverts go in reverse "
+                               "order of the applies), or the later "
                                "diff's changes would be lost and this diff's would stay; nothing was reverted")
         for name, t, placement in self._changed:
             if _placement(t) != placement:
@@ -258,6 +259,19 @@ class ApplyHandle:
                 tensor.copy_(copy)
         self.reverted = True
         _forget_apply(self)
+
+    def _touched(self) -> dict:
+        """{storage key: flat indices this apply changed, or None for the whole tensor}."""
+        out = {}
+        for call in self._calls:
+            for idx, t in zip(call.indices, call.target):
+                key = _storage_key(call.dense[t])
+                if key in out and out[key] is None:
+                    continue
+                out[key] = idx.long() if key not in out else torch.cat([out[key], idx.long().to(out[key].device)])
+        for tensor, _ in self._originals:
+            out[_storage_key(tensor)] = None
+        return out
 
     def __enter__(self) -> "ApplyHandle":
         return self
@@ -409,9 +423,9 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     return handle
 
 
-# Applies still in place, per changed tensor (by storage), oldest first: a revert restores the
-# values its apply displaced, so it is right only while no later apply in place changed the same
-# tensor. Weak references: a handle that is dropped is never reverted.
+# Applies (and merges, EntryWrite) still in place, per changed tensor (by storage), oldest first: a
+# revert restores the values its apply displaced, so it is right only while no later apply in
+# place changed the same tensor. Weak references: a handle that is dropped is never reverted.
 _in_place: dict = {}
 
 
@@ -438,18 +452,10 @@ def _forget_apply(handle) -> None:
                 _in_place.pop(key, None)
 
 
-def _touched(handle) -> dict:
-    """{storage key: flat indices that `handle` changed, or None for the whole tensor}."""
-    out = {}
-    for call in handle._calls:
-        for idx, t in zip(call.indices, call.target):
-            key = _storage_key(call.dense[t])
-            if key in out and out[key] is None:
-                continue
-            out[key] = idx.long() if key not in out else torch.cat([out[key], idx.long().to(out[key].device)])
-    for tensor, _ in handle._originals:
-        out[_storage_key(tensor)] = None
-    return out
+def applied_in_place(tensor: torch.Tensor) -> bool:
+    """True while an apply that changed `tensor` (its storage) is not reverted."""
+    with _busy_lock:
+        return any(isinstance(r(), ApplyHandle) for r in _in_place.get(_storage_key(tensor), []))
 
 
 def _later_applies(handle) -> list:
@@ -463,17 +469,45 @@ def _later_applies(handle) -> list:
                 later[key] = alive[alive.index(handle) + 1:]
     if not any(later.values()):
         return []
-    mine, names = _touched(handle), []
+    mine, names = handle._touched(), []
     for name, t, _ in handle._changed:
         key = _storage_key(t)
         for other in later.get(key, []):
-            theirs = _touched(other).get(key, "absent")
+            theirs = other._touched().get(key, "absent")
             if isinstance(theirs, str):
                 continue
             if mine.get(key) is None or theirs is None or bool(torch.isin(mine[key], theirs.to(mine[key].device)).any()):
                 names.append(name)
                 break
     return names
+
+
+class EntryWrite:
+    """Entries of a tensor written in place outside `apply` that an undo restores later
+    (`SparseDeltaLinear.merge`). Registered like an apply, so that reverting an earlier apply over
+    the same entries refuses while it is in place, and it sees later applies over them."""
+
+    def __init__(self, name: str, tensor: torch.Tensor, indices: torch.Tensor):
+        self._changed = [(name, tensor, _placement(tensor))]
+        self._indices = indices
+
+    def _touched(self) -> dict:
+        return {_storage_key(self._changed[0][1]): self._indices.long()}
+
+    @classmethod
+    def register(cls, name: str, tensor: torch.Tensor, indices: torch.Tensor) -> "EntryWrite":
+        """Record that `indices` of `tensor` were just written; keep the result alive until `release`."""
+        record = cls(name, tensor, indices)
+        _remember_apply(record)
+        return record
+
+    def written_over(self) -> bool:
+        """True while a later apply that is still in place changed some of these entries."""
+        return bool(_later_applies(self))
+
+    def release(self) -> None:
+        """The entries were restored: they no longer block earlier reverts."""
+        _forget_apply(self)
 
 
 # Tensors an apply or revert is writing now, by storage: a second thread that reaches one of them

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional, routing
-from .diff import budget, index_dtype
+from .diff import EntryWrite, budget, index_dtype
 from .ops import checks as op_checks
 from .ops import optim as optim_ops
 from .ops.matmul import restore_entries_, write_delta_
@@ -76,6 +76,7 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         # xlsparse.apply or its revert) wrote them since, whose change a restore would drop silently
         self.register_buffer("_merged_entries", None, persistent=False)
         self._merged_version = None  # delta_values._version at merge(): a later change makes the merge stale
+        self._merge_write = None  # merge() as an in-place write: an earlier apply's revert over it refuses
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
 
@@ -127,11 +128,17 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
             self._displaced = write_delta_(self.weight, self.delta_indices, self.delta_values)
             self._merged_entries = self.weight.detach().reshape(-1)[self.delta_indices.long()].clone()
             self._merged_version = self.delta_values._version
+            self._merge_write = EntryWrite.register("weight", self.weight, self.delta_indices)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo `merge`: the saved base entries return."""
         if self._displaced is not None:
+            # a later apply in place over the entries (even one that wrote the same bits) must be
+            # reverted first: its revert would put W0 + Δ back into the restored base
+            if self._merge_write is not None and self._merge_write.written_over():
+                raise RuntimeError("unmerge: an xlsparse.apply made after merge() changed the merged entries and is "
+                                   "still in place; revert it first (reverts go in reverse order)")
             now = self.weight.detach().reshape(-1)[self.delta_indices.long()]
             if not torch.equal(now.view(torch.uint8), self._merged_entries.view(torch.uint8)):  # bits: NaN too
                 raise RuntimeError("unmerge: the merged weight was changed at the delta's entries since merge() (an "
@@ -141,6 +148,9 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
             restore_entries_(self.weight, self.delta_indices, self._displaced)
             self._displaced = None
             self._merged_entries = None
+            if self._merge_write is not None:
+                self._merge_write.release()
+                self._merge_write = None
 
     def base_weight(self) -> torch.Tensor:
         """W0: the weight itself, or while merged a copy with the displaced base entries put back."""

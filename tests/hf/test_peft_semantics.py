@@ -191,6 +191,30 @@ def test_merge_and_unload_refuses_a_language_for_a_delta_model():
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_merge_and_unload_refuses_while_an_apply_of_the_layers_weights_is_in_place(arch):
+    # the plain layers hold new weight tensors: the apply's revert wrote the old ones and left its
+    # diff in the unloaded model, silently (and reverted the tensors it shared, such as biases)
+    model, _ = classifier(arch)
+    ids = batch(2, 5)
+    hf.convert(model, density=0.1)
+    _train(model)
+    name = next(n for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear))
+    weight = model.get_submodule(name).weight  # the converted layout ([out, in] for GPT-2 too)
+    lang = xlsparse.SparseDiff({f"{name}.weight": xlsparse.SparseDelta(torch.arange(0, weight.numel(), 7),
+                                                                        torch.ones(len(range(0, weight.numel(), 7))),
+                                                                        tuple(weight.shape))})
+    with torch.no_grad():
+        expect = model(input_ids=ids).logits
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    handle = xlsparse.apply([lang], model)
+    with pytest.raises(RuntimeError, match="merge_and_unload: an xlsparse.apply that is not reverted"):
+        hf.merge_and_unload(model)
+    handle.revert()
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    torch.testing.assert_close(hf.merge_and_unload(model)(input_ids=ids).logits, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_a_stray_trained_parameter_makes_extract_diff_raise(arch):
     model, head = classifier(arch)
     hf.convert(model, density=0.1, modules_to_save=[head])

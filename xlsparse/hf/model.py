@@ -24,7 +24,7 @@ from torch import nn
 
 from .. import routing
 from ..distributed import fingerprint
-from ..diff import SparseDelta, SparseDiff, _storage_key, budget, index_dtype
+from ..diff import SparseDelta, SparseDiff, _storage_key, applied_in_place, budget, index_dtype
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
@@ -887,6 +887,14 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
                          f"{config.languages}")
     if config.kind != "multi" and language is not None:
         raise ValueError(f"merge_and_unload: language= is for kind='multi'; this model is {config.kind!r}")
+    # the plain layers get new weight tensors: an apply's revert would then write the old ones,
+    # which the model no longer holds, and silently leave its diff in the model
+    held = [name for name, layer in _converted(model) if applied_in_place(layer.weight)
+            and (isinstance(layer, (SparseDeltaLinear, MultiDeltaLinear)) or layer.transposed)]
+    if held:
+        raise RuntimeError(f"merge_and_unload: an xlsparse.apply that is not reverted changed the weights of {held}, "
+                           "which the plain layers replace (its revert would then miss them); revert it first, and "
+                           "apply the diff to the unloaded model if it should stay; nothing was changed")
     with torch.no_grad():
         for name, layer in list(_converted(model)):
             if isinstance(layer, SparseDeltaLinear):
