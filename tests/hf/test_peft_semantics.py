@@ -215,6 +215,34 @@ def test_merge_and_unload_refuses_while_an_apply_of_the_layers_weights_is_in_pla
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_convert_of_a_model_with_an_apply_in_place(arch):
+    # GPT-2's Conv1D layers are converted into transposed copies: the apply's revert wrote the old
+    # tensors and left its diff in the converted model, silently. nn.Linear weights are shared,
+    # so there the revert still reaches the converted model.
+    import gc
+
+    model, _ = classifier(arch)
+    ids = batch(2, 5)
+    with torch.no_grad():
+        expect = model(input_ids=ids).logits
+    handle = xlsparse.apply([random_diff(model, nnz=20, scale=0.5, seed=3)], model)
+    if arch == "gpt2":
+        before = {n: p.clone() for n, p in model.state_dict().items()}
+        with pytest.raises(RuntimeError, match="convert: an xlsparse.apply that is not reverted"):
+            hf.convert(model, density=0.1)
+        assert not hasattr(model, "xlsparse_config")
+        assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+        del handle  # a dropped handle keeps the diff for good: nothing to protect
+        gc.collect()
+        hf.convert(model, density=0.1)
+        return
+    hf.convert(model, density=0.1)
+    handle.revert()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expect, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_a_stray_trained_parameter_makes_extract_diff_raise(arch):
     model, head = classifier(arch)
     hf.convert(model, density=0.1, modules_to_save=[head])

@@ -416,6 +416,14 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     saved = _modules_to_save(model, modules_to_save or [], names)
     for name in saved:
         _refuse_tied("convert: modules_to_save", name, modules[name], tied)
+    # a GPT-2 Conv1D becomes a transposed copy: an apply's revert would then write the old tensors,
+    # which the model no longer holds, and silently leave its diff in the converted model
+    copied = [n for n in names if not isinstance(modules[n], nn.Linear)
+              and any(t is not None and applied_in_place(t) for t in (modules[n].weight, modules[n].bias))]
+    if copied:
+        raise RuntimeError(f"convert: an xlsparse.apply that is not reverted changed {copied}, which convert copies "
+                           "into a new layout (its revert would then miss them); revert it first, or drop its handle "
+                           "to keep the diff in the model for good; nothing was changed")
 
     for i, name in enumerate(names):
         original = modules[name]
@@ -893,8 +901,8 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
             and (isinstance(layer, (SparseDeltaLinear, MultiDeltaLinear)) or layer.transposed)]
     if held:
         raise RuntimeError(f"merge_and_unload: an xlsparse.apply that is not reverted changed the weights of {held}, "
-                           "which the plain layers replace (its revert would then miss them); revert it first, and "
-                           "apply the diff to the unloaded model if it should stay; nothing was changed")
+                           "which the plain layers replace (its revert would then miss them); revert it first, or "
+                           "drop its handle to keep the diff in the model for good; nothing was changed")
     with torch.no_grad():
         for name, layer in list(_converted(model)):
             if isinstance(layer, SparseDeltaLinear):
