@@ -958,3 +958,30 @@ def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
     trainer.add_callback(count)
     trainer.train()
     assert count.steps == {"full": 3, "sparse": 3}  # min(4 epoch steps, 3); max(2 epoch steps, min 3)
+
+
+def test_reselection_sums_a_bf16_model_s_gradients_in_float32():
+    # the candidate gradients of a bf16 model were summed in a bf16 buffer: a step's gradient
+    # below half a bf16 step of the running sum was lost, and regrowth ranked by that sum
+    from types import SimpleNamespace
+
+    from xlsparse.hf.lt_sft import _Reselection
+
+    gen = torch.Generator().manual_seed(0)
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(16, 8).to(torch.bfloat16), k=10)
+    sft_args = DynamicSftArguments(ft_params_num=10, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=9,
+                                   reselection_steps=4, selection_accumulation_steps=4)
+    trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)]}, sft_args=sft_args)
+    tap = _Reselection(trainer)
+    tap.on_step_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
+    expect = torch.zeros(8, 16, dtype=torch.float64)
+    for scale in (1.0, 1e-3, 1e-3, 1e-3):  # a large step, then small ones
+        x = (torch.randn(5, 16, generator=gen) * scale).to(torch.bfloat16)
+        dy = torch.randn(5, 8, generator=gen).to(torch.bfloat16)
+        layer(x).backward(dy)
+        expect += dy.double().t() @ x.double()
+    for h in tap.hooks:
+        h.remove()
+    got = tap.grads["w"]
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6)

@@ -69,6 +69,7 @@ from ..diff import SparseDelta, SparseDiff, _untied, apply, index_dtype
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
+from ..ops._common import acc_dtype
 from ..optim import MaskedAdamW, _bool_mask, _is_dtensor, _local, _shard_of, decay_the_base_
 from .model import _swap_module
 
@@ -153,7 +154,7 @@ class DynamicSftArguments(SftArguments):
     is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
     the accumulated gradients). During the accumulation window each converted layer adds its
     dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
-    embeddings) into one dense buffer per parameter, freed after the reselection; outside the
+    embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model), freed after the reselection; outside the
     window training stays O(K). Under DDP the buffers are averaged over the processes before a
     reselection, so every process selects the same support. Biases and norms keep their support."""
 
@@ -189,7 +190,8 @@ class _Reselection(TrainerCallback):
         if t._phase == "sparse" and t._converted and not self.hooks and self._in_window(state.global_step + 1) \
                 and state.global_step + 1 < state.max_steps:
             for name, layers in t._converted.items():
-                acc = torch.zeros_like(layers[0][2].weight)
+                weight = layers[0][2].weight  # summed in float32 for a half-precision model: bf16 sums drop small steps
+                acc = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
                 self.grads[name] = acc
                 for _, _, layer in layers:
                     self.hooks.append(layer.register_forward_hook(_gradient_tap(acc)))
@@ -224,10 +226,8 @@ def _gradient_tap(acc: torch.Tensor):
                     if layer.padding_idx is not None:
                         rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
                     acc.index_add_(0, ids, rows.to(acc.dtype))
-                elif dy.dtype == x.dtype == acc.dtype:  # one GEMM with β = 1: no per-step O x I product
-                    acc.addmm_(dy.reshape(-1, acc.shape[0]).t(), x.reshape(-1, acc.shape[1]))
-                else:
-                    acc.add_((dy.reshape(-1, acc.shape[0]).t() @ x.reshape(-1, acc.shape[1])).to(acc.dtype))
+                else:  # one GEMM with β = 1 in acc's dtype: no per-step O x I product
+                    acc.addmm_(dy.reshape(-1, acc.shape[0]).t().to(acc.dtype), x.reshape(-1, acc.shape[1]).to(acc.dtype))
         output.register_hook(on_grad)
     return hook
 
