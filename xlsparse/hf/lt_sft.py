@@ -154,8 +154,8 @@ class DynamicSftArguments(SftArguments):
     is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
     the accumulated gradients). During the accumulation window each converted layer adds its
     dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
-    embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model), freed after the reselection; outside the
-    window training stays O(K). Under DDP the buffers are averaged over the processes before a
+    embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model), freed after
+    the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
     reselection, so every process selects the same support. Biases and norms keep their support."""
 
     reselection_steps: int = 20
