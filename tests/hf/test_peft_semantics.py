@@ -640,6 +640,26 @@ def test_a_failed_xlsparse_save_leaves_no_earlier_diff_in_the_folder(tmp_path):
         hf.from_pretrained(copy.deepcopy(base), str(tmp_path))
 
 
+def test_save_pretrained_with_push_to_hub_uploads_the_xlsparse_files(tmp_path, monkeypatch):
+    # transformers uploads inside its own save_pretrained, before xlsparse's files were written:
+    # the hub got the model without its diff. No network here: the hub calls are stood in for.
+    import transformers.utils.hub as hub
+
+    uploads = []
+    monkeypatch.setattr(hub, "hf_api", lambda: type("Api", (), {"create_repo": lambda self, repo_id, **kw: type(
+        "Repo", (), {"repo_id": repo_id})()})())
+    monkeypatch.setattr(hub, "create_and_tag_model_card", lambda *a, **kw: type("Card", (), {
+        "save": lambda self, path: open(path, "w").close()})())
+    monkeypatch.setattr(hub.PushToHubMixin, "_upload_modified_files",
+                        lambda self, folder, repo_id, *a, **kw: uploads.append((repo_id, sorted(os.listdir(folder)))))
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    model.save_pretrained(str(tmp_path / "sft"), push_to_hub=True, repo_id="me/sft")
+    assert [repo for repo, _ in uploads] == ["me/sft"]
+    assert {"xlsparse_config.json", "xlsparse_diff.safetensors", "model.safetensors"} <= set(uploads[0][1])
+    assert {"xlsparse_config.json", "xlsparse_diff.safetensors"} <= set(os.listdir(tmp_path / "sft"))
+
+
 def test_a_routed_llama_compiles_with_one_graph_break():
     model = _multi("llama")
     ids, lang = batch(4, 3), torch.tensor([0, 1, -1, 1])
