@@ -784,6 +784,13 @@ def test_a_merged_layer_refuses_a_stale_delta_and_converts_with_the_model():
     assert layer.weight.dtype == torch.float64 and not layer.merged
 
 
+def _diff_on(layer, entries, values):
+    """A diff of layer 0 of a Sequential holding `layer`: `values` at the flat `entries` of its weight."""
+    import xlsparse
+
+    return xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(entries, values, tuple(layer.weight.shape))})
+
+
 def test_unmerge_refuses_when_a_later_apply_changed_the_merged_entries():
     # merge(); apply(diff); unmerge() restored the base over the diff's change at the delta's
     # entries, and the diff's revert then left W0 + Δ in the base: Δ counted twice, silently.
@@ -794,8 +801,7 @@ def test_unmerge_refuses_when_a_later_apply_changed_the_merged_entries():
     base = layer.weight.detach().clone()
     model = torch.nn.Sequential(layer)
     shared = int(layer.delta_indices[0])
-    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(torch.tensor([shared]), torch.tensor([10.0]),
-                                                                  tuple(layer.weight.shape))})
+    diff = _diff_on(layer, torch.tensor([shared]), torch.tensor([10.0]))
     layer.merge()
     handle = xlsparse.apply([diff], model)
     merged_and_applied = layer.weight.detach().clone()
@@ -817,8 +823,7 @@ def test_unmerge_refuses_a_later_apply_that_wrote_the_same_bits(value):
     base = layer.weight.detach().clone()
     model = torch.nn.Sequential(layer)
     entries = layer.delta_indices[:3].long()
-    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(entries, torch.full((3,), value),
-                                                                  tuple(layer.weight.shape))})
+    diff = _diff_on(layer, entries, torch.full((3,), value))
     layer.merge()
     handle = xlsparse.apply([diff], model)
     with pytest.raises(RuntimeError, match="unmerge: an xlsparse.apply made after merge"):
@@ -837,8 +842,7 @@ def test_reverting_an_apply_made_before_merge_refuses_while_merged():
     base = layer.weight.detach().clone()
     model = torch.nn.Sequential(layer)
     shared = layer.delta_indices[:2].long()
-    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(shared, torch.tensor([3.0, 4.0]),
-                                                                  tuple(layer.weight.shape))})
+    diff = _diff_on(layer, shared, torch.tensor([3.0, 4.0]))
     handle = xlsparse.apply([diff], model)
     layer.merge()
     merged = layer.weight.detach().clone()
@@ -852,8 +856,7 @@ def test_reverting_an_apply_made_before_merge_refuses_while_merged():
     off = torch.ones(layer.weight.numel(), dtype=torch.bool)
     off[layer.delta_indices.long()] = False
     elsewhere = off.nonzero().flatten()[:2]
-    handle = xlsparse.apply([xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(
-        elsewhere, torch.ones(2), tuple(layer.weight.shape))})], model)
+    handle = xlsparse.apply([_diff_on(layer, elsewhere, torch.ones(2))], model)
     layer.merge()
     handle.revert()
     layer.unmerge()
