@@ -71,13 +71,18 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     multiply by a merged copy freed after the call; with few tokens they add an SpMM term. Pass
     `merged_weight` (W0 + Δ as a tensor of its own) to multiply by that instead.
     fp32, bf16, fp16 (accumulating in fp32) and fp64. Under `torch.autocast` it computes in the
-    autocast dtype, as nn.Linear does.
+    autocast dtype by W0 + Δ rounded to it once, bit for bit as a merged nn.Linear does.
     """
     dtype = autocast_dtype(x)
     if dtype is not None:
-        x, weight, bias, values, merged_weight = cast_for_autocast(dtype, x, weight, bias, values, merged_weight)
+        merge = merged_weight is None and weight.is_floating_point() and weight.dtype not in (dtype, torch.float64)
+        x, bias, low_values, merged_weight = cast_for_autocast(dtype, x, bias, values, merged_weight)
+        if merge:
+            merged_weight = _autocast_merged(x, weight, bias, indices, values, low_values)
+        # W0 itself serves only dW0: without it, one cast copy (the merged one), not two
+        low_weight = merged_weight if merge and not weight.requires_grad else cast_for_autocast(dtype, weight)[0]
         with torch.autocast(x.device.type, enabled=False):
-            return sparse_delta_linear(x, weight, bias, indices, values, merged_weight)
+            return sparse_delta_linear(x, low_weight, bias, indices, low_values, merged_weight)
     _checks.linear("sparse_delta_linear", x, weight, bias, [indices], [values])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
@@ -91,6 +96,20 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
         merged_weight, in_place = _matmul.merged_weight(weight, indices, values), False
     y = _matmul.SparseDeltaLinearFunction.apply(x2d, weight, bias, indices, values, merged_weight, in_place)
     return y.reshape(*lead, weight.shape[0])
+
+
+@torch.no_grad()
+def _autocast_merged(x, weight, bias, indices, values, low_values):
+    """W0 + Δ rounded to autocast's dtype (that of `x`) once, as autocast rounds a merged
+    nn.Linear's weight: W0 and Δ cast apart and summed in that dtype were up to one of its steps
+    off at the K entries. The same memory as autocast's own cast of W0; the K sums are gathered
+    by row and column, so a strided W0 is not copied whole."""
+    merged = weight.detach().to(x.dtype, memory_format=torch.contiguous_format)
+    _checks.linear("sparse_delta_linear", x, merged, bias, [indices], [low_values])  # before the gather reads them
+    idx = indices.long()
+    rows, cols = idx // weight.shape[1], idx % weight.shape[1]
+    merged.view(-1)[idx] = (weight.detach()[rows, cols] + values.detach()).to(x.dtype)
+    return merged
 
 
 def _shares_storage(weight, *tensors) -> bool:

@@ -542,6 +542,32 @@ def test_sparse_delta_linear_under_autocast_matches_the_plain_linear():
     torch.testing.assert_close(layer.delta_values.grad, expect, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("tokens", [5, 100])  # an SpMM term and Δ written into W0 without autocast
+@pytest.mark.parametrize("grad", [True, False])
+def test_sparse_delta_linear_under_autocast_rounds_the_merged_weight_once(tokens, grad):
+    # autocast rounds a merged nn.Linear's W0 + Δ to bf16 once; W0 and Δ were cast apart and
+    # summed in bf16, up to one bf16 step off at the delta's entries
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(64, 48)
+    layer = SparseDeltaLinear.from_linear(lin, density=0.5)
+    with torch.no_grad():
+        layer.delta_values.copy_(torch.randn(layer.delta_values.shape) * 3e-3)  # small: rounding shows
+    merged = torch.nn.Linear(64, 48)
+    with torch.no_grad():
+        merged.weight.copy_(lin.weight)
+        merged.weight.view(-1)[layer.delta_indices.long()] += layer.delta_values
+        merged.bias.copy_(lin.bias)
+    x = torch.randn(tokens, 64)
+    with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = layer(x), merged(x)
+    assert torch.equal(got, want)
+    if grad:
+        got.float().square().sum().backward()
+        want.float().square().sum().backward()
+        torch.testing.assert_close(layer.delta_values.grad, merged.weight.grad.view(-1)[layer.delta_indices.long()],
+                                   rtol=2e-2, atol=2e-2)
+
+
 def test_multi_delta_and_subnetwork_linear_under_autocast():
     torch.manual_seed(1)
     lin = torch.nn.Linear(16, 12)
