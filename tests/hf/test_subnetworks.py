@@ -590,6 +590,44 @@ def test_set_masks_checks_every_shape_before_changing_a_layer():
         assert torch.equal(layer.masks, want), n
 
 
+@pytest.mark.parametrize("name", ["module.{}", "{}x", "transformer.wte.weight", "{}bias"])
+def test_set_masks_refuses_names_no_converted_layer_reads(name):
+    """A name that matches no converted weight (a prefix, a typo, a parameter that is not routed)
+    was dropped: every layer got an empty mask and training silently stopped."""
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("gpt2")
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    before = {n: layer.masks.clone() for n, layer in layers.items()}
+    named = dict(model.named_parameters())
+    first = list(masks["de"])[0]
+    key = name.format(first[: -len("weight")] if name.endswith("bias") else first)
+    value = {lang: (torch.ones(named[key].shape, dtype=torch.bool) if key in named else masks[lang][first])
+             for lang in masks}
+    with pytest.raises(ValueError, match="not weights of the model's SubnetworkLinear layers"):
+        subnetworks.set_masks(model, {lang: {key: value[lang]} for lang in masks})
+    assert all(torch.equal(layer.masks, before[n]) for n, layer in layers.items())
+
+
+def test_dynamic_structured_reselection_on_a_partly_converted_model():
+    """Structured re-selection scores every block; only the converted layers take masks."""
+    from types import SimpleNamespace
+
+    from xlsparse.nn import SubnetworkLinear
+
+    model = tiny("llama")
+    heads, neurons = subnetworks.structured_importance(model, _lm_batches(1, 1))
+    full = subnetworks.structured_masks(model, heads, neurons, 0.5, 0.5)
+    attention = {n: m for n, m in full.items() if ".self_attn." in n}
+    hf.convert(model, [n[: -len(".weight")] for n in attention], kind="subnetwork",
+               masks={"de": attention, "fr": attention})
+    callback = subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}, every=1,
+                                                heads_density=0.5, neurons_density=0.5)
+    callback.on_step_end(None, SimpleNamespace(global_step=1), None, model=model, optimizer=None)
+    assert callback.reselections == 1
+    assert all(bool(layer.masks.any()) for _, layer in hf.model._converted(model, SubnetworkLinear))
+
+
 def _assert_diff_is_the_change_since_convert(model, arch):
     """The exported diff restated: trained minus base weights, every entry (zeros included)."""
     from xlsparse.nn import SubnetworkLinear
@@ -688,3 +726,61 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
         assert torch.equal(resumed_masks[n], m), n
     for n, p in weights.items():
         torch.testing.assert_close(resumed_weights[n], p, rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("recipe", ["reptile", "fomaml"])
+def test_meta_learning_refuses_masks_the_converted_layers_close(recipe):
+    """A converted layer masks each language's gradient by its own mask: recipe masks opening
+    other entries left them untrained without an error (Reptile changed nothing at all)."""
+    model = tiny("gpt2")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    layer_masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=layer_masks)
+    other = {lang: {n: ~m for n, m in ms.items()} for lang, ms in layer_masks.items()}
+    subset = {lang: {n: m & (torch.rand(m.shape, generator=g) < 0.5) for n, m in ms.items()}
+              for lang, ms in layer_masks.items()}
+
+    def run(masks, langs=("de", "fr")):
+        if recipe == "reptile":
+            return subnetworks.reptile_step(model, {lang: _lm_batches(1, i) for i, lang in enumerate(langs)}, masks,
+                                            inner_lr=0.1)
+        opt = subnetworks.fomaml_optimizer(model, {lang: masks[lang] for lang in langs}, lr=1e-3, weight_decay=0.0)
+        return subnetworks.fomaml_step(model, {lang: _lm_batches(1, i)[0] for i, lang in enumerate(langs)},
+                                       {lang: _lm_batches(1, 10 + i)[0] for i, lang in enumerate(langs)}, masks,
+                                       inner_lr=0.1, inner_steps=1, outer_optimizer=opt)
+
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="converted layer's own mask for 'de' closes"):
+        run(other)
+    with pytest.raises(ValueError, match="converted for the languages"):
+        run({**layer_masks, "ja": layer_masks["de"]}, ("de", "ja"))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    run(subset)  # inside the layers' masks: fine
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed
+
+
+def test_fomaml_refuses_an_outer_optimizer_that_misses_a_language_of_the_step():
+    """An outer optimizer built for fewer languages than the step: the others' outer gradients were
+    computed (their query losses returned) and silently dropped."""
+    model = tiny("llama")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    owner = {n: torch.randint(0, 3, named[n].shape, generator=g) for n in names}
+    masks = {lang: {n: owner[n] == i for n in names} for i, lang in enumerate(("de", "fr"))}
+    support = {"de": _lm_batches(1, 1)[0], "fr": _lm_batches(1, 2)[0]}
+    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    only_de = subnetworks.fomaml_optimizer(model, {"de": masks["de"]}, lr=1e-2, weight_decay=0.0)
+    with pytest.raises(ValueError, match="does not update .* entries of"):
+        subnetworks.fomaml_step(model, support, query, masks, 0.1, 1, only_de)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    subnetworks.fomaml_step(model, {"de": support["de"]}, {"de": query["de"]}, masks, 0.1, 1, only_de)  # its own step
+    both = subnetworks.fomaml_optimizer(model, masks, lr=1e-2, weight_decay=0.0)
+    subnetworks.fomaml_step(model, support, query, masks, 0.1, 1, both)
+    for lang in masks:
+        assert any(bool((named[n] != before[n])[masks[lang][n]].any()) for n in names), lang

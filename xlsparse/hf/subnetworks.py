@@ -146,6 +146,13 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     order = languages(model)
     if list(masks) != order:
         raise ValueError(f"set_masks: languages {list(masks)} differ from the model's {order}")
+    routed = {f"{name}.weight" for name, _ in _converted(model, SubnetworkLinear)}
+    for lang in order:  # a name no layer reads would be dropped, leaving every layer an empty mask
+        unknown = sorted(n for n in masks[lang] if n not in routed)
+        if unknown:
+            raise ValueError(f"set_masks: masks[{lang!r}] name {unknown[:5]}, which are not weights of the model's "
+                             "SubnetworkLinear layers; give masks of the converted layers only (names as in "
+                             "model.named_parameters())")
     new = []
     for name, layer in _converted(model, SubnetworkLinear):
         key = f"{name}.weight"
@@ -193,6 +200,29 @@ def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what
     return stored
 
 
+def _check_routed(model: nn.Module, stored: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> None:
+    """On a converted model each SubnetworkLinear masks a language's gradient by the layer's own
+    mask for that language: masks that open entries the layer closes (or name a language the
+    layer does not route) would leave those entries untrained without a word."""
+    layers = {f"{n}.weight": layer for n, layer in _converted(model, SubnetworkLinear)}
+    if not layers:
+        return
+    order = languages(model)
+    for lang, lang_masks in stored.items():
+        for n, m in lang_masks.items():
+            layer = layers.get(n)
+            if layer is None or not bool(m.any()):
+                continue
+            if lang not in order:
+                raise ValueError(f"{what}: masks[{lang!r}] name {n!r}, a layer converted for the languages {order} "
+                                 f"only; it would route no gradient for {lang!r}")
+            closed = m & ~layer.masks[order.index(lang)].to(m.device)
+            if bool(closed.any()):
+                raise ValueError(f"{what}: masks[{lang!r}][{n!r}] opens {int(closed.sum())} entries that the converted "
+                                 f"layer's own mask for {lang!r} closes; the layer masks the gradient, so they would "
+                                 "never train: pass the layers' masks, or give them these with set_masks first")
+
+
 def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mapping[str, Mapping[str, torch.Tensor]],
                  inner_lr: float = 1e-3, outer_lr: float = 0.5, inner_steps: int = 1, loss_fn: Callable | None = None,
                  progress: bool = False) -> dict[str, float]:
@@ -209,6 +239,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     if missing:
         raise ValueError(f"reptile_step: no masks for languages {missing}")
     stored = {lang: _stored_masks(model, masks[lang], "reptile_step", lang, trainable=True) for lang in batches}
+    _check_routed(model, stored, "reptile_step")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
     total = {n: torch.zeros_like(p) for n, p in named.items()}
@@ -445,7 +476,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
         raise ValueError(f"fomaml_step: no masks for languages {missing}")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     stored = {lang: _stored_masks(model, masks[lang], "fomaml_step", lang) for lang in support}
+    _check_routed(model, stored, "fomaml_step")
     named = dict(model.named_parameters())
+    _check_confined(outer_optimizer, named, stored)  # before any forward: a refused step costs nothing
     outer = {}
     losses = {}
     for lang in support:
@@ -472,7 +505,6 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                     outer[n] = g if n not in outer else outer[n] + g
                 p.copy_(p0)
     model.zero_grad(set_to_none=True)
-    _check_confined(outer_optimizer, named, stored)
     for n, g in outer.items():
         named[n].grad = g / len(support)
     outer_optimizer.step()
@@ -480,10 +512,12 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
 
 
 def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
-    """The outer optimizer may only move entries of this step's languages: AdamW's momentum would
-    otherwise move another language's entries on a step without its gradient. (For one language
-    per step, keep one `fomaml_optimizer(model, {lang: masks[lang]})` per language.)"""
+    """The outer optimizer must move exactly the entries of this step's languages: AdamW's momentum
+    would otherwise move another language's entries on a step without its gradient, and an entry
+    it does not hold would have its outer gradient dropped. (For one language per step, keep one
+    `fomaml_optimizer(model, {lang: masks[lang]})` per language.)"""
     names = {id(p): n for n, p in named.items()}
+    covered = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             n = names.get(id(p))
@@ -503,6 +537,19 @@ def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
             if allowed is None or bool((opened & ~allowed.to(opened.device)).any()):
                 raise ValueError(f"fomaml_step: outer_optimizer may update {n!r} outside the subnetworks of this "
                                  f"step's languages {list(masks)}; build it with fomaml_optimizer over those languages")
+            covered[n] = opened
+    for n in dict.fromkeys(n for lang_masks in masks.values() for n in lang_masks):
+        wanted = None
+        for lang_masks in masks.values():
+            if n in lang_masks:
+                wanted = lang_masks[n] if wanted is None else wanted | lang_masks[n]
+        if not bool(wanted.any()):
+            continue
+        missed = wanted if n not in covered else wanted & ~covered[n].to(wanted.device)
+        if bool(missed.any()):  # the outer gradient there would be computed and dropped
+            raise ValueError(f"fomaml_step: outer_optimizer does not update {int(missed.sum())} entries of {n!r} that "
+                             f"the subnetworks of this step's languages {list(masks)} open; build it with "
+                             "fomaml_optimizer over those languages")
 
 
 def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], lr: float = 1e-4,
@@ -720,8 +767,10 @@ class DynamicMasksCallback(TrainerCallback):
         if state.global_step % self.every:
             return
         if self.density is None:
-            masks = {lang: structured_masks(model, *self.scores[lang], self.heads_density, self.neurons_density)
-                     for lang in order}
+            routed = {f"{name}.weight" for name, _ in _converted(model, SubnetworkLinear)}
+            masks = {lang: {n: m for n, m in structured_masks(model, *self.scores[lang], self.heads_density,
+                                                              self.neurons_density).items() if n in routed}
+                     for lang in order}  # the blocks' layers that were converted (all, or e.g. attention only)
         else:
             masks = select_masks({lang: self.scores[lang] for lang in order}, self.density)
         set_masks(model, masks, _unwrap(optimizer))
