@@ -160,6 +160,19 @@ class SparseDeltaLinear(_DeltaView, nn.Module):
         restore_entries_(base, self.delta_indices, self._displaced)
         return base
 
+    def __getstate__(self):
+        # deepcopy and pickle give delta_values a new tensor whose version counter starts afresh:
+        # keep whether the merge was current, not the old counter (a merged copy refused to run)
+        state = super().__getstate__()
+        if self.merged:
+            state["_merged_version"] = "stale" if self.delta_values._version != self._merged_version else "current"
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.merged and self._merged_version in ("stale", "current"):
+            self._merged_version = self.delta_values._version if self._merged_version == "current" else -1
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.merged:  # save W0, not W0 + Δ: the delta is saved beside it

@@ -134,6 +134,65 @@ def test_routed_kinds_refuse_sequence_first_models():
     hf.convert(model, density=0.1)  # a delta is not routed: fine
 
 
+def test_routed_kinds_refuse_mixture_of_experts_experts():
+    # NLLB-MoE's experts run on the router's token subset, flattened and in router order (top-2: a token
+    # twice): per-token ids reshaped onto it routed other tokens' languages, with no error
+    cfg = transformers.NllbMoeConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                                     decoder_ffn_dim=24, num_experts=2, encoder_sparse_step=1, decoder_sparse_step=1,
+                                     max_position_embeddings=40)
+    model = transformers.NllbMoeForConditionalGeneration(cfg)
+    diff = xlsparse.SparseDiff({})
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        hf.convert(model, kind="subnetwork", masks={"de": {}, "fr": {}})
+    assert not hasattr(model, "xlsparse_config")
+    hf.convert(model, target_modules=r".*self_attn\.(q|v)_proj", kind="multi", diffs={"de": diff, "fr": diff})
+
+
+@pytest.mark.parametrize("arch", ["longformer", "led"])
+def test_routed_kinds_refuse_longformer_attention(arch):
+    # Longformer's (and LED's encoder) self-attention transposes to [S, B, H] before query/key/value:
+    # with batch size == padded length, per-example ids silently routed sequence positions
+    if arch == "longformer":
+        cfg = transformers.LongformerConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                            intermediate_size=24, attention_window=[4], max_position_embeddings=40)
+        model = transformers.LongformerForMaskedLM(cfg)
+    else:
+        cfg = transformers.LEDConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=24,
+                                     decoder_ffn_dim=24, attention_window=[4], max_encoder_position_embeddings=40,
+                                     max_decoder_position_embeddings=40)
+        model = transformers.LEDForConditionalGeneration(cfg)
+    diff = xlsparse.SparseDiff({})
+    with pytest.raises(ValueError, match="sequence-first"):
+        hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
+    with pytest.raises(ValueError, match="sequence-first"):
+        hf.convert(model, kind="subnetwork", masks={"de": {}, "fr": {}})
+    assert not hasattr(model, "xlsparse_config")
+    hf.convert(model, density=0.1)
+
+
+def test_per_token_ids_are_refused_on_an_encoder_decoder_model():
+    # the decoder's layers see [B, S_target]: source-token ids were applied to target positions whenever
+    # the lengths matched (and raised otherwise)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    diff = xlsparse.SparseDiff({})
+    hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
+    ids = batch(2, 6)
+    per_token = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 0, 0, -1, -1]])
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        with hf.route(model, per_token):
+            model(input_ids=ids, decoder_input_ids=ids)
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        model(input_ids=ids, decoder_input_ids=ids, language_ids=per_token)
+    with hf.route(model, [0, 1]):  # per example: fine
+        model(input_ids=ids, decoder_input_ids=ids[:, :4])
+
+
 @pytest.mark.parametrize("targets", [None, ["out_proj"]])
 def test_the_out_proj_of_multihead_attention_is_never_converted(targets):
     # nn.MultiheadAttention multiplies by out_proj.weight itself and never calls out_proj
@@ -145,6 +204,20 @@ def test_the_out_proj_of_multihead_attention_is_never_converted(targets):
     else:
         with pytest.raises(ValueError, match="MultiheadAttention"):
             hf.convert(model, target_modules=targets, density=0.1)
+
+
+def test_wavlm_attention_projections_are_never_converted():
+    # WavLM's attention passes q/k/v/out_proj.weight to F.multi_head_attention_forward and never calls
+    # them: their deltas trained nothing and changed no output
+    cfg = transformers.WavLMConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                   conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                                   num_conv_pos_embedding_groups=2, num_buckets=8, max_bucket_distance=20)
+    model = transformers.WavLMModel(cfg)
+    names = hf.model.target_names(model)
+    assert not [n for n in names if n.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj", "out_proj")]
+    assert "encoder.layers.0.feed_forward.intermediate_dense" in names
+    with pytest.raises(ValueError, match="never run"):
+        hf.convert(model, target_modules=["q_proj"], density=0.1)
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])

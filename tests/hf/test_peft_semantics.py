@@ -699,3 +699,46 @@ def test_a_routed_llama_compiles_with_one_graph_break():
     compiled = torch.compile(forward, backend="eager")
     torch.testing.assert_close(compiled(ids, lang), forward(ids, lang))
     torch._dynamo.reset()
+
+
+def test_generate_with_language_ids_routes_the_encoder_of_an_encoder_decoder_model(tmp_path):
+    # generate() runs an encoder-decoder's encoder by itself, with its kwargs (language_ids among
+    # them): the encoder must be routed as the decoder steps are, not run as the base model.
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    base = transformers.T5ForConditionalGeneration(cfg).eval()
+    diffs = {lang: random_diff(base, 20, 1.0, seed) for lang, seed in (("de", 1), ("fr", 2))}
+    model = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    ids = batch(2, 6)
+    gen = dict(max_new_tokens=5, do_sample=False, num_beams=2)
+    for lang in ("de", "fr"):
+        with xlsparse.apply([diffs[lang]], base):
+            want = base.generate(ids, **gen)
+        got = model.generate(ids, language_ids=torch.tensor([list(diffs).index(lang)] * 2), **gen)
+        assert torch.equal(got, want), lang
+    twin = copy.deepcopy(model)  # the encoder's routing survives a copy, and unloading removes it
+    assert torch.equal(twin.generate(ids, language_ids=torch.tensor([1, 1]), **gen),
+                       model.generate(ids, language_ids=torch.tensor([1, 1]), **gen))
+    plain = hf.merge_and_unload(model, language="fr")
+    assert "forward" not in plain.get_encoder().__dict__
+
+
+def test_a_merged_model_deep_copies_and_pickles(tmp_path):
+    # a copy's delta_values has a fresh version counter: the copy of a merged model must still run,
+    # and the copy of a stale merge (delta changed after merge()) must still refuse
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    _train(model)
+    hf.merge(model)
+    ids = batch(2, 5)
+    want = model(input_ids=ids).logits
+    torch.save(model, tmp_path / "model.pt")
+    for twin in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
+        assert torch.equal(twin(input_ids=ids).logits, want)
+        hf.unmerge(twin)
+    layer = next(m for m in model.modules() if isinstance(m, SparseDeltaLinear))
+    with torch.no_grad():
+        layer.delta_values.add_(1.0)
+    with pytest.raises(RuntimeError, match="changed after merge"):
+        copy.deepcopy(model)(input_ids=ids)

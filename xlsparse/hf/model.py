@@ -62,7 +62,13 @@ def _matches(name: str, patterns) -> bool:
 
 
 # transformers models whose layers see [S, B, H] activations: language ids cannot be routed in them
-_SEQUENCE_FIRST = {"xlnet", "fsmt"}
+# (Longformer's and LED's encoder self-attention transposes to [S, B, H] before query/key/value)
+_SEQUENCE_FIRST = {"xlnet", "fsmt", "longformer", "led"}
+
+
+# transformers modules that pass these children's weights to a functional call and never call the
+# children (WavLM: F.multi_head_attention_forward): a converted child would be bypassed
+_READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj")}
 
 
 def target_names(model: nn.Module, target_modules=None) -> list[str]:
@@ -76,6 +82,8 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     skips it, a pattern that names it raises).
     """
     bypassed = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
+    bypassed |= {f"{n}.{c}" if n else c for n, m in model.named_modules()
+                 for c in _READS_CHILD_WEIGHTS.get(type(m).__name__, ())}
     linears = [name for name, module in model.named_modules() if _is_linear(module)]
     if target_modules is None:
         names = [name for name in linears if _in_block(name) and name not in bypassed]
@@ -90,9 +98,9 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
                          "linear layer (converting nothing would only freeze the model)")
     names = [name for name in linears if _matches(name, target_modules)]
     if bypassed & set(names):
-        raise ValueError(f"convert: target_modules matches {sorted(bypassed & set(names))[:3]}, the out_proj of an "
-                         "nn.MultiheadAttention, which reads its weight without calling it: a converted layer would "
-                         "never run")
+        raise ValueError(f"convert: target_modules matches {sorted(bypassed & set(names))[:3]}, whose weight its parent "
+                         "reads without calling it (the out_proj of an nn.MultiheadAttention, WavLM's attention "
+                         "projections): a converted layer would never run")
     patterns = [target_modules] if isinstance(target_modules, str) else [[t] for t in target_modules]
     unmatched = [p for p in patterns if not any(_matches(name, p) for name in linears)]
     if unmatched:
@@ -241,8 +249,9 @@ class _RoutingForward:
     pickle rebuilt such a method as the class's own forward, and the unpickled model ran the
     base model for every language without a word."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, owner: nn.Module | None = None):
         self.model = model
+        self.owner = owner  # the converted model whose languages route `model` (its encoder), or None: itself
         self.__doc__ = type(model).forward.__doc__
 
     @property
@@ -259,7 +268,7 @@ class _RoutingForward:
         cls_forward = type(self.model).forward
         if language_ids is None:
             return cls_forward(self.model, *args, **kwargs)
-        with route(self.model, language_ids):
+        with route(self.model if self.owner is None else self.owner, language_ids):
             return cls_forward(self.model, *args, **kwargs)
 
 
@@ -299,11 +308,27 @@ class _SavePretrainedWithDiff:
                           stacklevel=2)
 
 
+def _encoder_of(model: nn.Module) -> nn.Module | None:
+    """The encoder of an encoder-decoder model (T5, BART, ...), which `generate` runs apart from the
+    model's forward; None for other models."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get_encoder = getattr(model, "get_encoder", None)
+    encoder = get_encoder() if callable(get_encoder) else None
+    return encoder if isinstance(encoder, nn.Module) and encoder is not model else None
+
+
 def _accept_language_ids(model: nn.Module) -> None:
     """Install `_RoutingForward` as `model.forward`, unless the class's forward names
-    `language_ids` itself."""
+    `language_ids` itself. An encoder-decoder's encoder gets one too, routed by the model's
+    languages: `generate(ids, language_ids=...)` calls the encoder by itself with the generate
+    kwargs (`language_ids` among them), and an encoder that ignored them ran the base model only,
+    while the decoder steps were routed."""
     if "language_ids" not in inspect.signature(type(model).forward).parameters:
         model.forward = _RoutingForward(model)
+    encoder = _encoder_of(model)
+    if encoder is not None and "language_ids" not in inspect.signature(type(encoder).forward).parameters:
+        encoder.forward = _RoutingForward(encoder, owner=model)
 
 
 # --- convert ---
@@ -375,6 +400,13 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
                          f"{model_type} runs its layers sequence-first ([S, B, H]): ids would reach the wrong rows")
     names = target_names(model, target_modules)
+    if kind != "delta":
+        in_experts = [n for n in names if re.search(r"(^|\.)experts(\.|$)", n)]
+        if in_experts:
+            raise ValueError(f"convert: kind={kind!r} cannot route {in_experts[:2]}{' ...' if len(in_experts) > 2 else ''}: "
+                             "a mixture-of-experts expert runs on the tokens its router picked, flattened and in the "
+                             "router's order, so per-token ids would reach the wrong tokens. Leave the experts out of "
+                             "target_modules, or use kind='delta'")
     modules = dict(model.named_modules())
     budgets = None
     if kind == "delta":
@@ -680,6 +712,10 @@ def route(model: nn.Module, language_ids):
     if num == 0:
         raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
     ids = _language_ids(model, language_ids)
+    if ids.dim() > 1 and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(f"route: per-token language ids {list(ids.shape)} on an encoder-decoder model fit the source "
+                         "tokens, but the decoder's layers run on the target tokens (a target of the same length "
+                         "would be routed by source positions); give one id per example [B]")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     with routing.use(ids, num) as active:
         yield active
@@ -933,6 +969,9 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     for attr in ("forward", "save_pretrained"):
         if attr in model.__dict__:
             delattr(model, attr)
+    for module in model.modules():  # an encoder-decoder's encoder (`_accept_language_ids`)
+        if isinstance(module.__dict__.get("forward"), _RoutingForward):
+            del module.forward
     return model
 
 
