@@ -510,6 +510,40 @@ def test_apply_to_a_half_precision_model_rounds_once(backend, dtype, use_backend
             assert_bit_identical(model[name], p, name)
 
 
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+@pytest.mark.parametrize("dtype,values_dtype", [(torch.bfloat16, torch.float16), (torch.float16, torch.bfloat16),
+                                                (torch.float32, torch.float64)])
+def test_apply_diffs_wider_than_the_model_round_once(backend, dtype, values_dtype, use_backend):
+    """float16 diffs on a bfloat16 model (bfloat16 on float16, float64 on float32): the values were
+    rounded to the model's dtype before the sum, so two diffs that nearly cancel lost their sum
+    (1.0039 - 1.0 gave 0 on bfloat16, and apply([a, b]) differed from apply([a + b])); dense
+    float64 entries on a float32 tensor likewise."""
+    use_backend(backend)
+    gen = torch.Generator().manual_seed(7)
+    p0 = (torch.randn(50, generator=gen) * 1e-3).to(dtype)
+    idx = torch.arange(0, 50, 2)
+    v1 = (1 + torch.rand(25, generator=gen)).to(values_dtype)
+    scale = 1e-2 if dtype.itemsize == 2 else 1e-9  # below the model's resolution near v1
+    v2 = (-v1.double() + scale * torch.randn(25, generator=gen, dtype=torch.float64)).to(values_dtype)
+    acc = torch.promote_types(torch.float32, values_dtype)
+    t1 = torch.rand(50, generator=gen).to(values_dtype)
+    t2 = (-t1.double() + scale).to(values_dtype)
+    d1 = SparseDiff({"w": SparseDelta(idx, v1, (50,))}, {"b": t1})
+    d2 = SparseDiff({"w": SparseDelta(idx, v2, (50,))}, {"b": t2})
+    for diffs, alphas in (([d1, d2], [1.0, 1.0]), ([d1], [0.37]), ([d1, d2], [0.5, 0.5])):
+        model = {"w": p0.clone(), "b": p0.clone()}
+        handle = xlsparse.apply(diffs, model, alphas=alphas)
+        want, want_b = p0.to(acc), p0.to(acc)
+        for d, a in zip(diffs, alphas):
+            want = want.index_add(0, idx, a * d.deltas["w"].values.to(acc))
+            want_b = want_b + a * d.dense["b"].to(acc)
+        assert torch.equal(model["w"], want.to(dtype)), alphas
+        assert torch.equal(model["b"], want_b.to(dtype)), alphas
+        handle.revert()
+        assert_bit_identical(model["w"], p0, "after revert")
+        assert_bit_identical(model["b"], p0, "after revert")
+
+
 def test_apply_to_half_precision_tied_names_and_offloaded_tensors():
     """Two names over one storage (a state dict of tied weights) are one tensor for the float32
     path too: its revert was not bit-exact, or failed half way. A tensor on the meta device
@@ -900,6 +934,25 @@ def test_composable_sft_file_as_written_by_composable_sft_and_above_2_31(tmp_pat
     out.mkdir()
     diff.save_composable_sft(str(out))
     _assert_same_diff(diff, SparseDiff.load_composable_sft(str(out)))
+
+
+def test_composable_sft_file_written_under_numpy_1(tmp_path):
+    """numpy 1.x (every SFT composable-sft released) pickles the np.int64 first step as
+    numpy.core.multiarray.scalar, numpy 2 as numpy._core.multiarray.scalar; the allowlist held
+    only the running numpy's name and refused the other. Both names are rebuilt here from one file."""
+    import zipfile
+
+    torch.save({"diffs": {"w": {"size": torch.Size([4, 5]), "index_steps": [np.int64(3), 2, 5],
+                                "values": torch.tensor([1.0, 2.0, 3.0])}}, "abs": {}}, tmp_path / "src.bin")
+    want = torch.zeros(4, 5)
+    want[3, 0], want[1, 1], want[2, 2] = 1.0, 2.0, 3.0  # column-major 3, 5, 10
+    for old, new in ((b"numpy._core.multiarray", b"numpy.core.multiarray"), (b"numpy.core.multiarray", b"numpy._core.multiarray")):
+        path = tmp_path / "pytorch_diff.bin"
+        with zipfile.ZipFile(tmp_path / "src.bin") as zin, zipfile.ZipFile(path, "w") as zout:
+            for n in zin.namelist():
+                data = zin.read(n)
+                zout.writestr(n, data.replace(old, new) if n.endswith("data.pkl") else data)
+        assert torch.equal(SparseDiff.load_composable_sft(str(path)).deltas["w"].to_dense(), want), new
 
 
 @pytest.mark.parametrize("bad,msg", [

@@ -226,6 +226,7 @@ class ApplyHandle:
         self._calls = calls  # the fused apply_diffs_ calls, one per device, with what each displaced
         self._originals = originals  # (tensor, copy before apply) for dense and absolute entries
         self.reverted = False
+        self._serial = _next_serial()  # creation order, for applies_since
 
     def revert(self) -> None:
         """Put back every value the apply displaced, bit for bit. Only once. Reverts go in reverse
@@ -309,16 +310,20 @@ class _FusedCall:
     def run(self) -> None:
         """Write every entry and record what each displaced (`saved`, for restore_diffs_).
 
-        apply_diffs_ takes values of their tensor's dtype. A bfloat16 or float16 tensor given wider
-        values instead has its entries merged in float32 (alphas applied), added to the old values
-        in float32 and stored once, here: rounding each value to half precision first lost diffs
-        that nearly cancel (0.001 where the float32 sum is 0.0049). The merges run before anything
-        is written."""
-        half = {t for t, d in enumerate(self.dense) if d.dtype.itemsize == 2 and d.device.type != "meta"}  # meta: no data
+        apply_diffs_ takes values of their tensor's dtype. A tensor given values that its dtype
+        cannot hold exactly (float32 or the other half type on a bfloat16/float16 tensor, float64
+        on a float32 one) instead has its entries merged in the wider dtype (at least float32,
+        alphas applied), added to the old values there and stored once, here: rounding each value
+        to the tensor's dtype first lost diffs that nearly cancel (0.001 where the float32 sum is
+        0.0049; float16 1.0039 - 1.0 gave 0 on bfloat16). The merges run before anything is written."""
         wide = {}
-        for t in {t for e, t in enumerate(self.target) if t in half and self.values[e].dtype.itemsize > 2}:
+        for t in {t for e, t in enumerate(self.target) if not _holds_exactly(self.dense[t].dtype, self.values[e].dtype)
+                  and self.dense[t].device.type != "meta"}:  # meta: no data
             g = [e for e, target in enumerate(self.target) if target == t]
-            wide[t] = _ops.merge_deltas([self.indices[e].long() for e in g], [self.values[e].float() for e in g],
+            acc = torch.promote_types(torch.float32, self.dense[t].dtype)
+            for e in g:
+                acc = torch.promote_types(acc, self.values[e].dtype)
+            wide[t] = _ops.merge_deltas([self.indices[e].long() for e in g], [self.values[e].to(acc) for e in g],
                                         [self.alphas[e] for e in g], self.dense[t].numel())
         keep = [e for e, t in enumerate(self.target) if t not in wide]
         self.indices, self.target = [self.indices[e] for e in keep], [self.target[e] for e in keep]
@@ -334,12 +339,20 @@ class _FusedCall:
             self.target.append(t)
 
 
+def _holds_exactly(dtype: torch.dtype, values: torch.dtype) -> bool:
+    """Whether a tensor of `dtype` holds every value of dtype `values` exactly."""
+    if values == dtype:
+        return True
+    wider = {torch.float32: (torch.float16, torch.bfloat16), torch.float64: (torch.float16, torch.bfloat16, torch.float32)}
+    return values in wider.get(dtype, ())
+
+
 def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     """`W <- W + sum_i alphas[i] * diffs[i]` on every parameter the diffs name, in one fused call
     (one per device, for a model spread over several).
 
     Deltas of several diffs on one parameter are summed in float32 (float64 for float64
-    parameters), in the diffs' own precision (float32 values on a bfloat16 model are not rounded
+    parameters or values), in the diffs' own precision (float32 values on a bfloat16 model are not rounded
     to bfloat16 first), and stored once; dense entries likewise. Absolute entries are copied in; a parameter
     that is absolute in one diff and named by another diff of the call (tied names included) is a
     ValueError, as in `SparseDiff.merge`, and so is an absolute entry on output embeddings that the
@@ -350,6 +363,10 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     `apply(model, with_abs=False)`): a language SFT's MLM head is then neither needed by nor
     copied into a task model. Otherwise a diff with absolute entries needs alpha 1: a replaced
     value cannot be scaled (ValueError).
+
+    Diffs are in the model's own layout: on a model converted by `xlsparse.hf.convert`, entries of
+    a GPT-2 Conv1D weight ([in, out], as `hf.extract_diff` and `from_models` give them) go to the
+    converted layer's [out, in] weight transposed.
     """
     if isinstance(diffs, SparseDiff):
         diffs = [diffs]
@@ -362,6 +379,9 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     checks.finite("apply", **{f"alphas[{i}]": a for i, a in enumerate(alphas)})
     alphas = [float(a) for a in alphas]
     named = _named_tensors(model)
+    stored = _transposed_weights(model)
+    if stored:  # converted GPT-2 Conv1D layers: diffs are in the model's [in, out] layout, the weight is [out, in]
+        diffs = [_to_stored_layout(d, stored) if isinstance(d, SparseDiff) else d for d in diffs]
     calls = {}  # device -> _FusedCall: the op runs on one device, so a model spread over several gets one call each
     touched_whole, claims, changed = {}, {}, {}
     for i, (diff, alpha) in enumerate(zip(diffs, alphas)):
@@ -397,7 +417,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             for diff, alpha in zip(diffs, alphas):
                 for name, t in diff.dense.items():
                     param, key = named[name].detach(), _storage_key(named[name])  # tied names: one tensor
-                    wide = t.to(device=param.device, dtype=acc_dtype(param.dtype)) * alpha
+                    wide = t.to(device=param.device, dtype=torch.promote_types(acc_dtype(param.dtype), t.dtype)) * alpha
                     shares[key] = (param, wide if key not in shares else shares[key][1] + wide)
             # A tensor that also took sparse deltas in this call: fold them into the dense sum and
             # add it all to the value before apply, so the tensor is rounded once, not twice.
@@ -423,10 +443,71 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     return handle
 
 
+def _transposed_weights(model) -> set:
+    """Names of the weights of converted GPT-2 Conv1D layers (`xlsparse.hf.convert`), which store
+    [out, in] while the model's own layout, that of its diffs, is Conv1D's [in, out]."""
+    if not isinstance(model, torch.nn.Module):
+        return set()
+    from .nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
+
+    kinds = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
+    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, kinds) and m.transposed}
+
+
+def _transpose_delta(delta, rows: int, cols: int) -> "SparseDelta":
+    """A delta of an [rows, cols] tensor re-indexed for its [cols, rows] transpose."""
+    idx = delta.indices.long()
+    flat = (idx % cols) * rows + idx // cols
+    order = torch.argsort(flat)
+    return SparseDelta._trusted(flat[order].to(index_dtype(rows * cols)), delta.values[order], (cols, rows))
+
+
+def _to_stored_layout(diff: "SparseDiff", names: set) -> "SparseDiff":
+    """`diff` with its entries on `names` transposed to the converted layers' [out, in] storage (a
+    square weight passed the shape check and took the diff transposed)."""
+    hit = names & {*diff.deltas, *diff.dense, *diff.absolute}
+    if not hit:
+        return diff
+
+    def delta(d):
+        return _transpose_delta(d, *d.shape) if len(d.shape) == 2 else d  # else apply's shape check names it
+
+    def whole(t):
+        return t.t() if t.dim() == 2 else t
+
+    return SparseDiff._trusted({n: delta(d) if n in hit else d for n, d in diff.deltas.items()},
+                               {n: whole(t) if n in hit else t for n, t in diff.dense.items()},
+                               {n: whole(t) if n in hit else t for n, t in diff.absolute.items()}, diff.base_model)
+
+
 # Applies (and merges, EntryWrite) still in place, per changed tensor (by storage), oldest first: a
 # revert restores the values its apply displaced, so it is right only while no later apply in
 # place changed the same tensor. Weak references: a handle that is dropped is never reverted.
 _in_place: dict = {}
+_serial = [0]  # the next apply handle's serial number
+
+
+def _next_serial() -> int:
+    with _busy_lock:
+        _serial[0] += 1
+        return _serial[0] - 1
+
+
+def apply_serial() -> int:
+    """The serial number the next apply handle gets (see `applies_since`)."""
+    with _busy_lock:
+        return _serial[0]
+
+
+def applies_since(serial: int, tensors) -> list:
+    """Handles made from `serial` on (`apply_serial()`) that are still in place and changed one
+    of `tensors`, newest first: the order they must be reverted in."""
+    keys = {_storage_key(t) for t in tensors}
+    with _busy_lock:
+        found = {id(h): h for key in keys for r in _in_place.get(key, []) if (h := r()) is not None
+                 and not h.reverted and h._serial >= serial}
+    return sorted(found.values(), key=lambda h: h._serial, reverse=True)
 
 
 def _handle_keys(handle) -> list:
@@ -900,7 +981,10 @@ class SparseDiff:
             raise ValueError(f"{path}: malformed metadata: {exc!r}") from exc
         if tensors:
             raise ValueError(f"{path}: tensors {sorted(tensors)} are not described by the metadata")
-        return cls(deltas, whole["dense"], absolute=whole["absolute"], base_model=meta.get("base_model"))
+        try:  # an integer dense or absolute entry: a malformed file, as for load_composable_sft
+            return cls(deltas, whole["dense"], absolute=whole["absolute"], base_model=meta.get("base_model"))
+        except TypeError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
     # --- composable-sft's pytorch_diff.bin ---
     @classmethod
@@ -1016,13 +1100,17 @@ def _reorder(flat: torch.Tensor, shape, to_row: bool) -> torch.Tensor:
 
 
 def _numpy_scalar_globals() -> list:
-    """composable-sft writes its first index step as a numpy int64: allow exactly that type."""
+    """composable-sft writes its first index step as a numpy int64: allow exactly that type, under
+    both of its pickled names. numpy 2 pickles it as numpy._core.multiarray.scalar; numpy 1.x
+    (every SFT composable-sft released) as numpy.core.multiarray.scalar, which torch's allowlist,
+    matching names, refused under numpy 2."""
     try:
         import numpy as np
     except ImportError:
         return []
-    scalar = getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray
-    return [scalar.scalar, np.dtype, type(np.dtype(np.int64))]
+    scalar = (getattr(getattr(np, "_core", None), "multiarray", None) or np.core.multiarray).scalar
+    names = {f"numpy.{m}.multiarray.scalar" for m in ("core", "_core")} - {f"{scalar.__module__}.{scalar.__name__}"}
+    return [scalar, *((scalar, name) for name in sorted(names)), np.dtype, type(np.dtype(np.int64))]
 
 
 def _umask() -> int:

@@ -198,11 +198,11 @@ def test_merge_and_unload_refuses_while_an_apply_of_the_layers_weights_is_in_pla
     ids = batch(2, 5)
     hf.convert(model, density=0.1)
     _train(model)
-    name = next(n for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear))
-    weight = model.get_submodule(name).weight  # the converted layout ([out, in] for GPT-2 too)
-    lang = xlsparse.SparseDiff({f"{name}.weight": xlsparse.SparseDelta(torch.arange(0, weight.numel(), 7),
-                                                                        torch.ones(len(range(0, weight.numel(), 7))),
-                                                                        tuple(weight.shape))})
+    name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear))
+    shape = tuple(layer.weight.shape)[::-1] if layer.transposed else tuple(layer.weight.shape)  # the model's layout
+    lang = xlsparse.SparseDiff({f"{name}.weight": xlsparse.SparseDelta(torch.arange(0, layer.weight.numel(), 7),
+                                                                        torch.ones(len(range(0, layer.weight.numel(), 7))),
+                                                                        shape)})
     with torch.no_grad():
         expect = model(input_ids=ids).logits
     before = {n: p.clone() for n, p in model.state_dict().items()}
@@ -284,6 +284,36 @@ def test_frozen_values_moved_to_other_positions_make_extract_diff_raise():
         hf.extract_diff(model)
 
 
+@pytest.mark.parametrize("kind", ["delta", "multi"])
+def test_an_extracted_diff_keeps_its_entries_when_the_layers_move_on(kind):
+    """extract_diff's deltas held the layers' delta_indices buffers themselves: set_support (same K,
+    as drop-and-regrow) or load_state_dict of another checkpoint wrote them in place and moved the
+    entries of a diff extracted before, its values staying the old ones."""
+    model = tiny("bert")
+    if kind == "delta":
+        hf.convert(model, density=0.05)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, SparseDeltaLinear):
+                    m.delta_values.normal_()  # as trained: a moved entry shows
+    else:
+        hf.convert(model, kind="multi", diffs={"de": random_diff(tiny("bert"), 7, 0.1, 1)})
+    snap = hf.extract_diff(model, **({"language": "de"} if kind == "multi" else {}))
+    dense = {n: d.to_dense().clone() for n, d in snap.deltas.items()}
+    other = tiny("bert")
+    if kind == "delta":
+        hf.convert(other, density=0.05)  # another random support of the same size
+        name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear))
+        k = layer.delta_indices.numel()
+        layer.set_support(torch.randperm(layer.weight.numel())[:k].sort().values.to(layer.delta_indices.dtype))
+        assert torch.equal(snap.deltas[f"{name}.weight"].to_dense(), dense[f"{name}.weight"])
+    else:
+        hf.convert(other, kind="multi", diffs={"de": random_diff(tiny("bert"), 7, 0.1, 2)})
+    model.load_state_dict(other.state_dict())
+    for n, d in snap.deltas.items():
+        assert torch.equal(d.to_dense(), dense[n]), n
+
+
 def test_a_tied_head_is_refused_where_it_is_tied():
     model = tiny("gpt2")
     assert hf.tied_parameters(model)["lm_head.weight"] == ["transformer.wte.weight"]
@@ -320,6 +350,34 @@ def test_tied_gpt2_from_models_apply_reproduces_tuned_and_reverts_bit_exactly():
         xlsparse.apply([both], base)
 
 
+@pytest.mark.parametrize("kind", ["delta", "subnetwork"])
+def test_a_diff_applied_to_a_converted_gpt2_lands_in_the_conv1d_layout(kind):
+    """A converted Conv1D stores its weight [out, in]; diffs are in the model's [in, out] layout.
+    A square weight (attn.c_proj) took the diff transposed, silently, and the others raised."""
+    base = tiny("gpt2")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for n, p in tuned.named_parameters():
+            if n.endswith("weight") and p.dim() == 2 and "wte" not in n and "wpe" not in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    diff = xlsparse.SparseDiff.from_models(base, tuned, density=0.2, include=r"\.h\.")
+    square = "transformer.h.0.attn.c_proj.weight"
+    dense = xlsparse.SparseDiff({}, {square: torch.randn_like(base.get_parameter(square)) * 0.05})
+    plain = copy.deepcopy(base)
+    if kind == "delta":
+        hf.convert(base, density=0.05)
+    else:
+        hf.convert(base, kind="subnetwork", masks={"en": {}})
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    ids = batch()
+    with torch.no_grad():
+        for d in (dense, diff):  # the square weight alone first: it went in transposed
+            with xlsparse.apply([d], plain), xlsparse.apply([d], base):
+                torch.testing.assert_close(base(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    for n, p in base.named_parameters():
+        assert torch.equal(_bits(p), _bits(before[n])), n
+
+
 def test_xlmr_body_diff_keeps_the_tied_word_embeddings_under_their_base_name():
     # transformers 5 names XLM-R's tied matrix lm_head.decoder.weight first: a body-only language
     # SFT (composable-sft's: everything under base_model_prefix) lost every word-embedding change.
@@ -347,6 +405,36 @@ def test_disable_runs_the_base_model_and_restores_the_trained_one():
     with hf.disable(model):
         assert torch.equal(_bits(model(input_ids=ids).logits), _bits(base(input_ids=ids).logits))
     assert torch.equal(_bits(model(input_ids=ids).logits), _bits(trained))
+
+
+def test_an_apply_left_in_place_inside_disable_is_reverted_on_exit():
+    """disable's exit restores the trained state under a handle made inside the block; reverting
+    that handle after the block then wrote the base values it displaced over the trained head
+    and weights, silently. The exit now reverts it (changes inside the block are not kept)."""
+    model, head = classifier("bert")
+    ids = batch()
+    hf.convert(model, density=0.2, modules_to_save=[head])
+    _train(model)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logits = model(input_ids=ids).logits
+    w = f"{head}.weight"
+    layer = next(n for n, m in model.named_modules() if isinstance(m, SparseDeltaLinear))
+    diff = xlsparse.SparseDiff({w: xlsparse.SparseDelta(torch.tensor([0, 5]), torch.tensor([0.5, -0.5]), trained[w].shape),
+                                f"{layer}.weight": xlsparse.SparseDelta(torch.tensor([1]), torch.tensor([2.0]),
+                                                                        trained[f"{layer}.weight"].shape)})
+    with hf.disable(model):
+        handle = diff.apply(model)
+    with pytest.raises(RuntimeError, match="already reverted"):
+        handle.revert()
+    for n, p in model.named_parameters():
+        assert torch.equal(_bits(p), _bits(trained[n])), n
+    assert torch.equal(_bits(model(input_ids=ids).logits), _bits(logits))
+    with hf.disable(model), diff.applied(model):  # reverted inside the block: nothing left to do
+        pass
+    with diff.applied(model), hf.disable(model):  # made before the block: stays until its own revert
+        pass
+    for n, p in model.named_parameters():
+        assert torch.equal(_bits(p), _bits(trained[n])), n
 
 
 # --- routing ---

@@ -93,6 +93,9 @@ def test_hand_written_file_loads(tmp_path):
                                             "index_dtype": "torch.int32"}]), **_entries()}, GOOD_DATA, "shape"),
     ("metadata fields missing", {**_meta(deltas=[{"name": "w"}]), **_entries()}, GOOD_DATA, "malformed metadata"),
     ("extra tensor", {**_meta(deltas=[]), **_entries()}, GOOD_DATA, "not described"),
+    ("integer dense entry", {**_meta(deltas=[], dense=[{"name": "b", "shape": [2], "dtype": "torch.int32"}]),
+                             "dense.0": {"dtype": "I32", "shape": [2], "data_offsets": [0, 8]}}, GOOD_DATA[:8],
+     "floating-point"),
 ])
 def test_malformed_files_raise_value_error(tmp_path, name, header, data, match):
     path = str(tmp_path / "d.safetensors")

@@ -24,7 +24,8 @@ from torch import nn
 
 from .. import routing
 from ..distributed import fingerprint
-from ..diff import SparseDelta, SparseDiff, _storage_key, applied_in_place, budget, index_dtype
+from ..diff import (SparseDelta, SparseDiff, _storage_key, _transpose_delta, applied_in_place, applies_since,
+                    apply_serial, budget, index_dtype)
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
@@ -162,14 +163,6 @@ def _to_original_layout(weight: torch.Tensor, bias, transposed: bool) -> nn.Modu
     elif transposed:
         layer.bias = None
     return layer
-
-
-def _transpose_delta(delta, rows: int, cols: int) -> SparseDelta:
-    """A delta of an [rows, cols] tensor re-indexed for its [cols, rows] transpose."""
-    idx = delta.indices.long()
-    flat = (idx % cols) * rows + idx // cols
-    order = torch.argsort(flat)
-    return SparseDelta._trusted(flat[order].to(index_dtype(rows * cols)), delta.values[order], (cols, rows))
 
 
 def _empty_delta(shape) -> SparseDelta:
@@ -754,7 +747,9 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
 
 
 def _delta_of(name: str, layer: SparseDeltaLinear) -> SparseDelta:
-    delta = SparseDelta._trusted(layer.delta_indices, layer.delta_values.detach().clone(), layer.weight.shape)
+    # copies: set_support and load_state_dict write the layer's buffers in place, which must not
+    # move the entries of a diff extracted before
+    delta = SparseDelta._trusted(layer.delta_indices.clone(), layer.delta_values.detach().clone(), layer.weight.shape)
     return _transpose_delta(delta, *layer.weight.shape) if layer.transposed else delta
 
 
@@ -762,7 +757,7 @@ def _language_deltas(model: nn.Module, e: int) -> dict[str, SparseDelta]:
     """The deltas of language (or expert) id e of every MultiDeltaLinear, by parameter name."""
     deltas = {}
     for n, layer in _converted(model, MultiDeltaLinear):
-        d = SparseDelta._trusted(layer.delta_indices[e], layer.delta_values[e].detach().clone(), layer.weight.shape)
+        d = SparseDelta._trusted(layer.delta_indices[e].clone(), layer.delta_values[e].detach().clone(), layer.weight.shape)
         deltas[f"{n}.weight"] = _transpose_delta(d, *layer.weight.shape) if layer.transposed else d
     return deltas
 
@@ -979,7 +974,9 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
 def disable(model: nn.Module):
     """Run the base model inside the block: every delta off, every routed layer base-only, the
     modules to save and the subnetworks' trained entries at their values from `convert`. On exit
-    the trained state returns bit-exactly (changes made inside the block are not kept)."""
+    the trained state returns bit-exactly (changes made inside the block are not kept: an
+    `xlsparse.apply` made inside and still in place is reverted on exit, so that its handle
+    cannot later write the base values it displaced over the trained ones)."""
     rec = _record(model)
     if not rec.lock.acquire(blocking=False):
         raise RuntimeError("disable: the model is disabled already (nested or from another thread)")
@@ -998,11 +995,14 @@ def disable(model: nn.Module):
                 subnets[n].weight.view(-1)[union] = base
         for layer in layers:
             layer.disabled = True
+        start = apply_serial()
         try:
             yield model
         finally:
             for layer in layers:
                 layer.disabled = False
+            for handle in applies_since(start, named.values()):
+                handle.revert()
             with torch.no_grad():
                 for n, value in kept.items():
                     named[n].copy_(value)
