@@ -133,6 +133,20 @@ def test_compose_checks_alphas_before_loading_the_base(alpha, message, tmp_path,
         assert cli.main([*argv, "--no-abs"]) == 0
 
 
+def test_convert_refuses_an_out_in_a_missing_folder_by_name_before_loading(tmp_path, capsys, monkeypatch):
+    # check_output let a missing folder pass; the whole composable-sft file was loaded first and
+    # the save then failed with a bare "[Errno 2] No such file or directory"
+    model = _tiny_bert_dir(tmp_path)
+    _diff(model, 3).save_composable_sft(str(tmp_path / "sft.bin"))
+    loads = []
+    real = xlsparse.SparseDiff.load_composable_sft
+    monkeypatch.setattr(xlsparse.SparseDiff, "load_composable_sft", lambda path: loads.append(path) or real(path))
+    out = tmp_path / "new" / "out.safetensors"
+    assert cli.main(["convert-composable-sft", str(tmp_path / "sft.bin"), str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "OUT" in err and "does not exist" in err and not loads and not (tmp_path / "new").exists()
+
+
 def test_convert_refuses_an_existing_out_and_info_leaves_a_closed_pipe_quietly(tmp_path, capsys):
     import subprocess
     import sys

@@ -440,6 +440,9 @@ def test_merge_apply_and_division_name_bad_operands():
         SparseDiff.merge([d, 3])
     with pytest.raises(ZeroDivisionError, match="nonzero"):
         d / 0
+    for bad in (float("inf"), float("-inf"), float("nan")):  # d / inf was a silent zero diff
+        with pytest.raises(ValueError, match="SparseDiff /: divisor must be finite"):
+            d / bad
     model = _model(0)
     model.register_buffer("counter", torch.zeros(4, dtype=torch.long))
     bad = SparseDiff({"counter": SparseDelta(torch.tensor([1]), torch.ones(1), (4,))})
@@ -617,6 +620,29 @@ def test_revert_refuses_a_model_converted_after_apply():
     model[2].bias.data = model[2].bias.data.clone()  # same dtype and device, another storage
     with pytest.raises(RuntimeError, match="revert: '2.bias' is no longer the storage"):
         handle.revert()
+
+
+def test_revert_refuses_when_the_model_replaced_the_parameter_after_apply():
+    # load_state_dict(assign=True) or hf.merge_and_unload put new Parameters into the model: revert
+    # wrote into the old tensors, reported success and left the diff in the model.
+    diff = SparseDiff({"0.weight": SparseDelta(torch.tensor([0, 5]), torch.ones(2), (9, 17))})
+    model = _model(0)
+    handle = diff.apply(model)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    applied = _params(model)
+    with pytest.raises(RuntimeError, match="revert: the model's '0.weight' is no longer the tensor"):
+        handle.revert()
+    assert not handle.reverted
+    for name, p in model.named_parameters():
+        assert_bit_identical(p.detach(), applied[name], name)
+    # a module that keeps the Parameter (or its storage) still reverts
+    model = _model(0)
+    before = _params(model)
+    handle = diff.apply(model)
+    model[0] = torch.nn.Sequential(model[0])[0]
+    handle.revert()
+    for name, p in model.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
 
 
 def test_revert_out_of_order_refuses_when_a_later_apply_changed_the_same_entries():

@@ -222,6 +222,8 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
     check_output("OUT", args.out, folder=False)
     if os.path.exists(args.out):  # as compose refuses a non-empty --out: never replace a file silently
         raise ValueError(f"OUT {args.out}: exists; remove it first or give a new path")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):  # said before the load, not after it
+        raise ValueError(f"OUT {args.out}: its folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
     diff = SparseDiff.load_composable_sft(src)
     diff.save(args.out)
     print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} nonzeros) to {args.out}")

@@ -219,10 +219,14 @@ class ApplyHandle:
     """What `apply` changed and the values it displaced. `revert()` restores them bit-exactly;
     as a context manager it reverts on exit."""
 
-    def __init__(self, changed, calls, originals):
+    def __init__(self, changed, calls, originals, model=None):
         # The changed tensors themselves (Parameters), by name, beside the detached views written
         # through: model.half() or .to(...) swaps a Parameter's storage, which revert must notice.
         self._changed = [(name, t, _placement(t)) for name, t in changed]
+        # The model too (weakly): a Parameter replaced in it since apply (merge_and_unload,
+        # load_state_dict(assign=True), a swapped module) leaves the old tensor intact, so only
+        # the model can tell that a revert would write into a tensor it no longer holds.
+        self._model = weakref.ref(model) if isinstance(model, torch.nn.Module) else None
         self._calls = calls  # the fused apply_diffs_ calls, one per device, with what each displaced
         self._originals = originals  # (tensor, copy before apply) for dense and absolute entries
         self.reverted = False
@@ -249,6 +253,17 @@ class ApplyHandle:
                                    f"{placement[1]} on {placement[0]}, now {t.dtype} on {t.device}): the model was "
                                    "converted or moved (model.half(), .to(...)) after apply; nothing was reverted. "
                                    "Revert before converting the model")
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            named = _named_tensors(model)
+            for name, t, placement in self._changed:
+                now = named.get(name)
+                if now is None or _placement(now) != placement:
+                    raise RuntimeError(f"revert: the model's {name!r} is no longer the tensor the diff was applied to "
+                                       "(a module or parameter was replaced after apply: merge_and_unload, "
+                                       "load_state_dict(assign=True), ...): reverting would write into the old "
+                                       "tensor and leave the diff in the model; nothing was reverted. Revert before "
+                                       "replacing it")
         with _exclusive([*(t for c in self._calls for t in c.dense), *(t for t, _ in self._originals)], "revert"):
             self._restore()
 
@@ -407,7 +422,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     calls = list(calls.values())
     with _exclusive([*(t for c in calls for t in c.dense), *touched_whole.values()], "apply"), torch.no_grad():
         originals = [(t, t.clone()) for t in touched_whole.values()]
-        handle = ApplyHandle(changed.values(), [], originals)
+        handle = ApplyHandle(changed.values(), [], originals, model)
         try:
             for call in calls:
                 call.run()
@@ -839,6 +854,8 @@ class SparseDiff:
             return NotImplemented
         if scale == 0:
             raise ZeroDivisionError("SparseDiff / 0: the scale must be nonzero")
+        # d / inf would be a silent 0 * d (1 / inf == 0 passes merge's finiteness check)
+        checks.finite("SparseDiff /", divisor=scale)
         return self * (1.0 / scale)
 
     # --- LT-SFT selection ---

@@ -193,6 +193,24 @@ def test_per_token_ids_are_refused_on_an_encoder_decoder_model():
         model(input_ids=ids, decoder_input_ids=ids[:, :4])
 
 
+def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first():
+    # nn.TransformerEncoderLayer defaults to batch_first=False: its linear layers see [S, B, H], and
+    # with S == B per-example ids were taken as sequence positions, silently
+    for kind, arg in (("multi", {"diffs": {"de": xlsparse.SparseDiff({}), "fr": xlsparse.SparseDiff({})}}),
+                      ("subnetwork", {"masks": {"de": {}}})):
+        layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)  # batch_first=False
+        model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        with pytest.raises(ValueError, match="batch_first=False"):
+            hf.convert(model, kind=kind, **arg)
+        assert not hasattr(model, "xlsparse_config")
+    model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), 1,
+                                        enable_nested_tensor=False)
+    hf.convert(model, kind="multi", diffs={"de": xlsparse.SparseDiff({})})  # batch-first: fine
+    model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16), 1,
+                                        enable_nested_tensor=False)
+    hf.convert(model, density=0.1)  # a delta is not routed: fine
+
+
 @pytest.mark.parametrize("targets", [None, ["out_proj"]])
 def test_the_out_proj_of_multihead_attention_is_never_converted(targets):
     # nn.MultiheadAttention multiplies by out_proj.weight itself and never calls out_proj

@@ -358,6 +358,30 @@ def _subnetwork_layer(linear, original, transposed, pname, masks):
     return SubnetworkLinear.from_linear(linear, masks=per_lang)
 
 
+def _refuse_unroutable(model: nn.Module, kind: str, names: list, modules: dict) -> None:
+    """Routed kinds take row t of a layer's 2-D input as token t of the batch (example t // S).
+    Refuse layers whose input rows are not that: ids would reach the wrong rows, silently when the
+    shapes happen to fit."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in _SEQUENCE_FIRST:
+        raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
+                         f"{model_type} runs its layers sequence-first ([S, B, H]): ids would reach the wrong rows")
+    # torch's own transformer layers are sequence-first unless batch_first=True (their default is False)
+    seq_first = [n for n in names for a, m in modules.items()
+                 if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+                 and n.startswith(a + ".") and not m.self_attn.batch_first]
+    if seq_first:
+        raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, "
+                         f"but {seq_first[:3]} sit in nn.Transformer*Layer modules built with batch_first=False, "
+                         "which see [S, B, H]: ids would reach the wrong rows; build them with batch_first=True")
+    in_experts = [n for n in names if re.search(r"(^|\.)experts(\.|$)", n)]
+    if in_experts:
+        raise ValueError(f"convert: kind={kind!r} cannot route {in_experts[:2]}{' ...' if len(in_experts) > 2 else ''}: "
+                         "a mixture-of-experts expert runs on the tokens its router picked, flattened and in the "
+                         "router's order, so per-token ids would reach the wrong tokens. Leave the experts out of "
+                         "target_modules, or use kind='delta'")
+
+
 def convert(model: nn.Module, target_modules=None, density: float | None = None, k: int | None = None,
             kind: str = "delta", diffs=None, masks=None, modules_to_save=None, *, keep_tied=()) -> nn.Module:
     """Replace the target linear layers of `model` in place, freeze everything else, and return it.
@@ -388,19 +412,10 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         raise ValueError(f"convert: kind must be one of {KINDS}, got {kind!r}")
     if getattr(model, "xlsparse_config", None) is not None:
         raise ValueError("convert: the model is converted already; merge_and_unload it first or start from the base")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if kind != "delta" and model_type in _SEQUENCE_FIRST:
-        raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
-                         f"{model_type} runs its layers sequence-first ([S, B, H]): ids would reach the wrong rows")
     names = target_names(model, target_modules)
-    if kind != "delta":
-        in_experts = [n for n in names if re.search(r"(^|\.)experts(\.|$)", n)]
-        if in_experts:
-            raise ValueError(f"convert: kind={kind!r} cannot route {in_experts[:2]}{' ...' if len(in_experts) > 2 else ''}: "
-                             "a mixture-of-experts expert runs on the tokens its router picked, flattened and in the "
-                             "router's order, so per-token ids would reach the wrong tokens. Leave the experts out of "
-                             "target_modules, or use kind='delta'")
     modules = dict(model.named_modules())
+    if kind != "delta":
+        _refuse_unroutable(model, kind, names, modules)
     budgets = None
     if kind == "delta":
         if isinstance(diffs, SparseDiff):
