@@ -301,6 +301,18 @@ def test_topk_masks_bad_input(backend, use_backend):
         topk_masks([torch.randn(3), torch.randn(2).double()], 2)
 
 
+def test_topk_mask_refuses_an_integer_or_bool_tensor_beside_a_float_one():
+    """Mixed *float* dtypes are promoted; an int or bool tensor raises TypeError as it does alone
+    (it was promoted too: int64 above 2^24 rounded to float32, so 2^25 + 1 lost to 2^25)."""
+    from xlsparse import functional
+
+    for other in (torch.tensor([2**25, 2**25 + 1]), torch.tensor([True, False])):
+        with pytest.raises(TypeError, match=r"tensors\[1\] must be floating point"):
+            functional.topk_mask([torch.tensor([0.0]), other], 1)
+    masks = functional.topk_mask([torch.tensor([1.0009765625], dtype=torch.float16), torch.tensor([1.0], dtype=torch.bfloat16)], 1)
+    assert [m.tolist() for m in masks] == [[True], [False]]
+
+
 # --- opcheck and torch.compile of the new ops ---
 
 @needs_ext

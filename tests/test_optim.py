@@ -343,6 +343,26 @@ def test_amp_found_inf_skips_and_grad_scale_unscales(backend, use_backend):
         torch.testing.assert_close(a.detach(), b.detach())
 
 
+def test_decay_the_base_follows_a_step_grad_scaler_skipped():
+    """MaskedAdamW on Δ plus the decay_the_base_ hook is AdamW on θ = θ0 + Δ: a step GradScaler
+    skips (an inf gradient) changes neither (the hook decayed θ0's share anyway)."""
+    from xlsparse.optim import decay_the_base_
+
+    theta0 = torch.tensor([1.0, -2.0, 4.0])
+    delta = torch.zeros(3, requires_grad=True)
+    opt = MaskedAdamW([delta], [None], lr=0.1, weight_decay=0.5, mode="compact")
+    opt.register_step_post_hook(lambda o, *a: decay_the_base_(o, {delta: theta0}))
+    theta = theta0.clone().requires_grad_()
+    topt = torch.optim.AdamW([theta], lr=0.1, weight_decay=0.5)
+    for grad in ([1.0, float("inf"), 1.0], [1.0, -3.0, 0.5]):  # skipped, then taken
+        for p, o in ((delta, opt), (theta, topt)):
+            scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1000)
+            scaler.scale(torch.ones(()))
+            p.grad = torch.tensor(grad) * 4.0
+            scaler.step(o)
+        torch.testing.assert_close(theta0 + delta.detach(), theta.detach())
+
+
 def test_grad_scaler_drives_the_optimizer():
     model = torch.nn.Linear(8, 4)
     mask = torch.rand(4, 8, generator=seeded(19)) < 0.5

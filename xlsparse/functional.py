@@ -16,6 +16,8 @@ def topk_mask(tensors: list, k: int) -> list[torch.Tensor]:
     gradient. NaN raises ValueError; k outside [0, total] raises ValueError.
     """
     tensors = [t.detach() for t in tensors]
+    for i, t in enumerate(tensors):  # before any promotion: an int or bool tensor would become float silently
+        _checks.float_dtype("topk_mask", f"tensors[{i}]", t)
     if len({t.dtype for t in tensors}) > 1:
         wide = tensors[0].dtype
         for t in tensors:

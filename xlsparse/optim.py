@@ -507,7 +507,12 @@ def decay_the_base_(optimizer: torch.optim.Optimizer, anchors: dict) -> None:
     """The part of AdamW's decoupled weight decay that an optimizer over a delta alone misses: it
     decays Δ, while AdamW on the weights θ = θ0 + Δ decays θ. Subtracts lr·wd·θ0 from each Δ
     parameter in `anchors` ({Δ: θ0 at Δ's entries}) that stepped. Call after each step (as a
-    step post hook)."""
+    step post hook). A step that GradScaler skipped (its `found_inf`, still set on the optimizer
+    while the post hooks run) decays nothing, as AdamW on θ then changes nothing (one host read
+    of found_inf, and only under GradScaler)."""
+    found_inf = getattr(optimizer, "found_inf", None)
+    if found_inf is not None and float(found_inf) != 0:
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p in anchors and p.grad is not None and group["weight_decay"] > 0:
