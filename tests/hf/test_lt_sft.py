@@ -985,3 +985,24 @@ def test_reselection_sums_a_bf16_model_s_gradients_in_float32():
     got = tap.grads["w"]
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_the_l1_term_is_scaled_like_the_gradients_under_a_grad_scaler(tmp_path):
+    # fp16's GradScaler scales the loss's gradients until the optimizer unscales them: an L1
+    # gradient added unscaled (as composable-sft's reg_loss.backward()) shrank by the loss scale,
+    # and a strong L1 no longer shaped the selection. A power-of-two scale changes nothing at all.
+    def run(scale, out):
+        sft_args = SftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=3,
+                                sparse_ft_max_steps_per_iteration=3, full_l1_reg=50.0, sparse_l1_reg=50.0)
+        trainer = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), args=_args(out), sft_args=sft_args,
+                                               train_dataset=_LMData(n=8))
+        if scale is not None:  # what Trainer(fp16=True) gets from accelerate on a GPU
+            trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=10**6)
+        trainer.train()
+        return trainer.sft
+
+    plain, scaled = run(None, tmp_path / "a"), run(2.0 ** 14, tmp_path / "b")
+    assert set(plain.deltas) == set(scaled.deltas)
+    for n, d in plain.deltas.items():
+        assert torch.equal(d.indices, scaled.deltas[n].indices), n
+        assert torch.equal(d.values, scaled.deltas[n].values), n

@@ -646,11 +646,15 @@ class LotteryTicketSparseFineTuner(Trainer):
         """Add the L1 term's gradient, c·sign(θ − θ0) with c = λ·G / N, straight into the
         gradients (what composable-sft's `reg_loss.backward()` adds, sign(0) = 0 included) and
         return the term's value. No autograd pass: under DDP the term is the same on every rank
-        and needs no all-reduce."""
+        and needs no all-reduce. Under fp16's GradScaler the gradients are still scaled here, so
+        the term is scaled alike (composable-sft's unscaled `reg_loss.backward()` shrank it by
+        the loss scale, 2^16 at first)."""
         lam = self.sft_args.full_l1_reg if self._phase == "full" else self.sft_args.sparse_l1_reg
         if lam == 0:
             return None
         coef = lam * self.args.gradient_accumulation_steps / self.num_params
+        scaler = getattr(self.accelerator, "scaler", None)
+        loss_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
         values = self._delta_values()
         total = 0.0
         for name, p in self._trainable().items():
@@ -663,7 +667,7 @@ class LotteryTicketSparseFineTuner(Trainer):
             else:
                 continue
             total += float(distance.abs().sum())
-            step = distance.sign().mul_(coef).to(p.dtype)
+            step = distance.sign().mul_(coef * loss_scale).to(p.dtype)
             if p.grad is None:
                 p.grad = step
             else:
