@@ -971,7 +971,8 @@ def test_reselection_sums_a_bf16_model_s_gradients_in_float32():
     layer = SparseDeltaLinear.from_linear(torch.nn.Linear(16, 8).to(torch.bfloat16), k=10)
     sft_args = DynamicSftArguments(ft_params_num=10, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=9,
                                    reselection_steps=4, selection_accumulation_steps=4)
-    trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)]}, sft_args=sft_args)
+    trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)]}, sft_args=sft_args,
+                              _loss_scale=lambda: None)
     tap = _Reselection(trainer)
     tap.on_step_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
     expect = torch.zeros(8, 16, dtype=torch.float64)
@@ -1006,3 +1007,38 @@ def test_the_l1_term_is_scaled_like_the_gradients_under_a_grad_scaler(tmp_path):
     for n, d in plain.deltas.items():
         assert torch.equal(d.indices, scaled.deltas[n].indices), n
         assert torch.equal(d.values, scaled.deltas[n].values), n
+
+
+def test_reselection_unscales_gradients_under_a_grad_scaler_and_skips_overflowed_steps():
+    # under fp16's GradScaler dY arrives multiplied by the loss scale, and an overflowed step's dY
+    # holds infs: summed as they came, the scale weighed steps unevenly and an inf topped regrowth
+    from types import SimpleNamespace
+
+    from xlsparse.hf.lt_sft import _Reselection
+
+    gen = torch.Generator().manual_seed(1)
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(16, 8), k=10)
+    embedding = SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(20, 8, padding_idx=0), k=10)
+    sft_args = DynamicSftArguments(ft_params_num=10, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=9,
+                                   reselection_steps=4, selection_accumulation_steps=4)
+    scale = [1.0]
+    trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)], "e": [(None, None, embedding)]},
+                              sft_args=sft_args, _loss_scale=lambda: scale[0])
+    tap = _Reselection(trainer)
+    tap.on_step_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
+    want_w, want_e = torch.zeros(8, 16, dtype=torch.float64), torch.zeros(20, 8, dtype=torch.float64)
+    for s, overflow in ((1024.0, False), (2048.0, True), (512.0, False)):
+        scale[0] = s
+        x, ids = torch.randn(5, 16, generator=gen), torch.randint(0, 20, (5,), generator=gen)
+        dy = torch.randn(5, 8, generator=gen)
+        if overflow:
+            dy[0, 0] = float("inf")
+        layer(x).backward(dy * s)
+        embedding(ids).backward(dy * s)
+        if not overflow:
+            want_w += dy.double().t() @ x.double()
+            want_e.index_add_(0, ids, dy.double() * (ids != 0).double().unsqueeze(1))
+    for h in tap.hooks:
+        h.remove()
+    torch.testing.assert_close(tap.grads["w"].double(), want_w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tap.grads["e"].double(), want_e, rtol=1e-5, atol=1e-5)

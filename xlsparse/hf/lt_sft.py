@@ -194,7 +194,7 @@ class _Reselection(TrainerCallback):
                 acc = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
                 self.grads[name] = acc
                 for _, _, layer in layers:
-                    self.hooks.append(layer.register_forward_hook(_gradient_tap(acc)))
+                    self.hooks.append(layer.register_forward_hook(_gradient_tap(acc, t._loss_scale)))
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
@@ -211,23 +211,30 @@ class _Reselection(TrainerCallback):
             self.grads = {}
 
 
-def _gradient_tap(acc: torch.Tensor):
-    """A forward hook that adds the layer's dense weight gradient of this backward into `acc`."""
+def _gradient_tap(acc: torch.Tensor, loss_scale):
+    """A forward hook that adds the layer's dense weight gradient of this backward into `acc`.
+    Under fp16's GradScaler (`loss_scale()` not None) dY is scaled: it is added unscaled, and a
+    non-finite dY (a step the scaler skips) adds nothing, or an inf would top the regrowth."""
     def hook(layer, inputs, output):
         x = inputs[0]
         if not output.requires_grad:
             return
 
         def on_grad(dy):
+            scale = loss_scale()
+            if scale is not None and not bool(torch.isfinite(dy).all()):
+                return
+            alpha = 1.0 if scale is None else 1.0 / scale
             with torch.no_grad():
                 if isinstance(layer, SparseDeltaEmbedding):
                     ids = x.reshape(-1)
                     rows = dy.reshape(-1, acc.shape[1])
                     if layer.padding_idx is not None:
                         rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
-                    acc.index_add_(0, ids, rows.to(acc.dtype))
+                    acc.index_add_(0, ids, rows.to(acc.dtype), alpha=alpha)
                 else:  # one GEMM with β = 1 in acc's dtype: no per-step O x I product
-                    acc.addmm_(dy.reshape(-1, acc.shape[0]).t().to(acc.dtype), x.reshape(-1, acc.shape[1]).to(acc.dtype))
+                    acc.addmm_(dy.reshape(-1, acc.shape[0]).t().to(acc.dtype), x.reshape(-1, acc.shape[1]).to(acc.dtype),
+                               alpha=alpha)
         output.register_hook(on_grad)
     return hook
 
@@ -642,6 +649,12 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     # --- the L1 term, logging, multi-source batches ---
     @torch.no_grad()
+    def _loss_scale(self) -> float | None:
+        """fp16 GradScaler's current scale, by which the gradients are multiplied until the
+        optimizer step; None without one."""
+        scaler = getattr(self.accelerator, "scaler", None)
+        return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
     def _add_l1_gradient(self) -> float | None:
         """Add the L1 term's gradient, c·sign(θ − θ0) with c = λ·G / N, straight into the
         gradients (what composable-sft's `reg_loss.backward()` adds, sign(0) = 0 included) and
@@ -653,8 +666,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         if lam == 0:
             return None
         coef = lam * self.args.gradient_accumulation_steps / self.num_params
-        scaler = getattr(self.accelerator, "scaler", None)
-        loss_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else 1.0
+        loss_scale = self._loss_scale() or 1.0
         values = self._delta_values()
         total = 0.0
         for name, p in self._trainable().items():
