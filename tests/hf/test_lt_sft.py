@@ -1042,3 +1042,149 @@ def test_reselection_unscales_gradients_under_a_grad_scaler_and_skips_overflowed
         h.remove()
     torch.testing.assert_close(tap.grads["w"].double(), want_w, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tap.grads["e"].double(), want_e, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_weight_the_model_reads_itself_is_not_converted(tmp_path, legacy):
+    """DeBERTa-v2 reads `rel_embeddings.weight` (and, legacy=False, its MLM head reads
+    `word_embeddings.weight`) without calling the module: as a SparseDeltaEmbedding's frozen base
+    that read saw θ0, the selected entries never trained, and phase 2 computed something other
+    than θ0 + SFT."""
+    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=48, max_position_embeddings=32, relative_attention=True,
+                                       position_buckets=8, pos_att_type=["p2c", "c2p"], max_relative_positions=16,
+                                       legacy=legacy)
+    torch.manual_seed(0)
+    model = _no_dropout(transformers.DebertaV2ForMaskedLM(cfg))
+    theta0 = copy.deepcopy(model)
+    x = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    gaps = []
+
+    class _Check(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer._phase == "sparse" and trainer._converted:
+                with torch.no_grad():
+                    got = trainer.model.eval()(input_ids=x).logits
+                    trainer.model.train()
+                    ref = copy.deepcopy(theta0)
+                    with trainer.current_sft().applied(ref):
+                        gaps.append(float((got - ref(input_ids=x).logits).abs().max()))
+
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path), train_dataset=_LMData(),
+        maskable_params=[n for n, _ in model.named_parameters() if n.startswith("deberta.")],
+        sft_args=SftArguments(ft_params_proportion=0.3, full_ft_max_steps_per_iteration=3,
+                              sparse_ft_max_steps_per_iteration=3))
+    trainer.add_callback(_Check())
+    trainer.train()
+    rel = trainer.sft.deltas["deberta.encoder.rel_embeddings.weight"]
+    assert rel.nnz and rel.values.abs().max() > 0  # the selected entries trained
+    assert len(gaps) == 3 and max(gaps) < 1e-5  # the model in training is θ0 + its SFT
+
+
+def test_a_matrix_an_embedding_subclass_shares_with_the_head_trains_as_one(tmp_path):
+    """XGLM's word embedding (an nn.Embedding subclass that scales its output) is tied to its
+    nn.Linear head: converting the head alone made the shared matrix a frozen θ0 that the
+    embedding kept reading, so phase 2 trained a model other than θ0 + its SFT."""
+    model = _no_dropout(tiny("xglm"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    theta0 = copy.deepcopy(model)
+    x = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
+    gaps = []
+
+    class _Check(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer._phase == "sparse":
+                with torch.no_grad():
+                    got = trainer.model.eval()(input_ids=x).logits
+                    trainer.model.train()
+                    ref = copy.deepcopy(theta0)
+                    with trainer.current_sft().applied(ref):
+                        gaps.append(float((got - ref(input_ids=x).logits).abs().max()))
+
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_proportion=0.2, full_ft_max_steps_per_iteration=3,
+                              sparse_ft_max_steps_per_iteration=3))
+    trainer.add_callback(_Check())
+    trainer.train()
+    assert trainer.sft.deltas["model.embed_tokens.weight"].nnz
+    assert len(gaps) == 3 and max(gaps) < 1e-5  # the model in training is θ0 + its SFT
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adafactor", "rmsprop", "adagrad"])
+def test_an_optimizer_the_sparse_phase_cannot_run_is_refused(tmp_path, optim):
+    # the full phase ran it and the sparse phase silently ran AdamW instead
+    steps = dict(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    with pytest.raises(ValueError, match=f"optim = '{optim}'"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, optim=optim), train_dataset=_LMData(),
+                                     sft_args=SftArguments(**steps))
+    with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+                                     optimizer_cls_and_kwargs=(torch.optim.SGD, {}), sft_args=SftArguments(**steps))
+    LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, optim="adamw_torch_fused"),
+                                 train_dataset=_LMData(), sft_args=SftArguments(**steps))
+
+
+def test_freeze_head_freezes_the_lm_head_of_a_model_without_its_prefix_attribute(tmp_path):
+    # (m)T5's base_model_prefix "transformer" is no attribute: freeze_head froze nothing
+    torch.manual_seed(0)
+    model = transformers.MT5ForConditionalGeneration(transformers.MT5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2, tie_word_embeddings=False))
+    t = _trainer(tmp_path, model, freeze_head=True)
+    assert not model.lm_head.weight.requires_grad and "lm_head.weight" not in t._theta0
+    assert model.shared.weight.requires_grad
+    with pytest.raises(ValueError, match="freeze_head"):  # a bare encoder names no head
+        _trainer(tmp_path, transformers.BertModel(tiny("bert").config), freeze_head=True)
+
+
+def test_a_second_train_call_is_refused_rather_than_exceeding_k(tmp_path):
+    # the first run's masks counted as selected: the second SFT held 2K entries
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    trainer.train()
+    assert trainer.sft.nnz == 300
+    with pytest.raises(ValueError, match="ran already"):
+        trainer.train()
+    assert trainer.sft.nnz == 300
+
+
+@pytest.mark.parametrize("rounds", [1, 2])
+def test_a_dynamic_phase_stopped_inside_a_window_leaves_no_taps(tmp_path, rounds):
+    # the taps stayed in the hook dicts the original modules got back: a later backward raised
+    class _StopEarly(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer._phase == "sparse" and state.global_step == 1:
+                control.should_training_stop = True
+
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(), callbacks=[_StopEarly()],
+        sft_args=DynamicSftArguments(ft_params_num=300, n_ft_iterations=rounds, full_ft_max_steps_per_iteration=2,
+                                     sparse_ft_max_steps_per_iteration=4, reselection_steps=2,
+                                     selection_accumulation_steps=2, drop_fraction=0.5))
+    trainer.train()
+    assert not trainer._reselection.hooks and not trainer._reselection.grads
+    model = trainer.model.train()
+    model(input_ids=_LMData().ids[:2], labels=_LMData().ids[:2]).loss.backward()
+
+
+def test_dynamic_reselection_trains_under_bf16_autocast(tmp_path):
+    # the tap multiplied the bf16 output gradient by the float32 input: a dtype error
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path, bf16=True), train_dataset=_LMData(),
+        sft_args=DynamicSftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
+                                     sparse_ft_max_steps_per_iteration=4, reselection_steps=2,
+                                     selection_accumulation_steps=1, drop_fraction=0.5))
+    before = {}
+
+    class _Supports(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if trainer._phase == "sparse" and state.global_step == 0:
+                before.update({n: trainer._masks[n].clone() for n in trainer._converted if n in trainer._masks})
+
+    trainer.add_callback(_Supports())
+    trainer.train()
+    assert trainer.sft.nnz == 300
+    assert before and any(not torch.equal(before[n], trainer.sft.deltas[n].indices) for n in before)  # reselected

@@ -28,7 +28,8 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   `apply_reg_to_sparse_only`). In sparse phases the gradient is then masked, so only selected
   entries and heads feel it. Its running mean is logged as `l1_reg_loss`.
 - `freeze_head`: the output embeddings get their own copy of the (tied) input embeddings and
-  every parameter outside the base model is frozen; the input embeddings stay trainable.
+  every parameter outside the base model is frozen (the output embeddings, when the model has no
+  attribute named by its `base_model_prefix`, as (m)T5; with neither it raises); the input embeddings stay trainable.
   `untie_embeddings`: the output embeddings get their own trainable copy (a head, so stored
   whole). `freeze_decoder`: the output embeddings get their own frozen copy.
   `freeze_embeddings`: the input word embeddings are frozen. The SFT itself does not untie
@@ -48,7 +49,10 @@ unselected entry; its scripts use weight decay 0). The sparse phase keeps O(K) t
 selected linear layers become `SparseDeltaLinear` and embeddings `SparseDeltaEmbedding`, whose
 backward never builds a dense gradient (but for a bfloat16 matrix with 15% of its entries selected
 or more, on a CPU: one dense dYᵀX and a gather is faster there); other maskable parameters (biases, norms) train through
-compact `MaskedAdamW` (so do GPT-2's `Conv1D` weights, which are not converted). At the end the
+compact `MaskedAdamW` (so do GPT-2's `Conv1D` weights, which are not converted, a matrix that
+another kind of module holds too, as XGLM's scaled word embedding shares its Linear head's, and a
+weight the model reads itself outside its module's call, as DeBERTa reads `rel_embeddings.weight`:
+one forward of a training batch, before phase 2, finds them). At the end the
 deltas fold back into the model's own parameters. Weight decay stays AdamW's on θ = θ0 + Δ (a
 post-step term adds the −lr·wd·θ0 the optimizer of Δ alone would miss). Runs under DDP (the L1
 gradient is added to the gradients directly, the same on every rank). Phase 2's layers and
@@ -196,6 +200,13 @@ class _Reselection(TrainerCallback):
                 for _, _, layer in layers:
                     self.hooks.append(layer.register_forward_hook(_gradient_tap(acc, t._loss_scale)))
 
+    def clear(self) -> None:
+        """Remove the taps and drop the accumulated gradients (the end of a sparse phase, however
+        it ended: the taps sit in hook dicts that the original modules get back)."""
+        for h in self.hooks:
+            h.remove()
+        self.hooks, self.grads = [], {}
+
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
         if not self.hooks:
@@ -278,6 +289,10 @@ def training_length(min_steps: int | None, max_steps: int | None, max_epochs: fl
     return steps
 
 
+_ADAMW_OPTIMS = frozenset({"adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused"})
+"""`TrainingArguments.optim` values whose math is torch's AdamW, the sparse phase's MaskedAdamW."""
+
+
 class _StepBegin(TrainerCallback):
     """Tells the trainer that an optimizer step begins (the L1 term is added once per step)."""
 
@@ -311,6 +326,16 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.sft_args = sft_args or SftArguments()
         if not isinstance(self.sft_args, SftArguments):
             raise TypeError(f"sft_args must be an SftArguments, got {type(self.sft_args).__name__}")
+        # The sparse phase always steps with compact MaskedAdamW (AdamW's math with args' lr, betas,
+        # eps, weight decay): any other optimizer would run in the full phase only
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if optim not in _ADAMW_OPTIMS:
+            raise ValueError(f"TrainingArguments.optim = {optim!r}: LotteryTicketSparseFineTuner's sparse phase trains with "
+                             f"AdamW (compact MaskedAdamW); use one of {sorted(_ADAMW_OPTIMS)}")
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None or self.optimizer is not None:
+            raise ValueError("LotteryTicketSparseFineTuner builds each phase's optimizer itself (AdamW from the "
+                             "TrainingArguments; compact MaskedAdamW in sparse phases): `optimizers` and "
+                             "`optimizer_cls_and_kwargs` would be ignored")
         self.sft: SparseDiff | None = None
         self._sft_at_end: SparseDiff | None = None  # the last sparse phase's deltas, until the model trains again
         self._phase = "full"
@@ -349,8 +374,9 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._masks: dict[str, torch.Tensor] = {}  # name: sorted flat indices selected so far
         self._l1_pending, self._l1_sum, self._l1_steps = False, 0.0, 0
         self.add_callback(_StepBegin(self))
-        if isinstance(self.sft_args, DynamicSftArguments):
-            self.add_callback(_Reselection(self))
+        self._reselection = _Reselection(self) if isinstance(self.sft_args, DynamicSftArguments) else None
+        if self._reselection is not None:
+            self.add_callback(self._reselection)
         if source_sfts is not None and (not isinstance(source_sfts, dict)
                                         or not all(isinstance(d, SparseDiff) for d in source_sfts.values())):
             raise TypeError("source_sfts must be a dict {source: SparseDiff}")
@@ -388,6 +414,12 @@ class LotteryTicketSparseFineTuner(Trainer):
                 for p in model.parameters():
                     if id(p) not in body:
                         p.requires_grad_(False)
+            elif out is not None:  # no body under the prefix ((m)T5's "transformer"): the LM head is the output embeddings
+                for p in out.parameters():
+                    p.requires_grad_(False)
+            else:
+                raise ValueError(f"SftArguments.freeze_head: the model has no base model under base_model_prefix "
+                                 f"{prefix!r} and no output embeddings: it names no head to freeze")
         if a.freeze_decoder:
             out.weight.requires_grad_(False)
         if a.freeze_embeddings:
@@ -416,6 +448,9 @@ class LotteryTicketSparseFineTuner(Trainer):
         runs any later rounds). Full-phase checkpoints cannot be resumed (the round's selection
         would need the whole phase). With `DynamicSftArguments` a checkpoint inside a gradient
         accumulation window loses the gradients accumulated before it."""
+        if self._masks and resume_from_checkpoint is None:  # composable-sft clears its masks here; kept, they would add K more entries
+            raise ValueError("LotteryTicketSparseFineTuner.train() ran already (its masks and θ0 are that run's): "
+                             "build a new trainer on the base model to train another SFT")
         n = self.sft_args.n_ft_iterations
         root = self.args.output_dir
         result, first = None, 0
@@ -456,15 +491,17 @@ class LotteryTicketSparseFineTuner(Trainer):
             it = int(found.group(1))
         sft = SparseDiff.load(os.path.join(checkpoint, SFT_FILE))
         weights = _load_weights(checkpoint)
+        masks = {}  # the checkpoint's alone: a run before this one must not leave its own
         with torch.no_grad():
             for name, p in self._trainable().items():
                 if name in sft.deltas:
-                    self._masks[name] = sft.deltas[name].indices.to(p.device)
+                    masks[name] = sft.deltas[name].indices.to(p.device)
                 key = next((a for a in _aliases(self.model, p) if a in weights), None)
                 if key is not None:  # exact values of biases, norms and heads
                     p.copy_(weights[key])
                 elif name not in sft.deltas:
                     raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no value for {name!r}")
+        self._masks = masks
         return it, sft.deltas
 
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
@@ -497,6 +534,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             if phase == "sparse":
+                if self._reselection is not None:  # a phase stopped early inside a window: its taps go
+                    self._reselection.clear()
                 self._sft_at_end = self.current_sft()  # the trained deltas themselves, before folding rounds them
                 self._fold()
 
@@ -525,14 +564,25 @@ class LotteryTicketSparseFineTuner(Trainer):
         (frozen meanwhile) and bias."""
         params = self._params()
         modules = dict(self.model.named_modules())
-        owners = {}
+        owners, held_otherwise = {}, set()
         for mname, module in modules.items():
-            if type(module) in (nn.Linear, nn.Embedding):  # exactly: a subclass may compute something else
-                owners.setdefault(id(module.weight), []).append((mname, module))
+            for pname, q in module._parameters.items():
+                if q is None:
+                    continue
+                if pname == "weight" and type(module) in (nn.Linear, nn.Embedding):  # exactly: a subclass may compute something else
+                    owners.setdefault(id(q), []).append((mname, module))
+                else:  # another module holds it (XGLM's scaled embedding tied to its Linear head): it would read θ0
+                    held_otherwise.add(id(q))
         self._converted = {}
+        read_directly = self._weights_read_directly([mod for found in owners.values() for _, mod in found])
         for name in self.maskable:
             p = params[name]
             found = owners.get(id(p), [])
+            if id(p) in held_otherwise or any(id(mod) in read_directly for _, mod in found):
+                # another kind of module holds it too (XGLM's scaled embedding tied to its Linear
+                # head), or the model reads `.weight` itself (DeBERTa's rel_embeddings): either
+                # would read θ0 without Δ; the compact optimizer trains it
+                continue
             embeddings = [(m, mod) for m, mod in found if isinstance(mod, nn.Embedding)]
             linears = [(m, mod) for m, mod in found if isinstance(mod, nn.Linear)]
             if len(embeddings) + len(linears) != len(found) or not found or len(embeddings) > 1 \
@@ -563,6 +613,51 @@ class LotteryTicketSparseFineTuner(Trainer):
                 _swap_module(self.model, mname, layer, mod)
                 layers.append((mname, mod, layer))
             self._converted[name] = layers
+
+    def _weights_read_directly(self, modules: list) -> set:
+        """ids of the modules among `modules` whose `.weight` one forward of a training batch reads
+        outside the module's own call (DeBERTa reads `rel_embeddings.weight`, and its MLM head
+        `word_embeddings.weight`). Such a weight must not become a SparseDelta layer's frozen base:
+        that read would see θ0 without Δ, and Δ would get no gradient from it. The forward runs
+        in eval mode without gradients on a fork of the RNG, so training sees the same random
+        numbers and the same buffers."""
+        if not modules or self.train_dataset is None:
+            return set()
+        seen, inside = set(), set()
+        originals, hooks = {}, []
+
+        def probe_class(cls):
+            class _Probe(cls):
+                def __getattr__(self, attr):
+                    if attr == "weight" and id(self) not in inside:
+                        seen.add(id(self))
+                    return super().__getattr__(attr)
+            return _Probe
+
+        classes = {}
+        try:
+            for mod in modules:
+                originals[mod] = type(mod)
+                mod.__class__ = classes.setdefault(type(mod), probe_class(type(mod)))
+                hooks.append(mod.register_forward_pre_hook(lambda m, args: inside.add(id(m))))
+                hooks.append(mod.register_forward_hook(lambda m, args, out: inside.discard(id(m))))
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                inputs = next(iter(self.get_train_dataloader()))
+                if isinstance(inputs, dict):
+                    inputs.pop(SOURCE_KEY, None)
+                seen.clear()  # only the forward's reads count
+                was_training = self.model.training
+                self.model.eval()  # no running statistics change
+                try:
+                    self.model(**self._prepare_inputs(inputs))
+                finally:
+                    self.model.train(was_training)
+        finally:
+            for h in hooks:
+                h.remove()
+            for mod, cls in originals.items():
+                mod.__class__ = cls
+        return seen
 
     def _fold(self) -> None:
         """Fold the deltas into the model's own parameters and put the original modules back."""
