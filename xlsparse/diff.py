@@ -458,16 +458,21 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     return handle
 
 
+class ConvertedLayer:
+    """What xlsparse's converted layers (xlsparse.nn) share with `apply`: `transposed` is True
+    when the layer replaced a GPT-2 Conv1D and stores its [in, out] weight as [out, in], while
+    diffs keep the model's own layout."""
+
+    transposed = False
+
+
 def _transposed_weights(model) -> set:
     """Names of the weights of converted GPT-2 Conv1D layers (`xlsparse.hf.convert`), which store
     [out, in] while the model's own layout, that of its diffs, is Conv1D's [in, out]."""
     if not isinstance(model, torch.nn.Module):
         return set()
-    from .nn import MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
-
-    kinds = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
     return {f"{n}.weight" if n else "weight" for n, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, kinds) and m.transposed}
+            if isinstance(m, ConvertedLayer) and m.transposed}
 
 
 def _transpose_delta(delta, rows: int, cols: int) -> "SparseDelta":

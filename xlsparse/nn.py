@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import functional, routing
-from .diff import EntryWrite, budget, index_dtype
+from .diff import ConvertedLayer, EntryWrite, budget, index_dtype
 from .ops import checks as op_checks
 from .ops import optim as optim_ops
 from .ops.matmul import restore_entries_, write_delta_
@@ -52,7 +52,7 @@ class _DeltaView:
         return self.delta_values
 
 
-class SparseDeltaLinear(_DeltaView, nn.Module):
+class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
     """y = x (W0 + Δ)ᵀ + b with a frozen base `weight` W0, a `delta_indices` buffer [K] and a
     trainable `delta_values` parameter [K] (zero at creation, so a fresh layer computes exactly
     what the original linear did).
@@ -220,7 +220,7 @@ def _unrouted(layer: nn.Module) -> None:
         "torch's checkpoint)")
 
 
-class MultiDeltaLinear(nn.Module):
+class MultiDeltaLinear(ConvertedLayer, nn.Module):
     """y_t = x_t W0ᵀ + b + Σ_e g_{t,e} x_t Δ_eᵀ: one frozen base and one sparse delta per
     language or expert (trainable `delta_values`, buffers `delta_indices_<i>`), in the insertion
     order of the `deltas` dict given to `from_linear` (`names`).
@@ -311,7 +311,7 @@ class _SubnetworkLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
-class SubnetworkLinear(torch.nn.Linear):
+class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
     """nn.Linear whose weight trains a different subnetwork for each language of a mixed batch.
 
     The forward pass is the dense linear. In the backward pass token t of language l adds its
