@@ -5,8 +5,9 @@ T = 2048 tokens; layers 4096 x 1024 and 1024 x 4096; delta densities 0.5%, 1%, 5
 supports, rows with real LT-SFT masks (benchmarks/real_masks.py): the skewed last-layer FFN matrix,
 a typical attention matrix, and four FFN matrices as four experts.
 
-All ops here are compute-bound: the GFLOP/s is the useful work the op must do (the functions
-below) against the GEMM rate.
+The GFLOP/s is the useful work the op must do (the functions below) against the GEMM rate. The
+SDDMM rows also carry the bytes they must move: at 0.5-1% density an SDDMM does 2-8 flops per byte
+of dY and X it reads, below the machine's balance, so it is judged against the copy bandwidth.
 """
 import torch
 
@@ -30,6 +31,11 @@ def dense_flops(tokens: int, out_f: int, in_f: int) -> int:
 def sddmm_flops(tokens: int, nnz: int) -> int:
     """dval[n] = Σ_t dY[t, r_n] X[t, c_n]: one multiply-add per token and entry."""
     return 2 * tokens * nnz
+
+
+def sddmm_bytes(tokens: int, out_f: int, in_f: int, nnz: int, element_size: int, index_size: int) -> int:
+    """dY [T, O] and X [T, I] read once; the indices read and the values written once."""
+    return tokens * (out_f + in_f) * element_size + nnz * (index_size + element_size)
 
 
 def delta_linear_train_flops(tokens: int, out_f: int, in_f: int, nnz: int) -> int:
@@ -119,6 +125,7 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
     backend = backend_of("sddmm", device)
     note = f"W0+Δ: {'written into W0 per call' if functional.merge_pays(tokens) else 'SpMM term'}"
     weight_bytes = out_f * in_f * w.element_size()
+    moved = sddmm_bytes(tokens, out_f, in_f, k, x.element_size(), idx.element_size())
     pick = (lambda *t: t) if targets else (lambda *t: ())
     # The target goes to the first row: SpIEL's normal step where it has one.
     spiel_rows = [(spiel, "SpIEL (hook path: dense dW)" if on_cuda else "SpIEL (clone+scatter_add, dense dW, gather)")]
@@ -137,13 +144,13 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
                           Target("sparse_delta_linear fwd+bwd, 1%: extra memory over the frozen linear <= 0.25 O x I",
                                  "extra_memory", 0.25, weight_bytes))),
         Case("sddmm", shape, _name(dtype), lambda: sddmm(gy, x, idx), lambda: baselines.dense_weight_grad(gy, x),
-             "dense dYᵀX", density, backend, flops=sddmm_flops(tokens, k), masks=masks,
+             "dense dYᵀX", density, backend, flops=sddmm_flops(tokens, k), bytes=moved, masks=masks,
              targets=pick(Target("SDDMM, 1%: >= 20x dense dYᵀX", "speedup", 20.0))),
     ]
     if torch_sddmm_row and support is not None:
         cases.append(Case("sddmm", shape, _name(dtype), lambda: sddmm(gy, x, idx),
                           lambda: baselines.torch_sddmm(gy, x, support), "torch SDDMM (sparse.sampled_addmm)", density,
-                          backend, flops=sddmm_flops(tokens, k), masks=masks))
+                          backend, flops=sddmm_flops(tokens, k), bytes=moved, masks=masks))
     return cases
 
 

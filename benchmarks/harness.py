@@ -283,7 +283,8 @@ class Case:
     """One row: `fn` (xlsparse) against `baseline` on the same inputs.
 
     `bytes` and `flops` are what the op must move and compute (the minimum, counted by the family
-    script): a row with `flops` is compute-bound, one with only `bytes` memory-bound.
+    script): a row with only `flops` is compute-bound, one with only `bytes` memory-bound, and one
+    with both is judged against whichever roof binds it (`roofline`).
     """
 
     op: str
@@ -407,7 +408,17 @@ def peak_mib(fn: Callable[[], object], device: str = "cpu") -> float:
 
 
 def roofline(flops: int, nbytes: int, dtype: str, seconds: float, ceilings: Ceilings) -> tuple[str, float | None, str]:
-    """(achieved rate as text, share of the ceiling in %, "compute" or "memory")."""
+    """(achieved rate as text, share of the ceiling in %, "compute" or "memory").
+
+    A row with both counts is judged against the roof that binds it: the roofline model's
+    attainable rate is min(GEMM rate, flops/bytes x copy bandwidth), so the share is the higher of
+    the two (an SDDMM at 1% does about 4 flops per byte it must read, below the machine's balance:
+    against the GEMM rate alone its share read 2-3x too low)."""
+    if flops and nbytes:
+        compute = 100 * flops / seconds / 1e9 / gemm_ceiling(ceilings, dtype)
+        memory = 100 * nbytes / seconds / 1e9 / ceilings.copy_gbs
+        if memory > compute:
+            return f"{nbytes / seconds / 1e9:.1f} GB/s", memory, "memory"
     if flops:
         rate = flops / seconds / 1e9
         return f"{rate:.1f} GFLOP/s", 100 * rate / gemm_ceiling(ceilings, dtype), "compute"
@@ -505,6 +516,12 @@ def format_table(rows: list[Row]) -> list[str]:
     return [TABLE_HEADER, "|" + "---|" * (TABLE_HEADER.count("|") - 1)] + [format_row(r) for r in rows]
 
 
+def _beside_bound(value: float, bound: float, digits: int) -> str:
+    """`value` with `digits` decimals, or up to 2 more where fewer would print `bound` itself."""
+    shown = next((d for d in range(digits, digits + 3) if round(value, d) != round(bound, 9)), digits + 2)
+    return f"{value:.{shown}f}"
+
+
 def format_targets(rows: list[Row], quick: bool) -> list[str]:
     """One line per target that a row carries: the target, the value measured, met or not."""
     lines = ["| target | row | measured | met |", "|---|---|---|---|"]
@@ -512,16 +529,16 @@ def format_targets(rows: list[Row], quick: bool) -> list[str]:
         for t in r.targets:
             kind = t["metric"]
             value = t["value"]
+            # Enough decimals that a value other than the bound never prints as the bound
+            # (0.9498x is not 0.95x, 79.96% is not 80%, 0.2549 of a weight is not 0.25).
             if value is None:
                 shown = "not measured"
             elif kind == "speedup":
-                # 2 decimals, more where those would print the bound for a miss (0.9498 is not 0.95)
-                digits = next((d for d in (2, 3, 4) if round(value, d) != t["bound"]), 4)
-                shown = f"{value:.{digits}f}x"
+                shown = f"{_beside_bound(value, t['bound'], 2)}x"
             elif kind == "roofline":
-                shown = f"{100 * value:.0f}% of the ceiling"
+                shown = f"{_beside_bound(100 * value, 100 * t['bound'], 0)}% of the ceiling"
             else:
-                shown = f"{value:.2f} of one O x I weight"
+                shown = f"{_beside_bound(value, t['bound'], 2)} of one O x I weight"
             met = {True: "yes", False: "**no**", None: "?"}[t["met"]]
             lines.append(f"| {t['label']} | {r.op}, {r.shape}, {r.dtype} vs {r.baseline} | {shown} | {met} |")
     if quick and len(lines) > 2:

@@ -4,11 +4,20 @@ import math
 import os
 
 
-def row_label(row: dict) -> str:
+def row_label(row: dict, full: bool = False) -> str:
     density = "" if row.get("density") is None else f" {100 * row['density']:.3g}%"
     masks = "" if row.get("masks", "uniform") == "uniform" else " [real masks]"
-    baseline = (row["baseline"] or "-").split(" (")[0]  # the name without its explanation
+    baseline = row["baseline"] or "-"
+    if not full:
+        baseline = baseline.split(" (")[0]  # the name without its explanation
     return f"{row['op']} {row['shape']}{density} {row['dtype']}{masks} vs {baseline}"
+
+
+def row_labels(rows: list[dict]) -> list[str]:
+    """One label per row; rows whose short labels coincide (SpIEL's two ways on CUDA) keep their
+    baselines' full names, so that no two bars carry one label."""
+    short = [row_label(r) for r in rows]
+    return [row_label(r, full=True) if short.count(s) > 1 else s for r, s in zip(rows, short)]
 
 
 def plot(rows: list[dict], path: str, title: str = "") -> str:
@@ -20,7 +29,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
 
     if not rows:
         raise ValueError("--plot: no benchmark rows to plot")
-    labels = [row_label(r) for r in rows]
+    labels = row_labels(rows)
     speedups = [r["speedup"] if r.get("speedup") else math.nan for r in rows]
     shares = [r["roofline_pct"] if r.get("roofline_pct") is not None else math.nan for r in rows]
     colours = ["tab:green" if s >= 1 else "tab:red" for s in speedups]

@@ -127,6 +127,28 @@ def test_flop_counts():
     assert bench_matmul.gated_forward_flops(8, 16, 4, [5, 2]) == 1024 + 80 + 32
 
 
+def test_roofline_judges_a_row_against_the_roof_that_binds_it():
+    # An SDDMM at 1% does ~4 flops per byte of dY and X it must read, below the machine's balance
+    # (170 GFLOP/s / 31.5 GB/s = 5.4): against the GEMM rate alone its share read 18%, not 24%.
+    ceil = _ceilings(copy=31.5, fp32=170.0, bf16=421.0)
+    tokens, out_f, in_f, nnz = 2048, 4096, 1024, 41943
+    flops = bench_matmul.sddmm_flops(tokens, nnz)
+    nbytes = bench_matmul.sddmm_bytes(tokens, out_f, in_f, nnz, 4, 8)
+    assert nbytes == 2048 * 5120 * 4 + nnz * 12
+    row = harness.judge(_row(ms=5.54, flops=flops, bytes=nbytes), ceil)
+    assert row.bound == "memory" and row.roofline_pct == pytest.approx(100 * nbytes / 5.54e-3 / 1e9 / 31.5)
+    # at 5% the same op is compute-bound: judged against the GEMM rate
+    dense = harness.judge(_row(ms=16.0, flops=bench_matmul.sddmm_flops(tokens, 5 * nnz),
+                               bytes=bench_matmul.sddmm_bytes(tokens, out_f, in_f, 5 * nnz, 4, 8)), ceil)
+    assert dense.bound == "compute"
+    # the script's SDDMM rows carry both counts
+    sddmm_rows = [c for c in bench_matmul._delta_linear_cases(16, 32, 24, bench_matmul._uniform_indices(32, 24, 0.05, 2),
+                                                             torch.float32, "cpu", torch_sddmm_row=True)
+                  if c.op == "sddmm"]
+    assert len(sddmm_rows) == 2 and all(c.flops and c.bytes == bench_matmul.sddmm_bytes(16, 32, 24, 38, 4, 8)
+                                        for c in sddmm_rows)
+
+
 def test_peak_memory_counts_tensors_alive_at_once():
     assert harness.peak_of_running_total([100, -100, 50, 60, -110]) == 110
     assert harness.peak_of_running_total([]) == 0
@@ -181,6 +203,14 @@ def test_roofline_and_targets():
     assert "| 0.9498x | **no** |" in harness.format_targets([near], quick=False)[-1]  # not "0.95x | no"
     with pytest.raises(ValueError, match="metric"):
         harness.Target("bad", "speed", 1.0).judge(row)
+    # the same for the other metrics: a miss never prints as the bound it missed
+    share = harness.judge(_row(ms=10.0, bytes=int(0.15992e9), goals=(harness.Target("80%", "roofline", 0.8),)), ceil)
+    assert "| 79.96% of the ceiling | **no** |" in harness.format_targets([share], quick=False)[-1]
+    over = harness.judge(_row(peak_mib=5.0 + 0.2549 * 4, baseline_peak_mib=5.0,
+                              goals=(harness.Target("mem", "extra_memory", 0.25, 4 * 2**20),)), ceil)
+    assert "| 0.255 of one O x I weight | **no** |" in harness.format_targets([over], quick=False)[-1]
+    met = harness.judge(_row(ms=10.0, bytes=int(0.17e9), goals=(harness.Target("80%", "roofline", 0.8),)), ceil)
+    assert "| 85% of the ceiling | yes |" in harness.format_targets([met], quick=False)[-1]
 
 
 def test_real_masks_load_and_pick(tmp_path, capsys):
@@ -272,6 +302,15 @@ def test_bench_plot_prints_the_file_it_writes(tmp_path, monkeypatch, capsys):
     assert cli.main(["bench", "--family", "fake", "--quick", "--out", str(tmp_path), "--plot", str(tmp_path / "bench")]) == 0
     written = capsys.readouterr().out.splitlines()[-1].removeprefix("plot written to ")
     assert written == str(tmp_path / "bench.png") and os.path.isfile(written)
+
+
+def test_plot_labels_tell_every_row_apart():
+    # On CUDA a sparse_delta_linear shape has two SpIEL rows; cut at " (" both read "vs SpIEL".
+    rows = [dict(op="sparse_delta_linear fwd+bwd", shape="T=8 4x4", density=0.01, dtype="float32", masks="uniform",
+                 baseline=name) for name in ("SpIEL (normal step: re-merge, SDDMM dv by sampled_addmm)",
+                                             "SpIEL (hook path: dense dW)", "frozen linear fwd+dX")]
+    labels = plot.row_labels(rows)
+    assert len(set(labels)) == 3 and "hook path" in labels[1] and labels[2].endswith("vs frozen linear fwd+dX")
 
 
 def test_plot_rejects_an_empty_result_set(tmp_path):
