@@ -743,13 +743,13 @@ class LotteryTicketSparseFineTuner(Trainer):
         decay_the_base_(optimizer, self._anchors)  # the anchors change when the support does
 
     # --- the L1 term, logging, multi-source batches ---
-    @torch.no_grad()
     def _loss_scale(self) -> float | None:
         """fp16 GradScaler's current scale, by which the gradients are multiplied until the
         optimizer step; None without one."""
         scaler = getattr(self.accelerator, "scaler", None)
         return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
 
+    @torch.no_grad()
     def _add_l1_gradient(self) -> float | None:
         """Add the L1 term's gradient, c·sign(θ − θ0) with c = λ·G / N, straight into the
         gradients (what composable-sft's `reg_loss.backward()` adds, sign(0) = 0 included) and
