@@ -833,6 +833,29 @@ def test_unmerge_refuses_a_later_apply_that_wrote_the_same_bits(value):
     assert torch.equal(layer.weight, base)
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_merged_layer_still_refuses_unmerge_under_a_later_apply(how):
+    # the registry holds tensors by storage: a deep-copied or unpickled merged layer must register
+    # its own merge, or unmerge() let a later +0 apply through and its revert put W0 + Δ in the base
+    import copy
+    import pickle
+
+    import xlsparse
+
+    layer, _ = _layer_with_delta(25)
+    layer.merge()
+    model = torch.nn.Sequential(layer)
+    model = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    twin = model[0]
+    base = twin.base_weight().clone()
+    handle = xlsparse.apply([_diff_on(twin, twin.delta_indices[:3].long(), torch.zeros(3))], model)
+    with pytest.raises(RuntimeError, match="unmerge: an xlsparse.apply made after merge"):
+        twin.unmerge()
+    handle.revert()
+    twin.unmerge()
+    assert torch.equal(twin.weight, base)
+
+
 def test_reverting_an_apply_made_before_merge_refuses_while_merged():
     # apply(diff); merge(); revert() wrote the pre-apply base over W0 + Δ at the shared entries,
     # and only unmerge() noticed, with the revert already written

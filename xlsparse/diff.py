@@ -255,9 +255,10 @@ class ApplyHandle:
                                    "Revert before converting the model")
         model = self._model() if self._model is not None else None
         if model is not None:
-            named = _named_tensors(model)
-            for name, t, placement in self._changed:
-                now = named.get(name)
+            for name, t, placement in self._changed:  # the changed names only: O(diff), not O(model)
+                now = _tensor_at(model, name)
+                if now is None:  # renamed, not replaced (a wrapper such as PEFT's base_layer): still the model's
+                    now = next((u for u in _named_tensors(model).values() if _placement(u) == placement), None)
                 if now is None or _placement(now) != placement:
                     raise RuntimeError(f"revert: the model's {name!r} is no longer the tensor the diff was applied to "
                                        "(a module or parameter was replaced after apply: merge_and_unload, "
@@ -288,6 +289,18 @@ class ApplyHandle:
         for tensor, _ in self._originals:
             out[_storage_key(tensor)] = None
         return out
+
+    def __getstate__(self) -> dict:
+        # a weak reference does not pickle; the model goes along strongly (deepcopy maps it to the
+        # copy), and becomes weak again on the other side
+        state = dict(self.__dict__)
+        state["_model"] = self._model() if self._model is not None else None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        model = state.pop("_model")
+        self.__dict__.update(state)
+        self._model = weakref.ref(model) if model is not None else None
 
     def __enter__(self) -> "ApplyHandle":
         return self
@@ -394,8 +407,16 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     checks.finite("apply", **{f"alphas[{i}]": a for i, a in enumerate(alphas)})
     alphas = [float(a) for a in alphas]
     named = _named_tensors(model)
-    stored = _transposed_weights(model)
+    stored = _transposed_weights(model, {n for d in diffs if isinstance(d, SparseDiff)
+                                         for n in (*d.deltas, *d.dense, *d.absolute)})
     if stored:  # converted GPT-2 Conv1D layers: diffs are in the model's [in, out] layout, the weight is [out, in]
+        for i, d in enumerate(diffs):
+            for name, entry in ({**d.deltas, **d.dense, **d.absolute}.items() if isinstance(d, SparseDiff) else ()):
+                own = tuple(named[name].shape)[::-1] if name in stored and name in named else None
+                if own is not None and tuple(entry.shape) != own:  # before the transposition names the shape wrongly
+                    raise ValueError(f"apply: diff {i}: {name!r} has shape {tuple(entry.shape)}, but diffs are in the "
+                                     f"model's own layout: this GPT-2 Conv1D weight is {own} ([in, out]; the converted "
+                                     "layer stores it [out, in])")
         diffs = [_to_stored_layout(d, stored) if isinstance(d, SparseDiff) else d for d in diffs]
     calls = {}  # device -> _FusedCall: the op runs on one device, so a model spread over several gets one call each
     touched_whole, claims, changed = {}, {}, {}
@@ -466,13 +487,37 @@ class ConvertedLayer:
     transposed = False
 
 
-def _transposed_weights(model) -> set:
-    """Names of the weights of converted GPT-2 Conv1D layers (`xlsparse.hf.convert`), which store
-    [out, in] while the model's own layout, that of its diffs, is Conv1D's [in, out]."""
+def _transposed_weights(model, names) -> set:
+    """Those of `names` that are weights of converted GPT-2 Conv1D layers (`xlsparse.hf.convert`),
+    which store [out, in] while the model's own layout, that of its diffs, is Conv1D's [in, out].
+    Looks up the named layers only: an apply's cost does not grow with the model."""
     if not isinstance(model, torch.nn.Module):
         return set()
-    return {f"{n}.weight" if n else "weight" for n, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, ConvertedLayer) and m.transposed}
+    out = set()
+    for name in names:
+        owner, _, leaf = name.rpartition(".")
+        m = _submodule(model, owner) if leaf == "weight" else None
+        if isinstance(m, ConvertedLayer) and m.transposed:
+            out.add(name)
+    return out
+
+
+def _submodule(model: torch.nn.Module, name: str):
+    """model.get_submodule(name), or None when there is none."""
+    try:
+        return model.get_submodule(name) if name else model
+    except AttributeError:
+        return None
+
+
+def _tensor_at(model: torch.nn.Module, name: str):
+    """The parameter or buffer `name` of `model` (as named_parameters/named_buffers name it), or None."""
+    owner, _, leaf = name.rpartition(".")
+    m = _submodule(model, owner)
+    if m is None:
+        return None
+    t = m._parameters.get(leaf)
+    return t if t is not None else m._buffers.get(leaf)
 
 
 def _transpose_delta(delta, rows: int, cols: int) -> "SparseDelta":
@@ -525,8 +570,8 @@ def applies_since(serial: int, tensors) -> list:
     of `tensors`, newest first: the order they must be reverted in."""
     keys = {_storage_key(t) for t in tensors}
     with _busy_lock:
-        found = {id(h): h for key in keys for r in _in_place.get(key, []) if (h := r()) is not None
-                 and not h.reverted and h._serial >= serial}
+        found = {id(h): h for key in keys for r in _in_place.get(key, []) if isinstance(h := r(), ApplyHandle)
+                 and not h.reverted and h._serial >= serial}  # not merge()'s EntryWrite records
     return sorted(found.values(), key=lambda h: h._serial, reverse=True)
 
 
@@ -601,6 +646,12 @@ class EntryWrite:
         record = cls(name, tensor, indices)
         _remember_apply(record)
         return record
+
+    def __setstate__(self, state: dict) -> None:
+        # a deep copy or an unpickled copy (that of a merged layer) writes the copy's tensor, which
+        # the registry does not know yet: register it, or unmerge() would not see later applies
+        self.__dict__.update(state)
+        _remember_apply(self)
 
     def written_over(self) -> bool:
         """True while a later apply that is still in place changed some of these entries."""

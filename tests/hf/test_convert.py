@@ -203,6 +203,11 @@ def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first()
         with pytest.raises(ValueError, match="batch_first=False"):
             hf.convert(model, kind=kind, **arg)
         assert not hasattr(model, "xlsparse_config")
+    # the layer as the model itself (module name ''): its linears were not refused
+    model = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16)
+    with pytest.raises(ValueError, match="batch_first=False"):
+        hf.convert(model, ["linear1", "linear2"], kind="multi", diffs={"de": xlsparse.SparseDiff({})})
+    assert not hasattr(model, "xlsparse_config")
     model = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), 1,
                                         enable_nested_tensor=False)
     hf.convert(model, kind="multi", diffs={"de": xlsparse.SparseDiff({})})  # batch-first: fine

@@ -376,6 +376,11 @@ def test_a_diff_applied_to_a_converted_gpt2_lands_in_the_conv1d_layout(kind):
                 torch.testing.assert_close(base(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     for n, p in base.named_parameters():
         assert torch.equal(_bits(p), _bits(before[n])), n
+    # a diff in the stored [out, in] layout (the converted parameter's shape) is named as given
+    wide = "transformer.h.0.attn.c_attn.weight"
+    stored = tuple(base.get_parameter(wide).shape)
+    with pytest.raises(ValueError, match=rf"has shape \({stored[0]}, {stored[1]}\), but diffs are in the model's own layout"):
+        xlsparse.apply([xlsparse.SparseDiff({wide: xlsparse.SparseDelta(torch.tensor([1]), torch.ones(1), stored)})], base)
 
 
 def test_xlmr_body_diff_keeps_the_tied_word_embeddings_under_their_base_name():
@@ -433,6 +438,20 @@ def test_an_apply_left_in_place_inside_disable_is_reverted_on_exit():
         pass
     with diff.applied(model), hf.disable(model):  # made before the block: stays until its own revert
         pass
+    for n, p in model.named_parameters():
+        assert torch.equal(_bits(p), _bits(trained[n])), n
+
+
+def test_disable_restores_the_trained_state_after_a_merge_made_inside_the_block():
+    # disable's exit looks up the applies made in the block in the apply registry, which also
+    # holds merge()'s EntryWrite records: it raised AttributeError there, before restoring the head
+    model, head = classifier("bert")
+    hf.convert(model, density=0.2, modules_to_save=[head])
+    _train(model)
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with hf.disable(model):
+        hf.merge(model)
+    hf.unmerge(model)
     for n, p in model.named_parameters():
         assert torch.equal(_bits(p), _bits(trained[n])), n
 

@@ -369,7 +369,7 @@ def _refuse_unroutable(model: nn.Module, kind: str, names: list, modules: dict) 
     # torch's own transformer layers are sequence-first unless batch_first=True (their default is False)
     seq_first = [n for n in names for a, m in modules.items()
                  if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
-                 and n.startswith(a + ".") and not m.self_attn.batch_first]
+                 and (n.startswith(a + ".") or not a) and not m.self_attn.batch_first]  # a == "": the model itself
     if seq_first:
         raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, "
                          f"but {seq_first[:3]} sit in nn.Transformer*Layer modules built with batch_first=False, "
