@@ -225,7 +225,9 @@ class _Reselection(TrainerCallback):
 def _gradient_tap(acc: torch.Tensor, loss_scale):
     """A forward hook that adds the layer's dense weight gradient of this backward into `acc`.
     Under fp16's GradScaler (`loss_scale()` not None) dY is scaled: it is added unscaled, and a
-    non-finite dY (a step the scaler skips) adds nothing, or an inf would top the regrowth."""
+    non-finite dY adds nothing to its layer, or an inf would top the regrowth. On a step the
+    scaler skips, layers whose dY stayed finite still add theirs (finite gradients of that batch;
+    dropping them would take a second dense buffer per matrix)."""
     def hook(layer, inputs, output):
         x = inputs[0]
         if not output.requires_grad:
