@@ -1044,50 +1044,9 @@ def test_reselection_unscales_gradients_under_a_grad_scaler_and_skips_overflowed
     torch.testing.assert_close(tap.grads["e"].double(), want_e, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("legacy", [True, False])
-def test_a_weight_the_model_reads_itself_is_not_converted(tmp_path, legacy):
-    """DeBERTa-v2 reads `rel_embeddings.weight` (and, legacy=False, its MLM head reads
-    `word_embeddings.weight`) without calling the module: as a SparseDeltaEmbedding's frozen base
-    that read saw θ0, the selected entries never trained, and phase 2 computed something other
-    than θ0 + SFT."""
-    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                       intermediate_size=48, max_position_embeddings=32, relative_attention=True,
-                                       position_buckets=8, pos_att_type=["p2c", "c2p"], max_relative_positions=16,
-                                       legacy=legacy)
-    torch.manual_seed(0)
-    model = _no_dropout(transformers.DebertaV2ForMaskedLM(cfg))
-    theta0 = copy.deepcopy(model)
-    x = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
-    gaps = []
-
-    class _Check(transformers.TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if trainer._phase == "sparse" and trainer._converted:
-                with torch.no_grad():
-                    got = trainer.model.eval()(input_ids=x).logits
-                    trainer.model.train()
-                    ref = copy.deepcopy(theta0)
-                    with trainer.current_sft().applied(ref):
-                        gaps.append(float((got - ref(input_ids=x).logits).abs().max()))
-
-    trainer = LotteryTicketSparseFineTuner(
-        model=model, args=_args(tmp_path), train_dataset=_LMData(),
-        maskable_params=[n for n, _ in model.named_parameters() if n.startswith("deberta.")],
-        sft_args=SftArguments(ft_params_proportion=0.3, full_ft_max_steps_per_iteration=3,
-                              sparse_ft_max_steps_per_iteration=3))
-    trainer.add_callback(_Check())
-    trainer.train()
-    rel = trainer.sft.deltas["deberta.encoder.rel_embeddings.weight"]
-    assert rel.nnz and rel.values.abs().max() > 0  # the selected entries trained
-    assert len(gaps) == 3 and max(gaps) < 1e-5  # the model in training is θ0 + its SFT
-
-
-def test_a_matrix_an_embedding_subclass_shares_with_the_head_trains_as_one(tmp_path):
-    """XGLM's word embedding (an nn.Embedding subclass that scales its output) is tied to its
-    nn.Linear head: converting the head alone made the shared matrix a frozen θ0 that the
-    embedding kept reading, so phase 2 trained a model other than θ0 + its SFT."""
-    model = _no_dropout(tiny("xglm"))
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+def _train_watching_phase_two(model, tmp_path, sft_args, **trainer_kwargs):
+    """Train `model`; after every sparse step, the largest |logit| gap between the model in
+    training and θ0 + its SFT so far (they must be equal). Returns (trainer, gaps)."""
     theta0 = copy.deepcopy(model)
     x = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(5))
     gaps = []
@@ -1102,12 +1061,42 @@ def test_a_matrix_an_embedding_subclass_shares_with_the_head_trains_as_one(tmp_p
                     with trainer.current_sft().applied(ref):
                         gaps.append(float((got - ref(input_ids=x).logits).abs().max()))
 
-    trainer = LotteryTicketSparseFineTuner(
-        model=model, args=_args(tmp_path), train_dataset=_LMData(),
-        sft_args=SftArguments(ft_params_proportion=0.2, full_ft_max_steps_per_iteration=3,
-                              sparse_ft_max_steps_per_iteration=3))
+    trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
+                                           sft_args=sft_args, **trainer_kwargs)
     trainer.add_callback(_Check())
     trainer.train()
+    return trainer, gaps
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_a_weight_the_model_reads_itself_is_not_converted(tmp_path, legacy):
+    """DeBERTa-v2 reads `rel_embeddings.weight` (and, legacy=False, its MLM head reads
+    `word_embeddings.weight`) without calling the module: as a SparseDeltaEmbedding's frozen base
+    that read saw θ0, the selected entries never trained, and phase 2 computed something other
+    than θ0 + SFT."""
+    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=48, max_position_embeddings=32, relative_attention=True,
+                                       position_buckets=8, pos_att_type=["p2c", "c2p"], max_relative_positions=16,
+                                       legacy=legacy)
+    torch.manual_seed(0)
+    model = _no_dropout(transformers.DebertaV2ForMaskedLM(cfg))
+    trainer, gaps = _train_watching_phase_two(
+        model, tmp_path, SftArguments(ft_params_proportion=0.3, full_ft_max_steps_per_iteration=3,
+                                      sparse_ft_max_steps_per_iteration=3),
+        maskable_params=[n for n, _ in model.named_parameters() if n.startswith("deberta.")])
+    rel = trainer.sft.deltas["deberta.encoder.rel_embeddings.weight"]
+    assert rel.nnz and rel.values.abs().max() > 0  # the selected entries trained
+    assert len(gaps) == 3 and max(gaps) < 1e-5  # the model in training is θ0 + its SFT
+
+
+def test_a_matrix_an_embedding_subclass_shares_with_the_head_trains_as_one(tmp_path):
+    """XGLM's word embedding (an nn.Embedding subclass that scales its output) is tied to its
+    nn.Linear head: converting the head alone made the shared matrix a frozen θ0 that the
+    embedding kept reading, so phase 2 trained a model other than θ0 + its SFT."""
+    model = _no_dropout(tiny("xglm"))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    trainer, gaps = _train_watching_phase_two(model, tmp_path, SftArguments(
+        ft_params_proportion=0.2, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=3))
     assert trainer.sft.deltas["model.embed_tokens.weight"].nnz
     assert len(gaps) == 3 and max(gaps) < 1e-5  # the model in training is θ0 + its SFT
     assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
