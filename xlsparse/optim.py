@@ -233,6 +233,18 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     # --- state_dict: torch's loader casts every non-step tensor to the param's dtype ---
 
+    def state_dict(self) -> dict:
+        """torch.optim.Optimizer.state_dict, plus, for a DTensor (FSDP2) parameter, a `shard` tag
+        (this process's mesh coordinates and the mesh shape) beside its state: that state covers
+        this process's shard only (plain tensors, not DTensors). torch.distributed.checkpoint takes plain tensors for replicated
+        ones and keeps one process's copy, so each rank would read another rank's moments back;
+        `load_state_dict` refuses a state tagged with another rank."""
+        out = super().state_dict()
+        for pid, p in enumerate(self._all_params()):
+            if _is_dtensor(p) and pid in out["state"]:
+                out["state"][pid] = dict(out["state"][pid], shard=_shard_tag(p))
+        return out
+
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim.Optimizer.load_state_dict, keeping masks, indices and per-entry step counts exact.
 
@@ -243,11 +255,21 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         for group in state_dict["param_groups"]:
             self._check_group({**self.defaults, **group})
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        for i, (pid, p) in enumerate(zip(saved_ids, self._all_params())):
+            tag = state_dict["state"].get(pid, {}).get("shard")
+            if tag is not None and (not _is_dtensor(p) or not torch.equal(torch.as_tensor(tag).cpu(), _shard_tag(p))):
+                raise ValueError(
+                    f"load_state_dict: the state of param {i} holds the shard {torch.as_tensor(tag).tolist()} "
+                    f"(mesh coordinates, then mesh shape) of a sharded (FSDP2) parameter, and this process holds "
+                    f"{_shard_tag(p).tolist() if _is_dtensor(p) else 'the whole parameter'}. Each process must load the "
+                    "state it saved itself (torch.save of optimizer.state_dict() per rank); "
+                    "torch.distributed.checkpoint keeps one process's copy of this per-shard state")
         in_force = {p: self._selector_of(p) for p in self._all_params()}  # the masks given so far
         kept = {}
         stripped = dict(state_dict, state={})
         for pid, st in state_dict["state"].items():
             st = dict(st)
+            st.pop("shard", None)
             kept[pid] = {k: st.pop(k) for k in list(st) if k in _SELECTOR_KEYS or k == "step"}
             stripped["state"][pid] = st
         super().load_state_dict(stripped)
@@ -354,6 +376,12 @@ def _shard_of(p, selector: torch.Tensor) -> torch.Tensor:
     if selector.dtype != torch.bool:
         selector = _bool_mask(selector, p.shape)
     return distribute_tensor(selector, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def _shard_tag(p) -> torch.Tensor:
+    """This process's coordinates in a DTensor parameter's mesh, then the mesh's shape."""
+    mesh = p.device_mesh
+    return torch.tensor([*mesh.get_coordinate(), *mesh.shape], dtype=torch.int64)
 
 
 def _bool_mask(indices: torch.Tensor, shape) -> torch.Tensor:

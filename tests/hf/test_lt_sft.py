@@ -1025,16 +1025,18 @@ def test_reselection_unscales_gradients_under_a_grad_scaler_and_skips_overflowed
     trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)], "e": [(None, None, embedding)]},
                               sft_args=sft_args, _loss_scale=lambda: scale[0])
     tap = _Reselection(trainer)
-    tap.on_step_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
     want_w, want_e = torch.zeros(8, 16, dtype=torch.float64), torch.zeros(20, 8, dtype=torch.float64)
-    for s, overflow in ((1024.0, False), (2048.0, True), (512.0, False)):
+    for i, (s, overflow) in enumerate(((1024.0, False), (2048.0, True), (512.0, False))):
         scale[0] = s
+        tap.on_step_begin(None, SimpleNamespace(global_step=i, max_steps=10), None)
         x, ids = torch.randn(5, 16, generator=gen), torch.randint(0, 20, (5,), generator=gen)
         dy = torch.randn(5, 8, generator=gen)
         if overflow:
             dy[0, 0] = float("inf")
         layer(x).backward(dy * s)
         embedding(ids).backward(dy * s)
+        scale[0] = s / 2 if overflow else s  # GradScaler.update() backs off after a skipped step
+        tap.on_step_end(None, SimpleNamespace(global_step=i + 1, max_steps=10), None)
         if not overflow:
             want_w += dy.double().t() @ x.double()
             want_e.index_add_(0, ids, dy.double() * (ids != 0).double().unsqueeze(1))
@@ -1177,3 +1179,47 @@ def test_dynamic_reselection_trains_under_bf16_autocast(tmp_path):
     trainer.train()
     assert trainer.sft.nnz == 300
     assert before and any(not torch.equal(before[n], trainer.sft.deltas[n].indices) for n in before)  # reselected
+
+
+def test_a_step_that_overflows_mid_network_adds_nothing_to_the_regrowth_gradients(tmp_path):
+    # fp16 overflow in the middle of the network leaves the dY of the layers above it finite; the
+    # scaler skips the step, yet those layers' taps added it (only a non-finite dY was skipped):
+    # their regrowth gradients held the skipped step, the layers below did not.
+    def first_reselection(where):
+        model = _no_dropout(tiny("bert"))
+        sft_args = DynamicSftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
+                                       sparse_ft_max_steps_per_iteration=4, reselection_steps=2,
+                                       selection_accumulation_steps=2, drop_fraction=0.5)
+        trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path / where), train_dataset=_LMData(n=8),
+                                               sft_args=sft_args)
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 14, growth_interval=10 ** 6)
+        step, seen = [0], {}
+
+        class _Step(transformers.TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                step[0] = state.global_step + 1 if trainer._phase == "sparse" else 0
+
+        trainer.add_callback(_Step())
+
+        def overflow(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if step[0] == 1 and out.requires_grad:  # the sparse phase's first step overflows
+                out.register_hook(lambda g: g.index_put((torch.tensor(0),) * g.dim(), torch.tensor(float("inf"))))
+
+        (model.cls if where == "output" else model.bert.encoder.layer[0]).register_forward_hook(overflow)
+        reselect = trainer._reselect
+
+        def grab(grads):
+            if not seen:
+                seen.update({n: g.clone() for n, g in grads.items()})
+            return reselect(grads)
+
+        trainer._reselect = grab
+        trainer.train()
+        assert trainer.accelerator.scaler.get_scale() == 2.0 ** 13  # one step was skipped
+        return seen
+
+    everywhere, above = first_reselection("output"), first_reselection("middle")
+    assert set(everywhere) == set(above)
+    for n in everywhere:
+        assert torch.equal(everywhere[n], above[n]), n

@@ -250,3 +250,64 @@ def test_fsdp2_on_gloo_trains_phase_two_like_one_process(tmp_path):
         if name in masks:  # outside its mask an entry never moves, on any shard
             assert torch.equal(sharded[name][~masks[name]], before[name][~masks[name]]), name
             assert not torch.equal(sharded[name][masks[name]], before[name][masks[name]]), name
+
+
+def _fsdp_optimizer_state_worker(rank: int, out: str):
+    """MaskedAdamW over fully_shard-ed parameters, trained whole (mask None) and split evenly, so
+    both ranks hold per-shard state of one size: a per-rank state_dict round trip restores each
+    rank's own state; torch.distributed.checkpoint, which keeps one copy of a plain tensor (it
+    takes it for a replicated one), must be refused rather than hand a rank the other's moments."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model, _ = _phase_two_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and p.numel() % WORLD == 0]
+    for n, p in model.named_parameters():
+        p.requires_grad_(any(n == m for m, _ in named))
+    opt = MaskedAdamW([p for _, p in named], [None] * len(named), lr=1e-2, mode="compact")
+    model.train()
+    for b in list(_global_batch())[:2]:
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=b[rank * 2:(rank + 1) * 2], labels=b[rank * 2:(rank + 1) * 2]).loss.backward()
+        opt.step()
+    saved = {(i, k): v.clone() for i, (_, p) in enumerate(named) for k, v in opt.state[p].items()
+             if isinstance(v, torch.Tensor)}
+    again = MaskedAdamW([p for _, p in named], [None] * len(named), lr=1e-2, mode="compact")
+    again.load_state_dict(opt.state_dict())
+    own = all(torch.equal(again.state[p][k], saved[(i, k)]) for i, (_, p) in enumerate(named) for k in opt.state[p]
+              if (i, k) in saved)
+    ckpt = os.path.join(os.path.dirname(out), "dcp")
+    dcp.save({"optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=ckpt)
+    fresh = MaskedAdamW([p for _, p in named], [None] * len(named), lr=1e-2, mode="compact")
+    sd = {"optim": get_optimizer_state_dict(model, fresh)}
+    dcp.load(sd, checkpoint_id=ckpt)
+    try:
+        set_optimizer_state_dict(model, fresh, sd["optim"])
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    restored = all(torch.equal(fresh.state[p][k], saved[(i, k)]) for i, (_, p) in enumerate(named) for k in opt.state[p]
+                   if (i, k) in saved)
+    result = torch.tensor([own, bool(refused) or restored, "shard" in refused or restored])
+    gathered = [torch.zeros(3, dtype=torch.bool) for _ in range(WORLD)]
+    dist.all_gather(gathered, result)
+    if rank == 0:
+        torch.save(torch.stack(gathered), out)
+    return model
+
+
+def test_fsdp2_masked_adamw_state_is_per_rank_and_checkpoint_reading_another_rank_is_refused(tmp_path):
+    pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    out = str(tmp_path / "state.pt")
+    _spawn(_fsdp_optimizer_state_worker, out)
+    got = torch.load(out, weights_only=True)
+    assert got[:, 0].all(), "a per-rank state_dict round trip changed a rank's state"
+    # either the rank read its own state back, or it was refused with an error naming the shard;
+    # before the fix each rank silently took the other rank's moments for some parameters
+    assert got[:, 1].all() and got[:, 2].all(), got

@@ -158,7 +158,8 @@ class DynamicSftArguments(SftArguments):
     is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
     the accumulated gradients). During the accumulation window each converted layer adds its
     dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
-    embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model), freed after
+    embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model; under fp16's GradScaler a
+    second one holds the step's own part until the scaler has not skipped the step), freed after
     the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
     reselection, so every process selects the same support. Biases and norms keep their support."""
 
@@ -178,11 +179,16 @@ class DynamicSftArguments(SftArguments):
 
 
 class _Reselection(TrainerCallback):
-    """SpIEL's drop-and-regrow during a dynamic trainer's sparse phase (DynamicSftArguments)."""
+    """SpIEL's drop-and-regrow during a dynamic trainer's sparse phase (DynamicSftArguments).
+
+    Under fp16's GradScaler a step can overflow in one layer and leave the dY of the layers above
+    it finite; the scaler skips that step, so it must add nothing to any buffer. Each step then
+    taps into buffers of its own (`pending`), added to `grads` at the step's end unless the
+    scaler lowered its scale (it skipped the step)."""
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.hooks, self.grads = [], {}
+        self.hooks, self.grads, self.pending, self.scale = [], {}, {}, None
 
     def _in_window(self, step: int) -> bool:
         """Whether optimizer step `step` (1-based) accumulates gradients for a reselection."""
@@ -195,20 +201,29 @@ class _Reselection(TrainerCallback):
                 and state.global_step + 1 < state.max_steps:
             for name, layers in t._converted.items():
                 weight = layers[0][2].weight  # summed in float32 for a half-precision model: bf16 sums drop small steps
-                acc = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
-                self.grads[name] = acc
+                self.grads[name] = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
                 for _, _, layer in layers:
-                    self.hooks.append(layer.register_forward_hook(_gradient_tap(acc, t._loss_scale)))
+                    self.hooks.append(layer.register_forward_hook(
+                        _gradient_tap(lambda name=name: self.pending.get(name, self.grads[name]), t._loss_scale)))
+        self.scale = t._loss_scale() if self.hooks else None
+        if self.scale is not None:  # this step's taps go to its own buffers until it is known not skipped
+            self.pending = {name: torch.zeros_like(acc) for name, acc in self.grads.items()}
 
     def clear(self) -> None:
         """Remove the taps and drop the accumulated gradients (the end of a sparse phase, however
         it ended: the taps sit in hook dicts that the original modules get back)."""
         for h in self.hooks:
             h.remove()
-        self.hooks, self.grads = [], {}
+        self.hooks, self.grads, self.pending = [], {}, {}
 
     def on_step_end(self, args, state, control, **kwargs):
         t = self.trainer
+        if self.pending:
+            scale = t._loss_scale()
+            if scale is None or scale >= self.scale:  # GradScaler lowers its scale exactly when it skips a step
+                for name, acc in self.grads.items():
+                    acc.add_(self.pending[name])
+            self.pending = {}
         if not self.hooks:
             return
         if state.global_step % t.sft_args.reselection_steps == 0 or state.global_step >= state.max_steps:
@@ -222,12 +237,12 @@ class _Reselection(TrainerCallback):
             self.grads = {}
 
 
-def _gradient_tap(acc: torch.Tensor, loss_scale):
-    """A forward hook that adds the layer's dense weight gradient of this backward into `acc`.
+def _gradient_tap(acc, loss_scale):
+    """A forward hook that adds the layer's dense weight gradient of this backward into `acc` (a
+    tensor, or a function returning the buffer to add into).
     Under fp16's GradScaler (`loss_scale()` not None) dY is scaled: it is added unscaled, and a
-    non-finite dY adds nothing to its layer, or an inf would top the regrowth. On a step the
-    scaler skips, layers whose dY stayed finite still add theirs (finite gradients of that batch;
-    dropping them would take a second dense buffer per matrix)."""
+    non-finite dY adds nothing, or an inf would top the regrowth (the other layers' finite parts
+    of a skipped step are dropped by `_Reselection`, which gives each step its own buffers)."""
     def hook(layer, inputs, output):
         x = inputs[0]
         if not output.requires_grad:
@@ -238,15 +253,16 @@ def _gradient_tap(acc: torch.Tensor, loss_scale):
             if scale is not None and not bool(torch.isfinite(dy).all()):
                 return
             alpha = 1.0 if scale is None else 1.0 / scale
+            buf = acc() if callable(acc) else acc
             with torch.no_grad():
                 if isinstance(layer, SparseDeltaEmbedding):
                     ids = x.reshape(-1)
-                    rows = dy.reshape(-1, acc.shape[1])
+                    rows = dy.reshape(-1, buf.shape[1])
                     if layer.padding_idx is not None:
                         rows = rows * (ids != layer.padding_idx).unsqueeze(1).to(rows.dtype)
-                    acc.index_add_(0, ids, rows.to(acc.dtype), alpha=alpha)
-                else:  # one GEMM with β = 1 in acc's dtype: no per-step O x I product
-                    acc.addmm_(dy.reshape(-1, acc.shape[0]).t().to(acc.dtype), x.reshape(-1, acc.shape[1]).to(acc.dtype),
+                    buf.index_add_(0, ids, rows.to(buf.dtype), alpha=alpha)
+                else:  # one GEMM with β = 1 in buf's dtype: no per-step O x I product
+                    buf.addmm_(dy.reshape(-1, buf.shape[0]).t().to(buf.dtype), x.reshape(-1, buf.shape[1]).to(buf.dtype),
                                alpha=alpha)
         output.register_hook(on_grad)
     return hook
