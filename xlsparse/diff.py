@@ -241,6 +241,10 @@ class ApplyHandle:
         is a RuntimeError too. Nothing is written when it raises."""
         if self.reverted:
             raise RuntimeError("this apply handle was already reverted")
+        if getattr(self, "_pinned", None):
+            raise RuntimeError(f"revert: this apply changed tensors that {self._pinned} has swapped for their values at "
+                               f"convert; revert it after leaving the {self._pinned} block (its exit puts the trained "
+                               "values, this diff included, back); nothing was reverted")
         later = _later_applies(self)
         if later:
             raise RuntimeError(f"revert: {later} were changed again by a later apply (or SparseDeltaLinear.merge) that "
@@ -579,8 +583,29 @@ def _handle_keys(handle) -> list:
     return list(dict.fromkeys(_storage_key(t) for _, t, _ in handle._changed))
 
 
+_held: list = []  # lists that keep alive the handles of the applies made meanwhile (`holding_applies`)
+
+
+@contextlib.contextmanager
+def holding_applies():
+    """Inside the block, the handle of every new apply is kept alive (even one its caller drops,
+    which would otherwise stay in the model for good) and listed in the yielded list, so that the
+    block's owner (`xlsparse.hf.disable`) can revert it on exit."""
+    kept = []
+    with _busy_lock:
+        _held.append(kept)
+    try:
+        yield kept
+    finally:
+        with _busy_lock:
+            _held[:] = [k for k in _held if k is not kept]
+
+
 def _remember_apply(handle) -> None:
     with _busy_lock:
+        if isinstance(handle, ApplyHandle):
+            for kept in _held:
+                kept.append(handle)
         if len(_in_place) > 1024:  # applies never reverted leave dead references: sweep them now and then
             for key in [k for k, refs in _in_place.items() if all(r() is None for r in refs)]:
                 del _in_place[key]

@@ -130,21 +130,25 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             self._merged_version = self.delta_values._version
             self._merge_write = EntryWrite.register("weight", self.weight, self.delta_indices)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo `merge`: the saved base entries return."""
+    def _check_unmerge(self) -> None:
+        """Raise what `unmerge` would raise, writing nothing (`hf.unmerge` checks every layer first)."""
         if self._displaced is not None:
             # a later apply in place over the entries (even one that wrote the same bits) must be
             # reverted first: its revert would put W0 + Δ back into the restored base
             if self._merge_write is not None and self._merge_write.written_over():
                 raise RuntimeError("unmerge: an xlsparse.apply made after merge() changed the merged entries and is "
                                    "still in place; revert it first (reverts go in reverse order)")
-            now = self.weight.detach().reshape(-1)[self.delta_indices.long()]
-            if not torch.equal(now.view(torch.uint8), self._merged_entries.view(torch.uint8)):  # bits: NaN too
+            if self._written_since_merge():
                 raise RuntimeError("unmerge: the merged weight was changed at the delta's entries since merge() (an "
                                    "xlsparse.apply or a revert on the merged model?); restoring the base there would "
                                    "drop that change. Revert applies made after merge() before unmerge(), and apply "
                                    "diffs to an unmerged model")
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`: the saved base entries return."""
+        if self._displaced is not None:
+            self._check_unmerge()
             restore_entries_(self.weight, self.delta_indices, self._displaced)
             self._displaced = None
             self._merged_entries = None
@@ -152,10 +156,24 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
                 self._merge_write.release()
                 self._merge_write = None
 
+    def _written_since_merge(self) -> bool:
+        """True while merged when something other than merge() (an xlsparse.apply, a revert) wrote
+        the delta's entries of the merged weight since: the base there is then no longer known."""
+        if not self.merged:
+            return False
+        now = self.weight.detach().reshape(-1)[self.delta_indices.long()]
+        return not torch.equal(now.view(torch.uint8), self._merged_entries.view(torch.uint8))  # bits: NaN too
+
     def base_weight(self) -> torch.Tensor:
-        """W0: the weight itself, or while merged a copy with the displaced base entries put back."""
+        """W0: the weight itself, or while merged a copy with the displaced base entries put back.
+        RuntimeError while merged if the delta's entries were written since merge(): putting the
+        displaced entries back would drop that write."""
         if not self.merged:
             return self.weight.detach()
+        if self._written_since_merge():
+            raise RuntimeError("SparseDeltaLinear: the merged weight was changed at the delta's entries since merge() "
+                               "(an xlsparse.apply on the merged model?), so its base W0 is not known there; revert "
+                               "that apply, or apply diffs to an unmerged model")
         base = self.weight.detach().clone()
         restore_entries_(base, self.delta_indices, self._displaced)
         return base

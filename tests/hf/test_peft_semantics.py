@@ -849,3 +849,122 @@ def test_a_merged_model_deep_copies_and_pickles(tmp_path):
         layer.delta_values.add_(1.0)
     with pytest.raises(RuntimeError, match="changed after merge"):
         copy.deepcopy(model)(input_ids=ids)
+
+
+def test_merge_and_unload_of_a_merged_layer_whose_delta_trained_after_merge_keeps_the_trained_delta():
+    # README: a merged layer in eval mode with grad enabled still gives Δ its gradient, so a step can
+    # change Δ after merge(); merge_and_unload must then give W0 + the current Δ, not the stale merge
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    hf.convert(model, density=0.5)
+    with torch.no_grad():
+        for layer in (model[0], model[1]):
+            layer.delta_values.normal_()
+    hf.merge(model)
+    model.eval()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(torch.randn(4, 6)).square().sum().backward()
+    opt.step()
+    want = []
+    for layer in (model[0], model[1]):
+        w = layer.base_weight().clone()
+        w.view(-1)[layer.delta_indices.long()] += layer.delta_values.detach()
+        want.append(w)
+    plain = hf.merge_and_unload(model)
+    torch.testing.assert_close(plain[0].weight, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(plain[1].weight, want[1], rtol=0, atol=0)
+
+
+def test_an_apply_over_a_merged_layers_delta_entries_is_not_dropped_by_state_dict_or_extract_diff():
+    # the model computes W0 + Δ + A; state_dict() put W0 back at Δ's entries (dropping A there) and
+    # extract_diff returned Δ alone without the "changed since convert" error it gives unmerged
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    hf.convert(model, density=0.5)
+    layer = model[0]
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    hf.merge(model)
+    idx = layer.delta_indices[:3].long()
+    A = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(idx, torch.ones(3), (5, 6))})
+    handle = xlsparse.apply([A], model)
+    with pytest.raises(ValueError, match="changed since convert"):
+        hf.extract_diff(model)
+    with pytest.raises(RuntimeError, match="changed at the delta's entries since merge"):
+        model.state_dict()
+    handle.revert()  # with the apply reverted, both work again
+    assert hf.extract_diff(model).nnz == layer.delta_indices.numel()
+    fresh = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    hf.convert(fresh, density=0.5)
+    fresh.load_state_dict(model.state_dict())
+    x = torch.randn(2, 6)
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_hf_unmerge_refusing_one_layer_leaves_every_layer_merged():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3))
+    hf.convert(model, density=0.5)
+    with torch.no_grad():
+        model[0].delta_values.normal_()
+        model[2].delta_values.normal_()
+    hf.merge(model)
+    idx = model[2].delta_indices[:1].long()
+    handle = xlsparse.apply([xlsparse.SparseDiff({"2.weight": xlsparse.SparseDelta(idx, torch.ones(1), (3, 4))})], model)
+    w0 = model[0].weight.detach().clone()
+    with pytest.raises(RuntimeError, match="unmerge"):
+        hf.unmerge(model)
+    assert model[0].merged and model[2].merged and torch.equal(model[0].weight, w0)
+    handle.revert()
+    hf.unmerge(model)
+    assert not model[0].merged and not model[2].merged
+
+
+def test_reverting_inside_disable_an_apply_made_before_it_on_a_saved_module_is_refused():
+    # the revert reported success, but disable's exit copied the kept values (the diff included) back
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    hf.convert(model, target_modules=["0"], density=0.5, modules_to_save=["2"])
+    before = model[2].weight.detach().clone()
+    diff = xlsparse.SparseDiff({"2.weight": xlsparse.SparseDelta(torch.tensor([0, 4]), torch.tensor([1.0, -1.0]), (2, 3))})
+    handle = xlsparse.apply([diff], model)
+    with hf.disable(model):
+        with pytest.raises(RuntimeError, match="hf.disable"):
+            handle.revert()
+    assert not handle.reverted
+    handle.revert()  # after the block it reverts
+    assert torch.equal(model[2].weight, before)
+
+
+def test_an_apply_made_inside_disable_whose_handle_is_dropped_is_reverted_on_exit_too():
+    # the docstring: changes made inside the block are not kept; a dropped handle's apply stayed
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3)).eval()
+    hf.convert(model, density=0.5)
+    with torch.no_grad():
+        model[0].delta_values.normal_()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        trained = model(x)
+    weight = model[0].weight.detach().clone()
+    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(torch.tensor([1, 5]), torch.tensor([1.0, 2.0]), (3, 4))})
+    with hf.disable(model):
+        xlsparse.apply([diff], model)  # no handle kept
+    assert torch.equal(model[0].weight, weight)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained)
+    hf.extract_diff(model)  # nothing outside the diff changed
+
+
+def test_an_apply_made_inside_disable_on_a_buffer_is_reverted_on_exit():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
+    hf.convert(model, target_modules=["0"], density=0.5)
+    before = model[1].running_mean.clone()
+    diff = xlsparse.SparseDiff({"1.running_mean": xlsparse.SparseDelta(torch.tensor([0]), torch.tensor([3.0]), (3,))})
+    with hf.disable(model):
+        handle = xlsparse.apply([diff], model)
+    assert handle.reverted
+    assert torch.equal(model[1].running_mean, before)

@@ -25,7 +25,7 @@ from torch import nn
 from .. import routing
 from ..distributed import fingerprint
 from ..diff import (SparseDelta, SparseDiff, _storage_key, _transpose_delta, applied_in_place, applies_since,
-                    apply_serial, budget, index_dtype)
+                    apply_serial, budget, holding_applies, index_dtype)
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
@@ -745,6 +745,9 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
         if name.endswith(".weight") and lname in subnets:
             now = _fingerprint(_subnet_weight_outside(subnets[lname], rec.subnet_base[lname][0]))
         elif name in merged:
+            if merged[name]._written_since_merge():  # an apply over the merged entries: not in the diff
+                changed.append(name)
+                continue
             now = _fingerprint(merged[name].base_weight())
         else:
             now = _fingerprint(named[name])
@@ -847,8 +850,12 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo `merge`: the base weights return bit-exactly and the deltas act again."""
-    for _, layer in _converted(model, SparseDeltaLinear):
+    """Undo `merge`: the base weights return bit-exactly and the deltas act again. Every layer is
+    checked before the first is unmerged: a refusal leaves the model as it was."""
+    layers = [layer for _, layer in _converted(model, SparseDeltaLinear)]
+    for layer in layers:
+        layer._check_unmerge()
+    for layer in layers:
         layer.unmerge()
     return model
 
@@ -960,10 +967,15 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
                            "which the plain layers replace (its revert would then miss them); revert it first, or "
                            "drop its handle to keep the diff in the model for good; nothing was changed")
     with torch.no_grad():
+        plains = []  # every plain layer first: a refusal below leaves the model as it was
         for name, layer in list(_converted(model)):
             if isinstance(layer, SparseDeltaLinear):
-                weight = layer.weight.detach().clone()
-                if not layer.merged:
+                if layer.merged and layer.delta_values._version == layer._merged_version:
+                    weight = layer.weight.detach().clone()  # W0 + Δ as merge() wrote it, Δ unchanged since
+                else:
+                    # a merged layer whose Δ changed since merge() (a step on gradients taken in eval
+                    # mode) holds a stale W0 + Δ: the trained weight is W0 + the current Δ
+                    weight = layer.base_weight().clone() if layer.merged else layer.weight.detach().clone()
                     sparse_axpy_(weight, layer.delta_indices, layer.delta_values.detach())
             elif isinstance(layer, MultiDeltaLinear):
                 e = config.languages.index(language)
@@ -971,7 +983,8 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
                 sparse_axpy_(weight, layer.delta_indices[e], layer.delta_values[e].detach())
             else:
                 weight = layer.weight.detach()
-            plain = _to_original_layout(weight, layer.bias, layer.transposed)
+            plains.append((name, layer, _to_original_layout(weight, layer.bias, layer.transposed)))
+        for name, layer, plain in plains:
             _swap_module(model, name, plain.train(layer.training), layer)
     for attr in ("xlsparse_config", "_xlsparse_record"):
         if hasattr(model, attr):
@@ -1008,21 +1021,30 @@ def disable(model: nn.Module):
                 named[n].copy_(original)
             for n, (union, base) in rec.subnet_base.items():
                 subnets[n].weight.view(-1)[union] = base
+        # applies made before the block over the tensors it swaps (modules to save, subnetworks'
+        # trained entries): a revert inside would restore trained values into the base state, and
+        # the exit would copy the kept values, diff included, back over it: refused until the exit
+        pinned = applies_since(0, [*(named[n] for n in kept), *(subnets[n].weight for n in kept_subnet)])
+        for handle in pinned:
+            handle._pinned = "hf.disable"
         for layer in layers:
             layer.disabled = True
         start = apply_serial()
-        try:
-            yield model
-        finally:
-            for layer in layers:
-                layer.disabled = False
-            for handle in applies_since(start, named.values()):
-                handle.revert()
-            with torch.no_grad():
-                for n, value in kept.items():
-                    named[n].copy_(value)
-                for n, (union, _) in rec.subnet_base.items():
-                    subnets[n].weight.view(-1)[union] = kept_subnet[n]
+        with holding_applies():  # an apply made inside whose handle is dropped is reverted on exit too
+            try:
+                yield model
+            finally:
+                for handle in pinned:
+                    handle._pinned = None
+                for layer in layers:
+                    layer.disabled = False
+                for handle in applies_since(start, [*named.values(), *model.buffers()]):  # diffs may name buffers
+                    handle.revert()
+                with torch.no_grad():
+                    for n, value in kept.items():
+                        named[n].copy_(value)
+                    for n, (union, _) in rec.subnet_base.items():
+                        subnets[n].weight.view(-1)[union] = kept_subnet[n]
     finally:
         rec.lock.release()
 
