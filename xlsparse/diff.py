@@ -230,7 +230,6 @@ class ApplyHandle:
         self._calls = calls  # the fused apply_diffs_ calls, one per device, with what each displaced
         self._originals = originals  # (tensor, copy before apply) for dense and absolute entries
         self.reverted = False
-        self._serial = _next_serial()  # creation order, for applies_since
 
     def revert(self) -> None:
         """Put back every value the apply displaced, bit for bit. Only once. Reverts go in reverse
@@ -554,29 +553,6 @@ def _to_stored_layout(diff: "SparseDiff", names: set) -> "SparseDiff":
 # revert restores the values its apply displaced, so it is right only while no later apply in
 # place changed the same tensor. Weak references: a handle that is dropped is never reverted.
 _in_place: dict = {}
-_serial = [0]  # the next apply handle's serial number
-
-
-def _next_serial() -> int:
-    with _busy_lock:
-        _serial[0] += 1
-        return _serial[0] - 1
-
-
-def apply_serial() -> int:
-    """The serial number the next apply handle gets (see `applies_since`)."""
-    with _busy_lock:
-        return _serial[0]
-
-
-def applies_since(serial: int, tensors) -> list:
-    """Handles made from `serial` on (`apply_serial()`) that are still in place and changed one
-    of `tensors`, newest first: the order they must be reverted in."""
-    keys = {_storage_key(t) for t in tensors}
-    with _busy_lock:
-        found = {id(h): h for key in keys for r in _in_place.get(key, []) if isinstance(h := r(), ApplyHandle)
-                 and not h.reverted and h._serial >= serial}  # not merge()'s EntryWrite records
-    return sorted(found.values(), key=lambda h: h._serial, reverse=True)
 
 
 def _handle_keys(handle) -> list:
@@ -590,7 +566,7 @@ _held: list = []  # lists that keep alive the handles of the applies made meanwh
 def holding_applies():
     """Inside the block, the handle of every new apply is kept alive (even one its caller drops,
     which would otherwise stay in the model for good) and listed in the yielded list, so that the
-    block's owner (`xlsparse.hf.disable`) can revert it on exit."""
+    block's owner (`xlsparse.hf.disable`) can revert it on exit (the list is in creation order)."""
     kept = []
     with _busy_lock:
         _held.append(kept)
@@ -623,10 +599,14 @@ def _forget_apply(handle) -> None:
                 _in_place.pop(key, None)
 
 
-def applied_in_place(tensor: torch.Tensor) -> bool:
-    """True while an apply that changed `tensor` (its storage) is not reverted."""
+def applies_on(tensors) -> list:
+    """The applies still in place (not merge()'s EntryWrite records) that changed one of
+    `tensors`, by storage."""
+    keys = {_storage_key(t) for t in tensors}
     with _busy_lock:
-        return any(isinstance(r(), ApplyHandle) for r in _in_place.get(_storage_key(tensor), []))
+        found = {id(h): h for key in keys for r in _in_place.get(key, []) if isinstance(h := r(), ApplyHandle)
+                 and not h.reverted}
+    return list(found.values())
 
 
 def _later_applies(handle) -> list:

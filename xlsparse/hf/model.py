@@ -24,8 +24,8 @@ from torch import nn
 
 from .. import routing
 from ..distributed import fingerprint
-from ..diff import (SparseDelta, SparseDiff, _storage_key, _transpose_delta, applied_in_place, applies_since,
-                    apply_serial, budget, holding_applies, index_dtype)
+from ..diff import (SparseDelta, SparseDiff, _storage_key, _transpose_delta, applies_on, budget, holding_applies,
+                    index_dtype)
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
@@ -469,7 +469,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     # a GPT-2 Conv1D becomes a transposed copy: an apply's revert would then write the old tensors,
     # which the model no longer holds, and silently leave its diff in the converted model
     copied = [n for n in names if not isinstance(modules[n], nn.Linear)
-              and any(t is not None and applied_in_place(t) for t in (modules[n].weight, modules[n].bias))]
+              and applies_on([t for t in (modules[n].weight, modules[n].bias) if t is not None])]
     if copied:
         raise RuntimeError(f"convert: an xlsparse.apply that is not reverted changed {copied}, which convert copies "
                            "into a new layout (its revert would then miss them); revert it first, or drop its handle "
@@ -960,7 +960,7 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
         raise ValueError(f"merge_and_unload: language= is for kind='multi'; this model is {config.kind!r}")
     # the plain layers get new weight tensors: an apply's revert would then write the old ones,
     # which the model no longer holds, and silently leave its diff in the model
-    held = [name for name, layer in _converted(model) if applied_in_place(layer.weight)
+    held = [name for name, layer in _converted(model) if applies_on([layer.weight])
             and (isinstance(layer, (SparseDeltaLinear, MultiDeltaLinear)) or layer.transposed)]
     if held:
         raise RuntimeError(f"merge_and_unload: an xlsparse.apply that is not reverted changed the weights of {held}, "
@@ -1024,13 +1024,12 @@ def disable(model: nn.Module):
         # applies made before the block over the tensors it swaps (modules to save, subnetworks'
         # trained entries): a revert inside would restore trained values into the base state, and
         # the exit would copy the kept values, diff included, back over it: refused until the exit
-        pinned = applies_since(0, [*(named[n] for n in kept), *(subnets[n].weight for n in kept_subnet)])
+        pinned = applies_on([*(named[n] for n in kept), *(subnets[n].weight for n in kept_subnet)])
         for handle in pinned:
             handle._pinned = "hf.disable"
         for layer in layers:
             layer.disabled = True
-        start = apply_serial()
-        with holding_applies():  # an apply made inside whose handle is dropped is reverted on exit too
+        with holding_applies() as made:  # an apply made inside whose handle is dropped is reverted on exit too
             try:
                 yield model
             finally:
@@ -1038,8 +1037,10 @@ def disable(model: nn.Module):
                     handle._pinned = None
                 for layer in layers:
                     layer.disabled = False
-                for handle in applies_since(start, [*named.values(), *model.buffers()]):  # diffs may name buffers
-                    handle.revert()
+                on_model = {id(h) for h in applies_on([*named.values(), *model.buffers()])}  # diffs may name buffers
+                for handle in reversed(made):  # newest first
+                    if id(handle) in on_model:
+                        handle.revert()
                 with torch.no_grad():
                     for n, value in kept.items():
                         named[n].copy_(value)
