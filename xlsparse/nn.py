@@ -104,7 +104,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         if not self.merged:
             return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values)
         # (not while tracing: a graph cannot read version counters; eager calls check)
-        if not torch.compiler.is_compiling() and self.delta_values._version != self._merged_version:
+        if not torch.compiler.is_compiling() and self._merge_is_stale():
             raise RuntimeError("SparseDeltaLinear: delta_values changed after merge(), so the merged weight is stale; "
                                "unmerge() and merge() again")
         wants_grad = torch.is_grad_enabled() and self.delta_values.requires_grad
@@ -156,6 +156,10 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
                 self._merge_write.release()
                 self._merge_write = None
 
+    def _merge_is_stale(self) -> bool:
+        """True while merged when delta_values changed since merge(): the merged weight is W0 + an old Δ."""
+        return self.merged and self.delta_values._version != self._merged_version
+
     def _written_since_merge(self) -> bool:
         """True while merged when something other than merge() (an xlsparse.apply, a revert) wrote
         the delta's entries of the merged weight since: the base there is then no longer known."""
@@ -183,7 +187,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         # keep whether the merge was current, not the old counter (a merged copy refused to run)
         state = super().__getstate__()
         if self.merged:
-            state["_merged_version"] = "stale" if self.delta_values._version != self._merged_version else "current"
+            state["_merged_version"] = "stale" if self._merge_is_stale() else "current"
         return state
 
     def __setstate__(self, state):

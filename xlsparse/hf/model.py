@@ -970,7 +970,7 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
         plains = []  # every plain layer first: a refusal below leaves the model as it was
         for name, layer in list(_converted(model)):
             if isinstance(layer, SparseDeltaLinear):
-                if layer.merged and layer.delta_values._version == layer._merged_version:
+                if layer.merged and not layer._merge_is_stale():
                     weight = layer.weight.detach().clone()  # W0 + Δ as merge() wrote it, Δ unchanged since
                 else:
                     # a merged layer whose Δ changed since merge() (a step on gradients taken in eval
