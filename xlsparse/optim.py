@@ -236,9 +236,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch.optim.Optimizer.state_dict, plus, for a DTensor (FSDP2) parameter, a `shard` tag
         (this process's mesh coordinates and the mesh shape) beside its state: that state covers
-        this process's shard only (plain tensors, not DTensors). torch.distributed.checkpoint takes plain tensors for replicated
-        ones and keeps one process's copy, so each rank would read another rank's moments back;
-        `load_state_dict` refuses a state tagged with another rank."""
+        this process's shard only (plain tensors, not DTensors). torch.distributed.checkpoint
+        takes plain tensors for replicated ones and keeps one process's copy, so each rank would
+        read another rank's moments back; `load_state_dict` refuses a state tagged with another
+        rank."""
         out = super().state_dict()
         for pid, p in enumerate(self._all_params()):
             if _is_dtensor(p) and pid in out["state"]:
