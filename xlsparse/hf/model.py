@@ -278,6 +278,7 @@ class _SavePretrainedWithDiff:
         self.model = model
 
     def __call__(self, save_directory, *args, **kwargs):
+        main_process = kwargs.get("is_main_process", args[0] if args else True)
         if kwargs.pop("push_to_hub", False):
             # transformers uploads inside its own save, before this module's files exist: save the
             # folder first, then push it whole through push_to_hub (which saves through this object)
@@ -285,11 +286,11 @@ class _SavePretrainedWithDiff:
                    if k in kwargs}
             hub.setdefault("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
             self(save_directory, *args, **kwargs)
-            if kwargs.get("is_main_process", args[0] if args else True):
+            if main_process:
                 self.model.push_to_hub(**hub)
             return
         type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
-        if not kwargs.get("is_main_process", args[0] if args else True):
+        if not main_process:
             return
         try:
             save_pretrained(self.model, save_directory)
