@@ -446,6 +446,15 @@ def test_from_models_refuses_tensors_the_base_lacks():
     assert SparseDiff.from_models(base, tuned, density=0.1, exclude=r"^extra\.").nnz == round(0.1 * 210)
 
 
+def test_from_models_refuses_include_patterns_that_match_nothing():
+    # a typo in include selected nothing from it: an empty diff when it was the only pattern
+    base, tuned = _model(0), _model(1)
+    for include in (r"wieght$", [r"weight$", r"^nothing\."]):
+        with pytest.raises(ValueError, match="nothing|wieght"):
+            SparseDiff.from_models(base, tuned, density=0.5, include=include)
+    assert SparseDiff.from_models(base, tuned, density=0.5, include=r"weight$").nnz > 0
+
+
 def test_merge_apply_and_division_name_bad_operands():
     d = SparseDiff.from_models(_model(0), _model(1), k=5)
     with pytest.raises(TypeError, match="merge: diffs\\[1\\] is a int, not a SparseDiff"):
@@ -1052,3 +1061,18 @@ def test_topk_masks_many_equal_keys(backend, use_backend):
     masks = topk_masks(tensors, 30)
     assert masks[0].all() and masks[2].all()
     assert masks[1][:8].all() and int(masks[1].sum()) == 8
+
+
+@pytest.mark.parametrize("where", ["delta", "dense", "absolute", "to"])
+def test_float8_values_are_refused_where_a_diff_is_made(where):
+    # float8 deltas were taken by SparseDelta, SparseDiff and save, but refused by merge (and d + d)
+    # and broke apply's promotion: refused at construction, as the README's table says.
+    f8 = torch.float8_e4m3fn
+    vals = torch.tensor([0.5, 1.5])
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        if where == "delta":
+            SparseDelta(torch.tensor([1, 3]), vals.to(f8), (2, 3))
+        elif where == "to":
+            SparseDiff({"w": SparseDelta(torch.tensor([1, 3]), vals, (2, 3))}).to(dtype=f8)
+        else:
+            SparseDiff(**{where: {"w": torch.ones(2, 3).to(f8)}})

@@ -223,6 +223,57 @@ def test_load_state_dict_refuses_a_step_count_of_another_size(opt_class):
         fresh.load_state_dict(saved)
 
 
+def test_load_state_dict_refuses_compact_state_of_another_shape():
+    # A compact state is [K]; torch's AdamW state of a [2, 4] param has K = 8 entries too, and was
+    # taken as the moments (and l1 anchor) of another parameter's 8 selected entries.
+    w = torch.randn(4, 6, requires_grad=True)
+    idx = torch.tensor([1, 3, 5, 7, 9, 11, 13, 20])
+    other = torch.randn(2, 4, requires_grad=True)
+    torch_opt = torch.optim.AdamW([other], lr=1e-2)
+    other.grad = torch.ones(2, 4)
+    torch_opt.step()
+    fresh = MaskedAdamW([w], [idx], lr=1e-2, mode="compact")
+    with pytest.raises(ValueError, match=r"state 'exp_avg' of param 0 has shape \(2, 4\)"):
+        fresh.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    opt = MaskedAdamW([w], [idx], lr=1e-2, mode="compact", l1_to_init=0.1)
+    _set_grads([w], 1)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["init"] = saved["state"][0]["init"].reshape(2, 4)
+    with pytest.raises(ValueError, match=r"state 'init' of param 0 has shape \(2, 4\)"):
+        MaskedAdamW([w.detach().clone().requires_grad_()], [idx], lr=1e-2, mode="compact",
+                    l1_to_init=0.1).load_state_dict(saved)
+    # the whole param's shape stays fine where the state covers every entry (torch's AdamW state)
+    dense = MaskedAdamW([w.detach().clone().requires_grad_()], [None], lr=1e-2, mode="compact")
+    full = torch.optim.AdamW([w], lr=1e-2)
+    w.grad = torch.ones(4, 6)
+    full.step()
+    dense.load_state_dict(copy.deepcopy(full.state_dict()))
+
+
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+def test_a_refused_load_state_dict_leaves_the_optimizer_as_it_was(opt_class):
+    # the checks ran after torch's loader had replaced the state and the groups: a refused state
+    # left its lr (and a state the next step trips on) in the optimizer
+    p = torch.randn(42, requires_grad=True)
+    mask = torch.rand(42, generator=seeded(3)) < 0.4
+    kwargs = {"momentum": 0.9} if opt_class is MaskedSGD else {}
+    opt = opt_class([p], [mask], lr=1e-2, **kwargs)
+    _set_grads([p], 1)
+    opt.step()
+    before = copy.deepcopy(opt.state_dict())
+    bad = copy.deepcopy(before)
+    bad["param_groups"][0]["lr"] = 99.0
+    bad["state"][0]["step"] = torch.zeros(5)
+    with pytest.raises(ValueError, match="the step count of param 0 has 5 entries"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert after["state"][0].keys() == before["state"][0].keys()
+    for key, value in before["state"][0].items():
+        assert torch.equal(after["state"][0][key], value), key
+
+
 @pytest.mark.parametrize("as_number", [float, int, np.float32, np.int64, "float64 default"])
 @pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
 def test_load_state_dict_takes_a_step_count_saved_as_a_number(opt_class, as_number):

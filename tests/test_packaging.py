@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_subpackage_imports():
-    names = [m.name for m in pkgutil.walk_packages(xlsparse.__path__, "xlsparse.")]
+    # __main__ is `python -m xlsparse`: importing it runs the command
+    names = [m.name for m in pkgutil.walk_packages(xlsparse.__path__, "xlsparse.") if m.name != "xlsparse.__main__"]
     for sub in ("xlsparse.hf", "xlsparse.hf.lt_sft", "xlsparse.hf.subnetworks", "xlsparse.hf.continual",
                 "xlsparse.hf.arithmetic", "xlsparse.hf.xelm", "xlsparse.ops", "xlsparse.triton", "xlsparse.benchmarks"):
         assert importlib.util.find_spec(sub) is not None, sub
@@ -37,8 +38,9 @@ def test_source_packages_are_all_in_the_distribution():
     assert on_disk <= set(find_packages(ROOT, include=["xlsparse", "xlsparse.*"]))
 
 
-def test_version_on_the_command_line():
-    out = subprocess.run(child_python("-m", "xlsparse.cli", "--version"), capture_output=True, text=True, check=True)
+@pytest.mark.parametrize("module", ["xlsparse", "xlsparse.cli"])
+def test_version_on_the_command_line(module):
+    out = subprocess.run(child_python("-m", module, "--version"), capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"xlsparse {xlsparse.__version__}"
     assert xlsparse.__version__ != "0.0.0+unknown"
 

@@ -76,8 +76,8 @@ def _check_delta(indices, values, shape, where: str):
         raise ValueError(f"{where}: {indices.numel()} indices but {values.numel()} values")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"{where}: indices must be an integer tensor, got {indices.dtype}")
-    if not values.is_floating_point():
-        raise TypeError(f"{where}: values must be floating point, got {values.dtype}")
+    if values.dtype not in checks.FLOAT_DTYPES:  # float8 too: no op (merge, apply's sums) takes it
+        raise TypeError(f"{where}: values must be floating point (float16, bfloat16, float32 or float64), got {values.dtype}")
     if indices.device != values.device:
         raise ValueError(f"{where}: indices are on {indices.device} but values on {values.device}")
     if indices.numel():
@@ -147,6 +147,8 @@ class SparseDelta:
 
     def to(self, device=None, dtype=None) -> "SparseDelta":
         """A copy on `device` with values in `dtype` (indices keep their dtype)."""
+        if dtype is not None and dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"SparseDelta.to: dtype must be floating point (float16, bfloat16, float32 or float64), got {dtype}")
         return SparseDelta._trusted(self.indices.to(device), self.values.to(device=device, dtype=dtype), self.shape)
 
     @classmethod
@@ -776,8 +778,9 @@ class SparseDiff:
         self.absolute = dict(absolute or {})
         for kind, group in (("dense", self.dense), ("absolute", self.absolute)):
             for name, t in group.items():
-                if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                    raise TypeError(f"{kind} entry {name!r}: expected a floating-point tensor")
+                if not isinstance(t, torch.Tensor) or t.dtype not in checks.FLOAT_DTYPES:
+                    raise TypeError(f"{kind} entry {name!r}: expected a floating-point tensor (float16, bfloat16, float32 or float64), "
+                                    f"got {getattr(t, 'dtype', type(t).__name__)}")
         both = set(self.deltas) & (set(self.dense) | set(self.absolute)) | set(self.dense) & set(self.absolute)
         if both:
             raise ValueError(f"parameters {sorted(both)} appear in more than one of deltas, dense and absolute")
@@ -804,6 +807,8 @@ class SparseDiff:
 
     def to(self, device=None, dtype=None) -> "SparseDiff":
         """A copy on `device`; `dtype` converts sparse and dense values (absolute ones keep theirs)."""
+        if dtype is not None and dtype not in checks.FLOAT_DTYPES:
+            raise TypeError(f"SparseDiff.to: dtype must be floating point (float16, bfloat16, float32 or float64), got {dtype}")
         return SparseDiff._trusted({n: d.to(device, dtype) for n, d in self.deltas.items()},
                                    {n: t.to(device=device, dtype=dtype) for n, t in self.dense.items()},
                                    {n: t.to(device=device) for n, t in self.absolute.items()}, self.base_model)
@@ -931,12 +936,22 @@ class SparseDiff:
         `include` / `exclude`: regular expressions (a string or a list) searched in parameter
         names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
         Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
+        Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
         `transformer.wte.weight`) are read once, under their first name. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
         the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
         """
-        b, t = _named_tensors(base), _untied(_named_tensors(tuned, buffers=False), getattr(tuned, "base_model_prefix", "") or "")
+        named = _named_tensors(tuned, buffers=False)
+        b, t = _named_tensors(base), _untied(named, getattr(tuned, "base_model_prefix", "") or "")
+        # as convert's target_modules: a pattern that matches nothing (a typo) would select nothing
+        # from it, silently (an empty diff when it is the only one)
+        floats = [n for n, x in named.items() if x.is_floating_point()]
+        unmatched = [p for p in ([include] if isinstance(include, str) else list(include or []))
+                     if not any(re.search(p, n) for n in floats)]
+        if unmatched:
+            raise ValueError(f"from_models: include patterns {unmatched} match no parameter of tuned (it has "
+                             f"{floats[:6]}{' ...' if len(floats) > 6 else ''})")
         if isinstance(tuned, torch.nn.Module):
             moved = [n for n, x in tuned.named_buffers() if x.is_floating_point() and n in b and b[n].shape == x.shape
                      and not torch.equal(b[n].detach().to(x), x.detach()) and _selected(n, include, exclude)]

@@ -292,7 +292,7 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         if self.disabled:
             return nn.functional.linear(x, self.weight, self.bias)
         if route is None and gates is None:
-            active = routing.current()
+            active = routing.current(self)
             if active is not None:
                 route = _routed(active, len(self.names), "deltas").tokens(x.shape[:-1])
             else:
@@ -412,8 +412,8 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         num_ids = len(self.languages)
         if language_ids is not None:
             groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(lead_shape)
-        elif routing.current() is not None:
-            groups = _routed(routing.current(), num_ids, "languages").tokens(lead_shape)
+        elif routing.current(self) is not None:
+            groups = _routed(routing.current(self), num_ids, "languages").tokens(lead_shape)
         else:
             _unrouted(self)
             groups = routing.TokenGroups.build(torch.full((math.prod(lead_shape),), -1, device=self.weight.device), num_ids)
@@ -536,9 +536,9 @@ class ExpertEmbedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         out = self.base(input_ids)
-        active = routing.current()
         if self.disabled:
             return out
+        active = routing.current(self)
         if active is None:
             _unrouted(self)
             return out

@@ -79,6 +79,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         state keep any key, and the step would silently ignore it."""
         if group.get("maximize"):
             raise ValueError(f"{type(self).__name__} does not support maximize=True; negate the loss instead")
+        if "mode" in group and group["mode"] != self.mode:  # the mode is the optimizer's: a group's would be ignored
+            raise ValueError(f"{type(self).__name__}: a param group has mode={group['mode']!r}, but the mode is set for "
+                             f"the whole optimizer (mode={self.mode!r}); use one optimizer per mode")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -273,7 +276,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             st.pop("shard", None)
             kept[pid] = {k: st.pop(k) for k in list(st) if k in _SELECTOR_KEYS or k == "step"}
             stripped["state"][pid] = st
+        before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(stripped)
+        try:
+            self._load_kept(state_dict, saved_ids, kept, in_force)
+        except Exception:
+            self.__setstate__(before)  # a refused state leaves the optimizer as it was (its lr included)
+            raise
+
+    def _load_kept(self, state_dict: dict, saved_ids: list, kept: dict, in_force: dict) -> None:
+        """The second half of `load_state_dict`: the selectors and step counts, then the checks."""
         for group in self.param_groups:  # a state saved by another optimizer lacks our keys
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -310,12 +322,20 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 if not (any(k in state for k in keys) if keys else "step" in state):
                     self._init_state(group, p, selector)
                     continue
-                n = _local(p).numel() if selector is None or self.mode == "dense" else selector.numel()
-                for key in keys:
+                whole = selector is None or self.mode == "dense"
+                n = _local(p).numel() if whole else selector.numel()
+                # per-entry state is [n], or the param's shape when it covers every entry (torch's
+                # AdamW saves that); another shape of n entries is the state of another parameter
+                shapes = {(n,), tuple(_local(p).shape)} if whole else {(n,)}
+                for key in [*keys, *(["init"] if "init" in state else [])]:
                     t = state.get(key)
                     if not isinstance(t, torch.Tensor) or t.numel() != n:
                         raise ValueError(f"load_state_dict: state {key!r} of param {i} has "
                                          f"{None if t is None else t.numel()} entries; its mask selects {n}")
+                    if tuple(t.shape) not in shapes:
+                        raise ValueError(f"load_state_dict: state {key!r} of param {i} has shape {tuple(t.shape)}; "
+                                         f"its mask selects {n} entries, so it must be one of {sorted(shapes)} "
+                                         "(a state of another shape was saved for another parameter or mask)")
                 step = state.get("step")
                 if step is not None and (not isinstance(step, torch.Tensor) or step.numel() not in (1, n)):
                     raise ValueError(f"load_state_dict: the step count of param {i} has "

@@ -101,6 +101,8 @@ class Routing:
     ids: torch.Tensor
     num_ids: int
     _cache: dict = field(default_factory=dict, repr=False)
+    # ids of the modules of the model `xlsparse.hf.route` was given; None (`use`): every layer
+    modules: frozenset | None = field(default=None, repr=False)
 
     def tokens(self, lead_shape) -> TokenGroups:
         """The token groups for a layer input with leading dims `lead_shape` (cached per shape)."""
@@ -125,9 +127,20 @@ class _Active(threading.local):
 _ACTIVE = _Active()
 
 
-def current() -> Routing | None:
-    """The routing set by the innermost `use` (or `xlsparse.hf.route`), or None."""
-    return _ACTIVE.stack[-1] if _ACTIVE.stack else None
+def current(layer=None) -> Routing | None:
+    """The routing set by the innermost `use` (or `xlsparse.hf.route`), or None.
+
+    With `layer`: the innermost routing that covers it (`use`, or a `route` of a model holding it).
+    A layer that only other models' routings are in force for raises: run by their ids, another
+    model with as many languages was silently routed by ids that were never given for it."""
+    stack = _ACTIVE.stack
+    if layer is None or not stack:
+        return stack[-1] if stack else None
+    for active in reversed(stack):
+        if active.modules is None or id(layer) in active.modules:
+            return active
+    raise RuntimeError(f"{type(layer).__name__}: the active xlsparse.hf.route was given another model; route this "
+                       "one by its own ids (`with xlsparse.hf.route(model, language_ids):`, nested if need be)")
 
 
 def checkpoint_context():
@@ -167,8 +180,9 @@ def _reentered(active: Routing | None):
 
 
 @contextlib.contextmanager
-def use(ids: torch.Tensor, num_ids: int):
-    """Route the layers run inside this block by `ids` ([B] or [B, S], −1 = base only)."""
-    active = Routing(torch.as_tensor(ids), num_ids)
+def use(ids: torch.Tensor, num_ids: int, modules: frozenset | None = None):
+    """Route the layers run inside this block by `ids` ([B] or [B, S], −1 = base only); with
+    `modules` (ids of modules), only those layers."""
+    active = Routing(torch.as_tensor(ids), num_ids, modules=modules)
     with _reentered(active):
         yield active

@@ -72,6 +72,21 @@ def test_ties_merge_equals_dense_peft_math(density):
     assert any(not torch.allclose(got.deltas[n].to_dense(), _dense(plain)[n]) for n in got.deltas)
 
 
+def test_ties_merge_of_half_diffs_rounds_once():
+    # bfloat16 diffs: the weighted sum over agreeing diffs, divided by their count, is rounded to
+    # bfloat16 once (within half an ulp of the float64 math), not once before the division too
+    g = torch.Generator().manual_seed(0)
+    n = 4000
+    vals = [(torch.rand(n, generator=g) + 0.5).bfloat16() for _ in range(3)]  # one sign: every diff agrees
+    diffs = [SparseDiff({"w": SparseDelta(torch.arange(n), v, (n,))}) for v in vals]
+    weights = [0.7, 1.3, 0.45]
+    got = arithmetic.ties_merge(diffs, weights, 1.0).deltas["w"].values
+    assert got.dtype == torch.bfloat16
+    exact = sum(w * v.double() for w, v in zip(weights, vals)) / 3
+    ulps = (got.double() - exact).abs() / torch.exp2(torch.floor(torch.log2(exact.abs())) - 7)
+    assert ulps.max() <= 0.5 + 1e-3, f"{ulps.max():.3f} bfloat16 ulps from the float64 result"
+
+
 def test_trim_keeps_its_own_share_of_each_diff():
     small, big = _random_diff(4, density=0.1), _random_diff(5, density=0.9)
     for d in (small, big):

@@ -97,6 +97,22 @@ def test_language_aware_masks_rank_the_signed_distance_weighted_score(monkeypatc
     apart = continual.language_aware_masks(pair, {"a": "ppp", "b": "rrr"}, density=0.34, features=features)
     assert same["a"]["w"].tolist() == [True, False, False]  # 0.5 vs 0.45: its own ranking
     assert apart["a"]["w"].tolist() == [False, True, False]  # 0.5 - 0.1 < 0.45
+    # Scores far closer together than the lowest (negative) score is large still rank by value:
+    # a float32 shift by the lowest rounded them together, and the tie went by position.
+    n = 1000
+    close = 1.0 + torch.randperm(n, generator=g).float() * 1e-7
+    spike = torch.ones(n)
+    spike[0] = 1e6
+    tight = continual.language_aware_masks({"a": {"w": close}, "b": {"w": spike}}, {"a": "ppp", "b": "rrr"},
+                                           density=0.1, features=features)
+    signed = close.double() / close.double().sum() - spike.double() / spike.double().sum()  # d = 1
+    expect = torch.zeros(n, dtype=torch.bool)
+    expect[signed.topk(100).indices] = True
+    assert torch.equal(tight["a"]["w"], expect)
+    # Signed scores would flip the ranking once divided by a negative sum: they raise.
+    with pytest.raises(ValueError, match=r"scores\['a'\] must be finite and >= 0"):
+        continual.language_aware_masks({"a": {"w": -close}, "b": {"w": spike}}, {"a": "ppp", "b": "rrr"},
+                                       density=0.1, features=features)
 
 
 def _mixed_batch(seed, b=6, s=8):

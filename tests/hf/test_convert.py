@@ -243,6 +243,33 @@ def test_wavlm_attention_projections_are_never_converted():
         hf.convert(model, target_modules=["q_proj"], density=0.1)
 
 
+@pytest.mark.parametrize("tp, exact", [(2, True), (2, False), (1, True)])
+def test_bloom_layers_sliced_under_pretraining_tp_are_never_converted(tp, exact):
+    # BLOOM with pretraining_tp > 1 and slow_but_exact=True runs F.linear on slices of dense.weight
+    # and dense_4h_to_h.weight and never calls them: their deltas changed no output
+    cfg = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_layer=2, n_head=2, pretraining_tp=tp,
+                                   slow_but_exact=exact)
+    model = transformers.BloomForCausalLM(cfg).eval()
+    sliced = tp > 1 and exact
+    names = hf.model.target_names(model)
+    assert ("transformer.h.0.self_attention.dense" in names) != sliced
+    assert ("transformer.h.0.mlp.dense_4h_to_h" in names) != sliced
+    assert "transformer.h.0.mlp.dense_h_to_4h" in names
+    if sliced:
+        with pytest.raises(ValueError, match="never run"):
+            hf.convert(model, target_modules=["dense_4h_to_h"], density=0.5)
+        assert not any(isinstance(m, SparseDeltaLinear) for m in model.modules())
+        return
+    ids = batch(2, 5)
+    hf.convert(model, target_modules=["dense", "dense_4h_to_h"], density=0.5)
+    with torch.no_grad():
+        before = model(ids).logits
+        for m in model.modules():
+            if isinstance(m, SparseDeltaLinear):
+                m.delta_values.fill_(1.0)
+        assert not torch.equal(model(ids).logits, before)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_mixed_language_routing_equals_per_language_runs(arch):
     original = tiny(arch)

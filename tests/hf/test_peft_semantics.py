@@ -412,6 +412,22 @@ def test_disable_runs_the_base_model_and_restores_the_trained_one():
     assert torch.equal(_bits(model(input_ids=ids).logits), _bits(trained))
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_made_inside_disable_is_refused(how, tmp_path):
+    # a deep copy (or pickle) made inside the block kept the base state for good: deltas off, the
+    # saved head at its value from convert; it ran the base model with no way back
+    model, head = classifier("bert")
+    ids = batch()
+    hf.convert(model, density=0.2, modules_to_save=[head])
+    _train(model)
+    trained = model(input_ids=ids).logits
+    with hf.disable(model):
+        with pytest.raises(RuntimeError, match="disable"):
+            copy.deepcopy(model) if how == "deepcopy" else torch.save(model, tmp_path / "m.pt")
+    assert torch.equal(_bits(model(input_ids=ids).logits), _bits(trained))
+    assert torch.equal(_bits(copy.deepcopy(model)(input_ids=ids).logits), _bits(trained))  # outside: fine
+
+
 def test_an_apply_left_in_place_inside_disable_is_reverted_on_exit():
     """disable's exit restores the trained state under a handle made inside the block; reverting
     that handle after the block then wrote the base values it displaced over the trained head
@@ -462,6 +478,30 @@ def _multi(arch="llama"):
     model = tiny(arch)
     diffs = {lang: random_diff(model, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
     return hf.convert(model, kind="multi", diffs=diffs)
+
+
+def test_a_shallow_copy_of_a_converted_model_refuses_to_run_or_save_the_original(tmp_path):
+    # copy.copy shared the instance's forward and save_pretrained, bound to the original: the
+    # copy ran the original's forward (its config) and saved the original's config
+    model = _multi("bert")
+    ids = batch(2, 5)
+    shallow = copy.copy(model)
+    shallow.config = copy.deepcopy(model.config)
+    shallow.config.output_hidden_states = True
+    with pytest.raises(RuntimeError, match="copy.deepcopy"):
+        shallow(input_ids=ids, language_ids=[0, 1])
+    with pytest.raises(RuntimeError, match="copy.deepcopy"):
+        shallow.save_pretrained(str(tmp_path / "shallow"))
+    with pytest.raises(RuntimeError, match="copy.deepcopy"):
+        copy.deepcopy(shallow)
+    assert not os.path.exists(tmp_path / "shallow")
+    with torch.no_grad():  # the original and its deep copies are untouched
+        want = model(input_ids=ids, language_ids=[0, 1]).logits
+        twin = copy.deepcopy(copy.deepcopy(model))
+        assert twin.forward.model is twin and twin.save_pretrained.model is twin
+        assert torch.equal(twin(input_ids=ids, language_ids=[0, 1]).logits, want)
+    model.save_pretrained(str(tmp_path / "model"))
+    twin.save_pretrained(str(tmp_path / "twin"))
 
 
 @pytest.mark.parametrize("kind", ["multi", "subnetwork"])
@@ -806,6 +846,25 @@ def test_a_routed_llama_compiles_with_one_graph_break():
     compiled = torch.compile(forward, backend="eager")
     torch.testing.assert_close(compiled(ids, lang), forward(ids, lang))
     torch._dynamo.reset()
+
+
+def test_a_route_routes_only_its_own_model():
+    # The routing was one per-thread stack: a second routed model with as many languages, run
+    # inside `route(a, ids)`, was silently routed by a's ids.
+    a, b = _multi("bert"), _multi("bert")
+    with torch.no_grad():
+        b.bert.encoder.layer[0].attention.self.query.delta_values[1].add_(1.0)  # b differs from a
+        ids = batch(2, 5)
+        with hf.route(a, [1, 1]):
+            expect_a = a(ids).logits
+            with pytest.raises(RuntimeError, match="another model"):
+                b(ids)
+        with hf.route(a, [1, 1]), hf.route(b, [0, 0]):  # nested: each by its own ids
+            torch.testing.assert_close(a(ids).logits, expect_a, rtol=0, atol=0)
+        with hf.route(b, [0, 0]):
+            expect_b = b(ids).logits
+        with hf.route(b, [0, 0]), hf.route(a, [1, 1]):
+            torch.testing.assert_close(b(ids).logits, expect_b, rtol=0, atol=0)
 
 
 def test_generate_with_language_ids_routes_the_encoder_of_an_encoder_decoder_model(tmp_path):

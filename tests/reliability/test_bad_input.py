@@ -377,6 +377,12 @@ def test_optimizers_reject_bad_arguments_and_masks():
         MaskedAdamW([p], [None], eps=-1.0)
     with pytest.raises(ValueError, match="Nesterov"):
         MaskedSGD([p], [None], nesterov=True)
+    for opt in (MaskedAdamW, MaskedSGD):  # a group's own mode would be ignored
+        with pytest.raises(ValueError, match="mode"):
+            opt([{"params": [p], "mode": "compact"}], [None], mode="dense")
+        with pytest.raises(ValueError, match="mode"):
+            opt([torch.nn.Parameter(torch.randn(3))], [None]).add_param_group({"params": [p], "mode": "compact"})
+        opt([{"params": [p], "mode": "compact"}], [None], mode="compact")  # the same mode: fine
     opt = MaskedAdamW([p], [None])
     with pytest.raises(ValueError, match="masks"):
         opt.update_masks([torch.ones(5, 4, dtype=torch.bool)])
@@ -478,11 +484,22 @@ def test_hf_convert_rejects_mismatched_diffs_and_arguments():
         (dict(kind="subnetwork", masks={"de": {"nope.weight": torch.ones(8, 8, dtype=torch.bool)}}), ValueError,
          "nope.weight"),
         (dict(kind="subnetwork", masks=None), TypeError, "masks"),
+        (dict(kind="subnetwork", masks={"de": {name: torch.ones(8, 8, dtype=torch.bool)}}, diffs=missing), ValueError,
+         "diffs"),
+        (dict(kind="multi", diffs={1: xlsparse.SparseDiff({}), "1": xlsparse.SparseDiff({})}), ValueError, "twice"),
+        (dict(kind="subnetwork", masks={0: {}, "0": {}}), ValueError, "twice"),
+        # a later layer's mask not bool: refused before the first layer is swapped
+        (dict(kind="subnetwork", masks={"de": {name: torch.ones(8, 8, dtype=torch.bool),
+                                               "encoder.layer.0.output.dense.weight": torch.ones(8, 12)}}),
+         TypeError, "bool tensor"),
+        (dict(kind="subnetwork", masks={"de": torch.ones(8, 8, dtype=torch.bool)}), TypeError, "masks"),
     ]:
         model = tiny()
         before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        types = [(n, type(m)) for n, m in model.named_modules()]
         with pytest.raises(exc, match=match):
             hf.convert(model, **kwargs)
+        assert [(n, type(m)) for n, m in model.named_modules()] == types, f"convert swapped layers before raising ({kwargs})"
         after = model.state_dict()
         assert set(after) == set(before), f"convert changed the model's structure before raising ({kwargs})"
         for n, t in before.items():

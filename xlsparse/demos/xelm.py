@@ -6,7 +6,7 @@ gettext messages of every language (the seed model). Then each cluster's expert 
 the seed as a sparse delta (plus a dense embedding of its own) and trained on its cluster only,
 while the naive joint model keeps training on everything for as many steps as all experts
 together. Reported: perplexity per language on held-out lines, of the seed model, the joint model
-and the ensemble (per-token posterior weights, as the paper, and top-1: the expert of the line's
+and the ensemble (per-token posterior weights, BTM's rule, and top-1: the expert of the line's
 cluster). Finally a new expert for a new language is branched from its URIEL-closest expert and
 added; the existing experts' outputs are checked unchanged.
 `--model` does not apply here: the seed model is trained in-process.
@@ -157,7 +157,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
             cluster_lines = [t for lang in members for t in train[lang]]
             experts[c] = train_expert(seed_model, batches(tokenizer, cluster_lines, s.batch, s.expert_steps, seed + 2),
                                       density=s.density, lr=s.lr, train_embeddings=s.train_embeddings)
-        ensemble = ExpertEnsemble(seed_model, experts)  # the paper's per-token posterior weights
+        ensemble = ExpertEnsemble(seed_model, experts)  # per-token posterior weights (BTM's rule)
         static = ExpertEnsemble(seed_model, experts, weighting="static")  # fixed weights, given per example
         names = ensemble.names
         for lang in langs:

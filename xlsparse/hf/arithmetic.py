@@ -125,7 +125,7 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     absolute = _absolute_entries(diffs, with_abs, absolute_from, "ties_merge")
     trimmed = [SparseDiff._trusted(_trim(d, density)) for d in diffs]
     elected = SparseDiff.merge(trimmed)  # Σ_i trimmed φ_i on the union of the supports
-    agreeing, ones = [], []
+    agreeing, ones, dtypes = [], [], {}
     for t in trimmed:
         kept, count = {}, {}
         for name, delta in t.deltas.items():
@@ -133,7 +133,11 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
             at = torch.searchsorted(total.indices.long(), delta.indices.long())
             sign = torch.where(total.values[at] >= 0, 1.0, -1.0)
             agree = delta.values.sign() == sign.to(delta.values.dtype)
-            kept[name] = SparseDelta._trusted(delta.indices[agree], delta.values[agree], delta.shape)
+            # the weighted sum in at least float32: rounding it to a half type before the division
+            # by the count would round each value twice
+            wide = torch.promote_types(delta.values.dtype, torch.float32)
+            kept[name] = SparseDelta._trusted(delta.indices[agree], delta.values[agree].to(wide), delta.shape)
+            dtypes[name] = torch.promote_types(dtypes.get(name, delta.values.dtype), delta.values.dtype)
             count[name] = SparseDelta._trusted(delta.indices[agree], torch.ones(int(agree.sum()), dtype=torch.float32,
                                                                                  device=delta.values.device), delta.shape)
         agreeing.append(SparseDiff._trusted(kept))
@@ -142,7 +146,7 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     counts = SparseDiff.merge(ones)  # the same supports as `numerator`: the union of the agreeing entries
     deltas = {}
     for name, num in numerator.deltas.items():
-        values = (num.values.float() / counts.deltas[name].values).to(num.values.dtype)
+        values = (num.values / counts.deltas[name].values.to(num.values.dtype)).to(dtypes[name])
         deltas[name] = SparseDelta._trusted(num.indices, values, num.shape)
     base = {d.base_model for d in diffs} - {None}
     return SparseDiff._trusted(deltas, {}, absolute, base.pop() if len(base) == 1 else None)

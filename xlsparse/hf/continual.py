@@ -141,11 +141,17 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
         if set(scores[lang]) != set(names):
             raise ValueError(f"language_aware_masks: scores[{lang!r}] names {sorted(set(scores[lang]) ^ set(names))[:3]} "
                              f"that scores[{langs[0]!r}] does not, or the reverse; score the same parameters")
-    dist = distance_matrix([uriel_codes[lang] for lang in langs], features).float()
+        bad = [n for n in names if not bool((torch.isfinite(scores[lang][n]) & (scores[lang][n] >= 0)).all())]
+        if bad:  # normalised by their sum, negative scores could flip the ranking
+            raise ValueError(f"language_aware_masks: scores[{lang!r}] must be finite and >= 0 (importances), "
+                             f"got other values in {bad[:3]}")
+    dist = distance_matrix([uriel_codes[lang] for lang in langs], features)
+    # float64 throughout: the shift by the lowest score below would round float32 scores closer
+    # than ulp(|lowest|) together, and topk_mask would then break the tie by position.
     norm = {}
     for lang in langs:
-        total = sum(float(scores[lang][n].sum()) for n in names) or 1.0
-        norm[lang] = {n: scores[lang][n].float() / total for n in names}
+        total = sum(float(scores[lang][n].double().sum()) for n in names) or 1.0
+        norm[lang] = {n: scores[lang][n].double() / total for n in names}
     others = max(len(langs) - 1, 1)
     masks = {}
     for i, lang in enumerate(langs):

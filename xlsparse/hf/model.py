@@ -70,6 +70,16 @@ _SEQUENCE_FIRST = {"xlnet", "fsmt", "longformer", "led"}
 # transformers modules that pass these children's weights to a functional call and never call the
 # children (WavLM: F.multi_head_attention_forward): a converted child would be bypassed
 _READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj")}
+# ... and those that do so under a config: BLOOM with pretraining_tp > 1 and slow_but_exact=True
+# runs F.linear on column slices of these children's weights
+_TP_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
+
+
+def _reads_child_weights(module: nn.Module) -> tuple:
+    names = _READS_CHILD_WEIGHTS.get(type(module).__name__, ())
+    if getattr(module, "pretraining_tp", 1) > 1 and getattr(module, "slow_but_exact", False):
+        names += _TP_SLICED.get(type(module).__name__, ())
+    return names
 
 
 def target_names(model: nn.Module, target_modules=None) -> list[str]:
@@ -84,7 +94,7 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     """
     bypassed = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     bypassed |= {f"{n}.{c}" if n else c for n, m in model.named_modules()
-                 for c in _READS_CHILD_WEIGHTS.get(type(m).__name__, ())}
+                 for c in _reads_child_weights(m)}
     linears = [name for name, module in model.named_modules() if _is_linear(module)]
     if target_modules is None:
         names = [name for name in linears if _in_block(name) and name not in bypassed]
@@ -101,7 +111,8 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     if bypassed & set(names):
         raise ValueError(f"convert: target_modules matches {sorted(bypassed & set(names))[:3]}, whose weight its parent "
                          "reads without calling it (the out_proj of an nn.MultiheadAttention, WavLM's attention "
-                         "projections): a converted layer would never run")
+                         "projections, BLOOM's dense and dense_4h_to_h under pretraining_tp > 1 with "
+                         "slow_but_exact=True): a converted layer would never run")
     patterns = [target_modules] if isinstance(target_modules, str) else [[t] for t in target_modules]
     unmatched = [p for p in patterns if not any(_matches(name, p) for name in linears)]
     if unmatched:
@@ -212,6 +223,11 @@ class _Record:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __getstate__(self):  # deepcopy and pickle: a copy gets a lock of its own
+        if self.lock.locked():  # held by `disable` only
+            # the model is in its base state (deltas off, modules to save and subnetworks at their
+            # values from convert), and the copy would stay in it: it would run the base for good
+            raise RuntimeError("copying or pickling a model inside `with xlsparse.hf.disable(model):` would give a "
+                               "copy stuck in the base state; copy it outside the block")
         return {k: v for k, v in self.__dict__.items() if k != "lock"}
 
     def __setstate__(self, state):  # a record pickled before `outside` existed has none
@@ -234,7 +250,45 @@ def _subnet_weight_outside(layer: SubnetworkLinear, union: torch.Tensor) -> torc
 
 # --- routing through the batch: model(**batch) with a `language_ids` field ---
 
-class _RoutingForward:
+class _OnInstance:
+    """Base of the objects `convert` puts on a model instance (`forward`, `save_pretrained`,
+    `__getstate__`), bound to that model. A deep copy or pickle copies them with the model, bound
+    to the copy; `copy.copy` would share them, and the copy's forward and save would act on the
+    original (its config, its attributes): `_InstanceState` gives a shallow copy fresh objects
+    marked `shallow`, which raise when used."""
+
+    shallow = False
+
+    def __getstate__(self):  # deepcopy and pickle: copied with its model, so bound to the copy
+        return {k: v for k, v in self.__dict__.items() if k != "shallow"}
+
+    def _check_bound(self) -> None:
+        if self.shallow:
+            raise RuntimeError("a copy.copy of a model converted by xlsparse.hf.convert shares its forward and "
+                               "save_pretrained with the original, and would run or save the original: use "
+                               "copy.deepcopy(model)")
+
+
+class _InstanceState(_OnInstance):
+    """`model.__getstate__` of a converted model, which copy.copy, copy.deepcopy and pickle call:
+    the class's state, with fresh `_OnInstance` objects marked `shallow` (a deep copy and pickle
+    copy them, which clears the mark; a shallow copy keeps them as they are)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self):
+        self._check_bound()
+        state = type(self.model).__getstate__(self.model)
+        for key, value in state.items():
+            if isinstance(value, _OnInstance):
+                fresh = object.__new__(type(value))
+                fresh.__dict__.update(value.__dict__, shallow=True)
+                state[key] = fresh
+        return state
+
+
+class _RoutingForward(_OnInstance):
     """`model.forward` of a routed model: the class's forward with a `language_ids` keyword that
     routes the call, under a signature that shows it, so `model(**batch)` routes by the batch's
     field and HF's Trainer keeps the column (`remove_unused_columns` keeps what the forward's
@@ -256,6 +310,7 @@ class _RoutingForward:
         return sig.replace(parameters=[*params[:at], extra, *params[at:]])
 
     def __call__(self, *args, language_ids=None, **kwargs):
+        self._check_bound()
         if args and args[0] is self.model:  # accelerate's unwrap binds the original forward as a method again
             args = args[1:]
         cls_forward = type(self.model).forward
@@ -265,7 +320,7 @@ class _RoutingForward:
             return cls_forward(self.model, *args, **kwargs)
 
 
-class _SavePretrainedWithDiff:
+class _SavePretrainedWithDiff(_OnInstance):
     """`model.save_pretrained` of a converted 'delta' or 'multi' model: transformers' own save (the
     whole model, base included: the Trainer's checkpoints resume from it), then this module's
     `save_pretrained` files beside it, so that `from_pretrained(base, folder)` reads what the
@@ -278,6 +333,7 @@ class _SavePretrainedWithDiff:
         self.model = model
 
     def __call__(self, save_directory, *args, **kwargs):
+        self._check_bound()
         main_process = kwargs.get("is_main_process", args[0] if args else True)
         if kwargs.pop("push_to_hub", False):
             # transformers uploads inside its own save, before this module's files exist: save the
@@ -438,11 +494,16 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         if not isinstance(masks, dict) or not masks:
             raise TypeError("convert: kind='subnetwork' needs masks={language: {parameter name: BoolTensor}}")
         languages_ = [str(lang) for lang in masks]
+    if len(set(languages_)) != len(languages_):  # names are kept as strings: 1 and "1" would be one language
+        raise ValueError(f"convert: the {'diffs' if kind == 'multi' else 'masks'} keys {languages_} name a language "
+                         "twice once written as strings; give distinct names")
     if kind != "delta" and (density is not None or k is not None):
         raise ValueError(f"convert: density and k are for kind='delta'; kind={kind!r} takes its supports from "
                          f"{'diffs' if kind == 'multi' else 'masks'}")
     if kind != "subnetwork" and masks is not None:
         raise ValueError("convert: masks are for kind='subnetwork'")
+    if kind == "subnetwork" and diffs is not None:  # it would be ignored: a subnetwork trains the weight itself
+        raise ValueError("convert: diffs are for kind='delta' or 'multi'; kind='subnetwork' takes masks only")
 
     # Everything is checked before the first layer is replaced: an error leaves the model as it was.
     shapes = {f"{n}.weight": tuple(modules[n].weight.shape) for n in names}
@@ -459,7 +520,14 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
                                  "cannot route; drop them with diff.without_absolute() or apply them to the base")
     elif kind == "subnetwork":
         for lang, named in masks.items():
+            if not isinstance(named, Mapping):
+                raise TypeError(f"convert: masks[{lang!r}] must be a dict {{parameter name: BoolTensor}}, got "
+                                f"{type(named).__name__}")
             _check_entries(f"masks[{lang!r}]", named, shapes)
+            for pname, m in named.items():  # here, not in SubnetworkLinear: earlier layers would be swapped already
+                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
+                    raise TypeError(f"convert: masks[{lang!r}][{pname!r}] must be a bool tensor, got "
+                                    f"{getattr(m, 'dtype', type(m).__name__)}")
     tied = tied_parameters(model)
     for name in names:
         if name not in keep_tied:
@@ -499,6 +567,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         _accept_language_ids(model)
     if kind != "subnetwork" and callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = _SavePretrainedWithDiff(model)
+    if any(isinstance(v, _OnInstance) for v in model.__dict__.values()):
+        model.__getstate__ = _InstanceState(model)
     return model
 
 
@@ -726,7 +796,8 @@ def route(model: nn.Module, language_ids):
                          "tokens, but the decoder's layers run on the target tokens (a target of the same length "
                          "would be routed by source positions); give one id per example [B]")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
-    with routing.use(ids, num) as active:
+    # only this model's layers: another routed model run inside the block is not routed by these ids
+    with routing.use(ids, num, frozenset(id(m) for m in model.modules())) as active:
         yield active
 
 
@@ -990,7 +1061,7 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     for attr in ("xlsparse_config", "_xlsparse_record"):
         if hasattr(model, attr):
             delattr(model, attr)
-    for attr in ("forward", "save_pretrained"):
+    for attr in ("forward", "save_pretrained", "__getstate__"):
         if attr in model.__dict__:
             delattr(model, attr)
     for module in model.modules():  # an encoder-decoder's encoder (`_accept_language_ids`)

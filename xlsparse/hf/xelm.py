@@ -5,11 +5,17 @@ What follows the paper (and its c-BTM lineage, Gururangan et al. 2023):
   - independent experts, each trained on the languages of one cluster; clusters come from
     typology (X-ELM's own: greedy pairing by lang2vec syntax distance, `cluster_languages`) or
     from balanced k-means over example embeddings (c-BTM's data clustering, `balanced_kmeans`);
-  - the ensemble weights each expert per token by its posterior given the prefix,
-    p(e | x<t) ∝ p(e) · p(x<t | e), with the prior p(e) uniform unless given, so the first
-    token uses the prior (uniform by default), and optionally only the top-k experts;
   - a new expert is branched from the typologically closest existing one (X-ELM's
     "hierarchical multi-round training") and leaves the others untouched.
+How the experts are weighted: X-ELM's code (after c-BTM) weights them by a tf-idf classifier of
+the context, softmax(−d²/T) of its distances to k-means centres of the training clusters (T = 0.1
+in its perplexity evaluation, which mixes probabilities; one weight vector per example in its
+downstream evaluation, which mixes logits). xlsparse has no tf-idf classifier: give such weights
+per example with weighting="static" (space="logit" for the downstream mixing). The default,
+weighting="posterior", is BTM's Bayes rule (Li et al. 2022), not X-ELM's:
+p(e | x<t) ∝ p(e) · p(x<t | e) over the whole prefix, with the prior p(e) uniform unless given, so
+the first token uses the prior, and optionally only the top-k experts. (The 'bayes' option of
+X-ELM's code differs again: it weights by p(e) · p_e(x_t | x<t), the last token's likelihood only.)
 What is xlsparse's own:
   - experts are sparse diffs (plus dense or sparse embedding and head parts), not separate
     dense models: all E experts run as E copies of the batch through `MultiDeltaLinear`
@@ -17,7 +23,8 @@ What is xlsparse's own:
   - the posterior temperature: log w_e = log p(e) + log p(x<t | e) / temperature;
   - a child expert may grow its support beyond its parent's by the largest gradient
     magnitudes on its first batch (`train_expert(..., init=parent, grow=k)`);
-  - mixing in probability space (the paper's) or in logit space (`space="logit"`).
+  - both mixings on every weighting: probability space (`space="prob"`) or logit space
+    (`space="logit"`, log_softmax(Σ_e w_e z_e)).
 """
 import copy
 import inspect
@@ -92,11 +99,13 @@ class ExpertEnsemble(nn.Module):
     layer of the blocks, plus the output head when an expert changes it), the input embedding and
     the head, with sparse, dense or absolute entries; anything else raises.
     `weighting`: "posterior" (per token, p(e | x<t) ∝ prior_e · p(x<t | e)^(1/temperature),
-    the prior alone at the first token), "uniform", or "static" (per-example `weights` [B, E]
-    given to `forward`, else the prior). `prior` [E] (uniform by default) must be positive;
+    the prior alone at the first token: BTM's rule, not X-ELM's tf-idf weights, see the module
+    docstring), "uniform", or "static" (per-example `weights` [B, E] given to `forward`, e.g.
+    X-ELM's tf-idf cluster probabilities, else the prior). `prior` [E] (uniform by default) must be positive;
     `top_k` (posterior weighting only) keeps the k heaviest experts per token, and any tied with
     the k-th, and renormalises (the first token under a uniform prior keeps them all). `space`: mix
-    probabilities ("prob", the paper's) or logits ("logit").
+    probabilities ("prob", as X-ELM's perplexity evaluation) or logits ("logit", as its
+    downstream evaluation).
 
     `ensemble(input_ids, attention_mask=None, weights=None)` returns [B, S, V]: at position t
     the mixture's log-probabilities of the token after x_≤t.
@@ -328,7 +337,9 @@ def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, atten
     """exp of the mean negative log-likelihood of every next token under the ensemble's mixture,
     computed with `ensemble_nll`; with a mask, over the predictions whose token and context token
     are both real (a left- or right-padded row counts as the same row unpadded)."""
-    nll = ensemble.token_nll(input_ids, attention_mask, weights)
+    # Summed and counted in float64: in a bf16 ensemble's dtype, a sum of thousands of nats
+    # and a count above 256 were rounded to 8 bits of mantissa.
+    nll = ensemble.token_nll(input_ids, attention_mask, weights).double()
     mask = torch.ones_like(nll) if attention_mask is None else _predicted(attention_mask).to(nll.dtype)
     return float(torch.exp((nll * mask).sum() / mask.sum().clamp_min(1)))
 
@@ -377,7 +388,13 @@ def _syntax_average(codes: Sequence[str]) -> torch.Tensor:
     if unknown:
         raise ValueError(f"cluster_languages: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
     table = l2v.get_features(list(dict.fromkeys(codes)), "syntax_average", minimal=True)
-    return torch.tensor([[math.nan if x == "--" else float(x) for x in table[c]] for c in codes], dtype=torch.float64)
+    v = torch.tensor([[math.nan if x == "--" else float(x) for x in table[c]] for c in codes], dtype=torch.float64)
+    # No known nonzero feature: a zero norm, NaN distances, and a clustering by NaN comparisons.
+    blank = [c for c, row in zip(codes, v.nan_to_num(0.0)) if not bool(row.any())]
+    if blank:
+        raise ValueError(f"cluster_languages: codes {blank} have no known nonzero lang2vec syntax_average feature "
+                         "(among the features that vary over these languages); give clusters= instead")
+    return v
 
 
 def _cosine_distances(v: torch.Tensor) -> torch.Tensor:
@@ -461,6 +478,11 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
 def typological_prior(code: str, expert_codes: Mapping[str, Sequence[str]], temperature: float = 0.1) -> torch.Tensor:
     """A prior over experts [E] for text in language `code`: softmax of −(mean URIEL distance to
     each expert's languages) / temperature."""
+    if not temperature > 0:  # a negative one would favour the farthest expert
+        raise ValueError(f"typological_prior: temperature must be positive, got {temperature}")
+    empty = [name for name, cs in expert_codes.items() if not len(cs)]
+    if empty:
+        raise ValueError(f"typological_prior: expert_codes gives experts {empty} no language")
     dist = torch.tensor([sum(uriel_distance(code, c) for c in cs) / len(cs) for cs in expert_codes.values()])
     return torch.softmax(-dist / temperature, 0)
 
@@ -485,15 +507,23 @@ def _grown_support(model: nn.Module, parent: SparseDiff, batch, grow: int, loss_
         w.requires_grad_(True)
     model.zero_grad(set_to_none=True)
     loss_fn(model, batch).backward()
-    scores = []
+    scores, outside = [], []
     for n, w in zip(names, weights):
-        g = w.grad.detach().abs().float() + 1.0  # >= 1 outside the parent's support ...
+        g = w.grad.detach().abs().float()
+        free = torch.ones_like(g, dtype=torch.bool)
         if n in parent.deltas:
-            g.view(-1)[parent.deltas[n].indices.long()] = 0.0  # ... and 0 on it: never picked twice
-        scores.append(g)
+            free.view(-1)[parent.deltas[n].indices.long()] = False
+        # The parent's entries score 0: never picked twice. No shift (|g| + 1 rounded small
+        # gradients together in float32, and the pick fell back to flat position).
+        scores.append(g.masked_fill(~free, 0.0))
+        outside.append(free)
         w.grad = None
         w.requires_grad_(False)
-    picks = topk_mask(scores, grow)
+    nonzero = sum(int((s > 0).sum()) for s in scores)
+    picks = topk_mask(scores, min(grow, nonzero))
+    if grow > nonzero:  # the rest among the zero-gradient entries outside the parent's support
+        rest = topk_mask([(f & ~p).float() for f, p in zip(outside, picks)], grow - nonzero)
+        picks = [p | r for p, r in zip(picks, rest)]
     new = {}
     for n, m in zip(names, picks):
         idx = m.reshape(-1).nonzero().squeeze(1)
