@@ -123,6 +123,20 @@ def test_routed_diffs_with_other_entries_are_refused_with_the_way_out():
         hf.convert(model, kind="multi", diffs={"de": diff})
 
 
+def test_subnetwork_masks_that_are_not_bool_are_refused_before_any_layer_changes():
+    """A 0/1 float mask of a later layer was refused by SubnetworkLinear only after the earlier
+    layers had been replaced (a half-converted model, no xlsparse_config)."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones(named[n].shape, dtype=torch.bool) for n in names}}
+    masks["de"][names[3]] = masks["de"][names[3]].float()
+    with pytest.raises(TypeError, match=rf"masks\['de'\]\['{names[3]}'\] must be a bool tensor, got torch.float32"):
+        hf.convert(model, kind="subnetwork", masks=masks)
+    assert not any(isinstance(m, SubnetworkLinear) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters()) and getattr(model, "xlsparse_config", None) is None
+
+
 def test_routed_kinds_refuse_sequence_first_models():
     # XLNet's layers see [S, B, H]: per-example ids along dim 0 would pick sequence positions
     cfg = transformers.XLNetConfig(vocab_size=VOCAB, d_model=16, n_layer=1, n_head=2, d_inner=32)

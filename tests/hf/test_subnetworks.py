@@ -477,30 +477,40 @@ def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_head_importance_is_the_gate_gradient_of_michel_et_al(arch):
-    """I_h = Σ_examples |∂L/∂ξ_{b,h}| for a gate ξ multiplying head h's output of example b,
-    restated with explicit gates on the O projection's input (and on the FFN-out input)."""
+    """I_h = Σ_examples |∂ℓ_i/∂ξ_h| for a gate ξ multiplying head h's output, ℓ_i the loss of
+    example i alone, restated with explicit gates on the O projection's input (and on the FFN-out
+    input). The same examples batched otherwise (3 + 1, whose mean losses weight them 1/3 and 1)
+    give the same scores."""
     model = tiny(arch)
     _, layers = subnetworks.block_layout(model)
     modules = dict(model.named_modules())
-    batch = _lm_batches(1, 4, b=3)[0]
+    batch = _lm_batches(1, 4, b=4)[0]
     heads, neurons = subnetworks.structured_importance(model, [batch])
-    gates, hooks = {}, []
-    for i, layer in enumerate(layers):
-        for key, name, groups in (("o", layer["o"], 2), ("ffn", layer["ffn_out"], None)):
-            width = modules[name].in_features
-            gate = torch.ones(3, groups or width, requires_grad=True)
-            gates[key, i] = gate
+    want = {}
+    for i in range(4):
+        gates, hooks = {}, []
+        for j, layer in enumerate(layers):
+            for key, name, groups in (("o", layer["o"], 2), ("ffn", layer["ffn_out"], None)):
+                width = modules[name].in_features
+                gate = torch.ones(1, groups or width, requires_grad=True)
+                gates[key, j] = gate
 
-            def hook(module, args, gate=gate, groups=groups, width=width):
-                g = gate.repeat_interleave(width // groups, 1) if groups else gate
-                return (args[0] * g[:, None, :],)
-            hooks.append(modules[name].register_forward_pre_hook(hook))
-    model(**batch).loss.backward()
-    for h in hooks:
-        h.remove()
-    for i in range(len(layers)):
-        torch.testing.assert_close(heads[i], gates["o", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)
-        torch.testing.assert_close(neurons[i], gates["ffn", i].grad.abs().sum(0), rtol=1e-4, atol=1e-7)
+                def hook(module, args, gate=gate, groups=groups, width=width):
+                    g = gate.repeat_interleave(width // groups, 1) if groups else gate
+                    return (args[0] * g[:, None, :],)
+                hooks.append(modules[name].register_forward_pre_hook(hook))
+        model(**{k: v[i: i + 1] for k, v in batch.items()}).loss.backward()
+        for h in hooks:
+            h.remove()
+        for key, gate in gates.items():
+            want[key] = want.get(key, 0) + gate.grad.abs().sum(0)
+    for j in range(len(layers)):
+        torch.testing.assert_close(heads[j], want["o", j], rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(neurons[j], want["ffn", j], rtol=1e-4, atol=1e-7)
+    split = [{k: v[:3] for k, v in batch.items()}, {k: v[3:] for k, v in batch.items()}]
+    heads2, neurons2 = subnetworks.structured_importance(model, split)
+    torch.testing.assert_close(heads2, heads, rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(neurons2, neurons, rtol=1e-5, atol=1e-9)
 
 
 def test_fomaml_one_language_per_step_needs_its_own_outer_optimizer():
@@ -784,3 +794,125 @@ def test_fomaml_refuses_an_outer_optimizer_that_misses_a_language_of_the_step():
     subnetworks.fomaml_step(model, support, query, masks, 0.1, 1, both)
     for lang in masks:
         assert any(bool((named[n] != before[n])[masks[lang][n]].any()) for n in names), lang
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adafactor"])
+def test_subnetwork_trainer_refuses_an_optim_it_would_replace_by_adamw(tmp_path, optim):
+    """create_optimizer always builds MaskedAdamW: TrainingArguments.optim='sgd' once trained with
+    AdamW's rule without a word. It raises, naming optim, and continual_trainer raises before it
+    converts the model."""
+    from xlsparse.hf import continual
+
+    model, _ = _structured_model("bert")
+    with pytest.raises(ValueError, match="optim = '" + optim):
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 1, optim=optim), train_dataset=_MixedData())
+    plain = tiny("bert")
+    masks = {lang: {"bert.encoder.layer.0.output.dense.weight": torch.ones(32, 48, dtype=torch.bool)} for lang in ("de", "fr")}
+    with pytest.raises(ValueError, match="optim = '" + optim):
+        continual.continual_trainer(plain, masks, args=_args(tmp_path, 1, optim=optim), train_dataset=_MixedData())
+    assert getattr(plain, "xlsparse_config", None) is None
+
+
+def test_importance_scores_refuse_a_parameter_that_does_not_require_grad():
+    """A frozen parameter gets no gradient: its scores were silently all zeros (e.g. a layer that
+    convert did not target), which select_masks ranked as real. It raises, naming it."""
+    model = tiny("bert")
+    body = [f"{n}.weight" for n in hf.model.target_names(model)]
+    hf.convert(model, [n[: -len(".weight")] for n in body if ".attention." in n], kind="subnetwork", masks={"de": {}})
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight.*do not require grad"):
+        subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, params=body, progress=False)
+    trainable = [n for n in body if ".attention." in n]
+    scores = subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, params=trainable, progress=False)
+    assert all(float(scores["de"][n].sum()) > 0 for n in trainable)
+
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_set_masks_keeps_the_optimizer_masks_of_the_other_parameters(mode):
+    """set_masks re-masks the converted weights in the optimizer; a parameter it does not route (a
+    saved head trained on a mask of its own) once came back as "every entry" and trained whole."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=masks, modules_to_save=["cls.predictions.transform.dense"])
+    head = model.cls.predictions.transform.dense.weight
+    head_mask = torch.rand(head.shape, generator=g) < 0.1
+    opt = xlsparse.optim.MaskedAdamW([named[n] for n in names] + [head], [None] * len(names) + [head_mask], lr=1e-2,
+                                     weight_decay=0.0, mode=mode)
+    new = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    subnetworks.set_masks(model, new, opt)
+    before = head.detach().clone()
+    ids = _lm_batches(1, 1)[0]["input_ids"]
+    model.train()
+    with hf.route(model, [0, 1, 0, 1]):
+        model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.equal(head[~head_mask], before[~head_mask])
+    assert bool((head[head_mask] != before[head_mask]).any())
+    layer = model.get_submodule(names[0][: -len(".weight")])  # the converted weights follow the new union
+    assert torch.equal(layer.trainable_mask(), new["de"][names[0]] | new["fr"][names[0]])
+
+
+def test_fomaml_optimizer_defaults_to_udify_metalearnings_adam_without_weight_decay():
+    """udify-metalearning's outer optimizer is torch.optim.Adam, no weight decay; fomaml_optimizer
+    once kept AdamW's default 0.01, which decayed the subnetworks on every outer step."""
+    model = tiny("bert")
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    support = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
+    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+    subnetworks.fomaml_step(model, support, query, masks, 0.1, 1, subnetworks.fomaml_optimizer(model, masks, lr=1e-2))
+    expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.1, inner_steps=1)
+    twin_named = dict(twin.named_parameters())
+    adam = torch.optim.Adam([twin_named[n] for n in names], lr=1e-2)
+    for n in names:
+        twin_named[n].grad = expect[n]
+    adam.step()
+    for n in names:
+        union = masks["de"][n] | masks["fr"][n]
+        torch.testing.assert_close(named[n][union], twin_named[n][union], rtol=0, atol=1e-6)
+
+
+def test_reptile_step_refuses_inner_steps_below_one_and_cycles_short_batches():
+    """inner_steps=0 once returned {} having trained nothing, and a language with fewer batches
+    than inner_steps escaped as a bare StopIteration after its first inner steps, its weights
+    not restored. Now 0 raises, and short batches cycle, as in fomaml_step: the step equals the
+    one given the batches repeated."""
+    model = tiny("bert")
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(ValueError, match="inner_steps must be at least 1, got 0"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, masks, inner_steps=0)
+    with pytest.raises(ValueError, match=r"batches for languages \['fr'\] are empty"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1), "fr": []}, masks)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+    de, fr = _lm_batches(2, 1), _lm_batches(1, 2)
+    subnetworks.reptile_step(model, {"de": iter(de), "fr": fr[0]}, masks, inner_lr=0.1, inner_steps=3)
+    subnetworks.reptile_step(twin, {"de": de + de[:1], "fr": fr * 3}, masks, inner_lr=0.1, inner_steps=3)
+    for n, p in twin.named_parameters():
+        torch.testing.assert_close(named[n], p, rtol=0, atol=0)
+
+
+def test_fomaml_step_checks_its_batches_before_any_inner_step():
+    """A query given as a list of batches once failed (an AttributeError naming nothing) after the
+    language's inner steps, leaving the adapted weights in the model; an empty support list was a
+    ZeroDivisionError."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones(named[n].shape, dtype=torch.bool) for n in names}}
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(ValueError, match=r"query\['de'\] must be one batch"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)}, masks, 0.1, 1, opt)
+    with pytest.raises(ValueError, match=r"support\['de'\] must be a batch .* or a non-empty list"):
+        subnetworks.fomaml_step(model, {"de": []}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1, opt)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())

@@ -221,8 +221,11 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     `continual_update` and returns a `SubnetworkTrainer` (transformers Trainer) whose batches
     carry `language_ids` and whose optimizer is MaskedAdamW over the union of the subsets; the
     same update as `continual_update`, with the Trainer's schedule, logging and checkpoints."""
-    from .subnetworks import SubnetworkTrainer
+    from .subnetworks import SubnetworkTrainer, _check_adamw
 
+    if trainer_kwargs.get("args") is not None and not (trainer_kwargs.get("optimizers") or (None,))[0]:
+        # before _prepare converts the model
+        _check_adamw(trainer_kwargs["args"], "continual_trainer")
     _prepare(model, masks, "continual_trainer")
     return SubnetworkTrainer(model=model, **trainer_kwargs)
 

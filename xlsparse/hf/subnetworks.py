@@ -21,6 +21,7 @@ What is xlsparse's own:
   - `reptile_step` (Reptile) is kept as a cheaper first-order alternative.
 """
 import contextlib
+import itertools
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -68,11 +69,11 @@ def _unmasked(model: nn.Module):
             layer.unmasked = False
 
 
-def _examples(batch: Mapping) -> list[dict]:
+def _examples(batch: Mapping, what: str = "importance_scores") -> list[dict]:
     """The batch split into batches of one example (every tensor sliced along its first dim)."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
     if len(sizes) != 1:
-        raise ValueError(f"importance_scores: the tensors of a batch in batches must share the batch size as their "
+        raise ValueError(f"{what}: the tensors of a batch in batches must share the batch size as their "
                          f"first dim, got first dims {sorted(sizes)}")
     return [{k: v[i: i + 1] if isinstance(v, torch.Tensor) and v.dim() > 0 else v for k, v in batch.items()}
             for i in range(sizes.pop())]
@@ -89,7 +90,7 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     over the examples (first-order Taylor importance) and "fisher" sums (∂ℓ_i/∂θ)² (empirical
     Fisher): one backward per example, so the scores do not depend on how examples are
     batched. An example whose loss is NaN (no labelled token) adds nothing. `params`: names to
-    score (default: every parameter that requires grad). On a converted model ∂ℓ_i/∂θ of a
+    score (default: every parameter that requires grad; a named one that does not raises). On a converted model ∂ℓ_i/∂θ of a
     SubnetworkLinear weight is the full gradient, not masked to the language's current
     subnetwork, so entries outside it are scored too. The model's gradients are left cleared.
     Returns {language: {parameter name: float32 tensor}} in the model's own layout, the layout
@@ -102,6 +103,10 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     missing = [n for n in names if n not in named]
     if missing:
         raise ValueError(f"importance_scores: the model has no parameters {missing[:5]}")
+    frozen = [n for n in names if not named[n].requires_grad]
+    if frozen:  # no gradient reaches them: their scores would be all zeros, ranked as if real
+        raise ValueError(f"importance_scores: params name {frozen[:5]}, which do not require grad, so they would "
+                         "score 0 everywhere; unfreeze them (requires_grad_(True)) for scoring, or leave them out")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     scores = {}
     for lang, lang_batches in batches.items():
@@ -139,8 +144,9 @@ def select_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], density: floa
 def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], optimizer=None) -> None:
     """Give every SubnetworkLinear of a converted model new per-language masks (dynamic
     re-selection) and, if an xlsparse optimizer is given, re-mask it to the union of the
-    languages' masks with `update_masks` (kept entries keep their state). Masks are in the
-    model's own layout (GPT-2 Conv1D: [in, out]); every shape is checked before any layer changes.
+    languages' masks with `update_masks` (kept entries keep their state; its other parameters
+    keep their masks). Masks are in the model's own layout (GPT-2 Conv1D: [in, out]); every
+    shape is checked before any layer changes.
     `extract_diff`, `save_pretrained` and `disable` then cover every entry that any mask so far
     opened: an entry that leaves the masks keeps what it learned, so it stays in the diff."""
     order = languages(model)
@@ -169,8 +175,9 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     for _, layer, per_lang in new:
         layer.set_masks(per_lang)
         unions[layer.weight] = layer.trainable_mask()
-    if optimizer is not None:
-        optimizer.update_masks({p: unions.get(p) for group in optimizer.param_groups for p in group["params"]})
+    if optimizer is not None:  # its other parameters keep the entries it trains now (None would open them all)
+        optimizer.update_masks({p: unions[p] if p in unions else optimizer._selector_of(p)
+                                for group in optimizer.param_groups for p in group["params"]})
 
 
 def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what: str, lang: str,
@@ -232,25 +239,33 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     that language's subnetwork (`masks[lang]`: {parameter name: BoolTensor} in the model's own
     layout, as `structured_masks` and `select_masks` give them; parameters absent from it stay
     fixed, but for convert's `modules_to_save`, which train whole). Then
-    θ ← θ + outer_lr · mean_l(θ_l − θ). Returns each language's last inner loss.
+    θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken (one
+    batch, or fewer than `inner_steps`, are cycled, as in `fomaml_step`). Returns each language's
+    last inner loss.
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    if inner_steps < 1:
+        raise ValueError(f"reptile_step: inner_steps must be at least 1, got {inner_steps}")
     missing = [lang for lang in batches if lang not in masks]
     if missing:
         raise ValueError(f"reptile_step: no masks for languages {missing}")
+    # taken before any step: a language short of batches once stopped mid-loop, its weights not restored
+    taken = {lang: [b] if isinstance(b, Mapping) else list(itertools.islice(b, inner_steps)) for lang, b in batches.items()}
+    empty = [lang for lang, b in taken.items() if not b]
+    if empty:
+        raise ValueError(f"reptile_step: batches for languages {empty} are empty")
     stored = {lang: _stored_masks(model, masks[lang], "reptile_step", lang, trainable=True) for lang in batches}
     _check_routed(model, stored, "reptile_step")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
     total = {n: torch.zeros_like(p) for n, p in named.items()}
     losses = {}
-    for lang, lang_batches in _progress(batches.items(), "reptile", progress):
+    for lang, lang_batches in _progress(taken.items(), "reptile", progress):
         lang_masks = stored[lang]
         opt = MaskedSGD([named[n] for n in lang_masks], list(lang_masks.values()), lr=inner_lr)
-        it = iter(lang_batches)
-        for _ in range(inner_steps):
+        for step in range(inner_steps):
             opt.zero_grad(set_to_none=True)
-            batch = next(it)
+            batch = lang_batches[step % len(lang_batches)]
             with _in_language(model, lang, batch):
                 loss = loss_fn(model, batch)
             loss.backward()
@@ -310,9 +325,11 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     """Gradient-based importance of every attention head and FFN neuron (Michel et al. 2019):
     (head scores [L, H], neuron scores [L, F]).
 
-    A gate ξ multiplying a head's output (or a neuron's activation) has ∂L/∂ξ = Σ_t o_t · ∂L/∂o_t,
-    read here from the input of the O projection (FFN-out) and its gradient; the score sums
-    |∂L/∂ξ| over the examples. The model's gradients are left cleared.
+    A gate ξ multiplying a head's output (or a neuron's activation) has ∂ℓ_i/∂ξ = Σ_t o_t · ∂ℓ_i/∂o_t,
+    read here from the input of the O projection (FFN-out) and its gradient; with ℓ_i the loss of
+    example i alone (one backward per example, as in `importance_scores`), the score sums
+    |∂ℓ_i/∂ξ| over the examples, so it does not depend on how examples are batched. An example
+    whose loss is NaN (no labelled token) adds nothing. The model's gradients are left cleared.
     """
     _, layers = block_layout(model)
     heads, _ = _heads(model)
@@ -335,10 +352,16 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
         hooks.append(modules[layer["o"]].register_forward_pre_hook(keep_input(("o", i))))
         hooks.append(modules[layer["ffn_out"]].register_forward_pre_hook(keep_input(("ffn", i))))
     try:
-        for batch in _progress(batches, "head/neuron importance", progress):
+        examples = (x for batch in batches for x in _examples(batch, "structured_importance"))
+        for example in _progress(examples, "head/neuron importance", progress):
             model.zero_grad(set_to_none=True)
             captured.clear()
-            loss_fn(model, batch).backward()
+            # one example per backward: a batch's mean loss would weight its examples by 1/B (or by
+            # their share of its labelled tokens), so the ranking would depend on the batching
+            loss = loss_fn(model, example)
+            if torch.isnan(loss):
+                continue
+            loss.backward()
             with torch.no_grad():
                 for i in range(len(layers)):
                     for key, store, groups in ((("o", i), head_scores, heads), (("ffn", i), neuron_scores, None)):
@@ -356,7 +379,7 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
             h.remove()
         model.zero_grad(set_to_none=True)
     if head_scores[0] is None:
-        raise ValueError("structured_importance: no batches")
+        raise ValueError("structured_importance: no batches (or no example with a labelled token)")
     return torch.stack(head_scores), torch.stack(neuron_scores)
 
 
@@ -474,6 +497,14 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     missing = [lang for lang in support if lang not in masks]
     if missing:
         raise ValueError(f"fomaml_step: no masks for languages {missing}")
+    # checked before any inner step: a bad batch once failed after the language's weights had moved
+    for lang in support:
+        if not _as_list(support[lang]) or not all(isinstance(b, Mapping) for b in _as_list(support[lang])):
+            raise ValueError(f"fomaml_step: support[{lang!r}] must be a batch (a dict of tensors) or a non-empty list of "
+                             "batches")
+        if not isinstance(query[lang], Mapping):
+            raise ValueError(f"fomaml_step: query[{lang!r}] must be one batch (a dict of tensors), got "
+                             f"{type(query[lang]).__name__}")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     stored = {lang: _stored_masks(model, masks[lang], "fomaml_step", lang) for lang in support}
     _check_routed(model, stored, "fomaml_step")
@@ -557,7 +588,9 @@ def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Te
     """The outer optimizer of `fomaml_step`: MaskedAdamW over the parameters the masks name,
     each confined to the union of the languages' masks (in the model's own layout; outer lr
     `lr`, kept apart from the inner lr of `fomaml_step`), and over convert's `modules_to_save`
-    whole."""
+    whole. No weight decay unless `weight_decay=` is given: udify-metalearning's outer optimizer
+    is Adam without it (AdamW's default 0.01 would decay the subnetworks every outer step)."""
+    kwargs.setdefault("weight_decay", 0.0)
     named = dict(model.named_parameters())
     union = {}
     for lang in masks:
@@ -602,6 +635,17 @@ def _decay_groups(model: nn.Module, params: Mapping[str, torch.Tensor], masked, 
     return [g for g in groups if g["params"]]
 
 
+def _check_adamw(args, what: str) -> None:
+    """create_optimizer always builds MaskedAdamW (the Trainer's lr, betas, eps and weight decay):
+    another `TrainingArguments.optim` (sgd, adafactor, ...) would train with AdamW's rule unasked."""
+    from .lt_sft import _ADAMW_OPTIMS
+
+    optim = str(getattr(args.optim, "value", args.optim))
+    if optim not in _ADAMW_OPTIMS:
+        raise ValueError(f"{what}: TrainingArguments.optim = {optim!r}, but subnetworks train with AdamW (MaskedAdamW); "
+                         f"use one of {sorted(_ADAMW_OPTIMS)}, or pass optimizers=(optimizer, scheduler)")
+
+
 class SubnetworkTrainer(Trainer):
     """A transformers `Trainer` for a model converted with `convert(kind="subnetwork")`: each
     batch carries `language_ids` [B] (indices into the model's languages), every example's
@@ -627,6 +671,11 @@ class SubnetworkTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not languages(self.model):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
+        if self.optimizer is None:  # an optimizer of the caller's own (optimizers=) is used as given
+            _check_adamw(self.args, "SubnetworkTrainer")
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            raise ValueError("SubnetworkTrainer builds its optimizer itself (MaskedAdamW over the subnetworks): "
+                             "optimizer_cls_and_kwargs would be ignored; pass optimizers=(optimizer, scheduler) instead")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -740,7 +789,8 @@ class DynamicMasksCallback(TrainerCallback):
     def _score(self, model, lang: str, batch):
         if self.density is None:
             return structured_importance(model, [batch], self.loss_fn)
-        names = [f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)]
+        # a converted layer the user froze trains nothing: it takes no share of the masks
+        names = [f"{n}.weight" for n, layer in _converted(model, SubnetworkLinear) if layer.weight.requires_grad]
         return importance_scores(model, {lang: [batch]}, params=names, loss_fn=self.loss_fn, progress=False)[lang]
 
     def _add(self, lang: str, score) -> None:
