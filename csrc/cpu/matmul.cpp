@@ -383,13 +383,13 @@ struct TokenRows {
   // Back through `mix` from d = ∂L/∂zbar: ∂L/∂z_e = w_e d into token t's row of expert e in dz,
   // and ∂L/∂log w_e = w_e ⟨d, z_e⟩ into dw's row of token t. tmp is a scratch row.
   void mix_backward(const RowKernels<acc>& rk, const acc* lw, const acc* d, int64_t t, acc* tmp, scalar_t* dz,
-                    scalar_t* dw) const {
+                    acc* dw) const {
     for (int64_t e = 0; e < E; ++e) {
       const acc w = std::exp(lw[e]);
       std::fill(tmp, tmp + V, acc(0));
       rk.axpy(tmp, w, d, V);
       store_row(dz + (e * T + t) * V, tmp, V);
-      dw[t * E + e] = static_cast<scalar_t>(w * grad_dot(rk, d, z[e], V));
+      dw[t * E + e] = w * grad_dot(rk, d, z[e], V);
     }
   }
 };
@@ -459,7 +459,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_ensemble_saved("ensemble_logprobs_backward", logits, grad, out, lse, prob_space, false);
   auto dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  auto dlw = at::empty({T, E}, log_weights.options());
+  auto dlw = at::empty({T, E}, log_weights.options().dtype(acc_dtype(logits.scalar_type())));
   const auto z = logits.contiguous(), g = grad.contiguous(), o = out.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
     using acc = acc_t<scalar_t>;
@@ -468,7 +468,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
     const auto lsec = lse.contiguous();
     const acc *lwp = lw.data_ptr<acc>(), *lp = lsec.data_ptr<acc>();
     scalar_t* dz = dlogits.data_ptr<scalar_t>();
-    scalar_t* dw = dlw.data_ptr<scalar_t>();
+    acc* dw = dlw.data_ptr<acc>();
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       TokenRows<scalar_t, acc> rows(E, T, V, 4);
       acc *gb = rows.row(0), *ob = rows.row(1), *d = rows.row(2), *tmp = rows.row(3);
@@ -485,7 +485,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
             const acc S = rk.dot_exp(gr, rows.z[e], -lse_e, lw_e, orow, V);  // Σ_v g · posterior of expert e
             rk.prob_grad(tmp, gr, rows.z[e], lse_e, lw_e, orow, S, V);
             store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(S);
+            dw[t * E + e] = S;
           }
         } else {
           rk.softmax_grad(d, gr, orow, rk.sum(gr, V), V);  // gradient of the mixed logits
@@ -494,7 +494,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
       }
     });
   });
-  return std::make_tuple(dlogits, dlw);
+  return std::make_tuple(dlogits, dlw.to(log_weights.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, const at::Tensor& log_weights,
@@ -547,7 +547,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
   check_ensemble_saved("ensemble_nll_backward", logits, grad, nll, lse, prob_space, true);
   check_targets("ensemble_nll_backward", targets, V);
   auto dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
-  auto dlw = at::empty({T, E}, log_weights.options());
+  auto dlw = at::empty({T, E}, log_weights.options().dtype(acc_dtype(logits.scalar_type())));
   const auto z = logits.contiguous(), y = targets.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll_backward", [&] {
     using acc = acc_t<scalar_t>;
@@ -560,7 +560,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
               *np = nc.data_ptr<acc>();
     const int64_t* yp = y.data_ptr<int64_t>();
     scalar_t* dz = dlogits.data_ptr<scalar_t>();
-    scalar_t* dw = dlw.data_ptr<scalar_t>();
+    acc* dw = dlw.data_ptr<acc>();
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       TokenRows<scalar_t, acc> rows(E, T, V, 2);
       acc *d = rows.row(0), *tmp = rows.row(1);
@@ -575,7 +575,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
             rk.scaled_softmax(tmp, rows.z[e], lp[e * T + t], g * post, V);
             tmp[target] -= g * post;
             store_row(dz + (e * T + t) * V, tmp, V);
-            dw[t * E + e] = static_cast<scalar_t>(-g * post);
+            dw[t * E + e] = -g * post;
           }
         } else {
           rows.mix(rk, lwp + t * E, d);
@@ -586,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
       }
     });
   });
-  return std::make_tuple(dlogits, dlw);
+  return std::make_tuple(dlogits, dlw.to(log_weights.scalar_type()));
 }
 
 }  // namespace

@@ -243,7 +243,7 @@ __device__ acc mixed(const scalar_t* z, const acc* w, int64_t E, int64_t T, int6
 constexpr int kMaxExperts = 64;
 
 template <typename scalar_t>
-__global__ void logprobs_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ lw, scalar_t* __restrict__ out,
+__global__ void logprobs_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw, scalar_t* __restrict__ out,
                                 acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V, bool prob) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shared[32];
@@ -285,9 +285,9 @@ __global__ void logprobs_kernel(const scalar_t* __restrict__ z, const scalar_t* 
 
 template <typename scalar_t>
 __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ z,
-                                         const scalar_t* __restrict__ lw, const scalar_t* __restrict__ out,
+                                         const acc_t<scalar_t>* __restrict__ lw, const scalar_t* __restrict__ out,
                                          const acc_t<scalar_t>* __restrict__ lse, scalar_t* __restrict__ dz,
-                                         scalar_t* __restrict__ dlw, int64_t E, int64_t T, int64_t V, bool prob) {
+                                         acc_t<scalar_t>* __restrict__ dlw, int64_t E, int64_t T, int64_t V, bool prob) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shared[32];
   const int64_t t = blockIdx.x;
@@ -306,7 +306,7 @@ __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const s
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(
             static_cast<acc>(gr[v]) * exp(zv + c - out_for_posterior(static_cast<acc>(orow[v]))) - exp(zv - l) * S);
       }
-      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(S);
+      if (threadIdx.x == 0) dlw[t * E + e] = S;
     }
   } else {
     acc G = 0;
@@ -322,13 +322,13 @@ __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const s
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(w * d);
       }
       dot = block_reduce<acc, false>(dot, shared);
-      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(w * dot);
+      if (threadIdx.x == 0) dlw[t * E + e] = w * dot;
     }
   }
 }
 
 template <typename scalar_t>
-__global__ void nll_kernel(const scalar_t* __restrict__ z, const scalar_t* __restrict__ lw, const int64_t* __restrict__ y,
+__global__ void nll_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw, const int64_t* __restrict__ y,
                            scalar_t* __restrict__ nll, acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V,
                            bool prob) {
   using acc = acc_t<scalar_t>;
@@ -361,9 +361,9 @@ __global__ void nll_kernel(const scalar_t* __restrict__ z, const scalar_t* __res
 
 template <typename scalar_t>
 __global__ void nll_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ z,
-                                    const scalar_t* __restrict__ lw, const int64_t* __restrict__ y,
+                                    const acc_t<scalar_t>* __restrict__ lw, const int64_t* __restrict__ y,
                                     const scalar_t* __restrict__ nll, const acc_t<scalar_t>* __restrict__ lse,
-                                    scalar_t* __restrict__ dz, scalar_t* __restrict__ dlw, int64_t E, int64_t T,
+                                    scalar_t* __restrict__ dz, acc_t<scalar_t>* __restrict__ dlw, int64_t E, int64_t T,
                                     int64_t V, bool prob) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shared[32];
@@ -379,7 +379,7 @@ __global__ void nll_backward_kernel(const scalar_t* __restrict__ g, const scalar
                            nll_for_posterior(static_cast<acc>(nll[t])));
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(gt * post * (exp(static_cast<acc>(zr[v]) - l) - (v == target ? 1 : 0)));
-      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(-gt * post);
+      if (threadIdx.x == 0) dlw[t * E + e] = -gt * post;
     }
   } else {
     if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
@@ -394,7 +394,7 @@ __global__ void nll_backward_kernel(const scalar_t* __restrict__ g, const scalar
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(coef[e] * d);
       }
       dot = block_reduce<acc, false>(dot, shared);
-      if (threadIdx.x == 0) dlw[t * E + e] = static_cast<scalar_t>(coef[e] * dot);
+      if (threadIdx.x == 0) dlw[t * E + e] = coef[e] * dot;
     }
   }
 }
@@ -413,10 +413,10 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cuda(const at::Tensor& logi
   auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   if (T == 0) return std::make_tuple(out, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto z = logits.contiguous(), lw = log_weights.contiguous();
+  const auto z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs", [&] {
     logprobs_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t<scalar_t>>(), E, T,
+        z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t<scalar_t>>(), E, T,
         V, prob_space);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -430,18 +430,19 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cuda(const at::Ten
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_ensemble_saved("ensemble_logprobs_backward", logits, grad, out, lse, prob_space, false);
   auto dz = at::empty({E, T, V}, logits.options());
-  auto dlw = at::empty({T, E}, log_weights.options());
-  if (T == 0) return std::make_tuple(dz, dlw);
+  // the gradient in the accumulation dtype, handed back in log_weights' own
+  auto dlw = at::empty({T, E}, log_weights.options().dtype(acc_dtype(logits.scalar_type())));
+  if (T == 0) return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.contiguous(), o = out.contiguous(),
+  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous(), o = out.contiguous(),
              l = lse.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
     logprobs_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-        l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<scalar_t>(), E, T, V, prob_space);
+        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), o.data_ptr<scalar_t>(),
+        l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<acc_t<scalar_t>>(), E, T, V, prob_space);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return std::make_tuple(dz, dlw);
+  return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));
 }
 
 std::tuple<at::Tensor, at::Tensor> ensemble_nll_cuda(const at::Tensor& logits, const at::Tensor& log_weights,
@@ -454,10 +455,10 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cuda(const at::Tensor& logits, c
   auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   if (T == 0) return std::make_tuple(nll, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto z = logits.contiguous(), lw = log_weights.contiguous(), y = targets.contiguous();
+  const auto z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous(), y = targets.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll", [&] {
     nll_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), y.data_ptr<int64_t>(), nll.data_ptr<scalar_t>(),
+        z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), y.data_ptr<int64_t>(), nll.data_ptr<scalar_t>(),
         lse.data_ptr<acc_t<scalar_t>>(), E, T, V, prob_space);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -474,19 +475,20 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cuda(const at::Tensor& 
   check_ensemble_saved("ensemble_nll_backward", logits, grad, nll, lse, prob_space, true);
   check_targets("ensemble_nll_backward", targets, V);
   auto dz = at::empty({E, T, V}, logits.options());
-  auto dlw = at::empty({T, E}, log_weights.options());
-  if (T == 0) return std::make_tuple(dz, dlw);
+  // the gradient in the accumulation dtype, handed back in log_weights' own
+  auto dlw = at::empty({T, E}, log_weights.options().dtype(acc_dtype(logits.scalar_type())));
+  if (T == 0) return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.contiguous(), y = targets.contiguous(),
+  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous(), y = targets.contiguous(),
              n = nll.contiguous(), l = lse.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll_backward", [&] {
     nll_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<scalar_t>(), y.data_ptr<int64_t>(),
-        n.data_ptr<scalar_t>(), l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<scalar_t>(), E, T,
+        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), y.data_ptr<int64_t>(),
+        n.data_ptr<scalar_t>(), l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<acc_t<scalar_t>>(), E, T,
         V, prob_space);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return std::make_tuple(dz, dlw);
+  return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));
 }
 
 }  // namespace

@@ -126,6 +126,27 @@ def test_bf16_perplexity_is_the_mean_of_its_token_nlls():
     assert xelm.ensemble_perplexity(ensemble, ids, mask) == pytest.approx(expect, rel=1e-6)
 
 
+@pytest.mark.parametrize("weighting", ["uniform", "posterior"])
+def test_bf16_mixture_weights_sum_to_one(weighting):
+    """The float32 log-weights went to the ops rounded to bf16: three uniform weights summed to
+    0.997, a bias of -0.003 nats per token. They now stay float32; what is left is the rounding
+    of each bf16 NLL (±0.016 at NLL ~5, so the mean of 992 is within ~3e-4)."""
+    base = tiny("gpt2")
+    ensemble = xelm.ExpertEnsemble(base, _random_experts(base, "gpt2"), weighting=weighting).to(torch.bfloat16)
+    ids = torch.randint(3, VOCAB, (32, 32), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits = ensemble.expert_logits(ids)[:, :, :-1].double()  # [E, B, S-1, V], bf16 values
+        lp = torch.log_softmax(logits, -1).gather(-1, ids[None, :, 1:, None].expand(3, -1, -1, 1))[..., 0]
+        if weighting == "uniform":
+            log_w = torch.full_like(lp, -math.log(3))
+        else:  # Bayes over the prefix: log p(e | x_<=t) from the experts' log-likelihoods so far
+            prefix = torch.cat([torch.zeros_like(lp[:, :, :1]), lp.cumsum(2)[:, :, :-1]], 2)
+            log_w = torch.log_softmax(prefix, 0)
+        exact = -torch.logsumexp(log_w + lp, 0)
+        got = ensemble.token_nll(ids).double()
+    assert abs(float((got - exact).mean())) < 1.2e-3
+
+
 def test_expert_embedding_deltas_are_scaled_with_the_embedding():
     # XGLM's embedding returns W[ids] · sqrt(d_model): an expert's rows must be scaled alike.
     base = tiny("xglm")

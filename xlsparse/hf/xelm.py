@@ -147,7 +147,8 @@ class ExpertEnsemble(nn.Module):
             torch.as_tensor(self._prior, dtype=torch.float64)
         if prior.shape != (e,) or not bool((prior > 0).all()):
             raise ValueError(f"ExpertEnsemble: prior must be {e} positive numbers, got {prior.tolist()}")
-        self.register_buffer("log_prior", (prior / prior.sum()).log().float(), persistent=False)
+        # not a buffer: `.to(torch.bfloat16)` of the ensemble would round the prior too
+        self._log_prior = (prior / prior.sum()).log().float()
 
         model = copy.deepcopy(self._bases[0])
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -224,7 +225,7 @@ class ExpertEnsemble(nn.Module):
             return torch.full((b, s, e), -torch.log(torch.tensor(float(e))).item(), device=token_logprobs.device)
         if self.weighting == "static":
             if weights is None:
-                return self.log_prior.to(token_logprobs.device).expand(b, s, e).clone()
+                return self._log_prior.to(token_logprobs.device).expand(b, s, e).clone()
             if tuple(weights.shape) != (b, e):
                 raise ValueError(f"ExpertEnsemble: weights must have shape [{b}, {e}], got {tuple(weights.shape)}")
             # a mixture: a negative weight gave more than probability 1, an all-zero row NaN
@@ -238,7 +239,7 @@ class ExpertEnsemble(nn.Module):
 
     def _posterior(self, prefix_loglik: torch.Tensor) -> torch.Tensor:
         """log p(e | prefix) [..., E] from log p(prefix | e) [..., E]: prior, temperature, top-k."""
-        scores = self.log_prior.to(prefix_loglik.device) + prefix_loglik / self.temperature
+        scores = self._log_prior.to(prefix_loglik.device) + prefix_loglik / self.temperature
         if self.top_k is not None and self.top_k < scores.shape[-1]:
             # Experts tied with the k-th stay: at the first token a uniform prior ties them all,
             # and keeping the first k by position would favour experts by their order.
@@ -261,7 +262,8 @@ class ExpertEnsemble(nn.Module):
                 weights: torch.Tensor | None = None) -> torch.Tensor:
         logits, log_w = self._parts(input_ids, attention_mask, weights)
         e, b, s, v = logits.shape
-        out = ensemble_logprobs(logits.reshape(e, b * s, v), log_w.reshape(b * s, e).to(logits.dtype), space=self.space)
+        # log_w stays float32 beside bf16 logits: rounded to bf16, 3 uniform weights summed to 0.997
+        out = ensemble_logprobs(logits.reshape(e, b * s, v), log_w.reshape(b * s, e), space=self.space)
         return out.reshape(b, s, v)
 
     def token_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -270,7 +272,7 @@ class ExpertEnsemble(nn.Module):
         logits, log_w = self._parts(input_ids, attention_mask, weights)
         e, b, s, v = logits.shape
         lg = logits[:, :, :-1].reshape(e, b * (s - 1), v)
-        lw = log_w[:, :-1].reshape(b * (s - 1), e).to(logits.dtype)
+        lw = log_w[:, :-1].reshape(b * (s - 1), e)
         return ensemble_nll(lg.contiguous(), lw.contiguous(), input_ids[:, 1:].reshape(-1), space=self.space).reshape(b, s - 1)
 
     @torch.no_grad()
@@ -300,7 +302,7 @@ class ExpertEnsemble(nn.Module):
         static_w = log_w[:, -1]  # [B, E] for uniform / static weighting
         for _ in range(max_new_tokens):
             lw = self._posterior(prefix.T) if self.weighting == "posterior" else static_w
-            mixed = ensemble_logprobs(step_logits, lw.to(step_logits.dtype), space=self.space)  # [B, V]
+            mixed = ensemble_logprobs(step_logits, lw, space=self.space)  # [B, V]; lw float32, as in forward
             scores.append(mixed)
             if do_sample:
                 token = torch.multinomial(mixed.float().exp(), 1, generator=generator).squeeze(1)

@@ -450,8 +450,8 @@ def ensemble(op, logits, log_weights, targets=None) -> None:
     """logits [E, T, V], log_weights [T, E], targets [T] int64."""
     float_dtype(op, "logits", logits)
     is_tensor(op, "log_weights", log_weights)
-    if log_weights.dtype != logits.dtype:
-        raise TypeError(f"{op}: log_weights dtype {log_weights.dtype} does not match logits dtype {logits.dtype}")
+    if log_weights.dtype not in (logits.dtype, torch.float32):  # as check_ensemble in checks.h
+        raise TypeError(f"{op}: log_weights dtype {log_weights.dtype} must be float32 or the logits dtype {logits.dtype}")
     if logits.dim() != 3:
         raise ValueError(f"{op}: logits must be [E, T, V], got {tuple(logits.shape)}")
     if logits.shape[0] == 0 or logits.shape[2] == 0:

@@ -193,8 +193,10 @@ inline void check_ensemble(const char* op, const at::Tensor& logits, const at::T
                     op, ": log_weights must be [T, E] = [", logits.size(1), ", ", logits.size(0), "], got ",
                     log_weights.sizes());
   TORCH_CHECK_TYPE(is_value_dtype(logits.scalar_type()), op, ": logits must be floating point");
-  TORCH_CHECK_TYPE(log_weights.scalar_type() == logits.scalar_type(), op, ": log_weights dtype ",
-                   log_weights.scalar_type(), " does not match logits dtype ", logits.scalar_type());
+  // float32 weights beside half logits: three uniform weights rounded to bfloat16 sum to 0.997
+  TORCH_CHECK_TYPE(log_weights.scalar_type() == logits.scalar_type() || log_weights.scalar_type() == at::kFloat, op,
+                   ": log_weights dtype ", log_weights.scalar_type(), " must be float32 or the logits dtype ",
+                   logits.scalar_type());
   TORCH_CHECK_VALUE(log_weights.device() == logits.device(), op, ": logits and log_weights must be on one device");
   if (targets != nullptr) {
     TORCH_CHECK_TYPE(targets->scalar_type() == at::kLong, op, ": targets must be int64, got ", targets->scalar_type());
