@@ -1223,3 +1223,26 @@ def test_a_step_that_overflows_mid_network_adds_nothing_to_the_regrowth_gradient
     assert set(everywhere) == set(above)
     for n in everywhere:
         assert torch.equal(everywhere[n], above[n]), n
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "t5"])
+def test_the_model_after_training_is_the_base_plus_its_sft_bit_for_bit(tmp_path, arch):
+    """GPT-2's Conv1D weights and T5's shared embedding train through the compact optimizer, and
+    their SFT entries are θ − θ0, rounded: base + SFT missed the trained model by an ulp here and
+    there, so the model the trainer left was not θ0 + φ (nor what a composition rebuilds)."""
+    if arch == "t5":
+        torch.manual_seed(0)
+        base = transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2, decoder_start_token_id=0)).eval()
+    else:
+        base = tiny(arch)
+    base = _no_dropout(base)
+    model = copy.deepcopy(base)
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path, weight_decay=0.1), train_dataset=_LMData(n=16),
+        sft_args=SftArguments(ft_params_num=800, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=4))
+    trainer.train()
+    with trainer.sft.applied(base):
+        composed = base.state_dict()
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, composed[name]), name

@@ -1027,3 +1027,53 @@ def test_an_apply_made_inside_disable_on_a_buffer_is_reverted_on_exit():
         handle = xlsparse.apply([diff], model)
     assert handle.reverted
     assert torch.equal(model[1].running_mean, before)
+
+
+@pytest.mark.parametrize("kind", ["delta", "multi", "subnetwork"])
+def test_saving_inside_disable_is_refused_and_writes_nothing(tmp_path, kind):
+    """Inside `hf.disable` the modules to save (and the subnetworks' trained entries) hold their
+    values from convert: a save or extract_diff made there wrote those, and the folder reloaded to
+    a model with the base's head, without a word."""
+    model, head = classifier("bert")
+    ids = batch()
+    if kind == "delta":
+        hf.convert(model, density=0.2, modules_to_save=[head])
+    elif kind == "multi":
+        hf.convert(model, kind="multi", diffs={"de": random_diff(classifier("bert")[0], 5, 0.0, seed=1)},
+                   modules_to_save=[head])
+    else:
+        names = [f"{n}.weight" for n in hf.model.target_names(model)]
+        named = dict(model.named_parameters())
+        hf.convert(model, kind="subnetwork", masks={"de": {n: torch.rand(named[n].shape) < 0.3 for n in names}},
+                   modules_to_save=[head])
+    g = torch.Generator().manual_seed(5)
+    opt = xlsparse.optim.MaskedAdamW([p for p in model.parameters() if p.requires_grad], [None] * sum(
+        p.requires_grad for p in model.parameters()), lr=1e-2) if kind != "subnetwork" else None
+    if kind == "subnetwork":
+        layers = {f"{n}.weight": m for n, m in hf.model._converted(model, SubnetworkLinear)}
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        opt = xlsparse.optim.MaskedAdamW(list(params.values()), [layers[n].trainable_mask() if n in layers else None
+                                                                 for n in params], lr=1e-2)
+    model.train()
+    for _ in range(2):
+        opt.zero_grad()
+        with hf.route(model, [0] * 4) if kind != "delta" else torch.enable_grad():
+            model(input_ids=torch.randint(3, VOCAB, (4, 6), generator=g), labels=torch.tensor([0, 1, 2, 0])).loss.backward()
+        opt.step()
+    model.eval()
+    want = hf.extract_diff(model, language="de" if kind == "multi" else None)
+    with hf.disable(model):
+        with pytest.raises(RuntimeError, match="hf.disable"):
+            hf.extract_diff(model, language="de" if kind == "multi" else None)
+        if kind != "subnetwork":
+            with pytest.raises(RuntimeError, match="hf.disable"):
+                hf.save_pretrained(model, str(tmp_path / "a"))
+        with pytest.raises(RuntimeError, match="hf.disable"):  # transformers' own files (a Trainer's checkpoint)
+            model.save_pretrained(str(tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    model.save_pretrained(str(tmp_path / "b"))  # after the block: the trained weights
+    reloaded = type(model).from_pretrained(str(tmp_path / "b")).eval()
+    assert torch.equal(reloaded.get_submodule(head).weight, model.get_submodule(head).weight)
+    got = hf.extract_diff(model, language="de" if kind == "multi" else None)  # after the block: the trained state
+    for name, t in want.absolute.items():
+        assert torch.equal(got.absolute[name], t), name

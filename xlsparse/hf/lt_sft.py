@@ -74,6 +74,7 @@ from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..ops._common import acc_dtype
+from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _is_dtensor, _local, _shard_of, decay_the_base_
 from .model import _swap_module
 
@@ -555,7 +556,24 @@ class LotteryTicketSparseFineTuner(Trainer):
                 if self._reselection is not None:  # a phase stopped early inside a window: its taps go
                     self._reselection.clear()
                 self._sft_at_end = self.current_sft()  # the trained deltas themselves, before folding rounds them
+                self._round_to_sft(self._sft_at_end)
                 self._fold()
+
+    def _round_to_sft(self, sft: SparseDiff) -> None:
+        """Give the entries that trained through the compact optimizer (GPT-2's Conv1D weights,
+        biases, norms, shared embeddings) the value θ0 + φ that applying the SFT gives: φ = θ − θ0
+        is rounded, so θ itself could differ from it by an ulp, and the model would not be θ0 + φ.
+        The same rounding as `apply` (sparse_axpy_), as `_fold` does for the converted layers."""
+        params = self._params()
+        with torch.no_grad():
+            for name, delta in sft.deltas.items():
+                p = params[name]
+                if name in self._converted or _is_dtensor(p):
+                    continue
+                idx = delta.indices.to(p.device)
+                flat = p.detach().view(-1)
+                flat[idx.long()] = self._theta0[name].reshape(-1)[idx.long()]
+                sparse_axpy_(flat, idx, delta.values.to(p))
 
     def _select(self, k: int) -> None:
         """Add the k entries of largest |θ − θ0| not selected yet to the masks."""

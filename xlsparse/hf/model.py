@@ -241,6 +241,14 @@ def _record(model: nn.Module) -> _Record:
     return rec
 
 
+def _refuse_disabled(rec: _Record, what: str) -> None:
+    """Inside `disable` the modules to save and the subnetworks' trained entries hold their values
+    from convert: what is read or saved there would be the base's, not what trained."""
+    if rec.lock.locked() and (rec.saved_originals or rec.subnet_base):
+        raise RuntimeError(f"{what}: the model is inside `with hf.disable(model):`, where its modules to save and "
+                           "subnetworks hold their values from convert, not the trained ones; save it after the block")
+
+
 def _subnet_weight_outside(layer: SubnetworkLinear, union: torch.Tensor) -> torch.Tensor:
     """The weight with the trainable entries zeroed: what must stay as it was at convert."""
     w = layer.weight.detach().reshape(-1).clone()
@@ -321,9 +329,9 @@ class _RoutingForward(_OnInstance):
 
 
 class _SavePretrainedWithDiff(_OnInstance):
-    """`model.save_pretrained` of a converted 'delta' or 'multi' model: transformers' own save (the
-    whole model, base included: the Trainer's checkpoints resume from it), then this module's
-    `save_pretrained` files beside it, so that `from_pretrained(base, folder)` reads what the
+    """`model.save_pretrained` of a converted model: refused inside `disable`; else, for a 'delta' or
+    'multi' model, transformers' own save (the whole model, base included: the Trainer's
+    checkpoints resume from it), then this module's `save_pretrained` files beside it, so that `from_pretrained(base, folder)` reads what the
     Trainer's `save_model` and checkpoints write. Without them such a folder kept the deltas only
     under names the model's class does not know: the class's `from_pretrained` dropped them and
     returned the base weights with the trained head. An object, not a bound method, so that pickle
@@ -345,9 +353,14 @@ class _SavePretrainedWithDiff(_OnInstance):
             if main_process:
                 self.model.push_to_hub(**hub)
             return
+        rec = getattr(self.model, "_xlsparse_record", None)
+        if rec is not None:  # transformers' files would hold the base's heads too
+            _refuse_disabled(rec, "save_pretrained")
         type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
         if not main_process:
             return
+        if getattr(getattr(self.model, "xlsparse_config", None), "kind", None) == "subnetwork":
+            return  # transformers' files hold the trained weights; there is no diff file (hf.save_pretrained refuses)
         try:
             save_pretrained(self.model, save_directory)
         except ValueError as exc:  # a checkpoint must not stop training; the folder still resumes
@@ -565,7 +578,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     model._xlsparse_record = _remember(model, saved)
     if kind != "delta":
         _accept_language_ids(model)
-    if kind != "subnetwork" and callable(getattr(type(model), "save_pretrained", None)):
+    if callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = _SavePretrainedWithDiff(model)
     if any(isinstance(v, _OnInstance) for v in model.__dict__.values()):
         model.__getstate__ = _InstanceState(model)
@@ -885,6 +898,7 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
         kind = "delta"
     else:
         kind = config.kind
+        _refuse_disabled(_record(model), "extract_diff")
         _check_unchanged(model, _record(model), "extract_diff")
     deltas = {}
     if kind == "delta":
@@ -957,6 +971,7 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         raise ValueError("save_pretrained: kind='subnetwork' trains the base weights themselves, so θ0 + (θ − θ0) "
                          "would not reload bit-exactly; use merge_and_unload(model) and transformers' save_pretrained, "
                          "or extract_diff(model) for the (rounded) difference")
+    _refuse_disabled(_record(model), "save_pretrained")
     outside = _record(model).outside
     if outside:
         raise ValueError(f"save_pretrained: {sorted(outside)[:3]} train outside the diff "
