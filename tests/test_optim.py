@@ -93,6 +93,30 @@ def test_adamw_matches_torch_for_50_steps(backend, mode, amsgrad, weight_decay, 
         assert float(state["step"]) == 50
 
 
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("per_entry_steps", [False, True])
+@pytest.mark.parametrize("beta2", [0.999, 0.9999])
+@pytest.mark.parametrize("done", [0, 100000])
+def test_adamw_bias_corrections_do_not_cancel_in_fp32(backend, per_entry_steps, beta2, done, use_backend):
+    """1 - beta2^t near t = 1 is a cancellation: with beta2^t rounded to fp32 before the
+    subtraction, the first steps were 7e-6 (0.999) to 8e-5 (0.9999) off, 30-300x torch's fp32 error.
+    `done` steps already taken: a late step, where beta^t is subnormal or zero."""
+    use_backend(backend)
+    n = 4097
+    g = torch.randn(n, generator=seeded(3), dtype=torch.float64)
+    t, lr, beta1, eps = done + 1, 1e-2, 0.9, 1e-8
+    # from zero state, p = 0: p is the update itself, in float64
+    m_hat = (1 - beta1) * g / (1 - beta1**t)
+    v_hat = (1 - beta2) * g * g / (1 - beta2**t)
+    expected = -lr * m_hat / (v_hat.sqrt() + eps)
+    p, m, v = torch.zeros(n), torch.zeros(n), torch.zeros(n)
+    steps = torch.full((n,), done, dtype=torch.int32) if per_entry_steps else torch.full((1,), float(done))
+    ops.masked_adamw_([p], [g.float()], [None], [m], [v], [], [steps], [], lr=lr, beta1=beta1, beta2=beta2,
+                      eps=eps, weight_decay=0.0)
+    # only the fp32 rounding of a few operations (a few 1e-8) is allowed
+    torch.testing.assert_close(p.double(), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_index_masks_dict_masks_and_none(mode):
     initial = _params(3)

@@ -493,7 +493,7 @@ def test_cluster_experts_train_each_expert_on_its_cluster_only():
 
 def test_add_expert_on_a_bfloat16_base_keeps_the_float32_prior():
     """An ensemble built on a bfloat16 base keeps its log-prior in float32; add_expert's rebuild
-    cast the whole ensemble to the model's dtype, so the prior was rounded to bfloat16 and the
+    cast the whole ensemble, the prior buffer included, to the model's dtype, so the prior was rounded to bfloat16 and the
     mixture's log-probabilities moved (0.03 here) from those of the same ensemble built at once."""
     base = tiny("gpt2").to(torch.bfloat16)
     experts = {n: random_diff(tiny("gpt2"), 10, 0.05, seed=s).to(dtype=torch.bfloat16) for s, n in enumerate("abc")}
@@ -501,6 +501,6 @@ def test_add_expert_on_a_bfloat16_base_keeps_the_float32_prior():
     grown = xelm.ExpertEnsemble(base, {n: experts[n] for n in "ab"}, prior=[0.6, 0.4])
     grown.add_expert("c", experts["c"], prior=0.3)
     direct = xelm.ExpertEnsemble(base, experts, prior=[0.6, 0.4, 0.3])
-    assert grown.log_prior.dtype == direct.log_prior.dtype == torch.float32
+    assert grown._log_prior.dtype == direct._log_prior.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(grown(ids), direct(ids))

@@ -34,10 +34,11 @@ def _entries(p: torch.Tensor, selector: torch.Tensor | None) -> tuple[torch.Tens
     return selector.long(), torch.arange(selector.numel(), device=p.device)
 
 
-def _step_counts(step: torch.Tensor, spos: torch.Tensor, acc: torch.dtype):
-    """The step count after this step: one number for a shared counter, a tensor per entry otherwise."""
+def _step_counts(step: torch.Tensor, spos: torch.Tensor):
+    """The step count after this step: one number for a shared counter, a float64 tensor per entry
+    otherwise (the bias corrections 1 - beta^t cancel: beta^t rounded to fp32 first loses 5 digits)."""
     if step.dtype == torch.int32:
-        return step[spos].to(acc) + 1
+        return step[spos].to(torch.float64) + 1
     return float(step) + 1
 
 
@@ -61,7 +62,7 @@ def masked_adamw_reference(params, grads, selectors, exp_avgs, exp_avg_sqs, max_
     for i, p in enumerate(params):
         ppos, spos = _entries(p, selectors[i])
         acc = acc_dtype(p.dtype)
-        t = _step_counts(steps[i], spos, acc)
+        t = _step_counts(steps[i], spos)
         flat = p.view(-1)
         w = flat[ppos].to(acc)
         g = grads[i].view(-1)[ppos].to(acc) / scale
@@ -78,6 +79,8 @@ def masked_adamw_reference(params, grads, selectors, exp_avgs, exp_avg_sqs, max_
             max_exp_avg_sqs[i].view(-1)[spos] = second.to(p.dtype)
         step_size = lr / (1 - beta1 ** t)
         bias2_sqrt = (1 - beta2 ** t) ** 0.5
+        if isinstance(t, torch.Tensor):  # computed in float64, rounded once, as torch rounds its Python floats
+            step_size, bias2_sqrt = step_size.to(acc), bias2_sqrt.to(acc)
         w = w - step_size * m / (second.sqrt() / bias2_sqrt + eps)
         flat[ppos] = w.to(p.dtype)
         exp_avgs[i].view(-1)[spos] = m.to(p.dtype)

@@ -42,6 +42,13 @@ def _step_count(step_ptr, offs, live, OWN_STEP: tl.constexpr, ACC: tl.constexpr)
 
 
 @triton.jit
+def _one_minus_pow(log_beta, t, ACC: tl.constexpr):
+    """1 − β^t in float64, rounded once to ACC: 1 − exp(t log β) in fp32 cancels when β^t is near 1
+    (β2 = 0.999 at t = 1: 7e-6 relative off, 8e-5 at 0.9999). log_beta is the float64 hyper-parameter."""
+    return (1 - tl.exp(t.to(tl.float64) * log_beta)).to(ACC)
+
+
+@triton.jit
 def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr, step_ptr, hp_ptr, scale_ptr,
                          found_inf_ptr, n, BLOCK: tl.constexpr, SEL: tl.constexpr, OWN_STEP: tl.constexpr,
                          AMSGRAD: tl.constexpr, L1: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
@@ -53,13 +60,13 @@ def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr
     eps = tl.load(hp_ptr + 3).to(ACC)
     decay = tl.load(hp_ptr + 4).to(ACC)
     l1 = tl.load(hp_ptr + 5).to(ACC)
-    log_beta1 = tl.load(hp_ptr + 6).to(ACC)
-    log_beta2 = tl.load(hp_ptr + 7).to(ACC)
+    log_beta1 = tl.load(hp_ptr + 6)  # float64: see _one_minus_pow
+    log_beta2 = tl.load(hp_ptr + 7)
     one_minus_beta1 = tl.load(hp_ptr + 1).to(ACC)  # 1 − β from float64: 1 − fp32(0.999) is 1.3e-5 off
     one_minus_beta2 = tl.load(hp_ptr + 8).to(ACC)
     t = _step_count(step_ptr, offs, live, OWN_STEP, ACC)
-    step_size = lr / (1 - tl.exp(t * log_beta1))
-    bias2_sqrt = tl.sqrt(1 - tl.exp(t * log_beta2))
+    step_size = lr / _one_minus_pow(log_beta1, t, ACC)
+    bias2_sqrt = tl.sqrt(_one_minus_pow(log_beta2, t, ACC))
 
     p = tl.load(p_ptr + pos, mask=live, other=0.0).to(ACC)
     g = tl.load(g_ptr + pos, mask=live, other=0.0).to(ACC)
