@@ -400,12 +400,18 @@ def test_xlmr_body_diff_keeps_the_tied_word_embeddings_under_their_base_name():
             assert torch.equal(fresh.roberta.embeddings.word_embeddings.weight, tuned.roberta.embeddings.word_embeddings.weight)
 
 
-def test_disable_runs_the_base_model_and_restores_the_trained_one():
+def _trained_classifier():
+    """A BERT classifier converted (density 0.2, its head saved whole) and trained a few steps; its head's name."""
     model, head = classifier("bert")
-    base, _ = classifier("bert")
-    ids = batch()
     hf.convert(model, density=0.2, modules_to_save=[head])
     _train(model)
+    return model, head
+
+
+def test_disable_runs_the_base_model_and_restores_the_trained_one():
+    model, _ = _trained_classifier()
+    base, _ = classifier("bert")
+    ids = batch()
     trained = model(input_ids=ids).logits
     with hf.disable(model):
         assert torch.equal(_bits(model(input_ids=ids).logits), _bits(base(input_ids=ids).logits))
@@ -416,10 +422,8 @@ def test_disable_runs_the_base_model_and_restores_the_trained_one():
 def test_a_copy_made_inside_disable_is_refused(how, tmp_path):
     # a deep copy (or pickle) made inside the block kept the base state for good: deltas off, the
     # saved head at its value from convert; it ran the base model with no way back
-    model, head = classifier("bert")
+    model, _ = _trained_classifier()
     ids = batch()
-    hf.convert(model, density=0.2, modules_to_save=[head])
-    _train(model)
     trained = model(input_ids=ids).logits
     with hf.disable(model):
         with pytest.raises(RuntimeError, match="disable"):
@@ -432,10 +436,8 @@ def test_an_apply_left_in_place_inside_disable_is_reverted_on_exit():
     """disable's exit restores the trained state under a handle made inside the block; reverting
     that handle after the block then wrote the base values it displaced over the trained head
     and weights, silently. The exit now reverts it (changes inside the block are not kept)."""
-    model, head = classifier("bert")
+    model, head = _trained_classifier()
     ids = batch()
-    hf.convert(model, density=0.2, modules_to_save=[head])
-    _train(model)
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     logits = model(input_ids=ids).logits
     w = f"{head}.weight"
@@ -461,9 +463,7 @@ def test_an_apply_left_in_place_inside_disable_is_reverted_on_exit():
 def test_disable_restores_the_trained_state_after_a_merge_made_inside_the_block():
     # disable's exit looks up the applies made in the block in the apply registry, which also
     # holds merge()'s EntryWrite records: it raised AttributeError there, before restoring the head
-    model, head = classifier("bert")
-    hf.convert(model, density=0.2, modules_to_save=[head])
-    _train(model)
+    model, _ = _trained_classifier()
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     with hf.disable(model):
         hf.merge(model)
