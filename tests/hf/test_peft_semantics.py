@@ -141,6 +141,20 @@ def test_a_reload_keeps_the_saved_budget_and_the_model_s_own_name(tmp_path):
     assert (saved["k"], saved["base_model"]) == (50, "org/model-b")
 
 
+def test_a_config_that_names_a_language_twice_is_refused(tmp_path):
+    # languages ["de", "de"] (a file made by hand) built a dict with one language: the second
+    # language's file was never read
+    model = tiny("bert")
+    hf.convert(model, kind="multi", diffs={lang: random_diff(tiny("bert"), 7, 0.1, s) for s, lang in enumerate(["de", "fr"])})
+    hf.save_pretrained(model, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "xlsparse_config.json").read_text())
+    (tmp_path / "m" / "xlsparse_config.json").write_text(json.dumps(dict(config, languages=["de", "de"])))
+    fresh = tiny("bert")
+    with pytest.raises(ValueError, match="names a language twice"):
+        hf.from_pretrained(fresh, tmp_path / "m")
+    assert getattr(fresh, "xlsparse_config", None) is None
+
+
 def test_a_reload_that_does_not_fit_changes_nothing(tmp_path):
     model, head = classifier("bert", num_labels=3)
     hf.convert(model, density=0.1, modules_to_save=[head])

@@ -1021,6 +1021,8 @@ def from_pretrained(base_model: nn.Module, directory: str) -> nn.Module:
         convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
                 modules_to_save=config.modules_to_save)
     else:
+        if len(set(config.languages)) != len(config.languages):  # a dict would keep one of them, silently
+            raise ValueError(f"from_pretrained: {CONFIG_NAME} names a language twice: {config.languages}")
         diffs = {lang: SparseDiff.load(os.path.join(directory, _lang_file(i))) for i, lang in enumerate(config.languages)}
         convert(base_model, config.target_modules, kind="multi", diffs=diffs, modules_to_save=config.modules_to_save)
     with torch.no_grad():
