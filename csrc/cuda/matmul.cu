@@ -243,7 +243,8 @@ __device__ acc mixed(const scalar_t* z, const acc* w, int64_t E, int64_t T, int6
 constexpr int kMaxExperts = 64;
 
 template <typename scalar_t>
-__global__ void logprobs_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw, scalar_t* __restrict__ out,
+__global__ void logprobs_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw,
+                                scalar_t* __restrict__ out,
                                 acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V, bool prob) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shared[32];
@@ -328,7 +329,8 @@ __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const s
 }
 
 template <typename scalar_t>
-__global__ void nll_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw, const int64_t* __restrict__ y,
+__global__ void nll_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw,
+                           const int64_t* __restrict__ y,
                            scalar_t* __restrict__ nll, acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V,
                            bool prob) {
   using acc = acc_t<scalar_t>;
@@ -413,7 +415,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cuda(const at::Tensor& logi
   auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   if (T == 0) return std::make_tuple(out, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous();
+  const auto lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous();
+  const auto z = logits.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs", [&] {
     logprobs_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), out.data_ptr<scalar_t>(), lse.data_ptr<acc_t<scalar_t>>(), E, T,
@@ -434,7 +437,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cuda(const at::Ten
   auto dlw = at::empty({T, E}, log_weights.options().dtype(acc_dtype(logits.scalar_type())));
   if (T == 0) return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous(), o = out.contiguous(),
+  const auto lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous();
+  const auto g = grad.contiguous(), z = logits.contiguous(), o = out.contiguous(),
              l = lse.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
     logprobs_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
@@ -455,7 +459,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cuda(const at::Tensor& logits, c
   auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   if (T == 0) return std::make_tuple(nll, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous(), y = targets.contiguous();
+  const auto lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous();
+  const auto z = logits.contiguous(), y = targets.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll", [&] {
     nll_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
         z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), y.data_ptr<int64_t>(), nll.data_ptr<scalar_t>(),
@@ -479,7 +484,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cuda(const at::Tensor& 
   auto dlw = at::empty({T, E}, log_weights.options().dtype(acc_dtype(logits.scalar_type())));
   if (T == 0) return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));
   const c10::cuda::CUDAGuard guard(logits.device());
-  const auto g = grad.contiguous(), z = logits.contiguous(), lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous(), y = targets.contiguous(),
+  const auto lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous();
+  const auto g = grad.contiguous(), z = logits.contiguous(), y = targets.contiguous(),
              n = nll.contiguous(), l = lse.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll_backward", [&] {
     nll_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
