@@ -17,8 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_every_subpackage_imports():
-    # __main__ is `python -m xlsparse`: importing it runs the command
-    names = [m.name for m in pkgutil.walk_packages(xlsparse.__path__, "xlsparse.") if m.name != "xlsparse.__main__"]
+    names = [m.name for m in pkgutil.walk_packages(xlsparse.__path__, "xlsparse.")]
     for sub in ("xlsparse.hf", "xlsparse.hf.lt_sft", "xlsparse.hf.subnetworks", "xlsparse.hf.continual",
                 "xlsparse.hf.arithmetic", "xlsparse.hf.xelm", "xlsparse.ops", "xlsparse.triton", "xlsparse.benchmarks"):
         assert importlib.util.find_spec(sub) is not None, sub
