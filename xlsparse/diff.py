@@ -76,8 +76,7 @@ def _check_delta(indices, values, shape, where: str):
         raise ValueError(f"{where}: {indices.numel()} indices but {values.numel()} values")
     if indices.dtype.is_floating_point or indices.dtype.is_complex or indices.dtype == torch.bool:
         raise TypeError(f"{where}: indices must be an integer tensor, got {indices.dtype}")
-    if values.dtype not in checks.FLOAT_DTYPES:  # float8 too: no op (merge, apply's sums) takes it
-        raise TypeError(f"{where}: values must be floating point (float16, bfloat16, float32 or float64), got {values.dtype}")
+    checks.value_dtype(where, "values", values.dtype)
     if indices.device != values.device:
         raise ValueError(f"{where}: indices are on {indices.device} but values on {values.device}")
     if indices.numel():
@@ -147,8 +146,8 @@ class SparseDelta:
 
     def to(self, device=None, dtype=None) -> "SparseDelta":
         """A copy on `device` with values in `dtype` (indices keep their dtype)."""
-        if dtype is not None and dtype not in checks.FLOAT_DTYPES:
-            raise TypeError(f"SparseDelta.to: dtype must be floating point (float16, bfloat16, float32 or float64), got {dtype}")
+        if dtype is not None:
+            checks.value_dtype("SparseDelta.to", "dtype", dtype)
         return SparseDelta._trusted(self.indices.to(device), self.values.to(device=device, dtype=dtype), self.shape)
 
     @classmethod
@@ -807,8 +806,8 @@ class SparseDiff:
 
     def to(self, device=None, dtype=None) -> "SparseDiff":
         """A copy on `device`; `dtype` converts sparse and dense values (absolute ones keep theirs)."""
-        if dtype is not None and dtype not in checks.FLOAT_DTYPES:
-            raise TypeError(f"SparseDiff.to: dtype must be floating point (float16, bfloat16, float32 or float64), got {dtype}")
+        if dtype is not None:
+            checks.value_dtype("SparseDiff.to", "dtype", dtype)
         return SparseDiff._trusted({n: d.to(device, dtype) for n, d in self.deltas.items()},
                                    {n: t.to(device=device, dtype=dtype) for n, t in self.dense.items()},
                                    {n: t.to(device=device) for n, t in self.absolute.items()}, self.base_model)

@@ -35,8 +35,13 @@ def is_tensor(op: str, name: str, t) -> None:
 def float_dtype(op: str, name: str, t: torch.Tensor) -> None:
     """t holds float16, bfloat16, float32 or float64 (the dtypes every kernel is built for)."""
     is_tensor(op, name, t)
-    if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: {name} must be floating point (float16, bfloat16, float32 or float64), got {t.dtype}")
+    value_dtype(op, name, t.dtype)
+
+
+def value_dtype(op: str, name: str, dtype: torch.dtype) -> None:
+    """dtype is float16, bfloat16, float32 or float64 (float8 too is refused: no op takes it)."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} must be floating point (float16, bfloat16, float32 or float64), got {dtype}")
 
 
 def index_dtype(op: str, name: str, t: torch.Tensor) -> None:
