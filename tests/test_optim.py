@@ -545,6 +545,19 @@ def test_add_param_group_trains_every_entry_of_the_new_params(mode, opt_class, t
     assert len(opt.param_groups) == 2
 
 
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+def test_a_parameter_twice_in_one_group_is_refused_at_construction(opt_class):
+    # torch only warns about it; the masked step refused it later, at step(), after a training
+    # script had built everything around the optimizer.
+    p, q = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    with pytest.raises(ValueError, match="appears twice"):
+        opt_class([p, p], [None, None], lr=0.1)
+    opt = opt_class([p], [None], lr=0.1)
+    with pytest.raises(ValueError, match="appears twice"):
+        opt.add_param_group({"params": [q, q]})
+    assert len(opt.param_groups) == 1
+
+
 @pytest.mark.parametrize("opt_class, group, match", [
     (MaskedAdamW, dict(eps=-1.0), "epsilon"), (MaskedAdamW, dict(lr=-1.0), "learning rate"),
     (MaskedAdamW, dict(betas=(1.5, 0.9)), "betas"), (MaskedAdamW, dict(weight_decay=-5.0), "weight_decay"),

@@ -70,6 +70,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if not all(_local(p).is_contiguous() for p in group["params"]):
             self.param_groups.pop()  # leave the optimizer as it was
             raise ValueError("masked optimizers need contiguous parameters")
+        if len({id(p) for p in group["params"]}) != len(group["params"]):  # torch only warns; one mask each
+            self.param_groups.pop()
+            raise ValueError("params: a parameter appears twice in one group; give each parameter once")
         if self._built:
             for p in group["params"]:
                 self._init_state(group, p, None)
