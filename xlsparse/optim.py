@@ -245,7 +245,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         this process's shard only (plain tensors, not DTensors). torch.distributed.checkpoint
         takes plain tensors for replicated ones and keeps one process's copy, so each rank would
         read another rank's moments back; `load_state_dict` refuses a state tagged with another
-        rank."""
+        rank, on every rank of the mesh at once (it all-reduces the verdict)."""
         out = super().state_dict()
         for pid, p in enumerate(self._all_params()):
             if _is_dtensor(p) and pid in out["state"]:
@@ -262,15 +262,20 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         for group in state_dict["param_groups"]:
             self._check_group({**self.defaults, **group})
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        wrong_shard = None
         for i, (pid, p) in enumerate(zip(saved_ids, self._all_params())):
             tag = state_dict["state"].get(pid, {}).get("shard")
             if tag is not None and (not _is_dtensor(p) or not torch.equal(torch.as_tensor(tag).cpu(), _shard_tag(p))):
-                raise ValueError(
+                wrong_shard = (
                     f"load_state_dict: the state of param {i} holds the shard {torch.as_tensor(tag).tolist()} "
                     f"(mesh coordinates, then mesh shape) of a sharded (FSDP2) parameter, and this process holds "
                     f"{_shard_tag(p).tolist() if _is_dtensor(p) else 'the whole parameter'}. Each process must load the "
                     "state it saved itself (torch.save of optimizer.state_dict() per rank); "
                     "torch.distributed.checkpoint keeps one process's copy of this per-shard state")
+                break
+        if _any_rank(wrong_shard is not None, self._all_params()):
+            raise ValueError(wrong_shard or "load_state_dict: another process of the mesh was handed the optimizer "
+                             "state of a shard it does not hold (see its error); no process loads it")
         in_force = {p: self._selector_of(p) for p in self._all_params()}  # the masks given so far
         kept = {}
         stripped = dict(state_dict, state={})
@@ -400,6 +405,21 @@ def _shard_of(p, selector: torch.Tensor) -> torch.Tensor:
     if selector.dtype != torch.bool:
         selector = _bool_mask(selector, p.shape)
     return distribute_tensor(selector, p.device_mesh, p.placements, src_data_rank=None).to_local()
+
+
+def _any_rank(flag: bool, params) -> bool:
+    """`flag` or'ed over every process of the first DTensor parameter's mesh (`flag` itself when
+    there is none): a refusal on one rank alone would leave the others waiting in the next
+    collective for good."""
+    p = next((p for p in params if _is_dtensor(p)), None)
+    if p is None:
+        return flag
+    import torch.distributed as dist
+
+    seen = torch.tensor([int(flag)], device=_local(p).device)
+    for dim in range(p.device_mesh.ndim):
+        dist.all_reduce(seen, op=dist.ReduceOp.MAX, group=p.device_mesh.get_group(dim))
+    return bool(seen.item())
 
 
 def _shard_tag(p) -> torch.Tensor:

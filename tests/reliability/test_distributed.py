@@ -294,8 +294,20 @@ def _fsdp_optimizer_state_worker(rank: int, out: str):
         refused = str(exc)
     restored = all(torch.equal(fresh.state[p][k], saved[(i, k)]) for i, (_, p) in enumerate(named) for k in opt.state[p]
                    if (i, k) in saved)
-    result = torch.tensor([own, bool(refused) or restored, "shard" in refused or restored])
-    gathered = [torch.zeros(3, dtype=torch.bool) for _ in range(WORLD)]
+    # The usual mistake: rank 0 alone saves, every rank loads that file. Rank 0 holds its own
+    # state, so only rank 1 would refuse, and rank 0 would wait for it in the next collective.
+    rank0_file = os.path.join(os.path.dirname(out), "rank0_optim.pt")
+    if rank == 0:
+        torch.save(opt.state_dict(), rank0_file)
+    dist.barrier()
+    try:
+        MaskedAdamW([p for _, p in named], [None] * len(named), lr=1e-2, mode="compact").load_state_dict(
+            torch.load(rank0_file, weights_only=True))
+        rank0_refused = False
+    except ValueError:
+        rank0_refused = True
+    result = torch.tensor([own, bool(refused) or restored, "shard" in refused or restored, rank0_refused])
+    gathered = [torch.zeros(4, dtype=torch.bool) for _ in range(WORLD)]
     dist.all_gather(gathered, result)
     if rank == 0:
         torch.save(torch.stack(gathered), out)
@@ -311,3 +323,5 @@ def test_fsdp2_masked_adamw_state_is_per_rank_and_checkpoint_reading_another_ran
     # either the rank read its own state back, or it was refused with an error naming the shard;
     # before the fix each rank silently took the other rank's moments for some parameters
     assert got[:, 1].all() and got[:, 2].all(), got
+    # every rank refuses rank 0's file, rank 0 too: a rank that loaded would hang in its next collective
+    assert got[:, 3].all(), got
