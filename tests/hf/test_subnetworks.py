@@ -475,6 +475,24 @@ def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):
         assert torch.equal(selected, union)
 
 
+def test_structured_importance_of_a_converted_model_in_training_is_the_whole_network_s():
+    # It raised "no routing" on a converted model in training mode, where importance_scores works.
+    model = tiny("bert")
+    batch = _lm_batches(1, 4, b=2)[0]
+    model.train()
+    torch.manual_seed(0)  # the same dropout draws in both runs
+    want = subnetworks.structured_importance(model, [batch])
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    masks = {lang: {n: torch.rand(model.get_parameter(n).shape, generator=torch.Generator().manual_seed(i)) < 0.1
+                    for n in names} for i, lang in enumerate(["de", "fr"])}
+    hf.convert(model, kind="subnetwork", masks=masks)
+    model.train()
+    torch.manual_seed(0)
+    got = subnetworks.structured_importance(model, [batch])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-8)
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_head_importance_is_the_gate_gradient_of_michel_et_al(arch):
     """I_h = Σ_examples |∂ℓ_i/∂ξ_h| for a gate ξ multiplying head h's output, ℓ_i the loss of

@@ -329,7 +329,9 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     read here from the input of the O projection (FFN-out) and its gradient; with ℓ_i the loss of
     example i alone (one backward per example, as in `importance_scores`), the score sums
     |∂ℓ_i/∂ξ| over the examples, so it does not depend on how examples are batched. An example
-    whose loss is NaN (no labelled token) adds nothing. The model's gradients are left cleared.
+    whose loss is NaN (no labelled token) adds nothing. On a converted model the subnetwork
+    layers run unmasked (the whole network, in training mode too). The model's gradients are
+    left cleared.
     """
     _, layers = block_layout(model)
     heads, _ = _heads(model)
@@ -357,8 +359,10 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
             model.zero_grad(set_to_none=True)
             captured.clear()
             # one example per backward: a batch's mean loss would weight its examples by 1/B (or by
-            # their share of its labelled tokens), so the ranking would depend on the batching
-            loss = loss_fn(model, example)
+            # their share of its labelled tokens), so the ranking would depend on the batching.
+            # Unmasked, as in importance_scores: the whole network's heads, and no route needed.
+            with _unmasked(model):
+                loss = loss_fn(model, example)
             if torch.isnan(loss):
                 continue
             loss.backward()
