@@ -224,3 +224,76 @@ def test_convert_an_xlsparse_diff_says_so_briefly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not a composable-sft diff" in err and len(err) < 400
     assert not (tmp_path / "y.safetensors").exists()
+
+
+def test_a_converted_diff_named_bin_reads_back(tmp_path, capsys):
+    # convert-composable-sft IN OUT.bin wrote an xlsparse file that info and compose then took for
+    # composable-sft's format by its name: "cannot read a composable-sft diff file: Weights only load failed".
+    model = _tiny_bert_dir(tmp_path)
+    d = _diff(model, 3)
+    d.save_composable_sft(str(tmp_path / "sft" / "pytorch_diff.bin"))
+    assert cli.main(["convert-composable-sft", str(tmp_path / "sft"), str(tmp_path / "out.bin")]) == 0
+    capsys.readouterr()
+    assert cli.main(["info", str(tmp_path / "out.bin")]) == 0
+    assert next(iter(d.deltas)) in capsys.readouterr().out
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "out.bin"), str(tmp_path / "sft"),
+                     "--alpha", "1", "-1", "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.BertForMaskedLM.from_pretrained(tmp_path / "merged")
+    for (n, p), q in zip(model.named_parameters(), merged.parameters()):
+        assert torch.equal(p, q), n  # d - d on the same entries: the base again
+
+
+@pytest.mark.parametrize("argv, name", [(["convert-composable-sft", "{tmp}/missing.bin", "{tmp}/out.safetensors"], "IN"),
+                                        (["info", "{tmp}/missing.safetensors"], "DIFF"),
+                                        (["compose", "{tmp}/base", "{tmp}/missing.bin", "--out", "{tmp}/new"], "DIFF")])
+def test_a_missing_diff_is_named_by_its_argument(argv, name, tmp_path, capsys):
+    # convert-composable-sft said "cannot read a composable-sft diff file: [Errno 2] ...", naming no argument.
+    _tiny_bert_dir(tmp_path)
+    before = _listing(tmp_path)
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 1
+    assert f"{name} {tmp_path}/missing" in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+
+
+def test_compose_refuses_a_converted_models_folder_as_base(tmp_path, capsys):
+    # A converted model's save_pretrained (a Trainer checkpoint) holds whole-model files beside the
+    # xlsparse ones: compose loaded the base weights, dropped the trained deltas without a word,
+    # wrote base + DIFF, and copied xlsparse_config.json into OUT without its diff.
+    import copy
+
+    from xlsparse import hf
+
+    model = _tiny_bert_dir(tmp_path)
+    trained = hf.convert(copy.deepcopy(model), density=0.2)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "delta_values" in n:
+                p.normal_()
+    trained.save_pretrained(tmp_path / "ckpt")
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    before = _listing(tmp_path)
+    assert cli.main(["compose", str(tmp_path / "ckpt"), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "out")]) == 1
+    assert f"BASE_DIR {tmp_path / 'ckpt'}: holds xlsparse_config.json" in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("out_exists", [False, True])
+def test_compose_leaves_no_half_written_out(out_exists, tmp_path, capsys, monkeypatch):
+    # A save that failed half way (a full disk) left the copied files and a partial model in OUT.
+    from pathlib import Path
+
+    model = _tiny_bert_dir(tmp_path)
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    (tmp_path / "base" / "tokenizer.json").write_text("{}")
+    if out_exists:
+        (tmp_path / "out").mkdir()
+    before = _listing(tmp_path)
+
+    def full_disk(self, folder, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.BertForMaskedLM, "save_pretrained", full_disk)
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "out")]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert _listing(tmp_path) == before

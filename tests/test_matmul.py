@@ -1168,3 +1168,26 @@ def test_ensemble_logprobs_of_very_unlikely_classes(backend, use_backend):
     ref = _ensemble64(z.double(), lw.double(), "prob")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ENS_BACKENDS)
+@pytest.mark.parametrize("space", ["prob", "logit"])
+def test_ensemble_with_a_leading_block_of_banned_classes(backend, space, use_backend):
+    """The kernels' logsumexp runs over blocks of classes (8192 in the Triton interpreter, 2048 on
+    a GPU); a first block whose classes every expert bans (−inf) once made every result NaN."""
+    use_backend(backend)
+    e, t, v = 2, 3, 8192 + 5
+    gen = seeded(29)
+    z = torch.randn(e, t, v, generator=gen)
+    z[:, :, :8192] = float("-inf")
+    lw = torch.log_softmax(torch.randn(t, e, generator=gen), -1)
+    y = torch.tensor([8192, 8194, 8196])
+    ref = _ensemble64(z.double(), lw.double(), space)
+    zg = z.clone().requires_grad_(True)
+    out = functional.ensemble_logprobs(zg, lw, space)
+    torch.testing.assert_close(out[:, 8192:].double(), ref[:, 8192:], rtol=1e-5, atol=1e-5)
+    assert (out[:, :8192] == float("-inf")).all()
+    (dz,) = torch.autograd.grad(out[:, 8192:].sum(), zg)
+    assert torch.isfinite(dz[:, :, 8192:]).all() and (dz[:, :, :8192] == 0).all()
+    nll = functional.ensemble_nll(z, lw, y, space)
+    torch.testing.assert_close(nll.double(), -ref.gather(1, y[:, None])[:, 0], rtol=1e-5, atol=1e-5)

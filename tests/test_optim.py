@@ -849,6 +849,43 @@ def test_opcheck_triton_step_ops():
                           ([p], [g], [idx], [m], [step], 0.1, 0.9, 0.0, 0.1, False), test_utils=tests)
 
 
+# Compiles the step kernels for an sm_90 GPU in a child without the interpreter (Triton's bundled
+# ptxas; no GPU needed): the interpreter runs the kernels as Python and misses GPU compile errors.
+_COMPILE_STEP_KERNELS = """
+import sys
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from xlsparse.triton import optim as O
+
+own = sys.argv[1] == "own"
+step = "*i32" if own else "*fp32"
+common = dict(BLOCK=1024, SEL=2, OWN_STEP=own, HAS_SCALE=False, HAS_INF=True, ACC=tl.float32)
+kernels = [(O._masked_adamw_kernel, dict(common, AMSGRAD=True, L1=True)),
+           (O._masked_sgd_kernel, dict(common, MOMENTUM=True, NESTEROV=False))]
+for fn, consts in kernels:
+    sig = {a: "constexpr" if a in consts else "i32" if a == "n" else "*i64" if a == "sel_ptr" else step
+           if a == "step_ptr" else "*fp64" if a == "hp_ptr" else "*fp32" for a in fn.arg_names}
+    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+"""
+
+
+@pytest.mark.skipif("triton" not in ADAMW_BACKENDS, reason="triton not usable here")
+@pytest.mark.parametrize("steps", ["own", "shared"])
+def test_triton_step_kernels_compile_for_a_gpu(steps):
+    """Per-entry step counts (int32, one per state entry) once failed to compile on a GPU: the
+    interpreter never saw `_step_count` return a block on one path and a scalar on the other."""
+    import os
+    import subprocess
+
+    from conftest import child_python
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(child_python("-c", _COMPILE_STEP_KERNELS, steps), env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
 # --- multi_mask_weight_grad and SubnetworkLinear ---
 
 MMWG_BACKENDS = cpu_backends("multi_mask_weight_grad")

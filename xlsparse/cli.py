@@ -124,6 +124,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _diff_file(arg: str, path: str) -> str:
     """The file a diff argument names: itself, or the pytorch_diff.bin of a composable-sft folder."""
+    if not os.path.exists(path):  # named here: the loaders' errors name the path only, or torch.load's errno
+        raise ValueError(f"{arg} {path}: no such file or folder")
     if not os.path.isdir(path):
         return path
     file = os.path.join(path, "pytorch_diff.bin")
@@ -132,11 +134,28 @@ def _diff_file(arg: str, path: str) -> str:
     return file
 
 
+def _is_safetensors(file: str) -> bool:
+    """Whether `file` opens as a safetensors file does: an 8-byte header size that fits in the
+    file, then its JSON (torch.save's zip and pickle files start with bytes that read as a size
+    far beyond their own)."""
+    try:
+        with open(file, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size
+
+
 def _load_diff(path: str):
     from xlsparse import SparseDiff
 
     file = _diff_file("DIFF", path)
-    return SparseDiff.load_composable_sft(file) if file.endswith(".bin") else SparseDiff.load(file)
+    # A .bin name is composable-sft's, unless the file is an xlsparse one: `SparseDiff.save` and
+    # convert-composable-sft write any name (OUT.bin was written, then unreadable to info and compose).
+    if file.endswith(".bin") and not _is_safetensors(file):
+        return SparseDiff.load_composable_sft(file)
+    return SparseDiff.load(file)
 
 
 # Files of a model folder that hold weights (and their shard indexes): compose writes its own.
@@ -157,6 +176,14 @@ def cmd_compose(args: argparse.Namespace) -> int:
         raise ValueError(f"--alpha: {len(alphas)} values for {len(args.diffs)} diffs")
     if not os.path.isdir(args.base):  # checked here: transformers would look it up on the Hub
         raise ValueError(f"BASE_DIR {args.base}: no such folder")
+    from xlsparse.hf.config import CONFIG_NAME
+
+    if os.path.isfile(os.path.join(args.base, CONFIG_NAME)):
+        # a converted model's save_pretrained (a Trainer checkpoint): the model class would load its
+        # base weights and drop its deltas, and OUT would get an xlsparse_config.json without its diff
+        raise ValueError(f"BASE_DIR {args.base}: holds {CONFIG_NAME}, a model converted by xlsparse.hf, whose deltas "
+                         "transformers' from_pretrained would drop; compose onto the base it was converted from, its "
+                         "diff file among the DIFFs, or load it with xlsparse.hf.from_pretrained and merge_and_unload")
     if os.path.realpath(args.out) == os.path.realpath(args.base):
         raise ValueError(f"--out {args.out} is BASE_DIR: the merged model would overwrite the base; give another folder")
     check_output("--out", args.out, folder=True)
@@ -189,12 +216,25 @@ def cmd_compose(args: argparse.Namespace) -> int:
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
+    new = not os.path.isdir(args.out)
     os.makedirs(args.out, exist_ok=True)
-    for name in os.listdir(args.base):
-        path = os.path.join(args.base, name)
-        if os.path.isfile(path) and not _holds_weights(name):
-            shutil.copy(path, args.out)
-    model.save_pretrained(args.out)
+    try:
+        for name in os.listdir(args.base):
+            path = os.path.join(args.base, name)
+            if os.path.isfile(path) and not _holds_weights(name):
+                shutil.copy(path, args.out)
+        model.save_pretrained(args.out)
+    except BaseException:  # a full disk half way: no half-written model left in OUT (it was new or empty)
+        if new:
+            shutil.rmtree(args.out, ignore_errors=True)
+        else:
+            for name in os.listdir(args.out):
+                path = os.path.join(args.out, name)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        raise
     print(f"wrote {arch} with {len(diffs)} diffs (alphas {alphas}) to {args.out}")
     return 0
 

@@ -42,6 +42,8 @@ def budget(what: str, total: int, k: int | None = None, density: float | None = 
     if (k is None) == (density is None):
         raise ValueError(f"{what}: give exactly one of k or density")
     if density is not None:
+        if isinstance(density, bool):  # a bool passes the range check: True would select every entry
+            raise TypeError(f"{what}: density must be a number in [0, 1], got {density!r}")
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"{what}: density must be in [0, 1], got {density}")
         k = round(density * total)
@@ -334,7 +336,9 @@ class _FusedCall:
                 self.slot[key] = len(self.dense)
                 self.dense.append(param.detach())
             self.slot_of[id(param)] = self.slot[key]
-        self.indices.append(delta.indices.to(param.device))
+        # one index dtype per tensor, the canonical one: a layer built from int64 indices
+        # (SparseDeltaLinear.from_linear(indices=...)) extracts int64 deltas below 2^31
+        self.indices.append(delta.indices.to(device=param.device, dtype=index_dtype(param.numel())))
         self.values.append(delta.values.to(param.device))
         self.target.append(self.slot_of[id(param)])
         self.alphas.append(alpha)
@@ -866,7 +870,8 @@ class SparseDiff:
             dtype = parts[0][0].values.dtype
             for p, _ in parts[1:]:
                 dtype = torch.promote_types(dtype, p.values.dtype)
-            idx, val = _ops.merge_deltas([p.indices for p, _ in parts], [p.values.to(dtype) for p, _ in parts],
+            idx, val = _ops.merge_deltas([p.indices.to(index_dtype(math.prod(shape))) for p, _ in parts],
+                                         [p.values.to(dtype) for p, _ in parts],
                                          [w for _, w in parts], math.prod(shape))
             deltas[name] = SparseDelta._trusted(idx, val, shape)
         for name in dict.fromkeys(n for d in diffs for n in d.dense):

@@ -223,3 +223,25 @@ def test_lambda_sweep_on_a_heldout_set_returns_the_table():
     assert "| 3 |" in sweep.table() and "best" in sweep.table()
     with pytest.raises(ValueError, match="exactly one"):
         arithmetic.lambda_sweep(model, lambda lam: phi, [1.0], progress=False)
+
+
+def test_a_diff_with_int64_indices_merges_and_applies_with_others():
+    # A layer built from int64 flat indices (torch.nonzero's) kept them, so hf.extract_diff gave
+    # int64 deltas below 2^31; merge, combine, ties_merge and apply with a loaded (int32) diff of the
+    # same weight then raised "index dtype torch.int32 does not match delta 0's torch.int64".
+    layer = xlsparse.nn.SparseDeltaLinear.from_linear(torch.nn.Linear(5, 4, bias=False),
+                                                      indices=torch.tensor([1, 6, 11], dtype=torch.int64))
+    with torch.no_grad():
+        layer.delta_values.copy_(torch.tensor([1.0, -2.0, 3.0]))
+    mine = hf.extract_diff(torch.nn.Sequential(layer))
+    assert mine.deltas["0.weight"].indices.dtype == torch.int64
+    other = SparseDiff({"0.weight": SparseDelta(torch.tensor([6, 7]), torch.tensor([0.5, 4.0]), (4, 5))})
+    want = (0.5 * mine.deltas["0.weight"].to_dense() + 2.0 * other.deltas["0.weight"].to_dense()).double()
+    for mixed in (SparseDiff.merge([mine, other], [0.5, 2.0]), arithmetic.combine([other, mine], [2.0, 0.5])):
+        assert torch.equal(mixed.deltas["0.weight"].to_dense().double(), want)
+    arithmetic.ties_merge([mine, other], [0.5, 2.0], density=1.0)
+    target = torch.nn.Sequential(torch.nn.Linear(5, 4, bias=False))
+    w0 = target[0].weight.detach().clone()
+    with xlsparse.apply([mine, other], target, alphas=[0.5, 2.0]):
+        torch.testing.assert_close(target[0].weight.detach().double(), w0.double() + want, rtol=0, atol=1e-6)
+    assert torch.equal(target[0].weight.detach(), w0)

@@ -107,6 +107,7 @@ def test_target_modules_by_suffix_and_regex():
     (dict(kind="subnetwork"), TypeError, "masks"),
     (dict(density=1.5), ValueError, r"^convert: density must be in \[0, 1\]"),  # once told as from_linear's
     (dict(k=-3), ValueError, "^convert: "),
+    (dict(density=True), TypeError, "^convert: density must be a number"),  # True read as 1.0: every entry
 ])
 def test_bad_arguments(bad, exc, match):
     with pytest.raises(exc, match=match):
@@ -188,6 +189,28 @@ def test_routed_kinds_refuse_longformer_attention(arch):
     hf.convert(model, density=0.1)
 
 
+@pytest.mark.parametrize("holder", ["wrapper", "encoder-decoder"])
+def test_routed_kinds_refuse_a_longformer_held_by_another_module(holder):
+    # the refusal read the converted model's own config: a module holding a Longformer (a wrapper with no
+    # config, or an EncoderDecoderModel, model_type "encoder-decoder") was converted, and with batch size ==
+    # padded length per-example ids routed sequence positions (4 examples of 4 tokens: up to 3.5 off)
+    cfg = transformers.LongformerConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=24, attention_window=[4], max_position_embeddings=40)
+    if holder == "wrapper":
+        model = torch.nn.Sequential()
+        model.add_module("longformer", transformers.LongformerModel(cfg))
+    else:
+        decoder = transformers.BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=24, is_decoder=True, add_cross_attention=True)
+        model = transformers.EncoderDecoderModel(encoder=transformers.LongformerModel(cfg),
+                                                 decoder=transformers.BertLMHeadModel(decoder))
+    diff = xlsparse.SparseDiff({})
+    with pytest.raises(ValueError, match="sequence-first"):
+        hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
+    assert not hasattr(model, "xlsparse_config")
+    if holder == "encoder-decoder":  # the BERT decoder's layers see [B, S, H]: they may be routed
+        hf.convert(model, target_modules=r"decoder\..*\.(query|value)", kind="multi", diffs={"de": diff, "fr": diff})
+
 def test_per_token_ids_are_refused_on_an_encoder_decoder_model():
     # the decoder's layers see [B, S_target]: source-token ids were applied to target positions whenever
     # the lengths matched (and raised otherwise)
@@ -206,6 +229,31 @@ def test_per_token_ids_are_refused_on_an_encoder_decoder_model():
     with hf.route(model, [0, 1]):  # per example: fine
         model(input_ids=ids, decoder_input_ids=ids[:, :4])
 
+
+def test_per_token_ids_are_refused_on_an_encoder_decoder_model_inside_a_wrapper():
+    # the check read the routed model's own config: a module holding T5 (no config of its own)
+    # took per-token ids and routed the decoder's target positions by the source tokens' ids
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0)
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t5 = transformers.T5ForConditionalGeneration(cfg).eval()
+
+        def forward(self, **kwargs):
+            return self.t5(**kwargs)
+
+    model = Wrapper()
+    diff = xlsparse.SparseDiff({})
+    hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
+    ids = batch(2, 6)
+    per_token = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 0, 0, -1, -1]])
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        with hf.route(model, per_token):
+            model(input_ids=ids, decoder_input_ids=ids)
+    with hf.route(model, [0, 1]):  # per example: fine
+        model(input_ids=ids, decoder_input_ids=ids[:, :4])
 
 def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first():
     # nn.TransformerEncoderLayer defaults to batch_first=False: its linear layers see [S, B, H], and
@@ -229,6 +277,30 @@ def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first()
                                         enable_nested_tensor=False)
     hf.convert(model, density=0.1)  # a delta is not routed: fine
 
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("grad", [False, True])
+def test_torch_transformer_encoder_layers_run_their_deltas_in_eval_mode(grad, padded):
+    # in eval mode torch runs nn.TransformerEncoderLayer by one fused op that reads linear1.weight and
+    # linear2.weight (W0) without calling the layers (and nn.TransformerEncoder packs a padded batch into
+    # nested tensors for it): a converted model ran the base, 3.3 off the trained model
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    base = torch.nn.TransformerEncoder(layer, 2).eval()
+    model = hf.convert(copy.deepcopy(base), kind="delta", density=0.3)
+    _randomise_deltas(model)
+    x, mask = torch.randn(2, 5, 16), torch.zeros(2, 5, dtype=torch.bool)
+    if padded:
+        mask[1, 3:] = True
+    with torch.no_grad():
+        plain = base(x, src_key_padding_mask=mask)
+        with xlsparse.apply([hf.extract_diff(model)], base):
+            want = base(x, src_key_padding_mask=mask)  # the fused op, on W0 + Δ
+    with torch.set_grad_enabled(grad):
+        got = model(x, src_key_padding_mask=mask)
+    keep = ~mask
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got[keep], plain[keep], atol=1e-2)
 
 @pytest.mark.parametrize("targets", [None, ["out_proj"]])
 def test_the_out_proj_of_multihead_attention_is_never_converted(targets):
@@ -256,6 +328,41 @@ def test_wavlm_attention_projections_are_never_converted():
     with pytest.raises(ValueError, match="never run"):
         hf.convert(model, target_modules=["q_proj"], density=0.1)
 
+
+class _TopKRouter(torch.nn.Linear):
+    """A linear subclass with a forward of its own, as Llama4Router and PhimoeTopKRouter are: it
+    returns a tuple, which a converted layer (x Wᵀ + b) does not."""
+
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits.softmax(-1), logits
+
+
+def test_linear_subclasses_with_a_forward_of_their_own_are_never_converted():
+    # Llama4's router is such a layer inside every block: convert replaced it, and the model raised
+    # "too many values to unpack" (or, with 2 tokens, unpacked the two rows of the logits)
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.router, self.proj = _TopKRouter(8, 3), torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            scores, _ = self.router(x)
+            return self.proj(x) * scores.max(-1, keepdim=True).values
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Block(), Block())
+    x = torch.randn(2, 5, 8)
+    want = model(x)
+    assert hf.model.target_names(model) == ["0.proj", "1.proj"]
+    with pytest.raises(ValueError, match="forward of its own"):
+        hf.convert(model, target_modules=["router"], density=0.5)
+    assert not hasattr(model, "xlsparse_config")
+    hf.convert(model, density=0.5)
+    assert torch.equal(model(x), want)
+    falcon = transformers.FalconForCausalLM(transformers.FalconConfig(vocab_size=VOCAB, hidden_size=16,
+                                                                      num_hidden_layers=1, num_attention_heads=2))
+    assert "transformer.h.0.self_attention.query_key_value" in hf.model.target_names(falcon)  # x Wᵀ + b all the same
 
 @pytest.mark.parametrize("tp, exact", [(2, True), (2, False), (1, True)])
 def test_bloom_layers_sliced_under_pretraining_tp_are_never_converted(tp, exact):

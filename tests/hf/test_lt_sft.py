@@ -69,6 +69,18 @@ def test_arguments_are_validated_naming_the_argument():
         SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, sparse_l1_reg=-1)
 
 
+@pytest.mark.parametrize("name, value", [("ft_params_num", 100.7), ("ft_params_num", True),
+                                         ("full_ft_max_steps_per_iteration", 2.5), ("sparse_ft_min_steps_per_iteration", 1.5),
+                                         ("reselection_steps", True), ("selection_accumulation_steps", 1.5)])
+def test_counts_that_are_not_whole_numbers_are_refused_naming_the_argument(name, value):
+    # ft_params_num = 100.7 failed in the selection, after the whole full phase had trained;
+    # 2.5 max steps ran 2, True counted as 1, 1.5 accumulation steps accumulated 2
+    kw = {"full_ft_max_steps_per_iteration": 3, "sparse_ft_max_steps_per_iteration": 3, "reselection_steps": 4,
+          "selection_accumulation_steps": 1, name: value}
+    with pytest.raises(ValueError, match=rf"\.{name} = "):
+        DynamicSftArguments(**kw)
+
+
 def test_untie_on_an_untied_model_and_too_large_k_are_errors(tmp_path):
     steps = dict(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
     model = tiny("llama")
@@ -160,6 +172,17 @@ def test_freeze_and_untie_flags_on_xlmr(tmp_path):
     # exclusion patterns: matching parameters are trained whole
     t = _trainer(tmp_path, tiny("xlmr"), maskable_exclude=(r"position_embeddings",))
     assert "roberta.embeddings.position_embeddings.weight" in set(t._theta0) - set(t.maskable)
+
+
+def test_untie_embeddings_with_freeze_head_trains_the_untied_decoder(tmp_path):
+    # composable-sft's run_mlm freezes the head, then unties: the new decoder copy trains (the
+    # rest of the head stays frozen). Frozen, untie_embeddings would have done nothing.
+    t = _trainer(tmp_path, tiny("xlmr"), freeze_head=True, untie_embeddings=True)
+    m = t.model
+    dec = m.get_output_embeddings().weight
+    assert dec is not m.get_input_embeddings().weight and dec.requires_grad
+    assert [n for n, p in m.lm_head.named_parameters() if p.requires_grad] == ["decoder.weight"]
+    assert set(t._theta0) - set(t.maskable) == {"lm_head.decoder.weight"}
 
 
 def test_xlmr_sft_keeps_the_tied_embeddings_sparse(tmp_path):
@@ -308,6 +331,25 @@ def test_lt_sft_matches_composable_sft_restated(tmp_path, wd):
     with got.applied(fresh):
         for (n, p), q in zip(fresh.named_parameters(), model.parameters()):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=0), n
+
+
+def test_l1_reg_loss_is_logged_per_phase(tmp_path):
+    # full phase: 3 steps logged every 2, so step 3's L1 was not logged; the sparse phase
+    # (sparse_l1_reg = 0) logged it as its own l1_reg_loss, 0.51
+    sft_args = SftArguments(ft_params_num=100, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=2,
+                            full_l1_reg=100.0, sparse_l1_reg=0.0)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args,
+                                           args=_args(tmp_path, logging_steps=2))
+    seen = []
+
+    class _PhaseLogs(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if "loss" in logs:
+                seen.append((trainer._phase, "l1_reg_loss" in logs))
+
+    trainer.add_callback(_PhaseLogs())
+    trainer.train()
+    assert seen == [("full", True), ("sparse", False)]
 
 
 def test_each_phase_has_its_own_checkpoints_holding_the_sft(tmp_path):
@@ -767,6 +809,23 @@ def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path):
     assert moved > 0  # the support did change
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_dynamic_mode_names_the_matrices_it_cannot_reselect(tmp_path, arch):
+    # GPT-2's Conv1D weights (8 of its 10 matrices here) train through the compact optimizer:
+    # only wte and wpe were reselected, silently
+    sft_args = DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=3,
+                                   reselection_steps=2, selection_accumulation_steps=1, drop_fraction=0.5)
+    trainer = LotteryTicketSparseFineTuner(model=tiny(arch), train_dataset=_LMData(), sft_args=sft_args, args=_args(tmp_path))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in seen if "keep their phase-1 support" in str(w.message)]
+    if arch == "gpt2":
+        assert len(said) == 1 and "8 matrices" in said[0] and "transformer.h.0.attn.c_attn.weight" in said[0]
+    else:  # every matrix is a SparseDelta layer
+        assert not said
+
+
 def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
     sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
     whole = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16), sft_args=sft_args,
@@ -791,6 +850,30 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
         assert torch.equal(a.absolute[n], b.absolute[n]), n
     with pytest.raises(ValueError, match="sparse phase"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
+
+
+def test_resuming_with_other_sft_arguments_is_refused_before_anything_changes(tmp_path):
+    # Built with another K or n_ft_iterations, the resumed run trained on the checkpoint's support
+    # and left an SFT of 150 or 300 entries where its K was 300 or 600
+    import shutil
+
+    def sft_args(**kw):
+        return SftArguments(**{"ft_params_num": 300, "n_ft_iterations": 2, "full_ft_max_steps_per_iteration": 1,
+                               "sparse_ft_max_steps_per_iteration": 1, **kw})
+
+    LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args(),
+                                 args=_args(tmp_path, save_strategy="steps", save_steps=1)).train()
+    shutil.copytree(tmp_path / "iteration-1", tmp_path / "iteration-5")
+    for args, round_, match in [(sft_args(ft_params_num=600), 1, "has 300 entries"),
+                                (sft_args(n_ft_iterations=1), 0, "has 150 entries"),
+                                (sft_args(), 5, "round 5")]:
+        resumed = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=args,
+                                               args=_args(tmp_path / "again"))
+        with pytest.raises(ValueError, match=match):
+            resumed.train(resume_from_checkpoint=str(tmp_path / f"iteration-{round_}" / "sparse" / "checkpoint-1"))
+        assert not resumed._masks
+        for (n, p), q in zip(resumed.model.named_parameters(), tiny("bert").parameters()):
+            assert torch.equal(p, q), n
 
 
 def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(tmp_path):

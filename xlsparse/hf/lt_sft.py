@@ -31,7 +31,8 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   every parameter outside the base model is frozen (the output embeddings, when the model has no
   attribute named by its `base_model_prefix`, as (m)T5; with neither it raises); the input embeddings stay trainable.
   `untie_embeddings`: the output embeddings get their own trainable copy (a head, so stored
-  whole). `freeze_decoder`: the output embeddings get their own frozen copy.
+  whole; with `freeze_head` too, the rest of the head stays frozen). `freeze_decoder`: the
+  output embeddings get their own frozen copy.
   `freeze_embeddings`: the input word embeddings are frozen. The SFT itself does not untie
   anything: applied to a tied base, an input-embedding delta moves the tied decoder too (as in
   composable-sft, whose task models have no decoder), and the whole decoder that
@@ -60,6 +61,7 @@ optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but th
 Accelerate's FSDP plugin is not tested.
 """
 import math
+import numbers
 import os
 import re
 import warnings
@@ -82,6 +84,11 @@ SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
 SFT_FILE = "sft.safetensors"
 """The SFT written into every checkpoint and by `save_model` (`SparseDiff.save` format)."""
+
+
+def _whole(value) -> bool:
+    """An integer, not a float or a bool (True would count as 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
@@ -123,11 +130,15 @@ class SftArguments:
                 raise ValueError(f"SftArguments.{name} = {getattr(self, name)!r}: {rule}")
 
         check("ft_params_proportion", 0.0 <= self.ft_params_proportion <= 1.0, "must be in [0, 1]")
+        # counts are whole numbers: a float K failed only after a whole full phase, float steps were truncated
+        check("ft_params_num", self.ft_params_num is None or _whole(self.ft_params_num), "must be an int")
         check("ft_params_num", self.ft_params_num is None or self.ft_params_num >= 0, "must be >= 0")
-        check("n_ft_iterations", isinstance(self.n_ft_iterations, int) and self.n_ft_iterations >= 1, "must be an int >= 1")
+        check("n_ft_iterations", _whole(self.n_ft_iterations) and self.n_ft_iterations >= 1, "must be an int >= 1")
         for phase in ("full", "sparse"):
             lo, hi, ep = (f"{phase}_ft_min_steps_per_iteration", f"{phase}_ft_max_steps_per_iteration",
                           f"{phase}_ft_max_epochs_per_iteration")
+            for name in (lo, hi):
+                check(name, getattr(self, name) is None or _whole(getattr(self, name)), "must be an int")
             check(lo, getattr(self, lo) is None or getattr(self, lo) >= 0, "must be >= 0")
             # 0 would make the HF Trainer fall back to num_train_epochs
             check(hi, getattr(self, hi) is None or getattr(self, hi) >= 1, "must be >= 1")
@@ -154,7 +165,8 @@ class DynamicSftArguments(SftArguments):
     regrown: the largest |Σ gradient| over the last `selection_accumulation_steps` steps among
     entries not kept. Dropped entries go back to θ0 and lose their optimizer state; regrown ones
     start at θ0 with zero state and their own step count. An entry both dropped and regrown stays
-    as it was (as SpIEL). Differences from SpIEL: the initial support is LT-SFT's phase-1
+    as it was (as SpIEL). A matrix that is not converted (GPT-2's `Conv1D` weights) keeps its
+    support, with a warning. Differences from SpIEL: the initial support is LT-SFT's phase-1
     selection; every non-kept entry is a candidate (SpIEL tracks K candidates); the drop fraction
     is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
     the accumulated gradients). During the accumulation window each converted layer adds its
@@ -170,13 +182,14 @@ class DynamicSftArguments(SftArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not isinstance(self.reselection_steps, int) or self.reselection_steps < 1:
+        if not _whole(self.reselection_steps) or self.reselection_steps < 1:
             raise ValueError(f"DynamicSftArguments.reselection_steps = {self.reselection_steps!r}: must be an int >= 1")
         if not 0.0 <= self.drop_fraction <= 1.0:
             raise ValueError(f"DynamicSftArguments.drop_fraction = {self.drop_fraction!r}: must be in [0, 1]")
-        if not 1 <= self.selection_accumulation_steps <= self.reselection_steps:
+        a = self.selection_accumulation_steps
+        if not _whole(a) or not 1 <= a <= self.reselection_steps:
             raise ValueError(f"DynamicSftArguments.selection_accumulation_steps = {self.selection_accumulation_steps!r}: "
-                             "must be in [1, reselection_steps]")
+                             "must be an int in [1, reselection_steps]")
 
 
 class _Reselection(TrainerCallback):
@@ -439,6 +452,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             else:
                 raise ValueError(f"SftArguments.freeze_head: the model has no base model under base_model_prefix "
                                  f"{prefix!r} and no output embeddings: it names no head to freeze")
+        if a.untie_embeddings:  # as composable-sft, which unties after freezing the head: the copy trains
+            out.weight.requires_grad_(True)
         if a.freeze_decoder:
             out.weight.requires_grad_(False)
         if a.freeze_embeddings:
@@ -462,7 +477,8 @@ class LotteryTicketSparseFineTuner(Trainer):
 
         `resume_from_checkpoint`: a sparse phase's checkpoint folder (`<output_dir>/sparse/
         checkpoint-N`, or `.../iteration-<i>/sparse/checkpoint-N`). The trainer must be built on
-        the same base model and arguments; the masks, deltas, heads, optimizer, scheduler, RNG
+        the same base model and arguments (a checkpoint whose SFT has another size or touches
+        parameters that are not maskable here raises); the masks, deltas, heads, optimizer, scheduler, RNG
         and data position come from the checkpoint, and training continues bit-exactly (then
         runs any later rounds). Full-phase checkpoints cannot be resumed (the round's selection
         would need the whole phase). With `DynamicSftArguments` a checkpoint inside a gradient
@@ -508,7 +524,21 @@ class LotteryTicketSparseFineTuner(Trainer):
             if found is None:
                 raise ValueError(f"resume_from_checkpoint: {checkpoint} is not under an iteration-<i> folder")
             it = int(found.group(1))
+        n = self.sft_args.n_ft_iterations
+        if it >= n:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} is round {it}, but n_ft_iterations = {n}")
         sft = SparseDiff.load(os.path.join(checkpoint, SFT_FILE))
+        # a run built with other arguments would train on the checkpoint's support and silently
+        # leave an SFT with other than K entries
+        foreign = sorted(set(sft.deltas) - set(self.maskable))
+        if foreign:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint}'s SFT changes {foreign[:5]}, which this trainer's "
+                             "maskable parameters do not hold (build it with the checkpoint's run's arguments)")
+        expected = (it + 1) * (self._num_tunable // n)
+        if sft.nnz != expected:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint}'s SFT has {sft.nnz} entries, but round {it} of these "
+                             f"SftArguments has selected {expected} (K = {self._num_tunable}, n_ft_iterations = {n}): "
+                             "build the trainer with the checkpoint's run's arguments")
         weights = _load_weights(checkpoint)
         masks = {}  # the checkpoint's alone: a run before this one must not leave its own
         with torch.no_grad():
@@ -542,8 +572,17 @@ class LotteryTicketSparseFineTuner(Trainer):
                              "(fewer batches per epoch than gradient_accumulation_steps)")
         self.args.max_steps = steps  # in place: a new TrainingArguments would reset accelerate's state
         self._sft_at_end = None
+        # the last steps of the previous phase were never logged: their L1 (another λ) must not
+        # enter this phase's first l1_reg_loss
+        self._l1_sum, self._l1_steps = 0.0, 0
         if phase == "sparse":
             self._convert()
+            params = self._params()
+            fixed = [n for n in self.maskable if n not in self._converted and params[n].dim() > 1]
+            if self._reselection is not None and fixed:  # GPT-2's Conv1D weights: most of its matrices
+                warnings.warn(f"DynamicSftArguments: {len(fixed)} matrices train through the compact optimizer, not a "
+                              f"SparseDelta layer, and keep their phase-1 support (no reselection): {fixed[:3]}",
+                              stacklevel=3)
             if resumed_deltas is not None:  # the checkpoint's deltas themselves, not θ − θ0 rounded
                 with torch.no_grad():
                     for name, values in self._delta_values().items():

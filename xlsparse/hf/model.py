@@ -75,6 +75,17 @@ _READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_pr
 _TP_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
 
 
+# nn.Linear subclasses whose own forward is x Wᵀ + b all the same (Falcon's layers)
+_LINEAR_MATH = {"FalconLinear"}
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """A linear subclass with a forward of its own (a MoE router that returns a tuple, as Llama4's and
+    Phimoe's do; a grouped or quantised linear): a converted layer computes x Wᵀ + b instead."""
+    return (isinstance(module, nn.Linear) and not isinstance(module, _CONVERTED)
+            and type(module).forward is not nn.Linear.forward and type(module).__name__ not in _LINEAR_MATH)
+
+
 def _reads_child_weights(module: nn.Module) -> tuple:
     names = _READS_CHILD_WEIGHTS.get(type(module).__name__, ())
     if getattr(module, "pretraining_tp", 1) > 1 and getattr(module, "slow_but_exact", False):
@@ -90,14 +101,16 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     must match some linear layer; or a string used as a regular expression that must match the
     whole name. The `out_proj` of an `nn.MultiheadAttention` is never a target: that module reads
     its weight directly and never calls the layer, so a replacement would be bypassed (None
-    skips it, a pattern that names it raises).
+    skips it, a pattern that names it raises); so are linear subclasses with a forward of their
+    own (`_own_forward`).
     """
     bypassed = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     bypassed |= {f"{n}.{c}" if n else c for n, m in model.named_modules()
                  for c in _reads_child_weights(m)}
+    own = {name for name, module in model.named_modules() if _own_forward(module)}
     linears = [name for name, module in model.named_modules() if _is_linear(module)]
     if target_modules is None:
-        names = [name for name in linears if _in_block(name) and name not in bypassed]
+        names = [name for name in linears if _in_block(name) and name not in bypassed | own]
         if not names:
             raise ValueError("convert: the model has no linear layer in encoder/decoder blocks; name the layers "
                              f"with target_modules (it has {linears[:12]})")
@@ -108,6 +121,10 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
         raise ValueError("convert: target_modules is empty; give layer names, a pattern, or None for every block "
                          "linear layer (converting nothing would only freeze the model)")
     names = [name for name in linears if _matches(name, target_modules)]
+    if own & set(names):
+        raise ValueError(f"convert: target_modules matches {sorted(own & set(names))[:3]}, a linear subclass with a "
+                         "forward of its own (a mixture-of-experts router, a grouped or quantised linear): a "
+                         "converted layer would compute x W^T + b instead")
     if bypassed & set(names):
         raise ValueError(f"convert: target_modules matches {sorted(bypassed & set(names))[:3]}, whose weight its parent "
                          "reads without calling it (the out_proj of an nn.MultiheadAttention, WavLM's attention "
@@ -428,14 +445,18 @@ def _subnetwork_layer(linear, original, transposed, pname, masks):
     return SubnetworkLinear.from_linear(linear, masks=per_lang)
 
 
-def _refuse_unroutable(model: nn.Module, kind: str, names: list, modules: dict) -> None:
+def _refuse_unroutable(kind: str, names: list, modules: dict) -> None:
     """Routed kinds take row t of a layer's 2-D input as token t of the batch (example t // S).
     Refuse layers whose input rows are not that: ids would reach the wrong rows, silently when the
     shapes happen to fit."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type in _SEQUENCE_FIRST:
+    # the config of every module, not only the model's: a wrapper or an EncoderDecoderModel can hold one
+    held = {a: t for a, m in modules.items() if (t := getattr(getattr(m, "config", None), "model_type", None))
+            in _SEQUENCE_FIRST}
+    hit = [(n, t) for n in names for a, t in held.items() if not a or n.startswith(a + ".")]  # a == "": the model
+    if hit:
         raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
-                         f"{model_type} runs its layers sequence-first ([S, B, H]): ids would reach the wrong rows")
+                         f"{hit[0][1]} runs its layers sequence-first ([S, B, H]) ({hit[0][0]!r} ...): ids would "
+                         "reach the wrong rows")
     # torch's own transformer layers are sequence-first unless batch_first=True (their default is False)
     seq_first = [n for n in names for a, m in modules.items()
                  if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
@@ -485,7 +506,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     names = target_names(model, target_modules)
     modules = dict(model.named_modules())
     if kind != "delta":
-        _refuse_unroutable(model, kind, names, modules)
+        _refuse_unroutable(kind, names, modules)
     budgets = None
     if kind == "delta":
         if isinstance(diffs, SparseDiff):
@@ -571,6 +592,16 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         layer.train(original.training)  # a new module is in training mode; keep the model's mode
         _swap_module(model, name, layer, original)
 
+    # torch's nn.TransformerEncoderLayer runs in eval mode by one fused op that reads linear1.weight and
+    # linear2.weight (W0) without calling the layers, and nn.TransformerEncoder packs the batch into
+    # nested tensors for it: both would drop the deltas
+    fused = [n for n, m in modules.items() if isinstance(m, nn.TransformerEncoderLayer)
+             and any(t in (f"{n}.linear1", f"{n}.linear2") if n else t in ("linear1", "linear2") for t in names)]
+    for n in fused:
+        modules[n].register_forward_pre_hook(_no_fused_fast_path)
+    for n, m in modules.items():
+        if isinstance(m, nn.TransformerEncoder) and any(f.startswith(n + ".") or not n for f in fused):
+            m.use_nested_tensor = False
     _freeze(model, saved)
     model.xlsparse_config = XlsparseConfig(
         kind=kind, target_modules=names, density=density, k=k, languages=languages_, modules_to_save=saved,
@@ -583,6 +614,14 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     if any(isinstance(v, _OnInstance) for v in model.__dict__.values()):
         model.__getstate__ = _InstanceState(model)
     return model
+
+
+def _no_fused_fast_path(module: nn.Module, args) -> None:
+    """A forward pre-hook that does nothing, put on an nn.TransformerEncoderLayer whose linear1 or
+    linear2 convert replaced: torch runs such a layer in eval mode by one fused op that reads
+    `linear1.weight` and `linear2.weight` (W0) without calling the layers, so the deltas were
+    dropped; a layer with a hook takes the ordinary path. It stays after `merge_and_unload`."""
+    return None
 
 
 def _modules_to_save(model: nn.Module, patterns, targets: list[str]) -> list[str]:
@@ -804,13 +843,15 @@ def route(model: nn.Module, language_ids):
     if num == 0:
         raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
     ids = _language_ids(model, language_ids)
-    if ids.dim() > 1 and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+    modules = list(model.modules())
+    # any module's config, not only the model's own: a module holding T5 has no config of its own
+    if ids.dim() > 1 and any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) for m in modules):
         raise ValueError(f"route: per-token language ids {list(ids.shape)} on an encoder-decoder model fit the source "
                          "tokens, but the decoder's layers run on the target tokens (a target of the same length "
                          "would be routed by source positions); give one id per example [B]")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     # only this model's layers: another routed model run inside the block is not routed by these ids
-    with routing.use(ids, num, frozenset(id(m) for m in model.modules())) as active:
+    with routing.use(ids, num, frozenset(id(m) for m in modules)) as active:
         yield active
 
 

@@ -174,6 +174,16 @@ def _triton_spmm_fake(out, x, indices, values, token_index, token_bounds, token_
 
 
 @triton.jit
+def _lse_step(m, s, z):
+    """One block z of an online logsumexp: the running max m and the sum s of exp(· − m).
+    While every class so far is banned (all −inf), shift by 0, not by −inf: exp(−inf − (−inf)) is NaN
+    and would poison the sum of every later block."""
+    new_m = tl.maximum(m, tl.max(z, 0))
+    shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+    return new_m, s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
+
+
+@triton.jit
 def _row_lse(z_ptr, V, BV: tl.constexpr, ACC: tl.constexpr):
     """log Σ_v exp(z[v]) of one row, online over blocks."""
     m = tl.full((), float("-inf"), ACC)
@@ -181,9 +191,7 @@ def _row_lse(z_ptr, V, BV: tl.constexpr, ACC: tl.constexpr):
     for v0 in range(0, V, BV):
         v = v0 + tl.arange(0, BV)
         z = tl.load(z_ptr + v, mask=v < V, other=float("-inf")).to(ACC)
-        new_m = tl.maximum(m, tl.max(z, 0))
-        s = s * tl.exp(m - new_m) + tl.sum(tl.exp(z - new_m), 0)
-        m = new_m
+        m, s = _lse_step(m, s, z)
     return tl.where(m == float("-inf"), m, m + tl.log(s))  # a row banning every class: −inf, not NaN
 
 
@@ -227,9 +235,7 @@ def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexp
             v = v0 + tl.arange(0, BV)
             zbar = _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC)
             zbar = tl.where(v < V, zbar, float("-inf"))
-            new_m = tl.maximum(m, tl.max(zbar, 0))
-            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(zbar - new_m), 0)
-            m = new_m
+            m, s = _lse_step(m, s, zbar)
         lse = m + tl.log(s)
         tl.store(lse_ptr + t, lse)
         for v0 in range(0, V, BV):
@@ -306,9 +312,7 @@ def _nll_kernel(z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, T, E, V, PROB: tl.conste
         for v0 in range(0, V, BV):
             v = v0 + tl.arange(0, BV)
             zbar = tl.where(v < V, _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC), float("-inf"))
-            new_m = tl.maximum(m, tl.max(zbar, 0))
-            s = s * tl.exp(m - new_m) + tl.sum(tl.exp(zbar - new_m), 0)
-            m = new_m
+            m, s = _lse_step(m, s, zbar)
         lse = m + tl.log(s)
         tl.store(lse_ptr + t, lse)
         zy = tl.zeros((), ACC)

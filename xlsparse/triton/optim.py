@@ -33,12 +33,16 @@ def _selected(sel_ptr, found_inf_ptr, n, BLOCK: tl.constexpr, SEL: tl.constexpr,
 
 @triton.jit
 def _step_count(step_ptr, offs, live, OWN_STEP: tl.constexpr, ACC: tl.constexpr):
-    """The count after this step; per-entry counts are advanced here, a shared one by the launcher."""
+    """The count after this step; per-entry counts are advanced here, a shared one by the launcher.
+    One return: the GPU compiler types every return of a function, the untaken one included, and a
+    block and a scalar do not match (the interpreter never saw it)."""
     if OWN_STEP:
         t = tl.load(step_ptr + offs, mask=live, other=0) + 1
         tl.store(step_ptr + offs, t, mask=live)
-        return t.to(ACC)
-    return tl.load(step_ptr).to(ACC) + 1
+        t = t.to(ACC)
+    else:
+        t = tl.load(step_ptr).to(ACC) + 1
+    return t
 
 
 @triton.jit
