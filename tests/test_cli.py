@@ -297,3 +297,23 @@ def test_compose_leaves_no_half_written_out(out_exists, tmp_path, capsys, monkey
     assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "out")]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert _listing(tmp_path) == before
+
+
+def test_compose_refuses_a_model_class_whose_head_nothing_gives(tmp_path, capsys):
+    # BertForTokenClassification on a masked-LM base: its classifier was drawn at random, another
+    # one each run, and compose wrote it with exit 0.
+    model = _tiny_bert_dir(tmp_path)
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    argv = ["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--model-class",
+            "BertForTokenClassification"]
+    assert cli.main(argv + ["--out", str(tmp_path / "out")]) == 1
+    assert "classifier.weight" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # a diff that carries the head makes it whole
+    head = transformers.BertForTokenClassification(model.config)
+    with_head = xlsparse.SparseDiff({**_diff(model, 1).deltas}, absolute={
+        "classifier.weight": head.classifier.weight.detach().clone(), "classifier.bias": head.classifier.bias.detach().clone()})
+    with_head.save(str(tmp_path / "b.safetensors"))
+    argv[2] = str(tmp_path / "b.safetensors")
+    assert cli.main(argv + ["--out", str(tmp_path / "out")]) == 0
+    out = transformers.BertForTokenClassification.from_pretrained(tmp_path / "out")
+    assert torch.equal(out.classifier.weight, head.classifier.weight)

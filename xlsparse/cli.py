@@ -211,8 +211,15 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if not (arch.startswith("AutoModel") and model_class is not None or concrete):
         raise ValueError(f"--model-class: {arch!r} is not a transformers model class (such as AutoModelForMaskedLM "
                          "or BertForMaskedLM)")
-    model = model_class.from_pretrained(args.base, local_files_only=True)
+    model, loading = model_class.from_pretrained(args.base, local_files_only=True, output_loading_info=True)
     diffs = [d.without_absolute() if os.path.realpath(p) in no_abs_of else d for p, d in zip(args.diffs, diffs)]
+    given = set() if args.no_abs else {n for d in diffs for n in d.absolute}
+    fresh = sorted(set(loading["missing_keys"]) - given)
+    if fresh:  # transformers only logs these; OUT would hold a head drawn at random, another one each run
+        raise ValueError(f"--model-class {arch}: BASE_DIR {args.base} has no weights for {fresh[:4]}"
+                         f"{' ...' if len(fresh) > 4 else ''}, which transformers initialises at random, and no DIFF "
+                         "gives them as absolute entries; give a DIFF that holds that head (a task SFT trained "
+                         "with it) or compose onto a base that has it")
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
