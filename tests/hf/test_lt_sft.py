@@ -94,6 +94,11 @@ def test_untie_on_an_untied_model_and_too_large_k_are_errors(tmp_path):
     with pytest.raises(ValueError, match="maskable_params"):
         LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
                                      maskable_params=["no.such.weight"], sft_args=SftArguments(**steps))
+    # K < n_ft_iterations (or a proportion that rounds K to 0) trained a whole run into an SFT of 0 entries
+    for k in ({"ft_params_num": 3, "n_ft_iterations": 5}, {"ft_params_proportion": 1e-9}):
+        with pytest.raises(ValueError, match="selects no entry"):
+            LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+                                         sft_args=SftArguments(**k, **steps))
 
 
 def test_a_composable_sft_maskable_list_that_misses_the_tied_embeddings_is_named(tmp_path):

@@ -401,6 +401,10 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._num_tunable = a.ft_params_num if a.ft_params_num is not None else int(a.ft_params_proportion * self.num_maskable)
         if self._num_tunable > self.num_maskable:
             raise ValueError(f"SftArguments.ft_params_num = {self._num_tunable} exceeds the {self.num_maskable} maskable entries")
+        if self._num_tunable // a.n_ft_iterations == 0:  # an SFT of 0 entries after a whole training run
+            raise ValueError(f"SftArguments: K = {self._num_tunable} (ft_params_num, or ft_params_proportion × "
+                             f"{self.num_maskable} maskable entries) selects no entry in each of the {a.n_ft_iterations} "
+                             "n_ft_iterations rounds (K // n_ft_iterations = 0); raise K or lower n_ft_iterations")
         with torch.no_grad():
             self._theta0 = {n: p.detach().clone() for n, p in trainable.items()}
         self._masks: dict[str, torch.Tensor] = {}  # name: sorted flat indices selected so far
