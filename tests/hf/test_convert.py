@@ -211,12 +211,26 @@ def test_routed_kinds_refuse_a_longformer_held_by_another_module(holder):
     if holder == "encoder-decoder":  # the BERT decoder's layers see [B, S, H]: they may be routed
         hf.convert(model, target_modules=r"decoder\..*\.(query|value)", kind="multi", diffs={"de": diff, "fr": diff})
 
-def test_per_token_ids_are_refused_on_an_encoder_decoder_model():
+class _Holder(torch.nn.Module):
+    """A module that holds a model and has no config of its own."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_per_token_ids_are_refused_on_an_encoder_decoder_model(wrapped):
     # the decoder's layers see [B, S_target]: source-token ids were applied to target positions whenever
-    # the lengths matched (and raised otherwise)
+    # the lengths matched (and raised otherwise); the check read only the routed model's own config,
+    # so a module holding T5 took them
     cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
                                 num_heads=2, decoder_start_token_id=0, pad_token_id=0)
     model = transformers.T5ForConditionalGeneration(cfg).eval()
+    model = _Holder(model) if wrapped else model
     diff = xlsparse.SparseDiff({})
     hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
     ids = batch(2, 6)
@@ -224,36 +238,12 @@ def test_per_token_ids_are_refused_on_an_encoder_decoder_model():
     with pytest.raises(ValueError, match="encoder-decoder"):
         with hf.route(model, per_token):
             model(input_ids=ids, decoder_input_ids=ids)
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        model(input_ids=ids, decoder_input_ids=ids, language_ids=per_token)
+    if not wrapped:  # a batch field reaches only a model that takes language_ids itself
+        with pytest.raises(ValueError, match="encoder-decoder"):
+            model(input_ids=ids, decoder_input_ids=ids, language_ids=per_token)
     with hf.route(model, [0, 1]):  # per example: fine
         model(input_ids=ids, decoder_input_ids=ids[:, :4])
 
-
-def test_per_token_ids_are_refused_on_an_encoder_decoder_model_inside_a_wrapper():
-    # the check read the routed model's own config: a module holding T5 (no config of its own)
-    # took per-token ids and routed the decoder's target positions by the source tokens' ids
-    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_decoder_layers=1,
-                                num_heads=2, decoder_start_token_id=0, pad_token_id=0)
-
-    class Wrapper(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.t5 = transformers.T5ForConditionalGeneration(cfg).eval()
-
-        def forward(self, **kwargs):
-            return self.t5(**kwargs)
-
-    model = Wrapper()
-    diff = xlsparse.SparseDiff({})
-    hf.convert(model, kind="multi", diffs={"de": diff, "fr": diff})
-    ids = batch(2, 6)
-    per_token = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 0, 0, -1, -1]])
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        with hf.route(model, per_token):
-            model(input_ids=ids, decoder_input_ids=ids)
-    with hf.route(model, [0, 1]):  # per example: fine
-        model(input_ids=ids, decoder_input_ids=ids[:, :4])
 
 def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first():
     # nn.TransformerEncoderLayer defaults to batch_first=False: its linear layers see [S, B, H], and
