@@ -599,32 +599,39 @@ def test_keep_updates_revert_versus_the_exact_revert():
 _SOURCE_NAMES = ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"]
 
 
-def _source_sfts(base) -> dict:
-    """Random 30-entry language SFTs "de" and "fr" on two matrices of the tiny BERT."""
+def _source_sfts(base, k: int = 30, names=tuple(_SOURCE_NAMES)) -> dict:
+    """Random language SFTs "de" and "fr" on the tiny BERT's matrices `names`, k entries each
+    (k < 1: that share of each)."""
     params = dict(base.named_parameters())
     g = torch.Generator().manual_seed(5)
     sources = {}
     for lang in ("de", "fr"):
         deltas = {}
-        for n in _SOURCE_NAMES:
-            idx = torch.randperm(params[n].numel(), generator=g)[:30].sort().values
-            deltas[n] = xlsparse.SparseDelta(idx, 0.5 * torch.randn(30, generator=g), params[n].shape)
+        for n in names:
+            size = params[n].numel()
+            count = int(k * size) if k < 1 else k
+            idx = torch.randperm(size, generator=g)[:count].sort().values
+            deltas[n] = xlsparse.SparseDelta(idx, 0.5 * torch.randn(count, generator=g), params[n].shape)
         sources[lang] = SparseDiff(deltas)
     return sources
 
 
-def test_multi_source_training_applies_each_batch_source_sft(tmp_path):
+@pytest.mark.parametrize("l1", [0.0, 2000.0])
+def test_multi_source_training_applies_each_batch_source_sft(tmp_path, l1):
+    # with the L1 term taken on |θ − θ0| after the revert (the module docstring says why); the
+    # sources cover half of the embeddings too, where most selected entries are
     base = _no_dropout(tiny("bert"))
-    names = _SOURCE_NAMES
+    names = _SOURCE_NAMES + ["bert.embeddings.word_embeddings.weight", "bert.embeddings.position_embeddings.weight"]
     params = dict(base.named_parameters())
-    sources = _source_sfts(base)
+    sources = _source_sfts(base, k=0.5, names=names)
     data = {"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)}
     dataset = MultiSourceDataset(data)
     assert len(dataset) == 8 and dataset[0][SOURCE_KEY] == "de" and dataset[7][SOURCE_KEY] == "fr"
     model = copy.deepcopy(base)
     trainer = LotteryTicketSparseFineTuner(
         model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=dataset, source_sfts=sources,
-        sft_args=SftArguments(ft_params_num=200, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2))
+        sft_args=SftArguments(ft_params_num=200, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2,
+                              full_l1_reg=l1, sparse_l1_reg=l1))
     order = []
     original = trainer._activate
 
@@ -646,6 +653,10 @@ def test_multi_source_training_applies_each_batch_source_sft(tmp_path):
         ids = data[source].ids
         with sources[source].applied(ref):
             ref(input_ids=ids, labels=ids).loss.backward()
+        n_all = sum(p.numel() for p in ref.parameters())
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.grad += l1 / n_all * (p - trainer._theta0[n]).sign()
         for n in trainer.maskable:
             grad = trainable[n].grad
             keep = torch.zeros(grad.numel(), dtype=torch.bool)

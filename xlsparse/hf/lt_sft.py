@@ -55,7 +55,10 @@ another kind of module holds too, as XGLM's scaled word embedding shares its Lin
 weight the model reads itself outside its module's call, as DeBERTa reads `rel_embeddings.weight`:
 one forward of a training batch, before phase 2, finds them). At the end the
 deltas fold back into the model's own parameters. Weight decay stays AdamW's on θ = θ0 + Δ (a
-post-step term adds the −lr·wd·θ0 the optimizer of Δ alone would miss). Runs under DDP (the L1
+post-step term adds the −lr·wd·θ0 the optimizer of Δ alone would miss). Under multi-source
+training the L1 term is taken after the source SFT is reverted, on |θ − θ0| as the paper defines
+it (composable-sft's plugin order would take it with the source SFT applied, |θ + φ − θ0|, and
+pull each entry the source SFT moved towards θ0 − φ). Runs under DDP (the L1
 gradient is added to the gradients directly, the same on every rank). Phase 2's layers and
 optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but this trainer under
 Accelerate's FSDP plugin is not tested.
