@@ -35,6 +35,7 @@ from itertools import chain
 
 import torch
 
+from .diff import index_dtype
 from .ops import checks
 from .ops import optim as optim_ops
 
@@ -462,7 +463,7 @@ def _check_index_tensor(name: str, indices: torch.Tensor, numel: int) -> None:
 
 def _index_tensor(indices: torch.Tensor, numel: int) -> torch.Tensor:
     """Flat indices in the narrowest dtype the kernels take."""
-    return indices.to(torch.int32 if numel < 2**31 else torch.int64)
+    return indices.to(index_dtype(numel))
 
 
 def _own_steps(step: torch.Tensor, n: int, device) -> torch.Tensor:
