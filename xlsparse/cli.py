@@ -251,7 +251,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.diff) for f in fs) \
         if os.path.isdir(args.diff) else os.path.getsize(args.diff)
     print(f"{args.diff}: {size / 2**20:.2f} MiB on disk, base model {diff.base_model or 'unknown'}")
-    print(f"{len(diff.deltas)} sparse, {len(diff.dense)} dense, {len(diff.absolute)} absolute entries; {diff.nnz:,} nonzeros\n")
+    print(f"{len(diff.deltas)} sparse, {len(diff.dense)} dense, {len(diff.absolute)} absolute entries; {diff.nnz:,} stored delta values (explicit zeros included)\n")
     print("| parameter | shape | nnz | density | dtype |")
     print("|---|---|---|---|---|")
     for name, d in diff.deltas.items():
@@ -273,7 +273,7 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
         raise ValueError(f"OUT {args.out}: its folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
     diff = SparseDiff.load_composable_sft(src)
     diff.save(args.out)
-    print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} nonzeros) to {args.out}")
+    print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} stored delta values (explicit zeros included)) to {args.out}")
     return 0
 
 
