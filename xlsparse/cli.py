@@ -273,7 +273,7 @@ def cmd_convert_composable_sft(args: argparse.Namespace) -> int:
         raise ValueError(f"OUT {args.out}: its folder {os.path.dirname(os.path.abspath(args.out))} does not exist")
     diff = SparseDiff.load_composable_sft(src)
     diff.save(args.out)
-    print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} stored delta values (explicit zeros included)) to {args.out}")
+    print(f"converted {src} ({len(diff.deltas)} sparse, {len(diff.absolute)} absolute entries, {diff.nnz:,} stored delta values) to {args.out}")
     return 0
 
 
