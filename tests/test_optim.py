@@ -852,6 +852,7 @@ def test_opcheck_triton_step_ops():
 # Compiles the step kernels for an sm_90 GPU in a child without the interpreter (Triton's bundled
 # ptxas; no GPU needed): the interpreter runs the kernels as Python and misses GPU compile errors.
 _COMPILE_STEP_KERNELS = """
+import re
 import sys
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -860,13 +861,15 @@ from xlsparse.triton import optim as O
 
 own = sys.argv[1] == "own"
 step = "*i32" if own else "*fp32"
-common = dict(BLOCK=1024, SEL=2, OWN_STEP=own, HAS_SCALE=False, HAS_INF=True, ACC=tl.float32)
+common = dict(BLOCK=1024, SEL=2, OWN_STEP=own, HAS_SCALE=True, HAS_INF=True, ACC=tl.float32)
 kernels = [(O._masked_adamw_kernel, dict(common, AMSGRAD=True, L1=True)),
            (O._masked_sgd_kernel, dict(common, MOMENTUM=True, NESTEROV=False))]
 for fn, consts in kernels:
     sig = {a: "constexpr" if a in consts else "i32" if a == "n" else "*i64" if a == "sel_ptr" else step
            if a == "step_ptr" else "*fp64" if a == "hp_ptr" else "*fp32" for a in fn.arg_names}
-    triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32))
+    ptx = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+    approximate = set(re.findall(r"\\b(?:sqrt|div|rcp)\\.(?:approx|full)[.a-z0-9]*", ptx))
+    assert not approximate, f"{fn.__name__}: {sorted(approximate)}"
 """
 
 
@@ -874,7 +877,9 @@ for fn, consts in kernels:
 @pytest.mark.parametrize("steps", ["own", "shared"])
 def test_triton_step_kernels_compile_for_a_gpu(steps):
     """Per-entry step counts (int32, one per state entry) once failed to compile on a GPU: the
-    interpreter never saw `_step_count` return a block on one path and a scalar on the other."""
+    interpreter never saw `_step_count` return a block on one path and a scalar on the other.
+    The fp32 step uses IEEE sqrt and division, as torch and the CUDA kernel do (Triton's default
+    fp32 sqrt and `/` are approximate: sqrt.approx.ftz, div.full)."""
     import os
     import subprocess
 

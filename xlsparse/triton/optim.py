@@ -53,6 +53,27 @@ def _one_minus_pow(log_beta, t, ACC: tl.constexpr):
 
 
 @triton.jit
+def _sqrt(x, ACC: tl.constexpr):
+    """IEEE square root: fp32 `tl.sqrt` compiles to sqrt.approx.ftz (flushes denormals, not
+    torch's or the CUDA kernel's sqrt); float64's is IEEE already."""
+    if ACC == tl.float32:
+        r = tl.sqrt_rn(x)
+    else:
+        r = tl.sqrt(x)
+    return r
+
+
+@triton.jit
+def _div(x, y, ACC: tl.constexpr):
+    """IEEE division: fp32 `/` compiles to div.full (2 ulp); float64's is IEEE already."""
+    if ACC == tl.float32:
+        r = tl.div_rn(x, y)
+    else:
+        r = x / y
+    return r
+
+
+@triton.jit
 def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr, step_ptr, hp_ptr, scale_ptr,
                          found_inf_ptr, n, BLOCK: tl.constexpr, SEL: tl.constexpr, OWN_STEP: tl.constexpr,
                          AMSGRAD: tl.constexpr, L1: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
@@ -69,15 +90,15 @@ def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr
     one_minus_beta1 = tl.load(hp_ptr + 1).to(ACC)  # 1 − β from float64: 1 − fp32(0.999) is 1.3e-5 off
     one_minus_beta2 = tl.load(hp_ptr + 8).to(ACC)
     t = _step_count(step_ptr, offs, live, OWN_STEP, ACC)
-    step_size = lr / _one_minus_pow(log_beta1, t, ACC)
-    bias2_sqrt = tl.sqrt(_one_minus_pow(log_beta2, t, ACC))
+    step_size = _div(lr, _one_minus_pow(log_beta1, t, ACC), ACC)
+    bias2_sqrt = _sqrt(_one_minus_pow(log_beta2, t, ACC), ACC)
 
     p = tl.load(p_ptr + pos, mask=live, other=0.0).to(ACC)
     g = tl.load(g_ptr + pos, mask=live, other=0.0).to(ACC)
     m = tl.load(m_ptr + offs, mask=live, other=0.0).to(ACC)
     v = tl.load(v_ptr + offs, mask=live, other=0.0).to(ACC)
     if HAS_SCALE:
-        g = g / tl.load(scale_ptr).to(ACC)
+        g = _div(g, tl.load(scale_ptr).to(ACC), ACC)
     if L1:
         diff = p - tl.load(init_ptr + offs, mask=live, other=0.0).to(ACC)
         g = g + l1 * ((diff > 0).to(ACC) - (diff < 0).to(ACC))
@@ -90,7 +111,7 @@ def _masked_adamw_kernel(p_ptr, g_ptr, sel_ptr, m_ptr, v_ptr, vmax_ptr, init_ptr
         vmax = tl.where((vmax > v) | (vmax != vmax), vmax, v)
         tl.store(vmax_ptr + offs, vmax.to(vmax_ptr.dtype.element_ty), mask=live)
         second = vmax
-    p = p - step_size * m / (tl.sqrt(second) / bias2_sqrt + eps)
+    p = p - _div(step_size * m, _div(_sqrt(second, ACC), bias2_sqrt, ACC) + eps, ACC)
     tl.store(p_ptr + pos, p.to(p_ptr.dtype.element_ty), mask=live)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=live)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=live)
@@ -109,7 +130,7 @@ def _masked_sgd_kernel(p_ptr, g_ptr, sel_ptr, buf_ptr, step_ptr, hp_ptr, scale_p
     p = tl.load(p_ptr + pos, mask=live, other=0.0).to(ACC)
     g = tl.load(g_ptr + pos, mask=live, other=0.0).to(ACC)
     if HAS_SCALE:
-        g = g / tl.load(scale_ptr).to(ACC)
+        g = _div(g, tl.load(scale_ptr).to(ACC), ACC)
     g = tl.where(weight_decay != 0, g + weight_decay * p, g)  # as torch: no 0 * inf = NaN
     if MOMENTUM:
         buf = tl.load(buf_ptr + offs, mask=live, other=0.0).to(ACC)
