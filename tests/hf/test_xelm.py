@@ -363,6 +363,15 @@ def test_balanced_kmeans_and_typological_clusters():
     # Unbalanced data still gives balanced clusters.
     assign, _ = xelm.balanced_kmeans(torch.cat([x[:4], x[:4] + 0.01, x[4:8]]), 3)
     assert torch.bincount(assign).max() <= 4
+    # Repeated points: two equal starting centres split their points by position, one got none and
+    # its centre became NaN (returned as such); a cluster emptied in a later round did the same.
+    dup = torch.tensor([[1.0, 4.0], [3.0, 4.0], [2.0, 0.0], [0.0, 1.0], [0.0, 1.0], [4.0, 0.0]])
+    assign, centres = xelm.balanced_kmeans(dup, 5, seed=2)
+    assert bool(torch.isfinite(centres).all()) and sorted(set(assign.tolist())) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="need at least 6 distinct points, x has 5"):
+        xelm.balanced_kmeans(dup, 6)
+    x = torch.randn(25, 3, generator=torch.Generator().manual_seed(71))  # distinct points, emptied in round 2
+    assert bool(torch.isfinite(xelm.balanced_kmeans(x, 15, seed=71)[1]).all())
     pytest.importorskip("lang2vec")
     clusters = xelm.cluster_languages({"en": "eng", "de": "deu", "nl": "nld", "ja": "jpn", "ko": "kor", "tr": "tur"}, 2)
     assert clusters["en"] == clusters["de"] == clusters["nl"] != clusters["ja"] == clusters["ko"]
@@ -504,3 +513,17 @@ def test_add_expert_on_a_bfloat16_base_keeps_the_float32_prior():
     assert grown._log_prior.dtype == direct._log_prior.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(grown(ids), direct(ids))
+
+
+@pytest.mark.parametrize("option", ["optim", "optimizer_cls_and_kwargs"])
+def test_expert_trainer_refuses_an_optimizer_it_would_ignore(tmp_path, option):
+    # create_optimizer always builds a compact MaskedAdamW: optim="sgd" trained with AdamW unasked
+    from transformers import TrainingArguments
+
+    base = tiny("llama")
+    extra = {"optim": "sgd"} if option == "optim" else {}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True, **extra)
+    kwargs = {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1})} if option != "optim" else {}
+    with pytest.raises(ValueError, match="ExpertTrainer"):
+        xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05, **kwargs)

@@ -646,7 +646,7 @@ def _check_adamw(args, what: str) -> None:
 
     optim = str(getattr(args.optim, "value", args.optim))
     if optim not in _ADAMW_OPTIMS:
-        raise ValueError(f"{what}: TrainingArguments.optim = {optim!r}, but subnetworks train with AdamW (MaskedAdamW); "
+        raise ValueError(f"{what}: TrainingArguments.optim = {optim!r}, but {what} trains with AdamW (MaskedAdamW); "
                          f"use one of {sorted(_ADAMW_OPTIMS)}, or pass optimizers=(optimizer, scheduler)")
 
 

@@ -353,15 +353,24 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
     at most ceil(N / k) points. Returns (assignment [N], centres [k, D]).
 
     Each round assigns points greedily, the most decided first (largest gap between its nearest
-    and farthest centre), to the nearest centre that still has room, then moves the centres.
+    and farthest centre), to the nearest centre that still has room, then moves the centres. The
+    centres start at k distinct points of `x` (fewer than k distinct points raise); a cluster
+    left empty keeps its centre.
     """
     x = torch.as_tensor(x, dtype=torch.float64)
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"balanced_kmeans: k must be in [1, {n}], got {k}")
     cap = -(-n // k)
+    # Start from k distinct points: two equal starting centres split their points by position, the
+    # second got none, and its centre became the mean of nothing (NaN) for good.
+    rows, inverse = torch.unique(x, dim=0, return_inverse=True)
+    first = torch.full((rows.shape[0],), n, dtype=torch.long).scatter_reduce(0, inverse, torch.arange(n), "amin")
+    distinct = first.sort().values  # the first copy of each distinct point, in x's order
+    if distinct.numel() < k:
+        raise ValueError(f"balanced_kmeans: k={k} clusters need at least {k} distinct points, x has {distinct.numel()}")
     g = torch.Generator().manual_seed(seed)
-    centres = x[torch.randperm(n, generator=g)[:k]].clone()
+    centres = x[distinct[torch.randperm(distinct.numel(), generator=g)[:k]]].clone()
     assign = torch.full((n,), -1, dtype=torch.long)
     for _ in range(iters):
         dist = torch.cdist(x, centres)
@@ -376,7 +385,8 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
         if torch.equal(new, assign):
             break
         assign = new
-        centres = torch.stack([x[assign == c].mean(0) for c in range(k)])
+        # a cluster left without points keeps its centre (the mean of none is NaN)
+        centres = torch.stack([x[assign == c].mean(0) if bool((assign == c).any()) else centres[c] for c in range(k)])
     return assign, centres.float()
 
 
@@ -667,6 +677,14 @@ class ExpertTrainer(Trainer):
         self.setup = _ExpertSetup(model, k, density, init, grow, target_modules, train_embeddings, first,
                                   lambda m, b: m(**b).loss, "ExpertTrainer")
         super().__init__(self.setup.model, *args, **kwargs)
+        # create_optimizer always builds a compact MaskedAdamW: another optim would be ignored
+        if self.optimizer is None:
+            from .subnetworks import _check_adamw
+
+            _check_adamw(self.args, "ExpertTrainer")
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
+            raise ValueError("ExpertTrainer builds its optimizer itself (compact MaskedAdamW over the expert's deltas): "
+                             "optimizer_cls_and_kwargs would be ignored; pass optimizers=(optimizer, scheduler) instead")
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
