@@ -71,7 +71,8 @@ TORCH_LIBRARY(xlsparse, m) {
   m.def("ensemble_logprobs(Tensor logits, Tensor log_weights, bool prob_space) -> (Tensor, Tensor)");
   m.def("ensemble_logprobs_backward(Tensor grad, Tensor logits, Tensor log_weights, Tensor out, Tensor lse, "
         "bool prob_space) -> (Tensor, Tensor)");
-  // The same mixture's negative log-likelihood of targets [T]: nll [T] and the logsumexp.
+  // The same mixture's negative log-likelihood of targets [T]: nll [T] and the logsumexp, both in
+  // the accumulation dtype (the prob-space backward's posterior reads nll); its grad is in that dtype too.
   m.def("ensemble_nll(Tensor logits, Tensor log_weights, Tensor targets, bool prob_space) -> (Tensor, Tensor)");
   m.def("ensemble_nll_backward(Tensor grad, Tensor logits, Tensor log_weights, Tensor targets, Tensor nll, "
         "Tensor lse, bool prob_space) -> (Tensor, Tensor)");

@@ -695,6 +695,41 @@ def test_ensemble_matches_float64(backend, dtype, shape, space, nll, weights_fp3
         check(g, r, p, f"{name} {backend} {dtype} {space}", extra_ulps=0 if name == "out" else v**0.5, ulp_dtype=dtype)
 
 
+@pytest.mark.parametrize("backend", ENS_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weights_fp32", [False, True], ids=["lw_as_logits", "lw_fp32"])
+def test_ensemble_nll_prob_gradient_reads_nll_in_float32(backend, dtype, weights_fp32, use_backend):
+    """The prob-space backward's posterior exp(lw + z[y] − lse + nll) is as precise as the nll it
+    reads. Saved in bf16, an nll near 14 sits on a 0.0625 grid and the gradient was ~3% (4 ulps) off;
+    the op now returns nll in float32 and the public function rounds only its own output. Checked
+    against float64 autograd of the mixture of the same rounded inputs, to 2 ulps of the gradient's
+    dtype (a float32 gradient of the weights: to 1e-4 relative)."""
+    use_backend(backend)
+    gen = seeded(33)
+    e, t, v = 3, 64, 257  # nll up to ~14
+    z = (3 * torch.randn(e, t, v, generator=gen)).to(dtype)
+    lw = torch.log_softmax(torch.randn(t, e, generator=gen), -1).to(torch.float32 if weights_fp32 else dtype)
+    y = torch.randint(0, v, (t,), generator=gen)
+    gy = torch.randn(t, generator=gen).to(dtype)
+    nll, _ = ops.ensemble_nll_op(z, lw, y, True)
+    assert nll.dtype == torch.float32
+
+    z1, lw1 = z.clone().requires_grad_(True), lw.clone().requires_grad_(True)
+    out = functional.ensemble_nll(z1, lw1, y, "prob")
+    assert out.dtype == dtype
+    got = torch.autograd.grad(out, [z1, lw1], gy)
+    z2, lw2 = z.double().requires_grad_(True), lw.double().requires_grad_(True)
+    ref = -_ensemble64(z2, lw2, "prob").gather(1, y[:, None])[:, 0]
+    assert ref.max() > 8, "the case must reach nll values where the half-precision grid is coarse"
+    want = torch.autograd.grad(ref, [z2, lw2], gy.double())
+    for name, g, r in zip(["dlogits", "dlog_weights"], got, want):
+        assert g.dtype == (lw.dtype if name == "dlog_weights" else dtype)
+        fi = torch.finfo(g.dtype)
+        tol = (1e-4 if g.dtype == torch.float32 else 2 * fi.eps) * (r.abs() + fi.tiny)  # tiny: subnormal outputs
+        err = (g.double() - r).abs()
+        assert (err <= tol).all(), f"{name} {backend} {dtype}: {(err / tol).max().item():.2f}x the allowance"
+
+
 @needs_ext
 def test_ensemble_extra_memory_is_one_output():
     """The kernel's outputs are the [T, V] log-probs and an [E, T] logsumexp: nothing E x T x V."""
@@ -1031,7 +1066,7 @@ def _op_samples(dtype):
         ("ensemble_logprobs", (z, lw, False)),
         ("ensemble_logprobs_backward", (torch.randn(4, 11).to(dtype), z, lw, out, lse, True)),
         ("ensemble_nll", (z, lw, y, True)),
-        ("ensemble_nll_backward", (torch.randn(4).to(dtype), z, lw, y, nll, nlse, True)),
+        ("ensemble_nll_backward", (torch.randn(4).to(nll.dtype), z, lw, y, nll, nlse, True)),  # nll's grad: nll's dtype
     ]
 
 

@@ -194,7 +194,8 @@ def ensemble_logprobs(logits, log_weights, space: str = "prob") -> torch.Tensor:
 
 def ensemble_nll(logits, log_weights, targets, space: str = "prob") -> torch.Tensor:
     """Negative log-likelihood [T] of `targets` [T] under the mixture of `ensemble_logprobs`, fused:
-    no [T, V] output is written. Differentiable in logits and log_weights."""
+    no [T, V] output is written. Differentiable in logits and log_weights. Returned in the logits'
+    dtype; the backward reads the op's float32 nll, not this rounded copy."""
     nll, _ = _matmul.ensemble_nll_op(logits, log_weights, targets, _space("ensemble_nll", space))
-    return nll
+    return nll.to(logits.dtype)
 

@@ -502,7 +502,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, co
   check_ensemble("ensemble_nll", logits, log_weights, &targets);
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_targets("ensemble_nll", targets, V);
-  auto nll = at::empty({T}, logits.options());
+  // nll in the accumulation dtype, like lse: the prob-space backward's posterior reads it
+  auto nll = at::empty({T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   const auto z = logits.contiguous(), y = targets.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll", [&] {
@@ -531,7 +532,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, co
           lp[t] = rk.row_lse(zbar, V);
           result = lp[t] - zbar[target];
         }
-        nll.data_ptr<scalar_t>()[t] = static_cast<scalar_t>(result);
+        nll.data_ptr<acc>()[t] = result;
       }
     });
   });
@@ -554,8 +555,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
     const RowKernels<acc>& rk = row_kernels<acc>();
     const auto lw = log_weights.to(lse.scalar_type()).contiguous();
     const auto lsec = lse.contiguous();
-    const auto gc = grad.to(lse.scalar_type()).contiguous();
-    const auto nc = nll.to(lse.scalar_type()).contiguous();
+    const auto gc = grad.contiguous(), nc = nll.contiguous();  // both in the accumulation dtype, as lse
     const acc *lwp = lw.data_ptr<acc>(), *lp = lsec.data_ptr<acc>(), *gp = gc.data_ptr<acc>(),
               *np = nc.data_ptr<acc>();
     const int64_t* yp = y.data_ptr<int64_t>();

@@ -330,9 +330,8 @@ __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const s
 
 template <typename scalar_t>
 __global__ void nll_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw,
-                           const int64_t* __restrict__ y,
-                           scalar_t* __restrict__ nll, acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V,
-                           bool prob) {
+                           const int64_t* __restrict__ y, acc_t<scalar_t>* __restrict__ nll,
+                           acc_t<scalar_t>* __restrict__ lse, int64_t E, int64_t T, int64_t V, bool prob) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shared[32];
   __shared__ acc coef[kMaxExperts];
@@ -344,7 +343,7 @@ __global__ void nll_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>
       if (threadIdx.x == 0) lse[e * T + t] = l;
       mix = log_add_exp(mix, static_cast<acc>(lw[t * E + e]) + static_cast<acc>(z[(e * T + t) * V + target]) - l);
     }
-    if (threadIdx.x == 0) nll[t] = static_cast<scalar_t>(-mix);
+    if (threadIdx.x == 0) nll[t] = -mix;
   } else {
     if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
     __syncthreads();
@@ -356,29 +355,29 @@ __global__ void nll_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>
     const acc l = m + log(block_reduce<acc, false>(s, shared));
     if (threadIdx.x == 0) {
       lse[t] = l;
-      nll[t] = static_cast<scalar_t>(l - mixed(z, coef, E, T, V, t, target));
+      nll[t] = l - mixed(z, coef, E, T, V, t, target);
     }
   }
 }
 
 template <typename scalar_t>
-__global__ void nll_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ z,
+__global__ void nll_backward_kernel(const acc_t<scalar_t>* __restrict__ g, const scalar_t* __restrict__ z,
                                     const acc_t<scalar_t>* __restrict__ lw, const int64_t* __restrict__ y,
-                                    const scalar_t* __restrict__ nll, const acc_t<scalar_t>* __restrict__ lse,
+                                    const acc_t<scalar_t>* __restrict__ nll, const acc_t<scalar_t>* __restrict__ lse,
                                     scalar_t* __restrict__ dz, acc_t<scalar_t>* __restrict__ dlw, int64_t E, int64_t T,
                                     int64_t V, bool prob) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shared[32];
   __shared__ acc coef[kMaxExperts];
   const int64_t t = blockIdx.x, target = y[t];
-  const acc gt = static_cast<acc>(g[t]);
+  const acc gt = g[t];
   if (prob) {
     for (int64_t e = 0; e < E; ++e) {
       const scalar_t* zr = z + (e * T + t) * V;
       const acc l = lse[e * T + t];
       // posterior of expert e for the target; d nll / d z_e = post_e (softmax(z_e) − onehot)
-      const acc post = exp(static_cast<acc>(lw[t * E + e]) + static_cast<acc>(zr[target]) - l +
-                           nll_for_posterior(static_cast<acc>(nll[t])));
+      const acc post =
+          exp(static_cast<acc>(lw[t * E + e]) + static_cast<acc>(zr[target]) - l + nll_for_posterior(nll[t]));
       for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(gt * post * (exp(static_cast<acc>(zr[v]) - l) - (v == target ? 1 : 0)));
       if (threadIdx.x == 0) dlw[t * E + e] = -gt * post;
@@ -455,7 +454,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cuda(const at::Tensor& logits, c
   check_experts("ensemble_nll", logits);
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_targets("ensemble_nll", targets, V);
-  auto nll = at::empty({T}, logits.options());
+  // nll in the accumulation dtype, like lse: the prob-space backward's posterior reads it
+  auto nll = at::empty({T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   auto lse = at::empty({prob_space ? E : 1, T}, logits.options().dtype(acc_dtype(logits.scalar_type())));
   if (T == 0) return std::make_tuple(nll, lse);
   const c10::cuda::CUDAGuard guard(logits.device());
@@ -463,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cuda(const at::Tensor& logits, c
   const auto z = logits.contiguous(), y = targets.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll", [&] {
     nll_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), y.data_ptr<int64_t>(), nll.data_ptr<scalar_t>(),
+        z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), y.data_ptr<int64_t>(), nll.data_ptr<acc_t<scalar_t>>(),
         lse.data_ptr<acc_t<scalar_t>>(), E, T, V, prob_space);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -489,9 +489,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cuda(const at::Tensor& 
              n = nll.contiguous(), l = lse.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_nll_backward", [&] {
     nll_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), y.data_ptr<int64_t>(),
-        n.data_ptr<scalar_t>(), l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<acc_t<scalar_t>>(), E, T,
-        V, prob_space);
+        g.data_ptr<acc_t<scalar_t>>(), z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), y.data_ptr<int64_t>(),
+        n.data_ptr<acc_t<scalar_t>>(), l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(),
+        dlw.data_ptr<acc_t<scalar_t>>(), E, T, V, prob_space);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));

@@ -106,7 +106,7 @@ def _build(op: str, g, dtype, zero: bool):
                     {"out": [], "idx": [], "val": ["gr", "z"], "shape": "lse"})
         nll, lse = m.ensemble_nll_reference(z, lw, y, True)
         return (lambda gr, z, lw, y, nll, lse: m.ensemble_nll_backward(gr, z, lw, y, nll, lse, True),
-                {"gr": r(t), "z": z, "lw": lw, "y": y, "nll": nll, "lse": lse},
+                {"gr": r(t).to(nll.dtype), "z": z, "lw": lw, "y": y, "nll": nll, "lse": lse},
                 {"out": [], "idx": [("y", v)], "val": ["gr", "z"], "shape": "lse", "unordered": True, "repeats": True})
     if op in ("masked_adamw_", "masked_sgd_"):
         n = a * b

@@ -164,6 +164,14 @@ def test_ensemble_backward_refuses_saved_tensors_that_do_not_fit(backend, use_ba
         mops.ensemble_nll_backward(torch.ones(3), z, lw, y, nll, lse[:, :1], True)
     with pytest.raises(ValueError, match="grad"):
         mops.ensemble_nll_backward(torch.ones(2), z, lw, y, nll, lse, True)
+    # a half-precision nll would put the posterior off by its rounding: nll and its grad are float32
+    zb = z.bfloat16()
+    nllb, lseb = mops.ensemble_nll_op(zb, lw, y, True)
+    assert nllb.dtype == torch.float32
+    with pytest.raises(TypeError, match="float32"):
+        mops.ensemble_nll_backward(torch.ones(3), zb, lw, y, nllb.bfloat16(), lseb, True)
+    with pytest.raises(TypeError, match="float32"):
+        mops.ensemble_nll_backward(torch.ones(3, dtype=torch.bfloat16), zb, lw, y, nllb, lseb, True)
     out, lse = mops.ensemble_logprobs_op(z, lw, False)
     with pytest.raises(ValueError, match="lse"):
         mops.ensemble_logprobs_backward(torch.ones(3, 5), z, lw, out, lse.expand(2, 3), False)

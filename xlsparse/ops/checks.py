@@ -487,19 +487,23 @@ def lse_shape(logits, prob_space: bool) -> tuple[int, int]:
 
 
 def ensemble_saved(op, logits, grad, result, lse, prob_space: bool) -> None:
-    """The backward's grad, saved result (log-probs [T, V] or nll [T]) and lse fit the logits."""
+    """The backward's grad, saved result (log-probs [T, V] or nll [T]) and lse fit the logits.
+    Log-probs and their grad are in the logits' dtype; nll, its grad and lse in the accumulation dtype."""
     e, t, v = logits.shape
-    want = (t,) if op.startswith("ensemble_nll") else (t, v)
+    nll = op.startswith("ensemble_nll")
+    want = (t,) if nll else (t, v)
+    wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
     for name, x in (("grad", grad), ("saved output", result)):
         is_tensor(op, name, x)
         if tuple(x.shape) != want:
             raise ValueError(f"{op}: {name} must have shape {list(want)}, got {tuple(x.shape)}")
-        if x.dtype != logits.dtype:
+        if nll and x.dtype != wide:
+            raise TypeError(f"{op}: {name} must be {wide} (the accumulation dtype), got {x.dtype}")
+        if not nll and x.dtype != logits.dtype:
             raise TypeError(f"{op}: {name} dtype {x.dtype} does not match logits dtype {logits.dtype}")
     is_tensor(op, "lse", lse)
     if tuple(lse.shape) != lse_shape(logits, prob_space):
         raise ValueError(f"{op}: lse must have shape {list(lse_shape(logits, prob_space))}, got {tuple(lse.shape)}")
-    wide = torch.float64 if logits.dtype == torch.float64 else torch.float32
     if lse.dtype != wide:
         raise TypeError(f"{op}: lse must be {wide}, got {lse.dtype}")
     same_device(op, logits, grad=grad, result=result, lse=lse)

@@ -407,8 +407,8 @@ def _triton_ensemble_logprobs_backward_fake(grad, logits, log_weights, out, lse,
 def triton_ensemble_nll(logits: torch.Tensor, log_weights: torch.Tensor, targets: torch.Tensor,
                         prob_space: bool) -> tuple[torch.Tensor, torch.Tensor]:
     E, T, V = logits.shape
-    nll = torch.empty((T,), dtype=logits.dtype, device=logits.device)
     lse = _lse_buffer(logits, prob_space)
+    nll = lse.new_empty((T,))  # in the accumulation dtype, as lse: the prob-space backward's posterior reads it
     if T:
         wrap_triton(_nll_kernel)[(T,)](logits.contiguous(), log_weights.contiguous(), targets.contiguous(), nll, lse,
                                        T, E, V, PROB=prob_space, BV=_block_v(V), ACC=acc_type(logits.dtype))
@@ -417,7 +417,8 @@ def triton_ensemble_nll(logits: torch.Tensor, log_weights: torch.Tensor, targets
 
 @triton_ensemble_nll.register_fake
 def _triton_ensemble_nll_fake(logits, log_weights, targets, prob_space):
-    return logits.new_empty(logits.shape[1:2]), _lse_buffer(logits, prob_space)
+    lse = _lse_buffer(logits, prob_space)
+    return lse.new_empty(logits.shape[1:2]), lse
 
 
 @triton_op("xlsparse::triton_ensemble_nll_backward", mutates_args=())

@@ -391,19 +391,22 @@ inline int64_t check_topk(const char* op, at::TensorList tensors, int64_t k) {
 
 // The ensemble backward ops read grad, the saved output (log-probs [T, V] or nll [T]) and the
 // logsumexp ([E, T] in prob space, [1, T] in logit space, in the accumulation dtype) at the
-// logits' positions: they must have exactly those shapes and dtypes.
+// logits' positions: they must have exactly those shapes and dtypes. Log-probs and their grad are
+// in the logits' dtype; nll and its grad in the accumulation dtype, since the prob-space posterior
+// exp(lw + z[y] − lse + nll) is as precise as nll is.
 inline void check_ensemble_saved(const char* op, const at::Tensor& logits, const at::Tensor& grad,
                                  const at::Tensor& result, const at::Tensor& lse, bool prob_space, bool nll) {
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
   const std::vector<int64_t> want = nll ? std::vector<int64_t>{T} : std::vector<int64_t>{T, V};
+  const at::ScalarType wide = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType saved = nll ? wide : logits.scalar_type();
   for (const at::Tensor* x : {&grad, &result}) {
     TORCH_CHECK_VALUE(x->sizes() == at::IntArrayRef(want), op, ": grad and the saved output must have shape ",
                       at::IntArrayRef(want), ", got ", x->sizes());
-    TORCH_CHECK_TYPE(x->scalar_type() == logits.scalar_type(), op, ": grad and the saved output must be ",
-                     logits.scalar_type(), ", got ", x->scalar_type());
+    TORCH_CHECK_TYPE(x->scalar_type() == saved, op, ": grad and the saved output must be ", saved, ", got ",
+                     x->scalar_type());
     TORCH_CHECK_VALUE(x->device() == logits.device(), op, ": every tensor must be on ", logits.device());
   }
-  const at::ScalarType wide = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == (prob_space ? E : 1) && lse.size(1) == T, op,
                     ": lse must have shape [", prob_space ? E : 1, ", ", T, "], got ", lse.sizes());
   TORCH_CHECK_TYPE(lse.scalar_type() == wide, op, ": lse must be ", wide, ", got ", lse.scalar_type());
