@@ -250,6 +250,25 @@ def test_merge_deltas_rejects_bad_input(backend, use_backend):
         merge_deltas([torch.tensor([1]), torch.tensor([2])], [torch.randn(1), torch.randn(1).double()], [1.0, 1.0], 5)
 
 
+@pytest.mark.parametrize("op", ["sparse_axpy_", "apply_diffs_", "restore_diffs_", "merge_deltas"])
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_compose_ops_refuse_values_that_require_grad(op, backend, use_backend):
+    # They have no autograd kernel: the C++ and Triton ones dropped the values' gradient (merge_deltas:
+    # None with a warning), the reference one differentiated it. Under no_grad they run.
+    use_backend(backend if backend in cpu_backends(op) else "reference")
+    dense, idx, vals = torch.randn(6), torch.tensor([1, 4]), torch.randn(2, requires_grad=True)
+    call = {"sparse_axpy_": lambda: sparse_axpy_(dense, idx, vals),
+            "apply_diffs_": lambda: apply_diffs_([dense], [idx], [vals], [0], [1.0]),
+            "restore_diffs_": lambda: restore_diffs_([dense], [idx], [vals], [0]),
+            "merge_deltas": lambda: merge_deltas([idx], [vals], [1.0], 6)}[op]
+    before = dense.clone()
+    with pytest.raises(RuntimeError, match=r"(values|saved)\[?0?\]? requires grad.*no_grad"):
+        call()
+    assert_bit_identical(dense, before, "written by a refused call")
+    with torch.no_grad():
+        call()
+
+
 # --- topk_masks: exactly k, deterministic ties ---
 
 TOPK_BACKENDS = cpu_backends("topk_masks")
@@ -444,6 +463,29 @@ def test_from_models_refuses_tensors_the_base_lacks():
     with pytest.raises(ValueError, match=r"\['extra.weight', 'extra.bias'\]"):
         SparseDiff.from_models(base, tuned, density=0.1)
     assert SparseDiff.from_models(base, tuned, density=0.1, exclude=r"^extra\.").nnz == round(0.1 * 210)
+
+
+@pytest.mark.parametrize("base_dtype, tuned_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                                     (torch.bfloat16, torch.float32)])
+def test_from_models_takes_differences_in_the_wider_dtype(base_dtype, tuned_dtype):
+    # A bfloat16 tuned model minus a float32 base rounded to bfloat16: base + diff was up to 0.0078
+    # off tuned at the chosen entries, where the changes were at most 0.009.
+    gen = seeded(0)
+    base = {"w": (3 * torch.randn(40, 50, generator=gen)).to(base_dtype)}
+    tuned = {"w": (base["w"].double() + 1e-3 * torch.randn(40, 50, generator=gen, dtype=torch.float64)).to(tuned_dtype)}
+    exact = tuned["w"].double() - base["w"].double()
+    diff = SparseDiff.from_models(base, tuned, k=200)
+    delta = diff.deltas["w"]
+    assert delta.values.dtype == torch.promote_types(base_dtype, tuned_dtype)
+    idx = delta.indices.long()
+    assert torch.equal(delta.values.double(), exact.reshape(-1)[idx])
+    assert torch.equal(idx, torch.sort(exact.reshape(-1).abs(), descending=True, stable=True).indices[:200].sort().values)
+
+
+def test_diff_arithmetic_takes_values_that_require_grad_as_data():
+    values = torch.tensor([1.0, -2.0], requires_grad=True)
+    d = SparseDiff({"w": SparseDelta(torch.tensor([1, 4]), values, (6,))})
+    assert (0.5 * d).deltas["w"].values.tolist() == [0.5, -1.0]
 
 
 def test_from_models_refuses_include_patterns_that_match_nothing():

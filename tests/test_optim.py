@@ -706,6 +706,20 @@ def test_bad_op_input_raises_and_writes_nothing(backend, name, args, exc, msg, u
         assert_bit_identical(a, b, "written by a rejected call")
 
 
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("inits", [0, 2])
+def test_l1_to_init_without_one_init_per_param_raises_and_writes_nothing(backend, inits, use_backend):
+    """The reference step took an empty inits list with l1_to_init on and ran without the L1 term."""
+    use_backend(backend)
+    p, g, idx, m, v, step = _op_args()
+    before = [t.clone() for t in (p, m, v, step)]
+    with pytest.raises(ValueError, match="inits"):
+        ops.masked_adamw_([p], [g], [idx], [m], [v], [], [step], [p[idx].clone()] * inits, lr=0.1, beta1=0.9,
+                          beta2=0.99, eps=1e-8, weight_decay=0.1, l1_to_init=0.5)
+    for a, b in zip((p, m, v, step), before):
+        assert_bit_identical(a, b, "written by a rejected call")
 # --- the step ops, every dtype and selection, against the float64 reference ---
 
 def _selector(kind, n, k, index_dtype, gen):

@@ -870,8 +870,9 @@ class SparseDiff:
             dtype = parts[0][0].values.dtype
             for p, _ in parts[1:]:
                 dtype = torch.promote_types(dtype, p.values.dtype)
+            # detached: diff arithmetic is data, and merge_deltas refuses values that require grad
             idx, val = _ops.merge_deltas([p.indices.to(index_dtype(math.prod(shape))) for p, _ in parts],
-                                         [p.values.to(dtype) for p, _ in parts],
+                                         [p.values.detach().to(dtype) for p, _ in parts],
                                          [w for _, w in parts], math.prod(shape))
             deltas[name] = SparseDelta._trusted(idx, val, shape)
         for name in dict.fromkeys(n for d in diffs for n in d.dense):
@@ -940,6 +941,8 @@ class SparseDiff:
         `include` / `exclude`: regular expressions (a string or a list) searched in parameter
         names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
         Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
+        Differences are taken, and values stored, in the wider dtype of the two tensors (float32
+        for a bfloat16 model tuned from a float32 one), so base + diff is tuned at the chosen entries.
         Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
         `transformer.wte.weight`) are read once, under their first name. A selected floating-point
@@ -973,7 +976,11 @@ class SparseDiff:
                 raise ValueError(f"from_models: {n!r} has shape {tuple(b[n].shape)} in base but {tuple(t[n].shape)} in tuned")
         k = budget("from_models", sum(t[n].numel() for n in names), k, density)
         with torch.no_grad():
-            diffs = [t[n].detach() - b[n].detach().to(t[n]) for n in names]
+            # in the wider of the two dtypes: a bfloat16 tuned model minus a float32 base rounded
+            # to bfloat16 first was off by the base's rounding (up to 0.0078 at |θ| ~ 3), as large
+            # as a fine-tuning change, and base + diff no longer gave tuned at the chosen entries
+            wide = {n: torch.promote_types(t[n].dtype, b[n].dtype) for n in names}
+            diffs = [t[n].detach().to(wide[n]) - b[n].detach().to(t[n].device, wide[n]) for n in names]
             masks = topk_mask(diffs, k)
             deltas = {n: _delta_at(d, m) for n, d, m in zip(names, diffs, masks)}
         return cls._trusted(deltas, base_model=base_model)

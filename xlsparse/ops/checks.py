@@ -246,8 +246,10 @@ def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_s
     if not (len(grads) == len(selectors) == len(steps) == n):
         raise ValueError(f"{op}: params, grads, selectors and steps must have one entry per parameter, got "
                          f"{n}, {len(grads)}, {len(selectors)}, {len(steps)}")
-    if len(inits) not in (0, n):
-        raise ValueError(f"{op}: inits must be empty or have {n} entries")
+    # inits is None when the step reads none (no l1_to_init); an empty list with l1_to_init on ran
+    # the reference step without the L1 term
+    if inits is not None and len(inits) != n:
+        raise ValueError(f"{op}: l1_to_init needs one init per param: inits must have {n} entries, got {len(inits)}")
     for name, lst in states.items():
         if len(lst) != n:
             raise ValueError(f"{op}: {name} must have {n} entries, got {len(lst)}")
@@ -315,7 +317,7 @@ def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_s
                              f"{state_numel} entries on {p.device}, got {st.dtype} with {st.numel()}")
         contiguous_output(op, f"steps[{i}]", st)
         written[f"steps[{i}]"] = st
-        if inits:
+        if inits is not None:
             init = inits[i]
             if init is None:
                 raise ValueError(f"{op}: inits[{i}] is missing")
@@ -381,16 +383,18 @@ def tokens(op: str, name: str, ids: torch.Tensor, num_tokens: int) -> None:
 # --- matmul ---
 
 def not_differentiable(op: str, **tensors) -> None:
-    """sddmm and spmm_ have no autograd kernel: with grad mode on, an input that requires grad got a
-    result whose gradient was silently missing on the compiled backends (the reference one
-    differentiated it). The linear layers' autograd Functions call them with grad mode off."""
+    """sddmm, spmm_ and the compose ops have no autograd kernel: with grad mode on, an input that
+    requires grad got a result whose gradient was silently missing on the compiled backends (the
+    reference one differentiated it). The compose ops check their values only: the tensors they
+    write may be in a graph (autograd sees the write). The linear layers' autograd Functions call
+    sddmm and spmm_ with grad mode off."""
     if not torch.is_grad_enabled():
         return
     for name, t in tensors.items():
         if t is not None and t.requires_grad:
-            raise RuntimeError(f"{op}: {name} requires grad, but {op} is not differentiable; use "
-                               "xlsparse.functional.sparse_delta_linear / multi_delta_linear, or call it under "
-                               "torch.no_grad()")
+            raise RuntimeError(f"{op}: {name} requires grad, but {op} is not differentiable; call it under "
+                               "torch.no_grad() (a delta that trains: xlsparse.functional.sparse_delta_linear / "
+                               "multi_delta_linear)")
 
 
 def token_matmul(op, a, b, idx, token_index, token_bounds, token_scale, names=("a", "b")) -> None:

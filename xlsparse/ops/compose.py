@@ -39,6 +39,7 @@ def sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     """
     op = "sparse_axpy_"
     checks.sparse_update(op, dense, indices, values)
+    checks.not_differentiable(op, values=values)
     checks.finite(op, alpha=alpha)
     if checks.can_read(dense) and not registry.compiled(op, dense.device):
         checks.indices(op, indices, dense.numel())
@@ -112,13 +113,14 @@ def _one_slot_per_tensor(dense: list, target: list) -> tuple[list, list]:
     return unique, [remap[t] if 0 <= t < len(remap) else t for t in target]
 
 
-def _diff_call(op: str, dense, indices, values, target):
+def _diff_call(op: str, dense, indices, values, target, values_name: str = "values"):
     """Checked, contiguous, unaliased arguments of apply_diffs_ / restore_diffs_."""
     dense, indices, values = list(dense), list(indices), list(values)
     target = [int(t) for t in target]
     dense, target = _one_slot_per_tensor(dense, target)
     device = dense[0].device if dense else torch.device("cpu")
     checks.diff_entries(op, dense, indices, values, target, read_data=not registry.compiled(op, device))
+    checks.not_differentiable(op, **{f"{values_name}[{e}]": v for e, v in enumerate(values)})
     written = checks.memory_keys(dense)
     indices = [checks.unaliased(written, i.contiguous()) for i in indices]
     values = [checks.unaliased(written, v.contiguous()) for v in values]
@@ -146,7 +148,7 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
 
 def restore_diffs_(dense: list, indices: list, saved: list, target: list) -> None:
     """Undo `apply_diffs_` bit-exactly: `dense[target[e]].view(-1)[indices[e]] = saved[e]`."""
-    dense, indices, saved, target = _diff_call("restore_diffs_", dense, indices, saved, target)
+    dense, indices, saved, target = _diff_call("restore_diffs_", dense, indices, saved, target, "saved")
     device = dense[0].device if dense else torch.device("cpu")
     registry.call("restore_diffs_", device, dense, indices, saved, target, written=[dense[t] for t in set(target)])
 
@@ -180,6 +182,7 @@ def merge_deltas(indices: list, values: list, weights: list, numel: int) -> tupl
     `sum_i weights[i] * values[i]` (float32 accumulation, in delta order). Linear time, no dense copy."""
     indices, values, weights, numel = list(indices), list(values), [float(w) for w in weights], int(numel)
     checks.merge("merge_deltas", indices, values, weights, numel)
+    checks.not_differentiable("merge_deltas", **{f"values[{e}]": v for e, v in enumerate(values)})
     if indices[0].device.type == "meta":  # the union's size is data: meta tensors have none
         raise ValueError("merge_deltas: meta tensors hold no indices to merge; the output size depends on them")
     indices, values = [i.contiguous() for i in indices], [v.contiguous() for v in values]

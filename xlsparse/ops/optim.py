@@ -97,7 +97,7 @@ if _ext.loaded():
                            beta1, beta2, eps, weight_decay, l1_to_init, amsgrad, grad_scale=None, found_inf=None):
         checks.masked_step("masked_adamw_", params, grads, selectors,
                            _adamw_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad), steps,
-                           inits if l1_to_init != 0 else [], grad_scale, found_inf, read_data=False)
+                           inits if l1_to_init != 0 else None, grad_scale, found_inf, read_data=False)
 
 
 def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors: list[torch.Tensor | None],
@@ -127,10 +127,11 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
     if not params:
         return
     max_exp_avg_sqs = list(max_exp_avg_sqs) if amsgrad else []
-    inits = list(inits) if l1_to_init != 0 else []
+    inits = list(inits) if l1_to_init != 0 else None
     states = _adamw_states(exp_avgs, exp_avg_sqs, max_exp_avg_sqs, amsgrad)
     keys = checks.masked_step(op, params, grads, selectors, states, steps, inits, grad_scale, found_inf, check_indices,
                               compiled=registry.compiled(op, params[0].device))
+    inits = inits or []
     written = [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
     grads, selectors, inits = checks.step_inputs(keys, grads, selectors, inits)
     registry.call(op, params[0].device, list(params), grads, selectors, list(exp_avgs), list(exp_avg_sqs),
@@ -173,7 +174,7 @@ if _ext.loaded():
     def _masked_sgd_fake(params, grads, selectors, momentum_buffers, steps, lr, momentum, dampening, weight_decay,
                          nesterov, grad_scale=None, found_inf=None):
         states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-        checks.masked_step("masked_sgd_", params, grads, selectors, states, steps, [], grad_scale, found_inf,
+        checks.masked_step("masked_sgd_", params, grads, selectors, states, steps, None, grad_scale, found_inf,
                            read_data=False)
 
 
@@ -195,7 +196,7 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors
         return
     momentum_buffers = list(momentum_buffers) if momentum != 0 else []
     states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
-    keys = checks.masked_step(op, params, grads, selectors, states, steps, [], grad_scale, found_inf, check_indices,
+    keys = checks.masked_step(op, params, grads, selectors, states, steps, None, grad_scale, found_inf, check_indices,
                               compiled=registry.compiled(op, params[0].device))
     written = [*params, *momentum_buffers, *steps]
     grads, selectors, _ = checks.step_inputs(keys, grads, selectors, [])
