@@ -378,6 +378,25 @@ def test_update_masks_without_new_entries_keeps_one_step_count():
         assert opt.state[ps[0]]["step"].numel() == 1
 
 
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_update_masks_with_a_dict_changes_only_the_parameters_it_names(mode):
+    # a parameter left out of the dict kept no mask: it trained whole from then on
+    ps = [torch.randn(20, 20).requires_grad_(), torch.randn(20, 20).requires_grad_()]
+    old = [torch.rand(20, 20, generator=seeded(20 + i)) < 0.3 for i in range(2)]
+    new0 = torch.rand(20, 20, generator=seeded(22)) < 0.3
+    opt = MaskedAdamW(ps, old, mode=mode, lr=1e-2)
+    opt.update_masks({ps[0]: new0})
+    before = ps[1].detach().clone()
+    _set_grads(ps, 3, [new0, old[1]])  # NaN outside the masks: a step that reads them poisons p
+    opt.step()
+    assert torch.isfinite(ps[1]).all() and not torch.equal(ps[1][old[1]], before[old[1]])
+    assert_bit_identical(ps[1][~old[1]], before[~old[1]], "entries outside the kept mask")
+    opt.update_masks({ps[1]: None})  # None, named, still opens a parameter whole
+    _set_grads(ps, 4, [new0, torch.ones(20, 20, dtype=torch.bool)])
+    opt.step()
+    assert not torch.equal(ps[1][~old[1]], before[~old[1]])
+
+
 def test_param_groups_and_lr_scheduler():
     initial = _params(14)
     masks = _masks(initial, 0.5, seed=15)

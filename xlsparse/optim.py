@@ -180,7 +180,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def update_masks(self, masks) -> None:
-        """Change which entries train (dynamic masks), in the same forms as the constructor's `masks`.
+        """Change which entries train (dynamic masks), in the same forms as the constructor's `masks`,
+        except that a dict changes only the parameters it names: the others keep their masks (at
+        construction a parameter left out trains whole; here that silently opened it all).
 
         - Kept entries (in the old and the new mask) keep their value, state and step count.
         - Added entries start with zero state (moments, momentum buffer) and a step count of 0;
@@ -198,6 +200,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         selectors = self._parse_masks(masks)
         for group in self.param_groups:
             for p in group["params"]:
+                if isinstance(masks, dict) and p not in masks:
+                    continue
                 self._move_state(group, p, self._selector_of(p), selectors[p])
 
     def _move_state(self, group: dict, p: torch.Tensor, old, new) -> None:

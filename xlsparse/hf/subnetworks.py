@@ -175,9 +175,9 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     for _, layer, per_lang in new:
         layer.set_masks(per_lang)
         unions[layer.weight] = layer.trainable_mask()
-    if optimizer is not None:  # its other parameters keep the entries it trains now (None would open them all)
-        optimizer.update_masks({p: unions[p] if p in unions else optimizer._selector_of(p)
-                                for group in optimizer.param_groups for p in group["params"]})
+    if optimizer is not None:  # its other parameters keep the entries it trains now
+        trained = {p for group in optimizer.param_groups for p in group["params"]}
+        optimizer.update_masks({p: m for p, m in unions.items() if p in trained})
 
 
 def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what: str, lang: str,
