@@ -512,6 +512,11 @@ class MaskedAdamW(_MaskedOptimizer):
         """Each group's hyper-parameters (the defaults' included), when it is added or loaded."""
         super()._check_group(group)
         betas = group["betas"]
+        # a third beta was ignored, and amsgrad="no" (truthy) turned amsgrad on
+        if len(betas) != 2:
+            raise ValueError(f"betas must be (beta1, beta2), got {betas!r}")
+        if not isinstance(group["amsgrad"], bool):
+            raise TypeError(f"amsgrad must be a bool, got {group['amsgrad']!r}")
         checks.finite("MaskedAdamW", lr=group["lr"], beta1=betas[0], beta2=betas[1], eps=group["eps"],
                       weight_decay=group["weight_decay"], l1_to_init=group["l1_to_init"])
         if group["lr"] < 0:
@@ -561,6 +566,8 @@ class MaskedSGD(_MaskedOptimizer):
                       weight_decay=group["weight_decay"])
         if group["lr"] < 0 or group["momentum"] < 0 or group["weight_decay"] < 0:
             raise ValueError("lr, momentum and weight_decay must be >= 0")
+        if not isinstance(group["nesterov"], bool):
+            raise TypeError(f"nesterov must be a bool, got {group['nesterov']!r}")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 

@@ -375,6 +375,12 @@ def test_optimizers_reject_bad_arguments_and_masks():
         MaskedAdamW([p], [None], betas=(1.0, 0.9))
     with pytest.raises(ValueError, match="epsilon"):
         MaskedAdamW([p], [None], eps=-1.0)
+    with pytest.raises(ValueError, match="betas"):  # the third was ignored
+        MaskedAdamW([p], [None], betas=(0.9, 0.999, 0.5))
+    with pytest.raises(TypeError, match="amsgrad"):  # "no" is truthy: amsgrad ran
+        MaskedAdamW([p], [None], amsgrad="no")
+    with pytest.raises(TypeError, match="nesterov"):
+        MaskedSGD([p], [None], momentum=0.9, nesterov=1)
     with pytest.raises(ValueError, match="Nesterov"):
         MaskedSGD([p], [None], nesterov=True)
     for opt in (MaskedAdamW, MaskedSGD):  # a group's own mode would be ignored
