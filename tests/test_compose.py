@@ -506,6 +506,11 @@ def test_merge_apply_and_division_name_bad_operands():
     for bad in (float("inf"), float("-inf"), float("nan")):  # d / inf was a silent zero diff
         with pytest.raises(ValueError, match="SparseDiff /: divisor must be finite"):
             d / bad
+    a = SparseDiff.from_models(_model(0), _model(1), k=5, base_model="bert-base")
+    b = SparseDiff.from_models(_model(0), _model(2), k=5, base_model="gpt2")
+    with pytest.warns(UserWarning, match="different base models"):
+        assert SparseDiff.merge([a, b]).base_model is None
+    assert SparseDiff.merge([a, d]).base_model == "bert-base"  # a diff that names none agrees with any
     model = _model(0)
     model.register_buffer("counter", torch.zeros(4, dtype=torch.long))
     bad = SparseDiff({"counter": SparseDelta(torch.tensor([1]), torch.ones(1), (4,))})

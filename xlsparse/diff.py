@@ -895,6 +895,9 @@ class SparseDiff:
                                      "replace a parameter and have no sum (merge(..., with_abs=False) drops them)")
                 absolute[name] = t
         base = {d.base_model for d in diffs} - {None}
+        if len(base) > 1:  # a name may differ for one model (a path and a hub name), so no error
+            warnings.warn(f"merge: the diffs name different base models {sorted(base)}; deltas from "
+                          "different bases do not add up to one fine-tuning. The merged diff names none.")
         return cls._trusted(deltas, dense, absolute, base.pop() if len(base) == 1 else None)
 
     def __add__(self, other: "SparseDiff") -> "SparseDiff":
