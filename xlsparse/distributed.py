@@ -8,6 +8,8 @@ replicas drift apart. Reduce the scores first (`all_reduce_scores`), or call `to
 does both; every rank then picks the same mask (the reduced buffer is bit-identical on all ranks
 and the top-K is deterministic, ties to the lowest position).
 """
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -27,9 +29,17 @@ def all_reduce_scores(scores, op: str = "sum", group=None):
     """
     if op not in ("sum", "mean"):
         raise ValueError(f"all_reduce_scores: op must be 'sum' or 'mean', got {op!r}")
-    tensors = _leaves(scores)
+    named = _leaves(scores)
+    tensors = [t for _, t in named]
     if not _world(group) or not tensors:
         return scores
+    # The buffer pairs entries by position: a rank whose dict holds other names (or the same names
+    # in another order, which _leaves sorts away) would add unrelated scores without an error.
+    layout = zlib.crc32(repr([(path, tuple(t.shape)) for path, t in named]).encode())
+    check = torch.tensor([layout, -layout], dtype=torch.int64, device=tensors[0].device)
+    dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
+    if int(check[0]) != -int(check[1]):
+        raise ValueError("all_reduce_scores: the ranks hold scores under different names or shapes")
     for i, t in enumerate(tensors):
         if not t.is_floating_point():
             raise TypeError(f"all_reduce_scores: score {i} must be floating point, got {t.dtype}")
@@ -59,7 +69,7 @@ def topk_mask(tensors: list, k: int, group=None) -> list[torch.Tensor]:
 def same_on_all_ranks(tensors, group=None) -> bool:
     """True when every tensor (masks, indices, values) is bit-identical on all ranks of `group`:
     a cheap check (one all-reduce of per-tensor checksums) to run after a mask update."""
-    tensors = _leaves(tensors)
+    tensors = [t for _, t in _leaves(tensors)]
     if not _world(group) or not tensors:
         return True
     sums = torch.stack([fingerprint(t).to(tensors[0].device) for t in tensors])  # NCCL reduces GPU tensors
@@ -105,11 +115,12 @@ def _wrap(x: int) -> int:
     return (x + 2**63) % 2**64 - 2**63
 
 
-def _leaves(obj) -> list[torch.Tensor]:
+def _leaves(obj, path: str = "") -> list[tuple[str, torch.Tensor]]:
+    """(path, tensor) of every tensor in `obj`; dicts in key order (str), not insertion order."""
     if isinstance(obj, torch.Tensor):
-        return [obj]
+        return [(path, obj)]
     if isinstance(obj, dict):
-        return [t for v in obj.values() for t in _leaves(v)]
+        return [leaf for k in sorted(obj, key=str) for leaf in _leaves(obj[k], f"{path}/{k}")]
     if isinstance(obj, (list, tuple)):
-        return [t for v in obj for t in _leaves(v)]
+        return [leaf for i, v in enumerate(obj) for leaf in _leaves(v, f"{path}/{i}")]
     raise TypeError(f"expected tensors in lists or dicts, got {type(obj).__name__}")

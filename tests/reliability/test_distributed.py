@@ -140,9 +140,16 @@ def _mask_worker(rank: int, out: str):
     k = 20
     unsynced = xlsparse.functional.topk_mask(list(local.values()), k)
     synced = xdist.topk_mask(list(local.values()), k)
-    summed = xdist.all_reduce_scores({n: t.clone() for n, t in local.items()})
+    # rank 1 builds its dict in the other order: entries pair by name, not by position
+    order = list(local) if rank == 0 else list(local)[::-1]
+    summed = xdist.all_reduce_scores({n: local[n].clone() for n in order})
+    try:  # same shapes under another name on rank 1: added to unrelated scores before
+        xdist.all_reduce_scores({"a" if rank == 0 else "c": torch.ones(3)})
+        mismatch = None
+    except ValueError as e:
+        mismatch = str(e)
     result = {"same_synced": xdist.same_on_all_ranks(synced), "same_unsynced": xdist.same_on_all_ranks(unsynced),
-              "synced": synced, "summed": summed}
+              "synced": synced, "summed": summed, "mismatch": mismatch}
     if rank == 0:
         torch.save(result, out)
 
@@ -152,6 +159,7 @@ def test_topk_over_all_reduced_scores_picks_one_mask_on_every_rank(tmp_path):
     _spawn(_mask_worker, out)
     res = torch.load(out, weights_only=True)
     assert res["same_synced"] and not res["same_unsynced"]
+    assert "different names or shapes" in res["mismatch"]
     total = {n: _scores(0)[n] + _scores(1)[n] for n in ("a", "b")}
     for n in total:
         assert torch.equal(res["summed"][n], total[n])
