@@ -490,9 +490,28 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
 class ConvertedLayer:
     """What xlsparse's converted layers (xlsparse.nn) share with `apply`: `transposed` is True
     when the layer replaced a GPT-2 Conv1D and stores its [in, out] weight as [out, in], while
-    diffs keep the model's own layout."""
+    diffs keep the model's own layout. A state dict holds such a weight in the model's own layout
+    too: transformers' files of a converted model (its `save_pretrained`, the Trainer's checkpoints)
+    then load into the model's class, where a square [out, in] weight loaded silently transposed."""
 
     transposed = False
+
+    def _state_weight(self, saved):
+        """The weight a state dict holds, in the stored layout (`saved`: what torch put there)."""
+        return saved
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        key = prefix + "weight"
+        if key in destination:
+            weight = self._state_weight(destination[key])
+            destination[key] = weight.detach().t().contiguous() if self.transposed else weight
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "weight"
+        if self.transposed and key in state_dict:  # the model's own layout, as _save_to_state_dict wrote it
+            state_dict[key] = state_dict[key].t().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def _transposed_weights(model, names) -> set:

@@ -195,10 +195,8 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         if self.merged and self._merged_version in ("stale", "current"):
             self._merged_version = self.delta_values._version if self._merged_version == "current" else -1
 
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-        if self.merged:  # save W0, not W0 + Δ: the delta is saved beside it
-            destination[prefix + "weight"] = self.base_weight()
+    def _state_weight(self, saved):
+        return self.base_weight() if self.merged else saved  # W0, not W0 + Δ: the delta is saved beside it
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.unmerge()  # the loaded W0 and Δ replace the merged ones; a weight not in the dict gets W0 back
@@ -261,7 +259,9 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         for i, idx in enumerate(indices):
-            self.register_buffer(f"delta_indices_{i}", idx)
+            # its own copy: load_state_dict writes buffers in place, which must not reach the caller's
+            # diff (nor another model converted from the same diff)
+            self.register_buffer(f"delta_indices_{i}", idx.clone())
         self.delta_values = nn.ParameterList(
             [nn.Parameter(v.detach().to(weight.dtype).clone()) for v in values])
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)

@@ -5,6 +5,7 @@ import copy
 import inspect
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -670,6 +671,35 @@ def test_trainer_routes_the_language_ids_column():
     assert torch.count_nonzero(layer.delta_values[1]) > 0
 
 
+def test_a_minus_one_example_is_refused_where_the_modules_to_save_are_shared():
+    # id -1 means base only / no update, but a 'multi' model's modules to save are one module for
+    # every language: the -1 example's logits came from the trained head (0.05 off the base's),
+    # and in training its loss moved that head
+    base, head = classifier("bert")
+    model = hf.convert(copy.deepcopy(base), kind="multi", modules_to_save=[head],
+                       diffs={lang: random_diff(base, 10, 0.1, seed=e) for e, lang in enumerate(["de", "fr"])})
+    with torch.no_grad():
+        model.get_submodule(head).weight.add_(1.0)  # as if trained
+    ids = batch(3, 5)
+    for langs in (torch.tensor([0, 1, -1]), ["de", "fr", None], torch.tensor([[0] * 5, [1] * 5, [1, 1, -1, -1, -1]])):
+        with pytest.raises(ValueError, match="modules_to_save"):
+            model(input_ids=ids, language_ids=langs)
+        with pytest.raises(ValueError, match="modules_to_save"):
+            with hf.route(model, langs):
+                pass
+        with pytest.raises(ValueError, match="modules_to_save"):  # a wrapper (DDP) holding it
+            with hf.route(torch.nn.ModuleList([model]), langs):
+                pass
+    with hf.disable(model), torch.no_grad():  # the way to run an example on the base, ids or not
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+        assert torch.equal(model(input_ids=ids, language_ids=torch.tensor([0, 1, -1])).logits, base(input_ids=ids).logits)
+    model(input_ids=ids, language_ids=torch.tensor([0, 1, 1]))  # every example with a language: fine
+    plain = _multi("bert")  # no modules to save: -1 is the base, as documented
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids, language_ids=torch.tensor([-1, -1, -1])).logits,
+                           plain(input_ids=ids).logits)
+
+
 # --- mixed precision ---
 
 def _autocast_pair(layer, reference, x):
@@ -821,6 +851,23 @@ def test_a_failed_xlsparse_save_leaves_no_earlier_diff_in_the_folder(tmp_path):
         model.bert.pooler.dense.weight.add_(0.01)  # outside the diff: base + diff is no longer the model
     with pytest.warns(UserWarning, match="holds transformers' files only"):
         model.save_pretrained(str(tmp_path))
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("xlsparse")]
+    with pytest.raises(FileNotFoundError, match="xlsparse_config.json does not exist"):
+        hf.from_pretrained(copy.deepcopy(base), str(tmp_path))
+
+
+def test_a_subnetwork_save_leaves_no_earlier_diff_in_the_folder(tmp_path):
+    # a 'subnetwork' model's save writes transformers' files only; an earlier 'delta' save's diff in
+    # the folder (a reused Trainer output_dir) stayed, and from_pretrained loaded it as this model
+    model, head = classifier("bert")
+    base = copy.deepcopy(model)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    model.save_pretrained(str(tmp_path))
+    masks = {"de": {f"{n}.weight": torch.ones(base.get_submodule(n).weight.shape, dtype=torch.bool)
+                    for n in hf.model.target_names(base)[:2]}}
+    sub = hf.convert(copy.deepcopy(base), kind="subnetwork", masks=masks)
+    sub.save_pretrained(str(tmp_path))
     assert os.path.isfile(tmp_path / "model.safetensors")
     assert not [f for f in os.listdir(tmp_path) if f.startswith("xlsparse")]
     with pytest.raises(FileNotFoundError, match="xlsparse_config.json does not exist"):
@@ -1091,3 +1138,96 @@ def test_saving_inside_disable_is_refused_and_writes_nothing(tmp_path, kind):
     got = hf.extract_diff(model, language="de" if kind == "multi" else None)  # after the block: the trained state
     for name, t in want.absolute.items():
         assert torch.equal(got.absolute[name], t), name
+
+
+def test_a_multi_model_holds_its_own_copy_of_the_diffs_indices():
+    # MultiDeltaLinear registered the diff's own index tensors as its buffers: load_state_dict
+    # (a Trainer resume) wrote them in place, which moved the support of the caller's SparseDiff
+    # and of every other model converted from it (its logits moved by 0.43)
+    base = tiny("llama")
+    diffs = {lang: random_diff(base, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
+    kept = {lang: {n: d.indices.clone() for n, d in diff.deltas.items()} for lang, diff in diffs.items()}
+    first = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    second = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    other = hf.convert(copy.deepcopy(base), kind="multi",
+                       diffs={lang: random_diff(base, 20, 0.3, seed=7 + e) for e, lang in enumerate(["de", "fr"])})
+    ids, langs = batch(2, 5), torch.tensor([0, 1])
+    with torch.no_grad():
+        want = second(input_ids=ids, language_ids=langs).logits
+        first.load_state_dict(other.state_dict())
+        assert torch.equal(first(input_ids=ids, language_ids=langs).logits, other(input_ids=ids, language_ids=langs).logits)
+        assert torch.equal(second(input_ids=ids, language_ids=langs).logits, want)
+    for lang, diff in diffs.items():
+        for n, d in diff.deltas.items():
+            assert torch.equal(d.indices, kept[lang][n]), (lang, n)
+
+
+@pytest.mark.parametrize("kind", ["delta", "multi", "subnetwork"])
+def test_a_converted_gpt2_state_dict_keeps_conv1d_layout(kind, tmp_path):
+    # a converted Conv1D stores its weight [out, in]; its state dict held that layout, so the folder
+    # of model.save_pretrained (and of the Trainer's checkpoints) loaded into GPT2LMHeadModel with
+    # the square attn.c_proj silently transposed (logits 0.2 off), the others refused by shape
+    base = tiny("gpt2")
+    ids, langs = batch(2, 5), torch.tensor([0, 1])
+
+    def build():
+        model = copy.deepcopy(base)
+        if kind == "delta":
+            return hf.convert(model, kind="delta", diffs=random_diff(base, 30, 0.3, seed=1))
+        if kind == "multi":
+            return hf.convert(model, kind="multi", diffs={lang: random_diff(base, 30, 0.3, seed=e)
+                                                          for e, lang in enumerate(["de", "fr"])})
+        g = torch.Generator().manual_seed(0)
+        masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
+                        for n in hf.model.target_names(base)} for lang in ("de", "fr")}
+        return hf.convert(model, kind="subnetwork", masks=masks)
+
+    model = build()
+    if kind == "subnetwork":
+        with torch.no_grad():
+            for _, layer in hf.model._converted(model):
+                layer.weight.view(-1)[layer.trainable_mask().view(-1)] += 0.1  # as if trained
+    shapes = {n: tuple(t.shape) for n, t in base.state_dict().items()}
+    assert {n: tuple(t.shape) for n, t in model.state_dict().items() if n in shapes} == shapes
+    model.save_pretrained(tmp_path)
+    plain = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    want = hf.merge_and_unload(copy.deepcopy(model), **({"language": "de"} if kind == "multi" else {}))
+    for name, t in (base if kind != "subnetwork" else want).state_dict().items():
+        assert torch.equal(plain.state_dict()[name], t), name  # the base's weights, or the trained ones
+    fresh = build()  # a resume: the state dict back into a converted model
+    fresh.load_state_dict(model.state_dict())
+    run = (lambda m: m(input_ids=ids, language_ids=langs).logits) if kind != "delta" else (lambda m: m(input_ids=ids).logits)
+    with torch.no_grad():
+        assert torch.equal(run(fresh), run(model))
+    if kind == "delta":  # merged: the state dict holds W0 in the model's layout all the same
+        hf.merge(model)
+        assert torch.equal(model.state_dict()["transformer.h.0.attn.c_attn.weight"],
+                           base.state_dict()["transformer.h.0.attn.c_attn.weight"])
+
+
+def test_a_dynamic_rope_model_saves_after_a_long_batch(tmp_path):
+    # a dynamic RoPE recomputes its non-persistent inv_freq for a batch longer than
+    # max_position_embeddings: convert watched that buffer, so every save after such a batch
+    # refused ("changed since convert"), and model.save_pretrained (the Trainer's) wrote no diff
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   num_key_value_heads=1, intermediate_size=48, max_position_embeddings=16,
+                                   rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    base = transformers.LlamaForCausalLM(cfg).eval()
+    model = hf.convert(copy.deepcopy(base), density=0.1)
+    with torch.no_grad():
+        for _, layer in hf.model._converted(model):
+            layer.delta_values.normal_(0, 0.1)  # as if trained
+        ids = torch.randint(3, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+        want = model(input_ids=ids).logits
+    assert not torch.equal(model.model.rotary_emb.inv_freq, base.model.rotary_emb.inv_freq)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # "holds transformers' files only, no xlsparse diff"
+        model.save_pretrained(str(tmp_path))
+    loaded = hf.from_pretrained(copy.deepcopy(base), str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+    with torch.no_grad():  # a persistent weight outside the diff is still watched
+        model.model.norm.weight.add_(0.01)
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        hf.save_pretrained(model, str(tmp_path / "again"))

@@ -377,15 +377,23 @@ class _SavePretrainedWithDiff(_OnInstance):
         if not main_process:
             return
         if getattr(getattr(self.model, "xlsparse_config", None), "kind", None) == "subnetwork":
-            return  # transformers' files hold the trained weights; there is no diff file (hf.save_pretrained refuses)
+            # transformers' files hold the trained weights; there is no diff file (hf.save_pretrained refuses)
+            _remove_saved_files(save_directory)
+            return
         try:
             save_pretrained(self.model, save_directory)
         except ValueError as exc:  # a checkpoint must not stop training; the folder still resumes
-            for name in os.listdir(save_directory):  # an earlier save's diff would load as if it were this one
-                if _saved_file(name):
-                    os.remove(os.path.join(save_directory, name))
+            _remove_saved_files(save_directory)
             warnings.warn(f"save_pretrained: {save_directory} holds transformers' files only, no xlsparse diff: {exc}",
                           stacklevel=2)
+
+
+def _remove_saved_files(directory) -> None:
+    """Remove what an earlier `save_pretrained` wrote into `directory`, for a save that writes no
+    diff: `from_pretrained` would load the earlier diff as if it were this model's."""
+    for name in os.listdir(directory):
+        if _saved_file(name):
+            os.remove(os.path.join(directory, name))
 
 
 def _encoder_of(model: nn.Module) -> nn.Module | None:
@@ -665,9 +673,13 @@ def _freeze(model: nn.Module, saved: list[str]) -> None:
 def _remember(model: nn.Module, saved: list[str]) -> _Record:
     rec = _Record()
     train = _trainable_names(model, saved)
+    # non-persistent buffers are no weights: state derived at run time (a dynamic RoPE's inv_freq
+    # grows with a long batch), which neither the diff nor a state dict holds; watched, they made
+    # every save after a long batch refuse, and the Trainer's checkpoints drop the diff
+    derived = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
     with torch.no_grad():
         for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if name not in train and t.is_floating_point():
+            if name not in train and name not in derived and t.is_floating_point():
                 rec.frozen[name] = _fingerprint(t)
         for sname in saved:
             for n, p in model.get_submodule(sname).named_parameters():
@@ -850,6 +862,17 @@ def route(model: nn.Module, language_ids):
                          "tokens, but the decoder's layers run on the target tokens (a target of the same length "
                          "would be routed by source positions); give one id per example [B]")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
+    held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)  # or in a wrapper (DDP)
+    config, rec = getattr(held, "xlsparse_config", None), getattr(held, "_xlsparse_record", None)
+    if (config is not None and config.kind == "multi" and config.modules_to_save and rec is not None
+            and not rec.lock.locked() and bool((ids == -1).any())):
+        # the modules to save are one module shared by every language: a −1 ("base only / no update")
+        # example ran through their trained values, and in training its loss updated them (inside
+        # `disable` they hold their values from convert, the base's)
+        raise ValueError(f"route: id -1 means base only / no update, but this model's modules_to_save "
+                         f"{config.modules_to_save[:3]} are shared by every language: a -1 example would run "
+                         "through their trained values (and train them). Give it a language, or run it under "
+                         "`with xlsparse.hf.disable(model):`")
     # only this model's layers: another routed model run inside the block is not routed by these ids
     with routing.use(ids, num, frozenset(id(m) for m in modules)) as active:
         yield active
