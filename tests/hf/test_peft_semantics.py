@@ -698,6 +698,14 @@ def test_a_minus_one_example_is_refused_where_the_modules_to_save_are_shared():
     with torch.no_grad():
         assert torch.equal(plain(input_ids=ids, language_ids=torch.tensor([-1, -1, -1])).logits,
                            plain(input_ids=ids).logits)
+    # a 'subnetwork' model's head is shared too: a -1 example's loss gave it a gradient (no update, said DESIGN)
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
+                    for n in hf.model.target_names(base)} for lang in ("de", "fr")}
+    sub = hf.convert(copy.deepcopy(base), kind="subnetwork", masks=masks, modules_to_save=[head]).train()
+    with pytest.raises(ValueError, match="modules_to_save"):
+        sub(input_ids=ids, language_ids=torch.tensor([0, 1, -1]))
+    sub(input_ids=ids, language_ids=torch.tensor([0, 1, 1])).logits.sum().backward()
 
 
 # --- mixed precision ---

@@ -864,10 +864,11 @@ def route(model: nn.Module, language_ids):
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)  # or in a wrapper (DDP)
     config, rec = getattr(held, "xlsparse_config", None), getattr(held, "_xlsparse_record", None)
-    if (config is not None and config.kind == "multi" and config.modules_to_save and rec is not None
+    if (config is not None and config.kind in ("multi", "subnetwork") and config.modules_to_save and rec is not None
             and not rec.lock.locked() and bool((ids == -1).any())):
-        # the modules to save are one module shared by every language: a −1 ("base only / no update")
-        # example ran through their trained values, and in training its loss updated them (inside
+        # the modules to save are one module shared by every language ('multi' and 'subnetwork'): a
+        # −1 ("base only / no update") example ran through their trained values, and in training its
+        # loss updated them (inside
         # `disable` they hold their values from convert, the base's)
         raise ValueError(f"route: id -1 means base only / no update, but this model's modules_to_save "
                          f"{config.modules_to_save[:3]} are shared by every language: a -1 example would run "
