@@ -868,8 +868,7 @@ def route(model: nn.Module, language_ids):
             and not rec.lock.locked() and bool((ids == -1).any())):
         # the modules to save are one module shared by every language ('multi' and 'subnetwork'): a
         # −1 ("base only / no update") example ran through their trained values, and in training its
-        # loss updated them (inside
-        # `disable` they hold their values from convert, the base's)
+        # loss updated them (inside `disable` they hold their values from convert, the base's)
         raise ValueError(f"route: id -1 means base only / no update, but this model's modules_to_save "
                          f"{config.modules_to_save[:3]} are shared by every language: a -1 example would run "
                          "through their trained values (and train them). Give it a language, or run it under "
