@@ -381,6 +381,23 @@ def test_balanced_kmeans_and_typological_clusters():
     with pytest.raises(ValueError, match=r"\['aaa'\] have no known nonzero lang2vec syntax_average"):
         xelm.cluster_languages({"en": "eng", "de": "deu", "fr": "fra", "x": "aaa"}, 2)
     assert xelm.closest_parent({"a": "eng", "b": "jpn"}, "deu") == "a"
+    # X-ELM's own measure, restated: 1 - cosine of syntax_average over the features both languages
+    # have (norms over each one's own), the smallest over an expert's languages. The 5-set URIEL
+    # distance of the first members picked "slavic" for Turkish.
+    from xlsparse.hf.continual import _lang2vec
+
+    experts = {"germanic": ["eng", "deu"], "slavic": ["rus", "ces"], "east": ["jpn", "kor"]}
+    table = _lang2vec().get_features(["tur", "eng", "deu", "rus", "ces", "jpn", "kor"], "syntax_average", minimal=True)
+
+    def distance(a, b):
+        pairs = [(float(x), float(y)) for x, y in zip(table[a], table[b]) if x != "--" and y != "--"]
+        norm = lambda c: math.sqrt(sum(float(x) ** 2 for x in table[c] if x != "--"))  # noqa: E731
+        return 1 - sum(x * y for x, y in pairs) / (norm(a) * norm(b))
+
+    want = min(experts, key=lambda e: min(distance("tur", c) for c in experts[e]))
+    assert xelm.closest_parent(experts, "tur") == want == "east"
+    with pytest.raises(ValueError, match="no language"):
+        xelm.closest_parent({"a": []}, "tur")
     prior = xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]})
     assert prior[0] > prior[1] and float(prior.sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="temperature must be positive"):  # it favoured the farthest expert

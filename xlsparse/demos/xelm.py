@@ -170,12 +170,12 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
                                             weights=_one_hot(b, names.index(cluster_of[lang]), len(names))),
                 test[lang]))
 
-        # Add an expert for a new language, branched from its URIEL-closest expert.
+        # Add an expert for a new language, branched from its typologically closest expert.
         probe = test[langs[0]][0]
         with torch.no_grad():
             before = {c: static(probe["input_ids"], probe["attention_mask"],
                                 weights=_one_hot(probe, names.index(c), len(names))) for c in names}
-        parent = closest_parent({c: ISO3[s.clusters[c][0]] for c in names}, ISO3[s.new_language])
+        parent = closest_parent({c: [ISO3[lang] for lang in s.clusters[c]] for c in names}, ISO3[s.new_language])
         new = train_expert(seed_model, batches(tokenizer, train[s.new_language], s.batch, s.expert_steps, seed + 3),
                            init=experts[parent], lr=s.lr, train_embeddings=s.train_embeddings)
         static.add_expert(s.new_language, new)

@@ -38,7 +38,7 @@ from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, decay_the_base_
-from .continual import uriel_distance, uriel_vectors
+from .continual import uriel_distance
 from .model import convert, extract_diff, route, target_names, train_outside_diff
 from .subnetworks import _progress
 
@@ -390,7 +390,7 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
     return assign, centres.float()
 
 
-def _syntax_average(codes: Sequence[str]) -> torch.Tensor:
+def _syntax_average(codes: Sequence[str], what: str = "cluster_languages") -> torch.Tensor:
     """[L, F] lang2vec `syntax_average` features (minimal: features known for some language), NaN
     where a language's value is missing ('--'), as X-ELM's clustering reads them."""
     from .continual import _lang2vec
@@ -398,13 +398,13 @@ def _syntax_average(codes: Sequence[str]) -> torch.Tensor:
     l2v = _lang2vec()
     unknown = [c for c in codes if c not in l2v.LANGUAGES]
     if unknown:
-        raise ValueError(f"cluster_languages: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
+        raise ValueError(f"{what}: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
     table = l2v.get_features(list(dict.fromkeys(codes)), "syntax_average", minimal=True)
     v = torch.tensor([[math.nan if x == "--" else float(x) for x in table[c]] for c in codes], dtype=torch.float64)
     # No known nonzero feature: a zero norm, NaN distances, and a clustering by NaN comparisons.
     blank = [c for c, row in zip(codes, v.nan_to_num(0.0)) if not bool(row.any())]
     if blank:
-        raise ValueError(f"cluster_languages: codes {blank} have no known nonzero lang2vec syntax_average feature "
+        raise ValueError(f"{what}: codes {blank} have no known nonzero lang2vec syntax_average feature "
                          "(among the features that vary over these languages); give clusters= instead")
     return v
 
@@ -499,12 +499,20 @@ def typological_prior(code: str, expert_codes: Mapping[str, Sequence[str]], temp
     return torch.softmax(-dist / temperature, 0)
 
 
-def closest_parent(languages: Mapping[str, str], new_language: str) -> str:
-    """The expert whose language (ISO 639-3, `languages` = {expert: code}) is closest to
-    `new_language` by URIEL distance."""
+def closest_parent(languages: Mapping[str, str | Sequence[str]], new_language: str) -> str:
+    """The expert to branch a new language's expert from: the one whose languages (`languages` =
+    {expert: ISO 639-3 code or codes}, e.g. each cluster's members) are closest to `new_language`
+    (ISO 639-3) by the typological measure X-ELM clusters with (`cluster_languages`): the smallest
+    lang2vec `syntax_average` cosine distance to any of the expert's languages. Ties: the first expert."""
     if not languages:
         raise ValueError("closest_parent: no experts to branch from")
-    return min(languages, key=lambda e: uriel_distance(languages[e], new_language))
+    members = {e: [c] if isinstance(c, str) else list(c) for e, c in languages.items()}
+    empty = [e for e, cs in members.items() if not cs]
+    if empty:
+        raise ValueError(f"closest_parent: languages gives experts {empty} no language")
+    codes = [new_language, *dict.fromkeys(c for cs in members.values() for c in cs)]
+    dist = dict(zip(codes, _cosine_distances(_syntax_average(codes, "closest_parent"))[0].tolist()))
+    return min(members, key=lambda e: min(dist[c] for c in members[e]))
 
 
 # --- training one expert ---
