@@ -100,6 +100,11 @@ def test_train_save_reload_merge_unload_round_trip(arch, tmp_path):
     fresh, _ = classifier(arch)
     reloaded = hf.from_pretrained(fresh, tmp_path / "sft")
     assert torch.equal(_bits(reloaded(input_ids=ids).logits), _bits(trained))
+    trains = {n for n, p in reloaded.named_parameters() if p.requires_grad}
+    assert trains == {n for n, p in model.named_parameters() if p.requires_grad}  # it trains on, as converted
+    frozen = hf.from_pretrained(classifier(arch)[0].train(), tmp_path / "sft", is_trainable=False)  # PEFT's default
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    assert torch.equal(_bits(frozen(input_ids=ids).logits), _bits(trained))
 
     # a file with an entry the layer cannot take (a dense one, made by hand) is refused, not half loaded
     name = next(iter(diff.deltas))

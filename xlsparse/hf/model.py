@@ -1056,10 +1056,14 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     config.save(directory)
 
 
-def from_pretrained(base_model: nn.Module, directory: str) -> nn.Module:
+def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = True) -> nn.Module:
     """Rebuild a model saved by `save_pretrained` on `base_model` (the same base it was trained
     from): convert it as recorded, then load the trained values. Its outputs equal the saved
-    model's bit for bit."""
+    model's bit for bit. The deltas and saved modules train on, as after `convert`;
+    `is_trainable=False` freezes every parameter and puts the model in eval mode, for inference
+    (PEFT's `from_pretrained` default)."""
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"from_pretrained: is_trainable must be a bool, got {is_trainable!r}")
     config = XlsparseConfig.load(directory)
     diff = SparseDiff.load(os.path.join(directory, DIFF_NAME))
     # save_pretrained never writes these; a file that has them (made by hand) would lose them
@@ -1095,6 +1099,9 @@ def from_pretrained(base_model: nn.Module, directory: str) -> nn.Module:
     loaded = base_model.xlsparse_config
     loaded.density, loaded.k = config.density, config.k  # the budget it was trained with, for the next save
     loaded.base_model = own_name or config.base_model
+    if not is_trainable:
+        base_model.requires_grad_(False)
+        base_model.eval()
     return base_model
 
 
