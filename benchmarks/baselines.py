@@ -102,13 +102,16 @@ def torch_sddmm(grad_out, x, support):
     return torch.sparse.sampled_addmm(support, grad_out.t(), x, beta=0).values()
 
 
-def merged_per_language(x, weight, bias, indices: list, values: list, route):
+def merged_per_language(x, weight, bias, indices: list, values: list, route, merged: list | None = None):
     """Hard routing the usual way (PEFT has no mixed-batch path for sparse deltas): per language,
     W0 with its delta scatter-added, run over that language's tokens only (index_select, linear,
     index_copy_ into the output); tokens routed −1 go through W0 alone. Every token is multiplied
-    once; autograd builds each language's dense dW over its own tokens and gathers dvalues."""
+    once; autograd builds each language's dense dW over its own tokens and gathers dvalues.
+    `merged`: the languages' merged weights, made once (inference: the deltas do not change
+    between calls, so the merged way keeps its merged copies instead of making them per call)."""
     out = x.new_empty(x.shape[0], weight.shape[0])
-    merged = [weight.reshape(-1).scatter_add(0, idx, val).view(weight.shape) for idx, val in zip(indices, values)]
+    if merged is None:
+        merged = [weight.reshape(-1).scatter_add(0, idx, val).view(weight.shape) for idx, val in zip(indices, values)]
     for e, w in enumerate([weight, *merged], start=-1):  # route −1: W0 alone
         sel = (route == e).nonzero().flatten()
         out.index_copy_(0, sel, torch.nn.functional.linear(x.index_select(0, sel), w, bias))
@@ -116,10 +119,18 @@ def merged_per_language(x, weight, bias, indices: list, values: list, route):
 
 
 def merged_ensemble(x, merged_weights: list, bias, gates):
-    """E dense forward passes, one per merged expert weight, mixed by gates [T, E]."""
-    out = 0
+    """E dense forward passes, one per merged expert weight, mixed by gates [T, E]: each pass's
+    output is scaled into, or accumulated onto, the first one in place, as a user would write it
+    (at most two [T, O] tensors alive; `out = out + g * y` made two more per pass and read them
+    back, about 15% of this baseline's time at T = 2048, 4096 x 1024, one thread)."""
+    out = None
     for e, w in enumerate(merged_weights):
-        out = out + gates[:, e : e + 1] * torch.nn.functional.linear(x, w, bias)
+        y = torch.nn.functional.linear(x, w, bias)
+        if out is None:
+            out = y.mul_(gates[:, e : e + 1])
+        else:
+            out.addcmul_(gates[:, e : e + 1], y)
+        del y  # the next pass's output is allocated while this one would still be held
     return out
 
 

@@ -15,7 +15,7 @@ from xlsparse.functional import topk_mask
 from xlsparse.ops.compose import sparse_axpy_
 
 from . import baselines, real_masks
-from .harness import LINE_BYTES, Case, Target, backend_of, cache_lines
+from .harness import LINE_BYTES, Case, Target, assert_same, backend_of, cache_lines
 
 FAMILY = "compose"
 
@@ -44,7 +44,17 @@ def _axpy_case(n: int, density: float, device) -> Case:
     dense = torch.randn(n, generator=gen).to(device)
     idx = torch.randperm(n, generator=gen)[:k].sort().values.to(device)
     vals = torch.randn(k, generator=gen).to(device)
+
+    def check():  # on a copy of the first million entries and the indices that fall there
+        m = min(n, 2**20)
+        part = idx[idx < m]
+        ours, theirs = dense[:m].clone(), dense[:m].clone()
+        sparse_axpy_(ours, part, vals[: part.numel()], 1e-3)
+        baselines.index_add_axpy(theirs, part, vals[: part.numel()], 1e-3)
+        assert_same("sparse_axpy_ vs index_add_", ours, theirs, rtol=1e-6)
+
     return Case(
+        check=check,
         op="sparse_axpy_",
         shape=f"[{n}]",
         density=density,
@@ -98,6 +108,26 @@ def _encode_composable(diff: xlsparse.SparseDiff) -> dict:
     return out
 
 
+def _apply_check(params: dict, diffs: list, alphas: list, baseline, names: list):
+    """A check for the apply/revert rows, on copies of the tensors `names` (a layer's worth: copies
+    of all 278M parameters would cost more than the row): xlsparse's apply gives what
+    `baseline(copies)` gives, and its revert puts back the exact bits."""
+
+    def check():
+        start = {n: params[n].clone() for n in names}
+        sub = [xlsparse.SparseDiff._trusted({n: d.deltas[n] for n in names if n in d.deltas}) for d in diffs]
+        ours = {n: t.clone() for n, t in start.items()}
+        handle = xlsparse.apply(sub, ours, alphas)
+        theirs = {n: t.clone() for n, t in start.items()}
+        baseline(theirs)
+        assert_same("apply vs baseline", tuple(ours[n] for n in names), tuple(theirs[n] for n in names), rtol=1e-6)
+        handle._restore()
+        if not all(torch.equal(ours[n], start[n]) for n in names):
+            raise ValueError("check revert: the restore did not put back the exact bits")
+
+    return check
+
+
 def _apply_cases(quick: bool, device) -> list[Case]:
     shapes = xlmr_shapes(layers=1, vocab=8000) if quick else xlmr_shapes()
     n = sum(torch.Size(s).numel() for s in shapes.values())
@@ -116,15 +146,20 @@ def _apply_cases(quick: bool, device) -> list[Case]:
         # composable-sft decodes each diff once, at load; its apply and revert use the decoded tensors.
         loaded = [{name: baselines.composable_sft_decode(enc, shapes[name])
                    for name, enc in _encode_composable(d).items()} for d in diffs]
+        small = [n for n in shapes if n.startswith(("encoder.layer.0.", "embeddings.position"))]
+        check = _apply_check(params, diffs, alphas, lambda p, loaded=loaded: baselines.composable_sft_apply(
+            p, [{n: coo for n, coo in d.items() if n in p} for d in loaded]), small)
         cases.append(Case(op="apply lang+task", shape=shape, density=density, dtype="float32",
-                          backend=backend_of("apply_diffs_", device), fn=apply,
+                          backend=backend_of("apply_diffs_", device), fn=apply, check=check,
                           baseline=lambda loaded=loaded: baselines.composable_sft_apply(params, loaded),
                           baseline_name="composable-sft (param += sparse COO)", bytes=moved,
                           targets=(Target("apply lang+task diffs, 1%: >= 80% of copy bandwidth (lines touched)",
                                           "roofline", 0.80),) if judged else ()))
         plain = [{k: (d.indices, d.values) for k, d in diff.deltas.items()} for diff in diffs]
+        loop_check = _apply_check(params, diffs, alphas, lambda p, plain=plain: baselines.index_add_apply(
+            p, [{n: v for n, v in d.items() if n in p} for d in plain], alphas), small)
         cases.append(Case(op="apply lang+task", shape=shape, density=density, dtype="float32",
-                          backend=backend_of("apply_diffs_", device), fn=apply,
+                          backend=backend_of("apply_diffs_", device), fn=apply, check=loop_check,
                           baseline=lambda plain=plain: baselines.index_add_apply(params, plain, alphas),
                           baseline_name="index_add_ loop", bytes=moved))
         # The revert restores the displaced values; repeating it rewrites the same bits.
@@ -162,8 +197,11 @@ def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
     plain = [{n: (d.indices, d.values) for n, d in deltas.items()}]
     handle = xlsparse.apply([diff], params, [1.0])
     revert = handle._restore
+    check = _apply_check(params, [diff], [1.0], lambda p: baselines.index_add_apply(
+        p, [{n: v for n, v in plain[0].items() if n in p}], [1.0]), names)
     return [Case(op="apply LT-SFT diff", shape=shape, density=diff.nnz / numel, dtype="float32",
                  backend=backend_of("apply_diffs_", device), fn=lambda: xlsparse.apply([diff], params, [1.0]),
+                 check=check,
                  baseline=lambda: baselines.index_add_apply(params, plain, [1.0]), baseline_name="index_add_ loop",
                  bytes=apply_bytes(diff.nnz, lines), masks=label),
             Case(op="revert (bit-exact)", shape=shape, density=diff.nnz / numel, dtype="float32",
@@ -182,18 +220,34 @@ def _topk_cases(quick: bool, device) -> list[Case]:
     backend = backend_of("topk_masks", device)
     # Bytes: the histogram pass and the mask pass read the data; the masks are written once.
     moved = 2 * 4 * n + n
+    def check():  # k entries, and the same k-th largest |x| as torch.topk's selection
+        masks = topk_mask(tensors, k)
+        chosen = torch.cat([t.reshape(-1).abs()[m.reshape(-1)] for t, m in zip(tensors, masks)])
+        theirs = torch.cat([t.reshape(-1).abs() for t in tensors])[baselines.topk_cat(tensors, k)]
+        if chosen.numel() != k:
+            raise ValueError(f"check global top-K: {chosen.numel()} entries selected, not {k}")
+        assert_same("global top-K |x| vs torch.topk (k-th largest)", chosen.min().reshape(1), theirs.min().reshape(1),
+                    rtol=0.0)
+
     cases = [Case(op="global top-K |x|", shape=f"{n / 1e6:.0f}M in {len(tensors)} tensors", density=0.01, dtype="float32",
                   backend=backend, fn=lambda: topk_mask(tensors, k), baseline=lambda: baselines.topk_cat(tensors, k),
-                  baseline_name="torch.topk(torch.cat)", bytes=moved)]
+                  baseline_name="torch.topk(torch.cat)", bytes=moved, check=check)]
     if torch.device(device).type != "cpu":  # composable-sft's way runs on the host only
         return cases
     # composable-sft's way is too slow for the full set: time both on a subset of the tensors.
     subset = tensors[: 2 if quick else 20]
     m = sum(t.numel() for t in subset)
+
+    def check_subset():  # composable-sft's threshold is the k-th largest |x| ours selects
+        masks = topk_mask(subset, m // 100)
+        chosen = torch.cat([t.reshape(-1).abs()[s.reshape(-1)] for t, s in zip(subset, masks)])
+        assert_same("global top-K |x| vs composable-sft's threshold", chosen.min().reshape(1),
+                    torch.tensor([baselines.composable_sft_threshold(subset, m // 100)]), rtol=0.0)
+
     cases.append(Case(op="global top-K |x|", shape=f"{m / 1e6:.0f}M in {len(subset)} tensors (subset)", density=0.01,
                       dtype="float32", backend=backend, fn=lambda: topk_mask(subset, m // 100),
                       baseline=lambda: baselines.composable_sft_threshold(subset, m // 100),
-                      baseline_name="composable-sft (list + np.partition)", bytes=2 * 4 * m + m))
+                      baseline_name="composable-sft (list + np.partition)", bytes=2 * 4 * m + m, check=check_subset))
     return cases
 
 

@@ -15,7 +15,7 @@ from xlsparse import functional
 from xlsparse.routing import TokenGroups
 
 from . import baselines, real_masks
-from .harness import Case, Target, backend_of
+from .harness import Case, Target, assert_same, backend_of
 
 FAMILY = "matmul"
 LANGUAGES = 4
@@ -134,8 +134,14 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
     spiel_target = pick(Target("sparse_delta_linear fwd+bwd, 1%: >= 1.5x SpIEL's way", "speedup", 1.5))
     if dtype == torch.bfloat16:  # issue 14: bf16 is never slower than SpIEL's way, at any density or shape
         spiel_target = (Target("bf16 sparse_delta_linear fwd+bwd: >= 1.0x SpIEL's way", "speedup", 1.0),)
+    def same(fn, name):  # ours and the baseline give the same dX and dvalues on the row's inputs
+        return lambda: assert_same(f"sparse_delta_linear vs {name}", ours(), fn())
+
+    def same_sddmm():  # the SDDMM's values are the dense dYᵀX at the delta's entries
+        assert_same("sddmm vs dense dYᵀX", sddmm(gy, x, idx), baselines.dense_weight_grad(gy, x).reshape(-1)[idx])
+
     cases = [Case("sparse_delta_linear fwd+bwd", shape, _name(dtype), ours, fn, name, density, backend, flops=flops,
-                  note=note, masks=masks, targets=spiel_target if i == 0 else ())
+                  note=note, masks=masks, targets=spiel_target if i == 0 else (), check=same(fn, name))
              for i, (fn, name) in enumerate(spiel_rows)]
     cases += [
         Case("sparse_delta_linear fwd+bwd", shape, _name(dtype), ours, frozen, "frozen linear fwd+dX", density,
@@ -145,12 +151,14 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
                                  "extra_memory", 0.25, weight_bytes))),
         Case("sddmm", shape, _name(dtype), lambda: sddmm(gy, x, idx), lambda: baselines.dense_weight_grad(gy, x),
              "dense dYᵀX", density, backend, flops=sddmm_flops(tokens, k), bytes=moved, masks=masks,
-             targets=pick(Target("SDDMM, 1%: >= 20x dense dYᵀX", "speedup", 20.0))),
+             targets=pick(Target("SDDMM, 1%: >= 20x dense dYᵀX", "speedup", 20.0)), check=same_sddmm),
     ]
     if torch_sddmm_row and support is not None:
         cases.append(Case("sddmm", shape, _name(dtype), lambda: sddmm(gy, x, idx),
                           lambda: baselines.torch_sddmm(gy, x, support), "torch SDDMM (sparse.sampled_addmm)", density,
-                          backend, flops=sddmm_flops(tokens, k), bytes=moved, masks=masks))
+                          backend, flops=sddmm_flops(tokens, k), bytes=moved, masks=masks,
+                          check=lambda: assert_same("sddmm vs torch SDDMM", sddmm(gy, x, idx),
+                                                    baselines.torch_sddmm(gy, x, support))))
     return cases
 
 
@@ -181,12 +189,16 @@ def _multi_cases(tokens, out_f, in_f, idx: list, dtype, device, masks="uniform",
     def ours_forward():
         return functional.multi_delta_linear(x, w, b, idx, vals, route=groups)
 
+    # Forward only (no_grad) is inference: the deltas do not change between calls, so the merged
+    # way keeps its merged weights, made once, as the soft-gated baseline below does (merging them
+    # per call, 4 clones of W0 and their scatters, was work a user of that way does not do).
+    merged = [w.reshape(-1).scatter_add(0, i, v.detach()).view(w.shape) for i, v in zip(idx, vals)]
+
     @torch.no_grad()
     def merged_forward():
-        return baselines.merged_per_language(x, w, b, idx, vals, route)
+        return baselines.merged_per_language(x, w, b, idx, vals, route, merged=merged)
 
     gates = torch.softmax(torch.randn(tokens, LANGUAGES, generator=gen), -1).to(device, dtype)
-    merged = [w.reshape(-1).scatter_add(0, i, v.detach()).view(w.shape) for i, v in zip(idx, vals)]
 
     @torch.no_grad()
     def ours_gated():
@@ -197,18 +209,23 @@ def _multi_cases(tokens, out_f, in_f, idx: list, dtype, device, masks="uniform",
         return baselines.merged_ensemble(x, merged, b, gates)
 
     per_delta = groups.counts.tolist()
+    def same(ours, theirs, what):
+        return lambda: assert_same(f"multi_delta_linear {what}", ours(), theirs())
+
     gate_target = (Target(f"soft-gated multi_delta_linear, {LANGUAGES} experts: >= 3x {LANGUAGES} merged dense "
                           "passes", "speedup", 3.0),) if targets else ()
     return [
         Case("multi_delta_linear hard fwd+bwd", shape, _name(dtype), ours_train, merged_train,
              "merged W per language on its tokens (index_select, linear, index_copy_, dense dW)", density, backend,
-             flops=hard_routed_train_flops(tokens, out_f, in_f, per_delta, nnz), masks=masks),
+             flops=hard_routed_train_flops(tokens, out_f, in_f, per_delta, nnz), masks=masks,
+             check=same(ours_train, merged_train, "hard fwd+bwd")),
         Case("multi_delta_linear hard fwd", shape, _name(dtype), ours_forward, merged_forward,
-             "merged W per language on its tokens, forward", density, backend,
-             flops=dense_flops(tokens, out_f, in_f), masks=masks),
+             "merged W per language (made once) on its tokens, forward", density, backend,
+             flops=dense_flops(tokens, out_f, in_f), masks=masks, check=same(ours_forward, merged_forward, "hard fwd")),
         Case("multi_delta_linear gates fwd", shape, _name(dtype), ours_gated, dense_gated,
              f"{LANGUAGES} merged dense forwards", density, backend,
-             flops=gated_forward_flops(tokens, out_f, in_f, nnz), masks=masks, targets=gate_target),
+             flops=gated_forward_flops(tokens, out_f, in_f, nnz), masks=masks, targets=gate_target,
+             check=same(ours_gated, dense_gated, "gates fwd")),
     ]
 
 
@@ -221,13 +238,21 @@ def _ensemble_cases(tokens, vocab, dtype, device) -> list[Case]:
     # Memory-bound: the E logits read once, the [T, V] output written once.
     moved = z.numel() * z.element_size() + tokens * vocab * z.element_size()
     backend = backend_of("ensemble_logprobs", device)
+
+    def same_logprobs():
+        assert_same("ensemble_logprobs", functional.ensemble_logprobs(z, lw), baselines.composite_ensemble_logprobs(z, lw))
+
+    def same_nll():
+        assert_same("ensemble_nll", functional.ensemble_nll(z, lw, y), baselines.composite_ensemble_nll(z, lw, y))
+
     return [
         Case("ensemble_logprobs prob", shape, _name(dtype), lambda: functional.ensemble_logprobs(z, lw),
              lambda: baselines.composite_ensemble_logprobs(z, lw), "torch: logsumexp_E(log_softmax + log w)",
-             None, backend, bytes=moved),
+             None, backend, bytes=moved, check=same_logprobs),
         Case("ensemble_nll prob", shape, _name(dtype), lambda: functional.ensemble_nll(z, lw, y),
              lambda: baselines.composite_ensemble_nll(z, lw, y),
-             "torch: logsumexp_E(z[y] - logsumexp_V + log w)", None, backend, bytes=z.numel() * z.element_size()),
+             "torch: logsumexp_E(z[y] - logsumexp_V + log w)", None, backend, bytes=z.numel() * z.element_size(),
+             check=same_nll),
     ]
 
 

@@ -15,7 +15,7 @@ from xlsparse.optim import MaskedAdamW
 from xlsparse.routing import TokenGroups
 
 from . import baselines, real_masks
-from .harness import LINE_BYTES, Case, Target, backend_of, cache_lines
+from .harness import LINE_BYTES, Case, Target, assert_same, backend_of, cache_lines
 
 FAMILY = "optim"
 FLOAT_BYTES = 4
@@ -97,6 +97,49 @@ def _fused(params):
     return torch.optim.AdamW(params, lr=1e-3, fused=True)
 
 
+def _step_check(params, masks, count: int = 3):
+    """A check for the masked rows: one step of each way from the same start on copies of the
+    first `count` tensors; within the mask every way must give torch's AdamW update (outside it the
+    LT-SFT way's weight decay moves entries and the unmasked way trains them: no comparison)."""
+
+    def check():
+        start = [p.detach().clone() for p in params[:count]]
+        grads = [p.grad.clone() for p in params[:count]]
+        sel = masks[:count]
+
+        def fresh():
+            out = [s.clone().requires_grad_() for s in start]
+            for q, g in zip(out, grads):
+                q.grad = g.clone()
+            return out
+
+        results = {}
+        for mode in ("dense", "compact"):
+            ps = fresh()
+            MaskedAdamW(ps, sel, lr=1e-3, mode=mode).step()
+            results[mode] = ps
+        ps = fresh()
+        baselines.ltsft_masked_adamw_step(ps, sel, _fused(ps))
+        results["ltsft"] = ps
+        ps = fresh()
+        _fused(ps).step()
+        results["fused"] = ps
+        ps = fresh()
+        compact = MaskedAdamW(fresh(), sel, lr=1e-3, mode="compact")
+        idx = [compact.state[q]["indices"] for q in compact.param_groups[0]["params"]]
+        baselines.indexed_adamw_step(ps, idx, [torch.zeros(i.numel(), device=i.device) for i in idx],
+                                     [torch.zeros(i.numel(), device=i.device) for i in idx], step=1)
+        results["composite"] = ps
+        for name, got in results.items():
+            assert_same(f"MaskedAdamW vs {name} (selected entries)", tuple(q.detach()[m] for q, m in zip(results["compact"], sel)),
+                        tuple(q.detach()[m] for q, m in zip(got, sel)), rtol=1e-5)
+        for q, s0, m in zip(results["compact"], start, sel):  # entries outside the mask never move
+            if not torch.equal(q.detach()[~m], s0[~m]):
+                raise ValueError("check MaskedAdamW compact: an entry outside the mask changed")
+
+    return check
+
+
 # --- cases -------------------------------------------------------------------------------------
 
 def _masked_cases(params, masks, density: float, masks_label: str = "uniform", targets: bool = False) -> list[Case]:
@@ -119,9 +162,10 @@ def _masked_cases(params, masks, density: float, masks_label: str = "uniform", t
     rows = [("dense", dense, ltsft, dense_bytes, ()), ("dense", dense, fused, dense_bytes, ()),
             ("compact", compact, ltsft, compact_bytes, bandwidth if targets else ()),
             ("compact", compact, composite, compact_bytes, ())]
+    check = _step_check(params, masks)
     return [Case(op=f"MaskedAdamW {mode}", shape=shape, dtype="float32", density=density, backend=backend,
                  fn=opt.step, baseline=base[1], baseline_name=base[0], bytes=moved, note=_state_note(opt),
-                 masks=masks_label, targets=target)
+                 masks=masks_label, targets=target, check=check)
             for mode, opt, base, moved, target in rows]
 
 
@@ -135,9 +179,17 @@ def _contiguous_case(n: int, density: float, device) -> Case:
     theirs.grad = ours.grad.clone()
     opt = MaskedAdamW([ours], [None], lr=1e-3)
     ref = _fused([theirs])
+
+    def check():  # one step of each from the same start, on copies
+        a, b = ours.detach().clone().requires_grad_(), ours.detach().clone().requires_grad_()
+        a.grad, b.grad = ours.grad.clone(), ours.grad.clone()
+        MaskedAdamW([a], [None], lr=1e-3).step()
+        _fused([b]).step()
+        assert_same("MaskedAdamW on a K-vector vs fused AdamW", a.detach(), b.detach(), rtol=1e-5)
+
     return Case(op="MaskedAdamW, K-vector (mask None)", shape=f"[{k}]", dtype="float32", density=None,
                 backend=backend_of("masked_adamw_", device), fn=opt.step, baseline=ref.step,
-                baseline_name="fused AdamW on K", bytes=k_vector_bytes(k))
+                baseline_name="fused AdamW on K", bytes=k_vector_bytes(k), check=check)
 
 
 def _weight_grad_case(tokens: int, masks: torch.Tensor, device, masks_label: str = "uniform",
@@ -151,13 +203,22 @@ def _weight_grad_case(tokens: int, masks: torch.Tensor, device, masks_label: str
     masks = masks.to(device)
     groups = TokenGroups.build(torch.randint(0, num_ids, (tokens,), generator=gen).to(device), num_ids)
     target = (Target(f"multi_mask_weight_grad, {num_ids} languages: >= 0.95x one dense dYᵀX", "speedup", 0.95),)
+
+    def check():  # Σ_l M_l ⊙ (dY_lᵀ X_l), each language's dense product over its own tokens
+        route = torch.empty(tokens, dtype=torch.long, device=grad_out.device)
+        route[groups.order.long()] = torch.repeat_interleave(torch.arange(num_ids, device=grad_out.device),
+                                                             groups.counts.long())
+        want = sum(masks[l] * baselines.dense_weight_grad(grad_out[route == l], x[route == l]) for l in range(num_ids))
+        assert_same("multi_mask_weight_grad vs per-language masked dYᵀX",
+                    multi_mask_weight_grad(grad_out, x, masks, groups.order, groups.offsets), want)
+
     return Case(op="multi_mask_weight_grad", shape=f"T={tokens}, {out_f}x{in_f}, L={num_ids}", dtype="float32",
                 density=float(masks.float().mean()), backend=backend_of("multi_mask_weight_grad", device),
                 fn=lambda: multi_mask_weight_grad(grad_out, x, masks, groups.order, groups.offsets),
                 baseline=lambda: baselines.dense_weight_grad(grad_out, x), baseline_name="one dense dYᵀX",
                 flops=masked_weight_grad_flops(groups.counts, masks),
                 note="one dense dW is %.0f MiB" % (out_f * in_f * 4 / 2**20),
-                masks=masks_label, targets=target if targets else ())
+                masks=masks_label, targets=target if targets else (), check=check)
 
 
 def _real_mask_cases(quick: bool, device) -> list[Case]:

@@ -6,7 +6,13 @@ A run (see `xlsparse bench`):
   3. times every case and its baseline alternately in this process (so that a load spike hits
      both), and measures each one's peak extra memory;
   4. measures the ceilings again. The table is marked NOISY when the two differ by more than 10%
-     or the 1-minute load average went above the thread count during the run.
+     (relative to the lower), when the 1-minute load average was above the thread count as the run
+     started, or when other processes took more than 10% of the run's thread time (/proc/stat; the
+     load average during the run counts the run's own threads, so it cannot say).
+
+Before a row is timed, its `check` (where the family script gives one) runs ours and the baseline
+once on the row's own inputs and raises when they do not compute the same thing: the row then
+fails instead of timing two different computations.
 
 Each row gives the median and the (min, max) spread of both timings, and the roofline share: the
 GFLOP/s the op must do against the GEMM rate (compute-bound ops) or the GB/s it must move against
@@ -301,6 +307,9 @@ class Case:
     masks: str = "uniform"  # "uniform" random supports, or which real masks
     targets: tuple[Target, ...] = ()
     pairs: int | None = None  # timed pairs after one warm-up pair, for calls of tens of seconds (default 2 + 7)
+    # Run once before timing: raises ValueError when ours and the baseline do not compute the same
+    # thing on this row's inputs (see `assert_same`).
+    check: Callable[[], None] | None = None
 
 
 @dataclass
@@ -431,6 +440,8 @@ def roofline(flops: int, nbytes: int, dtype: str, seconds: float, ceilings: Ceil
 def measure(case: Case, device: str = "cpu", quick: bool = False) -> Row:
     """Time `case` and its baseline alternately and measure both peaks."""
     warmup, reps = (1, 3) if quick else (2, 7)
+    if case.check is not None:
+        case.check()
     if case.pairs is not None:
         warmup, reps = 1, case.pairs
     ours, theirs = time_alternately(case.fn, case.baseline, device, warmup=warmup, reps=reps,
@@ -500,15 +511,21 @@ def _num(x, fmt: str) -> str:
     return "" if x is None else format(x, fmt)
 
 
+def _cell(text) -> str:
+    """Text for a markdown table cell: a `|` inside (the op "global top-K |x|") would end the cell
+    and shift every later column of the row under the wrong header."""
+    return str(text).replace("|", "\\|")
+
+
 def format_row(r: Row) -> str:
     """One markdown table row."""
     density = "" if r.density is None else f"{100 * r.density:.3g}%"
     ours = f"{r.ms:.3f} ({r.ms_min:.3f}, {r.ms_max:.3f})"
     theirs = "" if r.baseline_ms is None else f"{r.baseline_ms:.3f} ({r.baseline_ms_min:.3f}, {r.baseline_ms_max:.3f})"
     share = "" if r.roofline_pct is None else f"{r.roofline_pct:.0f}% of {'GEMM' if r.bound == 'compute' else 'copy'}"
-    return (f"| {r.op} | {r.shape} | {density} | {r.masks} | {r.dtype} | {r.backend} | {ours} | {r.baseline} "
-            f"| {theirs} | {_num(r.speedup, '.2f')}{'x' if r.speedup else ''} | {r.achieved} | {share} "
-            f"| {r.peak_mib:.1f} | {_num(r.baseline_peak_mib, '.1f')} | {r.note} |")
+    return (f"| {_cell(r.op)} | {_cell(r.shape)} | {density} | {_cell(r.masks)} | {r.dtype} | {_cell(r.backend)} "
+            f"| {ours} | {_cell(r.baseline)} | {theirs} | {_num(r.speedup, '.2f')}{'x' if r.speedup else ''} "
+            f"| {r.achieved} | {share} | {r.peak_mib:.1f} | {_num(r.baseline_peak_mib, '.1f')} | {_cell(r.note)} |")
 
 
 def format_table(rows: list[Row]) -> list[str]:
@@ -540,7 +557,8 @@ def format_targets(rows: list[Row], quick: bool) -> list[str]:
             else:
                 shown = f"{_beside_bound(value, t['bound'], 2)} of one O x I weight"
             met = {True: "yes", False: "**no**", None: "?"}[t["met"]]
-            lines.append(f"| {t['label']} | {r.op}, {r.shape}, {r.dtype} vs {r.baseline} | {shown} | {met} |")
+            lines.append(f"| {_cell(t['label'])} | {_cell(f'{r.op}, {r.shape}, {r.dtype} vs {r.baseline}')} | {shown} "
+                         f"| {met} |")
     if quick and len(lines) > 2:
         lines.append("\n(--quick shapes are smaller than the issue's cases: these verdicts do not count.)")
     return lines
@@ -559,6 +577,30 @@ def save(family: str, rows: list[Row], machine: Machine, before: Ceilings, after
         json.dump(record, f, indent=1)
     os.replace(tmp, path)
     return path
+
+
+# --- checking that both sides compute the same thing -------------------------------------------
+
+def assert_same(what: str, ours, theirs, rtol: float | None = None) -> None:
+    """Raise ValueError unless `ours` and `theirs` (tensors, or tuples of them) agree: the largest
+    difference within `rtol` of the largest magnitude of `theirs` (default: 1e-3 for float32 and
+    wider, 3e-2 for bfloat16/float16, which round each output once in their own precision)."""
+    ours = ours if isinstance(ours, (tuple, list)) else (ours,)
+    theirs = theirs if isinstance(theirs, (tuple, list)) else (theirs,)
+    if len(ours) != len(theirs):
+        raise ValueError(f"check {what}: ours gives {len(ours)} outputs, the baseline {len(theirs)}")
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if tuple(a.shape) != tuple(b.shape):
+            raise ValueError(f"check {what}: output {i} has shape {tuple(a.shape)}, the baseline's {tuple(b.shape)}")
+        tol = rtol if rtol is not None else (3e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-3)
+        a, b = a.detach().double(), b.detach().double()
+        if not bool(torch.isfinite(a).all()) or not bool(torch.isfinite(b).all()):
+            raise ValueError(f"check {what}: output {i} is not finite")
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        err = float((a - b).abs().max()) if a.numel() else 0.0
+        if err > tol * max(scale, 1e-30):
+            raise ValueError(f"check {what}: output {i} differs from the baseline's by {err:.3g} "
+                             f"(largest magnitude {scale:.3g}, tolerance {tol:g} of it)")
 
 
 # --- counting what ops must move ---------------------------------------------------------------

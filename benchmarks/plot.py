@@ -39,7 +39,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str:
     ax_speed.barh(y, speedups, color=colours)
     ax_speed.axvline(1.0, color="black", linewidth=0.8)
     ax_speed.set_xscale("log")
-    ax_speed.set_xlabel("speed-up over the baseline (median / median)")
+    ax_speed.set_xlabel("speed-up: baseline median / xlsparse median (> 1: xlsparse faster)")
     ax_speed.set_yticks(y, labels, fontsize=7)
     ax_speed.invert_yaxis()
     ax_share.barh(y, shares, color="tab:blue")
