@@ -394,6 +394,34 @@ struct TokenRows {
   }
 };
 
+// The prob-space log-mixture of the token in `rows`: o[v] = log Σ_e exp(lw[e] + z_e[v] − lse_e) in
+// acc, with lse_e written to lse[e * lse_stride]; s and the E rows rows.row(p0 + e) are scratch. The
+// forward's output before rounding, recomputed bit for bit by the backward, which must not read the
+// rounded out (bf16 near −10: a 0.0625 grid, ~1% off in the posterior).
+// p_e = exp(z_e − max_e) once per class; the mixture is then Σ_e a_e p_e with a_e = w_e / Σ p_e:
+// E exponentials and one log per class instead of 2E + 1.
+template <typename scalar_t, typename acc>
+void prob_mixture(const RowKernels<acc>& rk, TokenRows<scalar_t, acc>& rows, const acc* lw, acc* lse,
+                  int64_t lse_stride, acc* s, acc* o, int p0) {
+  const int64_t E = rows.E, V = rows.V;
+  std::fill(s, s + V, acc(0));
+  for (int64_t e = 0; e < E; ++e) {
+    acc* pe = rows.row(p0 + static_cast<int>(e));
+    const acc mx = rk.row_max(rows.z[e], V);
+    const acc sum_e = rk.exp_store(pe, rows.z[e], mx, V);
+    lse[e * lse_stride] = mx == -std::numeric_limits<acc>::infinity() ? mx : mx + std::log(sum_e);  // as row_lse
+    rk.axpy(s, std::exp(lw[e] - std::log(sum_e)), pe, V);
+  }
+  rk.vlog(o, s, V);
+  // A class every expert gives probability below ~1e-30 underflowed: redo it exactly (log_mixture in
+  // matmul.h; −inf where every expert bans it).
+  const acc tiny = std::is_same_v<acc, float> ? acc(1e-30) : acc(1e-300);
+  for (int64_t v = 0; v < V; ++v) {
+    if (s[v] >= tiny) continue;
+    o[v] = log_mixture<acc>(E, [&](int64_t e) { return lw[e] + rows.z[e][v] - lse[e * lse_stride]; });
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logits, const at::Tensor& log_weights,
                                                          bool prob_space) {
   check_ensemble("ensemble_logprobs", logits, log_weights, nullptr);
@@ -410,36 +438,12 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       // Rows: scratch for the token's E exponentiated logit rows (in cache, never E x T x V),
       // then the mixture sum and the output.
-      TokenRows<scalar_t, acc> rows(E, T, V, static_cast<int>(E) + 2);
+      TokenRows<scalar_t, acc> rows(E, T, V, prob_space ? static_cast<int>(E) + 2 : 2);
       acc *s = rows.row(0), *o = rows.row(1);
       for (int64_t t = t0; t < t1; ++t) {
         rows.load(z.data_ptr<scalar_t>(), t);
         if (prob_space) {
-          // p_e = exp(z_e − max_e) once per class; the mixture is then Σ_e a_e p_e with
-          // a_e = w_e / Σ p_e: E exponentials and one log per class instead of 2E + 1.
-          std::fill(s, s + V, acc(0));
-          for (int64_t e = 0; e < E; ++e) {
-            acc* pe = rows.row(2 + static_cast<int>(e));
-            const acc mx = rk.row_max(rows.z[e], V);
-            const acc sum_e = rk.exp_store(pe, rows.z[e], mx, V);
-            lp[e * T + t] = mx == -std::numeric_limits<acc>::infinity() ? mx : mx + std::log(sum_e);  // as row_lse
-            rk.axpy(s, std::exp(lwp[t * E + e] - std::log(sum_e)), pe, V);
-          }
-          rk.vlog(o, s, V);
-          // A class every expert gives probability below ~1e-30 underflowed: redo it exactly.
-          const acc tiny = std::is_same_v<acc, float> ? acc(1e-30) : acc(1e-300);
-          for (int64_t v = 0; v < V; ++v) {
-            if (s[v] >= tiny) continue;
-            acc hi = -std::numeric_limits<acc>::infinity();
-            for (int64_t e = 0; e < E; ++e) hi = std::max(hi, lwp[t * E + e] + rows.z[e][v] - lp[e * T + t]);
-            if (hi == -std::numeric_limits<acc>::infinity()) {  // every expert bans v: log 0, not NaN
-              o[v] = hi;
-              continue;
-            }
-            acc sum = 0;
-            for (int64_t e = 0; e < E; ++e) sum += std::exp(lwp[t * E + e] + rows.z[e][v] - lp[e * T + t] - hi);
-            o[v] = hi + std::log(sum);
-          }
+          prob_mixture(rk, rows, lwp + t * E, lp + t, T, s, o, 2);
         } else {
           rows.mix(rk, lwp + t * E, s);
           lp[t] = rk.row_lse(s, V);
@@ -460,7 +464,8 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
   check_ensemble_saved("ensemble_logprobs_backward", logits, grad, out, lse, prob_space, false);
   auto dlogits = at::empty_like(logits, at::MemoryFormat::Contiguous);
   auto dlw = at::empty({T, E}, log_weights.options().dtype(acc_dtype(logits.scalar_type())));
-  const auto z = logits.contiguous(), g = grad.contiguous(), o = out.contiguous();
+  // out is checked (shape, dtype) but not read: it is rounded to the logits' dtype
+  const auto z = logits.contiguous(), g = grad.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
     using acc = acc_t<scalar_t>;
     const RowKernels<acc>& rk = row_kernels<acc>();
@@ -470,25 +475,30 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
     scalar_t* dz = dlogits.data_ptr<scalar_t>();
     acc* dw = dlw.data_ptr<acc>();
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
-      TokenRows<scalar_t, acc> rows(E, T, V, 4);
+      // gb: grad, ob: the log-probs recomputed in acc, d: the mixture sum (prob) or the mixed
+      // logits' gradient (logit), tmp: scratch, then (prob) the E rows prob_mixture uses.
+      TokenRows<scalar_t, acc> rows(E, T, V, prob_space ? static_cast<int>(E) + 4 : 4);
       acc *gb = rows.row(0), *ob = rows.row(1), *d = rows.row(2), *tmp = rows.row(3);
+      std::vector<acc> lse_again(E);  // the forward's lse, recomputed on the way (the saved one is used below)
       for (int64_t t = t0; t < t1; ++t) {
         rows.load(z.data_ptr<scalar_t>(), t);
         const acc* gr = as_acc(g.data_ptr<scalar_t>() + t * V, V, gb);
-        const acc* orow = as_acc(o.data_ptr<scalar_t>() + t * V, V, ob);
         if (prob_space) {
+          prob_mixture(rk, rows, lwp + t * E, lse_again.data(), 1, d, ob, 4);
           // A class every expert bans has posterior 0 (out_for_posterior in matmul.h).
-          for (int64_t v = 0; v < V; ++v) ob[v] = out_for_posterior(orow[v]);
-          orow = ob;
+          for (int64_t v = 0; v < V; ++v) ob[v] = out_for_posterior(ob[v]);
           for (int64_t e = 0; e < E; ++e) {
             const acc lse_e = lp[e * T + t], lw_e = lwp[t * E + e];
-            const acc S = rk.dot_exp(gr, rows.z[e], -lse_e, lw_e, orow, V);  // Σ_v g · posterior of expert e
-            rk.prob_grad(tmp, gr, rows.z[e], lse_e, lw_e, orow, S, V);
+            const acc S = rk.dot_exp(gr, rows.z[e], -lse_e, lw_e, ob, V);  // Σ_v g · posterior of expert e
+            rk.prob_grad(tmp, gr, rows.z[e], lse_e, lw_e, ob, S, V);
             store_row(dz + (e * T + t) * V, tmp, V);
             dw[t * E + e] = S;
           }
         } else {
-          rk.softmax_grad(d, gr, orow, rk.sum(gr, V), V);  // gradient of the mixed logits
+          // the forward's log-probs before rounding: the mixed logits minus the saved lse
+          rows.mix(rk, lwp + t * E, tmp);
+          rk.add_scalar(ob, tmp, -lp[t], V);
+          rk.softmax_grad(d, gr, ob, rk.sum(gr, V), V);  // gradient of the mixed logits
           rows.mix_backward(rk, lwp + t * E, d, t, tmp, dz, dw);
         }
       }

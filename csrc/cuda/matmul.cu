@@ -239,6 +239,13 @@ __device__ acc mixed(const scalar_t* z, const acc* w, int64_t E, int64_t T, int6
   return s;
 }
 
+// The prob-space log-mixture of class v of token t, coef_e = lw[t, e] − lse_e: the forward's out
+// before rounding, which the backward recomputes rather than read the rounded out.
+template <typename acc, typename scalar_t>
+__device__ acc prob_mixture_at(const scalar_t* z, const acc* coef, int64_t E, int64_t T, int64_t V, int64_t t, int64_t v) {
+  return log_mixture<acc>(E, [&](int64_t e) { return coef[e] + static_cast<acc>(z[(e * T + t) * V + v]); });
+}
+
 // Per-token expert weights w_e = exp(lw[t, e]) in shared memory (E <= kMaxExperts).
 constexpr int kMaxExperts = 64;
 
@@ -259,17 +266,9 @@ __global__ void logprobs_kernel(const scalar_t* __restrict__ z, const acc_t<scal
       }
     }
     __syncthreads();
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-      acc m = -INFINITY;
-      for (int64_t e = 0; e < E; ++e) m = max(m, coef[e] + static_cast<acc>(z[(e * T + t) * V + v]));
-      if (m == -INFINITY) {  // every expert bans v: log 0, not NaN
-        out[t * V + v] = static_cast<scalar_t>(m);
-        continue;
-      }
-      acc s = 0;
-      for (int64_t e = 0; e < E; ++e) s += exp(coef[e] + static_cast<acc>(z[(e * T + t) * V + v]) - m);
-      out[t * V + v] = static_cast<scalar_t>(m + log(s));
-    }
+    // log Σ_e exp(coef_e + z_e[v]) (log_mixture in matmul.h: −inf, not NaN, where every expert bans v)
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
+      out[t * V + v] = static_cast<scalar_t>(prob_mixture_at(z, coef, E, T, V, t, v));
   } else {
     if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
     __syncthreads();
@@ -284,47 +283,64 @@ __global__ void logprobs_kernel(const scalar_t* __restrict__ z, const acc_t<scal
   }
 }
 
+// `out` is not read: rounded to the logits' dtype (bf16 near −10: a 0.0625 grid) it put the posterior
+// and the softmax ~1% off. Each pass over the classes recomputes the forward's log-probs in acc from
+// every expert's logit at v, so one pass serves all experts: per-thread sums for each expert.
 template <typename scalar_t>
 __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ z,
-                                         const acc_t<scalar_t>* __restrict__ lw, const scalar_t* __restrict__ out,
+                                         const acc_t<scalar_t>* __restrict__ lw,
                                          const acc_t<scalar_t>* __restrict__ lse, scalar_t* __restrict__ dz,
                                          acc_t<scalar_t>* __restrict__ dlw, int64_t E, int64_t T, int64_t V, bool prob) {
   using acc = acc_t<scalar_t>;
   __shared__ acc shared[32];
+  __shared__ acc coef[kMaxExperts];   // prob: lw_e − lse_e, as the forward; logit: w_e = exp(lw_e)
+  __shared__ acc lse_e[kMaxExperts];  // prob: each expert's saved lse
+  acc S[kMaxExperts];                 // this thread's share of each expert's sum over v
   const int64_t t = blockIdx.x;
   const scalar_t* gr = g + t * V;
-  const scalar_t* orow = out + t * V;
+  for (int64_t e = 0; e < E; ++e) S[e] = 0;
   if (prob) {
-    for (int64_t e = 0; e < E; ++e) {
-      const scalar_t* zr = z + (e * T + t) * V;
-      const acc l = lse[e * T + t], c = static_cast<acc>(lw[t * E + e]) - l;
-      acc S = 0;  // Σ_v g · posterior of expert e
-      for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
-        S += static_cast<acc>(gr[v]) * exp(static_cast<acc>(zr[v]) + c - out_for_posterior(static_cast<acc>(orow[v])));
-      S = block_reduce<acc, false>(S, shared);
-      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        const acc zv = static_cast<acc>(zr[v]);
-        dz[(e * T + t) * V + v] = static_cast<scalar_t>(
-            static_cast<acc>(gr[v]) * exp(zv + c - out_for_posterior(static_cast<acc>(orow[v]))) - exp(zv - l) * S);
-      }
-      if (threadIdx.x == 0) dlw[t * E + e] = S;
+    if (threadIdx.x < E) {
+      lse_e[threadIdx.x] = lse[threadIdx.x * T + t];
+      coef[threadIdx.x] = static_cast<acc>(lw[t * E + threadIdx.x]) - lse[threadIdx.x * T + t];
     }
+    __syncthreads();
+    // S_e = Σ_v g · posterior of expert e; a class every expert bans has posterior 0 (out_for_posterior)
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+      const acc o = out_for_posterior(prob_mixture_at(z, coef, E, T, V, t, v));
+      const acc gv = static_cast<acc>(gr[v]);
+      for (int64_t e = 0; e < E; ++e) S[e] += gv * exp(static_cast<acc>(z[(e * T + t) * V + v]) + coef[e] - o);
+    }
+    for (int64_t e = 0; e < E; ++e) S[e] = block_reduce<acc, false>(S[e], shared);
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+      const acc o = out_for_posterior(prob_mixture_at(z, coef, E, T, V, t, v));
+      const acc gv = static_cast<acc>(gr[v]);
+      for (int64_t e = 0; e < E; ++e) {
+        const acc zv = static_cast<acc>(z[(e * T + t) * V + v]);
+        dz[(e * T + t) * V + v] = static_cast<scalar_t>(gv * exp(zv + coef[e] - o) - exp(zv - lse_e[e]) * S[e]);
+      }
+    }
+    if (threadIdx.x == 0)
+      for (int64_t e = 0; e < E; ++e) dlw[t * E + e] = S[e];
   } else {
+    if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
+    __syncthreads();
+    const acc l = lse[t];
     acc G = 0;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) G += static_cast<acc>(gr[v]);
     G = block_reduce<acc, false>(G, shared);
-    for (int64_t e = 0; e < E; ++e) {
-      const scalar_t* zr = z + (e * T + t) * V;
-      const acc w = exp(static_cast<acc>(lw[t * E + e]));
-      acc dot = 0;
-      for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
-        const acc d = static_cast<acc>(gr[v]) - exp(static_cast<acc>(orow[v])) * G;  // gradient of the mixed logits
-        dot += times_nonzero(d, static_cast<acc>(zr[v]));
-        dz[(e * T + t) * V + v] = static_cast<scalar_t>(w * d);
+    // S_e = Σ_v d · z_e: the gradient of the mixed logits d = g − softmax(zbar) G, with the forward's
+    // log-probs recomputed as zbar − lse
+    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) {
+      const acc d = static_cast<acc>(gr[v]) - exp(mixed(z, coef, E, T, V, t, v) - l) * G;
+      for (int64_t e = 0; e < E; ++e) {
+        S[e] += times_nonzero(d, static_cast<acc>(z[(e * T + t) * V + v]));
+        dz[(e * T + t) * V + v] = static_cast<scalar_t>(coef[e] * d);
       }
-      dot = block_reduce<acc, false>(dot, shared);
-      if (threadIdx.x == 0) dlw[t * E + e] = w * dot;
     }
+    for (int64_t e = 0; e < E; ++e) S[e] = block_reduce<acc, false>(S[e], shared);
+    if (threadIdx.x == 0)
+      for (int64_t e = 0; e < E; ++e) dlw[t * E + e] = coef[e] * S[e];
   }
 }
 
@@ -429,6 +445,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cuda(const at::Ten
                                                                    const at::Tensor& log_weights, const at::Tensor& out,
                                                                    const at::Tensor& lse, bool prob_space) {
   check_ensemble("ensemble_logprobs_backward", logits, log_weights, nullptr);
+  check_experts("ensemble_logprobs_backward", logits);  // per-expert sums in shared memory and registers
   const int64_t E = logits.size(0), T = logits.size(1), V = logits.size(2);
   check_ensemble_saved("ensemble_logprobs_backward", logits, grad, out, lse, prob_space, false);
   auto dz = at::empty({E, T, V}, logits.options());
@@ -437,12 +454,12 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cuda(const at::Ten
   if (T == 0) return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto lw = log_weights.to(acc_dtype(logits.scalar_type())).contiguous();
-  const auto g = grad.contiguous(), z = logits.contiguous(), o = out.contiguous(),
-             l = lse.contiguous();
+  // out is checked (shape, dtype) but not read: the kernel recomputes it in the accumulation dtype
+  const auto g = grad.contiguous(), z = logits.contiguous(), l = lse.contiguous();
   XLS_DISPATCH_FLOATS(logits.scalar_type(), "ensemble_logprobs_backward", [&] {
     logprobs_backward_kernel<scalar_t><<<T, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), o.data_ptr<scalar_t>(),
-        l.data_ptr<acc_t<scalar_t>>(), dz.data_ptr<scalar_t>(), dlw.data_ptr<acc_t<scalar_t>>(), E, T, V, prob_space);
+        g.data_ptr<scalar_t>(), z.data_ptr<scalar_t>(), lw.data_ptr<acc_t<scalar_t>>(), l.data_ptr<acc_t<scalar_t>>(),
+        dz.data_ptr<scalar_t>(), dlw.data_ptr<acc_t<scalar_t>>(), E, T, V, prob_space);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return std::make_tuple(dz, dlw.to(log_weights.scalar_type()));

@@ -107,31 +107,46 @@ def spmm_reference(out, x, indices, values, token_index=None, token_bounds=None,
     out[rows, cols] = (out[rows, cols].to(acc) + y[:, cols[0]]).to(out.dtype)
 
 
+def _prob_mixture(z, lw, lse):
+    """log Σ_e exp(lw_e + z_e − lse_e) [T, V] in the accumulation dtype: the prob-space log-probs,
+    as the forward computes them and the backward recomputes them."""
+    return torch.logsumexp(lw.T[:, :, None] + z - lse[:, :, None], 0)
+
+
+def _logit_mixture(z, lw):
+    """Σ_e exp(lw_e) z_e [T, V]: the logit-space mixed logits, in the accumulation dtype."""
+    return (lw.T.exp()[:, :, None] * z).sum(0)
+
+
 def ensemble_logprobs_reference(logits, log_weights, prob_space):
     """(log-probs [T, V], logsumexp) of the mixture, computed in the accumulation dtype."""
     acc = acc_dtype(logits.dtype)
     z, lw = logits.to(acc), log_weights.to(acc)
     if prob_space:
         lse = torch.logsumexp(z, -1)  # [E, T]
-        out = torch.logsumexp(lw.T[:, :, None] + z - lse[:, :, None], 0)
+        out = _prob_mixture(z, lw, lse)
     else:
-        zbar = (lw.T.exp()[:, :, None] * z).sum(0)
+        zbar = _logit_mixture(z, lw)
         lse = torch.logsumexp(zbar, -1)[None]
         out = zbar - lse[0][:, None]
     return out.to(logits.dtype), lse
 
 
 def ensemble_logprobs_backward_reference(grad, logits, log_weights, out, lse, prob_space):
+    # `out` (the logits' dtype: bf16 rounds log-probs near −10 to a 0.0625 grid, ~1% off in the
+    # gradient) is only checked, never read: the log-probs are recomputed in the accumulation dtype
+    # from the logits, the weights and the saved (float32) lse, as the forward computed them.
     acc = acc_dtype(logits.dtype)
-    g, z, lw, o = grad.to(acc), logits.to(acc), log_weights.to(acc), out.to(acc)
+    g, z, lw = grad.to(acc), logits.to(acc), log_weights.to(acc)
     if prob_space:
+        o = _prob_mixture(z, lw, lse)
         o = o.masked_fill(o == float("-inf"), float("inf"))  # a class every expert bans: posterior 0
         post = (lw.T[:, :, None] + z - lse[:, :, None] - o[None]).exp()  # [E, T, V]
         S = (g[None] * post).sum(-1)  # [E, T]
         dz = g[None] * post - (z - lse[:, :, None]).exp() * S[:, :, None]
         dlw = S.T
     else:
-        d = g - o.exp() * g.sum(-1, keepdim=True)
+        d = g - (_logit_mixture(z, lw) - lse[0][:, None]).exp() * g.sum(-1, keepdim=True)
         w = lw.T.exp()  # [E, T]
         dz = w[:, :, None] * d[None]
         dlw = (w * _times(d[None], z).sum(-1)).T
@@ -321,7 +336,9 @@ def ensemble_nll_op(logits, log_weights, targets, prob_space: bool):
 
 
 def ensemble_logprobs_backward(grad, logits, log_weights, out, lse, prob_space: bool):
-    """(d logits, d log_weights) of `ensemble_logprobs_op`, from its saved output and logsumexp."""
+    """(d logits, d log_weights) of `ensemble_logprobs_op`. `out` (the saved output, in the logits'
+    dtype) is checked but not read: every backend recomputes the log-probs in the accumulation dtype
+    from logits, log_weights and the saved float32 lse, as the forward computed them."""
     op = "ensemble_logprobs_backward"
     checks.ensemble(op, logits, log_weights)
     checks.ensemble_saved(op, logits, grad, out, lse, prob_space)

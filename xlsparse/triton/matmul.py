@@ -206,6 +206,24 @@ def _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC: tl.constexpr):
 
 
 @triton.jit
+def _prob_mixture_block(z_ptr, lw_ptr, lse_ptr, t, T, E, V, v, ACC: tl.constexpr):
+    """log Σ_e exp(lw_e + z_e[t, v] − lse_e) for a block of classes v (prob-space mixing), online
+    over the experts: the forward's log-probs, which the backward recomputes in ACC rather than read
+    the output rounded to the logits' dtype (bf16 near −10: a 0.0625 grid, ~1% off in the posterior)."""
+    m = tl.full(v.shape, float("-inf"), ACC)
+    s = tl.zeros(v.shape, ACC)
+    for e in range(E):
+        c = tl.load(lw_ptr + t * E + e).to(ACC) - tl.load(lse_ptr + e * T + t)
+        x = tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC) + c
+        new_m = tl.maximum(m, x)
+        # a class every expert bans so far (all −inf): shift by 0, not by −inf (NaN)
+        shift = tl.where(new_m == float("-inf"), 0.0, new_m)
+        s = s * tl.exp(m - shift) + tl.exp(x - shift)
+        m = new_m
+    return m + tl.log(s)
+
+
+@triton.jit
 def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexpr, BV: tl.constexpr,
                      ACC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
@@ -217,17 +235,8 @@ def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexp
         tl.debug_barrier()
         for v0 in range(0, V, BV):
             v = v0 + tl.arange(0, BV)
-            m = tl.full((BV,), float("-inf"), ACC)
-            s = tl.zeros((BV,), ACC)
-            for e in range(E):
-                c = tl.load(lw_ptr + t * E + e).to(ACC) - tl.load(lse_ptr + e * T + t)
-                x = tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC) + c
-                new_m = tl.maximum(m, x)
-                # a class every expert bans so far (all −inf): shift by 0, not by −inf (NaN)
-                shift = tl.where(new_m == float("-inf"), 0.0, new_m)
-                s = s * tl.exp(m - shift) + tl.exp(x - shift)
-                m = new_m
-            tl.store(out_ptr + t * V + v, (m + tl.log(s)).to(out_ptr.dtype.element_ty), mask=v < V)
+            o = _prob_mixture_block(z_ptr, lw_ptr, lse_ptr, t, T, E, V, v, ACC)
+            tl.store(out_ptr + t * V + v, o.to(out_ptr.dtype.element_ty), mask=v < V)
     else:
         m = tl.full((), float("-inf"), ACC)
         s = tl.zeros((), ACC)
@@ -245,50 +254,58 @@ def _logprobs_kernel(z_ptr, lw_ptr, out_ptr, lse_ptr, T, E, V, PROB: tl.constexp
 
 
 @triton.jit
-def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, out_ptr, lse_ptr, dz_ptr, dlw_ptr, T, E, V, PROB: tl.constexpr,
-                              BV: tl.constexpr, ACC: tl.constexpr):
+def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, lse_ptr, dz_ptr, dlw_ptr, T, E, V, PROB: tl.constexpr,
+                              BV: tl.constexpr, BE: tl.constexpr, ACC: tl.constexpr):
+    """The saved output is not read: rounded to the logits' dtype it put the posterior (prob) and the
+    softmax (logit) ~1% off in bf16. Each block of classes recomputes the forward's log-probs in ACC
+    from every expert's logits, once for all experts: the per-expert sums S live in a [BE] vector."""
     t = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, BE)
+    S = tl.zeros((BE,), ACC)  # per expert: Σ_v g · posterior (prob), Σ_v d · z_e (logit)
     if PROB:
-        for e in range(E):
-            lse = tl.load(lse_ptr + e * T + t)
-            c = tl.load(lw_ptr + t * E + e).to(ACC) - lse
-            S = tl.zeros((), ACC)  # Σ_v g · posterior of expert e
-            for v0 in range(0, V, BV):
-                v = v0 + tl.arange(0, BV)
-                live = v < V
-                g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            live = v < V
+            o = _prob_mixture_block(z_ptr, lw_ptr, lse_ptr, t, T, E, V, v, ACC)
+            o = tl.where(o == float("-inf"), float("inf"), o)  # a class every expert bans: posterior 0
+            g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+            for e in range(E):
+                c = tl.load(lw_ptr + t * E + e).to(ACC) - tl.load(lse_ptr + e * T + t)
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
-                o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
-                o = tl.where(o == float("-inf"), float("inf"), o)  # a class every expert bans: posterior 0
-                S += tl.sum(tl.where(live, g * tl.exp(z + c - o), 0.0), 0)
-            for v0 in range(0, V, BV):
-                v = v0 + tl.arange(0, BV)
-                live = v < V
-                g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+                S += tl.where(experts == e, tl.sum(tl.where(live, g * tl.exp(z + c - o), 0.0), 0), 0.0)
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            live = v < V
+            o = _prob_mixture_block(z_ptr, lw_ptr, lse_ptr, t, T, E, V, v, ACC)
+            o = tl.where(o == float("-inf"), float("inf"), o)
+            g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+            for e in range(E):
+                lse = tl.load(lse_ptr + e * T + t)
+                c = tl.load(lw_ptr + t * E + e).to(ACC) - lse
+                S_e = tl.sum(tl.where(experts == e, S, 0.0), 0)
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
-                o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
-                o = tl.where(o == float("-inf"), float("inf"), o)
-                dz = g * tl.exp(z + c - o) - tl.exp(z - lse) * S
+                dz = g * tl.exp(z + c - o) - tl.exp(z - lse) * S_e
                 tl.store(dz_ptr + (e * T + t) * V + v, dz.to(dz_ptr.dtype.element_ty), mask=live)
-            tl.store(dlw_ptr + t * E + e, S.to(dlw_ptr.dtype.element_ty))
+        tl.store(dlw_ptr + t * E + experts, S.to(dlw_ptr.dtype.element_ty), mask=experts < E)
     else:
+        lse = tl.load(lse_ptr + t)
         G = tl.zeros((), ACC)
         for v0 in range(0, V, BV):
             v = v0 + tl.arange(0, BV)
             G += tl.sum(tl.load(g_ptr + t * V + v, mask=v < V, other=0.0).to(ACC), 0)
-        for e in range(E):
-            w = tl.exp(tl.load(lw_ptr + t * E + e).to(ACC))
-            acc = tl.zeros((), ACC)
-            for v0 in range(0, V, BV):
-                v = v0 + tl.arange(0, BV)
-                live = v < V
-                g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
-                o = tl.load(out_ptr + t * V + v, mask=live, other=0.0).to(ACC)
-                d = g - tl.exp(o) * G  # gradient of the mixed logits
+        for v0 in range(0, V, BV):
+            v = v0 + tl.arange(0, BV)
+            live = v < V
+            g = tl.load(g_ptr + t * V + v, mask=live, other=0.0).to(ACC)
+            # the gradient of the mixed logits, with the forward's log-probs recomputed as zbar − lse
+            d = g - tl.exp(_mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC) - lse) * G
+            for e in range(E):
+                w = tl.exp(tl.load(lw_ptr + t * E + e).to(ACC))
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
-                acc += tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0)  # 0 · (−inf) counts 0
+                S += tl.where(experts == e, tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0), 0.0)  # 0 · (−inf) counts 0
                 tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
-            tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
+        w = tl.exp(tl.load(lw_ptr + t * E + experts, mask=experts < E, other=0.0).to(ACC))
+        tl.store(dlw_ptr + t * E + experts, (w * S).to(dlw_ptr.dtype.element_ty), mask=experts < E)
 
 
 @triton.jit
@@ -392,9 +409,10 @@ def triton_ensemble_logprobs_backward(grad: torch.Tensor, logits: torch.Tensor, 
     dz = torch.empty((E, T, V), dtype=logits.dtype, device=logits.device)
     dlw = torch.empty((T, E), dtype=log_weights.dtype, device=logits.device)
     if T:
+        # `out` is not read (only its place in the schema remains): the kernel recomputes it in ACC
         wrap_triton(_logprobs_backward_kernel)[(T,)](
-            grad.contiguous(), logits.contiguous(), log_weights.contiguous(), out.contiguous(), lse.contiguous(), dz, dlw,
-            T, E, V, PROB=prob_space, BV=_block_v(V), ACC=acc_type(logits.dtype))
+            grad.contiguous(), logits.contiguous(), log_weights.contiguous(), lse.contiguous(), dz, dlw,
+            T, E, V, PROB=prob_space, BV=_block_v(V), BE=max(2, triton.next_power_of_2(E)), ACC=acc_type(logits.dtype))
     return dz, dlw
 
 

@@ -28,6 +28,24 @@ XLS_HD T log_add_exp(T a, T b) {
   return hi + ::log1p(::exp(lo - hi));
 }
 
+// The prob-space log-mixture of one class: log Σ_e exp(x(e)) over the E terms
+// x(e) = lw_e + z_e[v] − lse_e, shifted by their largest; −inf (log 0, not NaN) when every term is
+// −inf, a class every expert bans. The forward's per-class value (CUDA; the CPU kernel's exact
+// path), and what the backward recomputes in the accumulation dtype instead of reading the saved
+// out, which is rounded to the logits' dtype (bf16 near −10: a 0.0625 grid, ~1% off in the posterior).
+template <typename acc, typename Term>
+XLS_HD acc log_mixture(int64_t E, const Term& x) {
+  acc hi = -INFINITY;
+  for (int64_t e = 0; e < E; ++e) {
+    const acc xe = x(e);
+    hi = xe > hi ? xe : hi;
+  }
+  if (hi == -INFINITY) return hi;
+  acc sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += std::exp(x(e) - hi);
+  return hi + std::log(sum);
+}
+
 // The posterior of expert e for class v is exp(lw_e + z_e[v] − lse_e − out[v]). A class every
 // expert bans has z = out = −inf, and −inf − (−inf) is NaN; its posterior is 0, which an out of
 // +inf gives. Likewise a target every expert bans (nll = +inf) enters as −inf.
