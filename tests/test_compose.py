@@ -912,8 +912,11 @@ def test_from_models_exact_k_deterministic_ties_and_patterns():
     assert diff.deltas["layer.weight"].indices.tolist() == [1, 4]
     assert diff.deltas["emb.weight"].indices.tolist() == [0, 1]
     assert SparseDiff.from_models(base, tuned, density=1.0).nnz == 19
+    every = SparseDiff.from_models(base, tuned)  # no budget: every changed entry (layer position 3 did not change)
+    assert every.nnz == 18 and every.deltas["layer.weight"].indices.tolist() == [0, 1, 2, 4]
+    assert torch.equal(every.deltas["layer.weight"].values, torch.tensor([1.0, 2.0, 1.0, -2.0]))
     with pytest.raises(ValueError, match="exactly one of k or density"):
-        SparseDiff.from_models(base, tuned)
+        SparseDiff.from_models(base, tuned, k=3, density=0.5)
 
 
 def _saved_diff():

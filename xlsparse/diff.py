@@ -529,6 +529,13 @@ def _transposed_weights(model, names) -> set:
     return out
 
 
+def _own_layout(model, named: dict) -> dict:
+    """`named` (tensors of `model` by name) with the weights of converted GPT-2 Conv1D layers
+    seen in the model's own [in, out] layout, as its state dict and its diffs hold them."""
+    stored = _transposed_weights(model, named)
+    return {n: x.t() if n in stored and x.dim() == 2 else x for n, x in named.items()}
+
+
 def _submodule(model: torch.nn.Module, name: str):
     """model.get_submodule(name), or None when there is none."""
     try:
@@ -956,7 +963,8 @@ class SparseDiff:
     def from_models(cls, base, tuned, k: int | None = None, density: float | None = None, include=None, exclude=None,
                     base_model: str | None = None) -> "SparseDiff":
         """LT-SFT's selection: the k (or density * total) entries of largest |tuned - base|, global
-        over every parameter the two models share (same name and shape). Buffers of a module
+        over every parameter the two models share (same name and shape); with neither k nor
+        density, every entry that changed (as `SparseDelta.from_dense` with k=None). Buffers of a module
         (running statistics) are not ranked; one that differs is named in a warning. Dicts are
         taken whole.
 
@@ -967,12 +975,17 @@ class SparseDiff:
         for a bfloat16 model tuned from a float32 one), so base + diff is tuned at the chosen entries.
         Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
-        `transformer.wte.weight`) are read once, under their first name. A selected floating-point
+        `transformer.wte.weight`) are read once, under their first name. The weight of a GPT-2 Conv1D
+        layer converted by `xlsparse.hf.convert` (stored [out, in]) is read in the model's own
+        [in, out] layout, the layout of its state dict and of `apply`. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
         the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
         """
         named = _named_tensors(tuned, buffers=False)
         b, t = _named_tensors(base), _untied(named, getattr(tuned, "base_model_prefix", "") or "")
+        # a converted GPT-2 Conv1D layer stores its weight [out, in]; diffs are in the model's own
+        # [in, out] layout (a square weight was ranked, and its diff stored, transposed)
+        b, t = _own_layout(base, b), _own_layout(tuned, t)
         # as convert's target_modules: a pattern that matches nothing (a typo) would select nothing
         # from it, silently (an empty diff when it is the only one)
         floats = [n for n, x in named.items() if x.is_floating_point()]
@@ -996,14 +1009,16 @@ class SparseDiff:
         for n in names:
             if b[n].shape != t[n].shape:
                 raise ValueError(f"from_models: {n!r} has shape {tuple(b[n].shape)} in base but {tuple(t[n].shape)} in tuned")
-        k = budget("from_models", sum(t[n].numel() for n in names), k, density)
+        every = k is None and density is None
+        if not every:
+            k = budget("from_models", sum(t[n].numel() for n in names), k, density)
         with torch.no_grad():
             # in the wider of the two dtypes: a bfloat16 tuned model minus a float32 base rounded
             # to bfloat16 first was off by the base's rounding (up to 0.0078 at |θ| ~ 3), as large
             # as a fine-tuning change, and base + diff no longer gave tuned at the chosen entries
             wide = {n: torch.promote_types(t[n].dtype, b[n].dtype) for n in names}
             diffs = [t[n].detach().to(wide[n]) - b[n].detach().to(t[n].device, wide[n]) for n in names]
-            masks = topk_mask(diffs, k)
+            masks = [d != 0 for d in diffs] if every else topk_mask(diffs, k)
             deltas = {n: _delta_at(d, m) for n, d, m in zip(names, diffs, masks)}
         return cls._trusted(deltas, base_model=base_model)
 

@@ -502,3 +502,24 @@ def test_an_empty_target_list_is_refused_and_changes_nothing():
     with pytest.raises(ValueError, match="target_modules is empty"):
         hf.convert(model, [], density=0.1)
     assert all(p.requires_grad for p in model.parameters()) and not hasattr(model, "xlsparse_config")
+
+
+@pytest.mark.parametrize("against", ["plain", "converted"])
+def test_from_models_on_converted_gpt2_gives_the_models_own_conv1d_layout(against):
+    # A converted Conv1D layer stores its [in, out] weight as [out, in]: from_models ranked and stored
+    # that layout under the model's own name, so a square weight's diff landed transposed on the base.
+    base, x = tiny("gpt2"), batch(2)
+    name = "transformer.h.0.attn.c_proj.weight"  # square: no shape check can catch a transpose
+    masks = {"de": {name: torch.ones(base.get_parameter(name).shape, dtype=torch.bool)}}
+    model = hf.convert(copy.deepcopy(base), target_modules=["attn.c_proj"], kind="subnetwork", masks=masks)
+    theta0 = base if against == "plain" else copy.deepcopy(model)
+    state = model.state_dict()  # the model's own layout
+    w = state[name].clone()
+    w[1, 0] += 1.0  # input 1, output 0
+    model.load_state_dict({**state, name: w})
+    diff = SparseDiff.from_models(theta0, model, k=1)
+    assert diff.deltas[name].indices.tolist() == [1 * 32 + 0]
+    plain = copy.deepcopy(base)
+    diff.apply(plain)
+    with torch.no_grad():
+        assert torch.allclose(plain(input_ids=x).logits, model(input_ids=x).logits, atol=1e-6)
