@@ -650,6 +650,16 @@ def _check_adamw(args, what: str) -> None:
                          f"use one of {sorted(_ADAMW_OPTIMS)}, or pass optimizers=(optimizer, scheduler)")
 
 
+def _check_own_optimizer(trainer, what: str, builds: str) -> None:
+    """A trainer whose create_optimizer builds `builds` itself: refuse the Trainer options it
+    would ignore (another `optim`, unless the caller passed an optimizer; optimizer_cls_and_kwargs)."""
+    if trainer.optimizer is None:  # an optimizer of the caller's own (optimizers=) is used as given
+        _check_adamw(trainer.args, what)
+    if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
+        raise ValueError(f"{what} builds its optimizer itself ({builds}): optimizer_cls_and_kwargs would be "
+                         "ignored; pass optimizers=(optimizer, scheduler) instead")
+
+
 class SubnetworkTrainer(Trainer):
     """A transformers `Trainer` for a model converted with `convert(kind="subnetwork")`: each
     batch carries `language_ids` [B] (indices into the model's languages), every example's
@@ -675,11 +685,7 @@ class SubnetworkTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not languages(self.model):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
-        if self.optimizer is None:  # an optimizer of the caller's own (optimizers=) is used as given
-            _check_adamw(self.args, "SubnetworkTrainer")
-        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
-            raise ValueError("SubnetworkTrainer builds its optimizer itself (MaskedAdamW over the subnetworks): "
-                             "optimizer_cls_and_kwargs would be ignored; pass optimizers=(optimizer, scheduler) instead")
+        _check_own_optimizer(self, "SubnetworkTrainer", "MaskedAdamW over the subnetworks")
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

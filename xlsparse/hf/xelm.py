@@ -685,14 +685,9 @@ class ExpertTrainer(Trainer):
         self.setup = _ExpertSetup(model, k, density, init, grow, target_modules, train_embeddings, first,
                                   lambda m, b: m(**b).loss, "ExpertTrainer")
         super().__init__(self.setup.model, *args, **kwargs)
-        # create_optimizer always builds a compact MaskedAdamW: another optim would be ignored
-        if self.optimizer is None:
-            from .subnetworks import _check_adamw
+        from .subnetworks import _check_own_optimizer
 
-            _check_adamw(self.args, "ExpertTrainer")
-        if getattr(self, "optimizer_cls_and_kwargs", None) is not None:
-            raise ValueError("ExpertTrainer builds its optimizer itself (compact MaskedAdamW over the expert's deltas): "
-                             "optimizer_cls_and_kwargs would be ignored; pass optimizers=(optimizer, scheduler) instead")
+        _check_own_optimizer(self, "ExpertTrainer", "compact MaskedAdamW over the expert's deltas")
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
