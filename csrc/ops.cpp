@@ -66,6 +66,9 @@ TORCH_LIBRARY(xlsparse, m) {
   // SpMM: out += s * x @ delta.T (out [T, O], x [T, I]); transpose: out += s * x @ delta (out [T, I], x [T, O]).
   m.def("spmm_(Tensor(a!) out, Tensor x, Tensor indices, Tensor values, Tensor? token_index, "
         "Tensor? token_bounds, Tensor? token_scale, bool transpose) -> ()");
+  // The same for E deltas over all tokens, each scaled by its column of gates [T, E], in one pass:
+  // out += sum_e gates[:, e] * x @ delta_e.T (transpose: x @ delta_e). CPU only; elsewhere one spmm_ per delta.
+  m.def("spmm_gated_(Tensor(a!) out, Tensor x, Tensor[] indices, Tensor[] values, Tensor gates, bool transpose) -> ()");
   // Mixture of E experts' logits [E, T, V] with log-weights [T, E]: log-probs [T, V] and the
   // per-expert (prob space, [E, T]) or mixed (logit space, [1, T]) logsumexp saved for backward.
   m.def("ensemble_logprobs(Tensor logits, Tensor log_weights, bool prob_space) -> (Tensor, Tensor)");

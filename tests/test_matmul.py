@@ -272,6 +272,60 @@ def test_spmm_matches_float64(backend, dtype, shape, density, mode, transpose, u
     assert_bit_identical(out[~touched], before[~touched], "entries no delta entry or token reaches")
 
 
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("experts", [1, 3])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_spmm_gated_matches_float64(backend, dtype, shape, experts, transpose, use_backend):
+    """E soft-gated deltas added in one call (the CPU kernel's single pass; elsewhere one spmm_
+    per delta): out + Σ_e g_e ⊙ x Δ_eᵀ in float64, one delta empty and the index dtypes mixed;
+    columns that no delta reaches keep their bits."""
+    t, o, i = shape
+    _skip_slow(backend, t)
+    use_backend(backend)
+    gen = seeded(5 * t + o + i + experts)
+    x = torch.randn(t, o if transpose else i, generator=gen).to(dtype)
+    out = torch.randn(t, i if transpose else o, generator=gen).to(dtype)
+    before = out.clone()
+    gates = torch.rand(t, experts, generator=gen).to(dtype)
+    idx, vals, deltas64 = [], [], []
+    for e in range(experts):
+        k = 0 if e == 1 else round(o * i * (0.2 + 0.3 * e / experts))
+        idx.append(random_indices(o * i, k, INDEX_DTYPES[e % 2], gen))
+        vals.append(torch.randn(k, generator=gen).to(dtype))
+        d = torch.zeros(o * i, dtype=torch.float64)
+        d[idx[e].long()] = vals[e].double()
+        deltas64.append(d.view(o, i))
+    ref64, plain = before.double(), before.clone()
+    for e, d in enumerate(deltas64):
+        d = d if transpose else d.T
+        ref64 = ref64 + (x.double() * gates[:, e : e + 1].double()) @ d
+        plain = plain + (x * gates[:, e : e + 1]) @ d.to(dtype)
+
+    assert ops.spmm_gated_(out, x, idx, vals, gates, transpose) is out
+    reached = torch.zeros(out.shape[1], dtype=torch.bool)
+    for ix in idx:
+        reached[(ix.long() % i) if transpose else (ix.long() // i)] = True
+    check(out[:, reached], ref64[:, reached], plain[:, reached], f"spmm_gated_ {backend} {dtype}")
+    assert_bit_identical(out[:, ~reached], before[:, ~reached], "columns no delta reaches")
+
+
+def test_spmm_gated_refuses_bad_arguments_and_writes_nothing():
+    x, out = torch.randn(4, 3), torch.randn(4, 5)
+    idx, vals = [torch.tensor([0, 7])], [torch.randn(2)]
+    before = out.clone()
+    with pytest.raises(ValueError, match="gates must have shape"):
+        ops.spmm_gated_(out, x, idx, vals, torch.rand(4, 2))
+    with pytest.raises(ValueError, match="1 index tensors but 2 value tensors"):
+        ops.spmm_gated_(out, x, idx, vals * 2, torch.rand(4, 1))
+    with pytest.raises(TypeError, match="values dtype"):
+        ops.spmm_gated_(out, x, idx, [vals[0].double()], torch.rand(4, 1))
+    with pytest.raises(IndexError):
+        ops.spmm_gated_(out, x, [torch.tensor([0, 15])], vals, torch.rand(4, 1))
+    assert torch.equal(out, before)
+
+
 # --- sparse_delta_linear ---
 
 

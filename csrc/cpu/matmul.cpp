@@ -278,7 +278,114 @@ void add_block(const RowKernels<acc>& rk, scalar_t* op, int64_t groups, int64_t 
   }
 }
 
-// --- SpMM: out[t, g] += s_t Σ_{entries of group g} val · x[t, other] ---
+// --- SpMM: out[t, g] += Σ_e s_{t,e} Σ_{entries of delta e in group g} val · x[t, other] ---
+
+// The entries of E deltas ordered by output column g, then by delta (a counting sort), as
+// (x column, value): those of (g, e) are [start[g·E + e], start[g·E + e + 1]).
+template <typename acc>
+struct GroupedEntries {
+  std::vector<int64_t> start, other;
+  std::vector<acc> v;
+  int64_t begin(int64_t g) const { return start[g * deltas]; }
+  int64_t end(int64_t g) const { return start[(g + 1) * deltas]; }
+  int64_t deltas = 1;
+};
+
+template <typename scalar_t, typename acc>
+GroupedEntries<acc> group_entries(const char* op, at::TensorList indices, at::TensorList values, int64_t groups,
+                                  int64_t dcols, bool transpose) {
+  GroupedEntries<acc> ge;
+  const int64_t E = static_cast<int64_t>(indices.size());
+  ge.deltas = E;
+  ge.start.assign(groups * E + 1, 0);
+  std::vector<at::Tensor> idx(E), val(E);
+  int64_t k = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    idx[e] = indices[e].contiguous();
+    val[e] = values[e].contiguous();
+    k += idx[e].numel();
+  }
+  ge.other.resize(k);
+  ge.v.resize(k);
+  // key of entry i of delta e: its group, then e
+  auto each = [&](auto&& f) {
+    for (int64_t e = 0; e < E; ++e) {
+      XLS_DISPATCH_INDEX(idx[e].scalar_type(), op, [&] {
+        const index_t* ip = idx[e].data_ptr<index_t>();
+        const scalar_t* vp = val[e].data_ptr<scalar_t>();
+        for (int64_t i = 0, n = idx[e].numel(); i < n; ++i) {
+          const int64_t g = transpose ? ip[i] % dcols : ip[i] / dcols;
+          f(g * E + e, transpose ? ip[i] / dcols : ip[i] % dcols, vp[i]);
+        }
+      });
+    }
+  };
+  each([&](int64_t key, int64_t, scalar_t) { ++ge.start[1 + key]; });
+  for (int64_t q = 0; q < groups * E; ++q) ge.start[q + 1] += ge.start[q];
+  std::vector<int64_t> fill(ge.start.begin(), ge.start.end() - 1);
+  each([&](int64_t key, int64_t other, scalar_t v) {
+    const int64_t p = fill[key]++;
+    ge.other[p] = other;
+    ge.v[p] = static_cast<acc>(v);
+  });
+  return ge;
+}
+
+// out[t, g] += Σ_e s_e[t] Σ_{(g, e) entries} v · x[t, other] over the selected tokens. One delta
+// is scaled by tok.scale while x is transposed; E > 1 deltas share one unscaled transposed chunk
+// and one pass over out (an SpMM per delta did both E times: 5.3 of its 9 ms at T = 2048,
+// 4096 x 1024, 1%, 2 threads), each scaled by its column of `gates` [T, E] inside the row loops.
+template <typename scalar_t, typename acc>
+void spmm_grouped(at::Tensor& out, const at::Tensor& xc, const GroupedEntries<acc>& ge, const Tokens<acc>& tok,
+                  const acc* gates) {
+  const RowKernels<acc>& rk = row_kernels<acc>();
+  const int64_t groups = out.size(1), xcols = xc.size(1), E = ge.deltas;
+  scalar_t* op = out.data_ptr<scalar_t>();
+  const int64_t blocks = (groups + kRows - 1) / kRows;
+  // Output columns with entries: only they are added to (out keeps its bits, -0.0 included, elsewhere).
+  const std::unique_ptr<bool[]> used(new bool[groups]);
+  for (int64_t g = 0; g < groups; ++g) used[g] = ge.begin(g) != ge.end(g);
+  // scratch rows: the token count, at most kChunk, padded to whole vectors
+  const int64_t chunk = std::min(kChunk, tok.end - tok.begin), stride = round_up(chunk, rk.width);
+  // Each task owns blocks of kRows output columns (no two threads write one element) and
+  // transposes the token chunks of x itself.
+  at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / 64), [&](int64_t b0, int64_t b1) {
+    if (ge.begin(b0 * kRows) == ge.end(std::min(groups, b1 * kRows) - 1)) return;
+    std::vector<acc> xt(round_up(xcols, rk.width) * stride), y(kRows * stride);
+    std::vector<acc> yt(round_up(stride, rk.width) * kRows);  // yᵀ: [tokens, kRows]
+    std::vector<const acc*> yrow(rk.width);
+    std::vector<acc> scale(gates ? E * stride : 0, acc(0));  // each delta's gates over the chunk
+    for (int64_t j0 = tok.begin; j0 < tok.end; j0 += chunk) {
+      const int64_t n = std::min(chunk, tok.end - j0);
+      transpose_chunk(rk, xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, !gates, xt.data(), stride);
+      if (gates) {
+        for (int64_t e = 0; e < E; ++e) {
+          for (int64_t jj = 0; jj < n; ++jj) scale[e * stride + jj] = gates[tok.at(j0 + jj) * E + e];
+        }
+      }
+      for (int64_t blk = b0; blk < b1; ++blk) {
+        const int64_t g0 = blk * kRows, g1 = std::min(groups, g0 + kRows);
+        if (ge.begin(g0) == ge.end(g1 - 1)) continue;
+        for (int64_t g = g0; g < g1; ++g) {
+          acc* yr = y.data() + (g - g0) * stride;
+          std::fill(yr, yr + n, acc(0));
+          for (int64_t e = 0; e < E; ++e) {
+            const acc* s = gates ? scale.data() + e * stride : nullptr;
+            const int64_t* c = ge.other.data();
+            int64_t p = ge.start[g * E + e];
+            const int64_t p1 = ge.start[g * E + e + 1];
+            for (; p + 4 <= p1; p += 4) {
+              rk.axpy4(yr, ge.v.data() + p, xt.data() + c[p] * stride, xt.data() + c[p + 1] * stride,
+                       xt.data() + c[p + 2] * stride, xt.data() + c[p + 3] * stride, s, n);
+            }
+            for (; p < p1; ++p) rk.axpy(yr, ge.v[p], xt.data() + c[p] * stride, s, n);
+          }
+        }
+        add_block(rk, op, groups, g0, g1, tok, j0, n, y.data(), stride, used.get(), yt.data(), yrow.data());
+      }
+    }
+  });
+}
 
 void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
               const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
@@ -286,67 +393,47 @@ void spmm_cpu(at::Tensor out, const at::Tensor& x, const at::Tensor& indices, co
   check_token_matmul("spmm_", out, x, indices, token_index, token_bounds, token_scale);
   check_spmm(out, x, indices, values);
   // Δ is [groups, x cols] (out += X Δᵀ) or [x cols, groups] (transpose: out += X Δ).
-  const int64_t groups = out.size(1), xcols = x.size(1), k = indices.numel();
-  const int64_t dcols = transpose ? groups : xcols;
+  const int64_t groups = out.size(1), xcols = x.size(1);
   check_indices("spmm_", indices, groups * xcols);
-  if (k == 0) return;
-  const auto xc = x.contiguous(), idx = indices.contiguous(), val = values.contiguous();
+  if (indices.numel() == 0) return;
+  const auto xc = x.contiguous();
   XLS_DISPATCH_FLOATS(x.scalar_type(), "spmm_", [&] {
     using acc = acc_t<scalar_t>;
-    const RowKernels<acc>& rk = row_kernels<acc>();
     at::Tensor index_storage;
     const auto tok = select_tokens<acc>("spmm_", x.size(0), token_index, token_bounds, token_scale, index_storage);
     if (tok.begin == tok.end) return;
-    // Entries ordered by output column g (a counting sort when transposed), as (x column, value).
-    std::vector<int64_t> start(groups + 1, 0), other(k);
-    std::vector<acc> v(k);
-    XLS_DISPATCH_INDEX(idx.scalar_type(), "spmm_", [&] {
-      const index_t* ip = idx.data_ptr<index_t>();
-      const scalar_t* vp = val.data_ptr<scalar_t>();
-      for (int64_t e = 0; e < k; ++e) ++start[1 + (transpose ? ip[e] % dcols : ip[e] / dcols)];
-      for (int64_t g = 0; g < groups; ++g) start[g + 1] += start[g];
-      std::vector<int64_t> fill(start.begin(), start.end() - 1);
-      for (int64_t e = 0; e < k; ++e) {
-        const int64_t g = transpose ? ip[e] % dcols : ip[e] / dcols;
-        const int64_t p = fill[g]++;
-        other[p] = transpose ? ip[e] / dcols : ip[e] % dcols;
-        v[p] = static_cast<acc>(vp[e]);
-      }
-    });
-    scalar_t* op = out.data_ptr<scalar_t>();
-    const int64_t blocks = (groups + kRows - 1) / kRows;
-    // Output columns with entries: only they are added to (out keeps its bits, -0.0 included, elsewhere).
-    const std::unique_ptr<bool[]> used(new bool[groups]);
-    for (int64_t g = 0; g < groups; ++g) used[g] = start[g] != start[g + 1];
-    // scratch rows: the token count, at most kChunk, padded to whole vectors
-    const int64_t chunk = std::min(kChunk, tok.end - tok.begin), stride = round_up(chunk, rk.width);
-    // Each task owns blocks of kRows output columns (no two threads write one element) and
-    // transposes the token chunks of x itself.
-    at::parallel_for(0, blocks, std::max<int64_t>(1, blocks / 64), [&](int64_t b0, int64_t b1) {
-      if (start[b0 * kRows] == start[std::min(groups, b1 * kRows)]) return;
-      std::vector<acc> xt(round_up(xcols, rk.width) * stride), y(kRows * stride);
-      std::vector<acc> yt(round_up(stride, rk.width) * kRows);  // yᵀ: [tokens, kRows]
-      std::vector<const acc*> yrow(rk.width);
-      for (int64_t j0 = tok.begin; j0 < tok.end; j0 += chunk) {
-        const int64_t n = std::min(chunk, tok.end - j0);
-        transpose_chunk(rk, xc.data_ptr<scalar_t>(), xcols, 0, xcols, tok, j0, n, true, xt.data(), stride);
-        for (int64_t blk = b0; blk < b1; ++blk) {
-          const int64_t g0 = blk * kRows, g1 = std::min(groups, g0 + kRows);
-          if (start[g0] == start[g1]) continue;
-          for (int64_t g = g0; g < g1; ++g) {
-            acc* yr = y.data() + (g - g0) * stride;
-            std::fill(yr, yr + n, acc(0));
-            int64_t p = start[g];
-            for (; p + 4 <= start[g + 1]; p += 4) {
-              rk.axpy4(yr, v.data() + p, xt.data() + other[p] * stride, xt.data() + other[p + 1] * stride,
-                       xt.data() + other[p + 2] * stride, xt.data() + other[p + 3] * stride, n);
-            }
-            for (; p < start[g + 1]; ++p) rk.axpy(yr, v[p], xt.data() + other[p] * stride, n);
-          }
-          add_block(rk, op, groups, g0, g1, tok, j0, n, y.data(), stride, used.get(), yt.data(), yrow.data());
-        }
-      }
-    });
+    const auto ge = group_entries<scalar_t, acc>("spmm_", {indices}, {values}, groups, transpose ? groups : xcols,
+                                                 transpose);
+    spmm_grouped<scalar_t, acc>(out, xc, ge, tok, nullptr);
+  });
+}
+
+// out[t] += Σ_e gates[t, e] · (x Δ_eᵀ)[t] (transpose: x Δ_e) over all tokens: the soft-gated
+// experts of multi_delta_linear in one pass.
+void spmm_gated_cpu(at::Tensor out, const at::Tensor& x, at::TensorList indices, at::TensorList values,
+                    const at::Tensor& gates, bool transpose) {
+  const int64_t E = static_cast<int64_t>(indices.size());
+  TORCH_CHECK_VALUE(values.size() == indices.size(), "spmm_gated_: ", indices.size(), " index tensors but ",
+                    values.size(), " value tensors");
+  TORCH_CHECK_VALUE(gates.dim() == 2 && gates.size(0) == x.size(0) && gates.size(1) == E,
+                    "spmm_gated_: gates must have shape [", x.size(0), ", ", E, "], got ", gates.sizes());
+  const int64_t groups = out.size(1), xcols = x.size(1);
+  for (int64_t e = 0; e < E; ++e) {
+    check_token_matmul("spmm_gated_", out, x, indices[e], c10::nullopt, c10::nullopt, gates.select(1, e));
+    check_spmm(out, x, indices[e], values[e], "spmm_gated_");
+    check_indices("spmm_gated_", indices[e], groups * xcols);
+  }
+  if (E == 0 || x.size(0) == 0) return;
+  const auto xc = x.contiguous();
+  XLS_DISPATCH_FLOATS(x.scalar_type(), "spmm_gated_", [&] {
+    using acc = acc_t<scalar_t>;
+    Tokens<acc> tok;
+    tok.end = x.size(0);
+    const auto ge = group_entries<scalar_t, acc>("spmm_gated_", indices, values, groups, transpose ? groups : xcols,
+                                                 transpose);
+    if (ge.v.empty()) return;
+    const auto g = gates.to(c10::CppTypeToScalarType<acc>::value).contiguous();
+    spmm_grouped<scalar_t, acc>(out, xc, ge, tok, g.data_ptr<acc>());
   });
 }
 
@@ -378,7 +465,7 @@ struct TokenRows {
   // zbar = Σ_e w_e z_e, the logit-space mixture (w_e = exp(lw[e]), lw: the token's log-weights).
   void mix(const RowKernels<acc>& rk, const acc* lw, acc* zbar) const {
     std::fill(zbar, zbar + V, acc(0));
-    for (int64_t e = 0; e < E; ++e) rk.axpy(zbar, std::exp(lw[e]), z[e], V);
+    for (int64_t e = 0; e < E; ++e) rk.axpy(zbar, std::exp(lw[e]), z[e], nullptr, V);
   }
   // Back through `mix` from d = ∂L/∂zbar: ∂L/∂z_e = w_e d into token t's row of expert e in dz,
   // and ∂L/∂log w_e = w_e ⟨d, z_e⟩ into dw's row of token t. tmp is a scratch row.
@@ -387,7 +474,7 @@ struct TokenRows {
     for (int64_t e = 0; e < E; ++e) {
       const acc w = std::exp(lw[e]);
       std::fill(tmp, tmp + V, acc(0));
-      rk.axpy(tmp, w, d, V);
+      rk.axpy(tmp, w, d, nullptr, V);
       store_row(dz + (e * T + t) * V, tmp, V);
       dw[t * E + e] = w * grad_dot(rk, d, z[e], V);
     }
@@ -410,7 +497,7 @@ void prob_mixture(const RowKernels<acc>& rk, TokenRows<scalar_t, acc>& rows, con
     const acc mx = rk.row_max(rows.z[e], V);
     const acc sum_e = rk.exp_store(pe, rows.z[e], mx, V);
     lse[e * lse_stride] = mx == -std::numeric_limits<acc>::infinity() ? mx : mx + std::log(sum_e);  // as row_lse
-    rk.axpy(s, std::exp(lw[e] - std::log(sum_e)), pe, V);
+    rk.axpy(s, std::exp(lw[e] - std::log(sum_e)), pe, nullptr, V);
   }
   rk.vlog(o, s, V);
   // A class every expert gives probability below ~1e-30 underflowed: redo it exactly (log_mixture in
@@ -604,6 +691,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
 TORCH_LIBRARY_IMPL(xlsparse, CPU, m) {
   m.impl("sddmm", &sddmm_cpu);
   m.impl("spmm_", &spmm_cpu);
+  m.impl("spmm_gated_", &spmm_gated_cpu);
   m.impl("ensemble_logprobs", &ensemble_logprobs_cpu);
   m.impl("ensemble_logprobs_backward", &ensemble_logprobs_backward_cpu);
   m.impl("ensemble_nll", &ensemble_nll_cpu);

@@ -446,13 +446,30 @@ def selected_tokens(op, num_tokens: int, token_index, token_bounds):
     return sel
 
 
-def spmm_values(x, idx, values) -> None:
-    is_tensor("spmm_", "values", values)
+def spmm_values(x, idx, values, op="spmm_") -> None:
+    is_tensor(op, "values", values)
     if values.dim() != 1 or values.numel() != idx.numel():
-        raise ValueError(f"spmm_: values must be 1-D with {idx.numel()} entries like indices, got {tuple(values.shape)}")
+        raise ValueError(f"{op}: values must be 1-D with {idx.numel()} entries like indices, got {tuple(values.shape)}")
     if values.dtype != x.dtype:
-        raise TypeError(f"spmm_: values dtype {values.dtype} does not match x dtype {x.dtype}")
-    same_device("spmm_", x, values=values)
+        raise TypeError(f"{op}: values dtype {values.dtype} does not match x dtype {x.dtype}")
+    same_device(op, x, values=values)
+
+
+def gated_deltas(op, out, x, indices, values, gates) -> None:
+    """spmm_gated_: E deltas as lists of (indices, values) and gates [T, E], each delta checked as
+    one spmm_ scaled by its gate column."""
+    if not isinstance(indices, (list, tuple)) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"{op}: indices and values must be lists of tensors, one per delta")
+    if len(indices) != len(values):
+        raise ValueError(f"{op}: {len(indices)} index tensors but {len(values)} value tensors")
+    float_dtype(op, "out", out)
+    is_tensor(op, "x", x)
+    float_dtype(op, "gates", gates)
+    if gates.dim() != 2 or gates.shape[1] != len(indices) or gates.shape[0] != x.shape[0]:
+        raise ValueError(f"{op}: gates must have shape [{x.shape[0]}, {len(indices)}], got {tuple(gates.shape)}")
+    for idx, vals, scale in zip(indices, values, gates.unbind(1)):
+        token_matmul(op, out, x, idx, None, None, scale, ("out", "x"))
+        spmm_values(x, idx, vals, op)
 
 
 def ensemble(op, logits, log_weights, targets=None) -> None:

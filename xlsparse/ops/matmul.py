@@ -107,6 +107,20 @@ def spmm_reference(out, x, indices, values, token_index=None, token_bounds=None,
     out[rows, cols] = (out[rows, cols].to(acc) + y[:, cols[0]]).to(out.dtype)
 
 
+def spmm_gated_reference(out, x, indices, values, gates, transpose=False):
+    """out += Σ_e gates[:, e] ⊙ x Δ_eᵀ (or x Δ_e when transposed), summed in the accumulation dtype
+    and rounded once, only in the output columns some delta reaches."""
+    acc = acc_dtype(x.dtype)
+    total = out.to(acc)
+    for idx, vals, scale in zip(indices, values, gates.unbind(1)):
+        spmm_reference(total, x.to(acc), idx, vals.to(acc), token_scale=scale, transpose=transpose)
+    groups, xcols = out.shape[1], x.shape[1]
+    reached = torch.zeros(groups, dtype=torch.bool, device=x.device)
+    for idx in indices:
+        reached[(idx.long() % groups) if transpose else (idx.long() // xcols)] = True
+    out[:, reached] = total[:, reached].to(out.dtype)
+
+
 def _prob_mixture(z, lw, lse):
     """log Σ_e exp(lw_e + z_e − lse_e) [T, V] in the accumulation dtype: the prob-space log-probs,
     as the forward computes them and the backward recomputes them."""
@@ -227,6 +241,7 @@ def _nll_backward(ctx, grad_nll, _grad_lse):
 
 registry.define("sddmm", sddmm_reference)
 registry.define("spmm_", spmm_reference)
+registry.define("spmm_gated_", spmm_gated_reference, backends=("reference", "cpu"))
 registry.define("ensemble_logprobs", ensemble_logprobs_reference, backward=_logprobs_backward,
                 setup_context=_logprobs_setup)
 registry.define("ensemble_logprobs_backward", ensemble_logprobs_backward_reference)
@@ -247,6 +262,10 @@ if _ext.loaded():
     def _spmm_fake(out, x, indices, values, token_index, token_bounds, token_scale, transpose):
         checks.token_matmul("spmm_", out, x, indices, token_index, token_bounds, token_scale, ("out", "x"))
         checks.spmm_values(x, indices, values)
+
+    @torch.library.register_fake("xlsparse::spmm_gated_")
+    def _spmm_gated_fake(out, x, indices, values, gates, transpose):
+        checks.gated_deltas("spmm_gated_", out, x, indices, values, gates)
 
     def _lse_fake(logits, prob_space):
         return logits.new_empty(checks.lse_shape(logits, prob_space), dtype=acc_dtype(logits.dtype))
@@ -316,6 +335,31 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
     args = [None if t is None else checks.unaliased(written, t.contiguous())
             for t in (x, indices, values, token_index, token_bounds, token_scale)]
     registry.call(op, x.device, out, *args, bool(transpose), written=[out])
+    return out
+
+
+def spmm_gated_(out, x, indices, values, gates, transpose=False) -> torch.Tensor:
+    """`out += Σ_e gates[:, e] ⊙ (x @ Δ_eᵀ)` (or `x @ Δ_e` when `transpose`) for E deltas, in place;
+    returns out. `indices` and `values` are lists of E tensors, each pair one delta as in `spmm_`;
+    gates [T, E]. Each output element is updated in fp32 once. The CPU kernel transposes x and
+    passes over out once for all E deltas; elsewhere it runs one `spmm_` per delta.
+    """
+    op = "spmm_gated_"
+    checks.gated_deltas(op, out, x, indices, values, gates)
+    if registry.backend_for(op, x.device) == "reference" and registry.backend_for("spmm_", x.device) != "reference":
+        for idx, vals, scale in zip(indices, values, gates.unbind(1)):
+            spmm_(out, x, idx, vals, token_scale=scale, transpose=transpose)
+        return out
+    checks.not_differentiable(op, out=out, x=x, gates=gates, **{f"values[{e}]": v for e, v in enumerate(values)})
+    checks.contiguous_output(op, "out", out)
+    if checks.can_read(x) and not registry.compiled(op, x.device):
+        for idx in indices:
+            checks.indices(op, idx, out.shape[1] * x.shape[1])
+    written = checks.memory_keys([out])
+    x, gates = (checks.unaliased(written, t.contiguous()) for t in (x, gates))
+    indices = [checks.unaliased(written, t.contiguous()) for t in indices]
+    values = [checks.unaliased(written, t.contiguous()) for t in values]
+    registry.call(op, x.device, out, x, indices, values, gates, bool(transpose), written=[out])
     return out
 
 
@@ -478,8 +522,7 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, order, offsets, gates, host_counts, num_deltas, *deltas):
         indices, values = deltas[:num_deltas], deltas[num_deltas:]
         y = F.linear(x, weight, bias)
-        for e in range(num_deltas):
-            spmm_(y, x, indices[e], values[e], *_tokens(order, offsets, gates, e))
+        _add_deltas(y, x, indices, values, order, offsets, gates)
         ctx.num_deltas = num_deltas
         ctx.host_counts = host_counts
         ctx.save_for_backward(x, weight, order, offsets, gates, *deltas)
@@ -496,8 +539,7 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
         dx = dw = db = dgates = None
         if needs[0]:
             dx = dy @ weight
-            for e in range(n):
-                spmm_(dx, dy, indices[e], values[e], *_tokens(order, offsets, gates, e), transpose=True)
+            _add_deltas(dx, dy, indices, values, order, offsets, gates, transpose=True)
         if needs[1]:
             dw = dy.T @ x
         if needs[2]:
@@ -517,6 +559,16 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
                 dgates[:, e] = (scratch.to(acc) * dy.to(acc)).sum(-1)
             dgates = dgates.to(gates.dtype)
         return (dx, dw, db, None, None, dgates, None, None, *([None] * n), *dvalues)
+
+
+def _add_deltas(out, x, indices, values, order, offsets, gates, transpose=False):
+    """out += x Δ_eᵀ (or x Δ_e) for every delta e over its tokens: soft-gated deltas in one
+    `spmm_gated_`, routed ones one `spmm_` each."""
+    if gates is not None:
+        spmm_gated_(out, x, list(indices), list(values), gates, transpose)
+        return
+    for e in range(len(indices)):
+        spmm_(out, x, indices[e], values[e], *_tokens(order, offsets, None, e), transpose=transpose)
 
 
 def _tokens(order, offsets, gates, e):

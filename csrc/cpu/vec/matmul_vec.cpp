@@ -171,16 +171,30 @@ void transpose_rows(const S* const* rows, const T* scale, int64_t m, int64_t col
   }
 }
 
+// y += alpha · s ⊙ x (scale s null: 1).
 template <typename T>
-void axpy(T* y, T alpha, const T* x, int64_t n) {
+void axpy(T* y, T alpha, const T* x, const T* scale, int64_t n) {
   each_vec<T>(n, [&](int64_t i, int64_t c) {
-    at::vec::fmadd(Vec<T>(alpha), Vec<T>::loadu(x + i, c), Vec<T>::loadu(y + i, c)).store(y + i, c);
+    const Vec<T> a = scale ? Vec<T>(alpha) * Vec<T>::loadu(scale + i, c) : Vec<T>(alpha);
+    at::vec::fmadd(a, Vec<T>::loadu(x + i, c), Vec<T>::loadu(y + i, c)).store(y + i, c);
   });
 }
 
+// y += s ⊙ Σ_j alpha[j] x_j (scale s null: 1). Scaled, the four products are summed first and
+// multiplied by s once: one more load and multiply per vector, not a pass of its own.
 template <typename T>
-void axpy4(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n) {
+void axpy4(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, const T* scale, int64_t n) {
   const Vec<T> a0(alpha[0]), a1(alpha[1]), a2(alpha[2]), a3(alpha[3]);
+  if (scale) {
+    each_vec<T>(n, [&](int64_t i, int64_t c) {
+      Vec<T> acc = a0 * Vec<T>::loadu(x0 + i, c);
+      acc = at::vec::fmadd(a1, Vec<T>::loadu(x1 + i, c), acc);
+      acc = at::vec::fmadd(a2, Vec<T>::loadu(x2 + i, c), acc);
+      acc = at::vec::fmadd(a3, Vec<T>::loadu(x3 + i, c), acc);
+      at::vec::fmadd(Vec<T>::loadu(scale + i, c), acc, Vec<T>::loadu(y + i, c)).store(y + i, c);
+    });
+    return;
+  }
   each_vec<T>(n, [&](int64_t i, int64_t c) {
     Vec<T> acc = Vec<T>::loadu(y + i, c);
     acc = at::vec::fmadd(a0, Vec<T>::loadu(x0 + i, c), acc);

@@ -366,13 +366,14 @@ inline void check_targets(const char* op, const at::Tensor& targets, int64_t V) 
 }
 
 // spmm_ writes `out` through a raw pointer (contiguous); its values are one per index, in x's dtype.
-inline void check_spmm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values) {
-  TORCH_CHECK_VALUE(out.is_contiguous(), "spmm_: out must be contiguous");
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == indices.numel(), "spmm_: values must be 1-D with ",
+inline void check_spmm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& indices, const at::Tensor& values,
+                       const char* op = "spmm_") {
+  TORCH_CHECK_VALUE(out.is_contiguous(), op, ": out must be contiguous");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.numel() == indices.numel(), op, ": values must be 1-D with ",
                     indices.numel(), " entries like indices, got ", values.sizes());
-  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "spmm_: values dtype ", values.scalar_type(),
+  TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), op, ": values dtype ", values.scalar_type(),
                    " does not match x dtype ", x.scalar_type());
-  TORCH_CHECK_VALUE(values.device() == x.device(), "spmm_: values must be on ", x.device());
+  TORCH_CHECK_VALUE(values.device() == x.device(), op, ": values must be on ", x.device());
 }
 
 // topk_masks: tensors of one floating dtype on one device, 0 <= k <= their total size. Returns the total.

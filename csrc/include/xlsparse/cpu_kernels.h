@@ -60,9 +60,10 @@ struct RowKernels {
   // The same from bfloat16 rows, given as their 16-bit patterns.
   void (*transpose_rows_bf16)(const uint16_t* const* rows, const T* scale, int64_t m, int64_t cols, T* dst,
                               int64_t stride, bool next_rows);
-  void (*axpy)(T* y, T alpha, const T* x, int64_t n);
-  // y += Σ_j alpha[j] x_j over four rows: y is loaded and stored once per four multiply-adds.
-  void (*axpy4)(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, int64_t n);
+  // y += alpha · s ⊙ x, with s = `scale` (null: 1).
+  void (*axpy)(T* y, T alpha, const T* x, const T* scale, int64_t n);
+  // y += s ⊙ Σ_j alpha[j] x_j over four rows: y is loaded and stored once per four multiply-adds.
+  void (*axpy4)(T* y, const T* alpha, const T* x0, const T* x1, const T* x2, const T* x3, const T* scale, int64_t n);
   T (*sum)(const T* x, int64_t n);
   T (*row_max)(const T* z, int64_t n);
   T (*row_lse)(const T* z, int64_t n);                    // log Σ exp(z)
