@@ -1187,6 +1187,36 @@ def _op_samples(dtype):
 def test_opcheck(dtype):
     for name, args in _op_samples(dtype):
         torch.library.opcheck(getattr(torch.ops.xlsparse, name).default, args)
+    # spmm_gated_ has only a CPU kernel, so it is not among the samples that Triton repeats
+    gen = seeded(17)
+    x, gates = torch.randn(9, 5, generator=gen).to(dtype), torch.rand(9, 2, generator=gen).to(dtype)
+    idx = [random_indices(35, 12, torch.int32, gen), random_indices(35, 4, torch.int64, gen)]
+    vals = [torch.randn(i.numel(), generator=gen).to(dtype) for i in idx]
+    for transpose, xin in ((False, x), (True, torch.randn(9, 7, generator=gen).to(dtype))):
+        out = torch.randn(9, 5 if transpose else 7, generator=gen).to(dtype)
+        torch.library.opcheck(torch.ops.xlsparse.spmm_gated_.default, (out, xin, idx, vals, gates, transpose))
+
+
+@needs_ext
+def test_soft_gated_layer_compiles_with_fullgraph():
+    """Soft gates go through spmm_gated_ on a CPU, forward and dX, inside a traced graph too."""
+    gen = seeded(18)
+    x = torch.randn(6, 5, generator=gen, requires_grad=True)
+    w, b = torch.randn(7, 5, generator=gen), torch.randn(7, generator=gen)
+    idx = [random_indices(35, 9, torch.int32, gen), random_indices(35, 14, torch.int32, gen)]
+    vals = [torch.randn(i.numel(), generator=gen, requires_grad=True) for i in idx]
+    gates = torch.rand(6, 2, generator=gen)
+
+    def f(x, v0, v1):
+        return functional.multi_delta_linear(x, w, b, idx, [v0, v1], gates=gates)
+
+    y = torch.compile(f, fullgraph=True, backend="aot_eager")(x, *vals)
+    grads = torch.autograd.grad(y.square().sum(), [x, *vals])
+    ref = f(x, *vals)
+    expect = torch.autograd.grad(ref.square().sum(), [x, *vals])
+    torch.testing.assert_close(y, ref)
+    for got, want in zip(grads, expect):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.skipif("triton" not in MM_BACKENDS, reason="triton not usable here")
