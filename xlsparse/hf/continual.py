@@ -135,6 +135,9 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     score: an entry another language needs more than this one ranks last, not first.
     `uriel_codes` maps each language key of `scores` to its ISO 639-3 code.
     """
+    if not (isinstance(protect, (int, float)) and math.isfinite(protect) and protect >= 0):
+        # a negative protect would rank entries that other languages need first: the opposite rule
+        raise ValueError(f"language_aware_masks: protect must be a finite number >= 0, got {protect!r}")
     langs = list(scores)
     names = list(next(iter(scores.values())))
     for lang in langs:  # a parameter one language scored and another did not would be skipped or a KeyError
