@@ -348,13 +348,9 @@ std::tuple<at::Tensor, at::Tensor> merge_deltas_cpu(at::TensorList indices, at::
   const char* op = "merge_deltas";
   check_merge(op, indices, values, weights, numel);
   const int64_t n = static_cast<int64_t>(indices.size());
-  std::vector<at::Tensor> idx(n), val(n);
-  int64_t total = 0;
-  for (int64_t e = 0; e < n; ++e) {
-    idx[e] = indices[e].contiguous();
-    val[e] = values[e].contiguous();
-    total += idx[e].numel();
-  }
+  const DeltaList deltas(indices, values);
+  const std::vector<at::Tensor>&idx = deltas.idx, &val = deltas.val;
+  const int64_t total = deltas.total;
   const auto ranges = index_ranges(std::max<int64_t>(numel, 1), std::max<int64_t>(total, 1));
   const int64_t parts = static_cast<int64_t>(ranges.size());
   at::Tensor out_idx, out_val;

@@ -298,15 +298,10 @@ GroupedEntries<acc> group_entries(const char* op, at::TensorList indices, at::Te
   const int64_t E = static_cast<int64_t>(indices.size());
   ge.deltas = E;
   ge.start.assign(groups * E + 1, 0);
-  std::vector<at::Tensor> idx(E), val(E);
-  int64_t k = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    idx[e] = indices[e].contiguous();
-    val[e] = values[e].contiguous();
-    k += idx[e].numel();
-  }
-  ge.other.resize(k);
-  ge.v.resize(k);
+  const DeltaList deltas(indices, values);
+  const std::vector<at::Tensor>&idx = deltas.idx, &val = deltas.val;
+  ge.other.resize(deltas.total);
+  ge.v.resize(deltas.total);
   // key of entry i of delta e: its group, then e
   auto each = [&](auto&& f) {
     for (int64_t e = 0; e < E; ++e) {

@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 #if defined(__CUDACC__)
 #define XLS_HD __host__ __device__ __forceinline__
 #else
@@ -16,6 +18,19 @@ namespace xlsparse {
 template <typename T> struct acc { using type = float; };
 template <> struct acc<double> { using type = double; };
 template <typename T> using acc_t = typename acc<T>::type;
+
+// The E deltas of a list op (indices[e], values[e]) as contiguous tensors, and their entry count.
+struct DeltaList {
+  std::vector<at::Tensor> idx, val;
+  int64_t total = 0;
+  DeltaList(at::TensorList indices, at::TensorList values) : idx(indices.size()), val(values.size()) {
+    for (size_t e = 0; e < indices.size(); ++e) {
+      idx[e] = indices[e].contiguous();
+      val[e] = values[e].contiguous();
+      total += idx[e].numel();
+    }
+  }
+};
 
 }  // namespace xlsparse
 
