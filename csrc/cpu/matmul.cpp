@@ -476,30 +476,35 @@ struct TokenRows {
   }
 };
 
+// Below this mixture sum (the probability of a class under the mixture) the vector path lost
+// digits to underflow: such classes are redone one term at a time.
+template <typename acc>
+constexpr acc kTinyMixture = std::is_same_v<acc, float> ? acc(1e-30) : acc(1e-300);
+
 // The prob-space log-mixture of the token in `rows`: o[v] = log Σ_e exp(lw[e] + z_e[v] − lse_e) in
-// acc, with lse_e written to lse[e * lse_stride]; s and the E rows rows.row(p0 + e) are scratch. The
-// forward's output before rounding, recomputed bit for bit by the backward, which must not read the
-// rounded out (bf16 near −10: a 0.0625 grid, ~1% off in the posterior).
-// p_e = exp(z_e − max_e) once per class; the mixture is then Σ_e a_e p_e with a_e = w_e / Σ p_e:
-// E exponentials and one log per class instead of 2E + 1.
+// acc, with lse_e written to lse[e * lse_stride]. The forward's output before rounding, recomputed
+// bit for bit by the backward, which must not read the rounded out (bf16 near −10: a 0.0625 grid,
+// ~1% off in the posterior). p_e = exp(z_e − max_e) once per class, left in rows.row(p0 + e), with
+// Σ_v p_e in sums[e] (when given); the mixture sum s = Σ_e a_e p_e, a_e = w_e / Σ_v p_e, is left in
+// s: E exponentials and one log per class instead of 2E + 1.
 template <typename scalar_t, typename acc>
 void prob_mixture(const RowKernels<acc>& rk, TokenRows<scalar_t, acc>& rows, const acc* lw, acc* lse,
-                  int64_t lse_stride, acc* s, acc* o, int p0) {
+                  int64_t lse_stride, acc* s, acc* o, int p0, acc* sums = nullptr) {
   const int64_t E = rows.E, V = rows.V;
   std::fill(s, s + V, acc(0));
   for (int64_t e = 0; e < E; ++e) {
     acc* pe = rows.row(p0 + static_cast<int>(e));
     const acc mx = rk.row_max(rows.z[e], V);
     const acc sum_e = rk.exp_store(pe, rows.z[e], mx, V);
+    if (sums) sums[e] = sum_e;
     lse[e * lse_stride] = mx == -std::numeric_limits<acc>::infinity() ? mx : mx + std::log(sum_e);  // as row_lse
     rk.axpy(s, std::exp(lw[e] - std::log(sum_e)), pe, nullptr, V);
   }
   rk.vlog(o, s, V);
   // A class every expert gives probability below ~1e-30 underflowed: redo it exactly (log_mixture in
   // matmul.h; −inf where every expert bans it).
-  const acc tiny = std::is_same_v<acc, float> ? acc(1e-30) : acc(1e-300);
   for (int64_t v = 0; v < V; ++v) {
-    if (s[v] >= tiny) continue;
+    if (s[v] >= kTinyMixture<acc>) continue;
     o[v] = log_mixture<acc>(E, [&](int64_t e) { return lw[e] + rows.z[e][v] - lse[e * lse_stride]; });
   }
 }
@@ -558,21 +563,40 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
     acc* dw = dlw.data_ptr<acc>();
     at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
       // gb: grad, ob: the log-probs recomputed in acc, d: the mixture sum (prob) or the mixed
-      // logits' gradient (logit), tmp: scratch, then (prob) the E rows prob_mixture uses.
-      TokenRows<scalar_t, acc> rows(E, T, V, prob_space ? static_cast<int>(E) + 4 : 4);
-      acc *gb = rows.row(0), *ob = rows.row(1), *d = rows.row(2), *tmp = rows.row(3);
-      std::vector<acc> lse_again(E);  // the forward's lse, recomputed on the way (the saved one is used below)
+      // logits' gradient (logit), tmp: scratch, then (prob) r = g / the mixture sum and the E rows
+      // prob_mixture leaves.
+      TokenRows<scalar_t, acc> rows(E, T, V, prob_space ? static_cast<int>(E) + 5 : 4);
+      acc *gb = rows.row(0), *ob = rows.row(1), *d = rows.row(2), *tmp = rows.row(3), *r = rows.row(4);
+      std::vector<acc> lse_again(E), sums(E);  // the forward's lse, recomputed on the way (the saved one is used below)
+      std::vector<int64_t> exact;  // classes whose mixture sum underflowed
       for (int64_t t = t0; t < t1; ++t) {
         rows.load(z.data_ptr<scalar_t>(), t);
         const acc* gr = as_acc(g.data_ptr<scalar_t>() + t * V, V, gb);
         if (prob_space) {
-          prob_mixture(rk, rows, lwp + t * E, lse_again.data(), 1, d, ob, 4);
-          // A class every expert bans has posterior 0 (out_for_posterior in matmul.h).
-          for (int64_t v = 0; v < V; ++v) ob[v] = out_for_posterior(ob[v]);
+          prob_mixture(rk, rows, lwp + t * E, lse_again.data(), 1, d, ob, 5, sums.data());
+          // The posterior of expert e is q_e = w_e p_e / s with p_e = pe / Σ pe and s the mixture sum,
+          // so S_e = Σ_v g q_e = (w_e / Σ pe) ⟨g / s, pe⟩ and dz_e = g q_e − p_e S_e
+          // = pe (w_e r − S_e) / Σ pe: no exponential beyond the forward's. Classes whose sum
+          // underflowed take the term-by-term formulas (dot_exp, prob_grad); a class every expert
+          // bans has posterior 0 (out_for_posterior in matmul.h).
+          for (int64_t v = 0; v < V; ++v) r[v] = d[v] >= kTinyMixture<acc> ? gr[v] / d[v] : acc(0);  // vectorized
+          exact.clear();
+          for (int64_t v = 0; v < V; ++v) {
+            if (d[v] >= kTinyMixture<acc>) continue;
+            exact.push_back(v);
+            ob[v] = out_for_posterior(ob[v]);
+          }
           for (int64_t e = 0; e < E; ++e) {
             const acc lse_e = lp[e * T + t], lw_e = lwp[t * E + e];
-            const acc S = rk.dot_exp(gr, rows.z[e], -lse_e, lw_e, ob, V);  // Σ_v g · posterior of expert e
-            rk.prob_grad(tmp, gr, rows.z[e], lse_e, lw_e, ob, S, V);
+            const acc* pe = rows.row(5 + static_cast<int>(e));
+            const acc* ze = rows.z[e];
+            const acc c = std::exp(lw_e) / sums[e];
+            acc S = c * rk.dot(r, pe, V);
+            for (int64_t v : exact) S += rk.dot_exp(gr + v, ze + v, -lse_e, lw_e, ob + v, 1);
+            std::fill(tmp, tmp + V, acc(0));
+            rk.axpy(tmp, c, r, pe, V);
+            rk.axpy(tmp, -S / sums[e], pe, nullptr, V);
+            for (int64_t v : exact) rk.prob_grad(tmp + v, gr + v, ze + v, lse_e, lw_e, ob + v, S, 1);
             store_row(dz + (e * T + t) * V, tmp, V);
             dw[t * E + e] = S;
           }
