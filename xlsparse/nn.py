@@ -2,6 +2,7 @@
 `MultiDeltaLinear`) and per-language gradient masks (`SubnetworkLinear`); and for `nn.Embedding`
 (`SparseDeltaEmbedding`, and `ExpertEmbedding` with one delta per routed expert)."""
 import contextlib
+import json
 import math
 from collections.abc import Sequence
 
@@ -299,6 +300,30 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
                 _unrouted(self)
         return functional.multi_delta_linear(x, self.weight, self.bias, self.delta_indices, list(self.delta_values),
                                              route=route, gates=gates)
+
+    # The state dict holds the languages in id order (utf-8 JSON as uint8): the deltas are stored
+    # by id, so a model converted with the languages in another order loaded each language's delta
+    # under another's id, silently (a Trainer resume). A state dict without it (older) loads unchecked.
+    _NAMES_KEY = "language_names"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        encoded = json.dumps([str(n) for n in self.names]).encode()
+        destination[prefix + self._NAMES_KEY] = torch.tensor(list(encoded), dtype=torch.uint8)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + self._NAMES_KEY
+        if key in state_dict:
+            saved = json.loads(bytes(state_dict[key].cpu().tolist()).decode())
+            if saved != [str(n) for n in self.names]:
+                raise ValueError(f"load_state_dict: {prefix[:-1] or 'the layer'} holds the deltas of languages {saved} "
+                                 f"(in id order), this layer's are {[str(n) for n in self.names]}: convert the model "
+                                 "with the languages in the saved order")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, deltas={self.names}"

@@ -381,6 +381,22 @@ def test_each_phase_has_its_own_checkpoints_holding_the_sft(tmp_path):
     assert (tmp_path / "r" / "iteration-1" / "sparse" / "checkpoint-2" / "sft.safetensors").is_file()
 
 
+def test_a_save_without_an_sft_leaves_no_earlier_sft_in_the_folder(tmp_path):
+    # A save outside a sparse phase writes no SFT; an earlier run's sft.safetensors stayed in a
+    # reused folder beside the new model's files and passed for its SFT
+    sft_args = SftArguments(ft_params_num=100, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    trained = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+                                           sft_args=sft_args)
+    trained.train()
+    trained.save_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "sft.safetensors").is_file()
+    fresh = LotteryTicketSparseFineTuner(model=tiny("bert", seed=1), args=_args(tmp_path / "b"), train_dataset=_LMData(),
+                                         sft_args=sft_args)
+    fresh.save_model(str(tmp_path / "out"))
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert not (tmp_path / "out" / "sft.safetensors").exists()
+
+
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("best_first", [False, True], ids=["best-last", "best-first"])
 def test_load_best_model_at_end_gives_the_best_checkpoints_sft(tmp_path, best_first, dynamic):
@@ -890,6 +906,21 @@ def test_resuming_with_other_sft_arguments_is_refused_before_anything_changes(tm
         assert not resumed._masks
         for (n, p), q in zip(resumed.model.named_parameters(), tiny("bert").parameters()):
             assert torch.equal(p, q), n
+
+
+def test_resuming_on_another_base_model_is_refused_before_anything_changes(tmp_path):
+    # The trainer took the checkpoint's SFT and trained it on its own base: another model of the
+    # same shapes (here another seed) silently got a resumed SFT of 300 entries
+    sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=2)
+    LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args,
+                                 args=_args(tmp_path, save_strategy="steps", save_steps=1)).train()
+    resumed = LotteryTicketSparseFineTuner(model=tiny("bert", seed=1), train_dataset=_LMData(), sft_args=sft_args,
+                                           args=_args(tmp_path / "again"))
+    with pytest.raises(ValueError, match="another base model"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
+    assert not resumed._masks
+    for (n, p), q in zip(resumed.model.named_parameters(), tiny("bert", seed=1).parameters()):
+        assert torch.equal(p, q), n
 
 
 def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(tmp_path):

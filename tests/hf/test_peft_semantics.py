@@ -870,6 +870,26 @@ def test_a_failed_xlsparse_save_leaves_no_earlier_diff_in_the_folder(tmp_path):
         hf.from_pretrained(copy.deepcopy(base), str(tmp_path))
 
 
+def test_a_save_leaves_no_earlier_save_s_language_files_in_the_folder(tmp_path):
+    # a 'multi' save of fewer languages (or a 'delta' save) left the earlier save's
+    # xlsparse_diff.lang<i>.safetensors beside its own files, where they passed for this model's
+    base = tiny("bert")
+    three = hf.convert(copy.deepcopy(base), kind="multi",
+                       diffs={lang: random_diff(base, 7, 0.1, seed=e) for e, lang in enumerate(["de", "fr", "it"])})
+    hf.save_pretrained(three, str(tmp_path))
+    assert os.path.isfile(tmp_path / "xlsparse_diff.lang2.safetensors")
+    two = hf.convert(copy.deepcopy(base), kind="multi",
+                     diffs={lang: random_diff(base, 7, 0.1, seed=5 + e) for e, lang in enumerate(["de", "fr"])})
+    hf.save_pretrained(two, str(tmp_path))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("xlsparse")) == [
+        "xlsparse_config.json", "xlsparse_diff.lang0.safetensors", "xlsparse_diff.lang1.safetensors",
+        "xlsparse_diff.safetensors"]
+    assert hf.model.languages(hf.from_pretrained(copy.deepcopy(base), str(tmp_path))) == ["de", "fr"]
+    hf.save_pretrained(hf.convert(copy.deepcopy(base), density=0.1), str(tmp_path))
+    assert sorted(f for f in os.listdir(tmp_path) if f.startswith("xlsparse")) == [
+        "xlsparse_config.json", "xlsparse_diff.safetensors"]
+
+
 def test_a_subnetwork_save_leaves_no_earlier_diff_in_the_folder(tmp_path):
     # a 'subnetwork' model's save writes transformers' files only; an earlier 'delta' save's diff in
     # the folder (a reused Trainer output_dir) stayed, and from_pretrained loaded it as this model
@@ -1173,6 +1193,24 @@ def test_a_multi_model_holds_its_own_copy_of_the_diffs_indices():
     for lang, diff in diffs.items():
         for n, d in diff.deltas.items():
             assert torch.equal(d.indices, kept[lang][n]), (lang, n)
+
+
+def test_a_multi_state_dict_refuses_a_model_with_the_languages_in_another_order():
+    # The deltas are stored by id: a model converted with {"fr", "de"} took the German delta as
+    # French and the French as German from a {"de", "fr"} state dict (a Trainer resume), silently
+    base = tiny("bert")
+    diffs = {lang: random_diff(base, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
+    saved = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs).state_dict()
+    swapped = hf.convert(copy.deepcopy(base), kind="multi", diffs={"fr": diffs["fr"], "de": diffs["de"]})
+    before = {n: t.clone() for n, t in swapped.state_dict().items()}
+    with pytest.raises(ValueError, match=r"languages \['de', 'fr'\].*\['fr', 'de'\]"):
+        swapped.load_state_dict(saved)
+    name = next(n for n, m in swapped.named_modules() if isinstance(m, xlsparse.nn.MultiDeltaLinear))
+    assert all(torch.equal(t, before[n]) for n, t in swapped.state_dict().items() if n.startswith(name + "."))
+    same = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    assert not same.load_state_dict(saved).unexpected_keys
+    older = {n: t for n, t in saved.items() if not n.endswith(".language_names")}  # saved before the names
+    swapped.load_state_dict(older)
 
 
 @pytest.mark.parametrize("kind", ["delta", "multi", "subnetwork"])

@@ -756,6 +756,33 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
         torch.testing.assert_close(resumed_weights[n], p, rtol=0, atol=0, msg=n)
 
 
+def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
+    """A checkpoint of a model whose languages are listed in another order is refused; the
+    Trainer once loaded its weights first, so the model kept the trained weights under its own
+    (swapped) masks after the error."""
+    from transformers import TrainingArguments
+
+    def model_and_args(order, out, **kw):
+        model = tiny("bert")
+        g = torch.Generator().manual_seed(1)
+        masks = {lang: {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()
+                        if ".layer." in n and n.endswith("dense.weight")} for lang in ("de", "fr")}
+        hf.convert(model, kind="subnetwork", masks={lang: masks[lang] for lang in order})
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=2,
+                                 report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000, **kw)
+        return model, args
+
+    model, args = model_and_args(("de", "fr"), tmp_path / "a", save_strategy="steps", save_steps=2)
+    subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=8)).train()
+    swapped, args = model_and_args(("fr", "de"), tmp_path / "b", save_strategy="no")
+    before = {n: p.detach().clone() for n, p in swapped.named_parameters()}
+    trainer = subnetworks.SubnetworkTrainer(model=swapped, args=args, train_dataset=_MixedData(n=8))
+    with pytest.raises(ValueError, match="another setup"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in swapped.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 @pytest.mark.parametrize("recipe", ["reptile", "fomaml"])
 def test_meta_learning_refuses_masks_the_converted_layers_close(recipe):
     """A converted layer masks each language's gradient by its own mask: recipe masks opening

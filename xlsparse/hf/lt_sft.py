@@ -547,6 +547,23 @@ class LotteryTicketSparseFineTuner(Trainer):
                              f"SftArguments has selected {expected} (K = {self._num_tunable}, n_ft_iterations = {n}): "
                              "build the trainer with the checkpoint's run's arguments")
         weights = _load_weights(checkpoint)
+        # the SFT is a difference from the base it trained on: off its support the checkpoint's
+        # maskable weights are that base's own. Another base (other weights, same shapes) would
+        # silently carry the deltas over to itself.
+        params = self._params()
+        for name in self.maskable:
+            key = next((a for a in _aliases(self.model, params[name]) if a in weights), None)
+            if key is None or _is_dtensor(self._theta0[name]):
+                continue
+            theta0 = self._theta0[name].reshape(-1)
+            saved = weights[key].reshape(-1).to(theta0.device)
+            off = torch.ones(theta0.numel(), dtype=torch.bool, device=theta0.device)
+            if name in sft.deltas:
+                off[sft.deltas[name].indices.long().to(theta0.device)] = False
+            if saved.shape != theta0.shape or not torch.equal(saved[off], theta0[off]):
+                raise ValueError(f"resume_from_checkpoint: {checkpoint} was trained from another base model: its "
+                                 f"{name!r} differs from this trainer's outside the SFT's entries (build the trainer "
+                                 "on the checkpoint's run's base model)")
         masks = {}  # the checkpoint's alone: a run before this one must not leave its own
         with torch.no_grad():
             for name, p in self._trainable().items():
@@ -986,11 +1003,16 @@ class LotteryTicketSparseFineTuner(Trainer):
         A full phase's checkpoints hold no SFT: the model has moved everywhere, and θ − θ0 on an
         earlier round's masks would not be one."""
         super().save_model(output_dir, _internal_call=_internal_call)
-        if self.args.should_save and self._masks and self._phase == "sparse":
-            folder = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        path = os.path.join(folder, SFT_FILE)
+        if self._masks and self._phase == "sparse":
             os.makedirs(folder, exist_ok=True)
             sft = self._sft_at_end if self._sft_at_end is not None and not self._converted else self.current_sft()
-            sft.save(os.path.join(folder, SFT_FILE))
+            sft.save(path)
+        elif os.path.isfile(path):  # an earlier save's SFT in a reused folder would pass for this model's
+            os.remove(path)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """During a sparse phase the weights are saved folded (θ0 + Δ) under the model's own

@@ -1053,6 +1053,10 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         for i in range(len(config.languages)):
             SparseDiff._trusted(_language_deltas(model, i), base_model=config.base_model).save(
                 os.path.join(directory, _lang_file(i)))
+    written = {CONFIG_NAME, DIFF_NAME, *(_lang_file(i) for i in range(len(config.languages)) if config.kind == "multi")}
+    for name in os.listdir(directory):  # an earlier save's per-language files would pass for this model's
+        if _saved_file(name) and name not in written:
+            os.remove(os.path.join(directory, name))
     config.save(directory)
 
 

@@ -726,7 +726,8 @@ class SubnetworkTrainer(Trainer):
                        os.path.join(output_dir or self.args.output_dir, self.MASKS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        # the masks file is checked before the Trainer loads the weights: a refused checkpoint
+        # must leave the model as it was, not holding its weights under this run's masks
         path = os.path.join(resume_from_checkpoint, self.MASKS_FILE)
         if not os.path.isfile(path):
             raise ValueError(f"SubnetworkTrainer: resume_from_checkpoint {resume_from_checkpoint!r} has no "
@@ -744,6 +745,7 @@ class SubnetworkTrainer(Trainer):
             if any(bool((saved["masks"][n].any(0) & ~_covered_mask(layers[n], covered[n][0])).any()) for n in covered):
                 raise ValueError(f"SubnetworkTrainer: {path} was written by an older xlsparse after a re-selection "
                                  "opened new entries, and it lacks their values from convert; it cannot be resumed")
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
         for name, layer in layers.items():
             layer.set_masks(dict(zip(saved["languages"], saved["masks"][name])))
         _restore_subnet_coverage(self.model, covered)
