@@ -31,20 +31,30 @@ def all_reduce_scores(scores, op: str = "sum", group=None):
         raise ValueError(f"all_reduce_scores: op must be 'sum' or 'mean', got {op!r}")
     named = _leaves(scores)
     tensors = [t for _, t in named]
-    if not _world(group) or not tensors:
+    if not _world(group):
         return scores
-    # The buffer pairs entries by position: a rank whose dict holds other names (or the same names
-    # in another order, which _leaves sorts away) would add unrelated scores without an error.
-    layout = zlib.crc32(repr([(path, tuple(t.shape)) for path, t in named]).encode())
-    check = torch.tensor([layout, -layout], dtype=torch.int64, device=tensors[0].device)
-    dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
-    if int(check[0]) != -int(check[1]):
-        raise ValueError("all_reduce_scores: the ranks hold scores under different names or shapes")
+    error = None
     for i, t in enumerate(tensors):
         if not t.is_floating_point():
-            raise TypeError(f"all_reduce_scores: score {i} must be floating point, got {t.dtype}")
-        if t.device != tensors[0].device:
-            raise ValueError(f"all_reduce_scores: scores must share one device; score {i} is on {t.device}")
+            error = TypeError(f"all_reduce_scores: score {i} must be floating point, got {t.dtype}")
+        elif t.device != tensors[0].device:
+            error = ValueError(f"all_reduce_scores: scores must share one device; score {i} is on {t.device}")
+        if error is not None:
+            break
+    # Every rank joins the check, even with no scores or a bad one: a rank that raised or returned
+    # alone would leave the others in a collective that pairs with its next one (DDP's gradients).
+    # The buffer pairs entries by position: a rank whose dict holds other names (or the same names
+    # in another order, which _leaves sorts away), dtypes or op would add unrelated scores.
+    same, failed = _agree(named, group, error is not None, op)
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError("all_reduce_scores: another rank was given scores it refused (see its error)")
+    if not same:
+        raise ValueError("all_reduce_scores: the ranks hold scores under different names or shapes "
+                         "(or dtypes, or another op)")
+    if not tensors:
+        return scores
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -68,9 +78,17 @@ def topk_mask(tensors: list, k: int, group=None) -> list[torch.Tensor]:
 
 def same_on_all_ranks(tensors, group=None) -> bool:
     """True when every tensor (masks, indices, values) is bit-identical on all ranks of `group`:
-    a cheap check (one all-reduce of per-tensor checksums) to run after a mask update."""
-    tensors = [t for _, t in _leaves(tensors)]
-    if not _world(group) or not tensors:
+    a cheap check (a layout check, then all-reduces of per-tensor checksums) to run after a mask
+    update. Other names, shapes, dtypes or numbers of tensors on some rank give False on every rank."""
+    named = _leaves(tensors)
+    tensors = [t for _, t in named]
+    if not _world(group):
+        return True
+    # One fixed-size check first, on every rank: with other counts or shapes the checksum buffers
+    # below would differ in size (gloo aborts; NCCL may pair them anyway).
+    if not _agree(named, group)[0]:
+        return False
+    if not tensors:
         return True
     sums = torch.stack([fingerprint(t).to(tensors[0].device) for t in tensors])  # NCCL reduces GPU tensors
     low, high = sums.clone(), sums.clone()
@@ -113,6 +131,21 @@ def fingerprint(t: torch.Tensor) -> torch.Tensor:
 def _wrap(x: int) -> int:
     """x as a two's-complement int64 (what torch's int64 arithmetic would hold)."""
     return (x + 2**63) % 2**64 - 2**63
+
+
+def _agree(named, group, bad: bool = False, extra: str = "") -> tuple[bool, bool]:
+    """(whether every rank of `group` holds the same names, shapes and dtypes (and `extra`), whether
+    any rank passed `bad`), in one all-reduce of a fixed size that every rank must join."""
+    layout = zlib.crc32(repr([extra] + [(path, tuple(t.shape), str(t.dtype)) for path, t in named]).encode())
+    if named:
+        device = named[0][1].device
+    elif dist.get_backend(group) == "nccl":  # a rank with nothing to send still needs NCCL's device
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    check = torch.tensor([layout, -layout, int(bad)], dtype=torch.int64, device=device)
+    dist.all_reduce(check, op=dist.ReduceOp.MAX, group=group)
+    return int(check[0]) == -int(check[1]), bool(check[2])
 
 
 def _leaves(obj, path: str = "") -> list[tuple[str, torch.Tensor]]:

@@ -269,7 +269,18 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         wrong_shard = None
         for i, (pid, p) in enumerate(zip(saved_ids, self._all_params())):
-            tag = state_dict["state"].get(pid, {}).get("shard")
+            saved = state_dict["state"].get(pid, {})
+            tag = saved.get("shard")
+            if tag is None and _is_dtensor(p) and any(k in saved for k in _SELECTOR_KEYS):
+                # saved over the whole parameter (no FSDP2): its flat indices, all within this
+                # shard's size, would pass as this shard's own and train other entries
+                wrong_shard = (
+                    f"load_state_dict: the state of param {i} was saved for the whole parameter (it has no shard "
+                    f"tag), and this process holds the shard {_shard_tag(p).tolist()} (mesh coordinates, then mesh "
+                    "shape) of a sharded (FSDP2) parameter. Load it into an optimizer over the unsharded parameter; "
+                    "under FSDP2 each process loads the state it saved itself (torch.save of optimizer.state_dict() "
+                    "per rank)")
+                break
             if tag is not None and (not _is_dtensor(p) or not torch.equal(torch.as_tensor(tag).cpu(), _shard_tag(p))):
                 wrong_shard = (
                     f"load_state_dict: the state of param {i} holds the shard {torch.as_tensor(tag).tolist()} "

@@ -2,6 +2,7 @@
 rules: step caps, L1 units, accumulated masks over rounds, freezing/untying, composition of
 language and task SFTs, multi-source batches, and phase 2's O(K) layers."""
 import copy
+import math
 import os
 import warnings
 
@@ -1056,6 +1057,84 @@ def test_an_upsampled_source_is_batched_one_pass_per_repetition():
         de = [[data.order[p][1] for p in b] for b in batches if data.order[b[0]][0] == "de"]
         assert all(len(set(b)) == len(b) for b in de), de
         assert sorted(i for b in de for i in b) == [0, 0, 1, 1, 2, 2]
+
+
+def test_under_ddp_the_batches_of_one_step_share_a_source():
+    # Accelerate hands consecutive batches to the processes in turn: one step's batches came from
+    # different sources, so each process trained with another source SFT applied and DDP averaged
+    # them (one process, or composable-sft on every process, trains one source per step).
+    from xlsparse.hf.lt_sft import SingleSourceBatchSampler
+
+    data = MultiSourceDataset({"de": _LMData(n=5), "fr": _LMData(n=3)}, upsampling={"fr": 2})
+    for drop_last in (False, True):
+        for seed in range(10):
+            batches = list(SingleSourceBatchSampler(data, batch_size=2, seed=seed, drop_last=drop_last, num_replicas=2))
+            assert len(batches) % 2 == 0 and all(len(b) == 2 for b in batches)
+            steps = [batches[i] + batches[i + 1] for i in range(0, len(batches), 2)]
+            sources = [{data.order[p][0] for p in step} for step in steps]
+            assert all(len(s) == 1 for s in sources), sources
+            if not drop_last:  # every item of every pass is trained (a short last step wraps around its pass)
+                for source, reps in (("de", 1), ("fr", 2)):
+                    seen = sorted({data.order[p][1] for step in steps for p in step if data.order[p][0] == source})
+                    assert seen == list(range(len(data.datasets[source]))), (source, seen)
+                    items = sum(len(step) for step in steps if data.order[step[0]][0] == source)
+                    assert items == reps * 4 * math.ceil(len(data.datasets[source]) / 4), (source, items)
+    # one process: the batches are as before
+    one = list(SingleSourceBatchSampler(data, batch_size=2, seed=3))
+    assert sorted(len(b) for b in one) == [1, 1, 1, 2, 2, 2, 2]
+
+
+_MULTI_SOURCE_DDP_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lt_sft import _fixed_selection, _multi_source_trainer
+from xlsparse.hf.lt_sft import SOURCE_KEY
+trainer = _multi_source_trainer({out!r}, per_device_train_batch_size=2, average_tokens_across_devices=False)
+sources = [b[SOURCE_KEY] for b in trainer.get_train_dataloader()]
+gathered = [None, None]
+torch.distributed.all_gather_object(gathered, sources)
+_fixed_selection(trainer).train()
+if trainer.args.process_index == 0:
+    torch.save(gathered, {out!r} + "/sources.pt")
+    trainer.sft.save({out!r} + "/ddp.safetensors")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+def _multi_source_trainer(out, **kw):
+    data = MultiSourceDataset({"de": _LMData(n=8, seed=1), "fr": _LMData(n=8, seed=2)})
+    return LotteryTicketSparseFineTuner(
+        model=_no_dropout(tiny("bert")), args=_args(out, logging_steps=1000, **kw), train_dataset=data,
+        source_sfts=_source_sfts(tiny("bert")),
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=4))
+
+
+@pytest.mark.slow
+def test_multi_source_batches_of_one_step_share_a_source_on_every_process(tmp_path):
+    import os
+    import subprocess
+
+    from conftest import child_python
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "multi.py"
+    script.write_text(_MULTI_SOURCE_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                       "29641", str(script)), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "sources.pt", weights_only=False)
+    assert len(rank0) == len(rank1) == 4  # 16 items, 2 processes, batches of 2
+    assert rank0 == rank1  # each step: one source on both processes
+    # and phase 2 gives one process's SFT over the same global batches (4 per step; off by 0.066 before)
+    ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
+    single = _multi_source_trainer(tmp_path / "one", per_device_train_batch_size=4)
+    _fixed_selection(single).train()
+    assert set(ddp.deltas) == set(single.sft.deltas)
+    for n, d in single.sft.deltas.items():
+        assert torch.equal(ddp.deltas[n].indices, d.indices), n
+        torch.testing.assert_close(ddp.deltas[n].values, d.values, atol=2e-5, rtol=1e-3)
 
 
 def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):

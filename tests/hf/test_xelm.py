@@ -544,3 +544,61 @@ def test_expert_trainer_refuses_an_optimizer_it_would_ignore(tmp_path, option):
     kwargs = {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1})} if option != "optim" else {}
     with pytest.raises(ValueError, match="ExpertTrainer"):
         xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05, **kwargs)
+
+
+_DDP_EXPERT_SCRIPT = '''
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from tiny_models import VOCAB, tiny
+from transformers import TrainingArguments
+from xlsparse.hf.xelm import ExpertTrainer
+
+
+class Data(torch.utils.data.Dataset):
+    ids = torch.randint(3, VOCAB, (8, 8), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {{"input_ids": self.ids[i], "labels": self.ids[i]}}
+
+
+base = tiny("bert")
+torch.manual_seed(int(os.environ["RANK"]))  # a per-process seed (for data augmentation, say): other supports drawn
+args = TrainingArguments(output_dir={out!r}, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
+                         weight_decay=0.1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                         lr_scheduler_type="constant", average_tokens_across_devices=False)
+trainer = ExpertTrainer(base, args=args, train_dataset=Data(), density=0.05)
+trainer.train()
+gathered = [None, None]
+torch.distributed.all_gather_object(gathered, {{n: (d.indices, d.values) for n, d in trainer.expert().deltas.items()}})
+if trainer.args.process_index == 0:
+    torch.save(gathered, {out!r} + "/experts.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_expert_trainer_under_ddp_ends_with_one_expert_on_every_process(tmp_path):
+    # DDP gives every process rank 0's support after the Trainer built the optimizer; the weight
+    # decay's θ0 anchors taken then stayed at each process's own draw, and the processes' deltas
+    # drifted apart (2.7e-4 after 3 steps).
+    import subprocess
+
+    from conftest import child_python
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "expert.py"
+    script.write_text(_DDP_EXPERT_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29651",
+                                       str(script)), env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = torch.load(tmp_path / "experts.pt", weights_only=False)
+    assert set(rank0) == set(rank1)
+    for n in rank0:
+        assert torch.equal(rank0[n][0], rank1[n][0]), n
+        assert torch.equal(rank0[n][1], rank1[n][1]), n
+    assert any(bool(v.any()) for _, v in rank0.values())  # it trained

@@ -168,6 +168,107 @@ def test_topk_over_all_reduced_scores_picks_one_mask_on_every_rank(tmp_path):
         assert torch.equal(got, w)
 
 
+def _mismatch_worker(rank: int, out: str):
+    """Inputs that differ between the ranks: each call must answer alike on every rank, and the
+    ranks' collectives must stay paired (the last call sums correctly)."""
+    def outcome(call):
+        try:
+            return repr(call())
+        except (TypeError, ValueError) as exc:
+            return type(exc).__name__
+    got = {
+        # rank 1 alone has an integer score: it raised alone, rank 0 waited in the all-reduce
+        "int": outcome(lambda: xdist.all_reduce_scores([torch.ones(4) if rank == 0 else torch.ones(4, dtype=torch.int64)])),
+        # rank 1 alone has nothing to reduce: it returned, rank 0's check paired with its next collective
+        "empty": outcome(lambda: xdist.all_reduce_scores({"a": torch.ones(3)} if rank == 0 else {})),
+        # same shapes, other dtypes: buffers of other byte sizes (gloo aborted the process)
+        "dtype": outcome(lambda: xdist.all_reduce_scores([torch.ones(4, dtype=torch.float32 if rank == 0 else torch.float64)])),
+        "op": outcome(lambda: xdist.all_reduce_scores([torch.ones(2)], op="sum" if rank == 0 else "mean")),
+        # other numbers of tensors: checksum buffers of other sizes (gloo aborted the process)
+        "count": outcome(lambda: xdist.same_on_all_ranks([torch.ones(3)] + [torch.ones(2)] * rank)),
+        "none": outcome(lambda: xdist.same_on_all_ranks([torch.ones(3)] if rank == 0 else [])),
+        "bits_alike_dtypes_not": outcome(lambda: xdist.same_on_all_ranks([torch.zeros(3, dtype=torch.float32 if rank == 0 else torch.int32)])),
+        "after": outcome(lambda: xdist.all_reduce_scores([torch.full((2,), float(rank + 1))])[0].tolist()),
+    }
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, got)
+    if rank == 0:
+        torch.save(gathered, out)
+
+
+def test_scores_or_checks_that_differ_between_ranks_answer_alike_on_every_rank(tmp_path):
+    out = str(tmp_path / "mismatch.pt")
+    _spawn(_mismatch_worker, out)
+    r0, r1 = torch.load(out, weights_only=False)
+    assert (r0["int"], r1["int"]) == ("ValueError", "TypeError")  # rank 1 names its own error
+    for key in ("empty", "dtype", "op"):
+        assert r0[key] == r1[key] == "ValueError", key
+    for key in ("count", "none", "bits_alike_dtypes_not"):
+        assert r0[key] == r1[key] == "False", key
+    assert r0["after"] == r1["after"] == "[3.0, 3.0]"
+
+
+def _subnetwork_model():
+    """The tiny BERT converted to per-language subnetworks (random 10% masks for de and fr)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    model = transformers.BertForMaskedLM(cfg)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(6)
+    hf.convert(model, kind="subnetwork",
+               masks={lang: {n: torch.rand(named[n].shape, generator=g) < 0.1 for n in names} for lang in ("de", "fr")})
+    return model
+
+
+def _probe(lang: str, rank: int) -> dict:
+    ids = torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(200 + 10 * rank + len(lang)))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _reselected_masks(model) -> dict:
+    from xlsparse.nn import SubnetworkLinear
+    return {name: layer.masks.clone() for name, layer in hf.model._converted(model, SubnetworkLinear)}
+
+
+def _dynamic_masks_worker(rank: int, out: str):
+    from types import SimpleNamespace
+
+    from xlsparse.hf.subnetworks import DynamicMasksCallback
+
+    model = _subnetwork_model()
+    # each process probes a batch of its own (its shard of the data)
+    callback = DynamicMasksCallback({lang: [_probe(lang, rank)] for lang in ("de", "fr")}, every=1, density=0.1)
+    callback.on_step_end(None, SimpleNamespace(global_step=1), None, model=model, optimizer=None)
+    masks = _reselected_masks(model)
+    result = {"same": xdist.same_on_all_ranks(masks), "masks": masks}
+    if rank == 0:
+        torch.save(result, out)
+
+
+def test_dynamic_subnetwork_masks_are_selected_from_every_process_s_probe_scores(tmp_path):
+    from types import SimpleNamespace
+
+    from xlsparse.hf.subnetworks import DynamicMasksCallback
+
+    out = str(tmp_path / "dynamic.pt")
+    _spawn(_dynamic_masks_worker, out)
+    got = torch.load(out, weights_only=True)
+    assert got["same"], "the processes selected different masks from their own probe scores"
+    # one process scoring both probe batches before one re-selection: the same ranking (the mean
+    # over 2 processes is the sum halved, exactly)
+    model = _subnetwork_model()
+    callback = DynamicMasksCallback({lang: [_probe(lang, 0), _probe(lang, 1)] for lang in ("de", "fr")}, every=2,
+                                    density=0.1)
+    for step in (1, 2):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None, model=model, optimizer=None)
+    want = _reselected_masks(model)
+    assert set(got["masks"]) == set(want)
+    for name, m in want.items():
+        assert torch.equal(got["masks"][name], m), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64, torch.int64, torch.bool])
 def test_fingerprint_sees_any_one_change_and_any_swap(dtype):
     gen = torch.Generator().manual_seed(0)
@@ -333,3 +434,58 @@ def test_fsdp2_masked_adamw_state_is_per_rank_and_checkpoint_reading_another_ran
     assert got[:, 1].all() and got[:, 2].all(), got
     # every rank refuses rank 0's file, rank 0 too: a rank that loaded would hang in its next collective
     assert got[:, 3].all(), got
+
+
+_WHOLE_MASK = torch.tensor([0, 2])  # within each rank's half of an 8-entry bias
+
+
+def _bias_model():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8))
+    model[0].weight.requires_grad_(False)
+    return model
+
+
+def _bias_step(model, opt):
+    opt.zero_grad(set_to_none=True)
+    model(torch.ones(2, 3)).pow(2).sum().backward()
+    opt.step()
+
+
+def _whole_state_worker(rank: int, out: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _bias_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    opt = MaskedAdamW([model[0].bias], [_WHOLE_MASK], lr=0.1, mode="compact")
+    try:
+        opt.load_state_dict(torch.load(out + ".whole", weights_only=True))
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    _bias_step(model, opt)  # with the state refused, the optimizer steps from its own (fresh) state
+    result = (refused, model[0].bias.full_tensor().detach().clone())
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        torch.save(gathered, out)
+    return model
+
+
+def test_fsdp2_refuses_optimizer_state_saved_over_the_whole_parameter(tmp_path):
+    # A compact state saved without FSDP2 holds whole-parameter flat indices; indices that all lie
+    # within a shard's size passed as that shard's own, and rank 1 trained entries 4 and 6.
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path / "whole.pt")
+    model = _bias_model()
+    before = model[0].bias.detach().clone()
+    opt = MaskedAdamW([model[0].bias], [_WHOLE_MASK], lr=0.1, mode="compact")
+    _bias_step(model, opt)
+    torch.save(opt.state_dict(), out + ".whole")
+    _spawn(_whole_state_worker, out)
+    outside = torch.ones(8, dtype=torch.bool)
+    outside[_WHOLE_MASK] = False
+    for refused, bias in torch.load(out, weights_only=False):
+        assert "whole parameter" in refused, refused
+        assert torch.equal(bias[outside], before[outside])  # no entry outside the mask moved

@@ -947,7 +947,9 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     def get_train_dataloader(self):
         if isinstance(self.train_dataset, MultiSourceDataset):
-            return self._multisource_loader(self.train_dataset, self.args.per_device_train_batch_size, shuffle=True)
+            # under DDP each process takes every num_processes-th batch: one step's batches share a source
+            return self._multisource_loader(self.train_dataset, self.args.per_device_train_batch_size, shuffle=True,
+                                            replicas=self.accelerator.num_processes)
         return super().get_train_dataloader()
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -956,9 +958,9 @@ class LotteryTicketSparseFineTuner(Trainer):
             return self._multisource_loader(dataset, self.args.per_device_eval_batch_size, shuffle=False)
         return super().get_eval_dataloader(eval_dataset)
 
-    def _multisource_loader(self, dataset, batch_size, shuffle):
+    def _multisource_loader(self, dataset, batch_size, shuffle, replicas=1):
         sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=self.args.seed,
-                                           drop_last=self.args.dataloader_drop_last)
+                                           drop_last=self.args.dataloader_drop_last, num_replicas=replicas)
         collate = MultiSourceCollator(self.data_collator)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=self.args.dataloader_num_workers,
@@ -1163,11 +1165,20 @@ class SingleSourceBatchSampler(torch.utils.data.Sampler):
     a batch), and with `shuffle` the items within a pass and the batch order are shuffled with
     seed + epoch. The epoch counts this sampler's passes unless `set_epoch` names
     it, as the Trainer does each epoch: a run resumed in a later epoch then sees that epoch's
-    order, not epoch 0's."""
+    order, not epoch 0's.
+
+    `num_replicas` > 1 (data-parallel processes, which take consecutive batches in turn, as
+    Accelerate shards a batch sampler): each source pass is cut into global batches of
+    batch_size × num_replicas items, each yielded as num_replicas consecutive batches, so all
+    processes train on one source in each step, as one process on the global batch does (and as
+    composable-sft's loaders, which follow one seeded source order on every process). A pass's
+    last, short global batch is filled up by wrapping around the pass (as DistributedSampler
+    pads), unless `drop_last`."""
 
     def __init__(self, dataset: MultiSourceDataset, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = False):
+                 drop_last: bool = False, num_replicas: int = 1):
         self.dataset, self.batch_size, self.shuffle, self.seed, self.drop_last = dataset, batch_size, shuffle, seed, drop_last
+        self.num_replicas = num_replicas
         self.epoch = 0
         self.by_source = {}
         for pos, (source, _) in enumerate(dataset.order):
@@ -1181,13 +1192,17 @@ class SingleSourceBatchSampler(torch.utils.data.Sampler):
                 positions = list(all_positions[r:r + n])
                 if self.shuffle:
                     positions = [positions[i] for i in torch.randperm(len(positions), generator=g).tolist()]
-                for i in range(0, len(positions), self.batch_size):
-                    chunk = positions[i:i + self.batch_size]
-                    if len(chunk) == self.batch_size or not self.drop_last:
-                        out.append(chunk)
-        if self.shuffle:
+                size = self.batch_size * self.num_replicas
+                for i in range(0, len(positions), size):
+                    chunk = positions[i:i + size]
+                    if len(chunk) < size and self.drop_last:
+                        continue
+                    if len(chunk) < size and self.num_replicas > 1:  # every process needs a full share
+                        chunk = (chunk + positions * size)[:size]
+                    out.append([chunk[j:j + self.batch_size] for j in range(0, len(chunk), self.batch_size)])
+        if self.shuffle:  # the global batches, so a step's share stays together
             out = [out[i] for i in torch.randperm(len(out), generator=g).tolist()]
-        return out
+        return [batch for group in out for batch in group]
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose order the next pass yields (later passes count on from it)."""

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..diff import budget
+from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..optim import MaskedAdamW, MaskedSGD
@@ -773,7 +774,8 @@ class DynamicMasksCallback(TrainerCallback):
     the last re-selection (`structured_masks`, or `select_masks` with `density`), given to the
     layers (`set_masks`), and the optimizer follows `MaskedAdamW.update_masks`' semantics: kept
     entries keep their state, new ones start from zero state, dropped ones stop changing.
-    Scoring runs in eval mode (no dropout, no routing needed) and leaves gradients cleared.
+    Scoring runs in eval mode (no dropout, no routing needed) and leaves gradients cleared. Under
+    DDP each step's scores are averaged over the processes, so all select the same masks.
     """
 
     def __init__(self, probe_batches: Mapping[str, list], every: int, heads_density: float | None = None,
@@ -821,11 +823,16 @@ class DynamicMasksCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            for lang in order:
-                batches = self.probe[lang]
-                self._add(lang, self._score(model, lang, batches[(state.global_step - 1) % len(batches)]))
+            step = {lang: self._score(model, lang, self.probe[lang][(state.global_step - 1) % len(self.probe[lang])])
+                    for lang in order}
         finally:
             model.train(was_training)
+        # Under DDP each process may probe batches of its own: average the step's scores over the
+        # processes (a no-op with one), or each would select other masks from its local scores and
+        # the replicas drift apart; every process then also holds the scores a checkpoint saves.
+        all_reduce_scores(step, op="mean")
+        for lang in order:
+            self._add(lang, step[lang])
         if state.global_step % self.every:
             return
         if self.density is None:

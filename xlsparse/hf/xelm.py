@@ -612,9 +612,15 @@ class _ExpertSetup:
         """Compact AdamW over the deltas (and dense parts); weight decay acts on θ = θ0 + Δ, as
         AdamW on the expert's own weights does."""
         opt = MaskedAdamW(self.groups, self.masks, mode="compact", **kwargs)
-        anchors = {m.delta_values: m.weight.detach().reshape(-1)[m.delta_indices.long()].clone()
-                   for m in self.model.modules() if isinstance(m, SparseDeltaLinear)}
-        opt.register_step_post_hook(lambda optimizer, *args: decay_the_base_(optimizer, anchors))
+        layers = [m for m in self.model.modules() if isinstance(m, SparseDeltaLinear)]
+
+        def decay(optimizer, *args):
+            # θ0 at the support the layers hold at this step, not at the optimizer's creation: DDP
+            # replaces each process's support with rank 0's after the Trainer built the optimizer
+            if any(g["weight_decay"] > 0 for g in optimizer.param_groups):
+                anchors = {m.delta_values: m.weight.detach().reshape(-1)[m.delta_indices.long()] for m in layers}
+                decay_the_base_(optimizer, anchors)
+        opt.register_step_post_hook(decay)
         return opt
 
     def diff(self) -> SparseDiff:
