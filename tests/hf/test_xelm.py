@@ -205,6 +205,39 @@ def test_static_weights_equal_mixing_separate_experts():
             ensemble(ids, weights=torch.tensor(bad))
 
 
+def test_static_weights_per_position_equal_mixing_separate_experts_at_each_position():
+    """X-ELM's perplexity evaluation (c-BTM's scorer) weighs the experts by a classifier of each
+    prefix: weights [B, S, E], row t for the prediction of x_{t+1}. Only [B, E] was accepted."""
+    base = tiny("llama")
+    experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),
+               "b": xelm.train_expert(base, _lm_batches(2, 2), density=0.05, progress=False),
+               "c": xelm.train_expert(base, _lm_batches(2, 3), density=0.05, progress=False)}
+    ids = batch(2, 5)
+    weights = torch.rand(2, 5, 3, generator=torch.Generator().manual_seed(4)) + 0.05
+    lp = _expert_logprobs(base, experts, ids)  # [E, B, S, V]
+    w = weights.double() / weights.double().sum(-1, keepdim=True)
+    expect = torch.logsumexp(lp + w.permute(2, 0, 1).log()[..., None], 0)
+    for space in ("prob", "logit"):
+        ensemble = xelm.ExpertEnsemble(base, experts, weighting="static", space=space)
+        if space == "logit":
+            expect = torch.log_softmax((w.permute(2, 0, 1)[..., None] * lp).sum(0), -1)
+        torch.testing.assert_close(ensemble(ids, weights=weights).double(), expect, rtol=1e-4, atol=1e-5)
+        nll = ensemble.token_nll(ids, weights=weights).double()
+        torch.testing.assert_close(nll, -expect[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1), rtol=1e-4, atol=1e-5)
+    # per example = the same vector at every position
+    ensemble = xelm.ExpertEnsemble(base, experts, weighting="static")
+    row = weights[:, 0]
+    torch.testing.assert_close(ensemble(ids, weights=row), ensemble(ids, weights=row[:, None].expand(2, 5, 3)))
+    with pytest.raises(ValueError, match=r"\[2, 3\] \(per example\) or \[2, 5, 3\]"):
+        ensemble(ids, weights=weights[:, :4])
+    bad = weights.clone()
+    bad[1, 2] = 0.0
+    with pytest.raises(ValueError, match="positive sum in every row"):
+        ensemble(ids, weights=bad)
+    with pytest.raises(ValueError, match="cover the prompt only"):
+        ensemble.generate(ids, max_new_tokens=2, weights=weights)
+
+
 def test_unroutable_entries_raise():
     base = tiny("llama")
     norm = SparseDiff(dense={"model.norm.weight": torch.ones(32)})
@@ -402,6 +435,38 @@ def test_balanced_kmeans_and_typological_clusters():
     assert prior[0] > prior[1] and float(prior.sum()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="temperature must be positive"):  # it favoured the farthest expert
         xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]}, temperature=-0.1)
+
+
+def test_typological_prior_weighs_by_x_elm_s_measure_as_closest_parent():
+    """The prior restated from lang2vec: softmax(-d_e / T), d_e X-ELM's cluster distance (1 - cosine
+    of syntax_average over the features both languages have, each norm over its own known ones,
+    the smallest over the expert's languages). It averaged a 5-set URIEL distance over the members
+    and put Turkish text on 'slavic' (0.46) while closest_parent branched Turkish from 'east'."""
+    pytest.importorskip("lang2vec")
+    from xlsparse.hf.continual import _lang2vec
+
+    experts = {"germanic": ["eng", "deu"], "slavic": ["rus", "ces"], "east": ["jpn", "kor"]}
+    for code, t in (("tur", 0.1), ("hun", 0.05), ("deu", 0.1)):
+        langs = list(dict.fromkeys([code, *(c for cs in experts.values() for c in cs)]))
+        table = _lang2vec().get_features(langs, "syntax_average", minimal=True)
+
+        def distance(a, b):
+            dot = sum(float(x) * float(y) for x, y in zip(table[a], table[b]) if x != "--" and y != "--")
+            norm = lambda c: math.sqrt(sum(float(x) ** 2 for x in table[c] if x != "--"))  # noqa: E731
+            return 1 - dot / (norm(a) * norm(b))
+
+        d = [min(distance(code, c) for c in cs) for cs in experts.values()]
+        z = [math.exp(-x / t) for x in d]
+        want = torch.tensor([x / sum(z) for x in z])
+        got = xelm.typological_prior(code, experts, temperature=t)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert list(experts)[int(got.argmax())] == xelm.closest_parent(experts, code), code
+    assert list(experts)[int(xelm.typological_prior("tur", experts).argmax())] == "east"
+    # A language of an expert's cluster is at distance 0 from it: its own expert weighs most.
+    assert int(xelm.typological_prior("deu", experts).argmax()) == 0
+    # One code per expert, as closest_parent takes.
+    torch.testing.assert_close(xelm.typological_prior("nld", {"a": "eng", "b": "jpn"}),
+                               xelm.typological_prior("nld", {"a": ["eng"], "b": ["jpn"]}))
 
 
 class _LMData(torch.utils.data.Dataset):

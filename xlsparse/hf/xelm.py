@@ -9,9 +9,10 @@ What follows the paper (and its c-BTM lineage, Gururangan et al. 2023):
     "hierarchical multi-round training") and leaves the others untouched.
 How the experts are weighted: X-ELM's code (after c-BTM) weights them by a tf-idf classifier of
 the context, softmax(−d²/T) of its distances to k-means centres of the training clusters (T = 0.1
-in its perplexity evaluation, which mixes probabilities; one weight vector per example in its
-downstream evaluation, which mixes logits). xlsparse has no tf-idf classifier: give such weights
-per example with weighting="static" (space="logit" for the downstream mixing). The default,
+and one weight vector per prefix in its perplexity evaluation, which mixes probabilities; one per
+example in its downstream evaluation, which mixes logits). xlsparse has no tf-idf classifier: give
+such weights per position [B, S, E] or per example [B, E] with weighting="static" (space="logit"
+for the downstream mixing). The default,
 weighting="posterior", is BTM's Bayes rule (Li et al. 2022), not X-ELM's:
 p(e | x<t) ∝ p(e) · p(x<t | e) over the whole prefix, with the prior p(e) uniform unless given, so
 the first token uses the prior, and optionally only the top-k experts. (The 'bayes' option of
@@ -21,6 +22,8 @@ What is xlsparse's own:
     dense models: all E experts run as E copies of the batch through `MultiDeltaLinear`
     (one gated multi-delta matmul per layer), with `ExpertEmbedding` for the input embedding;
   - the posterior temperature: log w_e = log p(e) + log p(x<t | e) / temperature;
+  - `typological_prior`, a prior over experts from X-ELM's typological distance (the one
+    `closest_parent` ranks by), softmax(−d/T);
   - a child expert may grow its support beyond its parent's by the largest gradient
     magnitudes on its first batch (`train_expert(..., init=parent, grow=k)`);
   - both mixings on every weighting: probability space (`space="prob"`) or logit space
@@ -38,7 +41,6 @@ from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, decay_the_base_
-from .continual import uriel_distance
 from .model import convert, extract_diff, route, target_names, train_outside_diff
 from .subnetworks import _progress
 
@@ -100,8 +102,9 @@ class ExpertEnsemble(nn.Module):
     the head, with sparse, dense or absolute entries; anything else raises.
     `weighting`: "posterior" (per token, p(e | x<t) ∝ prior_e · p(x<t | e)^(1/temperature),
     the prior alone at the first token: BTM's rule, not X-ELM's tf-idf weights, see the module
-    docstring), "uniform", or "static" (per-example `weights` [B, E] given to `forward`, e.g.
-    X-ELM's tf-idf cluster probabilities, else the prior). `prior` [E] (uniform by default) must be positive;
+    docstring), "uniform", or "static" (`weights` given to `forward`, per example [B, E] or per
+    position [B, S, E], row t for the prediction of x_{t+1}: e.g. X-ELM's tf-idf cluster
+    probabilities of each example or each prefix; else the prior). `prior` [E] (uniform by default) must be positive;
     `top_k` (posterior weighting only) keeps the k heaviest experts per token, and any tied with
     the k-th, and renormalises (the first token under a uniform prior keeps them all). `space`: mix
     probabilities ("prob", as X-ELM's perplexity evaluation) or logits ("logit", as its
@@ -226,13 +229,16 @@ class ExpertEnsemble(nn.Module):
         if self.weighting == "static":
             if weights is None:
                 return self._log_prior.to(token_logprobs.device).expand(b, s, e).clone()
-            if tuple(weights.shape) != (b, e):
-                raise ValueError(f"ExpertEnsemble: weights must have shape [{b}, {e}], got {tuple(weights.shape)}")
+            # Per position as X-ELM's perplexity evaluation (c-BTM's scorer) weighs: a tf-idf
+            # classifier of each prefix. Row t weighs the prediction of x_{t+1}.
+            if tuple(weights.shape) not in ((b, e), (b, s, e)):
+                raise ValueError(f"ExpertEnsemble: weights must have shape [{b}, {e}] (per example) or [{b}, {s}, {e}] "
+                                 f"(per position), got {tuple(weights.shape)}")
             # a mixture: a negative weight gave more than probability 1, an all-zero row NaN
-            if not bool(torch.isfinite(weights).all() and (weights >= 0).all() and (weights.sum(1) > 0).all()):
+            if not bool(torch.isfinite(weights).all() and (weights >= 0).all() and (weights.sum(-1) > 0).all()):
                 raise ValueError("ExpertEnsemble: weights must be finite and >= 0, with a positive sum in every row")
-            log_w = (weights / weights.sum(1, keepdim=True)).clamp_min(1e-30).log().float()
-            return log_w[:, None, :].expand(b, s, e).clone()
+            log_w = (weights / weights.sum(-1, keepdim=True)).clamp_min(1e-30).log().float()
+            return (log_w[:, None, :].expand(b, s, e) if log_w.dim() == 2 else log_w).clone()
         prefix = torch.zeros(e, b, s, dtype=torch.float32, device=token_logprobs.device)
         prefix[:, :, 1:] = token_logprobs.float().cumsum(2)  # log p_e(x_1 .. x_t): nothing at t = 0
         return self._posterior(prefix.permute(1, 2, 0))
@@ -288,6 +294,8 @@ class ExpertEnsemble(nn.Module):
         """
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+        if weights is not None and weights.dim() == 3:  # the new tokens' positions would have none
+            raise ValueError("generate: weights per position cover the prompt only; give weights per example [B, E]")
         e, b = len(self.experts), input_ids.shape[0]
         copies = self._copies(input_ids)
         with route(self.model, copies):
@@ -487,16 +495,35 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     return experts, members
 
 
-def typological_prior(code: str, expert_codes: Mapping[str, Sequence[str]], temperature: float = 0.1) -> torch.Tensor:
-    """A prior over experts [E] for text in language `code`: softmax of −(mean URIEL distance to
-    each expert's languages) / temperature."""
+def _typological_distances(languages: Mapping[str, str | Sequence[str]], code: str, what: str) -> dict[str, float]:
+    """{expert: X-ELM's typological distance of `code` to it}: the smallest lang2vec
+    `syntax_average` cosine distance (missing features skipped, `_cosine_distances`) to any of the
+    expert's languages, the cluster distance of X-ELM's `lang_clustering.py` (`cluster_languages`).
+    `languages` = {expert: ISO 639-3 code or codes}."""
+    if not languages:
+        raise ValueError(f"{what}: no experts")
+    members = {e: [c] if isinstance(c, str) else list(c) for e, c in languages.items()}
+    empty = [e for e, cs in members.items() if not cs]
+    if empty:
+        raise ValueError(f"{what}: experts {empty} have no language")
+    codes = [code, *dict.fromkeys(c for cs in members.values() for c in cs)]
+    dist = dict(zip(codes, _cosine_distances(_syntax_average(codes, what))[0].tolist()))
+    return {e: min(dist[c] for c in cs) for e, cs in members.items()}
+
+
+def typological_prior(code: str, expert_codes: Mapping[str, str | Sequence[str]], temperature: float = 0.1) -> torch.Tensor:
+    """A prior over experts [E] for text in language `code` (ISO 639-3): softmax(−d_e / temperature),
+    d_e the typological distance `closest_parent` ranks by (X-ELM's clustering measure: the
+    smallest lang2vec `syntax_average` cosine distance to any of expert e's languages,
+    `expert_codes` = {expert: code or codes}, in the order of the ensemble's experts: the prior
+    is positional). So the heaviest expert is the one `closest_parent`
+    branches from, and a language of an expert's cluster (d = 0) weighs most on that expert.
+    The prior itself is xlsparse's own: X-ELM weights experts by its tf-idf router, or evaluates a
+    typological expert alone on its cluster's languages (the limit temperature → 0)."""
     if not temperature > 0:  # a negative one would favour the farthest expert
         raise ValueError(f"typological_prior: temperature must be positive, got {temperature}")
-    empty = [name for name, cs in expert_codes.items() if not len(cs)]
-    if empty:
-        raise ValueError(f"typological_prior: expert_codes gives experts {empty} no language")
-    dist = torch.tensor([sum(uriel_distance(code, c) for c in cs) / len(cs) for cs in expert_codes.values()])
-    return torch.softmax(-dist / temperature, 0)
+    dist = _typological_distances(expert_codes, code, "typological_prior")
+    return torch.softmax(-torch.tensor(list(dist.values()), dtype=torch.float64) / temperature, 0).float()
 
 
 def closest_parent(languages: Mapping[str, str | Sequence[str]], new_language: str) -> str:
@@ -504,15 +531,8 @@ def closest_parent(languages: Mapping[str, str | Sequence[str]], new_language: s
     {expert: ISO 639-3 code or codes}, e.g. each cluster's members) are closest to `new_language`
     (ISO 639-3) by the typological measure X-ELM clusters with (`cluster_languages`): the smallest
     lang2vec `syntax_average` cosine distance to any of the expert's languages. Ties: the first expert."""
-    if not languages:
-        raise ValueError("closest_parent: no experts to branch from")
-    members = {e: [c] if isinstance(c, str) else list(c) for e, c in languages.items()}
-    empty = [e for e, cs in members.items() if not cs]
-    if empty:
-        raise ValueError(f"closest_parent: languages gives experts {empty} no language")
-    codes = [new_language, *dict.fromkeys(c for cs in members.values() for c in cs)]
-    dist = dict(zip(codes, _cosine_distances(_syntax_average(codes, "closest_parent"))[0].tolist()))
-    return min(members, key=lambda e: min(dist[c] for c in members[e]))
+    dist = _typological_distances(languages, new_language, "closest_parent")
+    return min(dist, key=dist.get)
 
 
 # --- training one expert ---
