@@ -113,6 +113,9 @@ def test_language_aware_masks_rank_the_signed_distance_weighted_score(monkeypatc
     with pytest.raises(ValueError, match=r"scores\['a'\] must be finite and >= 0"):
         continual.language_aware_masks({"a": {"w": -close}, "b": {"w": spike}}, {"a": "ppp", "b": "rrr"},
                                        density=0.1, features=features)
+    with pytest.raises(ValueError, match=r"uriel_codes has no ISO 639-3 code for \['b'\]"):
+        continual.language_aware_masks({"a": {"w": close}, "b": {"w": spike}}, {"a": "ppp"}, density=0.1,
+                                       features=features)
     # A negative protect would put the entries other languages need first.
     for protect in (-0.5, float("nan"), "1"):
         with pytest.raises(ValueError, match="protect must be a finite number >= 0"):

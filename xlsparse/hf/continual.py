@@ -139,6 +139,9 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
         # a negative protect would rank entries that other languages need first: the opposite rule
         raise ValueError(f"language_aware_masks: protect must be a finite number >= 0, got {protect!r}")
     langs = list(scores)
+    missing = [lang for lang in langs if lang not in uriel_codes]
+    if missing:
+        raise ValueError(f"language_aware_masks: uriel_codes has no ISO 639-3 code for {missing}")
     names = list(next(iter(scores.values())))
     for lang in langs:  # a parameter one language scored and another did not would be skipped or a KeyError
         if set(scores[lang]) != set(names):
