@@ -311,7 +311,11 @@ def test_spmm_gated_matches_float64(backend, dtype, shape, experts, transpose, u
     assert_bit_identical(out[:, ~reached], before[:, ~reached], "columns no delta reaches")
 
 
-def test_spmm_gated_refuses_bad_arguments_and_writes_nothing():
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+def test_spmm_gated_refuses_bad_arguments_and_writes_nothing(backend, use_backend):
+    """Where spmm_gated_ runs one spmm_ per delta (Triton, CUDA), a bad later delta once raised
+    only after the good ones before it were added to out."""
+    use_backend(backend)
     x, out = torch.randn(4, 3), torch.randn(4, 5)
     idx, vals = [torch.tensor([0, 7])], [torch.randn(2)]
     before = out.clone()
@@ -323,7 +327,37 @@ def test_spmm_gated_refuses_bad_arguments_and_writes_nothing():
         ops.spmm_gated_(out, x, idx, [vals[0].double()], torch.rand(4, 1))
     with pytest.raises(IndexError):
         ops.spmm_gated_(out, x, [torch.tensor([0, 15])], vals, torch.rand(4, 1))
+    for bad, exc in ((torch.tensor([0, 15]), IndexError), (torch.tensor([3, 1]), ValueError)):
+        with pytest.raises(exc, match="spmm_gated_"):
+            ops.spmm_gated_(out, x, idx + [bad], vals + [torch.randn(2)], torch.rand(4, 2))
     assert torch.equal(out, before)
+
+
+@pytest.mark.parametrize("backend", MM_BACKENDS)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("alias", ["x", "gates"])
+def test_spmm_gated_reads_inputs_sharing_out_as_they_were(backend, transpose, alias, use_backend):
+    """x or gates viewing out are read as before the call on every backend: one spmm_ per delta
+    (Triton, CUDA) once read them after the first deltas were added (0.6-3.9 off at 6 x 6)."""
+    use_backend(backend)
+    gen = seeded(41)
+    out = torch.randn(6, 6, generator=gen)
+    x, gates = torch.randn(6, 6, generator=gen), torch.rand(6, 2, generator=gen)
+    idx = [torch.tensor([0, 7, 14, 35]), torch.tensor([1, 8, 20, 30], dtype=torch.int32)]
+    vals = [torch.randn(4, generator=gen) for _ in idx]
+    if alias == "x":
+        x = out
+    else:
+        gates = out[:, :2]
+    ref64, reached = out.double(), torch.zeros(6, dtype=torch.bool)
+    for e, (ix, v) in enumerate(zip(idx, vals)):
+        d = torch.zeros(36, dtype=torch.float64)
+        d[ix.long()] = v.double()
+        d = d.view(6, 6)
+        ref64 = ref64 + gates[:, e : e + 1].double() * (x.double() @ (d if transpose else d.T))
+        reached[(ix.long() % 6) if transpose else (ix.long() // 6)] = True
+    ops.spmm_gated_(out, x, idx, vals, gates, transpose)
+    torch.testing.assert_close(out[:, reached].double(), ref64[:, reached], rtol=1e-5, atol=1e-5)
 
 
 # --- sparse_delta_linear ---
@@ -1352,6 +1386,25 @@ def test_ensemble_logprobs_of_very_unlikely_classes(backend, use_backend):
     got, want = torch.autograd.grad(out, [z1, lw1], gy), torch.autograd.grad(ref, [z2, lw2], gy.double())
     for g, r in zip(got, want):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ENS_BACKENDS)
+def test_ensemble_logprobs_gradient_of_a_large_grad_over_an_unlikely_class(backend, use_backend):
+    """A class of mixture probability 3e-30 (just above the CPU kernel's exact-path threshold) with
+    an incoming grad of 1e10: the CPU backward's g / s (3e39) overflowed float32 and made dz NaN
+    and dlw inf, where the posterior times g is 5e9."""
+    use_backend(backend)
+    z = torch.zeros(2, 1, 8)
+    z[:, :, 3] = -66.0
+    lw = torch.full((1, 2), 0.5).log()
+    gy = torch.zeros(1, 8)
+    gy[0, 0], gy[0, 3] = 1.0, 1e10
+    z1, lw1 = z.clone().requires_grad_(True), lw.clone().requires_grad_(True)
+    got = torch.autograd.grad(functional.ensemble_logprobs(z1, lw1), [z1, lw1], gy)
+    z2, lw2 = z.double().requires_grad_(True), lw.double().requires_grad_(True)
+    want = torch.autograd.grad(_ensemble64(z2, lw2, "prob"), [z2, lw2], gy.double())
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-3)
 
 
 @pytest.mark.parametrize("backend", ENS_BACKENDS)

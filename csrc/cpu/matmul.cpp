@@ -582,7 +582,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
           for (int64_t v = 0; v < V; ++v) r[v] = d[v] >= kTinyMixture<acc> ? gr[v] / d[v] : acc(0);  // vectorized
           exact.clear();
           for (int64_t v = 0; v < V; ++v) {
-            if (d[v] >= kTinyMixture<acc>) continue;
+            // r past the float range (g = 1e10 over s = 3e-30) made dz NaN: the term-by-term formulas never form it
+            if (d[v] >= kTinyMixture<acc> && std::isfinite(r[v])) continue;
+            r[v] = acc(0);
             exact.push_back(v);
             ob[v] = out_for_posterior(ob[v]);
           }

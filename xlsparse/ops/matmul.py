@@ -341,24 +341,30 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
 def spmm_gated_(out, x, indices, values, gates, transpose=False) -> torch.Tensor:
     """`out += Σ_e gates[:, e] ⊙ (x @ Δ_eᵀ)` (or `x @ Δ_e` when `transpose`) for E deltas, in place;
     returns out. `indices` and `values` are lists of E tensors, each pair one delta as in `spmm_`;
-    gates [T, E]. Each output element is updated in fp32 once. The CPU kernel transposes x and
-    passes over out once for all E deltas; elsewhere it runs one `spmm_` per delta.
+    gates [T, E]. The CPU kernel transposes x and passes over out once for all E deltas, and
+    updates each output element in fp32 once; elsewhere it runs one `spmm_` per delta (a bf16 or
+    fp16 out is then rounded once per delta).
     """
     op = "spmm_gated_"
     checks.gated_deltas(op, out, x, indices, values, gates)
-    if registry.backend_for(op, x.device) == "reference" and registry.backend_for("spmm_", x.device) != "reference":
-        for idx, vals, scale in zip(indices, values, gates.unbind(1)):
-            spmm_(out, x, idx, vals, token_scale=scale, transpose=transpose)
-        return out
     checks.not_differentiable(op, out=out, x=x, gates=gates, **{f"values[{e}]": v for e, v in enumerate(values)})
     checks.contiguous_output(op, "out", out)
-    if checks.can_read(x) and not registry.compiled(op, x.device):
+    # No kernel of its own here: one spmm_ per delta, whose own checks would refuse delta e only
+    # after the deltas before it were added, so every delta is checked first.
+    per_delta = registry.backend_for(op, x.device) == "reference" and registry.backend_for("spmm_", x.device) != "reference"
+    if checks.can_read(x) and (per_delta or not registry.compiled(op, x.device)):
         for idx in indices:
             checks.indices(op, idx, out.shape[1] * x.shape[1])
+    # Copies of inputs that share out's memory, before any delta is added: each delta reads them
+    # as they were before the call.
     written = checks.memory_keys([out])
     x, gates = (checks.unaliased(written, t.contiguous()) for t in (x, gates))
     indices = [checks.unaliased(written, t.contiguous()) for t in indices]
     values = [checks.unaliased(written, t.contiguous()) for t in values]
+    if per_delta:
+        for idx, vals, scale in zip(indices, values, gates.unbind(1)):
+            spmm_(out, x, idx, vals, token_scale=scale, transpose=transpose)
+        return out
     registry.call(op, x.device, out, x, indices, values, gates, bool(transpose), written=[out])
     return out
 
