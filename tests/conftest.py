@@ -1,6 +1,7 @@
 """Helpers every test file shares: the dtype and shape matrix, backend selection, the float64
 reference comparison (flash-attention's rule), and bit-level checks for untouched entries."""
 import os
+import subprocess
 import sys
 
 import pytest
@@ -26,6 +27,15 @@ def child_python(*args: str) -> list[str]:
     working directory (the source tree, which holds no built `_C` after a non-editable install)
     off the child's sys.path."""
     return [sys.executable, "-P", *args]
+
+
+def torchrun(script, port: int, timeout: int) -> None:
+    """Run the Python file `script` as 2 processes of one thread each (torch.distributed.run on
+    `port`); fails the test with the end of its stderr if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                       str(port), str(script)), env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def cpu_backends(op: str) -> list[str]:

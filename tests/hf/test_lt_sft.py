@@ -996,18 +996,12 @@ def _ddp_sft_args(dynamic: bool):
 @pytest.mark.slow
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic):
-    import os
-    import subprocess
-
-    from conftest import child_python
+    from conftest import torchrun
 
     tests = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path), dynamic=dynamic))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(29631 + dynamic), str(script)), env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(script, 29631 + dynamic, timeout=600)
     ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
     single = LotteryTicketSparseFineTuner(
         model=_no_dropout(tiny("bert")), args=_args(tmp_path / "one"), train_dataset=_LMData(n=8),
@@ -1112,18 +1106,12 @@ def _multi_source_trainer(out, **kw):
 
 @pytest.mark.slow
 def test_multi_source_batches_of_one_step_share_a_source_on_every_process(tmp_path):
-    import os
-    import subprocess
-
-    from conftest import child_python
+    from conftest import torchrun
 
     tests = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "multi.py"
     script.write_text(_MULTI_SOURCE_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                                       "29641", str(script)), env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(script, 29641, timeout=300)
     rank0, rank1 = torch.load(tmp_path / "sources.pt", weights_only=False)
     assert len(rank0) == len(rank1) == 4  # 16 items, 2 processes, batches of 2
     assert rank0 == rank1  # each step: one source on both processes

@@ -650,17 +650,12 @@ def test_expert_trainer_under_ddp_ends_with_one_expert_on_every_process(tmp_path
     # DDP gives every process rank 0's support after the Trainer built the optimizer; the weight
     # decay's θ0 anchors taken then stayed at each process's own draw, and the processes' deltas
     # drifted apart (2.7e-4 after 3 steps).
-    import subprocess
-
-    from conftest import child_python
+    from conftest import torchrun
 
     tests = os.path.dirname(os.path.abspath(__file__))
     script = tmp_path / "expert.py"
     script.write_text(_DDP_EXPERT_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29651",
-                                       str(script)), env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(script, 29651, timeout=300)
     rank0, rank1 = torch.load(tmp_path / "experts.pt", weights_only=False)
     assert set(rank0) == set(rank1)
     for n in rank0:
