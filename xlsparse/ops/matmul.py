@@ -99,10 +99,7 @@ def spmm_reference(out, x, indices, values, token_index=None, token_bounds=None,
         xs = xs[sel]
     y = xs @ (delta if transpose else delta.T)
     # Only the output columns the delta reaches are written (and rounded), as in the kernels.
-    idx = indices.long()
-    reached = torch.zeros(groups, dtype=torch.bool, device=x.device)
-    reached[(idx % groups) if transpose else (idx // xcols)] = True
-    cols = reached.nonzero().flatten()[None, :]
+    cols = _reached_columns([indices], groups, xcols, transpose, x.device).nonzero().flatten()[None, :]
     rows = (torch.arange(x.shape[0], device=x.device) if sel is None else sel)[:, None]
     out[rows, cols] = (out[rows, cols].to(acc) + y[:, cols[0]]).to(out.dtype)
 
@@ -114,11 +111,16 @@ def spmm_gated_reference(out, x, indices, values, gates, transpose=False):
     total = out.to(acc)
     for idx, vals, scale in zip(indices, values, gates.unbind(1)):
         spmm_reference(total, x.to(acc), idx, vals.to(acc), token_scale=scale, transpose=transpose)
-    groups, xcols = out.shape[1], x.shape[1]
-    reached = torch.zeros(groups, dtype=torch.bool, device=x.device)
+    reached = _reached_columns(indices, out.shape[1], x.shape[1], transpose, x.device)
+    out[:, reached] = total[:, reached].to(out.dtype)
+
+
+def _reached_columns(indices, groups, xcols, transpose, device):
+    """[groups] bool: the output columns that some entry of the deltas `indices` adds to."""
+    reached = torch.zeros(groups, dtype=torch.bool, device=device)
     for idx in indices:
         reached[(idx.long() % groups) if transpose else (idx.long() // xcols)] = True
-    out[:, reached] = total[:, reached].to(out.dtype)
+    return reached
 
 
 def _prob_mixture(z, lw, lse):
