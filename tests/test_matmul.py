@@ -122,8 +122,11 @@ def test_cpu_sddmm_row_blocks_and_token_parts(dtype, mode, threads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("density", [0.01, 0.6])
 def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkeypatch):
-    """On a CPU, dvalues of a dense-enough bfloat16 delta is one dense dYᵀX and a gather; fp32 and
-    fp16 always take SDDMM (no O x I buffer); both paths match float64."""
+    """On a CPU, dvalues of a bfloat16 delta at or above the machine's crossover density is one
+    dense dYᵀX and a gather; fp32 and fp16 always take SDDMM (no O x I buffer); both paths match
+    float64."""
+    monkeypatch.setattr(ops, "_measured_min_density", {torch.bfloat16: 0.3})  # as if measured
+    monkeypatch.delenv("XLSPARSE_DENSE_DW_MIN_DENSITY", raising=False)
     gen = seeded(21)
     o, i = 48, 40
     x, w, b, idx, vals = _linear_case(96, o, i, round(o * i * density), dtype, gen)
@@ -138,6 +141,67 @@ def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkey
     ref64 = (gy.double().T @ x.double()).view(-1)[idx.long()]
     plain = (gy.T @ x).view(-1)[idx.long()]
     check(dval, ref64, plain, f"dvalues {dtype} at {density}")
+
+
+class _Clock:
+    """perf_counter for `measure_dense_dw_min_density`: each timed run of way w lasts durations[w]
+    (the next of its list); untimed calls (warm-ups) cost nothing."""
+
+    def __init__(self, dense, sparse):
+        self.runs = {0: list(dense), 1: list(sparse)}
+        self.now, self.calls = 0.0, 0
+
+    def perf_counter(self):
+        way, end = divmod(self.calls, 2)  # start, end of dense; start, end of SDDMM; ...
+        self.calls += 1
+        if end:
+            self.now += self.runs[way % 2].pop(0)
+        return self.now
+
+
+@pytest.mark.parametrize("dense_s, sparse_s, want", [
+    ([1e-3] * 7, [2e-3] * 7, 0.125),                   # (1 ms / 512²) / (2 ms / 65536)
+    ([1e-3] * 6 + [1.0], [2e-3] + [9.0] * 6, 0.125),   # the fastest run of each way counts
+    ([1e-5] * 7, [1e-3] * 7, ops.MIN_DENSE_DW_DENSITY),  # 0.25% by the timings: clamped
+])
+def test_measured_crossover_is_the_ratio_of_fastest_costs_per_multiply_add(dense_s, sparse_s, want, monkeypatch):
+    """d* = (dense time / O·I entries) / (SDDMM time / K entries), K = O·I / 4, from the fastest of
+    the alternating runs, never below MIN_DENSE_DW_DENSITY."""
+    clock = _Clock(dense_s, sparse_s)
+    monkeypatch.setattr(ops.time, "perf_counter", clock.perf_counter)
+    assert ops.measure_dense_dw_min_density(torch.bfloat16) == pytest.approx(want)
+    assert clock.calls == 28 and not clock.runs[0] and not clock.runs[1]
+
+
+def test_crossover_is_measured_once_per_process_and_can_be_pinned(monkeypatch):
+    """The first dense-capable call measures; later calls reuse it; XLSPARSE_DENSE_DW_MIN_DENSITY
+    pins it (a bad value raises, naming the variable); other dtypes never take the dense way."""
+    monkeypatch.delenv("XLSPARSE_DENSE_DW_MIN_DENSITY", raising=False)
+    monkeypatch.setattr(ops, "_measured_min_density", {})
+    measured = []
+    monkeypatch.setattr(ops, "measure_dense_dw_min_density", lambda dtype: measured.append(dtype) or 0.0625)
+    cpu = torch.device("cpu")
+    assert not ops.dense_dw_pays((100, 100), 624, torch.bfloat16, cpu)
+    assert ops.dense_dw_pays((100, 100), 625, torch.bfloat16, cpu)
+    assert measured == [torch.bfloat16]
+    assert not ops.dense_dw_pays((100, 100), 10000, torch.float32, cpu)
+    assert not ops.dense_dw_pays((100, 100), 10000, torch.float16, cpu)
+    monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", "0.5")
+    assert not ops.dense_dw_pays((100, 100), 4999, torch.bfloat16, cpu)
+    assert ops.dense_dw_pays((100, 100), 5000, torch.bfloat16, cpu)
+    monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", "inf")
+    assert not ops.dense_dw_pays((100, 100), 10000, torch.bfloat16, cpu)
+    for bad in ("-1", "0", "nan", "many"):
+        monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", bad)
+        with pytest.raises(ValueError, match="XLSPARSE_DENSE_DW_MIN_DENSITY"):
+            ops.dense_dw_pays((100, 100), 10, torch.bfloat16, cpu)
+    assert measured == [torch.bfloat16]
+
+
+def test_real_crossover_measurement_gives_a_usable_density():
+    """On this machine: a finite density at or above the floor, from real kernels."""
+    d = ops.measure_dense_dw_min_density(torch.bfloat16, pairs=2)
+    assert ops.MIN_DENSE_DW_DENSITY <= d < float("inf")
 
 
 # --- SpMM ---

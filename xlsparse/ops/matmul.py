@@ -10,7 +10,9 @@ xlsparse/triton/matmul.py; the math they share is csrc/include/xlsparse/matmul.h
 """
 import contextlib
 import functools
+import os
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -466,27 +468,89 @@ def _times_merged(a, weight, bias, indices, values, merged, in_place, transpose=
     return out
 
 
-# bfloat16 densities from which one dense dYᵀX plus a gather beats SDDMM for dvalues on a CPU.
-# Measured with 1 thread on an AMD EPYC with AVX-512-BF16, T = 512 and 2048, 1024 x 1024 and
-# 4096 x 1024: SDDMM costs about 0.055 ns per multiply-add plus its transposes, the bf16 GEMM
-# 0.010 ns; the paths crossed at 14-18%. fp32 crosses only at 35-40% and keeps SDDMM, so that
-# an fp32 delta layer never allocates an O x I buffer (LT-SFT's phase 2 promises it); fp16 has no
-# fast dense path on these CPUs, and GPUs keep SDDMM.
-DENSE_DW_MIN_DENSITY = {torch.bfloat16: 0.15}
+# Where the dense way can pay on a CPU: bfloat16, whose dense products run on AMX tiles or
+# AVX-512-BF16. fp32 keeps SDDMM, so that an fp32 delta layer never allocates an O x I buffer
+# (LT-SFT's phase 2 promises it; the paths crossed only at 35-40% on an AMD EPYC with AVX-512);
+# fp16 has no fast dense path on these CPUs, and GPUs keep SDDMM.
+DENSE_DW_DTYPES = (torch.bfloat16,)
+# The crossover used while tracing, before anything was measured in the process (a traced graph
+# cannot time kernels): an AMD EPYC's with AVX-512-BF16 (1 thread, T = 512 and 2048, 1024 x 1024
+# and 4096 x 1024: SDDMM 0.055 ns per multiply-add plus its transposes, the GEMM 0.010 ns; the
+# paths crossed at 14-18%).
+TRACED_DENSE_DW_MIN_DENSITY = 0.15
+# The lowest crossover a measurement may give. A 2-core host loaded by other jobs once timed
+# SDDMM 10x slow and gave 1% (against 8-15% in its other runs), which would send typical 1-5% LT-SFT
+# deltas to the dense way and its O x I buffer. AMX tiles, the fastest dense path expected, are
+# estimated to cross near 4% (a dense multiply-add ~25x cheaper than an SDDMM one).
+MIN_DENSE_DW_DENSITY = 0.02
+_measured_min_density: dict[torch.dtype, float] = {}
+
+
+def measure_dense_dw_min_density(dtype: torch.dtype, pairs: int = 7) -> float:
+    """This machine's crossover density for a CPU delta of `dtype`: the dense way's cost per
+    weight entry (one dYᵀX and a gather, timed over all O·I entries) over SDDMM's cost per selected
+    entry (timed at 25% density, where its transposes are a small share), each the fastest of
+    `pairs` alternating runs (a slow run on a shared host is noise, not cost). Both scale with the
+    tokens, so one shape serves every T; a few ms to tens of ms. Never below MIN_DENSE_DW_DENSITY."""
+    tokens, rows, cols = 256, 512, 512
+    k = rows * cols // 4
+    gen = torch.Generator().manual_seed(0)
+    dy, x = (torch.randn(tokens, n, generator=gen).to(dtype) for n in (rows, cols))
+    idx = torch.randperm(rows * cols, generator=gen)[:k].sort().values
+    ways = (lambda: (dy.T @ x).reshape(-1).index_select(0, idx), lambda: sddmm(dy, x, idx))
+    best = [float("inf")] * 2
+    with torch.no_grad():
+        for way in ways:
+            way()  # warm-up: first-call allocations and kernel selection
+        for _ in range(pairs):
+            for w, way in enumerate(ways):
+                start = time.perf_counter()
+                way()
+                best[w] = min(best[w], time.perf_counter() - start)
+    dense_s, sddmm_s = best
+    return max(MIN_DENSE_DW_DENSITY, (dense_s / (rows * cols)) / (sddmm_s / k))
+
+
+def dense_dw_min_density(dtype: torch.dtype) -> float:
+    """The density from which a CPU delta of `dtype` takes the dense way for dvalues: infinite
+    outside `DENSE_DW_DTYPES`; else the environment's XLSPARSE_DENSE_DW_MIN_DENSITY (to pin the
+    choice, e.g. for runs that must repeat bit for bit across processes: the two ways round
+    alike but sum in other orders), or measured once per process on this machine
+    (`measure_dense_dw_min_density`), or `TRACED_DENSE_DW_MIN_DENSITY` while tracing before any
+    measurement. So the choice follows the machine: AMX tiles cross lower than AVX-512-BF16, a
+    CPU without bf16 arithmetic higher."""
+    if dtype not in DENSE_DW_DTYPES:
+        return float("inf")
+    pinned = os.environ.get("XLSPARSE_DENSE_DW_MIN_DENSITY")
+    if pinned is not None:
+        try:
+            value = float(pinned)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise ValueError(f"XLSPARSE_DENSE_DW_MIN_DENSITY must be a positive number (inf: always SDDMM), got {pinned!r}")
+        return value
+    if dtype not in _measured_min_density:
+        if not checks.can_read():
+            return TRACED_DENSE_DW_MIN_DENSITY
+        _measured_min_density[dtype] = measure_dense_dw_min_density(dtype)
+    return _measured_min_density[dtype]
 
 
 def dense_dw_pays(weight_shape, nnz: int, dtype: torch.dtype, device: torch.device) -> bool:
     """True when dvalues costs less as (dYᵀX)[indices], one dense O x I product and a gather, than
-    as an SDDMM: a bfloat16 delta with dense entries (real LT-SFT masks reach 36% in some matrices)
-    on a CPU, where SpIEL's dense way would otherwise be faster."""
+    as an SDDMM, by this machine's measured costs (`dense_dw_min_density`): a bfloat16 delta with
+    dense entries (real LT-SFT masks reach 36% in some matrices) on a CPU, where SpIEL's dense way
+    would otherwise be faster."""
     rows, cols = weight_shape
-    return device.type == "cpu" and dtype in DENSE_DW_MIN_DENSITY and nnz >= DENSE_DW_MIN_DENSITY[dtype] * rows * cols
+    return device.type == "cpu" and dtype in DENSE_DW_DTYPES and nnz >= dense_dw_min_density(dtype) * rows * cols
 
 
 class SparseDeltaLinearFunction(torch.autograd.Function):
     """Y = X (W0 + Δ)ᵀ + b for 2-D X. The forward and dX multiply by W0 + Δ in one of three ways
     (`_times_merged`): a given merged weight, Δ written into W0 for the call (`in_place`), or W0
-    plus an SpMM. dvalues is an SDDMM, never a dense dW."""
+    plus an SpMM. dvalues is an SDDMM, or one dense dYᵀX and a gather where this machine's measured
+    costs say so (`dense_dw_pays`: dense-enough bfloat16 deltas on a CPU)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, indices, values, merged, in_place):
