@@ -224,6 +224,50 @@ def test_continual_trainer_makes_the_same_update(tmp_path, converted_before):
     assert torch.equal(model.model.norm.weight, norm) == (converted_before != "with modules_to_save")
 
 
+def _continual_run(tmp_path, out, seed=0, earlier_update=False, resume=None):
+    """continual_trainer on tiny("llama", seed) for 4 steps (checkpoints every 2), optionally on a
+    model an earlier update converted and trained (its record holds the values from that convert)."""
+    from transformers import TrainingArguments
+
+    model = tiny("llama", seed=seed)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(2)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.2 for n in names} for lang in ("de", "fr", "ja")}
+    if earlier_update:
+        continual.continual_update(model, [_mixed_batch(4)], _rotated(masks), lr=1e-2, progress=False)
+    args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=3, learning_rate=1e-2,
+                             max_steps=4, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_steps=1000, lr_scheduler_type="constant", max_grad_norm=0.0)
+    trainer = continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(_mixed_batch(3)))
+    return model, trainer
+
+
+@pytest.mark.parametrize("earlier_update", [False, True])
+def test_continual_trainer_resumed_on_the_same_base_matches_the_uninterrupted_run(tmp_path, earlier_update):
+    model, trainer = _continual_run(tmp_path, "a", earlier_update=earlier_update)
+    trainer.train()
+    resumed, trainer = _continual_run(tmp_path, "b", earlier_update=earlier_update)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for (n, p), q in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), n
+    want, got = hf.extract_diff(model), hf.extract_diff(resumed)
+    for n, d in want.deltas.items():
+        assert torch.equal(d.indices, got.deltas[n].indices) and torch.equal(d.values, got.deltas[n].values), n
+
+
+def test_continual_trainer_refuses_to_resume_on_another_base_model(tmp_path):
+    # the model took the checkpoint's weights and values from convert, and trained on: the update of
+    # another fine-tuned model (here another seed), whose diff then refused only at extract_diff
+    _continual_run(tmp_path, "a")[1].train()
+    model, trainer = _continual_run(tmp_path, "b", seed=1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-2 was trained from another base model"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_continual_update_rejects_batches_without_language_ids():
     model = tiny("bert")
     names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]

@@ -372,8 +372,8 @@ class _MixedData(torch.utils.data.Dataset):
 def _args(tmp_path, steps, **kwargs):
     from transformers import TrainingArguments
 
-    kwargs = {"per_device_train_batch_size": 4, **kwargs}
-    return TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, max_steps=steps, save_strategy="no",
+    kwargs = {"per_device_train_batch_size": 4, "save_strategy": "no", **kwargs}
+    return TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, max_steps=steps,
                              report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
                              lr_scheduler_type="constant", max_grad_norm=0.0, **kwargs)
 
@@ -727,7 +727,8 @@ def test_set_masks_on_layers_built_by_hand():
     assert hf.model._subnet_coverage(model) == {}
 
 
-def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path, arch):
     """The checkpoint at step 3 lies after one re-selection and inside the next scoring window: the
     resumed run needs the re-selected layer masks and the callback's scores and count."""
     from transformers import TrainingArguments
@@ -735,7 +736,7 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
     from xlsparse.nn import SubnetworkLinear
 
     def run(out, resume=None):
-        model, _ = _structured_model("bert")
+        model, _ = _structured_model(arch)
         probe = {"de": _lm_batches(2, 11), "fr": _lm_batches(2, 12)}
         callback = subnetworks.DynamicMasksCallback(probe, every=2, heads_density=0.5, neurons_density=0.25)
         args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=5,
@@ -744,7 +745,7 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
         subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=20),
                                       callbacks=[callback]).train(resume_from_checkpoint=resume)
         masks = {n: layer.masks for n, layer in hf.model._converted(model, SubnetworkLinear)}
-        _assert_diff_is_the_change_since_convert(model, "bert")  # the re-selections' entries too, resumed or not
+        _assert_diff_is_the_change_since_convert(model, arch)  # the re-selections' entries too, resumed or not
         return dict(model.named_parameters()), masks, callback
 
     weights, masks, callback = run(tmp_path / "a")
@@ -780,6 +781,38 @@ def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
     with pytest.raises(ValueError, match="another setup"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     for n, p in swapped.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+@pytest.mark.parametrize("other", ["another seed", "outside the masks", "on a masked entry"])
+def test_resuming_on_another_base_model_is_refused_before_anything_changes(tmp_path, arch, other):
+    """The checkpoint's weights and coverage (its values from convert) replaced the other base's: the
+    run trained on, and its diff was taken against the checkpoint's base. With one entry of a
+    converted weight changed, off the masks or on them, nothing raised, not even extract_diff.
+    (GPT-2: a converted Conv1D's checkpoint holds its [in, out] layout; c_proj is square.)"""
+    name = {"bert": "bert.encoder.layer.0.attention.output.dense.weight", "gpt2": "transformer.h.0.attn.c_proj.weight"}[arch]
+
+    def converted(model, change=None):
+        named = dict(model.named_parameters())
+        g = torch.Generator().manual_seed(1)
+        masks = {lang: {f"{n}.weight": torch.rand(named[f"{n}.weight"].shape, generator=g) < 0.3
+                        for n in hf.model.target_names(model)} for lang in ("de", "fr")}
+        union = masks["de"][name] | masks["fr"][name]
+        if change is not None:  # one entry of the base, as a model fine-tuned elsewhere would differ
+            with torch.no_grad():
+                named[name][(union if change == "on a masked entry" else ~union).nonzero()[0].tolist()] += 1
+        hf.convert(model, kind="subnetwork", masks=masks)
+        return model
+
+    subnetworks.SubnetworkTrainer(model=converted(tiny(arch)), train_dataset=_MixedData(n=8),
+                                  args=_args(tmp_path / "a", 2, save_strategy="steps", save_steps=1)).train()
+    model = converted(tiny(arch, seed=1)) if other == "another seed" else converted(tiny(arch), change=other)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path / "b", 2), train_dataset=_MixedData(n=8))
+    with pytest.raises(ValueError, match="checkpoint-1 was trained from another base model"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
 
 

@@ -509,6 +509,85 @@ def test_expert_trainer_equals_the_plain_loop(tmp_path):
         torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)
 
 
+def _expert_run(tmp_path, out, base, density=0.05):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4, learning_rate=1e-2,
+                             max_steps=4, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
+                             disable_tqdm=True, logging_steps=1000, lr_scheduler_type="constant", max_grad_norm=0.0,
+                             weight_decay=0.1)
+    torch.manual_seed(0)
+    return xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(2, 5)), density=density,
+                              train_embeddings=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # GPT-2: a converted Conv1D's checkpoint holds [in, out]
+def test_expert_trainer_resumed_on_the_same_base_matches_the_uninterrupted_run(tmp_path, arch):
+    whole = _expert_run(tmp_path, "a", tiny(arch))
+    whole.train()
+    resumed = _expert_run(tmp_path, "b", tiny(arch))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    want, got = whole.expert(), resumed.expert()
+    for n, d in want.deltas.items():
+        assert torch.equal(d.indices, got.deltas[n].indices) and torch.equal(d.values, got.deltas[n].values), n
+    for n, t in want.dense.items():
+        assert torch.equal(t, got.dense[n]), n
+
+
+@pytest.mark.parametrize("other", ["another seed", "one frozen entry", "one embedding row"])
+def test_expert_trainer_refuses_to_resume_on_another_base_model(tmp_path, other):
+    # the Trainer loaded the checkpoint's whole model, its base included, over this run's copy of
+    # the base; the run trained on and only expert() raised at the end
+    _expert_run(tmp_path, "a", tiny("llama")).train()
+    base = tiny("llama", seed=1) if other == "another seed" else tiny("llama")
+    if other == "one frozen entry":
+        with torch.no_grad():
+            base.model.layers[1].mlp.down_proj.weight[3, 5] += 1
+    if other == "one embedding row":  # a dense part: trained whole, its checkpoint is base + trained, and
+        with torch.no_grad():  # the expert's dense delta took the bases' difference (-0.5 on that row)
+            base.model.embed_tokens.weight[5] += 0.5
+    trainer = _expert_run(tmp_path, "b", base)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-2 was trained from another base model"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_expert_trainer_refuses_to_resume_with_another_support_size_before_anything_changes(tmp_path):
+    # density 0.1 against a checkpoint of density 0.05: load_state_dict raised on the deltas'
+    # sizes after it had copied the checkpoint's trained embedding and head into this run's model
+    _expert_run(tmp_path, "a", tiny("llama")).train()
+    trainer = _expert_run(tmp_path, "b", tiny("llama"), density=0.1)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-2's .*delta_indices.* another k, density or init"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_expert_trainer_refuses_to_resume_with_other_target_modules(tmp_path):
+    # o_proj's deltas in the checkpoint, q_proj's in this run (same shapes, same K): the Trainer's
+    # load logged the missing and unexpected keys and went on, o_proj's training dropped and its
+    # optimizer moments given to q_proj's fresh support
+    from transformers import TrainingArguments
+
+    def trainer(out, target):
+        args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4, max_steps=2,
+                                 save_strategy="steps", save_steps=1, report_to=[], use_cpu=True, disable_tqdm=True)
+        torch.manual_seed(0)
+        return xelm.ExpertTrainer(tiny("llama"), args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05,
+                                  target_modules=[target])
+
+    trainer("a", "o_proj").train()
+    resumed = trainer("b", "q_proj")
+    before = {n: p.detach().clone() for n, p in resumed.model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-1's expert has deltas on other layers .* target_modules"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_expert_trainer_weight_decay_acts_on_the_expert_s_weights(tmp_path):
     # AdamW decays the expert's weights θ = θ0 + Δ; the compact optimizer over Δ decayed Δ alone
     # (lr·wd·θ0 per step missing on the support). Restated: torch's AdamW on θ, gradient and

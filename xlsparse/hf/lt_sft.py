@@ -75,7 +75,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..diff import SparseDelta, SparseDiff, _untied, apply, index_dtype
+from ..diff import SparseDelta, SparseDiff, _transposed_weights, _untied, apply, index_dtype
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
@@ -548,23 +548,9 @@ class LotteryTicketSparseFineTuner(Trainer):
                              f"SftArguments has selected {expected} (K = {self._num_tunable}, n_ft_iterations = {n}): "
                              "build the trainer with the checkpoint's run's arguments")
         weights = _load_weights(checkpoint)
-        # the SFT is a difference from the base it trained on: off its support the checkpoint's
-        # maskable weights are that base's own. Another base (other weights, same shapes) would
-        # silently carry the deltas over to itself.
-        params = self._params()
-        for name in self.maskable:
-            key = next((a for a in _aliases(self.model, params[name]) if a in weights), None)
-            if key is None or _is_dtensor(self._theta0[name]):
-                continue
-            theta0 = self._theta0[name].reshape(-1)
-            saved = weights[key].reshape(-1).to(theta0.device)
-            off = torch.ones(theta0.numel(), dtype=torch.bool, device=theta0.device)
-            if name in sft.deltas:
-                off[sft.deltas[name].indices.long().to(theta0.device)] = False
-            if saved.shape != theta0.shape or not torch.equal(saved[off], theta0[off]):
-                raise ValueError(f"resume_from_checkpoint: {checkpoint} was trained from another base model: its "
-                                 f"{name!r} differs from this trainer's outside the SFT's entries (build the trainer "
-                                 "on the checkpoint's run's base model)")
+        # off the SFT's entries the checkpoint's maskable weights are its run's θ0
+        _refuse_another_base(checkpoint, self.model, weights, {n: self._theta0[n] for n in self.maskable},
+                             {n: d.indices for n, d in sft.deltas.items()})
         masks = {}  # the checkpoint's alone: a run before this one must not leave its own
         with torch.no_grad():
             for name, p in self._trainable().items():
@@ -1075,6 +1061,38 @@ def _load_weights(folder: str) -> dict:
     for f in files:
         out.update(load_file(os.path.join(folder, f)))
     return out
+
+
+def _refuse_another_base(checkpoint, model: nn.Module, weights: dict, theta0: dict, support: dict) -> None:
+    """Every trainer's resume rule, checked before any weight is loaded: wherever its run did not
+    train, a checkpoint holds the base model that run started from, which must be this run's θ0.
+    Another base of the same shapes would silently take over the checkpoint's training (and its
+    diff, a difference from the other base). `weights`: the checkpoint's tensors (`_load_weights`);
+    `theta0`: {parameter name: this run's θ0} of the parameters to check (leave out those trained
+    whole), in the layout the parameter is stored in; `support`: {name: flat indices its run may
+    have trained}, in that layout. A parameter the checkpoint does not hold under any of its (tied)
+    names is not checked."""
+    named = dict(model.named_parameters(remove_duplicate=False))
+    flipped = _transposed_weights(model, theta0)  # a converted Conv1D's state dict holds [in, out]
+    for name, base in theta0.items():
+        key = next((a for a in _aliases(model, named[name]) if a in weights), None)
+        if key is None or _is_dtensor(base):
+            continue
+        base = base.reshape(-1)
+        saved = weights[key].t() if name in flipped else weights[key]
+        saved = saved.reshape(-1).to(base.device)
+        off = torch.ones(base.numel(), dtype=torch.bool, device=base.device)
+        if name in support:
+            off[support[name].long().to(base.device)] = False
+        if saved.shape != base.shape:
+            differs = f"has {saved.numel()} entries, this run's {base.numel()}"
+        elif not torch.equal(saved[off], base[off]):
+            differs = f"differs from this run's in {int((saved[off] != base[off]).sum())} entries outside those its run trained"
+        else:
+            continue
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} was trained from another base model (or with other "
+                         f"trainable parameters): its {key!r} {differs}; build the trainer on the checkpoint's run's "
+                         "base model and arguments")
 
 
 def _no_entries(p: torch.Tensor) -> torch.Tensor:

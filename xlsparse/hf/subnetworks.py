@@ -675,7 +675,9 @@ class SubnetworkTrainer(Trainer):
     current masks, the entries that re-selections added to the exported diff (with their values
     from convert) and the state of each DynamicMasksCallback. Resuming from a checkpoint restores
     them before the optimizer is built, so a resumed run routes and steps by the masks it had and
-    its diff still covers every entry it trained.
+    its diff still covers every entry it trained. A checkpoint whose run started from another base
+    model (its weights differ from this model's at convert where that run did not train) is
+    refused before any weight is loaded.
     """
 
     MASKS_FILE = "subnetwork_masks.pt"
@@ -746,12 +748,45 @@ class SubnetworkTrainer(Trainer):
             if any(bool((saved["masks"][n].any(0) & ~_covered_mask(layers[n], covered[n][0])).any()) for n in covered):
                 raise ValueError(f"SubnetworkTrainer: {path} was written by an older xlsparse after a re-selection "
                                  "opened new entries, and it lacks their values from convert; it cannot be resumed")
+        self._refuse_another_base(resume_from_checkpoint, covered)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         for name, layer in layers.items():
             layer.set_masks(dict(zip(saved["languages"], saved["masks"][name])))
         _restore_subnet_coverage(self.model, covered)
         for cb, state in zip(callbacks, saved["callbacks"]):
             cb.load_state_dict(state)
+
+    def _refuse_another_base(self, checkpoint, covered: dict) -> None:
+        """LT-SFT's rule (`lt_sft._refuse_another_base`): the checkpoint's run started from this
+        run's θ0, the model at convert. Frozen parameters are θ0 whole. A converted layer's θ0 is
+        its weight with the values from convert put back on the entries its diff covers; the
+        checkpoint's is its saved weight with its own `covered` values from convert put back.
+        What trains whole (modules_to_save) is not checked, nor a layer built by hand (no record
+        of convert: nothing tells its θ0 on the trained entries)."""
+        from .lt_sft import _load_weights, _refuse_another_base
+
+        weights = _load_weights(checkpoint)
+        rec = getattr(self.model, "_xlsparse_record", None)
+        layers = {f"{n}.weight": n for n, _ in _converted(self.model, SubnetworkLinear)}
+        theta0 = {}
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                lname = layers.get(name)
+                if lname is None:
+                    if not p.requires_grad:
+                        theta0[name] = p.detach()
+                    continue
+                if rec is None or lname not in rec.subnet_base or lname not in covered or name not in weights:
+                    continue
+                union, base = rec.subnet_base[lname]
+                theta0[name] = p.detach().reshape(-1).clone().index_copy_(0, union.long(), base)
+                saved = weights[name]
+                if saved.numel() == p.numel():  # in the model's own layout: a Conv1D's [in, out]
+                    transposed = self.model.get_submodule(lname).transposed
+                    saved = (saved.t() if transposed else saved).reshape(-1).clone()
+                    saved[covered[lname][0].long()] = covered[lname][1].to(saved)
+                    weights[name] = saved.view(p.shape).t() if transposed else saved.view(p.shape)
+        _refuse_another_base(checkpoint, self.model, weights, theta0, {})
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         inputs = dict(inputs)

@@ -32,6 +32,7 @@ What is xlsparse's own:
 import copy
 import inspect
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -41,7 +42,7 @@ from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, decay_the_base_
-from .model import convert, extract_diff, route, target_names, train_outside_diff
+from .model import _fingerprint, convert, extract_diff, route, target_names, train_outside_diff
 from .subnetworks import _progress
 
 WEIGHTINGS = ("posterior", "uniform", "static")
@@ -693,7 +694,9 @@ class ExpertTrainer(Trainer):
     not changed; the Trainer trains a copy whose sparse delta values (and dense embedding/head,
     with `train_embeddings`) are the only trainable parameters, with a compact MaskedAdamW using
     the Trainer's lr, betas, eps and weight decay. After `train()`, `expert()` returns the
-    SparseDiff for `ExpertEnsemble`."""
+    SparseDiff for `ExpertEnsemble`. `resume_from_checkpoint` refuses, before loading anything, a
+    checkpoint of a run on another base model: its frozen weights, or the base of its dense parts
+    (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's."""
 
     def __init__(self, model: nn.Module, *args, k: int | None = None, density: float | None = None,
                  init: SparseDiff | None = None, grow: int | None = None, target_modules=None,
@@ -721,6 +724,54 @@ class ExpertTrainer(Trainer):
             self.optimizer = self.setup.optimizer(lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                                   eps=a.adam_epsilon, weight_decay=a.weight_decay)
         return self.optimizer
+
+    BASE_FILE = "expert_base.pt"
+
+    def _dense_base(self) -> dict:
+        """{dense part: fingerprint of its value in the base} (`train_embeddings`)."""
+        base = dict(self.setup.base.named_parameters(remove_duplicate=False))
+        return {n: _fingerprint(base[n]) for n in self.setup.dense}
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save and self.setup.dense:  # its weights hold base + trained only
+            torch.save(self._dense_base(), os.path.join(output_dir or self.args.output_dir, self.BASE_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # LT-SFT's rule, before the Trainer loads the weights: the expert trains its delta values
+        # (and dense parts) only, so every other parameter of the checkpoint is its run's base
+        # and must be this run's; another base would get the checkpoint's whole model
+        from .lt_sft import _load_weights, _refuse_another_base
+
+        weights = _load_weights(resume_from_checkpoint)
+        frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
+        _refuse_another_base(resume_from_checkpoint, self.model, weights, frozen, {})
+        # the dense parts train whole, but the expert holds them as a difference from the base:
+        # the checkpoint names their base by its fingerprints (none in one written before them)
+        path = os.path.join(resume_from_checkpoint, self.BASE_FILE)
+        saved = torch.load(path, weights_only=True) if os.path.isfile(path) else {}
+        other = [n for n, fp in self._dense_base().items() if n in saved and tuple(saved[n]) != fp]
+        if other:
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint} was trained from another base model: "
+                             f"the base of its dense part {other[0]!r} differs from this run's (the expert holds it "
+                             "as a difference from that base); build the trainer on the checkpoint's run's base model")
+        # another target_modules: the Trainer's load dropped the checkpoint's deltas of the layers this
+        # run does not convert, with a log line only, and trained the others from zero
+        own = self.model.state_dict()
+        saved_deltas, own_deltas = ({n for n in names if n.rsplit(".", 1)[-1] in ("delta_indices", "delta_values")}
+                                    for names in (weights, own))
+        if saved_deltas != own_deltas:
+            other = sorted(saved_deltas ^ own_deltas)
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint}'s expert has deltas on other layers than "
+                             f"this run's (e.g. {other[:2]}): it was built with other target_modules; build the trainer "
+                             "with its arguments")
+        # another k or density: load_state_dict raised on the deltas' sizes only after copying the rest
+        resized = sorted(n for n, t in weights.items() if n in own and tuple(t.shape) != tuple(own[n].shape))
+        if resized:
+            raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint}'s {resized[:3]} have other sizes than "
+                             f"this run's ({tuple(weights[resized[0]].shape)} vs {tuple(own[resized[0]].shape)}): its "
+                             "expert was built with another k, density or init; build the trainer with its arguments")
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def expert(self) -> SparseDiff:
         """The trained expert as a SparseDiff over the base's parameters."""
