@@ -727,6 +727,75 @@ def test_bad_op_input_raises_and_writes_nothing(backend, name, args, exc, msg, u
 
 
 
+_BAD_ADAMW = [("lr", dict(lr=-0.1)), ("eps", dict(eps=-1e-8)), ("beta1", dict(beta1=1.5)), ("beta1", dict(beta1=-0.1)),
+              ("beta2", dict(beta2=1.0)), ("weight_decay", dict(weight_decay=-0.1)), ("l1_to_init", dict(l1_to_init=-0.5)),
+              ("lr", dict(lr=float("nan"))), ("amsgrad", dict(amsgrad="no"))]
+_BAD_SGD = [("lr", dict(lr=-0.1)), ("momentum", dict(momentum=-0.5)), ("weight_decay", dict(weight_decay=-0.1)),
+            ("dampening", dict(dampening=float("nan"))), ("Nesterov", dict(nesterov=True, momentum=0.0)),
+            ("Nesterov", dict(nesterov=True, dampening=0.5)), ("nesterov", dict(nesterov=1))]
+
+
+@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("name,bad", _BAD_ADAMW, ids=[f"{n}={list(b.values())[0]}" for n, b in _BAD_ADAMW])
+def test_adamw_op_refuses_an_out_of_range_hyperparameter_and_writes_nothing(backend, name, bad, use_backend):
+    # torch.optim.AdamW refuses these; the op took lr=-0.1 (an ascent step) or beta2=1 (NaN) and wrote it
+    use_backend(backend)
+    p, g, idx, m, v, step = _op_args()
+    before = [t.clone() for t in (p, m, v, step)]
+    hyper = {**dict(lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, l1_to_init=0.5), **bad}
+    with pytest.raises((ValueError, TypeError), match=rf"masked_adamw_: {name}"):
+        ops.masked_adamw_([p], [g], [idx], [m], [v], [], [step], [p[idx].clone()], **hyper)
+    for a, b in zip((p, m, v, step), before):
+        assert_bit_identical(a, b, "written by a rejected call")
+
+
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+@pytest.mark.parametrize("name,bad", _BAD_SGD, ids=[f"{n}={list(b.values())[0]}" for n, b in _BAD_SGD])
+def test_sgd_op_refuses_an_out_of_range_hyperparameter_and_writes_nothing(backend, name, bad, use_backend):
+    # torch.optim.SGD refuses these; nesterov=True with no momentum was silently plain SGD
+    use_backend(backend)
+    p, g, idx, m, _, step = _op_args()
+    before = [t.clone() for t in (p, m, step)]
+    with pytest.raises((ValueError, TypeError), match=rf"masked_sgd_: {name}"):
+        ops.masked_sgd_([p], [g], [idx], [m], [step], **{"lr": 0.1, "momentum": 0.9, **bad})
+    for a, b in zip((p, m, step), before):
+        assert_bit_identical(a, b, "written by a rejected call")
+
+
+@pytest.mark.parametrize("opt_class, key, value", [
+    (MaskedAdamW, "lr", -1.0), (MaskedAdamW, "eps", -1.0), (MaskedAdamW, "betas", (0.9, 1.0)),
+    (MaskedAdamW, "weight_decay", float("nan")), (MaskedSGD, "lr", -1.0), (MaskedSGD, "momentum", -0.5)])
+def test_a_group_value_changed_after_construction_is_checked_before_any_step(opt_class, key, value):
+    # A scheduler or a user may set group["lr"] = -1 after construction: it stepped uphill. The
+    # check runs over every group before any writes, so the first group does not step alone.
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    opt = opt_class([{"params": [p]}, {"params": [q]}], [None, None], lr=0.1, momentum=0.9) if opt_class is MaskedSGD \
+        else opt_class([{"params": [p]}, {"params": [q]}], [None, None], lr=0.1)
+    opt.param_groups[1][key] = value
+    p.grad, q.grad = torch.full((4,), 0.5), torch.full((3,), 0.5)
+    before = copy.deepcopy((p.detach(), q.detach(), opt.state_dict()["state"]))
+    with pytest.raises(ValueError, match="beta2" if key == "betas" else key):
+        opt.step()
+    after = (p.detach(), q.detach(), opt.state_dict()["state"])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    for i, st in before[2].items():
+        for k, t in st.items():
+            if isinstance(t, torch.Tensor):
+                assert_bit_identical(after[2][i][k], t, f"state {i} {k}")
+
+
+@pytest.mark.parametrize("opt_class, key, value", [(MaskedAdamW, "l1_to_init", 0.1), (MaskedSGD, "momentum", 0.9)])
+def test_state_turned_on_after_construction_is_refused_before_any_group_steps(opt_class, key, value):
+    # The refusal came from the second group's update, after the first group had stepped (1 -> 0.899).
+    p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
+    opt = opt_class([{"params": [p]}, {"params": [q]}], [None, None], lr=0.1)
+    opt.param_groups[1][key] = value
+    p.grad, q.grad = torch.full((4,), 0.5), torch.full((3,), 0.5)
+    with pytest.raises(RuntimeError, match="turned on after construction"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4)) and float(opt.state[p]["step"]) == 0
+
+
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 @pytest.mark.parametrize("inits", [0, 2])
 def test_l1_to_init_without_one_init_per_param_raises_and_writes_nothing(backend, inits, use_backend):

@@ -507,11 +507,61 @@ class ConvertedLayer:
             weight = self._state_weight(destination[key])
             destination[key] = weight.detach().t().contiguous() if self.transposed else weight
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
         key = prefix + "weight"
-        if self.transposed and key in state_dict:  # the model's own layout, as _save_to_state_dict wrote it
-            state_dict[key] = state_dict[key].t().contiguous()
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        unknown = False
+        if self.transposed and key in state_dict:
+            weight = self._stored_from_state(state_dict[key], key)
+            if weight is None:  # torch raises with its other errors, after the entries that fit
+                error_msgs.append(f"{key} is a square GPT-2 Conv1D weight whose entries match this converted layer's "
+                                  "in neither layout (no more in one than in the other), so whether the state dict "
+                                  "holds it as [in, out] (xlsparse's state dicts) or [out, in] (those written before) "
+                                  "cannot be told; it was not loaded: convert the base model the state dict was "
+                                  "trained from, then load it")
+                del state_dict[key]
+                unknown = True
+            else:
+                state_dict[key] = weight
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if unknown and key in missing_keys:  # named in the error already
+            missing_keys.remove(key)
+
+    def _stored_from_state(self, saved, key):
+        """A converted Conv1D's weight from a state dict, in the stored [out, in] layout. xlsparse writes
+        the model's own [in, out] layout, but state dicts written before it did (transformers'
+        files, Trainer checkpoints) hold [out, in], and nothing in them says which: the shape tells
+        for a non-square weight; for a square one (GPT-2's attn.c_proj), the layout in which more
+        entries equal the layer's weight (its base, frozen or trained at some entries only). When
+        neither has more, None: taking the wrong one loaded the weight transposed, silently."""
+        stored = tuple(self.weight.shape)
+        if tuple(saved.shape) != stored[::-1]:  # [out, in] of a non-square weight: an older state dict
+            if tuple(saved.shape) == stored:
+                self._warn_old_layout(key)
+            return saved  # else torch names the shape that fits neither layout
+        flipped = saved.t().contiguous()
+        if stored[0] != stored[1] or torch.equal(flipped, saved):  # non-square, or symmetric (a zero weight)
+            return flipped
+        mine = self.weight.detach()
+        coarse = max((saved.dtype, mine.dtype), key=lambda d: torch.finfo(d).eps)
+
+        def agree(t):  # entries equal to this layer's, compared in the coarser dtype (a cast state dict)
+            return int((t.to(device=mine.device, dtype=coarse) == mine.to(coarse)).sum())
+
+        as_own, as_stored = agree(flipped), agree(saved)
+        if as_own > as_stored:
+            return flipped
+        if as_stored > as_own:
+            self._warn_old_layout(key)
+            return saved
+        return None
+
+    @staticmethod
+    def _warn_old_layout(key):
+        warnings.warn(f"load_state_dict: {key} is in the [out, in] layout of state dicts written before xlsparse saved "
+                      "converted GPT-2 Conv1D weights in Conv1D's [in, out]; loaded as such. Save again to write the "
+                      "current layout (transformers' GPT-2 class cannot load the older files)", stacklevel=4)
 
 
 def _transposed_weights(model, names) -> set:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import functional
+from .optim import _is_dtensor
 
 
 def _world(group) -> bool:
@@ -26,6 +27,7 @@ def all_reduce_scores(scores, op: str = "sum", group=None):
 
     `scores`: a list of tensors, a dict {name: tensor}, or a dict of those dicts (per language).
     Returns `scores`. A no-op without an initialised process group of more than one rank.
+    DTensor scores (FSDP2) raise TypeError on every rank: their value is already global.
     """
     if op not in ("sum", "mean"):
         raise ValueError(f"all_reduce_scores: op must be 'sum' or 'mean', got {op!r}")
@@ -35,7 +37,13 @@ def all_reduce_scores(scores, op: str = "sum", group=None):
         return scores
     error = None
     for i, t in enumerate(tensors):
-        if not t.is_floating_point():
+        if _is_dtensor(t):
+            # one global value already (FSDP2 averaged the gradients it came from); summing each
+            # process's local part would add shards of different entries
+            error = TypeError(f"all_reduce_scores: score {i} is a DTensor (FSDP2's fully_shard), which holds one value "
+                              "for all processes: there is nothing to reduce. Pass score.full_tensor() (the whole "
+                              "tensor, the same on every process) to xlsparse.functional.topk_mask instead")
+        elif not t.is_floating_point():
             error = TypeError(f"all_reduce_scores: score {i} must be floating point, got {t.dtype}")
         elif t.device != tensors[0].device:
             error = ValueError(f"all_reduce_scores: scores must share one device; score {i} is on {t.device}")
@@ -79,14 +87,21 @@ def topk_mask(tensors: list, k: int, group=None) -> list[torch.Tensor]:
 def same_on_all_ranks(tensors, group=None) -> bool:
     """True when every tensor (masks, indices, values) is bit-identical on all ranks of `group`:
     a cheap check (a layout check, then all-reduces of per-tensor checksums) to run after a mask
-    update. Other names, shapes, dtypes or numbers of tensors on some rank give False on every rank."""
+    update. Other names, shapes, dtypes or numbers of tensors on some rank give False on every rank.
+    A DTensor (FSDP2) raises TypeError on every rank: its processes hold different shards by design."""
     named = _leaves(tensors)
     tensors = [t for _, t in named]
     if not _world(group):
         return True
+    dtensor = next((i for i, t in enumerate(tensors) if _is_dtensor(t)), None)
     # One fixed-size check first, on every rank: with other counts or shapes the checksum buffers
     # below would differ in size (gloo aborts; NCCL may pair them anyway).
-    if not _agree(named, group)[0]:
+    same, failed = _agree(named, group, dtensor is not None)
+    if failed:
+        raise TypeError(f"same_on_all_ranks: {'tensor ' + str(dtensor) if dtensor is not None else 'a tensor on another rank'} "
+                        "is a DTensor (FSDP2's fully_shard), whose processes hold different shards by design; pass "
+                        "plain tensors (the buffers, or a DTensor's full_tensor())")
+    if not same:
         return False
     if not tensors:
         return True

@@ -95,6 +95,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        # Every group is checked before any steps, so that a refusal writes nothing: a scheduler or
+        # user may have set a group's values since construction.
+        for group in self.param_groups:
+            self._check_group(group)
+            self._check_state(group)
         for group in self.param_groups:
             for (device, _), params in self._groups_for_kernel(group):
                 self._update(group, params, device)
@@ -103,6 +108,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _update(self, group: dict, params: list, device: torch.device) -> None:
         """Run this optimizer's kernel on `params` (one device and dtype) of `group`."""
         raise NotImplementedError
+
+    def _check_state(self, group: dict) -> None:
+        """Refuse a group whose values now need state that was not made at construction."""
 
     # --- masks ---
 
@@ -520,32 +528,24 @@ class MaskedAdamW(_MaskedOptimizer):
         return group["l1_to_init"] != 0
 
     def _check_group(self, group):
-        """Each group's hyper-parameters (the defaults' included), when it is added or loaded."""
+        """Each group's hyper-parameters (the defaults' included): when it is added or loaded, and at each step."""
         super()._check_group(group)
         betas = group["betas"]
-        # a third beta was ignored, and amsgrad="no" (truthy) turned amsgrad on
+        # a third beta was ignored (amsgrad="no", truthy, is refused in checks.adamw_hyperparameters)
         if len(betas) != 2:
             raise ValueError(f"betas must be (beta1, beta2), got {betas!r}")
-        if not isinstance(group["amsgrad"], bool):
-            raise TypeError(f"amsgrad must be a bool, got {group['amsgrad']!r}")
-        checks.finite("MaskedAdamW", lr=group["lr"], beta1=betas[0], beta2=betas[1], eps=group["eps"],
-                      weight_decay=group["weight_decay"], l1_to_init=group["l1_to_init"])
-        if group["lr"] < 0:
-            raise ValueError(f"Invalid learning rate: {group['lr']}")
-        if group["eps"] < 0:
-            raise ValueError(f"Invalid epsilon value: {group['eps']}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"Invalid betas: {betas}")
-        if group["weight_decay"] < 0 or group["l1_to_init"] < 0:
-            raise ValueError("weight_decay and l1_to_init must be >= 0")
+        checks.adamw_hyperparameters("MaskedAdamW", group["lr"], betas[0], betas[1], group["eps"],
+                                     group["weight_decay"], group["l1_to_init"], group["amsgrad"])
         if not group.get("decoupled_weight_decay", True) and group["weight_decay"] != 0:
             raise ValueError("MaskedAdamW's weight decay is decoupled (AdamW's): decoupled_weight_decay=False "
                              "(torch.optim.Adam's L2 weight decay) is not supported")
 
+    def _check_state(self, group: dict) -> None:
+        if group["l1_to_init"] != 0 and any("init" not in self.state[p] for p in group["params"] if p.grad is not None):
+            raise RuntimeError("l1_to_init was turned on after construction: the initial values were not kept")
+
     def _update(self, group: dict, params: list, device: torch.device) -> None:
         l1 = group["l1_to_init"]
-        if l1 != 0 and any("init" not in self.state[p] for p in params):
-            raise RuntimeError("l1_to_init was turned on after construction: the initial values were not kept")
         local, grads, selectors, steps, st = self._step_lists(params, self._state_keys(group))
         grad_scale, found_inf = self._amp(device)
         optim_ops.masked_adamw_(
@@ -571,24 +571,21 @@ class MaskedSGD(_MaskedOptimizer):
         super().__init__(params, masks, defaults, mode)
 
     def _check_group(self, group):
-        """Each group's hyper-parameters (the defaults' included), when it is added or loaded."""
+        """Each group's hyper-parameters (the defaults' included): when it is added or loaded, and at each step."""
         super()._check_group(group)
-        checks.finite("MaskedSGD", lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-                      weight_decay=group["weight_decay"])
-        if group["lr"] < 0 or group["momentum"] < 0 or group["weight_decay"] < 0:
-            raise ValueError("lr, momentum and weight_decay must be >= 0")
-        if not isinstance(group["nesterov"], bool):
-            raise TypeError(f"nesterov must be a bool, got {group['nesterov']!r}")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        checks.sgd_hyperparameters("MaskedSGD", group["lr"], group["momentum"], group["dampening"],
+                                   group["weight_decay"], group["nesterov"])
 
     def _state_keys(self, group):
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
+    def _check_state(self, group: dict) -> None:
+        if group["momentum"] != 0 and any("momentum_buffer" not in self.state[p] for p in group["params"]
+                                          if p.grad is not None):
+            raise RuntimeError("momentum was turned on after construction: no momentum buffers exist")
+
     def _update(self, group: dict, params: list, device: torch.device) -> None:
         keys = self._state_keys(group)
-        if keys and any("momentum_buffer" not in self.state[p] for p in params):
-            raise RuntimeError("momentum was turned on after construction: no momentum buffers exist")
         local, grads, selectors, steps, st = self._step_lists(params, keys)
         grad_scale, found_inf = self._amp(device)
         optim_ops.masked_sgd_(

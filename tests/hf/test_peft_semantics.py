@@ -90,7 +90,7 @@ def test_train_save_reload_merge_unload_round_trip(arch, tmp_path):
     assert files == ["xlsparse_config.json", "xlsparse_diff.safetensors"]
     config = json.loads((tmp_path / "sft" / "xlsparse_config.json").read_text())
     assert set(config) == {"kind", "target_modules", "density", "k", "languages", "modules_to_save", "base_model",
-                           "xlsparse_version"}
+                           "xlsparse_version", "target_request", "base_fingerprint"}
     assert config["modules_to_save"] == [head] and config["kind"] == "delta"
     # no base weight in the file: its bytes are the deltas plus the head
     diff = xlsparse.SparseDiff.load(str(tmp_path / "sft" / "xlsparse_diff.safetensors"))
@@ -147,6 +147,107 @@ def test_a_reload_keeps_the_saved_budget_and_the_model_s_own_name(tmp_path):
     assert (saved["k"], saved["base_model"]) == (50, "org/model-b")
 
 
+def _deeper_bert(layers: int = 4):
+    """tiny("bert") with more layers: the first two named alike and holding the same weights."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=32)
+    deep = transformers.BertForMaskedLM(cfg).eval()
+    deep.load_state_dict(tiny("bert").state_dict(), strict=False)
+    return deep
+
+
+@pytest.mark.parametrize("targets", [None, ["query", "value"], r".*\.output\.dense"])
+def test_a_reload_onto_a_deeper_base_is_refused(targets, tmp_path):
+    # the config held the resolved names only: a 4-layer base took the deltas on layers 0-1 and
+    # ran layers 2-3 without any, no error, no warning
+    model = hf.convert(tiny("bert"), target_modules=targets, density=0.1)
+    hf.save_pretrained(model, tmp_path / "sft")
+    deep = _deeper_bert()
+    with pytest.raises(ValueError, match="selected 2 layers there and 4|selected 4 layers there and 8|selected 12 "
+                                         "layers there and 24"):
+        hf.from_pretrained(deep, tmp_path / "sft")
+    assert getattr(deep, "xlsparse_config", None) is None  # nothing changed
+    # the same request on the same depth loads, and a re-save keeps the request, not the names
+    again = hf.from_pretrained(tiny("bert"), tmp_path / "sft")
+    hf.save_pretrained(again, tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "xlsparse_config.json").read_text())["target_request"] == {
+        "target_modules": targets}
+    # target_modules given as a generator is recorded whole (it was read once, by target_names)
+    once = hf.convert(tiny("bert"), target_modules=(t for t in ["query", "value"]), density=0.1)
+    assert once.xlsparse_config.target_request == {"target_modules": ["query", "value"]}
+    # a converted base is named as such (the request's check said it had no linear layer)
+    with pytest.raises(ValueError, match="converted already"):
+        hf.from_pretrained(hf.convert(tiny("bert"), density=0.1), tmp_path / "sft")
+    # the user converted only some layers: the exact names are the request, and a deeper base fits it
+    some = hf.convert(tiny("bert"), target_modules=["bert.encoder.layer.0.attention.self.query"], density=0.1)
+    hf.save_pretrained(some, tmp_path / "some")
+    hf.from_pretrained(_deeper_bert(), tmp_path / "some")
+
+
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_a_reload_onto_a_base_with_other_weights_is_refused(arch, tmp_path):
+    # from_pretrained checked the base's name only: a same-shape base with other weights took the
+    # deltas silently (tiny BERT seed 1 under a seed-0 save: logits 0.59 off)
+    model = hf.convert(tiny(arch), density=0.1)
+    with torch.no_grad():
+        for _, layer in hf.model._converted(model):
+            layer.delta_values.normal_()
+    ids = batch()
+    trained = model(input_ids=ids).logits
+    hf.save_pretrained(model, tmp_path / "sft")
+    other = tiny(arch, seed=1)
+    with pytest.raises(ValueError, match=r"differs from the one .* was trained on \(sampled entry"):
+        hf.from_pretrained(other, tmp_path / "sft")
+    assert getattr(other, "xlsparse_config", None) is None
+    # one weight moved by a sparse update (an SFT applied to the base): the sums tell
+    near = tiny(arch)
+    name = hf.model.target_names(near)[-1]
+    with torch.no_grad():
+        near.get_submodule(name).weight.view(-1)[1::7] += 1e-3
+    with pytest.raises(ValueError, match=f"{name}.weight .* differs"):
+        hf.from_pretrained(near, tmp_path / "sft")
+    if arch == "gpt2":  # a square Conv1D weight transposed (the layout a save could get wrong)
+        flipped = tiny(arch)
+        with torch.no_grad():
+            w = flipped.transformer.h[1].attn.c_proj.weight
+            w.copy_(w.t().clone())
+        with pytest.raises(ValueError, match="h.1.attn.c_proj.weight .* differs"):
+            hf.from_pretrained(flipped, tmp_path / "sft")
+    # the right base loads bit for bit; one cast to bf16 or fp16 loads too, within its rounding
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        same = hf.from_pretrained(tiny(arch), tmp_path / "sft")
+    assert torch.equal(same(input_ids=ids).logits, trained)
+    for dtype in (torch.bfloat16, torch.float16):
+        hf.from_pretrained(tiny(arch).to(dtype), tmp_path / "sft")
+    # a save in bf16 loads onto the fp32 base it was cast from
+    low = hf.convert(tiny(arch).to(torch.bfloat16), density=0.1)
+    hf.save_pretrained(low, tmp_path / "bf16")
+    hf.from_pretrained(tiny(arch), tmp_path / "bf16")
+    # a merged model records its base, not W0 + delta
+    hf.merge(model)
+    hf.save_pretrained(model, tmp_path / "merged")
+    hf.from_pretrained(tiny(arch), tmp_path / "merged")
+    # a save written before the fingerprints were recorded still loads, with one warning
+    config = json.loads((tmp_path / "sft" / "xlsparse_config.json").read_text())
+    del config["base_fingerprint"]
+    (tmp_path / "sft" / "xlsparse_config.json").write_text(json.dumps(config))
+    with pytest.warns(UserWarning, match="cannot be checked") as caught:
+        older = hf.from_pretrained(tiny(arch), tmp_path / "sft")
+    assert len([w for w in caught if "fingerprint" in str(w.message)]) == 1
+    assert torch.equal(older(input_ids=ids).logits, trained)
+
+
+def test_a_multi_reload_checks_the_base_too(tmp_path):
+    model = hf.convert(tiny("bert"), kind="multi", diffs={lang: random_diff(tiny("bert"), 7, 0.1, s)
+                                                          for s, lang in enumerate(["de", "fr"])})
+    hf.save_pretrained(model, tmp_path / "m")
+    with pytest.raises(ValueError, match="differs from the one"):
+        hf.from_pretrained(tiny("bert", seed=2), tmp_path / "m")
+    hf.from_pretrained(tiny("bert"), tmp_path / "m")
+
+
 def test_a_config_that_names_a_language_twice_is_refused(tmp_path):
     # languages ["de", "de"] (a file made by hand) built a dict with one language: the second
     # language's file was never read
@@ -158,6 +259,21 @@ def test_a_config_that_names_a_language_twice_is_refused(tmp_path):
     fresh = tiny("bert")
     with pytest.raises(ValueError, match="names a language twice"):
         hf.from_pretrained(fresh, tmp_path / "m")
+    assert getattr(fresh, "xlsparse_config", None) is None
+
+
+@pytest.mark.parametrize("listed", [[], ["classifier", "bert.pooler"]])
+def test_a_config_and_diff_that_disagree_on_the_saved_modules_are_refused(listed, tmp_path):
+    # a config without the head loaded the file's head into a frozen module (it never trained on);
+    # one naming a module the file lacks left that module at the base's values, silently
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    hf.save_pretrained(model, tmp_path / "sft")
+    config = json.loads((tmp_path / "sft" / "xlsparse_config.json").read_text())
+    (tmp_path / "sft" / "xlsparse_config.json").write_text(json.dumps(dict(config, modules_to_save=listed)))
+    fresh, _ = classifier("bert")
+    with pytest.raises(ValueError, match="do not belong together"):
+        hf.from_pretrained(fresh, tmp_path / "sft")
     assert getattr(fresh, "xlsparse_config", None) is None
 
 
@@ -1254,6 +1370,75 @@ def test_a_converted_gpt2_state_dict_keeps_conv1d_layout(kind, tmp_path):
         hf.merge(model)
         assert torch.equal(model.state_dict()["transformer.h.0.attn.c_attn.weight"],
                            base.state_dict()["transformer.h.0.attn.c_attn.weight"])
+
+
+@pytest.mark.parametrize("kind", ["delta", "multi", "subnetwork"])
+def test_a_converted_gpt2_state_dict_in_the_older_layout_loads_untransposed(kind):
+    # state dicts of converted GPT-2 models written before the Conv1D layout fix hold the converted
+    # weights as stored, [out, in]; the load took every one for [in, out] and transposed it: the
+    # square attn.c_proj silently (logits 0.22 off), the others refused with swapped shapes
+    base = tiny("gpt2")
+    ids, langs = batch(2, 5), torch.tensor([0, 1])
+
+    def build(model=None):
+        model = copy.deepcopy(base) if model is None else model
+        if kind == "delta":
+            return hf.convert(model, kind="delta", diffs=random_diff(base, 30, 0.3, seed=1))
+        if kind == "multi":
+            return hf.convert(model, kind="multi", diffs={lang: random_diff(base, 30, 0.3, seed=e)
+                                                          for e, lang in enumerate(["de", "fr"])})
+        g = torch.Generator().manual_seed(0)
+        masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
+                        for n in hf.model.target_names(base)} for lang in ("de", "fr")}
+        return hf.convert(model, kind="subnetwork", masks=masks)
+
+    model = build()
+    if kind == "subnetwork":
+        with torch.no_grad():
+            for _, layer in hf.model._converted(model):
+                layer.weight.view(-1)[layer.trainable_mask().view(-1)] += 0.1  # as if trained
+    converted = {f"{n}.weight" for n, _ in hf.model._converted(model)}
+    older = {n: (t.t().contiguous() if n in converted else t) for n, t in model.state_dict().items()}
+    run = (lambda m: m(input_ids=ids, language_ids=langs).logits) if kind != "delta" else (lambda m: m(input_ids=ids).logits)
+    fresh = build()
+    with pytest.warns(UserWarning, match="h.1.attn.c_proj.weight is in the \\[out, in\\] layout"):
+        fresh.load_state_dict(older)
+    with torch.no_grad():
+        assert torch.equal(run(fresh), run(model))
+    # the current layout loads as before, without a warning, also from a bf16 copy
+    fresh = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(model.state_dict())
+        build(copy.deepcopy(base).to(torch.bfloat16)).load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(run(fresh), run(model))
+    # a square weight that matches this layer's in neither layout: its layout cannot be told
+    other = build(tiny("gpt2", seed=3))
+    before = other.transformer.h[0].attn.c_proj.weight.clone()
+    with pytest.raises(RuntimeError, match="h.0.attn.c_proj.weight is a square .* neither layout") as err:
+        other.load_state_dict(model.state_dict())
+    assert "Missing key" not in str(err.value)
+    assert torch.equal(other.transformer.h[0].attn.c_proj.weight, before)
+
+
+def test_an_older_state_dict_of_square_conv1d_layers_only_is_not_loaded_transposed():
+    # with only square layers converted (attn.c_proj) nothing refused by shape: the older [out, in]
+    # weights loaded transposed without a word (logits 0.22 off)
+    base = tiny("gpt2")
+    diff = xlsparse.SparseDiff({n: d for n, d in random_diff(base, 30, 0.3, seed=1).deltas.items() if "attn.c_proj" in n})
+    model = hf.convert(copy.deepcopy(base), target_modules=["attn.c_proj"], diffs=diff)
+    older = {n: (t.t().contiguous() if n.endswith("attn.c_proj.weight") else t) for n, t in model.state_dict().items()}
+    fresh = hf.convert(copy.deepcopy(base), target_modules=["attn.c_proj"], diffs=diff)
+    with pytest.warns(UserWarning, match="layout of state dicts written before"):
+        fresh.load_state_dict(older)
+    ids = batch(2, 5)
+    assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+    # a symmetric weight (here zero) is the same in both layouts: it loads
+    with torch.no_grad():
+        base.transformer.h[0].attn.c_proj.weight.zero_()
+    zero = hf.convert(copy.deepcopy(base), target_modules=["attn.c_proj"], diffs=diff)
+    hf.convert(copy.deepcopy(base), target_modules=["attn.c_proj"], diffs=diff).load_state_dict(zero.state_dict())
 
 
 def test_a_dynamic_rope_model_saves_after_a_long_batch(tmp_path):

@@ -489,3 +489,125 @@ def test_fsdp2_refuses_optimizer_state_saved_over_the_whole_parameter(tmp_path):
     for refused, bias in torch.load(out, weights_only=False):
         assert "whole parameter" in refused, refused
         assert torch.equal(bias[outside], before[outside])  # no entry outside the mask moved
+
+
+# --- FSDP2: reading the trained diff back (extract_diff, save_pretrained) ---
+
+def _saved_model():
+    """The tiny model converted with a head to save: delta values and the head train fully."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    model = transformers.BertForMaskedLM(cfg)
+    hf.convert(model, density=0.2, kind="delta", modules_to_save=["cls.predictions.transform"])
+    return model
+
+
+def _saved_train(model, rank=None):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = MaskedAdamW(params, [None] * len(params), lr=1e-2, mode="dense")
+    model.train()
+    for b in list(_global_batch())[:2]:
+        ids = b if rank is None else b[rank * 2:(rank + 1) * 2]
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def _fsdp_save_worker(rank: int, out: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = _saved_model()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    _saved_train(model, rank)
+    diff = hf.extract_diff(model)  # every rank: a collective
+    hf.save_pretrained(model, f"{out}.rank{rank}")  # every rank gathers; rank 0 alone writes
+    resharded = all(isinstance(p, DTensor) for p in model.parameters())
+    # transformers' save as the Trainer runs it under FSDP: a full state dict, the main process alone
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    warned = []
+    if rank == 0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.save_pretrained(f"{out}.transformers", state_dict=full)
+        warned = [str(w.message) for w in caught if "FSDP2" in str(w.message)]
+        warned.append(sorted(os.listdir(f"{out}.transformers")))
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, (diff, resharded, warned))
+    if rank == 0:
+        torch.save(gathered, out)
+    return model
+
+
+def test_fsdp2_extract_diff_and_save_pretrained_give_the_single_process_diff(tmp_path):
+    # Both raised a raw DTensor error ("Cannot flatten unevenly sharded tensor") under fully_shard.
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path / "saved.pt")
+    _spawn(_fsdp_save_worker, out)
+    gathered = torch.load(out, weights_only=False)
+    single = _saved_model()
+    _saved_train(single)
+    expected = hf.extract_diff(single)
+    saved = xlsparse.SparseDiff.load(os.path.join(out + ".rank0", hf.model.DIFF_NAME))
+    assert not os.path.exists(out + ".rank1")  # one process writes
+    # model.save_pretrained on the main process alone cannot gather: it warns (it waited for good)
+    *warned, files = gathered[0][2]
+    assert warned and "every process" in warned[0] and hf.model.DIFF_NAME not in files, gathered[0][2]
+    for diff, resharded, _ in gathered:
+        assert resharded  # the parameters are sharded again afterwards
+        assert set(diff.deltas) == set(expected.deltas) and set(diff.absolute) == set(expected.absolute)
+        assert expected.absolute  # the head is in it
+        for name, d in expected.deltas.items():
+            assert torch.equal(diff.deltas[name].indices, d.indices), name
+            torch.testing.assert_close(diff.deltas[name].values, d.values, **CLOSE)
+        for name, t in expected.absolute.items():
+            torch.testing.assert_close(diff.absolute[name], t, **CLOSE)
+    for name, d in gathered[0][0].deltas.items():  # the file holds what rank 0 extracted
+        assert torch.equal(saved.deltas[name].values, d.values) and torch.equal(saved.deltas[name].indices, d.indices)
+    for name, t in gathered[0][0].absolute.items():
+        assert torch.equal(saved.absolute[name], t)
+
+
+def _dtensor_scores_worker(rank: int, out: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = _bias_model()
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    model(torch.full((2, 3), float(rank + 1))).pow(2).sum().backward()
+    scores = {"bias": model[0].bias.grad.abs()}  # a DTensor: FSDP2 already averaged the gradient
+    before = scores["bias"].full_tensor().clone()
+    try:
+        xdist.all_reduce_scores(scores)
+        refused = ""
+    except TypeError as exc:
+        refused = str(exc)
+    try:  # it raised a bare AssertionError from inside DTensor's dispatch
+        xdist.same_on_all_ranks([model[0].weight])
+        same_refused = ""
+    except TypeError as exc:
+        same_refused = str(exc)
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, (refused, torch.equal(scores["bias"].full_tensor(), before), same_refused))
+    if rank == 0:
+        torch.save(gathered, out)
+    return model
+
+
+def test_all_reduce_scores_and_same_on_all_ranks_refuse_dtensors_on_every_rank(tmp_path):
+    # It raised torch's "c10d.allreduce_.default does not have a sharding strategy registered".
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path / "scores.pt")
+    _spawn(_dtensor_scores_worker, out)
+    for refused, unchanged, same_refused in torch.load(out, weights_only=False):
+        assert "DTensor" in refused and "full_tensor()" in refused, refused
+        assert unchanged
+        assert "same_on_all_ranks: tensor 0 is a DTensor" in same_refused, same_refused

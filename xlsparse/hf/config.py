@@ -18,6 +18,12 @@ class XlsparseConfig:
     modules_to_save: names of the modules trained densely beside the sparse parts.
     base_model: the base model's name or path, when known.
     xlsparse_version: the version that wrote it.
+    target_request: {"target_modules": what convert was given} (None: every block linear layer), so
+      that a base where it selects other layers (a deeper model) is told apart; None in a save
+      written before it was recorded.
+    base_fingerprint: {weight name: the fingerprint of its base values} for every converted weight,
+      written by `save_pretrained` and checked by `from_pretrained` (`model._weight_fingerprint`);
+      None in a save written before it was recorded.
     """
 
     kind: str = "delta"
@@ -28,6 +34,8 @@ class XlsparseConfig:
     modules_to_save: list[str] = field(default_factory=list)
     base_model: str | None = None
     xlsparse_version: str = ""
+    target_request: dict | None = None
+    base_fingerprint: dict | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

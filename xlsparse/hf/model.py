@@ -10,6 +10,7 @@ the base weights; `from_pretrained` redoes the conversion on a fresh base; `merg
 returns plain layers; `disable` runs the base model.
 """
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -28,6 +29,7 @@ from ..diff import (SparseDelta, SparseDiff, _storage_key, _transpose_delta, app
                     index_dtype)
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
+from ..optim import _is_dtensor
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
 
 _CONVERTED = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
@@ -376,6 +378,14 @@ class _SavePretrainedWithDiff(_OnInstance):
         type(self.model).save_pretrained(self.model, save_directory, *args, **kwargs)
         if not main_process:
             return
+        if _sharded(self.model):
+            # FSDP2: gathering the diff is a collective, and transformers saves on the main process
+            # alone: the others would never join it (rank 0 would wait for good)
+            _remove_saved_files(save_directory)
+            warnings.warn(f"save_pretrained: {save_directory} holds transformers' files only, no xlsparse diff: the "
+                          "model is sharded with FSDP2 (fully_shard); call xlsparse.hf.save_pretrained(model, "
+                          "directory) on every process to write it", stacklevel=2)
+            return
         if getattr(getattr(self.model, "xlsparse_config", None), "kind", None) == "subnetwork":
             # transformers' files hold the trained weights; there is no diff file (hf.save_pretrained refuses)
             _remove_saved_files(save_directory)
@@ -511,6 +521,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         raise ValueError(f"convert: kind must be one of {KINDS}, got {kind!r}")
     if getattr(model, "xlsparse_config", None) is not None:
         raise ValueError("convert: the model is converted already; merge_and_unload it first or start from the base")
+    if target_modules is not None and not isinstance(target_modules, str):
+        target_modules = list(target_modules)  # read twice (a generator would give the record nothing)
     names = target_names(model, target_modules)
     modules = dict(model.named_modules())
     if kind != "delta":
@@ -613,7 +625,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     _freeze(model, saved)
     model.xlsparse_config = XlsparseConfig(
         kind=kind, target_modules=names, density=density, k=k, languages=languages_, modules_to_save=saved,
-        base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None, xlsparse_version=__version__)
+        base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None, xlsparse_version=__version__,
+        target_request={"target_modules": target_modules})
     model._xlsparse_record = _remember(model, saved)
     if kind != "delta":
         _accept_language_ids(model)
@@ -940,6 +953,33 @@ def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in _saved_module_params(model).items()}
 
 
+def _sharded(model: nn.Module) -> bool:
+    return any(_is_dtensor(p) for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _unsharded(model: nn.Module):
+    """FSDP2 (`fully_shard`): every parameter whole inside the block (an all-gather, so every process
+    must enter it), sharded again after. Yields whether the model was sharded; a model that holds
+    no DTensor parameter (never sharded, or already gathered by an enclosing block) is left alone."""
+    if not _sharded(model):
+        yield False
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in fsdp:
+        m.unshard()
+    try:
+        if _sharded(model):  # tensor parallelism, say: its DTensors are not FSDP2's to gather
+            raise ValueError("the model holds DTensor parameters that FSDP2's fully_shard does not manage; "
+                             "xlsparse reads sharded parameters of fully_shard only")
+        yield True
+    finally:
+        for m in fsdp:
+            m.reshard()
+
+
 def extract_diff(model: nn.Module, base_model: str | None = None, language: str | None = None) -> SparseDiff:
     """Everything the converted model trained, as a SparseDiff named like the original model's
     parameters (GPT-2 Conv1D weights in their own [in, out] layout):
@@ -952,7 +992,15 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
     Raises ValueError, naming it, when a parameter outside the diff changed since `convert`: base +
     diff would not equal the trained model. A model assembled by hand (layers from `from_linear`)
     has no record of `convert`; then every trainable parameter must be a delta.
+
+    FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
+    collective) and returns the whole diff.
     """
+    with _unsharded(model):
+        return _extract_diff(model, base_model, language)
+
+
+def _extract_diff(model: nn.Module, base_model: str | None, language: str | None) -> SparseDiff:
     config = getattr(model, "xlsparse_config", None)
     if config is None:
         stray = [n for n, p in model.named_parameters() if p.requires_grad and "delta_values" not in n]
@@ -1025,8 +1073,13 @@ def _saved_file(name: str) -> bool:
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Write what the converted model trained, and how to redo the conversion, to `directory`:
     `xlsparse_config.json` (kind, target_modules, density / k, languages, modules_to_save,
-    base_model, xlsparse_version) and the diff as safetensors (`xlsparse_diff.safetensors`; a
-    'multi' model adds `xlsparse_diff.lang<i>.safetensors` per language). Never the base weights.
+    base_model, xlsparse_version, target_request, and the base_fingerprint of every converted
+    weight, which `from_pretrained` checks the base against) and the diff as safetensors
+    (`xlsparse_diff.safetensors`; a 'multi' model adds `xlsparse_diff.lang<i>.safetensors` per
+    language). Never the base weights.
+
+    FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
+    collective), and process 0 alone writes.
     """
     config = getattr(model, "xlsparse_config", None)
     if config is None:
@@ -1041,33 +1094,129 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         raise ValueError(f"save_pretrained: {sorted(outside)[:3]} train outside the diff "
                          "(train_outside_diff), and these files cannot hold them: save the recipe's own diff "
                          "(X-ELM: ExpertTrainer.expert())")
-    if config.kind == "delta":
-        diff = extract_diff(model)  # checks that nothing outside the diff changed
-        os.makedirs(directory, exist_ok=True)
-        diff.save(os.path.join(directory, DIFF_NAME))
-    else:
-        _check_unchanged(model, _record(model), "save_pretrained")
-        os.makedirs(directory, exist_ok=True)
-        SparseDiff._trusted({}, absolute=_saved_modules(model), base_model=config.base_model).save(
-            os.path.join(directory, DIFF_NAME))
-        for i in range(len(config.languages)):
-            SparseDiff._trusted(_language_deltas(model, i), base_model=config.base_model).save(
-                os.path.join(directory, _lang_file(i)))
-    written = {CONFIG_NAME, DIFF_NAME, *(_lang_file(i) for i in range(len(config.languages)) if config.kind == "multi")}
+    with _unsharded(model) as sharded:
+        if config.kind == "delta":
+            files = {DIFF_NAME: extract_diff(model)}  # checks that nothing outside the diff changed
+        else:
+            _check_unchanged(model, _record(model), "save_pretrained")
+            files = {DIFF_NAME: SparseDiff._trusted({}, absolute=_saved_modules(model), base_model=config.base_model)}
+            for i in range(len(config.languages)):
+                files[_lang_file(i)] = SparseDiff._trusted(_language_deltas(model, i), base_model=config.base_model)
+        bases = {f"{n}.weight": _weight_fingerprint(layer.base_weight() if isinstance(layer, SparseDeltaLinear)
+                                                    else layer.weight, layer.transposed)
+                 for n, layer in _converted(model, (SparseDeltaLinear, MultiDeltaLinear))}
+    if sharded and torch.distributed.get_rank() != 0:
+        return  # every process gathered the same values; one writes them
+    os.makedirs(directory, exist_ok=True)
+    for name, diff in files.items():
+        diff.save(os.path.join(directory, name))
+    written = {CONFIG_NAME, *files}
     for name in os.listdir(directory):  # an earlier save's per-language files would pass for this model's
         if _saved_file(name) and name not in written:
             os.remove(os.path.join(directory, name))
-    config.save(directory)
+    dataclasses.replace(config, base_fingerprint=bases).save(directory)
+
+
+_SAMPLES = 16  # entries of each base weight that a fingerprint holds
+
+
+def _weight_fingerprint(weight: torch.Tensor, transposed: bool = False) -> dict:
+    """A cheap record of a base weight in the model's own layout (`transposed`: a converted GPT-2
+    Conv1D's stored [out, in]): its dtype, the float64 sums of its entries and of their magnitudes
+    (one pass), and `_SAMPLES` entries at fixed scattered positions, which a transposed or other
+    weight of the same shape does not hold."""
+    w = weight.detach()
+    w = w.t() if transposed else w
+    n, cols = w.numel(), w.shape[-1]
+    pos = torch.tensor([(j * 2654435761 + 12345) % n for j in range(min(_SAMPLES, n))], dtype=torch.long,
+                       device=w.device)
+    return {"dtype": str(w.dtype).removeprefix("torch."), "sum": torch.sum(w, dtype=torch.float64).item(),
+            "abs_sum": torch.linalg.vector_norm(w, 1, dtype=torch.float64).item(),
+            "sample": w[pos // cols, pos % cols].double().tolist()}
+
+
+def _fingerprint_mismatch(saved: dict, now: dict) -> str | None:
+    """Why `now` is not the fingerprint of the weight `saved` was taken from, or None. In one dtype
+    the sampled entries must be equal; across dtypes (a bf16 load of an fp32 save) within the
+    coarser one's rounding, and the sums within that rounding of the sum of magnitudes."""
+    dtypes = {saved["dtype"], now["dtype"]}
+    coarse = [torch.finfo(getattr(torch, d)) for d in dtypes] if len(dtypes) > 1 else []
+    eps = max((f.eps for f in coarse), default=0.0)
+    tiny = max((f.tiny for f in coarse), default=0.0)  # the rounding step of subnormal values is at most this
+
+    def close(a, b, rel, atol):
+        return a == b or (math.isnan(a) and math.isnan(b)) or abs(a - b) <= rel * max(abs(a), abs(b)) + atol
+
+    if len(saved["sample"]) != len(now["sample"]):
+        return f"{len(saved['sample'])} sampled entries saved, {len(now['sample'])} here (another size)"
+    for j, (a, b) in enumerate(zip(saved["sample"], now["sample"])):
+        if not close(a, b, eps, tiny):
+            return f"sampled entry {j}: {a!r} saved, {b!r} here"
+    scale = max(saved["abs_sum"], now["abs_sum"])
+    for key in ("sum", "abs_sum"):  # float64 sums differ by their summation order only: 1e-9
+        if not close(saved[key], now[key], 0.0, max(eps, 1e-9) * scale):
+            return f"{key} of the entries: {saved[key]!r} saved, {now[key]!r} here"
+    return None
+
+
+def _check_same_base(base_model: nn.Module, config: XlsparseConfig, directory) -> None:
+    """The weights the deltas go on must be those they were trained on: a base of the same shapes
+    with other weights (another checkpoint) took them silently. Saves written before the
+    fingerprints were recorded cannot be checked: a warning says so."""
+    if config.base_fingerprint is None:
+        warnings.warn(f"from_pretrained: {directory} was saved before xlsparse recorded the base weights' "
+                      "fingerprint, so the base model given cannot be checked; the outputs match only if it holds "
+                      "the weights the diff was trained from (save it again to record them)", stacklevel=3)
+        return
+    modules = dict(base_model.named_modules())
+    for name in config.target_modules:
+        module = modules.get(name)
+        if module is None or not _is_linear(module):
+            continue  # convert names it
+        saved = config.base_fingerprint.get(f"{name}.weight")
+        why = ("the file has no fingerprint of it" if not isinstance(saved, dict)
+               else _fingerprint_mismatch(saved, _weight_fingerprint(module.weight)))
+        if why:
+            raise ValueError(f"from_pretrained: {name}.weight of the base model given differs from the one {directory} "
+                             f"was trained on ({why}): the deltas would go onto other weights. Load it onto the base "
+                             "it was trained from")
+
+
+def _check_same_targets(base_model: nn.Module, config: XlsparseConfig, directory) -> None:
+    """The saved `convert` request must select on `base_model` the layers it selected on the saved
+    model: a deeper base (more layers, the first ones named alike) took the deltas on the recorded
+    layers and left its other layers base-only, silently. Saves written before the request was
+    recorded cannot be checked here."""
+    if config.target_request is None:
+        return
+    asked = config.target_request.get("target_modules")
+    try:
+        here = target_names(base_model, asked)
+    except ValueError as exc:
+        raise ValueError(f"from_pretrained: {directory} was converted with target_modules={asked!r}, which does not "
+                         f"fit the base model given ({exc}); it is another model than the one saved") from None
+    extra = [n for n in here if n not in config.target_modules]
+    missing = [n for n in config.target_modules if n not in here]
+    if extra or missing:
+        raise ValueError(f"from_pretrained: {directory} was converted with target_modules={asked!r}, which selected "
+                         f"{len(config.target_modules)} layers there and {len(here)} on the base model given"
+                         + (f" (the base has {extra[:3]}{' ...' if len(extra) > 3 else ''} besides)" if extra else "")
+                         + (f" (the base lacks {missing[:3]}{' ...' if len(missing) > 3 else ''})" if missing else "")
+                         + ": it is another model than the one saved (a deeper one?), whose other layers would run "
+                         "without their deltas; load it onto the base it was trained from")
 
 
 def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = True) -> nn.Module:
     """Rebuild a model saved by `save_pretrained` on `base_model` (the same base it was trained
-    from): convert it as recorded, then load the trained values. Its outputs equal the saved
-    model's bit for bit. The deltas and saved modules train on, as after `convert`;
+    from: a base where the recorded request selects other layers, or whose converted weights differ
+    from the recorded fingerprints, is refused before anything changes): convert it as recorded,
+    then load the trained values. Its outputs equal the saved model's bit for bit. The deltas and saved modules train on, as after `convert`;
     `is_trainable=False` freezes every parameter and puts the model in eval mode, for inference
     (PEFT's `from_pretrained` default)."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"from_pretrained: is_trainable must be a bool, got {is_trainable!r}")
+    if getattr(base_model, "xlsparse_config", None) is not None:  # before the checks below, which read its layers
+        raise ValueError("from_pretrained: the base model is converted already; give a fresh base model")
     config = XlsparseConfig.load(directory)
     diff = SparseDiff.load(os.path.join(directory, DIFF_NAME))
     # save_pretrained never writes these; a file that has them (made by hand) would lose them
@@ -1081,10 +1230,21 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     missing = [n for n in diff.absolute if n not in named]
     if missing:
         raise ValueError(f"from_pretrained: the saved modules name {missing[:3]}, which the base model lacks")
+    # the absolute entries are the saved modules' parameters, all of them: a module without its entries kept the
+    # base's values, and entries outside the modules were loaded into frozen parameters (a hand-edited file)
+    modules = dict(base_model.named_modules())
+    wanted = {f"{m}.{n}" for m in config.modules_to_save if m in modules for n, _ in modules[m].named_parameters()}
+    lacks, besides = sorted(wanted - set(diff.absolute)), sorted(set(diff.absolute) - wanted)
+    if lacks or besides:
+        raise ValueError(f"from_pretrained: {CONFIG_NAME} names modules_to_save {config.modules_to_save}, but "
+                         f"{DIFF_NAME} " + (f"lacks their {lacks[:3]}" if lacks else f"has {besides[:3]} besides")
+                         + "; the two files do not belong together")
     for name, t in diff.absolute.items():  # checked before convert changes the model
         if tuple(t.shape) != tuple(named[name].shape):
             raise ValueError(f"from_pretrained: {name!r} has shape {tuple(t.shape)} in the file, "
                              f"{tuple(named[name].shape)} in the model")
+    _check_same_targets(base_model, config, directory)
+    _check_same_base(base_model, config, directory)
     own_name = getattr(getattr(base_model, "config", None), "_name_or_path", None) or None
     if config.base_model and own_name and own_name != config.base_model:
         warnings.warn(f"from_pretrained: {directory} was trained from {config.base_model!r}, the base model given is "
@@ -1102,6 +1262,7 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
             named[name].copy_(t)
     loaded = base_model.xlsparse_config
     loaded.density, loaded.k = config.density, config.k  # the budget it was trained with, for the next save
+    loaded.target_request = config.target_request or loaded.target_request  # what was asked, not the names
     loaded.base_model = own_name or config.base_model
     if not is_trainable:
         base_model.requires_grad_(False)

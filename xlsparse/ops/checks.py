@@ -73,6 +73,13 @@ def finite(op: str, **scalars) -> None:
             raise ValueError(f"{op}: {name} must be finite, got {v}")
 
 
+def flag(op: str, name: str, v) -> bool:
+    """An on/off option must be a bool: bool("no") is True, and would turn the option on."""
+    if not isinstance(v, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {v!r}")
+    return v
+
+
 def count(op: str, name: str, v) -> int:
     """A count (k, a size) must be an int: int(2.7) would silently pick 2."""
     if isinstance(v, bool) or not isinstance(v, numbers.Integral):
@@ -233,6 +240,39 @@ def selection_of(selector) -> str:
     if selector is None:
         return "all"
     return "mask" if selector.dtype == torch.bool else "indices"
+
+
+# What each hyperparameter is, for torch's words in the messages ("Invalid learning rate").
+_MEANING = {"lr": "learning rate", "eps": "epsilon value", "beta1": "betas", "beta2": "betas",
+            "weight_decay": "weight_decay value", "momentum": "momentum value", "l1_to_init": "L1 coefficient"}
+
+
+def _at_least_zero(op: str, **scalars) -> None:
+    for name, v in scalars.items():
+        if not float(v) >= 0:  # NaN fails too (callers check finite first)
+            raise ValueError(f"{op}: {name} must be >= 0 (invalid {_MEANING[name]}), got {v}")
+
+
+def adamw_hyperparameters(op: str, lr, beta1, beta2, eps, weight_decay, l1_to_init, amsgrad) -> None:
+    """torch.optim.AdamW's rules (lr, eps, weight_decay >= 0, betas in [0, 1)), and l1_to_init >= 0
+    (a negative L1 pull pushes away from θ0); all finite. Checked on every step, by the op and by
+    MaskedAdamW, before anything is written: a group's values can change after construction."""
+    finite(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init)
+    _at_least_zero(op, lr=lr, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init)
+    for name, v in (("beta1", beta1), ("beta2", beta2)):
+        if not 0 <= float(v) < 1:
+            raise ValueError(f"{op}: {name} must be in [0, 1) (invalid {_MEANING[name]}), got {v}")
+    flag(op, "amsgrad", amsgrad)
+
+
+def sgd_hyperparameters(op: str, lr, momentum, dampening, weight_decay, nesterov) -> None:
+    """torch.optim.SGD's rules: lr, momentum, weight_decay >= 0 (dampening is free, as in torch),
+    all finite; Nesterov needs a momentum and zero dampening (with no momentum it did nothing)."""
+    finite(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    _at_least_zero(op, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if flag(op, "nesterov", nesterov) and (float(momentum) <= 0 or float(dampening) != 0):
+        raise ValueError(f"{op}: Nesterov momentum requires momentum > 0 and dampening = 0, got momentum "
+                         f"{momentum} and dampening {dampening}")
 
 
 def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_scale, found_inf,

@@ -114,7 +114,8 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
     advances it. On the chosen entries the math is torch.optim.AdamW's (with
     `l1_to_init * sign(p - init)` added to the gradient); nothing else is read into the result or
     written. AMP: grads are divided by grad_scale, and nothing changes when found_inf != 0.
-    All params share one dtype and device. Hyperparameters must be finite.
+    All params share one dtype and device. Hyperparameters follow torch.optim.AdamW's rules
+    (`checks.adamw_hyperparameters`): a bad one raises ValueError naming it, and nothing is written.
     check_indices=False skips the Python check that the indices are sorted, unique and in range
     (every other check still runs): for a caller that checked them when it made them, as
     MaskedAdamW does. That check launches several ops per tensor, about 30 µs each on a CPU; over
@@ -123,7 +124,7 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
     a CPU in one pass over them, on a GPU with device syncs per tensor (not yet measured).
     """
     op = "masked_adamw_"
-    checks.finite(op, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, l1_to_init=l1_to_init)
+    checks.adamw_hyperparameters(op, lr, beta1, beta2, eps, weight_decay, l1_to_init, amsgrad)
     if not params:
         return
     max_exp_avg_sqs = list(max_exp_avg_sqs) if amsgrad else []
@@ -188,10 +189,10 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors
 
     torch.optim.SGD's formulas: weight decay added to the gradient, then momentum (the buffer starts
     as the gradient on an entry's first step), optionally Nesterov. momentum_buffers is empty when
-    momentum == 0.
+    momentum == 0. Hyperparameters follow torch.optim.SGD's rules (`checks.sgd_hyperparameters`).
     """
     op = "masked_sgd_"
-    checks.finite(op, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay)
+    checks.sgd_hyperparameters(op, lr, momentum, dampening, weight_decay, nesterov)
     if not params:
         return
     momentum_buffers = list(momentum_buffers) if momentum != 0 else []
