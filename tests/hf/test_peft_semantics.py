@@ -1329,6 +1329,20 @@ def test_a_multi_state_dict_refuses_a_model_with_the_languages_in_another_order(
     swapped.load_state_dict(older)
 
 
+def _convert_gpt2(base, kind: str, model=None):
+    """A copy of GPT-2 `base` (or `model`) converted as `kind`, with fixed random diffs or masks."""
+    model = copy.deepcopy(base) if model is None else model
+    if kind == "delta":
+        return hf.convert(model, kind="delta", diffs=random_diff(base, 30, 0.3, seed=1))
+    if kind == "multi":
+        return hf.convert(model, kind="multi", diffs={lang: random_diff(base, 30, 0.3, seed=e)
+                                                      for e, lang in enumerate(["de", "fr"])})
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
+                    for n in hf.model.target_names(base)} for lang in ("de", "fr")}
+    return hf.convert(model, kind="subnetwork", masks=masks)
+
+
 @pytest.mark.parametrize("kind", ["delta", "multi", "subnetwork"])
 def test_a_converted_gpt2_state_dict_keeps_conv1d_layout(kind, tmp_path):
     # a converted Conv1D stores its weight [out, in]; its state dict held that layout, so the folder
@@ -1337,19 +1351,7 @@ def test_a_converted_gpt2_state_dict_keeps_conv1d_layout(kind, tmp_path):
     base = tiny("gpt2")
     ids, langs = batch(2, 5), torch.tensor([0, 1])
 
-    def build():
-        model = copy.deepcopy(base)
-        if kind == "delta":
-            return hf.convert(model, kind="delta", diffs=random_diff(base, 30, 0.3, seed=1))
-        if kind == "multi":
-            return hf.convert(model, kind="multi", diffs={lang: random_diff(base, 30, 0.3, seed=e)
-                                                          for e, lang in enumerate(["de", "fr"])})
-        g = torch.Generator().manual_seed(0)
-        masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
-                        for n in hf.model.target_names(base)} for lang in ("de", "fr")}
-        return hf.convert(model, kind="subnetwork", masks=masks)
-
-    model = build()
+    model = _convert_gpt2(base, kind)
     if kind == "subnetwork":
         with torch.no_grad():
             for _, layer in hf.model._converted(model):
@@ -1361,7 +1363,7 @@ def test_a_converted_gpt2_state_dict_keeps_conv1d_layout(kind, tmp_path):
     want = hf.merge_and_unload(copy.deepcopy(model), **({"language": "de"} if kind == "multi" else {}))
     for name, t in (base if kind != "subnetwork" else want).state_dict().items():
         assert torch.equal(plain.state_dict()[name], t), name  # the base's weights, or the trained ones
-    fresh = build()  # a resume: the state dict back into a converted model
+    fresh = _convert_gpt2(base, kind)  # a resume: the state dict back into a converted model
     fresh.load_state_dict(model.state_dict())
     run = (lambda m: m(input_ids=ids, language_ids=langs).logits) if kind != "delta" else (lambda m: m(input_ids=ids).logits)
     with torch.no_grad():
@@ -1380,19 +1382,7 @@ def test_a_converted_gpt2_state_dict_in_the_older_layout_loads_untransposed(kind
     base = tiny("gpt2")
     ids, langs = batch(2, 5), torch.tensor([0, 1])
 
-    def build(model=None):
-        model = copy.deepcopy(base) if model is None else model
-        if kind == "delta":
-            return hf.convert(model, kind="delta", diffs=random_diff(base, 30, 0.3, seed=1))
-        if kind == "multi":
-            return hf.convert(model, kind="multi", diffs={lang: random_diff(base, 30, 0.3, seed=e)
-                                                          for e, lang in enumerate(["de", "fr"])})
-        g = torch.Generator().manual_seed(0)
-        masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
-                        for n in hf.model.target_names(base)} for lang in ("de", "fr")}
-        return hf.convert(model, kind="subnetwork", masks=masks)
-
-    model = build()
+    model = _convert_gpt2(base, kind)
     if kind == "subnetwork":
         with torch.no_grad():
             for _, layer in hf.model._converted(model):
@@ -1400,21 +1390,21 @@ def test_a_converted_gpt2_state_dict_in_the_older_layout_loads_untransposed(kind
     converted = {f"{n}.weight" for n, _ in hf.model._converted(model)}
     older = {n: (t.t().contiguous() if n in converted else t) for n, t in model.state_dict().items()}
     run = (lambda m: m(input_ids=ids, language_ids=langs).logits) if kind != "delta" else (lambda m: m(input_ids=ids).logits)
-    fresh = build()
+    fresh = _convert_gpt2(base, kind)
     with pytest.warns(UserWarning, match="h.1.attn.c_proj.weight is in the \\[out, in\\] layout"):
         fresh.load_state_dict(older)
     with torch.no_grad():
         assert torch.equal(run(fresh), run(model))
     # the current layout loads as before, without a warning, also from a bf16 copy
-    fresh = build()
+    fresh = _convert_gpt2(base, kind)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fresh.load_state_dict(model.state_dict())
-        build(copy.deepcopy(base).to(torch.bfloat16)).load_state_dict(model.state_dict())
+        _convert_gpt2(base, kind, copy.deepcopy(base).to(torch.bfloat16)).load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(run(fresh), run(model))
     # a square weight that matches this layer's in neither layout: its layout cannot be told
-    other = build(tiny("gpt2", seed=3))
+    other = _convert_gpt2(base, kind, tiny("gpt2", seed=3))
     before = other.transformer.h[0].attn.c_proj.weight.clone()
     with pytest.raises(RuntimeError, match="h.0.attn.c_proj.weight is a square .* neither layout") as err:
         other.load_state_dict(model.state_dict())
