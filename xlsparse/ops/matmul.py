@@ -479,7 +479,7 @@ DENSE_DW_DTYPES = (torch.bfloat16,)
 # paths crossed at 14-18%).
 TRACED_DENSE_DW_MIN_DENSITY = 0.15
 # The lowest crossover a measurement may give. A 2-core host loaded by other jobs once timed
-# SDDMM 10x slow and gave 1% (against 8-15% in its other runs), which would send typical 1-5% LT-SFT
+# SDDMM 10x slow and gave 1% (13-14% when quiet), which would send typical 1-5% LT-SFT
 # deltas to the dense way and its O x I buffer. AMX tiles, the fastest dense path expected, are
 # estimated to cross near 4% (a dense multiply-add ~25x cheaper than an SDDMM one).
 MIN_DENSE_DW_DENSITY = 0.02
@@ -491,7 +491,8 @@ def measure_dense_dw_min_density(dtype: torch.dtype, pairs: int = 7) -> float:
     weight entry (one dYᵀX and a gather, timed over all O·I entries) over SDDMM's cost per selected
     entry (timed at 25% density, where its transposes are a small share), each the fastest of
     `pairs` alternating runs (a slow run on a shared host is noise, not cost). Both scale with the
-    tokens, so one shape serves every T; a few ms to tens of ms. Never below MIN_DENSE_DW_DENSITY."""
+    tokens, so one shape serves every T; about 25 ms on a 2-core AMD EPYC. Never below
+    MIN_DENSE_DW_DENSITY."""
     tokens, rows, cols = 256, 512, 512
     k = rows * cols // 4
     gen = torch.Generator().manual_seed(0)
