@@ -1443,3 +1443,26 @@ def test_the_model_after_training_is_the_base_plus_its_sft_bit_for_bit(tmp_path,
         composed = base.state_dict()
         for name, t in model.state_dict().items():
             assert torch.equal(t, composed[name]), name
+
+
+def test_resume_checks_read_the_pytorch_model_bin_files_of_transformers_4(tmp_path):
+    # with save_safetensors=False, transformers 4.x checkpoints hold pytorch_model*.bin: the
+    # checks that run before a resume (another base, another SFT) refused them as holding nothing
+    from safetensors.torch import save_file
+
+    from xlsparse.hf.lt_sft import _load_weights
+
+    state = {n: t.clone() for n, t in tiny("bert").state_dict().items()}  # tied tensors: one copy each
+    names = sorted(state)
+    half = len(names) // 2
+    safe, bins, empty = (tmp_path / n for n in ("safe", "bin", "empty"))
+    for d in (safe, bins, empty):
+        d.mkdir()
+    save_file(state, str(safe / "model.safetensors"))
+    torch.save({n: state[n] for n in names[:half]}, bins / "pytorch_model-00001-of-00002.bin")  # sharded
+    torch.save({n: state[n] for n in names[half:]}, bins / "pytorch_model-00002-of-00002.bin")
+    for folder in (safe, bins):
+        got = _load_weights(str(folder))
+        assert set(got) == set(state) and all(torch.equal(got[n], state[n]) for n in state)
+    with pytest.raises(ValueError, match="holds no model.*safetensors or pytorch_model"):
+        _load_weights(str(empty))

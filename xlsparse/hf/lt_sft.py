@@ -1051,15 +1051,19 @@ class LotteryTicketSparseFineTuner(Trainer):
 
 
 def _load_weights(folder: str) -> dict:
-    """The tensors of a checkpoint's model weights (safetensors, sharded or not)."""
+    """The tensors of a checkpoint's model weights: model*.safetensors (sharded or not), else the
+    pytorch_model*.bin files that transformers 4.x writes with `save_safetensors=False`."""
     from safetensors.torch import load_file
 
-    files = sorted(f for f in os.listdir(folder) if f.startswith("model") and f.endswith(".safetensors"))
-    if not files:
-        raise ValueError(f"resume_from_checkpoint: {folder} holds no model*.safetensors")
+    names = sorted(os.listdir(folder))
+    files = [f for f in names if f.startswith("model") and f.endswith(".safetensors")]
+    pickled = [f for f in names if f.startswith("pytorch_model") and f.endswith(".bin")]
+    if not files and not pickled:
+        raise ValueError(f"resume_from_checkpoint: {folder} holds no model*.safetensors or pytorch_model*.bin")
     out = {}
-    for f in files:
-        out.update(load_file(os.path.join(folder, f)))
+    for f in files or pickled:
+        path = os.path.join(folder, f)
+        out.update(load_file(path) if files else torch.load(path, map_location="cpu", weights_only=True))
     return out
 
 
