@@ -10,6 +10,7 @@ replace a parameter outright (composable-sft's "abs", e.g. a newly trained class
 import contextlib
 import dataclasses
 import errno
+import functools
 import json
 import math
 import os
@@ -218,6 +219,32 @@ def _placement(t: torch.Tensor) -> tuple:
     return t.device, t.dtype, t.data_ptr()
 
 
+@functools.cache
+def _dtensor_type() -> tuple:
+    """(DTensor,), or () for a torch built without distributed; looked up once, since every step
+    asks for every parameter and gradient."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return ()
+    return (DTensor,)
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return isinstance(t, _dtensor_type())
+
+
+def refuse_sharded(what: str, named: dict, instead: str) -> None:
+    """Raise a ValueError when any of `named` ({name: tensor}) is a DTensor (FSDP2's `fully_shard`):
+    each process holds a shard, and the writes here go to whole tensors (they raised a raw "invalid
+    python storage" error, or could leave a model half changed). Every process holds the same
+    layout, so every one raises here, before anything changes and before any collective."""
+    sharded = [n for n, t in named.items() if _is_dtensor(t)]
+    if sharded:
+        raise ValueError(f"{what}: the model is sharded with FSDP2 (fully_shard; {sharded[:3]} are DTensors), which "
+                         f"{what} cannot write into; nothing was changed. {instead}")
+
+
 class ApplyHandle:
     """What `apply` changed and the values it displaced. `revert()` restores them bit-exactly;
     as a context manager it reverts on exit."""
@@ -247,6 +274,10 @@ class ApplyHandle:
             raise RuntimeError(f"revert: this apply changed tensors that {self._pinned} has swapped for their values at "
                                f"convert; revert it after leaving the {self._pinned} block (its exit puts the trained "
                                "values, this diff included, back); nothing was reverted")
+        model = self._model() if self._model is not None else None
+        if model is not None:  # sharded since apply: before the checks below, which read storages
+            refuse_sharded("revert", {n: u for n, _, _ in self._changed if (u := _tensor_at(model, n)) is not None},
+                           "Revert before fully_shard")
         later = _later_applies(self)
         if later:
             raise RuntimeError(f"revert: {later} were changed again by a later apply (or SparseDeltaLinear.merge) that "
@@ -259,7 +290,6 @@ class ApplyHandle:
                                    f"{placement[1]} on {placement[0]}, now {t.dtype} on {t.device}): the model was "
                                    "converted or moved (model.half(), .to(...)) after apply; nothing was reverted. "
                                    "Revert before converting the model")
-        model = self._model() if self._model is not None else None
         if model is not None:
             for name, t, placement in self._changed:  # the changed names only: O(diff), not O(model)
                 now = _tensor_at(model, name)
@@ -415,6 +445,9 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     checks.finite("apply", **{f"alphas[{i}]": a for i, a in enumerate(alphas)})
     alphas = [float(a) for a in alphas]
     named = _named_tensors(model)
+    refuse_sharded("apply", {n: named[n] for d in diffs if isinstance(d, SparseDiff)
+                             for n in (*d.deltas, *d.dense, *d.absolute) if n in named},
+                   "Apply the diffs before fully_shard, or to an unsharded copy of the model")
     stored = _transposed_weights(model, {n for d in diffs if isinstance(d, SparseDiff)
                                          for n in (*d.deltas, *d.dense, *d.absolute)})
     if stored:  # converted GPT-2 Conv1D layers: diffs are in the model's [in, out] layout, the weight is [out, in]

@@ -27,7 +27,6 @@ group comes in: the constructor's groups, `add_param_group` and `load_state_dict
 DTensor parameters (FSDP2's `fully_shard`): masks are given for the whole parameter; each process
 keeps the part of the mask, and the state, that its shard holds, and steps its shard only.
 """
-import functools
 import math
 import numbers
 from collections.abc import Iterable
@@ -35,7 +34,7 @@ from itertools import chain
 
 import torch
 
-from .diff import index_dtype
+from .diff import _dtensor_type, _is_dtensor, index_dtype  # noqa: F401 (re-exported)
 from .ops import checks
 from .ops import optim as optim_ops
 
@@ -457,21 +456,6 @@ def _bool_mask(indices: torch.Tensor, shape) -> torch.Tensor:
     dense = torch.zeros(math.prod(shape), dtype=torch.bool, device=indices.device)
     dense[indices.long()] = True
     return dense.view(shape)
-
-
-@functools.cache
-def _dtensor_type() -> tuple:
-    """(DTensor,), or () for a torch built without distributed; looked up once, since every step
-    asks for every parameter and gradient."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return ()
-    return (DTensor,)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return isinstance(t, _dtensor_type())
 
 
 def _check_index_tensor(name: str, indices: torch.Tensor, numel: int) -> None:

@@ -6,6 +6,8 @@
   all-reduced (`xlsparse.distributed`), and disagrees without it.
 - FSDP2: phase 2 of LT-SFT (delta values, masked biases and norms, compact `MaskedAdamW`) on a
   `fully_shard`ed model equals one process, and no entry outside a mask moves on any shard.
+- FSDP2: what writes whole tensors into the model (merge, apply, disable, convert, ...) refuses a
+  sharded model on every rank before anything changes.
 """
 import faulthandler
 import os
@@ -611,3 +613,90 @@ def test_all_reduce_scores_and_same_on_all_ranks_refuse_dtensors_on_every_rank(t
         assert "DTensor" in refused and "full_tensor()" in refused, refused
         assert unchanged
         assert "same_on_all_ranks: tensor 0 is a DTensor" in same_refused, same_refused
+
+
+# --- FSDP2: what writes whole tensors into the model refuses, before anything changes ---
+
+def _shard(model, mesh, part: bool = False):
+    """fully_shard every encoder layer and the root, or (`part`) the last encoder layer alone."""
+    from torch.distributed.fsdp import fully_shard
+
+    if part:
+        fully_shard(model.bert.encoder.layer[-1], mesh=mesh)
+        return model
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _full(model) -> dict:
+    return {n: ((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone(), p.requires_grad)
+            for n, p in model.named_parameters()}
+
+
+def _fsdp_refusals_worker(rank: int, out: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    single = _saved_model()
+    _saved_train(single)
+    diff = hf.extract_diff(single)
+    if rank == 0:
+        hf.save_pretrained(single, f"{out}.saved")
+    dist.barrier()
+
+    def disabled(m):
+        with hf.disable(m):
+            pass
+
+    calls = {"merge": hf.merge, "unmerge": hf.unmerge, "merge_and_unload": hf.merge_and_unload,
+             "apply": lambda m: xlsparse.apply([diff], m), "SparseDiff.apply": diff.apply, "disable": disabled,
+             "from_pretrained": lambda m: hf.from_pretrained(m, f"{out}.saved"),
+             "convert": lambda m: hf.convert(m, density=0.2, kind="delta")}
+    outcomes, config = {}, single.config
+    for (name, call), part in [(c, part) for c in calls.items() for part in (False, True)]:
+        torch.manual_seed(0)  # from_pretrained: the base the diff was trained from
+        fresh = transformers.BertForMaskedLM(config) if name in ("from_pretrained", "convert") else _saved_model()
+        model = _shard(fresh, mesh, part)
+        before, types = _full(model), [type(m) for m in model.modules()]
+        try:
+            call(model)
+            refused = ""
+        except ValueError as exc:
+            refused = str(exc)
+        after = _full(model)
+        same = types == [type(m) for m in model.modules()] and all(
+            torch.equal(before[n][0], after[n][0]) and before[n][1] == after[n][1] for n in before)
+        merged = [n for n, m in model.named_modules() if getattr(m, "merged", False)]
+        converted = hasattr(model, "xlsparse_config") == (name not in ("from_pretrained", "convert"))
+        outcomes[name, part] = (refused, same and not merged, converted)
+    # an apply made before fully_shard: its revert would write into tensors the model no longer holds
+    model = _saved_model()
+    handle = xlsparse.apply(diff, model)
+    _shard(model, mesh)
+    try:
+        handle.revert()
+        refused = ""
+    except ValueError as exc:
+        refused = str(exc)
+    outcomes["revert", False] = (refused, not handle.reverted, True)
+    gathered = [None] * WORLD  # a collective after the refusals: every rank is still in step
+    dist.all_gather_object(gathered, outcomes)
+    if rank == 0:
+        torch.save(gathered, out)
+    return model
+
+
+def test_fsdp2_merge_apply_disable_and_from_pretrained_refuse_on_every_rank_before_changing_anything(tmp_path):
+    # They raised torch's raw "Attempted to access the data pointer on an invalid python storage"
+    # (or "got mixed torch.Tensor and DTensor"); merge on a model sharded in part (the last encoder
+    # layer) merged the first layer's 6 linears, then raised. convert raised the raw error too.
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path / "refusals.pt")
+    _spawn(_fsdp_refusals_worker, out)
+    for outcomes in torch.load(out, weights_only=False):
+        assert len(outcomes) == 17
+        for name, (refused, unchanged, converted) in outcomes.items():
+            assert "FSDP2" in refused and "nothing was changed" in refused, (name, refused)
+            assert unchanged and converted, name

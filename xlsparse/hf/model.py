@@ -26,7 +26,7 @@ from torch import nn
 from .. import routing
 from ..distributed import fingerprint
 from ..diff import (SparseDelta, SparseDiff, _storage_key, _transpose_delta, applies_on, budget, holding_applies,
-                    index_dtype)
+                    index_dtype, refuse_sharded)
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
 from ..optim import _is_dtensor
@@ -521,6 +521,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         raise ValueError(f"convert: kind must be one of {KINDS}, got {kind!r}")
     if getattr(model, "xlsparse_config", None) is not None:
         raise ValueError("convert: the model is converted already; merge_and_unload it first or start from the base")
+    refuse_sharded("convert", dict(model.named_parameters()), "Convert before fully_shard")
     if target_modules is not None and not isinstance(target_modules, str):
         target_modules = list(target_modules)  # read twice (a generator would give the record nothing)
     names = target_names(model, target_modules)
@@ -957,6 +958,11 @@ def _sharded(model: nn.Module) -> bool:
     return any(_is_dtensor(p) for p in model.parameters())
 
 
+# What to do instead of a write into an FSDP2-sharded model: extract_diff and save_pretrained read one
+_UNSHARDED = ("Call xlsparse.hf.extract_diff or save_pretrained on every process, then load the diff onto an "
+              "unsharded model (xlsparse.hf.from_pretrained before fully_shard) and do this there")
+
+
 @contextlib.contextmanager
 def _unsharded(model: nn.Module):
     """FSDP2 (`fully_shard`): every parameter whole inside the block (an all-gather, so every process
@@ -1039,6 +1045,7 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold every SparseDeltaLinear's delta into its base weight (the layer then runs as a plain
     linear, for inference: a forward with grad in training mode raises, since the deltas would
     get no gradient); `unmerge` restores the base weights bit-exactly."""
+    refuse_sharded("merge", dict(model.named_parameters()), _UNSHARDED)
     layers = list(_converted(model, SparseDeltaLinear))
     if not layers:
         raise ValueError("merge: the model has no SparseDeltaLinear layer")
@@ -1050,6 +1057,7 @@ def merge(model: nn.Module) -> nn.Module:
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: the base weights return bit-exactly and the deltas act again. Every layer is
     checked before the first is unmerged: a refusal leaves the model as it was."""
+    refuse_sharded("unmerge", dict(model.named_parameters()), _UNSHARDED)
     layers = [layer for _, layer in _converted(model, SparseDeltaLinear)]
     for layer in layers:
         layer._check_unmerge()
@@ -1215,6 +1223,8 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     (PEFT's `from_pretrained` default)."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"from_pretrained: is_trainable must be a bool, got {is_trainable!r}")
+    refuse_sharded("from_pretrained", dict(base_model.named_parameters()),
+                   "Load onto the unsharded base model, then fully_shard the result")
     if getattr(base_model, "xlsparse_config", None) is not None:  # before the checks below, which read its layers
         raise ValueError("from_pretrained: the base model is converted already; give a fresh base model")
     config = XlsparseConfig.load(directory)
@@ -1278,6 +1288,7 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     config = getattr(model, "xlsparse_config", None)
     if config is None:
         raise ValueError("merge_and_unload: the model was not converted with xlsparse.hf.convert")
+    refuse_sharded("merge_and_unload", dict(model.named_parameters()), _UNSHARDED)
     if config.kind == "multi" and language not in config.languages:
         raise ValueError(f"merge_and_unload: a 'multi' model holds one delta per language; give language= one of "
                          f"{config.languages}")
@@ -1330,6 +1341,8 @@ def disable(model: nn.Module):
     the trained state returns bit-exactly (changes made inside the block are not kept: an
     `xlsparse.apply` made inside and still in place is reverted on exit, so that its handle
     cannot later write the base values it displaced over the trained ones)."""
+    refuse_sharded("disable", dict(model.named_parameters()), "Run the base model unsharded, or as its own sharded "
+                   "model (the base without xlsparse.hf.convert)")
     rec = _record(model)
     if not rec.lock.acquire(blocking=False):
         raise RuntimeError("disable: the model is disabled already (nested or from another thread)")
