@@ -1329,8 +1329,9 @@ def test_a_multi_state_dict_refuses_a_model_with_the_languages_in_another_order(
     swapped.load_state_dict(older)
 
 
-def _convert_gpt2(base, kind: str, model=None):
-    """A copy of GPT-2 `base` (or `model`) converted as `kind`, with fixed random diffs or masks."""
+def _convert_gpt2(base, kind: str, model=None, trained: bool = False):
+    """A copy of GPT-2 `base` (or `model`) converted as `kind`, with fixed random diffs or masks;
+    `trained`: a subnetwork's masked entries moved by 0.1, as if trained."""
     model = copy.deepcopy(base) if model is None else model
     if kind == "delta":
         return hf.convert(model, kind="delta", diffs=random_diff(base, 30, 0.3, seed=1))
@@ -1340,7 +1341,12 @@ def _convert_gpt2(base, kind: str, model=None):
     g = torch.Generator().manual_seed(0)
     masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
                     for n in hf.model.target_names(base)} for lang in ("de", "fr")}
-    return hf.convert(model, kind="subnetwork", masks=masks)
+    model = hf.convert(model, kind="subnetwork", masks=masks)
+    if trained:
+        with torch.no_grad():
+            for _, layer in hf.model._converted(model):
+                layer.weight.view(-1)[layer.trainable_mask().view(-1)] += 0.1
+    return model
 
 
 @pytest.mark.parametrize("kind", ["delta", "multi", "subnetwork"])
@@ -1351,11 +1357,7 @@ def test_a_converted_gpt2_state_dict_keeps_conv1d_layout(kind, tmp_path):
     base = tiny("gpt2")
     ids, langs = batch(2, 5), torch.tensor([0, 1])
 
-    model = _convert_gpt2(base, kind)
-    if kind == "subnetwork":
-        with torch.no_grad():
-            for _, layer in hf.model._converted(model):
-                layer.weight.view(-1)[layer.trainable_mask().view(-1)] += 0.1  # as if trained
+    model = _convert_gpt2(base, kind, trained=True)
     shapes = {n: tuple(t.shape) for n, t in base.state_dict().items()}
     assert {n: tuple(t.shape) for n, t in model.state_dict().items() if n in shapes} == shapes
     model.save_pretrained(tmp_path)
@@ -1382,11 +1384,7 @@ def test_a_converted_gpt2_state_dict_in_the_older_layout_loads_untransposed(kind
     base = tiny("gpt2")
     ids, langs = batch(2, 5), torch.tensor([0, 1])
 
-    model = _convert_gpt2(base, kind)
-    if kind == "subnetwork":
-        with torch.no_grad():
-            for _, layer in hf.model._converted(model):
-                layer.weight.view(-1)[layer.trainable_mask().view(-1)] += 0.1  # as if trained
+    model = _convert_gpt2(base, kind, trained=True)
     converted = {f"{n}.weight" for n, _ in hf.model._converted(model)}
     older = {n: (t.t().contiguous() if n in converted else t) for n, t in model.state_dict().items()}
     run = (lambda m: m(input_ids=ids, language_ids=langs).logits) if kind != "delta" else (lambda m: m(input_ids=ids).logits)
