@@ -26,6 +26,16 @@ from xlsparse import distributed as xdist, hf  # noqa: E402
 from xlsparse.optim import MaskedAdamW  # noqa: E402
 
 WORLD = 2
+
+
+def _gather_to(out: str, rank: int, result) -> None:
+    """Every rank's `result`, in rank order, saved to `out` by rank 0 (a collective: every rank calls it)."""
+    gathered = [None] * WORLD
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        torch.save(gathered, out)
+
+
 STEPS = 4
 # Gloo's sum order varies between runs, and 4 Adam steps (lr 1e-2) turn that rounding into up to
 # 3e-6 on a value (seen here, 1 run in 6); a wrong step would be off by about lr.
@@ -192,10 +202,7 @@ def _mismatch_worker(rank: int, out: str):
         "bits_alike_dtypes_not": outcome(lambda: xdist.same_on_all_ranks([torch.zeros(3, dtype=torch.float32 if rank == 0 else torch.int32)])),
         "after": outcome(lambda: xdist.all_reduce_scores([torch.full((2,), float(rank + 1))])[0].tolist()),
     }
-    gathered = [None] * WORLD
-    dist.all_gather_object(gathered, got)
-    if rank == 0:
-        torch.save(gathered, out)
+    _gather_to(out, rank, got)
 
 
 def test_scores_or_checks_that_differ_between_ranks_answer_alike_on_every_rank(tmp_path):
@@ -468,10 +475,7 @@ def _whole_state_worker(rank: int, out: str):
         refused = str(exc)
     _bias_step(model, opt)  # with the state refused, the optimizer steps from its own (fresh) state
     result = (refused, model[0].bias.full_tensor().detach().clone())
-    gathered = [None] * WORLD
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        torch.save(gathered, out)
+    _gather_to(out, rank, result)
     return model
 
 
@@ -542,10 +546,7 @@ def _fsdp_save_worker(rank: int, out: str):
             model.save_pretrained(f"{out}.transformers", state_dict=full)
         warned = [str(w.message) for w in caught if "FSDP2" in str(w.message)]
         warned.append(sorted(os.listdir(f"{out}.transformers")))
-    gathered = [None] * WORLD
-    dist.all_gather_object(gathered, (diff, resharded, warned))
-    if rank == 0:
-        torch.save(gathered, out)
+    _gather_to(out, rank, (diff, resharded, warned))
     return model
 
 
@@ -597,10 +598,7 @@ def _dtensor_scores_worker(rank: int, out: str):
         same_refused = ""
     except TypeError as exc:
         same_refused = str(exc)
-    gathered = [None] * WORLD
-    dist.all_gather_object(gathered, (refused, torch.equal(scores["bias"].full_tensor(), before), same_refused))
-    if rank == 0:
-        torch.save(gathered, out)
+    _gather_to(out, rank, (refused, torch.equal(scores["bias"].full_tensor(), before), same_refused))
     return model
 
 
@@ -681,10 +679,7 @@ def _fsdp_refusals_worker(rank: int, out: str):
     except ValueError as exc:
         refused = str(exc)
     outcomes["revert", False] = (refused, not handle.reverted, True)
-    gathered = [None] * WORLD  # a collective after the refusals: every rank is still in step
-    dist.all_gather_object(gathered, outcomes)
-    if rank == 0:
-        torch.save(gathered, out)
+    _gather_to(out, rank, outcomes)  # a collective after the refusals: every rank is still in step
     return model
 
 
