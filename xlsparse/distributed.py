@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from . import functional
-from .optim import _is_dtensor
+from .diff import _is_dtensor
 
 
 def _world(group) -> bool:

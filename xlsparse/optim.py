@@ -34,7 +34,7 @@ from itertools import chain
 
 import torch
 
-from .diff import _dtensor_type, _is_dtensor, index_dtype  # noqa: F401 (re-exported)
+from .diff import _is_dtensor, index_dtype
 from .ops import checks
 from .ops import optim as optim_ops
 

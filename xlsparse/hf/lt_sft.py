@@ -75,13 +75,13 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..diff import SparseDelta, SparseDiff, _transposed_weights, _untied, apply, index_dtype
+from ..diff import SparseDelta, SparseDiff, _is_dtensor, _transposed_weights, _untied, apply, index_dtype
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..ops._common import acc_dtype
 from ..ops.compose import sparse_axpy_
-from ..optim import MaskedAdamW, _bool_mask, _is_dtensor, _local, _shard_of, decay_the_base_
+from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
 from .model import _swap_module
 
 SOURCE_KEY = "_source"

@@ -25,11 +25,10 @@ from torch import nn
 
 from .. import routing
 from ..distributed import fingerprint
-from ..diff import (SparseDelta, SparseDiff, _storage_key, _transpose_delta, applies_on, budget, holding_applies,
-                    index_dtype, refuse_sharded)
+from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transpose_delta, applies_on, budget,
+                    holding_applies, index_dtype, refuse_sharded)
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
 from ..ops.compose import sparse_axpy_
-from ..optim import _is_dtensor
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
 
 _CONVERTED = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
