@@ -236,13 +236,13 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def refuse_sharded(what: str, named: dict, instead: str) -> None:
     """Raise a ValueError when any of `named` ({name: tensor}) is a DTensor (FSDP2's `fully_shard`):
-    each process holds a shard, and the writes here go to whole tensors (they raised a raw "invalid
+    each process holds a shard, and the reads and writes here go to whole tensors (they raised a raw "invalid
     python storage" error, or could leave a model half changed). Every process holds the same
     layout, so every one raises here, before anything changes and before any collective."""
     sharded = [n for n, t in named.items() if _is_dtensor(t)]
     if sharded:
-        raise ValueError(f"{what}: the model is sharded with FSDP2 (fully_shard; {sharded[:3]} are DTensors), which "
-                         f"{what} cannot write into; nothing was changed. {instead}")
+        raise ValueError(f"{what}: the model is sharded with FSDP2 (fully_shard; {sharded[:3]} are DTensors), and {what} "
+                         f"works on whole tensors; nothing was changed. {instead}")
 
 
 class ApplyHandle:
@@ -1063,9 +1063,14 @@ class SparseDiff:
         [in, out] layout, the layout of its state dict and of `apply`. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
         the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
+        A model sharded with FSDP2 is a ValueError: pass its full state dict instead.
         """
-        named = _named_tensors(tuned, buffers=False)
-        b, t = _named_tensors(base), _untied(named, getattr(tuned, "base_model_prefix", "") or "")
+        named, b = _named_tensors(tuned, buffers=False), _named_tensors(base)
+        # a shard is not the tensor: a ranking per process, or a raw error inside DTensor
+        for model in (named, b):
+            refuse_sharded("from_models", model, "Pass full state dicts instead: torch.distributed.checkpoint."
+                           "state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).")
+        t = _untied(named, getattr(tuned, "base_model_prefix", "") or "")
         # a converted GPT-2 Conv1D layer stores its weight [out, in]; diffs are in the model's own
         # [in, out] layout (a square weight was ranked, and its diff stored, transposed)
         b, t = _own_layout(base, b), _own_layout(tuned, t)

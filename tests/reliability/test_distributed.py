@@ -651,7 +651,10 @@ def _fsdp_refusals_worker(rank: int, out: str):
     calls = {"merge": hf.merge, "unmerge": hf.unmerge, "merge_and_unload": hf.merge_and_unload,
              "apply": lambda m: xlsparse.apply([diff], m), "SparseDiff.apply": diff.apply, "disable": disabled,
              "from_pretrained": lambda m: hf.from_pretrained(m, f"{out}.saved"),
-             "convert": lambda m: hf.convert(m, density=0.2, kind="delta")}
+             "convert": lambda m: hf.convert(m, density=0.2, kind="delta"),
+             # reads, but a shard is not the tensor: it raised a raw DTensor error either way round
+             "from_models(tuned)": lambda m: xlsparse.SparseDiff.from_models(_saved_model(), m, k=10),
+             "from_models(base)": lambda m: xlsparse.SparseDiff.from_models(m, _saved_model(), k=10)}
     outcomes, config = {}, single.config
     for (name, call), part in [(c, part) for c in calls.items() for part in (False, True)]:
         torch.manual_seed(0)  # from_pretrained: the base the diff was trained from
@@ -691,7 +694,7 @@ def test_fsdp2_merge_apply_disable_and_from_pretrained_refuse_on_every_rank_befo
     out = str(tmp_path / "refusals.pt")
     _spawn(_fsdp_refusals_worker, out)
     for outcomes in torch.load(out, weights_only=False):
-        assert len(outcomes) == 17
+        assert len(outcomes) == 21
         for name, (refused, unchanged, converted) in outcomes.items():
             assert "FSDP2" in refused and "nothing was changed" in refused, (name, refused)
             assert unchanged and converted, name
