@@ -497,6 +497,52 @@ def test_from_models_refuses_include_patterns_that_match_nothing():
     assert SparseDiff.from_models(base, tuned, density=0.5, include=r"weight$").nnz > 0
 
 
+def test_from_models_include_matches_any_name_of_a_tied_tensor():
+    # A tied tensor is read once, under its first name (emb.weight here, transformer.wte.weight on
+    # GPT-2): include="head" matched head.weight, so it passed the check, and selected nothing.
+    def net(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Module()
+        m.emb, m.body, m.head = torch.nn.Embedding(5, 3), torch.nn.Linear(3, 3), torch.nn.Linear(3, 5, bias=False)
+        m.head.weight = m.emb.weight
+        return m
+    base, tuned = net(0), net(1)
+    only = SparseDiff.from_models(base, tuned, include=r"^head\.")
+    assert list(only.deltas) == ["emb.weight"] and only.nnz == 15
+    # exclude reads the kept name: a body diff keeps the word embeddings its head is tied to
+    assert list(SparseDiff.from_models(base, tuned, exclude=r"^head\.").deltas) == ["emb.weight", "body.weight", "body.bias"]
+    assert list(SparseDiff.from_models(base, tuned, exclude=r"^emb\.").deltas) == ["body.weight", "body.bias"]
+
+
+def test_empty_parameters_are_not_one_tied_tensor():
+    # Every empty tensor has data_ptr 0: two empty parameters were taken for one tied tensor, so a
+    # diff naming both was refused ("names both 'a' and 'b', which are one tied tensor") and
+    # from_models and hf.tied_parameters dropped or paired one of them.
+    from xlsparse import hf
+
+    m = torch.nn.Module()
+    m.a, m.b, m.c = (torch.nn.Parameter(t) for t in (torch.zeros(0, 4), torch.zeros(0, 4), torch.randn(3)))
+    m.d = m.c
+    diff = SparseDiff({n: SparseDelta.from_dense(p.detach()) for n, p in m.named_parameters()})
+    with diff.applied(m, alpha=2.0):
+        torch.testing.assert_close(m.c, 3 * diff.deltas["c"].values)
+    dense = SparseDiff(dense={n: torch.ones_like(p) for n, p in m.named_parameters() if n != "d"})
+    with xlsparse.apply([dense, diff], m):  # a dense and a sparse entry on one empty tensor
+        torch.testing.assert_close(m.c, 2 * diff.deltas["c"].values + 1)
+    assert list(SparseDiff.from_models(m, m, density=1.0).deltas) == ["a", "b", "c"]
+    assert hf.tied_parameters(m) == {"c": ["d"], "d": ["c"]}
+
+
+def test_from_models_reads_include_and_exclude_given_as_generators():
+    # Read once per name: a generator was spent on the first, so include selected every tensor
+    # and exclude left out matches of the first name only.
+    base = {"a.weight": torch.zeros(3), "a.bias": torch.zeros(3), "LayerNorm.weight": torch.zeros(2)}
+    tuned = {n: torch.ones_like(t) for n, t in base.items()}
+    assert list(SparseDiff.from_models(base, tuned, include=(p for p in [r"weight$"])).deltas) == [
+        "a.weight", "LayerNorm.weight"]
+    assert list(SparseDiff.from_models(base, tuned, exclude=iter([r"LayerNorm"])).deltas) == ["a.weight", "a.bias"]
+
+
 def test_merge_apply_and_division_name_bad_operands():
     d = SparseDiff.from_models(_model(0), _model(1), k=5)
     with pytest.raises(TypeError, match="merge: diffs\\[1\\] is a int, not a SparseDiff"):
@@ -856,6 +902,27 @@ def test_absolute_entries_refuse_a_weight_or_alpha_other_than_one():
             assert_bit_identical(p.detach(), before[name], name)
 
 
+def test_with_abs_must_be_a_bool():
+    # with_abs="no" (or "False") is truthy: the heads were applied (and kept by merge) when they were refused
+    from xlsparse.hf import arithmetic
+
+    model = _model(0)
+    before = _params(model)
+    d = SparseDiff({"0.bias": SparseDelta(torch.tensor([1]), torch.ones(1), (9,))}, absolute={"1.weight": torch.randn(9)})
+    for flag in ("no", "False", 0, None):
+        for call in (lambda: xlsparse.apply([d], model, with_abs=flag), lambda: d.apply(model, with_abs=flag)):
+            with pytest.raises(TypeError, match="apply: with_abs must be a bool"):
+                call()
+        with pytest.raises(TypeError, match="merge: with_abs must be a bool"):
+            SparseDiff.merge([d], with_abs=flag)
+        for helper in ("combine", "ties_merge"):
+            args = ([d], [1.0]) if helper == "combine" else ([d], None, 0.5)
+            with pytest.raises(TypeError, match=f"{helper}: with_abs must be a bool"):
+                getattr(arithmetic, helper)(*args, with_abs=flag)
+    for name, p in model.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
+
+
 def test_merge_and_apply_refuse_non_finite_weights_of_any_diff():
     # merge_deltas checked the weights of sparse deltas only: d * nan on a dense-only diff went through.
     dense = SparseDiff(dense={"0.bias": torch.ones(9)})
@@ -955,6 +1022,34 @@ def test_save_writes_the_index_dtype_load_expects(tmp_path):
     diff.save(path)
     back = SparseDiff.load(path).deltas["w"]
     assert back.indices.dtype == torch.int32 and back.indices.tolist() == [0, 5, 7] and torch.equal(back.values, values)
+
+
+def test_load_reads_int64_indices_that_older_saves_wrote(tmp_path):
+    # Until 2026-12-01 save wrote such a delta's indices as int64 (recorded as such), and load
+    # refused the file ("index dtype torch.int64 is not torch.int32 for its shape").
+    values = torch.randn(3)
+    path = str(tmp_path / "old.safetensors")
+    SparseDiff._trusted({"w": SparseDelta._trusted(torch.tensor([0, 5, 7]), values, (3, 4))}).save(path)
+
+    def as_older_saves(meta):
+        meta["deltas"][0]["index_dtype"] = "torch.int64"
+    _rewrite(path, as_older_saves, lambda t: t.__setitem__("delta.0.indices", t["delta.0.indices"].long()))
+    back = SparseDiff.load(path).deltas["w"]
+    assert back.indices.dtype == torch.int32 and back.indices.tolist() == [0, 5, 7] and torch.equal(back.values, values)
+
+
+def test_save_writes_entries_that_share_memory(tmp_path):
+    # One support for two deltas (int32 indices are kept as given) or one tensor for two dense
+    # entries: safetensors raised "Some tensors share memory" and nothing was saved.
+    idx, shift = torch.tensor([0, 2], dtype=torch.int32), torch.randn(3)
+    diff = SparseDiff({"a": SparseDelta(idx, torch.randn(2), (3,)), "b": SparseDelta(idx, torch.randn(2), (3,)),
+                       "e": SparseDelta(idx[:0], torch.zeros(0), (3,)), "f": SparseDelta(idx[:0], torch.zeros(0), (3,))},
+                      {"c": shift, "d": shift}, absolute={"h": shift})
+    path = str(tmp_path / "shared.safetensors")
+    diff.save(path)
+    back = SparseDiff.load(path)
+    _assert_same_diff(diff, back)
+    assert all(torch.equal(back.dense[n], shift) for n in "cd") and torch.equal(back.absolute["h"], shift)
 
 
 def _rewrite(path, edit_meta=None, edit_tensors=None):

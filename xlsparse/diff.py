@@ -184,6 +184,8 @@ def _storage_key(t: torch.Tensor) -> tuple:
     """Tensors with equal keys are one tensor under two names (tied weights)."""
     if t.device.type == "meta":
         return ("meta", id(t))
+    if t.numel() == 0:  # every empty tensor's data_ptr is 0: its storage object tells (detach() keeps it)
+        return (t.device, "empty", t.untyped_storage()._cdata)
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
 
 
@@ -437,7 +439,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     if isinstance(diffs, SparseDiff):
         diffs = [diffs]
     diffs = list(diffs)
-    if not with_abs:
+    if not checks.flag("apply", "with_abs", with_abs):  # with_abs="no" is truthy: it applied the heads
         diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
     alphas = [1.0] * len(diffs) if alphas is None else list(alphas)
     if len(alphas) != len(diffs):
@@ -864,12 +866,18 @@ def _refuse_absolute_clash(i: int, diff: "SparseDiff", named: dict, claims: dict
                              "(apply(..., with_abs=False) skips them)")
 
 
-def _selected(name: str, include, exclude) -> bool:
-    def patterns(p):
-        return [p] if isinstance(p, str) else list(p or [])
+def _patterns(p) -> list:
+    """Regular expressions given as a string or any iterable of them (read once: a generator is spent
+    after one pass), as a list."""
+    return [p] if isinstance(p, str) else list(p or [])
 
-    inc, exc = patterns(include), patterns(exclude)
-    return (not inc or any(re.search(p, name) for p in inc)) and not any(re.search(p, name) for p in exc)
+
+def _selected(name: str, include, exclude, aliases=()) -> bool:
+    """Whether `name` is selected: it or one of its `aliases` (other names of one tied tensor)
+    matches an `include` pattern (or there is none), and `name` matches no `exclude` pattern."""
+    inc, exc = _patterns(include), _patterns(exclude)
+    return ((not inc or any(re.search(p, n) for p in inc for n in (name, *aliases)))
+            and not any(re.search(p, name) for p in exc))
 
 
 class SparseDiff:
@@ -955,7 +963,7 @@ class SparseDiff:
         for i, d in enumerate(diffs):
             if not isinstance(d, SparseDiff):
                 raise TypeError(f"merge: diffs[{i}] is a {type(d).__name__}, not a SparseDiff")
-        if not with_abs:
+        if not checks.flag("merge", "with_abs", with_abs):
             diffs = [d.without_absolute() for d in diffs]
         weights = [1.0] * len(diffs) if weights is None else list(weights)
         if len(weights) != len(diffs):
@@ -1058,27 +1066,37 @@ class SparseDiff:
         for a bfloat16 model tuned from a float32 one), so base + diff is tuned at the chosen entries.
         Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
-        `transformer.wte.weight`) are read once, under their first name. The weight of a GPT-2 Conv1D
-        layer converted by `xlsparse.hf.convert` (stored [out, in]) is read in the model's own
-        [in, out] layout, the layout of its state dict and of `apply`. A selected floating-point
+        `transformer.wte.weight`) are read once, under their first name, which `exclude` reads;
+        `include` may match any of their names. The weight of a GPT-2 Conv1D layer converted by
+        `xlsparse.hf.convert` (stored [out, in]) is read in the model's own [in, out] layout, the
+        layout of its state dict and of `apply`. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
         the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
         A model sharded with FSDP2 is a ValueError: pass its full state dict instead.
         """
+        # lists, read for every name: a generator was spent on the first (include then selected
+        # everything, exclude excluded from the first name only)
+        include, exclude = _patterns(include), _patterns(exclude)
         named, b = _named_tensors(tuned, buffers=False), _named_tensors(base)
         # a shard is not the tensor: a ranking per process, or a raw error inside DTensor
         for model in (named, b):
             refuse_sharded("from_models", model, "Pass full state dicts instead: torch.distributed.checkpoint."
                            "state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).")
         t = _untied(named, getattr(tuned, "base_model_prefix", "") or "")
+        # include may name a tied tensor by any of its names: include=["lm_head"] on GPT-2, whose tied
+        # weight is kept as transformer.wte.weight, gave an empty diff (exclude reads the kept name:
+        # exclude=["lm_head"] keeps a body's tied word embeddings, as composable-sft's body SFTs do)
+        tied = {}
+        for n, x in named.items():
+            tied.setdefault(_storage_key(x), []).append(n)
+        aliases = {n: tied[_storage_key(x)] for n, x in t.items()}
         # a converted GPT-2 Conv1D layer stores its weight [out, in]; diffs are in the model's own
         # [in, out] layout (a square weight was ranked, and its diff stored, transposed)
         b, t = _own_layout(base, b), _own_layout(tuned, t)
         # as convert's target_modules: a pattern that matches nothing (a typo) would select nothing
         # from it, silently (an empty diff when it is the only one)
         floats = [n for n, x in named.items() if x.is_floating_point()]
-        unmatched = [p for p in ([include] if isinstance(include, str) else list(include or []))
-                     if not any(re.search(p, n) for n in floats)]
+        unmatched = [p for p in include if not any(re.search(p, n) for n in floats)]
         if unmatched:
             raise ValueError(f"from_models: include patterns {unmatched} match no parameter of tuned (it has "
                              f"{floats[:6]}{' ...' if len(floats) > 6 else ''})")
@@ -1088,7 +1106,7 @@ class SparseDiff:
             if moved:
                 warnings.warn(f"from_models: buffers {moved[:3]} differ between base and tuned (e.g. running statistics); "
                               "a diff holds parameters only, so they are not in it", stacklevel=2)
-        selected = [n for n in t if t[n].is_floating_point() and _selected(n, include, exclude)]
+        selected = [n for n in t if t[n].is_floating_point() and _selected(n, include, exclude, aliases[n])]
         missing = [n for n in selected if n not in b]
         if missing:
             raise ValueError(f"from_models: {len(missing)} tensors of tuned are not in base, e.g. {missing[:3]} (models "
@@ -1121,8 +1139,8 @@ class SparseDiff:
         tensors, meta = {}, {"format": FORMAT, "format_version": FORMAT_VERSION, "xlsparse_version": __version__,
                               "base_model": base_model or self.base_model, "deltas": [], "dense": [], "absolute": []}
         for i, (name, d) in enumerate(self.deltas.items()):
-            # the canonical index dtype, which load insists on: a delta built by xlsparse from
-            # int64 indices (e.g. a SparseDeltaLinear's) may still hold int64 below 2^31
+            # the canonical index dtype: a delta built by xlsparse from int64 indices (e.g. a
+            # SparseDeltaLinear's) may still hold int64 below 2^31
             idx_dtype = index_dtype(d.numel)
             tensors[f"delta.{i}.indices"] = d.indices.detach().cpu().to(idx_dtype).contiguous()
             tensors[f"delta.{i}.values"] = d.values.detach().cpu().contiguous()
@@ -1132,6 +1150,15 @@ class SparseDiff:
             for i, (name, t) in enumerate(getattr(self, kind).items()):
                 tensors[f"{kind}.{i}"] = t.detach().cpu().contiguous()
                 meta[kind].append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype)})
+        # safetensors refuses tensors that share memory ("Some tensors share memory"): one support
+        # given to two deltas, one dense tensor under two names. Each is written as its own copy.
+        seen = set()
+        for key, t in tensors.items():
+            storage = t.untyped_storage().data_ptr()
+            if storage in seen:
+                tensors[key] = t.clone()
+            elif storage:  # 0: an empty tensor, which holds no memory
+                seen.add(storage)
         _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"xlsparse": json.dumps(meta)}))
 
     @classmethod
@@ -1198,10 +1225,10 @@ class SparseDiff:
                 what = f"delta {m['name']!r}"
                 idx = tensor(f"delta.{i}.indices", what, m["index_dtype"], [m["nnz"]])
                 val = tensor(f"delta.{i}.values", what, m["dtype"], [m["nnz"]])
-                d = SparseDelta(idx, val, m["shape"], name=m["name"])
-                if d.indices.dtype != idx.dtype:
-                    raise ValueError(f"{path}: {what}: index dtype {idx.dtype} is not {d.indices.dtype} for its shape")
-                deltas[m["name"]] = d.to(device)
+                # an index dtype other than the canonical one is made canonical by SparseDelta: save
+                # wrote a SparseDeltaLinear's int64 indices below 2^31 elements as they were until
+                # 2026-12-01, and those files (hf.save_pretrained's too) hold valid diffs
+                deltas[m["name"]] = SparseDelta(idx, val, m["shape"], name=m["name"]).to(device)
             whole = {}
             for kind in ("dense", "absolute"):
                 whole[kind] = {m["name"]: tensor(f"{kind}.{i}", f"{kind} entry {m['name']!r}", m["dtype"], m["shape"]).to(device)

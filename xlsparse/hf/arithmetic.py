@@ -25,6 +25,7 @@ from torch import nn
 
 from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import topk_mask
+from ..ops import checks
 from .subnetworks import _progress
 
 
@@ -36,6 +37,7 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
     several is taken from diffs[absolute_from], which must be one of them (else, or without
     `absolute_from`, it is an error).
     """
+    checks.flag(what, "with_abs", with_abs)  # with_abs="no" is truthy: it kept the heads
     if absolute_from is not None and not 0 <= absolute_from < len(diffs):
         raise ValueError(f"{what}: absolute_from={absolute_from} is not the index of one of the {len(diffs)} diffs")
     if not with_abs:
