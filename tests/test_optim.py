@@ -1197,3 +1197,19 @@ def test_torch_compile_fullgraph_subnetwork_linear():
     gw, gb = _loop_grads(layer, masks, bmasks, torch.tanh(x), ids)
     torch.testing.assert_close(got[0], gw)
     torch.testing.assert_close(got[1], gb)
+
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_a_parameter_swapped_into_the_groups_is_refused_before_any_step(mode):
+    # accelerate's FSDP2 prepare puts the sharded parameters in place of the optimizer's own: the
+    # new ones had no state and no mask, and the step stopped with KeyError 'step'
+    kept, swapped = torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(4, 4))
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[0] = True
+    opt = MaskedAdamW([{"params": [kept]}, {"params": [torch.nn.Parameter(torch.zeros(4, 4))]}], [None, mask],
+                      lr=0.1, mode=mode)
+    opt.param_groups[1]["params"] = [swapped]
+    kept.grad, swapped.grad = torch.ones(3, 4), torch.ones(4, 4)
+    with pytest.raises(ValueError, match="param 0 of param group 1 is not a parameter this optimizer was built with"):
+        opt.step()
+    assert not kept.any() and not swapped.any()

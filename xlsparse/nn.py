@@ -306,10 +306,15 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
     # under another's id, silently (a Trainer resume). A state dict without it (older) loads unchecked.
     _NAMES_KEY = "language_names"
 
+    @property
+    def language_names(self) -> torch.Tensor:
+        """The state dict's `language_names` entry. An attribute too: torch.distributed.checkpoint's
+        `get_model_state_dict` looks every state dict key up on its module (it raised AttributeError)."""
+        return torch.tensor(list(json.dumps([str(n) for n in self.names]).encode()), dtype=torch.uint8)
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        encoded = json.dumps([str(n) for n in self.names]).encode()
-        destination[prefix + self._NAMES_KEY] = torch.tensor(list(encoded), dtype=torch.uint8)
+        destination[prefix + self._NAMES_KEY] = self.language_names
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -96,7 +96,13 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # Every group is checked before any steps, so that a refusal writes nothing: a scheduler or
         # user may have set a group's values since construction.
-        for group in self.param_groups:
+        for g, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if not self.state.get(p):  # its mask is lost: it stopped with KeyError 'step'
+                    raise ValueError(f"{type(self).__name__}: param {i} of param group {g} is not a parameter this "
+                                     "optimizer was built with (accelerate's FSDP2 prepare swaps the model's parameters "
+                                     "for sharded ones in the optimizer's groups); build the optimizer on the sharded "
+                                     "model (fully_shard first), with masks for the whole parameters")
             self._check_group(group)
             self._check_state(group)
         for group in self.param_groups:

@@ -698,6 +698,56 @@ def test_multi_source_training_applies_each_batch_source_sft(tmp_path, l1):
         assert torch.equal(p.reshape(-1)[off], params[n].reshape(-1)[off])
 
 
+@pytest.mark.parametrize("l1", [0.0, 2000.0])
+def test_multi_source_gradient_accumulation_gives_each_micro_batch_its_source_sft(tmp_path, l1):
+    # one optimizer step accumulates micro-batches of different sources: each runs its forward and
+    # backward under its own source SFT, and the L1 term enters once per step with G (= 2) as factor
+    base = _no_dropout(tiny("bert"))
+    sources = _source_sfts(base, k=0.5, names=_SOURCE_NAMES + ["bert.embeddings.word_embeddings.weight"])
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+    trainer = LotteryTicketSparseFineTuner(
+        model=copy.deepcopy(base), args=_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2),
+        train_dataset=data, source_sfts=sources,
+        sft_args=SftArguments(ft_params_num=200, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2,
+                              full_l1_reg=l1, sparse_l1_reg=l1))
+    micro, step = [], trainer.training_step
+
+    def training_step(model, inputs, *args):
+        micro.append((trainer._phase, inputs[SOURCE_KEY], inputs["input_ids"].clone()))
+        return step(model, inputs, *args)
+
+    trainer.training_step = training_step
+    trainer.train()
+    sparse = [(source, ids) for phase, source, ids in micro if phase == "sparse"]
+    assert len(sparse) == 4 and any(sparse[i][0] != sparse[i + 1][0] for i in (0, 2))  # a step mixing sources
+    ref = copy.deepcopy(base)
+    trainable = {n: p for n, p in ref.named_parameters() if n in trainer._theta0}
+    opt = torch.optim.AdamW(list(trainable.values()), lr=1e-2, weight_decay=0.0)
+    n_all = sum(p.numel() for p in ref.parameters())
+    for first in (0, 2):
+        opt.zero_grad()
+        for source, ids in sparse[first:first + 2]:  # BERT's loss ignores num_items_in_batch: the means add up
+            with sources[source].applied(ref):
+                ref(input_ids=ids, labels=ids).loss.backward()
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.grad += 2 * l1 / n_all * (p - trainer._theta0[n]).sign()
+                if n in trainer.maskable:
+                    keep = torch.zeros(p.numel(), dtype=torch.bool)
+                    if n in trainer._masks:
+                        keep[trainer._masks[n].long()] = True
+                    p.grad.mul_(keep.view_as(p))
+        opt.step()
+    got = trainer.sft
+    for n, p in trainable.items():
+        if n in got.deltas:
+            idx = got.deltas[n].indices.long()
+            torch.testing.assert_close(got.deltas[n].values, (p - trainer._theta0[n]).reshape(-1)[idx].detach(),
+                                       atol=2e-5, rtol=1e-3)
+        elif n in got.absolute:
+            torch.testing.assert_close(got.absolute[n], p.detach(), atol=2e-5, rtol=1e-3)
+
+
 # --- the new layers ---
 
 def test_sparse_delta_embedding_equals_the_dense_table():
@@ -1125,6 +1175,109 @@ def test_multi_source_batches_of_one_step_share_a_source_on_every_process(tmp_pa
         torch.testing.assert_close(ddp.deltas[n].values, d.values, atol=2e-5, rtol=1e-3)
 
 
+_ACCELERATOR_CONFIG_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lt_sft import _fixed_selection, _multi_source_trainer
+from xlsparse.hf.lt_sft import SOURCE_KEY
+outcomes = []
+for dispatch_split in ((True, False), (True, True)):
+    try:
+        _multi_source_trainer({out!r}, per_device_train_batch_size=2, average_tokens_across_devices=False,
+                              accelerator_config=dict(zip(("dispatch_batches", "split_batches"), dispatch_split)))
+        outcomes.append(None)
+    except ValueError as exc:
+        outcomes.append(str(exc))
+trainer = _multi_source_trainer({out!r}, per_device_train_batch_size=4, average_tokens_across_devices=False,
+                                accelerator_config={{"split_batches": True}})
+seen, step = [], trainer.training_step
+def training_step(model, inputs, *args):
+    seen.append((inputs[SOURCE_KEY], len(inputs["input_ids"])))
+    return step(model, inputs, *args)
+trainer.training_step = training_step
+_fixed_selection(trainer).train()
+gathered = [None, None]
+torch.distributed.all_gather_object(gathered, (outcomes, seen))
+if trainer.args.process_index == 0:
+    torch.save(gathered, {out!r} + "/seen.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_multi_source_refuses_dispatched_batches_and_splits_one_source_s_batches(tmp_path):
+    # Dispatched batches are concatenated and broadcast by the main process, tensors only: training
+    # stopped at its first batch with accelerate's TypeError over the batch's source string. Split
+    # batches work: each step's batch is one source's, split over the processes.
+    from conftest import torchrun
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "dispatch.py"
+    script.write_text(_ACCELERATOR_CONFIG_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    torchrun(script, 29661, timeout=300)
+    (outcomes0, seen0), (outcomes1, seen1) = torch.load(tmp_path / "seen.pt", weights_only=False)
+    for outcome in outcomes0 + outcomes1:
+        assert outcome is not None and "dispatch_batches" in outcome, outcome
+    assert len(seen0) == len(seen1) == 2 + 4  # the full phase's steps, then the sparse phase's
+    assert [s for s, _ in seen0] == [s for s, _ in seen1]  # each step: one source on both processes
+    assert all(n == 2 for _, n in seen0 + seen1)  # the batch of 4, split
+
+
+_SHARDED_EVAL_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lt_sft import _LMData, _args, _no_dropout, _source_sfts, tiny
+from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, MultiSourceDataset, SftArguments
+data = MultiSourceDataset({{"de": _LMData(n=3, seed=1), "fr": _LMData(n=4, seed=2)}})
+steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+args = _args({out!r}, per_device_eval_batch_size=2, average_tokens_across_devices=False)
+outcomes = []
+for given in ("at construction", "to evaluate"):
+    try:
+        trainer = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), args=args, source_sfts=_source_sfts(tiny("bert")),
+                                               eval_dataset=data if given == "at construction" else None, sft_args=steps)
+        trainer.prediction_step = None  # nothing may be evaluated
+        trainer.evaluate(eval_dataset=data)
+        outcomes.append(None)
+    except ValueError as exc:
+        outcomes.append(str(exc))
+gathered = [None, None]
+torch.distributed.all_gather_object(gathered, outcomes)
+if torch.distributed.get_rank() == 0:
+    torch.save(gathered, {out!r} + "/outcomes.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_multi_source_evaluation_on_several_processes_is_refused(tmp_path):
+    # Accelerate deals eval batches out whole and skipped a round whose second batch was a source's
+    # short last one: on 2 processes, {"de": 3 items, "fr": 4} in batches of 2 evaluated fr alone
+    # (eval_loss 4.5616 against one process's 4.5493 over all 7)
+    from conftest import torchrun
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "eval.py"
+    script.write_text(_SHARDED_EVAL_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    torchrun(script, 29671, timeout=300)
+    for outcomes in torch.load(tmp_path / "outcomes.pt", weights_only=False):
+        assert len(outcomes) == 2 and all(o is not None and "one process only" in o for o in outcomes), outcomes
+
+
+def test_a_dict_of_eval_sets_evaluates_each_multi_source_set_under_its_sources(tmp_path):
+    # the Trainer asks for a dict's eval sets by name: the name missed the multi-source loader, and
+    # evaluation stopped with "the batch has no '_source' key (use MultiSourceDataset)"
+    data = MultiSourceDataset({"de": _LMData(n=3, seed=1), "fr": _LMData(n=4, seed=2)})
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    trainer = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), args=_args(tmp_path, per_device_eval_batch_size=2),
+                                           eval_dataset={"both": data}, source_sfts=_source_sfts(tiny("bert")),
+                                           sft_args=steps)
+    named = trainer.evaluate()["eval_both_loss"]
+    assert named == trainer.evaluate(eval_dataset=data)["eval_loss"]
+
+
 def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):
     data = MultiSourceDataset({"de": _LMData(n=5, seed=1), "fr": _LMData(n=3, seed=2)})
     steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
@@ -1313,6 +1466,52 @@ def test_an_optimizer_the_sparse_phase_cannot_run_is_refused(tmp_path, optim):
                                      optimizer_cls_and_kwargs=(torch.optim.SGD, {}), sft_args=SftArguments(**steps))
     LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, optim="adamw_torch_fused"),
                                  train_dataset=_LMData(), sft_args=SftArguments(**steps))
+
+
+_FSDP_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lt_sft import _LMData, _args
+from tiny_models import tiny
+from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+try:
+    LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args({out!r}, fsdp=True, fsdp_config={{"fsdp_version": 2}}),
+                                 train_dataset=_LMData(), sft_args=SftArguments(full_ft_max_steps_per_iteration=1,
+                                                                                sparse_ft_max_steps_per_iteration=1))
+    outcome = None
+except ValueError as exc:
+    outcome = str(exc)
+gathered = [None, None]
+torch.distributed.all_gather_object(gathered, outcome)
+if torch.distributed.get_rank() == 0:
+    torch.save(gathered, {out!r} + "/outcomes.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+@pytest.mark.slow
+def test_accelerates_fsdp_plugin_is_refused_on_every_process(tmp_path):
+    # Accelerate's FSDP swaps every parameter for a sharded one when train() wraps the model; the
+    # trainer kept the old ones, saw |θ − θ0| = 0 and selected the first K entries of the word
+    # embeddings. On a CPU, accelerate dropped the plugin unasked and trained DDP: refused there too.
+    from conftest import torchrun
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "fsdp.py"
+    script.write_text(_FSDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
+    torchrun(script, 29651, timeout=300)
+    outcomes = torch.load(tmp_path / "outcomes.pt", weights_only=False)
+    assert all(o is not None and "FSDP plugin" in o for o in outcomes), outcomes
+
+
+def test_accelerate_launched_with_fsdp_is_refused_up_front(tmp_path, monkeypatch):
+    # `accelerate launch` with an FSDP config says so through the environment
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    steps = SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    with pytest.raises(ValueError, match="FSDP plugin"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(), sft_args=steps)
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files]
 
 
 def test_freeze_head_freezes_the_lm_head_of_a_model_without_its_prefix_attribute(tmp_path):

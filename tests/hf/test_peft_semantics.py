@@ -1329,6 +1329,32 @@ def test_a_multi_state_dict_refuses_a_model_with_the_languages_in_another_order(
     swapped.load_state_dict(older)
 
 
+def test_a_multi_model_round_trips_through_distributed_checkpoint_and_refuses_another_order(tmp_path):
+    # torch.distributed.checkpoint's get_model_state_dict looks every key up on its module:
+    # `language_names` was no attribute, so it raised AttributeError on any 'multi' model
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    base = tiny("bert")
+    diffs = {lang: random_diff(base, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
+    trained = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.25)
+    save(get_model_state_dict(trained), checkpoint_id=str(tmp_path))
+    loaded = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    state = get_model_state_dict(loaded)
+    load(state, checkpoint_id=str(tmp_path))
+    set_model_state_dict(loaded, state)
+    assert all(torch.equal(t, trained.state_dict()[n]) for n, t in loaded.state_dict().items())
+    swapped = hf.convert(copy.deepcopy(base), kind="multi", diffs={"fr": diffs["fr"], "de": diffs["de"]})
+    state = get_model_state_dict(swapped)
+    load(state, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match=r"languages \['de', 'fr'\].*\['fr', 'de'\]"):
+        set_model_state_dict(swapped, state)
+
+
 def _convert_gpt2(base, kind: str, model=None, trained: bool = False):
     """A copy of GPT-2 `base` (or `model`) converted as `kind`, with fixed random diffs or masks;
     `trained`: a subnetwork's masked entries moved by 0.1, as if trained."""

@@ -409,6 +409,46 @@ def test_subnetwork_trainer_trains_each_language_inside_its_own_subnetwork(tmp_p
     assert moved > 0
 
 
+def test_subnetwork_trainer_accumulates_gradients_like_one_big_batch(tmp_path):
+    """gradient_accumulation_steps=2 over batches of 4 steps on the gradient of the batch of 8,
+    inside the masks: tiny BERT's loss ignores num_items_in_batch, so transformers adds the two
+    micro-batch means (twice the big batch's mean gradient), as it does for an unconverted model."""
+    from transformers import TrainerCallback
+    from xlsparse.nn import SubnetworkLinear
+
+    class _Grads(TrainerCallback):
+        def __init__(self, model):
+            self.model, self.grads = model, None
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if self.grads is None:
+                self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def first_step(batch, accumulation):
+        model = tiny("bert")
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        named = dict(model.named_parameters())
+        g = torch.Generator().manual_seed(1)
+        masks = {lang: {f"{n}.weight": torch.rand(named[f"{n}.weight"].shape, generator=g) < 0.3
+                        for n in hf.model.target_names(model)} for lang in ("de", "fr")}
+        hf.convert(model, kind="subnetwork", masks=masks)
+        grads = _Grads(model)
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 1, per_device_train_batch_size=batch,
+                                                              gradient_accumulation_steps=accumulation),
+                                      train_dataset=_MixedData(n=8), callbacks=[grads]).train()
+        return model, grads.grads
+
+    _, big = first_step(8, 1)
+    model, accumulated = first_step(4, 2)
+    assert set(big) == set(accumulated)
+    for n, grad in big.items():
+        torch.testing.assert_close(accumulated[n], 2 * grad, rtol=1e-4, atol=1e-6)
+    for name, layer in hf.model._converted(model, SubnetworkLinear):
+        assert not accumulated[f"{name}.weight"][~layer.trainable_mask()].any(), name
+
+
 def test_subnetwork_trainer_trains_the_modules_to_save_whole(tmp_path):
     """convert's modules_to_save train whole beside the masked weights (they once kept their
     initial values and were exported as trained). One step over the whole data set is AdamW's

@@ -61,8 +61,8 @@ training the L1 term is taken after the source SFT is reverted, on |θ − θ0| 
 it (composable-sft's plugin order would take it with the source SFT applied, |θ + φ − θ0|, and
 pull each entry the source SFT moved towards θ0 − φ). Runs under DDP (the L1
 gradient is added to the gradients directly, the same on every rank). Phase 2's layers and
-optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but this trainer under
-Accelerate's FSDP plugin is not tested.
+optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but this trainer refuses
+Accelerate's FSDP plugin, which replaces the parameters it holds.
 """
 import math
 import numbers
@@ -372,6 +372,15 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError("LotteryTicketSparseFineTuner builds each phase's optimizer itself (AdamW from the "
                              "TrainingArguments; compact MaskedAdamW in sparse phases): `optimizers` and "
                              "`optimizer_cls_and_kwargs` would be ignored")
+        # Accelerate's FSDP plugin swaps every parameter for a new, sharded one when train() wraps
+        # the model: θ0, the selection and phase 2's layers would read the old, untrained ones
+        # (|θ − θ0| = 0 everywhere, so the first K entries were selected). Asked for on a CPU,
+        # accelerate drops the plugin silently and trains DDP instead.
+        if self.args.fsdp or getattr(self, "is_fsdp_enabled", False) \
+                or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            raise ValueError(f"TrainingArguments.fsdp = {self.args.fsdp!r}: LotteryTicketSparseFineTuner does not run under "
+                             "Accelerate's FSDP plugin (its selection and sparse phase hold the parameters that FSDP "
+                             "replaces); train it under DDP, or shard phase 2's layers with fully_shard yourself")
         self.sft: SparseDiff | None = None
         self._sft_at_end: SparseDiff | None = None  # the last sparse phase's deltas, until the model trains again
         self._phase = "full"
@@ -422,6 +431,16 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise TypeError("source_sfts must be a dict {source: SparseDiff}")
         if source_sfts is None and any(isinstance(d, MultiSourceDataset) for d in (self.train_dataset, self.eval_dataset)):
             raise ValueError("source_sfts: a MultiSourceDataset was given but no source SFTs")
+        if self.accelerator.dispatch_batches and self.accelerator.num_processes > 1 \
+                and any(isinstance(d, MultiSourceDataset) for d in (self.train_dataset, self.eval_dataset)):
+            # the main process would concatenate and broadcast the batches, and accelerate moves
+            # tensors only: the batch's source (a string) stopped training with a TypeError
+            raise ValueError("TrainingArguments.accelerator_config.dispatch_batches = True: a MultiSourceDataset's "
+                             "batches name their source, which accelerate cannot dispatch; leave dispatch_batches "
+                             "off (split_batches works)")
+        evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
+        for dataset in evals:
+            self._refuse_sharded_evaluation(dataset)
         self.source_sfts = source_sfts
         self.source_sft_apply_abs = source_sft_apply_abs
         self._converted: dict = {}
@@ -941,9 +960,23 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     def get_eval_dataloader(self, eval_dataset=None):
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):  # the Trainer names a dict's sets
+            dataset = self.eval_dataset[dataset]
         if isinstance(dataset, MultiSourceDataset):
+            self._refuse_sharded_evaluation(dataset)
             return self._multisource_loader(dataset, self.args.per_device_eval_batch_size, shuffle=False)
         return super().get_eval_dataloader(eval_dataset)
+
+    def _refuse_sharded_evaluation(self, dataset) -> None:
+        """Multi-source evaluation runs on one process only. Accelerate deals the batches out to the
+        processes whole and skips a round whose last batch is short (a source's last batch), then
+        cuts the last gathered batch to len(dataset) % (batch size × processes): sources went
+        unevaluated and eval_loss was another set's. Padding the sources' batches would count
+        padded rows instead."""
+        if isinstance(dataset, MultiSourceDataset) and self.accelerator.num_processes > 1:
+            raise ValueError(f"eval_dataset: a MultiSourceDataset is evaluated on one process only, this run has "
+                             f"{self.accelerator.num_processes} (accelerate would skip some of its batches); "
+                             "evaluate it in a run of one process")
 
     def _multisource_loader(self, dataset, batch_size, shuffle, replicas=1):
         sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=self.args.seed,
