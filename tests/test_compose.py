@@ -1,4 +1,6 @@
 """sparse_axpy_ on every CPU-capable backend against the float64 reference."""
+import copy
+
 import pytest
 import torch
 
@@ -1221,3 +1223,22 @@ def test_float8_values_are_refused_where_a_diff_is_made(where):
             SparseDiff({"w": SparseDelta(torch.tensor([1, 3]), vals, (2, 3))}).to(dtype=f8)
         else:
             SparseDiff(**{where: {"w": torch.ones(2, 3).to(f8)}})
+
+
+def test_from_models_of_two_bfloat16_models_is_exact_through_float32_copies():
+    # Two bfloat16 tensors' difference is rounded to bfloat16: base + diff is 1 ulp off tuned at
+    # some entries, as from_models' docstring says; its float32 copies (.float() keeps ties) give
+    # float32 values, and apply rounds base + value once, to tuned.
+    torch.manual_seed(0)
+    base = torch.nn.Linear(300, 300).to(torch.bfloat16)
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned.weight.add_(torch.randn_like(tuned.weight) * 0.05)
+    rounded = copy.deepcopy(base)
+    xlsparse.apply(xlsparse.SparseDiff.from_models(base, tuned), rounded)
+    assert (rounded.weight != tuned.weight).any()  # the documented rounding: this test sees it
+    exact = copy.deepcopy(base)
+    diff = xlsparse.SparseDiff.from_models(copy.deepcopy(base).float(), copy.deepcopy(tuned).float())
+    assert diff.deltas["weight"].values.dtype == torch.float32
+    xlsparse.apply(diff, exact)
+    assert torch.equal(exact.weight, tuned.weight) and torch.equal(exact.bias, tuned.bias)
