@@ -72,6 +72,19 @@ def test_info_and_convert(tmp_path, capsys):
     assert name in out and "| 20 |" in out
 
 
+def test_info_gives_the_size_of_the_diff_file_not_of_its_folder(tmp_path, capsys):
+    # a composable-sft folder with a 2 MiB checkpoint beside pytorch_diff.bin was reported as 2.00 MiB on disk
+    model = _tiny_bert_dir(tmp_path)
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    _diff(model, 3).save_composable_sft(str(folder))
+    (folder / "checkpoint").mkdir()
+    (folder / "checkpoint" / "optimizer.pt").write_bytes(b"0" * 2**21)
+    assert cli.main(["info", str(folder)]) == 0
+    mib = (folder / "pytorch_diff.bin").stat().st_size / 2**20
+    assert f"{folder}: {mib:.2f} MiB on disk" in capsys.readouterr().out
+
+
 def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert cli.main(["info", str(tmp_path / "missing.safetensors")]) == 1
     err = capsys.readouterr().err

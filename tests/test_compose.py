@@ -417,6 +417,17 @@ def test_sparse_delta_validates_and_names_module_and_position():
     assert big.indices.dtype == torch.int64 and big.indices[1] == 2**31 + 5
 
 
+def test_sparse_diff_refuses_names_that_are_not_strings(tmp_path):
+    # a diff keyed by 1 was built, saved and written as composable-sft, and both loaders then refused the files
+    d = SparseDelta(torch.tensor([1]), torch.tensor([1.0]), (2,))
+    for kwargs in ({"deltas": {1: d}}, {"dense": {None: torch.zeros(2)}}, {"absolute": {("w",): torch.zeros(2)}}):
+        with pytest.raises(TypeError, match="names must be strings"):
+            SparseDiff(**kwargs)
+    with pytest.raises(TypeError, match=r"deltas must be a dict \{parameter name: ...\}, got list"):
+        SparseDiff([("w", d)])
+    assert list(SparseDiff({"w": d}).deltas) == ["w"]
+
+
 def test_from_dense_and_topk_mask():
     t = torch.tensor([[0.0, -3.0, 1.0], [3.0, 0.0, -0.5]])
     d = SparseDelta.from_dense(t)

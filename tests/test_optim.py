@@ -134,6 +134,16 @@ def test_index_masks_dict_masks_and_none(mode):
     _check_masked(ours, theirs, initial, masks)
 
 
+def test_masks_none_or_a_lone_tensor_is_a_type_error_naming_masks():
+    p = torch.randn(2, 3, requires_grad=True)
+    for masks in (None, torch.ones(2, 3, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="masks: expected a list aligned with the parameters"):
+            MaskedAdamW([p], masks)
+        opt = MaskedAdamW([p], [None])
+        with pytest.raises(TypeError, match="masks: expected a list aligned with the parameters"):
+            opt.update_masks(masks)
+
+
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_l1_to_init_matches_l1_in_the_loss(backend, mode, use_backend):

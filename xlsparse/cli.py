@@ -248,8 +248,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     diff = _load_diff(args.diff)
-    size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.diff) for f in fs) \
-        if os.path.isdir(args.diff) else os.path.getsize(args.diff)
+    # the diff file's size: a composable-sft folder also holds a trainer's files (training_args.bin,
+    # checkpoints), which the whole folder's size counted as the diff's
+    size = os.path.getsize(_diff_file("DIFF", args.diff))
     print(f"{args.diff}: {size / 2**20:.2f} MiB on disk, base model {diff.base_model or 'unknown'}")
     print(f"{len(diff.deltas)} sparse, {len(diff.dense)} dense, {len(diff.absolute)} absolute entries; {diff.nnz:,} stored delta values (explicit zeros included)\n")
     print("| parameter | shape | nnz | density | dtype |")

@@ -889,6 +889,14 @@ class SparseDiff:
 
     def __init__(self, deltas: Mapping | None = None, dense: Mapping | None = None, *, absolute: Mapping | None = None,
                  base_model: str | None = None):
+        for kind, group in (("deltas", deltas), ("dense", dense), ("absolute", absolute)):
+            # names are parameter names: save and save_composable_sft wrote other keys (1, None)
+            # into files that load and load_composable_sft then refuse
+            if group is not None and not isinstance(group, Mapping):
+                raise TypeError(f"SparseDiff: {kind} must be a dict {{parameter name: ...}}, got {type(group).__name__}")
+            bad = [n for n in (group or {}) if not isinstance(n, str)]
+            if bad:
+                raise TypeError(f"SparseDiff: {kind} names must be strings (parameter names), got {bad[:3]!r}")
         self.deltas: dict[str, SparseDelta] = {}
         for name, d in (deltas or {}).items():
             if not all(hasattr(d, a) for a in ("indices", "values", "shape")):
@@ -954,7 +962,8 @@ class SparseDiff:
     @classmethod
     def merge(cls, diffs, weights=None, with_abs: bool = True) -> "SparseDiff":
         """`sum_i weights[i] * diffs[i]`: per parameter, a linear-time union of the sorted supports
-        (no densifying), summed in float32. A parameter that is dense in any diff is summed dense.
+        (no densifying), summed in float32 (float64 where a diff's values are float64). A parameter
+        that is dense in any diff is summed dense.
         Absolute entries pass through as they are, so a diff that has them needs weight 1, and
         one named by two diffs is an error (a replaced value has no scaled version and no sum).
         `with_abs=False` drops every absolute entry first (composing a language SFT and a task
@@ -1111,6 +1120,10 @@ class SparseDiff:
                               "a diff holds parameters only, so they are not in it", stacklevel=2)
         selected = [n for n in t if t[n].is_floating_point() and _selected(n, include, exclude, aliases[n])]
         missing = [n for n in selected if n not in b]
+        if missing and any(".delta_values" in n for n in missing):
+            # excluding them, as the next message says, gave a diff of the frozen base weights: zeros
+            raise ValueError(f"from_models: tuned holds layers converted by xlsparse.hf (e.g. {missing[0]!r}), whose "
+                             "trained values are not in its weights; take its diff with xlsparse.hf.extract_diff(tuned)")
         if missing:
             raise ValueError(f"from_models: {len(missing)} tensors of tuned are not in base, e.g. {missing[:3]} (models "
                              "of another class or prefix?); exclude them with exclude=[...]")

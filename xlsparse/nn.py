@@ -273,6 +273,7 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         """Wrap `linear` with `deltas` = {name: delta}; a delta is any object with `.indices`,
         `.values` and `.shape` (e.g. `xlsparse.SparseDelta`) matching the weight."""
         w = linear.weight
+        routing.check_language_keys("MultiDeltaLinear", deltas)
         indices, values = [], []
         for name, d in deltas.items():
             if tuple(d.shape) != tuple(w.shape):
@@ -411,6 +412,7 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         dynamic re-selection calls this between steps."""
         if not isinstance(masks, dict) or not masks:
             raise ValueError("masks must be a non-empty dict {language: bool tensor [out_features, in_features]}")
+        routing.check_language_keys("SubnetworkLinear", masks)
         shape = (self.out_features, self.in_features)
         for lang, m in masks.items():
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:

@@ -131,6 +131,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 raise ValueError("masks: a dict key is not a parameter of this optimizer")
             entries = [masks.get(p) for p in params]
         else:
+            if masks is None or isinstance(masks, torch.Tensor):  # list(None) raised a bare "not iterable";
+                # a lone tensor iterated as rows, one per parameter
+                raise TypeError(f"masks: expected a list aligned with the parameters or a dict keyed by parameter "
+                                f"(an entry None trains that parameter whole), got {type(masks).__name__}")
             entries = list(masks)
             if len(entries) != len(params):
                 raise ValueError(f"masks: got {len(entries)} entries for {len(params)} parameters")

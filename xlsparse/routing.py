@@ -7,10 +7,21 @@ and grouped by id once, not once per layer, as in vLLM's LoRA metadata.
 """
 import contextlib
 import math
+import numbers
 import threading
 from dataclasses import dataclass, field
 
 import torch
+
+
+def check_language_keys(what: str, keys) -> None:
+    """Integer ids index the languages in insertion order, so an integer language key must be its
+    own position: {1: a, 0: b} routed id 1 to b, the language keyed 0."""
+    for position, key in enumerate(keys):
+        if isinstance(key, numbers.Integral) and key != position:
+            raise ValueError(f"{what}: language key {key!r} is at position {position}, but integer routing ids index "
+                             f"the languages in insertion order (id {key!r} would pick another language); name "
+                             "languages with strings, or key them 0, 1, ... in order")
 
 
 def check_id_dtype(ids: torch.Tensor) -> None:

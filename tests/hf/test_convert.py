@@ -439,6 +439,44 @@ def test_subnetwork_gradients_follow_each_language_mask():
     assert grad is not None and bool((grad[~union] == 0).all()) and bool((grad[union] != 0).any())
 
 
+def test_integer_language_keys_must_be_their_own_ids():
+    """Routing ids index the languages in insertion order: with diffs {1: a, 0: b}, id 1 ran b,
+    the language keyed 0. Such keys are refused before any layer changes; 0, 1, ... in order pass."""
+    original = tiny("bert")
+    a, b = _random_diff(original, 0.05, 1), _random_diff(original, 0.05, 2)
+    model = copy.deepcopy(original)
+    with pytest.raises(ValueError, match="language key 1 is at position 0"):
+        hf.convert(model, kind="multi", diffs={1: a, 0: b})
+    assert not any(isinstance(m, MultiDeltaLinear) for m in model.modules())
+    names = hf.model.target_names(original)
+    masks = {n: torch.ones_like(dict(original.named_parameters())[f"{n}.weight"], dtype=torch.bool) for n in names[:1]}
+    with pytest.raises(ValueError, match="language key 1 is at position 0"):
+        hf.convert(copy.deepcopy(original), kind="subnetwork", masks={1: {f"{k}.weight": v for k, v in masks.items()}})
+    linear = original.get_submodule(names[0])
+    with pytest.raises(ValueError, match="language key 1 is at position 0"):
+        MultiDeltaLinear.from_linear(linear, {1: a.deltas[f"{names[0]}.weight"]})
+    with pytest.raises(ValueError, match="language key 1 is at position 0"):
+        SubnetworkLinear.from_linear(copy.deepcopy(linear), {1: masks[names[0]]})
+    # keys that are their own ids route as ids and as names alike
+    model = hf.convert(copy.deepcopy(original), kind="multi", diffs={0: a, 1: b})
+    ids = batch(2)
+    with hf.route(model, [1, 1]):
+        by_id = model(input_ids=ids).logits
+    with hf.route(model, ["1", "1"]):
+        by_name = model(input_ids=ids).logits
+    assert torch.equal(by_id, by_name)
+
+
+def test_from_models_of_a_converted_model_points_to_extract_diff():
+    # it said "models of another class or prefix?; exclude them", and excluding the delta values
+    # gave a diff of the frozen base weights, all zeros
+    base = tiny("bert")
+    for kind, kwargs in (("delta", dict(density=0.1)), ("multi", dict(diffs={"de": _random_diff(base, 0.05, 1)}))):
+        model = hf.convert(copy.deepcopy(base), kind=kind, **kwargs)
+        with pytest.raises(ValueError, match=r"converted by xlsparse.hf .*xlsparse.hf.extract_diff\(tuned\)"):
+            SparseDiff.from_models(base, model, density=0.05)
+
+
 def test_route_needs_languages():
     model = hf.convert(tiny("bert"), density=0.1)
     with pytest.raises(ValueError, match="no routed layers"):
