@@ -7,6 +7,7 @@ below 2^31 elements, int64 above) and `values` of any float dtype. A `SparseDiff
 names to deltas, plus `dense` differences (added like the sparse ones) and `absolute` values that
 replace a parameter outright (composable-sft's "abs", e.g. a newly trained classifier head).
 """
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -187,6 +188,16 @@ def _storage_key(t: torch.Tensor) -> tuple:
     if t.numel() == 0:  # every empty tensor's data_ptr is 0: its storage object tells (detach() keeps it)
         return (t.device, "empty", t.untyped_storage()._cdata)
     return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def _body_prefix(model, named: dict) -> str:
+    """Where a model's body lives: its base_model_prefix, or for a state dict the first name part
+    most names share ("roberta" beside "lm_head"). transformers lists XLM-R's tied decoder first in
+    a state dict, so without it a body diff (exclude=["lm_head"]) lost the word embeddings."""
+    if isinstance(model, torch.nn.Module):
+        return getattr(model, "base_model_prefix", "") or ""
+    heads = collections.Counter(n.split(".", 1)[0] for n in named if "." in n).most_common(2)
+    return heads[0][0] if heads and (len(heads) == 1 or heads[0][1] > heads[1][1]) else ""
 
 
 def _untied(named: dict, prefer: str = "") -> dict[str, torch.Tensor]:
@@ -1078,7 +1089,8 @@ class SparseDiff:
         the two models (`copy.deepcopy(model).float()`, which keeps tied weights tied) for an exact diff.
         Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
-        `transformer.wte.weight`) are read once, under their first name, which `exclude` reads;
+        `transformer.wte.weight`) are read once, under their first name inside the body
+        (`base_model_prefix`; for a state dict, the first name part most names share), which `exclude` reads;
         `include` may match any of their names. The weight of a GPT-2 Conv1D layer converted by
         `xlsparse.hf.convert` (stored [out, in]) is read in the model's own [in, out] layout, the
         layout of its state dict and of `apply`. A selected floating-point
@@ -1094,7 +1106,7 @@ class SparseDiff:
         for model in (named, b):
             refuse_sharded("from_models", model, "Pass full state dicts instead: torch.distributed.checkpoint."
                            "state_dict.get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)).")
-        t = _untied(named, getattr(tuned, "base_model_prefix", "") or "")
+        t = _untied(named, _body_prefix(tuned, named))
         # include may name a tied tensor by any of its names: include=["lm_head"] on GPT-2, whose tied
         # weight is kept as transformer.wte.weight, gave an empty diff (exclude reads the kept name:
         # exclude=["lm_head"] keeps a body's tied word embeddings, as composable-sft's body SFTs do)

@@ -528,8 +528,11 @@ def test_xlmr_body_diff_keeps_the_tied_word_embeddings_under_their_base_name():
         for p in tuned.parameters():
             p.add_(torch.randn_like(p) * 0.01)
     name = "roberta.embeddings.word_embeddings.weight"
-    for kw in (dict(exclude=[r"lm_head"]), dict(include=r"^roberta\.")):
-        body = xlsparse.SparseDiff.from_models(base, tuned, density=1.0, **kw)
+    # state dicts too: they have no base_model_prefix, and the body is where most names are
+    cases = [(kw, models) for kw in (dict(exclude=[r"lm_head"]), dict(include=r"^roberta\."))
+             for models in ((base, tuned), (base.state_dict(), tuned.state_dict()))]
+    for kw, (b, t) in cases:
+        body = xlsparse.SparseDiff.from_models(b, t, density=1.0, **kw)
         assert name in body.deltas and "lm_head.decoder.weight" not in body.deltas, kw
         fresh = copy.deepcopy(base)
         with body.applied(fresh):
