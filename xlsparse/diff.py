@@ -578,9 +578,11 @@ class ConvertedLayer:
         """A converted Conv1D's weight from a state dict, in the stored [out, in] layout. xlsparse writes
         the model's own [in, out] layout, but state dicts written before it did (transformers'
         files, Trainer checkpoints) hold [out, in], and nothing in them says which: the shape tells
-        for a non-square weight; for a square one (GPT-2's attn.c_proj), the layout in which more
-        entries equal the layer's weight (its base, frozen or trained at some entries only). When
-        neither has more, None: taking the wrong one loaded the weight transposed, silently."""
+        for a non-square weight; for a square one (GPT-2's attn.c_proj), the layout in which clearly
+        more entries equal the layer's weight (its base, frozen or trained at some entries only),
+        else the one whose entries lie clearly nearer it (a weight trained at every entry, as a
+        dense subnetwork mask does, equals it nowhere). When neither, None: taking the wrong one
+        loaded the weight transposed, silently."""
         stored = tuple(self.weight.shape)
         if tuple(saved.shape) != stored[::-1]:  # [out, in] of a non-square weight: an older state dict
             if tuple(saved.shape) == stored:
@@ -591,14 +593,33 @@ class ConvertedLayer:
             return flipped
         mine = self.weight.detach()
         coarse = max((saved.dtype, mine.dtype), key=lambda d: torch.finfo(d).eps)
+        mine = mine.to(coarse)
+        # only entries where the two layouts of this layer's weight differ tell them apart (a pruned
+        # weight's zeros, a symmetric pair, fit either)
+        telling = mine != mine.t()
 
-        def agree(t):  # entries equal to this layer's, compared in the coarser dtype (a cast state dict)
-            return int((t.to(device=mine.device, dtype=coarse) == mine.to(coarse)).sum())
+        def agree(t):  # telling entries equal to this layer's, compared in the coarser dtype (a cast state dict)
+            return int(((t.to(device=mine.device, dtype=coarse) == mine) & telling).sum())
 
+        def gap(t):  # the median distance at the telling entries: fine-tuning moves a weight little
+            return float((t.to(device=mine.device, dtype=coarse) - mine)[telling].abs().float().nanmedian())
+
+        count = int(telling.sum())
+        if not count:
+            return None
+        # Exact matches decide only well above chance: a bf16 weight trained at every entry still
+        # equals the base at ~0.1% of the entries of either layout, and the wrong layout won with a
+        # few more (tiny GPT-2 in bf16, every c_proj entry trained: loaded transposed, logits 0.11 off)
         as_own, as_stored = agree(flipped), agree(saved)
-        if as_own > as_stored:
+        if as_own > 2 * as_stored + count // 100:
             return flipped
-        if as_stored > as_own:
+        if as_stored > 2 * as_own + count // 100:
+            self._warn_old_layout(key)
+            return saved
+        own_gap, stored_gap = gap(flipped), gap(saved)
+        if own_gap < stored_gap / 2:
+            return flipped
+        if stored_gap < own_gap / 2:
             self._warn_old_layout(key)
             return saved
         return None

@@ -76,7 +76,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         # the merged entries W0 + Δ as merge() wrote them: unmerge() checks that nothing else (an
         # xlsparse.apply or its revert) wrote them since, whose change a restore would drop silently
         self.register_buffer("_merged_entries", None, persistent=False)
-        self._merged_version = None  # delta_values._version at merge(): a later change makes the merge stale
+        self._merged_version = None  # _delta_state(delta_values) at merge(): a later change makes the merge stale
         self._merge_write = None  # merge() as an in-place write: an earlier apply's revert over it refuses
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
@@ -126,9 +126,10 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         storage is the one of the linear the layer was made from: anything else that holds that
         tensor sees W0 + Δ until `unmerge`. A forward refuses once `delta_values` has changed."""
         if self._displaced is None:
+            version = _delta_state(self.delta_values)
             self._displaced = write_delta_(self.weight, self.delta_indices, self.delta_values)
             self._merged_entries = self.weight.detach().reshape(-1)[self.delta_indices.long()].clone()
-            self._merged_version = self.delta_values._version
+            self._merged_version = version
             self._merge_write = EntryWrite.register("weight", self.weight, self.delta_indices)
 
     def _check_unmerge(self) -> None:
@@ -159,7 +160,13 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
 
     def _merge_is_stale(self) -> bool:
         """True while merged when delta_values changed since merge(): the merged weight is W0 + an old Δ."""
-        return self.merged and self.delta_values._version != self._merged_version
+        if not self.merged:
+            return False
+        then, now = self._merged_version, self.delta_values.detach()
+        if isinstance(then, torch.Tensor):  # the bits of an inference tensor (`_delta_state`), cast as the layer was since
+            then = then.to(now)
+            return then.shape != now.shape or not torch.equal(then.view(torch.uint8), now.view(torch.uint8))
+        return now.is_inference() or self.delta_values._version != then
 
     def _written_since_merge(self) -> bool:
         """True while merged when something other than merge() (an xlsparse.apply, a revert) wrote
@@ -194,7 +201,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         if self.merged and self._merged_version in ("stale", "current"):
-            self._merged_version = self.delta_values._version if self._merged_version == "current" else -1
+            self._merged_version = _delta_state(self.delta_values) if self._merged_version == "current" else -1
 
     def _state_weight(self, saved):
         return self.base_weight() if self.merged else saved  # W0, not W0 + Δ: the delta is saved beside it
@@ -215,6 +222,13 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.delta_indices.numel()}"
+
+
+def _delta_state(values: torch.Tensor):
+    """What `merge` keeps of `delta_values` to tell a later change: its version counter, or a copy
+    of an inference tensor (one made under torch.inference_mode, as by a `from_pretrained` there),
+    which keeps no version counter: reading it raised, after merge had written W0 + Δ."""
+    return values.detach().clone() if values.is_inference() else values._version
 
 
 def _routed(active: "routing.Routing", count: int, what: str) -> "routing.Routing":

@@ -319,6 +319,20 @@ def test_a_model_cast_after_convert_is_refused_with_the_reason():
         hf.extract_diff(model)
 
 
+def test_a_subnetwork_model_cast_after_convert_is_refused_with_the_reason():
+    # disable and set_masks said the weight "changed outside its subnetworks" and blamed the optimizer
+    base = tiny("bert")
+    g = torch.Generator().manual_seed(0)
+    masks = {"de": {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.1
+                    for n in hf.model.target_names(base)}}
+    model = hf.convert(base, kind="subnetwork", masks=masks).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"disable: .*query.weight \(torch.float32 -> torch.bfloat16\) changed dtype"):
+        with hf.disable(model):
+            pass
+    with pytest.raises(ValueError, match=r"torch.float32 -> torch.bfloat16.*changed dtype since convert"):
+        hf.extract_diff(model)
+
+
 def test_merge_and_unload_refuses_a_language_for_a_delta_model():
     model, _ = classifier("bert")
     hf.convert(model, density=0.1)
@@ -1123,6 +1137,43 @@ def test_a_merged_model_deep_copies_and_pickles(tmp_path):
         copy.deepcopy(model)(input_ids=ids)
 
 
+@pytest.mark.parametrize("where", ["inside", "outside"])
+def test_a_model_loaded_under_inference_mode_merges_and_unmerges(where, tmp_path):
+    # from_pretrained under torch.inference_mode() makes the deltas inference tensors, which keep no
+    # version counter: merge() read it after writing W0 + Δ into the first layer and raised
+    # ("Inference tensors do not track version counter"), leaving that layer merged half-way
+    base = tiny("gpt2")
+    model = hf.convert(copy.deepcopy(base), density=0.1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("delta_values"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    hf.save_pretrained(model, tmp_path / "sft")
+    ids = batch(2, 5)
+    with torch.no_grad():  # merged as `loaded` will be: merge_and_unload's Conv1D is another GEMM (2 threads: other bits)
+        reference = copy.deepcopy(model)
+        hf.merge(reference)
+        want = reference(input_ids=ids).logits
+    with torch.inference_mode():
+        loaded = hf.from_pretrained(copy.deepcopy(base), tmp_path / "sft", is_trainable=False)
+    weights = {n: _bits(p) for n, p in loaded.named_parameters() if n.endswith(".weight")}
+    with torch.inference_mode() if where == "inside" else torch.no_grad():
+        hf.merge(loaded)
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+        twin = copy.deepcopy(loaded)
+        assert torch.equal(twin(input_ids=ids).logits, want)
+        layer = next(m for m in loaded.modules() if isinstance(m, SparseDeltaLinear))
+        with torch.inference_mode():  # an inference tensor changes in place only there
+            layer.delta_values.add_(1.0)
+        with pytest.raises(RuntimeError, match="changed after merge"):  # a stale merge still refuses
+            loaded(input_ids=ids)
+        with torch.inference_mode():
+            layer.delta_values.sub_(1.0)
+        hf.unmerge(loaded)
+    assert all(torch.equal(_bits(p), weights[n]) for n, p in loaded.named_parameters() if n in weights)
+
+
 def test_merge_and_unload_of_a_merged_layer_whose_delta_trained_after_merge_keeps_the_trained_delta():
     # README: a merged layer in eval mode with grad enabled still gives Δ its gradient, so a step can
     # change Δ after merge(); merge_and_unload must then give W0 + the current Δ, not the stale merge
@@ -1456,6 +1507,93 @@ def test_an_older_state_dict_of_square_conv1d_layers_only_is_not_loaded_transpos
         base.transformer.h[0].attn.c_proj.weight.zero_()
     zero = hf.convert(copy.deepcopy(base), target_modules=["attn.c_proj"], diffs=diff)
     hf.convert(copy.deepcopy(base), target_modules=["attn.c_proj"], diffs=diff).load_state_dict(zero.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_square_conv1d_weight_trained_at_every_entry_reloads_in_its_own_layout(dtype):
+    # a dense subnetwork mask trains every entry of attn.c_proj: its state dict equals the base at no
+    # entry in its own layout and, by chance, at a few in the transposed one (3 AdamW steps in bf16:
+    # 2 of 3 seeds). The layout with more equal entries won: a resume loaded the weight transposed
+    # with a warning about an older layout (logits 0.11 off), or refused it in float32
+    base = tiny("gpt2").to(dtype)
+    names = ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    masks = {"de": {f"{n}.weight": torch.ones(base.get_submodule(n).weight.shape, dtype=torch.bool) for n in names}}
+
+    def convert():
+        return hf.convert(copy.deepcopy(base), target_modules=names, kind="subnetwork", masks=masks).eval()
+
+    model, g = convert(), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n in names:
+            w = model.get_submodule(n).weight  # stored [out, in]
+            w0 = w.clone()
+            w += (1e-3 * torch.randn(w.shape, generator=g).sign()).to(dtype)  # a small step at every entry
+            for i, j in [(0, 1), (2, 5), (7, 3)]:  # trained values that equal base entries of the transposed layout
+                w[j, i] = w0[i, j]
+            assert bool((w != w0).all())
+    ids, langs = batch(2, 5), torch.tensor([0, 0])
+    run = lambda m: m(input_ids=ids, language_ids=langs).logits  # noqa: E731
+    fresh = convert()  # a resume: the state dict back into a converted model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(run(fresh), run(model))
+    converted = {f"{n}.weight" for n in names}  # the older [out, in] layout still loads, with its warning
+    older = {n: (t.t().contiguous() if n in converted else t) for n, t in model.state_dict().items()}
+    fresh = convert()
+    with pytest.warns(UserWarning, match="h.0.attn.c_proj.weight is in the \\[out, in\\] layout"):
+        fresh.load_state_dict(older)
+    with torch.no_grad():
+        assert torch.equal(run(fresh), run(model))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("size", [32, 768])
+def test_a_square_conv1d_layer_trained_at_every_entry_tells_either_layout(dtype, size):
+    # GPT-2's size: a 16-bit weight trained at every entry equals its base by chance at ~0.1% of the
+    # entries of the wrong layout (hundreds), more than at the few it kept in its own: loaded transposed
+    g = torch.Generator().manual_seed(0)
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(size, size, bias=False).to(dtype), k=1)
+    layer.transposed = True  # as convert makes it for a GPT-2 Conv1D
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(size, size, generator=g) * 0.02)
+    trained = layer.weight.detach() + (1e-3 * torch.randn(size, size, generator=g).sign()).to(dtype)
+    assert bool((trained != layer.weight).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(layer._stored_from_state(trained.t().contiguous(), "w"), trained)  # the current layout
+    with pytest.warns(UserWarning, match="older|\\[out, in\\] layout"):
+        assert torch.equal(layer._stored_from_state(trained.clone(), "w"), trained)  # the older [out, in] one
+
+
+def test_a_pruned_square_conv1d_weight_reloads_in_either_layout():
+    # a pruned weight's zeros equal the base in both layouts: only the entries where the two layouts
+    # differ may count, or 75% zeros left no layout clearly ahead
+    base = tiny("gpt2")
+    g = torch.Generator().manual_seed(0)
+    names = ["transformer.h.0.attn.c_proj", "transformer.h.1.attn.c_proj"]
+    with torch.no_grad():
+        for n in names:
+            base.get_submodule(n).weight.mul_(torch.rand(32, 32, generator=g) > 0.75)
+    masks = {"de": {f"{n}.weight": torch.rand(32, 32, generator=g) < 0.1 for n in names}}
+
+    def convert():
+        return hf.convert(copy.deepcopy(base), target_modules=names, kind="subnetwork", masks=masks).eval()
+
+    model = convert()
+    with torch.no_grad():
+        for n in names:
+            layer = model.get_submodule(n)
+            layer.weight.view(-1)[layer.trainable_mask().view(-1)] += 0.01
+    converted = {f"{n}.weight" for n in names}
+    older = {n: (t.t().contiguous() if n in converted else t) for n, t in model.state_dict().items()}
+    for state in (model.state_dict(), older):
+        fresh = convert()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the older layout warns
+            fresh.load_state_dict(state)
+        assert all(torch.equal(fresh.get_submodule(n).weight, model.get_submodule(n).weight) for n in names)
 
 
 def test_a_dynamic_rope_model_saves_after_a_long_batch(tmp_path):

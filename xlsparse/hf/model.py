@@ -717,7 +717,11 @@ def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dic
     the entries the diff covers: the base model is known only there and at the covered entries."""
     layers = dict(_converted(model, SubnetworkLinear))
     for lname, layer in layers.items():
-        if _fingerprint(_subnet_weight_outside(layer, rec.subnet_base[lname][0])) != rec.frozen[f"{lname}.weight"]:
+        now, then = _fingerprint(_subnet_weight_outside(layer, rec.subnet_base[lname][0])), rec.frozen[f"{lname}.weight"]
+        if now[0] != then[0]:  # a cast changes every bit too: say so, not that an optimizer strayed
+            raise ValueError(f"{what}: {lname}.weight ({then[0]} -> {now[0]}) changed dtype since convert, so nothing "
+                             "can tell a cast from training there; cast the model before convert")
+        if now != then:
             raise ValueError(f"{what}: {lname}.weight changed outside its subnetworks since convert, so its values from "
                              "convert there are lost; train it with an optimizer that keeps to the masks (MaskedAdamW; "
                              "a plain optimizer's weight decay or momentum moves every entry)")
