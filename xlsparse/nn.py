@@ -310,7 +310,7 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         if route is None and gates is None:
             active = routing.current(self)
             if active is not None:
-                route = _routed(active, len(self.names), "deltas").tokens(x.shape[:-1])
+                route = _routed(active, len(self.names), "deltas").tokens(x.shape[:-1], x.device)
             else:
                 _unrouted(self)
         return functional.multi_delta_linear(x, self.weight, self.bias, self.delta_indices, list(self.delta_values),
@@ -459,7 +459,7 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         if language_ids is not None:
             groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(lead_shape)
         elif routing.current(self) is not None:
-            groups = _routed(routing.current(self), num_ids, "languages").tokens(lead_shape)
+            groups = _routed(routing.current(self), num_ids, "languages").tokens(lead_shape, self.weight.device)
         else:
             _unrouted(self)
             groups = routing.TokenGroups.build(torch.full((math.prod(lead_shape),), -1, device=self.weight.device), num_ids)
@@ -589,7 +589,7 @@ class ExpertEmbedding(nn.Module):
             _unrouted(self)
             return out
         flat = input_ids.reshape(-1)
-        ids = _routed(active, self.num_experts, "experts").tokens(input_ids.shape).ids.to(flat.device)
+        ids = _routed(active, self.num_experts, "experts").tokens(input_ids.shape, flat.device).ids
         add = torch.zeros(flat.numel(), out.shape[-1], dtype=out.dtype, device=out.device)
         for e, kind in enumerate(self._kinds):
             tokens = (ids == e).nonzero().squeeze(1)

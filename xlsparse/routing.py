@@ -115,13 +115,16 @@ class Routing:
     # ids of the modules of the model `xlsparse.hf.route` was given; None (`use`): every layer
     modules: frozenset | None = field(default=None, repr=False)
 
-    def tokens(self, lead_shape) -> TokenGroups:
-        """The token groups for a layer input with leading dims `lead_shape` (cached per shape)."""
-        key = tuple(lead_shape)
+    def tokens(self, lead_shape, device: torch.device | None = None) -> TokenGroups:
+        """The token groups for a layer input with leading dims `lead_shape`, on `device` (the
+        layer's: ids given as a list are built on the CPU, and the kernels refused them beside a
+        CUDA model); cached per shape and device."""
+        ids = self.ids if device is None else self.ids.to(device)
         if torch.compiler.is_compiling():  # no Python state in a graph; the grouping is a few cheap ops
-            return TokenGroups.build(expand_ids(self.ids, key), self.num_ids)
+            return TokenGroups.build(expand_ids(ids, tuple(lead_shape)), self.num_ids)
+        key = (tuple(lead_shape), ids.device)
         if key not in self._cache:
-            self._cache[key] = TokenGroups.build(expand_ids(self.ids, key), self.num_ids)
+            self._cache[key] = TokenGroups.build(expand_ids(ids, key[0]), self.num_ids)
         return self._cache[key]
 
 

@@ -712,12 +712,20 @@ def _remember_subnet(rec: _Record, lname: str, layer: SubnetworkLinear, union: t
     rec.frozen[f"{lname}.weight"] = _fingerprint(_subnet_weight_outside(layer, union))
 
 
+def _subnet_base(rec: _Record, lname: str, layer: SubnetworkLinear) -> tuple:
+    """What convert recorded of a subnetwork layer (its covered entries, their values then), on the
+    layer's device now: the record stays where convert ran, and a model moved since (a Trainer
+    moves it to the GPU) would mix devices."""
+    union, base = rec.subnet_base[lname]
+    return union.to(layer.weight.device), base.to(layer.weight.device)
+
+
 def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dict:
     """The SubnetworkLinear layers by name, each checked to hold its values from convert outside
     the entries the diff covers: the base model is known only there and at the covered entries."""
     layers = dict(_converted(model, SubnetworkLinear))
     for lname, layer in layers.items():
-        now, then = _fingerprint(_subnet_weight_outside(layer, rec.subnet_base[lname][0])), rec.frozen[f"{lname}.weight"]
+        now, then = _fingerprint(_subnet_weight_outside(layer, _subnet_base(rec, lname, layer)[0])), rec.frozen[f"{lname}.weight"]
         if now[0] != then[0]:  # a cast changes every bit too: say so, not that an optimizer strayed
             raise ValueError(f"{what}: {lname}.weight ({then[0]} -> {now[0]}) changed dtype since convert, so nothing "
                              "can tell a cast from training there; cast the model before convert")
@@ -764,7 +772,7 @@ def _grow_subnetworks(model: nn.Module, unions: dict) -> None:
         return
     layers = _subnets_unchanged_outside(model, rec, "set_masks")
     for lname, layer in layers.items():
-        union, base = rec.subnet_base[lname]
+        union, base = _subnet_base(rec, lname, layer)
         covered = unions[lname].reshape(-1).to(layer.weight.device).clone()
         covered[union] = True
         grown = covered.nonzero().flatten()
@@ -911,7 +919,7 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
             continue
         lname = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and lname in subnets:
-            now = _fingerprint(_subnet_weight_outside(subnets[lname], rec.subnet_base[lname][0]))
+            now = _fingerprint(_subnet_weight_outside(subnets[lname], _subnet_base(rec, lname, subnets[lname])[0]))
         elif name in merged:
             if merged[name]._written_since_merge():  # an apply over the merged entries: not in the diff
                 changed.append(name)
@@ -1036,7 +1044,7 @@ def _extract_diff(model: nn.Module, base_model: str | None, language: str | None
     else:
         rec = _record(model)
         for n, layer in _converted(model, SubnetworkLinear):
-            union, base = rec.subnet_base[n]
+            union, base = _subnet_base(rec, n, layer)
             values = layer.weight.detach().reshape(-1)[union] - base
             d = SparseDelta._trusted(union.to(index_dtype(layer.weight.numel())), values, layer.weight.shape)
             deltas[f"{n}.weight"] = _transpose_delta(d, *layer.weight.shape) if layer.transposed else d
@@ -1359,10 +1367,11 @@ def disable(model: nn.Module):
         subnets = _subnets_unchanged_outside(model, rec, "disable")
         with torch.no_grad():
             kept = {n: named[n].detach().clone() for n in rec.saved_originals}
-            kept_subnet = {n: subnets[n].weight.detach().reshape(-1)[u].clone() for n, (u, _) in rec.subnet_base.items()}
+            covered = {n: _subnet_base(rec, n, subnets[n]) for n in rec.subnet_base}
+            kept_subnet = {n: subnets[n].weight.detach().reshape(-1)[u].clone() for n, (u, _) in covered.items()}
             for n, original in rec.saved_originals.items():
                 named[n].copy_(original)
-            for n, (union, base) in rec.subnet_base.items():
+            for n, (union, base) in covered.items():
                 subnets[n].weight.view(-1)[union] = base
         # applies made before the block over the tensors it swaps (modules to save, subnetworks'
         # trained entries): a revert inside would restore trained values into the base state, and
@@ -1387,7 +1396,7 @@ def disable(model: nn.Module):
                 with torch.no_grad():
                     for n, value in kept.items():
                         named[n].copy_(value)
-                    for n, (union, _) in rec.subnet_base.items():
+                    for n, (union, _) in covered.items():
                         subnets[n].weight.view(-1)[union] = kept_subnet[n]
     finally:
         rec.lock.release()

@@ -35,7 +35,7 @@ from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..optim import MaskedAdamW, MaskedSGD
 from .model import (_conv1d_weights, _converted, _grow_subnetworks, _restore_subnet_coverage, _saved_module_params,
-                    _subnet_coverage, _swap_conv1d_layout, languages, route)
+                    _subnet_base, _subnet_coverage, _swap_conv1d_layout, languages, route)
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -778,7 +778,7 @@ class SubnetworkTrainer(Trainer):
                     continue
                 if rec is None or lname not in rec.subnet_base or lname not in covered or name not in weights:
                     continue
-                union, base = rec.subnet_base[lname]
+                union, base = _subnet_base(rec, lname, self.model.get_submodule(lname))
                 theta0[name] = p.detach().reshape(-1).clone().index_copy_(0, union.long(), base)
                 saved = weights[name]
                 if saved.numel() == p.numel():  # in the model's own layout: a Conv1D's [in, out]
