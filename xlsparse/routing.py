@@ -15,13 +15,14 @@ import torch
 
 
 def check_language_keys(what: str, keys) -> None:
-    """Integer ids index the languages in insertion order, so an integer language key must be its
-    own position: {1: a, 0: b} routed id 1 to b, the language keyed 0."""
+    """Integer ids index the languages in insertion order, so an integer language key, or a name
+    that is one ("1"), must be its own position: {1: a, 0: b} routed id 1 to b, the language keyed 0."""
     for position, key in enumerate(keys):
-        if isinstance(key, numbers.Integral) and key != position:
+        number = key if isinstance(key, numbers.Integral) else int(key) if isinstance(key, str) and key.isdecimal() else None
+        if number is not None and number != position:
             raise ValueError(f"{what}: language key {key!r} is at position {position}, but integer routing ids index "
-                             f"the languages in insertion order (id {key!r} would pick another language); name "
-                             "languages with strings, or key them 0, 1, ... in order")
+                             f"the languages in insertion order (id {number} would pick another language); name "
+                             "languages with words, or key them 0, 1, ... in order")
 
 
 def check_id_dtype(ids: torch.Tensor) -> None:

@@ -447,6 +447,8 @@ def test_integer_language_keys_must_be_their_own_ids():
     model = copy.deepcopy(original)
     with pytest.raises(ValueError, match="language key 1 is at position 0"):
         hf.convert(model, kind="multi", diffs={1: a, 0: b})
+    with pytest.raises(ValueError, match="language key '1' is at position 0"):  # names that are numbers too
+        hf.convert(model, kind="multi", diffs={"1": a, "0": b})
     assert not any(isinstance(m, MultiDeltaLinear) for m in model.modules())
     names = hf.model.target_names(original)
     masks = {n: torch.ones_like(dict(original.named_parameters())[f"{n}.weight"], dtype=torch.bool) for n in names[:1]}

@@ -492,7 +492,7 @@ def test_hf_convert_rejects_mismatched_diffs_and_arguments():
         (dict(kind="subnetwork", masks=None), TypeError, "masks"),
         (dict(kind="subnetwork", masks={"de": {name: torch.ones(8, 8, dtype=torch.bool)}}, diffs=missing), ValueError,
          "diffs"),
-        (dict(kind="multi", diffs={"1": xlsparse.SparseDiff({}), 1: xlsparse.SparseDiff({})}), ValueError, "twice"),
+        (dict(kind="multi", diffs={1: xlsparse.SparseDiff({}), "1": xlsparse.SparseDiff({})}), ValueError, "twice"),
         (dict(kind="subnetwork", masks={0: {}, "0": {}}), ValueError, "twice"),
         # a later layer's mask not bool: refused before the first layer is swapped
         (dict(kind="subnetwork", masks={"de": {name: torch.ones(8, 8, dtype=torch.bool),

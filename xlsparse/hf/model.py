@@ -543,16 +543,16 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     elif kind == "multi":
         if not isinstance(diffs, dict) or not diffs or not all(isinstance(d, SparseDiff) for d in diffs.values()):
             raise TypeError("convert: kind='multi' needs diffs={language: SparseDiff}")
-        routing.check_language_keys("convert: diffs", diffs)
         languages_ = [str(lang) for lang in diffs]
     else:
         if not isinstance(masks, dict) or not masks:
             raise TypeError("convert: kind='subnetwork' needs masks={language: {parameter name: BoolTensor}}")
-        routing.check_language_keys("convert: masks", masks)
         languages_ = [str(lang) for lang in masks]
     if len(set(languages_)) != len(languages_):  # names are kept as strings: 1 and "1" would be one language
         raise ValueError(f"convert: the {'diffs' if kind == 'multi' else 'masks'} keys {languages_} name a language "
                          "twice once written as strings; give distinct names")
+    if languages_:
+        routing.check_language_keys(f"convert: {'diffs' if kind == 'multi' else 'masks'}", diffs if kind == "multi" else masks)
     if kind != "delta" and (density is not None or k is not None):
         raise ValueError(f"convert: density and k are for kind='delta'; kind={kind!r} takes its supports from "
                          f"{'diffs' if kind == 'multi' else 'masks'}")
