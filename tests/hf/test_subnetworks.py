@@ -1034,3 +1034,45 @@ def test_fomaml_step_checks_its_batches_before_any_inner_step():
     with pytest.raises(ValueError, match=r"support\['de'\] must be a batch .* or a non-empty list"):
         subnetworks.fomaml_step(model, {"de": []}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1, opt)
     assert all(torch.equal(p, before[n]) for n, p in named.items())
+
+
+def test_meta_learning_leaves_the_model_as_it_was_when_a_step_fails():
+    """A frozen parameter named in fomaml_step's masks once failed (a RuntimeError naming nothing)
+    at the query gradient, after the inner steps had moved the other masked weights; a batch whose
+    forward fails after an inner step (a query batch, or reptile_step's second support batch) left
+    the adapted weights in the model too."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:4]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones(named[n].shape, dtype=torch.bool) for n in names}}
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    bad = {**_lm_batches(1, 2)[0]}
+    bad["labels"] = bad["labels"][:, :3].contiguous()  # the loss refuses labels of another length
+    with pytest.raises(ValueError, match="batch_size"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": bad}, masks, 0.5, 2, opt)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+    with pytest.raises(ValueError, match="batch_size"):
+        subnetworks.reptile_step(model, {"de": [_lm_batches(1, 1)[0], bad]}, masks, inner_lr=0.5, inner_steps=2)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+    named[names[-1]].requires_grad_(False)
+    with pytest.raises(ValueError, match=rf"fomaml_step: masks\['de'\] name '{names[-1]}', which does not require grad"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)[0]}, masks, 0.5, 2, opt)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+
+
+def test_dynamic_masks_callback_checks_its_probe_batches_before_any_step(tmp_path):
+    """Empty probe batches for a language were a ZeroDivisionError at the end of the first step, and
+    probe batches for other languages than the model's were refused only then: the step had been
+    taken."""
+    with pytest.raises(ValueError, match=r"probe_batches for \['fr'\] are empty"):
+        subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 1), "fr": []}, every=1, density=0.1)
+    model, _ = _structured_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 1), "it": _lm_batches(1, 2)}, every=1,
+                                                density=0.1)
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                            callbacks=[callback])
+    with pytest.raises(ValueError, match=r"probe batches for \['de', 'it'\], the model has \['de', 'fr'\]"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

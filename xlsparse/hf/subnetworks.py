@@ -264,18 +264,22 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     for lang, lang_batches in _progress(taken.items(), "reptile", progress):
         lang_masks = stored[lang]
         opt = MaskedSGD([named[n] for n in lang_masks], list(lang_masks.values()), lr=inner_lr)
-        for step in range(inner_steps):
-            opt.zero_grad(set_to_none=True)
-            batch = lang_batches[step % len(lang_batches)]
-            with _in_language(model, lang, batch):
-                loss = loss_fn(model, batch)
-            loss.backward()
-            opt.step()
-            losses[lang] = float(loss.detach())
-        with torch.no_grad():
-            for n, p in named.items():
-                total[n] += p - start[n]
-                p.copy_(start[n])
+        try:  # θ is restored even when a later batch fails after the first steps moved it
+            for step in range(inner_steps):
+                opt.zero_grad(set_to_none=True)
+                batch = lang_batches[step % len(lang_batches)]
+                with _in_language(model, lang, batch):
+                    loss = loss_fn(model, batch)
+                loss.backward()
+                opt.step()
+                losses[lang] = float(loss.detach())
+            with torch.no_grad():
+                for n, p in named.items():
+                    total[n] += p - start[n]
+        finally:
+            with torch.no_grad():
+                for n, p in named.items():
+                    p.copy_(start[n])
     with torch.no_grad():
         for n, p in named.items():
             p.add_(total[n], alpha=outer_lr / max(len(batches), 1))
@@ -482,13 +486,14 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     For each language l of `support` ({language: batch or list of batches}) and `query`
     ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`) on the
     support batches change only `masks[l]` ({parameter name: BoolTensor} in the model's own
-    layout; parameters it does not name stay fixed, but for convert's `modules_to_save`, which
-    train whole); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
+    layout, naming parameters that require grad; parameters it does not name stay fixed, but for
+    convert's `modules_to_save`, which train whole); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
     is the language's outer gradient; θ is restored. The outer gradient is the mean over the
     languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
     union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
     moves, weight decay included) takes one step. On a converted model each language's batches
-    are routed to it. Returns each language's query loss at θ'_l.
+    are routed to it. A step that fails leaves θ as it was. Returns each language's query loss
+    at θ'_l.
     """
     from ..optim import _MaskedOptimizer
 
@@ -511,7 +516,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
             raise ValueError(f"fomaml_step: query[{lang!r}] must be one batch (a dict of tensors), got "
                              f"{type(query[lang]).__name__}")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    stored = {lang: _stored_masks(model, masks[lang], "fomaml_step", lang) for lang in support}
+    # trainable=True: a frozen parameter gets no gradient, so the query gradient would fail only
+    # after the inner steps had moved the weights (as reptile_step, refused before any step)
+    stored = {lang: _stored_masks(model, masks[lang], "fomaml_step", lang, trainable=True) for lang in support}
     _check_routed(model, stored, "fomaml_step")
     named = dict(model.named_parameters())
     _check_confined(outer_optimizer, named, stored)  # before any forward: a refused step costs nothing
@@ -523,23 +530,27 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
         start = [p.detach().clone() for p in params]
         inner = MaskedSGD(params, list(lang_masks.values()), lr=inner_lr)
         batches = _as_list(support[lang])
-        for step in range(inner_steps):
-            inner.zero_grad(set_to_none=True)
-            batch = batches[step % len(batches)]
-            with _in_language(model, lang, batch):
-                loss_fn(model, batch).backward()
-            inner.step()
-        model.zero_grad(set_to_none=True)
-        with _in_language(model, lang, query[lang]):
-            loss = loss_fn(model, query[lang])
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        losses[lang] = float(loss.detach())
-        with torch.no_grad():
-            for n, p, g, p0 in zip(lang_masks, params, grads, start):
-                if g is not None:
-                    g = torch.where(lang_masks[n], g, torch.zeros((), dtype=g.dtype, device=g.device))
-                    outer[n] = g if n not in outer else outer[n] + g
-                p.copy_(p0)
+        try:  # θ is restored even when a forward fails after the inner steps moved it
+            for step in range(inner_steps):
+                inner.zero_grad(set_to_none=True)
+                batch = batches[step % len(batches)]
+                with _in_language(model, lang, batch):
+                    loss_fn(model, batch).backward()
+                inner.step()
+            model.zero_grad(set_to_none=True)
+            with _in_language(model, lang, query[lang]):
+                loss = loss_fn(model, query[lang])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            losses[lang] = float(loss.detach())
+            with torch.no_grad():
+                for n, g in zip(lang_masks, grads):
+                    if g is not None:
+                        g = torch.where(lang_masks[n], g, torch.zeros((), dtype=g.dtype, device=g.device))
+                        outer[n] = g if n not in outer else outer[n] + g
+        finally:
+            with torch.no_grad():
+                for p, p0 in zip(params, start):
+                    p.copy_(p0)
     model.zero_grad(set_to_none=True)
     for n, g in outer.items():
         named[n].grad = g / len(support)
@@ -822,6 +833,9 @@ class DynamicMasksCallback(TrainerCallback):
         if (heads_density is None) == (density is None):
             raise ValueError("DynamicMasksCallback: give heads_density/neurons_density (structured) or density (entries)")
         self.probe = {lang: list(b) for lang, b in probe_batches.items()}
+        empty = [lang for lang, b in self.probe.items() if not b]
+        if empty:  # the first re-scoring would divide by zero, after a step had been taken
+            raise ValueError(f"DynamicMasksCallback: probe_batches for {empty} are empty")
         self.every, self.heads_density, self.neurons_density, self.density = every, heads_density, neurons_density, density
         self.loss_fn = loss_fn
         self.scores: dict = {}
@@ -851,10 +865,17 @@ class DynamicMasksCallback(TrainerCallback):
         else:
             self.scores[lang] = {n: old[n] + score[n] for n in score}
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def _check_languages(self, model) -> list:
         order = languages(model)
         if set(self.probe) != set(order):
             raise ValueError(f"DynamicMasksCallback: probe batches for {sorted(self.probe)}, the model has {order}")
+        return order
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check_languages(model)  # before the first step, not after it
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        order = self._check_languages(model)
         was_training = model.training
         model.eval()
         try:
