@@ -422,7 +422,10 @@ def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores:
     ℓ2 norm before the global ranking, as Michel et al. (2019) do and as the bertology code that
     Prasanna et al. (2020) and the subnetwork papers build on does by default
     (`--dont_normalize_importance_by_layer` turns it off there); a layer of large gradients then
-    does not take every head. Neuron scores are ranked raw, as in that code.
+    does not take every head. Neuron scores are ranked raw: that code prunes whole MLPs, so it
+    has no per-neuron rule to follow. The selection is one shot at the given densities; Prasanna
+    et al. prune 10% of the heads at a time, re-scoring after each round, until the dev metric
+    falls below 90% of the unpruned model's; that loop, if wanted, is the caller's.
 
     `head_scores` [L, H] and `neuron_scores` [L, F], e.g. from `structured_importance`. Masks
     are in the model's own parameter layout (GPT-2's Conv1D [in, out]: the same lines
