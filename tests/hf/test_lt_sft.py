@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny
+from tiny_models import SHARDING, VOCAB, ask_for_sharding, tiny
 
 import xlsparse
 from xlsparse import cli
@@ -1505,12 +1505,26 @@ def test_accelerates_fsdp_plugin_is_refused_on_every_process(tmp_path):
     assert all(o is not None and "FSDP plugin" in o for o in outcomes), outcomes
 
 
-def test_accelerate_launched_with_fsdp_is_refused_up_front(tmp_path, monkeypatch):
-    # `accelerate launch` with an FSDP config says so through the environment
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+@pytest.mark.parametrize("how", SHARDING)
+def test_accelerate_launched_with_fsdp_or_deepspeed_is_refused_up_front(tmp_path, monkeypatch, how):
+    # `accelerate launch` with an FSDP or DeepSpeed config says so through the environment.
+    # DeepSpeed was accepted: ZeRO 1/2 point the optimizer at flat copies of the parameters, and
+    # an `optimizer` in its config trains with DeepSpeed's dense Adam, not the sparse phase's.
     steps = SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
-    with pytest.raises(ValueError, match="FSDP plugin"):
-        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(), sft_args=steps)
+    with pytest.raises(ValueError, match=f"(?s){how}.*LotteryTicketSparseFineTuner does not run under"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=ask_for_sharding(monkeypatch, _args(tmp_path), how),
+                                     train_dataset=_LMData(), sft_args=steps)
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+
+
+def test_model_init_is_refused(tmp_path):
+    # the Trainer's train() builds a fresh model from model_init, and each phase is a train(): the
+    # full phase, the selection and phase 2 each started from another fresh model, and the SFT
+    # came back as 200 entries of 0.0
+    steps = SftArguments(full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2, ft_params_num=200)
+    with pytest.raises(ValueError, match="model_init"):
+        LotteryTicketSparseFineTuner(model_init=lambda: tiny("bert"), args=_args(tmp_path, max_steps=2),
+                                     train_dataset=_LMData(), sft_args=steps)
     assert not [f for _, _, files in os.walk(tmp_path) for f in files]
 
 

@@ -2,10 +2,11 @@
 re-selection, first-order MAML against a plain-torch restatement, Reptile, and mixed-language
 training that never builds a dense gradient per language."""
 import copy
+import os
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny
+from tiny_models import SHARDING, VOCAB, ask_for_sharding, tiny
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import xlsparse
@@ -928,7 +929,14 @@ def test_subnetwork_trainer_refuses_an_optim_it_would_replace_by_adamw(tmp_path,
     masks = {lang: {"bert.encoder.layer.0.output.dense.weight": torch.ones(32, 48, dtype=torch.bool)} for lang in ("de", "fr")}
     with pytest.raises(ValueError, match="optim = '" + optim):
         continual.continual_trainer(plain, masks, args=_args(tmp_path, 1, optim=optim), train_dataset=_MixedData())
+    # The other options SubnetworkTrainer refuses: refused before the model is converted too (it
+    # was left converted when SubnetworkTrainer, or the Trainer, raised)
     assert getattr(plain, "xlsparse_config", None) is None
+    for option, value in (("optimizer_cls_and_kwargs", (torch.optim.SGD, {})), ("model_init", lambda: tiny("bert"))):
+        plain = tiny("bert")
+        with pytest.raises(ValueError, match=option):
+            continual.continual_trainer(plain, masks, args=_args(tmp_path, 1), train_dataset=_MixedData(), **{option: value})
+        assert getattr(plain, "xlsparse_config", None) is None, option
 
 
 def test_importance_scores_refuse_a_parameter_that_does_not_require_grad():
@@ -1076,3 +1084,24 @@ def test_dynamic_masks_callback_checks_its_probe_batches_before_any_step(tmp_pat
     with pytest.raises(ValueError, match=r"probe batches for \['de', 'it'\], the model has \['de', 'fr'\]"):
         trainer.train()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("how", SHARDING)
+def test_subnetwork_trainer_refuses_fsdp_and_deepspeed_up_front(tmp_path, monkeypatch, how):
+    """Accelerate's FSDP plugin replaces every parameter when train() wraps the model; DeepSpeed
+    points the optimizer at flat copies (ZeRO 1/2, fp16/bf16) or, with an `optimizer` in its
+    config, trains with its own dense Adam: the masks keyed by parameter would not hold. All were
+    accepted; they are refused at construction, naming the argument, with nothing written, and
+    continual_trainer refuses before it converts the model."""
+    from xlsparse.hf import continual
+
+    model, _ = _structured_model("bert")
+    args, other = [ask_for_sharding(monkeypatch, a, how) for a in [_args(tmp_path, 1), _args(tmp_path, 1)]]
+    with pytest.raises(ValueError, match=f"(?s){how}.*SubnetworkTrainer does not run under"):
+        subnetworks.SubnetworkTrainer(model, args, train_dataset=_MixedData())  # args given by position too
+    plain = tiny("bert")
+    masks = {lang: {"bert.encoder.layer.0.output.dense.weight": torch.ones(32, 48, dtype=torch.bool)} for lang in ("de", "fr")}
+    with pytest.raises(ValueError, match=f"(?s){how}.*continual_trainer does not run under"):
+        continual.continual_trainer(plain, masks, args=other, train_dataset=_MixedData())
+    assert getattr(plain, "xlsparse_config", None) is None
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files]

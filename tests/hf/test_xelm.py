@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from tiny_models import VOCAB, batch, random_diff, tiny
+from tiny_models import SHARDING, VOCAB, ask_for_sharding, batch, random_diff, tiny
 
 from xlsparse import hf
 from xlsparse.diff import SparseDelta, SparseDiff
@@ -741,3 +741,18 @@ def test_expert_trainer_under_ddp_ends_with_one_expert_on_every_process(tmp_path
         assert torch.equal(rank0[n][0], rank1[n][0]), n
         assert torch.equal(rank0[n][1], rank1[n][1]), n
     assert any(bool(v.any()) for _, v in rank0.values())  # it trained
+
+
+@pytest.mark.parametrize("how", SHARDING)
+def test_expert_trainer_refuses_fsdp_and_deepspeed_up_front(tmp_path, monkeypatch, how):
+    # The optimizer's param groups and the dense parts are the copy's parameters taken at
+    # construction: a framework that replaces them (FSDP) or the optimizer (DeepSpeed) would step
+    # or read the old ones, and expert() returned zeros. Accepted before; refused now, naming it.
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match=f"(?s){how}.*ExpertTrainer does not run under"):
+        xelm.ExpertTrainer(tiny("llama"), args=ask_for_sharding(monkeypatch, args, how),
+                           train_dataset=_LMData(_lm_batches(1, 5)), density=0.05, train_embeddings=True)
+    assert not [f for _, _, files in os.walk(tmp_path) for f in files]

@@ -1,4 +1,4 @@
-"""Tiny Hugging Face models built from configs (nothing is downloaded), shared by tests/hf."""
+"""Tiny Hugging Face models built from configs (nothing is downloaded), and helpers shared by tests/hf."""
 import pytest
 import torch
 
@@ -54,3 +54,24 @@ def random_diff(model, nnz: int, scale: float, seed: int):
         idx = torch.randperm(w.numel(), generator=g)[:nnz].sort().values
         deltas[f"{name}.weight"] = xlsparse.SparseDelta(idx, torch.randn(nnz, generator=g) * scale, w.shape)
     return xlsparse.SparseDiff(deltas)
+
+
+# What asks a trainer to run under a framework that replaces the model's parameters or its
+# optimizer when train() wraps it (the xlsparse trainers refuse them all at construction)
+SHARDING = ["fsdp", "deepspeed", "deepspeed_plugin", "ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"]
+
+
+def ask_for_sharding(monkeypatch, args, how: str):
+    """`args` (TrainingArguments) asking for `how`, as a user would: a TrainingArguments field
+    (set after construction: deepspeed need not be installed) or what `accelerate launch` sets.
+    `deepspeed_plugin` is what TrainingArguments makes of ACCELERATE_USE_DEEPSPEED=1 (or any
+    other value its strtobool takes, where the Accelerator itself reads "true" only)."""
+    if how == "fsdp":
+        args.fsdp = True
+    elif how == "deepspeed":
+        args.deepspeed = {"zero_optimization": {"stage": 2}}
+    elif how == "deepspeed_plugin":
+        args.deepspeed_plugin = "DeepSpeedPlugin()"
+    else:
+        monkeypatch.setenv(how, "true")
+    return args

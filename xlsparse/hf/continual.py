@@ -226,12 +226,21 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     """The Trainer-facing entry point of a LAFT-URIEL update: converts `model` like
     `continual_update` and returns a `SubnetworkTrainer` (transformers Trainer) whose batches
     carry `language_ids` and whose optimizer is MaskedAdamW over the union of the subsets; the
-    same update as `continual_update`, with the Trainer's schedule, logging and checkpoints."""
-    from .subnetworks import SubnetworkTrainer, _check_adamw
+    same update as `continual_update`, with the Trainer's schedule, logging and checkpoints.
+    Refuses what SubnetworkTrainer refuses (another `optim`, `optimizer_cls_and_kwargs`,
+    Accelerate's FSDP plugin, DeepSpeed), and `model_init`, before it converts the model."""
+    from types import SimpleNamespace
 
-    if trainer_kwargs.get("args") is not None and not (trainer_kwargs.get("optimizers") or (None,))[0]:
-        # before _prepare converts the model
-        _check_adamw(trainer_kwargs["args"], "continual_trainer")
+    from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer, _refuse_replaced_parameters
+
+    # what SubnetworkTrainer refuses, before _prepare converts the caller's model
+    if trainer_kwargs.get("model_init") is not None:
+        raise ValueError("continual_trainer: model_init: the model to update is `model` (converted here); "
+                         "pass no model_init")
+    given = SimpleNamespace(args=trainer_kwargs.get("args"), optimizer=(trainer_kwargs.get("optimizers") or (None,))[0],
+                            optimizer_cls_and_kwargs=trainer_kwargs.get("optimizer_cls_and_kwargs"))
+    _check_own_optimizer(given, "continual_trainer", "MaskedAdamW over the subnetworks")
+    _refuse_replaced_parameters("continual_trainer", _SUBNETWORK_HOLDS, trainer_kwargs.get("args"))
     _prepare(model, masks, "continual_trainer")
     return SubnetworkTrainer(model=model, **trainer_kwargs)
 

@@ -62,7 +62,7 @@ it (composable-sft's plugin order would take it with the source SFT applied, |θ
 pull each entry the source SFT moved towards θ0 − φ). Runs under DDP (the L1
 gradient is added to the gradients directly, the same on every rank). Phase 2's layers and
 optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but this trainer refuses
-Accelerate's FSDP plugin, which replaces the parameters it holds.
+Accelerate's FSDP plugin and DeepSpeed, which replace the parameters and optimizer it holds.
 """
 import math
 import numbers
@@ -83,6 +83,7 @@ from ..ops._common import acc_dtype
 from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
 from .model import _swap_module
+from .subnetworks import _refuse_replaced_parameters, _training_args
 
 SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
@@ -354,11 +355,24 @@ class LotteryTicketSparseFineTuner(Trainer):
     `train()` writes each phase's checkpoints into its own folder under `args.output_dir`
     (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every sparse-phase
     checkpoint and `save_model` after a sparse phase also hold the SFT so far as `sft.safetensors`.
+    Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
+    launch` with either) are refused with a ValueError at construction, and so is `model_init`.
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,
                  source_sft_apply_abs: bool = False, **kwargs):
+        # Accelerate's FSDP plugin swaps every parameter for a new, sharded one when train() wraps
+        # the model: θ0, the selection and phase 2's layers would read the old, untrained ones
+        # (|θ − θ0| = 0 everywhere, so the first K entries were selected); DeepSpeed replaces the
+        # parameters (ZeRO-3) or what the optimizer steps
+        _refuse_replaced_parameters("LotteryTicketSparseFineTuner", "θ0, the selection and the sparse phase's layers "
+                                    "and optimizer", _training_args(args, kwargs))
         super().__init__(*args, **kwargs)
+        if self.model_init is not None:
+            # the Trainer's train() builds a fresh model from model_init, and each phase is a train():
+            # phase 2 started over from it, and the selection read the first model (an SFT of zeros)
+            raise ValueError("model_init: LotteryTicketSparseFineTuner runs each phase as a train(), which would build "
+                             "a fresh model from model_init every time; pass model= instead")
         self.sft_args = sft_args or SftArguments()
         if not isinstance(self.sft_args, SftArguments):
             raise TypeError(f"sft_args must be an SftArguments, got {type(self.sft_args).__name__}")
@@ -372,15 +386,6 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError("LotteryTicketSparseFineTuner builds each phase's optimizer itself (AdamW from the "
                              "TrainingArguments; compact MaskedAdamW in sparse phases): `optimizers` and "
                              "`optimizer_cls_and_kwargs` would be ignored")
-        # Accelerate's FSDP plugin swaps every parameter for a new, sharded one when train() wraps
-        # the model: θ0, the selection and phase 2's layers would read the old, untrained ones
-        # (|θ − θ0| = 0 everywhere, so the first K entries were selected). Asked for on a CPU,
-        # accelerate drops the plugin silently and trains DDP instead.
-        if self.args.fsdp or getattr(self, "is_fsdp_enabled", False) \
-                or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            raise ValueError(f"TrainingArguments.fsdp = {self.args.fsdp!r}: LotteryTicketSparseFineTuner does not run under "
-                             "Accelerate's FSDP plugin (its selection and sparse phase hold the parameters that FSDP "
-                             "replaces); train it under DDP, or shard phase 2's layers with fully_shard yourself")
         self.sft: SparseDiff | None = None
         self._sft_at_end: SparseDiff | None = None  # the last sparse phase's deltas, until the model trains again
         self._phase = "full"

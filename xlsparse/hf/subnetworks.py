@@ -668,11 +668,45 @@ def _check_adamw(args, what: str) -> None:
 def _check_own_optimizer(trainer, what: str, builds: str) -> None:
     """A trainer whose create_optimizer builds `builds` itself: refuse the Trainer options it
     would ignore (another `optim`, unless the caller passed an optimizer; optimizer_cls_and_kwargs)."""
-    if trainer.optimizer is None:  # an optimizer of the caller's own (optimizers=) is used as given
+    # an optimizer of the caller's own (optimizers=) is used as given; no args: the Trainer's default AdamW
+    if trainer.optimizer is None and trainer.args is not None:
         _check_adamw(trainer.args, what)
     if getattr(trainer, "optimizer_cls_and_kwargs", None) is not None:
         raise ValueError(f"{what} builds its optimizer itself ({builds}): optimizer_cls_and_kwargs would be "
                          "ignored; pass optimizers=(optimizer, scheduler) instead")
+
+
+def _refuse_replaced_parameters(what: str, holds: str, args) -> None:
+    """One rule for every xlsparse trainer that holds the model's parameters (`holds` says what):
+    refuse, before anything is built or converted, the frameworks that replace them when train()
+    wraps the model. Accelerate's FSDP plugin (and DeepSpeed's ZeRO-3) swap every parameter for
+    a new, sharded one; DeepSpeed's ZeRO 1/2 and its fp16/bf16 optimizers point the optimizer at
+    flat fp32 copies, and an `optimizer` in its config replaces ours with a dense one. `args`
+    (TrainingArguments, or None for the Trainer's default) holds what TrainingArguments made of
+    its fields and of ACCELERATE_USE_DEEPSPEED; `accelerate launch` asks the Accelerator through
+    the environment. On a CPU accelerate drops these plugins and trains DDP: refused there too."""
+    env = lambda key: os.environ.get(key, "false").lower() == "true"  # as the Accelerator reads them
+    for framework, fields, key in (("Accelerate's FSDP plugin", ("fsdp", "fsdp_plugin_args"), "ACCELERATE_USE_FSDP"),
+                                   ("DeepSpeed", ("deepspeed", "deepspeed_plugin"), "ACCELERATE_USE_DEEPSPEED")):
+        field = next((f for f in fields if getattr(args, f, None)), None)
+        if field is not None:
+            setting = f"TrainingArguments.{field} = {getattr(args, field)!r:.80}"
+        elif env(key):
+            setting = f"{key}=true (accelerate launch)"
+        else:
+            continue
+        raise ValueError(f"{setting}: {what} does not run under {framework} ({what} holds {holds}; {framework} "
+                         "replaces the parameters or the optimizer when train() wraps the model); train it in one "
+                         "process or under DDP")
+
+
+def _training_args(args: tuple, kwargs: dict):
+    """The TrainingArguments given to a Trainer's __init__(model, args, ...), before it runs."""
+    return kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
+
+
+# SubnetworkTrainer's (and continual_trainer's, checked before it converts the model)
+_SUBNETWORK_HOLDS = "a MaskedAdamW whose masks are keyed by the parameters, found by name, and re-selected in place"
 
 
 class SubnetworkTrainer(Trainer):
@@ -692,6 +726,11 @@ class SubnetworkTrainer(Trainer):
     its diff still covers every entry it trained. A checkpoint whose run started from another base
     model (its weights differ from this model's at convert where that run did not train) is
     refused before any weight is loaded.
+
+    Accelerate's FSDP plugin (`TrainingArguments.fsdp`, or `accelerate launch` with an FSDP
+    config) and DeepSpeed (`TrainingArguments.deepspeed`, or `accelerate launch` with DeepSpeed)
+    are refused with a ValueError at construction: they replace the parameters or the optimizer
+    that the masks are keyed by.
     """
 
     MASKS_FILE = "subnetwork_masks.pt"
@@ -699,6 +738,7 @@ class SubnetworkTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         if Trainer is object:
             raise ImportError("SubnetworkTrainer needs transformers (the hf extra)")
+        _refuse_replaced_parameters("SubnetworkTrainer", _SUBNETWORK_HOLDS, _training_args(args, kwargs))
         super().__init__(*args, **kwargs)
         if not languages(self.model):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")

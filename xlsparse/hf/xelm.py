@@ -696,13 +696,20 @@ class ExpertTrainer(Trainer):
     the Trainer's lr, betas, eps and weight decay. After `train()`, `expert()` returns the
     SparseDiff for `ExpertEnsemble`. `resume_from_checkpoint` refuses, before loading anything, a
     checkpoint of a run on another base model: its frozen weights, or the base of its dense parts
-    (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's."""
+    (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's.
+    Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
+    launch` with either) are refused with a ValueError at construction: the optimizer and
+    `expert()` hold the parameters they replace."""
 
     def __init__(self, model: nn.Module, *args, k: int | None = None, density: float | None = None,
                  init: SparseDiff | None = None, grow: int | None = None, target_modules=None,
                  train_embeddings: bool = False, **kwargs):
         if Trainer is object:
             raise ImportError("ExpertTrainer needs transformers (the hf extra)")
+        from .subnetworks import _refuse_replaced_parameters, _training_args
+
+        _refuse_replaced_parameters("ExpertTrainer", "its optimizer's param groups and dense parts, taken from its copy "
+                                    "of the base at construction", _training_args((model, *args), kwargs))
         first = None
         if grow:
             dataset = kwargs.get("train_dataset")
