@@ -1008,6 +1008,16 @@ def _fixed_selection(trainer):
     return trainer
 
 
+# The end of a torchrun script: every process's `outcome`, gathered, saved by process 0 (formatted with `out`).
+_GATHER_OUTCOME = '''gathered = [None, None]
+torch.distributed.all_gather_object(gathered, outcome)
+if torch.distributed.get_rank() == 0:
+    torch.save(gathered, {out!r} + "/outcomes.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
 _DDP_SCRIPT = '''
 import sys, torch
 sys.path.insert(0, {tests!r})
@@ -1232,23 +1242,17 @@ from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, MultiSourceDataset,
 data = MultiSourceDataset({{"de": _LMData(n=3, seed=1), "fr": _LMData(n=4, seed=2)}})
 steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
 args = _args({out!r}, per_device_eval_batch_size=2, average_tokens_across_devices=False)
-outcomes = []
+outcome = []
 for given in ("at construction", "to evaluate"):
     try:
         trainer = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), args=args, source_sfts=_source_sfts(tiny("bert")),
                                                eval_dataset=data if given == "at construction" else None, sft_args=steps)
         trainer.prediction_step = None  # nothing may be evaluated
         trainer.evaluate(eval_dataset=data)
-        outcomes.append(None)
+        outcome.append(None)
     except ValueError as exc:
-        outcomes.append(str(exc))
-gathered = [None, None]
-torch.distributed.all_gather_object(gathered, outcomes)
-if torch.distributed.get_rank() == 0:
-    torch.save(gathered, {out!r} + "/outcomes.pt")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-'''
+        outcome.append(str(exc))
+''' + _GATHER_OUTCOME
 
 
 @pytest.mark.slow
@@ -1481,13 +1485,7 @@ try:
     outcome = None
 except ValueError as exc:
     outcome = str(exc)
-gathered = [None, None]
-torch.distributed.all_gather_object(gathered, outcome)
-if torch.distributed.get_rank() == 0:
-    torch.save(gathered, {out!r} + "/outcomes.pt")
-torch.distributed.barrier()
-torch.distributed.destroy_process_group()
-'''
+''' + _GATHER_OUTCOME
 
 
 @pytest.mark.slow
