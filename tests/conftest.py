@@ -29,9 +29,12 @@ def child_python(*args: str) -> list[str]:
     return [sys.executable, "-P", *args]
 
 
-def torchrun(script, port: int, timeout: int) -> None:
-    """Run the Python file `script` as 2 processes of one thread each (torch.distributed.run on
-    `port`); fails the test with the end of its stderr if it fails."""
+def torchrun(template: str, tmp_path, port: int, timeout: int = 300, **fields) -> None:
+    """Write `template`, formatted with `out` (tmp_path) and `fields`, as a script in tmp_path and
+    run it as 2 processes of one thread each (torch.distributed.run on `port`); fails the test
+    with the end of its stderr if it fails."""
+    script = tmp_path / "torchrun_script.py"
+    script.write_text(template.format(out=str(tmp_path), **fields))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(child_python("-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                                        str(port), str(script)), env=env, capture_output=True, text=True, timeout=timeout)

@@ -19,6 +19,8 @@ from xlsparse.nn import SparseDeltaEmbedding, SparseDeltaLinear
 
 transformers = pytest.importorskip("transformers")
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # torchrun scripts import this file from here
+
 
 class _LMData(torch.utils.data.Dataset):
     def __init__(self, n=8, s=8, seed=0):
@@ -1058,10 +1060,7 @@ def _ddp_sft_args(dynamic: bool):
 def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic):
     from conftest import torchrun
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = tmp_path / "ddp.py"
-    script.write_text(_DDP_SCRIPT.format(tests=tests, out=str(tmp_path), dynamic=dynamic))
-    torchrun(script, 29631 + dynamic, timeout=600)
+    torchrun(_DDP_SCRIPT, tmp_path, 29631 + dynamic, timeout=600, tests=HERE, dynamic=dynamic)
     ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
     single = LotteryTicketSparseFineTuner(
         model=_no_dropout(tiny("bert")), args=_args(tmp_path / "one"), train_dataset=_LMData(n=8),
@@ -1168,10 +1167,7 @@ def _multi_source_trainer(out, **kw):
 def test_multi_source_batches_of_one_step_share_a_source_on_every_process(tmp_path):
     from conftest import torchrun
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = tmp_path / "multi.py"
-    script.write_text(_MULTI_SOURCE_DDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    torchrun(script, 29641, timeout=300)
+    torchrun(_MULTI_SOURCE_DDP_SCRIPT, tmp_path, 29641, tests=HERE)
     rank0, rank1 = torch.load(tmp_path / "sources.pt", weights_only=False)
     assert len(rank0) == len(rank1) == 4  # 16 items, 2 processes, batches of 2
     assert rank0 == rank1  # each step: one source on both processes
@@ -1222,10 +1218,7 @@ def test_multi_source_refuses_dispatched_batches_and_splits_one_source_s_batches
     # batches work: each step's batch is one source's, split over the processes.
     from conftest import torchrun
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = tmp_path / "dispatch.py"
-    script.write_text(_ACCELERATOR_CONFIG_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    torchrun(script, 29661, timeout=300)
+    torchrun(_ACCELERATOR_CONFIG_SCRIPT, tmp_path, 29661, tests=HERE)
     (outcomes0, seen0), (outcomes1, seen1) = torch.load(tmp_path / "seen.pt", weights_only=False)
     for outcome in outcomes0 + outcomes1:
         assert outcome is not None and "dispatch_batches" in outcome, outcome
@@ -1262,10 +1255,7 @@ def test_multi_source_evaluation_on_several_processes_is_refused(tmp_path):
     # (eval_loss 4.5616 against one process's 4.5493 over all 7)
     from conftest import torchrun
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = tmp_path / "eval.py"
-    script.write_text(_SHARDED_EVAL_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    torchrun(script, 29671, timeout=300)
+    torchrun(_SHARDED_EVAL_SCRIPT, tmp_path, 29671, tests=HERE)
     for outcomes in torch.load(tmp_path / "outcomes.pt", weights_only=False):
         assert len(outcomes) == 2 and all(o is not None and "one process only" in o for o in outcomes), outcomes
 
@@ -1495,10 +1485,7 @@ def test_accelerates_fsdp_plugin_is_refused_on_every_process(tmp_path):
     # embeddings. On a CPU, accelerate dropped the plugin unasked and trained DDP: refused there too.
     from conftest import torchrun
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = tmp_path / "fsdp.py"
-    script.write_text(_FSDP_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    torchrun(script, 29651, timeout=300)
+    torchrun(_FSDP_SCRIPT, tmp_path, 29651, tests=HERE)
     outcomes = torch.load(tmp_path / "outcomes.pt", weights_only=False)
     assert all(o is not None and "FSDP plugin" in o for o in outcomes), outcomes
 

@@ -14,6 +14,8 @@ from xlsparse import hf
 from xlsparse.diff import SparseDelta, SparseDiff
 from xlsparse.hf import xelm
 
+HERE = os.path.dirname(os.path.abspath(__file__))  # torchrun scripts import this file from here
+
 
 def _lm_batches(n, seed, b=4, s=8):
     g = torch.Generator().manual_seed(seed)
@@ -731,10 +733,7 @@ def test_expert_trainer_under_ddp_ends_with_one_expert_on_every_process(tmp_path
     # drifted apart (2.7e-4 after 3 steps).
     from conftest import torchrun
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    script = tmp_path / "expert.py"
-    script.write_text(_DDP_EXPERT_SCRIPT.format(tests=tests, out=str(tmp_path)))
-    torchrun(script, 29651, timeout=300)
+    torchrun(_DDP_EXPERT_SCRIPT, tmp_path, 29651, tests=HERE)
     rank0, rank1 = torch.load(tmp_path / "experts.pt", weights_only=False)
     assert set(rank0) == set(rank1)
     for n in rank0:
