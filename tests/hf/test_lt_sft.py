@@ -635,6 +635,18 @@ def _source_sfts(base, k: int = 30, names=tuple(_SOURCE_NAMES)) -> dict:
     return sources
 
 
+def _assert_sft_holds(trainer, trainable: dict) -> None:
+    """trainer.sft holds the restated parameters `trainable` ({name: p}) as deltas from θ0 (or whole)."""
+    got = trainer.sft
+    for n, p in trainable.items():
+        if n in got.deltas:
+            idx = got.deltas[n].indices.long()
+            torch.testing.assert_close(got.deltas[n].values, (p - trainer._theta0[n]).reshape(-1)[idx].detach(),
+                                       atol=2e-5, rtol=1e-3)
+        elif n in got.absolute:
+            torch.testing.assert_close(got.absolute[n], p.detach(), atol=2e-5, rtol=1e-3)
+
+
 @pytest.mark.parametrize("l1", [0.0, 2000.0])
 def test_multi_source_training_applies_each_batch_source_sft(tmp_path, l1):
     # with the L1 term taken on |θ − θ0| after the revert (the module docstring says why); the
@@ -683,14 +695,8 @@ def test_multi_source_training_applies_each_batch_source_sft(tmp_path, l1):
                 keep[masks[n].long()] = True
             grad.mul_(keep.view_as(grad))
         opt.step()
+    _assert_sft_holds(trainer, trainable)
     got = trainer.sft
-    for n, p in trainable.items():
-        if n in got.deltas:
-            idx = got.deltas[n].indices.long()
-            torch.testing.assert_close(got.deltas[n].values, (p - trainer._theta0[n]).reshape(-1)[idx].detach(),
-                                       atol=2e-5, rtol=1e-3)
-        elif n in got.absolute:
-            torch.testing.assert_close(got.absolute[n], p.detach(), atol=2e-5, rtol=1e-3)
     # the base weights the source SFTs touched are back to θ0 bit-exactly outside the SFT
     for n in names:
         p = dict(model.named_parameters())[n]
@@ -740,14 +746,7 @@ def test_multi_source_gradient_accumulation_gives_each_micro_batch_its_source_sf
                         keep[trainer._masks[n].long()] = True
                     p.grad.mul_(keep.view_as(p))
         opt.step()
-    got = trainer.sft
-    for n, p in trainable.items():
-        if n in got.deltas:
-            idx = got.deltas[n].indices.long()
-            torch.testing.assert_close(got.deltas[n].values, (p - trainer._theta0[n]).reshape(-1)[idx].detach(),
-                                       atol=2e-5, rtol=1e-3)
-        elif n in got.absolute:
-            torch.testing.assert_close(got.absolute[n], p.detach(), atol=2e-5, rtol=1e-3)
+    _assert_sft_holds(trainer, trainable)
 
 
 # --- the new layers ---
