@@ -1105,14 +1105,15 @@ class SparseDiff:
         Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
         Differences are taken, and values stored, in the wider dtype of the two tensors (float32
         for a bfloat16 model tuned from a float32 one), so base + diff is tuned at the chosen entries;
-        when both are bfloat16 (or both float16) the difference is rounded to that dtype, and base + diff
-        can be 1 ulp off tuned at some entries (18 of 90,000 for changes of 0.05, more for larger). Pass float32 copies of
-        the two models (`copy.deepcopy(model).float()`, which keeps tied weights tied) for an exact diff.
+        when both are bfloat16 (or both float16) the difference is rounded to that dtype, and
+        base + diff can be 1 ulp off tuned at some entries (18 of 90,000 for changes of 0.05, more
+        for larger). Pass float32 copies of the two models (`copy.deepcopy(model).float()`, which
+        keeps tied weights tied) for an exact diff.
         Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
         `transformer.wte.weight`) are read once, under their first name inside the body
-        (`base_model_prefix`; for a state dict, the first name part most names share), which `exclude` reads;
-        `include` may match any of their names. The weight of a GPT-2 Conv1D layer converted by
+        (`base_model_prefix`; for a state dict, the first name part most names share), which
+        `exclude` reads; `include` may match any of their names. The weight of a GPT-2 Conv1D layer converted by
         `xlsparse.hf.convert` (stored [out, in]) is read in the model's own [in, out] layout, the
         layout of its state dict and of `apply`. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
