@@ -231,7 +231,8 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     Accelerate's FSDP plugin, DeepSpeed), and `model_init`, before it converts the model."""
     from types import SimpleNamespace
 
-    from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer, _refuse_replaced_parameters
+    from .lt_sft import _refuse_replaced_parameters
+    from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer
 
     # what SubnetworkTrainer refuses, before _prepare converts the caller's model
     if trainer_kwargs.get("model_init") is not None:

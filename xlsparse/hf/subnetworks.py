@@ -676,35 +676,6 @@ def _check_own_optimizer(trainer, what: str, builds: str) -> None:
                          "ignored; pass optimizers=(optimizer, scheduler) instead")
 
 
-def _refuse_replaced_parameters(what: str, holds: str, args) -> None:
-    """One rule for every xlsparse trainer that holds the model's parameters (`holds` says what):
-    refuse, before anything is built or converted, the frameworks that replace them when train()
-    wraps the model. Accelerate's FSDP plugin (and DeepSpeed's ZeRO-3) swap every parameter for
-    a new, sharded one; DeepSpeed's ZeRO 1/2 and its fp16/bf16 optimizers point the optimizer at
-    flat fp32 copies, and an `optimizer` in its config replaces ours with a dense one. `args`
-    (TrainingArguments, or None for the Trainer's default) holds what TrainingArguments made of
-    its fields and of ACCELERATE_USE_DEEPSPEED; `accelerate launch` asks the Accelerator through
-    the environment. On a CPU accelerate drops these plugins and trains DDP: refused there too."""
-    env = lambda key: os.environ.get(key, "false").lower() == "true"  # as the Accelerator reads them
-    for framework, fields, key in (("Accelerate's FSDP plugin", ("fsdp", "fsdp_plugin_args"), "ACCELERATE_USE_FSDP"),
-                                   ("DeepSpeed", ("deepspeed", "deepspeed_plugin"), "ACCELERATE_USE_DEEPSPEED")):
-        field = next((f for f in fields if getattr(args, f, None)), None)
-        if field is not None:
-            setting = f"TrainingArguments.{field} = {getattr(args, field)!r:.80}"
-        elif env(key):
-            setting = f"{key}=true (accelerate launch)"
-        else:
-            continue
-        raise ValueError(f"{setting}: {what} does not run under {framework} ({what} holds {holds}; {framework} "
-                         "replaces the parameters or the optimizer when train() wraps the model); train it in one "
-                         "process or under DDP")
-
-
-def _training_args(args: tuple, kwargs: dict):
-    """The TrainingArguments given to a Trainer's __init__(model, args, ...), before it runs."""
-    return kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
-
-
 # SubnetworkTrainer's (and continual_trainer's, checked before it converts the model)
 _SUBNETWORK_HOLDS = "a MaskedAdamW whose masks are keyed by the parameters, found by name, and re-selected in place"
 
@@ -738,6 +709,8 @@ class SubnetworkTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         if Trainer is object:
             raise ImportError("SubnetworkTrainer needs transformers (the hf extra)")
+        from .lt_sft import _refuse_replaced_parameters, _training_args
+
         _refuse_replaced_parameters("SubnetworkTrainer", _SUBNETWORK_HOLDS, _training_args(args, kwargs))
         super().__init__(*args, **kwargs)
         if not languages(self.model):

@@ -706,7 +706,7 @@ class ExpertTrainer(Trainer):
                  train_embeddings: bool = False, **kwargs):
         if Trainer is object:
             raise ImportError("ExpertTrainer needs transformers (the hf extra)")
-        from .subnetworks import _refuse_replaced_parameters, _training_args
+        from .lt_sft import _refuse_replaced_parameters, _training_args
 
         _refuse_replaced_parameters("ExpertTrainer", "its optimizer's param groups and dense parts, taken from its copy "
                                     "of the base at construction", _training_args((model, *args), kwargs))
