@@ -18,7 +18,9 @@ def check_language_keys(what: str, keys) -> None:
     """Integer ids index the languages in insertion order, so an integer language key, or a name
     that is one ("1"), must be its own position: {1: a, 0: b} routed id 1 to b, the language keyed 0."""
     for position, key in enumerate(keys):
-        number = key if isinstance(key, numbers.Integral) else int(key) if isinstance(key, str) and key.isdecimal() else None
+        number = key if isinstance(key, numbers.Integral) else None
+        if isinstance(key, str) and key.isdecimal():
+            number = int(key)
         if number is not None and number != position:
             raise ValueError(f"{what}: language key {key!r} is at position {position}, but integer routing ids index "
                              f"the languages in insertion order (id {number} would pick another language); name "

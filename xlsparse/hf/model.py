@@ -548,14 +548,15 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
         if not isinstance(masks, dict) or not masks:
             raise TypeError("convert: kind='subnetwork' needs masks={language: {parameter name: BoolTensor}}")
         languages_ = [str(lang) for lang in masks]
+    kind_arg = "diffs" if kind == "multi" else "masks"
     if len(set(languages_)) != len(languages_):  # names are kept as strings: 1 and "1" would be one language
-        raise ValueError(f"convert: the {'diffs' if kind == 'multi' else 'masks'} keys {languages_} name a language "
+        raise ValueError(f"convert: the {kind_arg} keys {languages_} name a language "
                          "twice once written as strings; give distinct names")
-    if languages_:
-        routing.check_language_keys(f"convert: {'diffs' if kind == 'multi' else 'masks'}", diffs if kind == "multi" else masks)
+    if kind != "delta":
+        routing.check_language_keys(f"convert: {kind_arg}", diffs if kind == "multi" else masks)
     if kind != "delta" and (density is not None or k is not None):
         raise ValueError(f"convert: density and k are for kind='delta'; kind={kind!r} takes its supports from "
-                         f"{'diffs' if kind == 'multi' else 'masks'}")
+                         f"{kind_arg}")
     if kind != "subnetwork" and masks is not None:
         raise ValueError("convert: masks are for kind='subnetwork'")
     if kind == "subnetwork" and diffs is not None:  # it would be ignored: a subnetwork trains the weight itself
@@ -725,7 +726,8 @@ def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dic
     the entries the diff covers: the base model is known only there and at the covered entries."""
     layers = dict(_converted(model, SubnetworkLinear))
     for lname, layer in layers.items():
-        now, then = _fingerprint(_subnet_weight_outside(layer, _subnet_base(rec, lname, layer)[0])), rec.frozen[f"{lname}.weight"]
+        now = _fingerprint(_subnet_weight_outside(layer, _subnet_base(rec, lname, layer)[0]))
+        then = rec.frozen[f"{lname}.weight"]
         if now[0] != then[0]:  # a cast changes every bit too: say so, not that an optimizer strayed
             raise ValueError(f"{what}: {lname}.weight ({then[0]} -> {now[0]}) changed dtype since convert, so nothing "
                              "can tell a cast from training there; cast the model before convert")

@@ -490,9 +490,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`) on the
     support batches change only `masks[l]` ({parameter name: BoolTensor} in the model's own
     layout, naming parameters that require grad; parameters it does not name stay fixed, but for
-    convert's `modules_to_save`, which train whole); the gradient of the query loss at the adapted θ'_l, masked to `masks[l]`,
-    is the language's outer gradient; θ is restored. The outer gradient is the mean over the
-    languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
+    convert's `modules_to_save`, which train whole); the gradient of the query loss at the adapted
+    θ'_l, masked to `masks[l]`, is the language's outer gradient; θ is restored. The outer
+    gradient is the mean over the languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
     union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
     moves, weight decay included) takes one step. On a converted model each language's batches
     are routed to it. A step that fails leaves θ as it was. Returns each language's query loss
