@@ -214,6 +214,52 @@ def test_apply_diffs_bad_input_writes_nothing(backend, case, use_backend):
         assert_bit_identical(d, b, f"{name}: dense after a rejected call")
 
 
+def _long_indices_with(defects, index_dtype):
+    """6000 sorted unique indices into 20000 (several check blocks and parallel chunks), with
+    `defects` {position: value} written over them."""
+    idx = torch.arange(6000, dtype=torch.int64) * 3 + 1
+    for pos, value in defects.items():
+        idx[pos] = value
+    return idx.to(index_dtype)
+
+
+# Where the first bad index lies against the checks' blocks (1024 entries): at a block's first
+# entry, inside one, after an earlier good block, and two defects (the first is named).
+_LONG_DEFECTS = [
+    ("decrease at a block start", {1024: 5}, ValueError, r"position 1024 holds 5 after 3070"),
+    ("duplicate inside a block", {2500: 3 * 2499 + 1}, ValueError, r"position 2500 holds 7498 after 7498"),
+    ("two defects", {3000: 0, 5000: 0}, ValueError, r"position 3000 holds 0 after 8998"),
+    ("out of range last", {5999: 20000}, IndexError, r"out of range"),
+    ("negative first", {0: -1}, IndexError, r"out of range"),
+]
+
+
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("case", range(len(_LONG_DEFECTS)), ids=[c[0] for c in _LONG_DEFECTS])
+def test_long_index_lists_name_their_first_bad_position(backend, index_dtype, case, use_backend):
+    use_backend(backend)
+    _, defects, exc, msg = _LONG_DEFECTS[case]
+    dense = [torch.randn(20000), torch.randn(20000)]
+    before = [d.clone() for d in dense]
+    good, bad = _long_indices_with({}, index_dtype), _long_indices_with(defects, index_dtype)
+    vals = torch.randn(6000)
+    with pytest.raises(exc, match=msg if exc is ValueError else r"entry 1 \(dense\[1\]\).*" + msg):
+        apply_diffs_(dense, [good, bad], [vals, vals], [0, 1], [1.0, 1.0])
+    for d, b in zip(dense, before):
+        assert_bit_identical(d, b, "dense after a rejected call")
+    if backend in BACKENDS:
+        use_backend(backend)
+        with pytest.raises(exc, match=msg):
+            sparse_axpy_(dense[0], bad, vals, 1.0)
+        assert_bit_identical(dense[0], before[0], "dense after a rejected sparse_axpy_")
+    # the same list without the defects applies
+    apply_diffs_(dense, [good, good], [vals, vals], [0, 1], [1.0, 1.0])
+    expect = before[1].clone()
+    expect[good.long()] += vals
+    assert_bit_identical(dense[1], expect, "dense after a good long list")
+
+
 # --- merge_deltas ---
 
 MERGE_BACKENDS = cpu_backends("merge_deltas")

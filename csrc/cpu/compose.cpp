@@ -140,9 +140,7 @@ void check_entry_indices(const char* op, at::TensorList dense, const std::vector
       const Item& it = items[w];
       const int64_t numel = dense[target[it.e]].numel();
       XLS_DISPATCH_INDEX(idx[it.e].scalar_type(), "apply_diffs_", [&] {
-        const index_t* p = idx[it.e].data_ptr<index_t>();
-        for (int64_t i = it.begin; i < it.end; ++i)
-          if (p[i] < 0 || p[i] >= numel || (i > 0 && p[i - 1] >= p[i])) { bad[w] = i; return; }
+        bad[w] = first_bad_index(idx[it.e].data_ptr<index_t>(), it.begin, it.end, numel);
       });
     }
   });
