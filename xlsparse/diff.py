@@ -703,8 +703,17 @@ def _to_stored_layout(diff: "SparseDiff", names: set) -> "SparseDiff":
 _in_place: dict = {}
 
 
+_keys_of = weakref.WeakKeyDictionary()  # handle -> its storage keys, taken once when it is remembered
+
+
 def _handle_keys(handle) -> list:
-    return list(dict.fromkeys(_storage_key(t) for _, t, _ in handle._changed))
+    """The storage keys of the tensors `handle` changed, as they were when it was remembered (a
+    copy or an unpickled handle takes them afresh); every apply + revert asked three times."""
+    keys = _keys_of.get(handle)
+    if keys is None:
+        keys = list(dict.fromkeys(_storage_key(t) for _, t, _ in handle._changed))
+        _keys_of[handle] = keys
+    return keys
 
 
 _held: list = []  # lists that keep alive the handles of the applies made meanwhile (`holding_applies`)

@@ -91,8 +91,12 @@ def memory_key(t: torch.Tensor | None):
     """The storage a tensor views (tensors with equal keys may overlap: conservatively, aliases),
     or None when it has none to compare: traced and fake tensors (compiled graphs handle their
     aliasing themselves), meta and empty tensors."""
-    if t is None or torch.compiler.is_compiling() or isinstance(t, FakeTensor) or t.numel() == 0 \
-            or t.device.type == "meta":
+    return None if torch.compiler.is_compiling() else _address(t)
+
+
+def _address(t: torch.Tensor | None):
+    """memory_key outside a compiled graph (asked once per call, not once per tensor)."""
+    if t is None or isinstance(t, FakeTensor) or t.numel() == 0 or t.device.type == "meta":
         return None
     return t.device, t.untyped_storage().data_ptr()
 
@@ -100,15 +104,15 @@ def memory_key(t: torch.Tensor | None):
 def memory_keys(tensors) -> set:
     """The storages of the tensors an op writes, looked up once per call: each input is then
     checked in O(1), not against every output (a step over hundreds of tensors would pay n²)."""
-    return {k for k in map(memory_key, tensors) if k is not None}
+    if torch.compiler.is_compiling():
+        return set()
+    return {k for k in map(_address, tensors) if k is not None}
 
 
 def unaliased(written: set, t):
     """t itself, or a copy of it when it shares memory with a tensor the op writes (`written`, from
     `memory_keys`): inputs are read as they were before the call, on every backend."""
-    if t is None:
-        return None
-    if memory_key(t) in written:
+    if written and _address(t) in written:  # empty inside a compiled graph: nothing to compare
         return t.clone(memory_format=torch.contiguous_format)
     return t
 
@@ -116,9 +120,11 @@ def unaliased(written: set, t):
 def distinct_outputs(op: str, named: dict) -> set:
     """No two tensors an op writes may share memory: the result would depend on the write order.
     Returns their storages' keys (`memory_keys` of them)."""
+    if torch.compiler.is_compiling():
+        return set()
     seen = {}
     for name, t in named.items():
-        key = memory_key(t)
+        key = _address(t)
         if key is None:
             continue
         if key in seen:
@@ -160,12 +166,13 @@ def sparse_update(op: str, dense, idx, values) -> None:
     same_device(op, dense, indices=idx, values=values)
 
 
-def diff_entries(op: str, dense, idx, values, target, read_data: bool = True) -> None:
-    """Entry e pairs idx[e] and values[e] with dense[target[e]]; a message names the entry."""
+def diff_entries(op: str, dense, idx, values, target, read_data: bool = True) -> set:
+    """Entry e pairs idx[e] and values[e] with dense[target[e]]; a message names the entry.
+    Returns the dense tensors' storage keys (`memory_keys` of them)."""
     if not (len(idx) == len(values) == len(target)):
         raise ValueError(f"{op}: indices, values and target must have one entry each, got "
                          f"{len(idx)}, {len(values)}, {len(target)}")
-    distinct_outputs(op, {f"dense[{t}]": d for t, d in enumerate(dense)})
+    written = distinct_outputs(op, {f"dense[{t}]": d for t, d in enumerate(dense)})
     for t, d in enumerate(dense[1:], 1):
         if d.device != dense[0].device:
             raise ValueError(f"{op}: the dense tensors must be on one device, got {dense[0].device} and {d.device} "
@@ -180,6 +187,7 @@ def diff_entries(op: str, dense, idx, values, target, read_data: bool = True) ->
             raise TypeError(f"{where}: every entry of one tensor must use one index dtype")
         if read_data and can_read(idx[e]):
             indices(where, idx[e], dense[t].numel())
+    return written
 
 
 def saved(op: str, values, alphas, saved_values) -> None:

@@ -119,9 +119,8 @@ def _diff_call(op: str, dense, indices, values, target, values_name: str = "valu
     target = [int(t) for t in target]
     dense, target = _one_slot_per_tensor(dense, target)
     device = dense[0].device if dense else torch.device("cpu")
-    checks.diff_entries(op, dense, indices, values, target, read_data=not registry.compiled(op, device))
+    written = checks.diff_entries(op, dense, indices, values, target, read_data=not registry.compiled(op, device))
     checks.not_differentiable(op, **{f"{values_name}[{e}]": v for e, v in enumerate(values)})
-    written = checks.memory_keys(dense)
     indices = [checks.unaliased(written, i.contiguous()) for i in indices]
     values = [checks.unaliased(written, v.contiguous()) for v in values]
     return dense, indices, values, target
