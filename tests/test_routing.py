@@ -56,6 +56,15 @@ def test_ids_of_the_wrong_shape_name_both_shapes(ids, lead):
         routing.Routing(torch.tensor(ids), 2).tokens(lead)
 
 
+@pytest.mark.parametrize("lead,hint", [
+    ((4, 3), r"generate\(num_beams=.*language_ids=ids"),  # generate's beams repeat the examples
+    ((6,), r"flattened: give one id per token \[B, S\]"),  # OPT's feed-forward sees [B * S, H]
+])
+def test_the_shape_error_says_what_repeated_or_flattened_the_rows(lead, hint):
+    with pytest.raises(ValueError, match=hint):
+        routing.Routing(torch.tensor([0, 1]), 2).tokens(lead)
+
+
 def test_empty_ids():
     with pytest.raises(ValueError, match="empty"):
         routing.Routing(torch.zeros(0, dtype=torch.long), 2).tokens((2, 3))

@@ -100,8 +100,15 @@ def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:
         return ids.repeat_interleave(math.prod(lead[1:]))
     if len(lead) == 1 and ids.numel() == lead[0] and ids.dim() == 2:  # [B, S] ids, flattened tokens
         return ids.reshape(-1)
+    hint = ""
+    if ids.dim() == 1 and lead and lead[0] > ids.shape[0] and lead[0] % ids.shape[0] == 0:
+        if len(lead) > 1:  # generate repeats each example for its beams and returned sequences
+            hint = ("; generate(num_beams=..., num_return_sequences=...) repeats each example: give the ids to "
+                    "generate(..., language_ids=ids), which repeats them with the rows")
+        else:  # OPT's feed-forward layers see [B * S, H]: which example a row is cannot be told
+            hint = "; this layer sees the batch's tokens flattened: give one id per token [B, S]"
     raise ValueError(f"route: language ids of shape {list(ids.shape)} fit neither the batch's examples "
-                     f"[{lead[0] if lead else 0}] nor its tokens {list(lead)} (the layer input's leading dims)")
+                     f"[{lead[0] if lead else 0}] nor its tokens {list(lead)} (the layer input's leading dims){hint}")
 
 
 @dataclass

@@ -1117,6 +1117,106 @@ def test_generate_with_language_ids_routes_the_encoder_of_an_encoder_decoder_mod
     assert "forward" not in plain.get_encoder().__dict__
 
 
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_the_base_model_of_a_routed_model_takes_language_ids(arch):
+    # model.model / model.bert (hidden states) swallowed language_ids in its forward's **kwargs
+    # and ran the base model for every language
+    model = _multi(arch)
+    inner, ids = model.base_model, batch(2, 5)
+    assert inner is not model
+    with hf.route(model, [1, -1]):
+        want = inner(ids).last_hidden_state
+    torch.testing.assert_close(inner(ids, language_ids=torch.tensor([1, -1])).last_hidden_state, want, rtol=0, atol=0)
+    with hf.disable(model):
+        assert not torch.allclose(inner(ids).last_hidden_state[0], want[0])
+    plain = hf.merge_and_unload(model, language="fr")
+    assert "forward" not in plain.base_model.__dict__
+
+
+def _tiny_generator(arch):
+    if arch != "t5":
+        model = tiny(arch)
+        model.generation_config.pad_token_id = 0
+        return model
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=2, num_decoder_layers=2,
+                                num_heads=2, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return transformers.T5ForConditionalGeneration(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "t5"])
+def test_generate_routes_every_row_of_a_mixed_batch_by_its_own_language(arch):
+    # generate repeats rows for beams and returned sequences and reorders beams every step: each
+    # sequence must equal its row generated alone by the base with only its language merged in
+    base = _tiny_generator(arch)
+    diffs = {lang: random_diff(base, 200, 1.0, seed) for lang, seed in (("de", 1), ("fr", 2), ("sw", 3))}
+    model = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    ids, lang = batch(4, 5), torch.tensor([0, 2, -1, 1])
+    mask = torch.ones_like(ids)
+    mask[1, :2] = mask[3, :1] = 0  # left padding (its positions follow the mask)
+    if arch == "t5":
+        mask = mask.flip(1)  # an encoder's padding goes on the right
+    ids = ids.masked_fill(mask == 0, 0)
+    for gen in (dict(use_cache=False), dict(num_beams=3, num_return_sequences=2)):
+        gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, **gen)
+        n = gen.get("num_return_sequences", 1)
+        got = model.generate(ids, attention_mask=mask, language_ids=lang, **gen)
+        for row, e in enumerate(lang.tolist()):
+            with xlsparse.apply([diffs[list(diffs)[e]]] if e >= 0 else [], base):
+                want = base.generate(ids[row:row + 1], attention_mask=mask[row:row + 1], **gen)
+            assert torch.equal(got[row * n:(row + 1) * n], want), (gen, row, e)
+
+
+def test_generate_inside_route_with_beams_names_them():
+    # route's ids cover the examples given; generate's beams repeat the rows under it
+    model = _multi("gpt2")
+    ids = batch(2, 5)
+    with hf.route(model, ["de", "fr"]), pytest.raises(ValueError, match="num_beams.*language_ids=ids"):
+        model.generate(ids, max_new_tokens=2, num_beams=2)
+
+
+def test_generate_keeps_language_ids_where_the_class_prepares_its_own_inputs():
+    # Flaubert's prepare_inputs_for_generation builds the step inputs afresh and dropped
+    # language_ids: every generated row ran the base model, whatever its language
+    torch.manual_seed(0)
+    cfg = transformers.FlaubertConfig(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64)
+    base = transformers.FlaubertWithLMHeadModel(cfg).eval()
+    diffs = {lang: random_diff(base, 300, 2.0, seed) for lang, seed in (("de", 1), ("fr", 2))}
+    model = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    ids, lang = batch(3, 5), torch.tensor([1, -1, 0])
+    gen = dict(max_new_tokens=4, do_sample=False)
+    for twin in (model, copy.deepcopy(model)):
+        got = twin.generate(ids, language_ids=lang, **gen)
+        for row, e in enumerate(lang.tolist()):
+            with xlsparse.apply([diffs[list(diffs)[e]]] if e >= 0 else [], base):
+                assert torch.equal(got[row:row + 1], base.generate(ids[row:row + 1], **gen)), (row, e)
+    plain = hf.merge_and_unload(model, language="fr")
+    assert "prepare_inputs_for_generation" not in plain.__dict__
+
+
+def test_generate_refuses_guidance_scale_beside_language_ids():
+    # classifier-free guidance runs the model a second time without the generate kwargs: that pass
+    # ran the base model, and the routed rows' sequences differed from the language's own model
+    base = tiny("gpt2")
+    diffs = {lang: random_diff(base, 300, 2.0, seed) for lang, seed in (("de", 1), ("fr", 2))}
+    model = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    ids, gen = batch(2, 5), dict(max_new_tokens=6, do_sample=False, guidance_scale=3.0)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        model.generate(ids, language_ids=torch.tensor([1, 1]), **gen)
+    with xlsparse.apply([diffs["fr"]], base):
+        want = base.generate(ids, **gen)
+    with hf.route(model, ["fr", "fr"]):  # the way that routes the second pass too
+        assert torch.equal(model.generate(ids, **gen), want)
+
+
+def test_generate_repeats_language_names_for_each_beam():
+    # generate repeats tensors only: names in a list were not repeated for the beams
+    model = _multi("gpt2")
+    ids, gen = batch(3, 5), dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    want = model.generate(ids, language_ids=torch.tensor([1, -1, 0]), **gen)
+    assert torch.equal(model.generate(ids, language_ids=["fr", None, "de"], **gen), want)
+
+
 def test_a_merged_model_deep_copies_and_pickles(tmp_path):
     # a copy's delta_values has a fresh version counter: the copy of a merged model must still run,
     # and the copy of a stale merge (delta changed after merge()) must still refuse

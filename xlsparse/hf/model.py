@@ -314,6 +314,15 @@ class _InstanceState(_OnInstance):
         return state
 
 
+def _with_language_ids(function) -> inspect.Signature:
+    """The signature of the method `function` as bound, with a `language_ids` keyword added."""
+    sig = inspect.signature(function)
+    params = [p for name, p in sig.parameters.items() if name != "self"]
+    extra = inspect.Parameter("language_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+    return sig.replace(parameters=[*params[:at], extra, *params[at:]])
+
+
 class _RoutingForward(_OnInstance):
     """`model.forward` of a routed model: the class's forward with a `language_ids` keyword that
     routes the call, under a signature that shows it, so `model(**batch)` routes by the batch's
@@ -329,11 +338,7 @@ class _RoutingForward(_OnInstance):
 
     @property
     def __signature__(self) -> inspect.Signature:
-        sig = inspect.signature(type(self.model).forward)
-        params = [p for name, p in sig.parameters.items() if name != "self"]
-        extra = inspect.Parameter("language_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-        at = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
-        return sig.replace(parameters=[*params[:at], extra, *params[at:]])
+        return _with_language_ids(type(self.model).forward)
 
     def __call__(self, *args, language_ids=None, **kwargs):
         self._check_bound()
@@ -344,6 +349,56 @@ class _RoutingForward(_OnInstance):
             return cls_forward(self.model, *args, **kwargs)
         with route(self.model if self.owner is None else self.owner, language_ids):
             return cls_forward(self.model, *args, **kwargs)
+
+
+class _KeepLanguageIds(_OnInstance):
+    """`model.prepare_inputs_for_generation` of a routed model: the class's, with `language_ids`
+    kept in the step's inputs. `generate(ids, language_ids=...)` routes each step's forward by
+    what this returns, and a class whose own version builds its inputs afresh (Flaubert's) dropped
+    them: every step ran the base model for every language, silently."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:  # generate reads it to accept the forward's kwargs
+        sig = inspect.signature(type(self.model).prepare_inputs_for_generation)
+        return sig.replace(parameters=[p for name, p in sig.parameters.items() if name != "self"])
+
+    def __call__(self, *args, **kwargs):
+        self._check_bound()
+        inputs = type(self.model).prepare_inputs_for_generation(self.model, *args, **kwargs)
+        if kwargs.get("language_ids") is not None and isinstance(inputs, dict):
+            inputs.setdefault("language_ids", kwargs["language_ids"])
+        return inputs
+
+
+class _RoutingGenerate(_OnInstance):
+    """`model.generate` of a routed model: `language_ids` checked up front and passed on as a
+    tensor of ids (generate repeats tensors only, for each beam and returned sequence: a list of
+    names did not follow the rows). `guidance_scale` is refused beside them: transformers'
+    classifier-free guidance runs the model a second time without the generate kwargs, so that
+    pass ran the base model for every language, silently."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return _with_language_ids(type(self.model).generate)
+
+    def __call__(self, *args, language_ids=None, **kwargs):
+        self._check_bound()
+        if language_ids is not None:
+            config = kwargs.get("generation_config", args[1] if len(args) > 1 else None)
+            config = config if config is not None else getattr(self.model, "generation_config", None)
+            scale = kwargs.get("guidance_scale", getattr(config, "guidance_scale", None))
+            if scale is not None and scale != 1:
+                raise ValueError(f"generate: guidance_scale={scale} runs the model a second time without language_ids "
+                                 "(classifier-free guidance), so that pass would run the base model; route the call "
+                                 "instead: `with xlsparse.hf.route(model, language_ids): model.generate(...)`")
+            kwargs["language_ids"] = _language_ids(self.model, language_ids)
+        return type(self.model).generate(self.model, *args, **kwargs)
 
 
 class _SavePretrainedWithDiff(_OnInstance):
@@ -420,12 +475,19 @@ def _accept_language_ids(model: nn.Module) -> None:
     `language_ids` itself. An encoder-decoder's encoder gets one too, routed by the model's
     languages: `generate(ids, language_ids=...)` calls the encoder by itself with the generate
     kwargs (`language_ids` among them), and an encoder that ignored them ran the base model only,
-    while the decoder steps were routed."""
+    while the decoder steps were routed. So does the model's base model (`model.model`,
+    `model.bert`: what gives hidden states), whose forward's **kwargs swallowed `language_ids`."""
     if "language_ids" not in inspect.signature(type(model).forward).parameters:
         model.forward = _RoutingForward(model)
-    encoder = _encoder_of(model)
-    if encoder is not None and "language_ids" not in inspect.signature(type(encoder).forward).parameters:
-        encoder.forward = _RoutingForward(encoder, owner=model)
+        if callable(getattr(type(model), "prepare_inputs_for_generation", None)):
+            model.prepare_inputs_for_generation = _KeepLanguageIds(model)
+        if callable(getattr(type(model), "generate", None)):
+            model.generate = _RoutingGenerate(model)
+    for part in (_encoder_of(model), getattr(model, "base_model", None)):
+        if (isinstance(part, nn.Module) and part is not model
+                and not isinstance(part.__dict__.get("forward"), _RoutingForward)
+                and "language_ids" not in inspect.signature(type(part).forward).parameters):
+            part.forward = _RoutingForward(part, owner=model)
 
 
 # --- convert ---
@@ -1340,10 +1402,10 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     for attr in ("xlsparse_config", "_xlsparse_record"):
         if hasattr(model, attr):
             delattr(model, attr)
-    for attr in ("forward", "save_pretrained", "__getstate__"):
+    for attr in ("forward", "prepare_inputs_for_generation", "generate", "save_pretrained", "__getstate__"):
         if attr in model.__dict__:
             delattr(model, attr)
-    for module in model.modules():  # an encoder-decoder's encoder (`_accept_language_ids`)
+    for module in model.modules():  # an encoder-decoder's encoder, the base model (`_accept_language_ids`)
         if isinstance(module.__dict__.get("forward"), _RoutingForward):
             del module.forward
     return model
