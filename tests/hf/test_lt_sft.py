@@ -468,6 +468,23 @@ def test_phase_two_clips_the_norm_of_what_trains(tmp_path):
         assert outside == 0.0 and total == pytest.approx(1e-3, rel=1e-4)
 
 
+def test_phase_two_logs_the_gradient_norm_of_what_trains_without_clipping(tmp_path):
+    # without clipping the gradients were masked nowhere: the grad_norm the Trainer logs counted the
+    # unselected entries of the tensors the compact optimizer trains (GPT-2's Conv1D weights, biases,
+    # norms): 1.32 and 0.68 logged for 1.18 and 0.58, where composable-sft masks before any norm
+    trainer = LotteryTicketSparseFineTuner(
+        model=_no_dropout(tiny("gpt2")), args=_args(tmp_path), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=2))
+    norms, logs = _ClippedNorms(trainer), _Logs()
+    trainer.add_callback(norms)
+    trainer.add_callback(logs)
+    trainer.train()
+    logged = [h["grad_norm"] for h in logs.seen if "grad_norm" in h][-2:]
+    assert len(norms.seen) == 2
+    for (total, outside), grad_norm in zip(norms.seen, logged):
+        assert outside == 0.0 and grad_norm == pytest.approx(total, rel=1e-5)
+
+
 # --- phase 2 builds no dense gradient ---
 
 class _Inspect(transformers.TrainerCallback):

@@ -490,6 +490,33 @@ def test_subnetwork_trainer_trains_the_modules_to_save_whole(tmp_path):
     assert torch.equal(frozen, kept)
 
 
+def test_subnetwork_trainer_decays_what_its_get_decay_parameter_names_names(tmp_path):
+    """A Trainer subclass says which parameters weight decay reaches by overriding
+    get_decay_parameter_names (the Trainer's create_optimizer and LotteryTicketSparseFineTuner
+    ask it); SubnetworkTrainer asked transformers' default rule instead, so an override that
+    decays nothing still decayed every subnetwork weight and the head's dense.weight."""
+    def run(trainer_cls, wd):
+        model = tiny("bert")
+        g = torch.Generator().manual_seed(1)
+        masks = {lang: {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()
+                        if ".layer." in n and n.endswith("dense.weight")} for lang in ("de", "fr")}
+        hf.convert(model, kind="subnetwork", masks=masks, modules_to_save=["cls.predictions.transform"])
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        trainer_cls(model=model, args=_args(tmp_path, 2, per_device_train_batch_size=16, weight_decay=wd),
+                    train_dataset=_MixedData(n=16)).train()
+        return dict(model.named_parameters())
+
+    class NoDecay(subnetworks.SubnetworkTrainer):
+        def get_decay_parameter_names(self, model):
+            return []
+
+    got, want = run(NoDecay, 0.5), run(subnetworks.SubnetworkTrainer, 0.0)
+    for n, p in want.items():
+        assert torch.equal(got[n], p), n
+
+
 def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):
     from xlsparse.nn import SubnetworkLinear
 
@@ -1001,6 +1028,31 @@ def test_fomaml_optimizer_defaults_to_udify_metalearnings_adam_without_weight_de
     for n in names:
         union = masks["de"][n] | masks["fr"][n]
         torch.testing.assert_close(named[n][union], twin_named[n][union], rtol=0, atol=1e-6)
+
+
+def test_fomaml_optimizer_weight_decay_skips_biases_and_norms_as_the_subnetwork_trainer_does():
+    """With weight_decay given, the outer step decayed every parameter it held: the LayerNorm
+    weights and the biases of convert's modules_to_save (and any bias or norm the masks name)
+    lost lr·wd of their value per step, where SubnetworkTrainer and continual_update, and the
+    Trainer's own AdamW, decay none of them. The first outer step on the head is AdamW's:
+    θ(1 − lr·wd) − lr·g/(|g| + eps), decayed only where the Trainer decays (dense.weight)."""
+    model = tiny("bert").eval()
+    named = dict(model.named_parameters())
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=masks, modules_to_save=["cls.predictions.transform"])
+    head = {n: p for n, p in model.named_parameters() if n.startswith("cls.predictions.transform.")}
+    before = {n: p.detach().clone() for n, p in head.items()}
+    lr, wd, eps = 1e-2, 0.1, 1e-8
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=lr, weight_decay=wd, eps=eps)
+    support = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
+    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+    subnetworks.fomaml_step(model, support, query, masks, 0.1, 1, opt)
+    for n, p in head.items():
+        decay = wd if n.endswith("dense.weight") else 0.0
+        want = before[n] * (1 - lr * decay) - lr * p.grad / (p.grad.abs() + eps)
+        torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6, msg=n)
 
 
 def test_reptile_step_refuses_inner_steps_below_one_and_cycles_short_batches():

@@ -638,6 +638,33 @@ def test_expert_trainer_weight_decay_acts_on_the_expert_s_weights(tmp_path):
         torch.testing.assert_close(got.deltas[n].values, want, rtol=1e-4, atol=1e-5)
 
 
+def test_expert_trainer_decays_what_its_get_decay_parameter_names_names(tmp_path):
+    """A Trainer subclass says which parameters weight decay reaches by overriding
+    get_decay_parameter_names (the Trainer's create_optimizer asks it); ExpertTrainer decayed
+    its deltas and dense parts at weight_decay whatever it said."""
+    from transformers import TrainingArguments
+
+    def run(trainer_cls, wd):
+        args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2,
+                                 max_steps=2, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                                 logging_steps=1000, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=wd)
+        torch.manual_seed(0)
+        trainer = trainer_cls(tiny("llama"), args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05,
+                              train_embeddings=True)
+        trainer.train()
+        return trainer.expert()
+
+    class NoDecay(xelm.ExpertTrainer):
+        def get_decay_parameter_names(self, model):
+            return []
+
+    got, want = run(NoDecay, 0.5), run(xelm.ExpertTrainer, 0.0)
+    for n, d in want.deltas.items():
+        assert torch.equal(got.deltas[n].values, d.values), n
+    for n, t in want.dense.items():
+        assert torch.equal(got.dense[n], t), n
+
+
 def test_cluster_experts_train_each_expert_on_its_cluster_only():
     base = tiny("llama")
     data = {lang: _lm_batches(1, i) for i, lang in enumerate(("en", "de", "ja", "ko"))}

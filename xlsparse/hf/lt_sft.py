@@ -933,16 +933,16 @@ class LotteryTicketSparseFineTuner(Trainer):
             if reg is not None:
                 self._l1_sum += reg
                 self._l1_steps += 1
-        if self._phase == "sparse" and self.args.max_grad_norm:
+        if self._phase == "sparse":  # clipping on or off: the Trainer logs the norm it takes either way
             self._mask_gradients()
         return loss
 
     @torch.no_grad()
     def _mask_gradients(self) -> None:
         """Zero the gradient entries outside the masks of the maskable tensors that the compact
-        optimizer trains whole (biases, norms), before the Trainer clips: the clipping norm then
-        counts only what trains, as composable-sft's `grad *= mask` before clipping does. The
-        converted matrices' deltas have gradients on their support only."""
+        optimizer trains whole (biases, norms), before the Trainer clips: the clipping norm, and the
+        grad_norm it logs, then count only what trains, as composable-sft's `grad *= mask` before
+        any norm does. The converted matrices' deltas have gradients on their support only."""
         for name, p in self._trainable().items():
             if name in self._converted or name not in self.maskable or p.grad is None:
                 continue

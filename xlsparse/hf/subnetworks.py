@@ -608,14 +608,17 @@ def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Te
     each confined to the union of the languages' masks (in the model's own layout; outer lr
     `lr`, kept apart from the inner lr of `fomaml_step`), and over convert's `modules_to_save`
     whole. No weight decay unless `weight_decay=` is given: udify-metalearning's outer optimizer
-    is Adam without it (AdamW's default 0.01 would decay the subnetworks every outer step)."""
-    kwargs.setdefault("weight_decay", 0.0)
+    is Adam without it (AdamW's default 0.01 would decay the subnetworks every outer step). A
+    weight decay given skips biases and norms, as SubnetworkTrainer's does (the Trainer's rule)."""
+    weight_decay = kwargs.pop("weight_decay", 0.0)
     named = dict(model.named_parameters())
     union = {}
     for lang in masks:
         for n, m in _stored_masks(model, masks[lang], "fomaml_optimizer", lang).items():
             union[n] = m.clone() if n not in union else union[n] | m
-    return MaskedAdamW([named[n] for n in union], list(union.values()), lr=lr, **kwargs)
+    # every parameter by the Trainer's rule: masks may name biases and norms too (importance_scores scores them)
+    groups = _decay_groups(model, {n: named[n] for n in union}, (), weight_decay)
+    return MaskedAdamW(groups, {named[n]: m for n, m in union.items()}, lr=lr, **kwargs)
 
 
 # --- Trainer-facing entry points: mixed-language training, static or dynamic masks ---
@@ -637,16 +640,21 @@ def _unwrap(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _decay_groups(model: nn.Module, params: Mapping[str, torch.Tensor], masked, weight_decay: float) -> list[dict]:
+def _decay_groups(model: nn.Module, params: Mapping[str, torch.Tensor], masked, weight_decay: float,
+                  decay_names=None) -> list[dict]:
     """`params` (by name) as param groups decayed as the transformers Trainer's own optimizer
     decays them: the `masked` weights (linear weights) at `weight_decay`; the others (convert's
     modules_to_save) too, but for their biases and norms, at 0. transformers' rule is asked for
-    only when a parameter beyond the masked ones decays."""
-    others = params.keys() - set(masked)
+    only when a parameter beyond the masked ones decays. `decay_names` (a Trainer's own
+    `get_decay_parameter_names`, which a subclass may override) replaces that rule for every
+    parameter, the masked ones included, as the Trainer's create_optimizer applies it."""
+    others = params.keys() - set(masked) if decay_names is None else params.keys()
     if weight_decay and others:
-        if Trainer is object:
-            raise ImportError("weight decay as the Trainer applies it needs transformers (the hf extra)")
-        plain = others - set(Trainer.get_decay_parameter_names(None, model))  # the method reads only `model`
+        if decay_names is None:
+            if Trainer is object:
+                raise ImportError("weight decay as the Trainer applies it needs transformers (the hf extra)")
+            decay_names = Trainer.get_decay_parameter_names(None, model)  # the method reads only `model`
+        plain = others - set(decay_names)
     else:
         plain = set()
     groups = [{"params": [p for n, p in params.items() if n not in plain], "weight_decay": weight_decay},
@@ -730,7 +738,9 @@ class SubnetworkTrainer(Trainer):
             params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
             masks = {p: layers[n].trainable_mask() if n in layers else None for n, p in params.items()}
             a = self.args
-            self.optimizer = MaskedAdamW(_decay_groups(self.model, params, layers, a.weight_decay), masks,
+            # this trainer's own rule: a subclass may override get_decay_parameter_names
+            decay = self.get_decay_parameter_names(self.model) if a.weight_decay else None
+            self.optimizer = MaskedAdamW(_decay_groups(self.model, params, layers, a.weight_decay, decay), masks,
                                          lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon)
         return self.optimizer
 

@@ -610,7 +610,7 @@ class _ExpertSetup:
         else:
             convert(model, target_modules, kind="delta", k=k, density=density)
         values = [p for n, p in model.named_parameters() if n.endswith("delta_values")]
-        self.groups, self.masks, self.dense = [{"params": values}], [None] * len(values), {}
+        self.groups, self.dense = [{"params": values}], {}
         if train_embeddings:
             named = {id(p): n for n, p in model.named_parameters()}
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
@@ -626,13 +626,22 @@ class _ExpertSetup:
                     if init is not None and n in init.dense:
                         w.add_(init.dense[n].to(w))
             self.groups.append({"params": list(self.dense.values())})
-            self.masks += [None] * len(self.dense)
         self.model = model
 
-    def optimizer(self, **kwargs) -> MaskedAdamW:
+    def optimizer(self, decay_names=None, **kwargs) -> MaskedAdamW:
         """Compact AdamW over the deltas (and dense parts); weight decay acts on θ = θ0 + Δ, as
-        AdamW on the expert's own weights does."""
-        opt = MaskedAdamW(self.groups, self.masks, mode="compact", **kwargs)
+        AdamW on the expert's own weights does. `decay_names`: the parameter names weight decay
+        reaches (a Trainer's get_decay_parameter_names); the others go to a group without it."""
+        groups = self.groups
+        if decay_names is not None:
+            names, decayed = {id(p): n for n, p in self.model.named_parameters()}, set(decay_names)
+            plain = {id(p) for g in groups for p in g["params"] if names[id(p)] not in decayed}
+            if plain:  # only then: the groups of a run without such parameters keep their layout (checkpoints)
+                groups = [{"params": [p for p in g["params"] if id(p) not in plain]} for g in groups]
+                groups = [g for g in groups if g["params"]]
+                groups.append({"params": [p for g in self.groups for p in g["params"] if id(p) in plain],
+                               "weight_decay": 0.0})
+        opt = MaskedAdamW(groups, {}, mode="compact", **kwargs)  # {}: every K-vector and dense part trains whole
         layers = [m for m in self.model.modules() if isinstance(m, SparseDeltaLinear)]
 
         def decay(optimizer, *args):
@@ -728,7 +737,9 @@ class ExpertTrainer(Trainer):
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
             a = self.args
-            self.optimizer = self.setup.optimizer(lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
+            # this trainer's own rule, as the Trainer's create_optimizer: a subclass may override it
+            decay = self.get_decay_parameter_names(self.model) if a.weight_decay else None
+            self.optimizer = self.setup.optimizer(decay, lr=a.learning_rate, betas=(a.adam_beta1, a.adam_beta2),
                                                   eps=a.adam_epsilon, weight_decay=a.weight_decay)
         return self.optimizer
 
