@@ -450,11 +450,9 @@ def test_subnetwork_trainer_accumulates_gradients_like_one_big_batch(tmp_path):
         assert not accumulated[f"{name}.weight"][~layer.trainable_mask()].any(), name
 
 
-def test_subnetwork_trainer_trains_the_modules_to_save_whole(tmp_path):
-    """convert's modules_to_save train whole beside the masked weights (they once kept their
-    initial values and were exported as trained). One step over the whole data set is AdamW's
-    first step on them: θ(1 − lr·wd) − lr·g/(|g| + eps), decayed where the Trainer decays
-    (weights, not biases or LayerNorms), with g from one plain backward of a copy."""
+def _bert_with_subnetworks_and_head():
+    """A tiny BERT converted with random de/fr masks on its encoder's dense weights, the MLM
+    head's transform as modules_to_save, dropout off."""
     model = tiny("bert")
     g = torch.Generator().manual_seed(1)
     masks = {lang: {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()
@@ -463,6 +461,15 @@ def test_subnetwork_trainer_trains_the_modules_to_save_whole(tmp_path):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    return model
+
+
+def test_subnetwork_trainer_trains_the_modules_to_save_whole(tmp_path):
+    """convert's modules_to_save train whole beside the masked weights (they once kept their
+    initial values and were exported as trained). One step over the whole data set is AdamW's
+    first step on them: θ(1 − lr·wd) − lr·g/(|g| + eps), decayed where the Trainer decays
+    (weights, not biases or LayerNorms), with g from one plain backward of a copy."""
+    model = _bert_with_subnetworks_and_head()
     head = {n: p for n, p in model.named_parameters() if n.startswith("cls.predictions.transform.")}
     assert len(head) == 4 and all(p.requires_grad for p in head.values())
     ref = copy.deepcopy(model).train()
@@ -496,14 +503,7 @@ def test_subnetwork_trainer_decays_what_its_get_decay_parameter_names_names(tmp_
     ask it); SubnetworkTrainer asked transformers' default rule instead, so an override that
     decays nothing still decayed every subnetwork weight and the head's dense.weight."""
     def run(trainer_cls, wd):
-        model = tiny("bert")
-        g = torch.Generator().manual_seed(1)
-        masks = {lang: {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()
-                        if ".layer." in n and n.endswith("dense.weight")} for lang in ("de", "fr")}
-        hf.convert(model, kind="subnetwork", masks=masks, modules_to_save=["cls.predictions.transform"])
-        for m in model.modules():
-            if isinstance(m, torch.nn.Dropout):
-                m.p = 0.0
+        model = _bert_with_subnetworks_and_head()
         trainer_cls(model=model, args=_args(tmp_path, 2, per_device_train_batch_size=16, weight_decay=wd),
                     train_dataset=_MixedData(n=16)).train()
         return dict(model.named_parameters())
