@@ -773,6 +773,11 @@ def test_route_works_on_layers_built_with_from_linear():
     with hf.route(net, ["b", "a"]):
         y = net(torch.randn(2, 6))
     assert y.shape == (2, 5)
+    # a bool in a list of ids is not id 1 (torch.as_tensor([True, 0]) is int64)
+    for ids in ([True, 0], [[0, False]]):
+        with pytest.raises(TypeError, match="ids must be integers"):
+            with hf.route(net, ids):
+                pass
 
 
 def test_training_a_routed_model_without_routing_raises():

@@ -917,6 +917,8 @@ def _language_ids(model: nn.Module, language_ids) -> torch.Tensor:
         def one(x):
             if x is None:
                 return -1
+            if isinstance(x, bool):  # torch.as_tensor([True, 0]) is int64: True routed to id 1
+                raise TypeError(f"route: ids must be integers (or language names), got {x!r}")
             if isinstance(x, str):
                 if x not in names:
                     raise ValueError(f"route: unknown language {x!r}; the model has {names}")
