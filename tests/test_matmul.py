@@ -13,6 +13,7 @@ from conftest import (
     random_indices,
     seeded,
 )
+import xlsparse
 from xlsparse import _ext, functional, routing
 from xlsparse import nn as xnn
 from xlsparse.ops import matmul as ops
@@ -1492,3 +1493,32 @@ def test_ensemble_with_a_leading_block_of_banned_classes(backend, space, use_bac
     assert torch.isfinite(dz[:, :, 8192:]).all() and (dz[:, :, :8192] == 0).all()
     nll = functional.ensemble_nll(z, lw, y, space)
     torch.testing.assert_close(nll.double(), -ref.gather(1, y[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+
+
+class _RouterLinear(torch.nn.Linear):
+    """A linear subclass that computes more than x Wᵀ + b (as MoE routers and scaled heads do)."""
+
+    def forward(self, x):
+        return 2.0 * super().forward(x).softmax(-1)
+
+
+class FalconLinear(torch.nn.Linear):  # the same math as nn.Linear under a forward of its own (transformers' Falcon)
+    def forward(self, x):
+        return super().forward(x)
+
+
+def test_from_linear_refuses_a_subclass_with_a_forward_of_its_own():
+    """from_linear took any nn.Linear subclass's weight and computed x Wᵀ + b: a fresh
+    SparseDeltaLinear made from _RouterLinear gave other outputs than the layer it replaced
+    (hf.convert refused such targets; the nn constructors did not)."""
+    torch.manual_seed(0)
+    router = _RouterLinear(5, 4)
+    with pytest.raises(TypeError, match="_RouterLinear"):
+        xnn.SparseDeltaLinear.from_linear(router, k=3)
+    with pytest.raises(TypeError, match="_RouterLinear"):
+        xnn.MultiDeltaLinear.from_linear(router, {"en": xlsparse.SparseDelta.from_dense(torch.zeros(4, 5))})
+    with pytest.raises(TypeError, match="_RouterLinear"):
+        xnn.SubnetworkLinear.from_linear(router, {"en": torch.ones(4, 5, dtype=torch.bool)})
+    x = torch.randn(3, 5)
+    same = FalconLinear(5, 4)
+    torch.testing.assert_close(xnn.SparseDeltaLinear.from_linear(same, k=3)(x), same(x))

@@ -41,6 +41,25 @@ def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.
     return indices
 
 
+# nn.Linear subclasses whose own forward is x Wᵀ + b all the same (Falcon's layers)
+_LINEAR_MATH = {"FalconLinear"}
+
+
+def _own_forward(module: nn.Module) -> bool:
+    """An nn.Linear subclass with a forward of its own (a MoE router that returns a tuple, as Llama4's
+    and Phimoe's do; a grouped or quantised linear): a layer made from it computes x Wᵀ + b instead.
+    The layers of this module (SubnetworkLinear) are not counted."""
+    return (isinstance(module, nn.Linear) and not isinstance(module, ConvertedLayer)
+            and type(module).forward is not nn.Linear.forward and type(module).__name__ not in _LINEAR_MATH)
+
+
+def _plain_linear(what: str, linear: nn.Module) -> None:
+    """Refuse what a from_linear would silently turn into x Wᵀ + b (hf.convert refuses such targets too)."""
+    if _own_forward(linear):
+        raise TypeError(f"{what}.from_linear: {type(linear).__name__} is an nn.Linear subclass with a forward of its "
+                        "own; the converted layer would compute x W^T + b instead")
+
+
 class _DeltaView:
     """A layer's single delta read as a SparseDelta-like object (`.indices`, `.values`)."""
 
@@ -85,6 +104,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
     def from_linear(cls, linear: nn.Linear, k=None, density=None, indices=None) -> "SparseDeltaLinear":
         """Wrap `linear`: its weight becomes the frozen base; the delta's support is `k` (or
         `density`) random entries, or `indices` (flat indices or a bool mask of the weight)."""
+        _plain_linear("SparseDeltaLinear", linear)
         return cls(linear.weight, linear.bias, _support(linear.weight, k, density, indices))
 
     @property
@@ -286,6 +306,7 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
     def from_linear(cls, linear: nn.Linear, deltas: dict) -> "MultiDeltaLinear":
         """Wrap `linear` with `deltas` = {name: delta}; a delta is any object with `.indices`,
         `.values` and `.shape` (e.g. `xlsparse.SparseDelta`) matching the weight."""
+        _plain_linear("MultiDeltaLinear", linear)
         w = linear.weight
         routing.check_language_keys("MultiDeltaLinear", deltas)
         indices, values = [], []
@@ -411,6 +432,7 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
     def from_linear(cls, linear: torch.nn.Linear, masks: dict[str, torch.Tensor],
                     bias_masks: dict[str, torch.Tensor] | None = None) -> "SubnetworkLinear":
         """Wrap `linear`, sharing its weight and bias Parameters (optimizers that hold them still work)."""
+        _plain_linear("SubnetworkLinear", linear)
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -491,13 +513,18 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
     gather of dOut into a [K] gradient: only the batch's token rows are touched and no [V, H]
     gradient exists. Tokens equal to `padding_idx` get the delta in the forward but pass no
     gradient, as nn.Embedding does. `max_norm`, `scale_grad_by_freq` and `sparse` are not
-    supported (from_embedding raises).
+    supported, nor subclasses with a forward of their own (scaled embeddings): from_embedding raises.
     """
 
     def __init__(self, weight: torch.Tensor, indices: torch.Tensor, padding_idx: int | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim = weight.shape
-        self.padding_idx = padding_idx
+        if padding_idx is not None and not -self.num_embeddings <= padding_idx < self.num_embeddings:
+            raise ValueError(f"SparseDeltaEmbedding: padding_idx {padding_idx} is out of range for "
+                             f"{self.num_embeddings} rows")
+        # a negative padding_idx counts from the end, as nn.Embedding's: compared as given, no token
+        # matched it and the padding row's entries trained
+        self.padding_idx = None if padding_idx is None else padding_idx % self.num_embeddings
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
         self.register_buffer("delta_indices", indices.clone())  # its own: set_support writes it in place
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
@@ -509,12 +536,18 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
         for option in ("max_norm", "scale_grad_by_freq", "sparse"):
             if getattr(embedding, option, None):
                 raise ValueError(f"SparseDeltaEmbedding: nn.Embedding.{option} is not supported")
+        if type(embedding).forward is not nn.Embedding.forward:
+            # a subclass computing more than the lookup (XGLM's, BART's, Gemma's scaled word
+            # embeddings multiply by embed_scale): the converted layer would drop that silently
+            raise TypeError(f"SparseDeltaEmbedding.from_embedding: {type(embedding).__name__} has a forward of its own "
+                            "(a scaled embedding?); only a plain nn.Embedding lookup can be converted")
         return cls(embedding.weight, _support(embedding.weight, k, density, indices), embedding.padding_idx)
 
     def _entries(self, ids: torch.Tensor):
         """(token position, column, entry number) of every delta entry in the batch's rows."""
         width = self.embedding_dim
         idx = self.delta_indices.long()
+        ids = ids.long()  # int32 ids times the width wrap past 2**31 entries (the rows' deltas were dropped)
         start = torch.searchsorted(idx, ids * width)
         count = torch.searchsorted(idx, (ids + 1) * width) - start
         token = torch.repeat_interleave(torch.arange(ids.numel(), device=ids.device), count)

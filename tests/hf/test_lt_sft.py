@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.utils.parametrize
 from tiny_models import SHARDING, VOCAB, ask_for_sharding, tiny
 
 import xlsparse
@@ -790,6 +791,40 @@ def test_sparse_delta_embedding_equals_the_dense_table():
     assert layer.weight.grad is None
     with pytest.raises(ValueError, match="max_norm"):
         SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(5, 2, max_norm=1.0), k=1)
+
+
+def test_sparse_delta_embedding_refuses_a_scaled_embedding_subclass():
+    """XGLM's word embedding multiplies its lookup by embed_scale (sqrt(32) here): from_embedding
+    took it as a plain table and the converted layer's output missed the scale (0.29 off)."""
+    scaled = tiny("xglm").model.embed_tokens
+    assert type(scaled) is not torch.nn.Embedding and scaled.embed_scale != 1.0
+    with pytest.raises(TypeError, match="XGLMScaledWordEmbedding"):
+        SparseDeltaEmbedding.from_embedding(scaled, k=10)
+
+
+def test_sparse_delta_embedding_takes_a_negative_padding_idx_from_the_end():
+    """nn.Embedding counts a negative padding_idx from the end; compared as given, no token
+    matched it and the padding row's delta entries got gradients."""
+    layer = SparseDeltaEmbedding(torch.randn(5, 3), torch.tensor([6, 7, 8, 9]), padding_idx=-3)
+    with torch.no_grad():
+        layer.delta_values.normal_()
+    layer(torch.tensor([2, 3, 2])).sum().backward()
+    assert layer.padding_idx == 2
+    assert torch.equal(layer.delta_values.grad, torch.tensor([0.0, 0.0, 0.0, 1.0]))  # row 2 none, row 3 one token
+    with pytest.raises(ValueError, match="padding_idx"):
+        SparseDeltaEmbedding(torch.randn(5, 3), torch.tensor([0]), padding_idx=5)
+
+
+def test_sparse_delta_embedding_takes_int32_ids_on_a_table_past_2_to_the_31_entries():
+    """int32 ids times the row width wrapped in int32: on a [2**20, 2**12] table the last row's
+    delta entries were not found and its token got W0's row alone."""
+    rows, width = 2 ** 20, 2 ** 12
+    layer = SparseDeltaEmbedding(torch.zeros(1, 1).expand(rows, width), torch.tensor([(rows - 1) * width + 3]))
+    with torch.no_grad():
+        layer.delta_values.fill_(1.0)
+    for dtype in (torch.int64, torch.int32):
+        out = layer(torch.tensor([rows - 1], dtype=dtype))
+        assert out[0].nonzero().flatten().tolist() == [3], dtype
 
 
 def test_set_support_keeps_the_module_and_parameter():
@@ -1657,6 +1692,79 @@ def test_the_model_after_training_is_the_base_plus_its_sft_bit_for_bit(tmp_path,
         model=model, args=_args(tmp_path, weight_decay=0.1), train_dataset=_LMData(n=16),
         sft_args=SftArguments(ft_params_num=800, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=4))
     trainer.train()
+    with trainer.sft.applied(base):
+        composed = base.state_dict()
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, composed[name]), name
+
+
+def test_a_non_contiguous_weight_folds_back_and_saves_in_phase_two(tmp_path):
+    """A linear whose weight is stored transposed (no flat view) trained a whole sparse phase, then
+    the fold at its end (and any checkpoint save inside it) raised on `.view(-1)`: the deltas were
+    never folded back and the model kept its SparseDeltaLinear layers."""
+    base = _no_dropout(tiny("llama"))
+    model = copy.deepcopy(base)
+    up = model.model.layers[0].mlp.up_proj
+    up.weight = torch.nn.Parameter(up.weight.detach().t().contiguous().t())
+    assert not up.weight.is_contiguous()
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path, save_strategy="steps", save_steps=2), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2,
+                              sparse_ft_max_steps_per_iteration=2))
+    trainer.train()
+    assert model.model.layers[0].mlp.up_proj is up and trainer.sft.deltas["model.layers.0.mlp.up_proj.weight"].nnz
+    assert os.path.isdir(os.path.join(str(tmp_path), "sparse", "checkpoint-2"))
+    with trainer.sft.applied(base):
+        composed = base.state_dict()
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, composed[name]), name
+
+
+class _Twice(torch.nn.Module):
+    def forward(self, w):
+        return 2.0 * w
+
+
+@pytest.mark.parametrize("case", ["parametrized", "shared", "pre_hook", "aliased"])
+def test_phase_two_equals_the_dense_masked_restatement_for_unusual_linears(tmp_path, case):
+    """A parametrized linear (its weight computed from another parameter), one Parameter in two
+    linears, a forward pre-hook that scales the input, and one module registered under two names
+    (the name named_modules gives first is not the one the model calls; as transformers 4's T5
+    held `shared` as `encoder.embed_tokens`): phase 2 trains them (converted or through the
+    compact optimizer) as composable-sft's masked dense training does, and the model it leaves is
+    θ0 + its SFT bit for bit. Aliased, the layer was swapped at its first name only: the model
+    called the original with θ0, and its selected entries stayed 0."""
+    layers = []
+
+    def build():
+        model = _no_dropout(tiny("llama"))
+        first, second = model.model.layers[0], model.model.layers[1]
+        if case == "parametrized":
+            torch.nn.utils.parametrize.register_parametrization(first.self_attn.q_proj, "weight", _Twice())
+        elif case == "shared":
+            second.self_attn.q_proj.weight = first.self_attn.q_proj.weight
+        elif case == "aliased":
+            first.mlp.alias = second.mlp.up_proj  # first seen as model.layers.0.mlp.alias
+        else:
+            first.mlp.up_proj.register_forward_pre_hook(lambda m, args: (args[0] * 1.5,))
+        return model
+
+    data = _LMData(n=8)
+    model, reference, base = build(), build(), build()
+    trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=data, sft_args=SftArguments(
+        ft_params_num=400, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=3,
+        freeze_layer_norm=True))
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n in trainer._theta0)
+    trainer.train()
+    sft, _, _ = _restated_lt_sft(reference, {"input_ids": data.ids, "labels": data.ids}, 400, 1, 3, 3, 1e-2, 0.0,
+                                 trainer._decayed, 0.0, 0.0, set(trainer.maskable))
+    assert any(mask.any() for mask in (m for _, m in sft.values()))
+    for n, (values, mask) in sft.items():
+        if mask.any():
+            d = trainer.sft.deltas[n]
+            assert torch.equal(d.indices.long(), mask.reshape(-1).nonzero().flatten()), n
+            torch.testing.assert_close(d.values, values, atol=2e-5, rtol=1e-3)
     with trainer.sft.applied(base):
         composed = base.state_dict()
         for name, t in model.state_dict().items():

@@ -673,9 +673,11 @@ class LotteryTicketSparseFineTuner(Trainer):
                 if name in self._converted or _is_dtensor(p):
                     continue
                 idx = delta.indices.to(p.device)
-                flat = p.detach().view(-1)
+                flat = p.detach().contiguous().view(-1)  # a transposed weight has no flat view: a copy, written back
                 flat[idx.long()] = self._theta0[name].reshape(-1)[idx.long()]
                 sparse_axpy_(flat, idx, delta.values.to(p))
+                if flat.data_ptr() != p.data_ptr():
+                    p.copy_(flat.view(p.shape))
 
     def _select(self, k: int) -> None:
         """Add the k entries of largest |θ − θ0| not selected yet to the masks."""
@@ -701,7 +703,11 @@ class LotteryTicketSparseFineTuner(Trainer):
         `_fold`. Parameter objects are kept: the converted layers hold the model's own weight
         (frozen meanwhile) and bias."""
         params = self._params()
-        modules = dict(self.model.named_modules())
+        # every name of a module registered twice (transformers 4's T5 held `shared` as
+        # `encoder.embed_tokens` too): swapped at its first name alone, the module called through
+        # the other kept reading θ0, and its selected entries never trained. Two linear names make
+        # it shared (the compact optimizer trains it); a tied head's layers are swapped at each name
+        modules = dict(self.model.named_modules(remove_duplicate=False))
         owners, held_otherwise = {}, set()
         for mname, module in modules.items():
             for pname, q in module._parameters.items():
@@ -712,7 +718,8 @@ class LotteryTicketSparseFineTuner(Trainer):
                 else:  # another module holds it (XGLM's scaled embedding tied to its Linear head): it would read θ0
                     held_otherwise.add(id(q))
         self._converted = {}
-        read_directly = self._weights_read_directly([mod for found in owners.values() for _, mod in found])
+        once = {id(mod): mod for found in owners.values() for _, mod in found}  # a module under two names, once
+        read_directly = self._weights_read_directly(list(once.values()))
         for name in self.maskable:
             p = params[name]
             found = owners.get(id(p), [])
@@ -803,7 +810,7 @@ class LotteryTicketSparseFineTuner(Trainer):
             for name, layers in self._converted.items():
                 _, _, first = layers[0]
                 p = first.weight
-                p.view(-1).index_add_(0, first.delta_indices.long(), first.delta_values.detach().to(p.dtype))
+                _add_at(p, first.delta_indices.long(), first.delta_values.detach().to(p.dtype))
                 p.requires_grad_(True)
                 for mname, original, layer in layers:
                     _swap_module(self.model, mname, original, layer)
@@ -1078,7 +1085,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                 for name, layers in self._converted.items():
                     first = layers[0][2]
                     folded = first.weight.detach().clone()
-                    folded.view(-1).index_add_(0, first.delta_indices.long(), first.delta_values.detach().to(folded.dtype))
+                    _add_at(folded, first.delta_indices.long(), first.delta_values.detach().to(folded.dtype))
                     for mname, _, _ in layers:
                         state_dict[f"{mname}.weight"] = folded  # one tensor: a tied decoder stays tied
                         state_dict.pop(f"{mname}.delta_indices", None)
@@ -1165,6 +1172,15 @@ def _refuse_another_base(checkpoint, model: nn.Module, weights: dict, theta0: di
                          "base model and arguments")
 
 
+def _add_at(t: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """t.view(-1)[idx] += values in place, whatever t's strides: a transposed (non-contiguous)
+    weight has no flat view, and phase 2 failed at its very end, the deltas not folded back."""
+    if t.is_contiguous():
+        t.view(-1).index_add_(0, idx, values)
+    else:
+        t.index_put_(torch.unravel_index(idx, t.shape), values, accumulate=True)
+
+
 def _no_entries(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros(0, dtype=index_dtype(p.numel()), device=p.device)
 
@@ -1215,7 +1231,7 @@ class KeepUpdatesHandle:
                 if pos is None:
                     p.add_(change)
                 else:
-                    p.view(-1).index_add_(0, pos, change)
+                    _add_at(p, pos, change)
 
 
 class MultiSourceDataset(torch.utils.data.Dataset):

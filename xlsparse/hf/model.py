@@ -27,7 +27,7 @@ from .. import routing
 from ..distributed import fingerprint
 from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transpose_delta, applies_on, budget,
                     holding_applies, index_dtype, refuse_sharded)
-from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear
+from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear, _own_forward
 from ..ops.compose import sparse_axpy_
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
 
@@ -74,17 +74,6 @@ _READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_pr
 # ... and those that do so under a config: BLOOM with pretraining_tp > 1 and slow_but_exact=True
 # runs F.linear on column slices of these children's weights
 _TP_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
-
-
-# nn.Linear subclasses whose own forward is x Wᵀ + b all the same (Falcon's layers)
-_LINEAR_MATH = {"FalconLinear"}
-
-
-def _own_forward(module: nn.Module) -> bool:
-    """A linear subclass with a forward of its own (a MoE router that returns a tuple, as Llama4's and
-    Phimoe's do; a grouped or quantised linear): a converted layer computes x Wᵀ + b instead."""
-    return (isinstance(module, nn.Linear) and not isinstance(module, _CONVERTED)
-            and type(module).forward is not nn.Linear.forward and type(module).__name__ not in _LINEAR_MATH)
 
 
 def _reads_child_weights(module: nn.Module) -> tuple:
