@@ -64,6 +64,7 @@ gradient is added to the gradients directly, the same on every rank). Phase 2's 
 optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but this trainer refuses
 Accelerate's FSDP plugin and DeepSpeed, which replace the parameters and optimizer it holds.
 """
+import contextlib
 import math
 import numbers
 import os
@@ -673,11 +674,9 @@ class LotteryTicketSparseFineTuner(Trainer):
                 if name in self._converted or _is_dtensor(p):
                     continue
                 idx = delta.indices.to(p.device)
-                flat = p.detach().contiguous().view(-1)  # a transposed weight has no flat view: a copy, written back
-                flat[idx.long()] = self._theta0[name].reshape(-1)[idx.long()]
-                sparse_axpy_(flat, idx, delta.values.to(p))
-                if flat.data_ptr() != p.data_ptr():
-                    p.copy_(flat.view(p.shape))
+                with _flat(p.detach()) as flat:
+                    flat[idx.long()] = self._theta0[name].reshape(-1)[idx.long()]
+                    sparse_axpy_(flat, idx, delta.values.to(p))
 
     def _select(self, k: int) -> None:
         """Add the k entries of largest |θ − θ0| not selected yet to the masks."""
@@ -1172,13 +1171,21 @@ def _refuse_another_base(checkpoint, model: nn.Module, weights: dict, theta0: di
                          "base model and arguments")
 
 
+@contextlib.contextmanager
+def _flat(t: torch.Tensor):
+    """t.view(-1) to write through, whatever t's strides: a transposed (non-contiguous) weight has
+    no flat view, so it is a contiguous copy, written back on exit (phase 2 failed at its very end
+    on such a weight, the deltas not folded back)."""
+    flat = t.contiguous().view(-1)
+    yield flat
+    if flat.data_ptr() != t.data_ptr():
+        t.copy_(flat.view(t.shape))
+
+
 def _add_at(t: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
-    """t.view(-1)[idx] += values in place, whatever t's strides: a transposed (non-contiguous)
-    weight has no flat view, and phase 2 failed at its very end, the deltas not folded back."""
-    if t.is_contiguous():
-        t.view(-1).index_add_(0, idx, values)
-    else:
-        t.index_put_(torch.unravel_index(idx, t.shape), values, accumulate=True)
+    """t.view(-1)[idx] += values in place, whatever t's strides."""
+    with _flat(t) as flat:
+        flat.index_add_(0, idx, values)
 
 
 def _no_entries(p: torch.Tensor) -> torch.Tensor:
