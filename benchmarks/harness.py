@@ -74,6 +74,11 @@ def has_bf16_hardware(flags: set[str]) -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def bf16_in_hardware(device: str) -> bool:
+    """Whether `device` multiplies bf16 in hardware: any GPU, or a CPU with AVX-512-BF16 or AMX."""
+    return device == "cuda" or has_bf16_hardware(cpu_flags(read_cpuinfo()))
+
+
 def cpu_model(cpuinfo: str) -> str:
     """The first "model name" in /proc/cpuinfo text."""
     for line in cpuinfo.splitlines():
@@ -149,14 +154,13 @@ class Machine:
 def describe_machine(device: str = "cpu") -> Machine:
     """This machine, as a table's header states it (call after torch.set_num_threads)."""
     info = read_cpuinfo()
-    flags = cpu_flags(info)
     processor = cpu_model(info)
     if device == "cuda":
         processor = f"{torch.cuda.get_device_name()} (host: {processor})"
     from xlsparse import _ext
 
-    return Machine(device, processor, vector_isa(flags), _ext.cpu_capability() or "none (no extension)",
-                   torch.get_num_threads(), torch.__version__, device == "cuda" or has_bf16_hardware(flags))
+    return Machine(device, processor, vector_isa(cpu_flags(info)), _ext.cpu_capability() or "none (no extension)",
+                   torch.get_num_threads(), torch.__version__, bf16_in_hardware(device))
 
 
 def sync(device: str) -> None:

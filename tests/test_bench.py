@@ -41,6 +41,17 @@ def test_isa_detection_from_cpuinfo():
     assert harness.cpu_flags("model name : x\n") == set()
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_bf16_gemm_rows_only_where_the_hardware_multiplies_bf16(bf16, monkeypatch, capsys):
+    monkeypatch.setattr(bench_matmul, "bf16_in_hardware", lambda device: bf16)
+    monkeypatch.setattr(bench_matmul, "_real_mask_cases", lambda tokens, device: [])
+    rows = bench_matmul.cases(quick=True)
+    gemm_bf16 = [c for c in rows if c.dtype == "bfloat16" and "ensemble" not in c.op]
+    assert bool(gemm_bf16) == bf16
+    assert any(c.dtype == "bfloat16" for c in rows)  # the ensemble ops need no GEMM and keep their bf16 rows
+    assert ("bf16 matmul rows skipped" in capsys.readouterr().out) == (not bf16)
+
+
 def _ceilings(copy=20.0, fp32=100.0, bf16=None):
     return harness.Ceilings(copy, fp32, bf16)
 
