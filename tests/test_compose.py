@@ -1203,6 +1203,23 @@ def test_composable_sft_round_trip(tmp_path):
     assert torch.equal(back.absolute["1.weight"], diff.absolute["1.weight"])
 
 
+def test_composable_sft_save_to_a_new_path_makes_a_folder_and_refuses_a_file(tmp_path):
+    # composable-sft's SFT.save and HF's save_pretrained take a folder; a path that did not exist
+    # became a file "de", which nothing reading a composable-sft folder could find
+    diff = _saved_diff()
+    diff.save_composable_sft(str(tmp_path / "out" / "de"))
+    assert sorted(os.listdir(tmp_path / "out" / "de")) == ["pytorch_diff.bin"]
+    back = SparseDiff.load_composable_sft(str(tmp_path / "out" / "de"))
+    assert torch.equal(back.deltas["0.weight"].values, diff.deltas["0.weight"].values)
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"kept")
+    with pytest.raises(FileExistsError, match="existing file"):
+        diff.save_composable_sft(str(taken))
+    assert taken.read_bytes() == b"kept" and sorted(os.listdir(tmp_path)) == ["out", "taken"]
+    diff.save_composable_sft(str(tmp_path / "sft.bin"))  # a .bin path names the file itself
+    assert os.path.isfile(tmp_path / "sft.bin")
+
+
 def test_composable_sft_file_as_written_by_composable_sft_and_above_2_31(tmp_path):
     # composable-sft stores the first step as a numpy int64 and the rest as Python ints.
     shape = torch.Size([2**20, 2**12])  # 2^32 elements

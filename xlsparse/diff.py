@@ -1332,10 +1332,17 @@ class SparseDiff:
             raise ValueError(f"{path}: {exc}") from exc
 
     def save_composable_sft(self, path: str) -> None:
-        """Write composable-sft's `pytorch_diff.bin` (to `path`, or into it if it is a folder; a
-        missing parent folder is made, as composable-sft keeps one SFT per folder). Dense
-        differences are written as sparse diffs over every element; absolute entries as "abs"."""
-        if os.path.isdir(path):
+        """Write composable-sft's `pytorch_diff.bin`. A `path` ending in `.bin` (not a folder) is the
+        file itself; any other path is a folder (made if missing, as composable-sft's `SFT.save` and
+        HF's `save_pretrained` do) that gets `pytorch_diff.bin`; an existing file there is refused
+        with nothing written. Missing parent folders are made. Dense differences are written as
+        sparse diffs over every element; absolute entries as "abs"."""
+        path = os.fspath(path)
+        if os.path.isdir(path) or not path.endswith(".bin"):
+            # written as a file, "out/de" could not be read where a composable-sft folder is expected
+            if os.path.exists(path) and not os.path.isdir(path):
+                raise FileExistsError(errno.EEXIST, "save_composable_sft: path is an existing file, not a folder "
+                                      "(name the file itself with a .bin path)", path)
             path = os.path.join(path, COMPOSABLE_SFT_FILE)
         if os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -352,8 +352,9 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + self._NAMES_KEY] = self.language_names
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _check_state_names(self, state_dict, prefix: str = "") -> None:
+        """ValueError when `state_dict` holds this layer's deltas (at `prefix`) for the languages in
+        another order; a state dict without the names (older) passes."""
         key = prefix + self._NAMES_KEY
         if key in state_dict:
             saved = json.loads(bytes(state_dict[key].cpu().tolist()).decode())
@@ -361,6 +362,11 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
                 raise ValueError(f"load_state_dict: {prefix[:-1] or 'the layer'} holds the deltas of languages {saved} "
                                  f"(in id order), this layer's are {[str(n) for n in self.names]}: convert the model "
                                  "with the languages in the saved order")
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        key = prefix + self._NAMES_KEY
+        self._check_state_names(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in unexpected_keys:

@@ -217,6 +217,32 @@ def test_hooks_on_a_layer_keep_running_in_the_sparse_phase(tmp_path):
     assert seen == ["Linear"]
 
 
+def test_torch_compile_reaches_every_phase(tmp_path):
+    # torch.compile's wrapper set accelerate's "prepared" mark on the model itself, so the sparse
+    # phase and later rounds were handed the bare model: they trained uncompiled
+    seen = []
+
+    class Recording(LotteryTicketSparseFineTuner):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            seen.append((self._phase, type(model).__name__))
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    sfts = []
+    for compile_ in (True, False):
+        t = Recording(model=_no_dropout(tiny("llama")), train_dataset=_LMData(n=8),
+                      args=_args(tmp_path, torch_compile=compile_, torch_compile_backend="eager" if compile_ else None),
+                      sft_args=SftArguments(ft_params_num=400, n_ft_iterations=2, full_ft_max_steps_per_iteration=1,
+                                            sparse_ft_max_steps_per_iteration=1))
+        t.train()
+        sfts.append(t.sft)
+        if compile_:
+            assert seen == [(phase, "OptimizedModule") for phase in ("full", "sparse", "full", "sparse")]
+    compiled, eager = sfts
+    for name, d in eager.deltas.items():
+        assert torch.equal(compiled.deltas[name].indices, d.indices), name
+        torch.testing.assert_close(compiled.deltas[name].values, d.values)
+
+
 @pytest.mark.parametrize("freeze_embeddings", [True, False])
 def test_an_sft_trained_untied_is_refused_on_a_tied_base_and_reproduces_on_an_untied_one(tmp_path, freeze_embeddings):
     """untie_embeddings stores the decoder whole; on the usual tied base that entry would replace
@@ -1715,6 +1741,33 @@ def test_a_non_contiguous_weight_folds_back_and_saves_in_phase_two(tmp_path):
     assert model.model.layers[0].mlp.up_proj is up and trainer.sft.deltas["model.layers.0.mlp.up_proj.weight"].nnz
     assert os.path.isdir(os.path.join(str(tmp_path), "sparse", "checkpoint-2"))
     with trainer.sft.applied(base):
+        composed = base.state_dict()
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, composed[name]), name
+
+
+def test_a_non_contiguous_weight_shared_by_two_linears_trains_both_phases(tmp_path):
+    """One transposed-storage weight in two linears is not converted: the compact MaskedAdamW
+    trains it in phase 2, and refused it as non-contiguous only then, after phase 1 had trained."""
+    def build(strided):
+        model = _no_dropout(tiny("llama"))
+        first = model.model.layers[0].self_attn.q_proj
+        if strided:
+            first.weight = torch.nn.Parameter(first.weight.detach().t().contiguous().t())
+        model.model.layers[1].self_attn.q_proj.weight = first.weight
+        return model
+
+    model, base = build(True), build(False)  # apply takes contiguous weights; the same values
+    shared = model.model.layers[0].self_attn.q_proj.weight
+    assert not shared.is_contiguous()
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path), train_dataset=_LMData(n=8),
+        sft_args=SftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2,
+                              sparse_ft_max_steps_per_iteration=2))
+    trainer.train()
+    assert model.model.layers[0].self_attn.q_proj.weight is shared is model.model.layers[1].self_attn.q_proj.weight
+    assert trainer.sft.deltas["model.layers.0.self_attn.q_proj.weight"].nnz
+    with trainer.sft.applied(base):  # the model is θ0 + its SFT, the shared weight included
         composed = base.state_dict()
         for name, t in model.state_dict().items():
             assert torch.equal(t, composed[name]), name

@@ -1180,6 +1180,21 @@ def test_generate_inside_route_with_beams_names_them():
         model.generate(ids, max_new_tokens=2, num_beams=2)
 
 
+def test_generate_refuses_per_token_language_ids_before_the_first_step():
+    # per-token ids fit the prompt's forward only: generate ran it, then raised at the second step,
+    # whose input is the generated token
+    model = _multi("gpt2")
+    ids = batch(2, 5)
+    per_token = torch.tensor([[0] * 5, [1] * 5])
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(1))
+    with pytest.raises(ValueError, match=r"generate: language_ids of shape \[2, 5\].*one id per example"):
+        model.generate(ids, language_ids=per_token, max_new_tokens=3, do_sample=False)
+    with hf.route(model, per_token), pytest.raises(ValueError, match=r"shape \[2, 5\]"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert not calls  # refused before any forward
+
+
 def test_generate_keeps_language_ids_where_the_class_prepares_its_own_inputs():
     # Flaubert's prepare_inputs_for_generation builds the step inputs afresh and dropped
     # language_ids: every generated row ran the base model, whatever its language
@@ -1512,6 +1527,45 @@ def test_a_multi_model_round_trips_through_distributed_checkpoint_and_refuses_an
     load(state, checkpoint_id=str(tmp_path))
     with pytest.raises(ValueError, match=r"languages \['de', 'fr'\].*\['fr', 'de'\]"):
         set_model_state_dict(swapped, state)
+
+
+def test_a_refused_multi_load_changes_nothing(tmp_path):
+    # the order was checked by each layer as torch reached it: the embeddings (and any layer before
+    # the first routed one) had taken the refused state dict's values already
+    from torch.distributed.checkpoint import load, save
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    base = tiny("bert")
+    diffs = {lang: random_diff(base, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
+    trained = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    with torch.no_grad():
+        for t in trained.state_dict().values():
+            if t.is_floating_point():
+                t.add_(0.25)  # every weight differs from the model it is loaded into
+    save(get_model_state_dict(trained), checkpoint_id=str(tmp_path))
+    swapped = hf.convert(copy.deepcopy(base), kind="multi", diffs={"fr": diffs["fr"], "de": diffs["de"]})
+    before = {n: t.clone() for n, t in swapped.state_dict().items()}
+
+    def unchanged():
+        return [n for n, t in swapped.state_dict().items() if not torch.equal(t, before[n])]
+
+    with pytest.raises(ValueError, match="languages"):
+        swapped.load_state_dict(trained.state_dict())
+    assert unchanged() == []
+    # a distributed checkpoint read into a state dict of its own, then set
+    state = {n: t.clone() for n, t in get_model_state_dict(swapped).items()}
+    load(state, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match="languages"):
+        set_model_state_dict(swapped, state)
+    assert unchanged() == []
+    # the names alone, read first: the check without reading the weights into the model
+    names = {n: t for n, t in get_model_state_dict(swapped).items() if n.endswith(".language_names")}
+    load(names, checkpoint_id=str(tmp_path))
+    with pytest.raises(ValueError, match="languages"):
+        swapped.load_state_dict(names, strict=False)
+    assert unchanged() == []
+    hf.merge_and_unload(swapped, language="de")
+    assert not swapped._load_state_dict_pre_hooks  # a plain model again, loading anything
 
 
 def _convert_gpt2(base, kind: str, model=None, trained: bool = False):

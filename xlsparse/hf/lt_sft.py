@@ -386,6 +386,9 @@ class LotteryTicketSparseFineTuner(Trainer):
     checkpoint and `save_model` after a sparse phase also hold the SFT so far as `sft.safetensors`.
     Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
     launch` with either) are refused with a ValueError at construction, and so is `model_init`.
+    A trainable parameter stored with other strides (a transposed weight) is given row-major
+    storage at construction: the same values in the same Parameter. `TrainingArguments.torch_compile`
+    compiles every phase, each sparse phase with its SparseDelta layers.
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,
@@ -523,6 +526,12 @@ class LotteryTicketSparseFineTuner(Trainer):
             for name, p in model.named_parameters(remove_duplicate=False):
                 if any(re.search(pat, name) for pat in a.layer_norm_patterns):
                     p.requires_grad_(False)
+        for p in model.parameters():
+            if p.requires_grad and not p.is_contiguous():
+                # the sparse phase's MaskedAdamW steps flat storage and refuses a strided weight it trains
+                # (one shared by two linears is not converted), which it found only after phase 1 had run;
+                # the same values in row-major storage, in the same Parameter (tied modules keep sharing it)
+                p.data = p.data.contiguous()
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         """Every parameter of the model once, by its canonical name."""
@@ -625,6 +634,10 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._phase = phase
         self.optimizer, self.lr_scheduler = None, None
         self.model_wrapped = self.model  # a DDP wrapper of the previous phase holds the wrong parameters
+        if self.args.torch_compile:
+            # torch.compile's wrapper passes accelerate's "prepared" mark on to the model it wraps: the
+            # next phase's prepare returned the bare model, and the sparse phase trained uncompiled
+            self.model.__dict__.pop("_is_accelerate_prepared", None)
         self.args.output_dir = self._phase_dir(phase, it, root)
         epochs = getattr(a, f"{phase}_ft_max_epochs_per_iteration")
         steps = training_length(getattr(a, f"{phase}_ft_min_steps_per_iteration"),

@@ -367,7 +367,8 @@ class _RoutingGenerate(_OnInstance):
     tensor of ids (generate repeats tensors only, for each beam and returned sequence: a list of
     names did not follow the rows). `guidance_scale` is refused beside them: transformers'
     classifier-free guidance runs the model a second time without the generate kwargs, so that
-    pass ran the base model for every language, silently."""
+    pass ran the base model for every language, silently. Per-token ids (given, or those of an
+    enclosing `route`) are refused before the first step."""
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -387,6 +388,15 @@ class _RoutingGenerate(_OnInstance):
                                  "(classifier-free guidance), so that pass would run the base model; route the call "
                                  "instead: `with xlsparse.hf.route(model, language_ids): model.generate(...)`")
             kwargs["language_ids"] = _language_ids(self.model, language_ids)
+        active = routing.current()
+        given = kwargs.get("language_ids")
+        if given is None and active is not None and (active.modules is None or id(self.model) in active.modules):
+            given = active.ids  # `with route(model, ids): model.generate(...)`
+        if given is not None and given.dim() > 1:
+            # per-token ids cover the prompt only: the first step ran, the second (the generated
+            # token) raised on their shape, after the prompt's whole forward
+            raise ValueError(f"generate: language_ids of shape {list(given.shape)} give one id per prompt token, but "
+                             "the tokens generate adds have none; give one id per example [B]")
         return type(self.model).generate(self.model, *args, **kwargs)
 
 
@@ -684,11 +694,22 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     model._xlsparse_record = _remember(model, saved)
     if kind != "delta":
         _accept_language_ids(model)
+    if kind == "multi":
+        model.register_load_state_dict_pre_hook(_check_language_order)
     if callable(getattr(type(model), "save_pretrained", None)):
         model.save_pretrained = _SavePretrainedWithDiff(model)
     if any(isinstance(v, _OnInstance) for v in model.__dict__.values()):
         model.__getstate__ = _InstanceState(model)
     return model
+
+
+def _check_language_order(model: nn.Module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook on a 'multi' model: every layer's language order is checked before
+    torch writes any entry. Checked by each layer alone, a refusal came after the modules loaded
+    before that layer (the embeddings, earlier layers) had taken the state dict's values."""
+    for name, layer in model.named_modules():
+        if isinstance(layer, MultiDeltaLinear):
+            layer._check_state_names(state_dict, f"{prefix}{name}.")
 
 
 def _no_fused_fast_path(module: nn.Module, args) -> None:
@@ -1399,6 +1420,9 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     for module in model.modules():  # an encoder-decoder's encoder, the base model (`_accept_language_ids`)
         if isinstance(module.__dict__.get("forward"), _RoutingForward):
             del module.forward
+    for key, hook in list(model._load_state_dict_pre_hooks.items()):  # torch keeps it wrapped, as `.hook`
+        if getattr(hook, "hook", hook) is _check_language_order:
+            del model._load_state_dict_pre_hooks[key]
     return model
 
 
