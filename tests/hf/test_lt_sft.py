@@ -1773,6 +1773,22 @@ def test_a_non_contiguous_weight_shared_by_two_linears_trains_both_phases(tmp_pa
             assert torch.equal(t, composed[name]), name
 
 
+def test_a_strided_view_of_another_parameter_is_refused_at_construction(tmp_path):
+    """Two Parameters over one storage, one of them transposed: row-major storage for the strided one
+    would untie them (the other would stop seeing its updates), so it is refused before anything trains."""
+    model = _no_dropout(tiny("llama"))
+    first = model.model.layers[0].self_attn.q_proj
+    model.model.layers[1].self_attn.q_proj.weight = torch.nn.Parameter(first.weight.detach().t())
+    view = model.model.layers[1].self_attn.q_proj.weight
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj\.weight.*model\.layers\.0"):
+        LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(n=8),
+                                     sft_args=SftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=1,
+                                                           sparse_ft_max_steps_per_iteration=1))
+    assert view.untyped_storage().data_ptr() == first.weight.untyped_storage().data_ptr() and not view.is_contiguous()
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
 class _Twice(torch.nn.Module):
     def forward(self, w):
         return 2.0 * w

@@ -526,12 +526,22 @@ class LotteryTicketSparseFineTuner(Trainer):
             for name, p in model.named_parameters(remove_duplicate=False):
                 if any(re.search(pat, name) for pat in a.layer_norm_patterns):
                     p.requires_grad_(False)
-        for p in model.parameters():
-            if p.requires_grad and not p.is_contiguous():
-                # the sparse phase's MaskedAdamW steps flat storage and refuses a strided weight it trains
-                # (one shared by two linears is not converted), which it found only after phase 1 had run;
-                # the same values in row-major storage, in the same Parameter (tied modules keep sharing it)
-                p.data = p.data.contiguous()
+        # The sparse phase's MaskedAdamW steps flat storage and refuses a strided weight it trains
+        # (one shared by two linears is not converted), which it found only after phase 1 had run:
+        # the same values in row-major storage, in the same Parameter (tied modules keep sharing it).
+        # A strided view of another tensor's storage would be untied by the copy: refused.
+        strided = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not p.is_contiguous()]
+        owners = {}
+        for n, t in [*model.named_parameters(), *model.named_buffers()] if strided else ():
+            owners.setdefault(t.untyped_storage().data_ptr(), []).append((n, t))
+        for name, p in strided:
+            views = [n for n, t in owners[p.untyped_storage().data_ptr()] if t is not p]
+            if views:
+                raise ValueError(f"LotteryTicketSparseFineTuner: parameter {name!r} is a strided view of the storage "
+                                 f"of {views}; the sparse phase needs it row-major, and a copy would untie them. "
+                                 "Tie them as one Parameter, or give it its own contiguous storage")
+        for _, p in strided:
+            p.data = p.data.contiguous()
 
     def _params(self) -> dict[str, torch.nn.Parameter]:
         """Every parameter of the model once, by its canonical name."""
