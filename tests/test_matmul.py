@@ -1162,7 +1162,6 @@ def test_a_strided_base_weight_multiplies_by_its_merged_copy():
 
 @needs_ext
 def test_a_merged_layer_compiles_with_fullgraph():
-    # the stale-merge check reads a version counter, which a graph cannot: eager calls only
     layer, x = _layer_with_delta(28)
     layer.eval()
     layer.merge()
@@ -1172,6 +1171,24 @@ def test_a_merged_layer_compiles_with_fullgraph():
         torch.testing.assert_close(compiled(x), expect)
     compiled(x).sum().backward()
     assert layer.delta_values.grad is not None
+
+
+@needs_ext
+def test_a_compiled_merged_layer_refuses_a_delta_changed_after_merge():
+    """A graph took the version counter at tracing as a constant: after Δ changed, the compiled
+    merged layer kept running x (W0 + old Δ)ᵀ + b without a word."""
+    layer, x = _layer_with_delta(29)
+    layer.eval()
+    layer.merge()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        compiled(x)
+        merged = layer.delta_values.clone()
+        layer.delta_values.add_(1.0)
+        with pytest.raises(RuntimeError, match="changed after merge"):
+            compiled(x)
+        layer.delta_values.copy_(merged)  # the merged bits again: the merge is current
+        torch.testing.assert_close(compiled(x), _by_hand(layer, layer.base_weight())(x))
 
 
 @pytest.mark.parametrize("op", ["sparse_delta_linear", "multi_delta_linear"])

@@ -2,7 +2,9 @@
 import pytest
 import torch
 
+import xlsparse
 from xlsparse import functional, routing
+from xlsparse import nn as xnn
 
 
 def test_groups_are_stable_and_drop_unrouted():
@@ -34,6 +36,24 @@ def test_per_token_ids_keep_their_order():
 def test_bad_ids(ids, n, exc):
     with pytest.raises(exc):
         routing.TokenGroups.build(torch.tensor(ids), n)
+
+
+@pytest.mark.parametrize("bad", [2, -2])
+def test_a_compiled_routed_layer_refuses_ids_out_of_range(bad):
+    """Under torch.compile the host check is skipped: id 2 of a two-delta layer (or -2) ran the
+    base alone, silently (eager raises IndexError)."""
+    torch.manual_seed(0)
+    deltas = {n: xlsparse.SparseDelta.from_dense(torch.randn(6, 8), k=10) for n in ("a", "b")}
+    layer = xnn.MultiDeltaLinear.from_linear(torch.nn.Linear(8, 6), deltas).eval()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        ok = compiled(x, route=torch.tensor([0, 1, -1, 1]))
+        torch.testing.assert_close(ok[2], layer.weight @ x[2] + layer.bias)  # -1: the base alone
+        with pytest.raises(RuntimeError, match=r"ids must lie in \[-1, 2\)"):
+            compiled(x, route=torch.tensor([0, 1, bad, 1]))
+        with xlsparse.routing.use(torch.tensor([0, bad, 1, -1]), 2), pytest.raises(RuntimeError, match="ids must lie"):
+            compiled(x)
 
 
 @pytest.mark.parametrize("ids", [torch.tensor([0.9, 1.0]), torch.tensor([True, False])])

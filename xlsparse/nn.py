@@ -95,7 +95,9 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         # the merged entries W0 + Δ as merge() wrote them: unmerge() checks that nothing else (an
         # xlsparse.apply or its revert) wrote them since, whose change a restore would drop silently
         self.register_buffer("_merged_entries", None, persistent=False)
-        self._merged_version = None  # _delta_state(delta_values) at merge(): a later change makes the merge stale
+        # Δ as merge() wrote it: a later change makes the merge stale (a buffer, so that .to() casts it with Δ)
+        self.register_buffer("_merged_delta", None, persistent=False)
+        self._merged_version = None  # delta_values' version counter at merge(): unchanged, Δ is not read back
         self._merge_write = None  # merge() as an in-place write: an earlier apply's revert over it refuses
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
@@ -124,10 +126,12 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             return nn.functional.linear(x, self.weight, self.bias)
         if not self.merged:
             return functional.sparse_delta_linear(x, self.weight, self.bias, self.delta_indices, self.delta_values)
-        # (not while tracing: a graph cannot read version counters; eager calls check)
-        if not torch.compiler.is_compiling() and self._merge_is_stale():
-            raise RuntimeError("SparseDeltaLinear: delta_values changed after merge(), so the merged weight is stale; "
-                               "unmerge() and merge() again")
+        if torch.compiler.is_compiling():
+            # a graph reads no version counter (it took the one at tracing as a constant, and a
+            # compiled merged layer ran a stale Δ silently): it compares the K values instead
+            torch._assert_async(self._merge_current(), _STALE_MERGE)
+        elif self._merge_is_stale():
+            raise RuntimeError(_STALE_MERGE)
         wants_grad = torch.is_grad_enabled() and self.delta_values.requires_grad
         if wants_grad and self.training:
             # a step would change Δ but not the merged weight (the next forward then refuses)
@@ -146,7 +150,11 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         storage is the one of the linear the layer was made from: anything else that holds that
         tensor sees W0 + Δ until `unmerge`. A forward refuses once `delta_values` has changed."""
         if self._displaced is None:
-            version = _delta_state(self.delta_values)
+            # an inference tensor (made under torch.inference_mode, as by a `from_pretrained` there)
+            # keeps no version counter: reading it raised, after W0 + Δ was written
+            values = self.delta_values.detach()
+            version = None if values.is_inference() else values._version
+            self._merged_delta = values.clone()
             self._displaced = write_delta_(self.weight, self.delta_indices, self.delta_values)
             self._merged_entries = self.weight.detach().reshape(-1)[self.delta_indices.long()].clone()
             self._merged_version = version
@@ -174,6 +182,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             restore_entries_(self.weight, self.delta_indices, self._displaced)
             self._displaced = None
             self._merged_entries = None
+            self._merged_delta = None
             if self._merge_write is not None:
                 self._merge_write.release()
                 self._merge_write = None
@@ -182,11 +191,18 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         """True while merged when delta_values changed since merge(): the merged weight is W0 + an old Δ."""
         if not self.merged:
             return False
-        then, now = self._merged_version, self.delta_values.detach()
-        if isinstance(then, torch.Tensor):  # the bits of an inference tensor (`_delta_state`), cast as the layer was since
-            then = then.to(now)
-            return then.shape != now.shape or not torch.equal(then.view(torch.uint8), now.view(torch.uint8))
-        return now.is_inference() or self.delta_values._version != then
+        now = self.delta_values.detach()
+        if not now.is_inference() and now._version == self._merged_version:
+            return False  # not written since merge(): no need to read Δ back (a device sync on a GPU)
+        return not bool(self._merge_current())
+
+    def _merge_current(self) -> torch.Tensor:
+        """A bool tensor, True while merged when delta_values holds the bits merge() wrote (a
+        tensor, not a Python bool, so that a compiled graph can assert it)."""
+        then, now = self._merged_delta, self.delta_values.detach()
+        if then.dtype != now.dtype or then.shape != now.shape:
+            return torch.zeros((), dtype=torch.bool, device=now.device)
+        return (then.view(torch.uint8) == now.view(torch.uint8)).all()  # bits: a NaN Δ is current too
 
     def _written_since_merge(self) -> bool:
         """True while merged when something other than merge() (an xlsparse.apply, a revert) wrote
@@ -211,17 +227,11 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         return base
 
     def __getstate__(self):
-        # deepcopy and pickle give delta_values a new tensor whose version counter starts afresh:
-        # keep whether the merge was current, not the old counter (a merged copy refused to run)
+        # deepcopy and pickle give delta_values a new tensor whose version counter starts afresh: the
+        # old counter means nothing there, and the copy compares Δ with its `_merged_delta` instead
         state = super().__getstate__()
-        if self.merged:
-            state["_merged_version"] = "stale" if self._merge_is_stale() else "current"
+        state["_merged_version"] = None
         return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        if self.merged and self._merged_version in ("stale", "current"):
-            self._merged_version = _delta_state(self.delta_values) if self._merged_version == "current" else -1
 
     def _state_weight(self, saved):
         return self.base_weight() if self.merged else saved  # W0, not W0 + Δ: the delta is saved beside it
@@ -244,11 +254,8 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, nnz={self.delta_indices.numel()}"
 
 
-def _delta_state(values: torch.Tensor):
-    """What `merge` keeps of `delta_values` to tell a later change: its version counter, or a copy
-    of an inference tensor (one made under torch.inference_mode, as by a `from_pretrained` there),
-    which keeps no version counter: reading it raised, after merge had written W0 + Δ."""
-    return values.detach().clone() if values.is_inference() else values._version
+_STALE_MERGE = ("SparseDeltaLinear: delta_values changed after merge(), so the merged weight is stale; unmerge() and "
+                "merge() again")
 
 
 def _routed(active: "routing.Routing", count: int, what: str) -> "routing.Routing":
@@ -587,10 +594,15 @@ class ExpertEmbedding(nn.Module):
     (the input embedding of `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row
     of its expert's delta: sparse deltas are read through row pointers, never densified. A base
     module that scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
-    token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight."""
+    token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight. A base
+    with `max_norm` is refused: it would renormalise the base row, not the expert's."""
 
     def __init__(self, embedding: nn.Embedding, deltas: Sequence):
         super().__init__()
+        if getattr(embedding, "max_norm", None) is not None:
+            # the base lookup renormalises (in place) the base row W0[id], not the expert's (W0 + Δ_e)[id]
+            raise ValueError(f"ExpertEmbedding: the base embedding has max_norm = {embedding.max_norm}, which would "
+                             "renormalise the base rows only, not each expert's rows; set its max_norm to None")
         self.base = embedding
         self.num_experts = len(deltas)
         self.disabled = False  # True: the base embedding alone (xlsparse.hf.disable)

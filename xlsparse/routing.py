@@ -60,11 +60,14 @@ class TokenGroups:
 
     @staticmethod
     def build(ids: torch.Tensor, num_ids: int) -> "TokenGroups":
-        """Group the flat token ids [T] (values in [−1, num_ids); checked in eager mode, and by
-        `xlsparse.hf.route` before a compiled model runs)."""
+        """Group the flat token ids [T] (values in [−1, num_ids): checked on the host in eager
+        mode, by an assert in the graph under torch.compile)."""
         check_id_dtype(ids)
         ids = ids.reshape(-1).long()
         if torch.compiler.is_compiling():
+            # the host check would break the graph; unchecked, an id out of range (`route=` or
+            # `language_ids=` of a compiled layer, `routing.use`) ran the base only, silently
+            torch._assert_async(((ids >= -1) & (ids < num_ids)).all(), f"route: ids must lie in [-1, {num_ids})")
             order = torch.sort(ids, stable=True).indices
             counts = (ids.unsqueeze(0) == torch.arange(num_ids, device=ids.device).unsqueeze(1)).sum(1)
             offsets = torch.cat([(ids < 0).sum().reshape(1), counts]).cumsum(0)

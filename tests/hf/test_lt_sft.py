@@ -105,6 +105,20 @@ def test_untie_on_an_untied_model_and_too_large_k_are_errors(tmp_path):
                                          sft_args=SftArguments(**k, **steps))
 
 
+def test_a_max_norm_embedding_is_refused_before_anything_changes(tmp_path):
+    """nn.Embedding(max_norm=...) renormalises the rows it reads in place in every forward: entries
+    outside the mask changed, and the trained model was not base + trainer.sft (1486 entries of this
+    BERT differed, up to 0.03)."""
+    model = tiny("bert")
+    model.bert.embeddings.word_embeddings.max_norm = 0.05
+    before = {n: (p.detach().clone(), p.requires_grad) for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"bert\.embeddings\.word_embeddings .*max_norm"):
+        _trainer(tmp_path, model, untie_embeddings=True, freeze_layer_norm=True)
+    after = dict(model.named_parameters())
+    assert set(after) == set(before)
+    assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] for n, p in after.items())
+
+
 def test_a_composable_sft_maskable_list_that_misses_the_tied_embeddings_is_named(tmp_path):
     # run_mlm.py's list (names under base_model_prefix from named_parameters()) lacks XLM-R's word
     # embeddings under transformers 5, which lists the tied matrix as lm_head.decoder.weight: they

@@ -160,6 +160,28 @@ def test_expert_embedding_deltas_are_scaled_with_the_embedding():
     torch.testing.assert_close(got, _expert_logprobs(base, experts, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_expert_embeddings_over_a_max_norm_base_are_refused_and_add_expert_keeps_the_ensemble():
+    """A max_norm base renormalised its own row W0[id] (in place) and then added Δ_e[id], so a
+    token's embedding was not the expert's (W0 + Δ_e)[id] renormalised; refused. add_expert then
+    raised with the expert listed already (and its id routed to a model built without it)."""
+    base = tiny("llama")
+    base.model.embed_tokens.max_norm = 1.0
+    experts = _random_experts(base, "llama")  # x0 and x1 change the input embedding
+    weights = {n: p.detach().clone() for n, p in base.named_parameters()}
+    with pytest.raises(ValueError, match="max_norm"):
+        xelm.ExpertEnsemble(base, experts)
+    assert all(torch.equal(p, weights[n]) for n, p in base.named_parameters())
+    ensemble = xelm.ExpertEnsemble(base, {"x2": experts["x2"]})  # no embedding delta: the base model's own lookup
+    ids = batch(2, 6)
+    with torch.no_grad():
+        before = ensemble.expert_logits(ids)
+    with pytest.raises(ValueError, match="max_norm"):
+        ensemble.add_expert("x0", experts["x0"])
+    assert ensemble.names == ["x2"]
+    with torch.no_grad():
+        assert torch.equal(ensemble.expert_logits(ids), before)
+
+
 def test_disable_turns_off_the_expert_embeddings_too():
     base = tiny("llama")
     experts = _random_experts(base, "llama")  # x0 and x1 change the input embedding
@@ -265,6 +287,29 @@ def test_generation_is_incremental_and_matches_the_forward(arch):
     assert torch.equal(ids[:, 5:], scores.argmax(-1))
     sampled = ensemble.generate(prompt, max_new_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, 8)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_left_padded_batch_generates_as_each_prompt_alone(arch):
+    """generate took no attention mask: a padded prompt attended to its padding, and GPT-2 counted
+    positions from it, so its continuation silently differed from the prompt's own."""
+    base = tiny(arch)
+    ensemble = xelm.ExpertEnsemble(base, _random_experts(base, arch))
+    full, short, pad, new = batch(1, 6, seed=4), batch(1, 4, seed=5), 2, 4
+    ids = torch.cat([full, torch.cat([torch.zeros(1, pad, dtype=torch.long), short], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    got, scores = ensemble.generate(ids, max_new_tokens=new, return_logprobs=True, attention_mask=mask)
+    for i, row in enumerate([full, short]):
+        alone, alone_scores = ensemble.generate(row, max_new_tokens=new, return_logprobs=True)
+        assert torch.equal(got[i, -new:], alone[0, -new:])
+        torch.testing.assert_close(scores[i], alone_scores[0], rtol=1e-4, atol=1e-4)
+    right = torch.ones_like(ids)
+    right[1, -pad:] = 0  # the next token would be predicted from padding
+    with pytest.raises(ValueError, match="attention_mask"):
+        ensemble.generate(ids, max_new_tokens=new, attention_mask=right)
+    with pytest.raises(ValueError, match="attention_mask"):
+        ensemble.generate(ids, max_new_tokens=new, attention_mask=mask[:, 1:])
 
 
 def _language(rule, lo, n, seed, b=8, s=12):

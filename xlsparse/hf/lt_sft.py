@@ -369,6 +369,17 @@ def _training_args(args: tuple, kwargs: dict):
     return kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
 
 
+def _refuse_max_norm(model: nn.Module) -> None:
+    """An nn.Embedding with `max_norm` renormalises the rows it looks up in place, in every forward,
+    frozen or not: entries outside the mask changed, and the trained model was not base + `sft`
+    (1486 entries of a tiny BERT differed, up to 0.03). Refused before anything is changed."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and module.max_norm is not None:
+            raise ValueError(f"LotteryTicketSparseFineTuner: {name or 'the model'} is an nn.Embedding with max_norm = "
+                             f"{module.max_norm}, whose forward rewrites the rows it reads outside any mask; set its "
+                             "max_norm to None (renormalising the base once beforehand if wanted)")
+
+
 class LotteryTicketSparseFineTuner(Trainer):
     """`Trainer` that runs LT-SFT as composable-sft does (module docstring) and leaves the result
     in `self.sft` (a `SparseDiff`: deltas of the maskable parameters, heads as absolute entries).
@@ -385,10 +396,11 @@ class LotteryTicketSparseFineTuner(Trainer):
     (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every sparse-phase
     checkpoint and `save_model` after a sparse phase also hold the SFT so far as `sft.safetensors`.
     Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
-    launch` with either) are refused with a ValueError at construction, and so is `model_init`.
-    A trainable parameter stored with other strides (a transposed weight) is given row-major
-    storage at construction: the same values in the same Parameter. `TrainingArguments.torch_compile`
-    compiles every phase, each sparse phase with its SparseDelta layers.
+    launch` with either) are refused with a ValueError at construction, and so are `model_init` and
+    a model holding an `nn.Embedding` with `max_norm`. A trainable parameter stored with other
+    strides (a transposed weight) is given row-major storage at construction: the same values in
+    the same Parameter. `TrainingArguments.torch_compile` compiles every phase, each sparse phase
+    with its SparseDelta layers.
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,
@@ -408,6 +420,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.sft_args = sft_args or SftArguments()
         if not isinstance(self.sft_args, SftArguments):
             raise TypeError(f"sft_args must be an SftArguments, got {type(self.sft_args).__name__}")
+        _refuse_max_norm(self.model)
         # The sparse phase always steps with compact MaskedAdamW (AdamW's math with args' lr, betas,
         # eps, weight decay): any other optimizer would run in the full phase only
         optim = str(getattr(self.args.optim, "value", self.args.optim))
@@ -755,7 +768,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             if len(embeddings) + len(linears) != len(found) or not found or len(embeddings) > 1 \
                     or (not embeddings and len(linears) > 1):
                 continue  # shared in a way we do not convert: trained through the compact optimizer
-            if embeddings and any(getattr(embeddings[0][1], o, None) for o in ("max_norm", "scale_grad_by_freq", "sparse")):
+            # (max_norm is refused at construction)
+            if embeddings and any(getattr(embeddings[0][1], o, None) for o in ("scale_grad_by_freq", "sparse")):
                 continue
             idx = self._masks.get(name, torch.zeros(0, dtype=index_dtype(p.numel()), device=p.device))
             with torch.no_grad():

@@ -144,6 +144,7 @@ class ExpertEnsemble(nn.Module):
         self._build()
 
     def _build(self) -> None:
+        """Build `model` and the prior from `experts`; nothing is assigned until all of it built."""
         e = len(self.experts)
         if self.top_k is not None and not 1 <= self.top_k <= e:
             raise ValueError(f"ExpertEnsemble: top_k must be in [1, {e}], got {self.top_k}")
@@ -152,7 +153,7 @@ class ExpertEnsemble(nn.Module):
         if prior.shape != (e,) or not bool((prior > 0).all()):
             raise ValueError(f"ExpertEnsemble: prior must be {e} positive numbers, got {prior.tolist()}")
         # not a buffer: `.to(torch.bfloat16)` of the ensemble would round the prior too
-        self._log_prior = (prior / prior.sum()).log().float()
+        log_prior = (prior / prior.sum()).log().float()
 
         model = copy.deepcopy(self._bases[0])
         params = dict(model.named_parameters(remove_duplicate=False))
@@ -170,13 +171,14 @@ class ExpertEnsemble(nn.Module):
             targets.append(head)
         diffs = {n: SparseDiff._trusted(lin) for n, (lin, _) in zip(self.experts, per_expert)}
         # A tied head gets the embedding's delta (`_split_expert`), so both uses change alike.
-        self.model = convert(model, [t[: -len(".weight")] for t in targets], kind="multi", diffs=diffs,
-                             keep_tied=[head[: -len(".weight")]] if tied else [])
+        model = convert(model, [t[: -len(".weight")] for t in targets], kind="multi", diffs=diffs,
+                        keep_tied=[head[: -len(".weight")]] if tied else [])
         embeddings = [emb for _, emb in per_expert]
         if any(emb is not None for emb in embeddings):
-            self.model.set_input_embeddings(ExpertEmbedding(emb_module, embeddings))
+            model.set_input_embeddings(ExpertEmbedding(emb_module, embeddings))
         # For inference: a step taken here would never reach `experts`, and add_expert rebuilds from those.
-        self.model.requires_grad_(False).eval()
+        self.model = model.requires_grad_(False).eval()
+        self._log_prior = log_prior
 
     @property
     def names(self) -> list[str]:
@@ -192,10 +194,17 @@ class ExpertEnsemble(nn.Module):
             raise ValueError("add_expert: give prior= exactly when the ensemble has a non-uniform prior")
         # the rebuild starts from the unconverted base: keep where and in what dtype the ensemble runs
         ref = next(self.model.parameters())
+        before = dict(self.experts), self._prior
         self.experts[name] = diff
         if prior is not None:
             self._prior = [*torch.as_tensor(self._prior, dtype=torch.float64).tolist(), float(prior)]
-        self._build()
+        try:
+            self._build()
+        except Exception:
+            # an expert the ensemble cannot hold: without it again (it was listed, and its id was routed
+            # to a model built without it)
+            self.experts, self._prior = before
+            raise
         self.to(device=ref.device, dtype=ref.dtype)
 
     # --- the pieces: expert logits, token log-likelihoods, weights ---
@@ -208,14 +217,17 @@ class ExpertEnsemble(nn.Module):
         positions count real tokens only (as HF's `generate` does), so a left-padded row is
         scored as the same row unpadded also by absolute-position models (GPT-2, XGLM)."""
         e, (b, s) = len(self.experts), input_ids.shape
+        return self._expert_pass(input_ids, attention_mask, use_cache=False).logits.reshape(e, b, s, -1)
+
+    def _expert_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
+        """The model's output on E copies of the batch, positions counted over real tokens only."""
+        e = len(self.experts)
         mask = positions = None
         if attention_mask is not None:
             mask = attention_mask.repeat(e, 1)
             positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         with route(self.model, self._copies(input_ids)):
-            logits = self.model(input_ids=input_ids.repeat(e, 1), attention_mask=mask, position_ids=positions,
-                                use_cache=False).logits
-        return logits.reshape(e, b, s, -1)
+            return self.model(input_ids=input_ids.repeat(e, 1), attention_mask=mask, position_ids=positions, **kwargs)
 
     def log_weights(self, token_logprobs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """[B, S, E] log mixture weights from the experts' log-likelihoods of each observed
@@ -285,29 +297,40 @@ class ExpertEnsemble(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, do_sample: bool = False,
                  generator: torch.Generator | None = None, eos_token_id: int | None = None,
-                 weights: torch.Tensor | None = None, return_logprobs: bool = False):
+                 weights: torch.Tensor | None = None, return_logprobs: bool = False,
+                 attention_mask: torch.Tensor | None = None):
         """Generate through the mixture, greedily or by sampling (`do_sample`, `generator`).
 
         Incremental: the experts keep a KV cache, and each expert's prefix log-likelihood grows
-        by one token per step, so no prefix is scored twice. Prompts must not be padded. Returns
-        the ids [B, S + new] (stopping early when every row has produced `eos_token_id`), and
-        with `return_logprobs` also the mixture's log-probabilities [B, new, V] at each step.
+        by one token per step, so no prefix is scored twice. Padded prompts need their
+        `attention_mask` [B, S] (1 real, 0 padding) and left padding, as HF's `generate`: a row
+        then continues as it would unpadded. Returns the ids [B, S + new] (stopping early when
+        every row has produced `eos_token_id`), and with `return_logprobs` also the mixture's
+        log-probabilities [B, new, V] at each step.
         """
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
         if weights is not None and weights.dim() == 3:  # the new tokens' positions would have none
             raise ValueError("generate: weights per position cover the prompt only; give weights per example [B, E]")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != tuple(input_ids.shape):
+                raise ValueError(f"generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                                 f"{tuple(input_ids.shape)}")
+            # the next token is predicted from each row's last position: padding there would continue padding
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all() and attention_mask[:, -1].all()):
+                raise ValueError("generate: attention_mask must hold 0 and 1 only, with every row's last token real "
+                                 "(pad prompts on the left)")
         e, b = len(self.experts), input_ids.shape[0]
         copies = self._copies(input_ids)
-        with route(self.model, copies):
-            out = self.model(input_ids=input_ids.repeat(e, 1), use_cache=True)
+        out = self._expert_pass(input_ids, attention_mask, use_cache=True)
         logits = out.logits.reshape(e, b, input_ids.shape[1], -1)
-        token_lp = self._token_logprobs(logits, input_ids)
+        token_lp = self._token_logprobs(logits, input_ids, attention_mask)
         log_w = self.log_weights(token_lp, weights)
         prefix = token_lp.sum(2)  # [E, B]: log p_e(prompt), grown by one token per step below
         cache, step_logits = _cache_of(out), logits[:, :, -1]
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         ids, scores, done = input_ids, [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        mask, step_args = attention_mask, {}
         static_w = log_w[:, -1]  # [B, E] for uniform / static weighting
         for _ in range(max_new_tokens):
             lw = self._posterior(prefix.T) if self.weighting == "posterior" else static_w
@@ -324,8 +347,12 @@ class ExpertEnsemble(nn.Module):
             if len(scores) == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
             prefix = prefix + torch.log_softmax(step_logits.float(), -1).gather(-1, token[None, :, None].expand(e, b, 1)).squeeze(-1)
+            if mask is not None:  # the new token's position: the number of real tokens before it
+                positions = mask.long().sum(-1, keepdim=True)
+                mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
+                step_args = {"attention_mask": mask.repeat(e, 1), "position_ids": positions.repeat(e, 1)}
             with route(self.model, copies):
-                out = self.model(input_ids=token.repeat(e)[:, None], use_cache=True, **{cache_arg: cache})
+                out = self.model(input_ids=token.repeat(e)[:, None], use_cache=True, **{cache_arg: cache}, **step_args)
             cache, step_logits = _cache_of(out), out.logits[:, -1].reshape(e, b, -1)
         return (ids, torch.stack(scores, 1)) if return_logprobs else ids
 
