@@ -1157,3 +1157,40 @@ def test_subnetwork_trainer_refuses_fsdp_and_deepspeed_up_front(tmp_path, monkey
         continual.continual_trainer(plain, masks, args=other, train_dataset=_MixedData())
     assert getattr(plain, "xlsparse_config", None) is None
     assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+
+
+@pytest.mark.parametrize("entry", ["reptile_step", "fomaml_step", "SubnetworkTrainer", "continual_update",
+                                   "continual_trainer", "train_expert"])
+def test_every_masked_trainer_refuses_a_max_norm_embedding_before_anything_changes(tmp_path, entry):
+    """nn.Embedding(max_norm=...) rewrites the rows it reads in every forward, frozen or not: entries
+    outside the masks (or an expert's support) changed, which every recipe here promises to keep.
+    LT-SFT refused it; the others trained on."""
+    from xlsparse.hf import continual, xelm
+
+    model = tiny("bert")
+    model.bert.embeddings.word_embeddings.max_norm = 0.05
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:4]
+    named = dict(model.named_parameters())
+    masks = {lang: {n: torch.ones(named[n].shape, dtype=torch.bool) for n in names} for lang in ("de", "fr")}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    modules = {n: type(m) for n, m in model.named_modules()}
+    batch = _lm_batches(1, 1)[0]
+    with pytest.raises(ValueError, match=rf"{entry}.*bert\.embeddings\.word_embeddings .*max_norm"):
+        if entry == "reptile_step":
+            subnetworks.reptile_step(model, {"de": [batch]}, masks, inner_lr=0.1, outer_lr=0.5, inner_steps=1)
+        elif entry == "fomaml_step":
+            opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+            subnetworks.fomaml_step(model, {"de": batch}, {"de": batch}, masks, 0.1, 1, opt)
+        elif entry == "SubnetworkTrainer":
+            hf.convert(model, kind="subnetwork", masks=masks)
+            modules = {n: type(m) for n, m in model.named_modules()}
+            subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 1), train_dataset=_MixedData(only=0))
+        elif entry == "continual_update":
+            continual.continual_update(model, [{**batch, "language_ids": torch.zeros(len(batch["input_ids"]),
+                                                                                     dtype=torch.long)}], masks)
+        elif entry == "continual_trainer":
+            continual.continual_trainer(model, masks, args=_args(tmp_path, 1), train_dataset=_MixedData(only=0))
+        else:
+            xelm.train_expert(model, [batch], density=0.05, progress=False)
+    assert {n: type(m) for n, m in model.named_modules()} == modules  # nothing converted
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -33,6 +33,7 @@ from torch import nn
 from ..diff import budget
 from ..functional import topk_mask
 from ..optim import MaskedAdamW
+from .model import _refuse_max_norm
 from .subnetworks import _progress
 
 
@@ -197,6 +198,8 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
     from ..nn import SubnetworkLinear
     from .model import _converted, _swap_conv1d_layout, convert, languages
     from .subnetworks import set_masks
+
+    _refuse_max_norm(model, what)  # before anything is converted
 
     order = list(masks)
     if not order:

@@ -83,7 +83,7 @@ from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..ops._common import acc_dtype
 from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
-from .model import _swap_module
+from .model import _refuse_max_norm, _swap_module
 
 SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
@@ -369,17 +369,6 @@ def _training_args(args: tuple, kwargs: dict):
     return kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
 
 
-def _refuse_max_norm(model: nn.Module) -> None:
-    """An nn.Embedding with `max_norm` renormalises the rows it looks up in place, in every forward,
-    frozen or not: entries outside the mask changed, and the trained model was not base + `sft`
-    (1486 entries of a tiny BERT differed, up to 0.03). Refused before anything is changed."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and module.max_norm is not None:
-            raise ValueError(f"LotteryTicketSparseFineTuner: {name or 'the model'} is an nn.Embedding with max_norm = "
-                             f"{module.max_norm}, whose forward rewrites the rows it reads outside any mask; set its "
-                             "max_norm to None (renormalising the base once beforehand if wanted)")
-
-
 class LotteryTicketSparseFineTuner(Trainer):
     """`Trainer` that runs LT-SFT as composable-sft does (module docstring) and leaves the result
     in `self.sft` (a `SparseDiff`: deltas of the maskable parameters, heads as absolute entries).
@@ -420,7 +409,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.sft_args = sft_args or SftArguments()
         if not isinstance(self.sft_args, SftArguments):
             raise TypeError(f"sft_args must be an SftArguments, got {type(self.sft_args).__name__}")
-        _refuse_max_norm(self.model)
+        _refuse_max_norm(self.model, "LotteryTicketSparseFineTuner")
         # The sparse phase always steps with compact MaskedAdamW (AdamW's math with args' lr, betas,
         # eps, weight decay): any other optimizer would run in the full phase only
         optim = str(getattr(self.args.optim, "value", self.args.optim))

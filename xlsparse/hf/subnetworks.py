@@ -34,8 +34,8 @@ from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..optim import MaskedAdamW, MaskedSGD
-from .model import (_conv1d_weights, _converted, _grow_subnetworks, _restore_subnet_coverage, _saved_module_params,
-                    _subnet_base, _subnet_coverage, _swap_conv1d_layout, languages, route)
+from .model import (_conv1d_weights, _converted, _grow_subnetworks, _refuse_max_norm, _restore_subnet_coverage,
+                    _saved_module_params, _subnet_base, _subnet_coverage, _swap_conv1d_layout, languages, route)
 
 
 def _progress(iterable, desc: str, enabled: bool):
@@ -256,6 +256,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     if empty:
         raise ValueError(f"reptile_step: batches for languages {empty} are empty")
     stored = {lang: _stored_masks(model, masks[lang], "reptile_step", lang, trainable=True) for lang in batches}
+    _refuse_max_norm(model, "reptile_step")
     _check_routed(model, stored, "reptile_step")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
@@ -522,6 +523,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     # trainable=True: a frozen parameter gets no gradient, so the query gradient would fail only
     # after the inner steps had moved the weights (as reptile_step, refused before any step)
     stored = {lang: _stored_masks(model, masks[lang], "fomaml_step", lang, trainable=True) for lang in support}
+    _refuse_max_norm(model, "fomaml_step")
     _check_routed(model, stored, "fomaml_step")
     named = dict(model.named_parameters())
     _check_confined(outer_optimizer, named, stored)  # before any forward: a refused step costs nothing
@@ -723,6 +725,7 @@ class SubnetworkTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not languages(self.model):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
+        _refuse_max_norm(self.model, "SubnetworkTrainer")
         _check_own_optimizer(self, "SubnetworkTrainer", "MaskedAdamW over the subnetworks")
 
     def _set_signature_columns_if_needed(self):

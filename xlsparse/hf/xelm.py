@@ -42,7 +42,7 @@ from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, decay_the_base_
-from .model import _fingerprint, convert, extract_diff, route, target_names, train_outside_diff
+from .model import _fingerprint, _refuse_max_norm, convert, extract_diff, route, target_names, train_outside_diff
 from .subnetworks import _progress
 
 WEIGHTINGS = ("posterior", "uniform", "static")
@@ -612,6 +612,7 @@ class _ExpertSetup:
 
     def __init__(self, base: nn.Module, k, density, init, grow, target_modules, train_embeddings, first_batch,
                  loss_fn, what: str):
+        _refuse_max_norm(base, what)
         if grow is not None and init is None:
             raise ValueError(f"{what}: grow needs init (the parent expert the child branches from)")
         if init is not None and (k is not None or density is not None):
