@@ -72,6 +72,23 @@ def test_ties_merge_equals_dense_peft_math(density):
     assert any(not torch.allclose(got.deltas[n].to_dense(), _dense(plain)[n]) for n in got.deltas)
 
 
+def test_ties_merge_with_every_weight_lambda_is_the_authors_ties_where_they_agree():
+    """mklimasz/language-arithmetic's TIES, restated: per flattened vector keep every entry whose
+    magnitude reaches the (d - int(K·d))-th smallest (int(K·d) + 1 of them, no ties here), elect
+    the sign of the sum (no sum is 0 here), disjoint mean, then θ0 + λ · merged."""
+    g = torch.Generator().manual_seed(0)
+    d, K, lam = 200, 0.3, 0.7
+    vecs = [torch.randn(d, generator=g, dtype=torch.float64) for _ in range(3)]
+    kth = d - int(K * d)
+    trimmed = torch.stack([v * (v.abs() >= v.abs().kthvalue(kth).values) for v in vecs])
+    elected = torch.sign(trimmed.sum(0))
+    kept = trimmed * torch.where(elected > 0, trimmed > 0, trimmed < 0)
+    authors = lam * kept.sum(0) / (kept != 0).sum(0).clamp(min=1)
+    diffs = [SparseDiff({"w": SparseDelta(torch.arange(d), v, (d,))}) for v in vecs]
+    got = arithmetic.ties_merge(diffs, [lam] * 3, (int(K * d) + 1) / d).deltas["w"].to_dense()
+    torch.testing.assert_close(got, authors, rtol=0, atol=1e-12)
+
+
 def test_ties_merge_of_half_diffs_rounds_once():
     # bfloat16 diffs: the weighted sum over agreeing diffs, divided by their count, is rounded to
     # bfloat16 once (within half an ulp of the float64 math), not once before the division too
@@ -160,6 +177,23 @@ def test_combine_with_heads():
         assert "head" in merge([a, d], [1.0, 0.5], with_abs=False).deltas
 
 
+def test_merges_refuse_bools_and_fractions_where_they_were_read_as_numbers():
+    w = SparseDelta(torch.tensor([0, 2]), torch.tensor([1.0, 2.0]), (5,))
+    a, b = SparseDiff({"w": w}, absolute={"h": torch.ones(2)}), SparseDiff({"w": w}, absolute={"h": torch.zeros(2)})
+    # absolute_from=True took the head of diffs[1]; density=True kept every entry (no trim);
+    # drop=False dropped nothing; seeds 1.2 and 1.7 were both seed 1
+    with pytest.raises(TypeError, match="combine: absolute_from must be an int"):
+        arithmetic.combine([a, b], [1.0, 0.5], absolute_from=True)
+    with pytest.raises(TypeError, match="ties_merge: density must be a number"):
+        arithmetic.ties_merge([a, b], [1.0, 0.5], True, with_abs=False)
+    with pytest.raises(TypeError, match="dare: drop must be a number"):
+        arithmetic.dare(a, False)
+    with pytest.raises(TypeError, match="dare: seed must be an int"):
+        arithmetic.dare(a, 0.5, seed=1.7)
+    with pytest.raises(ValueError, match=r"ties_merge: density must be in \[0, 1\], got 1.5"):
+        arithmetic.ties_merge([a, b], [1.0, 0.5], 1.5, with_abs=False)
+
+
 def _lm_batches(n, seed, b=4, s=8):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": ids, "labels": ids} for ids in (torch.randint(3, VOCAB, (b, s), generator=g) for _ in range(n))]
@@ -183,6 +217,9 @@ def test_lambda_sweep_finds_the_best_and_restores_the_model():
     assert sweep.best == 0.5
     with pytest.raises(ValueError, match="no λ gave a finite score"):
         arithmetic.lambda_sweep(model, lambda lam: phi, [0.0], evaluate=lambda m: float("nan"), progress=False)
+    with pytest.raises(TypeError, match="higher_is_better must be a bool"):  # "no" is truthy: the worst λ won
+        arithmetic.lambda_sweep(model, lambda lam: phi, [0.0, 1.0], evaluate=lambda m: 1.0, higher_is_better="no",
+                                progress=False)
 
 
 def test_the_papers_interpolation_of_two_language_vectors():

@@ -33,6 +33,19 @@ def test_uriel_distances_and_language_aware_masks():
         continual.uriel_distance("eng", "deu", features=("syntax_average",))
 
 
+def test_uriel_distance_of_one_set_is_one_minus_the_cosine_of_lang2vec_vectors():
+    """DESIGN.md's URIEL distance: the cosine distance of lang2vec's syntax_knn vectors, read here
+    straight from lang2vec (eng-deu 0.10, eng-jpn 0.50, as measured there)."""
+    pytest.importorskip("lang2vec")
+    table = continual._lang2vec().get_features(["eng", "deu", "jpn"], "syntax_knn")
+    vec = {lang: torch.tensor([float(x) for x in table[lang]], dtype=torch.float64) for lang in table}
+    for other, measured in (("deu", 0.10), ("jpn", 0.50)):
+        a, b = vec["eng"], vec[other]
+        expect = 1 - float(a @ b) / float(a.norm() * b.norm())
+        assert continual.uriel_distance("eng", other, features=("syntax_knn",)) == pytest.approx(expect, abs=1e-12)
+        assert expect == pytest.approx(measured, abs=0.005)
+
+
 def test_uriel_distance_averages_the_cosines_of_the_sets_both_languages_have(monkeypatch):
     """Synthetic blocks in lang2vec's cache: 'ccc' has an all-zero second set, 'zzz' only zeros."""
     g = torch.Generator().manual_seed(0)
@@ -113,6 +126,11 @@ def test_language_aware_masks_rank_the_signed_distance_weighted_score(monkeypatc
     with pytest.raises(ValueError, match=r"scores\['a'\] must be finite and >= 0"):
         continual.language_aware_masks({"a": {"w": -close}, "b": {"w": spike}}, {"a": "ppp", "b": "rrr"},
                                        density=0.1, features=features)
+    with pytest.raises(ValueError, match=r"scores\['b'\] and scores\['a'\] have different shapes for \['w'\]"):
+        continual.language_aware_masks({"a": {"w": torch.ones(4, 4)}, "b": {"w": torch.ones(1, 4)}},
+                                       {"a": "ppp", "b": "rrr"}, density=0.1, features=features)
+    with pytest.raises(ValueError, match="scores holds no language"):  # was a bare StopIteration
+        continual.language_aware_masks({}, {}, density=0.1, features=features)
     with pytest.raises(ValueError, match=r"uriel_codes has no ISO 639-3 code for \['b'\]"):
         continual.language_aware_masks({"a": {"w": close}, "b": {"w": spike}}, {"a": "ppp"}, density=0.1,
                                        features=features)
@@ -283,6 +301,20 @@ def test_continual_update_rejects_batches_without_language_ids():
         continual.continual_update(model, [batch], masks, progress=False)
 
 
+@pytest.mark.parametrize("ids", [torch.tensor([0.6, 1.4, 0.2, 1.9]), [True, False, True, False]])
+def test_continual_update_refuses_float_and_bool_language_ids(ids):
+    # a float id was cast with .long(): 1.9 trained language 1's subset, 0.6 language 0's; True was 1
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    masks = {lang: {n: torch.ones_like(named[n], dtype=torch.bool) for n in names} for lang in ("de", "fr")}
+    batch = dict(_mixed_batch(1, b=4), language_ids=ids)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(TypeError, match="ids must be integers"):
+        continual.continual_update(model, [batch], masks, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_continual_update_on_a_converted_model_refuses_masks_of_layers_it_does_not_route():
     model = tiny("bert")
     names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
@@ -307,6 +339,46 @@ def test_continual_update_refuses_a_one_shot_iterator_for_several_epochs():
     assert len(continual.continual_update(model, batches, masks, epochs=2, progress=False)) == 2
 
 
+@pytest.mark.parametrize("bad, error, match", [
+    ({"lr": -1.0}, ValueError, "lr must be >= 0"), ({"lr": float("nan")}, ValueError, "lr must be finite"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay must be >= 0"),
+    ({"epochs": 1.5}, TypeError, "epochs must be an int"), ({"epochs": 0}, ValueError, "epochs must be >= 1")])
+def test_continual_update_refuses_bad_arguments_before_converting_the_model(bad, error, match):
+    # these raised only after the model's layers had been swapped and its other parameters frozen
+    # (epochs=0 converted the model and returned no steps)
+    from xlsparse.nn import SubnetworkLinear
+
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(error, match=f"continual_update: {match}"):
+        continual.continual_update(model, batches, masks, progress=False, **bad)
+    assert not any(isinstance(m, SubnetworkLinear) for m in model.modules())
+    assert all(p.requires_grad and torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_continual_trainer_refuses_bad_optimizer_arguments_before_converting_the_model(tmp_path):
+    # MaskedAdamW refused them only at train(), on a model continual_trainer had already converted
+    from transformers import TrainingArguments
+
+    from xlsparse.nn import SubnetworkLinear
+
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    for bad, match in (({"learning_rate": -1.0}, "lr must be >= 0"), ({"adam_beta1": 1.5}, "beta1 must be in"),
+                       ({"weight_decay": float("nan")}, "weight_decay must be finite")):
+        args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, **bad)
+        with pytest.raises(ValueError, match=f"continual_trainer: {match}"):
+            continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(_mixed_batch(1)))
+        assert not any(isinstance(m, SubnetworkLinear) for m in model.modules())
+        assert all(p.requires_grad for p in model.parameters())
+
+
 def test_per_language_report():
     report = continual.per_language_report({"de": 0.5, "fr": 0.6, "ja": 0.4}, {"de": 0.55, "fr": 0.5, "ja": 0.3})
     assert (report.improved, report.worsened) == (1, 2)
@@ -317,3 +389,5 @@ def test_per_language_report():
         continual.per_language_report({"de": 1.0}, {"fr": 1.0})
     with pytest.raises(ValueError, match=r"after is not finite for \['fr'\]"):  # NaN: neither better nor worse
         continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": 0.55, "fr": float("nan")})
+    with pytest.raises(TypeError, match="higher_is_better must be a bool"):  # "no" is truthy: fr counted as improved
+        continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": 0.55, "fr": 0.5}, higher_is_better="no")

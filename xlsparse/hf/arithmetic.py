@@ -4,8 +4,10 @@ TIES-merging and DARE over sparse diffs, and a λ sweep on a held-out set.
 What follows the paper and its code (mklimasz/language-arithmetic): a new model is
 θ0 + Σ_i w_i φ_i over language (or task) vectors φ_i; two languages are interpolated,
 θ0 + λ·φ_target + (1 − λ)·φ_related (their `w1*a1 + w2*a2` with w1 + w2 = 1; λ = 1 is the
-target's own vector alone), with λ picked by a sweep on a dev set; TIES-merging (Yadav et al.
-2023) and DARE (Yu et al. 2024) are the merges the authors compare against, and their math is PEFT's `ties` / `dare_linear` utilities:
+target's own vector alone), with the task vector added at weight 1 (their task adapter runs on
+top of the merged language adapter, unscaled), and λ picked by a sweep on a dev set;
+TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024) are the merges the authors compare
+against, and their math is PEFT's `ties` / `dare_linear` utilities:
   - TIES: trim each φ_i to the top `density` of its entries by magnitude (global over the diff),
     elect per entry the sign of the summed trimmed values (+ where the sum is 0), and take the
     disjoint mean Σ_i [sign agrees] w_i φ_i / #agreeing;
@@ -15,6 +17,11 @@ What is xlsparse's own: everything runs on the sparse supports (union merges thr
 densified; "its own nonzeros" means TIES keeps round(density · nnz) entries of each diff, where
 PEFT keeps density · numel of each dense tensor; and an explicit rule for absolute entries
 (classifier heads), which replace a parameter and have no weighted sum (see `combine`).
+Where the authors' own TIES (their merging.py) differs from PEFT's, and so from ours: it trims
+each flattened vector over all its entries, zeros included, keeping every entry at or above the
+threshold magnitude (ties included); it gives an entry whose trimmed values sum to 0 the sign of
+the majority over all entries, not +; and it scales the merged vector by one λ, which is
+`ties_merge` with every weight λ.
 """
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diff import SparseDelta, SparseDiff, index_dtype
+from ..diff import SparseDelta, SparseDiff, budget, index_dtype
 from ..functional import topk_mask
 from ..ops import checks
 from .subnetworks import _progress
@@ -38,6 +45,8 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
     `absolute_from`, it is an error).
     """
     checks.flag(what, "with_abs", with_abs)  # with_abs="no" is truthy: it kept the heads
+    if absolute_from is not None:  # absolute_from=True passed the range check below and chose diffs[1]
+        checks.count(what, "absolute_from", absolute_from)
     if absolute_from is not None and not 0 <= absolute_from < len(diffs):
         raise ValueError(f"{what}: absolute_from={absolute_from} is not the index of one of the {len(diffs)} diffs")
     if not with_abs:
@@ -105,7 +114,7 @@ def _trim(diff: SparseDiff, density: float) -> dict[str, SparseDelta]:
     parts = _sparse_parts(diff)
     names = list(parts)
     nonzero = sum(int(torch.count_nonzero(parts[n].values)) for n in names)
-    k = round(density * nonzero)
+    k = budget("ties_merge", nonzero, density=density)
     keep = topk_mask([parts[n].values for n in names], k) if names else []
     return {n: SparseDelta._trusted(parts[n].indices[m], parts[n].values[m], parts[n].shape) for n, m in zip(names, keep)}
 
@@ -122,8 +131,6 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     supports; absolute entries follow `combine`'s rule.
     """
     diffs, weights = _check(diffs, weights, "ties_merge")
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"ties_merge: density must be in [0, 1], got {density}")
     absolute = _absolute_entries(diffs, with_abs, absolute_from, "ties_merge")
     trimmed = [SparseDiff._trusted(_trim(d, density)) for d in diffs]
     elected = SparseDiff.merge(trimmed)  # Σ_i trimmed φ_i on the union of the supports
@@ -165,9 +172,12 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
     """
     if not isinstance(diff, SparseDiff):
         raise TypeError(f"dare: diff must be a SparseDiff, got {type(diff).__name__}")
+    if isinstance(drop, bool):  # False passed the range check: no entry dropped
+        raise TypeError(f"dare: drop must be a number in [0, 1), got {drop!r}")
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"dare: drop must be in [0, 1), got {drop}")
-    gen = torch.Generator().manual_seed(int(seed))
+    # int(seed) made seeds 1.2 and 1.7 one seed
+    gen = torch.Generator().manual_seed(checks.count("dare", "seed", seed))
     scale = 1.0 / (1.0 - drop)
     deltas, dense = {}, {}
     for name, d in diff.deltas.items():
@@ -228,10 +238,11 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     is better, whatever `higher_is_better` says). Each diff is applied with one fused call and
     reverted bit-exactly before the next, so the model leaves the sweep exactly as it came.
     A λ whose score is not finite is never picked (an error when no score is). The paper's use:
-    `make_diff = lambda l: combine([phi_target, phi_related], [l, 1 - l])`, λ in [0, 1].
+    `make_diff = lambda l: combine([phi_target, phi_related, phi_task], [l, 1 - l, 1])`, λ in [0, 1].
     """
     if not lambdas:
         raise ValueError("lambda_sweep: no λ given")
+    checks.flag("lambda_sweep", "higher_is_better", higher_is_better)  # "no" is truthy: the worst λ won
     if (evaluate is None) == (heldout is None):
         raise ValueError("lambda_sweep: give exactly one of evaluate or heldout")
     if heldout is not None:

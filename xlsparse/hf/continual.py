@@ -32,6 +32,7 @@ from torch import nn
 
 from ..diff import budget
 from ..functional import topk_mask
+from ..ops import checks
 from ..optim import MaskedAdamW
 from .model import _refuse_max_norm
 from .subnetworks import _progress
@@ -140,6 +141,8 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
         # a negative protect would rank entries that other languages need first: the opposite rule
         raise ValueError(f"language_aware_masks: protect must be a finite number >= 0, got {protect!r}")
     langs = list(scores)
+    if not langs:  # next(iter(...)) below raised a bare StopIteration
+        raise ValueError("language_aware_masks: scores holds no language")
     missing = [lang for lang in langs if lang not in uriel_codes]
     if missing:
         raise ValueError(f"language_aware_masks: uriel_codes has no ISO 639-3 code for {missing}")
@@ -148,6 +151,10 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
         if set(scores[lang]) != set(names):
             raise ValueError(f"language_aware_masks: scores[{lang!r}] names {sorted(set(scores[lang]) ^ set(names))[:3]} "
                              f"that scores[{langs[0]!r}] does not, or the reverse; score the same parameters")
+        shapes = [n for n in names if scores[lang][n].shape != scores[langs[0]][n].shape]
+        if shapes:  # the discount below failed on them with a bare broadcasting error
+            raise ValueError(f"language_aware_masks: scores[{lang!r}] and scores[{langs[0]!r}] have different shapes "
+                             f"for {shapes[:3]}")
         bad = [n for n in names if not bool((torch.isfinite(scores[lang][n]) & (scores[lang][n] >= 0)).all())]
         if bad:  # normalised by their sum, negative scores could flip the ranking
             raise ValueError(f"language_aware_masks: scores[{lang!r}] must be finite and >= 0 (importances), "
@@ -176,7 +183,9 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     return masks
 
 
-def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
+def _language_ids(model: nn.Module, batch: Mapping, order: list[str]) -> torch.Tensor:
+    from .model import _language_ids as route_ids
+
     if "language_ids" not in batch:
         raise ValueError("continual_update: every batch must carry language_ids (one per example)")
     ids = batch["language_ids"]
@@ -184,11 +193,12 @@ def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
         unknown = [x for x in ids if isinstance(x, str) and x not in order]
         if unknown:
             raise ValueError(f"continual_update: unknown languages {unknown} in language_ids; the masks have {order}")
-        ids = torch.tensor([order.index(x) if isinstance(x, str) else -1 if x is None else int(x) for x in ids])
+    # route's conversion, which refuses float and bool ids: a .long() here routed 0.9 to language 0
+    ids = route_ids(model, ids)
     n = batch["input_ids"].shape[0] if "input_ids" in batch else ids.shape[0]
     if ids.dim() != 1 or ids.shape[0] != n:
         raise ValueError(f"continual_update: language_ids must be [{n}] (one per example), got {tuple(ids.shape)}")
-    return ids.long()
+    return ids
 
 
 def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> dict:
@@ -245,6 +255,10 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
                             optimizer_cls_and_kwargs=trainer_kwargs.get("optimizer_cls_and_kwargs"))
     _check_own_optimizer(given, "continual_trainer", "MaskedAdamW over the subnetworks")
     _refuse_replaced_parameters("continual_trainer", _SUBNETWORK_HOLDS, trainer_kwargs.get("args"))
+    args = trainer_kwargs.get("args")
+    if args is not None:  # MaskedAdamW checks them only at train(), long after the model was converted
+        checks.adamw_hyperparameters("continual_trainer", args.learning_rate, args.adam_beta1, args.adam_beta2,
+                                     args.adam_epsilon, args.weight_decay, 0.0, False)
     _prepare(model, masks, "continual_trainer")
     return SubnetworkTrainer(model=model, **trainer_kwargs)
 
@@ -269,6 +283,12 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     from .model import _saved_module_params, route
     from .subnetworks import _decay_groups
 
+    # MaskedAdamW checks lr and weight_decay too, but only after _prepare has converted the model
+    # and frozen its other parameters: a bad value raised with the model changed. Only these two
+    # come from the caller; the other arguments are valid placeholders.
+    checks.adamw_hyperparameters("continual_update", lr, 0.0, 0.0, 0.0, weight_decay, 0.0, False)
+    if checks.count("continual_update", "epochs", epochs) < 1:  # 0 converted the model and trained nothing
+        raise ValueError(f"continual_update: epochs must be >= 1, got {epochs}")
     if epochs > 1 and iter(batches) is batches:  # a generator or iterator: the second epoch would see no batches
         raise ValueError(f"continual_update: epochs={epochs} needs batches that can be iterated again (a list or a "
                          f"DataLoader), got a one-shot {type(batches).__name__}")
@@ -291,7 +311,7 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     try:
         for _ in range(epochs):
             for batch in _progress(batches, "continual update", progress):
-                ids = _language_ids(batch, order)
+                ids = _language_ids(model, batch, order)
                 inputs = {k: v for k, v in batch.items() if k != "language_ids"}
                 opt.zero_grad(set_to_none=True)
                 with route(model, ids):
@@ -359,6 +379,7 @@ class LanguageReport:
 
 def per_language_report(before: Mapping[str, float], after: Mapping[str, float], higher_is_better: bool = True) -> LanguageReport:
     """Compare a metric per language before and after an update (same languages in both)."""
+    checks.flag("per_language_report", "higher_is_better", higher_is_better)  # "no" is truthy: every sign flipped
     if set(before) != set(after):
         raise ValueError(f"per_language_report: languages differ: {sorted(before)} vs {sorted(after)}")
     for what, metric in (("before", before), ("after", after)):
