@@ -517,6 +517,23 @@ def test_subnetwork_trainer_decays_what_its_get_decay_parameter_names_names(tmp_
         assert torch.equal(got[n], p), n
 
 
+def test_a_second_subnetwork_trainer_on_a_compiled_model_trains_it_compiled(tmp_path):
+    # torch.compile's wrapper left accelerate's "prepared" mark on the bare model: the next
+    # trainer's prepare returned it bare, and that run trained uncompiled
+    seen = []
+
+    class Recording(subnetworks.SubnetworkTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            seen.append(type(model).__name__)
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    model, _ = _structured_model("bert")
+    for _ in range(2):
+        Recording(model=model, args=_args(tmp_path, 1, torch_compile=True, torch_compile_backend="eager"),
+                  train_dataset=_MixedData()).train()
+    assert seen == ["OptimizedModule", "OptimizedModule"]
+
+
 def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):
     from xlsparse.nn import SubnetworkLinear
 

@@ -340,6 +340,15 @@ class _StepBegin(TrainerCallback):
         self.trainer._l1_pending = True
 
 
+def _unmark_prepared(trainer) -> None:
+    """Under `TrainingArguments.torch_compile`, drop accelerate's "prepared" mark from the trainer's
+    bare model before it trains. torch.compile's wrapper passes the mark on to the model it wraps,
+    so the next prepare of that model (LT-SFT's next phase, another trainer on the same model or
+    on a deepcopy of it) returned the bare model, which then trained uncompiled, silently."""
+    if trainer.args.torch_compile:
+        trainer.model.__dict__.pop("_is_accelerate_prepared", None)
+
+
 def _refuse_replaced_parameters(what: str, holds: str, args) -> None:
     """One rule for every xlsparse trainer that holds the model's parameters (`holds` says what):
     refuse, before anything is built or converted, the frameworks that replace them when train()
@@ -646,10 +655,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._phase = phase
         self.optimizer, self.lr_scheduler = None, None
         self.model_wrapped = self.model  # a DDP wrapper of the previous phase holds the wrong parameters
-        if self.args.torch_compile:
-            # torch.compile's wrapper passes accelerate's "prepared" mark on to the model it wraps: the
-            # next phase's prepare returned the bare model, and the sparse phase trained uncompiled
-            self.model.__dict__.pop("_is_accelerate_prepared", None)
+        _unmark_prepared(self)  # the sparse phase, and later rounds, trained uncompiled
         self.args.output_dir = self._phase_dir(phase, it, root)
         epochs = getattr(a, f"{phase}_ft_max_epochs_per_iteration")
         steps = training_length(getattr(a, f"{phase}_ft_min_steps_per_iteration"),

@@ -964,7 +964,9 @@ def route(model: nn.Module, language_ids):
     shape); integers indexing `languages(model)`, or the language names themselves; −1 (or None)
     means base only / no update. A wrong shape is a ValueError that names both shapes. The ids
     are expanded to tokens and grouped once per batch. Works on any module holding routed layers.
-    A batch may instead carry a `language_ids` field: `model(**batch)` routes by it.
+    A batch may instead carry a `language_ids` field: `model(**batch)` routes by it. With neither,
+    a model in eval mode runs its routed layers as the base (no language), and one in training
+    mode raises.
     """
     num = len(languages(model))
     if num == 0:

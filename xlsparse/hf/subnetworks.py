@@ -711,7 +711,8 @@ class SubnetworkTrainer(Trainer):
     Accelerate's FSDP plugin (`TrainingArguments.fsdp`, or `accelerate launch` with an FSDP
     config) and DeepSpeed (`TrainingArguments.deepspeed`, or `accelerate launch` with DeepSpeed)
     are refused with a ValueError at construction: they replace the parameters or the optimizer
-    that the masks are keyed by.
+    that the masks are keyed by. `TrainingArguments.torch_compile` compiles the run also on a
+    model that an earlier compiled run trained.
     """
 
     MASKS_FILE = "subnetwork_masks.pt"
@@ -719,7 +720,7 @@ class SubnetworkTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         if Trainer is object:
             raise ImportError("SubnetworkTrainer needs transformers (the hf extra)")
-        from .lt_sft import _refuse_replaced_parameters, _training_args
+        from .lt_sft import _refuse_replaced_parameters, _training_args, _unmark_prepared
 
         _refuse_replaced_parameters("SubnetworkTrainer", _SUBNETWORK_HOLDS, _training_args(args, kwargs))
         super().__init__(*args, **kwargs)
@@ -727,6 +728,7 @@ class SubnetworkTrainer(Trainer):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
         _refuse_max_norm(self.model, "SubnetworkTrainer")
         _check_own_optimizer(self, "SubnetworkTrainer", "MaskedAdamW over the subnetworks")
+        _unmark_prepared(self)  # a model an earlier compiled run trained
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()

@@ -111,8 +111,13 @@ class ExpertEnsemble(nn.Module):
     probabilities ("prob", as X-ELM's perplexity evaluation) or logits ("logit", as its
     downstream evaluation).
 
+    The experts are its saved form (`SparseDiff.save`): `load_state_dict` raises.
+
     `ensemble(input_ids, attention_mask=None, weights=None)` returns [B, S, V]: at position t
-    the mixture's log-probabilities of the token after x_≤t.
+    the mixture's log-probabilities of the token after x_≤t. `attention_mask` [B, S] holds 1 (real)
+    and 0 (padding) with each row's real tokens in one run (padded on the left and/or right, as
+    `_check_mask` requires; anything else raises): a padded row's real positions are scored as
+    the row unpadded, and its padded positions hold values to ignore.
     """
 
     def __init__(self, base: nn.Module, experts: Mapping[str, SparseDiff], weighting: str = "posterior",
@@ -137,6 +142,8 @@ class ExpertEnsemble(nn.Module):
         if space not in ("prob", "logit"):
             raise ValueError(f"ExpertEnsemble: space must be 'prob' or 'logit', got {space!r}")
         self._bases = [base]  # in a list, not a submodule: .to() or state_dict() of the ensemble leave it alone
+        # add_expert rebuilds every expert from the base: it must still be the one they were built on
+        self._base_prints = self._base_fingerprints()
         self._target_modules = target_modules
         self.weighting, self.top_k, self.temperature, self.space = weighting, top_k, float(temperature), space
         self.experts: dict[str, SparseDiff] = dict(experts)
@@ -150,8 +157,9 @@ class ExpertEnsemble(nn.Module):
             raise ValueError(f"ExpertEnsemble: top_k must be in [1, {e}], got {self.top_k}")
         prior = torch.full((e,), 1.0 / e, dtype=torch.float64) if self._prior is None else \
             torch.as_tensor(self._prior, dtype=torch.float64)
-        if prior.shape != (e,) or not bool((prior > 0).all()):
-            raise ValueError(f"ExpertEnsemble: prior must be {e} positive numbers, got {prior.tolist()}")
+        # an infinite one normalised to NaN, and every log-probability of the mixture came out -inf
+        if prior.shape != (e,) or not bool((prior > 0).all() and torch.isfinite(prior).all()):
+            raise ValueError(f"ExpertEnsemble: prior must be {e} positive finite numbers, got {prior.tolist()}")
         # not a buffer: `.to(torch.bfloat16)` of the ensemble would round the prior too
         log_prior = (prior / prior.sum()).log().float()
 
@@ -180,6 +188,17 @@ class ExpertEnsemble(nn.Module):
         self.model = model.requires_grad_(False).eval()
         self._log_prior = log_prior
 
+    def _base_fingerprints(self) -> dict:
+        return {n: _fingerprint(p) for n, p in self._bases[0].named_parameters(remove_duplicate=False)}
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # runs before any submodule loads: the experts (which add_expert rebuilds from) and their
+        # embedding deltas are no part of the state dict, and a load gave another ensemble than the
+        # one saved (0.33 off), silently
+        raise RuntimeError("ExpertEnsemble: load_state_dict is not supported (the state dict lacks the experts "
+                           "and their embedding deltas): save each expert with SparseDiff.save and build the "
+                           "ensemble from them again")
+
     @property
     def names(self) -> list[str]:
         """The experts' names, in the order of their ids."""
@@ -187,11 +206,19 @@ class ExpertEnsemble(nn.Module):
 
     def add_expert(self, name: str, diff: SparseDiff, prior: float | None = None) -> None:
         """Add an expert; the others are not changed. With a non-uniform prior, give the new
-        expert's `prior` (the priors are renormalised)."""
+        expert's `prior` (the priors are renormalised). The ensemble is rebuilt from the base it
+        was given: a base changed since (values, dtype or parameters) raises, and nothing changes."""
         if name in self.experts:
             raise ValueError(f"add_expert: an expert named {name!r} exists")
         if (self._prior is None) != (prior is None):
             raise ValueError("add_expert: give prior= exactly when the ensemble has a non-uniform prior")
+        now = self._base_fingerprints()
+        changed = [n for n in self._base_prints if now.get(n) != self._base_prints[n]] or \
+            sorted(set(now) - set(self._base_prints))
+        if changed:  # the rebuild would have run every other expert on the changed base, silently
+            raise ValueError(f"add_expert: the base model changed after the ensemble was built ({changed[:3]}); "
+                             "the ensemble rebuilds every expert from it: build a new ExpertEnsemble on the base "
+                             "the experts were trained from")
         # the rebuild starts from the unconverted base: keep where and in what dtype the ensemble runs
         ref = next(self.model.parameters())
         before = dict(self.experts), self._prior
@@ -213,19 +240,24 @@ class ExpertEnsemble(nn.Module):
         return torch.arange(len(self.experts), device=input_ids.device).repeat_interleave(input_ids.shape[0])
 
     def expert_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[E, B, S, V]: every expert's logits, from one batched pass of E copies. With a mask,
-        positions count real tokens only (as HF's `generate` does), so a left-padded row is
-        scored as the same row unpadded also by absolute-position models (GPT-2, XGLM)."""
+        """[E, B, S, V]: every expert's logits, from one batched pass of E copies. With a mask (the
+        class docstring's rule), positions count real tokens only (as HF's `generate` does), so a
+        padded row is scored as the same row unpadded also by absolute-position models (GPT-2, XGLM)."""
         e, (b, s) = len(self.experts), input_ids.shape
+        if attention_mask is not None:
+            _check_mask(attention_mask, input_ids)
         return self._expert_pass(input_ids, attention_mask, use_cache=False).logits.reshape(e, b, s, -1)
 
     def _expert_pass(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, **kwargs):
         """The model's output on E copies of the batch, positions counted over real tokens only."""
+        if self.model.training:  # the ensemble's own .train(), or a parent's: dropout would randomise every score
+            raise RuntimeError("ExpertEnsemble: it is in training mode, where dropout randomises its scores; it is "
+                               "for inference: call .eval() on it")
         e = len(self.experts)
         mask = positions = None
         if attention_mask is not None:
             mask = attention_mask.repeat(e, 1)
-            positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
+            positions = _positions(mask)
         with route(self.model, self._copies(input_ids)):
             return self.model(input_ids=input_ids.repeat(e, 1), attention_mask=mask, position_ids=positions, **kwargs)
 
@@ -287,7 +319,9 @@ class ExpertEnsemble(nn.Module):
 
     def token_nll(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   weights: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, S−1]: −log p(x_{t+1} | x_≤t) under the mixture (fused: no [T, V] output)."""
+        """[B, S−1]: −log p(x_{t+1} | x_≤t) under the mixture (fused: no [T, V] output). With an
+        `attention_mask`, only predictions whose token and context token are both real count
+        (`ensemble_perplexity` averages those); the others hold values to ignore."""
         logits, log_w = self._parts(input_ids, attention_mask, weights)
         e, b, s, v = logits.shape
         lg = logits[:, :, :-1].reshape(e, b * (s - 1), v)
@@ -313,12 +347,10 @@ class ExpertEnsemble(nn.Module):
         if weights is not None and weights.dim() == 3:  # the new tokens' positions would have none
             raise ValueError("generate: weights per position cover the prompt only; give weights per example [B, E]")
         if attention_mask is not None:
-            if tuple(attention_mask.shape) != tuple(input_ids.shape):
-                raise ValueError(f"generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
-                                 f"{tuple(input_ids.shape)}")
+            _check_mask(attention_mask, input_ids)
             # the next token is predicted from each row's last position: padding there would continue padding
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all() and attention_mask[:, -1].all()):
-                raise ValueError("generate: attention_mask must hold 0 and 1 only, with every row's last token real "
+            if not bool(attention_mask[:, -1].all()):
+                raise ValueError("generate: attention_mask must have every row's last token real "
                                  "(pad prompts on the left)")
         e, b = len(self.experts), input_ids.shape[0]
         copies = self._copies(input_ids)
@@ -347,14 +379,37 @@ class ExpertEnsemble(nn.Module):
             if len(scores) == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
             prefix = prefix + torch.log_softmax(step_logits.float(), -1).gather(-1, token[None, :, None].expand(e, b, 1)).squeeze(-1)
-            if mask is not None:  # the new token's position: the number of real tokens before it
-                positions = mask.long().sum(-1, keepdim=True)
+            if mask is not None:  # the new token's position, by the prompt's rule
                 mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
-                step_args = {"attention_mask": mask.repeat(e, 1), "position_ids": positions.repeat(e, 1)}
+                step_args = {"attention_mask": mask.repeat(e, 1), "position_ids": _positions(mask)[:, -1:].repeat(e, 1)}
             with route(self.model, copies):
                 out = self.model(input_ids=token.repeat(e)[:, None], use_cache=True, **{cache_arg: cache}, **step_args)
             cache, step_logits = _cache_of(out), out.logits[:, -1].reshape(e, b, -1)
         return (ids, torch.stack(scores, 1)) if return_logprobs else ids
+
+
+def _check_mask(attention_mask: torch.Tensor, input_ids: torch.Tensor) -> None:
+    """The ensemble's rule for an `attention_mask`: [B, S] as `input_ids`, 1 (real) and 0 (padding)
+    only, and each row's real tokens in one run, padded on the left and/or right. Other values
+    gave wrong positions (a mask of 2s scored GPT-2 at twice its positions), and a prediction
+    across a hole in a row is none that `_predicted` counts (the row was scored without it)."""
+    if tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise ValueError(f"ExpertEnsemble: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                         f"{tuple(input_ids.shape)}")
+    if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+        raise ValueError("ExpertEnsemble: attention_mask must hold 0 (padding) and 1 (real token) only")
+    m = attention_mask.long()
+    runs = m[:, 0] + (m[:, 1:] > m[:, :-1]).sum(-1)  # the starts of runs of real tokens, per row
+    if bool((runs > 1).any()):
+        rows = (runs > 1).nonzero().squeeze(1).tolist()
+        raise ValueError("ExpertEnsemble: attention_mask must have each row's real tokens in one run (padding on the "
+                         f"left or right only); rows {rows} have padding between real tokens")
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, S] position ids that count real tokens only (as HF's `generate` does): a padded row gets
+    the positions it would have unpadded (padding takes 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 def _predicted(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -374,12 +429,16 @@ def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, atten
                         weights: torch.Tensor | None = None) -> float:
     """exp of the mean negative log-likelihood of every next token under the ensemble's mixture,
     computed with `ensemble_nll`; with a mask, over the predictions whose token and context token
-    are both real (a left- or right-padded row counts as the same row unpadded)."""
+    are both real (a left- or right-padded row counts as the same row unpadded). A batch without
+    such a prediction (no row with two real tokens) raises."""
     # Summed and counted in float64: in a bf16 ensemble's dtype, a sum of thousands of nats
     # and a count above 256 were rounded to 8 bits of mantissa.
     nll = ensemble.token_nll(input_ids, attention_mask, weights).double()
     mask = torch.ones_like(nll) if attention_mask is None else _predicted(attention_mask).to(nll.dtype)
-    return float(torch.exp((nll * mask).sum() / mask.sum().clamp_min(1)))
+    if not bool(mask.sum() > 0):  # the mean of nothing came back as perplexity 1.0, a perfect score
+        raise ValueError("ensemble_perplexity: input_ids (with attention_mask) hold no prediction to score; a row "
+                         "needs two real tokens")
+    return float(torch.exp((nll * mask).sum() / mask.sum()))
 
 
 # --- which expert trains on which language ---
@@ -736,14 +795,15 @@ class ExpertTrainer(Trainer):
     (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's.
     Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
     launch` with either) are refused with a ValueError at construction: the optimizer and
-    `expert()` hold the parameters they replace."""
+    `expert()` hold the parameters they replace. `TrainingArguments.torch_compile` compiles the
+    run also on a base that an earlier compiled run trained."""
 
     def __init__(self, model: nn.Module, *args, k: int | None = None, density: float | None = None,
                  init: SparseDiff | None = None, grow: int | None = None, target_modules=None,
                  train_embeddings: bool = False, **kwargs):
         if Trainer is object:
             raise ImportError("ExpertTrainer needs transformers (the hf extra)")
-        from .lt_sft import _refuse_replaced_parameters, _training_args
+        from .lt_sft import _refuse_replaced_parameters, _training_args, _unmark_prepared
 
         _refuse_replaced_parameters("ExpertTrainer", "its optimizer's param groups and dense parts, taken from its copy "
                                     "of the base at construction", _training_args((model, *args), kwargs))
@@ -761,6 +821,7 @@ class ExpertTrainer(Trainer):
         from .subnetworks import _check_own_optimizer
 
         _check_own_optimizer(self, "ExpertTrainer", "compact MaskedAdamW over the expert's deltas")
+        _unmark_prepared(self)  # a copy of a base that an earlier compiled run trained carries the mark
 
     def create_optimizer(self, *args, **kwargs):
         if self.optimizer is None:
