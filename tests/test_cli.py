@@ -290,16 +290,18 @@ def test_compose_refuses_a_converted_models_folder_as_base(tmp_path, capsys):
     assert _listing(tmp_path) == before
 
 
-@pytest.mark.parametrize("out_exists", [False, True])
+@pytest.mark.parametrize("out_exists", [False, True, "nested"])
 def test_compose_leaves_no_half_written_out(out_exists, tmp_path, capsys, monkeypatch):
-    # A save that failed half way (a full disk) left the copied files and a partial model in OUT.
+    # A save that failed half way (a full disk) left the copied files and a partial model in OUT;
+    # an OUT in folders that did not exist left those folders behind.
     from pathlib import Path
 
     model = _tiny_bert_dir(tmp_path)
     _diff(model, 1).save(str(tmp_path / "a.safetensors"))
     (tmp_path / "base" / "tokenizer.json").write_text("{}")
-    if out_exists:
+    if out_exists is True:
         (tmp_path / "out").mkdir()
+    out = tmp_path / "new" / "deeper" / "out" if out_exists == "nested" else tmp_path / "out"
     before = _listing(tmp_path)
 
     def full_disk(self, folder, **kwargs):
@@ -307,7 +309,7 @@ def test_compose_leaves_no_half_written_out(out_exists, tmp_path, capsys, monkey
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(transformers.BertForMaskedLM, "save_pretrained", full_disk)
-    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--out", str(tmp_path / "out")]) == 1
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--out", str(out)]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert _listing(tmp_path) == before
 

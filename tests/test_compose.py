@@ -1141,6 +1141,7 @@ def _huge(m):
     ("huge shape", ValueError, "more than int64 can index"),
     ("wrong dtype", ValueError, "dtype"),
     ("missing tensor", ValueError, "missing"),
+    ("name in two kinds", ValueError, r"parameters \['2.bias'\] appear in more than one"),
     ("not xlsparse", ValueError, "no 'xlsparse' metadata"),
     ("missing", FileNotFoundError, r"d\.safetensors: no such file$"),  # was "truncated or corrupt?"
     ("a folder", FileNotFoundError, "not a file"),
@@ -1163,6 +1164,8 @@ def test_load_rejects_malformed_files(tmp_path, how, exc, msg):
         _rewrite(path, edit_meta=lambda m: m["deltas"][0].__setitem__("dtype", "torch.float16"))
     elif how == "missing tensor":
         _rewrite(path, edit_tensors=lambda t: t.pop("dense.0"))
+    elif how == "name in two kinds":
+        _rewrite(path, edit_meta=lambda m: m["deltas"][0].__setitem__("name", "2.bias"))
     elif how == "not xlsparse":
         from safetensors.torch import save_file
 
@@ -1172,8 +1175,11 @@ def test_load_rejects_malformed_files(tmp_path, how, exc, msg):
     elif how == "a folder":
         os.remove(path)
         os.mkdir(path)
-    with pytest.raises(exc, match=msg):
+    with pytest.raises(exc, match=msg) as info:
         SparseDiff.load(path)
+    # the file is named: an index out of range or order named the entry only, and compose with
+    # several DIFFs could not tell which file was corrupt
+    assert path in str(info.value)
 
 
 @pytest.mark.parametrize("device", ["cuda", "nonsense"])
@@ -1263,12 +1269,15 @@ def test_composable_sft_file_written_under_numpy_1(tmp_path):
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1, 3], "values": torch.randn(2)}}}, "outside"),
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1], "values": torch.randn(2)}}}, "one entry per index step"),
     ({"weights": {}}, "expected a dict with keys"),
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1], "values": torch.randn(1)}},
+      "abs": {"w": torch.randn(4)}}, r"parameters \['w'\] appear in more than one"),
 ])
 def test_composable_sft_rejects_malformed(tmp_path, bad, msg):
     path = tmp_path / "pytorch_diff.bin"
     torch.save(bad, path)
-    with pytest.raises((ValueError, IndexError), match=msg):
+    with pytest.raises((ValueError, IndexError), match=msg) as info:
         SparseDiff.load_composable_sft(str(path))
+    assert str(path) in str(info.value)  # a name in "diffs" and "abs" alike named the entry only
     path.write_bytes(b"not a zip")
     with pytest.raises(ValueError, match="cannot read"):
         SparseDiff.load_composable_sft(str(path))

@@ -223,7 +223,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
-    new = not os.path.isdir(args.out)
+    made = None if os.path.isdir(args.out) else os.path.abspath(args.out)
+    while made and not os.path.isdir(os.path.dirname(made)):  # parents made here go too if the save fails
+        made = os.path.dirname(made)
     os.makedirs(args.out, exist_ok=True)
     try:
         for name in os.listdir(args.base):
@@ -232,8 +234,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
                 shutil.copy(path, args.out)
         model.save_pretrained(args.out)
     except BaseException:  # a full disk half way: no half-written model left in OUT (it was new or empty)
-        if new:
-            shutil.rmtree(args.out, ignore_errors=True)
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
         else:
             for name in os.listdir(args.out):
                 path = os.path.join(args.out, name)

@@ -1223,7 +1223,8 @@ class SparseDiff:
     @classmethod
     def load(cls, path: str, device="cpu") -> "SparseDiff":
         """Read a file written by `save`. Every shape, dtype, bound and the index order is checked;
-        a truncated or corrupt file raises ValueError saying so."""
+        a truncated or corrupt file raises ValueError saying so (IndexError for an index outside
+        its tensor), naming the file."""
         from safetensors import safe_open
 
         try:  # before reading: torch's own error for an absent CUDA is a bare AssertionError
@@ -1287,7 +1288,10 @@ class SparseDiff:
                 # an index dtype other than the canonical one is made canonical by SparseDelta: save
                 # wrote a SparseDeltaLinear's int64 indices below 2^31 elements as they were until
                 # 2026-12-01, and those files (hf.save_pretrained's too) hold valid diffs
-                deltas[m["name"]] = SparseDelta(idx, val, m["shape"], name=m["name"]).to(device)
+                try:  # an index out of range or out of order: named with the file, as every other check
+                    deltas[m["name"]] = SparseDelta(idx, val, m["shape"], name=m["name"]).to(device)
+                except (ValueError, IndexError) as exc:
+                    raise type(exc)(f"{path}: {exc}") from exc
             whole = {}
             for kind in ("dense", "absolute"):
                 whole[kind] = {m["name"]: tensor(f"{kind}.{i}", f"{kind} entry {m['name']!r}", m["dtype"], m["shape"]).to(device)
@@ -1296,9 +1300,9 @@ class SparseDiff:
             raise ValueError(f"{path}: malformed metadata: {exc!r}") from exc
         if tensors:
             raise ValueError(f"{path}: tensors {sorted(tensors)} are not described by the metadata")
-        try:  # an integer dense or absolute entry: a malformed file, as for load_composable_sft
+        try:  # an integer dense or absolute entry, a name in two kinds: a malformed file
             return cls(deltas, whole["dense"], absolute=whole["absolute"], base_model=meta.get("base_model"))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from exc
 
     # --- composable-sft's pytorch_diff.bin ---
@@ -1326,9 +1330,9 @@ class SparseDiff:
         for name, t in absolute.items():
             if not isinstance(name, str) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise ValueError(f"{path}: abs entry {name!r} must be a floating-point tensor")
-        try:
+        try:  # a name both in "diffs" and "abs" too: a malformed file
             return cls(deltas, absolute=dict(absolute))
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{path}: {exc}") from exc
 
     def save_composable_sft(self, path: str) -> None:

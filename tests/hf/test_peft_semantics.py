@@ -867,6 +867,40 @@ def _autocast_pair(layer, reference, x):
     torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("kind", ["delta", "multi"])
+def test_a_module_swapped_in_after_convert_that_trains_is_refused_by_save(kind, tmp_path):
+    # A Linear added after convert trained under names the record did not know: save_pretrained
+    # wrote the diff without it, and the reloaded model lacked the module's change, silently.
+    model = tiny("bert")
+    if kind == "delta":
+        hf.convert(model, density=0.05)
+    else:
+        hf.convert(model, kind="multi", diffs={"de": random_diff(model, 5, 0.1, 1)})
+    layer = model.bert.encoder.layer[0].output
+    layer.dense = torch.nn.Sequential(layer.dense, torch.nn.Linear(32, 32))
+    with pytest.raises(ValueError, match=r"\['bert.encoder.layer.0.output.dense.1.weight', "
+                                         r"'bert.encoder.layer.0.output.dense.1.bias'\] train but did not exist"):
+        hf.save_pretrained(model, tmp_path / "sft")
+    assert not (tmp_path / "sft").exists()
+
+
+def test_extract_diff_of_a_model_built_by_hand_refuses_a_delta_it_does_not_read():
+    # A SparseDeltaEmbedding's delta_values passed the check by name: extract_diff returned the
+    # linear delta alone, and the embedding's 20 trained entries were missing from base + diff.
+    from xlsparse.nn import SparseDeltaEmbedding
+
+    model = tiny("llama").requires_grad_(False)
+    model.model.layers[0].mlp.up_proj = SparseDeltaLinear.from_linear(model.model.layers[0].mlp.up_proj, k=10)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.delta_values.fill_(0.5)
+    assert list(hf.extract_diff(model).deltas) == ["model.layers.0.mlp.up_proj.weight"]
+    model.model.embed_tokens = SparseDeltaEmbedding.from_embedding(model.model.embed_tokens, k=20)
+    with torch.no_grad():
+        model.model.embed_tokens.delta_values.fill_(1.0)
+    with pytest.raises(ValueError, match=r"extract_diff: \['model.embed_tokens.delta_values'\] are trainable"):
+        hf.extract_diff(model)
+
+
 def test_sparse_delta_linear_under_autocast_matches_the_plain_linear():
     torch.manual_seed(0)
     lin = torch.nn.Linear(16, 12)

@@ -310,6 +310,34 @@ def test_disable_turns_off_the_expert_embeddings_too():
     assert torch.equal(after, before)
 
 
+def test_an_ensemble_model_with_expert_embeddings_is_not_saved_extracted_or_merged(tmp_path):
+    """hf.save_pretrained wrote the ensemble model's linear deltas only: reloaded with
+    from_pretrained, expert x1 ran without its embedding delta, its logits off by tenths, silently;
+    merge_and_unload and extract_diff dropped it alike. Refused, with nothing written or changed;
+    an ensemble without embedding deltas still saves and reloads as each expert applied alone."""
+    base = tiny("llama")
+    experts = _random_experts(base, "llama")  # x0 and x1 change the input embedding
+    model = xelm.ExpertEnsemble(base, experts).model
+    weights = {n: t.clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match="ExpertEmbedding"):
+        hf.save_pretrained(model, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+    with pytest.raises(ValueError, match="ExpertEmbedding"):
+        hf.extract_diff(model, language="x1")
+    with pytest.raises(ValueError, match="ExpertEmbedding"):
+        hf.merge_and_unload(model, language="x1")
+    assert type(model.get_input_embeddings()).__name__ == "ExpertEmbedding"
+    assert all(torch.equal(t, weights[n]) for n, t in model.state_dict().items())
+
+    ids = batch(2, 6)
+    hf.save_pretrained(xelm.ExpertEnsemble(base, {"x2": experts["x2"]}).model, tmp_path / "x2")
+    reloaded = hf.from_pretrained(tiny("llama"), tmp_path / "x2")
+    alone = copy.deepcopy(base)
+    with torch.no_grad(), experts["x2"].applied(alone):
+        torch.testing.assert_close(reloaded(input_ids=ids, language_ids=torch.zeros(2, dtype=torch.long)).logits,
+                                   alone(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_static_weights_equal_mixing_separate_experts():
     base = tiny("llama")
     experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),

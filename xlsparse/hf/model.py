@@ -876,6 +876,17 @@ def _converted(model: nn.Module, types=_CONVERTED):
             yield name, module
 
 
+def _refuse_expert_embeddings(model: nn.Module, what: str) -> None:
+    """An ExpertEmbedding (`xelm.ExpertEnsemble`'s model) holds one embedding delta per expert,
+    which no diff or plain layer here carries: saved, extracted or merged, the experts'
+    embedding deltas were dropped silently (a reloaded tiny Llama ensemble was 0.52 off)."""
+    held = [name for name, _ in _converted(model, ExpertEmbedding)]
+    if held:
+        raise ValueError(f"{what}: {held[0]!r} is an ExpertEmbedding (an xelm.ExpertEnsemble's model), whose "
+                         "per-expert embedding deltas it would drop; keep the ensemble's experts instead "
+                         "(ensemble.experts: SparseDiff.save each, and rebuild with ExpertEnsemble)")
+
+
 _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
           "_forward_hooks_always_called", "_backward_pre_hooks", "_backward_hooks", "_is_full_backward_hook")
 
@@ -1028,6 +1039,14 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
         raise ValueError(f"{what}: {changed[:5]}{' ...' if len(changed) > 5 else ''} changed since convert but "
                          "are not part of the diff, so the diff would not reproduce the model. Keep them frozen, or "
                          "convert with modules_to_save=[...] to train and save them")
+    # a module swapped in since convert has parameters under new names, which the record above does
+    # not know: they trained and were missing from the diff, with nothing said
+    known = set(rec.frozen) | rec.outside | _trainable_names(model, model.xlsparse_config.modules_to_save)
+    added = [n for n, p in model.named_parameters() if p.requires_grad and n not in known]
+    if added:
+        raise ValueError(f"{what}: {added[:5]}{' ...' if len(added) > 5 else ''} train but did not exist at convert "
+                         "(a module added or swapped in since), so the diff would not hold them; add the module "
+                         "before convert (modules_to_save=[...]) or freeze it")
 
 
 def _delta_of(name: str, layer: SparseDeltaLinear) -> SparseDelta:
@@ -1098,9 +1117,10 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
     - kind="subnetwork": θ − θ0 of every SubnetworkLinear on the entries its masks open;
     - the `modules_to_save` as absolute entries.
 
-    Raises ValueError, naming it, when a parameter outside the diff changed since `convert`: base +
-    diff would not equal the trained model. A model assembled by hand (layers from `from_linear`)
-    has no record of `convert`; then every trainable parameter must be a delta.
+    Raises ValueError, naming it, when a parameter outside the diff changed since `convert`, or one
+    added since (a module swapped in) trains: base + diff would not equal the trained model. A model
+    assembled by hand (layers from `from_linear`) has no record of `convert`; then every trainable
+    parameter must be a SparseDeltaLinear's delta.
 
     FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
     collective) and returns the whole diff.
@@ -1111,8 +1131,12 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
 
 def _extract_diff(model: nn.Module, base_model: str | None, language: str | None) -> SparseDiff:
     config = getattr(model, "xlsparse_config", None)
+    _refuse_expert_embeddings(model, "extract_diff")
     if config is None:
-        stray = [n for n, p in model.named_parameters() if p.requires_grad and "delta_values" not in n]
+        # only SparseDeltaLinear deltas are read below: matched by name, a SparseDeltaEmbedding's
+        # delta_values passed as a delta and its trained entries were left out of the diff
+        read = {f"{n}.delta_values".lstrip(".") for n, _ in _converted(model, SparseDeltaLinear)}
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and n not in read]
         if stray:
             raise ValueError(f"extract_diff: {stray[:5]} are trainable but would not be in the diff; convert the model "
                              "with xlsparse.hf.convert (modules_to_save=[...]) or freeze them")
@@ -1195,6 +1219,7 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     config = getattr(model, "xlsparse_config", None)
     if config is None:
         raise ValueError("save_pretrained: the model was not converted with xlsparse.hf.convert")
+    _refuse_expert_embeddings(model, "save_pretrained")
     if config.kind == "subnetwork":
         raise ValueError("save_pretrained: kind='subnetwork' trains the base weights themselves, so θ0 + (θ − θ0) "
                          "would not reload bit-exactly; use merge_and_unload(model) and transformers' save_pretrained, "
@@ -1321,9 +1346,11 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     """Rebuild a model saved by `save_pretrained` on `base_model` (the same base it was trained
     from: a base where the recorded request selects other layers, or whose converted weights differ
     from the recorded fingerprints, is refused before anything changes): convert it as recorded,
-    then load the trained values. Its outputs equal the saved model's bit for bit. The deltas and saved modules train on, as after `convert`;
-    `is_trainable=False` freezes every parameter and puts the model in eval mode, for inference
-    (PEFT's `from_pretrained` default)."""
+    then load the trained values. Its outputs equal the saved model's bit for bit.
+
+    `is_trainable=True` (the default): the deltas and saved modules train on, as after `convert`.
+    `is_trainable=False` (PEFT's default, unlike ours): every parameter is frozen and the model put
+    in eval mode, for inference."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"from_pretrained: is_trainable must be a bool, got {is_trainable!r}")
     refuse_sharded("from_pretrained", dict(base_model.named_parameters()),
@@ -1392,6 +1419,7 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     if config is None:
         raise ValueError("merge_and_unload: the model was not converted with xlsparse.hf.convert")
     refuse_sharded("merge_and_unload", dict(model.named_parameters()), _UNSHARDED)
+    _refuse_expert_embeddings(model, "merge_and_unload")
     if config.kind == "multi" and language not in config.languages:
         raise ValueError(f"merge_and_unload: a 'multi' model holds one delta per language; give language= one of "
                          f"{config.languages}")
