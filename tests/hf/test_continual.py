@@ -147,6 +147,14 @@ def _mixed_batch(seed, b=6, s=8):
     return {"input_ids": ids, "labels": ids, "language_ids": torch.tensor([0, 1, 2, 0, 1, 2])[:b]}
 
 
+def _bert_with_open_masks(*langs):
+    """A tiny BERT and, per language, masks opening every entry of its first two target weights."""
+    model = tiny("bert")
+    named = dict(model.named_parameters())
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    return model, {lang: {n: torch.ones_like(named[n], dtype=torch.bool) for n in names} for lang in langs}
+
+
 def _per_language_steps(model, batch, masks, lr, betas=(0.9, 0.999), eps=1e-8):
     """One AdamW step per language on the same batch, restated in plain torch: language l's
     gradient is that of the batch-mean loss through l's examples only, applied to l's mask."""
@@ -287,10 +295,7 @@ def test_continual_trainer_refuses_to_resume_on_another_base_model(tmp_path):
 
 
 def test_continual_update_rejects_batches_without_language_ids():
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
-    named = dict(model.named_parameters())
-    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    model, masks = _bert_with_open_masks("de")
     batch = _mixed_batch(1)
     del batch["language_ids"]
     with pytest.raises(ValueError, match="language_ids"):
@@ -304,22 +309,17 @@ def test_continual_update_rejects_batches_without_language_ids():
 @pytest.mark.parametrize("ids", [torch.tensor([0.6, 1.4, 0.2, 1.9]), [True, False, True, False]])
 def test_continual_update_refuses_float_and_bool_language_ids(ids):
     # a float id was cast with .long(): 1.9 trained language 1's subset, 0.6 language 0's; True was 1
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
-    named = dict(model.named_parameters())
-    masks = {lang: {n: torch.ones_like(named[n], dtype=torch.bool) for n in names} for lang in ("de", "fr")}
+    model, masks = _bert_with_open_masks("de", "fr")
     batch = dict(_mixed_batch(1, b=4), language_ids=ids)
-    before = {n: p.detach().clone() for n, p in named.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(TypeError, match="ids must be integers"):
         continual.continual_update(model, [batch], masks, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 def test_continual_update_on_a_converted_model_refuses_masks_of_layers_it_does_not_route():
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
-    named = dict(model.named_parameters())
-    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    model, masks = _bert_with_open_masks("de")
+    names = list(masks["de"])
     hf.convert(model, [names[0][: -len(".weight")]], kind="subnetwork", masks={"de": {names[0]: masks["de"][names[0]]}})
     batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
     with pytest.raises(ValueError, match=f"does not route: \\['{names[1]}'\\]"):
@@ -327,12 +327,9 @@ def test_continual_update_on_a_converted_model_refuses_masks_of_layers_it_does_n
 
 
 def test_continual_update_refuses_a_one_shot_iterator_for_several_epochs():
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
-    named = dict(model.named_parameters())
-    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    model, masks = _bert_with_open_masks("de")
     batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
-    before = {n: p.detach().clone() for n, p in named.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="epochs=2 needs batches that can be iterated again"):
         continual.continual_update(model, (b for b in batches), masks, epochs=2, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
@@ -348,12 +345,9 @@ def test_continual_update_refuses_bad_arguments_before_converting_the_model(bad,
     # (epochs=0 converted the model and returned no steps)
     from xlsparse.nn import SubnetworkLinear
 
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
-    named = dict(model.named_parameters())
-    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    model, masks = _bert_with_open_masks("de")
     batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
-    before = {n: p.detach().clone() for n, p in named.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(error, match=f"continual_update: {match}"):
         continual.continual_update(model, batches, masks, progress=False, **bad)
     assert not any(isinstance(m, SubnetworkLinear) for m in model.modules())
@@ -366,10 +360,7 @@ def test_continual_trainer_refuses_bad_optimizer_arguments_before_converting_the
 
     from xlsparse.nn import SubnetworkLinear
 
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
-    named = dict(model.named_parameters())
-    masks = {"de": {n: torch.ones_like(named[n], dtype=torch.bool) for n in names}}
+    model, masks = _bert_with_open_masks("de")
     for bad, match in (({"learning_rate": -1.0}, "lr must be >= 0"), ({"adam_beta1": 1.5}, "beta1 must be in"),
                        ({"weight_decay": float("nan")}, "weight_decay must be finite")):
         args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1, **bad)
