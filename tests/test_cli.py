@@ -290,6 +290,31 @@ def test_compose_refuses_a_converted_models_folder_as_base(tmp_path, capsys):
     assert _listing(tmp_path) == before
 
 
+def test_compose_refuses_a_routed_models_shared_file_without_a_language(tmp_path, capsys):
+    # A 'multi' model's xlsparse_diff.safetensors holds its saved modules only; each language's
+    # deltas are in xlsparse_diff.lang<i>.safetensors. Given alone, OUT was the base, with no language.
+    import copy
+
+    from xlsparse import hf
+
+    model = _tiny_bert_dir(tmp_path)
+    routed = hf.convert(copy.deepcopy(model), kind="multi", diffs={"de": _diff(model, 1), "fr": _diff(model, 2)})
+    hf.save_pretrained(routed, str(tmp_path / "routed"))
+    shared, fr = (tmp_path / "routed" / f"xlsparse_diff{part}.safetensors" for part in ("", ".lang1"))
+    before = _listing(tmp_path)
+    assert cli.main(["compose", str(tmp_path / "base"), str(shared), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"DIFF {shared}: the shared entries of a routed ('multi') model" in err
+    assert "xlsparse_diff.lang0.safetensors (de), xlsparse_diff.lang1.safetensors (fr)" in err
+    assert _listing(tmp_path) == before
+    assert cli.main(["compose", str(tmp_path / "base"), str(shared), str(fr), "--out", str(tmp_path / "out")]) == 0
+    got = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").state_dict()
+    want = copy.deepcopy(model)
+    xlsparse.apply(_diff(model, 2), want)  # French: base + its deltas, computed in Python
+    for n, t in want.state_dict().items():
+        assert torch.equal(got[n], t), n
+
+
 @pytest.mark.parametrize("out_exists", [False, True, "nested"])
 def test_compose_leaves_no_half_written_out(out_exists, tmp_path, capsys, monkeypatch):
     # A save that failed half way (a full disk) left the copied files and a partial model in OUT;

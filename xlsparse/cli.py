@@ -158,6 +158,26 @@ def _load_diff(path: str):
     return SparseDiff.load(file)
 
 
+def _refuse_routed_shared_file_alone(paths: list[str]) -> None:
+    """A routed ('multi') model saved by `hf.save_pretrained` keeps its shared entries (the saved
+    modules) in xlsparse_diff.safetensors and each language's deltas in its own file: given the
+    first without any language's file, compose wrote base + heads, with no language, silently."""
+    from xlsparse.hf.config import CONFIG_NAME, XlsparseConfig
+    from xlsparse.hf.model import DIFF_NAME, _lang_file
+
+    given = {os.path.realpath(p) for p in paths}
+    for path in paths:
+        folder = os.path.dirname(os.path.realpath(path))
+        if os.path.basename(path) != DIFF_NAME or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            continue
+        config = XlsparseConfig.load(folder)
+        files = [os.path.join(folder, _lang_file(i)) for i in range(len(config.languages))]
+        if config.kind == "multi" and not given & set(files):
+            raise ValueError(f"DIFF {path}: the shared entries of a routed ('multi') model, without its languages' "
+                             f"deltas; give the file of the language to compose too: "
+                             + ", ".join(f"{os.path.basename(f)} ({lang})" for f, lang in zip(files, config.languages)))
+
+
 # Files of a model folder that hold weights (and their shard indexes): compose writes its own.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 
@@ -197,6 +217,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     bad = [a for a in alphas if not math.isfinite(a)]
     if bad:
         raise ValueError(f"--alpha: {bad} are not finite")
+    _refuse_routed_shared_file_alone(args.diffs)
     diffs = [_load_diff(p) for p in args.diffs]  # before the model: a bad DIFF is told at once
     for i, (p, d, a) in enumerate(zip(args.diffs, diffs, alphas)):
         if a != 1.0 and d.absolute and not args.no_abs and os.path.realpath(p) not in no_abs_of:
