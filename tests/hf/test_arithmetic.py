@@ -184,6 +184,8 @@ def test_merges_refuse_bools_and_fractions_where_they_were_read_as_numbers():
     # drop=False dropped nothing; seeds 1.2 and 1.7 were both seed 1
     with pytest.raises(TypeError, match="combine: absolute_from must be an int"):
         arithmetic.combine([a, b], [1.0, 0.5], absolute_from=True)
+    with pytest.raises(ValueError, match="combine: absolute_from=1 picks the absolute entries that with_abs=False"):
+        arithmetic.combine([a, b], [1.0, 0.5], with_abs=False, absolute_from=1)  # it did nothing
     with pytest.raises(TypeError, match="ties_merge: density must be a number"):
         arithmetic.ties_merge([a, b], [1.0, 0.5], True, with_abs=False)
     with pytest.raises(TypeError, match="dare: drop must be a number"):

@@ -39,10 +39,11 @@ from .subnetworks import _progress
 def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from: int | None, what: str) -> dict:
     """The absolute entries (heads) the result carries, by one rule for every merge here.
 
-    with_abs=False: none (the result leaves heads as they are). with_abs=True: an entry named by
-    one diff passes through unscaled (a replacement value has no weighted sum); an entry named by
-    several is taken from diffs[absolute_from], which must be one of them (else, or without
-    `absolute_from`, it is an error).
+    with_abs=False: none (the result leaves heads as they are; an `absolute_from` then is an
+    error, as it would choose nothing). with_abs=True: an entry named by one diff passes through
+    unscaled (a replacement value has no weighted sum); an entry named by several is taken from
+    diffs[absolute_from], which must be one of them (else, or without `absolute_from`, it is an
+    error).
     """
     checks.flag(what, "with_abs", with_abs)  # with_abs="no" is truthy: it kept the heads
     if absolute_from is not None:  # absolute_from=True passed the range check below and chose diffs[1]
@@ -50,6 +51,9 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
     if absolute_from is not None and not 0 <= absolute_from < len(diffs):
         raise ValueError(f"{what}: absolute_from={absolute_from} is not the index of one of the {len(diffs)} diffs")
     if not with_abs:
+        if absolute_from is not None:  # it chooses a head to keep, and with_abs=False keeps none: it did nothing
+            raise ValueError(f"{what}: absolute_from={absolute_from} picks the absolute entries that with_abs=False drops; "
+                             "give one of the two")
         return {}
     out, owners = {}, {}
     for i, d in enumerate(diffs):
