@@ -52,8 +52,8 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
         raise ValueError(f"{what}: absolute_from={absolute_from} is not the index of one of the {len(diffs)} diffs")
     if not with_abs:
         if absolute_from is not None:  # it chooses a head to keep, and with_abs=False keeps none: it did nothing
-            raise ValueError(f"{what}: absolute_from={absolute_from} picks the absolute entries that with_abs=False drops; "
-                             "give one of the two")
+            raise ValueError(f"{what}: absolute_from={absolute_from} picks the absolute entries that with_abs=False "
+                             "drops; give one of the two")
         return {}
     out, owners = {}, {}
     for i, d in enumerate(diffs):
