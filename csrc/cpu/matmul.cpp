@@ -12,6 +12,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "xlsparse/checks.h"
@@ -155,6 +156,28 @@ void transpose_chunk(const RowKernels<acc>& rk, const scalar_t* src, int64_t col
 
 // --- SDDMM: dval[n] = Σ_t s_t a[t, r_n] b[t, c_n] ---
 
+// The entries r·cols + c of sorted `indices` as c·rows + r, sorted, and the position in `indices`
+// of each: a counting sort by column, stable, so each column's rows stay in order.
+std::pair<at::Tensor, at::Tensor> entries_by_column(const at::Tensor& indices, int64_t rows, int64_t cols) {
+  const int64_t k = indices.numel();
+  auto swapped = at::empty({k}, at::kLong), order = at::empty({k}, at::kLong);
+  int64_t* sp = swapped.data_ptr<int64_t>();
+  int64_t* op = order.data_ptr<int64_t>();
+  XLS_DISPATCH_INDEX(indices.scalar_type(), "sddmm", [&] {
+    const index_t* ip = indices.data_ptr<index_t>();
+    std::vector<int64_t> start(cols + 1, 0);
+    for (int64_t e = 0; e < k; ++e) ++start[static_cast<int64_t>(ip[e]) % cols + 1];
+    for (int64_t c = 0; c < cols; ++c) start[c + 1] += start[c];
+    for (int64_t e = 0; e < k; ++e) {
+      const int64_t r = static_cast<int64_t>(ip[e]) / cols, c = static_cast<int64_t>(ip[e]) - r * cols;
+      const int64_t to = start[c]++;
+      sp[to] = c * rows + r;
+      op[to] = e;
+    }
+  });
+  return {swapped, order};
+}
+
 at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor& indices,
                      const c10::optional<at::Tensor>& token_index, const c10::optional<at::Tensor>& token_bounds,
                      const c10::optional<at::Tensor>& token_scale) {
@@ -164,6 +187,14 @@ at::Tensor sddmm_cpu(const at::Tensor& a, const at::Tensor& b, const at::Tensor&
   auto out = at::empty({k}, b.options());
   if (k == 0) return out;
   const auto ac = a.contiguous(), bc = b.contiguous(), idx = indices.contiguous();
+  // All of bᵀ stays in cache for a token chunk while a's rows go by in blocks, so the narrower
+  // operand should be b: with more columns than rows the two swap roles (the same products, the
+  // entries taken column by column). 1024 x 4096 at 1%, T = 2048, one thread: 15.9 -> 12.4 ms, level
+  // with 4096 x 1024's 11.8 ms (an ad-hoc A/B, 15 alternations, min).
+  if (cols > rows) {
+    const auto [swapped, order] = entries_by_column(idx, rows, cols);
+    return out.index_copy_(0, order, sddmm_cpu(b, a, swapped, token_index, token_bounds, token_scale));
+  }
   XLS_DISPATCH_FLOATS(b.scalar_type(), "sddmm", [&] {
     using acc = acc_t<scalar_t>;
     const RowKernels<acc>& rk = row_kernels<acc>();
