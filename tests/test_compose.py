@@ -993,6 +993,14 @@ def test_merge_and_apply_refuse_non_finite_weights_of_any_diff():
             SparseDiff.merge([dense, head], [1.0, bad])
     with pytest.raises(TypeError, match=r"merge: weights\[0\] must be a number"):
         SparseDiff.merge([dense], ["x"])
+    # float() read "0.5" as 0.5 and True as 1.0
+    for bad in ("0.5", True):
+        with pytest.raises(TypeError, match=r"merge: weights\[0\] must be a number"):
+            SparseDiff.merge([dense], [bad])
+        with pytest.raises(TypeError, match=r"apply: alphas\[0\] must be a number"):
+            xlsparse.apply([dense], _model(0), alphas=[bad])
+    with pytest.raises(TypeError, match=r"merge: weights\[0\] must be a number"):
+        dense * True
     model = _model(0)
     before = _params(model)
     with pytest.raises(ValueError, match=r"apply: alphas\[1\] must be finite, got -inf"):

@@ -44,8 +44,7 @@ def budget(what: str, total: int, k: int | None = None, density: float | None = 
     if (k is None) == (density is None):
         raise ValueError(f"{what}: give exactly one of k or density")
     if density is not None:
-        if isinstance(density, bool):  # a bool passes the range check: True would select every entry
-            raise TypeError(f"{what}: density must be a number in [0, 1], got {density!r}")
+        checks.finite(what, density=density)  # a bool passed the range check: True selected every entry
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"{what}: density must be in [0, 1], got {density}")
         k = round(density * total)
@@ -1082,7 +1081,7 @@ class SparseDiff:
         """`scale * self`; a diff with absolute entries can only be scaled by 1 (see `merge`)."""
         if not isinstance(scale, (int, float)):
             return NotImplemented
-        return SparseDiff.merge([self], [float(scale)])
+        return SparseDiff.merge([self], [scale])  # merge refuses a bool: float(True) scaled by 1
 
     __rmul__ = __mul__
 

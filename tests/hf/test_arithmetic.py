@@ -196,6 +196,25 @@ def test_merges_refuse_bools_and_fractions_where_they_were_read_as_numbers():
         arithmetic.ties_merge([a, b], [1.0, 0.5], 1.5, with_abs=False)
 
 
+
+@pytest.mark.parametrize("bad", ["0.5", True, None])
+def test_merges_refuse_weights_that_are_not_numbers(bad):
+    # combine read float("0.5") as 0.5 and True as 1.0 (the sum came out 2 · φ)
+    d = _random_diff(0)
+    with pytest.raises(TypeError, match=r"combine: weights\[0\] must be a number"):
+        arithmetic.combine([d, d], [bad, 1.0])
+    with pytest.raises(TypeError, match=r"ties_merge: weights\[1\] must be a number"):
+        arithmetic.ties_merge([d, d], [1.0, bad], 0.5)
+
+
+def test_merges_refuse_a_density_or_drop_given_as_a_string():
+    # they raised, but as a bare "'<=' not supported between instances of 'float' and 'str'"
+    d = _random_diff(0)
+    with pytest.raises(TypeError, match="ties_merge: density must be a number"):
+        arithmetic.ties_merge([d, d], [1.0, 1.0], "0.5")
+    with pytest.raises(TypeError, match="dare: drop must be a number"):
+        arithmetic.dare(d, "0.5")
+
 def _lm_batches(n, seed, b=4, s=8):
     g = torch.Generator().manual_seed(seed)
     return [{"input_ids": ids, "labels": ids} for ids in (torch.randint(3, VOCAB, (b, s), generator=g) for _ in range(n))]
@@ -262,6 +281,12 @@ def test_lambda_sweep_on_a_heldout_set_returns_the_table():
     assert "| 3 |" in sweep.table() and "best" in sweep.table()
     with pytest.raises(ValueError, match="exactly one"):
         arithmetic.lambda_sweep(model, lambda lam: phi, [1.0], progress=False)
+    # higher_is_better=True beside heldout was dropped without a word: the lowest loss won
+    with pytest.raises(ValueError, match="lambda_sweep: higher_is_better=True .* heldout"):
+        arithmetic.lambda_sweep(model, lambda lam: phi, [1.0], heldout=heldout, higher_is_better=True, progress=False)
+    agreed = arithmetic.lambda_sweep(model, lambda lam: arithmetic.combine([phi], [lam]), [0.0, 1.0, 3.0],
+                                     heldout=heldout, higher_is_better=False, progress=False)
+    assert agreed.best == sweep.best and not agreed.higher_is_better
 
 
 def test_a_diff_with_int64_indices_merges_and_applies_with_others():

@@ -134,8 +134,8 @@ def test_language_aware_masks_rank_the_signed_distance_weighted_score(monkeypatc
     with pytest.raises(ValueError, match=r"uriel_codes has no ISO 639-3 code for \['b'\]"):
         continual.language_aware_masks({"a": {"w": close}, "b": {"w": spike}}, {"a": "ppp"}, density=0.1,
                                        features=features)
-    # A negative protect would put the entries other languages need first.
-    for protect in (-0.5, float("nan"), "1"):
+    # A negative protect would put the entries other languages need first; True was read as 1.0.
+    for protect in (-0.5, float("nan"), "1", True):
         with pytest.raises(ValueError, match="protect must be a finite number >= 0"):
             continual.language_aware_masks({"a": {"w": close}, "b": {"w": spike}}, {"a": "ppp", "b": "rrr"},
                                            density=0.1, protect=protect, features=features)
@@ -333,7 +333,18 @@ def test_continual_update_refuses_a_one_shot_iterator_for_several_epochs():
     with pytest.raises(ValueError, match="epochs=2 needs batches that can be iterated again"):
         continual.continual_update(model, (b for b in batches), masks, epochs=2, progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # one batch, not a list of them: its keys were read as batches ("every batch must carry language_ids")
+    with pytest.raises(TypeError, match=r"continual_update: batches .* one batch .*\[batch\]"):
+        continual.continual_update(model, batches[0], masks, progress=False)
+    assert _unchanged(model, before)
     assert len(continual.continual_update(model, batches, masks, epochs=2, progress=False)) == 2
+
+
+def _unchanged(model, before):
+    from xlsparse.nn import SubnetworkLinear
+
+    return not any(isinstance(m, SubnetworkLinear) for m in model.modules()) and \
+        all(p.requires_grad and torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
 @pytest.mark.parametrize("bad, error, match", [
@@ -343,15 +354,60 @@ def test_continual_update_refuses_a_one_shot_iterator_for_several_epochs():
 def test_continual_update_refuses_bad_arguments_before_converting_the_model(bad, error, match):
     # these raised only after the model's layers had been swapped and its other parameters frozen
     # (epochs=0 converted the model and returned no steps)
-    from xlsparse.nn import SubnetworkLinear
-
     model, masks = _bert_with_open_masks("de")
     batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(error, match=f"continual_update: {match}"):
         continual.continual_update(model, batches, masks, progress=False, **bad)
-    assert not any(isinstance(m, SubnetworkLinear) for m in model.modules())
-    assert all(p.requires_grad and torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert _unchanged(model, before)
+
+
+def test_continual_update_and_trainer_refuse_masks_that_are_not_bool_before_converting_the_model():
+    # two languages' float masks met in a bare NotImplementedError ("bitwise_or_cpu" not implemented for 'Float')
+    model, masks = _bert_with_open_masks("de", "fr")
+    masks["fr"] = {n: m.float() for n, m in masks["fr"].items()}
+    first = next(iter(masks["fr"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match=rf"continual_update: masks\['fr'\]\['{first}'\] must be a bool .*float32"):
+        continual.continual_update(model, batches, masks, progress=False)
+    with pytest.raises(ValueError, match=rf"continual_trainer: masks\['fr'\]\['{first}'\] must be a bool tensor"):
+        continual.continual_trainer(model, masks)
+    assert _unchanged(model, before)
+
+
+def test_continual_update_checks_the_language_ids_of_listed_batches_before_converting_the_model():
+    # id 5 of two languages raised in route, after the model was converted and its other parameters frozen
+    model, masks = _bert_with_open_masks("de", "fr")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    good = dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))
+    bad = dict(_mixed_batch(2, b=2), language_ids=torch.tensor([1, 5]))
+    with pytest.raises(IndexError, match=r"ids must lie in \[-1, 2\), got min 1, max 5"):
+        continual.continual_update(model, [good, bad], masks, progress=False)
+    assert _unchanged(model, before)
+    # batches seen only one at a time: the error says that the model was changed before it
+    with pytest.raises(IndexError, match="ids must lie") as raised:
+        continual.continual_update(model, iter([good, bad]), masks, progress=False)
+    assert "converted (or given these masks) in place and 1 update step" in "".join(raised.value.__notes__)
+
+
+def test_continual_update_freezes_nothing_when_its_optimizer_cannot_be_built(monkeypatch):
+    # MaskedAdamW was built after the parameters outside the masks were frozen: a failure left them frozen
+    model, masks = _bert_with_open_masks("de")
+    hf.convert(model, [n[: -len(".weight")] for n in masks["de"]], kind="subnetwork", masks=masks)
+    first = next(iter(masks["de"]))
+    narrow = {"de": {first: masks["de"][first]}}  # the second converted weight is outside the update
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    assert sum(flags.values()) == 2
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no optimizer")
+
+    monkeypatch.setattr(continual, "MaskedAdamW", broken)
+    with pytest.raises(RuntimeError, match="no optimizer"):
+        continual.continual_update(model, [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))], narrow,
+                                   progress=False)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
 def test_continual_trainer_refuses_bad_optimizer_arguments_before_converting_the_model(tmp_path):

@@ -272,9 +272,10 @@ def test_an_infinite_prior_is_refused():
     assert ensemble.names == ["x0", "x1"] and ensemble._prior == [0.5, 0.5]
 
 
-def test_an_ensemble_refuses_load_state_dict_and_its_experts_round_trip(tmp_path):
+def test_an_ensemble_refuses_state_dict_and_load_state_dict_and_its_experts_round_trip(tmp_path):
     # the state dict lacks the experts' embedding deltas (non-persistent buffers) and the experts that
-    # add_expert rebuilds from: a load into an ensemble of zero experts left it 0.33 from the saved one
+    # add_expert rebuilds from: a load into an ensemble of zero experts left it 0.33 from the saved one;
+    # state_dict() itself wrote that incomplete dict, one its own load_state_dict refused
     base = tiny("llama")
     experts = _random_experts(base, "llama")
     zero = {n: SparseDiff({k: SparseDelta(d.indices, d.values * 0, d.shape) for k, d in e.deltas.items()},
@@ -283,8 +284,13 @@ def test_an_ensemble_refuses_load_state_dict_and_its_experts_round_trip(tmp_path
     ids = batch(2, 6)
     with torch.no_grad():
         before = other(ids)
+    with pytest.raises(RuntimeError, match="ExpertEnsemble: state_dict is not supported.*SparseDiff.save"):
+        saved.state_dict()
+    with pytest.raises(RuntimeError, match="ExpertEnsemble: state_dict is not supported"):  # nor as a submodule
+        torch.nn.ModuleDict({"ensemble": saved}).state_dict()
+    written = {f"model.{n}": t for n, t in saved.model.state_dict().items()}
     with pytest.raises(RuntimeError, match="ExpertEnsemble: load_state_dict is not supported.*SparseDiff.save"):
-        other.load_state_dict(saved.state_dict())
+        other.load_state_dict(written)
     with torch.no_grad():
         assert torch.equal(other(ids), before)
     for name, diff in experts.items():
@@ -353,7 +359,7 @@ def test_static_weights_equal_mixing_separate_experts():
     # the caller's base is not a submodule: converting the ensemble leaves it alone; nothing trains
     ensemble.to(torch.float64)
     assert all(p.dtype == torch.float32 for p in base.parameters())
-    assert not any(n.startswith("_base") for n in ensemble.state_dict())
+    assert not any(n.startswith("_base") for n, _ in ensemble.named_parameters())
     assert not any(p.requires_grad for p in ensemble.parameters())
     # top_k, temperature and a prior would be silently ignored where they have no effect: they raise.
     for weighting in ("static", "uniform"):

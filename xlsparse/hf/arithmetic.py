@@ -82,10 +82,11 @@ def _check(diffs, weights, what: str) -> tuple[list, list]:
         raise ValueError(f"{what}: no diffs given")
     if not all(isinstance(d, SparseDiff) for d in diffs):
         raise TypeError(f"{what}: diffs must be SparseDiff objects")
-    weights = [1.0] * len(diffs) if weights is None else [float(w) for w in weights]
+    weights = [1.0] * len(diffs) if weights is None else list(weights)
     if len(weights) != len(diffs):
         raise ValueError(f"{what}: {len(diffs)} diffs but {len(weights)} weights")
-    return diffs, weights
+    checks.finite(what, **{f"weights[{i}]": w for i, w in enumerate(weights)})  # before float(): "0.5" was read
+    return diffs, [float(w) for w in weights]
 
 
 def combine(diffs: Sequence[SparseDiff], weights: Sequence[float], with_abs: bool = True,
@@ -176,8 +177,7 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
     """
     if not isinstance(diff, SparseDiff):
         raise TypeError(f"dare: diff must be a SparseDiff, got {type(diff).__name__}")
-    if isinstance(drop, bool):  # False passed the range check: no entry dropped
-        raise TypeError(f"dare: drop must be a number in [0, 1), got {drop!r}")
+    checks.finite("dare", drop=drop)  # drop=False passed the range check: no entry dropped
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"dare: drop must be in [0, 1), got {drop}")
     # int(seed) made seeds 1.2 and 1.7 one seed
@@ -233,24 +233,31 @@ class LambdaSweep:
 
 
 def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lambdas: Sequence[float],
-                 evaluate: Callable[[nn.Module], float] | None = None, higher_is_better: bool = True,
+                 evaluate: Callable[[nn.Module], float] | None = None, higher_is_better: bool | None = None,
                  progress: bool = True, heldout: Iterable | None = None) -> LambdaSweep:
     """Evaluate `model` + `make_diff(λ)` for every λ; returns a `LambdaSweep` (best λ, {λ: score},
     `.table()`), which unpacks as `best, scores`.
 
-    Give `evaluate(model) -> float`, or `heldout` batches, scored by `heldout_loss` (then lower
-    is better, whatever `higher_is_better` says). Each diff is applied with one fused call and
-    reverted bit-exactly before the next, so the model leaves the sweep exactly as it came.
+    Give `evaluate(model) -> float` (higher is better unless `higher_is_better=False`), or
+    `heldout` batches, scored by `heldout_loss` (lower is better: `higher_is_better=True` raises).
+    Each diff is applied with one fused call and reverted bit-exactly before the next, so the
+    model leaves the sweep exactly as it came.
     A λ whose score is not finite is never picked (an error when no score is). The paper's use:
     `make_diff = lambda l: combine([phi_target, phi_related, phi_task], [l, 1 - l, 1])`, λ in [0, 1].
     """
     if not lambdas:
         raise ValueError("lambda_sweep: no λ given")
-    checks.flag("lambda_sweep", "higher_is_better", higher_is_better)  # "no" is truthy: the worst λ won
+    if higher_is_better is not None:
+        checks.flag("lambda_sweep", "higher_is_better", higher_is_better)  # "no" is truthy: the worst λ won
     if (evaluate is None) == (heldout is None):
         raise ValueError("lambda_sweep: give exactly one of evaluate or heldout")
     if heldout is not None:
+        if higher_is_better:  # it was dropped: the lowest loss won
+            raise ValueError("lambda_sweep: higher_is_better=True does not apply to heldout, scored by its mean loss "
+                             "(lower is better); leave higher_is_better out, or pass evaluate")
         evaluate, higher_is_better = heldout_loss(heldout), False
+    elif higher_is_better is None:
+        higher_is_better = True
     scores = {}
     for lam in _progress(list(lambdas), "λ sweep", progress):
         with make_diff(lam).applied(model):

@@ -137,7 +137,7 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     score: an entry another language needs more than this one ranks last, not first.
     `uriel_codes` maps each language key of `scores` to its ISO 639-3 code.
     """
-    if not (isinstance(protect, (int, float)) and math.isfinite(protect) and protect >= 0):
+    if isinstance(protect, bool) or not (isinstance(protect, (int, float)) and math.isfinite(protect) and protect >= 0):
         # a negative protect would rank entries that other languages need first: the opposite rule
         raise ValueError(f"language_aware_masks: protect must be a finite number >= 0, got {protect!r}")
     langs = list(scores)
@@ -183,7 +183,9 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     return masks
 
 
-def _language_ids(model: nn.Module, batch: Mapping, order: list[str]) -> torch.Tensor:
+def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
+    """The batch's ids, checked against the masks' languages (`route`'s checks, without the model)."""
+    from .. import routing
     from .model import _language_ids as route_ids
 
     if "language_ids" not in batch:
@@ -194,10 +196,11 @@ def _language_ids(model: nn.Module, batch: Mapping, order: list[str]) -> torch.T
         if unknown:
             raise ValueError(f"continual_update: unknown languages {unknown} in language_ids; the masks have {order}")
     # route's conversion, which refuses float and bool ids: a .long() here routed 0.9 to language 0
-    ids = route_ids(model, ids)
+    ids = route_ids(order, ids)
     n = batch["input_ids"].shape[0] if "input_ids" in batch else ids.shape[0]
     if ids.dim() != 1 or ids.shape[0] != n:
         raise ValueError(f"continual_update: language_ids must be [{n}] (one per example), got {tuple(ids.shape)}")
+    routing.check_ids(ids, len(order))
     return ids
 
 
@@ -207,19 +210,17 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
     name: union of the masks} in the converted layers' layout."""
     from ..nn import SubnetworkLinear
     from .model import _converted, _swap_conv1d_layout, convert, languages
-    from .subnetworks import set_masks
+    from .subnetworks import _stored_masks, set_masks
 
     _refuse_max_norm(model, what)  # before anything is converted
 
     order = list(masks)
     if not order:
         raise ValueError(f"{what}: no masks")
-    named = dict(model.named_parameters())
     union = {}
     for lang in order:
+        _stored_masks(model, masks[lang], what, lang)  # names, dtypes, shapes: a float mask failed in the | below
         for n, m in masks[lang].items():
-            if n not in named:
-                raise ValueError(f"{what}: masks of {lang!r} name an unknown parameter {n!r}")
             union[n] = m.clone() if n not in union else union[n] | m
     converted = {f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)}
     if not converted:
@@ -278,6 +279,8 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     other entry (biases included) stays bit-identical. With `epochs` > 1 `batches` is iterated once per epoch, so it
     must be re-iterable (a one-shot iterator raises). The model's named linear layers are
     converted to `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
+    Every argument, and the `language_ids` of batches given as a list, is checked before that; an
+    error raised after it (a later batch of an iterator) carries a note that the model changed.
     Returns the loss of every step.
     """
     from .model import _saved_module_params, route
@@ -289,29 +292,35 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     checks.adamw_hyperparameters("continual_update", lr, 0.0, 0.0, 0.0, weight_decay, 0.0, False)
     if checks.count("continual_update", "epochs", epochs) < 1:  # 0 converted the model and trained nothing
         raise ValueError(f"continual_update: epochs must be >= 1, got {epochs}")
+    if isinstance(batches, Mapping):  # its keys were read as batches
+        raise TypeError("continual_update: batches must be an iterable of batches, got one batch (a dict): "
+                        "pass [batch]")
     if epochs > 1 and iter(batches) is batches:  # a generator or iterator: the second epoch would see no batches
         raise ValueError(f"continual_update: epochs={epochs} needs batches that can be iterated again (a list or a "
                          f"DataLoader), got a one-shot {type(batches).__name__}")
     order = list(masks)
+    if isinstance(batches, Sequence):  # ids given up front: a bad one raised only after the model was converted
+        for batch in batches:
+            _language_ids(batch, order)
     union = _prepare(model, masks, "continual_update")
-    masks_union = set(union)
-    union.update({n: None for n in _saved_module_params(model) if n not in union})  # trained whole
-    named = dict(model.named_parameters())
-    trainable = {id(named[n]) for n in union}
-    frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    # Weight decay as continual_trainer applies it: not on the saved modules' biases and norms.
-    opt = MaskedAdamW(_decay_groups(model, {n: named[n] for n in union}, masks_union, weight_decay),
-                      {named[n]: m for n, m in union.items()}, lr=lr, mode="compact")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    was_training = model.training
-    model.train()
-    losses = []
+    was_training, frozen, losses = model.training, [], []
     try:
+        masks_union = set(union)
+        union.update({n: None for n in _saved_module_params(model) if n not in union})  # trained whole
+        named = dict(model.named_parameters())
+        # Weight decay as continual_trainer applies it: not on the saved modules' biases and norms.
+        # Built before anything is frozen: a failure here left the other parameters frozen.
+        opt = MaskedAdamW(_decay_groups(model, {n: named[n] for n in union}, masks_union, weight_decay),
+                          {named[n]: m for n, m in union.items()}, lr=lr, mode="compact")
+        trainable = {id(named[n]) for n in union}
+        frozen = [p for p in model.parameters() if id(p) not in trainable and p.requires_grad]
+        for p in frozen:
+            p.requires_grad_(False)
+        model.train()
         for _ in range(epochs):
             for batch in _progress(batches, "continual update", progress):
-                ids = _language_ids(model, batch, order)
+                ids = _language_ids(batch, order)
                 inputs = {k: v for k, v in batch.items() if k != "language_ids"}
                 opt.zero_grad(set_to_none=True)
                 with route(model, ids):
@@ -319,6 +328,10 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
                     loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
+    except Exception as exc:  # nothing undoes the conversion and the steps taken: say so
+        exc.add_note(f"continual_update: this error came after the model was converted (or given these masks) in "
+                     f"place and {len(losses)} update step(s) were taken; the model is not restored")
+        raise
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -387,7 +387,7 @@ class _RoutingGenerate(_OnInstance):
                 raise ValueError(f"generate: guidance_scale={scale} runs the model a second time without language_ids "
                                  "(classifier-free guidance), so that pass would run the base model; route the call "
                                  "instead: `with xlsparse.hf.route(model, language_ids): model.generate(...)`")
-            kwargs["language_ids"] = _language_ids(self.model, language_ids)
+            kwargs["language_ids"] = _language_ids(languages(self.model), language_ids)
         active = routing.current()
         given = kwargs.get("language_ids")
         if given is None and active is not None and (active.modules is None or id(self.model) in active.modules):
@@ -941,9 +941,9 @@ def languages(model: nn.Module) -> list[str]:
     return found or []
 
 
-def _language_ids(model: nn.Module, language_ids) -> torch.Tensor:
-    """Integer ids from ints, names or None (= −1, base only / no update), per example or per token."""
-    names = languages(model)
+def _language_ids(names: list[str], language_ids) -> torch.Tensor:
+    """Integer ids from ints, names (indices into `names`) or None (= −1, base only / no update),
+    per example or per token."""
     if isinstance(language_ids, torch.Tensor):
         ids = language_ids
     else:
@@ -982,7 +982,7 @@ def route(model: nn.Module, language_ids):
     num = len(languages(model))
     if num == 0:
         raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
-    ids = _language_ids(model, language_ids)
+    ids = _language_ids(languages(model), language_ids)
     modules = list(model.modules())
     # any module's config, not only the model's own: a module holding T5 has no config of its own
     if ids.dim() > 1 and any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) for m in modules):

@@ -95,6 +95,12 @@ def _split_expert(name: str, diff: SparseDiff, params: dict, linears: set, embed
     return linear, emb
 
 
+def _no_state_dict(call: str) -> RuntimeError:
+    return RuntimeError(f"ExpertEnsemble: {call} is not supported (a state dict lacks the experts and their "
+                        "embedding deltas): save each expert with SparseDiff.save and build the ensemble from them "
+                        "again")
+
+
 class ExpertEnsemble(nn.Module):
     """E experts over one base, run as one batch of E copies and mixed per token.
 
@@ -111,7 +117,7 @@ class ExpertEnsemble(nn.Module):
     probabilities ("prob", as X-ELM's perplexity evaluation) or logits ("logit", as its
     downstream evaluation).
 
-    The experts are its saved form (`SparseDiff.save`): `load_state_dict` raises.
+    The experts are its saved form (`SparseDiff.save`): `state_dict` and `load_state_dict` raise.
 
     `ensemble(input_ids, attention_mask=None, weights=None)` returns [B, S, V]: at position t
     the mixture's log-probabilities of the token after x_≤t. `attention_mask` [B, S] holds 1 (real)
@@ -141,7 +147,7 @@ class ExpertEnsemble(nn.Module):
             raise ValueError("ExpertEnsemble: a prior is for weighting='posterior' or 'static', not 'uniform'")
         if space not in ("prob", "logit"):
             raise ValueError(f"ExpertEnsemble: space must be 'prob' or 'logit', got {space!r}")
-        self._bases = [base]  # in a list, not a submodule: .to() or state_dict() of the ensemble leave it alone
+        self._bases = [base]  # in a list, not a submodule: .to() of the ensemble leaves it alone
         # add_expert rebuilds every expert from the base: it must still be the one they were built on
         self._base_prints = self._base_fingerprints()
         self._target_modules = target_modules
@@ -191,13 +197,14 @@ class ExpertEnsemble(nn.Module):
     def _base_fingerprints(self) -> dict:
         return {n: _fingerprint(p) for n, p in self._bases[0].named_parameters(remove_duplicate=False)}
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        # runs before any submodule loads: the experts (which add_expert rebuilds from) and their
-        # embedding deltas are no part of the state dict, and a load gave another ensemble than the
-        # one saved (0.33 off), silently
-        raise RuntimeError("ExpertEnsemble: load_state_dict is not supported (the state dict lacks the experts "
-                           "and their embedding deltas): save each expert with SparseDiff.save and build the "
-                           "ensemble from them again")
+    # The experts (which add_expert rebuilds from) and their embedding deltas are no part of a state
+    # dict: a load gave another ensemble than the one saved (0.33 off), silently. Both ends raise,
+    # also for an ensemble held as a submodule (its parent's calls reach these).
+    def state_dict(self, *args, **kwargs):
+        raise _no_state_dict("state_dict")
+
+    def _load_from_state_dict(self, *args, **kwargs):  # runs before any submodule loads
+        raise _no_state_dict("load_state_dict")
 
     @property
     def names(self) -> list[str]:
