@@ -733,8 +733,8 @@ def test_adamw_steps_each_language_only_on_its_own_batches():
 
 @pytest.mark.parametrize("kind", ["multi", "subnetwork"])
 def test_eval_mode_checkpointing_needs_the_forwards_routing(kind):
-    # In eval mode an unrouted layer runs the base only; a checkpoint's recomputation after the
-    # routing has ended must not do that silently (the grads would be the base's, or zero).
+    # A checkpoint's recomputation after the routing has ended ran the layer unrouted (the base
+    # only), silently: the grads were the base's, or zero.
     from torch.utils.checkpoint import checkpoint
 
     gen = seeded(13)
@@ -766,8 +766,12 @@ def test_eval_mode_checkpointing_needs_the_forwards_routing(kind):
     for reentrant in (False, True):
         with pytest.raises(RuntimeError, match="recomputed by gradient checkpointing"):
             grads(lambda: checkpoint(layer, x, use_reentrant=reentrant))
-    with torch.no_grad():  # a recomputation inside a backward only; eval without routing is the base
-        torch.testing.assert_close(layer(x), lin(x))
+    with torch.no_grad():  # outside a recomputation: the subnetwork's output needs no ids, the deltas' do
+        if kind == "multi":
+            with pytest.raises(RuntimeError, match="would run as the base model"):
+                layer(x)
+        else:
+            torch.testing.assert_close(layer(x), lin(x))
 
 
 def test_multi_delta_layer_routing_sources():
@@ -777,7 +781,10 @@ def test_multi_delta_layer_routing_sources():
     deltas = {n: type("Delta", (), dict(indices=idx[e], values=vals[e], shape=(5, 6)))() for e, n in enumerate("ab")}
     layer = xnn.MultiDeltaLinear.from_linear(lin, deltas)
     x = torch.randn(2, 4, 6, generator=gen)
-    torch.testing.assert_close(layer.eval()(x), lin(x))  # no routing, eval mode: the base only
+    with pytest.raises(RuntimeError, match="would run as the base model.*-1"):
+        layer.eval()(x)  # it ran the base for every language, silently; the base is asked for by -1
+    with routing.use(torch.tensor([-1, -1]), 2):
+        torch.testing.assert_close(layer(x), lin(x))
     with pytest.raises(RuntimeError, match="no language routing"):
         layer.train()(x)  # training without routing would train nothing
     per_example = torch.tensor([1, 0])
@@ -798,6 +805,8 @@ def test_expert_embedding_refuses_a_route_of_another_size():
         torch.testing.assert_close(layer(ids), embedding(ids) + torch.tensor([1.0, 0.0]).view(2, 1, 1))
     with routing.use(torch.tensor([0, 3]), 4), pytest.raises(ValueError, match="route has 4 ids but the layer has 2 experts"):
         layer(ids)  # expert 3 would have run as the base alone
+    with pytest.raises(RuntimeError, match="would run as the base model"):
+        layer.eval()(ids)  # no routing: it ran the base embedding, silently
 
 
 # --- ensemble mixing ---

@@ -265,21 +265,27 @@ def _routed(active: "routing.Routing", count: int, what: str) -> "routing.Routin
     return active
 
 
-def _unrouted(layer: nn.Module) -> None:
-    """A routed layer with no routing runs the base only. In training mode it would train
-    nothing, and in a checkpoint's recomputation it would differ from its routed first run and
-    give wrong gradients silently (in eval mode too): both are errors."""
-    if layer.training:
-        problem = "is in training mode but no language routing is active"
-    elif routing.unrouted_recomputation():
-        problem = "is recomputed by gradient checkpointing without the routing of its forward"
-    else:
-        return
-    raise RuntimeError(
-        f"{type(layer).__name__} {problem}: wrap the forward in `with xlsparse.hf.route(model, language_ids):`, "
-        "put `language_ids` in the batch, or call model.eval() to run the base model only (under gradient "
-        "checkpointing, pass use_reentrant=False and context_fn=xlsparse.routing.checkpoint_context to "
-        "torch's checkpoint)")
+def _unrouted(layer: nn.Module, output_uses_ids: bool = True) -> None:
+    """A routed layer run with no routing. One whose output depends on the ids (a delta per language
+    or expert) would run as the base: in eval mode that was a silent wrong result (a Trainer whose
+    collator dropped `language_ids` reported the base's loss as the languages'), so it raises in
+    either mode, and the base must be asked for. A SubnetworkLinear's output is the same for every
+    language: it raises in training mode only, where it would train nothing. A checkpoint's
+    recomputation without the routing of its forward would give wrong gradients silently: an
+    error in either mode."""
+    how = ("wrap the forward in `with xlsparse.hf.route(model, language_ids):` or put `language_ids` in the batch "
+           "(`model(**batch)`)")
+    if routing.unrouted_recomputation():
+        raise RuntimeError(
+            f"{type(layer).__name__} is recomputed by gradient checkpointing without the routing of its forward: "
+            f"{how}, and pass use_reentrant=False and context_fn=xlsparse.routing.checkpoint_context to torch's "
+            "checkpoint")
+    if layer.training or output_uses_ids:
+        problem = "is in training mode but" if layer.training else "would run as the base model, since"
+        other = ("for the base model, route ids of -1 (`xlsparse.hf.route(model, [-1] * batch_size)`) or run it under "
+                 "`with xlsparse.hf.disable(model):`" if output_uses_ids else
+                 "or call model.eval() for inference (its output is the same for every language)")
+        raise RuntimeError(f"{type(layer).__name__} {problem} no language routing is active: {how}; {other}")
 
 
 class MultiDeltaLinear(ConvertedLayer, nn.Module):
@@ -290,8 +296,8 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
     `forward(x, route=None, gates=None)`: hard `route` ids (−1 = base only) or a TokenGroups, or
     soft `gates` [..., E]; with neither, the routing set by `xlsparse.routing.use` /
     `xlsparse.hf.route` is used (grouped once per batch and shared by every layer). With no
-    routing at all, an eval-mode layer runs the base only and a training-mode layer raises (it
-    would train nothing).
+    routing at all it raises, in eval mode too (it would run the base for every language); ids
+    of −1 ask for the base.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, indices: list, values: list, names: list):
@@ -496,7 +502,7 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         elif routing.current(self) is not None:
             groups = _routed(routing.current(self), num_ids, "languages").tokens(lead_shape, self.weight.device)
         else:
-            _unrouted(self)
+            _unrouted(self, output_uses_ids=False)
             groups = routing.TokenGroups.build(torch.full((math.prod(lead_shape),), -1, device=self.weight.device), num_ids)
         return groups.ids, groups.order, groups.offsets
 
@@ -589,9 +595,9 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
 
 class ExpertEmbedding(nn.Module):
     """An input embedding with one delta per expert, routed per token by the active
-    `xlsparse.hf.route` ids (−1: the base only; no routing: the base only in eval mode, an error
-    in training mode). Each delta is a dense [V, H] tensor, a SparseDelta of the weight, or None
-    (the input embedding of `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row
+    `xlsparse.hf.route` ids (−1: the base only; no routing: an error, in eval mode too). Each
+    delta is a dense [V, H] tensor, a SparseDelta of the weight, or None (the input embedding of
+    `xlsparse.hf.xelm.ExpertEnsemble`). A token adds only its own row
     of its expert's delta: sparse deltas are read through row pointers, never densified. A base
     module that scales its output (`embed_scale`: XGLM, Gemma, mBART) scales the added rows alike, so a
     token's embedding is (W0 + Δ_e)[id] · scale, as with the expert applied to the weight. A base

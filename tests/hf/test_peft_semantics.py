@@ -680,8 +680,8 @@ def test_a_routed_model_routes_its_language_ids_after_pickle_and_deepcopy(kind, 
 
     want, want_grads = run(model)
     if kind == "multi":
-        with torch.no_grad():
-            assert not torch.equal(model.eval()(input_ids=ids).logits, want)  # unrouted: the base model
+        with torch.no_grad(), hf.disable(model):
+            assert not torch.equal(model.eval()(input_ids=ids).logits, want)  # the base model
     torch.save(model, tmp_path / "model.pt")
     for twin in (copy.deepcopy(model), torch.load(tmp_path / "model.pt", weights_only=False)):
         assert "language_ids" in inspect.signature(twin.forward).parameters
@@ -763,7 +763,8 @@ def test_names_per_token_ids_and_the_batch_field_route_alike():
     by_field = model(input_ids=ids, language_ids=torch.tensor([0, 1, -1, 1])).logits
     for other in (by_name, by_token, by_field):
         assert torch.equal(other, by_int)
-    assert not torch.equal(by_int[0], model(input_ids=ids).logits[0])  # eval, no routing: the base only
+    with hf.disable(model):
+        assert not torch.equal(by_int[0], model(input_ids=ids).logits[0])  # the base only
 
 
 def test_route_works_on_layers_built_with_from_linear():
@@ -814,6 +815,74 @@ def test_trainer_routes_the_language_ids_column():
     assert torch.count_nonzero(layer.delta_values[1]) > 0
 
 
+def test_trainer_evaluate_routes_by_the_language_ids_column_or_raises(tmp_path):
+    # A plain Trainer's evaluate whose batches lost `language_ids` (a column of names, which
+    # transformers' default collator drops, or a collator of the user's own) ran the routed layers
+    # as the base: it reported the base's loss (4.571 where the languages' was 4.535) silently
+    datasets = pytest.importorskip("datasets")
+    model = tiny("bert")
+    model = hf.convert(model, kind="multi", diffs={lang: random_diff(model, 80, 0.5, seed=e) for e, lang in
+                                                   enumerate(["de", "fr"])})
+    ids, langs = batch(4, 7), [0, 1, 1, 0]
+    with torch.no_grad():
+        with hf.route(model, torch.tensor(langs)):
+            routed = model(input_ids=ids, labels=ids).loss.item()
+        with hf.disable(model):
+            base = model(input_ids=ids, labels=ids).loss.item()
+    assert abs(routed - base) > 1e-3
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+
+    def evaluate(column, **kwargs):
+        rows = {"input_ids": ids.tolist(), "labels": ids.tolist(), "language_ids": column}
+        trainer = transformers.Trainer(model=model, args=args, eval_dataset=datasets.Dataset.from_dict(rows), **kwargs)
+        return trainer.evaluate()["eval_loss"]
+
+    assert evaluate(langs) == pytest.approx(routed, rel=1e-6)
+    with pytest.raises(RuntimeError, match="language_ids"):
+        evaluate([hf.model.languages(model)[i] for i in langs])  # names: the default collator drops them
+
+    def without_ids(rows):  # a collator of the user's own that leaves the field out
+        return {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "labels")}
+
+    with pytest.raises(RuntimeError, match="language_ids"):
+        evaluate(langs, data_collator=without_ids)
+
+
+def test_an_eval_forward_of_a_multi_model_without_language_ids_raises():
+    # It ran the routed layers as the base, silently; the base must be asked for (ids of -1, disable)
+    base, model = tiny("llama"), _multi("llama")
+    ids = batch(2, 5)
+    with torch.no_grad():
+        for run in (lambda: model(input_ids=ids), lambda: model.model(input_ids=ids),
+                    lambda: model.generate(ids, max_new_tokens=2, do_sample=False)):
+            with pytest.raises(RuntimeError, match=r"no language routing.*route.*language_ids.*-1.*disable"):
+                run()
+        want = base(input_ids=ids).logits
+        with hf.route(model, [-1, -1]):
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(model(input_ids=ids, language_ids=[None, None]).logits, want, rtol=0, atol=0)
+        with hf.disable(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=0, atol=0)
+
+
+def test_an_eval_forward_of_a_subnetwork_model_needs_no_ids():
+    # Its weights are shared by every language (the masks steer their gradients only): its output
+    # is the trained model's with ids or without, never the base's
+    base = tiny("llama")
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
+                    for n in hf.model.target_names(base)} for lang in ("de", "fr")}
+    model = hf.convert(copy.deepcopy(base), kind="subnetwork", masks=masks)
+    with torch.no_grad():
+        for _, layer in hf.model._converted(model, SubnetworkLinear):
+            layer.weight.add_(0.1 * torch.randn(layer.weight.shape, generator=g))  # as if trained
+        ids = batch(2, 5)
+        got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, model(input_ids=ids, language_ids=[0, 1]).logits, rtol=0, atol=0)
+        assert not torch.allclose(got, base(input_ids=ids).logits)
+
+
 def test_a_minus_one_example_is_refused_where_the_modules_to_save_are_shared():
     # id -1 means base only / no update, but a 'multi' model's modules to save are one module for
     # every language: the -1 example's logits came from the trained head (0.05 off the base's),
@@ -839,8 +908,9 @@ def test_a_minus_one_example_is_refused_where_the_modules_to_save_are_shared():
     model(input_ids=ids, language_ids=torch.tensor([0, 1, 1]))  # every example with a language: fine
     plain = _multi("bert")  # no modules to save: -1 is the base, as documented
     with torch.no_grad():
-        assert torch.equal(plain(input_ids=ids, language_ids=torch.tensor([-1, -1, -1])).logits,
-                           plain(input_ids=ids).logits)
+        got = plain(input_ids=ids, language_ids=torch.tensor([-1, -1, -1])).logits
+        with hf.disable(plain):
+            assert torch.equal(got, plain(input_ids=ids).logits)
     # a 'subnetwork' model's head is shared too: a -1 example's loss gave it a gradient (no update, said DESIGN)
     g = torch.Generator().manual_seed(0)
     masks = {lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3

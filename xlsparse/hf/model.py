@@ -976,8 +976,10 @@ def route(model: nn.Module, language_ids):
     means base only / no update. A wrong shape is a ValueError that names both shapes. The ids
     are expanded to tokens and grouped once per batch. Works on any module holding routed layers.
     A batch may instead carry a `language_ids` field: `model(**batch)` routes by it. With neither,
-    a model in eval mode runs its routed layers as the base (no language), and one in training
-    mode raises.
+    a 'multi' model's forward raises, in eval mode too (it ran as the base, so an evaluation whose
+    batches lost the field scored the base as the languages): ask for the base with ids of −1 or
+    `with xlsparse.hf.disable(model):`. A 'subnetwork' model's output is the same for every
+    language: it needs ids in training mode only.
     """
     num = len(languages(model))
     if num == 0:
