@@ -1,5 +1,8 @@
-"""Checks of the paths the command line writes, shared by `xlsparse` and `xlsparse demo`."""
+"""Checks of the paths the command line writes, shared by `xlsparse` and `xlsparse demo`, and the
+folders a writer makes."""
+import contextlib
 import os
+import shutil
 
 
 def check_output(arg: str, path: str, folder: bool) -> None:
@@ -12,3 +15,20 @@ def check_output(arg: str, path: str, folder: bool) -> None:
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
         raise ValueError(f"{arg} {path}: {parent} is a file, not a folder")
+
+
+@contextlib.contextmanager
+def made_folder(folder: str):
+    """Make `folder` and its missing parents; if the block raises, remove what was made here (a
+    failed write leaves no empty folders behind). Yields the topmost folder made, or None when
+    `folder` existed."""
+    made = None if os.path.isdir(folder) else os.path.abspath(folder)
+    while made and not os.path.isdir(os.path.dirname(made)):
+        made = os.path.dirname(made)
+    os.makedirs(folder, exist_ok=True)
+    try:
+        yield made
+    except BaseException:
+        if made:
+            shutil.rmtree(made, ignore_errors=True)
+        raise

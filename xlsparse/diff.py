@@ -24,6 +24,7 @@ from collections.abc import Mapping
 
 import torch
 
+from ._paths import made_folder
 from .functional import topk_mask
 from .ops import checks
 from .ops import compose as _ops
@@ -1338,8 +1339,8 @@ class SparseDiff:
         """Write composable-sft's `pytorch_diff.bin`. A `path` ending in `.bin` (not a folder) is the
         file itself; any other path is a folder (made if missing, as composable-sft's `SFT.save` and
         HF's `save_pretrained` do) that gets `pytorch_diff.bin`; an existing file there is refused
-        with nothing written. Missing parent folders are made. Dense differences are written as
-        sparse diffs over every element; absolute entries as "abs"."""
+        with nothing written. Missing parent folders are made (and removed again if the write fails).
+        Dense differences are written as sparse diffs over every element; absolute entries as "abs"."""
         path = os.fspath(path)
         if os.path.isdir(path) or not path.endswith(".bin"):
             # written as a file, "out/de" could not be read where a composable-sft folder is expected
@@ -1347,8 +1348,6 @@ class SparseDiff:
                 raise FileExistsError(errno.EEXIST, "save_composable_sft: path is an existing file, not a folder "
                                       "(name the file itself with a .bin path)", path)
             path = os.path.join(path, COMPOSABLE_SFT_FILE)
-        if os.path.dirname(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
         encoded = {}
         items = [(n, d.indices.long().cpu(), d.values.detach().cpu(), d.shape) for n, d in self.deltas.items()]
         items += [(n, torch.arange(t.numel()), t.detach().cpu().reshape(-1), t.shape) for n, t in self.dense.items()]
@@ -1359,7 +1358,8 @@ class SparseDiff:
             steps = torch.cat([column[:1], column[1:] - column[:-1]])
             encoded[name] = {"size": torch.Size(shape), "index_steps": steps.tolist(), "values": val[order].contiguous()}
         obj = {"diffs": encoded, "abs": {n: t.detach().cpu() for n, t in self.absolute.items()}}
-        _atomic_write(path, lambda tmp: torch.save(obj, tmp))
+        with made_folder(os.path.dirname(path) or "."):
+            _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _decode_composable_sft(what: str, name, enc) -> "SparseDelta":

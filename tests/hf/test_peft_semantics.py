@@ -5,6 +5,7 @@ import copy
 import inspect
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -275,6 +276,79 @@ def test_a_config_and_diff_that_disagree_on_the_saved_modules_are_refused(listed
     with pytest.raises(ValueError, match="do not belong together"):
         hf.from_pretrained(fresh, tmp_path / "sft")
     assert getattr(fresh, "xlsparse_config", None) is None
+
+
+def _rewrite(path, edit):
+    """Load the diff file at `path`, let `edit` change its {name: SparseDelta}, and save it back: a hand-edited file."""
+    diff = xlsparse.SparseDiff.load(path)
+    deltas = dict(diff.deltas)
+    edit(deltas)
+    xlsparse.SparseDiff(deltas, absolute=diff.absolute, base_model=diff.base_model).save(path)
+
+
+def _saved_and_fresh(kind, tmp_path):
+    """A tiny BERT converted as `kind`, saved to tmp_path / "m"; its diff file (the first
+    language's for 'multi') and an unconverted twin of its base."""
+    model = tiny("bert")
+    if kind == "delta":
+        hf.convert(model, density=0.05)
+    else:
+        hf.convert(model, kind="multi", diffs={lang: random_diff(tiny("bert"), 7, 0.1, s)
+                                               for s, lang in enumerate(["de", "fr"])})
+    hf.save_pretrained(model, tmp_path / "m")
+    name = "xlsparse_diff.safetensors" if kind == "delta" else "xlsparse_diff.lang0.safetensors"
+    return str(tmp_path / "m" / name), tiny("bert")
+
+
+@pytest.mark.parametrize("kind", ["delta", "multi"])
+def test_a_diff_file_without_a_target_layer_is_refused(kind, tmp_path):
+    # save_pretrained writes every converted layer's delta, an empty one too: a file without one
+    # (edited by hand) gave that layer an empty delta, so it ran as the base, silently
+    path, fresh = _saved_and_fresh(kind, tmp_path)
+    layer = "bert.encoder.layer.1.output.dense.weight"
+    _rewrite(path, lambda deltas: deltas.pop(layer))
+    with pytest.raises(ValueError, match=re.escape(f"{path} has no delta for {[layer]}")):
+        hf.from_pretrained(fresh, tmp_path / "m")
+    assert getattr(fresh, "xlsparse_config", None) is None
+
+
+@pytest.mark.parametrize("kind", ["delta", "multi"])
+def test_a_diff_file_with_an_edited_shape_is_refused_naming_the_folder(kind, tmp_path):
+    # the shape is the file's word alone (indices inside it pass load); only the model can refute it
+    path, fresh = _saved_and_fresh(kind, tmp_path)
+    layer = "bert.encoder.layer.0.attention.self.query.weight"
+
+    def grow(deltas):
+        deltas[layer] = xlsparse.SparseDelta(deltas[layer].indices, deltas[layer].values, (64, 32))
+
+    _rewrite(path, grow)
+    assert xlsparse.SparseDiff.load(path).deltas[layer].shape == (64, 32)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'm'))}.*{layer!r} has shape \\(64, 32\\)"):
+        hf.from_pretrained(fresh, tmp_path / "m")
+    assert getattr(fresh, "xlsparse_config", None) is None
+
+
+@pytest.mark.parametrize("folder", ["earlier save", "new"])
+def test_a_save_that_fails_half_way_leaves_no_mixed_files(folder, tmp_path, monkeypatch):
+    # a 'multi' save writes one file per language and the config last: a full disk at the second
+    # language left the new shared file and first language beside the earlier save's second
+    # language and config, which from_pretrained loaded as one model, silently
+    diffs = {lang: random_diff(tiny("bert"), 7, 0.1, s) for s, lang in enumerate(["de", "fr"])}
+    out = tmp_path / "m" if folder == "earlier save" else tmp_path / "new" / "m"
+    if folder == "earlier save":
+        hf.save_pretrained(hf.convert(tiny("bert"), kind="multi", diffs=diffs), out)
+    model = hf.convert(tiny("bert"), kind="multi", diffs={lang: d * 2.0 for lang, d in diffs.items()})
+    save = xlsparse.SparseDiff.save
+
+    def full_disk(self, path, *args, **kwargs):
+        if path.endswith("lang1.safetensors"):
+            raise OSError(28, "No space left on device")
+        save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(xlsparse.SparseDiff, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        hf.save_pretrained(model, out)
+    assert (sorted(os.listdir(out)) == [] if folder == "earlier save" else not (tmp_path / "new").exists())
 
 
 def test_a_reload_that_does_not_fit_changes_nothing(tmp_path):
@@ -952,6 +1026,48 @@ def test_a_module_swapped_in_after_convert_that_trains_is_refused_by_save(kind, 
                                          r"'bert.encoder.layer.0.output.dense.1.bias'\] train but did not exist"):
         hf.save_pretrained(model, tmp_path / "sft")
     assert not (tmp_path / "sft").exists()
+
+
+def _frozen_swap(model, how):
+    """Change the frozen layer-0 output block of a converted tiny BERT after convert, as `how` says."""
+    out = model.bert.encoder.layer[0].output
+    if how == "added":  # a Dropout (no parameters) replaced by a frozen Linear: new names only
+        out.dropout = torch.nn.Linear(32, 32).requires_grad_(False)
+    elif how == "removed":  # the LayerNorm's weight and bias are gone
+        out.LayerNorm = torch.nn.Identity()
+    elif how == "renamed":  # the same LayerNorm, under new names
+        out.LayerNorm = torch.nn.Sequential(out.LayerNorm)
+    else:  # "replaced": the same names, other values
+        out.LayerNorm = torch.nn.LayerNorm(32).requires_grad_(False)
+        torch.nn.init.constant_(out.LayerNorm.weight, 2.0)
+
+
+@pytest.mark.parametrize("kind", ["delta", "multi"])
+@pytest.mark.parametrize("how", ["added", "removed", "renamed", "replaced"])
+def test_a_frozen_module_swapped_in_after_convert_is_refused_by_save_and_extract(kind, how, tmp_path):
+    # A frozen module swapped in or out after convert changed the outputs, but neither file of
+    # save_pretrained nor extract_diff holds it: the reloaded model was another, silently.
+    model = tiny("bert")
+    if kind == "delta":
+        hf.convert(model, density=0.05)
+    else:
+        hf.convert(model, kind="multi", diffs={"de": random_diff(model, 5, 0.1, 1)})
+    ids, lang = batch(), ({} if kind == "delta" else {"language": "de"})
+    routed = {} if kind == "delta" else {"language_ids": torch.zeros(len(ids), dtype=torch.long)}
+    with torch.no_grad():
+        before = model(input_ids=ids, **routed).logits
+        _frozen_swap(model, how)
+        swapped = model(input_ids=ids, **routed).logits
+    if how != "renamed":
+        assert not torch.allclose(before, swapped)  # the swap matters: base + diff would not be this model
+    with pytest.raises(ValueError, match="since convert"):
+        hf.save_pretrained(model, tmp_path / "sft")
+    assert not (tmp_path / "sft").exists()
+    with pytest.raises(ValueError, match="since convert"):
+        hf.extract_diff(model, **lang)
+    # merge_and_unload keeps the module: the plain model it returns is the swapped one, whole
+    with torch.no_grad():
+        torch.testing.assert_close(hf.merge_and_unload(model, **lang)(input_ids=ids).logits, swapped)
 
 
 def test_extract_diff_of_a_model_built_by_hand_refuses_a_delta_it_does_not_read():

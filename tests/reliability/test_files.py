@@ -108,6 +108,25 @@ def test_malformed_files_raise_value_error(tmp_path, name, header, data, match):
         SparseDiff.load(path)
 
 
+def test_an_edited_delta_shape_is_refused_at_load_or_at_apply(tmp_path):
+    # the file's indices 1 and 6 of a [4, 4] delta. A shape that they leave is refused at load,
+    # naming the file; one that still holds them is the file's word alone, refuted by the model
+    path = str(tmp_path / "d.safetensors")
+
+    def edited(shape):
+        _raw_safetensors(path, {**_meta(deltas=[{"name": "w", "shape": shape, "nnz": 2, "dtype": "torch.float32",
+                                                 "index_dtype": "torch.int32"}]), **_entries()}, GOOD_DATA)
+        return path
+
+    with pytest.raises(IndexError, match=f"{path}: delta 'w': indices\\[1\\] = 6 is outside \\[0, 6\\)"):
+        SparseDiff.load(edited([2, 3]))
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match=r"'w' has shape \(4, 5\) but the model's tensor has \(4, 4\)"):
+        SparseDiff.load(edited([4, 5])).apply(model)
+    assert not model.w.any()
+
+
 def test_truncated_and_bit_flipped_files_never_load_silently(tmp_path):
     """Every truncation raises; every single-byte corruption either raises ValueError/IndexError
     or loads a valid diff (a flipped value byte is still a valid float)."""
@@ -202,6 +221,17 @@ def test_failed_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch,
         save(str(path))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+@pytest.mark.parametrize("target", ["new/sub/d.bin", "new/sub/de"])  # a file, or a folder that gets pytorch_diff.bin
+def test_failed_composable_sft_save_removes_the_folders_it_made(tmp_path, monkeypatch, target):
+    def disk_full(obj, path, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        _diff().save_composable_sft(str(tmp_path / target))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_save_replaces_atomically_and_round_trips(tmp_path):

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .. import routing
+from .._paths import made_folder
 from ..distributed import fingerprint
 from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transpose_delta, applies_on, budget,
                     holding_applies, index_dtype, refuse_sharded)
@@ -758,17 +759,22 @@ def _freeze(model: nn.Module, saved: list[str]) -> None:
         p.requires_grad_(name in train)
 
 
-def _remember(model: nn.Module, saved: list[str]) -> _Record:
-    rec = _Record()
-    train = _trainable_names(model, saved)
+def _frozen_tensors(model: nn.Module, train: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors that must not change after convert, by name: every floating parameter and
+    buffer outside `train`."""
     # non-persistent buffers are no weights: state derived at run time (a dynamic RoPE's inv_freq
     # grows with a long batch), which neither the diff nor a state dict holds; watched, they made
     # every save after a long batch refuse, and the Trainer's checkpoints drop the diff
     derived = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
+    return {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]
+            if name not in train and name not in derived and t.is_floating_point()}
+
+
+def _remember(model: nn.Module, saved: list[str]) -> _Record:
+    rec = _Record()
     with torch.no_grad():
-        for name, t in [*model.named_parameters(), *model.named_buffers()]:
-            if name not in train and name not in derived and t.is_floating_point():
-                rec.frozen[name] = _fingerprint(t)
+        for name, t in _frozen_tensors(model, _trainable_names(model, saved)).items():
+            rec.frozen[name] = _fingerprint(t)
         for sname in saved:
             for n, p in model.get_submodule(sname).named_parameters():
                 rec.saved_originals[f"{sname}.{n}"] = p.detach().clone()
@@ -1016,9 +1022,10 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
     named = dict(model.named_parameters())
     named.update(model.named_buffers())
     subnets = dict(_converted(model, SubnetworkLinear))
-    changed, cast = [], []
+    changed, cast, gone = [], [], []
     for name, fp in rec.frozen.items():
         if name not in named:
+            gone.append(name)
             continue
         lname = name.rsplit(".", 1)[0]
         if name.endswith(".weight") and lname in subnets:
@@ -1043,12 +1050,20 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
                          "convert with modules_to_save=[...] to train and save them")
     # a module swapped in since convert has parameters under new names, which the record above does
     # not know: they trained and were missing from the diff, with nothing said
-    known = set(rec.frozen) | rec.outside | _trainable_names(model, model.xlsparse_config.modules_to_save)
-    added = [n for n, p in model.named_parameters() if p.requires_grad and n not in known]
+    train = rec.outside | _trainable_names(model, model.xlsparse_config.modules_to_save)
+    added = [n for n, p in model.named_parameters() if p.requires_grad and n not in rec.frozen and n not in train]
     if added:
         raise ValueError(f"{what}: {added[:5]}{' ...' if len(added) > 5 else ''} train but did not exist at convert "
                          "(a module added or swapped in since), so the diff would not hold them; add the module "
                          "before convert (modules_to_save=[...]) or freeze it")
+    # frozen, such a module (or one removed) changes the outputs all the same, and neither the diff
+    # nor the base it is loaded onto holds the change
+    moved = [f"{n} (added)" for n in _frozen_tensors(model, train) if n not in rec.frozen]
+    moved += [f"{n} (gone)" for n in gone]
+    if moved:
+        raise ValueError(f"{what}: {moved[:5]}{' ...' if len(moved) > 5 else ''} since convert (a module swapped in, "
+                         "renamed or removed), so base + diff would not be this model; change the model before "
+                         "convert, or undo the change")
 
 
 def _delta_of(name: str, layer: SparseDeltaLinear) -> SparseDelta:
@@ -1245,14 +1260,18 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
                  for n, layer in _converted(model, (SparseDeltaLinear, MultiDeltaLinear))}
     if sharded and torch.distributed.get_rank() != 0:
         return  # every process gathered the same values; one writes them
-    os.makedirs(directory, exist_ok=True)
-    for name, diff in files.items():
-        diff.save(os.path.join(directory, name))
-    written = {CONFIG_NAME, *files}
-    for name in os.listdir(directory):  # an earlier save's per-language files would pass for this model's
-        if _saved_file(name) and name not in written:
-            os.remove(os.path.join(directory, name))
-    dataclasses.replace(config, base_fingerprint=bases).save(directory)
+    with made_folder(directory):
+        try:
+            for name, diff in files.items():
+                diff.save(os.path.join(directory, name))
+            written = {CONFIG_NAME, *files}
+            for name in os.listdir(directory):  # an earlier save's per-language files would pass for this model's
+                if _saved_file(name) and name not in written:
+                    os.remove(os.path.join(directory, name))
+            dataclasses.replace(config, base_fingerprint=bases).save(directory)
+        except BaseException:  # a full disk half way: this save's files beside an earlier one's would load as one
+            _remove_saved_files(directory)
+            raise
 
 
 _SAMPLES = 16  # entries of each base weight that a fingerprint holds
@@ -1391,14 +1410,27 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     if config.base_model and own_name and own_name != config.base_model:
         warnings.warn(f"from_pretrained: {directory} was trained from {config.base_model!r}, the base model given is "
                       f"{own_name!r}; the outputs match only if they hold the same weights", stacklevel=2)
-    if config.kind == "delta":
-        convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
-                modules_to_save=config.modules_to_save)
-    else:
-        if len(set(config.languages)) != len(config.languages):  # a dict would keep one of them, silently
-            raise ValueError(f"from_pretrained: {CONFIG_NAME} names a language twice: {config.languages}")
-        diffs = {lang: SparseDiff.load(os.path.join(directory, _lang_file(i))) for i, lang in enumerate(config.languages)}
-        convert(base_model, config.target_modules, kind="multi", diffs=diffs, modules_to_save=config.modules_to_save)
+    if config.kind == "multi" and len(set(config.languages)) != len(config.languages):  # a dict would keep one
+        raise ValueError(f"from_pretrained: {CONFIG_NAME} names a language twice: {config.languages}")
+    names = [DIFF_NAME] if config.kind == "delta" else [_lang_file(i) for i in range(len(config.languages))]
+    files = {name: diff if name == DIFF_NAME else SparseDiff.load(os.path.join(directory, name)) for name in names}
+    for name, loaded in files.items():
+        # save_pretrained writes every converted layer's delta, an empty one too; convert would give
+        # a layer the file lacks an empty delta, so it ran as the base, silently
+        lacks = [f"{n}.weight" for n in config.target_modules if f"{n}.weight" not in loaded.deltas]
+        if lacks:
+            raise ValueError(f"from_pretrained: {os.path.join(directory, name)} has no delta for {lacks[:3]}"
+                             f"{' ...' if len(lacks) > 3 else ''}, which {CONFIG_NAME} names as converted; the file "
+                             "was edited, or the two files do not belong together")
+    try:  # convert checks the deltas' shapes against the base: say which folder they came from
+        if config.kind == "delta":
+            convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
+                    modules_to_save=config.modules_to_save)
+        else:
+            convert(base_model, config.target_modules, kind="multi", diffs=dict(zip(config.languages, files.values())),
+                    modules_to_save=config.modules_to_save)
+    except ValueError as exc:
+        raise ValueError(f"from_pretrained: {directory}: {exc}") from exc
     with torch.no_grad():
         for name, t in diff.absolute.items():
             named[name].copy_(t)
