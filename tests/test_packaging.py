@@ -44,6 +44,28 @@ def test_version_on_the_command_line(module):
     assert xlsparse.__version__ != "0.0.0+unknown"
 
 
+def test_import_leaves_torch_dynamo_unloaded():
+    """`import xlsparse` (and the CLI's startup) does not pay torch._dynamo's import, about 2 s of 4."""
+    code = "import sys, xlsparse, xlsparse.hf, xlsparse.cli; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run(child_python("-c", code), capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_backend_for_carries_torchs_constant_result_mark():
+    """torch.compile keeps the backend choice as a constant: backend_for carries every attribute
+    that torch.compiler.assume_constant_result sets (it is set by hand, to spare the import)."""
+    import torch
+
+    from xlsparse.ops import registry
+
+    def probe():
+        return None
+
+    marks = vars(torch.compiler.assume_constant_result(probe))
+    assert marks
+    assert {k: getattr(registry.backend_for, k, None) for k in marks} == marks
+
+
 def test_sdist_holds_the_sources_and_headers(tmp_path):
     if not os.path.exists(os.path.join(ROOT, "setup.py")):
         pytest.skip("not a source tree")
