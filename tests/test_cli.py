@@ -331,12 +331,30 @@ def test_compose_leaves_no_half_written_out(out_exists, tmp_path, capsys, monkey
 
     def full_disk(self, folder, **kwargs):
         (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        (Path(folder) / "shards").mkdir()
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(transformers.BertForMaskedLM, "save_pretrained", full_disk)
     assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--out", str(out)]) == 1
     assert "No space left on device" in capsys.readouterr().err
     assert _listing(tmp_path) == before
+
+
+def test_made_folder_removes_what_a_failed_block_added_to_a_folder_that_existed(tmp_path):
+    # compose cleared an existing OUT by hand beside made_folder, which removed only the folders it made
+    from xlsparse._paths import made_folder
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "earlier.txt").write_text("kept")
+    before = _listing(tmp_path)
+    with pytest.raises(OSError, match="No space left"):
+        with made_folder(str(tmp_path / "out"), undo_added=True) as made:
+            assert made is None
+            (tmp_path / "out" / "model.safetensors").write_bytes(b"partial")
+            (tmp_path / "out" / "shards").mkdir()
+            (tmp_path / "out" / "shards" / "1.bin").write_bytes(b"partial")
+            raise OSError(28, "No space left on device")
+    assert _listing(tmp_path) == before and (tmp_path / "out" / "earlier.txt").read_text() == "kept"
 
 
 def test_compose_refuses_a_model_class_whose_head_nothing_gives(tmp_path, capsys):

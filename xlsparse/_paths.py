@@ -18,17 +18,27 @@ def check_output(arg: str, path: str, folder: bool) -> None:
 
 
 @contextlib.contextmanager
-def made_folder(folder: str):
+def made_folder(folder: str, undo_added: bool = False):
     """Make `folder` and its missing parents; if the block raises, remove what was made here (a
-    failed write leaves no empty folders behind). Yields the topmost folder made, or None when
+    failed write leaves no empty folders behind) and, with `undo_added`, what the block added to a
+    `folder` that existed (its earlier entries stay). Yields the topmost folder made, or None when
     `folder` existed."""
     made = None if os.path.isdir(folder) else os.path.abspath(folder)
     while made and not os.path.isdir(os.path.dirname(made)):
         made = os.path.dirname(made)
+    earlier = set(os.listdir(folder)) if undo_added and not made else set()
     os.makedirs(folder, exist_ok=True)
     try:
         yield made
     except BaseException:
         if made:
             shutil.rmtree(made, ignore_errors=True)
+        elif undo_added:
+            for name in set(os.listdir(folder)) - earlier:
+                path = os.path.join(folder, name)
+                with contextlib.suppress(OSError):  # the block's own error is the one to raise
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
         raise

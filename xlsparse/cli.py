@@ -244,22 +244,13 @@ def cmd_compose(args: argparse.Namespace) -> int:
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
-    with made_folder(args.out) as made:  # OUT and the parents made here go if the save fails
-        try:
-            for name in os.listdir(args.base):
-                path = os.path.join(args.base, name)
-                if os.path.isfile(path) and not _holds_weights(name):
-                    shutil.copy(path, args.out)
-            model.save_pretrained(args.out)
-        except BaseException:  # a full disk half way: no half-written model left in OUT (it was new or empty)
-            if not made:  # one made here goes whole, with its new parents
-                for name in os.listdir(args.out):
-                    path = os.path.join(args.out, name)
-                    if os.path.isdir(path):
-                        shutil.rmtree(path, ignore_errors=True)
-                    else:
-                        os.remove(path)
-            raise
+    # a full disk half way leaves no half-written model: OUT (new, or checked empty above) is as it was
+    with made_folder(args.out, undo_added=True):
+        for name in os.listdir(args.base):
+            path = os.path.join(args.base, name)
+            if os.path.isfile(path) and not _holds_weights(name):
+                shutil.copy(path, args.out)
+        model.save_pretrained(args.out)
     print(f"wrote {arch} with {len(diffs)} diffs (alphas {alphas}) to {args.out}")
     return 0
 

@@ -241,6 +241,8 @@ def test_lambda_sweep_finds_the_best_and_restores_the_model():
     with pytest.raises(TypeError, match="higher_is_better must be a bool"):  # "no" is truthy: the worst λ won
         arithmetic.lambda_sweep(model, lambda lam: phi, [0.0, 1.0], evaluate=lambda m: 1.0, higher_is_better="no",
                                 progress=False)
+    with pytest.raises(TypeError, match="lambda_sweep: progress must be a bool"):  # "no" showed the bars
+        arithmetic.lambda_sweep(model, lambda lam: phi, [0.0, 1.0], evaluate=lambda m: 1.0, progress="no")
 
 
 def test_the_papers_interpolation_of_two_language_vectors():
@@ -287,6 +289,11 @@ def test_lambda_sweep_on_a_heldout_set_returns_the_table():
     agreed = arithmetic.lambda_sweep(model, lambda lam: arithmetic.combine([phi], [lam]), [0.0, 1.0, 3.0],
                                      heldout=heldout, higher_is_better=False, progress=False)
     assert agreed.best == sweep.best and not agreed.higher_is_better
+    # one batch (a dict) was read as its keys: the sweep failed in the model's forward with a bare TypeError
+    with pytest.raises(TypeError, match=r"^heldout_loss: batches .* one batch \(a dict\): pass \[batch\]"):
+        arithmetic.heldout_loss(heldout[0])
+    with pytest.raises(TypeError, match=r"^lambda_sweep: heldout .* one batch \(a dict\): pass \[batch\]"):
+        arithmetic.lambda_sweep(model, lambda lam: phi, [1.0], heldout=heldout[0], progress=False)
 
 
 def test_a_diff_with_int64_indices_merges_and_applies_with_others():

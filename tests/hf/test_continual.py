@@ -350,7 +350,8 @@ def _unchanged(model, before):
 @pytest.mark.parametrize("bad, error, match", [
     ({"lr": -1.0}, ValueError, "lr must be >= 0"), ({"lr": float("nan")}, ValueError, "lr must be finite"),
     ({"weight_decay": -0.1}, ValueError, "weight_decay must be >= 0"),
-    ({"epochs": 1.5}, TypeError, "epochs must be an int"), ({"epochs": 0}, ValueError, "epochs must be >= 1")])
+    ({"epochs": 1.5}, TypeError, "epochs must be an int"), ({"epochs": 0}, ValueError, "epochs must be >= 1"),
+    ({"progress": "no"}, TypeError, "progress must be a bool")])
 def test_continual_update_refuses_bad_arguments_before_converting_the_model(bad, error, match):
     # these raised only after the model's layers had been swapped and its other parameters frozen
     # (epochs=0 converted the model and returned no steps)
@@ -358,7 +359,7 @@ def test_continual_update_refuses_bad_arguments_before_converting_the_model(bad,
     batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(error, match=f"continual_update: {match}"):
-        continual.continual_update(model, batches, masks, progress=False, **bad)
+        continual.continual_update(model, batches, masks, **{"progress": False, **bad})
     assert _unchanged(model, before)
 
 
@@ -389,6 +390,26 @@ def test_continual_update_checks_the_language_ids_of_listed_batches_before_conve
     with pytest.raises(IndexError, match="ids must lie") as raised:
         continual.continual_update(model, iter([good, bad]), masks, progress=False)
     assert "converted (or given these masks) in place and 1 update step" in "".join(raised.value.__notes__)
+
+
+def test_continual_update_checks_the_ids_of_a_step_once_as_a_routed_step_does(monkeypatch):
+    # the loop range-checked each batch's ids (a host sync) and route checked them again: one sync more per step
+    from xlsparse import routing
+
+    calls = []
+    check = routing.check_ids
+    monkeypatch.setattr(routing, "check_ids", lambda ids, num: (calls.append(num), check(ids, num))[1])
+    model, masks = _bert_with_open_masks("de", "fr")
+    batch = dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))
+    continual.continual_update(model, iter([batch]), masks, progress=False)  # an iterator: no up-front pass
+    per_step = len(calls)
+    calls.clear()
+    with hf.route(model, batch["language_ids"]):  # what a routed training step checks anyway
+        model(input_ids=batch["input_ids"], labels=batch["labels"]).loss.backward()
+    assert per_step == len(calls) > 0
+    calls.clear()
+    continual.continual_update(model, [batch, batch], masks, progress=False)  # listed: one check each up front
+    assert len(calls) == 2 + 2 * per_step
 
 
 def test_continual_update_freezes_nothing_when_its_optimizer_cannot_be_built(monkeypatch):
@@ -434,7 +455,12 @@ def test_per_language_report():
     assert report.share_improved == pytest.approx(1 / 3) and "improved 1 of 3 (share 0.333)" in report.table()
     with pytest.raises(ValueError):
         continual.per_language_report({"de": 1.0}, {"fr": 1.0})
-    with pytest.raises(ValueError, match=r"after is not finite for \['fr'\]"):  # NaN: neither better nor worse
+    with pytest.raises(ValueError, match=r"after\['fr'\] must be finite"):  # NaN: neither better nor worse
         continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": 0.55, "fr": float("nan")})
+    # True was read as 1.0 (fr worse by 0.4); a string failed only in `change`, with a bare TypeError
+    with pytest.raises(TypeError, match=r"per_language_report: before\['fr'\] must be a number, got bool"):
+        continual.per_language_report({"de": 0.5, "fr": True}, {"de": 0.55, "fr": 0.6})
+    with pytest.raises(TypeError, match=r"per_language_report: after\['de'\] must be a number, got str"):
+        continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": "0.55", "fr": 0.5})
     with pytest.raises(TypeError, match="higher_is_better must be a bool"):  # "no" is truthy: fr counted as improved
         continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": 0.55, "fr": 0.5}, higher_is_better="no")

@@ -85,6 +85,35 @@ def test_reptile_step_updates_only_the_subnetworks():
         assert bool((named[n][union] != before[n][union]).any())
 
 
+def test_progress_must_be_a_bool():
+    # bool("no") is True: progress="no" showed the bars it was meant to hide
+    model = tiny("bert")
+    named = dict(model.named_parameters())
+    first = f"{hf.model.target_names(model)[0]}.weight"
+    masks = {"de": {first: torch.ones_like(named[first], dtype=torch.bool)}}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    batches = _lm_batches(1, 1)
+    calls = {"importance_scores": lambda: subnetworks.importance_scores(model, {"de": batches}, progress="no"),
+             "reptile_step": lambda: subnetworks.reptile_step(model, {"de": batches}, masks, progress="no"),
+             "structured_importance": lambda: subnetworks.structured_importance(model, batches, progress="no")}
+    for what, call in calls.items():
+        with pytest.raises(TypeError, match=f"{what}: progress must be a bool, got 'no'"):
+            call()
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_scoring_refuses_one_batch_where_a_list_of_batches_goes():
+    # iterating one batch (a dict) gave its keys, read as batches: an AttributeError on a str's .values
+    model = tiny("bert")
+    batch = _lm_batches(1, 1)[0]
+    with pytest.raises(TypeError, match=r"^importance_scores: batches\['de'\] .* one batch \(a dict\): pass \[batch\]"):
+        subnetworks.importance_scores(model, {"de": batch}, progress=False)
+    with pytest.raises(TypeError, match=r"^structured_importance: batches .* one batch \(a dict\): pass \[batch\]"):
+        subnetworks.structured_importance(model, batch)
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("recipe", ["reptile", "fomaml"])
 def test_meta_learning_trains_the_modules_to_save_whole(recipe):
     """convert's modules_to_save (a new head) train whole in each language's inner loop and in the

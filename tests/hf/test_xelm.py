@@ -344,6 +344,21 @@ def test_an_ensemble_model_with_expert_embeddings_is_not_saved_extracted_or_merg
                                    alone(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_expert_training_refuses_one_batch_where_a_list_of_batches_goes():
+    # iterating one batch (a dict) gave its keys: the first "batch" was the string 'input_ids'
+    batch = _lm_batches(1, 1)[0]
+    with pytest.raises(TypeError, match=r"^train_expert: batches .* one batch \(a dict\): pass \[batch\]"):
+        xelm.train_expert(tiny("llama"), batch, density=0.05, progress=False)
+    with pytest.raises(TypeError, match=r"^train_cluster_experts: batches\['de'\] .* one batch .*\[batch\]"):
+        xelm.train_cluster_experts(tiny("llama"), {"en": [batch], "de": batch}, 1, clusters={"en": 0, "de": 0},
+                                   density=0.05, progress=False)
+
+
+def test_train_expert_refuses_a_progress_that_is_not_a_bool():
+    with pytest.raises(TypeError, match="train_expert: progress must be a bool, got 'no'"):  # "no" showed the bars
+        xelm.train_expert(tiny("llama"), _lm_batches(1, 1), density=0.05, progress="no")
+
+
 def test_static_weights_equal_mixing_separate_experts():
     base = tiny("llama")
     experts = {"a": xelm.train_expert(base, _lm_batches(2, 1), density=0.05, progress=False),

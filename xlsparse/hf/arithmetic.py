@@ -33,7 +33,7 @@ from torch import nn
 from ..diff import SparseDelta, SparseDiff, budget, index_dtype
 from ..functional import topk_mask
 from ..ops import checks
-from .subnetworks import _progress
+from .subnetworks import _check_batches, _progress
 
 
 def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from: int | None, what: str) -> dict:
@@ -196,6 +196,7 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
 def heldout_loss(batches: Iterable, loss_fn: Callable | None = None) -> Callable[[nn.Module], float]:
     """An `evaluate` for `lambda_sweep`: the mean loss over held-out `batches` (lower is better),
     in eval mode and without gradients."""
+    _check_batches("heldout_loss", "batches", batches)
     batches = list(batches)
     if not batches:
         raise ValueError("heldout_loss: no held-out batches")
@@ -252,6 +253,7 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     if (evaluate is None) == (heldout is None):
         raise ValueError("lambda_sweep: give exactly one of evaluate or heldout")
     if heldout is not None:
+        _check_batches("lambda_sweep", "heldout", heldout)
         if higher_is_better:  # it was dropped: the lowest loss won
             raise ValueError("lambda_sweep: higher_is_better=True does not apply to heldout, scored by its mean loss "
                              "(lower is better); leave higher_is_better out, or pass evaluate")
@@ -259,7 +261,7 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     elif higher_is_better is None:
         higher_is_better = True
     scores = {}
-    for lam in _progress(list(lambdas), "λ sweep", progress):
+    for lam in _progress("lambda_sweep", list(lambdas), "λ sweep", progress):
         with make_diff(lam).applied(model):
             scores[lam] = float(evaluate(model))
     finite = {lam: v for lam, v in scores.items() if math.isfinite(v)}

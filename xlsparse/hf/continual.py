@@ -30,12 +30,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import routing
 from ..diff import budget
 from ..functional import topk_mask
 from ..ops import checks
 from ..optim import MaskedAdamW
+from .model import _language_ids as route_ids
 from .model import _refuse_max_norm
-from .subnetworks import _progress
+from .subnetworks import _check_batches, _progress
 
 
 URIEL_FEATURES = ("syntax_knn", "phonology_knn", "inventory_knn", "fam", "geo")
@@ -184,10 +186,9 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
 
 
 def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
-    """The batch's ids, checked against the masks' languages (`route`'s checks, without the model)."""
-    from .. import routing
-    from .model import _language_ids as route_ids
-
+    """The batch's ids, checked against the masks' languages: names, dtype and shape. Not their
+    range, a host sync that `route` makes on every step anyway; `continual_update` checks it only
+    for listed batches, before the model is converted."""
     if "language_ids" not in batch:
         raise ValueError("continual_update: every batch must carry language_ids (one per example)")
     ids = batch["language_ids"]
@@ -200,7 +201,6 @@ def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
     n = batch["input_ids"].shape[0] if "input_ids" in batch else ids.shape[0]
     if ids.dim() != 1 or ids.shape[0] != n:
         raise ValueError(f"continual_update: language_ids must be [{n}] (one per example), got {tuple(ids.shape)}")
-    routing.check_ids(ids, len(order))
     return ids
 
 
@@ -292,16 +292,15 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     checks.adamw_hyperparameters("continual_update", lr, 0.0, 0.0, 0.0, weight_decay, 0.0, False)
     if checks.count("continual_update", "epochs", epochs) < 1:  # 0 converted the model and trained nothing
         raise ValueError(f"continual_update: epochs must be >= 1, got {epochs}")
-    if isinstance(batches, Mapping):  # its keys were read as batches
-        raise TypeError("continual_update: batches must be an iterable of batches, got one batch (a dict): "
-                        "pass [batch]")
+    checks.flag("continual_update", "progress", progress)  # _progress checks it too, but after the conversion
+    _check_batches("continual_update", "batches", batches)
     if epochs > 1 and iter(batches) is batches:  # a generator or iterator: the second epoch would see no batches
         raise ValueError(f"continual_update: epochs={epochs} needs batches that can be iterated again (a list or a "
                          f"DataLoader), got a one-shot {type(batches).__name__}")
     order = list(masks)
     if isinstance(batches, Sequence):  # ids given up front: a bad one raised only after the model was converted
         for batch in batches:
-            _language_ids(batch, order)
+            routing.check_ids(_language_ids(batch, order), len(order))
     union = _prepare(model, masks, "continual_update")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     was_training, frozen, losses = model.training, [], []
@@ -319,7 +318,7 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
             p.requires_grad_(False)
         model.train()
         for _ in range(epochs):
-            for batch in _progress(batches, "continual update", progress):
+            for batch in _progress("continual_update", batches, "continual update", progress):
                 ids = _language_ids(batch, order)
                 inputs = {k: v for k, v in batch.items() if k != "language_ids"}
                 opt.zero_grad(set_to_none=True)
@@ -396,7 +395,7 @@ def per_language_report(before: Mapping[str, float], after: Mapping[str, float],
     if set(before) != set(after):
         raise ValueError(f"per_language_report: languages differ: {sorted(before)} vs {sorted(after)}")
     for what, metric in (("before", before), ("after", after)):
-        bad = [lang for lang, v in metric.items() if not math.isfinite(float(v))]
-        if bad:  # a NaN would count as neither improved nor worse
-            raise ValueError(f"per_language_report: {what} is not finite for {bad}")
-    return LanguageReport(dict(before), {lang: after[lang] for lang in before}, higher_is_better)
+        for lang, v in metric.items():  # True read as 1.0; a NaN counted as neither improved nor worse
+            checks.finite("per_language_report", **{f"{what}[{lang!r}]": v})
+    return LanguageReport({lang: float(before[lang]) for lang in before}, {lang: float(after[lang]) for lang in before},
+                          higher_is_better)

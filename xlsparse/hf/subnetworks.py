@@ -33,13 +33,15 @@ from ..diff import budget
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
+from ..ops import checks
 from ..optim import MaskedAdamW, MaskedSGD
 from .model import (_conv1d_weights, _converted, _grow_subnetworks, _refuse_max_norm, _restore_subnet_coverage,
                     _saved_module_params, _subnet_base, _subnet_coverage, _swap_conv1d_layout, languages, route)
 
 
-def _progress(iterable, desc: str, enabled: bool):
-    if not enabled:
+def _progress(op: str, iterable, desc: str, enabled: bool):
+    """`iterable` with a progress bar when `enabled`, which `op`'s `progress` gave."""
+    if not checks.flag(op, "progress", enabled):
         return iterable
     from tqdm.auto import tqdm
 
@@ -68,6 +70,12 @@ def _unmasked(model: nn.Module):
     finally:
         for layer in layers:
             layer.unmasked = False
+
+
+def _check_batches(op: str, name: str, batches) -> None:
+    """`batches` must be an iterable of batches: one batch (a dict) iterates as its keys, read as batches."""
+    if isinstance(batches, Mapping):
+        raise TypeError(f"{op}: {name} must be an iterable of batches, got one batch (a dict): pass [batch]")
 
 
 def _examples(batch: Mapping, what: str = "importance_scores") -> list[dict]:
@@ -99,6 +107,8 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     """
     if method not in ("grad_x_weight", "fisher"):
         raise ValueError(f"importance_scores: method must be 'grad_x_weight' or 'fisher', got {method!r}")
+    for lang, lang_batches in batches.items():
+        _check_batches("importance_scores", f"batches[{lang!r}]", lang_batches)
     named = dict(model.named_parameters())
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
     missing = [n for n in names if n not in named]
@@ -113,7 +123,7 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     for lang, lang_batches in batches.items():
         acc = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
         examples = (x for batch in lang_batches for x in _examples(batch))
-        for example in _progress(examples, f"importance {lang}", progress):
+        for example in _progress("importance_scores", examples, f"importance {lang}", progress):
             model.zero_grad(set_to_none=True)
             with _in_language(model, lang, example), _unmasked(model):
                 loss = loss_fn(model, example)
@@ -262,7 +272,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     start = {n: p.detach().clone() for n, p in named.items()}
     total = {n: torch.zeros_like(p) for n, p in named.items()}
     losses = {}
-    for lang, lang_batches in _progress(taken.items(), "reptile", progress):
+    for lang, lang_batches in _progress("reptile_step", taken.items(), "reptile", progress):
         lang_masks = stored[lang]
         opt = MaskedSGD([named[n] for n in lang_masks], list(lang_masks.values()), lr=inner_lr)
         try:  # θ is restored even when a later batch fails after the first steps moved it
@@ -339,6 +349,7 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     layers run unmasked (the whole network, in training mode too). The model's gradients are
     left cleared.
     """
+    _check_batches("structured_importance", "batches", batches)
     _, layers = block_layout(model)
     heads, _ = _heads(model)
     modules = dict(model.named_modules())
@@ -361,7 +372,7 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
         hooks.append(modules[layer["ffn_out"]].register_forward_pre_hook(keep_input(("ffn", i))))
     try:
         examples = (x for batch in batches for x in _examples(batch, "structured_importance"))
-        for example in _progress(examples, "head/neuron importance", progress):
+        for example in _progress("structured_importance", examples, "head/neuron importance", progress):
             model.zero_grad(set_to_none=True)
             captured.clear()
             # one example per backward: a batch's mean loss would weight its examples by 1/B (or by
