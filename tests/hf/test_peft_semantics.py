@@ -819,6 +819,10 @@ def test_routing_ids_must_fit_the_batch():
     with pytest.raises(ValueError, match="empty|one id per example"):
         with hf.route(model, torch.zeros(0, dtype=torch.long)):
             model(input_ids=ids)
+    for empty in ([], (), torch.zeros(0)):  # an empty list became a float tensor: "ids must be integers", a TypeError
+        with pytest.raises(ValueError, match="one id per example"):
+            with hf.route(model, empty):
+                model(input_ids=ids)
     with pytest.raises(ValueError, match="unknown language 'es'"):
         with hf.route(model, ["de", "es", "fr", "de"]):
             pass

@@ -966,10 +966,10 @@ def _language_ids(names: list[str], language_ids) -> torch.Tensor:
                 return [one(y) for y in x]
             return x
         ids = torch.as_tensor(one(list(language_ids)) if isinstance(language_ids, (list, tuple)) else one(language_ids))
-    routing.check_id_dtype(ids)
-    if ids.dim() == 0 or ids.numel() == 0:
+    if ids.dim() == 0 or ids.numel() == 0:  # before the dtype: an empty list is a float tensor
         raise ValueError(f"route: language_ids must hold one id per example [B] or per token [B, S], got shape "
                          f"{list(ids.shape)}")
+    routing.check_id_dtype(ids)
     return ids
 
 
@@ -979,13 +979,14 @@ def route(model: nn.Module, language_ids):
 
     `language_ids`: per example [B] (exactly the batch's length) or per token [B, S] (exactly its
     shape); integers indexing `languages(model)`, or the language names themselves; −1 (or None)
-    means base only / no update. A wrong shape is a ValueError that names both shapes. The ids
-    are expanded to tokens and grouped once per batch. Works on any module holding routed layers.
-    A batch may instead carry a `language_ids` field: `model(**batch)` routes by it. With neither,
-    a 'multi' model's forward raises, in eval mode too (it ran as the base, so an evaluation whose
-    batches lost the field scored the base as the languages): ask for the base with ids of −1 or
-    `with xlsparse.hf.disable(model):`. A 'subnetwork' model's output is the same for every
-    language: it needs ids in training mode only.
+    means base only / no update (a ValueError on a model with `modules_to_save`, which every
+    language shares: run such examples under `disable`). A wrong shape is a ValueError that names
+    both shapes. The ids are expanded to tokens and grouped once per batch. Works on any module
+    holding routed layers. A batch may instead carry a `language_ids` field: `model(**batch)`
+    routes by it. With neither, a 'multi' model's forward raises, in eval mode too (it ran as the
+    base, so an evaluation whose batches lost the field scored the base as the languages): ask for
+    the base with ids of −1 (without `modules_to_save`) or `with xlsparse.hf.disable(model):`. A
+    'subnetwork' model's output is the same for every language: it needs ids in training mode only.
     """
     num = len(languages(model))
     if num == 0:
