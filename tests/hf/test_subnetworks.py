@@ -111,6 +111,11 @@ def test_scoring_refuses_one_batch_where_a_list_of_batches_goes():
         subnetworks.importance_scores(model, {"de": batch}, progress=False)
     with pytest.raises(TypeError, match=r"^structured_importance: batches .* one batch \(a dict\): pass \[batch\]"):
         subnetworks.structured_importance(model, batch)
+    # one batch where {language: batches} goes: its field names were read as languages
+    with pytest.raises(TypeError, match=r"^importance_scores: batches\['input_ids'\] .* a tensor.*\{language: \[batch"):
+        subnetworks.importance_scores(model, batch, progress=False)
+    with pytest.raises(TypeError, match=r"^importance_scores: batches must map each language to its batches"):
+        subnetworks.importance_scores(model, [batch], progress=False)
     assert all(p.grad is None for p in model.parameters())
 
 

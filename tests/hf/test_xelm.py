@@ -352,6 +352,9 @@ def test_expert_training_refuses_one_batch_where_a_list_of_batches_goes():
     with pytest.raises(TypeError, match=r"^train_cluster_experts: batches\['de'\] .* one batch .*\[batch\]"):
         xelm.train_cluster_experts(tiny("llama"), {"en": [batch], "de": batch}, 1, clusters={"en": 0, "de": 0},
                                    density=0.05, progress=False)
+    with pytest.raises(TypeError, match=r"^train_cluster_experts: batches\['input_ids'\] .* a tensor"):
+        xelm.train_cluster_experts(tiny("llama"), batch, 1, clusters={"input_ids": 0, "labels": 0}, density=0.05,
+                                   progress=False)
 
 
 def test_train_expert_refuses_a_progress_that_is_not_a_bool():

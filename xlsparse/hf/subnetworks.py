@@ -78,6 +78,19 @@ def _check_batches(op: str, name: str, batches) -> None:
         raise TypeError(f"{op}: {name} must be an iterable of batches, got one batch (a dict): pass [batch]")
 
 
+def _check_language_batches(op: str, batches) -> None:
+    """`batches` must be {language: iterable of batches}. One batch given instead has tensors
+    where the batches go and its field names where the languages go."""
+    if not isinstance(batches, Mapping):
+        raise TypeError(f"{op}: batches must map each language to its batches, {{language: [batch, ...]}}, "
+                        f"got a {type(batches).__name__}")
+    for lang, lang_batches in batches.items():
+        if isinstance(lang_batches, torch.Tensor):
+            raise TypeError(f"{op}: batches[{lang!r}] is a tensor, not that language's batches: one batch was given "
+                            "where {language: [batch, ...]} goes")
+        _check_batches(op, f"batches[{lang!r}]", lang_batches)
+
+
 def _examples(batch: Mapping, what: str = "importance_scores") -> list[dict]:
     """The batch split into batches of one example (every tensor sliced along its first dim)."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
@@ -107,8 +120,7 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     """
     if method not in ("grad_x_weight", "fisher"):
         raise ValueError(f"importance_scores: method must be 'grad_x_weight' or 'fisher', got {method!r}")
-    for lang, lang_batches in batches.items():
-        _check_batches("importance_scores", f"batches[{lang!r}]", lang_batches)
+    _check_language_batches("importance_scores", batches)
     named = dict(model.named_parameters())
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
     missing = [n for n in names if n not in named]

@@ -43,7 +43,7 @@ from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, decay_the_base_
 from .model import _fingerprint, _refuse_max_norm, convert, extract_diff, route, target_names, train_outside_diff
-from .subnetworks import _check_batches, _progress
+from .subnetworks import _check_batches, _check_language_batches, _progress
 
 WEIGHTINGS = ("posterior", "uniform", "static")
 
@@ -566,8 +566,7 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     """
     if (codes is None) == (clusters is None):
         raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
-    for lang, lang_batches in batches.items():
-        _check_batches("train_cluster_experts", f"batches[{lang!r}]", lang_batches)
+    _check_language_batches("train_cluster_experts", batches)
     if sum(train_kwargs.get(key) is not None for key in ("k", "density", "init")) != 1:
         raise ValueError("train_cluster_experts: each expert needs a support: pass exactly one of k= (entries), "
                          "density= or init= (they go to train_expert); num_experts is the number of experts")
