@@ -993,8 +993,8 @@ def test_merge_and_apply_refuse_non_finite_weights_of_any_diff():
             SparseDiff.merge([dense, head], [1.0, bad])
     with pytest.raises(TypeError, match=r"merge: weights\[0\] must be a number"):
         SparseDiff.merge([dense], ["x"])
-    # float() read "0.5" as 0.5 and True as 1.0
-    for bad in ("0.5", True):
+    # float() read "0.5" as 0.5 and True (a bool tensor too) as 1.0
+    for bad in ("0.5", True, torch.tensor(True)):
         with pytest.raises(TypeError, match=r"merge: weights\[0\] must be a number"):
             SparseDiff.merge([dense], [bad])
         with pytest.raises(TypeError, match=r"apply: alphas\[0\] must be a number"):

@@ -120,6 +120,50 @@ def test_cpu_sddmm_row_blocks_and_token_parts(dtype, mode, threads):
     check(out, ref64, plain, f"cpu sddmm {dtype} {mode} {threads} threads")
 
 
+# Entries per row: each group size of the dot kernels (1-12 in one kernel, longer rows eight at a
+# time first) and the edges between them; one row full, one empty.
+ROW_LENGTHS = [0, 1, 7, 8, 9, 11, 12, 13, 16, 17, 20, 24, 25, 300]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_sddmm_wide_and_tall_rows_of_every_length_match_float64(dtype, layout, threads):
+    """Both orientations of the CPU kernel (more columns than rows: a and b swap roles, entries taken
+    column by column), rows of every length, inputs transposed or strided, T = 1, T not a whole
+    chunk and T over one token part, every token selection."""
+    gen = seeded(31)
+    rows, cols = len(ROW_LENGTHS), 300
+    wide = torch.cat([r * cols + torch.randperm(cols, generator=gen)[:n].sort().values
+                      for r, n in enumerate(ROW_LENGTHS)])
+    tall = (wide % cols * rows + wide // cols).sort().values  # the same entries of the transposed weight
+
+    def operand(t, n):
+        if layout == "transposed":
+            return torch.randn(n, t, generator=gen).to(dtype).T
+        if layout == "strided":
+            return torch.randn(t, 2 * n, generator=gen).to(dtype)[:, 1::2]
+        return torch.randn(t, n, generator=gen).to(dtype)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for t in (1, 261, 1100):
+            for (o, i, idx) in ((rows, cols, wide), (cols, rows, tall)):
+                dy, x = operand(t, o), operand(t, i)
+                for mode in ("all", "routed", "scaled"):
+                    ti, tb, ts, sel, scale = _selection(mode, t, gen)
+                    out = torch.ops.xlsparse.sddmm(dy, x, idx, ti, tb, None if ts is None else ts.to(dtype))
+                    w = torch.zeros(t, dtype=torch.float64)
+                    w[sel] = scale[sel].to(dtype).double()
+                    ref64 = ((dy.double() * w[:, None]).T @ x.double()).reshape(-1)[idx]
+                    plain = ((dy * w[:, None].to(dtype)).T @ x).reshape(-1)[idx]
+                    check(out, ref64, plain, f"cpu sddmm {dtype} {layout} T={t} {o}x{i} {mode} {threads} threads")
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("density", [0.01, 0.6])
 def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkeypatch):
@@ -1375,6 +1419,20 @@ def test_gradcheck(backend, use_backend, monkeypatch):
     for space in ("prob", "logit"):
         assert torch.autograd.gradcheck(lambda z, lw: functional.ensemble_logprobs(z, lw, space), [z, lw])
         assert torch.autograd.gradcheck(lambda z, lw: functional.ensemble_nll(z, lw, y, space), [z, lw])
+
+
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in MM_BACKENDS])
+def test_gradcheck_wide_weight_and_transposed_input(backend, use_backend):
+    """More input columns than output rows (the CPU SDDMM swaps its operands) and x transposed in
+    memory; rows of 0, 9 and 13 entries."""
+    use_backend(backend)
+    gen = seeded(17)
+    o, i = 3, 13
+    x = torch.randn(i, 5, dtype=torch.float64, generator=gen).T.requires_grad_()
+    w = torch.randn(o, i, dtype=torch.float64, generator=gen).requires_grad_()
+    idx = torch.cat([i + torch.randperm(i, generator=gen)[:9].sort().values, torch.arange(2 * i, 3 * i)])
+    vals = torch.randn(idx.numel(), dtype=torch.float64, generator=gen).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, v: functional.sparse_delta_linear(x, w, None, idx, v), [x, w, vals])
 
 
 # --- bad inputs ---

@@ -197,7 +197,7 @@ def test_merges_refuse_bools_and_fractions_where_they_were_read_as_numbers():
 
 
 
-@pytest.mark.parametrize("bad", ["0.5", True, None])
+@pytest.mark.parametrize("bad", ["0.5", True, None, torch.tensor(True)], ids=["str", "bool", "None", "bool tensor"])
 def test_merges_refuse_weights_that_are_not_numbers(bad):
     # combine read float("0.5") as 0.5 and True as 1.0 (the sum came out 2 · φ)
     d = _random_diff(0)

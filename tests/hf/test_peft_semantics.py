@@ -329,14 +329,16 @@ def test_a_diff_file_with_an_edited_shape_is_refused_naming_the_folder(kind, tmp
 
 
 @pytest.mark.parametrize("folder", ["earlier save", "new"])
-def test_a_save_that_fails_half_way_leaves_no_mixed_files(folder, tmp_path, monkeypatch):
+def test_a_save_that_fails_half_way_leaves_the_folder_as_it_was(folder, tmp_path, monkeypatch):
     # a 'multi' save writes one file per language and the config last: a full disk at the second
     # language left the new shared file and first language beside the earlier save's second
-    # language and config, which from_pretrained loaded as one model, silently
+    # language and config, which from_pretrained loaded as one model, silently; then the failed
+    # save removed the earlier save's files instead, which the raising call should have left alone
     diffs = {lang: random_diff(tiny("bert"), 7, 0.1, s) for s, lang in enumerate(["de", "fr"])}
     out = tmp_path / "m" if folder == "earlier save" else tmp_path / "new" / "m"
     if folder == "earlier save":
         hf.save_pretrained(hf.convert(tiny("bert"), kind="multi", diffs=diffs), out)
+        earlier = {name: (out / name).read_bytes() for name in os.listdir(out)}
     model = hf.convert(tiny("bert"), kind="multi", diffs={lang: d * 2.0 for lang, d in diffs.items()})
     save = xlsparse.SparseDiff.save
 
@@ -348,7 +350,23 @@ def test_a_save_that_fails_half_way_leaves_no_mixed_files(folder, tmp_path, monk
     monkeypatch.setattr(xlsparse.SparseDiff, "save", full_disk)
     with pytest.raises(OSError, match="No space left"):
         hf.save_pretrained(model, out)
-    assert (sorted(os.listdir(out)) == [] if folder == "earlier save" else not (tmp_path / "new").exists())
+    if folder == "new":
+        assert not (tmp_path / "new").exists()
+        return
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == earlier
+    monkeypatch.setattr(xlsparse.SparseDiff, "save", save)
+    # a failure while the written files are moved in: the folder holds no mix of the two saves
+    replace = os.replace
+
+    def failing_replace(src, dst):
+        if str(dst).endswith("lang1.safetensors") and os.path.dirname(str(dst)) == str(out):
+            raise OSError(5, "Input/output error")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="Input/output error"):
+        hf.save_pretrained(model, out)
+    assert os.listdir(out) == []
 
 
 def test_a_reload_that_does_not_fit_changes_nothing(tmp_path):

@@ -15,6 +15,8 @@ import inspect
 import math
 import os
 import re
+import shutil
+import tempfile
 import threading
 import warnings
 from collections.abc import Mapping
@@ -1262,17 +1264,24 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     if sharded and torch.distributed.get_rank() != 0:
         return  # every process gathered the same values; one writes them
     with made_folder(directory):
+        # written into a folder beside them first, then moved in: a full disk half way leaves an
+        # earlier save whole (removing it lost the user's files), never mixed with this one's
+        staging = tempfile.mkdtemp(prefix=".xlsparse_save.", dir=directory)
         try:
             for name, diff in files.items():
-                diff.save(os.path.join(directory, name))
-            written = {CONFIG_NAME, *files}
-            for name in os.listdir(directory):  # an earlier save's per-language files would pass for this model's
-                if _saved_file(name) and name not in written:
-                    os.remove(os.path.join(directory, name))
-            dataclasses.replace(config, base_fingerprint=bases).save(directory)
-        except BaseException:  # a full disk half way: this save's files beside an earlier one's would load as one
-            _remove_saved_files(directory)
-            raise
+                diff.save(os.path.join(staging, name))
+            dataclasses.replace(config, base_fingerprint=bases).save(staging)
+            try:
+                for name in os.listdir(directory):  # an earlier save's per-language files would pass for this model's
+                    if _saved_file(name) and name not in files:
+                        os.remove(os.path.join(directory, name))
+                for name in [*files, CONFIG_NAME]:
+                    os.replace(os.path.join(staging, name), os.path.join(directory, name))
+            except BaseException:  # half moved: this save's files beside an earlier one's would load as one
+                _remove_saved_files(directory)
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 _SAMPLES = 16  # entries of each base weight that a fingerprint holds

@@ -64,11 +64,12 @@ def contiguous_output(op: str, name: str, t: torch.Tensor) -> None:
 
 def finite(op: str, **scalars) -> None:
     """Hyperparameters and scale factors must be finite numbers; the message names the argument.
-    A number is a real (a one-element tensor included), not a bool or a string: float() read
-    True as 1.0 and "0.5" as 0.5."""
+    A number is a real (a one-element tensor included), not a bool (a bool tensor included) or a
+    string: float() read True as 1.0 and "0.5" as 0.5."""
     for name, v in scalars.items():
         try:
-            if isinstance(v, bool) or not isinstance(v, (numbers.Real, torch.Tensor)):
+            is_bool = isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool)
+            if is_bool or not isinstance(v, (numbers.Real, torch.Tensor)):
                 raise TypeError
             v = float(v)
         except (TypeError, ValueError, RuntimeError) as exc:
