@@ -1231,7 +1231,9 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     base_model, xlsparse_version, target_request, and the base_fingerprint of every converted
     weight, which `from_pretrained` checks the base against) and the diff as safetensors
     (`xlsparse_diff.safetensors`; a 'multi' model adds `xlsparse_diff.lang<i>.safetensors` per
-    language). Never the base weights.
+    language). Never the base weights. The files are written into a staging folder inside
+    `directory` and then moved in: a save that fails while writing (a full disk) leaves an earlier
+    save there as it was; one that fails while moving leaves no save rather than a mix of two.
 
     FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
     collective), and process 0 alone writes.
