@@ -1140,13 +1140,23 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
     Raises ValueError, naming it, when a parameter outside the diff changed since `convert`, or one
     added since (a module swapped in) trains: base + diff would not equal the trained model. A model
     assembled by hand (layers from `from_linear`) has no record of `convert`; then every trainable
-    parameter must be a SparseDeltaLinear's delta.
+    parameter must be a SparseDeltaLinear's delta. A `torch.compile`d model gives the diff of the
+    model it wraps (as `save_pretrained` saves it).
 
     FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
     collective) and returns the whole diff.
     """
+    model = _uncompiled(model)
     with _unsharded(model):
         return _extract_diff(model, base_model, language)
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module torch.compile wrapped (its wrapper names every parameter `_orig_mod.<name>`,
+    which convert's record does not know), else `model`. Read from the submodules: importing
+    torch._dynamo to test the wrapper's type costs 2 s."""
+    inner = model._modules.get("_orig_mod")
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
 def _extract_diff(model: nn.Module, base_model: str | None, language: str | None) -> SparseDiff:
@@ -1238,6 +1248,7 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
     collective), and process 0 alone writes.
     """
+    model = _uncompiled(model)
     config = getattr(model, "xlsparse_config", None)
     if config is None:
         raise ValueError("save_pretrained: the model was not converted with xlsparse.hf.convert")
