@@ -85,6 +85,18 @@ def test_counts_that_are_not_whole_numbers_are_refused_naming_the_argument(name,
         DynamicSftArguments(**kw)
 
 
+def test_a_proportion_of_none_beside_ft_params_num_is_composable_sfts_rule(tmp_path):
+    # composable-sft's ft_params_proportion is Optional and read only when ft_params_num is None:
+    # proportion=None with a count is its valid configuration; None where a number is needed
+    # raised a TypeError (comparing None) that named no argument
+    steps = dict(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    t = _trainer(tmp_path, tiny("bert"), ft_params_proportion=None, ft_params_num=40)
+    assert t.num_tunable() == 40
+    for name in ("ft_params_proportion", "full_l1_reg", "sparse_l1_reg"):
+        with pytest.raises(ValueError, match=rf"\.{name} = None"):
+            SftArguments(**{name: None}, **steps)
+
+
 def test_untie_on_an_untied_model_and_too_large_k_are_errors(tmp_path):
     steps = dict(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
     model = tiny("llama")

@@ -8,7 +8,8 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   trainable non-maskable parameter (the head) stored whole ("absolute").
 - Maskable parameters: the `maskable_params` names given to the trainer; by default (as its
   example scripts) every trainable parameter under the model's `base_model_prefix`, so heads are
-  trained densely. `SftArguments.maskable_exclude` removes names matching a pattern.
+  trained densely (its trainer itself, given None, masks every parameter, heads included).
+  `SftArguments.maskable_exclude` removes names matching a pattern.
 - K = `ft_params_num`, else int(`ft_params_proportion` × number of maskable entries).
 - `n_ft_iterations` rounds. Each round: remember the parameters (the round's start); full
   fine-tuning; select K // n_ft_iterations more entries, the largest |θ − θ0| among entries not
@@ -26,7 +27,10 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   steps, N the number of all model parameters (frozen ones included; the trainer's
   `_num_params`), the sum over trainable parameters (only maskable ones when
   `apply_reg_to_sparse_only`). In sparse phases the gradient is then masked, so only selected
-  entries and heads feel it. Its running mean is logged as `l1_reg_loss`.
+  entries and heads feel it. Its running mean is logged as `l1_reg_loss`, unrounded and per phase
+  (composable-sft rounds it to 4 decimals, and carries a phase's unlogged steps into the next
+  phase's first value). composable-sft's latest `trainer.py` has this term commented out (the
+  two coefficients do nothing there); this is the term of its earlier releases.
 - `freeze_head`: the output embeddings get their own copy of the (tied) input embeddings and
   every parameter outside the base model is frozen (the output embeddings, when the model has no
   attribute named by its `base_model_prefix`, as (m)T5; with neither it raises); the input embeddings stay trainable.
@@ -96,12 +100,17 @@ def _whole(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+def _real(value) -> bool:
+    """A real number, not a bool (True would count as 1.0) or None."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 @dataclass
 class SftArguments:
     """The knobs of lottery-ticket sparse fine-tuning: composable-sft's `SftArguments` names,
     defaults and units (see the module docstring for what each does). Validated on creation."""
 
-    ft_params_proportion: float = 0.01
+    ft_params_proportion: float | None = 0.01
     """Share of the maskable entries the SFT may change (used when ft_params_num is None)."""
     ft_params_num: int | None = None
     """Number of entries the SFT may change (global over the maskable parameters)."""
@@ -134,7 +143,10 @@ class SftArguments:
             if not ok:
                 raise ValueError(f"SftArguments.{name} = {getattr(self, name)!r}: {rule}")
 
-        check("ft_params_proportion", 0.0 <= self.ft_params_proportion <= 1.0, "must be in [0, 1]")
+        # as composable-sft, the proportion may be None beside a count (it is read only without one)
+        check("ft_params_proportion", (self.ft_params_proportion is None and self.ft_params_num is not None)
+              or (_real(self.ft_params_proportion) and 0.0 <= self.ft_params_proportion <= 1.0),
+              "must be a number in [0, 1] (None only beside ft_params_num)")
         # counts are whole numbers: a float K failed only after a whole full phase, float steps were truncated
         check("ft_params_num", self.ft_params_num is None or _whole(self.ft_params_num), "must be an int")
         check("ft_params_num", self.ft_params_num is None or self.ft_params_num >= 0, "must be >= 0")
@@ -153,7 +165,7 @@ class SftArguments:
             check(lo, getattr(self, lo) is None or getattr(self, hi) is None or getattr(self, lo) <= getattr(self, hi),
                   f"must not exceed {hi} = {getattr(self, hi)}")
         for name in ("full_l1_reg", "sparse_l1_reg"):
-            check(name, getattr(self, name) >= 0, "must be >= 0")
+            check(name, _real(getattr(self, name)) and getattr(self, name) >= 0, "must be a number >= 0")
         for name in ("layer_norm_patterns", "maskable_exclude"):
             for p in getattr(self, name):
                 try:
@@ -385,7 +397,8 @@ class LotteryTicketSparseFineTuner(Trainer):
     Args (besides the Trainer's):
         sft_args: `SftArguments` (or `DynamicSftArguments` for SpIEL-style reselection).
         maskable_params: names of the parameters to fine-tune sparsely (default: every trainable
-            parameter under `model.base_model_prefix`).
+            parameter under `model.base_model_prefix`); names frozen (by the model or the
+            SftArguments' freezing) are left out, and count neither in K nor in the selection.
         source_sfts: {source: SparseDiff} for multi-source training: a batch whose `_source` key
             names a source runs its forward and backward with that SFT applied (see
             `MultiSourceDataset`); `source_sft_apply_abs` also applies its absolute entries.
