@@ -515,7 +515,8 @@ def test_extract_and_save_of_a_compiled_model_are_those_of_the_model(tmp_path):
     want, got = hf.extract_diff(model), hf.extract_diff(compiled)
     assert list(got.deltas) == list(want.deltas)
     for name, delta in want.deltas.items():
-        assert torch.equal(got.deltas[name].indices, delta.indices) and torch.equal(got.deltas[name].values, delta.values)
+        assert torch.equal(got.deltas[name].indices, delta.indices)
+        assert torch.equal(got.deltas[name].values, delta.values)
     hf.save_pretrained(compiled, tmp_path)
     ids = batch()
     reloaded = hf.from_pretrained(tiny("llama"), tmp_path)
