@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny
+from tiny_models import SHARDING, VOCAB, ask_for_sharding, tiny
 
 from xlsparse import hf
 from xlsparse.hf import continual
@@ -446,6 +446,20 @@ def test_continual_trainer_refuses_bad_optimizer_arguments_before_converting_the
         assert not any(isinstance(m, SubnetworkLinear) for m in model.modules())
         assert all(p.requires_grad for p in model.parameters())
 
+
+
+@pytest.mark.parametrize("how", SHARDING)
+def test_continual_trainer_refuses_fsdp_and_deepspeed_before_converting_the_model(tmp_path, monkeypatch, how):
+    # the README's Distributed section says so; only the other three trainers were tested
+    from transformers import TrainingArguments
+
+    model, masks = _bert_with_open_masks("de")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match=f"(?s){how}.*continual_trainer does not run under"):
+        continual.continual_trainer(model, masks, args=ask_for_sharding(monkeypatch, args, how),
+                                    train_dataset=_Examples(_mixed_batch(1)))
+    assert _unchanged(model, before)
 
 def test_per_language_report():
     report = continual.per_language_report({"de": 0.5, "fr": 0.6, "ja": 0.4}, {"de": 0.55, "fr": 0.5, "ja": 0.3})
