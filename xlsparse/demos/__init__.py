@@ -10,14 +10,18 @@ import os
 from .._paths import check_output
 
 METHODS = ("ltsft", "arithmetic", "subnetworks", "continual", "xelm")
+DEFAULT_MODEL = "e5-small"  # the bundled multilingual-e5-small
 
 
-def run(method: str, quick: bool = False, model: str | None = None, out: str = "demo-out", seeds: int | None = None,
-        threads: int = 0) -> dict:
-    """Run one demo; returns its results (also written under `out`). `threads` > 0 sets torch's
-    thread count (1 is much faster on a machine whose cores other jobs keep busy)."""
+def check(method: str, model: str | None = None, out: str = "demo-out", seeds: int | None = None,
+          threads: int = 0) -> None:
+    """Refuse bad arguments of one demo before any work (`xlsparse demo` checks every method it
+    will run before running the first)."""
     if method not in METHODS:
         raise ValueError(f"demo: unknown method {method!r}; choose from {list(METHODS)}")
+    if method == "xelm" and model is not None and model != DEFAULT_MODEL:
+        raise ValueError("demo xelm: --model does not apply (the seed LM is trained in-process); "
+                         "run the other methods one by one with --model")
     if seeds is not None and seeds < 1:
         raise ValueError(f"demo: --seeds must be at least 1, got {seeds}")
     if threads < 0:
@@ -26,9 +30,14 @@ def run(method: str, quick: bool = False, model: str | None = None, out: str = "
         # Said at once: transformers would take it for a Hub name and retry the Hub for about a minute.
         raise ValueError(f"demo: --model {model}: no such folder")
     check_output("--out", out, folder=True)
-    import torch
 
-    from .task import DEFAULT_MODEL
+
+def run(method: str, quick: bool = False, model: str | None = None, out: str = "demo-out", seeds: int | None = None,
+        threads: int = 0) -> dict:
+    """Run one demo; returns its results (also written under `out`). `threads` > 0 sets torch's
+    thread count (1 is much faster on a machine whose cores other jobs keep busy)."""
+    check(method, model, out, seeds, threads)
+    import torch
 
     if threads:
         torch.set_num_threads(threads)

@@ -208,7 +208,8 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     summary = (f"Zero-shot accuracy ({len(task.DOMAINS)} programs, chance {1 / len(task.DOMAINS):.3f}) on "
                f"{len(data.test[task.SOURCE])} held-out messages per language; trained on English; mean ± std over "
                f"{len(s.seeds)} seed(s). Model {model_name}; K = {s.density:.0%} of the trainable body entries; "
-               f"{s.task_steps}+{s.task_steps} task steps, {s.lang_steps}+{s.lang_steps} language steps, batch {s.batch}. "
+               f"{s.task_steps}+{s.task_steps} task SFT steps (full fine-tuning: {s.task_steps}, as LT-SFT's phase 1), "
+               f"{s.lang_steps}+{s.lang_steps} language steps, batch {s.batch}. "
                f"Composition beat the task SFT alone (mean over targets) in {helped} of {len(s.seeds)} seed(s). "
                f"Language SFTs {t_lang:.0f} s, total {elapsed:.0f} s.")
     sizes_table = task.markdown_table(["SFT", "entries", "K requested"], [[k, f"{n:,}", f"{r:,}"] for k, (n, r) in sizes.items()])

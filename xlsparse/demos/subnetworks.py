@@ -42,7 +42,8 @@ class Settings:
 
 def settings(quick: bool, seeds: int | None = None) -> Settings:
     if quick:
-        s = Settings(seen=["en", "de"], unseen=["ja"], per_domain=8, steps=3, batch=4, score_batches=1,
+        # 4 batches of 8: with 3 of 4, seed 0's one pair lacked a language and the meta arm took no step
+        s = Settings(seen=["en", "de"], unseen=["ja"], per_domain=8, steps=4, batch=8, score_batches=1,
                      reselect_every=2, seeds=[0])
     else:
         s = Settings(seen=["en", "de", "ru", "ja"], unseen=["fr", "tr", "zh_CN"], per_domain=100, steps=100, batch=16,
@@ -113,17 +114,19 @@ def _train_subnetworks(model, batches, masks, s: Settings, langs, body, dynamic:
         opt.step()
 
 
-def _train_fomaml(model, batches, masks, s: Settings, langs) -> None:
+def _train_fomaml(model, batches, masks, s: Settings, langs) -> int:
     """First-order MAML over pairs of mixed batches: each language's rows of the first are its
     support batch, its rows of the second its query batch, so the variant sees the same examples
     as the others in half as many (outer) steps. A pair that lacks a language is skipped: the outer
-    AdamW spans every language's subnetwork, and its momentum would move an absent one's."""
+    AdamW spans every language's subnetwork, and its momentum would move an absent one's. Returns
+    the number of outer steps taken."""
     from tqdm.auto import tqdm
 
     from ..hf.subnetworks import fomaml_optimizer, fomaml_step
 
     outer = fomaml_optimizer(model, masks, lr=s.lr, weight_decay=0.0)
     model.train()
+    taken = 0
     for support_batch, query_batch in tqdm(list(zip(batches[0::2], batches[1::2])), desc="first-order MAML",
                                            leave=False):
         support, query = _by_language([support_batch], len(langs)), _by_language([query_batch], len(langs))
@@ -132,6 +135,8 @@ def _train_fomaml(model, batches, masks, s: Settings, langs) -> None:
         fomaml_step(model, {lang: support[i] for i, lang in enumerate(langs)},
                     {lang: query[i][0] for i, lang in enumerate(langs)}, masks, inner_lr=s.inner_lr, inner_steps=1,
                     outer_optimizer=outer)
+        taken += 1
+    return taken
 
 
 def _train_shared(model, batches, s: Settings) -> None:
@@ -156,7 +161,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     data = task.load_task(langs, s.per_domain)
     print(f"{METHOD}: trained on {s.seen}, zero-shot on {s.unseen}; subnetworks of {s.density:.0%}", flush=True)
     acc = {v: {lang: [] for lang in langs} for v in VARIANTS}
-    sizes = {}
+    sizes, outer_steps = {}, []
     for seed in s.seeds:
         model, tokenizer = task.classifier(model_name, len(task.DOMAINS), seed=seed)
         task.ensure_dir(out)  # made only once a model loaded: a bad --model leaves no folder
@@ -180,7 +185,11 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
                 # Outside the body's subnetworks (biases, pooler, classifier) every language may update.
                 others = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters()
                           if p.requires_grad and n not in body}
-                _train_fomaml(model, batches, {lang: {**masks[lang], **others} for lang in s.seen}, s, s.seen)
+                outer_steps.append(_train_fomaml(model, batches, {lang: {**masks[lang], **others} for lang in s.seen},
+                                                 s, s.seen))
+                if not outer_steps[-1]:  # its column would be the untrained model's accuracy
+                    raise RuntimeError(f"{METHOD}: seed {seed}: first-order MAML took no outer step: no pair of "
+                                       f"its {s.steps} batches of {s.batch} held every seen language")
             else:
                 _train_subnetworks(model, batches, masks, s, s.seen, body, dynamic=variant == "dynamic")
             for lang in langs:
@@ -200,14 +209,16 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
                f"{len(data.test[task.SOURCE])} held-out messages per language after {s.steps} steps of {s.batch} "
                f"mixed-language examples; mean ± std over {len(s.seeds)} seed(s). Subnetworks: {s.density:.0%} of the "
                f"body linear weights per language; dynamic re-selection every {s.reselect_every} steps; first-order MAML "
-               f"over pairs of batches, inner SGD lr {s.inner_lr}, outer AdamW lr {s.lr}. Model {model_name}; total {elapsed:.0f} s.")
+               f"over pairs of batches ({', '.join(map(str, outer_steps))} of {s.steps // 2} outer steps taken per "
+               f"seed; a pair lacking a language is skipped), inner SGD lr {s.inner_lr}, outer AdamW lr {s.lr}. "
+               f"Model {model_name}; total {elapsed:.0f} s.")
     text = (f"### Language-specific subnetworks vs shared weights\n\n{summary}\n\n"
             f"{task.markdown_table(['language', 'trained on'] + list(VARIANTS), rows)}\n")
     print("\n" + text)
     plot = task.bar_chart(os.path.join(out, f"{METHOD}.png"), "Shared weights vs language subnetworks", langs,
                           {v: [acc[v][lang] for lang in langs] for v in VARIANTS}, "accuracy", chance=1 / len(task.DOMAINS))
     results = {"method": METHOD, "model": model_name, "quick": quick, "seeds": s.seeds, "density": s.density,
-               "accuracy": acc, "sizes": sizes, "seconds": elapsed, "plot": plot}
+               "accuracy": acc, "meta_outer_steps": outer_steps, "sizes": sizes, "seconds": elapsed, "plot": plot}
     task.write_results(out, METHOD, text, results)
     return results
 

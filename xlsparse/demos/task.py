@@ -11,13 +11,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import gettext
+from . import DEFAULT_MODEL, gettext
 
 SOURCE = "en"
 DOMAINS = ["gtk20", "glib20", "coreutils", "dpkg", "apt", "xkeyboard-config", "libc", "systemd"]
 # Present with all eight domains on a Debian/Ubuntu machine with these locales installed.
 TARGETS = ["de", "fr", "es", "it", "nl", "pl", "cs", "ru", "tr", "ja", "zh_CN"]
-DEFAULT_MODEL = "e5-small"
 MAX_LEN = 32
 
 
@@ -70,8 +69,11 @@ def load_encoder(name: str, model_class=None, **config_kwargs):
     model_class = model_class or transformers.AutoModel
     if model_class.__name__.startswith("Bert"):  # a Bert* class asked for: use the Auto* twin for any architecture
         model_class = getattr(transformers, "AutoModel" + model_class.__name__[len("Bert"):], transformers.AutoModel)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(name)
-    return model_class.from_pretrained(name, **config_kwargs), tokenizer
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name)
+        return model_class.from_pretrained(name, **config_kwargs), tokenizer
+    except OSError as exc:  # transformers' message names the Hub or a file, never the option
+        raise OSError(f"demo: --model {name}: cannot load it: {exc}") from exc
 
 
 def classifier(name: str, n_classes: int, seed: int):

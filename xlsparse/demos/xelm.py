@@ -72,16 +72,22 @@ def tokenizer_for(texts: list[str], vocab: int):
 
 
 def batches(tokenizer, lines: list[str], batch: int, count: int, seed: int) -> list[dict]:
-    """`count` random batches of causal-LM inputs (pads ignored by the loss)."""
+    """`count` batches of lines drawn at random (training)."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(count):
-        chunk = [tokenizer.bos_token + " " + rng.choice(lines) for _ in range(batch)]
-        enc = tokenizer(chunk, truncation=True, max_length=task.MAX_LEN, padding=True, return_tensors="pt",
-                        return_token_type_ids=False)
-        enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        out.append(dict(enc))
-    return out
+    return [_encode(tokenizer, [rng.choice(lines) for _ in range(batch)]) for _ in range(count)]
+
+
+def eval_batches(tokenizer, lines: list[str], batch: int) -> list[dict]:
+    """Every line once, in order (evaluation)."""
+    return [_encode(tokenizer, lines[i:i + batch]) for i in range(0, len(lines), batch)]
+
+
+def _encode(tokenizer, lines: list[str]) -> dict:
+    """One batch of causal-LM inputs (pads ignored by the loss)."""
+    enc = tokenizer([tokenizer.bos_token + " " + t for t in lines], truncation=True, max_length=task.MAX_LEN,
+                    padding=True, return_tensors="pt", return_token_type_ids=False)
+    enc["labels"] = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    return dict(enc)
 
 
 def train_dense(model, data: list[dict], lr: float, desc: str) -> None:
@@ -122,8 +128,9 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
 
     from ..hf.xelm import ExpertEnsemble, closest_parent, train_expert
 
-    if model_name != task.DEFAULT_MODEL:
-        raise ValueError("demo xelm: --model does not apply (the seed LM is trained in-process)")
+    from . import check
+
+    check(METHOD, model_name)
     s = settings(quick, seeds)
     start = time.time()
     langs = [lang for members in s.clusters.values() for lang in members]
@@ -132,7 +139,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     train = {lang: lines[len(held[lang]):] for lang, lines in text.items()}
     tokenizer = tokenizer_for([t for lines in train.values() for t in lines], s.vocab)
     task.ensure_dir(out)  # made only once the text and tokenizer are ready: a failure before leaves no folder
-    test = {lang: batches(tokenizer, held[lang], s.batch, max(1, len(held[lang]) // s.batch), 99) for lang in held}
+    test = {lang: eval_batches(tokenizer, held[lang], s.batch) for lang in held}
     cluster_of = {lang: c for c, members in s.clusters.items() for lang in members}
     print(f"{METHOD}: {len(langs)} languages in {len(s.clusters)} clusters, new language {s.new_language}; "
           f"vocab {len(tokenizer)}", flush=True)

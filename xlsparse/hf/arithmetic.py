@@ -243,7 +243,8 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     `heldout` batches, scored by `heldout_loss` (lower is better: `higher_is_better=True` raises).
     Each diff is applied with one fused call and reverted bit-exactly before the next, so the
     model leaves the sweep exactly as it came.
-    A λ whose score is not finite is never picked (an error when no score is). The paper's use:
+    A λ whose score is not finite is never picked (an error when no score is); a tie goes to the
+    earliest λ in `lambdas`. The paper's use:
     `make_diff = lambda l: combine([phi_target, phi_related, phi_task], [l, 1 - l, 1])`, λ in [0, 1].
     """
     if not lambdas:
