@@ -223,3 +223,12 @@ def test_subnetworks_meta_arm_is_never_reported_untrained(tmp_path, monkeypatch)
     monkeypatch.setattr(subnetworks, "settings", lambda quick, seeds: old)
     with pytest.raises(RuntimeError, match="no outer step"):
         subnetworks.run(quick=True, out=str(tmp_path / "b"))
+
+
+def test_continual_mean_loss_where_worse_leaves_out_seeds_where_none_got_worse():
+    # a seed where no language got worse has no loss to average: counting it as 0 shrank the mean
+    from xlsparse.demos import continual
+
+    assert continual.where_worse([0.02, None, 0.04]) == "0.030 ± 0.014 (2 of 3 seeds)"
+    assert continual.where_worse([0.02, 0.04]) == "0.030 ± 0.014"
+    assert continual.where_worse([None, None]) == "none got worse"

@@ -43,6 +43,15 @@ class Settings:
     lr_update: float = 1e-4
 
 
+def where_worse(losses: list) -> str:
+    """The mean loss where a language got worse, over the seeds where one did (None: none did);
+    such a seed has no loss to average, and counting it as 0 shrank the mean."""
+    kept = [v for v in losses if v is not None]
+    if not kept:
+        return "none got worse"
+    return task.fmt(kept) + (f" ({len(kept)} of {len(losses)} seeds)" if len(kept) < len(losses) else "")
+
+
 def settings(quick: bool, seeds: int | None = None) -> Settings:
     if quick:
         s = Settings(langs=["en", "de", "ja"], update_langs=["de"], per_domain=8, train_steps=3, update_batches=1,
@@ -153,9 +162,10 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
             for lang in s.langs:
                 after[kind][lang].append(scores[lang])
             report = per_language_report(before, scores)
-            reports[kind].append((report.improved / len(s.langs), report.mean_loss, report.mean_change))
-        print(f"seed {seed}: " + "; ".join(f"{k}: improved {r[-1][0]:.0%}, mean loss {r[-1][1]:.4f}"
-                                           for k, r in reports.items()), flush=True)
+            reports[kind].append((report.improved / len(s.langs), report.mean_loss if report.worsened else None,
+                                  report.mean_change))
+        print(f"seed {seed}: " + "; ".join(f"{k}: improved {r[-1][0]:.0%}, mean loss where worse "
+                                           f"{where_worse([r[-1][1]])}" for k, r in reports.items()), flush=True)
     for kind in after.values():
         for values in kind.values():
             task.check_finite(METHOD, values)
@@ -163,8 +173,9 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     rows = [[lang + (" (updated)" if lang in s.update_langs else ""), f"{before[lang]:.3f}",
              task.fmt(after["naive"][lang]), task.fmt(after["language-aware"][lang])] for lang in s.langs]
     for i, label in enumerate(["share of languages improved", "mean loss where worse", "mean change"]):
-        rows.append([f"**{label}**", "", task.fmt([r[i] for r in reports["naive"]]),
-                     task.fmt([r[i] for r in reports["language-aware"]])])
+        cell = where_worse if i == 1 else task.fmt
+        rows.append([f"**{label}**", "", cell([r[i] for r in reports["naive"]]),
+                     cell([r[i] for r in reports["language-aware"]])])
     elapsed = time.time() - start
     from ..diff import budget
 
