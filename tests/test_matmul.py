@@ -1,5 +1,7 @@
 """Multi-mask gated matmuls: SDDMM, SpMM, sparse_delta_linear, multi_delta_linear and
 ensemble mixing on every CPU-capable backend, against float64 references."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -775,6 +777,31 @@ def test_adamw_steps_each_language_only_on_its_own_batches():
         torch.testing.assert_close(layer.delta_values[lang].detach(), v.detach(), rtol=1e-12, atol=1e-12)
 
 
+def test_subnetwork_set_masks_that_raises_changes_nothing_and_can_add_bias_masks():
+    # set_masks replaced the languages and masks before checking bias_masks, so a call that raised
+    # on them left the layer with the new masks; and a layer made without bias_masks raised
+    # KeyError ("attribute 'bias_masks' already exists") when given some, after the swap.
+    lin = torch.nn.Linear(4, 3)
+    masks = {"de": torch.rand(3, 4) < 0.5, "fr": torch.rand(3, 4) < 0.5}
+    layer = xnn.SubnetworkLinear.from_linear(lin, masks)
+    new = {"x": torch.ones(3, 4, dtype=torch.bool), "y": torch.ones(3, 4, dtype=torch.bool)}
+    for bias_masks in ({"x": torch.ones(2, dtype=torch.bool), "y": torch.ones(3, dtype=torch.bool)},
+                       {"x": torch.ones(3, dtype=torch.bool)}):
+        with pytest.raises(ValueError, match="bias_masks"):
+            layer.set_masks(new, bias_masks)
+        assert layer.languages == ["de", "fr"] and layer.bias_masks is None
+        assert torch.equal(layer.masks, torch.stack(list(masks.values())))
+    no_bias = xnn.SubnetworkLinear.from_linear(torch.nn.Linear(4, 3, bias=False), masks)
+    with pytest.raises(ValueError, match="bias_masks"):
+        no_bias.set_masks(new, {"x": torch.ones(3, dtype=torch.bool), "y": torch.ones(3, dtype=torch.bool)})
+    assert no_bias.languages == ["de", "fr"]
+    bias_masks = {"de": torch.tensor([True, False, False]), "fr": torch.tensor([False, False, True])}
+    layer.set_masks(masks, bias_masks)
+    x, grad_y = torch.randn(2, 4), torch.randn(2, 3)
+    layer(x, language_ids=torch.tensor([0, 1])).backward(grad_y)
+    torch.testing.assert_close(lin.bias.grad, torch.stack([grad_y[0, 0], grad_y.new_zeros(()), grad_y[1, 2]]))
+
+
 @pytest.mark.parametrize("kind", ["multi", "subnetwork"])
 def test_eval_mode_checkpointing_needs_the_forwards_routing(kind):
     # A checkpoint's recomputation after the routing has ended ran the layer unrouted (the base
@@ -852,6 +879,26 @@ def test_expert_embedding_refuses_a_route_of_another_size():
     with pytest.raises(RuntimeError, match="would run as the base model"):
         layer.eval()(ids)  # no routing: it ran the base embedding, silently
 
+
+
+def test_expert_embedding_checks_a_sparse_deltas_indices_and_values():
+    # A delta with .indices, .values and .shape was taken as given: unsorted indices put the
+    # entries on the wrong rows ([5, 1] on a [7, 3] table added nothing to row 1 and both values
+    # to row 0), an index past the table was dropped, and extra values were ignored, all silently.
+    embedding = torch.nn.Embedding(7, 3)
+    for indices, values, exc, match in [([5, 1], [1.0, 2.0], ValueError, "sorted"),
+                                        ([1, 1], [1.0, 2.0], ValueError, "sorted"),
+                                        ([1, 30], [1.0, 2.0], IndexError, "out of range"),
+                                        ([1, 2], [1.0, 2.0, 3.0], ValueError, "2 indices but 3 values")]:
+        delta = SimpleNamespace(indices=torch.tensor(indices), values=torch.tensor(values), shape=(7, 3))
+        with pytest.raises(exc, match=rf"ExpertEmbedding: delta 1\b.*{match}"):
+            xnn.ExpertEmbedding(embedding, [None, delta])
+    delta = SimpleNamespace(indices=torch.tensor([1, 5]), values=torch.tensor([1.0, 2.0]), shape=(7, 3))
+    layer = xnn.ExpertEmbedding(embedding, [delta])
+    want = embedding.weight.detach().clone()
+    want.view(-1)[[1, 5]] += torch.tensor([1.0, 2.0])
+    with routing.use(torch.tensor([0]), 1):
+        torch.testing.assert_close(layer(torch.tensor([[0, 1, 2]])), want[[0, 1, 2]][None])
 
 # --- ensemble mixing ---
 

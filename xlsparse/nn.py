@@ -17,27 +17,27 @@ from .ops import optim as optim_ops
 from .ops.matmul import restore_entries_, write_delta_
 
 
-def _support(weight: torch.Tensor, k=None, density=None, indices=None) -> torch.Tensor:
+def _support(weight: torch.Tensor, k=None, density=None, indices=None, what: str = "from_linear") -> torch.Tensor:
     """Sorted unique flat indices into `weight`: k (or density · numel) drawn at random, or the
     given indices (a tensor of flat indices, or a bool mask of the weight's shape, e.g. from
-    `xlsparse.functional.topk_mask`)."""
+    `xlsparse.functional.topk_mask`). Errors start with `what`, the caller."""
     if sum(a is not None for a in (k, density, indices)) != 1:
-        raise ValueError("from_linear: give exactly one of k, density or indices")
+        raise ValueError(f"{what}: give exactly one of k, density or indices")
     n = weight.numel()
     if indices is None:
-        k = budget("from_linear", n, k, density)
+        k = budget(what, n, k, density)
         picked = torch.randperm(n, device=weight.device)[:k]
         return picked.sort().values.to(index_dtype(n))
     indices = torch.as_tensor(indices, device=weight.device)
     if indices.dtype == torch.bool:
         if indices.shape != weight.shape:
-            raise ValueError(f"from_linear: mask shape {tuple(indices.shape)} != weight shape {tuple(weight.shape)}")
+            raise ValueError(f"{what}: mask shape {tuple(indices.shape)} != weight shape {tuple(weight.shape)}")
         return indices.reshape(-1).nonzero().flatten().to(index_dtype(n))
     if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"from_linear: indices must be int32, int64 or a bool mask, got {indices.dtype}")
+        raise TypeError(f"{what}: indices must be int32, int64 or a bool mask, got {indices.dtype}")
     if indices.dim() != 1:
-        raise ValueError(f"from_linear: indices must be 1-D flat indices, got {tuple(indices.shape)}")
-    op_checks.indices("from_linear", indices, n)
+        raise ValueError(f"{what}: indices must be 1-D flat indices, got {tuple(indices.shape)}")
+    op_checks.indices(what, indices, n)
     return indices
 
 
@@ -474,20 +474,19 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
                 raise TypeError(f"masks[{lang!r}] must be a bool tensor")
             if tuple(m.shape) != shape:
                 raise ValueError(f"masks[{lang!r}] has shape {tuple(m.shape)}, the weight has {shape}")
+        if bias_masks is not None:  # checked before anything changes: a call that raises leaves the old masks
+            if self.bias is None:
+                raise ValueError("bias_masks given for a layer without bias")
+            if set(bias_masks) != set(masks):
+                raise ValueError("bias_masks must name the same languages as masks")
+            for lang, m in bias_masks.items():
+                if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (self.out_features,):
+                    raise ValueError(f"bias_masks[{lang!r}] must be a bool tensor of shape ({self.out_features},)")
         self.languages = list(masks)
         device = self.weight.device
         self.register_buffer("masks", torch.stack([masks[k] for k in self.languages]).to(device), persistent=False)
-        if bias_masks is None:
-            self.bias_masks = None
-            return
-        if self.bias is None:
-            raise ValueError("bias_masks given for a layer without bias")
-        if set(bias_masks) != set(masks):
-            raise ValueError("bias_masks must name the same languages as masks")
-        for lang, m in bias_masks.items():
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (self.out_features,):
-                raise ValueError(f"bias_masks[{lang!r}] must be a bool tensor of shape ({self.out_features},)")
-        stacked = torch.stack([bias_masks[k] for k in self.languages]).to(device)
+        # a buffer either way (None: a shared bias), so that a later call with bias_masks can set it
+        stacked = None if bias_masks is None else torch.stack([bias_masks[k] for k in self.languages]).to(device)
         self.register_buffer("bias_masks", stacked, persistent=False)
 
     def trainable_mask(self) -> torch.Tensor:
@@ -560,7 +559,8 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
             # embeddings multiply by embed_scale): the converted layer would drop that silently
             raise TypeError(f"SparseDeltaEmbedding.from_embedding: {type(embedding).__name__} has a forward of its own "
                             "(a scaled embedding?); only a plain nn.Embedding lookup can be converted")
-        return cls(embedding.weight, _support(embedding.weight, k, density, indices), embedding.padding_idx)
+        support = _support(embedding.weight, k, density, indices, "from_embedding")
+        return cls(embedding.weight, support, embedding.padding_idx)
 
     def _entries(self, ids: torch.Tensor):
         """(token position, column, entry number) of every delta entry in the batch's rows."""
@@ -625,7 +625,10 @@ class ExpertEmbedding(nn.Module):
             else:
                 if tuple(d.shape) != (v, h):
                     raise ValueError(f"ExpertEmbedding: delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
-                idx = d.indices.long().to(embedding.weight.device)
+                what = f"ExpertEmbedding: delta {e}"
+                idx = _support(embedding.weight, indices=d.indices.to(embedding.weight.device), what=what).long()
+                if d.values.shape != idx.shape:
+                    raise ValueError(f"{what} has {idx.numel()} indices but {d.values.numel()} values")
                 rows = torch.arange(v + 1, device=idx.device) * h
                 self.register_buffer(f"row_ptr_{e}", torch.searchsorted(idx, rows), persistent=False)
                 self.register_buffer(f"cols_{e}", idx % h, persistent=False)
@@ -669,7 +672,7 @@ class ExpertEmbedding(nn.Module):
 @torch.no_grad()
 def _set_support(layer: nn.Module, indices: torch.Tensor, values: torch.Tensor | None) -> None:
     """Give `layer` (delta_indices buffer, delta_values Parameter, weight) a new support in place."""
-    indices = _support(layer.weight, indices=indices.to(layer.weight.device))
+    indices = _support(layer.weight, indices=indices.to(layer.weight.device), what="set_support")
     if values is None:
         values = torch.zeros(indices.numel(), dtype=layer.delta_values.dtype, device=layer.weight.device)
     if values.shape != indices.shape:
