@@ -503,18 +503,21 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
                 call.run()
                 handle._calls.append(call)
             # Dense entries too are summed in the accumulation dtype and stored once.
-            shares = {}
+            parts = {}  # storage key (tied names: one tensor) -> (tensor, [(dense entry, alpha)])
             for diff, alpha in zip(diffs, alphas):
                 for name, t in diff.dense.items():
-                    param, key = named[name].detach(), _storage_key(named[name])  # tied names: one tensor
-                    wide = t.to(device=param.device, dtype=torch.promote_types(acc_dtype(param.dtype), t.dtype)) * alpha
-                    shares[key] = (param, wide if key not in shares else shares[key][1] + wide)
+                    parts.setdefault(_storage_key(named[name]), (named[name].detach(), []))[1].append((t, alpha))
             # A tensor that also took sparse deltas in this call: fold them into the dense sum and
-            # add it all to the value before apply, so the tensor is rounded once, not twice.
+            # add it all to the value before apply, so the tensor is rounded once, not twice. Every
+            # term is weighted in the widest dtype of them all (a float32 term weighted in float32
+            # was rounded before a float64 sum).
             before = {_storage_key(t): c for t, c in originals}
-            for key, (param, share) in shares.items():
+            for key, (param, dense) in parts.items():
                 sparse = [(d, alpha) for diff, alpha in zip(diffs, alphas) for n, d in diff.deltas.items()
                           if _storage_key(named[n]) == key]
+                wide = functools.reduce(torch.promote_types, [t.dtype for t, _ in dense] + [d.dtype for d, _ in sparse],
+                                        acc_dtype(param.dtype))
+                share = sum(t.to(device=param.device, dtype=wide) * alpha for t, alpha in dense)
                 if sparse:
                     share = share.contiguous()
                     flat = share.view(-1)
@@ -1043,18 +1046,17 @@ class SparseDiff:
                                          [w for _, w in parts], math.prod(shape))
             deltas[name] = SparseDelta._trusted(idx, val, shape)
         for name in dict.fromkeys(n for d in diffs for n in d.dense):
-            total = None
-            for d, w in zip(diffs, weights):
-                part = d.dense.get(name)
-                if part is None and name in d.deltas:
-                    part = d.deltas[name].to_dense()
-                if part is None:
-                    continue
-                if total is not None and part.shape != total.shape:
-                    raise ValueError(f"merge: dense entry {name!r} has shapes {tuple(total.shape)} and {tuple(part.shape)}")
-                term = w * part.to(torch.float64 if part.dtype == torch.float64 else torch.float32)
-                total, dtype = (term, part.dtype) if total is None else (total + term, torch.promote_types(dtype, part.dtype))
-            dense[name] = total.to(dtype)
+            parts = [(d.dense[name] if name in d.dense else d.deltas[name].to_dense(), w)
+                     for d, w in zip(diffs, weights) if name in d.dense or name in d.deltas]
+            for part, _ in parts[1:]:
+                if part.shape != parts[0][0].shape:
+                    raise ValueError(f"merge: dense entry {name!r} has shapes {tuple(parts[0][0].shape)} and "
+                                     f"{tuple(part.shape)}")
+            dtype = functools.reduce(torch.promote_types, [p.dtype for p, _ in parts])
+            # every part weighted in the sum's dtype: a float32 part weighted in float32 first was
+            # rounded before a float64 sum
+            acc = acc_dtype(dtype)
+            dense[name] = sum(w * p.to(acc) for p, w in parts).to(dtype)
         for d in diffs:
             for name, t in d.absolute.items():
                 if name in absolute or name in deltas or name in dense:
