@@ -3,12 +3,13 @@
 #   1. stop at once, with a message, when there is no GPU;
 #   2. build xlsparse._C in place with its CUDA kernels, unless the tree already has them
 #      (nothing is pip-installed: the machine's python3, torch, triton and nvcc are used as found);
-#   3. run the test suite (XLSPARSE_TEST_DEVICE=cuda is exported for a conftest that honours it);
+#   3. run tests/test_device_kernels.py: every CUDA and Triton kernel on CUDA tensors against the
+#      float64 reference (the rest of the suite makes CPU tensors: CI runs it);
 #   4. run the benchmark table on CUDA tensors twice: XLSPARSE_BACKEND=cuda, then =triton, each row
 #      against its plain-PyTorch baseline on the same GPU.
 # Usage (from anywhere): bash benchmarks/gpu.sh
-# Logs (the tables are in bench-*.log) and PNGs go to $XLSPARSE_GPU_OUT, else $OUT, else
-# benchmarks/results/gpu: six files. The JSON rows go to benchmarks/results/gpu-<backend>/.
+# Logs (the tables are in bench-*.log), PNGs and the JSON rows (results-<backend>.tar.gz) go to
+# $XLSPARSE_GPU_OUT, else $OUT, else benchmarks/results/gpu: at most eight files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -69,10 +70,8 @@ else
   has_cuda_kernels || die "the build gave no CUDA kernels: see $OUT_DIR/build.log"
 fi
 
-# 3. The test suite.
-grep -q XLSPARSE_TEST_DEVICE tests/conftest.py \
-  || echo "gpu.sh: NOTE: tests/conftest.py has no XLSPARSE_TEST_DEVICE switch, so the suite's tensors stay on the CPU; the CUDA and Triton kernels run on CUDA tensors in the benchmarks below"
-XLSPARSE_TEST_DEVICE=cuda run_stage tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests
+# 3. Every kernel on CUDA tensors against float64.
+run_stage tests 150 "$PYTHON" -m pytest -q -p no:cacheprovider -rf tests/test_device_kernels.py
 
 # 4. The benchmark table per GPU backend, each row against its baseline. Triton gets longer: it
 # compiles each kernel variant on first use. Stage limits: 240 + 150 + 80 + 120 = 590 s.
@@ -81,6 +80,9 @@ for backend in cuda triton; do
   [ "$backend" = triton ] && limit=120
   XLSPARSE_BACKEND=$backend run_stage "bench-$backend" "$limit" "$PYTHON" -m xlsparse.cli bench --quick --device cuda \
     --out "benchmarks/results/gpu-$backend" --plot "$OUT_DIR/bench-$backend.png"
+  if [ -d "benchmarks/results/gpu-$backend" ]; then
+    tar czf "$OUT_DIR/results-$backend.tar.gz" "benchmarks/results/gpu-$backend"
+  fi
 done
 
 echo "::: done in $SECONDS s; logs, tables and plots in $OUT_DIR"
