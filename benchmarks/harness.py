@@ -441,6 +441,12 @@ def roofline(flops: int, nbytes: int, dtype: str, seconds: float, ceilings: Ceil
     return "", None, ""
 
 
+def timing_floor(device: str, quick: bool) -> float:
+    """The seconds of timed pairs per case, at least: 1 on a CPU; 0.25 on a GPU, whose timings
+    repeat within a few percent after warm-up and whose lease is short; none with --quick."""
+    return 0.0 if quick else 0.25 if device == "cuda" else 1.0
+
+
 def measure(case: Case, device: str = "cpu", quick: bool = False) -> Row:
     """Time `case` and its baseline alternately and measure both peaks."""
     warmup, reps = (1, 3) if quick else (2, 7)
@@ -448,10 +454,8 @@ def measure(case: Case, device: str = "cpu", quick: bool = False) -> Row:
         case.check()
     if case.pairs is not None:
         warmup, reps = 1, case.pairs
-    # A GPU's timings repeat within a few percent after warm-up, and its lease is short: a quarter
-    # of the CPU's second per case.
     ours, theirs = time_alternately(case.fn, case.baseline, device, warmup=warmup, reps=reps,
-                                    min_seconds=0.0 if quick else 0.25 if device == "cuda" else 1.0)
+                                    min_seconds=timing_floor(device, quick))
     t = statistics.median(ours)
     tb = statistics.median(theirs) if theirs else None
     return Row(case.op, case.shape, case.density, case.dtype, case.backend, case.masks, t * 1e3, min(ours) * 1e3,
@@ -503,7 +507,8 @@ def header_lines(machine: Machine, before: Ceilings, after: Ceilings, load: RunL
               f"- ceilings before: {ceil(before)}",
               f"- ceilings after:  {ceil(after)}",
               "- timing: median (min, max) of pairs timed alternately in one process"
-              + ("; --quick: small shapes, 3 pairs" if quick else "; 7 pairs of 1 s at least (rows whose note says so: fewer)"),
+              + ("; --quick: small shapes, 3 pairs" if quick else
+                 f"; 7 pairs and {timing_floor(machine.device, quick):g} s at least (rows whose note says so: fewer)"),
               "- roofline share: against the higher of the two ceilings; peak = tensor allocations above the inputs"]
     return lines
 

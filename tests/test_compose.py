@@ -1190,7 +1190,7 @@ def test_load_rejects_malformed_files(tmp_path, how, exc, msg):
     assert path in str(info.value)
 
 
-@pytest.mark.parametrize("device", ["cuda", "nonsense"])
+@pytest.mark.parametrize("device", ["cuda", "nonsense", "meta"])
 def test_load_names_a_device_it_cannot_use(tmp_path, device):
     if device == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is usable here")

@@ -1230,9 +1230,11 @@ class SparseDiff:
         from safetensors import safe_open
 
         try:  # before reading: torch's own error for an absent CUDA is a bare AssertionError
-            torch.empty(0, device=device)
+            usable = torch.empty(0, device=device).device.type != "meta"
         except (RuntimeError, AssertionError) as exc:
             raise ValueError(f"SparseDiff.load: device={device!r} is not usable here: {exc}") from exc
+        if not usable:  # the index checks read the data, which meta tensors lack
+            raise ValueError(f"SparseDiff.load: device={device!r} is not usable here: meta tensors hold no data")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
         try:

@@ -70,7 +70,6 @@ Accelerate's FSDP plugin and DeepSpeed, which replace the parameters and optimiz
 """
 import contextlib
 import math
-import numbers
 import os
 import re
 import warnings
@@ -85,6 +84,7 @@ from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..ops._common import acc_dtype
+from ..ops.checks import is_real, is_whole
 from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
 from .model import _refuse_max_norm, _swap_module
@@ -93,16 +93,6 @@ SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
 SFT_FILE = "sft.safetensors"
 """The SFT written into every checkpoint and by `save_model` (`SparseDiff.save` format)."""
-
-
-def _whole(value) -> bool:
-    """An integer, not a float or a bool (True would count as 1)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _real(value) -> bool:
-    """A real number, not a bool (True would count as 1.0) or None."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 @dataclass
@@ -145,17 +135,17 @@ class SftArguments:
 
         # as composable-sft, the proportion may be None beside a count (it is read only without one)
         check("ft_params_proportion", (self.ft_params_proportion is None and self.ft_params_num is not None)
-              or (_real(self.ft_params_proportion) and 0.0 <= self.ft_params_proportion <= 1.0),
+              or (is_real(self.ft_params_proportion) and 0.0 <= self.ft_params_proportion <= 1.0),
               "must be a number in [0, 1] (None only beside ft_params_num)")
         # counts are whole numbers: a float K failed only after a whole full phase, float steps were truncated
-        check("ft_params_num", self.ft_params_num is None or _whole(self.ft_params_num), "must be an int")
+        check("ft_params_num", self.ft_params_num is None or is_whole(self.ft_params_num), "must be an int")
         check("ft_params_num", self.ft_params_num is None or self.ft_params_num >= 0, "must be >= 0")
-        check("n_ft_iterations", _whole(self.n_ft_iterations) and self.n_ft_iterations >= 1, "must be an int >= 1")
+        check("n_ft_iterations", is_whole(self.n_ft_iterations) and self.n_ft_iterations >= 1, "must be an int >= 1")
         for phase in ("full", "sparse"):
             lo, hi, ep = (f"{phase}_ft_min_steps_per_iteration", f"{phase}_ft_max_steps_per_iteration",
                           f"{phase}_ft_max_epochs_per_iteration")
             for name in (lo, hi):
-                check(name, getattr(self, name) is None or _whole(getattr(self, name)), "must be an int")
+                check(name, getattr(self, name) is None or is_whole(getattr(self, name)), "must be an int")
             check(lo, getattr(self, lo) is None or getattr(self, lo) >= 0, "must be >= 0")
             # 0 would make the HF Trainer fall back to num_train_epochs
             check(hi, getattr(self, hi) is None or getattr(self, hi) >= 1, "must be >= 1")
@@ -165,7 +155,7 @@ class SftArguments:
             check(lo, getattr(self, lo) is None or getattr(self, hi) is None or getattr(self, lo) <= getattr(self, hi),
                   f"must not exceed {hi} = {getattr(self, hi)}")
         for name in ("full_l1_reg", "sparse_l1_reg"):
-            check(name, _real(getattr(self, name)) and getattr(self, name) >= 0, "must be a number >= 0")
+            check(name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "must be a number >= 0")
         for name in ("layer_norm_patterns", "maskable_exclude"):
             for p in getattr(self, name):
                 try:
@@ -199,12 +189,12 @@ class DynamicSftArguments(SftArguments):
 
     def __post_init__(self):
         super().__post_init__()
-        if not _whole(self.reselection_steps) or self.reselection_steps < 1:
+        if not is_whole(self.reselection_steps) or self.reselection_steps < 1:
             raise ValueError(f"DynamicSftArguments.reselection_steps = {self.reselection_steps!r}: must be an int >= 1")
         if not 0.0 <= self.drop_fraction <= 1.0:
             raise ValueError(f"DynamicSftArguments.drop_fraction = {self.drop_fraction!r}: must be in [0, 1]")
         a = self.selection_accumulation_steps
-        if not _whole(a) or not 1 <= a <= self.reselection_steps:
+        if not is_whole(a) or not 1 <= a <= self.reselection_steps:
             raise ValueError(f"DynamicSftArguments.selection_accumulation_steps = {self.selection_accumulation_steps!r}: "
                              "must be an int in [1, reselection_steps]")
 
