@@ -5,12 +5,14 @@
 #      (nothing is pip-installed: the machine's python3, torch, triton and nvcc are used as found);
 #   3. run tests/test_device_kernels.py: every CUDA and Triton kernel on CUDA tensors against the
 #      float64 reference (the rest of the suite makes CPU tensors: CI runs it);
-#   4. run the benchmark tables at full size on CUDA tensors, one stage per family (a stage cut
+#   4. profile the slow kinds of row (benchmarks/profile_rows.py: host syncs, launches, kernel time);
+#   5. run the benchmark tables at full size on CUDA tensors, one stage per family (a stage cut
 #      short loses its own table only): XLSPARSE_BACKEND=cuda, then =triton, each row against its
 #      plain-PyTorch baseline on the same GPU. XLSPARSE_GPU_QUICK=1 runs the --quick sizes.
 # Usage (from anywhere): bash benchmarks/gpu.sh
 # Logs (the tables are in bench-*.log) go to $XLSPARSE_GPU_OUT, else $OUT, else
-# benchmarks/results/gpu; the plots and JSON rows, packed at the end, to rows-and-plots.tar.gz there.
+# benchmarks/results/gpu; the profile, plots and JSON rows, packed at the end, to
+# rows-and-plots.tar.gz there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,10 +93,14 @@ parallel=()
 "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n 8)
 run_stage tests 240 "$PYTHON" -m pytest -v -p no:cacheprovider -rf --tb=line ${parallel[@]+"${parallel[@]}"} tests/test_device_kernels.py
 
-# 4. The benchmark tables, per GPU backend and family, each row against its baseline. Triton gets
-# longer: it compiles each kernel variant on first use.
+# 4. Where the slow rows' time goes: host syncs, launches and kernel time per call. Its log goes
+# into the packed folder: a device lease returns at most eight files.
 EXTRA="$OUT_DIR/rows-and-plots"
 mkdir -p "$EXTRA"
+run_stage rows-and-plots/profile 60 "$PYTHON" -m xlsparse.benchmarks.profile_rows --device cuda
+
+# 5. The benchmark tables, per GPU backend and family, each row against its baseline. Triton gets
+# longer: it compiles each kernel variant on first use.
 quick=()
 [ "${XLSPARSE_GPU_QUICK:-0}" = 1 ] && quick=(--quick)
 for backend in cuda triton; do

@@ -640,3 +640,22 @@ def test_hard_routed_forward_baseline_keeps_its_merged_weights():
     peak = harness.peak_mib(forward.baseline)
     if peak == peak:  # NaN: a torch without the profiler's event tree
         assert peak * 2**20 < out_f * in_f * 4  # below one merged weight: none is made per call
+
+
+def test_profile_rows_finds_each_row_and_counts_a_calls_work():
+    from xlsparse.benchmarks import profile_rows
+
+    def case(op, density, baseline, dtype="float32", masks="uniform"):
+        return harness.Case(op, "[1]", dtype, lambda: None, None, baseline, density=density, masks=masks)
+
+    cases = [case("sddmm", 0.01, "dense dYᵀX", dtype="bfloat16"), case("sddmm", 0.05, "dense dYᵀX"),
+             case("sddmm", 0.0099998, "torch SDDMM"), case("sddmm", 0.0099998, "dense dYᵀX", masks="real"),
+             case("sddmm", 0.0099998, "dense dYᵀX")]
+    assert profile_rows.find(cases, "sddmm", 0.01, "dense") is cases[-1]
+    assert profile_rows.find(cases, "spmm_", 0.01, "") is None
+    for op, density, word in [(op, d, w) for _, op, d, w in profile_rows.ROWS]:
+        assert isinstance(op, str) and 0 < density < 1 and isinstance(word, str)
+    x = torch.randn(64, 64)
+    got = profile_rows.profile_call(lambda: (x @ x).sum(), "cpu")
+    assert got["wall_ms"] > 0 and got["syncs"] == got["memcpys"] == got["launches"] == 0 and got["kernel_ms"] == 0
+    assert "aten::mm" in got["table"]

@@ -1517,6 +1517,59 @@ def test_bad_op_input_raises(backend, name, call, exc, msg, use_backend):
         call()
 
 
+@pytest.mark.parametrize("index,bounds,exc,msg", [
+    ([0, 9], None, IndexError, "token_index holds token 9, outside \\[0, 4\\)"),
+    ([-1, 2], None, IndexError, "token_index holds token -1, outside"),
+    ([3, 1, 3], None, ValueError, "lists a token more than once"),
+    ([3, 1, 3], [0, 3], ValueError, "lists a token more than once"),
+    ([7, 1, 2, 9], [1, 3], None, None),  # tokens outside the bounds are not selected: not checked
+    ([3, 1, 3], [1, 3], None, None),  # the repeat lies outside the bounds
+    ([2, 1], [2, 1], IndexError, "token_bounds \\[2, 1\\) do not fit token_index of 2 entries"),
+    ([2, 1], [0, 3], IndexError, "token_bounds \\[0, 3\\)"),
+    ([2, 1], [-1, 1], IndexError, "token_bounds"),
+    ([], [0, 0], None, None),
+    ([2, 2], [1, 1], None, None),  # nothing selected
+], ids=str)
+def test_token_selection_rules(index, bounds, exc, msg):
+    """The selected tokens token_index[lo:hi] must fit the bounds, lie in [0, T) and appear once,
+    read back in one host sync: only the selected positions count."""
+    dy, x, idx = torch.randn(4, 5), torch.randn(4, 3), torch.tensor([0, 4, 9])
+    ti = torch.tensor(index, dtype=torch.long)
+    tb = None if bounds is None else torch.tensor(bounds)
+    if exc is None:
+        ops.sddmm(dy, x, idx, ti, tb)
+        return
+    with pytest.raises(exc, match=msg):
+        ops.sddmm(dy, x, idx, ti, tb)
+
+
+@needs_ext
+@pytest.mark.parametrize("index,bounds,msg", [
+    ([0, 9], None, "token_index holds ids outside \\[0, 4\\)"),
+    ([-1, 2], None, "token_index holds ids outside"),
+    ([7, 1, 2, 9], [1, 3], None),  # only the selected positions are read
+    ([2, 1], [2, 1], "token_bounds \\[2, 1\\) do not fit token_index of 2 entries"),
+    ([2, 1], [0, 3], "token_bounds \\[0, 3\\)"),
+    ([2, 1], [-1, 1], "token_bounds"),
+    ([], [0, 0], None),
+    ([], [0, 1], "token_bounds \\[0, 1\\) do not fit token_index of 0 entries"),
+    ([9, 9], [1, 1], None),  # nothing selected
+], ids=str)
+def test_compiled_ops_check_the_token_selection_themselves(index, bounds, msg):
+    """The C++ ops (called raw, past the Python checks) read the bounds and the selection's range
+    back in one go, and refuse a bad one before computing."""
+    dy, x, idx = torch.randn(4, 5), torch.randn(4, 3), torch.tensor([0, 4, 9])
+    ti = torch.tensor(index, dtype=torch.long)
+    tb = None if bounds is None else torch.tensor(bounds)
+    for call in (lambda: torch.ops.xlsparse.sddmm(dy, x, idx, ti, tb, None),
+                 lambda: torch.ops.xlsparse.spmm_(dy.clone(), x, idx, torch.randn(3), ti, tb, None, False)):
+        if msg is None:
+            call()
+        else:
+            with pytest.raises(IndexError, match=msg):
+                call()
+
+
 def test_spmm_rejected_call_writes_nothing():
     out = torch.randn(4, 5)
     before = out.clone()

@@ -11,6 +11,7 @@
 #include <ATen/Parallel.h>
 
 #include <atomic>
+#include <limits>
 #include <optional>
 #include <string>
 #include <utility>
@@ -183,23 +184,31 @@ inline void check_token_matmul(const char* op, const at::Tensor& a, const at::Te
   }
 }
 
-// Reads the selection on the device (a sync): bounds inside token_index, ids inside [0, T).
+// Bounds inside token_index and the selected ids inside [0, T), summarised where the tensors live
+// and read back once: one host sync on a GPU, where reading the bounds, then the min and max of
+// the selection made three per matmul.
 inline void check_token_values(const char* op, int64_t num_tokens, const c10::optional<at::Tensor>& token_index,
                                const c10::optional<at::Tensor>& token_bounds) {
   if (!token_index.has_value()) return;
-  int64_t lo = 0, hi = token_index->numel();
-  if (token_bounds.has_value()) {
-    const auto b = token_bounds->cpu();
-    lo = b.data_ptr<int64_t>()[0];
-    hi = b.data_ptr<int64_t>()[1];
-    TORCH_CHECK_INDEX(0 <= lo && lo <= hi && hi <= token_index->numel(), op, ": token_bounds [", lo, ", ", hi,
-                      ") do not fit token_index of ", token_index->numel(), " entries");
+  const int64_t n = token_index->numel();
+  const auto opts = token_index->options().dtype(at::kLong);
+  const at::Tensor lo_t = token_bounds.has_value() ? token_bounds->select(0, 0) : at::zeros({}, opts);
+  const at::Tensor hi_t = token_bounds.has_value() ? token_bounds->select(0, 1) : at::full({}, n, opts);
+  std::vector<at::Tensor> parts = {lo_t, hi_t};
+  if (n > 0) {
+    const auto position = at::arange(n, opts);
+    const auto inside = position.ge(lo_t).logical_and(position.lt(hi_t));
+    const int64_t big = std::numeric_limits<int64_t>::max();
+    parts.push_back(inside.sum());
+    parts.push_back(at::where(inside, *token_index, big).min());
+    parts.push_back(at::where(inside, *token_index, -big).max());
   }
-  if (hi > lo) {
-    const auto sel = token_index->slice(0, lo, hi);
-    const auto mn = sel.min().item<int64_t>(), mx = sel.max().item<int64_t>();
-    TORCH_CHECK_INDEX(mn >= 0 && mx < num_tokens, op, ": token_index holds ids outside [0, ", num_tokens, ")");
-  }
+  const auto summary = at::stack(parts).to(at::kCPU);
+  const int64_t* s = summary.data_ptr<int64_t>();
+  TORCH_CHECK_INDEX(0 <= s[0] && s[0] <= s[1] && s[1] <= n, op, ": token_bounds [", s[0], ", ", s[1],
+                    ") do not fit token_index of ", n, " entries");
+  if (n > 0 && s[2] > 0)
+    TORCH_CHECK_INDEX(s[3] >= 0 && s[4] < num_tokens, op, ": token_index holds ids outside [0, ", num_tokens, ")");
 }
 
 // logits [E, T, V], log_weights [T, E], targets [T] (when given).
