@@ -32,10 +32,18 @@ def test_per_token_ids_keep_their_order():
     assert routing.Routing(ids, 2).tokens((6,)).ids.tolist() == [0, 1, -1, 1, 1, 0]
 
 
-@pytest.mark.parametrize("ids,n,exc", [([0, 5], 2, IndexError), ([0, -2], 2, IndexError)])
+@pytest.mark.parametrize("ids,n,exc", [([0, 5], 2, IndexError), ([0, -2], 2, IndexError), ([3, 3], 3, IndexError)])
 def test_bad_ids(ids, n, exc):
-    with pytest.raises(exc):
+    """Read back with the counts in one go: the range check still names both ends."""
+    lo, hi = min(ids), max(ids)
+    with pytest.raises(exc, match=rf"ids must lie in \[-1, {n}\), got min {lo}, max {hi}"):
         routing.TokenGroups.build(torch.tensor(ids), n)
+
+
+def test_groups_of_no_tokens():
+    g = routing.TokenGroups.build(torch.zeros(0, dtype=torch.long), 3)
+    assert g.host_counts == (0, 0, 0) and g.counts.tolist() == [0, 0, 0] and g.order.numel() == 0
+    assert g.offsets.tolist() == [0, 0, 0, 0] and g.active() == []
 
 
 @pytest.mark.parametrize("bad", [2, -2])

@@ -36,9 +36,12 @@ def check_id_dtype(ids: torch.Tensor) -> None:
 def check_ids(ids: torch.Tensor, num_ids: int) -> None:
     """Ids must lie in [−1, num_ids): a host-side check (one sync), done once per batch."""
     if ids.numel():
-        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()  # one sync, not two
-        if lo < -1 or hi >= num_ids:
-            raise IndexError(f"route: ids must lie in [-1, {num_ids}), got min {lo}, max {hi}")
+        _check_id_range(*torch.stack([ids.min(), ids.max()]).tolist(), num_ids)  # one sync, not two
+
+
+def _check_id_range(lo: int, hi: int, num_ids: int) -> None:
+    if lo < -1 or hi >= num_ids:
+        raise IndexError(f"route: ids must lie in [-1, {num_ids}), got min {lo}, max {hi}")
 
 
 @dataclass(frozen=True)
@@ -72,9 +75,16 @@ class TokenGroups:
             counts = (ids.unsqueeze(0) == torch.arange(num_ids, device=ids.device).unsqueeze(1)).sum(1)
             offsets = torch.cat([(ids < 0).sum().reshape(1), counts]).cumsum(0)
             return TokenGroups(ids, order, counts, offsets, num_ids, None)
-        check_ids(ids, num_ids)
-        counts = torch.bincount(ids + 1, minlength=num_ids + 1)[1:]
-        host_counts = tuple(counts.tolist())  # one sync, also used to drop the −1 tokens
+        # the range and the counts in one read back: the one sync of a build, whose counts also
+        # drop the −1 tokens (out-of-range ids land in the end bins, then raise)
+        bins = torch.bincount((ids + 1).clamp(0, num_ids + 1), minlength=num_ids + 2)
+        counts = bins[1:num_ids + 1]
+        if ids.numel():
+            lo, hi, *host = torch.cat([torch.stack([ids.min(), ids.max()]), bins]).tolist()
+            _check_id_range(lo, hi, num_ids)
+            host_counts = tuple(host[1:num_ids + 1])
+        else:
+            host_counts = (0,) * num_ids
         order = torch.sort(ids, stable=True).indices
         order = order[ids.numel() - sum(host_counts):]  # the −1 tokens sort first
         offsets = torch.zeros(num_ids + 1, dtype=torch.long, device=ids.device)
