@@ -1361,3 +1361,24 @@ def test_apply_sums_dense_entries_in_the_widest_dtype_of_the_call():
         assert torch.equal(model["w"], want)
         handle.revert()
         assert torch.equal(model["w"], w)
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+def test_merge_refuses_a_half_precision_sum_that_overflows(kind):
+    """40000 + 40000 in float16 is inf (65504 is its largest finite value): merge raised nothing and
+    the diff held inf. Inf terms stay the caller's (not refused here); float32 merges the same."""
+    big = torch.tensor([40000.0, 1.0, 0.0, 2.0], dtype=torch.float16)
+
+    def diff(values):
+        return SparseDiff({"w": SparseDelta.from_dense(values)}) if kind == "sparse" else SparseDiff(dense={"w": values})
+
+    with pytest.raises(ValueError, match=r"weighted sum of 'w' overflows torch.float16 .*65504"):
+        SparseDiff.merge([diff(big), diff(big)])
+    ok = SparseDiff.merge([diff(big), diff(big)], [0.5, 0.5])  # the same values, no overflow
+    got = ok.deltas["w"].to_dense() if kind == "sparse" else ok.dense["w"]
+    assert torch.equal(got, big)
+    wide = SparseDiff.merge([diff(big).to(dtype=torch.float32)] * 2)
+    assert (wide.deltas["w"].to_dense() if kind == "sparse" else wide.dense["w"])[0] == 80000
+    inf = big.clone()
+    inf[1] = float("inf")
+    SparseDiff.merge([diff(inf), diff(big)])  # an inf term is the caller's value, merged as given

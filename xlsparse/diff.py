@@ -886,6 +886,15 @@ def _refuse_tied_twice(what: str, diff: "SparseDiff", named: dict) -> None:
                                  "keep one of them")
 
 
+def _refuse_overflow(name: str, total: torch.Tensor, terms) -> None:
+    """A weighted sum rounded to a half dtype can overflow (float16 holds 65504 at most): an inf
+    from finite terms is refused, naming the entry, rather than merged into the diff."""
+    if total.dtype in (torch.float16, torch.bfloat16) and total.numel() and not torch.isfinite(total).all() \
+            and all(bool(torch.isfinite(t).all()) for t in terms):
+        raise ValueError(f"merge: the weighted sum of {name!r} overflows {total.dtype} (largest finite "
+                         f"{torch.finfo(total.dtype).max:g}); merge them as float32: diff.to(dtype=torch.float32)")
+
+
 def _refuse_scaled_absolute(op: str, scales: str, i: int, diff: "SparseDiff", scale: float) -> None:
     """Absolute entries replace a parameter and have no scaled version: a weight or alpha other
     than 1 on a diff that has them is refused (ignoring it made -d or alpha=0 install the head)."""
@@ -1044,6 +1053,7 @@ class SparseDiff:
             idx, val = _ops.merge_deltas([p.indices.to(index_dtype(math.prod(shape))) for p, _ in parts],
                                          [p.values.detach().to(dtype) for p, _ in parts],
                                          [w for _, w in parts], math.prod(shape))
+            _refuse_overflow(name, val, [p.values for p, _ in parts])
             deltas[name] = SparseDelta._trusted(idx, val, shape)
         for name in dict.fromkeys(n for d in diffs for n in d.dense):
             parts = [(d.dense[name] if name in d.dense else d.deltas[name].to_dense(), w)
@@ -1057,6 +1067,7 @@ class SparseDiff:
             # rounded before a float64 sum
             acc = acc_dtype(dtype)
             dense[name] = sum(w * p.to(acc) for p, w in parts).to(dtype)
+            _refuse_overflow(name, dense[name], [p for p, _ in parts])
         for d in diffs:
             for name, t in d.absolute.items():
                 if name in absolute or name in deltas or name in dense:
