@@ -10,6 +10,7 @@ from conftest import (
     DTYPES,
     INDEX_DTYPES,
     assert_bit_identical,
+    assert_close_to_float64 as check,
     assert_matches_reference,
     cpu_backends,
     random_indices,
@@ -32,25 +33,6 @@ SHAPES = [(1, 3, 5), (3, 17, 1), (127, 33, 29), (4097, 7, 9)]
 
 # K = 0 and K = N over all tokens; a partial delta under each token selection.
 DENSITY_MODES = [(0.0, "all"), (1.0, "all"), (0.3, "all"), (0.3, "routed"), (0.3, "scaled")]
-
-
-def check(out, ref64, plain, what, extra_ulps=0.0, ulp_dtype=None):
-    """The flash-attention rule; in float64 (where plain PyTorch *is* the reference) a relative
-    1e-10 of the largest value absorbs a different summation order. `extra_ulps` widens the
-    allowance for reductions whose order differs from autograd's (ensemble gradients), in ulps of
-    `ulp_dtype` (default: out's)."""
-    if extra_ulps and out.dtype != torch.float64:
-        ulp = torch.finfo(ulp_dtype or out.dtype).eps * max(1.0, ref64.abs().max().item())
-        plain_err = (plain.double() - ref64.double()).abs().max().item()
-        err = (out.double() - ref64.double()).abs().max().item()
-        assert not out.isnan().any(), what
-        assert err <= 2 * plain_err + (1 + extra_ulps) * ulp, f"{what}: error {err:.3g}, PyTorch's {plain_err:.3g}, ulp {ulp:.3g}"
-    elif out.dtype == torch.float64:
-        assert out.shape == ref64.shape, what
-        scale = max(1.0, ref64.abs().max().item()) if ref64.numel() else 1.0
-        torch.testing.assert_close(out, ref64, rtol=0, atol=1e-10 * scale, msg=what)
-    else:
-        assert_matches_reference(out, ref64, plain, what)
 
 
 def _skip_slow(backend, tokens):

@@ -538,14 +538,16 @@ def selected_tokens(op, num_tokens: int, token_index, token_bounds) -> None:
     bounds), fit the bounds, lie in [0, num_tokens) and appear once: read back in one host sync."""
     if token_index is None:
         return
+    if token_bounds is None:
+        tokens(op, "token_index", token_index, num_tokens)
+        return
     n = token_index.numel()
-    bounds = torch.tensor([0, n], device=token_index.device) if token_bounds is None else token_bounds
     if n == 0:
-        summary = [0, 0, 0, 0]
+        summary = torch.zeros(4, dtype=torch.long, device=token_bounds.device)
     else:
         position = torch.arange(n, device=token_index.device)
-        summary = _token_summary(token_index, num_tokens, (position >= bounds[0]) & (position < bounds[1]))
-    lo, hi, *summary = torch.cat([bounds, torch.as_tensor(summary, device=bounds.device)]).tolist()
+        summary = _token_summary(token_index, num_tokens, (position >= token_bounds[0]) & (position < token_bounds[1]))
+    lo, hi, *summary = torch.cat([token_bounds, summary]).tolist()
     if not 0 <= lo <= hi <= n:
         raise IndexError(f"{op}: token_bounds [{lo}, {hi}) do not fit token_index of {n} entries")
     _token_rules(op, "token_index", num_tokens, *summary)
