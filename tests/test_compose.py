@@ -1382,3 +1382,37 @@ def test_merge_refuses_a_half_precision_sum_that_overflows(kind):
     inf = big.clone()
     inf[1] = float("inf")
     SparseDiff.merge([diff(inf), diff(big)])  # an inf term is the caller's value, merged as given
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense"])
+@pytest.mark.parametrize("dtype,big", [(torch.float16, 40000.0), (torch.bfloat16, 2e38)])
+def test_apply_refuses_a_half_precision_entry_that_overflows(kind, dtype, big):
+    """W + diff in float16 (largest finite 65504) or bfloat16 (3.4e38) became inf with no error:
+    now a ValueError names the parameter and every tensor of the model keeps its bits. Entries that
+    were inf before, or diffs that hold inf, stay the caller's values, written as given."""
+    def diff(values):
+        values = values.to(dtype)
+        return SparseDiff({"w": SparseDelta.from_dense(values)}) if kind == "sparse" else SparseDiff(dense={"w": values})
+
+    w = torch.tensor([big, 1.0, -3.0, 2.0], dtype=dtype)
+    other = torch.randn(8, dtype=dtype)
+    step = torch.tensor([big, 0.5, 0.0, 1.0])
+    model = {"other": other.clone(), "w": w.clone()}
+    other_diff = SparseDiff({"other": SparseDelta.from_dense(torch.ones(8, dtype=dtype))})
+    with pytest.raises(ValueError, match=rf"apply: 'w' plus the diffs overflows {dtype}"):
+        xlsparse.apply([other_diff, diff(step)], model)
+    assert torch.equal(model["w"], w) and torch.equal(model["other"], other)
+    with pytest.raises(ValueError, match="overflows"):  # two finite halves whose sum with W overflows
+        xlsparse.apply([diff(step / 2), diff(step / 2)], model)
+    assert torch.equal(model["w"], w)
+    handle = xlsparse.apply(diff(step), model, [0.25])  # scaled down: no overflow, applied
+    assert torch.isfinite(model["w"]).all() and not torch.equal(model["w"], w)
+    handle.revert()
+    assert torch.equal(model["w"], w)
+    inf_step = step.clone()
+    inf_step[1] = float("inf")
+    with xlsparse.apply(diff(inf_step), model):  # an inf in the diff is the caller's value
+        assert model["w"][1] == float("inf")
+    model["w"][2] = float("-inf")  # an entry already inf is not an overflow of this call
+    with xlsparse.apply(diff(torch.tensor([0.0, 0.5, -1.0, 1.0])), model):
+        assert model["w"][2] == float("-inf")

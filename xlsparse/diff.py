@@ -435,7 +435,9 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     to bfloat16 first), and stored once; dense entries likewise. Absolute entries are copied in; a parameter
     that is absolute in one diff and named by another diff of the call (tied names included) is a
     ValueError, as in `SparseDiff.merge`, and so is an absolute entry on output embeddings that the
-    model ties to its input embeddings (it would replace both). Returns a handle whose `revert()` restores the model
+    model ties to its input embeddings (it would replace both). An entry of a float16 or bfloat16
+    parameter that overflows to inf from finite values (the parameter's and every diff's) is a
+    ValueError too, and the model is left as it was. Returns a handle whose `revert()` restores the model
     bit-exactly (also usable as a context manager).
 
     `with_abs=False` skips the absolute entries of every diff in the call (composable-sft's
@@ -529,6 +531,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             for diff in diffs:
                 for name, t in diff.absolute.items():
                     named[name].detach().copy_(t)
+            _refuse_apply_overflow(calls, originals, diffs, named)
         except BaseException:
             handle._restore()  # a failure half way (out of memory...) leaves the model as it was
             raise
@@ -886,13 +889,49 @@ def _refuse_tied_twice(what: str, diff: "SparseDiff", named: dict) -> None:
                                  "keep one of them")
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _overflow_error(op: str, what: str, dtype: torch.dtype, fix: str) -> ValueError:
+    """A sum rounded to a half dtype can overflow (float16 holds 65504 at most): an inf from finite
+    terms is refused, naming the entry, rather than written."""
+    return ValueError(f"{op}: {what} overflows {dtype} (largest finite {torch.finfo(dtype).max:g}); {fix}")
+
+
 def _refuse_overflow(name: str, total: torch.Tensor, terms) -> None:
-    """A weighted sum rounded to a half dtype can overflow (float16 holds 65504 at most): an inf
-    from finite terms is refused, naming the entry, rather than merged into the diff."""
-    if total.dtype in (torch.float16, torch.bfloat16) and total.numel() and not torch.isfinite(total).all() \
+    """`merge`'s half-precision weighted sum: inf from finite terms is refused."""
+    if total.dtype in HALF_DTYPES and total.numel() and not torch.isfinite(total).all() \
             and all(bool(torch.isfinite(t).all()) for t in terms):
-        raise ValueError(f"merge: the weighted sum of {name!r} overflows {total.dtype} (largest finite "
-                         f"{torch.finfo(total.dtype).max:g}); merge them as float32: diff.to(dtype=torch.float32)")
+        raise _overflow_error("merge", f"the weighted sum of {name!r}", total.dtype,
+                              "merge them as float32: diff.to(dtype=torch.float32)")
+
+
+def _refuse_apply_overflow(calls, originals, diffs, named) -> None:
+    """`apply` into a half-precision tensor: an entry that was finite before the call and is not after,
+    while every value the diffs add to that tensor is finite, is refused (the caller restores the
+    model). Only the entries written are read, and all tensors answer in one read-back."""
+    found = []  # (tensor, tensor of one bool: some entry overflowed)
+    for call in calls:
+        for idx, old, t in zip(call.indices, call.saved, call.target):
+            param = call.dense[t]
+            if param.dtype in HALF_DTYPES and idx.numel() and param.device.type != "meta":
+                new = param.view(-1).index_select(0, idx.long())
+                found.append((param, (torch.isfinite(old) & ~torch.isfinite(new)).any()))
+    for param, before in originals:
+        if param.dtype in HALF_DTYPES and param.numel() and param.device.type != "meta":
+            found.append((param, (torch.isfinite(before) & ~torch.isfinite(param)).any()))
+    if not found or not bool(torch.stack([bad.to(found[0][1].device) for _, bad in found]).any()):
+        return
+    for param, bad in found:
+        if not bool(bad):
+            continue
+        key = _storage_key(param)
+        names = [n for d in diffs for n in (*d.deltas, *d.dense, *d.absolute) if _storage_key(named[n]) == key]
+        terms = [e.values if isinstance(e, SparseDelta) else e for d in diffs
+                 for n, e in (*d.deltas.items(), *d.dense.items(), *d.absolute.items()) if n in names]
+        if all(bool(torch.isfinite(t).all()) for t in terms):
+            raise _overflow_error("apply", f"{names[0]!r} plus the diffs", param.dtype,
+                                  "apply them to the model in float32 (model.float()), or scale them down (alphas)")
 
 
 def _refuse_scaled_absolute(op: str, scales: str, i: int, diff: "SparseDiff", scale: float) -> None:
