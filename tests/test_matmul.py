@@ -784,6 +784,32 @@ def test_subnetwork_set_masks_that_raises_changes_nothing_and_can_add_bias_masks
     torch.testing.assert_close(lin.bias.grad, torch.stack([grad_y[0, 0], grad_y.new_zeros(()), grad_y[1, 2]]))
 
 
+def test_subnetwork_set_masks_without_bias_masks_keeps_the_layers_own():
+    # set_masks(masks) on a layer with per-language bias masks dropped them: the bias became
+    # shared, trained by every language's tokens, with nothing said.
+    lin = torch.nn.Linear(4, 3)
+    gen = seeded(5)
+    masks = {"de": torch.rand(3, 4, generator=gen) < 0.5, "fr": torch.rand(3, 4, generator=gen) < 0.5}
+    bias_masks = {"de": torch.tensor([True, False, False]), "fr": torch.tensor([False, False, True])}
+    layer = xnn.SubnetworkLinear.from_linear(lin, masks, bias_masks)
+    reselected = {lang: torch.rand(3, 4, generator=gen) < 0.5 for lang in masks}
+    layer.set_masks(reselected)  # the same languages: the bias masks stay
+    assert torch.equal(layer.bias_masks, torch.stack(list(bias_masks.values())))
+    assert torch.equal(layer.masks, torch.stack(list(reselected.values())))
+    x, grad_y = torch.randn(2, 4, generator=gen), torch.randn(2, 3, generator=gen)
+    layer(x, language_ids=torch.tensor([0, 1])).backward(grad_y)
+    # de's token reaches bias row 0 only, fr's row 2 only
+    torch.testing.assert_close(lin.bias.grad, torch.stack([grad_y[0, 0], grad_y.new_zeros(()), grad_y[1, 2]]))
+    for other in ({"fr": masks["fr"], "de": masks["de"]}, {"de": masks["de"], "it": masks["fr"]}):
+        with pytest.raises(ValueError, match="bias_masks"):  # other languages (or order): say which bias
+            layer.set_masks(other)
+        assert layer.languages == ["de", "fr"] and layer.bias_masks is not None
+    layer.set_masks({"de": masks["de"], "it": masks["fr"]}, None)  # None: shared, explicitly
+    assert layer.languages == ["de", "it"] and layer.bias_masks is None
+    layer.set_masks(masks)  # a shared bias stays shared
+    assert layer.bias_masks is None
+
+
 @pytest.mark.parametrize("kind", ["multi", "subnetwork"])
 def test_eval_mode_checkpointing_needs_the_forwards_routing(kind):
     # A checkpoint's recomputation after the routing has ended ran the layer unrouted (the base

@@ -418,6 +418,9 @@ class _SubnetworkLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
+_KEEP_BIAS_MASKS = object()  # set_masks without bias_masks: keep the layer's own
+
+
 class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
     """nn.Linear whose weight trains a different subnetwork for each language of a mixed batch.
 
@@ -462,12 +465,25 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         layer.unmasked = False
         return layer
 
-    def set_masks(self, masks: dict[str, torch.Tensor], bias_masks: dict[str, torch.Tensor] | None = None) -> None:
+    def set_masks(self, masks: dict[str, torch.Tensor], bias_masks=_KEEP_BIAS_MASKS) -> None:
         """Replace the per-language masks ({language: bool [out, in]}, ids in insertion order);
-        dynamic re-selection calls this between steps."""
+        dynamic re-selection calls this between steps.
+
+        `bias_masks`: {language: bool [out_features]} masks the bias gradient per language, None
+        makes the bias shared. Not given, the layer keeps what it has: a shared bias stays shared,
+        and per-language bias masks stay when `masks` names the same languages in the same order;
+        for other languages they must be given (or None), else ValueError (dropping them silently
+        turned the bias into one that every language trains)."""
         if not isinstance(masks, dict) or not masks:
             raise ValueError("masks must be a non-empty dict {language: bool tensor [out_features, in_features]}")
         routing.check_language_keys("SubnetworkLinear", masks)
+        if bias_masks is _KEEP_BIAS_MASKS:
+            kept = getattr(self, "bias_masks", None)
+            if kept is not None and list(masks) != self.languages:
+                raise ValueError(f"set_masks: the layer has per-language bias_masks for {self.languages}, and masks "
+                                 f"names {list(masks)}: pass bias_masks for these languages, or bias_masks=None for "
+                                 "a bias shared by every language")
+            bias_masks = None if kept is None else dict(zip(self.languages, kept.unbind(0)))
         shape = (self.out_features, self.in_features)
         for lang, m in masks.items():
             if not isinstance(m, torch.Tensor) or m.dtype != torch.bool:
