@@ -1223,3 +1223,30 @@ def test_a_parameter_swapped_into_the_groups_is_refused_before_any_step(mode):
     with pytest.raises(ValueError, match="param 0 of param group 1 is not a parameter this optimizer was built with"):
         opt.step()
     assert not kept.any() and not swapped.any()
+
+
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+def test_a_step_that_finds_no_gradient_before_any_update_warns(opt_class):
+    # fully_shard after the optimizer was built swaps the module's parameters for new ones: the
+    # optimizer's never get a gradient and every step did nothing, with nothing said.
+    import warnings
+
+    gen = seeded(3)
+    lin = torch.nn.Linear(4, 3)
+    masks = [torch.rand(3, 4, generator=gen) < 0.5, torch.rand(3, generator=gen) < 0.5]
+    opt = opt_class(lin.parameters(), masks, lr=0.1)
+    lin.weight, lin.bias = (torch.nn.Parameter(p.detach().clone()) for p in (lin.weight, lin.bias))
+    lin(torch.randn(2, 4, generator=gen)).sum().backward()
+    with pytest.warns(UserWarning, match="no parameter has a gradient.*fully_shard"):
+        opt.step()
+    # an optimizer whose parameters get gradients says nothing, nor later when a step has none
+    own = torch.nn.Linear(4, 3)
+    opt = opt_class(own.parameters(), masks, lr=0.1)
+    before = own.weight.detach().clone()
+    own(torch.randn(2, 4, generator=gen)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()
+        opt.zero_grad()
+        opt.step()
+    assert not torch.equal(own.weight.detach()[masks[0]], before[masks[0]])

@@ -29,6 +29,7 @@ keeps the part of the mask, and the state, that its shard holds, and steps its s
 """
 import math
 import numbers
+import warnings
 from collections.abc import Iterable
 from itertools import chain
 
@@ -54,6 +55,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
         self._built = False  # torch's __init__ adds the groups; their state waits for the masks
+        self._stepped_any = False  # until a step updates something, a step with no gradient at all warns
         super().__init__(params, defaults)
         selectors = self._parse_masks(masks)
         for group in self.param_groups:
@@ -105,8 +107,14 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                                      "model (fully_shard first), with masks for the whole parameters")
             self._check_group(group)
             self._check_state(group)
+        if not getattr(self, "_stepped_any", False) and not any(p.grad is not None for p in self._all_params()):
+            # torch's optimizers skip such a step in silence; the usual cause is worth a word
+            warnings.warn(f"{type(self).__name__}.step: no parameter has a gradient, so nothing was updated. If the "
+                          "model was wrapped by fully_shard after this optimizer was built, the optimizer holds the "
+                          "replaced parameters and will never step: build it after fully_shard", stacklevel=2)
         for group in self.param_groups:
             for (device, _), params in self._groups_for_kernel(group):
+                self._stepped_any = True
                 self._update(group, params, device)
         return loss
 
