@@ -523,6 +523,43 @@ def test_extract_and_save_of_a_compiled_model_are_those_of_the_model(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_public_functions_take_a_compiled_model_as_the_model_it_wraps(tmp_path):
+    # Only extract_diff and save_pretrained unwrapped torch.compile's wrapper: the others saw
+    # names prefixed `_orig_mod.` (importance scores and masks keyed by them, convert's record
+    # unknown to extract_diff), and merge_and_unload deleted the wrapper's compiled forward.
+    from xlsparse.hf import subnetworks
+    from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+
+    model = tiny("bert")
+    compiled = torch.compile(model, backend="eager")
+    assert hf.tied_parameters(compiled) == hf.tied_parameters(model)
+    g = torch.Generator().manual_seed(4)
+    batches = {"de": [{"input_ids": (ids := torch.randint(3, VOCAB, (2, 8), generator=g)), "labels": ids}]}
+    scores = subnetworks.importance_scores(compiled, batches, progress=False)
+    assert list(scores["de"]) == list(subnetworks.importance_scores(model, batches, progress=False)["de"])
+    assert not any(name.startswith("_orig_mod.") for name in scores["de"])
+
+    assert hf.convert(compiled, density=0.05) is compiled  # the wrapper back, the model inside converted
+    assert any(isinstance(m, SparseDeltaLinear) for m in model.modules())
+    _randomise_deltas(model, 5)
+    diff = hf.extract_diff(compiled)
+    assert diff.nnz > 0 and list(diff.deltas) == list(hf.extract_diff(model).deltas)
+    ids = batch()
+    expect = model(input_ids=ids).logits
+    assert hf.merge_and_unload(compiled) is compiled
+    assert not any(isinstance(m, SparseDeltaLinear) for m in model.modules())
+    torch.testing.assert_close(compiled(input_ids=ids).logits, expect, rtol=1e-5, atol=1e-6)  # its forward kept
+
+    # a trainer holds the wrapper as its model: its names would match nothing; it says how to compile
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match="torch.compile.*torch_compile=True"):
+        LotteryTicketSparseFineTuner(model=torch.compile(tiny("bert"), backend="eager"), args=args,
+                                     sft_args=SftArguments(ft_params_num=30, full_ft_max_steps_per_iteration=1,
+                                                           sparse_ft_max_steps_per_iteration=1))
+    with pytest.raises(ValueError, match="torch.compile.*torch_compile=True"):
+        subnetworks.SubnetworkTrainer(model=torch.compile(tiny("bert"), backend="eager"), args=args)
+
+
 @pytest.mark.parametrize("kind", ["delta", "subnetwork"])
 def test_hooks_registered_before_convert_keep_running_and_keep_their_handles(kind):
     """PEFT keeps a layer's hooks running (it wraps the layer); a replaced module dropped them."""

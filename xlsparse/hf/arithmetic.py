@@ -33,6 +33,7 @@ from torch import nn
 from ..diff import SparseDelta, SparseDiff, budget, index_dtype
 from ..functional import topk_mask
 from ..ops import checks
+from .model import accepts_compiled
 from .subnetworks import _check_batches, _progress
 
 
@@ -233,6 +234,7 @@ class LambdaSweep:
         return "\n".join(rows)
 
 
+@accepts_compiled
 def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lambdas: Sequence[float],
                  evaluate: Callable[[nn.Module], float] | None = None, higher_is_better: bool | None = None,
                  progress: bool = True, heldout: Iterable | None = None) -> LambdaSweep:

@@ -36,7 +36,7 @@ from ..functional import topk_mask
 from ..ops import checks
 from ..optim import MaskedAdamW
 from .model import _language_ids as route_ids
-from .model import _refuse_max_norm
+from .model import _refuse_max_norm, accepts_compiled
 from .subnetworks import _check_batches, _progress
 
 
@@ -236,6 +236,7 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
     return _swap_conv1d_layout(model, {n: m for n, m in union.items() if bool(m.any())})
 
 
+@accepts_compiled
 def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], **trainer_kwargs):
     """The Trainer-facing entry point of a LAFT-URIEL update: converts `model` like
     `continual_update` and returns a `SubnetworkTrainer` (transformers Trainer) whose batches
@@ -264,6 +265,7 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     return SubnetworkTrainer(model=model, **trainer_kwargs)
 
 
+@accepts_compiled
 def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mapping[str, Mapping[str, torch.Tensor]],
                      lr: float = 1e-4, weight_decay: float = 0.0, epochs: int = 1, loss_fn=None,
                      progress: bool = True) -> list[float]:

@@ -87,7 +87,7 @@ from ..ops._common import acc_dtype
 from ..ops.checks import is_real, is_whole
 from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
-from .model import _refuse_max_norm, _swap_module
+from .model import _refuse_max_norm, _swap_module, _uncompiled
 
 SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
@@ -380,6 +380,16 @@ def _training_args(args: tuple, kwargs: dict):
     return kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
 
 
+def _refuse_compiled(what: str, args: tuple, kwargs: dict) -> None:
+    """The model given to a Trainer's __init__(model, ...) must not be torch.compile's wrapper: it
+    names every parameter `_orig_mod.<name>`, which none of the trainer's names (maskable
+    parameters, masks, converted layers) match; an LT-SFT run found "0 maskable entries"."""
+    model = kwargs["model"] if "model" in kwargs else args[0] if args else None
+    if model is not None and _uncompiled(model) is not model:
+        raise ValueError(f"{what}: the model is wrapped by torch.compile; pass the model itself, and set "
+                         "TrainingArguments(torch_compile=True) to have the trainer compile it")
+
+
 class LotteryTicketSparseFineTuner(Trainer):
     """`Trainer` that runs LT-SFT as composable-sft does (module docstring) and leaves the result
     in `self.sft` (a `SparseDiff`: deltas of the maskable parameters, heads as absolute entries).
@@ -412,6 +422,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         # parameters (ZeRO-3) or what the optimizer steps
         _refuse_replaced_parameters("LotteryTicketSparseFineTuner", "θ0, the selection and the sparse phase's layers "
                                     "and optimizer", _training_args(args, kwargs))
+        _refuse_compiled("LotteryTicketSparseFineTuner", args, kwargs)
         super().__init__(*args, **kwargs)
         if self.model_init is not None:
             # the Trainer's train() builds a fresh model from model_init, and each phase is a train():

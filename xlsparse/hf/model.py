@@ -11,6 +11,7 @@ returns plain layers; `disable` runs the base model.
 """
 import contextlib
 import dataclasses
+import functools
 import inspect
 import math
 import os
@@ -86,6 +87,37 @@ def _reads_child_weights(module: nn.Module) -> tuple:
     return names
 
 
+def _uncompiled(model):
+    """The module torch.compile wrapped (its wrapper names every parameter `_orig_mod.<name>`,
+    which convert's record does not know), else `model`. Read from the submodules: importing
+    torch._dynamo to test the wrapper's type costs 2 s."""
+    inner = getattr(model, "_modules", {}).get("_orig_mod")
+    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
+
+
+def accepts_compiled(fn):
+    """A public function of a model (its first argument) also takes `torch.compile(model)`: it runs
+    on the model inside, whose names carry no `_orig_mod.` prefix, and where it returns that
+    model, the wrapper is returned. Unwrapped in some functions only, the others wrote scores and
+    masks under prefixed names, and merge_and_unload deleted the wrapper's compiled forward."""
+    first = next(iter(inspect.signature(fn).parameters))
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if args:
+            given, args = args[0], args[1:]
+        elif first in kwargs:
+            given = kwargs.pop(first)
+        else:
+            return fn(*args, **kwargs)  # Python names the missing argument
+        inner = _uncompiled(given)
+        out = fn(inner, *args, **kwargs)
+        return given if out is inner and inner is not given else out
+
+    return wrapper
+
+
+@accepts_compiled
 def target_names(model: nn.Module, target_modules=None) -> list[str]:
     """Names of the linear layers `convert` replaces.
 
@@ -133,6 +165,7 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
 
 # --- tied weights ---
 
+@accepts_compiled
 def tied_parameters(model: nn.Module) -> dict[str, list[str]]:
     """{parameter name: the other names of the same storage} for every tied parameter (GPT-2's
     `lm_head.weight` and `transformer.wte.weight`, XLM-R's decoder and word embeddings, ...)."""
@@ -554,6 +587,7 @@ def _refuse_unroutable(kind: str, names: list, modules: dict) -> None:
                          "target_modules, or use kind='delta'")
 
 
+@accepts_compiled
 def convert(model: nn.Module, target_modules=None, density: float | None = None, k: int | None = None,
             kind: str = "delta", diffs=None, masks=None, modules_to_save=None, *, keep_tied=()) -> nn.Module:
     """Replace the target linear layers of `model` in place, freeze everything else, and return it.
@@ -863,6 +897,7 @@ def _grow_subnetworks(model: nn.Module, unions: dict) -> None:
         _remember_subnet(rec, lname, layer, grown, values)
 
 
+@accepts_compiled
 def train_outside_diff(model: nn.Module, names) -> None:
     """Make the named parameters trainable for a recipe that saves them itself (X-ELM's dense
     embedding parts): `extract_diff` then no longer checks that they are unchanged. Tied names
@@ -934,6 +969,7 @@ def _swap_conv1d_layout(model: nn.Module, named: Mapping[str, torch.Tensor]) -> 
     return {n: (t.t().contiguous() if n in transposed else t) for n, t in named.items()}
 
 
+@accepts_compiled
 def languages(model: nn.Module) -> list[str]:
     """The languages (or experts) of a routed model in id order: from `convert`'s record, or from
     the routed layers themselves (layers built with `from_linear`), which must agree."""
@@ -975,6 +1011,7 @@ def _language_ids(names: list[str], language_ids) -> torch.Tensor:
     return ids
 
 
+@accepts_compiled
 @contextlib.contextmanager
 def route(model: nn.Module, language_ids):
     """Route every converted layer run inside the block by language.
@@ -1128,6 +1165,7 @@ def _unsharded(model: nn.Module):
             m.reshard()
 
 
+@accepts_compiled
 def extract_diff(model: nn.Module, base_model: str | None = None, language: str | None = None) -> SparseDiff:
     """Everything the converted model trained, as a SparseDiff named like the original model's
     parameters (GPT-2 Conv1D weights in their own [in, out] layout):
@@ -1146,17 +1184,10 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
     FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
     collective) and returns the whole diff.
     """
-    model = _uncompiled(model)
     with _unsharded(model):
         return _extract_diff(model, base_model, language)
 
 
-def _uncompiled(model: nn.Module) -> nn.Module:
-    """The module torch.compile wrapped (its wrapper names every parameter `_orig_mod.<name>`,
-    which convert's record does not know), else `model`. Read from the submodules: importing
-    torch._dynamo to test the wrapper's type costs 2 s."""
-    inner = model._modules.get("_orig_mod")
-    return inner if type(model).__name__ == "OptimizedModule" and isinstance(inner, nn.Module) else model
 
 
 def _extract_diff(model: nn.Module, base_model: str | None, language: str | None) -> SparseDiff:
@@ -1198,6 +1229,7 @@ def _extract_diff(model: nn.Module, base_model: str | None, language: str | None
     return SparseDiff._trusted(deltas, absolute=_saved_modules(model), base_model=base_model)
 
 
+@accepts_compiled
 def merge(model: nn.Module) -> nn.Module:
     """Fold every SparseDeltaLinear's delta into its base weight (the layer then runs as a plain
     linear, for inference: a forward with grad in training mode raises, since the deltas would
@@ -1211,6 +1243,7 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+@accepts_compiled
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: the base weights return bit-exactly and the deltas act again. Every layer is
     checked before the first is unmerged: a refusal leaves the model as it was."""
@@ -1235,6 +1268,7 @@ def _saved_file(name: str) -> bool:
     return name in (CONFIG_NAME, DIFF_NAME) or re.fullmatch(re.escape(_lang_file(0)).replace("0", r"\d+"), name) is not None
 
 
+@accepts_compiled
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Write what the converted model trained, and how to redo the conversion, to `directory`:
     `xlsparse_config.json` (kind, target_modules, density / k, languages, modules_to_save,
@@ -1248,7 +1282,6 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
     collective), and process 0 alone writes.
     """
-    model = _uncompiled(model)
     config = getattr(model, "xlsparse_config", None)
     if config is None:
         raise ValueError("save_pretrained: the model was not converted with xlsparse.hf.convert")
@@ -1386,6 +1419,7 @@ def _check_same_targets(base_model: nn.Module, config: XlsparseConfig, directory
                          "without their deltas; load it onto the base it was trained from")
 
 
+@accepts_compiled
 def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = True) -> nn.Module:
     """Rebuild a model saved by `save_pretrained` on `base_model` (the same base it was trained
     from: a base where the recorded request selects other layers, or whose converted weights differ
@@ -1467,6 +1501,7 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     return base_model
 
 
+@accepts_compiled
 def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module:
     """Replace every converted layer by a plain `nn.Linear` (or GPT-2 `Conv1D`, in its own layout)
     holding the trained weight, drop xlsparse's bookkeeping and return the model, which
@@ -1525,6 +1560,7 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     return model
 
 
+@accepts_compiled
 @contextlib.contextmanager
 def disable(model: nn.Module):
     """Run the base model inside the block: every delta off, every routed layer base-only, the
@@ -1580,6 +1616,7 @@ def disable(model: nn.Module):
         rec.lock.release()
 
 
+@accepts_compiled
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total): the entries an optimizer over the `requires_grad` parameters would
     change, and all parameters (tied ones once). A SubnetworkLinear's weight counts the entries
@@ -1594,6 +1631,7 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+@accepts_compiled
 def print_trainable_parameters(model: nn.Module) -> None:
     """Print trainable and total parameter counts in PEFT's format."""
     trainable, total = trainable_parameters(model)

@@ -36,7 +36,8 @@ from ..nn import SubnetworkLinear
 from ..ops import checks
 from ..optim import MaskedAdamW, MaskedSGD
 from .model import (_conv1d_weights, _converted, _grow_subnetworks, _refuse_max_norm, _restore_subnet_coverage,
-                    _saved_module_params, _subnet_base, _subnet_coverage, _swap_conv1d_layout, languages, route)
+                    _saved_module_params, _subnet_base, _subnet_coverage, _swap_conv1d_layout, accepts_compiled,
+                    languages, route)
 
 
 def _progress(op: str, iterable, desc: str, enabled: bool):
@@ -101,6 +102,7 @@ def _examples(batch: Mapping, what: str = "importance_scores") -> list[dict]:
             for i in range(sizes.pop())]
 
 
+@accepts_compiled
 def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method: str = "grad_x_weight",
                       params: Iterable[str] | None = None, loss_fn: Callable | None = None,
                       progress: bool = True) -> dict[str, dict[str, torch.Tensor]]:
@@ -164,6 +166,7 @@ def select_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], density: floa
     return masks
 
 
+@accepts_compiled
 def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], optimizer=None) -> None:
     """Give every SubnetworkLinear of a converted model new per-language masks (dynamic
     re-selection) and, if an xlsparse optimizer is given, re-mask it to the union of the
@@ -253,6 +256,7 @@ def _check_routed(model: nn.Module, stored: Mapping[str, Mapping[str, torch.Tens
                                  "never train: pass the layers' masks, or give them these with set_masks first")
 
 
+@accepts_compiled
 def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mapping[str, Mapping[str, torch.Tensor]],
                  inner_lr: float = 1e-3, outer_lr: float = 0.5, inner_steps: int = 1, loss_fn: Callable | None = None,
                  progress: bool = False) -> dict[str, float]:
@@ -324,6 +328,7 @@ _LAYOUTS = [  # (architecture, layer prefix pattern, {part: suffix})
 ]
 
 
+@accepts_compiled
 def block_layout(model: nn.Module) -> tuple[str, list[dict]]:
     """(architecture, one {part: module name} per layer) for BERT/XLM-R, Llama-style and GPT-2
     models: which modules hold each layer's Q, K, V, O and FFN-in/FFN-out weights."""
@@ -348,6 +353,7 @@ def _heads(model: nn.Module) -> tuple[int, int]:
     return heads, getattr(cfg, "num_key_value_heads", None) or heads
 
 
+@accepts_compiled
 def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable | None = None,
                           progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient-based importance of every attention head and FFN neuron (Michel et al. 2019):
@@ -435,6 +441,7 @@ def _linear_shape(module: nn.Module) -> tuple[tuple[int, int], bool]:
     return ((cols, rows) if isinstance(module, conv1d or ()) else (rows, cols)), stored_in_out
 
 
+@accepts_compiled
 def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores: torch.Tensor, heads_density: float,
                      neurons_density: float, normalize_heads_by_layer: bool = True) -> dict[str, torch.Tensor]:
     """{parameter name: BoolTensor}: the subnetwork of the top `heads_density` share of attention
@@ -505,6 +512,7 @@ def _as_list(batches) -> list:
     return list(batches) if isinstance(batches, (list, tuple)) else [batches]
 
 
+@accepts_compiled
 def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mapping[str, Mapping[str, torch.Tensor]],
                 inner_lr: float, inner_steps: int, outer_optimizer, loss_fn: Callable | None = None) -> dict[str, float]:
     """One first-order MAML step over languages (the udify-metalearning loop), each confined to
@@ -627,6 +635,7 @@ def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
                              "fomaml_optimizer over those languages")
 
 
+@accepts_compiled
 def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], lr: float = 1e-4,
                      **kwargs) -> MaskedAdamW:
     """The outer optimizer of `fomaml_step`: MaskedAdamW over the parameters the masks name,
@@ -743,9 +752,10 @@ class SubnetworkTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         if Trainer is object:
             raise ImportError("SubnetworkTrainer needs transformers (the hf extra)")
-        from .lt_sft import _refuse_replaced_parameters, _training_args, _unmark_prepared
+        from .lt_sft import _refuse_compiled, _refuse_replaced_parameters, _training_args, _unmark_prepared
 
         _refuse_replaced_parameters("SubnetworkTrainer", _SUBNETWORK_HOLDS, _training_args(args, kwargs))
+        _refuse_compiled("SubnetworkTrainer", args, kwargs)
         super().__init__(*args, **kwargs)
         if not languages(self.model):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")

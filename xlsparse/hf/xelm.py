@@ -42,7 +42,8 @@ from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, decay_the_base_
-from .model import _fingerprint, _refuse_max_norm, convert, extract_diff, route, target_names, train_outside_diff
+from .model import (_fingerprint, _refuse_max_norm, _uncompiled, accepts_compiled, convert, extract_diff, route,
+                    target_names, train_outside_diff)
 from .subnetworks import _check_batches, _check_language_batches, _progress
 
 WEIGHTINGS = ("posterior", "uniform", "static")
@@ -552,6 +553,7 @@ def cluster_languages(codes: Mapping[str, str], num_experts: int) -> dict[str, i
     return {langs[i]: e for e, members in enumerate(clusters) for i in members}
 
 
+@accepts_compiled
 def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_experts: int,
                           codes: Mapping[str, str] | None = None, clusters: Mapping[str, int] | None = None,
                           **train_kwargs) -> tuple[dict[str, SparseDiff], dict[str, list[str]]]:
@@ -757,6 +759,7 @@ class _ExpertSetup:
         return SparseDiff._trusted(diff.deltas, {n: (w.detach() - base[n].detach()) for n, w in self.dense.items()})
 
 
+@accepts_compiled
 def train_expert(base: nn.Module, batches: Iterable, k: int | None = None, density: float | None = None,
                  init: SparseDiff | None = None, grow: int | None = None, target_modules=None, lr: float = 1e-3,
                  train_embeddings: bool = False, loss_fn: Callable | None = None, progress: bool = True) -> SparseDiff:
@@ -824,7 +827,8 @@ class ExpertTrainer(Trainer):
             collate = kwargs.get("data_collator") or (lambda items: {key: torch.stack([torch.as_tensor(i[key]) for i in items])
                                                                      for key in items[0]})
             first = collate([dataset[i] for i in range(min(len(dataset), 8))])
-        self.setup = _ExpertSetup(model, k, density, init, grow, target_modules, train_embeddings, first,
+        # a base compiled by torch.compile is the model it wraps: the expert trains a copy of it
+        self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings, first,
                                   lambda m, b: m(**b).loss, "ExpertTrainer")
         super().__init__(self.setup.model, *args, **kwargs)
         from .subnetworks import _check_own_optimizer
