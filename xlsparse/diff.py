@@ -1181,7 +1181,9 @@ class SparseDiff:
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
         `transformer.wte.weight`) are read once, under their first name inside the body
         (`base_model_prefix`; for a state dict, the first name part most names share), which
-        `exclude` reads; `include` may match any of their names. The weight of a GPT-2 Conv1D layer converted by
+        `exclude` reads; `include` may match any of their names. Names that base ties are read once
+        the same way when tuned holds them as separate copies (a state dict of clones), which must
+        then be equal (else ValueError: base + diff cannot hold two values). The weight of a GPT-2 Conv1D layer converted by
         `xlsparse.hf.convert` (stored [out, in]) is read in the model's own [in, out] layout, the
         layout of its state dict and of `apply`. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
@@ -1204,6 +1206,20 @@ class SparseDiff:
         for n, x in named.items():
             tied.setdefault(_storage_key(x), []).append(n)
         aliases = {n: tied[_storage_key(x)] for n, x in t.items()}
+        # ties of base that tuned does not show (a state dict of separate copies, {k: v.clone()}):
+        # applied to base the names are one tensor, so they are read once too, under base's kept
+        # name (exclude=["embeddings"] kept the decoder's copy, and apply changed the embeddings)
+        in_base = {n: b[n] for n in t if n in b}
+        kept = _untied(in_base, _body_prefix(base, b))
+        kept_of = {_storage_key(x): n for n, x in kept.items()}
+        for n in [n for n in in_base if n not in kept]:
+            first = kept_of[_storage_key(b[n])]
+            if not torch.equal(t[n].detach(), t[first].detach()):
+                raise ValueError(f"from_models: base ties {first!r} and {n!r} into one tensor, but tuned holds "
+                                 "different values for them; a diff of base cannot hold both (tie them in tuned, or "
+                                 "untie base first)")
+            aliases[first] = list(dict.fromkeys([*aliases[first], *aliases.pop(n)]))
+            del t[n]
         # a converted GPT-2 Conv1D layer stores its weight [out, in]; diffs are in the model's own
         # [in, out] layout (a square weight was ranked, and its diff stored, transposed)
         b, t = _own_layout(base, b), _own_layout(tuned, t)

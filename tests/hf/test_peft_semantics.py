@@ -592,6 +592,32 @@ def test_tied_gpt2_from_models_apply_reproduces_tuned_and_reverts_bit_exactly():
         xlsparse.apply([both], base)
 
 
+def test_from_models_of_a_state_dict_of_separate_copies_keeps_bases_ties():
+    # tuned given as {name: tensor.clone()} shows no ties: exclude=["embeddings"] kept the decoder's
+    # copy of BERT's tied word embeddings, and applying the diff to the tied base changed them.
+    base = tiny("bert")
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    copies = {n: t.clone() for n, t in tuned.state_dict().items()}
+    emb, dec = "bert.embeddings.word_embeddings.weight", "cls.predictions.decoder.weight"
+    for exclude, held in ((["embeddings", "bias"], set()), (["bias"], {emb})):
+        want = xlsparse.SparseDiff.from_models(base, tuned, exclude=exclude)
+        got = xlsparse.SparseDiff.from_models(base, copies, exclude=exclude)
+        assert list(got.deltas) == list(want.deltas) and {emb, dec} & set(got.deltas) == held
+        for name, delta in want.deltas.items():
+            assert torch.equal(got.deltas[name].values, delta.values)
+        applied = copy.deepcopy(base)
+        got.apply(applied)
+        expect = (tuned if held else base).bert.embeddings.word_embeddings.weight
+        torch.testing.assert_close(applied.bert.embeddings.word_embeddings.weight, expect, rtol=0,
+                                   atol=0 if not held else 1e-7)  # untouched: bit for bit
+    copies[dec] = copies[dec] + 1  # the two copies disagree: no diff of the tied base holds both
+    with pytest.raises(ValueError, match="ties.*different values"):
+        xlsparse.SparseDiff.from_models(base, copies)
+
+
 @pytest.mark.parametrize("kind", ["delta", "subnetwork"])
 def test_a_diff_applied_to_a_converted_gpt2_lands_in_the_conv1d_layout(kind):
     """A converted Conv1D stores its weight [out, in]; diffs are in the model's [in, out] layout.
