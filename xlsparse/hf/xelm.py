@@ -452,13 +452,16 @@ def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, atten
 # --- which expert trains on which language ---
 
 def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced k-means (c-BTM's clustering of example embeddings): each of the `k` clusters gets
-    at most ceil(N / k) points. Returns (assignment [N], centres [k, D]).
+    """Balanced k-means of example embeddings, after c-BTM's clustering: each of the `k` clusters
+    gets at most ceil(N / k) points. Returns (assignment [N], centres [k, D]).
 
     Each round assigns points greedily, the most decided first (largest gap between its nearest
     and farthest centre), to the nearest centre that still has room, then moves the centres. The
     centres start at k distinct points of `x` (fewer than k distinct points raise); a cluster
-    left empty keeps its centre.
+    left empty keeps its centre. Not c-BTM's exact step: its `kmeans_pytorch` solves each
+    round's balanced assignment optimally (an auction), where this greedy one can cost more
+    (in 55 of 100 random cases of 9 points and 3 clusters, up to 24% more total distance); and
+    c-BTM clusters tf-idf vectors reduced by SVD and L2-normalised, which the caller provides.
     """
     x = torch.as_tensor(x, dtype=torch.float64)
     n = x.shape[0]
@@ -496,12 +499,10 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
 def _syntax_average(codes: Sequence[str], what: str = "cluster_languages") -> torch.Tensor:
     """[L, F] lang2vec `syntax_average` features (minimal: features known for some language), NaN
     where a language's value is missing ('--'), as X-ELM's clustering reads them."""
-    from .continual import _lang2vec
+    from .continual import _lang2vec, _refuse_unknown_uriel_codes
 
     l2v = _lang2vec()
-    unknown = [c for c in codes if c not in l2v.LANGUAGES]
-    if unknown:
-        raise ValueError(f"{what}: unknown ISO 639-3 codes {unknown} (e.g. 'eng', 'deu', 'jpn')")
+    _refuse_unknown_uriel_codes(l2v, codes, "syntax_average", what)
     table = l2v.get_features(list(dict.fromkeys(codes)), "syntax_average", minimal=True)
     v = torch.tensor([[math.nan if x == "--" else float(x) for x in table[c]] for c in codes], dtype=torch.float64)
     # No known nonzero feature: a zero norm, NaN distances, and a clustering by NaN comparisons.
