@@ -245,6 +245,27 @@ def test_per_token_ids_are_refused_on_an_encoder_decoder_model(wrapped):
         model(input_ids=ids, decoder_input_ids=ids[:, :4])
 
 
+def test_per_token_ids_are_refused_on_deberta_with_relative_attention():
+    # query_proj/key_proj also run on the relative-position embeddings [1, 2·span, H]: one example's
+    # per-token ids of length 2·span (8 here) routed those rows by token position, silently
+    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=48, max_position_embeddings=64, relative_attention=True,
+                                       position_buckets=4, max_relative_positions=64, pos_att_type=["p2c", "c2p"])
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForMaskedLM(cfg).eval()
+    diffs = {"en": _random_diff(model, 0.05, 1), "de": _random_diff(model, 0.05, 2)}
+    hf.convert(model, kind="multi", diffs=diffs)
+    ids = batch(1, 8)
+    for per_token in (torch.zeros(1, 8, dtype=torch.long), torch.tensor([[0] * 6 + [-1] * 2])):
+        with pytest.raises(ValueError, match="per-token language ids.*DeBERTa"):
+            with hf.route(model, per_token):
+                model(input_ids=ids)
+        with pytest.raises(ValueError, match="per-token language ids.*DeBERTa"):
+            model(input_ids=ids, language_ids=per_token)
+    with hf.route(model, [1]):  # one id for the example: its language everywhere, the relative rows too
+        model(input_ids=ids)
+
+
 def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first():
     # nn.TransformerEncoderLayer defaults to batch_first=False: its linear layers see [S, B, H], and
     # with S == B per-example ids were taken as sequence positions, silently

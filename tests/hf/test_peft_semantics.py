@@ -1685,7 +1685,8 @@ def test_an_apply_made_inside_disable_on_a_buffer_is_reverted_on_exit():
 def test_saving_inside_disable_is_refused_and_writes_nothing(tmp_path, kind):
     """Inside `hf.disable` the modules to save (and the subnetworks' trained entries) hold their
     values from convert: a save or extract_diff made there wrote those, and the folder reloaded to
-    a model with the base's head, without a word."""
+    a model with the base's head, without a word; merge_and_unload there merged them (for good on
+    GPT-2, whose plain layers are transposed copies)."""
     model, head = classifier("bert")
     ids = batch()
     if kind == "delta":
@@ -1717,6 +1718,8 @@ def test_saving_inside_disable_is_refused_and_writes_nothing(tmp_path, kind):
     with hf.disable(model):
         with pytest.raises(RuntimeError, match="hf.disable"):
             hf.extract_diff(model, language="de" if kind == "multi" else None)
+        with pytest.raises(RuntimeError, match="merge_and_unload.*hf.disable"):  # it merged the base's values
+            hf.merge_and_unload(model, language="de" if kind == "multi" else None)
         if kind != "subnetwork":
             with pytest.raises(RuntimeError, match="hf.disable"):
                 hf.save_pretrained(model, str(tmp_path / "a"))

@@ -289,7 +289,7 @@ def _refuse_disabled(rec: _Record, what: str) -> None:
     from convert: what is read or saved there would be the base's, not what trained."""
     if rec.lock.locked() and (rec.saved_originals or rec.subnet_base):
         raise RuntimeError(f"{what}: the model is inside `with hf.disable(model):`, where its modules to save and "
-                           "subnetworks hold their values from convert, not the trained ones; save it after the block")
+                           "subnetworks hold their values from convert, not the trained ones; call it after the block")
 
 
 def _subnet_weight_outside(layer: SubnetworkLinear, union: torch.Tensor) -> torch.Tensor:
@@ -1037,6 +1037,13 @@ def route(model: nn.Module, language_ids):
         raise ValueError(f"route: per-token language ids {list(ids.shape)} on an encoder-decoder model fit the source "
                          "tokens, but the decoder's layers run on the target tokens (a target of the same length "
                          "would be routed by source positions); give one id per example [B]")
+    if ids.dim() > 1 and any(getattr(c, "model_type", "").startswith("deberta") and getattr(c, "relative_attention", False)
+                             for c in (getattr(m, "config", None) for m in modules)):
+        # the query and key projections also run on the relative-position embeddings [1, 2·span, H]:
+        # one example's per-token ids of length 2·span routed those rows by token position, silently
+        raise ValueError(f"route: per-token language ids {list(ids.shape)} on DeBERTa with relative attention: its "
+                         "query and key projections also run on the relative-position embeddings, which no token's "
+                         "language fits; give one id per example [B] (a batch of one example)")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)  # or in a wrapper (DDP)
     config, rec = getattr(held, "xlsparse_config", None), getattr(held, "_xlsparse_record", None)
@@ -1510,6 +1517,10 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
     config = getattr(model, "xlsparse_config", None)
     if config is None:
         raise ValueError("merge_and_unload: the model was not converted with xlsparse.hf.convert")
+    # inside `disable` the subnetworks' trained entries hold their values from convert: the plain
+    # layers took them (GPT-2's transposed copies kept them for good; BERT's shared storage did not)
+    if getattr(model, "_xlsparse_record", None) is not None:
+        _refuse_disabled(model._xlsparse_record, "merge_and_unload")
     refuse_sharded("merge_and_unload", dict(model.named_parameters()), _UNSHARDED)
     _refuse_expert_embeddings(model, "merge_and_unload")
     if config.kind == "multi" and language not in config.languages:
