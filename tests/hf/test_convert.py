@@ -266,6 +266,23 @@ def test_per_token_ids_are_refused_on_deberta_with_relative_attention():
         model(input_ids=ids)
 
 
+def test_per_token_ids_are_refused_on_a_decoder_with_cross_attention():
+    # the cross-attention's key and value projections see the encoder's states [B, S_enc, H]: with
+    # S_enc equal to the decoder's length, per-token ids routed encoder positions by token, silently
+    cfg = transformers.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=48, max_position_embeddings=32, is_decoder=True,
+                                  add_cross_attention=True)
+    torch.manual_seed(0)
+    model = transformers.BertLMHeadModel(cfg).eval()
+    hf.convert(model, kind="multi", diffs={"en": _random_diff(model, 0.05, 1), "de": _random_diff(model, 0.05, 2)})
+    ids, states = batch(2, 6), torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(ValueError, match="per-token language ids.*cross-attention"):
+        with hf.route(model, torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 0, 0, -1]])):
+            model(input_ids=ids, encoder_hidden_states=states)
+    with hf.route(model, [0, 1]):  # per example: fine
+        model(input_ids=ids, encoder_hidden_states=states)
+
+
 def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first():
     # nn.TransformerEncoderLayer defaults to batch_first=False: its linear layers see [S, B, H], and
     # with S == B per-example ids were taken as sequence positions, silently

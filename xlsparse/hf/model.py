@@ -1037,13 +1037,20 @@ def route(model: nn.Module, language_ids):
         raise ValueError(f"route: per-token language ids {list(ids.shape)} on an encoder-decoder model fit the source "
                          "tokens, but the decoder's layers run on the target tokens (a target of the same length "
                          "would be routed by source positions); give one id per example [B]")
+    configs = [c for c in (getattr(m, "config", None) for m in modules) if c is not None]
     if ids.dim() > 1 and any(getattr(c, "model_type", "").startswith("deberta") and getattr(c, "relative_attention", False)
-                             for c in (getattr(m, "config", None) for m in modules)):
+                             for c in configs):
         # the query and key projections also run on the relative-position embeddings [1, 2·span, H]:
         # one example's per-token ids of length 2·span routed those rows by token position, silently
         raise ValueError(f"route: per-token language ids {list(ids.shape)} on DeBERTa with relative attention: its "
                          "query and key projections also run on the relative-position embeddings, which no token's "
                          "language fits; give one id per example [B] (a batch of one example)")
+    if ids.dim() > 1 and any(getattr(c, "add_cross_attention", False) for c in configs):
+        # the cross-attention's key and value projections run on the encoder's states [B, S_enc, H]:
+        # with S_enc equal to the decoder's length they were routed by the decoder's token positions
+        raise ValueError(f"route: per-token language ids {list(ids.shape)} on a decoder with cross-attention: its key "
+                         "and value projections run on the encoder's states, whose positions are not the tokens'; "
+                         "give one id per example [B]")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)  # or in a wrapper (DDP)
     config, rec = getattr(held, "xlsparse_config", None), getattr(held, "_xlsparse_record", None)
