@@ -616,6 +616,24 @@ def test_x_elm_s_own_language_codes_cluster_as_its_code_clusters_them():
         xelm.cluster_languages({**codes, "x": "xyzq"}, 4)
 
 
+def test_balanced_assignment_is_the_cheapest_one_as_c_btm_s_solver_gives():
+    # c-BTM's kmeans_pytorch solves each round's balanced assignment exactly (an auction); a greedy
+    # one (most decided point first) cost more in 55 of 100 random cases. Restated: the least
+    # total cost over every assignment that respects the capacity, by enumeration.
+    import itertools
+
+    g = torch.Generator().manual_seed(11)
+    for n, k in [(9, 3), (8, 3), (7, 2), (8, 4)] * 10:
+        cap = -(-n // k)
+        cost = torch.rand(n, k, generator=g, dtype=torch.float64)
+        every = torch.tensor(list(itertools.product(range(k), repeat=n)))
+        feasible = (torch.stack([(every == c).sum(1) for c in range(k)], 1) <= cap).all(1)
+        least = cost[torch.arange(n), every].sum(1)[feasible].min()
+        got = xelm._balanced_assignment(cost, cap, torch.arange(n) % k)
+        assert int(torch.bincount(got, minlength=k).max()) <= cap
+        torch.testing.assert_close(cost[torch.arange(n), got].sum(), least, rtol=0, atol=1e-12)
+
+
 def test_balanced_kmeans_and_typological_clusters():
     g = torch.Generator().manual_seed(0)
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
