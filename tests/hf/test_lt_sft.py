@@ -158,7 +158,10 @@ def test_a_composable_sft_maskable_list_that_misses_the_tied_embeddings_is_named
     (None, 7, 2, 5, 1, 7),            # 10 epoch steps, max 7: the smaller wins
     (None, 20, 2, 5, 1, 10),          # 10 < 20
     (12, 20, 2, 5, 1, 12),            # 10 < min 12: the min
-    (None, None, 1.5, 5, 2, 3),       # ceil(1.5 * (5 // 2))
+    (None, None, 1.5, 5, 2, 5),       # the Trainer's steps for 1.5 epochs: ceil(1.5 * ceil(5 / 2))
+    (None, None, 1, 5, 2, 3),         # 1 epoch of 5 batches at accumulation 2: 3 steps, the last on 1 batch
+    (None, None, 1, 1, 4, 1),         # fewer batches than the accumulation: one step
+    (None, 4, 1.5, 5, 2, 4),          # 5 epoch steps, max 4
 ])
 def test_training_length_is_composable_sfts_rule(lo, hi, epochs, batches, accum, expected):
     assert training_length(lo, hi, epochs, batches, accum) == expected
@@ -1409,6 +1412,23 @@ def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
     trainer.add_callback(count)
     trainer.train()
     assert count.steps == {"full": 3, "sparse": 3}  # min(4 epoch steps, 3); max(2 epoch steps, min 3)
+
+
+def test_an_epoch_with_leftover_micro_batches_is_trained_whole(tmp_path):
+    # 5 batches per epoch at accumulation 2: the phase ran 5 // 2 = 2 steps, 4 of the 5 batches,
+    # where the HF Trainer (which composable-sft hands the epochs) steps on the leftover one too
+    seen = {}
+
+    class _Counting(LotteryTicketSparseFineTuner):
+        def training_step(self, *args, **kwargs):
+            seen[self._phase] = seen.get(self._phase, 0) + 1
+            return super().training_step(*args, **kwargs)
+
+    sft_args = SftArguments(ft_params_num=50, full_ft_max_epochs_per_iteration=1, sparse_ft_max_epochs_per_iteration=2)
+    trainer = _Counting(model=tiny("bert"), train_dataset=_LMData(n=10), sft_args=sft_args,
+                        args=_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2))
+    trainer.train()
+    assert seen == {"full": 5, "sparse": 10}
 
 
 def test_reselection_sums_a_bf16_model_s_gradients_in_float32():

@@ -18,8 +18,10 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   round's sparse result is the SFT (K % n_ft_iterations entries are never selected, as there).
   composable-sft picks by a threshold, so ties at the threshold may add more; here exactly K
   entries are selected (ties to the lowest position).
-- Phase length: `*_max_epochs_per_iteration` is converted to steps, ceil(epochs × (batches per
-  epoch // gradient accumulation)); the smaller of that and `*_max_steps_per_iteration` is run;
+- Phase length: `*_max_epochs_per_iteration` is converted to the optimizer steps the HF Trainer
+  runs for that many epochs, ceil(epochs × ceil(batches per epoch / gradient accumulation)) (it
+  steps on an epoch's leftover micro-batches too, and composable-sft hands it the epochs when they
+  decide); the smaller of that and `*_max_steps_per_iteration` is run;
   when the epochs give fewer steps than `*_min_steps_per_iteration`, the min steps are run. With
   no epochs, the max steps are run and the min is ignored (composable-sft's `set_training_len`).
 - L1: once per optimizer step, λ × G × Σ|θ − θ0| / N is back-propagated, with λ =
@@ -315,12 +317,14 @@ def _drop_and_regrow(indices: torch.Tensor, values: torch.Tensor, grad: torch.Te
 
 def training_length(min_steps: int | None, max_steps: int | None, max_epochs: float | None, batches_per_epoch: int,
                     accumulation: int = 1) -> int:
-    """Optimizer steps of one phase, by composable-sft's rule: epochs give
-    ceil(max_epochs × (batches_per_epoch // accumulation)) steps; the smaller of those and
-    max_steps wins, raised to min_steps when the epochs give fewer; without epochs, max_steps."""
+    """Optimizer steps of one phase, by composable-sft's rule: epochs give the steps the HF
+    Trainer runs for them, ceil(max_epochs × ceil(batches_per_epoch / accumulation)) (an epoch's
+    leftover micro-batches make a step; batches // accumulation left them out: 1 epoch of 5
+    batches at accumulation 2 trained 4); the smaller of those and max_steps wins, raised to
+    min_steps when the epochs give fewer; without epochs, max_steps."""
     if max_epochs is None:
         return int(max_steps)
-    steps = math.ceil(max_epochs * (batches_per_epoch // accumulation))
+    steps = math.ceil(max_epochs * max(-(-batches_per_epoch // accumulation), 1))
     if max_steps is not None and steps >= max_steps:
         return int(max_steps)
     if min_steps is not None and steps < min_steps:
@@ -677,8 +681,9 @@ class LotteryTicketSparseFineTuner(Trainer):
                                 len(self.get_train_dataloader()) if epochs is not None else 0,
                                 self.args.gradient_accumulation_steps)
         if steps < 1:  # the HF Trainer would train num_train_epochs instead
-            raise ValueError(f"SftArguments.{phase}_ft_max_epochs_per_iteration = {epochs} gives no optimizer step "
-                             "(fewer batches per epoch than gradient_accumulation_steps)")
+            raise ValueError(f"SftArguments: the {phase} phase gives no optimizer step ({phase}_ft_max_epochs_per_"
+                             f"iteration = {epochs}, {phase}_ft_max_steps_per_iteration = "
+                             f"{getattr(a, f'{phase}_ft_max_steps_per_iteration')})")
         self.args.max_steps = steps  # in place: a new TrainingArguments would reset accelerate's state
         self._sft_at_end = None
         # the last steps of the previous phase were never logged: their L1 (another λ) must not
