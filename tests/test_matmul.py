@@ -1714,3 +1714,60 @@ def test_from_linear_refuses_a_subclass_with_a_forward_of_its_own():
     x = torch.randn(3, 5)
     same = FalconLinear(5, 4)
     torch.testing.assert_close(xnn.SparseDeltaLinear.from_linear(same, k=3)(x), same(x))
+
+
+def test_merge_or_unmerge_between_forward_and_backward_is_refused_as_an_in_place_change():
+    # merge()/unmerge() wrote the weight that the forward saved without bumping its version: the
+    # backward computed dX with W0 + 2Δ (merge after the forward) or W0 (unmerge), silently
+    gen = seeded(21)
+    layer = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(24, 16), k=50)
+    with torch.no_grad():
+        layer.delta_values.copy_(torch.randn(50, generator=gen))
+    for tokens in (8, 100):  # both forward paths (SpMM, and Δ written into W0 for the product)
+        x = torch.randn(tokens, 24, generator=gen, requires_grad=True)
+        y = layer(x)
+        layer.merge()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+        layer.unmerge()
+    layer.eval()
+    layer.merge()
+    x = torch.randn(100, 24, generator=gen, requires_grad=True)
+    y = layer(x)
+    layer.unmerge()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@pytest.mark.parametrize("how", ["data", "vector_to_parameters"])
+def test_a_merged_layer_whose_delta_storage_was_swapped_refuses_to_run(how):
+    # `p.data = new` and torch's vector_to_parameters replace the storage and keep the version
+    # counter, which alone decided that Δ had not changed: the merged layer ran the old Δ
+    gen = seeded(22)
+    layer = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(24, 16), k=50).eval()
+    with torch.no_grad():
+        layer.delta_values.copy_(torch.randn(50, generator=gen))
+    layer.merge()
+    x = torch.randn(4, 24, generator=gen)
+    layer(x)
+    if how == "data":
+        layer.delta_values.data = torch.zeros(50)
+    else:
+        torch.nn.utils.vector_to_parameters(torch.zeros(50), [layer.delta_values])
+    with pytest.raises(RuntimeError, match="merge"):
+        layer(x)
+
+
+def test_sparse_delta_embedding_refuses_max_norm_zero_and_keeps_padding_rows_without_gradient():
+    # max_norm=0.0 (nn.Embedding renormalises rows to zero) was taken for "not set"; a base made
+    # trainable got a gradient in its padding row, which nn.Embedding never gives
+    with pytest.raises(ValueError, match="max_norm"):
+        xnn.SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(10, 4, max_norm=0.0), k=5)
+    emb = torch.nn.Embedding(10, 4, padding_idx=0)
+    layer = xnn.SparseDeltaEmbedding.from_embedding(emb, k=5)
+    layer.weight.requires_grad_(True)
+    ids = torch.tensor([0, 0, 3])
+    layer(ids).sum().backward()
+    ref = torch.nn.Embedding(10, 4, padding_idx=0)
+    ref(ids).sum().backward()
+    torch.testing.assert_close(layer.weight.grad, ref.weight.grad, rtol=0, atol=0)

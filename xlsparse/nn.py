@@ -60,6 +60,14 @@ def _plain_linear(what: str, linear: nn.Module) -> None:
                         "own; the converted layer would compute x W^T + b instead")
 
 
+def _bump_version(weight: torch.Tensor) -> None:
+    """merge()/unmerge() write the weight in place under no_grad: a graph that saved it for its
+    backward (a forward before the merge) must then refuse, as torch does for any in-place change,
+    not compute dX with W0 + 2Δ or W0."""
+    if not weight.is_inference():
+        torch.autograd.graph.increment_version(weight)
+
+
 class _DeltaView:
     """A layer's single delta read as a SparseDelta-like object (`.indices`, `.values`)."""
 
@@ -97,7 +105,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         self.register_buffer("_merged_entries", None, persistent=False)
         # Δ as merge() wrote it: a later change makes the merge stale (a buffer, so that .to() casts it with Δ)
         self.register_buffer("_merged_delta", None, persistent=False)
-        self._merged_version = None  # delta_values' version counter at merge(): unchanged, Δ is not read back
+        self._merged_version = None  # delta_values' (version counter, storage) at merge(): unchanged, Δ is not read back
         self._merge_write = None  # merge() as an in-place write: an earlier apply's revert over it refuses
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
@@ -153,12 +161,15 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             # an inference tensor (made under torch.inference_mode, as by a `from_pretrained` there)
             # keeps no version counter: reading it raised, after W0 + Δ was written
             values = self.delta_values.detach()
-            version = None if values.is_inference() else values._version
+            # (version counter, storage): `p.data = new` and torch's vector_to_parameters swap the
+            # storage and keep the counter, which alone let a stale merge run silently
+            version = None if values.is_inference() else (values._version, values.data_ptr())
             self._merged_delta = values.clone()
             self._displaced = write_delta_(self.weight, self.delta_indices, self.delta_values)
             self._merged_entries = self.weight.detach().reshape(-1)[self.delta_indices.long()].clone()
             self._merged_version = version
             self._merge_write = EntryWrite.register("weight", self.weight, self.delta_indices)
+            _bump_version(self.weight)
 
     def _check_unmerge(self) -> None:
         """Raise what `unmerge` would raise, writing nothing (`hf.unmerge` checks every layer first)."""
@@ -180,6 +191,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         if self._displaced is not None:
             self._check_unmerge()
             restore_entries_(self.weight, self.delta_indices, self._displaced)
+            _bump_version(self.weight)
             self._displaced = None
             self._merged_entries = None
             self._merged_delta = None
@@ -192,7 +204,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         if not self.merged:
             return False
         now = self.delta_values.detach()
-        if not now.is_inference() and now._version == self._merged_version:
+        if not now.is_inference() and (now._version, now.data_ptr()) == self._merged_version:
             return False  # not written since merge(): no need to read Δ back (a device sync on a GPU)
         return not bool(self._merge_current())
 
@@ -567,7 +579,10 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
     def from_embedding(cls, embedding: nn.Embedding, k=None, density=None, indices=None) -> "SparseDeltaEmbedding":
         """Wrap `embedding` (its weight becomes the frozen base, sharing storage); the support is
         `k` / `density` random entries or `indices` (flat indices or a bool mask of the table)."""
-        for option in ("max_norm", "scale_grad_by_freq", "sparse"):
+        # max_norm=0.0 renormalises too (to zero rows): tested for None, not for truth
+        if getattr(embedding, "max_norm", None) is not None:
+            raise ValueError("SparseDeltaEmbedding: nn.Embedding.max_norm is not supported")
+        for option in ("scale_grad_by_freq", "sparse"):
             if getattr(embedding, option, None):
                 raise ValueError(f"SparseDeltaEmbedding: nn.Embedding.{option} is not supported")
         if type(embedding).forward is not nn.Embedding.forward:
@@ -593,7 +608,7 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         ids = input_ids.reshape(-1)
-        out = F.embedding(ids, self.weight)
+        out = F.embedding(ids, self.weight, self.padding_idx)  # a base made trainable: no padding-row gradient
         token, column, entry = self._entries(ids)
         values = self.delta_values[entry]
         if self.padding_idx is not None:
