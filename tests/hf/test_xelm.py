@@ -1051,3 +1051,23 @@ def test_expert_trainer_refuses_fsdp_and_deepspeed_up_front(tmp_path, monkeypatc
         xelm.ExpertTrainer(tiny("llama"), args=ask_for_sharding(monkeypatch, args, how),
                            train_dataset=_LMData(_lm_batches(1, 5)), density=0.05, train_embeddings=True)
     assert not [f for _, _, files in os.walk(tmp_path) for f in files]
+
+
+def test_an_expert_whose_head_trains_sparse_and_dense_keeps_both_in_one_entry(tmp_path):
+    # lm_head in target_modules and train_embeddings=True on an untied head: the expert held the
+    # head as a delta and as a dense entry (unchecked); the ensemble kept the dense one only, and
+    # SparseDiff.load refused the saved file
+    base = tiny("llama")
+    torch.manual_seed(0)
+    expert = xelm.train_expert(base, _lm_batches(3, 0), density=0.05, target_modules=["q_proj", "lm_head"],
+                               train_embeddings=True, lr=1e-2, progress=False)
+    assert "lm_head.weight" in expert.dense and "lm_head.weight" not in expert.deltas
+    ids = batch(2, 6)
+    tuned = copy.deepcopy(base)
+    with expert.applied(tuned), torch.no_grad():
+        want = torch.log_softmax(tuned(input_ids=ids).logits, -1)
+    got = xelm.ExpertEnsemble(base, {"a": expert}, target_modules=["q_proj", "lm_head"])(ids)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    expert.save(str(tmp_path / "a.safetensors"))
+    back = SparseDiff.load(str(tmp_path / "a.safetensors"))
+    assert set(back.dense) == set(expert.dense) and set(back.deltas) == set(expert.deltas)

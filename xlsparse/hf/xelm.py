@@ -71,6 +71,9 @@ def _split_expert(name: str, diff: SparseDiff, params: dict, linears: set, embed
     Dense entries and absolute ones (as value − base) are kept exactly; an entry on a parameter
     the ensemble cannot route raises instead of being dropped.
     """
+    both = sorted(set(diff.deltas) & set(diff.dense))
+    if both:  # the dense entry would replace the delta (a diff built unchecked, SparseDiff._trusted)
+        raise ValueError(f"ExpertEnsemble: expert {name!r} has both a sparse and a dense entry for {both}")
     entries = dict(diff.deltas)
     entries.update(diff.dense)
     for pname, value in diff.absolute.items():
@@ -811,7 +814,13 @@ class _ExpertSetup:
         if not self.dense:
             return diff
         base = dict(self.base.named_parameters())
-        return SparseDiff._trusted(diff.deltas, {n: (w.detach() - base[n].detach()) for n, w in self.dense.items()})
+        dense = {n: w.detach() - base[n].detach() for n, w in self.dense.items()}
+        deltas = dict(diff.deltas)
+        for name in [n for n in deltas if n in dense]:
+            # an untied head both converted (target_modules) and trained densely: its change is the
+            # sum, one dense entry (the ensemble kept the dense part only, and load refused the file)
+            dense[name] = dense[name] + deltas.pop(name).to_dense().to(dense[name])
+        return SparseDiff._trusted(deltas, dense)
 
 
 @accepts_compiled
