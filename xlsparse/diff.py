@@ -539,8 +539,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
         except BaseException:
             handle._restore()  # a failure half way (out of memory...) leaves the model as it was
             raise
-    _keys_of[handle] = list(dict.fromkeys(keys[name] for name, _ in changed.values()))
-    _remember_apply(handle)
+    _remember_apply(handle, keys)
     return handle
 
 
@@ -717,12 +716,14 @@ _in_place: dict = {}
 _keys_of = weakref.WeakKeyDictionary()  # handle -> its storage keys, taken once when it is remembered
 
 
-def _handle_keys(handle) -> list:
+def _handle_keys(handle, known: dict | None = None) -> list:
     """The storage keys of the tensors `handle` changed, as they were when it was remembered (a
-    copy or an unpickled handle takes them afresh); every apply + revert asked three times."""
+    copy or an unpickled handle takes them afresh); every apply + revert asked three times.
+    `known`: {name: storage key} already taken (apply's)."""
     keys = _keys_of.get(handle)
     if keys is None:
-        keys = list(dict.fromkeys(_storage_key(t) for _, t, _ in handle._changed))
+        known = known or {}
+        keys = list(dict.fromkeys(known[n] if n in known else _storage_key(t) for n, t, _ in handle._changed))
         _keys_of[handle] = keys
     return keys
 
@@ -745,7 +746,7 @@ def holding_applies():
             _held[:] = [k for k in _held if k is not kept]
 
 
-def _remember_apply(handle) -> None:
+def _remember_apply(handle, known: dict | None = None) -> None:
     with _busy_lock:
         if isinstance(handle, ApplyHandle):
             for kept in _held:
@@ -753,7 +754,7 @@ def _remember_apply(handle) -> None:
         if len(_in_place) > 1024:  # applies never reverted leave dead references: sweep them now and then
             for key in [k for k, refs in _in_place.items() if all(r() is None for r in refs)]:
                 del _in_place[key]
-        for key in _handle_keys(handle):
+        for key in _handle_keys(handle, known):
             _in_place[key] = [r for r in _in_place.get(key, []) if r() is not None] + [weakref.ref(handle)]
 
 

@@ -1032,25 +1032,26 @@ def route(model: nn.Module, language_ids):
         raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
     ids = _language_ids(languages(model), language_ids)
     modules = list(model.modules())
-    # any module's config, not only the model's own: a module holding T5 has no config of its own
-    if ids.dim() > 1 and any(getattr(getattr(m, "config", None), "is_encoder_decoder", False) for m in modules):
-        raise ValueError(f"route: per-token language ids {list(ids.shape)} on an encoder-decoder model fit the source "
-                         "tokens, but the decoder's layers run on the target tokens (a target of the same length "
-                         "would be routed by source positions); give one id per example [B]")
-    configs = [c for c in (getattr(m, "config", None) for m in modules) if c is not None]
-    if ids.dim() > 1 and any(getattr(c, "model_type", "").startswith("deberta") and getattr(c, "relative_attention", False)
-                             for c in configs):
-        # the query and key projections also run on the relative-position embeddings [1, 2·span, H]:
-        # one example's per-token ids of length 2·span routed those rows by token position, silently
-        raise ValueError(f"route: per-token language ids {list(ids.shape)} on DeBERTa with relative attention: its "
-                         "query and key projections also run on the relative-position embeddings, which no token's "
-                         "language fits; give one id per example [B] (a batch of one example)")
-    if ids.dim() > 1 and any(getattr(c, "add_cross_attention", False) for c in configs):
-        # the cross-attention's key and value projections run on the encoder's states [B, S_enc, H]:
-        # with S_enc equal to the decoder's length they were routed by the decoder's token positions
-        raise ValueError(f"route: per-token language ids {list(ids.shape)} on a decoder with cross-attention: its key "
-                         "and value projections run on the encoder's states, whose positions are not the tokens'; "
-                         "give one id per example [B]")
+    if ids.dim() > 1:  # per-token ids fit only layers that run on the batch's own tokens
+        # any module's config, not only the model's own: a module holding T5 has no config of its own
+        configs = [c for c in (getattr(m, "config", None) for m in modules) if c is not None]
+        if any(getattr(c, "is_encoder_decoder", False) for c in configs):
+            raise ValueError(f"route: per-token language ids {list(ids.shape)} on an encoder-decoder model fit the "
+                             "source tokens, but the decoder's layers run on the target tokens (a target of the same "
+                             "length would be routed by source positions); give one id per example [B]")
+        if any(getattr(c, "model_type", "").startswith("deberta") and getattr(c, "relative_attention", False)
+               for c in configs):
+            # the query and key projections also run on the relative-position embeddings [1, 2·span, H]:
+            # one example's per-token ids of length 2·span routed those rows by token position, silently
+            raise ValueError(f"route: per-token language ids {list(ids.shape)} on DeBERTa with relative attention: "
+                             "its query and key projections also run on the relative-position embeddings, which no "
+                             "token's language fits; give one id per example [B] (a batch of one example)")
+        if any(getattr(c, "add_cross_attention", False) for c in configs):
+            # the cross-attention's key and value projections run on the encoder's states [B, S_enc, H]:
+            # with S_enc equal to the decoder's length they were routed by the decoder's token positions
+            raise ValueError(f"route: per-token language ids {list(ids.shape)} on a decoder with cross-attention: its "
+                             "key and value projections run on the encoder's states, whose positions are not the "
+                             "tokens'; give one id per example [B]")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)  # or in a wrapper (DDP)
     config, rec = getattr(held, "xlsparse_config", None), getattr(held, "_xlsparse_record", None)
@@ -1200,8 +1201,6 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
     """
     with _unsharded(model):
         return _extract_diff(model, base_model, language)
-
-
 
 
 def _extract_diff(model: nn.Module, base_model: str | None, language: str | None) -> SparseDiff:
