@@ -1739,10 +1739,11 @@ def test_merge_or_unmerge_between_forward_and_backward_is_refused_as_an_in_place
         y.sum().backward()
 
 
-@pytest.mark.parametrize("how", ["data", "vector_to_parameters"])
+@pytest.mark.parametrize("how", ["data", "vector_to_parameters", "data_in_place"])
 def test_a_merged_layer_whose_delta_storage_was_swapped_refuses_to_run(how):
     # `p.data = new` and torch's vector_to_parameters replace the storage and keep the version
-    # counter, which alone decided that Δ had not changed: the merged layer ran the old Δ
+    # counter, which alone decided that Δ had not changed: the merged layer ran the old Δ; a write
+    # in place through `p.data` bumps no counter of the Parameter at all
     gen = seeded(22)
     layer = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(24, 16), k=50).eval()
     with torch.no_grad():
@@ -1752,6 +1753,8 @@ def test_a_merged_layer_whose_delta_storage_was_swapped_refuses_to_run(how):
     layer(x)
     if how == "data":
         layer.delta_values.data = torch.zeros(50)
+    elif how == "data_in_place":
+        layer.delta_values.data.mul_(2)
     else:
         torch.nn.utils.vector_to_parameters(torch.zeros(50), [layer.delta_values])
     with pytest.raises(RuntimeError, match="merge"):

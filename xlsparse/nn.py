@@ -105,7 +105,8 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         self.register_buffer("_merged_entries", None, persistent=False)
         # Δ as merge() wrote it: a later change makes the merge stale (a buffer, so that .to() casts it with Δ)
         self.register_buffer("_merged_delta", None, persistent=False)
-        self._merged_version = None  # delta_values' (version counter, storage) at merge(): unchanged, Δ is not read back
+        # delta_values' (version counter, storage) at merge(): unchanged on a GPU, Δ is not read back
+        self._merged_version = None
         self._merge_write = None  # merge() as an in-place write: an earlier apply's revert over it refuses
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
@@ -156,7 +157,8 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
     def merge(self) -> None:
         """Fold Δ into the base weight's storage; `unmerge` restores the base bit-exactly. The
         storage is the one of the linear the layer was made from: anything else that holds that
-        tensor sees W0 + Δ until `unmerge`. A forward refuses once `delta_values` has changed."""
+        tensor sees W0 + Δ until `unmerge`. A forward refuses once `delta_values` has changed (on a
+        GPU, a write in place through `delta_values.data` is not seen: it bumps no version)."""
         if self._displaced is None:
             # an inference tensor (made under torch.inference_mode, as by a `from_pretrained` there)
             # keeps no version counter: reading it raised, after W0 + Δ was written
@@ -204,8 +206,13 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         if not self.merged:
             return False
         now = self.delta_values.detach()
-        if not now.is_inference() and (now._version, now.data_ptr()) == self._merged_version:
-            return False  # not written since merge(): no need to read Δ back (a device sync on a GPU)
+        # the version says nothing of a write through `delta_values.data` (it has its own counter),
+        # so on the CPU the K values are compared every forward: 2·K·4 bytes against the O·I·4 of
+        # the product (2% at 1%); on a GPU that read would be a host sync per layer, so an unchanged
+        # version and storage are taken as an unchanged Δ there
+        unchanged = not now.is_inference() and (now._version, now.data_ptr()) == self._merged_version
+        if unchanged and now.device.type != "cpu":
+            return False
         return not bool(self._merge_current())
 
     def _merge_current(self) -> torch.Tensor:
