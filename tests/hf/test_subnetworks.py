@@ -876,6 +876,41 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
         torch.testing.assert_close(resumed_weights[n], p, rtol=0, atol=0, msg=n)
 
 
+def test_a_resumed_run_keeps_the_per_language_bias_masks_it_was_trained_with(tmp_path):
+    """subnetwork_masks.pt held no bias masks: a run resumed on a model rebuilt by convert (which
+    makes none) trained each converted bias as one shared by every language (0.0115 apart)."""
+    from transformers import TrainingArguments
+
+    from xlsparse.nn import SubnetworkLinear
+
+    def run(out, bias_masks, resume=None):
+        model = tiny("bert")
+        g = torch.Generator().manual_seed(1)
+        masks = {lang: {n: torch.rand(p.shape, generator=g) < 0.3 for n, p in model.named_parameters()
+                        if ".layer." in n and n.endswith("dense.weight")} for lang in ("de", "fr")}
+        hf.convert(model, kind="subnetwork", masks=masks)
+        for _, layer in hf.model._converted(model, SubnetworkLinear):
+            layer.bias.requires_grad_(True)
+            if bias_masks:
+                layer.set_masks(dict(zip(layer.languages, layer.masks.unbind(0))),
+                                {lang: torch.rand(layer.out_features, generator=g) < 0.5 for lang in layer.languages})
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=4,
+                                 save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+                                 logging_steps=1000, lr_scheduler_type="constant", max_grad_norm=0.0)
+        subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=16)).train(
+            resume_from_checkpoint=resume)
+        return model
+
+    whole = run(tmp_path / "a", bias_masks=True)
+    resumed = run(tmp_path / "b", bias_masks=False, resume=tmp_path / "a" / "checkpoint-2")
+    for (n, layer), (_, other) in zip(hf.model._converted(whole, SubnetworkLinear),
+                                      hf.model._converted(resumed, SubnetworkLinear)):
+        assert torch.equal(other.bias_masks, layer.bias_masks), n
+    resumed_params = dict(resumed.named_parameters())
+    for n, p in whole.named_parameters():
+        torch.testing.assert_close(resumed_params[n], p, rtol=0, atol=0, msg=n)
+
+
 def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
     """A checkpoint of a model whose languages are listed in another order is refused; the
     Trainer once loaded its weights first, so the model kept the trained weights under its own

@@ -733,7 +733,7 @@ class SubnetworkTrainer(Trainer):
     `DynamicMasksCallback` for dynamic ones.
 
     Every saved model folder (checkpoints included) holds `subnetwork_masks.pt`: the layers'
-    current masks, the entries that re-selections added to the exported diff (with their values
+    current masks and per-language bias masks, the entries that re-selections added to the exported diff (with their values
     from convert) and the state of each DynamicMasksCallback. Resuming from a checkpoint restores
     them before the optimizer is built, so a resumed run routes and steps by the masks it had and
     its diff still covers every entry it trained. A checkpoint whose run started from another base
@@ -798,8 +798,12 @@ class SubnetworkTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:  # the masks are non-persistent buffers: the model's own files lack them
-            layers = {name: layer.masks.cpu() for name, layer in _converted(self.model, SubnetworkLinear)}
-            torch.save({"languages": languages(self.model), "masks": layers, "covered": _subnet_coverage(self.model),
+            converted = list(_converted(self.model, SubnetworkLinear))
+            layers = {name: layer.masks.cpu() for name, layer in converted}
+            # None: a shared bias (or none); a resume must not turn a per-language bias into a shared one
+            bias = {name: None if layer.bias_masks is None else layer.bias_masks.cpu() for name, layer in converted}
+            torch.save({"languages": languages(self.model), "masks": layers, "bias_masks": bias,
+                        "covered": _subnet_coverage(self.model),
                         "callbacks": [cb.state_dict() for cb in self._dynamic_callbacks()]},
                        os.path.join(output_dir or self.args.output_dir, self.MASKS_FILE))
 
@@ -825,8 +829,14 @@ class SubnetworkTrainer(Trainer):
                                  "opened new entries, and it lacks their values from convert; it cannot be resumed")
         self._refuse_another_base(resume_from_checkpoint, covered)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        bias = saved.get("bias_masks")  # absent from files written before it was saved: the layers keep theirs
         for name, layer in layers.items():
-            layer.set_masks(dict(zip(saved["languages"], saved["masks"][name])))
+            masks = dict(zip(saved["languages"], saved["masks"][name]))
+            if bias is None:
+                layer.set_masks(masks)
+            else:
+                b = bias[name]
+                layer.set_masks(masks, None if b is None else dict(zip(saved["languages"], b)))
         _restore_subnet_coverage(self.model, covered)
         for cb, state in zip(callbacks, saved["callbacks"]):
             cb.load_state_dict(state)
