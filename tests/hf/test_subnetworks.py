@@ -151,9 +151,9 @@ def test_meta_learning_trains_the_modules_to_save_whole(recipe):
     after[frozen].requires_grad_(False)
     kept = after[frozen].detach().clone()
     if recipe == "reptile":
-        subnetworks.reptile_step(model, support, masks, inner_lr=0.1)
+        subnetworks.reptile_step(model, support, masks, inner_lr=0.1, inner_steps=2)
     else:
-        subnetworks.fomaml_step(model, support, query, masks, 0.5, 1, subnetworks.fomaml_optimizer(model, masks, lr=1e-2))
+        subnetworks.fomaml_step(model, support, query, masks, 0.5, 2, subnetworks.fomaml_optimizer(model, masks, lr=1e-2))
     assert torch.equal(after[frozen], kept)
 
 
@@ -1179,6 +1179,11 @@ def test_fomaml_step_checks_its_batches_before_any_inner_step():
         subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)}, masks, 0.1, 1, opt)
     with pytest.raises(ValueError, match=r"support\['de'\] must be a batch .* or a non-empty list"):
         subnetworks.fomaml_step(model, {"de": []}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1, opt)
+    # a second support batch with one inner step was never seen
+    with pytest.raises(ValueError, match=r"support lists more batches than inner_steps=1 for \{'de': 2\}"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(2, 1)}, {"de": _lm_batches(1, 2)[0]}, masks, 0.1, 1, opt)
+    with pytest.raises(ValueError, match=r"batches lists more batches than inner_steps=2 for \{'de': 3\}"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(3, 1)}, masks, inner_steps=2)
     assert all(torch.equal(p, before[n]) for n, p in named.items())
 
 

@@ -266,9 +266,10 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     that language's subnetwork (`masks[lang]`: {parameter name: BoolTensor} in the model's own
     layout, as `structured_masks` and `select_masks` give them; parameters absent from it stay
     fixed, but for convert's `modules_to_save`, which train whole). Then
-    θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken (one
-    batch, or fewer than `inner_steps`, are cycled, as in `fomaml_step`). Returns each language's
-    last inner loss.
+    θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken from an
+    iterator (one batch, or fewer than `inner_steps`, are cycled, as in `fomaml_step`); a list of
+    more than `inner_steps` is refused. Returns each language's last inner loss. The model's
+    train/eval mode is the caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     if inner_steps < 1:
@@ -276,6 +277,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     missing = [lang for lang in batches if lang not in masks]
     if missing:
         raise ValueError(f"reptile_step: no masks for languages {missing}")
+    _refuse_unused_batches("reptile_step", "batches", batches, inner_steps)
     # taken before any step: a language short of batches once stopped mid-loop, its weights not restored
     taken = {lang: [b] if isinstance(b, Mapping) else list(itertools.islice(b, inner_steps)) for lang, b in batches.items()}
     empty = [lang for lang, b in taken.items() if not b]
@@ -512,6 +514,15 @@ def _as_list(batches) -> list:
     return list(batches) if isinstance(batches, (list, tuple)) else [batches]
 
 
+def _refuse_unused_batches(op: str, what: str, batches: Mapping, inner_steps: int) -> None:
+    """A list of more batches than inner steps: the ones after the first `inner_steps` would
+    never be seen (an iterator is read only as far as the steps go, so it may be endless)."""
+    long = {lang: len(b) for lang, b in batches.items() if isinstance(b, (list, tuple)) and len(b) > inner_steps}
+    if long:
+        raise ValueError(f"{op}: {what} lists more batches than inner_steps={inner_steps} for {long}; only the first "
+                         f"{inner_steps} would be used: raise inner_steps or pass fewer batches")
+
+
 @accepts_compiled
 def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mapping[str, Mapping[str, torch.Tensor]],
                 inner_lr: float, inner_steps: int, outer_optimizer, loss_fn: Callable | None = None) -> dict[str, float]:
@@ -528,7 +539,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
     moves, weight decay included) takes one step. On a converted model each language's batches
     are routed to it. A step that fails leaves θ as it was. Returns each language's query loss
-    at θ'_l.
+    at θ'_l. Support batches fewer than `inner_steps` are cycled (udify-metalearning reuses one
+    support batch for every inner step); more are refused. The model's train/eval mode is the
+    caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
     """
     from ..optim import _MaskedOptimizer
 
@@ -542,6 +555,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     missing = [lang for lang in support if lang not in masks]
     if missing:
         raise ValueError(f"fomaml_step: no masks for languages {missing}")
+    _refuse_unused_batches("fomaml_step", "support", support, inner_steps)
     # checked before any inner step: a bad batch once failed after the language's weights had moved
     for lang in support:
         if not _as_list(support[lang]) or not all(isinstance(b, Mapping) for b in _as_list(support[lang])):
