@@ -1402,8 +1402,28 @@ def _op_samples(dtype):
         ("ensemble_logprobs", (z, lw, False)),
         ("ensemble_logprobs_backward", (torch.randn(4, 11).to(dtype), z, lw, out, lse, True)),
         ("ensemble_nll", (z, lw, y, True)),
+        ("ensemble_nll", (z.clone().requires_grad_(dtype != torch.bfloat16), lw, y, True)),  # AOT dispatch traces it
         ("ensemble_nll_backward", (torch.randn(4).to(nll.dtype), z, lw, y, nll, nlse, True)),  # nll's grad: nll's dtype
     ]
+
+
+@needs_ext
+def test_functional_ops_run_on_fake_tensors_with_the_real_shapes():
+    # the data checks read fake tensors (FakeTensorMode, AOT tracing): DataDependentOutputException
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    def calls(gen):
+        x, w, b = torch.randn(70, 5, generator=gen), torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen)
+        idx, vals = torch.tensor([0, 4, 7]), torch.randn(3, generator=gen, requires_grad=True)
+        z, lw = torch.randn(3, 4, 7, generator=gen, requires_grad=True), torch.randn(4, 3, generator=gen)
+        return [functional.sparse_delta_linear(x, w, b, idx, vals),
+                functional.multi_delta_linear(x, w, b, [idx], [vals], gates=torch.ones(70, 1)),
+                functional.ensemble_nll(z, lw, torch.tensor([0, 1, 2, 6])), *functional.topk_mask([w, b], 4)]
+
+    real = calls(seeded(3))
+    with FakeTensorMode():
+        fake = calls(None)
+    assert [(r.shape, r.dtype, r.stride()) for r in real] == [(f.shape, f.dtype, f.stride()) for f in fake]
 
 
 @needs_ext

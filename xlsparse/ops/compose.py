@@ -105,7 +105,8 @@ def _one_slot_per_tensor(dense: list, target: list) -> tuple[list, list]:
         return dense, target
     slots, unique, remap = {}, [], []
     for d in dense:
-        key = (d.data_ptr(), d.device, d.dtype, tuple(d.shape), tuple(d.stride())) if isinstance(d, torch.Tensor) else id(d)
+        readable = isinstance(d, torch.Tensor) and checks.can_read(d)  # a fake tensor has no address
+        key = (d.data_ptr(), d.device, d.dtype, tuple(d.shape), tuple(d.stride())) if readable else id(d)
         if key not in slots or d.device.type == "meta":
             slots[key] = len(unique)
             unique.append(d)

@@ -444,8 +444,10 @@ def delta_written_into(weight, indices, values):
     autograd nodes that saved W0 see it unchanged, as it is once the block exits. Blocks on one
     storage from several threads take turns (two writes at once would leave W0 + 2Δ); other readers
     of `weight` on other threads must not run meanwhile."""
+    # a fake tensor has no address (FakeTensorMode runs this code too): one shared lock then
+    key = weight.untyped_storage().data_ptr() if checks.can_read(weight) else None
     with _WRITERS_LOCK:
-        lock = _WRITERS.setdefault(weight.untyped_storage().data_ptr(), threading.Lock())
+        lock = _WRITERS.setdefault(key, threading.Lock())
     with lock:
         displaced = write_delta_(weight, indices, values)
         try:
