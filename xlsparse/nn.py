@@ -160,6 +160,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         tensor sees W0 + Δ until `unmerge`. A forward refuses once `delta_values` has changed (on a
         GPU, a write in place through `delta_values.data` is not seen: it bumps no version)."""
         if self._displaced is None:
+            self._check_merge()
             # an inference tensor (made under torch.inference_mode, as by a `from_pretrained` there)
             # keeps no version counter: reading it raised, after W0 + Δ was written
             values = self.delta_values.detach()
@@ -172,6 +173,14 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             self._merged_version = version
             self._merge_write = EntryWrite.register("weight", self.weight, self.delta_indices)
             _bump_version(self.weight)
+
+    def _check_merge(self) -> None:
+        """Raise what `merge` would raise, writing nothing (`hf.merge` checks every layer first)."""
+        if self._displaced is None and not self.weight.is_contiguous():
+            raise ValueError(f"merge: the base weight is not contiguous (strides {self.weight.stride()}), and merge() "
+                             "writes Δ into its storage in place; make the weight contiguous before convert "
+                             "(`linear.weight = nn.Parameter(linear.weight.detach().contiguous())`), or use "
+                             "xlsparse.hf.merge_and_unload, which writes a new weight")
 
     def _check_unmerge(self) -> None:
         """Raise what `unmerge` would raise, writing nothing (`hf.unmerge` checks every layer first)."""

@@ -425,6 +425,30 @@ def test_a_subnetwork_model_cast_after_convert_is_refused_with_the_reason():
         hf.extract_diff(model)
 
 
+def test_a_weight_with_other_strides_is_refused_by_merge_and_unloaded_by_merge_and_unload():
+    # a weight loaded transposed: merge() and merge_and_unload raised "dense must be contiguous" from a kernel
+    model, _ = classifier("bert")
+    query = model.bert.encoder.layer[0].attention.self.query
+    query.weight = torch.nn.Parameter(query.weight.detach().t().contiguous().t())
+    hf.convert(model, density=0.1)
+    _train(model)
+    ids = batch()
+    by_hand = copy.deepcopy(model)
+    for _, layer in hf.model._converted(by_hand, SparseDeltaLinear):
+        w = layer.weight.detach().contiguous().reshape(-1).clone()
+        w[layer.delta_indices.long()] += layer.delta_values.detach()
+        layer.weight = torch.nn.Parameter(w.view(layer.weight.shape), requires_grad=False)
+        layer.delta_values = torch.nn.Parameter(torch.zeros_like(layer.delta_values))
+    with torch.no_grad():
+        want = by_hand(input_ids=ids).logits
+    with pytest.raises(ValueError, match=r"merge: the base weight is not contiguous"):
+        hf.merge(model)
+    assert not any(layer.merged for _, layer in hf.model._converted(model, SparseDeltaLinear))  # none merged
+    plain = hf.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-6)
+
+
 def test_merge_and_unload_refuses_a_language_for_a_delta_model():
     model, _ = classifier("bert")
     hf.convert(model, density=0.1)

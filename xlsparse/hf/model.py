@@ -1251,6 +1251,8 @@ def merge(model: nn.Module) -> nn.Module:
     layers = list(_converted(model, SparseDeltaLinear))
     if not layers:
         raise ValueError("merge: the model has no SparseDeltaLinear layer")
+    for _, layer in layers:  # every layer checked first: a refusal leaves the model unmerged
+        layer._check_merge()
     for _, layer in layers:
         layer.merge()
     return model
@@ -1514,6 +1516,12 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     return base_model
 
 
+def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy laid out row-major whatever t's strides (a weight loaded transposed): sparse_axpy_
+    writes flat indices into a contiguous storage."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 @accepts_compiled
 def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module:
     """Replace every converted layer by a plain `nn.Linear` (or GPT-2 `Conv1D`, in its own layout)
@@ -1547,15 +1555,15 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
         for name, layer in list(_converted(model)):
             if isinstance(layer, SparseDeltaLinear):
                 if layer.merged and not layer._merge_is_stale():
-                    weight = layer.weight.detach().clone()  # W0 + Δ as merge() wrote it, Δ unchanged since
+                    weight = _contiguous_copy(layer.weight.detach())  # W0 + Δ as merge() wrote it, Δ unchanged since
                 else:
                     # a merged layer whose Δ changed since merge() (a step on gradients taken in eval
                     # mode) holds a stale W0 + Δ: the trained weight is W0 + the current Δ
-                    weight = layer.base_weight().clone() if layer.merged else layer.weight.detach().clone()
+                    weight = _contiguous_copy(layer.base_weight())  # W0, merged or not
                     sparse_axpy_(weight, layer.delta_indices, layer.delta_values.detach())
             elif isinstance(layer, MultiDeltaLinear):
                 e = config.languages.index(language)
-                weight = layer.weight.detach().clone()
+                weight = _contiguous_copy(layer.weight.detach())
                 sparse_axpy_(weight, layer.delta_indices[e], layer.delta_values[e].detach())
             else:
                 weight = layer.weight.detach()
