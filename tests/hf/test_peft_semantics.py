@@ -449,6 +449,17 @@ def test_a_weight_with_other_strides_is_refused_by_merge_and_unloaded_by_merge_a
         torch.testing.assert_close(plain(input_ids=ids).logits, want, rtol=0, atol=1e-6)
 
 
+def test_disable_names_a_saved_module_resized_since_convert():
+    # it raised torch's "The size of tensor a (110) must match the size of tensor b (97)"
+    model = hf.convert(tiny("llama"), density=0.1, modules_to_save=["lm_head"])
+    model.resize_token_embeddings(model.config.vocab_size + 13, mean_resizing=False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"disable: .*'lm_head.weight': \(\(\d+, 32\), \(\d+, 32\)\).*resize_token"):
+        with hf.disable(model):
+            pass
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_merge_and_unload_refuses_a_language_for_a_delta_model():
     model, _ = classifier("bert")
     hf.convert(model, density=0.1)

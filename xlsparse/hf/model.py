@@ -1604,6 +1604,11 @@ def disable(model: nn.Module):
             raise RuntimeError("disable: unmerge the model first (hf.unmerge)")
         named = dict(model.named_parameters())
         subnets = _subnets_unchanged_outside(model, rec, "disable")
+        moved = {n: (tuple(named[n].shape) if n in named else None, tuple(t.shape))
+                 for n, t in rec.saved_originals.items() if n not in named or named[n].shape != t.shape}
+        if moved:  # (now, at convert)
+            raise ValueError(f"disable: modules_to_save parameters changed shape since convert (now, then): {moved} "
+                             "(resize_token_embeddings after convert?); their base values do not fit them any more")
         with torch.no_grad():
             kept = {n: named[n].detach().clone() for n in rec.saved_originals}
             covered = {n: _subnet_base(rec, n, subnets[n]) for n in rec.subnet_base}
