@@ -224,8 +224,10 @@ def test_masked_recipes_name_the_layout_of_a_mask_of_the_wrong_shape():
 
 def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
     """First-order MAML restated in plain torch: per language, inner SGD on the support batch
-    with the gradient masked, the masked query gradient at the adapted weights, weights restored;
-    the outer gradient is the mean over languages."""
+    with the gradient masked (`inner_lr`: a number, or a function of the parameter's name), the
+    masked query gradient at the adapted weights, weights restored; the outer gradient is the mean
+    over languages."""
+    lr_of = inner_lr if callable(inner_lr) else (lambda name: inner_lr)
     named = dict(model.named_parameters())
     outer = {}
     for lang in support:
@@ -235,7 +237,7 @@ def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
             grads = torch.autograd.grad(model(**support[lang][step % len(support[lang])]).loss, list(params.values()))
             with torch.no_grad():
                 for (n, p), g in zip(params.items(), grads):
-                    p -= inner_lr * g * masks[lang][n]
+                    p -= lr_of(n) * g * masks[lang][n]
         grads = torch.autograd.grad(model(**query[lang]).loss, list(params.values()))
         with torch.no_grad():
             for (n, p), g in zip(params.items(), grads):
@@ -285,6 +287,41 @@ def test_fomaml_outer_gradient_and_step_match_plain_torch(arch, converted):
             assert torch.equal(p, before[n]), n
     with pytest.raises(TypeError, match="masked optimizer"):
         subnetworks.fomaml_step(model, support, query, masks, 0.5, 1, torch.optim.AdamW(model.parameters()))
+
+
+def test_fomaml_takes_udify_metalearnings_two_learning_rates_by_parameter_name():
+    """udify-metalearning's inner SGD steps BERT at one lr and the decoder at another, and its
+    outer Adam has meta_lr_bert and meta_lr_decoder: one lr for everything could not restate it."""
+    model = tiny("bert").eval()
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}
+    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+    inner = {r"layer\.1\.": 0.5, r".": 0.05}
+    outer_lr = {r"layer\.1\.": 1e-2, r".": 1e-3}
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=outer_lr)
+    subnetworks.fomaml_step(model, support, query, masks, inner_lr=inner, inner_steps=2, outer_optimizer=opt)
+
+    def lr_of(table):
+        return lambda name: table[r"layer\.1\."] if ".layer.1." in name else table["."]
+
+    expect = _plain_fomaml(twin, support, query, masks, inner_lr=lr_of(inner), inner_steps=2)
+    for n in names:
+        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
+    twin_named = dict(twin.named_parameters())
+    for n in names:
+        plain = torch.optim.Adam([twin_named[n]], lr=lr_of(outer_lr)(n))
+        twin_named[n].grad = expect[n]
+        plain.step()
+        union = masks["de"][n] | masks["fr"][n]
+        torch.testing.assert_close(named[n][union], twin_named[n][union], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"fomaml_step: no pattern of inner_lr matches \['bert.encoder.layer.0"):
+        subnetworks.fomaml_step(model, support, query, masks, {r"layer\.1\.": 0.5}, 2, opt)
+    with pytest.raises(ValueError, match=r"fomaml_optimizer: no pattern of lr matches"):
+        subnetworks.fomaml_optimizer(model, masks, lr={r"layer\.1\.": 0.5})
 
 
 def test_structured_masks_rank_heads_after_normalising_each_layer():

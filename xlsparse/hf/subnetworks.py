@@ -514,6 +514,30 @@ def _as_list(batches) -> list:
     return list(batches) if isinstance(batches, (list, tuple)) else [batches]
 
 
+def _lr_by_name(op: str, arg: str, names: Iterable[str], lr) -> dict[str, float]:
+    """Each parameter's learning rate: `lr` itself, or from a {regex: lr} map the value of the
+    first pattern that `re.search`es the name (udify-metalearning's BERT and decoder lrs: e.g.
+    {r"classifier": 1e-4, r".": 1e-5}). A name that no pattern matches is refused: it would
+    otherwise take some default silently."""
+    if not isinstance(lr, Mapping):
+        return dict.fromkeys(names, lr)
+    found = {n: next((v for pattern, v in lr.items() if re.search(pattern, n)), None) for n in names}
+    unmatched = [n for n, v in found.items() if v is None]
+    if unmatched:
+        raise ValueError(f"{op}: no pattern of {arg} matches {unmatched[:3]}{' ...' if len(unmatched) > 3 else ''}; "
+                         "add one (r'.' last matches the rest)")
+    return found
+
+
+def _groups_by_lr(groups: list[dict], lrs: Mapping[torch.Tensor, float]) -> list[dict]:
+    """`groups` split so that each holds one learning rate (`lrs`: {parameter: lr})."""
+    split = []
+    for group in groups:
+        for lr in dict.fromkeys(lrs[p] for p in group["params"]):
+            split.append({**group, "params": [p for p in group["params"] if lrs[p] == lr], "lr": lr})
+    return split
+
+
 def _refuse_unused_batches(op: str, what: str, batches: Mapping, inner_steps: int) -> None:
     """A list of more batches than inner steps: the ones after the first `inner_steps` would
     never be seen (an iterator is read only as far as the steps go, so it may be endless)."""
@@ -525,13 +549,15 @@ def _refuse_unused_batches(op: str, what: str, batches: Mapping, inner_steps: in
 
 @accepts_compiled
 def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mapping[str, Mapping[str, torch.Tensor]],
-                inner_lr: float, inner_steps: int, outer_optimizer, loss_fn: Callable | None = None) -> dict[str, float]:
+                inner_lr: float | Mapping[str, float], inner_steps: int, outer_optimizer,
+                loss_fn: Callable | None = None) -> dict[str, float]:
     """One first-order MAML step over languages (the udify-metalearning loop), each confined to
     its subnetwork.
 
     For each language l of `support` ({language: batch or list of batches}) and `query`
-    ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`) on the
-    support batches change only `masks[l]` ({parameter name: BoolTensor} in the model's own
+    ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`, or
+    {regex: lr} by parameter name, first match: udify-metalearning's inner loop takes one lr for
+    BERT and another for the decoder) on the support batches change only `masks[l]` ({parameter name: BoolTensor} in the model's own
     layout, naming parameters that require grad; parameters it does not name stay fixed, but for
     convert's `modules_to_save`, which train whole); the gradient of the query loss at the adapted
     θ'_l, masked to `masks[l]`, is the language's outer gradient; θ is restored. The outer
@@ -572,13 +598,15 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     _check_routed(model, stored, "fomaml_step")
     named = dict(model.named_parameters())
     _check_confined(outer_optimizer, named, stored)  # before any forward: a refused step costs nothing
+    lrs = _lr_by_name("fomaml_step", "inner_lr", sorted({n for m in stored.values() for n in m}), inner_lr)
     outer = {}
     losses = {}
     for lang in support:
         lang_masks = {n: m for n, m in stored[lang].items() if bool(m.any())}
         params = [named[n] for n in lang_masks]
         start = [p.detach().clone() for p in params]
-        inner = MaskedSGD(params, list(lang_masks.values()), lr=inner_lr)
+        groups = _groups_by_lr([{"params": params}], {named[n]: lrs[n] for n in lang_masks})
+        inner = MaskedSGD(groups, {named[n]: m for n, m in lang_masks.items()}, lr=groups[0]["lr"] if groups else 1e-3)
         batches = _as_list(support[lang])
         try:  # θ is restored even when a forward fails after the inner steps moved it
             for step in range(inner_steps):
@@ -650,12 +678,13 @@ def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
 
 
 @accepts_compiled
-def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], lr: float = 1e-4,
-                     **kwargs) -> MaskedAdamW:
+def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
+                     lr: float | Mapping[str, float] = 1e-4, **kwargs) -> MaskedAdamW:
     """The outer optimizer of `fomaml_step`: MaskedAdamW over the parameters the masks name,
     each confined to the union of the languages' masks (in the model's own layout; outer lr
-    `lr`, kept apart from the inner lr of `fomaml_step`), and over convert's `modules_to_save`
-    whole. No weight decay unless `weight_decay=` is given: udify-metalearning's outer optimizer
+    `lr`, kept apart from the inner lr of `fomaml_step`; or {regex: lr} by parameter name, first
+    match, as udify-metalearning's meta_lr_bert and meta_lr_decoder), and over convert's
+    `modules_to_save` whole. No weight decay unless `weight_decay=` is given: udify-metalearning's outer optimizer
     is Adam without it (AdamW's default 0.01 would decay the subnetworks every outer step). A
     weight decay given skips biases and norms, as SubnetworkTrainer's does (the Trainer's rule)."""
     weight_decay = kwargs.pop("weight_decay", 0.0)
@@ -666,7 +695,10 @@ def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Te
             union[n] = m.clone() if n not in union else union[n] | m
     # every parameter by the Trainer's rule: masks may name biases and norms too (importance_scores scores them)
     groups = _decay_groups(model, {n: named[n] for n in union}, (), weight_decay)
-    return MaskedAdamW(groups, {named[n]: m for n, m in union.items()}, lr=lr, **kwargs)
+    lrs = _lr_by_name("fomaml_optimizer", "lr", union, lr)
+    groups = _groups_by_lr(groups, {named[n]: v for n, v in lrs.items()})
+    default = lr if not isinstance(lr, Mapping) else groups[0]["lr"] if groups else 1e-4  # for groups added later
+    return MaskedAdamW(groups, {named[n]: m for n, m in union.items()}, lr=default, **kwargs)
 
 
 # --- Trainer-facing entry points: mixed-language training, static or dynamic masks ---
