@@ -1,6 +1,8 @@
 // Every xlsparse op schema, one block per family. Kernels register in csrc/cpu and csrc/cuda;
 // fake (meta) impls and autograd live beside the Python wrappers in xlsparse/ops.
 #include <Python.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include "xlsparse/cpu_kernels.h"
@@ -79,4 +81,36 @@ TORCH_LIBRARY(xlsparse, m) {
   m.def("ensemble_nll(Tensor logits, Tensor log_weights, Tensor targets, bool prob_space) -> (Tensor, Tensor)");
   m.def("ensemble_nll_backward(Tensor grad, Tensor logits, Tensor log_weights, Tensor targets, Tensor nll, "
         "Tensor lse, bool prob_space) -> (Tensor, Tensor)");
+}
+
+// The ops that write their (a!) arguments bump those tensors' version counters, as torch's own
+// in-place ops do, whoever calls them: a direct torch.ops.xlsparse call once left a tensor that
+// autograd had saved changed with its counter unmoved, and the backward used the new values.
+// (torch's autogradNotImplementedInplaceOrViewFallback handles views only.) Inference tensors
+// have no counter.
+static void bump_written(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const size_t n = schema.arguments().size();
+  std::vector<at::Tensor> written;  // taken before the kernel pops its arguments
+  for (size_t i = 0; i < n; ++i) {
+    if (!schema.is_mutable({c10::SchemaArgType::input, i})) continue;
+    const c10::IValue& arg = (*stack)[stack->size() - n + i];
+    if (arg.isTensor()) {
+      written.push_back(arg.toTensor());
+    } else if (arg.isTensorList()) {
+      for (const at::Tensor& t : arg.toTensorList()) written.push_back(t);
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const auto& t : written)
+    if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+TORCH_LIBRARY_IMPL(xlsparse, ADInplaceOrView, m) {
+  for (const char* op : {"sparse_axpy_", "apply_diffs_", "restore_diffs_", "masked_adamw_", "masked_sgd_", "spmm_",
+                         "spmm_gated_"})
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&bump_written>());
 }

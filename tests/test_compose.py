@@ -104,6 +104,30 @@ needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="compiled extension not
 
 
 @needs_ext
+@pytest.mark.parametrize("op", ["sparse_axpy_", "apply_diffs_", "restore_diffs_", "masked_sgd_", "spmm_"])
+def test_a_direct_call_of_an_in_place_op_bumps_the_versions_of_what_it_writes(op):
+    # only the Python wrappers bumped them: a tensor autograd had saved changed unseen, and the
+    # backward used the new values (W.grad = 2·W_new)
+    w = torch.randn(4, 6, requires_grad=True)
+    idx, vals = torch.tensor([1, 7, 20]), torch.randn(3)
+    y = (w * w).sum()
+    ops = torch.ops.xlsparse
+    with torch.no_grad():
+        if op == "sparse_axpy_":
+            ops.sparse_axpy_(w, idx, vals, 1.0)
+        elif op == "apply_diffs_":
+            ops.apply_diffs_([w], [idx], [vals], [0], [1.0], [torch.empty(3)])
+        elif op == "restore_diffs_":
+            ops.restore_diffs_([w], [idx], [vals], [0])
+        elif op == "masked_sgd_":
+            ops.masked_sgd_([w], [torch.ones(4, 6)], [None], [], [torch.zeros(1)], 0.1, 0.0, 0.0, 0.0, False)
+        else:
+            ops.spmm_(w, torch.randn(4, 5), torch.tensor([0, 8]), torch.randn(2), None, None, None, False)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_opcheck(dtype):
     dense = torch.randn(64, 3).to(dtype)

@@ -45,7 +45,7 @@ def sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
         checks.indices(op, indices, dense.numel())
     written = checks.memory_keys([dense])
     indices, values = (checks.unaliased(written, t.contiguous()) for t in (indices, values))
-    registry.call(op, dense.device, dense, indices, values, float(alpha), written=[dense])
+    registry.call(op, dense.device, dense, indices, values, float(alpha))
     return dense
 
 
@@ -141,8 +141,7 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
     saved = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in values]
     checks.saved("apply_diffs_", values, alphas, saved)
     device = dense[0].device if dense else torch.device("cpu")
-    registry.call("apply_diffs_", device, dense, indices, values, target, alphas, saved,
-                  written=[dense[t] for t in set(target)])
+    registry.call("apply_diffs_", device, dense, indices, values, target, alphas, saved)
     return saved
 
 
@@ -150,7 +149,7 @@ def restore_diffs_(dense: list, indices: list, saved: list, target: list) -> Non
     """Undo `apply_diffs_` bit-exactly: `dense[target[e]].view(-1)[indices[e]] = saved[e]`."""
     dense, indices, saved, target = _diff_call("restore_diffs_", dense, indices, saved, target, "saved")
     device = dense[0].device if dense else torch.device("cpu")
-    registry.call("restore_diffs_", device, dense, indices, saved, target, written=[dense[t] for t in set(target)])
+    registry.call("restore_diffs_", device, dense, indices, saved, target)
 
 
 # --- merge_deltas: union of sorted supports ---

@@ -338,7 +338,7 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
     written = checks.memory_keys([out])
     args = [None if t is None else checks.unaliased(written, t.contiguous())
             for t in (x, indices, values, token_index, token_bounds, token_scale)]
-    registry.call(op, x.device, out, *args, bool(transpose), written=[out])
+    registry.call(op, x.device, out, *args, bool(transpose))
     return out
 
 
@@ -369,7 +369,7 @@ def spmm_gated_(out, x, indices, values, gates, transpose=False) -> torch.Tensor
         for idx, vals, scale in zip(indices, values, gates.unbind(1)):
             spmm_(out, x, idx, vals, token_scale=scale, transpose=transpose)
         return out
-    registry.call(op, x.device, out, x, indices, values, gates, bool(transpose), written=[out])
+    registry.call(op, x.device, out, x, indices, values, gates, bool(transpose))
     return out
 
 

@@ -133,11 +133,10 @@ def masked_adamw_(params: list[torch.Tensor], grads: list[torch.Tensor], selecto
     keys = checks.masked_step(op, params, grads, selectors, states, steps, inits, grad_scale, found_inf, check_indices,
                               compiled=registry.compiled(op, params[0].device))
     inits = inits or []
-    written = [*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs, *steps]
     grads, selectors, inits = checks.step_inputs(keys, grads, selectors, inits)
     registry.call(op, params[0].device, list(params), grads, selectors, list(exp_avgs), list(exp_avg_sqs),
                   max_exp_avg_sqs, list(steps), inits, float(lr), float(beta1), float(beta2), float(eps),
-                  float(weight_decay), float(l1_to_init), bool(amsgrad), grad_scale, found_inf, written=written)
+                  float(weight_decay), float(l1_to_init), bool(amsgrad), grad_scale, found_inf)
 
 
 # --- masked_sgd_ ---
@@ -199,11 +198,9 @@ def masked_sgd_(params: list[torch.Tensor], grads: list[torch.Tensor], selectors
     states = {"momentum_buffers": momentum_buffers} if momentum != 0 else {}
     keys = checks.masked_step(op, params, grads, selectors, states, steps, None, grad_scale, found_inf, check_indices,
                               compiled=registry.compiled(op, params[0].device))
-    written = [*params, *momentum_buffers, *steps]
     grads, selectors, _ = checks.step_inputs(keys, grads, selectors, [])
     registry.call(op, params[0].device, list(params), grads, selectors, momentum_buffers, list(steps), float(lr),
-                  float(momentum), float(dampening), float(weight_decay), bool(nesterov), grad_scale, found_inf,
-                  written=written)
+                  float(momentum), float(dampening), float(weight_decay), bool(nesterov), grad_scale, found_inf)
 
 
 # --- multi_mask_weight_grad ---

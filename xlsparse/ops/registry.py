@@ -174,26 +174,12 @@ def compiled(op: str, device: torch.device) -> bool:
     return (op, backend) in _COMPILED and _TABLE[op][backend] is _COMPILED[op, backend]
 
 
-def call(op: str, device: torch.device, *args, written=()):
-    """Run `op` on the backend chosen for `device`. `written`: the tensors it changes in place."""
+def call(op: str, device: torch.device, *args):
+    """Run `op` on the backend chosen for `device`. The tensors an op writes in place have their
+    version counters bumped by the dispatcher (csrc/ops.cpp's ADInplaceOrView kernels; Triton's
+    ops by their mutates_args), so autograd sees an in-place change of a saved tensor."""
     backend = backend_for(op, device)
-    result = _TABLE[op][backend](*args)  # backend_for ran the hooks it needed
-    if backend in ("cpu", "cuda"):
-        mark_written(written)
-    return result
-
-
-def mark_written(tensors) -> None:
-    """Bump the version counters of tensors a C++ kernel wrote in place. The dispatcher does not
-    do it for ops defined in C++, so without this autograd would miss an in-place change of a
-    saved tensor, and caches keyed on `_version` (SparseDeltaLinear's merged weight) would go stale
-    after an optimizer step. Inference tensors have no counter; compiled graphs track writes
-    themselves."""
-    if torch.compiler.is_compiling():
-        return
-    tensors = [t for t in tensors if t is not None and not t.is_inference() and t.device.type != "meta"]
-    if tensors:
-        torch.autograd.graph.increment_version(tensors)
+    return _TABLE[op][backend](*args)  # backend_for ran the hooks it needed
 
 
 def backends() -> dict[str, dict[str, bool]]:
