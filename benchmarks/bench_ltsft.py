@@ -9,20 +9,24 @@ density, three ways (`xlsparse bench --family ltsft`, or `python benchmarks/benc
   used SparseDeltaLinear).
 
 Shapes: XLM-R base (vocab 250002, hidden 768, 12 layers, FFN 3072; 278M parameters), T = 2048
-tokens per step (8 × 256); --quick uses vocab 8000, hidden 256, 2 layers, T = 512. The note
-column gives the gradient plus optimizer-state bytes each way holds after a step, against
-3 × K × 4 bytes. Not measured here: `DynamicSftArguments`' gradient-accumulation window, where
-each converted layer adds its dense weight gradient (dYᵀX, one GEMM with β = 1) into a dense
-buffer once per step (every unselected entry is a candidate, so the sum is dense by definition),
-so window steps cost about what a dense-masked step does.
+tokens per step (8 × 256); --quick uses vocab 8000, hidden 256, 2 layers, T = 512. All three ways
+select from the same maskable parameters (the base model's, the tied word embedding included) with
+the same random masks. The note column gives the gradient plus optimizer-state bytes each way holds
+after a step, against 3 × K × 4 bytes, and the entries the first step changed each way, which the
+row's check requires to be the same entries, changed by the same amounts. Not measured here:
+`DynamicSftArguments`' gradient-accumulation window, where each converted layer adds its dense
+weight gradient (dYᵀX, one GEMM with β = 1) into a dense buffer once per step (every unselected
+entry is a candidate, so the sum is dense by definition), so window steps cost about what a
+dense-masked step does.
 """
 import argparse
 import contextlib
 import tempfile
+from typing import Callable, NamedTuple
 
 import torch
 
-from xlsparse.benchmarks.harness import Case, Target
+from xlsparse.benchmarks.harness import Case, Target, assert_same
 from xlsparse.optim import MaskedAdamW
 
 FAMILY = "ltsft"
@@ -78,7 +82,25 @@ def _random_masks(named: dict, density: float) -> dict:
 
 
 def _body(model) -> dict:
-    return {n: p for n, p in model.named_parameters() if n.startswith("roberta.")}
+    """The maskable parameters, each once by identity: the base model's (the trainer's default).
+    transformers 5 lists the tied word embedding only as the head's `lm_head.decoder.weight`, so a
+    filter on `model.named_parameters()` names would leave the largest matrix out."""
+    return {f"roberta.{n}": p for n, p in model.roberta.named_parameters()}
+
+
+def _named(model) -> dict:
+    """Every parameter once, under the names the trainer gives them: the body's, then the head's."""
+    body = _body(model)
+    seen = {id(p) for p in body.values()}
+    return body | {n: p for n, p in model.named_parameters() if id(p) not in seen}
+
+
+class _Way(NamedTuple):
+    step: Callable[[], None]  # one optimizer step on the row's batch
+    state_bytes: Callable[[], int]  # the bytes of gradients and optimizer state it holds
+    weights: Callable[[], dict]  # {name: a flat copy of the weights the model computes with}
+    masks: dict  # {name: the sorted flat indices it may change}
+    model: torch.nn.Module  # the model it trains
 
 
 def _state_bytes(optimizer, params) -> int:
@@ -89,11 +111,16 @@ def _state_bytes(optimizer, params) -> int:
     return total
 
 
+def _weights(model) -> dict:
+    return {n: p.detach().reshape(-1).clone() for n, p in _named(model).items()}
+
+
 def _dense_masked(cfg, shape, density, device):
     model = _model(cfg, device)
-    masks = {n: torch.zeros(p.numel(), dtype=torch.bool, device=device).index_fill_(0, idx.long(), True).view_as(p)
-             for (n, p), idx in zip(_body(model).items(), _random_masks(_body(model), density).values())}
-    named = dict(model.named_parameters())
+    body = _body(model)
+    indices = _random_masks(body, density)
+    masks = [(p, torch.zeros(p.numel(), dtype=torch.bool, device=device).index_fill_(0, idx.long(), True).view_as(p))
+             for p, idx in zip(body.values(), indices.values())]
     try:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):
@@ -103,19 +130,21 @@ def _dense_masked(cfg, shape, density, device):
     def step():
         optimizer.zero_grad(set_to_none=True)
         model(**batch).loss.backward()
-        for n, m in masks.items():
-            named[n].grad.mul_(m)
+        for p, m in masks:
+            p.grad.mul_(m)
         optimizer.step()
 
-    return step, lambda: _state_bytes(optimizer, model.parameters())
+    return _Way(step, lambda: _state_bytes(optimizer, model.parameters()), lambda: _weights(model), indices, model)
 
 
 def _compact_only(cfg, shape, density, device):
     model = _model(cfg, device)
     body = _body(model)
-    masks = dict(zip(body.values(), _random_masks(body, density).values()))
-    optimizer = MaskedAdamW(model.parameters(), masks, lr=1e-4, weight_decay=0.0, mode="compact")
-    return _training_step(model, optimizer, _batch(cfg, shape, device))
+    indices = _random_masks(body, density)
+    optimizer = MaskedAdamW(model.parameters(), dict(zip(body.values(), indices.values())), lr=1e-4, weight_decay=0.0,
+                            mode="compact")
+    step, state_bytes = _training_step(model, optimizer, _batch(cfg, shape, device))
+    return _Way(step, state_bytes, lambda: _weights(model), indices, model)
 
 
 def _delta(cfg, shape, density, device):
@@ -128,11 +157,21 @@ def _delta(cfg, shape, density, device):
                              learning_rate=1e-4, weight_decay=0.0, save_strategy="no", disable_tqdm=True)
     trainer = LotteryTicketSparseFineTuner(model=model, args=args, sft_args=SftArguments(
         full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, ft_params_proportion=density))
-    params = trainer._params()
-    trainer._masks = _random_masks({n: params[n] for n in trainer.maskable}, density)
+    trainer._masks = _random_masks(_body(model), density)
     trainer._phase = "sparse"
     trainer._convert()  # the sparse phase's own conversion
-    return _training_step(model, trainer.create_optimizer(), _batch(cfg, shape, device))
+
+    def weights():
+        """θ0 plus the SFT the trainer holds (the converted layers' deltas, the heads whole)."""
+        sft = trainer.current_sft()
+        theta = {n: t.reshape(-1).clone() for n, t in trainer._theta0.items()}
+        for n, d in sft.deltas.items():
+            theta[n][d.indices.long()] += d.values
+        theta |= {n: t.reshape(-1).clone() for n, t in sft.absolute.items()}
+        return theta
+
+    step, state_bytes = _training_step(model, trainer.create_optimizer(), _batch(cfg, shape, device))
+    return _Way(step, state_bytes, weights, trainer._masks, model)
 
 
 def _training_step(model, optimizer, batch):
@@ -146,34 +185,70 @@ def _training_step(model, optimizer, batch):
     return step, lambda: _state_bytes(optimizer, model.parameters())
 
 
+def _one_step(way: _Way) -> dict:
+    """Take `way`'s first step: {name: (the flat positions it changed, their change)}."""
+    before = way.weights()
+    way.step()
+    changed = {}
+    for n, after in way.weights().items():
+        pos = (after != before[n]).nonzero().squeeze(1)
+        changed[n] = (pos, after[pos] - before[n][pos])
+    return changed
+
+
+def _entries(changed: dict) -> int:
+    return sum(pos.numel() for pos, _ in changed.values())
+
+
+def _same_step(ours: dict, theirs: dict) -> None:
+    """Raise unless the first steps changed the same entries by about the same amounts. A first AdamW step
+    moves an entry by lr·g/(|g| + eps); the ways sum g in different orders, which shows most where |g| nears
+    eps (up to 1e-3 of lr at --quick size), so the tolerance is 1% of the largest change, lr; a wrong step
+    differs by up to 2·lr."""
+    if ours.keys() != theirs.keys():
+        raise ValueError(f"check lt-sft step: the ways train different parameters "
+                         f"({sorted(ours.keys() ^ theirs.keys())})")
+    for n, (pos, _) in ours.items():
+        if not torch.equal(pos, theirs[n][0]):
+            raise ValueError(f"check lt-sft step: one step changed {pos.numel()} entries of {n} the xlsparse way, "
+                             f"{theirs[n][0].numel()} the baseline's (in all {_entries(ours)} against "
+                             f"{_entries(theirs)})")
+    assert_same("lt-sft step", torch.cat([d for _, d in ours.values()]), torch.cat([theirs[n][1] for n in ours]),
+                rtol=1e-2)
+
+
 def cases(quick: bool = False, device: str = "cpu"):
     """The rows, built one at a time: at XLM-R-base size each way holds a 278M-parameter model with
-    its gradients and optimizer state (about 5 GB), so only the current pair is kept alive."""
+    its gradients and optimizer state (about 5 GB), so only the current pair is kept alive. Each row
+    builds both ways from the same initial model and takes one step with each before it is timed, so
+    that grads and optimizer state exist; its check compares what those first steps changed."""
     cfg, shape = _config(quick)
     tokens = shape[0] * shape[1]
-    live = {}  # the models of the row being measured; the rows' closures reach them only through it
+    live = {}  # the ways of the row being measured; the rows' closures reach them only through it
     for density in DENSITIES:
-        live.clear()
-        live["delta"], delta_bytes = _delta(cfg, shape, density, device)
-        body = {n: p for n, p in _model(cfg, "meta").named_parameters() if n.startswith("roberta.")}
-        k = sum(round(density * p.numel()) for p in body.values())
-        # SDDMM entries: the body's linear weights and the word embeddings, which the tied decoder reads
-        k_linear = sum(round(density * p.numel()) for n, p in body.items() if p.dim() == 2 and "position" not in n
-                       and "token_type" not in n)
         for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
                             ("dense grads + compact MaskedAdamW", _compact_only)):
-            live.pop("base", None)  # the previous row's baseline model goes before the next is built
-            live["base"], base_bytes = build(cfg, shape, density, device)
-            live["delta"](), live["base"]()  # one step each, so that grads and optimizer state exist
-            note = (f"grad+state MiB: xlsparse {delta_bytes() / 2**20:.1f}, baseline {base_bytes() / 2**20:.1f}, "
-                    f"3*K*4 = {3 * k * 4 / 2**20:.1f}; 1 warm-up + 3 timed pairs")
+            live.clear()  # the previous row's models go before the next are built
+            live["delta"] = _delta(cfg, shape, density, device)
+            live["base"] = build(cfg, shape, density, device)
+            ours, theirs = _one_step(live["delta"]), _one_step(live["base"])
+            masks, body = live["delta"].masks, _body(live["base"].model)  # the baseline's model is not converted
+            k = sum(idx.numel() for idx in masks.values())
+            # SDDMM entries: the body's linear weights and the word embeddings, which the tied decoder reads
+            k_linear = sum(masks[n].numel() for n, p in body.items() if p.dim() == 2 and "position" not in n
+                           and "token_type" not in n)
+            note = (f"grad+state MiB: xlsparse {live['delta'].state_bytes() / 2**20:.1f}, baseline "
+                    f"{live['base'].state_bytes() / 2**20:.1f}, 3*K*4 = {3 * k * 4 / 2**20:.1f}; entries one step "
+                    f"changed: xlsparse {_entries(ours)}, baseline {_entries(theirs)}; 1 warm-up + 3 timed pairs")
             targets = ()
             if name.startswith("dense grads + grad"):
                 targets = (Target(f"lt-sft phase-2 step, {100 * density:g}%: >= 1.3x the dense-masked way", "speedup", 1.3),)
             yield Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
-                       f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"](),
-                       baseline=lambda: live["base"](), baseline_name=name, density=density, backend="delta layers",
-                       flops=_step_flops(cfg, shape, k_linear), note=note, targets=targets, pairs=3)  # a step takes about 30 s at full size
+                       f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"].step(),
+                       baseline=lambda: live["base"].step(), baseline_name=name, density=density,
+                       backend="delta layers", flops=_step_flops(cfg, shape, k_linear), note=note, targets=targets,
+                       check=lambda ours=ours, theirs=theirs: _same_step(ours, theirs),
+                       pairs=3)  # a step takes about 30 s at full size
     live.clear()
 
 
