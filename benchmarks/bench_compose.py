@@ -18,6 +18,7 @@ from . import baselines, real_masks
 from .harness import LINE_BYTES, Case, Target, assert_same, backend_of, cache_lines
 
 FAMILY = "compose"
+REVERT_NOTE = "handle.revert() of an apply made before the timer: restores the saved values"
 
 
 def axpy_bytes(indices: torch.Tensor, value_size: int) -> int:
@@ -36,6 +37,13 @@ def revert_bytes(nnz: int, lines: int) -> int:
     that a partial line write needs first is not counted, as the copy ceiling does not count the
     one for its destination (one convention for every row)."""
     return nnz * (4 + 4) + LINE_BYTES * lines
+
+
+def _revert_row(diffs, params, alphas):
+    """A revert row's (setup, fn): each timed call is the public `revert()` (its later-apply and
+    placement checks and its lock included) of an apply that `setup` made before the timer started."""
+    handles = []
+    return lambda: handles.append(xlsparse.apply(diffs, params, alphas)), lambda: handles.pop().revert()
 
 
 def _axpy_case(n: int, density: float, device) -> Case:
@@ -162,14 +170,12 @@ def _apply_cases(quick: bool, device) -> list[Case]:
                           backend=backend_of("apply_diffs_", device), fn=apply, check=loop_check,
                           baseline=lambda plain=plain: baselines.index_add_apply(params, plain, alphas),
                           baseline_name="index_add_ loop", bytes=moved))
-        # The revert restores the displaced values; repeating it rewrites the same bits.
-        handle = xlsparse.apply(diffs, params, alphas)
-        revert = handle._restore
+        setup, revert = _revert_row(diffs, params, alphas)
         cases.append(Case(op="revert (bit-exact)", shape=shape, density=density, dtype="float32",
-                          backend=backend_of("restore_diffs_", device), fn=revert,
+                          backend=backend_of("restore_diffs_", device), fn=revert, setup=setup,
                           baseline=lambda loaded=loaded: baselines.composable_sft_revert(params, loaded),
                           baseline_name="composable-sft revert (param -= sparse COO; not exact)",
-                          bytes=revert_bytes(nnz, lines), note="revert = restore of the saved values",
+                          bytes=revert_bytes(nnz, lines), note=REVERT_NOTE,
                           targets=(Target("revert lang+task diffs, 1%: >= 80% of copy bandwidth (lines touched)",
                                           "roofline", 0.80),) if judged else ()))
     return cases
@@ -195,8 +201,7 @@ def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
     shape = f"e5-small encoder, {len(names)} weights, {numel / 1e6:.1f}M params, 1 diff"
     label = f"{real_masks.LABEL} ({len(names)} weights)"
     plain = [{n: (d.indices, d.values) for n, d in deltas.items()}]
-    handle = xlsparse.apply([diff], params, [1.0])
-    revert = handle._restore
+    setup, revert = _revert_row([diff], params, [1.0])
     check = _apply_check(params, [diff], [1.0], lambda p: baselines.index_add_apply(
         p, [{n: v for n, v in plain[0].items() if n in p}], [1.0]), names)
     return [Case(op="apply LT-SFT diff", shape=shape, density=diff.nnz / numel, dtype="float32",
@@ -205,10 +210,10 @@ def _real_mask_apply_cases(quick: bool, device) -> list[Case]:
                  baseline=lambda: baselines.index_add_apply(params, plain, [1.0]), baseline_name="index_add_ loop",
                  bytes=apply_bytes(diff.nnz, lines), masks=label),
             Case(op="revert (bit-exact)", shape=shape, density=diff.nnz / numel, dtype="float32",
-                 backend=backend_of("restore_diffs_", device), fn=revert,
+                 backend=backend_of("restore_diffs_", device), fn=revert, setup=setup,
                  baseline=lambda: baselines.index_add_apply(params, plain, [-1.0]),
                  baseline_name="index_add_ loop, subtract (not exact)", bytes=revert_bytes(diff.nnz, lines),
-                 note="revert = restore of the saved values", masks=label)]
+                 note=REVERT_NOTE, masks=label)]
 
 
 def _topk_cases(quick: bool, device) -> list[Case]:

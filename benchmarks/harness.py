@@ -314,6 +314,9 @@ class Case:
     # Run once before timing: raises ValueError when ours and the baseline do not compute the same
     # thing on this row's inputs (see `assert_same`).
     check: Callable[[], None] | None = None
+    # Run before each call of `fn`, outside the timer and the memory peak: what the call consumes
+    # (a revert row's apply), so that only `fn` is measured.
+    setup: Callable[[], object] | None = None
 
 
 @dataclass
@@ -348,23 +351,30 @@ class Row:
 
 
 def time_alternately(fn: Callable[[], object], baseline: Callable[[], object] | None, device: str = "cpu",
-                     warmup: int = 2, reps: int = 7, min_seconds: float = 0.0) -> tuple[list[float], list[float]]:
+                     warmup: int = 2, reps: int = 7, min_seconds: float = 0.0,
+                     setup: Callable[[], object] | None = None) -> tuple[list[float], list[float]]:
     """Seconds per call of `fn` and `baseline`, timed in turn after warm-up, in the order fn,
     baseline, baseline, fn, fn, ... (ABBA: neither always runs in the other's wake of caches and
-    freed memory).
+    freed memory). `setup`, where given, runs before each call of `fn`, untimed.
 
     Runs at least `reps` pairs, more while under `min_seconds` in all, at most 200.
     """
     calls = [fn] if baseline is None else [fn, baseline]
+    setups = [setup, None]
     for _ in range(warmup):
-        for call in calls:
+        for call, before in zip(calls, setups):
+            if before is not None:
+                before()
             call()
     sync(device)
     times: list[list[float]] = [[] for _ in calls]
-    order = list(zip(calls, times))
+    order = list(zip(calls, setups, times))
     start = time.perf_counter()
     while len(times[0]) < reps or time.perf_counter() - start < min_seconds:
-        for call, out in order:
+        for call, before, out in order:
+            if before is not None:
+                before()
+                sync(device)
             t0 = time.perf_counter()
             call()
             sync(device)
@@ -405,8 +415,11 @@ def peak_of_running_total(sizes: list[int]) -> int:
     return peak
 
 
-def peak_mib(fn: Callable[[], object], device: str = "cpu") -> float:
-    """Peak memory one call of `fn` allocates above what was allocated before it, in MiB."""
+def peak_mib(fn: Callable[[], object], device: str = "cpu", setup: Callable[[], object] | None = None) -> float:
+    """Peak memory one call of `fn` allocates above what was allocated before it (and after
+    `setup`, where given), in MiB."""
+    if setup is not None:
+        setup()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -455,13 +468,13 @@ def measure(case: Case, device: str = "cpu", quick: bool = False) -> Row:
     if case.pairs is not None:
         warmup, reps = 1, case.pairs
     ours, theirs = time_alternately(case.fn, case.baseline, device, warmup=warmup, reps=reps,
-                                    min_seconds=timing_floor(device, quick))
+                                    min_seconds=timing_floor(device, quick), setup=case.setup)
     t = statistics.median(ours)
     tb = statistics.median(theirs) if theirs else None
     return Row(case.op, case.shape, case.density, case.dtype, case.backend, case.masks, t * 1e3, min(ours) * 1e3,
                max(ours) * 1e3, case.baseline_name, None if tb is None else tb * 1e3,
                min(theirs) * 1e3 if theirs else None, max(theirs) * 1e3 if theirs else None,
-               None if tb is None else tb / t, peak_mib(case.fn, device),
+               None if tb is None else tb / t, peak_mib(case.fn, device, case.setup),
                None if case.baseline is None else peak_mib(case.baseline, device),
                case.flops, case.bytes, case.note, goals=case.targets)
 

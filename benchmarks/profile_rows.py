@@ -37,21 +37,34 @@ def find(cases, op: str, density: float, baseline_word: str):
     return None
 
 
-def profile_call(fn, device: str, calls: int = 3) -> dict:
+def profile_call(fn, device: str, calls: int = 3, setup=None) -> dict:
     """Wall ms per call (after warm-up) and, per call, device kernel ms, host syncs, memcpys and
-    launches, with the profiler's table of the kernels."""
+    launches, with the profiler's table of the kernels. `setup`, where given, runs before each
+    call of `fn`, outside the timing and the profile (a revert row's apply)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for _ in range(calls):
+        if setup is not None:
+            setup()
         fn()
     sync()
-    start = time.perf_counter()
+    wall = 0.0
     for _ in range(calls):
+        if setup is not None:
+            setup()
+            sync()
+        start = time.perf_counter()
         fn()
-    sync()
-    wall_ms = (time.perf_counter() - start) / calls * 1e3
+        sync()
+        wall += time.perf_counter() - start
+    wall_ms = wall / calls * 1e3
     with profile(activities=activities) as prof:
         for _ in range(calls):
+            if setup is not None:
+                prof.toggle_collection_dynamic(False, activities)
+                setup()
+                sync()
+                prof.toggle_collection_dynamic(True, activities)
             fn()
         sync()
     events = prof.key_averages()
@@ -82,7 +95,7 @@ def main(argv=None) -> None:
         if case is None:
             print(f"## {op}: no such row at {density:g}", flush=True)
             continue
-        got = profile_call(case.fn, args.device)
+        got = profile_call(case.fn, args.device, setup=case.setup)
         print(f"## {op}, {case.shape}, {100 * case.density:.2g}% (vs {case.baseline_name}): wall {got['wall_ms']:.3f} ms "
               f"a call, kernels {got['kernel_ms']:.3f} ms, host syncs {got['syncs']:.0f}, memcpys {got['memcpys']:.0f}, "
               f"launches {got['launches']:.0f}", flush=True)
