@@ -94,13 +94,14 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
     vals = _values(k, dtype, device)
     xg, vg = x.clone().requires_grad_(True), vals.clone().requires_grad_(True)
 
+    # Each fwd+bwd gives Y, dX and dvalues, so that a row's check compares all three.
     def ours():
         y = functional.sparse_delta_linear(xg, w, b, idx, vg)
-        return torch.autograd.grad(y, [xg, vg], gy)
+        return (y.detach(), *torch.autograd.grad(y, [xg, vg], gy))
 
     def spiel():
         y = baselines.spiel_delta_linear(xg, w, b, idx, vg)
-        return torch.autograd.grad(y, [xg, vg], gy)
+        return (y.detach(), *torch.autograd.grad(y, [xg, vg], gy))
 
     # SpIEL's CPU build has only the dense-dW path. On CUDA its normal step takes dvalues from its
     # SDDMM kernel, and the dense dW is its regrowth-step (hook) path.
@@ -111,7 +112,7 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
 
     def spiel_sddmm():
         y = baselines.spiel_sddmm_delta_linear(xg, w, b, idx, vg, support)
-        return torch.autograd.grad(y, [xg, vg], gy)
+        return (y.detach(), *torch.autograd.grad(y, [xg, vg], gy))
 
     def frozen():
         y = torch.nn.functional.linear(xg, w, b)
@@ -134,7 +135,7 @@ def _delta_linear_cases(tokens, out_f, in_f, idx, dtype, device, masks="uniform"
     spiel_target = pick(Target("sparse_delta_linear fwd+bwd, 1%: >= 1.5x SpIEL's way", "speedup", 1.5))
     if dtype == torch.bfloat16:  # issue 14: bf16 is never slower than SpIEL's way, at any density or shape
         spiel_target = (Target("bf16 sparse_delta_linear fwd+bwd: >= 1.0x SpIEL's way", "speedup", 1.0),)
-    def same(fn, name):  # ours and the baseline give the same dX and dvalues on the row's inputs
+    def same(fn, name):  # ours and the baseline give the same Y, dX and dvalues on the row's inputs
         return lambda: assert_same(f"sparse_delta_linear vs {name}", ours(), fn())
 
     def same_sddmm():  # the SDDMM's values are the dense dYᵀX at the delta's entries
