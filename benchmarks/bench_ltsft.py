@@ -1,5 +1,5 @@
 """LT-SFT phase 2: one training step (forward, backward, optimizer) of an XLM-R MLM at 1% and 5%
-density, three ways (`xlsparse bench --family ltsft`, or `python benchmarks/bench_ltsft.py`):
+density, three ways (`xlsparse bench --family ltsft`, or `python -m benchmarks.bench_ltsft` in a source tree):
 
 - delta: `LotteryTicketSparseFineTuner`'s sparse phase: linear layers as `SparseDeltaLinear`
   (SDDMM backward), embeddings as `SparseDeltaEmbedding`, the rest through compact `MaskedAdamW`;
@@ -26,8 +26,9 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from xlsparse.benchmarks.harness import Case, Target, assert_same
 from xlsparse.optim import MaskedAdamW
+
+from .harness import Case, Target, assert_same
 
 FAMILY = "ltsft"
 DENSITIES = (0.01, 0.05)
@@ -253,8 +254,8 @@ def cases(quick: bool = False, device: str = "cpu"):
 
 
 def main() -> None:
-    """Run this family alone with the installed harness (as `xlsparse bench --family ltsft` does)."""
-    from xlsparse.benchmarks import harness
+    """Run this family alone (as `xlsparse bench --family ltsft` does), with its own tree's harness."""
+    from . import harness
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes")

@@ -1,6 +1,7 @@
 """Where a benchmark row's time goes: wall time per call against the device's kernel time, and
 the host syncs, copies and kernel launches of one call, read from torch's profiler
-(`python -m xlsparse.benchmarks.profile_rows --device cuda`; `benchmarks/gpu.sh` runs it).
+(`python -m xlsparse.benchmarks.profile_rows --device cuda`, or `python -m benchmarks.profile_rows` in a
+source tree; `benchmarks/gpu.sh` runs it).
 
 On the first GPU (an H200) this is what explained the slow rows: a compact MaskedAdamW step made
 196 host syncs, and an apply spent 10.5 ms on the host for 2.2 ms of kernels. Each row prints its
@@ -12,7 +13,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from xlsparse.benchmarks import bench_compose, bench_matmul, bench_optim
+from . import bench_compose, bench_matmul, bench_optim
 
 # (family module, op, density, a word of the baseline's name): one row of each slow kind, fp32.
 ROWS = [(bench_optim, "MaskedAdamW compact", 0.01, "index_select"),
