@@ -1382,6 +1382,25 @@ def test_a_dict_of_eval_sets_evaluates_each_multi_source_set_under_its_sources(t
     assert named == trainer.evaluate(eval_dataset=data)["eval_loss"]
 
 
+def test_predict_on_a_multi_source_dataset_runs_each_batch_under_its_source_sft(tmp_path):
+    # predict() takes its batches from get_test_dataloader, which was not overridden: it stopped with
+    # "the batch has no '_source' key (use MultiSourceDataset)"
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+    sources = _source_sfts(tiny("bert"))
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    trainer = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), args=_args(tmp_path, per_device_eval_batch_size=4),
+                                           source_sfts=sources, sft_args=steps)
+    got = trainer.predict(data).metrics["test_loss"]
+    model = _no_dropout(tiny("bert")).eval()
+    losses = []
+    with torch.no_grad():
+        for source in ("de", "fr"):  # one batch of 4 items per source
+            ids = data.datasets[source].ids
+            with sources[source].applied(model):
+                losses.append(model(input_ids=ids, labels=ids).loss.item())
+    assert got == pytest.approx(sum(losses) / 2, rel=1e-5)
+
+
 def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):
     data = MultiSourceDataset({"de": _LMData(n=5, seed=1), "fr": _LMData(n=3, seed=2)})
     steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)

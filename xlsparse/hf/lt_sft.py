@@ -1053,9 +1053,19 @@ class LotteryTicketSparseFineTuner(Trainer):
         if isinstance(dataset, str) and isinstance(self.eval_dataset, dict):  # the Trainer names a dict's sets
             dataset = self.eval_dataset[dataset]
         if isinstance(dataset, MultiSourceDataset):
-            self._refuse_sharded_evaluation(dataset)
-            return self._multisource_loader(dataset, self.args.per_device_eval_batch_size, shuffle=False)
+            return self._multisource_eval_loader(dataset)
         return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        # predict() asks here, not get_eval_dataloader: a MultiSourceDataset's batches lost their source
+        if isinstance(test_dataset, MultiSourceDataset):
+            return self._multisource_eval_loader(test_dataset)
+        return super().get_test_dataloader(test_dataset)
+
+    def _multisource_eval_loader(self, dataset):
+        """Evaluation and prediction batches of a MultiSourceDataset: one source each, in order."""
+        self._refuse_sharded_evaluation(dataset)
+        return self._multisource_loader(dataset, self.args.per_device_eval_batch_size, shuffle=False)
 
     def _refuse_sharded_evaluation(self, dataset) -> None:
         """Multi-source evaluation runs on one process only. Accelerate deals the batches out to the
