@@ -1017,6 +1017,42 @@ def test_dynamic_mode_names_the_matrices_it_cannot_reselect(tmp_path, arch):
         assert not said
 
 
+@pytest.mark.parametrize("every", [4, 6])
+def test_a_dynamic_phase_no_longer_than_reselection_steps_is_refused_before_training(tmp_path, every):
+    # a reselection follows a reselection_steps-th step but never the last: a sparse phase of at most
+    # reselection_steps steps ran exactly static LT-SFT, silently. 2 epochs of 2 batches: 4 steps
+    sft_args = DynamicSftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=1,
+                                   sparse_ft_max_epochs_per_iteration=2, reselection_steps=every,
+                                   selection_accumulation_steps=1)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(n=8), sft_args=sft_args,
+                                           args=_args(tmp_path, per_device_train_batch_size=4))
+    with pytest.raises(ValueError, match=f"reselection_steps = {every}: the sparse phase runs 4 optimizer steps"):
+        trainer.train()
+    assert not os.listdir(tmp_path) and not trainer._masks
+    for (n, p), q in zip(trainer.model.named_parameters(), tiny("bert").parameters()):
+        assert torch.equal(p, q), n
+
+
+def test_dynamic_mode_names_the_tensors_too_small_to_drop_an_entry(tmp_path):
+    # int(drop_fraction × K_t) = 0 for a tensor of fewer than 10 entries at 0.1: it never changed its
+    # support, silently
+    sft_args = DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2,
+                                   sparse_ft_max_steps_per_iteration=3, reselection_steps=2,
+                                   selection_accumulation_steps=1, drop_fraction=0.1)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args,
+                                           args=_args(tmp_path))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.train()
+    sizes = [d.indices.numel() for d in trainer.sft.deltas.values() if len(d.shape) == 2]  # all converted in bert
+    small = [k for k in sizes if k < 10]
+    assert small  # the case at hand
+    said = [str(w.message) for w in seen if "drop none" in str(w.message)]
+    assert said == [f"DynamicSftArguments.drop_fraction = 0.1: {len(small)} of the {len(sizes)} converted tensors "
+                    f"holding entries drop none (int(drop_fraction × K_t) = 0; the smallest holds K_t = {min(small)}) "
+                    "and keep their phase-1 support (no reselection)"]
+
+
 def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
     sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
     whole = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16), sft_args=sft_args,

@@ -183,7 +183,9 @@ class DynamicSftArguments(SftArguments):
     embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model; under fp16's GradScaler a
     second one holds the step's own part until the scaler has not skipped the step), freed after
     the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
-    reselection, so every process selects the same support. Biases and norms keep their support."""
+    reselection, so every process selects the same support. Biases and norms keep their support, and so does a
+    tensor whose int(drop_fraction × K_t) is 0 (with a warning). No reselection follows the phase's last step, so
+    train() refuses a sparse phase of at most `reselection_steps` steps (it would be static LT-SFT)."""
 
     reselection_steps: int = 20
     drop_fraction: float = 0.1
@@ -595,7 +597,14 @@ class LotteryTicketSparseFineTuner(Trainer):
         if self._masks and resume_from_checkpoint is None:  # composable-sft clears its masks here; kept, they would add K more entries
             raise ValueError("LotteryTicketSparseFineTuner.train() ran already (its masks and θ0 are that run's): "
                              "build a new trainer on the base model to train another SFT")
-        n = self.sft_args.n_ft_iterations
+        a = self.sft_args
+        if isinstance(a, DynamicSftArguments):  # every round's sparse phase has this length
+            steps = self._phase_steps("sparse")
+            if steps <= a.reselection_steps:  # a reselection follows every reselection_steps-th step but the last
+                raise ValueError(f"DynamicSftArguments.reselection_steps = {a.reselection_steps}: the sparse phase "
+                                 f"runs {steps} optimizer steps, so no reselection would run and the result would be "
+                                 f"static LT-SFT; give reselection_steps < {steps}")
+        n = a.n_ft_iterations
         root = self.args.output_dir
         result, first = None, 0
         try:
@@ -668,13 +677,10 @@ class LotteryTicketSparseFineTuner(Trainer):
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
         return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
 
-    def _run_phase(self, phase: str, it: int, root: str, resume_from_checkpoint=None, resumed_deltas=None, **kwargs):
+    def _phase_steps(self, phase: str) -> int:
+        """Optimizer steps of every round's `phase` ("full" or "sparse"): `training_length` of the
+        SftArguments and the training batches."""
         a = self.sft_args
-        self._phase = phase
-        self.optimizer, self.lr_scheduler = None, None
-        self.model_wrapped = self.model  # a DDP wrapper of the previous phase holds the wrong parameters
-        _unmark_prepared(self)  # the sparse phase, and later rounds, trained uncompiled
-        self.args.output_dir = self._phase_dir(phase, it, root)
         epochs = getattr(a, f"{phase}_ft_max_epochs_per_iteration")
         steps = training_length(getattr(a, f"{phase}_ft_min_steps_per_iteration"),
                                 getattr(a, f"{phase}_ft_max_steps_per_iteration"), epochs,
@@ -684,7 +690,16 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError(f"SftArguments: the {phase} phase gives no optimizer step ({phase}_ft_max_epochs_per_"
                              f"iteration = {epochs}, {phase}_ft_max_steps_per_iteration = "
                              f"{getattr(a, f'{phase}_ft_max_steps_per_iteration')})")
-        self.args.max_steps = steps  # in place: a new TrainingArguments would reset accelerate's state
+        return steps
+
+    def _run_phase(self, phase: str, it: int, root: str, resume_from_checkpoint=None, resumed_deltas=None, **kwargs):
+        a = self.sft_args
+        self._phase = phase
+        self.optimizer, self.lr_scheduler = None, None
+        self.model_wrapped = self.model  # a DDP wrapper of the previous phase holds the wrong parameters
+        _unmark_prepared(self)  # the sparse phase, and later rounds, trained uncompiled
+        self.args.output_dir = self._phase_dir(phase, it, root)
+        self.args.max_steps = self._phase_steps(phase)  # in place: new TrainingArguments would reset accelerate's state
         self._sft_at_end = None
         # the last steps of the previous phase were never logged: their L1 (another λ) must not
         # enter this phase's first l1_reg_loss
@@ -697,6 +712,14 @@ class LotteryTicketSparseFineTuner(Trainer):
                 warnings.warn(f"DynamicSftArguments: {len(fixed)} matrices train through the compact optimizer, not a "
                               f"SparseDelta layer, and keep their phase-1 support (no reselection): {fixed[:3]}",
                               stacklevel=3)
+            if self._reselection is not None:
+                sizes = {name: layers[0][2].delta_indices.numel() for name, layers in self._converted.items()}
+                still = [k for name, k in sizes.items() if k and not self._drop_count(name)]
+                if still:  # a tensor without entries has nothing to reselect
+                    warnings.warn(f"DynamicSftArguments.drop_fraction = {a.drop_fraction}: {len(still)} of the "
+                                  f"{sum(map(bool, sizes.values()))} converted tensors holding entries drop none "
+                                  f"(int(drop_fraction × K_t) = 0; the smallest holds K_t = {min(still)}) and keep "
+                                  "their phase-1 support (no reselection)", stacklevel=3)
             if resumed_deltas is not None:  # the checkpoint's deltas themselves, not θ − θ0 rounded
                 with torch.no_grad():
                     for name, values in self._delta_values().items():
@@ -873,7 +896,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         for name, layers in self._converted.items():
             first = layers[0][2]
-            n = int(self.sft_args.drop_fraction * first.delta_indices.numel())
+            n = self._drop_count(name)
             if n == 0:
                 continue
             idx, values, src = _drop_and_regrow(first.delta_indices, first.delta_values, grads[name], n)
@@ -891,6 +914,10 @@ class LotteryTicketSparseFineTuner(Trainer):
                     moved = t[src.clamp(min=0)].clone()
                     moved[fresh] = 0
                     state[key] = moved
+
+    def _drop_count(self, name: str) -> int:
+        """Entries each reselection drops (and regrows) in converted tensor `name`: int(drop_fraction × K_t)."""
+        return int(self.sft_args.drop_fraction * self._converted[name][0][2].delta_indices.numel())
 
     def _set_support(self, name: str, idx: torch.Tensor, values: torch.Tensor) -> None:
         """Give converted tensor `name` the support `idx` with delta `values`: its layers (a tied
