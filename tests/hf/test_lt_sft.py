@@ -4,6 +4,7 @@ language and task SFTs, multi-source batches, and phase 2's O(K) layers."""
 import copy
 import math
 import os
+import re
 import warnings
 
 import pytest
@@ -1101,6 +1102,34 @@ def test_resuming_with_other_sft_arguments_is_refused_before_anything_changes(tm
         assert not resumed._masks
         for (n, p), q in zip(resumed.model.named_parameters(), tiny("bert").parameters()):
             assert torch.equal(p, q), n
+
+
+def test_resuming_with_other_sparse_phase_settings_is_refused_naming_them(tmp_path):
+    # a dynamic run's checkpoint was resumed by a static trainer, or one with another drop_fraction,
+    # and trained on the other way, silently
+    base = dict(ft_params_num=300, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=3)
+    dynamic = dict(reselection_steps=2, selection_accumulation_steps=1, drop_fraction=0.5)
+    first = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=DynamicSftArguments(
+        **base, **dynamic), args=_args(tmp_path, save_strategy="steps", save_steps=1))
+    first.train()
+    checkpoint = tmp_path / "sparse" / "checkpoint-1"
+    for sft_args, named in [
+            (SftArguments(**base), "dynamic = True (this trainer: False), reselection_steps = 2 (this trainer: None)"),
+            (DynamicSftArguments(**base, **{**dynamic, "drop_fraction": 0.1}),
+             "drop_fraction = 0.5 (this trainer: 0.1)"),
+            (DynamicSftArguments(**base, **dynamic, sparse_l1_reg=1.0), "sparse_l1_reg = 0.0 (this trainer: 1.0)")]:
+        resumed = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args,
+                                               args=_args(tmp_path / "again"))
+        with pytest.raises(ValueError, match=re.escape(named)):
+            resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert not resumed._masks
+        for (n, p), q in zip(resumed.model.named_parameters(), tiny("bert").parameters()):
+            assert torch.equal(p, q), n
+    os.remove(checkpoint / "sparse_phase.json")
+    resumed = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), args=_args(tmp_path / "again"),
+                                           sft_args=DynamicSftArguments(**base, **dynamic))
+    with pytest.raises(ValueError, match="holds no sparse_phase.json"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
 
 
 def test_resuming_on_another_base_model_is_refused_before_anything_changes(tmp_path):

@@ -71,6 +71,7 @@ optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but th
 Accelerate's FSDP plugin and DeepSpeed, which replace the parameters and optimizer it holds.
 """
 import contextlib
+import json
 import math
 import os
 import re
@@ -95,6 +96,8 @@ SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
 SFT_FILE = "sft.safetensors"
 """The SFT written into every checkpoint and by `save_model` (`SparseDiff.save` format)."""
+SPARSE_PHASE_FILE = "sparse_phase.json"
+"""Written beside the SFT: the settings its sparse phase ran with, which a resume must share."""
 
 
 @dataclass
@@ -589,10 +592,12 @@ class LotteryTicketSparseFineTuner(Trainer):
         `resume_from_checkpoint`: a sparse phase's checkpoint folder (`<output_dir>/sparse/
         checkpoint-N`, or `.../iteration-<i>/sparse/checkpoint-N`). The trainer must be built on
         the same base model and arguments (a checkpoint whose SFT has another size or touches
-        parameters that are not maskable here raises); the masks, deltas, heads, optimizer, scheduler, RNG
-        and data position come from the checkpoint, and training continues bit-exactly (then
-        runs any later rounds). Full-phase checkpoints cannot be resumed (the round's selection
-        would need the whole phase). With `DynamicSftArguments` a checkpoint inside a gradient
+        parameters that are not maskable here raises, and so does one whose sparse phase ran with
+        other settings: static or dynamic, reselection_steps, drop_fraction,
+        selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
+        heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
+        continues bit-exactly (then runs any later rounds). Full-phase checkpoints cannot be resumed
+        (the round's selection would need the whole phase). With `DynamicSftArguments` a checkpoint inside a gradient
         accumulation window loses the gradients accumulated before it."""
         if self._masks and resume_from_checkpoint is None:  # composable-sft clears its masks here; kept, they would add K more entries
             raise ValueError("LotteryTicketSparseFineTuner.train() ran already (its masks and θ0 are that run's): "
@@ -657,6 +662,18 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError(f"resume_from_checkpoint: {checkpoint}'s SFT has {sft.nnz} entries, but round {it} of these "
                              f"SftArguments has selected {expected} (K = {self._num_tunable}, n_ft_iterations = {n}): "
                              "build the trainer with the checkpoint's run's arguments")
+        path = os.path.join(checkpoint, SPARSE_PHASE_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no {SPARSE_PHASE_FILE}, the settings its "
+                             "sparse phase ran with (an older xlsparse did not write it); it cannot be resumed")
+        with open(path) as f:
+            saved = json.load(f)
+        mine = self._sparse_phase_settings()
+        differs = [f"{k} = {saved.get(k)!r} (this trainer: {v!r})" for k, v in mine.items() if saved.get(k) != v]
+        if differs:  # the resumed steps would train another run's way than the one that wrote the checkpoint
+            raise ValueError(f"resume_from_checkpoint: {checkpoint}'s run trained its sparse phase with "
+                             f"{', '.join(differs)}: build the trainer with the checkpoint's run's arguments "
+                             "(dynamic: DynamicSftArguments)")
         weights = _load_weights(checkpoint)
         # off the SFT's entries the checkpoint's maskable weights are its run's θ0
         _refuse_another_base(checkpoint, self.model, weights, {n: self._theta0[n] for n in self.maskable},
@@ -673,6 +690,16 @@ class LotteryTicketSparseFineTuner(Trainer):
                     raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no value for {name!r}")
         self._masks = masks
         return it, sft.deltas
+
+    def _sparse_phase_settings(self) -> dict:
+        """What decides a sparse phase's steps besides K and n_ft_iterations (checked from the SFT),
+        the base model and the data (`SPARSE_PHASE_FILE`)."""
+        a = self.sft_args
+        dynamic = isinstance(a, DynamicSftArguments)
+        reselection = {k: getattr(a, k) if dynamic else None
+                       for k in ("reselection_steps", "drop_fraction", "selection_accumulation_steps")}
+        return {"dynamic": dynamic, **reselection, "sparse_l1_reg": a.sparse_l1_reg,
+                "apply_reg_to_sparse_only": a.apply_reg_to_sparse_only}
 
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
         return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
@@ -1150,18 +1177,23 @@ class LotteryTicketSparseFineTuner(Trainer):
         the trained deltas themselves, `self.sft`; folding them into a bfloat16 model rounds them,
         so θ − θ0 would lose the small ones. During a sparse phase, the SFT as the model holds it.
         A full phase's checkpoints hold no SFT: the model has moved everywhere, and θ − θ0 on an
-        earlier round's masks would not be one."""
+        earlier round's masks would not be one. Beside the SFT, `sparse_phase.json` holds the
+        settings its sparse phase ran with, which a resume checks."""
         super().save_model(output_dir, _internal_call=_internal_call)
         if not self.args.should_save:
             return
         folder = output_dir if output_dir is not None else self.args.output_dir
-        path = os.path.join(folder, SFT_FILE)
+        paths = [os.path.join(folder, f) for f in (SFT_FILE, SPARSE_PHASE_FILE)]
         if self._masks and self._phase == "sparse":
             os.makedirs(folder, exist_ok=True)
             sft = self._sft_at_end if self._sft_at_end is not None and not self._converted else self.current_sft()
-            sft.save(path)
-        elif os.path.isfile(path):  # an earlier save's SFT in a reused folder would pass for this model's
-            os.remove(path)
+            sft.save(paths[0])
+            with open(paths[1], "w") as f:
+                json.dump(self._sparse_phase_settings(), f)
+        else:  # an earlier save's SFT in a reused folder would pass for this model's
+            for path in paths:
+                if os.path.isfile(path):
+                    os.remove(path)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """During a sparse phase the weights are saved folded (θ0 + Δ) under the model's own
