@@ -1080,6 +1080,40 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
 
 
+def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
+    # a checkpoint inside a gradient window lost the sums so far: resumed from checkpoint-2, 6 tensors
+    # ended on another support and the deltas differed by up to 0.0127
+    def trainer(out, **kw):
+        return LotteryTicketSparseFineTuner(
+            model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16),
+            args=_args(out, weight_decay=0.01, lr_scheduler_type="linear", **kw),
+            sft_args=DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2,
+                                         sparse_ft_max_steps_per_iteration=7, reselection_steps=3,
+                                         selection_accumulation_steps=2, drop_fraction=0.25))
+
+    whole = trainer(tmp_path, save_strategy="steps", save_steps=1)
+    whole.train()
+    # steps 2-3 and 5-6 sum gradients for the reselections after steps 3 and 6
+    sums = "reselection_gradients_0.safetensors"
+    windowed = [c for c in range(1, 8) if (tmp_path / "sparse" / f"checkpoint-{c}" / sums).is_file()]
+    assert windowed == [2, 5]
+    for c in range(1, 8):
+        resumed = trainer(tmp_path / f"again-{c}")
+        resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / f"checkpoint-{c}"))
+        a, b = whole.sft, resumed.sft
+        assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute), c
+        for n in a.deltas:
+            assert torch.equal(a.deltas[n].indices, b.deltas[n].indices), (c, n)
+            assert torch.equal(a.deltas[n].values, b.deltas[n].values), (c, n)
+        for n in a.absolute:
+            assert torch.equal(a.absolute[n], b.absolute[n]), (c, n)
+    # each process summed its own batches: another number of processes cannot continue the window
+    settings = tmp_path / "sparse" / "checkpoint-2" / "sparse_phase.json"
+    settings.write_text(settings.read_text().replace('"gradient_sums": 1', '"gradient_sums": 2'))
+    with pytest.raises(ValueError, match="resume it with 2 processes"):
+        trainer(tmp_path / "again").train(resume_from_checkpoint=str(settings.parent))
+
+
 def test_resuming_with_other_sft_arguments_is_refused_before_anything_changes(tmp_path):
     # Built with another K or n_ft_iterations, the resumed run trained on the checkpoint's support
     # and left an SFT of 150 or 300 entries where its K was 300 or 600

@@ -97,7 +97,11 @@ SOURCE_KEY = "_source"
 SFT_FILE = "sft.safetensors"
 """The SFT written into every checkpoint and by `save_model` (`SparseDiff.save` format)."""
 SPARSE_PHASE_FILE = "sparse_phase.json"
-"""Written beside the SFT: the settings its sparse phase ran with, which a resume must share."""
+"""Written beside the SFT: the settings its sparse phase ran with, which a resume must share, and
+how many processes saved gradient sums (`GRADIENT_SUMS_FILE`)."""
+GRADIENT_SUMS_FILE = "reselection_gradients_{}.safetensors"
+"""A dynamic sparse-phase checkpoint inside a gradient window: each process's sums so far (by
+process index; each process tapped its own batches)."""
 
 
 @dataclass
@@ -229,7 +233,8 @@ class _Reselection(TrainerCallback):
                 and state.global_step + 1 < state.max_steps:
             for name, layers in t._converted.items():
                 weight = layers[0][2].weight  # summed in float32 for a half-precision model: bf16 sums drop small steps
-                self.grads[name] = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
+                if name not in self.grads:  # a resumed window's sums so far come from the checkpoint (`_restore`)
+                    self.grads[name] = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
                 for _, _, layer in layers:
                     self.hooks.append(layer.register_forward_hook(
                         _gradient_tap(lambda name=name: self.pending.get(name, self.grads[name]), t._loss_scale)))
@@ -597,8 +602,9 @@ class LotteryTicketSparseFineTuner(Trainer):
         selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
         heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
         continues bit-exactly (then runs any later rounds). Full-phase checkpoints cannot be resumed
-        (the round's selection would need the whole phase). With `DynamicSftArguments` a checkpoint inside a gradient
-        accumulation window loses the gradients accumulated before it."""
+        (the round's selection would need the whole phase). With `DynamicSftArguments` a checkpoint
+        inside a gradient accumulation window holds the gradients summed so far, one file per
+        process, and is resumed with as many processes."""
         if self._masks and resume_from_checkpoint is None:  # composable-sft clears its masks here; kept, they would add K more entries
             raise ValueError("LotteryTicketSparseFineTuner.train() ran already (its masks and θ0 are that run's): "
                              "build a new trainer on the base model to train another SFT")
@@ -674,6 +680,20 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError(f"resume_from_checkpoint: {checkpoint}'s run trained its sparse phase with "
                              f"{', '.join(differs)}: build the trainer with the checkpoint's run's arguments "
                              "(dynamic: DynamicSftArguments)")
+        processes = saved["gradient_sums"]
+        if processes and processes != self.args.world_size:
+            raise ValueError(f"resume_from_checkpoint: {checkpoint} lies inside a reselection's gradient window, whose "
+                             f"sums each of its run's {processes} processes kept for its own batches; resume it with "
+                             f"{processes} processes (this run has {self.args.world_size})")
+        sums = {}
+        if processes:
+            from safetensors.torch import load_file
+
+            path = os.path.join(checkpoint, GRADIENT_SUMS_FILE.format(self.args.process_index))
+            if not os.path.isfile(path):
+                raise ValueError(f"resume_from_checkpoint: {checkpoint} lies inside a reselection's gradient window "
+                                 f"but holds no {os.path.basename(path)}, this process's sums so far")
+            sums = load_file(path)
         weights = _load_weights(checkpoint)
         # off the SFT's entries the checkpoint's maskable weights are its run's θ0
         _refuse_another_base(checkpoint, self.model, weights, {n: self._theta0[n] for n in self.maskable},
@@ -689,6 +709,8 @@ class LotteryTicketSparseFineTuner(Trainer):
                 elif name not in sft.deltas:
                     raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no value for {name!r}")
         self._masks = masks
+        if sums:
+            self._reselection.grads = {name: g.to(self._theta0[name].device) for name, g in sums.items()}
         return it, sft.deltas
 
     def _sparse_phase_settings(self) -> dict:
@@ -1178,18 +1200,28 @@ class LotteryTicketSparseFineTuner(Trainer):
         so θ − θ0 would lose the small ones. During a sparse phase, the SFT as the model holds it.
         A full phase's checkpoints hold no SFT: the model has moved everywhere, and θ − θ0 on an
         earlier round's masks would not be one. Beside the SFT, `sparse_phase.json` holds the
-        settings its sparse phase ran with, which a resume checks."""
+        settings its sparse phase ran with, which a resume checks; inside a dynamic phase's gradient
+        window each process also writes its gradient sums so far (`GRADIENT_SUMS_FILE`)."""
         super().save_model(output_dir, _internal_call=_internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
+        sums = self._reselection.grads if self._reselection is not None else {}
+        own = os.path.join(folder, GRADIENT_SUMS_FILE.format(self.args.process_index))
+        if sums:  # every process: each summed its own batches' gradients
+            from safetensors.torch import save_file
+
+            os.makedirs(folder, exist_ok=True)
+            save_file({name: g.detach().cpu() for name, g in sums.items()}, own)
+        elif os.path.isfile(own):
+            os.remove(own)
         if not self.args.should_save:
             return
-        folder = output_dir if output_dir is not None else self.args.output_dir
         paths = [os.path.join(folder, f) for f in (SFT_FILE, SPARSE_PHASE_FILE)]
         if self._masks and self._phase == "sparse":
             os.makedirs(folder, exist_ok=True)
             sft = self._sft_at_end if self._sft_at_end is not None and not self._converted else self.current_sft()
             sft.save(paths[0])
             with open(paths[1], "w") as f:
-                json.dump(self._sparse_phase_settings(), f)
+                json.dump({**self._sparse_phase_settings(), "gradient_sums": self.args.world_size if sums else 0}, f)
         else:  # an earlier save's SFT in a reused folder would pass for this model's
             for path in paths:
                 if os.path.isfile(path):
