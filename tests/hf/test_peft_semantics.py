@@ -406,8 +406,8 @@ def test_a_converted_model_deep_copies_and_pickles(tmp_path):
 def test_a_model_cast_after_convert_is_refused_with_the_reason():
     model, head = classifier("bert")
     hf.convert(model, density=0.1, modules_to_save=[head])
-    model.to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"torch.float32 -> torch.bfloat16.*changed dtype since convert"):
+    model.to(torch.float64)  # no cast of the values at convert is recorded for it
+    with pytest.raises(ValueError, match=r"torch.float32 -> torch.float64.*changed dtype since convert"):
         hf.extract_diff(model)
 
 
@@ -417,12 +417,60 @@ def test_a_subnetwork_model_cast_after_convert_is_refused_with_the_reason():
     g = torch.Generator().manual_seed(0)
     masks = {"de": {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.1
                     for n in hf.model.target_names(base)}}
-    model = hf.convert(base, kind="subnetwork", masks=masks).to(torch.bfloat16)
-    with pytest.raises(ValueError, match=r"disable: .*query.weight \(torch.float32 -> torch.bfloat16\) changed dtype"):
+    model = hf.convert(base, kind="subnetwork", masks=masks).to(torch.float64)
+    with pytest.raises(ValueError, match=r"disable: .*query.weight \(torch.float32 -> torch.float64\) changed dtype"):
         with hf.disable(model):
             pass
-    with pytest.raises(ValueError, match=r"torch.float32 -> torch.bfloat16.*changed dtype since convert"):
+    with pytest.raises(ValueError, match=r"torch.float32 -> torch.float64.*changed dtype since convert"):
         hf.extract_diff(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_down_after_convert_trains_saves_and_disables(dtype, tmp_path):
+    """PEFT's usual order (convert, then model.to(bfloat16)) refused every save: the base weights'
+    bits had changed. The casts of their values at convert are recorded, so the base must be
+    exactly the cast base, and a change after the cast is still refused."""
+    model, head = classifier("bert")
+    base = copy.deepcopy(model).to(dtype)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    model.to(dtype)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # what training changes: the deltas and the saved head
+        for p in (p for p in model.parameters() if p.requires_grad):
+            p += (0.05 * torch.randn(p.shape, generator=g)).to(dtype)
+    ids = batch()
+    with torch.no_grad():
+        trained = model(input_ids=ids).logits
+        with hf.disable(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=0, atol=0)
+    hf.save_pretrained(model, str(tmp_path / "saved"))
+    loaded = hf.from_pretrained(copy.deepcopy(base), str(tmp_path / "saved"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, rtol=0, atol=0)
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight[3, 0] += 1  # frozen: not in the diff
+    with pytest.raises(ValueError, match=r"word_embeddings.weight'\] changed since convert"):
+        hf.extract_diff(model)
+
+
+def test_a_subnetwork_model_cast_down_after_convert_extracts_its_diff():
+    base = tiny("bert")
+    g = torch.Generator().manual_seed(0)
+    masks = {"de": {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.1
+                    for n in hf.model.target_names(base)}}
+    plain = copy.deepcopy(base).to(torch.bfloat16)
+    model = hf.convert(base, kind="subnetwork", masks=masks).to(torch.bfloat16)
+    ids = batch()
+    with torch.no_grad():
+        for layer in (m for _, m in hf.model._converted(model, SubnetworkLinear)):
+            layer.weight[layer.trainable_mask()] += 0.5  # what training changes: the masked entries only
+        with hf.disable(model):
+            torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+        trained = model(input_ids=ids, language_ids=torch.zeros(ids.shape[0], dtype=torch.long)).logits
+    diff = hf.extract_diff(model)
+    diff.apply(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, trained, rtol=0, atol=0)
 
 
 def test_a_weight_with_other_strides_is_refused_by_merge_and_unloaded_by_merge_and_unload():

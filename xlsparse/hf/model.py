@@ -255,11 +255,35 @@ def _fingerprint(t: torch.Tensor) -> tuple:
     return (str(t.dtype), *fingerprint(t).tolist())
 
 
+# the casts of a float32 model after convert that the checks recognise (`model.to(torch.bfloat16)`,
+# PEFT's usual order): each frozen tensor must then be its value from convert cast, bit for bit
+_CASTS = (torch.bfloat16, torch.float16)
+
+
+def _remember_frozen(rec: "_Record", name: str, t: torch.Tensor) -> None:
+    """Record frozen tensor `name`: its fingerprint, and for a float32 one those of its casts."""
+    rec.frozen[name] = _fingerprint(t)
+    casts = [_fingerprint(t.to(d)) for d in _CASTS] if t.dtype == torch.float32 else []
+    rec.cast[name] = {fp[0]: fp for fp in casts}
+
+
+def _frozen_change(rec: "_Record", name: str, now: tuple) -> str | None:
+    """None when frozen tensor `name` (its fingerprint `now`) holds its value from convert, or that
+    value cast exactly; "cast" for a dtype whose cast was not recorded; "changed" otherwise."""
+    then = rec.frozen[name]
+    if now[0] != then[0]:
+        then = rec.cast.get(name, {}).get(now[0])
+        if then is None:
+            return "cast"
+    return None if now == then else "changed"
+
+
 @dataclass
 class _Record:
     """Private bookkeeping of `convert`, kept on the model as `_xlsparse_record`."""
 
     frozen: dict = field(default_factory=dict)  # name -> fingerprint of a tensor that must not change
+    cast: dict = field(default_factory=dict)  # name -> {dtype: fingerprint of its value at convert cast to it}
     saved_originals: dict = field(default_factory=dict)  # modules_to_save param name -> its value at convert
     subnet_base: dict = field(default_factory=dict)  # SubnetworkLinear name -> (union indices, base values)
     outside: set = field(default_factory=set)  # names a recipe trains and saves itself (`train_outside_diff`)
@@ -273,8 +297,8 @@ class _Record:
                                "copy stuck in the base state; copy it outside the block")
         return {k: v for k, v in self.__dict__.items() if k != "lock"}
 
-    def __setstate__(self, state):  # a record pickled before `outside` existed has none
-        self.__dict__.update({"outside": set(), **state}, lock=threading.Lock())
+    def __setstate__(self, state):  # a record pickled before `outside` or `cast` existed has none
+        self.__dict__.update({"outside": set(), "cast": {}, **state}, lock=threading.Lock())
 
 
 def _record(model: nn.Module) -> _Record:
@@ -810,7 +834,7 @@ def _remember(model: nn.Module, saved: list[str]) -> _Record:
     rec = _Record()
     with torch.no_grad():
         for name, t in _frozen_tensors(model, _trainable_names(model, saved)).items():
-            rec.frozen[name] = _fingerprint(t)
+            _remember_frozen(rec, name, t)
         for sname in saved:
             for n, p in model.get_submodule(sname).named_parameters():
                 rec.saved_originals[f"{sname}.{n}"] = p.detach().clone()
@@ -824,7 +848,7 @@ def _remember_subnet(rec: _Record, lname: str, layer: SubnetworkLinear, union: t
     """The entries of `layer` that the diff covers (`union`, flat and sorted) with their values at
     convert, and the fingerprint of the rest, which must not change."""
     rec.subnet_base[lname] = (union, base)
-    rec.frozen[f"{lname}.weight"] = _fingerprint(_subnet_weight_outside(layer, union))
+    _remember_frozen(rec, f"{lname}.weight", _subnet_weight_outside(layer, union))
 
 
 def _subnet_base(rec: _Record, lname: str, layer: SubnetworkLinear) -> tuple:
@@ -832,7 +856,7 @@ def _subnet_base(rec: _Record, lname: str, layer: SubnetworkLinear) -> tuple:
     layer's device now: the record stays where convert ran, and a model moved since (a Trainer
     moves it to the GPU) would mix devices."""
     union, base = rec.subnet_base[lname]
-    return union.to(layer.weight.device), base.to(layer.weight.device)
+    return union.to(layer.weight.device), base.to(device=layer.weight.device, dtype=layer.weight.dtype)
 
 
 def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dict:
@@ -841,11 +865,12 @@ def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dic
     layers = dict(_converted(model, SubnetworkLinear))
     for lname, layer in layers.items():
         now = _fingerprint(_subnet_weight_outside(layer, _subnet_base(rec, lname, layer)[0]))
-        then = rec.frozen[f"{lname}.weight"]
-        if now[0] != then[0]:  # a cast changes every bit too: say so, not that an optimizer strayed
-            raise ValueError(f"{what}: {lname}.weight ({then[0]} -> {now[0]}) changed dtype since convert, so nothing "
-                             "can tell a cast from training there; cast the model before convert")
-        if now != then:
+        change = _frozen_change(rec, f"{lname}.weight", now)
+        if change == "cast":  # a cast changes every bit too: say so, not that an optimizer strayed
+            raise ValueError(f"{what}: {lname}.weight ({rec.frozen[f'{lname}.weight'][0]} -> {now[0]}) changed dtype "
+                             f"since convert, so nothing can tell a cast from training there; cast the model before "
+                             f"convert (or from float32 to {' or '.join(map(str, _CASTS))} after it)")
+        if change == "changed":
             raise ValueError(f"{what}: {lname}.weight changed outside its subnetworks since convert, so its values from "
                              "convert there are lost; train it with an optimizer that keeps to the masks (MaskedAdamW; "
                              "a plain optimizer's weight decay or momentum moves every entry)")
@@ -873,6 +898,7 @@ def _restore_subnet_coverage(model: nn.Module, saved: dict) -> None:
         device = layers[n].weight.device
         rec.subnet_base[n] = (union.to(device), base.to(device=device, dtype=layers[n].weight.dtype))
         rec.frozen[f"{n}.weight"] = tuple(fp)
+        rec.cast.pop(f"{n}.weight", None)  # the checkpoint holds no casts of it
 
 
 def _grow_subnetworks(model: nn.Module, unions: dict) -> None:
@@ -911,6 +937,7 @@ def train_outside_diff(model: nn.Module, names) -> None:
         rec.outside.add(name)
         for alias in [name, *tied_parameters(model).get(name, [])]:
             rec.frozen.pop(alias, None)
+            rec.cast.pop(alias, None)
 
 
 def _converted(model: nn.Module, types=_CONVERTED):
@@ -1092,13 +1119,15 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
             now = _fingerprint(merged[name].base_weight())
         else:
             now = _fingerprint(named[name])
-        if now[0] != fp[0]:
+        change = _frozen_change(rec, name, now)
+        if change == "cast":
             cast.append(f"{name} ({fp[0]} -> {now[0]})")
-        elif now != fp:
+        elif change == "changed":
             changed.append(name)
     if cast:
         raise ValueError(f"{what}: {cast[:3]}{' ...' if len(cast) > 3 else ''} changed dtype since convert, so "
-                         "nothing can tell a cast from training there; cast the model before convert")
+                         "nothing can tell a cast from training there; cast the model before convert (or from "
+                         f"float32 to {' or '.join(map(str, _CASTS))} after it)")
     if changed:
         raise ValueError(f"{what}: {changed[:5]}{' ...' if len(changed) > 5 else ''} changed since convert but "
                          "are not part of the diff, so the diff would not reproduce the model. Keep them frozen, or "
