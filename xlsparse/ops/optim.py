@@ -237,10 +237,11 @@ def _multi_mask_weight_grad_backward(ctx, grad_dw):
     for lang in range(masks.shape[0]):
         tokens = order[off[lang]:off[lang + 1]]
         masked = torch.where(masks[lang], grad_dw, 0)
+        # index_add_: a token listed twice (a direct op call; the wrapper refuses it) counts twice, as in the forward
         if d_grad_out is not None:
-            d_grad_out[tokens] = input[tokens] @ masked.t()
+            d_grad_out.index_add_(0, tokens, (input[tokens] @ masked.t()).to(d_grad_out.dtype))
         if d_input is not None:
-            d_input[tokens] = grad_out[tokens] @ masked
+            d_input.index_add_(0, tokens, (grad_out[tokens] @ masked).to(d_input.dtype))
     return d_grad_out, d_input, None, None, None
 
 
