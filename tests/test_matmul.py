@@ -1408,6 +1408,25 @@ def _op_samples(dtype):
 
 
 @needs_ext
+def test_a_token_listed_twice_counts_twice_in_every_backend():
+    # the C++ kernels added it twice, the spmm_ reference once (its indexed write kept one of them)
+    gen = seeded(4)
+    x, dy = torch.randn(5, 4, generator=gen, dtype=torch.float64), torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    idx, vals, ti = torch.tensor([1, 6, 9]), torch.randn(3, generator=gen, dtype=torch.float64), torch.tensor([1, 1, 3])
+    delta = torch.zeros(12, dtype=torch.float64).index_put_((idx,), vals).view(3, 4)
+    want = torch.zeros(5, 3, dtype=torch.float64)
+    for t in ti.tolist():
+        want[t] += x[t] @ delta.t()
+    for spmm in (torch.ops.xlsparse.spmm_, ops.spmm_reference):
+        out = torch.zeros(5, 3, dtype=torch.float64)
+        spmm(out, x, idx, vals, ti, None, None, False)
+        torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    sddmm = sum(dy[t, idx // 4] * x[t, idx % 4] for t in ti.tolist())
+    for op in (torch.ops.xlsparse.sddmm, ops.sddmm_reference):
+        torch.testing.assert_close(op(dy, x, idx, ti, None, None), sddmm, rtol=0, atol=1e-12)
+
+
+@needs_ext
 def test_functional_ops_run_on_fake_tensors_with_the_real_shapes():
     # the data checks read fake tensors (FakeTensorMode, AOT tracing): DataDependentOutputException
     from torch._subclasses.fake_tensor import FakeTensorMode

@@ -102,6 +102,10 @@ def spmm_reference(out, x, indices, values, token_index=None, token_bounds=None,
     y = xs @ (delta if transpose else delta.T)
     # Only the output columns the delta reaches are written (and rounded), as in the kernels.
     cols = _reached_columns([indices], groups, xcols, transpose, x.device).nonzero().flatten()[None, :]
+    if sel is not None:  # a token listed twice adds twice, as in the kernels (and as SDDMM sums it twice)
+        summed = torch.zeros(x.shape[0], y.shape[1], dtype=acc, device=x.device).index_add_(0, sel, y)
+        sel = sel.unique()
+        y = summed[sel]
     rows = (torch.arange(x.shape[0], device=x.device) if sel is None else sel)[:, None]
     out[rows, cols] = (out[rows, cols].to(acc) + y[:, cols[0]]).to(out.dtype)
 
