@@ -204,8 +204,8 @@ def _entries(changed: dict) -> int:
 def _same_step(ours: dict, theirs: dict) -> None:
     """Raise unless the first steps changed the same entries by about the same amounts. A first AdamW step
     moves an entry by lr·g/(|g| + eps); the ways sum g in different orders, which shows most where |g| nears
-    eps (up to 1e-3 of lr at --quick size), so the tolerance is 1% of the largest change, lr; a wrong step
-    differs by up to 2·lr."""
+    eps (up to 1e-3 of lr at --quick size, 1.6e-2 at XLM-R-base size), so the tolerance is 10% of the largest
+    change, lr; a wrong step differs by up to 2·lr."""
     if ours.keys() != theirs.keys():
         raise ValueError(f"check lt-sft step: the ways train different parameters "
                          f"({sorted(ours.keys() ^ theirs.keys())})")
@@ -215,7 +215,7 @@ def _same_step(ours: dict, theirs: dict) -> None:
                              f"{theirs[n][0].numel()} the baseline's (in all {_entries(ours)} against "
                              f"{_entries(theirs)})")
     assert_same("lt-sft step", torch.cat([d for _, d in ours.values()]), torch.cat([theirs[n][1] for n in ours]),
-                rtol=1e-2)
+                rtol=0.1)
 
 
 def cases(quick: bool = False, device: str = "cpu"):
