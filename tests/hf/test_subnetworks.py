@@ -246,22 +246,30 @@ def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
     return outer
 
 
-@pytest.mark.parametrize("arch, converted", [("bert", False), ("bert", True), ("gpt2", True)])
-def test_fomaml_outer_gradient_and_step_match_plain_torch(arch, converted):
-    """The same step on a plain model and on one converted with kind="subnetwork" over the same
-    masks (whose layers train nothing unless each language's batches are routed; GPT-2's masks
-    stay in its Conv1D layout [in, out] while the converted weights are stored [out, in])."""
-    model = tiny(arch).eval()
+def _fomaml_setup(arch="bert", support_batches=2):
+    """A tiny model, its untouched twin, six target weights' names, two languages' random masks,
+    support batches and one query batch per language."""
+    model = tiny(arch)
     twin = copy.deepcopy(model)
     names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
     named = dict(model.named_parameters())
     g = torch.Generator().manual_seed(0)
     masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    support = {"de": _lm_batches(support_batches, 1), "fr": _lm_batches(support_batches, 2)}
+    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+    return model, twin, names, masks, support, query
+
+
+@pytest.mark.parametrize("arch, converted", [("bert", False), ("bert", True), ("gpt2", True)])
+def test_fomaml_outer_gradient_and_step_match_plain_torch(arch, converted):
+    """The same step on a plain model and on one converted with kind="subnetwork" over the same
+    masks (whose layers train nothing unless each language's batches are routed; GPT-2's masks
+    stay in its Conv1D layout [in, out] while the converted weights are stored [out, in])."""
+    model, twin, names, masks, support, query = _fomaml_setup(arch)
+    named = dict(model.named_parameters())
     if converted:
         hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
         named = dict(model.named_parameters())  # a converted Conv1D's weight is a new [out, in] parameter
-    support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}
-    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
     before = _own_layout(model, {n: p.detach().clone() for n, p in named.items()})
     opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2, weight_decay=0.1)
     losses = subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=3, outer_optimizer=opt)
@@ -292,14 +300,8 @@ def test_fomaml_outer_gradient_and_step_match_plain_torch(arch, converted):
 def test_fomaml_takes_udify_metalearnings_two_learning_rates_by_parameter_name():
     """udify-metalearning's inner SGD steps BERT at one lr and the decoder at another, and its
     outer Adam has meta_lr_bert and meta_lr_decoder: one lr for everything could not restate it."""
-    model = tiny("bert").eval()
-    twin = copy.deepcopy(model)
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
+    model, twin, names, masks, support, query = _fomaml_setup()
     named = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
-    support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}
-    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
     inner = {r"layer\.1\.": 0.5, r".": 0.05}
     outer_lr = {r"layer\.1\.": 1e-2, r".": 1e-3}
     opt = subnetworks.fomaml_optimizer(model, masks, lr=outer_lr)
@@ -1133,14 +1135,8 @@ def test_set_masks_keeps_the_optimizer_masks_of_the_other_parameters(mode):
 def test_fomaml_optimizer_defaults_to_udify_metalearnings_adam_without_weight_decay():
     """udify-metalearning's outer optimizer is torch.optim.Adam, no weight decay; fomaml_optimizer
     once kept AdamW's default 0.01, which decayed the subnetworks on every outer step."""
-    model = tiny("bert")
-    twin = copy.deepcopy(model)
-    names = [f"{n}.weight" for n in hf.model.target_names(model)][:6]
+    model, twin, names, masks, support, query = _fomaml_setup(support_batches=1)
     named = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
-    support = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
-    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
     subnetworks.fomaml_step(model, support, query, masks, 0.1, 1, subnetworks.fomaml_optimizer(model, masks, lr=1e-2))
     expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.1, inner_steps=1)
     twin_named = dict(twin.named_parameters())
