@@ -650,6 +650,36 @@ def test_adamw_continues_from_a_torch_adam_state_without_weight_decay(mode):
     _continue_from_torch(ref, theirs, lambda ours: MaskedAdamW(ours, [None] * len(ours), lr=0.05, mode=mode), 700)
 
 
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_sgd_momentum_turned_on_mid_run_starts_its_buffer_as_torch_does(mode):
+    """Momentum 0 for two steps, then 0.9 with dampening 0.5 (as OneCycleLR cycles it): torch starts
+    the buffer at the gradient; the step count had counted the momentum-0 steps, so the buffer
+    started at zero ((1 - d)·g: 0.103 off), and OneCycleLR on momentum=0 raised."""
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 6, generator=g) < 0.5
+    ours, theirs = p0.clone().requires_grad_(), p0.clone().requires_grad_()
+    opt = MaskedSGD([ours], [mask], lr=0.1, mode=mode)
+    ref = torch.optim.SGD([theirs], lr=0.1)
+    for step in range(5):
+        if step == 2:
+            for o in (opt, ref):
+                o.param_groups[0].update(momentum=0.9, dampening=0.5)
+        grad = torch.randn(4, 6, generator=g, dtype=torch.float64)
+        ours.grad, theirs.grad = grad.clone(), torch.where(mask, grad, 0)
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            theirs[~mask] = p0[~mask]
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-12)
+    opt = MaskedSGD([ours], [mask], lr=0.1, mode=mode)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=3)
+    ours.grad = torch.ones_like(ours)
+    opt.step()
+    scheduler.step()
+    assert opt.param_groups[0]["momentum"] > 0
+
+
 def test_sgd_update_masks_restarts_momentum_on_new_entries():
     p = torch.randn(30).requires_grad_()
     old = torch.arange(30) < 20

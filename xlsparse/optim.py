@@ -189,13 +189,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         p = _local(p)
         self._set_selector(state, selector)
-        n = p.numel() if selector is None or self.mode == "dense" else selector.numel()
         state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for key in self._state_keys(group):
-            state[key] = torch.zeros(n, dtype=p.dtype, device=p.device)
+            state[key] = torch.zeros(self._state_size(p, selector), dtype=p.dtype, device=p.device)
         if self._needs_init(group):
             flat = p.detach().reshape(-1)
             state["init"] = (flat if selector is None or self.mode == "dense" else flat[selector.long()]).clone()
+
+    def _state_size(self, p: torch.Tensor, selector) -> int:
+        """Entries of a per-entry state tensor of local tensor `p`: every entry, or the K selected (compact)."""
+        return p.numel() if selector is None or self.mode == "dense" else selector.numel()
 
     def _state_keys(self, group: dict) -> list[str]:
         return list(self._STATE_KEYS)
@@ -562,8 +565,10 @@ class MaskedSGD(_MaskedOptimizer):
     """SGD (optional momentum, dampening, Nesterov, weight decay) on the masked entries only.
 
     Meant for the inner loops of meta-learning over language subnetworks. Masks and modes as in
-    `MaskedAdamW`; the math on the selected entries is torch.optim.SGD's. A torch.optim.SGD state
-    (momentum buffers, no step count) loads and continues as torch's would.
+    `MaskedAdamW`; the math on the selected entries is torch.optim.SGD's, also when a group's
+    momentum changes between steps (OneCycleLR and CyclicLR cycle it): the step count counts the
+    steps taken with momentum, so the first of them starts the buffer at the gradient. A
+    torch.optim.SGD state (momentum buffers, no step count) loads and continues as torch's would.
     """
 
     def __init__(self, params: Iterable, masks, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
@@ -582,13 +587,18 @@ class MaskedSGD(_MaskedOptimizer):
         return ["momentum_buffer"] if group["momentum"] != 0 else []
 
     def _check_state(self, group: dict) -> None:
-        if group["momentum"] != 0 and any("momentum_buffer" not in self.state[p] for p in group["params"]
-                                          if p.grad is not None):
-            raise RuntimeError("momentum was turned on after construction: no momentum buffers exist")
+        if group["momentum"] != 0:  # turned on since construction: buffers start now, as torch's do
+            for p in group["params"]:
+                state = self.state[p]
+                if p.grad is not None and "momentum_buffer" not in state:
+                    n = self._state_size(_local(p), self._selector_of(p))
+                    state["momentum_buffer"] = torch.zeros(n, dtype=p.dtype, device=p.device)
 
     def _update(self, group: dict, params: list, device: torch.device) -> None:
         keys = self._state_keys(group)
         local, grads, selectors, steps, st = self._step_lists(params, keys)
+        if group["momentum"] == 0:  # the count is of momentum steps: a later first one must start the buffer
+            steps = [s.clone() for s in steps]
         grad_scale, found_inf = self._amp(device)
         optim_ops.masked_sgd_(
             local, grads, selectors, st.get("momentum_buffer", []), steps, lr=group["lr"],
