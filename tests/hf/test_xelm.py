@@ -938,6 +938,20 @@ def test_expert_trainer_decays_what_its_get_decay_parameter_names_names(tmp_path
         assert torch.equal(got.dense[n], t), n
 
 
+def test_cluster_experts_spread_each_language_over_the_whole_run(monkeypatch):
+    # a round-robin left the largest language alone at the end (en, sw, en, sw, en, en, en, en);
+    # X-ELM shuffles its cluster's documents, so each language runs through the whole run
+    seen = []
+    monkeypatch.setattr(xelm, "train_expert", lambda base, batches, **kw: seen.append([b["lang"] for b in batches]))
+    data = {"en": [{"lang": "en"}] * 6, "sw": [{"lang": "sw"}] * 2, "ja": [{"lang": "ja"}] * 3}
+    monkeypatch.setattr(xelm, "_check_language_batches", lambda *a: None)
+    xelm.train_cluster_experts(None, data, 2, clusters={"en": 0, "sw": 0, "ja": 1}, density=0.05)
+    position = {(lang, j): (j + 0.5) / len(data[lang]) for lang in ("en", "sw") for j in range(len(data[lang]))}
+    want = [lang for (lang, _), _ in sorted(position.items(), key=lambda kv: (kv[1], kv[0][0] == "sw"))]
+    assert seen == [want, ["ja"] * 3]
+    assert want == ["en", "en", "sw", "en", "en", "en", "sw", "en"]
+
+
 def test_cluster_experts_train_each_expert_on_its_cluster_only():
     base = tiny("llama")
     data = {lang: _lm_batches(1, i) for i, lang in enumerate(("en", "de", "ja", "ko"))}

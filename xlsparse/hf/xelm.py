@@ -617,8 +617,11 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
                           codes: Mapping[str, str] | None = None, clusters: Mapping[str, int] | None = None,
                           **train_kwargs) -> tuple[dict[str, SparseDiff], dict[str, list[str]]]:
     """X-ELM's branch-train step: cluster the languages, then train one expert per cluster on
-    the batches of its languages, interleaved round-robin (one batch of each language in turn),
-    so that no language comes last.
+    the batches of its languages, each once, spread evenly: language l's j-th of n_l batches at
+    (j + ½)/n_l of the run (ties in the order of `batches`). So every language runs through the
+    whole run in proportion to its data, as X-ELM's shuffle of its cluster's documents gives in
+    expectation (a round-robin left the largest language alone at the end: en, sw, en, sw, en, en,
+    en, en for 6 and 2 batches).
 
     `batches` {language: list of batches}; the clusters come from `codes` ({language: ISO
     639-3}, typological, via `cluster_languages`) or are given as `clusters` ({language:
@@ -646,8 +649,8 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
         if not langs:
             raise ValueError(f"train_cluster_experts: {name} has no language")
         queues = [list(batches[lang]) for lang in langs]
-        interleaved = [q[i] for i in range(max(len(q) for q in queues)) for q in queues if i < len(q)]
-        experts[name] = train_expert(base, interleaved, **train_kwargs)
+        spread = sorted(((j + 0.5) / len(q), i, j) for i, q in enumerate(queues) for j in range(len(q)))
+        experts[name] = train_expert(base, [queues[i][j] for _, i, j in spread], **train_kwargs)
     return experts, members
 
 
