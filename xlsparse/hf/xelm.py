@@ -842,6 +842,12 @@ def train_expert(base: nn.Module, batches: Iterable, k: int | None = None, densi
     (where the child starts training).
     `train_embeddings=True` also trains the input embedding (and an untied output head) densely;
     their changes come back as dense entries, which `ExpertEnsemble` routes per expert.
+
+    One pass over `batches` with AdamW at a constant `lr`, betas (0.9, 0.999), eps 1e-8, no weight
+    decay, no warmup and no clipping, in training mode (dropout as the model's config has it).
+    X-ELM trains with Adam, betas (0.9, 0.95), eps 1e-6, lr 2e-5 decaying to 0 and gradient clipping
+    at 1.0: `ExpertTrainer` takes those from its TrainingArguments (`adam_beta2=0.95,
+    adam_epsilon=1e-6, max_grad_norm=1.0, lr_scheduler_type="linear", warmup_steps=0`).
     """
     _check_batches("train_expert", "batches", batches)
     batches = list(batches)
