@@ -680,6 +680,34 @@ def test_sgd_momentum_turned_on_mid_run_starts_its_buffer_as_torch_does(mode):
     assert opt.param_groups[0]["momentum"] > 0
 
 
+@pytest.mark.parametrize("key", ["differentiable", "fused", "capturable"])
+def test_a_param_group_asking_for_a_torch_implementation_switch_is_refused(key):
+    # the constructor refuses them, but a group dict kept them and the step ignored them
+    p = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match=f"a param group has {key}=True"):
+        MaskedSGD([{"params": [p], key: True}], [None], lr=0.1)
+    opt = MaskedAdamW([p], [None], lr=0.1)
+    with pytest.raises(ValueError, match=f"a param group has {key}=True"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], key: True})
+
+
+def test_l1_to_init_anchor_survives_loading_a_torch_adamw_state():
+    # torch's load replaced the whole state: the anchor taken at construction was lost, and the next
+    # step raised "l1_to_init was turned on after construction"
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(5, generator=g)
+    theirs, ours, twin = (torch.nn.Parameter(w0.clone()) for _ in range(3))
+    ref = torch.optim.AdamW([theirs], lr=0.1)
+    theirs.grad = torch.randn(5, generator=g)
+    ref.step()
+    opt = MaskedAdamW([ours], [None], lr=0.1, l1_to_init=0.05)
+    fresh = MaskedAdamW([twin], [None], lr=0.1, l1_to_init=0.05)
+    opt.load_state_dict(ref.state_dict())
+    assert torch.equal(opt.state[ours]["init"], fresh.state[twin]["init"])
+    ours.grad = torch.randn(5, generator=g)
+    opt.step()
+
+
 def test_sgd_update_masks_restarts_momentum_on_new_entries():
     p = torch.randn(30).requires_grad_()
     old = torch.arange(30) < 20

@@ -84,6 +84,12 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         state keep any key, and the step would silently ignore it."""
         if group.get("maximize"):
             raise ValueError(f"{type(self).__name__} does not support maximize=True; negate the loss instead")
+        # torch's implementation switches: the constructor takes none of them, but a group dict kept
+        # them and the step ignored them (differentiable=True: the step is never differentiable)
+        for key in ("differentiable", "fused", "capturable"):
+            if group.get(key):
+                raise ValueError(f"{type(self).__name__}: a param group has {key}=True, which it does not support "
+                                 "(its steps are fused kernels, never differentiable)")
         if "mode" in group and group["mode"] != self.mode:  # the mode is the optimizer's: a group's would be ignored
             raise ValueError(f"{type(self).__name__}: a param group has mode={group['mode']!r}, but the mode is set for "
                              f"the whole optimizer (mode={self.mode!r}); use one optimizer per mode")
@@ -321,6 +327,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             raise ValueError(wrong_shard or "load_state_dict: another process of the mesh was handed the optimizer "
                              "state of a shard it does not hold (see its error); no process loads it")
         in_force = {p: self._selector_of(p) for p in self._all_params()}  # the masks given so far
+        # the l1_to_init anchors taken at construction: torch's load replaces the whole state, and a
+        # state saved by another optimizer (torch's AdamW) has none
+        anchors = {p: self.state[p]["init"] for p in self._all_params() if "init" in self.state.get(p, {})}
         kept = {}
         stripped = dict(state_dict, state={})
         for pid, st in state_dict["state"].items():
@@ -331,13 +340,13 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         before = {"state": self.state, "param_groups": self.param_groups}
         super().load_state_dict(stripped)
         try:
-            self._load_kept(state_dict, saved_ids, kept, in_force)
+            self._load_kept(state_dict, saved_ids, kept, in_force, anchors)
         except Exception:
             self.__setstate__(before)  # a refused state leaves the optimizer as it was (its lr included)
             raise
 
-    def _load_kept(self, state_dict: dict, saved_ids: list, kept: dict, in_force: dict) -> None:
-        """The second half of `load_state_dict`: the selectors and step counts, then the checks."""
+    def _load_kept(self, state_dict: dict, saved_ids: list, kept: dict, in_force: dict, anchors: dict) -> None:
+        """The second half of `load_state_dict`: the selectors, step counts and missing anchors, then the checks."""
         for group in self.param_groups:  # a state saved by another optimizer lacks our keys
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -352,6 +361,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if not any(k in loaded for k in _SELECTOR_KEYS):
                 # Another optimizer's state (torch's AdamW, say) must not make every entry train.
                 self._set_selector(state, in_force[p])
+                if "init" not in state and p in anchors:
+                    state["init"] = anchors[p]
         self._check_loaded_state()
 
     def _check_loaded_state(self) -> None:
