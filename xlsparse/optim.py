@@ -296,8 +296,10 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 
         A param's saved selector wins over the masks given so far, "every entry" (None) included. A
         param whose saved state has no selector key at all (saved by torch's AdamW or SGD, say)
-        keeps the masks given so far. A group that `add_param_group` would refuse raises ValueError
-        before anything changes."""
+        keeps the masks given so far (and the `l1_to_init` anchors taken at construction). A group
+        that `add_param_group` would refuse raises ValueError before anything changes. The other
+        way is not supported: this optimizer's state (flat, with its masks) does not load into
+        torch's AdamW or SGD."""
         for group in state_dict["param_groups"]:
             self._check_group({**self.defaults, **group})
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
