@@ -880,7 +880,9 @@ class ExpertTrainer(Trainer):
     the Trainer's lr, betas, eps and weight decay. After `train()`, `expert()` returns the
     SparseDiff for `ExpertEnsemble`. `resume_from_checkpoint` refuses, before loading anything, a
     checkpoint of a run on another base model: its frozen weights, or the base of its dense parts
-    (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's.
+    (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's. The
+    checkpoint's support and values replace the ones `k`/`density`/`init` gave (a support of
+    another size is refused; one of the same size from another `init` is the checkpoint's run's).
     Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
     launch` with either) are refused with a ValueError at construction: the optimizer and
     `expert()` hold the parameters they replace. `TrainingArguments.torch_compile` compiles the
