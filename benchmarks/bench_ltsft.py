@@ -21,6 +21,7 @@ dense-masked step does.
 """
 import argparse
 import contextlib
+import gc
 import tempfile
 from typing import Callable, NamedTuple
 
@@ -229,7 +230,8 @@ def cases(quick: bool = False, device: str = "cpu"):
     for density in DENSITIES:
         for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
                             ("dense grads + compact MaskedAdamW", _compact_only)):
-            live.clear()  # the previous row's models go before the next are built
+            live.clear()  # the previous row's models go before the next are built; the trainer holds
+            gc.collect()  # reference cycles, so its model (1 GB plus θ0) lived on until a collection ran
             live["delta"] = _delta(cfg, shape, density, device)
             live["base"] = build(cfg, shape, density, device)
             ours, theirs = _one_step(live["delta"]), _one_step(live["base"])
@@ -251,6 +253,7 @@ def cases(quick: bool = False, device: str = "cpu"):
                        check=lambda ours=ours, theirs=theirs: _same_step(ours, theirs),
                        pairs=3)  # a step takes about 30 s at full size
     live.clear()
+    gc.collect()
 
 
 def main() -> None:
