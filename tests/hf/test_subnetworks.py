@@ -1220,6 +1220,25 @@ def test_fomaml_step_checks_its_batches_before_any_inner_step():
     assert all(torch.equal(p, before[n]) for n, p in named.items())
 
 
+def test_meta_learning_refuses_a_language_whose_masks_open_no_entry():
+    """fomaml_step failed inside torch's optimizer ("optimizer got an empty parameter list", naming
+    no language) for a language whose masks are all False; reptile_step took it, trained nothing
+    and counted it in the mean. Both now name the language before any step."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones(named[n].shape, dtype=torch.bool) for n in names},
+             "fr": {n: torch.zeros(named[n].shape, dtype=torch.bool) for n in names}}
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    batch = _lm_batches(1, 1)[0]
+    with pytest.raises(ValueError, match=r"fomaml_step: the masks of languages \['fr'\] open no entry"):
+        subnetworks.fomaml_step(model, {"de": batch, "fr": batch}, {"de": batch, "fr": batch}, masks, 0.1, 1, opt)
+    with pytest.raises(ValueError, match=r"reptile_step: the masks of languages \['fr'\] open no entry"):
+        subnetworks.reptile_step(model, {"de": batch, "fr": batch}, masks)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+
+
 def test_meta_learning_leaves_the_model_as_it_was_when_a_step_fails():
     """A frozen parameter named in fomaml_step's masks once failed (a RuntimeError naming nothing)
     at the query gradient, after the inner steps had moved the other masked weights; a batch whose

@@ -256,6 +256,15 @@ def _check_routed(model: nn.Module, stored: Mapping[str, Mapping[str, torch.Tens
                                  "never train: pass the layers' masks, or give them these with set_masks first")
 
 
+def _refuse_empty_subnetworks(op: str, stored: Mapping) -> None:
+    """A language whose masks open no entry would train nothing, yet count in the meta-update's
+    mean (fomaml_step failed inside torch's optimizer: "empty parameter list")."""
+    empty = [lang for lang, masks in stored.items() if not any(bool(m.any()) for m in masks.values())]
+    if empty:
+        raise ValueError(f"{op}: the masks of languages {empty} open no entry (nor name a modules_to_save "
+                         "parameter), so their inner steps would train nothing")
+
+
 @accepts_compiled
 def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mapping[str, Mapping[str, torch.Tensor]],
                  inner_lr: float = 1e-3, outer_lr: float = 0.5, inner_steps: int = 1, loss_fn: Callable | None = None,
@@ -265,8 +274,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     For each language, starting from the current θ, `inner_steps` MaskedSGD steps update only
     that language's subnetwork (`masks[lang]`: {parameter name: BoolTensor} in the model's own
     layout, as `structured_masks` and `select_masks` give them; parameters absent from it stay
-    fixed, but for convert's `modules_to_save`, which train whole). Then
-    θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken from an
+    fixed, but for convert's `modules_to_save`, which train whole; masks that open no entry are
+    refused). Then θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken from an
     iterator (one batch, or fewer than `inner_steps`, are cycled, as in `fomaml_step`); a list of
     more than `inner_steps` is refused. Returns each language's last inner loss. The model's
     train/eval mode is the caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
@@ -284,6 +293,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     if empty:
         raise ValueError(f"reptile_step: batches for languages {empty} are empty")
     stored = {lang: _stored_masks(model, masks[lang], "reptile_step", lang, trainable=True) for lang in batches}
+    _refuse_empty_subnetworks("reptile_step", stored)
     _refuse_max_norm(model, "reptile_step")
     _check_routed(model, stored, "reptile_step")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -557,13 +567,14 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     For each language l of `support` ({language: batch or list of batches}) and `query`
     ({language: batch}): starting from θ, `inner_steps` masked SGD steps (lr `inner_lr`, or
     {regex: lr} by parameter name, first match: udify-metalearning's inner loop takes one lr for
-    BERT and another for the decoder) on the support batches change only `masks[l]` ({parameter name: BoolTensor} in the model's own
-    layout, naming parameters that require grad; parameters it does not name stay fixed, but for
-    convert's `modules_to_save`, which train whole); the gradient of the query loss at the adapted
-    θ'_l, masked to `masks[l]`, is the language's outer gradient; θ is restored. The outer
-    gradient is the mean over the languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW over the
-    union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the subnetworks
-    moves, weight decay included) takes one step. On a converted model each language's batches
+    BERT and another for the decoder) on the support batches change only `masks[l]` ({parameter
+    name: BoolTensor} in the model's own layout, naming parameters that require grad; parameters
+    it does not name stay fixed, but for convert's `modules_to_save`, which train whole; masks
+    that open no entry are refused); the gradient of the query loss at the adapted θ'_l, masked
+    to `masks[l]`, is the language's outer gradient; θ is restored. The outer gradient is the
+    mean over the languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW
+    over the union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the
+    subnetworks moves, weight decay included) takes one step. On a converted model each language's batches
     are routed to it. A step that fails leaves θ as it was. Returns each language's query loss
     at θ'_l. Support batches fewer than `inner_steps` are cycled (udify-metalearning reuses one
     support batch for every inner step); more are refused. The model's train/eval mode is the
@@ -594,6 +605,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     # trainable=True: a frozen parameter gets no gradient, so the query gradient would fail only
     # after the inner steps had moved the weights (as reptile_step, refused before any step)
     stored = {lang: _stored_masks(model, masks[lang], "fomaml_step", lang, trainable=True) for lang in support}
+    _refuse_empty_subnetworks("fomaml_step", stored)
     _refuse_max_norm(model, "fomaml_step")
     _check_routed(model, stored, "fomaml_step")
     named = dict(model.named_parameters())
@@ -606,7 +618,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
         params = [named[n] for n in lang_masks]
         start = [p.detach().clone() for p in params]
         groups = _groups_by_lr([{"params": params}], {named[n]: lrs[n] for n in lang_masks})
-        inner = MaskedSGD(groups, {named[n]: m for n, m in lang_masks.items()}, lr=groups[0]["lr"] if groups else 1e-3)
+        inner = MaskedSGD(groups, {named[n]: m for n, m in lang_masks.items()}, lr=groups[0]["lr"])
         batches = _as_list(support[lang])
         try:  # θ is restored even when a forward fails after the inner steps moved it
             for step in range(inner_steps):
