@@ -219,8 +219,8 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         # so on the CPU the K values are compared every forward: 2·K·4 bytes against the O·I·4 of
         # the product (2% at 1%); on a GPU that read would be a host sync per layer, so an unchanged
         # version and storage are taken as an unchanged Δ there
-        unchanged = not now.is_inference() and (now._version, now.data_ptr()) == self._merged_version
-        if unchanged and now.device.type != "cpu":
+        if now.device.type != "cpu" and not now.is_inference() \
+                and (now._version, now.data_ptr()) == self._merged_version:
             return False
         return not bool(self._merge_current())
 

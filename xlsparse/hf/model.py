@@ -269,6 +269,12 @@ def _remember_frozen(rec: "_Record", name: str, t: torch.Tensor) -> None:
     rec.cast[name] = {fp[0]: fp for fp in casts}
 
 
+def _cast_error(what: str, names: str) -> ValueError:
+    """The error for frozen tensors `names` cast since convert to a dtype whose cast was not recorded."""
+    return ValueError(f"{what}: {names} changed dtype since convert, so nothing can tell a cast from training there; "
+                      f"cast the model before convert (or from float32 to {' or '.join(map(str, _CASTS))} after it)")
+
+
 def _frozen_change(rec: "_Record", name: str, now: tuple) -> str | None:
     """None when frozen tensor `name` (its fingerprint `now`) holds its value from convert, or that
     value cast exactly; "cast" for a dtype whose cast was not recorded; "changed" otherwise."""
@@ -869,9 +875,7 @@ def _subnets_unchanged_outside(model: nn.Module, rec: _Record, what: str) -> dic
         now = _fingerprint(_subnet_weight_outside(layer, _subnet_base(rec, lname, layer)[0]))
         change = _frozen_change(rec, f"{lname}.weight", now)
         if change == "cast":  # a cast changes every bit too: say so, not that an optimizer strayed
-            raise ValueError(f"{what}: {lname}.weight ({rec.frozen[f'{lname}.weight'][0]} -> {now[0]}) changed dtype "
-                             f"since convert, so nothing can tell a cast from training there; cast the model before "
-                             f"convert (or from float32 to {' or '.join(map(str, _CASTS))} after it)")
+            raise _cast_error(what, f"{lname}.weight ({rec.frozen[f'{lname}.weight'][0]} -> {now[0]})")
         if change == "changed":
             raise ValueError(f"{what}: {lname}.weight changed outside its subnetworks since convert, so its values from "
                              "convert there are lost; train it with an optimizer that keeps to the masks (MaskedAdamW; "
@@ -1127,9 +1131,7 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
         elif change == "changed":
             changed.append(name)
     if cast:
-        raise ValueError(f"{what}: {cast[:3]}{' ...' if len(cast) > 3 else ''} changed dtype since convert, so "
-                         "nothing can tell a cast from training there; cast the model before convert (or from "
-                         f"float32 to {' or '.join(map(str, _CASTS))} after it)")
+        raise _cast_error(what, f"{cast[:3]}{' ...' if len(cast) > 3 else ''}")
     if changed:
         raise ValueError(f"{what}: {changed[:5]}{' ...' if len(changed) > 5 else ''} changed since convert but "
                          "are not part of the diff, so the diff would not reproduce the model. Keep them frozen, or "
