@@ -109,7 +109,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         path = harness.save(name, rows, machine, before, after, load, args.out)
         print(f"<!-- {name}: {len(rows)} rows written to {path} -->", file=sys.stderr)
         all_rows += rows
-    lines += ["", "### targets (issue 14)", ""] + harness.format_targets(all_rows, args.quick)
+    lines += ["", "### targets (issues 12 and 14)", ""] + harness.format_targets(all_rows, args.quick)
     print("\n".join(lines), flush=True)
     if plot_path:
         plot = importlib.import_module("xlsparse.benchmarks.plot")
