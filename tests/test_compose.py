@@ -744,6 +744,41 @@ def test_apply_diffs_wider_than_the_model_round_once(backend, dtype, values_dtyp
         assert_bit_identical(model["b"], p0, "after revert")
 
 
+def test_apply_of_wider_values_to_a_model_made_under_inference_mode_and_a_failed_call_writes_nothing(monkeypatch):
+    """A model made under torch.inference_mode takes float64 values on float32 tensors (the wide
+    path) as it takes float32 ones: indexing in place raised there, after apply_diffs_ had written
+    the float32 entries of the call, which the failed apply left in the model. A call that fails
+    half way is restored whole."""
+    import xlsparse.diff as xdiff
+
+    with torch.inference_mode():
+        model = _model(0)
+    before = _params(model)
+    idx = torch.tensor([0, 5, 40])
+    v32, v64 = torch.randn(3), torch.randn(3, dtype=torch.float64)
+    diff = SparseDiff({"0.weight": SparseDelta(idx, v32, (9, 17)), "2.weight": SparseDelta(idx[:2], v64[:2], (3, 9))})
+    handle = diff.apply(model)
+    for name, d in diff.deltas.items():
+        want = before[name].double().view(-1).index_add(0, d.indices.long(), d.values.double()).float()
+        assert torch.equal(_params(model)[name].view(-1), want), name
+    handle.revert()
+    for name, t in _params(model).items():
+        assert_bit_identical(t, before[name], name)
+
+    real, writes = xdiff._ops.restore_diffs_, []
+
+    def fail_once(*args):  # the wide write, after apply_diffs_ wrote 0.weight; the restore then runs
+        writes.append(args)
+        if len(writes) == 1:
+            raise MemoryError("out of memory")
+        return real(*args)
+    monkeypatch.setattr(xdiff._ops, "restore_diffs_", fail_once)
+    with pytest.raises(MemoryError):
+        diff.apply(model)
+    for name, t in _params(model).items():
+        assert_bit_identical(t, before[name], f"{name} after a failed apply")
+
+
 def test_apply_to_half_precision_tied_names_and_offloaded_tensors():
     """Two names over one storage (a state dict of tied weights) are one tensor for the float32
     path too: its revert was not bit-exact, or failed half way. A tensor on the meta device

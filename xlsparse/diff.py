@@ -395,28 +395,36 @@ class _FusedCall:
         on a float32 one) instead has its entries merged in the wider dtype (at least float32,
         alphas applied), added to the old values there and stored once, here: rounding each value
         to the tensor's dtype first lost diffs that nearly cancel (0.001 where the float32 sum is
-        0.0049; float16 1.0039 - 1.0 gave 0 on bfloat16). The merges run before anything is written."""
+        0.0049; float16 1.0039 - 1.0 gave 0 on bfloat16). The merges run before anything is written.
+        `indices`, `target` and `saved` list what is written at every point, so that `apply` restores
+        a call that fails half way (an inference tensor refused the wide write after apply_diffs_
+        had written the other tensors, which stayed changed)."""
+        indices, values, target, alphas = self.indices, self.values, self.target, self.alphas
+        self.indices, self.target, self.saved = [], [], []
         wide = {}
-        for t in {t for e, t in enumerate(self.target) if not _holds_exactly(self.dense[t].dtype, self.values[e].dtype)
+        for t in {t for e, t in enumerate(target) if not _holds_exactly(self.dense[t].dtype, values[e].dtype)
                   and self.dense[t].device.type != "meta"}:  # meta: no data
-            g = [e for e, target in enumerate(self.target) if target == t]
+            g = [e for e, at in enumerate(target) if at == t]
             acc = torch.promote_types(torch.float32, self.dense[t].dtype)
             for e in g:
-                acc = torch.promote_types(acc, self.values[e].dtype)
-            wide[t] = _ops.merge_deltas([self.indices[e].long() for e in g], [self.values[e].to(acc) for e in g],
-                                        [self.alphas[e] for e in g], self.dense[t].numel())
-        keep = [e for e, t in enumerate(self.target) if t not in wide]
-        self.indices, self.target = [self.indices[e] for e in keep], [self.target[e] for e in keep]
-        values = [self.values[e].to(self.dense[self.target[i]].dtype) for i, e in enumerate(keep)]
-        alphas = [self.alphas[e] for e in keep]
-        self.saved = _ops.apply_diffs_(self.dense, self.indices, values, self.target, alphas) if keep else []
-        for t, (idx, val) in wide.items():
-            flat = self.dense[t].view(-1)
-            old = flat[idx]
-            flat[idx] = (old.to(val.dtype) + val).to(flat.dtype)
-            self.indices.append(idx)
-            self.saved.append(old)
-            self.target.append(t)
+                acc = torch.promote_types(acc, values[e].dtype)
+            wide[t] = _ops.merge_deltas([indices[e].long() for e in g], [values[e].to(acc) for e in g],
+                                        [alphas[e] for e in g], self.dense[t].numel())
+        keep = [e for e, t in enumerate(target) if t not in wide]
+        if keep:
+            kept_indices, kept_target = [indices[e] for e in keep], [target[e] for e in keep]
+            kept_values = [values[e].to(self.dense[target[e]].dtype) for e in keep]
+            self.saved = _ops.apply_diffs_(self.dense, kept_indices, kept_values, kept_target, [alphas[e] for e in keep])
+            self.indices, self.target = kept_indices, kept_target
+        if wide:
+            old = [self.dense[t].view(-1)[idx] for t, (idx, _) in wide.items()]
+            new = [(o.to(val.dtype) + val).to(o.dtype) for o, (_, val) in zip(old, wide.values())]
+            # stored by restore_diffs_, which writes given values as apply_diffs_ does (into a model
+            # loaded under torch.inference_mode too, where indexing in place raised)
+            _ops.restore_diffs_(self.dense, [idx for idx, _ in wide.values()], new, list(wide))
+            self.indices += [idx for idx, _ in wide.values()]
+            self.saved += old
+            self.target += list(wide)
 
 
 def _holds_exactly(dtype: torch.dtype, values: torch.dtype) -> bool:
@@ -506,8 +514,8 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
         handle = ApplyHandle(changed.values(), [], originals, model)
         try:
             for call in calls:
+                handle._calls.append(call)  # before it runs: what it wrote before failing is restored too
                 call.run()
-                handle._calls.append(call)
             # Dense entries too are summed in the accumulation dtype and stored once.
             parts = {}  # storage key (tied names: one tensor) -> (tensor, [(dense entry, alpha)])
             for diff, alpha in zip(diffs, alphas):
