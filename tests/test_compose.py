@@ -969,6 +969,30 @@ def test_apply_rounds_once_where_a_sparse_and_a_dense_entry_meet(dtype):
         assert_bit_identical(model["w"], base, "w after revert")
 
 
+def test_apply_reads_diff_tensors_that_view_the_model_as_they_were_before_the_call():
+    """A dense, absolute or delta tensor of a diff that views a tensor the same apply writes is read
+    as it was before the call: read after the sparse writes, absolute={"b": a} copied the changed a."""
+    gen = torch.Generator().manual_seed(3)
+    model = {"a": torch.randn(3, 4, generator=gen), "b": torch.randn(3, 4, generator=gen)}
+    a0, b0 = model["a"].clone(), model["b"].clone()
+    idx = torch.tensor([0, 5])
+    bump = SparseDelta(idx, torch.tensor([100.0, -100.0]), (3, 4))
+    ones = torch.ones(3, 4)
+    folded = b0 + ones.view(-1).index_add(0, idx, a0.view(-1)[:2]).view(3, 4)
+    for diffs, want in [
+        ([SparseDiff({"a": bump}, absolute={"b": model["a"]})], a0),
+        ([SparseDiff({"a": bump}, dense={"b": model["a"]})], b0 + a0),
+        # a delta folded into a dense entry of its tensor
+        ([SparseDiff({"a": bump, "b": SparseDelta(idx, model["a"].view(-1)[:2], (3, 4))}), SparseDiff(dense={"b": ones})],
+         folded),
+    ]:
+        handle = xlsparse.apply(diffs, model)
+        assert torch.equal(model["b"], want)
+        handle.revert()
+        assert_bit_identical(model["a"], a0, "a after revert")
+        assert_bit_identical(model["b"], b0, "b after revert")
+
+
 def test_apply_rejects_unknown_or_misshaped_parameter():
     model = _model(0)
     with pytest.raises(KeyError, match="diff 0.*'enc.w'"):

@@ -488,6 +488,10 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     # each named tensor's storage key once (a language + task diff on XLM-R asked ~1000 times: 2 ms)
     keys = {n: _storage_key(named[n]) for d in diffs if isinstance(d, SparseDiff)
             for n in (*d.deltas, *d.dense, *d.absolute) if n in named}
+    # a diff's tensor that views one this apply writes (absolute={"b": model.a.detach()}) is read as it
+    # was before the call: read after the sparse writes, b got the changed a
+    written = checks.memory_keys(named[n] for n in keys)
+    diffs = [_unaliased(d, written) if isinstance(d, SparseDiff) else d for d in diffs]
     for i, (diff, alpha) in enumerate(zip(diffs, alphas)):
         what = f"apply: diff {i}"
         if not isinstance(diff, SparseDiff):
@@ -549,6 +553,16 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             raise
     _remember_apply(handle, keys)
     return handle
+
+
+def _unaliased(diff: "SparseDiff", written: set) -> "SparseDiff":
+    """`diff` with a copy of each of its tensors that shares memory with `written` (`checks.memory_keys`)."""
+    if not written:
+        return diff
+    return SparseDiff._trusted(
+        {n: SparseDelta._trusted(d.indices, checks.unaliased(written, d.values), d.shape) for n, d in diff.deltas.items()},
+        {n: checks.unaliased(written, t) for n, t in diff.dense.items()},
+        {n: checks.unaliased(written, t) for n, t in diff.absolute.items()}, diff.base_model)
 
 
 class ConvertedLayer:
