@@ -1360,6 +1360,11 @@ def test_composable_sft_file_written_under_numpy_1(tmp_path):
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1, 3], "values": torch.randn(2)}}}, "outside"),
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1], "values": torch.randn(2)}}}, "one entry per index step"),
     ({"weights": {}}, "expected a dict with keys"),
+    # read as int64, a float or bool step was truncated to another index, silently
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [0.5, 1.7], "values": torch.randn(2)}}}, "integers"),
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": torch.tensor([0.0, 2.0]), "values": torch.randn(2)}}},
+     "integers"),
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": torch.tensor([True]), "values": torch.randn(1)}}}, "integers"),
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1], "values": torch.randn(1)}},
       "abs": {"w": torch.randn(4)}}, r"parameters \['w'\] appear in more than one"),
 ])

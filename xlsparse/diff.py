@@ -1477,9 +1477,13 @@ def _decode_composable_sft(what: str, name, enc) -> "SparseDelta":
     if numel >= 2**63:
         raise ValueError(f"{what}: size {shape} has more elements than int64 can index")
     try:
-        steps = torch.as_tensor(enc["index_steps"], dtype=torch.int64).reshape(-1)
+        steps = torch.as_tensor(enc["index_steps"]).reshape(-1)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise ValueError(f"{what}: index_steps must be int64 numbers: {exc}") from exc
+    # read as int64 directly, a step of 1.7 became 1 and True 1: another index, silently ([] is float32)
+    if steps.numel() and (steps.dtype.is_floating_point or steps.dtype.is_complex or steps.dtype == torch.bool):
+        raise ValueError(f"{what}: index_steps must be integers, got {steps.dtype}")
+    steps = steps.to(torch.int64)
     values = enc["values"]
     if not isinstance(values, torch.Tensor) or values.dim() != 1 or values.numel() != steps.numel():
         raise ValueError(f"{what}: values must be a 1-D tensor with one entry per index step")
