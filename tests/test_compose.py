@@ -390,6 +390,11 @@ def test_topk_masks_bad_input(backend, use_backend):
         topk_masks([torch.randn(3), torch.tensor([1.0, float("nan")])], 2)
     with pytest.raises(TypeError, match="one floating dtype"):
         topk_masks([torch.randn(3), torch.randn(2).double()], 2)
+    # a lone tensor iterated as its rows: one mask per row, silently
+    with pytest.raises(TypeError, match="tensors must be a list of tensors"):
+        topk_masks(torch.randn(3, 4), 2)
+    with pytest.raises(TypeError, match="tensors must be a list of tensors"):
+        topk_mask(torch.randn(3, 4), 2)
 
 
 def test_topk_mask_refuses_an_integer_or_bool_tensor_beside_a_float_one():

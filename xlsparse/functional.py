@@ -15,6 +15,7 @@ def topk_mask(tensors: list, k: int) -> list[torch.Tensor]:
     first. Tensors of mixed float dtypes are compared in their promoted dtype. Masks carry no
     gradient. NaN raises ValueError; k outside [0, total] raises ValueError.
     """
+    _checks.tensor_list("topk_mask", "tensors", tensors)
     tensors = [t.detach() for t in tensors]
     for i, t in enumerate(tensors):  # before any promotion: an int or bool tensor would become float silently
         _checks.float_dtype("topk_mask", f"tensors[{i}]", t)

@@ -80,6 +80,13 @@ def is_whole(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+def tensor_list(op: str, name: str, v) -> None:
+    """A list of tensors is not one tensor: iterated, a tensor gave its rows, one "tensor" each
+    (topk_mask(w, k) returned a mask per row of w, and topk_mask(w, k)[0] the first row's)."""
+    if isinstance(v, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a list of tensors, got a tensor; pass [t] for one tensor")
+
+
 def finite(op: str, **scalars) -> None:
     """Hyperparameters and scale factors must be finite numbers (`is_real`, or a one-element
     tensor that is not bool); the message names the argument."""

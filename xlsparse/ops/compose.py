@@ -220,6 +220,7 @@ def topk_masks(tensors: list, k: int) -> list[torch.Tensor]:
     exactly (a full radix select, one more pass, when over 4M entries share them). On CUDA: 8-bit
     radix passes. NaN raises ValueError.
     """
+    checks.tensor_list("topk_masks", "tensors", tensors)
     tensors, k = list(tensors), checks.count("topk_masks", "k", k)
     checks.topk("topk_masks", tensors, k)
     if not tensors:
