@@ -1,6 +1,7 @@
 """`xlsparse demo`: the command line (fast) and every demo end to end with --quick (slow; CI runs
 it). The smoke run checks the pipeline — files written, numbers finite, SFT sizes as requested —
 and never that an effect appears."""
+import contextlib
 import copy
 import json
 import math
@@ -232,3 +233,50 @@ def test_continual_mean_loss_where_worse_leaves_out_seeds_where_none_got_worse()
     assert continual.where_worse([0.02, None, 0.04]) == "0.030 ± 0.014 (2 of 3 seeds)"
     assert continual.where_worse([0.02, 0.04]) == "0.030 ± 0.014"
     assert continual.where_worse([None, None]) == "none got worse"
+
+
+def test_ltsft_phases_warm_up_as_full_fine_tuning(tmp_path, monkeypatch):
+    # The LT-SFT trainers were given max_steps=1 (each phase sets its own), so every phase warmed
+    # up for 1 step where full fine-tuning, the baseline its phase 1 is compared with, took 10%.
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from transformers import Trainer  # noqa: F401  a first import swaps transformers' lazy module in sys.modules
+    transformers = sys.modules["transformers"]  # the one `from transformers import ...` reads below
+
+    from xlsparse.demos import ltsft
+    from xlsparse.hf import lt_sft
+
+    seen = []
+
+    class Capture:
+        def __init__(self, model=None, args=None, sft_args=None, **_):
+            phase = sft_args.full_ft_max_steps_per_iteration if sft_args else args.max_steps
+            seen.append(args.get_warmup_steps(phase))
+
+        def train(self):
+            pass
+
+        sft, num_tunable = SimpleNamespace(nnz=0), staticmethod(lambda: 0)
+
+    class MLM(torch.nn.Module):
+        prefix = "body"
+
+        def __init__(self, model, vocab):
+            super().__init__()
+            self.body = model
+
+    monkeypatch.setattr(transformers, "Trainer", Capture)
+    monkeypatch.setattr(transformers, "DataCollatorForLanguageModeling", lambda *a, **k: None)
+    monkeypatch.setattr(lt_sft, "LotteryTicketSparseFineTuner", Capture)
+    monkeypatch.setattr(ltsft.task, "task_dataset", lambda *a: None)
+    monkeypatch.setattr(ltsft.task, "Encoded", lambda *a: None)
+    monkeypatch.setattr(ltsft.task, "language_text", lambda *a: ["a b c"])
+    monkeypatch.setattr(ltsft.task, "vocabulary_of", lambda *a: None)
+    monkeypatch.setattr(ltsft.task, "MaskedLM", MLM)
+    s, model = ltsft.settings(False), torch.nn.Linear(2, 2)
+    data = SimpleNamespace(train=[], held_out=set())
+    ltsft.full_finetune(model, None, data, s, 0, str(tmp_path))
+    ltsft.task_sft(model, None, data, s, 0, SimpleNamespace(applied=lambda m: contextlib.nullcontext()), str(tmp_path))
+    ltsft.language_sfts(model, None, ["de"], data, s, str(tmp_path))
+    assert seen == [6, 6, 6, 6]  # full fine-tuning, task SFT, MLM head, language SFT: 10% of 60 steps

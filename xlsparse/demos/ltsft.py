@@ -91,8 +91,9 @@ def language_sfts(model, tokenizer, langs: list[str], data: task.TaskData, s: Se
         task.restore(model, theta0)
         # Every embedding table stays θ0, as in the task SFT; the pooler is unused by the MLM loss.
         set_trainable(mlm, EMBEDDINGS + BODY_EXCLUDE)
+        # The trainer sets max_steps per phase; the phase's length here gives its warmup (10%), as the task SFT's.
         trainer = LotteryTicketSparseFineTuner(
-            model=mlm, args=task.training_args(f"{out}/tmp/lang-{lang}", 1, s.lr_lang, s.batch, 0),
+            model=mlm, args=task.training_args(f"{out}/tmp/lang-{lang}", s.lang_steps, s.lr_lang, s.batch, 0),
             train_dataset=task.Encoded(tokenizer, text[lang]), data_collator=collator,
             sft_args=SftArguments(ft_params_proportion=s.density, full_ft_max_steps_per_iteration=s.lang_steps,
                                   sparse_ft_max_steps_per_iteration=s.lang_steps, freeze_embeddings=True,
@@ -138,8 +139,9 @@ def task_sft(model, tokenizer, data: task.TaskData, s: Settings, seed: int, sour
 
     set_trainable(model, EMBEDDINGS)
     with source_sft.applied(model):
+        # The trainer sets max_steps per phase; the phase's length here gives its warmup (10%), as full fine-tuning's.
         trainer = LotteryTicketSparseFineTuner(
-            model=model, args=task.training_args(f"{out}/tmp/task", 1, s.lr_task, s.batch, seed),
+            model=model, args=task.training_args(f"{out}/tmp/task", s.task_steps, s.lr_task, s.batch, seed),
             train_dataset=task.task_dataset(tokenizer, data.train), data_collator=DataCollatorWithPadding(tokenizer),
             sft_args=SftArguments(ft_params_proportion=s.density, full_ft_max_steps_per_iteration=s.task_steps,
                                   sparse_ft_max_steps_per_iteration=s.task_steps, freeze_embeddings=True,
