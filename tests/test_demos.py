@@ -316,3 +316,32 @@ def test_continual_arms_start_from_the_same_random_state(tmp_path, monkeypatch):
     assert len(states) == 4  # seed 0 naive, aware; seed 1 naive, aware
     assert torch.equal(states[0], states[1]) and torch.equal(states[2], states[3])
     assert not torch.equal(states[0], states[2])
+
+
+def test_subnetworks_dynamic_reselection_scores_without_dropout(monkeypatch):
+    # The static masks are scored on the model in eval mode (as DynamicMasksCallback scores), but
+    # the dynamic arm re-scored it mid-training with dropout on: its masks carried dropout noise.
+    from types import SimpleNamespace
+
+    from xlsparse import hf
+    from xlsparse.demos import subnetworks
+    from xlsparse.hf import subnetworks as hf_subnetworks
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(2, 1)
+
+        def forward(self, x):
+            return SimpleNamespace(loss=self.lin(x).square().mean())
+
+    modes = []
+    monkeypatch.setattr(subnetworks, "_scores_and_masks", lambda model, *a: modes.append(model.training))
+    monkeypatch.setattr(hf, "convert", lambda *a, **k: None)
+    monkeypatch.setattr(hf, "route", lambda *a: contextlib.nullcontext())
+    monkeypatch.setattr(hf_subnetworks, "set_masks", lambda *a: None)
+    s = subnetworks.settings(True)
+    batches = [{"x": torch.randn(2, 2), "language_ids": torch.tensor([0, 1])} for _ in range(2 * s.reselect_every)]
+    model = Model()
+    subnetworks._train_subnetworks(model, batches, {}, s, ["en", "de"], [], dynamic=True)
+    assert modes == [False] and model.training  # scored in eval mode, then training again

@@ -105,8 +105,10 @@ def _train_subnetworks(model, batches, masks, s: Settings, langs, body, dynamic:
     for step, b in enumerate(tqdm(batches, desc="dynamic" if dynamic else "static", leave=False)):
         if dynamic and step and step % s.reselect_every == 0:
             recent = _by_language(batches[max(0, step - s.reselect_every):step], len(langs))
+            model.eval()  # scored without dropout, as the static masks were (and DynamicMasksCallback scores)
             set_masks(model, _scores_and_masks(model, {lang: recent[i] for i, lang in enumerate(langs)}, body,
                                                s.density), opt)
+            model.train()
         inputs = {k: v for k, v in b.items() if k != "language_ids"}
         opt.zero_grad(set_to_none=True)
         with hf.route(model, b["language_ids"]):
