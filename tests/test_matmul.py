@@ -1753,6 +1753,10 @@ def test_from_linear_refuses_a_subclass_with_a_forward_of_its_own():
     x = torch.randn(3, 5)
     same = FalconLinear(5, 4)
     torch.testing.assert_close(xnn.SparseDeltaLinear.from_linear(same, k=3)(x), same(x))
+    # a module that is no nn.Linear: Conv1d failed with a bare unpacking error, an Embedding's weight was taken
+    for other in (torch.nn.Conv1d(5, 4, 3), torch.nn.Embedding(4, 5)):
+        with pytest.raises(TypeError, match=f"linear must be an nn.Linear, got {type(other).__name__}"):
+            xnn.SparseDeltaLinear.from_linear(other, k=3)
 
 
 def test_merge_or_unmerge_between_forward_and_backward_is_refused_as_an_in_place_change():

@@ -55,9 +55,18 @@ def _own_forward(module: nn.Module) -> bool:
 
 def _plain_linear(what: str, linear: nn.Module) -> None:
     """Refuse what a from_linear would silently turn into x Wᵀ + b (hf.convert refuses such targets too)."""
+    if not isinstance(linear, nn.Linear):  # an nn.Embedding's [V, H] weight would pass as a linear's
+        raise TypeError(f"{what}.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
     if _own_forward(linear):
         raise TypeError(f"{what}.from_linear: {type(linear).__name__} is an nn.Linear subclass with a forward of its "
                         "own; the converted layer would compute x W^T + b instead")
+
+
+def _one_value_each(what: str, indices: torch.Tensor, values: torch.Tensor) -> None:
+    """A delta's values: a 1-D tensor, one per index (a [1, K] one read "K indices but K values")."""
+    if values.shape != indices.shape:
+        raise ValueError(f"{what}: {indices.numel()} indices but {values.numel()} values (values of shape "
+                         f"{tuple(values.shape)}; one per index, 1-D)")
 
 
 def _bump_version(weight: torch.Tensor) -> None:
@@ -355,8 +364,7 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
             if tuple(d.shape) != tuple(w.shape):
                 raise ValueError(f"MultiDeltaLinear: delta {name!r} has shape {tuple(d.shape)}, the weight {tuple(w.shape)}")
             idx = _support(w, indices=d.indices.to(w.device))
-            if d.values.shape != idx.shape:
-                raise ValueError(f"MultiDeltaLinear: delta {name!r} has {idx.numel()} indices but {d.values.numel()} values")
+            _one_value_each(f"MultiDeltaLinear: delta {name!r}", idx, d.values)
             indices.append(idx)
             values.append(d.values.to(w.device))
         return cls(w, linear.bias, indices, values, list(deltas))
@@ -674,8 +682,7 @@ class ExpertEmbedding(nn.Module):
                     raise ValueError(f"ExpertEmbedding: delta {e} has shape {tuple(d.shape)}, the weight {(v, h)}")
                 what = f"ExpertEmbedding: delta {e}"
                 idx = _support(embedding.weight, indices=d.indices.to(embedding.weight.device), what=what).long()
-                if d.values.shape != idx.shape:
-                    raise ValueError(f"{what} has {idx.numel()} indices but {d.values.numel()} values")
+                _one_value_each(what, idx, d.values)
                 rows = torch.arange(v + 1, device=idx.device) * h
                 self.register_buffer(f"row_ptr_{e}", torch.searchsorted(idx, rows), persistent=False)
                 self.register_buffer(f"cols_{e}", idx % h, persistent=False)
@@ -722,8 +729,8 @@ def _set_support(layer: nn.Module, indices: torch.Tensor, values: torch.Tensor |
     indices = _support(layer.weight, indices=indices.to(layer.weight.device), what="set_support")
     if values is None:
         values = torch.zeros(indices.numel(), dtype=layer.delta_values.dtype, device=layer.weight.device)
-    if values.shape != indices.shape:
-        raise ValueError(f"set_support: {indices.numel()} indices but {values.numel()} values")
+    _one_value_each("set_support", indices, values)
+    op_checks.value_dtype("set_support", "values", values.dtype)  # as SparseDelta: int values were cast silently
     values = values.to(layer.delta_values)
     if indices.numel() == layer.delta_indices.numel() and indices.dtype == layer.delta_indices.dtype:
         layer.delta_indices.copy_(indices)

@@ -898,6 +898,11 @@ def test_set_support_keeps_the_module_and_parameter():
     assert layer.delta_values is values and values.numel() == 2 and not values.detach().any()
     with pytest.raises(ValueError):
         layer.set_support(torch.tensor([3, 1]))
+    # values as [1, K] read "2 indices but 2 values"; int values were cast to the layer's dtype silently
+    with pytest.raises(ValueError, match=r"values of shape \(1, 2\); one per index, 1-D"):
+        layer.set_support(torch.tensor([1, 3]), torch.ones(1, 2))
+    with pytest.raises(TypeError, match="set_support: values must be floating point"):
+        layer.set_support(torch.tensor([1, 3]), torch.tensor([1, 2]))
 
 
 # --- SpIEL-style dynamic reselection ---
