@@ -240,6 +240,28 @@ def test_a_reload_onto_a_base_with_other_weights_is_refused(arch, tmp_path):
     assert torch.equal(older(input_ids=ids).logits, trained)
 
 
+def test_a_reload_checks_the_base_weights_outside_the_targets(tmp_path):
+    # only the converted weights were fingerprinted: a head drawn at random when the base is built
+    # (not in modules_to_save, so frozen and never saved) and a base of another vocabulary size
+    # (embeddings resized before convert) took the deltas silently
+    model, _ = classifier("bert")
+    hf.convert(model, density=0.1)
+    hf.save_pretrained(model, tmp_path / "head")
+    rebuilt, _ = classifier("bert")
+    torch.nn.init.normal_(rebuilt.classifier.weight)  # as loading a pretrained body draws the new head
+    with pytest.raises(ValueError, match=r"classifier\.weight of the base model given differs.*modules_to_save"):
+        hf.from_pretrained(rebuilt, tmp_path / "head")
+    hf.from_pretrained(classifier("bert")[0], tmp_path / "head")
+    resized = tiny("bert")
+    resized.resize_token_embeddings(VOCAB + 3)
+    hf.convert(resized, density=0.1)
+    hf.save_pretrained(resized, tmp_path / "vocab")
+    plain = tiny("bert")
+    with pytest.raises(ValueError, match=r"word_embeddings\.weight of the base model given differs"):
+        hf.from_pretrained(plain, tmp_path / "vocab")
+    assert getattr(plain, "xlsparse_config", None) is None
+
+
 def test_a_multi_reload_checks_the_base_too(tmp_path):
     model = hf.convert(tiny("bert"), kind="multi", diffs={lang: random_diff(tiny("bert"), 7, 0.1, s)
                                                           for s, lang in enumerate(["de", "fr"])})

@@ -21,9 +21,10 @@ class XlsparseConfig:
     target_request: {"target_modules": what convert was given} (None: every block linear layer), so
       that a base where it selects other layers (a deeper model) is told apart; None in a save
       written before it was recorded.
-    base_fingerprint: {weight name: the fingerprint of its base values} for every converted weight,
-      written by `save_pretrained` and checked by `from_pretrained` (`model._weight_fingerprint`);
-      None in a save written before it was recorded.
+    base_fingerprint: {parameter name: the fingerprint of its base values} for every converted weight
+      and every other parameter the diff does not hold (embeddings, norms, a head not saved), written by
+      `save_pretrained` and checked by `from_pretrained` (`model._weight_fingerprint`); None in a save
+      written before it was recorded (an older save holds the converted weights' only).
     """
 
     kind: str = "delta"

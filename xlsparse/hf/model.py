@@ -1320,8 +1320,8 @@ def _saved_file(name: str) -> bool:
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Write what the converted model trained, and how to redo the conversion, to `directory`:
     `xlsparse_config.json` (kind, target_modules, density / k, languages, modules_to_save,
-    base_model, xlsparse_version, target_request, and the base_fingerprint of every converted
-    weight, which `from_pretrained` checks the base against) and the diff as safetensors
+    base_model, xlsparse_version, target_request, and the base_fingerprint of every base parameter
+    the diff does not hold, which `from_pretrained` checks the base against) and the diff as safetensors
     (`xlsparse_diff.safetensors`; a 'multi' model adds `xlsparse_diff.lang<i>.safetensors` per
     language). Never the base weights. The files are written into a staging folder inside
     `directory` and then moved in: a save that fails while writing (a full disk) leaves an earlier
@@ -1355,6 +1355,10 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         bases = {f"{n}.weight": _weight_fingerprint(layer.base_weight() if isinstance(layer, SparseDeltaLinear)
                                                     else layer.weight, layer.transposed)
                  for n, layer in _converted(model, (SparseDeltaLinear, MultiDeltaLinear))}
+        # every other base parameter the files do not hold too: a head drawn at random when the base
+        # is built, or embeddings of another vocabulary, changed the outputs of a reload silently
+        held = _trainable_names(model, config.modules_to_save)
+        bases |= {n: _weight_fingerprint(p) for n, p in model.named_parameters() if n not in held and n not in bases}
     if sharded and torch.distributed.get_rank() != 0:
         return  # every process gathered the same values; one writes them
     with made_folder(directory):
@@ -1388,12 +1392,12 @@ def _weight_fingerprint(weight: torch.Tensor, transposed: bool = False) -> dict:
     weight of the same shape does not hold."""
     w = weight.detach()
     w = w.t() if transposed else w
-    n, cols = w.numel(), w.shape[-1]
+    n = w.numel()
     pos = torch.tensor([(j * 2654435761 + 12345) % n for j in range(min(_SAMPLES, n))], dtype=torch.long,
                        device=w.device)
     return {"dtype": str(w.dtype).removeprefix("torch."), "sum": torch.sum(w, dtype=torch.float64).item(),
             "abs_sum": torch.linalg.vector_norm(w, 1, dtype=torch.float64).item(),
-            "sample": w[pos // cols, pos % cols].double().tolist()}
+            "sample": (w[torch.unravel_index(pos, w.shape)] if w.dim() else w.reshape(1)[pos]).double().tolist()}
 
 
 def _fingerprint_mismatch(saved: dict, now: dict) -> str | None:
@@ -1421,26 +1425,28 @@ def _fingerprint_mismatch(saved: dict, now: dict) -> str | None:
 
 
 def _check_same_base(base_model: nn.Module, config: XlsparseConfig, directory) -> None:
-    """The weights the deltas go on must be those they were trained on: a base of the same shapes
-    with other weights (another checkpoint) took them silently. Saves written before the
-    fingerprints were recorded cannot be checked: a warning says so."""
+    """The weights the diff goes on must be those it was trained with: a base of the same shapes
+    with other weights (another checkpoint, a head drawn at random) took it silently. Saves written
+    before the fingerprints were recorded cannot be checked: a warning says so."""
     if config.base_fingerprint is None:
         warnings.warn(f"from_pretrained: {directory} was saved before xlsparse recorded the base weights' "
                       "fingerprint, so the base model given cannot be checked; the outputs match only if it holds "
                       "the weights the diff was trained from (save it again to record them)", stacklevel=3)
         return
     modules = dict(base_model.named_modules())
-    for name in config.target_modules:
-        module = modules.get(name)
-        if module is None or not _is_linear(module):
-            continue  # convert names it
-        saved = config.base_fingerprint.get(f"{name}.weight")
+    named = dict(base_model.named_parameters())
+    targets = [f"{n}.weight" for n in config.target_modules if _is_linear(modules.get(n))]  # convert names the others
+    # the other parameters are fingerprinted by saves since they were recorded
+    for name in dict.fromkeys([*targets, *config.base_fingerprint]):
+        saved = config.base_fingerprint.get(name)
         why = ("the file has no fingerprint of it" if not isinstance(saved, dict)
-               else _fingerprint_mismatch(saved, _weight_fingerprint(module.weight)))
+               else "the base model has no such parameter" if name not in named
+               else _fingerprint_mismatch(saved, _weight_fingerprint(named[name])))
         if why:
-            raise ValueError(f"from_pretrained: {name}.weight of the base model given differs from the one {directory} "
-                             f"was trained on ({why}): the deltas would go onto other weights. Load it onto the base "
-                             "it was trained from")
+            raise ValueError(f"from_pretrained: {name} of the base model given differs from the one {directory} "
+                             f"was trained on ({why}): the diff would go onto other weights. Load it onto the base "
+                             "it was trained from" + ("" if name in targets else "; a module the base draws at random "
+                                                      "when it is built (a new head) must be in convert's modules_to_save"))
 
 
 def _check_same_targets(base_model: nn.Module, config: XlsparseConfig, directory) -> None:
