@@ -260,6 +260,17 @@ def test_a_reload_checks_the_base_weights_outside_the_targets(tmp_path):
     with pytest.raises(ValueError, match=r"word_embeddings\.weight of the base model given differs"):
         hf.from_pretrained(plain, tmp_path / "vocab")
     assert getattr(plain, "xlsparse_config", None) is None
+    # a parameter the base lacks cannot change its outputs: an MLM's body deltas load onto a token
+    # classifier holding the same body
+    mlm = tiny("bert")
+    hf.convert(mlm, density=0.1)
+    hf.save_pretrained(mlm, tmp_path / "mlm")
+    tagger = transformers.BertForTokenClassification(tiny("bert").config).eval()
+    tagger.bert.load_state_dict(tiny("bert").bert.state_dict(), strict=False)  # the MLM's body has no pooler
+    loaded = hf.from_pretrained(tagger, tmp_path / "mlm")
+    ids = batch()
+    hidden = loaded.bert(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(hidden, mlm.bert(input_ids=ids).last_hidden_state, rtol=0, atol=0)
 
 
 def test_a_multi_reload_checks_the_base_too(tmp_path):
