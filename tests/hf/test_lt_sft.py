@@ -1517,6 +1517,23 @@ def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):
     assert sizes == {False: [1, 1, 2, 2, 2], True: [2, 2, 2]}
 
 
+def test_multi_source_batches_are_shuffled_by_data_seed_as_the_trainer_s_are(tmp_path):
+    # the Trainer orders its data by data_seed when given (seed otherwise); the multi-source
+    # sampler took seed alone, so another data_seed gave the same order
+    data = MultiSourceDataset({"de": _LMData(n=8, seed=1), "fr": _LMData(n=8, seed=2)})
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+
+    def order(**kw):
+        trainer = LotteryTicketSparseFineTuner(
+            model=tiny("bert"), args=_args(tmp_path, per_device_train_batch_size=2, **kw), sft_args=steps,
+            train_dataset=data, source_sfts={"de": SparseDiff({}), "fr": SparseDiff({})})
+        return [b["input_ids"][:, 0].tolist() for b in trainer.get_train_dataloader()]
+
+    assert order(data_seed=1) != order(data_seed=2)
+    assert order(seed=5, data_seed=1) == order(seed=6, data_seed=1)
+    assert order(seed=5) != order(seed=6)
+
+
 def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
     class _Count(transformers.TrainerCallback):
         def __init__(self):

@@ -1155,7 +1155,9 @@ class LotteryTicketSparseFineTuner(Trainer):
                              "evaluate it in a run of one process")
 
     def _multisource_loader(self, dataset, batch_size, shuffle, replicas=1):
-        sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=self.args.seed,
+        # the Trainer's data order follows data_seed when it is given
+        seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
+        sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=seed,
                                            drop_last=self.args.dataloader_drop_last, num_replicas=replicas)
         collate = MultiSourceCollator(self.data_collator)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
