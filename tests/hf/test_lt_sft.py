@@ -1534,6 +1534,23 @@ def test_multi_source_batches_are_shuffled_by_data_seed_as_the_trainer_s_are(tmp
     assert order(seed=5) != order(seed=6)
 
 
+def test_multi_source_batches_follow_the_train_sampling_strategy_or_refuse_it(tmp_path):
+    # the multi-source sampler shuffled whatever TrainingArguments.train_sampling_strategy said:
+    # "sequential" trained shuffled, and "group_by_length" grouped nothing
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=3, seed=2)})
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    sfts = {"de": SparseDiff({}), "fr": SparseDiff({})}
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path, per_device_train_batch_size=2, train_sampling_strategy="sequential"),
+        sft_args=steps, train_dataset=data, source_sfts=sfts)
+    got = torch.cat([b["input_ids"] for b in trainer.get_train_dataloader()])
+    assert torch.equal(got, torch.stack([data[i]["input_ids"] for i in range(len(data))]))
+    for strategy in ("group_by_length", "batch_rebalance"):
+        with pytest.raises(ValueError, match=f"train_sampling_strategy = '{strategy}'"):
+            LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, train_sampling_strategy=strategy),
+                                         sft_args=steps, train_dataset=data, source_sfts=sfts)
+
+
 def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
     class _Count(transformers.TrainerCallback):
         def __init__(self):

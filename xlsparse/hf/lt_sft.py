@@ -514,6 +514,11 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError("TrainingArguments.accelerator_config.dispatch_batches = True: a MultiSourceDataset's "
                              "batches name their source, which accelerate cannot dispatch; leave dispatch_batches "
                              "off (split_batches works)")
+        strategy = self.args.train_sampling_strategy
+        if isinstance(self.train_dataset, MultiSourceDataset) and strategy not in ("random", "sequential"):
+            # its batches come from SingleSourceBatchSampler, one source each: the Trainer's sampler is not used
+            raise ValueError(f"TrainingArguments.train_sampling_strategy = {strategy!r}: a MultiSourceDataset is "
+                             "batched one source at a time, shuffled ('random') or in order ('sequential')")
         evals = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else [self.eval_dataset]
         for dataset in evals:
             self._refuse_sharded_evaluation(dataset)
@@ -1120,7 +1125,8 @@ class LotteryTicketSparseFineTuner(Trainer):
     def get_train_dataloader(self):
         if isinstance(self.train_dataset, MultiSourceDataset):
             # under DDP each process takes every num_processes-th batch: one step's batches share a source
-            return self._multisource_loader(self.train_dataset, self.args.per_device_train_batch_size, shuffle=True,
+            return self._multisource_loader(self.train_dataset, self.args.per_device_train_batch_size,
+                                            shuffle=self.args.train_sampling_strategy != "sequential",
                                             replicas=self.accelerator.num_processes)
         return super().get_train_dataloader()
 
