@@ -1551,6 +1551,23 @@ def test_multi_source_batches_follow_the_train_sampling_strategy_or_refuse_it(tm
                                          sft_args=steps, train_dataset=data, source_sfts=sfts)
 
 
+class _IndexedData(_LMData):
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "idx": torch.tensor(i)}
+
+
+def test_multi_source_batches_drop_unused_columns_as_the_trainer_s_do(tmp_path):
+    # the multi-source loaders collated every column, remove_unused_columns or not: the model got them all
+    data = MultiSourceDataset({"de": _IndexedData(n=4, seed=1), "fr": _IndexedData(n=3, seed=2)})
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    for remove in (True, False):
+        trainer = LotteryTicketSparseFineTuner(
+            model=tiny("bert"), args=_args(tmp_path, per_device_train_batch_size=2, remove_unused_columns=remove),
+            sft_args=steps, train_dataset=data, eval_dataset=data, source_sfts={"de": SparseDiff({}), "fr": SparseDiff({})})
+        for loader in (trainer.get_train_dataloader(), trainer.get_eval_dataloader(), trainer.get_test_dataloader(data)):
+            assert set(next(iter(loader))) == {"input_ids", "labels", SOURCE_KEY} | (set() if remove else {"idx"})
+
+
 def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
     class _Count(transformers.TrainerCallback):
         def __init__(self):

@@ -1165,7 +1165,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
         sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=seed,
                                            drop_last=self.args.dataloader_drop_last, num_replicas=replicas)
-        collate = MultiSourceCollator(self.data_collator)
+        # remove_unused_columns as the Trainer's loaders apply it (`_source` is taken out before)
+        collate = MultiSourceCollator(self._get_collator_with_removed_columns(self.data_collator))
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                              num_workers=self.args.dataloader_num_workers,
                                              pin_memory=self.args.dataloader_pin_memory)
