@@ -1568,6 +1568,19 @@ def test_multi_source_batches_drop_unused_columns_as_the_trainer_s_do(tmp_path):
             assert set(next(iter(loader))) == {"input_ids", "labels", SOURCE_KEY} | (set() if remove else {"idx"})
 
 
+def test_train_gives_the_training_arguments_back_as_they_were(tmp_path):
+    # each phase sets args.max_steps in place; the last phase's length stayed, so a Trainer given the
+    # same TrainingArguments next (a task SFT after a language SFT) ran 1 step for its 3 epochs
+    args = _args(tmp_path, per_device_train_batch_size=4, num_train_epochs=3)
+    LotteryTicketSparseFineTuner(model=tiny("bert"), args=args, train_dataset=_LMData(),
+                                 sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=2,
+                                                       sparse_ft_max_steps_per_iteration=1)).train()
+    assert (args.max_steps, args.output_dir) == (-1, str(tmp_path))
+    plain = transformers.Trainer(model=tiny("bert"), args=args, train_dataset=_LMData())
+    plain.train()
+    assert plain.state.global_step == 6
+
+
 def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
     class _Count(transformers.TrainerCallback):
         def __init__(self):

@@ -621,7 +621,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                                  f"runs {steps} optimizer steps, so no reselection would run and the result would be "
                                  f"static LT-SFT; give reselection_steps < {steps}")
         n = a.n_ft_iterations
-        root = self.args.output_dir
+        root, max_steps = self.args.output_dir, self.args.max_steps  # set per phase; the caller's again at the end
         result, first = None, 0
         try:
             if resume_from_checkpoint is not None:  # new checkpoints go to this run's output_dir, as HF's do
@@ -640,7 +640,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                 del start
                 result = self._run_phase("sparse", it, root, **kwargs)
         finally:
-            self.args.output_dir = root
+            self.args.output_dir, self.args.max_steps = root, max_steps
         self.sft = self._sft_at_end
         return result
 
