@@ -1816,6 +1816,18 @@ def test_accelerate_launched_with_fsdp_or_deepspeed_is_refused_up_front(tmp_path
     assert not [f for _, _, files in os.walk(tmp_path) for f in files]
 
 
+def test_a_max_steps_the_phases_do_not_run_is_named(tmp_path):
+    # each phase sets TrainingArguments.max_steps to its own length, so max_steps=1000 trained 2 + 2 steps, silently
+    steps = SftArguments(full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2)
+    with pytest.warns(UserWarning, match="TrainingArguments.max_steps = 1000 is not used"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, max_steps=1000), train_dataset=_LMData(),
+                                     sft_args=steps)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a phase's own length (the demos give it, for the warmup) is not flagged
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, max_steps=2), train_dataset=_LMData(),
+                                     sft_args=steps)
+
+
 def test_model_init_is_refused(tmp_path):
     # the Trainer's train() builds a fresh model from model_init, and each phase is a train(): the
     # full phase, the selection and phase 2 each started from another fresh model, and the SFT

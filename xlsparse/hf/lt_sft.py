@@ -514,6 +514,11 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError("TrainingArguments.accelerator_config.dispatch_batches = True: a MultiSourceDataset's "
                              "batches name their source, which accelerate cannot dispatch; leave dispatch_batches "
                              "off (split_batches works)")
+        caps = {a.full_ft_max_steps_per_iteration, a.sparse_ft_max_steps_per_iteration}
+        if self.args.max_steps > 0 and self.args.max_steps not in caps:  # each phase sets max_steps itself
+            warnings.warn(f"TrainingArguments.max_steps = {self.args.max_steps} is not used: each LT-SFT phase runs "
+                          "SftArguments' *_ft_max_steps_per_iteration (or *_max_epochs_per_iteration) steps, as in "
+                          "composable-sft", stacklevel=2)
         strategy = self.args.train_sampling_strategy
         if isinstance(self.train_dataset, MultiSourceDataset) and strategy not in ("random", "sequential"):
             # its batches come from SingleSourceBatchSampler, one source each: the Trainer's sampler is not used
