@@ -283,6 +283,36 @@ def test_per_token_ids_are_refused_on_a_decoder_with_cross_attention():
         model(input_ids=ids, encoder_hidden_states=states)
 
 
+@pytest.mark.parametrize("kind", ["multi", "subnetwork"])
+def test_route_refuses_a_routed_head_that_sparse_prediction_runs_on_the_labelled_tokens(kind):
+    # ModernBERT's masked LM with sparse_prediction runs its head on the labelled tokens only,
+    # gathered to [N, H]: with N equal to the batch size, per-example ids routed labelled token i by
+    # example i's id (here row 0's second token by row 1's language), silently
+    cfg = transformers.ModernBertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=48, max_position_embeddings=64, pad_token_id=0,
+                                        sparse_prediction=True, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.ModernBertForMaskedLM(cfg).eval()
+    targets = ["Wqkv", "head.dense"]
+    weights = {f"{n}.weight": model.get_submodule(n).weight for n in hf.model.target_names(model, targets)}
+    if kind == "multi":
+        diffs = {lang: SparseDiff({n: SparseDelta.from_dense(torch.randn(w.shape) * scale) for n, w in weights.items()})
+                 for lang, scale in (("de", 0.2), ("fr", -0.2))}
+        hf.convert(model, targets, kind="multi", diffs=diffs)
+    else:
+        masks = {lang: {n: torch.ones_like(w, dtype=torch.bool) for n, w in weights.items()} for lang in ("de", "fr")}
+        hf.convert(model, targets, kind="subnetwork", masks=masks)
+    ids, labels = batch(3, 5), torch.full((3, 5), -100)
+    labels[0, 1], labels[0, 3], labels[2, 2] = 5, 6, 7  # 3 labelled tokens, as many as examples
+    with pytest.raises(ValueError, match="sparse_prediction"):
+        model(input_ids=ids, labels=labels, language_ids=torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="sparse_prediction"):
+        with hf.route(model, ["de", "fr", "fr"]):
+            model(input_ids=ids, labels=labels)
+    model.sparse_prediction = False  # the head sees [B, S, H]: routed as every other layer
+    model(input_ids=ids, labels=labels, language_ids=torch.tensor([0, 1, 1]))
+
+
 def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first():
     # nn.TransformerEncoderLayer defaults to batch_first=False: its linear layers see [S, B, H], and
     # with S == B per-example ids were taken as sequence positions, silently

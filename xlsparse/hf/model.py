@@ -1085,6 +1085,17 @@ def route(model: nn.Module, language_ids):
             raise ValueError(f"route: per-token language ids {list(ids.shape)} on a decoder with cross-attention: its "
                              "key and value projections run on the encoder's states, whose positions are not the "
                              "tokens'; give one id per example [B]")
+    for m in modules:
+        # a masked LM with `sparse_prediction` (ModernBERT, UltraBERT) runs its head on the labelled tokens
+        # only, gathered to [N, H]: per-example ids fit whenever N == B, and labelled token i ran in example
+        # i's language, silently. Its attribute, not the config: UltraBERT's is set on the model
+        if getattr(m, "sparse_prediction", False) is True:
+            body = {id(x) for x in getattr(m, getattr(m, "base_model_prefix", ""), m).modules()}
+            head = [n for n, x in m.named_modules() if isinstance(x, _ROUTED) and id(x) not in body]
+            if head:
+                raise ValueError(f"route: {type(m).__name__} has sparse_prediction=True, so its head {head[:2]} runs "
+                                 "on the labelled tokens only, gathered across the examples, which no language id "
+                                 "fits; set `sparse_prediction = False` on it or leave its head out of target_modules")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
     held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)  # or in a wrapper (DDP)
     config, rec = getattr(held, "xlsparse_config", None), getattr(held, "_xlsparse_record", None)
