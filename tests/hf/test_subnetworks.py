@@ -1174,6 +1174,29 @@ def test_fomaml_optimizer_weight_decay_skips_biases_and_norms_as_the_subnetwork_
         torch.testing.assert_close(p.detach(), want, rtol=0, atol=1e-6, msg=n)
 
 
+def test_a_language_s_batches_carrying_other_language_ids_are_refused():
+    # model(**batch) routes by a batch's language_ids field, inside the route to the batch's language:
+    # a "de" batch whose field said fr trained only where both masks open, silently
+    model = tiny("bert")
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {f"{n}.weight": torch.rand(named[f"{n}.weight"].shape, generator=g) < 0.3
+                    for n in hf.model.target_names(model)} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=masks)
+    ids = _lm_batches(1, 1)[0]["input_ids"]
+    batch = {"input_ids": ids, "labels": ids}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for field in (torch.ones(len(ids), dtype=torch.long), ["de"] * (len(ids) - 1) + ["fr"]):
+        with pytest.raises(ValueError, match="batches of 'de' carry language_ids"):
+            subnetworks.reptile_step(model, {"de": [{**batch, "language_ids": field}]}, masks, inner_lr=0.1)
+        with pytest.raises(ValueError, match="batches of 'de' carry language_ids"):
+            subnetworks.fomaml_step(model, {"de": {**batch, "language_ids": field}}, {"de": batch}, masks, 0.1, 1,
+                                    subnetworks.fomaml_optimizer(model, {"de": masks["de"]}, lr=0.1))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    subnetworks.reptile_step(model, {"de": [{**batch, "language_ids": torch.zeros(len(ids), dtype=torch.long)}]},
+                             masks, inner_lr=0.1)  # its own language: fine
+
+
 def test_reptile_step_refuses_inner_steps_below_one_and_cycles_short_batches():
     """inner_steps=0 once returned {} having trained nothing, and a language with fewer batches
     than inner_steps escaped as a bare StopIteration after its first inner steps, its weights

@@ -35,9 +35,9 @@ from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..ops import checks
 from ..optim import MaskedAdamW, MaskedSGD
-from .model import (_conv1d_weights, _converted, _grow_subnetworks, _refuse_max_norm, _restore_subnet_coverage,
-                    _saved_module_params, _subnet_base, _subnet_coverage, _swap_conv1d_layout, accepts_compiled,
-                    languages, route)
+from .model import (_conv1d_weights, _converted, _grow_subnetworks, _language_ids, _refuse_max_norm,
+                    _restore_subnet_coverage, _saved_module_params, _subnet_base, _subnet_coverage, _swap_conv1d_layout,
+                    accepts_compiled, languages, route)
 
 
 def _progress(op: str, iterable, desc: str, enabled: bool):
@@ -54,6 +54,13 @@ def _in_language(model: nn.Module, lang: str, batch: Mapping):
     trains nothing unrouted); a plain model needs no routing."""
     if lang not in languages(model):
         return contextlib.nullcontext()
+    if batch.get("language_ids") is not None:
+        # `model(**batch)` routes by the field, inside this route: a batch of `lang` whose field named
+        # another language trained only where both masks open, silently
+        given = _language_ids(languages(model), batch["language_ids"])
+        if not bool((given == languages(model).index(lang)).all()):
+            raise ValueError(f"the batches of {lang!r} carry language_ids {given.tolist()}, which route them to other "
+                             "languages; drop the field or give each batch under its own language")
     ids = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     return route(model, [lang] * ids.shape[0])
 
