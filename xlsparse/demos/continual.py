@@ -185,8 +185,9 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
     k = budget(METHOD, entries, density=s.density)  # the rule the masks use
     summary = (f"Accuracy ({len(task.DOMAINS)} programs) on {len(data.test[task.SOURCE])} held-out messages per "
                f"language, after multilingual fine-tuning ({s.train_steps} steps) and after an update on "
-               f"{s.update_batches} new batches of {s.batch} per update language; mean ± std over {len(s.seeds)} "
-               f"seed(s) of the new batches, mixed across the update languages. Both arms update the body's "
+               f"{s.update_batches * len(s.update_langs)} batches of {s.batch} drawn from the update languages' "
+               f"{sum(len(data.dev[lang]) for lang in s.update_langs)} dev messages, shuffled together (cycled when "
+               f"fewer); mean ± std over {len(s.seeds)} seed(s) of the new batches. Both arms update the body's "
                f"linear weights only; language-aware subsets: {k:,} entries per language ({s.density:.0%}). Model {model_name}; total {elapsed:.0f} s.")
     text = (f"### Continual update (LAFT-URIEL): naive vs language-aware\n\n{summary}\n\n"
             f"{task.markdown_table(['language', 'before', 'naive update', 'language-aware update'], rows)}\n")
