@@ -1370,6 +1370,8 @@ def test_composable_sft_file_written_under_numpy_1(tmp_path):
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": torch.tensor([0.0, 2.0]), "values": torch.randn(2)}}},
      "integers"),
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": torch.tensor([True]), "values": torch.randn(1)}}}, "integers"),
+    # torch.as_tensor([True, 2]) is int64
+    ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [True, 2], "values": torch.randn(2)}}}, "integers"),
     ({"diffs": {"w": {"size": torch.Size([4]), "index_steps": [1], "values": torch.randn(1)}},
       "abs": {"w": torch.randn(4)}}, r"parameters \['w'\] appear in more than one"),
 ])

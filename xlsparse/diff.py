@@ -1476,8 +1476,12 @@ def _decode_composable_sft(what: str, name, enc) -> "SparseDelta":
     shape, numel = tuple(size), math.prod(size)
     if numel >= 2**63:
         raise ValueError(f"{what}: size {shape} has more elements than int64 can index")
+    raw = enc["index_steps"]
+    # torch.as_tensor([True, 2, 3]) is int64: the True would be read as the step 1
+    if isinstance(raw, (list, tuple)) and any(isinstance(s, bool) for s in raw):
+        raise ValueError(f"{what}: index_steps must be integers, got a bool in the list")
     try:
-        steps = torch.as_tensor(enc["index_steps"]).reshape(-1)
+        steps = torch.as_tensor(raw).reshape(-1)
     except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
         raise ValueError(f"{what}: index_steps must be int64 numbers: {exc}") from exc
     # read as int64 directly, a step of 1.7 became 1 and True 1: another index, silently ([] is float32)

@@ -1187,9 +1187,9 @@ def test_a_language_s_batches_carrying_other_language_ids_are_refused():
     batch = {"input_ids": ids, "labels": ids}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     for field in (torch.ones(len(ids), dtype=torch.long), ["de"] * (len(ids) - 1) + ["fr"]):
-        with pytest.raises(ValueError, match="batches of 'de' carry language_ids"):
+        with pytest.raises(ValueError, match="reptile_step: the batches of 'de' carry language_ids"):
             subnetworks.reptile_step(model, {"de": [{**batch, "language_ids": field}]}, masks, inner_lr=0.1)
-        with pytest.raises(ValueError, match="batches of 'de' carry language_ids"):
+        with pytest.raises(ValueError, match="fomaml_step: the batches of 'de' carry language_ids"):
             subnetworks.fomaml_step(model, {"de": {**batch, "language_ids": field}}, {"de": batch}, masks, 0.1, 1,
                                     subnetworks.fomaml_optimizer(model, {"de": masks["de"]}, lr=0.1))
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -49,9 +49,9 @@ def _progress(op: str, iterable, desc: str, enabled: bool):
     return tqdm(iterable, desc=desc, leave=False)
 
 
-def _in_language(model: nn.Module, lang: str, batch: Mapping):
-    """Route a one-language batch to `lang` when the model has routed layers (a converted model
-    trains nothing unrouted); a plain model needs no routing."""
+def _in_language(op: str, model: nn.Module, lang: str, batch: Mapping):
+    """Route a one-language batch of `op` to `lang` when the model has routed layers (a converted
+    model trains nothing unrouted); a plain model needs no routing."""
     if lang not in languages(model):
         return contextlib.nullcontext()
     if batch.get("language_ids") is not None:
@@ -59,7 +59,7 @@ def _in_language(model: nn.Module, lang: str, batch: Mapping):
         # another language trained only where both masks open, silently
         given = _language_ids(languages(model), batch["language_ids"])
         if not bool((given == languages(model).index(lang)).all()):
-            raise ValueError(f"the batches of {lang!r} carry language_ids {given.tolist()}, which route them to other "
+            raise ValueError(f"{op}: the batches of {lang!r} carry language_ids {given.tolist()}, which route them to other "
                              "languages; drop the field or give each batch under its own language")
     ids = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     return route(model, [lang] * ids.shape[0])
@@ -146,7 +146,7 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
         examples = (x for batch in lang_batches for x in _examples(batch))
         for example in _progress("importance_scores", examples, f"importance {lang}", progress):
             model.zero_grad(set_to_none=True)
-            with _in_language(model, lang, example), _unmasked(model):
+            with _in_language("importance_scores", model, lang, example), _unmasked(model):
                 loss = loss_fn(model, example)
             if torch.isnan(loss):
                 continue
@@ -314,7 +314,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
             for step in range(inner_steps):
                 opt.zero_grad(set_to_none=True)
                 batch = lang_batches[step % len(lang_batches)]
-                with _in_language(model, lang, batch):
+                with _in_language("reptile_step", model, lang, batch):
                     loss = loss_fn(model, batch)
                 loss.backward()
                 opt.step()
@@ -631,11 +631,11 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
             for step in range(inner_steps):
                 inner.zero_grad(set_to_none=True)
                 batch = batches[step % len(batches)]
-                with _in_language(model, lang, batch):
+                with _in_language("fomaml_step", model, lang, batch):
                     loss_fn(model, batch).backward()
                 inner.step()
             model.zero_grad(set_to_none=True)
-            with _in_language(model, lang, query[lang]):
+            with _in_language("fomaml_step", model, lang, query[lang]):
                 loss = loss_fn(model, query[lang])
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             losses[lang] = float(loss.detach())
