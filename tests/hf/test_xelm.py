@@ -741,7 +741,6 @@ def test_expert_trainer_equals_the_plain_loop(tmp_path):
                              save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
                              lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0)
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    torch.manual_seed(0)
     trainer = xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(data), density=0.05, train_embeddings=True)
     trainer.train()
     got = trainer.expert()
@@ -752,13 +751,31 @@ def test_expert_trainer_equals_the_plain_loop(tmp_path):
     assert not [f for f in os.listdir(tmp_path / "saved") if f.startswith("xlsparse")]
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
     assert set(got.dense) == {"model.embed_tokens.weight", "lm_head.weight"} and got.nnz > 0
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)  # the trainer draws its support under TrainingArguments.seed
     plain = xelm.train_expert(base, data * 3, density=0.05, lr=1e-2, train_embeddings=True, progress=False)
     for n, d in got.deltas.items():
         assert torch.equal(d.indices, plain.deltas[n].indices)
         torch.testing.assert_close(d.values, plain.deltas[n].values, rtol=1e-4, atol=1e-6)
     for n, t in got.dense.items():
         torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)
+
+
+def test_expert_trainer_draws_its_support_under_training_arguments_seed(tmp_path):
+    # the expert is built in the trainer, as model_init builds a model: its random support followed
+    # the caller's RNG state, so two runs with one TrainingArguments.seed trained different experts
+    from transformers import TrainingArguments
+
+    base = tiny("llama")
+
+    def support(seed, caller_seed):
+        torch.manual_seed(caller_seed)
+        args = TrainingArguments(output_dir=str(tmp_path), seed=seed, report_to=[], use_cpu=True)
+        trainer = xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05)
+        return {n: d.indices for n, d in trainer.expert().deltas.items()}
+
+    first = support(3, 0)
+    assert all(torch.equal(i, first[n]) for n, i in support(3, 1).items())
+    assert not all(torch.equal(i, first[n]) for n, i in support(4, 0).items())
 
 
 def test_expert_trainers_on_a_base_a_compiled_run_trained_train_compiled(tmp_path):

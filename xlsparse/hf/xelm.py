@@ -878,7 +878,8 @@ class ExpertTrainer(Trainer):
     not changed; the Trainer trains a copy whose sparse delta values (and dense embedding/head,
     with `train_embeddings`) are the only trainable parameters, with a compact MaskedAdamW using
     the Trainer's lr, betas, eps and weight decay. After `train()`, `expert()` returns the
-    SparseDiff for `ExpertEnsemble`. `resume_from_checkpoint` refuses, before loading anything, a
+    SparseDiff for `ExpertEnsemble`. A support drawn at random (`k` / `density`) is drawn under
+    `TrainingArguments.seed`, as the Trainer seeds a `model_init`'s model. `resume_from_checkpoint` refuses, before loading anything, a
     checkpoint of a run on another base model: its frozen weights, or the base of its dense parts
     (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's. The
     checkpoint's support and values replace the ones `k`/`density`/`init` gave (a support of
@@ -895,8 +896,15 @@ class ExpertTrainer(Trainer):
             raise ImportError("ExpertTrainer needs transformers (the hf extra)")
         from .lt_sft import _refuse_replaced_parameters, _training_args, _unmark_prepared
 
+        training_args = _training_args((model, *args), kwargs)
         _refuse_replaced_parameters("ExpertTrainer", "its optimizer's param groups and dense parts, taken from its copy "
-                                    "of the base at construction", _training_args((model, *args), kwargs))
+                                    "of the base at construction", training_args)
+        # the expert is built here, as a Trainer's model_init would build it: its random support is
+        # drawn under TrainingArguments.seed (the Trainer's own rule), not the caller's RNG state
+        if training_args is not None:
+            from transformers.trainer_utils import enable_full_determinism, set_seed
+
+            (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
         first = None
         if grow:
             dataset = kwargs.get("train_dataset")
