@@ -613,6 +613,60 @@ def test_all_reduce_scores_and_same_on_all_ranks_refuse_dtensors_on_every_rank(t
         assert "same_on_all_ranks: tensor 0 is a DTensor" in same_refused, same_refused
 
 
+
+def _scored_model():
+    """The tiny BERT without conversion, in eval mode (no dropout)."""
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=16)
+    return transformers.BertForMaskedLM(cfg).eval()
+
+
+_SCORED = "bert.encoder.layer.0.intermediate.dense.weight"
+
+
+def _scored_example(rank: int) -> dict:
+    ids = torch.randint(3, 61, (1, 7), generator=torch.Generator().manual_seed(300 + rank))
+    return {"input_ids": ids, "labels": ids}
+
+
+def _wrapped_scores_worker(rank: int, out: str):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from xlsparse.hf.subnetworks import importance_scores
+
+    def outcome(model):
+        try:  # every parameter (the DDP wrapper names them module.<name>)
+            importance_scores(model, {"de": [_scored_example(rank)]}, progress=False)
+            return ""
+        except ValueError as exc:
+            return str(exc)
+
+    ddp = torch.nn.parallel.DistributedDataParallel(_scored_model())
+    sharded = _shard(_scored_model(), init_device_mesh("cpu", (WORLD,)))
+    # the way that works: each process scores its own examples on the unwrapped model, then sums
+    own = importance_scores(ddp.module, {"de": [_scored_example(rank)]}, params=[_SCORED], progress=False)
+    _gather_to(out, rank, (outcome(ddp), outcome(sharded), xdist.all_reduce_scores(own)["de"][_SCORED]))
+    return ddp, sharded
+
+
+def test_importance_scores_refuse_a_model_whose_backward_averages_the_processes_examples(tmp_path):
+    # Each example's backward through DDP or FSDP2 averaged its gradient with the other process's
+    # example before |g·θ|: the scores were Σ|mean|, not the sum over both processes' examples
+    # (FSDP2's came back as DTensors, which all_reduce_scores sends to topk_mask as they are).
+    pytest.importorskip("torch.distributed.fsdp")
+    from xlsparse.hf.subnetworks import importance_scores
+
+    out = str(tmp_path / "wrapped.pt")
+    _spawn(_wrapped_scores_worker, out)
+    want = importance_scores(_scored_model(), {"de": [_scored_example(0), _scored_example(1)]}, params=[_SCORED],
+                             progress=False)["de"][_SCORED]
+    for ddp, sharded, summed in torch.load(out, weights_only=False):
+        assert "DistributedDataParallel" in ddp and "model.module" in ddp, ddp
+        assert "FSDP2" in sharded and "all_reduce_scores" in sharded, sharded
+        torch.testing.assert_close(summed, want)
+
+
 # --- FSDP2: what writes whole tensors into the model refuses, before anything changes ---
 
 def _shard(model, mesh, part: bool = False):

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ..diff import budget
+from ..diff import budget, refuse_sharded
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
@@ -125,11 +125,20 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     SubnetworkLinear weight is the full gradient, not masked to the language's current
     subnetwork, so entries outside it are scored too. The model's gradients are left cleared.
     Returns {language: {parameter name: float32 tensor}} in the model's own layout, the layout
-    masks take (a GPT-2 Conv1D weight's scores are [in, out], converted or not).
+    masks take (a GPT-2 Conv1D weight's scores are [in, out], converted or not). Under
+    torch.distributed each process scores its own examples on its unwrapped model and sums the
+    scores with `xlsparse.distributed.all_reduce_scores`; a DDP wrapper or an FSDP2-sharded model
+    raises ValueError (its backward averages the processes' examples before the magnitude is taken).
     """
     if method not in ("grad_x_weight", "fisher"):
         raise ValueError(f"importance_scores: method must be 'grad_x_weight' or 'fisher', got {method!r}")
     _check_language_batches("importance_scores", batches)
+    # DDP's and FSDP2's backward average each example's gradient with the other processes' examples
+    # before |g·θ| or g² is taken: Σ|mean| is not the per-example sum over the processes' data
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError("importance_scores: model is wrapped by DistributedDataParallel, whose backward averages "
+                         "each example's gradient with the other processes' examples; pass model.module (each process "
+                         "scores its own examples), then sum the scores with xlsparse.distributed.all_reduce_scores")
     named = dict(model.named_parameters())
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
     missing = [n for n in names if n not in named]
@@ -139,6 +148,10 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     if frozen:  # no gradient reaches them: their scores would be all zeros, ranked as if real
         raise ValueError(f"importance_scores: params name {frozen[:5]}, which do not require grad, so they would "
                          "score 0 everywhere; unfreeze them (requires_grad_(True)) for scoring, or leave them out")
+    refuse_sharded("importance_scores", {n: named[n] for n in names},  # the rule above, for FSDP2
+                   "Its backward would average each example's gradient with the other processes' examples before "
+                   "|g·θ| or g² is taken; score an unsharded copy of the model in each process, then sum the scores "
+                   "with xlsparse.distributed.all_reduce_scores")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     scores = {}
     for lang, lang_batches in batches.items():
