@@ -667,6 +667,54 @@ def test_importance_scores_refuse_a_model_whose_backward_averages_the_processes_
         torch.testing.assert_close(summed, want)
 
 
+
+def _meta_masks(named: dict, prefix: str = "") -> dict:
+    """Random 30% subnetworks of the dense layers for de and fr, named with `prefix` (DDP's "module.")."""
+    g = torch.Generator().manual_seed(3)
+    names = sorted(n for n in named if n.endswith("dense.weight"))
+    return {lang: {prefix + n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+
+
+def _meta_batches(ranks) -> tuple[dict, dict]:
+    """(support, query) per language: each rank's 2 examples, concatenated over `ranks`."""
+    def batch(seed):
+        ids = torch.cat([torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(400 + 10 * r + seed))
+                         for r in ranks])
+        return {"input_ids": ids, "labels": ids}
+    return {"de": batch(0), "fr": batch(1)}, {"de": batch(5), "fr": batch(6)}
+
+
+def _fomaml(model, masks, support, query) -> None:
+    from xlsparse.hf import subnetworks
+
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=1, outer_optimizer=opt)
+
+
+def _fomaml_worker(rank: int, out: str):
+    model = _scored_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    _fomaml(ddp, _meta_masks(dict(model.named_parameters()), "module."), *_meta_batches([rank]))
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _gather_to(out, rank, (xdist.same_on_all_ranks(trained), trained))
+    return ddp
+
+
+def test_fomaml_step_under_ddp_equals_one_process_over_both_processes_batches(tmp_path):
+    # The outer gradient comes from torch.autograd.grad, which DDP's hooks never see: each process
+    # stepped with its own query gradient, and the replicas drifted apart.
+    out = str(tmp_path / "fomaml.pt")
+    _spawn(_fomaml_worker, out)
+    (same, trained), _ = torch.load(out, weights_only=True)
+    assert same, "the processes' models differ after fomaml_step"
+    model = _scored_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _fomaml(model, _meta_masks(dict(model.named_parameters())), *_meta_batches([0, 1]))
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(trained[name], p.detach(), **CLOSE, msg=lambda m, name=name: f"{name}: {m}")
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 # --- FSDP2: what writes whole tensors into the model refuses, before anything changes ---
 
 def _shard(model, mesh, part: bool = False):

@@ -598,7 +598,10 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     are routed to it. A step that fails leaves θ as it was. Returns each language's query loss
     at θ'_l. Support batches fewer than `inner_steps` are cycled (udify-metalearning reuses one
     support batch for every inner step); more are refused. The model's train/eval mode is the
-    caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
+    caller's: HF's `from_pretrained` returns it in eval mode (no dropout). Under DDP (a model
+    wrapped by DistributedDataParallel, masks named as it names the parameters) the inner steps'
+    gradients and the outer gradient are averaged over the processes: one process over the
+    processes' batches concatenated.
     """
     from ..optim import _MaskedOptimizer
 
@@ -662,6 +665,10 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 for p, p0 in zip(params, start):
                     p.copy_(p0)
     model.zero_grad(set_to_none=True)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # DDP averaged the inner steps' gradients, but torch.autograd.grad bypasses its hooks: each
+        # process stepped with its own query gradient and the replicas drifted apart
+        all_reduce_scores(outer, op="mean", group=model.process_group)
     for n, g in outer.items():
         named[n].grad = g / len(support)
     outer_optimizer.step()
