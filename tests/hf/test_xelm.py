@@ -1045,7 +1045,8 @@ base = tiny("bert")
 torch.manual_seed(int(os.environ["RANK"]))  # a per-process seed (for data augmentation, say): other supports drawn
 args = TrainingArguments(output_dir={out!r}, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
                          weight_decay=0.1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-                         lr_scheduler_type="constant", average_tokens_across_devices=False)
+                         lr_scheduler_type="constant", average_tokens_across_devices=False,
+                         ddp_broadcast_buffers={broadcast!r})
 trainer = ExpertTrainer(base, args=args, train_dataset=Data(), density=0.05)
 trainer.train()
 gathered = [None, None]
@@ -1058,13 +1059,16 @@ torch.distributed.destroy_process_group()
 
 
 @pytest.mark.slow
-def test_expert_trainer_under_ddp_ends_with_one_expert_on_every_process(tmp_path):
+@pytest.mark.parametrize("broadcast", [None, False], ids=["buffers_broadcast", "ddp_broadcast_buffers_false"])
+def test_expert_trainer_under_ddp_ends_with_one_expert_on_every_process(tmp_path, broadcast):
     # DDP gives every process rank 0's support after the Trainer built the optimizer; the weight
     # decay's θ0 anchors taken then stayed at each process's own draw, and the processes' deltas
-    # drifted apart (2.7e-4 after 3 steps).
+    # drifted apart (2.7e-4 after 3 steps). With ddp_broadcast_buffers=False DDP sent the zero
+    # values alone: each process kept its own support, and DDP averaged the gradients of
+    # different entries position by position.
     from conftest import torchrun
 
-    torchrun(_DDP_EXPERT_SCRIPT, tmp_path, 29651, tests=HERE)
+    torchrun(_DDP_EXPERT_SCRIPT, tmp_path, 29651 + (broadcast is False), tests=HERE, broadcast=broadcast)
     rank0, rank1 = torch.load(tmp_path / "experts.pt", weights_only=False)
     assert set(rank0) == set(rank1)
     for n in rank0:

@@ -806,8 +806,8 @@ class _ExpertSetup:
         layers = [m for m in self.model.modules() if isinstance(m, SparseDeltaLinear)]
 
         def decay(optimizer, *args):
-            # θ0 at the support the layers hold at this step, not at the optimizer's creation: DDP
-            # replaces each process's support with rank 0's after the Trainer built the optimizer
+            # θ0 at the support the layers hold at this step, not at the optimizer's creation: a
+            # resumed checkpoint's support replaces the drawn one after the Trainer built the optimizer
             if any(g["weight_decay"] > 0 for g in optimizer.param_groups):
                 anchors = {m.delta_values: m.weight.detach().reshape(-1)[m.delta_indices.long()] for m in layers}
                 decay_the_base_(optimizer, anchors)
@@ -917,6 +917,13 @@ class ExpertTrainer(Trainer):
         self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings, first,
                                   lambda m, b: m(**b).loss, "ExpertTrainer")
         super().__init__(self.setup.model, *args, **kwargs)
+        if self.accelerator.num_processes > 1:
+            # each process drew its support from its own RNG: take process 0's, as DDP's first sync
+            # does only with ddp_broadcast_buffers on (off, each process trained its own support and
+            # DDP averaged the gradients of different entries position by position)
+            for layer in self.setup.model.modules():
+                if isinstance(layer, SparseDeltaLinear):
+                    torch.distributed.broadcast(layer.delta_indices, src=0)
         from .subnetworks import _check_own_optimizer
 
         _check_own_optimizer(self, "ExpertTrainer", "compact MaskedAdamW over the expert's deltas")
