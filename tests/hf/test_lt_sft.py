@@ -1231,13 +1231,18 @@ torch.distributed.destroy_process_group()
 
 
 _DDP_SCRIPT = '''
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_lt_sft import _LMData, _args, _ddp_sft_args, _fixed_selection, _no_dropout
 from tiny_models import tiny
 from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner
+model = _no_dropout(tiny("bert"))
+if {other_init!r} and os.environ["RANK"] == "1":  # a model built from a per-process seed: DDP trains process 0's
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)), alpha=0.01)
 trainer = LotteryTicketSparseFineTuner(
-    model=_no_dropout(tiny("bert")), args=_args({out!r}, per_device_train_batch_size=4, logging_steps=1000,
+    model=model, args=_args({out!r}, per_device_train_batch_size=4, logging_steps=1000,
                                                 # BertForMaskedLM's loss ignores num_items_in_batch, so the
                                                 # Trainer's token averaging would double its gradient
                                                 average_tokens_across_devices=False),
@@ -1266,11 +1271,15 @@ def _ddp_sft_args(dynamic: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic):
+@pytest.mark.parametrize("dynamic, other_init", [(False, False), (True, False), (False, True)],
+                         ids=["static", "dynamic", "another_model_on_process_1"])
+def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic, other_init):
+    # another_model_on_process_1: DDP trains process 0's model, but process 1 took its own as θ0, so
+    # its L1 pull and its rewind went elsewhere and the replicas drifted apart
     from conftest import torchrun
 
-    torchrun(_DDP_SCRIPT, tmp_path, 29631 + dynamic, timeout=600, tests=HERE, dynamic=dynamic)
+    torchrun(_DDP_SCRIPT, tmp_path, 29631 + dynamic + 2 * other_init, timeout=600, tests=HERE, dynamic=dynamic,
+             other_init=other_init)
     ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
     single = LotteryTicketSparseFineTuner(
         model=_no_dropout(tiny("bert")), args=_args(tmp_path / "one"), train_dataset=_LMData(n=8),
@@ -1348,7 +1357,7 @@ def test_under_ddp_the_batches_of_one_step_share_a_source():
 
 
 _MULTI_SOURCE_DDP_SCRIPT = '''
-import sys, torch
+import os, sys, torch
 sys.path.insert(0, {tests!r})
 from test_lt_sft import _fixed_selection, _multi_source_trainer
 from xlsparse.hf.lt_sft import SOURCE_KEY

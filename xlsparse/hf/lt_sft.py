@@ -494,6 +494,14 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError(f"SftArguments: K = {self._num_tunable} (ft_params_num, or ft_params_proportion × "
                              f"{self.num_maskable} maskable entries) selects no entry in each of the {a.n_ft_iterations} "
                              "n_ft_iterations rounds (K // n_ft_iterations = 0); raise K or lower n_ft_iterations")
+        if self.accelerator.num_processes > 1:
+            # DDP trains process 0's model (its first sync broadcasts it), so θ0, the selection, the
+            # rewind and the L1 pull must start from it too: a model built from a per-process seed
+            # (a new head, say) sent each process's L1 pull and rewind elsewhere, and the replicas drifted
+            with torch.no_grad():
+                for p in params.values():
+                    if not _is_dtensor(p):  # a sharded parameter holds one value for all processes
+                        torch.distributed.broadcast(p.data, src=0)
         with torch.no_grad():
             self._theta0 = {n: p.detach().clone() for n, p in trainable.items()}
         self._masks: dict[str, torch.Tensor] = {}  # name: sorted flat indices selected so far
