@@ -607,6 +607,39 @@ def test_a_second_subnetwork_trainer_on_a_compiled_model_trains_it_compiled(tmp_
     assert seen == ["OptimizedModule", "OptimizedModule"]
 
 
+_DDP_MASKS_SCRIPT = '''
+import os, sys, torch
+sys.path.insert(0, {tests!r})
+from test_subnetworks import _MixedData, _args, _structured_model
+from xlsparse.hf import subnetworks
+rank = int(os.environ["RANK"])
+outcome = []
+for seed in (1 + rank, 1):  # masks picked from each process's own scores, then from one seed
+    model, _ = _structured_model("bert", seed=seed)
+    try:
+        subnetworks.SubnetworkTrainer(model=model, args=_args({out!r}, 1), train_dataset=_MixedData())
+        outcome.append("")
+    except ValueError as exc:
+        outcome.append(str(exc))
+gathered = [None, None]
+torch.distributed.all_gather_object(gathered, outcome)
+if rank == 0:
+    torch.save(gathered, {out!r} + "/outcomes.pt")
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
+'''
+
+
+def test_subnetwork_trainer_under_ddp_refuses_masks_that_differ_between_processes(tmp_path):
+    # DDP averaged gradients masked by each process's own masks and each process's optimizer stepped
+    # its own union: the replicas drifted apart silently
+    from conftest import torchrun
+
+    torchrun(_DDP_MASKS_SCRIPT, tmp_path, 29661, tests=os.path.dirname(os.path.abspath(__file__)))
+    for own, shared in torch.load(tmp_path / "outcomes.pt", weights_only=False):
+        assert "masks differ between the processes" in own and "all_reduce_scores" in own, own
+        assert shared == ""
+
 def test_dynamic_masks_callback_reselects_and_the_optimizer_follows(tmp_path):
     from xlsparse.nn import SubnetworkLinear
 

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..diff import budget, refuse_sharded
-from ..distributed import all_reduce_scores
+from ..distributed import all_reduce_scores, same_on_all_ranks
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..ops import checks
@@ -828,7 +828,8 @@ class SubnetworkTrainer(Trainer):
     Accelerate's FSDP plugin (`TrainingArguments.fsdp`, or `accelerate launch` with an FSDP
     config) and DeepSpeed (`TrainingArguments.deepspeed`, or `accelerate launch` with DeepSpeed)
     are refused with a ValueError at construction: they replace the parameters or the optimizer
-    that the masks are keyed by. `TrainingArguments.torch_compile` compiles the run also on a
+    that the masks are keyed by. Under DDP, masks that differ between the processes are refused
+    at construction too. `TrainingArguments.torch_compile` compiles the run also on a
     model that an earlier compiled run trained.
     """
 
@@ -846,6 +847,19 @@ class SubnetworkTrainer(Trainer):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
         _refuse_max_norm(self.model, "SubnetworkTrainer")
         _check_own_optimizer(self, "SubnetworkTrainer", "MaskedAdamW over the subnetworks")
+        if self.accelerator.num_processes > 1:
+            # DDP averages gradients that each process masks by its own layers' masks, and each
+            # process's optimizer steps its own union: masks selected from each process's own
+            # scores trained other entries on each process, and the replicas drifted apart silently
+            masks = {}
+            for name, layer in _converted(self.model, SubnetworkLinear):
+                masks[name] = layer.masks
+                if layer.bias_masks is not None:
+                    masks[f"{name}.bias"] = layer.bias_masks
+            if not same_on_all_ranks(masks):
+                raise ValueError("SubnetworkTrainer: the model's subnetwork masks differ between the processes; select "
+                                 "them from importance scores summed over the processes (xlsparse.distributed."
+                                 "all_reduce_scores, or xlsparse.distributed.topk_mask), or draw them from one seed")
         _unmark_prepared(self)  # a model an earlier compiled run trained
 
     def _set_signature_columns_if_needed(self):
