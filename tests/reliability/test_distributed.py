@@ -613,6 +613,21 @@ def test_all_reduce_scores_and_same_on_all_ranks_refuse_dtensors_on_every_rank(t
         assert "same_on_all_ranks: tensor 0 is a DTensor" in same_refused, same_refused
 
 
+def _meta_masks(named: dict, prefix: str = "") -> dict:
+    """Random 30% subnetworks of the dense layers for de and fr, named with `prefix` (DDP's "module.")."""
+    g = torch.Generator().manual_seed(3)
+    names = sorted(n for n in named if n.endswith("dense.weight"))
+    return {lang: {prefix + n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+
+
+def _meta_batches(ranks) -> tuple[dict, dict]:
+    """(support, query) per language: each rank's 2 examples, concatenated over `ranks`."""
+    def batch(seed):
+        ids = torch.cat([torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(400 + 10 * r + seed))
+                         for r in ranks])
+        return {"input_ids": ids, "labels": ids}
+    return {"de": batch(0), "fr": batch(1)}, {"de": batch(5), "fr": batch(6)}
+
 
 def _scored_model():
     """The tiny BERT without conversion, in eval mode (no dropout)."""
@@ -646,14 +661,31 @@ def _wrapped_scores_worker(rank: int, out: str):
     sharded = _shard(_scored_model(), init_device_mesh("cpu", (WORLD,)))
     # the way that works: each process scores its own examples on the unwrapped model, then sums
     own = importance_scores(ddp.module, {"de": [_scored_example(rank)]}, params=[_SCORED], progress=False)
-    _gather_to(out, rank, (outcome(ddp), outcome(sharded), xdist.all_reduce_scores(own)["de"][_SCORED]))
+    _gather_to(out, rank, (outcome(ddp), outcome(sharded), xdist.all_reduce_scores(own)["de"][_SCORED],
+                           _continual_outcome(ddp, rank)))
     return ddp, sharded
+
+
+def _continual_outcome(ddp, rank: int) -> str:
+    """continual_update on a DDP-wrapped model: its error, or whether the replicas still agree."""
+    from xlsparse.hf import continual
+
+    ids = _meta_batches([rank])[0]["de"]["input_ids"]
+    masks = _meta_masks(dict(ddp.module.named_parameters()), "module.")
+    try:
+        continual.continual_update(ddp, [{"input_ids": ids, "labels": ids, "language_ids": torch.tensor([0, 1])}],
+                                   masks, lr=1e-2, progress=False)
+    except ValueError as exc:
+        return str(exc)
+    return f"the replicas agree: {xdist.same_on_all_ranks(list(ddp.module.parameters()))}"
 
 
 def test_importance_scores_refuse_a_model_whose_backward_averages_the_processes_examples(tmp_path):
     # Each example's backward through DDP or FSDP2 averaged its gradient with the other process's
     # example before |g·θ|: the scores were Σ|mean|, not the sum over both processes' examples
     # (FSDP2's came back as DTensors, which all_reduce_scores sends to topk_mask as they are).
+    # continual_update on a DDP wrapper froze the parameters outside the masks after DDP had
+    # registered them: their buckets never synced, and each process stepped its own gradients.
     pytest.importorskip("torch.distributed.fsdp")
     from xlsparse.hf.subnetworks import importance_scores
 
@@ -661,27 +693,12 @@ def test_importance_scores_refuse_a_model_whose_backward_averages_the_processes_
     _spawn(_wrapped_scores_worker, out)
     want = importance_scores(_scored_model(), {"de": [_scored_example(0), _scored_example(1)]}, params=[_SCORED],
                              progress=False)["de"][_SCORED]
-    for ddp, sharded, summed in torch.load(out, weights_only=False):
+    for ddp, sharded, summed, continual in torch.load(out, weights_only=False):
         assert "DistributedDataParallel" in ddp and "model.module" in ddp, ddp
         assert "FSDP2" in sharded and "all_reduce_scores" in sharded, sharded
         torch.testing.assert_close(summed, want)
+        assert "DistributedDataParallel" in continual and "continual_trainer" in continual, continual
 
-
-
-def _meta_masks(named: dict, prefix: str = "") -> dict:
-    """Random 30% subnetworks of the dense layers for de and fr, named with `prefix` (DDP's "module.")."""
-    g = torch.Generator().manual_seed(3)
-    names = sorted(n for n in named if n.endswith("dense.weight"))
-    return {lang: {prefix + n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
-
-
-def _meta_batches(ranks) -> tuple[dict, dict]:
-    """(support, query) per language: each rank's 2 examples, concatenated over `ranks`."""
-    def batch(seed):
-        ids = torch.cat([torch.randint(3, 61, (2, 7), generator=torch.Generator().manual_seed(400 + 10 * r + seed))
-                         for r in ranks])
-        return {"input_ids": ids, "labels": ids}
-    return {"de": batch(0), "fr": batch(1)}, {"de": batch(5), "fr": batch(6)}
 
 
 def _fomaml(model, masks, support, query) -> None:

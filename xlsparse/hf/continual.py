@@ -309,6 +309,12 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     # and frozen its other parameters: a bad value raised with the model changed. Only these two
     # come from the caller; the other arguments are valid placeholders.
     checks.adamw_hyperparameters("continual_update", lr, 0.0, 0.0, 0.0, weight_decay, 0.0, False)
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        # it freezes the parameters outside the masks after DDP registered them: their gradient
+        # buckets never became ready, so DDP left those buckets' gradients local, and each process
+        # stepped its own (the second step's forward then raised inside DDP)
+        raise ValueError("continual_update: model is wrapped by DistributedDataParallel; continual_update trains in "
+                         "one process. For data-parallel updates use continual_trainer, whose Trainer wraps the model")
     if checks.count("continual_update", "epochs", epochs) < 1:  # 0 converted the model and trained nothing
         raise ValueError(f"continual_update: epochs must be >= 1, got {epochs}")
     checks.flag("continual_update", "progress", progress)  # _progress checks it too, but after the conversion
