@@ -1042,9 +1042,10 @@ class Data(torch.utils.data.Dataset):
 
 
 base = tiny("bert")
-torch.manual_seed(int(os.environ["RANK"]))  # a per-process seed (for data augmentation, say): other supports drawn
+# a per-process seed (for dropout diversity, say): the support is drawn under it, another on each process
 args = TrainingArguments(output_dir={out!r}, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
-                         weight_decay=0.1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                         seed=int(os.environ["RANK"]), weight_decay=0.1, save_strategy="no", report_to=[], use_cpu=True,
+                         disable_tqdm=True,
                          lr_scheduler_type="constant", average_tokens_across_devices=False,
                          ddp_broadcast_buffers={broadcast!r})
 trainer = ExpertTrainer(base, args=args, train_dataset=Data(), density=0.05)
