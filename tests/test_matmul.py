@@ -1,5 +1,6 @@
 """Multi-mask gated matmuls: SDDMM, SpMM, sparse_delta_linear, multi_delta_linear and
 ensemble mixing on every CPU-capable backend, against float64 references."""
+import copy
 from types import SimpleNamespace
 
 import pytest
@@ -1128,6 +1129,23 @@ def test_a_merged_layer_saves_and_loads_as_the_unmerged_one():
     other.load_state_dict(state)  # into a merged layer: the loaded W0 and Δ, unmerged
     assert not other.merged
     torch.testing.assert_close(other(x), expect)
+
+
+def test_a_merged_layer_run_with_another_weight_refuses():
+    # torch.func.functional_call(layer, layer.state_dict()) swaps in W0, which a state dict holds:
+    # the merged layer multiplied by it alone and dropped Δ, silently
+    layer, x = _layer_with_delta(24)
+    layer.eval()
+    expect = _by_hand(layer, layer.weight.detach().clone())(x)
+    layer.merge()
+    state = layer.state_dict()
+    with pytest.raises(RuntimeError, match="functional_call"):
+        torch.func.functional_call(layer, state, (x,))
+    # its own Parameters (a functional_call of named_parameters()) and a copy of the layer still run
+    torch.testing.assert_close(torch.func.functional_call(layer, dict(layer.named_parameters()), (x,)), expect)
+    torch.testing.assert_close(copy.deepcopy(layer).double()(x.double()), expect.double(), rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(torch.func.functional_call(layer, state, (x,)), expect)
 
 
 def test_a_merged_layer_refuses_a_stale_delta_and_converts_with_the_model():

@@ -117,6 +117,8 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         # delta_values' (version counter, storage) at merge(): unchanged on a GPU, Δ is not read back
         self._merged_version = None
         self._merge_write = None  # merge() as an in-place write: an earlier apply's revert over it refuses
+        # (the weight merge() wrote into,): in a tuple, not registered; deepcopy and .to() keep it this weight
+        self._merged_weight = None
         self.disabled = False  # True: the base layer alone (xlsparse.hf.disable)
         self.transposed = False  # True: replaces a GPT-2 Conv1D, whose weight is stored [in, out]
 
@@ -150,6 +152,13 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             torch._assert_async(self._merge_current(), _STALE_MERGE)
         elif self._merge_is_stale():
             raise RuntimeError(_STALE_MERGE)
+        if self.weight is not self._merged_weight[0]:
+            # swapped in by torch.func.functional_call or accelerate's hooks: W0 from a state dict (as
+            # accelerate's offload takes it), or W0 + Δ from named_parameters(); which one cannot be
+            # told, and with W0 the layer dropped Δ silently
+            raise RuntimeError("SparseDeltaLinear is merged but runs with another weight than the one merge() wrote "
+                               "into (torch.func.functional_call, accelerate's dispatch or offload?); unmerge() "
+                               "(xlsparse.hf.unmerge) first: the unmerged layer adds Δ to the weight it is given")
         wants_grad = torch.is_grad_enabled() and self.delta_values.requires_grad
         if wants_grad and self.training:
             # a step would change Δ but not the merged weight (the next forward then refuses)
@@ -181,6 +190,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             self._merged_entries = self.weight.detach().reshape(-1)[self.delta_indices.long()].clone()
             self._merged_version = version
             self._merge_write = EntryWrite.register("weight", self.weight, self.delta_indices)
+            self._merged_weight = (self.weight,)
             _bump_version(self.weight)
 
     def _check_merge(self) -> None:
@@ -215,6 +225,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
             self._displaced = None
             self._merged_entries = None
             self._merged_delta = None
+            self._merged_weight = None
             if self._merge_write is not None:
                 self._merge_write.release()
                 self._merge_write = None

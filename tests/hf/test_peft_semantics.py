@@ -1641,6 +1641,26 @@ def test_a_merged_model_deep_copies_and_pickles(tmp_path):
         copy.deepcopy(model)(input_ids=ids)
 
 
+def test_a_merged_model_under_accelerates_offload_refuses_rather_than_run_the_base():
+    # cpu_offload keeps the model's state dict, whose weights are W0 while merged, and swaps them in
+    # at each call: the merged layers multiplied by W0 alone (0.48 off), silently
+    accelerate = pytest.importorskip("accelerate")
+    model = hf.convert(tiny("llama"), density=0.1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.3)
+    ids = batch(2, 5)
+    expect = model(input_ids=ids).logits
+    unmerged = copy.deepcopy(model)
+    hf.merge(model)
+    for offloaded in (model, unmerged):
+        accelerate.cpu_offload(offloaded, execution_device=torch.device("cpu"))
+    with pytest.raises(RuntimeError, match="another weight than the one merge"):
+        model(input_ids=ids)
+    torch.testing.assert_close(unmerged(input_ids=ids).logits, expect)  # the unmerged layers add Δ
+
+
 @pytest.mark.parametrize("where", ["inside", "outside"])
 def test_a_model_loaded_under_inference_mode_merges_and_unmerges(where, tmp_path):
     # from_pretrained under torch.inference_mode() makes the deltas inference tensors, which keep no
