@@ -297,6 +297,30 @@ def test_fomaml_outer_gradient_and_step_match_plain_torch(arch, converted):
         subnetworks.fomaml_step(model, support, query, masks, 0.5, 1, torch.optim.AdamW(model.parameters()))
 
 
+@pytest.mark.parametrize("converted", [False, True])
+def test_fomaml_under_reentrant_gradient_checkpointing_gives_the_outer_gradient_without_it(converted):
+    # the query gradient was taken with autograd.grad, whose graph holds no parameter of a layer
+    # checkpointed with use_reentrant=True: their outer gradients were None and skipped, silently
+    grads = []
+    for checkpointing in (False, True):
+        model, _, names, masks, support, query = _fomaml_setup(support_batches=1)
+        for m in model.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        if converted:
+            hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+        if checkpointing:
+            model.gradient_checkpointing_enable({"use_reentrant": True})
+        model.train()  # HF checkpoints in training mode only
+        opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+        subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=1, outer_optimizer=opt)
+        named = dict(model.named_parameters())
+        grads.append({n: named[n].grad for n in names})
+    for n in names:
+        assert grads[1][n] is not None, n
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def test_fomaml_takes_udify_metalearnings_two_learning_rates_by_parameter_name():
     """udify-metalearning's inner SGD steps BERT at one lr and the decoder at another, and its
     outer Adam has meta_lr_bert and meta_lr_decoder: one lr for everything could not restate it."""

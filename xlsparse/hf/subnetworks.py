@@ -653,10 +653,13 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
             model.zero_grad(set_to_none=True)
             with _in_language("fomaml_step", model, lang, query[lang]):
                 loss = loss_fn(model, query[lang])
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
+                # backward, not autograd.grad: under reentrant gradient checkpointing the parameters of
+                # the checkpointed layers are off the graph autograd.grad walks, and their outer gradients
+                # came out None (skipped) silently
+                loss.backward()
             losses[lang] = float(loss.detach())
             with torch.no_grad():
-                for n, g in zip(lang_masks, grads):
+                for n, g in zip(lang_masks, (p.grad for p in params)):
                     if g is not None:
                         g = torch.where(lang_masks[n], g, torch.zeros((), dtype=g.dtype, device=g.device))
                         outer[n] = g if n not in outer else outer[n] + g
