@@ -321,6 +321,31 @@ def test_fomaml_under_reentrant_gradient_checkpointing_gives_the_outer_gradient_
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("op", ["importance_scores", "structured_importance", "reptile_step"])
+def test_scores_and_reptile_under_gradient_checkpointing_equal_those_without_it(op):
+    # the backward ran after the route (and the unmasking) had ended: checkpointing's recomputation
+    # in it raised, with HF's default kwargs and with use_reentrant=True; under use_reentrant=False
+    # the head/neuron inputs were taken from the recomputation, which gets no gradient
+    def run(kwargs):
+        model, _, names, masks, support, _ = _fomaml_setup("llama", support_batches=1)
+        hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+        if kwargs is not None:
+            model.gradient_checkpointing_enable(kwargs or None)
+        model.train()  # HF checkpoints in training mode only
+        if op == "importance_scores":
+            scores = subnetworks.importance_scores(model, support, params=names, progress=False)
+            return [scores[lang][n] for lang in scores for n in names]
+        if op == "structured_importance":
+            return list(subnetworks.structured_importance(model, support["de"]))
+        subnetworks.reptile_step(model, support, masks, inner_lr=0.5)
+        return [p.detach() for p in model.parameters()]
+
+    expect = run(None)
+    for kwargs in ({}, {"use_reentrant": True}):
+        for got, want in zip(run(kwargs), expect):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_fomaml_takes_udify_metalearnings_two_learning_rates_by_parameter_name():
     """udify-metalearning's inner SGD steps BERT at one lr and the decoder at another, and its
     outer Adam has meta_lr_bert and meta_lr_decoder: one lr for everything could not restate it."""

@@ -161,9 +161,10 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
             model.zero_grad(set_to_none=True)
             with _in_language("importance_scores", model, lang, example), _unmasked(model):
                 loss = loss_fn(model, example)
-            if torch.isnan(loss):
-                continue
-            loss.backward()
+                if torch.isnan(loss):
+                    continue
+                # in the block: gradient checkpointing recomputes the forward here, routed and unmasked as it ran
+                loss.backward()
             with torch.no_grad():
                 for n in names:
                     g = named[n].grad
@@ -329,7 +330,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
                 batch = lang_batches[step % len(lang_batches)]
                 with _in_language("reptile_step", model, lang, batch):
                     loss = loss_fn(model, batch)
-                loss.backward()
+                    loss.backward()  # routed: gradient checkpointing recomputes the forward here
                 opt.step()
                 losses[lang] = float(loss.detach())
             with torch.no_grad():
@@ -411,9 +412,11 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     def keep_input(key):
         def hook(module, args):
             x = args[0]
+            # (input, its gradient) from the run the backward goes through: under gradient
+            # checkpointing the forward runs again in the backward, and with use_reentrant=False
+            # that input gets no gradient (it replaced the first one's), with True only it does
             if x.requires_grad:
-                x.retain_grad()
-            captured[key] = x
+                x.register_hook(lambda grad, x=x.detach(): captured.__setitem__(key, (x, grad)))
         return hook
 
     hooks = []
@@ -430,17 +433,17 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
             # Unmasked, as in importance_scores: the whole network's heads, and no route needed.
             with _unmasked(model):
                 loss = loss_fn(model, example)
-            if torch.isnan(loss):
-                continue
-            loss.backward()
+                if torch.isnan(loss):
+                    continue
+                loss.backward()  # unmasked, as the forward ran: gradient checkpointing recomputes it here
             with torch.no_grad():
                 for i in range(len(layers)):
                     for key, store, groups in ((("o", i), head_scores, heads), (("ffn", i), neuron_scores, None)):
-                        x = captured[key]
-                        if x.grad is None:
+                        if key not in captured:
                             raise RuntimeError("structured_importance: no gradient reached a head/neuron input; "
                                                "does the model require grad?")
-                        per_unit = (x * x.grad).float().reshape(x.shape[0], -1, x.shape[-1]).sum(1)  # [B, width]
+                        x, grad = captured[key]
+                        per_unit = (x * grad).float().reshape(x.shape[0], -1, x.shape[-1]).sum(1)  # [B, width]
                         if groups is not None:
                             per_unit = per_unit.reshape(x.shape[0], groups, -1).sum(2)
                         score = per_unit.abs().sum(0)
