@@ -511,6 +511,20 @@ def _structured_model(arch, seed=1):
     return model, masks
 
 
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}])
+def test_subnetwork_trainer_trains_under_gradient_checkpointing_as_without_it(tmp_path, kwargs):
+    # TrainingArguments(gradient_checkpointing=True) recomputes the layers in the backward, which
+    # the Trainer ran after compute_loss's route had ended: the first step raised
+    trained = []
+    for checkpointing in (False, True):
+        model, _ = _structured_model("llama")
+        extra = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": kwargs} if checkpointing else {}
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2, **extra), train_dataset=_MixedData()).train()
+        trained.append(dict(model.named_parameters()))
+    for n, p in trained[0].items():
+        torch.testing.assert_close(trained[1][n], p, rtol=1e-5, atol=1e-7, msg=n)
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_subnetwork_trainer_trains_each_language_inside_its_own_subnetwork(tmp_path, arch):
     from xlsparse.nn import SubnetworkLinear

@@ -978,11 +978,22 @@ class SubnetworkTrainer(Trainer):
                     weights[name] = saved.view(p.shape).t() if transposed else saved.view(p.shape)
         _refuse_another_base(checkpoint, self.model, weights, theta0, {})
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        inputs = dict(inputs)
+    @staticmethod
+    def _batch_ids(inputs: Mapping):
         if "language_ids" not in inputs:
             raise ValueError("SubnetworkTrainer: every batch must carry language_ids (one per example)")
-        ids = inputs.pop("language_ids")
+        return inputs["language_ids"]
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        # the backward runs routed too: gradient checkpointing (TrainingArguments.gradient_checkpointing)
+        # recomputes the layers there, after compute_loss's route has ended
+        with route(model, self._batch_ids(inputs)):
+            return super().training_step(model, inputs, *args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        inputs = dict(inputs)
+        ids = self._batch_ids(inputs)
+        del inputs["language_ids"]
         with route(model, ids):
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
 
