@@ -408,18 +408,24 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         `get_model_state_dict` looks every state dict key up on its module (it raised AttributeError)."""
         return torch.tensor(list(json.dumps([str(n) for n in self.names]).encode()), dtype=torch.uint8)
 
+    @language_names.setter
+    def language_names(self, saved: torch.Tensor) -> None:
+        # torch.func.functional_call(model, state_dict) sets every key of a state dict (it raised
+        # AttributeError here): the deltas it swaps in must be for the languages in this order
+        self._check_state_names({self._NAMES_KEY: saved}, what="functional_call")
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + self._NAMES_KEY] = self.language_names
 
-    def _check_state_names(self, state_dict, prefix: str = "") -> None:
+    def _check_state_names(self, state_dict, prefix: str = "", what: str = "load_state_dict") -> None:
         """ValueError when `state_dict` holds this layer's deltas (at `prefix`) for the languages in
         another order; a state dict without the names (older) passes."""
         key = prefix + self._NAMES_KEY
         if key in state_dict:
             saved = json.loads(bytes(state_dict[key].cpu().tolist()).decode())
             if saved != [str(n) for n in self.names]:
-                raise ValueError(f"load_state_dict: {prefix[:-1] or 'the layer'} holds the deltas of languages {saved} "
+                raise ValueError(f"{what}: {prefix[:-1] or 'the layer'} holds the deltas of languages {saved} "
                                  f"(in id order), this layer's are {[str(n) for n in self.names]}: convert the model "
                                  "with the languages in the saved order")
 

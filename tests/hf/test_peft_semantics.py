@@ -1910,6 +1910,29 @@ def test_a_multi_state_dict_refuses_a_model_with_the_languages_in_another_order(
     swapped.load_state_dict(older)
 
 
+def test_functional_call_with_a_multi_state_dict_runs_it_and_refuses_another_order():
+    # functional_call sets every key of the state dict on its module: `language_names`, a property
+    # without a setter, raised AttributeError; the deltas it swaps in are stored by id
+    base = tiny("llama")
+    diffs = {lang: random_diff(base, 20, 0.3, seed=e) for e, lang in enumerate(["de", "fr"])}
+    model = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(0.25)
+    ids, langs = batch(2, 5), torch.tensor([1, 0])
+    kwargs = {"input_ids": ids, "language_ids": langs}
+    got = torch.func.functional_call(model, trained.state_dict(), (), kwargs).logits
+    assert torch.equal(got, trained(**kwargs).logits)
+    expect = model(**kwargs).logits  # functional_call put its own tensors back
+    assert not torch.equal(expect, got)
+    swapped = hf.convert(copy.deepcopy(base), kind="multi", diffs={"fr": diffs["fr"], "de": diffs["de"]})
+    with pytest.raises(ValueError, match=r"functional_call: .*languages \['de', 'fr'\].*\['fr', 'de'\]"):
+        torch.func.functional_call(swapped, trained.state_dict(), (), kwargs)
+    assert torch.equal(swapped(input_ids=ids, language_ids=torch.tensor([0, 1])).logits, expect)
+
+
 def test_a_multi_model_round_trips_through_distributed_checkpoint_and_refuses_another_order(tmp_path):
     # torch.distributed.checkpoint's get_model_state_dict looks every key up on its module:
     # `language_names` was no attribute, so it raised AttributeError on any 'multi' model
