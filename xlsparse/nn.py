@@ -325,9 +325,12 @@ def _unrouted(layer: nn.Module, output_uses_ids: bool = True) -> None:
            "(`model(**batch)`)")
     if routing.unrouted_recomputation():
         raise RuntimeError(
-            f"{type(layer).__name__} is recomputed by gradient checkpointing without the routing of its forward: "
-            f"{how}, and pass use_reentrant=False and context_fn=xlsparse.routing.checkpoint_context to torch's "
-            "checkpoint")
+            f"{type(layer).__name__} is recomputed by gradient checkpointing without the routing of its forward (the "
+            "backward runs after the route has ended): pass use_reentrant=False and "
+            "context_fn=xlsparse.routing.checkpoint_context to torch's checkpoint (an HF model takes them as "
+            "TrainingArguments(gradient_checkpointing_kwargs={...}) or "
+            "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={...})), or run the backward inside "
+            "`with xlsparse.hf.route(model, language_ids):`")
     if layer.training or output_uses_ids:
         problem = "is in training mode but" if layer.training else "would run as the base model, since"
         other = ("for the base model, route ids of -1 (`xlsparse.hf.route(model, [-1] * batch_size)`) or run it under "

@@ -970,6 +970,35 @@ def test_routed_models_train_under_gradient_checkpointing(kind):
         torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-6, msg=n)
 
 
+def test_a_trainer_with_gradient_checkpointing_names_the_kwargs_that_route_the_recomputation(tmp_path):
+    # TrainingArguments(gradient_checkpointing=True) on a routed model: the error said to put
+    # `language_ids` in the batch (it was there) and named torch's checkpoint, not the HF setting
+    class Mixed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = batch(8, 6)[i]
+            return {"input_ids": ids, "labels": ids, "language_ids": torch.tensor(i % 2)}
+
+    def train(**kwargs):
+        base = tiny("llama")
+        model = hf.convert(base, kind="multi", diffs={lang: random_diff(base, 20, 0.3, seed=e)
+                                                      for e, lang in enumerate(["de", "fr"])})
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                                              learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                              **kwargs)
+        transformers.Trainer(model=model, args=args, train_dataset=Mixed()).train()
+        return [p.detach() for p in model.parameters() if p.requires_grad]
+
+    with pytest.raises(RuntimeError, match=r"recomputed by gradient checkpointing.*gradient_checkpointing_kwargs"):
+        train(gradient_checkpointing=True)
+    named = train(gradient_checkpointing=True, gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": xlsparse.routing.checkpoint_context})
+    for got, want in zip(named, train()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_routing_ids_must_fit_the_batch():
     model = _multi()
     ids = batch(4, 3)
