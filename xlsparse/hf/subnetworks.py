@@ -658,7 +658,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 loss = loss_fn(model, query[lang])
                 # backward, not autograd.grad: under reentrant gradient checkpointing the parameters of
                 # the checkpointed layers are off the graph autograd.grad walks, and their outer gradients
-                # came out None (skipped) silently
+                # came out None (skipped) silently; and DDP's hooks, which average the query gradient
+                # over the processes, never saw it (each replica stepped with its own and drifted)
                 loss.backward()
             losses[lang] = float(loss.detach())
             with torch.no_grad():
@@ -671,10 +672,6 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 for p, p0 in zip(params, start):
                     p.copy_(p0)
     model.zero_grad(set_to_none=True)
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        # DDP averaged the inner steps' gradients, but torch.autograd.grad bypasses its hooks: each
-        # process stepped with its own query gradient and the replicas drifted apart
-        all_reduce_scores(outer, op="mean", group=model.process_group)
     for n, g in outer.items():
         named[n].grad = g / len(support)
     outer_optimizer.step()
