@@ -1011,6 +1011,53 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
         torch.testing.assert_close(resumed_weights[n], p, rtol=0, atol=0, msg=n)
 
 
+def test_load_best_model_at_end_brings_back_the_best_checkpoint_s_masks_and_coverage(tmp_path):
+    """The Trainer's own _load_best_model loaded the best checkpoint's weights only: the model kept
+    the masks and coverage of the last re-selection, so it routed, and exported its diff, as no
+    checkpoint of the run had. It must equal the best checkpoint resumed on its own."""
+    from transformers import TrainingArguments
+
+    from xlsparse.nn import SubnetworkLinear
+
+    def run(out, resume=None):
+        model, _ = _structured_model("bert")
+        probe = {"de": _lm_batches(2, 11), "fr": _lm_batches(2, 12)}
+        callback = subnetworks.DynamicMasksCallback(probe, every=2, heads_density=0.5, neurons_density=0.25)
+        # greater_is_better on the loss: the first checkpoint is the best, two re-selections before the end
+        best = {"save_strategy": "steps", "save_steps": 2, "eval_strategy": "steps", "eval_steps": 2,
+                "load_best_model_at_end": True, "metric_for_best_model": "loss", "greater_is_better": True}
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=4, learning_rate=1e-2,
+                                 max_steps=6, report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                                 lr_scheduler_type="constant", max_grad_norm=0.0,
+                                 **(best if resume is None else {"save_strategy": "no"}))
+        trainer = subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=24),
+                                                eval_dataset=_MixedData(n=8, seed=3), callbacks=[callback])
+        if resume is None:
+            trainer.train()
+        else:  # what resume_from_checkpoint loads, without the step the Trainer then takes
+            trainer._load_from_checkpoint(resume)
+        return model, trainer.state.best_model_checkpoint
+
+    model, best = run(tmp_path / "a")
+    assert best == str(tmp_path / "a" / "checkpoint-2")
+    alone, _ = run(tmp_path / "b", resume=best)
+    saved = [torch.load(os.path.join(tmp_path / "a" / c, "subnetwork_masks.pt"))["masks"]
+             for c in ("checkpoint-2", "checkpoint-6")]
+    assert any(not torch.equal(saved[0][n], m) for n, m in saved[1].items())  # re-selected since the best
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    for n, layer in hf.model._converted(alone, SubnetworkLinear):
+        assert torch.equal(layers[n].masks, layer.masks), n
+    cover, want = hf.model._subnet_coverage(model), hf.model._subnet_coverage(alone)
+    assert all(torch.equal(cover[n][0], want[n][0]) for n in want)
+    got, expect = hf.extract_diff(model), hf.extract_diff(alone)
+    assert got.deltas.keys() == expect.deltas.keys()
+    for n, d in expect.deltas.items():
+        assert torch.equal(got.deltas[n].indices, d.indices) and torch.equal(got.deltas[n].values, d.values), n
+    ids = _MixedData(n=4, seed=5)
+    with torch.no_grad(), hf.route(model, ids.lang), hf.route(alone, ids.lang):
+        torch.testing.assert_close(model(input_ids=ids.ids).logits, alone(input_ids=ids.ids).logits, rtol=0, atol=0)
+
+
 def test_a_resumed_run_keeps_the_per_language_bias_masks_it_was_trained_with(tmp_path):
     """subnetwork_masks.pt held no bias masks: a run resumed on a model rebuilt by convert (which
     makes none) trained each converted bias as one shared by every language (0.0115 apart)."""

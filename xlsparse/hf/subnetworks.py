@@ -824,7 +824,8 @@ class SubnetworkTrainer(Trainer):
     current masks and per-language bias masks, the entries that re-selections added to the exported diff (with their values
     from convert) and the state of each DynamicMasksCallback. Resuming from a checkpoint restores
     them before the optimizer is built, so a resumed run routes and steps by the masks it had and
-    its diff still covers every entry it trained. A checkpoint whose run started from another base
+    its diff still covers every entry it trained; `load_best_model_at_end` restores the best
+    checkpoint's masks and coverage with its weights. A checkpoint whose run started from another base
     model (its weights differ from this model's at convert where that run did not train) is
     refused before any weight is loaded.
 
@@ -910,38 +911,53 @@ class SubnetworkTrainer(Trainer):
                        os.path.join(output_dir or self.args.output_dir, self.MASKS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        # the masks file is checked before the Trainer loads the weights: a refused checkpoint
-        # must leave the model as it was, not holding its weights under this run's masks
-        path = os.path.join(resume_from_checkpoint, self.MASKS_FILE)
+        saved = self._checked_masks(resume_from_checkpoint)
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        self._restore_masks(saved)
+        for cb, state in zip(self._dynamic_callbacks(), saved["callbacks"]):
+            cb.load_state_dict(state)
+
+    def _load_best_model(self):
+        # the Trainer's own load gave the best checkpoint's weights the masks and coverage of the
+        # last re-selection: a model no checkpoint held, routing and exporting its diff silently wrong
+        saved = self._checked_masks(self.state.best_model_checkpoint)
+        super()._load_best_model()
+        self._restore_masks(saved)
+
+    def _checked_masks(self, checkpoint) -> dict:
+        """The checkpoint's masks file, checked against this run before the Trainer loads its
+        weights: a refused checkpoint must leave the model as it was, not holding its weights
+        under this run's masks. Its `covered` is filled in for files written before it was saved."""
+        path = os.path.join(checkpoint, self.MASKS_FILE)
         if not os.path.isfile(path):
-            raise ValueError(f"SubnetworkTrainer: resume_from_checkpoint {resume_from_checkpoint!r} has no "
+            raise ValueError(f"SubnetworkTrainer: checkpoint {checkpoint!r} has no "
                              f"{self.MASKS_FILE}; the masks it was trained with cannot be restored")
         saved = torch.load(path, weights_only=True)
         layers = dict(_converted(self.model, SubnetworkLinear))
-        callbacks = self._dynamic_callbacks()
         if saved["languages"] != languages(self.model) or set(saved["masks"]) != set(layers) \
-                or len(saved["callbacks"]) != len(callbacks):
+                or len(saved["callbacks"]) != len(self._dynamic_callbacks()):
             raise ValueError(f"SubnetworkTrainer: {path} was saved from another setup (languages, converted layers or "
                              "DynamicMasksCallbacks differ)")
-        covered = saved.get("covered")
-        if covered is None:  # written before re-selections were recorded: fine if the masks never grew
+        if saved.get("covered") is None:  # written before re-selections were recorded: fine if the masks never grew
             covered = _subnet_coverage(self.model)
             if any(bool((saved["masks"][n].any(0) & ~_covered_mask(layers[n], covered[n][0])).any()) for n in covered):
                 raise ValueError(f"SubnetworkTrainer: {path} was written by an older xlsparse after a re-selection "
                                  "opened new entries, and it lacks their values from convert; it cannot be resumed")
-        self._refuse_another_base(resume_from_checkpoint, covered)
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+            saved["covered"] = covered
+        self._refuse_another_base(checkpoint, saved["covered"])
+        return saved
+
+    def _restore_masks(self, saved: dict) -> None:
+        """Give the layers the masks, bias masks and coverage of a `_checked_masks` file."""
         bias = saved.get("bias_masks")  # absent from files written before it was saved: the layers keep theirs
-        for name, layer in layers.items():
+        for name, layer in _converted(self.model, SubnetworkLinear):
             masks = dict(zip(saved["languages"], saved["masks"][name]))
             if bias is None:
                 layer.set_masks(masks)
             else:
                 b = bias[name]
                 layer.set_masks(masks, None if b is None else dict(zip(saved["languages"], b)))
-        _restore_subnet_coverage(self.model, covered)
-        for cb, state in zip(callbacks, saved["callbacks"]):
-            cb.load_state_dict(state)
+        _restore_subnet_coverage(self.model, saved["covered"])
 
     def _refuse_another_base(self, checkpoint, covered: dict) -> None:
         """LT-SFT's rule (`lt_sft._refuse_another_base`): the checkpoint's run started from this
