@@ -1085,6 +1085,20 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
 
 
+def test_resuming_a_checkpoint_saved_with_save_only_model_is_refused_before_anything_changes(tmp_path):
+    # it holds no optimizer, scheduler or RNG state: the sparse phase went on with fresh moments, silently
+    sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
+    LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(n=16), sft_args=sft_args,
+                                 args=_args(tmp_path, save_strategy="steps", save_steps=1, save_only_model=True)).train()
+    resumed = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(n=16), sft_args=sft_args,
+                                           args=_args(tmp_path / "again"))
+    before = {n: p.detach().clone() for n, p in resumed.model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-1 holds no optimizer.pt .*save_only_model"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
     # a checkpoint inside a gradient window lost the sums so far: resumed from checkpoint-2, 6 tensors
     # ended on another support and the deltas differed by up to 0.0127

@@ -1093,6 +1093,22 @@ def test_a_resumed_run_keeps_the_per_language_bias_masks_it_was_trained_with(tmp
         torch.testing.assert_close(resumed_params[n], p, rtol=0, atol=0, msg=n)
 
 
+def test_a_checkpoint_saved_with_save_only_model_is_refused_before_anything_changes(tmp_path):
+    # it holds no optimizer, scheduler or RNG state: the resumed run restarted AdamW's moments
+    # silently and ended 0.039 away from the uninterrupted one after 2 more steps
+    model, _ = _structured_model("bert")
+    subnetworks.SubnetworkTrainer(model=model, train_dataset=_MixedData(n=16),
+                                  args=_args(tmp_path / "a", 4, save_strategy="steps", save_steps=2,
+                                             save_only_model=True)).train()
+    model, _ = _structured_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path / "b", 4), train_dataset=_MixedData(n=16))
+    with pytest.raises(ValueError, match="checkpoint-2 holds no optimizer.pt .*save_only_model"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
     """A checkpoint of a model whose languages are listed in another order is refused; the
     Trainer once loaded its weights first, so the model kept the trained weights under its own

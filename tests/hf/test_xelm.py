@@ -801,13 +801,13 @@ def test_expert_trainers_on_a_base_a_compiled_run_trained_train_compiled(tmp_pat
     assert seen == ["OptimizedModule", "OptimizedModule"]
 
 
-def _expert_run(tmp_path, out, base, density=0.05):
+def _expert_run(tmp_path, out, base, density=0.05, **kw):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4, learning_rate=1e-2,
                              max_steps=4, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
                              disable_tqdm=True, logging_steps=1000, lr_scheduler_type="constant", max_grad_norm=0.0,
-                             weight_decay=0.1)
+                             weight_decay=0.1, **kw)
     torch.manual_seed(0)
     return xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(2, 5)), density=density,
                               train_embeddings=True)
@@ -841,6 +841,17 @@ def test_expert_trainer_refuses_to_resume_on_another_base_model(tmp_path, other)
     trainer = _expert_run(tmp_path, "b", base)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with pytest.raises(ValueError, match="checkpoint-2 was trained from another base model"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_expert_trainer_refuses_to_resume_a_checkpoint_saved_with_save_only_model(tmp_path):
+    # it holds no optimizer state: the Trainer resumed it silently with fresh AdamW moments
+    _expert_run(tmp_path, "a", tiny("llama"), save_only_model=True).train()
+    trainer = _expert_run(tmp_path, "b", tiny("llama"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-2 holds no optimizer.pt .*save_only_model"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p, before[n]), n

@@ -620,7 +620,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
         heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
         continues bit-exactly (then runs any later rounds). Full-phase checkpoints cannot be resumed
-        (the round's selection would need the whole phase). With `DynamicSftArguments` a checkpoint
+        (the round's selection would need the whole phase), nor those written with
+        `save_only_model=True` (no optimizer state). With `DynamicSftArguments` a checkpoint
         inside a gradient accumulation window holds the gradients summed so far, one file per
         process, and is resumed with as many processes."""
         if self._masks and resume_from_checkpoint is None:  # composable-sft clears its masks here; kept, they would add K more entries
@@ -674,6 +675,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         n = self.sft_args.n_ft_iterations
         if it >= n:
             raise ValueError(f"resume_from_checkpoint: {checkpoint} is round {it}, but n_ft_iterations = {n}")
+        _refuse_model_only(checkpoint)
         sft = SparseDiff.load(os.path.join(checkpoint, SFT_FILE))
         # a run built with other arguments would train on the checkpoint's support and silently
         # leave an SFT with other than K entries
@@ -1311,6 +1313,18 @@ def _load_weights(folder: str) -> dict:
         path = os.path.join(folder, f)
         out.update(load_file(path) if files else torch.load(path, map_location="cpu", weights_only=True))
     return out
+
+
+def _refuse_model_only(checkpoint) -> None:
+    """Every trainer's resume continues its run bit-exactly. A checkpoint written with
+    `save_only_model=True` holds no optimizer, scheduler or RNG state, which the Trainer then
+    silently started afresh (new AdamW moments: 0.039 off after 2 more steps of a tiny run)."""
+    from transformers.trainer import OPTIMIZER_NAME
+
+    if not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME)):
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} holds no {OPTIMIZER_NAME} (TrainingArguments."
+                         "save_only_model=True writes none): the run cannot continue from it; resume from a checkpoint "
+                         "saved without save_only_model")
 
 
 def _refuse_another_base(checkpoint, model: nn.Module, weights: dict, theta0: dict, support: dict) -> None:
