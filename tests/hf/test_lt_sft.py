@@ -1085,6 +1085,40 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
 
 
+@pytest.mark.parametrize("best", [False, True], ids=["last", "load-best"])
+def test_resuming_the_last_checkpoint_of_a_round_goes_on_with_the_next_round_bit_exactly(tmp_path, best):
+    # the Trainer checks max_steps only after a step: resumed within an epoch at its phase's last
+    # step, round 0's sparse phase took a 3rd step of 2 (and round 1 started from another RNG state);
+    # with load_best_model_at_end the phase's end loads its best checkpoint, not the last
+    sft_args = SftArguments(ft_params_num=300, n_ft_iterations=2, full_ft_max_steps_per_iteration=1,
+                            sparse_ft_max_steps_per_iteration=2)
+    kw = dict(eval_strategy="steps", eval_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+              greater_is_better=True) if best else {}
+
+    def trainer(out):  # dropout on: round 1 draws from the RNG state round 0 left
+        return LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(n=24), sft_args=sft_args,
+                                            eval_dataset=_LMData(n=4, seed=9) if best else None,
+                                            args=_args(out, save_strategy="steps", save_steps=1, **kw))
+
+    whole = trainer(tmp_path)
+    whole.train()
+    if best:
+        assert not whole.state.best_model_checkpoint.endswith("checkpoint-2")
+    for checkpoint in ("iteration-0/sparse/checkpoint-2", "iteration-1/sparse/checkpoint-2"):
+        resumed = trainer(tmp_path / "again" / checkpoint.replace("/", "-"))
+        result = resumed.train(resume_from_checkpoint=str(tmp_path / checkpoint))
+        assert (result is None) == checkpoint.startswith("iteration-1")  # no step was left to train
+        a, b = whole.sft, resumed.sft
+        assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute), checkpoint
+        for n in a.deltas:
+            assert torch.equal(a.deltas[n].indices, b.deltas[n].indices), (checkpoint, n)
+            assert torch.equal(a.deltas[n].values, b.deltas[n].values), (checkpoint, n)
+        for n in a.absolute:
+            assert torch.equal(a.absolute[n], b.absolute[n]), (checkpoint, n)
+        for (n, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
+            assert torch.equal(p, q), (checkpoint, n)
+
+
 def test_resuming_a_checkpoint_saved_with_save_only_model_is_refused_before_anything_changes(tmp_path):
     # it holds no optimizer, scheduler or RNG state: the sparse phase went on with fresh moments, silently
     sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)

@@ -619,8 +619,9 @@ class LotteryTicketSparseFineTuner(Trainer):
         other settings: static or dynamic, reselection_steps, drop_fraction,
         selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
         heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
-        continues bit-exactly (then runs any later rounds). Full-phase checkpoints cannot be resumed
-        (the round's selection would need the whole phase), nor those written with
+        continues bit-exactly (then runs any later rounds; the checkpoint of a sparse phase's last
+        step goes on with the next round, and train() returns None if none is left). Full-phase
+        checkpoints cannot be resumed (the round's selection would need the whole phase), nor those written with
         `save_only_model=True` (no optimizer state). With `DynamicSftArguments` a checkpoint
         inside a gradient accumulation window holds the gradients summed so far, one file per
         process, and is resumed with as many processes."""
@@ -795,6 +796,17 @@ class LotteryTicketSparseFineTuner(Trainer):
                         if name in resumed_deltas:
                             values.copy_(resumed_deltas[name].values.to(values))
         try:
+            state = _checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint is not None else None
+            if state is not None and state.global_step >= self.args.max_steps:
+                # the phase ended there, but the Trainer checks max_steps only after a step: resumed
+                # within an epoch it took one step more (θ moved at a constant lr, and the RNG state
+                # the next round starts from moved at any lr). The deltas are in place already; the
+                # phase's end still loads the best model, as it did in the checkpoint's run.
+                self.state = state
+                self._load_rng_state(resume_from_checkpoint)
+                if self.args.load_best_model_at_end and state.best_model_checkpoint is not None:
+                    self._load_best_model()
+                return None
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             if phase == "sparse":
@@ -1296,6 +1308,14 @@ class LotteryTicketSparseFineTuner(Trainer):
         weights must not overwrite the converted layers' frozen bases."""
         if not self._converted:
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _checkpoint_state(folder: str):
+    """The `TrainerState` saved in `folder` (a Trainer checkpoint): its global_step, best model, ..."""
+    from transformers import TrainerState
+    from transformers.trainer import TRAINER_STATE_NAME
+
+    return TrainerState.load_from_json(os.path.join(folder, TRAINER_STATE_NAME))
 
 
 def _load_weights(folder: str) -> dict:
