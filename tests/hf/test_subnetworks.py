@@ -1109,6 +1109,21 @@ def test_a_checkpoint_saved_with_save_only_model_is_refused_before_anything_chan
         assert torch.equal(p, before[n]), n
 
 
+def test_resuming_the_checkpoint_of_the_last_step_is_refused_before_anything_changes(tmp_path):
+    # the Trainer checks max_steps only after a step: within an epoch the finished run took a third
+    # step of 2, saved as checkpoint-3 and left as the model, silently
+    model, _ = _structured_model("bert")
+    subnetworks.SubnetworkTrainer(model=model, train_dataset=_MixedData(n=24),
+                                  args=_args(tmp_path / "a", 2, save_strategy="steps", save_steps=2)).train()
+    model, _ = _structured_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path / "b", 2), train_dataset=_MixedData(n=24))
+    with pytest.raises(ValueError, match="checkpoint-2 is at step 2 and TrainingArguments.max_steps = 2"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
 def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
     """A checkpoint of a model whose languages are listed in another order is refused; the
     Trainer once loaded its weights first, so the model kept the trained weights under its own
@@ -1128,6 +1143,7 @@ def test_a_refused_resume_leaves_the_model_as_it_was(tmp_path):
     model, args = model_and_args(("de", "fr"), tmp_path / "a", save_strategy="steps", save_steps=2)
     subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=8)).train()
     swapped, args = model_and_args(("fr", "de"), tmp_path / "b", save_strategy="no")
+    args.max_steps = 4  # steps left to train after the checkpoint
     before = {n: p.detach().clone() for n, p in swapped.named_parameters()}
     trainer = subnetworks.SubnetworkTrainer(model=swapped, args=args, train_dataset=_MixedData(n=8))
     with pytest.raises(ValueError, match="another setup"):

@@ -801,11 +801,11 @@ def test_expert_trainers_on_a_base_a_compiled_run_trained_train_compiled(tmp_pat
     assert seen == ["OptimizedModule", "OptimizedModule"]
 
 
-def _expert_run(tmp_path, out, base, density=0.05, **kw):
+def _expert_run(tmp_path, out, base, density=0.05, steps=4, **kw):
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=4, learning_rate=1e-2,
-                             max_steps=4, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
+                             max_steps=steps, save_strategy="steps", save_steps=2, report_to=[], use_cpu=True,
                              disable_tqdm=True, logging_steps=1000, lr_scheduler_type="constant", max_grad_norm=0.0,
                              weight_decay=0.1, **kw)
     torch.manual_seed(0)
@@ -853,6 +853,18 @@ def test_expert_trainer_refuses_to_resume_a_checkpoint_saved_with_save_only_mode
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     with pytest.raises(ValueError, match="checkpoint-2 holds no optimizer.pt .*save_only_model"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in trainer.model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_expert_trainer_refuses_to_resume_the_checkpoint_of_its_last_step(tmp_path):
+    # the Trainer checks max_steps only after a step: within an epoch (2 steps) the finished run of 3
+    # steps took a fourth, saved as checkpoint-4 and left as the expert, silently
+    _expert_run(tmp_path, "a", tiny("llama"), steps=3).train()
+    trainer = _expert_run(tmp_path, "b", tiny("llama"), steps=3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(ValueError, match="checkpoint-3 is at step 3 and TrainingArguments.max_steps = 3"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
     for n, p in trainer.model.named_parameters():
         assert torch.equal(p, before[n]), n
 

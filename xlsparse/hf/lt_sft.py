@@ -1347,6 +1347,17 @@ def _refuse_model_only(checkpoint) -> None:
                          "saved without save_only_model")
 
 
+def _refuse_finished(checkpoint, args) -> None:
+    """A checkpoint of a run's last step has nothing left to train under the same max_steps, but
+    the Trainer checks max_steps only after a step: resumed within an epoch, it took one step more
+    and saved it as the result, silently. (LT-SFT goes on with its next round instead.)"""
+    step = _checkpoint_state(checkpoint).global_step
+    if 0 < args.max_steps <= step:
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} is at step {step} and TrainingArguments.max_steps = "
+                         f"{args.max_steps}: its run ended there, and the Trainer would take a step more; raise "
+                         "max_steps to train on")
+
+
 def _refuse_another_base(checkpoint, model: nn.Module, weights: dict, theta0: dict, support: dict) -> None:
     """Every trainer's resume rule, checked before any weight is loaded: wherever its run did not
     train, a checkpoint holds the base model that run started from, which must be this run's θ0.

@@ -827,8 +827,8 @@ class SubnetworkTrainer(Trainer):
     its diff still covers every entry it trained; `load_best_model_at_end` restores the best
     checkpoint's masks and coverage with its weights. A checkpoint whose run started from another base
     model (its weights differ from this model's at convert where that run did not train) is
-    refused before any weight is loaded, and so is one written with `save_only_model=True` (it
-    holds no optimizer state to continue from).
+    refused before any weight is loaded, and so are one written with `save_only_model=True` (it
+    holds no optimizer state to continue from) and one of the run's last step (`max_steps`).
 
     Accelerate's FSDP plugin (`TrainingArguments.fsdp`, or `accelerate launch` with an FSDP
     config) and DeepSpeed (`TrainingArguments.deepspeed`, or `accelerate launch` with DeepSpeed)
@@ -912,9 +912,10 @@ class SubnetworkTrainer(Trainer):
                        os.path.join(output_dir or self.args.output_dir, self.MASKS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        from .lt_sft import _refuse_model_only
+        from .lt_sft import _refuse_finished, _refuse_model_only
 
         _refuse_model_only(resume_from_checkpoint)
+        _refuse_finished(resume_from_checkpoint, self.args)
         saved = self._checked_masks(resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._restore_masks(saved)

@@ -884,7 +884,8 @@ class ExpertTrainer(Trainer):
     (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's. The
     checkpoint's support and values replace the ones `k`/`density`/`init` gave (a support of
     another size is refused; one of the same size from another `init` is the checkpoint's run's), and a
-    checkpoint written with `save_only_model=True` (no optimizer state) is refused.
+    checkpoint written with `save_only_model=True` (no optimizer state) or at the run's last step
+    (`max_steps`) is refused.
     Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
     launch` with either) are refused with a ValueError at construction: the optimizer and
     `expert()` hold the parameters they replace. `TrainingArguments.torch_compile` compiles the
@@ -955,9 +956,10 @@ class ExpertTrainer(Trainer):
         # LT-SFT's rule, before the Trainer loads the weights: the expert trains its delta values
         # (and dense parts) only, so every other parameter of the checkpoint is its run's base
         # and must be this run's; another base would get the checkpoint's whole model
-        from .lt_sft import _load_weights, _refuse_another_base, _refuse_model_only
+        from .lt_sft import _load_weights, _refuse_another_base, _refuse_finished, _refuse_model_only
 
         _refuse_model_only(resume_from_checkpoint)
+        _refuse_finished(resume_from_checkpoint, self.args)
         weights = _load_weights(resume_from_checkpoint)
         frozen = {n: p.detach() for n, p in self.model.named_parameters() if not p.requires_grad}
         _refuse_another_base(resume_from_checkpoint, self.model, weights, frozen, {})
