@@ -1058,6 +1058,35 @@ def test_load_best_model_at_end_brings_back_the_best_checkpoint_s_masks_and_cove
         torch.testing.assert_close(model(input_ids=ids.ids).logits, alone(input_ids=ids.ids).logits, rtol=0, atol=0)
 
 
+def test_after_load_best_model_at_end_the_optimizer_steps_by_the_best_checkpoint_s_masks(tmp_path):
+    """The layers got the best checkpoint's masks back, the optimizer kept the last re-selection's:
+    a second train() of the trainer decayed entries outside every language's mask (and its
+    re-selection then raised on them)."""
+    from transformers import TrainingArguments
+
+    from xlsparse.nn import SubnetworkLinear
+
+    model, _ = _structured_model("bert")
+    probe = {"de": _lm_batches(2, 11), "fr": _lm_batches(2, 12)}
+    callback = subnetworks.DynamicMasksCallback(probe, every=1, density=0.2)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=2,
+                             save_strategy="steps", save_steps=1, eval_strategy="steps", eval_steps=1,
+                             load_best_model_at_end=True, metric_for_best_model="loss", greater_is_better=True,
+                             report_to=[], use_cpu=True, disable_tqdm=True, logging_steps=1000,
+                             lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.1)
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData(n=16),
+                                            eval_dataset=_MixedData(n=8, seed=3), callbacks=[callback])
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-1")
+    layers = [layer for _, layer in hf.model._converted(model, SubnetworkLinear)]
+    before = [(layer.weight.detach().clone(), ~layer.trainable_mask()) for layer in layers]
+    args.max_steps, args.eval_strategy, args.save_strategy, args.load_best_model_at_end = 1, "no", "no", False
+    trainer.train()  # one step, then a re-selection
+    for layer, (w, outside) in zip(layers, before):
+        assert torch.equal(layer.weight.detach()[outside], w[outside])
+    hf.extract_diff(model)  # raised: weights changed outside the diff
+
+
 def test_a_resumed_run_keeps_the_per_language_bias_masks_it_was_trained_with(tmp_path):
     """subnetwork_masks.pt held no bias masks: a run resumed on a model rebuilt by convert (which
     makes none) trained each converted bias as one shared by every language (0.0115 apart)."""

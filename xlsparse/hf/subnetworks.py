@@ -218,13 +218,17 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
         per_lang = {lang: masks[lang].get(key, torch.zeros(shape, dtype=torch.bool)) for lang in order}
         new.append((name, layer, {lang: (m.t() if layer.transposed else m) for lang, m in per_lang.items()}))
     _grow_subnetworks(model, {name: torch.stack(list(per_lang.values())).any(0) for name, _, per_lang in new})
-    unions = {}
     for _, layer, per_lang in new:
         layer.set_masks(per_lang)
-        unions[layer.weight] = layer.trainable_mask()
-    if optimizer is not None:  # its other parameters keep the entries it trains now
-        trained = {p for group in optimizer.param_groups for p in group["params"]}
-        optimizer.update_masks({p: m for p, m in unions.items() if p in trained})
+    if optimizer is not None:
+        _follow_masks(optimizer, [layer for _, layer, _ in new])
+
+
+def _follow_masks(optimizer, layers: list) -> None:
+    """Re-mask an xlsparse optimizer to the union of the `layers`' masks (`update_masks`: kept
+    entries keep their state); its other parameters keep the entries it trains now."""
+    trained = {p for group in optimizer.param_groups for p in group["params"]}
+    optimizer.update_masks({layer.weight: layer.trainable_mask() for layer in layers if layer.weight in trained})
 
 
 def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what: str, lang: str,
@@ -928,6 +932,9 @@ class SubnetworkTrainer(Trainer):
         saved = self._checked_masks(self.state.best_model_checkpoint)
         super()._load_best_model()
         self._restore_masks(saved)
+        optimizer = _unwrap(self.optimizer)
+        if hasattr(optimizer, "update_masks"):  # a later train() of this trainer steps by these masks
+            _follow_masks(optimizer, [layer for _, layer in _converted(self.model, SubnetworkLinear)])
 
     def _checked_masks(self, checkpoint) -> dict:
         """The checkpoint's masks file, checked against this run before the Trainer loads its
