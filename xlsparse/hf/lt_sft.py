@@ -620,7 +620,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
         heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
         continues bit-exactly (then runs any later rounds; the checkpoint of a sparse phase's last
-        step goes on with the next round, and train() returns None if none is left). Full-phase
+        step goes on with the next round; if none is left, the phase trains no step and its
+        `TrainOutput` holds the checkpoint's global step). Full-phase
         checkpoints cannot be resumed (the round's selection would need the whole phase), nor those written with
         `save_only_model=True` (no optimizer state). With `DynamicSftArguments` a checkpoint
         inside a gradient accumulation window holds the gradients summed so far, one file per
@@ -806,7 +807,9 @@ class LotteryTicketSparseFineTuner(Trainer):
                 self._load_rng_state(resume_from_checkpoint)
                 if self.args.load_best_model_at_end and state.best_model_checkpoint is not None:
                     self._load_best_model()
-                return None
+                from transformers.trainer_utils import TrainOutput
+
+                return TrainOutput(state.global_step, 0.0, {})  # the Trainer's own for a call that trains no step
             return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         finally:
             if phase == "sparse":
