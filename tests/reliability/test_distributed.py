@@ -817,3 +817,39 @@ def test_fsdp2_merge_apply_disable_and_from_pretrained_refuse_on_every_rank_befo
         for name, (refused, unchanged, converted) in outcomes.items():
             assert "FSDP2" in refused and "nothing was changed" in refused, (name, refused)
             assert unchanged and converted, name
+
+
+def _sharded_lt_sft_worker(rank: int, out: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+
+    model = _tiny_model()
+    model = transformers.BertForMaskedLM(model.config)  # unconverted: LT-SFT's base
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD,)))
+    args = transformers.TrainingArguments(output_dir=os.path.dirname(out), per_device_train_batch_size=2,
+                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True)
+    data = [{"input_ids": ids, "labels": ids} for ids in _global_batch()[0]]
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    try:
+        LotteryTicketSparseFineTuner(model=model, args=args, train_dataset=data, sft_args=SftArguments(
+            ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)).train()
+        said = "trained"
+    except ValueError as exc:
+        said = str(exc)
+    unchanged = all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
+    if rank == 0:
+        torch.save({"said": said, "unchanged": unchanged}, out)
+    return model
+
+
+def test_lt_sft_refuses_a_sharded_model_naming_fsdp2(tmp_path):
+    # θ0 and its selection read whole tensors: a model sharded with fully_shard failed at
+    # construction with a raw "invalid python storage" error
+    pytest.importorskip("torch.distributed.fsdp")
+    out = str(tmp_path / "said.pt")
+    _spawn(_sharded_lt_sft_worker, out)
+    got = torch.load(out, weights_only=True)
+    assert "sharded with FSDP2" in got["said"] and "LotteryTicketSparseFineTuner" in got["said"], got["said"]
+    assert got["unchanged"]

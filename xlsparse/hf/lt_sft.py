@@ -68,7 +68,8 @@ it (composable-sft's plugin order would take it with the source SFT applied, |θ
 pull each entry the source SFT moved towards θ0 − φ). Runs under DDP (the L1
 gradient is added to the gradients directly, the same on every rank). Phase 2's layers and
 optimizer also train under FSDP2 (`fully_shard`, tested by hand on gloo), but this trainer refuses
-Accelerate's FSDP plugin and DeepSpeed, which replace the parameters and optimizer it holds.
+Accelerate's FSDP plugin and DeepSpeed, which replace the parameters and optimizer it holds, and a
+model already sharded with `fully_shard` (θ0 and the global selection read whole tensors).
 """
 import contextlib
 import json
@@ -82,7 +83,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..diff import SparseDelta, SparseDiff, _is_dtensor, _transposed_weights, _untied, apply, index_dtype
+from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _transposed_weights, _untied, apply, index_dtype,
+                    refuse_sharded)
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
@@ -447,6 +449,10 @@ class LotteryTicketSparseFineTuner(Trainer):
         if not isinstance(self.sft_args, SftArguments):
             raise TypeError(f"sft_args must be an SftArguments, got {type(self.sft_args).__name__}")
         _refuse_max_norm(self.model, "LotteryTicketSparseFineTuner")
+        # θ0, the global top-K selection and the tied-weight lookups read whole tensors: a model
+        # sharded with fully_shard failed here with a raw "invalid python storage" error
+        refuse_sharded("LotteryTicketSparseFineTuner", dict(self.model.named_parameters()),
+                       "Train it unsharded (DDP): phase 2's layers and MaskedAdamW shard, the trainer does not")
         # The sparse phase always steps with compact MaskedAdamW (AdamW's math with args' lr, betas,
         # eps, weight decay): any other optimizer would run in the full phase only
         optim = str(getattr(self.args.optim, "value", self.args.optim))
