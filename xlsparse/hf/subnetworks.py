@@ -639,6 +639,10 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     _refuse_max_norm(model, "fomaml_step")
     _check_routed(model, stored, "fomaml_step")
     named = dict(model.named_parameters())
+    # its steps copy θ back and mask whole gradients: on FSDP2's shards it failed with a size
+    # mismatch naming nothing
+    refuse_sharded("fomaml_step", named, "Run it on an unsharded model; under DDP the inner and query gradients are "
+                   "averaged over the processes")
     _check_confined(outer_optimizer, named, stored)  # before any forward: a refused step costs nothing
     lrs = _lr_by_name("fomaml_step", "inner_lr", sorted({n for m in stored.values() for n in m}), inner_lr)
     outer = {}
