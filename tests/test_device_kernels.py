@@ -409,6 +409,23 @@ def test_sddmm_sums_long_token_runs_as_precisely_as_torch(backend, monkeypatch):
     compare(fn, build, 3, backend, torch.float32, monkeypatch, f"sddmm over 16411 tokens, {backend}")
 
 
+@pytest.mark.parametrize("bias_masks", [False, True], ids=["shared", "masked"])
+def test_subnetwork_linear_bias_grad_sums_long_token_runs_in_float32(bias_masks):
+    """4096 tokens of one language with dY = 1 in bfloat16: the bias gradient is 4096, as
+    nn.Linear's (dy.sum(0) accumulates in float32). Summed by index_add_ in bf16, CUDA's atomics
+    round after every token and the sum stops at 256 (256 + 1 rounds back to 256 in bf16)."""
+    from xlsparse.nn import SubnetworkLinear
+    T, O, I = 4096, 3, 5
+    lin = torch.nn.Linear(I, O, device=DEVICE, dtype=torch.bfloat16)
+    bmasks = {"a": torch.ones(O, dtype=torch.bool, device=DEVICE)} if bias_masks else None
+    layer = SubnetworkLinear.from_linear(lin, {"a": torch.ones(O, I, dtype=torch.bool, device=DEVICE)},
+                                         bias_masks=bmasks)
+    x = torch.randn(T, I, device=DEVICE, dtype=torch.bfloat16)
+    layer(x, language_ids=torch.zeros(T, dtype=torch.long, device=DEVICE)).backward(
+        torch.ones(T, O, device=DEVICE, dtype=torch.bfloat16))
+    assert layer.bias.grad.tolist() == [4096.0] * O
+
+
 def test_all_indices_names_the_first_bad_tensor_of_many():
     """The batched check reads every tensor's summary at once (one host sync on a GPU) and still
     raises for the first bad tensor in order, with the single check's message and type."""

@@ -14,6 +14,7 @@ from . import functional, routing
 from .diff import ConvertedLayer, EntryWrite, budget, index_dtype
 from .ops import checks as op_checks
 from .ops import optim as optim_ops
+from .ops._common import acc_dtype
 from .ops.matmul import restore_entries_, write_delta_
 
 
@@ -468,9 +469,13 @@ class _SubnetworkLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = optim_ops.multi_mask_weight_grad(grad_y, x, masks, order, offsets)
         if ctx.needs_input_grad[2]:
-            # per-language sums of grad_y; row 0 collects the id −1 tokens and is dropped
-            per_lang = grad_y.new_zeros(masks.shape[0] + 1, grad_y.shape[1]).index_add_(0, ids + 1, grad_y)[1:]
-            grad_b = (per_lang * bias_masks).sum(0) if ctx.has_bias_masks else per_lang.sum(0)
+            # per-language sums of grad_y; row 0 collects the id −1 tokens and is dropped. Summed in
+            # float32 for half types, as nn.Linear's dy.sum(0): CUDA's index_add_ adds each token by an
+            # atomic in the buffer's dtype, and a bf16 sum of 4096 ones stops at 256 (256 + 1 rounds to 256).
+            acc = acc_dtype(grad_y.dtype)
+            per_lang = grad_y.new_zeros(masks.shape[0] + 1, grad_y.shape[1], dtype=acc).index_add_(
+                0, ids + 1, grad_y.to(acc))[1:]
+            grad_b = ((per_lang * bias_masks).sum(0) if ctx.has_bias_masks else per_lang.sum(0)).to(grad_y.dtype)
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
