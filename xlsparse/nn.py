@@ -659,7 +659,11 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
         ids = input_ids.reshape(-1)
         out = F.embedding(ids, self.weight, self.padding_idx)  # a base made trainable: no padding-row gradient
         token, column, entry = self._entries(ids)
-        values = self.delta_values[entry]
+        # Gathered from a float32 copy for half types: the gather's backward sums the gradient of an
+        # entry over every occurrence of its token, and on the CPU it adds them one at a time in the
+        # values' dtype (a token seen 4096 times with dOut = 1 got 256 in bf16, where 256 + 1 rounds
+        # to 256; nn.Embedding's CPU backward does the same). The copy is K values, once per forward.
+        values = self.delta_values.to(acc_dtype(self.delta_values.dtype))[entry].to(self.delta_values.dtype)
         if self.padding_idx is not None:
             values = torch.where(ids[token] == self.padding_idx, values.detach(), values)
         out = out.index_put((token, column), values, accumulate=True)

@@ -883,6 +883,18 @@ def test_sparse_delta_embedding_takes_int32_ids_on_a_table_past_2_to_the_31_entr
         assert out[0].nonzero().flatten().tolist() == [3], dtype
 
 
+def test_sparse_delta_embedding_sums_a_frequent_tokens_gradient_in_float32():
+    """A token seen 4096 times with dOut = 1 in bfloat16: its entries' gradient is 4096. The
+    gather's backward added the occurrences one at a time in bf16 on the CPU and stopped at 256
+    (256 + 1 rounds to 256), so a frequent token's delta trained 16x too slowly."""
+    layer = SparseDeltaEmbedding(torch.zeros(10, 4, dtype=torch.bfloat16), torch.arange(40))
+    out = layer(torch.full((4096,), 3))
+    assert out.dtype == torch.bfloat16
+    out.backward(torch.ones(4096, 4, dtype=torch.bfloat16))
+    assert layer.delta_values.grad.view(10, 4)[3].tolist() == [4096.0] * 4
+    assert not layer.delta_values.grad.view(10, 4)[[0, 1, 2, 4, 5, 6, 7, 8, 9]].any()
+
+
 def test_set_support_keeps_the_module_and_parameter():
     lin = torch.nn.Linear(5, 4)
     layer = SparseDeltaLinear.from_linear(lin, k=6)
