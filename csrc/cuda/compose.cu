@@ -58,17 +58,22 @@ __device__ __forceinline__ int64_t lower_bound(const index_t* a, int64_t lo, int
 
 // --- apply_diffs_ / restore_diffs_ ---
 
+// CUDA's limit on a grid's y axis, which holds one entry per row in the kernels below.
+constexpr int64_t kMaxGridY = 65535;
+
 // first_bad[e] = the lowest position of entry e whose index is out of range or not above the
 // previous one. Rows: indices pointer, length, numel of the target tensor.
 template <typename index_t>
-__global__ void check_entries_kernel(const int64_t* __restrict__ rows, unsigned long long* __restrict__ first_bad) {
-  const int64_t* row = rows + 3 * blockIdx.y;
+__global__ void check_entries_kernel(const int64_t* __restrict__ rows, unsigned long long* __restrict__ first_bad,
+                                     int64_t row0) {
+  const int64_t r = row0 + blockIdx.y;
+  const int64_t* row = rows + 3 * r;
   const auto* idx = reinterpret_cast<const index_t*>(row[0]);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < row[1];
        i += static_cast<int64_t>(blockDim.x) * gridDim.x) {
     const int64_t v = idx[i];
     if (v < 0 || v >= row[2] || (i > 0 && static_cast<int64_t>(idx[i - 1]) >= v))
-      atomicMin(first_bad + blockIdx.y, static_cast<unsigned long long>(i));
+      atomicMin(first_bad + r, static_cast<unsigned long long>(i));
   }
 }
 
@@ -88,15 +93,19 @@ void check_entry_indices(const char* op, at::TensorList dense, const std::vector
     }
     if (entries.empty()) continue;
     const int64_t m = static_cast<int64_t>(entries.size());
-    TORCH_CHECK_VALUE(m <= 65535, op, ": at most 65535 entries per index dtype per call, got ", m);
     auto table = at::tensor(rows, at::kLong).to(idx[entries[0]].device());
     auto first_bad = at::full({m}, std::numeric_limits<int64_t>::max(), table.options());
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((max_len + 255) / 256, 4096)), static_cast<unsigned>(m));
-    XLS_DISPATCH_INDEX(type, "apply_diffs_", [&] {
-      check_entries_kernel<index_t><<<grid, 256, 0, stream>>>(
-          table.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    // One row per entry on grid axis y, whose limit is 65535: more entries (a model of 723 tensors
+    // and 91 diffs) launch again from row0.
+    for (int64_t row0 = 0; row0 < m; row0 += kMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>((max_len + 255) / 256, 4096)),
+                      static_cast<unsigned>(std::min(kMaxGridY, m - row0)));
+      XLS_DISPATCH_INDEX(type, "apply_diffs_", [&] {
+        check_entries_kernel<index_t><<<grid, 256, 0, stream>>>(
+            table.data_ptr<int64_t>(), reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()), row0);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
     const auto bad = first_bad.cpu();
     const int64_t* b = bad.data_ptr<int64_t>();
     for (int64_t r = 0; r < m; ++r)
@@ -115,9 +124,10 @@ void check_entry_indices(const char* op, at::TensorList dense, const std::vector
 enum Field { kIdx, kVal, kSaved, kDense, kLen, kFirst, kLast, kFields };
 
 template <typename scalar_t, typename index_t>
-__global__ void apply_diffs_kernel(const int64_t* __restrict__ table, const double* __restrict__ alphas) {
+__global__ void apply_diffs_kernel(const int64_t* __restrict__ table, const double* __restrict__ alphas,
+                                   int64_t row0) {
   using a_t = acc_t<scalar_t>;
-  const int64_t e = blockIdx.y;
+  const int64_t e = row0 + blockIdx.y;
   const int64_t* row = table + e * kFields;
   const auto* idx = reinterpret_cast<const index_t*>(row[kIdx]);
   auto* d = reinterpret_cast<scalar_t*>(row[kDense]);
@@ -148,8 +158,8 @@ __global__ void apply_diffs_kernel(const int64_t* __restrict__ table, const doub
 }
 
 template <typename scalar_t, typename index_t>
-__global__ void restore_diffs_kernel(const int64_t* __restrict__ table) {
-  const int64_t* row = table + blockIdx.y * kFields;
+__global__ void restore_diffs_kernel(const int64_t* __restrict__ table, int64_t row0) {
+  const int64_t* row = table + (row0 + blockIdx.y) * kFields;
   const auto* idx = reinterpret_cast<const index_t*>(row[kIdx]);
   const auto* saved = reinterpret_cast<const scalar_t*>(row[kSaved]);
   auto* d = reinterpret_cast<scalar_t*>(row[kDense]);
@@ -159,7 +169,9 @@ __global__ void restore_diffs_kernel(const int64_t* __restrict__ table) {
     d[idx[i]] = saved[i];
 }
 
-// Launches `launch(table, alphas, grid)` once per (dense dtype, index dtype) group of entries.
+// Launches `launch(kind, table, alphas, grid, row0)` per (dense dtype, index dtype) group of entries, once
+// per kMaxGridY rows: launches run in order on the stream, so an entry's owner (the first entry of
+// its tensor that holds the index) has written before a later launch's entries skip that index.
 template <typename Launch>
 void for_each_entry_group(const char* op, at::TensorList dense, const std::vector<at::Tensor>& idx,
                           const std::vector<at::Tensor>& val, const std::vector<at::Tensor>& saved,
@@ -192,13 +204,15 @@ void for_each_entry_group(const char* op, at::TensorList dense, const std::vecto
       }
     }
     const int64_t m = static_cast<int64_t>(row_alpha.size());
-    TORCH_CHECK_VALUE(m <= 65535, op, ": at most 65535 entries of one dtype per call, got ", m);
     if (max_len == 0) continue;
     const auto device = dense[0].device();
     auto table = at::tensor(rows, at::kLong).to(device);
     auto alpha_t = at::tensor(row_alpha, at::kDouble).to(device);
-    const dim3 grid(static_cast<unsigned>(std::min<int64_t>((max_len + 255) / 256, 4096)), static_cast<unsigned>(m));
-    launch(kind, table, alpha_t, grid);
+    for (int64_t row0 = 0; row0 < m; row0 += kMaxGridY) {
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>((max_len + 255) / 256, 4096)),
+                      static_cast<unsigned>(std::min(kMaxGridY, m - row0)));
+      launch(kind, table, alpha_t, grid, row0);
+    }
   }
 }
 
@@ -217,11 +231,11 @@ void apply_diffs_cuda(at::TensorList dense, at::TensorList indices, at::TensorLi
   check_entry_indices("apply_diffs_", dense, idx, target);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for_each_entry_group("apply_diffs_", dense, idx, val, saved, target, alphas,
-                       [&](auto kind, const at::Tensor& table, const at::Tensor& alpha_t, dim3 grid) {
+                       [&](auto kind, const at::Tensor& table, const at::Tensor& alpha_t, dim3 grid, int64_t row0) {
     XLS_DISPATCH_FLOATS(kind.first, "apply_diffs_", [&] {
       XLS_DISPATCH_INDEX(kind.second, "apply_diffs_", [&] {
         apply_diffs_kernel<scalar_t, index_t><<<grid, 256, 0, stream>>>(table.data_ptr<int64_t>(),
-                                                                         alpha_t.data_ptr<double>());
+                                                                         alpha_t.data_ptr<double>(), row0);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -241,10 +255,10 @@ void restore_diffs_cuda(at::TensorList dense, at::TensorList indices, at::Tensor
   check_entry_indices("restore_diffs_", dense, idx, target);
   auto stream = c10::cuda::getCurrentCUDAStream();
   for_each_entry_group("restore_diffs_", dense, idx, sv, sv, target, {},
-                       [&](auto kind, const at::Tensor& table, const at::Tensor&, dim3 grid) {
+                       [&](auto kind, const at::Tensor& table, const at::Tensor&, dim3 grid, int64_t row0) {
     XLS_DISPATCH_FLOATS(kind.first, "restore_diffs_", [&] {
       XLS_DISPATCH_INDEX(kind.second, "restore_diffs_", [&] {
-        restore_diffs_kernel<scalar_t, index_t><<<grid, 256, 0, stream>>>(table.data_ptr<int64_t>());
+        restore_diffs_kernel<scalar_t, index_t><<<grid, 256, 0, stream>>>(table.data_ptr<int64_t>(), row0);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
