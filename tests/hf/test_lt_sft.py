@@ -709,6 +709,16 @@ def _source_sfts(base, k: int = 30, names=tuple(_SOURCE_NAMES)) -> dict:
     return sources
 
 
+def _assert_same_sft(a, b, where=None) -> None:
+    """The two SFTs are bit-identical: the same entries with the same values, the same heads."""
+    assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute), where
+    for n in a.deltas:
+        assert torch.equal(a.deltas[n].indices, b.deltas[n].indices), (where, n)
+        assert torch.equal(a.deltas[n].values, b.deltas[n].values), (where, n)
+    for n in a.absolute:
+        assert torch.equal(a.absolute[n], b.absolute[n]), (where, n)
+
+
 def _assert_sft_holds(trainer, trainable: dict) -> None:
     """trainer.sft holds the restated parameters `trainable` ({name: p}) as deltas from θ0 (or whole)."""
     got = trainer.sft
@@ -1087,12 +1097,7 @@ def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
     assert resumed.args.output_dir == str(tmp_path / "again")
     assert (tmp_path / "again" / "sparse" / "checkpoint-3" / "sft.safetensors").is_file()
     assert all((tmp_path / "sparse" / c / "sft.safetensors").read_bytes() == data for c, data in original.items())
-    a, b = whole.sft, resumed.sft
-    assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute)
-    for n in a.deltas:
-        assert torch.equal(a.deltas[n].indices, b.deltas[n].indices) and torch.equal(a.deltas[n].values, b.deltas[n].values), n
-    for n in a.absolute:
-        assert torch.equal(a.absolute[n], b.absolute[n]), n
+    _assert_same_sft(whole.sft, resumed.sft)
     with pytest.raises(ValueError, match="sparse phase"):
         resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-1"))
 
@@ -1120,13 +1125,7 @@ def test_resuming_the_last_checkpoint_of_a_round_goes_on_with_the_next_round_bit
         resumed = trainer(tmp_path / "again" / checkpoint.replace("/", "-"))
         result = resumed.train(resume_from_checkpoint=str(tmp_path / checkpoint))
         assert result.global_step == 2  # the last sparse phase's (iteration-1: resumed at its end, no step left)
-        a, b = whole.sft, resumed.sft
-        assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute), checkpoint
-        for n in a.deltas:
-            assert torch.equal(a.deltas[n].indices, b.deltas[n].indices), (checkpoint, n)
-            assert torch.equal(a.deltas[n].values, b.deltas[n].values), (checkpoint, n)
-        for n in a.absolute:
-            assert torch.equal(a.absolute[n], b.absolute[n]), (checkpoint, n)
+        _assert_same_sft(whole.sft, resumed.sft, checkpoint)
         for (n, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
             assert torch.equal(p, q), (checkpoint, n)
 
@@ -1165,13 +1164,7 @@ def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
     for c in range(1, 8):
         resumed = trainer(tmp_path / f"again-{c}")
         resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / f"checkpoint-{c}"))
-        a, b = whole.sft, resumed.sft
-        assert set(a.deltas) == set(b.deltas) and set(a.absolute) == set(b.absolute), c
-        for n in a.deltas:
-            assert torch.equal(a.deltas[n].indices, b.deltas[n].indices), (c, n)
-            assert torch.equal(a.deltas[n].values, b.deltas[n].values), (c, n)
-        for n in a.absolute:
-            assert torch.equal(a.absolute[n], b.absolute[n]), (c, n)
+        _assert_same_sft(whole.sft, resumed.sft, c)
     # each process summed its own batches: another number of processes cannot continue the window
     settings = tmp_path / "sparse" / "checkpoint-2" / "sparse_phase.json"
     settings.write_text(settings.read_text().replace('"gradient_sums": 1', '"gradient_sums": 2'))
@@ -1260,10 +1253,7 @@ def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(t
     whole.train()
     resumed = trainer(tmp_path / "again")
     resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-5"))
-    a, b = whole.sft, resumed.sft
-    assert set(a.deltas) == set(b.deltas)
-    for n in a.deltas:
-        assert torch.equal(a.deltas[n].indices, b.deltas[n].indices) and torch.equal(a.deltas[n].values, b.deltas[n].values), n
+    _assert_same_sft(whole.sft, resumed.sft)
 
 
 def _fixed_selection(trainer):

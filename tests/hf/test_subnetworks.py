@@ -1122,32 +1122,24 @@ def test_a_resumed_run_keeps_the_per_language_bias_masks_it_was_trained_with(tmp
         torch.testing.assert_close(resumed_params[n], p, rtol=0, atol=0, msg=n)
 
 
-def test_a_checkpoint_saved_with_save_only_model_is_refused_before_anything_changes(tmp_path):
+@pytest.mark.parametrize("steps, saved, said", [
     # it holds no optimizer, scheduler or RNG state: the resumed run restarted AdamW's moments
     # silently and ended 0.039 away from the uninterrupted one after 2 more steps
-    model, _ = _structured_model("bert")
-    subnetworks.SubnetworkTrainer(model=model, train_dataset=_MixedData(n=16),
-                                  args=_args(tmp_path / "a", 4, save_strategy="steps", save_steps=2,
-                                             save_only_model=True)).train()
-    model, _ = _structured_model("bert")
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path / "b", 4), train_dataset=_MixedData(n=16))
-    with pytest.raises(ValueError, match="checkpoint-2 holds no optimizer.pt .*save_only_model"):
-        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
-    for n, p in model.named_parameters():
-        assert torch.equal(p, before[n]), n
-
-
-def test_resuming_the_checkpoint_of_the_last_step_is_refused_before_anything_changes(tmp_path):
+    (4, dict(save_only_model=True), "checkpoint-2 holds no optimizer.pt .*save_only_model"),
     # the Trainer checks max_steps only after a step: within an epoch the finished run took a third
     # step of 2, saved as checkpoint-3 and left as the model, silently
+    (2, {}, "checkpoint-2 is at step 2 and TrainingArguments.max_steps = 2"),
+], ids=["save_only_model", "last_step"])
+def test_a_checkpoint_that_cannot_continue_its_run_is_refused_before_anything_changes(tmp_path, steps, saved, said):
     model, _ = _structured_model("bert")
     subnetworks.SubnetworkTrainer(model=model, train_dataset=_MixedData(n=24),
-                                  args=_args(tmp_path / "a", 2, save_strategy="steps", save_steps=2)).train()
+                                  args=_args(tmp_path / "a", steps, save_strategy="steps", save_steps=2,
+                                             **saved)).train()
     model, _ = _structured_model("bert")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path / "b", 2), train_dataset=_MixedData(n=24))
-    with pytest.raises(ValueError, match="checkpoint-2 is at step 2 and TrainingArguments.max_steps = 2"):
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path / "b", steps),
+                                            train_dataset=_MixedData(n=24))
+    with pytest.raises(ValueError, match=said):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
