@@ -14,6 +14,8 @@ from xlsparse import hf
 from xlsparse.diff import SparseDelta, SparseDiff
 from xlsparse.hf import xelm
 
+transformers = pytest.importorskip("transformers")
+
 HERE = os.path.dirname(os.path.abspath(__file__))  # torchrun scripts import this file from here
 
 
@@ -270,6 +272,33 @@ def test_an_infinite_prior_is_refused():
     with pytest.raises(ValueError, match="prior must be 3 positive finite numbers"):
         ensemble.add_expert("x2", experts["x2"], prior=math.inf)
     assert ensemble.names == ["x0", "x1"] and ensemble._prior == [0.5, 0.5]
+
+
+def _bidirectional(kind):
+    torch.manual_seed(0)
+    if kind == "mbart":
+        return transformers.MBartForConditionalGeneration(transformers.MBartConfig(
+            vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32)).eval()
+    if kind == "t5":
+        return transformers.T5ForConditionalGeneration(transformers.T5Config(
+            vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2, decoder_start_token_id=0)).eval()
+    if kind == "modernbert":
+        return transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+            max_position_embeddings=64, pad_token_id=0)).eval()
+    return tiny("bert")
+
+
+@pytest.mark.parametrize("kind", ["mbart", "t5", "modernbert", "bert"])
+def test_an_ensemble_of_a_model_that_is_no_causal_lm_is_refused(kind):
+    # the mixture reads row t of the logits as p(x_{t+1} | x<=t): mBART given input_ids alone ran its
+    # encoder on the whole sequence and its decoder on the shifted input, and a masked LM sees every
+    # token; both were scored as next-token predictors (a perplexity of 96 of 97, silently)
+    base = _bidirectional(kind)
+    diff = random_diff(base, 20, 0.5, 1)
+    with pytest.raises(ValueError, match="ExpertEnsemble: .*causal"):
+        xelm.ExpertEnsemble(base, {"a": diff, "b": diff})
 
 
 def test_an_ensemble_refuses_state_dict_and_load_state_dict_and_its_experts_round_trip(tmp_path):

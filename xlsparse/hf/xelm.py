@@ -106,7 +106,8 @@ def _no_state_dict(call: str) -> RuntimeError:
 
 
 class ExpertEnsemble(nn.Module):
-    """E experts over one base, run as one batch of E copies and mixed per token.
+    """E experts over one base, run as one batch of E copies and mixed per token. The base is a causal
+    (decoder-only) LM: an encoder-decoder or a masked LM raises.
 
     `experts` {name: SparseDiff}: each may change the target linear layers (default: every linear
     layer of the blocks, plus the output head when an expert changes it), the input embedding and
@@ -151,6 +152,12 @@ class ExpertEnsemble(nn.Module):
             raise ValueError("ExpertEnsemble: a prior is for weighting='posterior' or 'static', not 'uniform'")
         if space not in ("prob", "logit"):
             raise ValueError(f"ExpertEnsemble: space must be 'prob' or 'logit', got {space!r}")
+        # the mixture reads row t of the logits as p(x_{t+1} | x<=t): an encoder-decoder given input_ids
+        # alone, or a masked LM, sees the tokens it is scored on, and was mixed as if it did not
+        if getattr(getattr(base, "config", None), "is_encoder_decoder", False) or \
+                (callable(getattr(base, "can_generate", None)) and not base.can_generate()):
+            raise ValueError(f"ExpertEnsemble: the base ({type(base).__name__}) is no causal (decoder-only) language "
+                             "model; the ensemble scores and generates next tokens from x<=t only")
         self._bases = [base]  # in a list, not a submodule: .to() of the ensemble leaves it alone
         # add_expert rebuilds every expert from the base: it must still be the one they were built on
         self._base_prints = self._base_fingerprints()
