@@ -396,6 +396,18 @@ def test_structured_masks_rank_heads_after_normalising_each_layer():
     assert torch.equal(open_heads(raw), torch.tensor([[True, True], [False, False]]))
 
 
+def test_structured_masks_refuse_blocks_that_only_look_like_llama_s():
+    # XGLM, OPT, mBART and M2M100 name their query projection `layers.<i>.self_attn.q_proj` as Llama
+    # does, but their output projection `out_proj` and their FFN `fc1`/`fc2`: the Llama layout was
+    # taken, and structured_importance failed with a raw KeyError on `self_attn.o_proj`
+    model = tiny("xglm")
+    assert "model.layers.0.self_attn.q_proj" in dict(model.named_modules())
+    with pytest.raises(ValueError, match="structured subnetworks: unknown architecture"):
+        subnetworks.block_layout(model)
+    with pytest.raises(ValueError, match="structured subnetworks: unknown architecture"):
+        subnetworks.structured_importance(model, _lm_batches(1, 1))
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
 def test_structured_masks_select_whole_heads_and_neurons(arch):
     model = tiny(arch)

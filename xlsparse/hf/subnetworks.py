@@ -370,15 +370,19 @@ def block_layout(model: nn.Module) -> tuple[str, list[dict]]:
     """(architecture, one {part: module name} per layer) for BERT/XLM-R, Llama-style and GPT-2
     models: which modules hold each layer's Q, K, V, O and FFN-in/FFN-out weights."""
     names = [n for n, _ in model.named_modules()]
+    present = set(names)
     for arch, pattern, parts in _LAYOUTS:
         prefixes = [m.group(1) for n in names if (m := re.fullmatch(pattern, n))]
-        if prefixes:
-            layers = []
-            for prefix in prefixes:
-                layer = {}
-                for part, suffix in parts.items():
-                    layer[part] = tuple(f"{prefix}.{x}" for x in suffix) if isinstance(suffix, tuple) else f"{prefix}.{suffix}"
-                layers.append(layer)
+        layers = []
+        for prefix in prefixes:
+            layer = {}
+            for part, suffix in parts.items():
+                layer[part] = tuple(f"{prefix}.{x}" for x in suffix) if isinstance(suffix, tuple) else f"{prefix}.{suffix}"
+            layers.append(layer)
+        # every part must exist: XGLM, OPT and mBART name their query `self_attn.q_proj` as Llama does,
+        # but not their output projection or FFN
+        if layers and all(n in present for layer in layers for v in layer.values()
+                          for n in (v if isinstance(v, tuple) else (v,))):
             return arch, layers
     raise ValueError("structured subnetworks: unknown architecture (BERT/XLM-R, Llama-style and GPT-2 blocks are "
                      "supported); use per-entry masks (importance_scores + select_masks) instead")
