@@ -462,6 +462,23 @@ def test_unroutable_entries_raise():
         xelm.ExpertEnsemble(base, {"a": norm})
 
 
+def test_an_ensemble_of_opt_whose_feed_forward_sees_flattened_tokens():
+    # OPT's fc1 and fc2 run on the tokens flattened to [E·B·S, H]: the ensemble routed its copies
+    # by one id per copy, which such a layer cannot place, and every call raised a route error
+    # asking for per-token ids, which the caller never gives
+    torch.manual_seed(0)
+    base = transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=48,
+        max_position_embeddings=32, word_embed_proj_dim=32)).eval()
+    experts = {f"x{e}": random_diff(base, 60, 0.5, e) for e in range(3)}
+    ids = batch(2, 5)
+    ensemble = xelm.ExpertEnsemble(base, experts)
+    expect = _bayes_mixture(_expert_logprobs(base, experts, ids), ids, [1 / 3] * 3)
+    torch.testing.assert_close(ensemble(ids).double(), expect, rtol=1e-4, atol=1e-4)
+    out, scores = ensemble.generate(ids, max_new_tokens=3, return_logprobs=True)
+    torch.testing.assert_close(scores, ensemble(out)[:, 4:7], rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_generation_is_incremental_and_matches_the_forward(arch):
     base = tiny(arch)

@@ -255,7 +255,10 @@ class ExpertEnsemble(nn.Module):
     # --- the pieces: expert logits, token log-likelihoods, weights ---
 
     def _copies(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return torch.arange(len(self.experts), device=input_ids.device).repeat_interleave(input_ids.shape[0])
+        """The expert of each token of the E copies [E·B, S]: one id per token, not per copy, since a
+        layer that sees the tokens flattened (OPT's feed-forward, [E·B·S, H]) cannot place a copy's id."""
+        e, (b, s) = len(self.experts), input_ids.shape
+        return torch.arange(e, device=input_ids.device).repeat_interleave(b)[:, None].expand(e * b, s)
 
     def expert_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """[E, B, S, V]: every expert's logits, from one batched pass of E copies. With a mask (the
@@ -371,7 +374,7 @@ class ExpertEnsemble(nn.Module):
                 raise ValueError("generate: attention_mask must have every row's last token real "
                                  "(pad prompts on the left)")
         e, b = len(self.experts), input_ids.shape[0]
-        copies = self._copies(input_ids)
+        copies = self._copies(input_ids[:, -1:])  # each step runs one token per copy
         out = self._expert_pass(input_ids, attention_mask, use_cache=True)
         logits = out.logits.reshape(e, b, input_ids.shape[1], -1)
         token_lp = self._token_logprobs(logits, input_ids, attention_mask)
