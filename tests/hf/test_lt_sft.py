@@ -1910,6 +1910,18 @@ def test_freeze_head_freezes_the_lm_head_of_a_model_without_its_prefix_attribute
         _trainer(tmp_path, transformers.BertModel(tiny("bert").config), freeze_head=True)
 
 
+@pytest.mark.parametrize("flag", ["untie_embeddings", "freeze_head"])
+def test_the_untied_lm_head_of_a_model_without_its_prefix_attribute_is_a_head(tmp_path, flag):
+    # (m)T5 has no body under base_model_prefix, so every trainable parameter was maskable: the copy
+    # untie_embeddings trains (a head, stored whole) was fine-tuned sparsely inside K instead
+    torch.manual_seed(0)
+    model = transformers.MT5ForConditionalGeneration(transformers.MT5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=2))
+    t = _trainer(tmp_path, model, **{flag: True})
+    assert model.lm_head.weight is not model.shared.weight and "lm_head.weight" not in t.maskable
+    assert ("lm_head.weight" in t._theta0) == (flag == "untie_embeddings") and "shared.weight" in t.maskable
+
+
 def test_a_second_train_call_is_refused_rather_than_exceeding_k(tmp_path):
     # the first run's masks counted as selected: the second SFT held 2K entries
     trainer = LotteryTicketSparseFineTuner(

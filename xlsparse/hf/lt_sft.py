@@ -8,7 +8,8 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   trainable non-maskable parameter (the head) stored whole ("absolute").
 - Maskable parameters: the `maskable_params` names given to the trainer; by default (as its
   example scripts) every trainable parameter under the model's `base_model_prefix`, so heads are
-  trained densely (its trainer itself, given None, masks every parameter, heads included).
+  trained densely (its trainer itself, given None, masks every parameter, heads included); a model
+  with no attribute of that name ((m)T5) masks every parameter but untied output embeddings.
   `SftArguments.maskable_exclude` removes names matching a pattern.
 - K = `ft_params_num`, else int(`ft_params_proportion` × number of maskable entries).
 - `n_ft_iterations` rounds. Each round: remember the parameters (the round's start); full
@@ -474,7 +475,12 @@ class LotteryTicketSparseFineTuner(Trainer):
         if maskable_params is None:
             prefix = getattr(self.model, "base_model_prefix", "")
             under = prefix and hasattr(self.model, prefix)
-            maskable = [n for n in trainable if not under or n.startswith(prefix + ".")]
+            if under:
+                maskable = [n for n in trainable if n.startswith(prefix + ".")]
+            else:  # no body under the prefix ((m)T5): an untied output embedding is the head, as freeze_head reads it
+                out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+                head = out.weight if out is not None and out.weight is not self.model.get_input_embeddings().weight else None
+                maskable = [n for n, p in trainable.items() if p is not head]
         else:
             aliases = {alias: name for p, name in self._names.values() for alias in _aliases(self.model, p)}
             unknown = [n for n in maskable_params if n not in aliases]
