@@ -87,6 +87,7 @@ def test_ids_of_the_wrong_shape_name_both_shapes(ids, lead):
 @pytest.mark.parametrize("lead,hint", [
     ((4, 3), r"generate\(num_beams=.*language_ids=ids"),  # generate's beams repeat the examples
     ((6,), r"flattened: give one id per token \[B, S\]"),  # OPT's feed-forward sees [B * S, H]
+    ((1, 8), r"one input shared by the batch's examples"),  # DeBERTa's relative-position rows
 ])
 def test_the_shape_error_says_what_repeated_or_flattened_the_rows(lead, hint):
     with pytest.raises(ValueError, match=hint):

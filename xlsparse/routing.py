@@ -120,6 +120,11 @@ def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:
                     "generate(..., language_ids=ids), which repeats them with the rows")
         else:  # OPT's feed-forward layers see [B * S, H]: which example a row is cannot be told
             hint = "; this layer sees the batch's tokens flattened: give one id per token [B, S]"
+    elif ids.dim() == 1 and len(lead) > 1 and lead[0] == 1 < ids.shape[0]:
+        # DeBERTa's query and key projections also run on the relative-position embeddings [1, 2·span, H]
+        hint = ("; this layer runs on one input shared by the batch's examples (DeBERTa's relative-position "
+                "embeddings, in its query and key projections), which no one example's language fits: route "
+                "batches of one example, or leave those layers out of target_modules")
     raise ValueError(f"route: language ids of shape {list(ids.shape)} fit neither the batch's examples "
                      f"[{lead[0] if lead else 0}] nor its tokens {list(lead)} (the layer input's leading dims){hint}")
 

@@ -264,6 +264,11 @@ def test_per_token_ids_are_refused_on_deberta_with_relative_attention():
             model(input_ids=ids, language_ids=per_token)
     with hf.route(model, [1]):  # one id for the example: its language everywhere, the relative rows too
         model(input_ids=ids)
+    # the relative rows [1, 2·span, H] serve every example: a batch of two raised "fit neither the batch's
+    # examples [1]", naming no cause
+    with pytest.raises(ValueError, match=r"one input shared by the batch's examples .*DeBERTa"):
+        with hf.route(model, [1, 0]):
+            model(input_ids=batch(2, 8))
 
 
 def test_per_token_ids_are_refused_on_a_decoder_with_cross_attention():
