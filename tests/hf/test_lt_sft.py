@@ -1922,6 +1922,23 @@ def test_the_untied_lm_head_of_a_model_without_its_prefix_attribute_is_a_head(tm
     assert ("lm_head.weight" in t._theta0) == (flag == "untie_embeddings") and "shared.weight" in t.maskable
 
 
+def test_a_model_saved_after_untying_its_head_reloads_with_its_shared_embeddings(tmp_path):
+    # untying sets config.tie_word_embeddings = False, and transformers 5 then ties nothing on load:
+    # mBART's encoder and decoder embed_tokens (one tensor with `shared`) were left out of the file as
+    # duplicates, and the reloaded model ran on freshly initialised embeddings (0.5 off), silently
+    torch.manual_seed(0)
+    model = _no_dropout(transformers.MBartForConditionalGeneration(transformers.MBartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=32)))
+    t = _trainer(tmp_path, model, freeze_head=True)
+    t.train()
+    t.save_model(str(tmp_path / "out"))
+    reloaded = transformers.MBartForConditionalGeneration.from_pretrained(str(tmp_path / "out")).eval()
+    ids = _LMData().ids[:2]
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_a_second_train_call_is_refused_rather_than_exceeding_k(tmp_path):
     # the first run's masks counted as selected: the second SFT held 2K entries
     trainer = LotteryTicketSparseFineTuner(

@@ -84,8 +84,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _transposed_weights, _untied, apply, index_dtype,
-                    refuse_sharded)
+from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transposed_weights, _untied, apply,
+                    index_dtype, refuse_sharded)
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
@@ -1280,7 +1280,7 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """During a sparse phase the weights are saved folded (θ0 + Δ) under the model's own
-        names, so a checkpoint loads into the original model class."""
+        names, so a checkpoint loads into the original model class; after untying, under every name."""
         if state_dict is None and self._converted:
             state_dict = self.model.state_dict()
             with torch.no_grad():
@@ -1292,6 +1292,16 @@ class LotteryTicketSparseFineTuner(Trainer):
                         state_dict[f"{mname}.weight"] = folded  # one tensor: a tied decoder stays tied
                         state_dict.pop(f"{mname}.delta_indices", None)
                         state_dict.pop(f"{mname}.delta_values", None)
+        if getattr(self.model.config, "tie_word_embeddings", True) is False:
+            # as untied here, transformers 5 ties nothing on load, yet writes a tensor held under several names
+            # once (mBART's shared, encoder and decoder embeddings): every name gets its own copy in the file
+            state_dict = dict(self.model.state_dict() if state_dict is None else state_dict)
+            seen = set()
+            for name, t in state_dict.items():
+                key = _storage_key(t)
+                if key in seen:
+                    state_dict[name] = t.clone()
+                seen.add(key)
         super()._save(output_dir, state_dict=state_dict)
 
     def _load_best_model(self):
