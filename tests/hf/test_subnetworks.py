@@ -13,6 +13,8 @@ import xlsparse
 from xlsparse import hf
 from xlsparse.hf import subnetworks
 
+transformers = pytest.importorskip("transformers")
+
 
 def _lm_batches(n, seed, b=4, s=8):
     g = torch.Generator().manual_seed(seed)
@@ -83,6 +85,30 @@ def test_reptile_step_updates_only_the_subnetworks():
         union = masks["de"][n] | masks["fr"][n]
         assert torch.equal(named[n][~union], before[n][~union])
         assert bool((named[n][union] != before[n][union]).any())
+
+
+def test_reptile_and_fomaml_route_a_converted_opt_by_one_id_per_token():
+    # OPT's fc1 and fc2 see the tokens flattened to [B·S, H]: a one-language batch was routed by one id
+    # per example, and every inner step of a converted OPT raised a route error asking for per-token ids
+    def opt():
+        torch.manual_seed(0)
+        return transformers.OPTForCausalLM(transformers.OPTConfig(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=48,
+            max_position_embeddings=32, word_embed_proj_dim=32, dropout=0.0, attention_dropout=0.0)).eval()
+
+    plain, model = opt(), opt()
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(dict(model.named_parameters())[n].shape, generator=g) < 0.2 for n in names}
+             for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=masks)
+    batches = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
+    for m in (plain, model):
+        subnetworks.reptile_step(m, batches, masks, inner_lr=0.1, outer_lr=0.5)
+        query = {lang: b[0] for lang, b in batches.items()}
+        subnetworks.fomaml_step(m, batches, query, masks, 0.1, 1, subnetworks.fomaml_optimizer(m, masks, lr=0.1))
+    for n in names:
+        torch.testing.assert_close(dict(model.named_parameters())[n], dict(plain.named_parameters())[n])
 
 
 def test_progress_must_be_a_bool():

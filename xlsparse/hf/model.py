@@ -1044,6 +1044,28 @@ def _language_ids(names: list[str], language_ids) -> torch.Tensor:
     return ids
 
 
+def _per_token_misfit(modules: list) -> str | None:
+    """Why per-token ids [B, S] cannot route these modules' layers (some run on rows that are not the
+    batch's own tokens), or None when they can."""
+    # any module's config, not only the model's own: a module holding T5 has no config of its own
+    configs = [c for c in (getattr(m, "config", None) for m in modules) if c is not None]
+    if any(getattr(c, "is_encoder_decoder", False) for c in configs):
+        return ("on an encoder-decoder model fit the source tokens, but the decoder's layers run on the target tokens "
+                "(a target of the same length would be routed by source positions); give one id per example [B]")
+    if any(getattr(c, "model_type", "").startswith("deberta") and getattr(c, "relative_attention", False)
+           for c in configs):
+        # the query and key projections also run on the relative-position embeddings [1, 2·span, H]:
+        # one example's per-token ids of length 2·span routed those rows by token position, silently
+        return ("on DeBERTa with relative attention: its query and key projections also run on the relative-position "
+                "embeddings, which no token's language fits; give one id per example [B] (a batch of one example)")
+    if any(getattr(c, "add_cross_attention", False) for c in configs):
+        # the cross-attention's key and value projections run on the encoder's states [B, S_enc, H]:
+        # with S_enc equal to the decoder's length they were routed by the decoder's token positions
+        return ("on a decoder with cross-attention: its key and value projections run on the encoder's states, whose "
+                "positions are not the tokens'; give one id per example [B]")
+    return None
+
+
 @accepts_compiled
 @contextlib.contextmanager
 def route(model: nn.Module, language_ids):
@@ -1065,26 +1087,9 @@ def route(model: nn.Module, language_ids):
         raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
     ids = _language_ids(languages(model), language_ids)
     modules = list(model.modules())
-    if ids.dim() > 1:  # per-token ids fit only layers that run on the batch's own tokens
-        # any module's config, not only the model's own: a module holding T5 has no config of its own
-        configs = [c for c in (getattr(m, "config", None) for m in modules) if c is not None]
-        if any(getattr(c, "is_encoder_decoder", False) for c in configs):
-            raise ValueError(f"route: per-token language ids {list(ids.shape)} on an encoder-decoder model fit the "
-                             "source tokens, but the decoder's layers run on the target tokens (a target of the same "
-                             "length would be routed by source positions); give one id per example [B]")
-        if any(getattr(c, "model_type", "").startswith("deberta") and getattr(c, "relative_attention", False)
-               for c in configs):
-            # the query and key projections also run on the relative-position embeddings [1, 2·span, H]:
-            # one example's per-token ids of length 2·span routed those rows by token position, silently
-            raise ValueError(f"route: per-token language ids {list(ids.shape)} on DeBERTa with relative attention: "
-                             "its query and key projections also run on the relative-position embeddings, which no "
-                             "token's language fits; give one id per example [B] (a batch of one example)")
-        if any(getattr(c, "add_cross_attention", False) for c in configs):
-            # the cross-attention's key and value projections run on the encoder's states [B, S_enc, H]:
-            # with S_enc equal to the decoder's length they were routed by the decoder's token positions
-            raise ValueError(f"route: per-token language ids {list(ids.shape)} on a decoder with cross-attention: its "
-                             "key and value projections run on the encoder's states, whose positions are not the "
-                             "tokens'; give one id per example [B]")
+    misfit = _per_token_misfit(modules) if ids.dim() > 1 else None
+    if misfit:
+        raise ValueError(f"route: per-token language ids {list(ids.shape)} {misfit}")
     for m in modules:
         # a masked LM with `sparse_prediction` (ModernBERT, UltraBERT) runs its head on the labelled tokens
         # only, gathered to [N, H]: per-example ids fit whenever N == B, and labelled token i ran in example

@@ -35,9 +35,9 @@ from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..ops import checks
 from ..optim import MaskedAdamW, MaskedSGD
-from .model import (_conv1d_weights, _converted, _grow_subnetworks, _language_ids, _refuse_max_norm,
-                    _restore_subnet_coverage, _saved_module_params, _subnet_base, _subnet_coverage, _swap_conv1d_layout,
-                    accepts_compiled, languages, route)
+from .model import (_conv1d_weights, _converted, _grow_subnetworks, _language_ids, _per_token_misfit,
+                    _refuse_max_norm, _restore_subnet_coverage, _saved_module_params, _subnet_base, _subnet_coverage,
+                    _swap_conv1d_layout, accepts_compiled, languages, route)
 
 
 def _progress(op: str, iterable, desc: str, enabled: bool):
@@ -61,6 +61,11 @@ def _in_language(op: str, model: nn.Module, lang: str, batch: Mapping):
         if not bool((given == languages(model).index(lang)).all()):
             raise ValueError(f"{op}: the batches of {lang!r} carry language_ids {given.tolist()}, which route them to other "
                              "languages; drop the field or give each batch under its own language")
+    tokens = batch.get("input_ids")
+    if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and _per_token_misfit(list(model.modules())) is None:
+        # one id per token where they fit: OPT's feed-forward sees the tokens flattened, [B·S, H], where
+        # per-example ids cannot be placed
+        return route(model, torch.full(tokens.shape, languages(model).index(lang), device=tokens.device))
     ids = next(v for v in batch.values() if isinstance(v, torch.Tensor))
     return route(model, [lang] * ids.shape[0])
 
