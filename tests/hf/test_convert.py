@@ -222,6 +222,17 @@ class _Holder(torch.nn.Module):
         return self.inner(**kwargs)
 
 
+def test_the_tied_refusal_says_how_to_untie_and_that_way_works():
+    # it advised config.tie_word_embeddings=False then model.tie_weights(), which unties nothing in
+    # transformers 5: the same refusal came back
+    model = tiny("gpt2")
+    with pytest.raises(ValueError, match=r"m = model.get_submodule\('lm_head'\); m.weight = nn.Parameter"):
+        hf.convert(model, ["lm_head"], density=0.1)
+    m = model.get_submodule("lm_head")
+    m.weight = torch.nn.Parameter(m.weight.detach().clone())
+    hf.convert(model, ["lm_head"], density=0.1)
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_per_token_ids_are_refused_on_an_encoder_decoder_model(wrapped):
     # the decoder's layers see [B, S_target]: source-token ids were applied to target positions whenever

@@ -182,9 +182,13 @@ def _refuse_tied(what: str, module_name: str, module: nn.Module, tied: dict) -> 
     for pname, _ in module.named_parameters(prefix=module_name, remove_duplicate=False):
         outside = [o for o in tied.get(pname, []) if not o.startswith(prefix)]
         if outside:
+            # transformers 5's tie_weights() ties and never unties: config.tie_word_embeddings=False then
+            # model.tie_weights(), the advice this gave, left them one tensor
+            owner, attr = pname.rsplit(".", 1)
             raise ValueError(f"{what}: {pname!r} is tied to {outside[0]!r} (one tensor, two uses); changing it here "
-                             "would change only one of them. Untie the weights first (e.g. config.tie_word_embeddings="
-                             f"False, then model.tie_weights()), or leave {module_name!r} out")
+                             "would change only one of them. Untie them first by giving it its own copy "
+                             f"(m = model.get_submodule({owner!r}); m.{attr} = nn.Parameter(m.{attr}.detach()"
+                             f".clone())), or leave {module_name!r} out")
 
 
 # --- layout helpers ---
