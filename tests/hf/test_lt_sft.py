@@ -1640,6 +1640,18 @@ def test_train_gives_the_training_arguments_back_as_they_were(tmp_path):
     assert plain.state.global_step == 6
 
 
+@pytest.mark.parametrize("given, named", [({"max_steps": 5}, "max_steps = 5"),
+                                          ({"num_train_epochs": 10}, "num_train_epochs = 10"),
+                                          ({"max_steps": 5, "num_train_epochs": 10},
+                                           "max_steps = 5 and num_train_epochs = 10 are")])
+def test_training_arguments_lengths_the_phases_do_not_use_are_named(tmp_path, given, named):
+    # each phase sets max_steps itself: a run length given to TrainingArguments did nothing, silently
+    with pytest.warns(UserWarning, match=f"TrainingArguments.{named}.* not used"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, **given), train_dataset=_LMData(),
+                                     sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1,
+                                                           sparse_ft_max_steps_per_iteration=1))
+
+
 def test_the_trainer_runs_the_capped_number_of_steps(tmp_path):
     class _Count(transformers.TrainerCallback):
         def __init__(self):

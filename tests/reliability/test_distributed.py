@@ -648,11 +648,14 @@ def _scored_example(rank: int) -> dict:
 def _wrapped_scores_worker(rank: int, out: str):
     from torch.distributed.device_mesh import init_device_mesh
 
-    from xlsparse.hf.subnetworks import importance_scores
+    from xlsparse.hf.subnetworks import importance_scores, structured_importance
 
-    def outcome(model):
+    def outcome(model, structured=False):
         try:  # every parameter (the DDP wrapper names them module.<name>)
-            importance_scores(model, {"de": [_scored_example(rank)]}, progress=False)
+            if structured:
+                structured_importance(model, [_scored_example(rank)])
+            else:
+                importance_scores(model, {"de": [_scored_example(rank)]}, progress=False)
             return ""
         except ValueError as exc:
             return str(exc)
@@ -662,7 +665,7 @@ def _wrapped_scores_worker(rank: int, out: str):
     # the way that works: each process scores its own examples on the unwrapped model, then sums
     own = importance_scores(ddp.module, {"de": [_scored_example(rank)]}, params=[_SCORED], progress=False)
     _gather_to(out, rank, (outcome(ddp), outcome(sharded), xdist.all_reduce_scores(own)["de"][_SCORED],
-                           _continual_outcome(ddp, rank)))
+                           _continual_outcome(ddp, rank), outcome(ddp, True), outcome(sharded, True)))
     return ddp, sharded
 
 
@@ -686,6 +689,8 @@ def test_importance_scores_refuse_a_model_whose_backward_averages_the_processes_
     # (FSDP2's came back as DTensors, which all_reduce_scores sends to topk_mask as they are).
     # continual_update on a DDP wrapper froze the parameters outside the masks after DDP had
     # registered them: their buckets never synced, and each process stepped its own gradients.
+    # structured_importance skipped the backward of an example without a labelled token on one
+    # process only: the other waited in the backward's collective forever.
     pytest.importorskip("torch.distributed.fsdp")
     from xlsparse.hf.subnetworks import importance_scores
 
@@ -693,9 +698,11 @@ def test_importance_scores_refuse_a_model_whose_backward_averages_the_processes_
     _spawn(_wrapped_scores_worker, out)
     want = importance_scores(_scored_model(), {"de": [_scored_example(0), _scored_example(1)]}, params=[_SCORED],
                              progress=False)["de"][_SCORED]
-    for ddp, sharded, summed, continual in torch.load(out, weights_only=False):
-        assert "DistributedDataParallel" in ddp and "model.module" in ddp, ddp
-        assert "FSDP2" in sharded and "all_reduce_scores" in sharded, sharded
+    for ddp, sharded, summed, continual, *structured in torch.load(out, weights_only=False):
+        for said in (ddp, structured[0]):
+            assert "DistributedDataParallel" in said and "model.module" in said, said
+        for said in (sharded, structured[1]):
+            assert "FSDP2" in said and "all_reduce_scores" in said, said
         torch.testing.assert_close(summed, want)
         assert "DistributedDataParallel" in continual and "continual_trainer" in continual, continual
 

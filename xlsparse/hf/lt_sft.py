@@ -82,7 +82,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transposed_weights, _untied, apply,
                     index_dtype, refuse_sharded)
@@ -535,10 +535,17 @@ class LotteryTicketSparseFineTuner(Trainer):
                              "batches name their source, which accelerate cannot dispatch; leave dispatch_batches "
                              "off (split_batches works)")
         caps = {a.full_ft_max_steps_per_iteration, a.sparse_ft_max_steps_per_iteration}
-        if self.args.max_steps > 0 and self.args.max_steps not in caps:  # each phase sets max_steps itself
-            warnings.warn(f"TrainingArguments.max_steps = {self.args.max_steps} is not used: each LT-SFT phase runs "
-                          "SftArguments' *_ft_max_steps_per_iteration (or *_max_epochs_per_iteration) steps, as in "
-                          "composable-sft", stacklevel=2)
+        unused = []  # each phase sets max_steps itself, which the Trainer reads before num_train_epochs
+        if self.args.max_steps > 0 and self.args.max_steps not in caps:
+            unused.append(f"max_steps = {self.args.max_steps}")
+        epochs = {a.full_ft_max_epochs_per_iteration, a.sparse_ft_max_epochs_per_iteration}
+        default_epochs = TrainingArguments.__dataclass_fields__["num_train_epochs"].default
+        if self.args.num_train_epochs not in epochs | {default_epochs}:  # the default: nothing was asked
+            unused.append(f"num_train_epochs = {self.args.num_train_epochs}")
+        if unused:
+            warnings.warn(f"TrainingArguments.{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} not used: "
+                          "each LT-SFT phase runs SftArguments' *_ft_max_steps_per_iteration or "
+                          "*_ft_max_epochs_per_iteration (the smaller), as in composable-sft", stacklevel=2)
         strategy = self.args.train_sampling_strategy
         if isinstance(self.train_dataset, MultiSourceDataset) and strategy not in ("random", "sequential"):
             # its batches come from SingleSourceBatchSampler, one source each: the Trainer's sampler is not used
@@ -810,11 +817,10 @@ class LotteryTicketSparseFineTuner(Trainer):
                             values.copy_(resumed_deltas[name].values.to(values))
         try:
             state = _checkpoint_state(resume_from_checkpoint) if resume_from_checkpoint is not None else None
-            if state is not None and state.global_step >= self.args.max_steps:
-                # the phase ended there, but the Trainer checks max_steps only after a step: resumed
-                # within an epoch it took one step more (θ moved at a constant lr, and the RNG state
-                # the next round starts from moved at any lr). The deltas are in place already; the
-                # phase's end still loads the best model, as it did in the checkpoint's run.
+            if state is not None and _run_ended(state, self.args.max_steps):
+                # the phase ended there: a step more moved θ at a constant lr, and the RNG state the next
+                # round starts from at any lr. The deltas are in place already; the phase's end still
+                # loads the best model, as it did in the checkpoint's run.
                 self.state = state
                 self._load_rng_state(resume_from_checkpoint)
                 if self.args.load_best_model_at_end and state.best_model_checkpoint is not None:
@@ -1343,6 +1349,12 @@ def _checkpoint_state(folder: str):
     return TrainerState.load_from_json(os.path.join(folder, TRAINER_STATE_NAME))
 
 
+def _run_ended(state, max_steps: int) -> bool:
+    """Whether a checkpoint's `state` is at or past a run's last step: the Trainer checks max_steps
+    only after a step, so resumed there within an epoch it would take one step more."""
+    return 0 < max_steps <= state.global_step
+
+
 def _load_weights(folder: str) -> dict:
     """The tensors of a checkpoint's model weights: model*.safetensors (sharded or not), else the
     pytorch_model*.bin files that transformers 4.x writes with `save_safetensors=False`."""
@@ -1373,12 +1385,12 @@ def _refuse_model_only(checkpoint) -> None:
 
 
 def _refuse_finished(checkpoint, args) -> None:
-    """A checkpoint of a run's last step has nothing left to train under the same max_steps, but
-    the Trainer checks max_steps only after a step: resumed within an epoch, it took one step more
-    and saved it as the result, silently. (LT-SFT goes on with its next round instead.)"""
-    step = _checkpoint_state(checkpoint).global_step
-    if 0 < args.max_steps <= step:
-        raise ValueError(f"resume_from_checkpoint: {checkpoint} is at step {step} and TrainingArguments.max_steps = "
+    """A checkpoint of a run's last step (`_run_ended`) has nothing left to train under the same
+    max_steps; the step more would be saved as the result, silently. (LT-SFT goes on with its next
+    round instead.)"""
+    state = _checkpoint_state(checkpoint)
+    if _run_ended(state, args.max_steps):
+        raise ValueError(f"resume_from_checkpoint: {checkpoint} is at step {state.global_step} and TrainingArguments.max_steps = "
                          f"{args.max_steps}: its run ended there, and the Trainer would take a step more; raise "
                          "max_steps to train on")
 

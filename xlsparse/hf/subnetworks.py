@@ -104,6 +104,19 @@ def _check_language_batches(op: str, batches) -> None:
         _check_batches(op, f"batches[{lang!r}]", lang_batches)
 
 
+def _refuse_distributed_model(op: str, model: nn.Module, named: dict) -> None:
+    """Scores are taken per process, on an unwrapped, unsharded model. Under DDP or FSDP2 every
+    backward is a collective: an example one process skips (its loss NaN: no labelled token) left
+    the others waiting forever, and DDP's and FSDP2's backward average each example's gradient
+    with the other processes' examples before |g·θ| or g² is taken."""
+    instead = ("score an unwrapped, unsharded model in each process (each its own examples), then sum the scores with "
+               "xlsparse.distributed.all_reduce_scores")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(f"{op}: model is wrapped by DistributedDataParallel, whose every backward is a collective "
+                         f"that averages the processes' gradients; pass model.module: {instead}")
+    refuse_sharded(op, named, f"Its every backward would be a collective; {instead}")
+
+
 def _examples(batch: Mapping, what: str = "importance_scores") -> list[dict]:
     """The batch split into batches of one example (every tensor sliced along its first dim)."""
     sizes = {v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0}
@@ -133,18 +146,13 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     masks take (a GPT-2 Conv1D weight's scores are [in, out], converted or not). Under
     torch.distributed each process scores its own examples on its unwrapped model and sums the
     scores with `xlsparse.distributed.all_reduce_scores`; a DDP wrapper or an FSDP2-sharded model
-    raises ValueError (its backward averages the processes' examples before the magnitude is taken).
+    raises ValueError (`_refuse_distributed_model`).
     """
     if method not in ("grad_x_weight", "fisher"):
         raise ValueError(f"importance_scores: method must be 'grad_x_weight' or 'fisher', got {method!r}")
     _check_language_batches("importance_scores", batches)
-    # DDP's and FSDP2's backward average each example's gradient with the other processes' examples
-    # before |g·θ| or g² is taken: Σ|mean| is not the per-example sum over the processes' data
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError("importance_scores: model is wrapped by DistributedDataParallel, whose backward averages "
-                         "each example's gradient with the other processes' examples; pass model.module (each process "
-                         "scores its own examples), then sum the scores with xlsparse.distributed.all_reduce_scores")
     named = dict(model.named_parameters())
+    _refuse_distributed_model("importance_scores", model, named)
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
     missing = [n for n in names if n not in named]
     if missing:
@@ -153,10 +161,6 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     if frozen:  # no gradient reaches them: their scores would be all zeros, ranked as if real
         raise ValueError(f"importance_scores: params name {frozen[:5]}, which do not require grad, so they would "
                          "score 0 everywhere; unfreeze them (requires_grad_(True)) for scoring, or leave them out")
-    refuse_sharded("importance_scores", {n: named[n] for n in names},  # the rule above, for FSDP2
-                   "Its backward would average each example's gradient with the other processes' examples before "
-                   "|g·θ| or g² is taken; score an unsharded copy of the model in each process, then sum the scores "
-                   "with xlsparse.distributed.all_reduce_scores")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     scores = {}
     for lang, lang_batches in batches.items():
@@ -411,9 +415,11 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     |∂ℓ_i/∂ξ| over the examples, so it does not depend on how examples are batched. An example
     whose loss is NaN (no labelled token) adds nothing. On a converted model the subnetwork
     layers run unmasked (the whole network, in training mode too). The model's gradients are
-    left cleared.
+    left cleared. Under torch.distributed, as `importance_scores`: each process scores its own
+    examples on its unwrapped model (a DDP wrapper or an FSDP2-sharded model raises ValueError).
     """
     _check_batches("structured_importance", "batches", batches)
+    _refuse_distributed_model("structured_importance", model, dict(model.named_parameters()))
     _, layers = block_layout(model)
     heads, _ = _heads(model)
     modules = dict(model.named_modules())

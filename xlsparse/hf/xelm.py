@@ -930,9 +930,9 @@ class ExpertTrainer(Trainer):
                                   lambda m, b: m(**b).loss, "ExpertTrainer")
         super().__init__(self.setup.model, *args, **kwargs)
         if self.accelerator.num_processes > 1:
-            # each process drew its support from its own RNG: take process 0's, as DDP's first sync
-            # does only with ddp_broadcast_buffers on (off, each process trained its own support and
-            # DDP averaged the gradients of different entries position by position)
+            # the support is drawn under TrainingArguments.seed, which a launcher may set per process: take
+            # process 0's, as DDP's first sync does only with ddp_broadcast_buffers on (off, each process
+            # trained its own support and DDP averaged the gradients of different entries position by position)
             for layer in self.setup.model.modules():
                 if isinstance(layer, SparseDeltaLinear):
                     torch.distributed.broadcast(layer.delta_indices, src=0)
