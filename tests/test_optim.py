@@ -1106,8 +1106,9 @@ def test_multi_mask_weight_grad_matches_per_language_loop(backend, dtype, t, o, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_multi_mask_weight_grad_cpu_token_chunks_cut_across_languages(dtype):
-    # The CPU kernel gathers at most 2**21 input entries at a time: with 3000 columns, 1500 tokens
-    # go in 3 chunks of 500, whose edges fall inside languages' token groups.
+    # The CPU kernel gathers at most 2**21 input entries at a time: with 3000 columns, the 1112
+    # routed tokens of 1500 go in 2 chunks of 556, whose edge falls inside a language's token group
+    # (and the first chunk's pieces overwrite the uninitialised output).
     grad_out, x, masks, ids, groups = _mmwg_case(1500, 21, 3000, 3, dtype, seed=12)
     out = ops.multi_mask_weight_grad(grad_out, x, masks, groups.order, groups.offsets)
     ref64 = _per_language_loop(grad_out, x, masks, ids)

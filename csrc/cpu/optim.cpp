@@ -282,11 +282,15 @@ at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tens
   const auto off_t = offsets.contiguous();
   check_multi_mask_weight_grad(op, grad_out, input, masks, order, off_t);
   const int64_t num_ids = masks.size(0), rows = grad_out.size(1), cols = input.size(1);
-  const int64_t tokens_total = order.size(0);
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  auto dw = at::zeros({rows, cols}, input.options().dtype(acc));
-  const auto mask = masks.contiguous();
   const int64_t* off = off_t.data_ptr<int64_t>();
+  // the languages' token ranges tile [off[0], off[L]) of `order`; the tokens outside are unrouted
+  const int64_t first_token = off[0], end_token = off[num_ids], tokens_total = end_token - first_token;
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  // uninitialised: each band's first piece overwrites it (16 MiB not zeroed and read again at
+  // 4096x1024); without routed tokens there is no piece
+  auto dw = tokens_total ? at::empty({rows, cols}, input.options().dtype(acc))
+                         : at::zeros({rows, cols}, input.options().dtype(acc));
+  const auto mask = masks.contiguous();
   // two bands per thread (parallel_for splits them evenly), at least 16 rows each, at most
   // kBandEntries entries
   const int64_t per_thread = (rows + 2 * at::get_num_threads() - 1) / (2 * at::get_num_threads());
@@ -297,21 +301,23 @@ at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tens
   const int64_t pieces = (tokens_total + max_chunk - 1) / max_chunk;
   const int64_t chunk = pieces ? (tokens_total + pieces - 1) / pieces : 1;
   AT_DISPATCH_FLOATING_TYPES(acc, "multi_mask_weight_grad", [&] {
-    for (int64_t c0 = 0; c0 < tokens_total; c0 += chunk) {
-      const int64_t c1 = std::min(c0 + chunk, tokens_total);
+    for (int64_t c0 = first_token; c0 < end_token; c0 += chunk) {
+      const int64_t c1 = std::min(c0 + chunk, end_token);
       const auto x = input.index_select(0, order.slice(0, c0, c1)).to(acc);
       at::parallel_for(0, num_bands, 1, [&](int64_t b0, int64_t b1) {
         auto part = at::empty({band, cols}, x.options());
         for (int64_t b = b0; b < b1; ++b) {
           const int64_t r0 = b * band, r1 = std::min(rows, r0 + band);
           auto out = part.slice(0, 0, r1 - r0);
+          bool written = c0 > first_token;  // every chunk holds some language's tokens
           for (int64_t l = 0; l < num_ids; ++l) {
             const int64_t t0 = std::max(off[l], c0), t1 = std::min(off[l + 1], c1);
             if (t0 >= t1) continue;
             const auto dy = grad_out.slice(1, r0, r1).index_select(0, order.slice(0, t0, t1)).to(acc);
             at::mm_out(out, dy.t(), x.slice(0, t0 - c0, t1 - c0));
             masked_add(dw.data_ptr<scalar_t>() + r0 * cols, out.data_ptr<scalar_t>(),
-                       mask.data_ptr<bool>() + (l * rows + r0) * cols, 0, (r1 - r0) * cols);
+                       mask.data_ptr<bool>() + (l * rows + r0) * cols, 0, (r1 - r0) * cols, !written);
+            written = true;
           }
         }
       });

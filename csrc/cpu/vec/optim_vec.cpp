@@ -104,10 +104,11 @@ int64_t adamw_compact(const FloatJob& q, const int32_t* idx, int64_t begin, int6
   return j;
 }
 
-int64_t masked_add(float* dst, const float* src, const bool* mask, int64_t n) {
+int64_t masked_add(float* dst, const float* src, const bool* mask, int64_t n, bool overwrite) {
   int64_t i = 0;
   for (; i + kV <= n; i += kV) {
-    const FVec kept = FVec::loadu(dst + i);  // a blend, not + 0: an entry outside the mask keeps its bits (-0.0)
+    // a blend, not + 0: an entry outside the mask keeps its bits (-0.0)
+    const FVec kept = overwrite ? FVec(0.f) : FVec::loadu(dst + i);
     FVec::blendv(kept, kept + FVec::loadu(src + i), lanes_of(mask + i)).store(dst + i);
   }
   return i;

@@ -39,8 +39,9 @@ struct OptimKernels {
   // Compact selection (int32 indices): gathers p and g, streams the K-sized state.
   int64_t (*adamw_compact)(const FloatJob& q, const int32_t* idx, int64_t begin, int64_t end,
                            const AdamwCoef<float>& c, bool amsgrad);
-  // dst[i] += src[i] where mask[i], for i < the returned count (exact: outside the mask dst keeps its bits).
-  int64_t (*masked_add)(float* dst, const float* src, const bool* mask, int64_t n);
+  // dst[i] += src[i] where mask[i], for i < the returned count (exact: outside the mask dst keeps its bits);
+  // `overwrite`: dst is taken as zeros, not read (masked_add.h).
+  int64_t (*masked_add)(float* dst, const float* src, const bool* mask, int64_t n, bool overwrite);
   int64_t (*sgd)(const FloatJob& q, int64_t begin, int64_t end, const SgdCoef<float>& c, bool first, bool momentum,
                  bool nesterov);
 };
