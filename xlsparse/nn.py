@@ -78,6 +78,19 @@ def _bump_version(weight: torch.Tensor) -> None:
         torch.autograd.graph.increment_version(weight)
 
 
+def _check_delta_pairs(state_dict, prefix: str, pairs) -> None:
+    """A delta's values are one per entry of its indices: a state dict with one of the two (the
+    trainable parameters alone, `load_state_dict(strict=False)`) put the values on the layer's own
+    support, which a random one (convert with density or k) shares 10% of at density 0.1: the
+    layer ran another delta, silently. Raise before anything of the layer loads."""
+    for pair in pairs:
+        has = [prefix + key for key in pair if prefix + key in state_dict]
+        if len(has) == 1:
+            lacks = next(prefix + key for key in pair if prefix + key not in state_dict)
+            raise ValueError(f"load_state_dict: the state dict has {has[0]} but not {lacks}; a delta's values belong to "
+                             "the indices they were trained at: load both (model.state_dict() holds both)")
+
+
 class _DeltaView:
     """A layer's single delta read as a SparseDelta-like object (`.indices`, `.values`)."""
 
@@ -286,6 +299,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         return self.base_weight() if self.merged else saved  # W0, not W0 + Δ: the delta is saved beside it
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _check_delta_pairs(state_dict, prefix, [("delta_indices", "delta_values")])
         self.unmerge()  # the loaded W0 and Δ replace the merged ones; a weight not in the dict gets W0 back
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -437,6 +451,8 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
                               error_msgs):
         key = prefix + self._NAMES_KEY
         self._check_state_names(state_dict, prefix)
+        _check_delta_pairs(state_dict, prefix, [(f"delta_indices_{i}", f"delta_values.{i}")
+                                                    for i in range(len(self.names))])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in unexpected_keys:
@@ -668,6 +684,10 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
             values = torch.where(ids[token] == self.padding_idx, values.detach(), values)
         out = out.index_put((token, column), values, accumulate=True)
         return out.reshape(*input_ids.shape, self.embedding_dim)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        _check_delta_pairs(state_dict, prefix, [("delta_indices", "delta_values")])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_support(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
         """As `SparseDeltaLinear.set_support`: a new support, same module and Parameter."""

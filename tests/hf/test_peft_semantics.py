@@ -1921,6 +1921,37 @@ def test_a_multi_model_holds_its_own_copy_of_the_diffs_indices():
             assert torch.equal(d.indices, kept[lang][n]), (lang, n)
 
 
+@pytest.mark.parametrize("kind", ["delta", "multi", "embedding"])
+def test_a_state_dict_with_a_deltas_values_but_not_its_indices_is_refused(kind):
+    # the trainable parameters alone, loaded with strict=False into a model converted afresh: the
+    # values went onto the new model's own random support (10% shared at density 0.1), silently
+    base = tiny("bert")
+    torch.manual_seed(1)
+    if kind == "multi":
+        convert = lambda seed: hf.convert(copy.deepcopy(base), kind="multi", diffs={
+            lang: random_diff(base, 20, 0.3, seed=seed + e) for e, lang in enumerate(["de", "fr"])})
+    elif kind == "delta":
+        convert = lambda seed: hf.convert(copy.deepcopy(base), density=0.1)
+    else:
+        convert = lambda seed: xlsparse.nn.SparseDeltaEmbedding.from_embedding(
+            copy.deepcopy(base.bert.embeddings.word_embeddings), density=0.1)
+    trained = convert(0)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "delta_values" in n:
+                p.normal_()
+    values = {n: p.detach() for n, p in trained.named_parameters() if p.requires_grad}
+    indices = {n: t for n, t in trained.state_dict().items() if "delta_indices" in n}
+    fresh = convert(5)
+    before = {n: t.clone() for n, t in fresh.state_dict().items()}
+    for partial in (values, indices):
+        with pytest.raises(ValueError, match="delta_indices.*delta_values|delta_values.*delta_indices"):
+            fresh.load_state_dict(partial, strict=False)
+    assert all(torch.equal(t, before[n]) for n, t in fresh.state_dict().items())
+    fresh.load_state_dict(values | indices, strict=False)  # both: the trained delta, where it trained
+    assert all(torch.equal(t, trained.state_dict()[n]) for n, t in fresh.state_dict().items() if "delta_" in n)
+
+
 def test_a_multi_state_dict_refuses_a_model_with_the_languages_in_another_order():
     # The deltas are stored by id: a model converted with {"fr", "de"} took the German delta as
     # French and the French as German from a {"de", "fr"} state dict (a Trainer resume), silently
