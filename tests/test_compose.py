@@ -958,6 +958,32 @@ def test_revert_out_of_order_refuses_when_a_later_apply_changed_the_same_entries
     assert_bit_identical(model["w"], expect, "w after a revert over a dropped handle")
 
 
+def test_revert_refuses_under_a_later_apply_whose_handle_was_dropped():
+    # a dropped handle leaves its diff in the model for good: the earlier apply's revert restored
+    # the values before both, so apply(d) held, apply(d) dropped, revert gave base, not base + d
+    import gc
+
+    base = torch.randn(4, dtype=torch.float64)
+    d = SparseDiff({"w": SparseDelta(torch.tensor([0, 1]), torch.tensor([1.0, 2.0], dtype=torch.float64), (4,))})
+    model = {"w": base.clone()}
+    held = d.apply(model)
+    d.apply(model)  # dropped
+    gc.collect()
+    twice = model["w"].clone()
+    with pytest.raises(RuntimeError, match="whose handle was dropped"):
+        held.revert()
+    assert not held.reverted
+    assert_bit_identical(model["w"], twice, "w after the refused revert")
+    # what the dropped apply left is forgotten with the last apply before it: nothing accumulates
+    del held
+    gc.collect()
+    h = d.apply(model)
+    h.revert()
+    assert_bit_identical(model["w"], twice, "w after an apply and revert on top")
+    assert [len(refs) for key, refs in xlsparse.diff._in_place.items()
+            if key == xlsparse.diff._storage_key(model["w"])] in ([], [0])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_apply_rounds_once_where_a_sparse_and_a_dense_entry_meet(dtype):
     # A parameter changed by one diff's sparse delta and another's dense entry was stored twice

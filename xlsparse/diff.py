@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 import threading
+import types
 import warnings
 import weakref
 from collections.abc import Mapping
@@ -278,7 +279,8 @@ class ApplyHandle:
         """Put back every value the apply displaced, bit for bit. Only once. Reverts go in reverse
         order of the applies where they meet: while a later apply that is still in place changed
         some of the same entries, reverting this one would drop the later diff's change there
-        and leave this one's, so it is a RuntimeError (disjoint supports revert in any order).
+        and leave this one's, so it is a RuntimeError (disjoint supports revert in any order), also
+        when that later apply's handle was dropped (its diff stays in the model for good).
         A tensor whose storage, dtype or device changed since apply (the model was converted)
         is a RuntimeError too. Nothing is written when it raises."""
         if self.reverted:
@@ -295,7 +297,8 @@ class ApplyHandle:
         if later:
             raise RuntimeError(f"revert: {later} were changed again by a later apply (or SparseDeltaLinear.merge) that "
                                "is still in place; revert the later apply (unmerge) first (reverts go in reverse "
-                               "order of the applies), or the later "
+                               "order of the applies; a later apply whose handle was dropped stays for good, and "
+                               "so must this one), or the later "
                                "diff's changes would be lost and this diff's would stay; nothing was reverted")
         for name, t, placement in self._changed:
             if _placement(t) != placement:
@@ -738,6 +741,32 @@ _in_place: dict = {}
 _keys_of = weakref.WeakKeyDictionary()  # handle -> its storage keys, taken once when it is remembered
 
 
+class _Ref(weakref.ref):
+    """A weak reference to an apply's handle that keeps what the apply wrote (`_touched`). A handle
+    dropped unreverted leaves its diff in the model for good, and an earlier apply's revert over
+    the same entries must still see it: it restored the values before both, so `h = apply(d)`,
+    `apply(d)` (dropped), `h.revert()` gave the base instead of base + d, silently."""
+
+    __slots__ = ("_calls", "_originals")
+
+    _touched = ApplyHandle._touched
+
+
+def _entry(r):
+    """What `r` refers to: the live handle, or a dropped apply's `_Ref` itself; None for neither."""
+    h = r()
+    return h if h is not None or not isinstance(r, _Ref) else r
+
+
+def _pruned(refs) -> list:
+    """`refs` less the dead: a dropped apply's `_Ref` stays while something earlier is in place (whose
+    revert it must block); with nothing before it, it blocks no revert."""
+    kept = [r for r in refs if _entry(r) is not None]
+    while kept and kept[0]() is None:
+        kept.pop(0)
+    return kept
+
+
 def _handle_keys(handle, known: dict | None = None) -> list:
     """The storage keys of the tensors `handle` changed, as they were when it was remembered (a
     copy or an unpickled handle takes them afresh); every apply + revert asked three times.
@@ -776,14 +805,20 @@ def _remember_apply(handle, known: dict | None = None) -> None:
         if len(_in_place) > 1024:  # applies never reverted leave dead references: sweep them now and then
             for key in [k for k, refs in _in_place.items() if all(r() is None for r in refs)]:
                 del _in_place[key]
+        ref = weakref.ref(handle)
+        if isinstance(handle, ApplyHandle):
+            ref = _Ref(handle)
+            # what `_touched` reads only: not the displaced values, nor the copies of dense entries
+            ref._calls = [types.SimpleNamespace(dense=c.dense, indices=c.indices, target=c.target) for c in handle._calls]
+            ref._originals = [(t, None) for t, _ in handle._originals]
         for key in _handle_keys(handle, known):
-            _in_place[key] = [r for r in _in_place.get(key, []) if r() is not None] + [weakref.ref(handle)]
+            _in_place[key] = _pruned(_in_place.get(key, [])) + [ref]
 
 
 def _forget_apply(handle) -> None:
     with _busy_lock:
         for key in _handle_keys(handle):
-            stack = [r for r in _in_place.get(key, []) if r() is not None and r() is not handle]
+            stack = _pruned([r for r in _in_place.get(key, []) if r() is not handle])
             if stack:
                 _in_place[key] = stack
             else:
@@ -806,7 +841,7 @@ def _later_applies(handle) -> list:
     with _busy_lock:
         later = {}
         for key in _handle_keys(handle):
-            alive = [r() for r in _in_place.get(key, []) if r() is not None]
+            alive = [e for r in _in_place.get(key, []) if (e := _entry(r)) is not None]
             if handle in alive:
                 later[key] = alive[alive.index(handle) + 1:]
     if not any(later.values()):
