@@ -910,6 +910,21 @@ def test_set_masks_checks_every_shape_before_changing_a_layer():
         assert torch.equal(layer.masks, want), n
 
 
+def test_set_masks_refuses_a_plain_optimizer_before_changing_a_layer():
+    # a torch AdamW raised AttributeError (no update_masks) after every layer had the new masks:
+    # the model then routed the new supports while the optimizer still stepped the old ones
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("gpt2")
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    before = {n: (layer.masks.clone(), layer.weight.detach().clone()) for n, layer in layers.items()}
+    grown = {lang: {n: ~m for n, m in lang_masks.items()} for lang, lang_masks in masks.items()}
+    with pytest.raises(TypeError, match="set_masks: optimizer must be an xlsparse masked optimizer.*got AdamW"):
+        subnetworks.set_masks(model, grown, optimizer=torch.optim.AdamW(model.parameters()))
+    for n, layer in layers.items():
+        assert torch.equal(layer.masks, before[n][0]) and torch.equal(layer.weight, before[n][1]), n
+
+
 @pytest.mark.parametrize("name", ["module.{}", "{}x", "transformer.wte.weight", "{}bias"])
 def test_set_masks_refuses_names_no_converted_layer_reads(name):
     """A name that matches no converted weight (a prefix, a typo, a parameter that is not routed)

@@ -205,9 +205,16 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     shape is checked before any layer changes.
     `extract_diff`, `save_pretrained` and `disable` then cover every entry that any mask so far
     opened: an entry that leaves the masks keeps what it learned, so it stays in the diff."""
+    from ..optim import _MaskedOptimizer
+
     order = languages(model)
     if list(masks) != order:
         raise ValueError(f"set_masks: languages {list(masks)} differ from the model's {order}")
+    if optimizer is not None and not isinstance(_unwrap(optimizer), _MaskedOptimizer):
+        # before any layer changes: a torch AdamW raised AttributeError (no update_masks) after every
+        # layer had taken the new masks, so the model and its optimizer trained different supports
+        raise TypeError(f"set_masks: optimizer must be an xlsparse masked optimizer (MaskedAdamW, MaskedSGD), which "
+                        f"set_masks re-masks; got {type(_unwrap(optimizer)).__name__}; nothing was changed")
     routed = {f"{name}.weight" for name, _ in _converted(model, SubnetworkLinear)}
     for lang in order:  # a name no layer reads would be dropped, leaving every layer an empty mask
         unknown = sorted(n for n in masks[lang] if n not in routed)
@@ -230,7 +237,7 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     for _, layer, per_lang in new:
         layer.set_masks(per_lang)
     if optimizer is not None:
-        _follow_masks(optimizer, [layer for _, layer, _ in new])
+        _follow_masks(_unwrap(optimizer), [layer for _, layer, _ in new])
 
 
 def _follow_masks(optimizer, layers: list) -> None:
