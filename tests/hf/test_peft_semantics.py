@@ -859,6 +859,27 @@ def test_disable_restores_the_trained_state_after_a_merge_made_inside_the_block(
         assert torch.equal(_bits(p), _bits(trained[n])), n
 
 
+def test_disable_restores_the_trained_head_when_its_exit_cannot_revert_an_apply_made_inside():
+    # an apply made in the block, then a merge over its entries: the exit's revert is refused, and
+    # the modules to save were left at their base values (the trained head lost), the error silent on it
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).eval()
+    hf.convert(model, target_modules=["0"], density=0.5, modules_to_save=["2"])
+    with torch.no_grad():
+        model[0].delta_values.normal_()
+        model[2].weight.add_(1.0)
+    trained = model[2].weight.detach().clone()
+    idx = model[0].delta_indices[:2].long()
+    diff = xlsparse.SparseDiff({"0.weight": xlsparse.SparseDelta(idx, torch.tensor([1.0, 2.0]), (3, 4))})
+    with pytest.raises(RuntimeError, match="later apply"):
+        with hf.disable(model):
+            handle = xlsparse.apply([diff], model)
+            hf.merge(model)
+    assert torch.equal(model[2].weight, trained)
+    hf.unmerge(model)
+    handle.revert()
+
+
 # --- routing ---
 
 def _multi(arch="llama"):

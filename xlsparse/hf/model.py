@@ -1696,14 +1696,16 @@ def disable(model: nn.Module):
                 for layer in layers:
                     layer.disabled = False
                 on_model = {id(h) for h in applies_on([*named.values(), *model.buffers()])}  # diffs may name buffers
-                for handle in reversed(made):  # newest first
-                    if id(handle) in on_model:
-                        handle.revert()
-                with torch.no_grad():
-                    for n, value in kept.items():
-                        named[n].copy_(value)
-                    for n, (union, _) in covered.items():
-                        subnets[n].weight.view(-1)[union] = kept_subnet[n]
+                try:
+                    for handle in reversed(made):  # newest first
+                        if id(handle) in on_model:
+                            handle.revert()
+                finally:  # a refused revert (a merge made in the block over its entries) left the base head in
+                    with torch.no_grad():
+                        for n, value in kept.items():
+                            named[n].copy_(value)
+                        for n, (union, _) in covered.items():
+                            subnets[n].weight.view(-1)[union] = kept_subnet[n]
     finally:
         rec.lock.release()
 
