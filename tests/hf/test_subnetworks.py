@@ -1353,6 +1353,39 @@ def test_importance_scores_refuse_a_parameter_that_does_not_require_grad():
     assert all(float(scores["de"][n].sum()) > 0 for n in trainable)
 
 
+def test_importance_scores_leave_the_gradients_cleared_when_a_backward_fails():
+    # a backward that failed part way (out of memory, a hook) left the upper layers' gradients of
+    # that example in .grad, for the caller's next optimizer step to add in
+    model = tiny("bert")
+    emb = model.bert.embeddings.word_embeddings.weight
+    calls = []
+
+    def loss_fn(m, b):
+        calls.append(1)
+        if len(calls) == 2:
+            emb.register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("backward failed")))
+        return m(**b).loss
+
+    with pytest.raises(RuntimeError, match="backward failed"):
+        subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, loss_fn=loss_fn, progress=False)
+    assert len(calls) == 2
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+    # the meta-learning steps, which restore θ on a failure, restore its gradients (none) too
+    body = {n: torch.ones_like(p, dtype=torch.bool) for n, p in model.named_parameters() if ".encoder." in n}
+    masks = {"de": body, "fr": body}
+    data = {"de": _lm_batches(1, 1)[0], "fr": _lm_batches(1, 2)[0]}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in (lambda: subnetworks.reptile_step(model, data, masks, loss_fn=loss_fn),
+                 lambda: subnetworks.fomaml_step(model, data, data, masks, 1e-3, 1,
+                                                 subnetworks.fomaml_optimizer(model, masks, lr=1e-3), loss_fn=loss_fn)):
+        calls.clear()
+        emb._backward_hooks.clear()
+        with pytest.raises(RuntimeError, match="backward failed"):
+            step()
+        assert [n for n, p in model.named_parameters() if p.grad is not None] == []
+        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_set_masks_keeps_the_optimizer_masks_of_the_other_parameters(mode):
     """set_masks re-masks the converted weights in the optimizer; a parameter it does not route (a

@@ -163,25 +163,27 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
                          "score 0 everywhere; unfreeze them (requires_grad_(True)) for scoring, or leave them out")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     scores = {}
-    for lang, lang_batches in batches.items():
-        acc = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
-        examples = (x for batch in lang_batches for x in _examples(batch))
-        for example in _progress("importance_scores", examples, f"importance {lang}", progress):
-            model.zero_grad(set_to_none=True)
-            with _in_language("importance_scores", model, lang, example), _unmasked(model):
-                loss = loss_fn(model, example)
-                if torch.isnan(loss):
-                    continue
-                # in the block: gradient checkpointing recomputes the forward here, routed and unmasked as it ran
-                loss.backward()
-            with torch.no_grad():
-                for n in names:
-                    g = named[n].grad
-                    if g is None:
+    try:  # cleared when a backward fails too: its partial gradients were left for the caller's next step
+        for lang, lang_batches in batches.items():
+            acc = {n: torch.zeros_like(named[n], dtype=torch.float32) for n in names}
+            examples = (x for batch in lang_batches for x in _examples(batch))
+            for example in _progress("importance_scores", examples, f"importance {lang}", progress):
+                model.zero_grad(set_to_none=True)
+                with _in_language("importance_scores", model, lang, example), _unmasked(model):
+                    loss = loss_fn(model, example)
+                    if torch.isnan(loss):
                         continue
-                    acc[n] += (g * named[n]).abs().float() if method == "grad_x_weight" else g.float().square()
-        scores[lang] = _swap_conv1d_layout(model, acc)
-    model.zero_grad(set_to_none=True)
+                    # in the block: gradient checkpointing recomputes the forward here, routed and unmasked as it ran
+                    loss.backward()
+                with torch.no_grad():
+                    for n in names:
+                        g = named[n].grad
+                        if g is None:
+                            continue
+                        acc[n] += (g * named[n]).abs().float() if method == "grad_x_weight" else g.float().square()
+            scores[lang] = _swap_conv1d_layout(model, acc)
+    finally:
+        model.zero_grad(set_to_none=True)
     return scores
 
 
@@ -360,6 +362,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
             with torch.no_grad():
                 for n, p in named.items():
                     p.copy_(start[n])
+            model.zero_grad(set_to_none=True)  # a failed backward's partial gradients too
     with torch.no_grad():
         for n, p in named.items():
             p.add_(total[n], alpha=outer_lr / max(len(batches), 1))
@@ -701,6 +704,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
             with torch.no_grad():
                 for p, p0 in zip(params, start):
                     p.copy_(p0)
+            model.zero_grad(set_to_none=True)  # a failed backward's partial gradients too
     model.zero_grad(set_to_none=True)
     for n, g in outer.items():
         named[n].grad = g / len(support)
