@@ -1820,6 +1820,42 @@ def test_a_weight_the_model_reads_itself_is_not_converted(tmp_path, legacy):
     assert len(gaps) == 3 and max(gaps) < 1e-5  # the model in training is θ0 + its SFT
 
 
+def test_a_head_that_liger_reads_itself_trains_as_without_liger(tmp_path, monkeypatch):
+    """TrainingArguments.use_liger_kernel makes a causal LM's training forward compute the loss
+    from `lm_head.weight` itself (Liger's fused linear cross-entropy; eval forwards call the
+    module, so the probe did not see it): a converted head's phase 2 read θ0, its deltas got no
+    gradient, and the head's entries ended at 0 in the SFT. Liger is stood in for by that read."""
+    import types
+
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def fake_liger(model, config):  # what Liger's llama forward does with the head, in plain torch
+        def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kw):
+            if not (self.training and labels is not None):
+                return type(self).forward(self, input_ids=input_ids, labels=labels, **kw)
+            hidden = self.model(input_ids=input_ids, **kw).last_hidden_state
+            logits = hidden[:, :-1] @ self.lm_head.weight.t()
+            return CausalLMOutputWithPast(loss=torch.nn.functional.cross_entropy(logits.flatten(0, 1),
+                                                                                   labels[:, 1:].flatten()))
+        model.forward = types.MethodType(forward, model)
+
+    monkeypatch.setattr(transformers.trainer, "apply_liger_kernel", fake_liger)
+    runs = []
+    for liger in (False, True):
+        model = _no_dropout(tiny("llama"))
+        trainer = LotteryTicketSparseFineTuner(
+            model=model, args=_args(tmp_path, use_liger_kernel=liger), train_dataset=_LMData(),
+            sft_args=SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=3,
+                                  ft_params_num=400), maskable_params=[n for n, _ in model.named_parameters()])
+        trainer.train()
+        runs.append((trainer.sft.deltas["lm_head.weight"], [h["loss"] for h in trainer.state.log_history if "loss" in h]))
+    (plain, plain_losses), (head, losses) = runs
+    assert plain.nnz and plain.values.abs().max() > 0
+    torch.testing.assert_close(head.indices, plain.indices)
+    torch.testing.assert_close(head.values, plain.values, rtol=1e-4, atol=1e-6)
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+
+
 def test_a_matrix_an_embedding_subclass_shares_with_the_head_trains_as_one(tmp_path):
     """XGLM's word embedding (an nn.Embedding subclass that scales its output) is tied to its
     nn.Linear head: converting the head alone made the shared matrix a frozen θ0 that the

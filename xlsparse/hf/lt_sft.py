@@ -894,6 +894,12 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._converted = {}
         once = {id(mod): mod for found in owners.values() for _, mod in found}  # a module under two names, once
         read_directly = self._weights_read_directly(list(once.values()))
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if self.args.use_liger_kernel and head is not None:
+            # Liger's fused linear cross-entropy reads the head's `.weight` itself, in training-mode
+            # forwards only (the probe runs in eval mode): a converted head's loss read θ0, its
+            # deltas got no gradient, and the tiny Llama's 129 head entries ended at 0 in the SFT
+            read_directly.add(id(head))
         for name in self.maskable:
             p = params[name]
             found = owners.get(id(p), [])
