@@ -1607,6 +1607,25 @@ def test_subnetwork_trainer_refuses_fsdp_and_deepspeed_up_front(tmp_path, monkey
     assert not [f for _, _, files in os.walk(tmp_path) for f in files]
 
 
+@pytest.mark.parametrize("head", [True, False])
+def test_subnetwork_trainer_refuses_liger_over_a_subnetwork_head(tmp_path, head):
+    """TrainingArguments.use_liger_kernel computes a causal LM's training loss from
+    `lm_head.weight` itself (fused linear cross-entropy), never calling the head: a SubnetworkLinear
+    head's gradient skipped its per-language masks (German examples moved all 733 head entries
+    open to French alone). A head left plain is not refused."""
+    model = tiny("llama")
+    names = ["model.layers.0.mlp.up_proj.weight"] + (["lm_head.weight"] if head else [])
+    named = dict(model.named_parameters())
+    masks = {lang: {n: torch.rand(named[n].shape) < 0.5 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+    args = _args(tmp_path, 1, use_liger_kernel=True)
+    if not head:
+        subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData())
+        return
+    with pytest.raises(ValueError, match="use_liger_kernel.*SubnetworkTrainer.*SubnetworkLinear"):
+        subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData())
+
+
 @pytest.mark.parametrize("entry", ["reptile_step", "fomaml_step", "SubnetworkTrainer", "continual_update",
                                    "continual_trainer", "train_expert"])
 def test_every_masked_trainer_refuses_a_max_norm_embedding_before_anything_changes(tmp_path, entry):

@@ -847,6 +847,25 @@ def test_expert_trainers_on_a_base_a_compiled_run_trained_train_compiled(tmp_pat
     assert seen == ["OptimizedModule", "OptimizedModule"]
 
 
+@pytest.mark.parametrize("targets", [["lm_head", "q_proj"], ["q_proj"]])
+def test_expert_trainer_refuses_liger_over_a_converted_head(tmp_path, targets):
+    """TrainingArguments.use_liger_kernel computes a causal LM's training loss from
+    `lm_head.weight` itself (fused linear cross-entropy), never calling the head: a converted
+    head's deltas got no gradient (the tiny Llama's ended at 0, 0.030 without Liger). A head
+    left plain is not refused."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, use_liger_kernel=True)
+    make = lambda: xelm.ExpertTrainer(tiny("llama"), args=args, train_dataset=_LMData(_lm_batches(1, 5)),  # noqa: E731
+                                      density=0.05, target_modules=targets)
+    if "lm_head" not in targets:
+        make()
+        return
+    with pytest.raises(ValueError, match="use_liger_kernel.*ExpertTrainer.*SparseDeltaLinear"):
+        make()
+
+
 def _expert_run(tmp_path, out, base, density=0.05, steps=4, **kw):
     from transformers import TrainingArguments
 

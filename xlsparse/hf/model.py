@@ -956,6 +956,19 @@ def _converted(model: nn.Module, types=_CONVERTED):
             yield name, module
 
 
+def _refuse_liger_on_converted_head(model: nn.Module, args, what: str) -> None:
+    """`TrainingArguments.use_liger_kernel` makes a causal LM's training forward compute the loss
+    from `lm_head.weight` itself (Liger's fused linear cross-entropy), never calling the head: a
+    converted head's deltas got no gradient (an ExpertTrainer's tiny Llama head ended at 0, 0.030
+    without Liger) and a subnetwork head's gradient skipped its per-language masks (German examples
+    moved all 733 head entries open to French alone, 0 without Liger)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if args is not None and getattr(args, "use_liger_kernel", False) and isinstance(head, _CONVERTED):
+        raise ValueError(f"TrainingArguments.use_liger_kernel: {what}'s output head is a converted "
+                         f"{type(head).__name__}, whose weight Liger's fused loss reads directly, bypassing it; "
+                         "leave the head out of target_modules, or turn use_liger_kernel off")
+
+
 def _refuse_expert_embeddings(model: nn.Module, what: str) -> None:
     """An ExpertEmbedding (`xelm.ExpertEnsemble`'s model) holds one embedding delta per expert,
     which no diff or plain layer here carries: saved, extracted or merged, the experts'

@@ -36,8 +36,8 @@ from ..nn import SubnetworkLinear
 from ..ops import checks
 from ..optim import MaskedAdamW, MaskedSGD
 from .model import (_conv1d_weights, _converted, _grow_subnetworks, _language_ids, _per_token_misfit,
-                    _refuse_max_norm, _restore_subnet_coverage, _saved_module_params, _subnet_base, _subnet_coverage,
-                    _swap_conv1d_layout, accepts_compiled, languages, route)
+                    _refuse_liger_on_converted_head, _refuse_max_norm, _restore_subnet_coverage, _saved_module_params,
+                    _subnet_base, _subnet_coverage, _swap_conv1d_layout, accepts_compiled, languages, route)
 
 
 def _progress(op: str, iterable, desc: str, enabled: bool):
@@ -885,6 +885,7 @@ class SubnetworkTrainer(Trainer):
         if not languages(self.model):
             raise ValueError("SubnetworkTrainer: convert the model with kind='subnetwork' first")
         _refuse_max_norm(self.model, "SubnetworkTrainer")
+        _refuse_liger_on_converted_head(self.model, self.args, "SubnetworkTrainer")
         _check_own_optimizer(self, "SubnetworkTrainer", "MaskedAdamW over the subnetworks")
         if self.accelerator.num_processes > 1:
             # DDP averages gradients that each process masks by its own layers' masks, and each

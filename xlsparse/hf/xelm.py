@@ -42,8 +42,8 @@ from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
 from ..optim import MaskedAdamW, decay_the_base_
-from .model import (_fingerprint, _refuse_max_norm, _uncompiled, accepts_compiled, convert, extract_diff, route,
-                    target_names, train_outside_diff)
+from .model import (_fingerprint, _refuse_liger_on_converted_head, _refuse_max_norm, _uncompiled, accepts_compiled,
+                    convert, extract_diff, route, target_names, train_outside_diff)
 from .subnetworks import _check_batches, _check_language_batches, _progress
 
 WEIGHTINGS = ("posterior", "uniform", "static")
@@ -929,6 +929,7 @@ class ExpertTrainer(Trainer):
         self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings, first,
                                   lambda m, b: m(**b).loss, "ExpertTrainer")
         super().__init__(self.setup.model, *args, **kwargs)
+        _refuse_liger_on_converted_head(self.model, self.args, "ExpertTrainer")
         if self.accelerator.num_processes > 1:
             # the support is drawn under TrainingArguments.seed, which a launcher may set per process: take
             # process 0's, as DDP's first sync does only with ddp_broadcast_buffers on (off, each process
