@@ -560,6 +560,18 @@ def test_forward_and_backward_allocate_no_dense_weight(backend, merged, use_back
     assert probe.seen
 
 
+def test_a_merged_weight_that_requires_grad_raises():
+    """merged_weight gets no gradient (dW0 and dvalues carry it): a trainable one got None, silently."""
+    x, w, b, idx, vals = _linear_case(3, 6, 5, 4, torch.float64, seeded(6))
+    merged = w.reshape(-1).index_add(0, idx.long(), vals).view_as(w).requires_grad_(True)
+    with pytest.raises(ValueError, match="merged_weight requires grad"):
+        functional.sparse_delta_linear(x, w, b, idx, vals, merged_weight=merged)
+    y = functional.sparse_delta_linear(x, w, b, idx, vals, merged_weight=merged.detach())
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, merged.detach(), b))
+    with torch.no_grad():  # no gradient asked for: accepted
+        functional.sparse_delta_linear(x, w, b, idx, vals, merged_weight=merged)
+
+
 def test_inference_never_writes_the_base_weight(monkeypatch):
     """Without grad (inference, perhaps on threads sharing the model) W0 is only read."""
     x, w, b, idx, vals = _linear_case(2 * functional.MERGE_MIN_TOKENS, 16, 12, 40, torch.float32, seeded(5))

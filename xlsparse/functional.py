@@ -75,7 +75,12 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     `merged_weight` (W0 + Δ as a tensor of its own) to multiply by that instead.
     fp32, bf16, fp16 (accumulating in fp32) and fp64. Under `torch.autocast` it computes in the
     autocast dtype by W0 + Δ rounded to it once, bit for bit as a merged nn.Linear does.
+    `merged_weight` gets no gradient (dW0 and dvalues carry it): one that requires grad raises.
     """
+    if merged_weight is not None and torch.is_grad_enabled() and getattr(merged_weight, "requires_grad", False):
+        # the backward returns None for it: a trainable merged weight got no gradient, silently
+        raise ValueError("sparse_delta_linear: merged_weight requires grad, but it gets no gradient (the gradient "
+                         "reaches weight and values); pass merged_weight.detach()")
     dtype = autocast_dtype(x)
     if dtype is not None:
         merge = merged_weight is None and weight.is_floating_point() and weight.dtype not in (dtype, torch.float64)
