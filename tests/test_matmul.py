@@ -405,6 +405,34 @@ def test_spmm_gated_matches_float64(backend, dtype, shape, experts, transpose, u
     assert_bit_identical(out[:, ~reached], before[:, ~reached], "columns no delta reaches")
 
 
+def test_the_op_level_switches_must_be_bools():
+    """spmm_'s transpose and the ensemble ops' prob_space were read with bool(): transpose="False"
+    ran x Δ for x Δᵀ, and prob_space="logit" (the functional API's word) ran prob space, silently."""
+    gen = seeded(34)
+    x, out = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    idx, vals = torch.tensor([1, 5]), torch.randn(2, generator=gen)
+    before = out.clone()
+    for flag in ("False", 0, None):
+        with pytest.raises(TypeError, match="spmm_: transpose must be a bool"):
+            ops.spmm_(out, x, idx, vals, transpose=flag)
+        with pytest.raises(TypeError, match="spmm_gated_: transpose must be a bool"):
+            ops.spmm_gated_(out, x, [idx], [vals], torch.rand(4, 1, generator=gen), flag)
+    assert torch.equal(out, before)
+    z = torch.randn(2, 4, 5, generator=gen)
+    lw = torch.log_softmax(torch.randn(4, 2, generator=gen), -1)
+    y = torch.randint(0, 5, (4,), generator=gen)
+    with pytest.raises(TypeError, match="ensemble_logprobs: prob_space must be a bool"):
+        ops.ensemble_logprobs_op(z, lw, "logit")
+    with pytest.raises(TypeError, match="ensemble_nll: prob_space must be a bool"):
+        ops.ensemble_nll_op(z, lw, y, "logit")
+    out, lse = ops.ensemble_logprobs_op(z, lw, False)
+    with pytest.raises(TypeError, match="ensemble_logprobs_backward: prob_space must be a bool"):
+        ops.ensemble_logprobs_backward(torch.ones_like(out), z, lw, out, lse, "logit")
+    nll, lse = ops.ensemble_nll_op(z, lw, y, False)
+    with pytest.raises(TypeError, match="ensemble_nll_backward: prob_space must be a bool"):
+        ops.ensemble_nll_backward(torch.ones_like(nll), z, lw, y, nll, lse, "logit")
+
+
 @pytest.mark.parametrize("backend", MM_BACKENDS)
 def test_spmm_gated_refuses_bad_arguments_and_writes_nothing(backend, use_backend):
     """Where spmm_gated_ runs one spmm_ per delta (Triton, CUDA), a bad later delta once raised

@@ -331,6 +331,7 @@ def spmm_(out, x, indices, values, token_index=None, token_bounds=None, token_sc
     fp32 and rounded once. Inputs that share memory with `out` are read as they were before.
     """
     op = "spmm_"
+    checks.flag(op, "transpose", transpose)  # transpose="False" is truthy: it ran x Δ for x Δᵀ, silently
     checks.token_matmul(op, out, x, indices, token_index, token_bounds, token_scale, ("out", "x"))
     checks.not_differentiable(op, out=out, x=x, values=values, token_scale=token_scale)
     checks.contiguous_output(op, "out", out)
@@ -354,6 +355,7 @@ def spmm_gated_(out, x, indices, values, gates, transpose=False) -> torch.Tensor
     fp16 out is then rounded once per delta).
     """
     op = "spmm_gated_"
+    checks.flag(op, "transpose", transpose)
     checks.gated_deltas(op, out, x, indices, values, gates)
     checks.not_differentiable(op, out=out, x=x, gates=gates, **{f"values[{e}]": v for e, v in enumerate(values)})
     checks.contiguous_output(op, "out", out)
@@ -380,6 +382,7 @@ def spmm_gated_(out, x, indices, values, gates, transpose=False) -> torch.Tensor
 def ensemble_logprobs_op(logits, log_weights, prob_space: bool):
     """(log-probs [T, V], logsumexp) of the expert mixture; differentiable in logits and log_weights."""
     checks.ensemble("ensemble_logprobs", logits, log_weights)
+    checks.flag("ensemble_logprobs", "prob_space", prob_space)  # functional's space="logit" here ran prob space
     return registry.call("ensemble_logprobs", logits.device, logits.contiguous(), log_weights.contiguous(),
                          bool(prob_space))
 
@@ -389,6 +392,7 @@ def ensemble_nll_op(logits, log_weights, targets, prob_space: bool):
     accumulation dtype (float32, float64 for float64 logits); differentiable."""
     checks.ensemble("ensemble_nll", logits, log_weights, targets)
     checks.targets_in_range("ensemble_nll", targets, logits.shape[2])
+    checks.flag("ensemble_nll", "prob_space", prob_space)
     return registry.call("ensemble_nll", logits.device, logits.contiguous(), log_weights.contiguous(),
                          targets.contiguous(), bool(prob_space))
 
@@ -398,6 +402,7 @@ def ensemble_logprobs_backward(grad, logits, log_weights, out, lse, prob_space: 
     dtype) is checked but not read: every backend recomputes the log-probs in the accumulation dtype
     from logits, log_weights and the saved float32 lse, as the forward computed them."""
     op = "ensemble_logprobs_backward"
+    checks.flag(op, "prob_space", prob_space)
     checks.ensemble(op, logits, log_weights)
     checks.ensemble_saved(op, logits, grad, out, lse, prob_space)
     args = [t.contiguous() for t in (grad, logits, log_weights, out, lse)]
@@ -408,6 +413,7 @@ def ensemble_nll_backward(grad, logits, log_weights, targets, nll, lse, prob_spa
     """(d logits, d log_weights) of `ensemble_nll_op`, from its saved nll and logsumexp; grad and
     nll are in the accumulation dtype, as `ensemble_nll_op` returns nll."""
     op = "ensemble_nll_backward"
+    checks.flag(op, "prob_space", prob_space)
     checks.ensemble(op, logits, log_weights, targets)
     checks.targets_in_range(op, targets, logits.shape[2])
     checks.ensemble_saved(op, logits, grad, nll, lse, prob_space)
