@@ -341,6 +341,29 @@ def test_compose_ops_refuse_values_that_require_grad(op, backend, use_backend):
         call()
 
 
+
+@pytest.mark.parametrize("op", ["apply_diffs_", "restore_diffs_"])
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_apply_and_restore_diffs_refuse_a_dense_tensor_that_requires_grad(op, backend, use_backend):
+    # The compiled kernels have no autograd: restore_diffs_ let the gradient through the entries it
+    # overwrites (w.grad 1 there, not 0) and apply_diffs_'s displaced values had none, where the
+    # reference differentiated both. Under no_grad they run; sparse_axpy_ (dense + const) still runs.
+    use_backend(backend if backend in cpu_backends(op) else "reference")
+    w = torch.randn(6, requires_grad=True)
+    dense, idx, vals = w * 1, torch.tensor([1, 4]), torch.randn(2)
+    call = {"apply_diffs_": lambda: apply_diffs_([dense], [idx], [vals], [0], [1.0]),
+            "restore_diffs_": lambda: restore_diffs_([dense], [idx], [vals], [0])}[op]
+    before = dense.detach().clone()
+    with pytest.raises(RuntimeError, match=r"dense\[0\] requires grad.*no_grad"):
+        call()
+    assert_bit_identical(dense.detach(), before, "written by a refused call")
+    with torch.no_grad():
+        call()
+    y = w * 2
+    sparse_axpy_(y, idx, vals)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.full((6,), 2.0))
+
 # --- topk_masks: exactly k, deterministic ties ---
 
 TOPK_BACKENDS = cpu_backends("topk_masks")

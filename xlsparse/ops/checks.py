@@ -501,8 +501,9 @@ def _token_rules(op: str, name: str, num_tokens: int, count: int, lo: int, hi: i
 def not_differentiable(op: str, **tensors) -> None:
     """sddmm, spmm_ and the compose ops have no autograd kernel: with grad mode on, an input that
     requires grad got a result whose gradient was silently missing on the compiled backends (the
-    reference one differentiated it). The compose ops check their values only: the tensors they
-    write may be in a graph (autograd sees the write). The linear layers' autograd Functions call
+    reference one differentiated it). sparse_axpy_ checks its values only: the tensor it adds to may
+    be in a graph (autograd sees the write, and its identity is the derivative); apply_diffs_ and
+    restore_diffs_ check their dense tensors too. The linear layers' autograd Functions call
     sddmm and spmm_ with grad mode off."""
     if not torch.is_grad_enabled():
         return
