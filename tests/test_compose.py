@@ -364,6 +364,27 @@ def test_apply_and_restore_diffs_refuse_a_dense_tensor_that_requires_grad(op, ba
     y.sum().backward()
     assert torch.equal(w.grad, torch.full((6,), 2.0))
 
+
+def test_a_scale_that_requires_grad_is_refused():
+    # alpha / alphas / weights are read as numbers: a tensor that requires grad scaled the write
+    # and got no gradient (torch only warned). Under no_grad a tensor scale still runs.
+    alpha = torch.tensor(2.0, requires_grad=True)
+    dense = torch.zeros(4)
+    with pytest.raises(TypeError, match="sparse_axpy_: alpha requires grad"):
+        sparse_axpy_(dense, torch.tensor([1]), torch.ones(1), alpha)
+    assert torch.equal(dense, torch.zeros(4))
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(4))
+    diff = SparseDiff({"w": SparseDelta(torch.tensor([1]), torch.ones(1), (4,))})
+    with pytest.raises(TypeError, match=r"apply: alphas\[0\] requires grad"):
+        xlsparse.apply(diff, model, [alpha])
+    assert torch.equal(model.w.detach(), torch.zeros(4))
+    with pytest.raises(TypeError, match=r"merge: weights\[0\] requires grad"):
+        SparseDiff.merge([diff], [alpha])
+    with torch.no_grad():
+        sparse_axpy_(dense, torch.tensor([1]), torch.ones(1), alpha)
+    assert dense.tolist() == [0.0, 2.0, 0.0, 0.0]
+
 # --- topk_masks: exactly k, deterministic ties ---
 
 TOPK_BACKENDS = cpu_backends("topk_masks")

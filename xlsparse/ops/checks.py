@@ -91,6 +91,10 @@ def finite(op: str, **scalars) -> None:
     """Hyperparameters and scale factors must be finite numbers (`is_real`, or a one-element
     tensor that is not bool); the message names the argument."""
     for name, v in scalars.items():
+        if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
+            # read as a number: alpha = torch.tensor(2., requires_grad=True) scaled the write and got no gradient
+            raise TypeError(f"{op}: {name} requires grad, but it is read as a number and gets no gradient; pass "
+                            f"float({name}) or call under torch.no_grad()")
         try:
             if not (is_real(v) or (isinstance(v, torch.Tensor) and v.dtype != torch.bool)):
                 raise TypeError
