@@ -365,6 +365,19 @@ def test_apply_and_restore_diffs_refuse_a_dense_tensor_that_requires_grad(op, ba
     assert torch.equal(w.grad, torch.full((6,), 2.0))
 
 
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_sparse_axpy_refuses_a_leaf_that_requires_grad(backend, use_backend):
+    # torch (and the reference backend) refuse an in-place write to such a leaf; the kernels wrote it
+    use_backend(backend if backend in cpu_backends("sparse_axpy_") else "reference")
+    w = torch.nn.Parameter(torch.zeros(6))
+    with pytest.raises(RuntimeError, match="leaf"):
+        sparse_axpy_(w, torch.tensor([1, 4]), torch.ones(2))
+    assert torch.equal(w.detach(), torch.zeros(6))
+    with torch.no_grad():
+        sparse_axpy_(w, torch.tensor([1, 4]), torch.ones(2))
+    assert w.detach().tolist() == [0.0, 1.0, 0.0, 0.0, 1.0, 0.0]
+
+
 def test_a_scale_that_requires_grad_is_refused():
     # alpha / alphas / weights are read as numbers: a tensor that requires grad scaled the write
     # and got no gradient (torch only warned). Under no_grad a tensor scale still runs.
