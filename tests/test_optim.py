@@ -830,6 +830,26 @@ def test_sgd_op_refuses_an_out_of_range_hyperparameter_and_writes_nothing(backen
         assert_bit_identical(a, b, "written by a rejected call")
 
 
+@pytest.mark.parametrize("backend", SGD_BACKENDS)
+def test_step_ops_refuse_a_param_that_requires_grad_with_grad_mode_on_and_write_nothing(backend, use_backend):
+    # torch refuses an in-place write into such a leaf, and so did the reference backend; the
+    # compiled kernels stepped the Parameter outside autograd's view (the optimizers step under no_grad)
+    use_backend(backend)
+    p, g, idx, m, v, step = _op_args()
+    p = torch.nn.Parameter(p)
+    before = [t.clone() for t in (p.detach(), m, v, step)]
+    with pytest.raises(RuntimeError, match=r"masked_sgd_: params\[0\] is a leaf that requires grad"):
+        ops.masked_sgd_([p], [g], [idx], [m], [step], lr=0.1, momentum=0.9)
+    with pytest.raises(RuntimeError, match=r"masked_adamw_: params\[0\] is a leaf that requires grad"):
+        ops.masked_adamw_([p], [g], [idx], [m], [v], [], [step], None, lr=0.1, beta1=0.9, beta2=0.99, eps=1e-8,
+                          weight_decay=0.0)
+    for a, b in zip((p.detach(), m, v, step), before):
+        assert_bit_identical(a, b, "written by a rejected call")
+    with torch.no_grad():  # as the optimizers call it
+        ops.masked_sgd_([p], [g], [idx], [m], [step], lr=0.1, momentum=0.9)
+    assert not torch.equal(p.detach(), before[0])
+
+
 @pytest.mark.parametrize("opt_class, key, value", [
     (MaskedAdamW, "lr", -1.0), (MaskedAdamW, "eps", -1.0), (MaskedAdamW, "betas", (0.9, 1.0)),
     (MaskedAdamW, "weight_decay", float("nan")), (MaskedSGD, "lr", -1.0), (MaskedSGD, "momentum", -0.5)])

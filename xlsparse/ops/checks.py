@@ -358,6 +358,7 @@ def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_s
     for name, lst in states.items():
         if len(lst) != n:
             raise ValueError(f"{op}: {name} must have {n} entries, got {len(lst)}")
+    no_grad_leaf(op, **{f"params[{i}]": p for i, p in enumerate(params)})  # the optimizers step under no_grad
     if compiled:
         written = {f"params[{i}]": p for i, p in enumerate(params)}
         for name, lst in [*states.items(), ("steps", steps)]:
@@ -498,6 +499,17 @@ def _token_rules(op: str, name: str, num_tokens: int, count: int, lo: int, hi: i
         raise IndexError(f"{op}: {name} holds token {lo if lo < 0 else hi}, outside [0, {num_tokens})")
     if repeats > 1:
         raise ValueError(f"{op}: {name} lists a token more than once")
+
+
+def no_grad_leaf(op: str, **tensors) -> None:
+    """The in-place ops' outputs: torch (and the reference backends) refuse to write into a leaf that
+    requires grad with grad mode on; the compiled kernels wrote it anyway, outside autograd's view."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf:
+            raise RuntimeError(f"{op}: {name} is a leaf that requires grad, which cannot be written in place with "
+                               "grad mode on; call it under torch.no_grad()")
 
 
 # --- matmul ---

@@ -40,10 +40,7 @@ def sparse_axpy_(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tenso
     op = "sparse_axpy_"
     checks.sparse_update(op, dense, indices, values)
     checks.not_differentiable(op, values=values)
-    if torch.is_grad_enabled() and dense.requires_grad and dense.is_leaf:
-        # torch refuses in-place writes to such a leaf (the reference backend did); the kernels wrote it
-        raise RuntimeError(f"{op}: dense is a leaf that requires grad, which cannot be written in place with grad "
-                           "mode on; call it under torch.no_grad()")
+    checks.no_grad_leaf(op, dense=dense)
     checks.finite(op, alpha=alpha)
     if checks.can_read(dense) and not registry.compiled(op, dense.device):
         checks.indices(op, indices, dense.numel())
