@@ -1041,6 +1041,27 @@ def test_revert_refuses_under_a_later_apply_whose_handle_was_dropped():
             if key == xlsparse.diff._storage_key(model["w"])] in ([], [0])
 
 
+def test_the_registry_keeps_no_tensor_of_a_dropped_apply_alive():
+    # what a dropped apply wrote is remembered (the test above), but not the tensors themselves:
+    # holding them kept a deleted model's weights alive, every weight a diff touched
+    import gc
+
+    def applied_twice_then_dropped():
+        model = torch.nn.Linear(64, 48)
+        d = SparseDiff({"weight": SparseDelta(torch.arange(0, 3072, 7), torch.ones(439), (48, 64))})
+        held = xlsparse.apply(d, model)
+        xlsparse.apply(d, model)  # dropped: stays for good, and blocks held's revert
+        with pytest.raises(RuntimeError, match="whose handle was dropped"):
+            held.revert()
+        return model.weight.untyped_storage().data_ptr()
+
+    ptr = applied_twice_then_dropped()
+    gc.collect()
+    alive = [t for t in gc.get_objects() if type(t) in (torch.Tensor, torch.nn.Parameter) and t.shape == (48, 64)
+             and t.untyped_storage().data_ptr() == ptr]
+    assert alive == [], "a deleted model's weight is still alive"
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_apply_rounds_once_where_a_sparse_and_a_dense_entry_meet(dtype):
     # A parameter changed by one diff's sparse delta and another's dense entry was stored twice
