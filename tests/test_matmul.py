@@ -151,20 +151,21 @@ def test_cpu_sddmm_wide_and_tall_rows_of_every_length_match_float64(dtype, layou
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("density", [0.01, 0.6])
-def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkeypatch):
-    """On a CPU, dvalues of a bfloat16 delta at or above the machine's crossover density is one
-    dense dYᵀX and a gather; fp32 and fp16 always take SDDMM (no O x I buffer); both paths match
-    float64."""
-    monkeypatch.setattr(ops, "_measured_min_density", {torch.bfloat16: 0.3})  # as if measured
+def test_sparse_delta_linear_dvalues_path_follows_the_timed_choice(dtype, density, monkeypatch):
+    """On a CPU, dvalues of a bfloat16 delta above the density floor whose timing chose the dense
+    way is one dense dYᵀX and a gather; fp32 and fp16 always take SDDMM (no O x I buffer), so does
+    a delta below the floor (untimed); both paths match float64."""
+    monkeypatch.setattr(ops, "_dense_dw_choice", {})
+    monkeypatch.setattr(ops, "time_dense_dw", lambda *a: True)  # as if the dense way ran faster
     monkeypatch.delenv("XLSPARSE_DENSE_DW_MIN_DENSITY", raising=False)
     gen = seeded(21)
-    o, i = 48, 40
-    x, w, b, idx, vals = _linear_case(96, o, i, round(o * i * density), dtype, gen)
+    o, i, t = 48, 40, ops.DENSE_DW_TIMED_MIN_TOKENS
+    x, w, b, idx, vals = _linear_case(t, o, i, round(o * i * density), dtype, gen)
     vals.requires_grad_()
     calls = []
     real = ops.sddmm
     monkeypatch.setattr(ops, "sddmm", lambda *a: calls.append(1) or real(*a))
-    gy = torch.randn(96, o, generator=gen).to(dtype)
+    gy = torch.randn(t, o, generator=gen).to(dtype)
     (dval,) = torch.autograd.grad(functional.sparse_delta_linear(x, w, b, idx, vals), [vals], gy)
     dense = density == 0.6 and dtype == torch.bfloat16
     assert bool(calls) != dense
@@ -173,9 +174,24 @@ def test_sparse_delta_linear_dvalues_path_follows_density(dtype, density, monkey
     check(dval, ref64, plain, f"dvalues {dtype} at {density}")
 
 
+def test_dvalues_gathers_from_dw0_when_the_base_weight_trains(monkeypatch):
+    """With W0 requiring grad, dW0 = dYᵀX is computed anyway: dvalues is its gather, no SDDMM (fp32,
+    1%), and both gradients match float64."""
+    gen = seeded(22)
+    x, w, b, idx, vals = _linear_case(64, 48, 40, 19, torch.float32, gen)
+    w.requires_grad_()
+    vals.requires_grad_()
+    monkeypatch.setattr(ops, "sddmm", lambda *a: pytest.fail("SDDMM ran beside a dense dW0"))
+    gy = torch.randn(64, 48, generator=gen)
+    dw, dval = torch.autograd.grad(functional.sparse_delta_linear(x, w, b, idx, vals), [w, vals], gy)
+    ref64 = gy.double().T @ x.double()
+    check(dw, ref64, gy.T @ x, "dW0")
+    check(dval, ref64.view(-1)[idx.long()], (gy.T @ x).view(-1)[idx.long()], "dvalues")
+
+
 class _Clock:
-    """perf_counter for `measure_dense_dw_min_density`: each timed run of way w lasts durations[w]
-    (the next of its list); untimed calls (warm-ups) cost nothing."""
+    """perf_counter for `time_dense_dw`: each timed run of way w lasts durations[w] (the next of its
+    list)."""
 
     def __init__(self, dense, sparse):
         self.runs = {0: list(dense), 1: list(sparse)}
@@ -190,48 +206,66 @@ class _Clock:
 
 
 @pytest.mark.parametrize("dense_s, sparse_s, want", [
-    ([1e-3] * 7, [2e-3] * 7, 0.125),                   # (1 ms / 512²) / (2 ms / 65536)
-    ([1e-3] * 6 + [1.0], [2e-3] + [9.0] * 6, 0.125),   # the fastest run of each way counts
-    ([1e-5] * 7, [1e-3] * 7, ops.MIN_DENSE_DW_DENSITY),  # 0.25% by the timings: clamped
+    ([1e-3] * 3, [2e-3] * 3, True),
+    ([2e-3] * 3, [1e-3] * 3, False),
+    ([1e-3, 9.0, 9.0], [2e-3, 1.5e-3, 9.0], True),   # the fastest run of each way counts
+    ([9.0, 9.0, 2e-3], [1e-3, 9.0, 9.0], False),
 ])
-def test_measured_crossover_is_the_ratio_of_fastest_costs_per_multiply_add(dense_s, sparse_s, want, monkeypatch):
-    """d* = (dense time / O·I entries) / (SDDMM time / K entries), K = O·I / 4, from the fastest of
-    the alternating runs, never below MIN_DENSE_DW_DENSITY."""
+def test_timed_choice_compares_each_ways_fastest_run(dense_s, sparse_s, want, monkeypatch):
+    """The dense way wins when its fastest of the alternating runs is no slower than SDDMM's."""
     clock = _Clock(dense_s, sparse_s)
     monkeypatch.setattr(ops.time, "perf_counter", clock.perf_counter)
-    assert ops.measure_dense_dw_min_density(torch.bfloat16) == pytest.approx(want)
-    assert clock.calls == 28 and not clock.runs[0] and not clock.runs[1]
+    gen = seeded(23)
+    dy, x = torch.randn(8, 6, generator=gen), torch.randn(8, 5, generator=gen)
+    assert ops.time_dense_dw(dy, x, torch.arange(0, 30, 3)) is want
+    assert clock.calls == 12 and not clock.runs[0] and not clock.runs[1]
 
 
-def test_crossover_is_measured_once_per_process_and_can_be_pinned(monkeypatch):
-    """The first dense-capable call measures; later calls reuse it; XLSPARSE_DENSE_DW_MIN_DENSITY
-    pins it (a bad value raises, naming the variable); other dtypes never take the dense way."""
+def test_choice_is_timed_once_per_delta_shape_and_can_be_pinned(monkeypatch):
+    """The first bfloat16 backward of a (shape, K) above the density floor with enough tokens times
+    the two ways; later calls reuse it; fewer tokens keep SDDMM without setting the choice; other
+    dtypes and sparser deltas never take the dense way; XLSPARSE_DENSE_DW_MIN_DENSITY pins the
+    choice (a bad value raises, naming the variable)."""
     monkeypatch.delenv("XLSPARSE_DENSE_DW_MIN_DENSITY", raising=False)
-    monkeypatch.setattr(ops, "_measured_min_density", {})
-    measured = []
-    monkeypatch.setattr(ops, "measure_dense_dw_min_density", lambda dtype: measured.append(dtype) or 0.0625)
-    cpu = torch.device("cpu")
-    assert not ops.dense_dw_pays((100, 100), 624, torch.bfloat16, cpu)
-    assert ops.dense_dw_pays((100, 100), 625, torch.bfloat16, cpu)
-    assert measured == [torch.bfloat16]
-    assert not ops.dense_dw_pays((100, 100), 10000, torch.float32, cpu)
-    assert not ops.dense_dw_pays((100, 100), 10000, torch.float16, cpu)
+    monkeypatch.setattr(ops, "_dense_dw_choice", {})
+    timed = []
+    monkeypatch.setattr(ops, "time_dense_dw", lambda dy, x, idx: timed.append((dy.shape[0], idx.numel())) or True)
+
+    def pays(k, tokens=ops.DENSE_DW_TIMED_MIN_TOKENS, dtype=torch.bfloat16, shape=(100, 100)):
+        dy, x = torch.zeros(tokens, shape[0], dtype=dtype), torch.zeros(tokens, shape[1], dtype=dtype)
+        return ops.dense_dw_pays(dy, x, torch.arange(k), shape)
+
+    floor = round(ops.MIN_DENSE_DW_DENSITY * 100 * 100)
+    assert not pays(floor - 1) and not timed
+    assert not pays(500, tokens=ops.DENSE_DW_TIMED_MIN_TOKENS - 1) and not timed
+    assert pays(500) and pays(500) and timed == [(ops.DENSE_DW_TIMED_MIN_TOKENS, 500)]
+    assert pays(floor) and len(timed) == 2
+    assert pays(500, shape=(50, 200)) and len(timed) == 3
+    assert not pays(10000, dtype=torch.float32) and not pays(10000, dtype=torch.float16) and len(timed) == 3
     monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", "0.5")
-    assert not ops.dense_dw_pays((100, 100), 4999, torch.bfloat16, cpu)
-    assert ops.dense_dw_pays((100, 100), 5000, torch.bfloat16, cpu)
+    assert not pays(4999) and pays(5000) and not pays(500)
     monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", "inf")
-    assert not ops.dense_dw_pays((100, 100), 10000, torch.bfloat16, cpu)
+    assert not pays(10000)
     for bad in ("-1", "0", "nan", "many"):
         monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", bad)
         with pytest.raises(ValueError, match="XLSPARSE_DENSE_DW_MIN_DENSITY"):
-            ops.dense_dw_pays((100, 100), 10, torch.bfloat16, cpu)
-    assert measured == [torch.bfloat16]
+            pays(10)
+    assert len(timed) == 3
 
 
-def test_real_crossover_measurement_gives_a_usable_density():
-    """On this machine: a finite density at or above the floor, from real kernels."""
-    d = ops.measure_dense_dw_min_density(torch.bfloat16, pairs=2)
-    assert ops.MIN_DENSE_DW_DENSITY <= d < float("inf")
+def test_real_timed_choice_gives_float64_dvalues_and_is_kept(monkeypatch):
+    """On this machine's kernels: a 50% bfloat16 delta's first backward times the two ways, keeps the
+    choice for its shape, and its dvalues match float64 whichever way won."""
+    monkeypatch.delenv("XLSPARSE_DENSE_DW_MIN_DENSITY", raising=False)
+    monkeypatch.setattr(ops, "_dense_dw_choice", {})
+    gen = seeded(24)
+    t, o, i = ops.DENSE_DW_TIMED_MIN_TOKENS, 64, 48
+    x, w, b, idx, vals = _linear_case(t, o, i, o * i // 2, torch.bfloat16, gen)
+    vals.requires_grad_()
+    gy = torch.randn(t, o, generator=gen).to(torch.bfloat16)
+    (dval,) = torch.autograd.grad(functional.sparse_delta_linear(x, w, b, idx, vals), [vals], gy)
+    assert list(ops._dense_dw_choice) == [(torch.bfloat16, o, i, idx.numel())]
+    check(dval, (gy.double().T @ x.double()).view(-1)[idx.long()], (gy.T @ x).view(-1)[idx.long()], "dvalues")
 
 
 # --- SpMM ---

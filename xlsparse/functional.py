@@ -65,8 +65,8 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     Δ = (indices, values): `indices` [K] flat row-major into W0, sorted and unique, `values` [K].
 
     `x` has any leading dims. The backward gives dX = dY (W0 + Δ), dvalues through an SDDMM (no
-    dense O x I gradient is ever allocated; a bfloat16 delta on a CPU at or above the machine's
-    measured crossover density takes one dense dYᵀX and a gather, `ops.matmul.dense_dw_pays`), db, and dW0 only when `weight` requires grad. With
+    dense O x I gradient is ever allocated; a bfloat16 delta on a CPU where that was timed faster
+    takes one dense dYᵀX and a gather, `ops.matmul.dense_dw_pays`), db, and dW0 only when `weight` requires grad. With
     enough tokens (`merge_pays`) and grad enabled, the forward and dX multiply by W0 + Δ written
     into `weight`'s own storage for the call and restored bit-exactly after (K values of extra
     memory, no O x I copy kept for the backward; calls on one weight from several threads take

@@ -55,9 +55,8 @@ Differences, by design: in sparse phases weight decay (decoupled, AdamW) reaches
 selected entries and heads (composable-sft's AdamW over masked gradients also decays every
 unselected entry; its scripts use weight decay 0). The sparse phase keeps O(K) training state:
 selected linear layers become `SparseDeltaLinear` and embeddings `SparseDeltaEmbedding`, whose
-backward never builds a dense gradient (but for a bfloat16 matrix on a CPU whose density is at or
-above the machine's measured crossover, `ops.matmul.dense_dw_pays`: one dense dYᵀX and a gather is
-faster there); other maskable parameters (biases, norms) train through
+backward never builds a dense gradient (but for a bfloat16 matrix on a CPU where one dense dYᵀX and a
+gather was timed faster, `ops.matmul.dense_dw_pays`); other maskable parameters (biases, norms) train through
 compact `MaskedAdamW` (so do GPT-2's `Conv1D` weights, which are not converted, a matrix that
 another kind of module holds too, as XGLM's scaled word embedding shares its Linear head's, and a
 weight the model reads itself outside its module's call, as DeBERTa reads `rel_embeddings.weight`:

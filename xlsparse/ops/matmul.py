@@ -485,85 +485,90 @@ def _times_merged(a, weight, bias, indices, values, merged, in_place, transpose=
 # (LT-SFT's phase 2 promises it; the paths crossed only at 35-40% on an AMD EPYC with AVX-512);
 # fp16 has no fast dense path on these CPUs, and GPUs keep SDDMM.
 DENSE_DW_DTYPES = (torch.bfloat16,)
-# The crossover used while tracing, before anything was measured in the process (a traced graph
-# cannot time kernels): an AMD EPYC's with AVX-512-BF16 (1 thread, T = 512 and 2048, 1024 x 1024
-# and 4096 x 1024: SDDMM 0.055 ns per multiply-add plus its transposes, the GEMM 0.010 ns; the
-# paths crossed at 14-18%).
+# The crossover used while tracing (a traced graph cannot time kernels): an AMD EPYC's with
+# AVX-512-BF16 (1 thread, T = 512 and 2048, 1024 x 1024 and 4096 x 1024: the paths crossed at 14-18%).
 TRACED_DENSE_DW_MIN_DENSITY = 0.15
-# The lowest crossover a measurement may give. A 2-core host loaded by other jobs once timed
-# SDDMM 10x slow and gave 1% (13-14% when quiet), which would send typical 1-5% LT-SFT
-# deltas to the dense way and its O x I buffer. AMX tiles, the fastest dense path, measured 8.5-9.4%
-# (a 2-core Xeon, 2 threads, 2026-12-04).
+# Below this density the SDDMM is kept without timing. A 2-core host loaded by other jobs once timed
+# SDDMM 10x slow, which would send typical 1% LT-SFT deltas to the dense way and its O x I buffer.
+# AMX tiles, the fastest dense path, crossed at 4.3-5.2% (a 2-core Xeon, 2 threads, T = 2048,
+# 2026-12-05: 768 x 768 to 4096 x 1024).
 MIN_DENSE_DW_DENSITY = 0.02
-_measured_min_density: dict[torch.dtype, float] = {}
+# Timed pairs per delta shape: each way's fastest of 3 (a slow run on a shared host is noise, not cost).
+DENSE_DW_PAIRS = 3
+# Fewer tokens than this keep SDDMM untimed: both costs grow with the tokens, but a few tokens'
+# timings are mostly call overhead and would set the choice for the real batches.
+DENSE_DW_TIMED_MIN_TOKENS = 256
+# The choice per (dtype, O, I, K), timed on the delta's first backward: True for the dense way.
+_dense_dw_choice: dict[tuple, bool] = {}
 
 
-def measure_dense_dw_min_density(dtype: torch.dtype, pairs: int = 7) -> float:
-    """This machine's crossover density for a CPU delta of `dtype`: the dense way's cost per
-    weight entry (one dYᵀX and a gather, timed over all O·I entries) over SDDMM's cost per selected
-    entry (timed at 25% density, where its transposes are a small share), each the fastest of
-    `pairs` alternating runs (a slow run on a shared host is noise, not cost). Both scale with the
-    tokens, so one shape serves every T; about 25 ms on a 2-core AMD EPYC. Never below
-    MIN_DENSE_DW_DENSITY."""
-    tokens, rows, cols = 256, 512, 512
-    k = rows * cols // 4
-    gen = torch.Generator().manual_seed(0)
-    dy, x = (torch.randn(tokens, n, generator=gen).to(dtype) for n in (rows, cols))
-    idx = torch.randperm(rows * cols, generator=gen)[:k].sort().values
-    ways = (lambda: (dy.T @ x).reshape(-1).index_select(0, idx), lambda: sddmm(dy, x, idx))
+def time_dense_dw(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, pairs: int = DENSE_DW_PAIRS) -> bool:
+    """True when one dense dYᵀX and a gather ran faster than the SDDMM on these very inputs, each
+    way's fastest of `pairs` alternating runs. Timed per delta shape, as no one cost model held
+    across shapes: SDDMM pays per row and column (its token transposes read both operands from
+    memory) and per entry, and both parts moved 2x between shapes. On a 2-core Xeon with AMX (bf16,
+    T = 2048) the paths crossed at 4.3-5.2%; a model fitted on one 1024 x 1024 probe put the
+    crossover at 3.5-11%, and the crossover timed once on a 512 x 512 probe at 25% density (the rule
+    before this one) read 8.1%, so a 5% 1024 x 4096 delta took the slower SDDMM (0.95x SpIEL's way)."""
+    ways = (lambda: (dy.T @ x).reshape(-1).index_select(0, indices.long()), lambda: sddmm(dy, x, indices))
     best = [float("inf")] * 2
-    with torch.no_grad():
-        for way in ways:
-            way()  # warm-up: first-call allocations and kernel selection
-        for _ in range(pairs):
-            for w, way in enumerate(ways):
-                start = time.perf_counter()
-                way()
-                best[w] = min(best[w], time.perf_counter() - start)
-    dense_s, sddmm_s = best
-    return max(MIN_DENSE_DW_DENSITY, (dense_s / (rows * cols)) / (sddmm_s / k))
+    for _ in range(pairs):
+        for w, way in enumerate(ways):
+            start = time.perf_counter()
+            way()
+            best[w] = min(best[w], time.perf_counter() - start)
+    return best[0] <= best[1]
 
 
-def dense_dw_min_density(dtype: torch.dtype) -> float:
-    """The density from which a CPU delta of `dtype` takes the dense way for dvalues: infinite
-    outside `DENSE_DW_DTYPES`; else the environment's XLSPARSE_DENSE_DW_MIN_DENSITY (to pin the
-    choice, e.g. for runs that must repeat bit for bit across processes: the two ways round
-    alike but sum in other orders), or measured once per process on this machine
-    (`measure_dense_dw_min_density`), or `TRACED_DENSE_DW_MIN_DENSITY` while tracing before any
-    measurement. So the choice follows the machine: AMX tiles cross lower than AVX-512-BF16, a
-    CPU without bf16 arithmetic higher."""
-    if dtype not in DENSE_DW_DTYPES:
-        return float("inf")
+def _pinned_dense_dw_min_density() -> float | None:
+    """XLSPARSE_DENSE_DW_MIN_DENSITY as a number, or None when it is not set."""
     pinned = os.environ.get("XLSPARSE_DENSE_DW_MIN_DENSITY")
-    if pinned is not None:
-        try:
-            value = float(pinned)
-        except ValueError:
-            value = float("nan")
-        if not value > 0:
-            raise ValueError(f"XLSPARSE_DENSE_DW_MIN_DENSITY must be a positive number (inf: always SDDMM), got {pinned!r}")
-        return value
-    if dtype not in _measured_min_density:
-        if not checks.can_read():
-            return TRACED_DENSE_DW_MIN_DENSITY
-        _measured_min_density[dtype] = measure_dense_dw_min_density(dtype)
-    return _measured_min_density[dtype]
+    if pinned is None:
+        return None
+    try:
+        value = float(pinned)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise ValueError(f"XLSPARSE_DENSE_DW_MIN_DENSITY must be a positive number (inf: always SDDMM), got {pinned!r}")
+    return value
 
 
-def dense_dw_pays(weight_shape, nnz: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """True when dvalues costs less as (dYᵀX)[indices], one dense O x I product and a gather, than
-    as an SDDMM, by this machine's measured costs (`dense_dw_min_density`): a bfloat16 delta with
-    dense entries (real LT-SFT masks reach 36% in some matrices) on a CPU, where SpIEL's dense way
-    would otherwise be faster."""
+def dense_dw_pays(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weight_shape) -> bool:
+    """True when dvalues of a delta of `weight_shape` costs less as (dYᵀX)[indices], one dense
+    O x I product and a gather, than as an SDDMM: only for a `DENSE_DW_DTYPES` delta on a CPU (real
+    LT-SFT masks reach 36% in some matrices, where SpIEL's dense way would otherwise be faster).
+    XLSPARSE_DENSE_DW_MIN_DENSITY pins the choice to a density (for runs that must repeat bit for
+    bit across processes: the two ways round alike but sum in other orders; `inf` keeps SDDMM);
+    else deltas below MIN_DENSE_DW_DENSITY keep SDDMM, and the others take whichever way ran faster
+    on the first backward of a delta of their dtype, shape and K with at least
+    DENSE_DW_TIMED_MIN_TOKENS tokens (`time_dense_dw`, about six times one dvalues, once per
+    process; SDDMM until then), or the dense way from TRACED_DENSE_DW_MIN_DENSITY while tracing.
+    So the choice follows the machine and the shape."""
+    if dy.device.type != "cpu" or dy.dtype not in DENSE_DW_DTYPES:
+        return False
     rows, cols = weight_shape
-    return device.type == "cpu" and dtype in DENSE_DW_DTYPES and nnz >= dense_dw_min_density(dtype) * rows * cols
+    nnz = indices.numel()
+    pinned = _pinned_dense_dw_min_density()
+    if pinned is not None:
+        return nnz >= pinned * rows * cols
+    if nnz == 0 or nnz < MIN_DENSE_DW_DENSITY * rows * cols:
+        return False
+    key = (dy.dtype, rows, cols, nnz)
+    if key not in _dense_dw_choice:
+        if not checks.can_read(dy, x, indices):
+            return nnz >= TRACED_DENSE_DW_MIN_DENSITY * rows * cols
+        if dy.shape[0] < DENSE_DW_TIMED_MIN_TOKENS:
+            return False
+        _dense_dw_choice[key] = time_dense_dw(dy, x, indices)
+    return _dense_dw_choice[key]
 
 
 class SparseDeltaLinearFunction(torch.autograd.Function):
     """Y = X (W0 + Δ)ᵀ + b for 2-D X. The forward and dX multiply by W0 + Δ in one of three ways
     (`_times_merged`): a given merged weight, Δ written into W0 for the call (`in_place`), or W0
-    plus an SpMM. dvalues is an SDDMM, or one dense dYᵀX and a gather where this machine's measured
-    costs say so (`dense_dw_pays`: dense-enough bfloat16 deltas on a CPU)."""
+    plus an SpMM. dvalues is an SDDMM, or a gather from one dense dYᵀX: dW0's when W0 trains, else
+    where that was timed faster on this machine (`dense_dw_pays`: bfloat16 deltas on a CPU)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, indices, values, merged, in_place):
@@ -585,7 +590,8 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             db = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype)
         if ctx.needs_input_grad[4]:
-            if dense_dw_pays(weight.shape, indices.numel(), dy.dtype, dy.device):
+            # With dW0 at hand (W0 trains too) its gather always beats an SDDMM.
+            if dw is not None or dense_dw_pays(dy, x, indices, weight.shape):
                 dval = (dw if dw is not None else dy.T @ x).reshape(-1).index_select(0, indices.long())
             else:
                 dval = sddmm(dy, x, indices)
