@@ -1626,6 +1626,22 @@ def test_subnetwork_trainer_refuses_liger_over_a_subnetwork_head(tmp_path, head)
         subnetworks.SubnetworkTrainer(model=model, args=args, train_dataset=_MixedData())
 
 
+def test_continual_trainer_refuses_liger_over_a_masked_head_before_converting(tmp_path):
+    """continual_trainer converts the caller's model: masks over the head with use_liger_kernel were
+    refused only by SubnetworkTrainer, after every named layer had become a SubnetworkLinear."""
+    from xlsparse.hf import continual
+
+    model = tiny("llama")
+    names = ["model.layers.0.mlp.up_proj.weight", "lm_head.weight"]
+    named = dict(model.named_parameters())
+    masks = {lang: {n: torch.rand(named[n].shape) < 0.5 for n in names} for lang in ("de", "fr")}
+    with pytest.raises(ValueError, match="use_liger_kernel.*continual_trainer.*'lm_head'.*named by the masks"):
+        continual.continual_trainer(model, masks, args=_args(tmp_path, 1, use_liger_kernel=True),
+                                    train_dataset=_MixedData())
+    assert getattr(model, "xlsparse_config", None) is None
+    assert type(model.lm_head) is torch.nn.Linear and type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
 @pytest.mark.parametrize("entry", ["reptile_step", "fomaml_step", "SubnetworkTrainer", "continual_update",
                                    "continual_trainer", "train_expert"])
 def test_every_masked_trainer_refuses_a_max_norm_embedding_before_anything_changes(tmp_path, entry):

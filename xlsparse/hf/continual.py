@@ -260,10 +260,12 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     carry `language_ids` and whose optimizer is MaskedAdamW over the union of the subsets; the
     same update as `continual_update`, with the Trainer's schedule, logging and checkpoints.
     Refuses what SubnetworkTrainer refuses (another `optim`, `optimizer_cls_and_kwargs`,
-    Accelerate's FSDP plugin, DeepSpeed), and `model_init`, before it converts the model."""
+    Accelerate's FSDP plugin, DeepSpeed, `use_liger_kernel` over a masked output head), and
+    `model_init`, before it converts the model."""
     from types import SimpleNamespace
 
     from .lt_sft import _refuse_replaced_parameters
+    from .model import _refuse_liger_on_converted_head
     from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer
 
     # what SubnetworkTrainer refuses, before _prepare converts the caller's model
@@ -278,6 +280,8 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     if args is not None:  # MaskedAdamW checks them only at train(), long after the model was converted
         checks.adamw_hyperparameters("continual_trainer", args.learning_rate, args.adam_beta1, args.adam_beta2,
                                      args.adam_epsilon, args.weight_decay, 0.0, False)
+    _refuse_liger_on_converted_head(model, args, "continual_trainer",
+                                    converting={n for subset in masks.values() for n in subset})
     _prepare(model, masks, "continual_trainer")
     return SubnetworkTrainer(model=model, **trainer_kwargs)
 

@@ -92,7 +92,7 @@ from ..ops._common import acc_dtype
 from ..ops.checks import is_real, is_whole
 from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
-from .model import _refuse_max_norm, _swap_module, _uncompiled
+from .model import _output_head, _refuse_max_norm, _swap_module, _uncompiled
 
 SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
@@ -477,7 +477,7 @@ class LotteryTicketSparseFineTuner(Trainer):
             if under:
                 maskable = [n for n in trainable if n.startswith(prefix + ".")]
             else:  # no body under the prefix ((m)T5): an untied output embedding is the head, as freeze_head reads it
-                out = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+                out = _output_head(self.model)
                 head = out.weight if out is not None and out.weight is not self.model.get_input_embeddings().weight else None
                 maskable = [n for n, p in trainable.items() if p is not head]
         else:
@@ -568,7 +568,7 @@ class LotteryTicketSparseFineTuner(Trainer):
     def _untie_and_freeze(self) -> None:
         a, model = self.sft_args, self.model
         inp = model.get_input_embeddings()
-        out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        out = _output_head(model)
         tied = out is not None and out.weight is inp.weight
         for flag in ("untie_embeddings", "freeze_decoder"):
             if getattr(a, flag) and out is None:
@@ -893,7 +893,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._converted = {}
         once = {id(mod): mod for found in owners.values() for _, mod in found}  # a module under two names, once
         read_directly = self._weights_read_directly(list(once.values()))
-        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        head = _output_head(self.model)
         if self.args.use_liger_kernel and head is not None:
             # Liger's fused linear cross-entropy reads the head's `.weight` itself, in training-mode
             # forwards only (the probe runs in eval mode): a converted head's loss read θ0, its

@@ -956,17 +956,28 @@ def _converted(model: nn.Module, types=_CONVERTED):
             yield name, module
 
 
-def _refuse_liger_on_converted_head(model: nn.Module, args, what: str) -> None:
+def _output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output embeddings (its LM head), or None where it has none."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
+def _refuse_liger_on_converted_head(model: nn.Module, args, what: str, converting=()) -> None:
     """`TrainingArguments.use_liger_kernel` makes a causal LM's training forward compute the loss
     from `lm_head.weight` itself (Liger's fused linear cross-entropy), never calling the head: a
     converted head's deltas got no gradient (an ExpertTrainer's tiny Llama head ended at 0, 0.030
     without Liger) and a subnetwork head's gradient skipped its per-language masks (German examples
-    moved all 733 head entries open to French alone, 0 without Liger)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if args is not None and getattr(args, "use_liger_kernel", False) and isinstance(head, _CONVERTED):
-        raise ValueError(f"TrainingArguments.use_liger_kernel: {what}'s output head is a converted "
-                         f"{type(head).__name__}, whose weight Liger's fused loss reads directly, bypassing it; "
-                         "leave the head out of target_modules, or turn use_liger_kernel off")
+    moved all 733 head entries open to French alone, 0 without Liger). `converting`: the weight
+    names the caller is about to convert, so that it can refuse before converting anything."""
+    head = _output_head(model)
+    if args is None or not getattr(args, "use_liger_kernel", False) or head is None:
+        return
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    converted = isinstance(head, _CONVERTED)
+    if converted or f"{name}.weight" in converting:
+        state = f"a converted {type(head).__name__}" if converted else "named by the masks (it would be converted)"
+        raise ValueError(f"TrainingArguments.use_liger_kernel: {what}'s output head {name!r} is {state}; Liger's "
+                         "fused loss reads its weight directly, bypassing the layer; leave the head out of "
+                         "target_modules (or the masks), or turn use_liger_kernel off; nothing was converted here")
 
 
 def _refuse_expert_embeddings(model: nn.Module, what: str) -> None:
