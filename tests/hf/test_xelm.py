@@ -891,6 +891,63 @@ def test_expert_trainer_resumed_on_the_same_base_matches_the_uninterrupted_run(t
         assert torch.equal(t, got.dense[n]), n
 
 
+def _reshard(folder):
+    """Rewrites `folder`'s model.safetensors as two shards with an index, as transformers writes a
+    checkpoint above its shard size, each delta's `delta_values` in the first shard and its
+    `delta_indices` in the second."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    whole = load_file(os.path.join(folder, "model.safetensors"))
+    files = ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    where = {n: files[n.endswith("delta_indices")] for n in whole}
+    for f in files:
+        save_file({n: t.contiguous() for n, t in whole.items() if where[n] == f}, os.path.join(folder, f),
+                  metadata={"format": "pt"})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size() for t in whole.values())},
+                   "weight_map": where}, fh)
+    os.remove(os.path.join(folder, "model.safetensors"))
+    assert any(n.endswith("delta_indices") for n in whole)
+
+
+def test_expert_trainer_resumes_a_sharded_checkpoint_whose_delta_pairs_span_two_shards(tmp_path):
+    """The Trainer loads a sharded checkpoint shard by shard; a delta's values in one shard and its
+    indices in the other are each half a pair, which load_state_dict refuses: the resume loads the
+    shards at once, and matches the uninterrupted run."""
+    whole = _expert_run(tmp_path, "a", tiny("llama"))
+    whole.train()
+    _reshard(str(tmp_path / "a" / "checkpoint-2"))
+    resumed = _expert_run(tmp_path, "b", tiny("llama"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    want, got = whole.expert(), resumed.expert()
+    for n, d in want.deltas.items():
+        assert torch.equal(d.indices, got.deltas[n].indices) and torch.equal(d.values, got.deltas[n].values), n
+    for n, t in want.dense.items():
+        assert torch.equal(t, got.dense[n]), n
+
+
+def test_expert_trainer_loads_the_best_model_from_a_sharded_checkpoint(tmp_path):
+    """load_best_model_at_end over a sharded best checkpoint (delta pairs across its shards) puts
+    that checkpoint's deltas in the model."""
+    trainer = _expert_run(tmp_path, "a", tiny("llama"))
+    trainer.train()
+    best = str(tmp_path / "a" / "checkpoint-2")
+    _reshard(best)
+    from safetensors.torch import load_file
+
+    saved = {}
+    for f in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        saved.update(load_file(os.path.join(best, f)))
+    values = [n for n in saved if n.endswith("delta_values")]
+    assert values and any(not torch.equal(trainer.model.state_dict()[n], saved[n]) for n in values)  # step 4 now
+    trainer.state.best_model_checkpoint = best
+    trainer._load_best_model()
+    own = trainer.model.state_dict()
+    assert all(torch.equal(own[n], saved[n]) for n in saved if n.rsplit(".", 1)[-1] in ("delta_values", "delta_indices"))
+
+
 @pytest.mark.parametrize("other", ["another seed", "one frozen entry", "one embedding row"])
 def test_expert_trainer_refuses_to_resume_on_another_base_model(tmp_path, other):
     # the Trainer loaded the checkpoint's whole model, its base included, over this run's copy of

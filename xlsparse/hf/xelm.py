@@ -999,7 +999,30 @@ class ExpertTrainer(Trainer):
             raise ValueError(f"resume_from_checkpoint: {resume_from_checkpoint}'s {resized[:3]} have other sizes than "
                              f"this run's ({tuple(weights[resized[0]].shape)} vs {tuple(own[resized[0]].shape)}): its "
                              "expert was built with another k, density or init; build the trainer with its arguments")
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self._load_sharded_at_once(resume_from_checkpoint, model or self.model, weights):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if not self._load_sharded_at_once(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _load_sharded_at_once(self, folder, model, weights=None) -> bool:
+        """Loads a sharded checkpoint's weights (all shards) into `model` in one call, where the
+        Trainer would load it shard by shard (`load_sharded_checkpoint`, strict=False): a delta whose
+        `delta_values` and `delta_indices` fall in two shards would be half a pair in each, which
+        load_state_dict refuses (values alone would land on another support). False where the
+        checkpoint is one file, or FSDP or DeepSpeed load it."""
+        from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+
+        has = lambda name: folder is not None and os.path.isfile(os.path.join(folder, name))  # noqa: E731
+        sharded = any(map(has, (SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_INDEX_NAME))) and not any(map(has, (SAFE_WEIGHTS_NAME, WEIGHTS_NAME)))
+        if not sharded or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return False
+        from .lt_sft import _load_weights
+
+        weights = _load_weights(folder) if weights is None else weights
+        self._issue_warnings_after_load(model.load_state_dict(weights, strict=False))
+        return True
 
     def expert(self) -> SparseDiff:
         """The trained expert as a SparseDiff over the base's parameters."""
