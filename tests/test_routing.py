@@ -97,3 +97,26 @@ def test_the_shape_error_says_what_repeated_or_flattened_the_rows(lead, hint):
 def test_empty_ids():
     with pytest.raises(ValueError, match="empty"):
         routing.Routing(torch.zeros(0, dtype=torch.long), 2).tokens((2, 3))
+
+
+@pytest.mark.parametrize("lead", [(0,), (0, 5)])
+def test_an_empty_batch_with_empty_ids_gives_an_empty_output_as_nn_linear_does(lead):
+    """Zero tokens with zero language ids: SubnetworkLinear and MultiDeltaLinear return an empty
+    output (and zero gradients), as the nn.Linear they replace does, instead of raising."""
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(6, 4)
+    masks = {lang: torch.rand(4, 6, generator=gen) < 0.5 for lang in ("de", "fr")}
+    subnet = xnn.SubnetworkLinear.from_linear(linear, masks)
+    deltas = {lang: xlsparse.SparseDelta(i, torch.randn(i.numel(), generator=gen), (4, 6))
+              for lang, i in (("de", torch.tensor([1, 7])), ("fr", torch.tensor([0, 9, 20])))}
+    multi = xnn.MultiDeltaLinear.from_linear(linear, deltas)
+    ids = torch.zeros(0, dtype=torch.long)
+    for layer, call in ((subnet, lambda x: subnet(x, ids)),
+                        (multi, lambda x: multi(x, route=routing.Routing(ids, 2).tokens(x.shape[:-1])))):
+        x = torch.randn(*lead, 6, requires_grad=True)
+        y = call(x)
+        assert y.shape == (*lead, 4)
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+        assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
+    assert torch.equal(routing.Routing(ids, 2).tokens(lead).order, torch.zeros(0, dtype=torch.long))

@@ -105,7 +105,7 @@ def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:
     shapes: a count that merely divides the token count would route rows to the wrong language.
     """
     lead = tuple(lead_shape)
-    if ids.numel() == 0:
+    if ids.numel() == 0 and math.prod(lead) != 0:  # an empty batch takes empty ids, as nn.Linear takes it
         raise ValueError("route: language_ids is empty; give one id per example or per token")
     if tuple(ids.shape) == lead:
         return ids.reshape(-1)
