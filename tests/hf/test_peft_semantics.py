@@ -2292,3 +2292,39 @@ def test_a_dynamic_rope_model_saves_after_a_long_batch(tmp_path):
         model.model.norm.weight.add_(0.01)
     with pytest.raises(ValueError, match="model.norm.weight"):
         hf.save_pretrained(model, str(tmp_path / "again"))
+
+
+@pytest.mark.parametrize("way", ["merge", "unmerge"])
+def test_hf_merge_and_unmerge_failing_part_way_leave_the_model_as_it_was(way, monkeypatch):
+    """A layer's merge (or unmerge) failing after the checks (out of memory, an interrupt) undoes
+    the layers done before it: the model was left half merged. A layer merged before hf.merge stays
+    merged."""
+    from xlsparse.nn import SparseDeltaLinear
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*(torch.nn.Linear(4, 4) for _ in range(3)))
+    hf.convert(model, density=0.5)
+    with torch.no_grad():
+        for layer in model:
+            layer.delta_values.normal_()
+    base = [layer.weight.detach().clone() for layer in model]
+    if way == "merge":
+        model[1].merge()  # merged already: hf.merge leaves it so
+    else:
+        hf.merge(model)
+    before = [(layer.merged, layer.weight.detach().clone()) for layer in model]
+    real = getattr(SparseDeltaLinear, way)
+
+    def fails_on_the_last(self):
+        if self is model[2]:
+            raise KeyboardInterrupt
+        real(self)
+
+    monkeypatch.setattr(SparseDeltaLinear, way, fails_on_the_last)
+    with pytest.raises(KeyboardInterrupt):
+        getattr(hf, way)(model)
+    for layer, (merged, weight) in zip(model, before):
+        assert layer.merged == merged and torch.equal(layer.weight, weight)
+    monkeypatch.undo()
+    hf.unmerge(model)
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(model, base))

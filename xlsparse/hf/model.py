@@ -1323,29 +1323,44 @@ def _extract_diff(model: nn.Module, base_model: str | None, language: str | None
 def merge(model: nn.Module) -> nn.Module:
     """Fold every SparseDeltaLinear's delta into its base weight (the layer then runs as a plain
     linear, for inference: a forward with grad in training mode raises, since the deltas would
-    get no gradient); `unmerge` restores the base weights bit-exactly."""
+    get no gradient); `unmerge` restores the base weights bit-exactly. Every layer is checked before
+    the first is merged, and a failure part way unmerges those merged: the model is merged whole or
+    not at all."""
     refuse_sharded("merge", dict(model.named_parameters()), _UNSHARDED)
     layers = list(_converted(model, SparseDeltaLinear))
     if not layers:
         raise ValueError("merge: the model has no SparseDeltaLinear layer")
     for _, layer in layers:  # every layer checked first: a refusal leaves the model unmerged
         layer._check_merge()
-    for _, layer in layers:
-        layer.merge()
+    _each_or_none([layer for _, layer in layers if not layer.merged], "merge", "unmerge")
     return model
 
 
 @accepts_compiled
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo `merge`: the base weights return bit-exactly and the deltas act again. Every layer is
-    checked before the first is unmerged: a refusal leaves the model as it was."""
+    checked before the first is unmerged, and a failure part way merges those unmerged again: a
+    refusal or failure leaves the model as it was."""
     refuse_sharded("unmerge", dict(model.named_parameters()), _UNSHARDED)
     layers = [layer for _, layer in _converted(model, SparseDeltaLinear)]
     for layer in layers:
         layer._check_unmerge()
-    for layer in layers:
-        layer.unmerge()
+    _each_or_none([layer for layer in layers if layer.merged], "unmerge", "merge")
     return model
+
+
+def _each_or_none(layers: list, do: str, undo: str) -> None:
+    """`layer.<do>()` for every layer; when one fails (out of memory, an interrupt) after the checks,
+    the layers done are undone, so that the model is never left half merged."""
+    done = []
+    try:
+        for layer in layers:
+            getattr(layer, do)()
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            getattr(layer, undo)()
+        raise
 
 
 # --- persistence and unloading, PEFT-style ---
