@@ -1,8 +1,12 @@
 """Every argument rule of the xlsparse ops, written once, checked before any kernel runs.
 
 The op wrappers call these for every backend. Bad input raises:
-- `TypeError` for a wrong dtype (or an argument that is not a tensor);
+- `TypeError` for a wrong dtype (or an argument that is not a tensor), a scalar that is not a
+  number or that requires grad with grad mode on (`finite`), an on/off option that is not a bool
+  (`flag`);
 - `IndexError` for an index, target or token id outside its range;
+- `RuntimeError` for an input of a non-differentiable op that requires grad with grad mode on
+  (`not_differentiable`), or an in-place output that is a leaf requiring grad (`no_grad_leaf`);
 - `ValueError` for everything else: shapes, devices, order, duplicates, aliasing between outputs,
   a non-contiguous output, a non-finite hyperparameter.
 Inputs that are read only are made contiguous (a copy when needed) and copied when they share
