@@ -443,9 +443,9 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         if key in state_dict:
             saved = json.loads(bytes(state_dict[key].cpu().tolist()).decode())
             if saved != [str(n) for n in self.names]:
-                raise ValueError(f"{what}: {prefix[:-1] or 'the layer'} holds the deltas of languages {saved} "
-                                 f"(in id order), this layer's are {[str(n) for n in self.names]}: convert the model "
-                                 "with the languages in the saved order")
+                raise ValueError(f"{what}: the state dict holds {prefix[:-1] or 'the layer'}'s deltas of languages "
+                                 f"{saved} (in id order), this layer's are {[str(n) for n in self.names]}: convert the "
+                                 "model with the languages in the saved order")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -389,6 +389,15 @@ def test_the_out_proj_of_multihead_attention_is_never_converted(targets):
             hf.convert(model, target_modules=targets, density=0.1)
 
 
+def test_the_no_block_linear_error_suggests_only_layers_that_convert():
+    """A model without block linear layers is asked for target_modules; the names suggested leave
+    out those a target_modules naming them would be refused for (MultiheadAttention's out_proj)."""
+    model = torch.nn.ModuleDict({"attn": torch.nn.MultiheadAttention(8, 2), "head": torch.nn.Linear(8, 3)})
+    with pytest.raises(ValueError, match=r"no linear layer in encoder/decoder blocks.*\['head'\]\)") as err:
+        hf.convert(model, density=0.1)
+    assert "out_proj" not in str(err.value)
+
+
 def test_wavlm_attention_projections_are_never_converted():
     # WavLM's attention passes q/k/v/out_proj.weight to F.multi_head_attention_forward and never calls
     # them: their deltas trained nothing and changed no output

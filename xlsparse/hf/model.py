@@ -138,7 +138,7 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
         names = [name for name in linears if _in_block(name) and name not in bypassed | own]
         if not names:
             raise ValueError("convert: the model has no linear layer in encoder/decoder blocks; name the layers "
-                             f"with target_modules (it has {linears[:12]})")
+                             f"with target_modules (it has {[n for n in linears if n not in bypassed | own][:12]})")
         return names
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)

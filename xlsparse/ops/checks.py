@@ -519,7 +519,7 @@ def no_grad_leaf(op: str, **tensors) -> None:
 # --- matmul ---
 
 def not_differentiable(op: str, **tensors) -> None:
-    """sddmm, spmm_ and the compose ops have no autograd kernel: with grad mode on, an input that
+    """sddmm, spmm_, spmm_gated_ and the compose ops have no autograd kernel: with grad mode on, an input that
     requires grad got a result whose gradient was silently missing on the compiled backends (the
     reference one differentiated it). sparse_axpy_ checks its values only: the tensor it adds to may
     be in a graph (autograd sees the write, and its identity is the derivative); apply_diffs_ and
