@@ -478,3 +478,18 @@ def test_per_language_report():
         continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": "0.55", "fr": 0.5})
     with pytest.raises(TypeError, match="higher_is_better must be a bool"):  # "no" is truthy: fr counted as improved
         continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": 0.55, "fr": 0.5}, higher_is_better="no")
+
+
+def test_an_interrupted_continual_update_says_the_model_was_changed():
+    """Ctrl-C in the middle of continual_update gets the same note as an error: the model was
+    converted in place and some steps were taken (only Exceptions had it)."""
+    model, masks = _bert_with_open_masks("de", "fr")
+    good = dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))
+
+    def batches():
+        yield good
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as raised:
+        continual.continual_update(model, batches(), masks, progress=False)
+    assert "converted (or given these masks) in place and 1 update step" in "".join(raised.value.__notes__)

@@ -356,7 +356,7 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
                     loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-    except Exception as exc:  # nothing undoes the conversion and the steps taken: say so
+    except BaseException as exc:  # nothing undoes the conversion and the steps taken (an interrupt too): say so
         exc.add_note(f"continual_update: this error came after the model was converted (or given these masks) in "
                      f"place and {len(losses)} update step(s) were taken; the model is not restored")
         raise
