@@ -223,7 +223,7 @@ def test_timed_choice_compares_each_ways_fastest_run(dense_s, sparse_s, want, mo
 
 def test_choice_is_timed_once_per_delta_shape_and_can_be_pinned(monkeypatch):
     """The first bfloat16 backward of a (shape, K) above the density floor with enough tokens times
-    the two ways; later calls reuse it; fewer tokens keep SDDMM without setting the choice; other
+    the two ways, once per power of two of the token count; later calls reuse it; fewer tokens keep SDDMM without setting the choice; other
     dtypes and sparser deltas never take the dense way; XLSPARSE_DENSE_DW_MIN_DENSITY pins the
     choice (a bad value raises, naming the variable)."""
     monkeypatch.delenv("XLSPARSE_DENSE_DW_MIN_DENSITY", raising=False)
@@ -238,10 +238,12 @@ def test_choice_is_timed_once_per_delta_shape_and_can_be_pinned(monkeypatch):
     floor = round(ops.MIN_DENSE_DW_DENSITY * 100 * 100)
     assert not pays(floor - 1) and not timed
     assert not pays(500, tokens=ops.DENSE_DW_TIMED_MIN_TOKENS - 1) and not timed
-    assert pays(500) and pays(500) and timed == [(ops.DENSE_DW_TIMED_MIN_TOKENS, 500)]
-    assert pays(floor) and len(timed) == 2
-    assert pays(500, shape=(50, 200)) and len(timed) == 3
-    assert not pays(10000, dtype=torch.float32) and not pays(10000, dtype=torch.float16) and len(timed) == 3
+    t = ops.DENSE_DW_TIMED_MIN_TOKENS
+    assert pays(500) and pays(500) and pays(500, tokens=2 * t - 1) and timed == [(t, 500)]
+    assert pays(500, tokens=2 * t) and timed[-1] == (2 * t, 500)  # another power of two of the tokens
+    assert pays(floor) and len(timed) == 3
+    assert pays(500, shape=(50, 200)) and len(timed) == 4
+    assert not pays(10000, dtype=torch.float32) and not pays(10000, dtype=torch.float16) and len(timed) == 4
     monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", "0.5")
     assert not pays(4999) and pays(5000) and not pays(500)
     monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", "inf")
@@ -250,7 +252,7 @@ def test_choice_is_timed_once_per_delta_shape_and_can_be_pinned(monkeypatch):
         monkeypatch.setenv("XLSPARSE_DENSE_DW_MIN_DENSITY", bad)
         with pytest.raises(ValueError, match="XLSPARSE_DENSE_DW_MIN_DENSITY"):
             pays(10)
-    assert len(timed) == 3
+    assert len(timed) == 4
 
 
 def test_real_timed_choice_gives_float64_dvalues_and_is_kept(monkeypatch):
@@ -264,7 +266,7 @@ def test_real_timed_choice_gives_float64_dvalues_and_is_kept(monkeypatch):
     vals.requires_grad_()
     gy = torch.randn(t, o, generator=gen).to(torch.bfloat16)
     (dval,) = torch.autograd.grad(functional.sparse_delta_linear(x, w, b, idx, vals), [vals], gy)
-    assert list(ops._dense_dw_choice) == [(torch.bfloat16, o, i, idx.numel())]
+    assert list(ops._dense_dw_choice) == [(torch.bfloat16, o, i, idx.numel(), t.bit_length())]
     check(dval, (gy.double().T @ x.double()).view(-1)[idx.long()], (gy.T @ x).view(-1)[idx.long()], "dvalues")
 
 

@@ -498,7 +498,8 @@ DENSE_DW_PAIRS = 3
 # Fewer tokens than this keep SDDMM untimed: both costs grow with the tokens, but a few tokens'
 # timings are mostly call overhead and would set the choice for the real batches.
 DENSE_DW_TIMED_MIN_TOKENS = 256
-# The choice per (dtype, O, I, K), timed on the delta's first backward: True for the dense way.
+# The choice per (dtype, O, I, K, token count's power of two), timed on the first backward of each:
+# True for the dense way.
 _dense_dw_choice: dict[tuple, bool] = {}
 
 
@@ -542,8 +543,8 @@ def dense_dw_pays(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weig
     bit across processes: the two ways round alike but sum in other orders; `inf` keeps SDDMM);
     else deltas below MIN_DENSE_DW_DENSITY keep SDDMM, and the others take whichever way ran faster
     on the first backward of a delta of their dtype, shape and K with at least
-    DENSE_DW_TIMED_MIN_TOKENS tokens (`time_dense_dw`, about six times one dvalues, once per
-    process; SDDMM until then), or the dense way from TRACED_DENSE_DW_MIN_DENSITY while tracing.
+    DENSE_DW_TIMED_MIN_TOKENS tokens, per power of two of the token count (`time_dense_dw`, about
+    six times one dvalues, once each per process; SDDMM until then), or the dense way from TRACED_DENSE_DW_MIN_DENSITY while tracing.
     So the choice follows the machine and the shape."""
     if dy.device.type != "cpu" or dy.dtype not in DENSE_DW_DTYPES:
         return False
@@ -554,7 +555,7 @@ def dense_dw_pays(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weig
         return nnz >= pinned * rows * cols
     if nnz == 0 or nnz < MIN_DENSE_DW_DENSITY * rows * cols:
         return False
-    key = (dy.dtype, rows, cols, nnz)
+    key = (dy.dtype, rows, cols, nnz, dy.shape[0].bit_length())
     if key not in _dense_dw_choice:
         if not checks.can_read(dy, x, indices):
             return nnz >= TRACED_DENSE_DW_MIN_DENSITY * rows * cols
