@@ -255,6 +255,28 @@ def test_choice_is_timed_once_per_delta_shape_and_can_be_pinned(monkeypatch):
     assert len(timed) == 4
 
 
+def test_a_dense_way_out_of_memory_while_timing_keeps_sddmm(monkeypatch):
+    """The timing runs the dense way, whose O x I product may not fit: SDDMM is then chosen (and
+    kept) instead of the backward failing."""
+    monkeypatch.delenv("XLSPARSE_DENSE_DW_MIN_DENSITY", raising=False)
+    monkeypatch.setattr(ops, "_dense_dw_choice", {})
+    calls = []
+
+    def out_of_memory(*args):
+        calls.append(1)
+        torch.empty(2**46)  # 256 TB, past any address space: what torch's CPU allocator raises
+
+    monkeypatch.setattr(ops, "time_dense_dw", out_of_memory)
+    t = ops.DENSE_DW_TIMED_MIN_TOKENS
+    dy, x = torch.zeros(t, 100, dtype=torch.bfloat16), torch.zeros(t, 100, dtype=torch.bfloat16)
+    assert not ops.dense_dw_pays(dy, x, torch.arange(5000), (100, 100))
+    assert not ops.dense_dw_pays(dy, x, torch.arange(5000), (100, 100)) and calls == [1]
+    monkeypatch.setattr(ops, "_dense_dw_choice", {})
+    monkeypatch.setattr(ops, "time_dense_dw", lambda *a: torch.zeros(2) @ torch.zeros(3))  # another error
+    with pytest.raises(RuntimeError, match="size mismatch|shapes cannot be multiplied|inconsistent"):
+        ops.dense_dw_pays(dy, x, torch.arange(5000), (100, 100))
+
+
 def test_real_timed_choice_gives_float64_dvalues_and_is_kept(monkeypatch):
     """On this machine's kernels: a 50% bfloat16 delta's first backward times the two ways, keeps the
     choice for its shape, and its dvalues match float64 whichever way won."""

@@ -561,7 +561,13 @@ def dense_dw_pays(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, weig
             return nnz >= TRACED_DENSE_DW_MIN_DENSITY * rows * cols
         if dy.shape[0] < DENSE_DW_TIMED_MIN_TOKENS:
             return False
-        _dense_dw_choice[key] = time_dense_dw(dy, x, indices)
+        try:
+            _dense_dw_choice[key] = time_dense_dw(dy, x, indices)
+        except RuntimeError as exc:  # the O x I product does not fit: SDDMM is the way
+            # torch's CPU allocator raises a plain RuntimeError, not OutOfMemoryError
+            if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)):
+                raise
+            _dense_dw_choice[key] = False
     return _dense_dw_choice[key]
 
 
