@@ -135,10 +135,11 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     own = {name for name, module in model.named_modules() if _own_forward(module)}
     linears = [name for name, module in model.named_modules() if _is_linear(module)]
     if target_modules is None:
-        names = [name for name in linears if _in_block(name) and name not in bypassed | own]
+        convertible = [name for name in linears if name not in bypassed | own]
+        names = [name for name in convertible if _in_block(name)]
         if not names:
             raise ValueError("convert: the model has no linear layer in encoder/decoder blocks; name the layers "
-                             f"with target_modules (it has {[n for n in linears if n not in bypassed | own][:12]})")
+                             f"with target_modules (it has {convertible[:12]})")
         return names
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)

@@ -122,11 +122,11 @@ def _diff_call(op: str, dense, indices, values, target, values_name: str = "valu
     dense, target = _one_slot_per_tensor(dense, target)
     device = dense[0].device if dense else torch.device("cpu")
     written = checks.diff_entries(op, dense, indices, values, target, read_data=not registry.compiled(op, device))
-    checks.not_differentiable(op, **{f"{values_name}[{e}]": v for e, v in enumerate(values)})
     # dense too, unlike sparse_axpy_'s (dense + const: autograd's identity is its derivative): the
     # compiled kernels passed the gradient through entries restore_diffs_ overwrites (1, not 0) and
     # gave apply_diffs_'s displaced values none, where the reference differentiated both
-    checks.not_differentiable(op, **{f"dense[{t}]": d for t, d in enumerate(dense)})
+    checks.not_differentiable(op, **{f"{values_name}[{e}]": v for e, v in enumerate(values)},
+                              **{f"dense[{t}]": d for t, d in enumerate(dense)})
     indices = [checks.unaliased(written, i.contiguous()) for i in indices]
     values = [checks.unaliased(written, v.contiguous()) for v in values]
     return dense, indices, values, target

@@ -503,6 +503,11 @@ DENSE_DW_TIMED_MIN_TOKENS = 256
 _dense_dw_choice: dict[tuple, bool] = {}
 
 
+def _gathered_dw(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, dw: torch.Tensor | None = None):
+    """dvalues the dense way: dW = dYᵀX (or the given one) at the delta's entries."""
+    return (dy.T @ x if dw is None else dw).reshape(-1).index_select(0, indices.long())
+
+
 def time_dense_dw(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, pairs: int = DENSE_DW_PAIRS) -> bool:
     """True when one dense dYᵀX and a gather ran faster than the SDDMM on these very inputs, each
     way's fastest of `pairs` alternating runs. Timed per delta shape, as no one cost model held
@@ -511,7 +516,7 @@ def time_dense_dw(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, pair
     T = 2048) the paths crossed at 4.3-5.2%; a model fitted on one 1024 x 1024 probe put the
     crossover at 3.5-11%, and the crossover timed once on a 512 x 512 probe at 25% density (the rule
     before this one) read 8.1%, so a 5% 1024 x 4096 delta took the slower SDDMM (0.95x SpIEL's way)."""
-    ways = (lambda: (dy.T @ x).reshape(-1).index_select(0, indices.long()), lambda: sddmm(dy, x, indices))
+    ways = (lambda: _gathered_dw(dy, x, indices), lambda: sddmm(dy, x, indices))
     best = [float("inf")] * 2
     for _ in range(pairs):
         for w, way in enumerate(ways):
@@ -599,7 +604,7 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[4]:
             # With dW0 at hand (W0 trains too) its gather always beats an SDDMM.
             if dw is not None or dense_dw_pays(dy, x, indices, weight.shape):
-                dval = (dw if dw is not None else dy.T @ x).reshape(-1).index_select(0, indices.long())
+                dval = _gathered_dw(dy, x, indices, dw)
             else:
                 dval = sddmm(dy, x, indices)
         return dx, dw, db, None, dval, None, None
