@@ -32,7 +32,7 @@ def can_read(*tensors) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type == "meta":
+        if t.is_meta:
             return False
         if type(t) not in (torch.Tensor, torch.nn.Parameter) and torch._guards.detect_fake_mode([t]) is not None:
             return False
@@ -63,9 +63,10 @@ def index_dtype(op: str, name: str, t: torch.Tensor) -> None:
 
 
 def same_device(op: str, first: torch.Tensor, **tensors) -> None:
+    device = first.device
     for name, t in tensors.items():
-        if t is not None and t.device != first.device:
-            raise ValueError(f"{op}: {name} must be on device {first.device} like the op's other tensors, got {t.device}")
+        if t is not None and t.device != device:
+            raise ValueError(f"{op}: {name} must be on device {device} like the op's other tensors, got {t.device}")
 
 
 def contiguous_output(op: str, name: str, t: torch.Tensor) -> None:
@@ -76,7 +77,8 @@ def contiguous_output(op: str, name: str, t: torch.Tensor) -> None:
 
 def is_real(v) -> bool:
     """A real number, not a bool, None or a string: float() read True as 1.0 and "0.5" as 0.5."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+    # a float first: the ABC check takes 1 µs, and apply checks an alpha per entry (400 on XLM-R)
+    return type(v) is float or (isinstance(v, numbers.Real) and not isinstance(v, bool))
 
 
 def is_whole(v) -> bool:
@@ -132,7 +134,9 @@ def memory_key(t: torch.Tensor | None):
 
 def _address(t: torch.Tensor | None):
     """memory_key outside a compiled graph (asked once per call, not once per tensor)."""
-    if t is None or isinstance(t, FakeTensor) or t.numel() == 0 or t.device.type == "meta":
+    # is_meta, not device.type == "meta": this runs several times per tensor of an apply, and
+    # device.type builds a string (0.4 of this function's 0.9 µs)
+    if t is None or isinstance(t, FakeTensor) or t.is_meta or t.numel() == 0:
         return None
     return t.device, t.untyped_storage().data_ptr()
 

@@ -143,7 +143,9 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
     """
     dense, indices, values, target = _diff_call("apply_diffs_", dense, indices, values, target)
     alphas = [float(a) for a in alphas]
-    saved = [torch.empty(v.shape, dtype=v.dtype, device=v.device) for v in values]
+    # empty_like: 1.1 µs a tensor where torch.empty(shape, dtype=, device=) took 4.1 (400 entries per
+    # apply of two XLM-R diffs); values are contiguous here, so saved is too
+    saved = [torch.empty_like(v) for v in values]
     checks.saved("apply_diffs_", values, alphas, saved)
     device = dense[0].device if dense else torch.device("cpu")
     registry.call("apply_diffs_", device, dense, indices, values, target, alphas, saved)
