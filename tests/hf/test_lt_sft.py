@@ -213,6 +213,24 @@ def test_freeze_and_untie_flags_on_xlmr(tmp_path):
     assert "roberta.embeddings.position_embeddings.weight" in set(t._theta0) - set(t.maskable)
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "mpt"])
+def test_freeze_layer_norm_freezes_every_normalisation_module(tmp_path, arch):
+    # Qwen3's attention norms (q_norm, k_norm) and MPT's norm_1 / norm_f are norms too: the
+    # default patterns missed them, and they trained (and entered the SFT) under freeze_layer_norm
+    if arch == "qwen3":
+        cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                       num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    else:
+        cfg = transformers.MptConfig(vocab_size=VOCAB, d_model=32, n_layers=1, n_heads=2)
+    torch.manual_seed(0)
+    t = _trainer(tmp_path, transformers.AutoModelForCausalLM.from_config(cfg), freeze_layer_norm=True)
+    norms = {f"{m}.{n}" for m, mod in t.model.named_modules() if "norm" in type(mod).__name__.lower()
+             for n, _ in mod.named_parameters(recurse=False)}
+    assert norms and not norms & set(t._theta0)
+    assert not any(p.requires_grad for n, p in t.model.named_parameters() if n in norms)
+    assert t.maskable  # the rest trains
+
+
 def test_untie_embeddings_with_freeze_head_trains_the_untied_decoder(tmp_path):
     # composable-sft's run_mlm freezes the head, then unties: the new decoder copy trains (the
     # rest of the head stays frozen). Frozen, untie_embeddings would have done nothing.

@@ -46,7 +46,8 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   `untie_embeddings` stores is refused until the base is untied (it would replace the input
   embeddings). `freeze_layer_norm`: parameters
   matching `layer_norm_patterns` are frozen (composable-sft matches "LayerNorm"; the default here
-  also covers Llama/GPT-2 norms and XLM-R's `lm_head.layer_norm`).
+  matches any module named with "norm", so Llama/GPT-2/T5/Qwen3/MPT/Mamba norms and XLM-R's
+  `lm_head.layer_norm` too).
 - A tied decoder (transformers 5 names XLM-R's tied matrix `lm_head.decoder.weight`) is the
   word-embedding matrix: it is named by its base-model name and masked like any body parameter,
   never trained whole as a head.
@@ -134,8 +135,10 @@ class SftArguments:
     untie_embeddings: bool = False
     freeze_decoder: bool = False
     freeze_layer_norm: bool = False
-    layer_norm_patterns: tuple[str, ...] = (r"LayerNorm|layer_norm|layernorm|(^|\.)ln_|(^|\.)norm\.",)
-    """Regular expressions (searched in parameter names) that `freeze_layer_norm` freezes."""
+    layer_norm_patterns: tuple[str, ...] = (r"(?i)(^|\.)[^.]*norm[^.]*\.|(^|\.)ln_",)
+    """Regular expressions (searched in parameter names) that `freeze_layer_norm` freezes. The
+    default: every module whose name holds "norm" (any case), and GPT-2's `ln_*` (an exact
+    `norm.` or `layer_norm` left Qwen3's `q_norm`/`k_norm`, MPT's `norm_1` and Mamba's `norm_f` trainable)."""
     maskable_exclude: tuple[str, ...] = ()
     """Regular expressions: matching parameters are not maskable (trained whole if trainable)."""
 
