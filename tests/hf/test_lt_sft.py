@@ -86,6 +86,19 @@ def test_counts_that_are_not_whole_numbers_are_refused_naming_the_argument(name,
         DynamicSftArguments(**kw)
 
 
+@pytest.mark.parametrize("name, value", [("freeze_head", "false"), ("apply_reg_to_sparse_only", "False"),
+                                         ("freeze_layer_norm", 0), ("layer_norm_patterns", "LayerNorm"),
+                                         ("maskable_exclude", "bias"), ("maskable_exclude", (1,)),
+                                         ("full_ft_max_epochs_per_iteration", True), ("drop_fraction", True)])
+def test_values_of_the_wrong_type_are_refused_naming_the_argument(name, value):
+    # "false" from a config file is truthy and froze the head; a bare pattern string was read a
+    # character at a time ("bias" excluded every name holding an "a"); True ran 1 epoch and
+    # drop_fraction=True dropped every entry at each reselection
+    kw = {"full_ft_max_steps_per_iteration": 3, "sparse_ft_max_steps_per_iteration": 3, name: value}
+    with pytest.raises(ValueError, match=rf"\.{name} = "):
+        DynamicSftArguments(**kw)
+
+
 def test_a_proportion_of_none_beside_ft_params_num_is_composable_sfts_rule(tmp_path):
     # composable-sft's ft_params_proportion is Optional and read only when ft_params_num is None:
     # proportion=None with a count is its valid configuration; None where a number is needed

@@ -163,14 +163,23 @@ class SftArguments:
             check(lo, getattr(self, lo) is None or getattr(self, lo) >= 0, "must be >= 0")
             # 0 would make the HF Trainer fall back to num_train_epochs
             check(hi, getattr(self, hi) is None or getattr(self, hi) >= 1, "must be >= 1")
-            check(ep, getattr(self, ep) is None or getattr(self, ep) > 0, "must be > 0")
+            # True passed as 1 epoch
+            check(ep, getattr(self, ep) is None or (is_real(getattr(self, ep)) and getattr(self, ep) > 0),
+                  "must be a number > 0")
             check(hi, getattr(self, hi) is not None or getattr(self, ep) is not None,
                   f"the {phase} phase has no length: give it or {ep}")
             check(lo, getattr(self, lo) is None or getattr(self, hi) is None or getattr(self, lo) <= getattr(self, hi),
                   f"must not exceed {hi} = {getattr(self, hi)}")
         for name in ("full_l1_reg", "sparse_l1_reg"):
             check(name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "must be a number >= 0")
+        for name in ("apply_reg_to_sparse_only", "freeze_embeddings", "freeze_head", "untie_embeddings",
+                     "freeze_decoder", "freeze_layer_norm"):  # "false" from a config file is truthy: it turned the option on
+            check(name, isinstance(getattr(self, name), bool), "must be a bool")
         for name in ("layer_norm_patterns", "maskable_exclude"):
+            # a bare string was read one character at a time: "bias" excluded every name holding an a or an s
+            check(name, isinstance(getattr(self, name), (tuple, list))
+                  and all(isinstance(p, str) for p in getattr(self, name)),
+                  "must be a tuple of regular expressions (strings), e.g. (r\"LayerNorm\",)")
             for p in getattr(self, name):
                 try:
                     re.compile(p)
@@ -207,8 +216,8 @@ class DynamicSftArguments(SftArguments):
         super().__post_init__()
         if not is_whole(self.reselection_steps) or self.reselection_steps < 1:
             raise ValueError(f"DynamicSftArguments.reselection_steps = {self.reselection_steps!r}: must be an int >= 1")
-        if not 0.0 <= self.drop_fraction <= 1.0:
-            raise ValueError(f"DynamicSftArguments.drop_fraction = {self.drop_fraction!r}: must be in [0, 1]")
+        if not is_real(self.drop_fraction) or not 0.0 <= self.drop_fraction <= 1.0:  # True dropped the whole support
+            raise ValueError(f"DynamicSftArguments.drop_fraction = {self.drop_fraction!r}: must be a number in [0, 1]")
         a = self.selection_accumulation_steps
         if not is_whole(a) or not 1 <= a <= self.reselection_steps:
             raise ValueError(f"DynamicSftArguments.selection_accumulation_steps = {self.selection_accumulation_steps!r}: "
