@@ -2,6 +2,7 @@
 the mixed-batch update against one masked optimizer step per language on the same batch
 (restated in plain torch), and the per-language report."""
 import copy
+import re
 
 import pytest
 import torch
@@ -324,6 +325,17 @@ def test_continual_update_on_a_converted_model_refuses_masks_of_layers_it_does_n
     batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 0]))]
     with pytest.raises(ValueError, match=f"does not route: \\['{names[1]}'\\]"):
         continual.continual_update(model, batches, masks, progress=False)
+
+
+def test_continual_update_refuses_masks_of_a_bias_naming_it_before_converting_the_model():
+    model = tiny("bert")
+    name = "bert.encoder.layer.0.attention.self.query.bias"
+    masks = {"en": {name: torch.ones(32, dtype=torch.bool)}}
+    ids = torch.randint(3, VOCAB, (1, 5))
+    with pytest.raises(ValueError, match=re.escape(repr([name]))):
+        continual.continual_update(model, [{"input_ids": ids, "labels": ids, "language_ids": torch.tensor([0])}],
+                                   masks, progress=False)
+    assert not any(type(m).__name__ == "SubnetworkLinear" for m in model.modules())
 
 
 def test_continual_update_refuses_a_one_shot_iterator_for_several_epochs():

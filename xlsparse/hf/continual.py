@@ -241,6 +241,11 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
             union[n] = m.clone() if n not in union else union[n] | m
     converted = {f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)}
     if not converted:
+        # cut to a module name, a bias ("query.bias") became "que", and convert's error named that
+        other = sorted(n for n in union if not n.endswith(".weight"))
+        if other:
+            raise ValueError(f"{what}: masks name {other[:5]}, which are not layer weights; only linear layers' "
+                             "weights are routed by language")
         targets = sorted({n[: -len(".weight")] for n in union})
         convert(model, targets, kind="subnetwork", masks={lang: dict(masks[lang]) for lang in order})
     else:
