@@ -34,6 +34,15 @@ def test_uriel_distances_and_language_aware_masks():
         continual.uriel_distance("eng", "deu", features=("syntax_average",))
 
 
+@pytest.mark.parametrize("call", [lambda f: continual.distance_matrix(["eng", "deu"], f),
+                                  lambda f: continual.uriel_vectors(["eng"], f),
+                                  lambda f: continual.uriel_distance("eng", "deu", f)])
+def test_features_given_as_one_string_are_refused_naming_the_argument(call):
+    # a bare string was read one character at a time: feature sets "s", "y", "n", ...
+    with pytest.raises(TypeError, match=r"features must be a tuple of URIEL feature-set names.*'syntax_knn'"):
+        call("syntax_knn")
+
+
 def test_uriel_distance_of_one_set_is_one_minus_the_cosine_of_lang2vec_vectors():
     """DESIGN.md's URIEL distance: the cosine distance of lang2vec's syntax_knn vectors, read here
     straight from lang2vec (eng-deu 0.10, eng-jpn 0.50, as measured there)."""

@@ -145,6 +145,15 @@ def test_a_max_norm_embedding_is_refused_before_anything_changes(tmp_path):
     assert all(torch.equal(p, before[n][0]) and p.requires_grad == before[n][1] for n, p in after.items())
 
 
+def test_source_sft_apply_abs_that_is_not_a_bool_is_refused_at_construction(tmp_path):
+    # "no" is truthy: it raised only at the first multi-source step, after the full phase had run
+    with pytest.raises(TypeError, match="source_sft_apply_abs must be a bool"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+                                     sft_args=SftArguments(full_ft_max_steps_per_iteration=1,
+                                                           sparse_ft_max_steps_per_iteration=1, ft_params_num=50),
+                                     source_sft_apply_abs="no")
+
+
 def test_a_composable_sft_maskable_list_that_misses_the_tied_embeddings_is_named(tmp_path):
     # run_mlm.py's list (names under base_model_prefix from named_parameters()) lacks XLM-R's word
     # embeddings under transformers 5, which lists the tied matrix as lm_head.decoder.weight: they

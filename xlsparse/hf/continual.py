@@ -107,13 +107,22 @@ def _uriel_blocks(langs: Sequence[str], feature: str) -> list[torch.Tensor]:
     return [_URIEL_CACHE[feature, lang] for lang in langs]
 
 
+def _feature_sets(what: str, features) -> tuple:
+    """`features` as a tuple of URIEL feature-set names: a bare string was read one character at a
+    time, and lang2vec then failed on a set named "s"."""
+    if not isinstance(features, (tuple, list)) or not all(isinstance(f, str) for f in features):
+        raise TypeError(f"{what}: features must be a tuple of URIEL feature-set names such as ('syntax_knn',), "
+                        f"got {features!r}")
+    return tuple(features)
+
+
 def uriel_vectors(langs, features: tuple[str, ...] = URIEL_FEATURES) -> dict[str, torch.Tensor]:
     """{ISO 639-3 code: URIEL vector}: one L2-normalised block per feature set (default: the
     kNN-imputed syntax, phonology and inventory sets, language family and geography), so that
     each set weighs the same although `fam` has 3718 dimensions and `phonology_knn` 28. A set
     that is all zero for a language (e.g. `fam` of an isolate such as Basque) stays zero."""
     langs = list(dict.fromkeys(langs))
-    blocks = [_uriel_blocks(langs, f) for f in features]
+    blocks = [_uriel_blocks(langs, f) for f in _feature_sets("uriel_vectors", features)]
     return {lang: torch.cat([b[i] for b in blocks]) for i, lang in enumerate(langs)}
 
 
@@ -128,6 +137,7 @@ def distance_matrix(langs: Sequence[str], features: tuple[str, ...] = URIEL_FEAT
     for a language (e.g. `fam` of an isolate such as Basque) says nothing about it and is
     skipped; a pair with no such set in common raises."""
     langs = list(langs)
+    features = _feature_sets("distance_matrix", features)
     cosines = torch.zeros(len(langs), len(langs), dtype=torch.float64)
     counted = torch.zeros_like(cosines)
     for feature in features:

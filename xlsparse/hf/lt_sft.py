@@ -90,7 +90,7 @@ from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..ops._common import acc_dtype
-from ..ops.checks import is_real, is_whole
+from ..ops.checks import flag, is_real, is_whole
 from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
 from .model import _output_head, _refuse_max_norm, _swap_module, _uncompiled
@@ -451,6 +451,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         _refuse_replaced_parameters("LotteryTicketSparseFineTuner", "θ0, the selection and the sparse phase's layers "
                                     "and optimizer", _training_args(args, kwargs))
         _refuse_compiled("LotteryTicketSparseFineTuner", args, kwargs)
+        # here, not at the first multi-source step after the full phase has run
+        flag("LotteryTicketSparseFineTuner", "source_sft_apply_abs", source_sft_apply_abs)
         super().__init__(*args, **kwargs)
         if self.model_init is not None:
             # the Trainer's train() builds a fresh model from model_init, and each phase is a train():
