@@ -375,3 +375,32 @@ def test_compose_refuses_a_model_class_whose_head_nothing_gives(tmp_path, capsys
     assert cli.main(argv + ["--out", str(tmp_path / "out")]) == 0
     out = transformers.BertForTokenClassification.from_pretrained(tmp_path / "out")
     assert torch.equal(out.classifier.weight, head.classifier.weight)
+
+
+def test_compose_checks_the_base_of_a_diff_saved_by_hf_save_pretrained(tmp_path, capsys):
+    # hf.from_pretrained refuses a base whose weights differ from the fingerprints save_pretrained
+    # recorded; compose wrote that file's diff onto another checkpoint of the same shapes silently.
+    import copy
+
+    from xlsparse import hf
+
+    model = _tiny_bert_dir(tmp_path)
+    torch.manual_seed(1)
+    transformers.BertForMaskedLM(model.config).save_pretrained(tmp_path / "other")
+    trained = hf.convert(copy.deepcopy(model), density=0.2)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "delta_values" in n:
+                p.normal_()
+    hf.save_pretrained(trained, str(tmp_path / "sft"))
+    diff = tmp_path / "sft" / "xlsparse_diff.safetensors"
+    before = _listing(tmp_path)
+    assert cli.main(["compose", str(tmp_path / "other"), str(diff), "--out", str(tmp_path / "out")]) == 1
+    assert f"DIFF {diff}: " in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+    assert cli.main(["compose", str(tmp_path / "base"), str(diff), "--out", str(tmp_path / "out")]) == 0
+    got = transformers.BertForMaskedLM.from_pretrained(tmp_path / "out").state_dict()
+    want = copy.deepcopy(model)
+    xlsparse.apply(xlsparse.SparseDiff.load(str(diff)), want)
+    for n, t in want.state_dict().items():
+        assert torch.equal(got[n], t), n

@@ -178,6 +178,20 @@ def _refuse_routed_shared_file_alone(paths: list[str]) -> None:
                              + ", ".join(f"{os.path.basename(f)} ({lang})" for f, lang in zip(files, config.languages)))
 
 
+def _check_saved_bases(paths: list[str], model) -> None:
+    """A DIFF that `hf.save_pretrained` wrote lies beside the fingerprints of the base weights it was
+    trained on. `hf.from_pretrained` refuses another base; compose wrote the diff onto one of the
+    same shapes (another checkpoint) without a word."""
+    from xlsparse.hf.config import CONFIG_NAME, XlsparseConfig
+    from xlsparse.hf.model import _check_same_base, _saved_file
+
+    for path in paths:
+        real = os.path.realpath(path)
+        folder = os.path.dirname(real)
+        if _saved_file(os.path.basename(real)) and os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            _check_same_base(model, XlsparseConfig.load(folder), folder, what=f"DIFF {path}")
+
+
 # Files of a model folder that hold weights (and their shard indexes): compose writes its own.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt")
 
@@ -241,6 +255,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
                          f"{' ...' if len(fresh) > 4 else ''}, which transformers initialises at random, and no DIFF "
                          "gives them as absolute entries; give a DIFF that holds that head (a task SFT trained "
                          "with it) or compose onto a base that has it")
+    _check_saved_bases(args.diffs, model)
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.

@@ -1487,12 +1487,13 @@ def _fingerprint_mismatch(saved: dict, now: dict) -> str | None:
     return None
 
 
-def _check_same_base(base_model: nn.Module, config: XlsparseConfig, directory) -> None:
+def _check_same_base(base_model: nn.Module, config: XlsparseConfig, directory, what: str = "from_pretrained") -> None:
     """The weights the diff goes on must be those it was trained with: a base of the same shapes
     with other weights (another checkpoint, a head drawn at random) took it silently. Saves written
-    before the fingerprints were recorded cannot be checked: a warning says so."""
+    before the fingerprints were recorded cannot be checked: a warning says so. `what` begins the
+    messages (`xlsparse compose` checks the files it is given too)."""
     if config.base_fingerprint is None:
-        warnings.warn(f"from_pretrained: {directory} was saved before xlsparse recorded the base weights' "
+        warnings.warn(f"{what}: {directory} was saved before xlsparse recorded the base weights' "
                       "fingerprint, so the base model given cannot be checked; the outputs match only if it holds "
                       "the weights the diff was trained from (save it again to record them)", stacklevel=3)
         return
@@ -1506,7 +1507,7 @@ def _check_same_base(base_model: nn.Module, config: XlsparseConfig, directory) -
         why = ("the file has no fingerprint of it" if not isinstance(saved, dict)
                else _fingerprint_mismatch(saved, _weight_fingerprint(named[name])))
         if why:
-            raise ValueError(f"from_pretrained: {name} of the base model given differs from the one {directory} "
+            raise ValueError(f"{what}: {name} of the base model given differs from the one {directory} "
                              f"was trained on ({why}): the diff would go onto other weights. Load it onto the base "
                              "it was trained from" + ("" if name in targets else "; a module the base draws at random "
                                                       "when it is built (a new head) must be in convert's modules_to_save"))
