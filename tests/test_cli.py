@@ -404,3 +404,33 @@ def test_compose_checks_the_base_of_a_diff_saved_by_hf_save_pretrained(tmp_path,
     xlsparse.apply(xlsparse.SparseDiff.load(str(diff)), want)
     for n, t in want.state_dict().items():
         assert torch.equal(got[n], t), n
+
+
+def test_compose_refuses_a_routed_models_language_without_its_trained_modules(tmp_path, capsys):
+    # Every language of a routed model runs with its modules_to_save, kept in xlsparse_diff.safetensors:
+    # a language's file alone was composed with the base's classifier in place of the trained one.
+    import copy
+
+    from xlsparse import hf
+
+    model = _tiny_bert_dir(tmp_path)
+    routed = hf.convert(copy.deepcopy(model), kind="multi", diffs={"de": _diff(model, 1), "fr": _diff(model, 2)},
+                        modules_to_save=["cls.predictions.transform"])
+    with torch.no_grad():
+        routed.cls.predictions.transform.dense.weight.add_(1.0)
+    hf.save_pretrained(routed, str(tmp_path / "routed"))
+    shared, fr = (tmp_path / "routed" / f"xlsparse_diff{part}.safetensors" for part in ("", ".lang1"))
+    before = _listing(tmp_path)
+    assert cli.main(["compose", str(tmp_path / "base"), str(fr), "--out", str(tmp_path / "out")]) == 1
+    assert f"DIFF {fr}: one language's deltas of a routed ('multi') model" in capsys.readouterr().err
+    assert _listing(tmp_path) == before
+    for extra, trained in (([], True), (["--no-abs-of", str(shared)], False)):
+        out = tmp_path / f"out{trained}"
+        assert cli.main(["compose", str(tmp_path / "base"), str(fr), str(shared), *extra, "--out", str(out)]) == 0
+        got = transformers.BertForMaskedLM.from_pretrained(out).state_dict()
+        want = copy.deepcopy(model)
+        xlsparse.apply(_diff(model, 2), want)  # French: base + its deltas, computed in Python
+        if trained:  # + the trained module, replacing the base's
+            want.cls.predictions.transform.dense.weight.data.add_(1.0)
+        for n, t in want.state_dict().items():
+            assert torch.equal(got[n], t), n

@@ -158,24 +158,34 @@ def _load_diff(path: str):
     return SparseDiff.load(file)
 
 
-def _refuse_routed_shared_file_alone(paths: list[str]) -> None:
+def _refuse_routed_part_alone(paths: list[str]) -> None:
     """A routed ('multi') model saved by `hf.save_pretrained` keeps its shared entries (the saved
-    modules) in xlsparse_diff.safetensors and each language's deltas in its own file: given the
-    first without any language's file, compose wrote base + heads, with no language, silently."""
+    modules) in xlsparse_diff.safetensors and each language's deltas in its own file. Every language
+    runs with the shared entries: given without any language's file, compose wrote base + heads, with
+    no language; a language's file without the shared one (that holds some) kept the base's modules
+    in place of the trained ones. Both silently."""
     from xlsparse.hf.config import CONFIG_NAME, XlsparseConfig
-    from xlsparse.hf.model import DIFF_NAME, _lang_file
+    from xlsparse.hf.model import DIFF_NAME, _lang_file, _saved_file
 
     given = {os.path.realpath(p) for p in paths}
     for path in paths:
-        folder = os.path.dirname(os.path.realpath(path))
-        if os.path.basename(path) != DIFF_NAME or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        real = os.path.realpath(path)
+        folder, name = os.path.split(real)
+        if name == CONFIG_NAME or not _saved_file(name) or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
             continue
         config = XlsparseConfig.load(folder)
-        files = [os.path.join(folder, _lang_file(i)) for i in range(len(config.languages))]
-        if config.kind == "multi" and not given & set(files):
+        if config.kind != "multi":
+            continue
+        files = [_lang_file(i) for i in range(len(config.languages))]
+        if name == DIFF_NAME and not given & {os.path.join(folder, f) for f in files}:
             raise ValueError(f"DIFF {path}: the shared entries of a routed ('multi') model, without its languages' "
                              f"deltas; give the file of the language to compose too: "
-                             + ", ".join(f"{os.path.basename(f)} ({lang})" for f, lang in zip(files, config.languages)))
+                             + ", ".join(f"{f} ({lang})" for f, lang in zip(files, config.languages)))
+        shared = os.path.join(folder, DIFF_NAME)
+        if name != DIFF_NAME and config.modules_to_save and shared not in given:
+            raise ValueError(f"DIFF {path}: one language's deltas of a routed ('multi') model, without the trained "
+                             f"modules {config.modules_to_save[:3]} that every language runs with, in {shared}; give "
+                             f"that file too (add --no-abs-of {shared} to keep the base's modules instead)")
 
 
 def _check_saved_bases(paths: list[str], model) -> None:
@@ -231,7 +241,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     bad = [a for a in alphas if not math.isfinite(a)]
     if bad:
         raise ValueError(f"--alpha: {bad} are not finite")
-    _refuse_routed_shared_file_alone(args.diffs)
+    _refuse_routed_part_alone(args.diffs)
     diffs = [_load_diff(p) for p in args.diffs]  # before the model: a bad DIFF is told at once
     for i, (p, d, a) in enumerate(zip(args.diffs, diffs, alphas)):
         if a != 1.0 and d.absolute and not args.no_abs and os.path.realpath(p) not in no_abs_of:
