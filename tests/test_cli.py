@@ -146,6 +146,15 @@ def test_compose_checks_alphas_before_loading_the_base(alpha, message, tmp_path,
         assert cli.main([*argv, "--no-abs"]) == 0
 
 
+def test_compose_takes_alphas_given_in_two_flags_as_one_list(tmp_path, capsys):
+    # argparse kept only the last --alpha's values: "--alpha 0.5 --alpha 2" composed one diff at 2
+    _tiny_bert_dir(tmp_path)
+    argv = ["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--alpha", "0.5", "--alpha", "2",
+            "--out", str(tmp_path / "new")]
+    assert cli.main(argv) == 1
+    assert "--alpha: 2 values for 1 diffs" in capsys.readouterr().err
+
+
 def test_convert_refuses_an_out_in_a_missing_folder_by_name_before_loading(tmp_path, capsys, monkeypatch):
     # check_output let a missing folder pass; the whole composable-sft file was loaded first and
     # the save then failed with a bare "[Errno 2] No such file or directory"

@@ -351,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     compose = sub.add_parser("compose", help="apply diffs to a saved Hugging Face model and save the merged model")
     compose.add_argument("base", metavar="BASE_DIR", help="a model folder saved with save_pretrained")
     compose.add_argument("diffs", metavar="DIFF", nargs="+", help="xlsparse diff files or composable-sft folders")
-    compose.add_argument("--alpha", type=float, nargs="+", help="one weight per diff (default 1)")
+    # extend: a second --alpha adds to the list (by default it replaced the first one's, silently)
+    compose.add_argument("--alpha", type=float, nargs="+", action="extend", help="one weight per diff (default 1)")
     compose.add_argument("--out", required=True, metavar="DIR", help="folder for the merged model")
     compose.add_argument("--model-class", metavar="CLASS",
                          help="transformers class to load BASE_DIR with, e.g. AutoModelForTokenClassification "
