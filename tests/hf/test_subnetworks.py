@@ -43,6 +43,23 @@ def test_importance_masks_and_dynamic_reselection():
     assert torch.equal(layer.trainable_mask(), new_masks["de"][names[0]] | new_masks["fr"][names[0]])
 
 
+def test_select_masks_refuses_a_language_none_of_whose_examples_was_scored():
+    """No batches, or none with a labelled token, score a language 0 everywhere: its top-K was the
+    first K entries by position (rows of the word embeddings), a subnetwork chosen by nothing."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    unlabelled = [{**b, "labels": torch.full_like(b["labels"], -100)} for b in _lm_batches(1, 2)]
+    scores = subnetworks.importance_scores(model, {"de": _lm_batches(1, 1), "fr": unlabelled, "it": []},
+                                           params=names, progress=False)
+    for lang in ("fr", "it"):
+        with pytest.raises(ValueError, match=rf"scores\['{lang}'\] are all zero"):
+            subnetworks.select_masks({"de": scores["de"], lang: scores[lang]}, density=0.1)
+    assert subnetworks.select_masks({"fr": scores["fr"]}, density=0.0)["fr"][names[0]].sum() == 0  # nothing asked
+    masks = subnetworks.select_masks({"de": scores["de"]}, density=0.1)["de"]
+    # every entry chosen has a score above zero, none by position
+    assert all(bool((scores["de"][n][m] > 0).all()) for n, m in masks.items())
+
+
 @pytest.mark.parametrize("method", ["grad_x_weight", "fisher"])
 def test_importance_sums_per_example_gradients_whatever_the_batching(method):
     """Σ_i |∂ℓ_i/∂θ · θ| and Σ_i (∂ℓ_i/∂θ)², ℓ_i example i's mean token loss, restated from one

@@ -189,11 +189,18 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
 
 def select_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], density: float) -> dict[str, dict[str, torch.Tensor]]:
     """A mask per language: the `density` share of its most important entries, global over the
-    scored parameters (exactly K entries, ties to the lowest position)."""
+    scored parameters (exactly K entries, ties to the lowest position). A language whose scores
+    are all zero (none of its examples was scored) raises."""
     masks = {}
     for lang, named in scores.items():
         names = list(named)
         k = budget("select_masks", sum(named[n].numel() for n in names), density=density)
+        # importance_scores gives all zeros to a language with no batches or no labelled token: its
+        # "top" entries were then the first K by position (the first rows of the first parameter)
+        if k and not any(bool(named[n].any()) for n in names):
+            raise ValueError(f"select_masks: scores[{lang!r}] are all zero (no example of {lang!r} was scored: its "
+                             "batches were empty or had no labelled token), so its top entries would be the first "
+                             "ones by position; score it on batches with labelled tokens")
         masks[lang] = dict(zip(names, topk_mask([named[n] for n in names], k)))
     return masks
 
