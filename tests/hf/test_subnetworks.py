@@ -1603,6 +1603,20 @@ def test_dynamic_masks_callback_checks_its_probe_batches_before_any_step(tmp_pat
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_dynamic_masks_callback_refuses_a_run_too_short_to_ever_reselect(tmp_path):
+    """every=3 in a run of 2 optimizer steps never re-selected: the run trained static masks while
+    scoring the probe batches at every step, and said nothing."""
+    model, _ = _structured_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe = {"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}
+    callback = subnetworks.DynamicMasksCallback(probe, every=3, density=0.1)
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                            callbacks=[callback])
+    with pytest.raises(ValueError, match=r"every=3 is more than the run's 2 optimizer steps"):
+        trainer.train()
+    assert callback.reselections == 0 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 @pytest.mark.parametrize("how", SHARDING)
 def test_subnetwork_trainer_refuses_fsdp_and_deepspeed_up_front(tmp_path, monkeypatch, how):
     """Accelerate's FSDP plugin replaces every parameter when train() wraps the model; DeepSpeed

@@ -1074,7 +1074,8 @@ class DynamicMasksCallback(TrainerCallback):
     layers (`set_masks`), and the optimizer follows `MaskedAdamW.update_masks`' semantics: kept
     entries keep their state, new ones start from zero state, dropped ones stop changing.
     Scoring runs in eval mode (no dropout, no routing needed) and leaves gradients cleared. Under
-    DDP each step's scores are averaged over the processes, so all select the same masks.
+    DDP each step's scores are averaged over the processes, so all select the same masks. A run
+    of fewer optimizer steps than `every` (it would never re-select) raises before its first step.
     """
 
     def __init__(self, probe_batches: Mapping[str, list], every: int, heads_density: float | None = None,
@@ -1126,6 +1127,12 @@ class DynamicMasksCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._check_languages(model)  # before the first step, not after it
+        if 0 < state.max_steps < self.every:
+            # no step of the run is a multiple of `every`: it trained with the masks it started with,
+            # static, while every step paid for scoring the probe batches
+            raise ValueError(f"DynamicMasksCallback: every={self.every} is more than the run's {state.max_steps} "
+                             "optimizer steps, so the masks would never be re-selected; give every <= "
+                             f"{state.max_steps}, or train with static masks without the callback")
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         order = self._check_languages(model)
