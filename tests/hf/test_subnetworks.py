@@ -1038,6 +1038,27 @@ def test_reselection_and_disable_refuse_a_weight_changed_outside_its_subnetworks
         pass  # the base model is not known there any more
 
 
+def test_route_refuses_a_layer_given_its_masks_in_another_order():
+    """SubnetworkLinear.set_masks with the model's languages in another order made id 0 'fr' in that
+    layer while the model's id 0 stayed 'de': a batch routed to 'de' trained fr's mask there, silently."""
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("bert")
+    name, layer = next(iter(hf.model._converted(model, SubnetworkLinear)))
+    key = f"{name}.weight"
+    layer.set_masks({"fr": masks["fr"][key], "de": masks["de"][key]})
+    model.train()
+    with pytest.raises(ValueError, match=rf"'{name}' holds the languages \['fr', 'de'\] in id order, the model's "
+                                         r"are \['de', 'fr'\]"):
+        with hf.route(model, ["de"] * 4):
+            pass
+    subnetworks.set_masks(model, masks)  # the model's order again
+    with hf.route(model, ["de"] * 4):
+        model(**_lm_batches(1, 3)[0]).loss.backward()
+    trained = layer.weight.grad != 0
+    assert bool(trained.any()) and not bool(trained[~masks["de"][key]].any())
+
+
 def test_set_masks_on_layers_built_by_hand():
     # no convert, so no diff to cover: re-selection and a trainer checkpoint need no record
     from xlsparse.nn import SubnetworkLinear

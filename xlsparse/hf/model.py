@@ -1040,11 +1040,16 @@ def languages(model: nn.Module) -> list[str]:
         return list(config.languages)
     found = None
     for name, layer in _converted(model, _ROUTED):
-        langs = [str(x) for x in (layer.names if isinstance(layer, MultiDeltaLinear) else layer.languages)]
+        langs = _layer_languages(layer)
         if found is not None and langs != found:
             raise ValueError(f"route: routed layers disagree on the languages: {found} vs {langs} at {name!r}")
         found = langs
     return found or []
+
+
+def _layer_languages(layer: nn.Module) -> list[str]:
+    """A routed layer's languages (or experts) in the order of its ids."""
+    return [str(x) for x in (layer.names if isinstance(layer, MultiDeltaLinear) else layer.languages)]
 
 
 def _language_ids(names: list[str], language_ids) -> torch.Tensor:
@@ -1105,16 +1110,27 @@ def route(model: nn.Module, language_ids):
     means base only / no update (a ValueError on a model with `modules_to_save`, which every
     language shares: run such examples under `disable`). A wrong shape is a ValueError that names
     both shapes. The ids are expanded to tokens and grouped once per batch. Works on any module
-    holding routed layers. A batch may instead carry a `language_ids` field: `model(**batch)`
-    routes by it. With neither, a 'multi' model's forward raises, in eval mode too (it ran as the
-    base, so an evaluation whose batches lost the field scored the base as the languages): ask for
-    the base with ids of −1 (without `modules_to_save`) or `with xlsparse.hf.disable(model):`. A
-    'subnetwork' model's output is the same for every language: it needs ids in training mode only.
+    holding routed layers; a layer whose languages are in another order than the model's (given
+    by a `SubnetworkLinear.set_masks` since convert) raises ValueError. A batch may instead carry a
+    `language_ids` field: `model(**batch)` routes by it. With neither, a 'multi' model's forward
+    raises, in eval mode too (it ran as the base, so an evaluation whose batches lost the field
+    scored the base as the languages): ask for the base with ids of −1 (without `modules_to_save`)
+    or `with xlsparse.hf.disable(model):`. A 'subnetwork' model's output is the same for every
+    language: it needs ids in training mode only.
     """
-    num = len(languages(model))
-    if num == 0:
+    names = languages(model)
+    if not names:
         raise ValueError("route: the model has no routed layers; convert it with kind='multi' or 'subnetwork' first")
-    ids = _language_ids(languages(model), language_ids)
+    # a layer given its masks in another order since convert (SubnetworkLinear.set_masks) reads id i as
+    # another language than the model's i-th: a batch of 'de' trained fr's subnetwork, silently
+    reordered = next(((n, own) for n, layer in _converted(model, _ROUTED) if (own := _layer_languages(layer)) != names),
+                     None)
+    if reordered:
+        raise ValueError(f"route: {reordered[0]!r} holds the languages {reordered[1]} in id order, the model's are "
+                         f"{names}: its ids would reach another language's masks or deltas; give the layers their "
+                         "masks in the model's order (xlsparse.hf.subnetworks.set_masks)")
+    num = len(names)
+    ids = _language_ids(names, language_ids)
     modules = list(model.modules())
     misfit = _per_token_misfit(modules) if ids.dim() > 1 else None
     if misfit:
