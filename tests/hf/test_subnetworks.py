@@ -1638,6 +1638,34 @@ def test_dynamic_masks_callback_refuses_a_run_too_short_to_ever_reselect(tmp_pat
     assert callback.reselections == 0 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_structured_reselection_refuses_a_converted_layer_outside_the_heads_and_neurons(tmp_path):
+    """structured_masks opens no entry of a layer outside the blocks' Q/K/V/O and FFN (the MLM head's
+    transform here): the first re-selection gave it empty masks for every language, and it stopped
+    training, silently. Per-entry re-selection ranks it with the others."""
+    model = tiny("bert")
+    heads, neurons = subnetworks.structured_importance(model, _lm_batches(1, 1))
+    g = torch.Generator().manual_seed(1)
+    masks = {lang: subnetworks.structured_masks(model, torch.rand(heads.shape, generator=g),
+                                                torch.rand(neurons.shape, generator=g), 0.5, 0.25) for lang in ("de", "fr")}
+    head = "cls.predictions.transform.dense"
+    for lang in masks:
+        masks[lang][f"{head}.weight"] = torch.ones(32, 32, dtype=torch.bool)
+    hf.convert(model, [n[: -len(".weight")] for n in masks["de"]], kind="subnetwork", masks=masks)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    probe = {"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}
+    structured = subnetworks.DynamicMasksCallback(probe, every=1, heads_density=0.5, neurons_density=0.25)
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 1), train_dataset=_MixedData(),
+                                            callbacks=[structured])
+    with pytest.raises(ValueError, match=rf"\['{head}'\] are converted but hold no attention head or FFN neuron"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    assert bool(model.get_submodule(head).masks.all())
+    per_entry = subnetworks.DynamicMasksCallback(probe, every=1, density=0.1)
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 1), train_dataset=_MixedData(),
+                                  callbacks=[per_entry]).train()
+    assert per_entry.reselections == 1
+
+
 @pytest.mark.parametrize("how", SHARDING)
 def test_subnetwork_trainer_refuses_fsdp_and_deepspeed_up_front(tmp_path, monkeypatch, how):
     """Accelerate's FSDP plugin replaces every parameter when train() wraps the model; DeepSpeed

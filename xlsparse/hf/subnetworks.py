@@ -1075,7 +1075,9 @@ class DynamicMasksCallback(TrainerCallback):
     entries keep their state, new ones start from zero state, dropped ones stop changing.
     Scoring runs in eval mode (no dropout, no routing needed) and leaves gradients cleared. Under
     DDP each step's scores are averaged over the processes, so all select the same masks. A run
-    of fewer optimizer steps than `every` (it would never re-select) raises before its first step.
+    of fewer optimizer steps than `every` (it would never re-select), or in structured mode a
+    converted layer that holds no head or neuron of the blocks (its masks would be emptied),
+    raises before its first step.
     """
 
     def __init__(self, probe_batches: Mapping[str, list], every: int, heads_density: float | None = None,
@@ -1119,14 +1121,27 @@ class DynamicMasksCallback(TrainerCallback):
         else:
             self.scores[lang] = {n: old[n] + score[n] for n in score}
 
-    def _check_languages(self, model) -> list:
+    def _check_model(self, model) -> list:
+        """The model's languages, checked against the probe batches; in structured mode every
+        converted layer must hold heads or neurons of the blocks' layout."""
         order = languages(model)
         if set(self.probe) != set(order):
             raise ValueError(f"DynamicMasksCallback: probe batches for {sorted(self.probe)}, the model has {order}")
+        if self.density is None:
+            # structured_masks opens no entry of any other layer: a re-selection gave it empty masks for
+            # every language, and it stopped training, silently
+            parts = {n for block in block_layout(model)[1] for v in block.values()
+                     for n in (v if isinstance(v, tuple) else (v,))}
+            outside = [n for n, _ in _converted(model, SubnetworkLinear) if n not in parts]
+            if outside:
+                raise ValueError(f"DynamicMasksCallback: {outside[:3]} are converted but hold no attention head or FFN "
+                                 "neuron of the blocks (heads_density/neurons_density), so a re-selection would give "
+                                 "them empty masks and stop their training; give density= (per-entry masks) instead, "
+                                 "or leave them out of convert's target_modules")
         return order
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._check_languages(model)  # before the first step, not after it
+        self._check_model(model)  # before the first step, not after it
         if 0 < state.max_steps < self.every:
             # no step of the run is a multiple of `every`: it trained with the masks it started with,
             # static, while every step paid for scoring the probe batches
@@ -1135,7 +1150,7 @@ class DynamicMasksCallback(TrainerCallback):
                              f"{state.max_steps}, or train with static masks without the callback")
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        order = self._check_languages(model)
+        order = self._check_model(model)
         was_training = model.training
         model.eval()
         try:
