@@ -1103,6 +1103,20 @@ def test_cluster_experts_spread_each_language_over_the_whole_run(monkeypatch):
     assert want == ["en", "en", "sw", "en", "en", "en", "sw", "en"]
 
 
+def test_cluster_experts_refuse_a_language_without_batches(monkeypatch):
+    """A language with no batches was listed among its expert's members though the expert never
+    trained on it, so typological_prior and closest_parent ranked that expert by its typology."""
+    trained = []
+    monkeypatch.setattr(xelm, "train_expert", lambda base, batches, **kw: trained.append(batches))
+    data = {"en": [{"lang": "en"}] * 2, "sw": [], "ja": [{"lang": "ja"}]}
+    with pytest.raises(ValueError, match=r"batches for \['sw'\] are empty"):
+        xelm.train_cluster_experts(None, data, 2, clusters={"en": 0, "sw": 0, "ja": 1}, density=0.05)
+    assert trained == []
+    _, members = xelm.train_cluster_experts(None, {"en": iter(data["en"]), "ja": data["ja"]}, 2,
+                                            clusters={"en": 0, "ja": 1}, density=0.05)
+    assert members == {"expert0": ["en"], "expert1": ["ja"]} and trained == [data["en"], data["ja"]]
+
+
 def test_cluster_experts_train_each_expert_on_its_cluster_only():
     base = tiny("llama")
     data = {lang: _lm_batches(1, i) for i, lang in enumerate(("en", "de", "ja", "ko"))}

@@ -633,7 +633,7 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     expectation (a round-robin left the largest language alone at the end: en, sw, en, sw, en, en,
     en, en for 6 and 2 batches).
 
-    `batches` {language: list of batches}; the clusters come from `codes` ({language: ISO
+    `batches` {language: list of batches}, none empty; the clusters come from `codes` ({language: ISO
     639-3}, typological, via `cluster_languages`) or are given as `clusters` ({language:
     expert index in [0, num_experts)}, e.g. from `balanced_kmeans` over example embeddings).
     `train_kwargs` go to `train_expert`. Returns ({expert name: SparseDiff}, {expert name: its languages}).
@@ -641,6 +641,11 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     if (codes is None) == (clusters is None):
         raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
     _check_language_batches("train_cluster_experts", batches)
+    batches = {lang: list(b) for lang, b in batches.items()}
+    empty = [lang for lang, b in batches.items() if not b]
+    if empty:  # its expert trained without it, yet listed it among its members (and its typology placed the clusters)
+        raise ValueError(f"train_cluster_experts: batches for {empty} are empty; an expert would list them among its "
+                         "languages without training on them: drop them or give them batches")
     if sum(train_kwargs.get(key) is not None for key in ("k", "density", "init")) != 1:
         raise ValueError("train_cluster_experts: each expert needs a support: pass exactly one of k= (entries), "
                          "density= or init= (they go to train_expert); num_experts is the number of experts")
@@ -658,7 +663,7 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     for name, langs in members.items():
         if not langs:
             raise ValueError(f"train_cluster_experts: {name} has no language")
-        queues = [list(batches[lang]) for lang in langs]
+        queues = [batches[lang] for lang in langs]
         spread = sorted(((j + 0.5) / len(q), i, j) for i, q in enumerate(queues) for j in range(len(q)))
         experts[name] = train_expert(base, [queues[i][j] for _, i, j in spread], **train_kwargs)
     return experts, members
