@@ -1563,6 +1563,24 @@ def test_fomaml_step_checks_its_batches_before_any_inner_step():
     assert all(torch.equal(p, before[n]) for n, p in named.items())
 
 
+def test_reptile_step_refuses_an_unshuffled_data_loader_it_would_restart_every_step():
+    # each call iterated the loader afresh: with shuffle=False every meta-step took its first batch
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones(named[n].shape, dtype=torch.bool) for n in names}}
+    data = _lm_batches(3, 1)
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(ValueError, match=r"batches for \['de'\] is a DataLoader without shuffle.*iter\(loader\)"):
+        subnetworks.reptile_step(model, {"de": loader}, masks, inner_steps=1)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+    # an iterator kept across steps goes on through the data; a shuffled loader draws afresh
+    subnetworks.reptile_step(model, {"de": iter(loader)}, masks, inner_steps=1)
+    subnetworks.reptile_step(model, {"de": torch.utils.data.DataLoader(data, batch_size=None, shuffle=True)}, masks,
+                             inner_steps=1)
+
+
 def test_meta_learning_refuses_a_language_whose_masks_open_no_entry():
     """fomaml_step failed inside torch's optimizer ("optimizer got an empty parameter list", naming
     no language) for a language whose masks are all False; reptile_step took it, trained nothing

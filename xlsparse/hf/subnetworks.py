@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, SequentialSampler
 
 from ..diff import budget, refuse_sharded
 from ..distributed import all_reduce_scores, same_on_all_ranks
@@ -614,6 +615,14 @@ def _refuse_unused_batches(op: str, what: str, batches: Mapping, inner_steps: in
     if long:
         raise ValueError(f"{op}: {what} lists more batches than inner_steps={inner_steps} for {long}; only the first "
                          f"{inner_steps} would be used: raise inner_steps or pass fewer batches")
+    # An unshuffled DataLoader starts again at its first batch in every call: each meta-step trained
+    # on the same first inner_steps batches, and the others never
+    restarted = [lang for lang, b in batches.items() if isinstance(b, DataLoader)
+                 and isinstance(b.sampler, SequentialSampler) and len(b) > inner_steps]
+    if restarted:
+        raise ValueError(f"{op}: {what} for {restarted} is a DataLoader without shuffle, which every call reads from its "
+                         f"first batch: only its first {inner_steps} would ever train; pass iter(loader), kept across "
+                         "steps, or shuffle=True")
 
 
 @accepts_compiled
