@@ -1631,6 +1631,9 @@ def test_dynamic_masks_callback_checks_its_probe_batches_before_any_step(tmp_pat
     taken."""
     with pytest.raises(ValueError, match=r"probe_batches for \['fr'\] are empty"):
         subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 1), "fr": []}, every=1, density=0.1)
+    # one batch, not a list of them: read as its field names, an AttributeError after the first step
+    with pytest.raises(ValueError, match=r"probe_batches for \['fr'\] are one batch; give a list"):
+        subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)[0]}, every=1, density=0.1)
     model, _ = _structured_model("bert")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     callback = subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 1), "it": _lm_batches(1, 2)}, every=1,

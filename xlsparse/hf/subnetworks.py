@@ -1097,6 +1097,11 @@ class DynamicMasksCallback(TrainerCallback):
             raise ValueError("DynamicMasksCallback: give heads_density and neurons_density together")
         if (heads_density is None) == (density is None):
             raise ValueError("DynamicMasksCallback: give heads_density/neurons_density (structured) or density (entries)")
+        # one batch (a dict) was read as a list of its field names, which failed after the first step
+        single = [lang for lang, b in probe_batches.items() if isinstance(b, Mapping)]
+        if single:
+            raise ValueError(f"DynamicMasksCallback: probe_batches for {single} are one batch; give a list of batches "
+                             "([batch])")
         self.probe = {lang: list(b) for lang, b in probe_batches.items()}
         empty = [lang for lang, b in self.probe.items() if not b]
         if empty:  # the first re-scoring would divide by zero, after a step had been taken
