@@ -1135,12 +1135,14 @@ class DynamicMasksCallback(TrainerCallback):
         else:
             self.scores[lang] = {n: old[n] + score[n] for n in score}
 
-    def _check_model(self, model) -> list:
-        """The model's languages, checked against the probe batches; in structured mode every
-        converted layer must hold heads or neurons of the blocks' layout."""
+    def _check_languages(self, model) -> list:
         order = languages(model)
         if set(self.probe) != set(order):
             raise ValueError(f"DynamicMasksCallback: probe batches for {sorted(self.probe)}, the model has {order}")
+        return order
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._check_languages(model)  # before the first step, not after it
         if self.density is None:
             # structured_masks opens no entry of any other layer: a re-selection gave it empty masks for
             # every language, and it stopped training, silently
@@ -1152,10 +1154,6 @@ class DynamicMasksCallback(TrainerCallback):
                                  "neuron of the blocks (heads_density/neurons_density), so a re-selection would give "
                                  "them empty masks and stop their training; give density= (per-entry masks) instead, "
                                  "or leave them out of convert's target_modules")
-        return order
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._check_model(model)  # before the first step, not after it
         if 0 < state.max_steps < self.every:
             # no step of the run is a multiple of `every`: it trained with the masks it started with,
             # static, while every step paid for scoring the probe batches
@@ -1164,7 +1162,7 @@ class DynamicMasksCallback(TrainerCallback):
                              f"{state.max_steps}, or train with static masks without the callback")
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        order = self._check_model(model)
+        order = self._check_languages(model)
         was_training = model.training
         model.eval()
         try:
