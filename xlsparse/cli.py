@@ -158,22 +158,30 @@ def _load_diff(path: str):
     return SparseDiff.load(file)
 
 
-def _refuse_routed_part_alone(paths: list[str]) -> None:
+def _saved_configs(paths: list[str]) -> dict:
+    """{DIFF path: (its file name, folder, XlsparseConfig)} for each DIFF that `hf.save_pretrained`
+    wrote (its xlsparse config lies beside it)."""
+    from xlsparse.hf.config import CONFIG_NAME, XlsparseConfig
+    from xlsparse.hf.model import _saved_file
+
+    saved = {}
+    for path in paths:
+        folder, name = os.path.split(os.path.realpath(path))
+        if name != CONFIG_NAME and _saved_file(name) and os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+            saved[path] = (name, folder, XlsparseConfig.load(folder))
+    return saved
+
+
+def _refuse_routed_part_alone(paths: list[str], saved: dict) -> None:
     """A routed ('multi') model saved by `hf.save_pretrained` keeps its shared entries (the saved
     modules) in xlsparse_diff.safetensors and each language's deltas in its own file. Every language
     runs with the shared entries: given without any language's file, compose wrote base + heads, with
     no language; a language's file without the shared one (that holds some) kept the base's modules
-    in place of the trained ones. Both silently."""
-    from xlsparse.hf.config import CONFIG_NAME, XlsparseConfig
-    from xlsparse.hf.model import DIFF_NAME, _lang_file, _saved_file
+    in place of the trained ones. Both silently. `saved`: `_saved_configs(paths)`."""
+    from xlsparse.hf.model import DIFF_NAME, _lang_file
 
     given = {os.path.realpath(p) for p in paths}
-    for path in paths:
-        real = os.path.realpath(path)
-        folder, name = os.path.split(real)
-        if name == CONFIG_NAME or not _saved_file(name) or not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-            continue
-        config = XlsparseConfig.load(folder)
+    for path, (name, folder, config) in saved.items():
         if config.kind != "multi":
             continue
         files = [_lang_file(i) for i in range(len(config.languages))]
@@ -186,20 +194,6 @@ def _refuse_routed_part_alone(paths: list[str]) -> None:
             raise ValueError(f"DIFF {path}: one language's deltas of a routed ('multi') model, without the trained "
                              f"modules {config.modules_to_save[:3]} that every language runs with, in {shared}; give "
                              f"that file too (add --no-abs-of {shared} to keep the base's modules instead)")
-
-
-def _check_saved_bases(paths: list[str], model) -> None:
-    """A DIFF that `hf.save_pretrained` wrote lies beside the fingerprints of the base weights it was
-    trained on. `hf.from_pretrained` refuses another base; compose wrote the diff onto one of the
-    same shapes (another checkpoint) without a word."""
-    from xlsparse.hf.config import CONFIG_NAME, XlsparseConfig
-    from xlsparse.hf.model import _check_same_base, _saved_file
-
-    for path in paths:
-        real = os.path.realpath(path)
-        folder = os.path.dirname(real)
-        if _saved_file(os.path.basename(real)) and os.path.isfile(os.path.join(folder, CONFIG_NAME)):
-            _check_same_base(model, XlsparseConfig.load(folder), folder, what=f"DIFF {path}")
 
 
 # Files of a model folder that hold weights (and their shard indexes): compose writes its own.
@@ -221,6 +215,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.base):  # checked here: transformers would look it up on the Hub
         raise ValueError(f"BASE_DIR {args.base}: no such folder")
     from xlsparse.hf.config import CONFIG_NAME
+    from xlsparse.hf.model import _check_same_base
 
     if os.path.isfile(os.path.join(args.base, CONFIG_NAME)):
         # a converted model's save_pretrained (a Trainer checkpoint): the model class would load its
@@ -241,7 +236,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     bad = [a for a in alphas if not math.isfinite(a)]
     if bad:
         raise ValueError(f"--alpha: {bad} are not finite")
-    _refuse_routed_part_alone(args.diffs)
+    saved = _saved_configs(args.diffs)
+    _refuse_routed_part_alone(args.diffs, saved)
     diffs = [_load_diff(p) for p in args.diffs]  # before the model: a bad DIFF is told at once
     for i, (p, d, a) in enumerate(zip(args.diffs, diffs, alphas)):
         if a != 1.0 and d.absolute and not args.no_abs and os.path.realpath(p) not in no_abs_of:
@@ -265,7 +261,9 @@ def cmd_compose(args: argparse.Namespace) -> int:
                          f"{' ...' if len(fresh) > 4 else ''}, which transformers initialises at random, and no DIFF "
                          "gives them as absolute entries; give a DIFF that holds that head (a task SFT trained "
                          "with it) or compose onto a base that has it")
-    _check_saved_bases(args.diffs, model)
+    # a DIFF that hf.save_pretrained wrote goes only onto the base it was trained on, as from_pretrained checks
+    for path, (_, folder, config) in saved.items():
+        _check_same_base(model, config, folder, what=f"DIFF {path}")
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
