@@ -1632,7 +1632,7 @@ def test_dynamic_masks_callback_checks_its_probe_batches_before_any_step(tmp_pat
     with pytest.raises(ValueError, match=r"probe_batches for \['fr'\] are empty"):
         subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 1), "fr": []}, every=1, density=0.1)
     # one batch, not a list of them: read as its field names, an AttributeError after the first step
-    with pytest.raises(ValueError, match=r"probe_batches for \['fr'\] are one batch; give a list"):
+    with pytest.raises(TypeError, match=r"DynamicMasksCallback: probe_batches\['fr'\] must be an iterable of batches, got one batch"):
         subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)[0]}, every=1, density=0.1)
     model, _ = _structured_model("bert")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -92,17 +92,17 @@ def _check_batches(op: str, name: str, batches) -> None:
         raise TypeError(f"{op}: {name} must be an iterable of batches, got one batch (a dict): pass [batch]")
 
 
-def _check_language_batches(op: str, batches) -> None:
-    """`batches` must be {language: iterable of batches}. One batch given instead has tensors
-    where the batches go and its field names where the languages go."""
+def _check_language_batches(op: str, batches, name: str = "batches") -> None:
+    """`batches` (the argument `name`) must be {language: iterable of batches}. One batch given
+    instead has tensors where the batches go and its field names where the languages go."""
     if not isinstance(batches, Mapping):
-        raise TypeError(f"{op}: batches must map each language to its batches, {{language: [batch, ...]}}, "
+        raise TypeError(f"{op}: {name} must map each language to its batches, {{language: [batch, ...]}}, "
                         f"got a {type(batches).__name__}")
     for lang, lang_batches in batches.items():
         if isinstance(lang_batches, torch.Tensor):
-            raise TypeError(f"{op}: batches[{lang!r}] is a tensor, not that language's batches: one batch was given "
+            raise TypeError(f"{op}: {name}[{lang!r}] is a tensor, not that language's batches: one batch was given "
                             "where {language: [batch, ...]} goes")
-        _check_batches(op, f"batches[{lang!r}]", lang_batches)
+        _check_batches(op, f"{name}[{lang!r}]", lang_batches)
 
 
 def _refuse_distributed_model(op: str, model: nn.Module, named: dict) -> None:
@@ -1098,10 +1098,7 @@ class DynamicMasksCallback(TrainerCallback):
         if (heads_density is None) == (density is None):
             raise ValueError("DynamicMasksCallback: give heads_density/neurons_density (structured) or density (entries)")
         # one batch (a dict) was read as a list of its field names, which failed after the first step
-        single = [lang for lang, b in probe_batches.items() if isinstance(b, Mapping)]
-        if single:
-            raise ValueError(f"DynamicMasksCallback: probe_batches for {single} are one batch; give a list of batches "
-                             "([batch])")
+        _check_language_batches("DynamicMasksCallback", probe_batches, "probe_batches")
         self.probe = {lang: list(b) for lang, b in probe_batches.items()}
         empty = [lang for lang, b in self.probe.items() if not b]
         if empty:  # the first re-scoring would divide by zero, after a step had been taken
