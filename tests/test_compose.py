@@ -238,6 +238,18 @@ def test_apply_diffs_bad_input_writes_nothing(backend, case, use_backend):
         assert_bit_identical(d, b, f"{name}: dense after a rejected call")
 
 
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_apply_diffs_refuses_dense_tensors_that_share_memory(backend, use_backend):
+    # two views of one buffer, both written: the result would depend on the order of the writes
+    use_backend(backend)
+    buf = torch.randn(16)
+    before = buf.clone()
+    with pytest.raises(ValueError, match=r"apply_diffs_: dense\[0\] and dense\[2\] share memory"):
+        apply_diffs_([buf[:10], torch.randn(3), buf[6:]], [torch.tensor([1]), torch.tensor([2])],
+                     [torch.ones(1), torch.ones(1)], [0, 2], [1.0, 1.0])
+    assert_bit_identical(buf, before, "dense after a rejected call")
+
+
 def _long_indices_with(defects, index_dtype):
     """6000 sorted unique indices into 20000 (several check blocks and parallel chunks), with
     `defects` {position: value} written over them."""

@@ -779,6 +779,8 @@ def _bad_op_calls():
         ("list lengths", ([p], [g], [idx], [m, m], [v], [], [step], []), ValueError, "exp_avgs"),
         ("int param", ([p.int()], [g.int()], [idx], [m.int()], [v.int()], [], [step], []), TypeError, "floating"),
         ("grad missing", ([p], [None], [idx], [m], [v], [], [step], []), TypeError, r"grads\[0\] must be a tensor"),
+        ("state in a param", ([p, p.clone()], [g, g], [idx, idx], [m, p[10:20]], [v, v.clone()], [], [step, step.clone()],
+                              []), ValueError, r"params\[0\] and exp_avgs\[1\] share memory"),
     ]
 
 

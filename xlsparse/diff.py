@@ -244,7 +244,7 @@ def _dtensor_type() -> tuple:
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
-    return isinstance(t, _dtensor_type())
+    return type(t) not in checks.PLAIN_TENSOR_TYPES and isinstance(t, _dtensor_type())
 
 
 def refuse_sharded(what: str, named: dict, instead: str) -> None:

@@ -181,8 +181,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         return _bool_mask(mask, p.shape)
 
     def _selector_of(self, p: torch.Tensor):
-        state = self.state[p]
-        return state.get("mask", state.get("indices"))
+        return _selector_in(self.state[p])
 
     def _set_selector(self, state: dict, selector) -> None:
         """Keep `selector` under this mode's key, None ("every entry") included: a saved state must
@@ -436,15 +435,20 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _step_lists(self, params, keys):
         """(params, grads, selectors, steps, {key: state tensors}) for a kernel call, the params and
         grads as the local tensors that the kernels write and read."""
+        # each state looked up once: a tensor's hash is a Python call, 5 lookups per param cost 0.1 ms
+        # a step over 65 params
+        states = [self.state[p] for p in params]
         grads = [_local(p.grad).contiguous() for p in params]
-        selectors = [self._selector_of(p) for p in params]
-        steps = []
-        for p in params:
-            state = self.state[p]
+        for p, state in zip(params, states):
             if state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
-            steps.append(state["step"])
-        return [_local(p) for p in params], grads, selectors, steps, {k: [self.state[p][k] for p in params] for k in keys}
+        return ([_local(p) for p in params], grads, [_selector_in(s) for s in states], [s["step"] for s in states],
+                {k: [s[k] for s in states] for k in keys})
+
+
+def _selector_in(state: dict):
+    """The selector a param's state keeps: its bool mask, its flat indices, or None (every entry)."""
+    return state.get("mask", state.get("indices"))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
