@@ -250,6 +250,20 @@ def test_apply_diffs_refuses_dense_tensors_that_share_memory(backend, use_backen
     assert_bit_identical(buf, before, "dense after a rejected call")
 
 
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_apply_and_restore_diffs_name_an_entry_that_is_not_a_tensor(backend, use_backend):
+    use_backend(backend)
+    dense, idx, vals = [torch.randn(10)], [torch.tensor([1]), torch.tensor([2])], [torch.ones(1), torch.ones(1)]
+    before = dense[0].clone()
+    with pytest.raises(TypeError, match=r"apply_diffs_: values\[1\] must be a tensor, got list"):
+        apply_diffs_(dense, idx, [vals[0], [1.0]], [0, 0], [1.0, 1.0])
+    with pytest.raises(TypeError, match=r"apply_diffs_: indices\[0\] must be a tensor, got int"):
+        apply_diffs_(dense, [1, idx[1]], vals, [0, 0], [1.0, 1.0])
+    with pytest.raises(TypeError, match=r"restore_diffs_: saved\[0\] must be a tensor, got float"):
+        restore_diffs_(dense, idx[:1], [0.5], [0])
+    assert_bit_identical(dense[0], before, "dense after a rejected call")
+
+
 def _long_indices_with(defects, index_dtype):
     """6000 sorted unique indices into 20000 (several check blocks and parallel chunks), with
     `defects` {position: value} written over them."""

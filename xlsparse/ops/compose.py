@@ -96,7 +96,7 @@ if _ext.loaded():
 
     @torch.library.register_fake("xlsparse::restore_diffs_")
     def _restore_diffs_fake(dense, indices, saved, target):
-        checks.diff_entries("restore_diffs_", dense, indices, saved, target, read_data=False)
+        checks.diff_entries("restore_diffs_", dense, indices, saved, target, read_data=False, values_name="saved")
 
 
 def _one_slot_per_tensor(dense: list, target: list) -> tuple[list, list]:
@@ -121,12 +121,13 @@ def _diff_call(op: str, dense, indices, values, target, values_name: str = "valu
     target = [int(t) for t in target]
     dense, target = _one_slot_per_tensor(dense, target)
     device = dense[0].device if dense else torch.device("cpu")
-    written = checks.diff_entries(op, dense, indices, values, target, read_data=not registry.compiled(op, device))
+    compiled = registry.compiled(op, device)
+    written = checks.diff_entries(op, dense, indices, values, target, read_data=not compiled, compiled=compiled,
+                                  values_name=values_name)
     # dense too, unlike sparse_axpy_'s (dense + const: autograd's identity is its derivative): the
     # compiled kernels passed the gradient through entries restore_diffs_ overwrites (1, not 0) and
     # gave apply_diffs_'s displaced values none, where the reference differentiated both
-    checks.not_differentiable(op, **{f"{values_name}[{e}]": v for e, v in enumerate(values)},
-                              **{f"dense[{t}]": d for t, d in enumerate(dense)})
+    checks.not_differentiable(op, **{values_name: values, "dense": dense})
     indices = [checks.unaliased(written, i.contiguous()) for i in indices]
     values = [checks.unaliased(written, v.contiguous()) for v in values]
     return dense, indices, values, target
@@ -188,7 +189,7 @@ def merge_deltas(indices: list, values: list, weights: list, numel: int) -> tupl
     `sum_i weights[i] * values[i]` (float32 accumulation, in delta order). Linear time, no dense copy."""
     indices, values, weights, numel = list(indices), list(values), [float(w) for w in weights], int(numel)
     checks.merge("merge_deltas", indices, values, weights, numel)
-    checks.not_differentiable("merge_deltas", **{f"values[{e}]": v for e, v in enumerate(values)})
+    checks.not_differentiable("merge_deltas", values=values)
     if indices[0].device.type == "meta":  # the union's size is data: meta tensors have none
         raise ValueError("merge_deltas: meta tensors hold no indices to merge; the output size depends on them")
     indices, values = [i.contiguous() for i in indices], [v.contiguous() for v in values]

@@ -357,7 +357,7 @@ def spmm_gated_(out, x, indices, values, gates, transpose=False) -> torch.Tensor
     op = "spmm_gated_"
     checks.flag(op, "transpose", transpose)
     checks.gated_deltas(op, out, x, indices, values, gates)
-    checks.not_differentiable(op, out=out, x=x, gates=gates, **{f"values[{e}]": v for e, v in enumerate(values)})
+    checks.not_differentiable(op, out=out, x=x, gates=gates, values=list(values))
     checks.contiguous_output(op, "out", out)
     # No kernel of its own here: one spmm_ per delta, whose own checks would refuse delta e only
     # after the deltas before it were added, so every delta is checked first.
