@@ -726,7 +726,8 @@ def test_balanced_kmeans_and_typological_clusters():
     with pytest.raises(ValueError, match="no language"):
         xelm.closest_parent({"a": []}, "tur")
     prior = xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]})
-    assert prior[0] > prior[1] and float(prior.sum()) == pytest.approx(1.0)
+    assert list(prior) == ["germanic", "east"]
+    assert prior["germanic"] > prior["east"] and sum(prior.values()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="temperature must be positive"):  # it favoured the farthest expert
         xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]}, temperature=-0.1)
 
@@ -751,20 +752,23 @@ def test_typological_prior_weighs_by_x_elm_s_measure_as_closest_parent():
 
         d = [min(distance(code, c) for c in cs) for cs in experts.values()]
         z = [math.exp(-x / t) for x in d]
-        want = torch.tensor([x / sum(z) for x in z])
+        want = dict(zip(experts, (x / sum(z) for x in z)))
         got = xelm.typological_prior(code, experts, temperature=t)
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-        assert list(experts)[int(got.argmax())] == xelm.closest_parent(experts, code), code
-    assert list(experts)[int(xelm.typological_prior("tur", experts).argmax())] == "east"
+        assert list(got) == list(experts)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        assert max(got, key=got.get) == xelm.closest_parent(experts, code), code
+    tur = xelm.typological_prior("tur", experts)
+    assert max(tur, key=tur.get) == "east"
     # a pair's distance does not depend on the other experts listed (lang2vec's `minimal` features,
     # those that vary over the languages read, made it: it to e0 0.20 with four experts, 0.37 with two)
     alone = {e: xelm._typological_distances({e: cs}, "ita", "t")[e] for e, cs in experts.items()}
     assert xelm._typological_distances(experts, "ita", "t") == pytest.approx(alone, abs=1e-12)
     # A language of an expert's cluster is at distance 0 from it: its own expert weighs most.
-    assert int(xelm.typological_prior("deu", experts).argmax()) == 0
+    deu = xelm.typological_prior("deu", experts)
+    assert max(deu, key=deu.get) == "germanic"
     # One code per expert, as closest_parent takes.
-    torch.testing.assert_close(xelm.typological_prior("nld", {"a": "eng", "b": "jpn"}),
-                               xelm.typological_prior("nld", {"a": ["eng"], "b": ["jpn"]}))
+    assert xelm.typological_prior("nld", {"a": "eng", "b": "jpn"}) == \
+        xelm.typological_prior("nld", {"a": ["eng"], "b": ["jpn"]})
 
 
 class _LMData(torch.utils.data.Dataset):
@@ -1140,6 +1144,26 @@ def test_cluster_experts_train_each_expert_on_its_cluster_only():
     with pytest.raises(ValueError, match=r"clusters .*'ko': 2"):
         xelm.train_cluster_experts(base, data, 2, clusters={"en": 0, "de": 0, "ja": 1, "ko": 2}, density=0.05,
                                    progress=False)
+
+
+def test_a_prior_keyed_by_expert_name_weighs_each_expert_whatever_its_order():
+    """typological_prior was a tensor in the order of its `expert_codes`: built with the experts
+    listed in another order than the ensemble's, it weighed the wrong experts, silently. A prior
+    is now read by expert name; one that misses an expert or names another raises."""
+    base = tiny("llama")
+    experts = _random_experts(base, "llama")
+    ids = batch()
+    positional = xelm.ExpertEnsemble(base, experts, weighting="static", prior=[0.7, 0.2, 0.1])
+    by_name = xelm.ExpertEnsemble(base, experts, weighting="static", prior={"x2": 0.1, "x0": 0.7, "x1": 0.2})
+    with torch.no_grad():
+        assert torch.equal(positional(ids), by_name(ids))
+    with pytest.raises(ValueError, match=r"prior must name every expert once; it lacks \['x2'\] and names \['y'\]"):
+        xelm.ExpertEnsemble(base, experts, prior={"x0": 0.7, "x1": 0.2, "y": 0.1})
+    grown = xelm.ExpertEnsemble(base, {n: experts[n] for n in ("x1", "x0")}, prior={"x0": 0.7, "x1": 0.2})
+    grown.add_expert("x2", experts["x2"], prior=0.1)
+    direct = xelm.ExpertEnsemble(base, {n: experts[n] for n in ("x1", "x0", "x2")}, prior=[0.2, 0.7, 0.1])
+    with torch.no_grad():
+        assert torch.equal(grown(ids), direct(ids))
 
 
 def test_add_expert_on_a_bfloat16_base_keeps_the_float32_prior():

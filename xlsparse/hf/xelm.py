@@ -116,7 +116,9 @@ class ExpertEnsemble(nn.Module):
     the prior alone at the first token: BTM's rule, not X-ELM's tf-idf weights, see the module
     docstring), "uniform", or "static" (`weights` given to `forward`, per example [B, E] or per
     position [B, S, E], row t for the prediction of x_{t+1}: e.g. X-ELM's tf-idf cluster
-    probabilities of each example or each prefix; else the prior). `prior` [E] (uniform by default) must be positive;
+    probabilities of each example or each prefix; else the prior). `prior` (uniform by default):
+    {expert name: weight} naming every expert (as `typological_prior` returns), or E weights in
+    the order of `experts`; each must be positive and finite;
     `top_k` (posterior weighting only) keeps the k heaviest experts per token, and any tied with
     the k-th, and renormalises (the first token under a uniform prior keeps them all). `space`: mix
     probabilities ("prob", as X-ELM's perplexity evaluation) or logits ("logit", as its
@@ -164,7 +166,7 @@ class ExpertEnsemble(nn.Module):
         self._target_modules = target_modules
         self.weighting, self.top_k, self.temperature, self.space = weighting, top_k, float(temperature), space
         self.experts: dict[str, SparseDiff] = dict(experts)
-        self._prior = prior
+        self._prior = dict(prior) if isinstance(prior, Mapping) else prior
         self._build()
 
     def _build(self) -> None:
@@ -173,7 +175,7 @@ class ExpertEnsemble(nn.Module):
         if self.top_k is not None and not 1 <= self.top_k <= e:
             raise ValueError(f"ExpertEnsemble: top_k must be in [1, {e}], got {self.top_k}")
         prior = torch.full((e,), 1.0 / e, dtype=torch.float64) if self._prior is None else \
-            torch.as_tensor(self._prior, dtype=torch.float64)
+            torch.as_tensor(self._prior_in_order(), dtype=torch.float64)
         # an infinite one normalised to NaN, and every log-probability of the mixture came out -inf
         if prior.shape != (e,) or not bool((prior > 0).all() and torch.isfinite(prior).all()):
             raise ValueError(f"ExpertEnsemble: prior must be {e} positive finite numbers, got {prior.tolist()}")
@@ -204,6 +206,17 @@ class ExpertEnsemble(nn.Module):
         # For inference: a step taken here would never reach `experts`, and add_expert rebuilds from those.
         self.model = model.requires_grad_(False).eval()
         self._log_prior = log_prior
+
+    def _prior_in_order(self) -> list:
+        """The prior as a list in the experts' order: a Mapping is read by expert name, and must
+        name each expert once (a prior keyed by other names would weigh experts it never meant)."""
+        if not isinstance(self._prior, Mapping):
+            return list(self._prior)
+        missing, extra = [n for n in self.experts if n not in self._prior], [n for n in self._prior if n not in self.experts]
+        if missing or extra:
+            raise ValueError(f"ExpertEnsemble: prior must name every expert once; it lacks {missing} and names "
+                             f"{extra}, which are not experts")
+        return [self._prior[n] for n in self.experts]
 
     def _base_fingerprints(self) -> dict:
         return {n: _fingerprint(p) for n, p in self._bases[0].named_parameters(remove_duplicate=False)}
@@ -241,7 +254,9 @@ class ExpertEnsemble(nn.Module):
         ref = next(self.model.parameters())
         before = dict(self.experts), self._prior
         self.experts[name] = diff
-        if prior is not None:
+        if isinstance(self._prior, Mapping):
+            self._prior = {**self._prior, name: float(prior)}
+        elif prior is not None:
             self._prior = [*torch.as_tensor(self._prior, dtype=torch.float64).tolist(), float(prior)]
         try:
             self._build()
@@ -687,19 +702,23 @@ def _typological_distances(languages: Mapping[str, str | Sequence[str]], code: s
     return {e: min(dist[c] for c in cs) for e, cs in members.items()}
 
 
-def typological_prior(code: str, expert_codes: Mapping[str, str | Sequence[str]], temperature: float = 0.1) -> torch.Tensor:
-    """A prior over experts [E] for text in language `code` (ISO 639-3): softmax(−d_e / temperature),
-    d_e the typological distance `closest_parent` ranks by (X-ELM's clustering measure: the
-    smallest lang2vec `syntax_average` cosine distance to any of expert e's languages,
-    `expert_codes` = {expert: code or codes}, in the order of the ensemble's experts: the prior
-    is positional). So the heaviest expert is the one `closest_parent`
+def typological_prior(code: str, expert_codes: Mapping[str, str | Sequence[str]],
+                      temperature: float = 0.1) -> dict[str, float]:
+    """A prior over experts, {expert: weight}, for text in language `code` (ISO 639-3):
+    softmax(−d_e / temperature), d_e the typological distance `closest_parent` ranks by (X-ELM's
+    clustering measure: the smallest lang2vec `syntax_average` cosine distance to any of expert
+    e's languages, `expert_codes` = {expert: code or codes}). Keyed by expert name, so that
+    `ExpertEnsemble(prior=...)` reads each weight for its own expert whatever the order of
+    `expert_codes` (a positional prior weighed the wrong experts when the orders differed). So the
+    heaviest expert is the one `closest_parent`
     branches from, and a language of an expert's cluster (d = 0) weighs most on that expert.
     The prior itself is xlsparse's own: X-ELM weights experts by its tf-idf router, or evaluates a
     typological expert alone on its cluster's languages (the limit temperature → 0)."""
     if not temperature > 0:  # a negative one would favour the farthest expert
         raise ValueError(f"typological_prior: temperature must be positive, got {temperature}")
     dist = _typological_distances(expert_codes, code, "typological_prior")
-    return torch.softmax(-torch.tensor(list(dist.values()), dtype=torch.float64) / temperature, 0).float()
+    weights = torch.softmax(-torch.tensor(list(dist.values()), dtype=torch.float64) / temperature, 0)
+    return dict(zip(dist, weights.tolist()))
 
 
 def closest_parent(languages: Mapping[str, str | Sequence[str]], new_language: str) -> str:
