@@ -148,6 +148,15 @@ def _wrap(x: int) -> int:
     return (x + 2**63) % 2**64 - 2**63
 
 
+def any_rank_of(model, flag: bool) -> bool:
+    """`flag` or'ed over the processes of `model`'s DistributedDataParallel group (`flag` itself
+    for an unwrapped model, which need not run in step with any other process): a step that
+    refuses must refuse on every rank, or the others would wait in its next collective for good."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel) or not _world(model.process_group):
+        return flag
+    return _agree([], model.process_group, flag)[1]
+
+
 def _agree(named, group, bad: bool = False, extra: str = "") -> tuple[bool, bool]:
     """(whether every rank of `group` holds the same names, shapes and dtypes (and `extra`), whether
     any rank passed `bad`), in one all-reduce of a fixed size that every rank must join."""

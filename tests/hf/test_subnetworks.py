@@ -1563,6 +1563,33 @@ def test_fomaml_step_checks_its_batches_before_any_inner_step():
     assert all(torch.equal(p, before[n]) for n, p in named.items())
 
 
+def test_meta_steps_refuse_a_language_whose_loss_is_not_finite_and_change_nothing():
+    """A batch with no labelled token gives an HF model a NaN loss and a zero gradient: the
+    language moved nothing but counted in the mean, so the others' Reptile update and the FOMAML
+    outer gradient shrank by (L-1)/L, with only the returned NaN to show it. Now both steps raise
+    after restoring θ, before the update (and the outer optimizer's step)."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    unlabelled = {**_lm_batches(1, 2)[0], "labels": torch.full((4, 8), -100)}
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(ValueError, match=r"reptile_step: the loss of \['fr'\] was not finite"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1), "fr": [_lm_batches(1, 3)[0], unlabelled]}, masks,
+                                 inner_lr=0.1, inner_steps=2)
+    with pytest.raises(ValueError, match=r"fomaml_step: the loss of \['fr'\] was not finite"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 3)},
+                                {"de": _lm_batches(1, 4)[0], "fr": unlabelled}, masks, 0.1, 1, opt)
+    with pytest.raises(ValueError, match=r"fomaml_step: the loss of \['de'\] was not finite"):  # an inner step's
+        subnetworks.fomaml_step(model, {"de": unlabelled, "fr": _lm_batches(1, 3)},
+                                {"de": _lm_batches(1, 4)[0], "fr": _lm_batches(1, 5)[0]}, masks, 0.1, 1, opt)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+    assert not opt.state_dict()["state"] or all(float(s["step"]) == 0 for s in opt.state_dict()["state"].values())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_reptile_step_refuses_an_unshuffled_data_loader_it_would_restart_every_step():
     # each call iterated the loader afresh: with shuffle=False every meta-step took its first batch
     model = tiny("bert")

@@ -722,13 +722,23 @@ def _fomaml_worker(rank: int, out: str):
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     _fomaml(ddp, _meta_masks(dict(model.named_parameters()), "module."), *_meta_batches([rank]))
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    # rank 1's fr query has no labelled token (a NaN loss): both processes refuse, neither waits
+    support, query = _meta_batches([rank])
+    if rank == 1:
+        query["fr"] = {**query["fr"], "labels": torch.full_like(query["fr"]["labels"], -100)}
+    try:
+        _fomaml(ddp, _meta_masks(dict(model.named_parameters()), "module."), support, query)
+        not_finite = ""
+    except ValueError as exc:
+        not_finite = str(exc)
+    not_finite += "" if all(torch.equal(p, trained[n]) for n, p in model.named_parameters()) else " (model changed)"
     sharded = _shard(_scored_model(), init_device_mesh("cpu", (WORLD,)))
     try:
         _fomaml(sharded, _meta_masks(dict(sharded.named_parameters())), *_meta_batches([rank]))
         refused = ""
     except ValueError as exc:
         refused = str(exc)
-    _gather_to(out, rank, (xdist.same_on_all_ranks(trained), trained, refused))
+    _gather_to(out, rank, (xdist.same_on_all_ranks(trained), trained, refused, not_finite))
     return ddp, sharded
 
 
@@ -739,10 +749,13 @@ def test_fomaml_step_under_ddp_equals_one_process_over_both_processes_batches(tm
     pytest.importorskip("torch.distributed.fsdp")
     out = str(tmp_path / "fomaml.pt")
     _spawn(_fomaml_worker, out)
-    (same, trained, refused), (_, _, refused_1) = torch.load(out, weights_only=True)
+    (same, trained, refused, not_finite), (_, _, refused_1, not_finite_1) = torch.load(out, weights_only=True)
     assert same, "the processes' models differ after fomaml_step"
     for said in (refused, refused_1):
         assert "fomaml_step" in said and "FSDP2" in said, said
+    assert not_finite.startswith("fomaml_step: the loss on another process was not finite"), not_finite
+    assert not_finite_1.startswith("fomaml_step: the loss of ['fr'] was not finite"), not_finite_1
+    assert "(model changed)" not in not_finite + not_finite_1
     model = _scored_model()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     _fomaml(model, _meta_masks(dict(model.named_parameters())), *_meta_batches([0, 1]))

@@ -22,6 +22,7 @@ What is xlsparse's own:
 """
 import contextlib
 import itertools
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, SequentialSampler
 
 from ..diff import budget, refuse_sharded
-from ..distributed import all_reduce_scores, same_on_all_ranks
+from ..distributed import all_reduce_scores, any_rank_of, same_on_all_ranks
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..ops import checks
@@ -317,6 +318,17 @@ def _refuse_empty_subnetworks(op: str, stored: Mapping) -> None:
 
 
 @accepts_compiled
+def _refuse_nonfinite_losses(op: str, model: nn.Module, bad: list) -> None:
+    """Raise when a language's loss was not finite at some step: NaN is an HF model's loss on a
+    batch with no labelled token, whose gradient is zero, so the language moved nothing and
+    still counted in the mean (the others' update shrank by (L-1)/L); a diverged step wrote NaN.
+    Checked on every process of a DDP model together, after the last collective of the step."""
+    if any_rank_of(model, bool(bad)):
+        where = f"of {bad}" if bad else "on another process"
+        raise ValueError(f"{op}: the loss {where} was not finite (NaN: a batch with no labelled token, or a diverged "
+                         "step); the model was left as it was")
+
+
 def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mapping[str, Mapping[str, torch.Tensor]],
                  inner_lr: float = 1e-3, outer_lr: float = 0.5, inner_steps: int = 1, loss_fn: Callable | None = None,
                  progress: bool = False) -> dict[str, float]:
@@ -328,7 +340,9 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     fixed, but for convert's `modules_to_save`, which train whole; masks that open no entry are
     refused). Then θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken from an
     iterator (one batch, or fewer than `inner_steps`, are cycled, as in `fomaml_step`); a list of
-    more than `inner_steps` is refused. Returns each language's last inner loss. The model's
+    more than `inner_steps` is refused. Returns each language's last inner loss; a loss that is
+    not finite at any inner step (NaN: a batch with no labelled token) raises before the update,
+    θ as it was. The model's
     train/eval mode is the caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
@@ -350,7 +364,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
     total = {n: torch.zeros_like(p) for n, p in named.items()}
-    losses = {}
+    losses, bad = {}, []
     for lang, lang_batches in _progress("reptile_step", taken.items(), "reptile", progress):
         lang_masks = stored[lang]
         opt = MaskedSGD([named[n] for n in lang_masks], list(lang_masks.values()), lr=inner_lr)
@@ -363,6 +377,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
                     loss.backward()  # routed: gradient checkpointing recomputes the forward here
                 opt.step()
                 losses[lang] = float(loss.detach())
+                if not math.isfinite(losses[lang]) and lang not in bad:
+                    bad.append(lang)
             with torch.no_grad():
                 for n, p in named.items():
                     total[n] += p - start[n]
@@ -371,6 +387,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
                 for n, p in named.items():
                     p.copy_(start[n])
             model.zero_grad(set_to_none=True)  # a failed backward's partial gradients too
+    _refuse_nonfinite_losses("reptile_step", model, bad)
     with torch.no_grad():
         for n, p in named.items():
             p.add_(total[n], alpha=outer_lr / max(len(batches), 1))
@@ -643,7 +660,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     mean over the languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW
     over the union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the
     subnetworks moves, weight decay included) takes one step. On a converted model each language's batches
-    are routed to it. A step that fails leaves θ as it was. Returns each language's query loss
+    are routed to it. A step that fails leaves θ as it was; so does a loss that is not finite at
+    an inner or query step (NaN: a batch with no labelled token), which raises (under DDP on every
+    process) before the outer step. Returns each language's query loss
     at θ'_l. Support batches fewer than `inner_steps` are cycled (udify-metalearning reuses one
     support batch for every inner step); more are refused. The model's train/eval mode is the
     caller's: HF's `from_pretrained` returns it in eval mode (no dropout). Under DDP (a model
@@ -687,7 +706,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     _check_confined(outer_optimizer, named, stored)  # before any forward: a refused step costs nothing
     lrs = _lr_by_name("fomaml_step", "inner_lr", sorted({n for m in stored.values() for n in m}), inner_lr)
     outer = {}
-    losses = {}
+    losses, bad = {}, []
     for lang in support:
         lang_masks = {n: m for n, m in stored[lang].items() if bool(m.any())}
         params = [named[n] for n in lang_masks]
@@ -700,8 +719,11 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 inner.zero_grad(set_to_none=True)
                 batch = batches[step % len(batches)]
                 with _in_language("fomaml_step", model, lang, batch):
-                    loss_fn(model, batch).backward()
+                    loss = loss_fn(model, batch)
+                    loss.backward()
                 inner.step()
+                if not math.isfinite(float(loss.detach())) and lang not in bad:
+                    bad.append(lang)
             model.zero_grad(set_to_none=True)
             with _in_language("fomaml_step", model, lang, query[lang]):
                 loss = loss_fn(model, query[lang])
@@ -711,6 +733,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 # over the processes, never saw it (each replica stepped with its own and drifted)
                 loss.backward()
             losses[lang] = float(loss.detach())
+            if not math.isfinite(losses[lang]) and lang not in bad:
+                bad.append(lang)
             with torch.no_grad():
                 for n, g in zip(lang_masks, (p.grad for p in params)):
                     if g is not None:
@@ -722,6 +746,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                     p.copy_(p0)
             model.zero_grad(set_to_none=True)  # a failed backward's partial gradients too
     model.zero_grad(set_to_none=True)
+    _refuse_nonfinite_losses("fomaml_step", model, bad)
     for n, g in outer.items():
         named[n].grad = g / len(support)
     outer_optimizer.step()
