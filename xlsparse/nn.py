@@ -16,6 +16,7 @@ from .ops import checks as op_checks
 from .ops import optim as optim_ops
 from .ops._common import acc_dtype
 from .ops.matmul import restore_entries_, write_delta_
+from .optim import LAYER_MASK_CHANGES
 
 
 def _support(weight: torch.Tensor, k=None, density=None, indices=None, what: str = "from_linear") -> torch.Tensor:
@@ -575,9 +576,13 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
             for lang, m in bias_masks.items():
                 if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != (self.out_features,):
                     raise ValueError(f"bias_masks[{lang!r}] must be a bool tensor of shape ({self.out_features},)")
-        self.languages = list(masks)
         device = self.weight.device
-        self.register_buffer("masks", torch.stack([masks[k] for k in self.languages]).to(device), persistent=False)
+        stacked = torch.stack([masks[k] for k in masks]).to(device)
+        before = getattr(self, "masks", None)
+        if before is not None and not torch.equal(before.any(0), stacked.any(0)):
+            LAYER_MASK_CHANGES[self.weight] = LAYER_MASK_CHANGES.get(self.weight, 0) + 1
+        self.languages = list(masks)
+        self.register_buffer("masks", stacked, persistent=False)
         # a buffer either way (None: a shared bias), so that a later call with bias_masks can set it
         stacked = None if bias_masks is None else torch.stack([bias_masks[k] for k in self.languages]).to(device)
         self.register_buffer("bias_masks", stacked, persistent=False)

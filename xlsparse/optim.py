@@ -34,12 +34,18 @@ from collections.abc import Iterable
 from itertools import chain
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .diff import _is_dtensor, index_dtype
 from .ops import checks
 from .ops import optim as optim_ops
 
 _MODES = ("dense", "compact")
+# How many times the trainable entries of each SubnetworkLinear weight changed (its set_masks
+# counts them). A masked optimizer over such a weight keeps the count it was masked at and refuses
+# to step once it moved: it would train the old entries, not the layer's (hf.subnetworks.set_masks
+# without optimizer=), silently. Keyed by identity: a tensor's == is elementwise.
+LAYER_MASK_CHANGES: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _SELECTOR_KEYS = ("mask", "indices")  # state keys torch's loader must not cast to the param's dtype
 
 
@@ -54,6 +60,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
         self.mode = mode
+        self._masked_at = {}  # {param: its LAYER_MASK_CHANGES count when it was masked}
         self._built = False  # torch's __init__ adds the groups; their state waits for the masks
         self._stepped_any = False  # until a step updates something, a step with no gradient at all warns
         super().__init__(params, defaults)
@@ -113,6 +120,13 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                                      "model (fully_shard first), with masks for the whole parameters")
             self._check_group(group)
             self._check_state(group)
+        if LAYER_MASK_CHANGES:  # empty unless a SubnetworkLinear exists
+            moved = [i for i, p in enumerate(self._all_params()) if LAYER_MASK_CHANGES.get(p, 0) != self._masked_at[p]]
+            if moved:
+                raise ValueError(f"{type(self).__name__}.step: the trainable entries of the SubnetworkLinear weights "
+                                 f"{moved} (positions in the param groups) changed after this optimizer was masked, "
+                                 "so it would step the old ones; pass optimizer= to hf.subnetworks.set_masks (or "
+                                 "call update_masks with the layers' trainable_mask()); nothing was stepped")
         if not getattr(self, "_stepped_any", False) and not any(p.grad is not None for p in self._all_params()):
             # torch's optimizers skip such a step in silence; the usual cause is worth a word
             warnings.warn(f"{type(self).__name__}.step: no parameter has a gradient, so nothing was updated. If the "
@@ -191,6 +205,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         state["mask" if self.mode == "dense" else "indices"] = selector
 
     def _init_state(self, group: dict, p: torch.Tensor, selector) -> None:
+        self._masked_at[p] = LAYER_MASK_CHANGES.get(p, 0)
         state = self.state[p]
         p = _local(p)
         self._set_selector(state, selector)
@@ -238,6 +253,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 self._move_state(group, p, self._selector_of(p), selectors[p])
 
     def _move_state(self, group: dict, p: torch.Tensor, old, new) -> None:
+        self._masked_at[p] = LAYER_MASK_CHANGES.get(p, 0)
         state = self.state[p]
         p = _local(p)
         keys = self._state_keys(group)

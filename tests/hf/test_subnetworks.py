@@ -43,6 +43,40 @@ def test_importance_masks_and_dynamic_reselection():
     assert torch.equal(layer.trainable_mask(), new_masks["de"][names[0]] | new_masks["fr"][names[0]])
 
 
+def test_an_optimizer_not_re_masked_after_set_masks_refuses_to_step():
+    """set_masks without optimizer= left a MaskedAdamW over the layers stepping the old union of
+    the masks: the new entries never trained and the dropped ones went on moving with AdamW's
+    momentum. The optimizer now refuses its next step, before writing anything; re-masked (or
+    after a set_masks that keeps the union) it steps."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    draw = lambda: {lang: {n: torch.rand(named[n].shape, generator=g) < 0.2 for n in names}  # noqa: E731
+                    for lang in ("de", "fr")}
+    masks = draw()
+    hf.convert(model, kind="subnetwork", masks=masks)
+    named = dict(model.named_parameters())
+    weights = [named[n] for n in names]
+    layers = [model.get_submodule(n[: -len(".weight")]) for n in names]
+    opt = xlsparse.optim.MaskedAdamW(weights, [layer.trainable_mask() for layer in layers], lr=1e-2)
+    for w in weights:
+        w.grad = torch.ones_like(w)
+    subnetworks.set_masks(model, {"de": masks["fr"], "fr": masks["de"]})  # the union is the same: nothing to follow
+    opt.step()
+    subnetworks.set_masks(model, draw())
+    before = [w.detach().clone() for w in weights]
+    with pytest.raises(ValueError, match=r"MaskedAdamW.step: the trainable entries of the SubnetworkLinear weights "
+                                         r"\[0, 1, .*changed after this optimizer was masked"):
+        opt.step()
+    assert all(torch.equal(w, b) for w, b in zip(weights, before))
+    opt.update_masks({layer.weight: layer.trainable_mask() for layer in layers})
+    opt.step()
+    subnetworks.set_masks(model, draw(), opt)
+    opt.step()
+    assert all(not torch.equal(w, b) for w, b in zip(weights, before))
+
+
 def test_select_masks_refuses_a_language_none_of_whose_examples_was_scored():
     """No batches, or none with a labelled token, score a language 0 everywhere: its top-K was the
     first K entries by position (rows of the word embeddings), a subnetwork chosen by nothing."""

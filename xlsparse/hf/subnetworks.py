@@ -212,8 +212,9 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     """Give every SubnetworkLinear of a converted model new per-language masks (dynamic
     re-selection) and, if an xlsparse optimizer is given, re-mask it to the union of the
     languages' masks with `update_masks` (kept entries keep their state; its other parameters
-    keep their masks). Masks are in the model's own layout (GPT-2 Conv1D: [in, out]); every
-    shape is checked before any layer changes.
+    keep their masks). An xlsparse optimizer over the layers that is not given refuses its next
+    step when a layer's union of masks changed (it would train the old entries). Masks are in the
+    model's own layout (GPT-2 Conv1D: [in, out]); every shape is checked before any layer changes.
     `extract_diff`, `save_pretrained` and `disable` then cover every entry that any mask so far
     opened: an entry that leaves the masks keeps what it learned, so it stays in the diff."""
     from ..optim import _MaskedOptimizer
