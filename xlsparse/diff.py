@@ -1232,6 +1232,8 @@ class SparseDiff:
         return self * -1.0
 
     def __truediv__(self, scale: float) -> "SparseDiff":
+        """`self * (1 / scale)` (`merge`'s scaling): within 1 ulp of `values / scale`, exact for a
+        power of two; refused for 0 and infinity."""
         if not isinstance(scale, (int, float)):
             return NotImplemented
         if scale == 0:
