@@ -111,6 +111,25 @@ def test_trim_keeps_its_own_share_of_each_diff():
         assert kept.nnz == round(0.5 * d.nnz)
 
 
+def test_trim_breaks_ties_by_parameter_name_not_dict_order():
+    # Equal magnitudes across parameters: the trim keeps the one first in the flattened vector,
+    # parameters in name order as the authors' state_dict_to_vector sorts them, so a diff built
+    # (or loaded) with its parameters in another order is trimmed alike.
+    vals = {"b.weight": torch.tensor([2.0, -1.0, 2.0]), "a.weight": torch.tensor([1.0, -2.0, 3.0])}
+    flat = torch.cat([vals[n] for n in sorted(vals)])
+    k = round(0.5 * flat.numel())
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices  # ties to the lowest position
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[order[:k]] = True
+    expect = dict(zip(sorted(vals), (flat * keep).split(3)))
+    for names in (["b.weight", "a.weight"], ["a.weight", "b.weight"]):
+        diff = SparseDiff({n: SparseDelta(torch.arange(3), vals[n], (3,)) for n in names})
+        got = arithmetic.ties_merge([diff], None, 0.5)
+        assert list(got.deltas) == names  # the diff's own order is kept in the result
+        for n in names:
+            torch.testing.assert_close(got.deltas[n].to_dense(), expect[n], rtol=0, atol=0)
+
+
 def test_dare_drops_and_rescales_only_stored_entries():
     big = torch.Size((4000, 50))
     g = torch.Generator().manual_seed(0)

@@ -116,13 +116,14 @@ def _sparse_parts(diff: SparseDiff) -> dict[str, SparseDelta]:
 
 def _trim(diff: SparseDiff, density: float) -> dict[str, SparseDelta]:
     """TIES' trim: the round(density · nnz) largest-magnitude entries of the diff, global over its
-    parameters (ties to the lowest position, earlier parameters first)."""
+    parameters (ties to the lowest position, parameters in name order, as the authors flatten a
+    state dict; the diff's dict order, which two builds of one diff need not share, chose otherwise)."""
     parts = _sparse_parts(diff)
-    names = list(parts)
+    names = sorted(parts)
     nonzero = sum(int(torch.count_nonzero(parts[n].values)) for n in names)
     k = budget("ties_merge", nonzero, density=density)
-    keep = topk_mask([parts[n].values for n in names], k) if names else []
-    return {n: SparseDelta._trusted(parts[n].indices[m], parts[n].values[m], parts[n].shape) for n, m in zip(names, keep)}
+    keep = dict(zip(names, topk_mask([parts[n].values for n in names], k))) if names else {}
+    return {n: SparseDelta._trusted(d.indices[keep[n]], d.values[keep[n]], d.shape) for n, d in parts.items()}
 
 
 def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, density: float, with_abs: bool = True,
