@@ -514,3 +514,21 @@ def test_an_interrupted_continual_update_says_the_model_was_changed():
     with pytest.raises(KeyboardInterrupt) as raised:
         continual.continual_update(model, batches(), masks, progress=False)
     assert "converted (or given these masks) in place and 1 update step" in "".join(raised.value.__notes__)
+
+
+def test_continual_update_refuses_a_step_whose_loss_is_not_finite():
+    # A batch with no labelled token has loss NaN: its step moved the subsets by AdamW's momentum
+    # (and would write NaN after a diverged one). It raises, and the model is as after the steps before.
+    model, masks = _bert_with_open_masks("de", "fr")
+    twin = copy.deepcopy(model)
+    good = dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))
+    unlabelled = dict(good, labels=torch.full_like(good["labels"], -100))
+    torch.manual_seed(0)  # the same dropout in both runs
+    continual.continual_update(twin, [good], masks, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match=r"loss of step 2 is nan .*that step was not taken") as raised:
+        continual.continual_update(model, [good, unlabelled], masks, lr=1e-2, progress=False)
+    assert "1 update step" in "".join(raised.value.__notes__)
+    expect = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, expect[n]), n

@@ -319,7 +319,7 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     converted to `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
     Every argument, and the `language_ids` of batches given as a list, is checked before that; an
     error raised after it (a later batch of an iterator) carries a note that the model changed.
-    Returns the loss of every step.
+    A step whose loss is not finite raises before its update. Returns the loss of every step.
     """
     from .model import _saved_module_params, route
     from .subnetworks import _decay_groups
@@ -369,8 +369,12 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
                 with route(model, ids):
                     loss = loss_fn(model, inputs)
                     loss.backward()
+                value = float(loss.detach())
+                if not math.isfinite(value):  # the step moved the subsets on no data (momentum, decay) or wrote NaN
+                    raise ValueError(f"continual_update: the loss of step {len(losses) + 1} is {value} (NaN: a batch with "
+                                     "no labelled token, or a diverged update); that step was not taken")
                 opt.step()
-                losses.append(float(loss.detach()))
+                losses.append(value)
     except BaseException as exc:  # nothing undoes the conversion and the steps taken (an interrupt too): say so
         exc.add_note(f"continual_update: this error came after the model was converted (or given these masks) in "
                      f"place and {len(losses)} update step(s) were taken; the model is not restored")
