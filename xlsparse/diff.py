@@ -986,12 +986,12 @@ def _overflow_error(op: str, what: str, dtype: torch.dtype, fix: str) -> ValueEr
     return ValueError(f"{op}: {what} overflows {dtype} (largest finite {torch.finfo(dtype).max:g}); {fix}")
 
 
-def _refuse_overflow(name: str, total: torch.Tensor, terms) -> None:
-    """`merge`'s half-precision weighted sum: inf from finite terms is refused."""
+def _refuse_overflow(name: str, total: torch.Tensor, terms, op: str = "merge", what: str | None = None,
+                     fix: str = "merge them as float32: diff.to(dtype=torch.float32)") -> None:
+    """`merge`'s (or `op`'s) half-precision weighted sum: inf from finite terms is refused."""
     if total.dtype in HALF_DTYPES and total.numel() and not torch.isfinite(total).all() \
             and all(bool(torch.isfinite(t).all()) for t in terms):
-        raise _overflow_error("merge", f"the weighted sum of {name!r}", total.dtype,
-                              "merge them as float32: diff.to(dtype=torch.float32)")
+        raise _overflow_error(op, what or f"the weighted sum of {name!r}", total.dtype, fix)
 
 
 def _refuse_apply_overflow(calls, originals, diffs, named) -> None:

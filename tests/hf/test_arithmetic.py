@@ -157,6 +157,19 @@ def test_dare_drops_and_rescales_only_stored_entries():
         arithmetic.dare(diff, 1.0)
 
 
+def test_dare_refuses_a_half_value_its_rescaling_overflows():
+    # 40000 is a finite float16; rescaled by 1 / (1 - 0.5) it is 80000 > 65504, which float16 holds as inf
+    big = torch.full((64,), 40000.0, dtype=torch.float16)
+    for diff in (SparseDiff({"x": SparseDelta(torch.arange(64), big, (64,))}), SparseDiff({}, {"x": big})):
+        with pytest.raises(ValueError, match=r"dare: 'x' rescaled by 1 / \(1 - drop\) = 2 overflows torch.float16"):
+            arithmetic.dare(diff, 0.5, seed=0)
+        wide = arithmetic.dare(diff.to(dtype=torch.float32), 0.5, seed=0)  # the way out it names
+        values = wide.deltas["x"].values if wide.deltas else wide.dense["x"][wide.dense["x"] != 0]
+        assert values.numel() and bool((values == 80000.0).all())
+    small = SparseDiff({"x": SparseDelta(torch.arange(64), big / 4, (64,))})  # 20000: fits
+    assert bool(torch.isfinite(arithmetic.dare(small, 0.5, seed=0).deltas["x"].values).all())
+
+
 def test_ties_and_dare_never_densify():
     """A 10^10-element parameter would need 40 GB dense; the sparse paths touch its K entries only."""
     shape = (100_000, 100_000)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diff import SparseDelta, SparseDiff, budget, index_dtype
+from ..diff import SparseDelta, SparseDiff, _refuse_overflow, budget, index_dtype
 from ..functional import topk_mask
 from ..ops import checks
 from .model import accepts_compiled
@@ -168,6 +168,13 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     return SparseDiff._trusted(deltas, {}, absolute, base.pop() if len(base) == 1 else None)
 
 
+def _refuse_rescaled_overflow(name: str, rescaled: torch.Tensor, values: torch.Tensor, scale: float) -> None:
+    """A finite half-precision value rescaled to inf is refused, as `merge` refuses such a sum:
+    applied, the inf was written into the model."""
+    _refuse_overflow(name, rescaled, [values], "dare", f"{name!r} rescaled by 1 / (1 - drop) = {scale:g}",
+                     "rescale it as float32: dare(diff.to(dtype=torch.float32), ...)")
+
+
 def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
     """DARE: drop each stored entry with probability `drop` and rescale the survivors by
     1 / (1 − drop), so the expected diff is unchanged.
@@ -175,7 +182,8 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
     Sparse deltas lose their dropped entries from the support; dense entries are zeroed where
     dropped and stay dense. Draws come from a CPU `torch.Generator` seeded with `seed`, one
     uniform per stored entry, parameters in the diff's order (deltas, then dense): the same seed
-    gives the same diff. Absolute entries are replacements, not deltas, and pass through.
+    gives the same diff. Absolute entries are replacements, not deltas, and pass through. A finite
+    half-precision value that the rescaling takes past the dtype's largest one raises.
     """
     if not isinstance(diff, SparseDiff):
         raise TypeError(f"dare: diff must be a SparseDiff, got {type(diff).__name__}")
@@ -189,9 +197,11 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
     for name, d in diff.deltas.items():
         keep = (torch.rand(d.nnz, generator=gen, dtype=torch.float64) >= drop).to(d.values.device)
         deltas[name] = SparseDelta._trusted(d.indices[keep], d.values[keep] * scale, d.shape)
+        _refuse_rescaled_overflow(name, deltas[name].values, d.values, scale)
     for name, t in diff.dense.items():
         keep = (torch.rand(t.shape, generator=gen, dtype=torch.float64) >= drop).to(t.device)
         dense[name] = torch.where(keep, t * scale, torch.zeros((), dtype=t.dtype, device=t.device))
+        _refuse_rescaled_overflow(name, dense[name], t, scale)
     return SparseDiff._trusted(deltas, dense, diff.absolute, diff.base_model)
 
 
