@@ -130,6 +130,16 @@ def test_trim_breaks_ties_by_parameter_name_not_dict_order():
             torch.testing.assert_close(got.deltas[n].to_dense(), expect[n], rtol=0, atol=0)
 
 
+def test_ties_merge_warns_like_combine_when_the_diffs_name_different_base_models():
+    a, b = _random_diff(1), _random_diff(2)
+    a.base_model, b.base_model = "xlm-roberta-base", "bert-base-multilingual-cased"
+    for merge in (arithmetic.combine, lambda d, w: arithmetic.ties_merge(d, w, 0.5)):
+        with pytest.warns(UserWarning, match="different base models"):
+            assert merge([a, b], [1.0, 1.0]).base_model is None
+    b.base_model = None  # one named base and one unknown: the named one is kept
+    assert arithmetic.ties_merge([a, b], None, 0.5).base_model == "xlm-roberta-base"
+
+
 def test_dare_drops_and_rescales_only_stored_entries():
     big = torch.Size((4000, 50))
     g = torch.Generator().manual_seed(0)

@@ -139,7 +139,8 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     """
     diffs, weights = _check(diffs, weights, "ties_merge")
     absolute = _absolute_entries(diffs, with_abs, absolute_from, "ties_merge")
-    trimmed = [SparseDiff._trusted(_trim(d, density)) for d in diffs]
+    # each with its base model: merge warns, as combine does, when the diffs name different ones
+    trimmed = [SparseDiff._trusted(_trim(d, density), base_model=d.base_model) for d in diffs]
     elected = SparseDiff.merge(trimmed)  # Σ_i trimmed φ_i on the union of the supports
     agreeing, ones, dtypes = [], [], {}
     for t in trimmed:
@@ -164,8 +165,7 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     for name, num in numerator.deltas.items():
         values = (num.values / counts.deltas[name].values.to(num.values.dtype)).to(dtypes[name])
         deltas[name] = SparseDelta._trusted(num.indices, values, num.shape)
-    base = {d.base_model for d in diffs} - {None}
-    return SparseDiff._trusted(deltas, {}, absolute, base.pop() if len(base) == 1 else None)
+    return SparseDiff._trusted(deltas, {}, absolute, elected.base_model)
 
 
 def _refuse_rescaled_overflow(name: str, rescaled: torch.Tensor, values: torch.Tensor, scale: float) -> None:
