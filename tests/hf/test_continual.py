@@ -151,6 +151,23 @@ def test_language_aware_masks_rank_the_signed_distance_weighted_score(monkeypatc
                                            density=0.1, protect=protect, features=features)
 
 
+def test_language_aware_masks_break_ties_by_parameter_name_not_dict_order(monkeypatch):
+    # Entries no language needs all score 0; where the budget reaches them, the tie goes to the
+    # lowest position with the parameters in name order, whichever dict order the scores have.
+    for f in ("f1",):
+        for lang, v in (("ppp", [1.0, 0.0]), ("rrr", [0.0, 1.0])):
+            monkeypatch.setitem(continual._URIEL_CACHE, (f, lang), torch.tensor(v, dtype=torch.float64))
+    a = {"y.weight": torch.tensor([0.0, 3.0, 0.0]), "x.weight": torch.tensor([0.0, 0.0, 0.0])}
+    b = {"y.weight": torch.tensor([0.0, 0.0, 0.0]), "x.weight": torch.tensor([0.0, 0.0, 0.0])}
+    # a's signed scores: y[1] = 1 on top, then five zeros; k = 2 takes the first zero in x, y order
+    expect = {"x.weight": [True, False, False], "y.weight": [False, True, False]}
+    for first in ("a", "b"):
+        scores = {"a": a, "b": b} if first == "a" else {"b": dict(reversed(b.items())), "a": a}
+        masks = continual.language_aware_masks(scores, {"a": "ppp", "b": "rrr"}, density=2 / 6, features=("f1",))
+        assert list(masks["a"]) == list(scores[first])  # the scores' own order is kept
+        assert {n: m.tolist() for n, m in masks["a"].items()} == expect, first
+
+
 def _mixed_batch(seed, b=6, s=8):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, VOCAB, (b, s), generator=g)

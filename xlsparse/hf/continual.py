@@ -198,17 +198,20 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     others = max(len(langs) - 1, 1)
     masks = {}
     for i, lang in enumerate(langs):
-        adjusted = []
+        adjusted = {}
         for n in names:
             s = norm[lang][n].clone()
             for j, other in enumerate(langs):
                 if j != i:
                     s -= protect * float(dist[i, j]) / others * norm[other][n]
-            adjusted.append(s)
+            adjusted[n] = s
         # topk_mask ranks by magnitude; shifted to be non-negative, magnitude order is signed order.
-        lowest = min(float(t.min()) for t in adjusted)
-        k = budget("language_aware_masks", sum(t.numel() for t in adjusted), density=density)
-        masks[lang] = dict(zip(names, topk_mask([t - lowest for t in adjusted], k)))
+        # Parameters in name order: a tie (e.g. entries no language needs, all at 0) went by the
+        # first language's dict order, so listing the languages otherwise gave other subsets.
+        lowest = min(float(t.min()) for t in adjusted.values())
+        k = budget("language_aware_masks", sum(t.numel() for t in adjusted.values()), density=density)
+        keep = dict(zip(sorted(names), topk_mask([adjusted[n] - lowest for n in sorted(names)], k)))
+        masks[lang] = {n: keep[n] for n in names}
     return masks
 
 
