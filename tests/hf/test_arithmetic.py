@@ -167,6 +167,26 @@ def test_dare_drops_and_rescales_only_stored_entries():
         arithmetic.dare(diff, 1.0)
 
 
+def test_dare_draws_in_parameter_name_order_not_dict_order():
+    # one uniform per stored entry (per element of a dense entry) from Generator(seed), parameters
+    # in name order, so two builds of one diff with their parameters in another order agree
+    g = torch.Generator().manual_seed(0)
+    parts = {"c.weight": SparseDelta(torch.tensor([1, 4, 5, 9]), torch.randn(4, generator=g), (10,)),
+             "a.weight": SparseDelta(torch.tensor([0, 2, 3]), torch.randn(3, generator=g), (6,))}
+    dense = {"b.weight": torch.randn(5, generator=g)}
+    gen = torch.Generator().manual_seed(11)
+    draws = {n: torch.rand(size, generator=gen, dtype=torch.float64) for n, size in
+             (("a.weight", 3), ("b.weight", 5), ("c.weight", 4))}
+    for order in (["c.weight", "a.weight"], ["a.weight", "c.weight"]):
+        got = arithmetic.dare(SparseDiff({n: parts[n] for n in order}, dense), 0.4, seed=11)
+        assert list(got.deltas) == order
+        for n in order:
+            keep = draws[n] >= 0.4
+            assert torch.equal(got.deltas[n].indices, parts[n].indices[keep])
+            torch.testing.assert_close(got.deltas[n].values, parts[n].values[keep] / 0.6)
+        torch.testing.assert_close(got.dense["b.weight"], torch.where(draws["b.weight"] >= 0.4, dense["b.weight"] / 0.6, 0.0))
+
+
 def test_dare_refuses_a_half_value_its_rescaling_overflows():
     # 40000 is a finite float16; rescaled by 1 / (1 - 0.5) it is 80000 > 65504, which float16 holds as inf
     big = torch.full((64,), 40000.0, dtype=torch.float16)

@@ -181,8 +181,8 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
 
     Sparse deltas lose their dropped entries from the support; dense entries are zeroed where
     dropped and stay dense. Draws come from a CPU `torch.Generator` seeded with `seed`, one
-    uniform per stored entry, parameters in the diff's order (deltas, then dense): the same seed
-    gives the same diff. Absolute entries are replacements, not deltas, and pass through. A finite
+    uniform per stored entry (every element of a dense entry), parameters in name order: the same
+    seed gives the same diff. Absolute entries are replacements, not deltas, and pass through. A finite
     half-precision value that the rescaling takes past the dtype's largest one raises.
     """
     if not isinstance(diff, SparseDiff):
@@ -193,13 +193,16 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
     # int(seed) made seeds 1.2 and 1.7 one seed
     gen = torch.Generator().manual_seed(checks.count("dare", "seed", seed))
     scale = 1.0 / (1.0 - drop)
+    # drawn in name order: in the diff's dict order, two builds of one diff took other entries
+    sizes = {**{n: (d.nnz,) for n, d in diff.deltas.items()}, **{n: t.shape for n, t in diff.dense.items()}}
+    keeps = {n: torch.rand(sizes[n], generator=gen, dtype=torch.float64) >= drop for n in sorted(sizes)}
     deltas, dense = {}, {}
     for name, d in diff.deltas.items():
-        keep = (torch.rand(d.nnz, generator=gen, dtype=torch.float64) >= drop).to(d.values.device)
+        keep = keeps[name].to(d.values.device)
         deltas[name] = SparseDelta._trusted(d.indices[keep], d.values[keep] * scale, d.shape)
         _refuse_rescaled_overflow(name, deltas[name].values, d.values, scale)
     for name, t in diff.dense.items():
-        keep = (torch.rand(t.shape, generator=gen, dtype=torch.float64) >= drop).to(t.device)
+        keep = keeps[name].to(t.device)
         dense[name] = torch.where(keep, t * scale, torch.zeros((), dtype=t.dtype, device=t.device))
         _refuse_rescaled_overflow(name, dense[name], t, scale)
     return SparseDiff._trusted(deltas, dense, diff.absolute, diff.base_model)
