@@ -4,6 +4,7 @@
 import contextlib
 import json
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from .ops import checks as op_checks
 from .ops import optim as optim_ops
 from .ops._common import acc_dtype
 from .ops.matmul import restore_entries_, write_delta_
-from .optim import LAYER_MASK_CHANGES
+from .optim import LAYER_MASK_CHANGES, SUBNETWORK_LAYERS
 
 
 def _support(weight: torch.Tensor, k=None, density=None, indices=None, what: str = "from_linear") -> torch.Tensor:
@@ -583,6 +584,7 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
             LAYER_MASK_CHANGES[self.weight] = LAYER_MASK_CHANGES.get(self.weight, 0) + 1
         self.languages = list(masks)
         self.register_buffer("masks", stacked, persistent=False)
+        SUBNETWORK_LAYERS[self.weight] = weakref.ref(self)
         # a buffer either way (None: a shared bias), so that a later call with bias_masks can set it
         stacked = None if bias_masks is None else torch.stack([bias_masks[k] for k in self.languages]).to(device)
         self.register_buffer("bias_masks", stacked, persistent=False)

@@ -30,6 +30,7 @@ keeps the part of the mask, and the state, that its shard holds, and steps its s
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Iterable
 from itertools import chain
 
@@ -46,6 +47,11 @@ _MODES = ("dense", "compact")
 # to step once it moved: it would train the old entries, not the layer's (hf.subnetworks.set_masks
 # without optimizer=), silently. Keyed by identity: a tensor's == is elementwise.
 LAYER_MASK_CHANGES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# The SubnetworkLinear of each such weight (a weak reference; its set_masks registers it): a state
+# that `load_state_dict` brings in must mask the entries the layer trains. The layers' masks are not
+# in a model's state dict, so a run resumed without them stepped the entries of the saved masks
+# while the layers masked the gradients by others, silently.
+SUBNETWORK_LAYERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _SELECTOR_KEYS = ("mask", "indices")  # state keys torch's loader must not cast to the param's dtype
 
 
@@ -381,6 +387,25 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 if "init" not in state and p in anchors:
                     state["init"] = anchors[p]
         self._check_loaded_state()
+        self._check_layer_masks(in_force)
+
+    def _check_layer_masks(self, in_force: dict) -> None:
+        """A SubnetworkLinear weight whose loaded selector replaced the masks given so far must
+        select the entries its layer's masks open (their union): the layer masks the gradient, and
+        the optimizer would step other entries (moments and weight decay moving entries no language
+        trains, and the layer's own entries never stepped)."""
+        for i, p in enumerate(self._all_params()):
+            ref = SUBNETWORK_LAYERS.get(p)
+            layer = ref() if ref is not None else None
+            loaded = self._selector_of(p)
+            if layer is None or layer.weight is not p or _same_entries(loaded, in_force[p], p):
+                continue
+            if not _same_entries(loaded, self._selector(p, layer.trainable_mask(), f"layer of param {i}"), p):
+                raise ValueError(f"load_state_dict: param {i} is a SubnetworkLinear weight, and the state masks other "
+                                 "entries than the union of the layer's masks (the masks of the run that saved it: a "
+                                 "model's state_dict does not hold them); give the layers that run's masks first "
+                                 "(xlsparse.hf.subnetworks.set_masks, or SubnetworkTrainer's resume), then load "
+                                 "the state; nothing was loaded")
 
     def _check_loaded_state(self) -> None:
         """Every param has state that fits its mask: missing state starts at zero (a missing step
@@ -465,6 +490,16 @@ class _MaskedOptimizer(torch.optim.Optimizer):
 def _selector_in(state: dict):
     """The selector a param's state keeps: its bool mask, its flat indices, or None (every entry)."""
     return state.get("mask", state.get("indices"))
+
+
+def _same_entries(a, b, p: torch.Tensor) -> bool:
+    """Whether selectors `a` and `b` of `p` (a bool mask, indices or None: every entry) select the same entries."""
+    if a is None or b is None:
+        other = b if a is None else a
+        return other is None or int(other.sum() if other.dtype == torch.bool else other.numel()) == _local(p).numel()
+    if (a.dtype == torch.bool) != (b.dtype == torch.bool):
+        return False
+    return torch.equal(a, b) if a.dtype == torch.bool else torch.equal(a.long(), b.long().to(a.device))
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

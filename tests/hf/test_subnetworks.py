@@ -77,6 +77,61 @@ def test_an_optimizer_not_re_masked_after_set_masks_refuses_to_step():
     assert all(not torch.equal(w, b) for w, b in zip(weights, before))
 
 
+def test_an_optimizer_state_saved_after_set_masks_loads_only_onto_layers_given_those_masks():
+    """A manual resume: the layers' masks are not in model.state_dict(), and the loaded optimizer
+    state's masks win over those given. Loaded onto layers that kept the masks of convert, it
+    stepped the re-selected entries while the layers masked the gradients by the old ones: the
+    resumed run differed from the uninterrupted one, silently. It is refused, with nothing loaded;
+    after set_masks with the saved run's masks it loads and the run continues bit-exactly."""
+    def run(model, steps, opt):
+        for _ in range(steps):
+            with hf.route(model, torch.tensor([0, 1, 0, 1])):
+                model(**_lm_batches(1, 3)[0]).loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+    def build():
+        model = tiny("bert")
+        names = [f"{n}.weight" for n in hf.model.target_names(model)]
+        g = torch.Generator().manual_seed(0)
+        draw = lambda: {lang: {n: torch.rand(model.get_parameter(n).shape, generator=g) < 0.3  # noqa: E731
+                               for n in names} for lang in ("de", "fr")}
+        hf.convert(model, kind="subnetwork", masks=draw())
+        return model.train(), draw()
+
+    def optimizer(model):
+        layers = dict(hf.model._converted(model, SubnetworkLinear))
+        weights = [layer.weight for layer in layers.values()]
+        return xlsparse.optim.MaskedAdamW(weights, [layer.trainable_mask() for layer in layers.values()], lr=1e-2)
+
+    from xlsparse.nn import SubnetworkLinear
+
+    model, reselected = build()
+    opt = optimizer(model)
+    run(model, 1, opt)
+    subnetworks.set_masks(model, reselected, opt)
+    state, opt_state = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    torch.manual_seed(1)  # dropout
+    run(model, 2, opt)
+
+    resumed, _ = build()
+    resumed.load_state_dict(state)
+    opt2 = optimizer(resumed)
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match=r"load_state_dict: param 0 is a SubnetworkLinear weight, and the state masks "
+                                         r"other entries than the union of the layer's masks .* nothing was loaded"):
+        opt2.load_state_dict(opt_state)
+    after = opt2.state_dict()["state"]
+    assert all(torch.equal(t, before["state"][i][key]) for i, st in after.items() for key, t in st.items()
+               if isinstance(t, torch.Tensor))
+    subnetworks.set_masks(resumed, reselected, opt2)
+    opt2.load_state_dict(opt_state)
+    torch.manual_seed(1)
+    run(resumed, 2, opt2)
+    for n, p in model.named_parameters():
+        assert torch.equal(resumed.get_parameter(n), p), n
+
+
 def test_select_masks_refuses_a_language_none_of_whose_examples_was_scored():
     """No batches, or none with a labelled token, score a language 0 everywhere: its top-K was the
     first K entries by position (rows of the word embeddings), a subnetwork chosen by nothing."""
