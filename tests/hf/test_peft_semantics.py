@@ -1442,6 +1442,27 @@ def test_a_failed_xlsparse_save_leaves_no_earlier_diff_in_the_folder(tmp_path):
         hf.from_pretrained(copy.deepcopy(base), str(tmp_path))
 
 
+def test_a_model_save_that_fails_writing_the_diff_leaves_no_earlier_diff_beside_its_files(tmp_path, monkeypatch):
+    # hf.save_pretrained keeps an earlier save whole when its own write fails (a full disk); under
+    # model.save_pretrained transformers' files were already this model's, and the earlier diff beside
+    # them loaded as this model's (with its head), silently
+    model, head = classifier("bert")
+    base = copy.deepcopy(model)
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    model.save_pretrained(str(tmp_path))
+    with torch.no_grad():
+        model.get_submodule(head).weight.add_(1.0)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(xlsparse.SparseDiff, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        model.save_pretrained(str(tmp_path))
+    assert os.path.isfile(tmp_path / "model.safetensors")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("xlsparse")]
+
+
 def test_a_save_leaves_no_earlier_save_s_language_files_in_the_folder(tmp_path):
     # a 'multi' save of fewer languages (or a 'delta' save) left the earlier save's
     # xlsparse_diff.lang<i>.safetensors beside its own files, where they passed for this model's

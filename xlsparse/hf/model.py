@@ -518,8 +518,13 @@ class _SavePretrainedWithDiff(_OnInstance):
             return
         try:
             save_pretrained(self.model, save_directory)
-        except ValueError as exc:  # a checkpoint must not stop training; the folder still resumes
+        except BaseException as exc:
+            # transformers' files are this model's now: an earlier save's diff left beside them (the
+            # staged write keeps it whole when this one fails: a full disk) loaded as this model's
             _remove_saved_files(save_directory)
+            if not isinstance(exc, ValueError):
+                raise
+            # a checkpoint must not stop training; the folder still resumes
             warnings.warn(f"save_pretrained: {save_directory} holds transformers' files only, no xlsparse diff: {exc}",
                           stacklevel=2)
 
