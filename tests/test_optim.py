@@ -752,6 +752,27 @@ def test_bad_masks_raise():
         MaskedAdamW([torch.randn(5, 4).t().requires_grad_()], [None])
 
 
+@pytest.mark.parametrize("copy_of", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_keeps_its_mode_and_steps_as_the_original(copy_of):
+    # torch's __getstate__ keeps defaults, state and param groups only: a copy lost `mode` and failed
+    # its next compact step with an AttributeError
+    import pickle
+
+    params = _params()
+    masks = _masks(params, 0.3)
+    opt = MaskedAdamW(params, masks, lr=1e-2, mode="compact")
+    _set_grads(params, 5, masks)
+    opt.step()
+    params2, opt2 = copy.deepcopy((params, opt)) if copy_of == "deepcopy" else pickle.loads(pickle.dumps((params, opt)))
+    assert opt2.mode == "compact"
+    for p, q in zip(params, params2):
+        q.grad = p.grad.clone()
+    opt.step()
+    opt2.step()
+    for p, q in zip(params, params2):
+        assert_bit_identical(p, q, "copy stepped otherwise")
+
+
 def _op_args(n=50, k=10, dtype=torch.float32, index_dtype=torch.int64, seed=0):
     gen = seeded(seed)
     p = torch.randn(n, generator=gen).to(dtype)

@@ -76,6 +76,12 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 self._init_state(group, p, selectors[p])
         self._built = True
 
+    def __getstate__(self) -> dict:
+        """torch's (defaults, state, param groups) and this optimizer's own attributes: a deep copy
+        or pickle kept only torch's, and lost its mode and the layer-mask counts `step` checks."""
+        return {**super().__getstate__(), "mode": self.mode, "_masked_at": self._masked_at, "_built": self._built,
+                "_stepped_any": self._stepped_any}
+
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group. Every entry of the params of a group added after construction
         trains (their mask is None; `update_masks` can narrow it), from zero state."""
