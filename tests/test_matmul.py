@@ -1920,6 +1920,27 @@ def test_a_merged_layer_whose_delta_storage_was_swapped_refuses_to_run(how):
         layer(x)
 
 
+@pytest.mark.parametrize("bad", [[9, 3, 1, 2], [1, 2, 3, 40]])
+def test_loaded_delta_indices_are_checked_before_the_layer_loads(bad):
+    # a SparseDeltaEmbedding loaded unsorted or out-of-range indices unchecked: its binary search
+    # added the values to other entries (or none), silently
+    torch.manual_seed(0)
+    emb = xnn.SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(10, 4), k=4)
+    lin = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(8, 5), k=4)
+    multi = xnn.MultiDeltaLinear.from_linear(torch.nn.Linear(8, 5), {"a": lin, "b": lin})
+    for layer, key in [(emb, "delta_indices"), (lin, "delta_indices"), (multi, "delta_indices_1")]:
+        before = {k: v.clone() for k, v in layer.state_dict().items()}
+        sd = dict(before)
+        sd[key] = torch.tensor(bad)
+        with pytest.raises((ValueError, IndexError), match=key):
+            layer.load_state_dict(sd)
+        assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    sd = emb.state_dict()
+    sd["delta_indices"] = sd["delta_indices"].float()
+    with pytest.raises(TypeError, match="int32 or int64"):
+        emb.load_state_dict(sd)
+
+
 def test_sparse_delta_embedding_refuses_max_norm_zero_and_keeps_padding_rows_without_gradient():
     # max_norm=0.0 (nn.Embedding renormalises rows to zero) was taken for "not set"; a base made
     # trainable got a gradient in its padding row, which nn.Embedding never gives

@@ -80,17 +80,24 @@ def _bump_version(weight: torch.Tensor) -> None:
         torch.autograd.graph.increment_version(weight)
 
 
-def _check_delta_pairs(state_dict, prefix: str, pairs) -> None:
+def _check_delta_pairs(state_dict, prefix: str, pairs, numel: int) -> None:
     """A delta's values are one per entry of its indices: a state dict with one of the two (the
     trainable parameters alone, `load_state_dict(strict=False)`) put the values on the layer's own
     support, which a random one (convert with density or k) shares 10% of at density 0.1: the
-    layer ran another delta, silently. Raise before anything of the layer loads."""
+    layer ran another delta, silently. The indices must be sorted, unique and inside the weight's
+    `numel` entries, as at construction: loaded unchecked, a SparseDeltaEmbedding's lookup (a binary
+    search) added values to the wrong entries, silently. Raise before anything of the layer loads."""
     for pair in pairs:
         has = [prefix + key for key in pair if prefix + key in state_dict]
         if len(has) == 1:
             lacks = next(prefix + key for key in pair if prefix + key not in state_dict)
             raise ValueError(f"load_state_dict: the state dict has {has[0]} but not {lacks}; a delta's values belong to "
                              "the indices they were trained at: load both (model.state_dict() holds both)")
+        key = prefix + pair[0]
+        if key in state_dict:
+            op_checks.index_dtype("load_state_dict", key, state_dict[key])
+            if state_dict[key].dim() == 1 and op_checks.can_read(state_dict[key]):  # other shapes: torch names them
+                op_checks.indices(f"load_state_dict: {key}", state_dict[key], numel)
 
 
 class _DeltaView:
@@ -301,7 +308,7 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         return self.base_weight() if self.merged else saved  # W0, not W0 + Δ: the delta is saved beside it
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _check_delta_pairs(state_dict, prefix, [("delta_indices", "delta_values")])
+        _check_delta_pairs(state_dict, prefix, [("delta_indices", "delta_values")], self.weight.numel())
         self.unmerge()  # the loaded W0 and Δ replace the merged ones; a weight not in the dict gets W0 back
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
@@ -454,7 +461,7 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         key = prefix + self._NAMES_KEY
         self._check_state_names(state_dict, prefix)
         _check_delta_pairs(state_dict, prefix, [(f"delta_indices_{i}", f"delta_values.{i}")
-                                                    for i in range(len(self.names))])
+                                                    for i in range(len(self.names))], self.weight.numel())
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         if key in unexpected_keys:
@@ -693,7 +700,7 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
         return out.reshape(*input_ids.shape, self.embedding_dim)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        _check_delta_pairs(state_dict, prefix, [("delta_indices", "delta_values")])
+        _check_delta_pairs(state_dict, prefix, [("delta_indices", "delta_values")], self.weight.numel())
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_support(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
