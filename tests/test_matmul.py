@@ -1007,6 +1007,19 @@ def test_expert_embedding_checks_a_sparse_deltas_indices_and_values():
     with routing.use(torch.tensor([0]), 1):
         torch.testing.assert_close(layer(torch.tensor([[0, 1, 2]])), want[[0, 1, 2]][None])
 
+def test_duck_typed_deltas_refuse_values_that_are_not_floating_point():
+    # MultiDeltaLinear and ExpertEmbedding cast int or bool values (a mask passed as values) to the
+    # weight's dtype silently; SparseDelta and set_support refuse them
+    delta = SimpleNamespace(indices=torch.tensor([1, 5]), values=torch.tensor([True, True]), shape=(7, 3))
+    with pytest.raises(TypeError, match=r"MultiDeltaLinear: delta 'a'.*values must be floating point"):
+        xnn.MultiDeltaLinear.from_linear(torch.nn.Linear(3, 7), {"a": delta})
+    with pytest.raises(TypeError, match=r"ExpertEmbedding: delta 0.*values must be floating point"):
+        xnn.ExpertEmbedding(torch.nn.Embedding(7, 3), [delta])
+    layer = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(3, 7), k=2)
+    with pytest.raises(TypeError, match=r"set_support.*values must be floating point"):
+        layer.set_support(torch.tensor([1, 5]), torch.tensor([1, 2]))
+
+
 # --- ensemble mixing ---
 
 

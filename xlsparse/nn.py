@@ -66,7 +66,9 @@ def _plain_linear(what: str, linear: nn.Module) -> None:
 
 
 def _one_value_each(what: str, indices: torch.Tensor, values: torch.Tensor) -> None:
-    """A delta's values: a 1-D tensor, one per index (a [1, K] one read "K indices but K values")."""
+    """A delta's values: a 1-D floating-point tensor, one per index (a [1, K] one read "K indices but
+    K values"; int or bool values were cast to the weight's dtype silently, which SparseDelta refuses)."""
+    op_checks.float_dtype(what, "values", values)
     if values.shape != indices.shape:
         raise ValueError(f"{what}: {indices.numel()} indices but {values.numel()} values (values of shape "
                          f"{tuple(values.shape)}; one per index, 1-D)")
@@ -793,7 +795,6 @@ def _set_support(layer: nn.Module, indices: torch.Tensor, values: torch.Tensor |
     if values is None:
         values = torch.zeros(indices.numel(), dtype=layer.delta_values.dtype, device=layer.weight.device)
     _one_value_each("set_support", indices, values)
-    op_checks.value_dtype("set_support", "values", values.dtype)  # as SparseDelta: int values were cast silently
     values = values.to(layer.delta_values)
     if indices.numel() == layer.delta_indices.numel() and indices.dtype == layer.delta_indices.dtype:
         layer.delta_indices.copy_(indices)
