@@ -399,19 +399,25 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         """A SubnetworkLinear weight whose loaded selector replaced the masks given so far must
         select the entries its layer's masks open (their union): the layer masks the gradient, and
         the optimizer would step other entries (moments and weight decay moving entries no language
-        trains, and the layer's own entries never stepped)."""
+        trains, and the layer's own entries never stepped). A loaded selector that is the layer's
+        union masks the weight as the layer is now, whatever set_masks did before the load."""
+        synced = []
         for i, p in enumerate(self._all_params()):
             ref = SUBNETWORK_LAYERS.get(p)
             layer = ref() if ref is not None else None
-            loaded = self._selector_of(p)
-            if layer is None or layer.weight is not p or _same_entries(loaded, in_force[p], p):
+            if layer is None or layer.weight is not p:
                 continue
-            if not _same_entries(loaded, self._selector(p, layer.trainable_mask(), f"layer of param {i}"), p):
+            loaded = self._selector_of(p)
+            if _same_entries(loaded, self._selector(p, layer.trainable_mask(), f"layer of param {i}"), p):
+                synced.append(p)
+            elif not _same_entries(loaded, in_force[p], p):
                 raise ValueError(f"load_state_dict: param {i} is a SubnetworkLinear weight, and the state masks other "
                                  "entries than the union of the layer's masks (the masks of the run that saved it: a "
                                  "model's state_dict does not hold them); give the layers that run's masks first "
                                  "(xlsparse.hf.subnetworks.set_masks, or SubnetworkTrainer's resume), then load "
                                  "the state; nothing was loaded")
+        for p in synced:  # after every check: a refused load leaves the counts too
+            self._masked_at[p] = LAYER_MASK_CHANGES.get(p, 0)
 
     def _check_loaded_state(self) -> None:
         """Every param has state that fits its mask: missing state starts at zero (a missing step

@@ -125,11 +125,22 @@ def test_an_optimizer_state_saved_after_set_masks_loads_only_onto_layers_given_t
     assert all(torch.equal(t, before["state"][i][key]) for i, st in after.items() for key, t in st.items()
                if isinstance(t, torch.Tensor))
     subnetworks.set_masks(resumed, reselected, opt2)
-    opt2.load_state_dict(opt_state)
+    opt2.load_state_dict(copy.deepcopy(opt_state))  # a load may keep the dict's tensors: a copy for each
     torch.manual_seed(1)
     run(resumed, 2, opt2)
     for n, p in model.named_parameters():
         assert torch.equal(resumed.get_parameter(n), p), n
+    # set_masks without optimizer=, then the load: the loaded masks are the layers' now, so the
+    # steps go on (the step's check that the layers' masks moved since the optimizer was masked)
+    again, _ = build()
+    again.load_state_dict(state)
+    opt3 = optimizer(again)
+    subnetworks.set_masks(again, reselected)
+    opt3.load_state_dict(copy.deepcopy(opt_state))
+    torch.manual_seed(1)
+    run(again, 2, opt3)
+    for n, p in model.named_parameters():
+        assert torch.equal(again.get_parameter(n), p), n
 
 
 def test_select_masks_refuses_a_language_none_of_whose_examples_was_scored():
