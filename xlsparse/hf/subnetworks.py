@@ -319,13 +319,13 @@ def _refuse_empty_subnetworks(op: str, stored: Mapping) -> None:
 
 
 @accepts_compiled
-def _refuse_nonfinite_losses(op: str, model: nn.Module, bad: list) -> None:
+def _refuse_nonfinite_losses(op: str, model: nn.Module, bad: dict) -> None:
     """Raise when a language's loss was not finite at some step: NaN is an HF model's loss on a
     batch with no labelled token, whose gradient is zero, so the language moved nothing and
     still counted in the mean (the others' update shrank by (L-1)/L); a diverged step wrote NaN.
     Checked on every process of a DDP model together, after the last collective of the step."""
     if any_rank_of(model, bool(bad)):
-        where = f"of {bad}" if bad else "on another process"
+        where = f"of {list(bad)}" if bad else "on another process"
         raise ValueError(f"{op}: the loss {where} was not finite (NaN: a batch with no labelled token, or a diverged "
                          "step); the model was left as it was")
 
@@ -365,7 +365,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
     total = {n: torch.zeros_like(p) for n, p in named.items()}
-    losses, bad = {}, []
+    losses, bad = {}, {}  # bad: the languages with a non-finite loss, in order
     for lang, lang_batches in _progress("reptile_step", taken.items(), "reptile", progress):
         lang_masks = stored[lang]
         opt = MaskedSGD([named[n] for n in lang_masks], list(lang_masks.values()), lr=inner_lr)
@@ -378,8 +378,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
                     loss.backward()  # routed: gradient checkpointing recomputes the forward here
                 opt.step()
                 losses[lang] = float(loss.detach())
-                if not math.isfinite(losses[lang]) and lang not in bad:
-                    bad.append(lang)
+                if not math.isfinite(losses[lang]):
+                    bad[lang] = None
             with torch.no_grad():
                 for n, p in named.items():
                     total[n] += p - start[n]
@@ -707,7 +707,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     _check_confined(outer_optimizer, named, stored)  # before any forward: a refused step costs nothing
     lrs = _lr_by_name("fomaml_step", "inner_lr", sorted({n for m in stored.values() for n in m}), inner_lr)
     outer = {}
-    losses, bad = {}, []
+    losses, bad = {}, {}  # bad: the languages with a non-finite loss, in order
     for lang in support:
         lang_masks = {n: m for n, m in stored[lang].items() if bool(m.any())}
         params = [named[n] for n in lang_masks]
@@ -723,8 +723,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                     loss = loss_fn(model, batch)
                     loss.backward()
                 inner.step()
-                if not math.isfinite(float(loss.detach())) and lang not in bad:
-                    bad.append(lang)
+                if not math.isfinite(float(loss.detach())):
+                    bad[lang] = None
             model.zero_grad(set_to_none=True)
             with _in_language("fomaml_step", model, lang, query[lang]):
                 loss = loss_fn(model, query[lang])
@@ -734,8 +734,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 # over the processes, never saw it (each replica stepped with its own and drifted)
                 loss.backward()
             losses[lang] = float(loss.detach())
-            if not math.isfinite(losses[lang]) and lang not in bad:
-                bad.append(lang)
+            if not math.isfinite(losses[lang]):
+                bad[lang] = None
             with torch.no_grad():
                 for n, g in zip(lang_masks, (p.grad for p in params)):
                     if g is not None:

@@ -391,8 +391,7 @@ def masked_step(op, params, grads, selectors, states: dict, steps, inits, grad_s
     for name, lst in states.items():
         if len(lst) != n:
             raise ValueError(f"{op}: {name} must have {n} entries, got {len(lst)}")
-    if torch.is_grad_enabled():  # the optimizers step under no_grad: no names to form there
-        no_grad_leaf(op, **{f"params[{i}]": p for i, p in enumerate(params)})
+    no_grad_leaf(op, params=list(params))
     written = {"params": params, **states, "steps": steps}
     if compiled:
         all_tensors(op, {**written, "grads": grads})
@@ -529,12 +528,23 @@ def _token_rules(op: str, name: str, num_tokens: int, count: int, lo: int, hi: i
         raise ValueError(f"{op}: {name} lists a token more than once")
 
 
+def _named(tensors: dict):
+    """(name, tensor) for each keyword of `tensors`; one given a list yields `name[i]` per element,
+    formed only as the caller reaches it."""
+    for name, ts in tensors.items():
+        if isinstance(ts, list):
+            yield from ((f"{name}[{i}]", t) for i, t in enumerate(ts))
+        else:
+            yield name, ts
+
+
 def no_grad_leaf(op: str, **tensors) -> None:
     """The in-place ops' outputs: torch (and the reference backends) refuse to write into a leaf that
-    requires grad with grad mode on; the compiled kernels wrote it anyway, outside autograd's view."""
+    requires grad with grad mode on; the compiled kernels wrote it anyway, outside autograd's view.
+    A keyword given a list checks each of its tensors (`_named`)."""
     if not torch.is_grad_enabled():
         return
-    for name, t in tensors.items():
+    for name, t in _named(tensors):
         if isinstance(t, torch.Tensor) and t.requires_grad and t.is_leaf:
             raise RuntimeError(f"{op}: {name} is a leaf that requires grad, which cannot be written in place with "
                                "grad mode on; call it under torch.no_grad()")
@@ -548,13 +558,11 @@ def not_differentiable(op: str, **tensors) -> None:
     reference one differentiated it). sparse_axpy_ checks its values only: the tensor it adds to may
     be in a graph (autograd sees the write, and its identity is the derivative); apply_diffs_ and
     restore_diffs_ check their dense tensors too. The linear layers' autograd Functions call
-    sddmm and spmm_ with grad mode off. A keyword given a list checks each of its tensors, named
-    `name[i]` (the names are formed lazily: an apply under no_grad pays nothing for them)."""
+    sddmm and spmm_ with grad mode off. A keyword given a list checks each of its tensors
+    (`_named`: an apply under no_grad forms no names)."""
     if not torch.is_grad_enabled():
         return
-    named = ((f"{name}[{i}]" if isinstance(ts, list) else name, t)
-             for name, ts in tensors.items() for i, t in enumerate(ts if isinstance(ts, list) else [ts]))
-    for name, t in named:
+    for name, t in _named(tensors):
         if t is not None and t.requires_grad:
             raise RuntimeError(f"{op}: {name} requires grad, but {op} is not differentiable; call it under "
                                "torch.no_grad() (a delta that trains: xlsparse.functional.sparse_delta_linear / "
