@@ -455,6 +455,22 @@ def test_static_weights_per_position_equal_mixing_separate_experts_at_each_posit
         ensemble.generate(ids, max_new_tokens=2, weights=weights)
 
 
+def test_bf16_static_weights_are_normalised_before_rounding():
+    """Static weights given in bf16 were normalised in bf16: [1, 1, 1] became 0.3340 each, a
+    mixture of total probability 1.005. The mixture is Σ_e (w_e / Σ_j w_j) p_e, summing to 1."""
+    base = tiny("gpt2")
+    experts = _random_experts(base, "gpt2")
+    ids = batch(2, 6)
+    weights = torch.tensor([[1.0, 1.0, 1.0], [1.0, 2.0, 7.0]])
+    lp = _expert_logprobs(base, experts, ids)  # [E, B, S, V]
+    w = weights.double() / weights.double().sum(-1, keepdim=True)
+    expect = torch.logsumexp(lp + w.T.log()[:, :, None, None], 0)
+    ensemble = xelm.ExpertEnsemble(base, experts, weighting="static")
+    got = ensemble(ids, weights=weights.bfloat16()).double()
+    torch.testing.assert_close(got.exp().sum(-1), torch.ones(2, 6, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+
+
 def test_unroutable_entries_raise():
     base = tiny("llama")
     norm = SparseDiff(dense={"model.norm.weight": torch.ones(32)})

@@ -318,6 +318,8 @@ class ExpertEnsemble(nn.Module):
             # a mixture: a negative weight gave more than probability 1, an all-zero row NaN
             if not bool(torch.isfinite(weights).all() and (weights >= 0).all() and (weights.sum(-1) > 0).all()):
                 raise ValueError("ExpertEnsemble: weights must be finite and >= 0, with a positive sum in every row")
+            # normalised in float64: in bf16 three equal weights became 0.3340 each, a mixture of mass 1.005
+            weights = weights.double()
             log_w = (weights / weights.sum(-1, keepdim=True)).clamp_min(1e-30).log().float()
             return (log_w[:, None, :].expand(b, s, e) if log_w.dim() == 2 else log_w).clone()
         prefix = torch.zeros(e, b, s, dtype=torch.float32, device=token_logprobs.device)
