@@ -549,3 +549,84 @@ def test_continual_update_refuses_a_step_whose_loss_is_not_finite():
     expect = dict(twin.named_parameters())
     for n, p in model.named_parameters():
         assert torch.equal(p, expect[n]), n
+
+
+def _finite_loss_bad_gradient(kind):
+    """A loss_fn whose value is the model's loss but whose gradient at one weight entry is inf or
+    NaN, as a half-precision backward that overflowed leaves it."""
+    def loss_fn(model, batch):
+        w = next(p for p in model.parameters() if p.requires_grad).reshape(-1)[0]
+        zero = w - w.detach()  # 0, with gradient 1
+        if kind == "inf":
+            extra = zero.abs().sqrt()  # sqrt at 0: value 0, gradient inf
+        else:  # the branch torch.where does not take is NaN: its gradient, 0 · NaN, is NaN
+            extra = torch.where(torch.tensor(True), zero * 0, (zero - 1).sqrt())
+        return model(**batch).loss + extra.to(torch.float32)
+    return loss_fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+def test_continual_update_refuses_a_finite_loss_with_a_non_finite_gradient_before_writing(monkeypatch, kind, dtype):
+    # The loss was checked, the gradient not: a finite loss with an inf/NaN gradient (a fp16
+    # backward that overflowed) let MaskedAdamW write NaN into the weights and its state. Now the
+    # step is refused, and the weights and the optimizer state are bit for bit as after step 1.
+    model, masks = _bert_with_open_masks("de", "fr")
+    model.to(dtype)
+    good = dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))
+    made, after_first = [], {}
+
+    def snapshot(opt, *_):  # after step 1, the last one taken
+        after_first.setdefault("weights", {n: p.detach().clone() for n, p in model.named_parameters()})
+        after_first.setdefault("state", copy.deepcopy(opt.state_dict()))
+
+    class Recording(continual.MaskedAdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.register_step_post_hook(snapshot)
+            made.append(self)
+
+    monkeypatch.setattr(continual, "MaskedAdamW", Recording)
+    calls = []
+
+    def loss_fn(m, b):  # step 1 plain, step 2 with a finite loss and an inf/NaN gradient
+        calls.append(b)
+        return m(**b).loss if len(calls) == 1 else _finite_loss_bad_gradient(kind)(m, b)
+
+    with pytest.raises(ValueError, match=r"loss of step 2 is [-0-9.e]+ but a gradient entry it would read is inf/NaN "
+                                         r".*that step was not taken") as raised:
+        continual.continual_update(model, [good, good], masks, lr=1e-2, loss_fn=loss_fn, progress=False)
+    assert "1 update step" in "".join(raised.value.__notes__)
+    (opt,) = made
+    for n, p in model.named_parameters():
+        assert torch.equal(p, after_first["weights"][n]), n
+    state, expect = opt.state_dict(), after_first["state"]
+    assert state["param_groups"] == expect["param_groups"] and state["state"].keys() == expect["state"].keys()
+    for i, s in state["state"].items():
+        assert s.keys() == expect["state"][i].keys()
+        for key, v in s.items():
+            assert torch.equal(v, expect["state"][i][key]) and v.dtype == expect["state"][i][key].dtype, (i, key)
+
+
+def test_continual_update_steps_on_with_a_non_finite_gradient_outside_the_subsets():
+    # Only the entries a step reads are checked: an inf gradient on an entry the masks close is
+    # never read, so the update is taken and equals the one without it, bit for bit.
+    model, masks = _bert_with_open_masks("de", "fr")
+    first = next(iter(masks["de"]))
+    for lang in masks:
+        masks[lang][first] = masks[lang][first].clone()
+        masks[lang][first].view(-1)[0] = False
+    twin = copy.deepcopy(model)
+    good = dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))
+
+    def loss_fn(m, b):  # the inf gradient lands on weight `first`'s entry 0, which no mask opens
+        w = dict(m.named_parameters())[first].reshape(-1)[0]
+        return m(**b).loss + (w - w.detach()).abs().sqrt()
+
+    torch.manual_seed(0)
+    continual.continual_update(twin, [good], masks, lr=1e-2, progress=False)
+    torch.manual_seed(0)
+    continual.continual_update(model, [good], masks, lr=1e-2, loss_fn=loss_fn, progress=False)
+    expect = dict(twin.named_parameters())
+    for n, p in model.named_parameters():
+        assert torch.equal(p, expect[n]), n

@@ -1690,6 +1690,56 @@ def test_meta_steps_refuse_a_language_whose_loss_is_not_finite_and_change_nothin
     assert all(p.grad is None for p in model.parameters())
 
 
+@pytest.mark.parametrize("kind", ["inf", "nan"])
+def test_meta_steps_refuse_a_finite_loss_with_a_non_finite_gradient_and_change_nothing(kind):
+    """A finite loss with an inf/NaN gradient on a language's entries (a half-precision backward
+    that overflowed) passed the loss check: Reptile's inner step wrote inf/NaN into θ_l and the
+    mean carried it into θ; FOMAML's outer gradient carried it into θ and the outer optimizer's
+    state. Both now raise as for a non-finite loss, θ and the outer optimizer untouched."""
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    spoiled = {}  # {id(batch): the language whose entry its loss gives the bad gradient}
+
+    def loss_fn(m, b):
+        loss = m(**b).loss
+        lang = spoiled.get(id(b))
+        if lang is None:
+            return loss
+        i = int(masks[lang][names[0]].reshape(-1).nonzero()[0])  # an entry the language's step reads
+        w = named[names[0]].reshape(-1)[i]
+        zero = w - w.detach()  # 0, with gradient 1
+        extra = zero.abs().sqrt() if kind == "inf" else torch.where(torch.tensor(True), zero * 0, (zero - 1).sqrt())
+        return loss + extra
+
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    before = {n: p.detach().clone() for n, p in named.items()}
+    fr_inner = _lm_batches(1, 3)
+    spoiled.clear()
+    spoiled.update({id(fr_inner[0]): "fr"})  # one of fr's inner batches
+    with pytest.raises(ValueError, match=r"reptile_step: the loss of \['fr'\] was not finite, or its gradient was not"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1), "fr": fr_inner}, masks, inner_lr=0.1,
+                                 inner_steps=1, loss_fn=loss_fn)
+    fr_query = _lm_batches(1, 5)[0]
+    spoiled.clear()
+    spoiled.update({id(fr_query): "fr"})  # fr's query batch: its gradient is the outer one
+    with pytest.raises(ValueError, match=r"fomaml_step: the loss of \['fr'\] was not finite, or its gradient was not"):
+        subnetworks.fomaml_step(model, {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 3)},
+                                {"de": _lm_batches(1, 4)[0], "fr": fr_query}, masks, 0.1, 1, opt, loss_fn=loss_fn)
+    de_inner = _lm_batches(1, 1)
+    spoiled.clear()
+    spoiled.update({id(de_inner[0]): "de"})  # one of de's inner batches
+    with pytest.raises(ValueError, match=r"fomaml_step: the loss of \['de'\] was not finite, or its gradient was not"):
+        subnetworks.fomaml_step(model, {"de": de_inner, "fr": _lm_batches(1, 3)},
+                                {"de": _lm_batches(1, 4)[0], "fr": _lm_batches(1, 5)[0]}, masks, 0.1, 1, opt,
+                                loss_fn=loss_fn)
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+    assert not opt.state_dict()["state"] or all(float(s["step"]) == 0 for s in opt.state_dict()["state"].values())
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_reptile_step_refuses_an_unshuffled_data_loader_it_would_restart_every_step():
     # each call iterated the loader afresh: with shuffle=False every meta-step took its first batch
     model = tiny("bert")

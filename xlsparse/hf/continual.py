@@ -37,7 +37,7 @@ from ..ops import checks
 from ..optim import MaskedAdamW
 from .model import _language_ids as route_ids
 from .model import _refuse_max_norm, accepts_compiled
-from .subnetworks import _check_batches, _progress
+from .subnetworks import _check_batches, _finite_step, _progress
 
 
 URIEL_FEATURES = ("syntax_knn", "phonology_knn", "inventory_knn", "fam", "geo")
@@ -322,7 +322,9 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
     converted to `SubnetworkLinear` in place (sharing their parameters) if it is not converted yet.
     Every argument, and the `language_ids` of batches given as a list, is checked before that; an
     error raised after it (a later batch of an iterator) carries a note that the model changed.
-    A step whose loss is not finite raises before its update. Returns the loss of every step.
+    A step whose loss is not finite, or whose loss is finite but a gradient entry the step reads
+    is not (a half-precision backward that overflowed), raises before its update: the weights and
+    the optimizer state stay as after the step before. Returns the loss of every step.
     """
     from .model import _saved_module_params, route
     from .subnetworks import _decay_groups
@@ -373,9 +375,13 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
                     loss = loss_fn(model, inputs)
                     loss.backward()
                 value = float(loss.detach())
-                if not math.isfinite(value):  # the step moved the subsets on no data (momentum, decay) or wrote NaN
-                    raise ValueError(f"continual_update: the loss of step {len(losses) + 1} is {value} (NaN: a batch with "
-                                     "no labelled token, or a diverged update); that step was not taken")
+                # the step moved the subsets on no data (momentum, decay), or wrote inf/NaN into them and the state
+                if not _finite_step(value, opt):
+                    why = ("(NaN: a batch with no labelled token, or a diverged update)" if not math.isfinite(value) else
+                           "but a gradient entry it would read is inf/NaN (e.g. a half-precision backward that "
+                           "overflowed)")
+                    raise ValueError(f"continual_update: the loss of step {len(losses) + 1} is {value} {why}; that step "
+                                     "was not taken")
                 opt.step()
                 losses.append(value)
     except BaseException as exc:  # nothing undoes the conversion and the steps taken (an interrupt too): say so

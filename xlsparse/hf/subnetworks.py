@@ -36,7 +36,7 @@ from ..distributed import all_reduce_scores, any_rank_of, same_on_all_ranks
 from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..ops import checks
-from ..optim import MaskedAdamW, MaskedSGD
+from ..optim import MaskedAdamW, MaskedSGD, _local
 from .model import (_conv1d_weights, _converted, _grow_subnetworks, _language_ids, _per_token_misfit,
                     _refuse_liger_on_converted_head, _refuse_max_norm, _restore_subnet_coverage, _saved_module_params,
                     _subnet_base, _subnet_coverage, _swap_conv1d_layout, accepts_compiled, languages, route)
@@ -320,14 +320,45 @@ def _refuse_empty_subnetworks(op: str, stored: Mapping) -> None:
 
 @accepts_compiled
 def _refuse_nonfinite_losses(op: str, model: nn.Module, bad: dict) -> None:
-    """Raise when a language's loss was not finite at some step: NaN is an HF model's loss on a
-    batch with no labelled token, whose gradient is zero, so the language moved nothing and
-    still counted in the mean (the others' update shrank by (L-1)/L); a diverged step wrote NaN.
-    Checked on every process of a DDP model together, after the last collective of the step."""
+    """Raise when a language's loss, or a gradient its step used, was not finite at some step
+    (`_finite_step`): NaN is an HF model's loss on a batch with no labelled token, whose gradient
+    is zero, so the language moved nothing and still counted in the mean (the others' update
+    shrank by (L-1)/L); a diverged step, or a finite loss whose half-precision backward
+    overflowed, wrote inf/NaN. Checked on every process of a DDP model together, after the last
+    collective of the step."""
     if any_rank_of(model, bool(bad)):
         where = f"of {list(bad)}" if bad else "on another process"
-        raise ValueError(f"{op}: the loss {where} was not finite (NaN: a batch with no labelled token, or a diverged "
-                         "step); the model was left as it was")
+        raise ValueError(f"{op}: the loss {where} was not finite, or its gradient was not (NaN loss: a batch with no "
+                         "labelled token, or a diverged step; inf/NaN gradient of a finite loss: e.g. a half-precision "
+                         "backward that overflowed); the model was left as it was")
+
+
+def _finite_step(loss: float, optimizer) -> bool:
+    """Whether a step of `optimizer` on this loss and the gradients now in `.grad` may be taken: the
+    loss is finite, and so is every gradient entry the step reads (a parameter's masked entries, or
+    all of one it trains whole; an inf/NaN outside a mask is never read). A finite loss can still
+    have inf/NaN gradients (a half-precision backward that overflowed), which the step would write
+    into the weights and the optimizer state. The gradients are tested together with one host sync:
+    ‖g‖_∞ of each (torch._foreach_norm, ord=inf, one call per device and dtype), then isfinite. That
+    works for fp32, bf16 and fp16 (tested on CPU; not yet run on CUDA), reads the gradients without
+    writing them (torch._amp_foreach_non_finite_check_and_unscale_ multiplies each in place),
+    propagates NaN, and cannot overflow on finite values as a 2-norm, returned in fp16, can (10^8
+    entries of 10 have the norm 10^5 > 65504: inf)."""
+    if not math.isfinite(loss):
+        return False
+    by_kind: dict = {}
+    for p in optimizer._all_params():
+        if p.grad is None:
+            continue
+        g, selector = _local(p.grad), optimizer._selector_of(p)
+        if selector is not None and selector.dtype == torch.bool:  # dense mode; g[selector] would sync
+            g = torch.where(selector, g, torch.zeros((), dtype=g.dtype, device=g.device))
+        elif selector is not None:  # compact mode: the K flat indices the step reads
+            g = g.reshape(-1).index_select(0, selector)
+        if g.numel():  # the inf-norm of an empty tensor raises
+            by_kind.setdefault((g.device, g.dtype), []).append(g)
+    flags = [torch.stack(torch._foreach_norm(gs, ord=math.inf)).isfinite().all() for gs in by_kind.values()]
+    return not flags or bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
 
 
 def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mapping[str, Mapping[str, torch.Tensor]],
@@ -342,8 +373,9 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     refused). Then θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken from an
     iterator (one batch, or fewer than `inner_steps`, are cycled, as in `fomaml_step`); a list of
     more than `inner_steps` is refused. Returns each language's last inner loss; a loss that is
-    not finite at any inner step (NaN: a batch with no labelled token) raises before the update,
-    θ as it was. The model's
+    not finite at any inner step (NaN: a batch with no labelled token), or a finite loss with an
+    inf/NaN gradient on an entry the step reads (a half-precision backward that overflowed),
+    raises before the update, θ as it was. The model's
     train/eval mode is the caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
@@ -376,10 +408,10 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
                 with _in_language("reptile_step", model, lang, batch):
                     loss = loss_fn(model, batch)
                     loss.backward()  # routed: gradient checkpointing recomputes the forward here
-                opt.step()
                 losses[lang] = float(loss.detach())
-                if not math.isfinite(losses[lang]):
+                if not _finite_step(losses[lang], opt):  # its step may write inf/NaN: θ is restored, refused below
                     bad[lang] = None
+                opt.step()
             with torch.no_grad():
                 for n, p in named.items():
                     total[n] += p - start[n]
@@ -662,8 +694,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     over the union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the
     subnetworks moves, weight decay included) takes one step. On a converted model each language's batches
     are routed to it. A step that fails leaves θ as it was; so does a loss that is not finite at
-    an inner or query step (NaN: a batch with no labelled token), which raises (under DDP on every
-    process) before the outer step. Returns each language's query loss
+    an inner or query step (NaN: a batch with no labelled token), or a finite one whose gradient
+    is inf/NaN on the language's entries (a half-precision backward that overflowed), which raises
+    (under DDP on every process) before the outer step. Returns each language's query loss
     at θ'_l. Support batches fewer than `inner_steps` are cycled (udify-metalearning reuses one
     support batch for every inner step); more are refused. The model's train/eval mode is the
     caller's: HF's `from_pretrained` returns it in eval mode (no dropout). Under DDP (a model
@@ -722,9 +755,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 with _in_language("fomaml_step", model, lang, batch):
                     loss = loss_fn(model, batch)
                     loss.backward()
-                inner.step()
-                if not math.isfinite(float(loss.detach())):
+                if not _finite_step(float(loss.detach()), inner):  # θ is restored, refused below
                     bad[lang] = None
+                inner.step()
             model.zero_grad(set_to_none=True)
             with _in_language("fomaml_step", model, lang, query[lang]):
                 loss = loss_fn(model, query[lang])
@@ -734,7 +767,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                 # over the processes, never saw it (each replica stepped with its own and drifted)
                 loss.backward()
             losses[lang] = float(loss.detach())
-            if not math.isfinite(losses[lang]):
+            if not _finite_step(losses[lang], inner):  # inner's masks are lang_masks: the entries outer takes
                 bad[lang] = None
             with torch.no_grad():
                 for n, g in zip(lang_masks, (p.grad for p in params)):
