@@ -1199,6 +1199,22 @@ def test_sparse_delta_layer_starts_as_the_original_and_trains():
     assert_bit_identical(layer.weight.detach(), before, "weight after unmerge")
 
 
+def test_a_trainable_bias_stays_the_optimizers_parameter():
+    """from_linear keeps the linear's bias Parameter itself: an optimizer built over the linear
+    before the conversion still trains it (a new Parameter over the same storage got the gradients
+    and the optimizer's stayed unchanged)."""
+    gen = seeded(26)
+    lin = torch.nn.Linear(9, 7)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    layer = xnn.SparseDeltaLinear.from_linear(lin, k=10)
+    assert layer.bias is lin.bias and not layer.weight.requires_grad
+    x = torch.randn(5, 9, generator=gen)
+    before = lin.bias.detach().clone()
+    layer(x).sum().backward()
+    opt.step()
+    torch.testing.assert_close(layer.bias.detach(), before - 0.1 * 5, rtol=0, atol=1e-6)
+
+
 def _layer_with_delta(seed, linear=None):
     gen = seeded(seed)
     layer = xnn.SparseDeltaLinear.from_linear(linear or torch.nn.Linear(9, 7), density=0.3)

@@ -127,7 +127,10 @@ class SparseDeltaLinear(_DeltaView, ConvertedLayer, nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=bias.requires_grad)
+        # the given Parameter itself, so that an optimizer built over the wrapped linear goes on
+        # training it (a new Parameter over the same storage never got a gradient there)
+        self.bias = bias if bias is None or isinstance(bias, nn.Parameter) else nn.Parameter(
+            bias.detach(), requires_grad=bias.requires_grad)
         # its own copy: set_support writes it in place, which must not reach the caller's tensor
         self.register_buffer("delta_indices", indices.clone())
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
@@ -366,7 +369,7 @@ def _unrouted(layer: nn.Module, output_uses_ids: bool = True) -> None:
 
 
 class MultiDeltaLinear(ConvertedLayer, nn.Module):
-    """y_t = x_t W0ᵀ + b + Σ_e g_{t,e} x_t Δ_eᵀ: one frozen base and one sparse delta per
+    """y_t = x_t W0ᵀ + b + Σ_e g_{t,e} x_t Δ_eᵀ: one frozen base (W0 and b) and one sparse delta per
     language or expert (trainable `delta_values`, buffers `delta_indices_<i>`), in the insertion
     order of the `deltas` dict given to `from_linear` (`names`).
 
