@@ -471,6 +471,29 @@ def test_bf16_static_weights_are_normalised_before_rounding():
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
 
 
+def test_a_minus_inf_logit_at_padding_does_not_spoil_the_posterior():
+    """A −inf logit for the next token at a padded position (a logit processor's ban) is left out
+    of the posterior like any padded prediction: the real positions' output is what it is without
+    it (the padding was multiplied by 0, and −inf · 0 made the row NaN)."""
+    base = tiny("gpt2")
+    ensemble = xelm.ExpertEnsemble(base, _random_experts(base, "gpt2"))
+    ids = batch(2, 6)
+    mask = torch.ones(2, 6, dtype=torch.long)
+    mask[1, :2] = 0  # left padding
+    plain = ensemble(ids, attention_mask=mask)
+    real_logits = ensemble.expert_logits
+
+    def banned_at_padding(input_ids, attention_mask=None):
+        logits = real_logits(input_ids, attention_mask).clone()
+        logits[:, 1, 0, input_ids[1, 1]] = float("-inf")  # position 0 predicts token 1, both padding
+        return logits
+
+    ensemble.expert_logits = banned_at_padding
+    got = ensemble(ids, attention_mask=mask)
+    assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, 2:]).all()
+    torch.testing.assert_close(got[1, 2:], plain[1, 2:])
+
+
 def test_unroutable_entries_raise():
     base = tiny("llama")
     norm = SparseDiff(dense={"model.norm.weight": torch.ones(32)})

@@ -341,7 +341,9 @@ class ExpertEnsemble(nn.Module):
         e, b, s, v = logits.shape
         lp = torch.log_softmax(logits[:, :, :-1].float(), -1).gather(
             -1, input_ids[None, :, 1:, None].expand(e, b, s - 1, 1)).squeeze(-1)
-        return lp if attention_mask is None else lp * _predicted(attention_mask)[None].to(lp.dtype)
+        # where, not a product: a −inf log-probability at a padded position (a logit processor's
+        # ban, an fp16 overflow) times 0 was NaN, which then spoiled the row's posterior
+        return lp if attention_mask is None else torch.where(_predicted(attention_mask)[None].bool(), lp, 0.0)
 
     def _parts(self, input_ids, attention_mask, weights):
         logits = self.expert_logits(input_ids, attention_mask)
