@@ -358,6 +358,21 @@ def test_lambda_sweep_on_a_heldout_set_returns_the_table():
         arithmetic.lambda_sweep(model, lambda lam: phi, [1.0], heldout=heldout[0], progress=False)
 
 
+def test_heldout_loss_weighs_batches_by_their_examples_as_trainer_evaluate():
+    """HF's Trainer.evaluate reports eval_loss as Σ_b n_b·loss_b / Σ_b n_b over batches of n_b
+    examples: a short last batch counts by its size (the plain mean of batch losses weighed it as
+    a full one). A custom loss_fn over batches without tensors weighs each batch alike."""
+    model = tiny("llama")
+    full, short = _lm_batches(1, 10, b=5)[0], _lm_batches(1, 11, b=1)[0]
+    with torch.no_grad():
+        losses = [float(model(**b).loss) for b in (full, short)]
+    assert abs(losses[0] - losses[1]) > 1e-3
+    assert arithmetic.heldout_loss([full, short])(model) == pytest.approx((5 * losses[0] + losses[1]) / 6)
+    data = {"full": full, "short": short}
+    plain = arithmetic.heldout_loss(["full", "short"], loss_fn=lambda m, key: m(**data[key]).loss)
+    assert plain(model) == pytest.approx(sum(losses) / 2)
+
+
 def test_a_diff_with_int64_indices_merges_and_applies_with_others():
     # A layer built from int64 flat indices (torch.nonzero's) kept them, so hf.extract_diff gave
     # int64 deltas below 2^31; merge, combine, ties_merge and apply with a loaded (int32) diff of the

@@ -210,19 +210,25 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
 
 def heldout_loss(batches: Iterable, loss_fn: Callable | None = None) -> Callable[[nn.Module], float]:
     """An `evaluate` for `lambda_sweep`: the mean loss over held-out `batches` (lower is better),
-    in eval mode and without gradients."""
+    in eval mode and without gradients, each batch's loss weighted by its number of examples as
+    HF's `Trainer.evaluate` weighs them in `eval_loss` (`find_batch_size`; a short last batch
+    counted as much as a full one before); when a batch has no tensor to count, each weighs 1."""
     _check_batches("heldout_loss", "batches", batches)
     batches = list(batches)
     if not batches:
         raise ValueError("heldout_loss: no held-out batches")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
+    from transformers.trainer_pt_utils import find_batch_size
+
+    sizes = [find_batch_size(b) for b in batches]
+    sizes = sizes if None not in sizes else [1] * len(batches)
 
     def evaluate(model: nn.Module) -> float:
         was_training = model.training
         model.eval()
         try:
             with torch.no_grad():
-                return sum(float(loss_fn(model, b)) for b in batches) / len(batches)
+                return sum(float(loss_fn(model, b)) * n for b, n in zip(batches, sizes)) / sum(sizes)
         finally:
             model.train(was_training)
 
