@@ -1205,6 +1205,23 @@ def test_a_prior_keyed_by_expert_name_weighs_each_expert_whatever_its_order():
         assert torch.equal(grown(ids), direct(ids))
 
 
+def test_add_expert_rebuilds_with_the_prior_as_given_at_construction():
+    """The ensemble keeps its prior's numbers: a caller's tensor changed in place afterwards moved
+    the prior at add_expert's rebuild, and a generator, used up by the first build, failed it."""
+    base = tiny("llama")
+    experts = _random_experts(base, "llama")
+    ids = batch()
+    direct = xelm.ExpertEnsemble(base, experts, prior=[0.7, 0.2, 0.1])
+    weights = torch.tensor([0.7, 0.2])
+    for given in (weights, (w for w in (0.7, 0.2))):
+        grown = xelm.ExpertEnsemble(base, {n: experts[n] for n in ("x0", "x1")}, prior=given)
+        weights.fill_(1.0)
+        grown.add_expert("x2", experts["x2"], prior=0.1)
+        with torch.no_grad():
+            assert torch.equal(grown(ids), direct(ids))
+        weights.copy_(torch.tensor([0.7, 0.2]))
+
+
 def test_add_expert_on_a_bfloat16_base_keeps_the_float32_prior():
     """An ensemble built on a bfloat16 base keeps its log-prior in float32; add_expert's rebuild
     cast the whole ensemble, the prior buffer included, to the model's dtype, so the prior was rounded to bfloat16 and the

@@ -166,7 +166,11 @@ class ExpertEnsemble(nn.Module):
         self._target_modules = target_modules
         self.weighting, self.top_k, self.temperature, self.space = weighting, top_k, float(temperature), space
         self.experts: dict[str, SparseDiff] = dict(experts)
-        self._prior = dict(prior) if isinstance(prior, Mapping) else prior
+        # numbers of its own: add_expert's rebuild read a caller's tensor changed in place since,
+        # or a generator the first build had used up
+        self._prior = None if prior is None else {n: float(w) for n, w in prior.items()} \
+            if isinstance(prior, Mapping) else torch.as_tensor(
+                prior if isinstance(prior, torch.Tensor) else list(prior), dtype=torch.float64).tolist()
         self._build()
 
     def _build(self) -> None:
@@ -211,7 +215,7 @@ class ExpertEnsemble(nn.Module):
         """The prior as a list in the experts' order: a Mapping is read by expert name, and must
         name each expert once (a prior keyed by other names would weigh experts it never meant)."""
         if not isinstance(self._prior, Mapping):
-            return list(self._prior)
+            return self._prior
         missing, extra = [n for n in self.experts if n not in self._prior], [n for n in self._prior if n not in self.experts]
         if missing or extra:
             raise ValueError(f"ExpertEnsemble: prior must name every expert once; it lacks {missing} and names "
@@ -257,7 +261,7 @@ class ExpertEnsemble(nn.Module):
         if isinstance(self._prior, Mapping):
             self._prior = {**self._prior, name: float(prior)}
         elif prior is not None:
-            self._prior = [*torch.as_tensor(self._prior, dtype=torch.float64).tolist(), float(prior)]
+            self._prior = [*self._prior, float(prior)]
         try:
             self._build()
         except Exception:
