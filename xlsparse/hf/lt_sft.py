@@ -940,8 +940,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                 if isinstance(mod, nn.Embedding):
                     layer = SparseDeltaEmbedding(p, idx, mod.padding_idx)
                 else:
-                    layer = SparseDeltaLinear(p, None, idx)
-                    layer.bias = mod.bias
+                    layer = SparseDeltaLinear(p, mod.bias, idx)  # keeps the bias Parameter itself
                 layer.weight = p  # the model's own Parameter, frozen for the phase
                 if shared_values is None:
                     shared_values = layer.delta_values
