@@ -1775,6 +1775,11 @@ def test_meta_learning_refuses_a_language_whose_masks_open_no_entry():
     with pytest.raises(ValueError, match=r"reptile_step: the masks of languages \['fr'\] open no entry"):
         subnetworks.reptile_step(model, {"de": batch, "fr": batch}, masks)
     assert all(torch.equal(p, before[n]) for n, p in named.items())
+    # a step of no language at all moved nothing and returned {} (an emptied batch dict went unnoticed)
+    with pytest.raises(ValueError, match="fomaml_step: no language was given"):
+        subnetworks.fomaml_step(model, {}, {}, masks, 0.1, 1, opt)
+    with pytest.raises(ValueError, match="reptile_step: no language was given"):
+        subnetworks.reptile_step(model, {}, masks)
 
 
 def test_meta_learning_leaves_the_model_as_it_was_when_a_step_fails():

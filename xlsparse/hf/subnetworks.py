@@ -311,7 +311,10 @@ def _check_routed(model: nn.Module, stored: Mapping[str, Mapping[str, torch.Tens
 
 def _refuse_empty_subnetworks(op: str, stored: Mapping) -> None:
     """A language whose masks open no entry would train nothing, yet count in the meta-update's
-    mean (fomaml_step failed inside torch's optimizer: "empty parameter list")."""
+    mean (fomaml_step failed inside torch's optimizer: "empty parameter list"); a step of no
+    language at all moved nothing and returned {}."""
+    if not stored:
+        raise ValueError(f"{op}: no language was given (its batches name none), so the step would change nothing")
     empty = [lang for lang, masks in stored.items() if not any(bool(m.any()) for m in masks.values())]
     if empty:
         raise ValueError(f"{op}: the masks of languages {empty} open no entry (nor name a modules_to_save "
