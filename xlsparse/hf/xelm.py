@@ -166,11 +166,7 @@ class ExpertEnsemble(nn.Module):
         self._target_modules = target_modules
         self.weighting, self.top_k, self.temperature, self.space = weighting, top_k, float(temperature), space
         self.experts: dict[str, SparseDiff] = dict(experts)
-        # numbers of its own: add_expert's rebuild read a caller's tensor changed in place since,
-        # or a generator the first build had used up
-        self._prior = None if prior is None else {n: float(w) for n, w in prior.items()} \
-            if isinstance(prior, Mapping) else torch.as_tensor(
-                prior if isinstance(prior, torch.Tensor) else list(prior), dtype=torch.float64).tolist()
+        self._prior = _own_prior(prior)
         self._build()
 
     def _build(self) -> None:
@@ -454,6 +450,16 @@ def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, S] position ids that count real tokens only (as HF's `generate` does): a padded row gets
     the positions it would have unpadded (padding takes 0)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _own_prior(prior):
+    """The prior as numbers of the ensemble's own ({name: float} or [float]): add_expert's rebuild
+    read a caller's tensor changed in place since, or a generator the first build had used up."""
+    if prior is None:
+        return None
+    if isinstance(prior, Mapping):
+        return {n: float(w) for n, w in prior.items()}
+    return torch.as_tensor(prior if isinstance(prior, torch.Tensor) else list(prior), dtype=torch.float64).tolist()
 
 
 def _predicted(attention_mask: torch.Tensor) -> torch.Tensor:
