@@ -275,7 +275,11 @@ constexpr int64_t kBandEntries = 1 << 20;   // at most this many entries in one 
 // costs a scheduler wake-up. Bands are few and large because the BLAS packs the chunk's X piece
 // again in every band's call: 1024-row bands instead of 256 at 4096x1024, 4 languages, ran at
 // 0.96x the speed of a dense dY^T X instead of 0.91x (an ad-hoc A/B on a Zen 4, one thread, CPU
-// time, 3 alternating runs, while other jobs ran; not a benchmarks/ row).
+// time, 3 alternating runs, while other jobs ran; not a benchmarks/ row). Bands small enough
+// for L2 (128 rows) need the chunk's X piece packed once per language, not per call: MKL's
+// packed-B GEMM (cblas_sgemm_pack/compute) did that, but its calls alone, before any masking,
+// ran at 0.94x a dense dY^T X, where this op ran at 0.90x (T = 2048, 4096x1024, 4 languages,
+// one thread, Xeon, 7 alternating runs): not worth a second BLAS entry point.
 at::Tensor multi_mask_weight_grad_cpu(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& masks,
                                       const at::Tensor& order, const at::Tensor& offsets) {
   const char* op = "multi_mask_weight_grad";
