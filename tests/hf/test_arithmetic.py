@@ -104,6 +104,21 @@ def test_ties_merge_of_half_diffs_rounds_once():
     assert ulps.max() <= 0.5 + 1e-3, f"{ulps.max():.3f} bfloat16 ulps from the float64 result"
 
 
+def test_ties_merge_of_float16_diffs_sums_wide_and_refuses_an_overflowing_result():
+    # TIES of two float16 diffs of 40000 at each entry: both kept, one sign, disjoint mean 40000,
+    # which float16 holds; the election's float16 sum (80000) raised as merge's overflow.
+    big = SparseDiff({"w": SparseDelta(torch.arange(3), torch.full((3,), 40000.0, dtype=torch.float16), (3,))})
+    got = arithmetic.ties_merge([big, big], None, 1.0).deltas["w"].values
+    assert got.dtype == torch.float16 and torch.equal(got, torch.full((3,), 40000.0, dtype=torch.float16))
+    # A weight 10^5 on a value 1: the mean 10^5 is past 65504, and the result held an inf that
+    # apply wrote into the model (combine refuses the same sum).
+    one = SparseDiff({"w": SparseDelta(torch.arange(3), torch.tensor([1.0, -2.0, 3.0], dtype=torch.float16), (3,))})
+    with pytest.raises(ValueError, match=r"ties_merge: the merged value of 'w' overflows torch.float16"):
+        arithmetic.ties_merge([one], [1e5], 1.0)
+    wide = arithmetic.ties_merge([one.to(dtype=torch.float32)], [1e5], 1.0).deltas["w"].values  # the way out it names
+    torch.testing.assert_close(wide, torch.tensor([1e5, -2e5, 3e5]))
+
+
 def test_trim_keeps_its_own_share_of_each_diff():
     small, big = _random_diff(4, density=0.1), _random_diff(5, density=0.9)
     for d in (small, big):

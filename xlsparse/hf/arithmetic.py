@@ -135,26 +135,32 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     2. Elect: per entry, the sign of the sum of the trimmed (unweighted) values; + where it is 0.
     3. Disjoint mean: Σ_i [sign(φ_i) = elected] · weights[i] · φ_i / #{i : sign(φ_i) = elected}.
     Entries no diff keeps are absent from the result. Every step is a union merge of sorted
-    supports; absolute entries follow `combine`'s rule.
+    supports, summed in at least float32; absolute entries follow `combine`'s rule. A
+    half-precision result past the dtype's largest value raises.
     """
     diffs, weights = _check(diffs, weights, "ties_merge")
     absolute = _absolute_entries(diffs, with_abs, absolute_from, "ties_merge")
+    trims = [_trim(d, density) for d in diffs]
+    dtypes = {}  # each result entry in its diffs' promoted dtype, as merge gives it
+    for parts in trims:
+        for name, delta in parts.items():
+            dtypes[name] = torch.promote_types(dtypes.get(name, delta.values.dtype), delta.values.dtype)
+    # every sum in at least float32: a half-type sign election overflowed (two float16 40000s
+    # raised as merge's error), and a weighted sum rounded to a half type before the division by
+    # the count would round each value twice
+    wide = [{n: p.to(dtype=torch.promote_types(p.values.dtype, torch.float32)) for n, p in parts.items()}
+            for parts in trims]
     # each with its base model: merge warns, as combine does, when the diffs name different ones
-    trimmed = [SparseDiff._trusted(_trim(d, density), base_model=d.base_model) for d in diffs]
+    trimmed = [SparseDiff._trusted(parts, base_model=d.base_model) for parts, d in zip(wide, diffs)]
     elected = SparseDiff.merge(trimmed)  # Σ_i trimmed φ_i on the union of the supports
-    agreeing, ones, dtypes = [], [], {}
+    agreeing, ones = [], []
     for t in trimmed:
         kept, count = {}, {}
         for name, delta in t.deltas.items():
             total = elected.deltas[name]
             at = torch.searchsorted(total.indices.long(), delta.indices.long())
-            sign = torch.where(total.values[at] >= 0, 1.0, -1.0)
-            agree = delta.values.sign() == sign.to(delta.values.dtype)
-            # the weighted sum in at least float32: rounding it to a half type before the division
-            # by the count would round each value twice
-            wide = torch.promote_types(delta.values.dtype, torch.float32)
-            kept[name] = SparseDelta._trusted(delta.indices[agree], delta.values[agree].to(wide), delta.shape)
-            dtypes[name] = torch.promote_types(dtypes.get(name, delta.values.dtype), delta.values.dtype)
+            agree = delta.values.sign() == torch.where(total.values[at] >= 0, 1.0, -1.0).to(delta.values.dtype)
+            kept[name] = SparseDelta._trusted(delta.indices[agree], delta.values[agree], delta.shape)
             count[name] = SparseDelta._trusted(delta.indices[agree], torch.ones(int(agree.sum()), dtype=torch.float32,
                                                                                  device=delta.values.device), delta.shape)
         agreeing.append(SparseDiff._trusted(kept))
@@ -163,7 +169,10 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     counts = SparseDiff.merge(ones)  # the same supports as `numerator`: the union of the agreeing entries
     deltas = {}
     for name, num in numerator.deltas.items():
-        values = (num.values / counts.deltas[name].values.to(num.values.dtype)).to(dtypes[name])
+        mean = num.values / counts.deltas[name].values.to(num.values.dtype)
+        values = mean.to(dtypes[name])
+        # rounded to a half type, a mean past its largest value became an inf that apply wrote
+        _refuse_overflow(name, values, [mean], "ties_merge", f"the merged value of {name!r}")
         deltas[name] = SparseDelta._trusted(num.indices, values, num.shape)
     return SparseDiff._trusted(deltas, {}, absolute, elected.base_model)
 
