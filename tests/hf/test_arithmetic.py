@@ -322,6 +322,28 @@ def test_lambda_sweep_finds_the_best_and_restores_the_model():
         arithmetic.lambda_sweep(model, lambda lam: phi, [0.0, 1.0], evaluate=lambda m: 1.0, progress="no")
 
 
+def test_lambda_sweep_takes_a_numpy_or_torch_grid():
+    # λ·φ scored by the moved entry: a grid from np.linspace or torch.linspace raised "ambiguous"
+    # truth value, naming no argument; the torch grid's λs keyed the scores as 0-d tensors
+    import numpy as np
+
+    layer = torch.nn.Linear(3, 2)
+    with torch.no_grad():
+        layer.weight.fill_(0.25)  # every score exact in float32
+    w0 = 0.25
+    phi = SparseDiff({"weight": SparseDelta(torch.tensor([0]), torch.tensor([2.0]), (2, 3))})
+    expect = {lam: -abs(w0 + 2.0 * lam - (w0 + 1.0)) for lam in (0.0, 0.5, 1.0)}  # best: θ0 + 1 at λ = 0.5
+    for grid in ([0.0, 0.5, 1.0], np.linspace(0, 1, 3), torch.linspace(0, 1, 3), (lam for lam in (0.0, 0.5, 1.0))):
+        sweep = arithmetic.lambda_sweep(layer, lambda lam: arithmetic.combine([phi], [lam]), grid, progress=False,
+                                        evaluate=lambda m: -abs(float(m.weight[0, 0].detach()) - (w0 + 1.0)))
+        assert sweep.best == 0.5 and type(sweep.best) is float
+        assert sweep.scores == pytest.approx(expect) and all(type(lam) is float for lam in sweep.scores)
+    with pytest.raises(ValueError, match="lambda_sweep: no λ given"):  # it said "no λ gave a finite score: {}"
+        arithmetic.lambda_sweep(layer, lambda lam: phi, iter(()), evaluate=lambda m: 1.0, progress=False)
+    with pytest.raises(TypeError, match=r"lambda_sweep: lambdas\[1\] must be a number"):
+        arithmetic.lambda_sweep(layer, lambda lam: phi, [0.0, "0.5"], evaluate=lambda m: 1.0, progress=False)
+
+
 def test_the_papers_interpolation_of_two_language_vectors():
     # Klimaszewski et al. 2024 / mklimasz/language-arithmetic: θ0 + λ·φ_target + (1 − λ)·φ_related
     from xlsparse.demos.arithmetic import interpolated

@@ -278,8 +278,11 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     earliest λ in `lambdas`. The paper's use:
     `make_diff = lambda l: combine([phi_target, phi_related, phi_task], [l, 1 - l, 1])`, λ in [0, 1].
     """
+    lambdas = list(lambdas)  # `not` of a NumPy or torch grid (linspace) raised "ambiguous"; a generator was never empty
     if not lambdas:
         raise ValueError("lambda_sweep: no λ given")
+    checks.finite("lambda_sweep", **{f"lambdas[{i}]": lam for i, lam in enumerate(lambdas)})
+    lambdas = [float(lam) for lam in lambdas]  # a torch grid's 0-d tensors keyed the scores by identity
     if higher_is_better is not None:
         checks.flag("lambda_sweep", "higher_is_better", higher_is_better)  # "no" is truthy: the worst λ won
     if (evaluate is None) == (heldout is None):
@@ -293,7 +296,7 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
     elif higher_is_better is None:
         higher_is_better = True
     scores = {}
-    for lam in _progress("lambda_sweep", list(lambdas), "λ sweep", progress):
+    for lam in _progress("lambda_sweep", lambdas, "λ sweep", progress):
         with make_diff(lam).applied(model):
             scores[lam] = float(evaluate(model))
     finite = {lam: v for lam, v in scores.items() if math.isfinite(v)}
