@@ -284,6 +284,17 @@ def test_merges_refuse_weights_that_are_not_numbers(bad):
         arithmetic.ties_merge([d, d], [1.0, bad], 0.5)
 
 
+def test_merges_name_the_argument_given_one_diff_or_one_weight():
+    # Python's "'SparseDiff' object is not iterable" / "'float' object is not iterable" named no argument
+    d = _random_diff(0)
+    for what, merge in (("combine", arithmetic.combine), ("ties_merge", lambda ds, w: arithmetic.ties_merge(ds, w, 0.5))):
+        with pytest.raises(TypeError, match=fr"^{what}: diffs must be a list of SparseDiff objects, got one SparseDiff"):
+            merge(d, [1.0])
+        for weight in (0.5, torch.tensor(0.5)):
+            with pytest.raises(TypeError, match=fr"^{what}: weights must be a list of numbers, one per diff"):
+                merge([d], weight)
+
+
 def test_merges_refuse_a_density_or_drop_given_as_a_string():
     # they raised, but as a bare "'<=' not supported between instances of 'float' and 'str'"
     d = _random_diff(0)

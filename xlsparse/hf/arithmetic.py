@@ -78,12 +78,18 @@ def _absolute_entries(diffs: Sequence[SparseDiff], with_abs: bool, absolute_from
 
 
 def _check(diffs, weights, what: str) -> tuple[list, list]:
+    # one diff, or one number for the weights, raised Python's "... is not iterable", naming no argument
+    if isinstance(diffs, SparseDiff):
+        raise TypeError(f"{what}: diffs must be a list of SparseDiff objects, got one SparseDiff: pass [diff]")
     diffs = list(diffs)
     if not diffs:
         raise ValueError(f"{what}: no diffs given")
     if not all(isinstance(d, SparseDiff) for d in diffs):
         raise TypeError(f"{what}: diffs must be SparseDiff objects")
-    weights = [1.0] * len(diffs) if weights is None else list(weights)
+    try:
+        weights = [1.0] * len(diffs) if weights is None else list(weights)
+    except TypeError:
+        raise TypeError(f"{what}: weights must be a list of numbers, one per diff, got {weights!r}") from None
     if len(weights) != len(diffs):
         raise ValueError(f"{what}: {len(diffs)} diffs but {len(weights)} weights")
     checks.finite(what, **{f"weights[{i}]": w for i, w in enumerate(weights)})  # before float(): "0.5" was read
