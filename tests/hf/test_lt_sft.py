@@ -1667,6 +1667,43 @@ def test_multi_source_batches_drop_unused_columns_as_the_trainer_s_do(tmp_path):
             assert set(next(iter(loader))) == {"input_ids", "labels", SOURCE_KEY} | (set() if remove else {"idx"})
 
 
+def _padding_collator():
+    """transformers' DataCollatorWithPadding over a word-level tokenizer of the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"t{i}": i for i in range(2, VOCAB)}}
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                               pad_token="[PAD]", unk_token="[UNK]")
+    return transformers.DataCollatorWithPadding(tok)
+
+
+def test_multi_source_batches_of_a_batch_encoding_collator_train_under_their_source(tmp_path):
+    # DataCollatorWithPadding (and DataCollatorForLanguageModeling) return a BatchEncoding, a mapping
+    # that is not a dict: the source was not taken out of it, and every multi-source step raised that
+    # the batch had no `_source` key. Restated: each batch runs under its source's SFT, so the run
+    # equals one whose collator hands the same batch over as a plain dict
+    base = _no_dropout(tiny("bert"))
+    sources = _source_sfts(base, k=0.5)
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+    padding = _padding_collator()
+    assert isinstance(padding([data.datasets["de"][0], data.datasets["de"][1]]), transformers.BatchEncoding)
+    runs = {}
+    for kind, collate in (("batch_encoding", padding), ("dict", lambda f: dict(padding(f)))):
+        trainer = LotteryTicketSparseFineTuner(
+            model=copy.deepcopy(base), args=_args(tmp_path / kind, per_device_train_batch_size=4), data_collator=collate,
+            train_dataset=data, eval_dataset=data, source_sfts=sources,
+            sft_args=SftArguments(ft_params_num=200, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2))
+        seen = []
+        original = trainer._activate
+        trainer._activate = lambda source, training, original=original: seen.append(source) or original(source, training)
+        trainer.train()
+        runs[kind] = (trainer.sft, trainer.evaluate()["eval_loss"], seen)
+    assert set(runs["batch_encoding"][2]) == {"de", "fr"}
+    assert runs["batch_encoding"][2] == runs["dict"][2]
+    _assert_same_sft(runs["batch_encoding"][0], runs["dict"][0])
+    assert runs["batch_encoding"][1] == runs["dict"][1]
+
+
 def test_train_gives_the_training_arguments_back_as_they_were(tmp_path):
     # each phase sets args.max_steps in place; the last phase's length stayed, so a Trainer given the
     # same TrainingArguments next (a task SFT after a language SFT) ran 1 step for its 3 epochs

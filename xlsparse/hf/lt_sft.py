@@ -78,6 +78,7 @@ import math
 import os
 import re
 import warnings
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -981,7 +982,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                 hooks.append(mod.register_forward_hook(lambda m, args, out: inside.discard(id(m))))
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 inputs = next(iter(self.get_train_dataloader()))
-                if isinstance(inputs, dict):
+                if isinstance(inputs, MutableMapping):
                     inputs.pop(SOURCE_KEY, None)
                 seen.clear()  # only the forward's reads count
                 was_training = self.model.training
@@ -1124,7 +1125,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         return coef * total
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, dict) else None
+        # any mapping: DataCollatorWithPadding's BatchEncoding is not a dict, and its source stayed in
+        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, MutableMapping) else None
         handle = self._activate(source, training=True)
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -1156,7 +1158,7 @@ class LotteryTicketSparseFineTuner(Trainer):
             _local(p.grad).masked_fill_(~keep, 0)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, dict) else None
+        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, MutableMapping) else None
         handle = self._activate(source, training=False)
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
