@@ -200,7 +200,10 @@ class DynamicSftArguments(SftArguments):
     support, with a warning. Differences from SpIEL: the initial support is LT-SFT's phase-1
     selection; every non-kept entry is a candidate (SpIEL tracks K candidates); the drop fraction
     is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
-    the accumulated gradients). During the accumulation window each converted layer adds its
+    the accumulated gradients); the window is the last `selection_accumulation_steps` steps up to
+    each reselection at step k × `reselection_steps` (SpIEL's selector gathers the steps after
+    step k × `reselection_steps` and reselects at the window's end: the same cadence, shifted by
+    the window). During the accumulation window each converted layer adds its
     dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
     embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model; under fp16's GradScaler a
     second one holds the step's own part until the scaler has not skipped the step), freed after
