@@ -718,10 +718,13 @@ def _deltas(num, o, i, dtype, gen, sizes=None):
 @pytest.mark.parametrize("backend", MM_BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
 @pytest.mark.parametrize("shape", [(1, 3, 5), (8, 9, 4), (127, 33, 29)], ids=str)
-@pytest.mark.parametrize("kind", ["route", "groups", "gates"])
-def test_multi_delta_linear_matches_float64(backend, dtype, shape, kind, use_backend):
+@pytest.mark.parametrize("kind", ["route", "groups", "gates", "route merged", "groups merged"])
+def test_multi_delta_linear_matches_float64(backend, dtype, shape, kind, use_backend, monkeypatch):
+    """"merged": every routed group by its own W0 + Δ_e (`_times_merged_groups`), whatever its size."""
     t, o, i = shape
     use_backend(backend)
+    kind, _, merged = kind.partition(" ")
+    monkeypatch.setattr(functional, "merge_pays", lambda *a: bool(merged))
     gen = seeded(7 * t + o)
     num = 3
     x, w, b, _, _ = _linear_case(t, o, i, 0, dtype, gen)
@@ -755,6 +758,50 @@ def test_multi_delta_linear_matches_float64(backend, dtype, shape, kind, use_bac
             assert g is None, name
             continue
         check(g, r, p, f"{name} {backend} {dtype} {kind}")
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["train", "no_grad"])
+def test_multi_delta_linear_merges_large_groups_without_changing_the_base_weight(grad, monkeypatch):
+    """Groups of at least MERGE_MIN_TOKENS tokens each multiply by W0 + Δ_e: written into W0 while
+    training (restored bit-exactly, version counter included), into a copy without grad (W0 only
+    read, as inference on threads sharing a model needs). A smaller group keeps the SpMM way."""
+    num, o, i = 3, 24, 20
+    per = functional.MERGE_MIN_TOKENS
+    gen = seeded(41)
+    x, w, b, _, _ = _linear_case(3 * per + 5, o, i, 0, torch.float32, gen)
+    idx, vals = _deltas(num, o, i, torch.float32, gen)
+    ids = torch.tensor([0] * per + [-1] * 5 + [2] * per + [1] * per)[torch.randperm(3 * per + 5, generator=gen)]
+    before, version = w.clone(), w._version
+    writes, spmms = [], []
+    write, spmm = ops.write_delta_, ops.spmm_
+    monkeypatch.setattr(ops, "write_delta_", lambda t, *a: writes.append(t.untyped_storage().data_ptr()) or write(t, *a))
+    monkeypatch.setattr(ops, "spmm_", lambda *a, **k: spmms.append(1) or spmm(*a, **k))
+
+    def run(ids, dense=False):
+        xs, vs = x.detach().double().requires_grad_(grad), [v.detach().double().requires_grad_(grad) for v in vals]
+        if dense:
+            full = [torch.zeros(o * i, dtype=torch.float64).index_add(0, idx[e].long(), vs[e]).view(o, i) for e in range(num)]
+            y = torch.stack([xs[t] @ (w.double() + (full[e] if e >= 0 else 0)).T for t, e in enumerate(ids.tolist())])
+            y = y + b.double()
+        else:
+            xs, vs = xs.float().detach().requires_grad_(grad), [v.float().detach().requires_grad_(grad) for v in vs]
+            with torch.set_grad_enabled(grad):
+                y = functional.multi_delta_linear(xs, w, b, idx, vs, route=ids)
+        return [y, *(torch.autograd.grad(y.square().sum(), [xs, *vs]) if grad else [])]
+
+    got, ref = run(ids), run(ids, dense=True)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+    assert_bit_identical(w, before, "base weight")
+    assert w._version == version
+    assert spmms == [] and len(writes) == (6 if grad else 3)  # per group: forward, and dX when training
+    assert (w.untyped_storage().data_ptr() in writes) == grad
+    writes.clear()
+    ids[ids == 1] = torch.tensor([1] * (per - 1) + [-1])  # one group below the threshold: SpMM terms
+    got, ref = run(ids), run(ids, dense=True)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5)
+    assert writes == [] and spmms
 
 
 @pytest.mark.parametrize("backend", MM_BACKENDS)

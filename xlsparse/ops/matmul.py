@@ -610,10 +610,42 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         return dx, dw, db, None, dval, None, None
 
 
+def _times_merged_groups(a, weight, bias, indices, values, order, counts, in_place, transpose=False):
+    """Each routed token group e (`order`, `counts[e]` tokens each, in order) times W0 + Δ_e, and
+    the unrouted tokens times W0: a merged nn.Linear per language, as `_times_merged` does for one
+    delta. Δ_e is written into W0 for its group's product (`in_place`), or into one private copy
+    of W0 (one O x I buffer for all groups), and taken out again after."""
+    gemm = (lambda t, w: t @ w) if transpose else (lambda t, w: F.linear(t, w, bias))
+    tokens = a.shape[0]
+    active = [e for e, c in enumerate(counts) if c]
+    target = weight if in_place else weight.detach().clone(memory_format=torch.contiguous_format)
+    if len(active) == 1 and counts[active[0]] == tokens:  # a batch of one language: no gather
+        with delta_written_into(target, indices[active[0]], values[active[0]]) as w:
+            return gemm(a, w)
+    out = a.new_empty(tokens, weight.shape[1] if transpose else weight.shape[0])
+    if sum(counts) < tokens:  # eager groups drop the −1 tokens: they take W0 alone
+        rest = torch.ones(tokens, dtype=torch.bool, device=a.device)
+        rest[order] = False
+        rest = rest.nonzero().squeeze(1)
+        out.index_copy_(0, rest, gemm(a.index_select(0, rest), weight))
+    start = 0
+    for e, c in enumerate(counts):
+        if c:
+            group = order[start : start + c]
+            with delta_written_into(target, indices[e], values[e]) as w:
+                out.index_copy_(0, group, gemm(a.index_select(0, group), w))
+        start += c
+    return out
+
+
 class MultiDeltaLinearFunction(torch.autograd.Function):
     """Y_t = X_t W0ᵀ + b + Σ_e s_{t,e} X_t Δ_eᵀ for 2-D X, with either hard routing (token e-group
     `order[offsets[e]:offsets[e+1]]`) or soft gates [T, E]. Arguments after `num_deltas` are the
     E index tensors, then the E value tensors.
+
+    Under hard routing with `in_place` not None (eager mode, every group large enough that
+    `merge_pays`), the forward and dX multiply each group by W0 + Δ_e (`_times_merged_groups`:
+    written into W0 itself when `in_place`, else into a copy); otherwise W0 plus SpMM terms.
 
     `host_counts` (hard routing in eager mode: the E group sizes, as ints) makes the gradient of
     the values of a delta whose group is empty None, not zeros, so that an optimizer skips that
@@ -622,12 +654,16 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
     that requires grad gets a gradient, zeros for an empty group."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, order, offsets, gates, host_counts, num_deltas, *deltas):
+    def forward(ctx, x, weight, bias, order, offsets, gates, host_counts, in_place, num_deltas, *deltas):
         indices, values = deltas[:num_deltas], deltas[num_deltas:]
-        y = F.linear(x, weight, bias)
-        _add_deltas(y, x, indices, values, order, offsets, gates)
+        if in_place is None:
+            y = F.linear(x, weight, bias)
+            _add_deltas(y, x, indices, values, order, offsets, gates)
+        else:
+            y = _times_merged_groups(x, weight, bias, indices, values, order, host_counts, in_place)
         ctx.num_deltas = num_deltas
         ctx.host_counts = host_counts
+        ctx.in_place = in_place
         ctx.save_for_backward(x, weight, order, offsets, gates, *deltas)
         return y
 
@@ -640,7 +676,10 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         dy = dy.contiguous()
         dx = dw = db = dgates = None
-        if needs[0]:
+        if needs[0] and ctx.in_place is not None:
+            dx = _times_merged_groups(dy, weight, None, indices, values, order, ctx.host_counts, ctx.in_place,
+                                      transpose=True)
+        elif needs[0]:
             dx = dy @ weight
             _add_deltas(dx, dy, indices, values, order, offsets, gates, transpose=True)
         if needs[1]:
@@ -649,7 +688,7 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
             db = dy.sum(0, dtype=acc_dtype(dy.dtype)).to(dy.dtype)
         counts = ctx.host_counts
         dvalues = [sddmm(dy, x, indices[e], *_tokens(order, offsets, gates, e))
-                   if needs[8 + n + e] and (counts is None or counts[e] > 0) else None
+                   if needs[9 + n + e] and (counts is None or counts[e] > 0) else None
                    for e in range(n)]
         if gates is not None and needs[5]:
             # dg[t, e] = <dY_t, X_t Δ_eᵀ>: one SpMM into a scratch [T, O] per expert.
@@ -661,7 +700,7 @@ class MultiDeltaLinearFunction(torch.autograd.Function):
                 spmm_(scratch, x, indices[e], values[e])
                 dgates[:, e] = (scratch.to(acc) * dy.to(acc)).sum(-1)
             dgates = dgates.to(gates.dtype)
-        return (dx, dw, db, None, None, dgates, None, None, *([None] * n), *dvalues)
+        return (dx, dw, db, None, None, dgates, None, None, None, *([None] * n), *dvalues)
 
 
 def _add_deltas(out, x, indices, values, order, offsets, gates, transpose=False):
