@@ -738,6 +738,13 @@ def test_balanced_kmeans_and_typological_clusters():
         xelm.balanced_kmeans(dup, 6)
     x = torch.randn(25, 3, generator=torch.Generator().manual_seed(71))  # distinct points, emptied in round 2
     assert bool(torch.isfinite(xelm.balanced_kmeans(x, 15, seed=71)[1]).all())
+    # iters=0 ran no round and returned every point in cluster -1; a NaN point joined some cluster
+    with pytest.raises(ValueError, match="balanced_kmeans: iters must be at least 1, got 0"):
+        xelm.balanced_kmeans(x, 3, iters=0)
+    with pytest.raises(TypeError, match="balanced_kmeans: k must be an int, got 2.5"):  # a bare slice-index error
+        xelm.balanced_kmeans(x, 2.5)
+    with pytest.raises(ValueError, match="balanced_kmeans: x holds NaN"):
+        xelm.balanced_kmeans(torch.tensor([[0.0], [float("nan")], [1.0], [2.0]]), 2)
     pytest.importorskip("lang2vec")
     clusters = xelm.cluster_languages({"en": "eng", "de": "deu", "nl": "nld", "ja": "jpn", "ko": "kor", "tr": "tur"}, 2)
     assert clusters["en"] == clusters["de"] == clusters["nl"] != clusters["ja"] == clusters["ko"]

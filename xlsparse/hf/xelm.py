@@ -41,6 +41,7 @@ from torch import nn
 from ..diff import SparseDelta, SparseDiff, index_dtype
 from ..functional import ensemble_logprobs, ensemble_nll, topk_mask
 from ..nn import ExpertEmbedding, SparseDeltaLinear
+from ..ops import checks
 from ..optim import MaskedAdamW, decay_the_base_
 from .model import (_fingerprint, _refuse_liger_on_converted_head, _refuse_max_norm, _uncompiled, accepts_compiled,
                     convert, extract_diff, route, target_names, train_outside_diff)
@@ -558,6 +559,11 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
     """
     x = torch.as_tensor(x, dtype=torch.float64)
     n = x.shape[0]
+    k, iters = checks.count("balanced_kmeans", "k", k), checks.count("balanced_kmeans", "iters", iters)
+    if iters < 1:  # no round ran: every point came back in cluster -1
+        raise ValueError(f"balanced_kmeans: iters must be at least 1, got {iters}")
+    if not bool(torch.isfinite(x).all()):  # a NaN distance went to whichever cluster the sort put first
+        raise ValueError("balanced_kmeans: x holds NaN or inf")
     if not 1 <= k <= n:
         raise ValueError(f"balanced_kmeans: k must be in [1, {n}], got {k}")
     cap = -(-n // k)
