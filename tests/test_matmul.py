@@ -1067,6 +1067,13 @@ def test_duck_typed_deltas_refuse_values_that_are_not_floating_point():
         layer.set_support(torch.tensor([1, 5]), torch.tensor([1, 2]))
 
 
+def test_multi_delta_linear_refuses_a_dense_delta_by_name():
+    # a tensor has .indices and .values (methods, for sparse tensors): it failed with
+    # "'builtin_function_or_method' object has no attribute 'to'"
+    with pytest.raises(TypeError, match=r"MultiDeltaLinear: delta 'a' is a dense tensor; give a SparseDelta"):
+        xnn.MultiDeltaLinear.from_linear(torch.nn.Linear(3, 7), {"a": torch.zeros(7, 3)})
+
+
 # --- ensemble mixing ---
 
 

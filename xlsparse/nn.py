@@ -404,6 +404,9 @@ class MultiDeltaLinear(ConvertedLayer, nn.Module):
         routing.check_language_keys("MultiDeltaLinear", deltas)
         indices, values = [], []
         for name, d in deltas.items():
+            if isinstance(d, torch.Tensor):  # its .indices and .values are methods: it failed with an AttributeError
+                raise TypeError(f"MultiDeltaLinear: delta {name!r} is a dense tensor; give a SparseDelta "
+                                "(xlsparse.SparseDelta.from_dense(t))")
             if tuple(d.shape) != tuple(w.shape):
                 raise ValueError(f"MultiDeltaLinear: delta {name!r} has shape {tuple(d.shape)}, the weight {tuple(w.shape)}")
             idx = _support(w, indices=d.indices.to(w.device))
