@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from . import functional
 from .diff import _is_dtensor
+from .ops import checks
 
 
 def _world(group) -> bool:
@@ -79,6 +80,8 @@ def all_reduce_scores(scores, op: str = "sum", group=None):
 def topk_mask(tensors: list, k: int, group=None) -> list[torch.Tensor]:
     """`xlsparse.functional.topk_mask` over scores summed across ranks: every rank gets the same
     masks. The tensors themselves are not changed."""
+    # before the copy: a lone tensor was iterated as its rows, one mask per row
+    checks.tensor_list("topk_mask", "tensors", tensors)
     tensors = [t.detach().clone() for t in tensors]
     all_reduce_scores(tensors, group=group)
     return functional.topk_mask(tensors, k)

@@ -304,6 +304,9 @@ def test_helpers_are_no_ops_without_a_process_group():
     assert xdist.all_reduce_scores(scores) is scores and torch.equal(scores["a"], before)
     assert xdist.same_on_all_ranks([torch.ones(3)])
     assert torch.equal(xdist.topk_mask([before], 2)[0], xlsparse.functional.topk_mask([before], 2)[0])
+    # a lone tensor was iterated as its rows: one mask per row, each of k entries, silently
+    with pytest.raises(TypeError, match="topk_mask: tensors must be a list of tensors, got a tensor"):
+        xdist.topk_mask(torch.rand(3, 4), 2)
     with pytest.raises(ValueError, match="op"):
         xdist.all_reduce_scores(scores, op="max")
     with pytest.raises(TypeError, match="tensors"):
