@@ -204,6 +204,25 @@ def test_reptile_step_updates_only_the_subnetworks():
         assert bool((named[n][union] != before[n][union]).any())
 
 
+def test_reptile_step_refuses_a_bad_outer_lr_or_inner_steps_before_any_step():
+    # outer_lr=NaN ran every inner step, then wrote NaN into every trainable parameter; inner_steps=1.5
+    # failed in itertools.islice (fomaml_step: in range()) with a message that named no argument
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    masks = {"de": {n: torch.ones(named[n].shape, dtype=torch.bool) for n in names}}
+    before = {n: p.detach().clone() for n, p in named.items()}
+    with pytest.raises(ValueError, match="reptile_step: outer_lr must be finite, got nan"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, masks, inner_lr=0.1, outer_lr=float("nan"))
+    with pytest.raises(TypeError, match="reptile_step: inner_steps must be an int, got 1.5"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, masks, inner_lr=0.1, inner_steps=1.5)
+    batch = _lm_batches(1, 1)
+    with pytest.raises(TypeError, match="fomaml_step: inner_steps must be an int, got 1.5"):
+        subnetworks.fomaml_step(model, {"de": batch}, {"de": batch[0]}, masks, 0.1, 1.5,
+                                subnetworks.fomaml_optimizer(model, masks, lr=0.1))
+    assert all(torch.equal(p, before[n]) for n, p in named.items())
+
+
 def test_reptile_and_fomaml_route_a_converted_opt_by_one_id_per_token():
     # OPT's fc1 and fc2 see the tokens flattened to [B·S, H]: a one-language batch was routed by one id
     # per example, and every inner step of a converted OPT raised a route error asking for per-token ids

@@ -378,7 +378,9 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     train/eval mode is the caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    if inner_steps < 1:
+    # a NaN outer_lr wrote NaN into every trainable parameter; inner_steps=1.5 failed in islice, unnamed
+    checks.finite("reptile_step", outer_lr=outer_lr)
+    if checks.count("reptile_step", "inner_steps", inner_steps) < 1:
         raise ValueError(f"reptile_step: inner_steps must be at least 1, got {inner_steps}")
     missing = [lang for lang in batches if lang not in masks]
     if missing:
@@ -708,7 +710,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     if not isinstance(outer_optimizer, _MaskedOptimizer):
         raise TypeError("fomaml_step: outer_optimizer must be an xlsparse masked optimizer (MaskedAdamW) over the "
                         "subnetworks' union (see fomaml_optimizer); a plain optimizer would move entries outside them")
-    if inner_steps < 1:
+    if checks.count("fomaml_step", "inner_steps", inner_steps) < 1:  # 1.5 failed in range(), unnamed
         raise ValueError(f"fomaml_step: inner_steps must be at least 1, got {inner_steps}")
     if set(support) != set(query):
         raise ValueError(f"fomaml_step: support languages {sorted(support)} differ from query languages {sorted(query)}")
