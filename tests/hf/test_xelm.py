@@ -416,6 +416,10 @@ def test_static_weights_equal_mixing_separate_experts():
             xelm.ExpertEnsemble(base, experts, weighting=weighting, temperature=2.0)
     with pytest.raises(ValueError, match="prior"):
         xelm.ExpertEnsemble(base, experts, weighting="uniform", prior=[0.5, 0.5])
+    # top_k=True passed the range check as 1; 1.5 raised only in the first forward
+    for bad in (True, 1.5):
+        with pytest.raises(TypeError, match="ExpertEnsemble: top_k must be an int"):
+            xelm.ExpertEnsemble(base, experts, top_k=bad)
     # a mixture: a negative weight gave probability mass 1.5, an all-zero row NaN
     for bad in ([[1.0, -0.5], [0.5, 0.5]], [[0.0, 0.0], [0.5, 0.5]], [[float("nan"), 1.0], [0.5, 0.5]]):
         with pytest.raises(ValueError, match="weights must be finite and >= 0"):
@@ -615,6 +619,11 @@ def test_child_expert_grows_its_own_support():
     norm = SparseDiff._trusted(dict(parent.deltas), {"model.norm.weight": torch.ones(32)})
     with pytest.raises(ValueError, match=r"dense entries \['model.norm.weight'\] outside the embeddings"):
         xelm.train_expert(base, _lm_batches(1, 1), init=norm, train_embeddings=True, progress=False)
+    # train_embeddings="no" is truthy: the embeddings trained densely; grow=2.5 failed in topk_mask, naming k
+    with pytest.raises(TypeError, match="train_expert: train_embeddings must be a bool"):
+        xelm.train_expert(base, _lm_batches(1, 1), density=0.01, train_embeddings="no", progress=False)
+    with pytest.raises(TypeError, match="train_expert: grow must be an int, got 2.5"):
+        xelm.train_expert(base, _lm_batches(1, 1), init=parent, grow=2.5, progress=False)
 
 
 def test_child_grows_where_the_gradient_at_base_plus_parent_is_largest():

@@ -145,6 +145,8 @@ class ExpertEnsemble(nn.Module):
             raise ValueError("ExpertEnsemble: give at least one expert")
         if weighting not in WEIGHTINGS:
             raise ValueError(f"ExpertEnsemble: weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if top_k is not None:  # True passed the range check as 1; 1.5 failed only in the first forward
+            checks.count("ExpertEnsemble", "top_k", top_k)
         if top_k is not None and weighting != "posterior":  # static and uniform weights are not ranked per token
             raise ValueError(f"ExpertEnsemble: top_k is for weighting='posterior', not {weighting!r}")
         if not temperature > 0:
@@ -799,6 +801,9 @@ class _ExpertSetup:
 
     def __init__(self, base: nn.Module, k, density, init, grow, target_modules, train_embeddings, first_batch,
                  loss_fn, what: str):
+        checks.flag(what, "train_embeddings", train_embeddings)  # "no" is truthy: it trained the embeddings
+        if grow is not None:  # grow=2.5 reached topk_mask, whose error named k
+            checks.count(what, "grow", grow)
         _refuse_max_norm(base, what)
         if grow is not None and init is None:
             raise ValueError(f"{what}: grow needs init (the parent expert the child branches from)")
