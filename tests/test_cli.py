@@ -101,6 +101,7 @@ def _listing(folder):
                                         (["{base}", "{diff}", "--out", "{tmp}/afile"], "--out"),
                                         (["{base}", "{diff}", "--out", "{tmp}/afile/sub"], "--out"),
                                         (["{base}", "{diff}", "--out", "{tmp}/used"], "--out"),
+                                        (["{base}", "{diff}", "--out", ""], "--out: an empty path"),
                                         (["{base}", "{tmp}/not_a_diff", "--out", "{tmp}/new"], "pytorch_diff.bin"),
                                         (["{base}", "{diff}", "--model-class", "AutoConfig", "--out", "{tmp}/new"],
                                          "--model-class"),
@@ -167,6 +168,16 @@ def test_convert_refuses_an_out_in_a_missing_folder_by_name_before_loading(tmp_p
     assert cli.main(["convert-composable-sft", str(tmp_path / "sft.bin"), str(out)]) == 1
     err = capsys.readouterr().err
     assert "OUT" in err and "does not exist" in err and not loads and not (tmp_path / "new").exists()
+
+
+def test_convert_refuses_an_empty_out_by_name_before_loading(tmp_path, capsys, monkeypatch):
+    # OUT "" (an unset shell variable) passed the checks: the file was loaded, a temporary file
+    # written beside the working folder, and the rename failed as "... .tmp' -> ''"
+    model = _tiny_bert_dir(tmp_path)
+    _diff(model, 3).save_composable_sft(str(tmp_path / "sft.bin"))
+    monkeypatch.setattr(xlsparse.SparseDiff, "load_composable_sft", lambda path: pytest.fail("loaded before the check"))
+    assert cli.main(["convert-composable-sft", str(tmp_path / "sft.bin"), ""]) == 1
+    assert "OUT: an empty path; give a file" in capsys.readouterr().err
 
 
 def test_convert_refuses_an_existing_out_and_info_leaves_a_closed_pipe_quietly(tmp_path, capsys):

@@ -8,6 +8,8 @@ import shutil
 def check_output(arg: str, path: str, folder: bool) -> None:
     """Refuse, before any long work, an output path that cannot be written: a file where a folder
     goes or the reverse, or a path under a file (makedirs would fail only at the end)."""
+    if not path:  # "" (an unset shell variable): it failed after the work, as "No such file or directory: ''"
+        raise ValueError(f"{arg}: an empty path; give a {'folder' if folder else 'file'}")
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{arg} {path}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
     parent = os.path.dirname(os.path.abspath(path))
