@@ -478,6 +478,9 @@ def test_topk_masks_bad_input(backend, use_backend):
         topk_masks(torch.randn(3, 4), 2)
     with pytest.raises(TypeError, match="tensors must be a list of tensors"):
         topk_mask(torch.randn(3, 4), 2)
+    # a dict of scores (as select_masks and all_reduce_scores take) was iterated as its names
+    with pytest.raises(TypeError, match="tensors must be a list of tensors, got a dict"):
+        topk_mask({"w": torch.randn(3, 4)}, 2)
 
 
 def test_topk_mask_refuses_an_integer_or_bool_tensor_beside_a_float_one():

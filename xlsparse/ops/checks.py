@@ -16,6 +16,7 @@ that protect their raw pointers (csrc/include/xlsparse/checks.h).
 """
 import math
 import numbers
+from collections.abc import Mapping
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -102,6 +103,9 @@ def tensor_list(op: str, name: str, v) -> None:
     (topk_mask(w, k) returned a mask per row of w, and topk_mask(w, k)[0] the first row's)."""
     if isinstance(v, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a list of tensors, got a tensor; pass [t] for one tensor")
+    if isinstance(v, Mapping):  # iterated, a dict gave its names: "'str' object has no attribute 'detach'"
+        raise TypeError(f"{op}: {name} must be a list of tensors, got a dict; pass list(scores.values()) and zip "
+                        "the masks with its keys")
 
 
 def finite(op: str, **scalars) -> None:
