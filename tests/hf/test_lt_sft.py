@@ -72,6 +72,9 @@ def test_arguments_are_validated_naming_the_argument():
         SftArguments(full_ft_max_steps_per_iteration=0, sparse_ft_max_steps_per_iteration=1)
     with pytest.raises(ValueError, match="sparse_l1_reg"):
         SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, sparse_l1_reg=-1)
+    # inf passed the check: the L1 term and its gradients were NaN (inf · 0 at θ0) from the first step
+    with pytest.raises(ValueError, match="full_l1_reg = inf: must be a finite number >= 0"):
+        SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, full_l1_reg=float("inf"))
 
 
 @pytest.mark.parametrize("name, value", [("ft_params_num", 100.7), ("ft_params_num", True),

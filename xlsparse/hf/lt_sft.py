@@ -171,8 +171,9 @@ class SftArguments:
                   f"the {phase} phase has no length: give it or {ep}")
             check(lo, getattr(self, lo) is None or getattr(self, hi) is None or getattr(self, lo) <= getattr(self, hi),
                   f"must not exceed {hi} = {getattr(self, hi)}")
-        for name in ("full_l1_reg", "sparse_l1_reg"):
-            check(name, is_real(getattr(self, name)) and getattr(self, name) >= 0, "must be a number >= 0")
+        for name in ("full_l1_reg", "sparse_l1_reg"):  # inf passed: the term and its gradients were NaN (inf · 0 at θ0)
+            check(name, is_real(getattr(self, name)) and math.isfinite(getattr(self, name)) and getattr(self, name) >= 0,
+                  "must be a finite number >= 0")
         for name in ("apply_reg_to_sparse_only", "freeze_embeddings", "freeze_head", "untie_embeddings",
                      "freeze_decoder", "freeze_layer_norm"):  # "false" from a config file is truthy: it turned the option on
             check(name, isinstance(getattr(self, name), bool), "must be a bool")
