@@ -540,6 +540,8 @@ def test_generation_is_incremental_and_matches_the_forward(arch):
     assert torch.equal(ids[:, 5:], scores.argmax(-1))
     sampled = ensemble.generate(prompt, max_new_tokens=3, do_sample=True, generator=torch.Generator().manual_seed(0))
     assert sampled.shape == (2, 8)
+    with pytest.raises(TypeError, match="generate: max_new_tokens must be an int, got 2.5"):
+        ensemble.generate(prompt, max_new_tokens=2.5)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

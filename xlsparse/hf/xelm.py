@@ -385,7 +385,8 @@ class ExpertEnsemble(nn.Module):
         every row has produced `eos_token_id`), and with `return_logprobs` also the mixture's
         log-probabilities [B, new, V] at each step.
         """
-        if max_new_tokens < 1:
+        # 2.5 ran the prompt through every expert, then failed in range() naming no argument
+        if checks.count("generate", "max_new_tokens", max_new_tokens) < 1:
             raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
         if weights is not None and weights.dim() == 3:  # the new tokens' positions would have none
             raise ValueError("generate: weights per position cover the prompt only; give weights per example [B, E]")
