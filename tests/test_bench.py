@@ -289,6 +289,7 @@ def _fake_family(monkeypatch) -> list:
 @pytest.mark.parametrize("argv, name", [(["--plot", "{tmp}/bench.xyz"], "--plot"),
                                         (["--plot", "{tmp}/adir"], "--plot"),
                                         (["--plot", "{tmp}/afile/bench.png"], "--plot"),
+                                        (["--plot", ""], "--plot: an empty path"),
                                         (["--out", "{tmp}/afile"], "--out"),
                                         (["--out", "{tmp}/afile/results"], "--out"),
                                         (["--threads", "-1"], "--threads")])

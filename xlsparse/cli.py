@@ -63,6 +63,8 @@ def _plot_path(path: str) -> str:
         from matplotlib.backend_bases import FigureCanvasBase
     except ImportError:
         raise ValueError("--plot needs matplotlib: pip install xlsparse[examples]") from None
+    if not path:  # with the suffix added, '' became '.png', a hidden file in the working folder
+        raise ValueError("--plot: an empty path; give a file such as bench.png")
     if os.path.isdir(path) or path.endswith(os.sep):
         raise ValueError(f"--plot {path}: is a folder; give a file such as {os.path.join(path, 'bench.png')}")
     suffix = os.path.splitext(path)[1][1:].lower()
@@ -90,7 +92,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise ValueError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     check_output("--out", args.out, folder=True)
-    plot_path = _plot_path(args.plot) if args.plot else None
+    plot_path = _plot_path(args.plot) if args.plot is not None else None  # --plot '' was dropped: no plot, exit 0
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = harness.describe_machine(args.device)
