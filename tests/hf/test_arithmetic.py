@@ -421,6 +421,19 @@ def test_heldout_loss_weighs_batches_by_their_examples_as_trainer_evaluate():
     assert plain(model) == pytest.approx(sum(losses) / 2)
 
 
+def test_heldout_loss_skips_batches_of_no_example():
+    """A batch of no example weighs 0, but its loss is a mean over nothing (NaN): 0 · NaN made every
+    λ's score NaN. With no example at all the mean divided by zero (a bare ZeroDivisionError)."""
+    model = tiny("llama")
+    full = _lm_batches(1, 10, b=5)[0]
+    empty = {k: v[:0] for k, v in full.items()}
+    with torch.no_grad():
+        want = float(model(**full).loss)
+    assert arithmetic.heldout_loss([empty, full, empty])(model) == pytest.approx(want)
+    with pytest.raises(ValueError, match="^heldout_loss: the batches hold no example"):
+        arithmetic.heldout_loss([empty])
+
+
 def test_a_diff_with_int64_indices_merges_and_applies_with_others():
     # A layer built from int64 flat indices (torch.nonzero's) kept them, so hf.extract_diff gave
     # int64 deltas below 2^31; merge, combine, ties_merge and apply with a loaded (int32) diff of the

@@ -227,7 +227,8 @@ def heldout_loss(batches: Iterable, loss_fn: Callable | None = None) -> Callable
     """An `evaluate` for `lambda_sweep`: the mean loss over held-out `batches` (lower is better),
     in eval mode and without gradients, each batch's loss weighted by its number of examples as
     HF's `Trainer.evaluate` weighs them in `eval_loss` (`find_batch_size`; a short last batch
-    counted as much as a full one before); when a batch has no tensor to count, each weighs 1."""
+    counted as much as a full one before); when a batch has no tensor to count, each weighs 1.
+    A batch of no example is skipped; batches that hold none at all raise."""
     _check_batches("heldout_loss", "batches", batches)
     batches = list(batches)
     if not batches:
@@ -237,6 +238,11 @@ def heldout_loss(batches: Iterable, loss_fn: Callable | None = None) -> Callable
 
     sizes = [find_batch_size(b) for b in batches]
     sizes = sizes if None not in sizes else [1] * len(batches)
+    # a batch of no example weighs 0, but its loss (a mean over nothing) is NaN, and 0 · NaN made
+    # every λ's score NaN; with no example at all the mean divided by zero
+    batches, sizes = [b for b, n in zip(batches, sizes) if n], [n for n in sizes if n]
+    if not batches:
+        raise ValueError("heldout_loss: the batches hold no example")
 
     def evaluate(model: nn.Module) -> float:
         was_training = model.training
