@@ -1510,6 +1510,14 @@ def test_importance_scores_refuse_a_parameter_that_does_not_require_grad():
     assert all(float(scores["de"][n].sum()) > 0 for n in trainable)
 
 
+def test_importance_scores_refuse_one_name_as_a_str():
+    """params="x.weight" was read a character at a time: "the model has no parameters ['x', '.', ...]"."""
+    model = tiny("bert")
+    name = next(n for n, _ in model.named_parameters())
+    with pytest.raises(TypeError, match=r"^importance_scores: params must be a list .*pass \[name\]"):
+        subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, params=name, progress=False)
+
+
 def test_importance_scores_leave_the_gradients_cleared_when_a_backward_fails():
     # a backward that failed part way (out of memory, a hook) left the upper layers' gradients of
     # that example in .grad, for the caller's next optimizer step to add in

@@ -155,6 +155,9 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     _check_language_batches("importance_scores", batches)
     named = dict(model.named_parameters())
     _refuse_distributed_model("importance_scores", model, named)
+    if isinstance(params, str):  # read a character at a time: "the model has no parameters ['x', '.', ...]"
+        raise TypeError(f"importance_scores: params must be a list of parameter names, got the str {params!r}; "
+                        "pass [name]")
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
     missing = [n for n in names if n not in named]
     if missing:
