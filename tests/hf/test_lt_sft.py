@@ -75,6 +75,10 @@ def test_arguments_are_validated_naming_the_argument():
     # inf passed the check: the L1 term and its gradients were NaN (inf · 0 at θ0) from the first step
     with pytest.raises(ValueError, match="full_l1_reg = inf: must be a finite number >= 0"):
         SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, full_l1_reg=float("inf"))
+    # an infinite epoch cap failed at train(), converting epochs to steps (ceil of inf), beside a
+    # step cap too; None is "no cap"
+    with pytest.raises(ValueError, match="sparse_ft_max_epochs_per_iteration = inf: must be a finite number > 0"):
+        SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_epochs_per_iteration=math.inf)
 
 
 @pytest.mark.parametrize("name, value", [("ft_params_num", 100.7), ("ft_params_num", True),

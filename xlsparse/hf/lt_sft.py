@@ -164,9 +164,9 @@ class SftArguments:
             check(lo, getattr(self, lo) is None or getattr(self, lo) >= 0, "must be >= 0")
             # 0 would make the HF Trainer fall back to num_train_epochs
             check(hi, getattr(self, hi) is None or getattr(self, hi) >= 1, "must be >= 1")
-            # True passed as 1 epoch
-            check(ep, getattr(self, ep) is None or (is_real(getattr(self, ep)) and getattr(self, ep) > 0),
-                  "must be a number > 0")
+            # True passed as 1 epoch; inf failed at train(), converting epochs to steps (None: no cap)
+            check(ep, getattr(self, ep) is None or (is_real(getattr(self, ep)) and 0 < getattr(self, ep) < math.inf),
+                  "must be a finite number > 0")
             check(hi, getattr(self, hi) is not None or getattr(self, ep) is not None,
                   f"the {phase} phase has no length: give it or {ep}")
             check(lo, getattr(self, lo) is None or getattr(self, hi) is None or getattr(self, lo) <= getattr(self, hi),
