@@ -420,6 +420,10 @@ def test_static_weights_equal_mixing_separate_experts():
     for bad in (True, 1.5):
         with pytest.raises(TypeError, match="ExpertEnsemble: top_k must be an int"):
             xelm.ExpertEnsemble(base, experts, top_k=bad)
+    # inf was taken: a −inf prefix log-likelihood / inf gave a NaN weight
+    for bad in (math.inf, math.nan, 0.0):
+        with pytest.raises(ValueError, match="ExpertEnsemble: temperature must be a finite number > 0"):
+            xelm.ExpertEnsemble(base, experts, temperature=bad)
     # a mixture: a negative weight gave probability mass 1.5, an all-zero row NaN
     for bad in ([[1.0, -0.5], [0.5, 0.5]], [[0.0, 0.0], [0.5, 0.5]], [[float("nan"), 1.0], [0.5, 0.5]]):
         with pytest.raises(ValueError, match="weights must be finite and >= 0"):

@@ -149,8 +149,8 @@ class ExpertEnsemble(nn.Module):
             checks.count("ExpertEnsemble", "top_k", top_k)
         if top_k is not None and weighting != "posterior":  # static and uniform weights are not ranked per token
             raise ValueError(f"ExpertEnsemble: top_k is for weighting='posterior', not {weighting!r}")
-        if not temperature > 0:
-            raise ValueError(f"ExpertEnsemble: temperature must be positive, got {temperature}")
+        if not 0 < temperature < math.inf:  # inf: a −inf prefix log-likelihood / inf gave a NaN weight
+            raise ValueError(f"ExpertEnsemble: temperature must be a finite number > 0, got {temperature}")
         if temperature != 1.0 and weighting != "posterior":  # it scales the prefix likelihoods only
             raise ValueError(f"ExpertEnsemble: temperature is for weighting='posterior', not {weighting!r}")
         if prior is not None and weighting == "uniform":
