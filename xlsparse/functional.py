@@ -95,12 +95,7 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
     lead = x.shape[:-1]
     x2d = x.reshape(-1, weight.shape[1])
     in_place = merged_weight is None and merge_pays(x2d.shape[0])
-    if in_place and (not torch.is_grad_enabled() or torch.compiler.is_compiling() or not weight.is_contiguous()
-                     or _shares_storage(weight, x, bias)):
-        # Without grad (inference, maybe on several threads sharing the model) a merged copy is
-        # freed after the call and never writes W0; a traced graph must not write its inputs; a
-        # strided weight has no flat view to write.
-        # An x or bias that views the weight's own storage would be read as W0 + Δ while it is written.
+    if in_place and not _may_write_weight(weight, x, bias):
         merged_weight, in_place = _matmul.merged_weight(weight, indices, values), False
     y = _matmul.SparseDeltaLinearFunction.apply(x2d, weight, bias, indices, values, merged_weight, in_place)
     return y.reshape(*lead, weight.shape[0])
@@ -118,6 +113,16 @@ def _autocast_merged(x, weight, bias, indices, values, low_values):
     rows, cols = idx // weight.shape[1], idx % weight.shape[1]
     merged.view(-1)[idx] = (weight.detach()[rows, cols] + values.detach()).to(x.dtype)
     return merged
+
+
+def _may_write_weight(weight, x, bias) -> bool:
+    """Whether a call may write Δ into W0's own storage for its products. Not without grad
+    (inference, maybe on several threads sharing the model: a merged copy is used and W0 only
+    read); not in a traced graph, which must not write its inputs; not into a strided weight,
+    which has no flat view to write; not when x or the bias views W0's storage (they would be
+    read as W0 + Δ while it is written)."""
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and weight.is_contiguous()
+            and not _shares_storage(weight, x, bias))
 
 
 def _shares_storage(weight, *tensors) -> bool:
@@ -186,7 +191,7 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
         # deltas (15.8%, 1536x384, T = 2048, 2 threads, Xeon): fwd+bwd 81 -> 50 ms, bf16 71 -> 38;
         # uniform 1% at 4096x1024: fp32 level (216 / 212), bf16 138 -> 94; only the fp32 forward
         # without grad lost, 7% (the copy)
-        in_place = (torch.is_grad_enabled() and weight.is_contiguous() and not _shares_storage(weight, x, bias))
+        in_place = _may_write_weight(weight, x, bias)
     y = _matmul.MultiDeltaLinearFunction.apply(x2d, weight, bias, order, offsets, gates2d, host_counts, in_place, num,
                                                  *indices, *values)
     return y.reshape(*lead, weight.shape[0])
