@@ -187,8 +187,9 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
     in_place = None  # W0 plus SpMM terms: soft gates, a traced graph, or a group too small to merge for
     if host_counts is not None and not torch.compiler.is_compiling() and all(merge_pays(c) for c in host_counts if c):
         # each language's tokens by its own W0 + Δ_e, written into W0 as sparse_delta_linear does
-        # (a merged copy without grad or where W0 cannot be written). Four real e5-small LT-SFT
-        # deltas (15.8%, 1536x384, T = 2048, 2 threads, Xeon): fwd+bwd 81 -> 50 ms, bf16 71 -> 38;
+        # (a merged copy without grad or where W0 cannot be written). An ad-hoc A/B (7 alternating
+        # repeats, medians), four real e5-small LT-SFT deltas (15.8%, 1536x384, T = 2048, 2 threads,
+        # Xeon): fwd+bwd 81 -> 50 ms, bf16 71 -> 38;
         # uniform 1% at 4096x1024: fp32 level (216 / 212), bf16 138 -> 94; only the fp32 forward
         # without grad lost, 7% (the copy)
         in_place = _may_write_weight(weight, x, bias)

@@ -249,6 +249,21 @@ __device__ acc prob_mixture_at(const scalar_t* z, const acc* coef, int64_t E, in
 // Per-token expert weights w_e = exp(lw[t, e]) in shared memory (E <= kMaxExperts).
 constexpr int kMaxExperts = 64;
 
+// The logit-space mixture's log-normaliser of token t, log Σ_v exp(Σ_e w_e z_e[v]), with the
+// weights w_e = exp(lw[t, e]) written to `coef` (shared) for the caller's own pass over v.
+template <typename acc, typename scalar_t>
+__device__ acc logit_mixture_lse(const scalar_t* z, const acc* lw, acc* coef, int64_t E, int64_t T, int64_t V, int64_t t,
+                                 acc* shared) {
+  if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
+  __syncthreads();
+  acc m = -INFINITY;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = max(m, mixed(z, coef, E, T, V, t, v));
+  m = block_reduce<acc, true>(m, shared);
+  acc s = 0;
+  for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp(mixed(z, coef, E, T, V, t, v) - m);
+  return m + log(block_reduce<acc, false>(s, shared));
+}
+
 template <typename scalar_t>
 __global__ void logprobs_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>* __restrict__ lw,
                                 scalar_t* __restrict__ out,
@@ -270,14 +285,7 @@ __global__ void logprobs_kernel(const scalar_t* __restrict__ z, const acc_t<scal
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x)
       out[t * V + v] = static_cast<scalar_t>(prob_mixture_at(z, coef, E, T, V, t, v));
   } else {
-    if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
-    __syncthreads();
-    acc m = -INFINITY;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = max(m, mixed(z, coef, E, T, V, t, v));
-    m = block_reduce<acc, true>(m, shared);
-    acc s = 0;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp(mixed(z, coef, E, T, V, t, v) - m);
-    const acc l = m + log(block_reduce<acc, false>(s, shared));
+    const acc l = logit_mixture_lse(z, lw, coef, E, T, V, t, shared);
     if (threadIdx.x == 0) lse[t] = l;
     for (int64_t v = threadIdx.x; v < V; v += blockDim.x) out[t * V + v] = static_cast<scalar_t>(mixed(z, coef, E, T, V, t, v) - l);
   }
@@ -361,14 +369,7 @@ __global__ void nll_kernel(const scalar_t* __restrict__ z, const acc_t<scalar_t>
     }
     if (threadIdx.x == 0) nll[t] = -mix;
   } else {
-    if (threadIdx.x < E) coef[threadIdx.x] = exp(static_cast<acc>(lw[t * E + threadIdx.x]));
-    __syncthreads();
-    acc m = -INFINITY;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) m = max(m, mixed(z, coef, E, T, V, t, v));
-    m = block_reduce<acc, true>(m, shared);
-    acc s = 0;
-    for (int64_t v = threadIdx.x; v < V; v += blockDim.x) s += exp(mixed(z, coef, E, T, V, t, v) - m);
-    const acc l = m + log(block_reduce<acc, false>(s, shared));
+    const acc l = logit_mixture_lse(z, lw, coef, E, T, V, t, shared);
     if (threadIdx.x == 0) {
       lse[t] = l;
       nll[t] = l - mixed(z, coef, E, T, V, t, target);
