@@ -1669,6 +1669,31 @@ def test_generate_keeps_language_ids_where_the_class_prepares_its_own_inputs():
     assert "prepare_inputs_for_generation" not in plain.__dict__
 
 
+def test_generate_keeps_language_ids_where_the_step_inputs_are_a_user_dict():
+    # a prepare_inputs_for_generation returning a UserDict (a BatchEncoding), built afresh as
+    # Flaubert's: only a dict got the ids back, and the first step raised that no routing was active
+    from collections import UserDict
+
+    torch.manual_seed(0)
+    cfg = transformers.FlaubertConfig(vocab_size=VOCAB, emb_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64)
+    base = transformers.FlaubertWithLMHeadModel(cfg).eval()
+    diffs = {lang: random_diff(base, 300, 2.0, seed) for lang, seed in (("de", 1), ("fr", 2))}
+    ids, lang = batch(2, 5), torch.tensor([1, 0])
+    gen = dict(max_new_tokens=2, do_sample=False)
+    want = []  # each row by the base with its language's diff applied
+    for row, e in enumerate(lang.tolist()):
+        with xlsparse.apply([diffs[list(diffs)[e]]], base):
+            want.append(base.generate(ids[row:row + 1], **gen))
+
+    def prepare(self, *args, **kwargs):
+        return UserDict(type(base).prepare_inputs_for_generation(self, *args, **kwargs))
+
+    model = copy.deepcopy(base)
+    model.__class__ = type("Wrapped", (type(base),), {"prepare_inputs_for_generation": prepare})
+    got = hf.convert(model, kind="multi", diffs=diffs).generate(ids, language_ids=lang, **gen)
+    assert torch.equal(got, torch.cat(want))
+
+
 def test_generate_refuses_guidance_scale_beside_language_ids():
     # classifier-free guidance runs the model a second time without the generate kwargs: that pass
     # ran the base model, and the routed rows' sequences differed from the language's own model

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -430,7 +430,8 @@ class _KeepLanguageIds(_OnInstance):
     def __call__(self, *args, **kwargs):
         self._check_bound()
         inputs = type(self.model).prepare_inputs_for_generation(self.model, *args, **kwargs)
-        if kwargs.get("language_ids") is not None and isinstance(inputs, dict):
+        # any mutable mapping, not only a dict: generate unpacks a UserDict (a BatchEncoding) alike
+        if kwargs.get("language_ids") is not None and isinstance(inputs, MutableMapping):
             inputs.setdefault("language_ids", kwargs["language_ids"])
         return inputs
 
