@@ -273,6 +273,26 @@ def test_a_reload_checks_the_base_weights_outside_the_targets(tmp_path):
     torch.testing.assert_close(hidden, mlm.bert(input_ids=ids).last_hidden_state, rtol=0, atol=0)
 
 
+def test_a_model_with_a_parametrized_target_reloads(tmp_path):
+    # a weight_norm'ed linear converts and saves, but its weight is computed, not a parameter of
+    # that name: the reload's base check raised a bare KeyError
+    def base():
+        model = tiny("bert")
+        torch.nn.utils.parametrizations.weight_norm(model.bert.encoder.layer[0].attention.self.query)
+        return model
+
+    model = hf.convert(base(), target_modules=["query"], density=0.2)
+    for _, layer in hf.model._converted(model):
+        torch.nn.init.normal_(layer.delta_values)
+    hf.save_pretrained(model, tmp_path)
+    ids = batch()
+    assert torch.equal(hf.from_pretrained(base(), tmp_path)(ids).logits, model(ids).logits)
+    other = base()
+    torch.nn.init.normal_(other.bert.encoder.layer[0].attention.self.query.parametrizations.weight.original1)
+    with pytest.raises(ValueError, match=r"layer\.0\.attention\.self\.query\.weight of the base model given differs"):
+        hf.from_pretrained(other, tmp_path)
+
+
 def test_a_multi_reload_checks_the_base_too(tmp_path):
     model = hf.convert(tiny("bert"), kind="multi", diffs={lang: random_diff(tiny("bert"), 7, 0.1, s)
                                                           for s, lang in enumerate(["de", "fr"])})

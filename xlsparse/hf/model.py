@@ -1521,13 +1521,15 @@ def _check_same_base(base_model: nn.Module, config: XlsparseConfig, directory, w
         return
     modules = dict(base_model.named_modules())
     named = dict(base_model.named_parameters())
-    targets = [f"{n}.weight" for n in config.target_modules if _is_linear(modules.get(n))]  # convert names the others
+    # read from the layers (convert names the others): a parametrized one's weight (weight_norm) is
+    # computed, and no parameter has its name (a bare KeyError)
+    targets = {f"{n}.weight": modules[n].weight for n in config.target_modules if _is_linear(modules.get(n))}
     # the other parameters are fingerprinted by saves since they were recorded; one the base lacks
     # (another head class: an MLM's decoder on a token classifier) cannot change its outputs
     for name in dict.fromkeys([*targets, *(n for n in config.base_fingerprint if n in named)]):
         saved = config.base_fingerprint.get(name)
         why = ("the file has no fingerprint of it" if not isinstance(saved, dict)
-               else _fingerprint_mismatch(saved, _weight_fingerprint(named[name])))
+               else _fingerprint_mismatch(saved, _weight_fingerprint(targets.get(name, named.get(name)))))
         if why:
             raise ValueError(f"{what}: {name} of the base model given differs from the one {directory} "
                              f"was trained on ({why}): the diff would go onto other weights. Load it onto the base "
