@@ -233,6 +233,17 @@ def test_the_tied_refusal_says_how_to_untie_and_that_way_works():
     hf.convert(model, ["lm_head"], density=0.1)
 
 
+@pytest.mark.parametrize("keep_tied, error", [("lm_head", TypeError), (["lm_head", "h.0.attn.c_attn"], ValueError)])
+def test_keep_tied_names_target_layers_only(keep_tied, error):
+    # a str was matched by substring, and a name that is no target was ignored: the tied head was kept
+    # (or refused) by accident of spelling
+    model = tiny("gpt2")
+    with pytest.raises(error, match="keep_tied"):
+        hf.convert(model, ["lm_head"], density=0.1, keep_tied=keep_tied)
+    assert not hasattr(model, "xlsparse_config")
+    hf.convert(model, ["lm_head"], density=0.1, keep_tied=["lm_head"])
+
+
 @pytest.mark.parametrize("wrapped", [False, True])
 def test_per_token_ids_are_refused_on_an_encoder_decoder_model(wrapped):
     # the decoder's layers see [B, S_target]: source-token ids were applied to target positions whenever

@@ -665,6 +665,12 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     if target_modules is not None and not isinstance(target_modules, str):
         target_modules = list(target_modules)  # read twice (a generator would give the record nothing)
     names = target_names(model, target_modules)
+    # a str was matched by substring ("lm_head" kept "head"), and a name that is no target kept nothing
+    if isinstance(keep_tied, str) or not all(isinstance(n, str) for n in keep_tied):
+        raise TypeError(f"convert: keep_tied must be a list of target layer names, got {keep_tied!r}")
+    if [n for n in keep_tied if n not in names]:
+        raise ValueError(f"convert: keep_tied names {[n for n in keep_tied if n not in names]}, which are not among "
+                         f"the target layers {names}")
     modules = dict(model.named_modules())
     if kind != "delta":
         _refuse_unroutable(kind, names, modules)

@@ -202,7 +202,7 @@ class ExpertEnsemble(nn.Module):
         diffs = {n: SparseDiff._trusted(lin) for n, (lin, _) in zip(self.experts, per_expert)}
         # A tied head gets the embedding's delta (`_split_expert`), so both uses change alike.
         model = convert(model, [t[: -len(".weight")] for t in targets], kind="multi", diffs=diffs,
-                        keep_tied=[head[: -len(".weight")]] if tied else [])
+                        keep_tied=[head[: -len(".weight")]] if tied and head in targets else [])
         embeddings = [emb for _, emb in per_expert]
         if any(emb is not None for emb in embeddings):
             model.set_input_embeddings(ExpertEmbedding(emb_module, embeddings))
