@@ -986,8 +986,7 @@ class LotteryTicketSparseFineTuner(Trainer):
                 hooks.append(mod.register_forward_hook(lambda m, args, out: inside.discard(id(m))))
             with torch.random.fork_rng(devices=[]), torch.no_grad():
                 inputs = next(iter(self.get_train_dataloader()))
-                if isinstance(inputs, MutableMapping):
-                    inputs.pop(SOURCE_KEY, None)
+                _pop_source(inputs)
                 seen.clear()  # only the forward's reads count
                 was_training = self.model.training
                 self.model.eval()  # no running statistics change
@@ -1129,8 +1128,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         return coef * total
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        # any mapping: DataCollatorWithPadding's BatchEncoding is not a dict, and its source stayed in
-        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, MutableMapping) else None
+        source = _pop_source(inputs)
         handle = self._activate(source, training=True)
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -1162,7 +1160,7 @@ class LotteryTicketSparseFineTuner(Trainer):
             _local(p.grad).masked_fill_(~keep, 0)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        source = inputs.pop(SOURCE_KEY, None) if isinstance(inputs, MutableMapping) else None
+        source = _pop_source(inputs)
         handle = self._activate(source, training=False)
         try:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
@@ -1449,6 +1447,12 @@ def _refuse_another_base(checkpoint, model: nn.Module, weights: dict, theta0: di
         raise ValueError(f"resume_from_checkpoint: {checkpoint} was trained from another base model (or with other "
                          f"trainable parameters): its {key!r} {differs}; build the trainer on the checkpoint's run's "
                          "base model and arguments")
+
+
+def _pop_source(inputs):
+    """The batch's source, taken out of the batch (None if it names none). Any mutable mapping:
+    DataCollatorWithPadding's BatchEncoding is not a dict, and its source stayed in."""
+    return inputs.pop(SOURCE_KEY, None) if isinstance(inputs, MutableMapping) else None
 
 
 @contextlib.contextmanager
