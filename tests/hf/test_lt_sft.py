@@ -1611,6 +1611,19 @@ def test_predict_on_a_multi_source_dataset_runs_each_batch_under_its_source_sft(
     assert got == pytest.approx(sum(losses) / 2, rel=1e-5)
 
 
+def test_a_source_without_an_sft_raises_naming_it_and_the_known_ones(tmp_path):
+    # a source missing from source_sfts (a misspelt name) trained and evaluated on the bare model, silently
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    sfts = {"de": SparseDiff({}), "fra": SparseDiff({})}
+    with pytest.raises(ValueError, match=r"source_sfts has no SFT for the source 'fr' \(it has \['de', 'fra'\]\)"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps, train_dataset=data,
+                                     source_sfts=sfts)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps, source_sfts=sfts)
+    with pytest.raises(ValueError, match="source 'fr'"):
+        trainer.predict(data)
+
+
 def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):
     data = MultiSourceDataset({"de": _LMData(n=5, seed=1), "fr": _LMData(n=3, seed=2)})
     steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)

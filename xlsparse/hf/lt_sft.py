@@ -434,7 +434,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             SftArguments' freezing) are left out, and count neither in K nor in the selection.
         source_sfts: {source: SparseDiff} for multi-source training: a batch whose `_source` key
             names a source runs its forward and backward with that SFT applied (see
-            `MultiSourceDataset`); `source_sft_apply_abs` also applies its absolute entries.
+            `MultiSourceDataset`); `source_sft_apply_abs` also applies its absolute entries. A
+            source with no SFT raises: `SparseDiff({})` trains it on the bare model.
 
     `train()` writes each phase's checkpoints into its own folder under `args.output_dir`
     (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every sparse-phase
@@ -574,6 +575,10 @@ class LotteryTicketSparseFineTuner(Trainer):
             self._refuse_sharded_evaluation(dataset)
         self.source_sfts = source_sfts
         self.source_sft_apply_abs = source_sft_apply_abs
+        for dataset in [self.train_dataset, *evals]:  # here, not at the source's first batch
+            if isinstance(dataset, MultiSourceDataset):
+                for source in dataset.datasets:
+                    self._source_sft(source)
         self._converted: dict = {}
         self._anchors: dict = {}
         decay = set(self.get_decay_parameter_names(self.model))
@@ -1179,12 +1184,18 @@ class LotteryTicketSparseFineTuner(Trainer):
             if len(set(source)) != 1:
                 raise ValueError(f"a multi-source batch mixes sources {sorted(set(source))}")
             source = source[0]
-        if source not in self.source_sfts:
-            return None  # composable-sft: a source without an SFT trains on the bare model
-        diff = self.source_sfts[source]
+        diff = self._source_sft(source)
         if training:
             return KeepUpdatesHandle(diff, self.model, with_abs=self.source_sft_apply_abs)
         return apply([diff], self.model, with_abs=self.source_sft_apply_abs)
+
+    def _source_sft(self, source) -> SparseDiff:
+        # composable-sft trains a source it has no SFT for on the bare model: a misspelt source
+        # then trained silently without its SFT; here the bare model is asked for with an empty one
+        if source not in self.source_sfts:
+            raise ValueError(f"source_sfts has no SFT for the source {source!r} (it has {list(self.source_sfts)}); "
+                             "give it SparseDiff({}) to train that source on the bare model")
+        return self.source_sfts[source]
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self._l1_steps:
