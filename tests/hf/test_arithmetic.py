@@ -333,6 +333,21 @@ def test_lambda_sweep_finds_the_best_and_restores_the_model():
         arithmetic.lambda_sweep(model, lambda lam: phi, [0.0, 1.0], evaluate=lambda m: 1.0, progress="no")
 
 
+def test_lambda_sweep_refuses_a_make_diff_that_is_not_a_function_returning_a_sparse_diff():
+    # a SparseDiff given as make_diff, or a make_diff returning a dict, raised Python's bare
+    # "not callable" / "has no attribute 'applied'", naming no argument
+    model = tiny("bert")
+    name = f"{hf.model.target_names(model)[0]}.weight"
+    shape = dict(model.named_parameters())[name].shape
+    phi = SparseDiff({name: xlsparse.SparseDelta(torch.tensor([0]), torch.tensor([1.0]), shape)})
+    with pytest.raises(TypeError, match="lambda_sweep: make_diff must be a function, got a SparseDiff"):
+        arithmetic.lambda_sweep(model, phi, [0.5], evaluate=lambda m: 1.0, progress=False)
+    with pytest.raises(TypeError, match="lambda_sweep: evaluate must be a function, got a float"):
+        arithmetic.lambda_sweep(model, lambda lam: phi, [0.5], evaluate=1.0, progress=False)
+    with pytest.raises(TypeError, match=r"make_diff\(0.5\) returned a dict, not a SparseDiff"):
+        arithmetic.lambda_sweep(model, lambda lam: dict(phi.deltas), [0.5], evaluate=lambda m: 1.0, progress=False)
+
+
 def test_lambda_sweep_takes_a_numpy_or_torch_grid():
     # λ·φ scored by the moved entry: a grid from np.linspace or torch.linspace raised "ambiguous"
     # truth value, naming no argument; the torch grid's λs keyed the scores as 0-d tensors

@@ -299,6 +299,9 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
         checks.flag("lambda_sweep", "higher_is_better", higher_is_better)  # "no" is truthy: the worst λ won
     if (evaluate is None) == (heldout is None):
         raise ValueError("lambda_sweep: give exactly one of evaluate or heldout")
+    for name, f in (("make_diff", make_diff), ("evaluate", evaluate)):
+        if f is not None and not callable(f):
+            raise TypeError(f"lambda_sweep: {name} must be a function, got a {type(f).__name__}")
     if heldout is not None:
         _check_batches("lambda_sweep", "heldout", heldout)
         if higher_is_better:  # it was dropped: the lowest loss won
@@ -309,7 +312,11 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
         higher_is_better = True
     scores = {}
     for lam in _progress("lambda_sweep", lambdas, "λ sweep", progress):
-        with make_diff(lam).applied(model):
+        diff = make_diff(lam)
+        if not isinstance(diff, SparseDiff):  # a bare AttributeError ('... has no attribute applied') before
+            raise TypeError(f"lambda_sweep: make_diff({lam:g}) returned a {type(diff).__name__}, not a SparseDiff "
+                            "(return the diff; the sweep applies and reverts it)")
+        with diff.applied(model):
             scores[lam] = float(evaluate(model))
     finite = {lam: v for lam, v in scores.items() if math.isfinite(v)}
     if not finite:  # max/min with a NaN first would have returned it
