@@ -738,6 +738,20 @@ def test_merge_apply_and_division_name_bad_operands():
         xlsparse.apply(bad, model)
 
 
+def test_apply_names_diffs_that_are_not_a_list_of_sparse_diffs():
+    # a {language: diff} dict was read as its keys ("diff 0 is a str"); a number raised Python's
+    # "'int' object is not iterable"
+    d = SparseDiff.from_models(_model(0), _model(1), k=5)
+    model = _model(0)
+    before = _params(model)
+    for bad in ({"de": d}, 3, "de"):
+        with pytest.raises(TypeError, match=f"apply: diffs must be a SparseDiff or a list of them, got a {type(bad).__name__}"):
+            xlsparse.apply(bad, model)
+    with pytest.raises(TypeError, match="apply: diff 1 is a dict, not a SparseDiff"):
+        xlsparse.apply([d, {"0.weight": d.deltas["0.weight"]}], model)
+    assert all(torch.equal(p, before[n]) for n, p in _params(model).items())
+
+
 @pytest.mark.parametrize("backend", APPLY_BACKENDS)
 def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
     use_backend(backend)

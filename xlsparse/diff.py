@@ -20,7 +20,7 @@ import tempfile
 import threading
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -461,42 +461,42 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     """
     if isinstance(diffs, SparseDiff):
         diffs = [diffs]
+    if isinstance(diffs, (Mapping, str)) or not isinstance(diffs, Iterable):  # a {language: diff} dict gave its keys
+        raise TypeError(f"apply: diffs must be a SparseDiff or a list of them, got a {type(diffs).__name__}")
     diffs = list(diffs)
+    for i, diff in enumerate(diffs):
+        if not isinstance(diff, SparseDiff):
+            raise TypeError(f"apply: diff {i} is a {type(diff).__name__}, not a SparseDiff")
     if not checks.flag("apply", "with_abs", with_abs):  # with_abs="no" is truthy: it applied the heads
-        diffs = [d.without_absolute() if isinstance(d, SparseDiff) else d for d in diffs]
+        diffs = [d.without_absolute() for d in diffs]
     alphas = [1.0] * len(diffs) if alphas is None else list(alphas)
     if len(alphas) != len(diffs):
         raise ValueError(f"apply: {len(diffs)} diffs but {len(alphas)} alphas")
     checks.finite("apply", **{f"alphas[{i}]": a for i, a in enumerate(alphas)})
     alphas = [float(a) for a in alphas]
     named = _named_tensors(model)
-    refuse_sharded("apply", {n: named[n] for d in diffs if isinstance(d, SparseDiff)
-                             for n in (*d.deltas, *d.dense, *d.absolute) if n in named},
+    refuse_sharded("apply", {n: named[n] for d in diffs for n in (*d.deltas, *d.dense, *d.absolute) if n in named},
                    "Apply the diffs before fully_shard, or to an unsharded copy of the model")
-    stored = _transposed_weights(model, {n for d in diffs if isinstance(d, SparseDiff)
-                                         for n in (*d.deltas, *d.dense, *d.absolute)})
+    stored = _transposed_weights(model, {n for d in diffs for n in (*d.deltas, *d.dense, *d.absolute)})
     if stored:  # converted GPT-2 Conv1D layers: diffs are in the model's [in, out] layout, the weight is [out, in]
         for i, d in enumerate(diffs):
-            for name, entry in ({**d.deltas, **d.dense, **d.absolute}.items() if isinstance(d, SparseDiff) else ()):
+            for name, entry in {**d.deltas, **d.dense, **d.absolute}.items():
                 own = tuple(named[name].shape)[::-1] if name in stored and name in named else None
                 if own is not None and tuple(entry.shape) != own:  # before the transposition names the shape wrongly
                     raise ValueError(f"apply: diff {i}: {name!r} has shape {tuple(entry.shape)}, but diffs are in the "
                                      f"model's own layout: this GPT-2 Conv1D weight is {own} ([in, out]; the converted "
                                      "layer stores it [out, in])")
-        diffs = [_to_stored_layout(d, stored) if isinstance(d, SparseDiff) else d for d in diffs]
+        diffs = [_to_stored_layout(d, stored) for d in diffs]
     calls = {}  # device -> _FusedCall: the op runs on one device, so a model spread over several gets one call each
     touched_whole, claims, changed = {}, {}, {}
     # each named tensor's storage key once (a language + task diff on XLM-R asked ~1000 times: 2 ms)
-    keys = {n: _storage_key(named[n]) for d in diffs if isinstance(d, SparseDiff)
-            for n in (*d.deltas, *d.dense, *d.absolute) if n in named}
+    keys = {n: _storage_key(named[n]) for d in diffs for n in (*d.deltas, *d.dense, *d.absolute) if n in named}
     # a diff's tensor that views one this apply writes (absolute={"b": model.a.detach()}) is read as it
     # was before the call: read after the sparse writes, b got the changed a
     written = checks.memory_keys(named[n] for n in keys)
-    diffs = [_unaliased(d, written) if isinstance(d, SparseDiff) else d for d in diffs]
+    diffs = [_unaliased(d, written) for d in diffs]
     for i, (diff, alpha) in enumerate(zip(diffs, alphas)):
         what = f"apply: diff {i}"
-        if not isinstance(diff, SparseDiff):
-            raise TypeError(f"{what} is a {type(diff).__name__}, not a SparseDiff")
         _refuse_scaled_absolute("apply", "alphas", i, diff, alpha)
         _refuse_absolute_on_tied_decoder(what, diff, model)
         _refuse_tied_twice(what, diff, keys)
