@@ -1469,6 +1469,26 @@ def test_composable_sft_save_to_a_new_path_makes_a_folder_and_refuses_a_file(tmp
     assert os.path.isfile(tmp_path / "sft.bin")
 
 
+def test_saves_refuse_an_empty_path_or_a_non_path_naming_the_argument(tmp_path, monkeypatch):
+    # save("") wrote a temporary file beside the working folder and failed as "'<tmp>' -> ''";
+    # save_composable_sft("") wrote pytorch_diff.bin into the working folder; save(None) raised
+    # os.path's "expected str, bytes or os.PathLike object"
+    diff = _saved_diff()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError, match="SparseDiff.save: path: an empty path"):
+        diff.save("")
+    with pytest.raises(ValueError, match="save_composable_sft: path: an empty path"):
+        diff.save_composable_sft("")
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match=f"SparseDiff.save: path must be a str or os.PathLike, got {type(bad).__name__}"):
+            diff.save(bad)
+        with pytest.raises(TypeError, match="save_composable_sft: path must be a str or os.PathLike"):
+            diff.save_composable_sft(bad)
+    assert os.listdir(tmp_path) == ["work"] and os.listdir(work) == []
+
+
 def test_composable_sft_file_as_written_by_composable_sft_and_above_2_31(tmp_path):
     # composable-sft stores the first step as a numpy int64 and the rest as Python ints.
     shape = torch.Size([2**20, 2**12])  # 2^32 elements

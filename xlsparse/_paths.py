@@ -5,11 +5,22 @@ import os
 import shutil
 
 
+def output_path(arg: str, path, give: str) -> str:
+    """`path` (a str or os.PathLike) as a str; not a path, or an empty one, raises naming `arg`,
+    before anything is written. `give` says what the path should name ("file", "folder")."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str):
+        raise TypeError(f"{arg} must be a str or os.PathLike, got {type(path).__name__}")
+    if not path:  # "" (an unset shell variable): it failed after the work, as "No such file or directory: ''"
+        raise ValueError(f"{arg}: an empty path; give a {give}")
+    return path
+
+
 def check_output(arg: str, path: str, folder: bool) -> None:
     """Refuse, before any long work, an output path that cannot be written: a file where a folder
     goes or the reverse, or a path under a file (makedirs would fail only at the end)."""
-    if not path:  # "" (an unset shell variable): it failed after the work, as "No such file or directory: ''"
-        raise ValueError(f"{arg}: an empty path; give a {'folder' if folder else 'file'}")
+    output_path(arg, path, "folder" if folder else "file")
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{arg} {path}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
     parent = os.path.dirname(os.path.abspath(path))

@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ._paths import made_folder
+from ._paths import made_folder, output_path
 from .functional import topk_mask
 from .ops import checks
 from .ops import compose as _ops
@@ -1354,6 +1354,7 @@ class SparseDiff:
 
         from ._version import __version__
 
+        path = output_path("SparseDiff.save: path", path, "file")
         tensors, meta = {}, {"format": FORMAT, "format_version": FORMAT_VERSION, "xlsparse_version": __version__,
                               "base_model": base_model or self.base_model, "deltas": [], "dense": [], "absolute": []}
         for i, (name, d) in enumerate(self.deltas.items()):
@@ -1502,7 +1503,7 @@ class SparseDiff:
         HF's `save_pretrained` do) that gets `pytorch_diff.bin`; an existing file there is refused
         with nothing written. Missing parent folders are made (and removed again if the write fails).
         Dense differences are written as sparse diffs over every element; absolute entries as "abs"."""
-        path = os.fspath(path)
+        path = output_path("save_composable_sft: path", path, "folder or a .bin file")
         if os.path.isdir(path) or not path.endswith(".bin"):
             # written as a file, "out/de" could not be read where a composable-sft folder is expected
             if os.path.exists(path) and not os.path.isdir(path):
