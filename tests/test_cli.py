@@ -454,3 +454,21 @@ def test_compose_refuses_a_routed_models_language_without_its_trained_modules(tm
             want.cls.predictions.transform.dense.weight.data.add_(1.0)
         for n, t in want.state_dict().items():
             assert torch.equal(got[n], t), n
+
+
+def test_a_folder_without_pytorch_diff_bin_names_the_diff_files_it_holds(tmp_path, capsys):
+    # `xlsparse info DIR` on hf.save_pretrained's folder (or a model folder) said only that it held
+    # no pytorch_diff.bin, as if the diff were missing
+    import copy
+
+    from xlsparse import hf
+
+    model = _tiny_bert_dir(tmp_path)
+    hf.save_pretrained(hf.convert(copy.deepcopy(model), density=0.2), str(tmp_path / "sft"))
+    assert cli.main(["info", str(tmp_path / "sft")]) == 1
+    assert f"it holds the xlsparse diff files {tmp_path / 'sft' / 'xlsparse_diff.safetensors'}" in capsys.readouterr().err
+    assert cli.main(["info", str(tmp_path / "sft" / "xlsparse_diff.safetensors")]) == 0
+    capsys.readouterr()
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "base"), "--out", str(tmp_path / "out")]) == 1
+    assert "it is a model folder (config.json), not a diff" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

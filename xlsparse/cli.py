@@ -132,7 +132,11 @@ def _diff_file(arg: str, path: str) -> str:
         return path
     file = os.path.join(path, "pytorch_diff.bin")
     if not os.path.isfile(file):
-        raise ValueError(f"{arg} {path}: a folder without pytorch_diff.bin (a composable-sft diff folder holds one)")
+        # a folder of hf.save_pretrained or of a trainer holds xlsparse diff files: say which
+        diffs = [os.path.join(path, n) for n in sorted(os.listdir(path)) if _is_xlsparse_diff(os.path.join(path, n))]
+        hint = f"; it holds the xlsparse diff files {', '.join(diffs)}" if diffs else \
+            "; it is a model folder (config.json), not a diff" if os.path.isfile(os.path.join(path, "config.json")) else ""
+        raise ValueError(f"{arg} {path}: a folder without pytorch_diff.bin (a composable-sft diff folder holds one){hint}")
     return file
 
 
@@ -147,6 +151,19 @@ def _is_safetensors(file: str) -> bool:
     except OSError:
         return False
     return len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") + 8 <= size
+
+
+def _is_xlsparse_diff(file: str) -> bool:
+    """Whether `file` is a safetensors file that `SparseDiff.save` wrote (its metadata says so)."""
+    if not (file.endswith(".safetensors") and os.path.isfile(file) and _is_safetensors(file)):
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(file, framework="pt") as f:
+            return "xlsparse" in (f.metadata() or {})
+    except Exception:  # unreadable: not offered as a diff
+        return False
 
 
 def _load_diff(path: str):
