@@ -472,3 +472,14 @@ def test_a_folder_without_pytorch_diff_bin_names_the_diff_files_it_holds(tmp_pat
     assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "base"), "--out", str(tmp_path / "out")]) == 1
     assert "it is a model folder (config.json), not a diff" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_key_error_prints_its_message_without_quotes(tmp_path, capsys):
+    # a DIFF naming a parameter the model lacks printed error: "apply: diff 0: ... named 'x'" (the KeyError's repr)
+    _tiny_bert_dir(tmp_path)
+    xlsparse.SparseDiff({"bert.nope.weight": xlsparse.SparseDelta(torch.tensor([0]), torch.ones(1), (2, 2))}).save(
+        str(tmp_path / "d.safetensors"))
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "error: apply: diff 0: the model has no parameter or buffer named 'bert.nope.weight'\n" in err
+    assert not (tmp_path / "out").exists()

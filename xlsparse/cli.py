@@ -407,7 +407,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit's flush must not fail again
         return 141  # 128 + SIGPIPE
     except Exception as exc:  # a bad file or argument: one line, no traceback, exit status 1
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        # a KeyError's str is its message's repr, quotes and all
+        text = exc.args[0] if isinstance(exc, KeyError) and len(exc.args) == 1 and isinstance(exc.args[0], str) else str(exc)
+        message = " ".join(text.split()) or type(exc).__name__
         print(f"xlsparse {args.command}: error: {message}", file=sys.stderr)
         return 1
 
