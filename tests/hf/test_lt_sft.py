@@ -1128,6 +1128,32 @@ def test_dynamic_mode_names_the_tensors_too_small_to_drop_an_entry(tmp_path):
                     "and keep their phase-1 support (no reselection)"]
 
 
+def test_dynamic_mode_keeps_gradient_buffers_only_for_tensors_that_drop_entries(tmp_path):
+    # a tensor with int(drop_fraction × K_t) = 0 never reselects, yet got a dense float32 buffer
+    # and a dYᵀX GEMM every step of each window
+    sft_args = DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2,
+                                   sparse_ft_max_steps_per_iteration=3, reselection_steps=2,
+                                   selection_accumulation_steps=1, drop_fraction=0.1)
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args,
+                                           args=_args(tmp_path))
+    buffered = []
+
+    class _Spy(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if trainer._reselection.grads:  # the window's step, before the callback after it reselects
+                sizes = {n: layers[0][2].delta_indices.numel() for n, layers in trainer._converted.items()}
+                buffered.append((set(trainer._reselection.grads), {n for n, k in sizes.items() if int(0.1 * k) > 0},
+                                 {n for n, k in sizes.items() if k}))
+
+    trainer.callback_handler.callbacks.insert(0, _Spy())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    assert buffered
+    for got, dropping, holding in buffered:
+        assert got == dropping and dropping != holding  # some tensors hold entries but drop none
+
+
 def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
     sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
     whole = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16), sft_args=sft_args,
@@ -1798,7 +1824,7 @@ def test_reselection_sums_a_bf16_model_s_gradients_in_float32():
     sft_args = DynamicSftArguments(ft_params_num=10, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=9,
                                    reselection_steps=4, selection_accumulation_steps=4)
     trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)]}, sft_args=sft_args,
-                              _loss_scale=lambda: None)
+                              _loss_scale=lambda: None, _drop_count=lambda name: 1)
     tap = _Reselection(trainer)
     tap.on_step_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
     expect = torch.zeros(8, 16, dtype=torch.float64)
@@ -1849,7 +1875,7 @@ def test_reselection_unscales_gradients_under_a_grad_scaler_and_skips_overflowed
                                    reselection_steps=4, selection_accumulation_steps=4)
     scale = [1.0]
     trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)], "e": [(None, None, embedding)]},
-                              sft_args=sft_args, _loss_scale=lambda: scale[0])
+                              sft_args=sft_args, _loss_scale=lambda: scale[0], _drop_count=lambda name: 1)
     tap = _Reselection(trainer)
     want_w, want_e = torch.zeros(8, 16, dtype=torch.float64), torch.zeros(20, 8, dtype=torch.float64)
     for i, (s, overflow) in enumerate(((1024.0, False), (2048.0, True), (512.0, False))):

@@ -206,7 +206,7 @@ class DynamicSftArguments(SftArguments):
     step k × `reselection_steps` and reselects at the window's end: the same cadence, shifted by
     the window). During the accumulation window each converted layer adds its
     dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
-    embeddings) into one dense buffer per parameter (float32 for a bf16/fp16 model; under fp16's GradScaler a
+    embeddings) into one dense buffer per parameter that drops entries (float32 for a bf16/fp16 model; under fp16's GradScaler a
     second one holds the step's own part until the scaler has not skipped the step), freed after
     the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
     reselection, so every process selects the same support. Biases and norms keep their support, and so does a
@@ -251,6 +251,8 @@ class _Reselection(TrainerCallback):
         if t._phase == "sparse" and t._converted and not self.hooks and self._in_window(state.global_step + 1) \
                 and state.global_step + 1 < state.max_steps:
             for name, layers in t._converted.items():
+                if not t._drop_count(name):  # it keeps its support: a dense buffer and a GEMM a step for nothing
+                    continue
                 weight = layers[0][2].weight  # summed in float32 for a half-precision model: bf16 sums drop small steps
                 if name not in self.grads:  # a resumed window's sums so far come from the checkpoint (`_restore`)
                     self.grads[name] = torch.zeros_like(weight, dtype=acc_dtype(weight.dtype))
