@@ -721,6 +721,9 @@ def test_merge_apply_and_division_name_bad_operands():
     d = SparseDiff.from_models(_model(0), _model(1), k=5)
     with pytest.raises(TypeError, match="merge: diffs\\[1\\] is a int, not a SparseDiff"):
         SparseDiff.merge([d, 3])
+    for bad in (d, {"de": d}, 3):  # one diff, not in a list, raised a bare "'SparseDiff' object is not iterable"
+        with pytest.raises(TypeError, match=f"merge: diffs must be a list of SparseDiff, got a {type(bad).__name__}"):
+            SparseDiff.merge(bad)
     with pytest.raises(ZeroDivisionError, match="nonzero"):
         d / 0
     for bad in (float("inf"), float("-inf"), float("nan")):  # d / inf was a silent zero diff
@@ -745,9 +748,9 @@ def test_apply_names_diffs_that_are_not_a_list_of_sparse_diffs():
     model = _model(0)
     before = _params(model)
     for bad in ({"de": d}, 3, "de"):
-        with pytest.raises(TypeError, match=f"apply: diffs must be a SparseDiff or a list of them, got a {type(bad).__name__}"):
+        with pytest.raises(TypeError, match=f"apply: diffs must be a list of SparseDiff, got a {type(bad).__name__}"):
             xlsparse.apply(bad, model)
-    with pytest.raises(TypeError, match="apply: diff 1 is a dict, not a SparseDiff"):
+    with pytest.raises(TypeError, match="apply: diffs\\[1\\] is a dict, not a SparseDiff"):
         xlsparse.apply([d, {"0.weight": d.deltas["0.weight"]}], model)
     assert all(torch.equal(p, before[n]) for n, p in _params(model).items())
 

@@ -459,14 +459,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     a GPT-2 Conv1D weight ([in, out], as `hf.extract_diff` and `from_models` give them) go to the
     converted layer's [out, in] weight transposed.
     """
-    if isinstance(diffs, SparseDiff):
-        diffs = [diffs]
-    if isinstance(diffs, (Mapping, str)) or not isinstance(diffs, Iterable):  # a {language: diff} dict gave its keys
-        raise TypeError(f"apply: diffs must be a SparseDiff or a list of them, got a {type(diffs).__name__}")
-    diffs = list(diffs)
-    for i, diff in enumerate(diffs):
-        if not isinstance(diff, SparseDiff):
-            raise TypeError(f"apply: diff {i} is a {type(diff).__name__}, not a SparseDiff")
+    diffs = _diff_list("apply", [diffs] if isinstance(diffs, SparseDiff) else diffs)
     if not checks.flag("apply", "with_abs", with_abs):  # with_abs="no" is truthy: it applied the heads
         diffs = [d.without_absolute() for d in diffs]
     alphas = [1.0] * len(diffs) if alphas is None else list(alphas)
@@ -554,6 +547,18 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
             raise
     _remember_apply(handle, keys)
     return handle
+
+
+def _diff_list(op: str, diffs) -> list:
+    """`diffs` as a list of SparseDiff; anything else raises a TypeError naming `op`. A {language:
+    diff} dict was read as its keys, and one diff or a number raised a bare "not iterable"."""
+    if isinstance(diffs, (Mapping, str)) or not isinstance(diffs, Iterable):
+        raise TypeError(f"{op}: diffs must be a list of SparseDiff, got a {type(diffs).__name__}")
+    diffs = list(diffs)
+    for i, d in enumerate(diffs):
+        if not isinstance(d, SparseDiff):
+            raise TypeError(f"{op}: diffs[{i}] is a {type(d).__name__}, not a SparseDiff")
+    return diffs
 
 
 def _unaliased(diff: "SparseDiff", written: set) -> "SparseDiff":
@@ -1149,10 +1154,7 @@ class SparseDiff:
         one named by two diffs is an error (a replaced value has no scaled version and no sum).
         `with_abs=False` drops every absolute entry first (composing a language SFT and a task
         SFT that both carry heads); `xlsparse.hf.arithmetic.combine` chooses heads explicitly."""
-        diffs = list(diffs)
-        for i, d in enumerate(diffs):
-            if not isinstance(d, SparseDiff):
-                raise TypeError(f"merge: diffs[{i}] is a {type(d).__name__}, not a SparseDiff")
+        diffs = _diff_list("merge", diffs)
         if not checks.flag("merge", "with_abs", with_abs):
             diffs = [d.without_absolute() for d in diffs]
         weights = [1.0] * len(diffs) if weights is None else list(weights)
