@@ -1154,6 +1154,27 @@ def test_dynamic_mode_keeps_gradient_buffers_only_for_tensors_that_drop_entries(
         assert got == dropping and dropping != holding  # some tensors hold entries but drop none
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_full_phase_that_diverged_is_named_before_the_selection(tmp_path, bad):
+    # NaN: the selection raised topk_masks' "tensors[0] holds NaN", naming no parameter; inf: the
+    # entry ranked first and was selected, silently
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    name = "bert.encoder.layer.1.output.dense.weight"
+
+    class _Diverge(transformers.TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if trainer._phase == "full":
+                with torch.no_grad():
+                    dict(model.named_parameters())[name][0, 1] = bad
+
+    trainer.add_callback(_Diverge())
+    with pytest.raises(ValueError, match=rf"the full phase left NaN or inf in 1 maskable parameters, e.g. \['{name}'\]"):
+        trainer.train()
+    assert not trainer._masks
+
+
 def test_resuming_a_sparse_checkpoint_continues_bit_exactly(tmp_path):
     sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=3)
     whole = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16), sft_args=sft_args,

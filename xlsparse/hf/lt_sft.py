@@ -882,12 +882,18 @@ class LotteryTicketSparseFineTuner(Trainer):
         """Add the k entries of largest |θ − θ0| not selected yet to the masks."""
         params = self._params()
         with torch.no_grad():
-            scores = []
+            scores, diverged = [], []
             for name in self.maskable:
                 d = (params[name].detach() - self._theta0[name]).abs().reshape(-1)
+                if not bool(d.isfinite().all()):
+                    diverged.append(name)
                 if name in self._masks:
                     d[self._masks[name].long()] = math.inf  # chosen before: always in the top
                 scores.append(d)
+            if diverged:  # NaN: topk_mask named a position in a list the user never saw; inf: selected silently
+                raise ValueError(f"LotteryTicketSparseFineTuner: the full phase left NaN or inf in {len(diverged)} "
+                                 f"maskable parameters, e.g. {diverged[:3]}, so |θ − θ0| cannot rank their entries "
+                                 "(training diverged: lower learning_rate, or clip with max_grad_norm)")
             before = sum(m.numel() for m in self._masks.values())
             masks = topk_mask(scores, before + k)
             for name, m in zip(self.maskable, masks):
