@@ -1472,7 +1472,7 @@ def test_composable_sft_save_to_a_new_path_makes_a_folder_and_refuses_a_file(tmp
     assert os.path.isfile(tmp_path / "sft.bin")
 
 
-def test_saves_refuse_an_empty_path_or_a_non_path_naming_the_argument(tmp_path, monkeypatch):
+def test_saves_and_loads_refuse_an_empty_path_or_a_non_path_naming_the_argument(tmp_path, monkeypatch):
     # save("") wrote a temporary file beside the working folder and failed as "'<tmp>' -> ''";
     # save_composable_sft("") wrote pytorch_diff.bin into the working folder; save(None) raised
     # os.path's "expected str, bytes or os.PathLike object"
@@ -1490,6 +1490,13 @@ def test_saves_refuse_an_empty_path_or_a_non_path_naming_the_argument(tmp_path, 
         with pytest.raises(TypeError, match="save_composable_sft: path must be a str or os.PathLike"):
             diff.save_composable_sft(bad)
     assert os.listdir(tmp_path) == ["work"] and os.listdir(work) == []
+    # the loads alike: load(3) asked os.path.isfile about file descriptor 3, None raised os.stat's error
+    for load in (SparseDiff.load, SparseDiff.load_composable_sft):
+        with pytest.raises(ValueError, match="load.*: path: an empty path"):
+            load("")
+        for bad in (None, 3):
+            with pytest.raises(TypeError, match=f"load.*: path must be a str or os.PathLike, got {type(bad).__name__}"):
+                load(bad)
 
 
 def test_composable_sft_file_as_written_by_composable_sft_and_above_2_31(tmp_path):

@@ -5,9 +5,9 @@ import os
 import shutil
 
 
-def output_path(arg: str, path, give: str) -> str:
+def path_arg(arg: str, path, give: str) -> str:
     """`path` (a str or os.PathLike) as a str; not a path, or an empty one, raises naming `arg`,
-    before anything is written. `give` says what the path should name ("file", "folder")."""
+    before anything is read or written. `give` says what the path should name ("file", "folder")."""
     if isinstance(path, os.PathLike):
         path = os.fspath(path)
     if not isinstance(path, str):
@@ -20,7 +20,7 @@ def output_path(arg: str, path, give: str) -> str:
 def check_output(arg: str, path: str, folder: bool) -> None:
     """Refuse, before any long work, an output path that cannot be written: a file where a folder
     goes or the reverse, or a path under a file (makedirs would fail only at the end)."""
-    output_path(arg, path, "folder" if folder else "file")
+    path_arg(arg, path, "folder" if folder else "file")
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise ValueError(f"{arg} {path}: is a {'file' if folder else 'folder'}; give a {'folder' if folder else 'file'}")
     parent = os.path.dirname(os.path.abspath(path))

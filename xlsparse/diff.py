@@ -24,7 +24,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from ._paths import made_folder, output_path
+from ._paths import made_folder, path_arg
 from .functional import topk_mask
 from .ops import checks
 from .ops import compose as _ops
@@ -1356,7 +1356,7 @@ class SparseDiff:
 
         from ._version import __version__
 
-        path = output_path("SparseDiff.save: path", path, "file")
+        path = path_arg("SparseDiff.save: path", path, "file")
         tensors, meta = {}, {"format": FORMAT, "format_version": FORMAT_VERSION, "xlsparse_version": __version__,
                               "base_model": base_model or self.base_model, "deltas": [], "dense": [], "absolute": []}
         for i, (name, d) in enumerate(self.deltas.items()):
@@ -1395,6 +1395,7 @@ class SparseDiff:
             raise ValueError(f"SparseDiff.load: device={device!r} is not usable here: {exc}") from exc
         if not usable:  # the index checks read the data, which meta tensors lack
             raise ValueError(f"SparseDiff.load: device={device!r} is not usable here: meta tensors hold no data")
+        path = path_arg("SparseDiff.load: path", path, "file")  # os.path.isfile(3) asks about file descriptor 3
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file" if not os.path.exists(path) else f"{path}: not a file")
         try:
@@ -1476,6 +1477,7 @@ class SparseDiff:
         `{"diffs": {name: {"size", "index_steps", "values"}}, "abs": {name: tensor}}` with flat
         column-major indices, delta-encoded (the first absolute). Loaded with weights_only=True;
         indices are decoded in int64, so tensors above 2^31 elements are safe."""
+        path = path_arg("load_composable_sft: path", path, "folder or a .bin file")
         if os.path.isdir(path):
             path = os.path.join(path, COMPOSABLE_SFT_FILE)
         try:
@@ -1505,7 +1507,7 @@ class SparseDiff:
         HF's `save_pretrained` do) that gets `pytorch_diff.bin`; an existing file there is refused
         with nothing written. Missing parent folders are made (and removed again if the write fails).
         Dense differences are written as sparse diffs over every element; absolute entries as "abs"."""
-        path = output_path("save_composable_sft: path", path, "folder or a .bin file")
+        path = path_arg("save_composable_sft: path", path, "folder or a .bin file")
         if os.path.isdir(path) or not path.endswith(".bin"):
             # written as a file, "out/de" could not be read where a composable-sft folder is expected
             if os.path.exists(path) and not os.path.isdir(path):
