@@ -206,8 +206,8 @@ class DynamicSftArguments(SftArguments):
     step k × `reselection_steps` and reselects at the window's end: the same cadence, shifted by
     the window). During the accumulation window each converted layer adds its
     dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
-    embeddings) into one dense buffer per parameter that drops entries (float32 for a bf16/fp16 model; under fp16's GradScaler a
-    second one holds the step's own part until the scaler has not skipped the step), freed after
+    embeddings) into one dense buffer per parameter that drops entries (float32 for a bf16/fp16
+    model; under fp16's GradScaler a second one holds the step's own part until the scaler has not skipped the step), freed after
     the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
     reselection, so every process selects the same support. Biases and norms keep their support, and so does a
     tensor whose int(drop_fraction × K_t) is 0 (with a warning). No reselection follows the phase's last step, so
