@@ -240,6 +240,17 @@ def test_expert_embeddings_over_a_max_norm_base_are_refused_and_add_expert_keeps
         assert torch.equal(ensemble.expert_logits(ids), before)
 
 
+def test_add_expert_refuses_a_diff_that_is_not_a_sparse_diff():
+    # a dict of deltas raised a bare AttributeError ('dict' object has no attribute 'deltas')
+    base = tiny("llama")
+    experts = _random_experts(base, "llama")
+    ensemble = xelm.ExpertEnsemble(base, {"x0": experts["x0"]})
+    for bad in (dict(experts["x1"].deltas), None):
+        with pytest.raises(TypeError, match=f"add_expert: diff must be a SparseDiff, got {type(bad).__name__}"):
+            ensemble.add_expert("x1", bad)
+    assert ensemble.names == ["x0"]
+
+
 def test_add_expert_refuses_a_base_changed_since_the_ensemble_was_built():
     # add_expert rebuilt every expert from the changed base: the others' logits moved by 0.33
     base = tiny("llama")

@@ -242,6 +242,8 @@ class ExpertEnsemble(nn.Module):
         """Add an expert; the others are not changed. With a non-uniform prior, give the new
         expert's `prior` (the priors are renormalised). The ensemble is rebuilt from the base it
         was given: a base changed since (values, dtype or parameters) raises, and nothing changes."""
+        if not isinstance(diff, SparseDiff):  # a bare AttributeError ('... has no attribute deltas') in the rebuild
+            raise TypeError(f"add_expert: diff must be a SparseDiff, got {type(diff).__name__}")
         if name in self.experts:
             raise ValueError(f"add_expert: an expert named {name!r} exists")
         if (self._prior is None) != (prior is None):
