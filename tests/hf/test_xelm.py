@@ -676,6 +676,18 @@ def test_child_grows_where_the_gradient_at_base_plus_parent_is_largest():
         assert set(d.indices.tolist()) <= set(flat.deltas[n].indices.tolist())
 
 
+def test_a_child_grown_over_fewer_layers_than_its_parent_is_refused_as_without_grow():
+    """With grow, the child's support was the parent's on the target layers only: the parent's
+    deltas on the other layers were dropped, and the child trained from base + part of its parent."""
+    base = tiny("llama")
+    parent = random_diff(base, 20, 0.5, seed=7)  # deltas on every block linear, q_proj and the others
+    assert any("q_proj" not in n for n in parent.deltas)
+    for grow in (None, 5):
+        with pytest.raises(ValueError, match="not the weight of a target linear layer"):
+            xelm.train_expert(base, _lm_batches(1, 2), init=parent, grow=grow, target_modules=["q_proj"], lr=0.0,
+                              progress=False)
+
+
 def _x_elm_clustering(vectors, num_clusters):
     """X-ELM's lang_clustering.py restated: cosine distance skipping missing (None) values, the
     single-link distance of two clusters, greedy disjoint pairs (closest first) merged each round."""

@@ -784,7 +784,9 @@ def _grown_support(model: nn.Module, parent: SparseDiff, batch, grow: int, loss_
     if grow > nonzero:  # the rest among the zero-gradient entries outside the parent's support
         rest = topk_mask([(f & ~p).float() for f, p in zip(outside, picks)], grow - nonzero)
         picks = [p | r for p, r in zip(picks, rest)]
-    new = {}
+    # the parent's deltas on other layers stay, for convert to refuse as it does without grow: dropped,
+    # the child started from base + part of its parent, silently
+    new = {n: d for n, d in parent.deltas.items() if n not in names}
     for n, m in zip(names, picks):
         idx = m.reshape(-1).nonzero().squeeze(1)
         if n in parent.deltas:
