@@ -2,6 +2,7 @@
 re-selection, first-order MAML against a plain-torch restatement, Reptile, and mixed-language
 training that never builds a dense gradient per language."""
 import copy
+import math
 import os
 
 import pytest
@@ -535,6 +536,22 @@ def test_fomaml_takes_udify_metalearnings_two_learning_rates_by_parameter_name()
         subnetworks.fomaml_step(model, support, query, masks, {r"layer\.1\.": 0.5}, 2, opt)
     with pytest.raises(ValueError, match=r"fomaml_optimizer: no pattern of lr matches"):
         subnetworks.fomaml_optimizer(model, masks, lr={r"layer\.1\.": 0.5})
+
+
+def test_mask_selection_refuses_negative_or_infinite_importances():
+    """Masks keep the largest magnitudes: a score of -5 was chosen before 2 and 1, as the most
+    important entry, and an infinite head score became NaN after the per-layer norm."""
+    with pytest.raises(ValueError, match=r"select_masks: scores\['de'\] must be finite and >= 0"):
+        subnetworks.select_masks({"de": {"w": torch.tensor([1.0, -5.0, 2.0, 0.5])}}, density=0.5)
+    model = tiny("bert")
+    heads, neurons = torch.rand(2, 2), torch.rand(2, model.config.intermediate_size)
+    for bad in (-1.0, math.inf):
+        h, n = heads.clone(), neurons.clone()
+        h[0, 1] = bad
+        n[1, 3] = bad
+        for args in ((h, neurons), (heads, n)):
+            with pytest.raises(ValueError, match="structured_masks: the scores must be finite and >= 0"):
+                subnetworks.structured_masks(model, *args, 0.5, 0.25)
 
 
 def test_structured_masks_rank_heads_after_normalising_each_layer():

@@ -37,7 +37,7 @@ from ..ops import checks
 from ..optim import MaskedAdamW
 from .model import _language_ids as route_ids
 from .model import _refuse_max_norm, accepts_compiled
-from .subnetworks import _check_batches, _finite_step, _progress
+from .subnetworks import _check_batches, _check_importances, _finite_step, _progress
 
 
 URIEL_FEATURES = ("syntax_knn", "phonology_knn", "inventory_knn", "fam", "geo")
@@ -184,10 +184,7 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
         if shapes:  # the discount below failed on them with a bare broadcasting error
             raise ValueError(f"language_aware_masks: scores[{lang!r}] and scores[{langs[0]!r}] have different shapes "
                              f"for {shapes[:3]}")
-        bad = [n for n in names if not bool((torch.isfinite(scores[lang][n]) & (scores[lang][n] >= 0)).all())]
-        if bad:  # normalised by their sum, negative scores could flip the ranking
-            raise ValueError(f"language_aware_masks: scores[{lang!r}] must be finite and >= 0 (importances), "
-                             f"got other values in {bad[:3]}")
+        _check_importances("language_aware_masks", f"scores[{lang!r}]", scores[lang])
     dist = distance_matrix([uriel_codes[lang] for lang in langs], features)
     # float64 throughout: the shift by the lowest score below would round float32 scores closer
     # than ulp(|lowest|) together, and topk_mask would then break the tie by position.

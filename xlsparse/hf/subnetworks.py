@@ -192,20 +192,33 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     return scores
 
 
+def _check_importances(op: str, what: str, named: Mapping[str, torch.Tensor]) -> None:
+    """Importance scores (`what`: {name: tensor}) must be finite and >= 0: masks keep the largest
+    magnitudes (topk_mask), so a negative score ranked by its size as if it were important."""
+    bad = [n for n, t in named.items() if not bool((torch.isfinite(t) & (t >= 0)).all())]
+    if bad:
+        raise ValueError(f"{op}: {what} must be finite and >= 0 (importances), got other values in {bad[:3]}")
+
+
+def _refuse_unscored(op: str, lang: str, named: Mapping[str, torch.Tensor], k: int) -> None:
+    """importance_scores gives all zeros to a language with no batches or no labelled token: its
+    "top" entries were then the first K by position (the first rows of the first parameter)."""
+    if k and not any(bool(t.any()) for t in named.values()):
+        raise ValueError(f"{op}: scores[{lang!r}] are all zero (no example of {lang!r} was scored: its batches were "
+                         "empty or had no labelled token), so its top entries would be the first ones by position; "
+                         "score it on batches with labelled tokens")
+
+
 def select_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], density: float) -> dict[str, dict[str, torch.Tensor]]:
     """A mask per language: the `density` share of its most important entries, global over the
-    scored parameters (exactly K entries, ties to the lowest position). A language whose scores
-    are all zero (none of its examples was scored) raises."""
+    scored parameters (exactly K entries, ties to the lowest position). Scores must be finite
+    and >= 0; a language whose scores are all zero (none of its examples was scored) raises."""
     masks = {}
     for lang, named in scores.items():
         names = list(named)
+        _check_importances("select_masks", f"scores[{lang!r}]", named)
         k = budget("select_masks", sum(named[n].numel() for n in names), density=density)
-        # importance_scores gives all zeros to a language with no batches or no labelled token: its
-        # "top" entries were then the first K by position (the first rows of the first parameter)
-        if k and not any(bool(named[n].any()) for n in names):
-            raise ValueError(f"select_masks: scores[{lang!r}] are all zero (no example of {lang!r} was scored: its "
-                             "batches were empty or had no labelled token), so its top entries would be the first "
-                             "ones by position; score it on batches with labelled tokens")
+        _refuse_unscored("select_masks", lang, named, k)
         masks[lang] = dict(zip(names, topk_mask([named[n] for n in names], k)))
     return masks
 
@@ -586,13 +599,14 @@ def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores:
 
     `head_scores` [L, H] and `neuron_scores` [L, F], e.g. from `structured_importance`. Masks
     are in the model's own parameter layout (GPT-2's Conv1D [in, out]: the same lines
-    transposed), as `convert(kind="subnetwork")` takes them. With grouped-query attention a K/V
-    head opens when any of its query heads does. Biases are not included.
+    transposed), as `convert(kind="subnetwork")` takes them; scores must be finite and >= 0. With
+    grouped-query attention a K/V head opens when any of its query heads does. Biases are not included.
     """
     arch, layers = block_layout(model)
     heads, kv_heads = _heads(model)
     modules = dict(model.named_modules())
     head_scores, neuron_scores = torch.as_tensor(head_scores), torch.as_tensor(neuron_scores)
+    _check_importances("structured_masks", "the scores", {"head_scores": head_scores, "neuron_scores": neuron_scores})
     if head_scores.shape != (len(layers), heads):
         raise ValueError(f"structured_masks: head_scores must be [{len(layers)}, {heads}], got {tuple(head_scores.shape)}")
     width = _linear_shape(modules[layers[0]["ffn_out"]])[0][1]
