@@ -158,14 +158,28 @@ def test_language_aware_masks_break_ties_by_parameter_name_not_dict_order(monkey
         for lang, v in (("ppp", [1.0, 0.0]), ("rrr", [0.0, 1.0])):
             monkeypatch.setitem(continual._URIEL_CACHE, (f, lang), torch.tensor(v, dtype=torch.float64))
     a = {"y.weight": torch.tensor([0.0, 3.0, 0.0]), "x.weight": torch.tensor([0.0, 0.0, 0.0])}
-    b = {"y.weight": torch.tensor([0.0, 0.0, 0.0]), "x.weight": torch.tensor([0.0, 0.0, 0.0])}
-    # a's signed scores: y[1] = 1 on top, then five zeros; k = 2 takes the first zero in x, y order
+    b = {"y.weight": torch.tensor([0.0, 0.0, 0.0]), "x.weight": torch.tensor([0.0, 0.0, 1.0])}
+    # a's signed scores: y[1] = 1 on top, then four zeros (x[2] is -1: b's); k = 2 takes the first
+    # zero in x, y order
     expect = {"x.weight": [True, False, False], "y.weight": [False, True, False]}
     for first in ("a", "b"):
         scores = {"a": a, "b": b} if first == "a" else {"b": dict(reversed(b.items())), "a": a}
         masks = continual.language_aware_masks(scores, {"a": "ppp", "b": "rrr"}, density=2 / 6, features=("f1",))
         assert list(masks["a"]) == list(scores[first])  # the scores' own order is kept
         assert {n: m.tolist() for n, m in masks["a"].items()} == expect, first
+
+
+def test_language_aware_masks_refuse_a_language_none_of_whose_examples_was_scored(monkeypatch):
+    """All-zero scores (no batch, or none with a labelled token) gave the language a subset anyway:
+    the entries the other languages need least, ties by position; select_masks refuses them too."""
+    for lang, v in (("ppp", [1.0, 0.0]), ("rrr", [0.0, 1.0])):
+        monkeypatch.setitem(continual._URIEL_CACHE, ("f1", lang), torch.tensor(v, dtype=torch.float64))
+    scores = {"a": {"w": torch.tensor([3.0, 1.0, 2.0, 0.5])}, "b": {"w": torch.zeros(4)}}
+    with pytest.raises(ValueError, match=r"language_aware_masks: scores\['b'\] are all zero"):
+        continual.language_aware_masks(scores, {"a": "ppp", "b": "rrr"}, density=0.5, features=("f1",))
+    # nothing asked of it (density 0): nothing to refuse
+    masks = continual.language_aware_masks(scores, {"a": "ppp", "b": "rrr"}, density=0.0, features=("f1",))
+    assert not bool(masks["b"]["w"].any())
 
 
 def _mixed_batch(seed, b=6, s=8):

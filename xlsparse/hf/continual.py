@@ -37,7 +37,7 @@ from ..ops import checks
 from ..optim import MaskedAdamW
 from .model import _language_ids as route_ids
 from .model import _refuse_max_norm, accepts_compiled
-from .subnetworks import _check_batches, _check_importances, _finite_step, _progress
+from .subnetworks import _check_batches, _check_importances, _finite_step, _progress, _refuse_unscored
 
 
 URIEL_FEATURES = ("syntax_knn", "phonology_knn", "inventory_knn", "fam", "geo")
@@ -164,7 +164,8 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
     (d near 0) discounts little, so close languages share entries; a distant one discounts
     fully, so an entry that a distant language needs is left to it. The ranking is by the signed
     score: an entry another language needs more than this one ranks last, not first.
-    `uriel_codes` maps each language key of `scores` to its ISO 639-3 code.
+    `uriel_codes` maps each language key of `scores` to its ISO 639-3 code. Scores must be
+    finite and >= 0; a language whose scores are all zero (none of its examples was scored) raises.
     """
     if isinstance(protect, bool) or not (isinstance(protect, (int, float)) and math.isfinite(protect) and protect >= 0):
         # a negative protect would rank entries that other languages need first: the opposite rule
@@ -185,6 +186,9 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
             raise ValueError(f"language_aware_masks: scores[{lang!r}] and scores[{langs[0]!r}] have different shapes "
                              f"for {shapes[:3]}")
         _check_importances("language_aware_masks", f"scores[{lang!r}]", scores[lang])
+    k = budget("language_aware_masks", sum(scores[langs[0]][n].numel() for n in names), density=density)
+    for lang in langs:  # all zero: its subset was the entries the others need least, ties by position
+        _refuse_unscored("language_aware_masks", lang, scores[lang], k)
     dist = distance_matrix([uriel_codes[lang] for lang in langs], features)
     # float64 throughout: the shift by the lowest score below would round float32 scores closer
     # than ulp(|lowest|) together, and topk_mask would then break the tie by position.
@@ -206,7 +210,6 @@ def language_aware_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], uriel
         # Parameters in name order: a tie (e.g. entries no language needs, all at 0) went by the
         # first language's dict order, so listing the languages otherwise gave other subsets.
         lowest = min(float(t.min()) for t in adjusted.values())
-        k = budget("language_aware_masks", sum(t.numel() for t in adjusted.values()), density=density)
         keep = dict(zip(sorted(names), topk_mask([adjusted[n] - lowest for n in sorted(names)], k)))
         masks[lang] = {n: keep[n] for n in names}
     return masks
