@@ -559,6 +559,22 @@ def test_generation_is_incremental_and_matches_the_forward(arch):
         ensemble.generate(prompt, max_new_tokens=2.5)
 
 
+def test_generate_refuses_options_that_are_not_what_they_say():
+    """do_sample="no" is truthy: generate sampled; eos_token_id=True stopped at token 1, and an id
+    outside the vocabulary never stopped anything."""
+    base = tiny("llama")
+    ensemble = xelm.ExpertEnsemble(base, {"a": random_diff(base, 20, 0.5, 0)})
+    prompt = batch(2, 4)
+    for option in ("do_sample", "return_logprobs"):
+        with pytest.raises(TypeError, match=f"generate: {option} must be a bool, got 'no'"):
+            ensemble.generate(prompt, max_new_tokens=2, **{option: "no"})
+    with pytest.raises(TypeError, match="generate: eos_token_id must be an int, got True"):
+        ensemble.generate(prompt, max_new_tokens=2, eos_token_id=True)
+    for eos in (-1, VOCAB):
+        with pytest.raises(ValueError, match=rf"generate: eos_token_id must be a token id in \[0, {VOCAB}\)"):
+            ensemble.generate(prompt, max_new_tokens=2, eos_token_id=eos)
+
+
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_a_left_padded_batch_generates_as_each_prompt_alone(arch):
     """generate took no attention mask: a padded prompt attended to its padding, and GPT-2 counted

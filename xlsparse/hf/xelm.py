@@ -390,6 +390,11 @@ class ExpertEnsemble(nn.Module):
         # 2.5 ran the prompt through every expert, then failed in range() naming no argument
         if checks.count("generate", "max_new_tokens", max_new_tokens) < 1:
             raise ValueError(f"generate: max_new_tokens must be at least 1, got {max_new_tokens}")
+        # do_sample="no" is truthy: it sampled; eos_token_id=True stopped at token 1
+        checks.flag("generate", "do_sample", do_sample)
+        checks.flag("generate", "return_logprobs", return_logprobs)
+        if eos_token_id is not None:
+            checks.count("generate", "eos_token_id", eos_token_id)
         if weights is not None and weights.dim() == 3:  # the new tokens' positions would have none
             raise ValueError("generate: weights per position cover the prompt only; give weights per example [B, E]")
         if attention_mask is not None:
@@ -402,6 +407,8 @@ class ExpertEnsemble(nn.Module):
         copies = self._copies(input_ids[:, -1:])  # each step runs one token per copy
         out = self._expert_pass(input_ids, attention_mask, use_cache=True)
         logits = out.logits.reshape(e, b, input_ids.shape[1], -1)
+        if eos_token_id is not None and not 0 <= eos_token_id < logits.shape[-1]:  # no token is it: it never stopped
+            raise ValueError(f"generate: eos_token_id must be a token id in [0, {logits.shape[-1]}), got {eos_token_id}")
         token_lp = self._token_logprobs(logits, input_ids, attention_mask)
         log_w = self.log_weights(token_lp, weights)
         prefix = token_lp.sum(2)  # [E, B]: log p_e(prompt), grown by one token per step below
