@@ -1871,6 +1871,20 @@ def test_dynamic_masks_callback_checks_its_probe_batches_before_any_step(tmp_pat
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_dynamic_masks_callback_checks_its_densities_and_every_at_construction():
+    """A density outside [0, 1] raised only at the first re-selection, after `every` steps had
+    trained; every=2.5 re-selected at steps 5, 10, ... and every=True at each step."""
+    probe = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
+    for kwargs in ({"density": 1.5}, {"heads_density": -0.1, "neurons_density": 0.5},
+                   {"heads_density": 0.5, "neurons_density": float("nan")}):
+        name = next(n for n, d in kwargs.items() if not 0 <= d <= 1)
+        with pytest.raises(ValueError, match=f"DynamicMasksCallback: {name}: density must"):
+            subnetworks.DynamicMasksCallback(probe, every=1, **kwargs)
+    for every in (2.5, True):
+        with pytest.raises(TypeError, match="DynamicMasksCallback: every must be an int"):
+            subnetworks.DynamicMasksCallback(probe, every=every, density=0.1)
+
+
 def test_dynamic_masks_callback_refuses_a_run_too_short_to_ever_reselect(tmp_path):
     """every=3 in a run of 2 optimizer steps never re-selected: the run trained static masks while
     scoring the probe batches at every step, and said nothing."""

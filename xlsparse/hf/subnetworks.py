@@ -1168,12 +1168,15 @@ class DynamicMasksCallback(TrainerCallback):
 
     def __init__(self, probe_batches: Mapping[str, list], every: int, heads_density: float | None = None,
                  neurons_density: float | None = None, density: float | None = None, loss_fn: Callable | None = None):
-        if every < 1:
+        if checks.count("DynamicMasksCallback", "every", every) < 1:  # 2.5 re-selected at steps 5, 10, ...
             raise ValueError(f"DynamicMasksCallback: every must be at least 1, got {every}")
         if (heads_density is None) != (neurons_density is None):
             raise ValueError("DynamicMasksCallback: give heads_density and neurons_density together")
         if (heads_density is None) == (density is None):
             raise ValueError("DynamicMasksCallback: give heads_density/neurons_density (structured) or density (entries)")
+        for name, d in (("heads_density", heads_density), ("neurons_density", neurons_density), ("density", density)):
+            if d is not None:  # budget's rule at each re-selection, now: it raised after `every` steps had trained
+                budget(f"DynamicMasksCallback: {name}", 0, density=d)
         # one batch (a dict) was read as a list of its field names, which failed after the first step
         _check_language_batches("DynamicMasksCallback", probe_batches, "probe_batches")
         self.probe = {lang: list(b) for lang, b in probe_batches.items()}
