@@ -573,6 +573,9 @@ def test_structured_masks_rank_heads_after_normalising_each_layer():
     assert torch.equal(open_heads(subnetworks.structured_masks(model, heads, neurons, 0.5, 0.25)), expect)
     raw = subnetworks.structured_masks(model, heads, neurons, 0.5, 0.25, normalize_heads_by_layer=False)
     assert torch.equal(open_heads(raw), torch.tensor([[True, True], [False, False]]))
+    # "False" is truthy: the heads were normalised, unasked
+    with pytest.raises(TypeError, match="structured_masks: normalize_heads_by_layer must be a bool, got 'False'"):
+        subnetworks.structured_masks(model, heads, neurons, 0.5, 0.25, normalize_heads_by_layer="False")
 
 
 def test_structured_masks_refuse_blocks_that_only_look_like_llama_s():

@@ -613,7 +613,7 @@ def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores:
     if neuron_scores.shape != (len(layers), width):
         raise ValueError(f"structured_masks: neuron_scores must be [{len(layers)}, {width}], got {tuple(neuron_scores.shape)}")
     ranked = head_scores.float()
-    if normalize_heads_by_layer:
+    if checks.flag("structured_masks", "normalize_heads_by_layer", normalize_heads_by_layer):  # "False" is truthy
         ranked = ranked / ranked.norm(dim=1, keepdim=True).clamp_min(torch.finfo(ranked.dtype).tiny)
     keep_heads = topk_mask([ranked], budget("structured_masks", head_scores.numel(), density=heads_density))[0]
     keep_neurons = topk_mask([neuron_scores.float()], budget("structured_masks", neuron_scores.numel(),
