@@ -1902,6 +1902,20 @@ def test_dynamic_masks_callback_refuses_a_run_too_short_to_ever_reselect(tmp_pat
     assert callback.reselections == 0 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_dynamic_masks_callback_refuses_an_optimizer_it_cannot_re_mask_before_any_step(tmp_path):
+    """optimizers=(a torch AdamW, ...) trained `every` steps, then the first re-selection raised."""
+    model, _ = _structured_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    callback = subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}, every=2,
+                                                density=0.1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                            callbacks=[callback], optimizers=(opt, None))
+    with pytest.raises(TypeError, match="DynamicMasksCallback: optimizer must be an xlsparse masked optimizer.*AdamW"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_structured_reselection_refuses_a_converted_layer_outside_the_heads_and_neurons(tmp_path):
     """structured_masks opens no entry of a layer outside the blocks' Q/K/V/O and FFN (the MLM head's
     transform here): the first re-selection gave it empty masks for every language, and it stopped

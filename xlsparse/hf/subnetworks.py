@@ -233,16 +233,12 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     model's own layout (GPT-2 Conv1D: [in, out]); every shape is checked before any layer changes.
     `extract_diff`, `save_pretrained` and `disable` then cover every entry that any mask so far
     opened: an entry that leaves the masks keeps what it learned, so it stays in the diff."""
-    from ..optim import _MaskedOptimizer
-
     order = languages(model)
     if list(masks) != order:
         raise ValueError(f"set_masks: languages {list(masks)} differ from the model's {order}")
-    if optimizer is not None and not isinstance(_unwrap(optimizer), _MaskedOptimizer):
-        # before any layer changes: a torch AdamW raised AttributeError (no update_masks) after every
-        # layer had taken the new masks, so the model and its optimizer trained different supports
-        raise TypeError(f"set_masks: optimizer must be an xlsparse masked optimizer (MaskedAdamW, MaskedSGD), which "
-                        f"set_masks re-masks; got {type(_unwrap(optimizer)).__name__}; nothing was changed")
+    # before any layer changes: a torch AdamW raised AttributeError (no update_masks) after every
+    # layer had taken the new masks, so the model and its optimizer trained different supports
+    _check_remaskable("set_masks", optimizer)
     routed = {f"{name}.weight" for name, _ in _converted(model, SubnetworkLinear)}
     for lang in order:  # a name no layer reads would be dropped, leaving every layer an empty mask
         unknown = sorted(n for n in masks[lang] if n not in routed)
@@ -266,6 +262,16 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
         layer.set_masks(per_lang)
     if optimizer is not None:
         _follow_masks(_unwrap(optimizer), [layer for _, layer, _ in new])
+
+
+def _check_remaskable(op: str, optimizer) -> None:
+    """`optimizer` (None, or one behind accelerate's wrapper) must be an xlsparse masked optimizer,
+    which `set_masks` re-masks."""
+    from ..optim import _MaskedOptimizer
+
+    if optimizer is not None and not isinstance(_unwrap(optimizer), _MaskedOptimizer):
+        raise TypeError(f"{op}: optimizer must be an xlsparse masked optimizer (MaskedAdamW, MaskedSGD), which "
+                        f"set_masks re-masks; got {type(_unwrap(optimizer)).__name__}; nothing was changed")
 
 
 def _follow_masks(optimizer, layers: list) -> None:
@@ -1218,8 +1224,10 @@ class DynamicMasksCallback(TrainerCallback):
             raise ValueError(f"DynamicMasksCallback: probe batches for {sorted(self.probe)}, the model has {order}")
         return order
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._check_languages(model)  # before the first step, not after it
+        # optimizers=(torch AdamW, ...) was refused by set_masks only at the first re-selection
+        _check_remaskable("DynamicMasksCallback", optimizer)
         if self.density is None:
             # structured_masks opens no entry of any other layer: a re-selection gave it empty masks for
             # every language, and it stopped training, silently
