@@ -1221,6 +1221,20 @@ def test_cluster_experts_refuse_a_language_without_batches(monkeypatch):
     assert members == {"expert0": ["en"], "expert1": ["ja"]} and trained == [data["en"], data["ja"]]
 
 
+def test_the_number_of_experts_must_be_an_int(monkeypatch):
+    """num_experts=1.5 passed cluster_languages' range check and merged every language into one
+    cluster; train_cluster_experts failed in range(), naming nothing."""
+    trained = []
+    monkeypatch.setattr(xelm, "train_expert", lambda base, batches, **kw: trained.append(batches))
+    for bad in (1.5, True):
+        with pytest.raises(TypeError, match=f"cluster_languages: num_experts must be an int, got {bad}"):
+            xelm.cluster_languages({"en": "eng", "de": "deu", "ja": "jpn"}, bad)
+        with pytest.raises(TypeError, match=f"train_cluster_experts: num_experts must be an int, got {bad}"):
+            xelm.train_cluster_experts(None, {"en": [{"x": 1}], "ja": [{"x": 2}]}, bad, clusters={"en": 0, "ja": 0},
+                                       density=0.05)
+    assert trained == []
+
+
 def test_cluster_experts_train_each_expert_on_its_cluster_only():
     base = tiny("llama")
     data = {lang: _lm_batches(1, i) for i, lang in enumerate(("en", "de", "ja", "ko"))}

@@ -651,7 +651,8 @@ def cluster_languages(codes: Mapping[str, str], num_experts: int) -> dict[str, i
     code; expert indices follow the order in which the clusters were formed, as there.
     """
     langs = list(codes)
-    if not 1 <= num_experts <= len(langs):
+    # 1.5 passed the range check and merged down to one cluster; True read as 1
+    if not 1 <= checks.count("cluster_languages", "num_experts", num_experts) <= len(langs):
         raise ValueError(f"cluster_languages: num_experts must be in [1, {len(langs)}], got {num_experts}")
     dist = _cosine_distances(_syntax_average([codes[lang] for lang in langs]))
     clusters = [[i] for i in range(len(langs))]
@@ -687,6 +688,7 @@ def train_cluster_experts(base: nn.Module, batches: Mapping[str, Sequence], num_
     """
     if (codes is None) == (clusters is None):
         raise ValueError("train_cluster_experts: give exactly one of codes (URIEL clustering) or clusters")
+    checks.count("train_cluster_experts", "num_experts", num_experts)  # 2.5 failed in range(), unnamed
     _check_language_batches("train_cluster_experts", batches)
     batches = {lang: list(b) for lang, b in batches.items()}
     empty = [lang for lang, b in batches.items() if not b]
