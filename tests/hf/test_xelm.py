@@ -435,6 +435,9 @@ def test_static_weights_equal_mixing_separate_experts():
     for bad in (math.inf, math.nan, 0.0):
         with pytest.raises(ValueError, match="ExpertEnsemble: temperature must be a finite number > 0"):
             xelm.ExpertEnsemble(base, experts, temperature=bad)
+    for bad in ("2", True):  # "2" failed in a comparison, naming nothing
+        with pytest.raises(TypeError, match="ExpertEnsemble: temperature must be a number"):
+            xelm.ExpertEnsemble(base, experts, temperature=bad)
     # a mixture: a negative weight gave probability mass 1.5, an all-zero row NaN
     for bad in ([[1.0, -0.5], [0.5, 0.5]], [[0.0, 0.0], [0.5, 0.5]], [[float("nan"), 1.0], [0.5, 0.5]]):
         with pytest.raises(ValueError, match="weights must be finite and >= 0"):
@@ -830,6 +833,8 @@ def test_balanced_kmeans_and_typological_clusters():
     assert prior["germanic"] > prior["east"] and sum(prior.values()) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="temperature must be positive"):  # it favoured the farthest expert
         xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]}, temperature=-0.1)
+    with pytest.raises(TypeError, match="typological_prior: temperature must be a number"):
+        xelm.typological_prior("nld", {"germanic": ["eng", "deu"], "east": ["jpn", "kor"]}, temperature="0.1")
 
 
 def test_typological_prior_weighs_by_x_elm_s_measure_as_closest_parent():

@@ -149,6 +149,8 @@ class ExpertEnsemble(nn.Module):
             checks.count("ExpertEnsemble", "top_k", top_k)
         if top_k is not None and weighting != "posterior":  # static and uniform weights are not ranked per token
             raise ValueError(f"ExpertEnsemble: top_k is for weighting='posterior', not {weighting!r}")
+        if not checks.is_real(temperature):  # "2" failed in the comparison below, unnamed; True was read as 1.0
+            raise TypeError(f"ExpertEnsemble: temperature must be a number, got {temperature!r}")
         if not 0 < temperature < math.inf:  # inf: a −inf prefix log-likelihood / inf gave a NaN weight
             raise ValueError(f"ExpertEnsemble: temperature must be a finite number > 0, got {temperature}")
         if temperature != 1.0 and weighting != "posterior":  # it scales the prefix likelihoods only
@@ -748,6 +750,8 @@ def typological_prior(code: str, expert_codes: Mapping[str, str | Sequence[str]]
     branches from, and a language of an expert's cluster (d = 0) weighs most on that expert.
     The prior itself is xlsparse's own: X-ELM weights experts by its tf-idf router, or evaluates a
     typological expert alone on its cluster's languages (the limit temperature → 0)."""
+    if not checks.is_real(temperature):  # "0.1" failed in the comparison below, unnamed
+        raise TypeError(f"typological_prior: temperature must be a number, got {temperature!r}")
     if not temperature > 0:  # a negative one would favour the farthest expert
         raise ValueError(f"typological_prior: temperature must be positive, got {temperature}")
     dist = _typological_distances(expert_codes, code, "typological_prior")
