@@ -1241,6 +1241,24 @@ def test_dynamic_masks_run_resumed_from_a_checkpoint_matches_the_uninterrupted_r
         torch.testing.assert_close(resumed_weights[n], p, rtol=0, atol=0, msg=n)
 
 
+def test_dynamic_masks_callback_refuses_a_state_of_the_other_kind_of_scores():
+    """A state of head/neuron scores loaded into a per-entry callback (or the reverse) was taken,
+    and the first step after the resume failed adding the two kinds with a bare TypeError."""
+    probe = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
+    structured = {"scores": {"de": (torch.rand(2, 2), torch.rand(2, 48))}, "reselections": 1}
+    entries = {"scores": {"de": {"w": torch.rand(3)}}, "reselections": 1}
+    per_entry = subnetworks.DynamicMasksCallback(probe, every=1, density=0.1)
+    with pytest.raises(ValueError, match=r"saved scores of \['de'\] are head/neuron scores, this callback selects entries"):
+        per_entry.load_state_dict(structured)
+    heads = subnetworks.DynamicMasksCallback(probe, every=1, heads_density=0.5, neurons_density=0.5)
+    with pytest.raises(ValueError, match=r"saved scores of \['de'\] are per-entry scores"):
+        heads.load_state_dict(entries)
+    assert per_entry.scores == {} and heads.scores == {}
+    per_entry.load_state_dict(entries)
+    heads.load_state_dict(structured)
+    assert per_entry.scores["de"] is entries["scores"]["de"] and heads.reselections == 1
+
+
 def test_load_best_model_at_end_brings_back_the_best_checkpoint_s_masks_and_coverage(tmp_path):
     """The Trainer's own _load_best_model loaded the best checkpoint's weights only: the model kept
     the masks and coverage of the last re-selection, so it routed, and exported its diff, as no

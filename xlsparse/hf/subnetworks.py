@@ -1051,10 +1051,10 @@ class SubnetworkTrainer(Trainer):
         _refuse_model_only(resume_from_checkpoint)
         _refuse_finished(resume_from_checkpoint, self.args)
         saved = self._checked_masks(resume_from_checkpoint)
+        for cb, state in zip(self._dynamic_callbacks(), saved["callbacks"]):  # one it refuses: no weight loaded yet
+            cb.load_state_dict(state)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         self._restore_masks(saved)
-        for cb, state in zip(self._dynamic_callbacks(), saved["callbacks"]):
-            cb.load_state_dict(state)
 
     def _load_best_model(self):
         # the Trainer's own load gave the best checkpoint's weights the masks and coverage of the
@@ -1200,6 +1200,14 @@ class DynamicMasksCallback(TrainerCallback):
         return {"scores": self.scores, "reselections": self.reselections}
 
     def load_state_dict(self, state: Mapping) -> None:
+        """Take a `state_dict`, whose scores must be of this callback's kind: head/neuron scores
+        (`heads_density`) or per-entry ones (`density`)."""
+        structured = self.density is None
+        other = [lang for lang, score in state["scores"].items() if isinstance(score, tuple) != structured]
+        if other:  # the first step's sum of the two kinds failed with a bare TypeError, after a step had trained
+            saved, own = ("per-entry", "heads and neurons") if structured else ("head/neuron", "entries")
+            raise ValueError(f"DynamicMasksCallback: the saved scores of {other} are {saved} scores, this callback "
+                             f"selects {own}; resume with a callback made as the saving run's was")
         self.scores, self.reselections = dict(state["scores"]), int(state["reselections"])
 
     def _score(self, model, lang: str, batch):
