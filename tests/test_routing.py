@@ -97,6 +97,9 @@ def test_the_shape_error_says_what_repeated_or_flattened_the_rows(lead, hint):
 def test_empty_ids():
     with pytest.raises(ValueError, match="empty"):
         routing.Routing(torch.zeros(0, dtype=torch.long), 2).tokens((2, 3))
+    # two examples of no token: empty ids fit neither them nor their tokens (a ZeroDivisionError in the hint)
+    with pytest.raises(ValueError, match=r"language ids of shape \[0\] fit neither the batch's examples \[2\]"):
+        routing.Routing(torch.zeros(0, dtype=torch.long), 2).tokens((2, 0))
 
 
 @pytest.mark.parametrize("lead", [(0,), (0, 5)])

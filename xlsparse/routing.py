@@ -114,7 +114,7 @@ def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:
     if len(lead) == 1 and ids.numel() == lead[0] and ids.dim() == 2:  # [B, S] ids, flattened tokens
         return ids.reshape(-1)
     hint = ""
-    if ids.dim() == 1 and lead and lead[0] > ids.shape[0] and lead[0] % ids.shape[0] == 0:
+    if ids.dim() == 1 and lead and lead[0] > ids.shape[0] > 0 and lead[0] % ids.shape[0] == 0:  # > 0: no modulo by 0
         if len(lead) > 1:  # generate repeats each example for its beams and returned sequences
             hint = ("; generate(num_beams=..., num_return_sequences=...) repeats each example: give the ids to "
                     "generate(..., language_ids=ids), which repeats them with the rows")
