@@ -523,6 +523,24 @@ def test_unroutable_entries_raise():
         xelm.ExpertEnsemble(base, {"a": norm})
 
 
+def test_an_expert_with_nan_or_inf_values_is_refused_and_add_expert_keeps_the_ensemble():
+    """One NaN embedding row made every token's mixture -inf, the healthy experts' share included."""
+    base = tiny("llama")
+    good = random_diff(base, 20, 0.5, 0)
+    emb = "model.embed_tokens.weight"
+    nan_row = torch.zeros(VOCAB, 32)
+    nan_row[5] = math.nan
+    q = "model.layers.0.self_attn.q_proj.weight"
+    inf_delta = SparseDiff({q: SparseDelta(torch.tensor([3, 9]), torch.tensor([1.0, math.inf]), (32, 32))})
+    for bad, where in ((SparseDiff(dense={emb: nan_row}), emb), (inf_delta, q)):
+        with pytest.raises(ValueError, match=f"expert 'bad' has NaN or inf values in \\['{where}'\\]"):
+            xelm.ExpertEnsemble(base, {"good": good, "bad": bad})
+        ensemble = xelm.ExpertEnsemble(base, {"good": good})
+        with pytest.raises(ValueError, match="NaN or inf"):
+            ensemble.add_expert("bad", bad)
+        assert ensemble.names == ["good"]
+
+
 def test_an_ensemble_of_opt_whose_feed_forward_sees_flattened_tokens():
     # OPT's fc1 and fc2 run on the tokens flattened to [E·B·S, H]: the ensemble routed its copies
     # by one id per copy, which such a layer cannot place, and every call raised a route error

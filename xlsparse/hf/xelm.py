@@ -81,6 +81,10 @@ def _split_expert(name: str, diff: SparseDiff, params: dict, linears: set, embed
         if pname not in params:
             raise ValueError(f"ExpertEnsemble: expert {name!r} has an absolute entry for {pname!r}, not a model parameter")
         entries[pname] = value.to(params[pname]) - params[pname].detach()
+    values = {p: d if isinstance(d, torch.Tensor) else d.values for p, d in entries.items()}
+    nonfinite = [p for p, v in values.items() if not bool(torch.isfinite(v).all())]
+    if nonfinite:  # one NaN turned every token's mixture -inf, the other experts' included
+        raise ValueError(f"ExpertEnsemble: expert {name!r} has NaN or inf values in {nonfinite[:3]} (a diverged run?)")
     if tied and head in entries:
         raise ValueError(f"ExpertEnsemble: expert {name!r} changes {head!r}, which is tied to the input embedding; "
                          f"give that delta under {embedding!r} (it changes both)")
