@@ -1925,6 +1925,39 @@ def test_ensemble_with_a_leading_block_of_banned_classes(backend, space, use_bac
     torch.testing.assert_close(nll.double(), -ref.gather(1, y[:, None])[:, 0], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ENS_BACKENDS)
+def test_ensemble_logit_mixture_leaves_out_an_expert_of_weight_zero(backend, use_backend):
+    """An expert of weight 0 (log-weight −inf: top-k dropped it) adds nothing to Σ_e w_e z_e, even
+    where its logits are ±inf (a class it bans, an fp16 overflow): 0 · inf made the whole row NaN.
+    The result is the mixture of the other experts, and the dropped one's gradients are zeros."""
+    use_backend(backend)
+    e, t, v = 3, 4, 37
+    gen = seeded(31)
+    z = torch.randn(e, t, v, generator=gen)
+    z[1, :, 5], z[1, 0, 7] = float("-inf"), float("inf")
+    lw = torch.log_softmax(torch.randn(t, e, generator=gen), -1)
+    lw[:, 1] = float("-inf")
+    y = torch.randint(0, v, (t,), generator=gen)
+    gy, gn = torch.randn(t, v, generator=gen), torch.randn(t, generator=gen)
+    kept = [0, 2]
+
+    def run(z, lw, ours):
+        z, lw = z.detach().requires_grad_(True), lw.detach().requires_grad_(True)
+        out = functional.ensemble_logprobs(z, lw, "logit") if ours else _ensemble64(z, lw, "logit")
+        nll = functional.ensemble_nll(z, lw, y, "logit") if ours else -out.gather(1, y[:, None])[:, 0]
+        return [out, nll, *torch.autograd.grad(out, [z, lw], gy.to(out.dtype), retain_graph=True),
+                *torch.autograd.grad(nll, [z, lw], gn.to(out.dtype))]
+
+    got = run(z, lw, True)
+    want = run(z[kept].double(), lw[:, kept].double(), False)
+    for name, g, w in zip(["out", "nll"], got[:2], want[:2]):
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5, msg=name)
+    for dz, dlw, (wz, wlw) in ((got[2], got[3], want[2:4]), (got[4], got[5], want[4:6])):
+        torch.testing.assert_close(dz[kept].double(), wz, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(dlw[:, kept].double(), wlw, rtol=1e-5, atol=1e-5)
+        assert (dz[1] == 0).all() and (dlw[:, 1] == 0).all()
+
+
 class _RouterLinear(torch.nn.Linear):
     """A linear subclass that computes more than x Wᵀ + b (as MoE routers and scaled heads do)."""
 

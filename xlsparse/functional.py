@@ -209,7 +209,8 @@ def ensemble_logprobs(logits, log_weights, space: str = "prob") -> torch.Tensor:
     log-weights [T, E].
 
     space="prob": log Σ_e exp(log w_e + log_softmax(z_e)) (a mixture of the experts' distributions);
-    space="logit": log_softmax(Σ_e w_e z_e). Computed without materialising E softmaxes (the extra
+    space="logit": log_softmax(Σ_e w_e z_e), where an expert of weight 0 adds nothing, even where
+    its logits are ±inf. Computed without materialising E softmaxes (the extra
     memory is the [T, V] output and an [E, T] logsumexp); differentiable in both inputs.
     """
     out, _ = _matmul.ensemble_logprobs_op(logits, log_weights, _space("ensemble_logprobs", space))

@@ -489,9 +489,11 @@ struct TokenRows {
   }
   acc* row(int i) { return buf.data() + buf.size() - (i + 1) * V; }
   // zbar = Σ_e w_e z_e, the logit-space mixture (w_e = exp(lw[e]), lw: the token's log-weights).
+  // An expert of weight 0 (dropped by top-k) adds nothing, even where its logits are ±inf.
   void mix(const RowKernels<acc>& rk, const acc* lw, acc* zbar) const {
     std::fill(zbar, zbar + V, acc(0));
-    for (int64_t e = 0; e < E; ++e) rk.axpy(zbar, std::exp(lw[e]), z[e], nullptr, V);
+    for (int64_t e = 0; e < E; ++e)
+      if (const acc w = std::exp(lw[e]); w != 0) rk.axpy(zbar, w, z[e], nullptr, V);
   }
   // Back through `mix` from d = ∂L/∂zbar: ∂L/∂z_e = w_e d into token t's row of expert e in dz,
   // and ∂L/∂log w_e = w_e ⟨d, z_e⟩ into dw's row of token t. tmp is a scratch row.
@@ -502,7 +504,7 @@ struct TokenRows {
       std::fill(tmp, tmp + V, acc(0));
       rk.axpy(tmp, w, d, nullptr, V);
       store_row(dz + (e * T + t) * V, tmp, V);
-      dw[t * E + e] = w * grad_dot(rk, d, z[e], V);
+      dw[t * E + e] = times_nonzero(w, grad_dot(rk, d, z[e], V));
     }
   }
 };

@@ -235,7 +235,8 @@ __device__ acc row_lse(const scalar_t* z, int64_t V, acc* shared) {
 template <typename acc, typename scalar_t>
 __device__ acc mixed(const scalar_t* z, const acc* w, int64_t E, int64_t T, int64_t V, int64_t t, int64_t v) {
   acc s = 0;
-  for (int64_t e = 0; e < E; ++e) s += w[e] * static_cast<acc>(z[(e * T + t) * V + v]);
+  // an expert of weight 0 (dropped by top-k) adds nothing, even where its logits are ±inf
+  for (int64_t e = 0; e < E; ++e) s += times_nonzero(w[e], static_cast<acc>(z[(e * T + t) * V + v]));
   return s;
 }
 
@@ -348,7 +349,7 @@ __global__ void logprobs_backward_kernel(const scalar_t* __restrict__ g, const s
     }
     for (int64_t e = 0; e < E; ++e) S[e] = block_reduce<acc, false>(S[e], shared);
     if (threadIdx.x == 0)
-      for (int64_t e = 0; e < E; ++e) dlw[t * E + e] = coef[e] * S[e];
+      for (int64_t e = 0; e < E; ++e) dlw[t * E + e] = times_nonzero(coef[e], S[e]);
   }
 }
 
@@ -412,7 +413,7 @@ __global__ void nll_backward_kernel(const acc_t<scalar_t>* __restrict__ g, const
         dz[(e * T + t) * V + v] = static_cast<scalar_t>(coef[e] * d);
       }
       dot = block_reduce<acc, false>(dot, shared);
-      if (threadIdx.x == 0) dlw[t * E + e] = coef[e] * dot;
+      if (threadIdx.x == 0) dlw[t * E + e] = times_nonzero(coef[e], dot);
     }
   }
 }

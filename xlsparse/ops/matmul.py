@@ -136,8 +136,9 @@ def _prob_mixture(z, lw, lse):
 
 
 def _logit_mixture(z, lw):
-    """Σ_e exp(lw_e) z_e [T, V]: the logit-space mixed logits, in the accumulation dtype."""
-    return (lw.T.exp()[:, :, None] * z).sum(0)
+    """Σ_e exp(lw_e) z_e [T, V]: the logit-space mixed logits, in the accumulation dtype. An expert
+    of weight 0 (lw = −inf, dropped by top-k) adds nothing, even where its logits are ±inf."""
+    return _times(lw.T.exp()[:, :, None], z).sum(0)
 
 
 def ensemble_logprobs_reference(logits, log_weights, prob_space):
@@ -169,14 +170,20 @@ def ensemble_logprobs_backward_reference(grad, logits, log_weights, out, lse, pr
         dlw = S.T
     else:
         d = g - (_logit_mixture(z, lw) - lse[0][:, None]).exp() * g.sum(-1, keepdim=True)
-        w = lw.T.exp()  # [E, T]
-        dz = w[:, :, None] * d[None]
-        dlw = (w * _times(d[None], z).sum(-1)).T
+        dz, dlw = _logit_mixture_backward(z, lw, d)
     return dz.to(logits.dtype), dlw.to(log_weights.dtype)
 
 
+def _logit_mixture_backward(z, lw, d):
+    """(∂L/∂z [E, T, V], ∂L/∂lw [T, E]) through `_logit_mixture` from d = ∂L/∂zbar [T, V]: w_e d
+    and w_e ⟨d, z_e⟩, both 0 for an expert of weight 0."""
+    w = lw.T.exp()  # [E, T]
+    return w[:, :, None] * d[None], _times(w, _times(d[None], z).sum(-1)).T
+
+
 def _times(d, z):
-    """d * z with 0 · (−inf) = 0: a class no expert allows adds nothing where its gradient is 0."""
+    """d * z with 0 · (±inf) = 0: a class no expert allows adds nothing where its gradient is 0,
+    and an expert of weight 0 adds nothing."""
     return torch.where(d == 0, 0, d * z)
 
 
@@ -188,10 +195,8 @@ def ensemble_nll_reference(logits, log_weights, targets, prob_space):
         lse = torch.logsumexp(z, -1)
         nll = -torch.logsumexp(lw.T + zy - lse, 0)
     else:
-        w = lw.T.exp()
-        zbar = (w[:, :, None] * z).sum(0)
-        lse = torch.logsumexp(zbar, -1)[None]
-        nll = lse[0] - (w * zy).sum(0)
+        lse = torch.logsumexp(_logit_mixture(z, lw), -1)[None]
+        nll = lse[0] - _times(lw.T.exp(), zy).sum(0)
     # nll stays in the accumulation dtype, like lse: the prob-space backward reads it in the
     # posterior exp(lw + zy - lse + nll), and rounded to bf16 (a 0.0625 grid near 10) that is ~3% off
     return nll, lse
@@ -208,11 +213,8 @@ def ensemble_nll_backward_reference(grad, logits, log_weights, targets, nll, lse
         dz = (g * post)[:, :, None] * ((z - lse[:, :, None]).exp() - onehot[None])
         dlw = (-g * post).T
     else:
-        w = lw.T.exp()
-        zbar = (w[:, :, None] * z).sum(0)
-        d = g[:, None] * ((zbar - lse[0][:, None]).exp() - onehot)
-        dz = w[:, :, None] * d[None]
-        dlw = (w * _times(d[None], z).sum(-1)).T
+        d = g[:, None] * ((_logit_mixture(z, lw) - lse[0][:, None]).exp() - onehot)
+        dz, dlw = _logit_mixture_backward(z, lw, d)
     return dz.to(logits.dtype), dlw.to(log_weights.dtype)
 
 

@@ -204,12 +204,19 @@ def _row_lse(z_ptr, V, BV: tl.constexpr, ACC: tl.constexpr):
 
 @triton.jit
 def _mixed_block(z_ptr, lw_ptr, t, T, E, V, v, ACC: tl.constexpr):
-    """Σ_e w_e z_e[t, v] for a block of classes v (logit-space mixing)."""
+    """Σ_e w_e z_e[t, v] for a block of classes v (logit-space mixing); an expert of weight 0
+    (dropped by top-k) adds nothing, even where its logits are ±inf."""
     zbar = tl.zeros(v.shape, ACC)
     for e in range(E):
         w = tl.exp(tl.load(lw_ptr + t * E + e).to(ACC))
-        zbar += w * tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC)
+        zbar += _times_nonzero(w, tl.load(z_ptr + (e * T + t) * V + v, mask=v < V, other=0.0).to(ACC))
     return zbar
+
+
+@triton.jit
+def _times_nonzero(w, z):
+    """w · z with 0 · (±inf) = 0 (times_nonzero in matmul.h)."""
+    return tl.where(w == 0, 0.0, w * z)
 
 
 @triton.jit
@@ -312,7 +319,7 @@ def _logprobs_backward_kernel(g_ptr, z_ptr, lw_ptr, lse_ptr, dz_ptr, dlw_ptr, T,
                 S += tl.where(experts == e, tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0), 0.0)  # 0 · (−inf) counts 0
                 tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
         w = tl.exp(tl.load(lw_ptr + t * E + experts, mask=experts < E, other=0.0).to(ACC))
-        tl.store(dlw_ptr + t * E + experts, (w * S).to(dlw_ptr.dtype.element_ty), mask=experts < E)
+        tl.store(dlw_ptr + t * E + experts, _times_nonzero(w, S).to(dlw_ptr.dtype.element_ty), mask=experts < E)
 
 
 @triton.jit
@@ -341,7 +348,7 @@ def _nll_kernel(z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, T, E, V, PROB: tl.conste
         tl.store(lse_ptr + t, lse)
         zy = tl.zeros((), ACC)
         for e in range(E):
-            zy += tl.exp(tl.load(lw_ptr + t * E + e).to(ACC)) * tl.load(z_ptr + (e * T + t) * V + y).to(ACC)
+            zy += _times_nonzero(tl.exp(tl.load(lw_ptr + t * E + e).to(ACC)), tl.load(z_ptr + (e * T + t) * V + y).to(ACC))
         nll = lse - zy
     tl.store(nll_ptr + t, nll.to(nll_ptr.dtype.element_ty))
 
@@ -379,7 +386,7 @@ def _nll_backward_kernel(g_ptr, z_ptr, lw_ptr, y_ptr, nll_ptr, lse_ptr, dz_ptr, 
                 z = tl.load(z_ptr + (e * T + t) * V + v, mask=live, other=0.0).to(ACC)
                 acc += tl.sum(tl.where(live & (d != 0), d * z, 0.0), 0)  # 0 · (−inf) counts 0
                 tl.store(dz_ptr + (e * T + t) * V + v, (w * d).to(dz_ptr.dtype.element_ty), mask=live)
-            tl.store(dlw_ptr + t * E + e, (w * acc).to(dlw_ptr.dtype.element_ty))
+            tl.store(dlw_ptr + t * E + e, _times_nonzero(w, acc).to(dlw_ptr.dtype.element_ty))
 
 
 def _block_v(V: int) -> int:
