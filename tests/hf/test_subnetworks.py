@@ -385,6 +385,25 @@ def test_masked_recipes_name_the_layout_of_a_mask_of_the_wrong_shape():
         subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, {"de": {"nope.weight": good["de"][name]}})
 
 
+def test_meta_steps_refuse_lists_or_one_language_s_masks_where_language_mappings_go():
+    # a list of batches failed as "unhashable type: 'list'"; one language's masks as a bare AttributeError
+    model = tiny("bert")
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    masks = {"de": {name: torch.ones_like(dict(model.named_parameters())[name], dtype=torch.bool)}}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(TypeError, match=r"^reptile_step: batches must map each language to its batches.*got a list"):
+        subnetworks.reptile_step(model, _lm_batches(1, 1), masks)
+    with pytest.raises(TypeError, match=r"^reptile_step: masks must map each language to its masks.*got a list"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, [masks["de"]])
+    with pytest.raises(TypeError, match=r"^reptile_step: masks\['de'\] must be \{parameter name: bool tensor\}, got a "
+                                        r"Tensor"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, {"de": masks["de"][name]})
+    with pytest.raises(TypeError, match=rf"^fomaml_optimizer: masks\['{name}'\] must be \{{parameter name: bool "
+                                        r"tensor\}, got a Tensor; masks map each language"):
+        subnetworks.fomaml_optimizer(model, masks["de"])
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
     """First-order MAML restated in plain torch: per language, inner SGD on the support batch
     with the gradient masked (`inner_lr`: a number, or a function of the parameter's name), the

@@ -93,12 +93,17 @@ def _check_batches(op: str, name: str, batches) -> None:
         raise TypeError(f"{op}: {name} must be an iterable of batches, got one batch (a dict): pass [batch]")
 
 
+def _check_by_language(op: str, name: str, value, of: str) -> None:
+    """`value` (the argument `name`) must be a {language: ...} mapping (`of` says what each language
+    maps to): a list, iterated as the languages, failed on its first batch as "unhashable type"."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{op}: {name} must map each language to {of}, got a {type(value).__name__}")
+
+
 def _check_language_batches(op: str, batches, name: str = "batches") -> None:
     """`batches` (the argument `name`) must be {language: iterable of batches}. One batch given
     instead has tensors where the batches go and its field names where the languages go."""
-    if not isinstance(batches, Mapping):
-        raise TypeError(f"{op}: {name} must map each language to its batches, {{language: [batch, ...]}}, "
-                        f"got a {type(batches).__name__}")
+    _check_by_language(op, name, batches, "its batches, {language: [batch, ...]}")
     for lang, lang_batches in batches.items():
         if isinstance(lang_batches, torch.Tensor):
             raise TypeError(f"{op}: {name}[{lang!r}] is a tensor, not that language's batches: one batch was given "
@@ -288,6 +293,9 @@ def _stored_masks(model: nn.Module, lang_masks: Mapping[str, torch.Tensor], what
     parameter is stored in (a converted GPT-2 Conv1D's [out, in]); plus all-true masks for the
     parameters of convert's `modules_to_save` that the masks do not name: a new head trains whole
     in every language, as SubnetworkTrainer trains it."""
+    if not isinstance(lang_masks, Mapping):  # one language's masks given for all: a bare AttributeError on .items()
+        raise TypeError(f"{what}: masks[{lang!r}] must be {{parameter name: bool tensor}}, got a "
+                        f"{type(lang_masks).__name__}; masks map each language to its masks, {{language: {{name: mask}}}}")
     named = dict(model.named_parameters())
     flipped = _conv1d_weights(model)
     stored = {}
@@ -402,6 +410,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     # a NaN outer_lr wrote NaN into every trainable parameter; inner_steps=1.5 failed in islice, unnamed
     checks.finite("reptile_step", outer_lr=outer_lr)
+    _check_by_language("reptile_step", "batches", batches, "its batches, {language: [batch, ...]}")
+    _check_by_language("reptile_step", "masks", masks, "its masks, {language: {name: mask}}")
     if checks.count("reptile_step", "inner_steps", inner_steps) < 1:
         raise ValueError(f"reptile_step: inner_steps must be at least 1, got {inner_steps}")
     missing = [lang for lang in batches if lang not in masks]
@@ -862,6 +872,7 @@ def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Te
     `modules_to_save` whole. No weight decay unless `weight_decay=` is given: udify-metalearning's outer optimizer
     is Adam without it (AdamW's default 0.01 would decay the subnetworks every outer step). A
     weight decay given skips biases and norms, as SubnetworkTrainer's does (the Trainer's rule)."""
+    _check_by_language("fomaml_optimizer", "masks", masks, "its masks, {language: {name: mask}}")
     weight_decay = kwargs.pop("weight_decay", 0.0)
     named = dict(model.named_parameters())
     union = {}
