@@ -43,6 +43,15 @@ def test_features_given_as_one_string_are_refused_naming_the_argument(call):
         call("syntax_knn")
 
 
+def test_languages_given_as_one_string_or_none_are_refused_naming_the_argument():
+    # a bare string was read one character at a time (codes 'd', 'e', 'u'); no language failed in torch.stack
+    for call in (continual.distance_matrix, continual.uriel_vectors):
+        with pytest.raises(TypeError, match=rf"^{call.__name__}: langs must be a list of ISO 639-3 codes.*\['deu'\]"):
+            call("deu")
+    with pytest.raises(ValueError, match="^distance_matrix: langs must name at least one language"):
+        continual.distance_matrix([])
+
+
 def test_uriel_distance_of_one_set_is_one_minus_the_cosine_of_lang2vec_vectors():
     """DESIGN.md's URIEL distance: the cosine distance of lang2vec's syntax_knn vectors, read here
     straight from lang2vec (eng-deu 0.10, eng-jpn 0.50, as measured there)."""

@@ -116,12 +116,20 @@ def _feature_sets(what: str, features) -> tuple:
     return tuple(features)
 
 
+def _codes(what: str, langs) -> list:
+    """`langs` as a list of ISO 639-3 codes: a bare string was read one character at a time, and
+    lang2vec then refused the codes 'd', 'e', 'u'."""
+    if isinstance(langs, str):
+        raise TypeError(f"{what}: langs must be a list of ISO 639-3 codes, got the str {langs!r}; pass [{langs!r}]")
+    return list(langs)
+
+
 def uriel_vectors(langs, features: tuple[str, ...] = URIEL_FEATURES) -> dict[str, torch.Tensor]:
     """{ISO 639-3 code: URIEL vector}: one L2-normalised block per feature set (default: the
     kNN-imputed syntax, phonology and inventory sets, language family and geography), so that
     each set weighs the same although `fam` has 3718 dimensions and `phonology_knn` 28. A set
     that is all zero for a language (e.g. `fam` of an isolate such as Basque) stays zero."""
-    langs = list(dict.fromkeys(langs))
+    langs = list(dict.fromkeys(_codes("uriel_vectors", langs)))
     blocks = [_uriel_blocks(langs, f) for f in _feature_sets("uriel_vectors", features)]
     return {lang: torch.cat([b[i] for b in blocks]) for i, lang in enumerate(langs)}
 
@@ -136,7 +144,9 @@ def distance_matrix(langs: Sequence[str], features: tuple[str, ...] = URIEL_FEAT
     over the feature sets in which both languages have a nonzero vector. A set that is all zero
     for a language (e.g. `fam` of an isolate such as Basque) says nothing about it and is
     skipped; a pair with no such set in common raises."""
-    langs = list(langs)
+    langs = _codes("distance_matrix", langs)
+    if not langs:  # torch.stack of no blocks failed, naming no argument
+        raise ValueError("distance_matrix: langs must name at least one language, got none")
     features = _feature_sets("distance_matrix", features)
     cosines = torch.zeros(len(langs), len(langs), dtype=torch.float64)
     counted = torch.zeros_like(cosines)
