@@ -285,6 +285,22 @@ def test_an_infinite_prior_is_refused():
     assert ensemble.names == ["x0", "x1"] and ensemble._prior == [0.5, 0.5]
 
 
+def test_a_prior_that_is_not_numbers_is_refused_naming_it():
+    # "abc" failed inside torch.as_tensor and "x" inside float(), naming nothing; "0.5" and True were read as numbers
+    base = tiny("llama")
+    experts = _random_experts(base, "llama")
+    for prior, name in (("abc", "prior"), (["0.5", 0.3, 0.2], r"prior\[0\]"), ([0.5, True, 0.2], r"prior\[1\]"),
+                        ({"x0": 0.5, "x1": "0.3", "x2": 0.2}, r"prior\['x1'\]"), (torch.ones(3, dtype=torch.bool),
+                                                                               r"prior\[0\]")):
+        with pytest.raises(TypeError, match=rf"^ExpertEnsemble: {name} must be"):
+            xelm.ExpertEnsemble(base, experts, prior=prior)
+    ensemble = xelm.ExpertEnsemble(base, {n: experts[n] for n in ("x0", "x1")}, prior=[0.5, 0.5])
+    for prior in ("x", "0.5", True):
+        with pytest.raises(TypeError, match="^add_expert: prior must be a number"):
+            ensemble.add_expert("x2", experts["x2"], prior=prior)
+    assert ensemble.names == ["x0", "x1"] and ensemble._prior == [0.5, 0.5]
+
+
 def _bidirectional(kind):
     torch.manual_seed(0)
     if kind == "mbart":

@@ -254,6 +254,8 @@ class ExpertEnsemble(nn.Module):
             raise ValueError(f"add_expert: an expert named {name!r} exists")
         if (self._prior is None) != (prior is None):
             raise ValueError("add_expert: give prior= exactly when the ensemble has a non-uniform prior")
+        if prior is not None:
+            prior = checks.number("add_expert", "prior", prior)
         now = self._base_fingerprints()
         changed = [n for n in self._base_prints if now.get(n) != self._base_prints[n]] or \
             sorted(set(now) - set(self._base_prints))
@@ -266,9 +268,9 @@ class ExpertEnsemble(nn.Module):
         before = dict(self.experts), self._prior
         self.experts[name] = diff
         if isinstance(self._prior, Mapping):
-            self._prior = {**self._prior, name: float(prior)}
+            self._prior = {**self._prior, name: prior}
         elif prior is not None:
-            self._prior = [*self._prior, float(prior)]
+            self._prior = [*self._prior, prior]
         try:
             self._build()
         except Exception:
@@ -476,9 +478,14 @@ def _own_prior(prior):
     read a caller's tensor changed in place since, or a generator the first build had used up."""
     if prior is None:
         return None
+    # each weight a number: float() read "0.5" as 0.5 and True as 1.0, and "abc" failed naming nothing
     if isinstance(prior, Mapping):
-        return {n: float(w) for n, w in prior.items()}
-    return torch.as_tensor(prior if isinstance(prior, torch.Tensor) else list(prior), dtype=torch.float64).tolist()
+        return {n: checks.number("ExpertEnsemble", f"prior[{n!r}]", w) for n, w in prior.items()}
+    if isinstance(prior, torch.Tensor):
+        prior = prior.tolist()
+    if isinstance(prior, str) or not isinstance(prior, Iterable):
+        raise TypeError(f"ExpertEnsemble: prior must be {{expert name: weight}} or a list of weights, got {prior!r}")
+    return [checks.number("ExpertEnsemble", f"prior[{i}]", w) for i, w in enumerate(prior)]
 
 
 def _predicted(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 The op wrappers call these for every backend. Bad input raises:
 - `TypeError` for a wrong dtype (or an argument that is not a tensor), a scalar that is not a
-  number or that requires grad with grad mode on (`finite`), an on/off option that is not a bool
+  number or that requires grad with grad mode on (`number`, `finite`), an on/off option that is not a bool
   (`flag`);
 - `IndexError` for an index, target or token id outside its range;
 - `RuntimeError` for an input of a non-differentiable op that requires grad with grad mode on
@@ -108,20 +108,26 @@ def tensor_list(op: str, name: str, v) -> None:
                         "the masks with its keys")
 
 
+def number(op: str, name: str, v) -> float:
+    """v as a float: `is_real`, or a one-element tensor that is not bool; the message names the
+    argument."""
+    if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
+        # read as a number: alpha = torch.tensor(2., requires_grad=True) scaled the write and got no gradient
+        raise TypeError(f"{op}: {name} requires grad, but it is read as a number and gets no gradient; pass "
+                        f"float({name}) or call under torch.no_grad()")
+    try:
+        if not (is_real(v) or (isinstance(v, torch.Tensor) and v.dtype != torch.bool)):
+            raise TypeError
+        return float(v)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__}") from exc
+
+
 def finite(op: str, **scalars) -> None:
-    """Hyperparameters and scale factors must be finite numbers (`is_real`, or a one-element
-    tensor that is not bool); the message names the argument."""
+    """Hyperparameters and scale factors must be finite numbers (`number`); the message names the
+    argument."""
     for name, v in scalars.items():
-        if isinstance(v, torch.Tensor) and v.requires_grad and torch.is_grad_enabled():
-            # read as a number: alpha = torch.tensor(2., requires_grad=True) scaled the write and got no gradient
-            raise TypeError(f"{op}: {name} requires grad, but it is read as a number and gets no gradient; pass "
-                            f"float({name}) or call under torch.no_grad()")
-        try:
-            if not (is_real(v) or (isinstance(v, torch.Tensor) and v.dtype != torch.bool)):
-                raise TypeError
-            v = float(v)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"{op}: {name} must be a number, got {type(v).__name__}") from exc
+        v = number(op, name, v)
         if not math.isfinite(v):
             raise ValueError(f"{op}: {name} must be finite, got {v}")
 
