@@ -639,6 +639,22 @@ def test_from_models_refuses_tensors_the_base_lacks():
     assert SparseDiff.from_models(base, tuned, density=0.1, exclude=r"^extra\.").nnz == round(0.1 * 210)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_from_models_names_the_parameters_whose_change_cannot_be_ranked(bad):
+    # NaN raised topk_masks' "tensors[0] holds NaN", naming no parameter; inf ranked first, selected silently
+    base, tuned = _model(0), _model(1)
+    with torch.no_grad():
+        dict(tuned.named_parameters())["2.weight"][0, 1] = bad
+    for size in ({"k": 5}, {"density": 0.1}):
+        with pytest.raises(ValueError, match=r"^from_models: tuned − base holds NaN or inf in 1 parameters, e.g. "
+                                             r"\['2.weight'\]"):
+            SparseDiff.from_models(base, tuned, **size)
+    # every change kept as it is: base + diff is tuned, the NaN or inf entry too
+    got = SparseDiff.from_models(base, tuned).deltas["2.weight"].to_dense()
+    expect = tuned[2].weight.detach() - base[2].weight.detach()
+    torch.testing.assert_close(got, expect, equal_nan=True)
+
+
 @pytest.mark.parametrize("base_dtype, tuned_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
                                                      (torch.bfloat16, torch.float32)])
 def test_from_models_takes_differences_in_the_wider_dtype(base_dtype, tuned_dtype):

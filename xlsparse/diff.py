@@ -55,6 +55,16 @@ def budget(what: str, total: int, k: int | None = None, density: float | None = 
     return int(k)
 
 
+def _refuse_unrankable(op: str, changes: dict, left: str, noun: str, hint: str) -> None:
+    """Changes ({name: tensor}) ranked by size must be finite: topk_mask raised "tensors[0] holds
+    NaN", naming a position in a list the caller never saw, and ranked an inf first, silently.
+    The message names the parameters: "{op}: {left} NaN or inf in {n} {noun}, e.g. [...]"."""
+    bad = [n for n, d in changes.items() if not bool(d.isfinite().all())]
+    if bad:
+        raise ValueError(f"{op}: {left} NaN or inf in {len(bad)} {noun}, e.g. {bad[:3]}, so their changes cannot be "
+                         f"ranked by size ({hint})")
+
+
 def _delta_at(t: torch.Tensor, mask: torch.Tensor) -> "SparseDelta":
     """The entries of `t` where `mask` is True, as a SparseDelta (indices sorted by construction)."""
     idx = mask.reshape(-1).nonzero().squeeze(1)
@@ -1274,7 +1284,9 @@ class SparseDiff:
         layout of its state dict and of `apply`. A selected floating-point
         tensor of `tuned` that `base` lacks (a new head) is a ValueError: a diff holds changes of
         the base's tensors, so exclude it (or store it whole with `SparseDiff(..., absolute={name: tensor})`).
-        A model sharded with FSDP2 is a ValueError: pass its full state dict instead.
+        A model sharded with FSDP2 is a ValueError: pass its full state dict instead. With k or
+        density, a change that is NaN or inf (a diverged fine-tuning) cannot be ranked: ValueError
+        naming the parameters.
         """
         # lists, read for every name: a generator was spent on the first (include then selected
         # everything, exclude excluded from the first name only)
@@ -1344,6 +1356,9 @@ class SparseDiff:
             # as a fine-tuning change, and base + diff no longer gave tuned at the chosen entries
             wide = {n: torch.promote_types(t[n].dtype, b[n].dtype) for n in names}
             diffs = [t[n].detach().to(wide[n]) - b[n].detach().to(t[n].device, wide[n]) for n in names]
+            if not every:  # every change is kept as it is, NaN too: base + diff is still tuned
+                _refuse_unrankable("from_models", dict(zip(names, diffs)), "tuned − base holds", "parameters",
+                                   "did the fine-tuning diverge? exclude them, or pass neither k nor density")
             masks = [d != 0 for d in diffs] if every else topk_mask(diffs, k)
             deltas = {n: _delta_at(d, m) for n, d, m in zip(names, diffs, masks)}
         return cls._trusted(deltas, base_model=base_model)

@@ -85,8 +85,8 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transposed_weights, _untied, apply,
-                    index_dtype, refuse_sharded)
+from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _refuse_unrankable, _storage_key, _transposed_weights,
+                    _untied, apply, index_dtype, refuse_sharded)
 from ..distributed import all_reduce_scores
 from ..functional import topk_mask
 from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
@@ -882,20 +882,14 @@ class LotteryTicketSparseFineTuner(Trainer):
         """Add the k entries of largest |θ − θ0| not selected yet to the masks."""
         params = self._params()
         with torch.no_grad():
-            scores, diverged = [], []
-            for name in self.maskable:
-                d = (params[name].detach() - self._theta0[name]).abs().reshape(-1)
-                if not bool(d.isfinite().all()):
-                    diverged.append(name)
+            scores = {name: (params[name].detach() - self._theta0[name]).abs().reshape(-1) for name in self.maskable}
+            _refuse_unrankable("LotteryTicketSparseFineTuner", scores, "the full phase left", "maskable parameters",
+                               "training diverged: lower learning_rate, or clip with max_grad_norm")
+            for name, d in scores.items():
                 if name in self._masks:
                     d[self._masks[name].long()] = math.inf  # chosen before: always in the top
-                scores.append(d)
-            if diverged:  # NaN: topk_mask named a position in a list the user never saw; inf: selected silently
-                raise ValueError(f"LotteryTicketSparseFineTuner: the full phase left NaN or inf in {len(diverged)} "
-                                 f"maskable parameters, e.g. {diverged[:3]}, so |θ − θ0| cannot rank their entries "
-                                 "(training diverged: lower learning_rate, or clip with max_grad_norm)")
             before = sum(m.numel() for m in self._masks.values())
-            masks = topk_mask(scores, before + k)
+            masks = topk_mask(list(scores.values()), before + k)
             for name, m in zip(self.maskable, masks):
                 idx = m.nonzero().flatten()
                 if idx.numel():
