@@ -1241,7 +1241,7 @@ def test_merge_and_apply_refuse_non_finite_weights_of_any_diff():
     dense = SparseDiff(dense={"0.bias": torch.ones(9)})
     head = SparseDiff(absolute={"1.weight": torch.ones(9)})
     for bad in (float("nan"), float("inf")):
-        with pytest.raises(ValueError, match=r"merge: weights\[0\] must be finite"):
+        with pytest.raises(ValueError, match=r"^SparseDiff \*: scale must be finite"):
             dense * bad
         with pytest.raises(ValueError, match=r"merge: weights\[1\] must be finite"):
             SparseDiff.merge([dense, head], [1.0, bad])
@@ -1253,8 +1253,12 @@ def test_merge_and_apply_refuse_non_finite_weights_of_any_diff():
             SparseDiff.merge([dense], [bad])
         with pytest.raises(TypeError, match=r"apply: alphas\[0\] must be a number"):
             xlsparse.apply([dense], _model(0), alphas=[bad])
-    with pytest.raises(TypeError, match=r"merge: weights\[0\] must be a number"):
-        dense * True
+    # the operator named, not merge's "weights[0]", a list the caller never gave
+    for product in (lambda: dense * True, lambda: True * dense):
+        with pytest.raises(TypeError, match=r"^SparseDiff \*: scale must be a number, got bool"):
+            product()
+    with pytest.raises(TypeError, match=r"^SparseDiff /: divisor must be a number, got bool"):
+        dense / False
     model = _model(0)
     before = _params(model)
     with pytest.raises(ValueError, match=r"apply: alphas\[1\] must be finite, got -inf"):

@@ -1235,7 +1235,9 @@ class SparseDiff:
         """`scale * self`; a diff with absolute entries can only be scaled by 1 (see `merge`)."""
         if not isinstance(scale, (int, float)):
             return NotImplemented
-        return SparseDiff.merge([self], [scale])  # merge refuses a bool: float(True) scaled by 1
+        # a bool (float(True) scales by 1) or NaN was refused by merge as "weights[0]", a list never given
+        checks.finite("SparseDiff *", scale=scale)
+        return SparseDiff.merge([self], [scale])
 
     __rmul__ = __mul__
 
@@ -1248,10 +1250,11 @@ class SparseDiff:
         power of two; refused for 0 and infinity."""
         if not isinstance(scale, (int, float)):
             return NotImplemented
+        # d / inf would be a silent 0 * d (1 / inf == 0 passes merge's finiteness check); first, so
+        # that d / False is refused as a bool, not as a division by zero
+        checks.finite("SparseDiff /", divisor=scale)
         if scale == 0:
             raise ZeroDivisionError("SparseDiff / 0: the scale must be nonzero")
-        # d / inf would be a silent 0 * d (1 / inf == 0 passes merge's finiteness check)
-        checks.finite("SparseDiff /", divisor=scale)
         return self * (1.0 / scale)
 
     # --- LT-SFT selection ---
