@@ -266,6 +266,17 @@ def test_progress_must_be_a_bool():
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
+def test_scoring_refuses_an_infinite_loss_whose_gradient_is_inf_or_nan():
+    # the backward of an infinite loss added inf/NaN into the scores, silently (a NaN loss is skipped)
+    model = tiny("bert")
+    infinite = lambda m, b: m(**b).loss / 0.0  # noqa: E731
+    with pytest.raises(ValueError, match=r"^importance_scores: an example of 'de' has an infinite loss \(inf\)"):
+        subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, loss_fn=infinite, progress=False)
+    with pytest.raises(ValueError, match=r"^structured_importance: an example has an infinite loss \(inf\)"):
+        subnetworks.structured_importance(model, _lm_batches(1, 1), loss_fn=infinite)
+    assert all(p.grad is None for p in model.parameters())
+
+
 def test_scoring_refuses_one_batch_where_a_list_of_batches_goes():
     # iterating one batch (a dict) gave its keys, read as batches: an AttributeError on a str's .values
     model = tiny("bert")

@@ -145,7 +145,8 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     one example; default `model(**batch).loss`), `method` "grad_x_weight" sums |∂ℓ_i/∂θ · θ|
     over the examples (first-order Taylor importance) and "fisher" sums (∂ℓ_i/∂θ)² (empirical
     Fisher): one backward per example, so the scores do not depend on how examples are
-    batched. An example whose loss is NaN (no labelled token) adds nothing. `params`: names to
+    batched. An example whose loss is NaN (no labelled token) adds nothing; an infinite loss raises
+    ValueError (its gradient is inf or NaN). `params`: names to
     score (default: every parameter that requires grad; a named one that does not raises). On a converted model ∂ℓ_i/∂θ of a
     SubnetworkLinear weight is the full gradient, not masked to the language's current
     subnetwork, so entries outside it are scored too. The model's gradients are left cleared.
@@ -181,7 +182,7 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
                 model.zero_grad(set_to_none=True)
                 with _in_language("importance_scores", model, lang, example), _unmasked(model):
                     loss = loss_fn(model, example)
-                    if torch.isnan(loss):
+                    if not _scored("importance_scores", loss, f" of {lang!r}"):
                         continue
                     # in the block: gradient checkpointing recomputes the forward here, routed and unmasked as it ran
                     loss.backward()
@@ -195,6 +196,17 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     finally:
         model.zero_grad(set_to_none=True)
     return scores
+
+
+def _scored(op: str, loss: torch.Tensor, where: str) -> bool:
+    """Whether an example's loss is scored: a NaN loss (no labelled token) adds nothing; an infinite
+    one raises (a labelled token of probability 0, or a half-precision overflow): its backward
+    added inf or NaN into the scores, silently."""
+    value = float(loss.detach())
+    if math.isinf(value):
+        raise ValueError(f"{op}: an example{where} has an infinite loss ({value}), whose gradient would put inf or NaN "
+                         "into the scores; score in float32, or leave out examples whose labels have probability 0")
+    return not math.isnan(value)
 
 
 def _check_importances(op: str, what: str, named: Mapping[str, torch.Tensor]) -> None:
@@ -514,8 +526,8 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     read here from the input of the O projection (FFN-out) and its gradient; with ℓ_i the loss of
     example i alone (one backward per example, as in `importance_scores`), the score sums
     |∂ℓ_i/∂ξ| over the examples, so it does not depend on how examples are batched. An example
-    whose loss is NaN (no labelled token) adds nothing. On a converted model the subnetwork
-    layers run unmasked (the whole network, in training mode too). The model's gradients are
+    whose loss is NaN (no labelled token) adds nothing; an infinite loss raises ValueError. On a
+    converted model the subnetwork layers run unmasked (the whole network, in training mode too). The model's gradients are
     left cleared. Under torch.distributed, as `importance_scores`: each process scores its own
     examples on its unwrapped model (a DDP wrapper or an FSDP2-sharded model raises ValueError).
     """
@@ -553,7 +565,7 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
             # Unmasked, as in importance_scores: the whole network's heads, and no route needed.
             with _unmasked(model):
                 loss = loss_fn(model, example)
-                if torch.isnan(loss):
+                if not _scored("structured_importance", loss, ""):
                     continue
                 loss.backward()  # unmasked, as the forward ran: gradient checkpointing recomputes it here
             with torch.no_grad():
