@@ -412,6 +412,13 @@ def test_meta_steps_refuse_lists_or_one_language_s_masks_where_language_mappings
     with pytest.raises(TypeError, match=rf"^fomaml_optimizer: masks\['{name}'\] must be \{{parameter name: bool "
                                         r"tensor\}, got a Tensor; masks map each language"):
         subnetworks.fomaml_optimizer(model, masks["de"])
+    opt = subnetworks.fomaml_optimizer(model, masks)
+    support, query = {"de": _lm_batches(1, 1)}, {"de": _lm_batches(1, 2)[0]}
+    for arg, call in (("support", lambda: subnetworks.fomaml_step(model, support["de"], query, masks, 0.1, 1, opt)),
+                      ("query", lambda: subnetworks.fomaml_step(model, support, [query["de"]], masks, 0.1, 1, opt)),
+                      ("masks", lambda: subnetworks.fomaml_step(model, support, query, [masks["de"]], 0.1, 1, opt))):
+        with pytest.raises(TypeError, match=rf"^fomaml_step: {arg} must map each language to .*got a list"):
+            call()
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 

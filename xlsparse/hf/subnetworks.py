@@ -757,6 +757,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
                         "subnetworks' union (see fomaml_optimizer); a plain optimizer would move entries outside them")
     if checks.count("fomaml_step", "inner_steps", inner_steps) < 1:  # 1.5 failed in range(), unnamed
         raise ValueError(f"fomaml_step: inner_steps must be at least 1, got {inner_steps}")
+    _check_by_language("fomaml_step", "support", support, "its batch or batches, {language: [batch, ...]}")
+    _check_by_language("fomaml_step", "query", query, "its batch, {language: batch}")
+    _check_by_language("fomaml_step", "masks", masks, "its masks, {language: {name: mask}}")
     if set(support) != set(query):
         raise ValueError(f"fomaml_step: support languages {sorted(support)} differ from query languages {sorted(query)}")
     missing = [lang for lang in support if lang not in masks]
