@@ -205,6 +205,30 @@ def test_reptile_step_updates_only_the_subnetworks():
         assert bool((named[n][union] != before[n][union]).any())
 
 
+def test_reptile_step_of_bfloat16_weights_rounds_the_update_once():
+    """θ ← θ + ε · mean_l(θ_l − θ) restated in float64 from the θ_l each language reached, rounded
+    once to bfloat16. Summed in bfloat16, a language's move of +64 and another's of −64 absorbed
+    the small moves before them: the first entry stayed 1.0, four ulps off."""
+    theta = torch.tensor([1.0, 3.0, -0.5, 0.75], dtype=torch.bfloat16)
+    grads = {"a": [-0.125, 0.0625, 0.01, -0.3], "b": [-0.125, 0.2, -0.04, 0.02],
+             "c": [-64.0, -20.0, 3.0, 0.5], "d": [64.0, 19.0, -3.0, -0.4]}
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(theta.clone())
+    seen = {lang: [] for lang in grads}
+
+    def loss_fn(m, batch):  # step 1 moves θ by −lr·g; step 2 (zero gradient) shows θ_l
+        seen[batch["lang"]].append(m.w.detach().clone())
+        g = torch.tensor(grads[batch["lang"]]) if len(seen[batch["lang"]]) == 1 else torch.zeros(4)
+        return (m.w * g.to(torch.bfloat16)).sum()
+
+    masks = {lang: {"w": torch.ones(4, dtype=torch.bool)} for lang in grads}
+    batches = {lang: [{"lang": lang, "x": torch.zeros(1)}] for lang in grads}
+    subnetworks.reptile_step(model, batches, masks, inner_lr=1.0, outer_lr=0.5, inner_steps=2, loss_fn=loss_fn)
+    start = theta.double()
+    want = start + 0.5 * torch.stack([seen[lang][1].double() - start for lang in grads]).mean(0)
+    assert torch.equal(model.w.detach(), want.to(torch.bfloat16))
+
+
 def test_reptile_step_refuses_a_bad_outer_lr_or_inner_steps_before_any_step():
     # outer_lr=NaN ran every inner step, then wrote NaN into every trainable parameter; inner_steps=1.5
     # failed in itertools.islice (fomaml_step: in range()) with a message that named no argument

@@ -411,7 +411,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     that language's subnetwork (`masks[lang]`: {parameter name: BoolTensor} in the model's own
     layout, as `structured_masks` and `select_masks` give them; parameters absent from it stay
     fixed, but for convert's `modules_to_save`, which train whole; masks that open no entry are
-    refused). Then θ ← θ + outer_lr · mean_l(θ_l − θ). A language's first `inner_steps` batches are taken from an
+    refused). Then θ ← θ + outer_lr · mean_l(θ_l − θ), summed in float32 (at least) and rounded
+    once into θ's dtype (bfloat16 or float16 too). A language's first `inner_steps` batches are taken from an
     iterator (one batch, or fewer than `inner_steps`, are cycled, as in `fomaml_step`); a list of
     more than `inner_steps` is refused. Returns each language's last inner loss; a loss that is
     not finite at any inner step (NaN: a batch with no labelled token), or a finite loss with an
@@ -441,7 +442,10 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     _check_routed(model, stored, "reptile_step")
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
-    total = {n: torch.zeros_like(p) for n, p in named.items()}
+    # float32 at least: Σ_l (θ_l − θ) summed in bfloat16 rounded at every language (a large move and
+    # its opposite cancelled the small ones), and the update is rounded once, into θ's dtype
+    wide = {n: torch.promote_types(p.dtype, torch.float32) for n, p in named.items()}
+    total = {n: torch.zeros_like(p, dtype=wide[n]) for n, p in named.items()}
     losses, bad = {}, {}  # bad: the languages with a non-finite loss, in order
     for lang, lang_batches in _progress("reptile_step", taken.items(), "reptile", progress):
         lang_masks = stored[lang]
@@ -459,7 +463,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
                 opt.step()
             with torch.no_grad():
                 for n, p in named.items():
-                    total[n] += p - start[n]
+                    total[n] += p.to(wide[n]) - start[n].to(wide[n])
         finally:
             with torch.no_grad():
                 for n, p in named.items():
@@ -468,7 +472,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     _refuse_nonfinite_losses("reptile_step", model, bad)
     with torch.no_grad():
         for n, p in named.items():
-            p.add_(total[n], alpha=outer_lr / max(len(batches), 1))
+            p.copy_(torch.add(p.to(wide[n]), total[n], alpha=outer_lr / max(len(batches), 1)))
     model.zero_grad(set_to_none=True)
     return losses
 
