@@ -150,7 +150,8 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     score (default: every parameter that requires grad; a named one that does not raises). On a converted model ∂ℓ_i/∂θ of a
     SubnetworkLinear weight is the full gradient, not masked to the language's current
     subnetwork, so entries outside it are scored too. The model's gradients are left cleared.
-    Returns {language: {parameter name: float32 tensor}} in the model's own layout, the layout
+    Returns {language: {parameter name: float32 tensor}} (the products taken in float32 too, for
+    a bfloat16 or float16 model) in the model's own layout, the layout
     masks take (a GPT-2 Conv1D weight's scores are [in, out], converted or not). Under
     torch.distributed each process scores its own examples on its unwrapped model and sums the
     scores with `xlsparse.distributed.all_reduce_scores`; a DDP wrapper or an FSDP2-sharded model
@@ -191,7 +192,9 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
                         g = named[n].grad
                         if g is None:
                             continue
-                        acc[n] += (g * named[n]).abs().float() if method == "grad_x_weight" else g.float().square()
+                        # widened before the product: a bfloat16 product rounds each term (2⁻⁹ relative)
+                        g = g.float()
+                        acc[n] += (g * named[n].float()).abs() if method == "grad_x_weight" else g.square()
             scores[lang] = _swap_conv1d_layout(model, acc)
     finally:
         model.zero_grad(set_to_none=True)
@@ -529,7 +532,8 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     A gate ξ multiplying a head's output (or a neuron's activation) has ∂ℓ_i/∂ξ = Σ_t o_t · ∂ℓ_i/∂o_t,
     read here from the input of the O projection (FFN-out) and its gradient; with ℓ_i the loss of
     example i alone (one backward per example, as in `importance_scores`), the score sums
-    |∂ℓ_i/∂ξ| over the examples, so it does not depend on how examples are batched. An example
+    |∂ℓ_i/∂ξ| over the examples, so it does not depend on how examples are batched (products and
+    sums in float32, for a bfloat16 or float16 model too). An example
     whose loss is NaN (no labelled token) adds nothing; an infinite loss raises ValueError. On a
     converted model the subnetwork layers run unmasked (the whole network, in training mode too). The model's gradients are
     left cleared. Under torch.distributed, as `importance_scores`: each process scores its own
@@ -579,7 +583,8 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
                             raise RuntimeError("structured_importance: no gradient reached a head/neuron input; "
                                                "does the model require grad?")
                         x, grad = captured[key]
-                        per_unit = (x * grad).float().reshape(x.shape[0], -1, x.shape[-1]).sum(1)  # [B, width]
+                        # widened before the product, as in importance_scores
+                        per_unit = (x.float() * grad.float()).reshape(x.shape[0], -1, x.shape[-1]).sum(1)  # [B, width]
                         if groups is not None:
                             per_unit = per_unit.reshape(x.shape[0], groups, -1).sum(2)
                         score = per_unit.abs().sum(0)
