@@ -40,15 +40,16 @@ def index_dtype(numel: int) -> torch.dtype:
     return torch.int32 if numel < 2**31 else torch.int64
 
 
-def budget(what: str, total: int, k: int | None = None, density: float | None = None) -> int:
-    """How many entries to select: `k`, or the share `density` of `total`; exactly one is given."""
+def budget(what: str, total: int, k: int | None = None, density: float | None = None, floor: bool = False) -> int:
+    """How many entries to select: `k`, or the share `density` of `total` (rounded to the nearest,
+    or down with `floor`); exactly one of `k` and `density` is given."""
     if (k is None) == (density is None):
         raise ValueError(f"{what}: give exactly one of k or density")
     if density is not None:
         checks.finite(what, density=density)  # a bool passed the range check: True selected every entry
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"{what}: density must be in [0, 1], got {density}")
-        k = round(density * total)
+        k = int(density * total) if floor else round(density * total)
     k = checks.count(what, "k", k)
     if not 0 <= k <= total:
         raise ValueError(f"{what}: k = {k} is outside [0, {total}] (the elements to choose from)")

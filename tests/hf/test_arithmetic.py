@@ -35,13 +35,13 @@ def _dense(diff: SparseDiff) -> dict[str, torch.Tensor]:
 
 
 def _ties_dense(diffs, weights, density):
-    """PEFT's ties restated on dense tensors: trim each diff globally to round(density · its
-    nonzeros), elect the sign of the summed trimmed values (+ at 0), disjoint weighted mean."""
+    """PEFT's ties restated on dense tensors: trim each diff globally to int(density · its
+    nonzeros) (PEFT's magnitude_based_pruning rounds down), elect the sign of the summed trimmed values (+ at 0), disjoint weighted mean."""
     trimmed = []
     for d in diffs:
         dense = _dense(d)
         flat = torch.cat([dense[n].reshape(-1) for n in SHAPES])
-        k = round(density * int((flat != 0).sum()))
+        k = int(density * int((flat != 0).sum()))
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[torch.topk(flat.abs(), k).indices] = True
         flat = flat * keep
@@ -123,7 +123,7 @@ def test_trim_keeps_its_own_share_of_each_diff():
     small, big = _random_diff(4, density=0.1), _random_diff(5, density=0.9)
     for d in (small, big):
         kept = arithmetic.ties_merge([d], [1.0], 0.5)
-        assert kept.nnz == round(0.5 * d.nnz)
+        assert kept.nnz == int(0.5 * d.nnz)
 
 
 def test_trim_breaks_ties_by_parameter_name_not_dict_order():
@@ -132,7 +132,7 @@ def test_trim_breaks_ties_by_parameter_name_not_dict_order():
     # (or loaded) with its parameters in another order is trimmed alike.
     vals = {"b.weight": torch.tensor([2.0, -1.0, 2.0]), "a.weight": torch.tensor([1.0, -2.0, 3.0])}
     flat = torch.cat([vals[n] for n in sorted(vals)])
-    k = round(0.5 * flat.numel())
+    k = int(0.5 * flat.numel())
     order = torch.sort(flat.abs(), descending=True, stable=True).indices  # ties to the lowest position
     keep = torch.zeros(flat.numel(), dtype=torch.bool)
     keep[order[:k]] = True

@@ -14,8 +14,9 @@ against, and their math is PEFT's `ties` / `dare_linear` utilities:
   - DARE: drop each entry with probability p, rescale the survivors by 1 / (1 − p).
 What is xlsparse's own: everything runs on the sparse supports (union merges through
 `SparseDiff.merge`, global top-K through `xlsparse.functional.topk_mask`), so no weight is ever
-densified; "its own nonzeros" means TIES keeps round(density · nnz) entries of each diff, where
-PEFT keeps density · numel of each dense tensor; and an explicit rule for absolute entries
+densified; "its own nonzeros" means TIES keeps int(density · nnz) entries of each diff (rounded
+down, as PEFT's magnitude_based_pruning rounds its int(density · numel)), where PEFT counts every
+entry of each dense tensor; and an explicit rule for absolute entries
 (classifier heads), which replace a parameter and have no weighted sum (see `combine`).
 Where the authors' own TIES (their merging.py) differs from PEFT's, and so from ours: it trims
 each flattened vector over all its entries, zeros included, keeping every entry at or above the
@@ -121,13 +122,14 @@ def _sparse_parts(diff: SparseDiff) -> dict[str, SparseDelta]:
 
 
 def _trim(diff: SparseDiff, density: float) -> dict[str, SparseDelta]:
-    """TIES' trim: the round(density · nnz) largest-magnitude entries of the diff, global over its
+    """TIES' trim: the int(density · nnz) largest-magnitude entries of the diff (rounded down, as
+    PEFT's magnitude_based_pruning and mergekit's magnitude sparsifier take k), global over its
     parameters (ties to the lowest position, parameters in name order, as the authors flatten a
     state dict; the diff's dict order, which two builds of one diff need not share, chose otherwise)."""
     parts = _sparse_parts(diff)
     names = sorted(parts)
     nonzero = sum(int(torch.count_nonzero(parts[n].values)) for n in names)
-    k = budget("ties_merge", nonzero, density=density)
+    k = budget("ties_merge", nonzero, density=density, floor=True)
     keep = dict(zip(names, topk_mask([parts[n].values for n in names], k))) if names else {}
     return {n: SparseDelta._trusted(d.indices[keep[n]], d.values[keep[n]], d.shape) for n, d in parts.items()}
 
@@ -136,8 +138,8 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
                absolute_from: int | None = None) -> SparseDiff:
     """TIES-merging over sparse diffs: trim, elect sign, disjoint mean (PEFT's `ties` math).
 
-    1. Trim: each diff keeps the top `density` share of its own nonzero entries by magnitude,
-       global over its parameters (dense entries count with their nonzeros).
+    1. Trim: each diff keeps its int(density · nnz) largest-magnitude nonzero entries (PEFT's
+       k, rounded down), global over its parameters (dense entries count with their nonzeros).
     2. Elect: per entry, the sign of the sum of the trimmed (unweighted) values; + where it is 0.
     3. Disjoint mean: Σ_i [sign(φ_i) = elected] · weights[i] · φ_i / #{i : sign(φ_i) = elected}.
     Entries no diff keeps are absent from the result. Every step is a union merge of sorted
