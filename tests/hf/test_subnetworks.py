@@ -282,6 +282,27 @@ def test_reptile_step_of_bfloat16_weights_rounds_the_update_once():
     assert torch.equal(model.w.detach(), want.to(torch.bfloat16))
 
 
+def test_fomaml_step_of_bfloat16_weights_rounds_the_outer_gradient_once():
+    """The outer gradient mean_l ∂L_l/∂θ restated in float64 from each language's query gradient
+    (the constant c_l of a loss θ · c_l), rounded once to bfloat16. Summed in bfloat16, the +64 and
+    −64 of two languages absorbed the others' 0.125s: the first entry's mean came out 0, not 0.0625."""
+    grads = {"a": [0.125, 0.0625, 0.01, -0.3], "b": [0.125, 0.2, -0.04, 0.02],
+             "c": [64.0, -20.0, 3.0, 0.5], "d": [-64.0, 19.0, -3.0, -0.4]}
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+
+    def loss_fn(m, batch):  # support batches have c = 0 (the inner step moves nothing); query batches c_l
+        return (m.w * batch["c"]).sum()
+
+    support = {lang: {"c": torch.zeros(4, dtype=torch.bfloat16)} for lang in grads}
+    query = {lang: {"c": torch.tensor(c, dtype=torch.bfloat16)} for lang, c in grads.items()}
+    masks = {lang: {"w": torch.ones(4, dtype=torch.bool)} for lang in grads}
+    outer = subnetworks.fomaml_optimizer(model, masks, lr=0.0)
+    subnetworks.fomaml_step(model, support, query, masks, 0.1, 1, outer, loss_fn=loss_fn)
+    want = torch.stack([query[lang]["c"].double() for lang in grads]).mean(0)
+    assert torch.equal(model.w.grad, want.to(torch.bfloat16))
+
+
 def test_reptile_step_refuses_a_bad_outer_lr_or_inner_steps_before_any_step():
     # outer_lr=NaN ran every inner step, then wrote NaN into every trainable parameter; inner_steps=1.5
     # failed in itertools.islice (fomaml_step: in range()) with a message that named no argument

@@ -745,7 +745,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     it does not name stay fixed, but for convert's `modules_to_save`, which train whole; masks
     that open no entry are refused); the gradient of the query loss at the adapted θ'_l, masked
     to `masks[l]`, is the language's outer gradient; θ is restored. The outer gradient is the
-    mean over the languages; it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW
+    mean over the languages (summed in float32 at least, rounded once into θ's dtype); it is left in `.grad` and `outer_optimizer` (an xlsparse MaskedAdamW
     over the union of the masks, e.g. from `fomaml_optimizer`, so that nothing outside the
     subnetworks moves, weight decay included) takes one step. On a converted model each language's batches
     are routed to it. A step that fails leaves θ as it was; so does a loss that is not finite at
@@ -830,7 +830,9 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
             with torch.no_grad():
                 for n, g in zip(lang_masks, (p.grad for p in params)):
                     if g is not None:
+                        # summed in float32 at least (as reptile_step), rounded once into .grad's dtype below
                         g = torch.where(lang_masks[n], g, torch.zeros((), dtype=g.dtype, device=g.device))
+                        g = g.to(torch.promote_types(g.dtype, torch.float32))
                         outer[n] = g if n not in outer else outer[n] + g
         finally:
             with torch.no_grad():
@@ -840,7 +842,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     model.zero_grad(set_to_none=True)
     _refuse_nonfinite_losses("fomaml_step", model, bad)
     for n, g in outer.items():
-        named[n].grad = g / len(support)
+        named[n].grad = (g / len(support)).to(named[n].dtype)
     outer_optimizer.step()
     return losses
 
