@@ -1229,6 +1229,34 @@ def test_a_minus_one_example_is_refused_where_the_modules_to_save_are_shared():
     sub(input_ids=ids, language_ids=torch.tensor([0, 1, 1])).logits.sum().backward()
 
 
+@pytest.mark.parametrize("kind", ["multi", "subnetwork"])
+def test_a_minus_one_example_is_refused_when_a_part_of_the_model_is_routed(kind):
+    # route(model.bert, ids) did not see the model's modules_to_save (they lie outside model.bert): the
+    # -1 example then ran through the trained head (0.8 off the base's logits), while model(...,
+    # language_ids=ids) refused the same ids
+    base, head = classifier("bert")
+    g = torch.Generator().manual_seed(0)
+    langs = ["de", "fr"]
+    spec = (dict(diffs={lang: random_diff(base, 10, 0.1, seed=e) for e, lang in enumerate(langs)}) if kind == "multi"
+            else dict(masks={lang: {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
+                                    for n in hf.model.target_names(base)} for lang in langs}))
+    model = hf.convert(copy.deepcopy(base), kind=kind, modules_to_save=[head], **spec)
+    ids = batch(3, 5)
+    for part in (model.bert, model.bert.encoder, model.bert.encoder.layer[0]):
+        with pytest.raises(ValueError, match="modules_to_save"):
+            with hf.route(part, torch.tensor([0, 1, -1])):
+                pass
+    with hf.route(model.bert, torch.tensor([0, 1, 1])):  # every example with a language: fine
+        model(input_ids=ids)
+    with hf.disable(model), hf.route(model.bert, torch.tensor([0, 1, -1])):  # the base state: -1 is the base
+        pass
+    clone = copy.deepcopy(model)  # the copy's layers read the copy's own bookkeeping
+    assert clone.bert.encoder.layer[0].attention.self.query._xlsparse_owner[1] is clone._xlsparse_record
+    with pytest.raises(ValueError, match="modules_to_save"):
+        with hf.route(clone.bert, torch.tensor([0, 1, -1])):
+            pass
+
+
 # --- mixed precision ---
 
 def _autocast_pair(layer, reference, x):

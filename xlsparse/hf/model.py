@@ -780,6 +780,8 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     model._xlsparse_record = _remember(model, saved)
     if kind != "delta":
         _accept_language_ids(model)
+        for _, layer in _converted(model, _ROUTED):  # `route` on a part (model.bert) finds the model's rules here
+            layer._xlsparse_owner = (model.xlsparse_config, model._xlsparse_record)
     if kind == "multi":
         model.register_load_state_dict_pre_hook(_check_language_order)
     if callable(getattr(type(model), "save_pretrained", None)):
@@ -1112,6 +1114,16 @@ def _per_token_misfit(modules: list) -> str | None:
     return None
 
 
+def _owner(modules: list) -> tuple:
+    """(xlsparse_config, record) of the converted model that `modules` belong to: held by one of them
+    (the model itself, or the model inside a wrapper: DDP), else by its routed layers (a part routed
+    alone, `route(model.bert, ...)`, whose modules to save lie outside it); (None, None) for none."""
+    held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)
+    if held is not None:
+        return held.xlsparse_config, getattr(held, "_xlsparse_record", None)
+    return next((m.__dict__["_xlsparse_owner"] for m in modules if "_xlsparse_owner" in m.__dict__), (None, None))
+
+
 @accepts_compiled
 @contextlib.contextmanager
 def route(model: nn.Module, language_ids):
@@ -1120,15 +1132,15 @@ def route(model: nn.Module, language_ids):
     `language_ids`: per example [B] (exactly the batch's length) or per token [B, S] (exactly its
     shape); integers indexing `languages(model)`, or the language names themselves; −1 (or None)
     means base only / no update (a ValueError on a model with `modules_to_save`, which every
-    language shares: run such examples under `disable`). A wrong shape is a ValueError that names
-    both shapes. The ids are expanded to tokens and grouped once per batch. Works on any module
-    holding routed layers; a layer whose languages are in another order than the model's (given
-    by a `SubnetworkLinear.set_masks` since convert) raises ValueError. A batch may instead carry a
-    `language_ids` field: `model(**batch)` routes by it. With neither, a 'multi' model's forward
-    raises, in eval mode too (it ran as the base, so an evaluation whose batches lost the field
-    scored the base as the languages): ask for the base with ids of −1 (without `modules_to_save`)
-    or `with xlsparse.hf.disable(model):`. A 'subnetwork' model's output is the same for every
-    language: it needs ids in training mode only.
+    language shares, also when routing a part of it: `route(model.bert, ...)`; run such examples
+    under `disable`). A wrong shape is a ValueError that names both shapes. The ids are expanded
+    to tokens and grouped once per batch. Works on any module holding routed layers; a layer whose
+    languages are in another order than the model's (given by a `SubnetworkLinear.set_masks` since
+    convert) raises ValueError. A batch may instead carry a `language_ids` field: `model(**batch)`
+    routes by it. With neither, a 'multi' model's forward raises, in eval mode too (it ran as the
+    base, so an evaluation whose batches lost the field scored the base as the languages): ask for
+    the base with ids of −1 (without `modules_to_save`) or `with xlsparse.hf.disable(model):`. A
+    'subnetwork' model's output is the same for every language: it needs ids in training mode only.
     """
     names = languages(model)
     if not names:
@@ -1159,8 +1171,7 @@ def route(model: nn.Module, language_ids):
                                  "on the labelled tokens only, gathered across the examples, which no language id "
                                  "fits; set `sparse_prediction = False` on it or leave its head out of target_modules")
     routing.check_ids(ids, num)  # the one host sync of a routed forward (a graph break under torch.compile)
-    held = next((m for m in modules if getattr(m, "xlsparse_config", None) is not None), None)  # or in a wrapper (DDP)
-    config, rec = getattr(held, "xlsparse_config", None), getattr(held, "_xlsparse_record", None)
+    config, rec = _owner(modules)
     if (config is not None and config.kind in ("multi", "subnetwork") and config.modules_to_save and rec is not None
             and not rec.lock.locked() and bool((ids == -1).any())):
         # the modules to save are one module shared by every language ('multi' and 'subnetwork'): a
