@@ -1332,6 +1332,44 @@ def test_a_frozen_module_swapped_in_after_convert_is_refused_by_save_and_extract
         torch.testing.assert_close(hf.merge_and_unload(model, **lang)(input_ids=ids).logits, swapped)
 
 
+@pytest.mark.parametrize("arch", ["bert", "xlmr"])
+@pytest.mark.parametrize("kind", ["delta", "subnetwork"])
+@pytest.mark.parametrize("untied", [False, True])
+def test_a_tied_model_loaded_with_assign_saves_and_extracts(arch, kind, untied, tmp_path):
+    # load_state_dict(assign=True) gives each name of a tied tensor (the decoder and the word
+    # embeddings) a Parameter of its own: the second name read as a module added since convert, and
+    # save_pretrained and extract_diff refused an unchanged model naming "(added)" entries
+    base = tiny(arch)
+    g = torch.Generator().manual_seed(0)
+    masks = {"de": {f"{n}.weight": torch.rand(base.get_submodule(n).weight.shape, generator=g) < 0.3
+                    for n in hf.model.target_names(base)}}
+    model = (hf.convert(copy.deepcopy(base), density=0.05) if kind == "delta"
+             else hf.convert(copy.deepcopy(base), kind="subnetwork", masks=masks))
+    with torch.no_grad():  # as if trained
+        for name, layer in hf.model._converted(model):
+            if kind == "delta":
+                layer.delta_values.normal_(generator=g)
+            else:
+                layer.weight.add_(torch.randn(layer.weight.shape, generator=g) * masks["de"][f"{name}.weight"])
+    state = model.state_dict()
+    if untied:  # each name its own tensor, of equal values (a state dict that does not share storage)
+        state = {k: v.clone() for k, v in state.items()}
+    model.load_state_dict(state, assign=True)
+    ids = batch()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        plain = copy.deepcopy(base)
+        with hf.extract_diff(model).applied(plain):
+            torch.testing.assert_close(plain(input_ids=ids).logits, want)
+        if kind == "delta":
+            hf.save_pretrained(model, tmp_path / "sft")
+            torch.testing.assert_close(hf.from_pretrained(copy.deepcopy(base), tmp_path / "sft")(input_ids=ids).logits,
+                                       want, rtol=0, atol=0)
+        model.get_output_embeddings().weight[5, 0] += 1.0  # a frozen value that did change is still refused
+    with pytest.raises(ValueError, match="changed since convert"):
+        hf.extract_diff(model)
+
+
 def test_extract_diff_of_a_model_built_by_hand_refuses_a_delta_it_does_not_read():
     # A SparseDeltaEmbedding's delta_values passed the check by name: extract_diff returned the
     # linear delta alone, and the embedding's 20 trained entries were missing from base + diff.

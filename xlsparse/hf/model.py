@@ -848,20 +848,27 @@ def _freeze(model: nn.Module, saved: list[str]) -> None:
 
 def _frozen_tensors(model: nn.Module, train: set[str]) -> dict[str, torch.Tensor]:
     """The tensors that must not change after convert, by name: every floating parameter and
-    buffer outside `train`."""
+    buffer but those of `train`, under each of its names (a tied tensor's too: `load_state_dict(
+    assign=True)` gives each name a Parameter of its own, which read as added since convert)."""
     # non-persistent buffers are no weights: state derived at run time (a dynamic RoPE's inv_freq
     # grows with a long batch), which neither the diff nor a state dict holds; watched, they made
     # every save after a long batch refuse, and the Trainer's checkpoints drop the diff
-    derived = {f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set}
-    return {name: t for name, t in [*model.named_parameters(), *model.named_buffers()]
-            if name not in train and name not in derived and t.is_floating_point()}
+    derived = {f"{m}.{b}" if m else b for m, mod in model.named_modules(remove_duplicate=False)
+               for b in mod._non_persistent_buffers_set}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    trained = {id(t) for name, t in named if name in train}  # under any of its names
+    return {name: t for name, t in named if id(t) not in trained and name not in derived and t.is_floating_point()}
 
 
 def _remember(model: nn.Module, saved: list[str]) -> _Record:
     rec = _Record()
     with torch.no_grad():
+        first = {}  # a tied tensor's first name, whose fingerprints its other names share
         for name, t in _frozen_tensors(model, _trainable_names(model, saved)).items():
-            _remember_frozen(rec, name, t)
+            if first.setdefault(id(t), name) == name:
+                _remember_frozen(rec, name, t)
+            else:
+                rec.frozen[name], rec.cast[name] = rec.frozen[first[id(t)]], rec.cast[first[id(t)]]
         for sname in saved:
             for n, p in model.get_submodule(sname).named_parameters():
                 rec.saved_originals[f"{sname}.{n}"] = p.detach().clone()
@@ -1191,8 +1198,9 @@ def route(model: nn.Module, language_ids):
 def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
     # a merged layer's weight holds W0 + Δ: check its base, the weight with the displaced entries put back
     merged = {f"{n}.weight": layer for n, layer in _converted(model, SparseDeltaLinear) if layer.merged}
-    named = dict(model.named_parameters())
-    named.update(model.named_buffers())
+    named = dict(model.named_parameters(remove_duplicate=False))  # every name, as convert recorded them
+    named.update(model.named_buffers(remove_duplicate=False))
+    read = {}  # id of a tensor -> its fingerprint: a tied tensor is read once
     subnets = dict(_converted(model, SubnetworkLinear))
     changed, cast, gone = [], [], []
     for name, fp in rec.frozen.items():
@@ -1208,7 +1216,9 @@ def _check_unchanged(model: nn.Module, rec: _Record, what: str) -> None:
                 continue
             now = _fingerprint(merged[name].base_weight())
         else:
-            now = _fingerprint(named[name])
+            if id(named[name]) not in read:
+                read[id(named[name])] = _fingerprint(named[name])
+            now = read[id(named[name])]
         change = _frozen_change(rec, name, now)
         if change == "cast":
             cast.append(f"{name} ({fp[0]} -> {now[0]})")
