@@ -1301,6 +1301,26 @@ def test_subnetwork_linear_bad_masks():
         SubnetworkLinear.from_linear(linear, {})
 
 
+@pytest.mark.parametrize("assign", [False, True])
+def test_an_optimizer_load_checks_a_subnetwork_weight_loaded_with_assign(assign):
+    # load_state_dict(assign=True) makes the state dict's tensor the layer's weight, which the optimizer's
+    # check (a loaded selector must be the union of the layer's masks) did not know until the next
+    # set_masks: a state masking other entries loaded silently, and stepped entries no language trains
+    from xlsparse.nn import SubnetworkLinear
+
+    g = torch.Generator().manual_seed(0)
+    layer = SubnetworkLinear.from_linear(torch.nn.Linear(7, 5), {lang: torch.rand(5, 7, generator=g) < 0.4
+                                                                  for lang in ("de", "fr")})
+    other = torch.rand(5, 7, generator=g) < 0.4  # the masks of another run
+    assert not torch.equal(other, layer.trainable_mask())
+    saved = MaskedAdamW([layer.weight], [other]).state_dict()
+    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=assign)
+    opt = MaskedAdamW([layer.weight], [layer.trainable_mask()])
+    with pytest.raises(ValueError, match="union of the layer's masks"):
+        opt.load_state_dict(copy.deepcopy(saved))
+    opt.load_state_dict(MaskedAdamW([layer.weight], [layer.trainable_mask()]).state_dict())  # the layer's own masks
+
+
 @needs_ext
 def test_torch_compile_fullgraph_subnetwork_linear():
     layer, masks, bmasks, x, ids = _subnetwork_case(bias_masks=True)

@@ -604,6 +604,12 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         stacked = None if bias_masks is None else torch.stack([bias_masks[k] for k in self.languages]).to(device)
         self.register_buffer("bias_masks", stacked, persistent=False)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # load_state_dict(assign=True) made the state dict's tensor the weight: an optimizer's load
+        # finds this layer by it (SUBNETWORK_LAYERS), and missed it until the next set_masks
+        SUBNETWORK_LAYERS[self.weight] = weakref.ref(self)
+
     def trainable_mask(self) -> torch.Tensor:
         """The entries some language may update: the union of the masks [out, in]."""
         return self.masks.any(0)
