@@ -193,25 +193,32 @@ class SftArguments:
 class DynamicSftArguments(SftArguments):
     """LT-SFT whose sparse phase re-selects its support as SpIEL does (Ansell et al. 2024,
     AlanAnsell/peft): every `reselection_steps` optimizer steps, in each converted matrix or
-    embedding, the int(`drop_fraction` × K) entries of smallest |Δ| are dropped and as many are
-    regrown: the largest |Σ gradient| over the last `selection_accumulation_steps` steps among
-    entries not kept. Dropped entries go back to θ0 and lose their optimizer state; regrown ones
-    start at θ0 with zero state and their own step count. An entry both dropped and regrown stays
-    as it was (as SpIEL). A matrix that is not converted (GPT-2's `Conv1D` weights) keeps its
-    support, with a warning. Differences from SpIEL: the initial support is LT-SFT's phase-1
-    selection; every non-kept entry is a candidate (SpIEL tracks K candidates); the drop fraction
-    is constant (SpIEL decays it linearly); regrown moments start at zero (SpIEL seeds them from
-    the accumulated gradients); the window is the last `selection_accumulation_steps` steps up to
-    each reselection at step k × `reselection_steps` (SpIEL's selector gathers the steps after
-    step k × `reselection_steps` and reselects at the window's end: the same cadence, shifted by
-    the window). During the accumulation window each converted layer adds its
+    embedding (K_t entries), the int(`drop_fraction` × K_t) entries of smallest |Δ| are dropped and
+    as many are regrown: the largest |Σ gradient| (the magnitude of the signed sum, as SpIEL) over
+    the last `selection_accumulation_steps` steps among entries not kept. Dropped entries go back
+    to θ0 and lose their optimizer state; regrown ones start at θ0 with zero state and their own
+    step count. An entry both dropped and regrown stays as it was (as SpIEL). A matrix that is
+    not converted (GPT-2's `Conv1D` weights) keeps its support, with a warning. Differences from SpIEL (its `SftSelector`, selection "rigl"; R =
+    `reselection_steps`, A = `selection_accumulation_steps`): the initial support is LT-SFT's
+    phase-1 selection (SpIEL starts from a random one and replaces all of it, at rate 1, after
+    steps 1..A); every non-kept entry is a candidate (SpIEL tracks the K_t entries of largest
+    |gradient| in its window's first backward); the drop fraction is constant (SpIEL's is
+    initial_reselection_rate × (1 − step / total steps), or a cosine); regrown entries start with
+    zero moments and step count (SpIEL seeds the moments and Adam's per-entry age from the
+    window's gradients); the window is the A steps k·R − A + 1..k·R and the reselection follows
+    step k·R (SpIEL's later windows run from step k·R to k·R + A, A + 1 steps, and reselect after
+    the last: the same cadence, shifted); embeddings (and a tied decoder) reselect too (SpIEL
+    converts linear layers only); weight decay stays AdamW's on θ0 + Δ (SpIEL's SftAdamW decays
+    Δ toward 0). During the accumulation window each converted layer adds its
     dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
     embeddings) into one dense buffer per parameter that drops entries (float32 for a bf16/fp16
     model; under fp16's GradScaler a second one holds the step's own part until the scaler has not skipped the step), freed after
     the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
-    reselection, so every process selects the same support. Biases and norms keep their support, and so does a
-    tensor whose int(drop_fraction × K_t) is 0 (with a warning). No reselection follows the phase's last step, so
-    train() refuses a sparse phase of at most `reselection_steps` steps (it would be static LT-SFT)."""
+    reselection, so every process selects the same support (SpIEL's hooks see each process's
+    own gradients). Biases and norms keep their support, and so does a
+    tensor whose int(drop_fraction × K_t) is 0 (with a warning). No reselection follows the
+    phase's last step (SpIEL's decayed rate is 0 there), so train() refuses a sparse phase of at
+    most `reselection_steps` steps (it would be static LT-SFT)."""
 
     reselection_steps: int = 20
     drop_fraction: float = 0.1
