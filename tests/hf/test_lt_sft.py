@@ -2,6 +2,7 @@
 rules: step caps, L1 units, accumulated masks over rounds, freezing/untying, composition of
 language and task SFTs, multi-source batches, and phase 2's O(K) layers."""
 import copy
+import json
 import math
 import os
 import re
@@ -96,7 +97,8 @@ def test_counts_that_are_not_whole_numbers_are_refused_naming_the_argument(name,
 @pytest.mark.parametrize("name, value", [("freeze_head", "false"), ("apply_reg_to_sparse_only", "False"),
                                          ("freeze_layer_norm", 0), ("layer_norm_patterns", "LayerNorm"),
                                          ("maskable_exclude", "bias"), ("maskable_exclude", (1,)),
-                                         ("full_ft_max_epochs_per_iteration", True), ("drop_fraction", True)])
+                                         ("full_ft_max_epochs_per_iteration", True), ("drop_fraction", True),
+                                         ("reselection_rate_policy", "exponential"), ("reselection_rate_policy", None)])
 def test_values_of_the_wrong_type_are_refused_naming_the_argument(name, value):
     # "false" from a config file is truthy and froze the head; a bare pattern string was read a
     # character at a time ("bias" excluded every name holding an "a"); True ran 1 epoch and
@@ -979,9 +981,10 @@ def test_set_support_keeps_the_module_and_parameter():
 def _restated_dynamic_phase(model, batch, masks, theta0, heads, steps, lr, every, window, fraction):
     """Phase 2 with SpIEL's drop/regrow in plain torch: Adam by hand with per-entry step counts
     on dense tensors; every `every` steps (not after the last), per 2-D tensor: drop the
-    int(fraction·K) smallest |θ − θ0| (stable), regrow as many largest |Σ grad over the last
+    int(fraction(step)·K) smallest |θ − θ0| (stable), regrow as many largest |Σ grad over the last
     `window` steps| among entries not kept (stable); dropped go to θ0, dropped/regrown get zero
-    state and step 0."""
+    state and step 0. `fraction`: a number, or the rate as a function of the step."""
+    rate = fraction if callable(fraction) else (lambda step: fraction)
     params = dict(model.named_parameters())
     names = list(masks) + list(heads)
     state = {n: [torch.zeros_like(params[n]) for _ in range(2)] + [torch.zeros_like(params[n], dtype=torch.int32)]
@@ -1012,7 +1015,7 @@ def _restated_dynamic_phase(model, batch, masks, theta0, heads, steps, lr, every
                     mask, p = masks[n], params[n]
                     flat = mask.reshape(-1)
                     idx = flat.nonzero().flatten()
-                    k_drop = int(fraction * idx.numel())
+                    k_drop = int(rate(step) * idx.numel())
                     delta = (p - theta0[n]).reshape(-1)[idx].abs()
                     drop = idx[torch.sort(delta, stable=True).indices[:k_drop]]
                     kept = flat.clone()
@@ -1030,7 +1033,14 @@ def _restated_dynamic_phase(model, batch, masks, theta0, heads, steps, lr, every
     return {n: ((params[n] - theta0[n]).reshape(-1)[m.reshape(-1)], m) for n, m in masks.items()}
 
 
-def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path):
+# SpIEL's reselection_rate_policy (AlanAnsell/peft, SftSelector.end_selection_phase), restated:
+# the rate after step s of T, from the initial rate f
+_SPIEL_RATES = {"constant": lambda f, s, t: f, "linear": lambda f, s, t: f * (1 - s / t),
+                "cosine": lambda f, s, t: f * (1 + math.cos(math.pi * s / t)) / 2}
+
+
+@pytest.mark.parametrize("policy", list(_SPIEL_RATES))
+def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path, policy):
     from xlsparse.hf.lt_sft import DynamicSftArguments
 
     data = _LMData(n=8)
@@ -1038,7 +1048,8 @@ def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path):
     model = _no_dropout(tiny("bert"))
     reference = copy.deepcopy(model)
     sft_args = DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=7,
-                                   reselection_steps=3, selection_accumulation_steps=2, drop_fraction=0.25)
+                                   reselection_steps=3, selection_accumulation_steps=2, drop_fraction=0.5,
+                                   reselection_rate_policy=policy)
     trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=data, sft_args=sft_args)
     initial = {}
 
@@ -1059,7 +1070,8 @@ def test_dynamic_reselection_matches_a_plain_torch_restatement(tmp_path):
     heads = [n for n in theta0 if n not in trainer.maskable]
     for n, p in reference.named_parameters():
         p.requires_grad_(n in theta0)
-    expected = _restated_dynamic_phase(reference, batch, masks, theta0, heads, 7, 1e-2, 3, 2, 0.25)
+    expected = _restated_dynamic_phase(reference, batch, masks, theta0, heads, 7, 1e-2, 3, 2,
+                                       lambda step: _SPIEL_RATES[policy](0.5, step, 7))
     got = trainer.sft
     moved = 0
     for n, (values, mask) in expected.items():
@@ -1124,8 +1136,8 @@ def test_dynamic_mode_names_the_tensors_too_small_to_drop_an_entry(tmp_path):
     assert small  # the case at hand
     said = [str(w.message) for w in seen if "drop none" in str(w.message)]
     assert said == [f"DynamicSftArguments.drop_fraction = 0.1: {len(small)} of the {len(sizes)} converted tensors "
-                    f"holding entries drop none (int(drop_fraction × K_t) = 0; the smallest holds K_t = {min(small)}) "
-                    "and keep their phase-1 support (no reselection)"]
+                    f"holding entries drop none (int(rate × K_t) = 0 at the first reselection, rate 0.1; the smallest "
+                    f"holds K_t = {min(small)}) and keep their phase-1 support (no reselection)"]
 
 
 def test_dynamic_mode_keeps_gradient_buffers_only_for_tensors_that_drop_entries(tmp_path):
@@ -1247,7 +1259,8 @@ def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
             args=_args(out, weight_decay=0.01, lr_scheduler_type="linear", **kw),
             sft_args=DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2,
                                          sparse_ft_max_steps_per_iteration=7, reselection_steps=3,
-                                         selection_accumulation_steps=2, drop_fraction=0.25))
+                                         selection_accumulation_steps=2, drop_fraction=0.5,
+                                         reselection_rate_policy="linear"))
 
     whole = trainer(tmp_path, save_strategy="steps", save_steps=1)
     whole.train()
@@ -1263,6 +1276,13 @@ def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
     settings = tmp_path / "sparse" / "checkpoint-2" / "sparse_phase.json"
     settings.write_text(settings.read_text().replace('"gradient_sums": 1', '"gradient_sums": 2'))
     with pytest.raises(ValueError, match="resume it with 2 processes"):
+        trainer(tmp_path / "again").train(resume_from_checkpoint=str(settings.parent))
+    # a checkpoint written before the policy existed dropped at a constant rate: not this run's
+    settings = tmp_path / "sparse" / "checkpoint-4" / "sparse_phase.json"
+    written = json.loads(settings.read_text())
+    del written["reselection_rate_policy"]
+    settings.write_text(json.dumps(written))
+    with pytest.raises(ValueError, match="reselection_rate_policy = 'constant' \\(this trainer: 'linear'\\)"):
         trainer(tmp_path / "again").train(resume_from_checkpoint=str(settings.parent))
 
 
@@ -1845,7 +1865,7 @@ def test_reselection_sums_a_bf16_model_s_gradients_in_float32():
     sft_args = DynamicSftArguments(ft_params_num=10, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=9,
                                    reselection_steps=4, selection_accumulation_steps=4)
     trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)]}, sft_args=sft_args,
-                              _loss_scale=lambda: None, _drop_count=lambda name: 1)
+                              _loss_scale=lambda: None, _drop_count=lambda name, step, total: 1)
     tap = _Reselection(trainer)
     tap.on_step_begin(None, SimpleNamespace(global_step=0, max_steps=10), None)
     expect = torch.zeros(8, 16, dtype=torch.float64)
@@ -1896,7 +1916,7 @@ def test_reselection_unscales_gradients_under_a_grad_scaler_and_skips_overflowed
                                    reselection_steps=4, selection_accumulation_steps=4)
     scale = [1.0]
     trainer = SimpleNamespace(_phase="sparse", _converted={"w": [(None, None, layer)], "e": [(None, None, embedding)]},
-                              sft_args=sft_args, _loss_scale=lambda: scale[0], _drop_count=lambda name: 1)
+                              sft_args=sft_args, _loss_scale=lambda: scale[0], _drop_count=lambda name, step, total: 1)
     tap = _Reselection(trainer)
     want_w, want_e = torch.zeros(8, 16, dtype=torch.float64), torch.zeros(20, 8, dtype=torch.float64)
     for i, (s, overflow) in enumerate(((1024.0, False), (2048.0, True), (512.0, False))):
@@ -2210,10 +2230,10 @@ def test_a_step_that_overflows_mid_network_adds_nothing_to_the_regrowth_gradient
         (model.cls if where == "output" else model.bert.encoder.layer[0]).register_forward_hook(overflow)
         reselect = trainer._reselect
 
-        def grab(grads):
+        def grab(grads, *when):
             if not seen:
                 seen.update({n: g.clone() for n, g in grads.items()})
-            return reselect(grads)
+            return reselect(grads, *when)
 
         trainer._reselect = grab
         trainer.train()

@@ -193,17 +193,21 @@ class SftArguments:
 class DynamicSftArguments(SftArguments):
     """LT-SFT whose sparse phase re-selects its support as SpIEL does (Ansell et al. 2024,
     AlanAnsell/peft): every `reselection_steps` optimizer steps, in each converted matrix or
-    embedding (K_t entries), the int(`drop_fraction` × K_t) entries of smallest |Δ| are dropped and
+    embedding (K_t entries), the int(rate × K_t) entries of smallest |Δ| are dropped and
     as many are regrown: the largest |Σ gradient| (the magnitude of the signed sum, as SpIEL) over
     the last `selection_accumulation_steps` steps among entries not kept. Dropped entries go back
     to θ0 and lose their optimizer state; regrown ones start at θ0 with zero state and their own
-    step count. An entry both dropped and regrown stays as it was (as SpIEL). A matrix that is
+    step count. An entry both dropped and regrown stays as it was (as SpIEL). The rate
+    (`drop_rate`) follows `reselection_rate_policy`, SpIEL's name: "constant" (the default) keeps
+    `drop_fraction` at every reselection; "linear" (SpIEL's default) and "cosine" decay it as SpIEL
+    does, drop_fraction · (1 − s/T) or drop_fraction · (1 + cos(π s/T)) / 2 at the reselection
+    after step s of a sparse phase of T steps, `drop_fraction` taking the role of SpIEL's
+    initial_reselection_rate (0.2 there). A matrix that is
     not converted (GPT-2's `Conv1D` weights) keeps its support, with a warning. Differences from SpIEL (its `SftSelector`, selection "rigl"; R =
     `reselection_steps`, A = `selection_accumulation_steps`): the initial support is LT-SFT's
     phase-1 selection (SpIEL starts from a random one and replaces all of it, at rate 1, after
     steps 1..A); every non-kept entry is a candidate (SpIEL tracks the K_t entries of largest
-    |gradient| in its window's first backward); the drop fraction is constant (SpIEL's is
-    initial_reselection_rate × (1 − step / total steps), or a cosine); regrown entries start with
+    |gradient| in its window's first backward); regrown entries start with
     zero moments and step count (SpIEL seeds the moments and Adam's per-entry age from the
     window's gradients); the window is the A steps k·R − A + 1..k·R and the reselection follows
     step k·R (SpIEL's later windows run from step k·R to k·R + A, A + 1 steps, and reselect after
@@ -216,13 +220,17 @@ class DynamicSftArguments(SftArguments):
     the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
     reselection, so every process selects the same support (SpIEL's hooks see each process's
     own gradients). Biases and norms keep their support, and so does a
-    tensor whose int(drop_fraction × K_t) is 0 (with a warning). No reselection follows the
-    phase's last step (SpIEL's decayed rate is 0 there), so train() refuses a sparse phase of at
+    tensor whose int(rate × K_t) at the first reselection is 0 (with a warning; a decaying rate
+    reaches 0 for more tensors later). No reselection follows the phase's last step (SpIEL's
+    decayed rate is 0 there), so train() refuses a sparse phase of at
     most `reselection_steps` steps (it would be static LT-SFT)."""
 
     reselection_steps: int = 20
     drop_fraction: float = 0.1
     selection_accumulation_steps: int = 5
+    reselection_rate_policy: str = "constant"
+
+    RATE_POLICIES = ("constant", "linear", "cosine")
 
     def __post_init__(self):
         super().__post_init__()
@@ -234,6 +242,19 @@ class DynamicSftArguments(SftArguments):
         if not is_whole(a) or not 1 <= a <= self.reselection_steps:
             raise ValueError(f"DynamicSftArguments.selection_accumulation_steps = {self.selection_accumulation_steps!r}: "
                              "must be an int in [1, reselection_steps]")
+        if not isinstance(self.reselection_rate_policy, str) or self.reselection_rate_policy not in self.RATE_POLICIES:
+            raise ValueError(f"DynamicSftArguments.reselection_rate_policy = {self.reselection_rate_policy!r}: must be one "
+                             f"of {self.RATE_POLICIES}")
+
+    def drop_rate(self, step: int, total: int) -> float:
+        """The share of each tensor's K_t that the reselection after optimizer step `step` of a sparse
+        phase of `total` steps drops: `drop_fraction`, or SpIEL's decay of it, drop_fraction ·
+        (1 − step/total) ("linear") or drop_fraction · (1 + cos(π · step/total)) / 2 ("cosine")."""
+        if self.reselection_rate_policy == "linear":
+            return self.drop_fraction * (1 - step / total)
+        if self.reselection_rate_policy == "cosine":
+            return self.drop_fraction * (1 + math.cos(math.pi * step / total)) / 2
+        return self.drop_fraction
 
 
 class _Reselection(TrainerCallback):
@@ -257,8 +278,10 @@ class _Reselection(TrainerCallback):
         t = self.trainer
         if t._phase == "sparse" and t._converted and not self.hooks and self._in_window(state.global_step + 1) \
                 and state.global_step + 1 < state.max_steps:
+            every = t.sft_args.reselection_steps
+            step = -(-(state.global_step + 1) // every) * every  # the window's reselection
             for name, layers in t._converted.items():
-                if not t._drop_count(name):  # it keeps its support: a dense buffer and a GEMM a step for nothing
+                if not t._drop_count(name, step, state.max_steps):  # it keeps its support: a dense buffer and a GEMM a step for nothing
                     continue
                 weight = layers[0][2].weight  # summed in float32 for a half-precision model: bf16 sums drop small steps
                 if name not in self.grads:  # a resumed window's sums so far come from the checkpoint (`_restore`)
@@ -294,7 +317,7 @@ class _Reselection(TrainerCallback):
             if state.global_step < state.max_steps:  # never after the last step
                 # each process tapped only its own batch: average as DDP averages gradients, or the
                 # processes would select different supports
-                t._reselect(all_reduce_scores(self.grads, op="mean"))
+                t._reselect(all_reduce_scores(self.grads, op="mean"), state.global_step, state.max_steps)
             self.grads = {}
 
 
@@ -747,6 +770,8 @@ class LotteryTicketSparseFineTuner(Trainer):
                              "sparse phase ran with (an older xlsparse did not write it); it cannot be resumed")
         with open(path) as f:
             saved = json.load(f)
+        # written before reselection_rate_policy existed: its dynamic runs dropped at a constant rate
+        saved.setdefault("reselection_rate_policy", "constant" if saved.get("dynamic") else None)
         mine = self._sparse_phase_settings()
         differs = [f"{k} = {saved.get(k)!r} (this trainer: {v!r})" for k, v in mine.items() if saved.get(k) != v]
         if differs:  # the resumed steps would train another run's way than the one that wrote the checkpoint
@@ -792,7 +817,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         a = self.sft_args
         dynamic = isinstance(a, DynamicSftArguments)
         reselection = {k: getattr(a, k) if dynamic else None
-                       for k in ("reselection_steps", "drop_fraction", "selection_accumulation_steps")}
+                       for k in ("reselection_steps", "drop_fraction", "selection_accumulation_steps",
+                                 "reselection_rate_policy")}
         return {"dynamic": dynamic, **reselection, "sparse_l1_reg": a.sparse_l1_reg,
                 "apply_reg_to_sparse_only": a.apply_reg_to_sparse_only}
 
@@ -836,12 +862,14 @@ class LotteryTicketSparseFineTuner(Trainer):
                               stacklevel=3)
             if self._reselection is not None:
                 sizes = {name: layers[0][2].delta_indices.numel() for name, layers in self._converted.items()}
-                still = [k for name, k in sizes.items() if k and not self._drop_count(name)]
+                first = a.reselection_steps, self.args.max_steps  # a decaying rate is highest at the first
+                still = [k for name, k in sizes.items() if k and not self._drop_count(name, *first)]
                 if still:  # a tensor without entries has nothing to reselect
                     warnings.warn(f"DynamicSftArguments.drop_fraction = {a.drop_fraction}: {len(still)} of the "
                                   f"{sum(map(bool, sizes.values()))} converted tensors holding entries drop none "
-                                  f"(int(drop_fraction × K_t) = 0; the smallest holds K_t = {min(still)}) and keep "
-                                  "their phase-1 support (no reselection)", stacklevel=3)
+                                  f"(int(rate × K_t) = 0 at the first reselection, rate {a.drop_rate(*first):.4g}; the "
+                                  f"smallest holds K_t = {min(still)}) and keep their phase-1 support (no reselection)",
+                                  stacklevel=3)
             if resumed_deltas is not None:  # the checkpoint's deltas themselves, not θ − θ0 rounded
                 with torch.no_grad():
                     for name, values in self._delta_values().items():
@@ -1028,13 +1056,13 @@ class LotteryTicketSparseFineTuner(Trainer):
         self._converted = {}
 
     @torch.no_grad()
-    def _reselect(self, grads: dict) -> None:
+    def _reselect(self, grads: dict, step: int, total: int) -> None:
         """Drop and regrow every converted tensor's support (DynamicSftArguments) and move the
         optimizer's per-entry state to the new positions (zero for regrown entries)."""
         optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate wraps it
         for name, layers in self._converted.items():
             first = layers[0][2]
-            n = self._drop_count(name)
+            n = self._drop_count(name, step, total)
             if n == 0:
                 continue
             idx, values, src = _drop_and_regrow(first.delta_indices, first.delta_values, grads[name], n)
@@ -1053,9 +1081,10 @@ class LotteryTicketSparseFineTuner(Trainer):
                     moved[fresh] = 0
                     state[key] = moved
 
-    def _drop_count(self, name: str) -> int:
-        """Entries each reselection drops (and regrows) in converted tensor `name`: int(drop_fraction × K_t)."""
-        return int(self.sft_args.drop_fraction * self._converted[name][0][2].delta_indices.numel())
+    def _drop_count(self, name: str, step: int, total: int) -> int:
+        """Entries the reselection after step `step` (of `total`) drops (and regrows) in converted
+        tensor `name`: int(rate × K_t), SpIEL's int(len(values) · p)."""
+        return int(self.sft_args.drop_rate(step, total) * self._converted[name][0][2].delta_indices.numel())
 
     def _set_support(self, name: str, idx: torch.Tensor, values: torch.Tensor) -> None:
         """Give converted tensor `name` the support `idx` with delta `values`: its layers (a tied
