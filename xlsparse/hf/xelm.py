@@ -519,13 +519,14 @@ def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, atten
 
 # --- which expert trains on which language ---
 
-def _balanced_assignment(cost: torch.Tensor, cap: int, start: torch.Tensor) -> torch.Tensor:
-    """The assignment of N points to K clusters of at most `cap` points each that minimises the
+def _balanced_assignment(cost: torch.Tensor, floor: int, cap: int, start: torch.Tensor) -> torch.Tensor:
+    """The assignment of N points to K clusters of `floor` to `cap` points each that minimises the
     summed `cost` [N, K] (a transportation problem), by cycle cancelling from the feasible `start`:
     while some cycle of moves lowers the sum, make it. A move of a point from cluster u to v costs
-    cost[q, v] − cost[q, u] (the cheapest such point per pair); a node S closes the cycles that
-    end in a cluster with room. With no negative cycle left the assignment is optimal, which is
-    what c-BTM's auction solver (`kmeans_pytorch`, balanced=True) computes."""
+    cost[q, v] − cost[q, u] (the cheapest such point per pair); a node S closes the paths that
+    take a point from a cluster above `floor` to one below `cap`. With no negative cycle left the
+    assignment is optimal: the one c-BTM's auction solver (`kmeans_pytorch`, balanced=True)
+    approximates, to within its ε, for equal clusters (K divides N; with another N it never ends)."""
     n, k = cost.shape
     assign = start.clone()
     rows = torch.arange(n)
@@ -537,7 +538,7 @@ def _balanced_assignment(cost: torch.Tensor, cap: int, start: torch.Tensor) -> t
         w[:k, :k].fill_diagonal_(math.inf)
         counts = torch.bincount(assign, minlength=k)
         w[:k, k] = torch.where(counts < cap, 0.0, math.inf)  # v gains a point with nothing leaving: room
-        w[k, :k] = 0.0  # u loses a point with nothing coming in
+        w[k, :k] = torch.where(counts > floor, 0.0, math.inf)  # u loses a point with nothing coming in
         # Bellman-Ford from every node at once; a relaxation in pass k + 1 lies on or after a negative cycle
         dist, pred = torch.zeros(k + 1, dtype=cost.dtype), torch.full((k + 1,), -1, dtype=torch.long)
         changed = -1
@@ -573,14 +574,15 @@ def _balanced_assignment(cost: torch.Tensor, cap: int, start: torch.Tensor) -> t
 
 def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Balanced k-means of example embeddings, as c-BTM clusters them (`kmeans_pytorch` with
-    balanced=True): each of the `k` clusters gets at most ceil(N / k) points. Returns (assignment
-    [N], centres [k, D]).
+    balanced=True): the `k` clusters are equal, N / k points each, or where k does not divide N
+    (which c-BTM's solver does not handle) N // k or ceil(N / k). Returns (assignment [N],
+    centres [k, D]).
 
     Each round gives the points the balanced assignment of least total squared distance to the
-    centres (exactly, as c-BTM's auction solver does; `_balanced_assignment`), then moves the
-    centres to their points' means. The centres start at k distinct points of `x` (fewer than k
-    distinct points raise); a cluster left empty keeps its centre. c-BTM clusters tf-idf vectors
-    reduced by SVD and L2-normalised, which the caller provides.
+    centres (exactly, where c-BTM's auction solver approximates it; `_balanced_assignment`), then
+    moves the centres to their points' means. The centres start at k distinct points of `x` (fewer
+    than k distinct points raise). c-BTM clusters tf-idf vectors reduced by SVD and L2-normalised,
+    which the caller provides.
     """
     x = torch.as_tensor(x, dtype=torch.float64)
     n = x.shape[0]
@@ -591,7 +593,7 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
         raise ValueError("balanced_kmeans: x holds NaN or inf")
     if not 1 <= k <= n:
         raise ValueError(f"balanced_kmeans: k must be in [1, {n}], got {k}")
-    cap = -(-n // k)
+    floor, cap = n // k, -(-n // k)
     # Start from k distinct points: two equal starting centres split their points by position, the
     # second got none, and its centre became the mean of nothing (NaN) for good.
     rows, inverse = torch.unique(x, dim=0, return_inverse=True)
@@ -605,21 +607,23 @@ def balanced_kmeans(x: torch.Tensor, k: int, iters: int = 20, seed: int = 0) -> 
     for _ in range(iters):
         cost = torch.cdist(x, centres).square()
         # a feasible start for the exact step: points in turn, the most decided first (largest gap
-        # between nearest and farthest centre), each to its nearest centre with room
+        # between nearest and farthest centre), each to its nearest centre with room, where only
+        # N mod k clusters may grow past N // k
         order = torch.argsort(cost.max(1).values - cost.min(1).values, descending=True, stable=True)
-        room = [cap] * k
+        counts, big = [0] * k, n - floor * k
         start = torch.empty(n, dtype=torch.long)
         for i in order.tolist():
             for c in torch.argsort(cost[i], stable=True).tolist():
-                if room[c]:
-                    start[i], room[c] = c, room[c] - 1
+                if counts[c] < floor or (counts[c] == floor and big):
+                    if counts[c] == floor:
+                        big -= 1
+                    start[i], counts[c] = c, counts[c] + 1
                     break
-        new = _balanced_assignment(cost, cap, start)
+        new = _balanced_assignment(cost, floor, cap, start)
         if torch.equal(new, assign):
             break
         assign = new
-        # a cluster left without points keeps its centre (the mean of none is NaN)
-        centres = torch.stack([x[assign == c].mean(0) if bool((assign == c).any()) else centres[c] for c in range(k)])
+        centres = torch.stack([x[assign == c].mean(0) for c in range(k)])  # none empty: floor >= 1
     return assign, centres.float()
 
 
