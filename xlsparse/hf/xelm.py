@@ -9,10 +9,11 @@ What follows the paper (and its c-BTM lineage, Gururangan et al. 2023):
     "hierarchical multi-round training") and leaves the others untouched.
 How the experts are weighted: X-ELM's code (after c-BTM) weights them by a tf-idf classifier of
 the context, softmax(−d²/T) of its distances to k-means centres of the training clusters (T = 0.1
-and one weight vector per prefix in its perplexity evaluation, which mixes probabilities; one per
-example in its downstream evaluation, which mixes logits). xlsparse has no tf-idf classifier: give
-such weights per position [B, S, E] or per example [B, E] with weighting="static" (space="logit"
-for the downstream mixing). The default,
+and one weight vector per prefix in its perplexity evaluation, which mixes probabilities, its
+optional top-k applied to those weights; T = 1 and one per example in its downstream evaluation,
+which mixes logits). xlsparse has no tf-idf classifier: give such weights per position [B, S, E]
+or per example [B, E] with weighting="static" (space="logit" for the downstream mixing), truncated
+to the top k where wanted (`top_k` ranks the posterior only). The default,
 weighting="posterior", is BTM's Bayes rule (Li et al. 2022), not X-ELM's:
 p(e | x<t) ∝ p(e) · p(x<t | e) over the whole prefix, with the prior p(e) uniform unless given, so
 the first token uses the prior, and optionally only the top-k experts. (The 'bayes' option of
@@ -121,7 +122,10 @@ class ExpertEnsemble(nn.Module):
     the prior alone at the first token: BTM's rule, not X-ELM's tf-idf weights, see the module
     docstring), "uniform", or "static" (`weights` given to `forward`, per example [B, E] or per
     position [B, S, E], row t for the prediction of x_{t+1}: e.g. X-ELM's tf-idf cluster
-    probabilities of each example or each prefix; else the prior). `prior` (uniform by default):
+    probabilities of each example or each prefix (X-ELM's perplexity scorer gives row t the
+    classifier's weights of x<t, a token behind x≤t); else the prior), each row normalised to
+    sum 1 (X-ELM's downstream mixing takes its weights as given; they sum to 1 there).
+    `prior` (uniform by default):
     {expert name: weight} naming every expert (as `typological_prior` returns), or E weights in
     the order of `experts`; each must be positive and finite;
     `top_k` (posterior weighting only) keeps the k heaviest experts per token, and any tied with
@@ -505,7 +509,9 @@ def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, atten
                         weights: torch.Tensor | None = None) -> float:
     """exp of the mean negative log-likelihood of every next token under the ensemble's mixture,
     computed with `ensemble_nll`; with a mask, over the predictions whose token and context token
-    are both real (a left- or right-padded row counts as the same row unpadded). A batch without
+    are both real (a left- or right-padded row counts as the same row unpadded). The first token
+    is context only, as in c-BTM's scorer; a token the mixture gives probability 0 makes the
+    perplexity inf, where that scorer drops it from the mean (with a log line). A batch without
     such a prediction (no row with two real tokens) raises."""
     # Summed and counted in float64: in a bf16 ensemble's dtype, a sum of thousands of nats
     # and a count above 256 were rounded to 8 bits of mantissa.
