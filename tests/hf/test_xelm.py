@@ -530,6 +530,10 @@ def test_a_minus_inf_logit_at_padding_does_not_spoil_the_posterior():
     got = ensemble(ids, attention_mask=mask)
     assert torch.isfinite(got[0]).all() and torch.isfinite(got[1, 2:]).all()
     torch.testing.assert_close(got[1, 2:], plain[1, 2:])
+    # nor the perplexity: the padded prediction's inf NLL times its mask 0 was NaN
+    banned = xelm.ensemble_perplexity(ensemble, ids, mask)
+    del ensemble.expert_logits
+    assert banned == pytest.approx(xelm.ensemble_perplexity(ensemble, ids, mask), rel=1e-6)
 
 
 def test_unroutable_entries_raise():

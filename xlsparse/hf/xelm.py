@@ -520,7 +520,8 @@ def ensemble_perplexity(ensemble: ExpertEnsemble, input_ids: torch.Tensor, atten
     if not bool(mask.sum() > 0):  # the mean of nothing came back as perplexity 1.0, a perfect score
         raise ValueError("ensemble_perplexity: input_ids (with attention_mask) hold no prediction to score; a row "
                          "needs two real tokens")
-    return float(torch.exp((nll * mask).sum() / mask.sum()))
+    # where, not a product: an inf or NaN NLL at a padded position (a banned token there) times 0 was NaN
+    return float(torch.exp(torch.where(mask.bool(), nll, 0.0).sum() / mask.sum()))
 
 
 # --- which expert trains on which language ---
