@@ -422,6 +422,9 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     inf/NaN gradient on an entry the step reads (a half-precision backward that overflowed),
     raises before the update, θ as it was. The model's
     train/eval mode is the caller's: HF's `from_pretrained` returns it in eval mode (no dropout).
+    udify-metalearning has no Reptile; this is Nichol et al.'s batched form (all languages from
+    the same θ, their moves averaged), with plain SGD inner steps, a fresh optimizer per language
+    and no state carried between steps (Nichol et al. use Adam inside the inner loop).
     """
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     # a NaN outer_lr wrote NaN into every trainable parameter; inner_steps=1.5 failed in islice, unnamed
@@ -533,7 +536,10 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     read here from the input of the O projection (FFN-out) and its gradient; with ℓ_i the loss of
     example i alone (one backward per example, as in `importance_scores`), the score sums
     |∂ℓ_i/∂ξ| over the examples, so it does not depend on how examples are batched (products and
-    sums in float32, for a bfloat16 or float16 model too). An example
+    sums in float32, for a bfloat16 or float16 model too). This is Michel et al.'s E_x|∂L(x)/∂ξ|;
+    the bertology code that Prasanna et al. and the subnetwork papers use takes |·| of each batch's
+    gradient instead (terms of opposite sign in a batch cancel first) and divides by the token
+    count, so its scores depend on the batching; here they do not. An example
     whose loss is NaN (no labelled token) adds nothing; an infinite loss raises ValueError. On a
     converted model the subnetwork layers run unmasked (the whole network, in training mode too). The model's gradients are
     left cleared. Under torch.distributed, as `importance_scores`: each process scores its own
@@ -629,10 +635,12 @@ def structured_masks(model: nn.Module, head_scores: torch.Tensor, neuron_scores:
     ℓ2 norm before the global ranking, as Michel et al. (2019) do and as the bertology code that
     Prasanna et al. (2020) and the subnetwork papers build on does by default
     (`--dont_normalize_importance_by_layer` turns it off there); a layer of large gradients then
-    does not take every head. Neuron scores are ranked raw: that code prunes whole MLPs, so it
-    has no per-neuron rule to follow. The selection is one shot at the given densities; Prasanna
-    et al. prune 10% of the heads at a time, re-scoring after each round, until the dev metric
-    falls below 90% of the unpruned model's; that loop, if wanted, is the caller's.
+    does not take every head (that code's further global min-max rescaling changes no ranking,
+    so it is left out). Neuron scores are ranked raw: that code prunes whole MLPs, so it has no
+    per-neuron rule to follow. As there, no layer is promised a head: a layer whose heads all
+    rank low keeps none, its Q/K/V/O masks empty. The selection is one shot at the given
+    densities; Prasanna et al. prune 10% of the heads at a time, re-scoring after each round,
+    until the dev metric falls below 90% of the unpruned model's; that loop, if wanted, is the caller's.
 
     `head_scores` [L, H] and `neuron_scores` [L, F], e.g. from `structured_importance`. Masks
     are in the model's own parameter layout (GPT-2's Conv1D [in, out]: the same lines
@@ -897,7 +905,9 @@ def fomaml_optimizer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Te
     match, as udify-metalearning's meta_lr_bert and meta_lr_decoder), and over convert's
     `modules_to_save` whole. No weight decay unless `weight_decay=` is given: udify-metalearning's outer optimizer
     is Adam without it (AdamW's default 0.01 would decay the subnetworks every outer step). A
-    weight decay given skips biases and norms, as SubnetworkTrainer's does (the Trainer's rule)."""
+    weight decay given skips biases and norms, as SubnetworkTrainer's does (the Trainer's rule).
+    udify-metalearning also schedules the outer lr (cosine, after a linear warmup); a scheduler
+    over the returned optimizer is the caller's."""
     _check_by_language("fomaml_optimizer", "masks", masks, "its masks, {language: {name: mask}}")
     weight_decay = kwargs.pop("weight_decay", 0.0)
     named = dict(model.named_parameters())
