@@ -202,6 +202,21 @@ def test_dare_draws_in_parameter_name_order_not_dict_order():
         torch.testing.assert_close(got.dense["b.weight"], torch.where(draws["b.weight"] >= 0.4, dense["b.weight"] / 0.6, 0.0))
 
 
+def test_dare_rescales_bit_for_bit_as_peft_random_pruning():
+    # PEFT's random_pruning: tensor * mask / density, density = 1 - drop (a division, not a
+    # product with the reciprocal, which rounds some float32 values elsewhere)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2000, generator=g)
+    diff = SparseDiff({"w": SparseDelta(torch.arange(2000), x, (2000,))}, {"d": x.clone()})
+    for drop in (0.1, 0.3, 0.9):
+        gen = torch.Generator().manual_seed(5)
+        draws = {n: torch.rand(2000, generator=gen, dtype=torch.float64) for n in ("d", "w")}
+        got = arithmetic.dare(diff, drop, seed=5)
+        peft = {n: x * (draws[n] >= drop) / (1 - drop) for n in ("d", "w")}
+        assert torch.equal(got.dense["d"], peft["d"])
+        assert torch.equal(got.deltas["w"].to_dense(), peft["w"])
+
+
 def test_dare_refuses_a_half_value_its_rescaling_overflows():
     # 40000 is a finite float16; rescaled by 1 / (1 - 0.5) it is 80000 > 65504, which float16 holds as inf
     big = torch.full((64,), 40000.0, dtype=torch.float16)

@@ -185,10 +185,10 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     return SparseDiff._trusted(deltas, {}, absolute, elected.base_model)
 
 
-def _refuse_rescaled_overflow(name: str, rescaled: torch.Tensor, values: torch.Tensor, scale: float) -> None:
+def _refuse_rescaled_overflow(name: str, rescaled: torch.Tensor, values: torch.Tensor, drop: float) -> None:
     """A finite half-precision value rescaled to inf is refused, as `merge` refuses such a sum:
     applied, the inf was written into the model."""
-    _refuse_overflow(name, rescaled, [values], "dare", f"{name!r} rescaled by 1 / (1 - drop) = {scale:g}",
+    _refuse_overflow(name, rescaled, [values], "dare", f"{name!r} rescaled by 1 / (1 - drop) = {1 / (1 - drop):g}",
                      "rescale it as float32: dare(diff.to(dtype=torch.float32), ...)")
 
 
@@ -209,19 +209,21 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
         raise ValueError(f"dare: drop must be in [0, 1), got {drop}")
     # int(seed) made seeds 1.2 and 1.7 one seed
     gen = torch.Generator().manual_seed(checks.count("dare", "seed", seed))
-    scale = 1.0 / (1.0 - drop)
+    keep_prob = 1.0 - drop
     # drawn in name order: in the diff's dict order, two builds of one diff took other entries
     sizes = {**{n: (d.nnz,) for n, d in diff.deltas.items()}, **{n: t.shape for n, t in diff.dense.items()}}
     keeps = {n: torch.rand(sizes[n], generator=gen, dtype=torch.float64) >= drop for n in sorted(sizes)}
     deltas, dense = {}, {}
     for name, d in diff.deltas.items():
         keep = keeps[name].to(d.values.device)
-        deltas[name] = SparseDelta._trusted(d.indices[keep], d.values[keep] * scale, d.shape)
-        _refuse_rescaled_overflow(name, deltas[name].values, d.values, scale)
+        # divided, as PEFT's random_pruning divides by its density: times the reciprocal rounded
+        # some float32 values 1 ulp away
+        deltas[name] = SparseDelta._trusted(d.indices[keep], d.values[keep] / keep_prob, d.shape)
+        _refuse_rescaled_overflow(name, deltas[name].values, d.values, drop)
     for name, t in diff.dense.items():
         keep = keeps[name].to(t.device)
-        dense[name] = torch.where(keep, t * scale, torch.zeros((), dtype=t.dtype, device=t.device))
-        _refuse_rescaled_overflow(name, dense[name], t, scale)
+        dense[name] = torch.where(keep, t / keep_prob, torch.zeros((), dtype=t.dtype, device=t.device))
+        _refuse_rescaled_overflow(name, dense[name], t, drop)
     return SparseDiff._trusted(deltas, dense, diff.absolute, diff.base_model)
 
 
