@@ -5,9 +5,15 @@ What follows the paper and its code (mklimasz/language-arithmetic): a new model 
 θ0 + Σ_i w_i φ_i over language (or task) vectors φ_i; two languages are interpolated,
 θ0 + λ·φ_target + (1 − λ)·φ_related (their `w1*a1 + w2*a2` with w1 + w2 = 1; λ = 1 is the
 target's own vector alone), with the task vector added at weight 1 (their task adapter runs on
-top of the merged language adapter, unscaled), and λ picked by a sweep on a dev set;
-TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024) are the merges the authors compare
-against, and their math is PEFT's `ties` / `dare_linear` utilities:
+top of the merged language adapter, unscaled), and λ picked by a sweep on a dev set.
+Their code merges whole adapter weights (no θ0): for weights that do not sum to 1 that is not
+θ0 + Σ w_i φ_i. Its w1 goes to the first adapter of each `--lang_mapping` pair (which one is
+the target is the caller's choice, as here: `combine` is positional), and it takes one (w1, w2)
+per run (`--weights`, 0.9,0.1 in its script): the grid, the dev metric (seqeval F1) and the pick
+are left to the runs, so `lambda_sweep`'s rules (its tie to the earliest λ, `heldout_loss`) are
+xlsparse's own.
+TIES-merging (Yadav et al. 2023) and DARE (Yu et al. 2024) are merges to compare against (their
+merging.py has TIES, below, and no DARE); the math here is PEFT's `ties` / `dare_linear`:
   - TIES: trim each φ_i to the top `density` of its entries by magnitude (global over the diff),
     elect per entry the sign of the summed trimmed values (+ where the sum is 0), and take the
     disjoint mean Σ_i [sign agrees] w_i φ_i / #agreeing;
@@ -201,6 +207,12 @@ def dare(diff: SparseDiff, drop: float, seed: int = 0) -> SparseDiff:
     uniform per stored entry (every element of a dense entry), parameters in name order: the same
     seed gives the same diff. Absolute entries are replacements, not deltas, and pass through. A finite
     half-precision value that the rescaling takes past the dtype's largest one raises.
+
+    PEFT's `dare_linear` is `combine([dare(φ_i, drop, seed_i)], weights)` (weights after the
+    rescale, as there) with a different seed per diff: its masks come from one advancing global
+    generator, so each task tensor gets its own. One seed for all draws the same uniforms for
+    diffs whose parameters hold as many stored entries, so same-support diffs (dense ones, say)
+    would drop the same positions.
     """
     if not isinstance(diff, SparseDiff):
         raise TypeError(f"dare: diff must be a SparseDiff, got {type(diff).__name__}")
