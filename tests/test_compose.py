@@ -212,6 +212,39 @@ def test_apply_diffs_matches_float64_and_reverts_bit_exactly(backend, dtype, n, 
         assert_bit_identical(d, b, "after restore")
 
 
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
+@pytest.mark.parametrize("n", [9, 2**18 + 3], ids=["small", "several-ranges"])
+def test_apply_diffs_sums_shared_positions_in_entry_order(backend, n, use_backend):
+    """Where three entries share a position, their shares are summed in the order given, from zero,
+    then added to the old value: (1e8 - 1e8) + 1 is 1, while any other order loses the 1 in float32
+    (1e8 + 1 rounds to 1e8). Entries also sit alone and two at a time. At the large n the first
+    entry also holds every 8th position (about 32770 entries), so the CPU kernel splits the tensor into
+    ranges of about 8192 entries and the shared positions fall in different ones."""
+    use_backend(backend)
+    base = torch.arange(n, dtype=torch.float32) % 7
+    shared = torch.tensor([0, 3, n // 2, n - 1])
+    only_first = torch.cat([torch.tensor([1, n // 2 + 1]), torch.arange(8, n - 8, 8)]) if n > 9 else torch.tensor([1])
+    first_two = torch.tensor([2, n - 2])
+    idx = [torch.cat([shared, only_first, first_two]).unique(), torch.cat([shared, first_two]).sort().values, shared]
+    vals = [torch.where(torch.isin(i, shared), torch.tensor(big), torch.tensor(0.5)) for i, big in zip(idx, (1e8, -1e8))]
+    vals.append(torch.ones(shared.numel()))
+    dense = [base.clone()]
+    saved = apply_diffs_(dense, idx, vals, [0, 0, 0], [1.0, 1.0, 1.0])
+    share = {}  # the documented order, restated one position at a time in float32
+    for i, v in zip(idx, vals):
+        for j, x in zip(i.tolist(), v):
+            share[j] = share.get(j, torch.zeros((), dtype=torch.float32)) + x
+    want = base.clone()
+    for j, total in share.items():
+        want[j] = base[j] + total
+    assert_bit_identical(dense[0], want, "shares summed in entry order")
+    assert torch.equal(dense[0][shared], base[shared] + 1)
+    for s, i in zip(saved, idx):
+        assert_bit_identical(s, base[i], "every entry saves the old value")
+    restore_diffs_(dense, idx, saved, [0, 0, 0])
+    assert_bit_identical(dense[0], base, "after restore")
+
+
 def _bad_apply_inputs():
     d = [torch.randn(10), torch.randn(6)]
     good_i, good_v = torch.tensor([1, 4]), torch.randn(2)
