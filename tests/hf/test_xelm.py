@@ -536,6 +536,49 @@ def test_a_minus_inf_logit_at_padding_does_not_spoil_the_posterior():
     assert banned == pytest.approx(xelm.ensemble_perplexity(ensemble, ids, mask), rel=1e-6)
 
 
+def test_a_token_that_leaves_no_expert_possible_leaves_the_posterior_as_it_was():
+    """Bayes' rule is 0/0 after a token that no expert can have produced: its −inf prefixes made
+    the posterior NaN for the rest of the row, and so every later output. Restated in float64, one
+    token at a time: such a token is skipped. Row 0: all three experts rule out token 2. Row 1:
+    expert 0 rules out token 1, experts 1 and 2 token 3 (which expert 0 alone allows, too late)."""
+    base = tiny("gpt2")
+    ensemble = xelm.ExpertEnsemble(base, _random_experts(base, "gpt2"), prior=[0.5, 0.3, 0.2])
+    gen = torch.Generator().manual_seed(3)
+    lp = -torch.rand(3, 2, 5, generator=gen) * 4
+    lp[:, 0, 2] = -math.inf
+    lp[0, 1, 1] = -math.inf
+    lp[1:, 1, 3] = -math.inf
+    got = ensemble.log_weights(lp)
+    assert torch.isfinite(got.exp()).all() and not got.isnan().any()
+    prior = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    for row in range(2):
+        loglik = torch.zeros(3, dtype=torch.float64)
+        for t in range(6):
+            want = prior * loglik.exp()
+            torch.testing.assert_close(got[row, t].double().exp(), want / want.sum(), rtol=1e-5, atol=1e-6)
+            if t < 5:
+                grown = loglik + lp[:, row, t].double()
+                if (prior * grown.exp()).sum() > 0:
+                    loglik = grown
+    # the posterior after the token is the one before it; the token's own NLL is inf, not NaN
+    torch.testing.assert_close(got[0, 3], got[0, 2])
+    ids = batch(1, 6)
+
+    def ban(module, args, kwargs, out):  # every expert rules out token 3 (not in the one-token steps of generate)
+        if out.logits.shape[1] > 1:
+            out.logits[:, 2, ids[0, 3]] = float("-inf")
+
+    hook = ensemble.model.register_forward_hook(ban, with_kwargs=True)
+    out = ensemble(ids)
+    nll = ensemble.token_nll(ids)
+    assert torch.isfinite(out[0, 3:]).all() and nll[0, 2] == math.inf and torch.isfinite(nll[0, 3:]).all()
+    assert xelm.ensemble_perplexity(ensemble, ids) == math.inf
+    generated, scores = ensemble.generate(ids, max_new_tokens=2, return_logprobs=True)
+    assert torch.isfinite(scores).all()
+    torch.testing.assert_close(scores, ensemble(generated)[:, 5:7], rtol=1e-4, atol=1e-4)
+    hook.remove()
+
+
 def test_unroutable_entries_raise():
     base = tiny("llama")
     norm = SparseDiff(dense={"model.norm.weight": torch.ones(32)})

@@ -317,7 +317,8 @@ class ExpertEnsemble(nn.Module):
     def log_weights(self, token_logprobs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """[B, S, E] log mixture weights from the experts' log-likelihoods of each observed
         next token, `token_logprobs` [E, B, S−1] (log p_e(x_{t+1} | x_≤t), 0 where
-        `_predicted` is 0)."""
+        `_predicted` is 0). A token that leaves no expert possible leaves the posterior as it was
+        (`_grown`)."""
         e, b, s1 = token_logprobs.shape
         s = s1 + 1
         if weights is not None and self.weighting != "static":
@@ -339,9 +340,20 @@ class ExpertEnsemble(nn.Module):
             weights = weights.double()
             log_w = (weights / weights.sum(-1, keepdim=True)).clamp_min(1e-30).log().float()
             return (log_w[:, None, :].expand(b, s, e) if log_w.dim() == 2 else log_w).clone()
-        prefix = torch.zeros(e, b, s, dtype=torch.float32, device=token_logprobs.device)
-        prefix[:, :, 1:] = token_logprobs.float().cumsum(2)  # log p_e(x_1 .. x_t): nothing at t = 0
-        return self._posterior(prefix.permute(1, 2, 0))
+        return self._posterior(self._prefix_loglik(token_logprobs).permute(1, 2, 0))
+
+    def _prefix_loglik(self, token_logprobs: torch.Tensor) -> torch.Tensor:
+        """[E, B, S] log p_e(x_1 .. x_t) from `token_logprobs` [E, B, S−1] (nothing at t = 0), each
+        token added by `_grown`'s rule."""
+        e, b, s1 = token_logprobs.shape
+        token_logprobs = token_logprobs.float()
+        prefix = torch.zeros(e, b, s1 + 1, dtype=torch.float32, device=token_logprobs.device)
+        prefix[:, :, 1:] = token_logprobs.cumsum(2)
+        log_prior = self._log_prior.to(prefix.device)
+        if bool(torch.isneginf(log_prior[:, None, None] + prefix).all(0).any()):  # a token of probability 0: rare
+            for t in range(1, s1 + 1):
+                prefix[:, :, t] = _grown(prefix[:, :, t - 1], token_logprobs[:, :, t - 1], log_prior)
+        return prefix
 
     def _posterior(self, prefix_loglik: torch.Tensor) -> torch.Tensor:
         """log p(e | prefix) [..., E] from log p(prefix | e) [..., E]: prior, temperature, top-k."""
@@ -423,7 +435,8 @@ class ExpertEnsemble(nn.Module):
             raise ValueError(f"generate: eos_token_id must be a token id in [0, {logits.shape[-1]}), got {eos_token_id}")
         token_lp = self._token_logprobs(logits, input_ids, attention_mask)
         log_w = self.log_weights(token_lp, weights)
-        prefix = token_lp.sum(2)  # [E, B]: log p_e(prompt), grown by one token per step below
+        # [E, B]: log p_e(prompt), grown by one token per step below
+        prefix = self._prefix_loglik(token_lp)[:, :, -1]
         cache, step_logits = _cache_of(out), logits[:, :, -1]
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         ids, scores, done = input_ids, [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
@@ -443,7 +456,8 @@ class ExpertEnsemble(nn.Module):
             ids = torch.cat([ids, token[:, None]], 1)
             if len(scores) == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            prefix = prefix + torch.log_softmax(step_logits.float(), -1).gather(-1, token[None, :, None].expand(e, b, 1)).squeeze(-1)
+            step_lp = torch.log_softmax(step_logits.float(), -1).gather(-1, token[None, :, None].expand(e, b, 1))
+            prefix = _grown(prefix, step_lp.squeeze(-1), self._log_prior.to(prefix.device))
             if mask is not None:  # the new token's position, by the prompt's rule
                 mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
                 step_args = {"attention_mask": mask.repeat(e, 1), "position_ids": _positions(mask)[:, -1:].repeat(e, 1)}
@@ -497,6 +511,17 @@ def _predicted(attention_mask: torch.Tensor) -> torch.Tensor:
     real. Under left padding "the first real token given only padding" is no prediction of the
     unpadded text, so it enters neither the posterior nor the perplexity."""
     return attention_mask[:, :-1] * attention_mask[:, 1:]
+
+
+def _grown(prefix: torch.Tensor, token_logprobs: torch.Tensor, log_prior: torch.Tensor) -> torch.Tensor:
+    """The experts' prefix log-likelihoods [E, B] after one more observed token, unless that token
+    leaves no expert possible (p(e) · p(x≤t | e) = 0 for every e): Bayes' rule is 0/0 there, and
+    the −inf prefixes made every later posterior NaN, the whole rest of the row. The posterior
+    then stays as it was; the mixture gives the token probability 0, so its NLL, and the
+    perplexity, are inf."""
+    grown = prefix + token_logprobs
+    ruled_out = torch.isneginf(log_prior[:, None] + grown).all(0)
+    return torch.where(ruled_out, prefix, grown)
 
 
 def _cache_of(out):
