@@ -383,6 +383,12 @@ def test_lambda_sweep_takes_a_numpy_or_torch_grid():
         arithmetic.lambda_sweep(layer, lambda lam: phi, iter(()), evaluate=lambda m: 1.0, progress=False)
     with pytest.raises(TypeError, match=r"lambda_sweep: lambdas\[1\] must be a number"):
         arithmetic.lambda_sweep(layer, lambda lam: phi, [0.0, "0.5"], evaluate=lambda m: 1.0, progress=False)
+    # scores are keyed by λ: a repeated λ was evaluated again and its second score overwrote the first
+    calls = []
+    with pytest.raises(ValueError, match=r"lambda_sweep: lambdas\[2\] = 0.5 repeats lambdas\[1\]"):
+        arithmetic.lambda_sweep(layer, lambda lam: calls.append(lam) or phi, [0.0, 0.5, torch.tensor(0.5)],
+                                evaluate=lambda m: 1.0, progress=False)
+    assert calls == []  # refused before any λ was evaluated
 
 
 def test_the_papers_interpolation_of_two_language_vectors():

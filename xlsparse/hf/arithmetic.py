@@ -311,6 +311,9 @@ def lambda_sweep(model: nn.Module, make_diff: Callable[[float], SparseDiff], lam
         raise ValueError("lambda_sweep: no λ given")
     checks.finite("lambda_sweep", **{f"lambdas[{i}]": lam for i, lam in enumerate(lambdas)})
     lambdas = [float(lam) for lam in lambdas]  # a torch grid's 0-d tensors keyed the scores by identity
+    for i, lam in enumerate(lambdas):  # its scores are keyed by λ: a repeat was evaluated again and overwrote the first
+        if lam in lambdas[:i]:
+            raise ValueError(f"lambda_sweep: lambdas[{i}] = {lam:g} repeats lambdas[{lambdas.index(lam)}]")
     if higher_is_better is not None:
         checks.flag("lambda_sweep", "higher_is_better", higher_is_better)  # "no" is truthy: the worst λ won
     if (evaluate is None) == (heldout is None):
