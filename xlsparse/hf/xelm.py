@@ -23,6 +23,8 @@ What is xlsparse's own:
     dense models: all E experts run as E copies of the batch through `MultiDeltaLinear`
     (one gated multi-delta matmul per layer), with `ExpertEmbedding` for the input embedding;
   - the posterior temperature: log w_e = log p(e) + log p(x<t | e) / temperature;
+  - a token that leaves no expert possible (probability 0 under every expert still weighted) is
+    skipped by the posterior, where Bayes' rule is 0/0 (`_grown`); its NLL stays inf;
   - `typological_prior`, a prior over experts from X-ELM's typological distance (the one
     `closest_parent` ranks by), softmax(−d/T);
   - a child expert may grow its support beyond its parent's by the largest gradient
