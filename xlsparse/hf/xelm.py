@@ -316,6 +316,10 @@ class ExpertEnsemble(nn.Module):
         with route(self.model, self._copies(input_ids)):
             return self.model(input_ids=input_ids.repeat(e, 1), attention_mask=mask, position_ids=positions, **kwargs)
 
+    def _refuse_unused_weights(self, weights: torch.Tensor | None) -> None:
+        if weights is not None and self.weighting != "static":
+            raise ValueError(f"ExpertEnsemble: weights are used only with weighting='static', not {self.weighting!r}")
+
     def log_weights(self, token_logprobs: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """[B, S, E] log mixture weights from the experts' log-likelihoods of each observed
         next token, `token_logprobs` [E, B, S−1] (log p_e(x_{t+1} | x_≤t), 0 where
@@ -323,8 +327,7 @@ class ExpertEnsemble(nn.Module):
         (`_grown`)."""
         e, b, s1 = token_logprobs.shape
         s = s1 + 1
-        if weights is not None and self.weighting != "static":
-            raise ValueError(f"ExpertEnsemble: weights are used only with weighting='static', not {self.weighting!r}")
+        self._refuse_unused_weights(weights)
         if self.weighting == "uniform":
             return torch.full((b, s, e), -torch.log(torch.tensor(float(e))).item(), device=token_logprobs.device)
         if self.weighting == "static":
@@ -436,16 +439,18 @@ class ExpertEnsemble(nn.Module):
         if eos_token_id is not None and not 0 <= eos_token_id < logits.shape[-1]:  # no token is it: it never stopped
             raise ValueError(f"generate: eos_token_id must be a token id in [0, {logits.shape[-1]}), got {eos_token_id}")
         token_lp = self._token_logprobs(logits, input_ids, attention_mask)
-        log_w = self.log_weights(token_lp, weights)
-        # [E, B]: log p_e(prompt), grown by one token per step below
-        prefix = self._prefix_loglik(token_lp)[:, :, -1]
+        posterior = self.weighting == "posterior"
+        if posterior:  # the prompt's prefix scan once, grown by one token per step below
+            self._refuse_unused_weights(weights)
+            prefix = self._prefix_loglik(token_lp)[:, :, -1]  # [E, B]: log p_e(prompt)
+        else:
+            static_w = self.log_weights(token_lp, weights)[:, -1]  # [B, E]
         cache, step_logits = _cache_of(out), logits[:, :, -1]
         cache_arg = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         ids, scores, done = input_ids, [], torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         mask, step_args = attention_mask, {}
-        static_w = log_w[:, -1]  # [B, E] for uniform / static weighting
         for _ in range(max_new_tokens):
-            lw = self._posterior(prefix.T) if self.weighting == "posterior" else static_w
+            lw = self._posterior(prefix.T) if posterior else static_w
             mixed = ensemble_logprobs(step_logits, lw, space=self.space)  # [B, V]; lw float32, as in forward
             scores.append(mixed)
             if do_sample:
@@ -458,8 +463,9 @@ class ExpertEnsemble(nn.Module):
             ids = torch.cat([ids, token[:, None]], 1)
             if len(scores) == max_new_tokens or (eos_token_id is not None and bool(done.all())):
                 break
-            step_lp = torch.log_softmax(step_logits.float(), -1).gather(-1, token[None, :, None].expand(e, b, 1))
-            prefix = _grown(prefix, step_lp.squeeze(-1), self._log_prior.to(prefix.device))
+            if posterior:
+                step_lp = torch.log_softmax(step_logits.float(), -1).gather(-1, token[None, :, None].expand(e, b, 1))
+                prefix = _grown(prefix, step_lp.squeeze(-1), self._log_prior.to(prefix.device))
             if mask is not None:  # the new token's position, by the prompt's rule
                 mask = torch.cat([mask, mask.new_ones(b, 1)], 1)
                 step_args = {"attention_mask": mask.repeat(e, 1), "position_ids": _positions(mask)[:, -1:].repeat(e, 1)}
