@@ -8,6 +8,12 @@ density, three ways (`xlsparse bench --family ltsft`, or `python -m benchmarks.b
 - compact-only (baseline): dense gradients, compact `MaskedAdamW` (xlsparse before phase 2
   used SparseDeltaLinear).
 
+Each step's labels are every position (the loss the two first ways share is then the same
+whole-sequence work). One more row, at 1%, labels 15% of the positions as a masked-LM data collator
+does: the delta way then runs as `labelled_positions_only=True` does (the output layer and its
+log-softmax on the labelled positions only), the dense-masked way as composable-sft's trainer
+does (the model's whole-sequence logits); both give the same loss and gradients.
+
 Shapes: XLM-R base (vocab 250002, hidden 768, 12 layers, FFN 3072; 278M parameters), T = 2048
 tokens per step (8 × 256); --quick uses vocab 8000, hidden 256, 2 layers, T = 512. All three ways
 select from the same maskable parameters (the base model's, the tied word embedding included) with
@@ -33,6 +39,8 @@ from .harness import Case, Target, assert_same
 
 FAMILY = "ltsft"
 DENSITIES = (0.01, 0.05)
+# the share of positions a masked-LM data collator labels (transformers' default mlm_probability)
+MLM_LABELLED = 0.15
 
 
 def _config(quick: bool):
@@ -54,23 +62,29 @@ def _model(cfg, device):
     return transformers.XLMRobertaForMaskedLM(cfg).to(device).train()
 
 
-def _batch(cfg, shape, device):
+def _batch(cfg, shape, device, labelled=1.0):
+    """Every position labelled, or (labelled < 1) a random share of them, the rest -100 as a
+    masked-LM data collator leaves them."""
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(3, cfg.vocab_size, shape, generator=g).to(device)
-    return {"input_ids": ids, "labels": ids}
+    ids = torch.randint(3, cfg.vocab_size, shape, generator=g)
+    labels = ids if labelled == 1.0 else torch.where(torch.rand(shape, generator=g) < labelled, ids, -100)
+    return {"input_ids": ids.to(device), "labels": labels.to(device)}
 
 
-def _step_flops(cfg, shape, k_linear: int) -> int:
+def _step_flops(cfg, shape, k_linear: int, k_words: int, head_tokens: int) -> int:
     """The flops the delta way must compute in one step: the forward and dX GEMMs of every linear
-    layer (the V-word output layer included), the attention products forward (QKᵀ, PV) and
-    backward (twice as many), and 2·T·K for the SDDMMs of the converted matrices' K entries. The
-    dense-masked way adds a dense dW GEMM per matrix; embeddings, norms and softmaxes are left
-    out (memory-bound, under 1% of the flops at XLM-R-base size)."""
+    layer (the V-word output layer on the `head_tokens` positions it runs on), the attention
+    products forward (QKᵀ, PV) and backward (twice as many), and 2·T·K for the SDDMMs of the
+    converted matrices' K entries (`k_linear` in the body, `k_words` in the word embeddings, whose
+    SDDMM is the tied output layer's, over `head_tokens`). The dense-masked way adds a dense dW GEMM
+    per matrix; embeddings, norms and softmaxes are left out (memory-bound, under 1% of the flops at
+    XLM-R-base size)."""
     batch, seq = shape
     tokens, h, f = batch * seq, cfg.hidden_size, cfg.intermediate_size
-    linear = cfg.num_hidden_layers * (4 * h * h + 2 * h * f) + h * h + cfg.vocab_size * h
+    linear = cfg.num_hidden_layers * (4 * h * h + 2 * h * f) + h * h
     attention = cfg.num_hidden_layers * 2 * (2 * batch * seq * seq * h)
-    return 2 * (2 * tokens * linear) + 3 * attention + 2 * tokens * k_linear
+    return (2 * (2 * tokens * linear + 2 * head_tokens * cfg.vocab_size * h) + 3 * attention
+            + 2 * tokens * k_linear + 2 * head_tokens * k_words)
 
 
 def _random_masks(named: dict, density: float) -> dict:
@@ -117,7 +131,7 @@ def _weights(model) -> dict:
     return {n: p.detach().reshape(-1).clone() for n, p in _named(model).items()}
 
 
-def _dense_masked(cfg, shape, density, device):
+def _dense_masked(cfg, shape, density, device, labelled=1.0):
     model = _model(cfg, device)
     body = _body(model)
     indices = _random_masks(body, density)
@@ -127,7 +141,7 @@ def _dense_masked(cfg, shape, density, device):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
     except (RuntimeError, TypeError):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, foreach=True)
-    batch = _batch(cfg, shape, device)
+    batch = _batch(cfg, shape, device, labelled)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -139,20 +153,21 @@ def _dense_masked(cfg, shape, density, device):
     return _Way(step, lambda: _state_bytes(optimizer, model.parameters()), lambda: _weights(model), indices, model)
 
 
-def _compact_only(cfg, shape, density, device):
+def _compact_only(cfg, shape, density, device, labelled=1.0):
     model = _model(cfg, device)
     body = _body(model)
     indices = _random_masks(body, density)
     optimizer = MaskedAdamW(model.parameters(), dict(zip(body.values(), indices.values())), lr=1e-4, weight_decay=0.0,
                             mode="compact")
-    step, state_bytes = _training_step(model, optimizer, _batch(cfg, shape, device))
+    step, state_bytes = _training_step(model, optimizer, _batch(cfg, shape, device, labelled))
     return _Way(step, state_bytes, lambda: _weights(model), indices, model)
 
 
-def _delta(cfg, shape, density, device):
+def _delta(cfg, shape, density, device, labelled=1.0):
+    """The trainer's sparse phase; with `labelled` < 1, as `labelled_positions_only=True` runs it."""
     from transformers import TrainingArguments
 
-    from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+    from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments, _labelled_positions
 
     model = _model(cfg, device)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=device == "cpu",
@@ -172,16 +187,20 @@ def _delta(cfg, shape, density, device):
         theta |= {n: t.reshape(-1).clone() for n, t in sft.absolute.items()}
         return theta
 
-    step, state_bytes = _training_step(model, trainer.create_optimizer(), _batch(cfg, shape, device))
+    batch = _batch(cfg, shape, device, labelled)
+    step, state_bytes = _training_step(model, trainer.create_optimizer(), batch,
+                                       lambda: _labelled_positions(model, batch) if labelled < 1.0 else None)
     return _Way(step, state_bytes, weights, trainer._masks, model)
 
 
-def _training_step(model, optimizer, batch):
-    """(one optimizer step on `batch`, the bytes of gradients and optimizer state it holds)."""
+def _training_step(model, optimizer, batch, inputs=lambda: None):
+    """(one optimizer step on `batch`, the bytes of gradients and optimizer state it holds).
+    `inputs()`: None, or a context manager that gives the inputs to run instead."""
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        model(**batch).loss.backward()
+        with inputs() or contextlib.nullcontext(batch) as run:
+            model(**run).loss.backward()
         optimizer.step()
 
     return step, lambda: _state_bytes(optimizer, model.parameters())
@@ -227,31 +246,37 @@ def cases(quick: bool = False, device: str = "cpu"):
     cfg, shape = _config(quick)
     tokens = shape[0] * shape[1]
     live = {}  # the ways of the row being measured; the rows' closures reach them only through it
-    for density in DENSITIES:
-        for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
-                            ("dense grads + compact MaskedAdamW", _compact_only)):
-            live.clear()  # the previous row's models go before the next are built; the trainer holds
-            gc.collect()  # reference cycles, so its model (1 GB plus θ0) lived on until a collection ran
-            live["delta"] = _delta(cfg, shape, density, device)
-            live["base"] = build(cfg, shape, density, device)
-            ours, theirs = _one_step(live["delta"]), _one_step(live["base"])
-            masks, body = live["delta"].masks, _body(live["base"].model)  # the baseline's model is not converted
-            k = sum(idx.numel() for idx in masks.values())
-            # SDDMM entries: the body's linear weights and the word embeddings, which the tied decoder reads
-            k_linear = sum(masks[n].numel() for n, p in body.items() if p.dim() == 2 and "position" not in n
-                           and "token_type" not in n)
-            note = (f"grad+state MiB: xlsparse {live['delta'].state_bytes() / 2**20:.1f}, baseline "
-                    f"{live['base'].state_bytes() / 2**20:.1f}, 3*K*4 = {3 * k * 4 / 2**20:.1f}; entries one step "
-                    f"changed: xlsparse {_entries(ours)}, baseline {_entries(theirs)}; 1 warm-up + 3 timed pairs")
-            targets = ()
-            if name.startswith("dense grads + grad"):
-                targets = (Target(f"lt-sft phase-2 step, {100 * density:g}%: >= 1.3x the dense-masked way", "speedup", 1.3),)
-            yield Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
-                       f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"].step(),
-                       baseline=lambda: live["base"].step(), baseline_name=name, density=density,
-                       backend="delta layers", flops=_step_flops(cfg, shape, k_linear), note=note, targets=targets,
-                       check=lambda ours=ours, theirs=theirs: _same_step(ours, theirs),
-                       pairs=3)  # a step takes about 30 s at full size
+    rows = [(density, name, build, 1.0) for density in DENSITIES
+            for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
+                                ("dense grads + compact MaskedAdamW", _compact_only))]
+    rows.append((DENSITIES[0], f"dense grads + grad*mask + AdamW, whole-sequence logits, {MLM_LABELLED:.0%} labelled",
+                 _dense_masked, MLM_LABELLED))
+    for density, name, build, labelled in rows:
+        live.clear()  # the previous row's models go before the next are built; the trainer holds
+        gc.collect()  # reference cycles, so its model (1 GB plus θ0) lived on until a collection ran
+        live["delta"] = _delta(cfg, shape, density, device, labelled)
+        live["base"] = build(cfg, shape, density, device, labelled)
+        ours, theirs = _one_step(live["delta"]), _one_step(live["base"])
+        masks, body = live["delta"].masks, _body(live["base"].model)  # the baseline's model is not converted
+        k = sum(idx.numel() for idx in masks.values())
+        # SDDMM entries: the body's linear weights, and the word embeddings, which the tied decoder reads
+        k_linear = sum(masks[n].numel() for n, p in body.items() if p.dim() == 2 and "embeddings" not in n)
+        k_words = sum(masks[n].numel() for n in body if "word_embeddings" in n)
+        labels = _batch(cfg, shape, "cpu", labelled)["labels"]
+        head_tokens = int((labels != -100).sum()) if labelled < 1.0 else tokens
+        note = (f"grad+state MiB: xlsparse {live['delta'].state_bytes() / 2**20:.1f}, baseline "
+                f"{live['base'].state_bytes() / 2**20:.1f}, 3*K*4 = {3 * k * 4 / 2**20:.1f}; entries one step "
+                f"changed: xlsparse {_entries(ours)}, baseline {_entries(theirs)}; 1 warm-up + 3 timed pairs")
+        targets = ()
+        if name.startswith("dense grads + grad") and labelled == 1.0:  # issue 12's target: the same logits both ways
+            targets = (Target(f"lt-sft phase-2 step, {100 * density:g}%: >= 1.3x the dense-masked way", "speedup", 1.3),)
+        yield Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
+                   f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"].step(),
+                   baseline=lambda: live["base"].step(), baseline_name=name, density=density,
+                   backend="delta layers" + (", labelled_positions_only" if labelled < 1.0 else ""),
+                   flops=_step_flops(cfg, shape, k_linear, k_words, head_tokens), note=note, targets=targets,
+                   check=lambda ours=ours, theirs=theirs: _same_step(ours, theirs),
+                   pairs=3)  # a step takes about 30 s at full size
     live.clear()
     gc.collect()
 

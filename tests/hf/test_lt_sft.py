@@ -638,6 +638,84 @@ def test_phase_two_allocates_no_dense_gradient(tmp_path):
                for m in model.modules())  # folded back
 
 
+
+# --- labelled_positions_only ---
+
+class _MaskedLMData(_LMData):
+    """About 30% of the positions labelled, the rest -100, as a masked-LM data collator leaves them."""
+
+    def __init__(self, n=8, s=8, seed=0):
+        super().__init__(n, s, seed)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.labels = torch.where(torch.rand(n, s, generator=g) < 0.3, self.ids, -100)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def _lt_sft_run(tmp_path, model, labelled_positions_only, **args):
+    trainer = LotteryTicketSparseFineTuner(
+        model=_no_dropout(model),
+        args=_args(tmp_path, per_device_train_batch_size=4, train_sampling_strategy="sequential", **args),
+        train_dataset=_MaskedLMData(), labelled_positions_only=labelled_positions_only,
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=3))
+    logs, rows = _Logs(), []
+
+    def count(module, inputs, output):  # the rows of logits each training forward made
+        if module is trainer.model.get_output_embeddings() and module.training:
+            rows.append(output.shape[:-1].numel())
+
+    trainer.add_callback(logs)
+    hook = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        trainer.train()
+    finally:
+        hook.remove()
+    return trainer.sft, [h["loss"] for h in logs.seen if "loss" in h], rows
+
+
+@pytest.mark.parametrize("arch,args", [("xlmr", {}), ("bert", {"gradient_accumulation_steps": 2}),
+                                       ("xlmr", {"label_smoothing_factor": 0.1})])
+def test_labelled_positions_only_trains_the_same_sft_on_a_fraction_of_the_logits(tmp_path, arch, args):
+    # the model's own loss over whole-sequence logits (False) is the statement of the math
+    got, got_losses, got_rows = _lt_sft_run(tmp_path, tiny(arch), True, **args)
+    want, want_losses, want_rows = _lt_sft_run(tmp_path, tiny(arch), False, **args)
+    assert set(got.deltas) == set(want.deltas) and set(got.absolute) == set(want.absolute)
+    for n, d in want.deltas.items():
+        assert torch.equal(got.deltas[n].indices, d.indices), n
+        torch.testing.assert_close(got.deltas[n].values, d.values, atol=1e-6, rtol=1e-4)
+    for n, t in want.absolute.items():
+        torch.testing.assert_close(got.absolute[n], t, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), atol=1e-6, rtol=1e-5)
+    labels = _MaskedLMData().labels
+    labelled = [int((labels[i:i + 4] != -100).sum()) for i in (0, 4)]  # the two batches of 4, in order
+    accum = args.get("gradient_accumulation_steps", 1)
+    # each phase a train() of 3 optimizer steps from the first batch; a forward per micro-batch
+    assert got_rows == [labelled[b % 2] for b in range(3 * accum)] * 2
+    assert want_rows == [4 * labels.shape[1]] * (6 * accum) and sum(labelled) < labels.numel() // 2
+
+
+def test_labelled_positions_only_is_refused_where_it_cannot_hold(tmp_path):
+    for model, flag, error, match in [(tiny("llama"), True, ValueError, "labelled_positions_only: a masked-LM model"),
+                                      (tiny("bert"), "yes", TypeError, "labelled_positions_only must be a bool")]:
+        with pytest.raises(error, match=match):
+            LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
+                                         labelled_positions_only=flag)
+
+
+@pytest.mark.parametrize("all_labelled", [False, True])
+def test_labelled_positions_only_raises_when_the_output_embeddings_are_not_called(tmp_path, all_labelled):
+    model = tiny("bert")
+    unused = torch.nn.Linear(32, VOCAB)  # what get_output_embeddings() names, never called by the forward
+    model.get_output_embeddings = lambda: unused
+    data = _LMData() if all_labelled else _MaskedLMData()
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path), train_dataset=data, labelled_positions_only=True,
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    with pytest.raises(RuntimeError, match="never called its output embeddings"):
+        trainer.train()
+
+
 # --- composition ---
 
 def _task_model(mlm):

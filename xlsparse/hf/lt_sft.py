@@ -468,6 +468,14 @@ class LotteryTicketSparseFineTuner(Trainer):
             names a source runs its forward and backward with that SFT applied (see
             `MultiSourceDataset`); `source_sft_apply_abs` also applies its absolute entries. A
             source with no SFT raises: `SparseDiff({})` trains it on the bare model.
+        labelled_positions_only: masked-LM models only (a ValueError otherwise). Each training
+            step runs the output embeddings (the vocabulary projection) and the loss on the
+            positions whose label is not -100, as the model's own loss would weigh them: the loss
+            and every gradient are the same, but a data collator that labels 15% of the positions
+            leaves 15% of the projection's and its log-softmax's work (XLM-R: a 250002-way matrix,
+            most of a step's FLOPs). Evaluation runs the whole projection (metrics may read the
+            logits). A forward that does not pass [batch, sequence, hidden] states to
+            `get_output_embeddings()` raises a RuntimeError at the first step.
 
     `train()` writes each phase's checkpoints into its own folder under `args.output_dir`
     (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every sparse-phase
@@ -481,7 +489,7 @@ class LotteryTicketSparseFineTuner(Trainer):
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,
-                 source_sft_apply_abs: bool = False, **kwargs):
+                 source_sft_apply_abs: bool = False, labelled_positions_only: bool = False, **kwargs):
         # Accelerate's FSDP plugin swaps every parameter for a new, sharded one when train() wraps
         # the model: θ0, the selection and phase 2's layers would read the old, untrained ones
         # (|θ − θ0| = 0 everywhere, so the first K entries were selected); DeepSpeed replaces the
@@ -491,6 +499,14 @@ class LotteryTicketSparseFineTuner(Trainer):
         _refuse_compiled("LotteryTicketSparseFineTuner", args, kwargs)
         # here, not at the first multi-source step after the full phase has run
         flag("LotteryTicketSparseFineTuner", "source_sft_apply_abs", source_sft_apply_abs)
+        self.labelled_positions_only = flag("LotteryTicketSparseFineTuner", "labelled_positions_only",
+                                            labelled_positions_only)
+        model = kwargs.get("model", args[0] if args else None)
+        if self.labelled_positions_only and not (type(model).__name__.endswith("ForMaskedLM")
+                                                 and _output_head(model) is not None):
+            # a causal LM shifts its labels by one position: 1-D labels of the kept positions would not
+            raise ValueError(f"labelled_positions_only: a masked-LM model with output embeddings is needed, got "
+                             f"{type(model).__name__}")
         super().__init__(*args, **kwargs)
         if self.model_init is not None:
             # the Trainer's train() builds a fresh model from model_init, and each phase is a train():
@@ -1174,7 +1190,11 @@ class LotteryTicketSparseFineTuner(Trainer):
         source = _pop_source(inputs)
         handle = self._activate(source, training=True)
         try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.labelled_positions_only:
+                with _labelled_positions(self.model, inputs) as kept:
+                    loss = super().training_step(model, kept, num_items_in_batch)
+            else:
+                loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             if handle is not None:
                 handle.revert()
@@ -1502,6 +1522,48 @@ def _pop_source(inputs):
     """The batch's source, taken out of the batch (None if it names none). Any mutable mapping:
     DataCollatorWithPadding's BatchEncoding is not a dict, and its source stayed in."""
     return inputs.pop(SOURCE_KEY, None) if isinstance(inputs, MutableMapping) else None
+
+
+# the label a masked-LM loss skips (transformers' CrossEntropyLoss and LabelSmoother default)
+IGNORED_LABEL = -100
+
+
+@contextlib.contextmanager
+def _labelled_positions(model, inputs):
+    """`inputs` with only the labels of the labelled positions (1-D), while a hook hands the
+    model's output embeddings those positions' hidden states only: a masked-LM loss, mean or sum
+    over the labelled positions, is then the same, and so is every gradient (an unlabelled
+    position's logits get none). Raises when the output embeddings are not called on the batch's
+    [batch, sequence, hidden] states: the 1-D labels would not match the logits."""
+    labels = inputs.get("labels")
+    if labels is None:  # no loss to compute: the Trainer says so
+        yield inputs
+        return
+    keep = labels != IGNORED_LABEL
+    called = []
+
+    def select(module, args):
+        h = args[0] if args else None
+        if h is None or tuple(h.shape[:-1]) != tuple(keep.shape):
+            raise RuntimeError(f"labelled_positions_only: the output embeddings got input of shape "
+                               f"{None if h is None else tuple(h.shape)}, not the labels' {tuple(keep.shape)} positions "
+                               "and a hidden size; set labelled_positions_only=False for this model")
+        called.append(True)
+        return (h[keep.to(h.device)], *args[1:])
+
+    hook = _output_head(model).register_forward_pre_hook(select)
+    never_called = RuntimeError("labelled_positions_only: the model's forward never called its output embeddings "
+                                "(get_output_embeddings()); set labelled_positions_only=False for this model")
+    try:
+        yield {**inputs, "labels": labels[keep]}
+    except Exception as e:
+        if not called:  # the loss met 1-D labels beside whole-sequence logits
+            raise never_called from e
+        raise
+    finally:
+        hook.remove()
+    if not called:  # every position labelled: nothing failed, and nothing was saved either
+        raise never_called
 
 
 @contextlib.contextmanager
