@@ -696,11 +696,13 @@ def test_labelled_positions_only_trains_the_same_sft_on_a_fraction_of_the_logits
 
 
 def test_labelled_positions_only_is_refused_where_it_cannot_hold(tmp_path):
-    for model, flag, error, match in [(tiny("llama"), True, ValueError, "labelled_positions_only: a masked-LM model"),
-                                      (tiny("bert"), "yes", TypeError, "labelled_positions_only must be a bool")]:
+    for model, flag, compiled, error, match in [
+            (tiny("llama"), True, False, ValueError, "labelled_positions_only: a masked-LM model"),
+            (tiny("bert"), "yes", False, TypeError, "labelled_positions_only must be a bool"),
+            (tiny("bert"), True, True, ValueError, "labelled_positions_only: not with TrainingArguments.torch_compile")]:
         with pytest.raises(error, match=match):
-            LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
-                                         labelled_positions_only=flag)
+            LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path, torch_compile=compiled),
+                                         train_dataset=_LMData(), labelled_positions_only=flag)
 
 
 @pytest.mark.parametrize("all_labelled", [False, True])

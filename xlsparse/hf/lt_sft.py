@@ -475,7 +475,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             leaves 15% of the projection's and its log-softmax's work (XLM-R: a 250002-way matrix,
             most of a step's FLOPs). Evaluation runs the whole projection (metrics may read the
             logits). A forward that does not pass [batch, sequence, hidden] states to
-            `get_output_embeddings()` raises a RuntimeError at the first step.
+            `get_output_embeddings()` raises a RuntimeError at the first step; with
+            `TrainingArguments.torch_compile` it is a ValueError.
 
     `train()` writes each phase's checkpoints into its own folder under `args.output_dir`
     (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every sparse-phase
@@ -508,6 +509,10 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError(f"labelled_positions_only: a masked-LM model with output embeddings is needed, got "
                              f"{type(model).__name__}")
         super().__init__(*args, **kwargs)
+        if self.labelled_positions_only and self.args.torch_compile:
+            # its hook, put on and taken off around each step, made the compiled graphs recompile
+            # (a tiny BERT's 12 steps: 28 graphs against 20, 3x the time)
+            raise ValueError("labelled_positions_only: not with TrainingArguments.torch_compile")
         if self.model_init is not None:
             # the Trainer's train() builds a fresh model from model_init, and each phase is a train():
             # phase 2 started over from it, and the selection read the first model (an SFT of zeros)
