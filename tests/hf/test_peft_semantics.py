@@ -434,6 +434,26 @@ def test_a_reload_that_does_not_fit_changes_nothing(tmp_path):
     assert all(torch.equal(p, before[n]) for n, p in wrong.state_dict().items())
 
 
+def test_save_and_reload_refuse_an_empty_or_non_path_directory_naming_it(tmp_path, monkeypatch):
+    # from_pretrained(base, "") (an unset variable) read the working folder's save as the one asked
+    # for, and save_pretrained("") / (None) failed in os calls naming no argument
+    model, head = classifier("bert")
+    hf.convert(model, density=0.1, modules_to_save=[head])
+    hf.save_pretrained(model, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the working folder holds a save
+    base, _ = classifier("bert", seed=0)
+    with pytest.raises(ValueError, match="from_pretrained: directory: an empty path"):
+        hf.from_pretrained(base, "")
+    assert not hasattr(base, "xlsparse_config")
+    with pytest.raises(ValueError, match="save_pretrained: directory: an empty path"):
+        hf.save_pretrained(model, "")
+    for bad in (None, 3):
+        with pytest.raises(TypeError, match="save_pretrained: directory must be a str or os.PathLike"):
+            hf.save_pretrained(model, bad)
+        with pytest.raises(TypeError, match="from_pretrained: directory must be a str or os.PathLike"):
+            hf.from_pretrained(base, bad)
+
+
 def test_a_converted_model_deep_copies_and_pickles(tmp_path):
     model, head = classifier("bert")
     hf.convert(model, density=0.1, modules_to_save=[head])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .. import routing
-from .._paths import made_folder
+from .._paths import made_folder, path_arg
 from ..distributed import fingerprint
 from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transpose_delta, applies_on, budget,
                     holding_applies, index_dtype, refuse_sharded)
@@ -1439,6 +1439,8 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
     FSDP2 (`fully_shard`): call it on every process; each gathers the whole parameters (a
     collective), and process 0 alone writes.
     """
+    # "" wrote into the working folder's name and failed in os.makedirs, naming no argument
+    directory = path_arg("save_pretrained: directory", directory, "folder")
     config = getattr(model, "xlsparse_config", None)
     if config is None:
         raise ValueError("save_pretrained: the model was not converted with xlsparse.hf.convert")
@@ -1600,6 +1602,8 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     in eval mode, for inference."""
     if not isinstance(is_trainable, bool):
         raise TypeError(f"from_pretrained: is_trainable must be a bool, got {is_trainable!r}")
+    # "" (an unset variable) read the working folder's save as if it were the one asked for
+    directory = path_arg("from_pretrained: directory", directory, "folder")
     refuse_sharded("from_pretrained", dict(base_model.named_parameters()),
                    "Load onto the unsharded base model, then fully_shard the result")
     if getattr(base_model, "xlsparse_config", None) is not None:  # before the checks below, which read its layers
