@@ -90,8 +90,8 @@ def test_train_save_reload_merge_unload_round_trip(arch, tmp_path):
     files = sorted(os.listdir(tmp_path / "sft"))
     assert files == ["xlsparse_config.json", "xlsparse_diff.safetensors"]
     config = json.loads((tmp_path / "sft" / "xlsparse_config.json").read_text())
-    assert set(config) == {"kind", "target_modules", "density", "k", "languages", "modules_to_save", "base_model",
-                           "xlsparse_version", "target_request", "base_fingerprint"}
+    assert set(config) == {"kind", "target_modules", "density", "k", "languages", "modules_to_save", "keep_tied",
+                           "base_model", "xlsparse_version", "target_request", "base_fingerprint"}
     assert config["modules_to_save"] == [head] and config["kind"] == "delta"
     # no base weight in the file: its bytes are the deltas plus the head
     diff = xlsparse.SparseDiff.load(str(tmp_path / "sft" / "xlsparse_diff.safetensors"))
@@ -432,6 +432,21 @@ def test_a_reload_that_does_not_fit_changes_nothing(tmp_path):
         hf.from_pretrained(wrong, tmp_path / "sft")
     assert not hasattr(wrong, "xlsparse_config")
     assert all(torch.equal(p, before[n]) for n, p in wrong.state_dict().items())
+
+
+def test_a_keep_tied_model_reloads_as_it_was_saved(tmp_path):
+    # keep_tied was not in the config: the reload converted without it and refused the tied head
+    model = tiny("gpt2")
+    hf.convert(model, ["h.0.attn.c_attn", "lm_head"], density=0.1, keep_tied=["lm_head"])
+    with torch.no_grad():
+        for _, m in model.named_modules():
+            if hasattr(m, "delta_values"):
+                m.delta_values.normal_(0, 0.05)
+    hf.save_pretrained(model, tmp_path / "sft")
+    reloaded = hf.from_pretrained(tiny("gpt2"), tmp_path / "sft")
+    assert reloaded.xlsparse_config.keep_tied == ["lm_head"]
+    ids = batch()
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
 def test_save_and_reload_refuse_an_empty_or_non_path_directory_naming_it(tmp_path, monkeypatch):

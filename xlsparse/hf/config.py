@@ -16,6 +16,8 @@ class XlsparseConfig:
     density / k: the support budget asked for (kind="delta" with a random support), else None.
     languages: language (or expert) names in id order (kinds "multi" and "subnetwork").
     modules_to_save: names of the modules trained densely beside the sparse parts.
+    keep_tied: the tied target layers converted all the same (`convert`'s keep_tied); a reload
+      converts them so too (without it, a save of such a model was refused at reload).
     base_model: the base model's name or path, when known.
     xlsparse_version: the version that wrote it.
     target_request: {"target_modules": what convert was given} (None: every block linear layer), so
@@ -33,6 +35,7 @@ class XlsparseConfig:
     k: int | None = None
     languages: list[str] = field(default_factory=list)
     modules_to_save: list[str] = field(default_factory=list)
+    keep_tied: list[str] = field(default_factory=list)
     base_model: str | None = None
     xlsparse_version: str = ""
     target_request: dict | None = None

@@ -775,6 +775,7 @@ def convert(model: nn.Module, target_modules=None, density: float | None = None,
     _freeze(model, saved)
     model.xlsparse_config = XlsparseConfig(
         kind=kind, target_modules=names, density=density, k=k, languages=languages_, modules_to_save=saved,
+        keep_tied=[n for n in names if n in keep_tied],
         base_model=getattr(getattr(model, "config", None), "_name_or_path", None) or None, xlsparse_version=__version__,
         target_request={"target_modules": target_modules})
     model._xlsparse_record = _remember(model, saved)
@@ -1655,10 +1656,10 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     try:  # convert checks the deltas' shapes against the base: say which folder they came from
         if config.kind == "delta":
             convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
-                    modules_to_save=config.modules_to_save)
+                    modules_to_save=config.modules_to_save, keep_tied=config.keep_tied)
         else:
             convert(base_model, config.target_modules, kind="multi", diffs=dict(zip(config.languages, files.values())),
-                    modules_to_save=config.modules_to_save)
+                    modules_to_save=config.modules_to_save, keep_tied=config.keep_tied)
     except ValueError as exc:
         raise ValueError(f"from_pretrained: {directory}: {exc}") from exc
     with torch.no_grad():
