@@ -1433,6 +1433,27 @@ def test_resuming_on_another_base_model_is_refused_before_anything_changes(tmp_p
         assert torch.equal(p, q), n
 
 
+def test_resuming_on_a_base_with_other_frozen_parameters_is_refused(tmp_path):
+    # The resume loads only what trains: the checkpoint's frozen word embeddings were neither loaded
+    # nor checked, so a base that differs there alone trained the checkpoint's SFT on it, silently
+    sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=2,
+                            freeze_embeddings=True)
+    LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args,
+                                 args=_args(tmp_path, save_strategy="steps", save_steps=1)).train()
+    other = tiny("bert")
+    with torch.no_grad():
+        other.bert.embeddings.word_embeddings.weight[5, 3] += 1.0
+    resumed = LotteryTicketSparseFineTuner(model=other, train_dataset=_LMData(), sft_args=sft_args,
+                                           args=_args(tmp_path / "again"))
+    with pytest.raises(ValueError, match="another base model.*word_embeddings.weight.* in 1 entries"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
+    assert not resumed._masks
+    # the same base resumes
+    LotteryTicketSparseFineTuner(model=tiny("bert"), train_dataset=_LMData(), sft_args=sft_args,
+                                 args=_args(tmp_path / "same")).train(
+        resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
+
+
 def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(tmp_path):
     # 2 sources x 4 items in batches of 2: 4 batches an epoch; checkpoint 5 is one step into the
     # sparse phase's second epoch, whose batch order the resumed sampler must reproduce

@@ -710,7 +710,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         `resume_from_checkpoint`: a sparse phase's checkpoint folder (`<output_dir>/sparse/
         checkpoint-N`, or `.../iteration-<i>/sparse/checkpoint-N`). The trainer must be built on
         the same base model and arguments (a checkpoint whose SFT has another size or touches
-        parameters that are not maskable here raises, and so does one whose sparse phase ran with
+        parameters that are not maskable here raises, and so does one whose frozen parameters, or
+        maskable ones off its SFT's entries, differ from this model's, and one whose sparse phase ran with
         other settings: static or dynamic, reselection_steps, drop_fraction,
         selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
         heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
@@ -814,9 +815,12 @@ class LotteryTicketSparseFineTuner(Trainer):
                                  f"but holds no {os.path.basename(path)}, this process's sums so far")
             sums = load_file(path)
         weights = _load_weights(checkpoint)
-        # off the SFT's entries the checkpoint's maskable weights are its run's θ0
-        _refuse_another_base(checkpoint, self.model, weights, {n: self._theta0[n] for n in self.maskable},
-                             {n: d.indices for n, d in sft.deltas.items()})
+        # off the SFT's entries the checkpoint's maskable weights are its run's θ0, and its frozen
+        # parameters are that θ0 whole: the resume loads neither, so another frozen part (embeddings
+        # under freeze_embeddings, say) silently trained the checkpoint's SFT on another base
+        base = {n: self._theta0[n] for n in self.maskable}
+        base.update({n: p.detach() for n, p in self._params().items() if n not in self._theta0})
+        _refuse_another_base(checkpoint, self.model, weights, base, {n: d.indices for n, d in sft.deltas.items()})
         masks = {}  # the checkpoint's alone: a run before this one must not leave its own
         with torch.no_grad():
             for name, p in self._trainable().items():
