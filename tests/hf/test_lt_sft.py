@@ -1454,6 +1454,38 @@ def test_resuming_on_a_base_with_other_frozen_parameters_is_refused(tmp_path):
         resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-1"))
 
 
+def test_resuming_with_a_head_initialised_anew_is_refused_when_the_l1_term_pulls_it(tmp_path):
+    # The L1 term pulls a head (trained whole) toward its θ0, which a checkpoint's weights do not
+    # hold: resumed on a model whose head had another initialisation, the head was pulled toward
+    # that and ended 0.03 away from the uninterrupted run's, silently
+    def model(seed):
+        m = _no_dropout(tiny("bert"))
+        torch.manual_seed(seed)
+        m.cls.predictions.transform.dense.reset_parameters()  # a freshly initialised head
+        return m
+
+    def trainer(m, out, l1=5000.0, **kw):
+        sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=1,
+                                sparse_ft_max_steps_per_iteration=3, sparse_l1_reg=l1)
+        return LotteryTicketSparseFineTuner(model=m, train_dataset=_LMData(n=16), sft_args=sft_args,
+                                            args=_args(out, **kw))
+
+    whole = trainer(model(1), tmp_path, save_strategy="steps", save_steps=1)
+    whole.train()
+    checkpoint = str(tmp_path / "sparse" / "checkpoint-1")
+    with pytest.raises(ValueError, match=r"started \['cls.predictions.transform.dense.weight', "
+                                         r"'cls.predictions.transform.dense.bias'\].*L1 term"):
+        trainer(model(2), tmp_path / "other").train(resume_from_checkpoint=checkpoint)
+    same = trainer(model(1), tmp_path / "same")
+    same.train(resume_from_checkpoint=checkpoint)
+    _assert_same_sft(whole.sft, same.sft)
+    # without an L1 term the head's θ0 is read nowhere: the resume goes on
+    unpulled = trainer(model(1), tmp_path / "unpulled", l1=0.0, save_strategy="steps", save_steps=1)
+    unpulled.train()
+    trainer(model(2), tmp_path / "again", l1=0.0).train(resume_from_checkpoint=str(tmp_path / "unpulled" / "sparse" /
+                                                                                  "checkpoint-1"))
+
+
 def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(tmp_path):
     # 2 sources x 4 items in batches of 2: 4 batches an epoch; checkpoint 5 is one step into the
     # sparse phase's second epoch, whose batch order the resumed sampler must reproduce

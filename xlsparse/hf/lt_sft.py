@@ -94,15 +94,16 @@ from ..ops._common import acc_dtype
 from ..ops.checks import flag, is_real, is_whole
 from ..ops.compose import sparse_axpy_
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
-from .model import _output_head, _refuse_max_norm, _swap_module, _uncompiled
+from .model import _fingerprint, _output_head, _refuse_max_norm, _swap_module, _uncompiled
 
 SOURCE_KEY = "_source"
 """The batch key naming a multi-source batch's source (composable-sft's `BATCH_SOURCE_KEY`)."""
 SFT_FILE = "sft.safetensors"
 """The SFT written into every checkpoint and by `save_model` (`SparseDiff.save` format)."""
 SPARSE_PHASE_FILE = "sparse_phase.json"
-"""Written beside the SFT: the settings its sparse phase ran with, which a resume must share, and
-how many processes saved gradient sums (`GRADIENT_SUMS_FILE`)."""
+"""Written beside the SFT: the settings its sparse phase ran with, which a resume must share, how
+many processes saved gradient sums (`GRADIENT_SUMS_FILE`), and the fingerprints of the heads' θ0
+(the L1 term's anchor for what trains whole, which the checkpoint's weights do not hold)."""
 GRADIENT_SUMS_FILE = "reselection_gradients_{}.safetensors"
 """A dynamic sparse-phase checkpoint inside a gradient window: each process's sums so far (by
 process index; each process tapped its own batches)."""
@@ -711,7 +712,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         checkpoint-N`, or `.../iteration-<i>/sparse/checkpoint-N`). The trainer must be built on
         the same base model and arguments (a checkpoint whose SFT has another size or touches
         parameters that are not maskable here raises, and so does one whose frozen parameters, or
-        maskable ones off its SFT's entries, differ from this model's, and one whose sparse phase ran with
+        maskable ones off its SFT's entries, differ from this model's, one whose heads started from
+        other values when the L1 term pulls them toward θ0, and one whose sparse phase ran with
         other settings: static or dynamic, reselection_steps, drop_fraction,
         selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
         heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
@@ -821,6 +823,18 @@ class LotteryTicketSparseFineTuner(Trainer):
         base = {n: self._theta0[n] for n in self.maskable}
         base.update({n: p.detach() for n, p in self._params().items() if n not in self._theta0})
         _refuse_another_base(checkpoint, self.model, weights, base, {n: d.indices for n, d in sft.deltas.items()})
+        a = self.sft_args
+        if not a.apply_reg_to_sparse_only and (a.sparse_l1_reg or (a.full_l1_reg and it + 1 < n)):
+            # the L1 term pulls what trains whole toward its θ0, which the checkpoint holds only as
+            # fingerprints (none in one written before them): a head initialised anew (another seed)
+            # was pulled toward other values, silently
+            heads = saved.get("head_theta0") or {}
+            other = [h for h, fp in self._head_fingerprints().items() if h in heads and tuple(heads[h]) != tuple(fp)]
+            if other:
+                raise ValueError(f"resume_from_checkpoint: {checkpoint}'s run started {other[:3]}, trained whole, from "
+                                 "other values than this model's, and the L1 term (full_l1_reg / sparse_l1_reg) pulls "
+                                 "them toward those: build the trainer on the checkpoint's run's model (initialise "
+                                 "its head with the same seed)")
         masks = {}  # the checkpoint's alone: a run before this one must not leave its own
         with torch.no_grad():
             for name, p in self._trainable().items():
@@ -835,6 +849,13 @@ class LotteryTicketSparseFineTuner(Trainer):
         if sums:
             self._reselection.grads = {name: g.to(self._theta0[name].device) for name, g in sums.items()}
         return it, sft.deltas
+
+    def _head_fingerprints(self) -> dict:
+        """{name: fingerprint of θ0} of the trainable parameters that are not maskable (trained whole),
+        computed once (θ0 does not change)."""
+        if getattr(self, "_heads_theta0", None) is None:
+            self._heads_theta0 = {n: list(_fingerprint(t)) for n, t in self._theta0.items() if n not in self.maskable}
+        return self._heads_theta0
 
     def _sparse_phase_settings(self) -> dict:
         """What decides a sparse phase's steps besides K and n_ft_iterations (checked from the SFT),
@@ -1378,7 +1399,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             sft = self._sft_at_end if self._sft_at_end is not None and not self._converted else self.current_sft()
             sft.save(paths[0])
             with open(paths[1], "w") as f:
-                json.dump({**self._sparse_phase_settings(), "gradient_sums": self.args.world_size if sums else 0}, f)
+                json.dump({**self._sparse_phase_settings(), "gradient_sums": self.args.world_size if sums else 0,
+                           "head_theta0": self._head_fingerprints()}, f)
         else:  # an earlier save's SFT in a reused folder would pass for this model's
             for path in paths:
                 if os.path.isfile(path):
