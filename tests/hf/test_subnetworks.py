@@ -2062,11 +2062,48 @@ def test_dynamic_masks_callback_refuses_an_optimizer_it_cannot_re_mask_before_an
     callback = subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}, every=2,
                                                 density=0.1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
-                                            callbacks=[callback], optimizers=(opt, None))
+    # SubnetworkTrainer itself refuses it now, at construction (its weight decay moves every entry)
+    with pytest.raises(TypeError, match="SubnetworkTrainer: optimizers= must hold an xlsparse masked optimizer"):
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                      callbacks=[callback], optimizers=(opt, None))
     with pytest.raises(TypeError, match="DynamicMasksCallback: optimizer must be an xlsparse masked optimizer.*AdamW"):
-        trainer.train()
+        callback.on_train_begin(_args(tmp_path, 2), None, None, model=model, optimizer=opt)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_subnetwork_trainer_refuses_a_caller_s_optimizer_that_steps_outside_the_subnetworks(tmp_path):
+    """optimizers=(torch AdamW, ...) trained, and its weight decay moved every entry of the converted
+    weights outside the masks (only extract_diff noticed, afterwards; merge_and_unload kept them);
+    so did a MaskedAdamW that opens more than the masks. One within the masks' union is used as given."""
+    from xlsparse.hf import continual
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(TypeError, match="SubnetworkTrainer: optimizers= must hold an xlsparse masked optimizer"):
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                      optimizers=(torch.optim.AdamW(trainable, lr=1e-2), None))
+    whole = xlsparse.optim.MaskedAdamW(trainable, [None] * len(trainable), lr=1e-2)
+    with pytest.raises(ValueError, match="SubnetworkTrainer: the optimizer steps .* entries of .* that no language"):
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                      optimizers=(whole, None))
+    with pytest.raises(TypeError, match="continual_trainer: optimizers= must hold an xlsparse masked optimizer"):
+        continual.continual_trainer(model, masks, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                    optimizers=(torch.optim.AdamW(trainable, lr=1e-2), None))
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # within the union: trains, and every entry outside the masks keeps its value from convert
+    layers = {f"{n}.weight": layer for n, layer in hf.model._converted(model, SubnetworkLinear)}
+    named = dict(model.named_parameters())
+    confined = xlsparse.optim.MaskedAdamW(
+        trainable, [layers[n].trainable_mask() if n in layers else None for n, p in named.items() if p.requires_grad],
+        lr=1e-2)
+    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                  optimizers=(confined, None)).train()
+    for n in masks["de"]:
+        union = masks["de"][n] | masks["fr"][n]
+        assert torch.equal(named[n][~union], before[n][~union]), n
+    assert any(not torch.equal(named[n], before[n]) for n in masks["de"])
 
 
 def test_structured_reselection_refuses_a_converted_layer_outside_the_heads_and_neurons(tmp_path):

@@ -294,7 +294,7 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
 
     from .lt_sft import _refuse_replaced_parameters
     from .model import _refuse_liger_on_converted_head
-    from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer
+    from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer, _refuse_unconfined
 
     # what SubnetworkTrainer refuses, before _prepare converts the caller's model
     if trainer_kwargs.get("model_init") is not None:
@@ -303,6 +303,8 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     given = SimpleNamespace(args=trainer_kwargs.get("args"), optimizer=(trainer_kwargs.get("optimizers") or (None,))[0],
                             optimizer_cls_and_kwargs=trainer_kwargs.get("optimizer_cls_and_kwargs"))
     _check_own_optimizer(given, "continual_trainer", "MaskedAdamW over the subnetworks")
+    # a plain optimizer, before converting; its masks are checked against the layers' new ones by SubnetworkTrainer
+    _refuse_unconfined("continual_trainer", given.optimizer, None)
     _refuse_replaced_parameters("continual_trainer", _SUBNETWORK_HOLDS, trainer_kwargs.get("args"))
     args = trainer_kwargs.get("args")
     if args is not None:  # MaskedAdamW checks them only at train(), long after the model was converted

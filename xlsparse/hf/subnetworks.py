@@ -855,6 +855,42 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     return losses
 
 
+def _opened(optimizer, p: torch.Tensor) -> torch.Tensor:
+    """The entries of `p` that a masked `optimizer` steps, as a bool tensor of p's shape."""
+    selector = optimizer._selector_of(p)
+    if selector is None:
+        return torch.ones_like(p, dtype=torch.bool)
+    if selector.dtype == torch.bool:
+        return selector
+    opened = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+    opened[selector.long()] = True
+    return opened.view(p.shape)
+
+
+def _refuse_unconfined(op: str, optimizer, model: nn.Module | None) -> None:
+    """A caller's optimizer (`optimizers=`) must keep the converted weights inside their subnetworks:
+    a plain one (torch's AdamW), or a masked one that opens more than a layer's masks, moved every
+    entry outside them by its weight decay, silently (extract_diff refused only afterwards, and
+    merge_and_unload kept the moved weights). Without `model`, only the optimizer's kind is checked."""
+    from ..optim import _MaskedOptimizer
+
+    if optimizer is None:
+        return
+    optimizer = _unwrap(optimizer)
+    if not isinstance(optimizer, _MaskedOptimizer):
+        raise TypeError(f"{op}: optimizers= must hold an xlsparse masked optimizer (MaskedAdamW, MaskedSGD) over the "
+                        f"subnetworks, got {type(optimizer).__name__}, whose weight decay would move every entry of "
+                        "the converted weights outside them; pass a MaskedAdamW, or leave the optimizer to the trainer")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for name, layer in _converted(model, SubnetworkLinear) if model is not None else ():
+        if id(layer.weight) in held:
+            outside = _opened(optimizer, layer.weight) & ~layer.trainable_mask().to(layer.weight.device)
+            if bool(outside.any()):
+                raise ValueError(f"{op}: the optimizer steps {int(outside.sum())} entries of {name}.weight that no "
+                                 "language's mask opens; mask it by the layers' trainable_mask() (the union of their "
+                                 "masks), or leave the optimizer to the trainer")
+
+
 def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
     """The outer optimizer must move exactly the entries of this step's languages: AdamW's momentum
     would otherwise move another language's entries on a step without its gradient, and an entry
@@ -869,15 +905,7 @@ def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
             for lang_masks in masks.values():
                 if n in lang_masks:
                     allowed = lang_masks[n] if allowed is None else allowed | lang_masks[n]
-            selector = optimizer._selector_of(p)
-            if selector is None:
-                opened = torch.ones_like(p, dtype=torch.bool)
-            elif selector.dtype == torch.bool:
-                opened = selector
-            else:
-                opened = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-                opened[selector.long()] = True
-                opened = opened.view(p.shape)
+            opened = _opened(optimizer, p)
             if allowed is None or bool((opened & ~allowed.to(opened.device)).any()):
                 raise ValueError(f"fomaml_step: outer_optimizer may update {n!r} outside the subnetworks of this "
                                  f"step's languages {list(masks)}; build it with fomaml_optimizer over those languages")
@@ -997,8 +1025,10 @@ class SubnetworkTrainer(Trainer):
     routing), and the optimizer is a MaskedAdamW over the union of the masks (the Trainer's lr,
     betas, eps and weight decay) plus, whole, whatever else convert left trainable (its
     `modules_to_save`, e.g. a new classifier head; weight decay skips biases and norms, as the
-    Trainer's own optimizer does). Nothing else trains. Static masks as given; add a
-    `DynamicMasksCallback` for dynamic ones.
+    Trainer's own optimizer does). Nothing else trains: an optimizer of the caller's own
+    (`optimizers=`) must be an xlsparse masked optimizer that opens no entry of a converted weight
+    outside the union of its masks (a ValueError or TypeError at construction). Static masks as
+    given; add a `DynamicMasksCallback` for dynamic ones.
 
     Every saved model folder (checkpoints included) holds `subnetwork_masks.pt`: the layers'
     current masks and per-language bias masks, the entries that re-selections added to the exported diff (with their values
@@ -1033,6 +1063,7 @@ class SubnetworkTrainer(Trainer):
         _refuse_max_norm(self.model, "SubnetworkTrainer")
         _refuse_liger_on_converted_head(self.model, self.args, "SubnetworkTrainer")
         _check_own_optimizer(self, "SubnetworkTrainer", "MaskedAdamW over the subnetworks")
+        _refuse_unconfined("SubnetworkTrainer", self.optimizer, self.model)
         if self.accelerator.num_processes > 1:
             # DDP averages gradients that each process masks by its own layers' masks, and each
             # process's optimizer steps its own union: masks selected from each process's own
