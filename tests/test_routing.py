@@ -123,3 +123,17 @@ def test_an_empty_batch_with_empty_ids_gives_an_empty_output_as_nn_linear_does(l
         assert x.grad.shape == x.shape
         assert all(p.grad is None or not p.grad.any() for p in layer.parameters())
     assert torch.equal(routing.Routing(ids, 2).tokens(lead).order, torch.zeros(0, dtype=torch.long))
+
+
+def test_per_token_ids_route_a_layer_of_one_row_per_example_by_each_example_s_id():
+    """A pooled head (BERT's pooler, a sequence classifier's dense) sees [B, H]: per-token ids whose
+    every example holds one id route its row to that id (a one-language batch routed per token, as
+    the meta-learning recipes route it, raised "fit neither"); an example of several ids still raises."""
+    ids = torch.tensor([[1, 1, 1], [0, 0, 0], [-1, -1, -1], [1, 1, 1]])
+    groups = routing.Routing(ids, 2).tokens((4,))
+    assert torch.equal(groups.ids, torch.tensor([1, 0, -1, 1]))
+    assert torch.equal(groups.order, torch.tensor([1, 0, 3])) and groups.host_counts == (1, 2)
+    mixed = torch.tensor([[1, 1, 0], [0, 0, 0]])
+    with pytest.raises(ValueError, match=r"fit neither.*one row per example \(a pooled head\)"):
+        routing.Routing(mixed, 2).tokens((2,))
+    assert torch.equal(routing.Routing(mixed, 2).tokens((2, 3)).ids, mixed.reshape(-1))  # the tokens themselves

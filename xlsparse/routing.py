@@ -101,7 +101,8 @@ def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:
     """Flat per-token ids [T] for a layer input whose leading dims are `lead_shape` ([B, S] or [T]).
 
     Per-example ids must have the batch's length ([B]); per-token ids the batch's shape ([B, S],
-    or T ids for a layer that sees flat [T] tokens). Anything else is a ValueError naming both
+    or T ids for a layer that sees flat [T] tokens, or, for a layer that sees one row per example
+    [B], the same id on every token of each example). Anything else is a ValueError naming both
     shapes: a count that merely divides the token count would route rows to the wrong language.
     """
     lead = tuple(lead_shape)
@@ -114,6 +115,19 @@ def expand_ids(ids: torch.Tensor, lead_shape) -> torch.Tensor:
     if len(lead) == 1 and ids.numel() == lead[0] and ids.dim() == 2:  # [B, S] ids, flattened tokens
         return ids.reshape(-1)
     hint = ""
+    if ids.dim() == 2 and lead == (ids.shape[0],):
+        # per-token ids and a layer that sees one row per example (BERT's pooler, a sequence classifier's
+        # head on the pooled token): an example whose tokens all hold one id is in that language. A
+        # one-language batch routed per token (the meta-learning and scoring recipes) failed here.
+        first = ids[:, :1]
+        if torch.compiler.is_compiling():
+            torch._assert_async((ids == first).all(), "route: an example's per-token ids differ, and this layer sees "
+                                                      "one row per example")
+            return first.reshape(-1)
+        if bool((ids == first).all()):
+            return first.reshape(-1)
+        hint = ("; this layer sees one row per example (a pooled head), and some example's tokens hold several ids "
+                "(-1 on padding too): give one id per example [B]")
     if ids.dim() == 1 and lead and lead[0] > ids.shape[0] > 0 and lead[0] % ids.shape[0] == 0:  # > 0: no modulo by 0
         if len(lead) > 1:  # generate repeats each example for its beams and returned sequences
             hint = ("; generate(num_beams=..., num_return_sequences=...) repeats each example: give the ids to "

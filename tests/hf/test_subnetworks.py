@@ -595,6 +595,36 @@ def test_fomaml_outer_gradient_and_step_match_plain_torch(arch, converted):
         subnetworks.fomaml_step(model, support, query, masks, 0.5, 1, torch.optim.AdamW(model.parameters()))
 
 
+def test_meta_steps_train_a_converted_sequence_classifier_head_that_sees_one_row_per_example():
+    """XLM-R's classifier.dense runs on the pooled first token, [B, H]: the one-language batches,
+    routed one id per token, raised there ("fit neither"). The step equals the plain-torch one."""
+    cfg = transformers.XLMRobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=48, max_position_embeddings=40, pad_token_id=1, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.XLMRobertaForSequenceClassification(cfg).eval()
+    twin = copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model, ["query", "classifier.dense"])]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.4 for n in names} for lang in ("de", "fr")}
+
+    def batches(n, seed):
+        gen = torch.Generator().manual_seed(seed)
+        return [{"input_ids": torch.randint(3, VOCAB, (4, 7), generator=gen),
+                 "labels": torch.randint(0, 3, (4,), generator=gen)} for _ in range(n)]
+
+    support, query = {"de": batches(2, 1), "fr": batches(2, 2)}, {"de": batches(1, 3)[0], "fr": batches(1, 4)[0]}
+    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=2, outer_optimizer=opt)
+    expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.5, inner_steps=2)
+    named = dict(model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
+    assert bool(expect["classifier.dense.weight"].any())
+    subnetworks.reptile_step(model, {"de": support["de"], "fr": support["fr"]}, masks, inner_steps=2)
+
+
 @pytest.mark.parametrize("converted", [False, True])
 def test_fomaml_under_reentrant_gradient_checkpointing_gives_the_outer_gradient_without_it(converted):
     # the query gradient was taken with autograd.grad, whose graph holds no parameter of a layer
