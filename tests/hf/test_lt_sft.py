@@ -1598,6 +1598,21 @@ def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic, oth
         assert any(not torch.equal(initial[n].long(), d.indices.long()) for n, d in single.sft.deltas.items() if n in initial)
 
 
+def test_multi_source_loaders_take_the_trainers_loader_settings(tmp_path):
+    # persistent workers, prefetch and the Trainer's worker seeding were accepted and not used
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), train_dataset=data, eval_dataset=data, source_sfts={"de": SparseDiff({}), "fr": SparseDiff({})},
+        args=_args(tmp_path, per_device_train_batch_size=4, dataloader_num_workers=2, dataloader_persistent_workers=True,
+                   dataloader_prefetch_factor=3),
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    train, evaluation = trainer.get_train_dataloader(), trainer.get_eval_dataloader()
+    for loader in (train, evaluation):
+        assert loader.num_workers == 2 and loader.persistent_workers and loader.prefetch_factor == 3
+    assert train.worker_init_fn.func is transformers.trainer_utils.seed_worker and evaluation.worker_init_fn is None
+    assert sorted(b[SOURCE_KEY] for b in train) == ["de", "fr"]
+
+
 def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path):
     steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
     with pytest.raises(ValueError, match="source_sfts"):

@@ -73,6 +73,7 @@ Accelerate's FSDP plugin and DeepSpeed, which replace the parameters and optimiz
 model already sharded with `fully_shard` (θ0 and the global selection read whole tensors).
 """
 import contextlib
+import functools
 import json
 import math
 import os
@@ -84,6 +85,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import seed_worker
 
 from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _refuse_unrankable, _storage_key, _transposed_weights,
                     _untied, apply, index_dtype, refuse_sharded)
@@ -1296,7 +1298,7 @@ class LotteryTicketSparseFineTuner(Trainer):
             # under DDP each process takes every num_processes-th batch: one step's batches share a source
             return self._multisource_loader(self.train_dataset, self.args.per_device_train_batch_size,
                                             shuffle=self.args.train_sampling_strategy != "sequential",
-                                            replicas=self.accelerator.num_processes)
+                                            replicas=self.accelerator.num_processes, training=True)
         return super().get_train_dataloader()
 
     def get_eval_dataloader(self, eval_dataset=None):
@@ -1329,16 +1331,23 @@ class LotteryTicketSparseFineTuner(Trainer):
                              f"{self.accelerator.num_processes} (accelerate would skip some of its batches); "
                              "evaluate it in a run of one process")
 
-    def _multisource_loader(self, dataset, batch_size, shuffle, replicas=1):
+    def _multisource_loader(self, dataset, batch_size, shuffle, replicas=1, training=False):
         # the Trainer's data order follows data_seed when it is given
         seed = self.args.seed if self.args.data_seed is None else self.args.data_seed
         sampler = SingleSourceBatchSampler(dataset, batch_size, shuffle=shuffle, seed=seed,
                                            drop_last=self.args.dataloader_drop_last, num_replicas=replicas)
         # remove_unused_columns as the Trainer's loaders apply it (`_source` is taken out before)
         collate = MultiSourceCollator(self._get_collator_with_removed_columns(self.data_collator))
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=self.args.dataloader_num_workers,
-                                             pin_memory=self.args.dataloader_pin_memory)
+        a = self.args
+        # the Trainer's own loader settings: persistent workers, prefetch and worker seeding were
+        # accepted from TrainingArguments and not used here
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, collate_fn=collate, num_workers=a.dataloader_num_workers,
+            pin_memory=a.dataloader_pin_memory, persistent_workers=a.dataloader_persistent_workers,
+            multiprocessing_context=a.dataloader_multiprocessing_context, prefetch_factor=a.dataloader_prefetch_factor,
+            in_order=a.dataloader_in_order,
+            worker_init_fn=functools.partial(seed_worker, num_workers=a.dataloader_num_workers, rank=a.process_index)
+            if training else None)
         return self.accelerator.prepare(loader)
 
     # --- results ---
