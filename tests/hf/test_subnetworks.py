@@ -1986,6 +1986,11 @@ def test_reptile_step_refuses_an_unshuffled_data_loader_it_would_restart_every_s
     subnetworks.reptile_step(model, {"de": iter(loader)}, masks, inner_steps=1)
     subnetworks.reptile_step(model, {"de": torch.utils.data.DataLoader(data, batch_size=None, shuffle=True)}, masks,
                              inner_steps=1)
+    # fomaml_step takes no loader at all: it says so, not to pass iter(loader), which it refuses too
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-3)
+    for support in (loader, iter(loader)):
+        with pytest.raises(ValueError, match=r"support\['de'\] must be a batch \(a dict of tensors\) or a non-empty list"):
+            subnetworks.fomaml_step(model, {"de": support}, {"de": data[0]}, masks, 0.1, 1, opt)
 
 
 def test_meta_learning_refuses_a_language_whose_masks_open_no_entry():

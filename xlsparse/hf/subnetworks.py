@@ -782,8 +782,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     missing = [lang for lang in support if lang not in masks]
     if missing:
         raise ValueError(f"fomaml_step: no masks for languages {missing}")
-    _refuse_unused_batches("fomaml_step", "support", support, inner_steps)
-    # checked before any inner step: a bad batch once failed after the language's weights had moved
+    # checked before any inner step: a bad batch once failed after the language's weights had moved;
+    # and before the batch count, whose advice for a DataLoader (iter(loader)) is reptile_step's
     for lang in support:
         if not _as_list(support[lang]) or not all(isinstance(b, Mapping) for b in _as_list(support[lang])):
             raise ValueError(f"fomaml_step: support[{lang!r}] must be a batch (a dict of tensors) or a non-empty list of "
@@ -791,6 +791,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
         if not isinstance(query[lang], Mapping):
             raise ValueError(f"fomaml_step: query[{lang!r}] must be one batch (a dict of tensors), got "
                              f"{type(query[lang]).__name__}")
+    _refuse_unused_batches("fomaml_step", "support", support, inner_steps)
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     # trainable=True: a frozen parameter gets no gradient, so the query gradient would fail only
     # after the inner steps had moved the weights (as reptile_step, refused before any step)
