@@ -467,6 +467,32 @@ def test_decay_the_base_follows_a_step_grad_scaler_skipped():
         torch.testing.assert_close(theta0 + delta.detach(), theta.detach())
 
 
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_decay_the_base_leaves_unselected_entries_of_a_masked_delta(mode):
+    """With a mask on Δ, the hook decays θ0 only at the selected entries: there MaskedAdamW plus
+    the hook is AdamW on those entries of θ = θ0 + Δ alone; the other entries of Δ stay bit-identical."""
+    from xlsparse.optim import decay_the_base_
+
+    gen = seeded(23)
+    theta0 = torch.randn(12, generator=gen, dtype=torch.float64)
+    delta = torch.nn.Parameter(0.1 * torch.randn(12, generator=gen, dtype=torch.float64))
+    mask = torch.rand(12, generator=gen) < 0.5
+    assert mask.any() and not mask.all()
+    before = delta.detach().clone()
+    opt = MaskedAdamW([delta], [mask], lr=0.1, weight_decay=0.2, mode=mode)
+    opt.register_step_post_hook(lambda o, *a: decay_the_base_(o, {delta: theta0}))
+    theta = torch.nn.Parameter((theta0 + before)[mask])
+    topt = torch.optim.AdamW([theta], lr=0.1, weight_decay=0.2)
+    for _ in range(3):
+        grad = torch.randn(12, generator=gen, dtype=torch.float64)
+        delta.grad, theta.grad = grad.clone(), grad[mask].clone()
+        opt.step()
+        topt.step()
+    torch.testing.assert_close((theta0 + delta.detach())[mask], theta.detach())
+    assert_bit_identical(delta.detach()[~mask], before[~mask], "unselected entries of the delta")
+
+
 def test_grad_scaler_drives_the_optimizer():
     model = torch.nn.Linear(8, 4)
     mask = torch.rand(4, 8, generator=seeded(19)) < 0.5

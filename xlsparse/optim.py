@@ -691,13 +691,22 @@ def decay_the_base_(optimizer: torch.optim.Optimizer, anchors: dict) -> None:
     """The part of AdamW's decoupled weight decay that an optimizer over a delta alone misses: it
     decays Δ, while AdamW on the weights θ = θ0 + Δ decays θ. Subtracts lr·wd·θ0 from each Δ
     parameter in `anchors` ({Δ: θ0 at Δ's entries}) that stepped. Call after each step (as a
-    step post hook). A step that GradScaler skipped (its `found_inf`, still set on the optimizer
-    while the post hooks run) decays nothing, as AdamW on θ then changes nothing (one host read
-    of found_inf, and only under GradScaler)."""
+    step post hook); with a masked optimizer, only at the entries its mask selects. A step that
+    GradScaler skipped (its `found_inf`, still set on the optimizer while the post hooks run)
+    decays nothing, as AdamW on θ then changes nothing (one host read of found_inf, and only
+    under GradScaler)."""
     found_inf = getattr(optimizer, "found_inf", None)
     if found_inf is not None and float(found_inf) != 0:
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
             if p in anchors and p.grad is not None and group["weight_decay"] > 0:
-                p.sub_(anchors[p], alpha=group["lr"] * group["weight_decay"])
+                alpha = group["lr"] * group["weight_decay"]
+                # a masked optimizer steps only its selected entries of Δ: the others must stay
+                # bit-identical, so θ0's share of the decay reaches only those
+                selector = _selector_in(optimizer.state[p]) if isinstance(optimizer, _MaskedOptimizer) else None
+                if selector is None:
+                    p.sub_(anchors[p], alpha=alpha)
+                else:
+                    idx = selector.reshape(-1).nonzero().flatten() if selector.dtype == torch.bool else selector.long()
+                    p.view(-1).index_add_(0, idx, anchors[p].reshape(-1)[idx], alpha=-alpha)
