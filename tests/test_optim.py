@@ -468,6 +468,23 @@ def test_decay_the_base_follows_a_step_grad_scaler_skipped():
 
 
 
+
+@pytest.mark.parametrize("key", ["mask", "masks", "indices"])
+def test_a_mask_in_a_param_group_is_refused(key):
+    """A mask given as a group key was kept and never read: the group's params trained whole."""
+    p, q = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(4))
+    mask = torch.tensor([True, False, False, False])
+    with pytest.raises(ValueError, match=key):
+        MaskedAdamW([{"params": [q], key: mask}], [None])
+    opt = MaskedAdamW([p], [None], lr=0.1)
+    with pytest.raises(ValueError, match=key):
+        opt.add_param_group({"params": [q], key: mask})
+    assert len(opt.param_groups) == 1
+    state = opt.state_dict()
+    state["param_groups"][0][key] = mask
+    with pytest.raises(ValueError, match=key):
+        opt.load_state_dict(state)
+
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_decay_the_base_leaves_unselected_entries_of_a_masked_delta(mode):
     """With a mask on Δ, the hook decays θ0 only at the selected entries: there MaskedAdamW plus

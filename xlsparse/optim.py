@@ -109,6 +109,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if group.get(key):
                 raise ValueError(f"{type(self).__name__}: a param group has {key}=True, which it does not support "
                                  "(its steps are fused kernels, never differentiable)")
+        for key in ("mask", "masks", "indices"):  # kept in the group and never read: the params trained whole
+            if key in group:
+                raise ValueError(f"{type(self).__name__}: a param group has a {key!r} key, which is not read; give masks "
+                                 "as the `masks` argument (or to update_masks: the params of a group added later "
+                                 "train whole until then)")
         if "mode" in group and group["mode"] != self.mode:  # the mode is the optimizer's: a group's would be ignored
             raise ValueError(f"{type(self).__name__}: a param group has mode={group['mode']!r}, but the mode is set for "
                              f"the whole optimizer (mode={self.mode!r}); use one optimizer per mode")
