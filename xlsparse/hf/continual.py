@@ -288,8 +288,10 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     carry `language_ids` and whose optimizer is MaskedAdamW over the union of the subsets; the
     same update as `continual_update`, with the Trainer's schedule, logging and checkpoints.
     Refuses what SubnetworkTrainer refuses (another `optim`, `optimizer_cls_and_kwargs`,
-    Accelerate's FSDP plugin, DeepSpeed, `use_liger_kernel` over a masked output head), and
-    `model_init`, before it converts the model."""
+    Accelerate's FSDP plugin, DeepSpeed, `use_liger_kernel` over a masked output head, an
+    `optimizers=` optimizer that is not a masked one), and `model_init`, before it converts the
+    model; a masked optimizer that opens entries outside the masks is refused by SubnetworkTrainer,
+    after the conversion (it is checked against the converted layers' masks)."""
     from types import SimpleNamespace
 
     from .lt_sft import _refuse_replaced_parameters
