@@ -1262,6 +1262,36 @@ def test_expert_trainer_weight_decay_acts_on_the_expert_s_weights(tmp_path):
         torch.testing.assert_close(got.deltas[n].values, want, rtol=1e-4, atol=1e-5)
 
 
+def test_expert_trainer_decays_a_head_trained_sparse_and_dense_once(tmp_path):
+    # lm_head in target_modules and train_embeddings=True: the head is θ = W + Δ with W trained
+    # densely, which decays itself; θ0's share added to Δ decayed the support twice, (1 − a)² for
+    # 1 − a. Restated: with zero gradients Adam moves nothing, so one step is AdamW's decay alone,
+    # θ ← (1 − lr·wd)·θ on every trained entry.
+    from transformers import TrainingArguments
+
+    lr, wd = 0.1, 0.5
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=lr, weight_decay=wd, report_to=[], use_cpu=True,
+                             save_strategy="no", lr_scheduler_type="constant", max_grad_norm=0.0)
+    torch.manual_seed(0)
+    trainer = xelm.ExpertTrainer(tiny("llama"), args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05,
+                                 target_modules=["q_proj", "lm_head"], train_embeddings=True)
+    opt = trainer.create_optimizer()
+    modules = dict(trainer.model.named_modules())
+
+    def theta(name):
+        m = modules[name]
+        w = m.weight.detach().double().reshape(-1).clone()
+        return w.index_add_(0, m.delta_indices.long(), m.delta_values.detach().double()), m.delta_indices.long()
+
+    before = {n: theta(n) for n in ("lm_head", "model.layers.0.self_attn.q_proj")}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, (w0, idx) in before.items():
+        torch.testing.assert_close(theta(n)[0][idx], (1 - lr * wd) * w0[idx], rtol=1e-5, atol=1e-7)
+
+
 def test_expert_trainer_decays_what_its_get_decay_parameter_names_names(tmp_path):
     """A Trainer subclass says which parameters weight decay reaches by overriding
     get_decay_parameter_names (the Trainer's create_optimizer asks it); ExpertTrainer decayed

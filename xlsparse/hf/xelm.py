@@ -935,7 +935,9 @@ class _ExpertSetup:
                 groups.append({"params": [p for g in self.groups for p in g["params"] if id(p) in plain],
                                "weight_decay": 0.0})
         opt = MaskedAdamW(groups, {}, mode="compact", **kwargs)  # {}: every K-vector and dense part trains whole
-        layers = [m for m in self.model.modules() if isinstance(m, SparseDeltaLinear)]
+        # θ0 is frozen only where the layer's weight is: a head trained densely too (train_embeddings with
+        # lm_head in target_modules) decays its own weight, and θ0's share added to Δ decayed it twice
+        layers = [m for m in self.model.modules() if isinstance(m, SparseDeltaLinear) and not m.weight.requires_grad]
 
         def decay(optimizer, *args):
             # θ0 at the support the layers hold at this step, not at the optimizer's creation: a
