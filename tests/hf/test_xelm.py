@@ -1006,7 +1006,7 @@ def test_expert_trainer_equals_the_plain_loop(tmp_path):
         torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)
 
 
-def test_expert_trainer_draws_its_support_under_training_arguments_seed(tmp_path):
+def test_expert_trainer_draws_its_support_under_training_arguments_seed(tmp_path, monkeypatch):
     # the expert is built in the trainer, as model_init builds a model: its random support followed
     # the caller's RNG state, so two runs with one TrainingArguments.seed trained different experts
     from transformers import TrainingArguments
@@ -1022,6 +1022,17 @@ def test_expert_trainer_draws_its_support_under_training_arguments_seed(tmp_path
     first = support(3, 0)
     assert all(torch.equal(i, first[n]) for n, i in support(3, 1).items())
     assert not all(torch.equal(i, first[n]) for n, i in support(4, 0).items())
+    # without args, the Trainer's default TrainingArguments and their seed (the caller's RNG state drew it)
+    monkeypatch.chdir(tmp_path)  # the default TrainingArguments write to ./tmp_trainer
+
+    def default(caller_seed):
+        torch.manual_seed(caller_seed)
+        trainer = xelm.ExpertTrainer(base, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05)
+        return {n: d.indices for n, d in trainer.expert().deltas.items()}
+
+    want = support(TrainingArguments.seed, 0)
+    for caller_seed in (0, 1):
+        assert all(torch.equal(i, want[n]) for n, i in default(caller_seed).items())
 
 
 def test_expert_trainers_on_a_base_a_compiled_run_trained_train_compiled(tmp_path):

@@ -1037,10 +1037,13 @@ class ExpertTrainer(Trainer):
                                     "of the base at construction", training_args)
         # the expert is built here, as a Trainer's model_init would build it: its random support is
         # drawn under TrainingArguments.seed (the Trainer's own rule), not the caller's RNG state
-        if training_args is not None:
-            from transformers.trainer_utils import enable_full_determinism, set_seed
+        from transformers import TrainingArguments
+        from transformers.trainer_utils import enable_full_determinism, set_seed
 
-            (enable_full_determinism if training_args.full_determinism else set_seed)(training_args.seed)
+        # no args: the Trainer builds default TrainingArguments and seeds with their seed (the support
+        # followed the caller's RNG state instead)
+        seeding = training_args if training_args is not None else TrainingArguments
+        (enable_full_determinism if seeding.full_determinism else set_seed)(seeding.seed)
         first = None
         if grow:
             dataset = kwargs.get("train_dataset")
