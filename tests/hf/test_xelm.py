@@ -12,6 +12,7 @@ from tiny_models import SHARDING, VOCAB, ask_for_sharding, batch, random_diff, t
 
 from xlsparse import hf
 from xlsparse.diff import SparseDelta, SparseDiff
+from xlsparse.functional import ensemble_logprobs
 from xlsparse.hf import xelm
 
 transformers = pytest.importorskip("transformers")
@@ -454,6 +455,17 @@ def test_static_weights_equal_mixing_separate_experts():
     for bad in ("2", True):  # "2" failed in a comparison, naming nothing
         with pytest.raises(TypeError, match="ExpertEnsemble: temperature must be a number"):
             xelm.ExpertEnsemble(base, experts, temperature=bad)
+    # weight 0 is log 0 = −inf (it was log 1e-30): that expert adds nothing, even through ±inf logits
+    one_each = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    lw = ensemble.log_weights(torch.zeros(2, 2, 4), weights=one_each)
+    assert torch.equal(lw, one_each.log()[:, None, :].expand(2, 5, 2))
+    alone = _expert_logprobs(base, experts, ids)  # [E, B, S, V]
+    torch.testing.assert_close(ensemble(ids, weights=one_each).double(), torch.stack([alone[0, 0], alone[1, 1]]),
+                               rtol=1e-4, atol=1e-5)
+    z = torch.randn(2, 3, 4)
+    z[1, :, 0] = float("inf")
+    mixed = ensemble_logprobs(z, lw[0, :3], space="logit")
+    torch.testing.assert_close(mixed, torch.log_softmax(z[0], -1), rtol=0, atol=1e-6)
     # a mixture: a negative weight gave probability mass 1.5, an all-zero row NaN
     for bad in ([[1.0, -0.5], [0.5, 0.5]], [[0.0, 0.0], [0.5, 0.5]], [[float("nan"), 1.0], [0.5, 0.5]]):
         with pytest.raises(ValueError, match="weights must be finite and >= 0"):

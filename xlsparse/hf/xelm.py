@@ -343,7 +343,10 @@ class ExpertEnsemble(nn.Module):
                 raise ValueError("ExpertEnsemble: weights must be finite and >= 0, with a positive sum in every row")
             # normalised in float64: in bf16 three equal weights became 0.3340 each, a mixture of mass 1.005
             weights = weights.double()
-            log_w = (weights / weights.sum(-1, keepdim=True)).clamp_min(1e-30).log().float()
+            # log 0 = −inf: an expert of weight 0 then adds nothing, even where its logits are ±inf
+            # (clamped to 1e-30, 1e-30 · inf made the logit-space mixture inf, and a token only it
+            # allowed got an NLL of 69 in probability space, not inf)
+            log_w = (weights / weights.sum(-1, keepdim=True)).log().float()
             return (log_w[:, None, :].expand(b, s, e) if log_w.dim() == 2 else log_w).clone()
         return self._posterior(self._prefix_loglik(token_logprobs).permute(1, 2, 0))
 
