@@ -1,6 +1,7 @@
 """Masked-gradient updates: MaskedAdamW / MaskedSGD against torch.optim, the step ops on every
 backend against the float64 reference, dynamic masks, and multi_mask_weight_grad / SubnetworkLinear."""
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -1344,7 +1345,7 @@ def test_subnetwork_linear_bad_masks():
         SubnetworkLinear.from_linear(linear, {})
 
 
-@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("assign", [False, True, "deepcopy", "pickle"])
 def test_an_optimizer_load_checks_a_subnetwork_weight_loaded_with_assign(assign):
     # load_state_dict(assign=True) makes the state dict's tensor the layer's weight, which the optimizer's
     # check (a loaded selector must be the union of the layer's masks) did not know until the next
@@ -1357,7 +1358,12 @@ def test_an_optimizer_load_checks_a_subnetwork_weight_loaded_with_assign(assign)
     other = torch.rand(5, 7, generator=g) < 0.4  # the masks of another run
     assert not torch.equal(other, layer.trainable_mask())
     saved = MaskedAdamW([layer.weight], [other]).state_dict()
-    layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=assign)
+    if assign == "deepcopy":  # a copied layer's weight is a new tensor, unknown to the check until set_masks
+        layer = copy.deepcopy(layer)
+    elif assign == "pickle":
+        layer = pickle.loads(pickle.dumps(layer))
+    else:
+        layer.load_state_dict({k: v.clone() for k, v in layer.state_dict().items()}, assign=assign)
     opt = MaskedAdamW([layer.weight], [layer.trainable_mask()])
     with pytest.raises(ValueError, match="union of the layer's masks"):
         opt.load_state_dict(copy.deepcopy(saved))

@@ -599,7 +599,7 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
             LAYER_MASK_CHANGES[self.weight] = LAYER_MASK_CHANGES.get(self.weight, 0) + 1
         self.languages = list(masks)
         self.register_buffer("masks", stacked, persistent=False)
-        SUBNETWORK_LAYERS[self.weight] = weakref.ref(self)
+        self._register_weight()
         # a buffer either way (None: a shared bias), so that a later call with bias_masks can set it
         stacked = None if bias_masks is None else torch.stack([bias_masks[k] for k in self.languages]).to(device)
         self.register_buffer("bias_masks", stacked, persistent=False)
@@ -607,7 +607,18 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         # load_state_dict(assign=True) made the state dict's tensor the weight: an optimizer's load
-        # finds this layer by it (SUBNETWORK_LAYERS), and missed it until the next set_masks
+        # finds this layer by it, and missed it until the next set_masks
+        self._register_weight()
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # copy.deepcopy and pickle give the copy a new weight tensor, unknown to an optimizer's load
+        # check until the copy's next set_masks
+        if getattr(self, "masks", None) is not None:
+            self._register_weight()
+
+    def _register_weight(self) -> None:
+        """Let a masked optimizer's load find this layer by its weight (SUBNETWORK_LAYERS)."""
         SUBNETWORK_LAYERS[self.weight] = weakref.ref(self)
 
     def trainable_mask(self) -> torch.Tensor:
