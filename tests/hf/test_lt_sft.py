@@ -1364,6 +1364,13 @@ def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
     settings.write_text(json.dumps(written))
     with pytest.raises(ValueError, match="reselection_rate_policy = 'constant' \\(this trainer: 'linear'\\)"):
         trainer(tmp_path / "again").train(resume_from_checkpoint=str(settings.parent))
+    # one written before the window's sums were saved cannot say whether it lay inside one (a KeyError before)
+    written = json.loads(settings.read_text())
+    written["reselection_rate_policy"] = "linear"
+    del written["gradient_sums"]
+    settings.write_text(json.dumps(written))
+    with pytest.raises(ValueError, match="did not record whether it lies inside a reselection's gradient window"):
+        trainer(tmp_path / "again").train(resume_from_checkpoint=str(settings.parent))
 
 
 def test_resuming_with_other_sft_arguments_is_refused_before_anything_changes(tmp_path):

@@ -804,7 +804,11 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError(f"resume_from_checkpoint: {checkpoint}'s run trained its sparse phase with "
                              f"{', '.join(differs)}: build the trainer with the checkpoint's run's arguments "
                              "(dynamic: DynamicSftArguments)")
-        processes = saved["gradient_sums"]
+        if "gradient_sums" not in saved and saved.get("dynamic"):  # a KeyError before
+            raise ValueError(f"resume_from_checkpoint: {checkpoint}'s {SPARSE_PHASE_FILE} was written by an older "
+                             "xlsparse that did not record whether it lies inside a reselection's gradient window "
+                             "(whose sums it did not save); a dynamic run's checkpoint from it cannot be resumed")
+        processes = saved.get("gradient_sums", 0)  # static runs keep no sums
         if processes and processes != self.args.world_size:
             raise ValueError(f"resume_from_checkpoint: {checkpoint} lies inside a reselection's gradient window, whose "
                              f"sums each of its run's {processes} processes kept for its own batches; resume it with "
