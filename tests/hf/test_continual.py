@@ -509,6 +509,29 @@ def test_continual_trainer_refuses_bad_optimizer_arguments_before_converting_the
 
 
 
+def test_continual_trainer_refuses_an_optimizer_opening_entries_outside_the_masks_before_converting(tmp_path):
+    # SubnetworkTrainer refused it only after continual_trainer had converted the model
+    from transformers import TrainingArguments
+
+    from xlsparse.nn import SubnetworkLinear
+    from xlsparse.optim import MaskedAdamW
+
+    model, masks = _bert_with_open_masks("de")
+    first = next(iter(masks["de"]))
+    masks["de"][first][0] = False  # one row closed: a whole-weight optimizer steps it
+    named = dict(model.named_parameters())
+    opened = MaskedAdamW([named[first]], [None], lr=1e-2)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    with pytest.raises(ValueError, match=f"continual_trainer: the optimizer steps {named[first].shape[1]} entries of "
+                                         f"{re.escape(first)} that no language"):
+        continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(_mixed_batch(1)),
+                                    optimizers=(opened, None))
+    assert not any(isinstance(m, SubnetworkLinear) for m in model.modules())
+    confined = MaskedAdamW([named[first]], [masks["de"][first]], lr=1e-2)
+    continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(_mixed_batch(1)),
+                                optimizers=(confined, None))
+
+
 @pytest.mark.parametrize("how", SHARDING)
 def test_continual_trainer_refuses_fsdp_and_deepspeed_before_converting_the_model(tmp_path, monkeypatch, how):
     # the README's Distributed section says so; only the other three trainers were tested

@@ -1563,3 +1563,21 @@ def test_an_expert_whose_head_trains_sparse_and_dense_keeps_both_in_one_entry(tm
     expert.save(str(tmp_path / "a.safetensors"))
     back = SparseDiff.load(str(tmp_path / "a.safetensors"))
     assert set(back.dense) == set(expert.dense) and set(back.deltas) == set(expert.deltas)
+
+
+@pytest.mark.parametrize("batch_size", [2, 8])
+def test_expert_trainer_grows_a_child_on_its_first_batch_as_train_expert_does(tmp_path, batch_size):
+    # ExpertTrainer scored the new entries on the first 8 examples whatever the batch size
+    from transformers import TrainingArguments
+
+    base = tiny("llama")
+    parent = xelm.train_expert(base, _lm_batches(1, 1), density=0.02, progress=False)
+    data = _LMData(_lm_batches(3, 5))  # 12 examples: more than either batch
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
+                             per_device_train_batch_size=batch_size)
+    got = xelm.ExpertTrainer(base, args=args, train_dataset=data, init=parent, grow=40).expert()
+    first = {"input_ids": data.ids[:batch_size], "labels": data.ids[:batch_size]}
+    want = xelm.train_expert(base, [first], init=parent, grow=40, lr=0.0, progress=False)  # lr 0: the support alone
+    assert set(got.deltas) == set(want.deltas)
+    for n, d in want.deltas.items():
+        assert torch.equal(got.deltas[n].indices, d.indices), n

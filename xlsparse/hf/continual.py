@@ -244,10 +244,12 @@ def _language_ids(batch: Mapping, order: list[str]) -> torch.Tensor:
     return ids
 
 
-def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], what: str) -> dict:
+def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], what: str,
+             before_converting=None) -> dict:
     """Convert the layers the masks name to SubnetworkLinear, or, on a model converted already
     (same languages, e.g. by an earlier update), give its layers these masks; return {parameter
-    name: union of the masks} in the converted layers' layout."""
+    name: union of the masks} in the converted layers' layout. `before_converting(union)` may
+    refuse the masks once they are checked, before the model changes."""
     from ..nn import SubnetworkLinear
     from .model import _converted, _swap_conv1d_layout, convert, languages
     from .subnetworks import _stored_masks, set_masks
@@ -262,6 +264,8 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
         _stored_masks(model, masks[lang], what, lang)  # names, dtypes, shapes: a float mask failed in the | below
         for n, m in masks[lang].items():
             union[n] = m.clone() if n not in union else union[n] | m
+    if before_converting is not None:
+        before_converting(union)
     converted = {f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)}
     if not converted:
         # cut to a module name, a bias ("query.bias") became "que", and convert's error named that
@@ -289,9 +293,8 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     same update as `continual_update`, with the Trainer's schedule, logging and checkpoints.
     Refuses what SubnetworkTrainer refuses (another `optim`, `optimizer_cls_and_kwargs`,
     Accelerate's FSDP plugin, DeepSpeed, `use_liger_kernel` over a masked output head, an
-    `optimizers=` optimizer that is not a masked one), and `model_init`, before it converts the
-    model; a masked optimizer that opens entries outside the masks is refused by SubnetworkTrainer,
-    after the conversion (it is checked against the converted layers' masks)."""
+    `optimizers=` optimizer that is not a masked one or that opens entries outside the masks'
+    union), and `model_init`, before it converts the model."""
     from types import SimpleNamespace
 
     from .lt_sft import _refuse_replaced_parameters
@@ -305,8 +308,6 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     given = SimpleNamespace(args=trainer_kwargs.get("args"), optimizer=(trainer_kwargs.get("optimizers") or (None,))[0],
                             optimizer_cls_and_kwargs=trainer_kwargs.get("optimizer_cls_and_kwargs"))
     _check_own_optimizer(given, "continual_trainer", "MaskedAdamW over the subnetworks")
-    # a plain optimizer, before converting; its masks are checked against the layers' new ones by SubnetworkTrainer
-    _refuse_unconfined("continual_trainer", given.optimizer, None)
     _refuse_replaced_parameters("continual_trainer", _SUBNETWORK_HOLDS, trainer_kwargs.get("args"))
     args = trainer_kwargs.get("args")
     if args is not None:  # MaskedAdamW checks them only at train(), long after the model was converted
@@ -314,7 +315,9 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
                                      args.adam_epsilon, args.weight_decay, 0.0, False)
     _refuse_liger_on_converted_head(model, args, "continual_trainer",
                                     converting={n for subset in masks.values() for n in subset})
-    _prepare(model, masks, "continual_trainer")
+    named = dict(model.named_parameters())
+    _prepare(model, masks, "continual_trainer", before_converting=lambda union: _refuse_unconfined(
+        "continual_trainer", given.optimizer, [(n, named[n], m) for n, m in union.items() if n in named]))
     return SubnetworkTrainer(model=model, **trainer_kwargs)
 
 

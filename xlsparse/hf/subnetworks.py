@@ -868,11 +868,17 @@ def _opened(optimizer, p: torch.Tensor) -> torch.Tensor:
     return opened.view(p.shape)
 
 
-def _refuse_unconfined(op: str, optimizer, model: nn.Module | None) -> None:
+def _layer_unions(model: nn.Module):
+    """(weight name, weight, union of its layer's masks) of every SubnetworkLinear in `model`."""
+    return [(f"{name}.weight", layer.weight, layer.trainable_mask()) for name, layer in _converted(model, SubnetworkLinear)]
+
+
+def _refuse_unconfined(op: str, optimizer, unions=()) -> None:
     """A caller's optimizer (`optimizers=`) must keep the converted weights inside their subnetworks:
     a plain one (torch's AdamW), or a masked one that opens more than a layer's masks, moved every
     entry outside them by its weight decay, silently (extract_diff refused only afterwards, and
-    merge_and_unload kept the moved weights). Without `model`, only the optimizer's kind is checked."""
+    merge_and_unload kept the moved weights). `unions`: (name, weight, the entries it may open);
+    without them, only the optimizer's kind is checked."""
     from ..optim import _MaskedOptimizer
 
     if optimizer is None:
@@ -883,11 +889,11 @@ def _refuse_unconfined(op: str, optimizer, model: nn.Module | None) -> None:
                         f"subnetworks, got {type(optimizer).__name__}, whose weight decay would move every entry of "
                         "the converted weights outside them; pass a MaskedAdamW, or leave the optimizer to the trainer")
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for name, layer in _converted(model, SubnetworkLinear) if model is not None else ():
-        if id(layer.weight) in held:
-            outside = _opened(optimizer, layer.weight) & ~layer.trainable_mask().to(layer.weight.device)
+    for name, weight, union in unions:
+        if id(weight) in held:
+            outside = _opened(optimizer, weight) & ~union.to(weight.device)
             if bool(outside.any()):
-                raise ValueError(f"{op}: the optimizer steps {int(outside.sum())} entries of {name}.weight that no "
+                raise ValueError(f"{op}: the optimizer steps {int(outside.sum())} entries of {name} that no "
                                  "language's mask opens; mask it by the layers' trainable_mask() (the union of their "
                                  "masks), or leave the optimizer to the trainer")
 
@@ -1064,7 +1070,7 @@ class SubnetworkTrainer(Trainer):
         _refuse_max_norm(self.model, "SubnetworkTrainer")
         _refuse_liger_on_converted_head(self.model, self.args, "SubnetworkTrainer")
         _check_own_optimizer(self, "SubnetworkTrainer", "MaskedAdamW over the subnetworks")
-        _refuse_unconfined("SubnetworkTrainer", self.optimizer, self.model)
+        _refuse_unconfined("SubnetworkTrainer", self.optimizer, _layer_unions(self.model))
         if self.accelerator.num_processes > 1:
             # DDP averages gradients that each process masks by its own layers' masks, and each
             # process's optimizer steps its own union: masks selected from each process's own

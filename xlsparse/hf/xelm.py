@@ -1016,7 +1016,9 @@ class ExpertTrainer(Trainer):
     with `train_embeddings`) are the only trainable parameters, with a compact MaskedAdamW using
     the Trainer's lr, betas, eps and weight decay. After `train()`, `expert()` returns the
     SparseDiff for `ExpertEnsemble`. A support drawn at random (`k` / `density`) is drawn under
-    `TrainingArguments.seed`, as the Trainer seeds a `model_init`'s model. `resume_from_checkpoint` refuses, before loading anything, a
+    `TrainingArguments.seed`, as the Trainer seeds a `model_init`'s model. `grow` scores the new
+    entries on one batch: the train_dataset's first `per_device_train_batch_size` examples, in the
+    dataset's order (train_expert's rule: its first batch). `resume_from_checkpoint` refuses, before loading anything, a
     checkpoint of a run on another base model: its frozen weights, or the base of its dense parts
     (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's. The
     checkpoint's support and values replace the ones `k`/`density`/`init` gave (a support of
@@ -1054,7 +1056,7 @@ class ExpertTrainer(Trainer):
                 raise ValueError("ExpertTrainer: grow needs train_dataset (its first examples score the new entries)")
             collate = kwargs.get("data_collator") or (lambda items: {key: torch.stack([torch.as_tensor(i[key]) for i in items])
                                                                      for key in items[0]})
-            first = collate([dataset[i] for i in range(min(len(dataset), 8))])
+            first = collate([dataset[i] for i in range(min(len(dataset), seeding.per_device_train_batch_size))])
         # a base compiled by torch.compile is the model it wraps: the expert trains a copy of it
         self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings, first,
                                   lambda m, b: m(**b).loss, "ExpertTrainer")
