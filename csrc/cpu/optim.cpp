@@ -1,7 +1,7 @@
 // CPU kernels of the optim family: the masked AdamW/SGD steps and multi_mask_weight_grad.
 //
-// A step splits every parameter's state range into chunks and runs all chunks of all parameters
-// in one at::parallel_for (the CPU form of a multi-tensor launch). float32 tensors with one step
+// A step runs the state entries of all parameters in one at::parallel_for, an equal share per
+// thread (the CPU form of a multi-tensor launch). float32 tensors with one step
 // count per tensor take the at::vec loops of vec/optim_vec.cpp (all entries, a bool mask, or int32
 // indices), compiled per CPU capability; other dtypes, int64 indices and per-entry step counts run the same header math one
 // entry at a time.
@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -20,7 +21,7 @@ namespace xlsparse {
 
 namespace {
 
-constexpr int64_t kChunk = 1 << 15;  // entries per parallel work item
+constexpr int64_t kGrain = 1 << 14;  // fewer entries than this run on one thread
 // One parameter of a step: its pointers and which entries the step touches.
 template <typename scalar_t>
 struct Param {
@@ -83,26 +84,20 @@ void for_selected(const Param<scalar_t>& q, int64_t begin, int64_t end, const F&
   }
 }
 
-// Splits every parameter into chunks of at most kChunk state entries: {param, begin, end}.
-struct Chunk {
-  size_t param;
-  int64_t begin, end;
-};
-
-template <typename scalar_t>
-std::vector<Chunk> chunks_of(const std::vector<Param<scalar_t>>& qs) {
-  std::vector<Chunk> out;
-  for (size_t i = 0; i < qs.size(); ++i)
-    for (int64_t b = 0; b < qs[i].n; b += kChunk) out.push_back({i, b, std::min(b + kChunk, qs[i].n)});
-  return out;
-}
-
-// Runs body(param, begin, end) over every chunk in one parallel loop.
+// Runs body(param, begin, end) over every parameter's state entries in one parallel loop, each
+// thread taking an equal share of all entries (a contiguous run of the parameters laid end to end).
+// Parallel items of one parameter each (at most 32768 entries) split 65 XLM-R tensors' entries
+// 44%/56% between 2 threads at 1%: the compact step waited on the larger half.
 template <typename scalar_t, typename Body>
 void run_chunks(const std::vector<Param<scalar_t>>& qs, const Body& body) {
-  const auto chunks = chunks_of(qs);
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
-    for (int64_t c = b; c < e; ++c) body(qs[chunks[c].param], chunks[c].begin, chunks[c].end);
+  std::vector<int64_t> start(qs.size() + 1, 0);  // start[i]: param i's first entry in the concatenation
+  for (size_t i = 0; i < qs.size(); ++i) start[i + 1] = start[i] + qs[i].n;
+  at::parallel_for(0, start.back(), kGrain, [&](int64_t b, int64_t e) {
+    size_t i = std::upper_bound(start.begin(), start.end(), b) - start.begin() - 1;
+    for (; i < qs.size() && start[i] < e; ++i) {
+      const int64_t lo = std::max(b, start[i]) - start[i], hi = std::min(e, start[i + 1]) - start[i];
+      if (lo < hi) body(qs[i], lo, hi);
+    }
   });
 }
 
