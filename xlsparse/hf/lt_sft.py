@@ -1596,18 +1596,18 @@ def _labelled_positions(model, inputs):
         return (h[keep.to(h.device)], *args[1:])
 
     hook = _output_head(model).register_forward_pre_hook(select)
-    never_called = RuntimeError("labelled_positions_only: the model's forward never called its output embeddings "
-                                "(get_output_embeddings()); set labelled_positions_only=False for this model")
+    never_called = ("labelled_positions_only: the model's forward never called its output embeddings "
+                    "(get_output_embeddings()); set labelled_positions_only=False for this model")
     try:
         yield {**inputs, "labels": labels[keep]}
     except Exception as e:
         if not called:  # the loss met 1-D labels beside whole-sequence logits
-            raise never_called from e
+            raise RuntimeError(never_called) from e
         raise
     finally:
         hook.remove()
     if not called:  # every position labelled: nothing failed, and nothing was saved either
-        raise never_called
+        raise RuntimeError(never_called)
 
 
 @contextlib.contextmanager
