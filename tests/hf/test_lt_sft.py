@@ -1373,6 +1373,19 @@ def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
         trainer(tmp_path / "again").train(resume_from_checkpoint=str(settings.parent))
 
 
+def test_a_dynamic_run_taps_no_gradients_for_a_reselection_after_its_last_step(tmp_path):
+    # windows end at the reselections after steps 4 and 8; the one for step 12 opened at step 10 of 11,
+    # tapping dense gradients for two steps that no reselection used
+    LotteryTicketSparseFineTuner(
+        model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16), args=_args(tmp_path, save_strategy="steps",
+                                                                                 save_steps=1),
+        sft_args=DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=1,
+                                     sparse_ft_max_steps_per_iteration=11, reselection_steps=4,
+                                     selection_accumulation_steps=3, drop_fraction=0.5)).train()
+    sums = "reselection_gradients_0.safetensors"
+    assert [c for c in range(1, 12) if (tmp_path / "sparse" / f"checkpoint-{c}" / sums).is_file()] == [2, 3, 6, 7]
+
+
 def test_resuming_with_other_sft_arguments_is_refused_before_anything_changes(tmp_path):
     # Built with another K or n_ft_iterations, the resumed run trained on the checkpoint's support
     # and left an SFT of 150 or 300 entries where its K was 300 or 600

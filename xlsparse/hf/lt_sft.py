@@ -279,10 +279,11 @@ class _Reselection(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         t = self.trainer
+        every = t.sft_args.reselection_steps
+        step = -(-(state.global_step + 1) // every) * every  # the reselection of the window this step is in
+        # none after the last step: a window it would end tapped dense gradients for nothing
         if t._phase == "sparse" and t._converted and not self.hooks and self._in_window(state.global_step + 1) \
-                and state.global_step + 1 < state.max_steps:
-            every = t.sft_args.reselection_steps
-            step = -(-(state.global_step + 1) // every) * every  # the window's reselection
+                and step < state.max_steps:
             for name, layers in t._converted.items():
                 if not t._drop_count(name, step, state.max_steps):  # it keeps its support: a dense buffer and a GEMM a step for nothing
                     continue
