@@ -1565,9 +1565,10 @@ def test_an_expert_whose_head_trains_sparse_and_dense_keeps_both_in_one_entry(tm
     assert set(back.dense) == set(expert.dense) and set(back.deltas) == set(expert.deltas)
 
 
-@pytest.mark.parametrize("batch_size", [2, 8])
-def test_expert_trainer_grows_a_child_on_its_first_batch_as_train_expert_does(tmp_path, batch_size):
-    # ExpertTrainer scored the new entries on the first 8 examples whatever the batch size
+@pytest.mark.parametrize("batch_size, positional", [(2, False), (8, False), (2, True)])
+def test_expert_trainer_grows_a_child_on_its_first_batch_as_train_expert_does(tmp_path, batch_size, positional):
+    # ExpertTrainer scored the new entries on the first 8 examples whatever the batch size, and on
+    # batches of its own stacking when the collator was given by position
     from transformers import TrainingArguments
 
     base = tiny("llama")
@@ -1575,8 +1576,17 @@ def test_expert_trainer_grows_a_child_on_its_first_batch_as_train_expert_does(tm
     data = _LMData(_lm_batches(3, 5))  # 12 examples: more than either batch
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True,
                              per_device_train_batch_size=batch_size)
-    got = xelm.ExpertTrainer(base, args=args, train_dataset=data, init=parent, grow=40).expert()
-    first = {"input_ids": data.ids[:batch_size], "labels": data.ids[:batch_size]}
+
+    def collate(items):  # learns the reversed sequences: its own batches score other entries
+        ids = torch.stack([i["input_ids"] for i in items]).flip(1)
+        return {"input_ids": ids, "labels": ids}
+
+    if positional:
+        got = xelm.ExpertTrainer(base, args, collate, data, init=parent, grow=40).expert()
+        first = collate([data[i] for i in range(batch_size)])
+    else:
+        got = xelm.ExpertTrainer(base, args=args, train_dataset=data, init=parent, grow=40).expert()
+        first = {"input_ids": data.ids[:batch_size], "labels": data.ids[:batch_size]}
     want = xelm.train_expert(base, [first], init=parent, grow=40, lr=0.0, progress=False)  # lr 0: the support alone
     assert set(got.deltas) == set(want.deltas)
     for n, d in want.deltas.items():

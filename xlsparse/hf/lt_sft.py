@@ -74,6 +74,7 @@ model already sharded with `fully_shard` (θ0 and the global selection read whol
 """
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -444,9 +445,18 @@ def _refuse_replaced_parameters(what: str, holds: str, args) -> None:
                          "process or under DDP")
 
 
+def _trainer_argument(name: str, args: tuple, kwargs: dict):
+    """The value given for `name` to a Trainer's __init__(model, args, data_collator, train_dataset,
+    ...), by keyword or by position, before it runs; None when not given."""
+    if name in kwargs:
+        return kwargs[name]
+    at = list(inspect.signature(Trainer.__init__).parameters).index(name) - 1  # less self
+    return args[at] if at < len(args) else None
+
+
 def _training_args(args: tuple, kwargs: dict):
     """The TrainingArguments given to a Trainer's __init__(model, args, ...), before it runs."""
-    return kwargs["args"] if "args" in kwargs else args[1] if len(args) > 1 else None
+    return _trainer_argument("args", args, kwargs)
 
 
 def _refuse_compiled(what: str, args: tuple, kwargs: dict) -> None:

@@ -1035,7 +1035,7 @@ class ExpertTrainer(Trainer):
                  train_embeddings: bool = False, **kwargs):
         if Trainer is object:
             raise ImportError("ExpertTrainer needs transformers (the hf extra)")
-        from .lt_sft import _refuse_replaced_parameters, _training_args, _unmark_prepared
+        from .lt_sft import _refuse_replaced_parameters, _trainer_argument, _training_args, _unmark_prepared
 
         training_args = _training_args((model, *args), kwargs)
         _refuse_replaced_parameters("ExpertTrainer", "its optimizer's param groups and dense parts, taken from its copy "
@@ -1051,11 +1051,13 @@ class ExpertTrainer(Trainer):
         (enable_full_determinism if seeding.full_determinism else set_seed)(seeding.seed)
         first = None
         if grow:
-            dataset = kwargs.get("train_dataset")
+            # given by position too: a positional collator was passed over, and the entries scored on
+            # batches it had not made
+            dataset = _trainer_argument("train_dataset", (model, *args), kwargs)
             if dataset is None:
                 raise ValueError("ExpertTrainer: grow needs train_dataset (its first examples score the new entries)")
-            collate = kwargs.get("data_collator") or (lambda items: {key: torch.stack([torch.as_tensor(i[key]) for i in items])
-                                                                     for key in items[0]})
+            collate = _trainer_argument("data_collator", (model, *args), kwargs) or (
+                lambda items: {key: torch.stack([torch.as_tensor(i[key]) for i in items]) for key in items[0]})
             first = collate([dataset[i] for i in range(min(len(dataset), seeding.per_device_train_batch_size))])
         # a base compiled by torch.compile is the model it wraps: the expert trains a copy of it
         self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings, first,
