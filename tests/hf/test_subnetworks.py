@@ -4,6 +4,8 @@ training that never builds a dense gradient per language."""
 import copy
 import math
 import os
+import re
+import warnings
 
 import pytest
 import torch
@@ -2133,12 +2135,25 @@ def test_subnetwork_trainer_refuses_a_caller_s_optimizer_that_steps_outside_the_
     confined = xlsparse.optim.MaskedAdamW(
         trainable, [layers[n].trainable_mask() if n in layers else None for n, p in named.items() if p.requires_grad],
         lr=1e-2)
-    subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
-                                  optimizers=(confined, None)).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the union itself: no warning
+        trainer = subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                                optimizers=(confined, None))
+    trainer.train()
     for n in masks["de"]:
         union = masks["de"][n] | masks["fr"][n]
         assert torch.equal(named[n][~union], before[n][~union]), n
     assert any(not torch.equal(named[n], before[n]) for n in masks["de"])
+    # a subset of the union may be meant, but the entries left out never train: said, not silent
+    first = next(iter(layers))
+    subset = layers[first].trainable_mask().clone()
+    rows, cols = subset.nonzero()[:3].T
+    subset[rows, cols] = False
+    narrow = xlsparse.optim.MaskedAdamW([named[first]], [subset], lr=1e-2)
+    with pytest.warns(UserWarning, match="SubnetworkTrainer: the optimizer leaves out 3 entries of "
+                                         f"{re.escape(first)} that a language's mask opens"):
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, 2), train_dataset=_MixedData(),
+                                      optimizers=(narrow, None))
 
 
 def test_structured_reselection_refuses_a_converted_layer_outside_the_heads_and_neurons(tmp_path):

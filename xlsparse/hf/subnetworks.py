@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -878,7 +879,8 @@ def _refuse_unconfined(op: str, optimizer, unions=()) -> None:
     a plain one (torch's AdamW), or a masked one that opens more than a layer's masks, moved every
     entry outside them by its weight decay, silently (extract_diff refused only afterwards, and
     merge_and_unload kept the moved weights). `unions`: (name, weight, the entries it may open);
-    without them, only the optimizer's kind is checked."""
+    without them, only the optimizer's kind is checked. One that opens fewer entries is warned of:
+    a subset may be meant, but the entries left out take gradients and never train."""
     from ..optim import _MaskedOptimizer
 
     if optimizer is None:
@@ -891,11 +893,17 @@ def _refuse_unconfined(op: str, optimizer, unions=()) -> None:
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     for name, weight, union in unions:
         if id(weight) in held:
-            outside = _opened(optimizer, weight) & ~union.to(weight.device)
+            opened, union = _opened(optimizer, weight), union.to(weight.device)
+            outside = opened & ~union
             if bool(outside.any()):
                 raise ValueError(f"{op}: the optimizer steps {int(outside.sum())} entries of {name} that no "
                                  "language's mask opens; mask it by the layers' trainable_mask() (the union of their "
                                  "masks), or leave the optimizer to the trainer")
+            left_out = int((union & ~opened).sum())
+            if left_out:
+                warnings.warn(f"{op}: the optimizer leaves out {left_out} entries of {name} that a language's mask "
+                              "opens: they take gradients and never train (mask it by the layers' trainable_mask() "
+                              "to train them)", stacklevel=3)
 
 
 def _check_confined(optimizer, named: dict, masks: Mapping) -> None:
