@@ -1516,6 +1516,29 @@ def test_double_backward_raises(op, incoming):
         gx.square().sum().backward()
 
 
+@pytest.mark.parametrize("op", ["sparse_delta_linear", "routed", "gated", "ensemble_logprobs"])
+def test_a_second_order_term_reaching_only_the_values_raises(op):
+    """A gradient penalty differentiated for the values alone (torch.autograd.grad(loss, values)):
+    the backward then reaches no error node through x's fresh gradient, and returned the
+    first-order term alone, silently. The second-order term is nonzero here: d/dΔ of |dy (W0 + Δ)|²."""
+    layer, x = _layer_with_delta(27)
+    x.requires_grad_()
+    values, tokens = layer.delta_values, x.shape[0]
+    if op == "sparse_delta_linear":
+        y = layer(x)
+    elif op == "ensemble_logprobs":
+        x = torch.randn(2, 3, 5, generator=seeded(27), requires_grad=True)
+        values = torch.log_softmax(torch.randn(3, 2, generator=seeded(28)), -1).requires_grad_()
+        y = functional.ensemble_logprobs(x, values, "logit")
+    else:
+        how = ({"route": torch.zeros(tokens, dtype=torch.long)} if op == "routed"
+               else {"gates": torch.full((tokens, 1), 0.5)})
+        y = functional.multi_delta_linear(x, layer.weight, layer.bias, [layer.delta_indices], [values], **how)
+    (gx,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        torch.autograd.grad(y.sum() + gx.square().sum(), values)
+
+
 @pytest.mark.parametrize("backend", ENS_BACKENDS)
 @pytest.mark.parametrize("nll", [False, True], ids=["logprobs", "nll"])
 @pytest.mark.parametrize("space", ["prob", "logit"])

@@ -37,19 +37,24 @@ def first_order_only(fn):
             return outputs
         single = not isinstance(outputs, tuple)
         outs = (outputs,) if single else outputs
+        # The error node also takes what the gradients depend on (the incoming grads, the saved
+        # tensors) where it requires grad: with fresh leaves alone it had no edge to them, and a
+        # backward that reaches them only (torch.autograd.grad(y.sum() + gx.square().sum(), values))
+        # never ran it: it returned the first-order term alone, silently
+        deps = [t for t in (*grads, *ctx.saved_tensors) if isinstance(t, torch.Tensor) and t.requires_grad]
         err = torch._C._functions.DelayedError(
             b"trying to differentiate twice an xlsparse op whose backward is not differentiable "
-            b"(double backward / create_graph=True is not supported)", len(outs))
+            b"(double backward / create_graph=True is not supported)", len(outs) + len(deps))
 
         def fake_requires_grad(t):
             if t is not None:
                 t = t.detach()
                 t.requires_grad = True
             return t
-        wrapped = err(*[fake_requires_grad(t) for t in outs])
+        wrapped = err(*[fake_requires_grad(t) for t in outs], *deps)
         if not isinstance(wrapped, tuple):
             wrapped = (wrapped,)
-        return wrapped[0] if single else tuple(wrapped)
+        return wrapped[0] if single else tuple(wrapped[:len(outs)])
     return wrapper
 
 
