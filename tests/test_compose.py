@@ -1269,6 +1269,32 @@ def test_with_abs_must_be_a_bool():
         assert_bit_identical(p.detach(), before[name], name)
 
 
+@pytest.mark.parametrize("op", ["apply_diffs_", "merge_deltas"])
+def test_the_scale_ops_read_no_bool_string_or_graph_tensor_as_a_number(op):
+    # float() ran before the checks: True scaled by 1, "0.5" by 0.5, and a weight that requires grad
+    # (a learned mixing weight) scaled the result and got no gradient, silently; merge_deltas' int()
+    # read numel 5.7 as 5. sparse_axpy_, xlsparse.apply and SparseDiff.merge refuse the same
+    name = "alphas" if op == "apply_diffs_" else "weights"
+    dense = torch.zeros(6)
+
+    def run(scale, numel=6):
+        if op == "apply_diffs_":
+            return apply_diffs_([dense], [torch.tensor([1, 4])], [torch.ones(2)], [0], [scale])
+        return merge_deltas([torch.tensor([1, 4])], [torch.ones(2)], [scale], numel)
+    for bad in ("0.5", True, torch.tensor(True)):
+        with pytest.raises(TypeError, match=rf"{op}: {name}\[0\] must be a number"):
+            run(bad)
+    with pytest.raises(TypeError, match=rf"{op}: {name}\[0\] requires grad"):
+        run(torch.tensor(2.0, requires_grad=True))
+    assert torch.equal(dense, torch.zeros(6))
+    if op == "merge_deltas":
+        with pytest.raises(TypeError, match="merge_deltas: numel must be an int"):
+            run(1.0, numel=5.7)
+    with torch.no_grad():  # a tensor scale is read as its number where no gradient is asked
+        run(torch.tensor(2.0, requires_grad=True))
+        run(torch.tensor(0.5))
+
+
 def test_merge_and_apply_refuse_non_finite_weights_of_any_diff():
     # merge_deltas checked the weights of sparse deltas only: d * nan on a dense-only diff went through.
     dense = SparseDiff(dense={"0.bias": torch.ones(9)})

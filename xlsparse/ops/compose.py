@@ -143,6 +143,9 @@ def apply_diffs_(dense: list, indices: list, values: list, target: list, alphas:
     their tensor's dtype. Bad input raises before any write.
     """
     dense, indices, values, target = _diff_call("apply_diffs_", dense, indices, values, target)
+    # checked before float(), as sparse_axpy_'s alpha: it read True as 1.0, "0.5" as 0.5, and a
+    # tensor that requires grad as a number, whose gradient was dropped silently
+    checks.finite("apply_diffs_", **{f"alphas[{e}]": a for e, a in enumerate(alphas)})
     alphas = [float(a) for a in alphas]
     # empty_like: 1.1 µs a tensor where torch.empty(shape, dtype=, device=) took 4.1 (400 entries per
     # apply of two XLM-R diffs); values are contiguous here, so saved is too
@@ -187,8 +190,12 @@ if _ext.loaded():
 def merge_deltas(indices: list, values: list, weights: list, numel: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The union of several sorted, unique supports over a tensor of `numel` elements, with values
     `sum_i weights[i] * values[i]` (float32 accumulation, in delta order). Linear time, no dense copy."""
-    indices, values, weights, numel = list(indices), list(values), [float(w) for w in weights], int(numel)
+    # weights and numel checked before float() and int(), which read True as 1, "0.5" as 0.5 and
+    # numel 5.7 as 5, and a weight that requires grad as a number (its gradient dropped silently)
+    indices, values, weights = list(indices), list(values), list(weights)
+    numel = checks.count("merge_deltas", "numel", numel)
     checks.merge("merge_deltas", indices, values, weights, numel)
+    weights = [float(w) for w in weights]
     checks.not_differentiable("merge_deltas", values=values)
     if indices[0].device.type == "meta":  # the union's size is data: meta tensors have none
         raise ValueError("merge_deltas: meta tensors hold no indices to merge; the output size depends on them")
