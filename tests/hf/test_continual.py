@@ -532,6 +532,31 @@ def test_continual_trainer_refuses_an_optimizer_opening_entries_outside_the_mask
                                 optimizers=(confined, None))
 
 
+def test_continual_trainer_checks_a_converted_gpt2_s_optimizer_in_the_stored_layout(tmp_path):
+    # a converted Conv1D weight is stored [out, in] while masks come in the model's [in, out]: the
+    # check before the update compared them as given
+    from transformers import TrainingArguments
+
+    from xlsparse.optim import MaskedAdamW
+
+    model = tiny("gpt2")
+    named = dict(model.named_parameters())
+    names = [f"{n}.weight" for n in hf.model.target_names(model)][:2]
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.5 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+    layers = dict(hf.model._converted(model))
+    weights = [layers[n[: -len(".weight")]].weight for n in names]
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    whole = MaskedAdamW(weights, [None] * len(weights), lr=1e-2)
+    with pytest.raises(ValueError, match="continual_trainer: the optimizer steps .* entries of"):
+        continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(_mixed_batch(1)),
+                                    optimizers=(whole, None))
+    unions = [(masks["de"][n] | masks["fr"][n]).t() for n in names]  # stored [out, in]
+    continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(_mixed_batch(1)),
+                                optimizers=(MaskedAdamW(weights, unions, lr=1e-2), None))
+
+
 @pytest.mark.parametrize("how", SHARDING)
 def test_continual_trainer_refuses_fsdp_and_deepspeed_before_converting_the_model(tmp_path, monkeypatch, how):
     # the README's Distributed section says so; only the other three trainers were tested

@@ -298,7 +298,7 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     from types import SimpleNamespace
 
     from .lt_sft import _refuse_replaced_parameters
-    from .model import _refuse_liger_on_converted_head
+    from .model import _refuse_liger_on_converted_head, _swap_conv1d_layout
     from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer, _refuse_unconfined
 
     # what SubnetworkTrainer refuses, before _prepare converts the caller's model
@@ -316,8 +316,10 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     _refuse_liger_on_converted_head(model, args, "continual_trainer",
                                     converting={n for subset in masks.values() for n in subset})
     named = dict(model.named_parameters())
+    # the masks in the weights' stored layout: a converted GPT-2 Conv1D weight is [out, in]
     _prepare(model, masks, "continual_trainer", before_converting=lambda union: _refuse_unconfined(
-        "continual_trainer", given.optimizer, [(n, named[n], m) for n, m in union.items() if n in named]))
+        "continual_trainer", given.optimizer,
+        [(n, named[n], m) for n, m in _swap_conv1d_layout(model, union).items() if n in named]))
     return SubnetworkTrainer(model=model, **trainer_kwargs)
 
 
