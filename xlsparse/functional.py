@@ -148,7 +148,9 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
     W0 + Δ_e, written into `weight` for its product and restored bit-exactly after, as
     `sparse_delta_linear` does (without grad: into one merged copy, W0 only read); otherwise by W0
     plus SpMM terms, whose launch grids do not depend on the routing data. Under
-    `torch.autocast` it computes in the autocast dtype, as nn.Linear does.
+    `torch.autocast` it computes in the autocast dtype, as nn.Linear does, with W0 and each Δ_e
+    cast to it apart: at the deltas' entries the weight can be one step of that dtype off a merged
+    nn.Linear's (`sparse_delta_linear` rounds W0 + Δ once; E merged copies would cost E weights).
     """
     dtype = autocast_dtype(x)
     if dtype is not None:
