@@ -449,6 +449,31 @@ def test_a_keep_tied_model_reloads_as_it_was_saved(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_a_saved_head_untied_for_training_reloads_onto_an_untied_base_and_names_the_tie_of_a_tied_one(tmp_path):
+    # convert's refusal of a tied head advises untying it; a fresh base is tied again, and the reload
+    # said the base "lacks" lm_head.weight (its tied twin's name hid it) instead of naming the tie
+    def untied(model):
+        m = model.get_submodule("lm_head")
+        m.weight = torch.nn.Parameter(m.weight.detach().clone())
+        return model
+
+    model = hf.convert(untied(tiny("gpt2")), density=0.1, modules_to_save=["lm_head"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    hf.save_pretrained(model, tmp_path / "sft")
+    tied = tiny("gpt2")
+    before = {n: p.clone() for n, p in tied.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'lm_head.weight' is tied to 'transformer.wte.weight'.*Untie them first"):
+        hf.from_pretrained(tied, tmp_path / "sft")
+    assert not hasattr(tied, "xlsparse_config")
+    assert all(torch.equal(p, before[n]) for n, p in tied.state_dict().items())
+    reloaded = hf.from_pretrained(untied(tiny("gpt2")), tmp_path / "sft")
+    ids = batch()
+    assert torch.equal(_bits(reloaded(input_ids=ids).logits), _bits(model(input_ids=ids).logits))
+
+
 def test_save_and_reload_refuse_an_empty_or_non_path_directory_naming_it(tmp_path, monkeypatch):
     # from_pretrained(base, "") (an unset variable) read the working folder's save as the one asked
     # for, and save_pretrained("") / (None) failed in os calls naming no argument

@@ -1618,7 +1618,9 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
                          "(dense entries, or deltas outside the per-language files)")
     if config.kind not in ("delta", "multi"):
         raise ValueError(f"from_pretrained: kind {config.kind!r} cannot be reloaded from a diff")
-    named = dict(base_model.named_parameters())
+    # every name, a tied one's too: a saved head untied for training (as convert's refusal advises) is tied
+    # again in a fresh base, under the name its twin hides; convert then says so, not that the base lacks it
+    named = dict(base_model.named_parameters(remove_duplicate=False))
     missing = [n for n in diff.absolute if n not in named]
     if missing:
         raise ValueError(f"from_pretrained: the saved modules name {missing[:3]}, which the base model lacks")
