@@ -273,6 +273,27 @@ def test_a_reload_checks_the_base_weights_outside_the_targets(tmp_path):
     torch.testing.assert_close(hidden, mlm.bert(input_ids=ids).last_hidden_state, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_reload_checks_a_tied_head_under_its_own_name(arch, tmp_path):
+    # the fingerprints were recorded under one name per tensor: GPT-2's tied lm_head under
+    # transformer.wte.weight only, so a base whose head is its own (untied and drawn at random) took the
+    # deltas silently; and a head trained apart (Llama's) went unchecked on a base that ties it
+    model = hf.convert(tiny(arch), density=0.1)
+    hf.save_pretrained(model, tmp_path)
+    other = tiny(arch)
+    if arch == "gpt2":
+        other.lm_head.weight = torch.nn.Parameter(torch.randn_like(other.lm_head.weight))
+    else:
+        other.lm_head.weight = other.model.embed_tokens.weight
+    with pytest.raises(ValueError, match=r"lm_head\.weight of the base model given differs"):
+        hf.from_pretrained(other, tmp_path)
+    assert getattr(other, "xlsparse_config", None) is None
+    same = tiny(arch)
+    same.lm_head.weight = torch.nn.Parameter(same.lm_head.weight.detach().clone())  # untied, same values
+    ids = batch()
+    assert torch.equal(hf.from_pretrained(same, tmp_path)(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_a_model_with_a_parametrized_target_reloads(tmp_path):
     # a weight_norm'ed linear converts and saves, but its weight is computed, not a parameter of
     # that name: the reload's base check raised a bare KeyError

@@ -1470,7 +1470,14 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         # every other base parameter the files do not hold too: a head drawn at random when the base
         # is built, or embeddings of another vocabulary, changed the outputs of a reload silently
         held = _trainable_names(model, config.modules_to_save)
-        bases |= {n: _weight_fingerprint(p) for n, p in model.named_parameters() if n not in held and n not in bases}
+        # under every name of a tied tensor (read once): a base that ties or unties it (a head of its own
+        # drawn at random, or the embeddings in place of a head trained apart) differs under one name only
+        read = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            if n not in held and n not in bases:
+                if id(p) not in read:
+                    read[id(p)] = _weight_fingerprint(p)
+                bases[n] = read[id(p)]
     if sharded and torch.distributed.get_rank() != 0:
         return  # every process gathered the same values; one writes them
     with made_folder(directory):
@@ -1550,16 +1557,20 @@ def _check_same_base(base_model: nn.Module, config: XlsparseConfig, directory, w
                       "the weights the diff was trained from (save it again to record them)", stacklevel=3)
         return
     modules = dict(base_model.named_modules())
-    named = dict(base_model.named_parameters())
+    named = dict(base_model.named_parameters(remove_duplicate=False))  # a tied tensor under each name, as saved
     # read from the layers (convert names the others): a parametrized one's weight (weight_norm) is
     # computed, and no parameter has its name (a bare KeyError)
     targets = {f"{n}.weight": modules[n].weight for n in config.target_modules if _is_linear(modules.get(n))}
     # the other parameters are fingerprinted by saves since they were recorded; one the base lacks
     # (another head class: an MLM's decoder on a token classifier) cannot change its outputs
+    read = {}  # a tied tensor is read once
     for name in dict.fromkeys([*targets, *(n for n in config.base_fingerprint if n in named)]):
         saved = config.base_fingerprint.get(name)
+        t = targets.get(name, named.get(name))
+        if isinstance(saved, dict) and id(t) not in read:
+            read[id(t)] = _weight_fingerprint(t)
         why = ("the file has no fingerprint of it" if not isinstance(saved, dict)
-               else _fingerprint_mismatch(saved, _weight_fingerprint(targets.get(name, named.get(name)))))
+               else _fingerprint_mismatch(saved, read[id(t)]))
         if why:
             raise ValueError(f"{what}: {name} of the base model given differs from the one {directory} "
                              f"was trained on ({why}): the diff would go onto other weights. Load it onto the base "
