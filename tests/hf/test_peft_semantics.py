@@ -1961,6 +1961,32 @@ def test_a_model_loaded_under_inference_mode_merges_and_unmerges(where, tmp_path
     assert all(torch.equal(_bits(p), weights[n]) for n, p in loaded.named_parameters() if n in weights)
 
 
+@pytest.mark.parametrize("kind", ["delta", "multi"])
+def test_merge_and_unload_of_float32_deltas_over_a_bfloat16_base(kind):
+    # trainable parameters upcast to float32 over a bfloat16 base (PEFT's mixed-precision habit; the
+    # layers run them under autocast): merge_and_unload raised in sparse_axpy_ on the dtypes. The
+    # plain weight is W0 + Δ rounded to bfloat16 as merge() writes it: Δ in bfloat16, summed in float32
+    base = tiny("bert").to(torch.bfloat16)
+    if kind == "delta":
+        model = hf.convert(copy.deepcopy(base), density=0.1)
+    else:
+        diffs = {lang: random_diff(tiny("bert"), 9, 0.1, s) for s, lang in enumerate(["de", "fr"])}
+        model = hf.convert(copy.deepcopy(base), kind="multi", diffs=diffs)
+    g = torch.Generator().manual_seed(4)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = 0.01 * torch.randn(p.shape, generator=g)  # float32
+    layers = {n: (m.delta_indices, m.delta_values) if kind == "delta" else (m.delta_indices[1], m.delta_values[1])
+              for n, m in hf.model._converted(model)}
+    plain = hf.merge_and_unload(model, **({} if kind == "delta" else {"language": "fr"}))
+    for name, (idx, values) in layers.items():
+        expect = base.get_submodule(name).weight.detach().float().reshape(-1).clone()
+        expect[idx.long()] += values.detach().to(torch.bfloat16).float()
+        got = plain.get_submodule(name).weight
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got.reshape(-1), expect.to(torch.bfloat16)), name
+
+
 def test_merge_and_unload_of_a_merged_layer_whose_delta_trained_after_merge_keeps_the_trained_delta():
     # README: a merged layer in eval mode with grad enabled still gives Δ its gradient, so a step can
     # change Δ after merge(); merge_and_unload must then give W0 + the current Δ, not the stale merge

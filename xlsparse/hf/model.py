@@ -1694,6 +1694,12 @@ def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
+def _in_dtype_of(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Δ's values in the weight's dtype, as `merge` writes them: float32 values trained over a bfloat16
+    base (trainable parameters upcast for mixed precision, as PEFT does) made sparse_axpy_ raise."""
+    return values.detach().to(weight.dtype)
+
+
 @accepts_compiled
 def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module:
     """Replace every converted layer by a plain `nn.Linear` (or GPT-2 `Conv1D`, in its own layout)
@@ -1732,11 +1738,11 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
                     # a merged layer whose Δ changed since merge() (a step on gradients taken in eval
                     # mode) holds a stale W0 + Δ: the trained weight is W0 + the current Δ
                     weight = _contiguous_copy(layer.base_weight())  # W0, merged or not
-                    sparse_axpy_(weight, layer.delta_indices, layer.delta_values.detach())
+                    sparse_axpy_(weight, layer.delta_indices, _in_dtype_of(weight, layer.delta_values))
             elif isinstance(layer, MultiDeltaLinear):
                 e = config.languages.index(language)
                 weight = _contiguous_copy(layer.weight.detach())
-                sparse_axpy_(weight, layer.delta_indices[e], layer.delta_values[e].detach())
+                sparse_axpy_(weight, layer.delta_indices[e], _in_dtype_of(weight, layer.delta_values[e]))
             else:
                 weight = layer.weight.detach()
             plains.append((name, layer, _to_original_layout(weight, layer.bias, layer.transposed)))
