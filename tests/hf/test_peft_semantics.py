@@ -470,6 +470,29 @@ def test_a_keep_tied_model_reloads_as_it_was_saved(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+def test_hf_merge_refuses_a_keep_tied_layer_whose_twin_would_see_its_delta():
+    # merge writes W0 + Δ into the layer's weight in place: a keep_tied lm_head shares that tensor with
+    # the word embeddings, which then took the head's Δ too (the logits moved by about 10, silently)
+    model = tiny("gpt2")
+    hf.convert(model, ["h.0.attn.c_attn", "lm_head"], density=0.2, keep_tied=["lm_head"])
+    with torch.no_grad():
+        for _, m in hf.model._converted(model):
+            m.delta_values.normal_(0, 0.5)
+    ids = batch()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    wte = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"merge: 'lm_head' shares its weight with 'transformer.wte.weight'"):
+        hf.merge(model)
+    assert not any(m.merged for _, m in hf.model._converted(model))
+    assert torch.equal(model.transformer.wte.weight, wte)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, before)
+        # the embeddings see W0 and the head W0 + Δ: what merge_and_unload keeps
+        torch.testing.assert_close(hf.merge_and_unload(model)(input_ids=ids).logits, before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.transformer.wte.weight, wte)
+
+
 def test_a_saved_head_untied_for_training_reloads_onto_an_untied_base_and_names_the_tie_of_a_tied_one(tmp_path):
     # convert's refusal of a tied head advises untying it; a fresh base is tied again, and the reload
     # said the base "lacks" lm_head.weight (its tied twin's name hid it) instead of naming the tie

@@ -1383,6 +1383,14 @@ def merge(model: nn.Module) -> nn.Module:
         raise ValueError("merge: the model has no SparseDeltaLinear layer")
     for _, layer in layers:  # every layer checked first: a refusal leaves the model unmerged
         layer._check_merge()
+    # a tied layer (keep_tied: GPT-2's lm_head and the word embeddings) writes W0 + Δ into the tensor its
+    # twin reads too: the embeddings took the head's Δ, and the merged model's outputs moved silently
+    tied = tied_parameters(model)
+    shared = [(n, tied[f"{n}.weight"][0]) for n, layer in layers if not layer.merged and tied.get(f"{n}.weight")]
+    if shared:
+        raise ValueError(f"merge: {shared[0][0]!r} shares its weight with {shared[0][1]!r} (convert's keep_tied), which "
+                         "would see the merged W0 + Δ too; use merge_and_unload, which gives the layer a weight of "
+                         "its own, or run the model unmerged; nothing was merged")
     _each_or_none([layer for _, layer in layers if not layer.merged], "merge", "unmerge")
     return model
 
