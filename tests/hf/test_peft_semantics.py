@@ -186,6 +186,41 @@ def test_a_reload_onto_a_deeper_base_is_refused(targets, tmp_path):
     hf.from_pretrained(_deeper_bert(), tmp_path / "some")
 
 
+def test_a_reload_converts_the_recorded_layers_exactly(tmp_path):
+    # the recorded names were given to convert as a list, whose entries match as dotted suffixes: a
+    # regex request that selected `layers.0.fc` reloaded `extra.layers.0.fc` converted too (an empty
+    # delta), and the next save of that model named both, which the request then refused to reload
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.layers = torch.nn.ModuleList([Block()])
+            self.extra = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([Block()])})
+
+        def forward(self, x):
+            return self.extra["layers"][0](self.layers[0](x))
+
+    model = hf.convert(Model(), r"layers\.0\.fc", density=0.5)
+    assert model.xlsparse_config.target_modules == ["layers.0.fc"]
+    torch.nn.init.normal_(model.layers[0].fc.delta_values)
+    hf.save_pretrained(model, tmp_path / "a")
+    again = hf.from_pretrained(Model(), tmp_path / "a")
+    assert again.xlsparse_config.target_modules == ["layers.0.fc"]
+    assert type(again.extra["layers"][0].fc) is torch.nn.Linear
+    assert again.xlsparse_config.target_request == {"target_modules": r"layers\.0\.fc"}
+    hf.save_pretrained(again, tmp_path / "b")
+    x = torch.randn(3, 4)
+    assert torch.equal(hf.from_pretrained(Model(), tmp_path / "b")(x), model(x))
+
+
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_a_reload_onto_a_base_with_other_weights_is_refused(arch, tmp_path):
     # from_pretrained checked the base's name only: a same-shape base with other weights took the

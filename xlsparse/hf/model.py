@@ -1674,12 +1674,15 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
             raise ValueError(f"from_pretrained: {os.path.join(directory, name)} has no delta for {lacks[:3]}"
                              f"{' ...' if len(lacks) > 3 else ''}, which {CONFIG_NAME} names as converted; the file "
                              "was edited, or the two files do not belong together")
+    # the recorded names exactly: as a list they were suffixes too, and a regex request's layer `layers.0.fc`
+    # also converted `extra.layers.0.fc` (an empty delta), whose next save then refused to reload
+    exact = "|".join(map(re.escape, config.target_modules))
     try:  # convert checks the deltas' shapes against the base: say which folder they came from
         if config.kind == "delta":
-            convert(base_model, config.target_modules, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
+            convert(base_model, exact, kind="delta", diffs=SparseDiff._trusted(diff.deltas),
                     modules_to_save=config.modules_to_save, keep_tied=config.keep_tied)
         else:
-            convert(base_model, config.target_modules, kind="multi", diffs=dict(zip(config.languages, files.values())),
+            convert(base_model, exact, kind="multi", diffs=dict(zip(config.languages, files.values())),
                     modules_to_save=config.modules_to_save, keep_tied=config.keep_tied)
     except ValueError as exc:
         raise ValueError(f"from_pretrained: {directory}: {exc}") from exc
@@ -1688,7 +1691,8 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
             named[name].copy_(t)
     loaded = base_model.xlsparse_config
     loaded.density, loaded.k = config.density, config.k  # the budget it was trained with, for the next save
-    loaded.target_request = config.target_request or loaded.target_request  # what was asked, not the names
+    # what was asked, not the names (a save older than the request: the names, as they were given before)
+    loaded.target_request = config.target_request or {"target_modules": list(config.target_modules)}
     loaded.base_model = own_name or config.base_model
     if not is_trainable:
         base_model.requires_grad_(False)
