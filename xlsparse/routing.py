@@ -156,6 +156,14 @@ class Routing:
     _cache: dict = field(default_factory=dict, repr=False)
     # ids of the modules of the model `xlsparse.hf.route` was given; None (`use`): every layer
     modules: frozenset | None = field(default=None, repr=False)
+    # set (an id) for a batch known to be of one language: every row of every layer is then that id,
+    # whatever the layer's input shape (DeBERTa's relative-position embeddings, shared by the examples)
+    one_id: int | None = field(default=None, repr=False)
+
+    def _flat(self, ids: torch.Tensor, lead: tuple) -> torch.Tensor:
+        if self.one_id is not None:
+            return torch.full((math.prod(lead),), self.one_id, dtype=torch.long, device=ids.device)
+        return expand_ids(ids, lead)
 
     def tokens(self, lead_shape, device: torch.device | None = None) -> TokenGroups:
         """The token groups for a layer input with leading dims `lead_shape`, on `device` (the
@@ -163,10 +171,10 @@ class Routing:
         CUDA model); cached per shape and device."""
         ids = self.ids if device is None else self.ids.to(device)
         if torch.compiler.is_compiling():  # no Python state in a graph; the grouping is a few cheap ops
-            return TokenGroups.build(expand_ids(ids, tuple(lead_shape)), self.num_ids)
+            return TokenGroups.build(self._flat(ids, tuple(lead_shape)), self.num_ids)
         key = (tuple(lead_shape), ids.device)
         if key not in self._cache:
-            self._cache[key] = TokenGroups.build(expand_ids(ids, key[0]), self.num_ids)
+            self._cache[key] = TokenGroups.build(self._flat(ids, key[0]), self.num_ids)
         return self._cache[key]
 
 

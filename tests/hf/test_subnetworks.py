@@ -627,6 +627,44 @@ def test_meta_steps_train_a_converted_sequence_classifier_head_that_sees_one_row
     subnetworks.reptile_step(model, {"de": support["de"], "fr": support["fr"]}, masks, inner_steps=2)
 
 
+def test_meta_steps_route_deberta_s_shared_relative_rows_of_a_one_language_batch_to_that_language():
+    """DeBERTa's query_proj and key_proj also run on the relative-position embeddings [1, 2·span, H],
+    rows every example of the batch shares: a one-language batch of more than one example raised
+    there ("fit neither the batch's examples [1]"), though every row is that language's. The outer
+    gradient equals the plain-torch one; Reptile's step equals the step on the unconverted twin."""
+    cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=48, max_position_embeddings=64, relative_attention=True,
+                                       position_buckets=4, max_relative_positions=64, pos_att_type=["p2c", "c2p"],
+                                       share_att_key=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.DebertaV2ForMaskedLM(cfg).eval()
+    twin, plain = copy.deepcopy(model), copy.deepcopy(model)
+    names = [f"{n}.weight" for n in hf.model.target_names(model, ["query_proj", "key_proj", "value_proj"])]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.4 for n in names} for lang in ("de", "fr")}
+    support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}  # 4 examples a batch
+    query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
+    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=2, outer_optimizer=opt)
+    expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.5, inner_steps=2)
+    named = dict(model.named_parameters())
+    for n in names:
+        assert bool(expect[n].any())
+        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
+    plain_named = dict(plain.named_parameters())
+    with torch.no_grad():  # the twin from the weights the outer step left
+        for n in names:
+            plain_named[n].copy_(named[n])
+    before = {n: named[n].detach().clone() for n in names}
+    for m in (model, plain):
+        subnetworks.reptile_step(m, support, masks, inner_lr=0.1, outer_lr=0.5, inner_steps=2)
+    for n in names:
+        assert not torch.equal(named[n], before[n])
+        torch.testing.assert_close(named[n], plain_named[n], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("converted", [False, True])
 def test_fomaml_under_reentrant_gradient_checkpointing_gives_the_outer_gradient_without_it(converted):
     # the query gradient was taken with autograd.grad, whose graph holds no parameter of a layer

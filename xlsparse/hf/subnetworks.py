@@ -38,7 +38,7 @@ from ..functional import topk_mask
 from ..nn import SubnetworkLinear
 from ..ops import checks
 from ..optim import MaskedAdamW, MaskedSGD, _local
-from .model import (_conv1d_weights, _converted, _grow_subnetworks, _language_ids, _per_token_misfit,
+from .model import (_conv1d_weights, _converted, _grow_subnetworks, _language_ids,
                     _refuse_liger_on_converted_head, _refuse_max_norm, _restore_subnet_coverage, _saved_module_params,
                     _subnet_base, _subnet_coverage, _swap_conv1d_layout, accepts_compiled, languages, route)
 
@@ -64,13 +64,20 @@ def _in_language(op: str, model: nn.Module, lang: str, batch: Mapping):
         if not bool((given == languages(model).index(lang)).all()):
             raise ValueError(f"{op}: the batches of {lang!r} carry language_ids {given.tolist()}, which route them to other "
                              "languages; drop the field or give each batch under its own language")
-    tokens = batch.get("input_ids")
-    if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 and _per_token_misfit(list(model.modules())) is None:
-        # one id per token where they fit: OPT's feed-forward sees the tokens flattened, [B·S, H], where
-        # per-example ids cannot be placed
-        return route(model, torch.full(tokens.shape, languages(model).index(lang), device=tokens.device))
     ids = next(v for v in batch.values() if isinstance(v, torch.Tensor))
-    return route(model, [lang] * ids.shape[0])
+    return _one_language(route(model, [lang] * ids.shape[0]), languages(model).index(lang))
+
+
+@contextlib.contextmanager
+def _one_language(routed, index: int):
+    """`routed` (the route of a batch of one language) giving every row of every layer the id
+    `index`, whatever the layer's input: OPT's feed-forward sees the tokens flattened [B·S, H], a
+    pooled head one row per example [B, H], and DeBERTa's query and key projections also the
+    relative-position embeddings [1, 2·span, H] that the examples share (a batch of more than one
+    example raised there, though all its rows are in this language)."""
+    with routed as active:
+        active.one_id = index
+        yield active
 
 
 @contextlib.contextmanager
