@@ -631,7 +631,8 @@ def test_meta_steps_route_deberta_s_shared_relative_rows_of_a_one_language_batch
     """DeBERTa's query_proj and key_proj also run on the relative-position embeddings [1, 2·span, H],
     rows every example of the batch shares: a one-language batch of more than one example raised
     there ("fit neither the batch's examples [1]"), though every row is that language's. The outer
-    gradient equals the plain-torch one; Reptile's step equals the step on the unconverted twin."""
+    gradient equals the plain-torch one; Reptile's step equals the step on the unconverted twin, also
+    when the batches carry their `language_ids` field (model(**batch) routes by it)."""
     cfg = transformers.DebertaV2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=48, max_position_embeddings=64, relative_attention=True,
                                        position_buckets=4, max_relative_positions=64, pos_att_type=["p2c", "c2p"],
@@ -658,8 +659,11 @@ def test_meta_steps_route_deberta_s_shared_relative_rows_of_a_one_language_batch
         for n in names:
             plain_named[n].copy_(named[n])
     before = {n: named[n].detach().clone() for n in names}
-    for m in (model, plain):
-        subnetworks.reptile_step(m, support, masks, inner_lr=0.1, outer_lr=0.5, inner_steps=2)
+    # the converted model's batches carry their language_ids field, which model(**batch) routes by
+    fielded = {lang: [{**b, "language_ids": torch.full((4,), i)} for b in support[lang]]
+               for i, lang in enumerate(support)}
+    subnetworks.reptile_step(model, fielded, masks, inner_lr=0.1, outer_lr=0.5, inner_steps=2)
+    subnetworks.reptile_step(plain, support, masks, inner_lr=0.1, outer_lr=0.5, inner_steps=2)
     for n in names:
         assert not torch.equal(named[n], before[n])
         torch.testing.assert_close(named[n], plain_named[n], rtol=1e-5, atol=1e-7)

@@ -1189,8 +1189,16 @@ def route(model: nn.Module, language_ids):
                          f"{config.modules_to_save[:3]} are shared by every language: a -1 example would run "
                          "through their trained values (and train them). Give it a language, or run it under "
                          "`with xlsparse.hf.disable(model):`")
+    covered = frozenset(id(m) for m in modules)
+    outer = routing.current()
+    # inside the route of a batch known to be of one language (subnetworks' meta-steps and scoring), the
+    # batch's own `language_ids` field naming that language keeps every row in it: DeBERTa's shared
+    # relative rows and OPT's flattened tokens raised on the field's per-example ids
+    one = outer is not None and outer.one_id is not None and (outer.modules is None or covered <= outer.modules) \
+        and bool((ids == outer.one_id).all())
     # only this model's layers: another routed model run inside the block is not routed by these ids
-    with routing.use(ids, num, frozenset(id(m) for m in modules)) as active:
+    with routing.use(ids, num, covered) as active:
+        active.one_id = outer.one_id if one else None
         yield active
 
 
