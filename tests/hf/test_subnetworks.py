@@ -669,6 +669,22 @@ def test_meta_steps_route_deberta_s_shared_relative_rows_of_a_one_language_batch
         torch.testing.assert_close(named[n], plain_named[n], rtol=1e-5, atol=1e-7)
 
 
+def test_meta_steps_take_the_batch_size_from_a_field_that_has_one():
+    """A batch whose first field is a 0-dim tensor (a loss weight read by loss_fn): its size was read
+    from that field's first dim, which it has none of (IndexError). The step equals the one on the
+    batch without it."""
+    model, twin, names, masks, support, _ = _fomaml_setup(support_batches=1)
+    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+    hf.convert(twin, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+    weighted = {lang: [{"scale": torch.tensor(2.0), **b} for b in bs] for lang, bs in support.items()}
+    subnetworks.reptile_step(model, weighted, masks, inner_lr=0.1,
+                             loss_fn=lambda m, b: b["scale"] * m(input_ids=b["input_ids"], labels=b["labels"]).loss)
+    subnetworks.reptile_step(twin, support, masks, inner_lr=0.2)
+    named, twin_named = dict(model.named_parameters()), dict(twin.named_parameters())
+    for n in names:
+        torch.testing.assert_close(named[n], twin_named[n], rtol=1e-5, atol=1e-7)
+
+
 @pytest.mark.parametrize("converted", [False, True])
 def test_fomaml_under_reentrant_gradient_checkpointing_gives_the_outer_gradient_without_it(converted):
     # the query gradient was taken with autograd.grad, whose graph holds no parameter of a layer

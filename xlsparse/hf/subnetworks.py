@@ -64,7 +64,7 @@ def _in_language(op: str, model: nn.Module, lang: str, batch: Mapping):
         if not bool((given == languages(model).index(lang)).all()):
             raise ValueError(f"{op}: the batches of {lang!r} carry language_ids {given.tolist()}, which route them to other "
                              "languages; drop the field or give each batch under its own language")
-    ids = next(v for v in batch.values() if isinstance(v, torch.Tensor))
+    ids = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)  # B: a 0-dim field has none
     return _one_language(route(model, [lang] * ids.shape[0]), languages(model).index(lang))
 
 
