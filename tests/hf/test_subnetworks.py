@@ -1344,6 +1344,31 @@ def test_dynamic_structured_reselection_on_a_partly_converted_model():
     assert all(bool(layer.masks.any()) for _, layer in hf.model._converted(model, SubnetworkLinear))
 
 
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_structured_importance_of_a_model_converted_in_its_ffn_only_is_the_whole_network_s(arch):
+    """Michel et al.'s gate gradient ∂ℓ/∂ξ = Σ_t o_t·∂ℓ/∂o_t needs no parameter before the gate to
+    train: on a model converted in its FFN only (everything else frozen), the first layer's head
+    inputs need no gradient, and scoring raised "no gradient reached a head/neuron input" (a
+    DynamicMasksCallback after its first training step). The scores equal the unconverted model's."""
+    from types import SimpleNamespace
+
+    model = tiny(arch)
+    heads, neurons = subnetworks.structured_importance(model, _lm_batches(1, 1))
+    full = subnetworks.structured_masks(model, heads, neurons, 0.5, 0.5)
+    _, layers = subnetworks.block_layout(model)
+    ffn = {n for layer in layers for part in ("ffn_in", "ffn_out")
+           for n in (layer[part] if isinstance(layer[part], tuple) else (layer[part],))}
+    masks = {n: m for n, m in full.items() if n[: -len(".weight")] in ffn}
+    hf.convert(model, [n[: -len(".weight")] for n in masks], kind="subnetwork", masks={"de": masks, "fr": masks})
+    got_heads, got_neurons = subnetworks.structured_importance(model, _lm_batches(1, 1))
+    torch.testing.assert_close(got_heads, heads, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got_neurons, neurons, rtol=1e-5, atol=1e-7)
+    callback = subnetworks.DynamicMasksCallback({"de": _lm_batches(1, 11), "fr": _lm_batches(1, 12)}, every=1,
+                                                heads_density=0.5, neurons_density=0.5)
+    callback.on_step_end(None, SimpleNamespace(global_step=1), None, model=model, optimizer=None)
+    assert callback.reselections == 1
+
+
 def _assert_diff_is_the_change_since_convert(model, arch):
     """The exported diff restated: trained minus base weights, every entry (zeros included)."""
     from xlsparse.nn import SubnetworkLinear

@@ -566,11 +566,17 @@ def structured_importance(model: nn.Module, batches: Iterable, loss_fn: Callable
     def keep_input(key):
         def hook(module, args):
             x = args[0]
+            replaced = None
+            if not x.requires_grad and torch.is_grad_enabled():
+                # nothing before this layer trains (a model converted in its FFN only, or its upper
+                # layers only): the gate's gradient needs none of that, only ∂ℓ/∂x, which a leaf gets
+                x = replaced = x.detach().requires_grad_()
             # (input, its gradient) from the run the backward goes through: under gradient
             # checkpointing the forward runs again in the backward, and with use_reentrant=False
             # that input gets no gradient (it replaced the first one's), with True only it does
             if x.requires_grad:
                 x.register_hook(lambda grad, x=x.detach(): captured.__setitem__(key, (x, grad)))
+            return None if replaced is None else (replaced, *args[1:])
         return hook
 
     hooks = []
