@@ -1317,6 +1317,10 @@ class DynamicMasksCallback(TrainerCallback):
         self.scores, self.reselections = dict(state["scores"]), int(state["reselections"])
 
     def _score(self, model, lang: str, batch):
+        # on the model's device, as the Trainer moves its own batches: a collator's CPU tensors met a
+        # CUDA model only here, after a step had trained (not yet run on a GPU)
+        device = next(model.parameters()).device
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         if self.density is None:
             return structured_importance(model, [batch], self.loss_fn)
         # a converted layer the user froze trains nothing: it takes no share of the masks
