@@ -91,7 +91,7 @@ def test_train_save_reload_merge_unload_round_trip(arch, tmp_path):
     assert files == ["xlsparse_config.json", "xlsparse_diff.safetensors"]
     config = json.loads((tmp_path / "sft" / "xlsparse_config.json").read_text())
     assert set(config) == {"kind", "target_modules", "density", "k", "languages", "modules_to_save", "keep_tied",
-                           "base_model", "xlsparse_version", "target_request", "base_fingerprint"}
+                           "base_model", "xlsparse_version", "target_request", "base_fingerprint", "model_class"}
     assert config["modules_to_save"] == [head] and config["kind"] == "delta"
     # no base weight in the file: its bytes are the deltas plus the head
     diff = xlsparse.SparseDiff.load(str(tmp_path / "sft" / "xlsparse_diff.safetensors"))
@@ -146,6 +146,36 @@ def test_a_reload_keeps_the_saved_budget_and_the_model_s_own_name(tmp_path):
     hf.save_pretrained(other, tmp_path / "b")
     saved = json.loads((tmp_path / "b" / "xlsparse_config.json").read_text())
     assert (saved["k"], saved["base_model"]) == (50, "org/model-b")
+
+
+def test_a_reload_of_saved_modules_onto_another_model_class_is_warned_of(tmp_path):
+    # a sequence classifier's trained `classifier` fits a token classifier's module of the same name and
+    # shape, and loaded into it silently: the head now scores every token
+    model, head = classifier("bert")
+    hf.convert(model, k=50, modules_to_save=[head])
+    _train(model)
+    hf.save_pretrained(model, tmp_path / "seq")
+    assert json.loads((tmp_path / "seq" / "xlsparse_config.json").read_text())["model_class"] == \
+        "BertForSequenceClassification"
+    base = classifier("bert")[0]
+    tokens = transformers.BertForTokenClassification(base.config).eval()
+    tokens.load_state_dict(base.state_dict(), strict=False)  # the same body and head shapes and base weights
+    with pytest.warns(UserWarning, match="saved BertForSequenceClassification's modules \\['classifier'\\], loaded "
+                                         "here into a BertForTokenClassification"):
+        hf.from_pretrained(tokens, tmp_path / "seq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same class: no word
+        hf.from_pretrained(classifier("bert")[0], tmp_path / "seq")
+        # a diff without saved modules (a language SFT) goes onto another class's body as it is
+        lm = transformers.BertForMaskedLM(base.config).eval()
+        lm.load_state_dict(base.state_dict(), strict=False)
+        hf.convert(lm, k=50)
+        with torch.no_grad():  # a trained delta
+            for p in lm.parameters():
+                if p.requires_grad:
+                    p.add_(0.01)
+        hf.save_pretrained(lm, tmp_path / "lm")
+        hf.from_pretrained(classifier("bert")[0], tmp_path / "lm")
 
 
 def _deeper_bert(layers: int = 4):

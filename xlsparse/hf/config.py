@@ -27,6 +27,9 @@ class XlsparseConfig:
       and every other parameter the diff does not hold (embeddings, norms, a head not saved), written by
       `save_pretrained` and checked by `from_pretrained` (`model._weight_fingerprint`); None in a save
       written before it was recorded (an older save holds the converted weights' only).
+    model_class: the class name of the model that was saved (`save_pretrained`); a reload of saved
+      modules onto another class (a sequence classifier's head into a token classifier's module of
+      the same name) is warned of. None in a save written before it was recorded.
     """
 
     kind: str = "delta"
@@ -40,6 +43,7 @@ class XlsparseConfig:
     xlsparse_version: str = ""
     target_request: dict | None = None
     base_fingerprint: dict | None = None
+    model_class: str | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:

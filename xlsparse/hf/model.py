@@ -1503,7 +1503,7 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         try:
             for name, diff in files.items():
                 diff.save(os.path.join(staging, name))
-            dataclasses.replace(config, base_fingerprint=bases).save(staging)
+            dataclasses.replace(config, base_fingerprint=bases, model_class=type(model).__name__).save(staging)
             try:
                 for name in os.listdir(directory):  # an earlier save's per-language files would pass for this model's
                     if _saved_file(name) and name not in files:
@@ -1651,6 +1651,13 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     missing = [n for n in diff.absolute if n not in named]
     if missing:
         raise ValueError(f"from_pretrained: the saved modules name {missing[:3]}, which the base model lacks")
+    if diff.absolute and config.model_class not in (None, type(base_model).__name__):
+        # a head of another class fits a module of the same name and shape (a sequence classifier's
+        # `classifier` in a token classifier) and loaded silently; a language SFT without saved
+        # modules goes onto a task model's body, as composable-sft composes them
+        warnings.warn(f"from_pretrained: {directory} saved {config.model_class}'s modules {config.modules_to_save}, "
+                      f"loaded here into a {type(base_model).__name__}, where they may do another job",
+                      stacklevel=3)
     # the absolute entries are the saved modules' parameters, all of them: a module without its entries kept the
     # base's values, and entries outside the modules were loaded into frozen parameters (a hand-edited file)
     modules = dict(base_model.named_modules())
