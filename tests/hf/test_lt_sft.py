@@ -1523,6 +1523,39 @@ def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(t
     _assert_same_sft(whole.sft, resumed.sft)
 
 
+def test_a_ddp_run_resumed_in_a_later_epoch_takes_that_epoch_s_batch_order(tmp_path):
+    # Under DDP accelerate wraps the sampler in a BatchSamplerShard, which has no set_epoch; a resumed
+    # run's skip wrapper around that shard hid the sampler from the Trainer's set_epoch, so the resumed
+    # epoch replayed epoch 0's order (items trained twice, others not at all that epoch). One process
+    # (rank 0 of 2) stands for the run: accelerate's own sharding, the Trainer's own resume calls.
+    from accelerate.data_loader import prepare_data_loader
+
+    from xlsparse.hf.lt_sft import SingleSourceBatchSampler
+
+    data = MultiSourceDataset({"de": _LMData(n=8, seed=1), "fr": _LMData(n=8, seed=2)})
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path, per_device_train_batch_size=2), train_dataset=data,
+        source_sfts={"de": SparseDiff({}), "fr": SparseDiff({})},
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    trainer.accelerator.prepare = lambda dl: prepare_data_loader(dl, num_processes=2, process_index=0,
+                                                                 put_on_device=False)
+    loader = trainer._multisource_loader(data, 2, shuffle=True, replicas=2, training=True)
+    resumed = trainer.get_resumed_dataloader(loader, 1)  # one step into the epoch
+    # what transformers' Trainer does at the start of an epoch
+    resumed.set_epoch(1)
+    underlying = getattr(resumed.batch_sampler, "batch_sampler", None)
+    if hasattr(underlying, "set_epoch"):
+        underlying.set_epoch(1)
+    got = [b["input_ids"] for b in resumed]
+    # restated: epoch 1's global batches, of which rank 0 takes every other one, less the first
+    order = SingleSourceBatchSampler(data, 2, seed=trainer.args.seed, num_replicas=2)
+    order.set_epoch(1)
+    expected = [torch.stack([data[p]["input_ids"] for p in b]) for b in list(order)[0::2][1:]]
+    assert len(got) == len(expected) == 3
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
+
+
 def _fixed_selection(trainer):
     """Replace phase 1's selection with a fixed random one (phase 1 under DDP rounds differently,
     and Adam's near-equal first steps make its top-K fragile): phase 2 is compared alone."""
@@ -1706,12 +1739,13 @@ torch.distributed.destroy_process_group()
 '''
 
 
-def _multi_source_trainer(out, **kw):
+def _multi_source_trainer(out, sparse_steps=4, **kw):
     data = MultiSourceDataset({"de": _LMData(n=8, seed=1), "fr": _LMData(n=8, seed=2)})
     return LotteryTicketSparseFineTuner(
         model=_no_dropout(tiny("bert")), args=_args(out, logging_steps=1000, **kw), train_dataset=data,
         source_sfts=_source_sfts(tiny("bert")),
-        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=4))
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2,
+                              sparse_ft_max_steps_per_iteration=sparse_steps))
 
 
 @pytest.mark.slow
@@ -1730,6 +1764,43 @@ def test_multi_source_batches_of_one_step_share_a_source_on_every_process(tmp_pa
     for n, d in single.sft.deltas.items():
         assert torch.equal(ddp.deltas[n].indices, d.indices), n
         torch.testing.assert_close(ddp.deltas[n].values, d.values, atol=2e-5, rtol=1e-3)
+
+
+_MULTI_SOURCE_DDP_RESUME_SCRIPT = '''
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_lt_sft import _fixed_selection, _multi_source_trainer
+from xlsparse.hf.lt_sft import SOURCE_KEY
+def run(out, resume=None):
+    trainer = _multi_source_trainer(out, per_device_train_batch_size=2, average_tokens_across_devices=False,
+                                    sparse_steps=7, save_strategy="steps", save_steps=1)
+    seen, step = [], trainer.training_step
+    def training_step(model, inputs, *args):
+        if trainer._phase == "sparse":
+            seen.append((inputs[SOURCE_KEY], inputs["input_ids"].tolist()))
+        return step(model, inputs, *args)
+    trainer.training_step = training_step
+    _fixed_selection(trainer).train(resume_from_checkpoint=resume)
+    return seen
+whole = run({out!r} + "/whole")
+resumed = run({out!r} + "/resumed", resume={out!r} + "/whole/sparse/checkpoint-5")
+outcome = (whole, resumed)
+''' + _GATHER_OUTCOME + '''
+import os
+os._exit(0)  # past the results: rank 1 aborted once in gloo's teardown ("terminate called ...")
+'''
+
+
+@pytest.mark.slow
+def test_multi_source_under_ddp_resumed_in_a_later_epoch_trains_the_uninterrupted_run_s_batches(tmp_path):
+    # 16 items, 2 processes, batches of 2: 4 steps an epoch; checkpoint 5 is one step into the sparse
+    # phase's second epoch. The resumed epoch replayed epoch 0's order (see the test above).
+    from conftest import torchrun
+
+    torchrun(_MULTI_SOURCE_DDP_RESUME_SCRIPT, tmp_path, 29691, timeout=600, tests=HERE)
+    for whole, resumed in torch.load(tmp_path / "outcomes.pt", weights_only=False):
+        assert len(whole) == 7 and len(resumed) == 2
+        assert resumed == whole[5:]
 
 
 _ACCELERATOR_CONFIG_SCRIPT = '''

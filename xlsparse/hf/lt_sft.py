@@ -1363,7 +1363,13 @@ class LotteryTicketSparseFineTuner(Trainer):
             in_order=a.dataloader_in_order,
             worker_init_fn=functools.partial(seed_worker, num_workers=a.dataloader_num_workers, rank=a.process_index)
             if training else None)
-        return self.accelerator.prepare(loader)
+        prepared = self.accelerator.prepare(loader)
+        shard = getattr(prepared, "batch_sampler", None)
+        if shard is not sampler and getattr(shard, "batch_sampler", None) is sampler and not hasattr(shard, "set_epoch"):
+            # accelerate's BatchSamplerShard (DDP) has no set_epoch: behind the skip wrapper of a resumed
+            # run the Trainer's set_epoch missed the sampler, and the resumed epoch replayed epoch 0's order
+            shard.set_epoch = sampler.set_epoch
+        return prepared
 
     # --- results ---
     def current_sft(self) -> SparseDiff:
