@@ -123,6 +123,20 @@ def test_cache_line_counts():
     assert bench_compose.revert_bytes(nnz=10, lines=3) == 80 + 192  # written lines only, as the copy ceiling counts
 
 
+def test_global_topk_rows_count_one_read_of_the_data():
+    # A global top-K must read each value once and write each mask entry once (5 bytes an fp32
+    # entry); the rows counted the implementation's second read pass too (9 bytes), which put
+    # their share of copy bandwidth 1.8x above what the op itself has to move.
+    assert bench_compose.topk_bytes(10) == 50
+    rows = bench_compose._topk_cases(quick=True, device="cpu")
+    assert len(rows) == 2
+    full, subset = rows  # the quick shapes: 4 x (512x768, 768x768), and its first 2 tensors
+    sizes = [(512, 768), (768, 768)] * 4
+    n_full = sum(a * b for a, b in sizes)
+    n_subset = sum(a * b for a, b in sizes[:2])
+    assert full.bytes == 5 * n_full and subset.bytes == 5 * n_subset
+
+
 def test_flop_counts():
     # 2 languages: 3 tokens with 2 mask entries, 5 tokens with 1 -> 2 * (3*2 + 5*1)
     masks = torch.zeros(2, 2, 3, dtype=torch.bool)
