@@ -21,6 +21,8 @@ FAMILY = "optim"
 FLOAT_BYTES = 4
 FLOATS_PER_LINE = LINE_BYTES // FLOAT_BYTES
 NUM_LANGUAGES = 4
+# The checks compare one step's change to within this share of the largest change (see _step_check).
+STEP_RTOL = 2e-3
 
 
 # --- the bytes each step must move -------------------------------------------------------------
@@ -130,9 +132,13 @@ def _step_check(params, masks, count: int = 3):
         baselines.indexed_adamw_step(ps, idx, [torch.zeros(i.numel(), device=i.device) for i in idx],
                                      [torch.zeros(i.numel(), device=i.device) for i in idx], step=1)
         results["composite"] = ps
+        # The step's change is compared, not the values: a step moves an entry by about lr (1e-3)
+        # and values reach 5, so 1e-5 of the values let a step 2% off, or with half its weight
+        # decay, pass. The ways agree to the bit here; 2e-3 leaves room for a rounding of p.
+        change = lambda ps: tuple(q.detach()[m] - s0[m] for q, s0, m in zip(ps, start, sel))  # noqa: E731
         for name, got in results.items():
-            assert_same(f"MaskedAdamW vs {name} (selected entries)", tuple(q.detach()[m] for q, m in zip(results["compact"], sel)),
-                        tuple(q.detach()[m] for q, m in zip(got, sel)), rtol=1e-5)
+            assert_same(f"MaskedAdamW vs {name} (the step's change at the selected entries)", change(results["compact"]),
+                        change(got), rtol=STEP_RTOL)
         for q, s0, m in zip(results["compact"], start, sel):  # entries outside the mask never move
             if not torch.equal(q.detach()[~m], s0[~m]):
                 raise ValueError("check MaskedAdamW compact: an entry outside the mask changed")
@@ -185,7 +191,9 @@ def _contiguous_case(n: int, density: float, device) -> Case:
         a.grad, b.grad = ours.grad.clone(), ours.grad.clone()
         MaskedAdamW([a], [None], lr=1e-3).step()
         _fused([b]).step()
-        assert_same("MaskedAdamW on a K-vector vs fused AdamW", a.detach(), b.detach(), rtol=1e-5)
+        start = ours.detach().clone()
+        assert_same("MaskedAdamW on a K-vector vs fused AdamW (the step's change)", a.detach() - start,
+                    b.detach() - start, rtol=STEP_RTOL)
 
     return Case(op="MaskedAdamW, K-vector (mask None)", shape=f"[{k}]", dtype="float32", density=None,
                 backend=backend_of("masked_adamw_", device), fn=opt.step, baseline=ref.step,

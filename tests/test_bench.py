@@ -630,6 +630,23 @@ def test_a_row_whose_baseline_computes_something_else_fails_before_timing(monkey
     assert len(calls) == 1  # the check ran it once; nothing was timed
 
 
+def test_masked_adamw_checks_see_a_step_that_differs_by_a_little(monkeypatch):
+    # The checks compared the values after one step to 1e-5 of the largest value (about 5): a
+    # step moves an entry by about lr = 1e-3, so a baseline with half the weight decay, or a
+    # learning rate 2% off, passed as "the same step". They compare the step's change now.
+    params = bench_optim._params([(64, 48), (96, 32), (40,)], "cpu")
+    masks = bench_optim._uniform_masks(params, 0.3)
+    k_vector = bench_optim._contiguous_case(4000, 0.5, "cpu")
+    bench_optim._step_check(params, masks)()  # the same step: passes
+    k_vector.check()
+    for other in (dict(lr=1e-3, weight_decay=5e-3), dict(lr=1.02e-3)):
+        monkeypatch.setattr(bench_optim, "_fused", lambda ps, other=other: torch.optim.AdamW(ps, fused=True, **other))
+        with pytest.raises(ValueError, match="step's change"):
+            bench_optim._step_check(params, masks)()
+        with pytest.raises(ValueError, match="step's change"):
+            k_vector.check()
+
+
 def test_every_compared_row_checks_ours_against_its_baseline_in_the_script(monkeypatch):
     # Each row whose baseline computes what ours computes carries a check, run before timing at
     # the row's own sizes; the frozen linear (no delta) is the one reference that computes less.
