@@ -202,7 +202,8 @@ def measure_ceilings(machine: Machine, quick: bool = False) -> Ceilings:
     reads each destination line before it writes it (write-allocate), traffic its 2 n leaves out,
     so it read a third below the bandwidth that in-place kernels (apply, AdamW: every line read and
     written back, all counted) reach, and their shares went past 100% of it. The add_ moves no byte
-    that its count leaves out; on a GPU, which does not read a line to write it, both agree."""
+    that its count leaves out. Where a copy_ is the faster (a GPU, whose writes need no read), its
+    rate counts."""
     device = machine.device
     seconds = 0.25 if quick else 1.0
     n = (64 if quick else 256) * 2**20 // 4
