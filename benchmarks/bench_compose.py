@@ -34,8 +34,8 @@ def apply_bytes(nnz: int, lines: int) -> int:
 
 def revert_bytes(nnz: int, lines: int) -> int:
     """The indices and saved values read; every touched line of the weights written. The read
-    that a partial line write needs first is not counted, as the copy ceiling does not count the
-    one for its destination (one convention for every row)."""
+    that a partial line write needs first is not counted (one convention for every row: a
+    written line counts once), so this share errs low."""
     return nnz * (4 + 4) + LINE_BYTES * lines
 
 
