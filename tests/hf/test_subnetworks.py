@@ -522,6 +522,19 @@ def test_meta_steps_refuse_lists_or_one_language_s_masks_where_language_mappings
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def _converted_fomaml_matches_plain(model, twin, names, masks, support, query):
+    """Convert `model`'s `names` with `masks`, take one fomaml_step (inner lr 0.5, 2 inner steps), and
+    check its outer gradients against `_plain_fomaml` on the unconverted `twin`; returns those."""
+    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
+    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
+    subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=2, outer_optimizer=opt)
+    expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.5, inner_steps=2)
+    named = dict(model.named_parameters())
+    for n in names:
+        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
+    return expect
+
+
 def _plain_fomaml(model, support, query, masks, inner_lr, inner_steps):
     """First-order MAML restated in plain torch: per language, inner SGD on the support batch
     with the gradient masked (`inner_lr`: a number, or a function of the parameter's name), the
@@ -616,13 +629,7 @@ def test_meta_steps_train_a_converted_sequence_classifier_head_that_sees_one_row
                  "labels": torch.randint(0, 3, (4,), generator=gen)} for _ in range(n)]
 
     support, query = {"de": batches(2, 1), "fr": batches(2, 2)}, {"de": batches(1, 3)[0], "fr": batches(1, 4)[0]}
-    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
-    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
-    subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=2, outer_optimizer=opt)
-    expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.5, inner_steps=2)
-    named = dict(model.named_parameters())
-    for n in names:
-        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
+    expect = _converted_fomaml_matches_plain(model, twin, names, masks, support, query)
     assert bool(expect["classifier.dense.weight"].any())
     subnetworks.reptile_step(model, {"de": support["de"], "fr": support["fr"]}, masks, inner_steps=2)
 
@@ -646,14 +653,9 @@ def test_meta_steps_route_deberta_s_shared_relative_rows_of_a_one_language_batch
     masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.4 for n in names} for lang in ("de", "fr")}
     support = {"de": _lm_batches(2, 1), "fr": _lm_batches(2, 2)}  # 4 examples a batch
     query = {"de": _lm_batches(1, 3)[0], "fr": _lm_batches(1, 4)[0]}
-    hf.convert(model, [n[: -len(".weight")] for n in names], kind="subnetwork", masks=masks)
-    opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-2)
-    subnetworks.fomaml_step(model, support, query, masks, inner_lr=0.5, inner_steps=2, outer_optimizer=opt)
-    expect = _plain_fomaml(twin, support, query, masks, inner_lr=0.5, inner_steps=2)
+    expect = _converted_fomaml_matches_plain(model, twin, names, masks, support, query)
+    assert all(bool(expect[n].any()) for n in names)
     named = dict(model.named_parameters())
-    for n in names:
-        assert bool(expect[n].any())
-        torch.testing.assert_close(named[n].grad, expect[n], rtol=1e-5, atol=1e-7)
     plain_named = dict(plain.named_parameters())
     with torch.no_grad():  # the twin from the weights the outer step left
         for n in names:
