@@ -32,7 +32,7 @@ from ..distributed import fingerprint
 from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _storage_key, _transpose_delta, applies_on, budget,
                     holding_applies, index_dtype, refuse_sharded)
 from ..nn import ExpertEmbedding, MultiDeltaLinear, SparseDeltaLinear, SubnetworkLinear, _own_forward
-from ..ops.compose import sparse_axpy_
+from ..ops.matmul import merged_weight
 from .config import CONFIG_NAME, KINDS, XlsparseConfig
 
 _CONVERTED = (SparseDeltaLinear, MultiDeltaLinear, SubnetworkLinear)
@@ -1715,18 +1715,6 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     return base_model
 
 
-def _contiguous_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy laid out row-major whatever t's strides (a weight loaded transposed): sparse_axpy_
-    writes flat indices into a contiguous storage."""
-    return t.clone(memory_format=torch.contiguous_format)
-
-
-def _in_dtype_of(weight: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Δ's values in the weight's dtype, as `merge` writes them: float32 values trained over a bfloat16
-    base (trainable parameters upcast for mixed precision, as PEFT does) made sparse_axpy_ raise."""
-    return values.detach().to(weight.dtype)
-
-
 @accepts_compiled
 def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module:
     """Replace every converted layer by a plain `nn.Linear` (or GPT-2 `Conv1D`, in its own layout)
@@ -1760,16 +1748,16 @@ def merge_and_unload(model: nn.Module, language: str | None = None) -> nn.Module
         for name, layer in list(_converted(model)):
             if isinstance(layer, SparseDeltaLinear):
                 if layer.merged and not layer._merge_is_stale():
-                    weight = _contiguous_copy(layer.weight.detach())  # W0 + Δ as merge() wrote it, Δ unchanged since
+                    # W0 + Δ as merge() wrote it, Δ unchanged since; a copy of its own, laid out row-major
+                    weight = layer.weight.detach().clone(memory_format=torch.contiguous_format)
                 else:
                     # a merged layer whose Δ changed since merge() (a step on gradients taken in eval
                     # mode) holds a stale W0 + Δ: the trained weight is W0 + the current Δ
-                    weight = _contiguous_copy(layer.base_weight())  # W0, merged or not
-                    sparse_axpy_(weight, layer.delta_indices, _in_dtype_of(weight, layer.delta_values))
+                    # W0, merged or not, plus Δ in W0's dtype (float32 Δ over a bfloat16 base, as PEFT upcasts)
+                    weight = merged_weight(layer.base_weight(), layer.delta_indices, layer.delta_values)
             elif isinstance(layer, MultiDeltaLinear):
                 e = config.languages.index(language)
-                weight = _contiguous_copy(layer.weight.detach())
-                sparse_axpy_(weight, layer.delta_indices[e], _in_dtype_of(weight, layer.delta_values[e]))
+                weight = merged_weight(layer.weight, layer.delta_indices[e], layer.delta_values[e])
             else:
                 weight = layer.weight.detach()
             plains.append((name, layer, _to_original_layout(weight, layer.bias, layer.transposed)))
