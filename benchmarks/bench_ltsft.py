@@ -8,11 +8,15 @@ density, three ways (`xlsparse bench --family ltsft`, or `python -m benchmarks.b
 - compact-only (baseline): dense gradients, compact `MaskedAdamW` (xlsparse before phase 2
   used SparseDeltaLinear).
 
-Each step's labels are every position (the loss the two first ways share is then the same
-whole-sequence work). One more row, at 1%, labels 15% of the positions as a masked-LM data collator
-does: the delta way then runs as `labelled_positions_only=True` does (the output layer and its
-log-softmax on the labelled positions only), the dense-masked way as composable-sft's trainer
-does (the model's whole-sequence logits); both give the same loss and gradients.
+The delta way computes its loss as the trainer does with `fused_cross_entropy=True` (the
+cross-entropy of the model's logits by xlsparse's fused log-softmax + NLL); the baselines take the
+model's own loss (torch's log_softmax + nll_loss), as composable-sft's trainer does. One row at 1%
+times the delta way with the model's own loss too, which shows what the fused loss adds. Each
+step's labels are every position (every way then runs the same whole-sequence logits). One more row,
+at 1%, labels 15% of the positions as a masked-LM data collator does: the delta way then runs as
+`labelled_positions_only=True` does (the output layer and its log-softmax on the labelled positions
+only), the dense-masked way as composable-sft's trainer does (the model's whole-sequence logits);
+both give the same loss and gradients.
 
 Shapes: XLM-R base (vocab 250002, hidden 768, 12 layers, FFN 3072; 278M parameters), T = 2048
 tokens per step (8 × 256); --quick uses vocab 8000, hidden 256, 2 layers, T = 512. All three ways
@@ -163,8 +167,9 @@ def _compact_only(cfg, shape, density, device, labelled=1.0):
     return _Way(step, state_bytes, lambda: _weights(model), indices, model)
 
 
-def _delta(cfg, shape, density, device, labelled=1.0):
-    """The trainer's sparse phase; with `labelled` < 1, as `labelled_positions_only=True` runs it."""
+def _delta(cfg, shape, density, device, labelled=1.0, fused=True):
+    """The trainer's sparse phase, its loss as the trainer computes it (`fused`: with
+    `fused_cross_entropy=True`); with `labelled` < 1, as `labelled_positions_only=True` runs it."""
     from transformers import TrainingArguments
 
     from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments, _labelled_positions
@@ -172,7 +177,7 @@ def _delta(cfg, shape, density, device, labelled=1.0):
     model = _model(cfg, device)
     args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[], use_cpu=device == "cpu",
                              learning_rate=1e-4, weight_decay=0.0, save_strategy="no", disable_tqdm=True)
-    trainer = LotteryTicketSparseFineTuner(model=model, args=args, sft_args=SftArguments(
+    trainer = LotteryTicketSparseFineTuner(model=model, args=args, fused_cross_entropy=fused, sft_args=SftArguments(
         full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1, ft_params_proportion=density))
     trainer._masks = _random_masks(_body(model), density)
     trainer._phase = "sparse"
@@ -189,18 +194,20 @@ def _delta(cfg, shape, density, device, labelled=1.0):
 
     batch = _batch(cfg, shape, device, labelled)
     step, state_bytes = _training_step(model, trainer.create_optimizer(), batch,
-                                       lambda: _labelled_positions(model, batch) if labelled < 1.0 else None)
+                                       lambda: _labelled_positions(model, batch) if labelled < 1.0 else None,
+                                       loss=lambda run: trainer.compute_loss(model, run))
     return _Way(step, state_bytes, weights, trainer._masks, model)
 
 
-def _training_step(model, optimizer, batch, inputs=lambda: None):
+def _training_step(model, optimizer, batch, inputs=lambda: None, loss=None):
     """(one optimizer step on `batch`, the bytes of gradients and optimizer state it holds).
-    `inputs()`: None, or a context manager that gives the inputs to run instead."""
+    `inputs()`: None, or a context manager that gives the inputs to run instead; `loss(inputs)`:
+    the loss (default: the model's own)."""
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         with inputs() or contextlib.nullcontext(batch) as run:
-            model(**run).loss.backward()
+            (loss(run) if loss else model(**run).loss).backward()
         optimizer.step()
 
     return step, lambda: _state_bytes(optimizer, model.parameters())
@@ -246,15 +253,16 @@ def cases(quick: bool = False, device: str = "cpu"):
     cfg, shape = _config(quick)
     tokens = shape[0] * shape[1]
     live = {}  # the ways of the row being measured; the rows' closures reach them only through it
-    rows = [(density, name, build, 1.0) for density in DENSITIES
-            for name, build in (("dense grads + grad*mask + AdamW", _dense_masked),
-                                ("dense grads + compact MaskedAdamW", _compact_only))]
-    rows.append((DENSITIES[0], f"dense grads + grad*mask + AdamW, whole-sequence logits, {MLM_LABELLED:.0%} labelled",
-                 _dense_masked, MLM_LABELLED))
-    for density, name, build, labelled in rows:
+    masked = "dense grads + grad*mask + AdamW"
+    rows = [(density, name, build, 1.0, True) for density in DENSITIES
+            for name, build in ((masked, _dense_masked), ("dense grads + compact MaskedAdamW", _compact_only))]
+    rows.append((DENSITIES[0], masked, _dense_masked, 1.0, False))  # what the fused loss adds, at 1%
+    rows.append((DENSITIES[0], f"{masked}, whole-sequence logits, {MLM_LABELLED:.0%} labelled", _dense_masked,
+                 MLM_LABELLED, True))
+    for density, name, build, labelled, fused in rows:
         live.clear()  # the previous row's models go before the next are built; the trainer holds
         gc.collect()  # reference cycles, so its model (1 GB plus θ0) lived on until a collection ran
-        live["delta"] = _delta(cfg, shape, density, device, labelled)
+        live["delta"] = _delta(cfg, shape, density, device, labelled, fused)
         live["base"] = build(cfg, shape, density, device, labelled)
         ours, theirs = _one_step(live["delta"]), _one_step(live["base"])
         masks, body = live["delta"].masks, _body(live["base"].model)  # the baseline's model is not converted
@@ -268,12 +276,13 @@ def cases(quick: bool = False, device: str = "cpu"):
                 f"{live['base'].state_bytes() / 2**20:.1f}, 3*K*4 = {3 * k * 4 / 2**20:.1f}; entries one step "
                 f"changed: xlsparse {_entries(ours)}, baseline {_entries(theirs)}; 1 warm-up + 3 timed pairs")
         targets = ()
-        if name.startswith("dense grads + grad") and labelled == 1.0:  # issue 12's target: the same logits both ways
+        if name == masked and fused:  # issue 12's target: the same logits both ways
             targets = (Target(f"lt-sft phase-2 step, {100 * density:g}%: >= 1.3x the dense-masked way", "speedup", 1.3),)
         yield Case(op="lt-sft phase-2 step", shape=f"V={cfg.vocab_size} H={cfg.hidden_size} "
                    f"L={cfg.num_hidden_layers} T={tokens}", dtype="float32", fn=lambda: live["delta"].step(),
                    baseline=lambda: live["base"].step(), baseline_name=name, density=density,
-                   backend="delta layers" + (", labelled_positions_only" if labelled < 1.0 else ""),
+                   backend="delta layers" + (", fused cross-entropy" if fused else ", the model's own loss")
+                   + (", labelled_positions_only" if labelled < 1.0 else ""),
                    flops=_step_flops(cfg, shape, k_linear, k_words, head_tokens), note=note, targets=targets,
                    check=lambda ours=ours, theirs=theirs: _same_step(ours, theirs),
                    pairs=3)  # a step takes about 30 s at full size

@@ -1085,7 +1085,7 @@ def _ensemble64(z, lw, space):
 
 @pytest.mark.parametrize("backend", ENS_BACKENDS)
 @pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 5, 127), (2, 3, 4097)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 3), (1, 4, 1031), (3, 5, 127), (2, 3, 4097)], ids=str)  # E = 1: unmixed
 @pytest.mark.parametrize("space", ["prob", "logit"])
 @pytest.mark.parametrize("nll", [False, True], ids=["logprobs", "nll"])
 @pytest.mark.parametrize("weights_fp32", [False, True], ids=["lw_as_logits", "lw_fp32"])

@@ -495,15 +495,30 @@ struct TokenRows {
     for (int64_t e = 0; e < E; ++e)
       if (const acc w = std::exp(lw[e]); w != 0) rk.axpy(zbar, w, z[e], nullptr, V);
   }
+  // One expert of weight 1 (a plain cross-entropy) is its own mixture: no pass over the row.
+  bool unmixed(const acc* lw) const { return E == 1 && lw[0] == acc(0); }
+  // The mixed logits: z_0 itself when unmixed, else `mix` written into zbar. Skipping the fill and
+  // the axpy took a [2048, 250002] fp32 nll from 0.25 to 0.18 s forward and from 1.05 to 0.87 s
+  // backward (2 threads, Zen 4, 4 runs each; about 0.5 s of the backward is the page faults of its
+  // fresh 2 GB gradient).
+  const acc* mixed(const RowKernels<acc>& rk, const acc* lw, acc* zbar) const {
+    if (unmixed(lw)) return z[0];
+    mix(rk, lw, zbar);
+    return zbar;
+  }
   // Back through `mix` from d = ∂L/∂zbar: ∂L/∂z_e = w_e d into token t's row of expert e in dz,
   // and ∂L/∂log w_e = w_e ⟨d, z_e⟩ into dw's row of token t. tmp is a scratch row.
   void mix_backward(const RowKernels<acc>& rk, const acc* lw, const acc* d, int64_t t, acc* tmp, scalar_t* dz,
                     acc* dw) const {
     for (int64_t e = 0; e < E; ++e) {
       const acc w = std::exp(lw[e]);
-      std::fill(tmp, tmp + V, acc(0));
-      rk.axpy(tmp, w, d, nullptr, V);
-      store_row(dz + (e * T + t) * V, tmp, V);
+      if (unmixed(lw)) {
+        store_row(dz + t * V, d, V);
+      } else {
+        std::fill(tmp, tmp + V, acc(0));
+        rk.axpy(tmp, w, d, nullptr, V);
+        store_row(dz + (e * T + t) * V, tmp, V);
+      }
       dw[t * E + e] = times_nonzero(w, grad_dot(rk, d, z[e], V));
     }
   }
@@ -565,9 +580,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_cpu(const at::Tensor& logit
         if (prob_space) {
           prob_mixture(rk, rows, lwp + t * E, lp + t, T, s, o, 2);
         } else {
-          rows.mix(rk, lwp + t * E, s);
-          lp[t] = rk.row_lse(s, V);
-          rk.add_scalar(o, s, -lp[t], V);
+          const acc* zbar = rows.mixed(rk, lwp + t * E, s);
+          lp[t] = rk.row_lse(zbar, V);
+          rk.add_scalar(o, zbar, -lp[t], V);
         }
         store_row(out.data_ptr<scalar_t>() + t * V, o, V);
       }
@@ -637,8 +652,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_logprobs_backward_cpu(const at::Tens
           }
         } else {
           // the forward's log-probs before rounding: the mixed logits minus the saved lse
-          rows.mix(rk, lwp + t * E, tmp);
-          rk.add_scalar(ob, tmp, -lp[t], V);
+          rk.add_scalar(ob, rows.mixed(rk, lwp + t * E, tmp), -lp[t], V);
           rk.softmax_grad(d, gr, ob, rk.sum(gr, V), V);  // gradient of the mixed logits
           rows.mix_backward(rk, lwp + t * E, d, t, tmp, dz, dw);
         }
@@ -679,9 +693,9 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_cpu(const at::Tensor& logits, co
           }
           result = -mix;
         } else {
-          rows.mix(rk, lwp + t * E, zbar);
-          lp[t] = rk.row_lse(zbar, V);
-          result = lp[t] - zbar[target];
+          const acc* mixed = rows.mixed(rk, lwp + t * E, zbar);
+          lp[t] = rk.row_lse(mixed, V);
+          result = lp[t] - mixed[target];
         }
         nll.data_ptr<acc>()[t] = result;
       }
@@ -729,8 +743,7 @@ std::tuple<at::Tensor, at::Tensor> ensemble_nll_backward_cpu(const at::Tensor& g
             dw[t * E + e] = -g * post;
           }
         } else {
-          rows.mix(rk, lwp + t * E, d);
-          rk.scaled_softmax(d, d, lp[t], g, V);
+          rk.scaled_softmax(d, rows.mixed(rk, lwp + t * E, d), lp[t], g, V);
           d[target] -= g;  // d nll / d zbar = g (softmax(zbar) − onehot)
           rows.mix_backward(rk, lwp + t * E, d, t, tmp, dz, dw);
         }

@@ -17,7 +17,7 @@ import xlsparse
 from xlsparse import cli
 from xlsparse.diff import SparseDiff
 from xlsparse.hf.lt_sft import (SOURCE_KEY, DynamicSftArguments, KeepUpdatesHandle, LotteryTicketSparseFineTuner,
-                                MultiSourceDataset, SftArguments, training_length)
+                                MultiSourceDataset, SftArguments, _masked_lm_nll, training_length)
 from xlsparse.nn import SparseDeltaEmbedding, SparseDeltaLinear
 
 transformers = pytest.importorskip("transformers")
@@ -653,11 +653,12 @@ class _MaskedLMData(_LMData):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
-def _lt_sft_run(tmp_path, model, labelled_positions_only, **args):
+def _lt_sft_run(tmp_path, model, labelled_positions_only, fused_cross_entropy=False, **args):
     trainer = LotteryTicketSparseFineTuner(
         model=_no_dropout(model),
         args=_args(tmp_path, per_device_train_batch_size=4, train_sampling_strategy="sequential", **args),
         train_dataset=_MaskedLMData(), labelled_positions_only=labelled_positions_only,
+        fused_cross_entropy=fused_cross_entropy,
         sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=3, sparse_ft_max_steps_per_iteration=3))
     logs, rows = _Logs(), []
 
@@ -715,6 +716,102 @@ def test_labelled_positions_only_raises_when_the_output_embeddings_are_not_calle
         model=model, args=_args(tmp_path), train_dataset=data, labelled_positions_only=True,
         sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
     with pytest.raises(RuntimeError, match="never called its output embeddings"):
+        trainer.train()
+
+
+# --- fused_cross_entropy ---
+
+class _PerItemBertForMaskedLM(transformers.BertForMaskedLM):
+    """A masked LM whose loss is the labelled positions' summed cross-entropy over
+    num_items_in_batch (their mean without it), as transformers' ForMaskedLMLoss computes it."""
+
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        if labels is not None:
+            nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), reduction="none")
+            count = (labels != -100).sum() if num_items_in_batch is None else num_items_in_batch
+            out["loss"] = nll.sum() / count
+        return out
+
+
+class _DoubledLossBertForMaskedLM(transformers.BertForMaskedLM):
+    """A masked LM whose loss is not the cross-entropy of its logits."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, labels=labels, **kwargs)
+        if labels is not None:
+            out["loss"] = 2 * out["loss"]
+        return out
+
+
+def _tiny_subclass(cls):
+    torch.manual_seed(0)
+    return cls(tiny("bert").config).eval()
+
+
+def test_masked_lm_nll_is_the_cross_entropy_of_the_labelled_positions():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, generator=g) * 4
+    labels = torch.randint(0, 11, (2, 5), generator=g).masked_fill_(torch.rand(2, 5, generator=g) < 0.4, -100)
+    total, count = _masked_lm_nll(logits, labels)
+    # restated: -log softmax(logits)[label], summed over the labelled positions, in float64
+    logp = logits.double().log_softmax(-1)
+    keep = labels != -100
+    want = -logp[keep].gather(1, labels[keep][:, None]).sum()
+    assert int(count) == int(keep.sum()) and total.dtype == torch.float32
+    torch.testing.assert_close(total.double(), want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("model,args,labelled_positions_only", [
+    ("xlmr", {}, False), ("bert", {"gradient_accumulation_steps": 2}, False), ("bert", {}, True),
+    ("per item", {"gradient_accumulation_steps": 2}, False)])
+def test_fused_cross_entropy_trains_the_same_sft_and_logs_the_same_loss(tmp_path, model, args, labelled_positions_only):
+    # the model's own loss (fused_cross_entropy=False) is the statement of the math; with 2 micro-batches a
+    # "per item" loss divides by both batches' labelled count, a mean loss by its own
+    build = (lambda: _tiny_subclass(_PerItemBertForMaskedLM)) if model == "per item" else (lambda: tiny(model))
+    got, got_losses, _ = _lt_sft_run(tmp_path, build(), labelled_positions_only, fused_cross_entropy=True, **args)
+    want, want_losses, _ = _lt_sft_run(tmp_path, build(), labelled_positions_only, **args)
+    assert set(got.deltas) == set(want.deltas) and set(got.absolute) == set(want.absolute)
+    for n, d in want.deltas.items():
+        assert torch.equal(got.deltas[n].indices, d.indices), n
+        torch.testing.assert_close(got.deltas[n].values, d.values, atol=1e-6, rtol=1e-4)
+    for n, t in want.absolute.items():
+        torch.testing.assert_close(got.absolute[n], t, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), atol=1e-6, rtol=1e-5)
+
+
+def test_fused_cross_entropy_calls_the_model_without_labels_after_the_first_step(tmp_path):
+    model = tiny("xlmr")
+    calls = []
+    forward = model.forward
+
+    def spy(input_ids=None, labels=None, **kwargs):
+        if torch.is_grad_enabled():  # a training step's, not phase 2's probe of which layers the forward reads
+            calls.append(labels is not None)
+        return forward(input_ids=input_ids, labels=labels, **kwargs)
+
+    model.forward = spy
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path, per_device_train_batch_size=4), train_dataset=_MaskedLMData(),
+        fused_cross_entropy=True,
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2))
+    trainer.train()
+    assert trainer._loss_rule == "mean" and calls == [True, False, False, False]
+
+
+def test_fused_cross_entropy_is_refused_where_it_cannot_hold(tmp_path):
+    for model, flag, args, error, match in [
+            (tiny("llama"), True, {}, ValueError, "fused_cross_entropy: a masked-LM model"),
+            (tiny("bert"), "yes", {}, TypeError, "fused_cross_entropy must be a bool"),
+            (tiny("bert"), True, {"label_smoothing_factor": 0.1}, ValueError, "fused_cross_entropy: the loss would be")]:
+        with pytest.raises(error, match=match):
+            LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path, **args), train_dataset=_LMData(),
+                                         fused_cross_entropy=flag)
+    trainer = LotteryTicketSparseFineTuner(
+        model=_tiny_subclass(_DoubledLossBertForMaskedLM), args=_args(tmp_path), train_dataset=_MaskedLMData(),
+        fused_cross_entropy=True,
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    with pytest.raises(ValueError, match="_DoubledLossBertForMaskedLM's loss .* is neither the mean"):
         trainer.train()
 
 

@@ -96,6 +96,7 @@ from ..nn import SparseDeltaEmbedding, SparseDeltaLinear
 from ..ops._common import acc_dtype
 from ..ops.checks import flag, is_real, is_whole
 from ..ops.compose import sparse_axpy_
+from ..ops.matmul import ensemble_nll_op
 from ..optim import MaskedAdamW, _bool_mask, _local, _shard_of, decay_the_base_
 from .model import _fingerprint, _output_head, _refuse_max_norm, _swap_module, _uncompiled
 
@@ -491,6 +492,16 @@ class LotteryTicketSparseFineTuner(Trainer):
             logits). A forward that does not pass [batch, sequence, hidden] states to
             `get_output_embeddings()` raises a RuntimeError at the first step; with
             `TrainingArguments.torch_compile` it is a ValueError.
+        fused_cross_entropy: masked-LM models only (a ValueError otherwise, and with a
+            `label_smoothing_factor` or a `compute_loss_func`). Each training step calls the model
+            without labels and computes the cross-entropy of its logits with xlsparse's fused
+            log-softmax + NLL (`functional.ensemble_nll` with one expert): no [tokens, vocab]
+            log-probabilities and no dense NLL gradient are written (XLM-R at 2048 tokens: three
+            2 GB tensors each step). The first step learns which loss the model computes: the mean over
+            the labelled positions (`CrossEntropyLoss()`, most models) or their sum over
+            `num_items_in_batch` (models that take loss kwargs), by comparing the model's own loss
+            with a `num_items_in_batch` that tells the two apart; a model whose loss is neither raises
+            a ValueError. Evaluation runs the model's own loss.
 
     `train()` writes each phase's checkpoints into its own folder under `args.output_dir`
     (`full/`, `sparse/`, or `iteration-<i>/full/` ... with several rounds); every sparse-phase
@@ -504,7 +515,8 @@ class LotteryTicketSparseFineTuner(Trainer):
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,
-                 source_sft_apply_abs: bool = False, labelled_positions_only: bool = False, **kwargs):
+                 source_sft_apply_abs: bool = False, labelled_positions_only: bool = False,
+                 fused_cross_entropy: bool = False, **kwargs):
         # Accelerate's FSDP plugin swaps every parameter for a new, sharded one when train() wraps
         # the model: θ0, the selection and phase 2's layers would read the old, untrained ones
         # (|θ − θ0| = 0 everywhere, so the first K entries were selected); DeepSpeed replaces the
@@ -516,13 +528,19 @@ class LotteryTicketSparseFineTuner(Trainer):
         flag("LotteryTicketSparseFineTuner", "source_sft_apply_abs", source_sft_apply_abs)
         self.labelled_positions_only = flag("LotteryTicketSparseFineTuner", "labelled_positions_only",
                                             labelled_positions_only)
+        self.fused_cross_entropy = flag("LotteryTicketSparseFineTuner", "fused_cross_entropy", fused_cross_entropy)
+        self._loss_rule = None  # fused_cross_entropy's: "mean" or "per item", learnt at the first step
         model = kwargs.get("model", args[0] if args else None)
-        if self.labelled_positions_only and not (type(model).__name__.endswith("ForMaskedLM")
-                                                 and _output_head(model) is not None):
-            # a causal LM shifts its labels by one position: 1-D labels of the kept positions would not
-            raise ValueError(f"labelled_positions_only: a masked-LM model with output embeddings is needed, got "
-                             f"{type(model).__name__}")
+        for name in ("labelled_positions_only", "fused_cross_entropy"):
+            if getattr(self, name) and not (type(model).__name__.endswith("ForMaskedLM")
+                                            and _output_head(model) is not None):
+                # a causal LM shifts its labels by one position: 1-D labels of the kept positions would not
+                raise ValueError(f"{name}: a masked-LM model with output embeddings is needed, got "
+                                 f"{type(model).__name__}")
         super().__init__(*args, **kwargs)
+        if self.fused_cross_entropy and (self.label_smoother is not None or self.compute_loss_func is not None):
+            raise ValueError("fused_cross_entropy: the loss would be label_smoothing_factor's or compute_loss_func's, "
+                             "not the model's cross-entropy; set fused_cross_entropy=False")
         if self.labelled_positions_only and self.args.torch_compile:
             # its hook, put on and taken off around each step, made the compiled graphs recompile
             # (a tiny BERT's 12 steps: 28 graphs against 20, 3x the time)
@@ -1233,6 +1251,29 @@ class LotteryTicketSparseFineTuner(Trainer):
                 p.grad.add_(step)
         return coef * total
 
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The model's loss, or with `fused_cross_entropy` (where gradients are on: training steps,
+        not evaluation) the same cross-entropy of its logits computed by xlsparse's fused op."""
+        labels = inputs.get("labels") if isinstance(inputs, MutableMapping) else None
+        if not (self.fused_cross_entropy and torch.is_grad_enabled() and labels is not None):
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        rest = {k: v for k, v in inputs.items() if k != "labels"}
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            rest["num_items_in_batch"] = num_items_in_batch
+        if self._loss_rule is None:
+            outputs, self._loss_rule = _learn_loss_rule(model, rest, labels, self.model_accepts_loss_kwargs)
+            if self._loss_rule is None:  # nothing labelled: the model's own loss (0/0), learnt at a later step
+                return (outputs[0], outputs) if return_outputs else outputs[0]
+            logits = _logits(outputs, with_loss=True)
+        else:
+            outputs = model(**rest)
+            logits = _logits(outputs, with_loss=False)
+        total, count = _masked_lm_nll(logits, labels)
+        per_item = self._loss_rule == "per item" and num_items_in_batch is not None
+        loss = total / (num_items_in_batch if per_item else count)
+        return (loss, outputs) if return_outputs else loss
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         source = _pop_source(inputs)
         handle = self._activate(source, training=True)
@@ -1587,6 +1628,47 @@ def _pop_source(inputs):
 
 # the label a masked-LM loss skips (transformers' CrossEntropyLoss and LabelSmoother default)
 IGNORED_LABEL = -100
+
+
+def _logits(outputs, with_loss: bool) -> torch.Tensor:
+    """A masked-LM's logits: a ModelOutput's, or a tuple's first after the loss, if any."""
+    return outputs["logits"] if isinstance(outputs, MutableMapping) else outputs[1 if with_loss else 0]
+
+
+def _masked_lm_nll(logits, labels):
+    """(Σ of the labelled positions' cross-entropy, their count) for logits [..., V] and labels
+    [...] (-100: not labelled), in float32: the fused log-softmax + NLL of one expert of weight 1
+    (the mixture of one is itself). An unlabelled position reads class 0 and adds exactly 0."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    y = labels.reshape(-1).to(flat.device)
+    keep = y != IGNORED_LABEL
+    nll, _ = ensemble_nll_op(flat[None], flat.new_zeros(flat.shape[0], 1, dtype=torch.float32),
+                             torch.where(keep, y, 0), False)
+    return torch.where(keep, nll, 0).sum(), keep.sum()
+
+
+def _learn_loss_rule(model, inputs, labels, takes_loss_kwargs: bool):
+    """(the model's outputs on `inputs` with `labels`, the rule its own loss follows): "mean" over
+    the labelled positions, or "per item" (their sum over num_items_in_batch); None when the batch
+    labels no position (both are then 0/0). The model is given a num_items_in_batch one above the
+    labelled count, which tells the two apart."""
+    count = int((labels != IGNORED_LABEL).sum())
+    probe = {**inputs, "num_items_in_batch": count + 1} if takes_loss_kwargs else inputs
+    outputs = model(**probe, labels=labels)
+    if count == 0:
+        return outputs, None
+    own = (outputs["loss"] if isinstance(outputs, MutableMapping) else outputs[0]).detach()
+    with torch.no_grad():
+        total, _ = _masked_lm_nll(_logits(outputs, with_loss=True), labels)
+        candidates = {"mean": total / count} | ({"per item": total / (count + 1)} if takes_loss_kwargs else {})
+        tol = 1e-5 if own.dtype == torch.float32 else 1e-2
+        rule = next((r for r, v in candidates.items() if torch.allclose(own.float(), v, rtol=tol, atol=0)), None)
+    if rule is None:
+        raise ValueError(f"fused_cross_entropy: {type(_uncompiled(model)).__name__}'s loss ({float(own):.6g}) is neither "
+                         "the mean cross-entropy of its logits over the labelled positions nor their sum over "
+                         f"num_items_in_batch ({', '.join(f'{r}: {float(v):.6g}' for r, v in candidates.items())}); "
+                         "set fused_cross_entropy=False")
+    return outputs, rule
 
 
 @contextlib.contextmanager
