@@ -1680,10 +1680,10 @@ torch.distributed.destroy_process_group()
 _DDP_SCRIPT = '''
 import os, sys, torch
 sys.path.insert(0, {tests!r})
-from test_lt_sft import _LMData, _args, _ddp_sft_args, _fixed_selection, _no_dropout
+from test_lt_sft import _LMData, _PerItemBertForMaskedLM, _args, _ddp_sft_args, _fixed_selection, _no_dropout, _tiny_subclass
 from tiny_models import tiny
 from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner
-model = _no_dropout(tiny("bert"))
+model = _no_dropout(_tiny_subclass(_PerItemBertForMaskedLM) if {fused!r} else tiny("bert"))
 if {other_init!r} and os.environ["RANK"] == "1":  # a model built from a per-process seed: DDP trains process 0's
     with torch.no_grad():
         for p in model.parameters():
@@ -1691,9 +1691,10 @@ if {other_init!r} and os.environ["RANK"] == "1":  # a model built from a per-pro
 trainer = LotteryTicketSparseFineTuner(
     model=model, args=_args({out!r}, per_device_train_batch_size=4, logging_steps=1000,
                                                 # BertForMaskedLM's loss ignores num_items_in_batch, so the
-                                                # Trainer's token averaging would double its gradient
-                                                average_tokens_across_devices=False),
-    train_dataset=_LMData(n=8), sft_args=_ddp_sft_args({dynamic!r}))
+                                                # Trainer's token averaging would double its gradient; a
+                                                # per-item loss divides by both processes' count and needs it
+                                                average_tokens_across_devices={fused!r}),
+    train_dataset=_LMData(n=8), sft_args=_ddp_sft_args({dynamic!r}), fused_cross_entropy={fused!r})
 _fixed_selection(trainer).train()
 if trainer.args.process_index == 0:
     assert trainer.args.world_size == 2, trainer.args.world_size
@@ -1718,19 +1719,22 @@ def _ddp_sft_args(dynamic: bool):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dynamic, other_init", [(False, False), (True, False), (False, True)],
-                         ids=["static", "dynamic", "another_model_on_process_1"])
-def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic, other_init):
+@pytest.mark.parametrize("dynamic, other_init, fused", [(False, False, False), (True, False, False), (False, True, False),
+                                                        (False, False, True)],
+                         ids=["static", "dynamic", "another_model_on_process_1", "fused_per_item_loss"])
+def test_phase_two_under_ddp_gives_the_single_process_sft(tmp_path, dynamic, other_init, fused):
     # another_model_on_process_1: DDP trains process 0's model, but process 1 took its own as θ0, so
-    # its L1 pull and its rewind went elsewhere and the replicas drifted apart
+    # its L1 pull and its rewind went elsewhere and the replicas drifted apart. fused_per_item_loss:
+    # fused_cross_entropy's loss goes through the Trainer's scaling by the number of processes, which
+    # a per-item loss needs; the single process computes the model's own loss
     from conftest import torchrun
 
-    torchrun(_DDP_SCRIPT, tmp_path, 29631 + dynamic + 2 * other_init, timeout=600, tests=HERE, dynamic=dynamic,
-             other_init=other_init)
+    torchrun(_DDP_SCRIPT, tmp_path, 29631 + dynamic + 2 * other_init + 4 * fused, timeout=600, tests=HERE,
+             dynamic=dynamic, other_init=other_init, fused=fused)
     ddp = SparseDiff.load(str(tmp_path / "ddp.safetensors"))
     single = LotteryTicketSparseFineTuner(
-        model=_no_dropout(tiny("bert")), args=_args(tmp_path / "one"), train_dataset=_LMData(n=8),
-        sft_args=_ddp_sft_args(dynamic))
+        model=_no_dropout(_tiny_subclass(_PerItemBertForMaskedLM) if fused else tiny("bert")), args=_args(tmp_path / "one"),
+        train_dataset=_LMData(n=8), sft_args=_ddp_sft_args(dynamic))
     initial = {}
     if dynamic:
         class _Grab(transformers.TrainerCallback):

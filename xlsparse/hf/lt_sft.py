@@ -1253,26 +1253,32 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """The model's loss, or with `fused_cross_entropy` (where gradients are on: training steps,
-        not evaluation) the same cross-entropy of its logits computed by xlsparse's fused op."""
+        not evaluation) the same cross-entropy of its logits computed by xlsparse's fused op. The
+        Trainer's own compute_loss runs either way (its num_items_in_batch and multi-process
+        scaling), calling the model through `_fused_loss_forward` in the second case."""
         labels = inputs.get("labels") if isinstance(inputs, MutableMapping) else None
-        if not (self.fused_cross_entropy and torch.is_grad_enabled() and labels is not None):
-            return super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                        num_items_in_batch=num_items_in_batch)
-        rest = {k: v for k, v in inputs.items() if k != "labels"}
-        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
-            rest["num_items_in_batch"] = num_items_in_batch
+        if self.fused_cross_entropy and torch.is_grad_enabled() and labels is not None:
+            model = functools.partial(self._fused_loss_forward, model)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _fused_loss_forward(self, model, labels, **inputs):
+        """model(**inputs, labels=labels) with its loss computed by the fused op, under the rule that
+        the first call learns (`_learn_loss_rule`)."""
         if self._loss_rule is None:
-            outputs, self._loss_rule = _learn_loss_rule(model, rest, labels, self.model_accepts_loss_kwargs)
+            outputs, self._loss_rule = _learn_loss_rule(model, inputs, labels, self.model_accepts_loss_kwargs)
             if self._loss_rule is None:  # nothing labelled: the model's own loss (0/0), learnt at a later step
-                return (outputs[0], outputs) if return_outputs else outputs[0]
-            logits = _logits(outputs, with_loss=True)
+                return outputs
+            logits, rest = _logits(outputs, with_loss=True), None if isinstance(outputs, MutableMapping) else outputs[1:]
         else:
-            outputs = model(**rest)
-            logits = _logits(outputs, with_loss=False)
+            outputs = model(**inputs)
+            logits, rest = _logits(outputs, with_loss=False), None if isinstance(outputs, MutableMapping) else outputs
         total, count = _masked_lm_nll(logits, labels)
-        per_item = self._loss_rule == "per item" and num_items_in_batch is not None
-        loss = total / (num_items_in_batch if per_item else count)
-        return (loss, outputs) if return_outputs else loss
+        num_items = inputs.get("num_items_in_batch")
+        loss = total / (num_items if self._loss_rule == "per item" and num_items is not None else count)
+        if rest is not None:
+            return (loss, *rest)
+        outputs["loss"] = loss
+        return outputs
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         source = _pop_source(inputs)
