@@ -675,12 +675,8 @@ def _lt_sft_run(tmp_path, model, labelled_positions_only, fused_cross_entropy=Fa
     return trainer.sft, [h["loss"] for h in logs.seen if "loss" in h], rows
 
 
-@pytest.mark.parametrize("arch,args", [("xlmr", {}), ("bert", {"gradient_accumulation_steps": 2}),
-                                       ("xlmr", {"label_smoothing_factor": 0.1})])
-def test_labelled_positions_only_trains_the_same_sft_on_a_fraction_of_the_logits(tmp_path, arch, args):
-    # the model's own loss over whole-sequence logits (False) is the statement of the math
-    got, got_losses, got_rows = _lt_sft_run(tmp_path, tiny(arch), True, **args)
-    want, want_losses, want_rows = _lt_sft_run(tmp_path, tiny(arch), False, **args)
+def _assert_same_run(got, want, got_losses, want_losses):
+    """Two runs' SFTs and logged losses agree to fp32 tolerance (the same supports exactly)."""
     assert set(got.deltas) == set(want.deltas) and set(got.absolute) == set(want.absolute)
     for n, d in want.deltas.items():
         assert torch.equal(got.deltas[n].indices, d.indices), n
@@ -688,6 +684,15 @@ def test_labelled_positions_only_trains_the_same_sft_on_a_fraction_of_the_logits
     for n, t in want.absolute.items():
         torch.testing.assert_close(got.absolute[n], t, atol=1e-6, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch,args", [("xlmr", {}), ("bert", {"gradient_accumulation_steps": 2}),
+                                       ("xlmr", {"label_smoothing_factor": 0.1})])
+def test_labelled_positions_only_trains_the_same_sft_on_a_fraction_of_the_logits(tmp_path, arch, args):
+    # the model's own loss over whole-sequence logits (False) is the statement of the math
+    got, got_losses, got_rows = _lt_sft_run(tmp_path, tiny(arch), True, **args)
+    want, want_losses, want_rows = _lt_sft_run(tmp_path, tiny(arch), False, **args)
+    _assert_same_run(got, want, got_losses, want_losses)
     labels = _MaskedLMData().labels
     labelled = [int((labels[i:i + 4] != -100).sum()) for i in (0, 4)]  # the two batches of 4, in order
     accum = args.get("gradient_accumulation_steps", 1)
@@ -771,13 +776,7 @@ def test_fused_cross_entropy_trains_the_same_sft_and_logs_the_same_loss(tmp_path
     build = (lambda: _tiny_subclass(_PerItemBertForMaskedLM)) if model == "per item" else (lambda: tiny(model))
     got, got_losses, _ = _lt_sft_run(tmp_path, build(), labelled_positions_only, fused_cross_entropy=True, **args)
     want, want_losses, _ = _lt_sft_run(tmp_path, build(), labelled_positions_only, **args)
-    assert set(got.deltas) == set(want.deltas) and set(got.absolute) == set(want.absolute)
-    for n, d in want.deltas.items():
-        assert torch.equal(got.deltas[n].indices, d.indices), n
-        torch.testing.assert_close(got.deltas[n].values, d.values, atol=1e-6, rtol=1e-4)
-    for n, t in want.absolute.items():
-        torch.testing.assert_close(got.absolute[n], t, atol=1e-6, rtol=1e-4)
-    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), atol=1e-6, rtol=1e-5)
+    _assert_same_run(got, want, got_losses, want_losses)
 
 
 def test_fused_cross_entropy_calls_the_model_without_labels_after_the_first_step(tmp_path):
