@@ -252,6 +252,8 @@ def _bad_apply_inputs():
         ("out of range", [good_i, torch.tensor([2, 6])], [good_v, good_v], [0, 1], IndexError, r"entry 1 \(dense\[1\]\).*out of range"),
         ("unsorted", [good_i, torch.tensor([3, 2])], [good_v, good_v], [0, 1], ValueError, "entry 1.*sorted and unique"),
         ("target", [good_i, good_i], [good_v, good_v], [0, 2], IndexError, "target"),
+        ("target not an int", [good_i, good_i], [good_v, good_v], [0, 1.9], TypeError, r"target\[1\] must be an int"),
+        ("target a bool", [good_i, good_i], [good_v, good_v], [0, True], TypeError, r"target\[1\] must be an int"),
         ("value dtype", [good_i, good_i], [good_v, good_v.double()], [0, 1], TypeError, "entry 1.*dtype"),
         ("index dtypes of one tensor", [good_i, good_i.int()], [good_v, good_v], [0, 0], TypeError, "one index dtype"),
         ("lengths", [good_i], [good_v, good_v], [0, 1], ValueError, "one entry each"),
@@ -259,7 +261,7 @@ def _bad_apply_inputs():
 
 
 @pytest.mark.parametrize("backend", APPLY_BACKENDS)
-@pytest.mark.parametrize("case", range(6))
+@pytest.mark.parametrize("case", range(8))
 def test_apply_diffs_bad_input_writes_nothing(backend, case, use_backend):
     use_backend(backend)
     cases, dense = _bad_apply_inputs()
