@@ -95,7 +95,8 @@ def is_real(v) -> bool:
 
 def is_whole(v) -> bool:
     """An integer, not a float or a bool (True would count as 1; int(2.7) would pick 2)."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+    # an int first, as in is_real: apply checks a target per entry (400 on XLM-R)
+    return type(v) is int or (isinstance(v, numbers.Integral) and not isinstance(v, bool))
 
 
 def tensor_list(op: str, name: str, v) -> None:

@@ -118,10 +118,8 @@ def _one_slot_per_tensor(dense: list, target: list) -> tuple[list, list]:
 def _diff_call(op: str, dense, indices, values, target, values_name: str = "values"):
     """Checked, contiguous, unaliased arguments of apply_diffs_ / restore_diffs_."""
     dense, indices, values = list(dense), list(indices), list(values)
-    bad = next((e for e, t in enumerate(target) if not checks.is_whole(t)), None)
-    if bad is not None:  # int() read True as 1 and 1.9 as 1: an entry written into the wrong tensor
-        raise TypeError(f"{op}: target[{bad}] must be an int, got {type(target[bad]).__name__}")
-    target = [int(t) for t in target]
+    # int() read True as 1 and 1.9 as 1: an entry written into the wrong tensor
+    target = [checks.count(op, f"target[{e}]", t) for e, t in enumerate(target)]
     dense, target = _one_slot_per_tensor(dense, target)
     device = dense[0].device if dense else torch.device("cpu")
     compiled = registry.compiled(op, device)
