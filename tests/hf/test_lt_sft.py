@@ -16,6 +16,7 @@ from tiny_models import SHARDING, VOCAB, ask_for_sharding, tiny
 import xlsparse
 from xlsparse import cli
 from xlsparse.diff import SparseDiff
+from xlsparse.hf import lt_sft
 from xlsparse.hf.lt_sft import (SOURCE_KEY, DynamicSftArguments, KeepUpdatesHandle, LotteryTicketSparseFineTuner,
                                 MultiSourceDataset, SftArguments, _masked_lm_nll, training_length)
 from xlsparse.nn import SparseDeltaEmbedding, SparseDeltaLinear
@@ -779,9 +780,12 @@ def test_fused_cross_entropy_trains_the_same_sft_and_logs_the_same_loss(tmp_path
     _assert_same_run(got, want, got_losses, want_losses)
 
 
-def test_fused_cross_entropy_calls_the_model_without_labels_after_the_first_step(tmp_path):
+def test_fused_cross_entropy_calls_the_model_without_labels_after_the_first_step(tmp_path, monkeypatch):
     model = tiny("xlmr")
-    calls = []
+    calls, nlls = [], []
+    nll = lt_sft._masked_lm_nll
+    # one NLL over the logits a step: the first step learns its rule from the NLL it trains with
+    monkeypatch.setattr(lt_sft, "_masked_lm_nll", lambda *a: nlls.append(torch.is_grad_enabled()) or nll(*a))
     forward = model.forward
 
     def spy(input_ids=None, labels=None, **kwargs):
@@ -795,7 +799,7 @@ def test_fused_cross_entropy_calls_the_model_without_labels_after_the_first_step
         fused_cross_entropy=True,
         sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2))
     trainer.train()
-    assert trainer._loss_rule == "mean" and calls == [True, False, False, False]
+    assert trainer._loss_rule == "mean" and calls == [True, False, False, False] and nlls == [True] * 4
 
 
 def test_fused_cross_entropy_is_refused_where_it_cannot_hold(tmp_path):

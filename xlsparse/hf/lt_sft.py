@@ -1263,17 +1263,25 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     def _fused_loss_forward(self, model, labels, **inputs):
         """model(**inputs, labels=labels) with its loss computed by the fused op, under the rule that
-        the first call learns (`_learn_loss_rule`)."""
-        if self._loss_rule is None:
-            outputs, self._loss_rule = _learn_loss_rule(model, inputs, labels, self.model_accepts_loss_kwargs)
-            if self._loss_rule is None:  # nothing labelled: the model's own loss (0/0), learnt at a later step
+        the first call learns (`_loss_rule_of`). That call alone passes the labels to the model, with
+        a num_items_in_batch one above the labelled count, which tells the two rules apart."""
+        learning = self._loss_rule is None
+        num_items = inputs.get("num_items_in_batch")
+        if learning:
+            count = int((labels != IGNORED_LABEL).sum())
+            probe = {**inputs, "num_items_in_batch": count + 1} if self.model_accepts_loss_kwargs else inputs
+            outputs = model(**probe, labels=labels)
+            if count == 0:  # nothing labelled: the model's own loss (0/0); the rule is learnt at a later step
                 return outputs
-            logits, rest = _logits(outputs, with_loss=True), None if isinstance(outputs, MutableMapping) else outputs[1:]
         else:
             outputs = model(**inputs)
-            logits, rest = _logits(outputs, with_loss=False), None if isinstance(outputs, MutableMapping) else outputs
+        logits, rest = _logits(outputs, with_loss=learning), None if isinstance(outputs, MutableMapping) else outputs
         total, count = _masked_lm_nll(logits, labels)
-        num_items = inputs.get("num_items_in_batch")
+        if learning:
+            own = outputs["loss"] if rest is None else outputs[0]
+            self._loss_rule = _loss_rule_of(_uncompiled(model), own.detach(), total.detach(), int(count),
+                                            self.model_accepts_loss_kwargs)
+            rest = None if rest is None else rest[1:]
         loss = total / (num_items if self._loss_rule == "per item" and num_items is not None else count)
         if rest is not None:
             return (loss, *rest)
@@ -1653,28 +1661,20 @@ def _masked_lm_nll(logits, labels):
     return torch.where(keep, nll, 0).sum(), keep.sum()
 
 
-def _learn_loss_rule(model, inputs, labels, takes_loss_kwargs: bool):
-    """(the model's outputs on `inputs` with `labels`, the rule its own loss follows): "mean" over
-    the labelled positions, or "per item" (their sum over num_items_in_batch); None when the batch
-    labels no position (both are then 0/0). The model is given a num_items_in_batch one above the
-    labelled count, which tells the two apart."""
-    count = int((labels != IGNORED_LABEL).sum())
-    probe = {**inputs, "num_items_in_batch": count + 1} if takes_loss_kwargs else inputs
-    outputs = model(**probe, labels=labels)
-    if count == 0:
-        return outputs, None
-    own = (outputs["loss"] if isinstance(outputs, MutableMapping) else outputs[0]).detach()
-    with torch.no_grad():
-        total, _ = _masked_lm_nll(_logits(outputs, with_loss=True), labels)
-        candidates = {"mean": total / count} | ({"per item": total / (count + 1)} if takes_loss_kwargs else {})
-        tol = 1e-5 if own.dtype == torch.float32 else 1e-2
-        rule = next((r for r, v in candidates.items() if torch.allclose(own.float(), v, rtol=tol, atol=0)), None)
+def _loss_rule_of(model, own: torch.Tensor, total: torch.Tensor, count: int, takes_loss_kwargs: bool) -> str:
+    """The rule `model`'s own loss `own` follows, given the summed cross-entropy `total` of its
+    `count` labelled positions (count >= 1) and, when it takes loss kwargs, a num_items_in_batch of
+    count + 1: "mean" (total / count) or "per item" (total / num_items_in_batch). Any other loss is
+    a ValueError."""
+    candidates = {"mean": total / count} | ({"per item": total / (count + 1)} if takes_loss_kwargs else {})
+    tol = 1e-5 if own.dtype == torch.float32 else 1e-2
+    rule = next((r for r, v in candidates.items() if torch.allclose(own.float(), v, rtol=tol, atol=0)), None)
     if rule is None:
-        raise ValueError(f"fused_cross_entropy: {type(_uncompiled(model)).__name__}'s loss ({float(own):.6g}) is neither "
+        raise ValueError(f"fused_cross_entropy: {type(model).__name__}'s loss ({float(own):.6g}) is neither "
                          "the mean cross-entropy of its logits over the labelled positions nor their sum over "
                          f"num_items_in_batch ({', '.join(f'{r}: {float(v):.6g}' for r, v in candidates.items())}); "
                          "set fused_cross_entropy=False")
-    return outputs, rule
+    return rule
 
 
 @contextlib.contextmanager
