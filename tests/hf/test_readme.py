@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+import xlsparse
 from tiny_models import VOCAB, batch, random_diff
 
 transformers = pytest.importorskip("transformers")
@@ -40,8 +41,11 @@ def namespace(tmp_path):
         for p in lang_tuned.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.01)
     ids = batch(4, 6)
+    # a language SFT as composable-sft trains one on a masked LM: with its MLM head, which the classifier lacks
+    lang = random_diff(base, 30, 0.1, 1)
+    lang_sft = xlsparse.SparseDiff(lang.deltas, absolute={"cls.predictions.bias": torch.randn(VOCAB, generator=g)})
     return dict(model=model, base=base, data=data, training_args=training_args, ids=ids, lang_tuned=lang_tuned,
-                lang_sft=random_diff(base, 30, 0.1, 1), phi_de=random_diff(base, 30, 0.1, 2), phi_fr=random_diff(base, 30, 0.1, 3),
+                lang_sft=lang_sft, phi_de=random_diff(base, 30, 0.1, 2), phi_fr=random_diff(base, 30, 0.1, 3),
                 evaluate=lambda m: float(m(input_ids=ids).logits.float().mean()))
 
 
