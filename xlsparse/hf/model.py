@@ -1785,7 +1785,9 @@ def disable(model: nn.Module):
     modules to save and the subnetworks' trained entries at their values from `convert`. On exit
     the trained state returns bit-exactly (changes made inside the block are not kept: an
     `xlsparse.apply` made inside and still in place is reverted on exit, so that its handle
-    cannot later write the base values it displaced over the trained ones)."""
+    cannot later write the base values it displaced over the trained ones). An `xlsparse.apply`
+    made before the block and still in place is part of the weights, not an adapter: it stays on
+    inside (revert it first for the pristine base)."""
     refuse_sharded("disable", dict(model.named_parameters()), "Run the base model unsharded, or as its own sharded "
                    "model (the base without xlsparse.hf.convert)")
     rec = _record(model)
