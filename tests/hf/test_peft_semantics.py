@@ -1,6 +1,7 @@
 """A user's path with PEFT's semantics: convert freezes the rest, modules_to_save, save/reload
 bit-exactly, merge_and_unload through transformers' own save/load, disable, tied weights, safe
 routing (ids, names, the batch field, the Trainer) and autocast, on tiny BERT, XLM-R, Llama and GPT-2."""
+import contextlib
 import copy
 import inspect
 import json
@@ -728,6 +729,56 @@ def test_disable_names_a_saved_module_resized_since_convert():
         with hf.disable(model):
             pass
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+class _NormHead(torch.nn.Module):
+    """Two block linear layers and a head whose BatchNorm keeps running statistics (buffers)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+        self.head = torch.nn.ModuleDict(dict(lin=torch.nn.Linear(8, 8), norm=torch.nn.BatchNorm1d(8)))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head["norm"](self.head["lin"](x))
+
+
+@pytest.mark.parametrize("kind", ["delta", "subnetwork"])
+def test_a_saved_module_s_buffers_are_saved_restored_and_disabled(kind, tmp_path):
+    # a training forward updates a BatchNorm's running statistics: save refused them as changed outside
+    # the diff (though the module was in modules_to_save), and disable ran with the trained ones
+    torch.manual_seed(0)
+    model = _NormHead().eval()
+    base, x = copy.deepcopy(model), torch.randn(16, 8)
+    want_base = base(x)
+    if kind == "delta":
+        hf.convert(model, density=0.5, modules_to_save=["head"])
+    else:
+        masks = {"de": {f"layers.{i}.weight": torch.rand(8, 8) < 0.5 for i in range(2)}}
+        hf.convert(model, kind="subnetwork", masks=masks, modules_to_save=["head"])
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    for _ in range(3):
+        with hf.route(model, [0] * 16) if kind == "subnetwork" else contextlib.nullcontext():
+            model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    trained = model(x)
+    assert not torch.equal(model.head["norm"].running_mean, base.head["norm"].running_mean)
+    with torch.no_grad(), hf.disable(model):
+        assert torch.equal(model(x), want_base)
+    assert torch.equal(model(x), trained)
+    diff = hf.extract_diff(model)
+    assert torch.equal(diff.absolute["head.norm.running_var"], model.head["norm"].running_var)
+    applied = copy.deepcopy(base)
+    diff.apply(applied)
+    torch.testing.assert_close(applied(x), trained, rtol=1e-5, atol=1e-5)
+    if kind == "delta":
+        hf.save_pretrained(model, tmp_path)
+        assert torch.equal(hf.from_pretrained(copy.deepcopy(base), tmp_path).eval()(x), trained)
 
 
 def test_merge_and_unload_refuses_a_language_for_a_delta_model():

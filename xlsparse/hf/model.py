@@ -827,18 +827,29 @@ def _modules_to_save(model: nn.Module, patterns, targets: list[str]) -> list[str
     return chosen
 
 
+def _saved_state(model: nn.Module, saved: list[str]) -> dict[str, torch.Tensor]:
+    """What the modules to save `saved` hold, by name: their parameters and their floating
+    persistent buffers (a BatchNorm's running statistics, which its forward updates in training:
+    left out, a save refused them as changed outside the diff and `disable` kept the trained ones)."""
+    out = {}
+    for sname in saved:
+        module = model.get_submodule(sname)
+        out.update(module.named_parameters(prefix=sname))  # a tensor tied inside the module once, as torch names it
+        derived = {f"{m}.{b}" for m, mod in module.named_modules(prefix=sname) for b in mod._non_persistent_buffers_set}
+        out.update({n: b for n, b in module.named_buffers(prefix=sname) if b.is_floating_point() and n not in derived})
+    return out
+
+
 def _trainable_names(model: nn.Module, saved: list[str]) -> set[str]:
     """Parameters that train after convert: the sparse values, the subnetworks' weights and the
-    modules to save."""
+    modules to save (with their buffers: `_saved_state`)."""
     names = set()
     for lname, layer in model.named_modules():
         if isinstance(layer, (SparseDeltaLinear, MultiDeltaLinear)):
             names |= {f"{lname}.{n}" for n, _ in layer.named_parameters() if n.startswith("delta_values")}
         elif isinstance(layer, SubnetworkLinear):
             names.add(f"{lname}.weight")
-    for sname in saved:
-        names |= {f"{sname}.{n}" for n, _ in model.get_submodule(sname).named_parameters()}
-    return names
+    return names | set(_saved_state(model, saved))
 
 
 def _freeze(model: nn.Module, saved: list[str]) -> None:
@@ -870,9 +881,8 @@ def _remember(model: nn.Module, saved: list[str]) -> _Record:
                 _remember_frozen(rec, name, t)
             else:
                 rec.frozen[name], rec.cast[name] = rec.frozen[first[id(t)]], rec.cast[first[id(t)]]
-        for sname in saved:
-            for n, p in model.get_submodule(sname).named_parameters():
-                rec.saved_originals[f"{sname}.{n}"] = p.detach().clone()
+        for n, t in _saved_state(model, saved).items():
+            rec.saved_originals[n] = t.detach().clone()
         for lname, layer in _converted(model, SubnetworkLinear):
             union = layer.trainable_mask().reshape(-1).nonzero().flatten()
             _remember_subnet(rec, lname, layer, union, layer.weight.detach().reshape(-1)[union].clone())
@@ -1281,7 +1291,8 @@ def _saved_module_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _saved_modules(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in _saved_module_params(model).items()}
+    config = getattr(model, "xlsparse_config", None)
+    return {n: t.detach().clone() for n, t in _saved_state(model, config.modules_to_save if config else []).items()}
 
 
 def _sharded(model: nn.Module) -> bool:
@@ -1324,7 +1335,7 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
     - kind="delta": every SparseDeltaLinear's delta;
     - kind="multi": the deltas of one `language`;
     - kind="subnetwork": θ − θ0 of every SubnetworkLinear on the entries its masks open;
-    - the `modules_to_save` as absolute entries.
+    - the `modules_to_save` as absolute entries (their buffers too: a BatchNorm's running statistics).
 
     Raises ValueError, naming it, when a parameter outside the diff changed since `convert`, or one
     added since (a module swapped in) trains: base + diff would not equal the trained model. A model
@@ -1648,6 +1659,7 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     # every name, a tied one's too: a saved head untied for training (as convert's refusal advises) is tied
     # again in a fresh base, under the name its twin hides; convert then says so, not that the base lacks it
     named = dict(base_model.named_parameters(remove_duplicate=False))
+    named = {**dict(base_model.named_buffers(remove_duplicate=False)), **named}  # saved modules' buffers too
     missing = [n for n in diff.absolute if n not in named]
     if missing:
         raise ValueError(f"from_pretrained: the saved modules name {missing[:3]}, which the base model lacks")
@@ -1662,7 +1674,9 @@ def from_pretrained(base_model: nn.Module, directory: str, is_trainable: bool = 
     # base's values, and entries outside the modules were loaded into frozen parameters (a hand-edited file)
     modules = dict(base_model.named_modules())
     wanted = {f"{m}.{n}" for m in config.modules_to_save if m in modules for n, _ in modules[m].named_parameters()}
-    lacks, besides = sorted(wanted - set(diff.absolute)), sorted(set(diff.absolute) - wanted)
+    # their buffers may be absent: a save from before they were saved held them unchanged since convert
+    allowed = wanted | set(_saved_state(base_model, [m for m in config.modules_to_save if m in modules]))
+    lacks, besides = sorted(wanted - set(diff.absolute)), sorted(set(diff.absolute) - allowed)
     if lacks or besides:
         raise ValueError(f"from_pretrained: {CONFIG_NAME} names modules_to_save {config.modules_to_save}, but "
                          f"{DIFF_NAME} " + (f"lacks their {lacks[:3]}" if lacks else f"has {besides[:3]} besides")
@@ -1797,7 +1811,7 @@ def disable(model: nn.Module):
         layers = [layer for _, layer in _converted(model, (SparseDeltaLinear, MultiDeltaLinear, ExpertEmbedding))]
         if any(isinstance(layer, SparseDeltaLinear) and layer.merged for layer in layers):
             raise RuntimeError("disable: unmerge the model first (hf.unmerge)")
-        named = dict(model.named_parameters())
+        named = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # saved modules' buffers too
         subnets = _subnets_unchanged_outside(model, rec, "disable")
         moved = {n: (tuple(named[n].shape) if n in named else None, tuple(t.shape))
                  for n, t in rec.saved_originals.items() if n not in named or named[n].shape != t.shape}
