@@ -423,6 +423,19 @@ def test_wavlm_attention_projections_are_never_converted():
         hf.convert(model, target_modules=["q_proj"], density=0.1)
 
 
+@pytest.mark.parametrize("arch", ["Mamba", "FalconMamba"])
+def test_mamba_dt_proj_is_never_converted(arch):
+    # Mamba's mixer computes `dt_proj.weight @ time_step` without calling dt_proj: a converted dt_proj's
+    # delta changed no output and got no gradient, and convert(density=...) converted it by default
+    cfg = getattr(transformers, f"{arch}Config")(vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1,
+                                                 expand=2, conv_kernel=3, time_step_rank=4)
+    model = getattr(transformers, f"{arch}ForCausalLM")(cfg).eval()
+    names = hf.model.target_names(model)
+    assert "backbone.layers.0.mixer.in_proj" in names and not [n for n in names if n.endswith("dt_proj")]
+    with pytest.raises(ValueError, match="never run"):
+        hf.convert(model, target_modules=["dt_proj"], density=0.1)
+
+
 class _TopKRouter(torch.nn.Linear):
     """A linear subclass with a forward of its own, as Llama4Router and PhimoeTopKRouter are: it
     returns a tuple, which a converted layer (x Wᵀ + b) does not."""

@@ -74,7 +74,10 @@ _SEQUENCE_FIRST = {"xlnet", "fsmt", "longformer", "led"}
 
 # transformers modules that pass these children's weights to a functional call and never call the
 # children (WavLM: F.multi_head_attention_forward): a converted child would be bypassed
-_READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj")}
+_READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
+                        # Mamba's mixers compute `dt_proj.weight @ time_step` (its bias goes to the scan):
+                        # a converted dt_proj's delta changed no output and got no gradient
+                        "MambaMixer": ("dt_proj",), "FalconMambaMixer": ("dt_proj",), "JambaMambaMixer": ("dt_proj",)}
 # ... and those that do so under a config: BLOOM with pretraining_tp > 1 and slow_but_exact=True
 # runs F.linear on column slices of these children's weights
 _TP_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
@@ -154,7 +157,7 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
     if bypassed & set(names):
         raise ValueError(f"convert: target_modules matches {sorted(bypassed & set(names))[:3]}, whose weight its parent "
                          "reads without calling it (the out_proj of an nn.MultiheadAttention, WavLM's attention "
-                         "projections, BLOOM's dense and dense_4h_to_h under pretraining_tp > 1 with "
+                         "projections, Mamba's dt_proj, BLOOM's dense and dense_4h_to_h under pretraining_tp > 1 with "
                          "slow_but_exact=True): a converted layer would never run")
     patterns = [target_modules] if isinstance(target_modules, str) else [[t] for t in target_modules]
     unmatched = [p for p in patterns if not any(_matches(name, p) for name in linears)]
