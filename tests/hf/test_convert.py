@@ -436,6 +436,40 @@ def test_mamba_dt_proj_is_never_converted(arch):
         hf.convert(model, target_modules=["dt_proj"], density=0.1)
 
 
+def _tdnn_xvector():
+    cfg = transformers.Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=24,
+                                      conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                                      num_conv_pos_embedding_groups=2, tdnn_dim=(8, 8), tdnn_kernel=(3, 1),
+                                      tdnn_dilation=(1, 1), xvector_output_dim=8)
+    return transformers.Wav2Vec2ForXVector(cfg), "tdnn.0.kernel"
+
+
+def _mobilebert_mlm():
+    cfg = transformers.MobileBertConfig(vocab_size=VOCAB, hidden_size=32, embedding_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=24, intra_bottleneck_size=16,
+                                        true_hidden_size=16, num_feedforward_networks=1, max_position_embeddings=32)
+    return transformers.MobileBertForMaskedLM(cfg), "cls.predictions.dense"
+
+
+def _longcat_flash():
+    cfg = transformers.LongcatFlashConfig(vocab_size=VOCAB, hidden_size=16, num_layers=1, num_attention_heads=2,
+                                          ffn_hidden_size=24, expert_ffn_hidden_size=8, n_routed_experts=4, moe_topk=2,
+                                          kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+                                          v_head_dim=4, max_position_embeddings=32)
+    return transformers.LongcatFlashForCausalLM(cfg), "model.layers.0.mlp.router.classifier"
+
+
+@pytest.mark.parametrize("build", [_tdnn_xvector, _mobilebert_mlm, _longcat_flash])
+def test_linear_layers_whose_weight_the_parent_reads_are_never_converted(build):
+    # a TDNN layer runs F.conv1d on kernel.weight, MobileBERT's LM head multiplies by dense.weight, LongCat-Flash's
+    # router runs F.linear on classifier.weight: converted, their deltas changed no output and got no gradient
+    torch.manual_seed(0)
+    model, name = build()
+    assert name not in hf.model.target_names(model)
+    with pytest.raises(ValueError, match="never run"):
+        hf.convert(model, target_modules=[name], density=0.1)
+
+
 class _TopKRouter(torch.nn.Linear):
     """A linear subclass with a forward of its own, as Llama4Router and PhimoeTopKRouter are: it
     returns a tuple, which a converted layer (x Wᵀ + b) does not."""

@@ -77,7 +77,12 @@ _SEQUENCE_FIRST = {"xlnet", "fsmt", "longformer", "led"}
 _READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
                         # Mamba's mixers compute `dt_proj.weight @ time_step` (its bias goes to the scan):
                         # a converted dt_proj's delta changed no output and got no gradient
-                        "MambaMixer": ("dt_proj",), "FalconMambaMixer": ("dt_proj",), "JambaMambaMixer": ("dt_proj",)}
+                        "MambaMixer": ("dt_proj",), "FalconMambaMixer": ("dt_proj",), "JambaMambaMixer": ("dt_proj",),
+                        # an x-vector head's TDNN layers run F.conv1d on kernel.weight; MobileBERT's LM head
+                        # multiplies by [decoder.weightᵀ; dense.weight]; LongCat-Flash's router runs F.linear
+                        # on classifier.weight
+                        "TDNNLayer": ("kernel",), "MobileBertLMPredictionHead": ("dense", "decoder"),
+                        "LongcatFlashTopkRouter": ("classifier",)}
 # ... and those that do so under a config: BLOOM with pretraining_tp > 1 and slow_but_exact=True
 # runs F.linear on column slices of these children's weights
 _TP_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
