@@ -781,6 +781,26 @@ def test_a_saved_module_s_buffers_are_saved_restored_and_disabled(kind, tmp_path
         assert torch.equal(hf.from_pretrained(copy.deepcopy(base), tmp_path).eval()(x), trained)
 
 
+def test_a_saved_module_with_a_tie_inside_it_reloads_onto_its_base(tmp_path):
+    # the tied weight's second name was fingerprinted as a base weight with its trained value, and
+    # from_pretrained refused the very base the model was trained from
+    torch.manual_seed(0)
+    model = _NormHead().eval()
+    model.head["out"] = torch.nn.Linear(8, 8)
+    model.head["out"].weight = model.head["lin"].weight
+    base, x = copy.deepcopy(model), torch.randn(16, 8)
+    hf.convert(model, density=0.5, modules_to_save=["head"])
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    hf.save_pretrained(model, tmp_path)
+    reloaded = hf.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert reloaded.head["out"].weight is reloaded.head["lin"].weight
+    assert torch.equal(reloaded.head["out"].weight, model.head["out"].weight)
+    assert torch.equal(reloaded(x), model(x))
+
+
 def test_merge_and_unload_refuses_a_language_for_a_delta_model():
     model, _ = classifier("bert")
     hf.convert(model, density=0.1)

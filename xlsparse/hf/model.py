@@ -1505,11 +1505,15 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
         # every other base parameter the files do not hold too: a head drawn at random when the base
         # is built, or embeddings of another vocabulary, changed the outputs of a reload silently
         held = _trainable_names(model, config.modules_to_save)
+        named = list(model.named_parameters(remove_duplicate=False))
+        # a held tensor under each of its names: tied inside a saved module, its second name was fingerprinted
+        # with the trained value, and the base it was trained from was refused at reload
+        held = {id(p) for n, p in named if n in held}
         # under every name of a tied tensor (read once): a base that ties or unties it (a head of its own
         # drawn at random, or the embeddings in place of a head trained apart) differs under one name only
         read = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            if n not in held and n not in bases:
+        for n, p in named:
+            if id(p) not in held and n not in bases:
                 if id(p) not in read:
                     read[id(p)] = _weight_fingerprint(p)
                 bases[n] = read[id(p)]
