@@ -536,6 +536,22 @@ def test_a_keep_tied_model_reloads_as_it_was_saved(tmp_path):
     torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", ["delta", "multi"])
+def test_extract_diff_refuses_a_keep_tied_layer_whose_twin_would_take_its_delta(kind):
+    # the model runs the word embeddings without the head's Δ, but the extracted diff applied to a base
+    # writes the one tensor both read: the result was 7.3 off in the logits, silently
+    model = tiny("gpt2")
+    targets = ["h.0.attn.c_attn", "lm_head"]
+    if kind == "delta":
+        hf.convert(model, targets, density=0.2, keep_tied=["lm_head"])
+    else:
+        diffs = {lang: xlsparse.SparseDiff({"lm_head.weight": xlsparse.SparseDelta.from_dense(
+            torch.randn(VOCAB, 32) * (torch.rand(VOCAB, 32) < 0.2))}) for lang in ("de", "fr")}
+        hf.convert(model, targets, kind="multi", diffs=diffs, keep_tied=["lm_head"])
+    with pytest.raises(ValueError, match=r"extract_diff: 'lm_head' shares its weight with 'transformer.wte.weight'"):
+        hf.extract_diff(model, **({"language": "de"} if kind == "multi" else {}))
+
+
 def test_hf_merge_refuses_a_keep_tied_layer_whose_twin_would_see_its_delta():
     # merge writes W0 + Δ into the layer's weight in place: a keep_tied lm_head shares that tensor with
     # the word embeddings, which then took the head's Δ too (the logits moved by about 10, silently)

@@ -1358,9 +1358,19 @@ def extract_diff(model: nn.Module, base_model: str | None = None, language: str 
         return _extract_diff(model, base_model, language)
 
 
-def _extract_diff(model: nn.Module, base_model: str | None, language: str | None) -> SparseDiff:
+def _extract_diff(model: nn.Module, base_model: str | None, language: str | None, reconverted: bool = False) -> SparseDiff:
+    """`reconverted`: for `save_pretrained`, whose files `from_pretrained` converts with keep_tied again."""
     config = getattr(model, "xlsparse_config", None)
     _refuse_expert_embeddings(model, "extract_diff")
+    # a keep_tied layer's twin (GPT-2's word embeddings) never saw its Δ, but the diff applied to a base
+    # writes the one tensor both read: the result was not this model (tiny GPT-2: logits 7.3 off)
+    tied = {} if reconverted else tied_parameters(model)
+    shared = [(n, tied[f"{n}.weight"][0]) for n, _ in _converted(model, (SparseDeltaLinear, MultiDeltaLinear))
+              if tied.get(f"{n}.weight")]
+    if shared:
+        raise ValueError(f"extract_diff: {shared[0][0]!r} shares its weight with {shared[0][1]!r} (convert's "
+                         "keep_tied), which runs without its Δ here but would take it wherever the diff is applied; "
+                         "use save_pretrained and from_pretrained (which convert it so again) or merge_and_unload")
     if config is None:
         # only SparseDeltaLinear deltas are read below: matched by name, a SparseDeltaEmbedding's
         # delta_values passed as a delta and its trained entries were left out of the diff
@@ -1493,7 +1503,8 @@ def save_pretrained(model: nn.Module, directory: str) -> None:
                          "(X-ELM: ExpertTrainer.expert())")
     with _unsharded(model) as sharded:
         if config.kind == "delta":
-            files = {DIFF_NAME: extract_diff(model)}  # checks that nothing outside the diff changed
+            # checks that nothing outside the diff changed; from_pretrained converts keep_tied layers so again
+            files = {DIFF_NAME: _extract_diff(model, None, None, reconverted=True)}
         else:
             _check_unchanged(model, _record(model), "save_pretrained")
             files = {DIFF_NAME: SparseDiff._trusted({}, absolute=_saved_modules(model), base_model=config.base_model)}
