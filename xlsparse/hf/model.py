@@ -835,6 +835,15 @@ def _modules_to_save(model: nn.Module, patterns, targets: list[str]) -> list[str
     return chosen
 
 
+def _derived_buffers(module: nn.Module, prefix: str = "") -> set[str]:
+    """The names of `module`'s non-persistent buffers, under each of its names. They are no weights:
+    state derived at run time (a dynamic RoPE's inv_freq grows with a long batch), which neither the
+    diff nor a state dict holds; watched, they made every save after a long batch refuse, and the
+    Trainer's checkpoints drop the diff."""
+    return {f"{m}.{b}" if m else b for m, mod in module.named_modules(prefix=prefix, remove_duplicate=False)
+            for b in mod._non_persistent_buffers_set}
+
+
 def _saved_state(model: nn.Module, saved: list[str]) -> dict[str, torch.Tensor]:
     """What the modules to save `saved` hold, by name: their parameters and their floating
     persistent buffers (a BatchNorm's running statistics, which its forward updates in training:
@@ -843,7 +852,7 @@ def _saved_state(model: nn.Module, saved: list[str]) -> dict[str, torch.Tensor]:
     for sname in saved:
         module = model.get_submodule(sname)
         out.update(module.named_parameters(prefix=sname))  # a tensor tied inside the module once, as torch names it
-        derived = {f"{m}.{b}" for m, mod in module.named_modules(prefix=sname) for b in mod._non_persistent_buffers_set}
+        derived = _derived_buffers(module, sname)
         out.update({n: b for n, b in module.named_buffers(prefix=sname) if b.is_floating_point() and n not in derived})
     return out
 
@@ -870,11 +879,7 @@ def _frozen_tensors(model: nn.Module, train: set[str]) -> dict[str, torch.Tensor
     """The tensors that must not change after convert, by name: every floating parameter and
     buffer but those of `train`, under each of its names (a tied tensor's too: `load_state_dict(
     assign=True)` gives each name a Parameter of its own, which read as added since convert)."""
-    # non-persistent buffers are no weights: state derived at run time (a dynamic RoPE's inv_freq
-    # grows with a long batch), which neither the diff nor a state dict holds; watched, they made
-    # every save after a long batch refuse, and the Trainer's checkpoints drop the diff
-    derived = {f"{m}.{b}" if m else b for m, mod in model.named_modules(remove_duplicate=False)
-               for b in mod._non_persistent_buffers_set}
+    derived = _derived_buffers(model)
     named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
     trained = {id(t) for name, t in named if name in train}  # under any of its names
     return {name: t for name, t in named if id(t) not in trained and name not in derived and t.is_floating_point()}
