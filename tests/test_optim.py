@@ -1324,13 +1324,23 @@ def test_subnetwork_linear_matches_per_language_loop(backend, bias_masks, how, u
     torch.testing.assert_close(xg.grad, xd.grad)
 
 
-def test_subnetwork_linear_without_route_raises_in_training_and_updates_nothing_in_eval():
+def test_subnetwork_linear_without_route_raises_in_training_and_in_an_eval_backward_into_its_weight():
+    # Eval mode with no routing ran every token as id -1: loss.backward() gave the weight and bias
+    # all-zero gradients, silently (a model from HF's from_pretrained is in eval mode). Its output and
+    # the input's gradient need no ids; ids of -1, asked for, still mean no update.
     layer, masks, _, x, _ = _subnetwork_case()
     with pytest.raises(RuntimeError, match="no language routing"):
         layer.train()(x)
-    layer.eval()(x).sum().backward()
-    assert_bit_identical(layer.weight.grad, torch.zeros_like(layer.weight), "weight grad without routing")
-    assert_bit_identical(layer.bias.grad, torch.zeros_like(layer.bias), "bias grad without routing")
+    with pytest.raises(RuntimeError, match="no language routing"):
+        layer.eval()(x).sum().backward()
+    x.requires_grad_(True)
+    gx, = torch.autograd.grad(layer(x).square().sum(), x)
+    plain = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(gx, (2 * plain) @ layer.weight)
+    layer.weight.grad = layer.bias.grad = None
+    layer(x, language_ids=torch.full(x.shape[:2], -1)).sum().backward()
+    assert_bit_identical(layer.weight.grad, torch.zeros_like(layer.weight), "weight grad of ids -1")
+    assert_bit_identical(layer.bias.grad, torch.zeros_like(layer.bias), "bias grad of ids -1")
 
 
 def test_subnetwork_linear_bad_masks():

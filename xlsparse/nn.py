@@ -512,6 +512,28 @@ class _SubnetworkLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None
 
 
+class _NoUnroutedGrad(torch.autograd.Function):
+    """Identity on a SubnetworkLinear's weight or bias in a forward with no routing (eval mode): a
+    backward that reaches it raises. Every token's id is −1 there, so the parameter's gradient was
+    all zeros, silently (`loss.backward()` in eval mode trained nothing). The autograd engine runs
+    this only when the parameter's gradient is asked for: `autograd.grad(y, x)` still works."""
+
+    @staticmethod
+    def forward(t):
+        return t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("SubnetworkLinear ran in eval mode with no language routing, so no language owns its "
+                           "tokens and its weight's gradient would be all zeros: wrap the forward and backward in "
+                           "`with xlsparse.hf.route(model, language_ids):` or put `language_ids` in the batch (ids "
+                           "of -1 for no update), or set requires_grad_(False) on the weights")
+
+
 _KEEP_BIAS_MASKS = object()  # set_masks without bias_masks: keep the layer's own
 
 
@@ -523,8 +545,9 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
     with no dense gradient per language (`xlsparse.ops.optim.multi_mask_weight_grad`).
 
     Language ids index `masks` in its insertion order; −1 means "no update": such tokens add
-    nothing to the weight or bias gradient. With no routing at all an eval-mode layer is a plain
-    linear, and a training-mode layer raises (it would train nothing). The ids come from
+    nothing to the weight or bias gradient. With no routing at all an eval-mode layer's output is
+    a plain linear's (a backward into its weight or bias raises: it would train nothing), and a
+    training-mode layer raises (it would train nothing). The ids come from
     the `language_ids` argument (per example [B], per token [B, S] or flat [T]) or else from the
     routing set by `xlsparse.hf.route` / `xlsparse.routing.use`, grouped once per batch.
 
@@ -626,7 +649,8 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         return self.masks.any(0)
 
     def _groups(self, lead_shape, language_ids: torch.Tensor | None):
-        """(ids [T], order, offsets): the batch's tokens grouped by language."""
+        """(ids [T], order, offsets, routed): the batch's tokens grouped by language; routed is
+        False when no routing was given (every id −1)."""
         num_ids = len(self.languages)
         if language_ids is not None:
             groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(lead_shape)
@@ -635,14 +659,18 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         else:
             _unrouted(self, output_uses_ids=False)
             groups = routing.TokenGroups.build(torch.full((math.prod(lead_shape),), -1, device=self.weight.device), num_ids)
-        return groups.ids, groups.order, groups.offsets
+            return groups.ids, groups.order, groups.offsets, False
+        return groups.ids, groups.order, groups.offsets, True
 
     def forward(self, x: torch.Tensor, language_ids: torch.Tensor | None = None) -> torch.Tensor:
         if self.unmasked:
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        ids, order, offsets = self._groups(lead, language_ids)
+        ids, order, offsets, routed = self._groups(lead, language_ids)
         x2, weight, bias = x.reshape(-1, self.in_features), self.weight, self.bias
+        if not routed and torch.is_grad_enabled():  # eval mode, no ids: a backward into them would train nothing
+            weight = _NoUnroutedGrad.apply(weight) if weight.requires_grad else weight
+            bias = _NoUnroutedGrad.apply(bias) if bias is not None and bias.requires_grad else bias
         dtype = functional.autocast_dtype(x)
         if dtype is not None:
             x2, weight, bias = functional.cast_for_autocast(dtype, x2, weight, bias)

@@ -1171,7 +1171,8 @@ def route(model: nn.Module, language_ids):
     routes by it. With neither, a 'multi' model's forward raises, in eval mode too (it ran as the
     base, so an evaluation whose batches lost the field scored the base as the languages): ask for
     the base with ids of −1 (without `modules_to_save`) or `with xlsparse.hf.disable(model):`. A
-    'subnetwork' model's output is the same for every language: it needs ids in training mode only.
+    'subnetwork' model's output is the same for every language: it needs ids in training mode, and
+    for a backward into its weights in eval mode (which raises without them).
     """
     names = languages(model)
     if not names:
