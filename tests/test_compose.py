@@ -690,6 +690,20 @@ def test_from_models_names_the_parameters_whose_change_cannot_be_ranked(bad):
     torch.testing.assert_close(got, expect, equal_nan=True)
 
 
+def test_from_models_reads_an_inf_that_did_not_change_as_no_change():
+    # inf - inf is NaN: an inf entry equal in base and tuned (a state dict's float mask buffer) was a
+    # change of NaN, kept by default (applied, base + diff was NaN there) and refused with k
+    base = {"w": torch.tensor([[1.0, float("-inf")], [2.0, float("inf")]]), "v": torch.tensor([0.5, 0.25])}
+    tuned = {"w": torch.tensor([[1.5, float("-inf")], [2.0, float("inf")]]), "v": torch.tensor([0.5, 1.0])}
+    every = SparseDiff.from_models(base, tuned)
+    assert every.deltas["w"].indices.tolist() == [0] and every.deltas["w"].values.tolist() == [0.5]
+    model = {n: t.clone() for n, t in base.items()}
+    every.apply(model)
+    assert all(torch.equal(model[n], tuned[n]) for n in tuned)
+    top = SparseDiff.from_models(base, tuned, k=1)
+    assert top.deltas["v"].indices.tolist() == [1] and top.deltas["w"].nnz == 0
+
+
 @pytest.mark.parametrize("base_dtype, tuned_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
                                                      (torch.bfloat16, torch.float32)])
 def test_from_models_takes_differences_in_the_wider_dtype(base_dtype, tuned_dtype):

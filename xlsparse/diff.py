@@ -1359,7 +1359,12 @@ class SparseDiff:
             # to bfloat16 first was off by the base's rounding (up to 0.0078 at |θ| ~ 3), as large
             # as a fine-tuning change, and base + diff no longer gave tuned at the chosen entries
             wide = {n: torch.promote_types(t[n].dtype, b[n].dtype) for n in names}
-            diffs = [t[n].detach().to(wide[n]) - b[n].detach().to(t[n].device, wide[n]) for n in names]
+            diffs = []
+            for n in names:
+                new, old = t[n].detach().to(wide[n]), b[n].detach().to(t[n].device, wide[n])
+                # an entry equal in both did not change: an inf there gave inf - inf = NaN, a change
+                # kept by default (base + diff was NaN) and refused as unrankable with k
+                diffs.append((new - old).masked_fill_(new == old, 0))
             if not every:  # every change is kept as it is, NaN too: base + diff is still tuned
                 _refuse_unrankable("from_models", dict(zip(names, diffs)), "tuned − base holds", "parameters",
                                    "did the fine-tuning diverge? exclude them, or pass neither k nor density")
