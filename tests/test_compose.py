@@ -704,6 +704,17 @@ def test_from_models_reads_an_inf_that_did_not_change_as_no_change():
     assert top.deltas["v"].indices.tolist() == [1] and top.deltas["w"].nnz == 0
 
 
+def test_from_models_refuses_a_half_precision_change_that_overflows():
+    # float16 40000 - (-40000) is inf: kept as the change, base + diff was inf where tuned holds 40000
+    base = {"w": torch.tensor([-40000.0, 1.0], dtype=torch.float16)}
+    tuned = {"w": torch.tensor([40000.0, 1.5], dtype=torch.float16)}
+    for size in ({}, {"k": 1}):
+        with pytest.raises(ValueError, match=r"from_models: tuned − base of 'w' overflows torch.float16"):
+            SparseDiff.from_models(base, tuned, **size)
+    exact = SparseDiff.from_models({"w": base["w"].float()}, {"w": tuned["w"].float()})
+    assert exact.deltas["w"].values.tolist() == [80000.0, 0.5]
+
+
 @pytest.mark.parametrize("base_dtype, tuned_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
                                                      (torch.bfloat16, torch.float32)])
 def test_from_models_takes_differences_in_the_wider_dtype(base_dtype, tuned_dtype):

@@ -1275,8 +1275,8 @@ class SparseDiff:
         for a bfloat16 model tuned from a float32 one), so base + diff is tuned at the chosen entries;
         when both are bfloat16 (or both float16) the difference is rounded to that dtype, and
         base + diff can be 1 ulp off tuned at some entries (18 of 90,000 for changes of 0.05, more
-        for larger). Pass float32 copies of the two models (`copy.deepcopy(model).float()`, which
-        keeps tied weights tied) for an exact diff.
+        for larger); one that overflows that dtype is a ValueError. Pass float32 copies of the two
+        models (`copy.deepcopy(model).float()`, which keeps tied weights tied) for an exact diff.
         Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
         `transformer.wte.weight`) are read once, under their first name inside the body
@@ -1364,7 +1364,13 @@ class SparseDiff:
                 new, old = t[n].detach().to(wide[n]), b[n].detach().to(t[n].device, wide[n])
                 # an entry equal in both did not change: an inf there gave inf - inf = NaN, a change
                 # kept by default (base + diff was NaN) and refused as unrankable with k
-                diffs.append((new - old).masked_fill_(new == old, 0))
+                d = (new - old).masked_fill_(new == old, 0)
+                # two half-precision models: a change past the dtype's range is inf, and base + diff
+                # was inf where tuned is finite (as apply and merge refuse such a sum)
+                if d.dtype in HALF_DTYPES and bool((d.isinf() & new.isfinite() & old.isfinite()).any()):
+                    raise _overflow_error("from_models", f"tuned − base of {n!r}", d.dtype,
+                                          "pass float32 copies of the two models (copy.deepcopy(model).float())")
+                diffs.append(d)
             if not every:  # every change is kept as it is, NaN too: base + diff is still tuned
                 _refuse_unrankable("from_models", dict(zip(names, diffs)), "tuned − base holds", "parameters",
                                    "did the fine-tuning diverge? exclude them, or pass neither k nor density")
