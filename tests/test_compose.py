@@ -861,6 +861,11 @@ def test_multi_diff_apply_and_bit_exact_revert(backend, use_backend):
         assert not torch.equal(base[0].weight.detach(), before["0.weight"])
     for name, p in base.named_parameters():
         assert_bit_identical(p.detach(), before[name], name)
+    with lang.applied(base, alpha=-2.0, with_abs=False):  # as apply's: the absolute entry stays out
+        assert torch.equal(base[1].weight.detach(), before["1.weight"])
+        assert not torch.equal(base[0].weight.detach(), before["0.weight"])
+    for name, p in base.named_parameters():
+        assert_bit_identical(p.detach(), before[name], name)
 
 
 @pytest.mark.parametrize("backend", APPLY_BACKENDS)

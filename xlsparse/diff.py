@@ -1150,9 +1150,10 @@ class SparseDiff:
         return SparseDiff._trusted(self.deltas, self.dense, {}, self.base_model)
 
     @contextlib.contextmanager
-    def applied(self, model, alpha: float = 1.0):
-        """`with diff.applied(model, alpha=...):` the model carries the diff inside the block."""
-        with self.apply(model, alpha) as handle:
+    def applied(self, model, alpha: float = 1.0, with_abs: bool = True):
+        """`with diff.applied(model, alpha=...):` the model carries the diff inside the block
+        (`with_abs` as in `apply`)."""
+        with self.apply(model, alpha, with_abs=with_abs) as handle:
             yield handle
 
     # --- arithmetic ---
