@@ -252,6 +252,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     unknown = [p for p in args.no_abs_of if os.path.realpath(p) not in set(map(os.path.realpath, args.diffs))]
     if unknown:
         raise ValueError(f"--no-abs-of: {unknown} are not among the DIFF arguments {args.diffs}")
+    if args.num_labels is not None and args.num_labels < 1:
+        raise ValueError(f"--num-labels: must be at least 1, got {args.num_labels}")
     bad = [a for a in alphas if not math.isfinite(a)]
     if bad:
         raise ValueError(f"--alpha: {bad} are not finite")
@@ -271,7 +273,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if not (arch.startswith("AutoModel") and model_class is not None or concrete):
         raise ValueError(f"--model-class: {arch!r} is not a transformers model class (such as AutoModelForMaskedLM "
                          "or BertForMaskedLM)")
-    model, loading = model_class.from_pretrained(args.base, local_files_only=True, output_loading_info=True)
+    labels = {} if args.num_labels is None else {"num_labels": args.num_labels}
+    model, loading = model_class.from_pretrained(args.base, local_files_only=True, output_loading_info=True, **labels)
     diffs = [d.without_absolute() if os.path.realpath(p) in no_abs_of else d for p, d in zip(args.diffs, diffs)]
     given = set() if args.no_abs else {n for d in diffs for n in d.absolute}
     fresh = sorted(set(loading["missing_keys"]) - given)
@@ -374,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     compose.add_argument("--model-class", metavar="CLASS",
                          help="transformers class to load BASE_DIR with, e.g. AutoModelForTokenClassification "
                               "(default: the config's first architecture)")
+    compose.add_argument("--num-labels", type=int, metavar="N",
+                         help="labels of the classification head that --model-class builds (transformers' "
+                              "num_labels), for a BASE_DIR saved without it, such as a pretrained masked LM "
+                              "(default: the config's, 2 if it names none)")
     compose.add_argument("--no-abs", action="store_true", help="skip the absolute entries of every diff")
     compose.add_argument("--no-abs-of", action="append", default=[], metavar="DIFF",
                          help="skip the absolute entries of this diff only (repeatable), as composable-sft's "

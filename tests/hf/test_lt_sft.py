@@ -885,6 +885,18 @@ def test_language_and_task_sfts_compose_on_a_task_model(tmp_path):
     expected.update({n: t for n, t in task.sft.absolute.items()})
     for n, p in recipe.named_parameters():
         torch.testing.assert_close(p, expected[n], atol=1e-6, rtol=0)
+    # onto the pretrained masked LM itself, as composable-sft's scripts load it with the task's num_labels
+    tiny("bert").save_pretrained(tmp_path / "mlm")  # the pretrained body the task model was built on
+    onto_mlm = ["compose", str(tmp_path / "mlm"), *common[2:], "--no-abs-of", str(tmp_path / "lang.safetensors"),
+                "--model-class", "BertForTokenClassification"]
+    assert cli.main(onto_mlm + ["--out", str(tmp_path / "two")]) == 1  # the config's 2 labels: not the task's 3
+    assert cli.main(onto_mlm + ["--num-labels", "0", "--out", str(tmp_path / "none")]) == 1
+    assert not os.path.exists(tmp_path / "two") and not os.path.exists(tmp_path / "none")
+    assert cli.main(onto_mlm + ["--num-labels", "3", "--out", str(tmp_path / "three")]) == 0
+    three = transformers.BertForTokenClassification.from_pretrained(tmp_path / "three")
+    assert three.config.num_labels == 3
+    for n, p in three.named_parameters():
+        torch.testing.assert_close(p, expected[n], atol=1e-6, rtol=0)
     assert cli.main(common + ["--no-abs-of", "other.safetensors", "--out", str(tmp_path / "y")]) == 1
     assert cli.main(common + ["--model-class", "NoSuchModel", "--out", str(tmp_path / "x")]) == 1
 
