@@ -1293,6 +1293,32 @@ def test_a_new_support_reaches_no_tensor_the_layer_was_built_from():
     assert indices.tolist() == b.delta_indices.tolist() == [0, 5, 62]
 
 
+def test_a_new_support_size_trains_after_a_backward():
+    """set_support with a new K after a step, while the last step's loss is still referenced (a
+    training loop's `loss = ...` rebinds it only after the next forward): the backward raised
+    "returned an invalid gradient ... expected shape compatible with [old K]"."""
+    torch.manual_seed(0)
+    layer = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(5, 4), k=6)
+    emb = xnn.SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(6, 4), k=6)
+    x, ids = torch.randn(3, 5), torch.tensor([1, 2, 1])
+    loss = layer(x).square().sum() + emb(ids).square().sum()
+    loss.backward()
+    new, values = torch.tensor([1, 3, 7]), torch.randn(3)
+    layer.set_support(new, values)
+    emb.set_support(new + 1, values)
+    layer.delta_values.grad = emb.delta_values.grad = None
+    loss = layer(x).square().sum() + emb(ids).square().sum()
+    loss.backward()
+    w = layer.weight.detach().double().clone()
+    w.view(-1)[new] += values.double()
+    y = torch.nn.functional.linear(x.double(), w, layer.bias.detach().double())
+    torch.testing.assert_close(layer.delta_values.grad.double(), (2 * y.T @ x.double()).view(-1)[new])
+    table = emb.weight.detach().double().clone()
+    table.view(-1)[new + 1] += values.double()
+    dtable = torch.zeros_like(table).index_add_(0, ids, 2 * table[ids])
+    torch.testing.assert_close(emb.delta_values.grad.double(), dtable.view(-1)[new + 1])
+
+
 def test_a_merged_layer_saves_and_loads_as_the_unmerged_one():
     layer, x = _layer_with_delta(21)
     base = layer.weight.detach().clone()

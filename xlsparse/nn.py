@@ -852,5 +852,7 @@ def _set_support(layer: nn.Module, indices: torch.Tensor, values: torch.Tensor |
         layer.delta_values.copy_(values)
     else:  # a new K: new storage, same Parameter object
         layer.delta_indices = indices.clone()
-        layer.delta_values.data = values.clone()
+        # set_, not `.data =`: that kept the Parameter's gradient accumulator, whose old [K] shape the
+        # last step's graph (a `loss` still referenced) holds alive, and the next backward raised
+        layer.delta_values.set_(values.clone())
     layer.delta_values.grad = None
