@@ -547,9 +547,9 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
     Language ids index `masks` in its insertion order; −1 means "no update": such tokens add
     nothing to the weight or bias gradient. With no routing at all an eval-mode layer's output is
     a plain linear's (a backward into its weight or bias raises: it would train nothing), and a
-    training-mode layer raises (it would train nothing). The ids come from
-    the `language_ids` argument (per example [B], per token [B, S] or flat [T]) or else from the
-    routing set by `xlsparse.hf.route` / `xlsparse.routing.use`, grouped once per batch.
+    training-mode layer raises (it would train nothing). The ids come from the `language_ids`
+    argument (per example [B], per token [B, S], or [T] for an input of flat [T] tokens) or else
+    from the routing set by `xlsparse.hf.route` / `xlsparse.routing.use`, grouped once per batch.
 
     Bias: with `bias_masks` ({language: bool [out_features]}) the bias gradient is masked per
     language too; without it the bias is shared, and its gradient is the sum over routed tokens
