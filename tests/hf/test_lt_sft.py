@@ -780,6 +780,25 @@ def test_fused_cross_entropy_trains_the_same_sft_and_logs_the_same_loss(tmp_path
     _assert_same_run(got, want, got_losses, want_losses)
 
 
+def test_fused_cross_entropy_learns_a_per_item_loss_over_many_labelled_positions(tmp_path):
+    # The first step told the rules apart with num_items_in_batch = count + 1: past 1e5 labelled positions
+    # total / (count + 1) is within float32's 1e-5 of the mean, so a per-item model was read as "mean" and,
+    # with 2 micro-batches a step, its loss was twice the model's own (9.14 logged for 4.57)
+    trainer = LotteryTicketSparseFineTuner(
+        model=_tiny_subclass(_PerItemBertForMaskedLM), args=_args(tmp_path, gradient_accumulation_steps=2),
+        train_dataset=_LMData(), fused_cross_entropy=True,
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    ids = torch.randint(3, VOCAB, (16384, 8), generator=torch.Generator().manual_seed(4))  # 131072 labelled
+    num_items = 2 * ids.numel()  # this micro-batch and another as large
+    loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": ids}, num_items_in_batch=num_items)
+    # restated: the summed cross-entropy over the step's labelled positions
+    with torch.no_grad():
+        logits = trainer.model(input_ids=ids).logits
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1).double(), ids.flatten(), reduction="sum") / num_items
+    assert trainer._loss_rule == "per item"
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=0)
+
+
 def test_fused_cross_entropy_calls_the_model_without_labels_after_the_first_step(tmp_path, monkeypatch):
     model = tiny("xlmr")
     calls, nlls = [], []

@@ -1264,12 +1264,12 @@ class LotteryTicketSparseFineTuner(Trainer):
     def _fused_loss_forward(self, model, labels, **inputs):
         """model(**inputs, labels=labels) with its loss computed by the fused op, under the rule that
         the first call learns (`_loss_rule_of`). That call alone passes the labels to the model, with
-        a num_items_in_batch one above the labelled count, which tells the two rules apart."""
+        a num_items_in_batch that tells the two rules apart (`_probe_items`)."""
         learning = self._loss_rule is None
         num_items = inputs.get("num_items_in_batch")
         if learning:
             count = int((labels != IGNORED_LABEL).sum())
-            probe = {**inputs, "num_items_in_batch": count + 1} if self.model_accepts_loss_kwargs else inputs
+            probe = {**inputs, "num_items_in_batch": _probe_items(count)} if self.model_accepts_loss_kwargs else inputs
             outputs = model(**probe, labels=labels)
             if count == 0:  # nothing labelled: the model's own loss (0/0); the rule is learnt at a later step
                 return outputs
@@ -1661,12 +1661,20 @@ def _masked_lm_nll(logits, labels):
     return torch.where(keep, nll, 0).sum(), keep.sum()
 
 
+def _probe_items(count: int) -> int:
+    """The num_items_in_batch that fused_cross_entropy's first step gives the model beside `count`
+    labelled positions: twice the count, so a per-item loss is half the mean at any count (count + 1
+    put the two 1/(count + 1) apart, inside float32's tolerance past 1e5 positions: a per-item model
+    was read as "mean", and under gradient accumulation its loss was G times the model's own)."""
+    return 2 * count
+
+
 def _loss_rule_of(model, own: torch.Tensor, total: torch.Tensor, count: int, takes_loss_kwargs: bool) -> str:
     """The rule `model`'s own loss `own` follows, given the summed cross-entropy `total` of its
     `count` labelled positions (count >= 1) and, when it takes loss kwargs, a num_items_in_batch of
-    count + 1: "mean" (total / count) or "per item" (total / num_items_in_batch). Any other loss is
-    a ValueError."""
-    candidates = {"mean": total / count} | ({"per item": total / (count + 1)} if takes_loss_kwargs else {})
+    `_probe_items(count)`: "mean" (total / count) or "per item" (total / num_items_in_batch). Any
+    other loss is a ValueError."""
+    candidates = {"mean": total / count} | ({"per item": total / _probe_items(count)} if takes_loss_kwargs else {})
     tol = 1e-5 if own.dtype == torch.float32 else 1e-2
     rule = next((r for r, v in candidates.items() if torch.allclose(own.float(), v, rtol=tol, atol=0)), None)
     if rule is None:
