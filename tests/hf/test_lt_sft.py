@@ -725,6 +725,25 @@ def test_labelled_positions_only_raises_when_the_output_embeddings_are_not_calle
         trainer.train()
 
 
+def test_labelled_positions_only_tells_running_out_of_memory_as_itself(tmp_path):
+    # an error before the output embeddings was always told as this option's ("set it False"), out of memory too
+    model = tiny("bert")
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=_args(tmp_path), train_dataset=_MaskedLMData(), labelled_positions_only=True,
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+
+    def out_of_memory(module, args):
+        raise torch.OutOfMemoryError("out of memory in the body")
+
+    model.bert.encoder.register_forward_pre_hook(out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory in the body"):
+        trainer.train()
+    model.bert.encoder._forward_pre_hooks.clear()
+    model.bert.encoder.register_forward_pre_hook(lambda m, a: (_ for _ in ()).throw(ValueError("a bad batch")))
+    with pytest.raises(RuntimeError, match=r"never called its output embeddings.*ValueError: a bad batch"):
+        trainer.train()
+
+
 # --- fused_cross_entropy ---
 
 class _PerItemBertForMaskedLM(transformers.BertForMaskedLM):

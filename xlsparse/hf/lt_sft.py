@@ -1714,8 +1714,10 @@ def _labelled_positions(model, inputs):
     try:
         yield {**inputs, "labels": labels[keep]}
     except Exception as e:
-        if not called:  # the loss met 1-D labels beside whole-sequence logits
-            raise RuntimeError(never_called) from e
+        # the loss met 1-D labels beside whole-sequence logits, or the body raised first: told with
+        # its own message; running out of memory is told as itself (this option's advice misled)
+        if not called and not isinstance(e, (torch.OutOfMemoryError, MemoryError)):
+            raise RuntimeError(f"{never_called} (it raised {type(e).__name__}: {e})") from e
         raise
     finally:
         hook.remove()
