@@ -746,7 +746,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         maskable ones off its SFT's entries, differ from this model's, one whose heads started from
         other values when the L1 term pulls them toward θ0, and one whose sparse phase ran with
         other settings: static or dynamic, reselection_steps, drop_fraction,
-        selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only); the masks, deltas,
+        selection_accumulation_steps, sparse_l1_reg, apply_reg_to_sparse_only, and for multi-source
+        training source_sft_apply_abs); the masks, deltas,
         heads, optimizer, scheduler, RNG and data position come from the checkpoint, and training
         continues bit-exactly (then runs any later rounds; the checkpoint of a sparse phase's last
         step goes on with the next round; if none is left, the phase trains no step and its
@@ -828,6 +829,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         # written before reselection_rate_policy existed: its dynamic runs dropped at a constant rate
         saved.setdefault("reselection_rate_policy", "constant" if saved.get("dynamic") else None)
         mine = self._sparse_phase_settings()
+        # written before source_sft_apply_abs was recorded: not known, so not checked
+        saved.setdefault("source_sft_apply_abs", mine["source_sft_apply_abs"])
         differs = [f"{k} = {saved.get(k)!r} (this trainer: {v!r})" for k, v in mine.items() if saved.get(k) != v]
         if differs:  # the resumed steps would train another run's way than the one that wrote the checkpoint
             raise ValueError(f"resume_from_checkpoint: {checkpoint}'s run trained its sparse phase with "
@@ -900,8 +903,10 @@ class LotteryTicketSparseFineTuner(Trainer):
         reselection = {k: getattr(a, k) if dynamic else None
                        for k in ("reselection_steps", "drop_fraction", "selection_accumulation_steps",
                                  "reselection_rate_policy")}
+        # multi-source: whether the source SFTs' heads go in changes every step (None: one source)
+        heads = self.source_sft_apply_abs if self.source_sfts is not None else None
         return {"dynamic": dynamic, **reselection, "sparse_l1_reg": a.sparse_l1_reg,
-                "apply_reg_to_sparse_only": a.apply_reg_to_sparse_only}
+                "apply_reg_to_sparse_only": a.apply_reg_to_sparse_only, "source_sft_apply_abs": heads}
 
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
         return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
