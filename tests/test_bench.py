@@ -684,6 +684,20 @@ def test_table_cells_escape_a_pipe_so_no_column_shifts():
     assert cells(targets[2]) == cells(targets[0]) == 4
 
 
+def test_hard_routed_train_check_compares_the_forward_output(monkeypatch):
+    # The hard-routed fwd+bwd row times Y, dX and dvalues, but its check compared only the
+    # gradients: a baseline (or ours) whose forward output is off by a constant, or leaves the
+    # deltas or the bias out of Y, has the same dX and dvalues, and passed as the same work.
+    deltas = [bench_matmul._uniform_indices(24, 16, 0.1, seed=20 + e) for e in range(bench_matmul.LANGUAGES)]
+    train = [c for c in bench_matmul._multi_cases(16, 24, 16, deltas, torch.float32, "cpu")
+             if c.op == "multi_delta_linear hard fwd+bwd"][0]
+    train.check()  # the same computation: passes
+    merged = baselines.merged_per_language
+    monkeypatch.setattr(baselines, "merged_per_language", lambda *a, **k: merged(*a, **k) + 1.0)
+    with pytest.raises(ValueError, match="hard fwd\\+bwd"):
+        train.check()
+
+
 def test_hard_routed_forward_baseline_keeps_its_merged_weights():
     # The forward-only (no_grad, inference) row of the merged way made its 4 merged weights in
     # every timed call, as the training row must; a user of that way keeps them, as the soft-gated
