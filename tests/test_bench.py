@@ -647,6 +647,28 @@ def test_masked_adamw_checks_see_a_step_that_differs_by_a_little(monkeypatch):
             k_vector.check()
 
 
+def test_masked_adamw_checks_see_either_mode_move_an_entry_outside_the_mask(monkeypatch):
+    # Only the compact mode was checked outside the mask: a dense step that also moved unselected
+    # entries (more work than the masked step the rows time) passed its check.
+    params = bench_optim._params([(64, 48), (96, 32), (40,)], "cpu")
+    masks = bench_optim._uniform_masks(params, 0.3)
+
+    def leaky(leaking_mode):
+        class Leaky(MaskedAdamW):
+            def step(self, closure=None):
+                out = super().step(closure)
+                if self.mode == leaking_mode:
+                    for p, m in zip(self.param_groups[0]["params"], masks):
+                        p.data[~m] += 1e-3
+                return out
+        return Leaky
+
+    for mode in ("dense", "compact"):
+        monkeypatch.setattr(bench_optim, "MaskedAdamW", leaky(mode))
+        with pytest.raises(ValueError, match=f"MaskedAdamW {mode}: an entry outside the mask"):
+            bench_optim._step_check(params, masks)()
+
+
 def test_every_compared_row_checks_ours_against_its_baseline_in_the_script(monkeypatch):
     # Each row whose baseline computes what ours computes carries a check, run before timing at
     # the row's own sizes; the frozen linear (no delta) is the one reference that computes less.
