@@ -296,7 +296,8 @@ class Target:
             return value, value <= self.bound
         else:
             raise ValueError(f"Target.metric must be speedup, roofline or extra_memory, not {self.metric!r}")
-        return (None, None) if value is None else (value, value >= self.bound)
+        # a FAILED row's times are NaN, so its share and speed-up are too: not measured, not a miss
+        return (None, None) if value is None or math.isnan(value) else (value, value >= self.bound)
 
 
 @dataclass

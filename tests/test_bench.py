@@ -260,6 +260,11 @@ def test_roofline_and_targets():
     assert "| 0.255 of one O x I weight | **no** |" in harness.format_targets([over], quick=False)[-1]
     met = harness.judge(_row(ms=10.0, bytes=int(0.17e9), goals=(harness.Target("80%", "roofline", 0.8),)), ceil)
     assert "| 85% of the ceiling | yes |" in harness.format_targets([met], quick=False)[-1]
+    # a FAILED row (NaN times) is not measured, for its roofline and speed-up targets alike
+    failed = harness.judge(_row(ms=float("nan"), speedup=float("nan"), bytes=int(0.17e9),
+                                goals=(harness.Target("80%", "roofline", 0.8), harness.Target("2x", "speedup", 2.0))), ceil)
+    assert [t["met"] for t in failed.targets] == [None, None]
+    assert all("not measured" in line for line in harness.format_targets([failed], quick=False)[-2:])
 
 
 def test_real_masks_load_and_pick(tmp_path, capsys):
