@@ -438,6 +438,37 @@ def test_continual_update_and_trainer_refuse_masks_that_are_not_bool_before_conv
     assert _unchanged(model, before)
 
 
+def test_continual_update_and_trainer_refuse_masks_that_open_no_entry_before_converting_the_model(tmp_path):
+    # continual_update failed after converting ("optimizer got an empty parameter list"); continual_trainer
+    # ran its steps and changed nothing
+    from transformers import TrainingArguments
+
+    model, masks = _bert_with_open_masks("de", "fr")
+    masks = {lang: {n: torch.zeros_like(m) for n, m in lang_masks.items()} for lang, lang_masks in masks.items()}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batches = [dict(_mixed_batch(1, b=2), language_ids=torch.tensor([0, 1]))]
+    with pytest.raises(ValueError, match="continual_update: the masks of every language .* open no entry"):
+        continual.continual_update(model, batches, masks, progress=False)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match="continual_trainer: the masks of every language .* open no entry"):
+        continual.continual_trainer(model, masks, args=args, train_dataset=_Examples(batches[0]))
+    assert _unchanged(model, before)
+    # one language opening one entry is enough
+    first = next(iter(masks["fr"]))
+    masks["fr"][first].view(-1)[0] = True
+    assert len(continual.continual_update(model, batches, masks, progress=False)) == 1
+    # and so is a model converted with modules_to_save, which train whole: the update trains the head alone
+    model, _ = _bert_with_open_masks("de", "fr")
+    hf.convert(model, sorted(n[: -len(".weight")] for n in masks["de"]), kind="subnetwork", masks=masks,
+               modules_to_save=["cls.predictions.transform"])
+    masks["fr"][first].view(-1)[0] = False
+    head = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("cls.predictions.transform.")}
+    assert len(continual.continual_update(model, batches, masks, lr=1e-2, progress=False)) == 1
+    named = dict(model.named_parameters())
+    assert any(not torch.equal(named[n], v) for n, v in head.items())
+
+
 def test_continual_update_checks_the_language_ids_of_listed_batches_before_converting_the_model():
     # id 5 of two languages raised in route, after the model was converted and its other parameters frozen
     model, masks = _bert_with_open_masks("de", "fr")

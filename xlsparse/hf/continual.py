@@ -251,7 +251,7 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
     name: union of the masks} in the converted layers' layout. `before_converting(union)` may
     refuse the masks once they are checked, before the model changes."""
     from ..nn import SubnetworkLinear
-    from .model import _converted, _swap_conv1d_layout, convert, languages
+    from .model import _converted, _saved_module_params, _swap_conv1d_layout, convert, languages
     from .subnetworks import _stored_masks, set_masks
 
     _refuse_max_norm(model, what)  # before anything is converted
@@ -264,6 +264,11 @@ def _prepare(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]], 
         _stored_masks(model, masks[lang], what, lang)  # names, dtypes, shapes: a float mask failed in the | below
         for n, m in masks[lang].items():
             union[n] = m.clone() if n not in union else union[n] | m
+    if not any(bool(m.any()) for m in union.values()) and not _saved_module_params(model):
+        # no entry to train: continual_update failed after converting ("empty parameter list"),
+        # continual_trainer ran its steps and changed nothing
+        raise ValueError(f"{what}: the masks of every language {order} open no entry (nor does the model have "
+                         "modules_to_save), so the update would train nothing")
     if before_converting is not None:
         before_converting(union)
     converted = {f"{n}.weight" for n, _ in _converted(model, SubnetworkLinear)}
