@@ -469,6 +469,19 @@ def test_continual_update_and_trainer_refuse_masks_that_open_no_entry_before_con
     assert any(not torch.equal(named[n], v) for n, v in head.items())
 
 
+def test_continual_update_refuses_empty_batches():
+    # [] converted the model, trained nothing and returned [] (as epochs=0 did before it was refused)
+    model, masks = _bert_with_open_masks("de", "fr")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="continual_update: batches is empty"):
+        continual.continual_update(model, [], masks, progress=False)
+    assert _unchanged(model, before)
+    # an iterator that yields nothing is known only after the conversion: the error says so
+    with pytest.raises(ValueError, match="continual_update: batches yielded no batch") as raised:
+        continual.continual_update(model, iter([]), masks, progress=False)
+    assert "converted (or given these masks) in place and 0 update step" in "".join(raised.value.__notes__)
+
+
 def test_continual_update_checks_the_language_ids_of_listed_batches_before_converting_the_model():
     # id 5 of two languages raised in route, after the model was converted and its other parameters frozen
     model, masks = _bert_with_open_masks("de", "fr")

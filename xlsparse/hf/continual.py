@@ -372,6 +372,8 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
                          f"DataLoader), got a one-shot {type(batches).__name__}")
     order = list(masks)
     if isinstance(batches, Sequence):  # ids given up front: a bad one raised only after the model was converted
+        if not batches:  # as epochs=0: the model was converted, nothing trained, and [] came back
+            raise ValueError("continual_update: batches is empty, so the update would train nothing")
         for batch in batches:
             routing.check_ids(_language_ids(batch, order), len(order))
     union = _prepare(model, masks, "continual_update")
@@ -408,6 +410,8 @@ def continual_update(model: nn.Module, batches: Iterable[Mapping], masks: Mappin
                                      "was not taken")
                 opt.step()
                 losses.append(value)
+        if not losses:  # an iterator or DataLoader that yielded no batch: nothing trained
+            raise ValueError("continual_update: batches yielded no batch, so the update trained nothing")
     except BaseException as exc:  # nothing undoes the conversion and the steps taken (an interrupt too): say so
         exc.add_note(f"continual_update: this error came after the model was converted (or given these masks) in "
                      f"place and {len(losses)} update step(s) were taken; the model is not restored")
