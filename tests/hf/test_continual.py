@@ -622,6 +622,8 @@ def test_per_language_report():
     assert report.share_improved == pytest.approx(1 / 3) and "improved 1 of 3 (share 0.333)" in report.table()
     with pytest.raises(ValueError):
         continual.per_language_report({"de": 1.0}, {"fr": 1.0})
+    with pytest.raises(ValueError, match="hold no language"):  # it reported a share of 0.000 of no language
+        continual.per_language_report({}, {})
     with pytest.raises(ValueError, match=r"after\['fr'\] must be finite"):  # NaN: neither better nor worse
         continual.per_language_report({"de": 0.5, "fr": 0.6}, {"de": 0.55, "fr": float("nan")})
     # True was read as 1.0 (fr worse by 0.4); a string failed only in `change`, with a bare TypeError

@@ -479,6 +479,8 @@ def per_language_report(before: Mapping[str, float], after: Mapping[str, float],
     checks.flag("per_language_report", "higher_is_better", higher_is_better)  # "no" is truthy: every sign flipped
     if set(before) != set(after):
         raise ValueError(f"per_language_report: languages differ: {sorted(before)} vs {sorted(after)}")
+    if not before:  # the report read "improved 0 of 0 (share 0.000)": a share of no language is not 0
+        raise ValueError("per_language_report: before and after hold no language")
     for what, metric in (("before", before), ("after", after)):
         for lang, v in metric.items():  # True read as 1.0; a NaN counted as neither improved nor worse
             checks.finite("per_language_report", **{f"{what}[{lang!r}]": v})
