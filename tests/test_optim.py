@@ -939,9 +939,10 @@ def test_a_group_value_changed_after_construction_is_checked_before_any_step(opt
                 assert_bit_identical(after[2][i][k], t, f"state {i} {k}")
 
 
-@pytest.mark.parametrize("opt_class, key, value", [(MaskedAdamW, "l1_to_init", 0.1)])
+@pytest.mark.parametrize("opt_class, key, value", [(MaskedAdamW, "l1_to_init", 0.1), (MaskedAdamW, "amsgrad", True)])
 def test_state_turned_on_after_construction_is_refused_before_any_group_steps(opt_class, key, value):
-    # The refusal came from the second group's update, after the first group had stepped (1 -> 0.899).
+    # The refusal came from the second group's update, after the first group had stepped (1 -> 0.899);
+    # amsgrad's was a bare KeyError 'max_exp_avg_sq' there.
     # (MaskedSGD's momentum may be turned on: test_sgd_momentum_turned_on_mid_run_starts_its_buffer_as_torch_does)
     p, q = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(3))
     opt = opt_class([{"params": [p]}, {"params": [q]}], [None, None], lr=0.1)

@@ -631,8 +631,13 @@ class MaskedAdamW(_MaskedOptimizer):
                              "(torch.optim.Adam's L2 weight decay) is not supported")
 
     def _check_state(self, group: dict) -> None:
-        if group["l1_to_init"] != 0 and any("init" not in self.state[p] for p in group["params"] if p.grad is not None):
+        stepped = [p for p in group["params"] if p.grad is not None]
+        if group["l1_to_init"] != 0 and any("init" not in self.state[p] for p in stepped):
             raise RuntimeError("l1_to_init was turned on after construction: the initial values were not kept")
+        # without this check the step stopped with KeyError in this group, after the groups before it had stepped
+        if group["amsgrad"] and any("max_exp_avg_sq" not in self.state[p] for p in stepped):
+            raise RuntimeError("amsgrad was turned on after construction: there is no max_exp_avg_sq state to "
+                               "continue; build the optimizer with amsgrad=True")
 
     def _update(self, group: dict, params: list, device: torch.device) -> None:
         l1 = group["l1_to_init"]
