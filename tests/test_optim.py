@@ -953,6 +953,20 @@ def test_state_turned_on_after_construction_is_refused_before_any_group_steps(op
     assert torch.equal(p.detach(), torch.ones(4)) and float(opt.state[p]["step"]) == 0
 
 
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+def test_a_sparse_gradient_is_refused_before_any_group_steps(opt_class):
+    # The refusal came while bucketing the second group, after the first group had stepped.
+    p, emb = torch.nn.Parameter(torch.ones(4)), torch.nn.Embedding(5, 3, sparse=True)
+    opt = opt_class([{"params": [p]}, {"params": [emb.weight]}], [None, None], lr=0.1)
+    weights = emb.weight.detach().clone()
+    p.grad = torch.full((4,), 0.5)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4)) and float(opt.state[p]["step"]) == 0
+    assert torch.equal(emb.weight.detach(), weights)
+
+
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 @pytest.mark.parametrize("inits", [0, 2])
 def test_l1_to_init_without_one_init_per_param_raises_and_writes_nothing(backend, inits, use_backend):

@@ -135,6 +135,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                                      "optimizer was built with (accelerate's FSDP2 prepare swaps the model's parameters "
                                      "for sharded ones in the optimizer's groups); build the optimizer on the sharded "
                                      "model (fully_shard first), with masks for the whole parameters")
+                if p.grad is not None and p.grad.is_sparse:  # refused here, not after the groups before it stepped
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (param {i} of param "
+                                       f"group {g}); nothing was stepped")
             self._check_group(group)
             self._check_state(group)
         if LAYER_MASK_CHANGES:  # empty unless a SubnetworkLinear exists
@@ -476,8 +479,6 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             buckets.setdefault((p.device, p.dtype), []).append(p)
         return buckets.items()
 
