@@ -752,6 +752,28 @@ def test_l1_to_init_anchor_survives_loading_a_torch_adamw_state():
     opt.step()
 
 
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_sgd_update_masks_after_momentum_was_turned_on_and_before_it_stepped(mode):
+    # OneCycleLR sets momentum 0.95 on a MaskedSGD built without momentum; update_masks before the
+    # next step raised KeyError 'momentum_buffer' (dense mode: with the new mask already in place).
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.float64))
+    ref = p.detach()[:3].clone().requires_grad_()
+    opt = MaskedSGD([p], [torch.tensor([1, 0, 1, 0, 1, 0], dtype=torch.bool)], lr=0.1, mode=mode)
+    ref_opt = torch.optim.SGD([ref], lr=0.1)
+    for o in (opt, ref_opt):
+        o.param_groups[0]["momentum"] = 0.9
+    opt.update_masks([torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)])
+    before = p.detach().clone()
+    gen = seeded(3)
+    for _ in range(3):
+        g = torch.randn(6, generator=gen, dtype=torch.float64)
+        p.grad, ref.grad = g.clone(), g[:3].clone()
+        opt.step()
+        ref_opt.step()
+    torch.testing.assert_close(p.detach()[:3], ref.detach(), rtol=0, atol=1e-15)
+    assert_bit_identical(p.detach()[3:], before[3:], "entries outside the new mask")
+
+
 def test_sgd_update_masks_restarts_momentum_on_new_entries():
     p = torch.randn(30).requires_grad_()
     old = torch.arange(30) < 20

@@ -276,7 +276,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         self._masked_at[p] = LAYER_MASK_CHANGES.get(p, 0)
         state = self.state[p]
         p = _local(p)
-        keys = self._state_keys(group)
+        # state a group's values call for but the steps have not made yet (SGD momentum turned on since
+        # construction: the next step starts it at zero) has nothing to move; it raised KeyError half-way
+        keys = [key for key in self._state_keys(group) if key in state]
         if self.mode == "dense":
             old_m = torch.ones_like(p, dtype=torch.bool) if old is None else old
             new_m = torch.ones_like(p, dtype=torch.bool) if new is None else new
