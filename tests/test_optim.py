@@ -695,6 +695,36 @@ def test_adamw_continues_from_a_torch_adam_state_without_weight_decay(mode):
 
 
 @pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_update_masks_after_loading_a_torch_adamw_state(mode):
+    # torch keeps exp_avg in the param's shape; update_masks indexed it by flat positions and raised
+    # IndexError (dense: a 1-D mask of added entries on a 2-D state; compact: flat indices taken as rows).
+    p = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+    torch_opt = torch.optim.AdamW([p], lr=0.05, foreach=False)
+    p.grad = torch.randn(6, 5, dtype=torch.float64)
+    torch_opt.step()
+    opt = MaskedAdamW([p], [None], lr=0.05, mode=mode)
+    opt.load_state_dict(torch_opt.state_dict())
+    m, v = (torch_opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq"))
+    kept = torch.zeros(6, 5, dtype=torch.bool)
+    kept[1:4, 2:] = True
+    opt.update_masks([kept])
+    new = kept.clone()
+    new[0, :2] = True  # dropped by the first update, added back by the second: zero state, step 0
+    opt.update_masks([new])
+    t = torch.where(kept, 2.0, 1.0).to(torch.float64)  # the count after the next step
+    m[~kept], v[~kept] = 0, 0
+    before = p.detach().clone()
+    p.grad = torch.randn(6, 5, dtype=torch.float64)
+    opt.step()
+    g, lr, wd, (b1, b2) = p.grad[new], 0.05, 0.01, (0.9, 0.999)
+    m2, v2 = b1 * m[new] + (1 - b1) * g, b2 * v[new] + (1 - b2) * g * g
+    t = t[new]
+    want = before[new] * (1 - lr * wd) - lr / (1 - b1 ** t) * m2 / (v2.sqrt() / (1 - b2 ** t) ** 0.5 + 1e-8)
+    torch.testing.assert_close(p.detach()[new], want, rtol=1e-12, atol=0)
+    assert_bit_identical(p.detach()[~new], before[~new], "entries outside the new mask")
+
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_sgd_momentum_turned_on_mid_run_starts_its_buffer_as_torch_does(mode):
     """Momentum 0 for two steps, then 0.9 with dampening 0.5 (as OneCycleLR cycles it): torch starts
     the buffer at the gradient; the step count had counted the momentum-0 steps, so the buffer

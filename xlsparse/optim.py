@@ -463,6 +463,9 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                         raise ValueError(f"load_state_dict: state {key!r} of param {i} has shape {tuple(t.shape)}; "
                                          f"its mask selects {n} entries, so it must be one of {sorted(shapes)} "
                                          "(a state of another shape was saved for another parameter or mask)")
+                    # flat, as this optimizer makes it: update_masks indexes it by flat positions (torch's
+                    # param-shaped state raised IndexError there)
+                    state[key] = t.reshape(-1)
                 step = state.get("step")
                 if step is not None and (not isinstance(step, torch.Tensor) or step.numel() not in (1, n)):
                     raise ValueError(f"load_state_dict: the step count of param {i} has "
