@@ -315,6 +315,9 @@ def test_reptile_step_refuses_a_bad_outer_lr_or_inner_steps_before_any_step():
     before = {n: p.detach().clone() for n, p in named.items()}
     with pytest.raises(ValueError, match="reptile_step: outer_lr must be finite, got nan"):
         subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, masks, inner_lr=0.1, outer_lr=float("nan"))
+    # a negative outer_lr stepped θ away from every language's adapted weights, silently
+    with pytest.raises(ValueError, match=r"reptile_step: outer_lr must be >= 0 \(invalid learning rate\), got -0.5"):
+        subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, masks, inner_lr=0.1, outer_lr=-0.5)
     with pytest.raises(TypeError, match="reptile_step: inner_steps must be an int, got 1.5"):
         subnetworks.reptile_step(model, {"de": _lm_batches(1, 1)}, masks, inner_lr=0.1, inner_steps=1.5)
     batch = _lm_batches(1, 1)

@@ -437,6 +437,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
     # a NaN outer_lr wrote NaN into every trainable parameter; inner_steps=1.5 failed in islice, unnamed
     checks.finite("reptile_step", outer_lr=outer_lr)
+    if float(outer_lr) < 0:  # θ moved away from every language's adapted weights (inner_lr < 0 is refused too)
+        raise ValueError(f"reptile_step: outer_lr must be >= 0 (invalid learning rate), got {outer_lr}")
     _check_by_language("reptile_step", "batches", batches, "its batches, {language: [batch, ...]}")
     _check_by_language("reptile_step", "masks", masks, "its masks, {language: {name: mask}}")
     if checks.count("reptile_step", "inner_steps", inner_steps) < 1:
