@@ -1709,6 +1709,46 @@ def test_resuming_on_another_base_model_is_refused_before_anything_changes(tmp_p
 
 
 @pytest.mark.parametrize("recipe", ["reptile", "fomaml"])
+def test_meta_learning_refuses_bias_masks_a_layer_s_per_language_bias_masks_close(recipe):
+    """A SubnetworkLinear with per-language bias_masks masks each language's bias gradient by them:
+    recipe masks opening other bias entries left those untrained without an error (as for weights)."""
+    from xlsparse.nn import SubnetworkLinear
+
+    model = tiny("bert")
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    layer_masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=layer_masks)
+    name, layer = next(iter(hf.model._converted(model, SubnetworkLinear)))
+    bias_masks = {lang: torch.rand(layer.out_features, generator=g) < 0.5 for lang in ("de", "fr")}
+    layer.set_masks(dict(zip(layer.languages, layer.masks.unbind(0))), bias_masks)
+    layer.bias.requires_grad_(True)
+    bias = f"{name}.bias"
+
+    def run(bias_open):
+        masks = {lang: {**layer_masks[lang], bias: bias_open[lang]} for lang in ("de", "fr")}
+        if recipe == "reptile":
+            return subnetworks.reptile_step(model, {"de": _lm_batches(1, 0), "fr": _lm_batches(1, 1)}, masks,
+                                            inner_lr=0.1)
+        opt = subnetworks.fomaml_optimizer(model, masks, lr=1e-3)
+        return subnetworks.fomaml_step(model, {"de": _lm_batches(1, 0)[0], "fr": _lm_batches(1, 1)[0]},
+                                       {"de": _lm_batches(1, 10)[0], "fr": _lm_batches(1, 11)[0]}, masks,
+                                       inner_lr=0.1, inner_steps=1, outer_optimizer=opt)
+
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=rf"masks\['de'\]\['{re.escape(bias)}'\] opens \d+ entries that the converted "
+                                         "layer's own mask for 'de' closes"):
+        run({"de": torch.ones(layer.out_features, dtype=torch.bool), "fr": bias_masks["fr"]})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    run(bias_masks)  # the layer's own bias masks: the opened entries train, the others stay
+    union = bias_masks["de"] | bias_masks["fr"]
+    assert torch.equal(layer.bias[~union], before[bias][~union])
+    assert bool((layer.bias[union] != before[bias][union]).any())
+
+
+@pytest.mark.parametrize("recipe", ["reptile", "fomaml"])
 def test_meta_learning_refuses_masks_the_converted_layers_close(recipe):
     """A converted layer masks each language's gradient by its own mask: recipe masks opening
     other entries left them untrained without an error (Reptile changed nothing at all)."""

@@ -343,19 +343,23 @@ def _check_routed(model: nn.Module, stored: Mapping[str, Mapping[str, torch.Tens
     """On a converted model each SubnetworkLinear masks a language's gradient by the layer's own
     mask for that language: masks that open entries the layer closes (or name a language the
     layer does not route) would leave those entries untrained without a word."""
-    layers = {f"{n}.weight": layer for n, layer in _converted(model, SubnetworkLinear)}
-    if not layers:
+    own = {}  # {parameter name: the layer's per-language masks of it}
+    for n, layer in _converted(model, SubnetworkLinear):
+        own[f"{n}.weight"] = layer.masks
+        if layer.bias_masks is not None:  # a per-language bias masks its gradient alike (a shared one does not)
+            own[f"{n}.bias"] = layer.bias_masks
+    if not own:
         return
     order = languages(model)
     for lang, lang_masks in stored.items():
         for n, m in lang_masks.items():
-            layer = layers.get(n)
-            if layer is None or not bool(m.any()):
+            layer_masks = own.get(n)
+            if layer_masks is None or not bool(m.any()):
                 continue
             if lang not in order:
                 raise ValueError(f"{what}: masks[{lang!r}] name {n!r}, a layer converted for the languages {order} "
                                  f"only; it would route no gradient for {lang!r}")
-            closed = m & ~layer.masks[order.index(lang)].to(m.device)
+            closed = m & ~layer_masks[order.index(lang)].to(m.device)
             if bool(closed.any()):
                 raise ValueError(f"{what}: masks[{lang!r}][{n!r}] opens {int(closed.sum())} entries that the converted "
                                  f"layer's own mask for {lang!r} closes; the layer masks the gradient, so they would "
