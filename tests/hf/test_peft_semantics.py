@@ -1081,6 +1081,22 @@ def test_disable_runs_the_base_model_and_restores_the_trained_one():
     assert torch.equal(_bits(model(input_ids=ids).logits), _bits(trained))
 
 
+def test_disable_refuses_a_tensor_frozen_at_convert_that_trained_since():
+    # a converted layer's bias is frozen at convert; unfrozen and trained, the block ran its
+    # trained value as the base's (2.9e-6 off the base's logits, silently)
+    model, _ = classifier("bert")
+    hf.convert(model, density=0.2)
+    bias = model.bert.encoder.layer[0].attention.self.query.bias
+    bias.requires_grad_(True)  # unfrozen but not changed: still the base
+    with hf.disable(model):
+        pass
+    with torch.no_grad():
+        bias.add_(1e-3)  # as a step would
+    with pytest.raises(ValueError, match=r"disable: \['bert.encoder.layer.0.attention.self.query.bias'\] were frozen"):
+        with hf.disable(model):
+            pass
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_copy_made_inside_disable_is_refused(how, tmp_path):
     # a deep copy (or pickle) made inside the block kept the base state for good: deltas off, the

@@ -1830,7 +1830,10 @@ def disable(model: nn.Module):
     `xlsparse.apply` made inside and still in place is reverted on exit, so that its handle
     cannot later write the base values it displaced over the trained ones). An `xlsparse.apply`
     made before the block and still in place is part of the weights, not an adapter: it stays on
-    inside (revert it first for the pristine base)."""
+    inside (revert it first for the pristine base). A tensor frozen at convert that trains since
+    (unfrozen by hand) is refused while it requires grad; frozen again, it is not read (a full
+    check is a fingerprint of the whole model, about 0.4 s per 1e8 entries, at every `disable`),
+    but `extract_diff` and `save_pretrained` still refuse it."""
     refuse_sharded("disable", dict(model.named_parameters()), "Run the base model unsharded, or as its own sharded "
                    "model (the base without xlsparse.hf.convert)")
     rec = _record(model)
@@ -1842,6 +1845,16 @@ def disable(model: nn.Module):
             raise RuntimeError("disable: unmerge the model first (hf.unmerge)")
         named = {**dict(model.named_buffers()), **dict(model.named_parameters())}  # saved modules' buffers too
         subnets = _subnets_unchanged_outside(model, rec, "disable")
+        # a tensor frozen at convert that was unfrozen and trained since: its value from convert is
+        # lost, and the block ran its trained value as the base's, silently. Only those that train
+        # now are read (an apply made before the block is part of the weights, and stays)
+        trained = [n for n, p in model.named_parameters(remove_duplicate=False)
+                   if p.requires_grad and n in rec.frozen and not (n.endswith(".weight") and n[:-7] in subnets)
+                   and _frozen_change(rec, n, _fingerprint(p)) is not None]
+        if trained:
+            raise ValueError(f"disable: {trained[:5]}{' ...' if len(trained) > 5 else ''} were frozen at convert and "
+                             "changed since (unfrozen and trained?), so their base values are lost; keep them frozen, "
+                             "or convert with modules_to_save=[...] to train them")
         moved = {n: (tuple(named[n].shape) if n in named else None, tuple(t.shape))
                  for n, t in rec.saved_originals.items() if n not in named or named[n].shape != t.shape}
         if moved:  # (now, at convert)
