@@ -345,3 +345,19 @@ def test_subnetworks_dynamic_reselection_scores_without_dropout(monkeypatch):
     model = Model()
     subnetworks._train_subnetworks(model, batches, {}, s, ["en", "de"], [], dynamic=True)
     assert modes == [False] and model.training  # scored in eval mode, then training again
+
+
+def test_demo_results_keep_a_tmp_folder_of_the_users(tmp_path):
+    # write_results removed <out>/tmp with rmtree: `xlsparse demo --out .` deleted ./tmp and its files.
+    from xlsparse.demos import task
+
+    (tmp_path / "tmp" / "mine").mkdir(parents=True)
+    (tmp_path / "tmp" / "mine" / "notes.txt").write_text("keep")
+    (tmp_path / "tmp" / "head").mkdir()  # what a Trainer with save_strategy "no" leaves: empty folders
+    task.write_results(str(tmp_path), "ltsft", "| table |", {"x": 1.0})
+    assert (tmp_path / "tmp" / "mine" / "notes.txt").read_text() == "keep"
+    assert not (tmp_path / "tmp" / "head").exists()
+    (tmp_path / "tmp" / "mine" / "notes.txt").unlink()
+    task.write_results(str(tmp_path), "ltsft", "| table |", {"x": 1.0})
+    assert not (tmp_path / "tmp").exists()  # the scratch folder alone: removed
+    assert (tmp_path / "ltsft.md").read_text() == "| table |"

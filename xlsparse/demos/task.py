@@ -1,6 +1,7 @@
 """What every demo shares: the gettext task (which program wrote a UI message), the model
 loading, a masked-LM head that scores only masked positions, training and evaluation helpers,
 the markdown table and the per-language bar chart."""
+import contextlib
 import math
 import os
 import random
@@ -272,9 +273,12 @@ def write_results(out: str, method: str, markdown: str, results: dict) -> None:
     """`<out>/<method>.md` (the printed tables) and `<out>/<method>.json` (every number); removes
     the Trainer's scratch folder `<out>/tmp`."""
     import json
-    import shutil
 
-    shutil.rmtree(os.path.join(out, "tmp"), ignore_errors=True)
+    # Only its empty folders, which are all the Trainer leaves (save_strategy "no"): an rmtree also
+    # deleted a `tmp` folder of the user's (`--out .` removed ./tmp with whatever it held).
+    for folder, _, _ in os.walk(os.path.join(out, "tmp"), topdown=False):
+        with contextlib.suppress(OSError):  # not empty: not ours to remove
+            os.rmdir(folder)
 
     with open(os.path.join(out, f"{method}.md"), "w") as f:
         f.write(markdown)
