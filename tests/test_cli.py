@@ -474,12 +474,44 @@ def test_a_folder_without_pytorch_diff_bin_names_the_diff_files_it_holds(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-def test_a_key_error_prints_its_message_without_quotes(tmp_path, capsys):
+def test_a_key_error_prints_its_message_without_quotes(tmp_path, capsys, monkeypatch):
     # a DIFF naming a parameter the model lacks printed error: "apply: diff 0: ... named 'x'" (the KeyError's repr)
     _tiny_bert_dir(tmp_path)
     xlsparse.SparseDiff({"bert.nope.weight": xlsparse.SparseDelta(torch.tensor([0]), torch.ones(1), (2, 2))}).save(
         str(tmp_path / "d.safetensors"))
     assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "error: apply: diff 0: the model has no parameter or buffer named 'bert.nope.weight'\n" in err
+    assert f"error: DIFF {tmp_path / 'd.safetensors'}: changes ['bert.nope.weight'], which BertForMaskedLM has not" in err
     assert not (tmp_path / "out").exists()
+    # compose names such a DIFF itself now; apply's KeyError still reaches main from other callers
+
+    def key_error(*args, **kwargs):
+        raise KeyError("apply: diff 0: the model has no parameter or buffer named 'bert.nope.weight'")
+
+    monkeypatch.setattr(xlsparse, "apply", key_error)
+    monkeypatch.setattr(xlsparse.diff, "_named_tensors", lambda model: {"bert.nope.weight": None})
+    assert cli.main(["compose", str(tmp_path / "base"), str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "out")]) == 1
+    assert "error: apply: diff 0: the model has no parameter or buffer named 'bert.nope.weight'\n" in capsys.readouterr().err
+
+
+def test_compose_names_the_diff_whose_entries_the_model_class_lacks(tmp_path, capsys):
+    # apply's error said "apply: diff 0: the model has no parameter or buffer named 'cls.predictions.bias'":
+    # neither the DIFF nor --no-abs-of, which composes a language SFT's MLM head out of a task model.
+    model = _tiny_bert_dir(tmp_path)
+    w = model.bert.encoder.layer[0].attention.self.query.weight
+    head = xlsparse.SparseDiff({}, absolute={"classifier.weight": torch.ones(3, 16)})
+    head.save(str(tmp_path / "head.safetensors"))
+    other = xlsparse.SparseDiff({"encoder.layer.0.attention.self.query.weight":  # a BertModel's name
+                                 xlsparse.SparseDelta(torch.tensor([0, 5]), torch.ones(2), w.shape)})
+    other.save(str(tmp_path / "other.safetensors"))
+    argv = ["compose", str(tmp_path / "base"), str(tmp_path / "head.safetensors"), "--out", str(tmp_path / "new")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"DIFF {tmp_path / 'head.safetensors'}" in err and "--no-abs-of" in err and "classifier.weight" in err
+    assert not (tmp_path / "new").exists()
+    assert cli.main([*argv, "--no-abs-of", str(tmp_path / "head.safetensors")]) == 0  # the head left out
+    argv = ["compose", str(tmp_path / "base"), str(tmp_path / "other.safetensors"), "--out", str(tmp_path / "new2")]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"DIFF {tmp_path / 'other.safetensors'}" in err and "--model-class" in err
+    assert not (tmp_path / "new2").exists()

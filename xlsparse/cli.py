@@ -234,6 +234,7 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.base):  # checked here: transformers would look it up on the Hub
         raise ValueError(f"BASE_DIR {args.base}: no such folder")
     from xlsparse.hf.config import CONFIG_NAME
+    from xlsparse.diff import _named_tensors
     from xlsparse.hf.model import _check_same_base
 
     if os.path.isfile(os.path.join(args.base, CONFIG_NAME)):
@@ -286,6 +287,18 @@ def cmd_compose(args: argparse.Namespace) -> int:
     # a DIFF that hf.save_pretrained wrote goes only onto the base it was trained on, as from_pretrained checks
     for path, (_, folder, config) in saved.items():
         _check_same_base(model, config, folder, what=f"DIFF {path}")
+    # Named here, with apply's own lookup: apply's error says "diff 0" and names no option (a
+    # language SFT's MLM head onto a task model needs --no-abs-of; a diff of another class, --model-class).
+    known = _named_tensors(model)
+    for p, d in zip(args.diffs, diffs):
+        heads = [] if args.no_abs else [n for n in d.absolute if n not in known]
+        if heads:
+            raise ValueError(f"DIFF {p}: its absolute entries {heads[:3]} (a head) are not in {arch}; pass --no-abs-of "
+                             f"{p} to leave them out, or give the --model-class it was trained with")
+        absent = [n for n in [*d.deltas, *d.dense] if n not in known]
+        if absent:
+            raise ValueError(f"DIFF {p}: changes {absent[:3]}, which {arch} has not; give the --model-class "
+                             "it was trained with")
     xlsparse.apply(diffs, model, alphas=alphas, with_abs=not args.no_abs)
     # Every file but the weights travels with the model (tokenizer, chat template, processor
     # config...); copied first, so that what save_pretrained writes (config.json) wins.
