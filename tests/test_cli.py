@@ -515,3 +515,19 @@ def test_compose_names_the_diff_whose_entries_the_model_class_lacks(tmp_path, ca
     err = capsys.readouterr().err
     assert f"DIFF {tmp_path / 'other.safetensors'}" in err and "--model-class" in err
     assert not (tmp_path / "new2").exists()
+
+
+def test_compose_refuses_num_labels_that_size_no_head(tmp_path, capsys):
+    # --num-labels 5 onto a masked LM without --model-class: exit 0, a masked LM whose config.json said 5 labels
+    model = _tiny_bert_dir(tmp_path)
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    argv = ["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), "--num-labels", "5"]
+    assert cli.main([*argv, "--out", str(tmp_path / "new")]) == 1
+    assert "--num-labels 5: BertForMaskedLM loads every weight" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # a base whose classifier has 5 labels already: the option agrees with it
+    transformers.BertForSequenceClassification(model.config.__class__(**{**model.config.to_dict(), "num_labels": 5})) \
+        .save_pretrained(tmp_path / "cls5")
+    argv[1] = str(tmp_path / "cls5")
+    assert cli.main([*argv, "--out", str(tmp_path / "new5")]) == 0
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "new5").num_labels == 5

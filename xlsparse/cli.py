@@ -276,6 +276,11 @@ def cmd_compose(args: argparse.Namespace) -> int:
                          "or BertForMaskedLM)")
     labels = {} if args.num_labels is None else {"num_labels": args.num_labels}
     model, loading = model_class.from_pretrained(args.base, local_files_only=True, output_loading_info=True, **labels)
+    if labels and args.num_labels != config.num_labels and not loading["missing_keys"]:
+        # every weight came from BASE_DIR: no head was built for N labels, only config.json says N
+        raise ValueError(f"--num-labels {args.num_labels}: {arch} loads every weight from BASE_DIR {args.base}, so it "
+                         "builds no head of that size; give a --model-class with a classification head, such as "
+                         "AutoModelForTokenClassification")
     diffs = [d.without_absolute() if os.path.realpath(p) in no_abs_of else d for p, d in zip(args.diffs, diffs)]
     given = set() if args.no_abs else {n for d in diffs for n in d.absolute}
     fresh = sorted(set(loading["missing_keys"]) - given)
