@@ -361,3 +361,21 @@ def test_demo_results_keep_a_tmp_folder_of_the_users(tmp_path):
     task.write_results(str(tmp_path), "ltsft", "| table |", {"x": 1.0})
     assert not (tmp_path / "tmp").exists()  # the scratch folder alone: removed
     assert (tmp_path / "ltsft.md").read_text() == "| table |"
+
+
+def test_xelm_checks_its_own_out_not_the_default(tmp_path, monkeypatch):
+    # xelm.run checked the default --out "demo-out": a file of that name in the working folder
+    # failed `xlsparse demo xelm --out elsewhere` with "--out demo-out: is a file"
+    from xlsparse.demos import xelm
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo-out").write_text("not a folder")
+
+    def checked(*args, **kwargs):
+        raise RuntimeError("arguments checked")
+
+    monkeypatch.setattr(xelm, "settings", checked)
+    with pytest.raises(RuntimeError, match="arguments checked"):
+        xelm.run(quick=True, out=str(tmp_path / "results"))
+    with pytest.raises(ValueError, match="--out"):
+        xelm.run(quick=True, out=str(tmp_path / "demo-out"))

@@ -130,7 +130,7 @@ def run(quick: bool = False, model_name: str = task.DEFAULT_MODEL, out: str = "d
 
     from . import check
 
-    check(METHOD, model_name)
+    check(METHOD, model_name, out, seeds)  # this run's --out and --seeds, not the defaults
     s = settings(quick, seeds)
     start = time.time()
     langs = [lang for members in s.clusters.values() for lang in members]
