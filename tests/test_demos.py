@@ -379,3 +379,13 @@ def test_xelm_checks_its_own_out_not_the_default(tmp_path, monkeypatch):
         xelm.run(quick=True, out=str(tmp_path / "results"))
     with pytest.raises(ValueError, match="--out"):
         xelm.run(quick=True, out=str(tmp_path / "demo-out"))
+
+
+def test_demo_refuses_an_empty_method_rather_than_running_every_one(monkeypatch, capsys):
+    # `xlsparse demo "$METHOD"` with METHOD unset ran all five demos (an hour at full size)
+    def ran(method, **kwargs):
+        raise AssertionError(f"demo {method} ran")
+
+    monkeypatch.setattr(demos, "run", ran)
+    assert cli.main(["demo", "", "--quick"]) == 1
+    assert "unknown method ''" in capsys.readouterr().err

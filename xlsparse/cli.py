@@ -360,7 +360,7 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from xlsparse import demos
 
-    methods = [args.method] if args.method else list(demos.METHODS)
+    methods = list(demos.METHODS) if args.method is None else [args.method]  # "" (an unset shell variable) is no method: not all five
     for method in methods:  # every method's arguments, before the first runs
         demos.check(method, model=args.model, out=args.out, seeds=args.seeds, threads=args.threads)
     for method in methods:
