@@ -756,3 +756,11 @@ def test_profile_rows_finds_each_row_and_counts_a_calls_work():
     got = profile_rows.profile_call(lambda: (x @ x).sum(), "cpu")
     assert got["wall_ms"] > 0 and got["syncs"] == got["memcpys"] == got["launches"] == 0 and got["kernel_ms"] == 0
     assert "aten::mm" in got["table"]
+
+
+def test_bench_refuses_an_empty_family_rather_than_running_every_one(tmp_path, monkeypatch, capsys):
+    # `xlsparse bench --family "$F"` with F unset measured every family and exited 0
+    calls = _fake_family(monkeypatch)
+    assert cli.main(["bench", "--family", "", "--quick", "--out", str(tmp_path / "results")]) == 1
+    assert "--family: unknown family ''" in capsys.readouterr().err
+    assert calls == [] and not (tmp_path / "results").exists()

@@ -82,8 +82,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     families = _families()
     harness = importlib.import_module("xlsparse.benchmarks.harness")
-    names = [args.family] if args.family else sorted((f for f in families if f not in _ON_REQUEST),
-                                                      key=lambda f: (_ORDER + (f,)).index(f))
+    # "" (an unset shell variable) is an unknown family, not every family
+    names = [args.family] if args.family is not None else sorted((f for f in families if f not in _ON_REQUEST),
+                                                                  key=lambda f: (_ORDER + (f,)).index(f))
     for name in names:
         if name not in families:
             raise ValueError(f"--family: unknown family {name!r}; choose from {sorted(families)}")
