@@ -106,7 +106,10 @@ def _listing(folder):
                                         (["{base}", "{diff}", "--model-class", "AutoConfig", "--out", "{tmp}/new"],
                                          "--model-class"),
                                         (["{base}", "{diff}", "--model-class", "PreTrainedModel", "--out", "{tmp}/new"],
-                                         "--model-class")])
+                                         "--model-class"),
+                                        # an unset shell variable: the config's class was used, exit 0
+                                        (["{base}", "{diff}", "--model-class", "", "--out", "{tmp}/new"],
+                                         "--model-class: '' is not")])
 def test_compose_checks_arguments_before_writing(argv, name, tmp_path, capsys):
     # A missing BASE_DIR was reported as a huggingface.co connection error; --out as a file or a
     # non-empty folder (another model's files stayed) and a DIFF folder without pytorch_diff.bin

@@ -267,7 +267,8 @@ def cmd_compose(args: argparse.Namespace) -> int:
             raise ValueError(f"--alpha: {p} has absolute entries (heads), which take no scale, but its alpha is {a}; "
                              f"give it alpha 1, or pass --no-abs-of {p} / --no-abs")
     config = transformers.AutoConfig.from_pretrained(args.base, local_files_only=True)
-    arch = args.model_class or (config.architectures or ["AutoModel"])[0]
+    # "" (an unset shell variable) is no class: it fell back to the config's architecture silently
+    arch = args.model_class if args.model_class is not None else (config.architectures or ["AutoModel"])[0]
     model_class = getattr(transformers, arch, None)
     # An Auto* model class or a concrete model; not a config, tokenizer or an abstract *PreTrainedModel base.
     concrete = isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel) \
