@@ -389,3 +389,13 @@ def test_demo_refuses_an_empty_method_rather_than_running_every_one(monkeypatch,
     monkeypatch.setattr(demos, "run", ran)
     assert cli.main(["demo", "", "--quick"]) == 1
     assert "unknown method ''" in capsys.readouterr().err
+
+
+def test_demo_refuses_an_empty_model_name(monkeypatch, capsys):
+    # `--model "$M"` with M unset ran the bundled default model, as if --model were not given
+    def ran(method, **kwargs):
+        raise AssertionError(f"demo {method} ran")
+
+    monkeypatch.setattr(demos, "run", ran)
+    assert cli.main(["demo", "ltsft", "--model", ""]) == 1
+    assert "--model: an empty name" in capsys.readouterr().err

@@ -19,6 +19,8 @@ def check(method: str, model: str | None = None, out: str = "demo-out", seeds: i
     will run before running the first)."""
     if method not in METHODS:
         raise ValueError(f"demo: unknown method {method!r}; choose from {list(METHODS)}")
+    if model == "":  # an unset shell variable: `model or DEFAULT_MODEL` ran the default model silently
+        raise ValueError("demo: --model: an empty name; give a Hugging Face model name or folder")
     if method == "xelm" and model is not None and model != DEFAULT_MODEL:
         raise ValueError("demo xelm: --model does not apply (the seed LM is trained in-process); "
                          "run the other methods one by one with --model")
