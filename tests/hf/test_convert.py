@@ -459,10 +459,19 @@ def _longcat_flash():
     return transformers.LongcatFlashForCausalLM(cfg), "model.layers.0.mlp.router.classifier"
 
 
-@pytest.mark.parametrize("build", [_tdnn_xvector, _mobilebert_mlm, _longcat_flash])
+def _layoutlmv3(name):
+    cfg = transformers.LayoutLMv3Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=24, max_position_embeddings=32, coordinate_size=5,
+                                        shape_size=6, visual_embed=False)
+    return lambda: (transformers.LayoutLMv3Model(cfg), f"encoder.{name}")
+
+
+@pytest.mark.parametrize("build", [_tdnn_xvector, _mobilebert_mlm, _longcat_flash,
+                                   *(_layoutlmv3(n) for n in ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"))])
 def test_linear_layers_whose_weight_the_parent_reads_are_never_converted(build):
     # a TDNN layer runs F.conv1d on kernel.weight, MobileBERT's LM head multiplies by dense.weight, LongCat-Flash's
-    # router runs F.linear on classifier.weight: converted, their deltas changed no output and got no gradient
+    # router runs F.linear on classifier.weight, LayoutLMv3's encoder indexes rel_pos_bias.weight (and the x and
+    # y tables) by bucket: converted, their deltas changed no output and got no gradient
     torch.manual_seed(0)
     model, name = build()
     assert name not in hf.model.target_names(model)

@@ -82,7 +82,11 @@ _READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_pr
                         # multiplies by [decoder.weightᵀ; dense.weight]; LongCat-Flash's router runs F.linear
                         # on classifier.weight
                         "TDNNLayer": ("kernel",), "MobileBertLMPredictionHead": ("dense", "decoder"),
-                        "LongcatFlashTopkRouter": ("classifier",)}
+                        "LongcatFlashTopkRouter": ("classifier",),
+                        # LayoutLMv2/v3 (LayoutXLM) and PP-DocLayoutV2 index the relative-position bias tables
+                        # rel_pos_bias.weight, rel_pos_x_bias.weight and rel_pos_y_bias.weight by bucket
+                        **{encoder: ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias") for encoder in
+                           ("LayoutLMv2Encoder", "LayoutLMv3Encoder", "PPDocLayoutV2ReadingOrderEncoder")}}
 # ... and those that do so under a config: BLOOM with pretraining_tp > 1 and slow_but_exact=True
 # runs F.linear on column slices of these children's weights
 _TP_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
