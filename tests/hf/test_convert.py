@@ -189,6 +189,28 @@ def test_routed_kinds_refuse_longformer_attention(arch):
     hf.convert(model, density=0.1)
 
 
+@pytest.mark.parametrize("head", ["ee", "el"])
+def test_routed_kinds_refuse_bros_heads_that_see_the_tokens_sequence_first(head):
+    # BROS's SPADE heads run on the encoder's output transposed to [S, B, H]: with S == B per-example ids
+    # [1, 0, -1] routed the heads' rows by token position, silently (initial_token_classifier.1 and .3 are
+    # default targets; logits up to 100 off those of each example's own language)
+    cfg = transformers.BrosConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=24, max_position_embeddings=40)
+    cls = transformers.BrosSpadeEEForTokenClassification if head == "ee" else transformers.BrosSpadeELForTokenClassification
+    model = cls(cfg)
+    diffs = {"de": xlsparse.SparseDiff({}), "fr": xlsparse.SparseDiff({})}
+    targets = None if head == "ee" else ["entity_linker.query", "encoder.layer.0.attention.self.query"]
+    with pytest.raises(ValueError, match=r"transposed to \[S, B, H\]"):
+        hf.convert(model, targets, kind="multi", diffs=diffs)
+    with pytest.raises(ValueError, match=r"transposed to \[S, B, H\]"):
+        hf.convert(model, targets, kind="subnetwork", masks={"de": {}})
+    assert not hasattr(model, "xlsparse_config")
+    hf.convert(model, r"bros\.encoder\..*", kind="multi", diffs=diffs)  # the encoder sees [B, S, H]: fine
+    x, bbox = torch.randint(3, VOCAB, (3, 3)), torch.rand(3, 3, 8)
+    with torch.no_grad(), hf.route(model, [1, 0, -1]):
+        model(input_ids=x, bbox=bbox, attention_mask=torch.ones(3, 3, dtype=torch.long))
+
+
 @pytest.mark.parametrize("holder", ["wrapper", "encoder-decoder"])
 def test_routed_kinds_refuse_a_longformer_held_by_another_module(holder):
     # the refusal read the converted model's own config: a module holding a Longformer (a wrapper with no

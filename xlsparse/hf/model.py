@@ -70,6 +70,10 @@ def _matches(name: str, patterns) -> bool:
 # transformers models whose layers see [S, B, H] activations: language ids cannot be routed in them
 # (Longformer's and LED's encoder self-attention transposes to [S, B, H] before query/key/value)
 _SEQUENCE_FIRST = {"xlnet", "fsmt", "longformer", "led"}
+# ... and transformers heads that run on the encoder's output transposed to [S, B, H], by the class that holds
+# them: BROS's SPADE heads (`initial_token_classifier` is a default target, `Sequential` children 1 and 3)
+_SEQUENCE_FIRST_HEADS = {"BrosSpadeEEForTokenClassification": ("initial_token_classifier", "subsequent_token_classifier"),
+                         "BrosSpadeELForTokenClassification": ("entity_linker",)}
 
 
 # transformers modules that pass these children's weights to a functional call and never call the
@@ -626,6 +630,12 @@ def _refuse_unroutable(kind: str, names: list, modules: dict) -> None:
         raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
                          f"{hit[0][1]} runs its layers sequence-first ([S, B, H]) ({hit[0][0]!r} ...): ids would "
                          "reach the wrong rows")
+    heads = [f"{a}.{h}" if a else h for a, m in modules.items() for h in _SEQUENCE_FIRST_HEADS.get(type(m).__name__, ())]
+    in_heads = [n for n in names if any(n == h or n.startswith(h + ".") for h in heads)]
+    if in_heads:
+        raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
+                         f"{in_heads[:3]} run on the encoder's output transposed to [S, B, H] (sequence-first): ids "
+                         "would reach the wrong rows; leave them out of target_modules")
     # torch's own transformer layers are sequence-first unless batch_first=True (their default is False)
     seq_first = [n for n in names for a, m in modules.items()
                  if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
