@@ -488,12 +488,22 @@ def _layoutlmv3(name):
     return lambda: (transformers.LayoutLMv3Model(cfg), f"encoder.{name}")
 
 
-@pytest.mark.parametrize("build", [_tdnn_xvector, _mobilebert_mlm, _longcat_flash,
+def _detr_segmentation():
+    backbone = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8, 8, 8, 8], depths=[1, 1, 1, 1],
+                                         out_features=["stage1", "stage2", "stage3", "stage4"])
+    cfg = transformers.DetrConfig(use_timm_backbone=False, backbone_config=backbone, use_pretrained_backbone=False,
+                                  d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=8,
+                                  decoder_attention_heads=8, encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=4)
+    return transformers.DetrForSegmentation(cfg), "bbox_attention.k_proj"
+
+
+@pytest.mark.parametrize("build", [_tdnn_xvector, _mobilebert_mlm, _longcat_flash, _detr_segmentation,
                                    *(_layoutlmv3(n) for n in ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias"))])
 def test_linear_layers_whose_weight_the_parent_reads_are_never_converted(build):
     # a TDNN layer runs F.conv1d on kernel.weight, MobileBERT's LM head multiplies by dense.weight, LongCat-Flash's
     # router runs F.linear on classifier.weight, LayoutLMv3's encoder indexes rel_pos_bias.weight (and the x and
-    # y tables) by bucket: converted, their deltas changed no output and got no gradient
+    # y tables) by bucket, DETR's segmentation head runs F.conv2d on bbox_attention.k_proj.weight: converted, their
+    # deltas changed no output and got no gradient
     torch.manual_seed(0)
     model, name = build()
     assert name not in hf.model.target_names(model)

@@ -90,7 +90,10 @@ _READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_pr
                         # LayoutLMv2/v3 (LayoutXLM) and PP-DocLayoutV2 index the relative-position bias tables
                         # rel_pos_bias.weight, rel_pos_x_bias.weight and rel_pos_y_bias.weight by bucket
                         **{encoder: ("rel_pos_bias", "rel_pos_x_bias", "rel_pos_y_bias") for encoder in
-                           ("LayoutLMv2Encoder", "LayoutLMv3Encoder", "PPDocLayoutV2ReadingOrderEncoder")}}
+                           ("LayoutLMv2Encoder", "LayoutLMv3Encoder", "PPDocLayoutV2ReadingOrderEncoder")},
+                        # DETR's segmentation head (and Conditional DETR's, MaskFormer's) runs F.conv2d on k_proj.weight
+                        **{attention_map: ("k_proj",) for attention_map in
+                           ("DetrMHAttentionMap", "ConditionalDetrMHAttentionMap", "MaskFormerDetrMHAttentionMap")}}
 # ... and those that do so under a config: BLOOM with pretraining_tp > 1 and slow_but_exact=True
 # runs F.linear on column slices of these children's weights
 _TP_SLICED = {"BloomAttention": ("dense",), "BloomMLP": ("dense_4h_to_h",)}
