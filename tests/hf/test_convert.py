@@ -1,6 +1,7 @@
 """convert / route / merge / extract_diff on tiny BERT, XLM-R, Llama and GPT-2."""
 import contextlib
 import copy
+import inspect
 
 import pytest
 import torch
@@ -456,6 +457,27 @@ def test_mamba_dt_proj_is_never_converted(arch):
     assert "backbone.layers.0.mixer.in_proj" in names and not [n for n in names if n.endswith("dt_proj")]
     with pytest.raises(ValueError, match="never run"):
         hf.convert(model, target_modules=["dt_proj"], density=0.1)
+
+
+@pytest.mark.parametrize("arch, bypassed", [("Mamba", ("x_proj", "out_proj")), ("Mamba2", ("out_proj",))])
+def test_mamba_layers_the_fused_training_kernels_read_are_never_converted(arch, bypassed):
+    # In training on CUDA with mamba_ssm (or the hub's kernels) the mixer passes these weights to a
+    # fused kernel and never calls the layers, so their deltas trained nothing there (no GPU here:
+    # the mixer's source shows the hand-over)
+    kw = dict(vocab_size=VOCAB, hidden_size=16, state_size=4, num_hidden_layers=1, expand=2, conv_kernel=3)
+    if arch == "Mamba2":
+        kw.update(num_heads=4, head_dim=8, n_groups=1, chunk_size=8)
+    else:
+        kw.update(time_step_rank=4)
+    model = getattr(transformers, f"{arch}ForCausalLM")(getattr(transformers, f"{arch}Config")(**kw))
+    names = hf.model.target_names(model)
+    assert "backbone.layers.0.mixer.in_proj" in names
+    assert not [n for n in names if n.rsplit(".", 1)[-1] in bypassed]
+    for name in bypassed:
+        with pytest.raises(ValueError, match="never run"):
+            hf.convert(model, target_modules=[name], density=0.1)
+    source = inspect.getsource(type(model.backbone.layers[0].mixer).forward)  # where it hands them over
+    assert all(f"self.{name}.weight" in source for name in bypassed)
 
 
 def _tdnn_xvector():

@@ -81,7 +81,15 @@ _SEQUENCE_FIRST_HEADS = {"BrosSpadeEEForTokenClassification": ("initial_token_cl
 _READS_CHILD_WEIGHTS = {"WavLMAttention": ("q_proj", "k_proj", "v_proj", "out_proj"),
                         # Mamba's mixers compute `dt_proj.weight @ time_step` (its bias goes to the scan):
                         # a converted dt_proj's delta changed no output and got no gradient
-                        "MambaMixer": ("dt_proj",), "FalconMambaMixer": ("dt_proj",), "JambaMambaMixer": ("dt_proj",),
+                        "FalconMambaMixer": ("dt_proj",), "JambaMambaMixer": ("dt_proj",),
+                        # ... and in training on CUDA with mamba_ssm or the hub's kernels, Mamba's mixer hands
+                        # x_proj's and out_proj's weights to the fused mamba_inner_fn, and the Mamba2 family's
+                        # out_proj's to mamba_split_conv1d_scan_combined: bypassed on a GPU, run on a CPU,
+                        # so refused everywhere rather than train on only one of them
+                        "MambaMixer": ("dt_proj", "x_proj", "out_proj"),
+                        **{mixer: ("out_proj",) for mixer in
+                           ("Mamba2Mixer", "BambaMixer", "FalconH1Mixer", "GraniteMoeHybridMambaLayer",
+                            "NemotronHMamba2Mixer", "Zamba2MambaMixer")},
                         # an x-vector head's TDNN layers run F.conv1d on kernel.weight; MobileBERT's LM head
                         # multiplies by [decoder.weightᵀ; dense.weight]; LongCat-Flash's router runs F.linear
                         # on classifier.weight
