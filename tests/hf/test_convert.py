@@ -386,6 +386,24 @@ def test_routed_kinds_refuse_torch_transformer_layers_that_are_not_batch_first()
     hf.convert(model, density=0.1)  # a delta is not routed: fine
 
 
+def test_routed_kinds_refuse_the_linears_of_a_block_whose_multihead_attention_is_sequence_first():
+    # BridgeTower's vision blocks hold an nn.MultiheadAttention with batch_first=False; their
+    # mlp.c_fc/c_proj (default targets) see [S, B, H], and with S == B per-example ids were taken
+    # as patch positions, silently
+    cfg = transformers.BridgeTowerConfig(text_config=dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1,
+                                                          num_attention_heads=2, intermediate_size=24),
+                                         vision_config=dict(hidden_size=64, num_hidden_layers=1, image_size=8,
+                                                            patch_size=4),
+                                         hidden_size=64, num_hidden_layers=1, num_attention_heads=2)
+    model = transformers.BridgeTowerModel(cfg)
+    assert "vision_model.visual.transformer.resblocks.0.mlp.c_fc" in hf.model.target_names(model)
+    with pytest.raises(ValueError, match=r"resblocks.0.mlp.c_fc.*batch_first=False"):
+        hf.convert(model, kind="multi", diffs={"de": xlsparse.SparseDiff({})})
+    assert not hasattr(model, "xlsparse_config")
+    text = [n for n in hf.model.target_names(model) if not n.startswith("vision_model.")]
+    hf.convert(model, text, kind="multi", diffs={"de": xlsparse.SparseDiff({})})  # the text side routes
+
+
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
 def test_torch_transformer_encoder_layers_run_their_deltas_in_eval_mode(grad, padded):

@@ -647,14 +647,16 @@ def _refuse_unroutable(kind: str, names: list, modules: dict) -> None:
         raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, but "
                          f"{in_heads[:3]} run on the encoder's output transposed to [S, B, H] (sequence-first): ids "
                          "would reach the wrong rows; leave them out of target_modules")
-    # torch's own transformer layers are sequence-first unless batch_first=True (their default is False)
+    # a block that holds an nn.MultiheadAttention built with batch_first=False (torch's default) is
+    # sequence-first: torch's nn.Transformer*Layer, BridgeTower's vision blocks (their mlp.c_fc/c_proj)
     seq_first = [n for n in names for a, m in modules.items()
-                 if isinstance(m, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
-                 and (n.startswith(a + ".") or not a) and not m.self_attn.batch_first]  # a == "": the model itself
+                 if (n.startswith(a + ".") or not a)  # a == "": the model itself
+                 and any(isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in m.children())]
     if seq_first:
         raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, "
-                         f"but {seq_first[:3]} sit in nn.Transformer*Layer modules built with batch_first=False, "
-                         "which see [S, B, H]: ids would reach the wrong rows; build them with batch_first=True")
+                         f"but {seq_first[:3]} sit in blocks whose nn.MultiheadAttention was built with "
+                         "batch_first=False, which see [S, B, H]: ids would reach the wrong rows; build them with "
+                         "batch_first=True, or leave them out of target_modules")
     in_experts = [n for n in names if re.search(r"(^|\.)experts(\.|$)", n)]
     if in_experts:
         raise ValueError(f"convert: kind={kind!r} cannot route {in_experts[:2]}{' ...' if len(in_experts) > 2 else ''}: "
