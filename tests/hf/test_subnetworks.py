@@ -1975,6 +1975,21 @@ def test_a_language_s_batches_carrying_other_language_ids_are_refused():
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
     subnetworks.reptile_step(model, {"de": [{**batch, "language_ids": torch.zeros(len(ids), dtype=torch.long)}]},
                              masks, inner_lr=0.1)  # its own language: fine
+    # per-token ids with -1 (no update) on padding: the step of the batch without the field (the
+    # padding's rows get no gradient either way); they were refused as "other languages"
+    pad = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    pad["attention_mask"][:, -1], pad["labels"][:, -1] = 0, -100
+    per_token = torch.zeros_like(ids)
+    per_token[:, -1] = -1
+    twin = copy.deepcopy(model)
+    subnetworks.reptile_step(model, {"de": [{**pad, "language_ids": per_token}]}, masks, inner_lr=0.1)
+    subnetworks.reptile_step(twin, {"de": [pad]}, masks, inner_lr=0.1)
+    changed = [n for n, p in twin.named_parameters() if not torch.equal(p, before[n])]
+    assert changed
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, dict(twin.named_parameters())[n], rtol=0, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="or to none"):  # every id -1: the batch would train nothing
+        subnetworks.reptile_step(model, {"de": [{**pad, "language_ids": torch.full_like(ids, -1)}]}, masks, inner_lr=0.1)
 
 
 def test_reptile_step_refuses_inner_steps_below_one_and_cycles_short_batches():

@@ -60,10 +60,12 @@ def _in_language(op: str, model: nn.Module, lang: str, batch: Mapping):
     if batch.get("language_ids") is not None:
         # `model(**batch)` routes by the field, inside this route: a batch of `lang` whose field named
         # another language trained only where both masks open, silently
+        # −1 (no update: per-token padding) may stay; the batch must still train its language
         given = _language_ids(languages(model), batch["language_ids"])
-        if not bool((given == languages(model).index(lang)).all()):
+        own = given == languages(model).index(lang)
+        if not bool((own | (given == -1)).all()) or not bool(own.any()):
             raise ValueError(f"{op}: the batches of {lang!r} carry language_ids {given.tolist()}, which route them to other "
-                             "languages; drop the field or give each batch under its own language")
+                             "languages (or to none); drop the field or give each batch under its own language")
     ids = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0)  # B: a 0-dim field has none
     return _one_language(route(model, [lang] * ids.shape[0]), languages(model).index(lang))
 
