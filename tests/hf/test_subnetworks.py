@@ -1514,6 +1514,28 @@ def test_dynamic_masks_callback_refuses_a_state_of_the_other_kind_of_scores():
     assert per_entry.scores["de"] is entries["scores"]["de"] and heads.reselections == 1
 
 
+@pytest.mark.parametrize("changed", [{"every": 3}, {"neurons_density": 0.5}, {"heads_density": 0.25}])
+def test_dynamic_masks_callback_refuses_a_state_saved_with_other_settings(changed):
+    """A resume with another `every` or density was taken: the resumed steps re-selected on
+    another schedule, or kept another share of heads/neurons, than the run that wrote the
+    checkpoint, silently. The saved state now carries the settings; a state of one saved before
+    them (no settings) is still taken."""
+    probe = {"de": _lm_batches(1, 1), "fr": _lm_batches(1, 2)}
+    made = dict(every=2, heads_density=0.5, neurons_density=0.25)
+    saving = subnetworks.DynamicMasksCallback(probe, **made)
+    saving.scores, saving.reselections = {"de": (torch.rand(2, 2), torch.rand(2, 48))}, 1
+    state = saving.state_dict()
+    other = subnetworks.DynamicMasksCallback(probe, **{**made, **changed})
+    (key, value), = changed.items()
+    with pytest.raises(ValueError, match=rf"re-selected with {key} = {made[key]} \(this callback: {value}\)"):
+        other.load_state_dict(state)
+    assert other.scores == {} and other.reselections == 0
+    same = subnetworks.DynamicMasksCallback(probe, **made)
+    same.load_state_dict(state)
+    assert same.reselections == 1
+    other.load_state_dict({"scores": state["scores"], "reselections": 1})
+
+
 def test_load_best_model_at_end_brings_back_the_best_checkpoint_s_masks_and_coverage(tmp_path):
     """The Trainer's own _load_best_model loaded the best checkpoint's weights only: the model kept
     the masks and coverage of the last re-selection, so it routed, and exported its diff, as no

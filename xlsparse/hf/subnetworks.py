@@ -1310,12 +1310,24 @@ class DynamicMasksCallback(TrainerCallback):
 
     def state_dict(self) -> dict:
         """What a resumed run needs (SubnetworkTrainer saves it with each checkpoint): the scores
-        accumulated since the last re-selection and the number of re-selections."""
-        return {"scores": self.scores, "reselections": self.reselections}
+        accumulated since the last re-selection and the number of re-selections, with the settings
+        that decide the re-selections (checked on load)."""
+        return {"scores": self.scores, "reselections": self.reselections, "settings": self._settings()}
+
+    def _settings(self) -> dict:
+        return {"every": self.every, "heads_density": self.heads_density, "neurons_density": self.neurons_density,
+                "density": self.density}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Take a `state_dict`, whose scores must be of this callback's kind: head/neuron scores
-        (`heads_density`) or per-entry ones (`density`)."""
+        (`heads_density`) or per-entry ones (`density`), made with this callback's settings."""
+        # another schedule or density re-selected the resumed steps' masks another run's way, silently
+        # (a state saved before the settings were: not known, so not checked)
+        saved, mine = state.get("settings", self._settings()), self._settings()
+        differs = [f"{k} = {saved.get(k)!r} (this callback: {v!r})" for k, v in mine.items() if saved.get(k) != v]
+        if differs:
+            raise ValueError(f"DynamicMasksCallback: the saved state's run re-selected with {', '.join(differs)}; "
+                             "resume with a callback made as the saving run's was")
         structured = self.density is None
         other = [lang for lang, score in state["scores"].items() if isinstance(score, tuple) != structured]
         if other:  # the first step's sum of the two kinds failed with a bare TypeError, after a step had trained
