@@ -300,7 +300,7 @@ def test_continual_trainer_makes_the_same_update(tmp_path, converted_before):
     assert torch.equal(model.model.norm.weight, norm) == (converted_before != "with modules_to_save")
 
 
-def _continual_run(tmp_path, out, seed=0, earlier_update=False, resume=None):
+def _continual_run(tmp_path, out, seed=0, earlier_update=False, resume=None, density=0.2):
     """continual_trainer on tiny("llama", seed) for 4 steps (checkpoints every 2), optionally on a
     model an earlier update converted and trained (its record holds the values from that convert)."""
     from transformers import TrainingArguments
@@ -309,7 +309,7 @@ def _continual_run(tmp_path, out, seed=0, earlier_update=False, resume=None):
     names = [f"{n}.weight" for n in hf.model.target_names(model)]
     named = dict(model.named_parameters())
     g = torch.Generator().manual_seed(2)
-    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.2 for n in names} for lang in ("de", "fr", "ja")}
+    masks = {lang: {n: torch.rand(named[n].shape, generator=g) < density for n in names} for lang in ("de", "fr", "ja")}
     if earlier_update:
         continual.continual_update(model, [_mixed_batch(4)], _rotated(masks), lr=1e-2, progress=False)
     args = TrainingArguments(output_dir=str(tmp_path / out), per_device_train_batch_size=3, learning_rate=1e-2,
@@ -330,6 +330,23 @@ def test_continual_trainer_resumed_on_the_same_base_matches_the_uninterrupted_ru
     want, got = hf.extract_diff(model), hf.extract_diff(resumed)
     for n, d in want.deltas.items():
         assert torch.equal(d.indices, got.deltas[n].indices) and torch.equal(d.values, got.deltas[n].values), n
+
+
+def test_continual_trainer_refuses_to_resume_with_other_masks_before_anything_changes(tmp_path):
+    # the resume restored the checkpoint's masks over the ones given (density 0.5 asked, 0.2 trained)
+    # and the update went on with the other subsets, silently
+    from xlsparse.nn import SubnetworkLinear
+
+    _continual_run(tmp_path, "a")[1].train()
+    model, trainer = _continual_run(tmp_path, "b", density=0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = {n: layer.masks.clone() for n, layer in hf.model._converted(model, SubnetworkLinear)}
+    with pytest.raises(ValueError, match="holds other masks than this run was given"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for n, layer in hf.model._converted(model, SubnetworkLinear):
+        assert torch.equal(layer.masks, masks[n]), n
 
 
 def test_continual_trainer_refuses_to_resume_on_another_base_model(tmp_path):

@@ -299,11 +299,13 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     Refuses what SubnetworkTrainer refuses (another `optim`, `optimizer_cls_and_kwargs`,
     Accelerate's FSDP plugin, DeepSpeed, `use_liger_kernel` over a masked output head, an
     `optimizers=` optimizer that is not a masked one or that opens entries outside the masks'
-    union), and `model_init`, before it converts the model."""
+    union), and `model_init`, before it converts the model; a resume from a checkpoint trained
+    with other masks than `masks` is refused (without a DynamicMasksCallback)."""
     from types import SimpleNamespace
 
     from .lt_sft import _refuse_replaced_parameters
-    from .model import _refuse_liger_on_converted_head, _swap_conv1d_layout
+    from ..nn import SubnetworkLinear
+    from .model import _converted, _refuse_liger_on_converted_head, _swap_conv1d_layout
     from .subnetworks import _SUBNETWORK_HOLDS, SubnetworkTrainer, _check_own_optimizer, _refuse_unconfined
 
     # what SubnetworkTrainer refuses, before _prepare converts the caller's model
@@ -325,7 +327,10 @@ def continual_trainer(model: nn.Module, masks: Mapping[str, Mapping[str, torch.T
     _prepare(model, masks, "continual_trainer", before_converting=lambda union: _refuse_unconfined(
         "continual_trainer", given.optimizer,
         [(n, named[n], m) for n, m in _swap_conv1d_layout(model, union).items() if n in named]))
-    return SubnetworkTrainer(model=model, **trainer_kwargs)
+    trainer = SubnetworkTrainer(model=model, **trainer_kwargs)
+    # a resume must continue an update with these masks, not silently with its checkpoint's
+    trainer._asked_masks = {n: layer.masks.detach().cpu().clone() for n, layer in _converted(model, SubnetworkLinear)}
+    return trainer
 
 
 @accepts_compiled

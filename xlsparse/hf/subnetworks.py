@@ -1085,6 +1085,9 @@ class SubnetworkTrainer(Trainer):
     """
 
     MASKS_FILE = "subnetwork_masks.pt"
+    # {layer: masks} the caller asked this run to train with (continual_trainer's `masks`): a static
+    # run's checkpoint must hold them. None: the checkpoint's masks are the run's (a model rebuilt by hand)
+    _asked_masks = None
 
     def __init__(self, *args, **kwargs):
         if Trainer is object:
@@ -1194,6 +1197,12 @@ class SubnetworkTrainer(Trainer):
                 or len(saved["callbacks"]) != len(self._dynamic_callbacks()):
             raise ValueError(f"SubnetworkTrainer: {path} was saved from another setup (languages, converted layers or "
                              "DynamicMasksCallbacks differ)")
+        if self._asked_masks is not None and not self._dynamic_callbacks():
+            # restoring the checkpoint's masks trained other subsets than the ones given, silently
+            other = [n for n in layers if not torch.equal(saved["masks"][n], self._asked_masks[n])]
+            if other:
+                raise ValueError(f"SubnetworkTrainer: {path} holds other masks than this run was given (e.g. for "
+                                 f"{other[0]!r}): its run trained other subsets; give the masks it was trained with")
         if saved.get("covered") is None:  # written before re-selections were recorded: fine if the masks never grew
             covered = _subnet_coverage(self.model)
             if any(bool((saved["masks"][n].any(0) & ~_covered_mask(layers[n], covered[n][0])).any()) for n in covered):
