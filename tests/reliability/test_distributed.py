@@ -767,6 +767,70 @@ def test_fomaml_step_under_ddp_equals_one_process_over_both_processes_batches(tm
     assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+
+def _reversed(batches: dict) -> dict:
+    return dict(reversed(list(batches.items())))
+
+
+def _meta_order_worker(rank: int, out: str):
+    from xlsparse.hf import subnetworks
+
+    results = []
+    for step in ("fomaml", "reptile"):
+        model = _scored_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        masks = _meta_masks(dict(model.named_parameters()), "module.")
+        support, query = _meta_batches([rank])
+        if rank == 1:  # the same languages, listed in the other order
+            support, query, masks = _reversed(support), _reversed(query), _reversed(masks)
+        if step == "fomaml":
+            _fomaml(ddp, masks, support, query)
+        else:
+            subnetworks.reptile_step(ddp, {lang: [b] for lang, b in support.items()}, masks, inner_lr=0.5)
+        results.append({n: p.detach().clone() for n, p in model.named_parameters()})
+    refused = []
+    for change in ("languages", "masks"):
+        model = _scored_model()
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        masks = _meta_masks(dict(model.named_parameters()), "module.")
+        support, query = _meta_batches([rank])
+        if rank == 1 and change == "languages":  # fr on process 0 only
+            support, query, masks = ({"de": d["de"]} for d in (support, query, masks))
+        if rank == 1 and change == "masks":  # drawn per process
+            masks = {lang: {n: ~m for n, m in named.items()} for lang, named in masks.items()}
+        try:
+            _fomaml(ddp, masks, support, query)
+            refused.append("")
+        except ValueError as exc:
+            refused.append(str(exc))
+        refused[-1] += "" if all(torch.equal(p, q) for p, q in zip(model.parameters(), _scored_model().parameters())) \
+            else " (model changed)"
+    _gather_to(out, rank, (results, refused))
+
+
+def test_meta_steps_under_ddp_take_the_languages_in_one_order_and_refuse_other_languages_or_masks(tmp_path):
+    # Each process stepped its languages in its dicts' order, and DDP averaged the gradient of one
+    # process's de with the other's fr: the replicas drifted apart (off by 2e-2 from one process).
+    # A language on one process only, or masks drawn per process, were not checked either.
+    from xlsparse.hf import subnetworks
+
+    out = str(tmp_path / "meta_order.pt")
+    _spawn(_meta_order_worker, out)
+    ranks = torch.load(out, weights_only=True)
+    fomaml_model, reptile_model = _scored_model(), _scored_model()
+    _fomaml(fomaml_model, _meta_masks(dict(fomaml_model.named_parameters())), *_meta_batches([0, 1]))
+    support = _meta_batches([0, 1])[0]
+    subnetworks.reptile_step(reptile_model, {lang: [b] for lang, b in support.items()},
+                             _meta_masks(dict(reptile_model.named_parameters())), inner_lr=0.5)
+    for results, refused in ranks:
+        for trained, model in zip(results, (fomaml_model, reptile_model)):
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(trained[name], p.detach(), **CLOSE, msg=lambda m, name=name: f"{name}: {m}")
+        for said in refused:
+            assert said.startswith("fomaml_step: the processes of the DistributedDataParallel model were given other "
+                                   "languages or other masks"), said
+
+
 # --- FSDP2: what writes whole tensors into the model refuses, before anything changes ---
 
 def _shard(model, mesh, part: bool = False):

@@ -395,6 +395,21 @@ def _refuse_nonfinite_losses(op: str, model: nn.Module, bad: dict) -> None:
                          "backward that overflowed); the model was left as it was")
 
 
+def _refuse_differing_languages(op: str, model: nn.Module, stored: Mapping) -> None:
+    """Under DDP every inner and query backward averages its gradient with the other processes'
+    backward at the same position, so all must step the same languages in one order (the steps
+    take them sorted) by the same masks: languages listed in another order on one process (a dict
+    built from a set of names), or masks drawn per process, averaged one language's gradient with
+    another's, silently, and the replicas drifted apart. One check on every process, before any step."""
+    if not isinstance(model, nn.parallel.DistributedDataParallel):
+        return
+    device = next(model.parameters()).device  # NCCL reduces GPU tensors only; masks may be given on the CPU
+    if not same_on_all_ranks({lang: {n: m.to(device) for n, m in masks.items()} for lang, masks in stored.items()},
+                             model.process_group):
+        raise ValueError(f"{op}: the processes of the DistributedDataParallel model were given other languages or "
+                         "other masks; give every process the same languages and masks (each its own batches)")
+
+
 def _finite_step(loss: float, optimizer) -> bool:
     """Whether a step of `optimizer` on this loss and the gradients now in `.grad` may be taken: the
     loss is finite, and so is every gradient entry the step reads (a parameter's masked entries, or
@@ -462,6 +477,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     _refuse_empty_subnetworks("reptile_step", stored)
     _refuse_max_norm(model, "reptile_step")
     _check_routed(model, stored, "reptile_step")
+    _refuse_differing_languages("reptile_step", model, stored)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     start = {n: p.detach().clone() for n, p in named.items()}
     # float32 at least: Σ_l (θ_l − θ) summed in bfloat16 rounded at every language (a large move and
@@ -469,7 +485,8 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
     wide = {n: torch.promote_types(p.dtype, torch.float32) for n, p in named.items()}
     total = {n: torch.zeros_like(p, dtype=wide[n]) for n, p in named.items()}
     losses, bad = {}, {}  # bad: the languages with a non-finite loss, in order
-    for lang, lang_batches in _progress("reptile_step", taken.items(), "reptile", progress):
+    order = sorted(taken, key=str)  # one order on every process (`_refuse_differing_languages`)
+    for lang, lang_batches in _progress("reptile_step", [(lang, taken[lang]) for lang in order], "reptile", progress):
         lang_masks = stored[lang]
         opt = MaskedSGD([named[n] for n in lang_masks], list(lang_masks.values()), lr=inner_lr)
         try:  # θ is restored even when a later batch fails after the first steps moved it
@@ -496,7 +513,7 @@ def reptile_step(model: nn.Module, batches: Mapping[str, Iterable], masks: Mappi
         for n, p in named.items():
             p.copy_(torch.add(p.to(wide[n]), total[n], alpha=outer_lr / max(len(batches), 1)))
     model.zero_grad(set_to_none=True)
-    return losses
+    return {lang: losses[lang] for lang in taken}  # in the caller's order, not the steps' sorted one
 
 
 # --- structured subnetworks: attention heads and FFN neurons ---
@@ -787,7 +804,8 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     caller's: HF's `from_pretrained` returns it in eval mode (no dropout). Under DDP (a model
     wrapped by DistributedDataParallel, masks named as it names the parameters) the inner steps'
     gradients and the outer gradient are averaged over the processes: one process over the
-    processes' batches concatenated.
+    processes' batches concatenated (every process must be given the same languages and masks,
+    else ValueError on every process before any step; the languages are taken in sorted order).
     """
     from ..optim import _MaskedOptimizer
 
@@ -821,6 +839,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     _refuse_empty_subnetworks("fomaml_step", stored)
     _refuse_max_norm(model, "fomaml_step")
     _check_routed(model, stored, "fomaml_step")
+    _refuse_differing_languages("fomaml_step", model, stored)
     named = dict(model.named_parameters())
     # its steps copy θ back and mask whole gradients: on FSDP2's shards it failed with a size
     # mismatch naming nothing
@@ -830,7 +849,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     lrs = _lr_by_name("fomaml_step", "inner_lr", sorted({n for m in stored.values() for n in m}), inner_lr)
     outer = {}
     losses, bad = {}, {}  # bad: the languages with a non-finite loss, in order
-    for lang in support:
+    for lang in sorted(support, key=str):  # one order on every process (`_refuse_differing_languages`)
         lang_masks = {n: m for n, m in stored[lang].items() if bool(m.any())}
         params = [named[n] for n in lang_masks]
         start = [p.detach().clone() for p in params]
@@ -875,7 +894,7 @@ def fomaml_step(model: nn.Module, support: Mapping, query: Mapping, masks: Mappi
     for n, g in outer.items():
         named[n].grad = (g / len(support)).to(named[n].dtype)
     outer_optimizer.step()
-    return losses
+    return {lang: losses[lang] for lang in support}  # in the caller's order, not the steps' sorted one
 
 
 def _opened(optimizer, p: torch.Tensor) -> torch.Tensor:
