@@ -1391,6 +1391,38 @@ def test_subnetwork_linear_matches_per_language_loop(backend, bias_masks, how, u
     torch.testing.assert_close(xg.grad, xd.grad)
 
 
+@pytest.mark.parametrize("bias_masks", [False, True])
+def test_subnetwork_linear_second_order_gradients_are_masked_per_language(bias_masks):
+    # With create_graph (a gradient penalty on dX, second-order MAML) dX = dY W was a plain product,
+    # whose own gradient reached every weight entry: entries outside every mask, and from tokens of id -1
+    layer, masks, bmasks, x, ids = _subnetwork_case(bias_masks=bias_masks)
+    stacked, flat = torch.stack(list(masks.values())), ids.reshape(-1)
+    bstacked = torch.stack(list(bmasks.values())) if bmasks else None
+
+    def restated(xs, w, b):
+        # token t of language l reads W (and b) through entries outside M_l detached: no gradient there
+        rows = []
+        for t, lang in enumerate(flat.tolist()):
+            wt = w.detach() if lang < 0 else torch.where(stacked[lang], w, w.detach())
+            bt = b.detach() if lang < 0 else (torch.where(bstacked[lang], b, b.detach()) if bmasks else b)
+            rows.append(torch.nn.functional.linear(xs[t], wt, bt))
+        return torch.stack(rows)
+
+    def loss_and_grads(forward, w, b, xs):
+        (gx,) = torch.autograd.grad(forward(xs).square().sum(), xs, create_graph=True)
+        gw, gb = torch.autograd.grad(forward(xs).tanh().sum(), (w, b), create_graph=True)
+        loss = gx.square().sum() + (gw.square().sum() + gb.square().sum()) * (xs ** 3).sum()
+        return torch.autograd.grad(loss, (w, b, xs))
+
+    xf = x.reshape(-1, x.shape[-1])
+    got = loss_and_grads(lambda xs: layer(xs, language_ids=flat), layer.weight, layer.bias, xf.clone().requires_grad_())
+    w, b = (p.detach().clone().requires_grad_() for p in (layer.weight, layer.bias))
+    want = loss_and_grads(lambda xs: restated(xs, w, b), w, b, xf.clone().requires_grad_())
+    assert not got[0][~stacked.any(0)].any(), "a second-order gradient reached entries outside every mask"
+    for g, r, name in zip(got, want, ("weight", "bias", "x")):
+        torch.testing.assert_close(g, r, msg=name)
+
+
 def test_subnetwork_linear_without_route_raises_in_training_and_in_an_eval_backward_into_its_weight():
     # Eval mode with no routing ran every token as id -1: loss.backward() gave the weight and bias
     # all-zero gradients, silently (a model from HF's from_pretrained is in eval mode). Its output and

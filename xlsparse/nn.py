@@ -497,7 +497,13 @@ class _SubnetworkLinearFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, masks, bias_masks, ids, order, offsets = ctx.saved_tensors
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and torch.is_grad_enabled() and weight.requires_grad:
+            # create_graph (a gradient penalty on dX, second-order MAML): dX = dY W carries a gradient
+            # into W too, which as a plain product reached every entry, outside every mask and from the
+            # −1 tokens; this function on Wᵀ masks it per language as the first-order dW
+            grad_x = _SubnetworkLinearFn.apply(grad_y, weight.t(), None, masks.transpose(1, 2), None, ids, order,
+                                               offsets)
+        elif ctx.needs_input_grad[0]:
             grad_x = grad_y @ weight
         if ctx.needs_input_grad[1]:
             grad_w = optim_ops.multi_mask_weight_grad(grad_y, x, masks, order, offsets)
