@@ -2106,6 +2106,19 @@ def test_loaded_delta_indices_are_checked_before_the_layer_loads(bad):
         emb.load_state_dict(sd)
 
 
+@pytest.mark.parametrize("bad", [[9, 3, 1, 2], [1, 3, 3, 5], [1, 2, 3, 40]])
+def test_sparse_delta_embedding_checks_the_indices_it_is_built_with(bad):
+    # the constructor took them unchecked (from_embedding, set_support and load_state_dict check):
+    # the binary-search lookup put the values on other entries, or dropped them, silently
+    with pytest.raises((ValueError, IndexError), match="SparseDeltaEmbedding: indices"):
+        xnn.SparseDeltaEmbedding(torch.zeros(10, 4), torch.tensor(bad))
+    layer = xnn.SparseDeltaEmbedding(torch.zeros(10, 4), torch.tensor(sorted(set(bad) - {40})))
+    with torch.no_grad():
+        layer.delta_values.copy_(torch.arange(1.0, layer.delta_values.numel() + 1))
+    want = torch.zeros(40).index_put_((layer.delta_indices.long(),), layer.delta_values.detach()).view(10, 4)
+    assert torch.equal(layer(torch.arange(10)), want)
+
+
 def test_sparse_delta_embedding_refuses_max_norm_zero_and_keeps_padding_rows_without_gradient():
     # max_norm=0.0 (nn.Embedding renormalises rows to zero) was taken for "not set"; a base made
     # trainable got a gradient in its padding row, which nn.Embedding never gives

@@ -710,6 +710,9 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
         # matched it and the padding row's entries trained
         self.padding_idx = None if padding_idx is None else padding_idx % self.num_embeddings
         self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        # checked as from_embedding, set_support and load_state_dict check them: the lookup is a binary
+        # search, and unsorted, repeated or out-of-range indices put values on other entries or none, silently
+        indices = _support(weight, indices=indices, what="SparseDeltaEmbedding")
         self.register_buffer("delta_indices", indices.clone())  # its own: set_support writes it in place
         self.delta_values = nn.Parameter(torch.zeros(indices.numel(), dtype=weight.dtype, device=weight.device))
 
