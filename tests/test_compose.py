@@ -1039,8 +1039,15 @@ def test_revert_refuses_a_model_converted_after_apply():
     model = _model(0)
     handle = diff.apply(model)
     model[2].bias.data = model[2].bias.data.clone()  # same dtype and device, another storage
-    with pytest.raises(RuntimeError, match="revert: '2.bias' is no longer the storage"):
+    with pytest.raises(RuntimeError, match="revert: '2.bias' is no longer the storage.*or the tensor was swapped"):
         handle.revert()
+    # a deep copy of a handle holds copies of the tensors: it said "converted or moved (model.half())"
+    model = _model(0)
+    handle = diff.apply(model)
+    with pytest.raises(RuntimeError, match="this handle is a copy"):
+        copy.deepcopy(handle).revert()
+    handle.revert()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), _model(0).parameters()))
 
 
 def test_revert_refuses_when_the_model_replaced_the_parameter_after_apply():

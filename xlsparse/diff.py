@@ -312,10 +312,13 @@ class ApplyHandle:
                                "diff's changes would be lost and this diff's would stay; nothing was reverted")
         for name, t, placement in self._changed:
             if _placement(t) != placement:
+                # same dtype and device: this handle is a copy (copy.deepcopy, pickle) holding copies of the tensors
+                why = ("the model was converted or moved (model.half(), .to(...)) after apply; nothing was reverted. "
+                       "Revert before converting the model" if (t.device, t.dtype) != placement[:2] else
+                       "this handle is a copy (copy.deepcopy, pickle) of the one apply returned, or the tensor was "
+                       "swapped since; nothing was reverted. Revert with the handle apply returned")
                 raise RuntimeError(f"revert: {name!r} is no longer the storage the diff was applied to (it was "
-                                   f"{placement[1]} on {placement[0]}, now {t.dtype} on {t.device}): the model was "
-                                   "converted or moved (model.half(), .to(...)) after apply; nothing was reverted. "
-                                   "Revert before converting the model")
+                                   f"{placement[1]} on {placement[0]}, now {t.dtype} on {t.device}): {why}")
         if model is not None:
             for name, t, placement in self._changed:  # the changed names only: O(diff), not O(model)
                 now = _tensor_at(model, name)
