@@ -286,6 +286,28 @@ def test_apply_diffs_refuses_dense_tensors_that_share_memory(backend, use_backen
 
 
 @pytest.mark.parametrize("backend", APPLY_BACKENDS)
+def test_disjoint_slices_of_one_buffer_are_applied_and_reverted_as_separate_tensors(backend, use_backend):
+    # parameters kept as slices of one flat buffer (a FlatParameter, parameters_to_vector's views)
+    # were refused as "share memory", naming restore_diffs_, though no entry is written twice
+    use_backend(backend)
+    buf = torch.randn(20)
+    model = torch.nn.Module()
+    model.a, model.b = torch.nn.Parameter(buf[:10].view(2, 5)), torch.nn.Parameter(buf[10:].view(2, 5))
+    apart = {"a": buf[:10].view(2, 5).clone(), "b": buf[10:].view(2, 5).clone()}
+    diff = SparseDiff({"a": SparseDelta(torch.tensor([1, 9]), torch.randn(2), (2, 5)),
+                       "b": SparseDelta(torch.tensor([0, 4]), torch.randn(2), (2, 5))})
+    before = buf.clone()
+    handle = xlsparse.apply(diff, model)
+    for name, t in apart.items():
+        d = diff.deltas[name]
+        want = t.reshape(-1).clone()
+        want[d.indices] += d.values
+        assert_bit_identical(getattr(model, name).detach().reshape(-1), want, name)
+    handle.revert()
+    assert_bit_identical(buf, before, "reverted")
+
+
+@pytest.mark.parametrize("backend", APPLY_BACKENDS)
 def test_apply_and_restore_diffs_name_an_entry_that_is_not_a_tensor(backend, use_backend):
     use_backend(backend)
     dense, idx, vals = [torch.randn(10)], [torch.tensor([1]), torch.tensor([2])], [torch.ones(1), torch.ones(1)]

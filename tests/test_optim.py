@@ -1537,3 +1537,23 @@ def test_a_step_that_finds_no_gradient_before_any_update_warns(opt_class):
         opt.zero_grad()
         opt.step()
     assert not torch.equal(own.weight.detach()[masks[0]], before[masks[0]])
+
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+def test_masked_adamw_steps_parameters_that_are_disjoint_slices_of_one_buffer(mode):
+    # slices of one flat buffer were refused as "share memory", though no entry is written twice
+    g = torch.Generator().manual_seed(0)
+    buf = torch.randn(40, generator=g)
+    shared = [torch.nn.Parameter(buf[:24].view(4, 6)), torch.nn.Parameter(buf[24:].view(4, 4))]
+    apart = [torch.nn.Parameter(p.detach().clone()) for p in shared]
+    masks = [torch.rand(p.shape, generator=g) < 0.5 for p in shared]
+    grads = [torch.randn(p.shape, generator=g) for p in shared]
+    for params in (shared, apart):
+        opt = MaskedAdamW(params, masks, lr=0.1, weight_decay=0.1, mode=mode)
+        for _ in range(2):
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            opt.step()
+    for a, b in zip(shared, apart):
+        assert torch.equal(a.detach(), b.detach())
+    assert torch.equal(buf[:24].view(4, 6), shared[0].detach())  # written in place, in the buffer

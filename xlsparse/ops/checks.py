@@ -190,16 +190,26 @@ def distinct_outputs(op: str, lists: dict) -> set:
         return set()
     keys = [k for lst in lists.values() for k in map(_address, lst) if k is not None]
     found = set(keys)
-    if len(found) < len(keys):
+    if len(found) < len(keys):  # one storage holds several: only overlapping spans clash (one flat buffer's slices do not)
         seen = {}
         for name, lst in lists.items():
             for i, t in enumerate(lst):
                 key = _address(t)
-                if key in seen:
-                    raise ValueError(f"{op}: {seen[key]} and {name}[{i}] share memory; both are written by the op")
-                if key is not None:
-                    seen[key] = f"{name}[{i}]"
+                if key is None:
+                    continue
+                span = _span(t)
+                for other, other_span in seen.get(key, ()):
+                    if span[0] < other_span[1] and other_span[0] < span[1]:
+                        raise ValueError(f"{op}: {other} and {name}[{i}] share memory; both are written by the op")
+                seen.setdefault(key, []).append((f"{name}[{i}]", span))
     return found
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) of the bytes of its storage that t can touch."""
+    first = t.storage_offset() * t.element_size()
+    last = first + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride())) * t.element_size()
+    return first, last + t.element_size()
 
 
 def indices(op: str, idx: torch.Tensor, numel: int) -> None:
