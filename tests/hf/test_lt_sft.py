@@ -1483,12 +1483,12 @@ def test_resuming_a_checkpoint_saved_with_save_only_model_is_refused_before_anyt
 def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
     # a checkpoint inside a gradient window lost the sums so far: resumed from checkpoint-2, 6 tensors
     # ended on another support and the deltas differed by up to 0.0127
-    def trainer(out, **kw):
+    def trainer(out, steps=7, **kw):
         return LotteryTicketSparseFineTuner(
             model=_no_dropout(tiny("bert")), train_dataset=_LMData(n=16),
             args=_args(out, weight_decay=0.01, lr_scheduler_type="linear", **kw),
             sft_args=DynamicSftArguments(ft_params_num=400, full_ft_max_steps_per_iteration=2,
-                                         sparse_ft_max_steps_per_iteration=7, reselection_steps=3,
+                                         sparse_ft_max_steps_per_iteration=steps, reselection_steps=3,
                                          selection_accumulation_steps=2, drop_fraction=0.5,
                                          reselection_rate_policy="linear"))
 
@@ -1502,6 +1502,10 @@ def test_resuming_a_dynamic_run_at_every_step_continues_bit_exactly(tmp_path):
         resumed = trainer(tmp_path / f"again-{c}")
         resumed.train(resume_from_checkpoint=str(tmp_path / "sparse" / f"checkpoint-{c}"))
         _assert_same_sft(whole.sft, resumed.sft, c)
+    # the linear drop rate decays over the phase's length: resumed with another, the resumed
+    # reselections dropped other shares than the run's, silently
+    with pytest.raises(ValueError, match=re.escape("sparse_phase_steps = 7 (this trainer: 9)")):
+        trainer(tmp_path / "again", steps=9).train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-3"))
     # each process summed its own batches: another number of processes cannot continue the window
     settings = tmp_path / "sparse" / "checkpoint-2" / "sparse_phase.json"
     settings.write_text(settings.read_text().replace('"gradient_sums": 1', '"gradient_sums": 2'))

@@ -829,8 +829,9 @@ class LotteryTicketSparseFineTuner(Trainer):
         # written before reselection_rate_policy existed: its dynamic runs dropped at a constant rate
         saved.setdefault("reselection_rate_policy", "constant" if saved.get("dynamic") else None)
         mine = self._sparse_phase_settings()
-        # written before source_sft_apply_abs was recorded: not known, so not checked
+        # written before source_sft_apply_abs or the phase's length were recorded: not known, so not checked
         saved.setdefault("source_sft_apply_abs", mine["source_sft_apply_abs"])
+        saved.setdefault("sparse_phase_steps", mine["sparse_phase_steps"])
         differs = [f"{k} = {saved.get(k)!r} (this trainer: {v!r})" for k, v in mine.items() if saved.get(k) != v]
         if differs:  # the resumed steps would train another run's way than the one that wrote the checkpoint
             raise ValueError(f"resume_from_checkpoint: {checkpoint}'s run trained its sparse phase with "
@@ -905,8 +906,11 @@ class LotteryTicketSparseFineTuner(Trainer):
                                  "reselection_rate_policy")}
         # multi-source: whether the source SFTs' heads go in changes every step (None: one source)
         heads = self.source_sft_apply_abs if self.source_sfts is not None else None
+        # a decaying drop rate reads the phase's length: another length drops other shares at each step
+        decays = dynamic and a.reselection_rate_policy != "constant"
         return {"dynamic": dynamic, **reselection, "sparse_l1_reg": a.sparse_l1_reg,
-                "apply_reg_to_sparse_only": a.apply_reg_to_sparse_only, "source_sft_apply_abs": heads}
+                "apply_reg_to_sparse_only": a.apply_reg_to_sparse_only, "source_sft_apply_abs": heads,
+                "sparse_phase_steps": self._phase_steps("sparse") if decays else None}
 
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
         return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
