@@ -1730,18 +1730,25 @@ def test_resuming_on_another_base_model_is_refused_before_anything_changes(tmp_p
         assert torch.equal(p, before[n]), n
 
 
+def _converted_at_random(arch: str):
+    """A tiny model converted to subnetworks of de and fr, each a random 30% of every target
+    weight; its masks, and the generator that drew them (to draw more)."""
+    model = tiny(arch)
+    names = [f"{n}.weight" for n in hf.model.target_names(model)]
+    named = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    layer_masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
+    hf.convert(model, kind="subnetwork", masks=layer_masks)
+    return model, layer_masks, g
+
+
 @pytest.mark.parametrize("recipe", ["reptile", "fomaml"])
 def test_meta_learning_refuses_bias_masks_a_layer_s_per_language_bias_masks_close(recipe):
     """A SubnetworkLinear with per-language bias_masks masks each language's bias gradient by them:
     recipe masks opening other bias entries left those untrained without an error (as for weights)."""
     from xlsparse.nn import SubnetworkLinear
 
-    model = tiny("bert")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)]
-    named = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    layer_masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
-    hf.convert(model, kind="subnetwork", masks=layer_masks)
+    model, layer_masks, g = _converted_at_random("bert")
     name, layer = next(iter(hf.model._converted(model, SubnetworkLinear)))
     bias_masks = {lang: torch.rand(layer.out_features, generator=g) < 0.5 for lang in ("de", "fr")}
     layer.set_masks(dict(zip(layer.languages, layer.masks.unbind(0))), bias_masks)
@@ -1774,12 +1781,7 @@ def test_meta_learning_refuses_bias_masks_a_layer_s_per_language_bias_masks_clos
 def test_meta_learning_refuses_masks_the_converted_layers_close(recipe):
     """A converted layer masks each language's gradient by its own mask: recipe masks opening
     other entries left them untrained without an error (Reptile changed nothing at all)."""
-    model = tiny("gpt2")
-    names = [f"{n}.weight" for n in hf.model.target_names(model)]
-    named = dict(model.named_parameters())
-    g = torch.Generator().manual_seed(0)
-    layer_masks = {lang: {n: torch.rand(named[n].shape, generator=g) < 0.3 for n in names} for lang in ("de", "fr")}
-    hf.convert(model, kind="subnetwork", masks=layer_masks)
+    model, layer_masks, g = _converted_at_random("gpt2")
     other = {lang: {n: ~m for n, m in ms.items()} for lang, ms in layer_masks.items()}
     subset = {lang: {n: m & (torch.rand(m.shape, generator=g) < 0.5) for n, m in ms.items()}
               for lang, ms in layer_masks.items()}

@@ -772,15 +772,19 @@ def _reversed(batches: dict) -> dict:
     return dict(reversed(list(batches.items())))
 
 
+def _ddp_meta(rank: int):
+    """The scored model, its DDP wrapper, masks named as the wrapper names them, and this rank's batches."""
+    model = _scored_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    return model, ddp, _meta_masks(dict(model.named_parameters()), "module."), *_meta_batches([rank])
+
+
 def _meta_order_worker(rank: int, out: str):
     from xlsparse.hf import subnetworks
 
     results = []
     for step in ("fomaml", "reptile"):
-        model = _scored_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        masks = _meta_masks(dict(model.named_parameters()), "module.")
-        support, query = _meta_batches([rank])
+        model, ddp, masks, support, query = _ddp_meta(rank)
         if rank == 1:  # the same languages, listed in the other order
             support, query, masks = _reversed(support), _reversed(query), _reversed(masks)
         if step == "fomaml":
@@ -790,10 +794,7 @@ def _meta_order_worker(rank: int, out: str):
         results.append({n: p.detach().clone() for n, p in model.named_parameters()})
     refused = []
     for change in ("languages", "masks"):
-        model = _scored_model()
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        masks = _meta_masks(dict(model.named_parameters()), "module.")
-        support, query = _meta_batches([rank])
+        model, ddp, masks, support, query = _ddp_meta(rank)
         if rank == 1 and change == "languages":  # fr on process 0 only
             support, query, masks = ({"de": d["de"]} for d in (support, query, masks))
         if rank == 1 and change == "masks":  # drawn per process
