@@ -159,6 +159,17 @@ def test_compose_takes_alphas_given_in_two_flags_as_one_list(tmp_path, capsys):
     assert "--alpha: 2 values for 1 diffs" in capsys.readouterr().err
 
 
+def test_compose_refuses_a_diff_given_twice(tmp_path, capsys):
+    # a.safetensors and ./a.safetensors are one diff: it was added twice, silently (2x its change)
+    model = _tiny_bert_dir(tmp_path)
+    _diff(model, 1).save(str(tmp_path / "a.safetensors"))
+    twice = f"{tmp_path}/./a.safetensors"
+    argv = ["compose", str(tmp_path / "base"), str(tmp_path / "a.safetensors"), twice, "--out", str(tmp_path / "new")]
+    assert cli.main(argv) == 1
+    assert "given more than once" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
 def test_convert_refuses_an_out_in_a_missing_folder_by_name_before_loading(tmp_path, capsys, monkeypatch):
     # check_output let a missing folder pass; the whole composable-sft file was loaded first and
     # the save then failed with a bare "[Errno 2] No such file or directory"

@@ -250,8 +250,12 @@ def cmd_compose(args: argparse.Namespace) -> int:
     if os.path.isdir(args.out) and os.listdir(args.out):  # another model's files would stay beside the new ones
         raise ValueError(f"--out {args.out}: a folder that is not empty; give a new or empty folder")
     # Real paths: ./a.safetensors is the DIFF a.safetensors.
+    real = [os.path.realpath(p) for p in args.diffs]
+    twice = sorted({p for p, r in zip(args.diffs, real) if real.count(r) > 1})
+    if twice:  # added twice, silently (a repeated shell glob or path); a scale is --alpha's
+        raise ValueError(f"DIFF: {twice} given more than once; give each diff once (scale one with --alpha)")
     no_abs_of = {os.path.realpath(p) for p in args.no_abs_of}
-    unknown = [p for p in args.no_abs_of if os.path.realpath(p) not in set(map(os.path.realpath, args.diffs))]
+    unknown = [p for p in args.no_abs_of if os.path.realpath(p) not in set(real)]
     if unknown:
         raise ValueError(f"--no-abs-of: {unknown} are not among the DIFF arguments {args.diffs}")
     if args.num_labels is not None and args.num_labels < 1:
