@@ -596,6 +596,29 @@ def test_torch_compile_fullgraph_apply_and_topk():
         torch.testing.assert_close(got, want)
 
 
+@needs_ext
+def test_torch_compile_counts_a_tensor_given_twice_once():
+    """A tied weight given twice to a compiled apply/restore: the traced call had two slots, so the
+    second entry saved values holding the first's share and the restore left it in the weight."""
+    def apply_restore(w, i1, i2, v1, v2):
+        saved = apply_diffs_([w, w], [i1, i2], [v1, v2], [0, 1], [1.0, 1.0])
+        applied = w.clone()
+        restore_diffs_([w, w], [i1, i2], saved, [0, 1])
+        return applied, saved
+
+    w0 = torch.randn(4, 5, dtype=torch.float64, generator=seeded(9))
+    i1, i2 = torch.tensor([1, 3, 7, 12]), torch.tensor([3, 4, 12])  # 3 and 12 in both
+    v1, v2 = torch.randn(4, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    want = w0.clone().view(-1)
+    want.index_add_(0, i1, v1).index_add_(0, i2, v2)
+    w = w0.clone()
+    applied, saved = torch.compile(apply_restore, fullgraph=True, backend="aot_eager")(w, i1, i2, v1, v2)
+    torch.testing.assert_close(applied.view(-1), want)
+    for idx, s in zip((i1, i2), saved):
+        assert torch.equal(s, w0.view(-1)[idx])  # the values before the call, for both entries
+    assert torch.equal(w, w0)
+
+
 # --- the user API: SparseDelta, SparseDiff, xlsparse.apply, files ---
 
 import json  # noqa: E402
