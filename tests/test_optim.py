@@ -1496,6 +1496,28 @@ def test_torch_compile_fullgraph_subnetwork_linear():
     torch.testing.assert_close(got[1], gb)
 
 
+@needs_ext
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_torch_compile_refuses_a_tensor_written_twice(fullgraph):
+    """A compiled step has no addresses to compare: a param (or state) given twice passed the
+    checks and the kernel stepped it twice, where eager refuses it."""
+    p, g = torch.randn(4, 5, generator=seeded(1)), torch.randn(4, 5, generator=seeded(2))
+    m, v = [torch.zeros(4, 5) for _ in range(2)], [torch.zeros(4, 5) for _ in range(2)]
+    steps = [torch.zeros(1), torch.zeros(1)]
+
+    def step(p, g, m, v, steps):
+        ops.masked_adamw_([p, p], [g, g], [None, None], m, v, [], steps, [None, None], lr=0.1, beta1=0.9,
+                          beta2=0.99, eps=1e-8, weight_decay=0.0)
+        return p * 1
+
+    before = p.clone()
+    # eager (after the graph break) names the shared memory; a full graph fails at the same check
+    with pytest.raises(Exception, match="share memory" if not fullgraph else ""):
+        torch.compile(step, backend="aot_eager", fullgraph=fullgraph)(p, g, m, v, steps)
+    assert_bit_identical(p, before, "written by a refused call")
+    assert all(float(s) == 0 for s in steps)
+
+
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_a_parameter_swapped_into_the_groups_is_refused_before_any_step(mode):
     # accelerate's FSDP2 prepare puts the sharded parameters in place of the optimizer's own: the

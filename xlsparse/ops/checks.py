@@ -187,6 +187,17 @@ def distinct_outputs(op: str, lists: dict) -> set:
     (`memory_keys` of them). The names are formed only for the message: 260 f-strings took a
     fifth of a compact optimizer step's checks over 65 tensors."""
     if torch.compiler.is_compiling():
+        # Traced tensors have no addresses, but one tensor given twice is still itself: the graph
+        # passed it to the kernel twice (stepped twice, from two threads) where eager refused it.
+        seen = {}
+        for name, lst in lists.items():
+            for i, t in enumerate(lst):
+                if t is None or t.numel() == 0:  # as _address: an empty tensor writes nothing
+                    continue
+                if id(t) in seen:
+                    raise ValueError(f"{op}: {seen[id(t)][0]}[{seen[id(t)][1]}] and {name}[{i}] are one tensor; "
+                                     "both are written by the op")
+                seen[id(t)] = (name, i)
         return set()
     keys = [k for lst in lists.values() for k in map(_address, lst) if k is not None]
     found = set(keys)
