@@ -102,20 +102,12 @@ if _ext.loaded():
 def _one_slot_per_tensor(dense: list, target: list) -> tuple[list, list]:
     """The same tensor given twice (tied weights) becomes one slot: its entries are summed like
     any two entries on one tensor. Distinct tensors that overlap are refused by the checks."""
-    if torch.compiler.is_compiling():
-        # Traced tensors have no addresses, but the same tensor object (a tied weight) is still
-        # itself: left as two slots, the second entry's saved values held the first's share, so
-        # restore_diffs_ left it in the weight (and the CPU kernel wrote the slots from two threads).
-        slots, unique, remap = {}, [], []
-        for d in dense:
-            if id(d) not in slots:  # id, not an `is` scan: tracing 150 tensors took 2x as long
-                slots[id(d)] = len(unique)
-                unique.append(d)
-            remap.append(slots[id(d)])
-        return unique, [remap[t] if 0 <= t < len(remap) else t for t in target]
     slots, unique, remap = {}, [], []
     for d in dense:
-        readable = isinstance(d, torch.Tensor) and checks.can_read(d)  # a fake tensor has no address
+        # A traced or fake tensor has no address, but the same object (a tied weight) is still
+        # itself: left as two slots under torch.compile, the second entry's saved values held the
+        # first's share, so restore_diffs_ left it in the weight
+        readable = isinstance(d, torch.Tensor) and checks.can_read(d)
         key = (d.data_ptr(), d.device, d.dtype, tuple(d.shape), tuple(d.stride())) if readable else id(d)
         if key not in slots or d.device.type == "meta":
             slots[key] = len(unique)
