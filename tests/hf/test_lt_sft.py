@@ -183,6 +183,23 @@ def test_a_composable_sft_maskable_list_that_misses_the_tied_embeddings_is_named
     assert name in trainer.maskable
 
 
+@pytest.mark.parametrize("flag", ["freeze_decoder", "freeze_head", "untie_embeddings"])
+def test_a_maskable_list_that_misses_the_tied_embeddings_is_named_when_the_trainer_unties_them(tmp_path, flag):
+    # The same list, computed on the model as it is handed over (the trainer, not the script as in
+    # run_mlm.py, unties): after the untying the word embeddings have no head name left, so they
+    # were trained whole and stored as an absolute entry without a word under composable-sft's
+    # language-SFT recipe (freeze_decoder) and the other untying flags.
+    model = tiny("xlmr")
+    listed = [n for n, p in model.named_parameters() if n.startswith(model.base_model_prefix) and p.requires_grad]
+    name = "roberta.embeddings.word_embeddings.weight"
+    with pytest.warns(UserWarning, match=rf"maskable_params leaves out \['{name}'\].*'lm_head.decoder.weight'"):
+        trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
+                                               maskable_params=listed, sft_args=SftArguments(
+                                                   ft_params_num=30, full_ft_max_steps_per_iteration=1,
+                                                   sparse_ft_max_steps_per_iteration=1, **{flag: True}))
+    assert name in set(trainer._theta0) - set(trainer.maskable)  # as warned: trained whole
+
+
 @pytest.mark.parametrize("lo, hi, epochs, batches, accum, expected", [
     # composable-sft's set_training_len, restated case by case
     (None, 7, None, 5, 1, 7),         # no epochs: the max steps

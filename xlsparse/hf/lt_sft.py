@@ -571,6 +571,11 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.sft: SparseDiff | None = None
         self._sft_at_end: SparseDiff | None = None  # the last sparse phase's deltas, until the model trains again
         self._phase = "full"
+        # every name of each tensor as the model came (tied): a maskable list computed on it names the
+        # tied matrix as transformers does, which the untying below leaves to the word embeddings alone
+        came_as = {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            came_as.setdefault(id(p), []).append(n)
         self._untie_and_freeze()
         self._names = _canonical_names(self.model)
         params = {name: p for p, name in self._names.values()}
@@ -593,8 +598,11 @@ class LotteryTicketSparseFineTuner(Trainer):
             maskable = [aliases[n] for n in maskable_params if params[aliases[n]].requires_grad]
             # composable-sft's list (names under the prefix) misses a matrix transformers 5 names by its head first
             prefix = getattr(self.model, "base_model_prefix", "") or ""
-            head_alias = {name: alias for alias, name in aliases.items() if prefix and name.startswith(prefix + ".")
-                          and not alias.startswith(prefix + ".") and name not in maskable and params[name].requires_grad}
+            # (by the names the model came with: freeze_decoder, freeze_head and untie_embeddings left the
+            # word embeddings no head name, and they were trained whole without a word)
+            head_alias = {name: alias for p, name in self._names.values() for alias in came_as.get(id(p), [])
+                          if prefix and name.startswith(prefix + ".") and not alias.startswith(prefix + ".")
+                          and name not in maskable and p.requires_grad}
             if head_alias:
                 name, alias = next(iter(head_alias.items()))
                 warnings.warn(f"maskable_params leaves out {list(head_alias)}, tied to a head that transformers names first "
