@@ -2552,6 +2552,27 @@ def test_the_untied_lm_head_of_a_model_without_its_prefix_attribute_is_a_head(tm
     assert ("lm_head.weight" in t._theta0) == (flag == "untie_embeddings") and "shared.weight" in t.maskable
 
 
+@pytest.mark.parametrize("flag", ["freeze_head", "untie_embeddings", "freeze_decoder"])
+def test_untying_a_model_whose_forward_reads_the_tie_flag_is_refused_before_anything_changes(tmp_path, flag):
+    # SwitchTransformers scales its decoder output by d_model^-0.5 only while
+    # config.tie_word_embeddings is True; untying set it False, and the untrained model's logits
+    # grew by sqrt(d_model) (5.66x here): phase 1 trained, and the SFT was taken from, another model
+    torch.manual_seed(0)
+    model = transformers.SwitchTransformersForConditionalGeneration(transformers.SwitchTransformersConfig(
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=48, expert_capacity=8, num_layers=2, num_sparse_encoder_layers=1,
+        num_decoder_layers=2, num_sparse_decoder_layers=1, num_heads=2, num_experts=2, decoder_start_token_id=0)).eval()
+    x = torch.randint(3, VOCAB, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=x, decoder_input_ids=x).logits
+    with pytest.raises(ValueError, match=rf"{flag}: SwitchTransformersForConditionalGeneration's forward reads "
+                                         r"config.tie_word_embeddings"):
+        _trainer(tmp_path, model, **{flag: True})
+    assert model.lm_head.weight is model.shared.weight and model.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x, decoder_input_ids=x).logits, before)
+    _trainer(tmp_path, model)  # tied, it trains
+
+
 def test_a_model_saved_after_untying_its_head_reloads_with_its_shared_embeddings(tmp_path):
     # untying sets config.tie_word_embeddings = False, and transformers 5 then ties nothing on load:
     # mBART's encoder and decoder embed_tokens (one tensor with `shared`) were left out of the file as

@@ -693,6 +693,17 @@ class LotteryTicketSparseFineTuner(Trainer):
         if a.untie_embeddings and not tied:
             raise ValueError("SftArguments.untie_embeddings: the output embeddings are not tied to the input embeddings")
         if tied and (a.freeze_head or a.untie_embeddings or a.freeze_decoder):
+            # the flag set below is read by some forwards (SwitchTransformers and UDOP scale the decoder
+            # output by d_model^-0.5 only when tied): untied, the model computed other logits before any step
+            try:
+                reads_flag = "tie_word_embeddings" in inspect.getsource(type(model).forward)
+            except (OSError, TypeError):
+                reads_flag = False
+            if reads_flag:
+                flags = [f for f in ("freeze_head", "untie_embeddings", "freeze_decoder") if getattr(a, f)]
+                raise ValueError(f"SftArguments.{', '.join(flags)}: {type(model).__name__}'s forward reads "
+                                 "config.tie_word_embeddings, which untying sets to False: the model would compute "
+                                 "something else before training; train it with its embeddings tied")
             out.weight = nn.Parameter(inp.weight.detach().clone())
             model.config.tie_word_embeddings = False  # save/load must not tie them again
         if a.freeze_head:
