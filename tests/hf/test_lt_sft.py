@@ -2552,6 +2552,28 @@ def test_the_untied_lm_head_of_a_model_without_its_prefix_attribute_is_a_head(tm
     assert ("lm_head.weight" in t._theta0) == (flag == "untie_embeddings") and "shared.weight" in t.maskable
 
 
+@pytest.mark.parametrize("flag", ["freeze_head", "freeze_decoder"])
+def test_freezing_a_decoder_that_get_output_embeddings_does_not_return_is_refused(tmp_path, flag):
+    # DeBERTa-v2 with legacy=False projects onto the vocabulary with the word embeddings themselves;
+    # its get_output_embeddings() is the head's [hidden, hidden] dense. freeze_decoder froze that
+    # dense, and under either flag the real decoder (the word embeddings) trained, silently
+    def build(legacy):
+        torch.manual_seed(0)
+        return transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(
+            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=48,
+            legacy=legacy))
+
+    model = build(False)
+    with pytest.raises(ValueError, match=rf"{flag}: DebertaV2ForMaskedLM.get_output_embeddings\(\) has a weight of "
+                                         rf"shape \(32, 32\), not one row per token of the input embeddings' "
+                                         rf"\({VOCAB}, 32\)"):
+        _trainer(tmp_path, model, **{flag: True})
+    assert all(p.requires_grad for p in model.parameters())
+    t = _trainer(tmp_path, build(True), **{flag: True})  # the legacy head's decoder: its own frozen copy
+    dec, emb = t.model.get_output_embeddings().weight, t.model.get_input_embeddings().weight
+    assert dec is not emb and not dec.requires_grad and emb.requires_grad
+
+
 @pytest.mark.parametrize("flag", ["freeze_head", "untie_embeddings", "freeze_decoder"])
 def test_untying_a_model_whose_forward_reads_the_tie_flag_is_refused_before_anything_changes(tmp_path, flag):
     # SwitchTransformers scales its decoder output by d_model^-0.5 only while

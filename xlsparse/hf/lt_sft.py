@@ -692,6 +692,14 @@ class LotteryTicketSparseFineTuner(Trainer):
                 raise ValueError(f"SftArguments.{flag}: the model has no output embeddings")
         if a.untie_embeddings and not tied:
             raise ValueError("SftArguments.untie_embeddings: the output embeddings are not tied to the input embeddings")
+        flags = [f for f in ("freeze_head", "freeze_decoder") if getattr(a, f)]
+        if flags and out is not None and out.weight.shape[0] != inp.weight.shape[0]:
+            # not the vocabulary projection (DeBERTa-v2 with legacy=False returns its head's hidden-size dense
+            # and projects with the word embeddings themselves): freeze_decoder froze that dense, and the
+            # decoder, trained with the input embeddings, had no frozen copy under either flag
+            raise ValueError(f"SftArguments.{', '.join(flags)}: {type(model).__name__}.get_output_embeddings() has a "
+                             f"weight of shape {tuple(out.weight.shape)}, not one row per token of the input "
+                             f"embeddings' {tuple(inp.weight.shape)}: it is not the decoder these flags give a frozen copy")
         if tied and (a.freeze_head or a.untie_embeddings or a.freeze_decoder):
             # the flag set below is read by some forwards (SwitchTransformers and UDOP scale the decoder
             # output by d_model^-0.5 only when tied): untied, the model computed other logits before any step
