@@ -649,9 +649,9 @@ def _refuse_unroutable(kind: str, names: list, modules: dict) -> None:
                          "would reach the wrong rows; leave them out of target_modules")
     # a block that holds an nn.MultiheadAttention built with batch_first=False (torch's default) is
     # sequence-first: torch's nn.Transformer*Layer, BridgeTower's vision blocks (their mlp.c_fc/c_proj)
-    seq_first = [n for n in names for a, m in modules.items()
-                 if (n.startswith(a + ".") or not a)  # a == "": the model itself
-                 and any(isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in m.children())]
+    blocks = [a for a, m in modules.items()
+              if any(isinstance(c, nn.MultiheadAttention) and not c.batch_first for c in m.children())]
+    seq_first = [n for n in names for a in blocks if n.startswith(a + ".") or not a]  # a == "": the model itself
     if seq_first:
         raise ValueError(f"convert: kind={kind!r} routes per example along the first dim of each layer's input, "
                          f"but {seq_first[:3]} sit in blocks whose nn.MultiheadAttention was built with "

@@ -404,10 +404,17 @@ def _refuse_differing_languages(op: str, model: nn.Module, stored: Mapping) -> N
     if not isinstance(model, nn.parallel.DistributedDataParallel):
         return
     device = next(model.parameters()).device  # NCCL reduces GPU tensors only; masks may be given on the CPU
-    if not same_on_all_ranks({lang: {n: m.to(device) for n, m in masks.items()} for lang, masks in stored.items()},
-                             model.process_group):
+    if not same_on_all_ranks({lang: {n: _as_words(m.to(device)) for n, m in masks.items()}
+                              for lang, masks in stored.items()}, model.process_group):
         raise ValueError(f"{op}: the processes of the DistributedDataParallel model were given other languages or "
                          "other masks; give every process the same languages and masks (each its own batches)")
+
+
+def _as_words(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask's bytes as 32-bit words where they divide: `fingerprint` sums one word per
+    element, so 4x fewer words (1.4 s per 1e8 mask entries as bytes on a CPU, 0.5 s as words)."""
+    flat = mask.reshape(-1).view(torch.uint8)
+    return flat.view(torch.int32) if flat.numel() % 4 == 0 and flat.storage_offset() % 4 == 0 else flat
 
 
 def _finite_step(loss: float, optimizer) -> bool:
