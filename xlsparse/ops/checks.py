@@ -186,34 +186,26 @@ def distinct_outputs(op: str, lists: dict) -> set:
     `lists` maps each written argument's name to its tensors. Returns their storages' keys
     (`memory_keys` of them). The names are formed only for the message: 260 f-strings took a
     fifth of a compact optimizer step's checks over 65 tensors."""
-    if torch.compiler.is_compiling():
-        # Traced tensors have no addresses, but one tensor given twice is still itself: the graph
-        # passed it to the kernel twice (stepped twice, from two threads) where eager refused it.
-        seen = {}
-        for name, lst in lists.items():
-            for i, t in enumerate(lst):
-                if t is None or t.numel() == 0:  # as _address: an empty tensor writes nothing
-                    continue
-                if id(t) in seen:
-                    raise ValueError(f"{op}: {seen[id(t)][0]}[{seen[id(t)][1]}] and {name}[{i}] are one tensor; "
-                                     "both are written by the op")
-                seen[id(t)] = (name, i)
-        return set()
-    keys = [k for lst in lists.values() for k in map(_address, lst) if k is not None]
+    compiling = torch.compiler.is_compiling()
+    # Traced tensors have no addresses, but one tensor given twice is still itself: the graph
+    # passed it to the kernel twice (stepped twice, from two threads) where eager refused it.
+    key_of = (lambda t: None if t is None or t.numel() == 0 else id(t)) if compiling else _address
+    span_of = (lambda t: (0, 1)) if compiling else _span
+    keys = [k for lst in lists.values() for k in map(key_of, lst) if k is not None]
     found = set(keys)
     if len(found) < len(keys):  # one storage holds several: only overlapping spans clash (one flat buffer's slices do not)
         seen = {}
         for name, lst in lists.items():
             for i, t in enumerate(lst):
-                key = _address(t)
+                key = key_of(t)
                 if key is None:
                     continue
-                span = _span(t)
+                span = span_of(t)
                 for other, other_span in seen.get(key, ()):
                     if span[0] < other_span[1] and other_span[0] < span[1]:
                         raise ValueError(f"{op}: {other} and {name}[{i}] share memory; both are written by the op")
                 seen.setdefault(key, []).append((f"{name}[{i}]", span))
-    return found
+    return set() if compiling else found
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:

@@ -4,6 +4,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "xlsparse/cpu_kernels.h"
 
@@ -23,11 +24,14 @@ namespace {
 
 constexpr int64_t kV = FVec::size();
 
-// True when any of the kV mask bytes at m is set.
+// True when any of the kV mask bytes at m is set. Reads exactly those kV bytes: kV is 4 with
+// 128-bit vectors (NEON), where 8-byte words read past the end of the mask.
 inline bool any_set(const bool* m) {
-  for (int64_t b = 0; b < kV; b += 8) {
-    uint64_t word;
-    std::memcpy(&word, m + b, 8);
+  using Word = std::conditional_t<kV % 8 == 0, uint64_t, uint32_t>;
+  static_assert(kV % sizeof(Word) == 0, "mask bytes per vector");
+  for (int64_t b = 0; b < kV; b += sizeof(Word)) {
+    Word word;
+    std::memcpy(&word, m + b, sizeof(Word));
     if (word) return true;
   }
   return false;
