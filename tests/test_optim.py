@@ -525,6 +525,41 @@ def test_grad_scaler_drives_the_optimizer():
     assert moved[mask].any() and not moved[~mask].any()
 
 
+
+@pytest.mark.parametrize("mode", ["dense", "compact"])
+@pytest.mark.parametrize("make", [lambda ps, m, mode: MaskedAdamW(ps, m, lr=1e-2, mode=mode, l1_to_init=1e-3),
+                                  lambda ps, m, mode: MaskedSGD(ps, m, lr=1e-2, momentum=0.9, mode=mode)],
+                         ids=["adamw", "sgd"])
+def test_a_model_cast_before_the_first_step_trains_as_if_cast_first(make, mode):
+    """torch's optimizers make their state at the first step, in the param's dtype, so a model cast
+    to bfloat16 between construction and the first step trains; the state made here at construction
+    stayed float32 and the step raised a TypeError about exp_avgs[0]. After a step, a cast is
+    refused (torch's step raises too), writing nothing."""
+    models = [torch.nn.Linear(8, 4) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    masks = [torch.rand(4, 8, generator=seeded(3)) < 0.5, None]
+    early = make(list(models[0].parameters()), masks, mode)
+    for model in models:
+        model.to(torch.bfloat16)
+    late = make(list(models[1].parameters()), masks, mode)
+    x = torch.randn(5, 8, generator=seeded(4)).bfloat16()
+    for model, opt in zip(models, (early, late)):
+        for _ in range(2):
+            opt.zero_grad()
+            model(x).float().square().sum().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert_bit_identical(a.detach(), b.detach(), "cast before the first step")
+    models[0].to(torch.float32)
+    models[0](x.float()).square().sum().backward()
+    before = [p.detach().clone() for p in models[0].parameters()]
+    with pytest.raises(ValueError, match=r"param 0 of param group 0 is torch.float32, but its optimizer state .* is "
+                                         r"torch.bfloat16: the parameter was cast after it stepped"):
+        early.step()
+    for p, b in zip(models[0].parameters(), before):
+        assert_bit_identical(p.detach(), b, "a refused step")
+
+
 def test_nan_gradients_follow_torch():
     """A NaN gradient on a selected entry makes that entry NaN, as in torch.optim.AdamW; NaN outside
     the mask is never read."""
