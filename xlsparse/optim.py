@@ -625,8 +625,9 @@ class MaskedAdamW(_MaskedOptimizer):
         mode: "dense" (bool masks, state as large as the param) or "compact" (indices, state of
             size K, O(K) steps).
         l1_to_init: LT-SFT's L1 pull toward the initial weights: `l1_to_init * sign(p - p0)` is added
-            to the gradient, as if `l1_to_init * |p - p0|.sum()` were added to the loss. p0 is the
-            value at construction (compact mode keeps only the K selected values).
+            to the gradient inside the step, as if `l1_to_init * |p - p0|.sum()` were added to the
+            loss, but after any `clip_grad_norm_` (which neither sees nor clips it). p0 is the value
+            at construction (compact mode keeps only the K selected values).
         maximize: torch's argument; True is a ValueError (negate the loss instead).
 
     `step()` runs one fused multi-tensor kernel per param group (and device/dtype) that reads p, g,
