@@ -1860,6 +1860,23 @@ def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path)
     assert len(MultiSourceDataset({"de": _LMData(n=4), "fr": _LMData(n=3)}, upsampling={"fr": 2})) == 10
 
 
+def test_a_multi_source_eval_set_without_source_sfts_is_refused(tmp_path):
+    # evaluate() and predict() of a MultiSourceDataset on a trainer without source_sfts ran every
+    # batch on the bare model, silently; a dict of such eval sets raised "argument of type
+    # 'NoneType' is not iterable"
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    data = MultiSourceDataset({"de": _LMData(n=4)})
+    with pytest.raises(ValueError, match="no source SFTs"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps, train_dataset=_LMData(),
+                                     eval_dataset={"both": data})
+    trainer = LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), sft_args=steps,
+                                           train_dataset=_LMData())
+    with pytest.raises(ValueError, match="no source SFTs"):
+        trainer.evaluate(eval_dataset=data)
+    with pytest.raises(ValueError, match="no source SFTs"):
+        trainer.predict(data)
+
+
 def test_an_upsampled_source_is_batched_one_pass_per_repetition():
     # composable-sft runs an upsampled source's loader once per repetition: u * ceil(n / b)
     # batches, no item twice in one batch. All copies were shuffled together (the same example

@@ -637,8 +637,6 @@ class LotteryTicketSparseFineTuner(Trainer):
         if source_sfts is not None and (not isinstance(source_sfts, dict)
                                         or not all(isinstance(d, SparseDiff) for d in source_sfts.values())):
             raise TypeError("source_sfts must be a dict {source: SparseDiff}")
-        if source_sfts is None and any(isinstance(d, MultiSourceDataset) for d in (self.train_dataset, self.eval_dataset)):
-            raise ValueError("source_sfts: a MultiSourceDataset was given but no source SFTs")
         if self.accelerator.dispatch_batches and self.accelerator.num_processes > 1 \
                 and any(isinstance(d, MultiSourceDataset) for d in (self.train_dataset, self.eval_dataset)):
             # the main process would concatenate and broadcast the batches, and accelerate moves
@@ -669,9 +667,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.source_sfts = source_sfts
         self.source_sft_apply_abs = source_sft_apply_abs
         for dataset in [self.train_dataset, *evals]:  # here, not at the source's first batch
-            if isinstance(dataset, MultiSourceDataset):
-                for source in dataset.datasets:
-                    self._source_sft(source)
+            self._refuse_unknown_sources(dataset)
         self._converted: dict = {}
         self._anchors: dict = {}
         decay = set(self.get_decay_parameter_names(self.model))
@@ -1388,6 +1384,8 @@ class LotteryTicketSparseFineTuner(Trainer):
     def _source_sft(self, source) -> SparseDiff:
         # composable-sft trains a source it has no SFT for on the bare model: a misspelt source
         # then trained silently without its SFT; here the bare model is asked for with an empty one
+        if self.source_sfts is None:
+            raise ValueError("source_sfts: a MultiSourceDataset was given but no source SFTs")
         if source not in self.source_sfts:
             raise ValueError(f"source_sfts has no SFT for the source {source!r} (it has {list(self.source_sfts)}); "
                              "give it SparseDiff({}) to train that source on the bare model")
@@ -1421,9 +1419,18 @@ class LotteryTicketSparseFineTuner(Trainer):
             return self._multisource_eval_loader(test_dataset)
         return super().get_test_dataloader(test_dataset)
 
+    def _refuse_unknown_sources(self, dataset) -> None:
+        """Each source of a MultiSourceDataset needs its SFT, before its first batch. Without
+        source_sfts, a set given to evaluate() or predict() ran on the bare model, silently (and a
+        dict of eval sets raised a TypeError)."""
+        if isinstance(dataset, MultiSourceDataset):
+            for source in dataset.datasets:
+                self._source_sft(source)
+
     def _multisource_eval_loader(self, dataset):
         """Evaluation and prediction batches of a MultiSourceDataset: one source each, in order."""
         self._refuse_sharded_evaluation(dataset)
+        self._refuse_unknown_sources(dataset)
         return self._multisource_loader(dataset, self.args.per_device_eval_batch_size, shuffle=False)
 
     def _refuse_sharded_evaluation(self, dataset) -> None:
