@@ -1877,6 +1877,14 @@ def test_a_multi_source_eval_set_without_source_sfts_is_refused(tmp_path):
         trainer.predict(data)
 
 
+def test_a_multi_source_dataset_without_items_is_refused():
+    # training on it ran no full-phase step (the Trainer only logs that its epoch had no sample),
+    # selected the first K entries (|θ − θ0| = 0 everywhere) and stopped in phase 2 with a bare StopIteration
+    with pytest.raises(ValueError, match="hold no items"):
+        MultiSourceDataset({"de": [], "fr": _LMData(n=0)})
+    assert len(MultiSourceDataset({"de": [], "fr": _LMData(n=2)})) == 2  # an empty source among others is skipped
+
+
 def test_an_upsampled_source_is_batched_one_pass_per_repetition():
     # composable-sft runs an upsampled source's loader once per repetition: u * ceil(n / b)
     # batches, no item twice in one batch. All copies were shuffled together (the same example

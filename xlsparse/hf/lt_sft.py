@@ -1857,6 +1857,8 @@ class MultiSourceDataset(torch.utils.data.Dataset):
             raise ValueError(f"MultiSourceDataset: upsampling factors must be whole numbers >= 1, got {bad}")
         self.order = [(source, i) for source in sorted(self.datasets)
                       for _ in range(self.upsampling.get(source, 1)) for i in range(len(self.datasets[source]))]
+        if not self.order:  # no batch: the full phase ran no step and phase 2 began on the first K entries
+            raise ValueError("MultiSourceDataset: the datasets hold no items")
 
     def __len__(self):
         return len(self.order)
