@@ -480,8 +480,12 @@ class LotteryTicketSparseFineTuner(Trainer):
             parameter under `model.base_model_prefix`); names frozen (by the model or the
             SftArguments' freezing) are left out, and count neither in K nor in the selection.
         source_sfts: {source: SparseDiff} for multi-source training: a batch whose `_source` key
-            names a source runs its forward and backward with that SFT applied (see
-            `MultiSourceDataset`); `source_sft_apply_abs` also applies its absolute entries. A
+            names a source runs its forward and backward with that SFT applied, reverted before
+            the L1 term, the gradient masking and the optimizer step (see `MultiSourceDataset`).
+            `source_sft_apply_abs` also applies its absolute entries, for the forward and backward
+            only: a trainable parameter they replace (a head) gets its own value back and the step
+            updates it (composable-sft's apply makes the head the source's own tensor and its
+            revert leaves it there, so the steps trained the sources' heads in turn). A
             source with no SFT raises: `SparseDiff({})` trains it on the bare model.
         labelled_positions_only: masked-LM models only (a ValueError otherwise). Each training
             step runs the output embeddings (the vocabulary projection) and the loss on the
