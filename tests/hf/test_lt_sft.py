@@ -1858,6 +1858,10 @@ def test_multi_source_needs_source_sfts_and_batches_that_name_a_source(tmp_path)
         with pytest.raises(ValueError, match="whole numbers"):
             MultiSourceDataset({"de": _LMData(n=4)}, upsampling={"de": factor})
     assert len(MultiSourceDataset({"de": _LMData(n=4), "fr": _LMData(n=3)}, upsampling={"fr": 2})) == 10
+    # a NumPy integer (a factor read with NumPy) is a whole number: it was refused as not one
+    import numpy as np
+
+    assert len(MultiSourceDataset({"de": _LMData(n=4)}, upsampling={"de": np.int64(2)})) == 8
 
 
 def test_a_multi_source_eval_set_without_source_sfts_is_refused(tmp_path):

@@ -1856,7 +1856,7 @@ class MultiSourceDataset(torch.utils.data.Dataset):
         unknown = set(self.upsampling) - set(self.datasets)
         if unknown:
             raise ValueError(f"MultiSourceDataset: upsampling names unknown sources {sorted(unknown)}")
-        bad = {s: f for s, f in self.upsampling.items() if isinstance(f, bool) or not isinstance(f, int) or f < 1}
+        bad = {s: f for s, f in self.upsampling.items() if not is_whole(f) or f < 1}
         if bad:  # int() made 0.5 drop a source and 1.5 count once
             raise ValueError(f"MultiSourceDataset: upsampling factors must be whole numbers >= 1, got {bad}")
         self.order = [(source, i) for source in sorted(self.datasets)
