@@ -1881,6 +1881,23 @@ def test_a_multi_source_eval_set_without_source_sfts_is_refused(tmp_path):
         trainer.predict(data)
 
 
+def test_batches_that_name_a_source_without_source_sfts_are_refused(tmp_path):
+    # a dataset of the user's own whose items name their source, batched by MultiSourceCollator,
+    # trained on the bare model when the trainer had no source_sfts: the source was dropped silently
+    from xlsparse.hf.lt_sft import MultiSourceCollator
+
+    class Named(_LMData):
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), SOURCE_KEY: "de"}
+
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path, remove_unused_columns=False), train_dataset=Named(n=4),
+        data_collator=MultiSourceCollator(),
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    with pytest.raises(ValueError, match="no source SFTs"):
+        trainer.train()
+
+
 def test_a_multi_source_dataset_without_items_is_refused():
     # training on it ran no full-phase step (the Trainer only logs that its epoch had no sample),
     # selected the first K entries (|θ − θ0| = 0 everywhere) and stopped in phase 2 with a bare StopIteration

@@ -1372,9 +1372,9 @@ class LotteryTicketSparseFineTuner(Trainer):
     def _activate(self, source, training: bool):
         """Apply the batch's source SFT; the handle's revert keeps training updates (training)
         or restores bit-exactly (evaluation)."""
-        if self.source_sfts is None:
-            return None
         if source is None:
+            if self.source_sfts is None:
+                return None
             raise ValueError(f"source_sfts were given but the batch has no {SOURCE_KEY!r} key (use MultiSourceDataset)")
         if isinstance(source, (list, tuple)):
             if len(set(source)) != 1:
@@ -1389,7 +1389,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         # composable-sft trains a source it has no SFT for on the bare model: a misspelt source
         # then trained silently without its SFT; here the bare model is asked for with an empty one
         if self.source_sfts is None:
-            raise ValueError("source_sfts: a MultiSourceDataset was given but no source SFTs")
+            raise ValueError("source_sfts: the batches name their source (a MultiSourceDataset) but no source SFTs "
+                             "were given")
         if source not in self.source_sfts:
             raise ValueError(f"source_sfts has no SFT for the source {source!r} (it has {list(self.source_sfts)}); "
                              "give it SparseDiff({}) to train that source on the bare model")
