@@ -2155,6 +2155,24 @@ def test_a_source_without_an_sft_raises_naming_it_and_the_known_ones(tmp_path):
         trainer.predict(data)
 
 
+def test_a_source_sft_the_model_cannot_take_is_refused_at_construction_naming_the_source(tmp_path):
+    # a head the model lacks (applied with source_sft_apply_abs), or a body name it lacks, raised a
+    # bare KeyError ("apply: diff 0: ...") at the first batch of that source
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    model = tiny("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    good = _source_sfts(model)
+    head = SparseDiff({}, absolute={"classifier.weight": torch.zeros(3, 32)})  # a task head, on a masked LM
+    misnamed = SparseDiff({"no.such.weight": good["de"].deltas[_SOURCE_NAMES[0]]})
+    for sfts, with_abs in (({**good, "fr": head}, True), ({"de": misnamed}, False)):
+        with pytest.raises(ValueError, match=r"source_sfts\['(fr|de)'\]: apply: diff 0: the model has no parameter"):
+            LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), sft_args=steps, source_sfts=sfts,
+                                         source_sft_apply_abs=with_abs)
+    # without source_sft_apply_abs the heads are not applied; the check leaves the model as it was
+    LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), sft_args=steps, source_sfts={**good, "fr": head})
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_multi_source_loader_keeps_the_dataloader_arguments(tmp_path):
     data = MultiSourceDataset({"de": _LMData(n=5, seed=1), "fr": _LMData(n=3, seed=2)})
     steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)

@@ -486,7 +486,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             only: a trainable parameter they replace (a head) gets its own value back and the step
             updates it (composable-sft's apply makes the head the source's own tensor and its
             revert leaves it there, so the steps trained the sources' heads in turn). A
-            source with no SFT raises: `SparseDiff({})` trains it on the bare model.
+            source with no SFT raises (`SparseDiff({})` trains it on the bare model), and so does,
+            at construction, an SFT the model cannot take.
         labelled_positions_only: masked-LM models only (a ValueError otherwise). Each training
             step runs the output embeddings (the vocabulary projection) and the loss on the
             positions whose label is not -100, as the model's own loss would weigh them: the loss
@@ -670,6 +671,12 @@ class LotteryTicketSparseFineTuner(Trainer):
             self._refuse_sharded_evaluation(dataset)
         self.source_sfts = source_sfts
         self.source_sft_apply_abs = source_sft_apply_abs
+        for source, diff in (source_sfts or {}).items():
+            # one the model cannot take (a name it lacks, another shape) raised a bare KeyError at its first batch
+            try:
+                apply([diff], self.model, with_abs=source_sft_apply_abs).revert()
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"source_sfts[{source!r}]: {e.args[0] if e.args else e}") from e
         for dataset in [self.train_dataset, *evals]:  # here, not at the source's first batch
             self._refuse_unknown_sources(dataset)
         self._converted: dict = {}
