@@ -1854,7 +1854,8 @@ class MultiSourceDataset(torch.utils.data.Dataset):
     """Several sources' datasets as one (composable-sft's `MultiSourceDataset`): items in
     sorted-source order, each source repeated `upsampling[source]` times; each item is its
     source's item with `_source` added. Batches come from `SingleSourceBatchSampler`, so each
-    batch holds one source."""
+    batch holds one source. A source without items has no batches; datasets without any item
+    are a ValueError."""
 
     def __init__(self, datasets: dict, upsampling: dict | None = None):
         if not isinstance(datasets, dict) or not datasets:
