@@ -985,6 +985,24 @@ def test_keep_updates_revert_versus_the_exact_revert():
     assert torch.equal(w, before)
 
 
+def test_keep_updates_revert_returns_unchanged_entries_bit_exactly():
+    # the revert added every entry's change, zero too: -0.0 came back +0.0 and an inf NaN (inf - inf)
+    model = tiny("bert")
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    w = dict(model.named_parameters())[name]
+    with torch.no_grad():
+        w.view(-1)[[3, 10, 40]] = torch.tensor([-0.0, float("inf"), 0.75])
+    before = w.detach().clone()
+    diff = SparseDiff({name: xlsparse.SparseDelta(torch.tensor([3, 10, 40]), torch.tensor([0.5, -0.25, 1.0]), w.shape)})
+    handle = KeepUpdatesHandle(diff, model)
+    with torch.no_grad():
+        w.view(-1)[40] += 0.125
+    handle.revert()
+    expected = before.clone()
+    expected.view(-1)[40] += 0.125
+    assert torch.equal(w.view(torch.int32), expected.view(torch.int32))  # bits: -0.0 is not +0.0
+
+
 _SOURCE_NAMES = ["bert.encoder.layer.0.attention.self.query.weight", "bert.encoder.layer.1.output.dense.weight"]
 
 

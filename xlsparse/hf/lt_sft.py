@@ -1834,20 +1834,22 @@ class KeepUpdatesHandle:
             for name in [*diff.dense, *(diff.absolute if with_abs else {})]:
                 p = named.get(name)
                 if p is not None and p.requires_grad:
-                    self._watch.append((p, None, p.detach().clone()))
+                    self._watch.append((p, None, p.detach().reshape(-1).clone()))
 
     def revert(self) -> None:
         """Subtract the diff from the entries that trained while it was applied (their updates
         stay) and restore every other entry it changed bit-exactly."""
         with torch.no_grad():
-            changes = [(p, pos, (p.detach().reshape(-1)[pos] if pos is not None else p.detach()) - after)
-                       for p, pos, after in self._watch]
+            nows = [p.detach().reshape(-1)[pos] if pos is not None else p.detach().reshape(-1).clone()
+                    for p, pos, _ in self._watch]
             self._handle.revert()
-            for p, pos, change in changes:
-                if pos is None:
-                    p.add_(change)
-                else:
-                    _add_at(p, pos, change)
+            for (p, pos, after), now in zip(self._watch, nows):
+                with _flat(p.detach()) as flat:
+                    at = pos if pos is not None else slice(None)
+                    restored = flat[at]
+                    # an entry that did not change keeps the restored bits: adding its zero change
+                    # made -0.0 +0.0, and an unchanged inf NaN (inf - inf)
+                    flat[at] = torch.where(now == after, restored, restored + (now - after))
 
 
 class MultiSourceDataset(torch.utils.data.Dataset):
