@@ -109,6 +109,20 @@ def test_values_of_the_wrong_type_are_refused_naming_the_argument(name, value):
         DynamicSftArguments(**kw)
 
 
+def test_numpy_numbers_are_taken_as_python_numbers_and_checkpoints_are_written(tmp_path):
+    # passed by the checks, they reached the checkpoint's sparse_phase.json: json.dump raised
+    # "Object of type int64 is not JSON serializable" at the first save of the sparse phase
+    np = pytest.importorskip("numpy")
+    sft_args = DynamicSftArguments(ft_params_num=np.int64(400), full_ft_max_steps_per_iteration=1,
+                                   sparse_ft_max_steps_per_iteration=np.int64(3), reselection_steps=np.int64(2),
+                                   selection_accumulation_steps=np.int64(1), drop_fraction=np.float32(0.5),
+                                   sparse_l1_reg=np.float32(0.0))
+    LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), train_dataset=_LMData(),
+                                 args=_args(tmp_path, save_strategy="steps", save_steps=1), sft_args=sft_args).train()
+    written = json.loads((tmp_path / "sparse" / "checkpoint-1" / "sparse_phase.json").read_text())
+    assert (written["reselection_steps"], written["drop_fraction"]) == (2, 0.5)
+
+
 def test_a_proportion_of_none_beside_ft_params_num_is_composable_sfts_rule(tmp_path):
     # composable-sft's ft_params_proportion is Optional and read only when ft_params_num is None:
     # proportion=None with a count is its valid configuration; None where a number is needed

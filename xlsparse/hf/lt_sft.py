@@ -81,7 +81,7 @@ import os
 import re
 import warnings
 from collections.abc import MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -152,6 +152,15 @@ class SftArguments:
         def check(name, ok, rule):
             if not ok:
                 raise ValueError(f"SftArguments.{name} = {getattr(self, name)!r}: {rule}")
+
+        # numbers as Python's own (numpy's from a sweep, say; a subclass's fields too): the sparse phase's
+        # settings are written as JSON at each checkpoint, where an np.int64 stopped the run with a TypeError
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if is_whole(value):
+                setattr(self, f.name, int(value))
+            elif is_real(value):
+                setattr(self, f.name, float(value))
 
         # as composable-sft, the proportion may be None beside a count (it is read only without one)
         check("ft_params_proportion", (self.ft_params_proportion is None and self.ft_params_num is not None)
