@@ -219,16 +219,19 @@ class DynamicSftArguments(SftArguments):
     initial_reselection_rate (0.2 there). A matrix that is
     not converted (GPT-2's `Conv1D` weights) keeps its support, with a warning. Differences from SpIEL (its `SftSelector`, selection "rigl"; R =
     `reselection_steps`, A = `selection_accumulation_steps`): the initial support is LT-SFT's
-    phase-1 selection (SpIEL starts from a random one and replaces all of it, at rate 1, after
-    steps 1..A); every non-kept entry is a candidate (SpIEL tracks the K_t entries of largest
-    |gradient| in its window's first backward); regrown entries start with
-    zero moments and step count (SpIEL seeds the moments and Adam's per-entry age from the
-    window's gradients); the window is the A steps k·R − A + 1..k·R and the reselection follows
-    step k·R (SpIEL's later windows run from step k·R to k·R + A, A + 1 steps, and reselect after
-    the last: the same cadence, shifted); embeddings (and a tied decoder) reselect too (SpIEL
-    converts linear layers only); weight decay stays AdamW's on θ0 + Δ (SpIEL's SftAdamW decays
-    Δ toward 0). During the accumulation window each converted layer adds its
-    dense weight gradient once per step (dYᵀX as one GEMM with β = 1, or a row scatter for
+    phase-1 selection (SpIEL starts from a random one, and under "linear" replaces all of it, at
+    rate 1, after steps 1..A; under "cosine" that first reselection takes the cosine rate); every
+    non-kept entry is a candidate (SpIEL tracks the K_t entries of largest |gradient| in its
+    window's first backward); regrown entries start with zero moments and step count, so their
+    first update is Adam's first step (SpIEL seeds them from the window: Adam's per-entry age =
+    its backward passes / gradient_accumulation_steps, the moments its mean gradient and mean
+    squared gradient, scaled so that Adam's bias correction at that age gives them back); the
+    window is the A steps k·R − A + 1..k·R (each step's micro-batches, as SpIEL's hooks sum every
+    backward) and the reselection follows step k·R (SpIEL's later windows run from step k·R to
+    k·R + A, A + 1 steps, and reselect after the last: the same cadence, shifted); embeddings (and
+    a tied decoder) reselect too (SpIEL converts linear layers only); weight decay stays AdamW's on
+    θ0 + Δ (SpIEL's SftAdamW decays Δ toward 0). During the accumulation window each converted layer adds its
+    dense weight gradient at each backward (dYᵀX as one GEMM with β = 1, or a row scatter for
     embeddings) into one dense buffer per parameter that drops entries (float32 for a bf16/fp16
     model; under fp16's GradScaler a second one holds the step's own part until the scaler has not skipped the step), freed after
     the reselection; outside the window training stays O(K). Under DDP the buffers are averaged over the processes before a
