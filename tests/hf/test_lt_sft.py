@@ -2416,6 +2416,23 @@ def test_the_l1_term_is_scaled_like_the_gradients_under_a_grad_scaler(tmp_path):
         assert torch.equal(d.values, scaled.deltas[n].values), n
 
 
+def test_a_tensor_no_gradient_reached_in_the_window_keeps_its_support():
+    # all its scores 0, it dropped its smallest |Δ| and regrew the lowest positions (SpIEL, whose
+    # hooks never fired on it, keeps its support)
+    from types import SimpleNamespace
+
+    layers = {n: SparseDeltaLinear.from_linear(torch.nn.Linear(6, 4), k=5) for n in ("reached", "idle")}
+    grads = {"reached": torch.randn(4, 6, generator=torch.Generator().manual_seed(0)), "idle": torch.zeros(4, 6)}
+    moved = {}
+    trainer = SimpleNamespace(_converted={n: [(None, None, layer)] for n, layer in layers.items()},
+                              optimizer=SimpleNamespace(state={}), _drop_count=lambda name, step, total: 2,
+                              _set_support=lambda name, idx, values: moved.setdefault(name, idx))
+    LotteryTicketSparseFineTuner._reselect(trainer, grads, 4, 10)
+    assert set(moved) == {"reached"}
+    expect, _, _ = lt_sft._drop_and_regrow(layers["reached"].delta_indices, layers["reached"].delta_values, grads["reached"], 2)
+    assert torch.equal(moved["reached"], expect)
+
+
 def test_reselection_unscales_gradients_under_a_grad_scaler_and_skips_overflowed_steps():
     # under fp16's GradScaler dY arrives multiplied by the loss scale, and an overflowed step's dY
     # holds infs: summed as they came, the scale weighed steps unevenly and an inf topped regrowth

@@ -229,10 +229,9 @@ class DynamicSftArguments(SftArguments):
     window is the A steps k·R − A + 1..k·R (each step's micro-batches, as SpIEL's hooks sum every
     backward) and the reselection follows step k·R (SpIEL's later windows run from step k·R to
     k·R + A, A + 1 steps, and reselect after the last: the same cadence, shifted); embeddings (and
-    a tied decoder) reselect too (SpIEL converts linear layers only); a tensor that got no gradient
-    in the window (a layer no batch of it reached) still drops its smallest |Δ| and regrows the
-    lowest positions, every score being 0 (SpIEL, whose hooks on it never fired, keeps its
-    support); weight decay stays AdamW's on θ0 + Δ (SpIEL's SftAdamW decays Δ toward 0). During the accumulation window each converted layer adds its
+    a tied decoder) reselect too (SpIEL converts linear layers only); a tensor whose window
+    gradient is all zero (a layer no batch of it reached) keeps its support, as in SpIEL, whose
+    hooks on it never fired; weight decay stays AdamW's on θ0 + Δ (SpIEL's SftAdamW decays Δ toward 0). During the accumulation window each converted layer adds its
     dense weight gradient at each backward (dYᵀX as one GEMM with β = 1, or a row scatter for
     embeddings) into one dense buffer per parameter that drops entries (float32 for a bf16/fp16
     model; under fp16's GradScaler a second one holds the step's own part until the scaler has not skipped the step), freed after
@@ -1201,7 +1200,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         for name, layers in self._converted.items():
             first = layers[0][2]
             n = self._drop_count(name, step, total)
-            if n == 0:
+            if n == 0 or not bool(grads[name].any()):
+                # no gradient reached it in the window: every score 0 would regrow the lowest positions
                 continue
             idx, values, src = _drop_and_regrow(first.delta_indices, first.delta_values, grads[name], n)
             param = first.delta_values
