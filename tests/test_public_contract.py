@@ -77,6 +77,10 @@ def test_the_command_line_has_the_contract_commands(capsys):
     assert xlsparse.__version__ in capsys.readouterr().out
     sub = next(a for a in cli.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     assert {"bench", "demo", "compose", "info", "convert-composable-sft"} <= set(sub.choices)
+    # `xlsparse info` as DESIGN.md lists it, without a DIFF: the install (it was a usage error, exit 2)
+    assert cli.main(["info"]) == 0
+    printed = capsys.readouterr().out
+    assert xlsparse.__version__ in printed and all(f"| {op} |" in printed for op in xlsparse.backends())
     from xlsparse import __main__  # noqa: F401  (`python -m xlsparse`)
 
 

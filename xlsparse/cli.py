@@ -324,7 +324,27 @@ def cmd_compose(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_install() -> None:
+    """What `xlsparse info` prints without a DIFF: the version, the compiled extension and, per op,
+    the backends this install has (`xlsparse.backends()`)."""
+    import torch
+
+    from xlsparse import __version__, _ext, backends
+
+    ext = (f"loaded, CPU kernels for {_ext.cpu_capability()}" if _ext.loaded() else
+           "not loaded, every op runs its PyTorch reference")
+    print(f"xlsparse {__version__}, torch {torch.__version__}; compiled extension: {ext}; "
+          f"CUDA {'available' if torch.cuda.is_available() else 'not available'}\n")
+    print("| op | cpu | cuda | triton |")
+    print("|---|---|---|---|")
+    for op, table in backends().items():
+        print(f"| {op} | " + " | ".join("yes" if table[b] else "no" for b in ("cpu", "cuda", "triton")) + " |")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
+    if args.diff is None:  # DESIGN's `xlsparse info`: it stopped at a usage error (exit status 2)
+        _print_install()
+        return 0
     diff = _load_diff(args.diff)
     # the diff file's size: a composable-sft folder also holds a trainer's files (training_args.bin,
     # checkpoints), which the whole folder's size counted as the diff's
@@ -418,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_arguments(demo)
     demo.set_defaults(run=cmd_demo)
 
-    info = sub.add_parser("info", help="describe a diff: density per module, size on disk, base model")
-    info.add_argument("diff", metavar="DIFF")
+    info = sub.add_parser("info", help="describe a diff: density per module, size on disk, base model; without DIFF, "
+                                       "this install: version, compiled extension, backends per op")
+    info.add_argument("diff", metavar="DIFF", nargs="?")
     info.set_defaults(run=cmd_info)
 
     conv = sub.add_parser("convert-composable-sft", help="convert a composable-sft pytorch_diff.bin to an xlsparse diff")
