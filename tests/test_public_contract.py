@@ -200,6 +200,12 @@ def test_apply_revert_applied_and_many_diffs():
     with xlsparse.apply([d1, d2], model):  # alphas=None: every weight 1
         assert all(torch.allclose(now()[n], before[n] + A[n] + B[n]) for n in sb)
     assert all(torch.equal(now()[n], before[n]) for n in sb)
+    # one number where the list belongs: Python's bare "'float' object is not iterable" named no argument
+    with pytest.raises(TypeError, match="apply: alphas must be a list of numbers"):
+        xlsparse.apply([d1], model, 0.5)
+    with pytest.raises(TypeError, match="merge: weights must be a list of numbers"):
+        SparseDiff.merge([d1], weights=0.5)
+    assert all(torch.equal(now()[n], before[n]) for n in sb)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

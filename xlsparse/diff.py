@@ -56,6 +56,21 @@ def budget(what: str, total: int, k: int | None = None, density: float | None = 
     return int(k)
 
 
+def scale_list(op: str, name: str, scales, count: int) -> list[float]:
+    """`scales` (a diff call's `alphas` or `weights`) as `count` finite floats, one per diff; None
+    gives 1 each. A lone number raised Python's bare "'float' object is not iterable"."""
+    if scales is None:
+        return [1.0] * count
+    try:
+        scales = list(scales)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be a list of numbers, one per diff, got {scales!r}") from None
+    if len(scales) != count:
+        raise ValueError(f"{op}: {count} diffs but {len(scales)} {name}")
+    checks.finite(op, **{f"{name}[{i}]": s for i, s in enumerate(scales)})  # before float(): "0.5" was read
+    return [float(s) for s in scales]
+
+
 def _refuse_unrankable(op: str, changes: dict, left: str, noun: str, hint: str) -> None:
     """Changes ({name: tensor}) ranked by size must be finite: topk_mask raised "tensors[0] holds
     NaN", naming a position in a list the caller never saw, and ranked an inf first, silently.
@@ -476,11 +491,7 @@ def apply(diffs, model, alphas=None, with_abs: bool = True) -> ApplyHandle:
     diffs = _diff_list("apply", [diffs] if isinstance(diffs, SparseDiff) else diffs)
     if not checks.flag("apply", "with_abs", with_abs):  # with_abs="no" is truthy: it applied the heads
         diffs = [d.without_absolute() for d in diffs]
-    alphas = [1.0] * len(diffs) if alphas is None else list(alphas)
-    if len(alphas) != len(diffs):
-        raise ValueError(f"apply: {len(diffs)} diffs but {len(alphas)} alphas")
-    checks.finite("apply", **{f"alphas[{i}]": a for i, a in enumerate(alphas)})
-    alphas = [float(a) for a in alphas]
+    alphas = scale_list("apply", "alphas", alphas, len(diffs))
     named = _named_tensors(model)
     refuse_sharded("apply", {n: named[n] for d in diffs for n in (*d.deltas, *d.dense, *d.absolute) if n in named},
                    "Apply the diffs before fully_shard, or to an unsharded copy of the model")
@@ -1172,13 +1183,9 @@ class SparseDiff:
         diffs = _diff_list("merge", diffs)
         if not checks.flag("merge", "with_abs", with_abs):
             diffs = [d.without_absolute() for d in diffs]
-        weights = [1.0] * len(diffs) if weights is None else list(weights)
-        if len(weights) != len(diffs):
-            raise ValueError(f"merge: {len(diffs)} diffs but {len(weights)} weights")
-        # every weight, not only those of sparse deltas (merge_deltas checks those): d * nan on a
-        # dense-only diff would otherwise poison the model on apply
-        checks.finite("merge", **{f"weights[{i}]": w for i, w in enumerate(weights)})
-        weights = [float(w) for w in weights]
+        # every weight is checked, not only those of sparse deltas (merge_deltas checks those): d * nan
+        # on a dense-only diff would otherwise poison the model on apply
+        weights = scale_list("merge", "weights", weights, len(diffs))
         for i, (d, w) in enumerate(zip(diffs, weights)):
             _refuse_scaled_absolute("merge", "weights", i, d, w)
         dense_names = {n for d in diffs for n in d.dense}

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..diff import SparseDelta, SparseDiff, _refuse_overflow, budget, index_dtype
+from ..diff import SparseDelta, SparseDiff, _refuse_overflow, budget, index_dtype, scale_list
 from ..functional import topk_mask
 from ..ops import checks
 from .model import accepts_compiled
@@ -93,14 +93,7 @@ def _check(diffs, weights, what: str) -> tuple[list, list]:
         raise ValueError(f"{what}: no diffs given")
     if not all(isinstance(d, SparseDiff) for d in diffs):
         raise TypeError(f"{what}: diffs must be SparseDiff objects")
-    try:
-        weights = [1.0] * len(diffs) if weights is None else list(weights)
-    except TypeError:
-        raise TypeError(f"{what}: weights must be a list of numbers, one per diff, got {weights!r}") from None
-    if len(weights) != len(diffs):
-        raise ValueError(f"{what}: {len(diffs)} diffs but {len(weights)} weights")
-    checks.finite(what, **{f"weights[{i}]": w for i, w in enumerate(weights)})  # before float(): "0.5" was read
-    return diffs, [float(w) for w in weights]
+    return diffs, scale_list(what, "weights", weights, len(diffs))
 
 
 def combine(diffs: Sequence[SparseDiff], weights: Sequence[float], with_abs: bool = True,
