@@ -106,6 +106,12 @@ def test_sparse_delta_dense_nnz_density_and_validation():
     t[0, :3] = 0
     assert torch.equal(SparseDelta.from_dense(t).to_dense(), t)  # k=None: every nonzero entry
     assert SparseDelta.from_dense(t).nnz == 32
+    # the errors name from_dense and its arguments, not the topk_mask call inside it
+    with pytest.raises(ValueError, match=r"^SparseDelta.from_dense: k = 36 is outside \[0, 35\]"):
+        SparseDelta.from_dense(t, k=36)
+    t[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"^SparseDelta.from_dense: t holds NaN"):
+        SparseDelta.from_dense(t, k=3)
 
 
 def _linears(seed=1):

@@ -187,8 +187,14 @@ class SparseDelta:
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"from_dense: t must be a floating-point tensor, got {getattr(t, 'dtype', type(t).__name__)}")
         t = t.detach()
-        mask = t != 0 if k is None else topk_mask([t], k)[0]
-        return _delta_at(t, mask)
+        if k is None:
+            return _delta_at(t, t != 0)
+        # checked here: topk_mask's errors named "topk_masks" and its "tensors[0]", never given
+        k = budget("SparseDelta.from_dense", t.numel(), k=k)
+        if bool(t.isnan().any()):
+            raise ValueError("SparseDelta.from_dense: t holds NaN, which has no magnitude to rank by; "
+                             "k=None keeps every nonzero entry")
+        return _delta_at(t, topk_mask([t], k)[0])
 
     def __repr__(self) -> str:
         return (f"SparseDelta(shape={tuple(self.shape)}, nnz={self.nnz}, density={self.density:.3g}, "
