@@ -1475,6 +1475,22 @@ def test_expert_trainer_refuses_an_optimizer_it_would_ignore(tmp_path, option):
         xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05, **kwargs)
 
 
+
+@pytest.mark.parametrize("given", ["optimizer", "scheduler"])
+def test_expert_trainer_refuses_an_optimizer_built_before_it_copied_the_base(tmp_path, given):
+    # the trainer trains a copy of the base made in its constructor: an optimizer over the base
+    # stepped none of the copy's parameters, and the expert came back all zeros, silently
+    from transformers import TrainingArguments
+
+    base = tiny("llama")
+    opt = torch.optim.AdamW(base.parameters(), lr=1e-2)
+    optimizers = (opt, None) if given == "optimizer" else (None, torch.optim.lr_scheduler.ConstantLR(opt))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, save_strategy="no",
+                             report_to=[], use_cpu=True, disable_tqdm=True)
+    with pytest.raises(ValueError, match="ExpertTrainer: optimizers="):
+        xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(1, 5)), density=0.05,
+                           optimizers=optimizers)
+
 _DDP_EXPERT_SCRIPT = '''
 import os, sys, torch
 sys.path.insert(0, {tests!r})

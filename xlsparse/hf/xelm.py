@@ -1027,7 +1027,8 @@ class ExpertTrainer(Trainer):
     (`max_steps`) is refused.
     Accelerate's FSDP plugin and DeepSpeed (`TrainingArguments.fsdp` / `.deepspeed`, or `accelerate
     launch` with either) are refused with a ValueError at construction: the optimizer and
-    `expert()` hold the parameters they replace. `TrainingArguments.torch_compile` compiles the
+    `expert()` hold the parameters they replace. So is `optimizers=`: built before the trainer
+    copies the base, it holds none of the expert's parameters. `TrainingArguments.torch_compile` compiles the
     run also on a base that an earlier compiled run trained."""
 
     def __init__(self, model: nn.Module, *args, k: int | None = None, density: float | None = None,
@@ -1040,6 +1041,12 @@ class ExpertTrainer(Trainer):
         training_args = _training_args((model, *args), kwargs)
         _refuse_replaced_parameters("ExpertTrainer", "its optimizer's param groups and dense parts, taken from its copy "
                                     "of the base at construction", training_args)
+        # the expert is a copy of `model` made below: an optimizer built before holds other parameters
+        # (the base's), so train() stepped none of the expert's and it came back all zeros, silently
+        if any(o is not None for o in _trainer_argument("optimizers", (model, *args), kwargs) or ()):
+            raise ValueError("ExpertTrainer: optimizers= holds an optimizer or scheduler built before the trainer copied "
+                             "the base, so it would step none of the expert's parameters; leave it out (the trainer "
+                             "builds compact MaskedAdamW and the scheduler from the TrainingArguments)")
         # the expert is built here, as a Trainer's model_init would build it: its random support is
         # drawn under TrainingArguments.seed (the Trainer's own rule), not the caller's RNG state
         from transformers import TrainingArguments
