@@ -2574,6 +2574,12 @@ def test_an_optimizer_the_sparse_phase_cannot_run_is_refused(tmp_path, optim):
     with pytest.raises(ValueError, match="optimizer_cls_and_kwargs"):
         LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(),
                                      optimizer_cls_and_kwargs=(torch.optim.SGD, {}), sft_args=SftArguments(**steps))
+    # a scheduler alone: each phase set it aside and built the TrainingArguments' one, silently
+    model = tiny("bert")
+    scheduler = torch.optim.lr_scheduler.LinearLR(torch.optim.AdamW(model.parameters()), total_iters=2)
+    with pytest.raises(ValueError, match="`optimizers`"):
+        LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(),
+                                     optimizers=(None, scheduler), sft_args=SftArguments(**steps))
     LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path, optim="adamw_torch_fused"),
                                  train_dataset=_LMData(), sft_args=SftArguments(**steps))
 

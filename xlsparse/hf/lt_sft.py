@@ -582,7 +582,9 @@ class LotteryTicketSparseFineTuner(Trainer):
         if optim not in _ADAMW_OPTIMS:
             raise ValueError(f"TrainingArguments.optim = {optim!r}: LotteryTicketSparseFineTuner's sparse phase trains with "
                              f"AdamW (compact MaskedAdamW); use one of {sorted(_ADAMW_OPTIMS)}")
-        if getattr(self, "optimizer_cls_and_kwargs", None) is not None or self.optimizer is not None:
+        # a scheduler given alone too: every phase builds its own from the TrainingArguments (it was dropped)
+        if getattr(self, "optimizer_cls_and_kwargs", None) is not None or self.optimizer is not None \
+                or self.lr_scheduler is not None:
             raise ValueError("LotteryTicketSparseFineTuner builds each phase's optimizer itself (AdamW from the "
                              "TrainingArguments; compact MaskedAdamW in sparse phases): `optimizers` and "
                              "`optimizer_cls_and_kwargs` would be ignored")
