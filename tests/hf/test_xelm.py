@@ -1476,6 +1476,26 @@ def test_expert_trainer_refuses_an_optimizer_it_would_ignore(tmp_path, option):
 
 
 
+
+def test_expert_trainer_grows_on_a_first_batch_collated_as_the_trainer_collates_it(tmp_path):
+    # with no data_collator the first batch stacked every field of the examples: a dataset's string
+    # column ("text"), which the Trainer's default collator leaves out, raised a bare TypeError
+    from transformers import TrainingArguments
+
+    class _WithText(_LMData):
+        def __getitem__(self, i):
+            return {**super().__getitem__(i), "text": f"example {i}"}
+
+    base = tiny("llama")
+    parent = xelm.train_expert(base, _lm_batches(1, 1), density=0.02, progress=False)
+    data = _WithText(_lm_batches(3, 5))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2)
+    got = xelm.ExpertTrainer(base, args=args, train_dataset=data, init=parent, grow=40).expert()
+    first = {"input_ids": data.ids[:2], "labels": data.ids[:2]}
+    want = xelm.train_expert(base, [first], init=parent, grow=40, lr=0.0, progress=False)  # lr 0: the support alone
+    for n, d in want.deltas.items():
+        assert torch.equal(got.deltas[n].indices, d.indices), n
+
 @pytest.mark.parametrize("given", ["optimizer", "scheduler"])
 def test_expert_trainer_refuses_an_optimizer_built_before_it_copied_the_base(tmp_path, given):
     # the trainer trains a copy of the base made in its constructor: an optimizer over the base

@@ -1018,7 +1018,8 @@ class ExpertTrainer(Trainer):
     SparseDiff for `ExpertEnsemble`. A support drawn at random (`k` / `density`) is drawn under
     `TrainingArguments.seed`, as the Trainer seeds a `model_init`'s model. `grow` scores the new
     entries on one batch: the train_dataset's first `per_device_train_batch_size` examples, in the
-    dataset's order (train_expert's rule: its first batch). `resume_from_checkpoint` refuses, before loading anything, a
+    dataset's order, collated by the data_collator or the Trainer's default one (train_expert's rule: its
+    first batch). `resume_from_checkpoint` refuses, before loading anything, a
     checkpoint of a run on another base model: its frozen weights, or the base of its dense parts
     (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's. The
     checkpoint's support and values replace the ones `k`/`density`/`init` gave (a support of
@@ -1063,8 +1064,15 @@ class ExpertTrainer(Trainer):
             dataset = _trainer_argument("train_dataset", (model, *args), kwargs)
             if dataset is None:
                 raise ValueError("ExpertTrainer: grow needs train_dataset (its first examples score the new entries)")
-            collate = _trainer_argument("data_collator", (model, *args), kwargs) or (
-                lambda items: {key: torch.stack([torch.as_tensor(i[key]) for i in items]) for key in items[0]})
+            collate = _trainer_argument("data_collator", (model, *args), kwargs)
+            if collate is None:  # the Trainer's default, which leaves out string fields (a dataset's "text",
+                # on which stacking every field raised a bare TypeError)
+                from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
+                from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+
+                processing = _trainer_argument("processing_class", (model, *args), kwargs)
+                collate = DataCollatorWithPadding(processing) if isinstance(
+                    processing, (PreTrainedTokenizerBase, SequenceFeatureExtractor)) else default_data_collator
             first = collate([dataset[i] for i in range(min(len(dataset), seeding.per_device_train_batch_size))])
         # a base compiled by torch.compile is the model it wraps: the expert trains a copy of it
         self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings, first,
