@@ -2305,6 +2305,28 @@ def test_multi_source_batches_of_a_batch_encoding_collator_train_under_their_sou
     assert runs["batch_encoding"][1] == runs["dict"][1]
 
 
+
+def test_multi_source_batches_follow_auto_find_batch_size(tmp_path):
+    # the multi-source loader took per_device_train_batch_size: after an out-of-memory error the
+    # Trainer retried with smaller sizes, and got batches of 4 until none was left
+    from transformers import default_data_collator
+
+    sizes = []
+
+    def collate(items):
+        sizes.append(len(items))
+        if len(items) > 2:
+            raise RuntimeError("CUDA out of memory.")  # accelerate's find_executable_batch_size reads this
+        return default_data_collator(items)
+
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+    LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path, per_device_train_batch_size=4, auto_find_batch_size=True),
+        train_dataset=data, data_collator=collate, source_sfts={"de": SparseDiff({}), "fr": SparseDiff({})},
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=2,
+                              sparse_ft_max_steps_per_iteration=2)).train()
+    assert sizes[0] == 4 and set(sizes[-4:]) == {2}
+
 def test_train_gives_the_training_arguments_back_as_they_were(tmp_path):
     # each phase sets args.max_steps in place; the last phase's length stayed, so a Trainer given the
     # same TrainingArguments next (a task SFT after a language SFT) ran 1 step for its 3 epochs

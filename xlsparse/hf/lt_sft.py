@@ -1427,8 +1427,10 @@ class LotteryTicketSparseFineTuner(Trainer):
 
     def get_train_dataloader(self):
         if isinstance(self.train_dataset, MultiSourceDataset):
-            # under DDP each process takes every num_processes-th batch: one step's batches share a source
-            return self._multisource_loader(self.train_dataset, self.args.per_device_train_batch_size,
+            # under DDP each process takes every num_processes-th batch: one step's batches share a source.
+            # The Trainer's batch size: auto_find_batch_size lowers it after an out-of-memory error (the
+            # per-device setting retried the same batches until no size was left)
+            return self._multisource_loader(self.train_dataset, self._train_batch_size,
                                             shuffle=self.args.train_sampling_strategy != "sequential",
                                             replicas=self.accelerator.num_processes, training=True)
         return super().get_train_dataloader()
