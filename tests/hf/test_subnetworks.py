@@ -972,8 +972,9 @@ def test_subnetwork_trainer_trains_each_language_inside_its_own_subnetwork(tmp_p
 
 def test_subnetwork_trainer_accumulates_gradients_like_one_big_batch(tmp_path):
     """gradient_accumulation_steps=2 over batches of 4 steps on the gradient of the batch of 8,
-    inside the masks: tiny BERT's loss ignores num_items_in_batch, so transformers adds the two
-    micro-batch means (twice the big batch's mean gradient), as it does for an unconverted model."""
+    inside the masks. Tiny BERT's loss is a mean that ignores num_items_in_batch: transformers 5.25
+    added the two micro-batch means (twice the big batch's gradient), and the trainer divides them
+    by the accumulation steps (`lt_sft.settle_loss_kwargs`)."""
     from transformers import TrainerCallback
     from xlsparse.nn import SubnetworkLinear
 
@@ -1005,7 +1006,7 @@ def test_subnetwork_trainer_accumulates_gradients_like_one_big_batch(tmp_path):
     model, accumulated = first_step(4, 2)
     assert set(big) == set(accumulated)
     for n, grad in big.items():
-        torch.testing.assert_close(accumulated[n], 2 * grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(accumulated[n], grad, rtol=1e-4, atol=1e-6)
     for name, layer in hf.model._converted(model, SubnetworkLinear):
         assert not accumulated[f"{name}.weight"][~layer.trainable_mask()].any(), name
 

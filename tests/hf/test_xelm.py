@@ -1018,6 +1018,37 @@ def test_expert_trainer_equals_the_plain_loop(tmp_path):
         torch.testing.assert_close(t, plain.dense[n], rtol=1e-4, atol=1e-6)
 
 
+def test_expert_trainer_accumulates_the_gradient_of_the_whole_batch(tmp_path):
+    # BERT's masked-LM loss is a mean that ignores num_items_in_batch: transformers 5.25 added the
+    # micro-batch means without dividing by the accumulation steps (twice the batch's gradient)
+    from transformers import TrainerCallback, TrainingArguments
+
+    def first_step(batch, accumulation, out):
+        base = tiny("bert")
+        for m in base.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, max_steps=1, report_to=[],
+                                 gradient_accumulation_steps=accumulation, use_cpu=True, disable_tqdm=True,
+                                 save_strategy="no", max_grad_norm=0.0)
+        trainer = xelm.ExpertTrainer(base, args=args, train_dataset=_LMData(_lm_batches(2, 5)), density=0.05)
+        grads = {}
+
+        class _Grads(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                if not grads:
+                    grads.update({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+
+        trainer.add_callback(_Grads())
+        trainer.train()
+        return grads
+
+    whole, accumulated = first_step(8, 1, tmp_path / "a"), first_step(4, 2, tmp_path / "b")
+    assert whole and whole.keys() == accumulated.keys()
+    for n, g in whole.items():
+        torch.testing.assert_close(accumulated[n], g, rtol=1e-4, atol=1e-6)
+
+
 def test_expert_trainer_draws_its_support_under_training_arguments_seed(tmp_path, monkeypatch):
     # the expert is built in the trainer, as model_init builds a model: its random support followed
     # the caller's RNG state, so two runs with one TrainingArguments.seed trained different experts

@@ -435,6 +435,40 @@ def _unmark_prepared(trainer) -> None:
         trainer.model.__dict__.pop("_is_accelerate_prepared", None)
 
 
+def settle_loss_kwargs(trainer, inputs, num_items_in_batch) -> None:
+    """Before a training step of an xlsparse Trainer: tell, once, whether the model's loss really
+    follows `num_items_in_batch`. transformers passes it to any model whose forward takes
+    **kwargs and then takes the loss as already summed over the accumulated batch: it neither
+    divides it by the gradient accumulation steps G nor averages it over the P processes (it
+    multiplies by P). A model whose loss is a mean and ignores it (transformers 5.25's BERT and
+    XLM-R masked-LM heads) got G·P times the mean gradient and logged G times its loss, silently;
+    LT-SFT's L1 term, added once a step, then pulled G·P times weaker than composable-sft's. The
+    model's own loss at num_items_in_batch n and 2n tells: equal, it ignores it and the trainer
+    treats it as a model without loss kwargs (the loss divided by G, no ×P); halved, it sums.
+    Two no-grad forwards in eval mode, under a forked RNG, at the first step with a nonzero loss."""
+    if (getattr(trainer, "_loss_kwargs_settled", False) or not trainer.model_accepts_loss_kwargs
+            or num_items_in_batch is None or trainer.compute_loss_func is not None
+            or trainer.loss_is_scaled_for_ga is not None):
+        return
+    model = trainer.model
+    training = model.training
+    cuda = [d.index for d in {p.device for p in model.parameters()} if d.type == "cuda"]
+    losses = []
+    with torch.no_grad(), torch.random.fork_rng(devices=cuda), trainer.compute_loss_context_manager():
+        model.eval()
+        try:
+            for n in (num_items_in_batch, 2 * num_items_in_batch):
+                losses.append(trainer.compute_loss(model, dict(inputs), num_items_in_batch=n).detach().float())
+        finally:
+            model.train(training)
+    first, second = losses
+    if not bool(torch.isfinite(first)) or float(first) == 0:  # nothing labelled here: tell at a later step
+        return
+    if torch.allclose(second, first, rtol=1e-3, atol=0):  # a summed loss halves: far outside 1e-3
+        trainer.model_accepts_loss_kwargs = False
+    trainer._loss_kwargs_settled = True
+
+
 def _refuse_replaced_parameters(what: str, holds: str, args) -> None:
     """One rule for every xlsparse trainer that holds the model's parameters (`holds` says what):
     refuse, before anything is built or converted, the frameworks that replace them when train()
@@ -529,7 +563,9 @@ class LotteryTicketSparseFineTuner(Trainer):
     a model holding an `nn.Embedding` with `max_norm`. A trainable parameter stored with other
     strides (a transposed weight) is given row-major storage at construction: the same values in
     the same Parameter. `TrainingArguments.torch_compile` compiles every phase, each sparse phase
-    with its SparseDelta layers.
+    with its SparseDelta layers. A model whose loss is a mean that ignores `num_items_in_batch` (BERT's and XLM-R's masked-LM
+    heads) has it divided by the gradient accumulation steps and not multiplied by the processes
+    (`lt_sft.settle_loss_kwargs`), where transformers 5.25 adds the micro-batch means.
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,
@@ -1353,8 +1389,10 @@ class LotteryTicketSparseFineTuner(Trainer):
         try:
             if self.labelled_positions_only:
                 with _labelled_positions(self.model, inputs) as kept:
+                    settle_loss_kwargs(self, kept, num_items_in_batch)
                     loss = super().training_step(model, kept, num_items_in_batch)
             else:
+                settle_loss_kwargs(self, inputs, num_items_in_batch)
                 loss = super().training_step(model, inputs, num_items_in_batch)
         finally:
             if handle is not None:

@@ -1107,7 +1107,9 @@ class SubnetworkTrainer(Trainer):
     are refused with a ValueError at construction: they replace the parameters or the optimizer
     that the masks are keyed by. Under DDP, masks that differ between the processes are refused
     at construction too. `TrainingArguments.torch_compile` compiles the run also on a
-    model that an earlier compiled run trained.
+    model that an earlier compiled run trained. A model whose loss is a mean that ignores `num_items_in_batch` (BERT's and XLM-R's masked-LM
+    heads) has it divided by the gradient accumulation steps and not multiplied by the processes
+    (`lt_sft.settle_loss_kwargs`), where transformers 5.25 adds the micro-batch means.
     """
 
     MASKS_FILE = "subnetwork_masks.pt"
@@ -1291,7 +1293,10 @@ class SubnetworkTrainer(Trainer):
     def training_step(self, model, inputs, *args, **kwargs):
         # the backward runs routed too: gradient checkpointing (TrainingArguments.gradient_checkpointing)
         # recomputes the layers there, after compute_loss's route has ended
+        from .lt_sft import settle_loss_kwargs
+
         with route(model, self._batch_ids(inputs)):
+            settle_loss_kwargs(self, inputs, kwargs.get("num_items_in_batch", args[0] if args else None))
             return super().training_step(model, inputs, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
