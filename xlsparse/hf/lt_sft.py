@@ -231,7 +231,8 @@ class DynamicSftArguments(SftArguments):
     k·R + A, A + 1 steps, and reselect after the last: the same cadence, shifted); embeddings (and
     a tied decoder) reselect too (SpIEL converts linear layers only); a tensor whose window
     gradient is all zero (a layer no batch of it reached) keeps its support, as in SpIEL, whose
-    hooks on it never fired; weight decay stays AdamW's on θ0 + Δ (SpIEL's SftAdamW decays Δ toward 0). During the accumulation window each converted layer adds its
+    hooks on it never fired; weight decay stays AdamW's on θ0 + Δ (SpIEL's SftAdamW decays Δ
+    toward 0). During the accumulation window each converted layer adds its
     dense weight gradient at each backward (dYᵀX as one GEMM with β = 1, or a row scatter for
     embeddings) into one dense buffer per parameter that drops entries (float32 for a bf16/fp16
     model; under fp16's GradScaler a second one holds the step's own part until the scaler has not skipped the step), freed after
@@ -563,9 +564,10 @@ class LotteryTicketSparseFineTuner(Trainer):
     a model holding an `nn.Embedding` with `max_norm`. A trainable parameter stored with other
     strides (a transposed weight) is given row-major storage at construction: the same values in
     the same Parameter. `TrainingArguments.torch_compile` compiles every phase, each sparse phase
-    with its SparseDelta layers. A model whose loss is a mean that ignores `num_items_in_batch` (BERT's and XLM-R's masked-LM
-    heads) has it divided by the gradient accumulation steps and not multiplied by the processes
-    (`lt_sft.settle_loss_kwargs`), where transformers 5.25 adds the micro-batch means.
+    with its SparseDelta layers. A model whose loss is a mean that ignores `num_items_in_batch`
+    (BERT's and XLM-R's masked-LM heads) has it divided by the gradient accumulation steps and
+    not multiplied by the processes (`settle_loss_kwargs`), where transformers 5.25 adds the
+    micro-batch means.
     """
 
     def __init__(self, *args, sft_args: SftArguments | None = None, maskable_params=None, source_sfts=None,

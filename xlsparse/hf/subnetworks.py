@@ -1107,9 +1107,10 @@ class SubnetworkTrainer(Trainer):
     are refused with a ValueError at construction: they replace the parameters or the optimizer
     that the masks are keyed by. Under DDP, masks that differ between the processes are refused
     at construction too. `TrainingArguments.torch_compile` compiles the run also on a
-    model that an earlier compiled run trained. A model whose loss is a mean that ignores `num_items_in_batch` (BERT's and XLM-R's masked-LM
-    heads) has it divided by the gradient accumulation steps and not multiplied by the processes
-    (`lt_sft.settle_loss_kwargs`), where transformers 5.25 adds the micro-batch means.
+    model that an earlier compiled run trained. A model whose loss is a mean that ignores
+    `num_items_in_batch` (BERT's and XLM-R's masked-LM heads) has it divided by the gradient
+    accumulation steps and not multiplied by the processes (`lt_sft.settle_loss_kwargs`), where
+    transformers 5.25 adds the micro-batch means.
     """
 
     MASKS_FILE = "subnetwork_masks.pt"

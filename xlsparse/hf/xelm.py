@@ -1030,9 +1030,10 @@ class ExpertTrainer(Trainer):
     launch` with either) are refused with a ValueError at construction: the optimizer and
     `expert()` hold the parameters they replace. So is `optimizers=`: built before the trainer
     copies the base, it holds none of the expert's parameters. `TrainingArguments.torch_compile` compiles the
-    run also on a base that an earlier compiled run trained. A model whose loss is a mean that ignores `num_items_in_batch` (BERT's and XLM-R's masked-LM
-    heads) has it divided by the gradient accumulation steps and not multiplied by the processes
-    (`lt_sft.settle_loss_kwargs`), where transformers 5.25 adds the micro-batch means."""
+    run also on a base that an earlier compiled run trained. A model whose loss is a mean that
+    ignores `num_items_in_batch` (BERT's and XLM-R's masked-LM heads) has it divided by the
+    gradient accumulation steps and not multiplied by the processes (`lt_sft.settle_loss_kwargs`),
+    where transformers 5.25 adds the micro-batch means."""
 
     def __init__(self, model: nn.Module, *args, k: int | None = None, density: float | None = None,
                  init: SparseDiff | None = None, grow: int | None = None, target_modules=None,
