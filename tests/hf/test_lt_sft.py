@@ -2328,6 +2328,30 @@ def test_multi_source_batches_follow_auto_find_batch_size(tmp_path):
                               sparse_ft_max_steps_per_iteration=2)).train()
     assert sizes[0] == 4 and set(sizes[-4:]) == {2}
 
+
+def test_a_phase_in_epochs_keeps_its_epochs_when_auto_find_batch_size_lowers_the_batch(tmp_path):
+    # the phase's steps were counted at the first batch size: at half the batch it ran half an epoch
+    from transformers import default_data_collator
+
+    def collate(items):
+        if len(items) > 2:
+            raise RuntimeError("CUDA out of memory.")  # accelerate's find_executable_batch_size reads this
+        return default_data_collator(items)
+
+    ends = []
+
+    class _Ends(transformers.TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            ends.append((trainer._phase, state.global_step, state.epoch))
+
+    trainer = LotteryTicketSparseFineTuner(
+        model=tiny("bert"), args=_args(tmp_path, per_device_train_batch_size=4, auto_find_batch_size=True),
+        train_dataset=_LMData(n=8), data_collator=collate, callbacks=[_Ends()],
+        sft_args=SftArguments(ft_params_num=50, full_ft_max_epochs_per_iteration=1, sparse_ft_max_steps_per_iteration=1))
+    trainer.train()
+    assert ends == [("full", 4, 1.0), ("sparse", 1, 0.25)]
+
+
 def test_train_gives_the_training_arguments_back_as_they_were(tmp_path):
     # each phase sets args.max_steps in place; the last phase's length stayed, so a Trainer given the
     # same TrainingArguments next (a task SFT after a language SFT) ran 1 step for its 3 epochs

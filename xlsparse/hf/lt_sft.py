@@ -1017,6 +1017,13 @@ class LotteryTicketSparseFineTuner(Trainer):
                              f"{getattr(a, f'{phase}_ft_max_steps_per_iteration')})")
         return steps
 
+    def _update_auto_batch_size(self, batch_size):
+        """The Trainer's, then the phase's length again: auto_find_batch_size retries with a smaller
+        batch after an out-of-memory error, and a phase given in epochs then takes more steps (it
+        kept the first size's count: half the epochs asked at half the batch)."""
+        super()._update_auto_batch_size(batch_size)
+        self.args.max_steps = self._phase_steps(self._phase)
+
     def _run_phase(self, phase: str, it: int, root: str, resume_from_checkpoint=None, resumed_deltas=None, **kwargs):
         a = self.sft_args
         self._phase = phase
