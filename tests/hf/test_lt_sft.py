@@ -1713,11 +1713,11 @@ def test_resuming_with_a_head_initialised_anew_is_refused_when_the_l1_term_pulls
 def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(tmp_path):
     # 2 sources x 4 items in batches of 2: 4 batches an epoch; checkpoint 5 is one step into the
     # sparse phase's second epoch, whose batch order the resumed sampler must reproduce
-    def trainer(out, source_sft_apply_abs=False, **kw):
+    def trainer(out, source_sft_apply_abs=False, sources=None, **kw):
         data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
         return LotteryTicketSparseFineTuner(
             model=_no_dropout(tiny("bert")), args=_args(out, per_device_train_batch_size=2, **kw), train_dataset=data,
-            source_sfts=_source_sfts(tiny("bert")), source_sft_apply_abs=source_sft_apply_abs,
+            source_sfts=sources or _source_sfts(tiny("bert")), source_sft_apply_abs=source_sft_apply_abs,
             sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=7))
 
     whole = trainer(tmp_path, save_strategy="steps", save_steps=1)
@@ -1729,6 +1729,11 @@ def test_resuming_multi_source_training_in_a_later_epoch_continues_bit_exactly(t
     other = trainer(tmp_path / "other", source_sft_apply_abs=True)
     with pytest.raises(ValueError, match=re.escape("source_sft_apply_abs = False (this trainer: True)")):
         other.train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-5"))
+    # other source SFTs: the resumed steps trained under them, silently
+    sources = _source_sfts(tiny("bert"))
+    sources["fr"] = 0.5 * sources["fr"]
+    with pytest.raises(ValueError, match="source_sfts = .*'fr'"):
+        trainer(tmp_path / "swapped", sources=sources).train(resume_from_checkpoint=str(tmp_path / "sparse" / "checkpoint-5"))
 
 
 def test_a_ddp_run_resumed_in_a_later_epoch_takes_that_epoch_s_batch_order(tmp_path):

@@ -74,6 +74,7 @@ model already sharded with `fully_shard` (θ0 and the global selection read whol
 """
 import contextlib
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -919,6 +920,7 @@ class LotteryTicketSparseFineTuner(Trainer):
         # written before source_sft_apply_abs or the phase's length were recorded: not known, so not checked
         saved.setdefault("source_sft_apply_abs", mine["source_sft_apply_abs"])
         saved.setdefault("sparse_phase_steps", mine["sparse_phase_steps"])
+        saved.setdefault("source_sfts", mine["source_sfts"])
         differs = [f"{k} = {saved.get(k)!r} (this trainer: {v!r})" for k, v in mine.items() if saved.get(k) != v]
         if differs:  # the resumed steps would train another run's way than the one that wrote the checkpoint
             raise ValueError(f"resume_from_checkpoint: {checkpoint}'s run trained its sparse phase with "
@@ -995,9 +997,13 @@ class LotteryTicketSparseFineTuner(Trainer):
         heads = self.source_sft_apply_abs if self.source_sfts is not None else None
         # a decaying drop rate reads the phase's length: another length drops other shares at each step
         decays = dynamic and a.reselection_rate_policy != "constant"
+        if self.source_sfts is not None and getattr(self, "_source_digests", None) is None:  # the SFTs do not change
+            self._source_digests = {s: _diff_digest(d) for s, d in sorted(self.source_sfts.items())}
         return {"dynamic": dynamic, **reselection, "sparse_l1_reg": a.sparse_l1_reg,
                 "apply_reg_to_sparse_only": a.apply_reg_to_sparse_only, "source_sft_apply_abs": heads,
-                "sparse_phase_steps": self._phase_steps("sparse") if decays else None}
+                "sparse_phase_steps": self._phase_steps("sparse") if decays else None,
+                # a resume with other source SFTs trained on under other ones, silently
+                "source_sfts": self._source_digests if self.source_sfts is not None else None}
 
     def _phase_dir(self, phase: str, it: int, root: str) -> str:
         return os.path.join(root, phase) if self.sft_args.n_ft_iterations == 1 else os.path.join(root, f"iteration-{it}", phase)
@@ -1864,6 +1870,16 @@ def _add_at(t: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
 
 def _no_entries(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros(0, dtype=index_dtype(p.numel()), device=p.device)
+
+
+def _diff_digest(diff: SparseDiff) -> str:
+    """A short digest that tells one SparseDiff from another: each entry's kind and name, and the
+    fingerprints of its tensors."""
+    entries = [("delta", n, (d.indices, d.values)) for n, d in diff.deltas.items()]
+    entries += [(kind, n, (t,)) for kind, table in (("dense", diff.dense), ("absolute", diff.absolute))
+                for n, t in table.items()]
+    text = json.dumps(sorted([kind, n, [list(_fingerprint(t)) for t in tensors]] for kind, n, tensors in entries))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _aliases(model: nn.Module, p: torch.Tensor) -> list[str]:
