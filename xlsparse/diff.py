@@ -1360,7 +1360,8 @@ class SparseDiff:
         if missing and any(".delta_values" in n for n in missing):
             # excluding them, as the next message says, gave a diff of the frozen base weights: zeros
             raise ValueError(f"from_models: tuned holds layers converted by xlsparse.hf (e.g. {missing[0]!r}), whose "
-                             "trained values are not in its weights; take its diff with xlsparse.hf.extract_diff(tuned)")
+                             "trained values are held apart from the weights (in them only while merged); take its "
+                             "diff with xlsparse.hf.extract_diff(tuned)")
         if missing:
             raise ValueError(f"from_models: {len(missing)} tensors of tuned are not in base, e.g. {missing[:3]} (models "
                              "of another class or prefix?); exclude them with exclude=[...]")
