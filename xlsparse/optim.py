@@ -128,6 +128,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         # Every group is checked before any steps, so that a refusal writes nothing: a scheduler or
         # user may have set a group's values since construction.
+        casts = []
         for g, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if not self.state.get(p):  # its mask is lost: it stopped with KeyError 'step'
@@ -140,7 +141,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                                        f"group {g}); nothing was stepped")
             self._check_group(group)
             self._check_state(group)
-            self._check_cast(g, group)
+            casts += self._casts(g, group)
         if LAYER_MASK_CHANGES:  # empty unless a SubnetworkLinear exists
             moved = [i for i, p in enumerate(self._all_params()) if LAYER_MASK_CHANGES.get(p, 0) != self._masked_at[p]]
             if moved:
@@ -153,6 +154,8 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             warnings.warn(f"{type(self).__name__}.step: no parameter has a gradient, so nothing was updated. If the "
                           "model was wrapped by fully_shard after this optimizer was built, the optimizer holds the "
                           "replaced parameters and will never step: build it after fully_shard", stacklevel=2)
+        for state, key, dtype in casts:
+            state[key] = state[key].to(dtype)
         for group in self.param_groups:
             for (device, _), params in self._groups_for_kernel(group):
                 self._stepped_any = True
@@ -166,24 +169,28 @@ class _MaskedOptimizer(torch.optim.Optimizer):
     def _check_state(self, group: dict) -> None:
         """Refuse a group whose values now need state that was not made at construction."""
 
-    def _check_cast(self, g: int, group: dict) -> None:
-        """Refuse a param cast to another dtype after it stepped (`model.to(torch.bfloat16)` after
-        the optimizer was built): its moments would have to be rounded, and torch's step raises
-        there too. Before its first step the state is zeros and the value at construction, which
-        `_step_lists` casts: torch's optimizers make their state at the first step, in the param's
-        dtype, so a cast between construction and the first step trains there (it raised here)."""
+    def _casts(self, g: int, group: dict) -> list:
+        """The (state, key, dtype) casts that the stepping params of `group` need, made by step()
+        once every group is checked. State made before `model.to(torch.bfloat16)` and never stepped
+        is zeros and the value at construction: it is cast (torch's optimizers make their state at
+        the first step, in the param's dtype, so a cast between construction and the first step
+        trains there). A param cast after it stepped is refused: its moments would have to be
+        rounded, and torch's step raises there too."""
         keys = (*self._state_keys(group), "init")
+        casts = []
         for i, p in enumerate(group["params"]):
             if p.grad is None:
                 continue
             state = self.state[p]
-            cast = next((k for k in keys if k in state and state[k].dtype != p.dtype), None)
-            if cast is not None and bool(state["step"].any()):
+            cast = [k for k in keys if k in state and state[k].dtype != p.dtype]
+            if cast and bool(state["step"].any()):
                 raise ValueError(f"{type(self).__name__}: param {i} of param group {g} is {p.dtype}, but its optimizer "
-                                 f"state {cast!r} is {state[cast].dtype}: the parameter was cast after it stepped. Cast "
-                                 "the model before building the optimizer, or build one on the cast model and "
+                                 f"state {cast[0]!r} is {state[cast[0]].dtype}: the parameter was cast after it stepped. "
+                                 "Cast the model before building the optimizer, or build one on the cast model and "
                                  "load_state_dict() this one's state_dict() into it (which casts the state); nothing "
                                  "was stepped")
+            casts += [(state, k, p.dtype) for k in cast]
+        return casts
 
     # --- masks ---
 
@@ -526,9 +533,6 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         for p, state in zip(params, states):
             if state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
-            for key in (*keys, "init"):  # made before a cast, never stepped (`_check_cast`)
-                if key in state and state[key].dtype != p.dtype:
-                    state[key] = state[key].to(p.dtype)
         return ([_local(p) for p in params], grads, [_selector_in(s) for s in states], [s["step"] for s in states],
                 {k: [s[k] for s in states] for k in keys})
 
