@@ -323,22 +323,19 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         new_i = torch.arange(p.numel(), device=p.device) if new is None else new.long()
         pos = torch.searchsorted(old_i, new_i).clamp(max=max(old_i.numel() - 1, 0))
         kept = (old_i[pos] == new_i) if old_i.numel() else torch.zeros_like(new_i, dtype=torch.bool)
-        for key in keys:
-            moved = torch.zeros(new_i.numel(), dtype=p.dtype, device=p.device)
-            moved[kept] = state[key][pos[kept]]
-            state[key] = moved
-        if "init" in state:
-            init = p.detach().reshape(-1)[new_i].clone()
-            init[kept] = state["init"][pos[kept]]
-            state["init"] = init
-        if bool(kept.all()) and state["step"].dtype == torch.float32:
-            pass  # every entry carries on with the shared count
-        else:
-            steps = _own_steps(state["step"], old_i.numel(), p.device)
-            moved = torch.zeros(new_i.numel(), dtype=torch.int32, device=p.device)
-            moved[kept] = steps[pos[kept]]
-            state["step"] = moved
+        _gather_state(state, keys, torch.where(kept, pos, -1), old_i.numel(), p.detach().reshape(-1)[new_i])
         self._set_selector(state, new)
+
+    @torch.no_grad()
+    def _move_entries(self, param: torch.Tensor, src: torch.Tensor) -> None:
+        """`param`, trained whole (mask None), holds new entries: entry i was entry src[i] before, or
+        is added where src[i] < 0 (`xlsparse.hf.lt_sft`'s dynamic reselection lays a SparseDelta's
+        values out anew). The state follows its entries by update_masks' rule."""
+        state = self.state[param]
+        group = next(g for g in self.param_groups if any(q is param for q in g["params"]))
+        keys = [key for key in self._state_keys(group) if key in state]
+        old_count = next((state[key].numel() for key in keys), int(src.max()) + 1 if src.numel() else 0)
+        _gather_state(state, keys, src.long(), old_count, param.detach().reshape(-1))
 
     # --- state_dict: torch's loader casts every non-step tensor to the param's dtype ---
 
@@ -610,6 +607,27 @@ def _check_index_tensor(name: str, indices: torch.Tensor, numel: int) -> None:
 def _index_tensor(indices: torch.Tensor, numel: int) -> torch.Tensor:
     """Flat indices in the narrowest dtype the kernels take."""
     return indices.to(index_dtype(numel))
+
+
+def _gather_state(state: dict, keys: list, src: torch.Tensor, old_count: int, current: torch.Tensor) -> None:
+    """Per-entry state for a new list of entries (update_masks' rule): entry i takes entry
+    src[i]'s state of the `old_count` before it; an added entry (src[i] < 0) starts with zero
+    moments, a step count of 0 and its `current` value as its l1_to_init anchor."""
+    kept = src >= 0
+    at = src[kept]
+    for key in keys:
+        moved = torch.zeros(src.numel(), dtype=current.dtype, device=current.device)
+        moved[kept] = state[key][at]
+        state[key] = moved
+    if "init" in state:
+        init = current.clone()
+        init[kept] = state["init"][at]
+        state["init"] = init
+    if not (bool(kept.all()) and state["step"].dtype == torch.float32):  # else all carry on with the shared count
+        steps = _own_steps(state["step"], old_count, current.device)
+        moved = torch.zeros(src.numel(), dtype=torch.int32, device=current.device)
+        moved[kept] = steps[at]
+        state["step"] = moved
 
 
 def _own_steps(step: torch.Tensor, n: int, device) -> torch.Tensor:

@@ -1257,20 +1257,9 @@ class LotteryTicketSparseFineTuner(Trainer):
                 # no gradient reached it in the window: every score 0 would regrow the lowest positions
                 continue
             idx, values, src = _drop_and_regrow(first.delta_indices, first.delta_values, grads[name], n)
-            param = first.delta_values
             self._set_support(name, idx, values)
-            state = optimizer.state.get(param, {})
-            fresh = src < 0
-            for key, t in list(state.items()):
-                if key == "step":
-                    steps = t.expand(src.numel()).to(torch.int32) if t.dim() == 0 else t
-                    steps = steps[src.clamp(min=0)].clone() if t.dim() else steps.clone()
-                    steps[fresh] = 0
-                    state[key] = steps.to(torch.int32).contiguous()
-                elif isinstance(t, torch.Tensor) and t.dim() == 1:
-                    moved = t[src.clamp(min=0)].clone()
-                    moved[fresh] = 0
-                    state[key] = moved
+            if optimizer.state.get(first.delta_values):
+                optimizer._move_entries(first.delta_values, src)
 
     def _drop_count(self, name: str, step: int, total: int) -> int:
         """Entries the reselection after step `step` (of `total`) drops (and regrows) in converted
