@@ -359,6 +359,18 @@ def test_bench_plot_prints_the_file_it_writes(tmp_path, monkeypatch, capsys):
     assert written == str(tmp_path / "bench.png") and os.path.isfile(written)
 
 
+def test_bench_plot_without_a_path_writes_into_the_out_folder(tmp_path, monkeypatch, capsys):
+    # it wrote benchmarks/results/bench.png under the working folder, whatever --out said
+    pytest.importorskip("matplotlib")  # the `examples` extra
+    _fake_family(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "--family", "fake", "--quick", "--out", "elsewhere", "--plot"]) == 0
+    written = capsys.readouterr().out.splitlines()[-1].removeprefix("plot written to ")
+    assert written == os.path.join("elsewhere", "bench.png")
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == ["elsewhere", "elsewhere/bench.png",
+                                                                                  "elsewhere/fake.json"]
+
+
 def test_plot_labels_tell_every_row_apart():
     # On CUDA a sparse_delta_linear shape has two SpIEL rows; cut at " (" both read "vs SpIEL".
     rows = [dict(op="sparse_delta_linear fwd+bwd", shape="T=8 4x4", density=0.01, dtype="float32", masks="uniform",

@@ -93,7 +93,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads < 0:
         raise ValueError(f"--threads must be 0 (torch's choice) or more, got {args.threads}")
     check_output("--out", args.out, folder=True)
-    plot_path = _plot_path(args.plot) if args.plot is not None else None  # --plot '' was dropped: no plot, exit 0
+    # --plot alone writes beside the JSON (it wrote benchmarks/results/bench.png whatever --out said);
+    # --plot '' was dropped once: no plot, exit 0
+    plot_path = None if args.plot is None else _plot_path(os.path.join(args.out, "bench.png") if args.plot is True
+                                                          else args.plot)
     if args.threads:
         torch.set_num_threads(args.threads)
     machine = harness.describe_machine(args.device)
@@ -408,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks/results", help="folder for the JSON results")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                        help="where the tensors live; XLSPARSE_BACKEND picks cuda or triton kernels on cuda")
-    bench.add_argument("--plot", nargs="?", const="benchmarks/results/bench.png", default=None, metavar="PNG",
-                       help="also write a PNG: speed-up and roofline share per row (default path %(const)s)")
+    bench.add_argument("--plot", nargs="?", const=True, default=None, metavar="PNG",
+                       help="also write a PNG: speed-up and roofline share per row (default: bench.png in the --out "
+                            "folder)")
     bench.set_defaults(run=cmd_bench)
 
     compose = sub.add_parser("compose", help="apply diffs to a saved Hugging Face model and save the merged model")
