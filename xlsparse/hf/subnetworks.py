@@ -1291,14 +1291,14 @@ class SubnetworkTrainer(Trainer):
             raise ValueError("SubnetworkTrainer: every batch must carry language_ids (one per example)")
         return inputs["language_ids"]
 
-    def training_step(self, model, inputs, *args, **kwargs):
+    def training_step(self, model, inputs, num_items_in_batch=None):
         # the backward runs routed too: gradient checkpointing (TrainingArguments.gradient_checkpointing)
         # recomputes the layers there, after compute_loss's route has ended
         from .lt_sft import settle_loss_kwargs
 
         with route(model, self._batch_ids(inputs)):
-            settle_loss_kwargs(self, inputs, kwargs.get("num_items_in_batch", args[0] if args else None))
-            return super().training_step(model, inputs, *args, **kwargs)
+            settle_loss_kwargs(self, inputs, num_items_in_batch)
+            return super().training_step(model, inputs, num_items_in_batch)
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         inputs = dict(inputs)
