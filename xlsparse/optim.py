@@ -612,15 +612,16 @@ def _index_tensor(indices: torch.Tensor, numel: int) -> torch.Tensor:
 def _gather_state(state: dict, keys: list, src: torch.Tensor, old_count: int, current: torch.Tensor) -> None:
     """Per-entry state for a new list of entries (update_masks' rule): entry i takes entry
     src[i]'s state of the `old_count` before it; an added entry (src[i] < 0) starts with zero
-    moments, a step count of 0 and its `current` value as its l1_to_init anchor."""
+    moments, a step count of 0 and its `current` value as its l1_to_init anchor. The state keeps
+    its dtype: after a cast of the param, the step refuses it as it would have unmoved."""
     kept = src >= 0
     at = src[kept]
     for key in keys:
-        moved = torch.zeros(src.numel(), dtype=current.dtype, device=current.device)
+        moved = torch.zeros(src.numel(), dtype=state[key].dtype, device=current.device)
         moved[kept] = state[key][at]
         state[key] = moved
     if "init" in state:
-        init = current.clone()
+        init = current.to(state["init"].dtype, copy=True)
         init[kept] = state["init"][at]
         state["init"] = init
     if not (bool(kept.all()) and state["step"].dtype == torch.float32):  # else all carry on with the shared count
