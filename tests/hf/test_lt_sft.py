@@ -2180,6 +2180,18 @@ def test_predict_on_a_multi_source_dataset_runs_each_batch_under_its_source_sft(
     assert got == pytest.approx(sum(losses) / 2, rel=1e-5)
 
 
+def test_multi_source_eval_batches_take_the_trainer_s_eval_batch_size(tmp_path):
+    # per device × the GPUs that DataParallel splits a batch over, as the Trainer's own loader: the
+    # multi-source one took the per-device size, and each GPU evaluated a fraction of a batch
+    data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})
+    steps = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    trainer = LotteryTicketSparseFineTuner(model=_no_dropout(tiny("bert")), args=_args(tmp_path, per_device_eval_batch_size=2),
+                                           source_sfts=_source_sfts(tiny("bert")), sft_args=steps)
+    trainer.args._n_gpu = 2  # what TrainingArguments sets on a machine with 2 GPUs and one process
+    assert trainer.args.eval_batch_size == 4
+    assert [len(b["input_ids"]) for b in trainer.get_eval_dataloader(data)] == [4, 4]
+
+
 def test_a_source_without_an_sft_raises_naming_it_and_the_known_ones(tmp_path):
     # a source missing from source_sfts (a misspelt name) trained and evaluated on the bare model, silently
     data = MultiSourceDataset({"de": _LMData(n=4, seed=1), "fr": _LMData(n=4, seed=2)})

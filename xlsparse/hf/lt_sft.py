@@ -1503,7 +1503,8 @@ class LotteryTicketSparseFineTuner(Trainer):
         """Evaluation and prediction batches of a MultiSourceDataset: one source each, in order."""
         self._refuse_sharded_evaluation(dataset)
         self._refuse_unknown_sources(dataset)
-        return self._multisource_loader(dataset, self.args.per_device_eval_batch_size, shuffle=False)
+        # the Trainer's size: per device × the GPUs that DataParallel splits a batch over
+        return self._multisource_loader(dataset, self.args.eval_batch_size, shuffle=False)
 
     def _refuse_sharded_evaluation(self, dataset) -> None:
         """Multi-source evaluation runs on one process only. Accelerate deals the batches out to the
