@@ -29,12 +29,32 @@ def tiny(arch: str, seed: int = 0):
         cfg = transformers.XGLMConfig(vocab_size=VOCAB, d_model=32, num_layers=2, attention_heads=2, ffn_dim=48,
                                       max_position_embeddings=32)
         model = transformers.XGLMForCausalLM(cfg)
+    # families with shared or factorised parameters (no dropout: their outputs are compared across runs)
+    elif arch == "albert":  # one layer's modules run at every depth; embeddings factorised 16 -> 32
+        cfg = transformers.AlbertConfig(vocab_size=VOCAB, embedding_size=16, hidden_size=32, num_hidden_layers=3,
+                                        num_hidden_groups=1, num_attention_heads=2, intermediate_size=48,
+                                        max_position_embeddings=32)
+        model = transformers.AlbertForMaskedLM(cfg)
+    elif arch == "distilbert":  # vocab_projector tied to the word embeddings
+        cfg = transformers.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=2, hidden_dim=48,
+                                            max_position_embeddings=32, dropout=0.0, attention_dropout=0.0)
+        model = transformers.DistilBertForMaskedLM(cfg)
+    elif arch == "opt":  # word_embed_proj_dim != hidden_size: project_in / project_out
+        cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=16, num_hidden_layers=2,
+                                     num_attention_heads=2, ffn_dim=48, max_position_embeddings=32, dropout=0.0,
+                                     attention_dropout=0.0)
+        model = transformers.OPTForCausalLM(cfg)
+    elif arch == "t5":  # `shared` is the encoder's and decoder's embed_tokens and the (scaled) lm_head
+        cfg = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=48, num_layers=2, num_heads=2,
+                                    decoder_start_token_id=0, dropout_rate=0.0)
+        model = transformers.T5ForConditionalGeneration(cfg)
     else:
         raise ValueError(arch)
     return model.eval()
 
 
 ARCHS = ["bert", "xlmr", "llama", "gpt2"]
+SHARED_ARCHS = ["albert", "distilbert", "opt", "t5"]  # not in ARCHS: tests of their own
 
 
 def batch(b: int = 3, s: int = 7, seed: int = 1) -> torch.Tensor:
