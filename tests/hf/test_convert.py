@@ -256,6 +256,22 @@ def test_the_tied_refusal_says_how_to_untie_and_that_way_works():
     hf.convert(model, ["lm_head"], density=0.1)
 
 
+def test_the_tied_refusal_names_every_other_use():
+    # T5's `shared` is one tensor with the encoder's and decoder's embed_tokens and lm_head; the
+    # refusal named the first alone, and its advice, followed for `shared` (a module the forward
+    # never calls), gave it a copy that got no gradient: a saved module that trained nothing
+    model = tiny("t5")
+    with pytest.raises(ValueError, match=r"'shared.weight' is tied to 'encoder.embed_tokens.weight', "
+                                         r"'decoder.embed_tokens.weight', 'lm_head.weight' \(one tensor, 4 uses\).*"
+                                         r"where the model calls 'shared' itself"):
+        hf.convert(model, density=0.1, modules_to_save=["shared"])
+    m = model.get_submodule("shared")
+    m.weight = torch.nn.Parameter(m.weight.detach().clone())
+    hf.convert(model, density=0.1, modules_to_save=["shared"])
+    model(input_ids=batch(), decoder_input_ids=batch()).logits.sum().backward()
+    assert m.weight.grad is None  # what the message warns of
+
+
 def _logits(model, ids):
     if model.config.is_encoder_decoder:
         return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits

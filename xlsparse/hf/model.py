@@ -213,10 +213,14 @@ def _refuse_tied(what: str, module_name: str, module: nn.Module, tied: dict) -> 
             # transformers 5's tie_weights() ties and never unties: config.tie_word_embeddings=False then
             # model.tie_weights(), the advice this gave, left them one tensor
             owner, attr = pname.rsplit(".", 1)
-            raise ValueError(f"{what}: {pname!r} is tied to {outside[0]!r} (one tensor, two uses); changing it here "
-                             "would change only one of them. Untie them first by giving it its own copy "
-                             f"(m = model.get_submodule({owner!r}); m.{attr} = nn.Parameter(m.{attr}.detach()"
-                             f".clone())), or leave {module_name!r} out")
+            # every other use is named: a module the forward never calls (T5's `shared`, reached through
+            # the encoder's and decoder's own `embed_tokens`) given its own copy trained nothing, silently
+            raise ValueError(f"{what}: {pname!r} is tied to {', '.join(map(repr, outside))} (one tensor, "
+                             f"{len(outside) + 1} uses); changing it here would change only some of them. Untie "
+                             f"them first by giving it its own copy (m = model.get_submodule({owner!r}); m.{attr} = "
+                             f"nn.Parameter(m.{attr}.detach().clone())) where the model calls {owner!r} itself (a "
+                             "module it only holds beside those it calls, as T5's `shared`, would then train "
+                             f"nothing), or leave {module_name!r} out")
 
 
 # --- layout helpers ---
