@@ -3058,6 +3058,50 @@ def test_phase_two_equals_the_dense_masked_restatement_for_unusual_linears(tmp_p
             assert torch.equal(t, composed[name]), name
 
 
+@pytest.mark.parametrize("arch, flag", [("albert", None), ("opt", "untie_embeddings"),
+                                        pytest.param("t5", "freeze_head", marks=pytest.mark.slow),
+                                        pytest.param("distilbert", "freeze_head", marks=pytest.mark.slow)])
+def test_shared_parameters_count_once_and_train_once(tmp_path, arch, flag):
+    """ALBERT's one layer runs at all three depths (its linears are converted once, their gradient
+    the sum over the depths), T5's `shared` is four modules' weight, DistilBERT's and OPT's heads
+    are tied: K and N count each tensor once, the SFT equals composable-sft's masked dense training
+    restated in plain torch, frozen parameters never move, and base (untied as the flag unties it)
+    + SFT is the trained model bit for bit."""
+    data = _LMData(n=8)
+    model = tiny(arch)
+    sft_args = SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2,
+                            **({flag: True} if flag else {}))
+    trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=data, sft_args=sft_args)
+    reference = copy.deepcopy(model)  # untied as the trainer left it; deepcopy keeps the sharing
+    for n, p in reference.named_parameters():
+        p.requires_grad_(n in trainer._theta0)
+    unique = {id(p): p for p in model.parameters()}
+    assert trainer.num_params == sum(p.numel() for p in unique.values())
+    assert trainer.num_maskable == sum(dict(model.named_parameters())[n].numel() for n in trainer.maskable)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainer.train()
+    sft, heads, _ = _restated_lt_sft(reference, {"input_ids": data.ids, "labels": data.ids}, 300, 1, 2, 2, 1e-2, 0.0,
+                                     trainer._decayed, 0.0, 0.0, set(trainer.maskable))
+    got = trainer.sft
+    assert got.nnz == 300 and set(got.absolute) == set(heads)
+    for n, (values, mask) in sft.items():
+        assert (n in got.deltas) == bool(mask.any()), n
+        if mask.any():
+            assert torch.equal(got.deltas[n].indices.long(), mask.reshape(-1).nonzero().flatten()), n
+            torch.testing.assert_close(got.deltas[n].values, values, atol=2e-5, rtol=1e-3)
+    for n, t in heads.items():
+        torch.testing.assert_close(got.absolute[n], t, atol=2e-5, rtol=1e-3)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    base = tiny(arch)
+    if flag:
+        out = base.get_output_embeddings()
+        out.weight = torch.nn.Parameter(out.weight.detach().clone())
+    with got.applied(base):
+        composed = base.state_dict()
+        for name, t in model.state_dict().items():
+            assert torch.equal(t, composed[name]), name
+
+
 def test_resume_checks_read_the_pytorch_model_bin_files_of_transformers_4(tmp_path):
     # with save_safetensors=False, transformers 4.x checkpoints hold pytorch_model*.bin: the
     # checks that run before a resume (another base, another SFT) refused them as holding nothing
