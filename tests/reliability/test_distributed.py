@@ -953,3 +953,78 @@ def test_lt_sft_refuses_a_sharded_model_naming_fsdp2(tmp_path):
     got = torch.load(out, weights_only=True)
     assert "sharded with FSDP2" in got["said"] and "LotteryTicketSparseFineTuner" in got["said"], got["said"]
     assert got["unchanged"]
+
+
+# --- an xlsparse Trainer run by the HF Trainer under DDP, as torchrun starts it ---
+
+class _ZeroWhenUnlabelledBert(transformers.BertForMaskedLM):
+    """A masked LM whose loss is the mean over the labelled positions, 0 with none, and which
+    ignores num_items_in_batch (as BERT's own, which is NaN with none)."""
+
+    def forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        if labels is not None:
+            nll = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), reduction="sum")
+            out["loss"] = nll / (labels != -100).sum().clamp(min=1)
+        return out
+
+
+def _lt_sft_run(out: str, per_device: int, accumulation: int, unlabelled: tuple, l1: float):
+    """LT-SFT (both phases) of a tiny BERT on 16 sequences taken in order, examples `unlabelled`
+    without labels; the first 2 are a DDP run's process 0's first micro-batch."""
+    from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
+
+    torch.manual_seed(0)
+    model = _ZeroWhenUnlabelledBert(_tiny_model().config)
+    ids = torch.randint(3, 61, (16, 8), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[list(unlabelled)] = -100
+    args = transformers.TrainingArguments(
+        output_dir=out, per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
+        learning_rate=1e-2, lr_scheduler_type="constant", max_grad_norm=0.0, save_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True, train_sampling_strategy="sequential", dataloader_drop_last=True)
+    trainer = LotteryTicketSparseFineTuner(
+        model=model, args=args, train_dataset=[{"input_ids": i, "labels": y} for i, y in zip(ids, labels)],
+        sft_args=SftArguments(ft_params_num=300, full_ft_max_steps_per_iteration=2, sparse_ft_max_steps_per_iteration=2,
+                              full_l1_reg=l1, sparse_l1_reg=l1))
+    trainer.train()
+    return trainer
+
+
+# (per-process micro-batch, accumulation, unlabelled examples, L1) of each DDP run; accelerate deals
+# the sequential batches of 2 out in turn, so process r's micro-batches are the 2nd, 4th, ... from r
+_HF_DDP_RUNS = {"l1, accumulated": (2, 2, (), 5.0), "process 0 starts unlabelled": (2, 1, (0, 1), 0.0)}
+
+
+def _hf_ddp_worker(rank: int, out: str):
+    # what torchrun sets: accelerate then takes the process group as MULTI_CPU and the Trainer wraps in DDP
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT="0")
+    got = {}
+    for name, run in _HF_DDP_RUNS.items():
+        trainer = _lt_sft_run(f"{out}.{rank}", *run)
+        assert trainer.args.world_size == WORLD
+        assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
+        got[name] = {n: (d.indices, d.values) for n, d in trainer.sft.deltas.items()}
+    _gather_to(out, rank, got)
+
+
+@pytest.mark.slow
+def test_lt_sft_under_the_hf_trainer_s_ddp_equals_one_process(tmp_path):
+    # Both phases, selection included, over the same global batches. A process whose first
+    # micro-batch had nothing labelled settled `settle_loss_kwargs` a step after the others and
+    # then joined transformers' count of the batch's items alone: the run hung
+    out = str(tmp_path / "sfts.pt")
+    _spawn(_hf_ddp_worker, out)
+    ranks = torch.load(out, weights_only=True)
+    for name, (per_device, accumulation, unlabelled, l1) in _HF_DDP_RUNS.items():
+        # one process over the same micro-batches: the first run's global batch as one, the second's
+        # as 2 accumulated (a mean loss weighs each process's micro-batch alike, not each position)
+        single = (_lt_sft_run(str(tmp_path / name), WORLD * per_device, accumulation, unlabelled, l1) if l1
+                  else _lt_sft_run(str(tmp_path / name), per_device, WORLD * accumulation, unlabelled, l1)).sft
+        assert set(single.deltas) == set(ranks[0][name]), name
+        for n, d in single.deltas.items():
+            for rank in range(WORLD):
+                idx, values = ranks[rank][name][n]
+                assert torch.equal(idx, d.indices), (name, n, rank)
+                torch.testing.assert_close(values, d.values, **CLOSE, msg=lambda m, n=n: f"{name} {n}: {m}")

@@ -447,7 +447,11 @@ def settle_loss_kwargs(trainer, inputs, num_items_in_batch) -> None:
     LT-SFT's L1 term, added once a step, then pulled G·P times weaker than composable-sft's. The
     model's own loss at num_items_in_batch n and 2n tells: equal, it ignores it and the trainer
     treats it as a model without loss kwargs (the loss divided by G, no ×P); halved, it sums.
-    Two no-grad forwards in eval mode, under a forked RNG, at the first step with a nonzero loss."""
+    Two no-grad forwards in eval mode, under a forked RNG, at the first step with a nonzero loss.
+    Under DDP every process takes the verdict at the same step (summed over the processes): one
+    whose first micro-batch had nothing labelled settled a step late, and meanwhile asked
+    transformers for the batch's item count, a collective the settled processes no longer joined
+    (they waited in DDP's gradient all-reduce: the run hung)."""
     if (getattr(trainer, "_loss_kwargs_settled", False) or not trainer.model_accepts_loss_kwargs
             or num_items_in_batch is None or trainer.compute_loss_func is not None
             or trainer.loss_is_scaled_for_ga is not None):
@@ -464,10 +468,15 @@ def settle_loss_kwargs(trainer, inputs, num_items_in_batch) -> None:
         finally:
             model.train(training)
     first, second = losses
-    if not bool(torch.isfinite(first)) or float(first) == 0:  # nothing labelled here: tell at a later step
+    told = bool(torch.isfinite(first)) and float(first) != 0  # nothing labelled here: tell at a later step
+    ignores = told and torch.allclose(second, first, rtol=1e-3, atol=0)  # a summed loss halves: far outside 1e-3
+    verdicts = all_reduce_scores([torch.tensor([float(ignores), float(told and not ignores)], device=first.device)])[0]
+    if verdicts.sum() == 0:
         return
-    if torch.allclose(second, first, rtol=1e-3, atol=0):  # a summed loss halves: far outside 1e-3
-        trainer.model_accepts_loss_kwargs = False
+    if verdicts.all():
+        raise RuntimeError("settle_loss_kwargs: the processes disagree on whether the model's loss follows "
+                           "num_items_in_batch")
+    trainer.model_accepts_loss_kwargs = bool(verdicts[1])
     trainer._loss_kwargs_settled = True
 
 
