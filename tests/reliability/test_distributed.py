@@ -78,13 +78,17 @@ def _init(rank: int, port: int) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
 
 
+def _tiny_bert(cls=transformers.BertForMaskedLM):
+    """A tiny BERT masked LM without dropout, from seed 0."""
+    torch.manual_seed(0)
+    return cls(transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0))
+
+
 def _tiny_model():
     """A converted tiny BERT (no dropout, so ranks and the single process compute the same thing)."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    model = transformers.BertForMaskedLM(cfg)
+    model = _tiny_bert()
     hf.convert(model, density=0.2, kind="delta")  # the support is drawn from the seeded global RNG
     for name, p in model.named_parameters():
         p.requires_grad_(name.endswith("delta_values") or name == "cls.predictions.transform.dense.weight")
@@ -504,11 +508,7 @@ def test_fsdp2_refuses_optimizer_state_saved_over_the_whole_parameter(tmp_path):
 
 def _saved_model():
     """The tiny model converted with a head to save: delta values and the head train fully."""
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=61, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=24, max_position_embeddings=16, hidden_dropout_prob=0.0,
-                                  attention_probs_dropout_prob=0.0)
-    model = transformers.BertForMaskedLM(cfg)
+    model = _tiny_bert()
     hf.convert(model, density=0.2, kind="delta", modules_to_save=["cls.predictions.transform"])
     return model
 
@@ -974,8 +974,7 @@ def _lt_sft_run(out: str, per_device: int, accumulation: int, unlabelled: tuple,
     without labels; the first 2 are a DDP run's process 0's first micro-batch."""
     from xlsparse.hf.lt_sft import LotteryTicketSparseFineTuner, SftArguments
 
-    torch.manual_seed(0)
-    model = _ZeroWhenUnlabelledBert(_tiny_model().config)
+    model = _tiny_bert(_ZeroWhenUnlabelledBert)
     ids = torch.randint(3, 61, (16, 8), generator=torch.Generator().manual_seed(3))
     labels = ids.clone()
     labels[list(unlabelled)] = -100
@@ -989,6 +988,34 @@ def _lt_sft_run(out: str, per_device: int, accumulation: int, unlabelled: tuple,
                               full_l1_reg=l1, sparse_l1_reg=l1))
     trainer.train()
     return trainer
+
+
+def _subnetwork_and_expert_run(out: str, per_device: int, accumulation: int) -> tuple:
+    """A SubnetworkTrainer (two languages, random structured masks) and an ExpertTrainer, each 2
+    steps on 16 sequences taken in order: (their trainers, their trained values)."""
+    from xlsparse.hf import subnetworks
+    from xlsparse.hf.xelm import ExpertTrainer
+
+    ids = torch.randint(3, 61, (16, 8), generator=torch.Generator().manual_seed(3))
+    args = dict(per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation, max_steps=2,
+                learning_rate=1e-2, lr_scheduler_type="constant", weight_decay=0.1, max_grad_norm=1.0,
+                save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+                train_sampling_strategy="sequential", dataloader_drop_last=True)
+    model = _tiny_bert()
+    g = torch.Generator().manual_seed(4)
+    heads, neurons = torch.rand(2, 2, generator=g), torch.rand(2, 24, generator=g)
+    masks = {lang: subnetworks.structured_masks(model, heads + i, neurons.flip(i), 0.5, 0.25) for i, lang in enumerate("ab")}
+    hf.convert(model, list({n[: -len(".weight")] for n in masks["a"]}), kind="subnetwork", masks=masks)
+    mixed = [{"input_ids": x, "labels": x, "language_ids": torch.tensor(i % 2)} for i, x in enumerate(ids)]
+    sub = subnetworks.SubnetworkTrainer(model=model, train_dataset=mixed,
+                                        args=transformers.TrainingArguments(output_dir=out + "-sub", **args))
+    sub.train()
+    # the expert's support is drawn under the Trainer's seed: the same on every process
+    expert = ExpertTrainer(_tiny_bert(), density=0.05, train_dataset=[{"input_ids": x, "labels": x} for x in ids],
+                           args=transformers.TrainingArguments(output_dir=out + "-expert", **args))
+    expert.train()
+    return (sub, expert), ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+                           {n: (d.indices, d.values) for n, d in expert.expert().deltas.items()})
 
 
 # (per-process micro-batch, accumulation, unlabelled examples, L1) of each DDP run; accelerate deals
@@ -1006,12 +1033,16 @@ def _hf_ddp_worker(rank: int, out: str):
         assert trainer.args.world_size == WORLD
         assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
         got[name] = {n: (d.indices, d.values) for n, d in trainer.sft.deltas.items()}
+    trainers, got["subnetwork, expert"] = _subnetwork_and_expert_run(f"{out}.{rank}", 2, 2)
+    for trainer in trainers:
+        assert isinstance(trainer.model_wrapped, torch.nn.parallel.DistributedDataParallel)
     _gather_to(out, rank, got)
 
 
 @pytest.mark.slow
-def test_lt_sft_under_the_hf_trainer_s_ddp_equals_one_process(tmp_path):
-    # Both phases, selection included, over the same global batches. A process whose first
+def test_xlsparse_trainers_under_the_hf_trainer_s_ddp_equal_one_process(tmp_path):
+    # LT-SFT (both phases, selection included), SubnetworkTrainer and ExpertTrainer, over the same
+    # global batches. A process whose first
     # micro-batch had nothing labelled settled `settle_loss_kwargs` a step after the others and
     # then joined transformers' count of the batch's items alone: the run hung
     out = str(tmp_path / "sfts.pt")
@@ -1028,3 +1059,12 @@ def test_lt_sft_under_the_hf_trainer_s_ddp_equals_one_process(tmp_path):
                 idx, values = ranks[rank][name][n]
                 assert torch.equal(idx, d.indices), (name, n, rank)
                 torch.testing.assert_close(values, d.values, **CLOSE, msg=lambda m, n=n: f"{name} {n}: {m}")
+    _, (trained, expert) = _subnetwork_and_expert_run(str(tmp_path / "one"), 2 * WORLD, 2)
+    for rank in range(WORLD):
+        got_trained, got_expert = ranks[rank]["subnetwork, expert"]
+        assert set(got_trained) == set(trained) and set(got_expert) == set(expert)
+        for n, p in trained.items():
+            torch.testing.assert_close(got_trained[n], p, **CLOSE, msg=lambda m, n=n: f"subnetwork {n}: {m}")
+        for n, (idx, values) in expert.items():
+            assert torch.equal(got_expert[n][0], idx), n
+            torch.testing.assert_close(got_expert[n][1], values, **CLOSE, msg=lambda m, n=n: f"expert {n}: {m}")
