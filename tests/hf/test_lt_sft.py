@@ -1806,9 +1806,9 @@ if {other_init!r} and os.environ["RANK"] == "1":  # a model built from a per-pro
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)), alpha=0.01)
 trainer = LotteryTicketSparseFineTuner(
     model=model, args=_args({out!r}, per_device_train_batch_size=4, logging_steps=1000,
-                                                # BertForMaskedLM's loss ignores num_items_in_batch, so the
-                                                # Trainer's token averaging would double its gradient; a
-                                                # per-item loss divides by both processes' count and needs it
+                                                # a per-item loss divides by both processes' count and needs
+                                                # it; BertForMaskedLM's mean with it on (the default) runs in
+                                                # test_distributed's HF-Trainer DDP test
                                                 average_tokens_across_devices={fused!r}),
     train_dataset=_LMData(n=8), sft_args=_ddp_sft_args({dynamic!r}), fused_cross_entropy={fused!r})
 _fixed_selection(trainer).train()
