@@ -1877,6 +1877,17 @@ def test_importance_scores_refuse_one_name_as_a_str():
         subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, params=name, progress=False)
 
 
+def test_importance_scores_name_the_tensor_behind_a_tied_name():
+    # a tied head's other name was "no parameters", as if misspelt
+    model = tiny("bert")
+    named = dict(model.named_parameters())
+    alias = next(n for n, p in model.named_parameters(remove_duplicate=False) if n not in named)
+    canonical = next(n for n, p in named.items() if p is model.get_submodule(alias.rsplit(".", 1)[0]).weight)
+    with pytest.raises(ValueError, match=rf"no parameters \['{re.escape(alias)}'\] under those names \('{re.escape(alias)}' "
+                                         rf"is '{re.escape(canonical)}'"):
+        subnetworks.importance_scores(model, {"de": _lm_batches(1, 1)}, params=[alias], progress=False)
+
+
 def test_importance_scores_leave_the_gradients_cleared_when_a_backward_fails():
     # a backward that failed part way (out of memory, a hook) left the upper layers' gradients of
     # that example in .grad, for the caller's next optimizer step to add in

@@ -178,7 +178,12 @@ def importance_scores(model: nn.Module, batches: Mapping[str, Iterable], method:
     names = list(params) if params is not None else [n for n, p in named.items() if p.requires_grad]
     missing = [n for n in names if n not in named]
     if missing:
-        raise ValueError(f"importance_scores: the model has no parameters {missing[:5]}")
+        # a tied tensor's other names (T5's lm_head.weight is shared.weight) were "no parameters" too
+        every = dict(model.named_parameters(remove_duplicate=False))
+        canonical = {id(p): n for n, p in named.items()}
+        tied = [f"{n!r} is {canonical[id(every[n])]!r}" for n in missing if n in every]
+        raise ValueError(f"importance_scores: the model has no parameters {missing[:5]}"
+                         + (f" under those names ({', '.join(tied[:5])}: one tensor, named once)" if tied else ""))
     frozen = [n for n in names if not named[n].requires_grad]
     if frozen:  # no gradient reaches them: their scores would be all zeros, ranked as if real
         raise ValueError(f"importance_scores: params name {frozen[:5]}, which do not require grad, so they would "
