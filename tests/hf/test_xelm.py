@@ -1511,14 +1511,21 @@ def test_expert_trainer_refuses_an_optimizer_it_would_ignore(tmp_path, option):
 
 def test_expert_trainer_grows_on_a_first_batch_collated_as_the_trainer_collates_it(tmp_path):
     # with no data_collator the first batch stacked every field of the examples: a dataset's string
-    # column ("text"), which the Trainer's default collator leaves out, raised a bare TypeError
+    # column ("text"), which the Trainer's default collator leaves out, raised a bare TypeError; an
+    # integer column ("idx"), which the Trainer removes (remove_unused_columns), reached the forward,
+    # where a model without **kwargs raised TypeError at construction
     from transformers import TrainingArguments
 
     class _WithText(_LMData):
         def __getitem__(self, i):
-            return {**super().__getitem__(i), "text": f"example {i}"}
+            return {**super().__getitem__(i), "text": f"example {i}", "idx": i}
+
+    class _NamedArguments(type(tiny("llama"))):
+        def forward(self, input_ids, labels=None):
+            return super().forward(input_ids=input_ids, labels=labels)
 
     base = tiny("llama")
+    base.__class__ = _NamedArguments
     parent = xelm.train_expert(base, _lm_batches(1, 1), density=0.02, progress=False)
     data = _WithText(_lm_batches(3, 5))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=2)

@@ -873,10 +873,11 @@ def _grown_support(model: nn.Module, parent: SparseDiff, batch, grow: int, loss_
 
 class _ExpertSetup:
     """A trainable copy of the base for one expert: the model, its optimizer's param groups, and
-    the densely trained embedding/head weights by name (their base values are read at the end)."""
+    the densely trained embedding/head weights by name (their base values are read at the end).
+    Two steps: the constructor checks the options and copies the base; `build` converts the copy,
+    after a Trainer has been built on it (its own column and collator rules make `grow`'s batch)."""
 
-    def __init__(self, base: nn.Module, k, density, init, grow, target_modules, train_embeddings, first_batch,
-                 loss_fn, what: str):
+    def __init__(self, base: nn.Module, k, density, init, grow, target_modules, train_embeddings, what: str):
         checks.flag(what, "train_embeddings", train_embeddings)  # "no" is truthy: it trained the embeddings
         if grow is not None:  # grow=2.5 reached topk_mask, whose error named k
             checks.count(what, "grow", grow)
@@ -886,43 +887,55 @@ class _ExpertSetup:
         if init is not None and (k is not None or density is not None):
             raise ValueError(f"{what}: init gives the support (grow adds to it); k and density are for an expert "
                              "drawn at random")
-        self.base = base
+        if init is not None and (init.absolute or (init.dense and not train_embeddings)):
+            raise ValueError(f"{what}: init has dense or absolute entries; pass train_embeddings=True to carry "
+                             "dense embedding parts, or give a parent with sparse deltas only")
+        self.base, self.what = base, what
+        self.k, self.density, self.init, self.grow = k, density, init, grow
+        self.target_modules, self.train_embeddings = target_modules, train_embeddings
         model = copy.deepcopy(base)
         for p in model.parameters():
             p.requires_grad_(False)
-        if init is not None:
-            linear = SparseDiff._trusted(dict(init.deltas))
-            if init.absolute or (init.dense and not train_embeddings):
-                raise ValueError(f"{what}: init has dense or absolute entries; pass train_embeddings=True to carry "
-                                 "dense embedding parts, or give a parent with sparse deltas only")
-            names = [f"{n}.weight" for n in target_names(model, target_modules)]
-            if grow:
-                room = sum(dict(model.named_parameters())[n].numel() for n in names) - linear.nnz
-                if not 0 < grow <= room:
-                    raise ValueError(f"{what}: grow={grow} must be in [1, {room}] (the entries outside the parent's support)")
-                with init.applied(model):  # the child starts at base + parent: score the gradient there
-                    linear = _grown_support(model, linear, first_batch, grow, loss_fn, names)
-            convert(model, target_modules, kind="delta", diffs=linear)
-        else:
-            convert(model, target_modules, kind="delta", k=k, density=density)
-        values = [p for n, p in model.named_parameters() if n.endswith("delta_values")]
-        self.groups, self.dense = [{"params": values}], {}
+        self.names = [f"{n}.weight" for n in target_names(model, target_modules)]
+        self.dense_names = []  # the embedding and untied head weights, trained densely with train_embeddings
         if train_embeddings:
             named = {id(p): n for n, p in model.named_parameters()}
             for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-                if module is not None and id(module.weight) in named:
-                    self.dense.setdefault(named[id(module.weight)], module.weight)
-            dropped = sorted(set(init.dense) - set(self.dense)) if init is not None else []
+                if module is not None and id(module.weight) in named and named[id(module.weight)] not in self.dense_names:
+                    self.dense_names.append(named[id(module.weight)])
+            dropped = sorted(set(init.dense) - set(self.dense_names)) if init is not None else []
             if dropped:  # the child would not start at base + parent
                 raise ValueError(f"{what}: init has dense entries {dropped[:3]} outside the embeddings and head, "
                                  "which an expert does not train")
+        if grow:
+            room = sum(dict(model.named_parameters())[n].numel() for n in self.names) - init.nnz
+            if not 0 < grow <= room:
+                raise ValueError(f"{what}: grow={grow} must be in [1, {room}] (the entries outside the parent's support)")
+        self.model = model
+
+    def build(self, first_batch, loss_fn: Callable) -> None:
+        """Convert the copy: the support drawn at random, or the parent's (grown on `first_batch`,
+        with `grow`); the dense parts with `train_embeddings`."""
+        model, init, what = self.model, self.init, self.what
+        if init is not None:
+            linear = SparseDiff._trusted(dict(init.deltas))
+            if self.grow:
+                with init.applied(model):  # the child starts at base + parent: score the gradient there
+                    linear = _grown_support(model, linear, first_batch, self.grow, loss_fn, self.names)
+            convert(model, self.target_modules, kind="delta", diffs=linear)
+        else:
+            convert(model, self.target_modules, kind="delta", k=self.k, density=self.density)
+        values = [p for n, p in model.named_parameters() if n.endswith("delta_values")]
+        self.groups, self.dense = [{"params": values}], {}
+        if self.dense_names:
+            params = dict(model.named_parameters())  # after convert: a converted head's weight is a new Parameter
+            self.dense = {n: params[n] for n in self.dense_names}
             train_outside_diff(model, list(self.dense))  # `diff()` returns them as dense parts
             with torch.no_grad():
                 for n, w in self.dense.items():
                     if init is not None and n in init.dense:
                         w.add_(init.dense[n].to(w))
             self.groups.append({"params": list(self.dense.values())})
-        self.model = model
 
     def optimizer(self, decay_names=None, **kwargs) -> MaskedAdamW:
         """Compact AdamW over the deltas (and dense parts); weight decay acts on θ = θ0 + Δ, as
@@ -991,8 +1004,8 @@ def train_expert(base: nn.Module, batches: Iterable, k: int | None = None, densi
     if not batches:
         raise ValueError("train_expert: no batches")
     loss_fn = loss_fn or (lambda m, b: m(**b).loss)
-    setup = _ExpertSetup(base, k, density, init, grow, target_modules, train_embeddings, batches[0], loss_fn,
-                         "train_expert")
+    setup = _ExpertSetup(base, k, density, init, grow, target_modules, train_embeddings, "train_expert")
+    setup.build(batches[0], loss_fn)
     opt = setup.optimizer(lr=lr, weight_decay=0.0)
     setup.model.train()
     for batch in _progress("train_expert", batches, "expert", progress):
@@ -1018,10 +1031,11 @@ class ExpertTrainer(Trainer):
     SparseDiff for `ExpertEnsemble`. A support drawn at random (`k` / `density`) is drawn under
     `TrainingArguments.seed`, as the Trainer seeds a `model_init`'s model. `grow` scores the new
     entries on one batch: the train_dataset's first `per_device_train_batch_size` examples, in the
-    dataset's order, collated by the data_collator or the Trainer's default one (train_expert's rule: its
-    first batch). `resume_from_checkpoint` refuses, before loading anything, a
-    checkpoint of a run on another base model: its frozen weights, or the base of its dense parts
-    (fingerprints that each checkpoint holds as `expert_base.pt`), differ from this base's. The
+    dataset's order, made as the Trainer's loader makes a batch (its unused columns removed, its data
+    collator), at the weights base + parent (train_expert's rule: its first batch).
+    `resume_from_checkpoint` refuses, before loading anything, a checkpoint of a run on another
+    base model: its frozen weights, or the base of its dense parts (fingerprints that each
+    checkpoint holds as `expert_base.pt`), differ from this base's. The
     checkpoint's support and values replace the ones `k`/`density`/`init` gave (a support of
     another size is refused; one of the same size from another `init` is the checkpoint's run's), and a
     checkpoint written with `save_only_model=True` (no optimizer state) or at the run's last step
@@ -1051,36 +1065,27 @@ class ExpertTrainer(Trainer):
             raise ValueError("ExpertTrainer: optimizers= holds an optimizer or scheduler built before the trainer copied "
                              "the base, so it would step none of the expert's parameters; leave it out (the trainer "
                              "builds compact MaskedAdamW and the scheduler from the TrainingArguments)")
-        # the expert is built here, as a Trainer's model_init would build it: its random support is
-        # drawn under TrainingArguments.seed (the Trainer's own rule), not the caller's RNG state
-        from transformers import TrainingArguments
-        from transformers.trainer_utils import enable_full_determinism, set_seed
-
-        # no args: the Trainer builds default TrainingArguments and seeds with their seed (the support
-        # followed the caller's RNG state instead)
-        seeding = training_args if training_args is not None else TrainingArguments
-        (enable_full_determinism if seeding.full_determinism else set_seed)(seeding.seed)
+        if grow and _trainer_argument("train_dataset", (model, *args), kwargs) is None:
+            raise ValueError("ExpertTrainer: grow needs train_dataset (its first examples score the new entries)")
+        # a base compiled by torch.compile is the model it wraps: the expert trains a copy of it
+        self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings,
+                                  "ExpertTrainer")
+        super().__init__(self.setup.model, *args, **kwargs)
         first = None
         if grow:
-            # given by position too: a positional collator was passed over, and the entries scored on
-            # batches it had not made
-            dataset = _trainer_argument("train_dataset", (model, *args), kwargs)
-            if dataset is None:
-                raise ValueError("ExpertTrainer: grow needs train_dataset (its first examples score the new entries)")
-            collate = _trainer_argument("data_collator", (model, *args), kwargs)
-            if collate is None:  # the Trainer's default, which leaves out string fields (a dataset's "text",
-                # on which stacking every field raised a bare TypeError)
-                from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
-                from transformers.feature_extraction_sequence_utils import SequenceFeatureExtractor
+            # the first examples in the dataset's order, as the Trainer's loader makes a batch: its columns
+            # (remove_unused_columns) and collator (a dataset's extra integer column reached the forward,
+            # and a string one the stacking, each a bare TypeError), on the model's device
+            collate = self._get_collator_with_removed_columns(self.data_collator, "training")
+            dataset = self.train_dataset
+            first = self._prepare_inputs(collate([dataset[i] for i in range(
+                min(len(dataset), self.args.per_device_train_batch_size))]))
+        # the expert is built here, as a Trainer's model_init would build it: its random support is
+        # drawn under TrainingArguments.seed (the Trainer's own rule), not the caller's RNG state
+        from transformers.trainer_utils import enable_full_determinism, set_seed
 
-                processing = _trainer_argument("processing_class", (model, *args), kwargs)
-                collate = DataCollatorWithPadding(processing) if isinstance(
-                    processing, (PreTrainedTokenizerBase, SequenceFeatureExtractor)) else default_data_collator
-            first = collate([dataset[i] for i in range(min(len(dataset), seeding.per_device_train_batch_size))])
-        # a base compiled by torch.compile is the model it wraps: the expert trains a copy of it
-        self.setup = _ExpertSetup(_uncompiled(model), k, density, init, grow, target_modules, train_embeddings, first,
-                                  lambda m, b: m(**b).loss, "ExpertTrainer")
-        super().__init__(self.setup.model, *args, **kwargs)
+        (enable_full_determinism if self.args.full_determinism else set_seed)(self.args.seed)
+        self.setup.build(first, lambda m, b: m(**b).loss)
         _refuse_liger_on_converted_head(self.model, self.args, "ExpertTrainer")
         if self.accelerator.num_processes > 1:
             # the support is drawn under TrainingArguments.seed, which a launcher may set per process: take
