@@ -46,6 +46,12 @@ def cpu_backends(op: str) -> list[str]:
     return registry.usable(op, torch.device("cpu"))
 
 
+def slow_on_triton(backends: list[str]) -> list:
+    """`backends` as parametrize values, the Triton one marked slow: a test that launches many
+    kernels takes seconds per case under the Triton interpreter, and CI runs it."""
+    return [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in backends]
+
+
 @pytest.fixture
 def use_backend(monkeypatch):
     """use_backend(name) forces XLSPARSE_BACKEND for the rest of the test."""

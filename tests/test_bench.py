@@ -436,6 +436,7 @@ def test_a_failing_case_is_a_failed_row_not_a_lost_target(tmp_path, monkeypatch,
     assert "| broken >= 1x | broken op" in out and "not measured" in out
 
 
+@pytest.mark.slow  # every family's quick table: ~30 s
 def test_bench_quick_runs_every_family(tmp_path, monkeypatch, capsys):
     """The README's `xlsparse bench --quick` on the real families, and the LT-SFT family that runs
     only when named (about 30 s on 2 cores): a benchmark that no longer runs against the library

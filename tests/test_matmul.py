@@ -16,6 +16,7 @@ from conftest import (
     cpu_backends,
     random_indices,
     seeded,
+    slow_on_triton,
 )
 import xlsparse
 from xlsparse import _ext, functional, routing
@@ -1122,7 +1123,7 @@ def test_ensemble_matches_float64(backend, dtype, shape, space, nll, weights_fp3
         check(g, r, p, f"{name} {backend} {dtype} {space}", extra_ulps=0 if name == "out" else v**0.5, ulp_dtype=dtype)
 
 
-@pytest.mark.parametrize("backend", ENS_BACKENDS)
+@pytest.mark.parametrize("backend", slow_on_triton(ENS_BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("weights_fp32", [False, True], ids=["lw_as_logits", "lw_fp32"])
 def test_ensemble_nll_prob_gradient_reads_nll_in_float32(backend, dtype, weights_fp32, use_backend):
@@ -1157,7 +1158,7 @@ def test_ensemble_nll_prob_gradient_reads_nll_in_float32(backend, dtype, weights
         assert (err <= tol).all(), f"{name} {backend} {dtype}: {(err / tol).max().item():.2f}x the allowance"
 
 
-@pytest.mark.parametrize("backend", ENS_BACKENDS)
+@pytest.mark.parametrize("backend", slow_on_triton(ENS_BACKENDS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("space", ["prob", "logit"])
 @pytest.mark.parametrize("weights_fp32", [False, True], ids=["lw_as_logits", "lw_fp32"])
@@ -1738,7 +1739,7 @@ def test_opcheck_triton():
 
 
 # gradcheck launches hundreds of kernels: about 2 minutes under the Triton interpreter.
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in MM_BACKENDS])
+@pytest.mark.parametrize("backend", slow_on_triton(MM_BACKENDS))
 def test_gradcheck(backend, use_backend, monkeypatch):
     use_backend(backend)
     gen = seeded(16)
@@ -1763,7 +1764,7 @@ def test_gradcheck(backend, use_backend, monkeypatch):
         assert torch.autograd.gradcheck(lambda z, lw: functional.ensemble_nll(z, lw, y, space), [z, lw])
 
 
-@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) if b == "triton" else b for b in MM_BACKENDS])
+@pytest.mark.parametrize("backend", slow_on_triton(MM_BACKENDS))
 def test_gradcheck_wide_weight_and_transposed_input(backend, use_backend):
     """More input columns than output rows (the CPU SDDMM swaps its operands) and x transposed in
     memory; rows of 0, 9 and 13 entries."""

@@ -16,6 +16,7 @@ from conftest import (
     cpu_backends,
     random_indices,
     seeded,
+    slow_on_triton,
 )
 from xlsparse import _ext
 from xlsparse.ops import optim as ops
@@ -69,7 +70,7 @@ def _check_masked(ours, theirs, initial, masks, atol=2e-5, rtol=1e-4):
         assert_bit_identical(p.detach()[~m], p0[~m], "params outside the mask")
 
 
-@pytest.mark.parametrize("backend", ADAMW_BACKENDS)
+@pytest.mark.parametrize("backend", slow_on_triton(ADAMW_BACKENDS))
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 @pytest.mark.parametrize("amsgrad", [False, True])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
@@ -1238,6 +1239,7 @@ for fn, consts in kernels:
 """
 
 
+@pytest.mark.slow  # Triton's compiler for a GPU target: ~9 s each
 @pytest.mark.skipif("triton" not in ADAMW_BACKENDS, reason="triton not usable here")
 @pytest.mark.parametrize("steps", ["own", "shared"])
 def test_triton_step_kernels_compile_for_a_gpu(steps):

@@ -12,6 +12,7 @@ from xlsparse import hf
 from xlsparse.hf import continual
 
 
+@pytest.mark.slow  # loads lang2vec's URIEL tables: ~20 s
 def test_uriel_distances_and_language_aware_masks():
     pytest.importorskip("lang2vec")
     assert continual.uriel_distance("eng", "deu") < continual.uriel_distance("eng", "jpn")

@@ -776,6 +776,7 @@ def test_print_trainable_parameters(capsys):
     assert "trainable params: 500 " in out
 
 
+@pytest.mark.slow  # torch.compile: ~12 s
 def test_torch_compile_runs_a_converted_model():
     model = hf.convert(tiny("llama"), density=0.05)
     _randomise_deltas(model, 5)

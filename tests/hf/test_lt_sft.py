@@ -328,6 +328,7 @@ def test_hooks_on_a_layer_keep_running_in_the_sparse_phase(tmp_path):
     assert seen == ["Linear"]
 
 
+@pytest.mark.slow  # torch.compile: ~13 s each
 def test_torch_compile_reaches_every_phase(tmp_path):
     # torch.compile's wrapper set accelerate's "prepared" mark on the model itself, so the sparse
     # phase and later rounds were handed the bare model: they trained uncompiled
@@ -822,6 +823,7 @@ def test_masked_lm_nll_is_the_cross_entropy_of_the_labelled_positions():
 @pytest.mark.parametrize("model,args,labelled_positions_only", [
     ("xlmr", {}, False), ("bert", {"gradient_accumulation_steps": 2}, False), ("bert", {}, True),
     ("per item", {"gradient_accumulation_steps": 2}, False)])
+@pytest.mark.slow  # 5 runs of both phases: ~16 s
 def test_fused_cross_entropy_trains_the_same_sft_and_logs_the_same_loss(tmp_path, model, args, labelled_positions_only):
     # the model's own loss (fused_cross_entropy=False) is the statement of the math; with 2 micro-batches a
     # "per item" loss divides by both batches' labelled count, a mean loss by its own

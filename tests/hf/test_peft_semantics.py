@@ -1878,6 +1878,7 @@ def test_save_pretrained_with_push_to_hub_uploads_the_xlsparse_files(tmp_path, m
     assert {"xlsparse_config.json", "xlsparse_diff.safetensors"} <= set(os.listdir(tmp_path / "sft"))
 
 
+@pytest.mark.slow  # torch.compile: ~13 s each
 def test_a_routed_llama_compiles_with_one_graph_break():
     model = _multi("llama")
     ids, lang = batch(4, 3), torch.tensor([0, 1, -1, 1])

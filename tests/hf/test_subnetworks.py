@@ -1078,6 +1078,7 @@ def test_subnetwork_trainer_decays_what_its_get_decay_parameter_names_names(tmp_
         assert torch.equal(got[n], p), n
 
 
+@pytest.mark.slow  # torch.compile: ~7 s
 def test_a_second_subnetwork_trainer_on_a_compiled_model_trains_it_compiled(tmp_path):
     # torch.compile's wrapper left accelerate's "prepared" mark on the bare model: the next
     # trainer's prepare returned it bare, and that run trained uncompiled
@@ -1119,6 +1120,7 @@ torch.distributed.destroy_process_group()
 '''
 
 
+@pytest.mark.slow  # 2 processes: ~10 s each
 def test_subnetwork_trainer_under_ddp_refuses_masks_that_differ_between_processes(tmp_path):
     # DDP averaged gradients masked by each process's own masks and each process's optimizer stepped
     # its own union: the replicas drifted apart silently

@@ -1078,6 +1078,7 @@ def test_expert_trainer_draws_its_support_under_training_arguments_seed(tmp_path
         assert all(torch.equal(i, want[n]) for n, i in default(caller_seed).items())
 
 
+@pytest.mark.slow  # torch.compile: ~11 s
 def test_expert_trainers_on_a_base_a_compiled_run_trained_train_compiled(tmp_path):
     # torch.compile's wrapper left accelerate's "prepared" mark on the bare model; the expert's
     # copy of that base carried it, its prepare returned the copy bare, and the expert trained uncompiled

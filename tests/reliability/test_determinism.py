@@ -107,6 +107,7 @@ def _in_subprocess(threads: int, backend: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # child processes per thread count: ~10 s each
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_bit_identical_across_runs_and_thread_counts(backend, use_backend):
     from xlsparse import _ext

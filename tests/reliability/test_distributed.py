@@ -170,6 +170,7 @@ def _mask_worker(rank: int, out: str):
         torch.save(result, out)
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_topk_over_all_reduced_scores_picks_one_mask_on_every_rank(tmp_path):
     out = str(tmp_path / "masks.pt")
     _spawn(_mask_worker, out)
@@ -209,6 +210,7 @@ def _mismatch_worker(rank: int, out: str):
     _gather_to(out, rank, got)
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_scores_or_checks_that_differ_between_ranks_answer_alike_on_every_rank(tmp_path):
     out = str(tmp_path / "mismatch.pt")
     _spawn(_mismatch_worker, out)
@@ -260,6 +262,7 @@ def _dynamic_masks_worker(rank: int, out: str):
         torch.save(result, out)
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_dynamic_subnetwork_masks_are_selected_from_every_process_s_probe_scores(tmp_path):
     from types import SimpleNamespace
 
@@ -361,6 +364,7 @@ def _fsdp_worker(rank: int, out: str):
     return model
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_fsdp2_on_gloo_trains_phase_two_like_one_process(tmp_path):
     pytest.importorskip("torch.distributed.fsdp")
     out = str(tmp_path / "fsdp.pt")
@@ -439,6 +443,7 @@ def _fsdp_optimizer_state_worker(rank: int, out: str):
     return model
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_fsdp2_masked_adamw_state_is_per_rank_and_checkpoint_reading_another_rank_is_refused(tmp_path):
     pytest.importorskip("torch.distributed.checkpoint.state_dict")
     out = str(tmp_path / "state.pt")
@@ -486,6 +491,7 @@ def _whole_state_worker(rank: int, out: str):
     return model
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_fsdp2_refuses_optimizer_state_saved_over_the_whole_parameter(tmp_path):
     # A compact state saved without FSDP2 holds whole-parameter flat indices; indices that all lie
     # within a shard's size passed as that shard's own, and rank 1 trained entries 4 and 6.
@@ -553,6 +559,7 @@ def _fsdp_save_worker(rank: int, out: str):
     return model
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_fsdp2_extract_diff_and_save_pretrained_give_the_single_process_diff(tmp_path):
     # Both raised a raw DTensor error ("Cannot flatten unevenly sharded tensor") under fully_shard.
     pytest.importorskip("torch.distributed.fsdp")
@@ -605,6 +612,7 @@ def _dtensor_scores_worker(rank: int, out: str):
     return model
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_all_reduce_scores_and_same_on_all_ranks_refuse_dtensors_on_every_rank(tmp_path):
     # It raised torch's "c10d.allreduce_.default does not have a sharding strategy registered".
     pytest.importorskip("torch.distributed.fsdp")
@@ -686,6 +694,7 @@ def _continual_outcome(ddp, rank: int) -> str:
     return f"the replicas agree: {xdist.same_on_all_ranks(list(ddp.module.parameters()))}"
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_importance_scores_refuse_a_model_whose_backward_averages_the_processes_examples(tmp_path):
     # Each example's backward through DDP or FSDP2 averaged its gradient with the other process's
     # example before |g·θ|: the scores were Σ|mean|, not the sum over both processes' examples
@@ -745,6 +754,7 @@ def _fomaml_worker(rank: int, out: str):
     return ddp, sharded
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_fomaml_step_under_ddp_equals_one_process_over_both_processes_batches(tmp_path):
     # The outer gradient came from torch.autograd.grad, which DDP's hooks never see: each process
     # stepped with its own query gradient, and the replicas drifted apart. On an FSDP2-sharded
@@ -809,6 +819,7 @@ def _meta_order_worker(rank: int, out: str):
     _gather_to(out, rank, (results, refused))
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_meta_steps_under_ddp_take_the_languages_in_one_order_and_refuse_other_languages_or_masks(tmp_path):
     # Each process stepped its languages in its dicts' order, and DDP averaged the gradient of one
     # process's de with the other's fr: the replicas drifted apart (off by 2e-2 from one process).
@@ -905,6 +916,7 @@ def _fsdp_refusals_worker(rank: int, out: str):
     return model
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_fsdp2_merge_apply_disable_and_from_pretrained_refuse_on_every_rank_before_changing_anything(tmp_path):
     # They raised torch's raw "Attempted to access the data pointer on an invalid python storage"
     # (or "got mixed torch.Tensor and DTensor"); merge on a model sharded in part (the last encoder
@@ -944,6 +956,7 @@ def _sharded_lt_sft_worker(rank: int, out: str):
     return model
 
 
+@pytest.mark.slow  # 2 processes: ~10-20 s
 def test_lt_sft_refuses_a_sharded_model_naming_fsdp2(tmp_path):
     # θ0 and its selection read whole tensors: a model sharded with fully_shard failed at
     # construction with a raw "invalid python storage" error
