@@ -784,6 +784,20 @@ def test_mask_selection_refuses_negative_or_infinite_importances():
                 subnetworks.structured_masks(model, *args, 0.5, 0.25)
 
 
+def test_select_masks_names_scores_of_the_wrong_form():
+    """{language: {name: tensor}}: a list of languages' scores, or one language's tensor, failed
+    with a bare AttributeError on `.items()`, and a list of numbers in torch.isfinite."""
+    scores = {"w": torch.rand(4)}
+    with pytest.raises(TypeError, match=r"select_masks: scores must map each language to its scores"):
+        subnetworks.select_masks([scores], density=0.5)
+    with pytest.raises(TypeError, match=r"select_masks: scores\['de'\] must be \{parameter name: tensor of scores\}, "
+                                        r"got a Tensor"):
+        subnetworks.select_masks({"de": torch.rand(4)}, density=0.5)
+    with pytest.raises(TypeError, match=r"scores\['de'\] must be .* got a dict holding other values"):
+        subnetworks.select_masks({"de": {"w": [0.1, 0.2]}}, density=0.5)
+    assert int(subnetworks.select_masks({"de": scores}, density=0.5)["de"]["w"].sum()) == 2
+
+
 def test_structured_masks_rank_heads_after_normalising_each_layer():
     # Michel et al. (2019) / the bertology code: a layer's head scores are divided by their l2
     # norm, then ranked globally. Layer 0's scores are 100x layer 1's: raw, it takes both heads.

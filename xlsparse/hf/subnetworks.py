@@ -230,6 +230,10 @@ def _scored(op: str, loss: torch.Tensor, where: str) -> bool:
 def _check_importances(op: str, what: str, named: Mapping[str, torch.Tensor]) -> None:
     """Importance scores (`what`: {name: tensor}) must be finite and >= 0: masks keep the largest
     magnitudes (topk_mask), so a negative score ranked by its size as if it were important."""
+    if not isinstance(named, Mapping) or not all(isinstance(t, torch.Tensor) for t in named.values()):
+        # a list or one tensor failed on `.items()`, and a list of scores in torch.isfinite, unnamed
+        raise TypeError(f"{op}: {what} must be {{parameter name: tensor of scores}}, got a {type(named).__name__}"
+                        + (" holding other values" if isinstance(named, Mapping) else ""))
     bad = [n for n, t in named.items() if not bool((torch.isfinite(t) & (t >= 0)).all())]
     if bad:
         raise ValueError(f"{op}: {what} must be finite and >= 0 (importances), got other values in {bad[:3]}")
@@ -248,6 +252,7 @@ def select_masks(scores: Mapping[str, Mapping[str, torch.Tensor]], density: floa
     """A mask per language: the `density` share of its most important entries, global over the
     scored parameters (exactly K entries, ties to the lowest position). Scores must be finite
     and >= 0; a language whose scores are all zero (none of its examples was scored) raises."""
+    _check_by_language("select_masks", "scores", scores, "its scores, {name: tensor}")
     masks = {}
     for lang, named in scores.items():
         names = list(named)
