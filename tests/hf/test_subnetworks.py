@@ -1314,6 +1314,26 @@ def test_set_masks_checks_every_shape_before_changing_a_layer():
         assert torch.equal(layer.masks, want), n
 
 
+def test_set_masks_names_masks_of_the_wrong_form_before_changing_a_layer():
+    """A list where a language's {name: mask} goes failed on `.get` (AttributeError), one tensor's
+    rows were read as parameter names, and a mask given as a list failed on `.dtype`."""
+    from xlsparse.nn import SubnetworkLinear
+
+    model, masks = _structured_model("bert")
+    layers = dict(hf.model._converted(model, SubnetworkLinear))
+    before = {n: layer.masks.clone() for n, layer in layers.items()}
+    with pytest.raises(TypeError, match=r"set_masks: masks must map each language to its masks"):
+        subnetworks.set_masks(model, list(masks.values()))
+    for form in (list(masks["fr"].items()), next(iter(masks["fr"].values()))):
+        with pytest.raises(TypeError, match=r"set_masks: masks\['fr'\] must be \{parameter name: bool tensor\}, got a "
+                                            rf"{type(form).__name__}"):
+            subnetworks.set_masks(model, {"de": masks["de"], "fr": form})
+    first = next(iter(masks["fr"]))
+    with pytest.raises(ValueError, match=rf"masks\['fr'\]\['{re.escape(first)}'\] must be a bool tensor .* got list"):
+        subnetworks.set_masks(model, {"de": masks["de"], "fr": {**masks["fr"], first: masks["fr"][first].tolist()}})
+    assert all(torch.equal(layer.masks, before[n]) for n, layer in layers.items())
+
+
 def test_set_masks_refuses_a_plain_optimizer_before_changing_a_layer():
     # a torch AdamW raised AttributeError (no update_masks) after every layer had the new masks:
     # the model then routed the new supports while the optimizer still stepped the old ones

@@ -274,6 +274,7 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     `extract_diff`, `save_pretrained` and `disable` then cover every entry that any mask so far
     opened: an entry that leaves the masks keeps what it learned, so it stays in the diff."""
     order = languages(model)
+    _check_by_language("set_masks", "masks", masks, "its masks, {name: mask}")
     if list(masks) != order:
         raise ValueError(f"set_masks: languages {list(masks)} differ from the model's {order}")
     # before any layer changes: a torch AdamW raised AttributeError (no update_masks) after every
@@ -281,6 +282,9 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
     _check_remaskable("set_masks", optimizer)
     routed = {f"{name}.weight" for name, _ in _converted(model, SubnetworkLinear)}
     for lang in order:  # a name no layer reads would be dropped, leaving every layer an empty mask
+        if not isinstance(masks[lang], Mapping):  # a list failed on `.get`; one tensor's rows were read as names
+            raise TypeError(f"set_masks: masks[{lang!r}] must be {{parameter name: bool tensor}}, got a "
+                            f"{type(masks[lang]).__name__}")
         unknown = sorted(n for n in masks[lang] if n not in routed)
         if unknown:
             raise ValueError(f"set_masks: masks[{lang!r}] name {unknown[:5]}, which are not weights of the model's "
@@ -292,9 +296,10 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
         shape = tuple(layer.weight.shape)[::-1] if layer.transposed else tuple(layer.weight.shape)
         for lang in order:
             m = masks[lang].get(key)
-            if m is not None and (m.dtype != torch.bool or tuple(m.shape) != shape):
-                raise ValueError(f"set_masks: masks[{lang!r}][{key!r}] must be a bool tensor of shape {shape}, got "
-                                 f"{m.dtype} {tuple(m.shape)}")
+            tensor = isinstance(m, torch.Tensor)
+            if m is not None and (not tensor or m.dtype != torch.bool or tuple(m.shape) != shape):
+                got = f"{m.dtype} {tuple(m.shape)}" if tensor else type(m).__name__
+                raise ValueError(f"set_masks: masks[{lang!r}][{key!r}] must be a bool tensor of shape {shape}, got {got}")
         per_lang = {lang: masks[lang].get(key, torch.zeros(shape, dtype=torch.bool)) for lang in order}
         new.append((name, layer, {lang: (m.t() if layer.transposed else m) for lang, m in per_lang.items()}))
     _grow_subnetworks(model, {name: torch.stack(list(per_lang.values())).any(0) for name, _, per_lang in new})
