@@ -2308,6 +2308,32 @@ def test_dynamic_masks_callback_refuses_a_run_too_short_to_ever_reselect(tmp_pat
     assert callback.reselections == 0 and all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_a_dynamic_masks_callback_starts_each_fresh_run_with_no_scores(tmp_path):
+    """One callback over two fresh runs (hyperparameter_search's trials with model_init, or a second
+    trainer): the first run's last steps, after its last re-selection, left their scores, and the
+    second run's first re-selection added them to its own (another model's importances), silently.
+    A resumed run keeps the checkpoint's scores (test_dynamic_masks_run_resumed_...)."""
+    from xlsparse.nn import SubnetworkLinear
+
+    probe = {"de": _lm_batches(2, 11), "fr": _lm_batches(2, 12)}
+
+    def run(callback, steps, seed):
+        model, _ = _structured_model("llama", seed)
+        subnetworks.SubnetworkTrainer(model=model, args=_args(tmp_path, steps), train_dataset=_MixedData(),
+                                      callbacks=[callback]).train()
+        return {n: layer.masks for n, layer in hf.model._converted(model, SubnetworkLinear)}
+
+    shared = subnetworks.DynamicMasksCallback(probe, every=2, heads_density=0.5, neurons_density=0.25)
+    run(shared, 3, seed=5)
+    assert shared.scores and shared.reselections == 1  # step 3's scores, never used by that run
+    second = run(shared, 2, seed=1)
+    alone = subnetworks.DynamicMasksCallback(probe, every=2, heads_density=0.5, neurons_density=0.25)
+    want = run(alone, 2, seed=1)
+    for n, m in want.items():
+        assert torch.equal(second[n], m), n
+    assert shared.reselections == alone.reselections == 1
+
+
 def test_dynamic_masks_callback_refuses_an_optimizer_it_cannot_re_mask_before_any_step(tmp_path):
     """optimizers=(a torch AdamW, ...) trained `every` steps, then the first re-selection raised."""
     model, _ = _structured_model("bert")

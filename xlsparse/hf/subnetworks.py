@@ -1332,8 +1332,9 @@ class DynamicMasksCallback(TrainerCallback):
     by default, or, with `heads_density=None`, per-entry Σ_examples |∂ℓ_i/∂θ · θ| of the converted weights
     (`importance_scores`: the full gradient, so entries outside the current masks compete too).
     Every `every` steps each language's masks are re-selected from its scores accumulated since
-    the last re-selection (`structured_masks`, or `select_masks` with `density`), given to the
-    layers (`set_masks`), and the optimizer follows `MaskedAdamW.update_masks`' semantics: kept
+    the last re-selection in this run (`structured_masks`, or `select_masks` with `density`; a
+    fresh run starts with none, a resumed one with its checkpoint's), given to the layers
+    (`set_masks`), and the optimizer follows `MaskedAdamW.update_masks`' semantics: kept
     entries keep their state, new ones start from zero state, dropped ones stop changing.
     Scoring runs in eval mode (no dropout, no routing needed) and leaves gradients cleared. Under
     DDP each step's scores are averaged over the processes, so all select the same masks. A run
@@ -1439,6 +1440,11 @@ class DynamicMasksCallback(TrainerCallback):
             raise ValueError(f"DynamicMasksCallback: every={self.every} is more than the run's {state.max_steps} "
                              "optimizer steps, so the masks would never be re-selected; give every <= "
                              f"{state.max_steps}, or train with static masks without the callback")
+        if state.global_step == 0:
+            # a fresh run (a resume starts at its checkpoint's step, with the checkpoint's state): an earlier
+            # run's scores after its last re-selection (hyperparameter_search's previous trial, another
+            # model) were added into this run's first re-selection, silently
+            self.scores, self.reselections = {}, 0
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         order = self._check_languages(model)
