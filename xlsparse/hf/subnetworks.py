@@ -300,7 +300,11 @@ def set_masks(model: nn.Module, masks: Mapping[str, Mapping[str, torch.Tensor]],
             if m is not None and (not tensor or m.dtype != torch.bool or tuple(m.shape) != shape):
                 got = f"{m.dtype} {tuple(m.shape)}" if tensor else type(m).__name__
                 raise ValueError(f"set_masks: masks[{lang!r}][{key!r}] must be a bool tensor of shape {shape}, got {got}")
-        per_lang = {lang: masks[lang].get(key, torch.zeros(shape, dtype=torch.bool)) for lang in order}
+        # On the layer's device: a language without this layer got CPU zeros, and torch.stack of those
+        # with another language's CUDA mask raised a device mismatch.
+        device = layer.weight.device
+        per_lang = {lang: masks[lang][key].to(device) if key in masks[lang]
+                    else torch.zeros(shape, dtype=torch.bool, device=device) for lang in order}
         new.append((name, layer, {lang: (m.t() if layer.transposed else m) for lang, m in per_lang.items()}))
     _grow_subnetworks(model, {name: torch.stack(list(per_lang.values())).any(0) for name, _, per_lang in new})
     for _, layer, per_lang in new:
