@@ -1484,6 +1484,17 @@ def test_subnetwork_linear_without_route_raises_in_training_and_in_an_eval_backw
     assert_bit_identical(layer.bias.grad, torch.zeros_like(layer.bias), "bias grad of ids -1")
 
 
+def test_subnetwork_linear_takes_language_ids_as_a_list_as_route_does():
+    # MultiDeltaLinear's route= and routing.use take a list; language_ids=[...] raised AttributeError ('.to')
+    layer, masks, bmasks, x, ids = _subnetwork_case()
+    layer(x, language_ids=ids.tolist()).square().sum().backward()
+    gw, gb = _loop_grads(layer, masks, bmasks, x, ids)
+    torch.testing.assert_close(layer.weight.grad, gw)
+    torch.testing.assert_close(layer.bias.grad, gb)
+    with pytest.raises(TypeError, match="integers"):
+        layer(x, language_ids=ids.double().tolist())
+
+
 def test_subnetwork_linear_bad_masks():
     from xlsparse.nn import SubnetworkLinear
 

@@ -659,7 +659,9 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
         False when no routing was given (every id −1)."""
         num_ids = len(self.languages)
         if language_ids is not None:
-            groups = routing.Routing(language_ids.to(self.weight.device), num_ids).tokens(lead_shape)
+            # a list or a numpy array too, as `route=` and routing.use take them (`.to` raised AttributeError)
+            ids = torch.as_tensor(language_ids, device=self.weight.device)
+            groups = routing.Routing(ids, num_ids).tokens(lead_shape)
         elif routing.current(self) is not None:
             groups = _routed(routing.current(self), num_ids, "languages").tokens(lead_shape, self.weight.device)
         else:
