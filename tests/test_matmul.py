@@ -2120,6 +2120,18 @@ def test_sparse_delta_embedding_checks_the_indices_it_is_built_with(bad):
     assert torch.equal(layer(torch.arange(10)), want)
 
 
+def test_sparse_delta_embedding_refuses_values_of_another_dtype_than_its_base_as_the_linear_does():
+    # index_put raised a raw RuntimeError ("Index put requires the source and destination dtypes match")
+    emb = xnn.SparseDeltaEmbedding.from_embedding(torch.nn.Embedding(6, 4).bfloat16(), k=6)
+    lin = xnn.SparseDeltaLinear.from_linear(torch.nn.Linear(4, 6).bfloat16(), k=6)
+    for layer, x in ((emb, torch.tensor([1, 2])), (lin, torch.randn(2, 4, dtype=torch.bfloat16))):
+        layer.delta_values.data = layer.delta_values.data.float()
+        with pytest.raises(TypeError, match="values dtype torch.float32 does not match weight dtype torch.bfloat16"):
+            layer(x)
+    emb.float()
+    torch.testing.assert_close(emb(torch.tensor([1, 2])), emb.weight[[1, 2]])  # zero delta
+
+
 def test_sparse_delta_embedding_refuses_max_norm_zero_and_keeps_padding_rows_without_gradient():
     # max_norm=0.0 (nn.Embedding renormalises rows to zero) was taken for "not set"; a base made
     # trainable got a gradient in its padding row, which nn.Embedding never gives

@@ -750,6 +750,11 @@ class SparseDeltaEmbedding(_DeltaView, nn.Module):
         return token, idx[entry] % width, entry
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.delta_values.dtype != self.weight.dtype:
+            # as sparse_delta_linear refuses it (index_put raised "Index put requires the source and
+            # destination dtypes match"): an fp32 delta over a bf16 base (a load with assign=True)
+            raise TypeError(f"SparseDeltaEmbedding: delta_values dtype {self.delta_values.dtype} does not match weight "
+                            f"dtype {self.weight.dtype}; cast the layer with .to(dtype)")
         ids = input_ids.reshape(-1)
         out = F.embedding(ids, self.weight, self.padding_idx)  # a base made trainable: no padding-row gradient
         token, column, entry = self._entries(ids)
