@@ -1525,6 +1525,27 @@ def test_a_compiled_merged_layer_refuses_a_delta_changed_after_merge():
         torch.testing.assert_close(compiled(x), _by_hand(layer, layer.base_weight())(x))
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("tokens", [3, 100])  # an SpMM term, and Δ written into W0
+@pytest.mark.parametrize("op", ["sparse_delta_linear", "routed", "gated", "subnetwork"])
+def test_a_layer_of_no_input_features_gives_its_bias_as_nn_linear_does(op, tokens):
+    # x.reshape(-1, 0) cannot tell the token count: a layer of in_features 0 raised a raw RuntimeError
+    x = torch.randn(2, tokens, 0, requires_grad=True)
+    linear = torch.nn.Linear(0, 5)
+    empty = torch.zeros(0, dtype=torch.long)
+    if op == "sparse_delta_linear":
+        y = xnn.SparseDeltaLinear.from_linear(linear, k=0)(x)
+    elif op == "subnetwork":
+        y = xnn.SubnetworkLinear.from_linear(linear, {"a": torch.zeros(5, 0, dtype=torch.bool)})(
+            x, language_ids=torch.zeros(2, dtype=torch.long))
+    else:
+        how = {"route": torch.zeros(2, tokens, dtype=torch.long)} if op == "routed" else {"gates": torch.ones(2, tokens, 1)}
+        y = functional.multi_delta_linear(x, linear.weight, linear.bias, [empty], [torch.zeros(0)], **how)
+    torch.testing.assert_close(y, linear(x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
 @pytest.mark.parametrize("op", ["sparse_delta_linear", "multi_delta_linear"])
 @pytest.mark.parametrize("incoming", ["y²", "y"])
 def test_double_backward_raises(op, incoming):

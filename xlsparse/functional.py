@@ -93,7 +93,7 @@ def sparse_delta_linear(x, weight, bias, indices, values, merged_weight=None) ->
             return sparse_delta_linear(x, low_weight, bias, indices, low_values, merged_weight)
     _checks.linear("sparse_delta_linear", x, weight, bias, [indices], [values])
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, weight.shape[1])
+    x2d = x.reshape(lead.numel(), weight.shape[1])
     in_place = merged_weight is None and merge_pays(x2d.shape[0])
     if in_place and not _may_write_weight(weight, x, bias):
         merged_weight, in_place = _matmul.merged_weight(weight, indices, values), False
@@ -160,7 +160,7 @@ def multi_delta_linear(x, weight, bias, indices: list, values: list, route=None,
     _checks.linear("multi_delta_linear", x, weight, bias, list(indices), list(values))
     num = len(indices)
     lead = x.shape[:-1]
-    x2d = x.reshape(-1, weight.shape[1])
+    x2d = x.reshape(lead.numel(), weight.shape[1])
     tokens = x2d.shape[0]
     order = offsets = gates2d = host_counts = None
     if route is not None and gates is not None:

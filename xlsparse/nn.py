@@ -675,7 +675,7 @@ class SubnetworkLinear(ConvertedLayer, torch.nn.Linear):
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
         ids, order, offsets, routed = self._groups(lead, language_ids)
-        x2, weight, bias = x.reshape(-1, self.in_features), self.weight, self.bias
+        x2, weight, bias = x.reshape(lead.numel(), self.in_features), self.weight, self.bias
         if not routed and torch.is_grad_enabled():  # eval mode, no ids: a backward into them would train nothing
             weight = _NoUnroutedGrad.apply(weight) if weight.requires_grad else weight
             bias = _NoUnroutedGrad.apply(bias) if bias is not None and bias.requires_grad else bias
