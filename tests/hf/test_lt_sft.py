@@ -2433,6 +2433,23 @@ def test_an_epoch_with_leftover_micro_batches_is_trained_whole(tmp_path):
     assert seen == {"full": 5, "sparse": 10}
 
 
+
+def test_a_phase_in_epochs_on_data_without_a_length_is_refused_before_training(tmp_path):
+    # the sparse phase's epochs over an IterableDataset raised a bare TypeError from len(), and
+    # only after the whole full phase had trained
+    class _Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            yield from _LMData()
+
+    model = tiny("bert")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sft_args = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=2, sparse_ft_max_epochs_per_iteration=1)
+    trainer = LotteryTicketSparseFineTuner(model=model, train_dataset=_Stream(), sft_args=sft_args,
+                                           args=_args(tmp_path, per_device_train_batch_size=4, max_steps=2))
+    with pytest.raises(ValueError, match="sparse_ft_max_epochs_per_iteration = 1: the training data has no length"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
 def test_reselection_sums_a_bf16_model_s_gradients_in_float32():
     # the candidate gradients of a bf16 model were summed in a bf16 buffer: a step's gradient
     # below half a bf16 step of the running sum was lost, and regrowth ranked by that sum

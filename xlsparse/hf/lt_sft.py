@@ -87,7 +87,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import seed_worker
+from transformers.trainer_utils import has_length, seed_worker
 
 from ..diff import (SparseDelta, SparseDiff, _is_dtensor, _refuse_unrankable, _storage_key, _transposed_weights,
                     _untied, apply, index_dtype, refuse_sharded)
@@ -857,8 +857,8 @@ class LotteryTicketSparseFineTuner(Trainer):
             raise ValueError("LotteryTicketSparseFineTuner.train() ran already (its masks and θ0 are that run's): "
                              "build a new trainer on the base model to train another SFT")
         a = self.sft_args
+        steps = self._phase_steps("sparse")  # here: one it cannot tell raised only after a whole full phase
         if isinstance(a, DynamicSftArguments):  # every round's sparse phase has this length
-            steps = self._phase_steps("sparse")
             if steps <= a.reselection_steps:  # a reselection follows every reselection_steps-th step but the last
                 raise ValueError(f"DynamicSftArguments.reselection_steps = {a.reselection_steps}: the sparse phase "
                                  f"runs {steps} optimizer steps, so no reselection would run and the result would be "
@@ -1022,10 +1022,14 @@ class LotteryTicketSparseFineTuner(Trainer):
         SftArguments and the training batches."""
         a = self.sft_args
         epochs = getattr(a, f"{phase}_ft_max_epochs_per_iteration")
+        loader = self.get_train_dataloader() if epochs is not None else None
+        if loader is not None and not has_length(loader):  # len() raised a bare TypeError
+            raise ValueError(f"SftArguments.{phase}_ft_max_epochs_per_iteration = {epochs}: the training data has no "
+                             f"length (an IterableDataset), so epochs give no number of steps; give {phase}_ft_max_"
+                             "steps_per_iteration alone")
         steps = training_length(getattr(a, f"{phase}_ft_min_steps_per_iteration"),
                                 getattr(a, f"{phase}_ft_max_steps_per_iteration"), epochs,
-                                len(self.get_train_dataloader()) if epochs is not None else 0,
-                                self.args.gradient_accumulation_steps)
+                                len(loader) if loader is not None else 0, self.args.gradient_accumulation_steps)
         if steps < 1:  # the HF Trainer would train num_train_epochs instead
             raise ValueError(f"SftArguments: the {phase} phase gives no optimizer step ({phase}_ft_max_epochs_per_"
                              f"iteration = {epochs}, {phase}_ft_max_steps_per_iteration = "
