@@ -197,6 +197,21 @@ def test_a_composable_sft_maskable_list_that_misses_the_tied_embeddings_is_named
     assert name in trainer.maskable
 
 
+
+def test_maskable_params_may_be_any_iterable_of_names_but_not_a_string(tmp_path):
+    # a generator was read up by the unknown-name check: no maskable parameter was left and the
+    # trainer raised "ft_params_num = 50 exceeds the 0 maskable entries"; a string was read one
+    # character at a time ("the model has no parameters ['b', 'e', ...]")
+    model = tiny("bert")
+    names = [n for n, _ in model.named_parameters() if n.startswith("bert.encoder.")]
+    sft_args = SftArguments(ft_params_num=50, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+    trainer = LotteryTicketSparseFineTuner(model=model, args=_args(tmp_path), train_dataset=_LMData(), sft_args=sft_args,
+                                           maskable_params=(n for n in names))
+    assert trainer.maskable == names
+    with pytest.raises(ValueError, match="maskable_params: expected parameter names"):
+        LotteryTicketSparseFineTuner(model=tiny("bert"), args=_args(tmp_path), train_dataset=_LMData(), sft_args=sft_args,
+                                     maskable_params=names[0])
+
 @pytest.mark.parametrize("flag", ["freeze_decoder", "freeze_head", "untie_embeddings"])
 def test_a_maskable_list_that_misses_the_tied_embeddings_is_named_when_the_trainer_unties_them(tmp_path, flag):
     # The same list, computed on the model as it is handed over (the trainer, not the script as in

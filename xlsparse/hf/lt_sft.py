@@ -659,6 +659,10 @@ class LotteryTicketSparseFineTuner(Trainer):
                 head = out.weight if out is not None and out.weight is not self.model.get_input_embeddings().weight else None
                 maskable = [n for n, p in trainable.items() if p is not head]
         else:
+            if isinstance(maskable_params, str):  # read one character at a time: "no parameters ['b', 'e', ...]"
+                raise ValueError(f"maskable_params: expected parameter names (a list), got the string {maskable_params!r}")
+            # a generator was used up by the check below, leaving no maskable parameter ("0 maskable entries")
+            maskable_params = list(maskable_params)
             aliases = {alias: name for p, name in self._names.values() for alias in _aliases(self.model, p)}
             unknown = [n for n in maskable_params if n not in aliases]
             if unknown:
