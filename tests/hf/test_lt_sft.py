@@ -109,6 +109,18 @@ def test_values_of_the_wrong_type_are_refused_naming_the_argument(name, value):
         DynamicSftArguments(**kw)
 
 
+def test_pattern_lists_parse_from_the_command_line_as_composable_sfts_scripts_parse_sft_arguments():
+    # typed tuple[str, ...], HfArgumentParser turned `--maskable_exclude bias` into ('b', 'i', 'a', 's'):
+    # every parameter whose name holds one of those letters was excluded (and `--layer_norm_patterns
+    # LayerNorm` froze nearly every parameter), silently; a second pattern was refused as unused
+    (parsed,) = transformers.HfArgumentParser(SftArguments).parse_args_into_dataclasses(
+        ["--full_ft_max_steps_per_iteration", "1", "--sparse_ft_max_steps_per_iteration", "1",
+         "--maskable_exclude", "bias", "pooler", "--layer_norm_patterns", "LayerNorm"])
+    assert parsed.maskable_exclude == ["bias", "pooler"] and parsed.layer_norm_patterns == ["LayerNorm"]
+    (default,) = transformers.HfArgumentParser(SftArguments).parse_args_into_dataclasses(
+        ["--full_ft_max_steps_per_iteration", "1", "--sparse_ft_max_steps_per_iteration", "1"])
+    assert default == SftArguments(full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=1)
+
 def test_numpy_numbers_are_taken_as_python_numbers_and_checkpoints_are_written(tmp_path):
     # passed by the checks, they reached the checkpoint's sparse_phase.json: json.dump raised
     # "Object of type int64 is not JSON serializable" at the first save of the sparse phase

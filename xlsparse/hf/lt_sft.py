@@ -82,7 +82,7 @@ import os
 import re
 import warnings
 from collections.abc import MutableMapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
@@ -142,11 +142,14 @@ class SftArguments:
     untie_embeddings: bool = False
     freeze_decoder: bool = False
     freeze_layer_norm: bool = False
-    layer_norm_patterns: tuple[str, ...] = (r"(?i)(^|\.)[^.]*norm[^.]*\.|(^|\.)ln_",)
+    # list[str], not tuple[str, ...]: HfArgumentParser (composable-sft's scripts parse SftArguments
+    # with it) read `--maskable_exclude bias` as ('b', 'i', 'a', 's'), excluding every name holding
+    # one of those letters, and took no second pattern
+    layer_norm_patterns: list[str] = field(default_factory=lambda: [r"(?i)(^|\.)[^.]*norm[^.]*\.|(^|\.)ln_"])
     """Regular expressions (searched in parameter names) that `freeze_layer_norm` freezes. The
     default: every module whose name holds "norm" (any case), and GPT-2's `ln_*` (an exact
     `norm.` or `layer_norm` left Qwen3's `q_norm`/`k_norm`, MPT's `norm_1` and Mamba's `norm_f` trainable)."""
-    maskable_exclude: tuple[str, ...] = ()
+    maskable_exclude: list[str] = field(default_factory=list)
     """Regular expressions: matching parameters are not maskable (trained whole if trainable)."""
 
     def __post_init__(self):
@@ -196,7 +199,7 @@ class SftArguments:
             # a bare string was read one character at a time: "bias" excluded every name holding an a or an s
             check(name, isinstance(getattr(self, name), (tuple, list))
                   and all(isinstance(p, str) for p in getattr(self, name)),
-                  "must be a tuple of regular expressions (strings), e.g. (r\"LayerNorm\",)")
+                  "must be a list of regular expressions (strings), e.g. [r\"LayerNorm\"]")
             for p in getattr(self, name):
                 try:
                     re.compile(p)
