@@ -39,7 +39,9 @@ its `sft_args.py`, `trainer.py`, `lt_sft.py`, `multisource.py` and `run_mlm.py`;
   attribute named by its `base_model_prefix`, as (m)T5; with neither it raises); the input embeddings stay trainable.
   `untie_embeddings`: the output embeddings get their own trainable copy (a head, so stored
   whole; with `freeze_head` too, the rest of the head stays frozen). `freeze_decoder`: the
-  output embeddings get their own frozen copy.
+  output embeddings get their own frozen copy. Untied already, a model keeps its own decoder under
+  these flags (frozen or trained as they say); composable-sft overwrites it with a copy of the
+  input embeddings, which would discard a trained decoder.
   `freeze_embeddings`: the input word embeddings are frozen. The SFT itself does not untie
   anything: applied to a tied base, an input-embedding delta moves the tied decoder too (as in
   composable-sft, whose task models have no decoder), and the whole decoder that
