@@ -1289,11 +1289,15 @@ class SparseDiff:
         names; e.g. exclude=[r"embeddings", r"LayerNorm|layer_norm", r"classifier|lm_head|pooler"].
         Ties go to the lowest flat position, earlier parameters first. Models may also be dicts.
         Differences are taken, and values stored, in the wider dtype of the two tensors (float32
-        for a bfloat16 model tuned from a float32 one), so base + diff is tuned at the chosen entries;
-        when both are bfloat16 (or both float16) the difference is rounded to that dtype, and
-        base + diff can be 1 ulp off tuned at some entries (18 of 90,000 for changes of 0.05, more
-        for larger); one that overflows that dtype is a ValueError. Pass float32 copies of the two
-        models (`copy.deepcopy(model).float()`, which keeps tied weights tied) for an exact diff.
+        for a bfloat16 model tuned from a float32 one), so the base's own rounding is not in them.
+        They are still rounded to that dtype: where tuned/base lies outside [1/2, 2] (a change as
+        large as the weight, or one that crosses zero), tuned − base can need more bits than the
+        dtype holds, and base + diff is an ulp off tuned there (float32 weights of ~0.02 moved by
+        ~0.013: 11,916 of 90,000 entries; bfloat16 ones alike); a difference that overflows a
+        half dtype is a ValueError. For an exact diff pass copies of the two models in a dtype wider
+        than both (`copy.deepcopy(model).float()` of bfloat16 or float16 models, `.double()` of
+        float32 ones; deepcopy keeps tied weights tied): values are then stored in it, and `apply`
+        adds float64 values in float64.
         Each `include` pattern must match some parameter (else ValueError: a typo would select nothing).
         Tied parameters (one tensor under two names, e.g. GPT-2's `lm_head.weight` and
         `transformer.wte.weight`) are read once, under their first name inside the body
