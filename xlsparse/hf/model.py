@@ -1511,8 +1511,8 @@ def _saved_file(name: str) -> bool:
 @accepts_compiled
 def save_pretrained(model: nn.Module, directory: str) -> None:
     """Write what the converted model trained, and how to redo the conversion, to `directory`:
-    `xlsparse_config.json` (kind, target_modules, density / k, languages, modules_to_save,
-    base_model, xlsparse_version, target_request, and the base_fingerprint of every base parameter
+    `xlsparse_config.json` (kind, target_modules, density / k, languages, modules_to_save, keep_tied,
+    base_model, model_class, xlsparse_version, target_request, and the base_fingerprint of every base parameter
     the diff does not hold, which `from_pretrained` checks the base against) and the diff as safetensors
     (`xlsparse_diff.safetensors`; a 'multi' model adds `xlsparse_diff.lang<i>.safetensors` per
     language). Never the base weights. The files are written into a staging folder inside
