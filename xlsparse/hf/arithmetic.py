@@ -140,7 +140,8 @@ def ties_merge(diffs: Sequence[SparseDiff], weights: Sequence[float] | None, den
     1. Trim: each diff keeps its int(density · nnz) largest-magnitude nonzero entries (PEFT's
        k, rounded down), global over its parameters (dense entries count with their nonzeros).
     2. Elect: per entry, the sign of the sum of the trimmed (unweighted) values; + where it is 0.
-    3. Disjoint mean: Σ_i [sign(φ_i) = elected] · weights[i] · φ_i / #{i : sign(φ_i) = elected}.
+    3. Disjoint mean: Σ_i [sign(φ_i) = elected] · weights[i] · φ_i / #{i : sign(φ_i) = elected}
+       (weights None: 1 each).
     Entries no diff keeps are absent from the result. Every step is a union merge of sorted
     supports, summed in at least float32; absolute entries follow `combine`'s rule. A
     half-precision result past the dtype's largest value raises.

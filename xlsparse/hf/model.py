@@ -183,8 +183,10 @@ def target_names(model: nn.Module, target_modules=None) -> list[str]:
                          "reads without calling it (the out_proj of an nn.MultiheadAttention, WavLM's attention "
                          "projections, Mamba's dt_proj, BLOOM's dense and dense_4h_to_h under pretraining_tp > 1 with "
                          "slow_but_exact=True): a converted layer would never run")
-    patterns = [target_modules] if isinstance(target_modules, str) else [[t] for t in target_modules]
-    unmatched = [p for p in patterns if not any(_matches(name, p) for name in linears)]
+    # each entry on its own (a string is one full-match regex, as PEFT's), reported as given
+    entries = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    pattern = (lambda t: t) if isinstance(target_modules, str) else (lambda t: [t])
+    unmatched = [t for t in entries if not any(_matches(name, pattern(t)) for name in linears)]
     if unmatched:
         raise ValueError(f"convert: target_modules {unmatched} matched no linear layer; the model has "
                          f"{linears[:12]}" + (" ..." if len(linears) > 12 else ""))
