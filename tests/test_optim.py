@@ -864,6 +864,36 @@ def test_sgd_update_masks_restarts_momentum_on_new_entries():
         assert_bit_identical(q.detach()[:10], before[:10], "dropped entries")
 
 
+@pytest.mark.parametrize("opt_class, key, off, on, mode", [
+    (MaskedSGD, "momentum", 0.0, 0.5, "compact"), (MaskedAdamW, "amsgrad", False, True, "compact"),
+    (MaskedAdamW, "amsgrad", False, True, "dense")])  # dense SGD: a re-added entry's buffer restarts anyway
+def test_update_masks_moves_state_a_group_leaves_unused_at_that_moment(opt_class, key, off, on, mode):
+    """update_masks while a group's momentum (OneCycleLR with base_momentum=0) or amsgrad is off: the
+    momentum buffer / max_exp_avg_sq stayed at the old positions, and once back on, each kept entry
+    read another entry's (compact: entry 4 took entry 2's buffer), and dense mode kept a re-added
+    entry's old max_exp_avg_sq."""
+    kw = dict(momentum=on) if opt_class is MaskedSGD else dict(amsgrad=on, weight_decay=0.0)
+    p = torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    opt = opt_class([p], [torch.tensor([0, 1, 2, 4])], lr=0.1, mode=mode, **kw)
+    p.grad = torch.tensor([1.0, 5.0, 2.0, 0.0, 3.0, 0.0], dtype=torch.float64)
+    opt.step()
+    opt.update_masks([torch.tensor([0, 2, 4])])  # drops entry 1
+    p.grad = torch.tensor([1.0, 0.0, 2.0, 0.0, 3.0, 0.0], dtype=torch.float64)
+    opt.step()
+    twin = copy.deepcopy(opt)
+    for o, value in ((opt, off), (twin, on)):
+        o.param_groups[0][key] = value
+        o.update_masks([torch.tensor([1, 4, 5])])  # keeps 4, adds 1 back and 5 (the same K)
+        o.param_groups[0][key] = on
+    q = twin.param_groups[0]["params"][0]
+    for o, param in ((opt, p), (twin, q)):
+        param.grad = torch.tensor([0.0, 0.5, 0.1, 0.0, 0.2, 0.3], dtype=torch.float64)
+        o.step()
+    assert_bit_identical(p.detach(), q.detach(), "params after the step")
+    for k in opt_class._STATE_KEYS:
+        assert_bit_identical(opt.state[p][k], twin.state[q][k], k)
+
+
 # --- bad input ---
 
 def test_bad_masks_raise():

@@ -58,7 +58,8 @@ _SELECTOR_KEYS = ("mask", "indices")  # state keys torch's loader must not cast 
 class _MaskedOptimizer(torch.optim.Optimizer):
     """What MaskedAdamW and MaskedSGD share: masks, update_masks, state_dict, kernel grouping."""
 
-    # Per-entry state tensors, zeroed for entries that a mask update adds.
+    # Every per-entry state tensor this optimizer may keep (a group's values may call for fewer now,
+    # `_state_keys`); a mask update moves each one there is, zeroed for the entries it adds.
     _STATE_KEYS: tuple[str, ...] = ()
     _step_supports_amp_scaling = True  # GradScaler passes grad_scale / found_inf as attributes
 
@@ -293,19 +294,21 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         them at zero.
         """
         selectors = self._parse_masks(masks)
-        for group in self.param_groups:
-            for p in group["params"]:
-                if isinstance(masks, dict) and p not in masks:
-                    continue
-                self._move_state(group, p, self._selector_of(p), selectors[p])
+        for p in self._all_params():
+            if isinstance(masks, dict) and p not in masks:
+                continue
+            self._move_state(p, self._selector_of(p), selectors[p])
 
-    def _move_state(self, group: dict, p: torch.Tensor, old, new) -> None:
+    def _move_state(self, p: torch.Tensor, old, new) -> None:
         self._masked_at[p] = LAYER_MASK_CHANGES.get(p, 0)
         state = self.state[p]
         p = _local(p)
         # state a group's values call for but the steps have not made yet (SGD momentum turned on since
-        # construction: the next step starts it at zero) has nothing to move; it raised KeyError half-way
-        keys = [key for key in self._state_keys(group) if key in state]
+        # construction: the next step starts it at zero) has nothing to move; it raised KeyError half-way.
+        # State the group's values leave unused now moves too (momentum or amsgrad off at this moment,
+        # as a scheduler may set): it stayed at the old entries, and once back on, a kept entry read
+        # another's momentum buffer or max_exp_avg_sq
+        keys = [key for key in self._STATE_KEYS if key in state]
         if self.mode == "dense":
             old_m = torch.ones_like(p, dtype=torch.bool) if old is None else old
             new_m = torch.ones_like(p, dtype=torch.bool) if new is None else new
@@ -332,8 +335,7 @@ class _MaskedOptimizer(torch.optim.Optimizer):
         is added where src[i] < 0 (`xlsparse.hf.lt_sft`'s dynamic reselection lays a SparseDelta's
         values out anew). The state follows its entries by update_masks' rule."""
         state = self.state[param]
-        group = next(g for g in self.param_groups if any(q is param for q in g["params"]))
-        keys = [key for key in self._state_keys(group) if key in state]
+        keys = [key for key in self._STATE_KEYS if key in state]
         old_count = next((state[key].numel() for key in keys), int(src.max()) + 1 if src.numel() else 0)
         _gather_state(state, keys, src.long(), old_count, param.detach().reshape(-1))
 
@@ -664,6 +666,8 @@ class MaskedAdamW(_MaskedOptimizer):
                         maximize=maximize)
         super().__init__(params, masks, defaults, mode)
 
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+
     def _state_keys(self, group):
         return ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if group["amsgrad"] else [])
 
@@ -725,6 +729,8 @@ class MaskedSGD(_MaskedOptimizer):
         super()._check_group(group)
         checks.sgd_hyperparameters("MaskedSGD", group["lr"], group["momentum"], group["dampening"],
                                    group["weight_decay"], group["nesterov"])
+
+    _STATE_KEYS = ("momentum_buffer",)
 
     def _state_keys(self, group):
         return ["momentum_buffer"] if group["momentum"] != 0 else []
