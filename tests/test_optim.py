@@ -806,6 +806,22 @@ def test_a_param_group_asking_for_a_torch_implementation_switch_is_refused(key):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], key: True})
 
 
+def test_a_masked_sgd_group_with_l1_to_init_is_refused():
+    # MaskedSGD's constructor has no l1_to_init, but a group dict kept it and no step pulled toward θ0
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    with pytest.raises(ValueError, match="l1_to_init"):
+        MaskedSGD([{"params": [p], "l1_to_init": 0.5}], [None], lr=0.1)
+    opt = MaskedSGD([p], [None], lr=0.1)
+    with pytest.raises(ValueError, match="l1_to_init"):
+        opt.add_param_group({"params": [q], "l1_to_init": 0.5})
+    assert len(opt.param_groups) == 1
+    opt.param_groups[0]["l1_to_init"] = 0.5
+    p.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="l1_to_init"):
+        opt.step()
+    assert_bit_identical(p.detach(), torch.ones(3), "param after a refused step")
+
+
 def test_l1_to_init_anchor_survives_loading_a_torch_adamw_state():
     # torch's load replaced the whole state: the anchor taken at construction was lost, and the next
     # step raised "l1_to_init was turned on after construction"

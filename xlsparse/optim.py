@@ -727,6 +727,9 @@ class MaskedSGD(_MaskedOptimizer):
     def _check_group(self, group):
         """Each group's hyper-parameters (the defaults' included): when it is added or loaded, and at each step."""
         super()._check_group(group)
+        if group.get("l1_to_init"):  # MaskedAdamW's key: a group kept it and the steps never pulled toward θ0
+            raise ValueError("MaskedSGD: a param group has l1_to_init, which only MaskedAdamW runs; use MaskedAdamW "
+                             "for an L1 pull toward the initial weights")
         checks.sgd_hyperparameters("MaskedSGD", group["lr"], group["momentum"], group["dampening"],
                                    group["weight_decay"], group["nesterov"])
 
