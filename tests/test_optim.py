@@ -675,6 +675,7 @@ def test_a_parameter_twice_in_one_group_is_refused_at_construction(opt_class):
 @pytest.mark.parametrize("opt_class, group, match", [
     (MaskedAdamW, dict(eps=-1.0), "epsilon"), (MaskedAdamW, dict(lr=-1.0), "learning rate"),
     (MaskedAdamW, dict(betas=(1.5, 0.9)), "betas"), (MaskedAdamW, dict(weight_decay=-5.0), "weight_decay"),
+    (MaskedAdamW, dict(betas=0.9), "betas must be a pair"),  # was a bare "object of type 'float' has no len()"
     (MaskedAdamW, dict(lr=float("nan")), "lr must be finite"), (MaskedSGD, dict(lr=-1.0), "must be >= 0"),
     (MaskedSGD, dict(momentum=-0.5), "must be >= 0"), (MaskedSGD, dict(nesterov=True), "Nesterov")])
 def test_a_group_s_own_hyper_parameters_are_checked_as_the_defaults_are(opt_class, group, match):

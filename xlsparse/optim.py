@@ -678,8 +678,12 @@ class MaskedAdamW(_MaskedOptimizer):
         """Each group's hyper-parameters (the defaults' included): when it is added or loaded, and at each step."""
         super()._check_group(group)
         betas = group["betas"]
+        try:
+            count = len(betas)
+        except TypeError:  # betas=0.9 raised a bare "object of type 'float' has no len()"
+            raise TypeError(f"MaskedAdamW: betas must be a pair (beta1, beta2), got {betas!r}") from None
         # a third beta was ignored (amsgrad="no", truthy, is refused in checks.adamw_hyperparameters)
-        if len(betas) != 2:
+        if count != 2:
             raise ValueError(f"betas must be (beta1, beta2), got {betas!r}")
         checks.adamw_hyperparameters("MaskedAdamW", group["lr"], betas[0], betas[1], group["eps"],
                                      group["weight_decay"], group["l1_to_init"], group["amsgrad"])
