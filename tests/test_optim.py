@@ -1107,6 +1107,21 @@ def test_a_sparse_gradient_is_refused_before_any_group_steps(opt_class):
     assert torch.equal(emb.weight.detach(), weights)
 
 
+@pytest.mark.parametrize("opt_class", [MaskedAdamW, MaskedSGD])
+def test_a_param_made_non_contiguous_after_construction_is_refused_before_any_group_steps(opt_class):
+    # conv.to(memory_format=torch.channels_last) after the optimizer was built: the kernel refused the
+    # weight ("params[0] must be contiguous") after the first group had stepped, so a retry stepped it twice
+    p, conv = torch.nn.Parameter(torch.ones(4)), torch.nn.Conv2d(2, 3, 2)
+    opt = opt_class([{"params": [p]}, {"params": [conv.weight]}], [None, None], lr=0.1)
+    conv.to(memory_format=torch.channels_last)
+    weights = conv.weight.detach().clone()
+    p.grad, conv.weight.grad = torch.full((4,), 0.5), torch.ones_like(conv.weight)
+    with pytest.raises(ValueError, match="param 0 of param group 1 is not contiguous"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.ones(4)) and float(opt.state[p]["step"]) == 0
+    assert torch.equal(conv.weight.detach(), weights)
+
+
 @pytest.mark.parametrize("backend", ADAMW_BACKENDS)
 @pytest.mark.parametrize("inits", [0, 2])
 def test_l1_to_init_without_one_init_per_param_raises_and_writes_nothing(backend, inits, use_backend):

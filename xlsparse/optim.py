@@ -140,6 +140,11 @@ class _MaskedOptimizer(torch.optim.Optimizer):
                 if p.grad is not None and p.grad.is_sparse:  # refused here, not after the groups before it stepped
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients (param {i} of param "
                                        f"group {g}); nothing was stepped")
+                # contiguous at construction, strided since: the kernel refused it after the groups before it stepped
+                if p.grad is not None and not _local(p).is_contiguous():
+                    raise ValueError(f"{type(self).__name__}: param {i} of param group {g} is not contiguous (a model "
+                                     "converted to channels_last after this optimizer was built?); masked optimizers "
+                                     "need contiguous parameters; nothing was stepped")
             self._check_group(group)
             self._check_state(group)
             casts += self._casts(g, group)
