@@ -727,6 +727,35 @@ def test_group_keys_that_change_the_math_are_refused(where, opt_class, torch_cla
             assert_bit_identical(after["state"][0][key], value, key)
 
 
+@pytest.mark.parametrize("opt_class, torch_class, kw", [
+    (MaskedAdamW, torch.optim.AdamW, dict(amsgrad=True)), (MaskedSGD, torch.optim.SGD, dict(momentum=0.9))],
+    ids=["adamw", "sgd"])
+def test_a_torch_state_loads_into_a_masked_compact_optimizer_as_into_a_dense_one(opt_class, torch_class, kw):
+    """A torch state keeps the masks given so far (load_state_dict's docstring): dense mode stepped the
+    masked entries with their moments, compact mode raised ("has 20 entries; its mask selects 12")."""
+    gen = seeded(5)
+    w = torch.nn.Parameter(torch.randn(4, 5, generator=gen, dtype=torch.float64))
+    mask = torch.rand(4, 5, generator=gen) < 0.5
+    ref = torch_class([w], lr=0.05, foreach=False, **kw)
+    for _ in range(2):
+        w.grad = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+        ref.step()
+    grads = [torch.randn(4, 5, generator=gen, dtype=torch.float64) for _ in range(2)]
+    ours = {}
+    for mode in ("dense", "compact"):
+        p = torch.nn.Parameter(w.detach().clone())
+        opt = opt_class([p], [mask], lr=0.05, mode=mode, **kw)
+        opt.load_state_dict(copy.deepcopy(ref.state_dict()))
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        ours[mode] = (p, opt)
+    (dense, dense_opt), (compact, compact_opt) = ours["dense"], ours["compact"]
+    assert_bit_identical(compact.detach(), dense.detach(), "params")
+    for key in opt_class._STATE_KEYS:
+        assert_bit_identical(compact_opt.state[compact][key], dense_opt.state[dense][key][mask.reshape(-1)], key)
+
+
 @pytest.mark.parametrize("mode", ["dense", "compact"])
 def test_adamw_continues_from_a_torch_adam_state_without_weight_decay(mode):
     # torch.optim.Adam without weight decay is AdamW without weight decay: its state loads.

@@ -431,6 +431,12 @@ class _MaskedOptimizer(torch.optim.Optimizer):
             if not any(k in loaded for k in _SELECTOR_KEYS):
                 # Another optimizer's state (torch's AdamW, say) must not make every entry train.
                 self._set_selector(state, in_force[p])
+                if self.mode == "compact" and in_force[p] is not None:
+                    # its state covers every entry (torch's, in the param's shape): compact mode keeps the
+                    # selected ones, as dense mode steps them (it refused the state as of another size)
+                    for key in self._STATE_KEYS:
+                        if isinstance(state.get(key), torch.Tensor) and state[key].numel() == _local(p).numel():
+                            state[key] = state[key].reshape(-1)[in_force[p].long()]
                 if "init" not in state and p in anchors:
                     state["init"] = anchors[p]
         self._check_loaded_state()
