@@ -1429,6 +1429,21 @@ def test_a_dynamic_phase_no_longer_than_reselection_steps_is_refused_before_trai
         assert torch.equal(p, q), n
 
 
+def test_dynamic_mode_with_only_biases_and_norms_maskable_is_refused_at_construction(tmp_path):
+    # their supports are never reselected: the run was static LT-SFT under the dynamic name, silently
+    model = tiny("bert")
+    vectors = [n for n, p in model.named_parameters() if p.dim() == 1]
+    sft_args = DynamicSftArguments(ft_params_num=20, full_ft_max_steps_per_iteration=1,
+                                   sparse_ft_max_steps_per_iteration=4, reselection_steps=2,
+                                   selection_accumulation_steps=1)
+    with pytest.raises(ValueError, match="no maskable parameter is a matrix"):
+        LotteryTicketSparseFineTuner(model=model, train_dataset=_LMData(), sft_args=sft_args, args=_args(tmp_path),
+                                     maskable_params=vectors)
+    static = SftArguments(ft_params_num=20, full_ft_max_steps_per_iteration=1, sparse_ft_max_steps_per_iteration=4)
+    LotteryTicketSparseFineTuner(model=model, train_dataset=_LMData(), sft_args=static, args=_args(tmp_path),
+                                 maskable_params=vectors)  # static LT-SFT of vectors is fine
+
+
 def test_dynamic_mode_names_the_tensors_too_small_to_drop_an_entry(tmp_path):
     # int(drop_fraction × K_t) = 0 for a tensor of fewer than 10 entries at 0.1: it never changed its
     # support, silently

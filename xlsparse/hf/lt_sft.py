@@ -223,7 +223,8 @@ class DynamicSftArguments(SftArguments):
     does, drop_fraction · (1 − s/T) or drop_fraction · (1 + cos(π s/T)) / 2 at the reselection
     after step s of a sparse phase of T steps, `drop_fraction` taking the role of SpIEL's
     initial_reselection_rate (0.2 there). A matrix that is
-    not converted (GPT-2's `Conv1D` weights) keeps its support, with a warning. Differences from SpIEL (its `SftSelector`, selection "rigl"; R =
+    not converted (GPT-2's `Conv1D` weights) keeps its support, with a warning; with no matrix
+    maskable at all (only biases and norms), the trainer refuses these arguments. Differences from SpIEL (its `SftSelector`, selection "rigl"; R =
     `reselection_steps`, A = `selection_accumulation_steps`): the initial support is LT-SFT's
     phase-1 selection (SpIEL starts from a random one, and under "linear" replaces all of it, at
     rate 1, after steps 1..A; under "cosine" that first reselection takes the cosine rate); every
@@ -688,6 +689,11 @@ class LotteryTicketSparseFineTuner(Trainer):
         self.maskable = [n for n in dict.fromkeys(maskable) if not any(re.search(p, n) for p in self.sft_args.maskable_exclude)]
         self.num_maskable = sum(params[n].numel() for n in self.maskable)
         a = self.sft_args
+        if isinstance(a, DynamicSftArguments) and not any(params[n].dim() > 1 for n in self.maskable):
+            # biases and norms keep their support: the run was static LT-SFT under the dynamic name
+            raise ValueError("DynamicSftArguments: no maskable parameter is a matrix (maskable_params and "
+                             "maskable_exclude leave only biases and norms, whose supports are not reselected); "
+                             "use SftArguments for static LT-SFT")
         self._num_tunable = a.ft_params_num if a.ft_params_num is not None else int(a.ft_params_proportion * self.num_maskable)
         if self._num_tunable > self.num_maskable:
             raise ValueError(f"SftArguments.ft_params_num = {self._num_tunable} exceeds the {self.num_maskable} maskable entries")
